@@ -1,0 +1,178 @@
+/**
+ * API client: the CLI's (and the migration source's) way to talk to a ferryd, over
+ * its unix socket or over mutually authenticated TLS.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import tls from 'node:tls';
+import path from 'node:path';
+import { EventEmitter } from 'node:events';
+import { FerryError, isErrorCode } from '../errors.ts';
+import { LineSplitter } from '../util/fsx.ts';
+import type { Action, EventMsg } from './protocol.ts';
+import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from '../daemon/config.ts';
+
+export type Target =
+  | { kind: 'unix'; path: string; label: string }
+  | { kind: 'tls'; host: string; port: number; tlsDir: string; label: string; servername?: string };
+
+export const LAB_STATE_FILE = process.env.FERRY_LAB_STATE ?? '/var/lib/ferry-lab/lab.json';
+
+interface LabHostRef { name: string; apiSocket: string; address: string }
+
+export function labHosts(): LabHostRef[] {
+  try {
+    const s = JSON.parse(fs.readFileSync(LAB_STATE_FILE, 'utf8'));
+    return Array.isArray(s.hosts) ? s.hosts : [];
+  } catch {
+    return [];
+  }
+}
+
+function defaultSocket(): string {
+  if (process.env.FERRY_SOCKET) return process.env.FERRY_SOCKET;
+  try {
+    const c = JSON.parse(fs.readFileSync(DEFAULT_CONFIG_PATH, 'utf8'));
+    if (c.apiSocket) return c.apiSocket;
+    if (c.stateDir) return path.join(c.stateDir, 'ferryd.sock');
+  } catch { /* no config */ }
+  return '/var/lib/ferry/ferryd.sock';
+}
+
+export function defaultTlsDir(): string {
+  return process.env.FERRY_TLS_DIR ?? '/etc/ferry/tls';
+}
+
+/**
+ * -H resolution: nothing → the local socket; a lab host name (or its address) → that
+ * host's socket; otherwise NAME|ADDRESS[:PORT] over TLS.
+ */
+export function resolveTarget(h: string | undefined): Target {
+  if (!h) return { kind: 'unix', path: defaultSocket(), label: 'local ferryd' };
+  if (h.startsWith('/')) return { kind: 'unix', path: h, label: h };
+  const lab = labHosts().find((x) => x.name === h || x.address === h);
+  if (lab) return { kind: 'unix', path: lab.apiSocket, label: lab.name };
+  const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
+  if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse host "${h}": use NAME, ADDRESS or ADDRESS:PORT`);
+  const port = m[2] ? Number(m[2]) : DEFAULT_RELOCATION_PORT;
+  if (!(port > 0 && port < 65536)) throw new FerryError('HOST_UNKNOWN', `Bad port in "${h}"`);
+  return { kind: 'tls', host: m[1].replace(/^\[|\]$/g, ''), port, tlsDir: defaultTlsDir(), label: h };
+}
+
+export class ApiClient extends EventEmitter {
+  private nextId = 1;
+  private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private splitter: LineSplitter;
+  private closed = false;
+  /** Bytes that arrived after the reply that switched the connection to raw mode. */
+  private rawMode = false;
+
+  private constructor(readonly socket: net.Socket, readonly target: Target) {
+    super();
+    this.splitter = new LineSplitter((l) => this.onLine(l), 64 * 1024 * 1024);
+    socket.on('data', this.onData);
+    socket.on('close', () => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} closed`)));
+    socket.on('error', (e) => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} failed: ${e.message}`)));
+  }
+
+  private onData = (d: Buffer): void => {
+    if (this.rawMode) return;
+    this.splitter.push(d.toString('utf8'));
+  };
+
+  static async connect(target: Target, timeoutMs = 5000, tlsFiles?: { ca: Buffer; cert: Buffer; key: Buffer } | null): Promise<ApiClient> {
+    const sock = await new Promise<net.Socket>((resolve, reject) => {
+      let s: net.Socket;
+      const fail = (e: Error): void => {
+        clearTimeout(t);
+        s?.destroy();
+        const code = (e as NodeJS.ErrnoException).code;
+        if (target.kind === 'unix') reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.path} (${code ?? e.message}): is it running?`));
+        else reject(e instanceof FerryError ? e : new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.host}:${target.port} (${code ?? e.message})`));
+      };
+      const t = setTimeout(() => fail(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+      if (target.kind === 'unix') {
+        s = net.createConnection({ path: target.path });
+        s.once('connect', () => { clearTimeout(t); resolve(s); });
+      } else {
+        let files = tlsFiles;
+        if (files === undefined) {
+          const rd = (n: string): Buffer => {
+            const p = path.join(target.tlsDir, n);
+            if (!fs.existsSync(p)) throw new FerryError('TLS_MISSING', `TLS file ${p} is missing; remote hosts need a certificate (ferry host cert)`);
+            return fs.readFileSync(p);
+          };
+          try { files = { ca: rd('ca-cert.pem'), cert: rd('client-cert.pem'), key: rd('client-key.pem') }; } catch (e) { clearTimeout(t); reject(e); return; }
+        }
+        const opts: tls.ConnectionOptions = { host: target.host, port: target.port, minVersion: 'TLSv1.3', ...(files ? { ca: files.ca, cert: files.cert, key: files.key } : { rejectUnauthorized: false }) };
+        // Certificates name hosts by CN/SAN; an address target is checked against IP SANs.
+        if (files) opts.checkServerIdentity = (hostname, cert) => tls.checkServerIdentity(target.servername ?? hostname, cert);
+        s = tls.connect(opts);
+        s.once('secureConnect', () => { clearTimeout(t); resolve(s); });
+      }
+      s.once('error', fail);
+    });
+    return new ApiClient(sock, target);
+  }
+
+  private onLine(line: string): void {
+    if (!line.trim()) return;
+    let msg: any;
+    try { msg = JSON.parse(line); } catch { return; }
+    if (msg.event) { this.emit('event', msg as EventMsg); return; }
+    const p = this.pending.get(msg.id);
+    if (!p) {
+      // An unsolicited error (id 0/null): the server refused us before any request.
+      if (msg.error) this.shutdown(toError(msg.error));
+      return;
+    }
+    this.pending.delete(msg.id);
+    if (msg.error) p.reject(toError(msg.error)); else p.resolve(msg.result);
+  }
+
+  request<T = any>(action: Action, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<T> {
+    if (this.closed) return Promise.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      let t: NodeJS.Timeout | undefined;
+      if (timeoutMs > 0) t = setTimeout(() => { this.pending.delete(id); reject(new FerryError('TIMEOUT', `${action} on ${this.target.label}: no answer within ${timeoutMs} ms`)); }, timeoutMs);
+      this.pending.set(id, { resolve: (v) => { if (t) clearTimeout(t); resolve(v as T); }, reject: (e) => { if (t) clearTimeout(t); reject(e); } });
+      this.socket.write(JSON.stringify({ id, action, params }) + '\n');
+    });
+  }
+
+  /** Switches to raw mode after `console.attach` answered; returns bytes already buffered. */
+  goRaw(): string {
+    this.rawMode = true;
+    this.socket.removeListener('data', this.onData);
+    return this.splitter.drain();
+  }
+
+  private shutdown(err: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    this.emit('close', err);
+  }
+
+  close(): void {
+    this.closed = true;
+    this.socket.destroy();
+  }
+}
+
+export function toError(e: { code?: unknown; message?: unknown; details?: unknown }): FerryError {
+  const code = isErrorCode(e.code) ? e.code : 'INTERNAL';
+  return new FerryError(code, String(e.message ?? e.code), e.details as Record<string, unknown> | undefined);
+}
+
+/** One request on a fresh connection. */
+export async function call<T = any>(target: Target, action: Action, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<T> {
+  const c = await ApiClient.connect(target);
+  try {
+    return await c.request<T>(action, params, timeoutMs);
+  } finally {
+    c.close();
+  }
+}

@@ -1,0 +1,87 @@
+/**
+ * The management API: one closed set of actions, JSON lines over a unix socket
+ * (local, root only) or mutually authenticated TLS (remote).
+ *
+ *   client                                   ferryd
+ *     | --- {"id":1,"action":"domain.list","params":{}} ---> |
+ *     | <-- {"id":1,"result":[...]} ------------------------ |   or {"id":1,"error":{code,message}}
+ *     | --- {"id":2,"action":"events.subscribe"} ----------> |
+ *     | <-- {"id":2,"result":{}} --------------------------- |
+ *     | <-- {"event":"domain.state","data":{...}} ---------- |   until the client closes
+ *
+ * `console.attach` answers once and then turns the connection into raw bytes in both
+ * directions (like an HTTP upgrade); the daemon may send one final JSON line
+ * prefixed by \x1e (record separator) to say the domain moved or stopped.
+ */
+import { FerryError } from '../errors.ts';
+
+export const API_VERSION = 1;
+export const MAX_REQUEST_BYTES = 1024 * 1024;
+
+type Check = (v: unknown) => string | null;
+const str: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 4096 ? null : 'must be a non-empty string');
+const optStr: Check = (v) => (v === undefined ? null : str(v));
+const optBool: Check = (v) => (v === undefined || typeof v === 'boolean' ? null : 'must be true or false');
+const optNum = (min: number, max: number): Check => (v) => (v === undefined || (typeof v === 'number' && Number.isFinite(v) && v >= min && v <= max) ? null : `must be a number from ${min} to ${max}`);
+const num = (min: number, max: number): Check => (v) => (typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max ? null : `must be an integer from ${min} to ${max}`);
+const any: Check = () => null;
+const absPath: Check = (v) => (typeof v === 'string' && v.startsWith('/') && v.length < 4096 && !v.includes('\0') ? null : 'must be an absolute path');
+
+/** Every action and the checks on its params. Unknown params are refused too. */
+export const ACTIONS = {
+  'api.hello': {},
+  'host.info': {},
+  'domain.list': {},
+  'domain.info': { domain: str },
+  'domain.create': { config: any, start: optBool },
+  'domain.start': { domain: str },
+  'domain.pause': { domain: str },
+  'domain.unpause': { domain: str },
+  'domain.shutdown': { domain: str, timeoutS: optNum(0, 3600) },
+  'domain.destroy': { domain: str },
+  'domain.delete': { domain: str },
+  'domain.save': { domain: str, file: absPath },
+  'domain.restore': { file: absPath },
+  'domain.sample-memory': { domain: str, startMiB: num(0, 1 << 20), endMiB: num(1, 1 << 20) },
+  'console.attach': { domain: str, replay: optNum(0, 1 << 20) },
+  'events.subscribe': { domain: optStr },
+  // migration (source side, asked by the CLI)
+  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool },
+  'migration.cancel': { domain: str },
+  'migration.jobs': {},
+  'migration.job': { domain: str },
+  // relocation (destination side, asked by a peer ferryd over TLS)
+  'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, jobId: str },
+  'relocation.prepare': { jobId: str },
+  'relocation.finish': { jobId: str, running: optBool },
+  'relocation.abandon': { jobId: str, reason: optStr },
+  'relocation.confirm': { jobId: str },
+  'relocation.status': { jobId: str },
+} as const satisfies Record<string, Record<string, Check>>;
+
+export type Action = keyof typeof ACTIONS;
+
+export interface Request { id: number | string; action: Action; params: Record<string, unknown> }
+export interface Reply { id: number | string; result?: unknown; error?: { code: string; message: string; details?: unknown } }
+export interface EventMsg { event: string; data: unknown }
+
+/** Validates one parsed request line. Throws API_BAD_REQUEST / API_UNKNOWN_ACTION. */
+export function parseRequest(raw: unknown): Request {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new FerryError('API_BAD_REQUEST', 'API request must be a JSON object');
+  const r = raw as Record<string, unknown>;
+  for (const k of Object.keys(r)) if (!['id', 'action', 'params'].includes(k)) throw new FerryError('API_BAD_REQUEST', `API request has an unknown key "${k.slice(0, 40)}"`);
+  if (!((typeof r.id === 'number' && Number.isFinite(r.id)) || (typeof r.id === 'string' && r.id.length <= 64))) throw new FerryError('API_BAD_REQUEST', 'API request needs an "id" (number or short string)');
+  if (typeof r.action !== 'string') throw new FerryError('API_BAD_REQUEST', 'API request needs an "action" string');
+  if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action)) throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
+  const params = r.params ?? {};
+  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
+  const spec = ACTIONS[r.action as Action] as Record<string, Check>;
+  for (const k of Object.keys(params)) if (!(k in spec)) throw new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${k.slice(0, 40)}"`);
+  for (const [k, check] of Object.entries(spec)) {
+    const why = check((params as Record<string, unknown>)[k]);
+    if (why) throw new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${k}" ${why}`);
+  }
+  return { id: r.id as number | string, action: r.action as Action, params: params as Record<string, unknown> };
+}
+
+export const CONSOLE_CONTROL = '\x1e';

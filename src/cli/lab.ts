@@ -1,0 +1,136 @@
+/** `ferry lab …`: build, inspect and tear down the lab cluster. */
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import type { Command } from 'commander';
+import { FerryError } from '../errors.ts';
+import { act } from './main.ts';
+import { table, isTty } from './output.ts';
+import { labUp, labDown, readLab, requireLab, restartFerryd, labNamespace, isFerryd, IMAGES_DIR, FERRY_BIN, type LabState } from '../lab/lab.ts';
+import { linuxGuestConfig, patternGuestConfig } from '../lab/guests.ts';
+import { call } from '../api/client.ts';
+import { checkPattern, patternRange } from '../guest/checker.ts';
+
+const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+
+function int(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new FerryError('CLI_USAGE', `${name} must be a whole number, got "${v}"`);
+    return n;
+  };
+}
+
+/** Where a domain runs in the lab: the host whose ferryd has it with a QEMU process. */
+export async function findDomain(s: LabState, name: string): Promise<{ host: string; apiSocket: string; info: any }[]> {
+  const found = [];
+  for (const h of s.hosts) {
+    try {
+      const info = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.info', { domain: name }, 10000);
+      found.push({ host: h.name, apiSocket: h.apiSocket, info });
+    } catch (e) {
+      if (!(e instanceof FerryError) || e.code !== 'DOMAIN_NOT_FOUND') throw e;
+    }
+  }
+  return found;
+}
+
+export async function verifyPattern(name: string): Promise<{ ok: boolean; host: string; pages: number; first: number; edge: number | null; bad: unknown[] }> {
+  const s = requireLab();
+  const where = (await findDomain(s, name)).filter((f) => f.info.pid);
+  if (where.length === 0) throw new FerryError('DOMAIN_NOT_FOUND', `Domain "${name}" runs on no lab host`);
+  if (where.length > 1) throw new FerryError('VERIFY_FAILED', `Domain "${name}" runs on ${where.length} hosts: ${where.map((w) => w.host).join(', ')}`);
+  const { host, apiSocket, info } = where[0];
+  const disk = info.config.disks[info.config.boot?.disk ?? 0];
+  if (!disk) throw new FerryError('CLI_USAGE', `Domain "${name}" is not a pattern guest (no boot disk)`);
+  const fd = fs.openSync(disk.path, 'r');
+  const sector = Buffer.alloc(512);
+  fs.readSync(fd, sector, 0, 512, 0);
+  fs.closeSync(fd);
+  if (sector.readUInt16LE(510) !== 0xaa55 || !sector.includes(Buffer.from('ferry-pattern'))) throw new FerryError('CLI_USAGE', `Domain "${name}" does not boot the pattern guest`);
+  const range = patternRange(sector, info.memoryMiB);
+  const r = await call<{ bytes: string; pages: number }>({ kind: 'unix', path: apiSocket, label: host }, 'domain.sample-memory', { domain: name, ...{ startMiB: range.startMiB, endMiB: range.endMiB } }, 120000);
+  const res = checkPattern(Buffer.from(r.bytes, 'base64'));
+  return { host, ...res };
+}
+
+function printStatus(s: LabState & { guests: any[] }): void {
+  const rows: (string | number)[][] = [['Host', 'Namespace', 'Address', 'ferryd', 'State dir']];
+  for (const h of s.hosts) rows.push([h.name, h.namespace, h.address, isFerryd(h.pid) ? String(h.pid) : 'down', h.stateDir]);
+  rows.push(['client', s.client.namespace, s.client.address, '-', '-']);
+  process.stdout.write(table(rows, ['l', 'l', 'l', 'r', 'l']));
+  if (s.guests.length) {
+    process.stdout.write('\n' + table([['Guest', 'Host', 'State', 'IP', 'MAC'], ...s.guests.map((g) => [g.name, g.host, g.state, g.ip ?? '-', g.mac ?? '-'])], ['l', 'l', 'l', 'l', 'l']));
+  }
+}
+
+export function registerLab(prog: Command): void {
+  const lab = prog.command('lab').description('a cluster of real hosts on this machine, in network namespaces');
+  lab.command('up').description('build the lab: switch, hosts with ferryd, client')
+    .option('--hosts <n>', 'number of hosts', int('--hosts'), 2)
+    .option('--segments <n>', '1, or 2 for a second L2 segment (the last host\'s "lab" network moves there)', int('--segments'), 1)
+    .option('--host-memory <MiB>', 'memory each host offers to domains', int('--host-memory'))
+    .option('--json', 'JSON output')
+    .action(act(async (o: { hosts: number; segments: number; hostMemory?: number; json?: boolean }) => {
+      const tty = isTty() && !o.json;
+      return labUp({ hosts: o.hosts, segments: o.segments, hostMemoryMiB: o.hostMemory, progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined });
+    }, (s: LabState) => {
+      process.stdout.write(`Lab up in ${s.dir}:\n`);
+      printStatus({ ...s, guests: [] });
+    }));
+  lab.command('down').description('remove everything the lab made (idempotent)').option('--json', 'JSON output')
+    .action(act(async () => labDown(), (r) => process.stdout.write(`Lab down: removed ${r.namespaces.length} namespaces, ended ${r.processes.length} processes\n`)));
+  lab.command('status').description('hosts and guests of the lab').option('--json', 'JSON output')
+    .action(act(async () => {
+      const s = readLab();
+      if (!s) throw new FerryError('LAB_NOT_UP', 'The lab is not up');
+      const guests: any[] = [];
+      for (const h of s.hosts) {
+        if (!isFerryd(h.pid)) continue;
+        try {
+          const list = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.list', {}, 5000);
+          for (const d of list) {
+            const info = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.info', { domain: d.name }, 5000);
+            guests.push({ name: d.name, host: h.name, state: d.state, ip: info.nics[0]?.ip ?? null, mac: info.nics[0]?.mac ?? null });
+          }
+        } catch { /* host down: shown as such */ }
+      }
+      return { ...s, hosts: s.hosts.map((h) => ({ ...h, ferrydUp: isFerryd(h.pid) })), guests };
+    }, printStatus));
+  lab.command('exec').description('run a command in a lab namespace (host1, client, switch)').argument('<name>').argument('<cmd...>')
+    .action(async (name: string, cmd: string[]) => {
+      try {
+        const s = requireLab();
+        const ns = labNamespace(s, name);
+        const h = s.hosts.find((x) => x.namespace === ns);
+        const env = { ...process.env, PATH: `${path.join(repoRoot, 'node_modules', '.bin')}:${path.dirname(FERRY_BIN)}:${process.env.PATH}`, ...(h ? { FERRY_SOCKET: h.apiSocket, FERRY_TLS_DIR: h.tlsDir } : { FERRY_TLS_DIR: s.adminTlsDir }) };
+        const r = spawnSync('ip', ['netns', 'exec', ns, ...cmd], { stdio: 'inherit', env });
+        process.exitCode = r.status ?? 1;
+      } catch (e) {
+        const { reportError } = await import('./output.ts');
+        process.exitCode = reportError(e, false);
+      }
+    });
+  lab.command('restart').description('restart a host\'s ferryd').argument('<host>').option('--json', 'JSON output')
+    .action(act(async (h: string) => restartFerryd(h), (h) => process.stdout.write(`ferryd on ${h.name} restarted (pid ${h.pid})\n`)));
+  lab.command('verify').description('check a pattern guest\'s memory, wherever it runs (exit 0 only if consistent)').argument('<domain>').option('--json', 'JSON output')
+    .action(act(async (d: string) => {
+      const r = await verifyPattern(d);
+      if (!r.ok) {
+        throw new FerryError('VERIFY_FAILED', `Domain "${d}" on ${r.host}: memory pattern inconsistent at ${r.bad.length}+ pages, first ${JSON.stringify(r.bad[0])}`, { ...r });
+      }
+      return r;
+    }, (r) => process.stdout.write(`Domain memory consistent on ${r.host}: ${r.pages} pages, pass value ${r.first}${r.edge !== null ? `, edge at page ${r.edge}` : ''}\n`)));
+  lab.command('guest').description('print a ready domain config for a lab test guest').argument('<kind>', 'linux or pattern').argument('<name>')
+    .option('--memory <MiB>', 'guest memory', int('--memory')).option('--json', 'JSON output (the config is JSON either way)')
+    .action(act(async (kind: string, name: string, o: { memory?: number }) => {
+      if (kind === 'linux') return linuxGuestConfig(name, o.memory);
+      if (kind === 'pattern') return patternGuestConfig(name, o.memory);
+      throw new FerryError('CLI_USAGE', `Guest kind must be "linux" or "pattern", got "${kind}"`);
+    }, (c) => process.stdout.write(JSON.stringify(c, null, 2) + '\n')));
+  lab.command('images').description('build the test guest images (cached)')
+    .action(async () => {
+      const r = spawnSync('bash', [path.join(repoRoot, 'guest', 'build-images.sh'), IMAGES_DIR], { stdio: 'inherit' });
+      process.exitCode = r.status === 0 ? 0 : 5;
+    });
+}

@@ -1,0 +1,152 @@
+/**
+ * `ferry`: the CLI. xm/xl-style verbs; every verb takes --json. -H/--host picks the
+ * daemon: a lab host name, or NAME|ADDRESS[:PORT] over TLS; the default is local.
+ * Exit codes come from the error registry (README "Exit codes").
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { Command, CommanderError } from 'commander';
+import { FerryError } from '../errors.ts';
+import { call, resolveTarget } from '../api/client.ts';
+import { printJson, table, reportError, humanState } from './output.ts';
+import { runConsole } from './console.ts';
+import { caInit, issueHostCert } from '../tls/ca.ts';
+import { registerLab } from './lab.ts';
+import { registerMigrate } from './migrate.ts';
+import { FERRY_VERSION } from '../daemon/host.ts';
+
+let jsonMode = false;
+
+/** Runs a verb: its result printed as JSON or by `human`; errors become exit codes. */
+export function act<A extends unknown[]>(fn: (...a: A) => Promise<unknown>, human?: (r: any) => void): (...a: A) => Promise<void> {
+  return async (...a: A) => {
+    const cmd = a[a.length - 1] as Command;
+    const opts = (cmd.opts?.() ?? {}) as { json?: boolean };
+    jsonMode = !!opts.json;
+    try {
+      const r = await fn(...a);
+      if (r === undefined) return;
+      if (opts.json) printJson(r); else if (human) human(r); else if (typeof r === 'string') process.stdout.write(r); else printJson(r);
+    } catch (e) {
+      process.exitCode = reportError(e, !!opts.json);
+    }
+  };
+}
+
+export function hostOpt(cmd: Command): string | undefined {
+  let c: Command | null = cmd;
+  while (c) {
+    const h = (c.opts() as { host?: string }).host;
+    if (h) return h;
+    c = c.parent;
+  }
+  return undefined;
+}
+
+function readConfigFile(file: string): unknown {
+  let text: string;
+  try { text = fs.readFileSync(file, 'utf8'); } catch (e) { throw new FerryError('CONFIG_UNREADABLE', `Cannot read domain config ${file}: ${(e as NodeJS.ErrnoException).code ?? e}`); }
+  try { return JSON.parse(text); } catch (e) { throw new FerryError('CONFIG_UNREADABLE', `Domain config ${file} is not valid JSON: ${(e as Error).message}`); }
+}
+
+function positiveNumber(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new FerryError('CLI_USAGE', `${name} must be a non-negative number, got "${v}"`);
+    return n;
+  };
+}
+
+function printList(rows: any[]): void {
+  const out: (string | number)[][] = [['Name', 'ID', 'Mem', 'VCPUs', 'State', 'Time(s)']];
+  for (const r of rows) out.push([r.name, r.id ?? '-', r.memoryMiB, r.vcpus, humanState(r.state), r.cpuTime.toFixed(1)]);
+  process.stdout.write(table(out, ['l', 'r', 'r', 'r', 'l', 'r']));
+}
+
+function printInfo(r: any): void {
+  const lines = [
+    ['name', r.name], ['uuid', r.uuid], ['host', r.host], ['state', humanState(r.state)], ['id', r.id ?? '-'], ['pid', r.pid ?? '-'],
+    ['memory', `${r.memoryMiB} MiB`], ['vcpus', r.vcpus], ['accel', r.accel],
+    ['boot', r.config.boot.kernel ? `kernel ${r.config.boot.kernel}` : `disk ${r.config.boot.disk}`],
+    ...r.config.disks.map((d: any, i: number) => [`disk${i}`, `${d.path} (${d.format}${d.readOnly ? ', read-only' : ''})`]),
+    ...r.nics.map((n: any, i: number) => [`nic${i}`, `${n.network} mac=${n.mac}${n.ip ? ` ip=${n.ip}` : ''}${n.tap ? ` tap=${n.tap}` : ''}`]),
+    ['console log', r.consoleLog],
+  ];
+  process.stdout.write(table(lines, ['l', 'l']));
+}
+
+function printHostInfo(r: any): void {
+  const lines = [
+    ['host', r.name], ['version', `ferry ${r.version}, QEMU ${r.qemuVersion}`], ['arch', r.arch], ['accelerator', `${r.accel} (${r.accelReason})`],
+    ['machine', r.machine], ['cpu model', r.cpuModel], ['cpu flags', r.cpuFeatures.join(' ')],
+    ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free`],
+    ...Object.entries(r.networks).map(([n, v]: [string, any]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
+    ['relocation', `${r.relocation.address}:${r.relocation.port}, data ports ${r.relocation.dataPorts.join('-')}`],
+  ];
+  process.stdout.write(table(lines, ['l', 'l']));
+}
+
+export function buildProgram(): Command {
+  const prog = new Command('ferry')
+    .description('ferry: run and move QEMU domains between hosts')
+    .version(FERRY_VERSION)
+    .option('-H, --host <host>', 'the host to talk to: lab host name, NAME|ADDRESS[:PORT]; default: local ferryd')
+    .configureOutput({ outputError: () => undefined })
+    .exitOverride();
+  const domainVerb = (name: string, desc: string) => prog.command(name).description(desc).option('--json', 'JSON output');
+
+  domainVerb('create', 'define a domain from a config file and start it').argument('<file>')
+    .option('--defer-start', 'define only (start later with `ferry start`)')
+    .action(act(async (file: string, o: { deferStart?: boolean }, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.create', { config: readConfigFile(file), start: !o.deferStart }, 0),
+      (r) => process.stdout.write(`Started domain ${r.name} (id ${r.id ?? '-'}) on ${r.host}\n`)));
+  domainVerb('list', 'list domains (as xm list)').action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.list'), printList));
+  domainVerb('info', 'show a domain').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.info', { domain: d }), printInfo));
+  domainVerb('start', 'start a defined or shut-off domain').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.start', { domain: d }), (r) => process.stdout.write(`Started domain ${r.name} (id ${r.id})\n`)));
+  domainVerb('pause', 'pause a domain').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.pause', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} paused\n`)));
+  domainVerb('unpause', 'resume a paused domain').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.unpause', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} unpaused\n`)));
+  domainVerb('shutdown', 'ACPI shutdown, then report').argument('<domain>').option('--timeout <s>', 'seconds to wait for the guest', positiveNumber('--timeout'), 60)
+    .action(act(async (d: string, o: { timeout: number }, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.shutdown', { domain: d, timeoutS: o.timeout }), (r) => process.stdout.write(`Domain ${r.name} shut down in ${(r.shutdownMs / 1000).toFixed(1)} s\n`)));
+  domainVerb('destroy', 'stop a domain at once').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.destroy', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} destroyed\n`)));
+  domainVerb('delete', 'remove a shut-off domain\'s definition').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.delete', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} deleted\n`)));
+  domainVerb('save', 'save a domain\'s state to a file and stop it (xm save)').argument('<domain>').argument('<file>')
+    .action(act(async (d: string, f: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.save', { domain: d, file: path.resolve(f) }), (r) => process.stdout.write(`Domain ${r.name} saved to ${r.file} (${(r.bytes / 1048576).toFixed(1)} MiB, ${r.ms} ms)\n`)));
+  domainVerb('restore', 'restore a domain from a save file (xm restore)').argument('<file>')
+    .action(act(async (f: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.restore', { file: path.resolve(f) }), (r) => process.stdout.write(`Domain ${r.name} restored (id ${r.id}) in ${r.restoreMs} ms\n`)));
+  prog.command('console').description('attach to a domain\'s serial console (Ctrl-] detaches)').argument('<domain>')
+    .option('--idle <ms>', 'when stdin is not a terminal: exit once stdin ended and the guest was silent this long', positiveNumber('--idle'), 1500)
+    .option('--replay <bytes>', 'first print up to this many bytes of recent console output', positiveNumber('--replay'), 0)
+    .option('--max <ms>', 'when stdin is not a terminal: give up after this long', positiveNumber('--max'))
+    .action(async (d: string, o: { idle: number; replay: number; max?: number }, cmd: Command) => {
+      try { process.exitCode = await runConsole(hostOpt(cmd), d, { idleMs: o.idle, replay: o.replay, maxMs: o.max }); } catch (e) { process.exitCode = reportError(e, false); }
+    });
+
+  const host = prog.command('host').description('host facts and certificates');
+  host.command('info').description('show the host: arch, accelerator, CPU, memory, networks').option('--json', 'JSON output')
+    .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'host.info'), printHostInfo));
+  host.command('cert').description('issue a host its certificate from the cluster CA').argument('<name>')
+    .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'host TLS directory to write', '/etc/ferry/tls')
+    .option('--ip <addr...>', 'IP addresses to put in the certificate').option('--json', 'JSON output')
+    .action(act(async (name: string, o: { ca: string; out: string; ip?: string[] }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, ips: o.ip }) }), (r) => process.stdout.write(`Issued a certificate for ${r.name} in ${r.dir}\n`)));
+  prog.command('ca').description('the cluster CA').command('init').description('create the cluster CA')
+    .option('--dir <dir>', 'CA directory', '/etc/ferry/ca').option('--force', 'replace an existing CA').option('--json', 'JSON output')
+    .action(act(async (o: { dir: string; force?: boolean }) => ({ dir: o.dir, ...caInit(o.dir, { force: o.force }) }), (r) => process.stdout.write(`Created the cluster CA in ${r.dir}\n`)));
+
+  registerMigrate(prog);
+  registerLab(prog);
+  return prog;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const prog = buildProgram();
+  try {
+    await prog.parseAsync(argv);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') { process.exitCode = 0; return; }
+      process.exitCode = reportError(new FerryError('CLI_USAGE', e.message.replace(/^error: /, '')), jsonMode || argv.includes('--json'));
+      return;
+    }
+    process.exitCode = reportError(e, argv.includes('--json'));
+  }
+}
+

@@ -1,0 +1,2 @@
+import type { Command } from 'commander';
+export function registerMigrate(_prog: Command): void {}

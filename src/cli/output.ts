@@ -1,0 +1,34 @@
+/** How the CLI speaks: tables for people, JSON for programs, coded errors for both. */
+import { FerryError, asFerryError } from '../errors.ts';
+
+export function printJson(v: unknown): void {
+  process.stdout.write(JSON.stringify(v, null, 2) + '\n');
+}
+
+export function table(rows: (string | number)[][], align: ('l' | 'r')[]): string {
+  const w = align.map((_, i) => Math.max(...rows.map((r) => String(r[i] ?? '').length)));
+  return rows.map((r) => r.map((c, i) => (align[i] === 'r' ? String(c).padStart(w[i]) : String(c).padEnd(w[i]))).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+/** Prints an error the way the caller asked, and returns the documented exit code. */
+export function reportError(e: unknown, json: boolean): number {
+  const fe: FerryError = asFerryError(e);
+  if (json) printJson({ error: fe.toJSON() });
+  else process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`);
+  return fe.exitCode;
+}
+
+export function isTty(): boolean {
+  return !!process.stdout.isTTY;
+}
+
+export function humanState(s: string): string {
+  return s === 'shutoff' ? 'shut off' : s;
+}
+
+export function fmtBytes(n: number): string {
+  if (n >= 1 << 30) return `${(n / (1 << 30)).toFixed(2)} GiB`;
+  if (n >= 1 << 20) return `${(n / (1 << 20)).toFixed(1)} MiB`;
+  if (n >= 1 << 10) return `${(n / 1024).toFixed(0)} KiB`;
+  return `${n} B`;
+}

@@ -1,0 +1,126 @@
+/**
+ * ferryd's configuration: a JSON file (default /etc/ferry/ferryd.json) plus flags.
+ * See README "ferryd configuration" for every key. Validation errors are CONFIG_INVALID.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { FerryError } from '../errors.ts';
+import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
+import type { Accel } from '../qemu/argv.ts';
+
+export interface NetworkConfig {
+  /** Bridge that domain taps join. */
+  bridge: string;
+  /** The L2 segment's IPv4 subnet, e.g. 198.18.0.0/24. */
+  subnet: string;
+  /** This host's own address on that segment, if any: used for ARP reachability probes. */
+  address?: string;
+}
+
+export interface DaemonConfig {
+  name: string;
+  stateDir: string;
+  apiSocket: string;
+  relocation: {
+    address: string;
+    port: number;
+    hostsAllow: string[];
+    /** Migration data ports, inclusive range; one is used per incoming migration. */
+    dataPorts: [number, number];
+  };
+  tlsDir: string;
+  /** Memory offered to domains, MiB. */
+  memoryMiB: number;
+  networks: Record<string, NetworkConfig>;
+  accel: Accel | 'auto';
+  cpuModel: string;
+  imagesDir: string;
+}
+
+export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
+export const DEFAULT_RELOCATION_PORT = 8002;
+export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
+/** Memory kept back for the host itself when `memory` is not set. */
+export const HOST_RESERVE_MIB = 1024;
+
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir']);
+
+export function defaultMemoryMiB(): number {
+  return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
+}
+
+function isObj(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig {
+  const errs: string[] = [];
+  const bad = (f: string, why: string): void => { errs.push(`${f}: ${why}`); };
+  if (!isObj(raw)) throw new FerryError('CONFIG_INVALID', 'Invalid ferryd config: it must be a JSON object');
+  for (const k of Object.keys(raw)) if (!KEYS.has(k)) bad(k, 'unknown key');
+  const name = raw.name ?? os.hostname();
+  if (typeof name !== 'string' || !NAME_RE.test(name)) bad('name', `must be a host name, got ${JSON.stringify(name)}`);
+  const stateDir = raw.stateDir ?? '/var/lib/ferry';
+  if (typeof stateDir !== 'string' || !path.isAbsolute(stateDir)) bad('stateDir', 'must be an absolute path');
+  const apiSocket = raw.apiSocket ?? path.join(String(stateDir), 'ferryd.sock');
+  if (typeof apiSocket !== 'string' || !path.isAbsolute(apiSocket) || apiSocket.length > 100) bad('apiSocket', 'must be an absolute path of at most 100 characters');
+  const rel = raw.relocation ?? {};
+  if (!isObj(rel)) bad('relocation', 'must be an object');
+  const r = isObj(rel) ? rel : {};
+  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts'].includes(k)) bad(`relocation.${k}`, 'unknown key');
+  const address = r.address ?? '127.0.0.1';
+  if (typeof address !== 'string' || address.length === 0) bad('relocation.address', 'must be an address');
+  const port = r.port ?? DEFAULT_RELOCATION_PORT;
+  if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65535) bad('relocation.port', `must be a TCP port, got ${JSON.stringify(port)}`);
+  const hostsAllow = r.hostsAllow ?? [];
+  if (!Array.isArray(hostsAllow) || hostsAllow.some((h) => typeof h !== 'string')) bad('relocation.hostsAllow', 'must be a list of regular expressions');
+  else for (const h of hostsAllow as string[]) { try { new RegExp(h); } catch { bad('relocation.hostsAllow', `not a regular expression: ${h}`); } }
+  const dataPorts = r.dataPorts ?? DEFAULT_DATA_PORTS;
+  if (!Array.isArray(dataPorts) || dataPorts.length !== 2 || !dataPorts.every((p) => Number.isInteger(p) && p > 0 && p < 65536) || dataPorts[0] > dataPorts[1]) bad('relocation.dataPorts', 'must be [first, last] TCP ports');
+  const tlsDir = raw.tlsDir ?? '/etc/ferry/tls';
+  if (typeof tlsDir !== 'string' || !path.isAbsolute(tlsDir)) bad('tlsDir', 'must be an absolute path');
+  const memory = raw.memory ?? defaultMemoryMiB();
+  if (!Number.isInteger(memory) || (memory as number) < 16) bad('memory', `must be an integer number of MiB (at least 16), got ${JSON.stringify(memory)}`);
+  const networks: Record<string, NetworkConfig> = {};
+  const nets = raw.networks ?? {};
+  if (!isObj(nets)) bad('networks', 'must be an object of name → {bridge, subnet}');
+  else for (const [n, v] of Object.entries(nets)) {
+    if (!NAME_RE.test(n)) bad(`networks.${n}`, 'bad network name');
+    if (!isObj(v) || typeof v.bridge !== 'string' || !/^[a-zA-Z0-9_.-]{1,15}$/.test(v.bridge)) { bad(`networks.${n}.bridge`, 'must be an interface name'); continue; }
+    if (typeof v.subnet !== 'string' || !isValidIpv4Cidr(v.subnet) || !v.subnet.includes('/')) { bad(`networks.${n}.subnet`, 'must be an IPv4 subnet like 198.18.0.0/24'); continue; }
+    if (v.address !== undefined && (typeof v.address !== 'string' || !isValidIpv4Cidr(v.address))) { bad(`networks.${n}.address`, 'must be an IPv4 address'); continue; }
+    networks[n] = { bridge: v.bridge, subnet: v.subnet, ...(typeof v.address === 'string' ? { address: v.address.split('/')[0] } : {}) };
+  }
+  const accel = process.env.FERRY_ACCEL ?? raw.accel ?? 'auto';
+  if (accel !== 'auto' && accel !== 'kvm' && accel !== 'tcg') bad('accel', `must be "auto", "kvm" or "tcg", got ${JSON.stringify(accel)}`);
+  const cpuModel = raw.cpuModel ?? 'qemu64';
+  if (typeof cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuModel) || cpuModel === 'host' || cpuModel === 'max') bad('cpuModel', 'must be a named QEMU CPU model (not "host" or "max", which cannot migrate)');
+  const imagesDir = raw.imagesDir ?? path.join(repoRoot, 'images');
+  if (typeof imagesDir !== 'string' || !path.isAbsolute(imagesDir)) bad('imagesDir', 'must be an absolute path');
+  if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
+  return {
+    name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
+    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number] },
+    tlsDir: tlsDir as string, memoryMiB: memory as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
+  };
+}
+
+export function loadDaemonConfig(file: string | undefined, overrides: Record<string, unknown>, repoRoot: string): DaemonConfig {
+  let raw: Record<string, unknown> = {};
+  const f = file ?? (fs.existsSync(DEFAULT_CONFIG_PATH) ? DEFAULT_CONFIG_PATH : undefined);
+  if (f) {
+    try {
+      raw = JSON.parse(fs.readFileSync(f, 'utf8'));
+    } catch (e) {
+      throw new FerryError('CONFIG_UNREADABLE', `Cannot read ferryd config ${f}: ${(e as Error).message}`);
+    }
+  }
+  const merged: Record<string, unknown> = { ...raw };
+  for (const [k, v] of Object.entries(overrides)) {
+    if (v === undefined) continue;
+    if (k.startsWith('relocation.')) merged.relocation = { ...(merged.relocation as object ?? {}), [k.slice(11)]: v };
+    else merged[k] = v;
+  }
+  return parseDaemonConfig(merged, repoRoot);
+}

@@ -1,0 +1,623 @@
+/**
+ * The host: ferryd's domains, their QEMU processes and their persisted records.
+ *
+ * Records live in STATE/domains/NAME.json and are rewritten atomically on every state
+ * change, so a restarted ferryd finds each domain as it was and re-attaches to its
+ * QEMU by pid + QMP socket. Per-domain runtime files (QMP, console, logs) live in
+ * STATE/run/NAME/.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { EventEmitter } from 'node:events';
+import { FerryError } from '../errors.ts';
+import { parseDomainConfig, domainConfigToJson, domainPaths, type DomainConfig } from '../domain/config.ts';
+import { transition, hasProcess, describeKind, type DomainState, type DomainEvent, type StopReason } from '../domain/state.ts';
+import { domainArgv, tapName, type Accel } from '../qemu/argv.ts';
+import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
+import { QmpClient, type QmpEvent } from '../qmp/client.ts';
+import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
+import { hostArch } from '../qemu/probe.ts';
+import { writeJsonAtomic, readJson } from '../util/fsx.ts';
+import type { DaemonConfig } from './config.ts';
+import type { Logger } from './log.ts';
+import { createTap, deleteTap } from './net.ts';
+import { ConsoleMux } from './console.ts';
+import { CONSOLE_CONTROL } from '../api/protocol.ts';
+
+export const FERRY_VERSION = '0.1.0';
+
+export interface Runtime {
+  qmpPath: string;
+  consolePath: string;
+  logPath: string;
+  consoleLog: string;
+  taps: string[];
+  accel: Accel;
+  machine: string;
+  cpuModel: string;
+}
+
+export interface DomainRecord {
+  config: DomainConfig;
+  state: DomainState;
+  runtime?: Runtime;
+}
+
+interface Live {
+  rec: DomainRecord;
+  qmp?: QmpClient;
+  console?: ConsoleMux;
+  /** Set when ferryd itself asked QEMU to end, so its exit is a stop, not a crash. */
+  expectStop?: StopReason;
+  /** Set while an operation owns the domain's process (save, sample, migration). */
+  busy?: string;
+  exited?: Promise<void>;
+}
+
+const SAVE_MAGIC = 'FERRY-SAVE-1\n';
+
+export class Host extends EventEmitter {
+  readonly domains = new Map<string, Live>();
+  private nextDomid = 1;
+  /** In-flight memory reservations (incoming migrations), MiB by job id. */
+  readonly reservations = new Map<string, { domain: string; memoryMiB: number }>();
+
+  constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
+    super();
+    fs.mkdirSync(this.domainsDir, { recursive: true, mode: 0o700 });
+    fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    try { this.nextDomid = readJson<{ nextDomid: number }>(this.hostFile).nextDomid; } catch { /* first start */ }
+  }
+
+  get domainsDir(): string { return path.join(this.cfg.stateDir, 'domains'); }
+  get runDir(): string { return path.join(this.cfg.stateDir, 'run'); }
+  get hostFile(): string { return path.join(this.cfg.stateDir, 'host.json'); }
+
+  // ---------- persistence ----------
+
+  persist(live: Live): void {
+    writeJsonAtomic(path.join(this.domainsDir, `${live.rec.config.name}.json`), { config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime });
+  }
+
+  private allocDomid(): number {
+    const id = this.nextDomid++;
+    writeJsonAtomic(this.hostFile, { nextDomid: this.nextDomid });
+    return id;
+  }
+
+  /** Applies a lifecycle event, persists, and tells subscribers. */
+  apply(live: Live, e: DomainEvent): void {
+    const from = live.rec.state.kind;
+    live.rec.state = transition(live.rec.state, e, live.rec.config.name);
+    this.persist(live);
+    this.log.info('domain state', { domain: live.rec.config.name, from, to: live.rec.state.kind, event: e.type });
+    this.emit('domain.state', { domain: live.rec.config.name, from, to: live.rec.state.kind, state: live.rec.state });
+  }
+
+  /** Loads records and re-attaches to QEMU processes that survived a ferryd restart. */
+  async recover(): Promise<void> {
+    for (const f of fs.readdirSync(this.domainsDir)) {
+      if (!f.endsWith('.json')) continue;
+      let raw: { config: unknown; state: DomainState; runtime?: Runtime };
+      try {
+        raw = readJson(path.join(this.domainsDir, f));
+      } catch (e) {
+        this.log.error('unreadable domain record, skipped', { file: f, error: String(e) });
+        continue;
+      }
+      const config = parseDomainConfig(raw.config);
+      const live: Live = { rec: { config, state: raw.state, runtime: raw.runtime } };
+      this.domains.set(config.name, live);
+      const s = live.rec.state;
+      if (!hasProcess(s)) continue;
+      if (isOurQemu(s.pid, config.uuid) && live.rec.runtime) {
+        try {
+          await this.attach(live, s.pid);
+          // QEMU may have paused or resumed while we were away.
+          const st = await live.qmp!.execute<{ running: boolean; status: string }>('query-status');
+          if (s.kind === 'running' && !st.running) this.apply(live, { type: 'pause', at: Date.now() });
+          else if (s.kind === 'paused' && st.running) this.apply(live, { type: 'resume', at: Date.now() });
+          this.log.info('re-attached to domain', { domain: config.name, pid: s.pid, status: st.status });
+          continue;
+        } catch (e) {
+          this.log.error('cannot re-attach to QEMU; killing it', { domain: config.name, pid: s.pid, error: String(e) });
+          await killAndWait(s.pid, 1000);
+        }
+      }
+      // The migration layer settles its own states (see migration/recovery); plain
+      // domains whose QEMU vanished while ferryd was down crashed.
+      if (s.kind === 'running' || s.kind === 'paused') {
+        this.cleanupRuntime(live);
+        this.apply(live, { type: 'crash', reason: 'QEMU exited while ferryd was not running', at: Date.now() });
+      }
+    }
+  }
+
+  // ---------- queries ----------
+
+  get(name: string): Live {
+    const l = this.domains.get(name);
+    if (!l) throw new FerryError('DOMAIN_NOT_FOUND', `No domain "${name}" on host ${this.cfg.name}`);
+    return l;
+  }
+
+  memoryUsedMiB(): number {
+    let used = 0;
+    for (const l of this.domains.values()) if (hasProcess(l.rec.state)) used += l.rec.config.memoryMiB;
+    for (const r of this.reservations.values()) used += r.memoryMiB;
+    return used;
+  }
+
+  memoryFreeMiB(): number {
+    return this.cfg.memoryMiB - this.memoryUsedMiB();
+  }
+
+  info(): Record<string, unknown> {
+    return {
+      name: this.cfg.name, arch: hostArch(), version: FERRY_VERSION, qemuVersion: this.qemu.version, machine: this.qemu.machine,
+      accel: this.accel.accel, accelReason: this.accel.reason, cpuModel: this.qemu.cpuModel, cpuFeatures: this.qemu.cpuFeatures,
+      memory: { offeredMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), freeMiB: this.memoryFreeMiB(), reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0) },
+      networks: this.cfg.networks,
+      relocation: { address: this.cfg.relocation.address, port: this.cfg.relocation.port, dataPorts: this.cfg.relocation.dataPorts, hostsAllow: this.cfg.relocation.hostsAllow },
+      domains: this.domains.size,
+    };
+  }
+
+  summary(live: Live): Record<string, unknown> {
+    const s = live.rec.state;
+    return {
+      name: live.rec.config.name, uuid: live.rec.config.uuid, id: hasProcess(s) ? s.domid : null,
+      memoryMiB: live.rec.config.memoryMiB, vcpus: live.rec.config.vcpus, state: s.kind,
+      cpuTime: hasProcess(s) ? cpuSeconds(s.pid) : 0,
+    };
+  }
+
+  domainInfo(name: string): Record<string, unknown> {
+    const live = this.get(name);
+    const s = live.rec.state;
+    return {
+      ...this.summary(live), host: this.cfg.name, config: domainConfigToJson(live.rec.config), stateDetail: s,
+      pid: hasProcess(s) ? s.pid : null, accel: live.rec.runtime?.accel ?? this.accel.accel,
+      nics: live.rec.config.nics.map((n, i) => ({ network: n.network, mac: n.mac, ip: n.ip ?? null, tap: live.rec.runtime?.taps[i] ?? null })),
+      consoleLog: live.rec.runtime?.consoleLog ?? path.join(this.runDir, name, 'console.log'),
+    };
+  }
+
+  // ---------- checks shared with migration pre-flight ----------
+
+  checkNetworks(c: DomainConfig): void {
+    for (const n of c.nics) if (!this.cfg.networks[n.network]) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" needs network "${n.network}", which host ${this.cfg.name} does not have (it has: ${Object.keys(this.cfg.networks).join(', ') || 'none'})`);
+  }
+
+  checkPaths(c: DomainConfig): void {
+    for (const p of domainPaths(c)) if (!fs.existsSync(p)) throw new FerryError('DISK_NOT_FOUND', `Domain "${c.name}" needs ${p}, which does not exist on host ${this.cfg.name}`);
+  }
+
+  checkMemory(c: DomainConfig, verb = 'start'): void {
+    const free = this.memoryFreeMiB();
+    if (free < c.memoryMiB) throw new FerryError('HOST_NO_MEMORY', `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB`, { freeMiB: free, needMiB: c.memoryMiB });
+  }
+
+  checkUnique(c: DomainConfig): void {
+    const byName = this.domains.get(c.name);
+    if (byName) throw new FerryError('DOMAIN_EXISTS', `A domain named "${c.name}" already exists on ${this.cfg.name} (${describeKind(byName.rec.state.kind)}); use \`ferry start ${c.name}\` or \`ferry delete ${c.name}\``);
+    for (const l of this.domains.values()) if (l.rec.config.uuid === c.uuid) throw new FerryError('DOMAIN_EXISTS', `Domain "${l.rec.config.name}" on ${this.cfg.name} already has uuid ${c.uuid}`);
+  }
+
+  // ---------- lifecycle ----------
+
+  /** `ferry create`: define, and start unless told not to. Nothing is stored if a check fails. */
+  async create(rawConfig: unknown, start = true): Promise<Record<string, unknown>> {
+    const c = parseDomainConfig(rawConfig);
+    this.checkUnique(c);
+    this.checkNetworks(c);
+    this.checkPaths(c);
+    if (start) this.checkMemory(c);
+    const live: Live = { rec: { config: c, state: { kind: 'defined' } } };
+    this.domains.set(c.name, live);
+    this.persist(live);
+    this.log.info('domain defined', { domain: c.name, uuid: c.uuid });
+    if (start) {
+      try {
+        await this.start(c.name);
+      } catch (e) {
+        // A create that cannot start leaves nothing behind, as xm create does.
+        this.domains.delete(c.name);
+        fs.rmSync(path.join(this.domainsDir, `${c.name}.json`), { force: true });
+        throw e;
+      }
+    }
+    return this.domainInfo(c.name);
+  }
+
+  runtimeFor(c: DomainConfig): Runtime {
+    const dir = path.join(this.runDir, c.name);
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    return {
+      qmpPath: path.join(dir, 'qmp.sock'), consolePath: path.join(dir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
+      consoleLog: path.join(dir, 'console.log'), taps: c.nics.map((_, i) => tapName(c.uuid, i)),
+      accel: this.accel.accel, machine: this.qemu.machine, cpuModel: this.qemu.cpuModel,
+    };
+  }
+
+  /**
+   * Starts QEMU for a domain, stopped (-S), with taps created and the console attached.
+   * Returns its pid. The caller decides whether to `cont` and which event to apply.
+   */
+  async spawn(c: DomainConfig, opts: { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string } = {}): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
+    const runtime = this.runtimeFor(c);
+    if (opts.machine) runtime.machine = opts.machine;
+    if (opts.cpuModel) runtime.cpuModel = opts.cpuModel;
+    c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network));
+    try {
+      const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate });
+      const q = await startQemu(argv, { qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"` });
+      return { pid: q.pid, qmp: q.qmp, runtime };
+    } catch (e) {
+      for (const t of runtime.taps) deleteTap(t);
+      throw e;
+    }
+  }
+
+  async start(name: string): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    const c = live.rec.config;
+    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" is busy (${live.busy})`);
+    // Check legality before doing anything irreversible.
+    transition(live.rec.state, { type: 'start', pid: 0, domid: 0, at: 0 }, name);
+    this.checkNetworks(c);
+    this.checkPaths(c);
+    this.checkMemory(c);
+    live.busy = 'starting';
+    try {
+      const { pid, qmp, runtime } = await this.spawn(c);
+      live.rec.runtime = runtime;
+      live.expectStop = undefined;
+      this.apply(live, { type: 'start', pid, domid: this.allocDomid(), at: Date.now() });
+      await this.attach(live, pid, qmp);
+      await qmp.execute('cont');
+    } finally {
+      live.busy = undefined;
+    }
+    return this.domainInfo(name);
+  }
+
+  /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
+  async attach(live: Live, pid: number, qmp?: QmpClient): Promise<void> {
+    const rt = live.rec.runtime!;
+    live.qmp = qmp ?? await QmpClient.connect(rt.qmpPath, 5000);
+    const name = live.rec.config.name;
+    live.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(live, e));
+    live.exited = new Promise<void>((resolve) => live.qmp!.once('close', () => { void this.onQemuGone(live, pid).finally(resolve); }));
+    if (!live.console) {
+      live.console = new ConsoleMux(rt.consolePath, rt.consoleLog);
+      try {
+        await live.console.connect();
+      } catch (e) {
+        this.log.warn('console not connected', { domain: name, error: String(e) });
+      }
+    }
+  }
+
+  private onQmpEvent(live: Live, e: QmpEvent): void {
+    const s = live.rec.state.kind;
+    this.log.debug('qmp event', { domain: live.rec.config.name, event: e.event, data: e.data });
+    this.emit('qmp.event', { domain: live.rec.config.name, event: e });
+    // Guest- or QEMU-initiated pauses and resumes; ferryd's own pause/unpause apply
+    // the same events, and whichever comes second finds nothing to do.
+    if (live.busy) return;
+    if (e.event === 'STOP' && s === 'running') this.apply(live, { type: 'pause', at: Date.now() });
+    else if (e.event === 'RESUME' && s === 'paused') this.apply(live, { type: 'resume', at: Date.now() });
+    else if (e.event === 'SHUTDOWN' && !live.expectStop) live.expectStop = 'poweroff';
+  }
+
+  /** QEMU's QMP socket closed: the process is ending. A stop we asked for, or a crash. */
+  private async onQemuGone(live: Live, pid: number): Promise<void> {
+    const deadline = Date.now() + 5000;
+    while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    const s = live.rec.state;
+    if (!hasProcess(s) || s.pid !== pid) return; // already settled by whoever stopped it
+    const reason = live.expectStop;
+    this.cleanupRuntime(live, reason ? `${CONSOLE_CONTROL}${JSON.stringify({ event: 'stopped', reason })}\n` : undefined);
+    this.emit('qemu.gone', { domain: live.rec.config.name, pid, expected: reason ?? null });
+    if (s.kind === 'migrating-out' || s.kind === 'incoming') return; // the migration job settles these
+    if (reason) this.apply(live, { type: 'stopped', reason, at: Date.now() });
+    else this.apply(live, { type: 'crash', reason: 'QEMU exited unexpectedly', at: Date.now() });
+  }
+
+  /** Removes taps and runtime sockets; closes QMP and console. Keeps logs. */
+  cleanupRuntime(live: Live, consoleFinal?: string): void {
+    live.qmp?.close();
+    live.qmp = undefined;
+    live.console?.close(consoleFinal);
+    live.console = undefined;
+    const rt = live.rec.runtime;
+    if (rt) {
+      for (const t of rt.taps) deleteTap(t);
+      fs.rmSync(rt.qmpPath, { force: true });
+      fs.rmSync(rt.consolePath, { force: true });
+    }
+  }
+
+  private needProcess(live: Live, verb: string): { pid: number; qmp: QmpClient } {
+    const s = live.rec.state;
+    if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is ${describeKind(s.kind)}`);
+    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is busy (${live.busy})`);
+    return { pid: s.pid, qmp: live.qmp };
+  }
+
+  async pause(name: string): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    transition(live.rec.state, { type: 'pause', at: 0 }, name);
+    const { qmp } = this.needProcess(live, 'pause');
+    await qmp.execute('stop');
+    if (live.rec.state.kind === 'running') this.apply(live, { type: 'pause', at: Date.now() });
+    return this.summary(live);
+  }
+
+  async unpause(name: string): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    transition(live.rec.state, { type: 'resume', at: 0 }, name);
+    const { qmp } = this.needProcess(live, 'unpause');
+    await qmp.execute('cont');
+    if (live.rec.state.kind === 'paused') this.apply(live, { type: 'resume', at: Date.now() });
+    return this.summary(live);
+  }
+
+  /** ACPI shutdown; waits up to timeoutS for the guest to power off. */
+  async shutdown(name: string, timeoutS = 60): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    transition(live.rec.state, { type: 'stopped', reason: 'shutdown', at: 0 }, name);
+    const { qmp } = this.needProcess(live, 'shut down');
+    live.expectStop = 'shutdown';
+    const t0 = Date.now();
+    if (live.rec.state.kind === 'paused') await qmp.execute('cont');
+    await qmp.execute('system_powerdown');
+    const gone = await Promise.race([live.exited!.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), timeoutS * 1000))]);
+    if (!gone) {
+      live.expectStop = undefined;
+      throw new FerryError('TIMEOUT', `Domain "${name}" did not shut down within ${timeoutS} s (ACPI power button sent; it may not handle it). It is still running; use \`ferry destroy ${name}\` to stop it at once`);
+    }
+    return { ...this.summary(live), shutdownMs: Date.now() - t0 };
+  }
+
+  /** Stops at once: QEMU is killed. Also clears a crashed domain to shut off. */
+  async destroy(name: string): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    const s = live.rec.state;
+    if (s.kind === 'crashed') { this.apply(live, { type: 'stopped', reason: 'destroyed', at: Date.now() }); return this.summary(live); }
+    if (s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${name}" is migrating; cancel the migration first (\`ferry job abort ${name}\`)`);
+    if (!hasProcess(s)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot destroy domain "${name}": it is ${describeKind(s.kind)}`);
+    live.expectStop = 'destroyed';
+    await killAndWait(s.pid, 0);
+    await live.exited;
+    if (hasProcess(live.rec.state)) {
+      // QMP never connected (or closed before): settle here.
+      this.cleanupRuntime(live);
+      this.apply(live, { type: 'stopped', reason: 'destroyed', at: Date.now() });
+    }
+    return this.summary(live);
+  }
+
+  /** Removes a definition. Only when no QEMU runs for it. */
+  delete(name: string): Record<string, unknown> {
+    const live = this.get(name);
+    if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot delete domain "${name}": it is ${describeKind(live.rec.state.kind)}; destroy or shut it down first`);
+    this.forget(name);
+    return { name, deleted: true };
+  }
+
+  /** Drops a record and its runtime directory (the definition is gone from this host). */
+  forget(name: string): void {
+    this.domains.delete(name);
+    fs.rmSync(path.join(this.domainsDir, `${name}.json`), { force: true });
+    fs.rmSync(path.join(this.runDir, name), { recursive: true, force: true });
+    this.emit('domain.state', { domain: name, from: null, to: 'deleted' });
+  }
+
+  attachConsole(name: string, client: net.Socket, replay = 0): void {
+    const live = this.get(name);
+    if (!live.console) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(live.rec.state.kind)}`);
+    live.console.attach(client, replay);
+  }
+
+  // ---------- save / restore (xm save / xm restore) ----------
+
+  /**
+   * Streams QEMU's migration output through a unix socket that ferryd owns into FILE.
+   * No user string reaches QEMU: the file is opened by ferryd, QEMU only sees our socket.
+   * Layout: SAVE_MAGIC, one JSON line {config, wasRunning, machine, cpuModel}, then the stream.
+   */
+  async save(name: string, file: string): Promise<Record<string, unknown>> {
+    const live = this.get(name);
+    transition(live.rec.state, { type: 'stopped', reason: 'saved', at: 0 }, name);
+    const { qmp } = this.needProcess(live, 'save');
+    const wasRunning = live.rec.state.kind === 'running';
+    const rt = live.rec.runtime!;
+    const sockPath = path.join(this.runDir, name, 'save.sock');
+    fs.rmSync(sockPath, { force: true });
+    const tmp = `${file}.partial`;
+    const t0 = Date.now();
+    live.busy = 'saving';
+    let out: fs.WriteStream | undefined;
+    const server = net.createServer();
+    try {
+      out = fs.createWriteStream(tmp, { mode: 0o600 });
+      out.write(SAVE_MAGIC + JSON.stringify({ config: domainConfigToJson(live.rec.config), wasRunning, machine: rt.machine, cpuModel: rt.cpuModel, savedAt: new Date().toISOString(), host: this.cfg.name }) + '\n');
+      const received = new Promise<number>((resolve, reject) => {
+        server.once('connection', (s) => {
+          let bytes = 0;
+          s.on('data', (d: Buffer) => { bytes += d.length; });
+          s.pipe(out!, { end: false });
+          s.on('end', () => resolve(bytes));
+          s.on('error', reject);
+        });
+      });
+      await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
+      if (wasRunning) await qmp.execute('stop');
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });
+      await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+      await this.waitMigration(qmp, 600_000);
+      const bytes = await received;
+      await new Promise<void>((r, j) => out!.end((e?: Error | null) => (e ? j(e) : r())));
+      fs.renameSync(tmp, file);
+      live.expectStop = 'saved';
+      live.busy = undefined;
+      await qmp.execute('quit').catch(() => undefined);
+      await live.exited;
+      return { name, file, bytes, ms: Date.now() - t0 };
+    } catch (e) {
+      live.busy = undefined;
+      out?.destroy();
+      fs.rmSync(tmp, { force: true });
+      if (wasRunning && live.qmp) await live.qmp.execute('cont').catch(() => undefined);
+      throw e instanceof FerryError ? e : new FerryError('SAVE_FAILED', `Cannot save domain "${name}" to ${file}: ${(e as Error).message}`);
+    } finally {
+      server.close();
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+
+  /** Polls query-migrate until completed (resolves) or failed/cancelled (rejects). */
+  async waitMigration(qmp: QmpClient, timeoutMs: number): Promise<Record<string, unknown>> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = await qmp.execute<Record<string, unknown>>('query-migrate');
+      if (m.status === 'completed') return m;
+      if (m.status === 'failed' || m.status === 'cancelled') throw new FerryError('SAVE_FAILED', `QEMU migration ${m.status}: ${m['error-desc'] ?? 'no reason given'}`);
+      if (Date.now() > deadline) throw new FerryError('TIMEOUT', 'QEMU migration did not finish in time');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  async restore(file: string): Promise<Record<string, unknown>> {
+    const t0 = Date.now();
+    let fd: number;
+    try { fd = fs.openSync(file, 'r'); } catch (e) { throw new FerryError('SAVE_FAILED', `Cannot read ${file}: ${(e as Error).message}`); }
+    let header: { config: unknown; wasRunning: boolean; machine: string; cpuModel: string };
+    let offset: number;
+    try {
+      const head = Buffer.alloc(64 * 1024);
+      const n = fs.readSync(fd, head, 0, head.length, 0);
+      const text = head.subarray(0, n).toString('latin1');
+      if (!text.startsWith(SAVE_MAGIC)) throw new FerryError('SAVE_FAILED', `${file} is not a ferry save file`);
+      const nl = text.indexOf('\n', SAVE_MAGIC.length);
+      if (nl < 0) throw new FerryError('SAVE_FAILED', `${file}: header is truncated`);
+      header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8'));
+      offset = Buffer.byteLength(text.slice(0, nl + 1), 'latin1');
+    } finally {
+      fs.closeSync(fd);
+    }
+    const c = parseDomainConfig(header.config);
+    let live = this.domains.get(c.name);
+    if (live) {
+      if (live.rec.config.uuid !== c.uuid) throw new FerryError('DOMAIN_EXISTS', `Another domain named "${c.name}" exists on ${this.cfg.name}`);
+      if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_EXISTS', `Domain "${c.name}" is already ${describeKind(live.rec.state.kind)} on ${this.cfg.name}`);
+    } else {
+      this.checkUnique(c);
+    }
+    this.checkNetworks(c);
+    this.checkPaths(c);
+    this.checkMemory(c, 'restore');
+    const created = !live;
+    if (!live) {
+      live = { rec: { config: c, state: { kind: 'defined' } } };
+      this.domains.set(c.name, live);
+    } else {
+      live.rec.config = c;
+    }
+    const l = live;
+    l.busy = 'restoring';
+    const sockPath = path.join(this.runDir, c.name, 'restore.sock');
+    let pid: number | undefined;
+    try {
+      const sp = await this.spawn(c, { incoming: true, machine: header.machine, cpuModel: header.cpuModel });
+      pid = sp.pid;
+      l.rec.runtime = sp.runtime;
+      fs.rmSync(sockPath, { force: true });
+      await sp.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
+      await new Promise<void>((resolve, reject) => {
+        const s = net.createConnection({ path: sockPath });
+        s.once('error', reject);
+        s.once('connect', () => {
+          const rs = fs.createReadStream(file, { start: offset });
+          rs.once('error', reject);
+          rs.pipe(s);
+          s.once('finish', resolve);
+        });
+      });
+      // The stream is in; wait until QEMU has loaded it.
+      for (;;) {
+        const st = await sp.qmp.execute<{ status: string }>('query-status');
+        if (st.status !== 'inmigrate') {
+          if (st.status === 'postmigrate' || st.status === 'internal-error' || st.status === 'shutdown') throw new FerryError('SAVE_FAILED', `QEMU could not load ${file} (status ${st.status})`);
+          break;
+        }
+        if (!pidAlive(pid)) throw new FerryError('SAVE_FAILED', `QEMU exited while loading ${file}: see ${sp.runtime.logPath}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      this.apply(l, { type: 'start', pid, domid: this.allocDomid(), at: Date.now() });
+      await this.attach(l, pid, sp.qmp);
+      l.busy = undefined;
+      // xm restore resumes the domain; a domain saved while paused stays paused.
+      if (header.wasRunning) await sp.qmp.execute('cont');
+      else this.apply(l, { type: 'pause', at: Date.now() });
+      return { ...this.domainInfo(c.name), restoreMs: Date.now() - t0 };
+    } catch (e) {
+      l.busy = undefined;
+      if (pid) await killAndWait(pid, 0);
+      this.cleanupRuntime(l);
+      if (created) { this.domains.delete(c.name); fs.rmSync(path.join(this.domainsDir, `${c.name}.json`), { force: true }); }
+      throw e instanceof FerryError ? e : new FerryError('SAVE_FAILED', `Cannot restore ${file}: ${(e as Error).message}`);
+    } finally {
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+
+  // ---------- memory sampling (the pattern checker's eyes) ----------
+
+  /**
+   * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM,
+   * read with pmemsave while the guest is stopped (it is resumed afterwards if it ran).
+   */
+  async sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
+    const live = this.get(name);
+    const { qmp } = this.needProcess(live, 'read the memory of');
+    if (endMiB <= startMiB || endMiB > live.rec.config.memoryMiB) throw new FerryError('API_BAD_REQUEST', `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${live.rec.config.memoryMiB} MiB)`);
+    const wasRunning = live.rec.state.kind === 'running';
+    const dump = path.join(this.runDir, name, `mem-${Date.now()}.bin`);
+    live.busy = 'sampling memory';
+    try {
+      if (wasRunning) await qmp.execute('stop');
+      const size = (endMiB - startMiB) * 1048576;
+      await qmp.execute('pmemsave', { val: startMiB * 1048576, size, filename: dump });
+      const pages = size / 4096;
+      const out = Buffer.alloc(pages);
+      const fd = fs.openSync(dump, 'r');
+      try {
+        const chunk = Buffer.alloc(1048576);
+        for (let mib = 0; mib < endMiB - startMiB; mib++) {
+          fs.readSync(fd, chunk, 0, chunk.length, mib * 1048576);
+          for (let p = 0; p < 256; p++) out[mib * 256 + p] = chunk[p * 4096];
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+      return { bytes: out.toString('base64'), pages };
+    } finally {
+      fs.rmSync(dump, { force: true });
+      live.busy = undefined;
+      if (wasRunning && live.qmp) await live.qmp.execute('cont');
+    }
+  }
+
+  /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */
+  detachAll(): void {
+    for (const l of this.domains.values()) {
+      l.qmp?.removeAllListeners('close');
+      l.qmp?.close();
+      l.console?.close();
+    }
+  }
+}

@@ -1,0 +1,82 @@
+/**
+ * ferryd: the host daemon. `ferryd [--config FILE] [--name N] [--state-dir D] ...`
+ * Runs domains, serves the API on a unix socket and, with certificates, on TLS.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Command } from 'commander';
+import { loadDaemonConfig } from './config.ts';
+import { Logger } from './log.ts';
+import { Host } from './host.ts';
+import { ApiServer } from './server.ts';
+import { makeHandler } from './actions.ts';
+import { probeQemu, chooseAccel } from '../qemu/probe.ts';
+import { pidAlive } from '../qemu/process.ts';
+import { asFerryError } from '../errors.ts';
+import { Migrations } from '../migration/manager.ts';
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+async function main(): Promise<void> {
+  const prog = new Command('ferryd')
+    .description('ferry host daemon')
+    .option('-c, --config <file>', 'config file (default /etc/ferry/ferryd.json)')
+    .option('--name <name>', 'host name')
+    .option('--state-dir <dir>', 'state directory')
+    .option('--api-socket <path>', 'API unix socket')
+    .option('--relocation-address <addr>', 'relocation (TLS API) listen address')
+    .option('--relocation-port <port>', 'relocation (TLS API) port', (v) => Number(v))
+    .option('--tls-dir <dir>', 'TLS directory')
+    .option('--memory <MiB>', 'memory offered to domains', (v) => Number(v))
+    .option('--accel <accel>', 'auto, kvm or tcg (FERRY_ACCEL overrides)')
+    .option('--log-stderr', 'also write logs to stderr')
+    .parse();
+  const o = prog.opts();
+  const cfg = loadDaemonConfig(o.config, {
+    name: o.name, stateDir: o.stateDir, apiSocket: o.apiSocket, tlsDir: o.tlsDir, memory: o.memory, accel: o.accel,
+    'relocation.address': o.relocationAddress, 'relocation.port': o.relocationPort,
+  }, repoRoot);
+  fs.mkdirSync(cfg.stateDir, { recursive: true, mode: 0o700 });
+  const pidFile = path.join(cfg.stateDir, 'ferryd.pid');
+  try {
+    const old = Number(fs.readFileSync(pidFile, 'utf8'));
+    if (old && old !== process.pid && pidAlive(old)) {
+      process.stderr.write(`ferryd: another ferryd (pid ${old}) uses ${cfg.stateDir}\n`);
+      process.exit(5);
+    }
+  } catch { /* no pid file */ }
+  fs.writeFileSync(pidFile, String(process.pid));
+  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr);
+  log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
+  const scratch = path.join(cfg.stateDir, 'run');
+  const [qemu, accel] = await Promise.all([
+    probeQemu(cfg.cpuModel, scratch),
+    chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch }),
+  ]);
+  log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
+  const host = new Host(cfg, log, accel, qemu);
+  await host.recover();
+  const migrations = new Migrations(host, log);
+  await migrations.recover();
+  const server = new ApiServer(log, makeHandler(host, migrations));
+  await server.listenUnix(cfg.apiSocket);
+  const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow });
+  log.info('ferryd ready', { apiSocket: cfg.apiSocket, tls: tlsOn ? `${cfg.relocation.address}:${cfg.relocation.port}` : null });
+  process.stdout.write(`ferryd ${cfg.name} ready (api ${cfg.apiSocket}${tlsOn ? `, tls ${cfg.relocation.address}:${cfg.relocation.port}` : ''}, accel ${accel.accel})\n`);
+  const stop = async (sig: string): Promise<void> => {
+    log.info('ferryd stopping; domains keep running', { signal: sig });
+    await server.close();
+    host.detachAll();
+    try { if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile); } catch { /* gone */ }
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+}
+
+main().catch((e) => {
+  const fe = asFerryError(e);
+  process.stderr.write(`ferryd: ${fe.code}: ${fe.message}\n`);
+  process.exit(fe.exitCode);
+});

@@ -1,0 +1,156 @@
+/**
+ * Domain configuration: parsing and validation. Pure: no I/O except what the caller
+ * passes in. Every problem becomes a CONFIG_INVALID error naming the field.
+ *
+ * Example (JSON):
+ *   { "name": "web", "memory": 256, "vcpus": 1,
+ *     "boot": { "kernel": "/img/vmlinux", "initrd": "/img/initrd.img", "cmdline": "console=ttyS0" },
+ *     "disks": [ { "path": "/img/data.qcow2", "format": "qcow2", "readOnly": false } ],
+ *     "nics": [ { "network": "lab", "mac": "52:54:00:12:34:56", "ip": "198.18.0.50/24" } ],
+ *     "serial": true }
+ */
+import crypto from 'node:crypto';
+import { FerryError } from '../errors.ts';
+
+export type DiskFormat = 'raw' | 'qcow2';
+export interface DiskConfig { path: string; format: DiskFormat; readOnly: boolean }
+export interface NicConfig { network: string; mac: string; ip?: string }
+export type BootConfig =
+  | { kind: 'kernel'; kernel: string; initrd?: string; cmdline: string }
+  | { kind: 'disk'; disk: number };
+
+export interface DomainConfig {
+  name: string;
+  uuid: string;
+  memoryMiB: number;
+  vcpus: number;
+  boot: BootConfig;
+  disks: DiskConfig[];
+  nics: NicConfig[];
+  /** The serial console is always present; this only records the choice for `info`. */
+  serial: boolean;
+}
+
+export const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
+const IPV4_CIDR_RE = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(\/(\d{1,2}))?$/;
+export const MAX_MEMORY_MIB = 1024 * 1024;
+export const MAX_VCPUS = 64;
+const KNOWN_KEYS = new Set(['name', 'uuid', 'memory', 'vcpus', 'boot', 'disks', 'nics', 'serial']);
+
+/** A stable, locally administered MAC from the uuid and NIC index, with QEMU's 52:54:00 prefix. */
+export function stableMac(uuid: string, index: number): string {
+  const h = crypto.createHash('sha256').update(`${uuid}/${index}`).digest();
+  return ['52', '54', '00', h[0], h[1], h[2]].map((b) => (typeof b === 'number' ? b.toString(16).padStart(2, '0') : b)).join(':');
+}
+
+export function isValidIpv4Cidr(s: string): boolean {
+  const m = IPV4_CIDR_RE.exec(s);
+  if (!m) return false;
+  for (let i = 1; i <= 4; i++) if (Number(m[i]) > 255) return false;
+  return m[6] === undefined || Number(m[6]) <= 32;
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+/**
+ * Validates raw input (parsed JSON) and returns a complete config: uuid and MACs are
+ * filled in when absent, so the stored config is stable from then on.
+ */
+export function parseDomainConfig(raw: unknown): DomainConfig {
+  const errs: string[] = [];
+  const bad = (field: string, why: string): void => { errs.push(`${field}: ${why}`); };
+  if (!isPlainObject(raw)) throw new FerryError('CONFIG_INVALID', 'Invalid domain config: it must be a JSON object', { errors: ['(root): not an object'] });
+  for (const k of Object.keys(raw)) if (!KNOWN_KEYS.has(k)) bad(k, 'unknown field');
+
+  const name = raw.name;
+  if (typeof name !== 'string' || !NAME_RE.test(name)) bad('name', `must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit, got ${JSON.stringify(name)}`);
+
+  let uuid = raw.uuid;
+  if (uuid === undefined) uuid = crypto.randomUUID();
+  else if (typeof uuid !== 'string' || !UUID_RE.test(uuid.toLowerCase())) bad('uuid', `must be a UUID like 6f1c…-…, got ${JSON.stringify(uuid)}`);
+  if (typeof uuid === 'string') uuid = uuid.toLowerCase();
+
+  const memory = raw.memory;
+  if (!Number.isInteger(memory) || (memory as number) < 16 || (memory as number) > MAX_MEMORY_MIB) bad('memory', `must be an integer number of MiB from 16 to ${MAX_MEMORY_MIB}, got ${JSON.stringify(memory)}`);
+
+  const vcpus = raw.vcpus ?? 1;
+  if (!Number.isInteger(vcpus) || (vcpus as number) < 1 || (vcpus as number) > MAX_VCPUS) bad('vcpus', `must be an integer from 1 to ${MAX_VCPUS}, got ${JSON.stringify(vcpus)}`);
+
+  const disks: DiskConfig[] = [];
+  if (raw.disks !== undefined && !Array.isArray(raw.disks)) bad('disks', 'must be a list');
+  for (const [i, d] of (Array.isArray(raw.disks) ? raw.disks : []).entries()) {
+    if (!isPlainObject(d)) { bad(`disks[${i}]`, 'must be an object'); continue; }
+    for (const k of Object.keys(d)) if (!['path', 'format', 'readOnly'].includes(k)) bad(`disks[${i}].${k}`, 'unknown field');
+    if (typeof d.path !== 'string' || !d.path.startsWith('/') || d.path.includes(',') || d.path.includes('\n')) bad(`disks[${i}].path`, 'must be an absolute path without commas or newlines');
+    const format = d.format ?? 'raw';
+    if (format !== 'raw' && format !== 'qcow2') bad(`disks[${i}].format`, `must be "raw" or "qcow2", got ${JSON.stringify(d.format)}`);
+    if (d.readOnly !== undefined && typeof d.readOnly !== 'boolean') bad(`disks[${i}].readOnly`, 'must be true or false');
+    disks.push({ path: String(d.path), format: format as DiskFormat, readOnly: d.readOnly === true });
+  }
+
+  let boot: BootConfig | undefined;
+  const b = raw.boot;
+  if (!isPlainObject(b)) bad('boot', 'must be an object: {"kernel", "initrd", "cmdline"} or {"disk": INDEX}');
+  else if ('kernel' in b) {
+    for (const k of Object.keys(b)) if (!['kernel', 'initrd', 'cmdline'].includes(k)) bad(`boot.${k}`, 'unknown field');
+    if (typeof b.kernel !== 'string' || !b.kernel.startsWith('/') || b.kernel.includes(',')) bad('boot.kernel', 'must be an absolute path without commas');
+    if (b.initrd !== undefined && (typeof b.initrd !== 'string' || !b.initrd.startsWith('/') || b.initrd.includes(','))) bad('boot.initrd', 'must be an absolute path without commas');
+    if (b.cmdline !== undefined && (typeof b.cmdline !== 'string' || b.cmdline.length > 2048 || /[\n\0]/.test(b.cmdline))) bad('boot.cmdline', 'must be a single line of at most 2048 characters');
+    boot = { kind: 'kernel', kernel: String(b.kernel), ...(typeof b.initrd === 'string' ? { initrd: b.initrd } : {}), cmdline: typeof b.cmdline === 'string' ? b.cmdline : '' };
+  } else if ('disk' in b) {
+    for (const k of Object.keys(b)) if (k !== 'disk') bad(`boot.${k}`, 'unknown field');
+    if (!Number.isInteger(b.disk) || (b.disk as number) < 0 || (b.disk as number) >= disks.length) bad('boot.disk', `must be the index of a disk (0..${disks.length - 1}), got ${JSON.stringify(b.disk)}`);
+    boot = { kind: 'disk', disk: Number(b.disk) };
+  } else bad('boot', 'needs "kernel" or "disk"');
+
+  const nics: NicConfig[] = [];
+  if (raw.nics !== undefined && !Array.isArray(raw.nics)) bad('nics', 'must be a list');
+  const nicList = Array.isArray(raw.nics) ? raw.nics : [];
+  if (nicList.length > 8) bad('nics', 'at most 8 NICs');
+  const macs = new Set<string>();
+  for (const [i, n] of nicList.entries()) {
+    if (!isPlainObject(n)) { bad(`nics[${i}]`, 'must be an object'); continue; }
+    for (const k of Object.keys(n)) if (!['network', 'mac', 'ip'].includes(k)) bad(`nics[${i}].${k}`, 'unknown field');
+    if (typeof n.network !== 'string' || !NAME_RE.test(n.network)) bad(`nics[${i}].network`, `must be a network name, got ${JSON.stringify(n.network)}`);
+    let mac = n.mac;
+    if (mac === undefined) mac = typeof uuid === 'string' ? stableMac(uuid, i) : '';
+    else if (typeof mac !== 'string' || !MAC_RE.test(mac.toLowerCase())) bad(`nics[${i}].mac`, `must be a MAC like 52:54:00:12:34:56, got ${JSON.stringify(mac)}`);
+    else if (parseInt(mac.slice(0, 2), 16) & 1) bad(`nics[${i}].mac`, `must be a unicast MAC, got ${mac}`);
+    mac = String(mac).toLowerCase();
+    if (macs.has(mac as string)) bad(`nics[${i}].mac`, `duplicates another NIC's MAC ${mac}`);
+    macs.add(mac as string);
+    if (n.ip !== undefined && (typeof n.ip !== 'string' || !isValidIpv4Cidr(n.ip))) bad(`nics[${i}].ip`, `must be an IPv4 address, optionally with /prefix, got ${JSON.stringify(n.ip)}`);
+    nics.push({ network: String(n.network), mac: mac as string, ...(typeof n.ip === 'string' ? { ip: n.ip } : {}) });
+  }
+
+  if (raw.serial !== undefined && typeof raw.serial !== 'boolean') bad('serial', 'must be true or false');
+
+  if (errs.length > 0) {
+    const who = typeof name === 'string' && NAME_RE.test(name) ? ` "${name}"` : '';
+    throw new FerryError('CONFIG_INVALID', `Invalid domain config${who}: ${errs.join('; ')}`, { errors: errs });
+  }
+  return {
+    name: name as string, uuid: uuid as string, memoryMiB: memory as number, vcpus: vcpus as number,
+    boot: boot!, disks, nics, serial: raw.serial !== false,
+  };
+}
+
+/** The inverse of parseDomainConfig: the JSON a user would write for this config. */
+export function domainConfigToJson(c: DomainConfig): Record<string, unknown> {
+  return {
+    name: c.name, uuid: c.uuid, memory: c.memoryMiB, vcpus: c.vcpus,
+    boot: c.boot.kind === 'kernel' ? { kernel: c.boot.kernel, ...(c.boot.initrd ? { initrd: c.boot.initrd } : {}), cmdline: c.boot.cmdline } : { disk: c.boot.disk },
+    disks: c.disks.map((d) => ({ ...d })), nics: c.nics.map((n) => ({ ...n })), serial: c.serial,
+  };
+}
+
+/** Paths the domain needs to find on any host it runs on (boot files and disks). */
+export function domainPaths(c: DomainConfig): string[] {
+  const p = c.disks.map((d) => d.path);
+  if (c.boot.kind === 'kernel') { p.push(c.boot.kernel); if (c.boot.initrd) p.push(c.boot.initrd); }
+  return p;
+}

@@ -1,0 +1,92 @@
+/**
+ * The one registry of ferry's error codes.
+ *
+ * Every failure that crosses a boundary (CLI, API, relocation protocol) carries a
+ * stable code from this table. Codes never change meaning once shipped; add new
+ * ones instead. `exit` is the CLI's exit status for the code (see README "Exit codes").
+ */
+export const ERRORS = {
+  // usage and input: exit 2
+  CLI_USAGE: { exit: 2, doc: 'bad command-line arguments' },
+  CONFIG_INVALID: { exit: 2, doc: 'a domain or daemon config failed validation' },
+  CONFIG_UNREADABLE: { exit: 2, doc: 'a config file could not be read or parsed' },
+  API_BAD_REQUEST: { exit: 2, doc: 'a malformed API request' },
+  API_UNKNOWN_ACTION: { exit: 2, doc: 'the API has no such action' },
+  // not found / conflicts: exit 3
+  DOMAIN_NOT_FOUND: { exit: 3, doc: 'no domain by that name on this host' },
+  DOMAIN_EXISTS: { exit: 3, doc: 'a domain with that name or uuid already exists' },
+  DOMAIN_BAD_STATE: { exit: 3, doc: 'the action is not legal in the domain\'s current state' },
+  HOST_UNKNOWN: { exit: 3, doc: 'the host name or address cannot be resolved' },
+  JOB_NOT_FOUND: { exit: 3, doc: 'no migration job for that domain' },
+  // resources: exit 4
+  HOST_NO_MEMORY: { exit: 4, doc: 'the host does not have enough free memory for the domain' },
+  NETWORK_NOT_FOUND: { exit: 4, doc: 'the domain names a network this host does not have' },
+  DISK_NOT_FOUND: { exit: 4, doc: 'a disk or boot file does not exist' },
+  // runtime failures: exit 5
+  DAEMON_UNREACHABLE: { exit: 5, doc: 'the ferryd API socket or port did not answer' },
+  QEMU_START_FAILED: { exit: 5, doc: 'QEMU refused to start the domain' },
+  QMP_ERROR: { exit: 5, doc: 'QEMU answered a QMP command with an error' },
+  QMP_DISCONNECTED: { exit: 5, doc: 'the QMP connection closed' },
+  TIMEOUT: { exit: 5, doc: 'an operation did not finish in time' },
+  SAVE_FAILED: { exit: 5, doc: 'saving or restoring a domain failed' },
+  LAB_FAILED: { exit: 5, doc: 'building or tearing down the lab failed' },
+  LAB_NOT_UP: { exit: 5, doc: 'the lab is not up' },
+  IMAGES_MISSING: { exit: 5, doc: 'the test guest images are not built (run `ferry lab images`)' },
+  VERIFY_FAILED: { exit: 6, doc: 'the memory-pattern checker found inconsistent memory' },
+  INTERNAL: { exit: 70, doc: 'a bug in ferry' },
+  // trust: exit 7
+  TLS_MISSING: { exit: 7, doc: 'certificates are missing' },
+  TLS_REFUSED: { exit: 7, doc: 'the peer refused our certificate or presented none we trust' },
+  PEER_NOT_ALLOWED: { exit: 7, doc: 'the peer is not matched by relocation.hostsAllow' },
+  // migration: exit 8 (pre-flight refusals) and 9 (failures during the move)
+  MIGRATION_DEST_NO_MEMORY: { exit: 8, doc: 'the destination has too little free memory' },
+  MIGRATION_DEST_ARCH: { exit: 8, doc: 'the destination has another architecture or accelerator' },
+  MIGRATION_DEST_CPU: { exit: 8, doc: 'the destination lacks CPU features or the CPU model' },
+  MIGRATION_DEST_NETWORK: { exit: 8, doc: 'the domain\'s network is missing on the destination' },
+  MIGRATION_DEST_L2: { exit: 8, doc: 'the destination\'s network is not the same L2 segment' },
+  MIGRATION_DEST_DISK: { exit: 8, doc: 'a disk is not reachable at the same path on the destination' },
+  MIGRATION_DEST_EXISTS: { exit: 8, doc: 'a domain with that name or uuid already exists on the destination' },
+  MIGRATION_DEST_VERSION: { exit: 8, doc: 'the destination speaks an incompatible protocol version' },
+  MIGRATION_DEST_PORT: { exit: 8, doc: 'the destination\'s migration data port is not reachable' },
+  MIGRATION_SAME_HOST: { exit: 8, doc: 'the destination is the source host' },
+  MIGRATION_PROTOCOL: { exit: 9, doc: 'the peer sent a relocation message that breaks the protocol' },
+  MIGRATION_ILLEGAL_PHASE: { exit: 9, doc: 'a migration phase transition that is not allowed' },
+  MIGRATION_IN_PROGRESS: { exit: 9, doc: 'the domain already has a migration job' },
+  MIGRATION_FAILED: { exit: 9, doc: 'the migration failed; the source domain keeps running' },
+  MIGRATION_CANCELLED: { exit: 9, doc: 'the migration was cancelled; the source domain keeps running' },
+  MIGRATION_NOT_CONVERGING: { exit: 9, doc: 'the pre-copy did not converge before its deadline' },
+} as const;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export class FerryError extends Error {
+  readonly code: ErrorCode;
+  readonly details?: Record<string, unknown>;
+  constructor(code: ErrorCode, message: string, details?: Record<string, unknown>) {
+    super(message);
+    this.name = 'FerryError';
+    this.code = code;
+    this.details = details;
+  }
+  get exitCode(): number {
+    return ERRORS[this.code].exit;
+  }
+  toJSON(): { code: ErrorCode; message: string; details?: Record<string, unknown> } {
+    return this.details ? { code: this.code, message: this.message, details: this.details } : { code: this.code, message: this.message };
+  }
+}
+
+export function isErrorCode(s: unknown): s is ErrorCode {
+  return typeof s === 'string' && Object.prototype.hasOwnProperty.call(ERRORS, s);
+}
+
+/** Turns anything thrown into a FerryError; unknown throwables become INTERNAL. */
+export function asFerryError(e: unknown): FerryError {
+  if (e instanceof FerryError) return e;
+  if (e && typeof e === 'object' && 'code' in e && isErrorCode((e as { code: unknown }).code)) {
+    const o = e as { code: ErrorCode; message?: string; details?: Record<string, unknown> };
+    return new FerryError(o.code, String(o.message ?? o.code), o.details);
+  }
+  const msg = e instanceof Error ? e.message : String(e);
+  return new FerryError('INTERNAL', msg);
+}

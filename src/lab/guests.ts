@@ -1,0 +1,72 @@
+/**
+ * Ready domain configs for the lab's test guests, with a free lab IP.
+ * IPs come from 198.18.0.100-199 and are recorded per guest name in the lab
+ * directory, so printing a config twice gives the same address.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { FerryError } from '../errors.ts';
+import { parseDomainConfig, domainConfigToJson, NAME_RE } from '../domain/config.ts';
+import { writeJsonAtomic } from '../util/fsx.ts';
+import { requireLab, IMAGES_DIR, SEGMENTS, GUEST_IP_RANGE, type LabState } from './lab.ts';
+
+function usedIps(s: LabState): Map<string, string> {
+  const used = new Map<string, string>();
+  for (const h of s.hosts) {
+    const dir = path.join(h.stateDir, 'domains');
+    let files: string[] = [];
+    try { files = fs.readdirSync(dir); } catch { continue; }
+    for (const f of files) {
+      try {
+        const rec = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8'));
+        for (const n of rec.config.nics ?? []) if (n.ip) used.set(String(n.ip).split('/')[0], rec.config.name);
+      } catch { /* partial file */ }
+    }
+  }
+  return used;
+}
+
+export function allocateIp(s: LabState, name: string, segment = 0): string {
+  const file = path.join(s.dir, 'ips.json');
+  let alloc: Record<string, string> = {};
+  try { alloc = JSON.parse(fs.readFileSync(file, 'utf8')); } catch { /* first */ }
+  const key = segment === 0 ? name : `${name}@${segment}`;
+  if (alloc[key]) return alloc[key];
+  const used = usedIps(s);
+  const taken = new Set([...Object.values(alloc), ...used.keys()]);
+  for (let i = GUEST_IP_RANGE[0]; i <= GUEST_IP_RANGE[1]; i++) {
+    const ip = `${SEGMENTS[segment]}.${i}`;
+    if (!taken.has(ip)) {
+      alloc[key] = ip;
+      writeJsonAtomic(file, alloc);
+      return ip;
+    }
+  }
+  throw new FerryError('LAB_FAILED', 'No free lab IP left in 198.18.0.100-199');
+}
+
+function needImage(f: string): string {
+  const p = path.join(IMAGES_DIR, f);
+  if (!fs.existsSync(p)) throw new FerryError('IMAGES_MISSING', `Guest image ${p} is missing: run \`ferry lab images\``);
+  return p;
+}
+
+export function linuxGuestConfig(name: string, memoryMiB = 128): Record<string, unknown> {
+  if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad guest name "${name}"`);
+  const s = requireLab();
+  const ip = allocateIp(s, name);
+  return domainConfigToJson(parseDomainConfig({
+    name, memory: memoryMiB, vcpus: 1,
+    boot: { kernel: needImage('vmlinux'), initrd: needImage('initrd.img'), cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24` },
+    nics: [{ network: 'lab', ip: `${ip}/24` }],
+  }));
+}
+
+export function patternGuestConfig(name: string, memoryMiB = 64): Record<string, unknown> {
+  if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad guest name "${name}"`);
+  if (memoryMiB < 32) throw new FerryError('CLI_USAGE', 'The pattern guest needs at least 32 MiB');
+  return domainConfigToJson(parseDomainConfig({
+    name, memory: memoryMiB, vcpus: 1,
+    boot: { disk: 0 }, disks: [{ path: needImage('pattern.img'), format: 'raw', readOnly: true }],
+  }));
+}

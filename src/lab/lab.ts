@@ -1,0 +1,259 @@
+/**
+ * `ferry lab`: a cluster of real hosts on one machine.
+ *
+ *   ferry-switch ── sw0 (L2 segment 1, 198.18.0.0/24) ──┬── up0 ─ br0 [ferry-host1 198.18.0.11] ─ taps of host1's domains
+ *                 │                                     ├── up0 ─ br0 [ferry-host2 198.18.0.12] ─ taps ...
+ *                 │                                     └── eth0 [ferry-client 198.18.0.2]
+ *                 └ sw1 (segment 2, 198.18.1.0/24, with --segments 2) ── up1 ─ br1 of every host, eth1 of the client
+ *
+ * Every host runs its own ferryd with its own state dir, config and certificate from
+ * the lab's CA. With --segments 2 the last host's "lab" network is bridged to segment
+ * 2 instead: a destination whose network is another L2 segment and subnet.
+ * Everything the lab makes is named ferry-* (namespaces) or lives inside them, and
+ * its files live under the lab directory, so `lab down` can find all of it, even
+ * after a crash.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { FerryError } from '../errors.ts';
+import { writeJsonAtomic } from '../util/fsx.ts';
+import { caInit, issueHostCert } from '../tls/ca.ts';
+import { pidAlive, killAndWait } from '../qemu/process.ts';
+import { ApiClient, LAB_STATE_FILE } from '../api/client.ts';
+
+export const LAB_DIR = process.env.FERRY_LAB_DIR ?? path.dirname(LAB_STATE_FILE);
+export const NS_PREFIX = 'ferry-';
+export const SEGMENTS = ['198.18.0', '198.18.1'] as const;
+export const CLIENT_ADDR = (seg: number): string => `${SEGMENTS[seg]}.2`;
+export const HOST_ADDR = (seg: number, i: number): string => `${SEGMENTS[seg]}.${10 + i}`;
+export const GUEST_IP_RANGE = [100, 199] as const;
+
+export interface LabHost {
+  name: string;
+  namespace: string;
+  address: string;
+  apiSocket: string;
+  stateDir: string;
+  configPath: string;
+  tlsDir: string;
+  pid: number;
+  segment: number;
+}
+
+export interface LabState {
+  createdAt: string;
+  dir: string;
+  segments: number;
+  hostMemoryMiB: number | null;
+  hosts: LabHost[];
+  client: { namespace: string; address: string };
+  caDir: string;
+  adminTlsDir: string;
+}
+
+function sh(cmd: string, args: string[], opts: { ignore?: boolean } = {}): string {
+  try {
+    return execFileSync(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+  } catch (e) {
+    if (opts.ignore) return '';
+    const err = e as { stderr?: Buffer; message: string };
+    throw new FerryError('LAB_FAILED', `${cmd} ${args.join(' ')}: ${err.stderr?.toString().trim() || err.message}`);
+  }
+}
+
+const ipns = (ns: string, ...args: string[]): string => sh('ip', ['-n', ns, ...args]);
+
+export function labNamespaces(): string[] {
+  return sh('ip', ['netns', 'list'], { ignore: true }).split('\n').map((l) => l.split(' ')[0]).filter((n) => n.startsWith(NS_PREFIX));
+}
+
+export function readLab(): LabState | undefined {
+  try {
+    return JSON.parse(fs.readFileSync(LAB_STATE_FILE, 'utf8')) as LabState;
+  } catch {
+    return undefined;
+  }
+}
+
+export function requireLab(): LabState {
+  const s = readLab();
+  if (!s) throw new FerryError('LAB_NOT_UP', 'The lab is not up: run `ferry lab up` first');
+  return s;
+}
+
+/** Node and the ferry entry points, so lab daemons run the same code as the CLI. */
+const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+export const FERRYD_BIN = path.join(repoRoot, 'bin', 'ferryd.mjs');
+export const FERRY_BIN = path.join(repoRoot, 'bin', 'ferry.mjs');
+export const IMAGES_DIR = process.env.FERRY_IMAGES_DIR ?? path.join(repoRoot, 'images');
+
+function addVeth(nsA: string, a: string, nsB: string, b: string): void {
+  sh('ip', ['link', 'add', a, 'netns', nsA, 'type', 'veth', 'peer', 'name', b, 'netns', nsB]);
+}
+
+function makeBridge(ns: string, br: string): void {
+  ipns(ns, 'link', 'add', br, 'type', 'bridge', 'forward_delay', '0', 'stp_state', '0');
+  // Stale forwarding entries black-hole a migrated MAC: keep ageing short as well as flushing.
+  ipns(ns, 'link', 'set', br, 'type', 'bridge', 'ageing_time', '3000');
+  ipns(ns, 'link', 'set', br, 'up');
+}
+
+export interface UpOptions {
+  hosts: number;
+  segments: number;
+  hostMemoryMiB?: number;
+  progress?: (msg: string) => void;
+}
+
+export async function labUp(o: UpOptions): Promise<LabState> {
+  if (!Number.isInteger(o.hosts) || o.hosts < 1 || o.hosts > 16) throw new FerryError('CLI_USAGE', `--hosts must be 1..16, got ${o.hosts}`);
+  if (o.segments !== 1 && o.segments !== 2) throw new FerryError('CLI_USAGE', `--segments must be 1 or 2, got ${o.segments}`);
+  if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16)) throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
+  if (readLab() || labNamespaces().length) throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
+  const say = o.progress ?? (() => undefined);
+  fs.mkdirSync(LAB_DIR, { recursive: true, mode: 0o700 });
+  try {
+    const sw = `${NS_PREFIX}switch`;
+    const client = `${NS_PREFIX}client`;
+    say('namespaces and switch');
+    for (const ns of [sw, client]) sh('ip', ['netns', 'add', ns]);
+    for (let seg = 0; seg < o.segments; seg++) makeBridge(sw, `sw${seg}`);
+    for (let seg = 0; seg < o.segments; seg++) {
+      addVeth(sw, `cls${seg}`, client, `eth${seg}`);
+      ipns(sw, 'link', 'set', `cls${seg}`, 'master', `sw${seg}`, 'up');
+      ipns(client, 'addr', 'add', `${CLIENT_ADDR(seg)}/24`, 'dev', `eth${seg}`);
+      ipns(client, 'link', 'set', `eth${seg}`, 'up');
+    }
+    ipns(client, 'link', 'set', 'lo', 'up');
+
+    say('certificates');
+    const caDir = path.join(LAB_DIR, 'ca');
+    caInit(caDir, { name: 'ferry lab CA', force: true });
+    const adminTlsDir = path.join(LAB_DIR, 'admin-tls');
+    issueHostCert('admin', { caDir, outDir: adminTlsDir });
+
+    const hosts: LabHost[] = [];
+    for (let i = 1; i <= o.hosts; i++) {
+      const name = `host${i}`;
+      const ns = `${NS_PREFIX}${name}`;
+      say(`${name}: namespace, bridges, ferryd`);
+      sh('ip', ['netns', 'add', ns]);
+      ipns(ns, 'link', 'set', 'lo', 'up');
+      for (let seg = 0; seg < o.segments; seg++) {
+        addVeth(sw, `h${i}s${seg}`, ns, `up${seg}`);
+        ipns(sw, 'link', 'set', `h${i}s${seg}`, 'master', `sw${seg}`, 'up');
+        makeBridge(ns, `br${seg}`);
+        ipns(ns, 'link', 'set', `up${seg}`, 'master', `br${seg}`, 'up');
+        ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
+      }
+      const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
+      const dir = path.join(LAB_DIR, name);
+      const tlsDir = path.join(dir, 'tls');
+      issueHostCert(name, { caDir, outDir: tlsDir, ips: [HOST_ADDR(0, i)] });
+      const cfg = {
+        name, stateDir: path.join(dir, 'state'), apiSocket: path.join(dir, 'ferryd.sock'), tlsDir,
+        relocation: { address: HOST_ADDR(0, i), port: 8002, hostsAllow: ['^host[0-9]+$', '^admin$'], dataPorts: [49152, 49215] },
+        networks: {
+          lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
+          ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
+        },
+        imagesDir: IMAGES_DIR,
+        ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
+      };
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
+      hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
+    }
+    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0) }, caDir, adminTlsDir };
+    writeJsonAtomic(LAB_STATE_FILE, state);
+    await Promise.all(hosts.map(async (h) => { h.pid = await startFerryd(h); }));
+    writeJsonAtomic(LAB_STATE_FILE, state);
+    flushBridges(state);
+    return state;
+  } catch (e) {
+    await labDown();
+    throw e;
+  }
+}
+
+/** Starts a host's ferryd in its namespace and waits until its API answers. */
+export async function startFerryd(h: LabHost): Promise<number> {
+  const out = fs.openSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'a');
+  const child = spawn('ip', ['netns', 'exec', h.namespace, process.execPath, FERRYD_BIN, '--config', h.configPath], { detached: true, stdio: ['ignore', out, out] });
+  fs.closeSync(out);
+  child.unref();
+  let exitCode: number | null = null;
+  child.on('exit', (c) => { exitCode = c ?? -1; });
+  const deadline = Date.now() + 30000;
+  while (Date.now() < deadline) {
+    if (exitCode !== null) {
+      const tail = fs.readFileSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'utf8').trim().split('\n').slice(-3).join(' | ');
+      throw new FerryError('LAB_FAILED', `ferryd on ${h.name} exited (${exitCode}): ${tail}`);
+    }
+    try {
+      const c = await ApiClient.connect({ kind: 'unix', path: h.apiSocket, label: h.name }, 1000);
+      await c.request('api.hello', {}, 2000);
+      c.close();
+      // `ip netns exec` execs node, so the child's pid is ferryd's.
+      return child.pid!;
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  throw new FerryError('LAB_FAILED', `ferryd on ${h.name} did not answer within 30 s`);
+}
+
+export async function restartFerryd(name: string): Promise<LabHost> {
+  const s = requireLab();
+  const h = s.hosts.find((x) => x.name === name);
+  if (!h) throw new FerryError('HOST_UNKNOWN', `No lab host "${name}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
+  if (h.pid && isFerryd(h.pid)) await killAndWait(h.pid, 3000);
+  h.pid = await startFerryd(h);
+  writeJsonAtomic(LAB_STATE_FILE, s);
+  return h;
+}
+
+export function isFerryd(pid: number): boolean {
+  if (!pidAlive(pid)) return false;
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('ferryd');
+  } catch {
+    return false;
+  }
+}
+
+/** Forgets every learned MAC on the lab's bridges (stale entries black-hole traffic). */
+export function flushBridges(s: LabState): void {
+  for (let seg = 0; seg < s.segments; seg++) sh('bridge', ['-n', `${NS_PREFIX}switch`, 'fdb', 'flush', 'dev', `sw${seg}`, 'dynamic'], { ignore: true });
+  for (const h of s.hosts) for (let seg = 0; seg < s.segments; seg++) sh('bridge', ['-n', h.namespace, 'fdb', 'flush', 'dev', `br${seg}`, 'dynamic'], { ignore: true });
+}
+
+/**
+ * Removes everything the lab made: ferryds and QEMUs in lab namespaces (by pid, and
+ * only those), the namespaces (which takes their veths, bridges and taps along) and
+ * the lab directory. Idempotent; works without lab.json after a crash.
+ */
+export async function labDown(): Promise<{ namespaces: string[]; processes: number[] }> {
+  const nss = labNamespaces();
+  const pids = new Set<number>();
+  for (const ns of nss) for (const p of sh('ip', ['netns', 'pids', ns], { ignore: true }).split('\n').map(Number).filter((n) => n > 0)) pids.add(p);
+  const s = readLab();
+  for (const h of s?.hosts ?? []) if (h.pid && isFerryd(h.pid)) pids.add(h.pid);
+  // Daemons first, so that none of them sees its QEMUs die and writes crash records.
+  const list = [...pids];
+  const isD = (p: number): boolean => isFerryd(p);
+  await Promise.all(list.filter(isD).map((p) => killAndWait(p, 2000)));
+  await Promise.all(list.filter((p) => !isD(p)).map((p) => killAndWait(p, 0)));
+  for (const ns of nss) sh('ip', ['netns', 'del', ns], { ignore: true });
+  fs.rmSync(LAB_DIR, { recursive: true, force: true });
+  if (path.dirname(LAB_STATE_FILE) !== LAB_DIR) fs.rmSync(LAB_STATE_FILE, { force: true });
+  return { namespaces: nss, processes: list };
+}
+
+/** Namespace of a lab name: host1, client, switch (or already ferry-host1). */
+export function labNamespace(s: LabState, name: string): string {
+  const n = name.startsWith(NS_PREFIX) ? name.slice(NS_PREFIX.length) : name;
+  if (n === 'client' || n === 'switch' || s.hosts.some((h) => h.name === n)) return `${NS_PREFIX}${n}`;
+  throw new FerryError('HOST_UNKNOWN', `No lab namespace "${name}" (have: ${['client', 'switch', ...s.hosts.map((h) => h.name)].join(', ')})`);
+}

@@ -1,0 +1,36 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { domainArgv, tapName } from './argv.ts';
+import { parseDomainConfig } from '../domain/config.ts';
+
+const base = { accel: 'tcg' as const, cpuModel: 'qemu64', machine: 'pc-i440fx-7.2', qmpPath: '/s/qmp.sock', consolePath: '/s/con.sock', taps: ['ftabc0'] };
+
+test('kernel boot uses qboot, a named CPU model and starts stopped', () => {
+  const c = parseDomainConfig({ name: 'web', memory: 256, vcpus: 2, boot: { kernel: '/i/vmlinux', initrd: '/i/initrd', cmdline: 'console=ttyS0' }, nics: [{ network: 'lab', mac: '52:54:00:aa:bb:cc' }] });
+  const a = domainArgv(c, base);
+  const j = a.join(' ');
+  assert.ok(j.includes('-cpu qemu64'));
+  assert.ok(!j.includes('host'));
+  assert.ok(j.includes('-machine pc-i440fx-7.2,accel=tcg'));
+  assert.ok(j.includes('-bios /usr/share/qemu/qboot.rom -kernel /i/vmlinux -initrd /i/initrd -append console=ttyS0'));
+  assert.ok(j.includes('-m 256M -smp 2'));
+  assert.ok(a.includes('-S'));
+  assert.ok(j.includes('tap,id=net0,ifname=ftabc0,script=no,downscript=no'));
+  assert.ok(j.includes('mac=52:54:00:aa:bb:cc'));
+  assert.ok(!a.includes('-incoming'));
+});
+
+test('disk boot sets bootindex and read-only; incoming adds -incoming defer', () => {
+  const c = parseDomainConfig({ name: 'p', memory: 64, boot: { disk: 0 }, disks: [{ path: '/i/pattern.img', format: 'raw', readOnly: true }] });
+  const a = domainArgv(c, { ...base, taps: [], incoming: true, preallocate: true });
+  const j = a.join(' ');
+  assert.ok(j.includes('file=/i/pattern.img,format=raw,if=none,id=disk0,readonly=on'));
+  assert.ok(j.includes('virtio-blk-pci,drive=disk0,id=vblk0,bootindex=1'));
+  assert.ok(j.includes('-incoming defer'));
+  assert.ok(a.includes('-mem-prealloc'));
+  assert.ok(!a.includes('-bios'));
+});
+
+test('tap names fit IFNAMSIZ', () => {
+  assert.ok(tapName('6f1c2a3b-0000-4000-8000-000000000001', 7).length <= 15);
+});

@@ -1,0 +1,66 @@
+/**
+ * QEMU's command line for a domain. Pure: a DomainConfig plus the host's runtime
+ * choices in, an argv out. Nothing user-supplied is ever put into a shell or an
+ * `exec:` URI; paths were validated to contain no commas (QEMU's option separator).
+ */
+import type { DomainConfig } from '../domain/config.ts';
+
+export const QEMU_BINARY = process.env.FERRY_QEMU ?? 'qemu-system-x86_64';
+export const QBOOT_ROM = '/usr/share/qemu/qboot.rom';
+
+export type Accel = 'kvm' | 'tcg';
+
+export interface RuntimeChoice {
+  accel: Accel;
+  cpuModel: string;
+  /** A concrete, versioned machine type (e.g. pc-i440fx-7.2), so both ends of a migration agree. */
+  machine: string;
+  qmpPath: string;
+  consolePath: string;
+  /** Tap device names, one per NIC, already created and attached to their bridges. */
+  taps: string[];
+  /** Wait for an incoming migration stream (`-incoming defer`) instead of booting. */
+  incoming?: boolean;
+  /** Allocate all guest RAM up front (faster offline migration into this QEMU). */
+  preallocate?: boolean;
+}
+
+export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
+  const a: string[] = [
+    '-name', `guest=${c.name},debug-threads=on`,
+    '-uuid', c.uuid,
+    '-machine', `${r.machine},accel=${r.accel}`,
+    '-cpu', r.cpuModel,
+    '-m', `${c.memoryMiB}M`,
+    '-smp', String(c.vcpus),
+    '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
+    '-qmp', `unix:${r.qmpPath},server=on,wait=off`,
+    '-chardev', `socket,id=con0,path=${r.consolePath},server=on,wait=off`,
+    '-serial', 'chardev:con0',
+    // Start stopped: ferryd attaches QMP and the console before the guest runs a single
+    // instruction, so no early console output is lost and every state change is seen.
+    '-S',
+  ];
+  if (r.preallocate) a.push('-mem-prealloc');
+  if (c.boot.kind === 'kernel') {
+    a.push('-bios', QBOOT_ROM, '-kernel', c.boot.kernel);
+    if (c.boot.initrd) a.push('-initrd', c.boot.initrd);
+    a.push('-append', c.boot.cmdline);
+  }
+  c.disks.forEach((d, i) => {
+    a.push('-drive', `file=${d.path},format=${d.format},if=none,id=disk${i},readonly=${d.readOnly ? 'on' : 'off'}`);
+    const boot = c.boot.kind === 'disk' && c.boot.disk === i ? ',bootindex=1' : '';
+    a.push('-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
+  });
+  c.nics.forEach((n, i) => {
+    a.push('-netdev', `tap,id=net${i},ifname=${r.taps[i]},script=no,downscript=no`);
+    a.push('-device', `virtio-net-pci,netdev=net${i},id=nic${i},mac=${n.mac},romfile=`);
+  });
+  if (r.incoming) a.push('-incoming', 'defer');
+  return a;
+}
+
+/** Tap names must fit IFNAMSIZ (15); they are unique per host by uuid prefix and NIC index. */
+export function tapName(uuid: string, index: number): string {
+  return `ft${uuid.replace(/-/g, '').slice(0, 10)}${index}`;
+}

@@ -1,0 +1,108 @@
+/**
+ * Host facts that only QEMU can tell: its version, the concrete machine type behind
+ * the "pc" alias, the CPU model's features, and which accelerator is worth using.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { QEMU_BINARY, type Accel } from './argv.ts';
+import { startQemu, killAndWait, connectUnix } from './process.ts';
+
+export interface QemuFacts {
+  version: string;
+  machine: string;
+  cpuModel: string;
+  cpuFeatures: string[];
+}
+
+/** Starts a machine-less QEMU and asks it over QMP. About a quarter of a second. */
+export async function probeQemu(cpuModel: string, scratchDir: string): Promise<QemuFacts> {
+  fs.mkdirSync(scratchDir, { recursive: true });
+  const qmpPath = path.join(scratchDir, `probe-${process.pid}.qmp`);
+  const logPath = path.join(scratchDir, 'probe.log');
+  const q = await startQemu(['-machine', 'none', '-accel', 'tcg', '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000 });
+  try {
+    const ver = await q.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
+    const machines = await q.qmp.execute<{ name: string; alias?: string; 'is-default'?: boolean }[]>('query-machines');
+    const pc = machines.find((m) => m.alias === 'pc') ?? machines.find((m) => m['is-default']);
+    const exp = await q.qmp.execute<{ model: { name: string; props: Record<string, unknown> } }>('query-cpu-model-expansion', { type: 'full', model: { name: cpuModel } });
+    const features = Object.entries(exp.model.props).filter(([, v]) => v === true).map(([k]) => k).sort();
+    return { version: `${ver.qemu.major}.${ver.qemu.minor}.${ver.qemu.micro}`, machine: pc?.name ?? 'pc', cpuModel, cpuFeatures: features };
+  } finally {
+    q.qmp.close();
+    await killAndWait(q.pid, 500);
+    fs.rmSync(qmpPath, { force: true });
+  }
+}
+
+export interface AccelChoice {
+  accel: Accel;
+  reason: string;
+  probe?: { tcgMs: number | null; kvmMs: number | null };
+}
+
+function kvmUsable(): string | null {
+  try {
+    const fd = fs.openSync('/dev/kvm', 'r+');
+    fs.closeSync(fd);
+    return null;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'ENOENT' ? '/dev/kvm does not exist' : `/dev/kvm cannot be opened (${(e as NodeJS.ErrnoException).code})`;
+  }
+}
+
+/**
+ * Time from QEMU start to the pattern guest's "ready" line plus 8 progress marks, or null
+ * if it does not get there within capMs. The workload mixes firmware port I/O (SeaBIOS
+ * boot) and first touches of guest pages, both of which a nested, software KVM
+ * (kvm_pvm) is slow at, so it predicts what a Linux guest would see.
+ */
+async function timePatternBoot(accel: Accel, image: string, capMs: number, scratchDir: string): Promise<number | null> {
+  const sock = path.join(scratchDir, `probe-${accel}-${process.pid}.con`);
+  fs.rmSync(sock, { force: true });
+  const t0 = Date.now();
+  const child = spawn(QEMU_BINARY, ['-machine', `pc,accel=${accel}`, '-cpu', 'qemu64', '-m', '64', '-nodefaults', '-display', 'none',
+    '-chardev', `socket,id=c,path=${sock},server=on,wait=on`, '-serial', 'chardev:c',
+    '-drive', `file=${image},format=raw,if=virtio,readonly=on`], { stdio: 'ignore' });
+  try {
+    let s;
+    for (;;) {
+      if (Date.now() - t0 > capMs || child.exitCode !== null) return null;
+      try { s = await connectUnix(sock, 200); break; } catch { await new Promise((r) => setTimeout(r, 10)); }
+    }
+    return await new Promise<number | null>((resolve) => {
+      let out = '';
+      const t = setTimeout(() => { s.destroy(); resolve(null); }, Math.max(0, capMs - (Date.now() - t0)));
+      s.on('data', (d) => {
+        out += d.toString('latin1');
+        const i = out.indexOf('ready\n');
+        if (i >= 0 && (out.slice(i).match(/P/g) ?? []).length >= 8) { clearTimeout(t); s.destroy(); resolve(Date.now() - t0); }
+      });
+      s.on('error', () => { clearTimeout(t); resolve(null); });
+    });
+  } finally {
+    if (child.pid) await killAndWait(child.pid, 0);
+    fs.rmSync(sock, { force: true });
+  }
+}
+
+/**
+ * Picks KVM only where /dev/kvm works and a probe shows it faster than TCG. `forced`
+ * (from FERRY_ACCEL or the config) skips the probe.
+ */
+export async function chooseAccel(opts: { forced?: Accel | 'auto'; patternImage: string; scratchDir: string }): Promise<AccelChoice> {
+  if (opts.forced === 'tcg' || opts.forced === 'kvm') return { accel: opts.forced, reason: `forced by configuration (${opts.forced})` };
+  const why = kvmUsable();
+  if (why) return { accel: 'tcg', reason: `${why}; using TCG` };
+  if (!fs.existsSync(opts.patternImage)) return { accel: 'tcg', reason: `/dev/kvm exists but the probe image ${opts.patternImage} is missing; using TCG (run \`ferry lab images\`)` };
+  fs.mkdirSync(opts.scratchDir, { recursive: true });
+  const tcgMs = await timePatternBoot('tcg', opts.patternImage, 5000, opts.scratchDir);
+  const kvmMs = await timePatternBoot('kvm', opts.patternImage, Math.max(1000, (tcgMs ?? 5000) * 2), opts.scratchDir);
+  if (kvmMs !== null && (tcgMs === null || kvmMs < tcgMs)) return { accel: 'kvm', reason: `probe: KVM ${kvmMs} ms vs TCG ${tcgMs ?? '>5000'} ms`, probe: { tcgMs, kvmMs } };
+  return { accel: 'tcg', reason: `probe: KVM ${kvmMs === null ? 'did not finish' : `${kvmMs} ms`} vs TCG ${tcgMs} ms; /dev/kvm is slower here (nested or software KVM)`, probe: { tcgMs, kvmMs } };
+}
+
+export function hostArch(): string {
+  return os.arch() === 'x64' ? 'x86_64' : os.arch();
+}

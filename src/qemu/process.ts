@@ -1,0 +1,121 @@
+/**
+ * QEMU processes: start one detached (so it outlives ferryd), find it again after a
+ * restart (pid + QMP socket, checked against its command line), and end it.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import { QmpClient } from '../qmp/client.ts';
+import { FerryError } from '../errors.ts';
+import { QEMU_BINARY } from './argv.ts';
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  // A zombie still answers kill(0); it is not alive for our purposes.
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** True if `pid` is a live QEMU started for this uuid (guards against pid reuse). */
+export function isOurQemu(pid: number, uuid: string): boolean {
+  if (!pidAlive(pid)) return false;
+  try {
+    const cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return cmd.some((a) => a.includes('qemu-system')) && cmd.includes(uuid);
+  } catch {
+    return false;
+  }
+}
+
+/** CPU seconds used by a process (user + system), from /proc. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+export interface StartedQemu {
+  pid: number;
+  qmp: QmpClient;
+}
+
+function tail(file: string, bytes = 2000): string {
+  try {
+    const s = fs.readFileSync(file, 'utf8');
+    return s.slice(-bytes).trim();
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * Spawns QEMU in its own session with output to `logPath`, then waits for its QMP
+ * socket. QEMU was started with -S, so the guest has not run yet when this returns.
+ */
+export async function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
+  const timeoutMs = opts.timeoutMs ?? 15000;
+  try { fs.unlinkSync(opts.qmpPath); } catch { /* not there */ }
+  const logFd = fs.openSync(opts.logPath, 'a');
+  fs.writeSync(logFd, `${new Date().toISOString()} ${QEMU_BINARY} ${argv.join(' ')}\n`);
+  const child = spawn(QEMU_BINARY, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  fs.closeSync(logFd);
+  let exited: { code: number | null; signal: string | null } | undefined;
+  let spawnError: Error | undefined;
+  child.on('exit', (code, signal) => { exited = { code, signal }; });
+  child.on('error', (e) => { spawnError = e; });
+  child.unref();
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (spawnError) throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: ${spawnError.message}`);
+    if (exited) {
+      throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: QEMU exited (${exited.code ?? exited.signal}): ${tail(opts.logPath, 600).split('\n').slice(1).join(' ').trim() || 'no message'}`);
+    }
+    if (fs.existsSync(opts.qmpPath)) {
+      try {
+        const qmp = await QmpClient.connect(opts.qmpPath, 5000);
+        return { pid: child.pid!, qmp };
+      } catch { /* not listening yet */ }
+    }
+    if (Date.now() > deadline) {
+      try { process.kill(child.pid!, 'SIGKILL'); } catch { /* gone */ }
+      throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: QMP socket did not appear within ${timeoutMs} ms`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** Ends a process and waits until it is gone (SIGTERM, then SIGKILL after graceMs). */
+export async function killAndWait(pid: number, graceMs = 2000): Promise<void> {
+  if (!pidAlive(pid)) return;
+  try { process.kill(pid, graceMs > 0 ? 'SIGTERM' : 'SIGKILL'); } catch { return; }
+  const deadline = Date.now() + graceMs;
+  while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  if (pidAlive(pid)) {
+    try { process.kill(pid, 'SIGKILL'); } catch { return; }
+    const hard = Date.now() + 5000;
+    while (pidAlive(pid) && Date.now() < hard) await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Connects to a unix stream socket, or rejects within timeoutMs. */
+export function connectUnix(path: string, timeoutMs = 2000): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection({ path });
+    const t = setTimeout(() => { s.destroy(); reject(new Error(`connect ${path} timed out`)); }, timeoutMs);
+    s.once('connect', () => { clearTimeout(t); resolve(s); });
+    s.once('error', (e) => { clearTimeout(t); reject(e); });
+  });
+}

@@ -1,0 +1,123 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { QmpClient, QmpError, QmpClosedError, type QmpEvent } from './client.ts';
+
+/** A fake QMP peer: greets, then answers via `handler`. Unit-test only. */
+async function fakeQmp(handler: (msg: any, sock: net.Socket) => void): Promise<{ path: string; server: net.Server; cleanup: () => void }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmp-'));
+  const p = path.join(dir, 'qmp.sock');
+  const server = net.createServer((sock) => {
+    sock.write(JSON.stringify({ QMP: { version: { qemu: { major: 7, minor: 2, micro: 0 } }, capabilities: [] } }) + '\r\n');
+    let buf = '';
+    sock.on('data', (d) => {
+      buf += d.toString();
+      let i: number;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i); buf = buf.slice(i + 1);
+        const msg = JSON.parse(line);
+        if (msg.execute === 'qmp_capabilities') sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
+        else handler(msg, sock);
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(p, r));
+  return { path: p, server, cleanup: () => { server.close(); fs.rmSync(dir, { recursive: true, force: true }); } };
+}
+
+test('greeting, capabilities and a command matched by id', async () => {
+  const f = await fakeQmp((msg, sock) => {
+    if (msg.execute === 'query-status') sock.write(JSON.stringify({ return: { status: 'running', running: true }, id: msg.id }) + '\r\n');
+  });
+  try {
+    const c = await QmpClient.connect(f.path);
+    assert.deepEqual((c.greeting as any).version.qemu.major, 7);
+    const st = await c.execute<{ status: string }>('query-status');
+    assert.equal(st.status, 'running');
+    c.close();
+  } finally { f.cleanup(); }
+});
+
+test('replies out of order are matched to their own ids', async () => {
+  const held: any[] = [];
+  const f = await fakeQmp((msg, sock) => {
+    held.push(msg);
+    if (held.length === 2) {
+      // answer the second first, in one write split over two chunks
+      const a = JSON.stringify({ return: 'second', id: held[1].id }) + '\r\n' + JSON.stringify({ return: 'first', id: held[0].id }) + '\r\n';
+      sock.write(a.slice(0, 10));
+      setTimeout(() => sock.write(a.slice(10)), 5);
+    }
+  });
+  try {
+    const c = await QmpClient.connect(f.path);
+    const [r1, r2] = await Promise.all([c.execute('a'), c.execute('b')]);
+    assert.equal(r1, 'first');
+    assert.equal(r2, 'second');
+    c.close();
+  } finally { f.cleanup(); }
+});
+
+test('errors become QmpError with class and description', async () => {
+  const f = await fakeQmp((msg, sock) => {
+    sock.write(JSON.stringify({ error: { class: 'CommandNotFound', desc: 'The command nope has not been found' }, id: msg.id }) + '\r\n');
+  });
+  try {
+    const c = await QmpClient.connect(f.path);
+    await assert.rejects(c.execute('nope'), (e: unknown) => e instanceof QmpError && e.qmpClass === 'CommandNotFound' && /nope/.test(e.desc));
+    c.close();
+  } finally { f.cleanup(); }
+});
+
+test('events are emitted and can be awaited, interleaved with replies', async () => {
+  const f = await fakeQmp((msg, sock) => {
+    sock.write(JSON.stringify({ event: 'STOP', timestamp: { seconds: 1, microseconds: 2 } }) + '\r\n');
+    sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
+    sock.write(JSON.stringify({ event: 'RESUME', data: { x: 1 } }) + '\r\n');
+  });
+  try {
+    const c = await QmpClient.connect(f.path);
+    const seen: string[] = [];
+    c.on('event', (e: QmpEvent) => seen.push(e.event));
+    const resume = c.waitEvent('RESUME', 1000);
+    await c.execute('stop');
+    const ev = await resume;
+    assert.deepEqual(ev.data, { x: 1 });
+    assert.deepEqual(seen, ['STOP', 'RESUME']);
+    c.close();
+  } finally { f.cleanup(); }
+});
+
+test('close rejects pending commands and waiters', async () => {
+  let peer: net.Socket | undefined;
+  const f = await fakeQmp((_msg, sock) => { peer = sock; });
+  try {
+    const c = await QmpClient.connect(f.path);
+    const p = c.execute('query-status');
+    const w = c.waitEvent('SHUTDOWN', 5000);
+    await new Promise((r) => setTimeout(r, 20));
+    peer!.destroy();
+    await assert.rejects(p, QmpClosedError);
+    await assert.rejects(w, QmpClosedError);
+    assert.equal(c.closed, true);
+    await assert.rejects(c.execute('x'), QmpClosedError);
+  } finally { f.cleanup(); }
+});
+
+test('garbage lines are reported, not fatal', async () => {
+  const f = await fakeQmp((msg, sock) => {
+    sock.write('this is not json\r\n');
+    sock.write(JSON.stringify({ return: 42, id: msg.id }) + '\r\n');
+  });
+  try {
+    const c = await QmpClient.connect(f.path);
+    const bad: string[] = [];
+    c.on('protocol-error', (l: string) => bad.push(l));
+    assert.equal(await c.execute('x'), 42);
+    assert.deepEqual(bad, ['this is not json']);
+    c.close();
+  } finally { f.cleanup(); }
+});

@@ -1,0 +1,141 @@
+/**
+ * Helpers for end-to-end tests: run the real CLI, build and tear down the real lab,
+ * talk to guests from the lab's client namespace.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
+
+export interface Run { code: number; stdout: string; stderr: string; json: any }
+
+/** Runs `ferry ARGS` to completion. */
+export function ferry(args: string[], opts: { input?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<Run> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [FERRY, ...args], { env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => { stdout += d; });
+    child.stderr.on('data', (d) => { stderr += d; });
+    const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120000);
+    child.on('close', (code) => {
+      clearTimeout(t);
+      let json: any;
+      try { json = JSON.parse(stdout); } catch { json = undefined; }
+      resolve({ code: code ?? -1, stdout, stderr, json });
+    });
+    if (opts.input !== undefined) child.stdin.end(opts.input); else child.stdin.end();
+  });
+}
+
+/** Runs ferry and insists on exit 0; returns parsed JSON when --json was given. */
+export async function ok(args: string[], opts: Parameters<typeof ferry>[1] = {}): Promise<any> {
+  const r = await ferry(args, opts);
+  if (r.code !== 0) throw new Error(`ferry ${args.join(' ')} exited ${r.code}: ${r.stderr || r.stdout}`);
+  return r.json ?? r.stdout;
+}
+
+/** Expects a coded failure: exit code and error code (from --json output). */
+export async function fails(args: string[], code: string, exit?: number): Promise<Run> {
+  const r = await ferry([...args, '--json']);
+  if (r.code === 0) throw new Error(`ferry ${args.join(' ')} succeeded, expected ${code}`);
+  if (r.json?.error?.code !== code) throw new Error(`ferry ${args.join(' ')}: expected ${code}, got ${r.stdout || r.stderr}`);
+  if (exit !== undefined && r.code !== exit) throw new Error(`ferry ${args.join(' ')}: expected exit ${exit}, got ${r.code}`);
+  return r;
+}
+
+export function labState(): any {
+  return JSON.parse(fs.readFileSync('/var/lib/ferry-lab/lab.json', 'utf8'));
+}
+
+export async function labUp(args: string[] = []): Promise<any> {
+  await ferry(['lab', 'down']);
+  return ok(['lab', 'up', '--json', ...args]);
+}
+
+export async function labDown(): Promise<void> {
+  const r = await ferry(['lab', 'down', '--json']);
+  if (r.code !== 0) throw new Error(`lab down failed: ${r.stderr}`);
+}
+
+export function tmpFile(name: string, content: unknown): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-test-'));
+  const p = path.join(dir, name);
+  fs.writeFileSync(p, typeof content === 'string' ? content : JSON.stringify(content));
+  return p;
+}
+
+export async function waitFor<T>(what: string, fn: () => T | Promise<T>, timeoutMs = 30000, everyMs = 100): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v as NonNullable<T>;
+    } catch (e) { last = e; }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ''}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** Domain `name`'s console log on lab host `host`. */
+export function consoleLog(host: string, name: string): string {
+  try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/run/${name}/console.log`, 'utf8'); } catch { return ''; }
+}
+
+/** Creates a lab guest on a host from `ferry lab guest` and waits for its ready line. */
+export async function createGuest(kind: 'linux' | 'pattern', name: string, host: string, memoryMiB?: number): Promise<any> {
+  const cfg = await ok(['lab', 'guest', kind, name, '--json', ...(memoryMiB ? ['--memory', String(memoryMiB)] : [])]);
+  const f = tmpFile(`${name}.json`, cfg);
+  await ok(['-H', host, 'create', f, '--json']);
+  await waitFor(`${name} ready`, () => consoleLog(host, name).includes(kind === 'linux' ? 'ferry-linux ready' : 'ferry-pattern ready'), 60000);
+  if (kind === 'linux') await new Promise((r) => setTimeout(r, 300));
+  return cfg;
+}
+
+/** Runs a command in a lab namespace. */
+export function inNs(ns: string, cmd: string[], timeoutMs = 20000): { code: number; stdout: string; stderr: string } {
+  const r = spawnSync('ip', ['netns', 'exec', `ferry-${ns}`, ...cmd], { timeout: timeoutMs });
+  return { code: r.status ?? -1, stdout: r.stdout?.toString() ?? '', stderr: r.stderr?.toString() ?? '' };
+}
+
+/** GET / on a guest's HTTP status endpoint, from the client namespace. */
+export function guestStatus(ip: string): { uptime: number; bootId: string; counter: number; name: string } {
+  const r = inNs('client', [process.execPath, path.join(ROOT, 'test', 'tools', 'http-get.mjs'), ip]);
+  if (r.code !== 0) throw new Error(`GET http://${ip}/ failed: ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+/** Starts a held-open TCP echo client in the client namespace (see tools/echo-client.mjs). */
+export function echoClient(ip: string, intervalMs = 10): { child: ChildProcess; stats: () => Promise<any>; lines: string[] } {
+  const child = spawn('ip', ['netns', 'exec', 'ferry-client', process.execPath, path.join(ROOT, 'test', 'tools', 'echo-client.mjs'), ip, String(intervalMs)], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const lines: string[] = [];
+  let buf = '';
+  child.stdout!.on('data', (d) => { buf += d; let i; while ((i = buf.indexOf('\n')) >= 0) { lines.push(buf.slice(0, i)); buf = buf.slice(i + 1); } });
+  return {
+    child, lines,
+    stats: () => new Promise((resolve, reject) => {
+      child.once('close', () => {
+        const last = lines.filter((l) => l.startsWith('{')).pop();
+        if (!last) reject(new Error('echo client printed no result')); else resolve(JSON.parse(last));
+      });
+      child.stdin!.end();
+    }),
+  };
+}
+
+export function domainRecord(host: string, name: string): any {
+  try { return JSON.parse(fs.readFileSync(`/var/lib/ferry-lab/${host}/state/domains/${name}.json`, 'utf8')); } catch { return undefined; }
+}
+
+export function pidAlive(pid: number): boolean {
+  try { process.kill(pid, 0); } catch { return false; }
+  try {
+    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/\) [ZX] /.test(st);
+  } catch { return false; }
+}
