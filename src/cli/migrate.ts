@@ -1,2 +1,131 @@
+/**
+ * `ferry migrate DOMAIN DEST [-l]` (as `xm migrate`), `ferry jobs`, `ferry job DOMAIN`,
+ * `ferry job abort DOMAIN`. On a terminal a progress bar shows RAM % sent, rate, pass,
+ * remaining and ETA; with --json one final report object is printed.
+ */
 import type { Command } from 'commander';
-export function registerMigrate(_prog: Command): void {}
+import { FerryError, asFerryError } from '../errors.ts';
+import { ApiClient, resolveTarget, call } from '../api/client.ts';
+import { act, hostOpt } from './main.ts';
+import { printJson, table, fmtBytes, reportError } from './output.ts';
+
+function num(name: string, min: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < min) throw new FerryError('CLI_USAGE', `${name} must be a number of at least ${min}, got "${v}"`);
+    return n;
+  };
+}
+
+function bar(p: any): string {
+  const w = 24;
+  const filled = Math.round((p.percent / 100) * w);
+  const eta = p.etaS === null ? '?' : p.etaS < 1 ? `${(p.etaS * 1000).toFixed(0)} ms` : `${p.etaS.toFixed(1)} s`;
+  return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  pass ${p.pass}  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}`;
+}
+
+export function printReport(r: any): void {
+  const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : `${v} ms`);
+  const rows: (string | number)[][] = [
+    ['outcome', r.outcome], ['mode', r.mode], ['domain', r.domain], ['from → to', `${r.source} → ${r.destination}`],
+    ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP→RESUME)', ms(r.pauseMs)],
+  ];
+  if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
+  rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
+  for (const pol of r.policy ?? []) rows.push(['policy', pol]);
+  if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);
+  process.stdout.write(table(rows, ['l', 'l']));
+}
+
+async function migrate(hostArg: string | undefined, domain: string, dest: string, o: any): Promise<number> {
+  const c = await ApiClient.connect(resolveTarget(hostArg));
+  const tty = !o.json && !!process.stderr.isTTY;
+  let lastLen = 0;
+  try {
+    if (tty) {
+      await c.request('events.subscribe', { domain });
+      c.on('event', (ev: any) => {
+        if (ev.event === 'migration.progress') {
+          const line = bar(ev.data);
+          process.stderr.write(`\r${line}${' '.repeat(Math.max(0, lastLen - line.length))}`);
+          lastLen = line.length;
+        } else if (ev.event === 'migration.phase' && ev.data.role === 'source') {
+          if (lastLen) process.stderr.write('\n');
+          lastLen = 0;
+          process.stderr.write(`  phase: ${ev.data.phase}\n`);
+        }
+      });
+    }
+    const params: Record<string, unknown> = { domain, dest, live: !!o.live, insecure: !!o.insecure };
+    if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
+    if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
+    if (o.timeout !== undefined) params.timeoutS = o.timeout;
+    try {
+      const r = await c.request('migration.start', params);
+      if (tty && lastLen) process.stderr.write('\n');
+      if (o.json) printJson(r); else printReport(r);
+      return 0;
+    } catch (e) {
+      if (tty && lastLen) process.stderr.write('\n');
+      const fe = asFerryError(e);
+      const rep = fe.details?.report as any;
+      if (rep) {
+        if (o.json) printJson(rep); else { printReport(rep); process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`); }
+        return fe.exitCode;
+      }
+      if (o.json) {
+        printJson({ outcome: 'failed', mode: o.live ? 'live' : 'offline', domain, source: hostArg ?? 'local', destination: dest, encrypted: !o.insecure, error: fe.toJSON() });
+        return fe.exitCode;
+      }
+      throw fe;
+    }
+  } finally {
+    c.close();
+  }
+}
+
+function printJobs(rows: any[]): void {
+  const out: (string | number)[][] = [['Domain', 'Role', 'Mode', 'Peer', 'Phase', 'Progress', 'Started', 'Outcome']];
+  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
+  process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
+}
+
+export function registerMigrate(prog: Command): void {
+  prog.command('migrate').description('move a domain to another host (offline; -l for live), as xm migrate')
+    .argument('<domain>').argument('[dest]', 'host name, address or address:port')
+    .option('-l, --live', 'live migration (pre-copy)')
+    .option('--bandwidth <MiB/s>', 'cap the migration stream (default: uncapped)', num('--bandwidth', 1))
+    .option('--max-downtime <ms>', 'longest pause allowed for the final switchover (default 300)', num('--max-downtime', 1))
+    .option('--timeout <s>', 'give up (and keep the domain on the source) after this long (default 600)', num('--timeout', 1))
+    .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
+    .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
+    .option('--json', 'print one final JSON report')
+    .action(async (domain: string, dest: string | undefined, o: any, cmd: Command) => {
+      try {
+        if (o.cancel) {
+          const r = await call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain });
+          if (o.json) printJson(r); else process.stdout.write(`Cancelling the migration of ${domain}\n`);
+          return;
+        }
+        if (!dest) throw new FerryError('CLI_USAGE', 'missing destination: ferry migrate DOMAIN DEST [-l]');
+        process.exitCode = await migrate(hostOpt(cmd), domain, dest, o);
+      } catch (e) {
+        process.exitCode = reportError(e, !!o.json);
+      }
+    });
+  prog.command('jobs').description('list migration jobs').option('--json', 'JSON output')
+    .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'migration.jobs'), printJobs));
+  prog.command('job').description('show a domain\'s migration job; `job abort DOMAIN` cancels it').argument('<domain-or-abort>').argument('[domain]').option('--json', 'JSON output')
+    .action(act(async (a: string, b: string | undefined, _o: unknown, cmd: Command) => {
+      if (a === 'abort') {
+        if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job abort DOMAIN');
+        return call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain: b });
+      }
+      if (b) throw new FerryError('CLI_USAGE', `unexpected argument "${b}"`);
+      return call(resolveTarget(hostOpt(cmd)), 'migration.job', { domain: a });
+    }, (j: any) => {
+      if (j.cancelling) { process.stdout.write(`Cancelling the migration of ${j.domain}\n`); return; }
+      printJobs([j]);
+      if (j.report) { process.stdout.write('\n'); printReport(j.report); }
+    }));
+}

@@ -36,6 +36,8 @@ export interface DaemonConfig {
   accel: Accel | 'auto';
   cpuModel: string;
   imagesDir: string;
+  /** Other hosts by name → ADDRESS[:PORT], like /etc/hosts for `ferry migrate DOM NAME`. */
+  peers: Record<string, string>;
 }
 
 export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
@@ -44,7 +46,7 @@ export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
 /** Memory kept back for the host itself when `memory` is not set. */
 export const HOST_RESERVE_MIB = 1024;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir']);
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -98,11 +100,14 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (typeof cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuModel) || cpuModel === 'host' || cpuModel === 'max') bad('cpuModel', 'must be a named QEMU CPU model (not "host" or "max", which cannot migrate)');
   const imagesDir = raw.imagesDir ?? path.join(repoRoot, 'images');
   if (typeof imagesDir !== 'string' || !path.isAbsolute(imagesDir)) bad('imagesDir', 'must be an absolute path');
+  const peers = raw.peers ?? {};
+  if (!isObj(peers) || Object.entries(peers).some(([k, v]) => !NAME_RE.test(k) || typeof v !== 'string' || !/^[a-zA-Z0-9.:\[\]-]+$/.test(v))) bad('peers', 'must map host names to ADDRESS[:PORT]');
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
   return {
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number] },
     tlsDir: tlsDir as string, memoryMiB: memory as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
+    peers: peers as Record<string, string>,
   };
 }
 

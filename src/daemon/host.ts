@@ -44,7 +44,7 @@ export interface DomainRecord {
   runtime?: Runtime;
 }
 
-interface Live {
+export interface Live {
   rec: DomainRecord;
   qmp?: QmpClient;
   console?: ConsoleMux;
@@ -80,7 +80,7 @@ export class Host extends EventEmitter {
     writeJsonAtomic(path.join(this.domainsDir, `${live.rec.config.name}.json`), { config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime });
   }
 
-  private allocDomid(): number {
+  allocDomid(): number {
     const id = this.nextDomid++;
     writeJsonAtomic(this.hostFile, { nextDomid: this.nextDomid });
     return id;

@@ -159,6 +159,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
           ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
         },
         imagesDir: IMAGES_DIR,
+        peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${HOST_ADDR(0, k + 1)}:8002`])),
         ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
       };
       fs.mkdirSync(dir, { recursive: true, mode: 0o700 });

@@ -1,13 +1,158 @@
+/**
+ * Migrations on this host: both sides, the jobs, the API actions and recovery.
+ *
+ * Recovery settles every unfinished job by a switch on its persisted phase:
+ *   source  begin/prepare/perform/switchover → abandon: cancel QEMU's stream, resume
+ *           the guest if it ran, tell the destination (which abandons by itself too)
+ *   source  finish → ask the destination: finished → retire the source copy;
+ *           abandoned/never resumed → resume the source copy; no answer → keep paused, retry
+ *   dest    begun/prepared → abandon: kill the incoming QEMU, forget the definition
+ *   dest    finishing → roll forward: the source will never resume its copy, so resume here
+ *   dest    finished → nothing: the guest runs here; wait for confirm
+ */
+import path from 'node:path';
 import { FerryError } from '../errors.ts';
 import type { Request } from '../api/protocol.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import type { Host } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
+import { isOurQemu, killAndWait } from '../qemu/process.ts';
+import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
+import { Source, type StartParams } from './source.ts';
+import { Destination } from './dest.ts';
+import { destTransition, sourceTransition } from './phases.ts';
 
 export class Migrations {
-  constructor(readonly host: Host, readonly log: Logger) {}
-  async recover(): Promise<void> {}
-  async handle(req: Request, _ctx: ConnContext): Promise<unknown> {
-    throw new FerryError('INTERNAL', `${req.action}: not built yet`);
+  readonly store: JobStore;
+  readonly source: Source;
+  readonly dest: Destination;
+
+  constructor(readonly host: Host, readonly log: Logger) {
+    this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'));
+    this.source = new Source(host, this.store, log);
+    this.dest = new Destination(host, this.store, log);
+  }
+
+  async handle(req: Request, ctx: ConnContext): Promise<unknown> {
+    const p = req.params as Record<string, unknown>;
+    // relocation.* come from peer ferryds only: over TLS, never from the local socket's users by accident.
+    if (req.action.startsWith('relocation.') && ctx.caller.transport !== 'tls') throw new FerryError('MIGRATION_PROTOCOL', `${req.action} is for peer hosts over TLS`);
+    switch (req.action) {
+      case 'migration.start': return this.source.start(p as unknown as StartParams);
+      case 'migration.cancel': return this.source.cancel(String(p.domain));
+      case 'migration.jobs': return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
+      case 'migration.job': {
+        const j = this.store.active(String(p.domain)) ?? this.store.latest(String(p.domain));
+        if (!j) throw new FerryError('JOB_NOT_FOUND', `No migration job for "${p.domain}" on ${this.host.cfg.name}`);
+        return this.view(j);
+      }
+      case 'relocation.begin': return this.dest.begin(p, ctx);
+      case 'relocation.prepare': return this.dest.prepare(p, ctx);
+      case 'relocation.finish': return this.dest.finish(p, ctx);
+      case 'relocation.abandon': return this.dest.abandon(p, ctx);
+      case 'relocation.confirm': return this.dest.confirm(p, ctx);
+      case 'relocation.status': return this.dest.status(p, ctx);
+      default: throw new FerryError('API_UNKNOWN_ACTION', `Not a migration action: ${req.action}`);
+    }
+  }
+
+  view(j: SourceJob | DestJob): Record<string, unknown> {
+    return {
+      jobId: j.jobId, role: j.role, domain: j.domain, mode: j.mode, phase: j.phase, peer: j.peer.name, encrypted: j.encrypted,
+      startedAt: new Date(j.startedAt).toISOString(), updatedAt: new Date(j.updatedAt).toISOString(),
+      progress: (j as SourceJob).progress ?? null, report: j.report ?? null, error: j.error ?? null, history: j.history,
+    };
+  }
+
+  async recover(): Promise<void> {
+    for (const j of this.store.load()) {
+      if (j.phase === 'confirmed' || j.phase === 'abandoned') continue;
+      this.log.warn('recovering migration job', { jobId: j.jobId, role: j.role, domain: j.domain, phase: j.phase });
+      try {
+        if (j.role === 'destination') await this.recoverDest(j);
+        else await this.recoverSource(j);
+      } catch (e) {
+        this.log.error('recovery failed', { jobId: j.jobId, error: String(e) });
+      }
+    }
+  }
+
+  private async recoverDest(j: DestJob): Promise<void> {
+    const live = this.host.domains.get(j.domain);
+    const mine = live && live.rec.config.uuid === j.uuid ? live : undefined;
+    switch (j.phase) {
+      case 'begun':
+      case 'prepared': {
+        await this.dest.abandonLocal(j, `ferryd restarted in phase ${j.phase}`);
+        // A QEMU started just before the crash may not be in any record yet.
+        if (j.pid && isOurQemu(j.pid, j.uuid)) await killAndWait(j.pid, 0);
+        return;
+      }
+      case 'finishing': {
+        // Roll forward: the source persisted "finish" before asking, and resumes its copy
+        // only on our word that we abandoned, which we will never give from here.
+        if (mine && mine.qmp && mine.rec.state.kind === 'incoming') {
+          await mine.qmp.execute('cont').catch(() => undefined);
+          await mine.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
+          mine.busy = undefined;
+          this.host.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
+        } else if (mine && mine.rec.state.kind === 'incoming') {
+          this.host.cleanupRuntime(mine);
+          this.host.apply(mine, { type: 'crash', reason: 'QEMU exited while resuming an incoming migration', at: Date.now() });
+        }
+        this.host.reservations.delete(j.jobId);
+        j.phase = destTransition(j.phase, { type: 'resumed' });
+        j.history.push({ phase: j.phase, at: Date.now() });
+        this.store.save(j);
+        return;
+      }
+      case 'finished':
+        return;
+    }
+  }
+
+  private async recoverSource(j: SourceJob): Promise<void> {
+    const live = this.host.domains.get(j.domain);
+    if (!live || live.rec.config.uuid !== j.uuid) {
+      // The definition is gone already: retirement had finished.
+      if (j.phase === 'finish') { j.phase = sourceTransition(j.phase, { type: 'dest-finished' }); this.store.save(j); }
+      return;
+    }
+    switch (j.phase) {
+      case 'begin':
+      case 'prepare':
+      case 'perform':
+      case 'switchover': {
+        // Finish was never sent, so the destination never ran the guest.
+        let client;
+        try { client = (await this.source.connectPeer(`${j.peer.address}:${j.peer.port}`)).client; } catch { client = undefined; }
+        await this.source.abandon(j, live, client, `source ferryd restarted in phase ${j.phase}`);
+        client?.close();
+        return;
+      }
+      case 'finish': {
+        // Do not hold up start-up: settle in the background.
+        void (async () => {
+          for (;;) {
+            try {
+              const r = await this.source.resolveAfterFinish(j, 5);
+              if (r.abandoned) {
+                await this.source.resumeSource(live, j.wasRunning);
+                j.phase = sourceTransition(j.phase, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
+              } else {
+                await this.source.retireSource(live, j.peer);
+                j.phase = sourceTransition(j.phase, { type: 'dest-finished' });
+              }
+              j.history.push({ phase: j.phase, at: Date.now() });
+              this.store.save(j);
+              return;
+            } catch (e) {
+              this.log.warn('still cannot settle a finished transfer', { jobId: j.jobId, error: String(e) });
+            }
+          }
+        })();
+        return;
+      }
+    }
   }
 }

@@ -14,6 +14,7 @@ export interface QemuFacts {
   machine: string;
   cpuModel: string;
   cpuFeatures: string[];
+  machines: string[];
 }
 
 /** Starts a machine-less QEMU and asks it over QMP. About a quarter of a second. */
@@ -27,8 +28,10 @@ export async function probeQemu(cpuModel: string, scratchDir: string): Promise<Q
     const machines = await q.qmp.execute<{ name: string; alias?: string; 'is-default'?: boolean }[]>('query-machines');
     const pc = machines.find((m) => m.alias === 'pc') ?? machines.find((m) => m['is-default']);
     const exp = await q.qmp.execute<{ model: { name: string; props: Record<string, unknown> } }>('query-cpu-model-expansion', { type: 'full', model: { name: cpuModel } });
-    const features = Object.entries(exp.model.props).filter(([, v]) => v === true).map(([k]) => k).sort();
-    return { version: `${ver.qemu.major}.${ver.qemu.minor}.${ver.qemu.micro}`, machine: pc?.name ?? 'pc', cpuModel, cpuFeatures: features };
+    // Only guest-visible features: QEMU's own knobs (check, enforce, x-*, …) are not CPUID bits.
+    const knobs = new Set(['check', 'enforce', 'kvm', 'tcg-cpuid', 'full-cpuid-auto-level', 'fill-mtrr-mask', 'l3-cache', 'legacy-cache', 'vmware-cpuid-freq', 'cpuid-0xb', 'migratable', 'pmu', 'hypervisor']);
+    const features = Object.entries(exp.model.props).filter(([k, v]) => v === true && !k.startsWith('x-') && !knobs.has(k)).map(([k]) => k).sort();
+    return { version: `${ver.qemu.major}.${ver.qemu.minor}.${ver.qemu.micro}`, machine: pc?.name ?? 'pc', cpuModel, cpuFeatures: features, machines: machines.map((m) => m.name).sort() };
   } finally {
     q.qmp.close();
     await killAndWait(q.pid, 500);

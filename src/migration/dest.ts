@@ -1,0 +1,303 @@
+/**
+ * The destination side of a migration: a state loop driven by the source's messages
+ * (relocation.begin/prepare/finish/confirm/abandon/status), as in Cloud Hypervisor's
+ * receiver. Every message is untrusted input: it is checked against the phase, the
+ * job and the TLS identity of the peer that sent it.
+ */
+import net from 'node:net';
+import crypto from 'node:crypto';
+import { FerryError } from '../errors.ts';
+import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
+import { killAndWait, pidAlive } from '../qemu/process.ts';
+import type { QmpEvent } from '../qmp/client.ts';
+import type { Host, Live } from '../daemon/host.ts';
+import type { Logger } from '../daemon/log.ts';
+import type { ConnContext } from '../daemon/server.ts';
+import { hostArch } from '../qemu/probe.ts';
+import { destTransition, type DestEvent } from './phases.ts';
+import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
+import type { JobStore, DestJob, Mode } from './jobs.ts';
+
+const JOB_ID_RE = /^[0-9a-f-]{36}$/;
+
+interface BeginMsg {
+  version: number;
+  jobId: string;
+  mode: Mode;
+  insecure: boolean;
+  peer: SourceFacts;
+  config: DomainConfig;
+  fileSizes: FileSizes;
+  machine: string;
+  cpuModel: string;
+}
+
+function isObj(v: unknown): v is Record<string, any> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+const strArr = (v: unknown, max = 512): v is string[] => Array.isArray(v) && v.length <= max && v.every((x) => typeof x === 'string' && x.length < 256);
+
+/** Validates Begin's payload; anything off is MIGRATION_PROTOCOL and changes nothing. */
+export function parseBegin(p: Record<string, unknown>): BeginMsg {
+  const bad = (why: string): never => { throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`); };
+  if (typeof p.jobId !== 'string' || !JOB_ID_RE.test(p.jobId)) bad('jobId must be a UUID');
+  if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
+  const peer = p.peer;
+  if (!isObj(peer)) return bad('peer must be an object');
+  for (const k of ['name', 'version', 'arch', 'accel', 'cpuModel', 'machine']) if (typeof peer[k] !== 'string' || peer[k].length > 128) bad(`peer.${k} must be a short string`);
+  if (!strArr(peer.cpuFeatures)) bad('peer.cpuFeatures must be a list of names');
+  if (!isObj(peer.networks) || Object.keys(peer.networks).length > 64) bad('peer.networks must be an object');
+  for (const [, n] of Object.entries(peer.networks as Record<string, unknown>)) if (!isObj(n) || typeof n.subnet !== 'string' || typeof n.bridge !== 'string' || (n.address !== undefined && typeof n.address !== 'string')) bad('peer.networks entries need bridge and subnet');
+  const d = p.domain;
+  if (!isObj(d)) return bad('domain must be an object');
+  let config: DomainConfig;
+  try { config = parseDomainConfig(d.config); } catch (e) { return bad(`domain.config is invalid: ${(e as Error).message}`); }
+  if (!isObj(d.fileSizes) || !Object.values(d.fileSizes).every((x) => Number.isInteger(x))) bad('domain.fileSizes must map paths to sizes');
+  if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, machine: d.machine as string, cpuModel: d.cpuModel as string };
+}
+
+export class Destination {
+  private probes = new Map<string, net.Server>();
+  /** Jobs whose control connection is gone abandon themselves if still before Finish. */
+  private begins = new Map<string, BeginMsg>();
+
+  constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {
+    host.on('qemu.gone', (ev: { domain: string; pid: number }) => {
+      for (const j of store.jobs.values()) {
+        if (j.role === 'destination' && j.domain === ev.domain && j.pid === ev.pid && (j.phase === 'prepared')) {
+          this.log.warn('incoming QEMU died during the transfer', { jobId: j.jobId, domain: j.domain });
+          void this.abandonLocal(j, 'destination QEMU exited during the transfer').catch(() => undefined);
+        }
+      }
+    });
+  }
+
+  private step(j: DestJob, e: DestEvent): void {
+    j.phase = destTransition(j.phase, e);
+    j.history.push({ phase: j.phase, at: Date.now() });
+    this.store.save(j);
+    this.log.info('migration phase', { role: 'destination', jobId: j.jobId, domain: j.domain, phase: j.phase });
+    this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'destination', phase: j.phase });
+  }
+
+  private job(jobId: unknown, ctx: ConnContext): DestJob {
+    const j = typeof jobId === 'string' ? this.store.jobs.get(jobId) : undefined;
+    if (!j || j.role !== 'destination') throw new FerryError('JOB_NOT_FOUND', `No incoming migration job ${String(jobId).slice(0, 40)} on ${this.host.cfg.name}`);
+    if (ctx.caller.transport === 'tls' && ctx.caller.peerName !== j.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} belongs to ${j.peer.name}, not ${ctx.caller.peerName}`);
+    return j;
+  }
+
+  /** Begin: pre-flight. Nothing is reserved; the data port is probed by the source. */
+  async begin(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const m = parseBegin(p);
+    const peerName = ctx.caller.transport === 'tls' ? ctx.caller.peerName! : m.peer.name;
+    if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
+    if (this.store.jobs.has(m.jobId)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: job ${m.jobId} was already begun (replay?)`);
+    const h = this.host;
+    const running = m.mode !== 'definition';
+    checkOffer(m.version, m.peer, {
+      name: h.cfg.name, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machines: h.qemu.machines,
+      networks: h.cfg.networks, freeMiB: h.memoryFreeMiB(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
+    }, m.config, running);
+    if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
+    checkFiles(m.config, m.fileSizes, h.cfg.name);
+    const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, running);
+    const job: DestJob = {
+      role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
+      startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
+      peer: { name: peerName, address: ctx.caller.peerAddress ?? '' }, dataPort: 0, memoryMiB: m.config.memoryMiB,
+      config: { ...domainConfigToJson(m.config), _machine: m.machine, _cpuModel: m.cpuModel },
+    };
+    let probeToken: string | undefined;
+    if (running) {
+      job.dataPort = await this.openProbe(job.jobId);
+      probeToken = crypto.randomBytes(8).toString('hex');
+    }
+    this.store.save(job);
+    this.begins.set(job.jobId, m);
+    ctx.onClose(() => this.onControlClosed(job.jobId));
+    this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: job.dataPort, l2 });
+    return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: job.dataPort, probeToken, checks: l2 };
+  }
+
+  /** A short-lived plain listener on the chosen data port, so the source can prove it reaches it. */
+  private async openProbe(jobId: string): Promise<number> {
+    const [first, last] = this.host.cfg.relocation.dataPorts;
+    const used = new Set([...this.store.jobs.values()].filter((j) => j.role === 'destination' && j.phase !== 'confirmed' && j.phase !== 'abandoned').map((j) => (j as DestJob).dataPort));
+    for (let port = first; port <= last; port++) {
+      if (used.has(port)) continue;
+      const srv = net.createServer((s) => s.end());
+      const okBind = await new Promise<boolean>((resolve) => {
+        srv.once('error', () => resolve(false));
+        srv.listen(port, this.host.cfg.relocation.address, () => resolve(true));
+      });
+      if (okBind) {
+        this.probes.set(jobId, srv);
+        setTimeout(() => this.closeProbe(jobId), 30000).unref();
+        return port;
+      }
+    }
+    throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last}`);
+  }
+
+  private closeProbe(jobId: string): Promise<void> {
+    const srv = this.probes.get(jobId);
+    this.probes.delete(jobId);
+    return srv ? new Promise((r) => srv.close(() => r())) : Promise.resolve();
+  }
+
+  private onControlClosed(jobId: string): void {
+    const j = this.store.jobs.get(jobId) as DestJob | undefined;
+    if (!j || (j.phase !== 'begun' && j.phase !== 'prepared')) return;
+    // The source is gone before Finish: it will resume its own copy (or already has).
+    this.log.warn('source closed the control channel before Finish; abandoning', { jobId, domain: j.domain });
+    void this.abandonLocal(j, 'the source closed the control channel before Finish').catch((e) => this.log.error('abandon failed', { jobId, error: String(e) }));
+  }
+
+  /** Prepare: reserve memory, define the domain, start QEMU with a one-shot TLS listener. */
+  async prepare(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    const m = this.begins.get(j.jobId);
+    if (!m) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} has no Begin in this ferryd's life; begin again`);
+    const h = this.host;
+    if (h.memoryFreeMiB() < m.config.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} has ${h.memoryFreeMiB()} MiB free, needs ${m.config.memoryMiB} MiB`);
+    if (h.domains.has(m.config.name)) throw new FerryError('MIGRATION_DEST_EXISTS', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} already has a domain by that name`);
+    // Persist "prepared" before the first irreversible step: a restarted ferryd that
+    // finds it kills whatever QEMU it may have started and forgets the definition.
+    this.step(j, { type: 'prepared' });
+    h.reservations.set(j.jobId, { domain: j.domain, memoryMiB: j.memoryMiB });
+    await this.closeProbe(j.jobId);
+    const live: Live = { rec: { config: m.config, state: { kind: 'defined' } } };
+    h.domains.set(m.config.name, live);
+    try {
+      live.busy = 'incoming migration';
+      const sp = await h.spawn(m.config, { incoming: true, preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel });
+      live.rec.runtime = sp.runtime;
+      j.pid = sp.pid;
+      this.store.save(j);
+      h.apply(live, { type: 'incoming', pid: sp.pid, domid: h.allocDomid(), jobId: j.jobId, at: Date.now() });
+      await h.attach(live, sp.pid, sp.qmp);
+      const q = sp.qmp;
+      await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      if (!m.insecure) {
+        await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.cfg.tlsDir, endpoint: 'server', 'verify-peer': true });
+        // Only the source host's own certificate may feed this QEMU.
+        await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: `O=ferry,CN=${j.peer.name}` });
+        await q.execute('migrate-set-parameters', { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' });
+      }
+      await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
+      this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: sp.pid });
+      return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name };
+    } catch (e) {
+      await this.abandonLocal(j, `prepare failed: ${(e as Error).message}`);
+      throw e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not prepare: ${(e as Error).message}`);
+    }
+  }
+
+  /** Finish: wait for the state to load, then resume here. Point of no return. */
+  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    if (j.mode === 'definition') return this.finishDefinition(j);
+    if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot finish`);
+    const h = this.host;
+    const live = h.domains.get(j.domain);
+    if (!live || live.rec.state.kind !== 'incoming' || !live.qmp) {
+      await this.abandonLocal(j, 'no incoming QEMU to finish');
+      throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
+    }
+    const q = live.qmp;
+    const deadline = Date.now() + 120000;
+    let status = '';
+    for (;;) {
+      try { status = (await q.execute<{ status: string }>('query-status')).status; } catch { status = 'gone'; }
+      if (status !== 'inmigrate') break;
+      if (Date.now() > deadline) { status = 'timeout'; break; }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    if (status !== 'paused' && status !== 'prelaunch') {
+      await this.abandonLocal(j, `incoming state did not load (status ${status})`);
+      throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not load the state of "${j.domain}" (QEMU status ${status}); abandoned, the source keeps it`, { abandoned: true });
+    }
+    const running = p.running !== false;
+    // ---- point of no return: persisted before the guest runs here ----
+    this.step(j, { type: 'resuming' });
+    let resumedAt: number | null = null;
+    if (running) {
+      const resumed = q.waitEvent('RESUME', 10000).then((e: QmpEvent) => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now())).catch(() => Date.now());
+      await q.execute('cont');
+      resumedAt = await resumed;
+    }
+    // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
+    if (live.rec.config.nics.length) await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
+    live.busy = undefined;
+    h.apply(live, { type: 'incoming-done', running, at: Date.now() });
+    h.reservations.delete(j.jobId);
+    this.step(j, { type: 'resumed' });
+    this.begins.delete(j.jobId);
+    return { phase: j.phase, resumedAt, host: h.cfg.name };
+  }
+
+  private finishDefinition(j: DestJob): unknown {
+    if (j.phase !== 'begun') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot finish`);
+    const c = parseDomainConfig(Object.fromEntries(Object.entries(j.config).filter(([k]) => !k.startsWith('_'))));
+    this.step(j, { type: 'prepared' });
+    this.step(j, { type: 'resuming' });
+    const live: Live = { rec: { config: c, state: { kind: 'defined' } } };
+    this.host.domains.set(c.name, live);
+    this.host.persist(live);
+    this.step(j, { type: 'resumed' });
+    this.begins.delete(j.jobId);
+    return { phase: j.phase, host: this.host.cfg.name };
+  }
+
+  confirm(p: Record<string, unknown>, ctx: ConnContext): unknown {
+    const j = this.job(p.jobId, ctx);
+    if (j.phase === 'confirmed') return { phase: j.phase };
+    this.step(j, { type: 'confirmed' });
+    this.store.prune();
+    return { phase: j.phase };
+  }
+
+  async abandon(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    if (j.phase === 'abandoned') return { phase: j.phase };
+    if (j.phase !== 'begun' && j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase} on ${this.host.cfg.name}: past the point of no return, it cannot be abandoned`);
+    await this.abandonLocal(j, typeof p.reason === 'string' ? p.reason.slice(0, 500) : 'the source abandoned');
+    return { phase: j.phase };
+  }
+
+  status(p: Record<string, unknown>, ctx: ConnContext): unknown {
+    try {
+      const j = this.job(p.jobId, ctx);
+      return { phase: j.phase, domain: j.domain };
+    } catch (e) {
+      if (e instanceof FerryError && e.code === 'JOB_NOT_FOUND') return { phase: 'unknown' };
+      throw e;
+    }
+  }
+
+  /** Undoes everything this side did: QEMU, taps, definition, reservation, probe. */
+  async abandonLocal(j: DestJob, reason: string): Promise<void> {
+    if (j.phase === 'abandoned') return;
+    const h = this.host;
+    await this.closeProbe(j.jobId);
+    const live = h.domains.get(j.domain);
+    if (live && (live.rec.state.kind === 'incoming' || live.rec.state.kind === 'defined') && live.rec.config.uuid === j.uuid) {
+      const pid = live.rec.state.kind === 'incoming' ? live.rec.state.pid : j.pid;
+      live.expectStop = 'destroyed';
+      if (pid && pidAlive(pid)) await killAndWait(pid, 0);
+      h.cleanupRuntime(live);
+      h.forget(j.domain);
+    } else if (j.pid && pidAlive(j.pid)) {
+      await killAndWait(j.pid, 0);
+    }
+    h.reservations.delete(j.jobId);
+    j.error = { code: 'MIGRATION_FAILED', message: reason };
+    this.step(j, { type: 'abandon', reason });
+    this.begins.delete(j.jobId);
+    this.store.prune();
+    this.log.info('incoming migration abandoned', { jobId: j.jobId, domain: j.domain, reason });
+  }
+}

@@ -1,0 +1,112 @@
+/**
+ * Migration jobs, persisted in STATE/jobs/JOBID.json with atomic writes. A job's phase
+ * is written *before* each irreversible step, so a restarted ferryd can settle it by
+ * a switch on that phase (migration/recovery.ts).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { writeJsonAtomic, readJson } from '../util/fsx.ts';
+import type { SourcePhase, DestPhase } from './phases.ts';
+
+export type Mode = 'live' | 'offline' | 'definition';
+
+export interface Report {
+  outcome: 'succeeded' | 'failed' | 'cancelled';
+  mode: Mode;
+  jobId: string;
+  domain: string;
+  source: string;
+  destination: string;
+  totalMs: number;
+  setupMs: number | null;
+  downtimeMs: number | null;
+  /** Source STOP event → destination RESUME event (QEMU's downtime understates it). */
+  pauseMs: number | null;
+  bytes: number;
+  passes: number;
+  throughputMBps: number;
+  encrypted: boolean;
+  bandwidthMiBs: number | null;
+  maxDowntimeMs: number;
+  policy: string[];
+  phase: string;
+  error?: { code: string; message: string };
+}
+
+interface JobBase {
+  jobId: string;
+  domain: string;
+  uuid: string;
+  mode: Mode;
+  encrypted: boolean;
+  startedAt: number;
+  updatedAt: number;
+  history: { phase: string; at: number }[];
+  report?: Report;
+  error?: { code: string; message: string };
+}
+
+export interface SourceJob extends JobBase {
+  role: 'source';
+  phase: SourcePhase;
+  peer: { name: string; address: string; port: number };
+  wasRunning: boolean;
+  dataPort?: number;
+  /** Live progress (not persisted on every poll). */
+  progress?: Record<string, unknown>;
+}
+
+export interface DestJob extends JobBase {
+  role: 'destination';
+  phase: DestPhase;
+  peer: { name: string; address: string };
+  dataPort: number;
+  memoryMiB: number;
+  /** Persisted so recovery can act without the source. */
+  config: Record<string, unknown>;
+  pid?: number;
+}
+
+export type Job = SourceJob | DestJob;
+
+export class JobStore {
+  readonly jobs = new Map<string, Job>();
+  constructor(readonly dir: string) {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  }
+
+  load(): Job[] {
+    for (const f of fs.readdirSync(this.dir)) {
+      if (!f.endsWith('.json')) continue;
+      try {
+        const j = readJson<Job>(path.join(this.dir, f));
+        this.jobs.set(j.jobId, j);
+      } catch { /* a torn write cannot happen (atomic); a foreign file is ignored */ }
+    }
+    return [...this.jobs.values()];
+  }
+
+  save(j: Job): void {
+    j.updatedAt = Date.now();
+    const { progress: _p, ...rest } = j as SourceJob;
+    writeJsonAtomic(path.join(this.dir, `${j.jobId}.json`), rest);
+    this.jobs.set(j.jobId, j);
+  }
+
+  /** Keeps the newest `keep` finished jobs per role, so `ferry jobs` shows recent history. */
+  prune(keep = 20): void {
+    const done = [...this.jobs.values()].filter((j) => j.phase === 'confirmed' || j.phase === 'abandoned').sort((a, b) => b.updatedAt - a.updatedAt);
+    for (const j of done.slice(keep)) {
+      this.jobs.delete(j.jobId);
+      fs.rmSync(path.join(this.dir, `${j.jobId}.json`), { force: true });
+    }
+  }
+
+  active(domain: string): Job | undefined {
+    return [...this.jobs.values()].find((j) => j.domain === domain && j.phase !== 'confirmed' && j.phase !== 'abandoned');
+  }
+
+  latest(domain: string): Job | undefined {
+    return [...this.jobs.values()].filter((j) => j.domain === domain).sort((a, b) => b.startedAt - a.startedAt)[0];
+  }
+}

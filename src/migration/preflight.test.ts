@@ -1,0 +1,44 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { checkOffer, type SourceFacts, type DestFacts } from './preflight.ts';
+import { parseDomainConfig } from '../domain/config.ts';
+import { FerryError } from '../errors.ts';
+
+const c = parseDomainConfig({ name: 'web1', memory: 1024, boot: { kernel: '/k' }, nics: [{ network: 'lab', ip: '198.18.0.50/24' }] });
+const src: SourceFacts = { name: 'host1', version: '0.1.0', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } };
+const dst: DestFacts = { name: 'host2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm', 'pni'], machines: ['pc-i440fx-7.2'], networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } }, freeMiB: 4096, domainNames: [], domainUuids: [] };
+
+function code(f: () => void): string {
+  try { f(); return 'OK'; } catch (e) { assert.ok(e instanceof FerryError); return e.code; }
+}
+
+test('a matching destination passes', () => {
+  assert.equal(code(() => checkOffer(1, src, dst, c, true)), 'OK');
+});
+
+test('each mismatch is refused with its own code and a message that names the fix', () => {
+  assert.equal(code(() => checkOffer(2, src, dst, c, true)), 'MIGRATION_DEST_VERSION');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, name: 'host1' }, c, true)), 'MIGRATION_SAME_HOST');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, domainNames: ['web1'] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, domainUuids: [c.uuid] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, arch: 'aarch64' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } } }, c, true)), 'MIGRATION_DEST_L2');
+  try {
+    checkOffer(1, src, { ...dst, freeMiB: 512 }, c, true);
+    assert.fail('should refuse');
+  } catch (e) {
+    assert.ok(e instanceof FerryError);
+    assert.equal(e.code, 'MIGRATION_DEST_NO_MEMORY');
+    assert.equal(e.message, 'Cannot migrate domain "web1": host2 has 512 MiB free, needs 1024 MiB');
+  }
+});
+
+test('a shut-off domain needs no memory or CPU match, only the definition\'s needs', () => {
+  assert.equal(code(() => checkOffer(1, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
+  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
+});

@@ -1,0 +1,113 @@
+/**
+ * Pre-flight on the destination: every check runs before anything is reserved or
+ * moved, and each refusal names its fix. `checkOffer` is pure (unit-tested); the ARP
+ * probe and the file checks touch the host.
+ */
+import fs from 'node:fs';
+import { execFile } from 'node:child_process';
+import { FerryError } from '../errors.ts';
+import type { DomainConfig } from '../domain/config.ts';
+import { domainPaths } from '../domain/config.ts';
+import type { NetworkConfig } from '../daemon/config.ts';
+import { PROTOCOL_VERSION } from './phases.ts';
+
+/** What the source tells the destination about itself in Begin. */
+export interface SourceFacts {
+  name: string;
+  version: string;
+  arch: string;
+  accel: string;
+  cpuModel: string;
+  cpuFeatures: string[];
+  machine: string;
+  networks: Record<string, NetworkConfig>;
+}
+
+export interface DestFacts {
+  name: string;
+  arch: string;
+  accel: string;
+  cpuModel: string;
+  cpuFeatures: string[];
+  machines: string[];
+  networks: Record<string, NetworkConfig>;
+  freeMiB: number;
+  domainNames: string[];
+  domainUuids: string[];
+}
+
+/** Size of each file the domain needs, as the source sees it (shared storage check). */
+export type FileSizes = Record<string, number>;
+
+export function fileSizes(c: DomainConfig): FileSizes {
+  const out: FileSizes = {};
+  for (const p of domainPaths(c)) {
+    try { out[p] = fs.statSync(p).size; } catch { out[p] = -1; }
+  }
+  return out;
+}
+
+/**
+ * The checks that need only facts. `running` is false for a shut-off domain, which
+ * moves as its definition and needs no memory or CPU on the destination yet.
+ */
+export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c: DomainConfig, running: boolean): void {
+  const who = `Cannot migrate domain "${c.name}"`;
+  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `${who}: ${dst.name} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${version}; upgrade ferry on both hosts to the same version`);
+  if (src.name === dst.name) throw new FerryError('MIGRATION_SAME_HOST', `${who}: the destination is the source host ${src.name}`);
+  if (dst.domainNames.includes(c.name)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain named "${c.name}"; delete it there first`);
+  if (dst.domainUuids.includes(c.uuid)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain with uuid ${c.uuid}`);
+  if (src.arch !== dst.arch) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} is ${dst.arch}, the source is ${src.arch}`);
+  if (running) {
+    if (src.accel !== dst.accel) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} runs domains under ${dst.accel}, the source under ${src.accel}; set the same accelerator on both (FERRY_ACCEL or "accel" in ferryd.json)`);
+    if (!dst.machines.includes(src.machine)) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name}'s QEMU lacks machine type ${src.machine}; install the same QEMU version`);
+    if (src.cpuModel !== dst.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`);
+    const have = new Set(dst.cpuFeatures);
+    const missing = src.cpuFeatures.filter((f) => !have.has(f));
+    if (missing.length) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} lacks CPU features ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ` and ${missing.length - 8} more` : ''}`, { missing });
+    if (dst.freeMiB < c.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `${who}: ${dst.name} has ${dst.freeMiB} MiB free, needs ${c.memoryMiB} MiB`, { freeMiB: dst.freeMiB, needMiB: c.memoryMiB });
+  }
+  for (const n of c.nics) {
+    const d = dst.networks[n.network];
+    if (!d) throw new FerryError('MIGRATION_DEST_NETWORK', `${who}: ${dst.name} has no network "${n.network}"; add it to "networks" in its ferryd.json`);
+    const s = src.networks[n.network];
+    if (s && s.subnet !== d.subnet) throw new FerryError('MIGRATION_DEST_L2', `${who}: network "${n.network}" is ${d.subnet} on ${dst.name} but ${s.subnet} on ${src.name}: not the same L2 segment, so the domain's address would not work there`);
+  }
+}
+
+export function checkFiles(c: DomainConfig, sizes: FileSizes, dstName: string): void {
+  for (const p of domainPaths(c)) {
+    let st: fs.Stats;
+    try { st = fs.statSync(p); } catch { throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${c.name}": ${p} does not exist on ${dstName}; disks and boot files must be on shared storage at the same path`); }
+    const disk = c.disks.find((d) => d.path === p);
+    // A writable disk changes size as the guest writes; only read-only files must match.
+    if ((!disk || disk.readOnly) && sizes[p] !== undefined && sizes[p] >= 0 && sizes[p] !== st.size) {
+      throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${c.name}": ${p} is ${st.size} bytes on ${dstName} but ${sizes[p]} on the source; it is not the same shared file`);
+    }
+  }
+}
+
+/** ARP-probes `target` out of `bridge`; true on a reply within timeoutMs. */
+export function arpProbe(bridge: string, target: string, timeoutMs = 1500): Promise<boolean> {
+  return new Promise((resolve) => {
+    execFile('busybox', ['arping', '-f', '-c', '2', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(!err));
+  });
+}
+
+/**
+ * The real L2 check: from the destination's bridge for each network, ARP for an
+ * address that lives on the source's segment (the domain's own IP, else the source
+ * host's address there). No answer means the bridge is not on the same segment.
+ */
+export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Record<string, NetworkConfig>, dstName: string, guestRunning: boolean): Promise<string[]> {
+  const notes: string[] = [];
+  for (const n of c.nics) {
+    const d = dstNetworks[n.network];
+    const targets = [guestRunning ? n.ip?.split('/')[0] : undefined, src.networks[n.network]?.address].filter((x): x is string => !!x);
+    if (targets.length === 0) { notes.push(`network ${n.network}: nothing to probe (no IP known)`); continue; }
+    let seen = false;
+    for (const t of targets) if (await arpProbe(d.bridge, t)) { seen = true; notes.push(`network ${n.network}: ${t} answered ARP on ${d.bridge}`); break; }
+    if (!seen) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": from ${dstName}'s bridge ${d.bridge}, ${targets.join(' and ')} did not answer ARP; network "${n.network}" there is not the same L2 segment as on ${src.name}`);
+  }
+  return notes;
+}

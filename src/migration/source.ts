@@ -1,0 +1,414 @@
+/**
+ * The source side of a migration, and the protocol's sequence:
+ *
+ *   CLI            source ferryd (S)                          destination ferryd (D)
+ *    | migrate ---> |                                                   |
+ *    |              |== TLS, mutual auth, hostsAllow =================>|
+ *    |              |-- relocation.begin {version, facts, config} ---->|  pre-flight; nothing reserved
+ *    |              |<------------- {dataPort} (probe listener open) --|
+ *    |              |-- TCP connect to dataPort (≤3 s) --------------->|  firewall check
+ *    |              |-- relocation.prepare --------------------------->|  persist prepared; reserve; QEMU -incoming
+ *    |              |<----------------------- {dataPort} (TLS, authz) |  one-shot listener
+ *    |              |== QEMU migrate (TLS) ===========================>|  pre-copy passes (live) or stop+copy
+ *    |  progress <--|   completed: S's guest stopped  [switchover]     |
+ *    |              |   persist finish  ── POINT OF NO RETURN ──       |
+ *    |              |-- relocation.finish ---------------------------->|  persist finishing; cont; announce-self
+ *    |              |<------------------------------- {resumedAt} -----|  persist finished
+ *    |              |   quit source QEMU, forget the definition       |
+ *    |              |-- relocation.confirm --------------------------->|
+ *    | <- report ---|                                                   |
+ *
+ * Before `finish`, any failure abandons: S cancels QEMU's migration, resumes its guest
+ * if it was running, and tells D to abandon (D also abandons by itself when the
+ * control connection drops). From `finish` on, S resumes its copy only if D says
+ * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
+ */
+import net from 'node:net';
+import crypto from 'node:crypto';
+import dns from 'node:dns/promises';
+import { FerryError, asFerryError } from '../errors.ts';
+import { domainConfigToJson } from '../domain/config.ts';
+import { hasProcess } from '../domain/state.ts';
+import { ApiClient } from '../api/client.ts';
+import { CONSOLE_CONTROL } from '../api/protocol.ts';
+import type { QmpClient, QmpEvent } from '../qmp/client.ts';
+import type { Host, Live } from '../daemon/host.ts';
+import type { Logger } from '../daemon/log.ts';
+import { hostArch } from '../qemu/probe.ts';
+import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
+import { fileSizes } from './preflight.ts';
+import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
+
+export interface StartParams {
+  domain: string;
+  dest: string;
+  live?: boolean;
+  bandwidthMiBs?: number;
+  maxDowntimeMs?: number;
+  timeoutS?: number;
+  insecure?: boolean;
+}
+
+export const DEFAULT_MAX_DOWNTIME_MS = 300;
+export const DEFAULT_TIMEOUT_S = 600;
+/** QEMU's default max-bandwidth is 128 MiB/s; "unlimited" has to be said explicitly. */
+export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
+
+const qmpMs = (e: QmpEvent): number => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now());
+
+export class Source {
+  private cancels = new Map<string, () => void>();
+
+  constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {}
+
+  private step(j: SourceJob, e: SourceEvent): void {
+    j.phase = sourceTransition(j.phase, e);
+    j.history.push({ phase: j.phase, at: Date.now() });
+    this.store.save(j);
+    this.log.info('migration phase', { role: 'source', jobId: j.jobId, domain: j.domain, phase: j.phase, event: e.type });
+    this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'source', phase: j.phase });
+  }
+
+  /** DEST is a peer name (ferryd.json "peers"), NAME, ADDRESS or ADDRESS:PORT. */
+  async resolvePeer(dest: string): Promise<{ name?: string; address: string; port: number }> {
+    const mapped = this.host.cfg.peers[dest];
+    const spec = mapped ?? dest;
+    const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(spec);
+    if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse destination "${dest}": use NAME, ADDRESS or ADDRESS:PORT`);
+    const port = m[2] ? Number(m[2]) : this.host.cfg.relocation.port;
+    let address = m[1].replace(/^\[|\]$/g, '');
+    if (net.isIP(address) === 0) {
+      try { address = (await dns.lookup(address)).address; } catch { throw new FerryError('HOST_UNKNOWN', `Cannot resolve destination "${dest}": not a known peer (ferryd.json "peers") nor a resolvable name`); }
+    }
+    return { name: mapped ? dest : net.isIP(m[1]) ? undefined : m[1], address, port };
+  }
+
+  async connectPeer(dest: string): Promise<{ client: ApiClient; peer: { name: string; address: string; port: number } }> {
+    const r = await this.resolvePeer(dest);
+    const client = await ApiClient.connect({ kind: 'tls', host: r.address, port: r.port, tlsDir: this.host.cfg.tlsDir, label: dest, servername: r.name }, 5000);
+    try {
+      const hello = await client.request<{ host: string; apiVersion: number }>('api.hello', {}, 5000);
+      return { client, peer: { name: hello.host, address: r.address, port: r.port } };
+    } catch (e) {
+      client.close();
+      throw e;
+    }
+  }
+
+  cancel(domain: string): Record<string, unknown> {
+    const j = this.store.active(domain);
+    if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name}`);
+    if (!sourceCanAbandon(j.phase)) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}, past the point of no return: it cannot be cancelled`);
+    const c = this.cancels.get(j.jobId);
+    if (!c) throw new FerryError('JOB_NOT_FOUND', `Migration of "${domain}" is not running in this ferryd`);
+    c();
+    return { jobId: j.jobId, domain, cancelling: true };
+  }
+
+  async start(p: StartParams): Promise<Report> {
+    const t0 = Date.now();
+    const h = this.host;
+    const live = h.get(p.domain);
+    if (this.store.active(p.domain)) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
+    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${live.busy})`);
+    const s = live.rec.state;
+    if (s.kind === 'incoming' || s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${s.kind}`);
+    if (s.kind === 'crashed') throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" crashed; destroy or start it before migrating`);
+    const mode: Mode = hasProcess(s) ? (p.live ? 'live' : 'offline') : 'definition';
+    const wasRunning = s.kind === 'running';
+    const insecure = p.insecure === true;
+    const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
+    const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
+    const policy: string[] = [];
+
+    // Nothing has changed yet: a failure to reach or trust the peer leaves the domain as it is.
+    const { client, peer } = await this.connectPeer(p.dest);
+    const j: SourceJob = {
+      role: 'source', jobId: crypto.randomUUID(), domain: p.domain, uuid: live.rec.config.uuid, mode, encrypted: !insecure,
+      startedAt: t0, updatedAt: t0, history: [{ phase: 'begin', at: t0 }], phase: 'begin', peer, wasRunning,
+    };
+    const report = (outcome: Report['outcome'], m: Partial<Report>): Report => ({
+      outcome, mode, jobId: j.jobId, domain: p.domain, source: h.cfg.name, destination: peer.name, totalMs: Date.now() - t0,
+      setupMs: null, downtimeMs: null, pauseMs: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
+      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, phase: j.phase, ...m,
+    });
+    let cancelled = false;
+    let cancelFn: () => void = () => undefined;
+    const cancelledP = new Promise<void>((r) => { cancelFn = () => { cancelled = true; r(); }; });
+    this.cancels.set(j.jobId, cancelFn);
+    const stats: Partial<Report> = {};
+    try {
+      if (peer.name === h.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
+      this.store.save(j);
+      const rt = live.rec.runtime;
+      const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure,
+        peer: { name: h.cfg.name, version: h.info().version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
+        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
+      }, 60000);
+      this.step(j, { type: 'dest-accepted' });
+      if (mode === 'definition') return await this.moveDefinition(j, client, live, report);
+
+      await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
+      if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
+      h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
+      const prep = await client.request<{ dataAddress: string; dataPort: number; tlsHostname: string }>('relocation.prepare', { jobId: j.jobId }, 60000);
+      j.dataPort = prep.dataPort;
+      this.step(j, { type: 'dest-prepared' });
+      const q = live.qmp;
+      if (!q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
+      live.busy = `migrating to ${peer.name}`;
+      let stopAt: number | null = null;
+      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpMs(e); };
+      q.on('event', onStop);
+      try {
+        await this.setup(q, p, mode, insecure, prep.tlsHostname, maxDowntimeMs, policy);
+        if (mode === 'offline' && wasRunning) await q.execute('stop');
+        this.step(j, { type: 'stream-started' });
+        await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
+        const done = await this.supervise(j, q, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled);
+        Object.assign(stats, done);
+      } finally {
+        q.off('event', onStop);
+      }
+      this.step(j, { type: 'stream-completed' });
+
+      // ---- point of no return: persisted before D is asked to run the guest ----
+      this.step(j, { type: 'finish-sent' });
+      this.cancels.delete(j.jobId);
+      const fin = await this.finishOrResolve(j, client, wasRunning);
+      if (fin.abandoned) {
+        await this.resumeSource(live, wasRunning);
+        throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
+      }
+      this.step(j, { type: 'dest-finished' });
+      await this.retireSource(live, peer);
+      client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
+      const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.resumedAt ? Math.max(0, Math.round(fin.resumedAt - stopAt)) : null });
+      j.report = r;
+      this.store.save(j);
+      this.store.prune();
+      h.emit('migration.done', { domain: p.domain, report: r });
+      return r;
+    } catch (e) {
+      let fe = asFerryError(e);
+      if (cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${h.cfg.name}`);
+      if (sourceCanAbandon(j.phase) && this.store.jobs.has(j.jobId)) await this.abandon(j, live, client, fe.message);
+      const r = report(fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : 'failed', { ...stats, error: { code: fe.code, message: fe.message } });
+      j.report = r;
+      j.error = r.error;
+      if (this.store.jobs.has(j.jobId)) this.store.save(j);
+      h.emit('migration.done', { domain: p.domain, report: r });
+      throw new FerryError(fe.code, fe.message, { report: r });
+    } finally {
+      live.busy = undefined;
+      this.cancels.delete(j.jobId);
+      client.close();
+    }
+  }
+
+  private async moveDefinition(j: SourceJob, client: ApiClient, live: Live, report: (o: Report['outcome'], m: Partial<Report>) => Report): Promise<Report> {
+    this.step(j, { type: 'dest-prepared' });
+    this.step(j, { type: 'stream-completed' });
+    this.step(j, { type: 'finish-sent' });
+    await client.request('relocation.finish', { jobId: j.jobId, running: false }, 30000);
+    this.step(j, { type: 'dest-finished' });
+    this.host.forget(live.rec.config.name);
+    client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
+    const r = report('succeeded', {});
+    j.report = r;
+    this.store.save(j);
+    return r;
+  }
+
+  /** A firewall that drops the data port makes connect hang: give up in 3 s and name the range. */
+  private probePort(domain: string, dest: string, address: string, port: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const s = net.createConnection({ host: address, port });
+      const [a, b] = this.host.cfg.relocation.dataPorts;
+      const fail = (why: string): void => {
+        s.destroy();
+        reject(new FerryError('MIGRATION_DEST_PORT', `Cannot migrate domain "${domain}": ${dest}'s migration data port ${address}:${port} is not reachable from ${this.host.cfg.name} (${why}); open TCP ${a}-${b} on ${dest} for ${this.host.cfg.networks ? 'this host' : 'the source'} (see README "Firewalls")`, { port, range: [a, b] }));
+      };
+      const t = setTimeout(() => fail('no answer within 3 s'), 3000);
+      s.once('connect', () => { clearTimeout(t); s.destroy(); resolve(); });
+      s.once('error', (e) => { clearTimeout(t); fail((e as NodeJS.ErrnoException).code ?? e.message); });
+    });
+  }
+
+  private async setup(q: QmpClient, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
+    const caps = [{ capability: 'events', state: true }, { capability: 'auto-converge', state: mode === 'live' }];
+    await q.execute('migrate-set-capabilities', { capabilities: caps });
+    if (mode === 'live') policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
+    const params: Record<string, unknown> = {
+      'max-bandwidth': p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
+      'downtime-limit': maxDowntimeMs,
+    };
+    await q.execute('object-del', { id: 'ferry-tls-out' }).catch(() => undefined);
+    if (!insecure) {
+      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls-out', dir: this.host.cfg.tlsDir, endpoint: 'client', 'verify-peer': true });
+      params['tls-creds'] = 'ferry-tls-out';
+      params['tls-hostname'] = tlsHostname;
+    } else {
+      params['tls-creds'] = '';
+    }
+    await q.execute('migrate-set-parameters', params);
+  }
+
+  /** Polls QEMU, reports progress, and applies the convergence policy and deadline. */
+  private async supervise(j: SourceJob, q: QmpClient, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean): Promise<Partial<Report>> {
+    let setupMs: number | null = null;
+    let raised = false;
+    let cancelSent = false;
+    let lastEmit = 0;
+    let timedOut = false;
+    void cancelledP.then(() => { if (!cancelSent) { cancelSent = true; q.execute('migrate_cancel').catch(() => undefined); } });
+    for (;;) {
+      let m: any;
+      try { m = await q.execute('query-migrate'); } catch { throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during the migration`); }
+      const ram = m.ram ?? {};
+      if (setupMs === null && ram.transferred > 0) setupMs = Date.now() - t0;
+      const now = Date.now();
+      if (now - lastEmit >= 200 || m.status === 'completed') {
+        lastEmit = now;
+        const total = ram.total ?? 0;
+        const remaining = ram.remaining ?? total;
+        const rate = (ram.mbps ?? 0) * 1e6 / 8;
+        const prog = {
+          domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
+          transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: ram['dirty-sync-count'] ?? 0,
+          etaS: rate > 0 ? remaining / rate : null, elapsedMs: now - t0, dirtyRate: ram['dirty-pages-rate'] ?? 0, throttlePct: m['cpu-throttle-percentage'] ?? 0,
+        };
+        j.progress = prog;
+        this.host.emit('migration.progress', prog);
+      }
+      if (m.status === 'completed') {
+        // QEMU may say completed before it fills in total-time and downtime.
+        for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 10)); m = await q.execute('query-migrate'); }
+        const r2 = m.ram ?? ram;
+        const bytes = r2.transferred ?? 0;
+        const totalTime = m['total-time'] ?? (Date.now() - t0);
+        return { setupMs, downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? 0, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
+      }
+      if (m.status === 'failed') throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
+      if (m.status === 'cancelled') {
+        if (timedOut) throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s (${policy.join('; ')}); cancelled, the domain keeps running on the source. Raise --max-downtime or --bandwidth, or migrate offline`);
+        if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
+        throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
+      }
+      const elapsed = (Date.now() - t0) / 1000;
+      // Non-convergence policy: QEMU never gives up by itself. After two thirds of the
+      // deadline, allow a longer final pause; at the deadline, cancel.
+      if (mode === 'live' && !raised && elapsed > (timeoutS * 2) / 3) {
+        raised = true;
+        const newLimit = Math.max(maxDowntimeMs * 4, 2000);
+        await q.execute('migrate-set-parameters', { 'downtime-limit': newLimit }).catch(() => undefined);
+        policy.push(`not converged after ${elapsed.toFixed(0)} s (pass ${ram['dirty-sync-count'] ?? '?'}): downtime limit raised to ${newLimit} ms`);
+      }
+      if (elapsed > timeoutS && !cancelSent) {
+        timedOut = true;
+        cancelSent = true;
+        policy.push(`deadline of ${timeoutS} s reached: cancelled`);
+        await q.execute('migrate_cancel').catch(() => undefined);
+        if (mode !== 'live') throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  /**
+   * Sends Finish. If the answer is lost, asks D for the job's phase until it can tell:
+   * finished → success; abandoned/unknown → D never ran the guest.
+   */
+  private async finishOrResolve(j: SourceJob, client: ApiClient, running: boolean): Promise<{ abandoned: boolean; reason?: string; resumedAt?: number }> {
+    try {
+      const r = await client.request<{ resumedAt: number | null }>('relocation.finish', { jobId: j.jobId, running }, 150000);
+      return { abandoned: false, resumedAt: r.resumedAt ?? undefined };
+    } catch (e) {
+      const fe = asFerryError(e);
+      if (fe.details?.abandoned) return { abandoned: true, reason: fe.message };
+      this.log.warn('finish answer lost; asking the destination', { jobId: j.jobId, error: fe.message });
+      return this.resolveAfterFinish(j);
+    }
+  }
+
+  /** Used after a lost Finish answer and by recovery. Keeps trying for `tries` rounds. */
+  async resolveAfterFinish(j: SourceJob, tries = 15): Promise<{ abandoned: boolean; reason?: string; resumedAt?: number }> {
+    for (let i = 0; i < tries; i++) {
+      try {
+        const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
+        try {
+          const st = await client.request<{ phase: string }>('relocation.status', { jobId: j.jobId }, 5000);
+          if (st.phase === 'finished' || st.phase === 'confirmed') return { abandoned: false };
+          if (st.phase === 'finishing') { await new Promise((r) => setTimeout(r, 500)); continue; }
+          if (st.phase === 'abandoned' || st.phase === 'unknown') return { abandoned: true, reason: `destination reports ${st.phase}` };
+          // begun/prepared: D never resumed; make it abandon before we resume.
+          const ab = await client.request<{ phase: string }>('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, 15000);
+          if (ab.phase === 'abandoned') return { abandoned: true, reason: 'destination abandoned after a lost Finish' };
+        } finally {
+          client.close();
+        }
+      } catch (e) {
+        this.log.warn('destination not answering about a finished transfer', { jobId: j.jobId, error: String(e) });
+      }
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+    throw new FerryError('MIGRATION_FAILED', `Domain "${j.domain}": the destination ${j.peer.name} did not say whether it resumed the guest; the source copy stays paused so it never runs twice. ferryd keeps asking; see \`ferry job ${j.domain}\``);
+  }
+
+  /** Abandon before the point of no return: the source domain runs again as it was. */
+  async abandon(j: SourceJob, live: Live, client: ApiClient | undefined, reason: string): Promise<void> {
+    const q = live.qmp;
+    if (q) {
+      try {
+        const m = await q.execute<{ status: string }>('query-migrate');
+        if (m.status === 'active' || m.status === 'setup' || m.status === 'pre-switchover' || m.status === 'device') {
+          await q.execute('migrate_cancel');
+          for (let i = 0; i < 100; i++) {
+            const s = await q.execute<{ status: string }>('query-migrate');
+            if (s.status !== 'cancelling' && s.status !== 'active') break;
+            await new Promise((r) => setTimeout(r, 20));
+          }
+        }
+      } catch { /* QEMU gone: handled below */ }
+    }
+    if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => this.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
+    if (live.rec.state.kind === 'migrating-out') {
+      if (q && !q.closed) {
+        await this.resumeSource(live, j.wasRunning);
+      } else {
+        this.host.cleanupRuntime(live);
+        this.host.apply(live, { type: 'crash', reason: 'QEMU exited during a migration', at: Date.now() });
+      }
+    }
+    this.step(j, { type: 'abandon', reason });
+    this.store.prune();
+  }
+
+  /** Puts the source domain back as it was: running if it ran, paused if it was paused. */
+  async resumeSource(live: Live, wasRunning: boolean): Promise<void> {
+    const q = live.qmp;
+    if (wasRunning && q) {
+      const st = await q.execute<{ status: string; running: boolean }>('query-status').catch(() => undefined);
+      if (st && !st.running) await q.execute('cont');
+    }
+    if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'migrate-out-abandoned', running: wasRunning, at: Date.now() });
+  }
+
+  /** After success: tell console users where the domain went, end QEMU, forget the definition. */
+  async retireSource(live: Live, peer: { name: string; address: string; port: number }): Promise<void> {
+    const s = live.rec.state;
+    const pid = hasProcess(s) ? s.pid : undefined;
+    live.expectStop = 'migrated';
+    const moved = `${CONSOLE_CONTROL}${JSON.stringify({ event: 'moved', host: peer.name, target: `${peer.address}:${peer.port}` })}\n`;
+    live.console?.detachAll(moved);
+    await live.qmp?.execute('quit').catch(() => undefined);
+    if (pid) {
+      const { killAndWait } = await import('../qemu/process.ts');
+      await killAndWait(pid, 3000);
+    }
+    this.host.cleanupRuntime(live);
+    if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'stopped', reason: 'migrated', at: Date.now() });
+    this.host.forget(live.rec.config.name);
+  }
+}
