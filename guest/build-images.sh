@@ -19,13 +19,14 @@ need() { command -v "$1" >/dev/null || { echo "build-images: missing $1 (apt-get
 need as binutils; need ld binutils; need busybox busybox-static; need xz xz-utils; need dpkg-deb dpkg
 
 # --- pattern guest ---
-src_sum=$(sha256sum "$here/pattern.s" | cut -d' ' -f1)
+src_sum=$(cat "$here/pattern.s" "$0" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$out/pattern.img" ] || [ "$(cat "$out/pattern.src" 2>/dev/null)" != "$src_sum" ]; then
   as --32 -o "$work/pattern.o" "$here/pattern.s"
   ld -m elf_i386 -Ttext 0x7c00 --oformat binary -o "$work/pattern.bin" "$work/pattern.o"
   [ "$(stat -c %s "$work/pattern.bin")" = 512 ] || { echo "pattern boot sector is not 512 bytes" >&2; exit 1; }
-  # SeaBIOS does not boot a virtio-blk disk of one sector: pad to 1 MiB.
-  truncate -s 1M "$work/pattern.img"
+  # A 1.44 MB floppy: SeaBIOS boots it with ISA DMA and leaves no device rings in
+  # guest RAM for QEMU to write into later (its virtio-blk driver does).
+  truncate -s 1474560 "$work/pattern.img"
   dd if="$work/pattern.bin" of="$work/pattern.img" conv=notrunc status=none
   mv "$work/pattern.img" "$out/pattern.img"
   echo "$src_sum" > "$out/pattern.src"

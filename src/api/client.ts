@@ -59,6 +59,11 @@ export function resolveTarget(h: string | undefined): Target {
   return { kind: 'tls', host: m[1].replace(/^\[|\]$/g, ''), port, tlsDir: defaultTlsDir(), label: h };
 }
 
+function isTlsTrustError(e: Error): boolean {
+  const code = String((e as NodeJS.ErrnoException).code ?? '');
+  return /CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ALTNAME|ERR_SSL|ERR_TLS/.test(code) || /certificate|alert/i.test(e.message);
+}
+
 export class ApiClient extends EventEmitter {
   private nextId = 1;
   private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
@@ -88,7 +93,9 @@ export class ApiClient extends EventEmitter {
         s?.destroy();
         const code = (e as NodeJS.ErrnoException).code;
         if (target.kind === 'unix') reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.path} (${code ?? e.message}): is it running?`));
-        else reject(e instanceof FerryError ? e : new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.host}:${target.port} (${code ?? e.message})`));
+        else if (e instanceof FerryError) reject(e);
+        else if (isTlsTrustError(e)) reject(new FerryError('TLS_REFUSED', `ferryd at ${target.host}:${target.port} is not trusted: ${e.message} (${code}); its certificate must come from the cluster CA in ${target.tlsDir}`));
+        else reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.host}:${target.port} (${code ?? e.message})`));
       };
       const t = setTimeout(() => fail(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
       if (target.kind === 'unix') {

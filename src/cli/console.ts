@@ -6,7 +6,7 @@
  * has been silent for `idleMs`. The daemon ends the stream with a \x1e-prefixed JSON
  * line when the domain stops, or moves to another host; then the session follows it.
  */
-import { ApiClient, resolveTarget, type Target } from '../api/client.ts';
+import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
 import { CONSOLE_CONTROL } from '../api/protocol.ts';
 import { FerryError } from '../errors.ts';
 
@@ -39,10 +39,13 @@ export async function runConsole(hostArg: string | undefined, domain: string, o:
   try {
     for (;;) {
       const c = await ApiClient.connect(target);
-      current = c;
+      // Input that arrives before the daemon switched this connection to raw bytes
+      // waits in pendingInput: sent earlier, it would be read as a JSON request.
+      current = undefined;
       await c.request('console.attach', { domain, replay: tty ? 4096 : o.replay });
       lastOutput = Date.now();
       const rest = c.goRaw();
+      current = c;
       if (rest) process.stdout.write(rest);
       for (const b of pendingInput.splice(0)) write(b);
       let ctrlBuf = '';
@@ -71,7 +74,9 @@ export async function runConsole(hostArg: string | undefined, domain: string, o:
       if (what === 'idle' || what === 'detached') { c.close(); return 0; }
       if (what && what.event === 'moved' && what.host) {
         process.stderr.write(`\r\n[ferry: domain "${domain}" moved to ${what.host}; following it]\r\n`);
-        target = resolveTarget(what.target ?? what.host);
+        // A lab host name resolves to its local socket from anywhere; otherwise use the
+        // address the source knew the destination by.
+        target = labHosts().some((h) => h.name === what.host) ? resolveTarget(what.host) : resolveTarget(what.target ?? what.host);
         // The destination may take a moment to settle the domain.
         await new Promise((r) => setTimeout(r, 200));
         continue;

@@ -13,7 +13,13 @@ import crypto from 'node:crypto';
 import { FerryError } from '../errors.ts';
 
 export type DiskFormat = 'raw' | 'qcow2';
-export interface DiskConfig { path: string; format: DiskFormat; readOnly: boolean }
+/**
+ * virtio (default) for real guests; floppy for the pattern guest's boot sector, whose
+ * firmware driver leaves no DMA rings in guest RAM (SeaBIOS's virtio-blk does, and QEMU
+ * writes into them on stop/cont); ide for old guests (never read-only in QEMU).
+ */
+export type DiskBus = 'virtio' | 'ide' | 'floppy';
+export interface DiskConfig { path: string; format: DiskFormat; readOnly: boolean; bus: DiskBus }
 export interface NicConfig { network: string; mac: string; ip?: string }
 export type BootConfig =
   | { kind: 'kernel'; kernel: string; initrd?: string; cmdline: string }
@@ -84,12 +90,16 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
   if (raw.disks !== undefined && !Array.isArray(raw.disks)) bad('disks', 'must be a list');
   for (const [i, d] of (Array.isArray(raw.disks) ? raw.disks : []).entries()) {
     if (!isPlainObject(d)) { bad(`disks[${i}]`, 'must be an object'); continue; }
-    for (const k of Object.keys(d)) if (!['path', 'format', 'readOnly'].includes(k)) bad(`disks[${i}].${k}`, 'unknown field');
+    for (const k of Object.keys(d)) if (!['path', 'format', 'readOnly', 'bus'].includes(k)) bad(`disks[${i}].${k}`, 'unknown field');
     if (typeof d.path !== 'string' || !d.path.startsWith('/') || d.path.includes(',') || d.path.includes('\n')) bad(`disks[${i}].path`, 'must be an absolute path without commas or newlines');
     const format = d.format ?? 'raw';
     if (format !== 'raw' && format !== 'qcow2') bad(`disks[${i}].format`, `must be "raw" or "qcow2", got ${JSON.stringify(d.format)}`);
     if (d.readOnly !== undefined && typeof d.readOnly !== 'boolean') bad(`disks[${i}].readOnly`, 'must be true or false');
-    disks.push({ path: String(d.path), format: format as DiskFormat, readOnly: d.readOnly === true });
+    const bus = d.bus ?? 'virtio';
+    if (bus !== 'virtio' && bus !== 'ide' && bus !== 'floppy') bad(`disks[${i}].bus`, `must be "virtio", "ide" or "floppy", got ${JSON.stringify(d.bus)}`);
+    if (bus === 'ide' && d.readOnly === true) bad(`disks[${i}].bus`, 'QEMU cannot attach a read-only IDE disk; use "virtio" or "floppy"');
+    if (bus === 'floppy' && format !== 'raw') bad(`disks[${i}].format`, 'a floppy must be raw');
+    disks.push({ path: String(d.path), format: format as DiskFormat, readOnly: d.readOnly === true, bus: bus as DiskBus });
   }
 
   let boot: BootConfig | undefined;
@@ -106,6 +116,8 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
     if (!Number.isInteger(b.disk) || (b.disk as number) < 0 || (b.disk as number) >= disks.length) bad('boot.disk', `must be the index of a disk (0..${disks.length - 1}), got ${JSON.stringify(b.disk)}`);
     boot = { kind: 'disk', disk: Number(b.disk) };
   } else bad('boot', 'needs "kernel" or "disk"');
+
+  if (disks.filter((d) => d.bus === 'floppy').length > 1) bad('disks', 'at most one floppy');
 
   const nics: NicConfig[] = [];
   if (raw.nics !== undefined && !Array.isArray(raw.nics)) bad('nics', 'must be a list');

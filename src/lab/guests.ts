@@ -67,6 +67,6 @@ export function patternGuestConfig(name: string, memoryMiB = 64): Record<string,
   if (memoryMiB < 32) throw new FerryError('CLI_USAGE', 'The pattern guest needs at least 32 MiB');
   return domainConfigToJson(parseDomainConfig({
     name, memory: memoryMiB, vcpus: 1,
-    boot: { disk: 0 }, disks: [{ path: needImage('pattern.img'), format: 'raw', readOnly: true }],
+    boot: { disk: 0 }, disks: [{ path: needImage('pattern.img'), format: 'raw', readOnly: true, bus: 'floppy' }],
   }));
 }

@@ -53,6 +53,8 @@ export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_TIMEOUT_S = 600;
 /** QEMU's default max-bandwidth is 128 MiB/s; "unlimited" has to be said explicitly. */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
+/** Passes after which a pre-copy that has not finished is treated as not converging. */
+export const STALL_PASSES = 10;
 
 const qmpMs = (e: QmpEvent): number => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now());
 
@@ -297,13 +299,15 @@ export class Source {
         throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
       }
       const elapsed = (Date.now() - t0) / 1000;
-      // Non-convergence policy: QEMU never gives up by itself. After two thirds of the
-      // deadline, allow a longer final pause; at the deadline, cancel.
-      if (mode === 'live' && !raised && elapsed > (timeoutS * 2) / 3) {
+      // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
+      // the guest from the start; after STALL_PASSES passes or two thirds of the
+      // deadline, allow a longer final pause (4×, at least 2 s); at the deadline, cancel.
+      const pass = ram['dirty-sync-count'] ?? 0;
+      if (mode === 'live' && !raised && (pass >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
         raised = true;
         const newLimit = Math.max(maxDowntimeMs * 4, 2000);
         await q.execute('migrate-set-parameters', { 'downtime-limit': newLimit }).catch(() => undefined);
-        policy.push(`not converged after ${elapsed.toFixed(0)} s (pass ${ram['dirty-sync-count'] ?? '?'}): downtime limit raised to ${newLimit} ms`);
+        policy.push(`not converged after ${elapsed.toFixed(1)} s and ${pass} passes: downtime limit raised from ${maxDowntimeMs} to ${newLimit} ms`);
       }
       if (elapsed > timeoutS && !cancelSent) {
         timedOut = true;

@@ -34,3 +34,10 @@ test('disk boot sets bootindex and read-only; incoming adds -incoming defer', ()
 test('tap names fit IFNAMSIZ', () => {
   assert.ok(tapName('6f1c2a3b-0000-4000-8000-000000000001', 7).length <= 15);
 });
+
+test('a floppy boot disk uses if=floppy and boot order a', () => {
+  const c = parseDomainConfig({ name: 'p', memory: 64, boot: { disk: 0 }, disks: [{ path: '/i/pattern.img', format: 'raw', readOnly: true, bus: 'floppy' }] });
+  const j = domainArgv(c, { ...base, taps: [] }).join(' ');
+  assert.ok(j.includes('-drive file=/i/pattern.img,format=raw,if=floppy,index=0,readonly=on -boot order=a'));
+  assert.ok(!j.includes('virtio-blk'));
+});

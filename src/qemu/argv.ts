@@ -48,9 +48,16 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     a.push('-append', c.boot.cmdline);
   }
   c.disks.forEach((d, i) => {
-    a.push('-drive', `file=${d.path},format=${d.format},if=none,id=disk${i},readonly=${d.readOnly ? 'on' : 'off'}`);
-    const boot = c.boot.kind === 'disk' && c.boot.disk === i ? ',bootindex=1' : '';
-    a.push('-device', `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
+    const ro = `readonly=${d.readOnly ? 'on' : 'off'}`;
+    const isBoot = c.boot.kind === 'disk' && c.boot.disk === i;
+    if (d.bus === 'floppy') {
+      a.push('-drive', `file=${d.path},format=raw,if=floppy,index=0,${ro}`);
+      if (isBoot) a.push('-boot', 'order=a');
+      return;
+    }
+    a.push('-drive', `file=${d.path},format=${d.format},if=none,id=disk${i},${ro}`);
+    const boot = isBoot ? ',bootindex=1' : '';
+    a.push('-device', d.bus === 'ide' ? `ide-hd,drive=disk${i},id=ide${i}${boot}` : `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
   });
   c.nics.forEach((n, i) => {
     a.push('-netdev', `tap,id=net${i},ifname=${r.taps[i]},script=no,downscript=no`);

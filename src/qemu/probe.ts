@@ -67,7 +67,7 @@ async function timePatternBoot(accel: Accel, image: string, capMs: number, scrat
   const t0 = Date.now();
   const child = spawn(QEMU_BINARY, ['-machine', `pc,accel=${accel}`, '-cpu', 'qemu64', '-m', '64', '-nodefaults', '-display', 'none',
     '-chardev', `socket,id=c,path=${sock},server=on,wait=on`, '-serial', 'chardev:c',
-    '-drive', `file=${image},format=raw,if=virtio,readonly=on`], { stdio: 'ignore' });
+    '-drive', `file=${image},format=raw,if=floppy,readonly=on`], { stdio: 'ignore' });
   try {
     let s;
     for (;;) {

@@ -1,0 +1,133 @@
+/**
+ * Live and offline migration between real lab hosts, with real guests:
+ * - a Linux guest moves live while a lab client holds a TCP connection to its echo
+ *   service; the connection keeps echoing, the guest did not reboot, and it runs only
+ *   on the destination; then it moves back offline;
+ * - the memory-pattern guest moves live while it dirties memory, and the checker
+ *   proves its memory consistent on the destination;
+ * - a console attached on the source follows the domain;
+ * - a shut-off domain moves as its definition.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { ok, ferry, labUp, labDown, createGuest, guestStatus, echoClient, consoleLog, waitFor, pidAlive, domainRecord, FERRY } from '../helpers.ts';
+
+async function where(name: string): Promise<string[]> {
+  const hosts: string[] = [];
+  for (const h of ['host1', 'host2']) {
+    const l = await ok(['-H', h, 'list', '--json']);
+    if (l.some((d: any) => d.name === name && d.id !== null)) hosts.push(h);
+  }
+  return hosts;
+}
+
+describe('migration (lab, real guests)', () => {
+  before(async () => { await labUp(['--hosts', '2']); });
+  after(async () => { await labDown(); });
+
+  test('live: an open TCP connection survives, the guest does not reboot, it runs only on host2', async () => {
+    const cfg = await createGuest('linux', 'web', 'host1');
+    const ip = cfg.nics[0].ip.split('/')[0];
+    const before = guestStatus(ip);
+    const srcPid = (await ok(['-H', 'host1', 'info', 'web', '--json'])).pid;
+    const echo = echoClient(ip, 10);
+    await waitFor('echo connected', () => echo.lines.includes('connected'), 10000);
+    await new Promise((r) => setTimeout(r, 1000));
+    const r = await ferry(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--json']);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const rep = r.json;
+    assert.equal(rep.outcome, 'succeeded');
+    assert.equal(rep.mode, 'live');
+    assert.equal(rep.source, 'host1');
+    assert.equal(rep.destination, 'host2');
+    assert.equal(rep.encrypted, true);
+    for (const k of ['totalMs', 'setupMs', 'downtimeMs', 'bytes', 'passes', 'throughputMBps']) assert.equal(typeof rep[k], 'number', k);
+    assert.ok(rep.bytes > 1024 * 1024);
+    assert.ok(rep.passes >= 1);
+    await new Promise((r) => setTimeout(r, 1000));
+    const st = await echo.stats();
+    assert.equal(st.closed, false, 'connection stayed open');
+    assert.equal(st.error, null);
+    assert.equal(st.outOfOrder, 0);
+    assert.ok(st.echoed >= st.sent - 5, `echoed ${st.echoed} of ${st.sent}`);
+    assert.ok(st.maxGapMs < 5000, `longest echo gap ${st.maxGapMs} ms`);
+    const after = guestStatus(ip);
+    assert.equal(after.bootId, before.bootId, 'same boot');
+    assert.ok(after.uptime > before.uptime);
+    assert.ok(after.counter >= before.counter);
+    assert.deepEqual(await where('web'), ['host2']);
+    assert.equal(pidAlive(srcPid), false, 'no QEMU left on host1');
+    assert.equal(domainRecord('host1', 'web'), undefined, 'no definition left on host1');
+    const h1 = await ok(['-H', 'host1', 'host', 'info', '--json']);
+    assert.equal(h1.memory.usedMiB, 0);
+    // the console answers on the new host
+    const out = await ok(['-H', 'host2', 'console', 'web', '--idle', '2500', '--max', '20000'], { input: 'echo on-$(hostname)\n' });
+    assert.match(out, /on-web/);
+  });
+
+  test('offline back to host1: paused, copied, resumed; the guest still did not reboot', async () => {
+    const ip = (await ok(['-H', 'host2', 'info', 'web', '--json'])).nics[0].ip.split('/')[0];
+    const before = guestStatus(ip);
+    const r = await ok(['-H', 'host2', 'migrate', 'web', 'host1', '--json']);
+    assert.equal(r.outcome, 'succeeded');
+    assert.equal(r.mode, 'offline');
+    assert.deepEqual(await where('web'), ['host1']);
+    const after = guestStatus(ip);
+    assert.equal(after.bootId, before.bootId);
+    assert.ok(after.counter >= before.counter);
+    const jobs = await ok(['-H', 'host1', 'jobs', '--json']);
+    assert.ok(jobs.some((j: any) => j.role === 'destination' && j.phase === 'confirmed'));
+    const job = await ok(['-H', 'host2', 'job', 'web', '--json']);
+    assert.equal(job.report.outcome, 'succeeded');
+  });
+
+  test('a console attached on the source follows the domain to the destination', async () => {
+    const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'console', 'web', '--idle', '60000', '--max', '60000'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { err += d; });
+    try {
+      await new Promise((r) => setTimeout(r, 1500));
+      child.stdin.write('echo before-$((2+3))\n');
+      await waitFor('console before', () => out.includes('before-5'), 15000);
+      await ok(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--json']);
+      await waitFor('console told the user', () => err.includes('moved to host2'), 15000);
+      await new Promise((r) => setTimeout(r, 1000));
+      child.stdin.write('echo after-$((3+4))\n');
+      await waitFor('console after the move', () => out.includes('after-7'), 15000);
+    } finally {
+      child.kill();
+    }
+    assert.match(consoleLog('host2', 'web'), /after-7/);
+  });
+
+  test('memory integrity: the pattern guest moves live while dirtying memory', async () => {
+    await createGuest('pattern', 'pat', 'host1', 128);
+    await new Promise((r) => setTimeout(r, 2000));
+    await ok(['lab', 'verify', 'pat']);
+    const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
+    assert.equal(r.outcome, 'succeeded');
+    assert.ok(r.bytes >= 100 * 1024 * 1024, `sent ${r.bytes}`);
+    assert.deepEqual(await where('pat'), ['host2']);
+    const v = await ok(['lab', 'verify', 'pat', '--json']);
+    assert.equal(v.ok, true);
+    assert.equal(v.host, 'host2');
+    assert.ok(v.pages > 30000);
+    // and it keeps counting there
+    const len = consoleLog('host2', 'pat').length;
+    await waitFor('pattern progress on host2', () => consoleLog('host2', 'pat').length > len, 10000);
+  });
+
+  test('a shut-off domain moves as its definition', async () => {
+    await ok(['-H', 'host2', 'destroy', 'pat']);
+    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--json']);
+    assert.equal(r.mode, 'definition');
+    assert.equal(r.outcome, 'succeeded');
+    assert.equal(domainRecord('host2', 'pat'), undefined);
+    assert.equal(domainRecord('host1', 'pat').state.kind, 'defined');
+    await ok(['-H', 'host1', 'start', 'pat']);
+    await waitFor('pattern ready after start', () => consoleLog('host1', 'pat').includes('ferry-pattern ready'), 20000);
+  });
+});
