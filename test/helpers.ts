@@ -139,3 +139,22 @@ export function pidAlive(pid: number): boolean {
     return !/\) [ZX] /.test(st);
   } catch { return false; }
 }
+
+/** Rewrites a lab host's ferryd.json with `patch` (undefined deletes a key) and restarts its ferryd. */
+export async function reconfigure(host: string, patch: (cfg: any) => void): Promise<void> {
+  const file = `/var/lib/ferry-lab/${host}/ferryd.json`;
+  const cfg = JSON.parse(fs.readFileSync(file, 'utf8'));
+  patch(cfg);
+  fs.writeFileSync(file, JSON.stringify(cfg, null, 2));
+  await ok(['lab', 'restart', host]);
+}
+
+/** Runs test/tools/tls-call.mjs inside a lab namespace. */
+export function tlsCall(ns: string, addr: string, certDir: string, request?: unknown, servername = ''): any {
+  const r = inNs(ns, [process.execPath, path.join(ROOT, 'test', 'tools', 'tls-call.mjs'), addr, '8002', certDir, servername, ...(request ? [JSON.stringify(request)] : [])]);
+  return JSON.parse(r.stdout);
+}
+
+export function ferrydLog(host: string): string {
+  try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/ferryd.log`, 'utf8'); } catch { return ''; }
+}

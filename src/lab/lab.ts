@@ -140,6 +140,9 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       say(`${name}: namespace, bridges, ferryd`);
       sh('ip', ['netns', 'add', ns]);
       ipns(ns, 'link', 'set', 'lo', 'up');
+      // Answer ARP only for addresses of the interface asked, as a careful operator
+      // configures a host on several segments (ferry's L2 probe relies on it).
+      sh('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv4.conf.all.arp_ignore=1', 'net.ipv4.conf.all.arp_announce=2']);
       for (let seg = 0; seg < o.segments; seg++) {
         addVeth(sw, `h${i}s${seg}`, ns, `up${seg}`);
         ipns(sw, 'link', 'set', `h${i}s${seg}`, 'master', `sw${seg}`, 'up');

@@ -103,7 +103,11 @@ export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Re
   const notes: string[] = [];
   for (const n of c.nics) {
     const d = dstNetworks[n.network];
-    const targets = [guestRunning ? n.ip?.split('/')[0] : undefined, src.networks[n.network]?.address].filter((x): x is string => !!x);
+    // The running guest's own address is the proof that counts. A host address is a
+    // fallback only: a Linux host answers ARP for its addresses on every interface
+    // unless arp_ignore=1, so its answer may come from another segment.
+    const guestIp = guestRunning ? n.ip?.split('/')[0] : undefined;
+    const targets = guestIp ? [guestIp] : [src.networks[n.network]?.address].filter((x): x is string => !!x);
     if (targets.length === 0) { notes.push(`network ${n.network}: nothing to probe (no IP known)`); continue; }
     let seen = false;
     for (const t of targets) if (await arpProbe(d.bridge, t)) { seen = true; notes.push(`network ${n.network}: ${t} answered ARP on ${d.bridge}`); break; }
