@@ -29,7 +29,8 @@ export async function findDomain(s: LabState, name: string): Promise<{ host: str
       const info = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.info', { domain: name }, 10000);
       found.push({ host: h.name, apiSocket: h.apiSocket, info });
     } catch (e) {
-      if (!(e instanceof FerryError) || e.code !== 'DOMAIN_NOT_FOUND') throw e;
+      // A host whose ferryd is down cannot run anything we could check; skip it.
+      if (!(e instanceof FerryError) || (e.code !== 'DOMAIN_NOT_FOUND' && e.code !== 'DAEMON_UNREACHABLE')) throw e;
     }
   }
   return found;

@@ -1,0 +1,135 @@
+/**
+ * Failures during a migration: the source keeps running, as it was, and the
+ * destination is left clean (no QEMU, no definition, no reservation):
+ * - cancel during the transfer;
+ * - the destination QEMU killed during the transfer;
+ * - the destination daemon unreachable;
+ * - the destination daemon killed during the transfer and restarted: it rolls back
+ *   by its persisted phase, and the source resumes.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { spawn, execFileSync } from 'node:child_process';
+import { ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, FERRY, inNs } from '../helpers.ts';
+
+let srcPid = 0;
+
+async function sourceIntact(): Promise<void> {
+  const info = await ok(['-H', 'host1', 'info', 'pat', '--json']);
+  assert.equal(info.state, 'running');
+  assert.equal(info.pid, srcPid, 'same QEMU on host1');
+  await ok(['lab', 'verify', 'pat']);
+}
+
+async function destClean(): Promise<void> {
+  assert.equal(domainRecord('host2', 'pat'), undefined, 'no definition on host2');
+  const hi = await ok(['-H', 'host2', 'host', 'info', '--json']);
+  assert.equal(hi.memory.reservedMiB, 0, 'no reservation on host2');
+  assert.equal(hi.memory.usedMiB, 0, 'no memory used on host2');
+  const host2Pids = execFileSync('ip', ['netns', 'pids', 'ferry-host2']).toString().split('\n').map(Number).filter(Boolean);
+  const qemus = host2Pids.filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('qemu-system'); } catch { return false; } });
+  assert.deepEqual(qemus, [], 'no QEMU on host2');
+  const taps = inNs('host2', ['ip', '-br', 'link']).stdout.split('\n').filter((l) => l.startsWith('ft'));
+  assert.deepEqual(taps, [], 'no tap left on host2');
+}
+
+/** Starts a slow (bandwidth-capped) live migration in the background. */
+function slowMigration(): { done: Promise<any> } {
+  const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d) => { out += d; });
+  const done = new Promise((resolve) => child.on('close', (code) => resolve({ code, json: (() => { try { return JSON.parse(out); } catch { return undefined; } })() })));
+  return { done };
+}
+
+async function transferring(): Promise<void> {
+  await waitFor('transfer under way', async () => {
+    const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+    return j.phase === 'perform' && j.progress && j.progress.transferred > 4 * 1024 * 1024;
+  }, 30000, 200);
+}
+
+describe('migration failures (lab)', () => {
+  before(async () => {
+    await labUp(['--hosts', '2']);
+    await createGuest('pattern', 'pat', 'host1', 128);
+    srcPid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
+  });
+  after(async () => { await labDown(); });
+
+  test('cancel during the transfer', async () => {
+    const m = slowMigration();
+    await transferring();
+    const c = await ok(['-H', 'host1', 'job', 'abort', 'pat', '--json']);
+    assert.equal(c.cancelling, true);
+    const r = await m.done;
+    assert.notEqual(r.code, 0);
+    assert.equal(r.json.outcome, 'cancelled');
+    assert.equal(r.json.error.code, 'MIGRATION_CANCELLED');
+    await sourceIntact();
+    await destClean();
+    await fails(['-H', 'host1', 'migrate', '--cancel', 'pat'], 'JOB_NOT_FOUND', 3);
+  });
+
+  test('the destination QEMU killed during the transfer', async () => {
+    const m = slowMigration();
+    await transferring();
+    const destPid = (await ok(['-H', 'host2', 'info', 'pat', '--json'])).pid;
+    process.kill(destPid, 'SIGKILL');
+    const r = await m.done;
+    assert.notEqual(r.code, 0);
+    assert.equal(r.json.outcome, 'failed');
+    await waitFor('host2 cleaned up', () => domainRecord('host2', 'pat') === undefined, 10000);
+    await sourceIntact();
+    await destClean();
+  });
+
+  test('the destination daemon unreachable', async () => {
+    const d = labState().hosts[1].pid;
+    process.kill(d, 'SIGKILL');
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    const t0 = Date.now();
+    const r = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live'], 'DAEMON_UNREACHABLE');
+    assert.ok(Date.now() - t0 < 15000);
+    assert.equal(r.json.outcome, 'failed');
+    await sourceIntact();
+    await ok(['lab', 'restart', 'host2']);
+    await destClean();
+  });
+
+  test('the destination daemon killed during the transfer: it rolls back by phase on restart', async () => {
+    const m = slowMigration();
+    await transferring();
+    const d = labState().hosts[1].pid;
+    process.kill(d, 'SIGKILL');
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    await new Promise((r) => setTimeout(r, 1000));
+    await ok(['lab', 'restart', 'host2']);
+    const r = await m.done;
+    assert.notEqual(r.code, 0);
+    assert.equal(r.json.outcome, 'failed');
+    await sourceIntact();
+    await destClean();
+    const jobs = await ok(['-H', 'host2', 'jobs', '--json']);
+    assert.ok(jobs.every((j: any) => j.phase === 'abandoned'), JSON.stringify(jobs.map((j: any) => j.phase)));
+  });
+
+  test('the source daemon killed during the transfer: it rolls back by phase on restart', async () => {
+    const m = slowMigration();
+    await transferring();
+    const d = labState().hosts[0].pid;
+    process.kill(d, 'SIGKILL');
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    const r = await m.done;
+    assert.notEqual(r.code, 0, 'the CLI saw the source daemon go away');
+    assert.ok(pidAlive(srcPid), 'the source QEMU outlived its ferryd');
+    await ok(['lab', 'restart', 'host1']);
+    await waitFor('source settled', async () => (await ok(['-H', 'host1', 'info', 'pat', '--json'])).state === 'running', 15000);
+    await sourceIntact();
+    await waitFor('host2 cleaned up', () => domainRecord('host2', 'pat') === undefined, 15000);
+    await destClean();
+    const job = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+    assert.equal(job.phase, 'abandoned');
+  });
+});
