@@ -88,5 +88,8 @@ export function asFerryError(e: unknown): FerryError {
     return new FerryError(o.code, String(o.message ?? o.code), o.details);
   }
   const msg = e instanceof Error ? e.message : String(e);
+  // QMP failures keep their own codes (matched by name: errors.ts imports nothing).
+  if (e instanceof Error && e.name === 'QmpError') return new FerryError('QMP_ERROR', msg);
+  if (e instanceof Error && e.name === 'QmpClosedError') return new FerryError('QMP_DISCONNECTED', msg);
   return new FerryError('INTERNAL', msg);
 }
