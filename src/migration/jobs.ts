@@ -22,6 +22,9 @@ export interface Report {
   downtimeMs: number | null;
   /** Source STOP event → destination RESUME event (QEMU's downtime understates it). */
   pauseMs: number | null;
+  /** Longest gap in the guest's replies to an outside probe (see guestprobe.ts); null without a guest IP. */
+  guestDowntimeMs: number | null;
+  guestProbe: string | null;
   bytes: number;
   passes: number;
   throughputMBps: number;

@@ -37,6 +37,7 @@ import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
+import { GuestProbe, guestIp } from './guestprobe.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 
 export interface StartParams {
@@ -131,7 +132,7 @@ export class Source {
     };
     const report = (outcome: Report['outcome'], m: Partial<Report>): Report => ({
       outcome, mode, jobId: j.jobId, domain: p.domain, source: h.cfg.name, destination: peer.name, totalMs: Date.now() - t0,
-      setupMs: null, downtimeMs: null, pauseMs: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
+      setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
       bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, phase: j.phase, ...m,
     });
     let cancelled = false;
@@ -139,6 +140,7 @@ export class Source {
     const cancelledP = new Promise<void>((r) => { cancelFn = () => { cancelled = true; r(); }; });
     this.cancels.set(j.jobId, cancelFn);
     const stats: Partial<Report> = {};
+    let probe: GuestProbe | undefined;
     try {
       if (peer.name === h.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
       this.store.save(j);
@@ -163,6 +165,8 @@ export class Source {
       let stopAt: number | null = null;
       const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpMs(e); };
       q.on('event', onStop);
+      const ip = wasRunning ? guestIp(live.rec.config.nics) : undefined;
+      if (ip) { probe = new GuestProbe(ip); probe.start(); }
       try {
         await this.setup(q, p, mode, insecure, prep.tlsHostname, maxDowntimeMs, policy);
         if (mode === 'offline' && wasRunning) await q.execute('stop');
@@ -184,6 +188,14 @@ export class Source {
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
       this.step(j, { type: 'dest-finished' });
+      if (probe) {
+        // The gap ends with the guest's first answer from its new host.
+        await probe.waitForReplyAfter(performance.now(), 10000);
+        const g = await probe.stop();
+        probe = undefined;
+        stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
+        stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
+      }
       await this.retireSource(live, peer);
       client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
       const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.resumedAt ? Math.max(0, Math.round(fin.resumedAt - stopAt)) : null });
@@ -203,6 +215,7 @@ export class Source {
       h.emit('migration.done', { domain: p.domain, report: r });
       throw new FerryError(fe.code, fe.message, { report: r });
     } finally {
+      if (probe) await probe.stop(0);
       live.busy = undefined;
       this.cancels.delete(j.jobId);
       client.close();

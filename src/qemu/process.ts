@@ -65,12 +65,17 @@ function tail(file: string, bytes = 2000): string {
  * Spawns QEMU in its own session with output to `logPath`, then waits for its QMP
  * socket. QEMU was started with -S, so the guest has not run yet when this returns.
  */
-export async function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
+export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
+  return startQemuWith(QEMU_BINARY, argv, opts);
+}
+
+/** As startQemu, with another launcher in front (e.g. `ip netns exec NS qemu-system-x86_64 …`, which execs). */
+export async function startQemuWith(binary: string, argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
   const timeoutMs = opts.timeoutMs ?? 15000;
   try { fs.unlinkSync(opts.qmpPath); } catch { /* not there */ }
   const logFd = fs.openSync(opts.logPath, 'a');
-  fs.writeSync(logFd, `${new Date().toISOString()} ${QEMU_BINARY} ${argv.join(' ')}\n`);
-  const child = spawn(QEMU_BINARY, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  fs.writeSync(logFd, `${new Date().toISOString()} ${binary} ${argv.join(' ')}\n`);
+  const child = spawn(binary, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
   fs.closeSync(logFd);
   let exited: { code: number | null; signal: string | null } | undefined;
   let spawnError: Error | undefined;
