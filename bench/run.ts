@@ -54,7 +54,7 @@ async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 
   while (!(await fn())) { if (Date.now() > end) throw new Error(`timed out: ${what}`); await sleep(100); }
 }
 const ns = (h: string): string => `ferry-${h}`;
-function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['netns', 'exec', ns(h), ...cmd]).toString(); }
+function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['netns', 'exec', ns(h), ...cmd], { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); }
 
 /** The external probe: TCP SYNs every 1 ms from `host`'s namespace. */
 function externalProbe(host: string, ip: string): { stop: () => Promise<{ longestGapMs: number; replies: number } | null> } {
@@ -214,6 +214,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
       return {
         contender: o.insecure ? 'qmp-plain' : 'qmp', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs, downtimeMs: m.downtime ?? null, guestDowntimeMs: p?.longestGapMs ?? null,
         bytes, throughputMBps: bytes && m['total-time'] ? +(bytes / 1e6 / (m['total-time'] / 1000)).toFixed(1) : null, passes: m.ram?.['dirty-sync-count'] ?? null,
+        note: outcome === 'succeeded' ? undefined : `QEMU status ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''} after ${((Date.now() - t0) / 1000).toFixed(1)} s`,
       };
     },
     destroy: async () => {

@@ -92,8 +92,12 @@ function addVeth(nsA: string, a: string, nsB: string, b: string): void {
   sh('ip', ['link', 'add', a, 'netns', nsA, 'type', 'veth', 'peer', 'name', b, 'netns', nsB]);
 }
 
-function makeBridge(ns: string, br: string): void {
+function makeBridge(ns: string, br: string, mac: string): void {
   ipns(ns, 'link', 'add', br, 'type', 'bridge', 'forward_delay', '0', 'stp_state', '0');
+  // A bridge without a MAC of its own takes the lowest of its ports', so every tap that
+  // comes or goes could change the host's address on the segment and leave its peers'
+  // ARP caches pointing nowhere for seconds. Pin it.
+  ipns(ns, 'link', 'set', br, 'address', mac);
   // Stale forwarding entries black-hole a migrated MAC: keep ageing short as well as flushing.
   ipns(ns, 'link', 'set', br, 'type', 'bridge', 'ageing_time', '3000');
   ipns(ns, 'link', 'set', br, 'up');
@@ -118,7 +122,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
     const client = `${NS_PREFIX}client`;
     say('namespaces and switch');
     for (const ns of [sw, client]) sh('ip', ['netns', 'add', ns]);
-    for (let seg = 0; seg < o.segments; seg++) makeBridge(sw, `sw${seg}`);
+    for (let seg = 0; seg < o.segments; seg++) makeBridge(sw, `sw${seg}`, `02:fe:00:${seg}0:00:01`);
     for (let seg = 0; seg < o.segments; seg++) {
       addVeth(sw, `cls${seg}`, client, `eth${seg}`);
       ipns(sw, 'link', 'set', `cls${seg}`, 'master', `sw${seg}`, 'up');
@@ -146,7 +150,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       for (let seg = 0; seg < o.segments; seg++) {
         addVeth(sw, `h${i}s${seg}`, ns, `up${seg}`);
         ipns(sw, 'link', 'set', `h${i}s${seg}`, 'master', `sw${seg}`, 'up');
-        makeBridge(ns, `br${seg}`);
+        makeBridge(ns, `br${seg}`, `02:fe:00:${seg}0:${(i).toString(16).padStart(2, '0')}:01`);
         ipns(ns, 'link', 'set', `up${seg}`, 'master', `br${seg}`, 'up');
         ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
       }

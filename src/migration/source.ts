@@ -37,6 +37,7 @@ import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
+import { killAndWait } from '../qemu/process.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 
@@ -243,7 +244,7 @@ export class Source {
       const [a, b] = this.host.cfg.relocation.dataPorts;
       const fail = (why: string): void => {
         s.destroy();
-        reject(new FerryError('MIGRATION_DEST_PORT', `Cannot migrate domain "${domain}": ${dest}'s migration data port ${address}:${port} is not reachable from ${this.host.cfg.name} (${why}); open TCP ${a}-${b} on ${dest} for ${this.host.cfg.networks ? 'this host' : 'the source'} (see README "Firewalls")`, { port, range: [a, b] }));
+        reject(new FerryError('MIGRATION_DEST_PORT', `Cannot migrate domain "${domain}": ${dest}'s migration data port ${address}:${port} is not reachable from ${this.host.cfg.name} (${why}); open TCP ${a}-${b} on ${dest} to ${this.host.cfg.name} (see README "Firewalls")`, { port, range: [a, b] }));
       };
       const t = setTimeout(() => fail('no answer within 3 s'), 3000);
       s.once('connect', () => { clearTimeout(t); s.destroy(); resolve(); });
@@ -420,10 +421,7 @@ export class Source {
     const moved = `${CONSOLE_CONTROL}${JSON.stringify({ event: 'moved', host: peer.name, target: `${peer.address}:${peer.port}` })}\n`;
     live.console?.detachAll(moved);
     await live.qmp?.execute('quit').catch(() => undefined);
-    if (pid) {
-      const { killAndWait } = await import('../qemu/process.ts');
-      await killAndWait(pid, 3000);
-    }
+    if (pid) await killAndWait(pid, 3000);
     this.host.cleanupRuntime(live);
     if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'stopped', reason: 'migrated', at: Date.now() });
     this.host.forget(live.rec.config.name);

@@ -45,6 +45,11 @@ describe('migration (lab, real guests)', () => {
     for (const k of ['totalMs', 'setupMs', 'downtimeMs', 'bytes', 'passes', 'throughputMBps']) assert.equal(typeof rep[k], 'number', k);
     assert.ok(rep.bytes > 1024 * 1024);
     assert.ok(rep.passes >= 1);
+    // guest-perceived downtime, measured from outside: at least the real pause, and bounded
+    assert.equal(typeof rep.guestDowntimeMs, 'number', JSON.stringify(rep));
+    assert.ok(rep.guestDowntimeMs > 0 && rep.guestDowntimeMs < 5000, `guest-perceived ${rep.guestDowntimeMs} ms`);
+    assert.match(rep.guestProbe, /TCP SYN to 198\.18\.0\.\d+:9 every 1 ms/);
+    assert.equal(typeof rep.pauseMs, 'number');
     await new Promise((r) => setTimeout(r, 1000));
     const st = await echo.stats();
     assert.equal(st.closed, false, 'connection stayed open');
@@ -72,6 +77,7 @@ describe('migration (lab, real guests)', () => {
     const r = await ok(['-H', 'host2', 'migrate', 'web', 'host1', '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.equal(r.mode, 'offline');
+    assert.equal(typeof r.guestDowntimeMs, 'number');
     assert.deepEqual(await where('web'), ['host1']);
     const after = guestStatus(ip);
     assert.equal(after.bootId, before.bootId);
