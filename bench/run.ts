@@ -98,20 +98,19 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
     resume: async () => { await ferryOk(['-H', g.host, 'unpause', name]); },
     send: async (cmd) => { await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n'); },
     migrate: async (to, o) => {
-      const probe = g.ip ? externalProbe(g.host, g.ip) : undefined;
-      await sleep(300);
+      // ferryd measures guest-perceived downtime itself, with the same probe the bench
+      // runs for the other contenders; a second probe would only load the guest twice.
       const a = ['-H', g.host, 'migrate', name, to, '--json', '--max-downtime', String(o.maxDowntimeMs), '--timeout', String(o.timeoutS)];
       if (o.live) a.push('--live');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');
       const r = await ferry(a);
-      const p = probe ? await probe.stop() : null;
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
       return {
         contender: o.insecure ? 'ferry-plain' : 'ferry', outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, setupMs: rep.setupMs ?? null,
-        downtimeMs: rep.downtimeMs ?? null, guestDowntimeMs: p?.longestGapMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
-        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on')), rep.guestDowntimeMs !== undefined ? `ferry's own probe: ${rep.guestDowntimeMs} ms` : ''].filter(Boolean).join('; ') || undefined,
+        downtimeMs: rep.downtimeMs ?? null, guestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
+        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on'))].filter(Boolean).join('; ') || undefined,
       };
     },
     destroy: async () => { await ferry(['-H', g.host, 'destroy', name]); await ferry(['-H', g.host, 'delete', name]); },
@@ -228,6 +227,122 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
 }
 
 
+
+// ---------------------------------------------------------------- libvirt
+
+const LV_ADDR: Record<string, string> = { host1: '198.18.0.11', host2: '198.18.0.12' };
+const lvUri = (h: string): string => `qemu+tcp://${LV_ADDR[h]}/system`;
+let libvirtUp = false;
+
+/** Installs libvirt (without starting any service) and runs one libvirtd per lab host. */
+async function ensureLibvirt(): Promise<void> {
+  if (libvirtUp) return;
+  const have = (p: string): boolean => { try { execFileSync('dpkg', ['-s', p], { stdio: 'ignore' }); return true; } catch { return false; } };
+  const pkgs = ['libvirt-daemon-system', 'libvirt-daemon-driver-qemu', 'libvirt-clients'].filter((p) => !have(p));
+  if (pkgs.length) {
+    say(`installing ${pkgs.join(' ')} (services are not started)`);
+    // policy-rc.d 101: Debian's maintainer scripts must not start libvirtd on the real host.
+    const rc = '/usr/sbin/policy-rc.d';
+    const hadRc = fs.existsSync(rc);
+    if (!hadRc) fs.writeFileSync(rc, '#!/bin/sh\nexit 101\n', { mode: 0o755 });
+    try {
+      execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...pkgs], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+    } finally {
+      if (!hadRc) fs.rmSync(rc, { force: true });
+    }
+  }
+  for (const d of ['/run/libvirt', '/var/lib/libvirt', '/var/log/libvirt', '/var/cache/libvirt']) fs.mkdirSync(d, { recursive: true });
+  for (const [i, h] of ['host1', 'host2'].entries()) {
+    const c = spawn(path.join(ROOT, 'bench', 'libvirt-host.sh'), [ns(h), LV_ADDR[h], `${LAB}/libvirt/${h}`, `00000000-0000-4000-8000-00000000000${i + 1}`], { detached: true, stdio: 'ignore' });
+    c.unref();
+  }
+  for (const h of ['host1', 'host2']) await waitFor(`libvirtd on ${h}`, () => { try { inNs(h, ['virsh', '-c', lvUri(h), 'version']); return true; } catch { return false; } }, 30000);
+  libvirtUp = true;
+}
+
+function virsh(h: string, a: string[], timeoutMs = 600000): string {
+  return execFileSync('ip', ['netns', 'exec', ns(h), 'virsh', '-c', lvUri(h), ...a], { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs }).toString();
+}
+
+/** libvirt's `virsh migrate --live` between two lab libvirtds, same guest and settings. */
+async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number): Promise<Guest> {
+  await ensureLibvirt();
+  const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
+  const c: DomainConfig = parseDomainConfig(raw);
+  const esc = (x: string): string => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/'/g, '&apos;');
+  const os = c.boot.kind === 'kernel'
+    ? `<loader type='rom'>/usr/share/qemu/qboot.rom</loader><kernel>${esc(c.boot.kernel)}</kernel><initrd>${esc(c.boot.initrd ?? '')}</initrd><cmdline>${esc(c.boot.cmdline)}</cmdline>`
+    : `<boot dev='fd'/>`;
+  const disks = c.disks.map((d) => d.bus === 'floppy'
+    ? `<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='${esc(d.path)}'/><target dev='fda' bus='fdc'/><readonly/></disk>`
+    : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`).join('');
+  const nics = c.nics.map((n) => `<interface type='bridge'><source bridge='br0'/><mac address='${n.mac}'/><model type='virtio'/></interface>`).join('');
+  const xml = `<domain type='qemu'><name>${name}</name><uuid>${c.uuid}</uuid><memory unit='MiB'>${c.memoryMiB}</memory><vcpu>${c.vcpus}</vcpu>
+<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>${os}</os>
+<cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
+<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>${disks}${nics}
+<serial type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/${name}.con'/></serial>
+<controller type='usb' model='none'/><memballoon model='none'/></devices></domain>`;
+  const xf = path.join(os_tmp(), `${name}.xml`);
+  fs.writeFileSync(xf, xml);
+  virsh('host1', ['define', xf]);
+  virsh('host1', ['start', name]);
+  let host = 'host1';
+  const conPath = (h: string): string => `${LAB}/libvirt/${h}/lib/qemu/${name}.con`;
+  let conLog = '';
+  const attachCon = async (h: string): Promise<import('node:net').Socket> => {
+    await waitFor('libvirt console socket', () => fs.existsSync(conPath(h)), 10000);
+    const s = await connectUnix(conPath(h), 5000);
+    s.on('data', (d) => { conLog += d.toString('latin1'); });
+    return s;
+  };
+  let con = await attachCon('host1');
+  await waitFor(`${name} ready`, () => conLog.includes('ready'), 60000);
+  const g: Guest = {
+    name, ip: c.nics[0]?.ip?.split('/')[0], host,
+    pause: async () => { virsh(host, ['suspend', name]); },
+    resume: async () => { virsh(host, ['resume', name]); },
+    send: async (cmd) => { con.write(cmd + '\n'); await sleep(1500); },
+    migrate: async (to, o) => {
+      const probe = g.ip ? externalProbe(host, g.ip) : undefined;
+      await sleep(300);
+      const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource', '--timeout', String(o.timeoutS)];
+      if (o.live) a.push('--live');
+      if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
+      const t0 = Date.now();
+      let outcome = 'succeeded';
+      let note: string | undefined;
+      try { virsh(host, a, (o.timeoutS + 120) * 1000); } catch (e) { outcome = 'failed'; note = String((e as { stderr?: Buffer }).stderr ?? e).trim().slice(0, 200); }
+      const totalMs = Date.now() - t0;
+      const p = probe ? await probe.stop() : null;
+      let info = '';
+      if (outcome === 'succeeded') {
+        info = virsh(to, ['domjobinfo', name, '--completed']);
+        con.destroy();
+        host = to; g.host = to;
+        con = await attachCon(to);
+      }
+      const num = (label: string): number | null => { const m = new RegExp(`${label}:\\s+([\\d.]+)\\s*(\\S+)?`).exec(info); if (!m) return null; const v = Number(m[1]); const u = m[2] ?? ''; return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v; };
+      const elapsed = num('Time elapsed');
+      const bytes = num('Data processed') ?? num('Memory processed');
+      if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && totalMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
+      return {
+        contender: 'libvirt', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs: num('Setup time'), downtimeMs: num('Total downtime'), guestDowntimeMs: p?.longestGapMs ?? null,
+        bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
+        note: note ?? (outcome === 'succeeded' ? `virsh migrate took ${totalMs} ms; libvirt's own job time ${elapsed} ms; plain TCP (no TLS)` : undefined),
+      };
+    },
+    destroy: async () => {
+      con.destroy();
+      try { virsh(host, ['destroy', name]); } catch { /* not running */ }
+      try { virsh(host, ['undefine', name]); } catch { /* gone */ }
+    },
+  };
+  return g;
+}
+
+function os_tmp(): string { return os.tmpdir(); }
+
 // ---------------------------------------------------------------- scenarios
 
 interface Scenario {
@@ -237,7 +352,7 @@ interface Scenario {
   memoryMiB: number;
   workload?: string;
   opts: Opts;
-  contenders: ('ferry' | 'qmp' | 'ferry-plain')[];
+  contenders: ('ferry' | 'qmp' | 'ferry-plain' | 'libvirt')[];
   reps?: number;
 }
 
@@ -246,13 +361,13 @@ const dirty = (mbps: number): string => `while :; do dd if=/dev/zero of=/tmp/dir
 const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'smoke-linux-128m-idle', title: 'Linux 128 MiB, idle, live (smoke)', kind: 'linux', memoryMiB: 128, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
 ] : [
-  { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp'] },
-  { id: 'linux-1g-dirty50', title: 'Linux 1 GiB, dirtying ~50 MB/s, live', kind: 'linux', memoryMiB: 1024, workload: dirty(50), opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
-  { id: 'linux-1g-dirty500', title: 'Linux 1 GiB, dirtying ~500 MB/s (nominal), live', kind: 'linux', memoryMiB: 1024, workload: dirty(500), opts: { live: true, maxDowntimeMs: 300, timeoutS: 60 }, contenders: ['ferry', 'qmp'], reps: 2 },
-  { id: 'pattern-1g', title: 'pattern guest, 1 GiB touched, live', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 45 }, contenders: ['ferry', 'qmp'], reps: 2 },
-  { id: 'nonconv-capped', title: 'Linux 512 MiB dirtying ~200 MB/s over a 32 MiB/s link, live', kind: 'linux', memoryMiB: 512, workload: dirty(200), opts: { live: true, bandwidthMiBs: 32, maxDowntimeMs: 300, timeoutS: 45 }, contenders: ['ferry', 'qmp'], reps: 2 },
-  { id: 'linux-1g-offline', title: 'Linux 1 GiB, offline', kind: 'linux', memoryMiB: 1024, opts: { live: false, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp'] },
-  { id: 'tls-vs-plain', title: 'pattern guest 512 MiB, offline: TLS vs plain TCP throughput', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-plain'] },
+  { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp', 'libvirt'] },
+  { id: 'linux-1g-dirty50', title: 'Linux 1 GiB, dirtying ~50 MB/s, live', kind: 'linux', memoryMiB: 1024, workload: dirty(50), opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
+  { id: 'linux-1g-dirty500', title: 'Linux 1 GiB, dirtying ~500 MB/s (nominal), live', kind: 'linux', memoryMiB: 1024, workload: dirty(500), opts: { live: true, maxDowntimeMs: 300, timeoutS: 40 }, contenders: ['ferry', 'qmp'], reps: 2 },
+  { id: 'pattern-1g', title: 'pattern guest, 1 GiB touched, live', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
+  { id: 'nonconv-capped', title: 'Linux 512 MiB dirtying ~200 MB/s over a 32 MiB/s link, live', kind: 'linux', memoryMiB: 512, workload: dirty(200), opts: { live: true, bandwidthMiBs: 32, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
+  { id: 'linux-1g-offline', title: 'Linux 1 GiB, offline', kind: 'linux', memoryMiB: 1024, opts: { live: false, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
+  { id: 'tls-vs-plain', title: 'pattern guest 512 MiB, offline: TLS vs plain TCP throughput', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-plain'], reps: 2 },
 ];
 
 // ---------------------------------------------------------------- statistics
@@ -294,7 +409,7 @@ async function main(): Promise<void> {
       const guests: Record<string, Guest> = {};
       for (const c of s.contenders) {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
-        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB) : c === 'ferry-plain' && guests.ferry ? guests.ferry : await ferryGuest(s.kind, name, s.memoryMiB);
+        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB) : c === 'libvirt' ? await libvirtGuest(s.kind, name, s.memoryMiB) : c === 'ferry-plain' && guests.ferry ? guests.ferry : await ferryGuest(s.kind, name, s.memoryMiB);
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -350,7 +465,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
   L.push('# Benchmarks', '');
   L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}, ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`.`, '');
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} under ${String(m.accel).toUpperCase()}, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest runs on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
-  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`).', '');
+  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms; for ferry, the figure from its own report, measured the same way; for the others, the bench\'s probe); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`), **libvirt** (`virsh migrate --live --unsafe --persistent --undefinesource --timeout T` between two libvirtd 9.0 lab hosts, same guest, CPU model and bandwidth; libvirt\'s stream is plain TCP here, and at `--timeout` it suspends the guest to finish).', '');
   L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|');
   for (const a of all) {
     for (const c of a.scenario.contenders) {

@@ -88,9 +88,9 @@ export function checkFiles(c: DomainConfig, sizes: FileSizes, dstName: string): 
 }
 
 /** ARP-probes `target` out of `bridge`; true on a reply within timeoutMs. */
-export function arpProbe(bridge: string, target: string, timeoutMs = 1500): Promise<boolean> {
+export function arpProbe(bridge: string, target: string, timeoutMs = 2000): Promise<boolean> {
   return new Promise((resolve) => {
-    execFile('busybox', ['arping', '-f', '-c', '2', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(!err));
+    execFile('busybox', ['arping', '-f', '-c', '3', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(!err));
   });
 }
 
@@ -103,11 +103,12 @@ export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Re
   const notes: string[] = [];
   for (const n of c.nics) {
     const d = dstNetworks[n.network];
-    // The running guest's own address is the proof that counts. A host address is a
-    // fallback only: a Linux host answers ARP for its addresses on every interface
-    // unless arp_ignore=1, so its answer may come from another segment.
+    // The running guest's own address is the best proof. The source host's address on
+    // the network is the fallback (a guest too busy to answer in time, or no IP known):
+    // it is meaningful only where hosts answer ARP on the asked interface alone
+    // (net.ipv4.conf.all.arp_ignore=1, as the lab sets; README "Migration").
     const guestIp = guestRunning ? n.ip?.split('/')[0] : undefined;
-    const targets = guestIp ? [guestIp] : [src.networks[n.network]?.address].filter((x): x is string => !!x);
+    const targets = [guestIp, src.networks[n.network]?.address].filter((x): x is string => !!x);
     if (targets.length === 0) { notes.push(`network ${n.network}: nothing to probe (no IP known)`); continue; }
     let seen = false;
     for (const t of targets) if (await arpProbe(d.bridge, t)) { seen = true; notes.push(`network ${n.network}: ${t} answered ARP on ${d.bridge}`); break; }

@@ -189,6 +189,8 @@ export class Source {
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
       this.step(j, { type: 'dest-finished' });
+      // totalMs ends here: the guest runs on the destination. Cleanup comes after.
+      stats.totalMs = Date.now() - t0;
       if (probe) {
         // The gap ends with the guest's first answer from its new host.
         await probe.waitForReplyAfter(performance.now(), 10000);
