@@ -1,0 +1,70 @@
+/**
+ * The migration stream alone: a stopped 512 MiB pattern guest (every page non-zero)
+ * sent between two QEMUs on loopback, plain TCP against QEMU's TLS with several
+ * gnutls priorities and with multifd. Answers "why is TLS slower, and what helps".
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { caInit, issueHostCert } from '../src/tls/ca.ts';
+import { startQemu, killAndWait } from '../src/qemu/process.ts';
+
+const d = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-tls-bench-'));
+let certsMade = false;
+function certs(): void {
+  if (certsMade) return;
+  caInit(d + '/ca', { force: true });
+  issueHostCert('hostA', { caDir: d + '/ca', outDir: d + '/a', ips: ['127.0.0.1'] });
+  issueHostCert('hostB', { caDir: d + '/ca', outDir: d + '/b', ips: ['127.0.0.1'] });
+  certsMade = true;
+}
+const base = (img: string): string[] => ['-machine', 'pc,accel=tcg', '-cpu', 'qemu64', '-m', '512', '-nodefaults', '-display', 'none', '-drive', `file=${img},format=raw,if=floppy,readonly=on`, '-S'];
+async function run(img: string, kind: string, prio?: string, multifd = 0): Promise<number> {
+  const src = await startQemu([...base(img), '-qmp', `unix:${d}/s.qmp,server=on,wait=off`], { qmpPath: d + '/s.qmp', logPath: d + '/s.log', what: 's' });
+  const dst = await startQemu([...base(img), '-qmp', `unix:${d}/d.qmp,server=on,wait=off`, '-incoming', 'defer'], { qmpPath: d + '/d.qmp', logPath: d + '/d.log', what: 'd' });
+  try {
+    await src.qmp.execute('cont');
+    await new Promise((r) => setTimeout(r, 2500)); // pattern zeroes and counts over all 512 MiB
+    await src.qmp.execute('stop');
+    const tls = kind !== 'plain';
+    for (const [q, ep, dir] of [[dst, 'server', 'b'], [src, 'client', 'a']] as const) {
+      if (multifd) {
+        await q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
+        await q.qmp.execute('migrate-set-parameters', { 'multifd-channels': multifd });
+      }
+      if (tls) {
+        await q.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${d}/${dir}`, endpoint: ep, 'verify-peer': true, ...(prio ? { priority: prio } : {}) });
+        await q.qmp.execute('migrate-set-parameters', { 'tls-creds': 'tls0', ...(ep === 'client' ? { 'tls-hostname': 'hostB' } : {}) });
+      }
+    }
+    await dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:49198' });
+    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 100 * 1024 ** 3 });
+    await src.qmp.execute('migrate', { uri: 'tcp:127.0.0.1:49198' });
+    let m: any;
+    for (;;) { m = await src.qmp.execute('query-migrate'); if (m.status !== 'active' && m.status !== 'setup' && m.status !== 'device') break; await new Promise((r) => setTimeout(r, 20)); }
+    for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 10)); m = await src.qmp.execute('query-migrate'); }
+    if (m.status !== 'completed') { console.log(kind, m.status, m['error-desc']); return 0; }
+    return (m.ram.transferred * 8 / 1e9) / (m['total-time'] / 1000);
+  } finally {
+    for (const q of [src, dst]) { q.qmp.close(); await killAndWait(q.pid, 0); }
+  }
+}
+export const TLS_CASES: [string, string | undefined, number][] = [
+  ['plain', undefined, 0], ['tls-default', undefined, 0], ['tls-aes128gcm', 'NORMAL:-CIPHER-ALL:+AES-128-GCM', 0], ['tls-chacha20', 'NORMAL:-CIPHER-ALL:+CHACHA20-POLY1305', 0], ['tls-multifd2', undefined, 2], ['plain-multifd2', undefined, 2],
+];
+
+/** Gbit/s per case, `reps` times each in alternating order. */
+export async function tlsStreamBench(img: string, reps: number, say: (m: string) => void = () => undefined): Promise<Record<string, number[]>> {
+  certs();
+  const res: Record<string, number[]> = {};
+  try {
+    for (let rep = 0; rep < reps; rep++) for (const [k, p, mf] of (rep % 2 ? [...TLS_CASES].reverse() : TLS_CASES)) {
+      const gbps = await run(img, k.startsWith('plain') ? 'plain' : 'tls', p, mf);
+      (res[k] ??= []).push(+gbps.toFixed(2));
+      say(`   stream ${k.padEnd(15)} ${gbps.toFixed(2)} Gbit/s`);
+    }
+  } finally {
+    fs.rmSync(d, { recursive: true, force: true });
+  }
+  return res;
+}
