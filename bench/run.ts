@@ -72,7 +72,7 @@ function externalProbe(host: string, ip: string): { stop: () => Promise<{ longes
 
 // ---------------------------------------------------------------- contenders
 
-interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean }
+interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number }
 interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string }
 
 interface Guest {
@@ -105,11 +105,12 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
       if (o.live) a.push('--live');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');
+      if (o.parallel) a.push('--parallel', String(o.parallel));
       const r = await ferry(a);
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
       return {
-        contender: o.insecure ? 'ferry-plain' : 'ferry', outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, setupMs: rep.setupMs ?? null,
+        contender: o.insecure ? 'ferry-plain' : o.parallel ? 'ferry-par2' : 'ferry', outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, setupMs: rep.setupMs ?? null,
         downtimeMs: rep.downtimeMs ?? null, guestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
         note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on'))].filter(Boolean).join('; ') || undefined,
       };
@@ -307,8 +308,9 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
     migrate: async (to, o) => {
       const probe = g.ip ? externalProbe(host, g.ip) : undefined;
       await sleep(300);
-      const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource', '--timeout', String(o.timeoutS)];
-      if (o.live) a.push('--live');
+      const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource'];
+      // virsh allows --timeout (suspend to finish) only for live migrations.
+      if (o.live) a.push('--live', '--timeout', String(o.timeoutS));
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       const t0 = Date.now();
       let outcome = 'succeeded';
@@ -328,7 +330,7 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       const bytes = num('Data processed') ?? num('Memory processed');
       if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && totalMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
       return {
-        contender: 'libvirt', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs: num('Setup time'), downtimeMs: num('Total downtime'), guestDowntimeMs: p?.longestGapMs ?? null,
+        contender: 'libvirt', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs: null, downtimeMs: num('Total downtime'), guestDowntimeMs: p?.longestGapMs ?? null,
         bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
         note: note ?? (outcome === 'succeeded' ? `virsh migrate took ${totalMs} ms; libvirt's own job time ${elapsed} ms; plain TCP (no TLS)` : undefined),
       };
@@ -353,7 +355,7 @@ interface Scenario {
   memoryMiB: number;
   workload?: string;
   opts: Opts;
-  contenders: ('ferry' | 'qmp' | 'ferry-plain' | 'libvirt')[];
+  contenders: ('ferry' | 'qmp' | 'ferry-plain' | 'ferry-par2' | 'libvirt')[];
   reps?: number;
 }
 
@@ -368,7 +370,7 @@ const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'pattern-1g', title: 'pattern guest, 1 GiB touched, live', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
   { id: 'nonconv-capped', title: 'Linux 512 MiB dirtying ~200 MB/s over a 32 MiB/s link, live', kind: 'linux', memoryMiB: 512, workload: dirty(200), opts: { live: true, bandwidthMiBs: 32, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
   { id: 'linux-1g-offline', title: 'Linux 1 GiB, offline', kind: 'linux', memoryMiB: 1024, opts: { live: false, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
-  { id: 'tls-vs-plain', title: 'pattern guest 512 MiB, offline: TLS vs plain TCP throughput', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-plain'], reps: 2 },
+  { id: 'tls-vs-plain', title: 'pattern guest 512 MiB, offline: TLS vs plain TCP throughput', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain'], reps: 2 },
 ];
 
 // ---------------------------------------------------------------- statistics
@@ -410,7 +412,7 @@ async function main(): Promise<void> {
       const guests: Record<string, Guest> = {};
       for (const c of s.contenders) {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
-        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB) : c === 'libvirt' ? await libvirtGuest(s.kind, name, s.memoryMiB) : c === 'ferry-plain' && guests.ferry ? guests.ferry : await ferryGuest(s.kind, name, s.memoryMiB);
+        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB) : c === 'libvirt' ? await libvirtGuest(s.kind, name, s.memoryMiB) : (c === 'ferry-plain' || c === 'ferry-par2') && guests.ferry ? guests.ferry : await ferryGuest(s.kind, name, s.memoryMiB);
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -424,7 +426,7 @@ async function main(): Promise<void> {
           await g.resume();
           await sleep(s.workload ? 3000 : 1000);
           const to = g.host === 'host1' ? 'host2' : 'host1';
-          const run = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain') });
+          const run = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined });
           runs.push(run);
           say(`   ${c.padEnd(12)} ${run.outcome.padEnd(10)} total ${run.totalMs ?? '-'} ms, QEMU downtime ${run.downtimeMs ?? '-'} ms, guest-perceived ${run.guestDowntimeMs ?? '-'} ms, ${run.throughputMBps ?? '-'} MB/s${run.note ? ` (${run.note})` : ''}`);
           await g.pause().catch(() => undefined);
@@ -444,7 +446,13 @@ async function main(): Promise<void> {
     stream = await tlsStreamBench(path.join(ROOT, 'images', 'pattern.img'), REPS);
     fs.writeFileSync(path.join(OUT, 'tls-stream.json'), JSON.stringify({ machine: machine(hostInfo), gbps: stream }, null, 2) + '\n');
   }
-  const md = render(all, hostInfo, Date.now() - t0, stream);
+  // The table covers every scenario with results on disk, so `--only X` refreshes X
+  // and keeps the rest of the last full run.
+  const merged = SMOKE ? all : SCENARIOS.map((sc) => all.find((a) => a.scenario.id === sc.id) ?? (() => {
+    try { const j = JSON.parse(fs.readFileSync(path.join(OUT, `${sc.id}.json`), 'utf8')); return { scenario: sc, runs: j.runs as Run[], summary: j.summary }; } catch { return undefined; }
+  })()).filter((x): x is { scenario: Scenario; runs: Run[]; summary: Record<string, any> } => !!x);
+  if (!stream && !SMOKE) { try { stream = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8')).gbps; } catch { /* none yet */ } }
+  const md = render(merged, hostInfo, Date.now() - t0, stream);
   if (SMOKE) {
     // CI: well-formed output, not numbers.
     for (const a of all) for (const c of a.scenario.contenders) {
@@ -470,9 +478,9 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
   const m = machine(h);
   const L: string[] = [];
   L.push('# Benchmarks', '');
-  L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}, ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`.`, '');
+  L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} under ${String(m.accel).toUpperCase()}, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest runs on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
-  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms; for ferry, the figure from its own report, measured the same way; for the others, the bench\'s probe); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`), **libvirt** (`virsh migrate --live --unsafe --persistent --undefinesource --timeout T` between two libvirtd 9.0 lab hosts, same guest, CPU model and bandwidth; libvirt\'s stream is plain TCP here, and at `--timeout` it suspends the guest to finish).', '');
+  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms; for ferry, the figure from its own report, measured the same way; for the others, the bench\'s probe); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **libvirt** (`virsh migrate --live --unsafe --persistent --undefinesource --timeout T` between two libvirtd 9.0 lab hosts, same guest, CPU model and bandwidth; libvirt\'s stream is plain TCP here, and at `--timeout` it suspends the guest to finish).', '');
   L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|');
   for (const a of all) {
     for (const c of a.scenario.contenders) {
@@ -500,7 +508,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
       L.push('', `TLS costs ${((1 - t / p) * 100).toFixed(0)}% of the plain stream's throughput here (plain ÷ TLS = ${(p / t).toFixed(2)}). ` +
         `The default priority already negotiates AES-GCM${c ? `; ChaCha20 runs at ${(c / t * 100).toFixed(0)}% of it on this CPU (AES-NI), so pinning ChaCha would hurt` : ''}. ` +
         `${m2 ? `Two multifd channels give ${(m2 / t).toFixed(2)}× the single TLS channel on these 2 cores: encryption competes with everything else for the same cores, so multifd pays off only with spare cores. ` : ''}` +
-        'QEMU encrypts in its migration thread, record by record, after copying each page out of guest RAM; plain TCP sends straight from guest RAM. ferry keeps gnutls\'s default (AES-GCM) and TLS on by default; on hosts with spare cores, multifd is the lever.');
+        'Why: QEMU 7.2 encrypts in its migration thread, one gnutls record (and one write) per guest page it queues, after copying the page out of guest RAM, while plain TCP hands the kernel whole iovecs straight from guest RAM; cipher and TLS version barely matter. What helps: more threads doing it (`ferry migrate --parallel N`, QEMU multifd with TLS). ferry keeps TLS on by default and gnutls\'s default (AES-GCM).');
     }
   }
   const notes = all.flatMap((a) => a.runs.filter((r) => r.note || r.outcome !== 'succeeded').map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`));

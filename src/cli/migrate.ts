@@ -60,6 +60,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
     if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
     if (o.timeout !== undefined) params.timeoutS = o.timeout;
+    if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       const r = await c.request('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
@@ -97,6 +98,7 @@ export function registerMigrate(prog: Command): void {
     .option('--bandwidth <MiB/s>', 'cap the migration stream (default: uncapped)', num('--bandwidth', 1))
     .option('--max-downtime <ms>', 'longest pause allowed for the final switchover (default 300)', num('--max-downtime', 1))
     .option('--timeout <s>', 'give up (and keep the domain on the source) after this long (default 600)', num('--timeout', 1))
+    .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')

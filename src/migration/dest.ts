@@ -25,6 +25,8 @@ interface BeginMsg {
   jobId: string;
   mode: Mode;
   insecure: boolean;
+  /** multifd channels (1 = the single classic stream). */
+  parallel: number;
   peer: SourceFacts;
   config: DomainConfig;
   fileSizes: FileSizes;
@@ -54,8 +56,9 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
   let config: DomainConfig;
   try { config = parseDomainConfig(d.config); } catch (e) { return bad(`domain.config is invalid: ${(e as Error).message}`); }
   if (!isObj(d.fileSizes) || !Object.values(d.fileSizes).every((x) => Number.isInteger(x))) bad('domain.fileSizes must map paths to sizes');
+  if (p.parallel !== undefined && !(Number.isInteger(p.parallel) && (p.parallel as number) >= 1 && (p.parallel as number) <= 16)) bad('parallel must be 1-16');
   if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, machine: d.machine as string, cpuModel: d.cpuModel as string };
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, machine: d.machine as string, cpuModel: d.cpuModel as string };
 }
 
 export class Destination {
@@ -180,7 +183,8 @@ export class Destination {
       h.apply(live, { type: 'incoming', pid: sp.pid, domid: h.allocDomid(), jobId: j.jobId, at: Date.now() });
       await h.attach(live, sp.pid, sp.qmp);
       const q = sp.qmp;
-      await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
+      if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
       if (!m.insecure) {
         await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.cfg.tlsDir, endpoint: 'server', 'verify-peer': true });
         // Only the source host's own certificate may feed this QEMU.

@@ -49,6 +49,8 @@ export interface StartParams {
   maxDowntimeMs?: number;
   timeoutS?: number;
   insecure?: boolean;
+  /** multifd channels: parallel streams, each encrypted on its own thread. */
+  parallel?: number;
 }
 
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
@@ -147,7 +149,7 @@ export class Source {
       this.store.save(j);
       const rt = live.rec.runtime;
       const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure,
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
         peer: { name: h.cfg.name, version: h.info().version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000);
@@ -255,12 +257,15 @@ export class Source {
   }
 
   private async setup(q: QmpClient, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
-    const caps = [{ capability: 'events', state: true }, { capability: 'auto-converge', state: mode === 'live' }];
+    const parallel = p.parallel ?? 1;
+    const caps = [{ capability: 'events', state: true }, { capability: 'auto-converge', state: mode === 'live' }, { capability: 'multifd', state: parallel > 1 }];
     await q.execute('migrate-set-capabilities', { capabilities: caps });
+    if (parallel > 1) policy.push(`multifd: ${parallel} parallel channels`);
     if (mode === 'live') policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
     const params: Record<string, unknown> = {
       'max-bandwidth': p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
       'downtime-limit': maxDowntimeMs,
+      ...(parallel > 1 ? { 'multifd-channels': parallel } : {}),
     };
     await q.execute('object-del', { id: 'ferry-tls-out' }).catch(() => undefined);
     if (!insecure) {

@@ -126,6 +126,17 @@ describe('migration (lab, real guests)', () => {
     await waitFor('pattern progress on host2', () => consoleLog('host2', 'pat').length > len, 10000);
   });
 
+  test('multifd: a live move over 2 parallel TLS channels keeps memory intact', async () => {
+    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live', '--parallel', '2', '--json']);
+    assert.equal(r.outcome, 'succeeded');
+    assert.equal(r.encrypted, true);
+    assert.ok(r.policy.includes('multifd: 2 parallel channels'));
+    const v = await ok(['lab', 'verify', 'pat', '--json']);
+    assert.equal(v.host, 'host1');
+    assert.equal(v.ok, true);
+    await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
+  });
+
   test('a shut-off domain moves as its definition', async () => {
     await ok(['-H', 'host2', 'destroy', 'pat']);
     const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--json']);
