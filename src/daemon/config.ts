@@ -65,7 +65,7 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (typeof name !== 'string' || !NAME_RE.test(name)) bad('name', `must be a host name, got ${JSON.stringify(name)}`);
   const stateDir = raw.stateDir ?? '/var/lib/ferry';
   if (typeof stateDir !== 'string' || !path.isAbsolute(stateDir)) bad('stateDir', 'must be an absolute path');
-  const apiSocket = raw.apiSocket ?? path.join(String(stateDir), 'ferryd.sock');
+  const apiSocket = raw.apiSocket ?? path.join(typeof stateDir === 'string' ? stateDir : '/', 'ferryd.sock');
   if (typeof apiSocket !== 'string' || !path.isAbsolute(apiSocket) || apiSocket.length > 100) bad('apiSocket', 'must be an absolute path of at most 100 characters');
   const rel = raw.relocation ?? {};
   if (!isObj(rel)) bad('relocation', 'must be an object');

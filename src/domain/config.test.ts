@@ -57,3 +57,15 @@ test('all problems are reported at once', () => {
     assert.match(e.message, /^Invalid domain config "x": memory: /);
   }
 });
+
+test('regression (found by fuzzing): prototype-less objects in any field are refused, not thrown on', () => {
+  const bare = Object.create(null);
+  for (const raw of [
+    { ...good, boot: { disk: bare } },
+    { ...good, boot: { kernel: bare } },
+    { ...good, disks: [{ path: bare }] },
+    { ...good, nics: [{ network: bare, mac: bare }] },
+  ]) {
+    assert.throws(() => parseDomainConfig(raw), (e: unknown) => e instanceof FerryError && e.code === 'CONFIG_INVALID');
+  }
+});

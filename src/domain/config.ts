@@ -99,7 +99,8 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
     if (bus !== 'virtio' && bus !== 'ide' && bus !== 'floppy') bad(`disks[${i}].bus`, `must be "virtio", "ide" or "floppy", got ${JSON.stringify(d.bus)}`);
     if (bus === 'ide' && d.readOnly === true) bad(`disks[${i}].bus`, 'QEMU cannot attach a read-only IDE disk; use "virtio" or "floppy"');
     if (bus === 'floppy' && format !== 'raw') bad(`disks[${i}].format`, 'a floppy must be raw');
-    disks.push({ path: String(d.path), format: format as DiskFormat, readOnly: d.readOnly === true, bus: bus as DiskBus });
+    // Never String()/Number() an unchecked value: an object without a prototype throws.
+    disks.push({ path: typeof d.path === 'string' ? d.path : '', format: format as DiskFormat, readOnly: d.readOnly === true, bus: bus as DiskBus });
   }
 
   let boot: BootConfig | undefined;
@@ -110,11 +111,11 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
     if (typeof b.kernel !== 'string' || !b.kernel.startsWith('/') || b.kernel.includes(',')) bad('boot.kernel', 'must be an absolute path without commas');
     if (b.initrd !== undefined && (typeof b.initrd !== 'string' || !b.initrd.startsWith('/') || b.initrd.includes(','))) bad('boot.initrd', 'must be an absolute path without commas');
     if (b.cmdline !== undefined && (typeof b.cmdline !== 'string' || b.cmdline.length > 2048 || /[\n\0]/.test(b.cmdline))) bad('boot.cmdline', 'must be a single line of at most 2048 characters');
-    boot = { kind: 'kernel', kernel: String(b.kernel), ...(typeof b.initrd === 'string' ? { initrd: b.initrd } : {}), cmdline: typeof b.cmdline === 'string' ? b.cmdline : '' };
+    boot = { kind: 'kernel', kernel: typeof b.kernel === 'string' ? b.kernel : '', ...(typeof b.initrd === 'string' ? { initrd: b.initrd } : {}), cmdline: typeof b.cmdline === 'string' ? b.cmdline : '' };
   } else if ('disk' in b) {
     for (const k of Object.keys(b)) if (k !== 'disk') bad(`boot.${k}`, 'unknown field');
     if (!Number.isInteger(b.disk) || (b.disk as number) < 0 || (b.disk as number) >= disks.length) bad('boot.disk', `must be the index of a disk (0..${disks.length - 1}), got ${JSON.stringify(b.disk)}`);
-    boot = { kind: 'disk', disk: Number(b.disk) };
+    boot = { kind: 'disk', disk: Number.isInteger(b.disk) ? (b.disk as number) : -1 };
   } else bad('boot', 'needs "kernel" or "disk"');
 
   if (disks.filter((d) => d.bus === 'floppy').length > 1) bad('disks', 'at most one floppy');
@@ -132,11 +133,11 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
     if (mac === undefined) mac = typeof uuid === 'string' ? stableMac(uuid, i) : '';
     else if (typeof mac !== 'string' || !MAC_RE.test(mac.toLowerCase())) bad(`nics[${i}].mac`, `must be a MAC like 52:54:00:12:34:56, got ${JSON.stringify(mac)}`);
     else if (parseInt(mac.slice(0, 2), 16) & 1) bad(`nics[${i}].mac`, `must be a unicast MAC, got ${mac}`);
-    mac = String(mac).toLowerCase();
+    mac = typeof mac === 'string' ? mac.toLowerCase() : '';
     if (macs.has(mac as string)) bad(`nics[${i}].mac`, `duplicates another NIC's MAC ${mac}`);
     macs.add(mac as string);
     if (n.ip !== undefined && (typeof n.ip !== 'string' || !isValidIpv4Cidr(n.ip))) bad(`nics[${i}].ip`, `must be an IPv4 address, optionally with /prefix, got ${JSON.stringify(n.ip)}`);
-    nics.push({ network: String(n.network), mac: mac as string, ...(typeof n.ip === 'string' ? { ip: n.ip } : {}) });
+    nics.push({ network: typeof n.network === 'string' ? n.network : '', mac: mac as string, ...(typeof n.ip === 'string' ? { ip: n.ip } : {}) });
   }
 
   if (raw.serial !== undefined && typeof raw.serial !== 'boolean') bad('serial', 'must be true or false');

@@ -43,6 +43,7 @@ const strArr = (v: unknown, max = 512): v is string[] => Array.isArray(v) && v.l
 /** Validates Begin's payload; anything off is MIGRATION_PROTOCOL and changes nothing. */
 export function parseBegin(p: Record<string, unknown>): BeginMsg {
   const bad = (why: string): never => { throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`); };
+  if (!isObj(p)) return bad('the message must be an object');
   if (typeof p.jobId !== 'string' || !JOB_ID_RE.test(p.jobId)) bad('jobId must be a UUID');
   if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
   const peer = p.peer;
@@ -87,7 +88,7 @@ export class Destination {
 
   private job(jobId: unknown, ctx: ConnContext): DestJob {
     const j = typeof jobId === 'string' ? this.store.jobs.get(jobId) : undefined;
-    if (!j || j.role !== 'destination') throw new FerryError('JOB_NOT_FOUND', `No incoming migration job ${String(jobId).slice(0, 40)} on ${this.host.cfg.name}`);
+    if (!j || j.role !== 'destination') throw new FerryError('JOB_NOT_FOUND', `No incoming migration job ${typeof jobId === "string" ? jobId.slice(0, 40) : "?"} on ${this.host.cfg.name}`);
     if (ctx.caller.transport === 'tls' && ctx.caller.peerName !== j.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} belongs to ${j.peer.name}, not ${ctx.caller.peerName}`);
     return j;
   }

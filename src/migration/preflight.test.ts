@@ -42,3 +42,8 @@ test('a shut-off domain needs no memory or CPU match, only the definition\'s nee
   assert.equal(code(() => checkOffer(1, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
   assert.equal(code(() => checkOffer(1, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
 });
+
+test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_PROTOCOL', async () => {
+  const { parseBegin } = await import('./dest.ts');
+  for (const v of [null, 7, 'x', [1]]) assert.throws(() => parseBegin(v as never), (e: unknown) => e instanceof FerryError && e.code === 'MIGRATION_PROTOCOL');
+});
