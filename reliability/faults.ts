@@ -1,0 +1,192 @@
+/**
+ * `npm run faults -- --seed S --count N`: a fault-injection campaign in the lab with
+ * the memory-pattern guest. Each round starts a bandwidth-capped live migration
+ * between host1 and host2, waits a random time (so the fault lands in a random
+ * phase), injects one fault, restarts what was killed, lets the daemons settle, and
+ * checks the invariants:
+ *   - exactly one running copy of the domain, or, where the source QEMU itself was
+ *     killed, the domain crashed on one host and absent on the other;
+ *   - the memory pattern consistent (on the running copy);
+ *   - the definition on exactly one host;
+ *   - no orphan QEMU, reservation or tap.
+ * Every round is replayable from (seed, index). Writes reliability/faults-<seed>.json
+ * and the fault section of RELIABILITY.md.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn, execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
+const LAB = '/var/lib/ferry-lab';
+const args = process.argv.slice(2);
+const arg = (k: string, d: number): number => { const i = args.indexOf(k); return i >= 0 ? Number(args[i + 1]) : d; };
+const SEED = arg('--seed', 1);
+const COUNT = arg('--count', 20);
+const DOM = 'fz';
+const FAULTS = ['kill-src-qemu', 'kill-dst-qemu', 'kill-src-ferryd', 'kill-dst-ferryd', 'link-cut', 'packet-loss', 'slow-link'] as const;
+type Fault = typeof FAULTS[number];
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => { a = (a + 0x6d2b79f5) >>> 0; let t = a; t = Math.imul(t ^ (t >>> 15), t | 1); t ^= t + Math.imul(t ^ (t >>> 7), t | 61); return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
+}
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+function ferry(a: string[], timeoutMs = 120000): Promise<{ code: number; json: any; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const c = spawn(process.execPath, [FERRY, ...a], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = ''; let err = '';
+    c.stdout.on('data', (d) => { out += d; });
+    c.stderr.on('data', (d) => { err += d; });
+    const t = setTimeout(() => c.kill('SIGKILL'), timeoutMs);
+    c.on('close', (code) => { clearTimeout(t); let json; try { json = JSON.parse(out); } catch { /* text */ } resolve({ code: code ?? -1, json, out, err }); });
+  });
+}
+const sh = (cmd: string, a: string[]): string => { try { return execFileSync(cmd, a, { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); } catch { return ''; } };
+const labState = (): any => JSON.parse(fs.readFileSync(`${LAB}/lab.json`, 'utf8'));
+const record = (h: string): any => { try { return JSON.parse(fs.readFileSync(`${LAB}/${h}/state/domains/${DOM}.json`, 'utf8')); } catch { return undefined; } };
+const alive = (pid: number): boolean => { try { return !/\) [ZX] /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8')); } catch { return false; } };
+function qemusOf(uuid: string): number[] {
+  return fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).filter((p) => {
+    try { const c = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8'); return c.includes('qemu-system') && c.includes(uuid) && alive(p); } catch { return false; }
+  });
+}
+function activeJobs(): number {
+  let n = 0;
+  for (const h of ['host1', 'host2']) {
+    const dir = `${LAB}/${h}/state/jobs`;
+    for (const f of (fs.existsSync(dir) ? fs.readdirSync(dir) : [])) {
+      try { const j = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); if (j.phase !== 'confirmed' && j.phase !== 'abandoned') n++; } catch { /* partial */ }
+    }
+  }
+  return n;
+}
+function latestSourcePhase(h: string): string {
+  const dir = `${LAB}/${h}/state/jobs`;
+  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === 'source').sort((a, b) => b.startedAt - a.startedAt);
+  return jobs[0]?.phase ?? 'before-begin';
+}
+const hostIndex = (h: string): number => Number(h.slice(4));
+
+async function restartIfDown(): Promise<void> {
+  const s = labState();
+  for (const h of s.hosts) if (!alive(h.pid)) await ferry(['lab', 'restart', h.name]);
+}
+
+interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; survived: boolean; problems: string[] }
+
+async function main(): Promise<void> {
+  execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  await ferry(['lab', 'down']);
+  const up = await ferry(['lab', 'up', '--hosts', '2', '--json']);
+  if (up.code !== 0) throw new Error(up.err);
+  const rounds: Round[] = [];
+  const rand = rng(SEED);
+  try {
+    const cfg = (await ferry(['lab', 'guest', 'pattern', DOM, '--memory', '128', '--json'])).json;
+    const f = path.join(os.tmpdir(), `${DOM}.json`);
+    fs.writeFileSync(f, JSON.stringify(cfg));
+    await ferry(['-H', 'host1', 'create', f]);
+    await sleep(1500);
+    const uuid = cfg.uuid;
+    for (let i = 0; i < COUNT; i++) {
+      const fault = FAULTS[Math.floor(rand() * FAULTS.length)];
+      const delayMs = Math.floor(rand() * 2500);
+      const from = record('host1')?.state?.pid && alive(record('host1').state.pid) ? 'host1' : 'host2';
+      const to = from === 'host1' ? 'host2' : 'host1';
+      const problems: string[] = [];
+      const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', '--bandwidth', '24', '--timeout', '60', '--json'], 150000);
+      await sleep(delayMs);
+      const phase = latestSourcePhase(from);
+      const s = labState();
+      const hostOf = (h: string): any => s.hosts.find((x: any) => x.name === h);
+      const undo: (() => void)[] = [];
+      switch (fault) {
+        case 'kill-src-qemu': { const p = record(from)?.state?.pid; if (p) try { process.kill(p, 'SIGKILL'); } catch { /* gone */ } break; }
+        case 'kill-dst-qemu': { for (let k = 0; k < 20 && !record(to)?.state?.pid; k++) await sleep(100); const p = record(to)?.state?.pid; if (p) try { process.kill(p, 'SIGKILL'); } catch { /* gone */ } break; }
+        case 'kill-src-ferryd': try { process.kill(hostOf(from).pid, 'SIGKILL'); } catch { /* gone */ } break;
+        case 'kill-dst-ferryd': try { process.kill(hostOf(to).pid, 'SIGKILL'); } catch { /* gone */ } break;
+        case 'link-cut': { const dev = `h${hostIndex(to)}s0`; sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']); undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up'])); break; }
+        case 'packet-loss': { const a = ['-n', `ferry-${to}`]; void a; sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP'])); break; }
+        case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'up0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'up0', 'root'])); break; }
+      }
+      if (undo.length) { await sleep(4000); for (const u of undo) u(); }
+      await sleep(1000);
+      await restartIfDown();
+      const r = await mig;
+      const outcome = r.json?.outcome ?? (r.code === 0 ? 'succeeded' : `exit ${r.code}`);
+      // settle: no unfinished job on either host
+      for (let k = 0; k < 120 && activeJobs() > 0; k++) await sleep(500);
+      if (activeJobs() > 0) problems.push('a job never settled');
+      // invariants
+      const recs = { host1: record('host1'), host2: record('host2') };
+      const defs = Object.entries(recs).filter(([, v]) => v).map(([h]) => h);
+      if (defs.length !== 1) problems.push(`definitions on ${defs.length} hosts (${defs.join(',')})`);
+      const running = Object.entries(recs).filter(([, v]) => v && ['running', 'paused'].includes(v.state.kind) && alive(v.state.pid)).map(([h]) => h);
+      const crashed = Object.entries(recs).filter(([, v]) => v && v.state.kind === 'crashed').map(([h]) => h);
+      const q = qemusOf(uuid);
+      if (running.length === 1) {
+        if (q.length !== 1) problems.push(`${q.length} QEMU processes for one running copy`);
+        const v = await ferry(['lab', 'verify', DOM, '--json'], 60000);
+        if (v.json?.ok !== true) problems.push(`memory: ${v.json?.error?.message ?? v.out}`);
+      } else if (fault === 'kill-src-qemu' && running.length === 0 && crashed.length === 1) {
+        if (q.length !== 0) problems.push(`${q.length} orphan QEMU processes`);
+      } else {
+        problems.push(`running copies: ${running.length} (${running.join(',')}), crashed: ${crashed.join(',') || 'none'}`);
+      }
+      for (const h of ['host1', 'host2']) {
+        const info = await ferry(['-H', h, 'host', 'info', '--json']);
+        if (info.json?.memory?.reservedMiB) problems.push(`reservation left on ${h}`);
+        const taps = sh('ip', ['-n', `ferry-${h}`, '-br', 'link']).split('\n').filter((l) => l.startsWith('ft'));
+        if (taps.length) problems.push(`taps left on ${h}: ${taps.length}`);
+      }
+      const survived = problems.length === 0;
+      rounds.push({ index: i, fault, delayMs, from, phase, outcome, survived, problems });
+      process.stderr.write(`  [${i + 1}/${COUNT}] ${fault.padEnd(16)} at ${String(delayMs).padStart(4)} ms (${phase.padEnd(12)}) → ${outcome.padEnd(10)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`);
+      // bring the domain back for the next round if the fault crashed it
+      if (crashed.length === 1 && running.length === 0) {
+        await ferry(['-H', crashed[0], 'destroy', DOM]);
+        await ferry(['-H', crashed[0], 'start', DOM]);
+        await sleep(1500);
+      }
+      if (!survived) break;
+    }
+  } finally {
+    await ferry(['lab', 'down']);
+  }
+  const out = { seed: SEED, count: COUNT, date: new Date().toISOString(), rounds };
+  fs.writeFileSync(path.join(ROOT, 'reliability', `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
+  writeReport();
+  const failed = rounds.filter((r) => !r.survived);
+  process.stdout.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
+  if (failed.length || rounds.length < COUNT) process.exitCode = 1;
+}
+
+/** RELIABILITY.md's fault section, from every reliability/faults-*.json on disk. */
+function writeReport(): void {
+  const files = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-\d+\.json$/.test(f));
+  const all: (Round & { seed: number })[] = files.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed })); });
+  const by = (k: (r: Round) => string): Map<string, { n: number; ok: number }> => {
+    const m = new Map<string, { n: number; ok: number }>();
+    for (const r of all) { const e = m.get(k(r)) ?? { n: 0, ok: 0 }; e.n++; if (r.survived) e.ok++; m.set(k(r), e); }
+    return m;
+  };
+  const L = ['## Fault injection', '', `Written by \`npm run faults\` (reliability/faults.ts) from ${files.length} campaign file(s): **${all.length} faults injected, ${all.filter((r) => r.survived).length} survived** (every invariant held), ${all.filter((r) => !r.survived).length} failed. Domains lost: ${all.filter((r) => r.problems.some((p) => p.startsWith('running copies: 0'))).length}; run twice: ${all.filter((r) => r.problems.some((p) => /running copies: [2-9]/.test(p))).length}; memory mismatches: ${all.filter((r) => r.problems.some((p) => p.startsWith('memory'))).length}.`, '',
+    '| fault | injected | survived |', '|---|---|---|', ...[...by((r) => r.fault)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
+    '| source phase at injection | injected | survived |', '|---|---|---|', ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), ''];
+  const failed = all.filter((r) => !r.survived);
+  if (failed.length) L.push('Failures (replay with `npm run faults -- --seed S --count INDEX+1`):', '', ...failed.map((r) => `- seed ${r.seed}, round ${r.index}: ${r.fault} at ${r.delayMs} ms (${r.phase}): ${r.problems.join('; ')}`), '');
+  const md = L.join('\n');
+  const relPath = path.join(ROOT, 'RELIABILITY.md');
+  let rel = fs.existsSync(relPath) ? fs.readFileSync(relPath, 'utf8') : '# Reliability\n\n';
+  rel = rel.includes('## Fault injection') ? rel.replace(/## Fault injection[\s\S]*?(?=\n## |$)/, md) : rel.replace('# Reliability\n\n', `# Reliability\n\n${md}\n`);
+  fs.writeFileSync(relPath, rel);
+}
+
+main().catch(async (e) => {
+  process.stderr.write(`faults: ${e instanceof Error ? e.stack : e}\n`);
+  await ferry(['lab', 'down']);
+  process.exit(1);
+});
