@@ -63,9 +63,10 @@ function activeJobs(): number {
   }
   return n;
 }
-function latestSourcePhase(h: string): string {
+/** Phase of the source job this round started (jobs from earlier rounds do not count). */
+function latestSourcePhase(h: string, since: number): string {
   const dir = `${LAB}/${h}/state/jobs`;
-  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === 'source').sort((a, b) => b.startedAt - a.startedAt);
+  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === 'source' && j.startedAt >= since).sort((a, b) => b.startedAt - a.startedAt);
   return jobs[0]?.phase ?? 'before-begin';
 }
 const hostIndex = (h: string): number => Number(h.slice(4));
@@ -97,9 +98,10 @@ async function main(): Promise<void> {
       const from = record('host1')?.state?.pid && alive(record('host1').state.pid) ? 'host1' : 'host2';
       const to = from === 'host1' ? 'host2' : 'host1';
       const problems: string[] = [];
+      const since = Date.now();
       const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', '--bandwidth', '24', '--timeout', '60', '--json'], 150000);
       await sleep(delayMs);
-      const phase = latestSourcePhase(from);
+      const phase = latestSourcePhase(from, since);
       const s = labState();
       const hostOf = (h: string): any => s.hosts.find((x: any) => x.name === h);
       const undo: (() => void)[] = [];
@@ -109,7 +111,7 @@ async function main(): Promise<void> {
         case 'kill-src-ferryd': try { process.kill(hostOf(from).pid, 'SIGKILL'); } catch { /* gone */ } break;
         case 'kill-dst-ferryd': try { process.kill(hostOf(to).pid, 'SIGKILL'); } catch { /* gone */ } break;
         case 'link-cut': { const dev = `h${hostIndex(to)}s0`; sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']); undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up'])); break; }
-        case 'packet-loss': { const a = ['-n', `ferry-${to}`]; void a; sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP'])); break; }
+        case 'packet-loss': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP'])); break; }
         case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'up0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'up0', 'root'])); break; }
       }
       if (undo.length) { await sleep(4000); for (const u of undo) u(); }
