@@ -18,9 +18,9 @@ import { domainArgv } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
 import { tlsStreamBench } from './tls-stream.ts';
+import { ferry as runCli, ok as cliOk } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
 const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
 const opt = (k: string): string | undefined => { const i = args.indexOf(k); return i >= 0 ? args[i + 1] : undefined; };
@@ -33,22 +33,9 @@ const say = (m: string): void => { process.stderr.write(`${tty ? '\x1b[1m' : ''}
 
 // ---------------------------------------------------------------- helpers
 
-function ferry(a: string[], input?: string, timeoutMs = 600000): Promise<{ code: number; out: string; err: string; json: any }> {
-  return new Promise((resolve) => {
-    const c = spawn(process.execPath, [FERRY, ...a], { stdio: ['pipe', 'pipe', 'pipe'] });
-    let out = ''; let err = '';
-    c.stdout.on('data', (d) => { out += d; });
-    c.stderr.on('data', (d) => { err += d; });
-    const t = setTimeout(() => c.kill('SIGKILL'), timeoutMs);
-    c.on('close', (code) => { clearTimeout(t); let json; try { json = JSON.parse(out); } catch { /* not JSON */ } resolve({ code: code ?? -1, out, err, json }); });
-    c.stdin.end(input ?? '');
-  });
-}
-async function ferryOk(a: string[], input?: string): Promise<any> {
-  const r = await ferry(a, input);
-  if (r.code !== 0) throw new Error(`ferry ${a.join(' ')}: ${r.err || r.out}`);
-  return r.json ?? r.out;
-}
+// The same CLI runner as the end-to-end tests; bench migrations may run for minutes.
+const ferry = (a: string[], input?: string, timeoutMs = 600000): ReturnType<typeof runCli> => runCli(a, { input, timeoutMs });
+const ferryOk = (a: string[], input?: string): Promise<any> => cliOk(a, { input, timeoutMs: 600000 });
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 60000): Promise<void> {
   const end = Date.now() + ms;
@@ -59,7 +46,7 @@ function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['ne
 
 /** The external probe: TCP SYNs every 1 ms from `host`'s namespace. */
 function externalProbe(host: string, ip: string): { stop: () => Promise<{ longestGapMs: number; replies: number } | null> } {
-  const c = spawn('ip', ['netns', 'exec', ns(host), process.execPath, path.join(ROOT, 'bench', 'probe-helper.mjs'), ip], { stdio: ['pipe', 'pipe', 'ignore'] });
+  const c = spawn('ip', ['netns', 'exec', ns(host), process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip], { cwd: ROOT, stdio: ['pipe', 'pipe', 'ignore'] });
   let out = '';
   c.stdout.on('data', (d) => { out += d; });
   return {

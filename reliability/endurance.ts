@@ -8,29 +8,14 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { ferry, ok } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
 const args = process.argv.slice(2);
 const COUNT = Number(args[args.indexOf('--count') + 1] || 100) || 100;
 const tty = !!process.stderr.isTTY;
-
-function ferry(a: string[]): Promise<{ code: number; json: any; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const c = spawn(process.execPath, [FERRY, ...a], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = ''; let err = '';
-    c.stdout.on('data', (d) => { out += d; });
-    c.stderr.on('data', (d) => { err += d; });
-    c.on('close', (code) => { let json; try { json = JSON.parse(out); } catch { /* text */ } resolve({ code: code ?? -1, json, out, err }); });
-  });
-}
-async function ok(a: string[]): Promise<any> {
-  const r = await ferry(a);
-  if (r.code !== 0) throw new Error(`ferry ${a.join(' ')}: ${r.err || r.out}`);
-  return r.json ?? r.out;
-}
 
 interface Sample { at: number; host: string; fds: number; children: number; rssKiB: number }
 function sample(host: string, pid: number, at: number): Sample {

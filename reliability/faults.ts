@@ -15,11 +15,11 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { ferry as runCli } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
 const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
 const arg = (k: string, d: number): number => { const i = args.indexOf(k); return i >= 0 ? Number(args[i + 1]) : d; };
@@ -34,16 +34,7 @@ function rng(seed: number): () => number {
   return () => { a = (a + 0x6d2b79f5) >>> 0; let t = a; t = Math.imul(t ^ (t >>> 15), t | 1); t ^= t + Math.imul(t ^ (t >>> 7), t | 61); return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
 }
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-function ferry(a: string[], timeoutMs = 120000): Promise<{ code: number; json: any; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const c = spawn(process.execPath, [FERRY, ...a], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = ''; let err = '';
-    c.stdout.on('data', (d) => { out += d; });
-    c.stderr.on('data', (d) => { err += d; });
-    const t = setTimeout(() => c.kill('SIGKILL'), timeoutMs);
-    c.on('close', (code) => { clearTimeout(t); let json; try { json = JSON.parse(out); } catch { /* text */ } resolve({ code: code ?? -1, json, out, err }); });
-  });
-}
+const ferry = (a: string[], timeoutMs = 120000): ReturnType<typeof runCli> => runCli(a, { timeoutMs });
 const sh = (cmd: string, a: string[]): string => { try { return execFileSync(cmd, a, { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); } catch { return ''; } };
 const labState = (): any => JSON.parse(fs.readFileSync(`${LAB}/lab.json`, 'utf8'));
 const record = (h: string): any => { try { return JSON.parse(fs.readFileSync(`${LAB}/${h}/state/domains/${DOM}.json`, 'utf8')); } catch { return undefined; } };
@@ -82,7 +73,7 @@ async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
   await ferry(['lab', 'down']);
   const up = await ferry(['lab', 'up', '--hosts', '2', '--json']);
-  if (up.code !== 0) throw new Error(up.err);
+  if (up.code !== 0) throw new Error(up.stderr);
   const rounds: Round[] = [];
   const rand = rng(SEED);
   try {
@@ -132,7 +123,7 @@ async function main(): Promise<void> {
       if (running.length === 1) {
         if (q.length !== 1) problems.push(`${q.length} QEMU processes for one running copy`);
         const v = await ferry(['lab', 'verify', DOM, '--json'], 60000);
-        if (v.json?.ok !== true) problems.push(`memory: ${v.json?.error?.message ?? v.out}`);
+        if (v.json?.ok !== true) problems.push(`memory: ${v.json?.error?.message ?? v.stdout}`);
       } else if (fault === 'kill-src-qemu' && running.length === 0 && crashed.length === 1) {
         if (q.length !== 0) problems.push(`${q.length} orphan QEMU processes`);
       } else {
