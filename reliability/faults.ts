@@ -18,6 +18,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { ferry as runCli } from '../test/helpers.ts';
+import { pidAlive as alive } from '../src/qemu/process.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const LAB = '/var/lib/ferry-lab';
@@ -38,7 +39,6 @@ const ferry = (a: string[], timeoutMs = 120000): ReturnType<typeof runCli> => ru
 const sh = (cmd: string, a: string[]): string => { try { return execFileSync(cmd, a, { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); } catch { return ''; } };
 const labState = (): any => JSON.parse(fs.readFileSync(`${LAB}/lab.json`, 'utf8'));
 const record = (h: string): any => { try { return JSON.parse(fs.readFileSync(`${LAB}/${h}/state/domains/${DOM}.json`, 'utf8')); } catch { return undefined; } };
-const alive = (pid: number): boolean => { try { return !/\) [ZX] /.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8')); } catch { return false; } };
 function qemusOf(uuid: string): number[] {
   return fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).filter((p) => {
     try { const c = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8'); return c.includes('qemu-system') && c.includes(uuid) && alive(p); } catch { return false; }

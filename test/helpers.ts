@@ -132,13 +132,8 @@ export function domainRecord(host: string, name: string): any {
   try { return JSON.parse(fs.readFileSync(`/var/lib/ferry-lab/${host}/state/domains/${name}.json`, 'utf8')); } catch { return undefined; }
 }
 
-export function pidAlive(pid: number): boolean {
-  try { process.kill(pid, 0); } catch { return false; }
-  try {
-    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/\) [ZX] /.test(st);
-  } catch { return false; }
-}
+/** The same liveness test ferryd uses (a zombie is not alive). */
+export { pidAlive } from '../src/qemu/process.ts';
 
 /** Rewrites a lab host's ferryd.json with `patch` (undefined deletes a key) and restarts its ferryd. */
 export async function reconfigure(host: string, patch: (cfg: any) => void): Promise<void> {
