@@ -46,13 +46,14 @@ export const ACTIONS = {
   'console.attach': { domain: str, replay: optNum(0, 1 << 20) },
   'events.subscribe': { domain: optStr },
   // migration (source side, asked by the CLI)
-  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16) },
+  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool },
   'migration.cancel': { domain: str },
   'migration.jobs': {},
   'migration.job': { domain: str },
   // relocation (destination side, asked by a peer ferryd over TLS)
   'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str },
   'relocation.prepare': { jobId: str },
+  'relocation.digest': { jobId: str },
   'relocation.finish': { jobId: str, running: optBool },
   'relocation.abandon': { jobId: str, reason: optStr },
   'relocation.confirm': { jobId: str },

@@ -31,6 +31,7 @@ export function printReport(r: any): void {
     ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP→RESUME)', ms(r.pauseMs)],
   ];
   if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
+  if (r.memoryCheck) rows.push(['memory check', `SHA-256 of ${fmtBytes(r.memoryCheck.bytes)} equal on both hosts (${r.memoryCheck.ms} ms)`]);
   rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
   for (const pol of r.policy ?? []) rows.push(['policy', pol]);
   if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);
@@ -60,6 +61,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
     if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
     if (o.timeout !== undefined) params.timeoutS = o.timeout;
+    if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
     if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       const r = await c.request('migration.start', params);
@@ -100,6 +102,8 @@ export function registerMigrate(prog: Command): void {
     .option('--timeout <s>', 'give up (and keep the domain on the source) after this long (default 600)', num('--timeout', 1))
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
+    .option('--verify-memory', 'compare a SHA-256 of guest RAM on both hosts before the destination runs (default: on for live moves under TCG with QEMU < 9.0)')
+    .option('--no-verify-memory', 'skip that comparison even where QEMU\'s dirty tracking is known to lose pages')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: any, cmd: Command) => {

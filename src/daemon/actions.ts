@@ -52,6 +52,7 @@ export function makeHandler(host: Host, migration: MigrationApi | undefined) {
       case 'migration.job':
       case 'relocation.begin':
       case 'relocation.prepare':
+      case 'relocation.digest':
       case 'relocation.finish':
       case 'relocation.abandon':
       case 'relocation.confirm':

@@ -5,6 +5,7 @@
  * job and the TLS identity of the peer that sent it.
  */
 import net from 'node:net';
+import path from 'node:path';
 import crypto from 'node:crypto';
 import { FerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
@@ -14,6 +15,7 @@ import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
+import { digestGuestRam, ramRanges } from '../qemu/memory.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
@@ -201,15 +203,16 @@ export class Destination {
     }
   }
 
-  /** Finish: wait for the state to load, then resume here. Point of no return. */
-  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
-    const j = this.job(p.jobId, ctx);
-    if (j.mode === 'definition') return this.finishDefinition(j);
-    if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot finish`);
+  /**
+   * Waits until the incoming QEMU has loaded the whole stream (it stays paused: it was
+   * started with -S). Abandons if it never does. Legal only in phase prepared.
+   */
+  private async loaded(j: DestJob, what: string): Promise<{ live: Live; q: NonNullable<Live['qmp']> }> {
+    if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot ${what}`);
     const h = this.host;
     const live = h.domains.get(j.domain);
     if (!live || live.rec.state.kind !== 'incoming' || !live.qmp) {
-      await this.abandonLocal(j, 'no incoming QEMU to finish');
+      await this.abandonLocal(j, `no incoming QEMU to ${what}`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
     }
     const q = live.qmp;
@@ -225,6 +228,29 @@ export class Destination {
       await this.abandonLocal(j, `incoming state did not load (status ${status})`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not load the state of "${j.domain}" (QEMU status ${status}); abandoned, the source keeps it`, { abandoned: true });
     }
+    return { live, q };
+  }
+
+  /**
+   * Digest: a SHA-256 of the loaded guest RAM, for the source to compare with its own
+   * before anything runs here (src/qemu/memory.ts says why). Changes no phase: the guest
+   * stays paused and the job stays prepared, so the source can still abandon.
+   */
+  async digest(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    const { live, q } = await this.loaded(j, 'digest its memory');
+    const c = live.rec.config;
+    const d = await digestGuestRam(q, path.join(this.host.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine));
+    this.log.info('incoming memory digested', { jobId: j.jobId, domain: j.domain, bytes: d.bytes, ms: d.ms });
+    return d;
+  }
+
+  /** Finish: wait for the state to load, then resume here. Point of no return. */
+  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    if (j.mode === 'definition') return this.finishDefinition(j);
+    const { live, q } = await this.loaded(j, 'finish');
+    const h = this.host;
     const running = p.running !== false;
     // ---- point of no return: persisted before the guest runs here ----
     this.step(j, { type: 'resuming' });

@@ -32,6 +32,8 @@ export interface Report {
   bandwidthMiBs: number | null;
   maxDowntimeMs: number;
   policy: string[];
+  /** Guest RAM compared by SHA-256 on both hosts before the destination ran (see qemu/memory.ts). */
+  memoryCheck: { bytes: number; ms: number } | null;
   phase: string;
   error?: { code: string; message: string };
 }

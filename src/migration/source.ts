@@ -11,6 +11,8 @@
  *    |              |<----------------------- {dataPort} (TLS, authz) |  one-shot listener
  *    |              |== QEMU migrate (TLS) ===========================>|  pre-copy passes (live) or stop+copy
  *    |  progress <--|   completed: S's guest stopped  [switchover]     |
+ *    |              |-- relocation.digest (when verifying memory) ---->|  SHA-256 of loaded RAM; still paused
+ *    |              |   SHA-256 of own RAM, compare; differ → abandon  |
  *    |              |   persist finish  ── POINT OF NO RETURN ──       |
  *    |              |-- relocation.finish ---------------------------->|  persist finishing; cont; announce-self
  *    |              |<------------------------------- {resumedAt} -----|  persist finished
@@ -24,6 +26,7 @@
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
 import net from 'node:net';
+import path from 'node:path';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
 import { FerryError, asFerryError } from '../errors.ts';
@@ -35,6 +38,7 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
+import { digestGuestRam, dirtyTrackingUnreliable, ramRanges } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
@@ -51,6 +55,8 @@ export interface StartParams {
   insecure?: boolean;
   /** multifd channels: parallel streams, each encrypted on its own thread. */
   parallel?: number;
+  /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
+  verifyMemory?: boolean;
 }
 
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
@@ -136,7 +142,7 @@ export class Source {
     const report = (outcome: Report['outcome'], m: Partial<Report>): Report => ({
       outcome, mode, jobId: j.jobId, domain: p.domain, source: h.cfg.name, destination: peer.name, totalMs: Date.now() - t0,
       setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
-      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, phase: j.phase, ...m,
+      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, memoryCheck: null, phase: j.phase, ...m,
     });
     let cancelled = false;
     let cancelFn: () => void = () => undefined;
@@ -181,6 +187,16 @@ export class Source {
         q.off('event', onStop);
       }
       this.step(j, { type: 'stream-completed' });
+      // Still before the point of no return: both guests are paused, so a mismatch
+      // abandons like any other failure and the domain resumes here.
+      const unreliable = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
+      if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
+        policy.push(p.verifyMemory ? 'memory check requested: guest RAM compared by SHA-256 on both hosts before the destination runs'
+          : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so guest RAM is compared by SHA-256 on both hosts before the destination runs`);
+        stats.memoryCheck = await this.verifyMemory(j, q, client, live, mode, unreliable);
+      } else if (mode === 'live' && unreliable) {
+        policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
+      }
 
       // ---- point of no return: persisted before D is asked to run the guest ----
       this.step(j, { type: 'finish-sent' });
@@ -276,6 +292,29 @@ export class Source {
       params['tls-creds'] = '';
     }
     await q.execute('migrate-set-parameters', params);
+  }
+
+  /**
+   * Hashes the paused source's RAM while the destination hashes its loaded copy, and
+   * refuses to go on unless both agree. The destination's answer is untrusted input.
+   */
+  private async verifyMemory(j: SourceJob, q: QmpClient, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<{ bytes: number; ms: number }> {
+    const t0 = Date.now();
+    const c = live.rec.config;
+    const ranges = ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine);
+    const [mine, theirs] = await Promise.all([
+      digestGuestRam(q, path.join(this.host.runDir, c.name), ranges),
+      client.request<{ digest: unknown; bytes: unknown }>('relocation.digest', { jobId: j.jobId }, 180000),
+    ]);
+    if (typeof theirs?.digest !== 'string' || !/^[0-9a-f]{64}$/.test(theirs.digest) || theirs.bytes !== mine.bytes) {
+      throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest with something that is not a SHA-256 of ${mine.bytes} bytes`);
+    }
+    if (theirs.digest !== mine.digest) {
+      const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
+      throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, its ${Math.round(mine.bytes / 1048576)} MiB of RAM on ${j.peer.name} differ from ${this.host.cfg.name}'s${why}. It keeps running on ${this.host.cfg.name}${mode === 'live' ? '; migrate it offline (without --live) instead' : ''}`);
+    }
+    this.log.info('guest memory verified', { jobId: j.jobId, domain: j.domain, bytes: mine.bytes, ms: Date.now() - t0 });
+    return { bytes: mine.bytes, ms: Date.now() - t0 };
   }
 
   /** Polls QEMU, reports progress, and applies the convergence policy and deadline. */

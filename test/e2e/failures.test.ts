@@ -5,7 +5,9 @@
  * - the destination QEMU killed during the transfer;
  * - the destination daemon unreachable;
  * - the destination daemon killed during the transfer and restarted: it rolls back
- *   by its persisted phase, and the source resumes.
+ *   by its persisted phase, and the source resumes;
+ * - guest RAM that arrives different (QEMU 7.2's TCG dirty-tracking bug, found by the
+ *   fault campaign): the memory check refuses to resume it on the destination.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -131,5 +133,24 @@ describe('migration failures (lab)', () => {
     await destClean();
     const job = await ok(['-H', 'host1', 'job', 'pat', '--json']);
     assert.equal(job.phase, 'abandoned');
+  });
+
+  // Regression for the fault campaign's stale pages (RELIABILITY.md). Every dirty-log
+  // start/stop flushes the vCPU's TLB, and a full TLB doubles; once it holds the whole
+  // pattern range, QEMU < 9.0 under TCG stops seeing the guest's writes, converges at
+  // once and would report success with stale pages on the destination.
+  test('RAM that arrives different is caught before the destination runs', async () => {
+    for (let i = 0; i < 6; i++) {
+      const w = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--timeout', '1'], 'MIGRATION_NOT_CONVERGING');
+      assert.equal(w.json.outcome, 'failed');
+    }
+    const r = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live'], 'MIGRATION_MEMORY_MISMATCH');
+    assert.equal(r.json.outcome, 'failed');
+    assert.match(r.json.error.message, /^Cannot migrate domain "pat" live: after the copy, its 128 MiB of RAM on host2 differ from host1's; QEMU [\d.]+ under TCG loses dirty-page tracking/);
+    assert.ok(r.json.policy.some((p: string) => p.startsWith('memory check on')), r.json.policy.join('; '));
+    await sourceIntact();
+    await destClean();
+    const jobs = await ok(['-H', 'host2', 'jobs', '--json']);
+    assert.ok(jobs.every((j: any) => j.phase === 'abandoned'), JSON.stringify(jobs.map((j: any) => j.phase)));
   });
 });
