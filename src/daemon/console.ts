@@ -46,8 +46,10 @@ export class ConsoleMux {
         fs.ftruncateSync(this.logFd, 0);
         this.logBytes = 0;
       }
-      fs.writeSync(this.logFd, d);
-      this.logBytes += d.length;
+      try {
+        fs.writeSync(this.logFd, d);
+        this.logBytes += d.length;
+      } catch { /* disk full: the ring buffer still serves clients; the file misses this chunk */ }
     }
     for (const c of this.clients) c.write(d);
   }

@@ -18,7 +18,7 @@ import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { writeJsonAtomic, readJson } from '../util/fsx.ts';
+import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
@@ -76,21 +76,35 @@ export class Host extends EventEmitter {
 
   // ---------- persistence ----------
 
+  private readonly writer = new StateWriter((file, error) => this.log.warn('state write still failing; retrying', { file, error }));
+
+  private recordFile(name: string): string { return path.join(this.domainsDir, `${name}.json`); }
+
+  /** Writes the domain's record now; throws STATE_WRITE_FAILED if the disk refuses. */
   persist(live: Live): void {
-    writeJsonAtomic(path.join(this.domainsDir, `${live.rec.config.name}.json`), { config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime });
+    const rec = live.rec;
+    this.writer.write(this.recordFile(rec.config.name), () => ({ config: domainConfigToJson(rec.config), state: rec.state, runtime: rec.runtime }));
   }
 
   allocDomid(): number {
     const id = this.nextDomid++;
-    writeJsonAtomic(this.hostFile, { nextDomid: this.nextDomid });
+    // Domain ids are for display; a lost write only risks reusing one after a restart.
+    this.writer.writeLater(this.hostFile, () => ({ nextDomid: this.nextDomid }));
     return id;
   }
 
-  /** Applies a lifecycle event, persists, and tells subscribers. */
+  /**
+   * Applies a lifecycle event, persists, and tells subscribers. The event has already
+   * happened (QEMU started, stopped, resumed), so a full disk must not undo it in
+   * memory: the record is retried until it lands, and a restarted ferryd re-derives
+   * the state from the QEMU it finds anyway.
+   */
   apply(live: Live, e: DomainEvent): void {
     const from = live.rec.state.kind;
     live.rec.state = transition(live.rec.state, e, live.rec.config.name);
-    this.persist(live);
+    if (!this.writer.writeLater(this.recordFile(live.rec.config.name), () => ({ config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime }))) {
+      this.log.warn('domain state not persisted yet (retrying)', { domain: live.rec.config.name, to: live.rec.state.kind });
+    }
     this.log.info('domain state', { domain: live.rec.config.name, from, to: live.rec.state.kind, event: e.type });
     this.emit('domain.state', { domain: live.rec.config.name, from, to: live.rec.state.kind, state: live.rec.state });
   }
@@ -215,8 +229,13 @@ export class Host extends EventEmitter {
     this.checkPaths(c);
     if (start) this.checkMemory(c);
     const live: Live = { rec: { config: c, state: { kind: 'defined' } } };
+    try {
+      this.persist(live);
+    } catch (e) {
+      this.writer.drop(this.recordFile(c.name)); // a refused create must not appear later
+      throw e;
+    }
     this.domains.set(c.name, live);
-    this.persist(live);
     this.log.info('domain defined', { domain: c.name, uuid: c.uuid });
     if (start) {
       try {
@@ -340,6 +359,11 @@ export class Host extends EventEmitter {
     }
   }
 
+  /** Deletes a domain's taps by their uuid-derived names (when no record lists them). */
+  removeTaps(uuid: string, nics: number): void {
+    for (let i = 0; i < nics; i++) deleteTap(tapName(uuid, i));
+  }
+
   private needProcess(live: Live, verb: string): { pid: number; qmp: QmpClient } {
     const s = live.rec.state;
     if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is ${describeKind(s.kind)}`);
@@ -411,7 +435,8 @@ export class Host extends EventEmitter {
   /** Drops a record and its runtime directory (the definition is gone from this host). */
   forget(name: string): void {
     this.domains.delete(name);
-    fs.rmSync(path.join(this.domainsDir, `${name}.json`), { force: true });
+    this.writer.drop(this.recordFile(name));
+    fs.rmSync(this.recordFile(name), { force: true });
     fs.rmSync(path.join(this.runDir, name), { recursive: true, force: true });
     this.emit('domain.state', { domain: name, from: null, to: 'deleted' });
   }

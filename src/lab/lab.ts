@@ -107,6 +107,8 @@ export interface UpOptions {
   hosts: number;
   segments: number;
   hostMemoryMiB?: number;
+  /** Give each host's state directory a tmpfs of this size, so that it can be filled (fault injection). */
+  stateMiB?: number;
   progress?: (msg: string) => void;
 }
 
@@ -114,6 +116,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
   if (!Number.isInteger(o.hosts) || o.hosts < 1 || o.hosts > 16) throw new FerryError('CLI_USAGE', `--hosts must be 1..16, got ${o.hosts}`);
   if (o.segments !== 1 && o.segments !== 2) throw new FerryError('CLI_USAGE', `--segments must be 1 or 2, got ${o.segments}`);
   if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16)) throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
+  if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096)) throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
   if (readLab() || labNamespaces().length) throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
   const say = o.progress ?? (() => undefined);
   fs.mkdirSync(LAB_DIR, { recursive: true, mode: 0o700 });
@@ -170,6 +173,10 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
       };
       fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      if (o.stateMiB) {
+        fs.mkdirSync(cfg.stateDir, { mode: 0o700 });
+        sh('mount', ['-t', 'tmpfs', '-o', `size=${o.stateMiB}m,mode=0700`, `ferry-lab-${name}`, cfg.stateDir]);
+      }
       writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
       hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
     }
@@ -254,6 +261,9 @@ export async function labDown(): Promise<{ namespaces: string[]; processes: numb
   await Promise.all(list.filter(isD).map((p) => killAndWait(p, 2000)));
   await Promise.all(list.filter((p) => !isD(p)).map((p) => killAndWait(p, 0)));
   for (const ns of nss) sh('ip', ['netns', 'del', ns], { ignore: true });
+  // State directories may be tmpfs mounts (lab up --state-size); deepest first.
+  const mounts = fs.readFileSync('/proc/self/mounts', 'utf8').split('\n').map((l) => l.split(' ')[1]).filter((m) => m && (m === LAB_DIR || m.startsWith(LAB_DIR + '/')));
+  for (const m of mounts.sort((a, b) => b.length - a.length)) sh('umount', ['-l', m], { ignore: true });
   fs.rmSync(LAB_DIR, { recursive: true, force: true });
   if (path.dirname(LAB_STATE_FILE) !== LAB_DIR) fs.rmSync(LAB_STATE_FILE, { force: true });
   return { namespaces: nss, processes: list };

@@ -7,7 +7,7 @@
 import net from 'node:net';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { FerryError } from '../errors.ts';
+import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { killAndWait, pidAlive } from '../qemu/process.ts';
 import type { QmpEvent } from '../qmp/client.ts';
@@ -80,10 +80,23 @@ export class Destination {
     });
   }
 
+  /**
+   * Moves the job to its next phase and persists it. Before an irreversible step
+   * (prepared, resuming) the phase must be on disk first: if it cannot be written the
+   * job stays where it was and STATE_WRITE_FAILED goes back to the source, which
+   * abandons. Events that record what already happened (resumed, confirmed, abandon:
+   * its undoing is done) stay in memory and are retried until the disk has room.
+   */
   private step(j: DestJob, e: DestEvent): void {
+    const before = { phase: j.phase, n: j.history.length };
     j.phase = destTransition(j.phase, e);
     j.history.push({ phase: j.phase, at: Date.now() });
-    this.store.save(j);
+    try {
+      this.store.save(j);
+    } catch (err) {
+      if (e.type === 'prepared' || e.type === 'resuming') { j.phase = before.phase; j.history.length = before.n; throw err; }
+      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase, error: (err as Error).message });
+    }
     this.log.info('migration phase', { role: 'destination', jobId: j.jobId, domain: j.domain, phase: j.phase });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'destination', phase: j.phase });
   }
@@ -121,7 +134,14 @@ export class Destination {
       job.dataPort = await this.openProbe(job.jobId);
       probeToken = crypto.randomBytes(8).toString('hex');
     }
-    this.store.save(job);
+    try {
+      this.store.save(job);
+    } catch (e) {
+      // Nothing was reserved yet: forget the job and its probe listener, refuse Begin.
+      this.store.discard(job);
+      await this.closeProbe(job.jobId);
+      throw e;
+    }
     this.begins.set(job.jobId, m);
     ctx.onClose(() => this.onControlClosed(job.jobId));
     this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: job.dataPort, l2 });
@@ -208,6 +228,8 @@ export class Destination {
    * started with -S). Abandons if it never does. Legal only in phase prepared.
    */
   private async loaded(j: DestJob, what: string): Promise<{ live: Live; q: NonNullable<Live['qmp']> }> {
+    // Abandoned on its own (its QEMU died, its control connection dropped): say so plainly.
+    if (j.phase === 'abandoned') throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} abandoned the migration of "${j.domain}": ${j.error?.message ?? 'no reason recorded'}`, { abandoned: true });
     if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot ${what}`);
     const h = this.host;
     const live = h.domains.get(j.domain);
@@ -240,7 +262,13 @@ export class Destination {
     const j = this.job(p.jobId, ctx);
     const { live, q } = await this.loaded(j, 'digest its memory');
     const c = live.rec.config;
-    const d = await digestGuestRam(q, path.join(this.host.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine));
+    let d;
+    try {
+      d = await digestGuestRam(q, path.join(this.host.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine));
+    } catch (e) {
+      await this.abandonLocal(j, `could not read the incoming RAM: ${(e as Error).message}`);
+      throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not read the incoming RAM of "${j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
+    }
     this.log.info('incoming memory digested', { jobId: j.jobId, domain: j.domain, bytes: d.bytes, ms: d.ms });
     return d;
   }
@@ -253,7 +281,13 @@ export class Destination {
     const h = this.host;
     const running = p.running !== false;
     // ---- point of no return: persisted before the guest runs here ----
-    this.step(j, { type: 'resuming' });
+    try {
+      this.step(j, { type: 'resuming' });
+    } catch (e) {
+      // Not on disk, so not past the point of no return: give the guest back.
+      await this.abandonLocal(j, `could not persist the point of no return: ${(e as Error).message}`);
+      throw new FerryError(asFerryError(e).code, `Destination ${h.cfg.name} cannot write its state (${(e as Error).message}); abandoned before resuming "${j.domain}"`, { abandoned: true });
+    }
     let resumedAt: number | null = null;
     if (running) {
       const resumed = q.waitEvent('RESUME', 10000).then((e: QmpEvent) => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now())).catch(() => Date.now());

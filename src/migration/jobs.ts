@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { writeJsonAtomic, readJson } from '../util/fsx.ts';
+import { StateWriter, readJson } from '../util/fsx.ts';
 import type { SourcePhase, DestPhase } from './phases.ts';
 
 export type Mode = 'live' | 'offline' | 'definition';
@@ -76,7 +76,9 @@ export type Job = SourceJob | DestJob;
 
 export class JobStore {
   readonly jobs = new Map<string, Job>();
-  constructor(readonly dir: string) {
+  readonly writer: StateWriter;
+  constructor(readonly dir: string, onRetryFailed?: (file: string, error: string) => void) {
+    this.writer = new StateWriter(onRetryFailed);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   }
 
@@ -91,19 +93,34 @@ export class JobStore {
     return [...this.jobs.values()];
   }
 
+  /** Persists the job as it is now; throws STATE_WRITE_FAILED (and keeps retrying) if it cannot. */
   save(j: Job): void {
     j.updatedAt = Date.now();
-    const { progress: _p, ...rest } = j as SourceJob;
-    writeJsonAtomic(path.join(this.dir, `${j.jobId}.json`), rest);
     this.jobs.set(j.jobId, j);
+    this.writer.write(this.file(j), () => { const { progress: _p, ...rest } = j as SourceJob; return rest; });
   }
+
+  /** For records of what already happened: never throws; retried until it lands. */
+  saveLater(j: Job): boolean {
+    try { this.save(j); return true; } catch { return false; }
+  }
+
+  /** Forgets a job that never got anywhere (its first write failed). */
+  discard(j: Job): void {
+    this.jobs.delete(j.jobId);
+    this.writer.drop(this.file(j));
+    fs.rmSync(this.file(j), { force: true });
+  }
+
+  private file(j: Job): string { return path.join(this.dir, `${j.jobId}.json`); }
 
   /** Keeps the newest `keep` finished jobs per role, so `ferry jobs` shows recent history. */
   prune(keep = 20): void {
     const done = [...this.jobs.values()].filter((j) => j.phase === 'confirmed' || j.phase === 'abandoned').sort((a, b) => b.updatedAt - a.updatedAt);
     for (const j of done.slice(keep)) {
       this.jobs.delete(j.jobId);
-      fs.rmSync(path.join(this.dir, `${j.jobId}.json`), { force: true });
+      this.writer.drop(this.file(j));
+      fs.rmSync(this.file(j), { force: true });
     }
   }
 

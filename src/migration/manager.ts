@@ -16,7 +16,7 @@ import type { Request } from '../api/protocol.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import type { Host } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
-import { isOurQemu, killAndWait } from '../qemu/process.ts';
+import { isOurQemu, killAndWait, qemuPidsWith } from '../qemu/process.ts';
 import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
 import { Source, type StartParams } from './source.ts';
 import { Destination } from './dest.ts';
@@ -28,7 +28,7 @@ export class Migrations {
   readonly dest: Destination;
 
   constructor(readonly host: Host, readonly log: Logger) {
-    this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'));
+    this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'), (file, error) => log.warn('job state write still failing; retrying', { file, error }));
     this.source = new Source(host, this.store, log);
     this.dest = new Destination(host, this.store, log);
   }
@@ -85,8 +85,16 @@ export class Migrations {
       case 'begun':
       case 'prepared': {
         await this.dest.abandonLocal(j, `ferryd restarted in phase ${j.phase}`);
-        // A QEMU started just before the crash may not be in any record yet.
+        // A QEMU started just before the crash may not be in any record yet: find the
+        // incoming one by its uuid and this host's run directory.
         if (j.pid && isOurQemu(j.pid, j.uuid)) await killAndWait(j.pid, 0);
+        for (const pid of qemuPidsWith(j.uuid, ['-incoming', this.host.runDir])) {
+          this.log.warn('killing an incoming QEMU that was not on record', { jobId: j.jobId, pid });
+          await killAndWait(pid, 0);
+        }
+        // Its taps, too: spawn creates them (named by uuid) before QEMU starts.
+        const nics = Array.isArray((j.config as { nics?: unknown[] }).nics) ? (j.config as { nics: unknown[] }).nics.length : 0;
+        this.host.removeTaps(j.uuid, nics);
         return;
       }
       case 'finishing': {
@@ -104,7 +112,7 @@ export class Migrations {
         this.host.reservations.delete(j.jobId);
         j.phase = destTransition(j.phase, { type: 'resumed' });
         j.history.push({ phase: j.phase, at: Date.now() });
-        this.store.save(j);
+        this.store.saveLater(j);
         return;
       }
       case 'finished':
@@ -116,7 +124,7 @@ export class Migrations {
     const live = this.host.domains.get(j.domain);
     if (!live || live.rec.config.uuid !== j.uuid) {
       // The definition is gone already: retirement had finished.
-      if (j.phase === 'finish') { j.phase = sourceTransition(j.phase, { type: 'dest-finished' }); this.store.save(j); }
+      if (j.phase === 'finish') { j.phase = sourceTransition(j.phase, { type: 'dest-finished' }); this.store.saveLater(j); }
       return;
     }
     switch (j.phase) {
@@ -145,7 +153,7 @@ export class Migrations {
                 j.phase = sourceTransition(j.phase, { type: 'dest-finished' });
               }
               j.history.push({ phase: j.phase, at: Date.now() });
-              this.store.save(j);
+              this.store.saveLater(j);
               return;
             } catch (e) {
               this.log.warn('still cannot settle a finished transfer', { jobId: j.jobId, error: String(e) });

@@ -73,10 +73,23 @@ export class Source {
 
   constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {}
 
+  /**
+   * Moves the job to its next phase and persists it. A phase that leads to a step
+   * (everything up to finish-sent, the point of no return) must be on disk first: if it
+   * cannot be written the job stays where it was and the error abandons the migration.
+   * Events that record what already happened (dest-finished, abandon, dest-abandoned)
+   * stay in memory and are retried until the disk has room.
+   */
   private step(j: SourceJob, e: SourceEvent): void {
+    const before = { phase: j.phase, n: j.history.length };
     j.phase = sourceTransition(j.phase, e);
     j.history.push({ phase: j.phase, at: Date.now() });
-    this.store.save(j);
+    try {
+      this.store.save(j);
+    } catch (err) {
+      if (e.type !== 'dest-finished' && e.type !== 'abandon' && e.type !== 'dest-abandoned') { j.phase = before.phase; j.history.length = before.n; throw err; }
+      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase, error: (err as Error).message });
+    }
     this.log.info('migration phase', { role: 'source', jobId: j.jobId, domain: j.domain, phase: j.phase, event: e.type });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'source', phase: j.phase });
   }
@@ -203,6 +216,8 @@ export class Source {
       this.cancels.delete(j.jobId);
       const fin = await this.finishOrResolve(j, client, wasRunning);
       if (fin.abandoned) {
+        // The destination's word that it never ran the guest: the only way back from finish.
+        this.step(j, { type: 'dest-abandoned', reason: fin.reason ?? 'destination abandoned' });
         await this.resumeSource(live, wasRunning);
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
@@ -221,7 +236,7 @@ export class Source {
       client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
       const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.resumedAt ? Math.max(0, Math.round(fin.resumedAt - stopAt)) : null });
       j.report = r;
-      this.store.save(j);
+      this.store.saveLater(j);
       this.store.prune();
       h.emit('migration.done', { domain: p.domain, report: r });
       return r;
@@ -232,7 +247,7 @@ export class Source {
       const r = report(fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : 'failed', { ...stats, error: { code: fe.code, message: fe.message } });
       j.report = r;
       j.error = r.error;
-      if (this.store.jobs.has(j.jobId)) this.store.save(j);
+      if (this.store.jobs.has(j.jobId)) this.store.saveLater(j);
       h.emit('migration.done', { domain: p.domain, report: r });
       throw new FerryError(fe.code, fe.message, { report: r });
     } finally {
@@ -253,7 +268,7 @@ export class Source {
     client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
     const r = report('succeeded', {});
     j.report = r;
-    this.store.save(j);
+    this.store.saveLater(j);
     return r;
   }
 

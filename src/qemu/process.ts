@@ -36,6 +36,23 @@ export function isOurQemu(pid: number, uuid: string): boolean {
   }
 }
 
+/**
+ * QEMU processes whose command line carries `uuid` and every string in `alsoHas` (for
+ * example the host's own run directory and "-incoming"): finds one started just before
+ * a crash, when its pid was not yet on record.
+ */
+export function qemuPidsWith(uuid: string, alsoHas: string[] = []): number[] {
+  const out: number[] = [];
+  for (const d of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmd = fs.readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+      if (cmd.some((a) => a.includes('qemu-system')) && cmd.includes(uuid) && alsoHas.every((s) => cmd.some((a) => a.includes(s)))) out.push(Number(d));
+    } catch { /* exited while we looked */ }
+  }
+  return out.filter(pidAlive);
+}
+
 /** CPU seconds used by a process (user + system), from /proc. */
 export function cpuSeconds(pid: number): number {
   try {

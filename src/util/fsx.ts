@@ -1,6 +1,7 @@
 /** Small filesystem helpers: atomic JSON persistence and line-oriented reading. */
 import fs from 'node:fs';
 import path from 'node:path';
+import { FerryError } from '../errors.ts';
 
 /**
  * Writes a file so that a crash leaves either the old or the new content, never a
@@ -10,14 +11,20 @@ export function writeFileAtomic(file: string, data: string | Buffer, mode = 0o60
   const dir = path.dirname(file);
   fs.mkdirSync(dir, { recursive: true });
   const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.${Date.now()}.tmp`);
-  const fd = fs.openSync(tmp, 'w', mode);
   try {
-    fs.writeSync(fd, typeof data === 'string' ? Buffer.from(data) : data);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+    const fd = fs.openSync(tmp, 'w', mode);
+    try {
+      fs.writeSync(fd, typeof data === 'string' ? Buffer.from(data) : data);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch (e) {
+    // A full disk must not also keep the half-written temp file.
+    fs.rmSync(tmp, { force: true });
+    throw e;
   }
-  fs.renameSync(tmp, file);
   try {
     const dfd = fs.openSync(dir, 'r');
     fs.fsyncSync(dfd);
@@ -27,6 +34,53 @@ export function writeFileAtomic(file: string, data: string | Buffer, mode = 0o60
 
 export function writeJsonAtomic(file: string, value: unknown): void {
   writeFileAtomic(file, JSON.stringify(value, null, 2) + '\n');
+}
+
+/**
+ * ferryd's state writes. `write` persists before the caller goes on and throws
+ * STATE_WRITE_FAILED if it cannot (disk full, read-only): use it before an irreversible
+ * step. Either way a failed write is retried in the background with the latest value
+ * until it lands, so a record of something that already happened (`writeLater`) is not
+ * lost when the disk has room again. `drop` forgets a pending write of a file that is
+ * being deleted.
+ */
+export class StateWriter {
+  private pending = new Map<string, () => unknown>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly onRetryFailed: (file: string, error: string) => void = () => undefined, private readonly retryMs = 2000) {}
+
+  write(file: string, value: () => unknown): void {
+    try {
+      writeJsonAtomic(file, value());
+      this.pending.delete(file);
+    } catch (e) {
+      this.pending.set(file, value);
+      this.arm();
+      const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+      throw new FerryError('STATE_WRITE_FAILED', `Cannot write ${file}: ${code}${code === 'ENOSPC' ? ' (the disk is full)' : ''}`, { file, errno: code });
+    }
+  }
+
+  /** True if it was written now; false if it will be retried. Never throws. */
+  writeLater(file: string, value: () => unknown): boolean {
+    try { this.write(file, value); return true; } catch { return false; }
+  }
+
+  drop(file: string): void { this.pending.delete(file); }
+
+  get pendingFiles(): string[] { return [...this.pending.keys()]; }
+
+  private arm(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => {
+      for (const [file, value] of [...this.pending]) {
+        try { writeJsonAtomic(file, value()); this.pending.delete(file); } catch (e) { this.onRetryFailed(file, (e as NodeJS.ErrnoException).code ?? String(e)); }
+      }
+      if (this.pending.size === 0) { clearInterval(this.timer); this.timer = undefined; }
+    }, this.retryMs);
+    this.timer.unref();
+  }
 }
 
 export function readJson<T = unknown>(file: string): T {

@@ -1,0 +1,52 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { StateWriter, writeFileAtomic } from './fsx.ts';
+import { FerryError } from '../errors.ts';
+
+const tmp = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-fsx-'));
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+test('a refused write throws STATE_WRITE_FAILED and lands later with the latest value', async () => {
+  const d = tmp();
+  const blocker = path.join(d, 'sub');
+  fs.writeFileSync(blocker, 'a file where a directory should be');
+  const file = path.join(blocker, 'rec.json');
+  const w = new StateWriter(() => undefined, 50);
+  let value = 1;
+  assert.throws(() => w.write(file, () => ({ value })), (e: unknown) => e instanceof FerryError && e.code === 'STATE_WRITE_FAILED' && e.message.startsWith(`Cannot write ${file}`));
+  assert.deepEqual(w.pendingFiles, [file]);
+  value = 2;
+  fs.rmSync(blocker);
+  fs.mkdirSync(blocker);
+  for (let i = 0; i < 40 && w.pendingFiles.length; i++) await sleep(25);
+  assert.deepEqual(w.pendingFiles, []);
+  assert.deepEqual(JSON.parse(fs.readFileSync(file, 'utf8')), { value: 2 });
+  fs.rmSync(d, { recursive: true });
+});
+
+test('writeLater never throws, and drop forgets a pending write', async () => {
+  const d = tmp();
+  const blocker = path.join(d, 'sub');
+  fs.writeFileSync(blocker, 'x');
+  const file = path.join(blocker, 'rec.json');
+  const w = new StateWriter(() => undefined, 20);
+  assert.equal(w.writeLater(file, () => ({ a: 1 })), false);
+  w.drop(file);
+  fs.rmSync(blocker);
+  fs.mkdirSync(blocker);
+  await sleep(80);
+  assert.equal(fs.existsSync(file), false, 'a dropped write is not resurrected');
+  assert.equal(w.writeLater(file, () => ({ a: 2 })), true);
+  fs.rmSync(d, { recursive: true });
+});
+
+test('a failed atomic write leaves no temp file behind', () => {
+  const d = tmp();
+  fs.mkdirSync(path.join(d, 'target.json')); // rename over a directory fails
+  assert.throws(() => writeFileAtomic(path.join(d, 'target.json'), 'x'));
+  assert.deepEqual(fs.readdirSync(d), ['target.json']);
+  fs.rmSync(d, { recursive: true });
+});
