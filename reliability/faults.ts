@@ -187,7 +187,7 @@ async function main(): Promise<void> {
   }
   const failed = rounds.filter((r) => !r.survived);
   process.stderr.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
-  process.stdout.write(JSON.stringify({ seed: SEED, injected: rounds.length, survived: rounds.length - failed.length, failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })), outcomes: rounds.map((r) => r.code ?? r.outcome) }) + '\n');
+  process.stdout.write(JSON.stringify({ seed: SEED, injected: rounds.length, survived: rounds.length - failed.length, failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })), faults: rounds.map((r) => r.fault), outcomes: rounds.map((r) => r.code ?? r.outcome) }) + '\n');
   if (failed.length || rounds.length < COUNT) process.exitCode = 1;
 }
 

@@ -20,6 +20,9 @@ import { destTransition, type DestEvent } from './phases.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 
+/** How long a finished incoming job waits for the source's Confirm before settling itself. */
+const CONFIRM_GRACE_MS = 20000;
+
 const JOB_ID_RE = /^[0-9a-f-]{36}$/;
 
 interface BeginMsg {
@@ -238,6 +241,13 @@ export class Destination {
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
     }
     const q = live.qmp;
+    // The source asks only after its QEMU sent everything. If no stream has even
+    // connected, the request is out of order: refuse at once instead of waiting.
+    const incoming = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'gone' }));
+    // (An incoming QEMU reports no status at all until a source connects.)
+    if (!incoming.status || incoming.status === 'none') {
+      throw new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
+    }
     const deadline = Date.now() + 120000;
     let status = '';
     for (;;) {
@@ -301,6 +311,7 @@ export class Destination {
     h.reservations.delete(j.jobId);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
+    setTimeout(() => this.selfConfirm(j, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
     return { phase: j.phase, resumedAt, host: h.cfg.name };
   }
 
@@ -315,6 +326,18 @@ export class Destination {
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
     return { phase: j.phase, host: this.host.cfg.name };
+  }
+
+  /**
+   * Confirm without the source: once the guest runs here and Finish was answered, the
+   * source's Confirm only tidies up, and it can be lost (the source or this ferryd
+   * died in between). Legal only from finished; changes nothing but the record.
+   */
+  selfConfirm(j: DestJob, why: string): void {
+    if (j.phase !== 'finished') return;
+    this.log.info('confirming a finished job without the source', { jobId: j.jobId, domain: j.domain, why });
+    this.step(j, { type: 'confirmed' });
+    this.store.prune();
   }
 
   confirm(p: Record<string, unknown>, ctx: ConnContext): unknown {
@@ -343,9 +366,23 @@ export class Destination {
     }
   }
 
-  /** Undoes everything this side did: QEMU, taps, definition, reservation, probe. */
-  async abandonLocal(j: DestJob, reason: string): Promise<void> {
-    if (j.phase === 'abandoned') return;
+  private abandoning = new Map<string, Promise<void>>();
+
+  /**
+   * Undoes everything this side did: QEMU, taps, definition, reservation, probe.
+   * Idempotent, also when two causes race (the QEMU died while Prepare was failing).
+   */
+  abandonLocal(j: DestJob, reason: string): Promise<void> {
+    if (j.phase === 'abandoned') return Promise.resolve();
+    let p = this.abandoning.get(j.jobId);
+    if (!p) {
+      p = this.undo(j, reason).finally(() => this.abandoning.delete(j.jobId));
+      this.abandoning.set(j.jobId, p);
+    }
+    return p;
+  }
+
+  private async undo(j: DestJob, reason: string): Promise<void> {
     const h = this.host;
     await this.closeProbe(j.jobId);
     const live = h.domains.get(j.domain);

@@ -116,6 +116,10 @@ export class Migrations {
         return;
       }
       case 'finished':
+        // The guest runs here and Finish was answered (or the source will ask, and both
+        // finished and confirmed mean success to it). Its Confirm died with our old
+        // process: settle the job instead of leaving it open forever.
+        this.dest.selfConfirm(j, 'ferryd restarted before the source confirmed');
         return;
     }
   }
@@ -151,6 +155,7 @@ export class Migrations {
               } else {
                 await this.source.retireSource(live, j.peer);
                 j.phase = sourceTransition(j.phase, { type: 'dest-finished' });
+                void this.source.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
               }
               j.history.push({ phase: j.phase, at: Date.now() });
               this.store.saveLater(j);
