@@ -188,6 +188,16 @@ export class Destination {
   /** Prepare: reserve memory, define the domain, start QEMU with a one-shot TLS listener. */
   async prepare(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
+    // An abandon that arrives meanwhile (the source's connection dropped) waits for
+    // this to finish and then undoes all of it, including a QEMU started just now.
+    const run = this.doPrepare(j);
+    this.preparing.set(j.jobId, run.then(() => undefined, () => undefined));
+    try { return await run; } finally { this.preparing.delete(j.jobId); }
+  }
+
+  private preparing = new Map<string, Promise<void>>();
+
+  private async doPrepare(j: DestJob): Promise<unknown> {
     const m = this.begins.get(j.jobId);
     if (!m) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} has no Begin in this ferryd's life; begin again`);
     const h = this.host;
@@ -221,7 +231,8 @@ export class Destination {
       this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: sp.pid });
       return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name };
     } catch (e) {
-      await this.abandonLocal(j, `prepare failed: ${(e as Error).message}`);
+      // If an abandon is already waiting for this Prepare, it undoes everything once we return.
+      if (!this.abandoning.has(j.jobId)) await this.abandonLocal(j, `prepare failed: ${(e as Error).message}`, true);
       throw e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not prepare: ${(e as Error).message}`);
     }
   }
@@ -291,6 +302,7 @@ export class Destination {
     const h = this.host;
     const running = p.running !== false;
     // ---- point of no return: persisted before the guest runs here ----
+    if (this.abandoning.has(j.jobId)) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} is abandoning the migration of "${j.domain}"`, { abandoned: true });
     try {
       this.step(j, { type: 'resuming' });
     } catch (e) {
@@ -372,13 +384,18 @@ export class Destination {
    * Undoes everything this side did: QEMU, taps, definition, reservation, probe.
    * Idempotent, also when two causes race (the QEMU died while Prepare was failing).
    */
-  abandonLocal(j: DestJob, reason: string): Promise<void> {
-    if (j.phase === 'abandoned') return Promise.resolve();
-    let p = this.abandoning.get(j.jobId);
-    if (!p) {
-      p = this.undo(j, reason).finally(() => this.abandoning.delete(j.jobId));
-      this.abandoning.set(j.jobId, p);
-    }
+  abandonLocal(j: DestJob, reason: string, fromPrepare = false): Promise<void> {
+    const existing = this.abandoning.get(j.jobId);
+    if (existing) return existing;
+    if (j.phase !== 'begun' && j.phase !== 'prepared') return Promise.resolve();
+    // Claimed synchronously, so that Finish cannot pass the point of no return meanwhile;
+    // an in-flight Prepare is let finish first, so that everything it started is undone.
+    const inflight = fromPrepare ? undefined : this.preparing.get(j.jobId);
+    const p: Promise<void> = (async () => {
+      if (inflight) await inflight;
+      if (j.phase === 'begun' || j.phase === 'prepared') await this.undo(j, reason);
+    })().finally(() => this.abandoning.delete(j.jobId));
+    this.abandoning.set(j.jobId, p);
     return p;
   }
 

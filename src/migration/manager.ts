@@ -113,6 +113,7 @@ export class Migrations {
         j.phase = destTransition(j.phase, { type: 'resumed' });
         j.history.push({ phase: j.phase, at: Date.now() });
         this.store.saveLater(j);
+        this.dest.selfConfirm(j, 'rolled forward at restart; the source\'s Confirm went to the old process');
         return;
       }
       case 'finished':

@@ -6,8 +6,10 @@
  * - the destination daemon unreachable;
  * - the destination daemon killed during the transfer and restarted: it rolls back
  *   by its persisted phase, and the source resumes;
+ * - the source daemon killed while the destination is starting its QEMU (Prepare):
+ *   the destination undoes all of it (found by the fault campaign, seed 2027 round 41);
  * - the destination daemon killed after Finish, before the source's Confirm: its job
- *   settles on restart (found by the fault campaign, seed 2026 round 79);
+ *   settles on restart (found by the fault campaign, seed 2026 round 78);
  * - guest RAM that arrives different (QEMU 7.2's TCG dirty-tracking bug, found by the
  *   fault campaign): the memory check refuses to resume it on the destination.
  */
@@ -137,6 +139,28 @@ describe('migration failures (lab)', () => {
     assert.equal(job.phase, 'abandoned');
   });
 
+  test('the source daemon killed while the destination starts its QEMU: all of it is undone', async () => {
+    const jobsDir = `${labState().hosts[1].stateDir}/jobs`;
+    const before = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    const m = slowMigration();
+    const d = labState().hosts[0].pid;
+    // "prepared" is persisted on host2 just before it spawns QEMU: kill host1's ferryd then.
+    await waitFor('host2 prepared', () => {
+      for (const f of fs.readdirSync(jobsDir).filter((x) => !before.has(x))) {
+        try { if (JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8')).phase === 'prepared') { process.kill(d, 'SIGKILL'); return true; } } catch { /* being written */ }
+      }
+      return false;
+    }, 30000, 2);
+    await m.done;
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    await ok(['lab', 'restart', 'host1']);
+    await waitFor('source settled', async () => (await ok(['-H', 'host1', 'info', 'pat', '--json'])).state === 'running', 15000);
+    await waitFor('host2 cleaned up', () => domainRecord('host2', 'pat') === undefined, 15000);
+    await new Promise((r) => setTimeout(r, 1500)); // a QEMU that Prepare was still starting must not survive
+    await sourceIntact();
+    await destClean();
+  });
+
   test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {
     const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -147,7 +171,8 @@ describe('migration failures (lab)', () => {
     const d = labState().hosts[1].pid;
     let seen = '';
     await waitFor('host2 job finished', () => {
-      for (const f of fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []) {
+      // Only real records: an atomic write's temp file is not on disk yet as far as recovery knows.
+      for (const f of (fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.'))) {
         try {
           const j = JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8'));
           if (j.phase === 'finished') { process.kill(d, 'SIGKILL'); seen = j.jobId; return true; }
@@ -163,7 +188,8 @@ describe('migration failures (lab)', () => {
     try {
       await waitFor('job confirmed after restart', async () => { last = (await ok(['-H', 'host2', 'jobs', '--json'])).find((j: any) => j.jobId === seen); return last?.phase === 'confirmed'; }, 15000, 200);
     } catch (e) {
-      throw new Error(`${(e as Error).message}: job ${seen} is ${JSON.stringify(last?.history ?? last)}; host2 log: ${ferrydLog('host2').split('\n').filter((l) => l.includes(seen)).slice(-6).join('\n')}`);
+      fs.writeFileSync('/tmp/ferry-confirm-debug.log', ferrydLog('host2'));
+      throw new Error(`${(e as Error).message}: job ${seen} is ${JSON.stringify(last?.history ?? last)}; host2 log: ${ferrydLog('host2').split('\n').filter((l) => l.includes(seen)).slice(-6).join(' || ')}`);
     }
     const info = await ok(['-H', 'host2', 'info', 'pat', '--json']);
     assert.equal(info.state, 'running');

@@ -142,6 +142,9 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const msgs = fc.sample(msg, { numRuns: 600, seed: 20261126 });
     const r = session(msgs.map((m, i) => req(i + 1, m.action, m.params)));
     assert.equal(r.replies.length, 600);
+    const hist: Record<string, number> = {};
+    for (const x of r.replies) { const k = x?.error?.code ?? (x ? 'result' : 'no answer'); hist[k] = (hist[k] ?? 0) + 1; }
+    process.stderr.write(`random relocation messages over TLS: ${JSON.stringify(hist)}\n`);
     const unanswered = r.replies.filter((x) => x === null).length;
     assert.equal(unanswered, 0, 'every message answered');
     for (const x of r.replies) {
