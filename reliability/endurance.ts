@@ -22,7 +22,8 @@ function sample(host: string, pid: number, at: number): Sample {
   const fds = fs.readdirSync(`/proc/${pid}/fd`).length;
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
-  const children = execFileSync('ps', ['-o', 'pid=', '--ppid', String(pid)]).toString().trim().split('\n').filter(Boolean).length;
+  // Children from /proc (ps exits 1 when there are none).
+  const children = fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((d) => { try { return /^PPid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${d}/status`, 'utf8'))?.[1] === String(pid); } catch { return false; } }).length;
   return { at, host, fds, children, rssKiB };
 }
 
