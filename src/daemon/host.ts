@@ -18,6 +18,7 @@ import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
+import { digestGuestRam, ramRanges, type RamDigest } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -82,8 +83,11 @@ export class Host extends EventEmitter {
 
   /** Writes the domain's record now; throws STATE_WRITE_FAILED if the disk refuses. */
   persist(live: Live): void {
-    const rec = live.rec;
-    this.writer.write(this.recordFile(rec.config.name), () => ({ config: domainConfigToJson(rec.config), state: rec.state, runtime: rec.runtime }));
+    this.writer.write(this.recordFile(live.rec.config.name), () => this.recordOf(live));
+  }
+
+  private recordOf(live: Live): Record<string, unknown> {
+    return { config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime };
   }
 
   allocDomid(): number {
@@ -102,7 +106,7 @@ export class Host extends EventEmitter {
   apply(live: Live, e: DomainEvent): void {
     const from = live.rec.state.kind;
     live.rec.state = transition(live.rec.state, e, live.rec.config.name);
-    if (!this.writer.writeLater(this.recordFile(live.rec.config.name), () => ({ config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime }))) {
+    if (!this.writer.writeLater(this.recordFile(live.rec.config.name), () => this.recordOf(live))) {
       this.log.warn('domain state not persisted yet (retrying)', { domain: live.rec.config.name, to: live.rec.state.kind });
     }
     this.log.info('domain state', { domain: live.rec.config.name, from, to: live.rec.state.kind, event: e.type });
@@ -635,6 +639,16 @@ export class Host extends EventEmitter {
       live.busy = undefined;
       if (wasRunning && live.qmp) await live.qmp.execute('cont');
     }
+  }
+
+  /**
+   * SHA-256 of all of a paused domain's RAM (the migration memory check, see
+   * qemu/memory.ts), through `qmp` (the domain's own unless given).
+   */
+  ramDigest(live: Live, qmp = live.qmp): Promise<RamDigest> {
+    if (!qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${live.rec.config.name}" has no QEMU to read memory from`);
+    const c = live.rec.config;
+    return digestGuestRam(qmp, path.join(this.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.qemu.machine));
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */

@@ -5,17 +5,15 @@
  * job and the TLS identity of the peer that sent it.
  */
 import net from 'node:net';
-import path from 'node:path';
 import crypto from 'node:crypto';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
-import { killAndWait, pidAlive } from '../qemu/process.ts';
+import { killAndWait, pidAlive, isOurQemu } from '../qemu/process.ts';
 import type { QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { digestGuestRam, ramRanges } from '../qemu/memory.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
@@ -91,15 +89,8 @@ export class Destination {
    * its undoing is done) stay in memory and are retried until the disk has room.
    */
   private step(j: DestJob, e: DestEvent): void {
-    const before = { phase: j.phase, n: j.history.length };
-    j.phase = destTransition(j.phase, e);
-    j.history.push({ phase: j.phase, at: Date.now() });
-    try {
-      this.store.save(j);
-    } catch (err) {
-      if (e.type === 'prepared' || e.type === 'resuming') { j.phase = before.phase; j.history.length = before.n; throw err; }
-      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase, error: (err as Error).message });
-    }
+    const strict = e.type === 'prepared' || e.type === 'resuming';
+    if (!this.store.advance(j, destTransition(j.phase, e), strict)) this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
     this.log.info('migration phase', { role: 'destination', jobId: j.jobId, domain: j.domain, phase: j.phase });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'destination', phase: j.phase });
   }
@@ -282,10 +273,9 @@ export class Destination {
   async digest(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
     const { live, q } = await this.loaded(j, 'digest its memory');
-    const c = live.rec.config;
     let d;
     try {
-      d = await digestGuestRam(q, path.join(this.host.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine));
+      d = await this.host.ramDigest(live, q);
     } catch (e) {
       await this.abandonLocal(j, `could not read the incoming RAM: ${(e as Error).message}`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not read the incoming RAM of "${j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
@@ -409,7 +399,8 @@ export class Destination {
       if (pid && pidAlive(pid)) await killAndWait(pid, 0);
       h.cleanupRuntime(live);
       h.forget(j.domain);
-    } else if (j.pid && pidAlive(j.pid)) {
+    } else if (j.pid && isOurQemu(j.pid, j.uuid)) {
+      // No record (a restart, or Prepare failed early): the pid on file must still be our QEMU.
       await killAndWait(j.pid, 0);
     }
     h.reservations.delete(j.jobId);

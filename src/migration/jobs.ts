@@ -105,6 +105,28 @@ export class JobStore {
     try { this.save(j); return true; } catch { return false; }
   }
 
+  /**
+   * Moves a job to its next phase (from its side's transition function) and persists
+   * it. `strict`: the phase leads to an irreversible step, so it must be on disk first;
+   * if it cannot be written the job stays where it was and STATE_WRITE_FAILED is thrown.
+   * Otherwise the phase records what already happened: it stays in memory, the write is
+   * retried until it lands, and false says it is not on disk yet.
+   */
+  advance<J extends Job>(j: J, phase: J['phase'], strict: boolean): boolean {
+    const before = { phase: j.phase, n: j.history.length };
+    j.phase = phase;
+    j.history.push({ phase, at: Date.now() });
+    try {
+      this.save(j);
+      return true;
+    } catch (err) {
+      if (!strict) return false;
+      j.phase = before.phase;
+      j.history.length = before.n;
+      throw err;
+    }
+  }
+
   /** Forgets a job that never got anywhere (its first write failed). */
   discard(j: Job): void {
     this.jobs.delete(j.jobId);

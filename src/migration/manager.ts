@@ -16,7 +16,7 @@ import type { Request } from '../api/protocol.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import type { Host } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
-import { isOurQemu, killAndWait, qemuPidsWith } from '../qemu/process.ts';
+import { killAndWait, qemuPidsWith } from '../qemu/process.ts';
 import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
 import { Source, type StartParams } from './source.ts';
 import { Destination } from './dest.ts';
@@ -85,9 +85,8 @@ export class Migrations {
       case 'begun':
       case 'prepared': {
         await this.dest.abandonLocal(j, `ferryd restarted in phase ${j.phase}`);
-        // A QEMU started just before the crash may not be in any record yet: find the
-        // incoming one by its uuid and this host's run directory.
-        if (j.pid && isOurQemu(j.pid, j.uuid)) await killAndWait(j.pid, 0);
+        // abandonLocal killed the QEMU on record. One started just before the crash may
+        // not be on record yet: find the incoming one by its uuid and this run directory.
         for (const pid of qemuPidsWith(j.uuid, ['-incoming', this.host.runDir])) {
           this.log.warn('killing an incoming QEMU that was not on record', { jobId: j.jobId, pid });
           await killAndWait(pid, 0);
@@ -110,9 +109,7 @@ export class Migrations {
           this.host.apply(mine, { type: 'crash', reason: 'QEMU exited while resuming an incoming migration', at: Date.now() });
         }
         this.host.reservations.delete(j.jobId);
-        j.phase = destTransition(j.phase, { type: 'resumed' });
-        j.history.push({ phase: j.phase, at: Date.now() });
-        this.store.saveLater(j);
+        this.store.advance(j, destTransition(j.phase, { type: 'resumed' }), false);
         this.dest.selfConfirm(j, 'rolled forward at restart; the source\'s Confirm went to the old process');
         return;
       }
@@ -129,7 +126,7 @@ export class Migrations {
     const live = this.host.domains.get(j.domain);
     if (!live || live.rec.config.uuid !== j.uuid) {
       // The definition is gone already: retirement had finished.
-      if (j.phase === 'finish') { j.phase = sourceTransition(j.phase, { type: 'dest-finished' }); this.store.saveLater(j); }
+      if (j.phase === 'finish') this.store.advance(j, sourceTransition(j.phase, { type: 'dest-finished' }), false);
       return;
     }
     switch (j.phase) {
@@ -152,14 +149,12 @@ export class Migrations {
               const r = await this.source.resolveAfterFinish(j, 5);
               if (r.abandoned) {
                 await this.source.resumeSource(live, j.wasRunning);
-                j.phase = sourceTransition(j.phase, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
+                this.store.advance(j, sourceTransition(j.phase, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' }), false);
               } else {
                 await this.source.retireSource(live, j.peer);
-                j.phase = sourceTransition(j.phase, { type: 'dest-finished' });
+                this.store.advance(j, sourceTransition(j.phase, { type: 'dest-finished' }), false);
                 void this.source.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
               }
-              j.history.push({ phase: j.phase, at: Date.now() });
-              this.store.saveLater(j);
               return;
             } catch (e) {
               this.log.warn('still cannot settle a finished transfer', { jobId: j.jobId, error: String(e) });

@@ -26,7 +26,6 @@
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
 import net from 'node:net';
-import path from 'node:path';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
 import { FerryError, asFerryError } from '../errors.ts';
@@ -38,7 +37,7 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { digestGuestRam, dirtyTrackingUnreliable, ramRanges } from '../qemu/memory.ts';
+import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
@@ -81,15 +80,8 @@ export class Source {
    * stay in memory and are retried until the disk has room.
    */
   private step(j: SourceJob, e: SourceEvent): void {
-    const before = { phase: j.phase, n: j.history.length };
-    j.phase = sourceTransition(j.phase, e);
-    j.history.push({ phase: j.phase, at: Date.now() });
-    try {
-      this.store.save(j);
-    } catch (err) {
-      if (e.type !== 'dest-finished' && e.type !== 'abandon' && e.type !== 'dest-abandoned') { j.phase = before.phase; j.history.length = before.n; throw err; }
-      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase, error: (err as Error).message });
-    }
+    const fact = e.type === 'dest-finished' || e.type === 'abandon' || e.type === 'dest-abandoned';
+    if (!this.store.advance(j, sourceTransition(j.phase, e), !fact)) this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
     this.log.info('migration phase', { role: 'source', jobId: j.jobId, domain: j.domain, phase: j.phase, event: e.type });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'source', phase: j.phase });
   }
@@ -315,10 +307,8 @@ export class Source {
    */
   private async verifyMemory(j: SourceJob, q: QmpClient, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<{ bytes: number; ms: number }> {
     const t0 = Date.now();
-    const c = live.rec.config;
-    const ranges = ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.host.qemu.machine);
     const [mine, theirs] = await Promise.all([
-      digestGuestRam(q, path.join(this.host.runDir, c.name), ranges),
+      this.host.ramDigest(live, q),
       client.request<{ digest: unknown; bytes: unknown }>('relocation.digest', { jobId: j.jobId }, 180000),
     ]);
     if (typeof theirs?.digest !== 'string' || !/^[0-9a-f]{64}$/.test(theirs.digest) || theirs.bytes !== mine.bytes) {

@@ -9,18 +9,22 @@ import { FerryError } from '../errors.ts';
 const tmp = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-fsx-'));
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-test('a refused write throws STATE_WRITE_FAILED and lands later with the latest value', async () => {
-  const d = tmp();
-  const blocker = path.join(d, 'sub');
+/** A record path whose directory is a file (so writes fail), and the way to unblock it. */
+function blocked(): { dir: string; file: string; unblock: () => void } {
+  const dir = tmp();
+  const blocker = path.join(dir, 'sub');
   fs.writeFileSync(blocker, 'a file where a directory should be');
-  const file = path.join(blocker, 'rec.json');
+  return { dir, file: path.join(blocker, 'rec.json'), unblock: () => { fs.rmSync(blocker); fs.mkdirSync(blocker); } };
+}
+
+test('a refused write throws STATE_WRITE_FAILED and lands later with the latest value', async () => {
+  const { dir: d, file, unblock } = blocked();
   const w = new StateWriter(() => undefined, 50);
   let value = 1;
   assert.throws(() => w.write(file, () => ({ value })), (e: unknown) => e instanceof FerryError && e.code === 'STATE_WRITE_FAILED' && e.message.startsWith(`Cannot write ${file}`));
   assert.deepEqual(w.pendingFiles, [file]);
   value = 2;
-  fs.rmSync(blocker);
-  fs.mkdirSync(blocker);
+  unblock();
   for (let i = 0; i < 40 && w.pendingFiles.length; i++) await sleep(25);
   assert.deepEqual(w.pendingFiles, []);
   assert.deepEqual(JSON.parse(fs.readFileSync(file, 'utf8')), { value: 2 });
@@ -28,15 +32,11 @@ test('a refused write throws STATE_WRITE_FAILED and lands later with the latest 
 });
 
 test('writeLater never throws, and drop forgets a pending write', async () => {
-  const d = tmp();
-  const blocker = path.join(d, 'sub');
-  fs.writeFileSync(blocker, 'x');
-  const file = path.join(blocker, 'rec.json');
+  const { dir: d, file, unblock } = blocked();
   const w = new StateWriter(() => undefined, 20);
   assert.equal(w.writeLater(file, () => ({ a: 1 })), false);
   w.drop(file);
-  fs.rmSync(blocker);
-  fs.mkdirSync(blocker);
+  unblock();
   await sleep(80);
   assert.equal(fs.existsSync(file), false, 'a dropped write is not resurrected');
   assert.equal(w.writeLater(file, () => ({ a: 2 })), true);
