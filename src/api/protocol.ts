@@ -25,6 +25,10 @@ const optBool: Check = (v) => (v === undefined || typeof v === 'boolean' ? null 
 const optNum = (min: number, max: number): Check => (v) => (v === undefined || (typeof v === 'number' && Number.isFinite(v) && v >= min && v <= max) ? null : `must be a number from ${min} to ${max}`);
 const num = (min: number, max: number): Check => (v) => (typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max ? null : `must be an integer from ${min} to ${max}`);
 const any: Check = () => null;
+/** Base64 of at most `maxBytes` bytes (a RAM repair's page data). */
+const b64 = (maxBytes: number): Check => (v) => (typeof v === 'string' && v.length > 0 && v.length <= Math.ceil(maxBytes / 3) * 4 && /^[A-Za-z0-9+/]*={0,2}$/.test(v) ? null : `must be base64 of at most ${maxBytes} bytes`);
+/** The most RAM one relocation.repair carries: its base64 stays below MAX_REQUEST_BYTES. */
+export const MAX_REPAIR_BYTES = 512 * 1024;
 const absPath: Check = (v) => (typeof v === 'string' && v.startsWith('/') && v.length < 4096 && !v.includes('\0') ? null : 'must be an absolute path');
 
 /** Every action and the checks on its params. Unknown params are refused too. */
@@ -54,6 +58,7 @@ export const ACTIONS = {
   'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str },
   'relocation.prepare': { jobId: str },
   'relocation.digest': { jobId: str },
+  'relocation.repair': { jobId: str, offset: num(0, 2 ** 50), data: b64(MAX_REPAIR_BYTES) },
   'relocation.finish': { jobId: str, running: optBool },
   'relocation.abandon': { jobId: str, reason: optStr },
   'relocation.confirm': { jobId: str },

@@ -31,7 +31,11 @@ export function printReport(r: any): void {
     ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP→RESUME)', ms(r.pauseMs)],
   ];
   if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
-  if (r.memoryCheck) rows.push(['memory check', `SHA-256 of ${fmtBytes(r.memoryCheck.bytes)} equal on both hosts (${r.memoryCheck.ms} ms)`]);
+  if (r.memoryCheck) {
+    const m = r.memoryCheck;
+    const fixed = m.repairedBytes > 0 ? `; ${fmtBytes(m.repairedBytes)} had arrived different and ${m.repairedChunks === 1 ? 'was' : 'were'} rewritten from the source` : '';
+    rows.push(['memory check', `SHA-256 of ${fmtBytes(m.bytes)} equal on both hosts (${m.ms} ms${fixed})`]);
+  }
   rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
   for (const pol of r.policy ?? []) rows.push(['policy', pol]);
   if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);

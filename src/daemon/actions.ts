@@ -53,6 +53,7 @@ export function makeHandler(host: Host, migration: MigrationApi | undefined) {
       case 'relocation.begin':
       case 'relocation.prepare':
       case 'relocation.digest':
+      case 'relocation.repair':
       case 'relocation.finish':
       case 'relocation.abandon':
       case 'relocation.confirm':

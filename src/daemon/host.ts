@@ -18,7 +18,7 @@ import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { digestGuestRam, ramRanges, type RamDigest } from '../qemu/memory.ts';
+import { openGuestRam, digestRam, readAt, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -607,27 +607,24 @@ export class Host extends EventEmitter {
   // ---------- memory sampling (the pattern checker's eyes) ----------
 
   /**
-   * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM,
-   * read with pmemsave while the guest is stopped (it is resumed afterwards if it ran).
+   * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM, read
+   * from its memfd while the guest is stopped (it is resumed afterwards if it ran).
    */
   async sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
     const live = this.get(name);
     const { qmp } = this.needProcess(live, 'read the memory of');
     if (endMiB <= startMiB || endMiB > live.rec.config.memoryMiB) throw new FerryError('API_BAD_REQUEST', `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${live.rec.config.memoryMiB} MiB)`);
     const wasRunning = live.rec.state.kind === 'running';
-    const dump = path.join(this.runDir, name, `mem-${Date.now()}.bin`);
     live.busy = 'sampling memory';
     try {
       if (wasRunning) await qmp.execute('stop');
-      const size = (endMiB - startMiB) * 1048576;
-      await qmp.execute('pmemsave', { val: startMiB * 1048576, size, filename: dump });
-      const pages = size / 4096;
+      const pages = (endMiB - startMiB) * 256;
       const out = Buffer.alloc(pages);
-      const fd = fs.openSync(dump, 'r');
+      const { fd } = this.openRam(live);
       try {
         const chunk = Buffer.alloc(1048576);
         for (let mib = 0; mib < endMiB - startMiB; mib++) {
-          fs.readSync(fd, chunk, 0, chunk.length, mib * 1048576);
+          await readAt(fd, chunk, chunk.length, (startMiB + mib) * 1048576);
           for (let p = 0; p < 256; p++) out[mib * 256 + p] = chunk[p * 4096];
         }
       } finally {
@@ -635,20 +632,27 @@ export class Host extends EventEmitter {
       }
       return { bytes: out.toString('base64'), pages };
     } finally {
-      fs.rmSync(dump, { force: true });
       live.busy = undefined;
       if (wasRunning && live.qmp) await live.qmp.execute('cont');
     }
   }
 
   /**
-   * SHA-256 of all of a paused domain's RAM (the migration memory check, see
-   * qemu/memory.ts), through `qmp` (the domain's own unless given).
+   * Opens a domain's RAM memfd (qemu/memory.ts); the caller closes the fd. Only while
+   * its guest is stopped do the bytes mean anything.
    */
-  ramDigest(live: Live, qmp = live.qmp): Promise<RamDigest> {
-    if (!qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${live.rec.config.name}" has no QEMU to read memory from`);
+  openRam(live: Live, write = false): { fd: number; bytes: number } {
+    const s = live.rec.state;
     const c = live.rec.config;
-    return digestGuestRam(qmp, path.join(this.runDir, c.name), ramRanges(c.memoryMiB, live.rec.runtime?.machine ?? this.qemu.machine));
+    if (!hasProcess(s)) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
+    const bytes = c.memoryMiB * 1048576;
+    return { fd: openGuestRam(s.pid, bytes, write), bytes };
+  }
+
+  /** Per-chunk SHA-256 of a paused domain's RAM (the migration memory check). */
+  async ramDigests(live: Live): Promise<RamDigests> {
+    const { fd, bytes } = this.openRam(live);
+    try { return await digestRam(fd, bytes); } finally { fs.closeSync(fd); }
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */

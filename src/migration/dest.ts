@@ -5,6 +5,7 @@
  * job and the TLS identity of the peer that sent it.
  */
 import net from 'node:net';
+import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
@@ -14,6 +15,7 @@ import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
+import { writeRam } from '../qemu/memory.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
@@ -266,22 +268,46 @@ export class Destination {
   }
 
   /**
-   * Digest: a SHA-256 of the loaded guest RAM, for the source to compare with its own
-   * before anything runs here (src/qemu/memory.ts says why). Changes no phase: the guest
-   * stays paused and the job stays prepared, so the source can still abandon.
+   * Digest: per-chunk SHA-256 of the loaded guest RAM, for the source to compare with
+   * its own before anything runs here (qemu/memory.ts says why). Changes no phase: the
+   * guest stays paused and the job stays prepared, so the source can still abandon.
    */
   async digest(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
-    const { live, q } = await this.loaded(j, 'digest its memory');
-    let d;
-    try {
-      d = await this.host.ramDigest(live, q);
-    } catch (e) {
-      await this.abandonLocal(j, `could not read the incoming RAM: ${(e as Error).message}`);
-      throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not read the incoming RAM of "${j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
-    }
+    const { live } = await this.loaded(j, 'digest its memory');
+    const d = await this.ramOrAbandon(j, 'read', () => this.host.ramDigests(live));
     this.log.info('incoming memory digested', { jobId: j.jobId, domain: j.domain, bytes: d.bytes, ms: d.ms });
-    return d;
+    return { bytes: d.bytes, chunkBytes: d.chunkBytes, digests: d.digests.toString('base64'), ms: d.ms };
+  }
+
+  /**
+   * Repair: the source's version of RAM that arrived different, written into the loaded
+   * and still paused guest. The source already sent this guest's whole memory in the
+   * stream, so this trusts it with nothing new; legal exactly when Digest is.
+   */
+  async repair(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+    const j = this.job(p.jobId, ctx);
+    const { live } = await this.loaded(j, 'repair its memory');
+    const data = Buffer.from(String(p.data), 'base64');
+    const { fd, bytes } = await this.ramOrAbandon(j, 'open', async () => this.host.openRam(live, true));
+    try {
+      writeRam(fd, bytes, Number(p.offset), data);
+    } catch (e) {
+      throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
+    } finally {
+      fs.closeSync(fd);
+    }
+    return { written: data.length };
+  }
+
+  /** Runs a RAM read; if it fails, this host cannot vouch for the guest, so it abandons. */
+  private async ramOrAbandon<T>(j: DestJob, verb: string, f: () => Promise<T>): Promise<T> {
+    try {
+      return await f();
+    } catch (e) {
+      await this.abandonLocal(j, `could not ${verb} the incoming RAM: ${(e as Error).message}`);
+      throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not ${verb} the incoming RAM of "${j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
+    }
   }
 
   /** Finish: wait for the state to load, then resume here. Point of no return. */

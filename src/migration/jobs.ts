@@ -33,7 +33,8 @@ export interface Report {
   maxDowntimeMs: number;
   policy: string[];
   /** Guest RAM compared by SHA-256 on both hosts before the destination ran (see qemu/memory.ts). */
-  memoryCheck: { bytes: number; ms: number } | null;
+  /** Guest RAM compared after the copy; `repairedBytes` arrived different and were rewritten from the source. */
+  memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
   phase: string;
   error?: { code: string; message: string };
 }

@@ -11,8 +11,10 @@
  *    |              |<----------------------- {dataPort} (TLS, authz) |  one-shot listener
  *    |              |== QEMU migrate (TLS) ===========================>|  pre-copy passes (live) or stop+copy
  *    |  progress <--|   completed: S's guest stopped  [switchover]     |
- *    |              |-- relocation.digest (when verifying memory) ---->|  SHA-256 of loaded RAM; still paused
- *    |              |   SHA-256 of own RAM, compare; differ → abandon  |
+ *    |              |-- relocation.digest (when verifying memory) ---->|  SHA-256 per RAM chunk; still paused
+ *    |              |   digest own RAM, compare chunk by chunk         |
+ *    |              |-- relocation.repair × chunks that differ ------->|  write source's bytes into its RAM
+ *    |              |-- relocation.digest; any still differ → abandon->|
  *    |              |   persist finish  ── POINT OF NO RETURN ──       |
  *    |              |-- relocation.finish ---------------------------->|  persist finishing; cont; announce-self
  *    |              |<------------------------------- {resumedAt} -----|  persist finished
@@ -26,18 +28,19 @@
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
 import net from 'node:net';
+import fs from 'node:fs';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
 import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { CONSOLE_CONTROL } from '../api/protocol.ts';
+import { CONSOLE_CONTROL, MAX_REPAIR_BYTES } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
+import { dirtyTrackingUnreliable, differingChunks, overallDigest, readAt, type RamDigests } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
@@ -196,9 +199,10 @@ export class Source {
       // abandons like any other failure and the domain resumes here.
       const unreliable = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
       if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
-        policy.push(p.verifyMemory ? 'memory check requested: guest RAM compared by SHA-256 on both hosts before the destination runs'
-          : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so guest RAM is compared by SHA-256 on both hosts before the destination runs`);
-        stats.memoryCheck = await this.verifyMemory(j, q, client, live, mode, unreliable);
+        const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
+        policy.push(p.verifyMemory ? `memory check requested: ${how}`
+          : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
+        stats.memoryCheck = await this.verifyMemory(j, client, live, mode, unreliable);
       } else if (mode === 'live' && unreliable) {
         policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
       }
@@ -302,24 +306,64 @@ export class Source {
   }
 
   /**
-   * Hashes the paused source's RAM while the destination hashes its loaded copy, and
-   * refuses to go on unless both agree. The destination's answer is untrusted input.
+   * Compares per-chunk digests of the paused source's RAM and the destination's loaded
+   * copy, rewrites on the destination every chunk that differs, and refuses to go on
+   * unless a second digest of the destination then agrees everywhere. Both guests are
+   * paused throughout, so this is part of the pause. The destination's answers are
+   * untrusted input.
    */
-  private async verifyMemory(j: SourceJob, q: QmpClient, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<{ bytes: number; ms: number }> {
+  private async verifyMemory(j: SourceJob, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<NonNullable<Report['memoryCheck']>> {
     const t0 = Date.now();
-    const [mine, theirs] = await Promise.all([
-      this.host.ramDigest(live, q),
-      client.request<{ digest: unknown; bytes: unknown }>('relocation.digest', { jobId: j.jobId }, 180000),
-    ]);
-    if (typeof theirs?.digest !== 'string' || !/^[0-9a-f]{64}$/.test(theirs.digest) || theirs.bytes !== mine.bytes) {
-      throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest with something that is not a SHA-256 of ${mine.bytes} bytes`);
+    const ask = (): Promise<unknown> => client.request('relocation.digest', { jobId: j.jobId }, 180000);
+    const [mine, first] = await Promise.all([this.host.ramDigests(live), ask()]);
+    const theirs = (r: unknown): Buffer => {
+      const o = (r ?? {}) as { bytes?: unknown; chunkBytes?: unknown; digests?: unknown };
+      const d = typeof o.digests === 'string' ? Buffer.from(o.digests, 'base64') : Buffer.alloc(0);
+      if (o.bytes !== mine.bytes || o.chunkBytes !== mine.chunkBytes || d.length !== mine.digests.length) {
+        throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest with something that is not ${mine.digests.length / 32} chunk digests of ${mine.bytes} bytes`);
+      }
+      return d;
+    };
+    const diff = differingChunks(mine.digests, theirs(first));
+    let repairedBytes = 0;
+    if (diff.length > 0) {
+      repairedBytes = await this.repairMemory(j, client, live, mine, diff);
+      const left = differingChunks(mine.digests, theirs(await ask()));
+      if (left.length > 0) {
+        const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
+        throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, ${left.length} of its ${mine.digests.length / 32} RAM chunks on ${j.peer.name} differ from ${this.host.cfg.name}'s even after they were rewritten${why}. It keeps running on ${this.host.cfg.name}`);
+      }
+      this.log.warn('guest memory arrived different and was repaired', { jobId: j.jobId, domain: j.domain, chunks: diff.length, bytes: repairedBytes });
     }
-    if (theirs.digest !== mine.digest) {
-      const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
-      throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, its ${Math.round(mine.bytes / 1048576)} MiB of RAM on ${j.peer.name} differ from ${this.host.cfg.name}'s${why}. It keeps running on ${this.host.cfg.name}${mode === 'live' ? '; migrate it offline (without --live) instead' : ''}`);
+    const ms = Date.now() - t0;
+    this.log.info('guest memory verified', { jobId: j.jobId, domain: j.domain, bytes: mine.bytes, digest: overallDigest(mine.digests), ms });
+    return { bytes: mine.bytes, ms, repairedBytes, repairedChunks: diff.length };
+  }
+
+  /** Sends the source's version of the given chunks, a few requests in flight at once. */
+  private async repairMemory(j: SourceJob, client: ApiClient, live: Live, mine: RamDigests, chunks: number[]): Promise<number> {
+    const pieces: { offset: number; len: number }[] = [];
+    for (const c of chunks) {
+      const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
+      for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
     }
-    this.log.info('guest memory verified', { jobId: j.jobId, domain: j.domain, bytes: mine.bytes, ms: Date.now() - t0 });
-    return { bytes: mine.bytes, ms: Date.now() - t0 };
+    const { fd } = this.host.openRam(live);
+    let sent = 0;
+    try {
+      const worker = async (): Promise<void> => {
+        const buf = Buffer.alloc(MAX_REPAIR_BYTES);
+        for (let p = pieces.shift(); p; p = pieces.shift()) {
+          const got = await readAt(fd, buf, p.len, p.offset);
+          if (got !== p.len) throw new FerryError('MIGRATION_FAILED', `Cannot read ${p.len} bytes of "${j.domain}"'s RAM at ${p.offset}`);
+          await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
+          sent += p.len;
+        }
+      };
+      await Promise.all([worker(), worker(), worker(), worker()]);
+    } finally {
+      fs.closeSync(fd);
+    }
+    return sent;
   }
 
   /** Polls QEMU, reports progress, and applies the convergence policy and deadline. */

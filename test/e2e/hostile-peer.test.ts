@@ -84,6 +84,9 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
       req(11, 'relocation.abandon', { jobId: J }),
       req(12, 'relocation.prepare', { jobId: J }),
       req(13, 'relocation.begin', { ...begin, jobId: J }),
+      req(14, 'relocation.repair', { jobId: stranger, offset: 0, data: Buffer.alloc(4096).toString('base64') }),
+      req(15, 'relocation.repair', { jobId: J, offset: 0, data: Buffer.alloc(4096).toString('base64') }),
+      req(16, 'relocation.repair', { jobId: J, offset: 0, data: 'not base64!' }),
     ]);
     const codes = r.replies.map((x) => code(x) ?? (x?.result ? 'ok' : 'none'));
     assert.deepEqual(codes.slice(0, 4), ['JOB_NOT_FOUND', 'JOB_NOT_FOUND', 'JOB_NOT_FOUND', 'JOB_NOT_FOUND'], JSON.stringify(r.replies));
@@ -96,6 +99,9 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     assert.equal(r.replies[10].result.phase, 'abandoned', 'abandon is idempotent');
     assert.notEqual(codes[11], 'ok', 'prepare after abandon');
     assert.equal(codes[12], 'MIGRATION_PROTOCOL', 'Begin replayed after abandon');
+    assert.equal(codes[13], 'JOB_NOT_FOUND', 'a RAM repair for no job');
+    assert.equal(codes[14], 'MIGRATION_FAILED', 'a RAM repair after abandon');
+    assert.equal(codes[15], 'API_BAD_REQUEST', 'a RAM repair that is not base64');
     for (const c of codes) assert.ok(c === 'ok' || isErrorCode(c), `registered code: ${c}`);
 
     // Another trusted identity (the lab's admin certificate) cannot act on host1's job.
@@ -131,7 +137,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const d = labState().hosts[1].pid;
     const jobIds = [crypto.randomUUID(), crypto.randomUUID()];
     const anything = fc.oneof(fc.string(), fc.integer(), fc.boolean(), fc.constant(null), fc.constantFrom(...jobIds), fc.dictionary(fc.string(), fc.string(), { maxKeys: 3 }));
-    const action = fc.constantFrom('relocation.begin', 'relocation.prepare', 'relocation.digest', 'relocation.finish', 'relocation.abandon', 'relocation.confirm', 'relocation.status');
+    const action = fc.constantFrom('relocation.begin', 'relocation.prepare', 'relocation.digest', 'relocation.repair', 'relocation.finish', 'relocation.abandon', 'relocation.confirm', 'relocation.status');
     const jobId = fc.oneof(fc.constantFrom(...jobIds), fc.uuid(), fc.string());
     // Well-typed messages in any order reach the phase checks and beyond (a Begin that
     // passes pre-flight, a Prepare that starts QEMU, a Finish with no stream); near-valid
@@ -141,6 +147,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const typed = fc.oneof(
       fc.record({ action: fc.constantFrom('relocation.prepare', 'relocation.digest', 'relocation.confirm', 'relocation.status'), params: fc.record({ jobId }) }),
       fc.record({ action: fc.constant('relocation.finish'), params: fc.record({ jobId, running: fc.boolean() }) }),
+      fc.record({ action: fc.constant('relocation.repair'), params: fc.record({ jobId, offset: fc.integer({ min: -4096, max: 1 << 28 }), data: fc.uint8Array({ maxLength: 8192 }).map((b) => Buffer.from(b).toString('base64')) }) }),
       fc.record({ action: fc.constant('relocation.abandon'), params: fc.record({ jobId, reason: fc.string() }) }),
       fc.constantFrom(...jobIds).map((j) => ({ action: 'relocation.begin', params: { ...begin, jobId: j } })),
     );
