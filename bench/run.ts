@@ -60,7 +60,7 @@ function externalProbe(host: string, ip: string): { stop: () => Promise<{ longes
 // ---------------------------------------------------------------- contenders
 
 interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number }
-interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string }
+interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null }
 
 interface Guest {
   name: string;
@@ -99,7 +99,8 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
       return {
         contender: o.insecure ? 'ferry-plain' : o.parallel ? 'ferry-par2' : 'ferry', outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, setupMs: rep.setupMs ?? null,
         downtimeMs: rep.downtimeMs ?? null, guestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
-        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on'))].filter(Boolean).join('; ') || undefined,
+        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check on'))].filter(Boolean).join('; ') || undefined,
+        memoryCheck: rep.memoryCheck ?? null,
       };
     },
     destroy: async () => { await ferry(['-H', g.host, 'destroy', name]); await ferry(['-H', g.host, 'delete', name]); },
@@ -466,6 +467,16 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
   const L: string[] = [];
   L.push('# Benchmarks', '');
   L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
+  const checked = all.flatMap((a) => a.runs.filter((r) => r.memoryCheck).map((r) => ({ a, r, m: r.memoryCheck! })));
+  if (checked.length) {
+    const fixed = checked.filter((x) => x.m.repairedBytes > 0);
+    const where = [...new Set(fixed.map((x) => x.a.scenario.title))];
+    const mib = (b: number): string => (b / 1048576).toFixed(1);
+    L.push(`**Memory check.** ${checked.length} ferry runs had the memory check on (README "Memory check": live, TCG, QEMU before 9.0), which is part of their pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}). ` +
+      (fixed.length
+        ? `In ${fixed.length} of them QEMU's copy had arrived with stale RAM, ${mib(Math.min(...fixed.map((x) => x.m.repairedBytes)))}–${mib(Math.max(...fixed.map((x) => x.m.repairedBytes)))} MiB, which ferry rewrote from the source before the guest ran (${where.join('; ')}). The qmp and libvirt contenders run the same QEMU and do not check; their guests resume on such stale pages.`
+        : 'No run needed a repair.'), '');
+  }
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} under ${String(m.accel).toUpperCase()}, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest runs on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
   L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms; for ferry, the figure from its own report, measured the same way; for the others, the bench\'s probe); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **libvirt** (`virsh migrate --live --unsafe --persistent --undefinesource --timeout T` between two libvirtd 9.0 lab hosts, same guest, CPU model and bandwidth; libvirt\'s stream is plain TCP here, and at `--timeout` it suspends the guest to finish).', '');
   L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|');

@@ -34,7 +34,7 @@ async function main(): Promise<void> {
   const lab = JSON.parse(fs.readFileSync('/var/lib/ferry-lab/lab.json', 'utf8'));
   const pids: Record<string, number> = Object.fromEntries(lab.hosts.map((h: any) => [h.name, h.pid]));
   const samples: Sample[] = [];
-  const results: { i: number; outcome: string; totalMs: number | null; downtimeMs: number | null; error?: string }[] = [];
+  const results: { i: number; outcome: string; totalMs: number | null; downtimeMs: number | null; repairedBytes: number | null; error?: string }[] = [];
   let verified = false;
   try {
     const cfg = await ok(['lab', 'guest', 'pattern', 'endure', '--memory', '64', '--json']);
@@ -51,7 +51,7 @@ async function main(): Promise<void> {
       const to = from === 'host1' ? 'host2' : 'host1';
       const r = await ferry(['-H', from, 'migrate', 'endure', to, '--live', '--json']);
       const rep = r.json ?? {};
-      results.push({ i, outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, downtimeMs: rep.downtimeMs ?? null, ...(rep.error ? { error: rep.error.code } : {}) });
+      results.push({ i, outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, downtimeMs: rep.downtimeMs ?? null, repairedBytes: rep.memoryCheck?.repairedBytes ?? null, ...(rep.error ? { error: rep.error.code } : {}) });
       if (rep.outcome === 'succeeded') from = to;
       if (i % 10 === 0) for (const h of Object.keys(pids)) samples.push(sample(h, pids[h], i));
       if (tty) process.stderr.write(`\r  ${i}/${COUNT} migrations, ${results.filter((x) => x.outcome !== 'succeeded').length} failed`);
@@ -76,6 +76,7 @@ async function main(): Promise<void> {
     '## Endurance', '',
     `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS), after one warm-up each way.`, '',
     `- succeeded: **${ok_}/${COUNT}**; memory pattern consistent at the end: **${verified ? 'yes' : 'NO'}**; median total ${med} ms`,
+    `- memory check (README "Memory check") on ${results.filter((r) => r.repairedBytes !== null).length} migrations; RAM that arrived different and was rewritten in ${results.filter((r) => (r.repairedBytes ?? 0) > 0).length} of them (${(results.reduce((a, r) => a + (r.repairedBytes ?? 0), 0) / 1048576).toFixed(1)} MiB in all)`,
     ...growth.map((g) => `- ferryd on ${g.host}: open fds ${g.fds[0]} → ${g.fds[1]} (max ${g.maxFds}), child processes ${g.children[0]} → ${g.children[1]} (max ${g.maxChildren}), RSS ${g.rssMiB[0]} → ${g.rssMiB[1]} MiB`),
     '', 'Samples every 10 migrations are in `reliability/endurance.json`.', '',
   ].join('\n');

@@ -70,7 +70,7 @@ async function restartIfDown(): Promise<void> {
   for (const h of s.hosts) if (!alive(h.pid)) await ferry(['lab', 'restart', h.name]);
 }
 
-interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; code?: string; survived: boolean; problems: string[] }
+interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; code?: string; survived: boolean; problems: string[]; repairedBytes?: number }
 
 async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
@@ -134,6 +134,7 @@ async function main(): Promise<void> {
       const r = await mig;
       const outcome = r.json?.outcome ?? (r.code === 0 ? 'succeeded' : `exit ${r.code}`);
       const code: string | undefined = r.json?.error?.code;
+      const repairedBytes: number | undefined = r.json?.memoryCheck?.repairedBytes;
       // settle: no unfinished job on either host
       for (let k = 0; k < 120 && activeJobs() > 0; k++) await sleep(500);
       if (activeJobs() > 0) problems.push('a job never settled');
@@ -162,7 +163,7 @@ async function main(): Promise<void> {
         if (listeners.length) problems.push(`migration listeners left on ${h}: ${listeners.join(',')}`);
       }
       const survived = problems.length === 0;
-      rounds.push({ index: i, fault, delayMs, from, phase, outcome, code, survived, problems });
+      rounds.push({ index: i, fault, delayMs, from, phase, outcome, code, survived, problems, ...(repairedBytes !== undefined ? { repairedBytes } : {}) });
       process.stderr.write(`  [${i + 1}/${COUNT}] ${fault.padEnd(16)} at ${String(delayMs).padStart(4)} ms (${phase.padEnd(12)}) → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`);
       // bring the domain back for the next round if the fault crashed it
       if (crashed.length === 1 && running.length === 0) {
@@ -205,6 +206,11 @@ function writeReport(): void {
     '| source phase at injection | injected | survived |', '|---|---|---|', ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
     'What the migration itself answered (a fault may or may not stop it; either way the invariants must hold):', '',
     '| migration outcome | rounds |', '|---|---|', ...[...by((r) => r.code ?? r.outcome)].map(([k, v]) => `| ${k} | ${v.n} |`), ''];
+  const checked = all.filter((r) => r.repairedBytes !== undefined);
+  if (checked.length) {
+    const fixed = checked.filter((r) => r.repairedBytes! > 0);
+    L.push(`Memory check with repair (README "Memory check"; campaigns before it refused instead): ${checked.length} completed copies checked, ${fixed.length} of them had RAM that arrived different and was rewritten from the source before the guest ran (${(fixed.reduce((a, r) => a + r.repairedBytes!, 0) / 1048576).toFixed(1)} MiB in all).`, '');
+  }
   const failed = all.filter((r) => !r.survived);
   if (failed.length) L.push('Failures (replay with `npm run faults -- --seed S --count INDEX+1`):', '', ...failed.map((r) => `- seed ${r.seed}, round ${r.index}: ${r.fault} at ${r.delayMs} ms (${r.phase}): ${r.problems.join('; ')}`), '');
   const md = L.join('\n');

@@ -56,7 +56,7 @@ export const ERRORS = {
   MIGRATION_FAILED: { exit: 9, doc: 'the migration failed; the source domain keeps running' },
   MIGRATION_CANCELLED: { exit: 9, doc: 'the migration was cancelled; the source domain keeps running' },
   MIGRATION_NOT_CONVERGING: { exit: 9, doc: 'the pre-copy did not converge before its deadline' },
-  MIGRATION_MEMORY_MISMATCH: { exit: 9, doc: 'the destination\'s copy of guest RAM differs from the source\'s; the source domain keeps running' },
+  MIGRATION_MEMORY_MISMATCH: { exit: 9, doc: 'the destination\'s copy of guest RAM still differs from the source\'s after it was rewritten; the source domain keeps running' },
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;

@@ -18,7 +18,7 @@ import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { openGuestRam, digestRam, readAt, type RamDigests } from '../qemu/memory.ts';
+import { openGuestRam, digestRam, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -608,7 +608,7 @@ export class Host extends EventEmitter {
 
   /**
    * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM, read
-   * from its memfd while the guest is stopped (it is resumed afterwards if it ran).
+   * while the guest is stopped (it is resumed afterwards if it ran).
    */
   async sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
     const live = this.get(name);
@@ -620,15 +620,15 @@ export class Host extends EventEmitter {
       if (wasRunning) await qmp.execute('stop');
       const pages = (endMiB - startMiB) * 256;
       const out = Buffer.alloc(pages);
-      const { fd } = this.openRam(live);
+      const ram = await this.openRam(live);
       try {
         const chunk = Buffer.alloc(1048576);
         for (let mib = 0; mib < endMiB - startMiB; mib++) {
-          await readAt(fd, chunk, chunk.length, (startMiB + mib) * 1048576);
+          await ram.read(chunk, chunk.length, (startMiB + mib) * 1048576);
           for (let p = 0; p < 256; p++) out[mib * 256 + p] = chunk[p * 4096];
         }
       } finally {
-        fs.closeSync(fd);
+        ram.close();
       }
       return { bytes: out.toString('base64'), pages };
     } finally {
@@ -638,21 +638,20 @@ export class Host extends EventEmitter {
   }
 
   /**
-   * Opens a domain's RAM memfd (qemu/memory.ts); the caller closes the fd. Only while
-   * its guest is stopped do the bytes mean anything.
+   * Opens a domain's main RAM (qemu/memory.ts); the caller closes it. Only while its
+   * guest is stopped do the bytes mean anything.
    */
-  openRam(live: Live, write = false): { fd: number; bytes: number } {
+  openRam(live: Live, write = false): Promise<GuestRam> {
     const s = live.rec.state;
     const c = live.rec.config;
-    if (!hasProcess(s)) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
-    const bytes = c.memoryMiB * 1048576;
-    return { fd: openGuestRam(s.pid, bytes, write), bytes };
+    if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
+    return openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write);
   }
 
   /** Per-chunk SHA-256 of a paused domain's RAM (the migration memory check). */
   async ramDigests(live: Live): Promise<RamDigests> {
-    const { fd, bytes } = this.openRam(live);
-    try { return await digestRam(fd, bytes); } finally { fs.closeSync(fd); }
+    const ram = await this.openRam(live);
+    try { return await digestRam(ram); } finally { ram.close(); }
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */

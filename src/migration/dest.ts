@@ -5,7 +5,6 @@
  * job and the TLS identity of the peer that sent it.
  */
 import net from 'node:net';
-import fs from 'node:fs';
 import crypto from 'node:crypto';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
@@ -15,7 +14,6 @@ import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { writeRam } from '../qemu/memory.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
@@ -289,13 +287,13 @@ export class Destination {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'repair its memory');
     const data = Buffer.from(String(p.data), 'base64');
-    const { fd, bytes } = await this.ramOrAbandon(j, 'open', async () => this.host.openRam(live, true));
+    const ram = await this.ramOrAbandon(j, 'open', () => this.host.openRam(live, true));
     try {
-      writeRam(fd, bytes, Number(p.offset), data);
+      ram.write(Number(p.offset), data);
     } catch (e) {
       throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
     } finally {
-      fs.closeSync(fd);
+      ram.close();
     }
     return { written: data.length };
   }

@@ -28,7 +28,6 @@
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
 import net from 'node:net';
-import fs from 'node:fs';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
 import { FerryError, asFerryError } from '../errors.ts';
@@ -40,7 +39,7 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { dirtyTrackingUnreliable, differingChunks, overallDigest, readAt, type RamDigests } from '../qemu/memory.ts';
+import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
@@ -347,13 +346,13 @@ export class Source {
       const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
       for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
     }
-    const { fd } = this.host.openRam(live);
+    const ram = await this.host.openRam(live);
     let sent = 0;
     try {
       const worker = async (): Promise<void> => {
         const buf = Buffer.alloc(MAX_REPAIR_BYTES);
         for (let p = pieces.shift(); p; p = pieces.shift()) {
-          const got = await readAt(fd, buf, p.len, p.offset);
+          const got = await ram.read(buf, p.len, p.offset);
           if (got !== p.len) throw new FerryError('MIGRATION_FAILED', `Cannot read ${p.len} bytes of "${j.domain}"'s RAM at ${p.offset}`);
           await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
           sent += p.len;
@@ -361,7 +360,7 @@ export class Source {
       };
       await Promise.all([worker(), worker(), worker(), worker()]);
     } finally {
-      fs.closeSync(fd);
+      ram.close();
     }
     return sent;
   }

@@ -29,10 +29,7 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
   const a: string[] = [
     '-name', `guest=${c.name},debug-threads=on`,
     '-uuid', c.uuid,
-    // Guest RAM is a memfd named like the default backend ("pc.ram"), so the stream is
-    // the same as a plain QEMU's and ferryd can read and repair it (qemu/memory.ts).
-    '-machine', `${r.machine},accel=${r.accel},memory-backend=pc.ram`,
-    '-object', `memory-backend-memfd,id=pc.ram,size=${c.memoryMiB}M,share=on${r.preallocate ? ',prealloc=on' : ''}`,
+    '-machine', `${r.machine},accel=${r.accel}`,
     '-cpu', r.cpuModel,
     '-m', `${c.memoryMiB}M`,
     '-smp', String(c.vcpus),
@@ -44,6 +41,7 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     // instruction, so no early console output is lost and every state change is seen.
     '-S',
   ];
+  if (r.preallocate) a.push('-mem-prealloc');
   if (c.boot.kind === 'kernel') {
     a.push('-bios', QBOOT_ROM, '-kernel', c.boot.kernel);
     if (c.boot.initrd) a.push('-initrd', c.boot.initrd);

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { dirtyTrackingUnreliable, chunkBytesFor, digestRam, differingChunks, writeRam } from './memory.ts';
+import { dirtyTrackingUnreliable, chunkBytesFor, digestRam, differingChunks, parseGpa2hva, GuestRam } from './memory.ts';
 
 test('only TCG on QEMU before 9.0 has the dirty-tracking bug', () => {
   assert.equal(dirtyTrackingUnreliable('tcg', '7.2.18'), true);
@@ -31,9 +31,10 @@ test('digests find exactly the chunks that differ, and a repair makes them equal
     img[5 * 262144 + 4096 * 3 + 7] ^= 1; // chunk 5
     img[bytes - 1] ^= 1; // the short last chunk
     fs.writeFileSync(b, img);
-    const fa = fs.openSync(a, 'r'), fb = fs.openSync(b, 'r+');
+    // A file stands in for /proc/PID/mem: the same reads and writes, at base 0.
+    const fa = new GuestRam(fs.openSync(a, 'r'), 0, bytes), fb = new GuestRam(fs.openSync(b, 'r+'), 0, bytes);
     try {
-      const [da, db] = [await digestRam(fa, bytes), await digestRam(fb, bytes)];
+      const [da, db] = [await digestRam(fa), await digestRam(fb)];
       assert.equal(da.chunkBytes, 262144);
       assert.equal(da.digests.length, 13 * 32);
       const diff = differingChunks(da.digests, db.digests);
@@ -41,16 +42,24 @@ test('digests find exactly the chunks that differ, and a repair makes them equal
       const fix = Buffer.alloc(262144);
       for (const c of diff) {
         const len = Math.min(262144, bytes - c * 262144);
-        fs.readSync(fa, fix, 0, len, c * 262144);
-        writeRam(fb, bytes, c * 262144, fix.subarray(0, len));
+        assert.equal(await fa.read(fix, len, c * 262144), len);
+        fb.write(c * 262144, fix.subarray(0, len));
       }
-      assert.deepEqual(differingChunks(da.digests, (await digestRam(fb, bytes)).digests), []);
-      assert.throws(() => writeRam(fb, bytes, 100, Buffer.alloc(4096)), /not page-aligned/);
-      assert.throws(() => writeRam(fb, bytes, bytes - 4096, Buffer.alloc(8192)), /inside/);
+      assert.deepEqual(differingChunks(da.digests, (await digestRam(fb)).digests), []);
+      assert.throws(() => fb.write(100, Buffer.alloc(4096)), /not page-aligned/);
+      assert.throws(() => fb.write(bytes - 4096, Buffer.alloc(8192)), /inside/);
+      assert.throws(() => fb.write(-4096, Buffer.alloc(4096)), /inside/);
+      await assert.rejects(fa.read(fix, 8192, bytes - 4096), /outside/);
     } finally {
-      fs.closeSync(fa); fs.closeSync(fb);
+      fa.close(); fb.close();
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('only an address in the main RAM block is accepted from gpa2hva', () => {
+  assert.equal(parseGpa2hva('Host virtual address for 0x0 (pc.ram) is 0x7ff39be00000\r\n'), 0x7ff39be00000);
+  assert.throws(() => parseGpa2hva('Host virtual address for 0x0 (pc.bios) is 0x7ff39be00000'), /unexpected answer/);
+  assert.throws(() => parseGpa2hva('No memory is mapped at address 0x0'), /unexpected answer/);
 });

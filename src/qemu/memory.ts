@@ -1,8 +1,11 @@
 /**
- * Guest RAM as ferryd reads and writes it: every domain's RAM is a memfd
- * (`memory-backend-memfd`, see argv.ts), which ferryd opens through /proc/PID/fd while
- * the guest is stopped. Nothing the size of guest RAM touches the disk, and reading is
- * as fast as hashing (about 1.5 GB/s with SHA-NI), against ~130 MB/s through pmemsave.
+ * Guest RAM as ferryd reads and writes it: through /proc/PID/mem of the domain's QEMU
+ * (ferryd runs as root), at the host address where QEMU maps the main RAM block, which
+ * QEMU itself reports (HMP `gpa2hva 0`). Only while the guest is stopped do the bytes
+ * mean anything. Nothing the size of guest RAM touches the disk, never-touched pages
+ * read as the shared zero page without being allocated, and reading runs at several
+ * GB/s, so hashing (about 1.5 GB/s with SHA-NI) is the cost, against ~130 MB/s through
+ * pmemsave. (A memfd backend was tried first: it made QEMU's own stream 6× slower.)
  *
  * Why ferry needs this: QEMU before 9.0 loses dirty-page tracking under TCG. Its fast
  * path for syncing the migration bitmap (aa8dc044772, "synchronize memory bitmap 64bits
@@ -15,16 +18,15 @@
  * memory access"); Debian 12 ships 7.2. KVM tracks dirty pages in the kernel.
  *
  * So the migration compares per-chunk SHA-256 digests of both paused copies and writes
- * the source's version of every chunk that differs into the destination's memfd
+ * the source's version of every chunk that differs into the destination's RAM
  * (migration/source.ts). The main RAM block is the only guest-writable one ferry's
  * machines have (`-vga none`; the BIOS, option ROMs and ACPI tables are read-only ROM
  * blocks), so equal main RAM is equal guest memory.
  */
 import fs from 'node:fs';
 import crypto from 'node:crypto';
+import type { QmpClient } from '../qmp/client.ts';
 
-/** QEMU names a memfd after the backend's type, not its id. */
-const MEMFD_LINK = '/memfd:memory-backend-memfd (deleted)';
 const PAGE = 4096;
 /** Digests sent in one message: 8192 × 32 bytes stays far below the API's 1 MiB. */
 const MAX_CHUNKS = 8192;
@@ -43,23 +45,39 @@ export function chunkBytesFor(bytes: number): number {
   return c;
 }
 
-/**
- * Opens the RAM memfd of QEMU process `pid`, which must be exactly `bytes` long (a
- * process without one, or with another size, is not a ferry domain of that size).
- */
-export function openGuestRam(pid: number, bytes: number, write = false): number {
-  const dir = `/proc/${pid}/fd`;
-  let names: string[];
-  try { names = fs.readdirSync(dir); } catch (e) { throw new Error(`cannot list ${dir}: ${(e as NodeJS.ErrnoException).code}`); }
-  for (const n of names) {
-    let link: string;
-    try { link = fs.readlinkSync(`${dir}/${n}`); } catch { continue; }
-    if (link !== MEMFD_LINK) continue;
-    const fd = fs.openSync(`${dir}/${n}`, write ? 'r+' : 'r');
-    if (fs.fstatSync(fd).size === bytes) return fd;
-    fs.closeSync(fd);
+/** The main RAM block of a QEMU, `bytes` long, mapped at `base` in its address space. */
+export class GuestRam {
+  constructor(readonly fd: number, readonly base: number, readonly bytes: number) {}
+
+  read(buf: Buffer, len: number, offset: number): Promise<number> {
+    if (offset < 0 || offset + len > this.bytes) return Promise.reject(new Error(`a RAM read of ${len} bytes at ${offset} is outside ${this.bytes} bytes`));
+    return new Promise((resolve, reject) => fs.read(this.fd, buf, 0, len, this.base + offset, (e, n) => (e ? reject(e) : resolve(n))));
   }
-  throw new Error(`QEMU ${pid} has no ${Math.round(bytes / 1048576)} MiB RAM memfd (a domain started before ferry used memory-backend-memfd: restart it)`);
+
+  /** Writes `data` at `offset`; page-aligned and inside the block, or it throws. */
+  write(offset: number, data: Buffer): void {
+    if (offset % PAGE !== 0 || data.length % PAGE !== 0 || data.length === 0 || offset < 0 || offset + data.length > this.bytes) {
+      throw new Error(`a RAM write of ${data.length} bytes at ${offset} is not page-aligned inside ${this.bytes} bytes`);
+    }
+    let done = 0;
+    while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, this.base + offset + done);
+  }
+
+  close(): void { fs.closeSync(this.fd); }
+}
+
+/** Parses HMP's `gpa2hva 0` answer; the address must belong to the main RAM block. */
+export function parseGpa2hva(text: string): number {
+  const m = /^Host virtual address for 0x0 \(pc\.ram\) is (0x[0-9a-f]+)\s*$/i.exec(text.trim());
+  if (!m) throw new Error(`unexpected answer to gpa2hva: ${JSON.stringify(text.slice(0, 120))}`);
+  return Number(m[1]);
+}
+
+/** Opens the main RAM of QEMU process `pid`, whose QMP is `qmp`, as `bytes` long. */
+export async function openGuestRam(qmp: QmpClient, pid: number, bytes: number, write = false): Promise<GuestRam> {
+  const base = parseGpa2hva(await qmp.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
+  const fd = fs.openSync(`/proc/${pid}/mem`, write ? 'r+' : 'r');
+  return new GuestRam(fd, base, bytes);
 }
 
 export interface RamDigests {
@@ -71,8 +89,9 @@ export interface RamDigests {
 }
 
 /** Per-chunk SHA-256 of `bytes` of RAM read from `fd`, without blocking the event loop for long. */
-export async function digestRam(fd: number, bytes: number): Promise<RamDigests> {
+export async function digestRam(ram: GuestRam): Promise<RamDigests> {
   const t0 = Date.now();
+  const bytes = ram.bytes;
   const chunkBytes = chunkBytesFor(bytes);
   const n = Math.ceil(bytes / chunkBytes);
   const digests = Buffer.alloc(n * 32);
@@ -80,7 +99,7 @@ export async function digestRam(fd: number, bytes: number): Promise<RamDigests> 
   for (let i = 0; i < n; i += 16) {
     const off = i * chunkBytes;
     const len = Math.min(buf.length, bytes - off);
-    const got = await readAt(fd, buf, len, off);
+    const got = await ram.read(buf, len, off);
     if (got !== len) throw new Error(`guest RAM ended at ${off + got} of ${bytes} bytes`);
     for (let k = 0; k < 16 && i + k < n; k++) {
       const s = k * chunkBytes;
@@ -101,17 +120,4 @@ export function differingChunks(a: Buffer, b: Buffer): number[] {
 /** One digest over the whole list, for logs and reports. */
 export function overallDigest(d: Buffer): string {
   return crypto.createHash('sha256').update(d).digest('hex');
-}
-
-export function readAt(fd: number, buf: Buffer, len: number, offset: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.read(fd, buf, 0, len, offset, (e, n) => (e ? reject(e) : resolve(n))));
-}
-
-/** Writes `data` at `offset` of guest RAM; page-aligned and inside it, or it throws. */
-export function writeRam(fd: number, bytes: number, offset: number, data: Buffer): void {
-  if (offset % PAGE !== 0 || data.length % PAGE !== 0 || data.length === 0 || offset + data.length > bytes) {
-    throw new Error(`a RAM write of ${data.length} bytes at ${offset} is not page-aligned inside ${bytes} bytes`);
-  }
-  let done = 0;
-  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, offset + done);
 }

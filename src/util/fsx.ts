@@ -87,27 +87,37 @@ export function readJson<T = unknown>(file: string): T {
   return JSON.parse(fs.readFileSync(file, 'utf8')) as T;
 }
 
-/** Splits a byte stream into lines; refuses lines longer than maxLine. */
+/**
+ * Splits a byte stream into lines; refuses lines longer than maxLine. A long line (a RAM
+ * repair is ~700 KB) arrives in many chunks: only each new chunk is searched for the
+ * newline and the parts are joined once, so a line costs O(its length), not O(length²).
+ */
 export class LineSplitter {
-  private buf = '';
+  private parts: string[] = [];
+  private size = 0;
   constructor(private readonly onLine: (line: string) => void, private readonly maxLine = 1024 * 1024, private readonly onOverflow?: () => void) {}
   push(chunk: string): void {
-    this.buf += chunk;
     let i: number;
-    while ((i = this.buf.indexOf('\n')) >= 0) {
-      const line = this.buf.slice(0, i);
-      this.buf = this.buf.slice(i + 1);
+    while ((i = chunk.indexOf('\n')) >= 0) {
+      this.parts.push(chunk.slice(0, i));
+      chunk = chunk.slice(i + 1);
+      const line = this.parts.join('');
+      this.parts = [];
+      this.size = 0;
       this.onLine(line);
     }
-    if (this.buf.length > this.maxLine) {
-      this.buf = '';
+    if (chunk.length > 0) { this.parts.push(chunk); this.size += chunk.length; }
+    if (this.size > this.maxLine) {
+      this.parts = [];
+      this.size = 0;
       this.onOverflow?.();
     }
   }
   /** Whatever is left after the last newline (used when switching a stream to raw mode). */
   drain(): string {
-    const b = this.buf;
-    this.buf = '';
+    const b = this.parts.join('');
+    this.parts = [];
+    this.size = 0;
     return b;
   }
 }
