@@ -352,13 +352,21 @@ export class Source {
       const worker = async (): Promise<void> => {
         const buf = Buffer.alloc(MAX_REPAIR_BYTES);
         for (let p = pieces.shift(); p; p = pieces.shift()) {
-          const got = await ram.read(buf, p.len, p.offset);
-          if (got !== p.len) throw new FerryError('MIGRATION_FAILED', `Cannot read ${p.len} bytes of "${j.domain}"'s RAM at ${p.offset}`);
-          await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
+          try {
+            const got = await ram.read(buf, p.len, p.offset);
+            if (got !== p.len) throw new FerryError('MIGRATION_FAILED', `Cannot read ${p.len} bytes of "${j.domain}"'s RAM at ${p.offset}`);
+            await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
+          } catch (e) {
+            pieces.length = 0; // the others stop after their current piece
+            throw e;
+          }
           sent += p.len;
         }
       };
-      await Promise.all([worker(), worker(), worker(), worker()]);
+      // Every worker must have stopped before the RAM is closed (its fd could be reused).
+      const done = await Promise.allSettled([worker(), worker(), worker(), worker()]);
+      const failed = done.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
     } finally {
       ram.close();
     }

@@ -47,11 +47,35 @@ export function chunkBytesFor(bytes: number): number {
 
 /** The main RAM block of a QEMU, `bytes` long, mapped at `base` in its address space. */
 export class GuestRam {
-  constructor(readonly fd: number, readonly base: number, readonly bytes: number) {}
+  /** `pagemap`: the process's /proc/PID/pagemap, or null where every page counts as populated. */
+  constructor(readonly fd: number, readonly base: number, readonly bytes: number, private readonly pagemap: number | null = null) {}
+
+  /**
+   * For each chunk, whether any of its pages is in memory or in swap. A page that is in
+   * neither was never touched and reads as zero, and reading it through /proc/PID/mem
+   * costs a page fault: a 1 GiB guest that has touched a tenth of its RAM hashes in a
+   * tenth of the time by skipping such chunks. (Bits 63 and 62 of a pagemap entry.)
+   */
+  async populated(chunkBytes: number): Promise<boolean[]> {
+    const n = Math.ceil(this.bytes / chunkBytes);
+    if (this.pagemap === null) return new Array<boolean>(n).fill(true);
+    const out = new Array<boolean>(n).fill(false);
+    const pages = this.bytes / PAGE;
+    const per = chunkBytes / PAGE;
+    const batch = 65536;
+    const buf = Buffer.alloc(8 * batch);
+    for (let p0 = 0; p0 < pages; p0 += batch) {
+      const cnt = Math.min(batch, pages - p0);
+      const got = await pread(this.pagemap, buf, cnt * 8, (this.base / PAGE + p0) * 8);
+      if (got !== cnt * 8) throw new Error(`pagemap ended after ${p0 + got / 8} of ${pages} pages`);
+      for (let k = 0; k < cnt; k++) if (buf.readUInt32LE(k * 8 + 4) & 0xc0000000) out[Math.floor((p0 + k) / per)] = true;
+    }
+    return out;
+  }
 
   read(buf: Buffer, len: number, offset: number): Promise<number> {
     if (offset < 0 || offset + len > this.bytes) return Promise.reject(new Error(`a RAM read of ${len} bytes at ${offset} is outside ${this.bytes} bytes`));
-    return new Promise((resolve, reject) => fs.read(this.fd, buf, 0, len, this.base + offset, (e, n) => (e ? reject(e) : resolve(n))));
+    return pread(this.fd, buf, len, this.base + offset);
   }
 
   /** Writes `data` at `offset`; page-aligned and inside the block, or it throws. */
@@ -63,7 +87,14 @@ export class GuestRam {
     while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, this.base + offset + done);
   }
 
-  close(): void { fs.closeSync(this.fd); }
+  close(): void {
+    fs.closeSync(this.fd);
+    if (this.pagemap !== null) fs.closeSync(this.pagemap);
+  }
+}
+
+function pread(fd: number, buf: Buffer, len: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, 0, len, position, (e, n) => (e ? reject(e) : resolve(n))));
 }
 
 /** Parses HMP's `gpa2hva 0` answer; the address must belong to the main RAM block. */
@@ -77,7 +108,9 @@ export function parseGpa2hva(text: string): number {
 export async function openGuestRam(qmp: QmpClient, pid: number, bytes: number, write = false): Promise<GuestRam> {
   const base = parseGpa2hva(await qmp.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
   const fd = fs.openSync(`/proc/${pid}/mem`, write ? 'r+' : 'r');
-  return new GuestRam(fd, base, bytes);
+  let pagemap: number;
+  try { pagemap = fs.openSync(`/proc/${pid}/pagemap`, 'r'); } catch (e) { fs.closeSync(fd); throw e; }
+  return new GuestRam(fd, base, bytes, pagemap);
 }
 
 export interface RamDigests {
@@ -88,23 +121,27 @@ export interface RamDigests {
   ms: number;
 }
 
-/** Per-chunk SHA-256 of `bytes` of RAM read from `fd`, without blocking the event loop for long. */
+/** Per-chunk SHA-256 of a stopped guest's RAM; chunks never touched are not read. */
 export async function digestRam(ram: GuestRam): Promise<RamDigests> {
   const t0 = Date.now();
   const bytes = ram.bytes;
   const chunkBytes = chunkBytesFor(bytes);
-  const n = Math.ceil(bytes / chunkBytes);
-  const digests = Buffer.alloc(n * 32);
-  const buf = Buffer.alloc(chunkBytes * 16);
-  for (let i = 0; i < n; i += 16) {
-    const off = i * chunkBytes;
-    const len = Math.min(buf.length, bytes - off);
-    const got = await ram.read(buf, len, off);
-    if (got !== len) throw new Error(`guest RAM ended at ${off + got} of ${bytes} bytes`);
-    for (let k = 0; k < 16 && i + k < n; k++) {
-      const s = k * chunkBytes;
-      crypto.createHash('sha256').update(buf.subarray(s, Math.min(s + chunkBytes, len))).digest().copy(digests, (i + k) * 32);
+  const present = await ram.populated(chunkBytes);
+  const digests = Buffer.alloc(present.length * 32);
+  const buf = Buffer.alloc(chunkBytes);
+  const zero = new Map<number, Buffer>();
+  for (let i = 0; i < present.length; i++) {
+    const len = Math.min(chunkBytes, bytes - i * chunkBytes);
+    let d: Buffer | undefined;
+    if (!present[i]) {
+      d = zero.get(len);
+      if (!d) zero.set(len, (d = crypto.createHash('sha256').update(Buffer.alloc(len)).digest()));
+    } else {
+      const got = await ram.read(buf, len, i * chunkBytes);
+      if (got !== len) throw new Error(`guest RAM ended at ${i * chunkBytes + got} of ${bytes} bytes`);
+      d = crypto.createHash('sha256').update(buf.subarray(0, len)).digest();
     }
+    d.copy(digests, i * 32);
   }
   return { bytes, chunkBytes, digests, ms: Date.now() - t0 };
 }
