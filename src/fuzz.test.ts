@@ -15,6 +15,7 @@ import { FerryError, isErrorCode } from './errors.ts';
 import { parseDomainConfig } from './domain/config.ts';
 import { parseRequest, ACTIONS } from './api/protocol.ts';
 import { parseBegin } from './migration/dest.ts';
+import { PROTOCOL_VERSION } from './migration/phases.ts';
 import { ApiServer } from './daemon/server.ts';
 import { Logger } from './daemon/log.ts';
 
@@ -51,7 +52,7 @@ test(`API request parser: ${RUNS} random requests end in a request or a coded er
 
 test(`relocation Begin parser: ${RUNS} random messages end in a message or MIGRATION_PROTOCOL`, () => {
   const good = {
-    version: 1, jobId: '00000000-0000-4000-8000-000000000001', mode: 'live',
+    version: PROTOCOL_VERSION, jobId: '00000000-0000-4000-8000-000000000001', mode: 'live',
     peer: { name: 'host1', version: '0.1.0', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } },
     domain: { config: { name: 'web', memory: 64, boot: { kernel: '/k' } }, fileSizes: { '/k': 1 }, machine: 'pc-i440fx-7.2', cpuModel: 'qemu64' },
   };

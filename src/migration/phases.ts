@@ -16,7 +16,11 @@
  */
 import { FerryError } from '../errors.ts';
 
-export const PROTOCOL_VERSION = 1;
+/**
+ * Begin refuses any other version, so hosts that would disagree later (after the copy)
+ * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
+ */
+export const PROTOCOL_VERSION = 2;
 
 export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';

@@ -17,6 +17,7 @@ import fc from 'fast-check';
 import { ok, fails, labUp, labDown, labState, inNs, ferrydLog, domainRecord, tlsCall, reconfigure, createGuest, pidAlive, ROOT } from '../helpers.ts';
 import { parseDomainConfig } from '../../src/domain/config.ts';
 import { fileSizes } from '../../src/migration/preflight.ts';
+import { PROTOCOL_VERSION } from '../../src/migration/phases.ts';
 import { issueHostCert } from '../../src/tls/ca.ts';
 import { isErrorCode } from '../../src/errors.ts';
 
@@ -59,7 +60,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const h1 = await ok(['-H', 'host1', 'host', 'info', '--json']);
     const config = await ok(['lab', 'guest', 'pattern', 'ghost', '--memory', '64', '--json']);
     begin = {
-      version: 1, mode: 'live', insecure: false, parallel: 1,
+      version: PROTOCOL_VERSION, mode: 'live', insecure: false, parallel: 1,
       peer: { name: 'host1', version: h1.version, arch: h1.arch, accel: h1.accel, cpuModel: h1.cpuModel, cpuFeatures: h1.cpuFeatures, machine: h1.machine, networks: h1.networks },
       domain: { config, fileSizes: fileSizes(parseDomainConfig(config)), machine: h1.machine, cpuModel: h1.cpuModel },
     };

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { ok, fails, labUp, labDown, createGuest, reconfigure, tlsCall, ferrydLog, inNs, tmpFile, labState, domainRecord } from '../helpers.ts';
 import { caInit, issueHostCert } from '../../src/tls/ca.ts';
+import { PROTOCOL_VERSION } from '../../src/migration/phases.ts';
 
 const pids: Record<string, number> = {};
 
@@ -125,9 +126,9 @@ describe('migration refusals (lab)', () => {
     };
     const v = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: begin });
     assert.equal(v.lines[0].error.code, 'MIGRATION_DEST_VERSION');
-    const bad = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: 1, mode: 'teleport' } });
+    const bad = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, mode: 'teleport' } });
     assert.equal(bad.lines[0].error.code, 'MIGRATION_PROTOCOL');
-    const liar = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: 1, peer: { ...begin.peer, name: 'host3' } } });
+    const liar = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, peer: { ...begin.peer, name: 'host3' } } });
     assert.equal(liar.lines[0].error.code, 'MIGRATION_PROTOCOL');
     const noJob = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.finish', params: { jobId: '00000000-0000-4000-8000-000000000002' } });
     assert.equal(noJob.lines[0].error.code, 'JOB_NOT_FOUND');
