@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { checkOffer, type SourceFacts, type DestFacts } from './preflight.ts';
+import { PROTOCOL_VERSION as V } from './phases.ts';
 import { parseDomainConfig } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
 
@@ -13,23 +14,23 @@ function code(f: () => void): string {
 }
 
 test('a matching destination passes', () => {
-  assert.equal(code(() => checkOffer(1, src, dst, c, true)), 'OK');
+  assert.equal(code(() => checkOffer(V, src, dst, c, true)), 'OK');
 });
 
 test('each mismatch is refused with its own code and a message that names the fix', () => {
-  assert.equal(code(() => checkOffer(2, src, dst, c, true)), 'MIGRATION_DEST_VERSION');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, name: 'host1' }, c, true)), 'MIGRATION_SAME_HOST');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, domainNames: ['web1'] }, c, true)), 'MIGRATION_DEST_EXISTS');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, domainUuids: [c.uuid] }, c, true)), 'MIGRATION_DEST_EXISTS');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, arch: 'aarch64' }, c, true)), 'MIGRATION_DEST_ARCH');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } } }, c, true)), 'MIGRATION_DEST_L2');
+  assert.equal(code(() => checkOffer(V + 1, src, dst, c, true)), 'MIGRATION_DEST_VERSION');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, name: 'host1' }, c, true)), 'MIGRATION_SAME_HOST');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, domainNames: ['web1'] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, domainUuids: [c.uuid] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, arch: 'aarch64' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } } }, c, true)), 'MIGRATION_DEST_L2');
   try {
-    checkOffer(1, src, { ...dst, freeMiB: 512 }, c, true);
+    checkOffer(V, src, { ...dst, freeMiB: 512 }, c, true);
     assert.fail('should refuse');
   } catch (e) {
     assert.ok(e instanceof FerryError);
@@ -39,8 +40,8 @@ test('each mismatch is refused with its own code and a message that names the fi
 });
 
 test('a shut-off domain needs no memory or CPU match, only the definition\'s needs', () => {
-  assert.equal(code(() => checkOffer(1, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
-  assert.equal(code(() => checkOffer(1, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
 });
 
 test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_PROTOCOL', async () => {
