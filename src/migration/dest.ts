@@ -287,6 +287,9 @@ export class Destination {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'repair its memory');
     const data = Buffer.from(String(p.data), 'base64');
+    const n = (this.repairs.get(j.jobId) ?? 0) + 1;
+    this.repairs.set(j.jobId, n);
+    if (n === 1) this.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });
     const ram = await this.ramOrAbandon(j, 'open', () => this.host.openRam(live, true));
     try {
       ram.write(Number(p.offset), data);
@@ -314,6 +317,7 @@ export class Destination {
     if (j.mode === 'definition') return this.finishDefinition(j);
     const { live, q } = await this.loaded(j, 'finish');
     const h = this.host;
+    this.repairs.delete(j.jobId);
     const running = p.running !== false;
     // ---- point of no return: persisted before the guest runs here ----
     if (this.abandoning.has(j.jobId)) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} is abandoning the migration of "${j.domain}"`, { abandoned: true });
@@ -393,6 +397,8 @@ export class Destination {
   }
 
   private abandoning = new Map<string, Promise<void>>();
+  /** Repair messages taken per job, until it finishes or abandons. */
+  private repairs = new Map<string, number>();
 
   /**
    * Undoes everything this side did: QEMU, taps, definition, reservation, probe.
@@ -401,6 +407,7 @@ export class Destination {
   abandonLocal(j: DestJob, reason: string, fromPrepare = false): Promise<void> {
     const existing = this.abandoning.get(j.jobId);
     if (existing) return existing;
+    this.repairs.delete(j.jobId);
     if (j.phase !== 'begun' && j.phase !== 'prepared') return Promise.resolve();
     // Claimed synchronously, so that Finish cannot pass the point of no return meanwhile;
     // an in-flight Prepare is let finish first, so that everything it started is undone.

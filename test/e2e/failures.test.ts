@@ -11,7 +11,9 @@
  * - the destination daemon killed after Finish, before the source's Confirm: its job
  *   settles on restart (found by the fault campaign, seed 2026 round 78);
  * - guest RAM that arrives different (QEMU 7.2's TCG dirty-tracking bug, found by the
- *   fault campaign): the memory check refuses to resume it on the destination.
+ *   fault campaign): the memory check rewrites it from the source before the guest runs
+ *   on the destination; the destination daemon killed during that repair: the domain
+ *   resumes on the source.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -209,6 +211,24 @@ describe('migration failures (lab)', () => {
       const w = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--timeout', '1'], 'MIGRATION_NOT_CONVERGING');
       assert.equal(w.json.outcome, 'failed');
     }
+    // First, the destination daemon killed while the stale RAM is being rewritten: still
+    // before the point of no return, so the domain must resume on the source.
+    const rewriting = (): number => ferrydLog('host2').split('rewriting it from the source').length - 1;
+    const before = rewriting();
+    const m = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    m.stdout.on('data', (d) => { out += d; });
+    const code = new Promise<number | null>((resolve) => m.on('close', resolve));
+    await waitFor('the repair under way', () => rewriting() > before, 60000, 50);
+    const d = labState().hosts[1].pid;
+    process.kill(d, 'SIGKILL');
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    await ok(['lab', 'restart', 'host2']);
+    assert.notEqual(await code, 0);
+    assert.equal(JSON.parse(out).outcome, 'failed');
+    await sourceIntact();
+    await destClean();
+
     const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.ok(r.policy.some((p: string) => p.startsWith('memory check on')), r.policy.join('; '));
