@@ -30,6 +30,7 @@ export const ERRORS = {
   TIMEOUT: { exit: 5, doc: 'an operation did not finish in time' },
   SAVE_FAILED: { exit: 5, doc: 'saving or restoring a domain failed' },
   STATE_WRITE_FAILED: { exit: 5, doc: 'ferryd could not write its state directory (disk full or read-only); nothing irreversible was done' },
+  MEMORY_UNREADABLE: { exit: 5, doc: 'ferryd could not read or write a domain\'s RAM through /proc/PID/mem (it needs ptrace access to its QEMUs)' },
   LAB_FAILED: { exit: 5, doc: 'building or tearing down the lab failed' },
   LAB_NOT_UP: { exit: 5, doc: 'the lab is not up' },
   IMAGES_MISSING: { exit: 5, doc: 'the test guest images are not built (run `ferry lab images`)' },

@@ -620,16 +620,13 @@ export class Host extends EventEmitter {
       if (wasRunning) await qmp.execute('stop');
       const pages = (endMiB - startMiB) * 256;
       const out = Buffer.alloc(pages);
-      const ram = await this.openRam(live);
-      try {
+      await this.withRam(live, false, async (ram) => {
         const chunk = Buffer.alloc(1048576);
         for (let mib = 0; mib < endMiB - startMiB; mib++) {
           await ram.read(chunk, chunk.length, (startMiB + mib) * 1048576);
           for (let p = 0; p < 256; p++) out[mib * 256 + p] = chunk[p * 4096];
         }
-      } finally {
-        ram.close();
-      }
+      });
       return { bytes: out.toString('base64'), pages };
     } finally {
       live.busy = undefined;
@@ -638,20 +635,30 @@ export class Host extends EventEmitter {
   }
 
   /**
-   * Opens a domain's main RAM (qemu/memory.ts); the caller closes it. Only while its
-   * guest is stopped do the bytes mean anything.
+   * Runs `f` on a domain's main RAM (qemu/memory.ts) and closes it afterwards. Only while
+   * the guest is stopped do the bytes mean anything. Failures of ferry's own (a refused
+   * write, a peer's answer) pass through; any other is MEMORY_UNREADABLE.
    */
-  openRam(live: Live, write = false): Promise<GuestRam> {
+  async withRam<T>(live: Live, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> {
     const s = live.rec.state;
     const c = live.rec.config;
     if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
-    return openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write);
+    const fail = (e: unknown): never => {
+      if (e instanceof FerryError) throw e;
+      // EACCES or EPERM: no ptrace access (kernel.yama.ptrace_scope=3, or an LSM).
+      throw new FerryError('MEMORY_UNREADABLE', `Cannot ${write ? 'write' : 'read'} the RAM of domain "${c.name}" on ${this.cfg.name}: ${(e as Error).message}`);
+    };
+    const ram = await openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
+    try {
+      return await f(ram).catch(fail);
+    } finally {
+      ram.close();
+    }
   }
 
   /** Per-chunk SHA-256 of a paused domain's RAM (the migration memory check). */
-  async ramDigests(live: Live): Promise<RamDigests> {
-    const ram = await this.openRam(live);
-    try { return await digestRam(ram); } finally { ram.close(); }
+  ramDigests(live: Live): Promise<RamDigests> {
+    return this.withRam(live, false, digestRam);
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */

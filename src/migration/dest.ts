@@ -290,22 +290,26 @@ export class Destination {
     const n = (this.repairs.get(j.jobId) ?? 0) + 1;
     this.repairs.set(j.jobId, n);
     if (n === 1) this.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });
-    const ram = await this.ramOrAbandon(j, 'open', () => this.host.openRam(live, true));
-    try {
-      ram.write(Number(p.offset), data);
-    } catch (e) {
-      throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
-    } finally {
-      ram.close();
-    }
+    await this.ramOrAbandon(j, 'write', () => this.host.withRam(live, true, async (ram) => {
+      try {
+        ram.write(Number(p.offset), data);
+      } catch (e) {
+        // The peer's fault, not this host's: refused, and nothing changed.
+        throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
+      }
+    }));
     return { written: data.length };
   }
 
-  /** Runs a RAM read; if it fails, this host cannot vouch for the guest, so it abandons. */
+  /**
+   * Runs a RAM access. If this host cannot read or write the guest's RAM, it cannot
+   * vouch for the guest, so it abandons; a refused request (the peer's fault) changes nothing.
+   */
   private async ramOrAbandon<T>(j: DestJob, verb: string, f: () => Promise<T>): Promise<T> {
     try {
       return await f();
     } catch (e) {
+      if (e instanceof FerryError && e.code === 'MIGRATION_PROTOCOL') throw e;
       await this.abandonLocal(j, `could not ${verb} the incoming RAM: ${(e as Error).message}`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not ${verb} the incoming RAM of "${j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
     }

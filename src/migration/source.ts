@@ -346,15 +346,14 @@ export class Source {
       const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
       for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
     }
-    const ram = await this.host.openRam(live);
     let sent = 0;
-    try {
+    await this.host.withRam(live, false, async (ram) => {
       const worker = async (): Promise<void> => {
         const buf = Buffer.alloc(MAX_REPAIR_BYTES);
         for (let p = pieces.shift(); p; p = pieces.shift()) {
           try {
             const got = await ram.read(buf, p.len, p.offset);
-            if (got !== p.len) throw new FerryError('MIGRATION_FAILED', `Cannot read ${p.len} bytes of "${j.domain}"'s RAM at ${p.offset}`);
+            if (got !== p.len) throw new Error(`read ${got} of ${p.len} bytes at ${p.offset}`);
             await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
           } catch (e) {
             pieces.length = 0; // the others stop after their current piece
@@ -367,9 +366,7 @@ export class Source {
       const done = await Promise.allSettled([worker(), worker(), worker(), worker()]);
       const failed = done.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failed) throw failed.reason;
-    } finally {
-      ram.close();
-    }
+    });
     return sent;
   }
 
