@@ -5,14 +5,14 @@ import net from 'node:net';
 const [ip, intervalArg] = process.argv.slice(2);
 const interval = Number(intervalArg ?? 10);
 const sock = net.createConnection({ host: ip, port: 7 });
-let sent = 0, echoed = 0, outOfOrder = 0, maxGapMs = 0, lastEcho = 0, closed = false, error = null, buf = '';
+let sent = 0, echoed = 0, outOfOrder = 0, maxGapMs = 0, lastEcho = 0, closed = false, stopping = false, error = null, buf = '';
 const sentAt = new Map();
 sock.setNoDelay(true);
 sock.on('connect', () => {
   process.stdout.write('connected\n');
   lastEcho = Date.now();
   const t = setInterval(() => {
-    if (closed) return clearInterval(t);
+    if (closed || stopping) return clearInterval(t);
     sent++;
     sentAt.set(sent, Date.now());
     sock.write(`${sent}\n`);
@@ -34,7 +34,8 @@ sock.on('error', (e) => { error = e.message; });
 sock.on('close', () => { closed = true; });
 process.stdin.resume();
 process.stdin.on('end', () => {
-  // Give the last lines a moment to come back.
+  // Stop sending, and give the last lines a moment to come back.
+  stopping = true;
   setTimeout(() => {
     const result = { sent, echoed, outOfOrder, maxGapMs, closed, error };
     process.stdout.write(JSON.stringify(result) + '\n');
