@@ -474,7 +474,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     const mib = (b: number): string => (b / 1048576).toFixed(1);
     L.push(`**Memory check.** ${checked.length} ferry runs had the memory check on (README "Memory check": live, TCG, QEMU before 9.0), which is part of their pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}). ` +
       (fixed.length
-        ? `In ${fixed.length} of them QEMU's copy had arrived with stale RAM, ${mib(Math.min(...fixed.map((x) => x.m.repairedBytes)))}–${mib(Math.max(...fixed.map((x) => x.m.repairedBytes)))} MiB, which ferry rewrote from the source before the guest ran (${where.join('; ')}). The qmp and libvirt contenders run the same QEMU and do not check; their guests resume on such stale pages.`
+        ? `In ${fixed.length} of them QEMU's copy had arrived with stale RAM, ${mib(Math.min(...fixed.map((x) => x.m.repairedBytes)))}–${mib(Math.max(...fixed.map((x) => x.m.repairedBytes)))} MiB, which ferry rewrote from the source before the guest ran (${where.join('; ')}). The qmp and libvirt contenders run the same QEMU and do not check, so their guests can resume on stale pages unnoticed (not measured here).`
         : 'No run needed a repair.'), '');
   }
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} under ${String(m.accel).toUpperCase()}, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest runs on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
