@@ -106,8 +106,8 @@ export function registerMigrate(prog: Command): void {
     .option('--timeout <s>', 'give up (and keep the domain on the source) after this long (default 600)', num('--timeout', 1))
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
-    .option('--verify-memory', 'compare a SHA-256 of guest RAM on both hosts before the destination runs (default: on for live moves under TCG with QEMU < 9.0)')
-    .option('--no-verify-memory', 'skip that comparison even where QEMU\'s dirty tracking is known to lose pages')
+    .option('--verify-memory', 'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)')
+    .option('--no-verify-memory', 'skip that check even where QEMU\'s dirty tracking is known to lose pages')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: any, cmd: Command) => {
