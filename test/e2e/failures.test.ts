@@ -18,8 +18,8 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { spawn, execFileSync } from 'node:child_process';
-import { ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, FERRY, inNs, ferrydLog } from '../helpers.ts';
+import { execFileSync } from 'node:child_process';
+import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, inNs, ferrydLog, type Run } from '../helpers.ts';
 
 let srcPid = 0;
 
@@ -43,12 +43,8 @@ async function destClean(): Promise<void> {
 }
 
 /** Starts a slow (bandwidth-capped) live migration in the background. */
-function slowMigration(): { done: Promise<any> } {
-  const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout.on('data', (d) => { out += d; });
-  const done = new Promise((resolve) => child.on('close', (code) => resolve({ code, json: (() => { try { return JSON.parse(out); } catch { return undefined; } })() })));
-  return { done };
+function slowMigration(): { done: Promise<Run> } {
+  return { done: ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--json']) };
 }
 
 async function transferring(): Promise<void> {
@@ -164,10 +160,7 @@ describe('migration failures (lab)', () => {
   });
 
   test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {
-    const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout.on('data', (d) => { out += d; });
-    const done = new Promise<number>((resolve) => child.on('close', (c) => resolve(c ?? -1)));
+    const done = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--json']);
     // Poll host2's job files; kill its ferryd the moment one says "finished".
     const jobsDir = `${labState().hosts[1].stateDir}/jobs`;
     const d = labState().hosts[1].pid;
@@ -185,7 +178,8 @@ describe('migration failures (lab)', () => {
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
     await ok(['lab', 'restart', 'host2']);
     // If the kill beat Finish's answer, the source asks host2 for the phase until it can.
-    assert.equal(await done, 0, `the migration itself succeeded: ${out}`);
+    const mig = await done;
+    assert.equal(mig.code, 0, `the migration itself succeeded: ${mig.stdout}`);
     let last: any;
     try {
       await waitFor('job confirmed after restart', async () => { last = (await ok(['-H', 'host2', 'jobs', '--json'])).find((j: any) => j.jobId === seen); return last?.phase === 'confirmed'; }, 15000, 200);
@@ -215,17 +209,15 @@ describe('migration failures (lab)', () => {
     // before the point of no return, so the domain must resume on the source.
     const rewriting = (): number => ferrydLog('host2').split('rewriting it from the source').length - 1;
     const before = rewriting();
-    const m = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    m.stdout.on('data', (d) => { out += d; });
-    const code = new Promise<number | null>((resolve) => m.on('close', resolve));
+    const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
     await waitFor('the repair under way', () => rewriting() > before, 60000, 50);
     const d = labState().hosts[1].pid;
     process.kill(d, 'SIGKILL');
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
     await ok(['lab', 'restart', 'host2']);
-    assert.notEqual(await code, 0);
-    assert.equal(JSON.parse(out).outcome, 'failed');
+    const killed = await m;
+    assert.notEqual(killed.code, 0);
+    assert.equal(killed.json.outcome, 'failed');
     await sourceIntact();
     await destClean();
 
