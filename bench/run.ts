@@ -17,6 +17,7 @@ import { parseDomainConfig, type DomainConfig } from '../src/domain/config.ts';
 import { domainArgv } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
+import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
 import { ferry as runCli, ok as cliOk } from '../test/helpers.ts';
 
@@ -60,7 +61,7 @@ function externalProbe(host: string, ip: string): { stop: () => Promise<{ longes
 // ---------------------------------------------------------------- contenders
 
 interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number }
-interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null }
+interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck'] }
 
 interface Guest {
   name: string;

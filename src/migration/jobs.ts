@@ -32,8 +32,7 @@ export interface Report {
   bandwidthMiBs: number | null;
   maxDowntimeMs: number;
   policy: string[];
-  /** Guest RAM compared by SHA-256 on both hosts before the destination ran (see qemu/memory.ts). */
-  /** Guest RAM compared after the copy; `repairedBytes` arrived different and were rewritten from the source. */
+  /** Guest RAM compared after the copy (qemu/memory.ts); `repairedBytes` arrived different and were rewritten from the source. */
   memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
   phase: string;
   error?: { code: string; message: string };
