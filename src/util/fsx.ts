@@ -101,15 +101,11 @@ export class LineSplitter {
     while ((i = chunk.indexOf('\n')) >= 0) {
       this.parts.push(chunk.slice(0, i));
       chunk = chunk.slice(i + 1);
-      const line = this.parts.join('');
-      this.parts = [];
-      this.size = 0;
-      this.onLine(line);
+      this.onLine(this.drain());
     }
     if (chunk.length > 0) { this.parts.push(chunk); this.size += chunk.length; }
     if (this.size > this.maxLine) {
-      this.parts = [];
-      this.size = 0;
+      this.drain();
       this.onOverflow?.();
     }
   }
