@@ -104,10 +104,14 @@ export function parseGpa2hva(text: string): number {
   return Number(m[1]);
 }
 
-/** Opens the main RAM of QEMU process `pid`, whose QMP is `qmp`, as `bytes` long. */
+/**
+ * Opens the main RAM of QEMU process `pid`, whose QMP is `qmp`, as `bytes` long. Only a
+ * reader needs the pagemap (to skip untouched chunks); a writer (one repair) does not.
+ */
 export async function openGuestRam(qmp: QmpClient, pid: number, bytes: number, write = false): Promise<GuestRam> {
   const base = parseGpa2hva(await qmp.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
   const fd = fs.openSync(`/proc/${pid}/mem`, write ? 'r+' : 'r');
+  if (write) return new GuestRam(fd, base, bytes);
   let pagemap: number;
   try { pagemap = fs.openSync(`/proc/${pid}/pagemap`, 'r'); } catch (e) { fs.closeSync(fd); throw e; }
   return new GuestRam(fd, base, bytes, pagemap);
