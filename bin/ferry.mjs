@@ -1,6 +1,5 @@
 #!/usr/bin/env node
-// The ferry CLI. TypeScript sources run through tsx's loader (no build step).
-import { register } from 'tsx/esm/api';
-register();
-const { main } = await import('../src/cli/main.ts');
+// The ferry CLI, from the bundle in dist/ (`npm run build`; setup and `npm ci` run it).
+import { dist } from './dist.mjs';
+const { main } = await import(dist('cli/main.js'));
 await main(process.argv);

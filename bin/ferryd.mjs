@@ -1,5 +1,4 @@
 #!/usr/bin/env node
-// The ferry host daemon. TypeScript sources run through tsx's loader (no build step).
-import { register } from 'tsx/esm/api';
-register();
-await import('../src/daemon/main.ts');
+// The ferry host daemon, from the bundle in dist/ (`npm run build`).
+import { dist } from './dist.mjs';
+await import(dist('daemon/main.js'));

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The second engine of test/e2e/engines.test.ts (QEMU 7.2, unpacked, not installed).
+bash scripts/old-engine.sh >/dev/null
 mapfile -t unit < <(find src -name '*.test.ts' | LC_ALL=C sort)
 mapfile -t e2e < <(find test/e2e -name '*.test.ts' | LC_ALL=C sort)
 if [ -n "${FERRY_TEST_ONLY:-}" ]; then

@@ -49,6 +49,7 @@ export const ERRORS = {
   MIGRATION_DEST_DISK: { exit: 8, doc: 'a disk is not reachable at the same path on the destination' },
   MIGRATION_DEST_EXISTS: { exit: 8, doc: 'a domain with that name or uuid already exists on the destination' },
   MIGRATION_DEST_VERSION: { exit: 8, doc: 'the destination speaks an incompatible protocol version' },
+  MIGRATION_DEST_ENGINE: { exit: 8, doc: 'the destination\'s QEMU is older than the source\'s, or lacks the domain\'s machine type (QEMU migrates only to the same or a newer version)' },
   MIGRATION_DEST_PORT: { exit: 8, doc: 'the destination\'s migration data port is not reachable' },
   MIGRATION_SAME_HOST: { exit: 8, doc: 'the destination is the source host' },
   MIGRATION_PROTOCOL: { exit: 9, doc: 'the peer sent a relocation message that breaks the protocol' },

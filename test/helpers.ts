@@ -6,6 +6,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import assert from 'node:assert/strict';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -152,4 +153,25 @@ export function tlsCall(ns: string, addr: string, certDir: string, request?: unk
 
 export function ferrydLog(host: string): string {
   try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/ferryd.log`, 'utf8'); } catch { return ''; }
+}
+
+/** A pattern guest still runs on `host`, in the same QEMU, with its memory consistent. */
+export async function patternIntact(host: string, name: string, pid: number): Promise<void> {
+  const info = await ok(['-H', host, 'info', name, '--json']);
+  assert.equal(info.state, 'running');
+  assert.equal(info.pid, pid, `same QEMU on ${host}`);
+  await ok(['lab', 'verify', name]);
+}
+
+/** `host` holds nothing of domain `name`: no definition, reservation, memory, QEMU or tap. */
+export async function hostClean(host: string, name: string): Promise<void> {
+  assert.equal(domainRecord(host, name), undefined, `no definition on ${host}`);
+  const hi = await ok(['-H', host, 'host', 'info', '--json']);
+  assert.equal(hi.memory.reservedMiB, 0, `no reservation on ${host}`);
+  assert.equal(hi.memory.usedMiB, 0, `no memory used on ${host}`);
+  const pids = spawnSync('ip', ['netns', 'pids', `ferry-${host}`]).stdout.toString().split('\n').map(Number).filter(Boolean);
+  const qemus = pids.filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('qemu-system'); } catch { return false; } });
+  assert.deepEqual(qemus, [], `no QEMU on ${host}`);
+  const taps = inNs(host, ['ip', '-br', 'link']).stdout.split('\n').filter((l) => l.startsWith('ft'));
+  assert.deepEqual(taps, [], `no tap left on ${host}`);
 }

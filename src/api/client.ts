@@ -148,6 +148,13 @@ export class ApiClient extends EventEmitter {
     });
   }
 
+  /** The CN of the certificate a TLS peer proved it holds (undefined on a unix socket). */
+  peerName(): string | undefined {
+    if (!(this.socket instanceof tls.TLSSocket)) return undefined;
+    const cn = this.socket.getPeerCertificate()?.subject?.CN;
+    return (Array.isArray(cn) ? cn[0] : cn) || undefined;
+  }
+
   /** Switches to raw mode after `console.attach` answered; returns bytes already buffered. */
   goRaw(): string {
     this.rawMode = true;

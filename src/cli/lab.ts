@@ -9,9 +9,10 @@ import { table, isTty } from './output.ts';
 import { labUp, labDown, readLab, requireLab, restartFerryd, labNamespace, isFerryd, IMAGES_DIR, FERRY_BIN, type LabState } from '../lab/lab.ts';
 import { linuxGuestConfig, patternGuestConfig } from '../lab/guests.ts';
 import { call } from '../api/client.ts';
+import { REPO_ROOT } from '../util/paths.ts';
 import { checkPattern, patternRange } from '../guest/checker.ts';
 
-const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+const repoRoot = REPO_ROOT;
 
 function int(name: string) {
   return (v: string): number => {

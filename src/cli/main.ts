@@ -13,7 +13,7 @@ import { runConsole } from './console.ts';
 import { caInit, issueHostCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerMigrate } from './migrate.ts';
-import { FERRY_VERSION } from '../daemon/host.ts';
+import { FERRY_VERSION } from '../version.ts';
 
 let jsonMode = false;
 
@@ -77,7 +77,9 @@ function printInfo(r: any): void {
 
 function printHostInfo(r: any): void {
   const lines = [
-    ['host', r.name], ['version', `ferry ${r.version}, QEMU ${r.qemuVersion}`], ['arch', r.arch], ['accelerator', `${r.accel} (${r.accelReason})`],
+    ['host', r.name], ['version', `ferry ${r.version}`],
+    ['engine', `QEMU ${r.qemuVersion} (${r.engine.binary}${r.engine.dataDirs.length ? ` -L ${r.engine.dataDirs.join(' -L ')}` : ''})${r.engine.liveDirtyTrackingReliable ? '' : '; its live dirty-page tracking is unreliable under TCG (before 9.0): live moves check guest RAM'}`],
+    ['arch', r.arch], ['accelerator', `${r.accel} (${r.accelReason})`],
     ['machine', r.machine], ['cpu model', r.cpuModel], ['cpu flags', r.cpuFeatures.join(' ')],
     ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free`],
     ...Object.entries(r.networks).map(([n, v]: [string, any]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),

@@ -6,7 +6,7 @@ import { FerryError } from '../errors.ts';
 import type { Request } from '../api/protocol.ts';
 import { API_VERSION } from '../api/protocol.ts';
 import type { Host } from './host.ts';
-import { FERRY_VERSION } from './host.ts';
+import { FERRY_VERSION } from '../version.ts';
 import type { ConnContext } from './server.ts';
 
 export interface MigrationApi {

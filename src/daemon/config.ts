@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
 import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
-import type { Accel } from '../qemu/argv.ts';
+import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
 
 export interface NetworkConfig {
   /** Bridge that domain taps join. */
@@ -38,6 +38,8 @@ export interface DaemonConfig {
   imagesDir: string;
   /** Other hosts by name → ADDRESS[:PORT], like /etc/hosts for `ferry migrate DOM NAME`. */
   peers: Record<string, string>;
+  /** The QEMU this host runs domains with (README "Engine"). */
+  qemu: Engine;
 }
 
 export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
@@ -46,7 +48,7 @@ export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
 /** Memory kept back for the host itself when `memory` is not set. */
 export const HOST_RESERVE_MIB = 1024;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers']);
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -102,12 +104,26 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (typeof imagesDir !== 'string' || !path.isAbsolute(imagesDir)) bad('imagesDir', 'must be an absolute path');
   const peers = raw.peers ?? {};
   if (!isObj(peers) || Object.entries(peers).some(([k, v]) => !NAME_RE.test(k) || typeof v !== 'string' || !/^[a-zA-Z0-9.:\[\]-]+$/.test(v))) bad('peers', 'must map host names to ADDRESS[:PORT]');
+  const qraw = raw.qemu ?? {};
+  const qemu: Engine = { binary: QEMU_BINARY, dataDirs: [] };
+  if (!isObj(qraw)) bad('qemu', 'must be an object {binary?, dataDirs?}');
+  else {
+    for (const k of Object.keys(qraw)) if (k !== 'binary' && k !== 'dataDirs') bad(`qemu.${k}`, 'unknown key');
+    if (qraw.binary !== undefined) {
+      if (typeof qraw.binary !== 'string' || !(path.isAbsolute(qraw.binary) || /^[a-zA-Z0-9_.-]+$/.test(qraw.binary))) bad('qemu.binary', 'must be an absolute path or a command name');
+      else qemu.binary = qraw.binary;
+    }
+    if (qraw.dataDirs !== undefined) {
+      if (!Array.isArray(qraw.dataDirs) || qraw.dataDirs.some((d) => typeof d !== 'string' || !path.isAbsolute(d) || d.includes(','))) bad('qemu.dataDirs', 'must be a list of absolute paths');
+      else qemu.dataDirs = qraw.dataDirs as string[];
+    }
+  }
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
   return {
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number] },
     tlsDir: tlsDir as string, memoryMiB: memory as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
-    peers: peers as Record<string, string>,
+    peers: peers as Record<string, string>, qemu,
   };
 }
 

@@ -16,17 +16,18 @@ import { transition, hasProcess, describeKind, type DomainState, type DomainEven
 import { domainArgv, tapName, type Accel } from '../qemu/argv.ts';
 import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
+import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { openGuestRam, digestRam, type GuestRam, type RamDigests } from '../qemu/memory.ts';
+import { openGuestRam, digestRam, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
 import { ConsoleMux } from './console.ts';
 import { CONSOLE_CONTROL } from '../api/protocol.ts';
+import { FERRY_VERSION } from '../version.ts';
 
-export const FERRY_VERSION = '0.1.0';
 
 export interface Runtime {
   qmpPath: string;
@@ -174,6 +175,7 @@ export class Host extends EventEmitter {
   info(): Record<string, unknown> {
     return {
       name: this.cfg.name, arch: hostArch(), version: FERRY_VERSION, qemuVersion: this.qemu.version, machine: this.qemu.machine,
+      engine: { binary: this.cfg.qemu.binary, dataDirs: this.cfg.qemu.dataDirs, version: this.qemu.version, liveDirtyTrackingReliable: !dirtyTrackingUnreliable(this.accel.accel, this.qemu.version) },
       accel: this.accel.accel, accelReason: this.accel.reason, cpuModel: this.qemu.cpuModel, cpuFeatures: this.qemu.cpuFeatures,
       memory: { offeredMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), freeMiB: this.memoryFreeMiB(), reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0) },
       networks: this.cfg.networks,
@@ -275,7 +277,7 @@ export class Host extends EventEmitter {
     c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network));
     try {
       const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate });
-      const q = await startQemu(argv, { qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"` });
+      const q = await startQemu(argv, { qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu });
       return { pid: q.pid, qmp: q.qmp, runtime };
     } catch (e) {
       for (const t of runtime.taps) deleteTap(t);
@@ -485,9 +487,15 @@ export class Host extends EventEmitter {
       });
       await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
       if (wasRunning) await qmp.execute('stop');
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
       await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });
-      await qmp.execute('migrate', { uri: `unix:${sockPath}` });
-      await this.waitMigration(qmp, 600_000);
+      const watch = new MigrationWatcher(qmp);
+      try {
+        await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+        await this.migrationDone(qmp, watch, 600_000);
+      } finally {
+        watch.dispose();
+      }
       const bytes = await received;
       await new Promise<void>((r, j) => out!.end((e?: Error | null) => (e ? j(e) : r())));
       fs.renameSync(tmp, file);
@@ -508,16 +516,17 @@ export class Host extends EventEmitter {
     }
   }
 
-  /** Polls query-migrate until completed (resolves) or failed/cancelled (rejects). */
-  async waitMigration(qmp: QmpClient, timeoutMs: number): Promise<Record<string, unknown>> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const m = await qmp.execute<Record<string, unknown>>('query-migrate');
-      if (m.status === 'completed') return m;
-      if (m.status === 'failed' || m.status === 'cancelled') throw new FerryError('SAVE_FAILED', `QEMU migration ${m.status}: ${m['error-desc'] ?? 'no reason given'}`);
-      if (Date.now() > deadline) throw new FerryError('TIMEOUT', 'QEMU migration did not finish in time');
-      await new Promise((r) => setTimeout(r, 50));
+  /** Waits (by MIGRATION events) until completed (resolves) or failed/cancelled (SAVE_FAILED). */
+  private async migrationDone(qmp: QmpClient, watch: MigrationWatcher, timeoutMs: number): Promise<void> {
+    let status: string;
+    try {
+      status = await watch.until(FINAL_STATUSES, timeoutMs);
+    } catch (e) {
+      throw new FerryError(qmp.closed ? 'SAVE_FAILED' : 'TIMEOUT', `QEMU's migration stream did not finish: ${(e as Error).message}`);
     }
+    if (status === 'completed') return;
+    const m = await qmp.execute<Record<string, unknown>>('query-migrate').catch(() => ({} as Record<string, unknown>));
+    throw new FerryError('SAVE_FAILED', `QEMU migration ${status}: ${m['error-desc'] ?? 'no reason given'}`);
   }
 
   async restore(file: string): Promise<Record<string, unknown>> {
@@ -565,6 +574,8 @@ export class Host extends EventEmitter {
       pid = sp.pid;
       l.rec.runtime = sp.runtime;
       fs.rmSync(sockPath, { force: true });
+      await sp.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      const watch = new MigrationWatcher(sp.qmp);
       await sp.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
       await new Promise<void>((resolve, reject) => {
         const s = net.createConnection({ path: sockPath });
@@ -577,14 +588,12 @@ export class Host extends EventEmitter {
         });
       });
       // The stream is in; wait until QEMU has loaded it.
-      for (;;) {
-        const st = await sp.qmp.execute<{ status: string }>('query-status');
-        if (st.status !== 'inmigrate') {
-          if (st.status === 'postmigrate' || st.status === 'internal-error' || st.status === 'shutdown') throw new FerryError('SAVE_FAILED', `QEMU could not load ${file} (status ${st.status})`);
-          break;
-        }
-        if (!pidAlive(pid)) throw new FerryError('SAVE_FAILED', `QEMU exited while loading ${file}: see ${sp.runtime.logPath}`);
-        await new Promise((r) => setTimeout(r, 50));
+      try {
+        await this.migrationDone(sp.qmp, watch, 600_000);
+      } catch (e) {
+        throw new FerryError('SAVE_FAILED', `QEMU could not load ${file} (${(e as Error).message}): see ${sp.runtime.logPath}`);
+      } finally {
+        watch.dispose();
       }
       this.apply(l, { type: 'start', pid, domid: this.allocDomid(), at: Date.now() });
       await this.attach(l, pid, sp.qmp);

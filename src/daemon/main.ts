@@ -4,7 +4,6 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
 import { loadDaemonConfig } from './config.ts';
 import { Logger } from './log.ts';
@@ -15,8 +14,9 @@ import { probeQemu, chooseAccel } from '../qemu/probe.ts';
 import { pidAlive } from '../qemu/process.ts';
 import { asFerryError } from '../errors.ts';
 import { Migrations } from '../migration/manager.ts';
+import { tlsPresent, ensureDhParams } from '../tls/ca.ts';
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+import { REPO_ROOT as repoRoot } from '../util/paths.ts';
 
 async function main(): Promise<void> {
   const prog = new Command('ferryd')
@@ -49,10 +49,16 @@ async function main(): Promise<void> {
   fs.writeFileSync(pidFile, String(process.pid));
   const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr);
   log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
+  // QEMU generates DH parameters (up to a second) for a server TLS object without them.
+  try {
+    if (tlsPresent(cfg.tlsDir) && ensureDhParams(cfg.tlsDir)) log.info('wrote RFC 7919 ffdhe2048 dh-params.pem into the TLS directory', { tlsDir: cfg.tlsDir });
+  } catch (e) {
+    log.warn('no dh-params.pem in the TLS directory and cannot write one: QEMU will generate DH parameters in every incoming migration', { tlsDir: cfg.tlsDir, error: String(e) });
+  }
   const scratch = path.join(cfg.stateDir, 'run');
   const [qemu, accel] = await Promise.all([
-    probeQemu(cfg.cpuModel, scratch),
-    chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch }),
+    probeQemu(cfg.cpuModel, scratch, cfg.qemu),
+    chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch, engine: cfg.qemu }),
   ]);
   log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
   const host = new Host(cfg, log, accel, qemu);

@@ -18,6 +18,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
+import { REPO_ROOT } from '../util/paths.ts';
 import { caInit, issueHostCert } from '../tls/ca.ts';
 import { pidAlive, killAndWait } from '../qemu/process.ts';
 import { ApiClient, LAB_STATE_FILE } from '../api/client.ts';
@@ -83,7 +84,7 @@ export function requireLab(): LabState {
 }
 
 /** Node and the ferry entry points, so lab daemons run the same code as the CLI. */
-const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+const repoRoot = REPO_ROOT;
 export const FERRYD_BIN = path.join(repoRoot, 'bin', 'ferryd.mjs');
 export const FERRY_BIN = path.join(repoRoot, 'bin', 'ferry.mjs');
 export const IMAGES_DIR = process.env.FERRY_IMAGES_DIR ?? path.join(repoRoot, 'images');

@@ -15,9 +15,12 @@ import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
+import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 
+/** How long a begun job (holding memory and a stopped QEMU) waits for Prepare. */
+const BEGIN_TTL_MS = 30000;
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
 
@@ -51,7 +54,7 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
   if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
   const peer = p.peer;
   if (!isObj(peer)) return bad('peer must be an object');
-  for (const k of ['name', 'version', 'arch', 'accel', 'cpuModel', 'machine']) if (typeof peer[k] !== 'string' || peer[k].length > 128) bad(`peer.${k} must be a short string`);
+  for (const k of ['name', 'version', 'qemuVersion', 'arch', 'accel', 'cpuModel', 'machine']) if (typeof peer[k] !== 'string' || peer[k].length > 128) bad(`peer.${k} must be a short string`);
   if (!strArr(peer.cpuFeatures)) bad('peer.cpuFeatures must be a list of names');
   if (!isObj(peer.networks) || Object.keys(peer.networks).length > 64) bad('peer.networks must be an object');
   for (const [, n] of Object.entries(peer.networks as Record<string, unknown>)) if (!isObj(n) || typeof n.subnet !== 'string' || typeof n.bridge !== 'string' || (n.address !== undefined && typeof n.address !== 'string')) bad('peer.networks entries need bridge and subnet');
@@ -111,35 +114,81 @@ export class Destination {
     const h = this.host;
     const running = m.mode !== 'definition';
     checkOffer(m.version, m.peer, {
-      name: h.cfg.name, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machines: h.qemu.machines,
+      name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machines: h.qemu.machines,
       networks: h.cfg.networks, freeMiB: h.memoryFreeMiB(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
     }, m.config, running);
     if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
     checkFiles(m.config, m.fileSizes, h.cfg.name);
-    const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, running);
     const job: DestJob = {
       role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
       startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
       peer: { name: peerName, address: ctx.caller.peerAddress ?? '' }, dataPort: 0, memoryMiB: m.config.memoryMiB,
       config: { ...domainConfigToJson(m.config), _machine: m.machine, _cpuModel: m.cpuModel },
     };
-    let probeToken: string | undefined;
-    if (running) {
-      job.dataPort = await this.openProbe(job.jobId);
-      probeToken = crypto.randomBytes(8).toString('hex');
-    }
     try {
+      // Persisted before the QEMU below starts: a restarted ferryd that finds "begun"
+      // kills an incoming QEMU of this uuid and forgets everything (manager.ts).
       this.store.save(job);
     } catch (e) {
-      // Nothing was reserved yet: forget the job and its probe listener, refuse Begin.
       this.store.discard(job);
-      await this.closeProbe(job.jobId);
       throw e;
     }
     this.begins.set(job.jobId, m);
     ctx.onClose(() => this.onControlClosed(job.jobId));
-    this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: job.dataPort, l2 });
-    return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: job.dataPort, probeToken, checks: l2 };
+    if (!running) {
+      const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, false).catch(async (e) => { await this.abandonLocal(job, (e as Error).message); throw e; });
+      this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, l2 });
+      return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: 0, checks: l2 };
+    }
+    // The incoming QEMU starts now (reserved, stopped, no listener), in parallel with
+    // the L2 probe: QEMU's start-up is the longest step before the first byte. Its
+    // listener opens only at Prepare. Prepare must come within BEGIN_TTL_MS.
+    h.reservations.set(job.jobId, { domain: job.domain, memoryMiB: job.memoryMiB });
+    const started = this.startIncoming(job, m);
+    this.starting.set(job.jobId, started);
+    started.catch(() => undefined);
+    const ttl = setTimeout(() => { if (job.phase === 'begun') void this.abandonLocal(job, `no Prepare within ${BEGIN_TTL_MS / 1000} s of Begin`).catch(() => undefined); }, BEGIN_TTL_MS);
+    ttl.unref();
+    try {
+      const [l2, port] = await Promise.all([checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, true), this.openProbe(job.jobId)]);
+      job.dataPort = port;
+      this.store.saveLater(job);
+      this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: port, l2 });
+      return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2 };
+    } catch (e) {
+      clearTimeout(ttl);
+      await this.abandonLocal(job, `pre-flight: ${(e as Error).message}`);
+      throw e;
+    }
+  }
+
+  /**
+   * Starts the incoming QEMU for a begun job: stopped (-S), `-incoming defer` (no
+   * listener yet), events on, TLS credentials and the authz for the source's certificate
+   * in place. Everything but the listener, which Prepare opens.
+   */
+  private async startIncoming(j: DestJob, m: BeginMsg): Promise<Live> {
+    const h = this.host;
+    const live: Live = { rec: { config: m.config, state: { kind: 'defined' } } };
+    h.domains.set(m.config.name, live);
+    live.busy = 'incoming migration';
+    const sp = await h.spawn(m.config, { incoming: true, preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel });
+    live.rec.runtime = sp.runtime;
+    j.pid = sp.pid;
+    this.store.saveLater(j);
+    h.apply(live, { type: 'incoming', pid: sp.pid, domid: h.allocDomid(), jobId: j.jobId, at: Date.now() });
+    await h.attach(live, sp.pid, sp.qmp);
+    const q = sp.qmp;
+    this.watches.set(j.jobId, new MigrationWatcher(q));
+    await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
+    if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
+    if (!m.insecure) {
+      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.cfg.tlsDir, endpoint: 'server', 'verify-peer': true });
+      // Only the source host's own certificate may feed this QEMU.
+      await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: `O=ferry,CN=${j.peer.name}` });
+      await q.execute('migrate-set-parameters', { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' });
+    }
+    return live;
   }
 
   /** A short-lived plain listener on the chosen data port, so the source can prove it reaches it. */
@@ -187,39 +236,27 @@ export class Destination {
   }
 
   private preparing = new Map<string, Promise<void>>();
+  /** The incoming QEMU each running job started at Begin (resolves once configured). */
+  private starting = new Map<string, Promise<Live>>();
+  /** Each incoming QEMU's migration status, from its events. */
+  private watches = new Map<string, MigrationWatcher>();
 
   private async doPrepare(j: DestJob): Promise<unknown> {
     const m = this.begins.get(j.jobId);
     if (!m) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} has no Begin in this ferryd's life; begin again`);
     const h = this.host;
-    if (h.memoryFreeMiB() < m.config.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} has ${h.memoryFreeMiB()} MiB free, needs ${m.config.memoryMiB} MiB`);
-    if (h.domains.has(m.config.name)) throw new FerryError('MIGRATION_DEST_EXISTS', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} already has a domain by that name`);
-    // Persist "prepared" before the first irreversible step: a restarted ferryd that
-    // finds it kills whatever QEMU it may have started and forgets the definition.
-    this.step(j, { type: 'prepared' });
-    h.reservations.set(j.jobId, { domain: j.domain, memoryMiB: j.memoryMiB });
-    await this.closeProbe(j.jobId);
-    const live: Live = { rec: { config: m.config, state: { kind: 'defined' } } };
-    h.domains.set(m.config.name, live);
+    // Checked before anything: legal only once, right after Begin.
+    destTransition(j.phase, { type: 'prepared' });
+    const started = this.starting.get(j.jobId);
+    if (!started) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} has no incoming QEMU to prepare (mode ${j.mode})`);
     try {
-      live.busy = 'incoming migration';
-      const sp = await h.spawn(m.config, { incoming: true, preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel });
-      live.rec.runtime = sp.runtime;
-      j.pid = sp.pid;
-      this.store.save(j);
-      h.apply(live, { type: 'incoming', pid: sp.pid, domid: h.allocDomid(), jobId: j.jobId, at: Date.now() });
-      await h.attach(live, sp.pid, sp.qmp);
-      const q = sp.qmp;
-      await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
-      if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
-      if (!m.insecure) {
-        await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.cfg.tlsDir, endpoint: 'server', 'verify-peer': true });
-        // Only the source host's own certificate may feed this QEMU.
-        await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: `O=ferry,CN=${j.peer.name}` });
-        await q.execute('migrate-set-parameters', { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' });
-      }
+      const live = await started;
+      const q = live.qmp;
+      if (!q) throw new FerryError('MIGRATION_FAILED', `the incoming QEMU of "${j.domain}" is gone`);
+      this.step(j, { type: 'prepared' });
+      await this.closeProbe(j.jobId);
       await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
-      this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: sp.pid });
+      this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: j.pid });
       return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name };
     } catch (e) {
       // If an abandon is already waiting for this Prepare, it undoes everything once we return.
@@ -243,20 +280,18 @@ export class Destination {
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
     }
     const q = live.qmp;
+    const w = this.watches.get(j.jobId);
     // The source asks only after its QEMU sent everything. If no stream has even
     // connected, the request is out of order: refuse at once instead of waiting.
-    const incoming = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'gone' }));
-    // (An incoming QEMU reports no status at all until a source connects.)
-    if (!incoming.status || incoming.status === 'none') {
+    if (!w || w.status === 'none') {
       throw new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
     }
-    const deadline = Date.now() + 120000;
-    let status = '';
-    for (;;) {
-      try { status = (await q.execute<{ status: string }>('query-status')).status; } catch { status = 'gone'; }
-      if (status !== 'inmigrate') break;
-      if (Date.now() > deadline) { status = 'timeout'; break; }
-      await new Promise((r) => setTimeout(r, 20));
+    let status: string;
+    try {
+      const s = await w.until(FINAL_STATUSES, 120000);
+      status = s === 'completed' ? (await q.execute<{ status: string }>('query-status')).status : `migration ${s}`;
+    } catch (e) {
+      status = (e as Error).message;
     }
     if (status !== 'paused' && status !== 'prelaunch') {
       await this.abandonLocal(j, `incoming state did not load (status ${status})`);
@@ -334,7 +369,7 @@ export class Destination {
     }
     let resumedAt: number | null = null;
     if (running) {
-      const resumed = q.waitEvent('RESUME', 10000).then((e: QmpEvent) => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now())).catch(() => Date.now());
+      const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
       await q.execute('cont');
       resumedAt = await resumed;
     }
@@ -345,6 +380,7 @@ export class Destination {
     h.reservations.delete(j.jobId);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
+    this.forgetRun(j.jobId);
     setTimeout(() => this.selfConfirm(j, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
     return { phase: j.phase, resumedAt, host: h.cfg.name };
   }
@@ -416,12 +452,21 @@ export class Destination {
     // Claimed synchronously, so that Finish cannot pass the point of no return meanwhile;
     // an in-flight Prepare is let finish first, so that everything it started is undone.
     const inflight = fromPrepare ? undefined : this.preparing.get(j.jobId);
+    const starting = this.starting.get(j.jobId);
     const p: Promise<void> = (async () => {
       if (inflight) await inflight;
+      if (starting) await starting.catch(() => undefined);
       if (j.phase === 'begun' || j.phase === 'prepared') await this.undo(j, reason);
     })().finally(() => this.abandoning.delete(j.jobId));
     this.abandoning.set(j.jobId, p);
     return p;
+  }
+
+  /** Drops what this ferryd holds in memory for a job's incoming QEMU. */
+  private forgetRun(jobId: string): void {
+    this.starting.delete(jobId);
+    this.watches.get(jobId)?.dispose();
+    this.watches.delete(jobId);
   }
 
   private async undo(j: DestJob, reason: string): Promise<void> {
@@ -439,6 +484,7 @@ export class Destination {
       await killAndWait(j.pid, 0);
     }
     h.reservations.delete(j.jobId);
+    this.forgetRun(j.jobId);
     j.error = { code: 'MIGRATION_FAILED', message: reason };
     this.step(j, { type: 'abandon', reason });
     this.begins.delete(j.jobId);

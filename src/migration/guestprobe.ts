@@ -1,12 +1,18 @@
 /**
  * Guest-perceived downtime: measured from outside the guest during a migration.
  *
- * From the source host's side of the L2 segment, a TCP connection attempt goes to the
- * guest's IP every `intervalMs` (default 1 ms). Whatever the guest's kernel answers,
- * SYN-ACK (open port) or RST (closed port), is a reply; a probe that gets neither
- * within its timeout is lost. The figure is the longest gap between two consecutive
- * replies while the migration runs: what the guest's clients saw. Its resolution is
- * the probe interval plus the host's timer jitter (about 1-2 ms).
+ * A TCP connection attempt goes to the guest's IP every `intervalMs` (default 1 ms).
+ * Whatever the guest's kernel answers, SYN-ACK (open port) or RST (closed port), is a
+ * reply; an attempt with no answer within `attemptTimeoutMs` is dropped. The figure is
+ * the longest gap between two consecutive replies: what the guest's clients saw.
+ *
+ * Resolution: the interval plus the host's timer jitter (about 1-2 ms), however long
+ * the pause. Attempts are abandoned after 200 ms, well before the kernel's first SYN
+ * retransmission (1 s), so a reply is always the answer to a SYN sent just before it;
+ * and attempts keep going out during a pause, so the first one after the guest runs
+ * again is answered at once (an earlier version capped attempts in flight and so
+ * measured any pause over ~256 ms in whole seconds). `waitForReplyAfter` lets a caller
+ * wait for the guest's first answer from its new host before it stops the probe.
  */
 import net from 'node:net';
 
@@ -26,8 +32,9 @@ export class GuestProbe {
   private sent = 0;
   private inflight = new Set<net.Socket>();
   private t0 = 0;
+  private waiters: { after: number; resolve: (ok: boolean) => void }[] = [];
 
-  constructor(readonly ip: string, readonly port = 9, readonly intervalMs = 1, readonly maxInflight = 256) {}
+  constructor(readonly ip: string, readonly port = 9, readonly intervalMs = 1, readonly attemptTimeoutMs = 200) {}
 
   start(): void {
     this.t0 = performance.now();
@@ -35,36 +42,45 @@ export class GuestProbe {
   }
 
   private fire(): void {
-    if (this.inflight.size >= this.maxInflight) return;
+    // A bound that only a broken network stack reaches: one attempt per interval, each
+    // gone after attemptTimeoutMs.
+    if (this.inflight.size > 4 * Math.ceil(this.attemptTimeoutMs / this.intervalMs)) return;
     this.sent++;
     const s = net.createConnection({ host: this.ip, port: this.port });
     this.inflight.add(s);
+    const t = setTimeout(() => done(false), this.attemptTimeoutMs);
     const done = (replied: boolean): void => {
       if (!this.inflight.delete(s)) return;
-      if (replied) this.replies.push(performance.now());
+      clearTimeout(t);
       s.destroy();
+      if (!replied) return;
+      const now = performance.now();
+      this.replies.push(now);
+      for (const w of [...this.waiters]) if (now > w.after) { this.waiters = this.waiters.filter((x) => x !== w); w.resolve(true); }
     };
-    s.setTimeout(2000, () => done(false));
     s.once('connect', () => done(true));
     s.once('error', (e: NodeJS.ErrnoException) => done(e.code === 'ECONNREFUSED' || e.code === 'ECONNRESET'));
   }
 
-  /** Resolves once a reply arrives after time `t` (performance.now()), or after timeoutMs. */
-  async waitForReplyAfter(t: number, timeoutMs: number): Promise<boolean> {
-    const deadline = performance.now() + timeoutMs;
-    while (performance.now() < deadline) {
-      if (this.replies.length && this.replies[this.replies.length - 1] > t) return true;
-      await new Promise((r) => setTimeout(r, 5));
-    }
-    return false;
+  /** Resolves true once a reply arrives after time `t` (performance.now()), or false after timeoutMs. */
+  waitForReplyAfter(t: number, timeoutMs: number): Promise<boolean> {
+    if (this.replies.length && this.replies[this.replies.length - 1] > t) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const w = { after: t, resolve };
+      this.waiters.push(w);
+      setTimeout(() => { if (this.waiters.includes(w)) { this.waiters = this.waiters.filter((x) => x !== w); resolve(false); } }, timeoutMs);
+    });
   }
 
   /** Stops probing (after waiting `settleMs` for late replies) and reports. */
-  async stop(settleMs = 50): Promise<ProbeResult> {
+  async stop(settleMs = 20): Promise<ProbeResult> {
     if (this.timer) clearInterval(this.timer);
-    await new Promise((r) => setTimeout(r, settleMs));
+    this.timer = undefined;
+    if (settleMs > 0) await new Promise((r) => setTimeout(r, settleMs));
     for (const s of this.inflight) s.destroy();
     this.inflight.clear();
+    for (const w of this.waiters) w.resolve(false);
+    this.waiters = [];
     const r = [...this.replies].sort((a, b) => a - b);
     let longest = 0;
     let gapStart: number | null = null;

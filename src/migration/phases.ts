@@ -19,8 +19,9 @@ import { FerryError } from '../errors.ts';
 /**
  * Begin refuses any other version, so hosts that would disagree later (after the copy)
  * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
+ * 3: Begin carries the source's QEMU version and starts the incoming QEMU; no hello.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';

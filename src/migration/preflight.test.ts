@@ -6,8 +6,8 @@ import { parseDomainConfig } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
 
 const c = parseDomainConfig({ name: 'web1', memory: 1024, boot: { kernel: '/k' }, nics: [{ network: 'lab', ip: '198.18.0.50/24' }] });
-const src: SourceFacts = { name: 'host1', version: '0.1.0', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } };
-const dst: DestFacts = { name: 'host2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm', 'pni'], machines: ['pc-i440fx-7.2'], networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } }, freeMiB: 4096, domainNames: [], domainUuids: [] };
+const src: SourceFacts = { name: 'host1', version: '0.1.0', qemuVersion: '10.0.2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } };
+const dst: DestFacts = { name: 'host2', qemuVersion: '10.0.2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm', 'pni'], machines: ['pc-i440fx-7.2'], networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } }, freeMiB: 4096, domainNames: [], domainUuids: [] };
 
 function code(f: () => void): string {
   try { f(); return 'OK'; } catch (e) { assert.ok(e instanceof FerryError); return e.code; }
@@ -26,7 +26,7 @@ test('each mismatch is refused with its own code and a message that names the fi
   assert.equal(code(() => checkOffer(V, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
   assert.equal(code(() => checkOffer(V, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
   assert.equal(code(() => checkOffer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => checkOffer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_ENGINE');
   assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
   assert.equal(code(() => checkOffer(V, src, { ...dst, networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } } }, c, true)), 'MIGRATION_DEST_L2');
   try {
@@ -47,4 +47,16 @@ test('a shut-off domain needs no memory or CPU match, only the definition\'s nee
 test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_PROTOCOL', async () => {
   const { parseBegin } = await import('./dest.ts');
   for (const v of [null, 7, 'x', [1]]) assert.throws(() => parseBegin(v as never), (e: unknown) => e instanceof FerryError && e.code === 'MIGRATION_PROTOCOL');
+});
+
+test('engines: older to newer passes under the older machine type; newer to older is MIGRATION_DEST_ENGINE', () => {
+  const old72 = { ...src, qemuVersion: '7.2.22', machine: 'pc-i440fx-7.2' };
+  const new10 = { ...dst, qemuVersion: '10.0.2', machines: ['pc-i440fx-7.2', 'pc-i440fx-10.0'] };
+  assert.equal(code(() => checkOffer(V, old72, new10, c, true)), 'OK');
+  // the source on 10.0 with a domain still on 7.2's machine type: still newer to older
+  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-7.2' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
+  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-10.0' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
+  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '10.0.10' }, c, true)), 'OK');
+  // a definition (no QEMU state) moves either way
+  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '7.2.22', machines: [] }, c, false)), 'OK');
 });

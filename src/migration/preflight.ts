@@ -15,6 +15,8 @@ import { PROTOCOL_VERSION } from './phases.ts';
 export interface SourceFacts {
   name: string;
   version: string;
+  /** The source's QEMU version (e.g. 10.0.2). */
+  qemuVersion: string;
   arch: string;
   accel: string;
   cpuModel: string;
@@ -25,6 +27,7 @@ export interface SourceFacts {
 
 export interface DestFacts {
   name: string;
+  qemuVersion: string;
   arch: string;
   accel: string;
   cpuModel: string;
@@ -34,6 +37,17 @@ export interface DestFacts {
   freeMiB: number;
   domainNames: string[];
   domainUuids: string[];
+}
+
+/** Compares dotted version numbers numerically: <0, 0, >0. An unreadable part counts as 0. */
+export function compareVersions(a: string, b: string): number {
+  const pa = a.split('.').map((x) => Number.parseInt(x, 10) || 0);
+  const pb = b.split('.').map((x) => Number.parseInt(x, 10) || 0);
+  for (let i = 0; i < Math.max(pa.length, pb.length); i++) {
+    const d = (pa[i] ?? 0) - (pb[i] ?? 0);
+    if (d !== 0) return d;
+  }
+  return 0;
 }
 
 /** Size of each file the domain needs, as the source sees it (shared storage check). */
@@ -60,7 +74,10 @@ export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c:
   if (src.arch !== dst.arch) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} is ${dst.arch}, the source is ${src.arch}`);
   if (running) {
     if (src.accel !== dst.accel) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} runs domains under ${dst.accel}, the source under ${src.accel}; set the same accelerator on both (FERRY_ACCEL or "accel" in ferryd.json)`);
-    if (!dst.machines.includes(src.machine)) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name}'s QEMU lacks machine type ${src.machine}; install the same QEMU version`);
+    // QEMU migrates to the same or a newer version only, under the source's versioned
+    // machine type (which the domain keeps for its life, wherever it moves).
+    if (compareVersions(dst.qemuVersion, src.qemuVersion) < 0) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name} runs QEMU ${dst.qemuVersion}, older than the source's ${src.qemuVersion}; QEMU migrates only to the same or a newer version. Upgrade QEMU on ${dst.name} (README "Engine")`, { source: src.qemuVersion, destination: dst.qemuVersion });
+    if (!dst.machines.includes(src.machine)) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name}'s QEMU ${dst.qemuVersion} lacks machine type ${src.machine} (the source runs QEMU ${src.qemuVersion}); install a QEMU that has it`, { machine: src.machine });
     if (src.cpuModel !== dst.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`);
     const have = new Set(dst.cpuFeatures);
     const missing = src.cpuFeatures.filter((f) => !have.has(f));

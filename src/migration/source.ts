@@ -43,6 +43,8 @@ import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigest
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
+import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
+import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 
@@ -67,7 +69,6 @@ export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
 /** Passes after which a pre-copy that has not finished is treated as not converging. */
 export const STALL_PASSES = 10;
 
-const qmpMs = (e: QmpEvent): number => (e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now());
 
 export class Source {
   private cancels = new Map<string, () => void>();
@@ -102,16 +103,20 @@ export class Source {
     return { name: mapped ? dest : net.isIP(m[1]) ? undefined : m[1], address, port };
   }
 
+  /**
+   * Opens the control channel. The peer's name is the CN of the certificate it proved
+   * it holds (checked against the cluster CA and the name or address dialled), so no
+   * hello round trip is needed; a refusal by the peer arrives as the first request's error.
+   */
   async connectPeer(dest: string): Promise<{ client: ApiClient; peer: { name: string; address: string; port: number } }> {
     const r = await this.resolvePeer(dest);
     const client = await ApiClient.connect({ kind: 'tls', host: r.address, port: r.port, tlsDir: this.host.cfg.tlsDir, label: dest, servername: r.name }, 5000);
-    try {
-      const hello = await client.request<{ host: string; apiVersion: number }>('api.hello', {}, 5000);
-      return { client, peer: { name: hello.host, address: r.address, port: r.port } };
-    } catch (e) {
+    const name = client.peerName();
+    if (!name) {
       client.close();
-      throw e;
+      throw new FerryError('TLS_REFUSED', `${dest} presented a certificate without a host name (CN)`);
     }
+    return { client, peer: { name, address: r.address, port: r.port } };
   }
 
   cancel(domain: string): Record<string, unknown> {
@@ -161,13 +166,19 @@ export class Source {
       if (peer.name === h.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
       this.store.save(j);
       const rt = live.rec.runtime;
+      const q = mode === 'definition' ? undefined : live.qmp;
+      if (mode !== 'definition' && !q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
+      // The source QEMU's own settings need nothing from the destination but its name
+      // (its certificate's, known since the handshake): made while Begin runs there.
+      const setupP = q ? this.setup(q, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
+      setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
       const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
-        peer: { name: h.cfg.name, version: h.info().version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
+        peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000);
       this.step(j, { type: 'dest-accepted' });
-      if (mode === 'definition') return await this.moveDefinition(j, client, live, report);
+      if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);
 
       await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
       if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
@@ -175,23 +186,24 @@ export class Source {
       const prep = await client.request<{ dataAddress: string; dataPort: number; tlsHostname: string }>('relocation.prepare', { jobId: j.jobId }, 60000);
       j.dataPort = prep.dataPort;
       this.step(j, { type: 'dest-prepared' });
-      const q = live.qmp;
-      if (!q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
       live.busy = `migrating to ${peer.name}`;
       let stopAt: number | null = null;
-      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpMs(e); };
+      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpEventMs(e); };
       q.on('event', onStop);
       const ip = wasRunning ? guestIp(live.rec.config.nics) : undefined;
       if (ip) { probe = new GuestProbe(ip); probe.start(); }
+      const watch = new MigrationWatcher(q);
       try {
-        await this.setup(q, p, mode, insecure, prep.tlsHostname, maxDowntimeMs, policy);
+        await setupP;
+        if (prep.tlsHostname !== peer.name && !insecure) await q.execute('migrate-set-parameters', { 'tls-hostname': prep.tlsHostname });
         if (mode === 'offline' && wasRunning) await q.execute('stop');
         this.step(j, { type: 'stream-started' });
         await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
-        const done = await this.supervise(j, q, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled);
+        const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled);
         Object.assign(stats, done);
       } finally {
         q.off('event', onStop);
+        watch.dispose();
       }
       this.step(j, { type: 'stream-completed' });
       // Still before the point of no return: both guests are paused, so a mismatch
@@ -217,7 +229,8 @@ export class Source {
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
       this.step(j, { type: 'dest-finished' });
-      // totalMs ends here: the guest runs on the destination. Cleanup comes after.
+      await this.retireSource(live, peer);
+      // totalMs ends here: the guest runs on the destination and the source is clean.
       stats.totalMs = Date.now() - t0;
       if (probe) {
         // The gap ends with the guest's first answer from its new host.
@@ -227,7 +240,6 @@ export class Source {
         stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
         stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
       }
-      await this.retireSource(live, peer);
       client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
       const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.resumedAt ? Math.max(0, Math.round(fin.resumedAt - stopAt)) : null });
       j.report = r;
@@ -370,67 +382,89 @@ export class Source {
     return sent;
   }
 
-  /** Polls QEMU, reports progress, and applies the convergence policy and deadline. */
-  private async supervise(j: SourceJob, q: QmpClient, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean): Promise<Partial<Report>> {
-    let setupMs: number | null = null;
+  /**
+   * Follows QEMU's migration to its end through MIGRATION events; a timer reads the
+   * byte counters (QEMU has no event for them) for the progress bar and applies the
+   * convergence policy and deadline.
+   */
+  private async supervise(j: SourceJob, q: QmpClient, w: MigrationWatcher, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean): Promise<Partial<Report>> {
     let raised = false;
     let cancelSent = false;
-    let lastEmit = 0;
     let timedOut = false;
-    void cancelledP.then(() => { if (!cancelSent) { cancelSent = true; q.execute('migrate_cancel').catch(() => undefined); } });
-    for (;;) {
-      let m: any;
-      try { m = await q.execute('query-migrate'); } catch { throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during the migration`); }
-      const ram = m.ram ?? {};
-      if (setupMs === null && ram.transferred > 0) setupMs = Date.now() - t0;
-      const now = Date.now();
-      if (now - lastEmit >= 200 || m.status === 'completed') {
-        lastEmit = now;
+    const cancel = (): void => { if (!cancelSent) { cancelSent = true; q.execute('migrate_cancel').catch(() => undefined); } };
+    void cancelledP.then(cancel);
+    let ticking = false;
+    const tick = async (): Promise<void> => {
+      if (ticking || w.final) return;
+      ticking = true;
+      try {
+        const m = await q.execute<any>('query-migrate');
+        const ram = m.ram ?? {};
+        const now = Date.now();
         const total = ram.total ?? 0;
         const remaining = ram.remaining ?? total;
         const rate = (ram.mbps ?? 0) * 1e6 / 8;
         const prog = {
           domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
-          transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: ram['dirty-sync-count'] ?? 0,
+          transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: w.passes,
           etaS: rate > 0 ? remaining / rate : null, elapsedMs: now - t0, dirtyRate: ram['dirty-pages-rate'] ?? 0, throttlePct: m['cpu-throttle-percentage'] ?? 0,
         };
         j.progress = prog;
         this.host.emit('migration.progress', prog);
+        const elapsed = (now - t0) / 1000;
+        // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
+        // the guest from the start; after STALL_PASSES passes or two thirds of the
+        // deadline, allow a longer final pause (4×, at least 2 s); at the deadline, cancel.
+        if (mode === 'live' && !raised && (w.passes >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
+          raised = true;
+          const newLimit = Math.max(maxDowntimeMs * 4, 2000);
+          try {
+            await q.execute('migrate-set-parameters', { 'downtime-limit': newLimit });
+            policy.push(`not converged after ${elapsed.toFixed(1)} s and ${w.passes} passes: downtime limit raised from ${maxDowntimeMs} to ${newLimit} ms`);
+          } catch (e) {
+            this.log.warn('could not raise the downtime limit', { jobId: j.jobId, error: String(e) });
+          }
+        }
+        if (elapsed > timeoutS && !cancelSent) {
+          timedOut = true;
+          policy.push(`deadline of ${timeoutS} s reached: cancelled`);
+          cancel();
+        }
+      } catch { /* QEMU gone: the watcher says so */ } finally {
+        ticking = false;
       }
-      if (m.status === 'completed') {
-        // QEMU may say completed before it fills in total-time and downtime.
-        for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 10)); m = await q.execute('query-migrate'); }
-        const r2 = m.ram ?? ram;
-        const bytes = r2.transferred ?? 0;
-        const totalTime = m['total-time'] ?? (Date.now() - t0);
-        return { setupMs, downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? 0, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
-      }
-      if (m.status === 'failed') throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
-      if (m.status === 'cancelled') {
-        if (timedOut) throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s (${policy.join('; ')}); cancelled, the domain keeps running on the source. Raise --max-downtime or --bandwidth, or migrate offline`);
-        if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
-        throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
-      }
-      const elapsed = (Date.now() - t0) / 1000;
-      // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
-      // the guest from the start; after STALL_PASSES passes or two thirds of the
-      // deadline, allow a longer final pause (4×, at least 2 s); at the deadline, cancel.
-      const pass = ram['dirty-sync-count'] ?? 0;
-      if (mode === 'live' && !raised && (pass >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
-        raised = true;
-        const newLimit = Math.max(maxDowntimeMs * 4, 2000);
-        await q.execute('migrate-set-parameters', { 'downtime-limit': newLimit }).catch(() => undefined);
-        policy.push(`not converged after ${elapsed.toFixed(1)} s and ${pass} passes: downtime limit raised from ${maxDowntimeMs} to ${newLimit} ms`);
-      }
-      if (elapsed > timeoutS && !cancelSent) {
-        timedOut = true;
-        cancelSent = true;
-        policy.push(`deadline of ${timeoutS} s reached: cancelled`);
-        await q.execute('migrate_cancel').catch(() => undefined);
-        if (mode !== 'live') throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s`);
-      }
-      await new Promise((r) => setTimeout(r, 50));
+    };
+    const timer = setInterval(() => void tick(), 200);
+    let status: string;
+    try {
+      status = await w.until(FINAL_STATUSES);
+    } catch {
+      throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during the migration`);
+    } finally {
+      clearInterval(timer);
     }
+    const active = w.at.get('active');
+    const setupMs = active !== undefined ? Math.max(0, Math.round(active - t0)) : null;
+    if (status === 'failed') {
+      const m = await q.execute<any>('query-migrate').catch(() => ({}));
+      throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
+    }
+    if (status === 'cancelled') {
+      if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s (${policy.join('; ')}); cancelled, the domain keeps running on the source. Raise --max-downtime or --bandwidth, or migrate offline`);
+      if (timedOut) throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
+      if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
+      throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
+    }
+    // Completed. QEMU may say so before it fills in total-time and downtime.
+    let m = await q.execute<any>('query-migrate');
+    for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<any>('query-migrate'); }
+    const r2 = m.ram ?? {};
+    const bytes = r2.transferred ?? 0;
+    const totalTime = m['total-time'] ?? (Date.now() - t0);
+    const prog = { domain: j.domain, jobId: j.jobId, status: 'completed', phase: j.phase, percent: 100, transferred: bytes, remaining: 0, total: r2.total ?? 0, rateMBps: 0, pass: w.passes, etaS: 0, elapsedMs: Date.now() - t0, dirtyRate: 0, throttlePct: 0 };
+    j.progress = prog;
+    this.host.emit('migration.progress', prog);
+    return { setupMs, downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? w.passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
   }
 
   /**
@@ -478,14 +512,16 @@ export class Source {
     const q = live.qmp;
     if (q) {
       try {
-        const m = await q.execute<{ status: string }>('query-migrate');
-        if (m.status === 'active' || m.status === 'setup' || m.status === 'pre-switchover' || m.status === 'device') {
-          await q.execute('migrate_cancel');
-          for (let i = 0; i < 100; i++) {
-            const s = await q.execute<{ status: string }>('query-migrate');
-            if (s.status !== 'cancelling' && s.status !== 'active') break;
-            await new Promise((r) => setTimeout(r, 20));
+        // One query for where it stands (this may run after a restart), then events.
+        const watch = new MigrationWatcher(q);
+        try {
+          const m = await q.execute<{ status: string }>('query-migrate');
+          if (m.status === 'active' || m.status === 'setup' || m.status === 'pre-switchover' || m.status === 'device') {
+            await q.execute('migrate_cancel');
+            await watch.until(FINAL_STATUSES, 2000).catch(() => undefined);
           }
+        } finally {
+          watch.dispose();
         }
       } catch { /* QEMU gone: handled below */ }
     }

@@ -5,7 +5,21 @@
  */
 import type { DomainConfig } from '../domain/config.ts';
 
+/** The default engine; ferryd.json's "qemu" (or FERRY_QEMU) picks another per host. */
 export const QEMU_BINARY = process.env.FERRY_QEMU ?? 'qemu-system-x86_64';
+
+/** Which QEMU a host runs: its binary and where its firmware and option ROMs are (-L). */
+export interface Engine {
+  binary: string;
+  dataDirs: string[];
+}
+
+export const DEFAULT_ENGINE: Engine = { binary: QEMU_BINARY, dataDirs: [] };
+
+/** `-L DIR` for each data directory (a QEMU unpacked under a prefix needs them). */
+export function engineArgs(e: Engine): string[] {
+  return e.dataDirs.flatMap((d) => ['-L', d]);
+}
 export const QBOOT_ROM = '/usr/share/qemu/qboot.rom';
 
 export type Accel = 'kvm' | 'tcg';

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
-import { QEMU_BINARY, type Accel } from './argv.ts';
+import { DEFAULT_ENGINE, engineArgs, type Accel, type Engine } from './argv.ts';
 import { startQemu, killAndWait, connectUnix } from './process.ts';
 
 export interface QemuFacts {
@@ -18,11 +18,11 @@ export interface QemuFacts {
 }
 
 /** Starts a machine-less QEMU and asks it over QMP. About a quarter of a second. */
-export async function probeQemu(cpuModel: string, scratchDir: string): Promise<QemuFacts> {
+export async function probeQemu(cpuModel: string, scratchDir: string, engine: Engine = DEFAULT_ENGINE): Promise<QemuFacts> {
   fs.mkdirSync(scratchDir, { recursive: true });
   const qmpPath = path.join(scratchDir, `probe-${process.pid}.qmp`);
   const logPath = path.join(scratchDir, 'probe.log');
-  const q = await startQemu(['-machine', 'none', '-accel', 'tcg', '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000 });
+  const q = await startQemu(['-machine', 'none', '-accel', 'tcg', '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000, engine });
   try {
     const ver = await q.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
     const machines = await q.qmp.execute<{ name: string; alias?: string; 'is-default'?: boolean }[]>('query-machines');
@@ -61,11 +61,11 @@ function kvmUsable(): string | null {
  * boot) and first touches of guest pages, both of which a nested, software KVM
  * (kvm_pvm) is slow at, so it predicts what a Linux guest would see.
  */
-async function timePatternBoot(accel: Accel, image: string, capMs: number, scratchDir: string): Promise<number | null> {
+async function timePatternBoot(accel: Accel, image: string, capMs: number, scratchDir: string, engine: Engine): Promise<number | null> {
   const sock = path.join(scratchDir, `probe-${accel}-${process.pid}.con`);
   fs.rmSync(sock, { force: true });
   const t0 = Date.now();
-  const child = spawn(QEMU_BINARY, ['-machine', `pc,accel=${accel}`, '-cpu', 'qemu64', '-m', '64', '-nodefaults', '-display', 'none',
+  const child = spawn(engine.binary, [...engineArgs(engine), '-machine', `pc,accel=${accel}`, '-cpu', 'qemu64', '-m', '64', '-nodefaults', '-display', 'none',
     '-chardev', `socket,id=c,path=${sock},server=on,wait=on`, '-serial', 'chardev:c',
     '-drive', `file=${image},format=raw,if=floppy,readonly=on`], { stdio: 'ignore' });
   try {
@@ -94,14 +94,15 @@ async function timePatternBoot(accel: Accel, image: string, capMs: number, scrat
  * Picks KVM only where /dev/kvm works and a probe shows it faster than TCG. `forced`
  * (from FERRY_ACCEL or the config) skips the probe.
  */
-export async function chooseAccel(opts: { forced?: Accel | 'auto'; patternImage: string; scratchDir: string }): Promise<AccelChoice> {
+export async function chooseAccel(opts: { forced?: Accel | 'auto'; patternImage: string; scratchDir: string; engine?: Engine }): Promise<AccelChoice> {
+  const engine = opts.engine ?? DEFAULT_ENGINE;
   if (opts.forced === 'tcg' || opts.forced === 'kvm') return { accel: opts.forced, reason: `forced by configuration (${opts.forced})` };
   const why = kvmUsable();
   if (why) return { accel: 'tcg', reason: `${why}; using TCG` };
   if (!fs.existsSync(opts.patternImage)) return { accel: 'tcg', reason: `/dev/kvm exists but the probe image ${opts.patternImage} is missing; using TCG (run \`ferry lab images\`)` };
   fs.mkdirSync(opts.scratchDir, { recursive: true });
-  const tcgMs = await timePatternBoot('tcg', opts.patternImage, 5000, opts.scratchDir);
-  const kvmMs = await timePatternBoot('kvm', opts.patternImage, Math.max(1000, (tcgMs ?? 5000) * 2), opts.scratchDir);
+  const tcgMs = await timePatternBoot('tcg', opts.patternImage, 5000, opts.scratchDir, engine);
+  const kvmMs = await timePatternBoot('kvm', opts.patternImage, Math.max(1000, (tcgMs ?? 5000) * 2), opts.scratchDir, engine);
   if (kvmMs !== null && (tcgMs === null || kvmMs < tcgMs)) return { accel: 'kvm', reason: `probe: KVM ${kvmMs} ms vs TCG ${tcgMs ?? '>5000'} ms`, probe: { tcgMs, kvmMs } };
   return { accel: 'tcg', reason: `probe: KVM ${kvmMs === null ? 'did not finish' : `${kvmMs} ms`} vs TCG ${tcgMs} ms; /dev/kvm is slower here (nested or software KVM)`, probe: { tcgMs, kvmMs } };
 }

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { QmpClient } from '../qmp/client.ts';
 import { FerryError } from '../errors.ts';
-import { QEMU_BINARY } from './argv.ts';
+import { DEFAULT_ENGINE, engineArgs, type Engine } from './argv.ts';
 
 export function pidAlive(pid: number): boolean {
   try {
@@ -82,8 +82,9 @@ function tail(file: string, bytes = 2000): string {
  * Spawns QEMU in its own session with output to `logPath`, then waits for its QMP
  * socket. QEMU was started with -S, so the guest has not run yet when this returns.
  */
-export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
-  return startQemuWith(QEMU_BINARY, argv, opts);
+export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string; engine?: Engine }): Promise<StartedQemu> {
+  const e = opts.engine ?? DEFAULT_ENGINE;
+  return startQemuWith(e.binary, [...engineArgs(e), ...argv], opts);
 }
 
 /** As startQemu, with another launcher in front (e.g. `ip netns exec NS qemu-system-x86_64 …`, which execs). */

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
-import { caInit, issueHostCert, loadTls } from './ca.ts';
+import { caInit, issueHostCert, loadTls, FFDHE2048_PEM, ensureDhParams } from './ca.ts';
 import { FerryError } from '../errors.ts';
 
 async function handshake(serverDir: string, clientDir: string | null): Promise<{ authorized: boolean; error: string | null; cn: string | null }> {
@@ -58,6 +58,33 @@ test('host certificates: accepted from the cluster CA; refused when expired, for
     assert.equal(none.authorized, false);
     assert.throws(() => loadTls(path.join(dir, 'nowhere')), (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING');
     assert.throws(() => issueHostCert('x', { caDir: path.join(dir, 'nowhere'), outDir: path.join(dir, 'x') }), (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('dh-params.pem is RFC 7919 ffdhe2048 (the formula from the RFC), written with every host certificate', () => {
+  const der = Buffer.from(FFDHE2048_PEM.replace(/-----[A-Z ]+-----/g, '').replace(/\s+/g, ''), 'base64');
+  // SEQUENCE { INTEGER p (257 bytes with a leading 0), INTEGER g }
+  const i = der.indexOf(Buffer.from([0x02, 0x82, 0x01, 0x01]));
+  assert.ok(i > 0);
+  const p = BigInt('0x' + der.subarray(i + 4, i + 4 + 257).toString('hex'));
+  assert.deepEqual([...der.subarray(i + 4 + 257)], [0x02, 0x01, 0x02], 'g = 2');
+  // p = 2^2048 - 2^1984 + (floor(2^1918 * e) + 560316) * 2^64 - 1, e from its series in fixed point
+  const SCALE = 2n ** 2100n;
+  let e = 0n;
+  let term = SCALE;
+  for (let k = 1n; term > 0n; k++) { e += term; term /= k; }
+  const p2 = 2n ** 2048n - 2n ** 1984n + (((2n ** 1918n) * e) / SCALE + 560316n) * 2n ** 64n - 1n;
+  assert.equal(p, p2);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-dh-'));
+  try {
+    caInit(path.join(dir, 'ca'));
+    issueHostCert('h1', { caDir: path.join(dir, 'ca'), outDir: path.join(dir, 'h1') });
+    assert.equal(fs.readFileSync(path.join(dir, 'h1', 'dh-params.pem'), 'utf8'), FFDHE2048_PEM);
+    fs.rmSync(path.join(dir, 'h1', 'dh-params.pem'));
+    assert.equal(ensureDhParams(path.join(dir, 'h1')), true);
+    assert.equal(ensureDhParams(path.join(dir, 'h1')), false);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -61,7 +61,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const config = await ok(['lab', 'guest', 'pattern', 'ghost', '--memory', '64', '--json']);
     begin = {
       version: PROTOCOL_VERSION, mode: 'live', insecure: false, parallel: 1,
-      peer: { name: 'host1', version: h1.version, arch: h1.arch, accel: h1.accel, cpuModel: h1.cpuModel, cpuFeatures: h1.cpuFeatures, machine: h1.machine, networks: h1.networks },
+      peer: { name: 'host1', version: h1.version, qemuVersion: h1.qemuVersion, arch: h1.arch, accel: h1.accel, cpuModel: h1.cpuModel, cpuFeatures: h1.cpuFeatures, machine: h1.machine, networks: h1.networks },
       domain: { config, fileSizes: fileSizes(parseDomainConfig(config)), machine: h1.machine, cpuModel: h1.cpuModel },
     };
   });
