@@ -50,7 +50,7 @@ test(`API request parser: ${RUNS} random requests end in a request or a coded er
   fc.assert(fc.property(req, (r) => coded(() => parseRequest(r), ['API_BAD_REQUEST', 'API_UNKNOWN_ACTION'])), { numRuns: RUNS });
 });
 
-test(`relocation Begin parser: ${RUNS} random messages end in a message or MIGRATION_PROTOCOL`, () => {
+test(`relocation Begin parser: ${RUNS} random messages end in a message, MIGRATION_PROTOCOL or (another protocol version) MIGRATION_DEST_VERSION`, () => {
   const good = {
     version: PROTOCOL_VERSION, jobId: '00000000-0000-4000-8000-000000000001', mode: 'live',
     peer: { name: 'host1', version: '0.1.0', qemuVersion: '10.0.2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } },
@@ -59,7 +59,8 @@ test(`relocation Begin parser: ${RUNS} random messages end in a message or MIGRA
   assert.equal(parseBegin(good).config.name, 'web');
   fc.assert(fc.property(fc.constantFrom('jobId', 'mode', 'peer', 'domain', 'parallel'), value, (k, v) => coded(() => parseBegin({ ...good, [k]: v }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
   fc.assert(fc.property(fc.constantFrom('name', 'version', 'qemuVersion', 'arch', 'cpuFeatures', 'networks', 'machine'), value, (k, v) => coded(() => parseBegin({ ...good, peer: { ...good.peer, [k]: v } }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
-  fc.assert(fc.property(value, (v) => coded(() => parseBegin(v as Record<string, unknown>), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
+  fc.assert(fc.property(value, (v) => coded(() => parseBegin(v as Record<string, unknown>), ['MIGRATION_PROTOCOL', 'MIGRATION_DEST_VERSION'])), { numRuns: RUNS });
+  fc.assert(fc.property(value, (v) => coded(() => parseBegin({ ...good, version: v }), ['MIGRATION_DEST_VERSION'])), { numRuns: RUNS });
 });
 
 test('a live API server answers every random line with a result or a coded error, and stays up', async () => {

@@ -14,7 +14,7 @@ import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { destTransition, type DestEvent } from './phases.ts';
+import { destTransition, PROTOCOL_VERSION, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
 import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
@@ -50,6 +50,8 @@ const strArr = (v: unknown, max = 512): v is string[] => Array.isArray(v) && v.l
 export function parseBegin(p: Record<string, unknown>): BeginMsg {
   const bad = (why: string): never => { throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`); };
   if (!isObj(p)) return bad('the message must be an object');
+  // First: a peer of another protocol version may send another shape altogether.
+  if (p.version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: this host speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof p.version === 'number' ? p.version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
   if (typeof p.jobId !== 'string' || !JOB_ID_RE.test(p.jobId)) bad('jobId must be a UUID');
   if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
   const peer = p.peer;
@@ -283,9 +285,11 @@ export class Destination {
     const w = this.watches.get(j.jobId);
     // The source asks only after its QEMU sent everything. If no stream has even
     // connected, the request is out of order: refuse at once instead of waiting.
-    if (!w || w.status === 'none') {
-      throw new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
-    }
+    // (QEMU 10 says "setup" as soon as it listens, and "active" once a stream connected;
+    // a source that finished sending is past that, give or take the main loop's turn.)
+    const noStream = (): FerryError => new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
+    if (!w || w.status === 'none') throw noStream();
+    if (w.status === 'setup') await w.until(['active', ...FINAL_STATUSES], 2000).catch(() => { throw noStream(); });
     let status: string;
     try {
       const s = await w.until(FINAL_STATUSES, 120000);

@@ -35,6 +35,8 @@ export interface Report {
   /** Guest RAM compared after the copy (qemu/memory.ts); `repairedBytes` arrived different and were rewritten from the source. */
   memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
   phase: string;
+  /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
+  timeline?: Record<string, number>;
   error?: { code: string; message: string };
 }
 

@@ -144,9 +144,13 @@ export class Source {
     const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
     const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
     const policy: string[] = [];
+    // When each step ended, in ms since the request: where the time before the first byte goes.
+    const timeline: Record<string, number> = {};
+    const mark = (k: string): void => { timeline[k] = Date.now() - t0; };
 
     // Nothing has changed yet: a failure to reach or trust the peer leaves the domain as it is.
     const { client, peer } = await this.connectPeer(p.dest);
+    mark('connected');
     const j: SourceJob = {
       role: 'source', jobId: crypto.randomUUID(), domain: p.domain, uuid: live.rec.config.uuid, mode, encrypted: !insecure,
       startedAt: t0, updatedAt: t0, history: [{ phase: 'begin', at: t0 }], phase: 'begin', peer, wasRunning,
@@ -154,7 +158,7 @@ export class Source {
     const report = (outcome: Report['outcome'], m: Partial<Report>): Report => ({
       outcome, mode, jobId: j.jobId, domain: p.domain, source: h.cfg.name, destination: peer.name, totalMs: Date.now() - t0,
       setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
-      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, memoryCheck: null, phase: j.phase, ...m,
+      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, memoryCheck: null, phase: j.phase, timeline, ...m,
     });
     let cancelled = false;
     let cancelFn: () => void = () => undefined;
@@ -177,14 +181,17 @@ export class Source {
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000);
+      mark('begun');
       this.step(j, { type: 'dest-accepted' });
       if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);
 
       await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
+      mark('dataPortReached');
       if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
       const prep = await client.request<{ dataAddress: string; dataPort: number; tlsHostname: string }>('relocation.prepare', { jobId: j.jobId }, 60000);
       j.dataPort = prep.dataPort;
+      mark('prepared');
       this.step(j, { type: 'dest-prepared' });
       live.busy = `migrating to ${peer.name}`;
       let stopAt: number | null = null;
@@ -199,12 +206,14 @@ export class Source {
         if (mode === 'offline' && wasRunning) await q.execute('stop');
         this.step(j, { type: 'stream-started' });
         await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
+        mark('migrateIssued');
         const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled);
         Object.assign(stats, done);
       } finally {
         q.off('event', onStop);
         watch.dispose();
       }
+      for (const [k, v] of watch.at) if (k === 'active' || k === 'completed') timeline[k === 'active' ? 'firstByte' : 'streamCompleted'] = Math.round(v - t0);
       this.step(j, { type: 'stream-completed' });
       // Still before the point of no return: both guests are paused, so a mismatch
       // abandons like any other failure and the domain resumes here.
@@ -228,8 +237,10 @@ export class Source {
         await this.resumeSource(live, wasRunning);
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
+      mark('destRunning');
       this.step(j, { type: 'dest-finished' });
       await this.retireSource(live, peer);
+      mark('sourceClean');
       // totalMs ends here: the guest runs on the destination and the source is clean.
       stats.totalMs = Date.now() - t0;
       if (probe) {
