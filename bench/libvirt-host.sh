@@ -2,9 +2,11 @@
 # Starts a libvirtd as a lab host: inside the host's network namespace, in a private
 # mount namespace whose /etc/libvirt, /var/lib/libvirt, /run/libvirt, /var/log/libvirt
 # and /var/cache/libvirt are per-host directories under DIR. Used only by the bench.
-#   libvirt-host.sh NAMESPACE ADDRESS DIR UUID
+# TLSDIR is the lab host's own certificate directory (ferry's layout is the one QEMU
+# and libvirt expect), for `virsh migrate --tls`.
+#   libvirt-host.sh NAMESPACE ADDRESS DIR UUID TLSDIR
 set -euo pipefail
-ns=$1 addr=$2 dir=$3 uuid=$4
+ns=$1 addr=$2 dir=$3 uuid=$4 tls=$5
 mkdir -p "$dir"/{etc,lib,run,log,cache}
 if [ ! -f "$dir/etc/libvirtd.conf.ferry" ]; then
   cp -a /etc/libvirt/. "$dir/etc/"
@@ -29,6 +31,8 @@ stdio_handler = "file"
 cgroup_controllers = [ ]
 migration_address = "$addr"
 migration_host = "$addr"
+migrate_tls_x509_cert_dir = "$tls"
+migrate_tls_x509_verify = 1
 CONF
   touch "$dir/etc/libvirtd.conf.ferry"
 fi

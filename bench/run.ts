@@ -16,6 +16,7 @@ import { QmpClient } from '../src/qmp/client.ts';
 import { parseDomainConfig, type DomainConfig } from '../src/domain/config.ts';
 import { domainArgv } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
+import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
@@ -26,7 +27,7 @@ const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
 const opt = (k: string): string | undefined => { const i = args.indexOf(k); return i >= 0 ? args[i + 1] : undefined; };
 const SMOKE = args.includes('--smoke');
-const REPS = Number(opt('--reps') ?? (SMOKE ? 1 : 3));
+const REPS = Number(opt('--reps') ?? (SMOKE ? 1 : 7));
 const ONLY = opt('--only');
 const OUT = opt('--out') ?? path.join(ROOT, 'bench', 'results');
 const tty = !!process.stderr.isTTY;
@@ -45,12 +46,18 @@ async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 
 const ns = (h: string): string => `ferry-${h}`;
 function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['netns', 'exec', ns(h), ...cmd], { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); }
 
-/** The external probe: TCP SYNs every 1 ms from `host`'s namespace. */
-function externalProbe(host: string, ip: string): { stop: () => Promise<{ longestGapMs: number; replies: number } | null> } {
-  const c = spawn('ip', ['netns', 'exec', ns(host), process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip], { cwd: ROOT, stdio: ['pipe', 'pipe', 'ignore'] });
+/**
+ * The guest-perceived downtime probe, the same for every contender: ferry's GuestProbe
+ * in its own process in the lab's client namespace (a real client on the segment),
+ * started before the command and stopped after it returned and the guest answered
+ * from its new host (bench/probe-helper.ts).
+ */
+function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<{ longestGapMs: number | null; replies: number } | null> } {
+  const c = spawn('ip', ['netns', 'exec', 'ferry-client', process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip], { cwd: ROOT, stdio: ['pipe', 'pipe', 'ignore'] });
   let out = '';
-  c.stdout.on('data', (d) => { out += d; });
+  const ready = new Promise<void>((r) => c.stdout.on('data', (d) => { out += d; if (out.includes('probing')) r(); }));
   return {
+    ready,
     stop: () => new Promise((resolve) => {
       c.on('close', () => { const l = out.trim().split('\n').pop(); try { const j = JSON.parse(l!); resolve(j.replies > 1 ? j : null); } catch { resolve(null); } });
       c.stdin.end();
@@ -60,8 +67,10 @@ function externalProbe(host: string, ip: string): { stop: () => Promise<{ longes
 
 // ---------------------------------------------------------------- contenders
 
-interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number }
-interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; guestDowntimeMs: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck'] }
+interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean }
+/** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
+interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; pauseMs?: number | null; guestDowntimeMs: number | null; reportedGuestDowntimeMs?: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck']; timeline?: Record<string, number> }
+type Measured = Omit<Run, 'totalMs' | 'guestDowntimeMs'>;
 
 interface Guest {
   name: string;
@@ -70,7 +79,8 @@ interface Guest {
   pause(): Promise<void>;
   resume(): Promise<void>;
   send(cmd: string): Promise<void>;
-  migrate(to: string, o: Opts): Promise<Run>;
+  /** Runs the contender's whole migration command; the bench times it. */
+  migrate(to: string, o: Opts): Promise<Measured>;
   destroy(): Promise<void>;
 }
 
@@ -87,21 +97,20 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
     resume: async () => { await ferryOk(['-H', g.host, 'unpause', name]); },
     send: async (cmd) => { await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n'); },
     migrate: async (to, o) => {
-      // ferryd measures guest-perceived downtime itself, with the same probe the bench
-      // runs for the other contenders; a second probe would only load the guest twice.
       const a = ['-H', g.host, 'migrate', name, to, '--json', '--max-downtime', String(o.maxDowntimeMs), '--timeout', String(o.timeoutS)];
       if (o.live) a.push('--live');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');
       if (o.parallel) a.push('--parallel', String(o.parallel));
+      if (o.verify) a.push('--verify-memory');
       const r = await ferry(a);
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
       return {
-        contender: o.insecure ? 'ferry-plain' : o.parallel ? 'ferry-par2' : 'ferry', outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, setupMs: rep.setupMs ?? null,
-        downtimeMs: rep.downtimeMs ?? null, guestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
-        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check on'))].filter(Boolean).join('; ') || undefined,
-        memoryCheck: rep.memoryCheck ?? null,
+        contender: '', outcome: rep.outcome ?? 'failed', setupMs: rep.setupMs ?? null, pauseMs: rep.pauseMs ?? null,
+        downtimeMs: rep.downtimeMs ?? null, reportedGuestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
+        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check requested'))].filter(Boolean).join('; ') || undefined,
+        memoryCheck: rep.memoryCheck ?? null, timeline: rep.timeline,
       };
     },
     destroy: async () => { await ferry(['-H', g.host, 'destroy', name]); await ferry(['-H', g.host, 'delete', name]); },
@@ -110,11 +119,12 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
 }
 
 /**
- * The engine baseline: the same guest, QEMU argv, TLS certificates, bandwidth and
- * downtime settings, driven directly through QMP by this script. No pre-flight, no
- * persisted phases, no auto-converge, no policy: what QEMU alone does.
+ * The engine baseline: the same guest, QEMU argv, machine type, TLS certificates,
+ * bandwidth, downtime and auto-converge settings as ferry, driven directly through QMP
+ * by this script (events, as ferry). No pre-flight, no persisted phases, no policy:
+ * what QEMU alone does.
  */
-async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number): Promise<Guest> {
+async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string): Promise<Guest> {
   const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const dir = path.join(LAB, 'bench', name);
@@ -128,7 +138,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
       inNs(h, ['ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
       inNs(h, ['ip', 'link', 'set', tap, 'master', 'br0', 'up']);
     }
-    const rt = { accel: 'tcg' as const, cpuModel: 'qemu64', machine: 'pc-i440fx-7.2', qmpPath: path.join(dir, `${h}.qmp`), consolePath: path.join(dir, `${h}.con`), taps: [tap], incoming, preallocate: prealloc };
+    const rt = { accel: 'tcg' as const, cpuModel: 'qemu64', machine, qmpPath: path.join(dir, `${h}.qmp`), consolePath: path.join(dir, `${h}.con`), taps: [tap], incoming, preallocate: prealloc };
     // QEMU runs inside the host's namespace through `ip netns exec` (which execs it).
     return startQemuWith('ip', ['netns', 'exec', ns(h), 'qemu-system-x86_64', ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${h}.log`), what: 'bench QEMU' });
   };
@@ -145,17 +155,17 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
     resume: async () => { await cur!.qmp.execute('cont'); },
     send: async (cmd) => { conSock.write(cmd + '\n'); await sleep(1500); },
     migrate: async (to, o) => {
-      const probe = g.ip ? externalProbe(host, g.ip) : undefined;
-      await sleep(300);
       const t0 = Date.now();
       const dst = await start(to, true, !o.live);
       const toAddr = to === 'host1' ? '198.18.0.11' : '198.18.0.12';
       const fromName = host;
       const src = cur!;
-      let setupMs: number | null = null;
       let outcome = 'failed';
       let m: any = {};
+      const sw = new MigrationWatcher(src.qmp);
+      const dw = new MigrationWatcher(dst.qmp);
       try {
+        for (const q of [src.qmp, dst.qmp]) await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, ...(q === src.qmp ? [{ capability: 'auto-converge', state: o.live }] : [])] });
         if (!o.insecure) {
           await dst.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${to}/tls`, endpoint: 'server', 'verify-peer': true });
           await dst.qmp.execute('object-add', { 'qom-type': 'authz-simple', id: 'authz0', identity: `O=ferry,CN=${fromName}` });
@@ -167,22 +177,18 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
         await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': o.bandwidthMiBs ? o.bandwidthMiBs * 1048576 : UNLIMITED_BANDWIDTH, 'downtime-limit': o.maxDowntimeMs, ...(o.insecure ? { 'tls-creds': '' } : { 'tls-creds': 'tls0', 'tls-hostname': to }) });
         if (!o.live) await src.qmp.execute('stop');
         await src.qmp.execute('migrate', { uri: `tcp:${toAddr}:49200` });
-        const deadline = t0 + o.timeoutS * 1000;
-        for (;;) {
-          m = await src.qmp.execute('query-migrate');
-          if (setupMs === null && m.ram?.transferred > 0) setupMs = Date.now() - t0;
-          if (m.status === 'completed' || m.status === 'failed' || m.status === 'cancelled') break;
-          if (Date.now() > deadline) { await src.qmp.execute('migrate_cancel'); outcome = 'not converged (watchdog)'; }
-          await sleep(50);
-        }
-        if (m.status === 'completed') {
-          for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await sleep(10); m = await src.qmp.execute('query-migrate'); }
-          for (;;) { const st = await dst.qmp.execute<{ status: string }>('query-status'); if (st.status !== 'inmigrate') break; await sleep(10); }
+        const watchdog = setTimeout(() => { src.qmp.execute('migrate_cancel').catch(() => undefined); outcome = 'not converged (watchdog)'; }, o.timeoutS * 1000);
+        const st = await sw.until(FINAL_STATUSES).finally(() => clearTimeout(watchdog));
+        m = await src.qmp.execute('query-migrate');
+        for (let i = 0; i < 20 && st === 'completed' && !(m['total-time'] > 0); i++) { await sleep(5); m = await src.qmp.execute('query-migrate'); }
+        if (st === 'completed') {
+          await dw.until(FINAL_STATUSES, 60000);
           await dst.qmp.execute('cont');
           await dst.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
           outcome = 'succeeded';
         }
       } finally {
+        sw.dispose(); dw.dispose();
         if (outcome === 'succeeded') {
           await src.qmp.execute('quit').catch(() => undefined);
           await killAndWait(src.pid, 2000);
@@ -198,11 +204,10 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
           if (o.live === false) await src.qmp.execute('cont').catch(() => undefined);
         }
       }
-      const totalMs = Date.now() - t0;
-      const p = probe ? await probe.stop() : null;
       const bytes = m.ram?.transferred ?? null;
+      const active = sw.at.get('active');
       return {
-        contender: o.insecure ? 'qmp-plain' : 'qmp', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs, downtimeMs: m.downtime ?? null, guestDowntimeMs: p?.longestGapMs ?? null,
+        contender: '', outcome, setupMs: active !== undefined ? Math.round(active - t0) : null, downtimeMs: m.downtime ?? null,
         bytes, throughputMBps: bytes && m['total-time'] ? +(bytes / 1e6 / (m['total-time'] / 1000)).toFixed(1) : null, passes: m.ram?.['dirty-sync-count'] ?? null,
         note: outcome === 'succeeded' ? undefined : `QEMU status ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''} after ${((Date.now() - t0) / 1000).toFixed(1)} s`,
       };
@@ -217,13 +222,12 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
   return g;
 }
 
-
-
 // ---------------------------------------------------------------- libvirt
 
 const LV_ADDR: Record<string, string> = { host1: '198.18.0.11', host2: '198.18.0.12' };
 const lvUri = (h: string): string => `qemu+tcp://${LV_ADDR[h]}/system`;
 let libvirtUp = false;
+let libvirtVersion: string | null = null;
 
 /** Installs libvirt (without starting any service) and runs one libvirtd per lab host. */
 async function ensureLibvirt(): Promise<void> {
@@ -244,11 +248,12 @@ async function ensureLibvirt(): Promise<void> {
   }
   for (const d of ['/run/libvirt', '/var/lib/libvirt', '/var/log/libvirt', '/var/cache/libvirt']) fs.mkdirSync(d, { recursive: true });
   for (const [i, h] of ['host1', 'host2'].entries()) {
-    const c = spawn(path.join(ROOT, 'bench', 'libvirt-host.sh'), [ns(h), LV_ADDR[h], `${LAB}/libvirt/${h}`, `00000000-0000-4000-8000-00000000000${i + 1}`], { detached: true, stdio: 'ignore' });
+    const c = spawn(path.join(ROOT, 'bench', 'libvirt-host.sh'), [ns(h), LV_ADDR[h], `${LAB}/libvirt/${h}`, `00000000-0000-4000-8000-00000000000${i + 1}`, `${LAB}/${h}/tls`], { detached: true, stdio: 'ignore' });
     c.unref();
   }
   for (const h of ['host1', 'host2']) await waitFor(`libvirtd on ${h}`, () => { try { inNs(h, ['virsh', '-c', lvUri(h), 'version']); return true; } catch { return false; } }, 30000);
   libvirtUp = true;
+  libvirtVersion = /(\d+\.\d+\.\d+)/.exec(execFileSync('libvirtd', ['--version']).toString())?.[1] ?? null;
 }
 
 function virsh(h: string, a: string[], timeoutMs = 600000): string {
@@ -256,7 +261,7 @@ function virsh(h: string, a: string[], timeoutMs = 600000): string {
 }
 
 /** libvirt's `virsh migrate --live` between two lab libvirtds, same guest and settings. */
-async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number): Promise<Guest> {
+async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string): Promise<Guest> {
   await ensureLibvirt();
   const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
@@ -269,7 +274,7 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
     : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`).join('');
   const nics = c.nics.map((n) => `<interface type='bridge'><source bridge='br0'/><mac address='${n.mac}'/><model type='virtio'/></interface>`).join('');
   const xml = `<domain type='qemu'><name>${name}</name><uuid>${c.uuid}</uuid><memory unit='MiB'>${c.memoryMiB}</memory><vcpu>${c.vcpus}</vcpu>
-<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>${os}</os>
+<os><type arch='x86_64' machine='${machine}'>hvm</type>${os}</os>
 <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>${disks}${nics}
 <serial type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/${name}.con'/></serial>
@@ -295,18 +300,16 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
     resume: async () => { virsh(host, ['resume', name]); },
     send: async (cmd) => { con.write(cmd + '\n'); await sleep(1500); },
     migrate: async (to, o) => {
-      const probe = g.ip ? externalProbe(host, g.ip) : undefined;
-      await sleep(300);
       const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource'];
       // virsh allows --timeout (suspend to finish) only for live migrations.
-      if (o.live) a.push('--live', '--timeout', String(o.timeoutS));
+      if (o.live) a.push('--live', '--timeout', String(o.timeoutS), '--auto-converge');
+      if (o.tls) a.push('--tls');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       const t0 = Date.now();
       let outcome = 'succeeded';
       let note: string | undefined;
       try { virsh(host, a, (o.timeoutS + 120) * 1000); } catch (e) { outcome = 'failed'; note = String((e as { stderr?: Buffer }).stderr ?? e).trim().slice(0, 200); }
-      const totalMs = Date.now() - t0;
-      const p = probe ? await probe.stop() : null;
+      const cmdMs = Date.now() - t0;
       let info = '';
       if (outcome === 'succeeded') {
         info = virsh(to, ['domjobinfo', name, '--completed']);
@@ -317,11 +320,11 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       const num = (label: string): number | null => { const m = new RegExp(`${label}:\\s+([\\d.]+)\\s*(\\S+)?`).exec(info); if (!m) return null; const v = Number(m[1]); const u = m[2] ?? ''; return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v; };
       const elapsed = num('Time elapsed');
       const bytes = num('Data processed') ?? num('Memory processed');
-      if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && totalMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
+      if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && cmdMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
       return {
-        contender: 'libvirt', outcome, totalMs: outcome === 'succeeded' ? totalMs : null, setupMs: null, downtimeMs: num('Total downtime'), guestDowntimeMs: p?.longestGapMs ?? null,
+        contender: '', outcome, setupMs: null, downtimeMs: num('Total downtime'),
         bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
-        note: note ?? (outcome === 'succeeded' ? `virsh migrate took ${totalMs} ms; libvirt's own job time ${elapsed} ms; plain TCP (no TLS)` : undefined),
+        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}` : undefined),
       };
     },
     destroy: async () => {
@@ -337,6 +340,7 @@ function os_tmp(): string { return os.tmpdir(); }
 
 // ---------------------------------------------------------------- scenarios
 
+type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls';
 interface Scenario {
   id: string;
   title: string;
@@ -344,27 +348,25 @@ interface Scenario {
   memoryMiB: number;
   workload?: string;
   opts: Opts;
-  contenders: ('ferry' | 'qmp' | 'ferry-plain' | 'ferry-par2' | 'libvirt')[];
+  contenders: Contender[];
   reps?: number;
 }
 
-const dirty = (mbps: number): string => `while :; do dd if=/dev/zero of=/tmp/dirt bs=1M count=${Math.max(1, Math.round(mbps / 10))} conv=notrunc 2>/dev/null; usleep 100000; done &`;
+/** Rewrites 48 MiB of tmpfs in a loop (the issue's churning guest). */
+const CHURN = 'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &';
+const LIVE: Contender[] = ['ferry', 'ferry-verify', 'qmp', 'libvirt', 'libvirt-tls'];
 
 const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'smoke-linux-128m-idle', title: 'Linux 128 MiB, idle, live (smoke)', kind: 'linux', memoryMiB: 128, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
 ] : [
-  { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp', 'libvirt'] },
-  { id: 'linux-1g-dirty50', title: 'Linux 1 GiB, dirtying ~50 MB/s, live', kind: 'linux', memoryMiB: 1024, workload: dirty(50), opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
-  { id: 'linux-1g-dirty500', title: 'Linux 1 GiB, dirtying ~500 MB/s (nominal), live', kind: 'linux', memoryMiB: 1024, workload: dirty(500), opts: { live: true, maxDowntimeMs: 300, timeoutS: 40 }, contenders: ['ferry', 'qmp'], reps: 2 },
-  { id: 'pattern-1g', title: 'pattern guest, 1 GiB touched, live', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
-  { id: 'nonconv-capped', title: 'Linux 512 MiB dirtying ~200 MB/s over a 32 MiB/s link, live', kind: 'linux', memoryMiB: 512, workload: dirty(200), opts: { live: true, bandwidthMiBs: 32, maxDowntimeMs: 300, timeoutS: 30 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
-  { id: 'linux-1g-offline', title: 'Linux 1 GiB, offline', kind: 'linux', memoryMiB: 1024, opts: { live: false, maxDowntimeMs: 300, timeoutS: 300 }, contenders: ['ferry', 'qmp', 'libvirt'], reps: 2 },
-  { id: 'tls-vs-plain', title: 'pattern guest 512 MiB, offline: TLS vs plain TCP throughput', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain'], reps: 2 },
+  { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
+  { id: 'linux-1g-churn', title: 'Linux 1 GiB rewriting 48 MiB in a loop, live', kind: 'linux', memoryMiB: 1024, workload: CHURN, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
+  { id: 'pattern-512m-offline', title: 'pattern guest 512 MiB (every page non-zero), offline: the stream', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'] },
 ];
 
 // ---------------------------------------------------------------- statistics
 
-const METRICS = ['totalMs', 'setupMs', 'downtimeMs', 'guestDowntimeMs', 'bytes', 'throughputMBps'] as const;
+const METRICS = ['totalMs', 'setupMs', 'downtimeMs', 'pauseMs', 'guestDowntimeMs', 'bytes', 'throughputMBps'] as const;
 function median(xs: number[]): number | null {
   if (!xs.length) return null;
   const s = [...xs].sort((a, b) => a - b);
@@ -378,6 +380,8 @@ function summarize(runs: Run[]): Record<string, any> {
     out[c] = { runs: rs.length, succeeded: ok.length };
     for (const m of METRICS) {
       const xs = ok.map((r) => r[m]).filter((x): x is number => typeof x === 'number');
+      out[c].n = out[c].n ?? {};
+      out[c].n[m] = xs.length;
       out[c][m] = { median: median(xs), min: xs.length ? Math.min(...xs) : null, max: xs.length ? Math.max(...xs) : null };
     }
   }
@@ -401,7 +405,10 @@ async function main(): Promise<void> {
       const guests: Record<string, Guest> = {};
       for (const c of s.contenders) {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
-        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB) : c === 'libvirt' ? await libvirtGuest(s.kind, name, s.memoryMiB) : (c === 'ferry-plain' || c === 'ferry-par2') && guests.ferry ? guests.ferry : await ferryGuest(s.kind, name, s.memoryMiB);
+        // ferry's variants share ferry's guest; libvirt's TLS and plain runs share one.
+        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
+          : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
+            : (guests.ferry ?? guests['ferry-verify'] ?? await ferryGuest(s.kind, name, s.memoryMiB));
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -415,7 +422,14 @@ async function main(): Promise<void> {
           await g.resume();
           await sleep(s.workload ? 3000 : 1000);
           const to = g.host === 'host1' ? 'host2' : 'host1';
-          const run = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined });
+          // Every contender alike: the probe starts first, the clock at the command.
+          const probe = g.ip ? externalProbe(g.ip) : undefined;
+          if (probe) { await probe.ready; await sleep(300); }
+          const t = Date.now();
+          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c === 'libvirt-tls' });
+          const totalMs = Date.now() - t;
+          const p = probe ? await probe.stop() : null;
+          const run: Run = { ...m, contender: c, totalMs: m.outcome === 'succeeded' ? totalMs : null, guestDowntimeMs: m.outcome === 'succeeded' ? p?.longestGapMs ?? null : null };
           runs.push(run);
           say(`   ${c.padEnd(12)} ${run.outcome.padEnd(10)} total ${run.totalMs ?? '-'} ms, QEMU downtime ${run.downtimeMs ?? '-'} ms, guest-perceived ${run.guestDowntimeMs ?? '-'} ms, ${run.throughputMBps ?? '-'} MB/s${run.note ? ` (${run.note})` : ''}`);
           await g.pause().catch(() => undefined);
@@ -456,7 +470,7 @@ async function main(): Promise<void> {
 }
 
 function machine(h: any): Record<string, unknown> {
-  return { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), kernel: os.release(), qemu: h.qemuVersion, accel: h.accel, node: process.version };
+  return { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), kernel: os.release(), qemu: h.qemuVersion, machine: h.machine, accel: h.accel, node: process.version, libvirt: libvirtVersion };
 }
 
 function fmt(x: number | null | undefined, unit = ''): string {
@@ -466,51 +480,48 @@ function fmt(x: number | null | undefined, unit = ''): string {
 function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[], h: any, ms: number, stream?: Record<string, number[]>): string {
   const m = machine(h);
   const L: string[] = [];
+  const cellOf = (s: any, k: string, div = 1): string => s[k].median === null ? '-' : `${fmt(s[k].median / div)} (${fmt(s[k].min / div)}–${fmt(s[k].max / div)})`;
+  const ratio = (a: any, b: any, k: string): string => (a?.[k]?.median && b?.[k]?.median ? (a[k].median / b[k].median).toFixed(2) : '-');
   L.push('# Benchmarks', '');
   L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
-  const checked = all.flatMap((a) => a.runs.filter((r) => r.memoryCheck).map((r) => ({ a, r, m: r.memoryCheck! })));
-  if (checked.length) {
-    const fixed = checked.filter((x) => x.m.repairedBytes > 0);
-    const where = [...new Set(fixed.map((x) => x.a.scenario.title))];
-    const mib = (b: number): string => (b / 1048576).toFixed(1);
-    L.push(`**Memory check.** ${checked.length} ferry runs had the memory check on (README "Memory check": live, TCG, QEMU before 9.0), which is part of their pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}). ` +
-      (fixed.length
-        ? `In ${fixed.length} of them QEMU's copy had arrived with stale RAM, ${mib(Math.min(...fixed.map((x) => x.m.repairedBytes)))}–${mib(Math.max(...fixed.map((x) => x.m.repairedBytes)))} MiB, which ferry rewrote from the source before the guest ran (${where.join('; ')}). The qmp and libvirt contenders run the same QEMU and do not check, so their guests can resume on stale pages unnoticed (not measured here).`
-        : 'No run needed a repair.'), '');
-  }
-  L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} under ${String(m.accel).toUpperCase()}, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest runs on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
-  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the other\'s guest is paused. Cells are median (min–max). *total*: command to guest running on the destination; *setup*: command to the first byte of memory sent; *QEMU downtime*: as QEMU reports it; *guest-perceived*: the longest gap in the guest\'s answers to TCP SYNs sent every 1 ms from the source host\'s side (resolution ~1-2 ms; for ferry, the figure from its own report, measured the same way; for the others, the bench\'s probe); *sent*: bytes on the wire. Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge and its convergence policy), **qmp** (the same QEMU argv, certificates, bandwidth and downtime settings, driven directly through QMP by the bench: the engine baseline), **ferry-plain** (`--insecure`), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **libvirt** (`virsh migrate --live --unsafe --persistent --undefinesource --timeout T` between two libvirtd 9.0 lab hosts, same guest, CPU model and bandwidth; libvirt\'s stream is plain TCP here, and at `--timeout` it suspends the guest to finish).', '');
-  L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|');
+  L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} (machine type ${h.machine}) under ${String(m.accel).toUpperCase()} for every contender, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest and both hosts' work run on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
+  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others\' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI\'s own start-up, the qmp script from starting the destination QEMU to ending the source\'s, `virsh migrate`. *Guest-perceived* is the longest gap in the guest\'s answers to a TCP SYN sent every 1 ms by one probe process in the lab\'s client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU\'s first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it. *Pause*: ferry only, source STOP event → destination RESUME event. *Sent*: bytes on the wire.', '');
+  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type), **ferry-plain** (`--insecure`), **ferry-par2** (`--parallel 2`: multifd, two TLS channels).', '');
+  L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | pause ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|---|');
   for (const a of all) {
     for (const c of a.scenario.contenders) {
       const s = a.summary[c];
       if (!s) continue;
-      const cell = (k: string, div = 1): string => s[k].median === null ? '-' : `${fmt(s[k].median / div)} (${fmt(s[k].min / div)}–${fmt(s[k].max / div)})`;
-      L.push(`| ${a.scenario.title} | ${c} | ${s.succeeded}/${s.runs} | ${cell('totalMs')} | ${cell('setupMs')} | ${cell('downtimeMs')} | ${cell('guestDowntimeMs')} | ${cell('bytes', 1048576)} | ${cell('throughputMBps')} |`);
+      L.push(`| ${a.scenario.title} | ${c} | ${s.succeeded}/${s.runs} | ${cellOf(s, 'totalMs')} | ${cellOf(s, 'setupMs')} | ${cellOf(s, 'downtimeMs')} | ${s.pauseMs ? cellOf(s, 'pauseMs') : '-'} | ${cellOf(s, 'guestDowntimeMs')} | ${cellOf(s, 'bytes', 1048576)} | ${cellOf(s, 'throughputMBps')} |`);
     }
   }
-  L.push('', '**Ratios** (medians, ferry ÷ baseline):', '');
+  L.push('', '**Ratios** (medians, side by side in the same run):', '');
   for (const a of all) {
-    const f = a.summary.ferry; const q = a.summary.qmp ?? a.summary['ferry-plain'];
-    if (!f || !q) continue;
-    const r = (k: string): string => (f[k].median && q[k].median ? (f[k].median / q[k].median).toFixed(2) : '-');
-    L.push(`- ${a.scenario.title} (vs ${a.summary.qmp ? 'qmp' : 'ferry-plain'}): total ${r('totalMs')}, setup ${r('setupMs')}, QEMU downtime ${r('downtimeMs')}, guest-perceived ${r('guestDowntimeMs')}, throughput ${r('throughputMBps')}`);
+    const S = a.summary;
+    if (!S.ferry) continue;
+    const parts: string[] = [];
+    if (S.libvirt) parts.push(`guest-perceived ferry ÷ libvirt ${ratio(S.ferry, S.libvirt, 'guestDowntimeMs')} (÷ libvirt-tls ${ratio(S.ferry, S['libvirt-tls'], 'guestDowntimeMs')})`);
+    if (S.qmp && a.scenario.opts.live) parts.push(`guest-perceived ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'guestDowntimeMs')}`);
+    if (S.libvirt) parts.push(`whole command ferry ÷ virsh migrate ${ratio(S.ferry, S.libvirt, 'totalMs')} (÷ virsh migrate --tls ${ratio(S.ferry, S['libvirt-tls'], 'totalMs')})`);
+    if (S.qmp) parts.push(`total ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'totalMs')}`);
+    if (S['ferry-verify']) parts.push(`pause with --verify-memory ÷ without ${ratio(S['ferry-verify'], S.ferry, 'pauseMs')}`);
+    if (S['ferry-plain']) parts.push(`secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`);
+    parts.push(`ferry setup median ${fmt(S.ferry.setupMs.median)} ms`);
+    L.push(`- ${a.scenario.title}: ${parts.join('; ')}`);
+  }
+  const checked = all.flatMap((a) => a.runs.filter((r) => r.memoryCheck).map((r) => ({ a, r, m: r.memoryCheck! })));
+  if (checked.length) {
+    const perGiB = checked.map((x) => x.m.ms / (x.m.bytes / 2 ** 30));
+    L.push('', `**Memory check** (\`--verify-memory\`, README "Memory check"): ${checked.length} runs; the check's own time, all of it inside the pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}), ${fmt(median(perGiB))} ms per GiB of guest RAM; RAM that arrived different: ${checked.filter((x) => x.m.repairedBytes > 0).length} runs. Here both hosts hash at once on the same two cores.`);
   }
   if (stream) {
     const med = (k: string): number | null => median(stream[k] ?? []);
-    const f = (k: string): string => { const v = med(k); return v === null ? '-' : `${v.toFixed(2)} (${Math.min(...stream[k]).toFixed(2)}–${Math.max(...stream[k]).toFixed(2)})`; };
+    const f = (k: string): string => { const v = med(k); return v === null || !stream[k]?.length ? '-' : `${v.toFixed(2)} (${Math.min(...stream[k]).toFixed(2)}–${Math.max(...stream[k]).toFixed(2)})`; };
     L.push('', '**TLS and the stream alone** (Gbit/s, median (min–max); a stopped 512 MiB pattern guest, all pages non-zero, between two QEMUs on loopback, `bench/tls-stream.ts`):', '');
-    L.push('| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS ChaCha20-Poly1305 only | TLS, multifd 2 channels | plain, multifd 2 channels |', '|---|---|---|---|---|---|');
-    L.push(`| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-chacha20')} | ${f('tls-multifd2')} | ${f('plain-multifd2')} |`);
-    const p = med('plain'); const t = med('tls-default'); const c = med('tls-chacha20'); const m2 = med('tls-multifd2');
-    if (p && t) {
-      L.push('', `TLS costs ${((1 - t / p) * 100).toFixed(0)}% of the plain stream's throughput here (plain ÷ TLS = ${(p / t).toFixed(2)}). ` +
-        `The default priority already negotiates AES-GCM${c ? `; ChaCha20 runs at ${(c / t * 100).toFixed(0)}% of it on this CPU (AES-NI), so pinning ChaCha would hurt` : ''}. ` +
-        `${m2 ? `Two multifd channels give ${(m2 / t).toFixed(2)}× the single TLS channel on these 2 cores: encryption competes with everything else for the same cores, so multifd pays off only with spare cores. ` : ''}` +
-        'Likely cause (read from QEMU 7.2\'s code, not profiled here): QEMU encrypts in its migration thread, gnutls record by record as it queues guest pages, copying each page out of guest RAM, while plain TCP hands the kernel whole iovecs straight from guest RAM; the cipher and TLS version barely matter (also tried: TLS 1.2 and 1.3 with AES-128-GCM only, within noise of the default). What helps: more threads doing it (`ferry migrate --parallel N`, QEMU multifd with TLS). ferry keeps TLS on by default and gnutls\'s default (AES-GCM).');
-    }
+    L.push('| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS, multifd 2 channels | TLS, multifd 4 channels | plain, multifd 2 channels |', '|---|---|---|---|---|---|');
+    L.push(`| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-multifd2')} | ${f('tls-multifd4')} | ${f('plain-multifd2')} |`);
   }
-  const notes = all.flatMap((a) => a.runs.filter((r) => r.note || r.outcome !== 'succeeded').map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`));
+  const notes = all.flatMap((a) => a.runs.filter((r) => (r.note && !/^libvirt's own job time/.test(r.note)) || r.outcome !== 'succeeded').map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`));
   if (notes.length) L.push('', '**Outcomes and policy decisions:**', '', ...notes);
   L.push('');
   return L.join('\n') + '\n';

@@ -52,7 +52,7 @@ async function run(img: string, kind: string, prio?: string, multifd = 0): Promi
   }
 }
 export const TLS_CASES: [string, string | undefined, number][] = [
-  ['plain', undefined, 0], ['tls-default', undefined, 0], ['tls-aes128gcm', 'NORMAL:-CIPHER-ALL:+AES-128-GCM', 0], ['tls-chacha20', 'NORMAL:-CIPHER-ALL:+CHACHA20-POLY1305', 0], ['tls-multifd2', undefined, 2], ['plain-multifd2', undefined, 2],
+  ['plain', undefined, 0], ['tls-default', undefined, 0], ['tls-aes128gcm', 'NORMAL:-CIPHER-ALL:+AES-128-GCM', 0], ['tls-multifd2', undefined, 2], ['tls-multifd4', undefined, 4], ['plain-multifd2', undefined, 2],
 ];
 
 /** Gbit/s per case, `reps` times each in alternating order. */

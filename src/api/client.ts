@@ -137,7 +137,8 @@ export class ApiClient extends EventEmitter {
     if (msg.error) p.reject(toError(msg.error)); else p.resolve(msg.result);
   }
 
-  request<T = any>(action: Action, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<T> {
+  /** `attachment`: raw bytes sent right after the request line (BINARY_ACTIONS). */
+  request<T = any>(action: Action, params: Record<string, unknown> = {}, timeoutMs = 0, attachment?: Buffer): Promise<T> {
     if (this.closed) return Promise.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
@@ -145,6 +146,7 @@ export class ApiClient extends EventEmitter {
       if (timeoutMs > 0) t = setTimeout(() => { this.pending.delete(id); reject(new FerryError('TIMEOUT', `${action} on ${this.target.label}: no answer within ${timeoutMs} ms`)); }, timeoutMs);
       this.pending.set(id, { resolve: (v) => { if (t) clearTimeout(t); resolve(v as T); }, reject: (e) => { if (t) clearTimeout(t); reject(e); } });
       this.socket.write(JSON.stringify({ id, action, params }) + '\n');
+      if (attachment) this.socket.write(attachment);
     });
   }
 

@@ -25,10 +25,10 @@ const optBool: Check = (v) => (v === undefined || typeof v === 'boolean' ? null 
 const optNum = (min: number, max: number): Check => (v) => (v === undefined || (typeof v === 'number' && Number.isFinite(v) && v >= min && v <= max) ? null : `must be a number from ${min} to ${max}`);
 const num = (min: number, max: number): Check => (v) => (typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max ? null : `must be an integer from ${min} to ${max}`);
 const any: Check = () => null;
-/** Base64 of at most `maxBytes` bytes (a RAM repair's page data). */
-const b64 = (maxBytes: number): Check => (v) => (typeof v === 'string' && v.length > 0 && v.length <= Math.ceil(maxBytes / 3) * 4 && /^[A-Za-z0-9+/]*={0,2}$/.test(v) ? null : `must be base64 of at most ${maxBytes} bytes`);
-/** The most RAM one relocation.repair carries: its base64 stays below MAX_REQUEST_BYTES. */
-export const MAX_REPAIR_BYTES = 512 * 1024;
+/** Absent, or a list of at most `max` integers in [min, maxV] (chunk indexes). */
+const optIntList = (min: number, maxV: number, max: number): Check => (v) => (v === undefined || (Array.isArray(v) && v.length <= max && v.every((x) => Number.isInteger(x) && x >= min && x <= maxV)) ? null : `must be a list of at most ${max} integers from ${min} to ${maxV}`);
+/** The most RAM one relocation.repair carries, as raw bytes after its line. */
+export const MAX_REPAIR_BYTES = 1024 * 1024;
 const absPath: Check = (v) => (typeof v === 'string' && v.startsWith('/') && v.length < 4096 && !v.includes('\0') ? null : 'must be an absolute path');
 
 /** Every action and the checks on its params. Unknown params are refused too. */
@@ -57,8 +57,8 @@ export const ACTIONS = {
   // relocation (destination side, asked by a peer ferryd over TLS)
   'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str },
   'relocation.prepare': { jobId: str },
-  'relocation.digest': { jobId: str },
-  'relocation.repair': { jobId: str, offset: num(0, 2 ** 50), data: b64(MAX_REPAIR_BYTES) },
+  'relocation.digest': { jobId: str, chunks: optIntList(0, 1 << 20, 8192) },
+  'relocation.repair': { jobId: str, offset: num(0, 2 ** 50), length: num(1, MAX_REPAIR_BYTES) },
   'relocation.finish': { jobId: str, running: optBool },
   'relocation.abandon': { jobId: str, reason: optStr },
   'relocation.confirm': { jobId: str },
@@ -67,7 +67,26 @@ export const ACTIONS = {
 
 export type Action = keyof typeof ACTIONS;
 
-export interface Request { id: number | string; action: Action; params: Record<string, unknown> }
+export interface Request { id: number | string; action: Action; params: Record<string, unknown>; attachment?: Buffer }
+
+/**
+ * Actions whose request line is followed by raw bytes: the param that says how many.
+ *   --- {"id":7,"action":"relocation.repair","params":{"jobId":…,"offset":…,"length":N}}\n
+ *   --- N raw bytes (guest RAM) ----------------------------------------------------->
+ */
+export const BINARY_ACTIONS: Partial<Record<Action, string>> = { 'relocation.repair': 'length' };
+
+/**
+ * How many raw bytes follow a parsed line: read before the line is validated, so that a
+ * refused request's payload is skipped instead of being read as lines. 0 for none.
+ */
+export function attachmentLength(raw: unknown): number {
+  if (typeof raw !== 'object' || raw === null) return 0;
+  const r = raw as { action?: unknown; params?: unknown };
+  const key = typeof r.action === 'string' && Object.prototype.hasOwnProperty.call(BINARY_ACTIONS, r.action) ? BINARY_ACTIONS[r.action as Action] : undefined;
+  const n = key && typeof r.params === 'object' && r.params !== null ? (r.params as Record<string, unknown>)[key] : undefined;
+  return typeof n === 'number' && Number.isInteger(n) && n > 0 && n <= MAX_REPAIR_BYTES ? n : 0;
+}
 export interface Reply { id: number | string; result?: unknown; error?: { code: string; message: string; details?: unknown } }
 export interface EventMsg { event: string; data: unknown }
 

@@ -36,6 +36,7 @@ export function printReport(r: any): void {
     const fixed = m.repairedBytes > 0 ? `; ${fmtBytes(m.repairedBytes)} had arrived different and ${m.repairedChunks === 1 ? 'was' : 'were'} rewritten from the source` : '';
     rows.push(['memory check', `SHA-256 of ${fmtBytes(m.bytes)} equal on both hosts (${m.ms} ms${fixed})`]);
   }
+  if (r.timeline && Object.keys(r.timeline).length) rows.push(['timeline', Object.entries(r.timeline).map(([k, v]) => `${k} ${v}`).join(', ') + ' ms']);
   rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
   for (const pol of r.policy ?? []) rows.push(['policy', pol]);
   if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);

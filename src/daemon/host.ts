@@ -19,7 +19,7 @@ import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { openGuestRam, digestRam, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
+import { openGuestRam, digestRam, digestChunks, chunkBytesFor, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -668,6 +668,17 @@ export class Host extends EventEmitter {
   /** Per-chunk SHA-256 of a paused domain's RAM (the migration memory check). */
   ramDigests(live: Live): Promise<RamDigests> {
     return this.withRam(live, false, digestRam);
+  }
+
+  /** SHA-256 of some chunks of a paused domain's RAM, in the order given. */
+  ramChunkDigests(live: Live, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> {
+    return this.withRam(live, false, async (ram) => {
+      const chunkBytes = chunkBytesFor(ram.bytes);
+      const n = Math.ceil(ram.bytes / chunkBytes);
+      const bad = chunks.find((c) => c >= n);
+      if (bad !== undefined) throw new FerryError('MIGRATION_PROTOCOL', `chunk ${bad} is outside the ${n} chunks of domain "${live.rec.config.name}"`);
+      return { bytes: ram.bytes, chunkBytes, digests: await digestChunks(ram, chunkBytes, chunks) };
+    });
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */

@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { FerryError, asFerryError } from '../errors.ts';
-import { parseRequest, MAX_REQUEST_BYTES, type Request } from '../api/protocol.ts';
-import { LineSplitter } from '../util/fsx.ts';
+import { parseRequest, attachmentLength, MAX_REQUEST_BYTES, type Request } from '../api/protocol.ts';
+import { FrameSplitter } from '../util/fsx.ts';
 import type { Logger } from './log.ts';
 import { loadTls, tlsPresent } from '../tls/ca.ts';
 
@@ -104,31 +104,49 @@ export class ApiServer {
       caller, socket: s, send, onClose: (f) => closers.push(f),
       goRaw: () => { raw = true; s.removeListener('data', onData); },
     };
-    const splitter = new LineSplitter((line) => {
-      if (raw || !line.trim()) return;
-      let req: Request;
-      try {
-        req = parseRequest(JSON.parse(line));
-      } catch (e) {
-        const fe = e instanceof SyntaxError ? new FerryError('API_BAD_REQUEST', 'API request is not valid JSON') : asFerryError(e);
-        let id: unknown = null;
-        try { id = JSON.parse(line)?.id ?? null; } catch { /* not JSON */ }
-        send({ id, error: fe.toJSON() });
-        return;
-      }
+    const dispatch = (req: Request): void => {
       this.handler(req, ctx).then(
-        (result) => { if (!raw) send({ id: req.id, result: result ?? null }); else if (result !== undefined) { /* raw already */ } },
+        (result) => { if (!raw) send({ id: req.id, result: result ?? null }); },
         (e) => {
           const fe = asFerryError(e);
           if (fe.code === 'INTERNAL') this.log.error('internal error', { action: req.action, error: String(e), stack: (e as Error)?.stack });
           if (!raw) send({ id: req.id, error: fe.toJSON() }); else s.destroy();
         },
       );
+    };
+    // A request whose raw bytes are still arriving (null: refused, its bytes are skipped).
+    let awaiting: Request | null = null;
+    const splitter = new FrameSplitter((line) => {
+      if (raw || !line.trim()) return 0;
+      let obj: unknown;
+      try {
+        obj = JSON.parse(line);
+      } catch {
+        send({ id: null, error: new FerryError('API_BAD_REQUEST', 'API request is not valid JSON').toJSON() });
+        return 0;
+      }
+      const follow = attachmentLength(obj);
+      let req: Request;
+      try {
+        req = parseRequest(obj);
+      } catch (e) {
+        const id = typeof obj === 'object' && obj !== null ? ((obj as { id?: unknown }).id ?? null) : null;
+        send({ id, error: asFerryError(e).toJSON() });
+        awaiting = null;
+        return follow;
+      }
+      if (follow > 0) { awaiting = req; return follow; }
+      dispatch(req);
+      return 0;
+    }, (data) => {
+      const req = awaiting;
+      awaiting = null;
+      if (req) dispatch({ ...req, attachment: data });
     }, MAX_REQUEST_BYTES, () => {
       send({ id: null, error: { code: 'API_BAD_REQUEST', message: `API request longer than ${MAX_REQUEST_BYTES} bytes` } });
       s.end();
     });
-    const onData = (d: Buffer): void => splitter.push(d.toString('utf8'));
+    const onData = (d: Buffer): void => splitter.push(d);
     s.on('data', onData);
   }
 

@@ -312,6 +312,12 @@ export class Destination {
   async digest(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'digest its memory');
+    if (Array.isArray(p.chunks)) {
+      // Only these chunks (the ones just repaired): the check's second look.
+      const chunks = p.chunks as number[];
+      const r = await this.ramOrAbandon(j, 'read', () => this.host.ramChunkDigests(live, chunks));
+      return { bytes: r.bytes, chunkBytes: r.chunkBytes, chunks, digests: r.digests.toString('base64') };
+    }
     const d = await this.ramOrAbandon(j, 'read', () => this.host.ramDigests(live));
     this.log.info('incoming memory digested', { jobId: j.jobId, domain: j.domain, bytes: d.bytes, ms: d.ms });
     return { bytes: d.bytes, chunkBytes: d.chunkBytes, digests: d.digests.toString('base64'), ms: d.ms };
@@ -322,10 +328,11 @@ export class Destination {
    * and still paused guest. The source already sent this guest's whole memory in the
    * stream, so this trusts it with nothing new; legal exactly when Digest is.
    */
-  async repair(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async repair(p: Record<string, unknown>, ctx: ConnContext, attachment?: Buffer): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'repair its memory');
-    const data = Buffer.from(String(p.data), 'base64');
+    const data = attachment ?? Buffer.alloc(0);
+    if (data.length !== p.length) throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${data.length} bytes arrived, ${String(p.length)} announced`);
     const n = (this.repairs.get(j.jobId) ?? 0) + 1;
     this.repairs.set(j.jobId, n);
     if (n === 1) this.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });

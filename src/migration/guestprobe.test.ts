@@ -1,27 +1,48 @@
+/**
+ * The probe's resolution holds through a long pause. A loopback "guest" (a small
+ * python3 listener) answers for 300 ms, then stops accepting for 700 ms: once its
+ * accept queue is full, Linux drops SYNs, as a paused guest's tap does; then it closes
+ * and every SYN is answered (RST) again.
+ */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import net from 'node:net';
-import { GuestProbe, guestIp } from './guestprobe.ts';
+import { spawn } from 'node:child_process';
+import { GuestProbe } from './guestprobe.ts';
 
-test('the probe counts SYN-ACK and RST as replies and reports the longest gap', async () => {
-  const server = net.createServer((s) => s.destroy());
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const port = (server.address() as net.AddressInfo).port;
-  const p = new GuestProbe('127.0.0.1', port, 2);
-  p.start();
-  await new Promise((r) => setTimeout(r, 150));
-  // The listener goes away: the port now answers RST, which still counts as the
-  // "guest" replying, so no gap opens.
-  await new Promise<void>((r) => server.close(() => r()));
-  await new Promise((r) => setTimeout(r, 150));
-  const res = await p.stop();
-  assert.ok(res.sent > 50, `sent ${res.sent}`);
-  assert.ok(res.replies >= res.sent * 0.9, `replies ${res.replies} of ${res.sent}`);
-  assert.ok(res.longestGapMs > 0 && res.longestGapMs < 100, `gap ${res.longestGapMs} ms`);
-  assert.equal(res.target, `127.0.0.1:${port}`);
-});
+const GUEST = `
+import socket, time, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+s.settimeout(0.01)
+t = time.monotonic()
+while time.monotonic() - t < 0.3:
+    try: s.accept()[0].close()
+    except socket.timeout: pass
+print('paused', flush=True)
+time.sleep(0.7)
+s.close()
+print('resumed', flush=True)
+time.sleep(1)
+`;
 
-test('guestIp takes the first NIC address without its prefix', () => {
-  assert.equal(guestIp([{}, { ip: '198.18.0.5/24' }]), '198.18.0.5');
-  assert.equal(guestIp([]), undefined);
+test('a 700 ms pause is measured to within a few ms, and waitForReplyAfter sees the first answer after it', async () => {
+  const py = spawn('python3', ['-c', GUEST], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  const said = (w: string): Promise<void> => new Promise((r) => { const f = (): void => { if (out.includes(w)) { py.stdout.off('data', f); r(); } }; py.stdout.on('data', (d) => { out += d; f(); }); f(); });
+  try {
+    await said('\n');
+    const port = Number(out.split('\n')[0]);
+    const probe = new GuestProbe('127.0.0.1', port, 1, 200);
+    probe.start();
+    await said('resumed');
+    const resumedAt = performance.now();
+    assert.equal(await probe.waitForReplyAfter(resumedAt, 3000), true, 'answered after the pause');
+    await new Promise((r) => setTimeout(r, 50));
+    const r = await probe.stop();
+    assert.ok(r.replies > 50, `replies: ${r.replies}`);
+    assert.ok(r.longestGapMs >= 600 && r.longestGapMs < 900, `measured ${r.longestGapMs} ms for a ~700 ms pause`);
+  } finally {
+    py.kill();
+  }
 });

@@ -49,7 +49,7 @@ export class Migrations {
       case 'relocation.begin': return this.dest.begin(p, ctx);
       case 'relocation.prepare': return this.dest.prepare(p, ctx);
       case 'relocation.digest': return this.dest.digest(p, ctx);
-      case 'relocation.repair': return this.dest.repair(p, ctx);
+      case 'relocation.repair': return this.dest.repair(p, ctx, req.attachment);
       case 'relocation.finish': return this.dest.finish(p, ctx);
       case 'relocation.abandon': return this.dest.abandon(p, ctx);
       case 'relocation.confirm': return this.dest.confirm(p, ctx);

@@ -350,7 +350,15 @@ export class Source {
     let repairedBytes = 0;
     if (diff.length > 0) {
       repairedBytes = await this.repairMemory(j, client, live, mine, diff);
-      const left = differingChunks(mine.digests, theirs(await ask()));
+      // A second look at the repaired chunks only, in batches the API takes.
+      const left: number[] = [];
+      for (let k = 0; k < diff.length; k += 8192) {
+        const part = diff.slice(k, k + 8192);
+        const r = (await client.request('relocation.digest', { jobId: j.jobId, chunks: part }, 180000) ?? {}) as { digests?: unknown };
+        const d = typeof r.digests === 'string' ? Buffer.from(r.digests, 'base64') : Buffer.alloc(0);
+        if (d.length !== part.length * 32) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest for ${part.length} chunks with ${d.length} bytes`);
+        part.forEach((c, i) => { if (mine.digests.compare(d, i * 32, i * 32 + 32, c * 32, c * 32 + 32) !== 0) left.push(c); });
+      }
       if (left.length > 0) {
         const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
         throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, ${left.length} of its ${mine.digests.length / 32} RAM chunks on ${j.peer.name} differ from ${this.host.cfg.name}'s even after they were rewritten${why}. It keeps running on ${this.host.cfg.name}`);
@@ -377,7 +385,8 @@ export class Source {
           try {
             const got = await ram.read(buf, p.len, p.offset);
             if (got !== p.len) throw new Error(`read ${got} of ${p.len} bytes at ${p.offset}`);
-            await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, data: buf.toString('base64', 0, p.len) }, 60000);
+            // Raw bytes after the request line: no base64, no JSON escaping.
+            await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, length: p.len }, 60000, Buffer.from(buf.subarray(0, p.len)));
           } catch (e) {
             pieces.length = 0; // the others stop after their current piece
             throw e;

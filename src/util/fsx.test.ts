@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { StateWriter, writeFileAtomic, LineSplitter } from './fsx.ts';
+import { StateWriter, writeFileAtomic, LineSplitter, FrameSplitter } from './fsx.ts';
 import { FerryError } from '../errors.ts';
 
 const tmp = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-fsx-'));
@@ -67,4 +67,19 @@ test('LineSplitter joins lines split across chunks and refuses overlong ones', (
   for (let i = 0; i < line.length; i += 16384) big.push(line.slice(i, i + 16384));
   big.push('\n');
   assert.equal(lines.at(-1), line);
+});
+
+test('FrameSplitter: lines split anywhere (inside a UTF-8 character too), and announced raw bytes in one piece', () => {
+  const got: string[] = [];
+  const s = new FrameSplitter((l) => { got.push(l); const m = /^bin (\d+)$/.exec(l); return m ? Number(m[1]) : 0; }, (b) => got.push(`<${b.toString('hex')}>`), 64);
+  const stream = Buffer.concat([Buffer.from('héllo wörld\nbin 5\n'), Buffer.from([0, 10, 255, 10, 7]), Buffer.from('ünd\n')]);
+  for (let i = 0; i < stream.length; i++) s.push(stream.subarray(i, i + 1)); // a byte at a time
+  assert.deepEqual(got, ['héllo wörld', 'bin 5', '<000aff0a07>', 'ünd']);
+  const whole: string[] = [];
+  new FrameSplitter((l) => { whole.push(l); return l === 'bin 5' ? 5 : 0; }, (b) => whole.push(`<${b.toString('hex')}>`)).push(stream);
+  assert.deepEqual(whole, got);
+  let over = 0;
+  const o = new FrameSplitter(() => 0, () => undefined, 8, () => over++);
+  o.push(Buffer.from('0123456789'));
+  assert.equal(over, 1);
 });

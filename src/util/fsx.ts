@@ -117,3 +117,54 @@ export class LineSplitter {
     return b;
   }
 }
+
+/**
+ * The API server's reader: JSON lines, where a line may announce raw bytes that follow
+ * it (a RAM repair's page data, sent as is instead of as base64). Works on bytes and
+ * decodes each whole line as UTF-8, so a character split between two reads is not
+ * corrupted. `onLine` returns how many raw bytes follow the line (0: none); they reach
+ * `onBinary` in one piece. A line longer than maxLine calls onOverflow.
+ */
+export class FrameSplitter {
+  private parts: Buffer[] = [];
+  private size = 0;
+  private want = 0;
+  constructor(
+    private readonly onLine: (line: string) => number,
+    private readonly onBinary: (data: Buffer) => void,
+    private readonly maxLine = 1024 * 1024,
+    private readonly onOverflow?: () => void,
+  ) {}
+
+  push(chunk: Buffer): void {
+    while (chunk.length > 0) {
+      if (this.want > 0) {
+        const take = Math.min(this.want, chunk.length);
+        this.parts.push(chunk.subarray(0, take));
+        this.size += take;
+        this.want -= take;
+        chunk = chunk.subarray(take);
+        if (this.want === 0) this.onBinary(this.take());
+        continue;
+      }
+      const i = chunk.indexOf(0x0a);
+      if (i < 0) {
+        this.parts.push(chunk);
+        this.size += chunk.length;
+        if (this.size > this.maxLine) { this.take(); this.onOverflow?.(); }
+        return;
+      }
+      this.parts.push(chunk.subarray(0, i));
+      chunk = chunk.subarray(i + 1);
+      const n = this.onLine(this.take().toString('utf8'));
+      if (n > 0) this.want = n;
+    }
+  }
+
+  private take(): Buffer {
+    const b = this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts);
+    this.parts = [];
+    this.size = 0;
+    return b;
+  }
+}

@@ -26,7 +26,7 @@ let host1Tls = '';
 let begin: Record<string, any> = {};
 
 /** Sends steps over one TLS session from host1's namespace; returns the replies. */
-function session(steps: { line: string; noNewline?: boolean; wait?: boolean }[], certDir = host1Tls): { replies: any[]; closed: boolean } {
+function session(steps: { line: string; noNewline?: boolean; wait?: boolean; binary?: string }[], certDir = host1Tls): { replies: any[]; closed: boolean } {
   const f = path.join(os.tmpdir(), `ferry-steps-${process.pid}.json`);
   fs.writeFileSync(f, JSON.stringify(steps));
   const r = inNs('host1', ['bash', '-c', `exec ${process.execPath} ${path.join(ROOT, 'test', 'tools', 'tls-session.mjs')} ${DEST} 8002 ${certDir} < ${f}`], 120000);
@@ -35,6 +35,8 @@ function session(steps: { line: string; noNewline?: boolean; wait?: boolean }[],
   return JSON.parse(r.stdout);
 }
 const req = (id: number, action: string, params: unknown): { line: string } => ({ line: JSON.stringify({ id, action, params }) });
+/** A request line followed by raw bytes (a RAM repair). */
+const reqBin = (id: number, action: string, params: unknown, data: Buffer): { line: string; binary: string } => ({ line: JSON.stringify({ id, action, params }), binary: data.toString('base64') });
 const code = (reply: any): string | undefined => reply?.error?.code;
 
 /** host2 holds nothing of any migration, and its ferryd is the same process. */
@@ -85,9 +87,12 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
       req(11, 'relocation.abandon', { jobId: J }),
       req(12, 'relocation.prepare', { jobId: J }),
       req(13, 'relocation.begin', { ...begin, jobId: J }),
-      req(14, 'relocation.repair', { jobId: stranger, offset: 0, data: Buffer.alloc(4096).toString('base64') }),
-      req(15, 'relocation.repair', { jobId: J, offset: 0, data: Buffer.alloc(4096).toString('base64') }),
-      req(16, 'relocation.repair', { jobId: J, offset: 0, data: 'not base64!' }),
+      reqBin(14, 'relocation.repair', { jobId: stranger, offset: 0, length: 4096 }, Buffer.alloc(4096)),
+      reqBin(15, 'relocation.repair', { jobId: J, offset: 0, length: 4096 }, Buffer.alloc(4096)),
+      req(16, 'relocation.repair', { jobId: J, offset: 0, length: 0 }),
+      // A refused repair's bytes are skipped, not read as requests: the next line is served.
+      reqBin(17, 'relocation.repair', { jobId: J, offset: -1, length: 8 }, Buffer.from('{"id":99,"action":"host.info"}\n'.slice(0, 8))),
+      req(18, 'relocation.status', { jobId: J }),
     ]);
     const codes = r.replies.map((x) => code(x) ?? (x?.result ? 'ok' : 'none'));
     assert.deepEqual(codes.slice(0, 4), ['JOB_NOT_FOUND', 'JOB_NOT_FOUND', 'JOB_NOT_FOUND', 'JOB_NOT_FOUND'], JSON.stringify(r.replies));
@@ -102,7 +107,9 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     assert.equal(codes[12], 'MIGRATION_PROTOCOL', 'Begin replayed after abandon');
     assert.equal(codes[13], 'JOB_NOT_FOUND', 'a RAM repair for no job');
     assert.equal(codes[14], 'MIGRATION_FAILED', 'a RAM repair after abandon');
-    assert.equal(codes[15], 'API_BAD_REQUEST', 'a RAM repair that is not base64');
+    assert.equal(codes[15], 'API_BAD_REQUEST', 'a RAM repair of no bytes');
+    assert.equal(codes[16], 'API_BAD_REQUEST', 'a RAM repair at a negative offset');
+    assert.equal(r.replies[17].result.phase, 'abandoned', 'the line after a refused repair\'s bytes is served');
     for (const c of codes) assert.ok(c === 'ok' || isErrorCode(c), `registered code: ${c}`);
 
     // Another trusted identity (the lab's admin certificate) cannot act on host1's job.
@@ -148,7 +155,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const typed = fc.oneof(
       fc.record({ action: fc.constantFrom('relocation.prepare', 'relocation.digest', 'relocation.confirm', 'relocation.status'), params: fc.record({ jobId }) }),
       fc.record({ action: fc.constant('relocation.finish'), params: fc.record({ jobId, running: fc.boolean() }) }),
-      fc.record({ action: fc.constant('relocation.repair'), params: fc.record({ jobId, offset: fc.integer({ min: -4096, max: 1 << 28 }), data: fc.uint8Array({ maxLength: 8192 }).map((b) => Buffer.from(b).toString('base64')) }) }),
+      fc.record({ action: fc.constant('relocation.repair'), params: fc.record({ jobId, offset: fc.integer({ min: -4096, max: 1 << 28 }) }), data: fc.uint8Array({ maxLength: 8192 }) }),
       fc.record({ action: fc.constant('relocation.abandon'), params: fc.record({ jobId, reason: fc.string() }) }),
       fc.constantFrom(...jobIds).map((j) => ({ action: 'relocation.begin', params: { ...begin, jobId: j } })),
     );
@@ -158,7 +165,8 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
       { arbitrary: fc.record({ action, params: fc.dictionary(fc.constantFrom('jobId', 'version', 'peer', 'domain', 'mode', 'reason', 'running'), anything, { maxKeys: 4 }) }), weight: 1 },
     );
     const msgs = fc.sample(msg, { numRuns: 600, seed: 20261126 });
-    const r = session(msgs.map((m, i) => req(i + 1, m.action, m.params)));
+    // A repair's page data goes as raw bytes after its line, as the source sends it.
+    const r = session(msgs.map((m, i) => ('data' in m && m.data instanceof Uint8Array ? reqBin(i + 1, m.action, { ...m.params, length: m.data.length }, Buffer.from(m.data)) : req(i + 1, m.action, m.params))));
     assert.equal(r.replies.length, 600);
     const hist: Record<string, number> = {};
     for (const x of r.replies) { const k = x?.error?.code ?? (x ? 'result' : 'no answer'); hist[k] = (hist[k] ?? 0) + 1; }

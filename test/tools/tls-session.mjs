@@ -1,7 +1,8 @@
 // One TLS session with a ferryd, as a (possibly misbehaving) peer: connects to ADDR:PORT
 // with the client certificate in CERTDIR, then reads a JSON list of steps from stdin and
-// sends them in order. Each step is {line, noNewline?, wait?}: `line` is sent as is (it
-// need not be JSON); unless wait is false, the next reply line is awaited (3 s at most).
+// sends them in order. Each step is {line, noNewline?, wait?, binary?}: `line` is sent as
+// is (it need not be JSON), then `binary` (base64) as raw bytes; unless wait is false,
+// the next reply line is awaited (3 s at most).
 // Prints {replies: [...], closed: bool} where a reply is parsed JSON, a raw string, or
 // null when none came.
 import tls from 'node:tls';
@@ -34,6 +35,7 @@ sock.once('secureConnect', async () => {
   for (const s of steps) {
     if (closed) break;
     sock.write(s.noNewline ? s.line : s.line + '\n');
+    if (s.binary) sock.write(Buffer.from(s.binary, 'base64'));
     if (s.wait !== false) replies.push(await next());
   }
   await new Promise((r) => setTimeout(r, 200));
