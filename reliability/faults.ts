@@ -77,6 +77,7 @@ async function main(): Promise<void> {
   await ferry(['lab', 'down']);
   const up = await ferry(['lab', 'up', '--hosts', '2', '--state-size', '64', '--json']);
   if (up.code !== 0) throw new Error(up.stderr);
+  const engine: string = (await ferry(['-H', 'host1', 'host', 'info', '--json'])).json?.qemuVersion ?? 'unknown';
   const rounds: Round[] = [];
   const rand = rng(SEED);
   try {
@@ -181,7 +182,7 @@ async function main(): Promise<void> {
   } finally {
     await ferry(['lab', 'down']);
   }
-  const out = { seed: SEED, count: COUNT, date: new Date().toISOString(), rounds };
+  const out = { seed: SEED, count: COUNT, date: new Date().toISOString(), engine, rounds };
   if (REPORT) {
     fs.writeFileSync(path.join(ROOT, 'reliability', `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
     writeReport();
@@ -195,13 +196,15 @@ async function main(): Promise<void> {
 /** RELIABILITY.md's fault section, from every reliability/faults-*.json on disk. */
 function writeReport(): void {
   const files = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-\d+\.json$/.test(f));
-  const all: (Round & { seed: number })[] = files.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed })); });
+  // Campaign files from before the engine change carry no engine: they ran QEMU 7.2.
+  const all: (Round & { seed: number; engine: string })[] = files.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed, engine: j.engine ?? '7.2' })); });
   const by = (k: (r: Round) => string): Map<string, { n: number; ok: number }> => {
     const m = new Map<string, { n: number; ok: number }>();
     for (const r of all) { const e = m.get(k(r)) ?? { n: 0, ok: 0 }; e.n++; if (r.survived) e.ok++; m.set(k(r), e); }
     return m;
   };
   const L = ['## Fault injection', '', `Written by \`npm run faults\` (reliability/faults.ts) from ${files.length} campaign file(s): **${all.length} faults injected, ${all.filter((r) => r.survived).length} survived** (every invariant held), ${all.filter((r) => !r.survived).length} failed. Domains lost: ${all.filter((r) => r.problems.some((p) => p.startsWith('running copies: 0'))).length}; run twice: ${all.filter((r) => r.problems.some((p) => /running copies: [2-9]/.test(p))).length}; memory mismatches: ${all.filter((r) => r.problems.some((p) => p.startsWith('memory'))).length}.`, '',
+    '| engine (QEMU) | campaigns (seeds) | injected | survived |', '|---|---|---|---|', ...[...new Set(all.map((r) => r.engine))].map((e) => { const rs = all.filter((r) => r.engine === e); return `| ${e} | ${[...new Set(rs.map((r) => r.seed))].join(', ')} | ${rs.length} | ${rs.filter((r) => r.survived).length} |`; }), '',
     '| fault | injected | survived |', '|---|---|---|', ...[...by((r) => r.fault)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
     '| source phase at injection | injected | survived |', '|---|---|---|', ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
     'What the migration itself answered (a fault may or may not stop it; either way the invariants must hold):', '',

@@ -8,6 +8,10 @@
  *
  *   node --import tsx reliability/tcg-dirty-repro.ts --warm 6 --trials 3 --bw 0 --loss 0
  *
+ * QEMU 10 (ferry's engine) has the fix; to see the bug, point it at 7.2 from
+ * scripts/old-engine.sh: FERRY_QEMU=images/qemu-7.2/usr/bin/qemu-system-x86_64
+ * FERRY_QEMU_L=images/qemu-7.2/usr/share/qemu:/usr/share/seabios.
+ *
  * Needs a lab (`ferry lab up`). Other knobs: --ac on|off (auto-converge), --raise-ms N
  * (raise the downtime limit to 2 s after N ms), --loss P (drop P of the destination's
  * incoming packets for 4 s, from --loss-at ms), --bw MiB/s (0 = uncapped), --mem MiB.
@@ -17,7 +21,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { QmpClient } from '../src/qmp/client.ts';
 import { parseDomainConfig } from '../src/domain/config.ts';
-import { domainArgv } from '../src/qemu/argv.ts';
+import { domainArgv, QEMU_BINARY } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { ferry, ok } from '../test/helpers.ts';
 
@@ -47,7 +51,7 @@ async function main(): Promise<void> {
   const start = async (h: string, incoming: boolean): Promise<{ pid: number; qmp: QmpClient; h: string }> => {
     const id = `${h}-${n++}`;
     const rt = { accel: 'tcg' as const, cpuModel: 'qemu64', machine: 'pc-i440fx-7.2', qmpPath: path.join(dir, `${id}.qmp`), consolePath: path.join(dir, `${id}.con`), taps: [], incoming };
-    const s = await startQemuWith('ip', ['netns', 'exec', ns(h), 'qemu-system-x86_64', ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${id}.log`), what: 'diag QEMU' });
+    const s = await startQemuWith('ip', ['netns', 'exec', ns(h), QEMU_BINARY, ...(process.env.FERRY_QEMU_L ?? '').split(':').filter(Boolean).flatMap((d) => ['-L', d]), ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${id}.log`), what: 'diag QEMU' });
     started.push(s.pid);
     return { ...s, h };
   };

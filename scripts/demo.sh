@@ -19,6 +19,9 @@ trap cleanup EXIT
 step "ferry lab up --hosts 2"
 ferry lab up --hosts 2
 
+step "ferry -H host1 host info   (the engine: QEMU 10 from bookworm-backports)"
+ferry -H host1 host info | grep -E '^(host|version|engine|accelerator|machine) '
+
 step "ferry -H host1 create web.json   (a Debian-kernel Linux guest from 'ferry lab guest linux web')"
 cfg=$(mktemp --suffix=.json)
 ferry lab guest linux web > "$cfg"

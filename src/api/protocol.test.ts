@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseRequest } from './protocol.ts';
+import { parseRequest, attachmentLength, MAX_REPAIR_BYTES } from './protocol.ts';
 import { FerryError } from '../errors.ts';
 
 function code(raw: unknown): string {
@@ -26,4 +26,20 @@ test('bad requests get coded errors', () => {
   assert.equal(code({ id: 1, action: 'domain.shutdown', params: { domain: 'x', timeoutS: -1 } }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.list', params: [] }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.list', junk: true }), 'API_BAD_REQUEST');
+});
+
+test('a repair announces its raw bytes; only a sane length of a binary action is skipped after the line', () => {
+  const repair = (params: Record<string, unknown>): unknown => ({ id: 1, action: 'relocation.repair', params: { jobId: 'j', offset: 0, ...params } });
+  assert.equal(attachmentLength(repair({ length: 4096 })), 4096);
+  assert.equal(attachmentLength(repair({ length: MAX_REPAIR_BYTES })), MAX_REPAIR_BYTES);
+  assert.equal(attachmentLength(repair({ length: MAX_REPAIR_BYTES + 1 })), 0);
+  assert.equal(attachmentLength(repair({ length: -1 })), 0);
+  assert.equal(attachmentLength(repair({ length: '4096' })), 0);
+  assert.equal(attachmentLength({ id: 1, action: 'domain.info', params: { length: 4096 } }), 0);
+  assert.equal(attachmentLength(null), 0);
+  assert.equal(parseRequest(repair({ length: 4096 })).params.length, 4096);
+  assert.equal(code(repair({ length: 0 })), 'API_BAD_REQUEST');
+  assert.equal(code(repair({ length: 4096, data: 'AAAA' })), 'API_BAD_REQUEST');
+  assert.equal(code({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 1.5] } }), 'API_BAD_REQUEST');
+  assert.deepEqual(parseRequest({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 7] } }).params.chunks, [0, 7]);
 });

@@ -340,7 +340,7 @@ export class Host extends EventEmitter {
   /** QEMU's QMP socket closed: the process is ending. A stop we asked for, or a crash. */
   private async onQemuGone(live: Live, pid: number): Promise<void> {
     const deadline = Date.now() + 5000;
-    while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
     const s = live.rec.state;
     if (!hasProcess(s) || s.pid !== pid) return; // already settled by whoever stopped it
     const reason = live.expectStop;

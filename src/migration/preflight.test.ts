@@ -60,3 +60,11 @@ test('engines: older to newer passes under the older machine type; newer to olde
   // a definition (no QEMU state) moves either way
   assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '7.2.22', machines: [] }, c, false)), 'OK');
 });
+
+test('versions compare numerically, part by part', async () => {
+  const { compareVersions } = await import('./preflight.ts');
+  assert.ok(compareVersions('10.0.2', '7.2.22') > 0);
+  assert.ok(compareVersions('7.2.22', '10.0.2') < 0);
+  assert.equal(compareVersions('10.0', '10.0.0'), 0);
+  assert.ok(compareVersions('10.0.10', '10.0.9') > 0);
+});

@@ -3,18 +3,20 @@
  *
  *   CLI            source ferryd (S)                          destination ferryd (D)
  *    | migrate ---> |                                                   |
- *    |              |== TLS, mutual auth, hostsAllow =================>|
- *    |              |-- relocation.begin {version, facts, config} ---->|  pre-flight; nothing reserved
+ *    |              |== TLS, mutual auth, hostsAllow =================>|  D's name: its certificate's CN
+ *    |              |-- relocation.begin {version, facts, config} ---->|  fast pre-flight; reserve;
+ *    |              |   (meanwhile: S's QEMU migration settings)       |  start QEMU -S -incoming defer
+ *    |              |                                                  |  (no listener) ‖ ARP L2 probe
  *    |              |<------------- {dataPort} (probe listener open) --|
  *    |              |-- TCP connect to dataPort (≤3 s) --------------->|  firewall check
- *    |              |-- relocation.prepare --------------------------->|  persist prepared; reserve; QEMU -incoming
+ *    |              |-- relocation.prepare --------------------------->|  persist prepared; await QEMU;
  *    |              |<----------------------- {dataPort} (TLS, authz) |  one-shot listener
  *    |              |== QEMU migrate (TLS) ===========================>|  pre-copy passes (live) or stop+copy
- *    |  progress <--|   completed: S's guest stopped  [switchover]     |
- *    |              |-- relocation.digest (when verifying memory) ---->|  SHA-256 per RAM chunk; still paused
+ *    |  progress <--|   MIGRATION completed: S's guest stopped [switchover]
+ *    |              |-- relocation.digest (--verify-memory) ---------->|  SHA-256 per RAM chunk; still paused
  *    |              |   digest own RAM, compare chunk by chunk         |
- *    |              |-- relocation.repair × chunks that differ ------->|  write source's bytes into its RAM
- *    |              |-- relocation.digest; any still differ → abandon->|
+ *    |              |-- relocation.repair + raw bytes × differing ---->|  write source's bytes into its RAM
+ *    |              |-- relocation.digest {chunks}; any differ → abandon
  *    |              |   persist finish  ── POINT OF NO RETURN ──       |
  *    |              |-- relocation.finish ---------------------------->|  persist finishing; cont; announce-self
  *    |              |<------------------------------- {resumedAt} -----|  persist finished

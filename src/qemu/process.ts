@@ -126,11 +126,11 @@ export async function killAndWait(pid: number, graceMs = 2000): Promise<void> {
   if (!pidAlive(pid)) return;
   try { process.kill(pid, graceMs > 0 ? 'SIGTERM' : 'SIGKILL'); } catch { return; }
   const deadline = Date.now() + graceMs;
-  while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
   if (pidAlive(pid)) {
     try { process.kill(pid, 'SIGKILL'); } catch { return; }
     const hard = Date.now() + 5000;
-    while (pidAlive(pid) && Date.now() < hard) await new Promise((r) => setTimeout(r, 20));
+    while (pidAlive(pid) && Date.now() < hard) await new Promise((r) => setTimeout(r, 5));
   }
 }
 
