@@ -97,7 +97,9 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
     resume: async () => { await ferryOk(['-H', g.host, 'unpause', name]); },
     send: async (cmd) => { await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n'); },
     migrate: async (to, o) => {
-      const a = ['-H', g.host, 'migrate', name, to, '--json', '--max-downtime', String(o.maxDowntimeMs), '--timeout', String(o.timeoutS)];
+      // --no-probe: the bench's own probe measures every contender; a second one (ferryd's)
+      // would double the SYNs that only ferry's guest has to answer.
+      const a = ['-H', g.host, 'migrate', name, to, '--json', '--no-probe', '--max-downtime', String(o.maxDowntimeMs), '--timeout', String(o.timeoutS)];
       if (o.live) a.push('--live');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');

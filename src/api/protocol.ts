@@ -50,7 +50,7 @@ export const ACTIONS = {
   'console.attach': { domain: str, replay: optNum(0, 1 << 20) },
   'events.subscribe': { domain: optStr },
   // migration (source side, asked by the CLI)
-  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool },
+  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool },
   'migration.cancel': { domain: str },
   'migration.jobs': {},
   'migration.job': { domain: str },

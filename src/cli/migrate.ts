@@ -67,6 +67,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
     if (o.timeout !== undefined) params.timeoutS = o.timeout;
     if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
+    if (o.probe === false) params.probeGuest = false;
     if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       const r = await c.request('migration.start', params);
@@ -109,6 +110,7 @@ export function registerMigrate(prog: Command): void {
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option('--verify-memory', 'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)')
     .option('--no-verify-memory', 'skip that check even where QEMU\'s dirty tracking is known to lose pages')
+    .option('--no-probe', 'do not measure guest-perceived downtime (no TCP SYN every 1 ms to the guest during the move)')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: any, cmd: Command) => {

@@ -62,6 +62,8 @@ export interface StartParams {
   parallel?: number;
   /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
   verifyMemory?: boolean;
+  /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
+  probeGuest?: boolean;
 }
 
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
@@ -199,7 +201,8 @@ export class Source {
       let stopAt: number | null = null;
       const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpEventMs(e); };
       q.on('event', onStop);
-      const ip = wasRunning ? guestIp(live.rec.config.nics) : undefined;
+      const ip = wasRunning && p.probeGuest !== false ? guestIp(live.rec.config.nics) : undefined;
+      if (p.probeGuest === false) stats.guestProbe = 'not measured (--no-probe)';
       if (ip) { probe = new GuestProbe(ip); probe.start(); }
       const watch = new MigrationWatcher(q);
       try {
@@ -241,6 +244,7 @@ export class Source {
       }
       mark('destRunning');
       this.step(j, { type: 'dest-finished' });
+      Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
       await this.retireSource(live, peer);
       mark('sourceClean');
       // totalMs ends here: the guest runs on the destination and the source is clean.
@@ -477,16 +481,24 @@ export class Source {
       if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
     }
-    // Completed. QEMU may say so before it fills in total-time and downtime.
-    let m = await q.execute<any>('query-migrate');
-    for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<any>('query-migrate'); }
+    return { setupMs, passes: w.passes };
+  }
+
+  /**
+   * The completed stream's figures, asked once the guest runs on the destination: QEMU
+   * may say "completed" before it fills in total-time and downtime, and waiting for
+   * them must not lengthen the guest's pause.
+   */
+  private async streamStats(j: SourceJob, q: QmpClient, t0: number, passes: number): Promise<Partial<Report>> {
+    let m = await q.execute<any>('query-migrate').catch(() => ({}));
+    for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<any>('query-migrate').catch(() => m); }
     const r2 = m.ram ?? {};
     const bytes = r2.transferred ?? 0;
     const totalTime = m['total-time'] ?? (Date.now() - t0);
-    const prog = { domain: j.domain, jobId: j.jobId, status: 'completed', phase: j.phase, percent: 100, transferred: bytes, remaining: 0, total: r2.total ?? 0, rateMBps: 0, pass: w.passes, etaS: 0, elapsedMs: Date.now() - t0, dirtyRate: 0, throttlePct: 0 };
+    const prog = { domain: j.domain, jobId: j.jobId, status: 'completed', phase: j.phase, percent: 100, transferred: bytes, remaining: 0, total: r2.total ?? 0, rateMBps: 0, pass: passes, etaS: 0, elapsedMs: Date.now() - t0, dirtyRate: 0, throttlePct: 0 };
     j.progress = prog;
     this.host.emit('migration.progress', prog);
-    return { setupMs, downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? w.passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
+    return { downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
   }
 
   /**

@@ -50,6 +50,13 @@ describe('migration (lab, real guests)', () => {
     assert.ok(rep.guestDowntimeMs > 0 && rep.guestDowntimeMs < 5000, `guest-perceived ${rep.guestDowntimeMs} ms`);
     assert.match(rep.guestProbe, /TCP SYN to 198\.18\.0\.\d+:9 every 1 ms/);
     assert.equal(typeof rep.pauseMs, 'number');
+    // where the time went, in order, ending with the source cleaned up
+    const tl = rep.timeline;
+    for (const k of ['connected', 'begun', 'prepared', 'migrateIssued', 'firstByte', 'streamCompleted', 'destRunning', 'sourceClean']) assert.equal(typeof tl[k], 'number', k);
+    assert.ok(tl.connected <= tl.begun && tl.begun <= tl.prepared && tl.prepared <= tl.migrateIssued && tl.destRunning <= tl.sourceClean, JSON.stringify(tl));
+    assert.equal(rep.setupMs, tl.firstByte);
+    assert.equal(rep.totalMs, tl.sourceClean);
+    assert.equal(rep.memoryCheck, null, 'QEMU 10 needs no memory check by default');
     await new Promise((r) => setTimeout(r, 1000));
     const st = await echo.stats();
     assert.equal(st.closed, false, 'connection stayed open');
@@ -113,9 +120,13 @@ describe('migration (lab, real guests)', () => {
     await createGuest('pattern', 'pat', 'host1', 128);
     await new Promise((r) => setTimeout(r, 2000));
     await ok(['lab', 'verify', 'pat']);
-    const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
+    // With the verified handover: both copies compared before host2 runs it.
+    const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--verify-memory', '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.ok(r.bytes >= 100 * 1024 * 1024, `sent ${r.bytes}`);
+    assert.ok(r.policy.some((p: string) => p.startsWith('memory check requested')), r.policy.join('; '));
+    assert.equal(r.memoryCheck.bytes, 128 * 1048576);
+    assert.equal(r.memoryCheck.repairedBytes, 0, 'QEMU 10 loses no pages');
     assert.deepEqual(await where('pat'), ['host2']);
     const v = await ok(['lab', 'verify', 'pat', '--json']);
     assert.equal(v.ok, true);
@@ -127,9 +138,11 @@ describe('migration (lab, real guests)', () => {
   });
 
   test('multifd: a live move over 2 parallel TLS channels keeps memory intact', async () => {
-    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live', '--parallel', '2', '--json']);
+    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live', '--parallel', '2', '--no-probe', '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.equal(r.encrypted, true);
+    assert.equal(r.guestDowntimeMs, null);
+    assert.match(r.guestProbe, /not measured/);
     assert.ok(r.policy.includes('multifd: 2 parallel channels'));
     const v = await ok(['lab', 'verify', 'pat', '--json']);
     assert.equal(v.host, 'host1');
