@@ -451,13 +451,23 @@ async function main(): Promise<void> {
     stream = await tlsStreamBench(path.join(ROOT, 'images', 'pattern.img'), REPS);
     fs.writeFileSync(path.join(OUT, 'tls-stream.json'), JSON.stringify({ machine: machine(hostInfo), gbps: stream }, null, 2) + '\n');
   }
+  let cli: Record<string, number[]> | undefined;
+  if (!SMOKE && (!ONLY || new RegExp(ONLY).test('cli-startup'))) {
+    say('CLI start-up: `ferry --version` against `node -e 0`, 10 runs each, interleaved');
+    cli = { ferry: [], node: [] };
+    const time = (argv: string[]): number => { const t = performance.now(); execFileSync(process.execPath, argv, { stdio: 'ignore' }); return Math.round(performance.now() - t); };
+    time([path.join(ROOT, 'bin', 'ferry.mjs'), '--version']); // warm the page cache
+    for (let i = 0; i < 10; i++) { cli.ferry.push(time([path.join(ROOT, 'bin', 'ferry.mjs'), '--version'])); cli.node.push(time(['-e', '0'])); }
+    fs.writeFileSync(path.join(OUT, 'cli-startup.json'), JSON.stringify({ machine: machine(hostInfo), ms: cli }, null, 2) + '\n');
+  }
+  if (!cli && !SMOKE) { try { cli = JSON.parse(fs.readFileSync(path.join(OUT, 'cli-startup.json'), 'utf8')).ms; } catch { /* none yet */ } }
   // The table covers every scenario with results on disk, so `--only X` refreshes X
   // and keeps the rest of the last full run.
   const merged = SMOKE ? all : SCENARIOS.map((sc) => all.find((a) => a.scenario.id === sc.id) ?? (() => {
     try { const j = JSON.parse(fs.readFileSync(path.join(OUT, `${sc.id}.json`), 'utf8')); return { scenario: sc, runs: j.runs as Run[], summary: j.summary }; } catch { return undefined; }
   })()).filter((x): x is { scenario: Scenario; runs: Run[]; summary: Record<string, any> } => !!x);
   if (!stream && !SMOKE) { try { stream = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8')).gbps; } catch { /* none yet */ } }
-  const md = render(merged, hostInfo, Date.now() - t0, stream);
+  const md = render(merged, hostInfo, Date.now() - t0, stream, cli);
   if (SMOKE) {
     // CI: well-formed output, not numbers.
     for (const a of all) for (const c of a.scenario.contenders) {
@@ -479,7 +489,7 @@ function fmt(x: number | null | undefined, unit = ''): string {
   return x === null || x === undefined ? '-' : `${Math.round(x)}${unit}`;
 }
 
-function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[], h: any, ms: number, stream?: Record<string, number[]>): string {
+function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[], h: any, ms: number, stream?: Record<string, number[]>, cli?: Record<string, number[]>): string {
   const m = machine(h);
   const L: string[] = [];
   const cellOf = (s: any, k: string, div = 1): string => s[k].median === null ? '-' : `${fmt(s[k].median / div)} (${fmt(s[k].min / div)}–${fmt(s[k].max / div)})`;
@@ -531,6 +541,10 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
         'ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the `--parallel 2` rows\' setup; plain multifd does not, so it is the extra channels\' TLS set-up), and on two shared cores it gains little; `--parallel N` is the lever for large or busy guests on hosts with spare cores. ' +
         'Not built: relaying a plain QEMU stream through ferryd\'s own TLS (Node carried 5.3 Gbit/s in one process over loopback, but here the relay would add two copies and the crypto on the same two cores), and kernel TLS (this kernel has no `tls` ULP).');
     }
+  }
+  if (cli?.ferry?.length) {
+    const c = (k: string): string => `${fmt(median(cli[k]))} ms (${Math.min(...cli[k])}–${Math.max(...cli[k])})`;
+    L.push('', `**CLI start-up** (\`bench/results/cli-startup.json\`, 10 runs each, interleaved): \`ferry --version\` ${c('ferry')}, \`node -e 0\` ${c('node')}. The CLI runs from the bundle in dist/, with no TypeScript transpiled at start-up.`);
   }
   const notes = all.flatMap((a) => a.runs.filter((r) => (r.note && !/^libvirt's own job time/.test(r.note)) || r.outcome !== 'succeeded').map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`));
   if (notes.length) L.push('', '**Outcomes and policy decisions:**', '', ...notes);

@@ -32,6 +32,7 @@ async function main(): Promise<void> {
   await ferry(['lab', 'down']);
   await ok(['lab', 'up', '--hosts', '2']);
   const lab = JSON.parse(fs.readFileSync('/var/lib/ferry-lab/lab.json', 'utf8'));
+  const engine: string = (await ok(['-H', 'host1', 'host', 'info', '--json'])).qemuVersion;
   const pids: Record<string, number> = Object.fromEntries(lab.hosts.map((h: any) => [h.name, h.pid]));
   const samples: Sample[] = [];
   const results: { i: number; outcome: string; totalMs: number | null; downtimeMs: number | null; repairedBytes: number | null; error?: string }[] = [];
@@ -70,13 +71,13 @@ async function main(): Promise<void> {
     const first = s[0]; const last = s[s.length - 1];
     return { host: h, fds: [first.fds, last.fds], children: [first.children, last.children], rssMiB: [+(first.rssKiB / 1024).toFixed(1), +(last.rssKiB / 1024).toFixed(1)], maxFds: Math.max(...s.map((x) => x.fds)), maxChildren: Math.max(...s.map((x) => x.children)) };
   });
-  const out = { date: new Date().toISOString(), count: COUNT, succeeded: ok_, memoryConsistent: verified, medianTotalMs: med, growth, samples, results };
+  const out = { date: new Date().toISOString(), engine, count: COUNT, succeeded: ok_, memoryConsistent: verified, medianTotalMs: med, growth, samples, results };
   fs.writeFileSync(path.join(ROOT, 'reliability', 'endurance.json'), JSON.stringify(out, null, 2) + '\n');
   const md = [
     '## Endurance', '',
-    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS), after one warm-up each way.`, '',
+    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS, QEMU ${engine}), after one warm-up each way.`, '',
     `- succeeded: **${ok_}/${COUNT}**; memory pattern consistent at the end: **${verified ? 'yes' : 'NO'}**; median total ${med} ms`,
-    `- memory check (README "Memory check") on ${results.filter((r) => r.repairedBytes !== null).length} migrations; RAM that arrived different and was rewritten in ${results.filter((r) => (r.repairedBytes ?? 0) > 0).length} of them (${(results.reduce((a, r) => a + (r.repairedBytes ?? 0), 0) / 1048576).toFixed(1)} MiB in all)`,
+    ...(results.some((r) => r.repairedBytes !== null) ? [`- memory check (README "Memory check") on ${results.filter((r) => r.repairedBytes !== null).length} migrations; RAM that arrived different and was rewritten in ${results.filter((r) => (r.repairedBytes ?? 0) > 0).length} of them (${(results.reduce((a, r) => a + (r.repairedBytes ?? 0), 0) / 1048576).toFixed(1)} MiB in all)`] : []),
     ...growth.map((g) => `- ferryd on ${g.host}: open fds ${g.fds[0]} → ${g.fds[1]} (max ${g.maxFds}), child processes ${g.children[0]} → ${g.children[1]} (max ${g.maxChildren}), RSS ${g.rssMiB[0]} → ${g.rssMiB[1]} MiB`),
     '', 'Samples every 10 migrations are in `reliability/endurance.json`.', '',
   ].join('\n');
