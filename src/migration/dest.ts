@@ -5,18 +5,16 @@
  * job and the TLS identity of the peer that sent it.
  */
 import net from 'node:net';
-import crypto from 'node:crypto';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { killAndWait, pidAlive, isOurQemu } from '../qemu/process.ts';
-import type { QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
 import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { destTransition, PROTOCOL_VERSION, type DestEvent } from './phases.ts';
+import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
+import { checkOffer, checkProtocolVersion, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 
 /** How long a begun job (holding memory and a stopped QEMU) waits for Prepare. */
@@ -50,8 +48,7 @@ const strArr = (v: unknown, max = 512): v is string[] => Array.isArray(v) && v.l
 export function parseBegin(p: Record<string, unknown>): BeginMsg {
   const bad = (why: string): never => { throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`); };
   if (!isObj(p)) return bad('the message must be an object');
-  // First: a peer of another protocol version may send another shape altogether.
-  if (p.version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: this host speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof p.version === 'number' ? p.version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
+  checkProtocolVersion(p.version);
   if (typeof p.jobId !== 'string' || !JOB_ID_RE.test(p.jobId)) bad('jobId must be a UUID');
   if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
   const peer = p.peer;

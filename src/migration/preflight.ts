@@ -39,6 +39,14 @@ export interface DestFacts {
   domainUuids: string[];
 }
 
+/**
+ * The first check of a Begin, before its shape: a peer of another protocol version may
+ * send another message altogether, and must hear "version", not "malformed".
+ */
+export function checkProtocolVersion(version: unknown, dstName = 'this host'): void {
+  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: ${dstName} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof version === 'number' ? version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
+}
+
 /** Compares dotted version numbers numerically: <0, 0, >0. An unreadable part counts as 0. */
 export function compareVersions(a: string, b: string): number {
   const pa = a.split('.').map((x) => Number.parseInt(x, 10) || 0);
@@ -67,7 +75,7 @@ export function fileSizes(c: DomainConfig): FileSizes {
  */
 export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c: DomainConfig, running: boolean): void {
   const who = `Cannot migrate domain "${c.name}"`;
-  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `${who}: ${dst.name} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${version}; upgrade ferry on both hosts to the same version`);
+  checkProtocolVersion(version, dst.name);
   if (src.name === dst.name) throw new FerryError('MIGRATION_SAME_HOST', `${who}: the destination is the source host ${src.name}`);
   if (dst.domainNames.includes(c.name)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain named "${c.name}"; delete it there first`);
   if (dst.domainUuids.includes(c.uuid)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain with uuid ${c.uuid}`);
