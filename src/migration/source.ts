@@ -218,7 +218,9 @@ export class Source {
         q.off('event', onStop);
         watch.dispose();
       }
-      for (const [k, v] of watch.at) if (k === 'active' || k === 'completed') timeline[k === 'active' ? 'firstByte' : 'streamCompleted'] = Math.round(v - t0);
+      if (stats.setupMs != null) timeline.firstByte = stats.setupMs;
+      const completedAt = watch.at.get('completed');
+      if (completedAt !== undefined) timeline.streamCompleted = Math.round(completedAt - t0);
       this.step(j, { type: 'stream-completed' });
       // Still before the point of no return: both guests are paused, so a mismatch
       // abandons like any other failure and the domain resumes here.
@@ -425,19 +427,8 @@ export class Source {
       ticking = true;
       try {
         const m = await q.execute<any>('query-migrate');
-        const ram = m.ram ?? {};
-        const now = Date.now();
-        const total = ram.total ?? 0;
-        const remaining = ram.remaining ?? total;
-        const rate = (ram.mbps ?? 0) * 1e6 / 8;
-        const prog = {
-          domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
-          transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: w.passes,
-          etaS: rate > 0 ? remaining / rate : null, elapsedMs: now - t0, dirtyRate: ram['dirty-pages-rate'] ?? 0, throttlePct: m['cpu-throttle-percentage'] ?? 0,
-        };
-        j.progress = prog;
-        this.host.emit('migration.progress', prog);
-        const elapsed = (now - t0) / 1000;
+        this.progress(j, t0, m, w.passes);
+        const elapsed = (Date.now() - t0) / 1000;
         // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
         // the guest from the start; after STALL_PASSES passes or two thirds of the
         // deadline, allow a longer final pause (4×, at least 2 s); at the deadline, cancel.
@@ -484,6 +475,22 @@ export class Source {
     return { setupMs, passes: w.passes };
   }
 
+  /** Publishes a query-migrate answer as the job's progress (the CLI's bar, `ferry job`). */
+  private progress(j: SourceJob, t0: number, m: any, passes: number): void {
+    const ram = m.ram ?? {};
+    const done = m.status === 'completed';
+    const total = ram.total ?? 0;
+    const remaining = done ? 0 : ram.remaining ?? total;
+    const rate = done ? 0 : (ram.mbps ?? 0) * 1e6 / 8;
+    const prog = {
+      domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
+      transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: passes,
+      etaS: done ? 0 : rate > 0 ? remaining / rate : null, elapsedMs: Date.now() - t0, dirtyRate: done ? 0 : ram['dirty-pages-rate'] ?? 0, throttlePct: done ? 0 : m['cpu-throttle-percentage'] ?? 0,
+    };
+    j.progress = prog;
+    this.host.emit('migration.progress', prog);
+  }
+
   /**
    * The completed stream's figures, asked once the guest runs on the destination: QEMU
    * may say "completed" before it fills in total-time and downtime, and waiting for
@@ -495,9 +502,7 @@ export class Source {
     const r2 = m.ram ?? {};
     const bytes = r2.transferred ?? 0;
     const totalTime = m['total-time'] ?? (Date.now() - t0);
-    const prog = { domain: j.domain, jobId: j.jobId, status: 'completed', phase: j.phase, percent: 100, transferred: bytes, remaining: 0, total: r2.total ?? 0, rateMBps: 0, pass: passes, etaS: 0, elapsedMs: Date.now() - t0, dirtyRate: 0, throttlePct: 0 };
-    j.progress = prog;
-    this.host.emit('migration.progress', prog);
+    this.progress(j, t0, { ...m, status: 'completed' }, passes);
     return { downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
   }
 
