@@ -74,14 +74,16 @@ export class GuestRam {
       const got = await pread(this.pagemap, map.subarray(p0 * 8), cnt * 8, (this.base / PAGE + p0) * 8);
       if (got !== cnt * 8) throw new Error(`pagemap ended after ${p0 + got / 8} of ${pages} pages`);
     }
-    const pfnOf = (k: number): number => (map.readUInt32LE(k * 8 + 4) & 0x7fffff) * 0x100000000 + map.readUInt32LE(k * 8);
-    const zero = zeroFrames(map, pages, pfnOf);
-    const out = new Array<boolean>(n).fill(false);
+    // One decoding pass: the frame of each page in memory, -1 for a page never touched,
+    // Infinity for one in swap (its content is real).
+    const frame = new Float64Array(pages);
     for (let k = 0; k < pages; k++) {
       const hi = map.readUInt32LE(k * 8 + 4);
-      if (hi & 0x40000000) out[Math.floor(k / per)] = true; // swapped: its content is real
-      else if (hi & 0x80000000 && !zero.has(pfnOf(k))) out[Math.floor(k / per)] = true;
+      frame[k] = hi & 0x40000000 ? Infinity : hi & 0x80000000 ? (hi & 0x7fffff) * 0x100000000 + map.readUInt32LE(k * 8) : -1;
     }
+    const zero = zeroFrames(frame);
+    const out = new Array<boolean>(n).fill(false);
+    for (let k = 0; k < pages; k++) if (frame[k] !== -1 && !zero.has(frame[k])) out[Math.floor(k / per)] = true;
     return out;
   }
 
@@ -106,18 +108,14 @@ export class GuestRam {
 }
 
 /**
- * The zero frames among a pagemap's present pages: frames mapped at more than one page
+ * The zero frames among the frames of pages in memory (populated()'s `frame`): those mapped at more than one page
  * (at most a few thousand of them are looked at) whose /proc/kpageflags entry has
  * KPF_ZERO_PAGE. Empty where kpageflags cannot be read (not root) or frame numbers are
  * hidden (they read as 0, which is no zero page).
  */
-function zeroFrames(map: Buffer, pages: number, pfnOf: (k: number) => number): Set<number> {
+function zeroFrames(frame: Float64Array): Set<number> {
   const seen = new Map<number, number>();
-  for (let k = 0; k < pages; k++) {
-    if (!(map.readUInt32LE(k * 8 + 4) & 0x80000000)) continue;
-    const f = pfnOf(k);
-    seen.set(f, (seen.get(f) ?? 0) + 1);
-  }
+  for (const f of frame) if (f >= 0 && f !== Infinity) seen.set(f, (seen.get(f) ?? 0) + 1);
   const shared = [...seen].filter(([, c]) => c > 1).map(([f]) => f);
   const zero = new Set<number>();
   if (shared.length === 0 || shared.length > 4096) return zero;
