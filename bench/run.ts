@@ -20,7 +20,7 @@ import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
-import { ferry as runCli, ok as cliOk } from '../test/helpers.ts';
+import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const LAB = '/var/lib/ferry-lab';
@@ -354,15 +354,13 @@ interface Scenario {
   reps?: number;
 }
 
-/** Rewrites 48 MiB of tmpfs in a loop (the churning guest). */
-const CHURN = 'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &';
 const LIVE: Contender[] = ['ferry', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
 
 const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'smoke-linux-128m-idle', title: 'Linux 128 MiB, idle, live (smoke)', kind: 'linux', memoryMiB: 128, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
 ] : [
   { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
-  { id: 'linux-1g-churn', title: 'Linux 1 GiB rewriting 48 MiB in a loop, live', kind: 'linux', memoryMiB: 1024, workload: CHURN, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
+  { id: 'linux-1g-churn', title: 'Linux 1 GiB rewriting 48 MiB in a loop, live', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
   { id: 'pattern-512m-offline', title: 'pattern guest 512 MiB (every page non-zero), offline: the stream', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'] },
 ];
 

@@ -21,7 +21,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { QmpClient } from '../src/qmp/client.ts';
 import { parseDomainConfig } from '../src/domain/config.ts';
-import { domainArgv, QEMU_BINARY } from '../src/qemu/argv.ts';
+import { domainArgv, engineArgs, QEMU_BINARY } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { ferry, ok } from '../test/helpers.ts';
 
@@ -51,7 +51,7 @@ async function main(): Promise<void> {
   const start = async (h: string, incoming: boolean): Promise<{ pid: number; qmp: QmpClient; h: string }> => {
     const id = `${h}-${n++}`;
     const rt = { accel: 'tcg' as const, cpuModel: 'qemu64', machine: 'pc-i440fx-7.2', qmpPath: path.join(dir, `${id}.qmp`), consolePath: path.join(dir, `${id}.con`), taps: [], incoming };
-    const s = await startQemuWith('ip', ['netns', 'exec', ns(h), QEMU_BINARY, ...(process.env.FERRY_QEMU_L ?? '').split(':').filter(Boolean).flatMap((d) => ['-L', d]), ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${id}.log`), what: 'diag QEMU' });
+    const s = await startQemuWith('ip', ['netns', 'exec', ns(h), QEMU_BINARY, ...engineArgs({ binary: QEMU_BINARY, dataDirs: (process.env.FERRY_QEMU_L ?? '').split(':').filter(Boolean) }), ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${id}.log`), what: 'diag QEMU' });
     started.push(s.pid);
     return { ...s, h };
   };

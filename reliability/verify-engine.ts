@@ -21,18 +21,16 @@
  * four guests do not share the machine's two cores. Writes reliability/verify-engine.json and its RELIABILITY.md section.
  */
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { ferry, ok } from '../test/helpers.ts';
+import { ferry, ok, createGuest, CHURN_48MIB } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
 const ROUNDS = Number(args[args.indexOf('--rounds') + 1] || 104) || 104;
 const tty = !!process.stderr.isTTY;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-const LAB = '/var/lib/ferry-lab';
 
 interface Guest { name: string; kind: 'pattern' | 'linux'; memoryMiB: number; host: string; churn?: boolean }
 interface Round { i: number; guest: string; from: string; to: string; warm: boolean; loss: boolean; outcome: string; error?: string; repairedBytes: number | null; checkedBytes: number | null; checkMs: number | null; pauseMs: number | null; patternOk: boolean | null }
@@ -41,18 +39,10 @@ const DROP = ['INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '
 const iptables = (host: string, op: '-I' | '-D'): void => { execFileSync('ip', ['netns', 'exec', `ferry-${host}`, 'iptables', op, ...DROP], { stdio: 'ignore' }); };
 
 async function create(g: Guest): Promise<void> {
-  const cfg = await ok(['lab', 'guest', g.kind, g.name, '--memory', String(g.memoryMiB), '--json']);
-  const f = path.join(os.tmpdir(), `verify-${g.name}.json`);
-  fs.writeFileSync(f, JSON.stringify(cfg));
-  await ok(['-H', g.host, 'create', f]);
-  const ready = g.kind === 'linux' ? 'ferry-linux ready' : 'ferry-pattern ready';
-  for (let i = 0; i < 600; i++) {
-    try { if (fs.readFileSync(`${LAB}/${g.host}/state/run/${g.name}/console.log`, 'utf8').includes(ready)) break; } catch { /* not yet */ }
-    await sleep(100);
-  }
+  await createGuest(g.kind, g.name, g.host, g.memoryMiB);
   if (g.churn) {
     await sleep(500);
-    await ok(['-H', g.host, 'console', g.name, '--idle', '1500'], { input: 'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &\n' });
+    await ok(['-H', g.host, 'console', g.name, '--idle', '1500'], { input: `${CHURN_48MIB}\n` });
   }
 }
 

@@ -88,6 +88,9 @@ export function consoleLog(host: string, name: string): string {
   try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/run/${name}/console.log`, 'utf8'); } catch { return ''; }
 }
 
+/** A shell line for the Linux guest: rewrites 48 MiB of tmpfs in a loop (the bench's and verify-engine's busy guest). */
+export const CHURN_48MIB = 'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &';
+
 /** Creates a lab guest on a host from `ferry lab guest` and waits for its ready line. */
 export async function createGuest(kind: 'linux' | 'pattern', name: string, host: string, memoryMiB?: number): Promise<any> {
   const cfg = await ok(['lab', 'guest', kind, name, '--json', ...(memoryMiB ? ['--memory', String(memoryMiB)] : [])]);
