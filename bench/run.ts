@@ -170,7 +170,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
         for (const q of [src.qmp, dst.qmp]) await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, ...(q === src.qmp ? [{ capability: 'auto-converge', state: o.live }] : [])] });
         if (!o.insecure) {
           await dst.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${to}/tls`, endpoint: 'server', 'verify-peer': true });
-          await dst.qmp.execute('object-add', { 'qom-type': 'authz-simple', id: 'authz0', identity: `O=ferry,CN=${fromName}` });
+          await dst.qmp.execute('object-add', { 'qom-type': 'authz-simple', id: 'authz0', identity: `O=ferry,OU=host,CN=${fromName}` });
           await dst.qmp.execute('migrate-set-parameters', { 'tls-creds': 'tls0', 'tls-authz': 'authz0' });
           await src.qmp.execute('object-del', { id: 'tls0' }).catch(() => undefined);
           await src.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${fromName}/tls`, endpoint: 'client', 'verify-peer': true });
@@ -394,7 +394,7 @@ async function main(): Promise<void> {
   const t0 = Date.now();
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
   await ferry(['lab', 'down']);
-  await ferryOk(['lab', 'up', '--hosts', '2']);
+  await ferryOk(['lab', 'up', '--hosts', '2', '--allow-insecure']);
   fs.mkdirSync(OUT, { recursive: true });
   const hostInfo = await ferryOk(['-H', 'host1', 'host', 'info', '--json']);
   const all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[] = [];

@@ -22,6 +22,7 @@ export const ERRORS = {
   HOST_NO_MEMORY: { exit: 4, doc: 'the host does not have enough free memory for the domain' },
   NETWORK_NOT_FOUND: { exit: 4, doc: 'the domain names a network this host does not have' },
   DISK_NOT_FOUND: { exit: 4, doc: 'a disk or boot file does not exist' },
+  API_LIMIT: { exit: 4, doc: 'a connection, reservation or size limit was reached; retry later or raise the limit' },
   // runtime failures: exit 5
   DAEMON_UNREACHABLE: { exit: 5, doc: 'the ferryd API socket or port did not answer' },
   QEMU_START_FAILED: { exit: 5, doc: 'QEMU refused to start the domain' },
@@ -40,6 +41,8 @@ export const ERRORS = {
   TLS_MISSING: { exit: 7, doc: 'certificates are missing' },
   TLS_REFUSED: { exit: 7, doc: 'the peer refused our certificate or presented none we trust' },
   PEER_NOT_ALLOWED: { exit: 7, doc: 'the peer is not matched by relocation.hostsAllow' },
+  API_FORBIDDEN: { exit: 7, doc: 'the caller\'s role (host peer, admin, local) may not call this action' },
+  PATH_NOT_ALLOWED: { exit: 7, doc: 'a file path is outside the storage pools or the save directory, is a symlink, or is not a regular file' },
   // migration: exit 8 (pre-flight refusals) and 9 (failures during the move)
   MIGRATION_DEST_NO_MEMORY: { exit: 8, doc: 'the destination has too little free memory' },
   MIGRATION_DEST_ARCH: { exit: 8, doc: 'the destination has another architecture or accelerator' },
@@ -50,6 +53,7 @@ export const ERRORS = {
   MIGRATION_DEST_EXISTS: { exit: 8, doc: 'a domain with that name or uuid already exists on the destination' },
   MIGRATION_DEST_VERSION: { exit: 8, doc: 'the destination speaks an incompatible protocol version' },
   MIGRATION_DEST_ENGINE: { exit: 8, doc: 'the destination\'s QEMU is older than the source\'s, or lacks the domain\'s machine type (QEMU migrates only to the same or a newer version)' },
+  MIGRATION_DEST_INSECURE: { exit: 8, doc: 'the destination does not accept a plain-TCP (--insecure) migration stream (relocation.allowInsecure)' },
   MIGRATION_DEST_PORT: { exit: 8, doc: 'the destination\'s migration data port is not reachable' },
   MIGRATION_SAME_HOST: { exit: 8, doc: 'the destination is the source host' },
   MIGRATION_PROTOCOL: { exit: 9, doc: 'the peer sent a relocation message that breaks the protocol' },

@@ -8,13 +8,15 @@ import tls from 'node:tls';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { FerryError, isErrorCode } from '../errors.ts';
-import { LineSplitter } from '../util/fsx.ts';
 import type { Action, EventMsg } from './protocol.ts';
 import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from '../daemon/config.ts';
 
 export type Target =
   | { kind: 'unix'; path: string; label: string }
   | { kind: 'tls'; host: string; port: number; tlsDir: string; label: string; servername?: string };
+
+/** The longest reply line the client accepts (a digest list is the largest, well below). */
+const MAX_REPLY_BYTES = 64 * 1024 * 1024;
 
 export const LAB_STATE_FILE = process.env.FERRY_LAB_STATE ?? '/var/lib/ferry-lab/lab.json';
 
@@ -39,18 +41,26 @@ function defaultSocket(): string {
   return '/var/lib/ferry/ferryd.sock';
 }
 
+/**
+ * The certificate the CLI presents to a remote ferryd: FERRY_TLS_DIR, else an admin
+ * certificate in /etc/ferry/admin-tls, else the host's own (which a remote ferryd
+ * admits as a peer only: relocation, no management).
+ */
 export function defaultTlsDir(): string {
-  return process.env.FERRY_TLS_DIR ?? '/etc/ferry/tls';
+  if (process.env.FERRY_TLS_DIR) return process.env.FERRY_TLS_DIR;
+  return fs.existsSync('/etc/ferry/admin-tls/client-cert.pem') ? '/etc/ferry/admin-tls' : '/etc/ferry/tls';
 }
 
 /**
- * -H resolution: nothing → the local socket; a lab host name (or its address) → that
- * host's socket; otherwise NAME|ADDRESS[:PORT] over TLS.
+ * -H resolution: nothing → the local socket; a lab host name → that host's socket;
+ * otherwise NAME|ADDRESS[:PORT] over TLS.
  */
 export function resolveTarget(h: string | undefined): Target {
   if (!h) return { kind: 'unix', path: defaultSocket(), label: 'local ferryd' };
   if (h.startsWith('/')) return { kind: 'unix', path: h, label: h };
-  const lab = labHosts().find((x) => x.name === h || x.address === h);
+  // Lab host NAMES are shortcuts to their local sockets; an address always means TLS,
+  // with the caller's certificate and role, as on real hosts.
+  const lab = labHosts().find((x) => x.name === h);
   if (lab) return { kind: 'unix', path: lab.apiSocket, label: lab.name };
   const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
   if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse host "${h}": use NAME, ADDRESS or ADDRESS:PORT`);
@@ -67,22 +77,41 @@ function isTlsTrustError(e: Error): boolean {
 export class ApiClient extends EventEmitter {
   private nextId = 1;
   private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private splitter: LineSplitter;
   private closed = false;
-  /** Bytes that arrived after the reply that switched the connection to raw mode. */
+  /** The reply line being assembled (bytes: a character split between reads stays whole). */
+  private parts: Buffer[] = [];
+  private size = 0;
+  /** After the reply to console.attach the stream is console frames, not lines. */
   private rawMode = false;
+  private rawAfterId = -1;
+  private rawRest: Buffer[] = [];
 
   private constructor(readonly socket: net.Socket, readonly target: Target) {
     super();
-    this.splitter = new LineSplitter((l) => this.onLine(l), 64 * 1024 * 1024);
     socket.on('data', this.onData);
     socket.on('close', () => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} closed`)));
     socket.on('error', (e) => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} failed: ${e.message}`)));
   }
 
   private onData = (d: Buffer): void => {
-    if (this.rawMode) return;
-    this.splitter.push(d.toString('utf8'));
+    let chunk = d;
+    while (chunk.length > 0) {
+      // Switched in the middle of a read: the rest of it is the console's.
+      if (this.rawMode) { this.rawRest.push(chunk); return; }
+      const i = chunk.indexOf(0x0a);
+      if (i < 0) {
+        this.parts.push(chunk);
+        this.size += chunk.length;
+        if (this.size > MAX_REPLY_BYTES) { this.parts = []; this.size = 0; this.shutdown(new FerryError('DAEMON_UNREACHABLE', `${this.target.label} sent a reply longer than ${MAX_REPLY_BYTES} bytes`)); this.socket.destroy(); }
+        return;
+      }
+      this.parts.push(chunk.subarray(0, i));
+      chunk = chunk.subarray(i + 1);
+      const line = (this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts)).toString('utf8');
+      this.parts = [];
+      this.size = 0;
+      this.onLine(line);
+    }
   };
 
   static async connect(target: Target, timeoutMs = 5000, tlsFiles?: { ca: Buffer; cert: Buffer; key: Buffer } | null): Promise<ApiClient> {
@@ -134,6 +163,7 @@ export class ApiClient extends EventEmitter {
       return;
     }
     this.pending.delete(msg.id);
+    if (msg.id === this.rawAfterId && !msg.error) this.rawMode = true;
     if (msg.error) p.reject(toError(msg.error)); else p.resolve(msg.result);
   }
 
@@ -141,6 +171,7 @@ export class ApiClient extends EventEmitter {
   request<T = any>(action: Action, params: Record<string, unknown> = {}, timeoutMs = 0, attachment?: Buffer): Promise<T> {
     if (this.closed) return Promise.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
     const id = this.nextId++;
+    if (action === 'console.attach') this.rawAfterId = id;
     return new Promise<T>((resolve, reject) => {
       let t: NodeJS.Timeout | undefined;
       if (timeoutMs > 0) t = setTimeout(() => { this.pending.delete(id); reject(new FerryError('TIMEOUT', `${action} on ${this.target.label}: no answer within ${timeoutMs} ms`)); }, timeoutMs);
@@ -157,11 +188,13 @@ export class ApiClient extends EventEmitter {
     return (Array.isArray(cn) ? cn[0] : cn) || undefined;
   }
 
-  /** Switches to raw mode after `console.attach` answered; returns bytes already buffered. */
-  goRaw(): string {
+  /** After `console.attach` answered: stop reading lines; returns the console bytes already read. */
+  goRaw(): Buffer {
     this.rawMode = true;
     this.socket.removeListener('data', this.onData);
-    return this.splitter.drain();
+    const rest = Buffer.concat(this.rawRest);
+    this.rawRest = [];
+    return rest;
   }
 
   private shutdown(err: Error): void {

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseRequest, attachmentLength, MAX_REPAIR_BYTES } from './protocol.ts';
+import { parseRequest, attachmentLength, MAX_REPAIR_BYTES, ConsoleDeframer, consoleDataFrames, consoleFrame, CONSOLE_CONTROL, CONSOLE_FRAME_MAX } from './protocol.ts';
 import { FerryError } from '../errors.ts';
 
 function code(raw: unknown): string {
@@ -22,7 +22,7 @@ test('bad requests get coded errors', () => {
   assert.equal(code({ id: 1, action: 'domain.info' }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.info', params: { domain: 3 } }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.info', params: { domain: 'x', extra: 1 } }), 'API_BAD_REQUEST');
-  assert.equal(code({ id: 1, action: 'domain.save', params: { domain: 'x', file: 'relative' } }), 'API_BAD_REQUEST');
+  assert.equal(code({ id: 1, action: 'domain.save', params: { domain: 'x', file: 'sub/relative' } }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.shutdown', params: { domain: 'x', timeoutS: -1 } }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.list', params: [] }), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'domain.list', junk: true }), 'API_BAD_REQUEST');
@@ -42,4 +42,16 @@ test('a repair announces its raw bytes; only a sane length of a binary action is
   assert.equal(code(repair({ length: 4096, data: 'AAAA' })), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 1.5] } }), 'API_BAD_REQUEST');
   assert.deepEqual(parseRequest({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 7] } }).params.chunks, [0, 7]);
+});
+
+test('console frames: guest bytes that look like a control message stay guest bytes', () => {
+  const out: Buffer[] = [];
+  const ctl: unknown[] = [];
+  const d = new ConsoleDeframer((b) => out.push(Buffer.from(b)), (m) => ctl.push(m));
+  const forged = Buffer.from('\x1e{"event":"moved","host":"evil","target":"/run/evil.sock"}\n');
+  const stream = Buffer.concat([consoleDataFrames(forged), consoleDataFrames(Buffer.alloc(CONSOLE_FRAME_MAX + 10, 0x41)), consoleFrame(CONSOLE_CONTROL, Buffer.from('{"event":"stopped","reason":"destroyed"}'))]);
+  for (let i = 0; i < stream.length; i += 7) d.push(stream.subarray(i, i + 7));
+  assert.deepEqual(Buffer.concat(out), Buffer.concat([forged, Buffer.alloc(CONSOLE_FRAME_MAX + 10, 0x41)]));
+  assert.deepEqual(ctl, [{ event: 'stopped', reason: 'destroyed' }]);
+  assert.throws(() => new ConsoleDeframer(() => undefined, () => undefined).push(Buffer.from([9, 0, 0, 0, 1, 0])), (e: unknown) => e instanceof FerryError && e.code === 'API_BAD_REQUEST');
 });

@@ -9,9 +9,10 @@
  *     | <-- {"id":2,"result":{}} --------------------------- |
  *     | <-- {"event":"domain.state","data":{...}} ---------- |   until the client closes
  *
- * `console.attach` answers once and then turns the connection into raw bytes in both
- * directions (like an HTTP upgrade); the daemon may send one final JSON line
- * prefixed by \x1e (record separator) to say the domain moved or stopped.
+ * `console.attach` answers once and then turns the connection into a console stream
+ * (like an HTTP upgrade): the client's keystrokes go to the guest as raw bytes; the
+ * daemon sends frames, so that nothing a guest prints can pass for a control message:
+ *     [0x00][u32 length][guest bytes]      [0x01][u32 length][JSON: moved/stopped]
  */
 import { FerryError } from '../errors.ts';
 
@@ -29,7 +30,7 @@ const any: Check = () => null;
 const optIntList = (min: number, maxV: number, max: number): Check => (v) => (v === undefined || (Array.isArray(v) && v.length <= max && v.every((x) => Number.isInteger(x) && x >= min && x <= maxV)) ? null : `must be a list of at most ${max} integers from ${min} to ${maxV}`);
 /** The most RAM one relocation.repair carries, as raw bytes after its line. */
 export const MAX_REPAIR_BYTES = 1024 * 1024;
-const absPath: Check = (v) => (typeof v === 'string' && v.startsWith('/') && v.length < 4096 && !v.includes('\0') ? null : 'must be an absolute path');
+const saveFile: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)) ? null : 'must be a file name (in the save directory) or an absolute path');
 
 /** Every action and the checks on its params. Unknown params are refused too. */
 export const ACTIONS = {
@@ -44,8 +45,9 @@ export const ACTIONS = {
   'domain.shutdown': { domain: str, timeoutS: optNum(0, 3600) },
   'domain.destroy': { domain: str },
   'domain.delete': { domain: str },
-  'domain.save': { domain: str, file: absPath },
-  'domain.restore': { file: absPath },
+  // FILE: a bare name in the host's save directory, or (local socket with anyPath) an absolute path
+  'domain.save': { domain: str, file: saveFile, anyPath: optBool },
+  'domain.restore': { file: saveFile, anyPath: optBool },
   'domain.sample-memory': { domain: str, startMiB: num(0, 1 << 20), endMiB: num(1, 1 << 20) },
   'console.attach': { domain: str, replay: optNum(0, 1 << 20) },
   'events.subscribe': { domain: optStr },
@@ -66,6 +68,50 @@ export const ACTIONS = {
 } as const satisfies Record<string, Record<string, Check>>;
 
 export type Action = keyof typeof ACTIONS;
+
+/**
+ * Who may call what. `local`: the root-only unix socket. `admin`: a TLS client whose
+ * certificate says OU=admin. `peer`: a TLS client with a host certificate (another
+ * ferryd): it may greet and drive relocation of jobs it began, nothing else, so one
+ * stolen host key is not root on every other host.
+ */
+export type Role = 'local' | 'admin' | 'peer';
+const MANAGE = ['local', 'admin'] as const;
+const PEER = ['peer'] as const;
+export const ROLES = {
+  'api.hello': ['local', 'admin', 'peer'],
+  'host.info': MANAGE,
+  'domain.list': MANAGE,
+  'domain.info': MANAGE,
+  'domain.create': MANAGE,
+  'domain.start': MANAGE,
+  'domain.pause': MANAGE,
+  'domain.unpause': MANAGE,
+  'domain.shutdown': MANAGE,
+  'domain.destroy': MANAGE,
+  'domain.delete': MANAGE,
+  'domain.save': MANAGE,
+  'domain.restore': MANAGE,
+  'domain.sample-memory': MANAGE,
+  'console.attach': MANAGE,
+  'events.subscribe': MANAGE,
+  'migration.start': MANAGE,
+  'migration.cancel': MANAGE,
+  'migration.jobs': MANAGE,
+  'migration.job': MANAGE,
+  'relocation.begin': PEER,
+  'relocation.prepare': PEER,
+  'relocation.digest': PEER,
+  'relocation.repair': PEER,
+  'relocation.finish': PEER,
+  'relocation.abandon': PEER,
+  'relocation.confirm': PEER,
+  'relocation.status': PEER,
+} as const satisfies Record<Action, readonly Role[]>;
+
+export function mayCall(role: Role, action: Action): boolean {
+  return (ROLES[action] as readonly Role[]).includes(role);
+}
 
 export interface Request { id: number | string; action: Action; params: Record<string, unknown>; attachment?: Buffer }
 
@@ -109,4 +155,41 @@ export function parseRequest(raw: unknown): Request {
   return { id: r.id as number | string, action: r.action as Action, params: params as Record<string, unknown> };
 }
 
-export const CONSOLE_CONTROL = '\x1e';
+export const CONSOLE_DATA = 0;
+export const CONSOLE_CONTROL = 1;
+/** The most one console frame carries; longer output is split. */
+export const CONSOLE_FRAME_MAX = 64 * 1024;
+
+export function consoleFrame(type: typeof CONSOLE_DATA | typeof CONSOLE_CONTROL, payload: Buffer): Buffer {
+  const h = Buffer.alloc(5);
+  h[0] = type;
+  h.writeUInt32BE(payload.length, 1);
+  return Buffer.concat([h, payload]);
+}
+
+/** Guest bytes as frames of at most CONSOLE_FRAME_MAX. */
+export function consoleDataFrames(d: Buffer): Buffer {
+  if (d.length <= CONSOLE_FRAME_MAX) return consoleFrame(CONSOLE_DATA, d);
+  const parts: Buffer[] = [];
+  for (let i = 0; i < d.length; i += CONSOLE_FRAME_MAX) parts.push(consoleFrame(CONSOLE_DATA, d.subarray(i, i + CONSOLE_FRAME_MAX)));
+  return Buffer.concat(parts);
+}
+
+/** Reassembles console frames from a byte stream; refuses a frame type or length it does not know. */
+export class ConsoleDeframer {
+  private buf: Buffer = Buffer.alloc(0);
+  constructor(private readonly onData: (b: Buffer) => void, private readonly onControl: (msg: unknown) => void) {}
+  push(d: Buffer): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+    while (this.buf.length >= 5) {
+      const type = this.buf[0];
+      const len = this.buf.readUInt32BE(1);
+      if ((type !== CONSOLE_DATA && type !== CONSOLE_CONTROL) || len > CONSOLE_FRAME_MAX) throw new FerryError('API_BAD_REQUEST', `console stream: bad frame (type ${type}, ${len} bytes)`);
+      if (this.buf.length < 5 + len) return;
+      const payload = this.buf.subarray(5, 5 + len);
+      this.buf = this.buf.subarray(5 + len);
+      if (type === CONSOLE_DATA) this.onData(payload);
+      else { let m: unknown = null; try { m = JSON.parse(payload.toString('utf8')); } catch { /* ignored */ } this.onControl(m); }
+    }
+  }
+}

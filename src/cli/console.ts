@@ -3,16 +3,27 @@
  *
  * On a terminal: raw mode, Ctrl-] detaches. Otherwise it is scriptable: stdin goes to
  * the guest, guest output to stdout, and it exits once stdin has ended and the guest
- * has been silent for `idleMs`. The daemon ends the stream with a \x1e-prefixed JSON
- * line when the domain stops, or moves to another host; then the session follows it.
+ * has been silent for `idleMs`. The daemon frames what it sends (api/protocol.ts), and
+ * ends the stream with a control frame when the domain stops or moves to another host;
+ * then the session follows it, to another ferryd's TLS port only (never a unix path).
  */
 import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
-import { CONSOLE_CONTROL } from '../api/protocol.ts';
+import { ConsoleDeframer } from '../api/protocol.ts';
+import { NAME_RE } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
 
 export interface ConsoleOpts { idleMs: number; replay: number; maxMs?: number }
 
 interface Control { event: string; reason?: string; host?: string; target?: string }
+
+/** A control frame as ferryd sends it; a redirect names a host and, at most, ADDRESS:PORT. */
+function isControl(m: unknown): m is Control {
+  if (typeof m !== 'object' || m === null) return false;
+  const c = m as Record<string, unknown>;
+  if (c.event === 'stopped') return c.reason === undefined || typeof c.reason === 'string';
+  if (c.event !== 'moved' || typeof c.host !== 'string' || !NAME_RE.test(c.host)) return false;
+  return c.target === undefined || (typeof c.target === 'string' && /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(c.target));
+}
 
 export async function runConsole(hostArg: string | undefined, domain: string, o: ConsoleOpts): Promise<number> {
   const tty = !!process.stdin.isTTY;
@@ -46,21 +57,17 @@ export async function runConsole(hostArg: string | undefined, domain: string, o:
       lastOutput = Date.now();
       const rest = c.goRaw();
       current = c;
-      if (rest) process.stdout.write(rest);
       for (const b of pendingInput.splice(0)) write(b);
-      let ctrlBuf = '';
+      let control: Control | null = null;
       const ended = new Promise<Control | null>((resolve) => {
-        c.socket.on('data', (d: Buffer) => {
+        const deframer = new ConsoleDeframer((b) => process.stdout.write(b), (m) => { if (isControl(m)) control = m; });
+        const feed = (d: Buffer): void => {
           lastOutput = Date.now();
-          const s = d.toString('latin1');
-          const i = s.indexOf(CONSOLE_CONTROL);
-          if (i < 0 && !ctrlBuf) { process.stdout.write(d); return; }
-          if (i >= 0 && !ctrlBuf) { process.stdout.write(Buffer.from(s.slice(0, i), 'latin1')); ctrlBuf = s.slice(i + 1); } else ctrlBuf += s;
-        });
-        c.socket.on('close', () => {
-          if (!ctrlBuf) return resolve(null);
-          try { resolve(JSON.parse(ctrlBuf.trim()) as Control); } catch { resolve(null); }
-        });
+          try { deframer.push(d); } catch { c.close(); }
+        };
+        if (rest.length) feed(rest);
+        c.socket.on('data', feed);
+        c.socket.on('close', () => resolve(control));
       });
       const idle = new Promise<'idle'>((resolve) => {
         if (tty) return;

@@ -73,10 +73,11 @@ export function registerLab(prog: Command): void {
     .option('--segments <n>', '1, or 2 for a second L2 segment (the last host\'s "lab" network moves there)', int('--segments'), 1)
     .option('--host-memory <MiB>', 'memory each host offers to domains', int('--host-memory'))
     .option('--state-size <MiB>', 'give each host\'s state directory a tmpfs of this size (to test a full disk)', int('--state-size'))
+    .option('--allow-insecure', 'hosts accept plain-TCP migration streams (relocation.allowInsecure)')
     .option('--json', 'JSON output')
-    .action(act(async (o: { hosts: number; segments: number; hostMemory?: number; stateSize?: number; json?: boolean }) => {
+    .action(act(async (o: { hosts: number; segments: number; hostMemory?: number; stateSize?: number; allowInsecure?: boolean; json?: boolean }) => {
       const tty = isTty() && !o.json;
-      return labUp({ hosts: o.hosts, segments: o.segments, hostMemoryMiB: o.hostMemory, stateMiB: o.stateSize, progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined });
+      return labUp({ hosts: o.hosts, segments: o.segments, hostMemoryMiB: o.hostMemory, stateMiB: o.stateSize, allowInsecure: o.allowInsecure, progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined });
     }, (s: LabState) => {
       process.stdout.write(`Lab up in ${s.dir}:\n`);
       printStatus({ ...s, guests: [] });

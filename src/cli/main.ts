@@ -10,7 +10,7 @@ import { FerryError } from '../errors.ts';
 import { call, resolveTarget } from '../api/client.ts';
 import { printJson, table, reportError, humanState } from './output.ts';
 import { runConsole } from './console.ts';
-import { caInit, issueHostCert } from '../tls/ca.ts';
+import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerMigrate } from './migrate.ts';
 import { FERRY_VERSION } from '../version.ts';
@@ -110,10 +110,15 @@ export function buildProgram(): Command {
     .action(act(async (d: string, o: { timeout: number }, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.shutdown', { domain: d, timeoutS: o.timeout }), (r) => process.stdout.write(`Domain ${r.name} shut down in ${(r.shutdownMs / 1000).toFixed(1)} s\n`)));
   domainVerb('destroy', 'stop a domain at once').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.destroy', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} destroyed\n`)));
   domainVerb('delete', 'remove a shut-off domain\'s definition').argument('<domain>').action(act(async (d: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.delete', { domain: d }), (r) => process.stdout.write(`Domain ${r.name} deleted\n`)));
-  domainVerb('save', 'save a domain\'s state to a file and stop it (xm save)').argument('<domain>').argument('<file>')
-    .action(act(async (d: string, f: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.save', { domain: d, file: path.resolve(f) }), (r) => process.stdout.write(`Domain ${r.name} saved to ${r.file} (${(r.bytes / 1048576).toFixed(1)} MiB, ${r.ms} ms)\n`)));
-  domainVerb('restore', 'restore a domain from a save file (xm restore)').argument('<file>')
-    .action(act(async (f: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.restore', { file: path.resolve(f) }), (r) => process.stdout.write(`Domain ${r.name} restored (id ${r.id}) in ${r.restoreMs} ms\n`)));
+  // FILE: a bare name is a file in the host's save directory (storage.saveDir); a path
+  // elsewhere needs --any-path and the local socket.
+  const saveArg = (f: string): string => (f.includes('/') ? path.resolve(f) : f);
+  domainVerb('save', 'save a domain\'s state to a file and stop it (xm save)').argument('<domain>').argument('<file>', 'a name in the save directory, or a path with --any-path')
+    .option('--any-path', 'allow a path outside the save directory (local socket only)')
+    .action(act(async (d: string, f: string, o: { anyPath?: boolean }, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.save', { domain: d, file: saveArg(f), ...(o.anyPath ? { anyPath: true } : {}) }), (r) => process.stdout.write(`Domain ${r.name} saved to ${r.file} (${(r.bytes / 1048576).toFixed(1)} MiB, ${r.ms} ms)\n`)));
+  domainVerb('restore', 'restore a domain from a save file (xm restore)').argument('<file>', 'a name in the save directory, or a path with --any-path')
+    .option('--any-path', 'allow a path outside the save directory (local socket only)')
+    .action(act(async (f: string, o: { anyPath?: boolean }, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.restore', { file: saveArg(f), ...(o.anyPath ? { anyPath: true } : {}) }), (r) => process.stdout.write(`Domain ${r.name} restored (id ${r.id}) in ${r.restoreMs} ms\n`)));
   prog.command('console').description('attach to a domain\'s serial console (Ctrl-] detaches)').argument('<domain>')
     .option('--idle <ms>', 'when stdin is not a terminal: exit once stdin ended and the guest was silent this long', positiveNumber('--idle'), 1500)
     .option('--replay <bytes>', 'first print up to this many bytes of recent console output', positiveNumber('--replay'), 0)
@@ -129,9 +134,20 @@ export function buildProgram(): Command {
     .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'host TLS directory to write', '/etc/ferry/tls')
     .option('--ip <addr...>', 'IP addresses to put in the certificate').option('--json', 'JSON output')
     .action(act(async (name: string, o: { ca: string; out: string; ip?: string[] }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, ips: o.ip }) }), (r) => process.stdout.write(`Issued a certificate for ${r.name} in ${r.dir}\n`)));
-  prog.command('ca').description('the cluster CA').command('init').description('create the cluster CA')
+  const admin = prog.command('admin').description('administrator certificates');
+  admin.command('cert').description('issue an administrator certificate (OU=admin): manages hosts from afar; cannot act as a host').argument('<name>')
+    .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'TLS directory to write (point FERRY_TLS_DIR at it)', '/etc/ferry/admin-tls')
+    .option('--json', 'JSON output')
+    .action(act(async (name: string, o: { ca: string; out: string }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, role: 'admin' }) }), (r) => process.stdout.write(`Issued an administrator certificate for ${r.name} in ${r.dir}\n`)));
+  const ca = prog.command('ca').description('the cluster CA');
+  ca.command('init').description('create the cluster CA')
     .option('--dir <dir>', 'CA directory', '/etc/ferry/ca').option('--force', 'replace an existing CA').option('--json', 'JSON output')
     .action(act(async (o: { dir: string; force?: boolean }) => ({ dir: o.dir, ...caInit(o.dir, { force: o.force }) }), (r) => process.stdout.write(`Created the cluster CA in ${r.dir}\n`)));
+  ca.command('revoke').description('revoke a certificate the CA issued; writes ca-crl.pem (copy it into every host\'s TLS directory)').argument('<name>')
+    .option('--dir <dir>', 'CA directory', '/etc/ferry/ca').option('--publish <dir...>', 'host TLS directories to copy ca-crl.pem into')
+    .option('--days <n>', 'days until the CRL must be renewed', positiveNumber('--days'), 30).option('--json', 'JSON output')
+    .action(act(async (name: string, o: { dir: string; publish?: string[]; days: number }) => revokeCert(name, { caDir: o.dir, publish: o.publish, days: o.days }),
+      (r) => process.stdout.write(`Revoked ${r.name} (serial ${r.serial}); revocation list ${r.crl} (${r.revoked.length} revoked)\n`)));
 
   registerMigrate(prog);
   registerLab(prog);

@@ -28,8 +28,8 @@ export function makeHandler(host: Host, migration: MigrationApi | undefined) {
       case 'domain.shutdown': return host.shutdown(p.domain, p.timeoutS ?? 60);
       case 'domain.destroy': return host.destroy(p.domain);
       case 'domain.delete': return host.delete(p.domain);
-      case 'domain.save': return host.save(p.domain, p.file);
-      case 'domain.restore': return host.restore(p.file);
+      case 'domain.save': return host.save(p.domain, p.file, { anyPath: p.anyPath, local: ctx.caller.role === 'local' });
+      case 'domain.restore': return host.restore(p.file, { anyPath: p.anyPath, local: ctx.caller.role === 'local' });
       case 'domain.sample-memory': return host.sampleMemory(p.domain, p.startMiB, p.endMiB);
       case 'console.attach': {
         host.get(p.domain); // DOMAIN_NOT_FOUND before switching to raw

@@ -8,6 +8,8 @@ import path from 'node:path';
 import { FerryError } from '../errors.ts';
 import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
 import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
+import { parseHostsAllow } from './access.ts';
+import { DEFAULT_QEMU_USER } from '../qemu/confine.ts';
 
 export interface NetworkConfig {
   /** Bridge that domain taps join. */
@@ -28,7 +30,12 @@ export interface DaemonConfig {
     hostsAllow: string[];
     /** Migration data ports, inclusive range; one is used per incoming migration. */
     dataPorts: [number, number];
+    /** Accept plain-TCP (--insecure) migration streams. The destination decides; default false. */
+    allowInsecure: boolean;
   };
+  /** Where domain files may live (README "Storage"). */
+  storage: StorageConfig;
+  limits: Limits;
   tlsDir: string;
   /** Memory offered to domains, MiB. */
   memoryMiB: number;
@@ -40,7 +47,40 @@ export interface DaemonConfig {
   peers: Record<string, string>;
   /** The QEMU this host runs domains with (README "Engine"). */
   qemu: Engine;
+  /** The unprivileged user domains' QEMUs run as ("root": unconfined). */
+  qemuUser: string;
 }
+
+export interface StorageConfig {
+  /** Directories every disk, kernel, initrd and backing file must resolve into. */
+  pools: string[];
+  /** Block devices a domain may use as disks (by exact path); none by default. */
+  blockDevices: string[];
+  /** Where `save DOM NAME` writes and `restore NAME` reads. */
+  saveDir: string;
+}
+
+export interface Limits {
+  /** TLS-port connections, in total and per remote address. */
+  connections: number;
+  connectionsPerAddress: number;
+  /** Milliseconds a TLS client has to finish its handshake. */
+  handshakeMs: number;
+  /** Incoming migrations begun and not finished, per peer host and in total. */
+  incomingPerPeer: number;
+  incomingTotal: number;
+  /** Seconds a begun or prepared incoming migration may wait for its source's next step. */
+  reservationS: number;
+  disksPerDomain: number;
+  /** ferryd.log is rotated at this size; this many old files are kept. */
+  logMaxMiB: number;
+  logKeep: number;
+}
+
+export const DEFAULT_LIMITS: Limits = {
+  connections: 256, connectionsPerAddress: 32, handshakeMs: 5000,
+  incomingPerPeer: 4, incomingTotal: 8, reservationS: 30, disksPerDomain: 16, logMaxMiB: 16, logKeep: 3,
+};
 
 export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
 export const DEFAULT_RELOCATION_PORT = 8002;
@@ -48,7 +88,7 @@ export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
 /** Memory kept back for the host itself when `memory` is not set. */
 export const HOST_RESERVE_MIB = 1024;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu']);
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -72,14 +112,16 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   const rel = raw.relocation ?? {};
   if (!isObj(rel)) bad('relocation', 'must be an object');
   const r = isObj(rel) ? rel : {};
-  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts'].includes(k)) bad(`relocation.${k}`, 'unknown key');
+  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts', 'allowInsecure'].includes(k)) bad(`relocation.${k}`, 'unknown key');
+  const allowInsecure = r.allowInsecure ?? false;
+  if (typeof allowInsecure !== 'boolean') bad('relocation.allowInsecure', 'must be true or false');
   const address = r.address ?? '127.0.0.1';
   if (typeof address !== 'string' || address.length === 0) bad('relocation.address', 'must be an address');
   const port = r.port ?? DEFAULT_RELOCATION_PORT;
   if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65535) bad('relocation.port', `must be a TCP port, got ${JSON.stringify(port)}`);
   const hostsAllow = r.hostsAllow ?? [];
-  if (!Array.isArray(hostsAllow) || hostsAllow.some((h) => typeof h !== 'string')) bad('relocation.hostsAllow', 'must be a list of regular expressions');
-  else for (const h of hostsAllow as string[]) { try { new RegExp(h); } catch { bad('relocation.hostsAllow', `not a regular expression: ${h}`); } }
+  if (!Array.isArray(hostsAllow) || hostsAllow.some((h) => typeof h !== 'string')) bad('relocation.hostsAllow', 'must be a list of NAME or NAME@SUBNET patterns');
+  else { const hp = parseHostsAllow(hostsAllow as string[]); if ('error' in hp) bad('relocation.hostsAllow', hp.error); }
   const dataPorts = r.dataPorts ?? DEFAULT_DATA_PORTS;
   if (!Array.isArray(dataPorts) || dataPorts.length !== 2 || !dataPorts.every((p) => Number.isInteger(p) && p > 0 && p < 65536) || dataPorts[0] > dataPorts[1]) bad('relocation.dataPorts', 'must be [first, last] TCP ports');
   const tlsDir = raw.tlsDir ?? '/etc/ferry/tls';
@@ -108,7 +150,8 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   const qemu: Engine = { binary: QEMU_BINARY, dataDirs: [] };
   if (!isObj(qraw)) bad('qemu', 'must be an object {binary?, dataDirs?}');
   else {
-    for (const k of Object.keys(qraw)) if (k !== 'binary' && k !== 'dataDirs') bad(`qemu.${k}`, 'unknown key');
+    for (const k of Object.keys(qraw)) if (k !== 'binary' && k !== 'dataDirs' && k !== 'user') bad(`qemu.${k}`, 'unknown key');
+    if (qraw.user !== undefined && (typeof qraw.user !== 'string' || !/^[a-z_][a-z0-9_-]{0,31}$/.test(qraw.user))) bad('qemu.user', 'must be a user name');
     if (qraw.binary !== undefined) {
       if (typeof qraw.binary !== 'string' || !(path.isAbsolute(qraw.binary) || /^[a-zA-Z0-9_.-]+$/.test(qraw.binary))) bad('qemu.binary', 'must be an absolute path or a command name');
       else qemu.binary = qraw.binary;
@@ -118,12 +161,31 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
       else qemu.dataDirs = qraw.dataDirs as string[];
     }
   }
+  const st = raw.storage ?? {};
+  const storage: StorageConfig = { pools: [typeof imagesDir === 'string' ? imagesDir : '/'], blockDevices: [], saveDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'save') };
+  if (!isObj(st)) bad('storage', 'must be an object {pools?, blockDevices?, saveDir?}');
+  else {
+    for (const k of Object.keys(st)) if (!['pools', 'blockDevices', 'saveDir'].includes(k)) bad(`storage.${k}`, 'unknown key');
+    const absList = (v: unknown): v is string[] => Array.isArray(v) && v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d.replace(/\/+$/, '') || d === '/');
+    if (st.pools !== undefined) { if (!absList(st.pools) || (st.pools as string[]).includes('/')) bad('storage.pools', 'must be a list of absolute, normalized directory paths (not /)'); else storage.pools = st.pools as string[]; }
+    if (st.blockDevices !== undefined) { if (!absList(st.blockDevices) || !(st.blockDevices as string[]).every((d) => d.startsWith('/dev/'))) bad('storage.blockDevices', 'must be a list of /dev/ paths'); else storage.blockDevices = st.blockDevices as string[]; }
+    if (st.saveDir !== undefined) { if (typeof st.saveDir !== 'string' || !path.isAbsolute(st.saveDir)) bad('storage.saveDir', 'must be an absolute path'); else storage.saveDir = st.saveDir; }
+  }
+  const lim = raw.limits ?? {};
+  const limits: Limits = { ...DEFAULT_LIMITS };
+  if (!isObj(lim)) bad('limits', 'must be an object');
+  else for (const [k, v] of Object.entries(lim)) {
+    if (!(k in DEFAULT_LIMITS)) { bad(`limits.${k}`, 'unknown key'); continue; }
+    if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > 1_000_000) { bad(`limits.${k}`, `must be an integer from 1 to 1000000, got ${JSON.stringify(v)}`); continue; }
+    (limits as unknown as Record<string, number>)[k] = v as number;
+  }
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
   return {
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
-    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number] },
+    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean },
+    storage, limits,
     tlsDir: tlsDir as string, memoryMiB: memory as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
-    peers: peers as Record<string, string>, qemu,
+    peers: peers as Record<string, string>, qemu, qemuUser: isObj(qraw) && typeof qraw.user === 'string' ? qraw.user : DEFAULT_QEMU_USER,
   };
 }
 

@@ -6,6 +6,10 @@
 import fs from 'node:fs';
 import type net from 'node:net';
 import { connectUnix } from '../qemu/process.ts';
+import { consoleDataFrames, consoleFrame, CONSOLE_CONTROL } from '../api/protocol.ts';
+
+/** A client this far behind the guest's output is dropped instead of buffered without end. */
+const CLIENT_BACKLOG_MAX = 1024 * 1024;
 
 const RING_BYTES = 64 * 1024;
 const LOG_MAX_BYTES = 4 * 1024 * 1024;
@@ -51,12 +55,17 @@ export class ConsoleMux {
         this.logBytes += d.length;
       } catch { /* disk full: the ring buffer still serves clients; the file misses this chunk */ }
     }
-    for (const c of this.clients) c.write(d);
+    if (this.clients.size === 0) return;
+    const f = consoleDataFrames(d);
+    for (const c of this.clients) {
+      if (c.writableLength > CLIENT_BACKLOG_MAX) { this.clients.delete(c); c.destroy(); continue; }
+      c.write(f);
+    }
   }
 
   /** Attaches a client: replays up to `replay` recent bytes, then streams both ways. */
   attach(client: net.Socket, replay = 0): void {
-    if (replay > 0 && this.ring.length > 0) client.write(this.ring.subarray(Math.max(0, this.ring.length - replay)));
+    if (replay > 0 && this.ring.length > 0) client.write(consoleDataFrames(this.ring.subarray(Math.max(0, this.ring.length - replay))));
     this.clients.add(client);
     client.on('data', (d: Buffer) => { if (this.sock && !this.sock.destroyed) this.sock.write(d); });
     const drop = (): void => { this.clients.delete(client); };
@@ -64,18 +73,19 @@ export class ConsoleMux {
     client.on('error', drop);
   }
 
-  /** Detaches every client, sending each a last control line first (e.g. "moved to host2"). */
-  detachAll(finalLine?: string): void {
+  /** Detaches every client, sending each a last control frame first (e.g. moved to host2). */
+  detachAll(final?: Record<string, unknown>): void {
+    const f = final ? consoleFrame(CONSOLE_CONTROL, Buffer.from(JSON.stringify(final))) : undefined;
     for (const c of this.clients) {
-      if (finalLine) c.end(finalLine); else c.end();
+      if (f) c.end(f); else c.end();
     }
     this.clients.clear();
   }
 
-  close(finalLine?: string): void {
+  close(final?: Record<string, unknown>): void {
     if (this.closed) return;
     this.closed = true;
-    this.detachAll(finalLine);
+    this.detachAll(final);
     this.sock?.destroy();
     if (this.logFd !== undefined) { fs.closeSync(this.logFd); this.logFd = undefined; }
   }

@@ -21,15 +21,18 @@ import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { openGuestRam, digestRam, digestChunks, chunkBytesFor, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
+import { checkDomainFiles, resolveSaveFile } from '../domain/storage.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
+import { resolveQemuUser, prepareQemuDir, copyTlsForQemu, blockedAncestor, type QemuUser } from '../qemu/confine.ts';
 import { ConsoleMux } from './console.ts';
-import { CONSOLE_CONTROL } from '../api/protocol.ts';
 import { FERRY_VERSION } from '../version.ts';
 
 
 export interface Runtime {
+  /** QEMU's own directory (confine.ts): its sockets and TLS copy. Absent in records of ferry < 0.3. */
+  qemuDir?: string;
   qmpPath: string;
   consolePath: string;
   logPath: string;
@@ -65,8 +68,14 @@ export class Host extends EventEmitter {
   /** In-flight memory reservations (incoming migrations), MiB by job id. */
   readonly reservations = new Map<string, { domain: string; memoryMiB: number }>();
 
+  /** Who domains' QEMUs run as (null: root, unconfined). */
+  readonly qemuUser: QemuUser | null;
+
   constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
     super();
+    this.qemuUser = resolveQemuUser(cfg.qemuUser);
+    const blocked = this.qemuUser ? blockedAncestor(cfg.stateDir) : null;
+    if (blocked) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: the QEMU user ${cfg.qemuUser} cannot pass through ${blocked} to reach its sockets under stateDir ${cfg.stateDir}; chmod o+x ${blocked}, or choose another stateDir`);
     fs.mkdirSync(this.domainsDir, { recursive: true, mode: 0o700 });
     fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
     try { this.nextDomid = readJson<{ nextDomid: number }>(this.hostFile).nextDomid; } catch { /* first start */ }
@@ -163,7 +172,9 @@ export class Host extends EventEmitter {
 
   memoryUsedMiB(): number {
     let used = 0;
-    for (const l of this.domains.values()) if (hasProcess(l.rec.state)) used += l.rec.config.memoryMiB;
+    // A domain whose QEMU is still being spawned counts too: two concurrent starts
+    // must not both pass the memory check.
+    for (const l of this.domains.values()) if (hasProcess(l.rec.state) || l.busy === 'starting' || l.busy === 'restoring') used += l.rec.config.memoryMiB;
     for (const r of this.reservations.values()) used += r.memoryMiB;
     return used;
   }
@@ -210,8 +221,10 @@ export class Host extends EventEmitter {
     for (const n of c.nics) if (!this.cfg.networks[n.network]) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" needs network "${n.network}", which host ${this.cfg.name} does not have (it has: ${Object.keys(this.cfg.networks).join(', ') || 'none'})`);
   }
 
+  /** Storage pools, safe paths (domain/storage.ts) and the per-domain disk cap. */
   checkPaths(c: DomainConfig): void {
-    for (const p of domainPaths(c)) if (!fs.existsSync(p)) throw new FerryError('DISK_NOT_FOUND', `Domain "${c.name}" needs ${p}, which does not exist on host ${this.cfg.name}`);
+    if (c.disks.length > this.cfg.limits.disksPerDomain) throw new FerryError('API_LIMIT', `Domain "${c.name}" has ${c.disks.length} disks; ${this.cfg.name} allows ${this.cfg.limits.disksPerDomain} (limits.disksPerDomain)`);
+    checkDomainFiles(c, this.cfg.storage, this.cfg.name);
   }
 
   checkMemory(c: DomainConfig, verb = 'start'): void {
@@ -259,29 +272,65 @@ export class Host extends EventEmitter {
   runtimeFor(c: DomainConfig): Runtime {
     const dir = path.join(this.runDir, c.name);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const qdir = path.join(dir, 'q');
+    prepareQemuDir(qdir, this.cfg.stateDir, this.qemuUser);
     return {
-      qmpPath: path.join(dir, 'qmp.sock'), consolePath: path.join(dir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
+      qemuDir: qdir, qmpPath: path.join(qdir, 'qmp.sock'), consolePath: path.join(qdir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
       consoleLog: path.join(dir, 'console.log'), taps: c.nics.map((_, i) => tapName(c.uuid, i)),
       accel: this.accel.accel, machine: this.qemu.machine, cpuModel: this.qemu.cpuModel,
     };
   }
 
+  /** The directory a domain's QEMU may write in (sockets for save, restore, the data gate). */
+  qemuDirOf(live: Live): string {
+    return live.rec.runtime?.qemuDir ?? path.join(this.runDir, live.rec.config.name);
+  }
+
+  /** A copy of this host's TLS files that the domain's QEMU can read (tls-creds-x509 dir). */
+  qemuTlsDir(live: Live): string {
+    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(live), this.qemuUser);
+  }
+
   /**
    * Starts QEMU for a domain, stopped (-S), with taps created and the console attached.
    * Returns its pid. The caller decides whether to `cont` and which event to apply.
+   * The domain's files are opened here, without following symlinks, and passed to QEMU
+   * as descriptors; QEMU runs as the QEMU user under seccomp (qemu/confine.ts).
    */
   async spawn(c: DomainConfig, opts: { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string } = {}): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
     const runtime = this.runtimeFor(c);
     if (opts.machine) runtime.machine = opts.machine;
     if (opts.cpuModel) runtime.cpuModel = opts.cpuModel;
-    c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network));
+    const opened: number[] = [];
+    const open = (p: string, write: boolean): number => {
+      try {
+        opened.push(fs.openSync(p, (write ? fs.constants.O_RDWR : fs.constants.O_RDONLY) | fs.constants.O_NOFOLLOW));
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        throw new FerryError(code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'DISK_NOT_FOUND', `Domain "${c.name}": cannot open ${p} (${code === 'ELOOP' ? 'it became a symlink' : code})`);
+      }
+      return 3 + opened.length - 1; // the descriptor's number inside QEMU
+    };
     try {
-      const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate });
-      const q = await startQemu(argv, { qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu });
-      return { pid: q.pid, qmp: q.qmp, runtime };
-    } catch (e) {
-      for (const t of runtime.taps) deleteTap(t);
-      throw e;
+      const fds = {
+        kernel: c.boot.kind === 'kernel' ? open(c.boot.kernel, false) : undefined,
+        initrd: c.boot.kind === 'kernel' && c.boot.initrd ? open(c.boot.initrd, false) : undefined,
+        disks: c.disks.map((d) => open(d.path, !d.readOnly)),
+      };
+      c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
+      try {
+        const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate, fds });
+        const q = await startQemu(argv, {
+          qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
+          passFds: opened, ...(this.qemuUser ? { uid: this.qemuUser.uid, gid: this.qemuUser.gid } : {}),
+        });
+        return { pid: q.pid, qmp: q.qmp, runtime };
+      } catch (e) {
+        for (const t of runtime.taps) deleteTap(t);
+        throw e;
+      }
+    } finally {
+      for (const fd of opened) fs.closeSync(fd);
     }
   }
 
@@ -344,7 +393,7 @@ export class Host extends EventEmitter {
     const s = live.rec.state;
     if (!hasProcess(s) || s.pid !== pid) return; // already settled by whoever stopped it
     const reason = live.expectStop;
-    this.cleanupRuntime(live, reason ? `${CONSOLE_CONTROL}${JSON.stringify({ event: 'stopped', reason })}\n` : undefined);
+    this.cleanupRuntime(live, reason ? { event: 'stopped', reason } : undefined);
     this.emit('qemu.gone', { domain: live.rec.config.name, pid, expected: reason ?? null });
     if (s.kind === 'migrating-out' || s.kind === 'incoming') return; // the migration job settles these
     if (reason) this.apply(live, { type: 'stopped', reason, at: Date.now() });
@@ -352,7 +401,7 @@ export class Host extends EventEmitter {
   }
 
   /** Removes taps and runtime sockets; closes QMP and console. Keeps logs. */
-  cleanupRuntime(live: Live, consoleFinal?: string): void {
+  cleanupRuntime(live: Live, consoleFinal?: Record<string, unknown>): void {
     live.qmp?.close();
     live.qmp = undefined;
     live.console?.close(consoleFinal);
@@ -460,13 +509,14 @@ export class Host extends EventEmitter {
    * No user string reaches QEMU: the file is opened by ferryd, QEMU only sees our socket.
    * Layout: SAVE_MAGIC, one JSON line {config, wasRunning, machine, cpuModel}, then the stream.
    */
-  async save(name: string, file: string): Promise<Record<string, unknown>> {
+  async save(name: string, fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Record<string, unknown>> {
+    const file = resolveSaveFile(fileArg, this.cfg.storage, opts);
     const live = this.get(name);
     transition(live.rec.state, { type: 'stopped', reason: 'saved', at: 0 }, name);
     const { qmp } = this.needProcess(live, 'save');
     const wasRunning = live.rec.state.kind === 'running';
     const rt = live.rec.runtime!;
-    const sockPath = path.join(this.runDir, name, 'save.sock');
+    const sockPath = path.join(this.qemuDirOf(live), 'save.sock');
     fs.rmSync(sockPath, { force: true });
     const tmp = `${file}.partial`;
     const t0 = Date.now();
@@ -474,7 +524,8 @@ export class Host extends EventEmitter {
     let out: fs.WriteStream | undefined;
     const server = net.createServer();
     try {
-      out = fs.createWriteStream(tmp, { mode: 0o600 });
+      // O_CREAT|O_EXCL: never follows a symlink planted at FILE.partial, never truncates another file.
+      try { out = fs.createWriteStream(tmp, { mode: 0o600, flags: 'wx' }); await new Promise<void>((r, j) => { out!.once('open', () => r()); out!.once('error', j); }); } catch (e) { out = undefined; throw new FerryError('SAVE_FAILED', `Cannot create ${tmp}: ${(e as Error).message} (a leftover from an earlier save? remove it)`); }
       out.write(SAVE_MAGIC + JSON.stringify({ config: domainConfigToJson(live.rec.config), wasRunning, machine: rt.machine, cpuModel: rt.cpuModel, savedAt: new Date().toISOString(), host: this.cfg.name }) + '\n');
       const received = new Promise<number>((resolve, reject) => {
         server.once('connection', (s) => {
@@ -486,6 +537,8 @@ export class Host extends EventEmitter {
         });
       });
       await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
+      // QEMU (the QEMU user) connects to it; the directory is QEMU's own and nobody else's.
+      if (this.qemuUser) fs.chownSync(sockPath, this.qemuUser.uid, this.qemuUser.gid);
       if (wasRunning) await qmp.execute('stop');
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
       await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });
@@ -529,10 +582,12 @@ export class Host extends EventEmitter {
     throw new FerryError('SAVE_FAILED', `QEMU migration ${status}: ${m['error-desc'] ?? 'no reason given'}`);
   }
 
-  async restore(file: string): Promise<Record<string, unknown>> {
+  async restore(fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Record<string, unknown>> {
     const t0 = Date.now();
+    const file = resolveSaveFile(fileArg, this.cfg.storage, opts);
     let fd: number;
-    try { fd = fs.openSync(file, 'r'); } catch (e) { throw new FerryError('SAVE_FAILED', `Cannot read ${file}: ${(e as Error).message}`); }
+    try { fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW); } catch (e) { throw new FerryError((e as NodeJS.ErrnoException).code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'SAVE_FAILED', `Cannot read ${file}: ${(e as Error).message}`); }
+    if (!fs.fstatSync(fd).isFile()) { fs.closeSync(fd); throw new FerryError('PATH_NOT_ALLOWED', `${file} is not a regular file`); }
     let header: { config: unknown; wasRunning: boolean; machine: string; cpuModel: string };
     let offset: number;
     try {
@@ -542,11 +597,15 @@ export class Host extends EventEmitter {
       if (!text.startsWith(SAVE_MAGIC)) throw new FerryError('SAVE_FAILED', `${file} is not a ferry save file`);
       const nl = text.indexOf('\n', SAVE_MAGIC.length);
       if (nl < 0) throw new FerryError('SAVE_FAILED', `${file}: header is truncated`);
-      header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8'));
+      try { header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8')); } catch { throw new FerryError('SAVE_FAILED', `${file}: header is not JSON`); }
       offset = Buffer.byteLength(text.slice(0, nl + 1), 'latin1');
     } finally {
       fs.closeSync(fd);
     }
+    // The header reaches QEMU's command line: only values this host's QEMU offers.
+    if (typeof header !== 'object' || header === null) throw new FerryError('SAVE_FAILED', `${file}: header is not an object`);
+    if (typeof header.machine !== 'string' || !this.qemu.machines.includes(header.machine)) throw new FerryError('SAVE_FAILED', `${file}: machine type ${JSON.stringify(header.machine)} is not one this host's QEMU ${this.qemu.version} offers`);
+    if (header.cpuModel !== this.qemu.cpuModel) throw new FerryError('SAVE_FAILED', `${file}: CPU model ${JSON.stringify(header.cpuModel)} is not this host's (${this.qemu.cpuModel})`);
     const c = parseDomainConfig(header.config);
     let live = this.domains.get(c.name);
     if (live) {
@@ -567,12 +626,13 @@ export class Host extends EventEmitter {
     }
     const l = live;
     l.busy = 'restoring';
-    const sockPath = path.join(this.runDir, c.name, 'restore.sock');
+    let sockPath = '';
     let pid: number | undefined;
     try {
       const sp = await this.spawn(c, { incoming: true, machine: header.machine, cpuModel: header.cpuModel });
       pid = sp.pid;
       l.rec.runtime = sp.runtime;
+      sockPath = path.join(this.qemuDirOf(l), 'restore.sock');
       fs.rmSync(sockPath, { force: true });
       await sp.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
       const watch = new MigrationWatcher(sp.qmp);
@@ -581,7 +641,7 @@ export class Host extends EventEmitter {
         const s = net.createConnection({ path: sockPath });
         s.once('error', reject);
         s.once('connect', () => {
-          const rs = fs.createReadStream(file, { start: offset });
+          const rs = fs.createReadStream('', { fd: fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW), start: offset, autoClose: true });
           rs.once('error', reject);
           rs.pipe(s);
           s.once('finish', resolve);

@@ -47,7 +47,7 @@ async function main(): Promise<void> {
     }
   } catch { /* no pid file */ }
   fs.writeFileSync(pidFile, String(process.pid));
-  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr);
+  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr, { maxBytes: cfg.limits.logMaxMiB * 1048576, keep: cfg.limits.logKeep });
   log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
   // QEMU generates DH parameters (up to a second) for a server TLS object without them.
   try {
@@ -67,7 +67,7 @@ async function main(): Promise<void> {
   await migrations.recover();
   const server = new ApiServer(log, makeHandler(host, migrations));
   await server.listenUnix(cfg.apiSocket);
-  const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow });
+  const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow, limits: cfg.limits });
   log.info('ferryd ready', { apiSocket: cfg.apiSocket, tls: tlsOn ? `${cfg.relocation.address}:${cfg.relocation.port}` : null });
   process.stdout.write(`ferryd ${cfg.name} ready (api ${cfg.apiSocket}${tlsOn ? `, tls ${cfg.relocation.address}:${cfg.relocation.port}` : ''}, accel ${accel.accel})\n`);
   const stop = async (sig: string): Promise<void> => {

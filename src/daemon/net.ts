@@ -12,11 +12,12 @@ export function linkExists(name: string): boolean {
 }
 
 /** Creates a persistent tap on `bridge`, replacing a stale one of the same name. */
-export function createTap(tap: string, bridge: string, network: string): void {
+export function createTap(tap: string, bridge: string, network: string, ownerUid?: number): void {
   if (!linkExists(bridge)) throw new FerryError('NETWORK_NOT_FOUND', `Network "${network}": bridge ${bridge} does not exist on this host`);
   if (linkExists(tap)) deleteTap(tap);
   try {
-    ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap']);
+    // Owned by the QEMU user, which then attaches to it without any privilege.
+    ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', ...(ownerUid !== undefined ? ['user', String(ownerUid)] : [])]);
     ip(['link', 'set', tap, 'master', bridge]);
     ip(['link', 'set', tap, 'up']);
   } catch (e) {

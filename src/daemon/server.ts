@@ -2,24 +2,35 @@
  * ferryd's API server: the same JSON-lines protocol (api/protocol.ts) on a unix socket
  * (local, mode 0600, root only) and on a TLS port (remote, mutually authenticated).
  *
- * A TLS peer is admitted only if its certificate chains to the cluster CA *and* its
- * name (certificate CN) or address matches one of relocation.hostsAllow, as xend's
- * xend-relocation-hosts-allow did. Refusals are logged with the peer's identity and
- * answered with one coded error line before the connection is closed.
+ * A TLS client is admitted only if its certificate chains to the cluster CA, is not in
+ * the CA's revocation list (ca-crl.pem, re-read when it changes), claims a known role
+ * (OU host or admin), and, for a host, its name is matched whole by
+ * relocation.hostsAllow (see access.ts). Every request is then checked against the role table (ROLES in
+ * api/protocol.ts): a host certificate is a peer, which may drive relocation and
+ * nothing else. Refusals are logged (rate-limited) with the caller's identity and
+ * answered with a coded error.
+ *
+ * Before authentication a connection costs little and lives briefly: a cap per remote
+ * address and in total, and 5 s to finish the TLS handshake.
  */
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import tls from 'node:tls';
 import { FerryError, asFerryError } from '../errors.ts';
-import { parseRequest, attachmentLength, MAX_REQUEST_BYTES, type Request } from '../api/protocol.ts';
+import { parseRequest, attachmentLength, mayCall, MAX_REQUEST_BYTES, type Request, type Role } from '../api/protocol.ts';
 import { FrameSplitter } from '../util/fsx.ts';
 import type { Logger } from './log.ts';
-import { loadTls, tlsPresent } from '../tls/ca.ts';
+import { loadTls, tlsPresent, certRole } from '../tls/ca.ts';
+import { ConnectionLimiter, RateLimitedLog, hostsAllowMatch, parseHostsAllow } from './access.ts';
 
 export interface Caller {
   transport: 'unix' | 'tls';
+  role: Role;
   /** Certificate CN for TLS callers. */
   peerName?: string;
+  /** The certificate's subject as QEMU's tls-authz sees it (O=…,OU=…,CN=…). */
+  peerDn?: string;
   peerAddress?: string;
 }
 
@@ -35,13 +46,18 @@ export interface ConnContext {
 
 export type Handler = (req: Request, ctx: ConnContext) => Promise<unknown>;
 
-export function hostsAllowMatch(patterns: string[], name: string | undefined, address: string | undefined): boolean {
-  const cands = [name, address?.replace(/^::ffff:/, '')].filter((x): x is string => !!x);
-  return patterns.some((p) => {
-    const re = new RegExp(p);
-    return cands.some((c) => re.test(c));
-  });
+export interface TlsLimits {
+  /** Open TLS-port connections, in total and per remote address. */
+  connections: number;
+  connectionsPerAddress: number;
+  /** Milliseconds a client has to finish the TLS handshake. */
+  handshakeMs: number;
 }
+
+export const DEFAULT_TLS_LIMITS: TlsLimits = { connections: 256, connectionsPerAddress: 32, handshakeMs: 5000 };
+
+/** A subscriber or console reader this far behind is cut off rather than buffered without end. */
+export const MAX_SEND_BACKLOG = 8 * 1024 * 1024;
 
 export class ApiServer {
   private unixServer?: net.Server;
@@ -52,59 +68,112 @@ export class ApiServer {
 
   async listenUnix(path: string): Promise<void> {
     try { fs.unlinkSync(path); } catch { /* none */ }
-    this.unixServer = net.createServer((s) => this.serve(s, { transport: 'unix' }));
+    this.unixServer = net.createServer((s) => this.serve(s, { transport: 'unix', role: 'local' }, this.refusals));
     await new Promise<void>((r, j) => { this.unixServer!.once('error', j); this.unixServer!.listen(path, r); });
     fs.chmodSync(path, 0o600);
   }
 
-  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[] }): Promise<boolean> {
+  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[]; limits?: TlsLimits }): Promise<boolean> {
     if (!tlsPresent(opts.tlsDir)) {
       this.log.warn('no TLS certificates: the remote API and relocation server are off', { tlsDir: opts.tlsDir });
       return false;
     }
-    const files = loadTls(opts.tlsDir);
+    const limits = opts.limits ?? DEFAULT_TLS_LIMITS;
+    const parsed = parseHostsAllow(opts.hostsAllow);
+    if ('error' in parsed) throw new FerryError('CONFIG_INVALID', `relocation.hostsAllow: ${parsed.error}`);
+    const rules = parsed.rules;
+    const refusals = new RateLimitedLog((f) => this.log.warn('refused peer', f));
+    const limiter = new ConnectionLimiter(limits.connections, limits.connectionsPerAddress);
+    const crlPath = path.join(opts.tlsDir, 'ca-crl.pem');
+    let crlStamp = '';
+    const context = (): tls.SecureContextOptions => {
+      const files = loadTls(opts.tlsDir);
+      try { const st = fs.statSync(crlPath); crlStamp = `${st.mtimeMs}:${st.size}`; } catch { crlStamp = ''; }
+      return { ca: files.ca, cert: files.cert, key: files.key, ...(files.crl ? { crl: files.crl } : {}) };
+    };
     // rejectUnauthorized is false so that a refused peer gets a coded answer and its
     // identity is logged; `authorized` is still checked before anything is served.
-    this.tlsServer = tls.createServer({ ca: files.ca, cert: files.cert, key: files.key, requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3' }, (s) => {
+    this.tlsServer = tls.createServer({ ...context(), requestCert: true, rejectUnauthorized: false, minVersion: 'TLSv1.3', handshakeTimeout: limits.handshakeMs }, (s) => {
       const cert = s.getPeerCertificate();
       const cn = cert && typeof cert.subject === 'object' ? cert.subject?.CN : undefined;
       const peerName = Array.isArray(cn) ? cn[0] : cn;
       const peerAddress = s.remoteAddress;
       const refuse = (code: 'TLS_REFUSED' | 'PEER_NOT_ALLOWED', why: string): void => {
-        this.log.warn('refused peer', { code, peerName: peerName ?? null, peerAddress, issuer: cert?.issuer?.CN ?? null, why });
+        refusals.log(`${code}:${peerAddress}`, { code, peerName: peerName ?? null, peerAddress, issuer: cert?.issuer?.CN ?? null, why });
         s.end(JSON.stringify({ id: 0, error: { code, message: why } }) + '\n');
         setTimeout(() => s.destroy(), 1000).unref();
       };
       if (!s.authorized) {
-        const why = !cert || !cert.subject ? 'no client certificate' : `certificate of "${peerName}" rejected: ${s.authorizationError}`;
+        const revoked = String(s.authorizationError) === 'CERT_REVOKED';
+        const why = !cert || !cert.subject ? 'no client certificate' : revoked ? `certificate of "${peerName}" is revoked (ca-crl.pem)` : `certificate of "${peerName}" rejected: ${s.authorizationError}`;
         refuse('TLS_REFUSED', `Host refuses the connection: ${why}`);
         return;
       }
-      if (!hostsAllowMatch(opts.hostsAllow, peerName, peerAddress)) {
-        refuse('PEER_NOT_ALLOWED', `Host refuses peer "${peerName}" (${peerAddress}): not matched by relocation.hostsAllow`);
+      const role = certRole(cert.subject as unknown as Record<string, unknown>);
+      if (!role) {
+        refuse('TLS_REFUSED', `Host refuses the connection: certificate of "${peerName}" claims an unknown role (OU ${JSON.stringify(cert.subject.OU)}); ferry issues OU=host or OU=admin`);
         return;
       }
-      this.serve(s, { transport: 'tls', peerName, peerAddress });
+      // hostsAllow names the relocation peers (as xend's did); an administrator is
+      // admitted by its certificate's role (and the CA and revocation list) alone.
+      if (role === 'host' && !hostsAllowMatch(rules, peerName, peerAddress)) {
+        refuse('PEER_NOT_ALLOWED', `Host refuses "${peerName}" (${peerAddress}): its name is not matched by relocation.hostsAllow`);
+        return;
+      }
+      const sub = cert.subject as unknown as Record<string, string | string[] | undefined>;
+      const peerDn = (['O', 'OU', 'CN'] as const).flatMap((k) => (sub[k] === undefined ? [] : [`${k}=${Array.isArray(sub[k]) ? (sub[k] as string[]).join('+') : sub[k]}`])).join(',');
+      this.serve(s, { transport: 'tls', role: role === 'admin' ? 'admin' : 'peer', peerName, peerAddress, peerDn }, refusals);
+    });
+    // Before TLS: count the raw connection, and re-read the CRL if it changed.
+    // prepend: before the TLS server wraps the socket, so a new CRL applies to this very connection.
+    this.tlsServer.prependListener('connection', (raw: net.Socket) => {
+      const addr = raw.remoteAddress ?? '?';
+      const why = limiter.take(addr);
+      if (why) {
+        refusals.log(`API_LIMIT:${addr}`, { code: 'API_LIMIT', peerAddress: addr, why });
+        raw.destroy();
+        return;
+      }
+      raw.once('close', () => limiter.release(addr));
+      try {
+        const st = fs.statSync(crlPath);
+        if (`${st.mtimeMs}:${st.size}` !== crlStamp) { this.tlsServer!.setSecureContext(context()); this.log.info('reloaded TLS files (revocation list changed)', { crl: crlPath }); }
+      } catch { if (crlStamp) { this.tlsServer!.setSecureContext(context()); } }
     });
     this.tlsServer.on('tlsClientError', (err, s) => {
-      this.log.warn('refused peer', { code: 'TLS_REFUSED', peerAddress: s.remoteAddress ?? null, why: err.message });
+      refusals.log(`TLS_REFUSED:${s.remoteAddress}`, { code: 'TLS_REFUSED', peerAddress: s.remoteAddress ?? null, why: err.message });
     });
     await new Promise<void>((r, j) => { this.tlsServer!.once('error', j); this.tlsServer!.listen(opts.port, opts.address, r); });
+    this.refusals = refusals;
     return true;
   }
 
-  private serve(s: net.Socket, caller: Caller): void {
+  /** Refusal log of the TLS port (the unix socket's callers are root and never refused). */
+  private refusals = new RateLimitedLog((f) => this.log.warn('refused request', f));
+
+  private serve(s: net.Socket, caller: Caller, refusals: RateLimitedLog): void {
     this.conns.add(s);
     let raw = false;
     const closers: (() => void)[] = [];
     s.on('close', () => { this.conns.delete(s); for (const f of closers) f(); });
     s.on('error', () => s.destroy());
-    const send = (obj: unknown): void => { if (!s.destroyed && !raw) s.write(JSON.stringify(obj) + '\n'); };
+    const send = (obj: unknown): void => {
+      if (s.destroyed || raw) return;
+      // Backpressure: a reader that stopped reading is cut off, not buffered without end.
+      if (s.writableLength > MAX_SEND_BACKLOG) { this.log.warn('closing a connection that does not read its events', { caller: caller.peerName ?? caller.transport, backlog: s.writableLength }); s.destroy(); return; }
+      s.write(JSON.stringify(obj) + '\n');
+    };
     const ctx: ConnContext = {
       caller, socket: s, send, onClose: (f) => closers.push(f),
       goRaw: () => { raw = true; s.removeListener('data', onData); },
     };
     const dispatch = (req: Request): void => {
+      if (!mayCall(caller.role, req.action)) {
+        const fe = new FerryError('API_FORBIDDEN', `${req.action} is not allowed for ${caller.role === 'peer' ? `host "${caller.peerName}" (a host certificate may only relocate domains)` : `${caller.role} callers`}; use an admin certificate (ferry admin cert NAME) or the local socket`);
+        refusals.log(`API_FORBIDDEN:${caller.peerName}`, { code: 'API_FORBIDDEN', action: req.action, role: caller.role, peerName: caller.peerName ?? null, peerAddress: caller.peerAddress ?? null });
+        send({ id: req.id, error: fe.toJSON() });
+        return;
+      }
       this.handler(req, ctx).then(
         (result) => { if (!raw) send({ id: req.id, result: result ?? null }); },
         (e) => {

@@ -51,6 +51,8 @@ export interface LabState {
   client: { namespace: string; address: string };
   caDir: string;
   adminTlsDir: string;
+  /** The hosts' shared storage pool (every host's storage.pools has it). */
+  poolDir: string;
 }
 
 function sh(cmd: string, args: string[], opts: { ignore?: boolean } = {}): string {
@@ -110,6 +112,8 @@ export interface UpOptions {
   hostMemoryMiB?: number;
   /** Give each host's state directory a tmpfs of this size, so that it can be filled (fault injection). */
   stateMiB?: number;
+  /** Hosts accept plain-TCP migration streams (relocation.allowInsecure): the bench's plain contender. */
+  allowInsecure?: boolean;
   progress?: (msg: string) => void;
 }
 
@@ -120,7 +124,9 @@ export async function labUp(o: UpOptions): Promise<LabState> {
   if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096)) throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
   if (readLab() || labNamespaces().length) throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
   const say = o.progress ?? (() => undefined);
-  fs.mkdirSync(LAB_DIR, { recursive: true, mode: 0o700 });
+  // 0711: the hosts' QEMU user may pass through to its own directories, nothing more.
+  fs.mkdirSync(LAB_DIR, { recursive: true, mode: 0o711 });
+  fs.chmodSync(LAB_DIR, 0o711);
   try {
     const sw = `${NS_PREFIX}switch`;
     const client = `${NS_PREFIX}client`;
@@ -139,7 +145,10 @@ export async function labUp(o: UpOptions): Promise<LabState> {
     const caDir = path.join(LAB_DIR, 'ca');
     caInit(caDir, { name: 'ferry lab CA', force: true });
     const adminTlsDir = path.join(LAB_DIR, 'admin-tls');
-    issueHostCert('admin', { caDir, outDir: adminTlsDir });
+    issueHostCert('admin', { caDir, outDir: adminTlsDir, role: 'admin' });
+    // Shared storage of the lab: every host sees it at the same path (as NFS would be).
+    const poolDir = path.join(LAB_DIR, 'pool');
+    fs.mkdirSync(poolDir, { recursive: true, mode: 0o700 });
 
     const hosts: LabHost[] = [];
     for (let i = 1; i <= o.hosts; i++) {
@@ -164,7 +173,9 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       issueHostCert(name, { caDir, outDir: tlsDir, ips: [HOST_ADDR(0, i)] });
       const cfg = {
         name, stateDir: path.join(dir, 'state'), apiSocket: path.join(dir, 'ferryd.sock'), tlsDir,
-        relocation: { address: HOST_ADDR(0, i), port: 8002, hostsAllow: ['^host[0-9]+$', '^admin$'], dataPorts: [49152, 49215] },
+        // Whole names; hosts only from the lab segment's addresses.
+        relocation: { address: HOST_ADDR(0, i), port: 8002, hostsAllow: [`host[0-9]+@${SEGMENTS[0]}.0/24`], dataPorts: [49152, 49215], ...(o.allowInsecure ? { allowInsecure: true } : {}) },
+        storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save') },
         networks: {
           lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
           ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
@@ -173,7 +184,8 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${HOST_ADDR(0, k + 1)}:8002`])),
         ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
       };
-      fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+      fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
+      fs.chmodSync(dir, 0o711);
       if (o.stateMiB) {
         fs.mkdirSync(cfg.stateDir, { mode: 0o700 });
         sh('mount', ['-t', 'tmpfs', '-o', `size=${o.stateMiB}m,mode=0700`, `ferry-lab-${name}`, cfg.stateDir]);
@@ -181,7 +193,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
       hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
     }
-    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0) }, caDir, adminTlsDir };
+    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0) }, caDir, adminTlsDir, poolDir };
     writeJsonAtomic(LAB_STATE_FILE, state);
     await Promise.all(hosts.map(async (h) => { h.pid = await startFerryd(h); }));
     writeJsonAtomic(LAB_STATE_FILE, state);

@@ -4,7 +4,9 @@
  * receiver. Every message is untrusted input: it is checked against the phase, the
  * job and the TLS identity of the peer that sent it.
  */
+import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { killAndWait, pidAlive, isOurQemu } from '../qemu/process.ts';
@@ -16,6 +18,7 @@ import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
 import { checkOffer, checkProtocolVersion, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
+import { DataGate } from './gate.ts';
 
 /** How long a begun job (holding memory and a stopped QEMU) waits for Prepare. */
 const BEGIN_TTL_MS = 30000;
@@ -69,6 +72,10 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
 
 export class Destination {
   private probes = new Map<string, net.Server>();
+  /** Plain-TCP jobs' data ports, held by ferryd (gate.ts). */
+  private gates = new Map<string, DataGate>();
+  /** Per job: abandons it if the source goes quiet before Finish (limits.reservationS). */
+  private quiet = new Map<string, NodeJS.Timeout>();
   /** Jobs whose control connection is gone abandon themselves if still before Finish. */
   private begins = new Map<string, BeginMsg>();
 
@@ -101,7 +108,30 @@ export class Destination {
     const j = typeof jobId === 'string' ? this.store.jobs.get(jobId) : undefined;
     if (!j || j.role !== 'destination') throw new FerryError('JOB_NOT_FOUND', `No incoming migration job ${typeof jobId === "string" ? jobId.slice(0, 40) : "?"} on ${this.host.cfg.name}`);
     if (ctx.caller.transport === 'tls' && ctx.caller.peerName !== j.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} belongs to ${j.peer.name}, not ${ctx.caller.peerName}`);
+    this.touch(j);
     return j;
+  }
+
+  /**
+   * The source spoke (or the job began): re-arm the job's quiet timer. A begun or
+   * prepared job holds memory, a data port and a QEMU; if its source neither sends a
+   * message nor streams for limits.reservationS, the job is abandoned and all of it freed.
+   */
+  private touch(j: DestJob): void {
+    const old = this.quiet.get(j.jobId);
+    if (old) clearTimeout(old);
+    if (j.phase !== 'begun' && j.phase !== 'prepared') { this.quiet.delete(j.jobId); return; }
+    const s = this.host.cfg.limits.reservationS;
+    const t = setTimeout(() => {
+      this.quiet.delete(j.jobId);
+      if (j.phase !== 'begun' && j.phase !== 'prepared') return;
+      const st = this.watches.get(j.jobId)?.status;
+      // A stream in flight is the source speaking, however long a pre-copy takes.
+      if (st && st !== 'none' && st !== 'setup' && !FINAL_STATUSES.includes(st as never)) { this.touch(j); return; }
+      void this.abandonLocal(j, `the source ${j.peer.name} was quiet for ${s} s (limits.reservationS)`).catch(() => undefined);
+    }, s * 1000);
+    t.unref();
+    this.quiet.set(j.jobId, t);
   }
 
   /** Begin: pre-flight. Nothing is reserved; the data port is probed by the source. */
@@ -111,17 +141,29 @@ export class Destination {
     if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
     if (this.store.jobs.has(m.jobId)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: job ${m.jobId} was already begun (replay?)`);
     const h = this.host;
+    // The destination decides whether its QEMU may read an unauthenticated stream.
+    if (m.insecure && !h.cfg.relocation.allowInsecure) throw new FerryError('MIGRATION_DEST_INSECURE', `Cannot migrate domain "${m.config.name}" without TLS: ${h.cfg.name} does not accept plain-TCP migration streams; drop --insecure, or set relocation.allowInsecure on ${h.cfg.name} (trusted networks only)`);
+    const open = [...this.store.jobs.values()].filter((x) => x.role === 'destination' && (x.phase === 'begun' || x.phase === 'prepared'));
+    const lim = h.cfg.limits;
+    if (open.filter((x) => (x as DestJob).peer.name === peerName).length >= lim.incomingPerPeer) throw new FerryError('API_LIMIT', `${h.cfg.name} already has ${lim.incomingPerPeer} unfinished incoming migrations from ${peerName} (limits.incomingPerPeer); finish or abandon those first`);
+    if (open.length >= lim.incomingTotal) throw new FerryError('API_LIMIT', `${h.cfg.name} already has ${lim.incomingTotal} unfinished incoming migrations (limits.incomingTotal); try again later`);
     const running = m.mode !== 'definition';
     checkOffer(m.version, m.peer, {
       name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machines: h.qemu.machines,
       networks: h.cfg.networks, freeMiB: h.memoryFreeMiB(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
     }, m.config, running);
     if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
+    // Pools first: a peer learns nothing about files outside them (not even existence).
+    try { h.checkPaths(m.config); } catch (e) {
+      const fe = asFerryError(e);
+      if (fe.code === 'DISK_NOT_FOUND') throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${m.config.name}": ${fe.message}; disks and boot files must be on shared storage at the same path`);
+      throw fe;
+    }
     checkFiles(m.config, m.fileSizes, h.cfg.name);
     const job: DestJob = {
       role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
       startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
-      peer: { name: peerName, address: ctx.caller.peerAddress ?? '' }, dataPort: 0, memoryMiB: m.config.memoryMiB,
+      peer: { name: peerName, address: ctx.caller.peerAddress ?? '', ...(ctx.caller.peerDn ? { dn: ctx.caller.peerDn } : {}) }, dataPort: 0, memoryMiB: m.config.memoryMiB,
       config: { ...domainConfigToJson(m.config), _machine: m.machine, _cpuModel: m.cpuModel },
     };
     try {
@@ -133,6 +175,7 @@ export class Destination {
       throw e;
     }
     this.begins.set(job.jobId, m);
+    this.touch(job);
     ctx.onClose(() => this.onControlClosed(job.jobId));
     if (!running) {
       const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, false).catch(async (e) => { await this.abandonLocal(job, (e as Error).message); throw e; });
@@ -182,9 +225,9 @@ export class Destination {
     await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
     if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
     if (!m.insecure) {
-      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.cfg.tlsDir, endpoint: 'server', 'verify-peer': true });
+      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.qemuTlsDir(live), endpoint: 'server', 'verify-peer': true });
       // Only the source host's own certificate may feed this QEMU.
-      await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: `O=ferry,CN=${j.peer.name}` });
+      await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: j.peer.dn ?? `O=ferry,OU=host,CN=${j.peer.name}` });
       await q.execute('migrate-set-parameters', { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' });
     }
     return live;
@@ -196,7 +239,8 @@ export class Destination {
     const used = new Set([...this.store.jobs.values()].filter((j) => j.role === 'destination' && j.phase !== 'confirmed' && j.phase !== 'abandoned').map((j) => (j as DestJob).dataPort));
     for (let port = first; port <= last; port++) {
       if (used.has(port)) continue;
-      const srv = net.createServer((s) => s.end());
+      // Anyone may knock (the source proves it reaches the port); nobody is kept waiting.
+      const srv = net.createServer((s) => { s.on('error', () => s.destroy()); s.end(); setTimeout(() => s.destroy(), 1000).unref(); });
       const okBind = await new Promise<boolean>((resolve) => {
         srv.once('error', () => resolve(false));
         srv.listen(port, this.host.cfg.relocation.address, () => resolve(true));
@@ -213,7 +257,10 @@ export class Destination {
   private closeProbe(jobId: string): Promise<void> {
     const srv = this.probes.get(jobId);
     this.probes.delete(jobId);
-    return srv ? new Promise((r) => srv.close(() => r())) : Promise.resolve();
+    if (!srv) return Promise.resolve();
+    // Stop listening now; connections still open (an outsider's) are not waited for.
+    srv.close();
+    return Promise.resolve();
   }
 
   private onControlClosed(jobId: string): void {
@@ -254,7 +301,16 @@ export class Destination {
       if (!q) throw new FerryError('MIGRATION_FAILED', `the incoming QEMU of "${j.domain}" is gone`);
       this.step(j, { type: 'prepared' });
       await this.closeProbe(j.jobId);
-      await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
+      if (m.insecure) {
+        const sock = path.join(h.qemuDirOf(live), 'incoming.sock');
+        fs.rmSync(sock, { force: true });
+        await q.execute('migrate-incoming', { uri: `unix:${sock}` });
+        const gate = new DataGate({ address: h.cfg.relocation.address, port: j.dataPort, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: m.parallel, log: this.log });
+        this.gates.set(j.jobId, gate);
+        await gate.open();
+      } else {
+        await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
+      }
       this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: j.pid });
       return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name };
     } catch (e) {
@@ -472,6 +528,11 @@ export class Destination {
 
   /** Drops what this ferryd holds in memory for a job's incoming QEMU. */
   private forgetRun(jobId: string): void {
+    this.gates.get(jobId)?.close();
+    this.gates.delete(jobId);
+    const q = this.quiet.get(jobId);
+    if (q) clearTimeout(q);
+    this.quiet.delete(jobId);
     this.starting.delete(jobId);
     this.watches.get(jobId)?.dispose();
     this.watches.delete(jobId);

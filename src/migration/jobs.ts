@@ -66,7 +66,8 @@ export interface SourceJob extends JobBase {
 export interface DestJob extends JobBase {
   role: 'destination';
   phase: DestPhase;
-  peer: { name: string; address: string };
+  /** dn: the source's certificate subject, which alone may feed the incoming QEMU (tls-authz). */
+  peer: { name: string; address: string; dn?: string };
   dataPort: number;
   memoryMiB: number;
   /** Persisted so recovery can act without the source. */

@@ -36,7 +36,7 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { CONSOLE_CONTROL, MAX_REPAIR_BYTES } from '../api/protocol.ts';
+import { MAX_REPAIR_BYTES } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { Host, Live } from '../daemon/host.ts';
 import type { Logger } from '../daemon/log.ts';
@@ -178,7 +178,7 @@ export class Source {
       if (mode !== 'definition' && !q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
       // The source QEMU's own settings need nothing from the destination but its name
       // (its certificate's, known since the handshake): made while Begin runs there.
-      const setupP = q ? this.setup(q, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
+      const setupP = q ? this.setup(q, live, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
       setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
       const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
@@ -313,7 +313,7 @@ export class Source {
     });
   }
 
-  private async setup(q: QmpClient, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
+  private async setup(q: QmpClient, live: Live, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
     const parallel = p.parallel ?? 1;
     const caps = [{ capability: 'events', state: true }, { capability: 'auto-converge', state: mode === 'live' }, { capability: 'multifd', state: parallel > 1 }];
     await q.execute('migrate-set-capabilities', { capabilities: caps });
@@ -326,7 +326,7 @@ export class Source {
     };
     await q.execute('object-del', { id: 'ferry-tls-out' }).catch(() => undefined);
     if (!insecure) {
-      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls-out', dir: this.host.cfg.tlsDir, endpoint: 'client', 'verify-peer': true });
+      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls-out', dir: this.host.qemuTlsDir(live), endpoint: 'client', 'verify-peer': true });
       params['tls-creds'] = 'ferry-tls-out';
       params['tls-hostname'] = tlsHostname;
     } else {
@@ -592,8 +592,7 @@ export class Source {
     const s = live.rec.state;
     const pid = hasProcess(s) ? s.pid : undefined;
     live.expectStop = 'migrated';
-    const moved = `${CONSOLE_CONTROL}${JSON.stringify({ event: 'moved', host: peer.name, target: `${peer.address}:${peer.port}` })}\n`;
-    live.console?.detachAll(moved);
+    live.console?.detachAll({ event: 'moved', host: peer.name, target: `${peer.address}:${peer.port}` });
     await live.qmp?.execute('quit').catch(() => undefined);
     if (pid) await killAndWait(pid, 3000);
     this.host.cleanupRuntime(live);

@@ -4,6 +4,7 @@
  * `exec:` URI; paths were validated to contain no commas (QEMU's option separator).
  */
 import type { DomainConfig } from '../domain/config.ts';
+import { QEMU_SANDBOX } from './confine.ts';
 
 /** The default engine; ferryd.json's "qemu" (or FERRY_QEMU) picks another per host. */
 export const QEMU_BINARY = process.env.FERRY_QEMU ?? 'qemu-system-x86_64';
@@ -37,6 +38,11 @@ export interface RuntimeChoice {
   incoming?: boolean;
   /** Allocate all guest RAM up front (faster offline migration into this QEMU). */
   preallocate?: boolean;
+  /**
+   * File descriptors (as QEMU will see them) ferryd opened for the domain's files:
+   * QEMU then opens no path of its own (confine.ts). Absent: paths, as in unit tests.
+   */
+  fds?: { kernel?: number; initrd?: number; disks: number[] };
 }
 
 export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
@@ -54,22 +60,29 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     // Start stopped: ferryd attaches QMP and the console before the guest runs a single
     // instruction, so no early console output is lost and every state change is seen.
     '-S',
+    ...QEMU_SANDBOX,
   ];
   if (r.preallocate) a.push('-mem-prealloc');
   if (c.boot.kind === 'kernel') {
-    a.push('-bios', QBOOT_ROM, '-kernel', c.boot.kernel);
-    if (c.boot.initrd) a.push('-initrd', c.boot.initrd);
+    a.push('-bios', QBOOT_ROM, '-kernel', r.fds?.kernel !== undefined ? `/proc/self/fd/${r.fds.kernel}` : c.boot.kernel);
+    if (c.boot.initrd) a.push('-initrd', r.fds?.initrd !== undefined ? `/proc/self/fd/${r.fds.initrd}` : c.boot.initrd);
     a.push('-append', c.boot.cmdline);
   }
   c.disks.forEach((d, i) => {
     const ro = `readonly=${d.readOnly ? 'on' : 'off'}`;
+    let file = d.path;
+    if (r.fds) {
+      // fd set i+1 holds the one descriptor ferryd opened (read-only or read-write as the disk).
+      a.push('-add-fd', `fd=${r.fds.disks[i]},set=${i + 1},opaque=disk${i}`);
+      file = `/dev/fdset/${i + 1}`;
+    }
     const isBoot = c.boot.kind === 'disk' && c.boot.disk === i;
     if (d.bus === 'floppy') {
-      a.push('-drive', `file=${d.path},format=raw,if=floppy,index=0,${ro}`);
+      a.push('-drive', `file=${file},format=raw,if=floppy,index=0,${ro}`);
       if (isBoot) a.push('-boot', 'order=a');
       return;
     }
-    a.push('-drive', `file=${d.path},format=${d.format},if=none,id=disk${i},${ro}`);
+    a.push('-drive', `file=${file},format=${d.format},if=none,id=disk${i},${ro}`);
     const boot = isBoot ? ',bootindex=1' : '';
     a.push('-device', d.bus === 'ide' ? `ide-hd,drive=disk${i},id=ide${i}${boot}` : `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
   });

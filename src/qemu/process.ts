@@ -82,18 +82,29 @@ function tail(file: string, bytes = 2000): string {
  * Spawns QEMU in its own session with output to `logPath`, then waits for its QMP
  * socket. QEMU was started with -S, so the guest has not run yet when this returns.
  */
-export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string; engine?: Engine }): Promise<StartedQemu> {
+export interface SpawnAs {
+  /** Run as this user and group (confine.ts); root when absent. */
+  uid?: number;
+  gid?: number;
+  /** Open descriptors QEMU inherits as fds 3, 4, … (in this order). */
+  passFds?: number[];
+}
+
+export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string; engine?: Engine } & SpawnAs): Promise<StartedQemu> {
   const e = opts.engine ?? DEFAULT_ENGINE;
   return startQemuWith(e.binary, [...engineArgs(e), ...argv], opts);
 }
 
 /** As startQemu, with another launcher in front (e.g. `ip netns exec NS qemu-system-x86_64 …`, which execs). */
-export async function startQemuWith(binary: string, argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string }): Promise<StartedQemu> {
+export async function startQemuWith(binary: string, argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string } & SpawnAs): Promise<StartedQemu> {
   const timeoutMs = opts.timeoutMs ?? 15000;
   try { fs.unlinkSync(opts.qmpPath); } catch { /* not there */ }
-  const logFd = fs.openSync(opts.logPath, 'a');
+  const logFd = fs.openSync(opts.logPath, 'a', 0o600);
   fs.writeSync(logFd, `${new Date().toISOString()} ${binary} ${argv.join(' ')}\n`);
-  const child = spawn(binary, argv, { detached: true, stdio: ['ignore', logFd, logFd] });
+  const child = spawn(binary, argv, {
+    detached: true, stdio: ['ignore', logFd, logFd, ...(opts.passFds ?? [])],
+    ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.gid } : {}),
+  });
   fs.closeSync(logFd);
   let exited: { code: number | null; signal: string | null } | undefined;
   let spawnError: Error | undefined;

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { StateWriter, writeFileAtomic, LineSplitter, FrameSplitter } from './fsx.ts';
+import { StateWriter, writeFileAtomic, FrameSplitter } from './fsx.ts';
 import { FerryError } from '../errors.ts';
 
 const tmp = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-fsx-'));
@@ -49,24 +49,6 @@ test('a failed atomic write leaves no temp file behind', () => {
   assert.throws(() => writeFileAtomic(path.join(d, 'target.json'), 'x'));
   assert.deepEqual(fs.readdirSync(d), ['target.json']);
   fs.rmSync(d, { recursive: true });
-});
-
-test('LineSplitter joins lines split across chunks and refuses overlong ones', () => {
-  const lines: string[] = [];
-  let overflows = 0;
-  const s = new LineSplitter((l) => lines.push(l), 10, () => overflows++);
-  s.push('ab'); s.push('c\nde\n'); s.push('\n'); s.push('f');
-  assert.deepEqual(lines, ['abc', 'de', '']);
-  assert.equal(s.drain(), 'f');
-  s.push('0123456'); s.push('789ab');
-  assert.equal(overflows, 1);
-  s.push('\nok\n');
-  assert.deepEqual(lines.slice(3), ['', 'ok'], 'after an overflow the rest of that line is an empty line');
-  const big = new LineSplitter((l) => lines.push(l), 1 << 20);
-  const line = 'x'.repeat(700000);
-  for (let i = 0; i < line.length; i += 16384) big.push(line.slice(i, i + 16384));
-  big.push('\n');
-  assert.equal(lines.at(-1), line);
 });
 
 test('FrameSplitter: lines split anywhere (inside a UTF-8 character too), and announced raw bytes in one piece', () => {

@@ -88,37 +88,6 @@ export function readJson<T = unknown>(file: string): T {
 }
 
 /**
- * Splits a byte stream into lines; refuses lines longer than maxLine. A long line (a RAM
- * repair is ~700 KB) arrives in many chunks: only each new chunk is searched for the
- * newline and the parts are joined once, so a line costs O(its length), not O(length²).
- */
-export class LineSplitter {
-  private parts: string[] = [];
-  private size = 0;
-  constructor(private readonly onLine: (line: string) => void, private readonly maxLine = 1024 * 1024, private readonly onOverflow?: () => void) {}
-  push(chunk: string): void {
-    let i: number;
-    while ((i = chunk.indexOf('\n')) >= 0) {
-      this.parts.push(chunk.slice(0, i));
-      chunk = chunk.slice(i + 1);
-      this.onLine(this.drain());
-    }
-    if (chunk.length > 0) { this.parts.push(chunk); this.size += chunk.length; }
-    if (this.size > this.maxLine) {
-      this.drain();
-      this.onOverflow?.();
-    }
-  }
-  /** Whatever is left after the last newline (used when switching a stream to raw mode). */
-  drain(): string {
-    const b = this.parts.join('');
-    this.parts = [];
-    this.size = 0;
-    return b;
-  }
-}
-
-/**
  * The API server's reader: JSON lines, where a line may announce raw bytes that follow
  * it (a RAM repair's page data, sent as is instead of as base64). Works on bytes and
  * decodes each whole line as UTF-8, so a character split between two reads is not

@@ -112,16 +112,47 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     assert.equal(r.replies[17].result.phase, 'abandoned', 'the line after a refused repair\'s bytes is served');
     for (const c of codes) assert.ok(c === 'ok' || isErrorCode(c), `registered code: ${c}`);
 
-    // Another trusted identity (the lab's admin certificate) cannot act on host1's job.
+    // Another trusted identity cannot act on host1's job: the lab's admin certificate
+    // may not relocate at all, and another host (host3) only its own jobs.
     const K = crypto.randomUUID();
     const opened = session([req(1, 'relocation.begin', { ...begin, jobId: K })]);
     assert.ok(opened.replies[0].result, JSON.stringify(opened.replies[0]));
     const hijack = session([req(1, 'relocation.prepare', { jobId: K }), req(2, 'relocation.abandon', { jobId: K })], labState().adminTlsDir);
-    assert.equal(code(hijack.replies[0]), 'MIGRATION_PROTOCOL');
-    assert.match(hijack.replies[0].error.message, /belongs to host1, not admin/);
-    assert.equal(code(hijack.replies[1]), 'MIGRATION_PROTOCOL');
+    assert.equal(code(hijack.replies[0]), 'API_FORBIDDEN');
+    assert.equal(code(hijack.replies[1]), 'API_FORBIDDEN');
+    const other = session([req(1, 'relocation.prepare', { jobId: K })], labState().hosts[2].tlsDir);
+    assert.equal(code(other.replies[0]), 'MIGRATION_PROTOCOL');
+    assert.match(other.replies[0].error.message, /belongs to host1, not host3/);
     // host1's session that began K closed: host2 abandons K by itself.
     await new Promise((res) => setTimeout(res, 500));
+    await host2Untouched(d);
+  });
+
+  test('65 Begins on one connection: the per-peer cap answers API_LIMIT, and closing frees everything', async () => {
+    const d = labState().hosts[1].pid;
+    const steps = Array.from({ length: 65 }, (_, i) => req(i + 1, 'relocation.begin', { ...begin, mode: 'definition', jobId: crypto.randomUUID() }));
+    const r = session(steps);
+    const codes = r.replies.map((x) => code(x) ?? (x?.result ? 'ok' : 'none'));
+    assert.deepEqual(codes.slice(0, 4), ['ok', 'ok', 'ok', 'ok'], JSON.stringify(r.replies.slice(0, 5)));
+    assert.ok(codes.slice(4).every((c) => c === 'API_LIMIT'), JSON.stringify(codes));
+    assert.match(r.replies[4].error.message, /limits\.incomingPerPeer/);
+    // The connection closed: host2 abandons the four it took, and takes new ones again.
+    await new Promise((res) => setTimeout(res, 500));
+    await host2Untouched(d);
+    const again = session([req(1, 'relocation.begin', { ...begin, mode: 'definition', jobId: crypto.randomUUID() })]);
+    assert.ok(again.replies[0].result, JSON.stringify(again.replies[0]));
+    await new Promise((res) => setTimeout(res, 500));
+    await host2Untouched(d);
+  });
+
+  test('a peer names files outside the pools: refused, and it learns nothing about them', async () => {
+    const d = labState().hosts[1].pid;
+    const mk = (p: string) => ({ ...begin, jobId: crypto.randomUUID(), domain: { ...begin.domain, config: { ...begin.domain.config, disks: [{ ...begin.domain.config.disks[0], path: p }] }, fileSizes: { [p]: 1 } } });
+    const r = session([req(1, 'relocation.begin', mk('/etc/shadow')), req(2, 'relocation.begin', mk('/etc/no-such-file')), req(3, 'relocation.begin', mk('/dev/sda'))]);
+    for (const x of r.replies) assert.equal(code(x), 'PATH_NOT_ALLOWED', JSON.stringify(x));
+    const strip = (x: any, p: string): string => x.error.message.replace(p, 'P');
+    assert.equal(strip(r.replies[0], '/etc/shadow'), strip(r.replies[1], '/etc/no-such-file'), 'an existing and a missing file get the same answer');
+    assert.doesNotMatch(JSON.stringify(r.replies), /bytes/);
     await host2Untouched(d);
   });
 

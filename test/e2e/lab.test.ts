@@ -38,10 +38,14 @@ describe('ferry lab', () => {
     for (const h of s.hosts) assert.equal(inNs('client', ['ip', 'neigh', 'flush', 'all']).code, 0), assert.equal(inNs('client', ['busybox', 'ping', '-c', '1', '-W', '2', h.address]).code, 0, `ping ${h.address}`);
     const ex = await ferry(['lab', 'exec', 'host2', '--', 'ip', '-br', 'addr', 'show', 'br0']);
     assert.match(ex.stdout, /198\.18\.0\.12\/24/);
-    // a remote API call over mutually authenticated TLS, from inside host1
-    const tlsList = await ferry(['lab', 'exec', 'host1', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.18.0.12', 'host', 'info', '--json']);
+    // a remote API call over mutually authenticated TLS, from the client with the lab's
+    // admin certificate; from inside host1 with host1's own (a peer's) it is forbidden
+    const tlsList = await ferry(['lab', 'exec', 'client', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.18.0.12', 'host', 'info', '--json']);
     assert.equal(tlsList.code, 0, tlsList.stderr);
     assert.equal(JSON.parse(tlsList.stdout).name, 'host2');
+    const asPeer = await ferry(['lab', 'exec', 'host1', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.18.0.12', 'host', 'info', '--json']);
+    assert.equal(asPeer.code, 7);
+    assert.equal(JSON.parse(asPeer.stdout).error.code, 'API_FORBIDDEN');
     await createGuest('pattern', 'p1', 'host2');
     const st = await ok(['lab', 'status', '--json']);
     assert.deepEqual(st.guests.map((g: any) => [g.name, g.host, g.state]), [['p1', 'host2', 'running']]);

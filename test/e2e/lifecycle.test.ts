@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ferry, ok, fails, labUp, labDown, createGuest, guestStatus, consoleLog, tmpFile, waitFor, pidAlive } from '../helpers.ts';
+import { ferry, ok, fails, labUp, labDown, labState, createGuest, guestStatus, consoleLog, tmpFile, waitFor, pidAlive } from '../helpers.ts';
 
 describe('domain lifecycle (lab, real QEMU)', () => {
   before(async () => { await labUp(['--hosts', '1', '--host-memory', '1024']); });
@@ -70,8 +70,10 @@ describe('domain lifecycle (lab, real QEMU)', () => {
   test('save and restore keep the pattern guest\'s memory intact', async () => {
     await createGuest('pattern', 'pat', 'host1', 96);
     await ok(['lab', 'verify', 'pat']);
-    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-save-')), 'pat.save');
-    const s = await ok(['-H', 'host1', 'save', 'pat', file, '--json']);
+    // A bare name lives in the host's save directory.
+    const s = await ok(['-H', 'host1', 'save', 'pat', 'pat.save', '--json']);
+    const file = s.file as string;
+    assert.equal(path.dirname(file), path.join(path.dirname(labState().hosts[0].stateDir), 'save'));
     assert.ok(s.bytes > 1024 * 1024);
     assert.ok(fs.existsSync(file));
     assert.equal((await ok(['-H', 'host1', 'info', 'pat', '--json'])).stateDetail.reason, 'saved');
@@ -84,9 +86,21 @@ describe('domain lifecycle (lab, real QEMU)', () => {
     const before = consoleLog('host1', 'pat').length;
     await waitFor('pattern progress', () => consoleLog('host1', 'pat').length > before, 10000);
     await fails(['-H', 'host1', 'restore', file], 'DOMAIN_EXISTS', 3);
-    await fails(['-H', 'host1', 'restore', '/etc/hostname'], 'SAVE_FAILED', 5);
+    // Outside the save directory: refused, unless the local root socket says --any-path.
+    await fails(['-H', 'host1', 'restore', '/etc/hostname'], 'PATH_NOT_ALLOWED', 7);
+    await fails(['-H', 'host1', 'restore', '/etc/hostname', '--any-path'], 'SAVE_FAILED', 5);
+    await fails(['-H', 'host1', 'save', 'pat', '/etc/cron.d/ferry-evil'], 'PATH_NOT_ALLOWED', 7);
+    assert.equal(fs.existsSync('/etc/cron.d/ferry-evil'), false);
+    // A symlink planted at FILE.partial is never followed.
+    const target = path.join(os.tmpdir(), `ferry-victim-${process.pid}`);
+    fs.writeFileSync(target, 'keep');
+    fs.symlinkSync(target, `${file.replace(/pat\.save$/, 'again.save')}.partial`);
+    await fails(['-H', 'host1', 'save', 'pat', 'again.save'], 'SAVE_FAILED', 5);
+    assert.equal(fs.readFileSync(target, 'utf8'), 'keep');
+    assert.equal((await ok(['-H', 'host1', 'info', 'pat', '--json'])).state, 'running', 'a refused save leaves the domain running');
+    fs.rmSync(target, { force: true });
     await ok(['-H', 'host1', 'destroy', 'pat']);
-    fs.rmSync(path.dirname(file), { recursive: true, force: true });
+    fs.rmSync(file, { force: true });
   });
 
   test('bad input gets coded errors and changes nothing', async () => {

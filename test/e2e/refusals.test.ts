@@ -85,7 +85,8 @@ describe('migration refusals (lab)', () => {
   });
 
   test('a disk not reachable at the same path', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-disk-'));
+    // In the lab's shared pool, then moved away: no longer at the same path anywhere.
+    const dir = fs.mkdtempSync(path.join(labState().poolDir, 'disk-'));
     const img = path.join(dir, 'pattern.img');
     fs.copyFileSync(path.join(process.cwd(), 'images', 'pattern.img'), img);
     const cfg = await ok(['lab', 'guest', 'pattern', 'patd', '--json']);
@@ -148,6 +149,11 @@ describe('migration refusals (lab)', () => {
     issueHostCert('intruder', { caDir: labState().caDir, outDir: path.join(tmp, 'intruder') });
     const intruder = tlsCall('host1', '198.18.0.12', path.join(tmp, 'intruder'));
     assert.equal(intruder.lines[0]?.error?.code, 'PEER_NOT_ALLOWED');
+    // hostsAllow matches whole names: host[0-9]+ admits neither host1x nor evilhost1.
+    for (const n of ['host1x', 'evilhost1']) {
+      issueHostCert(n, { caDir: labState().caDir, outDir: path.join(tmp, n) });
+      assert.equal(tlsCall('host1', '198.18.0.12', path.join(tmp, n)).lines[0]?.error?.code, 'PEER_NOT_ALLOWED', n);
+    }
     const plain = tlsCall('host1', '198.18.0.12', 'plain', { id: 1, action: 'domain.list' });
     assert.ok(!plain.lines.some((l: any) => l && l.id === 1 && l.result), 'plain TCP gets no answer');
     const log = ferrydLog('host2');

@@ -1,0 +1,91 @@
+/**
+ * Where a domain's files may live. Every disk, kernel, initrd and qcow2 backing file,
+ * whether it comes from `create`, a peer's Begin or a save file's header, must:
+ *   1. lie inside a storage pool (checked on the path's text first, so that a peer
+ *      never learns whether a file outside the pools exists, or its size);
+ *   2. exist, and resolve to itself (realpath): no symlink anywhere on the way, no `..`;
+ *   3. be a regular file, or a block device the config lists by exact path.
+ * Save files live in the save directory: a bare NAME resolves there. Only the local
+ * root socket may name another absolute path, and only when it says so (anyPath).
+ *
+ * When: ferryd checks right before it starts QEMU (create, start, restore, Begin). A
+ * file swapped for a symlink after that check is QEMU's to open; QEMU runs unprivileged
+ * once started (README "Security model").
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { FerryError } from '../errors.ts';
+import { domainPaths, type DomainConfig } from './config.ts';
+
+export interface StoragePolicy {
+  pools: string[];
+  blockDevices: string[];
+  saveDir: string;
+}
+
+/** A pool's own real path (a pool may itself sit behind a symlink, e.g. /srv → /data/srv). */
+function realPools(pools: string[]): string[] {
+  return pools.map((p) => { try { return fs.realpathSync(p); } catch { return path.resolve(p); } });
+}
+
+function inside(p: string, dirs: string[]): boolean {
+  return dirs.some((d) => p.startsWith(d.endsWith('/') ? d : d + '/'));
+}
+
+/** Checks one file a domain needs. `what` names it in messages. */
+export function checkFile(p: string, policy: StoragePolicy, what: string): void {
+  if (typeof p !== 'string' || !path.isAbsolute(p) || path.normalize(p) !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${JSON.stringify(p)} must be an absolute, normalized path`);
+  const device = policy.blockDevices.includes(p);
+  if (!device && !inside(p, policy.pools) && !inside(p, realPools(policy.pools))) {
+    throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is outside the storage pools (${policy.pools.join(', ')}); move it into a pool or add one to storage.pools in ferryd.json`);
+  }
+  let st: fs.Stats;
+  try { st = fs.lstatSync(p); } catch { throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not exist`); }
+  let real: string;
+  try { real = fs.realpathSync(p); } catch { throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not resolve`); }
+  if (real !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is, or goes through, a symlink (to ${real}); name the file by its real path`);
+  if (!device && !inside(real, realPools(policy.pools))) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} resolves outside the storage pools`);
+  if (device ? !st.isBlockDevice() : !st.isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is not a ${device ? 'block device' : 'regular file'}${st.isBlockDevice() ? ' (block devices need storage.blockDevices)' : ''}`);
+}
+
+/** The backing files a qcow2 image names, as qemu-img reads them (without QEMU's lock). */
+export function backingChain(p: string, qemuImg = 'qemu-img'): string[] {
+  let out: string;
+  try {
+    out = execFileSync(qemuImg, ['info', '--output=json', '--backing-chain', '-U', p], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 }).toString();
+  } catch (e) {
+    const err = e as { stderr?: Buffer; message: string };
+    throw new FerryError('CONFIG_INVALID', `Cannot read the qcow2 image ${p}: ${err.stderr?.toString().trim() || err.message}`);
+  }
+  const chain = JSON.parse(out) as { 'full-backing-filename'?: string; 'backing-filename'?: string }[];
+  return chain.map((i) => i['full-backing-filename'] ?? i['backing-filename']).filter((b): b is string => typeof b === 'string' && b.length > 0);
+}
+
+/** Every file of a domain, and every qcow2 backing file, against the policy. */
+export function checkDomainFiles(c: DomainConfig, policy: StoragePolicy, host: string): void {
+  for (const p of domainPaths(c)) checkFile(p, policy, `Domain "${c.name}" on ${host}: file`);
+  for (const d of c.disks) {
+    if (d.format !== 'qcow2') continue;
+    for (const b of backingChain(d.path)) checkFile(b, policy, `Domain "${c.name}" on ${host}: backing file of ${d.path}`);
+  }
+}
+
+/**
+ * A save file's path. `file` is a bare name (in the save directory) or, with anyPath
+ * from the local socket, an absolute path.
+ */
+export function resolveSaveFile(file: string, policy: StoragePolicy, opts: { anyPath?: boolean; local: boolean }): string {
+  if (!file.startsWith('/')) {
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(file)) throw new FerryError('PATH_NOT_ALLOWED', `Save file name ${JSON.stringify(file)} must be a plain file name`);
+    fs.mkdirSync(policy.saveDir, { recursive: true, mode: 0o700 });
+    return path.join(policy.saveDir, file);
+  }
+  if (path.normalize(file) !== file) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} must be a normalized absolute path`);
+  const dir = path.dirname(file);
+  const saveDirs = [policy.saveDir, ...realPools([policy.saveDir])];
+  if (saveDirs.includes(dir)) return file;
+  if (!opts.local) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} is outside the save directory ${policy.saveDir}; remote callers name a file there (a bare name)`);
+  if (!opts.anyPath) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} is outside the save directory ${policy.saveDir}; pass --any-path to use it (local root only)`);
+  return file;
+}
