@@ -115,8 +115,10 @@ describe('domain lifecycle (lab, real QEMU)', () => {
     nonet.nics = [{ network: 'nowhere' }];
     await fails(['-H', 'host1', 'create', tmpFile('nonet.json', nonet)], 'NETWORK_NOT_FOUND', 4);
     const nodisk = await ok(['lab', 'guest', 'pattern', 'nodisk', '--json']);
-    nodisk.disks[0].path = '/nonexistent/disk.img';
+    nodisk.disks[0].path = path.join(labState().poolDir, 'nonexistent.img');
     await fails(['-H', 'host1', 'create', tmpFile('nodisk.json', nodisk)], 'DISK_NOT_FOUND', 4);
+    nodisk.disks[0].path = '/nonexistent/disk.img';
+    await fails(['-H', 'host1', 'create', tmpFile('nodisk.json', nodisk)], 'PATH_NOT_ALLOWED', 7);
     const dup = await ok(['lab', 'guest', 'pattern', 'pat', '--json']);
     await fails(['-H', 'host1', 'create', tmpFile('dup.json', dup)], 'DOMAIN_EXISTS', 3);
     await fails(['-H', 'host1', 'pause', 'nosuch'], 'DOMAIN_NOT_FOUND', 3);
