@@ -8,6 +8,7 @@ import tls from 'node:tls';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { FerryError, isErrorCode } from '../errors.ts';
+import { FrameSplitter } from '../util/fsx.ts';
 import type { Action, EventMsg } from './protocol.ts';
 import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from '../daemon/config.ts';
 
@@ -78,9 +79,7 @@ export class ApiClient extends EventEmitter {
   private nextId = 1;
   private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private closed = false;
-  /** The reply line being assembled (bytes: a character split between reads stays whole). */
-  private parts: Buffer[] = [];
-  private size = 0;
+  private splitter: FrameSplitter;
   /** After the reply to console.attach the stream is console frames, not lines. */
   private rawMode = false;
   private rawAfterId = -1;
@@ -88,31 +87,20 @@ export class ApiClient extends EventEmitter {
 
   private constructor(readonly socket: net.Socket, readonly target: Target) {
     super();
+    this.splitter = new FrameSplitter(
+      (line) => { this.onLine(line); return this.rawMode ? FrameSplitter.REST : 0; },
+      () => undefined, // replies announce no raw bytes
+      MAX_REPLY_BYTES,
+      () => { this.shutdown(new FerryError('DAEMON_UNREACHABLE', `${this.target.label} sent a reply longer than ${MAX_REPLY_BYTES} bytes`)); this.socket.destroy(); },
+      (rest) => this.rawRest.push(rest),
+    );
     socket.on('data', this.onData);
     socket.on('close', () => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} closed`)));
     socket.on('error', (e) => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} failed: ${e.message}`)));
   }
 
-  private onData = (d: Buffer): void => {
-    let chunk = d;
-    while (chunk.length > 0) {
-      // Switched in the middle of a read: the rest of it is the console's.
-      if (this.rawMode) { this.rawRest.push(chunk); return; }
-      const i = chunk.indexOf(0x0a);
-      if (i < 0) {
-        this.parts.push(chunk);
-        this.size += chunk.length;
-        if (this.size > MAX_REPLY_BYTES) { this.parts = []; this.size = 0; this.shutdown(new FerryError('DAEMON_UNREACHABLE', `${this.target.label} sent a reply longer than ${MAX_REPLY_BYTES} bytes`)); this.socket.destroy(); }
-        return;
-      }
-      this.parts.push(chunk.subarray(0, i));
-      chunk = chunk.subarray(i + 1);
-      const line = (this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts)).toString('utf8');
-      this.parts = [];
-      this.size = 0;
-      this.onLine(line);
-    }
-  };
+  // Once console.attach is answered, the rest of this read (and later ones) is the console's.
+  private onData = (d: Buffer): void => this.splitter.push(d);
 
   static async connect(target: Target, timeoutMs = 5000, tlsFiles?: { ca: Buffer; cert: Buffer; key: Buffer } | null): Promise<ApiClient> {
     const sock = await new Promise<net.Socket>((resolve, reject) => {

@@ -12,7 +12,7 @@
 import net from 'node:net';
 import { isValidIpv4Cidr } from '../domain/config.ts';
 
-export interface AllowRule { name: RegExp; subnet?: { address: string; prefix: number }; text: string }
+export interface AllowRule { name: RegExp; subnet?: net.BlockList }
 
 /** Parses hostsAllow; returns the rules, or the first entry's problem. */
 export function parseHostsAllow(patterns: string[]): { rules: AllowRule[] } | { error: string } {
@@ -30,9 +30,10 @@ export function parseHostsAllow(patterns: string[]): { rules: AllowRule[] } | { 
     if (addrPart !== undefined) {
       if (!isValidIpv4Cidr(addrPart)) return { error: `"${addrPart}" in "${p}" is not an IPv4 address or subnet` };
       const [a, len] = addrPart.split('/');
-      subnet = { address: a, prefix: len === undefined ? 32 : Number(len) };
+      subnet = new net.BlockList();
+      subnet.addSubnet(a, len === undefined ? 32 : Number(len), 'ipv4');
     }
-    rules.push({ name, subnet, text: p });
+    rules.push({ name, subnet });
   }
   return { rules };
 }
@@ -43,10 +44,7 @@ export function hostsAllowMatch(rules: AllowRule[], name: string | undefined, ad
   return rules.some((r) => {
     if (!r.name.test(name)) return false;
     if (!r.subnet) return true;
-    if (!addr || net.isIPv4(addr) === false) return false;
-    const bl = new net.BlockList();
-    bl.addSubnet(r.subnet.address, r.subnet.prefix, 'ipv4');
-    return bl.check(addr, 'ipv4');
+    return !!addr && net.isIPv4(addr) && r.subnet.check(addr, 'ipv4');
   });
 }
 

@@ -166,7 +166,8 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (!isObj(st)) bad('storage', 'must be an object {pools?, blockDevices?, saveDir?}');
   else {
     for (const k of Object.keys(st)) if (!['pools', 'blockDevices', 'saveDir'].includes(k)) bad(`storage.${k}`, 'unknown key');
-    const absList = (v: unknown): v is string[] => Array.isArray(v) && v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d.replace(/\/+$/, '') || d === '/');
+    // Absolute, normalized, no trailing slash ('/' itself is refused for pools below).
+    const absList = (v: unknown): v is string[] => Array.isArray(v) && v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d && (d === '/' || !d.endsWith('/')));
     if (st.pools !== undefined) { if (!absList(st.pools) || (st.pools as string[]).includes('/')) bad('storage.pools', 'must be a list of absolute, normalized directory paths (not /)'); else storage.pools = st.pools as string[]; }
     if (st.blockDevices !== undefined) { if (!absList(st.blockDevices) || !(st.blockDevices as string[]).every((d) => d.startsWith('/dev/'))) bad('storage.blockDevices', 'must be a list of /dev/ paths'); else storage.blockDevices = st.blockDevices as string[]; }
     if (st.saveDir !== undefined) { if (typeof st.saveDir !== 'string' || !path.isAbsolute(st.saveDir)) bad('storage.saveDir', 'must be an absolute path'); else storage.saveDir = st.saveDir; }

@@ -582,26 +582,30 @@ export class Host extends EventEmitter {
     throw new FerryError('SAVE_FAILED', `QEMU migration ${status}: ${m['error-desc'] ?? 'no reason given'}`);
   }
 
+  /** The save file is opened once (no symlink followed): its header and its stream are read from that one descriptor. */
   async restore(fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Record<string, unknown>> {
     const t0 = Date.now();
     const file = resolveSaveFile(fileArg, this.cfg.storage, opts);
     let fd: number;
     try { fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW); } catch (e) { throw new FerryError((e as NodeJS.ErrnoException).code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'SAVE_FAILED', `Cannot read ${file}: ${(e as Error).message}`); }
-    if (!fs.fstatSync(fd).isFile()) { fs.closeSync(fd); throw new FerryError('PATH_NOT_ALLOWED', `${file} is not a regular file`); }
-    let header: { config: unknown; wasRunning: boolean; machine: string; cpuModel: string };
-    let offset: number;
     try {
-      const head = Buffer.alloc(64 * 1024);
-      const n = fs.readSync(fd, head, 0, head.length, 0);
-      const text = head.subarray(0, n).toString('latin1');
-      if (!text.startsWith(SAVE_MAGIC)) throw new FerryError('SAVE_FAILED', `${file} is not a ferry save file`);
-      const nl = text.indexOf('\n', SAVE_MAGIC.length);
-      if (nl < 0) throw new FerryError('SAVE_FAILED', `${file}: header is truncated`);
-      try { header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8')); } catch { throw new FerryError('SAVE_FAILED', `${file}: header is not JSON`); }
-      offset = Buffer.byteLength(text.slice(0, nl + 1), 'latin1');
+      return await this.restoreFrom(file, fd, t0);
     } finally {
       fs.closeSync(fd);
     }
+  }
+
+  private async restoreFrom(file: string, fd: number, t0: number): Promise<Record<string, unknown>> {
+    if (!fs.fstatSync(fd).isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${file} is not a regular file`);
+    const head = Buffer.alloc(64 * 1024);
+    const n = fs.readSync(fd, head, 0, head.length, 0);
+    const text = head.subarray(0, n).toString('latin1');
+    if (!text.startsWith(SAVE_MAGIC)) throw new FerryError('SAVE_FAILED', `${file} is not a ferry save file`);
+    const nl = text.indexOf('\n', SAVE_MAGIC.length);
+    if (nl < 0) throw new FerryError('SAVE_FAILED', `${file}: header is truncated`);
+    let header: { config: unknown; wasRunning: boolean; machine: string; cpuModel: string };
+    try { header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8')); } catch { throw new FerryError('SAVE_FAILED', `${file}: header is not JSON`); }
+    const offset = Buffer.byteLength(text.slice(0, nl + 1), 'latin1');
     // The header reaches QEMU's command line: only values this host's QEMU offers.
     if (typeof header !== 'object' || header === null) throw new FerryError('SAVE_FAILED', `${file}: header is not an object`);
     if (typeof header.machine !== 'string' || !this.qemu.machines.includes(header.machine)) throw new FerryError('SAVE_FAILED', `${file}: machine type ${JSON.stringify(header.machine)} is not one this host's QEMU ${this.qemu.version} offers`);
@@ -639,10 +643,13 @@ export class Host extends EventEmitter {
       await sp.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
       await new Promise<void>((resolve, reject) => {
         const s = net.createConnection({ path: sockPath });
-        s.once('error', reject);
+        let rs: fs.ReadStream | undefined;
+        // The descriptor is closed by restore() once this settles: stop reading it first.
+        const fail = (e: Error): void => { rs?.destroy(); reject(e); };
+        s.once('error', fail);
         s.once('connect', () => {
-          const rs = fs.createReadStream('', { fd: fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW), start: offset, autoClose: true });
-          rs.once('error', reject);
+          rs = fs.createReadStream('', { fd, start: offset, autoClose: false });
+          rs.once('error', fail);
           rs.pipe(s);
           s.once('finish', resolve);
         });

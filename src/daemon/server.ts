@@ -23,6 +23,7 @@ import { FrameSplitter } from '../util/fsx.ts';
 import type { Logger } from './log.ts';
 import { loadTls, tlsPresent, certRole } from '../tls/ca.ts';
 import { ConnectionLimiter, RateLimitedLog, hostsAllowMatch, parseHostsAllow } from './access.ts';
+import type { Limits } from './config.ts';
 
 export interface Caller {
   transport: 'unix' | 'tls';
@@ -46,16 +47,6 @@ export interface ConnContext {
 
 export type Handler = (req: Request, ctx: ConnContext) => Promise<unknown>;
 
-export interface TlsLimits {
-  /** Open TLS-port connections, in total and per remote address. */
-  connections: number;
-  connectionsPerAddress: number;
-  /** Milliseconds a client has to finish the TLS handshake. */
-  handshakeMs: number;
-}
-
-export const DEFAULT_TLS_LIMITS: TlsLimits = { connections: 256, connectionsPerAddress: 32, handshakeMs: 5000 };
-
 /** A subscriber or console reader this far behind is cut off rather than buffered without end. */
 export const MAX_SEND_BACKLOG = 8 * 1024 * 1024;
 
@@ -64,25 +55,30 @@ export class ApiServer {
   private tlsServer?: tls.Server;
   private conns = new Set<net.Socket>();
 
-  constructor(private readonly log: Logger, private readonly handler: Handler) {}
+  /** Refusals on either socket, rate-limited (access.ts). */
+  private readonly refusals: RateLimitedLog;
+
+  constructor(private readonly log: Logger, private readonly handler: Handler) {
+    this.refusals = new RateLimitedLog((f) => log.warn('refused peer', f));
+  }
 
   async listenUnix(path: string): Promise<void> {
     try { fs.unlinkSync(path); } catch { /* none */ }
-    this.unixServer = net.createServer((s) => this.serve(s, { transport: 'unix', role: 'local' }, this.refusals));
+    this.unixServer = net.createServer((s) => this.serve(s, { transport: 'unix', role: 'local' }));
     await new Promise<void>((r, j) => { this.unixServer!.once('error', j); this.unixServer!.listen(path, r); });
     fs.chmodSync(path, 0o600);
   }
 
-  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[]; limits?: TlsLimits }): Promise<boolean> {
+  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[]; limits: Pick<Limits, 'connections' | 'connectionsPerAddress' | 'handshakeMs'> }): Promise<boolean> {
     if (!tlsPresent(opts.tlsDir)) {
       this.log.warn('no TLS certificates: the remote API and relocation server are off', { tlsDir: opts.tlsDir });
       return false;
     }
-    const limits = opts.limits ?? DEFAULT_TLS_LIMITS;
+    const limits = opts.limits;
     const parsed = parseHostsAllow(opts.hostsAllow);
     if ('error' in parsed) throw new FerryError('CONFIG_INVALID', `relocation.hostsAllow: ${parsed.error}`);
     const rules = parsed.rules;
-    const refusals = new RateLimitedLog((f) => this.log.warn('refused peer', f));
+    const refusals = this.refusals;
     const limiter = new ConnectionLimiter(limits.connections, limits.connectionsPerAddress);
     const crlPath = path.join(opts.tlsDir, 'ca-crl.pem');
     let crlStamp = '';
@@ -122,7 +118,7 @@ export class ApiServer {
       }
       const sub = cert.subject as unknown as Record<string, string | string[] | undefined>;
       const peerDn = (['O', 'OU', 'CN'] as const).flatMap((k) => (sub[k] === undefined ? [] : [`${k}=${Array.isArray(sub[k]) ? (sub[k] as string[]).join('+') : sub[k]}`])).join(',');
-      this.serve(s, { transport: 'tls', role: role === 'admin' ? 'admin' : 'peer', peerName, peerAddress, peerDn }, refusals);
+      this.serve(s, { transport: 'tls', role: role === 'admin' ? 'admin' : 'peer', peerName, peerAddress, peerDn });
     });
     // Before TLS: count the raw connection, and re-read the CRL if it changed.
     // prepend: before the TLS server wraps the socket, so a new CRL applies to this very connection.
@@ -144,14 +140,10 @@ export class ApiServer {
       refusals.log(`TLS_REFUSED:${s.remoteAddress}`, { code: 'TLS_REFUSED', peerAddress: s.remoteAddress ?? null, why: err.message });
     });
     await new Promise<void>((r, j) => { this.tlsServer!.once('error', j); this.tlsServer!.listen(opts.port, opts.address, r); });
-    this.refusals = refusals;
     return true;
   }
 
-  /** Refusal log of the TLS port (the unix socket's callers are root and never refused). */
-  private refusals = new RateLimitedLog((f) => this.log.warn('refused request', f));
-
-  private serve(s: net.Socket, caller: Caller, refusals: RateLimitedLog): void {
+  private serve(s: net.Socket, caller: Caller): void {
     this.conns.add(s);
     let raw = false;
     const closers: (() => void)[] = [];
@@ -170,7 +162,7 @@ export class ApiServer {
     const dispatch = (req: Request): void => {
       if (!mayCall(caller.role, req.action)) {
         const fe = new FerryError('API_FORBIDDEN', `${req.action} is not allowed for ${caller.role === 'peer' ? `host "${caller.peerName}" (a host certificate may only relocate domains)` : `${caller.role} callers`}; use an admin certificate (ferry admin cert NAME) or the local socket`);
-        refusals.log(`API_FORBIDDEN:${caller.peerName}`, { code: 'API_FORBIDDEN', action: req.action, role: caller.role, peerName: caller.peerName ?? null, peerAddress: caller.peerAddress ?? null });
+        this.refusals.log(`API_FORBIDDEN:${caller.peerName}`, { code: 'API_FORBIDDEN', action: req.action, role: caller.role, peerName: caller.peerName ?? null, peerAddress: caller.peerAddress ?? null });
         send({ id: req.id, error: fe.toJSON() });
         return;
       }

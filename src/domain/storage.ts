@@ -33,11 +33,14 @@ function inside(p: string, dirs: string[]): boolean {
   return dirs.some((d) => p.startsWith(d.endsWith('/') ? d : d + '/'));
 }
 
-/** Checks one file a domain needs. `what` names it in messages. */
-export function checkFile(p: string, policy: StoragePolicy, what: string): void {
+/**
+ * Checks one file a domain needs. `what` names it in messages; `pools` are the pools'
+ * real paths (computed once per domain by the caller).
+ */
+export function checkFile(p: string, policy: StoragePolicy, what: string, pools = realPools(policy.pools)): void {
   if (typeof p !== 'string' || !path.isAbsolute(p) || path.normalize(p) !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${JSON.stringify(p)} must be an absolute, normalized path`);
   const device = policy.blockDevices.includes(p);
-  if (!device && !inside(p, policy.pools) && !inside(p, realPools(policy.pools))) {
+  if (!device && !inside(p, policy.pools) && !inside(p, pools)) {
     throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is outside the storage pools (${policy.pools.join(', ')}); move it into a pool or add one to storage.pools in ferryd.json`);
   }
   let st: fs.Stats;
@@ -45,7 +48,7 @@ export function checkFile(p: string, policy: StoragePolicy, what: string): void 
   let real: string;
   try { real = fs.realpathSync(p); } catch { throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not resolve`); }
   if (real !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is, or goes through, a symlink (to ${real}); name the file by its real path`);
-  if (!device && !inside(real, realPools(policy.pools))) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} resolves outside the storage pools`);
+  if (!device && !inside(real, pools)) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} resolves outside the storage pools`);
   if (device ? !st.isBlockDevice() : !st.isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is not a ${device ? 'block device' : 'regular file'}${st.isBlockDevice() ? ' (block devices need storage.blockDevices)' : ''}`);
 }
 
@@ -64,10 +67,11 @@ export function backingChain(p: string, qemuImg = 'qemu-img'): string[] {
 
 /** Every file of a domain, and every qcow2 backing file, against the policy. */
 export function checkDomainFiles(c: DomainConfig, policy: StoragePolicy, host: string): void {
-  for (const p of domainPaths(c)) checkFile(p, policy, `Domain "${c.name}" on ${host}: file`);
+  const pools = realPools(policy.pools);
+  for (const p of domainPaths(c)) checkFile(p, policy, `Domain "${c.name}" on ${host}: file`, pools);
   for (const d of c.disks) {
     if (d.format !== 'qcow2') continue;
-    for (const b of backingChain(d.path)) checkFile(b, policy, `Domain "${c.name}" on ${host}: backing file of ${d.path}`);
+    for (const b of backingChain(d.path)) checkFile(b, policy, `Domain "${c.name}" on ${host}: backing file of ${d.path}`, pools);
   }
 }
 

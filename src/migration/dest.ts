@@ -20,8 +20,6 @@ import { checkOffer, checkProtocolVersion, checkFiles, checkL2, type SourceFacts
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
 
-/** How long a begun job (holding memory and a stopped QEMU) waits for Prepare. */
-const BEGIN_TTL_MS = 30000;
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
 
@@ -113,18 +111,22 @@ export class Destination {
   }
 
   /**
-   * The source spoke (or the job began): re-arm the job's quiet timer. A begun or
-   * prepared job holds memory, a data port and a QEMU; if its source neither sends a
-   * message nor streams for limits.reservationS, the job is abandoned and all of it freed.
+   * The one deadline of a job that holds memory, a data port and a QEMU: a begun job
+   * must be prepared within limits.reservationS of its Begin (armed once: other
+   * messages do not extend it); a prepared job is abandoned once its source neither
+   * sends a message nor streams for that long. Called at Begin, after Prepare, and on
+   * every message for the job.
    */
   private touch(j: DestJob): void {
     const old = this.quiet.get(j.jobId);
+    if (j.phase === 'begun' && old) return;
     if (old) clearTimeout(old);
     if (j.phase !== 'begun' && j.phase !== 'prepared') { this.quiet.delete(j.jobId); return; }
     const s = this.host.cfg.limits.reservationS;
     const t = setTimeout(() => {
       this.quiet.delete(j.jobId);
-      if (j.phase !== 'begun' && j.phase !== 'prepared') return;
+      if (j.phase === 'begun') { void this.abandonLocal(j, `no Prepare within ${s} s of Begin (limits.reservationS)`).catch(() => undefined); return; }
+      if (j.phase !== 'prepared') return;
       const st = this.watches.get(j.jobId)?.status;
       // A stream in flight is the source speaking, however long a pre-copy takes.
       if (st && st !== 'none' && st !== 'setup' && !FINAL_STATUSES.includes(st as never)) { this.touch(j); return; }
@@ -184,13 +186,11 @@ export class Destination {
     }
     // The incoming QEMU starts now (reserved, stopped, no listener), in parallel with
     // the L2 probe: QEMU's start-up is the longest step before the first byte. Its
-    // listener opens only at Prepare. Prepare must come within BEGIN_TTL_MS.
+    // listener opens only at Prepare, which must come within limits.reservationS (touch).
     h.reservations.set(job.jobId, { domain: job.domain, memoryMiB: job.memoryMiB });
     const started = this.startIncoming(job, m);
     this.starting.set(job.jobId, started);
     started.catch(() => undefined);
-    const ttl = setTimeout(() => { if (job.phase === 'begun') void this.abandonLocal(job, `no Prepare within ${BEGIN_TTL_MS / 1000} s of Begin`).catch(() => undefined); }, BEGIN_TTL_MS);
-    ttl.unref();
     try {
       const [l2, port] = await Promise.all([checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, true), this.openProbe(job.jobId)]);
       job.dataPort = port;
@@ -198,7 +198,6 @@ export class Destination {
       this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: port, l2 });
       return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2 };
     } catch (e) {
-      clearTimeout(ttl);
       await this.abandonLocal(job, `pre-flight: ${(e as Error).message}`);
       throw e;
     }
@@ -254,13 +253,10 @@ export class Destination {
     throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last}`);
   }
 
-  private closeProbe(jobId: string): Promise<void> {
-    const srv = this.probes.get(jobId);
+  /** Stops listening now; connections still open (an outsider's) are not waited for. */
+  private closeProbe(jobId: string): void {
+    this.probes.get(jobId)?.close();
     this.probes.delete(jobId);
-    if (!srv) return Promise.resolve();
-    // Stop listening now; connections still open (an outsider's) are not waited for.
-    srv.close();
-    return Promise.resolve();
   }
 
   private onControlClosed(jobId: string): void {
@@ -300,7 +296,8 @@ export class Destination {
       const q = live.qmp;
       if (!q) throw new FerryError('MIGRATION_FAILED', `the incoming QEMU of "${j.domain}" is gone`);
       this.step(j, { type: 'prepared' });
-      await this.closeProbe(j.jobId);
+      this.touch(j);
+      this.closeProbe(j.jobId);
       if (m.insecure) {
         const sock = path.join(h.qemuDirOf(live), 'incoming.sock');
         fs.rmSync(sock, { force: true });
@@ -540,7 +537,7 @@ export class Destination {
 
   private async undo(j: DestJob, reason: string): Promise<void> {
     const h = this.host;
-    await this.closeProbe(j.jobId);
+    this.closeProbe(j.jobId);
     const live = h.domains.get(j.domain);
     if (live && (live.rec.state.kind === 'incoming' || live.rec.state.kind === 'defined') && live.rec.config.uuid === j.uuid) {
       const pid = live.rec.state.kind === 'incoming' ? live.rec.state.pid : j.pid;

@@ -35,8 +35,7 @@ export class Migrations {
 
   async handle(req: Request, ctx: ConnContext): Promise<unknown> {
     const p = req.params as Record<string, unknown>;
-    // relocation.* come from peer ferryds only: over TLS, never from the local socket's users by accident.
-    if (req.action.startsWith('relocation.') && ctx.caller.transport !== 'tls') throw new FerryError('MIGRATION_PROTOCOL', `${req.action} is for peer hosts over TLS`);
+    // relocation.* reach here from peer ferryds only (ROLES in api/protocol.ts).
     switch (req.action) {
       case 'migration.start': return this.source.start(p as unknown as StartParams);
       case 'migration.cancel': return this.source.cancel(String(p.domain));

@@ -41,3 +41,14 @@ test('a floppy boot disk uses if=floppy and boot order a', () => {
   assert.ok(j.includes('-drive file=/i/pattern.img,format=raw,if=floppy,index=0,readonly=on -boot order=a'));
   assert.ok(!j.includes('virtio-blk'));
 });
+
+test('confinement: always under -sandbox; with descriptors, QEMU opens no path of its own', () => {
+  const c = parseDomainConfig({ name: 'w', memory: 64, boot: { kernel: '/i/vmlinux', initrd: '/i/initrd.img', cmdline: 'console=ttyS0' }, disks: [{ path: '/i/a.img', format: 'raw', readOnly: true }, { path: '/i/b.qcow2', format: 'qcow2', readOnly: false }] });
+  const a = domainArgv(c, { ...base, taps: [], fds: { kernel: 3, initrd: 4, disks: [5, 6] } });
+  const j = a.join(' ');
+  assert.ok(j.includes('-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'));
+  assert.ok(j.includes('-kernel /proc/self/fd/3 ') && j.includes('-initrd /proc/self/fd/4 '));
+  assert.ok(j.includes('-add-fd fd=5,set=1,opaque=disk0 -drive file=/dev/fdset/1,format=raw,if=none,id=disk0,readonly=on'));
+  assert.ok(j.includes('-add-fd fd=6,set=2,opaque=disk1 -drive file=/dev/fdset/2,format=qcow2,if=none,id=disk1,readonly=off'));
+  assert.ok(!a.some((x) => x.includes('/i/')), 'no domain path on the command line');
+});

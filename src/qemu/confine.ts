@@ -76,13 +76,3 @@ export function copyTlsForQemu(tlsDir: string, qemuDir: string, user: QemuUser |
   if (user) fs.chownSync(out, user.uid, user.gid);
   return out;
 }
-
-/** Uid and seccomp mode of a process, from /proc (for `host info`-style checks and tests). */
-export function processConfinement(pid: number): { uid: number; seccomp: number } | undefined {
-  try {
-    const s = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-    return { uid: Number(/^Uid:\s+(\d+)/m.exec(s)?.[1]), seccomp: Number(/^Seccomp:\s+(\d+)/m.exec(s)?.[1] ?? -1) };
-  } catch {
-    return undefined;
-  }
-}

@@ -65,3 +65,13 @@ test('FrameSplitter: lines split anywhere (inside a UTF-8 character too), and an
   o.push(Buffer.from('0123456789'));
   assert.equal(over, 1);
 });
+
+test('FrameSplitter.REST: after the line that says so, every byte (the rest of this read too) goes to onRest', () => {
+  const lines: string[] = [];
+  const rest: Buffer[] = [];
+  const s = new FrameSplitter((l) => { lines.push(l); return l === 'upgrade' ? FrameSplitter.REST : 0; }, () => undefined, 64, undefined, (b) => rest.push(b));
+  s.push(Buffer.from('a\nupgrade\n\x00\x01raw\nnot a line'));
+  s.push(Buffer.from('\nmore'));
+  assert.deepEqual(lines, ['a', 'upgrade']);
+  assert.equal(Buffer.concat(rest).toString('latin1'), '\x00\x01raw\nnot a line\nmore');
+});

@@ -88,25 +88,31 @@ export function readJson<T = unknown>(file: string): T {
 }
 
 /**
- * The API server's reader: JSON lines, where a line may announce raw bytes that follow
- * it (a RAM repair's page data, sent as is instead of as base64). Works on bytes and
- * decodes each whole line as UTF-8, so a character split between two reads is not
- * corrupted. `onLine` returns how many raw bytes follow the line (0: none); they reach
- * `onBinary` in one piece. A line longer than maxLine calls onOverflow.
+ * The API's reader (server and client): JSON lines, where a line may announce raw bytes
+ * that follow it (a RAM repair's page data, sent as is instead of as base64). Works on
+ * bytes and decodes each whole line as UTF-8, so a character split between two reads is
+ * not corrupted. `onLine` returns how many raw bytes follow the line (0: none); they
+ * reach `onBinary` in one piece. It may instead return FrameSplitter.REST: the stream
+ * stops being lines (console.attach), and every later byte goes to `onRest`. A line
+ * longer than maxLine calls onOverflow.
  */
 export class FrameSplitter {
+  static readonly REST = -1;
   private parts: Buffer[] = [];
   private size = 0;
   private want = 0;
+  private rest = false;
   constructor(
     private readonly onLine: (line: string) => number,
     private readonly onBinary: (data: Buffer) => void,
     private readonly maxLine = 1024 * 1024,
     private readonly onOverflow?: () => void,
+    private readonly onRest?: (data: Buffer) => void,
   ) {}
 
   push(chunk: Buffer): void {
     while (chunk.length > 0) {
+      if (this.rest) { this.onRest?.(chunk); return; }
       if (this.want > 0) {
         const take = Math.min(this.want, chunk.length);
         this.parts.push(chunk.subarray(0, take));
@@ -126,7 +132,8 @@ export class FrameSplitter {
       this.parts.push(chunk.subarray(0, i));
       chunk = chunk.subarray(i + 1);
       const n = this.onLine(this.take().toString('utf8'));
-      if (n > 0) this.want = n;
+      if (n === FrameSplitter.REST) this.rest = true;
+      else if (n > 0) this.want = n;
     }
   }
 

@@ -110,7 +110,10 @@ describe('authorization and confinement (lab)', () => {
     assert.deepEqual((await ok(['-H', 'host1', 'list', '--json'])), []);
   });
 
-  test('an outsider racing for the data port never reaches QEMU (plain TCP through the gate)', async () => {
+  // The gate's refusal itself is proven deterministically in src/migration/gate.test.ts:
+  // here the source takes its one-shot port within milliseconds, so whether the outsider
+  // lands in that window is luck; what must hold every time is the outcome.
+  test('a plain migration through the gate succeeds, memory intact, while an outsider hammers every data port', async () => {
     await reconfigure('host1', (c) => { c.relocation.allowInsecure = true; });
     const spam = background('client', 'port-spam.mjs', ['198.18.0.11', '49152', '49215']);
     try {
@@ -121,7 +124,6 @@ describe('authorization and confinement (lab)', () => {
       assert.ok(st.attempts > 64, JSON.stringify(st));
     }
     await ok(['lab', 'verify', 'victim']);
-    assert.match(ferrydLog('host1'), /"msg":"data port: refused a connection that is not the source"[^\n]*"from":"198\.18\.0\.2"/);
     pids.victim = (await ok(['-H', 'host1', 'info', 'victim', '--json'])).pid;
     await reconfigure('host1', (c) => { delete c.relocation.allowInsecure; });
   });
