@@ -159,7 +159,8 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
     migrate: async (to, o) => {
       const t0 = Date.now();
       const dst = await start(to, true, !o.live);
-      const toAddr = to === 'host1' ? '198.18.0.11' : '198.18.0.12';
+      // Every contender migrates over the lab's migration network, as ferry does.
+      const toAddr = to === 'host1' ? '198.19.0.11' : '198.19.0.12';
       const fromName = host;
       const src = cur!;
       let outcome = 'failed';
@@ -226,7 +227,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
 
 // ---------------------------------------------------------------- libvirt
 
-const LV_ADDR: Record<string, string> = { host1: '198.18.0.11', host2: '198.18.0.12' };
+const LV_ADDR: Record<string, string> = { host1: '198.19.0.11', host2: '198.19.0.12' };
 const lvUri = (h: string): string => `qemu+tcp://${LV_ADDR[h]}/system`;
 let libvirtUp = false;
 let libvirtVersion: string | null = null;

@@ -127,7 +127,7 @@ async function main(): Promise<void> {
           undo.push(() => fs.rmSync(fill, { force: true }));
           break;
         }
-        case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'up0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'up0', 'root'])); break; }
+        case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'mig0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'mig0', 'root'])); break; }
       }
       if (undo.length) { await sleep(4000); for (const u of undo) u(); }
       await sleep(1000);

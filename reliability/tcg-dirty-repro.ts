@@ -39,7 +39,7 @@ const MEM = Number(opt('--mem', '128'));
 const LAB = '/var/lib/ferry-lab';
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const ns = (h: string): string => `ferry-${h}`;
-const addr: Record<string, string> = { host1: '198.18.0.11', host2: '198.18.0.12' };
+const addr: Record<string, string> = { host1: '198.19.0.11', host2: '198.19.0.12' };
 const ipt = (h: string, op: string): void => { try { execFileSync('ip', ['netns', 'exec', ns(h), 'iptables', op, 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', LOSS, '-j', 'DROP']); } catch { /* */ } };
 
 async function main(): Promise<void> {

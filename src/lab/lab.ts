@@ -4,7 +4,14 @@
  *   ferry-switch ── sw0 (L2 segment 1, 198.18.0.0/24) ──┬── up0 ─ br0 [ferry-host1 198.18.0.11] ─ taps of host1's domains
  *                 │                                     ├── up0 ─ br0 [ferry-host2 198.18.0.12] ─ taps ...
  *                 │                                     └── eth0 [ferry-client 198.18.0.2]
- *                 └ sw1 (segment 2, 198.18.1.0/24, with --segments 2) ── up1 ─ br1 of every host, eth1 of the client
+ *                 ├ sw1 (segment 2, 198.18.1.0/24, with --segments 2) ── up1 ─ br1 of every host, eth1 of the client
+ *                 └ swm (migration network, 198.19.0.0/24) ── mig0 of every host (198.19.0.1N), ethm of the client (.2)
+ *
+ * The migration network is apart from the guests' segments: each ferryd's relocation
+ * port and data ports listen on its mig0 address only, and an nftables rule in every
+ * host drops anything for that network arriving from elsewhere (a guest routing
+ * through its host's bridge address). The client stands for the operators' station:
+ * it is on both, and holds the lab's admin certificate.
  *
  * Every host runs its own ferryd with its own state dir, config and certificate from
  * the lab's CA. With --segments 2 the last host's "lab" network is bridged to segment
@@ -29,11 +36,27 @@ export const SEGMENTS = ['198.18.0', '198.18.1'] as const;
 export const CLIENT_ADDR = (seg: number): string => `${SEGMENTS[seg]}.2`;
 export const HOST_ADDR = (seg: number, i: number): string => `${SEGMENTS[seg]}.${10 + i}`;
 export const GUEST_IP_RANGE = [100, 199] as const;
+/** The migration network (relocation and data ports), apart from every guest segment. */
+export const MIG_NET = '198.19.0';
+export const MIG_ADDR = (i: number): string => `${MIG_NET}.${10 + i}`;
+export const CLIENT_MIG_ADDR = `${MIG_NET}.2`;
+
+/** Drops traffic for the migration network that arrives on any other interface (but lo: a host's traffic to itself). */
+const MIG_FIREWALL = `table inet ferry-lab {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    iifname != { "mig0", "lo" } ip daddr ${MIG_NET}.0/24 drop
+  }
+}
+`;
 
 export interface LabHost {
   name: string;
   namespace: string;
+  /** On the guests' segment (L2 probes, pings). */
   address: string;
+  /** On the migration network: ferryd's relocation and data ports. */
+  migAddress: string;
   apiSocket: string;
   stateDir: string;
   configPath: string;
@@ -48,7 +71,7 @@ export interface LabState {
   segments: number;
   hostMemoryMiB: number | null;
   hosts: LabHost[];
-  client: { namespace: string; address: string };
+  client: { namespace: string; address: string; migAddress: string };
   caDir: string;
   adminTlsDir: string;
   /** The hosts' shared storage pool (every host's storage.pools has it). */
@@ -139,6 +162,11 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       ipns(client, 'addr', 'add', `${CLIENT_ADDR(seg)}/24`, 'dev', `eth${seg}`);
       ipns(client, 'link', 'set', `eth${seg}`, 'up');
     }
+    makeBridge(sw, 'swm', '02:fe:00:f0:00:01');
+    addVeth(sw, 'clsm', client, 'ethm');
+    ipns(sw, 'link', 'set', 'clsm', 'master', 'swm', 'up');
+    ipns(client, 'addr', 'add', `${CLIENT_MIG_ADDR}/24`, 'dev', 'ethm');
+    ipns(client, 'link', 'set', 'ethm', 'up');
     ipns(client, 'link', 'set', 'lo', 'up');
 
     say('certificates');
@@ -167,21 +195,26 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         ipns(ns, 'link', 'set', `up${seg}`, 'master', `br${seg}`, 'up');
         ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
       }
+      addVeth(sw, `h${i}m`, ns, 'mig0');
+      ipns(sw, 'link', 'set', `h${i}m`, 'master', 'swm', 'up');
+      ipns(ns, 'addr', 'add', `${MIG_ADDR(i)}/24`, 'dev', 'mig0');
+      ipns(ns, 'link', 'set', 'mig0', 'up');
+      execFileSync('ip', ['netns', 'exec', ns, 'nft', '-f', '-'], { input: MIG_FIREWALL, stdio: ['pipe', 'ignore', 'pipe'] });
       const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
       const dir = path.join(LAB_DIR, name);
       const tlsDir = path.join(dir, 'tls');
-      issueHostCert(name, { caDir, outDir: tlsDir, ips: [HOST_ADDR(0, i)] });
+      issueHostCert(name, { caDir, outDir: tlsDir, ips: [MIG_ADDR(i)] });
       const cfg = {
         name, stateDir: path.join(dir, 'state'), apiSocket: path.join(dir, 'ferryd.sock'), tlsDir,
-        // Whole names; hosts only from the lab segment's addresses.
-        relocation: { address: HOST_ADDR(0, i), port: 8002, hostsAllow: [`host[0-9]+@${SEGMENTS[0]}.0/24`], dataPorts: [49152, 49215], ...(o.allowInsecure ? { allowInsecure: true } : {}) },
+        // On the migration network only; whole names, and hosts only from its addresses.
+        relocation: { address: MIG_ADDR(i), port: 8002, hostsAllow: [`host[0-9]+@${MIG_NET}.0/24`], dataPorts: [49152, 49215], ...(o.allowInsecure ? { allowInsecure: true } : {}) },
         storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save') },
         networks: {
           lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
           ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
         },
         imagesDir: IMAGES_DIR,
-        peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${HOST_ADDR(0, k + 1)}:8002`])),
+        peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${MIG_ADDR(k + 1)}:8002`])),
         ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
       };
       fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
@@ -191,9 +224,9 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         sh('mount', ['-t', 'tmpfs', '-o', `size=${o.stateMiB}m,mode=0700`, `ferry-lab-${name}`, cfg.stateDir]);
       }
       writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
-      hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
+      hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), migAddress: MIG_ADDR(i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
     }
-    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0) }, caDir, adminTlsDir, poolDir };
+    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0), migAddress: CLIENT_MIG_ADDR }, caDir, adminTlsDir, poolDir };
     writeJsonAtomic(LAB_STATE_FILE, state);
     await Promise.all(hosts.map(async (h) => { h.pid = await startFerryd(h); }));
     writeJsonAtomic(LAB_STATE_FILE, state);

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { ferry, ok, fails, labUp, labDown, labState, createGuest, inNs, reconfigure, ferrydLog, tmpFile, pidAlive, waitFor, ROOT } from '../helpers.ts';
 
-const HOST2 = '198.18.0.12';
+const HOST2 = '198.19.0.12';
 const FERRY_BIN = path.join(ROOT, 'bin', 'ferry.mjs');
 
 /** The ferry CLI inside a lab namespace with the certificate in `tlsDir`. */
@@ -115,7 +115,7 @@ describe('authorization and confinement (lab)', () => {
   // lands in that window is luck; what must hold every time is the outcome.
   test('a plain migration through the gate succeeds, memory intact, while an outsider hammers every data port', async () => {
     await reconfigure('host1', (c) => { c.relocation.allowInsecure = true; });
-    const spam = background('client', 'port-spam.mjs', ['198.18.0.11', '49152', '49215']);
+    const spam = background('client', 'port-spam.mjs', ['198.19.0.11', '49152', '49215']);
     try {
       const r = await ok(['-H', 'host2', 'migrate', 'victim', 'host1', '--insecure', '--json']);
       assert.equal(r.outcome, 'succeeded');
@@ -129,7 +129,7 @@ describe('authorization and confinement (lab)', () => {
   });
 
   test('3000 idle connections from one address: capped, and a migration still succeeds', async () => {
-    const flood = background('client', 'flood.mjs', ['198.18.0.12', '8002', '3000']);
+    const flood = background('client', 'flood.mjs', ['198.19.0.12', '8002', '3000']);
     try {
       await new Promise((r) => setTimeout(r, 1500));
       const r = await ok(['-H', 'host1', 'migrate', 'victim', 'host2', '--json']);
@@ -138,13 +138,35 @@ describe('authorization and confinement (lab)', () => {
       const st = await flood.stop();
       assert.ok(st.opened >= 32, JSON.stringify(st));
     }
-    assert.match(ferrydLog('host2'), /"code":"API_LIMIT","peerAddress":"(::ffff:)?198\.18\.0\.2"/);
+    assert.match(ferrydLog('host2'), /"code":"API_LIMIT","peerAddress":"(::ffff:)?198\.19\.0\.2"/);
     await ok(['lab', 'verify', 'victim']);
     pids.victim = (await ok(['-H', 'host2', 'info', 'victim', '--json'])).pid;
   });
 
-  test('a guest printing a forged control line cannot redirect the console', async () => {
+  test('a guest cannot reach the relocation or data ports: they live on the migration network', async () => {
     await createGuest('linux', 'web', 'host1');
+    // A listener on the guests' segment (the client), so the same probe is seen to succeed.
+    const ctl = spawn('ip', ['netns', 'exec', 'ferry-client', process.execPath, '-e', "require('net').createServer((s) => s.end('ok\\n')).listen(9999, '198.18.0.2')"], { stdio: 'ignore' });
+    try {
+      await new Promise((r) => setTimeout(r, 500));
+      // The guest even routes the migration network through its host's bridge address.
+      const script = [
+        'ip route add 198.19.0.0/24 via 198.18.0.11',
+        'nc -w 3 198.18.0.2 9999 </dev/null; echo "ctl-rc=$?"',
+        'nc -w 3 198.19.0.11 8002 </dev/null; echo "mig-rc=$?"',
+        'nc -w 3 198.19.0.11 49152 </dev/null; echo "data-rc=$?"',
+        'nc -w 3 198.18.0.11 8002 </dev/null; echo "lab-rc=$?"',
+      ].join('\n') + '\n';
+      const r = await ferry(['-H', 'host1', 'console', 'web', '--idle', '5000'], { input: script, timeoutMs: 60000 });
+      assert.match(r.stdout, /ctl-rc=0/, `the probe reaches a listener on the guests' segment: ${r.stdout.slice(-400)}`);
+      for (const k of ['mig', 'data', 'lab']) assert.match(r.stdout, new RegExp(`${k}-rc=1`), `${k}: ${r.stdout.slice(-400)}`);
+      assert.equal(inNs('host1', ['ss', '-Hltn', 'src', '198.18.0.11']).stdout.trim(), '', 'nothing of ferryd listens on the guests\' segment');
+    } finally {
+      ctl.kill();
+    }
+  });
+
+  test('a guest printing a forged control line cannot redirect the console', async () => {
     const forged = 'echo -e "\\036{\\"event\\":\\"moved\\",\\"host\\":\\"host2\\",\\"target\\":\\"/tmp/ferry-evil.sock\\"}"\n';
     const r = await ferry(['-H', 'host1', 'console', 'web', '--idle', '1500'], { input: forged });
     assert.equal(r.code, 0, r.stderr);

@@ -21,7 +21,7 @@ import { PROTOCOL_VERSION } from '../../src/migration/phases.ts';
 import { issueHostCert } from '../../src/tls/ca.ts';
 import { isErrorCode } from '../../src/errors.ts';
 
-const DEST = '198.18.0.12';
+const DEST = '198.19.0.12';
 let host1Tls = '';
 let begin: Record<string, any> = {};
 
@@ -233,7 +233,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     await createGuest('pattern', 'pat', 'host1', 64);
     const pid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
     // host1 is told that "host2" lives at host3's address: a valid lab certificate, the wrong name.
-    await reconfigure('host1', (c) => { c.peers = { ...c.peers, host2: '198.18.0.13:8002' }; });
+    await reconfigure('host1', (c) => { c.peers = { ...c.peers, host2: '198.19.0.13:8002' }; });
     const r = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live'], 'TLS_REFUSED');
     assert.match(r.json.error.message, /host2/);
     const info = await ok(['-H', 'host1', 'info', 'pat', '--json']);
@@ -241,6 +241,6 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     assert.equal(info.pid, pid);
     const hi = await ok(['-H', 'host3', 'host', 'info', '--json']);
     assert.equal(hi.domains, 0, 'nothing reached host3');
-    await reconfigure('host1', (c) => { c.peers = { ...c.peers, host2: '198.18.0.12:8002' }; });
+    await reconfigure('host1', (c) => { c.peers = { ...c.peers, host2: '198.19.0.12:8002' }; });
   });
 });

@@ -25,6 +25,7 @@ describe('ferry lab', () => {
     const s = await ok(['lab', 'up', '--hosts', '3', '--segments', '2', '--host-memory', '512', '--json']);
     assert.deepEqual(namespaces().sort(), ['ferry-client', 'ferry-host1', 'ferry-host2', 'ferry-host3', 'ferry-switch']);
     assert.deepEqual(s.hosts.map((h: any) => h.address), ['198.18.0.11', '198.18.0.12', '198.18.0.13']);
+    assert.deepEqual(s.hosts.map((h: any) => h.migAddress), ['198.19.0.11', '198.19.0.12', '198.19.0.13'], 'the migration network');
     for (const h of s.hosts) assert.ok(pidAlive(h.pid));
     // host3's "lab" network sits on the second segment and subnet
     const i3 = await ok(['-H', 'host3', 'host', 'info', '--json']);
@@ -40,10 +41,10 @@ describe('ferry lab', () => {
     assert.match(ex.stdout, /198\.18\.0\.12\/24/);
     // a remote API call over mutually authenticated TLS, from the client with the lab's
     // admin certificate; from inside host1 with host1's own (a peer's) it is forbidden
-    const tlsList = await ferry(['lab', 'exec', 'client', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.18.0.12', 'host', 'info', '--json']);
+    const tlsList = await ferry(['lab', 'exec', 'client', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.19.0.12', 'host', 'info', '--json']);
     assert.equal(tlsList.code, 0, tlsList.stderr);
     assert.equal(JSON.parse(tlsList.stdout).name, 'host2');
-    const asPeer = await ferry(['lab', 'exec', 'host1', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.18.0.12', 'host', 'info', '--json']);
+    const asPeer = await ferry(['lab', 'exec', 'host1', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.19.0.12', 'host', 'info', '--json']);
     assert.equal(asPeer.code, 7);
     assert.equal(JSON.parse(asPeer.stdout).error.code, 'API_FORBIDDEN');
     await createGuest('pattern', 'p1', 'host2');

@@ -125,36 +125,36 @@ describe('migration refusals (lab)', () => {
       peer: { name: 'host1', version: '0.1.0', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: [], machine: 'pc-i440fx-7.2', networks: {} },
       domain: { config: { name: 'ghost', memory: 64, boot: { disk: 0 }, disks: [{ path: '/nonexistent', format: 'raw', readOnly: true }] }, fileSizes: {}, machine: 'pc-i440fx-7.2', cpuModel: 'qemu64' },
     };
-    const v = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: begin });
+    const v = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: begin });
     assert.equal(v.lines[0].error.code, 'MIGRATION_DEST_VERSION');
-    const bad = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, mode: 'teleport' } });
+    const bad = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, mode: 'teleport' } });
     assert.equal(bad.lines[0].error.code, 'MIGRATION_PROTOCOL');
-    const liar = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, peer: { ...begin.peer, name: 'host3' } } });
+    const liar = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, peer: { ...begin.peer, name: 'host3' } } });
     assert.equal(liar.lines[0].error.code, 'MIGRATION_PROTOCOL');
-    const noJob = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.finish', params: { jobId: '00000000-0000-4000-8000-000000000002' } });
+    const noJob = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.finish', params: { jobId: '00000000-0000-4000-8000-000000000002' } });
     assert.equal(noJob.lines[0].error.code, 'JOB_NOT_FOUND');
-    const garbage = tlsCall('host1', '198.18.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { version: 'x' } });
+    const garbage = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { version: 'x' } });
     assert.equal(garbage.lines[0].error.code, 'API_BAD_REQUEST');
     assert.equal(domainRecord('host2', 'ghost'), undefined);
   });
 
   test('trust: no certificate, a foreign CA, a peer not in hostsAllow, no TLS at all', async () => {
-    const none = tlsCall('host1', '198.18.0.12', 'none');
+    const none = tlsCall('host1', '198.19.0.12', 'none');
     assert.equal(none.lines[0]?.error?.code, 'TLS_REFUSED');
     const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ca-'));
     caInit(path.join(tmp, 'ca'), { name: 'evil CA' });
     issueHostCert('host1', { caDir: path.join(tmp, 'ca'), outDir: path.join(tmp, 'foreign') });
-    const foreign = tlsCall('host1', '198.18.0.12', path.join(tmp, 'foreign'));
+    const foreign = tlsCall('host1', '198.19.0.12', path.join(tmp, 'foreign'));
     assert.equal(foreign.lines[0]?.error?.code, 'TLS_REFUSED');
     issueHostCert('intruder', { caDir: labState().caDir, outDir: path.join(tmp, 'intruder') });
-    const intruder = tlsCall('host1', '198.18.0.12', path.join(tmp, 'intruder'));
+    const intruder = tlsCall('host1', '198.19.0.12', path.join(tmp, 'intruder'));
     assert.equal(intruder.lines[0]?.error?.code, 'PEER_NOT_ALLOWED');
     // hostsAllow matches whole names: host[0-9]+ admits neither host1x nor evilhost1.
     for (const n of ['host1x', 'evilhost1']) {
       issueHostCert(n, { caDir: labState().caDir, outDir: path.join(tmp, n) });
-      assert.equal(tlsCall('host1', '198.18.0.12', path.join(tmp, n)).lines[0]?.error?.code, 'PEER_NOT_ALLOWED', n);
+      assert.equal(tlsCall('host1', '198.19.0.12', path.join(tmp, n)).lines[0]?.error?.code, 'PEER_NOT_ALLOWED', n);
     }
-    const plain = tlsCall('host1', '198.18.0.12', 'plain', { id: 1, action: 'domain.list' });
+    const plain = tlsCall('host1', '198.19.0.12', 'plain', { id: 1, action: 'domain.list' });
     assert.ok(!plain.lines.some((l: any) => l && l.id === 1 && l.result), 'plain TCP gets no answer');
     const log = ferrydLog('host2');
     assert.match(log, /"msg":"refused peer".*"code":"TLS_REFUSED".*"peerName":null/);
