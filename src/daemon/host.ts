@@ -14,7 +14,7 @@ import { FerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, domainPaths, type DomainConfig } from '../domain/config.ts';
 import { transition, hasProcess, describeKind, type DomainState, type DomainEvent, type StopReason } from '../domain/state.ts';
 import { domainArgv, tapName, type Accel } from '../qemu/argv.ts';
-import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
+import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive, processStartTicks, processUid } from '../qemu/process.ts';
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
@@ -33,6 +33,8 @@ import { FERRY_VERSION } from '../version.ts';
 export interface Runtime {
   /** QEMU's own directory (confine.ts): its sockets and TLS copy. Absent in records of ferry < 0.3. */
   qemuDir?: string;
+  /** The QEMU process's start time (processStartTicks), taken at spawn: its identity beside the pid. */
+  startTicks?: number;
   qmpPath: string;
   consolePath: string;
   logPath: string;
@@ -324,7 +326,7 @@ export class Host extends EventEmitter {
           qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
           passFds: opened, ...(this.qemuUser ? { uid: this.qemuUser.uid, gid: this.qemuUser.gid } : {}),
         });
-        return { pid: q.pid, qmp: q.qmp, runtime };
+        return { pid: q.pid, qmp: q.qmp, runtime: { ...runtime, startTicks: processStartTicks(q.pid) } };
       } catch (e) {
         for (const t of runtime.taps) deleteTap(t);
         throw e;
@@ -725,6 +727,14 @@ export class Host extends EventEmitter {
       throw new FerryError('MEMORY_UNREADABLE', `Cannot ${write ? 'write' : 'read'} the RAM of domain "${c.name}" on ${this.cfg.name}: ${(e as Error).message}`);
     };
     const ram = await openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
+    // Opened first, then proven: had the pid been reused before the open, the process
+    // it names now would have another start time (or not be the QEMU user's).
+    const want = live.rec.runtime?.startTicks;
+    const owner = this.qemuUser ? processUid(s.pid) : undefined;
+    if ((want !== undefined && processStartTicks(s.pid) !== want) || (this.qemuUser && owner !== this.qemuUser.uid)) {
+      ram.close();
+      throw new FerryError('MEMORY_UNREADABLE', `Domain "${c.name}": pid ${s.pid} is no longer the QEMU ferryd started (start time or owner changed); not touching its memory`);
+    }
     try {
       return await f(ram).catch(fail);
     } finally {

@@ -53,14 +53,38 @@ export function qemuPidsWith(uuid: string, alsoHas: string[] = []): number[] {
   return out.filter(pidAlive);
 }
 
-/** CPU seconds used by a process (user + system), from /proc. */
-export function cpuSeconds(pid: number): number {
+/** The fields of /proc/PID/stat after the command name (field 3 is index 0), or undefined. */
+function procStat(pid: number): string[] | undefined {
   try {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / 100;
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   } catch {
-    return 0;
+    return undefined;
+  }
+}
+
+/** CPU seconds used by a process (user + system), from /proc. */
+export function cpuSeconds(pid: number): number {
+  const f = procStat(pid);
+  return f ? (Number(f[11]) + Number(f[12])) / 100 : 0;
+}
+
+/**
+ * When a process started (clock ticks since boot): with the pid, an identity that a
+ * reused pid cannot have. Recorded at spawn; checked before ferryd touches a QEMU's
+ * memory as root (Node has no pidfd).
+ */
+export function processStartTicks(pid: number): number | undefined {
+  const f = procStat(pid);
+  return f ? Number(f[19]) : undefined;
+}
+
+/** A process's real uid, from /proc/PID/status. */
+export function processUid(pid: number): number | undefined {
+  try {
+    return Number(/^Uid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
+  } catch {
+    return undefined;
   }
 }
 
