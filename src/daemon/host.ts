@@ -14,7 +14,7 @@ import { FerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, domainPaths, type DomainConfig } from '../domain/config.ts';
 import { transition, hasProcess, describeKind, type DomainState, type DomainEvent, type StopReason } from '../domain/state.ts';
 import { domainArgv, tapName, type Accel } from '../qemu/argv.ts';
-import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive, processStartTicks, processUid } from '../qemu/process.ts';
+import { startQemu, isOurQemu, killAndWait, cpuSeconds, pidAlive, processStartTicks, processUid, unixPeerIs } from '../qemu/process.ts';
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
@@ -326,6 +326,7 @@ export class Host extends EventEmitter {
           qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
           passFds: opened, ...(this.qemuUser ? { uid: this.qemuUser.uid, gid: this.qemuUser.gid } : {}),
         });
+        await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => { q.qmp.close(); await killAndWait(q.pid, 0); throw e; });
         return { pid: q.pid, qmp: q.qmp, runtime: { ...runtime, startTicks: processStartTicks(q.pid) } };
       } catch (e) {
         for (const t of runtime.taps) deleteTap(t);
@@ -334,6 +335,14 @@ export class Host extends EventEmitter {
     } finally {
       for (const fd of opened) fs.closeSync(fd);
     }
+  }
+
+  /**
+   * QEMUs share one unprivileged user, so a socket at the right path proves nothing by
+   * itself: its other end must be held by the very process ferryd spawned.
+   */
+  private async proveQmp(q: QmpClient, pid: number, where: string): Promise<void> {
+    if (this.qemuUser && !(await unixPeerIs(q.socket, pid))) throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
   }
 
   async start(name: string): Promise<Record<string, unknown>> {
@@ -362,7 +371,13 @@ export class Host extends EventEmitter {
   /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
   async attach(live: Live, pid: number, qmp?: QmpClient): Promise<void> {
     const rt = live.rec.runtime!;
-    live.qmp = qmp ?? await QmpClient.connect(rt.qmpPath, 5000);
+    if (qmp) live.qmp = qmp;
+    else {
+      // Re-attaching (ferryd restarted): the socket at this path must still be our QEMU's.
+      const q = await QmpClient.connect(rt.qmpPath, 5000);
+      await this.proveQmp(q, pid, rt.qmpPath).catch((e) => { q.close(); throw e; });
+      live.qmp = q;
+    }
     const name = live.rec.config.name;
     live.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(live, e));
     live.exited = new Promise<void>((resolve) => live.qmp!.once('close', () => { void this.onQemuGone(live, pid).finally(resolve); }));

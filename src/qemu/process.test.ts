@@ -20,3 +20,30 @@ test('start ticks are stable for a process and differ for a later one; the uid i
   assert.equal(processStartTicks(2 ** 22 + 1), undefined);
   assert.equal(processUid(2 ** 22 + 1), undefined);
 });
+
+test('unixPeerIs names the process holding the other end of a unix socket', async () => {
+  const { default: net } = await import('node:net');
+  const { default: fs } = await import('node:fs');
+  const { default: os } = await import('node:os');
+  const { default: path } = await import('node:path');
+  const { unixPeerIs } = await import('./process.ts');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-peer-'));
+  const p = path.join(dir, 's.sock');
+  const held: import('node:net').Socket[] = [];
+  const srv = net.createServer((s) => held.push(s));
+  await new Promise<void>((r) => srv.listen(p, r));
+  const c = net.createConnection({ path: p });
+  await new Promise<void>((r) => c.once('connect', () => r()));
+  const other = spawn('sleep', ['5']);
+  try {
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await unixPeerIs(c, process.pid), true, 'this process accepted it');
+    assert.equal(await unixPeerIs(c, other.pid!), false, 'another process holds no end of it');
+  } finally {
+    other.kill();
+    c.destroy();
+    for (const s of held) s.destroy();
+    srv.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

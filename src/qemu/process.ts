@@ -2,7 +2,7 @@
  * QEMU processes: start one detached (so it outlives ferryd), find it again after a
  * restart (pid + QMP socket, checked against its command line), and end it.
  */
-import { spawn } from 'node:child_process';
+import { spawn, execFile } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { QmpClient } from '../qmp/client.ts';
@@ -77,6 +77,28 @@ export function cpuSeconds(pid: number): number {
 export function processStartTicks(pid: number): number | undefined {
   const f = procStat(pid);
   return f ? Number(f[19]) : undefined;
+}
+
+/**
+ * Whether the other end of a connected unix socket is held by process `pid`: Node has
+ * no SO_PEERCRED, so the kernel's socket diagnostics (`ss -x`) name the peer socket of
+ * ours, and `pid`'s descriptors must include it. Resolves false when it cannot tell.
+ */
+export async function unixPeerIs(sock: net.Socket, pid: number): Promise<boolean> {
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return false;
+  let ours: string;
+  try { ours = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1] ?? ''; } catch { return false; }
+  if (!ours) return false;
+  const out = await new Promise<string>((resolve) => execFile('ss', ['-xn'], { timeout: 5000 }, (err, stdout) => resolve(err ? '' : stdout)));
+  // u_str ESTAB 0 0 /run/…/qmp.sock 81234 * 81233: local inode, then the peer's
+  const theirs = out.split('\n').map((l) => l.trim().split(/\s+/)).find((t) => t.length >= 3 && t[t.length - 1] === ours && t[t.length - 2] === '*')?.at(-3);
+  if (!theirs) return false;
+  try {
+    return fs.readdirSync(`/proc/${pid}/fd`).some((n) => { try { return fs.readlinkSync(`/proc/${pid}/fd/${n}`) === `socket:[${theirs}]`; } catch { return false; } });
+  } catch {
+    return false;
+  }
 }
 
 /** A process's real uid, from /proc/PID/status. */

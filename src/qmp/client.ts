@@ -66,6 +66,11 @@ export class QmpClient extends EventEmitter {
     return this._closed;
   }
 
+  /** The connected socket (to check who holds its other end). */
+  get socket(): net.Socket {
+    return this.sock;
+  }
+
   /** Connects, waits for the greeting and negotiates capabilities. */
   static async connect(path: string, timeoutMs = 5000): Promise<QmpClient> {
     const sock = net.createConnection({ path });
