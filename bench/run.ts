@@ -230,7 +230,8 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
 const LV_ADDR: Record<string, string> = { host1: '198.19.0.11', host2: '198.19.0.12' };
 const lvUri = (h: string): string => `qemu+tcp://${LV_ADDR[h]}/system`;
 let libvirtUp = false;
-let libvirtVersion: string | null = null;
+/** The installed libvirtd's version: the table names it even when `--only` skips libvirt's scenarios. */
+const libvirtVersion: string | null = (() => { try { return /(\d+\.\d+\.\d+)/.exec(execFileSync('libvirtd', ['--version']).toString())?.[1] ?? null; } catch { return null; } })();
 
 /** Installs libvirt (without starting any service) and runs one libvirtd per lab host. */
 async function ensureLibvirt(): Promise<void> {
@@ -256,7 +257,6 @@ async function ensureLibvirt(): Promise<void> {
   }
   for (const h of ['host1', 'host2']) await waitFor(`libvirtd on ${h}`, () => { try { inNs(h, ['virsh', '-c', lvUri(h), 'version']); return true; } catch { return false; } }, 30000);
   libvirtUp = true;
-  libvirtVersion = /(\d+\.\d+\.\d+)/.exec(execFileSync('libvirtd', ['--version']).toString())?.[1] ?? null;
 }
 
 function virsh(h: string, a: string[], timeoutMs = 600000): string {
@@ -530,15 +530,16 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     const med = (k: string): number | null => median(stream[k] ?? []);
     const f = (k: string): string => { const v = med(k); return v === null || !stream[k]?.length ? '-' : `${v.toFixed(2)} (${Math.min(...stream[k]).toFixed(2)}–${Math.max(...stream[k]).toFixed(2)})`; };
     L.push('', '**TLS and the stream alone** (Gbit/s, median (min–max); a stopped 512 MiB pattern guest, all pages non-zero, between two QEMUs on loopback, `bench/tls-stream.ts`):', '');
-    L.push('| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS, multifd 2 channels | TLS, multifd 4 channels | plain, multifd 2 channels |', '|---|---|---|---|---|---|');
-    L.push(`| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-multifd2')} | ${f('tls-multifd4')} | ${f('plain-multifd2')} |`);
-    const p = med('plain'); const t = med('tls-default'); const m2 = med('tls-multifd2'); const m4 = med('tls-multifd4');
+    L.push('| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS, multifd 2 channels | TLS, multifd 4 channels | plain, multifd 2 channels | plain QEMU stream over a Node TLS relay per side |', '|---|---|---|---|---|---|---|');
+    L.push(`| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-multifd2')} | ${f('tls-multifd4')} | ${f('plain-multifd2')} | ${f('tls-ferryd-relay')} |`);
+    const p = med('plain'); const t = med('tls-default'); const m2 = med('tls-multifd2'); const m4 = med('tls-multifd4'); const rl = med('tls-ferryd-relay');
     if (p && t && m2) {
       L.push('', `On this machine QEMU's single TLS stream runs at ${(t / p).toFixed(2)}× plain TCP, two multifd TLS channels at ${(m2 / p).toFixed(2)}×${m4 ? `, four at ${(m4 / p).toFixed(2)}×` : ''}. ` +
         'The cipher is not the limit (`openssl speed -evp aes-128-gcm`: 21.6 Gbit/s on one core here): QEMU encrypts a channel record by record in that channel\'s one thread, and on two cores both hosts\' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. ' +
         '*Estimate for larger hosts* (reasoning, not measured here): each multifd channel encrypts on its own thread at about the single-stream rate, so on hosts with 8 or more free cores per side N channels should scale close to N × the single-stream rate until the NIC or memory bandwidth binds (8 channels: roughly 15–20 Gbit/s). ' +
         'ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the `--parallel 2` rows\' setup; plain multifd does not, so it is the extra channels\' TLS set-up), and on two shared cores it gains little; `--parallel N` is the lever for large or busy guests on hosts with spare cores. ' +
-        'Not built: relaying a plain QEMU stream through ferryd\'s own TLS (Node carried 5.3 Gbit/s in one process over loopback, but here the relay would add two copies and the crypto on the same two cores), and kernel TLS (this kernel has no `tls` ULP).');
+        (rl ? `A ferryd relay (QEMU plain into a unix socket, Node TLS between two relay processes, as two ferryds would carry it) runs at ${(rl / p).toFixed(2)}× plain, ${rl < t ? 'slower than' : 'about as fast as'} QEMU's own TLS: it adds two copies and a process hop per side on the same two cores, so ferry does not relay. ` : '') +
+        'Kernel TLS, which would encrypt without the copies, is not available here (this kernel has no `tls` ULP), and neither is a kernel AES-GCM driver for IPsec (/proc/crypto has only the generic AES). So no secure transport on this machine reaches 0.5× plain; the fastest secure one for large streams is multifd over TLS (`--parallel 2`).');
     }
   }
   if (cli?.ferry?.length) {

@@ -63,8 +63,13 @@ export async function labDown(): Promise<void> {
   if (r.code !== 0) throw new Error(`lab down failed: ${r.stderr}`);
 }
 
+// Every test file's scratch files go when its process ends, passed or failed.
+const scratch: string[] = [];
+process.on('exit', () => { for (const d of scratch) fs.rmSync(d, { recursive: true, force: true }); });
+
 export function tmpFile(name: string, content: unknown): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-test-'));
+  scratch.push(dir);
   const p = path.join(dir, name);
   fs.writeFileSync(p, typeof content === 'string' ? content : JSON.stringify(content));
   return p;
