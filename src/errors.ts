@@ -50,6 +50,7 @@ export const ERRORS = {
   MIGRATION_DEST_NETWORK: { exit: 8, doc: 'the domain\'s network is missing on the destination' },
   MIGRATION_DEST_L2: { exit: 8, doc: 'the destination\'s network is not the same L2 segment' },
   MIGRATION_DEST_DISK: { exit: 8, doc: 'a disk is not reachable at the same path on the destination' },
+  MIGRATION_DEST_STORAGE: { exit: 8, doc: 'a writable disk is not on storage both hosts share (the destination did not see the marker the source wrote beside it)' },
   MIGRATION_DEST_EXISTS: { exit: 8, doc: 'a domain with that name or uuid already exists on the destination' },
   MIGRATION_DEST_VERSION: { exit: 8, doc: 'the destination speaks an incompatible protocol version' },
   MIGRATION_DEST_ENGINE: { exit: 8, doc: 'the destination\'s QEMU is older than the source\'s, or lacks the domain\'s machine type (QEMU migrates only to the same or a newer version)' },
@@ -62,6 +63,7 @@ export const ERRORS = {
   MIGRATION_FAILED: { exit: 9, doc: 'the migration failed; the source domain keeps running' },
   MIGRATION_CANCELLED: { exit: 9, doc: 'the migration was cancelled; the source domain keeps running' },
   MIGRATION_NOT_CONVERGING: { exit: 9, doc: 'the pre-copy did not converge before its deadline' },
+  MIGRATION_UNRESOLVED: { exit: 9, doc: 'past the point of no return the destination has not said whether it runs the guest: the source copy stays paused, ferryd keeps asking (`ferry job DOMAIN`; `ferry job resolve` if you know)' },
   MIGRATION_MEMORY_MISMATCH: { exit: 9, doc: 'the destination\'s copy of guest RAM still differs from the source\'s after it was rewritten; the source domain keeps running' },
 } as const;
 

@@ -21,6 +21,7 @@ export const MAX_REQUEST_BYTES = 1024 * 1024;
 
 type Check = (v: unknown) => string | null;
 const str: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 4096 ? null : 'must be a non-empty string');
+const oneOf = (...vs: string[]): Check => (v) => (typeof v === 'string' && vs.includes(v) ? null : `must be one of ${vs.join(', ')}`);
 const optStr: Check = (v) => (v === undefined ? null : str(v));
 const optBool: Check = (v) => (v === undefined || typeof v === 'boolean' ? null : 'must be true or false');
 const optNum = (min: number, max: number): Check => (v) => (v === undefined || (typeof v === 'number' && Number.isFinite(v) && v >= min && v <= max) ? null : `must be a number from ${min} to ${max}`);
@@ -56,6 +57,8 @@ export const ACTIONS = {
   'migration.cancel': { domain: str },
   'migration.jobs': {},
   'migration.job': { domain: str },
+  // the operator's word on a job past the point of no return that the destination has not settled
+  'migration.resolve': { domain: str, assume: oneOf('destination', 'source') },
   // relocation (destination side, asked by a peer ferryd over TLS)
   'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str },
   'relocation.prepare': { jobId: str },
@@ -99,6 +102,7 @@ export const ROLES = {
   'migration.cancel': MANAGE,
   'migration.jobs': MANAGE,
   'migration.job': MANAGE,
+  'migration.resolve': MANAGE,
   'relocation.begin': PEER,
   'relocation.prepare': PEER,
   'relocation.digest': PEER,

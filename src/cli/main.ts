@@ -80,8 +80,8 @@ function printHostInfo(r: any): void {
     ['host', r.name], ['version', `ferry ${r.version}`],
     ['engine', `QEMU ${r.qemuVersion} (${r.engine.binary}${r.engine.dataDirs.length ? ` -L ${r.engine.dataDirs.join(' -L ')}` : ''})${r.engine.liveDirtyTrackingReliable ? '' : '; its live dirty-page tracking is unreliable under TCG (before 9.0): live moves check guest RAM'}`],
     ['arch', r.arch], ['accelerator', `${r.accel} (${r.accelReason})`],
-    ['machine', r.machine], ['cpu model', r.cpuModel], ['cpu flags', r.cpuFeatures.join(' ')],
-    ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free`],
+    ['machine', r.machine], ['cpu model', `${r.cpuModel}${r.cpuUnavailable?.length ? ` (CANNOT RUN HERE: ${r.accel} lacks ${r.cpuUnavailable.join(', ')})` : ''}`], ['cpu flags', r.cpuFeatures.join(' ')],
+    ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free (it ${r.memory.limitedBy})`],
     ...Object.entries(r.networks).map(([n, v]: [string, any]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
     ['relocation', `${r.relocation.address}:${r.relocation.port}, data ports ${r.relocation.dataPorts.join('-')}`],
   ];

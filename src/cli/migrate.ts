@@ -4,7 +4,7 @@
  * remaining and ETA; with --json one final report object is printed.
  */
 import type { Command } from 'commander';
-import { FerryError, asFerryError } from '../errors.ts';
+import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
 import { ApiClient, resolveTarget, call } from '../api/client.ts';
 import { act, hostOpt } from './main.ts';
 import { printJson, table, fmtBytes, reportError } from './output.ts';
@@ -28,7 +28,7 @@ export function printReport(r: any): void {
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : `${v} ms`);
   const rows: (string | number)[][] = [
     ['outcome', r.outcome], ['mode', r.mode], ['domain', r.domain], ['from → to', `${r.source} → ${r.destination}`],
-    ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP→RESUME)', ms(r.pauseMs)],
+    ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP → resumed there)', ms(r.pauseMs)],
   ];
   if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
   if (r.memoryCheck) {
@@ -55,6 +55,10 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
           const line = bar(ev.data);
           process.stderr.write(`\r${line}${' '.repeat(Math.max(0, lastLen - line.length))}`);
           lastLen = line.length;
+        } else if (ev.event === 'migration.waiting') {
+          if (lastLen) process.stderr.write('\n');
+          lastLen = 0;
+          process.stderr.write(`  ${ev.data.peer} has not said whether it resumed the guest (try ${ev.data.attempts}: ${ev.data.lastError}); the copy here stays paused, asking again in ${Math.max(0, Math.round((ev.data.nextTryAt - Date.now()) / 1000))} s\n`);
         } else if (ev.event === 'migration.phase' && ev.data.role === 'source') {
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
@@ -70,18 +74,17 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.probe === false) params.probeGuest = false;
     if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
-      const r = await c.request('migration.start', params);
+      // The answer is the job's report, failures included; `error` says why.
+      const r = await c.request<any>('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
       if (o.json) printJson(r); else printReport(r);
-      return 0;
+      if (!r.error) return 0;
+      const fe = new FerryError(isErrorCode(r.error.code) ? r.error.code : 'MIGRATION_FAILED', r.error.message);
+      if (!o.json) process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`);
+      return fe.exitCode;
     } catch (e) {
       if (tty && lastLen) process.stderr.write('\n');
       const fe = asFerryError(e);
-      const rep = fe.details?.report as any;
-      if (rep) {
-        if (o.json) printJson(rep); else { printReport(rep); process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`); }
-        return fe.exitCode;
-      }
       if (o.json) {
         printJson({ outcome: 'failed', mode: o.live ? 'live' : 'offline', domain, source: hostArg ?? 'local', destination: dest, encrypted: !o.insecure, error: fe.toJSON() });
         return fe.exitCode;
@@ -95,8 +98,14 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
 
 function printJobs(rows: any[]): void {
   const out: (string | number)[][] = [['Domain', 'Role', 'Mode', 'Peer', 'Phase', 'Progress', 'Started', 'Outcome']];
-  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
+  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.waiting ? `${j.phase} (asking, try ${j.waiting.attempts})` : j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
   process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
+  for (const j of rows) {
+    if (!j.waiting) continue;
+    process.stdout.write(`\n${j.domain}: past the point of no return, ${j.peer} has not said whether it runs the guest; the copy here stays paused.\n` +
+      `  asking since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n` +
+      `  if you know where it runs: ferry job resolve ${j.domain} --assume-destination | --assume-source\n`);
+  }
 }
 
 export function registerMigrate(prog: Command): void {
@@ -128,16 +137,25 @@ export function registerMigrate(prog: Command): void {
     });
   prog.command('jobs').description('list migration jobs').option('--json', 'JSON output')
     .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'migration.jobs'), printJobs));
-  prog.command('job').description('show a domain\'s migration job; `job abort DOMAIN` cancels it').argument('<domain-or-abort>').argument('[domain]').option('--json', 'JSON output')
-    .action(act(async (a: string, b: string | undefined, _o: unknown, cmd: Command) => {
+  prog.command('job').description('show a domain\'s migration job; `job abort DOMAIN` cancels it; `job resolve DOMAIN --assume-…` settles one the destination does not answer for')
+    .argument('<domain-or-verb>', 'DOMAIN, or abort / resolve').argument('[domain]').option('--json', 'JSON output')
+    .option('--assume-destination', 'resolve: you checked that the destination runs the domain; the paused copy here is ended and its definition forgotten')
+    .option('--assume-source', 'resolve: you checked that the destination does NOT run the domain and never will (destroyed or absent there); the copy here resumes. If the destination does run it, the guest now runs twice and its disks are corrupted')
+    .action(act(async (a: string, b: string | undefined, o: any, cmd: Command) => {
       if (a === 'abort') {
         if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job abort DOMAIN');
         return call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain: b });
+      }
+      if (a === 'resolve') {
+        if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job resolve DOMAIN --assume-destination|--assume-source');
+        if (!!o.assumeDestination === !!o.assumeSource) throw new FerryError('CLI_USAGE', 'say where the domain runs: exactly one of --assume-destination or --assume-source (check the other host by hand first)');
+        return call(resolveTarget(hostOpt(cmd)), 'migration.resolve', { domain: b, assume: o.assumeSource ? 'source' : 'destination' });
       }
       if (b) throw new FerryError('CLI_USAGE', `unexpected argument "${b}"`);
       return call(resolveTarget(hostOpt(cmd)), 'migration.job', { domain: a });
     }, (j: any) => {
       if (j.cancelling) { process.stdout.write(`Cancelling the migration of ${j.domain}\n`); return; }
+      if (j.settledBy) { process.stdout.write(`Migration of ${j.domain} settled (${j.settledBy === 'operator' ? 'on your word' : 'the destination answered'}): it runs on ${j.runsOn}\n`); return; }
       printJobs([j]);
       if (j.report) { process.stdout.write('\n'); printReport(j.report); }
     }));

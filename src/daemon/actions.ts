@@ -50,6 +50,7 @@ export function makeHandler(host: Host, migration: MigrationApi | undefined) {
       case 'migration.cancel':
       case 'migration.jobs':
       case 'migration.job':
+      case 'migration.resolve':
       case 'relocation.begin':
       case 'relocation.prepare':
       case 'relocation.digest':

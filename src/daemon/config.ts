@@ -39,6 +39,8 @@ export interface DaemonConfig {
   tlsDir: string;
   /** Memory offered to domains, MiB. */
   memoryMiB: number;
+  /** Kept free on the host beyond what its domains may touch (MiB). */
+  memoryMarginMiB: number;
   networks: Record<string, NetworkConfig>;
   accel: Accel | 'auto';
   cpuModel: string;
@@ -88,7 +90,9 @@ export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
 /** Memory kept back for the host itself when `memory` is not set. */
 export const HOST_RESERVE_MIB = 1024;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
+export const DEFAULT_MEMORY_MARGIN_MIB = 256;
+
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -128,6 +132,8 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (typeof tlsDir !== 'string' || !path.isAbsolute(tlsDir)) bad('tlsDir', 'must be an absolute path');
   const memory = raw.memory ?? defaultMemoryMiB();
   if (!Number.isInteger(memory) || (memory as number) < 16) bad('memory', `must be an integer number of MiB (at least 16), got ${JSON.stringify(memory)}`);
+  const memoryMargin = raw.memoryMargin ?? DEFAULT_MEMORY_MARGIN_MIB;
+  if (!Number.isInteger(memoryMargin) || (memoryMargin as number) < 0) bad('memoryMargin', `must be a whole number of MiB, got ${JSON.stringify(memoryMargin)}`);
   const networks: Record<string, NetworkConfig> = {};
   const nets = raw.networks ?? {};
   if (!isObj(nets)) bad('networks', 'must be an object of name → {bridge, subnet}');
@@ -185,7 +191,7 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean },
     storage, limits,
-    tlsDir: tlsDir as string, memoryMiB: memory as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
+    tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
     peers: peers as Record<string, string>, qemu, qemuUser: isObj(qraw) && typeof qraw.user === 'string' ? qraw.user : DEFAULT_QEMU_USER,
   };
 }

@@ -22,6 +22,7 @@ import { hostArch } from '../qemu/probe.ts';
 import { openGuestRam, digestRam, digestChunks, chunkBytesFor, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import { checkDomainFiles, resolveSaveFile } from '../domain/storage.ts';
+import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
@@ -181,16 +182,38 @@ export class Host extends EventEmitter {
     return used;
   }
 
+  /** The figures behind `memoryFreeMiB` (daemon/capacity.ts). */
+  capacity(): Capacity {
+    let untouched = 0;
+    for (const l of this.domains.values()) {
+      const s = l.rec.state;
+      if (hasProcess(s)) untouched += Math.max(0, l.rec.config.memoryMiB - rssMiB(s.pid));
+    }
+    // A reservation without its QEMU yet will touch all of it, too.
+    for (const r of this.reservations.values()) {
+      const d = this.domains.get(r.domain);
+      if (!d || !hasProcess(d.rec.state)) untouched += r.memoryMiB;
+    }
+    return { offerMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), availableMiB: memAvailableMiB(), untouchedMiB: untouched, marginMiB: this.cfg.memoryMarginMiB };
+  }
+
+  /** Free memory and which limit binds it, in words: what a peer's pre-flight is told. */
+  memoryFacts(): { freeMiB: number; freeWhy: string } {
+    const c = this.capacity();
+    return { freeMiB: freeMiB(c), freeWhy: explainFree(c) };
+  }
+
+  /** The smaller of the offer's remainder and what the host really has. */
   memoryFreeMiB(): number {
-    return this.cfg.memoryMiB - this.memoryUsedMiB();
+    return freeMiB(this.capacity());
   }
 
   info(): Record<string, unknown> {
     return {
       name: this.cfg.name, arch: hostArch(), version: FERRY_VERSION, qemuVersion: this.qemu.version, machine: this.qemu.machine,
       engine: { binary: this.cfg.qemu.binary, dataDirs: this.cfg.qemu.dataDirs, version: this.qemu.version, liveDirtyTrackingReliable: !dirtyTrackingUnreliable(this.accel.accel, this.qemu.version) },
-      accel: this.accel.accel, accelReason: this.accel.reason, cpuModel: this.qemu.cpuModel, cpuFeatures: this.qemu.cpuFeatures,
-      memory: { offeredMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), freeMiB: this.memoryFreeMiB(), reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0) },
+      accel: this.accel.accel, accelReason: this.accel.reason, cpuModel: this.qemu.cpuModel, cpuFeatures: this.qemu.cpuFeatures, cpuUnavailable: this.qemu.cpuUnavailable,
+      memory: (() => { const c = this.capacity(); return { offeredMiB: c.offerMiB, usedMiB: c.usedMiB, freeMiB: freeMiB(c), reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0), availableMiB: c.availableMiB, untouchedMiB: c.untouchedMiB, marginMiB: c.marginMiB, limitedBy: explainFree(c) }; })(),
       networks: this.cfg.networks,
       relocation: { address: this.cfg.relocation.address, port: this.cfg.relocation.port, dataPorts: this.cfg.relocation.dataPorts, hostsAllow: this.cfg.relocation.hostsAllow },
       domains: this.domains.size,
@@ -230,8 +253,12 @@ export class Host extends EventEmitter {
   }
 
   checkMemory(c: DomainConfig, verb = 'start'): void {
-    const free = this.memoryFreeMiB();
-    if (free < c.memoryMiB) throw new FerryError('HOST_NO_MEMORY', `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB`, { freeMiB: free, needMiB: c.memoryMiB });
+    // Before memory: a CPU model this host cannot run would fail in QEMU (enforce) anyway.
+    const miss = this.qemu.cpuUnavailable;
+    if (miss.length) throw new FerryError('QEMU_START_FAILED', `Cannot ${verb} domain "${c.name}": ${this.cfg.name}'s CPU model ${this.qemu.cpuModel} needs ${miss.join(', ')}, which ${this.accel.accel} cannot provide here; set a CPU model this host can run ("cpuModel" in ferryd.json, the same on every host a domain moves between)`, { unavailable: miss });
+    const cap = this.capacity();
+    const free = freeMiB(cap);
+    if (free < c.memoryMiB) throw new FerryError('HOST_NO_MEMORY', `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB (it ${explainFree(cap)})`, { freeMiB: free, needMiB: c.memoryMiB });
   }
 
   checkUnique(c: DomainConfig): void {

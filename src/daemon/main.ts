@@ -56,11 +56,15 @@ async function main(): Promise<void> {
     log.warn('no dh-params.pem in the TLS directory and cannot write one: QEMU will generate DH parameters in every incoming migration', { tlsDir: cfg.tlsDir, error: String(e) });
   }
   const scratch = path.join(cfg.stateDir, 'run');
-  const [qemu, accel] = await Promise.all([
-    probeQemu(cfg.cpuModel, scratch, cfg.qemu),
+  // The CPU facts must come from the accelerator domains will use: probed under TCG
+  // while the choice is made, and again under KVM if that is the choice.
+  const [tcgFacts, accel] = await Promise.all([
+    probeQemu(cfg.cpuModel, scratch, cfg.qemu, 'tcg'),
     chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch, engine: cfg.qemu }),
   ]);
+  const qemu = accel.accel === 'tcg' ? tcgFacts : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, accel.accel);
   log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
+  if (qemu.cpuUnavailable.length) log.warn('this host cannot provide the CPU model\'s features: domains will not start here, and migrations here are refused', { cpuModel: cfg.cpuModel, accel: accel.accel, unavailable: qemu.cpuUnavailable });
   const host = new Host(cfg, log, accel, qemu);
   await host.recover();
   const migrations = new Migrations(host, log);

@@ -16,9 +16,10 @@ import type { ConnContext } from '../daemon/server.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkProtocolVersion, checkFiles, checkL2, type SourceFacts, type FileSizes } from './preflight.ts';
+import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
+import type { QmpClient } from '../qmp/client.ts';
 
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
@@ -35,6 +36,8 @@ interface BeginMsg {
   peer: SourceFacts;
   config: DomainConfig;
   fileSizes: FileSizes;
+  /** The nonce of the markers the source wrote beside its writable disks ('' if none sent). */
+  storageNonce: string;
   machine: string;
   cpuModel: string;
 }
@@ -64,8 +67,9 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
   try { config = parseDomainConfig(d.config); } catch (e) { return bad(`domain.config is invalid: ${(e as Error).message}`); }
   if (!isObj(d.fileSizes) || !Object.values(d.fileSizes).every((x) => Number.isInteger(x))) bad('domain.fileSizes must map paths to sizes');
   if (p.parallel !== undefined && !(Number.isInteger(p.parallel) && (p.parallel as number) >= 1 && (p.parallel as number) <= 16)) bad('parallel must be 1-16');
+  if (d.storageNonce !== undefined && !(typeof d.storageNonce === 'string' && /^[0-9a-f]{32}$/.test(d.storageNonce))) bad('domain.storageNonce must be 32 hex digits');
   if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, machine: d.machine as string, cpuModel: d.cpuModel as string };
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string };
 }
 
 export class Destination {
@@ -151,8 +155,8 @@ export class Destination {
     if (open.length >= lim.incomingTotal) throw new FerryError('API_LIMIT', `${h.cfg.name} already has ${lim.incomingTotal} unfinished incoming migrations (limits.incomingTotal); try again later`);
     const running = m.mode !== 'definition';
     checkOffer(m.version, m.peer, {
-      name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machines: h.qemu.machines,
-      networks: h.cfg.networks, freeMiB: h.memoryFreeMiB(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
+      name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, cpuUnavailable: h.qemu.cpuUnavailable, machines: h.qemu.machines,
+      networks: h.cfg.networks, ...h.memoryFacts(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
     }, m.config, running);
     if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
     // Pools first: a peer learns nothing about files outside them (not even existence).
@@ -162,6 +166,7 @@ export class Destination {
       throw fe;
     }
     checkFiles(m.config, m.fileSizes, h.cfg.name);
+    checkStorageMarkers(m.config, m.jobId, m.storageNonce, h.cfg.name, peerName);
     const job: DestJob = {
       role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
       startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
@@ -431,7 +436,12 @@ export class Destination {
     let resumedAt: number | null = null;
     if (running) {
       const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
-      await q.execute('cont');
+      resumed.catch(() => undefined);
+      try {
+        await q.execute('cont');
+      } catch (e) {
+        await this.resumeFailed(j, live, q, (e as Error).message);
+      }
       resumedAt = await resumed;
     }
     // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
@@ -444,6 +454,22 @@ export class Destination {
     this.forgetRun(j.jobId);
     setTimeout(() => this.selfConfirm(j, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
     return { phase: j.phase, resumedAt, host: h.cfg.name };
+  }
+
+  /**
+   * QEMU refused `cont` past the point of no return (say, a disk it cannot lock). If it
+   * says the guest is not running, the guest never ran here: give it back (the source
+   * resumes its copy on this word) instead of holding a job nobody can finish. If its
+   * state is unknown, stay in finishing: the source keeps asking, and nothing runs twice.
+   */
+  async resumeFailed(j: DestJob, live: Live, q: QmpClient, why: string): Promise<never> {
+    const st = await q.execute<{ running: boolean; status: string }>('query-status').catch(() => undefined);
+    if (!st || st.running) throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}" (${why}) and cannot tell whether it runs; the source keeps its copy paused`);
+    const reason = `QEMU on ${this.host.cfg.name} refused to run the guest (${why}); it never ran there`;
+    this.log.error('could not resume an incoming guest; giving it back to the source', { jobId: j.jobId, domain: j.domain, error: why, status: st.status });
+    live.expectStop = 'destroyed';
+    await this.undo(j, reason, { type: 'resume-failed', reason });
+    throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}": ${why}. It never ran there, so the source keeps it`, { abandoned: true });
   }
 
   private finishDefinition(j: DestJob): unknown {
@@ -535,7 +561,7 @@ export class Destination {
     this.watches.delete(jobId);
   }
 
-  private async undo(j: DestJob, reason: string): Promise<void> {
+  private async undo(j: DestJob, reason: string, event: DestEvent = { type: 'abandon', reason }): Promise<void> {
     const h = this.host;
     this.closeProbe(j.jobId);
     const live = h.domains.get(j.domain);
@@ -552,7 +578,7 @@ export class Destination {
     h.reservations.delete(j.jobId);
     this.forgetRun(j.jobId);
     j.error = { code: 'MIGRATION_FAILED', message: reason };
-    this.step(j, { type: 'abandon', reason });
+    this.step(j, event);
     this.begins.delete(j.jobId);
     this.store.prune();
     this.log.info('incoming migration abandoned', { jobId: j.jobId, domain: j.domain, reason });

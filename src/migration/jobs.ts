@@ -11,7 +11,8 @@ import type { SourcePhase, DestPhase } from './phases.ts';
 export type Mode = 'live' | 'offline' | 'definition';
 
 export interface Report {
-  outcome: 'succeeded' | 'failed' | 'cancelled';
+  /** unresolved: past the point of no return, the destination has not said whether it runs the guest; ferryd keeps asking. */
+  outcome: 'succeeded' | 'failed' | 'cancelled' | 'unresolved';
   mode: Mode;
   jobId: string;
   domain: string;
@@ -20,7 +21,7 @@ export interface Report {
   totalMs: number;
   setupMs: number | null;
   downtimeMs: number | null;
-  /** Source STOP event → destination RESUME event (QEMU's downtime understates it). */
+  /** Source STOP event → the destination's answer that its guest resumed, both on the source's monotonic clock (an upper bound; QEMU's downtime understates the pause). */
   pauseMs: number | null;
   /** Longest gap in the guest's replies to an outside probe (see guestprobe.ts); null without a guest IP. */
   guestDowntimeMs: number | null;
@@ -61,7 +62,11 @@ export interface SourceJob extends JobBase {
   dataPort?: number;
   /** Live progress (not persisted on every poll). */
   progress?: Record<string, unknown>;
+  /** Past the point of no return, while the destination cannot be asked: who, how often, why. */
+  waiting?: Waiting;
 }
+
+export interface Waiting { since: number; attempts: number; lastError: string; nextTryAt: number }
 
 export interface DestJob extends JobBase {
   role: 'destination';

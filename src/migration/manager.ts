@@ -4,8 +4,9 @@
  * Recovery settles every unfinished job by a switch on its persisted phase:
  *   source  begin/prepare/perform/switchover → abandon: cancel QEMU's stream, resume
  *           the guest if it ran, tell the destination (which abandons by itself too)
- *   source  finish → ask the destination: finished → retire the source copy;
- *           abandoned/never resumed → resume the source copy; no answer → keep paused, retry
+ *   source  finish → Source.driveFinish, as after a lost Finish answer: ask the destination
+ *           until it answers (capped backoff, no limit): finished → retire the source copy;
+ *           abandoned/never resumed → resume it; meanwhile the copy stays paused
  *   dest    begun/prepared → abandon: kill the incoming QEMU, forget the definition
  *   dest    finishing → roll forward: the source will never resume its copy, so resume here
  *   dest    finished → nothing: the guest runs here; wait for confirm
@@ -39,6 +40,7 @@ export class Migrations {
     switch (req.action) {
       case 'migration.start': return this.source.start(p as unknown as StartParams);
       case 'migration.cancel': return this.source.cancel(String(p.domain));
+      case 'migration.resolve': return this.source.resolveByOperator(String(p.domain), p.assume === 'source' ? 'source' : 'destination');
       case 'migration.jobs': return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
       case 'migration.job': {
         const j = this.store.active(String(p.domain)) ?? this.store.latest(String(p.domain));
@@ -61,7 +63,7 @@ export class Migrations {
     return {
       jobId: j.jobId, role: j.role, domain: j.domain, mode: j.mode, phase: j.phase, peer: j.peer.name, encrypted: j.encrypted,
       startedAt: new Date(j.startedAt).toISOString(), updatedAt: new Date(j.updatedAt).toISOString(),
-      progress: (j as SourceJob).progress ?? null, report: j.report ?? null, error: j.error ?? null, history: j.history,
+      progress: (j as SourceJob).progress ?? null, waiting: (j as SourceJob).waiting ?? null, report: j.report ?? null, error: j.error ?? null, history: j.history,
     };
   }
 
@@ -98,9 +100,16 @@ export class Migrations {
       }
       case 'finishing': {
         // Roll forward: the source persisted "finish" before asking, and resumes its copy
-        // only on our word that we abandoned, which we will never give from here.
+        // only on our word that we abandoned, which we give only if QEMU refuses to run
+        // the guest and says it is not running (Destination.resumeFailed).
         if (mine && mine.qmp && mine.rec.state.kind === 'incoming') {
-          await mine.qmp.execute('cont').catch(() => undefined);
+          const q = mine.qmp;
+          try {
+            await q.execute('cont');
+          } catch (e) {
+            await this.dest.resumeFailed(j, mine, q, (e as Error).message).catch((err) => this.log.warn('incoming guest not resumed at restart', { jobId: j.jobId, error: String(err) }));
+            return;
+          }
           await mine.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
           mine.busy = undefined;
           this.host.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
@@ -141,28 +150,11 @@ export class Migrations {
         client?.close();
         return;
       }
-      case 'finish': {
-        // Do not hold up start-up: settle in the background.
-        void (async () => {
-          for (;;) {
-            try {
-              const r = await this.source.resolveAfterFinish(j, 5);
-              if (r.abandoned) {
-                await this.source.resumeSource(live, j.wasRunning);
-                this.store.advance(j, sourceTransition(j.phase, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' }), false);
-              } else {
-                await this.source.retireSource(live, j.peer);
-                this.store.advance(j, sourceTransition(j.phase, { type: 'dest-finished' }), false);
-                void this.source.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
-              }
-              return;
-            } catch (e) {
-              this.log.warn('still cannot settle a finished transfer', { jobId: j.jobId, error: String(e) });
-            }
-          }
-        })();
+      case 'finish':
+        // Past the point of no return: the same driver as after a lost Finish answer,
+        // in the background so that start-up is not held up.
+        this.source.driveFinish(j, live);
         return;
-      }
     }
   }
 }

@@ -8,7 +8,9 @@
  *          finish ──dest-abandoned──► abandoned  (only on the destination's word that it never resumed)
  *
  * Destination: begun → prepared → finishing → finished → confirmed
- *                └────────┴──► abandoned
+ *                └────────┴──────────┴──► abandoned
+ *   (from finishing only on `resume-failed`: QEMU refused to run the guest here and
+ *    says it is not running, so it never ran here and the source may take it back)
  *
  * `finish` (source) / `finishing` (destination) is the point of no return: from there
  * the guest may already run on the destination, so the source must never resume its
@@ -43,7 +45,8 @@ export type DestEvent =
   | { type: 'resuming' }
   | { type: 'resumed' }
   | { type: 'confirmed' }
-  | { type: 'abandon'; reason: string };
+  | { type: 'abandon'; reason: string }
+  | { type: 'resume-failed'; reason: string };
 
 export class IllegalPhaseError extends FerryError {
   constructor(side: 'source' | 'destination', from: string, event: string) {
@@ -77,6 +80,7 @@ export function destTransition(p: DestPhase, e: DestEvent): DestPhase {
     case 'resumed': return p === 'finishing' ? 'finished' : bad();
     case 'confirmed': return p === 'finished' ? 'confirmed' : bad();
     case 'abandon': return p === 'begun' || p === 'prepared' ? 'abandoned' : bad();
+    case 'resume-failed': return p === 'finishing' ? 'abandoned' : bad();
     default: {
       const never: never = e;
       throw new FerryError('INTERNAL', `unknown destination event ${JSON.stringify(never)}`);

@@ -1,6 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { checkOffer, type SourceFacts, type DestFacts } from './preflight.ts';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { checkOffer, writeStorageMarkers, checkStorageMarkers, markerName, type SourceFacts, type DestFacts } from './preflight.ts';
 import { PROTOCOL_VERSION as V } from './phases.ts';
 import { parseDomainConfig } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
@@ -15,6 +18,12 @@ function code(f: () => void): string {
 
 test('a matching destination passes', () => {
   assert.equal(code(() => checkOffer(V, src, dst, c, true)), 'OK');
+});
+
+test('a destination whose accelerator cannot provide the CPU model is refused before anything moves', () => {
+  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuUnavailable: ['avx512f', 'pku'] }, c, true)), 'MIGRATION_DEST_CPU');
+  // A shut-off domain moves as its definition: no CPU needed yet.
+  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuUnavailable: ['avx512f'] }, c, false)), 'OK');
 });
 
 test('each mismatch is refused with its own code and a message that names the fix', () => {
@@ -67,4 +76,33 @@ test('versions compare numerically, part by part', async () => {
   assert.ok(compareVersions('7.2.22', '10.0.2') < 0);
   assert.equal(compareVersions('10.0', '10.0.0'), 0);
   assert.ok(compareVersions('10.0.10', '10.0.9') > 0);
+});
+
+test('shared storage is proven by a marker the destination reads back; a local copy, a stale or a planted marker is refused', () => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-marker-'));
+  try {
+    const shared = path.join(root, 'shared'); const other = path.join(root, 'other');
+    fs.mkdirSync(shared); fs.mkdirSync(other);
+    const job = '0b6f1c1e-6a55-4d8e-9a43-1f4b3c2d1e0f';
+    const mk = (dir: string): ReturnType<typeof parseDomainConfig> => parseDomainConfig({ name: 'db', memory: 64, boot: { kernel: '/k' }, disks: [{ path: path.join(dir, 'data.img') }, { path: path.join(other, 'ro.img'), readOnly: true }] });
+    const m = writeStorageMarkers(mk(shared), job);
+    assert.match(m.nonce, /^[0-9a-f]{32}$/);
+    assert.deepEqual(fs.readdirSync(other), [], 'no marker beside a read-only file');
+    assert.equal(code(() => checkStorageMarkers(mk(shared), job, m.nonce, 'host2', 'host1')), 'OK');
+    // Another directory (what a host without the shared mount sees): refused.
+    assert.equal(code(() => checkStorageMarkers(mk(other), job, m.nonce, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    // Another nonce (a marker of an earlier job, or none sent): refused.
+    assert.equal(code(() => checkStorageMarkers(mk(shared), job, 'f'.repeat(32), 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    assert.equal(code(() => checkStorageMarkers(mk(shared), job, '', 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    // The marker's name is exclusive: a second writer for the same job fails instead of overwriting.
+    assert.equal(code(() => writeStorageMarkers(mk(shared), job)), 'MIGRATION_DEST_STORAGE');
+    m.remove();
+    assert.deepEqual(fs.readdirSync(shared), []);
+    // A symlink planted where the marker goes is not followed.
+    fs.symlinkSync(path.join(root, 'elsewhere'), path.join(other, markerName(job)));
+    fs.writeFileSync(path.join(root, 'elsewhere'), m.nonce);
+    assert.equal(code(() => checkStorageMarkers(mk(other), job, m.nonce, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
 });

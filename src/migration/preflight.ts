@@ -4,6 +4,8 @@
  * probe and the file checks touch the host.
  */
 import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { FerryError } from '../errors.ts';
 import type { DomainConfig } from '../domain/config.ts';
@@ -32,9 +34,13 @@ export interface DestFacts {
   accel: string;
   cpuModel: string;
   cpuFeatures: string[];
+  /** Features of its CPU model its accelerator cannot provide (query-cpu-definitions). */
+  cpuUnavailable?: string[];
   machines: string[];
   networks: Record<string, NetworkConfig>;
   freeMiB: number;
+  /** Which limit binds the free memory, in words (daemon/capacity.ts). */
+  freeWhy?: string;
   domainNames: string[];
   domainUuids: string[];
 }
@@ -87,10 +93,11 @@ export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c:
     if (compareVersions(dst.qemuVersion, src.qemuVersion) < 0) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name} runs QEMU ${dst.qemuVersion}, older than the source's ${src.qemuVersion}; QEMU migrates only to the same or a newer version. Upgrade QEMU on ${dst.name} (README "Engine")`, { source: src.qemuVersion, destination: dst.qemuVersion });
     if (!dst.machines.includes(src.machine)) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name}'s QEMU ${dst.qemuVersion} lacks machine type ${src.machine} (the source runs QEMU ${src.qemuVersion}); install a QEMU that has it`, { machine: src.machine });
     if (src.cpuModel !== dst.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`);
+    if (dst.cpuUnavailable?.length) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} cannot provide ${dst.cpuUnavailable.slice(0, 8).join(', ')}${dst.cpuUnavailable.length > 8 ? ` and ${dst.cpuUnavailable.length - 8} more` : ''} of CPU model ${dst.cpuModel} under ${dst.accel}; choose a CPU model both hosts can run ("cpuModel" in ferryd.json)`, { unavailable: dst.cpuUnavailable });
     const have = new Set(dst.cpuFeatures);
     const missing = src.cpuFeatures.filter((f) => !have.has(f));
     if (missing.length) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} lacks CPU features ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ` and ${missing.length - 8} more` : ''}`, { missing });
-    if (dst.freeMiB < c.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `${who}: ${dst.name} has ${dst.freeMiB} MiB free, needs ${c.memoryMiB} MiB`, { freeMiB: dst.freeMiB, needMiB: c.memoryMiB });
+    if (dst.freeMiB < c.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `${who}: ${dst.name} has ${dst.freeMiB} MiB free, needs ${c.memoryMiB} MiB${dst.freeWhy ? ` (it ${dst.freeWhy})` : ''}`, { freeMiB: dst.freeMiB, needMiB: c.memoryMiB });
   }
   for (const n of c.nics) {
     const d = dst.networks[n.network];
@@ -108,6 +115,59 @@ export function checkFiles(c: DomainConfig, sizes: FileSizes, dstName: string): 
     // A writable disk changes size as the guest writes; only read-only files must match.
     if ((!disk || disk.readOnly) && sizes[p] !== undefined && sizes[p] >= 0 && sizes[p] !== st.size) {
       throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${c.name}": ${p} is ${st.size} bytes on ${dstName} but ${sizes[p]} on the source; it is not the same shared file`);
+    }
+  }
+}
+
+/**
+ * Shared-storage proof. A writable disk that merely exists at the same path on the
+ * destination may be a local copy: the guest would then write to two diverging disks.
+ * So the source writes a marker with a fresh nonce beside each writable disk, and the
+ * destination must read that very nonce back from the same directory. (Read-only
+ * files are compared by size: a copy of those is harmless.)
+ */
+export const markerName = (jobId: string): string => `.ferry-shared-${jobId}`;
+
+function writableDiskDirs(c: DomainConfig): string[] {
+  return [...new Set(c.disks.filter((d) => !d.readOnly).map((d) => path.dirname(d.path)))];
+}
+
+/** Source side: writes the markers; returns the nonce and a function that removes them. */
+export function writeStorageMarkers(c: DomainConfig, jobId: string): { nonce: string; remove: () => void } {
+  const nonce = crypto.randomBytes(16).toString('hex');
+  const written: string[] = [];
+  const remove = (): void => { for (const f of written) fs.rmSync(f, { force: true }); };
+  for (const dir of writableDiskDirs(c)) {
+    const f = path.join(dir, markerName(jobId));
+    try {
+      fs.writeFileSync(f, nonce, { flag: 'wx', mode: 0o600 });
+      written.push(f);
+    } catch (e) {
+      remove();
+      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": cannot write the shared-storage marker ${f} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); ferry proves that a writable disk is shared by writing a marker beside it, so its directory must be writable by ferryd`);
+    }
+  }
+  return { nonce, remove };
+}
+
+/** Destination side: every writable disk's directory must hold the source's marker. */
+export function checkStorageMarkers(c: DomainConfig, jobId: string, nonce: string, dstName: string, srcName: string): void {
+  for (const dir of writableDiskDirs(c)) {
+    const f = path.join(dir, markerName(jobId));
+    let seen = '';
+    try {
+      const fd = fs.openSync(f, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+      try {
+        if (!fs.fstatSync(fd).isFile()) throw new Error('not a regular file');
+        const buf = Buffer.alloc(64);
+        seen = buf.subarray(0, fs.readSync(fd, buf, 0, 64, 0)).toString('utf8');
+      } finally {
+        fs.closeSync(fd);
+      }
+    } catch { seen = ''; }
+    if (!nonce || seen !== nonce) {
+      const disks = c.disks.filter((d) => !d.readOnly && path.dirname(d.path) === dir).map((d) => d.path).join(', ');
+      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": its writable disk ${disks} is not on storage that ${srcName} and ${dstName} share (${dstName} ${seen ? 'found another marker' : 'does not see the marker'} ${srcName} wrote beside it), so the guest would go on with a different disk. Put writable disks on shared storage (NFS, a cluster filesystem, a SAN) at the same path on both hosts; moving a local disk with the domain (--copy-storage) is not available yet`, { dir });
     }
   }
 }

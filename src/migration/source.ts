@@ -43,9 +43,9 @@ import type { Logger } from '../daemon/log.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
-import { fileSizes } from './preflight.ts';
+import { fileSizes, writeStorageMarkers } from './preflight.ts';
 import { killAndWait } from '../qemu/process.ts';
-import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
+import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
@@ -72,10 +72,29 @@ export const DEFAULT_TIMEOUT_S = 600;
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
 /** Passes after which a pre-copy that has not finished is treated as not converging. */
 export const STALL_PASSES = 10;
+/**
+ * Past the point of no return, D is asked again after 0.5 s, then twice as long each
+ * time up to 5 s, forever; `ferry migrate` waits for the first 30 s of that.
+ */
+export const FINISH_RETRY_FIRST_MS = 500;
+export const FINISH_RETRY_CAP_MS = 5000;
+export const FINISH_ASK_FOREGROUND_MS = 30000;
+
+/** D's word (or the operator's) on a job past the point of no return. */
+export interface Resolution {
+  abandoned: boolean;
+  reason?: string;
+  /** The destination's RESUME (its clock); answeredAt: when its answer arrived (performance.now() here). */
+  resumedAt?: number;
+  answeredAt?: number;
+  byOperator?: boolean;
+}
 
 
 export class Source {
   private cancels = new Map<string, () => void>();
+  /** Jobs past the point of no return being settled in the background (driveFinish). */
+  private driving = new Map<string, Promise<void>>();
 
   constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {}
 
@@ -133,6 +152,7 @@ export class Source {
     return { jobId: j.jobId, domain, cancelling: true };
   }
 
+  /** Refusals before a job exists are thrown; after that the answer is the job's report. */
   async start(p: StartParams): Promise<Report> {
     const t0 = Date.now();
     const h = this.host;
@@ -180,11 +200,13 @@ export class Source {
       // (its certificate's, known since the handshake): made while Begin runs there.
       const setupP = q ? this.setup(q, live, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
       setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
+      // Markers beside writable disks, for the destination to prove it shares them.
+      const markers = writeStorageMarkers(live.rec.config, j.jobId);
       const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
-        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
-      }, 60000);
+        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
+      }, 60000).finally(markers.remove);
       mark('begun');
       this.step(j, { type: 'dest-accepted' });
       if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);
@@ -193,13 +215,18 @@ export class Source {
       mark('dataPortReached');
       if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
-      const prep = await client.request<{ dataAddress: string; dataPort: number; tlsHostname: string }>('relocation.prepare', { jobId: j.jobId }, 60000);
+      // The data channel's tls-hostname is the name in the peer's certificate (setup),
+      // never a name the peer states in a message.
+      const prep = await client.request<{ dataAddress: string; dataPort: number }>('relocation.prepare', { jobId: j.jobId }, 60000);
       j.dataPort = prep.dataPort;
       mark('prepared');
       this.step(j, { type: 'dest-prepared' });
       live.busy = `migrating to ${peer.name}`;
+      // The pause on one clock, this host's monotonic one: from the source QEMU's STOP
+      // event to the destination's word that its guest resumed (an upper bound: it
+      // includes that answer's way back).
       let stopAt: number | null = null;
-      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = qmpEventMs(e); };
+      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = performance.now(); };
       q.on('event', onStop);
       const ip = wasRunning && p.probeGuest !== false ? guestIp(live.rec.config.nics) : undefined;
       if (p.probeGuest === false) stats.guestProbe = 'not measured (--no-probe)';
@@ -207,7 +234,6 @@ export class Source {
       const watch = new MigrationWatcher(q);
       try {
         await setupP;
-        if (prep.tlsHostname !== peer.name && !insecure) await q.execute('migrate-set-parameters', { 'tls-hostname': prep.tlsHostname });
         if (mode === 'offline' && wasRunning) await q.execute('stop');
         this.step(j, { type: 'stream-started' });
         await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
@@ -238,10 +264,18 @@ export class Source {
       this.step(j, { type: 'finish-sent' });
       this.cancels.delete(j.jobId);
       const fin = await this.finishOrResolve(j, client, wasRunning);
+      if (fin === null) {
+        // D cannot be asked now: the source copy stays paused, and ferryd keeps asking.
+        this.driveFinish(j, live);
+        throw new FerryError('MIGRATION_UNRESOLVED', `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``);
+      }
+      if (j.phase !== 'finish') {
+        // Settled by the operator while we asked.
+        throw new FerryError(j.phase === 'abandoned' ? 'MIGRATION_FAILED' : 'MIGRATION_UNRESOLVED', `Migration of "${p.domain}" was settled by the operator (\`ferry job resolve\`): it ${j.phase === 'abandoned' ? `runs on ${h.cfg.name}` : `runs on ${peer.name}`}`);
+      }
       if (fin.abandoned) {
         // The destination's word that it never ran the guest: the only way back from finish.
-        this.step(j, { type: 'dest-abandoned', reason: fin.reason ?? 'destination abandoned' });
-        await this.resumeSource(live, wasRunning);
+        await this.settleFinish(j, live, fin);
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
       mark('destRunning');
@@ -260,7 +294,7 @@ export class Source {
         stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
       }
       client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
-      const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.resumedAt ? Math.max(0, Math.round(fin.resumedAt - stopAt)) : null });
+      const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - stopAt) : null });
       j.report = r;
       this.store.saveLater(j);
       this.store.prune();
@@ -270,12 +304,14 @@ export class Source {
       let fe = asFerryError(e);
       if (cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${h.cfg.name}`);
       if (sourceCanAbandon(j.phase) && this.store.jobs.has(j.jobId)) await this.abandon(j, live, client, fe.message);
-      const r = report(fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : 'failed', { ...stats, error: { code: fe.code, message: fe.message } });
+      const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' ? 'unresolved' : 'failed';
+      const r = report(outcome, { ...stats, error: { code: fe.code, message: fe.message } });
       j.report = r;
       j.error = r.error;
       if (this.store.jobs.has(j.jobId)) this.store.saveLater(j);
       h.emit('migration.done', { domain: p.domain, report: r });
-      throw new FerryError(fe.code, fe.message, { report: r });
+      // Once a job exists, the answer is its report, failures included (`error` says why).
+      return r;
     } finally {
       if (probe) await probe.stop(0);
       live.busy = undefined;
@@ -288,7 +324,17 @@ export class Source {
     this.step(j, { type: 'dest-prepared' });
     this.step(j, { type: 'stream-completed' });
     this.step(j, { type: 'finish-sent' });
-    await client.request('relocation.finish', { jobId: j.jobId, running: false }, 30000);
+    // Past the point of no return, as for a running domain: only D's word settles it.
+    const fin = await this.finishOrResolve(j, client, false);
+    if (fin === null) {
+      this.driveFinish(j, live);
+      throw new FerryError('MIGRATION_UNRESOLVED', `Definition of "${j.domain}": ${j.peer.name} has not said whether it took it (${j.waiting?.lastError ?? 'no answer'}); it stays here, locked, and ferryd keeps asking. Watch: \`ferry job ${j.domain}\``);
+    }
+    if (j.phase !== 'finish') throw new FerryError('MIGRATION_FAILED', `Migration of "${j.domain}" was settled by the operator (\`ferry job resolve\`)`);
+    if (fin.abandoned) {
+      await this.settleFinish(j, live, fin);
+      throw new FerryError('MIGRATION_FAILED', `Destination ${j.peer.name} could not take the definition of "${j.domain}" (${fin.reason}); it stays on ${this.host.cfg.name}`);
+    }
     this.step(j, { type: 'dest-finished' });
     this.host.forget(live.rec.config.name);
     client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
@@ -507,43 +553,134 @@ export class Source {
   }
 
   /**
-   * Sends Finish. If the answer is lost, asks D for the job's phase until it can tell:
-   * finished → success; abandoned/unknown → D never ran the guest.
+   * Sends Finish. If the answer is lost, asks D until it can tell, for at most
+   * `FINISH_ASK_FOREGROUND_MS` while the operator's command waits; null if D still
+   * has not said (the caller hands the job to `driveFinish`).
    */
-  private async finishOrResolve(j: SourceJob, client: ApiClient, running: boolean): Promise<{ abandoned: boolean; reason?: string; resumedAt?: number }> {
+  private async finishOrResolve(j: SourceJob, client: ApiClient, running: boolean): Promise<Resolution | null> {
     try {
       const r = await client.request<{ resumedAt: number | null }>('relocation.finish', { jobId: j.jobId, running }, 150000);
-      return { abandoned: false, resumedAt: r.resumedAt ?? undefined };
+      return { abandoned: false, resumedAt: r.resumedAt ?? undefined, answeredAt: performance.now() };
     } catch (e) {
       const fe = asFerryError(e);
       if (fe.details?.abandoned) return { abandoned: true, reason: fe.message };
       this.log.warn('finish answer lost; asking the destination', { jobId: j.jobId, error: fe.message });
-      return this.resolveAfterFinish(j);
+      return this.resolveAfterFinish(j, Date.now() + FINISH_ASK_FOREGROUND_MS);
     }
   }
 
-  /** Used after a lost Finish answer and by recovery. Keeps trying for `tries` rounds. */
-  async resolveAfterFinish(j: SourceJob, tries = 15): Promise<{ abandoned: boolean; reason?: string; resumedAt?: number }> {
-    for (let i = 0; i < tries; i++) {
-      try {
-        const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
-        try {
-          const st = await client.request<{ phase: string }>('relocation.status', { jobId: j.jobId }, 5000);
-          if (st.phase === 'finished' || st.phase === 'confirmed') return { abandoned: false };
-          if (st.phase === 'finishing') { await new Promise((r) => setTimeout(r, 500)); continue; }
-          if (st.phase === 'abandoned' || st.phase === 'unknown') return { abandoned: true, reason: `destination reports ${st.phase}` };
-          // begun/prepared: D never resumed; make it abandon before we resume.
-          const ab = await client.request<{ phase: string }>('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, 15000);
-          if (ab.phase === 'abandoned') return { abandoned: true, reason: 'destination abandoned after a lost Finish' };
-        } finally {
-          client.close();
-        }
-      } catch (e) {
-        this.log.warn('destination not answering about a finished transfer', { jobId: j.jobId, error: String(e) });
-      }
-      await new Promise((r) => setTimeout(r, 2000));
+  /**
+   * One question to D about a job past the point of no return: its answer, or why
+   * there is none yet. A D that never resumed is made to abandon before we say so.
+   */
+  private async askDestination(j: SourceJob, timeoutMs = 5000): Promise<Resolution | string> {
+    const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
+    try {
+      const st = await client.request<{ phase: string }>('relocation.status', { jobId: j.jobId }, timeoutMs);
+      if (st.phase === 'finished' || st.phase === 'confirmed') return { abandoned: false };
+      if (st.phase === 'finishing') return `${j.peer.name} is resuming the guest`;
+      if (st.phase === 'abandoned' || st.phase === 'unknown') return { abandoned: true, reason: `${j.peer.name} reports ${st.phase}` };
+      // begun/prepared: D never resumed; make it abandon before we resume.
+      const ab = await client.request<{ phase: string }>('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, timeoutMs);
+      if (ab.phase === 'abandoned') return { abandoned: true, reason: `${j.peer.name} abandoned after a lost Finish` };
+      return `${j.peer.name} answered abandon with phase ${ab.phase}`;
+    } finally {
+      client.close();
     }
-    throw new FerryError('MIGRATION_FAILED', `Domain "${j.domain}": the destination ${j.peer.name} did not say whether it resumed the guest; the source copy stays paused so it never runs twice. ferryd keeps asking; see \`ferry job ${j.domain}\``);
+  }
+
+  /**
+   * Asks D until it answers, with capped backoff, for as long as it takes (or until
+   * `deadline`: then null). The job shows who is asked, how often and why it failed
+   * (`ferry job`, the CLI's progress). Returns early if the operator settled the job.
+   */
+  async resolveAfterFinish(j: SourceJob, deadline = Infinity): Promise<Resolution | null> {
+    // A driver taking over from the command's own wait goes on counting where it stopped.
+    const first = (j.waiting?.attempts ?? 0) + 1;
+    let delay = Math.min(FINISH_RETRY_FIRST_MS * 2 ** (first - 1), FINISH_RETRY_CAP_MS);
+    for (let attempt = first; ; attempt++) {
+      if (j.phase !== 'finish') return { abandoned: j.phase === 'abandoned', reason: 'settled by the operator', byOperator: true };
+      let why: string;
+      try {
+        const r = await this.askDestination(j);
+        if (typeof r !== 'string') {
+          if (j.waiting) this.log.info('destination answered about a finished transfer', { jobId: j.jobId, attempts: attempt, abandoned: r.abandoned });
+          j.waiting = undefined;
+          return r;
+        }
+        why = r;
+      } catch (e) {
+        why = asFerryError(e).message;
+      }
+      const nextTryAt = Date.now() + delay;
+      j.waiting = { since: j.waiting?.since ?? Date.now(), attempts: attempt, lastError: why, nextTryAt };
+      if (attempt === 1 || attempt % 10 === 0) this.log.warn('destination not answering about a finished transfer; the source copy stays paused', { jobId: j.jobId, domain: j.domain, attempts: attempt, error: why });
+      this.host.emit('migration.waiting', { domain: j.domain, jobId: j.jobId, role: 'source', peer: j.peer.name, ...j.waiting });
+      if (nextTryAt > deadline) return null;
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, FINISH_RETRY_CAP_MS);
+    }
+  }
+
+  /**
+   * The one driver for a job past the point of no return whose destination has not
+   * answered: after a lost Finish, after a restart, whatever the path. Asks until
+   * D answers, then settles. At most one per job.
+   */
+  driveFinish(j: SourceJob, live: Live): void {
+    if (this.driving.has(j.jobId)) return;
+    const run = (async (): Promise<void> => {
+      const r = await this.resolveAfterFinish(j);
+      if (r && !r.byOperator) await this.settleFinish(j, live, r);
+    })().catch((e) => this.log.error('settling a finished transfer failed', { jobId: j.jobId, error: String(e) }))
+      .finally(() => this.driving.delete(j.jobId));
+    this.driving.set(j.jobId, run);
+  }
+
+  /**
+   * Applies D's answer (or the operator's word) to a job in `finish`: the phase
+   * changes first, synchronously, so that two answers can never both act.
+   */
+  async settleFinish(j: SourceJob, live: Live, r: Resolution): Promise<void> {
+    if (j.phase !== 'finish') return;
+    if (r.abandoned) {
+      this.step(j, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
+      await this.resumeSource(live, j.wasRunning);
+      this.log.warn('migration settled: the domain stays here', { jobId: j.jobId, domain: j.domain, reason: r.reason });
+    } else {
+      this.step(j, { type: 'dest-finished' });
+      await this.retireSource(live, j.peer);
+      this.log.info('migration settled: the domain runs on the destination', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
+      void this.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
+    }
+    j.waiting = undefined;
+    if (j.report) j.report = { ...j.report, outcome: r.abandoned ? 'failed' : 'succeeded', phase: j.phase, ...(r.abandoned ? {} : { error: undefined }) };
+    this.store.saveLater(j);
+    this.store.prune();
+    this.host.emit('migration.settled', { domain: j.domain, jobId: j.jobId, phase: j.phase, reason: r.reason ?? null });
+  }
+
+  /**
+   * `ferry job resolve DOMAIN --assume-destination|--assume-source`: the operator's word
+   * for a job past the point of no return that D has not settled. One last question to
+   * D first: if it answers, its answer wins and a contrary assumption is refused.
+   */
+  async resolveByOperator(domain: string, assume: 'destination' | 'source'): Promise<Record<string, unknown>> {
+    const j = this.store.active(domain);
+    if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name} to resolve`);
+    if (j.phase !== 'finish') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}: only a job past the point of no return (finish) is resolved by hand; before it, use \`ferry job abort ${domain}\``);
+    const live = this.host.get(domain);
+    let answer: Resolution | string;
+    try { answer = await this.askDestination(j, 2000); } catch (e) { answer = asFerryError(e).message; }
+    if (typeof answer !== 'string') {
+      const theirs = answer.abandoned ? 'source' : 'destination';
+      if (theirs !== assume) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `${j.peer.name} answered: ${answer.abandoned ? `it does not run "${domain}" (${answer.reason})` : `it runs "${domain}"`}; refusing --assume-${assume}. Nothing changed; the answer settles the job now`, { peerAnswered: theirs });
+      await this.settleFinish(j, live, answer);
+      return { jobId: j.jobId, domain, phase: j.phase, settledBy: 'destination', runsOn: answer.abandoned ? this.host.cfg.name : j.peer.name };
+    }
+    this.log.warn('migration resolved by the operator', { jobId: j.jobId, domain, assume, peer: j.peer.name, lastError: answer });
+    await this.settleFinish(j, live, assume === 'source' ? { abandoned: true, reason: `the operator said ${j.peer.name} does not run it` } : { abandoned: false, reason: 'the operator said the destination runs it' });
+    return { jobId: j.jobId, domain, phase: j.phase, settledBy: 'operator', runsOn: assume === 'source' ? this.host.cfg.name : j.peer.name };
   }
 
   /** Abandon before the point of no return: the source domain runs again as it was. */

@@ -9,7 +9,7 @@ test('kernel boot uses qboot, a named CPU model and starts stopped', () => {
   const c = parseDomainConfig({ name: 'web', memory: 256, vcpus: 2, boot: { kernel: '/i/vmlinux', initrd: '/i/initrd', cmdline: 'console=ttyS0' }, nics: [{ network: 'lab', mac: '52:54:00:aa:bb:cc' }] });
   const a = domainArgv(c, base);
   const j = a.join(' ');
-  assert.ok(j.includes('-cpu qemu64'));
+  assert.ok(j.includes('-cpu qemu64,enforce'));
   assert.ok(!j.includes('host'));
   assert.ok(j.includes('-machine pc-i440fx-7.2,accel=tcg'));
   assert.ok(j.includes('-bios /usr/share/qemu/qboot.rom -kernel /i/vmlinux -initrd /i/initrd -append console=ttyS0'));
@@ -49,6 +49,6 @@ test('confinement: always under -sandbox; with descriptors, QEMU opens no path o
   assert.ok(j.includes('-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'));
   assert.ok(j.includes('-kernel /proc/self/fd/3 ') && j.includes('-initrd /proc/self/fd/4 '));
   assert.ok(j.includes('-add-fd fd=5,set=1,opaque=disk0 -drive file=/dev/fdset/1,format=raw,if=none,id=disk0,readonly=on'));
-  assert.ok(j.includes('-add-fd fd=6,set=2,opaque=disk1 -drive file=/dev/fdset/2,format=qcow2,if=none,id=disk1,readonly=off'));
+  assert.ok(j.includes('-add-fd fd=6,set=2,opaque=disk1 -drive file=/dev/fdset/2,format=qcow2,if=none,id=disk1,readonly=off,file.auto-read-only=off'), 'a writable disk: one read-write descriptor, opened read-write at once');
   assert.ok(!a.some((x) => x.includes('/i/')), 'no domain path on the command line');
 });

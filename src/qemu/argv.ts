@@ -50,7 +50,9 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     '-name', `guest=${c.name},debug-threads=on`,
     '-uuid', c.uuid,
     '-machine', `${r.machine},accel=${r.accel}`,
-    '-cpu', r.cpuModel,
+    // enforce: QEMU refuses to start rather than silently drop a feature the accelerator
+    // lacks (a guest that then moves would find the feature gone, or appear).
+    '-cpu', `${r.cpuModel},enforce`,
     '-m', `${c.memoryMiB}M`,
     '-smp', String(c.vcpus),
     '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
@@ -76,13 +78,19 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
       a.push('-add-fd', `fd=${r.fds.disks[i]},set=${i + 1},opaque=disk${i}`);
       file = `/dev/fdset/${i + 1}`;
     }
+    // A writable disk from an fd set: -drive's default auto-read-only opens it read-only
+    // first and asks the set for a read-only descriptor, which it does not hold. A second,
+    // read-only descriptor would be worse: the set keeps both open file descriptions alive,
+    // so image locks that QEMU drops at the switchover stay held and the destination
+    // could never take the disk. One read-write descriptor, no auto-read-only.
+    const rw = r.fds && !d.readOnly ? ',file.auto-read-only=off' : '';
     const isBoot = c.boot.kind === 'disk' && c.boot.disk === i;
     if (d.bus === 'floppy') {
-      a.push('-drive', `file=${file},format=raw,if=floppy,index=0,${ro}`);
+      a.push('-drive', `file=${file},format=raw,if=floppy,index=0,${ro}${rw}`);
       if (isBoot) a.push('-boot', 'order=a');
       return;
     }
-    a.push('-drive', `file=${file},format=${d.format},if=none,id=disk${i},${ro}`);
+    a.push('-drive', `file=${file},format=${d.format},if=none,id=disk${i},${ro}${rw}`);
     const boot = isBoot ? ',bootindex=1' : '';
     a.push('-device', d.bus === 'ide' ? `ide-hd,drive=disk${i},id=ide${i}${boot}` : `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
   });

@@ -14,24 +14,34 @@ export interface QemuFacts {
   machine: string;
   cpuModel: string;
   cpuFeatures: string[];
+  /** Features of the CPU model that this accelerator (and, under KVM, this CPU) cannot provide: domains with it would not start (`enforce`). */
+  cpuUnavailable: string[];
+  /** The accelerator the CPU facts hold for. */
+  accel: Accel;
   machines: string[];
 }
 
-/** Starts a machine-less QEMU and asks it over QMP. About a quarter of a second. */
-export async function probeQemu(cpuModel: string, scratchDir: string, engine: Engine = DEFAULT_ENGINE): Promise<QemuFacts> {
+/**
+ * Starts a machine-less QEMU under the accelerator domains will use and asks it over
+ * QMP. About a quarter of a second. Under KVM the CPU model's features depend on the
+ * host CPU, so a probe under TCG would prove nothing about them.
+ */
+export async function probeQemu(cpuModel: string, scratchDir: string, engine: Engine = DEFAULT_ENGINE, accel: Accel = 'tcg'): Promise<QemuFacts> {
   fs.mkdirSync(scratchDir, { recursive: true });
-  const qmpPath = path.join(scratchDir, `probe-${process.pid}.qmp`);
+  const qmpPath = path.join(scratchDir, `probe-${process.pid}-${accel}.qmp`);
   const logPath = path.join(scratchDir, 'probe.log');
-  const q = await startQemu(['-machine', 'none', '-accel', 'tcg', '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000, engine });
+  const q = await startQemu(['-machine', 'none', '-accel', accel, '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000, engine });
   try {
     const ver = await q.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
     const machines = await q.qmp.execute<{ name: string; alias?: string; 'is-default'?: boolean }[]>('query-machines');
     const pc = machines.find((m) => m.alias === 'pc') ?? machines.find((m) => m['is-default']);
     const exp = await q.qmp.execute<{ model: { name: string; props: Record<string, unknown> } }>('query-cpu-model-expansion', { type: 'full', model: { name: cpuModel } });
+    const defs = await q.qmp.execute<{ name: string; 'unavailable-features'?: string[] }[]>('query-cpu-definitions');
+    const def = defs.find((d) => d.name === cpuModel);
     // Only guest-visible features: QEMU's own knobs (check, enforce, x-*, …) are not CPUID bits.
     const knobs = new Set(['check', 'enforce', 'kvm', 'tcg-cpuid', 'full-cpuid-auto-level', 'fill-mtrr-mask', 'l3-cache', 'legacy-cache', 'vmware-cpuid-freq', 'cpuid-0xb', 'migratable', 'pmu', 'hypervisor']);
     const features = Object.entries(exp.model.props).filter(([k, v]) => v === true && !k.startsWith('x-') && !knobs.has(k)).map(([k]) => k).sort();
-    return { version: `${ver.qemu.major}.${ver.qemu.minor}.${ver.qemu.micro}`, machine: pc?.name ?? 'pc', cpuModel, cpuFeatures: features, machines: machines.map((m) => m.name).sort() };
+    return { version: `${ver.qemu.major}.${ver.qemu.minor}.${ver.qemu.micro}`, machine: pc?.name ?? 'pc', cpuModel, cpuFeatures: features, cpuUnavailable: def?.['unavailable-features'] ?? [], accel, machines: machines.map((m) => m.name).sort() };
   } finally {
     q.qmp.close();
     await killAndWait(q.pid, 500);

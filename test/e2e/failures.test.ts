@@ -10,6 +10,10 @@
  *   the destination undoes all of it (found by the fault campaign, seed 2027 round 41);
  * - the destination daemon killed after Finish, before the source's Confirm: its job
  *   settles on restart (found by the fault campaign, seed 2026 round 78);
+ * - past the point of no return, without any restart: the source's connections to the
+ *   destination refused for 45 s (it keeps asking, and settles when they return); the
+ *   destination daemon frozen for a minute while the stream ends; the operator settling
+ *   a job the destination cannot be asked about (`ferry job resolve`);
  * (Guest RAM that arrives different, and the repair, are in engines.test.ts: only QEMU
  * 7.2 loses pages, so that test runs a 7.2 source.)
  */
@@ -17,7 +21,7 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
-import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, ferrydLog, patternIntact, hostClean, type Run } from '../helpers.ts';
+import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, ferrydLog, patternIntact, hostClean, inNs, type Run } from '../helpers.ts';
 
 let srcPid = 0;
 
@@ -27,6 +31,26 @@ const destClean = (): Promise<void> => hostClean('host2', 'pat');
 /** Starts a slow (bandwidth-capped) live migration in the background. */
 function slowMigration(): { done: Promise<Run> } {
   return { done: ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--json']) };
+}
+
+/** host1's connections to host2's control port reset by host2 (RST), from now until `undo()`. */
+function cutControl(): { undo: () => void } {
+  const [h1, h2] = labState().hosts;
+  const port = String(JSON.parse(fs.readFileSync(h2.configPath, 'utf8')).relocation.port);
+  const rule = ['INPUT', '-p', 'tcp', '-s', h1.migAddress, '--dport', port, '-j', 'REJECT', '--reject-with', 'tcp-reset'];
+  assert.equal(inNs('host2', ['iptables', '-I', ...rule]).code, 0);
+  let undone = false;
+  return { undo: () => { if (!undone) { undone = true; inNs('host2', ['iptables', '-D', ...rule]); } } };
+}
+
+/** The running copies of pattern guest "pat" on the lab's two hosts. */
+async function runningOn(): Promise<string[]> {
+  const on: string[] = [];
+  for (const h of ['host1', 'host2']) {
+    const l = await ok(['-H', h, 'list', '--json']);
+    if (l.some((d: any) => d.name === 'pat' && d.state === 'running')) on.push(h);
+  }
+  return on;
 }
 
 async function transferring(): Promise<void> {
@@ -139,6 +163,104 @@ describe('migration failures (lab)', () => {
     await new Promise((r) => setTimeout(r, 1500)); // a QEMU that Prepare was still starting must not survive
     await sourceIntact();
     await destClean();
+  });
+
+  test('past the point of no return, the destination unreachable for 45 s: the source keeps asking, then settles on one host', async () => {
+    const t0 = Date.now();
+    const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '16', '--json'], { timeoutMs: 120000 });
+    await transferring();
+    // (Offline: the pattern guest rewrites all its RAM, so a capped live copy would not converge.)
+    // The stream (data port) goes on; Finish and every later question are refused.
+    const cut = cutControl();
+    try {
+      const r = await m;
+      assert.equal(r.code, 9, r.stderr);
+      assert.equal(r.json.outcome, 'unresolved');
+      assert.equal(r.json.error.code, 'MIGRATION_UNRESOLVED');
+      assert.match(r.json.error.message, /stays paused.*keeps asking/s);
+      const job = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+      assert.equal(job.phase, 'finish');
+      assert.ok(job.waiting && job.waiting.attempts >= 3, JSON.stringify(job.waiting));
+      // Locked while unresolved: no second move, and nothing runs twice.
+      await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live'], 'MIGRATION_IN_PROGRESS');
+      assert.deepEqual(await runningOn(), []);
+      // Past the 30 s after which the old source gave up for good.
+      await new Promise((res) => setTimeout(res, Math.max(0, 45000 - (Date.now() - t0))));
+      const later = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+      assert.equal(later.phase, 'finish');
+      assert.ok(later.waiting.attempts > job.waiting.attempts, 'still asking');
+    } finally {
+      cut.undo();
+    }
+    const thaw = Date.now();
+    // host2 abandoned by itself (no Finish came); the source hears so within one backoff.
+    await waitFor('source settled', async () => (await ok(['-H', 'host1', 'job', 'pat', '--json'])).phase === 'abandoned', 15000, 200);
+    assert.ok(Date.now() - thaw < 8000, `settled ${Date.now() - thaw} ms after the link returned`);
+    await sourceIntact();
+    await destClean();
+    assert.deepEqual(await runningOn(), ['host1']);
+  });
+
+  test('the operator settles a job the destination cannot be asked about: ferry job resolve', async () => {
+    await fails(['-H', 'host1', 'job', 'resolve', 'pat'], 'CLI_USAGE', 2);
+    await fails(['-H', 'host1', 'job', 'resolve', 'pat', '--assume-source'], 'JOB_NOT_FOUND', 3);
+    const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '16', '--json'], { timeoutMs: 120000 });
+    await transferring();
+    const cut = cutControl();
+    try {
+      await waitFor('source asking', async () => (await ok(['-H', 'host1', 'job', 'pat', '--json'])).waiting, 60000, 200);
+      await fails(['-H', 'host2', 'job', 'resolve', 'pat', '--assume-source'], 'JOB_NOT_FOUND', 3);
+      // The operator checked host2 by hand: it does not run the guest (its copy is paused, incoming).
+      assert.notEqual((await ok(['-H', 'host2', 'info', 'pat', '--json'])).state, 'running');
+      const res = await ok(['-H', 'host1', 'job', 'resolve', 'pat', '--assume-source', '--json']);
+      assert.equal(res.settledBy, 'operator');
+      assert.equal(res.runsOn, 'host1');
+      const r = await m;
+      assert.equal(r.code, 9);
+      assert.equal(r.json.outcome, 'failed');
+      assert.equal((await ok(['-H', 'host1', 'info', 'pat', '--json'])).state, 'running');
+      const job = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+      assert.equal(job.phase, 'abandoned');
+      assert.equal(job.waiting, null);
+    } finally {
+      cut.undo();
+    }
+    // host2 never got Finish: it abandons by itself at its deadline.
+    await waitFor('host2 cleaned up', () => domainRecord('host2', 'pat') === undefined, 45000, 500);
+    await sourceIntact();
+    await destClean();
+    assert.deepEqual(await runningOn(), ['host1']);
+  });
+
+  test('the destination daemon frozen for a minute while the stream ends: one host, no restart, and the next move works', async () => {
+    const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '32', '--json'], { timeoutMs: 180000 });
+    await transferring();
+    const d = labState().hosts[1].pid;
+    process.kill(d, 'SIGSTOP');
+    let thawed = 0;
+    try {
+      await waitFor('stream ended', async () => (await ok(['-H', 'host1', 'job', 'pat', '--json'])).phase === 'finish', 30000, 100);
+      await new Promise((r) => setTimeout(r, 60000));
+    } finally {
+      process.kill(d, 'SIGCONT');
+      thawed = Date.now();
+    }
+    const r = await m;
+    assert.ok(Date.now() - thawed < 10000, `the move settled ${Date.now() - thawed} ms after the thaw`);
+    assert.ok(pidAlive(d), 'no restart');
+    const on = await runningOn();
+    assert.equal(on.length, 1, `runs on exactly one host: ${on}`);
+    assert.equal(r.json.outcome, on[0] === 'host2' ? 'succeeded' : 'failed', JSON.stringify(r.json.error));
+    await ok(['lab', 'verify', 'pat']);
+    // The next move works, from wherever it is, and brings it back to host1.
+    if (on[0] === 'host2') await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live']);
+    else {
+      await destClean();
+      await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live']);
+      await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live']);
+    }
+    srcPid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
+    await sourceIntact();
   });
 
   test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {

@@ -6,6 +6,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { ok, fails, labUp, labDown, createGuest, reconfigure, tlsCall, ferrydLog, inNs, tmpFile, labState, domainRecord } from '../helpers.ts';
@@ -61,8 +62,14 @@ describe('migration refusals (lab)', () => {
   test('not enough memory on the destination', async () => {
     await reconfigure('host2', (c) => { c.memory = 64; });
     const r = await refused('pat', 'host2', 'MIGRATION_DEST_NO_MEMORY');
-    assert.equal(r.error.message, 'Cannot migrate domain "pat": host2 has 64 MiB free, needs 96 MiB');
-    await reconfigure('host2', (c) => { c.memory = 1024; });
+    assert.equal(r.error.message, 'Cannot migrate domain "pat": host2 has 64 MiB free, needs 96 MiB (it offers 64 MiB to domains, 0 MiB in use or reserved)');
+    // The offer is not enough: what the host really has (MemAvailable, less the margin) counts too.
+    await reconfigure('host2', (c) => { c.memory = 1024; c.memoryMargin = 16 * 1024 * 1024; });
+    const real = await refused('pat', 'host2', 'MIGRATION_DEST_NO_MEMORY');
+    assert.match(real.error.message, /MiB available \(MemAvailable\).*16777216 MiB kept for the host \(memoryMargin\)/);
+    const hi = await ok(['-H', 'host2', 'host', 'info', '--json']);
+    assert.ok(hi.memory.availableMiB > 0 && hi.memory.freeMiB < 0, JSON.stringify(hi.memory));
+    await reconfigure('host2', (c) => { delete c.memoryMargin; });
   });
 
   test('another accelerator, CPU model or missing network', async () => {
@@ -70,6 +77,15 @@ describe('migration refusals (lab)', () => {
     await refused('pat', 'host2', 'MIGRATION_DEST_ARCH');
     await reconfigure('host2', (c) => { delete c.accel; c.cpuModel = 'kvm32'; });
     await refused('pat', 'host2', 'MIGRATION_DEST_CPU');
+    // A CPU model this host's accelerator cannot provide: said by host info, refused
+    // before QEMU (which runs with enforce) and before any migration.
+    await reconfigure('host2', (c) => { c.cpuModel = 'Haswell'; });
+    const hi = await ok(['-H', 'host2', 'host', 'info', '--json']);
+    assert.ok(hi.cpuUnavailable.includes('tsc-deadline'), JSON.stringify(hi.cpuUnavailable));
+    const cfg = await ok(['lab', 'guest', 'pattern', 'cpux', '--json']);
+    const r = await fails(['-H', 'host2', 'create', tmpFile('cpux.json', cfg)], 'QEMU_START_FAILED');
+    assert.match(r.stderr + r.stdout, /CPU model Haswell needs .*tsc-deadline.*tcg cannot provide/);
+    assert.equal(domainRecord('host2', 'cpux'), undefined, 'nothing defined');
     await reconfigure('host2', (c) => { delete c.cpuModel; c.networks = {}; });
     await refused('web', 'host2', 'MIGRATION_DEST_NETWORK');
     await reconfigure('host2', (c) => { c.networks = { lab: { bridge: 'br0', subnet: '198.18.0.0/24', address: '198.18.0.12' }, lab2: { bridge: 'br1', subnet: '198.18.1.0/24', address: '198.18.1.12' } }; });
@@ -102,6 +118,34 @@ describe('migration refusals (lab)', () => {
     }
     await ok(['-H', 'host1', 'destroy', 'patd']);
     await ok(['-H', 'host1', 'delete', 'patd']);
+  });
+
+  test('a writable disk that the destination has only as a local copy: refused, not shared storage', async () => {
+    const dir = fs.mkdtempSync(path.join(labState().poolDir, 'local-'));
+    const data = path.join(dir, 'data.img');
+    fs.writeFileSync(data, Buffer.alloc(1 << 20));
+    const cfg = await ok(['lab', 'guest', 'pattern', 'patw', '--json']);
+    cfg.disks.push({ path: data, format: 'raw', bus: 'virtio' });
+    await ok(['-H', 'host1', 'create', tmpFile('patw.json', cfg)]);
+    pids.patw = (await ok(['-H', 'host1', 'info', 'patw', '--json'])).pid;
+    // host2's ferryd runs in its own mount namespace (ip netns exec): there, and only
+    // there, a tmpfs over the directory holds a same-sized copy at the same path.
+    const h2 = String(labState().hosts[1].pid);
+    const nsSh = (cmd: string): void => { execFileSync('nsenter', ['-t', h2, '-m', '--', 'sh', '-c', cmd]); };
+    nsSh(`mount -t tmpfs -o size=4m ferry-test-local ${dir} && truncate -s 1M ${data}`);
+    try {
+      const r = await refused('patw', 'host2', 'MIGRATION_DEST_STORAGE');
+      assert.match(r.error.message, /writable disk .*data\.img is not on storage that host1 and host2 share/);
+      assert.deepEqual(fs.readdirSync(dir).filter((f) => f.startsWith('.ferry-shared-')), [], 'the source removed its marker');
+    } finally {
+      nsSh(`umount ${dir}`);
+    }
+    // Shared again: the same move goes through.
+    await ok(['-H', 'host1', 'migrate', 'patw', 'host2']);
+    assert.equal((await ok(['-H', 'host2', 'info', 'patw', '--json'])).state, 'running');
+    await ok(['-H', 'host2', 'destroy', 'patw']);
+    await ok(['-H', 'host2', 'delete', 'patw']);
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 
   test('a domain of the same name on the destination; the source itself', async () => {
