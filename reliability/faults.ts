@@ -10,6 +10,13 @@
  *   - the memory pattern consistent (on the running copy);
  *   - the definition on exactly one host;
  *   - no orphan QEMU, listener, reservation or tap.
+ * With --aim (npm run faults -- --aim --per-phase N), each round is aimed at a phase
+ * instead of a random moment: the fault lands the moment the chosen side's job reaches
+ * it (every source phase from begin to finish, every destination phase from begun to
+ * finished), N rounds per phase, and each phase also gets a freeze of each daemon
+ * (SIGSTOP for --freeze-s seconds, then SIGCONT, no restart). Phases that last a few
+ * milliseconds are caught by polling the job's record every millisecond; the phase
+ * actually seen on each side at injection is recorded with the aim.
  * Every round is replayable from (seed, index). Writes reliability/faults-<seed>.json
  * and the fault section of RELIABILITY.md, unless --no-report (CI runs a fixed-seed
  * subset that way). Prints one JSON summary line on stdout; exits 1 if any round failed.
@@ -31,7 +38,15 @@ const COUNT = arg('--count', 20);
 const REPORT = !args.includes('--no-report');
 const DOM = 'fz';
 const FAULTS = ['kill-src-qemu', 'kill-dst-qemu', 'kill-src-ferryd', 'kill-dst-ferryd', 'link-cut', 'packet-loss', 'slow-link', 'disk-full'] as const;
-type Fault = typeof FAULTS[number];
+type Fault = typeof FAULTS[number] | 'freeze-src-ferryd' | 'freeze-dst-ferryd';
+const AIM = args.includes('--aim');
+const PER_PHASE = arg('--per-phase', 25);
+const FREEZE_S = arg('--freeze-s', 30);
+/** Where an aimed round's fault lands: a side and a phase of its job. */
+const TARGETS: { side: 'source' | 'destination'; phase: string }[] = [
+  ...['begin', 'prepare', 'perform', 'switchover', 'finish'].map((phase) => ({ side: 'source' as const, phase })),
+  ...['begun', 'prepared', 'finishing', 'finished'].map((phase) => ({ side: 'destination' as const, phase })),
+];
 
 function rng(seed: number): () => number {
   let a = seed >>> 0;
@@ -57,11 +72,26 @@ function activeJobs(): number {
   }
   return n;
 }
-/** Phase of the source job this round started (jobs from earlier rounds do not count). */
-function latestSourcePhase(h: string, since: number): string {
+/** This round's job on host `h` in `role` (jobs from earlier rounds do not count). */
+function roundJob(h: string, role: string, since: number): any {
   const dir = `${LAB}/${h}/state/jobs`;
-  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === 'source' && j.startedAt >= since).sort((a, b) => b.startedAt - a.startedAt);
-  return jobs[0]?.phase ?? 'before-begin';
+  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).filter((f) => f.endsWith('.json') && !f.startsWith('.')).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === role && j.startedAt >= since - 1000).sort((a, b) => b.startedAt - a.startedAt);
+  return jobs[0];
+}
+function latestSourcePhase(h: string, since: number): string {
+  return roundJob(h, 'source', since)?.phase ?? 'before-begin';
+}
+/** Waits (polling every millisecond) until this round's job on `h` reaches `phase`; false if it ended first or 30 s passed. */
+async function reached(h: string, role: string, phase: string, since: number): Promise<boolean> {
+  const end = Date.now() + 30000;
+  while (Date.now() < end) {
+    const j = roundJob(h, role, since);
+    if (j?.phase === phase) return true;
+    if (j && (j.history ?? []).some((x: { phase: string }) => x.phase === phase)) return false; // passed it between two looks
+    if (j && (j.phase === 'confirmed' || j.phase === 'abandoned')) return false;
+    await sleep(1);
+  }
+  return false;
 }
 const hostIndex = (h: string): number => Number(h.slice(4));
 
@@ -70,7 +100,7 @@ async function restartIfDown(): Promise<void> {
   for (const h of s.hosts) if (!alive(h.pid)) await ferry(['lab', 'restart', h.name]);
 }
 
-interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; code?: string; survived: boolean; problems: string[]; repairedBytes?: number }
+interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; code?: string; survived: boolean; problems: string[]; repairedBytes?: number; aim?: { side: string; phase: string; hit: boolean; srcPhase: string; dstPhase: string } }
 
 async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
@@ -87,15 +117,25 @@ async function main(): Promise<void> {
     await ferry(['-H', 'host1', 'create', f]);
     await sleep(1500);
     const uuid = cfg.uuid;
-    for (let i = 0; i < COUNT; i++) {
-      const fault = FAULTS[Math.floor(rand() * FAULTS.length)];
-      const delayMs = Math.floor(rand() * 3000);
+    // Aimed: PER_PHASE rounds per target, then one freeze of each daemon per target.
+    const total = AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT;
+    for (let i = 0; i < total; i++) {
+      const target = AIM ? TARGETS[i % TARGETS.length] : undefined;
+      const k = Math.floor(i / TARGETS.length);
+      const fault: Fault = AIM && k >= PER_PHASE ? (k === PER_PHASE ? 'freeze-src-ferryd' : 'freeze-dst-ferryd') : FAULTS[Math.floor(rand() * FAULTS.length)];
+      const delayMs = AIM ? 0 : Math.floor(rand() * 3000);
       const from = record('host1')?.state?.pid && alive(record('host1').state.pid) ? 'host1' : 'host2';
       const to = from === 'host1' ? 'host2' : 'host1';
       const problems: string[] = [];
       const since = Date.now();
       const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', '--bandwidth', '24', '--max-downtime', '3000', '--timeout', '30', '--json'], 150000);
-      await sleep(delayMs);
+      let aim: Round['aim'];
+      if (target) {
+        const hit = await reached(target.side === 'source' ? from : to, target.side, target.phase, since);
+        aim = { ...target, hit, srcPhase: roundJob(from, 'source', since)?.phase ?? 'none', dstPhase: roundJob(to, 'destination', since)?.phase ?? 'none' };
+      } else {
+        await sleep(delayMs);
+      }
       const phase = latestSourcePhase(from, since);
       const s = labState();
       const hostOf = (h: string): any => s.hosts.find((x: any) => x.name === h);
@@ -127,6 +167,15 @@ async function main(): Promise<void> {
           undo.push(() => fs.rmSync(fill, { force: true }));
           break;
         }
+        case 'freeze-src-ferryd':
+        case 'freeze-dst-ferryd': {
+          // Frozen, not killed: timers and connections resume where they were.
+          const pid = hostOf(fault === 'freeze-src-ferryd' ? from : to).pid;
+          try { process.kill(pid, 'SIGSTOP'); } catch { /* gone */ }
+          await sleep(FREEZE_S * 1000);
+          try { process.kill(pid, 'SIGCONT'); } catch { /* gone */ }
+          break;
+        }
         case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'mig0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'mig0', 'root'])); break; }
       }
       if (undo.length) { await sleep(4000); for (const u of undo) u(); }
@@ -137,7 +186,7 @@ async function main(): Promise<void> {
       const code: string | undefined = r.json?.error?.code;
       const repairedBytes: number | undefined = r.json?.memoryCheck?.repairedBytes;
       // settle: no unfinished job on either host
-      for (let k = 0; k < 120 && activeJobs() > 0; k++) await sleep(500);
+      for (let w = 0; w < 120 && activeJobs() > 0; w++) await sleep(500);
       if (activeJobs() > 0) problems.push('a job never settled');
       // invariants
       const recs = { host1: record('host1'), host2: record('host2') };
@@ -164,8 +213,9 @@ async function main(): Promise<void> {
         if (listeners.length) problems.push(`migration listeners left on ${h}: ${listeners.join(',')}`);
       }
       const survived = problems.length === 0;
-      rounds.push({ index: i, fault, delayMs, from, phase, outcome, code, survived, problems, ...(repairedBytes !== undefined ? { repairedBytes } : {}) });
-      process.stderr.write(`  [${i + 1}/${COUNT}] ${fault.padEnd(16)} at ${String(delayMs).padStart(4)} ms (${phase.padEnd(12)}) → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`);
+      rounds.push({ index: i, fault, delayMs, from, phase, outcome, code, survived, problems, ...(repairedBytes !== undefined ? { repairedBytes } : {}), ...(aim ? { aim } : {}) });
+      const where = aim ? `${aim.side} ${aim.phase}${aim.hit ? '' : ` (missed: ${aim.srcPhase}/${aim.dstPhase})`}` : `${delayMs} ms (${phase})`;
+      process.stderr.write(`  [${i + 1}/${total}] ${fault.padEnd(17)} at ${where.padEnd(40)} → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`);
       // bring the domain back for the next round if the fault crashed it
       if (crashed.length === 1 && running.length === 0) {
         await ferry(['-H', crashed[0], 'destroy', DOM]);
@@ -182,15 +232,15 @@ async function main(): Promise<void> {
   } finally {
     await ferry(['lab', 'down']);
   }
-  const out = { seed: SEED, count: COUNT, date: new Date().toISOString(), engine, rounds };
+  const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), engine, rounds };
   if (REPORT) {
-    fs.writeFileSync(path.join(ROOT, 'reliability', `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
+    fs.writeFileSync(path.join(ROOT, 'reliability', AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
     writeReport();
   }
   const failed = rounds.filter((r) => !r.survived);
   process.stderr.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
   process.stdout.write(JSON.stringify({ seed: SEED, injected: rounds.length, survived: rounds.length - failed.length, failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })), faults: rounds.map((r) => r.fault), outcomes: rounds.map((r) => r.code ?? r.outcome) }) + '\n');
-  if (failed.length || rounds.length < COUNT) process.exitCode = 1;
+  if (failed.length || rounds.length < (AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT)) process.exitCode = 1;
 }
 
 /** RELIABILITY.md's fault section, from every reliability/faults-*.json on disk. */
@@ -209,6 +259,17 @@ function writeReport(): void {
     '| source phase at injection | injected | survived |', '|---|---|---|', ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
     'What the migration itself answered (a fault may or may not stop it; either way the invariants must hold):', '',
     '| migration outcome | rounds |', '|---|---|', ...[...by((r) => r.code ?? r.outcome)].map(([k, v]) => `| ${k} | ${v.n} |`), ''];
+  const aimedFiles = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-aimed-\d+\.json$/.test(f));
+  const aimed: (Round & { seed: number })[] = aimedFiles.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed })); });
+  if (aimed.length) {
+    const rows = TARGETS.map((t) => {
+      const rs = aimed.filter((r) => r.aim?.side === t.side && r.aim?.phase === t.phase);
+      const frozen = rs.filter((r) => r.fault.startsWith('freeze'));
+      return `| ${t.side} | ${t.phase} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${frozen.length} | ${rs.filter((r) => r.survived).length} |`;
+    });
+    L.push('### Aimed by phase', '', `\`npm run faults -- --aim --per-phase N\` (${aimedFiles.join(', ')}): each fault lands the moment the chosen side's job reaches the phase; *hit* counts the rounds where the record showed exactly that phase at injection (a phase of a few milliseconds can pass between two looks: those rounds still count, with the phase actually seen recorded in the file). Each phase also gets a freeze of each daemon (SIGSTOP for ${FREEZE_S} s, then SIGCONT, no restart). **${aimed.length} faults, ${aimed.filter((r) => r.survived).length} survived.**`, '',
+      '| side | phase | injected | hit | of them freezes | survived |', '|---|---|---|---|---|---|', ...rows, '');
+  }
   const checked = all.filter((r) => r.repairedBytes !== undefined);
   if (checked.length) {
     const fixed = checked.filter((r) => r.repairedBytes! > 0);

@@ -10,7 +10,7 @@ import { EventEmitter } from 'node:events';
 import { FerryError, isErrorCode } from '../errors.ts';
 import { FrameSplitter } from '../util/fsx.ts';
 import type { Action, EventMsg } from './protocol.ts';
-import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from '../daemon/config.ts';
+import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from './protocol.ts';
 
 export type Target =
   | { kind: 'unix'; path: string; label: string }

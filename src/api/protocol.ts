@@ -20,6 +20,10 @@ export const API_VERSION = 1;
 export const MAX_REQUEST_BYTES = 1024 * 1024;
 
 type Check = (v: unknown) => string | null;
+/** Where ferryd reads its config, and the relocation port a peer listens on unless told otherwise (xend's 8002). */
+export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
+export const DEFAULT_RELOCATION_PORT = 8002;
+
 const str: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 4096 ? null : 'must be a non-empty string');
 const oneOf = (...vs: string[]): Check => (v) => (typeof v === 'string' && vs.includes(v) ? null : `must be one of ${vs.join(', ')}`);
 const optStr: Check = (v) => (v === undefined ? null : str(v));

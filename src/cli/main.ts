@@ -8,41 +8,15 @@ import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { FerryError } from '../errors.ts';
 import { call, resolveTarget } from '../api/client.ts';
-import { printJson, table, reportError, humanState } from './output.ts';
+import { printJson, table, reportError, humanState, act, hostOpt, lastJsonMode } from './output.ts';
 import { runConsole } from './console.ts';
 import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerMigrate } from './migrate.ts';
 import { FERRY_VERSION } from '../version.ts';
 
-let jsonMode = false;
 
 /** Runs a verb: its result printed as JSON or by `human`; errors become exit codes. */
-export function act<A extends unknown[]>(fn: (...a: A) => Promise<unknown>, human?: (r: any) => void): (...a: A) => Promise<void> {
-  return async (...a: A) => {
-    const cmd = a[a.length - 1] as Command;
-    const opts = (cmd.opts?.() ?? {}) as { json?: boolean };
-    jsonMode = !!opts.json;
-    try {
-      const r = await fn(...a);
-      if (r === undefined) return;
-      if (opts.json) printJson(r); else if (human) human(r); else if (typeof r === 'string') process.stdout.write(r); else printJson(r);
-    } catch (e) {
-      process.exitCode = reportError(e, !!opts.json);
-    }
-  };
-}
-
-export function hostOpt(cmd: Command): string | undefined {
-  let c: Command | null = cmd;
-  while (c) {
-    const h = (c.opts() as { host?: string }).host;
-    if (h) return h;
-    c = c.parent;
-  }
-  return undefined;
-}
-
 function readConfigFile(file: string): unknown {
   let text: string;
   try { text = fs.readFileSync(file, 'utf8'); } catch (e) { throw new FerryError('CONFIG_UNREADABLE', `Cannot read domain config ${file}: ${(e as NodeJS.ErrnoException).code ?? e}`); }
@@ -161,7 +135,7 @@ export async function main(argv: string[]): Promise<void> {
   } catch (e) {
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') { process.exitCode = 0; return; }
-      process.exitCode = reportError(new FerryError('CLI_USAGE', e.message.replace(/^error: /, '')), jsonMode || argv.includes('--json'));
+      process.exitCode = reportError(new FerryError('CLI_USAGE', e.message.replace(/^error: /, '')), lastJsonMode() || argv.includes('--json'));
       return;
     }
     process.exitCode = reportError(e, argv.includes('--json'));

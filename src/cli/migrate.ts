@@ -6,8 +6,7 @@
 import type { Command } from 'commander';
 import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
 import { ApiClient, resolveTarget, call } from '../api/client.ts';
-import { act, hostOpt } from './main.ts';
-import { printJson, table, fmtBytes, reportError } from './output.ts';
+import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {

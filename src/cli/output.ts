@@ -1,4 +1,5 @@
 /** How the CLI speaks: tables for people, JSON for programs, coded errors for both. */
+import type { Command } from 'commander';
 import { FerryError, asFerryError } from '../errors.ts';
 
 export function printJson(v: unknown): void {
@@ -31,4 +32,34 @@ export function fmtBytes(n: number): string {
   if (n >= 1 << 20) return `${(n / (1 << 20)).toFixed(1)} MiB`;
   if (n >= 1 << 10) return `${(n / 1024).toFixed(0)} KiB`;
   return `${n} B`;
+}
+
+let jsonMode = false;
+/** Whether the last command run through `act` asked for --json (for errors commander raises afterwards). */
+export function lastJsonMode(): boolean { return jsonMode; }
+
+/** Wraps a command's action: prints its result (JSON with --json) or its error, and sets the exit code. */
+export function act<A extends unknown[]>(fn: (...a: A) => Promise<unknown>, human?: (r: any) => void): (...a: A) => Promise<void> {
+  return async (...a: A) => {
+    const cmd = a[a.length - 1] as Command;
+    const opts = (cmd.opts?.() ?? {}) as { json?: boolean };
+    jsonMode = !!opts.json;
+    try {
+      const r = await fn(...a);
+      if (r === undefined) return;
+      if (opts.json) printJson(r); else if (human) human(r); else if (typeof r === 'string') process.stdout.write(r); else printJson(r);
+    } catch (e) {
+      process.exitCode = reportError(e, !!opts.json);
+    }
+  };
+}
+
+export function hostOpt(cmd: Command): string | undefined {
+  let c: Command | null = cmd;
+  while (c) {
+    const h = (c.opts() as { host?: string }).host;
+    if (h) return h;
+    c = c.parent;
+  }
+  return undefined;
 }

@@ -8,12 +8,14 @@ import { API_VERSION } from '../api/protocol.ts';
 import type { Host } from './host.ts';
 import { FERRY_VERSION } from '../version.ts';
 import type { ConnContext } from './server.ts';
+import type { Migrations } from '../migration/manager.ts';
+import type { StartParams } from '../migration/source.ts';
 
-export interface MigrationApi {
-  handle(req: Request, ctx: ConnContext): Promise<unknown>;
-}
-
-export function makeHandler(host: Host, migration: MigrationApi | undefined) {
+export function makeHandler(host: Host, migration: Migrations | undefined) {
+  const mig = (): Migrations => {
+    if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
+    return migration;
+  };
   return async (req: Request, ctx: ConnContext): Promise<unknown> => {
     const p = req.params as Record<string, any>;
     switch (req.action) {
@@ -41,26 +43,25 @@ export function makeHandler(host: Host, migration: MigrationApi | undefined) {
       case 'events.subscribe': {
         const want = p.domain as string | undefined;
         const fwd = (name: string) => (data: { domain?: string }) => { if (!want || data.domain === want) ctx.send({ event: name, data }); };
-        const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.done'];
+        const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.waiting', 'migration.settled', 'migration.done'];
         const fns = names.map((n) => { const f = fwd(n); host.on(n, f); return [n, f] as const; });
         ctx.onClose(() => { for (const [n, f] of fns) host.off(n, f); });
         return { subscribed: names };
       }
-      case 'migration.start':
-      case 'migration.cancel':
-      case 'migration.jobs':
-      case 'migration.job':
-      case 'migration.resolve':
-      case 'relocation.begin':
-      case 'relocation.prepare':
-      case 'relocation.digest':
-      case 'relocation.repair':
-      case 'relocation.finish':
-      case 'relocation.abandon':
-      case 'relocation.confirm':
-      case 'relocation.status':
-        if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
-        return migration.handle(req, ctx);
+      // The migration layer: the source side for the operator, the destination side for peers.
+      case 'migration.start': return mig().source.start(p as StartParams);
+      case 'migration.cancel': return mig().source.cancel(p.domain);
+      case 'migration.resolve': return mig().source.resolveByOperator(p.domain, p.assume === 'source' ? 'source' : 'destination');
+      case 'migration.jobs': return mig().jobs();
+      case 'migration.job': return mig().job(p.domain);
+      case 'relocation.begin': return mig().dest.begin(p, ctx);
+      case 'relocation.prepare': return mig().dest.prepare(p, ctx);
+      case 'relocation.digest': return mig().dest.digest(p, ctx);
+      case 'relocation.repair': return mig().dest.repair(p, ctx, req.attachment);
+      case 'relocation.finish': return mig().dest.finish(p, ctx);
+      case 'relocation.abandon': return mig().dest.abandon(p, ctx);
+      case 'relocation.confirm': return mig().dest.confirm(p, ctx);
+      case 'relocation.status': return mig().dest.status(p, ctx);
       default: {
         const never: never = req.action;
         throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String(never)}`);

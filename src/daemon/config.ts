@@ -11,14 +11,8 @@ import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
 import { parseHostsAllow } from './access.ts';
 import { DEFAULT_QEMU_USER } from '../qemu/confine.ts';
 
-export interface NetworkConfig {
-  /** Bridge that domain taps join. */
-  bridge: string;
-  /** The L2 segment's IPv4 subnet, e.g. 198.18.0.0/24. */
-  subnet: string;
-  /** This host's own address on that segment, if any: used for ARP reachability probes. */
-  address?: string;
-}
+import type { NetworkConfig } from '../domain/config.ts';
+export type { NetworkConfig };
 
 export interface DaemonConfig {
   name: string;
@@ -84,8 +78,8 @@ export const DEFAULT_LIMITS: Limits = {
   incomingPerPeer: 4, incomingTotal: 8, reservationS: 30, disksPerDomain: 16, logMaxMiB: 16, logKeep: 3,
 };
 
-export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
-export const DEFAULT_RELOCATION_PORT = 8002;
+import { DEFAULT_CONFIG_PATH, DEFAULT_RELOCATION_PORT } from '../api/protocol.ts';
+export { DEFAULT_CONFIG_PATH, DEFAULT_RELOCATION_PORT };
 export const DEFAULT_DATA_PORTS: [number, number] = [49152, 49215];
 /** Memory kept back for the host itself when `memory` is not set. */
 export const HOST_RESERVE_MIB = 1024;

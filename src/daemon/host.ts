@@ -22,6 +22,7 @@ import { hostArch } from '../qemu/probe.ts';
 import { openGuestRam, digestRam, digestChunks, chunkBytesFor, dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import { checkDomainFiles, resolveSaveFile } from '../domain/storage.ts';
+import type { MigrationHost } from '../migration/ports.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -65,7 +66,7 @@ export interface Live {
 
 const SAVE_MAGIC = 'FERRY-SAVE-1\n';
 
-export class Host extends EventEmitter {
+export class Host extends EventEmitter implements MigrationHost {
   readonly domains = new Map<string, Live>();
   private nextDomid = 1;
   /** In-flight memory reservations (incoming migrations), MiB by job id. */
@@ -529,6 +530,57 @@ export class Host extends EventEmitter {
     if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot delete domain "${name}": it is ${describeKind(live.rec.state.kind)}; destroy or shut it down first`);
     this.forget(name);
     return { name, deleted: true };
+  }
+
+  // ---- intents for migration/ (MigrationHost in migration/ports.ts) ----
+
+  find(name: string): Live | undefined { return this.domains.get(name); }
+  domainNames(): string[] { return [...this.domains.keys()]; }
+  domainUuids(): string[] { return [...this.domains.values()].map((l) => l.rec.config.uuid); }
+  setBusy(live: Live, why: string | undefined): void { live.busy = why; }
+  reserve(jobId: string, domain: string, memoryMiB: number): void { this.reservations.set(jobId, { domain, memoryMiB }); }
+  release(jobId: string): void { this.reservations.delete(jobId); }
+
+  /**
+   * An incoming migration's domain: defined here (busy, not yet persisted as running),
+   * its QEMU started stopped with `-incoming defer`, attached. `onDefined` hears the pid
+   * before anything else happens, so a crash right after leaves a record to clean.
+   */
+  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string }, onDefined: (pid: number) => void): Promise<Live> {
+    const live: Live = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
+    this.domains.set(config.name, live);
+    const sp = await this.spawn(config, { incoming: true, preallocate: opts.preallocate, machine: opts.machine, cpuModel: opts.cpuModel });
+    live.rec.runtime = sp.runtime;
+    onDefined(sp.pid);
+    this.apply(live, { type: 'incoming', pid: sp.pid, domid: this.allocDomid(), jobId, at: Date.now() });
+    await this.attach(live, sp.pid, sp.qmp);
+    return live;
+  }
+
+  defineMoved(config: DomainConfig): void {
+    const live: Live = { rec: { config, state: { kind: 'defined' } } };
+    this.domains.set(config.name, live);
+    this.persist(live);
+  }
+
+  async discardIncoming(live: Live): Promise<void> {
+    const s = live.rec.state;
+    live.expectStop = 'destroyed';
+    if (s.kind === 'incoming' && pidAlive(s.pid)) await killAndWait(s.pid, 0);
+    this.cleanupRuntime(live);
+    this.forget(live.rec.config.name);
+  }
+
+  async retireMigrated(live: Live, to: { name: string; address: string; port: number }): Promise<void> {
+    const s = live.rec.state;
+    const pid = hasProcess(s) ? s.pid : undefined;
+    live.expectStop = 'migrated';
+    live.console?.detachAll({ event: 'moved', host: to.name, target: `${to.address}:${to.port}` });
+    await live.qmp?.execute('quit').catch(() => undefined);
+    if (pid) await killAndWait(pid, 3000);
+    this.cleanupRuntime(live);
+    if (live.rec.state.kind === 'migrating-out') this.apply(live, { type: 'stopped', reason: 'migrated', at: Date.now() });
+    this.forget(live.rec.config.name);
   }
 
   /** Drops a record and its runtime directory (the definition is gone from this host). */

@@ -19,6 +19,16 @@ export type DiskFormat = 'raw' | 'qcow2';
  * writes into them on stop/cont); ide for old guests (never read-only in QEMU).
  */
 export type DiskBus = 'virtio' | 'ide' | 'floppy';
+/** A host's network that domains' NICs join by name (ferryd.json "networks"). */
+export interface NetworkConfig {
+  /** Bridge that domain taps join. */
+  bridge: string;
+  /** The L2 segment's IPv4 subnet, e.g. 198.18.0.0/24. */
+  subnet: string;
+  /** This host's own address on that segment, if any: used for ARP reachability probes. */
+  address?: string;
+}
+
 export interface DiskConfig { path: string; format: DiskFormat; readOnly: boolean; bus: DiskBus }
 export interface NicConfig { network: string; mac: string; ip?: string }
 export type BootConfig =

@@ -9,10 +9,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
-import { killAndWait, pidAlive, isOurQemu } from '../qemu/process.ts';
-import type { Host, Live } from '../daemon/host.ts';
-import type { Logger } from '../daemon/log.ts';
-import type { ConnContext } from '../daemon/server.ts';
+import { killAndWait, isOurQemu } from '../qemu/process.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationContext as ConnContext } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
@@ -81,7 +79,7 @@ export class Destination {
   /** Jobs whose control connection is gone abandon themselves if still before Finish. */
   private begins = new Map<string, BeginMsg>();
 
-  constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {
+  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {
     host.on('qemu.gone', (ev: { domain: string; pid: number }) => {
       for (const j of store.jobs.values()) {
         if (j.role === 'destination' && j.domain === ev.domain && j.pid === ev.pid && (j.phase === 'prepared')) {
@@ -156,7 +154,7 @@ export class Destination {
     const running = m.mode !== 'definition';
     checkOffer(m.version, m.peer, {
       name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, cpuUnavailable: h.qemu.cpuUnavailable, machines: h.qemu.machines,
-      networks: h.cfg.networks, ...h.memoryFacts(), domainNames: [...h.domains.keys()], domainUuids: [...h.domains.values()].map((l) => l.rec.config.uuid),
+      networks: h.cfg.networks, ...h.memoryFacts(), domainNames: h.domainNames(), domainUuids: h.domainUuids(),
     }, m.config, running);
     if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
     // Pools first: a peer learns nothing about files outside them (not even existence).
@@ -192,7 +190,7 @@ export class Destination {
     // The incoming QEMU starts now (reserved, stopped, no listener), in parallel with
     // the L2 probe: QEMU's start-up is the longest step before the first byte. Its
     // listener opens only at Prepare, which must come within limits.reservationS (touch).
-    h.reservations.set(job.jobId, { domain: job.domain, memoryMiB: job.memoryMiB });
+    h.reserve(job.jobId, job.domain, job.memoryMiB);
     const started = this.startIncoming(job, m);
     this.starting.set(job.jobId, started);
     started.catch(() => undefined);
@@ -215,16 +213,11 @@ export class Destination {
    */
   private async startIncoming(j: DestJob, m: BeginMsg): Promise<Live> {
     const h = this.host;
-    const live: Live = { rec: { config: m.config, state: { kind: 'defined' } } };
-    h.domains.set(m.config.name, live);
-    live.busy = 'incoming migration';
-    const sp = await h.spawn(m.config, { incoming: true, preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel });
-    live.rec.runtime = sp.runtime;
-    j.pid = sp.pid;
-    this.store.saveLater(j);
-    h.apply(live, { type: 'incoming', pid: sp.pid, domid: h.allocDomid(), jobId: j.jobId, at: Date.now() });
-    await h.attach(live, sp.pid, sp.qmp);
-    const q = sp.qmp;
+    const live = await h.startIncoming(m.config, j.jobId, { preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel }, (pid) => {
+      j.pid = pid;
+      this.store.saveLater(j);
+    });
+    const q = live.qmp!;
     this.watches.set(j.jobId, new MigrationWatcher(q));
     await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
     if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
@@ -331,7 +324,7 @@ export class Destination {
     if (j.phase === 'abandoned') throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} abandoned the migration of "${j.domain}": ${j.error?.message ?? 'no reason recorded'}`, { abandoned: true });
     if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot ${what}`);
     const h = this.host;
-    const live = h.domains.get(j.domain);
+    const live = h.find(j.domain);
     if (!live || live.rec.state.kind !== 'incoming' || !live.qmp) {
       await this.abandonLocal(j, `no incoming QEMU to ${what}`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
@@ -446,9 +439,9 @@ export class Destination {
     }
     // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
     if (live.rec.config.nics.length) await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
-    live.busy = undefined;
+    h.setBusy(live, undefined);
     h.apply(live, { type: 'incoming-done', running, at: Date.now() });
-    h.reservations.delete(j.jobId);
+    h.release(j.jobId);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
     this.forgetRun(j.jobId);
@@ -467,7 +460,6 @@ export class Destination {
     if (!st || st.running) throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}" (${why}) and cannot tell whether it runs; the source keeps its copy paused`);
     const reason = `QEMU on ${this.host.cfg.name} refused to run the guest (${why}); it never ran there`;
     this.log.error('could not resume an incoming guest; giving it back to the source', { jobId: j.jobId, domain: j.domain, error: why, status: st.status });
-    live.expectStop = 'destroyed';
     await this.undo(j, reason, { type: 'resume-failed', reason });
     throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}": ${why}. It never ran there, so the source keeps it`, { abandoned: true });
   }
@@ -477,9 +469,7 @@ export class Destination {
     const c = parseDomainConfig(Object.fromEntries(Object.entries(j.config).filter(([k]) => !k.startsWith('_'))));
     this.step(j, { type: 'prepared' });
     this.step(j, { type: 'resuming' });
-    const live: Live = { rec: { config: c, state: { kind: 'defined' } } };
-    this.host.domains.set(c.name, live);
-    this.host.persist(live);
+    this.host.defineMoved(c);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
     return { phase: j.phase, host: this.host.cfg.name };
@@ -564,18 +554,16 @@ export class Destination {
   private async undo(j: DestJob, reason: string, event: DestEvent = { type: 'abandon', reason }): Promise<void> {
     const h = this.host;
     this.closeProbe(j.jobId);
-    const live = h.domains.get(j.domain);
+    const live = h.find(j.domain);
     if (live && (live.rec.state.kind === 'incoming' || live.rec.state.kind === 'defined') && live.rec.config.uuid === j.uuid) {
-      const pid = live.rec.state.kind === 'incoming' ? live.rec.state.pid : j.pid;
-      live.expectStop = 'destroyed';
-      if (pid && pidAlive(pid)) await killAndWait(pid, 0);
-      h.cleanupRuntime(live);
-      h.forget(j.domain);
+      // A record still 'defined' has had no pid on it yet: the job's pid (if any) is the QEMU.
+      if (live.rec.state.kind === 'defined' && j.pid && isOurQemu(j.pid, j.uuid)) await killAndWait(j.pid, 0);
+      await h.discardIncoming(live);
     } else if (j.pid && isOurQemu(j.pid, j.uuid)) {
       // No record (a restart, or Prepare failed early): the pid on file must still be our QEMU.
       await killAndWait(j.pid, 0);
     }
-    h.reservations.delete(j.jobId);
+    h.release(j.jobId);
     this.forgetRun(j.jobId);
     j.error = { code: 'MIGRATION_FAILED', message: reason };
     this.step(j, event);

@@ -13,13 +13,10 @@
  */
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
-import type { Request } from '../api/protocol.ts';
-import type { ConnContext } from '../daemon/server.ts';
-import type { Host } from '../daemon/host.ts';
-import type { Logger } from '../daemon/log.ts';
+import type { MigrationHost, MigrationLog } from './ports.ts';
 import { killAndWait, qemuPidsWith } from '../qemu/process.ts';
 import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
-import { Source, type StartParams } from './source.ts';
+import { Source } from './source.ts';
 import { Destination } from './dest.ts';
 import { destTransition, sourceTransition } from './phases.ts';
 
@@ -28,35 +25,20 @@ export class Migrations {
   readonly source: Source;
   readonly dest: Destination;
 
-  constructor(readonly host: Host, readonly log: Logger) {
+  constructor(readonly host: MigrationHost, readonly log: MigrationLog) {
     this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'), (file, error) => log.warn('job state write still failing; retrying', { file, error }));
     this.source = new Source(host, this.store, log);
     this.dest = new Destination(host, this.store, log);
   }
 
-  async handle(req: Request, ctx: ConnContext): Promise<unknown> {
-    const p = req.params as Record<string, unknown>;
-    // relocation.* reach here from peer ferryds only (ROLES in api/protocol.ts).
-    switch (req.action) {
-      case 'migration.start': return this.source.start(p as unknown as StartParams);
-      case 'migration.cancel': return this.source.cancel(String(p.domain));
-      case 'migration.resolve': return this.source.resolveByOperator(String(p.domain), p.assume === 'source' ? 'source' : 'destination');
-      case 'migration.jobs': return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
-      case 'migration.job': {
-        const j = this.store.active(String(p.domain)) ?? this.store.latest(String(p.domain));
-        if (!j) throw new FerryError('JOB_NOT_FOUND', `No migration job for "${p.domain}" on ${this.host.cfg.name}`);
-        return this.view(j);
-      }
-      case 'relocation.begin': return this.dest.begin(p, ctx);
-      case 'relocation.prepare': return this.dest.prepare(p, ctx);
-      case 'relocation.digest': return this.dest.digest(p, ctx);
-      case 'relocation.repair': return this.dest.repair(p, ctx, req.attachment);
-      case 'relocation.finish': return this.dest.finish(p, ctx);
-      case 'relocation.abandon': return this.dest.abandon(p, ctx);
-      case 'relocation.confirm': return this.dest.confirm(p, ctx);
-      case 'relocation.status': return this.dest.status(p, ctx);
-      default: throw new FerryError('API_UNKNOWN_ACTION', `Not a migration action: ${req.action}`);
-    }
+  jobs(): Record<string, unknown>[] {
+    return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
+  }
+
+  job(domain: string): Record<string, unknown> {
+    const j = this.store.active(domain) ?? this.store.latest(domain);
+    if (!j) throw new FerryError('JOB_NOT_FOUND', `No migration job for "${domain}" on ${this.host.cfg.name}`);
+    return this.view(j);
   }
 
   view(j: SourceJob | DestJob): Record<string, unknown> {
@@ -81,7 +63,7 @@ export class Migrations {
   }
 
   private async recoverDest(j: DestJob): Promise<void> {
-    const live = this.host.domains.get(j.domain);
+    const live = this.host.find(j.domain);
     const mine = live && live.rec.config.uuid === j.uuid ? live : undefined;
     switch (j.phase) {
       case 'begun':
@@ -111,13 +93,13 @@ export class Migrations {
             return;
           }
           await mine.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
-          mine.busy = undefined;
+          this.host.setBusy(mine, undefined);
           this.host.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
         } else if (mine && mine.rec.state.kind === 'incoming') {
           this.host.cleanupRuntime(mine);
           this.host.apply(mine, { type: 'crash', reason: 'QEMU exited while resuming an incoming migration', at: Date.now() });
         }
-        this.host.reservations.delete(j.jobId);
+        this.host.release(j.jobId);
         this.store.advance(j, destTransition(j.phase, { type: 'resumed' }), false);
         this.dest.selfConfirm(j, 'rolled forward at restart; the source\'s Confirm went to the old process');
         return;
@@ -132,7 +114,7 @@ export class Migrations {
   }
 
   private async recoverSource(j: SourceJob): Promise<void> {
-    const live = this.host.domains.get(j.domain);
+    const live = this.host.find(j.domain);
     if (!live || live.rec.config.uuid !== j.uuid) {
       // The definition is gone already: retirement had finished.
       if (j.phase === 'finish') this.store.advance(j, sourceTransition(j.phase, { type: 'dest-finished' }), false);

@@ -8,9 +8,8 @@ import path from 'node:path';
 import crypto from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { FerryError } from '../errors.ts';
-import type { DomainConfig } from '../domain/config.ts';
+import type { DomainConfig, NetworkConfig } from '../domain/config.ts';
 import { domainPaths } from '../domain/config.ts';
-import type { NetworkConfig } from '../daemon/config.ts';
 import { PROTOCOL_VERSION } from './phases.ts';
 
 /** What the source tells the destination about itself in Begin. */

@@ -38,13 +38,11 @@ import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
 import { MAX_REPAIR_BYTES } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
-import type { Host, Live } from '../daemon/host.ts';
-import type { Logger } from '../daemon/log.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers } from './preflight.ts';
-import { killAndWait } from '../qemu/process.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
@@ -96,7 +94,7 @@ export class Source {
   /** Jobs past the point of no return being settled in the background (driveFinish). */
   private driving = new Map<string, Promise<void>>();
 
-  constructor(private readonly host: Host, private readonly store: JobStore, private readonly log: Logger) {}
+  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {}
 
   /**
    * Moves the job to its next phase and persists it. A phase that leads to a step
@@ -221,7 +219,7 @@ export class Source {
       j.dataPort = prep.dataPort;
       mark('prepared');
       this.step(j, { type: 'dest-prepared' });
-      live.busy = `migrating to ${peer.name}`;
+      h.setBusy(live, `migrating to ${peer.name}`);
       // The pause on one clock, this host's monotonic one: from the source QEMU's STOP
       // event to the destination's word that its guest resumed (an upper bound: it
       // includes that answer's way back).
@@ -314,7 +312,7 @@ export class Source {
       return r;
     } finally {
       if (probe) await probe.stop(0);
-      live.busy = undefined;
+      h.setBusy(live, undefined);
       this.cancels.delete(j.jobId);
       client.close();
     }
@@ -726,14 +724,7 @@ export class Source {
 
   /** After success: tell console users where the domain went, end QEMU, forget the definition. */
   async retireSource(live: Live, peer: { name: string; address: string; port: number }): Promise<void> {
-    const s = live.rec.state;
-    const pid = hasProcess(s) ? s.pid : undefined;
-    live.expectStop = 'migrated';
-    live.console?.detachAll({ event: 'moved', host: peer.name, target: `${peer.address}:${peer.port}` });
-    await live.qmp?.execute('quit').catch(() => undefined);
-    if (pid) await killAndWait(pid, 3000);
-    this.host.cleanupRuntime(live);
-    if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'stopped', reason: 'migrated', at: Date.now() });
-    this.host.forget(live.rec.config.name);
+    await this.host.retireMigrated(live, peer);
   }
+
 }

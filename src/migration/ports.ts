@@ -1,0 +1,91 @@
+/**
+ * What migration/ needs from the host it runs on, declared here and implemented by
+ * daemon/ (Host, Logger, the API server's connection), which wires it at start-up.
+ * migration/ imports no daemon module: data flows one way, daemon → migration.
+ *
+ * Migration changes a domain only through the intent methods below; the domain's
+ * record, process and console stay the host's to manage.
+ */
+import type { DomainConfig, NetworkConfig } from '../domain/config.ts';
+import type { DomainEvent, DomainState } from '../domain/state.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import type { Accel } from '../qemu/argv.ts';
+import type { QemuFacts } from '../qemu/probe.ts';
+import type { GuestRam, RamDigests } from '../qemu/memory.ts';
+
+export interface MigrationLog {
+  debug(msg: string, f?: Record<string, unknown>): void;
+  info(msg: string, f?: Record<string, unknown>): void;
+  warn(msg: string, f?: Record<string, unknown>): void;
+  error(msg: string, f?: Record<string, unknown>): void;
+}
+
+/** Who sent a relocation request, as the API server authenticated it. */
+export interface RelocationContext {
+  caller: { transport: 'unix' | 'tls'; peerName?: string; peerDn?: string; peerAddress?: string };
+  onClose(fn: () => void): void;
+}
+
+/** The host settings migration reads (a subset of ferryd.json). */
+export interface MigrationSettings {
+  name: string;
+  stateDir: string;
+  tlsDir: string;
+  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean };
+  peers: Record<string, string>;
+  networks: Record<string, NetworkConfig>;
+  limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
+}
+
+/** A domain as migration sees it: read-only, changed through MigrationHost. */
+export interface DomainHandle {
+  readonly rec: { readonly config: DomainConfig; readonly state: DomainState; readonly runtime?: { machine: string; cpuModel: string; accel: Accel } };
+  readonly qmp?: QmpClient;
+  /** What owns the domain's process right now, if anything (save, a migration…). */
+  readonly busy?: string;
+}
+
+export interface MigrationHost {
+  readonly cfg: MigrationSettings;
+  readonly qemu: QemuFacts;
+  readonly accel: { accel: Accel };
+  /** Where domains' run directories live (an incoming QEMU's command line names it). */
+  readonly runDir: string;
+  on(event: 'qemu.gone', fn: (ev: { domain: string; pid: number }) => void): unknown;
+  emit(event: string, data: unknown): boolean;
+
+  get(name: string): DomainHandle;
+  find(name: string): DomainHandle | undefined;
+  domainNames(): string[];
+  domainUuids(): string[];
+  memoryFacts(): { freeMiB: number; freeWhy: string };
+  /** Refuses paths outside the storage pools, symlinks and missing files. */
+  checkPaths(c: DomainConfig): void;
+
+  /** A state change of the domain's lifecycle (domain/state.ts), persisted. */
+  apply(d: DomainHandle, e: DomainEvent): void;
+  setBusy(d: DomainHandle, why: string | undefined): void;
+  reserve(jobId: string, domain: string, memoryMiB: number): void;
+  release(jobId: string): void;
+
+  /** Defines `config` here as an incoming domain, starts its QEMU (stopped, -incoming defer) and attaches to it. */
+  startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string }, onDefined: (pid: number) => void): Promise<DomainHandle>;
+  /** Defines a shut-off domain that moved here as its definition. */
+  defineMoved(config: DomainConfig): void;
+  /** Ends an incoming domain's QEMU (if any) and forgets it: an abandoned incoming migration. */
+  discardIncoming(d: DomainHandle): Promise<void>;
+  /** Ends the source's QEMU after the guest moved, sends console users to `to`, forgets the definition. */
+  retireMigrated(d: DomainHandle, to: { name: string; address: string; port: number }): Promise<void>;
+  /** Drops the runtime of a domain whose QEMU is gone (sockets, taps, console). */
+  cleanupRuntime(d: DomainHandle): void;
+  forget(name: string): void;
+  removeTaps(uuid: string, nics: number): void;
+
+  /** The domain QEMU's private directory (its sockets). */
+  qemuDirOf(d: DomainHandle): string;
+  /** The domain QEMU's TLS directory (a fresh copy of this host's credentials). */
+  qemuTlsDir(d: DomainHandle): string;
+  withRam<T>(d: DomainHandle, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T>;
+  ramDigests(d: DomainHandle): Promise<RamDigests>;
+  ramChunkDigests(d: DomainHandle, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }>;
+}
