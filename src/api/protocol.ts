@@ -201,3 +201,38 @@ export class ConsoleDeframer {
     }
   }
 }
+
+/** How a domain moves: running (live or offline) or, shut off, as its definition. */
+export type Mode = 'live' | 'offline' | 'definition';
+
+/** What `migration.start` answers (and `migration.job` keeps): the move's outcome and figures. */
+export interface Report {
+  /** unresolved: past the point of no return, the destination has not said whether it runs the guest; ferryd keeps asking. */
+  outcome: 'succeeded' | 'failed' | 'cancelled' | 'unresolved';
+  mode: Mode;
+  jobId: string;
+  domain: string;
+  source: string;
+  destination: string;
+  totalMs: number;
+  setupMs: number | null;
+  downtimeMs: number | null;
+  /** Source STOP event → the destination's answer that its guest resumed, both on the source's monotonic clock (an upper bound; QEMU's downtime understates the pause). */
+  pauseMs: number | null;
+  /** Longest gap in the guest's replies to an outside probe (see guestprobe.ts); null without a guest IP. */
+  guestDowntimeMs: number | null;
+  guestProbe: string | null;
+  bytes: number;
+  passes: number;
+  throughputMBps: number;
+  encrypted: boolean;
+  bandwidthMiBs: number | null;
+  maxDowntimeMs: number;
+  policy: string[];
+  /** Guest RAM compared after the copy (qemu/memory.ts); `repairedBytes` arrived different and were rewritten from the source. */
+  memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
+  phase: string;
+  /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
+  timeline?: Record<string, number>;
+  error?: { code: string; message: string };
+}

@@ -6,6 +6,7 @@
 import type { Command } from 'commander';
 import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
 import { ApiClient, resolveTarget, call } from '../api/client.ts';
+import type { Report } from '../api/protocol.ts';
 import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
 
 function num(name: string, min: number) {
@@ -23,7 +24,7 @@ function bar(p: any): string {
   return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  pass ${p.pass}  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}`;
 }
 
-export function printReport(r: any): void {
+export function printReport(r: Report): void {
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : `${v} ms`);
   const rows: (string | number)[][] = [
     ['outcome', r.outcome], ['mode', r.mode], ['domain', r.domain], ['from → to', `${r.source} → ${r.destination}`],
@@ -74,7 +75,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       // The answer is the job's report, failures included; `error` says why.
-      const r = await c.request<any>('migration.start', params);
+      const r = await c.request<Report>('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
       if (o.json) printJson(r); else printReport(r);
       if (!r.error) return 0;

@@ -9,6 +9,7 @@ import { FerryError } from '../errors.ts';
 import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
 import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
 import { parseHostsAllow } from './access.ts';
+import { LEVELS, type Level } from './log.ts';
 import { DEFAULT_QEMU_USER } from '../qemu/confine.ts';
 
 import type { NetworkConfig } from '../domain/config.ts';
@@ -35,6 +36,8 @@ export interface DaemonConfig {
   memoryMiB: number;
   /** Kept free on the host beyond what its domains may touch (MiB). */
   memoryMarginMiB: number;
+  /** The lowest log level written to ferryd.log. */
+  logLevel: Level;
   networks: Record<string, NetworkConfig>;
   accel: Accel | 'auto';
   cpuModel: string;
@@ -86,7 +89,7 @@ export const HOST_RESERVE_MIB = 1024;
 
 export const DEFAULT_MEMORY_MARGIN_MIB = 256;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'logLevel', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -126,6 +129,8 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (typeof tlsDir !== 'string' || !path.isAbsolute(tlsDir)) bad('tlsDir', 'must be an absolute path');
   const memory = raw.memory ?? defaultMemoryMiB();
   if (!Number.isInteger(memory) || (memory as number) < 16) bad('memory', `must be an integer number of MiB (at least 16), got ${JSON.stringify(memory)}`);
+  const logLevel = raw.logLevel ?? 'info';
+  if (!LEVELS.includes(logLevel as Level)) bad('logLevel', `must be one of ${LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
   const memoryMargin = raw.memoryMargin ?? DEFAULT_MEMORY_MARGIN_MIB;
   if (!Number.isInteger(memoryMargin) || (memoryMargin as number) < 0) bad('memoryMargin', `must be a whole number of MiB, got ${JSON.stringify(memoryMargin)}`);
   const networks: Record<string, NetworkConfig> = {};
@@ -185,7 +190,7 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean },
     storage, limits,
-    tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
+    tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, logLevel: logLevel as Level, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
     peers: peers as Record<string, string>, qemu, qemuUser: isObj(qraw) && typeof qraw.user === 'string' ? qraw.user : DEFAULT_QEMU_USER,
   };
 }

@@ -25,3 +25,22 @@ test('the log rotates at its size limit, keeps `keep` old files, and loses no li
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('lines below the configured level are not written; debug is off by default', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-log-'));
+  try {
+    const quiet = new Logger(path.join(dir, 'a.log'), {});
+    quiet.debug('qmp event', { event: 'STOP' });
+    quiet.info('kept');
+    assert.deepEqual(fs.readFileSync(path.join(dir, 'a.log'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).msg), ['kept']);
+    const chatty = new Logger(path.join(dir, 'b.log'), {}, false, undefined, 'debug');
+    chatty.child({ domain: 'd' }).debug('qmp event');
+    assert.equal(JSON.parse(fs.readFileSync(path.join(dir, 'b.log'), 'utf8')).level, 'debug');
+    const terse = new Logger(path.join(dir, 'c.log'), {}, false, undefined, 'warn');
+    terse.info('dropped');
+    terse.error('kept');
+    assert.deepEqual(fs.readFileSync(path.join(dir, 'c.log'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).msg), ['kept']);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -6,13 +6,18 @@
 import fs from 'node:fs';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
+export const LEVELS: readonly Level[] = ['debug', 'info', 'warn', 'error'];
 
 export class Logger {
   /** Lines a full disk refused; logging must never be the thing that fails an action. */
   private dropped = { n: 0 };
   /** Shared with child loggers (they are prototypes of this one). */
   private out = { fd: undefined as number | undefined, size: 0 };
-  constructor(readonly file: string | undefined, private readonly base: Record<string, unknown> = {}, private readonly echo = false, private readonly rotate = { maxBytes: 16 * 1048576, keep: 3 }) {
+  /**
+   * `level`: the lowest level written. Debug lines (every QMP event, for one) stay out
+   * unless ferryd.json says "logLevel": "debug".
+   */
+  constructor(readonly file: string | undefined, private readonly base: Record<string, unknown> = {}, private readonly echo = false, private readonly rotate = { maxBytes: 16 * 1048576, keep: 3 }, private readonly level: Level = 'info') {
     if (file) this.open();
   }
   private open(): void {
@@ -34,6 +39,7 @@ export class Logger {
     return l;
   }
   log(level: Level, msg: string, fields: Record<string, unknown> = {}): void {
+    if (LEVELS.indexOf(level) < LEVELS.indexOf(this.level)) return;
     const line = JSON.stringify({ ts: new Date().toISOString(), level, msg, ...this.base, ...fields }) + '\n';
     if (this.out.fd !== undefined) {
       try {

@@ -47,7 +47,7 @@ async function main(): Promise<void> {
     }
   } catch { /* no pid file */ }
   fs.writeFileSync(pidFile, String(process.pid));
-  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr, { maxBytes: cfg.limits.logMaxMiB * 1048576, keep: cfg.limits.logKeep });
+  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr, { maxBytes: cfg.limits.logMaxMiB * 1048576, keep: cfg.limits.logKeep }, cfg.logLevel);
   log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
   // QEMU generates DH parameters (up to a second) for a server TLS object without them.
   try {

@@ -7,39 +7,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { SourcePhase, DestPhase } from './phases.ts';
+import type { Report, Mode } from '../api/protocol.ts';
 
-export type Mode = 'live' | 'offline' | 'definition';
+export type { Mode };
 
-export interface Report {
-  /** unresolved: past the point of no return, the destination has not said whether it runs the guest; ferryd keeps asking. */
-  outcome: 'succeeded' | 'failed' | 'cancelled' | 'unresolved';
-  mode: Mode;
-  jobId: string;
-  domain: string;
-  source: string;
-  destination: string;
-  totalMs: number;
-  setupMs: number | null;
-  downtimeMs: number | null;
-  /** Source STOP event → the destination's answer that its guest resumed, both on the source's monotonic clock (an upper bound; QEMU's downtime understates the pause). */
-  pauseMs: number | null;
-  /** Longest gap in the guest's replies to an outside probe (see guestprobe.ts); null without a guest IP. */
-  guestDowntimeMs: number | null;
-  guestProbe: string | null;
-  bytes: number;
-  passes: number;
-  throughputMBps: number;
-  encrypted: boolean;
-  bandwidthMiBs: number | null;
-  maxDowntimeMs: number;
-  policy: string[];
-  /** Guest RAM compared after the copy (qemu/memory.ts); `repairedBytes` arrived different and were rewritten from the source. */
-  memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
-  phase: string;
-  /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
-  timeline?: Record<string, number>;
-  error?: { code: string; message: string };
-}
+// The report is part of the API's contract (the CLI prints it): defined in api/protocol.ts.
+export type { Report };
 
 interface JobBase {
   jobId: string;
@@ -156,6 +129,11 @@ export class JobStore {
 
   active(domain: string): Job | undefined {
     return [...this.jobs.values()].find((j) => j.domain === domain && j.phase !== 'confirmed' && j.phase !== 'abandoned');
+  }
+
+  /** Every job of `domain` not yet confirmed or abandoned. */
+  openJobs(domain: string): Job[] {
+    return [...this.jobs.values()].filter((j) => j.domain === domain && j.phase !== 'confirmed' && j.phase !== 'abandoned');
   }
 
   latest(domain: string): Job | undefined {

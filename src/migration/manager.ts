@@ -50,8 +50,12 @@ export class Migrations {
   }
 
   async recover(): Promise<void> {
-    for (const j of this.store.load()) {
-      if (j.phase === 'confirmed' || j.phase === 'abandoned') continue;
+    const jobs = this.store.load();
+    for (const j of jobs) {
+      if (j.phase === 'confirmed' || j.phase === 'abandoned') {
+        if (j.role === 'source') await this.finishTail(j).catch((e) => this.log.error('recovery failed', { jobId: j.jobId, error: String(e) }));
+        continue;
+      }
       this.log.warn('recovering migration job', { jobId: j.jobId, role: j.role, domain: j.domain, phase: j.phase });
       try {
         if (j.role === 'destination') await this.recoverDest(j);
@@ -59,6 +63,27 @@ export class Migrations {
       } catch (e) {
         this.log.error('recovery failed', { jobId: j.jobId, error: String(e) });
       }
+    }
+  }
+
+  /**
+   * A source job's final phase is on disk before its tail has run: retiring the source
+   * copy (confirmed) or resuming it (abandoned). A ferryd that died in between left the
+   * domain "migrating-out" here: run the tail now. (Found by the aimed fault campaign:
+   * the source ferryd killed a millisecond after "confirmed" left a stale copy behind.)
+   */
+  private async finishTail(j: SourceJob): Promise<void> {
+    const live = this.host.find(j.domain);
+    if (!live || live.rec.config.uuid !== j.uuid || live.rec.state.kind !== 'migrating-out') return;
+    if (this.store.latest(j.domain)?.jobId !== j.jobId) return; // only the newest job of a domain speaks for it
+    this.log.warn('finishing a settled migration that a restart interrupted', { jobId: j.jobId, domain: j.domain, phase: j.phase });
+    if (j.phase === 'confirmed') {
+      await this.source.retireSource(live, j.peer);
+    } else if (live.qmp) {
+      await this.source.resumeSource(live, j.wasRunning);
+    } else {
+      this.host.cleanupRuntime(live);
+      this.host.apply(live, { type: 'crash', reason: 'QEMU exited during a migration', at: Date.now() });
     }
   }
 

@@ -43,7 +43,7 @@ import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers } from './preflight.ts';
-import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
+import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
@@ -155,7 +155,8 @@ export class Source {
     const t0 = Date.now();
     const h = this.host;
     const live = h.get(p.domain);
-    if (this.store.active(p.domain)) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
+    // A finished incoming job only waits for its source's Confirm: the guest runs here.
+    if (this.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished'))) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
     if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${live.busy})`);
     const s = live.rec.state;
     if (s.kind === 'incoming' || s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${s.kind}`);
@@ -470,7 +471,7 @@ export class Source {
       if (ticking || w.final) return;
       ticking = true;
       try {
-        const m = await q.execute<any>('query-migrate');
+        const m = await q.execute<MigrateInfo>('query-migrate');
         this.progress(j, t0, m, w.passes);
         const elapsed = (Date.now() - t0) / 1000;
         // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
@@ -507,7 +508,7 @@ export class Source {
     const active = w.at.get('active');
     const setupMs = active !== undefined ? Math.max(0, Math.round(active - t0)) : null;
     if (status === 'failed') {
-      const m = await q.execute<any>('query-migrate').catch(() => ({}));
+      const m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
@@ -520,7 +521,7 @@ export class Source {
   }
 
   /** Publishes a query-migrate answer as the job's progress (the CLI's bar, `ferry job`). */
-  private progress(j: SourceJob, t0: number, m: any, passes: number): void {
+  private progress(j: SourceJob, t0: number, m: MigrateInfo, passes: number): void {
     const ram = m.ram ?? {};
     const done = m.status === 'completed';
     const total = ram.total ?? 0;
@@ -541,8 +542,8 @@ export class Source {
    * them must not lengthen the guest's pause.
    */
   private async streamStats(j: SourceJob, q: QmpClient, t0: number, passes: number): Promise<Partial<Report>> {
-    let m = await q.execute<any>('query-migrate').catch(() => ({}));
-    for (let i = 0; i < 20 && !(m['total-time'] > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<any>('query-migrate').catch(() => m); }
+    let m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
+    for (let i = 0; i < 20 && !((m['total-time'] ?? 0) > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<MigrateInfo>('query-migrate').catch(() => m); }
     const r2 = m.ram ?? {};
     const bytes = r2.transferred ?? 0;
     const totalTime = m['total-time'] ?? (Date.now() - t0);

@@ -12,6 +12,16 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 /** Statuses after which nothing more happens to this migration. */
 export const FINAL_STATUSES = ['completed', 'failed', 'cancelled'] as const;
 
+/** The parts of QMP's query-migrate answer (MigrationInfo) that ferry reads. */
+export interface MigrateInfo {
+  status?: string;
+  'error-desc'?: string;
+  'total-time'?: number;
+  downtime?: number;
+  'cpu-throttle-percentage'?: number;
+  ram?: { total?: number; remaining?: number; transferred?: number; mbps?: number; 'dirty-pages-rate'?: number; 'dirty-sync-count'?: number };
+}
+
 export function qmpEventMs(e: QmpEvent): number {
   return e.timestamp ? e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000 : Date.now();
 }

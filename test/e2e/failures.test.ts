@@ -14,6 +14,8 @@
  *   destination refused for 45 s (it keeps asking, and settles when they return); the
  *   destination daemon frozen for a minute while the stream ends; the operator settling
  *   a job the destination cannot be asked about (`ferry job resolve`);
+ * - the source daemon killed the moment its job says "confirmed", before it retired its
+ *   copy: the restart retires it (found by the aimed fault campaign, seed 2031 round 44);
  * (Guest RAM that arrives different, and the repair, are in engines.test.ts: only QEMU
  * 7.2 loses pages, so that test runs a 7.2 source.)
  */
@@ -263,15 +265,39 @@ describe('migration failures (lab)', () => {
     await sourceIntact();
   });
 
-  test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {
+  test('the source daemon killed the moment its job is confirmed, before it retired its copy: the restart retires it', async () => {
+    const jobsDir = `${labState().hosts[0].stateDir}/jobs`;
+    const before = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    const d = labState().hosts[0].pid;
     const done = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--json']);
-    // Poll host2's job files; kill its ferryd the moment one says "finished".
+    await waitFor('host1 job confirmed', () => {
+      for (const f of fs.readdirSync(jobsDir).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !before.has(x))) {
+        try { if (JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8')).phase === 'confirmed') { process.kill(d, 'SIGKILL'); return true; } } catch { /* being written */ }
+      }
+      return false;
+    }, 60000, 1);
+    await done;
+    await waitFor('ferryd gone', () => !pidAlive(d), 5000);
+    await ok(['lab', 'restart', 'host1']);
+    await waitFor('the stale copy retired', () => domainRecord('host1', 'pat') === undefined, 15000, 200);
+    assert.deepEqual(await runningOn(), ['host2']);
+    await hostClean('host1', 'pat');
+    await ok(['lab', 'verify', 'pat']);
+    await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live']);
+    srcPid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
+    await sourceIntact();
+  });
+
+  test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {
+    // Poll host2's job files (this move's only); kill its ferryd the moment one says "finished".
     const jobsDir = `${labState().hosts[1].stateDir}/jobs`;
+    const earlier = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    const done = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--json']);
     const d = labState().hosts[1].pid;
     let seen = '';
     await waitFor('host2 job finished', () => {
       // Only real records: an atomic write's temp file is not on disk yet as far as recovery knows.
-      for (const f of (fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.'))) {
+      for (const f of (fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !earlier.has(x))) {
         try {
           const j = JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8'));
           if (j.phase === 'finished') { process.kill(d, 'SIGKILL'); seen = j.jobId; return true; }
