@@ -9,103 +9,22 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { EventEmitter } from 'node:events';
-import type net from 'node:net';
 import { Destination } from './dest.ts';
 import { JobStore, type DestJob } from './jobs.ts';
 import { PROTOCOL_VERSION } from './phases.ts';
-import type { MigrationHost, DomainHandle, RelocationContext } from './ports.ts';
-import { QmpClient } from '../qmp/client.ts';
-import { fakeQmp } from '../qmp/fake.ts';
-import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
-import { transition, type DomainEvent, type DomainState } from '../domain/state.ts';
+import type { RelocationContext } from './ports.ts';
+import { FakeHost, incomingQemu, quiet } from './fakes.ts';
+import { parseDomainConfig, domainConfigToJson } from '../domain/config.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { FerryError } from '../errors.ts';
 
-/** A scripted incoming QEMU: answers what Destination asks; `stream()` plays the source's copy. */
-async function incomingQemu(o: { contFails?: 'paused' | 'unknown' } = {}) {
-  let sock: net.Socket | undefined;
-  let running = false;
-  let contTried = false;
-  const send = (obj: unknown): void => { sock?.write(JSON.stringify(obj) + '\r\n'); };
-  const event = (name: string, data?: unknown): void => send({ event: name, data, timestamp: { seconds: Math.floor(Date.now() / 1000), microseconds: 0 } });
-  const seen: string[] = [];
-  const fake = await fakeQmp((msg, s) => {
-    sock = s;
-    seen.push(msg.execute);
-    const ok = (ret: unknown = {}): void => send({ return: ret, id: msg.id });
-    switch (msg.execute) {
-      case 'migrate-incoming': ok(); event('MIGRATION', { status: 'setup' }); break;
-      case 'query-status':
-        // 'unknown': after a failed cont, QEMU cannot even say whether it runs.
-        if (o.contFails === 'unknown' && contTried) send({ error: { class: 'GenericError', desc: 'busy' }, id: msg.id });
-        else ok({ status: running ? 'running' : 'paused', running });
-        break;
-      case 'cont':
-        contTried = true;
-        if (o.contFails) { send({ error: { class: 'GenericError', desc: 'Failed to get "write" lock' }, id: msg.id }); break; }
-        running = true; ok(); event('RESUME'); break;
-      default: ok();
-    }
-  });
-  return {
-    path: fake.path, seen, cleanup: fake.cleanup,
-    stream: (): void => { event('MIGRATION', { status: 'active' }); event('MIGRATION', { status: 'completed' }); },
-  };
-}
-
-type Handle = DomainHandle & { rec: { config: DomainConfig; state: DomainState }; qmp?: QmpClient; busy?: string };
-
-class FakeHost extends EventEmitter implements MigrationHost {
-  readonly domains = new Map<string, Handle>();
-  readonly reservations = new Map<string, number>();
-  readonly discarded: string[] = [];
-  readonly qemu = { version: '10.0.2', machine: 'pc-i440fx-10.0', cpuModel: 'qemu64', cpuFeatures: ['lm'], cpuUnavailable: [], accel: 'tcg' as const, machines: ['pc-i440fx-10.0'] };
-  readonly accel = { accel: 'tcg' as const };
-  readonly cfg;
-  constructor(readonly runDir: string, readonly qmpPath: string, port: number) {
-    super();
-    this.cfg = { name: 'host2', stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
-  }
-  get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
-  find(name: string): Handle | undefined { return this.domains.get(name); }
-  domainNames(): string[] { return [...this.domains.keys()]; }
-  domainUuids(): string[] { return [...this.domains.values()].map((d) => d.rec.config.uuid); }
-  memoryFacts(): { freeMiB: number; freeWhy: string } { return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' }; }
-  checkPaths(): void { /* the fake pools hold everything */ }
-  apply(d: DomainHandle, e: DomainEvent): void { (d as Handle).rec.state = transition(d.rec.state, e); }
-  setBusy(d: DomainHandle, why: string | undefined): void { (d as Handle).busy = why; }
-  reserve(jobId: string, _domain: string, memoryMiB: number): void { this.reservations.set(jobId, memoryMiB); }
-  release(jobId: string): void { this.reservations.delete(jobId); }
-  async startIncoming(config: DomainConfig, jobId: string, _o: unknown, onDefined: (pid: number) => void): Promise<DomainHandle> {
-    const d: Handle = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
-    this.domains.set(config.name, d);
-    d.qmp = await QmpClient.connect(this.qmpPath, 2000);
-    onDefined(424242);
-    this.apply(d, { type: 'incoming', pid: 424242, domid: 1, jobId, at: Date.now() });
-    return d;
-  }
-  defineMoved(config: DomainConfig): void { this.domains.set(config.name, { rec: { config, state: { kind: 'defined' } } }); }
-  async discardIncoming(d: DomainHandle): Promise<void> { d.qmp?.close(); this.discarded.push(d.rec.config.name); this.domains.delete(d.rec.config.name); }
-  async retireMigrated(): Promise<void> { throw new Error('not on a destination'); }
-  cleanupRuntime(d: DomainHandle): void { d.qmp?.close(); }
-  forget(name: string): void { this.domains.delete(name); }
-  removeTaps(): void { /* no taps */ }
-  qemuDirOf(): string { return this.runDir; }
-  qemuTlsDir(): string { return this.runDir; }
-  withRam<T>(): Promise<T> { throw new Error('no RAM in a fake'); }
-  ramDigests(): never { throw new Error('no RAM in a fake'); }
-  ramChunkDigests(): never { throw new Error('no RAM in a fake'); }
-}
-
-const quiet = { debug: () => undefined, info: () => undefined, warn: () => undefined, error: () => undefined };
 
 async function rig(o: { contFails?: 'paused' | 'unknown' } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-dest-'));
   const kernel = path.join(dir, 'vmlinux');
   fs.writeFileSync(kernel, 'k');
   const qemu = await incomingQemu(o);
-  const host = new FakeHost(dir, qemu.path, 40000 + Math.floor(Math.random() * 20000));
+  const host = new FakeHost('host2', dir, qemu.path, 40000 + Math.floor(Math.random() * 20000));
   const store = new JobStore(path.join(dir, 'jobs'));
   const dest = new Destination(host, store, quiet);
   const closers: (() => void)[] = [];

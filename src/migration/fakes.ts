@@ -1,0 +1,138 @@
+/**
+ * Fakes for the migration layer's unit tests (never used outside them): a host that
+ * implements MigrationHost in memory, and scripted QMP peers for an incoming and an
+ * outgoing QEMU. The lab tests (test/e2e) run the same code against the real ones.
+ */
+import { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import type { MigrationHost, DomainHandle } from './ports.ts';
+import { QmpClient } from '../qmp/client.ts';
+import { fakeQmp } from '../qmp/fake.ts';
+import type { DomainConfig } from '../domain/config.ts';
+import { transition, type DomainEvent, type DomainState } from '../domain/state.ts';
+import { FerryError } from '../errors.ts';
+
+export const quiet = { debug: (): void => undefined, info: (): void => undefined, warn: (): void => undefined, error: (): void => undefined };
+
+/**
+ * A fake QMP peer whose `script` answers each command: `ok` replies, `fail` errs, `event`
+ * emits; `seen` lists the commands in order.
+ */
+interface Reply { ok: (ret?: unknown) => void; fail: (desc: string) => void }
+async function scripted(script: (command: string, r: Reply) => void) {
+  let sock: net.Socket | undefined;
+  const send = (obj: unknown): void => { sock?.write(JSON.stringify(obj) + '\r\n'); };
+  const event = (name: string, data?: unknown): void => send({ event: name, data, timestamp: { seconds: Math.floor(Date.now() / 1000), microseconds: 0 } });
+  const seen: string[] = [];
+  const fake = await fakeQmp((msg, s) => {
+    sock = s;
+    seen.push(msg.execute);
+    script(msg.execute, { ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }), fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }) });
+  });
+  return { fake, event, seen };
+}
+
+/** A scripted incoming QEMU: answers what Destination asks; `stream()` plays the source's copy. */
+export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' } = {}) {
+  let running = false;
+  let contTried = false;
+  const q = await scripted((command, r) => {
+    switch (command) {
+      case 'migrate-incoming': r.ok(); q.event('MIGRATION', { status: 'setup' }); break;
+      case 'query-status':
+        // 'unknown': after a failed cont, QEMU cannot even say whether it runs.
+        if (o.contFails === 'unknown' && contTried) r.fail('busy');
+        else r.ok({ status: running ? 'running' : 'paused', running });
+        break;
+      case 'cont':
+        contTried = true;
+        if (o.contFails) { r.fail('Failed to get "write" lock'); break; }
+        running = true; r.ok(); q.event('RESUME'); break;
+      default: r.ok();
+    }
+  });
+  return {
+    path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup,
+    stream: (): void => { q.event('MIGRATION', { status: 'active' }); q.event('MIGRATION', { status: 'completed' }); },
+  };
+}
+
+export type Handle = DomainHandle & { rec: { config: DomainConfig; state: DomainState }; qmp?: QmpClient; busy?: string };
+
+export class FakeHost extends EventEmitter implements MigrationHost {
+  readonly domains = new Map<string, Handle>();
+  readonly reservations = new Map<string, number>();
+  readonly discarded: string[] = [];
+  readonly retired: string[] = [];
+  readonly qemu = { version: '10.0.2', machine: 'pc-i440fx-10.0', cpuModel: 'qemu64', cpuFeatures: ['lm'], cpuUnavailable: [], accel: 'tcg' as const, machines: ['pc-i440fx-10.0'] };
+  readonly accel = { accel: 'tcg' as const };
+  readonly cfg;
+  constructor(name: string, readonly runDir: string, readonly qmpPath: string, port: number) {
+    super();
+    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
+  }
+  get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
+  find(name: string): Handle | undefined { return this.domains.get(name); }
+  domainNames(): string[] { return [...this.domains.keys()]; }
+  domainUuids(): string[] { return [...this.domains.values()].map((d) => d.rec.config.uuid); }
+  memoryFacts(): { freeMiB: number; freeWhy: string } { return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' }; }
+  checkPaths(): void { /* the fake pools hold everything */ }
+  apply(d: DomainHandle, e: DomainEvent): void { (d as Handle).rec.state = transition(d.rec.state, e); }
+  setBusy(d: DomainHandle, why: string | undefined): void { (d as Handle).busy = why; }
+  reserve(jobId: string, _domain: string, memoryMiB: number): void { this.reservations.set(jobId, memoryMiB); }
+  release(jobId: string): void { this.reservations.delete(jobId); }
+  async startIncoming(config: DomainConfig, jobId: string, _o: unknown, onDefined: (pid: number) => void): Promise<DomainHandle> {
+    const d: Handle = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
+    this.domains.set(config.name, d);
+    d.qmp = await QmpClient.connect(this.qmpPath, 2000);
+    onDefined(424242);
+    this.apply(d, { type: 'incoming', pid: 424242, domid: 1, jobId, at: Date.now() });
+    return d;
+  }
+  defineMoved(config: DomainConfig): void { this.domains.set(config.name, { rec: { config, state: { kind: 'defined' } } }); }
+  async discardIncoming(d: DomainHandle): Promise<void> { d.qmp?.close(); this.discarded.push(d.rec.config.name); this.domains.delete(d.rec.config.name); }
+  async retireMigrated(d: DomainHandle): Promise<void> {
+    d.qmp?.close();
+    if (d.rec.state.kind === 'migrating-out') this.apply(d, { type: 'stopped', reason: 'migrated', at: Date.now() });
+    this.retired.push(d.rec.config.name);
+    this.domains.delete(d.rec.config.name);
+  }
+  cleanupRuntime(d: DomainHandle): void { d.qmp?.close(); }
+  forget(name: string): void { this.domains.delete(name); }
+  removeTaps(): void { /* no taps */ }
+  qemuDirOf(): string { return this.runDir; }
+  qemuTlsDir(): string { return this.runDir; }
+  withRam<T>(): Promise<T> { throw new Error('no RAM in a fake'); }
+  ramDigests(): never { throw new Error('no RAM in a fake'); }
+  ramChunkDigests(): never { throw new Error('no RAM in a fake'); }
+}
+
+
+/**
+ * A scripted running QEMU on the source: `migrate` plays QEMU's events (setup, active,
+ * STOP, completed, or failed when told to) and calls `onSent` once it "sent" everything.
+ */
+export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void } = {}) {
+  let running = true;
+  let status = 'none';
+  const mig = (st: string): void => { status = st; q.event('MIGRATION', { status: st }); };
+  const q = await scripted((command, r) => {
+    switch (command) {
+      case 'migrate':
+        r.ok();
+        setTimeout(() => {
+          mig('setup'); mig('active');
+          if (o.fail) { mig('failed'); return; }
+          running = false; q.event('STOP'); mig('device'); mig('completed');
+          o.onSent?.();
+        }, 5);
+        break;
+      case 'migrate_cancel': r.ok(); if (status === 'active') mig('cancelled'); break;
+      case 'query-migrate': r.ok(status === 'completed' ? { status, 'total-time': 40, downtime: 7, ram: { transferred: 1 << 20, total: 1 << 20, remaining: 0, 'dirty-sync-count': 2 } } : status === 'failed' ? { status, 'error-desc': 'fake failure' } : { status }); break;
+      case 'query-status': r.ok({ status: running ? 'running' : 'postmigrate', running }); break;
+      case 'cont': running = true; r.ok(); q.event('RESUME'); break;
+      default: r.ok();
+    }
+  });
+  return { path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup, running: (): boolean => running };
+}

@@ -1,0 +1,159 @@
+/**
+ * Both sides in one process, without root, QEMU or TLS: a Source whose peer connection
+ * calls a Destination directly, each on a fake host with a scripted fake QMP peer. Every
+ * source phase is passed through, and a failure is injected in each phase before the
+ * point of no return (the move is abandoned and the domain runs on as it was) and at it
+ * (a lost Finish answer, a destination that gives the guest back).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Source } from './source.ts';
+import { Destination } from './dest.ts';
+import { JobStore, type SourceJob } from './jobs.ts';
+import type { RelocationContext } from './ports.ts';
+import { FakeHost, incomingQemu, outgoingQemu, quiet, type Handle } from './fakes.ts';
+import { QmpClient } from '../qmp/client.ts';
+import { parseDomainConfig } from '../domain/config.ts';
+import { FerryError } from '../errors.ts';
+import type { ApiClient } from '../api/client.ts';
+import type { Report } from '../api/protocol.ts';
+
+interface Faults {
+  /** The source QEMU reports the stream failed. */
+  streamFails?: boolean;
+  /** The destination refuses Begin (a domain of that name there). */
+  destHasDomain?: boolean;
+  /** Finish reaches the destination, its answer is lost once. */
+  loseFinishAnswer?: boolean;
+  /** The destination QEMU refuses cont (and says it is paused). */
+  contFails?: boolean;
+}
+
+async function rig(f: Faults = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-src-'));
+  const kernel = path.join(dir, 'vmlinux');
+  fs.writeFileSync(kernel, 'k');
+  const inq = await incomingQemu(f.contFails ? { contFails: 'paused' } : {});
+  const outq = await outgoingQemu({ fail: f.streamFails, onSent: () => inq.stream() });
+  const port = 40000 + Math.floor(Math.random() * 20000);
+  const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
+  const h2 = new FakeHost('host2', path.join(dir, 'h2'), inq.path, port);
+  const config = parseDomainConfig({ name: 'web', memory: 256, boot: { kernel } });
+  const web: Handle = { rec: { config, state: { kind: 'running', pid: 1111, domid: 1, since: Date.now() } }, qmp: await QmpClient.connect(outq.path, 2000) };
+  h1.domains.set('web', web);
+  if (f.destHasDomain) h2.defineMoved(config);
+  const s1 = new JobStore(path.join(dir, 'jobs1'));
+  const dest = new Destination(h2, new JobStore(path.join(dir, 'jobs2')), quiet);
+  const ctx: RelocationContext = { caller: { transport: 'tls', peerName: 'host1', peerDn: 'O=ferry,OU=host,CN=host1', peerAddress: '127.0.0.1' }, onClose: () => undefined };
+  let finishes = 0;
+  const calls: string[] = [];
+  // The peer connection, in process: each relocation request goes to the Destination.
+  const client = {
+    async request<T>(action: string, params: Record<string, unknown>, _timeoutMs?: number, attachment?: Buffer): Promise<T> {
+      calls.push(action);
+      const d = dest as unknown as Record<string, (p: unknown, c: RelocationContext, a?: Buffer) => Promise<unknown>>;
+      const method = action.replace('relocation.', '');
+      const r = await d[method].call(dest, params, ctx, attachment);
+      if (action === 'relocation.finish' && f.loseFinishAnswer && finishes++ === 0) throw new FerryError('DAEMON_UNREACHABLE', 'connection reset (the answer to Finish was lost)');
+      return r as T;
+    },
+    peerName: (): string => 'host2',
+    close: (): void => undefined,
+  };
+  class InProcessSource extends Source {
+    async connectPeer(): Promise<{ client: ApiClient; peer: { name: string; address: string; port: number } }> {
+      return { client: client as unknown as ApiClient, peer: { name: 'host2', address: '127.0.0.1', port: 0 } };
+    }
+  }
+  const source = new InProcessSource(h1, s1, quiet);
+  const start = (o: { live?: boolean; verifyMemory?: boolean } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false });
+  const job = (): SourceJob => [...s1.jobs.values()][0] as SourceJob;
+  // (perform is entered twice: when Prepare is answered and when the stream starts)
+  const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);
+  const done = (): void => { for (const h of [h1, h2]) for (const d of h.domains.values()) d.qmp?.close(); inq.cleanup(); outq.cleanup(); fs.rmSync(dir, { recursive: true, force: true }); };
+  return { h1, h2, web, start, job, phases, calls, outq, inq, done };
+}
+
+test('source: begin → prepare → perform → switchover → finish → confirmed; the guest runs on the destination only', async () => {
+  const r = await rig();
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'confirmed']);
+    assert.deepEqual(r.calls, ['relocation.begin', 'relocation.prepare', 'relocation.finish', 'relocation.confirm']);
+    assert.deepEqual(r.h1.retired, ['web'], 'the source copy is retired');
+    assert.equal(r.h2.get('web').rec.state.kind, 'running');
+    assert.ok(r.outq.seen.includes('migrate'));
+    assert.ok(rep.policy.some((x) => x.startsWith('auto-converge on')));
+    assert.equal(rep.downtimeMs, 7);
+    assert.equal(typeof rep.pauseMs, 'number');
+  } finally { r.done(); }
+});
+
+test('source: refused at Begin, nothing changes (abandoned in begin)', async () => {
+  const r = await rig({ destHasDomain: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error?.code, 'MIGRATION_DEST_EXISTS');
+    assert.deepEqual(r.phases(), ['begin', 'abandoned']);
+    assert.equal(r.h1.get('web').rec.state.kind, 'running');
+    assert.ok(!r.outq.seen.includes('migrate'));
+  } finally { r.done(); }
+});
+
+test('source: the stream fails (abandoned in perform): the destination abandons, the guest runs on here', async () => {
+  const r = await rig({ streamFails: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error?.code, 'MIGRATION_FAILED');
+    assert.match(rep.error!.message, /fake failure/);
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'abandoned']);
+    assert.ok(r.calls.includes('relocation.abandon'));
+    assert.deepEqual(r.h2.discarded, ['web']);
+    assert.equal(r.h1.get('web').rec.state.kind, 'running');
+    assert.ok(r.outq.running());
+  } finally { r.done(); }
+});
+
+test('source: guest RAM unreadable during the memory check (abandoned in switchover): the paused guest resumes here', async () => {
+  const r = await rig();
+  try {
+    const rep = await r.start({ verifyMemory: true });
+    assert.equal(rep.outcome, 'failed');
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'abandoned']);
+    assert.ok(!r.calls.includes('relocation.finish'), 'never past the point of no return');
+    assert.deepEqual(r.h2.discarded, ['web']);
+    assert.equal(r.h1.get('web').rec.state.kind, 'running');
+    assert.ok(r.outq.seen.includes('cont') && r.outq.running(), 'the source QEMU was told to run again');
+  } finally { r.done(); }
+});
+
+test('source: the answer to Finish is lost (finish): the source asks, learns the guest runs there, retires its copy', async () => {
+  const r = await rig({ loseFinishAnswer: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'confirmed']);
+    assert.ok(r.calls.includes('relocation.status'), 'asked the destination');
+    assert.equal(rep.pauseMs, null, 'no pause without the answer that ends it');
+    assert.deepEqual(r.h1.retired, ['web']);
+  } finally { r.done(); }
+});
+
+test('source: the destination cannot resume and gives the guest back (finish → abandoned): it resumes here', async () => {
+  const r = await rig({ contFails: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'failed');
+    assert.match(rep.error!.message, /could not take/);
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'abandoned']);
+    assert.equal(r.h1.get('web').rec.state.kind, 'running');
+    assert.ok(r.outq.running());
+    assert.deepEqual(r.h2.discarded, ['web']);
+  } finally { r.done(); }
+});
