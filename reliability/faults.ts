@@ -149,7 +149,11 @@ async function main(): Promise<void> {
         const rec = record(h);
         const p = rec?.state?.pid;
         if (!p) return;
-        if (rec.state.kind === 'running' || rec.state.kind === 'paused' || rec.state.kind === 'migrating-out') killedLiveCopyOn = h;
+        // An incoming QEMU past the destination's point of no return holds the only copy
+        // that may run (the source never resumes from there): killing it is a crash too.
+        const dj = roundJob(h, 'destination', since);
+        const pastNoReturn = rec.state.kind === 'incoming' && (dj?.phase === 'finishing' || dj?.phase === 'finished');
+        if (rec.state.kind === 'running' || rec.state.kind === 'paused' || rec.state.kind === 'migrating-out' || pastNoReturn) killedLiveCopyOn = h;
         try { process.kill(p, 'SIGKILL'); } catch { /* gone */ }
       };
       switch (fault) {

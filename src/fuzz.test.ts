@@ -13,7 +13,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { FerryError, isErrorCode } from './errors.ts';
 import { parseDomainConfig } from './domain/config.ts';
-import { parseRequest, ACTIONS } from './api/protocol.ts';
+import { parseRequest, ACTIONS } from './api/schema.ts';
 import { parseBegin } from './migration/dest.ts';
 import { PROTOCOL_VERSION } from './migration/phases.ts';
 import { ApiServer } from './daemon/server.ts';

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseRequest, attachmentLength, MAX_REPAIR_BYTES, ConsoleDeframer, consoleDataFrames, consoleFrame, CONSOLE_CONTROL, CONSOLE_FRAME_MAX } from './protocol.ts';
+import { parseRequest } from './schema.ts';
+import { attachmentLength, MAX_REPAIR_BYTES, ConsoleDeframer, consoleDataFrames, consoleFrame, CONSOLE_CONTROL, CONSOLE_FRAME_MAX } from './protocol.ts';
 import { FerryError } from '../errors.ts';
 
 function code(raw: unknown): string {
@@ -9,7 +10,8 @@ function code(raw: unknown): string {
 
 test('good requests parse', () => {
   assert.deepEqual(parseRequest({ id: 1, action: 'domain.list' }), { id: 1, action: 'domain.list', params: {} });
-  assert.equal(parseRequest({ id: 'a', action: 'domain.shutdown', params: { domain: 'web', timeoutS: 5 } }).params.timeoutS, 5);
+  const r = parseRequest({ id: 'a', action: 'domain.shutdown', params: { domain: 'web', timeoutS: 5 } });
+  assert.ok(r.action === 'domain.shutdown' && r.params.timeoutS === 5, 'params typed by action');
 });
 
 test('bad requests get coded errors', () => {
@@ -37,11 +39,13 @@ test('a repair announces its raw bytes; only a sane length of a binary action is
   assert.equal(attachmentLength(repair({ length: '4096' })), 0);
   assert.equal(attachmentLength({ id: 1, action: 'domain.info', params: { length: 4096 } }), 0);
   assert.equal(attachmentLength(null), 0);
-  assert.equal(parseRequest(repair({ length: 4096 })).params.length, 4096);
+  const rep = parseRequest(repair({ length: 4096 }));
+  assert.ok(rep.action === 'relocation.repair' && rep.params.length === 4096);
   assert.equal(code(repair({ length: 0 })), 'API_BAD_REQUEST');
   assert.equal(code(repair({ length: 4096, data: 'AAAA' })), 'API_BAD_REQUEST');
   assert.equal(code({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 1.5] } }), 'API_BAD_REQUEST');
-  assert.deepEqual(parseRequest({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 7] } }).params.chunks, [0, 7]);
+  const dig = parseRequest({ id: 1, action: 'relocation.digest', params: { jobId: 'j', chunks: [0, 7] } });
+  assert.deepEqual(dig.action === 'relocation.digest' && dig.params.chunks, [0, 7]);
 });
 
 test('console frames: guest bytes that look like a control message stay guest bytes', () => {

@@ -17,64 +17,17 @@
 import { FerryError } from '../errors.ts';
 
 export const API_VERSION = 1;
-export const MAX_REQUEST_BYTES = 1024 * 1024;
+export { MAX_REQUEST_BYTES, MAX_REPAIR_BYTES } from './limits.ts';
 
-type Check = (v: unknown) => string | null;
 /** Where ferryd reads its config, and the relocation port a peer listens on unless told otherwise (xend's 8002). */
 export const DEFAULT_CONFIG_PATH = '/etc/ferry/ferryd.json';
 export const DEFAULT_RELOCATION_PORT = 8002;
 
-const str: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 4096 ? null : 'must be a non-empty string');
-const oneOf = (...vs: string[]): Check => (v) => (typeof v === 'string' && vs.includes(v) ? null : `must be one of ${vs.join(', ')}`);
-const optStr: Check = (v) => (v === undefined ? null : str(v));
-const optBool: Check = (v) => (v === undefined || typeof v === 'boolean' ? null : 'must be true or false');
-const optNum = (min: number, max: number): Check => (v) => (v === undefined || (typeof v === 'number' && Number.isFinite(v) && v >= min && v <= max) ? null : `must be a number from ${min} to ${max}`);
-const num = (min: number, max: number): Check => (v) => (typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max ? null : `must be an integer from ${min} to ${max}`);
-const any: Check = () => null;
-/** Absent, or a list of at most `max` integers in [min, maxV] (chunk indexes). */
-const optIntList = (min: number, maxV: number, max: number): Check => (v) => (v === undefined || (Array.isArray(v) && v.length <= max && v.every((x) => Number.isInteger(x) && x >= min && x <= maxV)) ? null : `must be a list of at most ${max} integers from ${min} to ${maxV}`);
-/** The most RAM one relocation.repair carries, as raw bytes after its line. */
-export const MAX_REPAIR_BYTES = 1024 * 1024;
-const saveFile: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)) ? null : 'must be a file name (in the save directory) or an absolute path');
-
-/** Every action and the checks on its params. Unknown params are refused too. */
-export const ACTIONS = {
-  'api.hello': {},
-  'host.info': {},
-  'domain.list': {},
-  'domain.info': { domain: str },
-  'domain.create': { config: any, start: optBool },
-  'domain.start': { domain: str },
-  'domain.pause': { domain: str },
-  'domain.unpause': { domain: str },
-  'domain.shutdown': { domain: str, timeoutS: optNum(0, 3600) },
-  'domain.destroy': { domain: str },
-  'domain.delete': { domain: str },
-  // FILE: a bare name in the host's save directory, or (local socket with anyPath) an absolute path
-  'domain.save': { domain: str, file: saveFile, anyPath: optBool },
-  'domain.restore': { file: saveFile, anyPath: optBool },
-  'domain.sample-memory': { domain: str, startMiB: num(0, 1 << 20), endMiB: num(1, 1 << 20) },
-  'console.attach': { domain: str, replay: optNum(0, 1 << 20) },
-  'events.subscribe': { domain: optStr },
-  // migration (source side, asked by the CLI)
-  'migration.start': { domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool },
-  'migration.cancel': { domain: str },
-  'migration.jobs': {},
-  'migration.job': { domain: str },
-  // the operator's word on a job past the point of no return that the destination has not settled
-  'migration.resolve': { domain: str, assume: oneOf('destination', 'source') },
-  // relocation (destination side, asked by a peer ferryd over TLS)
-  'relocation.begin': { version: num(0, 1000), peer: any, domain: any, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str },
-  'relocation.prepare': { jobId: str },
-  'relocation.digest': { jobId: str, chunks: optIntList(0, 1 << 20, 8192) },
-  'relocation.repair': { jobId: str, offset: num(0, 2 ** 50), length: num(1, MAX_REPAIR_BYTES) },
-  'relocation.finish': { jobId: str, running: optBool },
-  'relocation.abandon': { jobId: str, reason: optStr },
-  'relocation.confirm': { jobId: str },
-  'relocation.status': { jobId: str },
-} as const satisfies Record<string, Record<string, Check>>;
-
-export type Action = keyof typeof ACTIONS;
+// The actions and their params' schemas live in schema.ts (zod), which only ferryd
+// loads at run time: the CLI imports their types, and starts without zod.
+export type { Action, Params, Request } from './schema.ts';
+import type { Action } from './schema.ts';
+import { MAX_REPAIR_BYTES } from './limits.ts';
 
 /**
  * Who may call what. `local`: the root-only unix socket. `admin`: a TLS client whose
@@ -121,7 +74,6 @@ export function mayCall(role: Role, action: Action): boolean {
   return (ROLES[action] as readonly Role[]).includes(role);
 }
 
-export interface Request { id: number | string; action: Action; params: Record<string, unknown>; attachment?: Buffer }
 
 /**
  * Actions whose request line is followed by raw bytes: the param that says how many.
@@ -143,25 +95,6 @@ export function attachmentLength(raw: unknown): number {
 }
 export interface Reply { id: number | string; result?: unknown; error?: { code: string; message: string; details?: unknown } }
 export interface EventMsg { event: string; data: unknown }
-
-/** Validates one parsed request line. Throws API_BAD_REQUEST / API_UNKNOWN_ACTION. */
-export function parseRequest(raw: unknown): Request {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new FerryError('API_BAD_REQUEST', 'API request must be a JSON object');
-  const r = raw as Record<string, unknown>;
-  for (const k of Object.keys(r)) if (!['id', 'action', 'params'].includes(k)) throw new FerryError('API_BAD_REQUEST', `API request has an unknown key "${k.slice(0, 40)}"`);
-  if (!((typeof r.id === 'number' && Number.isFinite(r.id)) || (typeof r.id === 'string' && r.id.length <= 64))) throw new FerryError('API_BAD_REQUEST', 'API request needs an "id" (number or short string)');
-  if (typeof r.action !== 'string') throw new FerryError('API_BAD_REQUEST', 'API request needs an "action" string');
-  if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action)) throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
-  const params = r.params ?? {};
-  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
-  const spec = ACTIONS[r.action as Action] as Record<string, Check>;
-  for (const k of Object.keys(params)) if (!(k in spec)) throw new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${k.slice(0, 40)}"`);
-  for (const [k, check] of Object.entries(spec)) {
-    const why = check((params as Record<string, unknown>)[k]);
-    if (why) throw new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${k}" ${why}`);
-  }
-  return { id: r.id as number | string, action: r.action as Action, params: params as Record<string, unknown> };
-}
 
 export const CONSOLE_DATA = 0;
 export const CONSOLE_CONTROL = 1;
@@ -235,4 +168,44 @@ export interface Report {
   /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
   timeline?: Record<string, number>;
   error?: { code: string; message: string };
+}
+
+// ---- results the CLI reads (the daemon's handlers return these) ----
+
+export type DomainSummary = { name: string; uuid: string; id: number | null; memoryMiB: number; vcpus: number; state: string; cpuTime: number };
+
+export type DomainInfo = DomainSummary & {
+  host: string;
+  /** The domain config as JSON (domain/config.ts). */
+  config: Record<string, unknown>;
+  stateDetail: unknown;
+  pid: number | null;
+  accel: string;
+  nics: { network: string; mac: string; ip: string | null; tap: string | null }[];
+  consoleLog: string;
+};
+
+export type HostInfo = {
+  name: string; arch: string; version: string; qemuVersion: string; machine: string;
+  engine: { binary: string; dataDirs: string[]; version: string; liveDirtyTrackingReliable: boolean };
+  accel: string; accelReason: string; cpuModel: string; cpuFeatures: string[]; cpuUnavailable: string[];
+  memory: { offeredMiB: number; usedMiB: number; freeMiB: number; reservedMiB: number; availableMiB: number; untouchedMiB: number; marginMiB: number; limitedBy: string };
+  networks: Record<string, { bridge: string; subnet: string; address?: string }>;
+  relocation: { address: string; port: number; dataPorts: [number, number]; hostsAllow: string[] };
+  domains: number;
+};
+
+/** A live migration's progress (the CLI's bar). */
+export type Progress = {
+  domain: string; jobId: string; status?: string; phase: string; percent: number; transferred: number; remaining: number; total: number;
+  rateMBps: number; pass: number; etaS: number | null; elapsedMs: number; dirtyRate: number; throttlePct: number;
+};
+
+/** A migration job as `ferry jobs` / `ferry job` show it. */
+export interface JobView {
+  jobId: string; role: 'source' | 'destination'; domain: string; mode: Mode; phase: string; peer: string; encrypted: boolean;
+  startedAt: string; updatedAt: string;
+  progress: Progress | null;
+  waiting: { since: number; attempts: number; lastError: string; nextTryAt: number } | null;
+  report: Report | null; error: { code: string; message: string } | null; history: { phase: string; at: number }[];
 }

@@ -14,6 +14,7 @@ import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerMigrate } from './migrate.ts';
 import { FERRY_VERSION } from '../version.ts';
+import type { DomainSummary, DomainInfo, HostInfo } from '../api/protocol.ts';
 
 
 /** Runs a verb: its result printed as JSON or by `human`; errors become exit codes. */
@@ -31,32 +32,33 @@ function positiveNumber(name: string) {
   };
 }
 
-function printList(rows: any[]): void {
+function printList(rows: DomainSummary[]): void {
   const out: (string | number)[][] = [['Name', 'ID', 'Mem', 'VCPUs', 'State', 'Time(s)']];
   for (const r of rows) out.push([r.name, r.id ?? '-', r.memoryMiB, r.vcpus, humanState(r.state), r.cpuTime.toFixed(1)]);
   process.stdout.write(table(out, ['l', 'r', 'r', 'r', 'l', 'r']));
 }
 
-function printInfo(r: any): void {
+function printInfo(r: DomainInfo): void {
+  const c = r.config as { boot: { kernel?: string; disk?: number }; disks: { path: string; format: string; readOnly?: boolean }[] };
   const lines = [
     ['name', r.name], ['uuid', r.uuid], ['host', r.host], ['state', humanState(r.state)], ['id', r.id ?? '-'], ['pid', r.pid ?? '-'],
     ['memory', `${r.memoryMiB} MiB`], ['vcpus', r.vcpus], ['accel', r.accel],
-    ['boot', r.config.boot.kernel ? `kernel ${r.config.boot.kernel}` : `disk ${r.config.boot.disk}`],
-    ...r.config.disks.map((d: any, i: number) => [`disk${i}`, `${d.path} (${d.format}${d.readOnly ? ', read-only' : ''})`]),
-    ...r.nics.map((n: any, i: number) => [`nic${i}`, `${n.network} mac=${n.mac}${n.ip ? ` ip=${n.ip}` : ''}${n.tap ? ` tap=${n.tap}` : ''}`]),
+    ['boot', c.boot.kernel ? `kernel ${c.boot.kernel}` : `disk ${c.boot.disk}`],
+    ...c.disks.map((d, i) => [`disk${i}`, `${d.path} (${d.format}${d.readOnly ? ', read-only' : ''})`]),
+    ...r.nics.map((n, i) => [`nic${i}`, `${n.network} mac=${n.mac}${n.ip ? ` ip=${n.ip}` : ''}${n.tap ? ` tap=${n.tap}` : ''}`]),
     ['console log', r.consoleLog],
   ];
   process.stdout.write(table(lines, ['l', 'l']));
 }
 
-function printHostInfo(r: any): void {
+function printHostInfo(r: HostInfo): void {
   const lines = [
     ['host', r.name], ['version', `ferry ${r.version}`],
     ['engine', `QEMU ${r.qemuVersion} (${r.engine.binary}${r.engine.dataDirs.length ? ` -L ${r.engine.dataDirs.join(' -L ')}` : ''})${r.engine.liveDirtyTrackingReliable ? '' : '; its live dirty-page tracking is unreliable under TCG (before 9.0): live moves check guest RAM'}`],
     ['arch', r.arch], ['accelerator', `${r.accel} (${r.accelReason})`],
     ['machine', r.machine], ['cpu model', `${r.cpuModel}${r.cpuUnavailable?.length ? ` (CANNOT RUN HERE: ${r.accel} lacks ${r.cpuUnavailable.join(', ')})` : ''}`], ['cpu flags', r.cpuFeatures.join(' ')],
     ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free (it ${r.memory.limitedBy})`],
-    ...Object.entries(r.networks).map(([n, v]: [string, any]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
+    ...Object.entries(r.networks).map(([n, v]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
     ['relocation', `${r.relocation.address}:${r.relocation.port}, data ports ${r.relocation.dataPorts.join('-')}`],
   ];
   process.stdout.write(table(lines, ['l', 'l']));

@@ -6,7 +6,10 @@
 import type { Command } from 'commander';
 import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
 import { ApiClient, resolveTarget, call } from '../api/client.ts';
-import type { Report } from '../api/protocol.ts';
+import type { Report, JobView, Progress, EventMsg } from '../api/protocol.ts';
+
+/** What `job abort` and `job resolve` answer. */
+type JobAnswer = { domain: string; cancelling: true } | { domain: string; settledBy: 'operator' | 'destination'; runsOn: string };
 import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
 
 function num(name: string, min: number) {
@@ -17,7 +20,7 @@ function num(name: string, min: number) {
   };
 }
 
-function bar(p: any): string {
+function bar(p: Progress): string {
   const w = 24;
   const filled = Math.round((p.percent / 100) * w);
   const eta = p.etaS === null ? '?' : p.etaS < 1 ? `${(p.etaS * 1000).toFixed(0)} ms` : `${p.etaS.toFixed(1)} s`;
@@ -43,26 +46,30 @@ export function printReport(r: Report): void {
   process.stdout.write(table(rows, ['l', 'l']));
 }
 
-async function migrate(hostArg: string | undefined, domain: string, dest: string, o: any): Promise<number> {
+/** `ferry migrate`'s options, as commander parses them. */
+interface MigrateOpts { live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean }
+
+async function migrate(hostArg: string | undefined, domain: string, dest: string, o: MigrateOpts): Promise<number> {
   const c = await ApiClient.connect(resolveTarget(hostArg));
   const tty = !o.json && !!process.stderr.isTTY;
   let lastLen = 0;
   try {
     if (tty) {
       await c.request('events.subscribe', { domain });
-      c.on('event', (ev: any) => {
+      c.on('event', (ev: EventMsg) => {
         if (ev.event === 'migration.progress') {
-          const line = bar(ev.data);
+          const line = bar(ev.data as Progress);
           process.stderr.write(`\r${line}${' '.repeat(Math.max(0, lastLen - line.length))}`);
           lastLen = line.length;
         } else if (ev.event === 'migration.waiting') {
+          const w = ev.data as NonNullable<JobView['waiting']> & { peer: string };
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
-          process.stderr.write(`  ${ev.data.peer} has not said whether it resumed the guest (try ${ev.data.attempts}: ${ev.data.lastError}); the copy here stays paused, asking again in ${Math.max(0, Math.round((ev.data.nextTryAt - Date.now()) / 1000))} s\n`);
-        } else if (ev.event === 'migration.phase' && ev.data.role === 'source') {
+          process.stderr.write(`  ${w.peer} has not said whether it resumed the guest (try ${w.attempts}: ${w.lastError}); the copy here stays paused, asking again in ${Math.max(0, Math.round((w.nextTryAt - Date.now()) / 1000))} s\n`);
+        } else if (ev.event === 'migration.phase' && (ev.data as { role: string }).role === 'source') {
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
-          process.stderr.write(`  phase: ${ev.data.phase}\n`);
+          process.stderr.write(`  phase: ${(ev.data as { phase: string }).phase}\n`);
         }
       });
     }
@@ -96,7 +103,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
   }
 }
 
-function printJobs(rows: any[]): void {
+function printJobs(rows: JobView[]): void {
   const out: (string | number)[][] = [['Domain', 'Role', 'Mode', 'Peer', 'Phase', 'Progress', 'Started', 'Outcome']];
   for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.waiting ? `${j.phase} (asking, try ${j.waiting.attempts})` : j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
   process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
@@ -122,7 +129,7 @@ export function registerMigrate(prog: Command): void {
     .option('--no-probe', 'do not measure guest-perceived downtime (no TCP SYN every 1 ms to the guest during the move)')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')
-    .action(async (domain: string, dest: string | undefined, o: any, cmd: Command) => {
+    .action(async (domain: string, dest: string | undefined, o: MigrateOpts, cmd: Command) => {
       try {
         if (o.cancel) {
           const r = await call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain });
@@ -141,7 +148,7 @@ export function registerMigrate(prog: Command): void {
     .argument('<domain-or-verb>', 'DOMAIN, or abort / resolve').argument('[domain]').option('--json', 'JSON output')
     .option('--assume-destination', 'resolve: you checked that the destination runs the domain; the paused copy here is ended and its definition forgotten')
     .option('--assume-source', 'resolve: you checked that the destination does NOT run the domain and never will (destroyed or absent there); the copy here resumes. If the destination does run it, the guest now runs twice and its disks are corrupted')
-    .action(act(async (a: string, b: string | undefined, o: any, cmd: Command) => {
+    .action(act(async (a: string, b: string | undefined, o: { assumeDestination?: boolean; assumeSource?: boolean }, cmd: Command): Promise<JobView | JobAnswer> => {
       if (a === 'abort') {
         if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job abort DOMAIN');
         return call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain: b });
@@ -153,9 +160,9 @@ export function registerMigrate(prog: Command): void {
       }
       if (b) throw new FerryError('CLI_USAGE', `unexpected argument "${b}"`);
       return call(resolveTarget(hostOpt(cmd)), 'migration.job', { domain: a });
-    }, (j: any) => {
-      if (j.cancelling) { process.stdout.write(`Cancelling the migration of ${j.domain}\n`); return; }
-      if (j.settledBy) { process.stdout.write(`Migration of ${j.domain} settled (${j.settledBy === 'operator' ? 'on your word' : 'the destination answered'}): it runs on ${j.runsOn}\n`); return; }
+    }, (j: JobView | JobAnswer) => {
+      if ('cancelling' in j) { process.stdout.write(`Cancelling the migration of ${j.domain}\n`); return; }
+      if ('settledBy' in j) { process.stdout.write(`Migration of ${j.domain} settled (${j.settledBy === 'operator' ? 'on your word' : 'the destination answered'}): it runs on ${j.runsOn}\n`); return; }
       printJobs([j]);
       if (j.report) { process.stdout.write('\n'); printReport(j.report); }
     }));

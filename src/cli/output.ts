@@ -39,7 +39,7 @@ let jsonMode = false;
 export function lastJsonMode(): boolean { return jsonMode; }
 
 /** Wraps a command's action: prints its result (JSON with --json) or its error, and sets the exit code. */
-export function act<A extends unknown[]>(fn: (...a: A) => Promise<unknown>, human?: (r: any) => void): (...a: A) => Promise<void> {
+export function act<A extends unknown[], R>(fn: (...a: A) => Promise<R>, human?: (r: R) => void): (...a: A) => Promise<void> {
   return async (...a: A) => {
     const cmd = a[a.length - 1] as Command;
     const opts = (cmd.opts?.() ?? {}) as { json?: boolean };

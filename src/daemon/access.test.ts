@@ -6,7 +6,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseHostsAllow, hostsAllowMatch, ConnectionLimiter, RateLimitedLog } from './access.ts';
-import { ACTIONS, ROLES, mayCall, type Action } from '../api/protocol.ts';
+import { ROLES, mayCall, type Action } from '../api/protocol.ts';
+import { ACTIONS } from '../api/schema.ts';
 
 const rules = (p: string[]) => { const r = parseHostsAllow(p); if ('error' in r) throw new Error(r.error); return r.rules; };
 

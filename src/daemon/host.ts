@@ -23,6 +23,7 @@ import { openGuestRam, digestRam, digestChunks, chunkBytesFor, dirtyTrackingUnre
 import { StateWriter, readJson } from '../util/fsx.ts';
 import { checkDomainFiles, resolveSaveFile } from '../domain/storage.ts';
 import type { MigrationHost } from '../migration/ports.ts';
+import type { HostInfo, DomainSummary, DomainInfo } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -209,7 +210,7 @@ export class Host extends EventEmitter implements MigrationHost {
     return freeMiB(this.capacity());
   }
 
-  info(): Record<string, unknown> {
+  info(): HostInfo {
     return {
       name: this.cfg.name, arch: hostArch(), version: FERRY_VERSION, qemuVersion: this.qemu.version, machine: this.qemu.machine,
       engine: { binary: this.cfg.qemu.binary, dataDirs: this.cfg.qemu.dataDirs, version: this.qemu.version, liveDirtyTrackingReliable: !dirtyTrackingUnreliable(this.accel.accel, this.qemu.version) },
@@ -221,7 +222,7 @@ export class Host extends EventEmitter implements MigrationHost {
     };
   }
 
-  summary(live: Live): Record<string, unknown> {
+  summary(live: Live): DomainSummary {
     const s = live.rec.state;
     return {
       name: live.rec.config.name, uuid: live.rec.config.uuid, id: hasProcess(s) ? s.domid : null,
@@ -230,7 +231,7 @@ export class Host extends EventEmitter implements MigrationHost {
     };
   }
 
-  domainInfo(name: string): Record<string, unknown> {
+  domainInfo(name: string): DomainInfo {
     const live = this.get(name);
     const s = live.rec.state;
     return {

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { StateWriter, readJson } from '../util/fsx.ts';
 import type { SourcePhase, DestPhase } from './phases.ts';
-import type { Report, Mode } from '../api/protocol.ts';
+import type { Report, Mode, Progress } from '../api/protocol.ts';
 
 export type { Mode };
 
@@ -34,7 +34,7 @@ export interface SourceJob extends JobBase {
   wasRunning: boolean;
   dataPort?: number;
   /** Live progress (not persisted on every poll). */
-  progress?: Record<string, unknown>;
+  progress?: Progress;
   /** Past the point of no return, while the destination cannot be asked: who, how often, why. */
   waiting?: Waiting;
 }

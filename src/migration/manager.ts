@@ -14,6 +14,7 @@
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
 import type { MigrationHost, MigrationLog } from './ports.ts';
+import type { JobView } from '../api/protocol.ts';
 import { killAndWait, qemuPidsWith } from '../qemu/process.ts';
 import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
 import { Source } from './source.ts';
@@ -31,17 +32,17 @@ export class Migrations {
     this.dest = new Destination(host, this.store, log);
   }
 
-  jobs(): Record<string, unknown>[] {
+  jobs(): JobView[] {
     return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
   }
 
-  job(domain: string): Record<string, unknown> {
+  job(domain: string): JobView {
     const j = this.store.active(domain) ?? this.store.latest(domain);
     if (!j) throw new FerryError('JOB_NOT_FOUND', `No migration job for "${domain}" on ${this.host.cfg.name}`);
     return this.view(j);
   }
 
-  view(j: SourceJob | DestJob): Record<string, unknown> {
+  view(j: SourceJob | DestJob): JobView {
     return {
       jobId: j.jobId, role: j.role, domain: j.domain, mode: j.mode, phase: j.phase, peer: j.peer.name, encrypted: j.encrypted,
       startedAt: new Date(j.startedAt).toISOString(), updatedAt: new Date(j.updatedAt).toISOString(),

@@ -36,7 +36,7 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { MAX_REPAIR_BYTES } from '../api/protocol.ts';
+import { MAX_REPAIR_BYTES, type Progress } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
@@ -527,7 +527,7 @@ export class Source {
     const total = ram.total ?? 0;
     const remaining = done ? 0 : ram.remaining ?? total;
     const rate = done ? 0 : (ram.mbps ?? 0) * 1e6 / 8;
-    const prog = {
+    const prog: Progress = {
       domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
       transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: passes,
       etaS: done ? 0 : rate > 0 ? remaining / rate : null, elapsedMs: Date.now() - t0, dirtyRate: done ? 0 : ram['dirty-pages-rate'] ?? 0, throttlePct: done ? 0 : m['cpu-throttle-percentage'] ?? 0,

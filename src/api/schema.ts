@@ -1,0 +1,92 @@
+/**
+ * The API's actions and the schema of each one's params (zod): the one list that
+ * validation, the handlers' parameter types (`Params<A>`), the roles (protocol.ts
+ * ROLES, exhaustive over it) and the CLI share. Loaded at run time by ferryd only.
+ */
+import { z } from 'zod';
+import { FerryError } from '../errors.ts';
+import { MAX_REPAIR_BYTES } from './limits.ts';
+
+// Parameter shapes, each with the words a refusal uses.
+const str = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).max(4096, { error: 'must be a non-empty string' });
+const optStr = str.optional();
+const optBool = z.boolean({ error: 'must be true or false' }).optional();
+const int = (min: number, max: number) => z.number({ error: `must be an integer from ${min} to ${max}` }).int({ error: `must be an integer from ${min} to ${max}` }).min(min, { error: `must be an integer from ${min} to ${max}` }).max(max, { error: `must be an integer from ${min} to ${max}` });
+const optNum = (min: number, max: number) => z.number({ error: `must be a number from ${min} to ${max}` }).finite({ error: `must be a number from ${min} to ${max}` }).min(min, { error: `must be a number from ${min} to ${max}` }).max(max, { error: `must be a number from ${min} to ${max}` }).optional();
+/** Absent, or a list of at most `max` integers in [min, maxV] (chunk indexes). */
+const optIntList = (min: number, maxV: number, max: number) => {
+  const error = `must be a list of at most ${max} integers from ${min} to ${maxV}`;
+  return z.array(z.number({ error }).int({ error }).min(min, { error }).max(maxV, { error }), { error }).max(max, { error }).optional();
+};
+const saveFile = z.string().refine((v) => v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)), { error: 'must be a file name (in the save directory) or an absolute path' });
+/** Checked in depth by the handler (a domain config; a relocation Begin's facts). */
+const opaque = z.unknown();
+const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
+
+/**
+ * Every action and the schema of its params: the one list that validation, the
+ * handlers' parameter types (`Params<A>`), the roles below and the CLI share.
+ * Unknown params are refused too.
+ */
+export const ACTIONS = {
+  'api.hello': params({}),
+  'host.info': params({}),
+  'domain.list': params({}),
+  'domain.info': params({ domain: str }),
+  'domain.create': params({ config: opaque, start: optBool }),
+  'domain.start': params({ domain: str }),
+  'domain.pause': params({ domain: str }),
+  'domain.unpause': params({ domain: str }),
+  'domain.shutdown': params({ domain: str, timeoutS: optNum(0, 3600) }),
+  'domain.destroy': params({ domain: str }),
+  'domain.delete': params({ domain: str }),
+  // FILE: a bare name in the host's save directory, or (local socket with anyPath) an absolute path
+  'domain.save': params({ domain: str, file: saveFile, anyPath: optBool }),
+  'domain.restore': params({ file: saveFile, anyPath: optBool }),
+  'domain.sample-memory': params({ domain: str, startMiB: int(0, 1 << 20), endMiB: int(1, 1 << 20) }),
+  'console.attach': params({ domain: str, replay: optNum(0, 1 << 20) }),
+  'events.subscribe': params({ domain: optStr }),
+  // migration (source side, asked by the CLI)
+  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool }),
+  'migration.cancel': params({ domain: str }),
+  'migration.jobs': params({}),
+  'migration.job': params({ domain: str }),
+  // the operator's word on a job past the point of no return that the destination has not settled
+  'migration.resolve': params({ domain: str, assume: z.enum(['destination', 'source'], { error: 'must be one of destination, source' }) }),
+  // relocation (destination side, asked by a peer ferryd over TLS)
+  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str }),
+  'relocation.prepare': params({ jobId: str }),
+  'relocation.digest': params({ jobId: str, chunks: optIntList(0, 1 << 20, 8192) }),
+  'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
+  'relocation.finish': params({ jobId: str, running: optBool }),
+  'relocation.abandon': params({ jobId: str, reason: optStr }),
+  'relocation.confirm': params({ jobId: str }),
+  'relocation.status': params({ jobId: str }),
+} as const;
+
+export type Action = keyof typeof ACTIONS;
+/** The validated params of action A. */
+export type Params<A extends Action> = z.infer<(typeof ACTIONS)[A]>;
+/** A validated request: `params` is typed by `action` (switch on it to narrow). */
+export type Request = { [A in Action]: { id: number | string; action: A; params: Params<A>; attachment?: Buffer } }[Action];
+
+
+/** Validates one parsed request line. Throws API_BAD_REQUEST / API_UNKNOWN_ACTION. */
+export function parseRequest(raw: unknown): Request {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new FerryError('API_BAD_REQUEST', 'API request must be a JSON object');
+  const r = raw as Record<string, unknown>;
+  for (const k of Object.keys(r)) if (!['id', 'action', 'params'].includes(k)) throw new FerryError('API_BAD_REQUEST', `API request has an unknown key "${k.slice(0, 40)}"`);
+  if (!((typeof r.id === 'number' && Number.isFinite(r.id)) || (typeof r.id === 'string' && r.id.length <= 64))) throw new FerryError('API_BAD_REQUEST', 'API request needs an "id" (number or short string)');
+  if (typeof r.action !== 'string') throw new FerryError('API_BAD_REQUEST', 'API request needs an "action" string');
+  if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action)) throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
+  const params = r.params ?? {};
+  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
+  const parsed = ACTIONS[r.action as Action].safeParse(params);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    if (issue.code === 'unrecognized_keys') throw new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${String(issue.keys[0]).slice(0, 40)}"`);
+    throw new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${String(issue.path[0] ?? '')}" ${issue.message}`);
+  }
+  return { id: r.id as number | string, action: r.action, params: parsed.data } as Request;
+}
+
