@@ -19,7 +19,7 @@ import { hostArch } from '../qemu/probe.ts';
 import { FerryError } from '../errors.ts';
 
 
-async function rig(o: { contFails?: 'paused' | 'unknown' } = {}) {
+async function rig(o: { contFails?: 'paused' | 'unknown' | 'dies' } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-dest-'));
   const kernel = path.join(dir, 'vmlinux');
   fs.writeFileSync(kernel, 'k');
@@ -127,6 +127,21 @@ test('destination: QEMU refusing cont gives the guest back only if it says it is
     assert.equal(unknown.phase(), 'finishing', 'the source keeps asking; nothing runs twice');
     assert.deepEqual(unknown.host.discarded, []);
   } finally { unknown.done(); }
+});
+
+test('destination: QEMU dying as the guest resumes is a crash here, past the point of no return (the source must not resume)', async () => {
+  const r = await rig({ contFails: 'dies' });
+  try {
+    await r.begin();
+    await r.dest.prepare({ jobId: r.jobId }, r.ctx);
+    r.qemu.stream();
+    const fin = await r.dest.finish({ jobId: r.jobId }, r.ctx) as { phase: string; crashed?: boolean };
+    assert.equal(fin.phase, 'finished', 'the handover happened');
+    assert.equal(fin.crashed, true);
+    assert.equal(r.host.get('web').rec.state.kind, 'crashed');
+    assert.equal(r.host.reservations.size, 0);
+    assert.deepEqual(r.dest.status({ jobId: r.jobId }, r.ctx), { phase: 'finished', domain: 'web' });
+  } finally { r.done(); }
 });
 
 test('destination: a shut-off domain moves as its definition: begun → finished without a QEMU', async () => {

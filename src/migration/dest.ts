@@ -433,20 +433,30 @@ export class Destination {
       try {
         await q.execute('cont');
       } catch (e) {
-        await this.resumeFailed(j, live, q, (e as Error).message);
+        // A QEMU that is gone may have run the guest first: that is a crash here, below.
+        if (!q.closed) await this.resumeFailed(j, live, q, (e as Error).message);
       }
-      resumedAt = await resumed;
+      if (!q.closed) resumedAt = await resumed;
     }
     // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
-    if (live.rec.config.nics.length) await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
+    if (!q.closed && live.rec.config.nics.length) await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
+    // QEMU died as it resumed: the guest may have run here, so the source must not run
+    // its copy again. The handover happened, and the domain crashed on arrival.
+    const crashed = q.closed;
     h.setBusy(live, undefined);
-    h.apply(live, { type: 'incoming-done', running, at: Date.now() });
+    if (crashed) {
+      this.log.error('the incoming QEMU exited as the guest resumed; the domain crashed here', { jobId: j.jobId, domain: j.domain });
+      h.cleanupRuntime(live);
+      h.apply(live, { type: 'crash', reason: 'QEMU exited as the guest resumed after a migration', at: Date.now() });
+    } else {
+      h.apply(live, { type: 'incoming-done', running, at: Date.now() });
+    }
     h.release(j.jobId);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
     this.forgetRun(j.jobId);
     setTimeout(() => this.selfConfirm(j, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
-    return { phase: j.phase, resumedAt, host: h.cfg.name };
+    return { phase: j.phase, resumedAt, host: h.cfg.name, ...(crashed ? { crashed: true } : {}) };
   }
 
   /**

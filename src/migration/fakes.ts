@@ -21,6 +21,8 @@ export const quiet = { debug: (): void => undefined, info: (): void => undefined
 interface Reply { ok: (ret?: unknown) => void; fail: (desc: string) => void }
 async function scripted(script: (command: string, r: Reply) => void) {
   let sock: net.Socket | undefined;
+  /** QEMU dies: the connection drops without an answer. */
+  const kill = (): void => { sock?.destroy(); };
   const send = (obj: unknown): void => { sock?.write(JSON.stringify(obj) + '\r\n'); };
   const event = (name: string, data?: unknown): void => send({ event: name, data, timestamp: { seconds: Math.floor(Date.now() / 1000), microseconds: 0 } });
   const seen: string[] = [];
@@ -29,11 +31,11 @@ async function scripted(script: (command: string, r: Reply) => void) {
     seen.push(msg.execute);
     script(msg.execute, { ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }), fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }) });
   });
-  return { fake, event, seen };
+  return { fake, event, seen, kill };
 }
 
 /** A scripted incoming QEMU: answers what Destination asks; `stream()` plays the source's copy. */
-export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' } = {}) {
+export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies' } = {}) {
   let running = false;
   let contTried = false;
   const q = await scripted((command, r) => {
@@ -46,6 +48,7 @@ export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' } = {})
         break;
       case 'cont':
         contTried = true;
+        if (o.contFails === 'dies') { q.kill(); break; }
         if (o.contFails) { r.fail('Failed to get "write" lock'); break; }
         running = true; r.ok(); q.event('RESUME'); break;
       default: r.ok();

@@ -30,13 +30,15 @@ interface Faults {
   loseFinishAnswer?: boolean;
   /** The destination QEMU refuses cont (and says it is paused). */
   contFails?: boolean;
+  /** The destination QEMU dies at cont. */
+  destDies?: boolean;
 }
 
 async function rig(f: Faults = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-src-'));
   const kernel = path.join(dir, 'vmlinux');
   fs.writeFileSync(kernel, 'k');
-  const inq = await incomingQemu(f.contFails ? { contFails: 'paused' } : {});
+  const inq = await incomingQemu(f.contFails ? { contFails: 'paused' } : f.destDies ? { contFails: 'dies' } : {});
   const outq = await outgoingQemu({ fail: f.streamFails, onSent: () => inq.stream() });
   const port = 40000 + Math.floor(Math.random() * 20000);
   const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
@@ -155,5 +157,18 @@ test('source: the destination cannot resume and gives the guest back (finish →
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.running());
     assert.deepEqual(r.h2.discarded, ['web']);
+  } finally { r.done(); }
+});
+
+test('source: the destination QEMU dies as the guest resumes (finish → confirmed): never resumed here, reported as a crash there', async () => {
+  const r = await rig({ destDies: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'failed');
+    assert.match(rep.error!.message, /crashed on host2 as it resumed/);
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'confirmed']);
+    assert.deepEqual(r.h1.retired, ['web'], 'the source copy is not resumed: the guest may have run there');
+    assert.ok(!r.outq.seen.includes('cont'));
+    assert.equal(r.h2.get('web').rec.state.kind, 'crashed');
   } finally { r.done(); }
 });

@@ -86,6 +86,8 @@ export interface Resolution {
   resumedAt?: number;
   answeredAt?: number;
   byOperator?: boolean;
+  /** The destination's QEMU exited as the guest resumed there: handed over, crashed on arrival. */
+  crashed?: boolean;
 }
 
 
@@ -282,6 +284,7 @@ export class Source {
       Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
       await this.retireSource(live, peer);
       mark('sourceClean');
+      if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
       // totalMs ends here: the guest runs on the destination and the source is clean.
       stats.totalMs = Date.now() - t0;
       if (probe) {
@@ -558,8 +561,8 @@ export class Source {
    */
   private async finishOrResolve(j: SourceJob, client: ApiClient, running: boolean): Promise<Resolution | null> {
     try {
-      const r = await client.request<{ resumedAt: number | null }>('relocation.finish', { jobId: j.jobId, running }, 150000);
-      return { abandoned: false, resumedAt: r.resumedAt ?? undefined, answeredAt: performance.now() };
+      const r = await client.request<{ resumedAt: number | null; crashed?: boolean }>('relocation.finish', { jobId: j.jobId, running }, 150000);
+      return { abandoned: false, resumedAt: r.resumedAt ?? undefined, answeredAt: performance.now(), crashed: r.crashed === true };
     } catch (e) {
       const fe = asFerryError(e);
       if (fe.details?.abandoned) return { abandoned: true, reason: fe.message };
