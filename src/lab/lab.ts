@@ -246,7 +246,7 @@ export async function startFerryd(h: LabHost): Promise<number> {
   child.unref();
   let exitCode: number | null = null;
   child.on('exit', (c) => { exitCode = c ?? -1; });
-  const deadline = Date.now() + 30000;
+  const deadline = Date.now() + 60000; // start-up probes can be starved for a while on a loaded 2-core host
   while (Date.now() < deadline) {
     if (exitCode !== null) {
       const tail = fs.readFileSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'utf8').trim().split('\n').slice(-3).join(' | ');

@@ -30,7 +30,10 @@ export async function probeQemu(cpuModel: string, scratchDir: string, engine: En
   fs.mkdirSync(scratchDir, { recursive: true });
   const qmpPath = path.join(scratchDir, `probe-${process.pid}-${accel}.qmp`);
   const logPath = path.join(scratchDir, 'probe.log');
-  const q = await startQemu(['-machine', 'none', '-accel', accel, '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 10000, engine });
+  // Normally a tenth of a second; but at start-up it shares two cores with the
+  // accelerator race (chooseAccel), whose KVM guest can starve the host for seconds
+  // under nested software KVM, and a fresh lab starts several ferryds at once.
+  const q = await startQemu(['-machine', 'none', '-accel', accel, '-nodefaults', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath, what: 'QEMU probe', timeoutMs: 30000, engine });
   try {
     const ver = await q.qmp.execute<{ qemu: { major: number; minor: number; micro: number } }>('query-version');
     const machines = await q.qmp.execute<{ name: string; alias?: string; 'is-default'?: boolean }[]>('query-machines');
