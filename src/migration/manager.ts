@@ -78,14 +78,8 @@ export class Migrations {
     if (!live || live.rec.config.uuid !== j.uuid || live.rec.state.kind !== 'migrating-out') return;
     if (this.store.latest(j.domain)?.jobId !== j.jobId) return; // only the newest job of a domain speaks for it
     this.log.warn('finishing a settled migration that a restart interrupted', { jobId: j.jobId, domain: j.domain, phase: j.phase });
-    if (j.phase === 'confirmed') {
-      await this.source.retireSource(live, j.peer);
-    } else if (live.qmp) {
-      await this.source.resumeSource(live, j.wasRunning);
-    } else {
-      this.host.cleanupRuntime(live);
-      this.host.apply(live, { type: 'crash', reason: 'QEMU exited during a migration', at: Date.now() });
-    }
+    if (j.phase === 'confirmed') await this.host.retireMigrated(live, j.peer);
+    else await this.source.resumeSource(live, j.wasRunning);
   }
 
   private async recoverDest(j: DestJob): Promise<void> {

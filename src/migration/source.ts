@@ -282,7 +282,7 @@ export class Source {
       mark('destRunning');
       this.step(j, { type: 'dest-finished' });
       Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
-      await this.retireSource(live, peer);
+      await this.host.retireMigrated(live, peer);
       mark('sourceClean');
       if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
       // totalMs ends here: the guest runs on the destination and the source is clean.
@@ -651,7 +651,7 @@ export class Source {
       this.log.warn('migration settled: the domain stays here', { jobId: j.jobId, domain: j.domain, reason: r.reason });
     } else {
       this.step(j, { type: 'dest-finished' });
-      await this.retireSource(live, j.peer);
+      await this.host.retireMigrated(live, j.peer);
       this.log.info('migration settled: the domain runs on the destination', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
       void this.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
     }
@@ -704,21 +704,20 @@ export class Source {
       } catch { /* QEMU gone: handled below */ }
     }
     if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => this.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
-    if (live.rec.state.kind === 'migrating-out') {
-      if (q && !q.closed) {
-        await this.resumeSource(live, j.wasRunning);
-      } else {
-        this.host.cleanupRuntime(live);
-        this.host.apply(live, { type: 'crash', reason: 'QEMU exited during a migration', at: Date.now() });
-      }
-    }
+    await this.resumeSource(live, j.wasRunning);
     this.step(j, { type: 'abandon', reason });
     this.store.prune();
   }
 
   /** Puts the source domain back as it was: running if it ran, paused if it was paused. */
+  /** A source QEMU that died meanwhile cannot be resumed: the domain crashed here. */
   async resumeSource(live: Live, wasRunning: boolean): Promise<void> {
     const q = live.qmp;
+    if (live.rec.state.kind === 'migrating-out' && (!q || q.closed)) {
+      this.host.cleanupRuntime(live);
+      this.host.apply(live, { type: 'crash', reason: 'QEMU exited during a migration', at: Date.now() });
+      return;
+    }
     if (wasRunning && q) {
       const st = await q.execute<{ status: string; running: boolean }>('query-status').catch(() => undefined);
       if (st && !st.running) await q.execute('cont');
@@ -726,9 +725,5 @@ export class Source {
     if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'migrate-out-abandoned', running: wasRunning, at: Date.now() });
   }
 
-  /** After success: tell console users where the domain went, end QEMU, forget the definition. */
-  async retireSource(live: Live, peer: { name: string; address: string; port: number }): Promise<void> {
-    await this.host.retireMigrated(live, peer);
-  }
 
 }

@@ -55,6 +55,27 @@ async function runningOn(): Promise<string[]> {
   return on;
 }
 
+/**
+ * Watches lab host `host`'s job records written from now on (real records only: an
+ * atomic write's temp file is not on disk yet as far as recovery knows). `until` polls
+ * every `everyMs` and runs `act` the moment one of them shows `phase`; it returns that job's id.
+ */
+function jobsFrom(host: number): { until: (phase: string, act: () => void, timeoutMs: number, everyMs: number) => Promise<string> } {
+  const dir = `${labState().hosts[host].stateDir}/jobs`;
+  const earlier = new Set(fs.existsSync(dir) ? fs.readdirSync(dir) : []);
+  return {
+    until: (phase, act, timeoutMs, everyMs) => waitFor(`host${host + 1} job ${phase}`, () => {
+      for (const f of (fs.existsSync(dir) ? fs.readdirSync(dir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !earlier.has(x))) {
+        try {
+          const j = JSON.parse(fs.readFileSync(`${dir}/${f}`, 'utf8'));
+          if (j.phase === phase) { act(); return j.jobId as string; }
+        } catch { /* being written */ }
+      }
+      return undefined;
+    }, timeoutMs, everyMs),
+  };
+}
+
 async function transferring(): Promise<void> {
   await waitFor('transfer under way', async () => {
     const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
@@ -146,17 +167,11 @@ describe('migration failures (lab)', () => {
   });
 
   test('the source daemon killed while the destination starts its QEMU: all of it is undone', async () => {
-    const jobsDir = `${labState().hosts[1].stateDir}/jobs`;
-    const before = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    const host2Jobs = jobsFrom(1);
     const m = slowMigration();
     const d = labState().hosts[0].pid;
     // "prepared" is persisted on host2 just before it spawns QEMU: kill host1's ferryd then.
-    await waitFor('host2 prepared', () => {
-      for (const f of fs.readdirSync(jobsDir).filter((x) => !before.has(x))) {
-        try { if (JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8')).phase === 'prepared') { process.kill(d, 'SIGKILL'); return true; } } catch { /* being written */ }
-      }
-      return false;
-    }, 30000, 2);
+    await host2Jobs.until('prepared', () => process.kill(d, 'SIGKILL'), 30000, 2);
     await m.done;
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
     await ok(['lab', 'restart', 'host1']);
@@ -266,16 +281,10 @@ describe('migration failures (lab)', () => {
   });
 
   test('the source daemon killed the moment its job is confirmed, before it retired its copy: the restart retires it', async () => {
-    const jobsDir = `${labState().hosts[0].stateDir}/jobs`;
-    const before = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    const host1Jobs = jobsFrom(0);
     const d = labState().hosts[0].pid;
     const done = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--json']);
-    await waitFor('host1 job confirmed', () => {
-      for (const f of fs.readdirSync(jobsDir).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !before.has(x))) {
-        try { if (JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8')).phase === 'confirmed') { process.kill(d, 'SIGKILL'); return true; } } catch { /* being written */ }
-      }
-      return false;
-    }, 60000, 1);
+    await host1Jobs.until('confirmed', () => process.kill(d, 'SIGKILL'), 60000, 1);
     await done;
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
     await ok(['lab', 'restart', 'host1']);
@@ -289,22 +298,11 @@ describe('migration failures (lab)', () => {
   });
 
   test('the destination daemon killed after Finish, before Confirm: its job settles on restart', async () => {
-    // Poll host2's job files (this move's only); kill its ferryd the moment one says "finished".
-    const jobsDir = `${labState().hosts[1].stateDir}/jobs`;
-    const earlier = new Set(fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []);
+    // Kill host2's ferryd the moment this move's job there says "finished".
+    const host2Jobs = jobsFrom(1);
     const done = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--json']);
     const d = labState().hosts[1].pid;
-    let seen = '';
-    await waitFor('host2 job finished', () => {
-      // Only real records: an atomic write's temp file is not on disk yet as far as recovery knows.
-      for (const f of (fs.existsSync(jobsDir) ? fs.readdirSync(jobsDir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !earlier.has(x))) {
-        try {
-          const j = JSON.parse(fs.readFileSync(`${jobsDir}/${f}`, 'utf8'));
-          if (j.phase === 'finished') { process.kill(d, 'SIGKILL'); seen = j.jobId; return true; }
-        } catch { /* being written */ }
-      }
-      return false;
-    }, 60000, 2);
+    const seen = await host2Jobs.until('finished', () => process.kill(d, 'SIGKILL'), 60000, 2);
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
     await ok(['lab', 'restart', 'host2']);
     // If the kill beat Finish's answer, the source asks host2 for the phase until it can.
