@@ -184,7 +184,7 @@ export class Host extends EventEmitter implements MigrationHost {
     return used;
   }
 
-  /** The figures behind `memoryFreeMiB` (daemon/capacity.ts). */
+  /** The figures behind the free memory: the offer's remainder against what the host really has (daemon/capacity.ts). */
   capacity(): Capacity {
     let untouched = 0;
     for (const l of this.domains.values()) {
@@ -205,10 +205,6 @@ export class Host extends EventEmitter implements MigrationHost {
     return { freeMiB: freeMiB(c), freeWhy: explainFree(c) };
   }
 
-  /** The smaller of the offer's remainder and what the host really has. */
-  memoryFreeMiB(): number {
-    return freeMiB(this.capacity());
-  }
 
   info(): HostInfo {
     return {
