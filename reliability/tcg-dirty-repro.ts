@@ -23,7 +23,7 @@ import { QmpClient } from '../src/qmp/client.ts';
 import { parseDomainConfig } from '../src/domain/config.ts';
 import { domainArgv, engineArgs, QEMU_BINARY } from '../src/qemu/argv.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
-import { ferry, ok } from '../test/helpers.ts';
+import { ok } from '../test/helpers.ts';
 
 const args = process.argv.slice(2);
 const opt = (k: string, d: string): string => { const i = args.indexOf(k); return i >= 0 ? args[i + 1] : d; };

@@ -78,7 +78,7 @@ test('a live API server answers every random line with a result or a coded error
     const c = net.createConnection({ path: sock });
     await new Promise((r) => c.once('connect', r));
     let buf = '';
-    const replies: any[] = [];
+    const replies: { error?: { code: unknown }; result?: unknown }[] = [];
     c.on('data', (d) => { buf += d; let i; while ((i = buf.indexOf('\n')) >= 0) { replies.push(JSON.parse(buf.slice(0, i))); buf = buf.slice(i + 1); } });
     const nonEmpty = lines.filter((l) => l.trim().length > 0);
     c.write(lines.join('\n') + '\n');
@@ -86,7 +86,7 @@ test('a live API server answers every random line with a result or a coded error
     while (replies.length < nonEmpty.length && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
     assert.equal(replies.length, nonEmpty.length, 'one reply per non-empty line');
     for (const r of replies) {
-      if ('error' in r) assert.ok(isErrorCode(r.error.code), JSON.stringify(r));
+      if (r.error) assert.ok(isErrorCode(r.error.code), JSON.stringify(r));
       else assert.ok('result' in r, JSON.stringify(r));
     }
     assert.ok(handled < replies.length, 'most random lines never reach a handler');

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { EventEmitter } from 'node:events';
 import { FerryError, isErrorCode } from '../errors.ts';
 import { FrameSplitter } from '../util/fsx.ts';
-import type { Action, EventMsg } from './protocol.ts';
+import type { Action, EventMsg, Reply, Results } from './protocol.ts';
 import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from './protocol.ts';
 
 export type Target =
@@ -141,11 +141,13 @@ export class ApiClient extends EventEmitter {
 
   private onLine(line: string): void {
     if (!line.trim()) return;
-    let msg: any;
-    try { msg = JSON.parse(line); } catch { return; }
+    let parsed: unknown;
+    try { parsed = JSON.parse(line); } catch { return; }
+    if (typeof parsed !== 'object' || parsed === null) return;
+    const msg = parsed as Partial<Reply> & { event?: unknown };
     if (msg.event) { this.emit('event', msg as EventMsg); return; }
-    const p = this.pending.get(msg.id);
-    if (!p) {
+    const p = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined;
+    if (!p || typeof msg.id !== 'number') {
       // An unsolicited error (id 0/null): the server refused us before any request.
       if (msg.error) this.shutdown(toError(msg.error));
       return;
@@ -156,7 +158,8 @@ export class ApiClient extends EventEmitter {
   }
 
   /** `attachment`: raw bytes sent right after the request line (BINARY_ACTIONS). */
-  request<T = any>(action: Action, params: Record<string, unknown> = {}, timeoutMs = 0, attachment?: Buffer): Promise<T> {
+  request<A extends Action>(action: A, params: Record<string, unknown> = {}, timeoutMs = 0, attachment?: Buffer): Promise<Results[A]> {
+    type T = Results[A];
     if (this.closed) return Promise.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
     const id = this.nextId++;
     if (action === 'console.attach') this.rawAfterId = id;
@@ -205,10 +208,10 @@ export function toError(e: { code?: unknown; message?: unknown; details?: unknow
 }
 
 /** One request on a fresh connection. */
-export async function call<T = any>(target: Target, action: Action, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<T> {
+export async function call<A extends Action>(target: Target, action: A, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<Results[A]> {
   const c = await ApiClient.connect(target);
   try {
-    return await c.request<T>(action, params, timeoutMs);
+    return await c.request(action, params, timeoutMs);
   } finally {
     c.close();
   }

@@ -209,3 +209,47 @@ export interface JobView {
   waiting: { since: number; attempts: number; lastError: string; nextTryAt: number } | null;
   report: Report | null; error: { code: string; message: string } | null; history: { phase: string; at: number }[];
 }
+
+/** What `ferry cancel` is told: the job is being cancelled (its report follows on the event stream). */
+export type CancelResult = { jobId: string; domain: string; cancelling: true };
+/** What `ferry job resolve` is told: who settled it and where the domain runs now. */
+export type ResolveResult = { jobId: string; domain: string; phase: string; settledBy: 'destination' | 'operator'; runsOn: string };
+
+/**
+ * The result of each action: the one map the CLI's calls (api/client.ts) and the daemon's
+ * handlers (daemon/actions.ts) are both checked against. Relocation actions are the
+ * peer protocol (migration/dest.ts documents their answers); ferryd alone reads them.
+ */
+export interface Results {
+  'api.hello': { apiVersion: number; version: string; host: string; caller: unknown };
+  'host.info': HostInfo;
+  'domain.list': DomainSummary[];
+  'domain.info': DomainInfo;
+  'domain.create': DomainInfo;
+  'domain.start': DomainInfo;
+  'domain.pause': DomainSummary;
+  'domain.unpause': DomainSummary;
+  'domain.shutdown': DomainSummary & { shutdownMs: number };
+  'domain.destroy': DomainSummary;
+  'domain.delete': { name: string; deleted: true };
+  'domain.save': { name: string; file: string; bytes: number; ms: number };
+  'domain.restore': DomainInfo & { restoreMs: number };
+  'domain.sample-memory': { bytes: string; pages: number };
+  'console.attach': undefined;
+  'events.subscribe': { subscribed: string[] };
+  'migration.start': Report;
+  'migration.cancel': CancelResult;
+  'migration.jobs': JobView[];
+  'migration.job': JobView;
+  'migration.resolve': ResolveResult;
+  // A peer's answers are what the protocol promises, not proven: the source checks
+  // what it acts on (a data port in the peer's range, digests of the right length).
+  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown };
+  'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string };
+  'relocation.digest': unknown;
+  'relocation.repair': { written: number };
+  'relocation.finish': { phase: string; resumedAt: number | null; host: string; crashed?: boolean };
+  'relocation.abandon': { phase: string };
+  'relocation.confirm': { phase: string };
+  'relocation.status': { phase: string; domain?: string };
+}

@@ -8,6 +8,7 @@ import { table, isTty, act } from './output.ts';
 import { labUp, labDown, readLab, requireLab, restartFerryd, labNamespace, isFerryd, IMAGES_DIR, FERRY_BIN, type LabState } from '../lab/lab.ts';
 import { linuxGuestConfig, patternGuestConfig } from '../lab/guests.ts';
 import { call } from '../api/client.ts';
+import type { DomainInfo } from '../api/protocol.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { checkPattern, patternRange } from '../guest/checker.ts';
 
@@ -22,7 +23,7 @@ function int(name: string) {
 }
 
 /** Where a domain runs in the lab: the host whose ferryd has it with a QEMU process. */
-export async function findDomain(s: LabState, name: string): Promise<{ host: string; apiSocket: string; info: any }[]> {
+export async function findDomain(s: LabState, name: string): Promise<{ host: string; apiSocket: string; info: DomainInfo }[]> {
   const found = [];
   for (const h of s.hosts) {
     try {
@@ -42,7 +43,8 @@ export async function verifyPattern(name: string): Promise<{ ok: boolean; host: 
   if (where.length === 0) throw new FerryError('DOMAIN_NOT_FOUND', `Domain "${name}" runs on no lab host`);
   if (where.length > 1) throw new FerryError('VERIFY_FAILED', `Domain "${name}" runs on ${where.length} hosts: ${where.map((w) => w.host).join(', ')}`);
   const { host, apiSocket, info } = where[0];
-  const disk = info.config.disks[info.config.boot?.disk ?? 0];
+  const cfg = info.config as { disks?: { path: string }[]; boot?: { disk?: number } };
+  const disk = cfg.disks?.[cfg.boot?.disk ?? 0];
   if (!disk) throw new FerryError('CLI_USAGE', `Domain "${name}" is not a pattern guest (no boot disk)`);
   const fd = fs.openSync(disk.path, 'r');
   const sector = Buffer.alloc(512);
@@ -50,12 +52,14 @@ export async function verifyPattern(name: string): Promise<{ ok: boolean; host: 
   fs.closeSync(fd);
   if (sector.readUInt16LE(510) !== 0xaa55 || !sector.includes(Buffer.from('ferry-pattern'))) throw new FerryError('CLI_USAGE', `Domain "${name}" does not boot the pattern guest`);
   const range = patternRange(sector, info.memoryMiB);
-  const r = await call<{ bytes: string; pages: number }>({ kind: 'unix', path: apiSocket, label: host }, 'domain.sample-memory', { domain: name, ...{ startMiB: range.startMiB, endMiB: range.endMiB } }, 120000);
+  const r = await call({ kind: 'unix', path: apiSocket, label: host }, 'domain.sample-memory', { domain: name, ...{ startMiB: range.startMiB, endMiB: range.endMiB } }, 120000);
   const res = checkPattern(Buffer.from(r.bytes, 'base64'));
   return { host, ...res };
 }
 
-function printStatus(s: LabState & { guests: any[] }): void {
+type GuestRow = { name: string; host: string; state: string; ip: string | null; mac: string | null };
+
+function printStatus(s: LabState & { guests: GuestRow[] }): void {
   const rows: (string | number)[][] = [['Host', 'Namespace', 'Address', 'ferryd', 'State dir']];
   for (const h of s.hosts) rows.push([h.name, h.namespace, h.address, isFerryd(h.pid) ? String(h.pid) : 'down', h.stateDir]);
   rows.push(['client', s.client.namespace, s.client.address, '-', '-']);
@@ -87,7 +91,7 @@ export function registerLab(prog: Command): void {
     .action(act(async () => {
       const s = readLab();
       if (!s) throw new FerryError('LAB_NOT_UP', 'The lab is not up');
-      const guests: any[] = [];
+      const guests: GuestRow[] = [];
       for (const h of s.hosts) {
         if (!isFerryd(h.pid)) continue;
         try {

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { FerryError } from '../errors.ts';
 import { call, resolveTarget } from '../api/client.ts';
-import { printJson, table, reportError, humanState, act, hostOpt, lastJsonMode } from './output.ts';
+import { table, reportError, humanState, act, hostOpt, lastJsonMode } from './output.ts';
 import { runConsole } from './console.ts';
 import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';

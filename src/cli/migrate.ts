@@ -82,7 +82,7 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       // The answer is the job's report, failures included; `error` says why.
-      const r = await c.request<Report>('migration.start', params);
+      const r = await c.request('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
       if (o.json) printJson(r); else printReport(r);
       if (!r.error) return 0;

@@ -3,12 +3,15 @@
  * the migration layer). One switch over the closed set in api/protocol.ts.
  */
 import { FerryError } from '../errors.ts';
-import type { Request } from '../api/protocol.ts';
+import type { Action, Request, Results } from '../api/protocol.ts';
 import { API_VERSION } from '../api/protocol.ts';
 import type { Host } from './host.ts';
 import { FERRY_VERSION } from '../version.ts';
 import type { ConnContext } from './server.ts';
 import type { Migrations } from '../migration/manager.ts';
+
+/** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
+function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> { return v; }
 
 export function makeHandler(host: Host, migration: Migrations | undefined) {
   const mig = (): Migrations => {
@@ -18,20 +21,20 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
   return async (req: Request, ctx: ConnContext): Promise<unknown> => {
     // Each case sees its own action's validated params (api/protocol.ts ACTIONS).
     switch (req.action) {
-      case 'api.hello': return { apiVersion: API_VERSION, version: FERRY_VERSION, host: host.cfg.name, caller: ctx.caller };
-      case 'host.info': return host.info();
-      case 'domain.list': return [...host.domains.values()].map((l) => host.summary(l)).sort((a, b) => String(a.name).localeCompare(String(b.name)));
-      case 'domain.info': return host.domainInfo(req.params.domain);
-      case 'domain.create': return host.create(req.params.config, req.params.start !== false);
-      case 'domain.start': return host.start(req.params.domain);
-      case 'domain.pause': return host.pause(req.params.domain);
-      case 'domain.unpause': return host.unpause(req.params.domain);
-      case 'domain.shutdown': return host.shutdown(req.params.domain, req.params.timeoutS ?? 60);
-      case 'domain.destroy': return host.destroy(req.params.domain);
-      case 'domain.delete': return host.delete(req.params.domain);
-      case 'domain.save': return host.save(req.params.domain, req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' });
-      case 'domain.restore': return host.restore(req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' });
-      case 'domain.sample-memory': return host.sampleMemory(req.params.domain, req.params.startMiB, req.params.endMiB);
+      case 'api.hello': return answer(req.action, { apiVersion: API_VERSION, version: FERRY_VERSION, host: host.cfg.name, caller: ctx.caller });
+      case 'host.info': return answer(req.action, host.info());
+      case 'domain.list': return answer(req.action, host.all().map((l) => host.summary(l)).sort((a, b) => String(a.name).localeCompare(String(b.name))));
+      case 'domain.info': return answer(req.action, host.domainInfo(req.params.domain));
+      case 'domain.create': return answer(req.action, host.create(req.params.config, req.params.start !== false));
+      case 'domain.start': return answer(req.action, host.start(req.params.domain));
+      case 'domain.pause': return answer(req.action, host.pause(req.params.domain));
+      case 'domain.unpause': return answer(req.action, host.unpause(req.params.domain));
+      case 'domain.shutdown': return answer(req.action, host.shutdown(req.params.domain, req.params.timeoutS ?? 60));
+      case 'domain.destroy': return answer(req.action, host.destroy(req.params.domain));
+      case 'domain.delete': return answer(req.action, host.delete(req.params.domain));
+      case 'domain.save': return answer(req.action, host.save(req.params.domain, req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
+      case 'domain.restore': return answer(req.action, host.restore(req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
+      case 'domain.sample-memory': return answer(req.action, host.sampleMemory(req.params.domain, req.params.startMiB, req.params.endMiB));
       case 'console.attach': {
         host.get(req.params.domain); // DOMAIN_NOT_FOUND before switching to raw
         ctx.send({ id: req.id, result: { attached: req.params.domain, host: host.cfg.name } });
@@ -45,22 +48,22 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
         const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.waiting', 'migration.settled', 'migration.done'];
         const fns = names.map((n) => { const f = fwd(n); host.on(n, f); return [n, f] as const; });
         ctx.onClose(() => { for (const [n, f] of fns) host.off(n, f); });
-        return { subscribed: names };
+        return answer(req.action, { subscribed: names });
       }
       // The migration layer: the source side for the operator, the destination side for peers.
-      case 'migration.start': return mig().source.start(req.params);
-      case 'migration.cancel': return mig().source.cancel(req.params.domain);
-      case 'migration.resolve': return mig().source.resolveByOperator(req.params.domain, req.params.assume);
-      case 'migration.jobs': return mig().jobs();
-      case 'migration.job': return mig().job(req.params.domain);
-      case 'relocation.begin': return mig().dest.begin(req.params, ctx);
-      case 'relocation.prepare': return mig().dest.prepare(req.params, ctx);
-      case 'relocation.digest': return mig().dest.digest(req.params, ctx);
-      case 'relocation.repair': return mig().dest.repair(req.params, ctx, req.attachment);
-      case 'relocation.finish': return mig().dest.finish(req.params, ctx);
-      case 'relocation.abandon': return mig().dest.abandon(req.params, ctx);
-      case 'relocation.confirm': return mig().dest.confirm(req.params, ctx);
-      case 'relocation.status': return mig().dest.status(req.params, ctx);
+      case 'migration.start': return answer(req.action, mig().source.start(req.params));
+      case 'migration.cancel': return answer(req.action, mig().source.cancel(req.params.domain));
+      case 'migration.resolve': return answer(req.action, mig().source.resolveByOperator(req.params.domain, req.params.assume));
+      case 'migration.jobs': return answer(req.action, mig().jobs());
+      case 'migration.job': return answer(req.action, mig().job(req.params.domain));
+      case 'relocation.begin': return answer(req.action, mig().dest.begin(req.params, ctx));
+      case 'relocation.prepare': return answer(req.action, mig().dest.prepare(req.params, ctx));
+      case 'relocation.digest': return answer(req.action, mig().dest.digest(req.params, ctx));
+      case 'relocation.repair': return answer(req.action, mig().dest.repair(req.params, ctx, req.attachment));
+      case 'relocation.finish': return answer(req.action, mig().dest.finish(req.params, ctx));
+      case 'relocation.abandon': return answer(req.action, mig().dest.abandon(req.params, ctx));
+      case 'relocation.confirm': return answer(req.action, mig().dest.confirm(req.params, ctx));
+      case 'relocation.status': return answer(req.action, mig().dest.status(req.params, ctx));
       default: {
         const never: never = req;
         throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);

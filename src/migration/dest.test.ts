@@ -155,3 +155,60 @@ test('destination: a shut-off domain moves as its definition: begun → finished
     assert.deepEqual(r.qemu.seen, [], 'no QEMU was asked anything');
   } finally { r.done(); }
 });
+
+/** A ferryd restart: a new Destination on the same host reloads the jobs from disk and drives each one. */
+async function restartDest(r: Awaited<ReturnType<typeof rig>>): Promise<{ dest: Destination; job: () => DestJob }> {
+  const store = new JobStore(path.join(r.host.runDir, 'jobs'));
+  const dest = new Destination(r.host, store, quiet);
+  for (const j of store.load()) if (j.role === 'destination') await dest.drive(j, 'ferryd restarted');
+  return { dest, job: () => store.jobs.get(r.jobId) as DestJob };
+}
+
+test('destination: a restart in begun or prepared abandons from the phase on disk (drive)', async () => {
+  for (const at of ['begun', 'prepared'] as const) {
+    const r = await rig();
+    try {
+      await r.begin();
+      if (at === 'prepared') await r.dest.prepare({ jobId: r.jobId }, r.ctx);
+      const after = await restartDest(r);
+      assert.equal(after.job().phase, 'abandoned', at);
+      assert.equal(r.onDisk(), 'abandoned');
+      assert.match(after.job().error?.message ?? '', new RegExp(`ferryd restarted in phase ${at}`));
+      assert.deepEqual(r.host.discarded, ['web'], `the incoming domain is gone (${at})`);
+      assert.equal(r.host.reservations.size, 0);
+    } finally { r.done(); }
+  }
+});
+
+test('destination: a restart in finishing rolls forward (the source never resumes its copy), then confirms', async () => {
+  const r = await rig();
+  try {
+    await r.begin();
+    await r.dest.prepare({ jobId: r.jobId }, r.ctx);
+    r.qemu.stream();
+    // The old process died right after persisting the point of no return, before cont.
+    r.store.advance(r.store.jobs.get(r.jobId) as DestJob, 'finishing', true);
+    const after = await restartDest(r);
+    assert.ok(r.qemu.seen.includes('cont'), 'the guest was resumed here');
+    assert.equal(r.host.get('web').rec.state.kind, 'running');
+    assert.deepEqual(after.job().history.map((h) => h.phase).slice(-3), ['finishing', 'finished', 'confirmed']);
+    assert.equal(r.onDisk(), 'confirmed');
+    assert.equal(r.host.reservations.size, 0);
+  } finally { r.done(); }
+});
+
+test('destination: a restart in finished confirms without the source; a settled job is left alone', async () => {
+  const r = await rig();
+  try {
+    await r.begin();
+    await r.dest.prepare({ jobId: r.jobId }, r.ctx);
+    r.qemu.stream();
+    await r.dest.finish({ jobId: r.jobId }, r.ctx);
+    const after = await restartDest(r);
+    assert.equal(after.job().phase, 'confirmed');
+    assert.equal(r.host.get('web').rec.state.kind, 'running', 'the guest runs on, untouched');
+    const n = after.job().history.length;
+    const again = await restartDest(r);
+    assert.equal(again.job().history.length, n, 'a confirmed job is not driven again');
+  } finally { r.done(); }
+});

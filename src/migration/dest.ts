@@ -9,7 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { FerryError, asFerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
-import { killAndWait, isOurQemu } from '../qemu/process.ts';
+import { killAndWait, isOurQemu, qemuPidsWith } from '../qemu/process.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationContext as ConnContext } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
@@ -18,6 +18,7 @@ import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMark
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
 import type { QmpClient } from '../qmp/client.ts';
+import type { Results } from '../api/protocol.ts';
 
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
@@ -40,7 +41,7 @@ interface BeginMsg {
   cpuModel: string;
 }
 
-function isObj(v: unknown): v is Record<string, any> {
+function isObj(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
@@ -139,7 +140,7 @@ export class Destination {
   }
 
   /** Begin: pre-flight. Nothing is reserved; the data port is probed by the source. */
-  async begin(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async begin(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.begin']> {
     const m = parseBegin(p);
     const peerName = ctx.caller.transport === 'tls' ? ctx.caller.peerName! : m.peer.name;
     if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
@@ -266,7 +267,7 @@ export class Destination {
   }
 
   /** Prepare: reserve memory, define the domain, start QEMU with a one-shot TLS listener. */
-  async prepare(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async prepare(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.prepare']> {
     const j = this.job(p.jobId, ctx);
     // An abandon that arrives meanwhile (the source's connection dropped) waits for
     // this to finish and then undoes all of it, including a QEMU started just now.
@@ -281,7 +282,7 @@ export class Destination {
   /** Each incoming QEMU's migration status, from its events. */
   private watches = new Map<string, MigrationWatcher>();
 
-  private async doPrepare(j: DestJob): Promise<unknown> {
+  private async doPrepare(j: DestJob): Promise<Results['relocation.prepare']> {
     const m = this.begins.get(j.jobId);
     if (!m) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} has no Begin in this ferryd's life; begin again`);
     const h = this.host;
@@ -376,7 +377,7 @@ export class Destination {
    * and still paused guest. The source already sent this guest's whole memory in the
    * stream, so this trusts it with nothing new; legal exactly when Digest is.
    */
-  async repair(p: Record<string, unknown>, ctx: ConnContext, attachment?: Buffer): Promise<unknown> {
+  async repair(p: Record<string, unknown>, ctx: ConnContext, attachment?: Buffer): Promise<Results['relocation.repair']> {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'repair its memory');
     const data = attachment ?? Buffer.alloc(0);
@@ -410,7 +411,7 @@ export class Destination {
   }
 
   /** Finish: wait for the state to load, then resume here. Point of no return. */
-  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.finish']> {
     const j = this.job(p.jobId, ctx);
     if (j.mode === 'definition') return this.finishDefinition(j);
     const { live, q } = await this.loaded(j, 'finish');
@@ -474,7 +475,7 @@ export class Destination {
     throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}": ${why}. It never ran there, so the source keeps it`, { abandoned: true });
   }
 
-  private finishDefinition(j: DestJob): unknown {
+  private finishDefinition(j: DestJob): Results['relocation.finish'] {
     if (j.phase !== 'begun') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot finish`);
     const c = parseDomainConfig(Object.fromEntries(Object.entries(j.config).filter(([k]) => !k.startsWith('_'))));
     this.step(j, { type: 'prepared' });
@@ -482,7 +483,69 @@ export class Destination {
     this.host.defineMoved(c);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
-    return { phase: j.phase, host: this.host.cfg.name };
+    return { phase: j.phase, resumedAt: null, host: this.host.cfg.name };
+  }
+
+  /**
+   * The driver of a job whose in-process context is gone (ferryd restarted), from its
+   * persisted phase:
+   *   begun, prepared → abandon: kill the incoming QEMU, forget the definition
+   *   finishing → roll forward: the source persisted "finish" before asking and resumes
+   *       its copy only on our word that we abandoned, which we give only if QEMU refuses
+   *       to run the guest and says it is not running (resumeFailed)
+   *   finished → the guest runs here; the source's Confirm went to the old process
+   *   confirmed, abandoned → nothing
+   */
+  async drive(j: DestJob, why: string): Promise<void> {
+    const live = this.host.find(j.domain);
+    const mine = live && live.rec.config.uuid === j.uuid ? live : undefined;
+    switch (j.phase) {
+      case 'begun':
+      case 'prepared': {
+        await this.abandonLocal(j, `${why} in phase ${j.phase}`);
+        // abandonLocal killed the QEMU on record. One started just before a crash may
+        // not be on record yet: find the incoming one by its uuid and the run directory.
+        for (const pid of qemuPidsWith(j.uuid, ['-incoming', this.host.runDir])) {
+          this.log.warn('killing an incoming QEMU that was not on record', { jobId: j.jobId, pid });
+          await killAndWait(pid, 0);
+        }
+        // Its taps, too: spawn creates them (named by uuid) before QEMU starts.
+        const nics = Array.isArray((j.config as { nics?: unknown[] }).nics) ? (j.config as { nics: unknown[] }).nics.length : 0;
+        this.host.removeTaps(j.uuid, nics);
+        return;
+      }
+      case 'finishing': {
+        if (mine && mine.qmp && mine.rec.state.kind === 'incoming') {
+          const q = mine.qmp;
+          try {
+            await q.execute('cont');
+          } catch (e) {
+            await this.resumeFailed(j, mine, q, (e as Error).message).catch((err) => this.log.warn('incoming guest not resumed', { jobId: j.jobId, error: String(err) }));
+            return;
+          }
+          await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
+          this.host.setBusy(mine, undefined);
+          this.host.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
+        } else if (mine && mine.rec.state.kind === 'incoming') {
+          this.host.cleanupRuntime(mine);
+          this.host.apply(mine, { type: 'crash', reason: 'QEMU exited while resuming an incoming migration', at: Date.now() });
+        }
+        this.host.release(j.jobId);
+        this.step(j, { type: 'resumed' });
+        this.selfConfirm(j, `rolled forward (${why}); the source's Confirm went to the old process`);
+        return;
+      }
+      case 'finished':
+        this.selfConfirm(j, `${why} before the source confirmed`);
+        return;
+      case 'confirmed':
+      case 'abandoned':
+        return;
+      default: {
+        const never: never = j.phase;
+        throw new FerryError('INTERNAL', `unknown destination phase ${String(never)}`);
+      }
+    }
   }
 
   /**
@@ -497,7 +560,7 @@ export class Destination {
     this.store.prune();
   }
 
-  confirm(p: Record<string, unknown>, ctx: ConnContext): unknown {
+  confirm(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.confirm'] {
     const j = this.job(p.jobId, ctx);
     if (j.phase === 'confirmed') return { phase: j.phase };
     this.step(j, { type: 'confirmed' });
@@ -505,7 +568,7 @@ export class Destination {
     return { phase: j.phase };
   }
 
-  async abandon(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async abandon(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.abandon']> {
     const j = this.job(p.jobId, ctx);
     if (j.phase === 'abandoned') return { phase: j.phase };
     if (j.phase !== 'begun' && j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase} on ${this.host.cfg.name}: past the point of no return, it cannot be abandoned`);
@@ -513,7 +576,7 @@ export class Destination {
     return { phase: j.phase };
   }
 
-  status(p: Record<string, unknown>, ctx: ConnContext): unknown {
+  status(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.status'] {
     try {
       const j = this.job(p.jobId, ctx);
       return { phase: j.phase, domain: j.domain };

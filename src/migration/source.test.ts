@@ -16,10 +16,13 @@ import { JobStore, type SourceJob } from './jobs.ts';
 import type { RelocationContext } from './ports.ts';
 import { FakeHost, incomingQemu, outgoingQemu, quiet, type Handle } from './fakes.ts';
 import { QmpClient } from '../qmp/client.ts';
-import { parseDomainConfig } from '../domain/config.ts';
+import { parseDomainConfig, domainConfigToJson } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
 import type { ApiClient } from '../api/client.ts';
 import type { Report } from '../api/protocol.ts';
+import crypto from 'node:crypto';
+import { PROTOCOL_VERSION } from './phases.ts';
+import { hostArch } from '../qemu/probe.ts';
 
 interface Faults {
   /** The source QEMU reports the stream failed. */
@@ -76,7 +79,42 @@ async function rig(f: Faults = {}) {
   // (perform is entered twice: when Prepare is answered and when the stream starts)
   const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);
   const done = (): void => { for (const h of [h1, h2]) for (const d of h.domains.values()) d.qmp?.close(); inq.cleanup(); outq.cleanup(); fs.rmSync(dir, { recursive: true, force: true }); };
-  return { h1, h2, web, start, job, phases, calls, outq, inq, done };
+  /**
+   * A job as a source ferryd that died in `phase` left it: on disk, the domain here
+   * migrating-out (from prepare on), the destination as far as the phase implies.
+   */
+  const leftAt = async (phase: SourceJob['phase']): Promise<SourceJob> => {
+    const t = Date.now();
+    const j: SourceJob = { role: 'source', jobId: crypto.randomUUID(), domain: 'web', uuid: config.uuid, mode: 'live', encrypted: true, startedAt: t, updatedAt: t, history: [{ phase: 'begin', at: t }], phase: 'begin', peer: { name: 'host2', address: '127.0.0.1', port: 0 }, wasRunning: true };
+    s1.save(j);
+    const order: SourceJob['phase'][] = ['begin', 'prepare', 'perform', 'switchover', 'finish'];
+    const upTo = order.indexOf(phase);
+    if (upTo >= 1) {
+      await client.request('relocation.begin', {
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode: 'live', insecure: false, parallel: 1,
+        peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
+        domain: { config: domainConfigToJson(config), fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+      });
+      h1.apply(web, { type: 'migrate-out', jobId: j.jobId, at: t });
+    }
+    if (upTo >= 2) await client.request('relocation.prepare', { jobId: j.jobId });
+    if (upTo >= 4) { inq.stream(); await client.request('relocation.finish', { jobId: j.jobId, running: true }); }
+    for (const p of order.slice(1, upTo + 1)) s1.advance(j, p, true);
+    if (phase === 'confirmed' || phase === 'abandoned') { h1.apply(web, { type: 'migrate-out', jobId: j.jobId, at: t }); s1.advance(j, phase, true); }
+    calls.length = 0;
+    return j;
+  };
+  /** ferryd restarts: a new Source reloads the jobs from disk and drives each one. */
+  const restart = async (): Promise<SourceJob> => {
+    const store = new JobStore(path.join(dir, 'jobs1'));
+    const again = new InProcessSource(h1, store, quiet);
+    const jobs = store.load();
+    for (const j of jobs) if (j.role === 'source') await again.drive(j, `source ferryd restarted in phase ${j.phase}`);
+    const j = jobs[0] as SourceJob;
+    for (let i = 0; i < 200 && j.phase === 'finish'; i++) await new Promise((res) => setTimeout(res, 10)); // driveFinish runs in the background
+    return j;
+  };
+  return { h1, h2, web, start, job, phases, calls, outq, inq, done, leftAt, restart };
 }
 
 test('source: begin → prepare → perform → switchover → finish → confirmed; the guest runs on the destination only', async () => {
@@ -171,4 +209,50 @@ test('source: the destination QEMU dies as the guest resumes (finish → confirm
     assert.ok(!r.outq.seen.includes('cont'));
     assert.equal(r.h2.get('web').rec.state.kind, 'crashed');
   } finally { r.done(); }
+});
+
+test('source: a restart before the point of no return abandons from the phase on disk (drive), in every such phase', async () => {
+  for (const at of ['begin', 'prepare', 'perform', 'switchover'] as const) {
+    const r = await rig();
+    try {
+      await r.leftAt(at);
+      const j = await r.restart();
+      assert.equal(j.phase, 'abandoned', at);
+      assert.equal(r.h1.get('web').rec.state.kind, 'running', `the guest runs on here (${at})`);
+      assert.ok(r.outq.running());
+      if (at !== 'begin') {
+        assert.ok(r.calls.includes('relocation.abandon'), `the destination was told (${at})`);
+        assert.deepEqual(r.h2.discarded, ['web'], `nothing is left on the destination (${at})`);
+      }
+    } finally { r.done(); }
+  }
+});
+
+test('source: a restart past the point of no return asks the destination, which runs the guest: the copy here is retired', async () => {
+  const r = await rig();
+  try {
+    await r.leftAt('finish');
+    const j = await r.restart();
+    assert.equal(j.phase, 'confirmed');
+    assert.ok(r.calls.includes('relocation.status'));
+    assert.deepEqual(r.h1.retired, ['web']);
+    assert.ok(!r.outq.seen.includes('cont'), 'never resumed here');
+    assert.equal(r.h2.get('web').rec.state.kind, 'running');
+  } finally { r.done(); }
+});
+
+test('source: a restart after a settled phase runs the tail it cut: confirmed retires the copy, abandoned resumes it', async () => {
+  const c = await rig();
+  try {
+    await c.leftAt('confirmed');
+    await c.restart();
+    assert.deepEqual(c.h1.retired, ['web']);
+  } finally { c.done(); }
+  const a = await rig();
+  try {
+    await a.leftAt('abandoned');
+    await a.restart();
+    assert.equal(a.h1.get('web').rec.state.kind, 'running');
+    assert.deepEqual(a.h1.retired, []);
+  } finally { a.done(); }
 });

@@ -36,7 +36,7 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { MAX_REPAIR_BYTES, type Progress } from '../api/protocol.ts';
+import { MAX_REPAIR_BYTES, type Progress, type CancelResult, type ResolveResult } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
@@ -142,7 +142,7 @@ export class Source {
     return { client, peer: { name, address: r.address, port: r.port } };
   }
 
-  cancel(domain: string): Record<string, unknown> {
+  cancel(domain: string): CancelResult {
     const j = this.store.active(domain);
     if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name}`);
     if (!sourceCanAbandon(j.phase)) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}, past the point of no return: it cannot be cancelled`);
@@ -203,7 +203,7 @@ export class Source {
       setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
       // Markers beside writable disks, for the destination to prove it shares them.
       const markers = writeStorageMarkers(live.rec.config, j.jobId);
-      const begin = await client.request<{ dataAddress: string; dataPort: number }>('relocation.begin', {
+      const begin = await client.request('relocation.begin', {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
@@ -218,7 +218,7 @@ export class Source {
       h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
       // The data channel's tls-hostname is the name in the peer's certificate (setup),
       // never a name the peer states in a message.
-      const prep = await client.request<{ dataAddress: string; dataPort: number }>('relocation.prepare', { jobId: j.jobId }, 60000);
+      const prep = await client.request('relocation.prepare', { jobId: j.jobId }, 60000);
       j.dataPort = prep.dataPort;
       mark('prepared');
       this.step(j, { type: 'dest-prepared' });
@@ -266,8 +266,8 @@ export class Source {
       this.cancels.delete(j.jobId);
       const fin = await this.finishOrResolve(j, client, wasRunning);
       if (fin === null) {
-        // D cannot be asked now: the source copy stays paused, and ferryd keeps asking.
-        this.driveFinish(j, live);
+        // D cannot be asked now: the source copy stays paused, and the driver (below,
+        // from the catch) keeps asking.
         throw new FerryError('MIGRATION_UNRESOLVED', `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``);
       }
       if (j.phase !== 'finish') {
@@ -305,7 +305,9 @@ export class Source {
     } catch (e) {
       let fe = asFerryError(e);
       if (cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${h.cfg.name}`);
-      if (sourceCanAbandon(j.phase) && this.store.jobs.has(j.jobId)) await this.abandon(j, live, client, fe.message);
+      // The same driver as after a restart, from the phase on disk: abandon before the
+      // point of no return, keep asking past it.
+      if (this.store.jobs.has(j.jobId)) await this.drive(j, fe.message, client);
       const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' ? 'unresolved' : 'failed';
       const r = report(outcome, { ...stats, error: { code: fe.code, message: fe.message } });
       j.report = r;
@@ -329,7 +331,7 @@ export class Source {
     // Past the point of no return, as for a running domain: only D's word settles it.
     const fin = await this.finishOrResolve(j, client, false);
     if (fin === null) {
-      this.driveFinish(j, live);
+      // The caller's catch hands the job to the driver, which keeps asking.
       throw new FerryError('MIGRATION_UNRESOLVED', `Definition of "${j.domain}": ${j.peer.name} has not said whether it took it (${j.waiting?.lastError ?? 'no answer'}); it stays here, locked, and ferryd keeps asking. Watch: \`ferry job ${j.domain}\``);
     }
     if (j.phase !== 'finish') throw new FerryError('MIGRATION_FAILED', `Migration of "${j.domain}" was settled by the operator (\`ferry job resolve\`)`);
@@ -561,7 +563,7 @@ export class Source {
    */
   private async finishOrResolve(j: SourceJob, client: ApiClient, running: boolean): Promise<Resolution | null> {
     try {
-      const r = await client.request<{ resumedAt: number | null; crashed?: boolean }>('relocation.finish', { jobId: j.jobId, running }, 150000);
+      const r = await client.request('relocation.finish', { jobId: j.jobId, running }, 150000);
       return { abandoned: false, resumedAt: r.resumedAt ?? undefined, answeredAt: performance.now(), crashed: r.crashed === true };
     } catch (e) {
       const fe = asFerryError(e);
@@ -578,12 +580,12 @@ export class Source {
   private async askDestination(j: SourceJob, timeoutMs = 5000): Promise<Resolution | string> {
     const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
     try {
-      const st = await client.request<{ phase: string }>('relocation.status', { jobId: j.jobId }, timeoutMs);
+      const st = await client.request('relocation.status', { jobId: j.jobId }, timeoutMs);
       if (st.phase === 'finished' || st.phase === 'confirmed') return { abandoned: false };
       if (st.phase === 'finishing') return `${j.peer.name} is resuming the guest`;
       if (st.phase === 'abandoned' || st.phase === 'unknown') return { abandoned: true, reason: `${j.peer.name} reports ${st.phase}` };
       // begun/prepared: D never resumed; make it abandon before we resume.
-      const ab = await client.request<{ phase: string }>('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, timeoutMs);
+      const ab = await client.request('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, timeoutMs);
       if (ab.phase === 'abandoned') return { abandoned: true, reason: `${j.peer.name} abandoned after a lost Finish` };
       return `${j.peer.name} answered abandon with phase ${ab.phase}`;
     } finally {
@@ -621,6 +623,54 @@ export class Source {
       if (nextTryAt > deadline) return null;
       await new Promise((r) => setTimeout(r, delay));
       delay = Math.min(delay * 2, FINISH_RETRY_CAP_MS);
+    }
+  }
+
+  /**
+   * The driver of a job whose in-process context is gone or broken: a failure on the
+   * normal path, a lost connection, a restart of ferryd. It acts on the persisted phase
+   * alone, so all of them go through the same steps:
+   *
+   *   begin, prepare, perform, switchover → abandon: Finish was never sent, so the
+   *       destination never ran the guest; cancel QEMU's stream, resume the guest if it
+   *       ran, tell the destination (which abandons by itself too when we vanish)
+   *   finish → ask the destination until it answers (driveFinish, in the background):
+   *       finished → retire the copy here; abandoned → resume it; meanwhile it stays paused
+   *   confirmed, abandoned → the tail a crash may have cut: the phase is on disk before
+   *       the copy here is retired or resumed, so a domain still "migrating-out" gets it now
+   */
+  async drive(j: SourceJob, why: string, client?: ApiClient): Promise<void> {
+    const live = this.host.find(j.domain);
+    const mine = live && live.rec.config.uuid === j.uuid ? live : undefined;
+    switch (j.phase) {
+      case 'begin':
+      case 'prepare':
+      case 'perform':
+      case 'switchover': {
+        if (!mine) { this.step(j, { type: 'abandon', reason: `${why}; the domain is gone from ${this.host.cfg.name}` }); return; }
+        let c = client;
+        if (!c) try { c = (await this.connectPeer(`${j.peer.address}:${j.peer.port}`)).client; } catch { c = undefined; }
+        try { await this.abandon(j, mine, c, why); } finally { if (!client) c?.close(); }
+        return;
+      }
+      case 'finish':
+        // The definition gone already means retirement had finished before a crash.
+        if (!mine) { this.step(j, { type: 'dest-finished' }); return; }
+        this.driveFinish(j, mine);
+        return;
+      case 'confirmed':
+      case 'abandoned': {
+        if (!mine || mine.rec.state.kind !== 'migrating-out') return;
+        if (this.store.latest(j.domain)?.jobId !== j.jobId) return; // only the newest job of a domain speaks for it
+        this.log.warn('finishing a settled migration that a restart interrupted', { jobId: j.jobId, domain: j.domain, phase: j.phase });
+        if (j.phase === 'confirmed') await this.host.retireMigrated(mine, j.peer);
+        else await this.resumeSource(mine, j.wasRunning);
+        return;
+      }
+      default: {
+        const never: never = j.phase;
+        throw new FerryError('INTERNAL', `unknown source phase ${String(never)}`);
+      }
     }
   }
 
@@ -667,7 +717,7 @@ export class Source {
    * for a job past the point of no return that D has not settled. One last question to
    * D first: if it answers, its answer wins and a contrary assumption is refused.
    */
-  async resolveByOperator(domain: string, assume: 'destination' | 'source'): Promise<Record<string, unknown>> {
+  async resolveByOperator(domain: string, assume: 'destination' | 'source'): Promise<ResolveResult> {
     const j = this.store.active(domain);
     if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name} to resolve`);
     if (j.phase !== 'finish') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}: only a job past the point of no return (finish) is resolved by hand; before it, use \`ferry job abort ${domain}\``);

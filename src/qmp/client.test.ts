@@ -1,11 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { QmpClient, QmpError, QmpClosedError, type QmpEvent } from './client.ts';
-import { fakeQmp } from './fake.ts';
+import { fakeQmp, type FakeQmpCommand } from './fake.ts';
 
 test('greeting, capabilities and a command matched by id', async () => {
   const f = await fakeQmp((msg, sock) => {
@@ -13,7 +10,7 @@ test('greeting, capabilities and a command matched by id', async () => {
   });
   try {
     const c = await QmpClient.connect(f.path);
-    assert.deepEqual((c.greeting as any).version.qemu.major, 7);
+    assert.deepEqual((c.greeting as { version: { qemu: { major: number } } }).version.qemu.major, 7);
     const st = await c.execute<{ status: string }>('query-status');
     assert.equal(st.status, 'running');
     c.close();
@@ -21,7 +18,7 @@ test('greeting, capabilities and a command matched by id', async () => {
 });
 
 test('replies out of order are matched to their own ids', async () => {
-  const held: any[] = [];
+  const held: FakeQmpCommand[] = [];
   const f = await fakeQmp((msg, sock) => {
     held.push(msg);
     if (held.length === 2) {

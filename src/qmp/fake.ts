@@ -8,7 +8,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-export async function fakeQmp(handler: (msg: any, sock: net.Socket) => void): Promise<{ path: string; server: net.Server; cleanup: () => void }> {
+/** A command as the fake peer hands it on. */
+export interface FakeQmpCommand { execute: string; arguments?: Record<string, unknown>; id?: unknown }
+
+export async function fakeQmp(handler: (msg: FakeQmpCommand, sock: net.Socket) => void): Promise<{ path: string; server: net.Server; cleanup: () => void }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmp-'));
   const p = path.join(dir, 'qmp.sock');
   const server = net.createServer((sock) => {
@@ -20,7 +23,7 @@ export async function fakeQmp(handler: (msg: any, sock: net.Socket) => void): Pr
       let i: number;
       while ((i = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, i); buf = buf.slice(i + 1);
-        const msg = JSON.parse(line);
+        const msg = JSON.parse(line) as FakeQmpCommand;
         if (msg.execute === 'qmp_capabilities') sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
         else handler(msg, sock);
       }

@@ -22,7 +22,6 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { execFileSync } from 'node:child_process';
 import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, ferrydLog, patternIntact, hostClean, inNs, type Run } from '../helpers.ts';
 
 let srcPid = 0;

@@ -1,0 +1,226 @@
+/**
+ * The QEMU runtime of domains: spawning a domain's QEMU (its files opened here, its
+ * taps created, confined to the QEMU user), attaching QMP and the console, hearing its
+ * events and its end, and cleaning up after it. Per-domain runtime files (QMP, console,
+ * logs) live in STATE/run/NAME/, QEMU's own sockets in STATE/run/NAME/q/.
+ *
+ * A QEMU outlives ferryd: after a restart `reattach` finds it again by pid + QMP socket.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { FerryError } from '../errors.ts';
+import type { DomainConfig } from '../domain/config.ts';
+import { hasProcess, describeKind } from '../domain/state.ts';
+import { domainArgv, tapName } from '../qemu/argv.ts';
+import { startQemu, isOurQemu, killAndWait, pidAlive, processStartTicks, unixPeerIs } from '../qemu/process.ts';
+import { QmpClient, type QmpEvent } from '../qmp/client.ts';
+import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
+import { prepareQemuDir, copyTlsForQemu, type QemuUser } from '../qemu/confine.ts';
+import type { DaemonConfig } from './config.ts';
+import type { Logger } from './log.ts';
+import { createTap, deleteTap } from './net.ts';
+import { ConsoleMux } from './console.ts';
+import type { DomainStore, Live, Runtime } from './records.ts';
+
+export interface SpawnOptions { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string }
+
+export class QemuRuntime {
+  constructor(
+    private readonly cfg: DaemonConfig,
+    private readonly log: Logger,
+    private readonly accel: AccelChoice,
+    private readonly qemu: QemuFacts,
+    readonly qemuUser: QemuUser | null,
+    private readonly store: DomainStore,
+    private readonly emit: (event: string, data: unknown) => void,
+  ) {
+    fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+  }
+
+  get runDir(): string { return path.join(this.cfg.stateDir, 'run'); }
+
+  runtimeFor(c: DomainConfig): Runtime {
+    const dir = path.join(this.runDir, c.name);
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const qdir = path.join(dir, 'q');
+    prepareQemuDir(qdir, this.cfg.stateDir, this.qemuUser);
+    return {
+      qemuDir: qdir, qmpPath: path.join(qdir, 'qmp.sock'), consolePath: path.join(qdir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
+      consoleLog: path.join(dir, 'console.log'), taps: c.nics.map((_, i) => tapName(c.uuid, i)),
+      accel: this.accel.accel, machine: this.qemu.machine, cpuModel: this.qemu.cpuModel,
+    };
+  }
+
+  /** The directory a domain's QEMU may write in (sockets for save, restore, the data gate). */
+  qemuDirOf(live: Live): string {
+    return live.rec.runtime?.qemuDir ?? path.join(this.runDir, live.rec.config.name);
+  }
+
+  /** A copy of this host's TLS files that the domain's QEMU can read (tls-creds-x509 dir). */
+  qemuTlsDir(live: Live): string {
+    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(live), this.qemuUser);
+  }
+
+  /**
+   * Starts QEMU for a domain, stopped (-S), with taps created. The caller decides whether
+   * to `cont` and which event to apply. The domain's files are opened here, without
+   * following symlinks, and passed to QEMU as descriptors; QEMU runs as the QEMU user
+   * under seccomp (qemu/confine.ts).
+   */
+  async spawn(c: DomainConfig, opts: SpawnOptions = {}): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
+    const runtime = this.runtimeFor(c);
+    if (opts.machine) runtime.machine = opts.machine;
+    if (opts.cpuModel) runtime.cpuModel = opts.cpuModel;
+    const opened: number[] = [];
+    const open = (p: string, write: boolean): number => {
+      try {
+        opened.push(fs.openSync(p, (write ? fs.constants.O_RDWR : fs.constants.O_RDONLY) | fs.constants.O_NOFOLLOW));
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        throw new FerryError(code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'DISK_NOT_FOUND', `Domain "${c.name}": cannot open ${p} (${code === 'ELOOP' ? 'it became a symlink' : code})`);
+      }
+      return 3 + opened.length - 1; // the descriptor's number inside QEMU
+    };
+    try {
+      const fds = {
+        kernel: c.boot.kind === 'kernel' ? open(c.boot.kernel, false) : undefined,
+        initrd: c.boot.kind === 'kernel' && c.boot.initrd ? open(c.boot.initrd, false) : undefined,
+        disks: c.disks.map((d) => open(d.path, !d.readOnly)),
+      };
+      c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
+      try {
+        const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate, fds });
+        const q = await startQemu(argv, {
+          qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
+          passFds: opened, ...(this.qemuUser ? { uid: this.qemuUser.uid, gid: this.qemuUser.gid } : {}),
+        });
+        await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => { q.qmp.close(); await killAndWait(q.pid, 0); throw e; });
+        return { pid: q.pid, qmp: q.qmp, runtime: { ...runtime, startTicks: processStartTicks(q.pid) } };
+      } catch (e) {
+        for (const t of runtime.taps) deleteTap(t);
+        throw e;
+      }
+    } finally {
+      for (const fd of opened) fs.closeSync(fd);
+    }
+  }
+
+  /**
+   * QEMUs share one unprivileged user, so a socket at the right path proves nothing by
+   * itself: its other end must be held by the very process ferryd spawned.
+   */
+  private async proveQmp(q: QmpClient, pid: number, where: string): Promise<void> {
+    if (this.qemuUser && !(await unixPeerIs(q.socket, pid))) throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
+  }
+
+  /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
+  async attach(live: Live, pid: number, qmp?: QmpClient): Promise<void> {
+    const rt = live.rec.runtime!;
+    if (qmp) live.qmp = qmp;
+    else {
+      // Re-attaching (ferryd restarted): the socket at this path must still be our QEMU's.
+      const q = await QmpClient.connect(rt.qmpPath, 5000);
+      await this.proveQmp(q, pid, rt.qmpPath).catch((e) => { q.close(); throw e; });
+      live.qmp = q;
+    }
+    const name = live.rec.config.name;
+    live.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(live, e));
+    live.exited = new Promise<void>((resolve) => live.qmp!.once('close', () => { void this.onQemuGone(live, pid).finally(resolve); }));
+    if (!live.console) {
+      live.console = new ConsoleMux(rt.consolePath, rt.consoleLog);
+      try {
+        await live.console.connect();
+      } catch (e) {
+        this.log.warn('console not connected', { domain: name, error: String(e) });
+      }
+    }
+  }
+
+  /**
+   * After a ferryd restart: attaches to the domain's QEMU if it is still ours and brings
+   * the record in line with what QEMU says (it may have paused or resumed meanwhile).
+   * A domain whose QEMU is gone crashed; migration states are the migration layer's.
+   */
+  async reattach(live: Live): Promise<void> {
+    const s = live.rec.state;
+    const name = live.rec.config.name;
+    if (!hasProcess(s)) return;
+    if (isOurQemu(s.pid, live.rec.config.uuid) && live.rec.runtime) {
+      try {
+        await this.attach(live, s.pid);
+        const st = await live.qmp!.execute<{ running: boolean; status: string }>('query-status');
+        if (s.kind === 'running' && !st.running) this.store.apply(live, { type: 'pause', at: Date.now() });
+        else if (s.kind === 'paused' && st.running) this.store.apply(live, { type: 'resume', at: Date.now() });
+        this.log.info('re-attached to domain', { domain: name, pid: s.pid, status: st.status });
+        return;
+      } catch (e) {
+        this.log.error('cannot re-attach to QEMU; killing it', { domain: name, pid: s.pid, error: String(e) });
+        await killAndWait(s.pid, 1000);
+      }
+    }
+    if (s.kind === 'running' || s.kind === 'paused') {
+      this.cleanup(live);
+      this.store.apply(live, { type: 'crash', reason: 'QEMU exited while ferryd was not running', at: Date.now() });
+    }
+  }
+
+  private onQmpEvent(live: Live, e: QmpEvent): void {
+    const s = live.rec.state.kind;
+    this.log.debug('qmp event', { domain: live.rec.config.name, event: e.event, data: e.data });
+    this.emit('qmp.event', { domain: live.rec.config.name, event: e });
+    // Guest- or QEMU-initiated pauses and resumes; ferryd's own pause/unpause apply
+    // the same events, and whichever comes second finds nothing to do.
+    if (live.busy) return;
+    if (e.event === 'STOP' && s === 'running') this.store.apply(live, { type: 'pause', at: Date.now() });
+    else if (e.event === 'RESUME' && s === 'paused') this.store.apply(live, { type: 'resume', at: Date.now() });
+    else if (e.event === 'SHUTDOWN' && !live.expectStop) live.expectStop = 'poweroff';
+  }
+
+  /** QEMU's QMP socket closed: the process is ending. A stop we asked for, or a crash. */
+  private async onQemuGone(live: Live, pid: number): Promise<void> {
+    const deadline = Date.now() + 5000;
+    while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    const s = live.rec.state;
+    if (!hasProcess(s) || s.pid !== pid) return; // already settled by whoever stopped it
+    const reason = live.expectStop;
+    this.cleanup(live, reason ? { event: 'stopped', reason } : undefined);
+    this.emit('qemu.gone', { domain: live.rec.config.name, pid, expected: reason ?? null });
+    if (s.kind === 'migrating-out' || s.kind === 'incoming') return; // the migration job settles these
+    if (reason) this.store.apply(live, { type: 'stopped', reason, at: Date.now() });
+    else this.store.apply(live, { type: 'crash', reason: 'QEMU exited unexpectedly', at: Date.now() });
+  }
+
+  /** Removes taps and runtime sockets; closes QMP and console. Keeps logs. */
+  cleanup(live: Live, consoleFinal?: Record<string, unknown>): void {
+    live.qmp?.close();
+    live.qmp = undefined;
+    live.console?.close(consoleFinal);
+    live.console = undefined;
+    const rt = live.rec.runtime;
+    if (rt) {
+      for (const t of rt.taps) deleteTap(t);
+      fs.rmSync(rt.qmpPath, { force: true });
+      fs.rmSync(rt.consolePath, { force: true });
+    }
+  }
+
+  /** Deletes a domain's taps by their uuid-derived names (when no record lists them). */
+  removeTaps(uuid: string, nics: number): void {
+    for (let i = 0; i < nics; i++) deleteTap(tapName(uuid, i));
+  }
+
+  /** The domain's QEMU and QMP, or DOMAIN_BAD_STATE if it has none or something else owns it. */
+  needProcess(live: Live, verb: string): { pid: number; qmp: QmpClient } {
+    const s = live.rec.state;
+    if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is ${describeKind(s.kind)}`);
+    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is busy (${live.busy})`);
+    return { pid: s.pid, qmp: live.qmp };
+  }
+
+  /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */
+  detach(live: Live): void {
+    live.qmp?.removeAllListeners('close');
+    live.qmp?.close();
+    live.console?.close();
+  }
+}

@@ -1,0 +1,211 @@
+/**
+ * Save and restore (xm save / xm restore): a domain's state streamed by QEMU into a
+ * file that ferryd owns, and back into a new QEMU. No user string reaches QEMU: ferryd
+ * opens the file, QEMU sees only a socket in its own directory.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { FerryError } from '../errors.ts';
+import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
+import { transition, hasProcess, describeKind } from '../domain/state.ts';
+import { killAndWait } from '../qemu/process.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
+import type { QemuFacts } from '../qemu/probe.ts';
+import { resolveSaveFile } from '../domain/storage.ts';
+import type { DomainInfo, Results } from '../api/protocol.ts';
+import type { DaemonConfig } from './config.ts';
+import type { DomainStore } from './records.ts';
+import type { QemuRuntime } from './runtime.ts';
+
+const SAVE_MAGIC = 'FERRY-SAVE-1\n';
+
+export interface SaveRestoreDeps {
+  cfg: DaemonConfig;
+  qemu: QemuFacts;
+  store: DomainStore;
+  runtime: QemuRuntime;
+  /** The checks a start makes (networks, paths, CPU, memory). */
+  checkStart(c: DomainConfig, verb: string): void;
+  domainInfo(name: string): DomainInfo;
+}
+
+export class SaveRestore {
+  constructor(private readonly d: SaveRestoreDeps) {}
+
+  /**
+   * Streams QEMU's migration output through a unix socket that ferryd owns into FILE.
+   * No user string reaches QEMU: the file is opened by ferryd, QEMU only sees our socket.
+   * Layout: SAVE_MAGIC, one JSON line {config, wasRunning, machine, cpuModel}, then the stream.
+   */
+  async save(name: string, fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Results['domain.save']> {
+    const file = resolveSaveFile(fileArg, this.d.cfg.storage, opts);
+    const live = this.d.store.get(name);
+    transition(live.rec.state, { type: 'stopped', reason: 'saved', at: 0 }, name);
+    const { qmp } = this.d.runtime.needProcess(live, 'save');
+    const wasRunning = live.rec.state.kind === 'running';
+    const rt = live.rec.runtime!;
+    const sockPath = path.join(this.d.runtime.qemuDirOf(live), 'save.sock');
+    fs.rmSync(sockPath, { force: true });
+    const tmp = `${file}.partial`;
+    const t0 = Date.now();
+    live.busy = 'saving';
+    let out: fs.WriteStream | undefined;
+    const server = net.createServer();
+    try {
+      // O_CREAT|O_EXCL: never follows a symlink planted at FILE.partial, never truncates another file.
+      try { out = fs.createWriteStream(tmp, { mode: 0o600, flags: 'wx' }); await new Promise<void>((r, j) => { out!.once('open', () => r()); out!.once('error', j); }); } catch (e) { out = undefined; throw new FerryError('SAVE_FAILED', `Cannot create ${tmp}: ${(e as Error).message} (a leftover from an earlier save? remove it)`); }
+      out.write(SAVE_MAGIC + JSON.stringify({ config: domainConfigToJson(live.rec.config), wasRunning, machine: rt.machine, cpuModel: rt.cpuModel, savedAt: new Date().toISOString(), host: this.d.cfg.name }) + '\n');
+      const received = new Promise<number>((resolve, reject) => {
+        server.once('connection', (s) => {
+          let bytes = 0;
+          s.on('data', (d: Buffer) => { bytes += d.length; });
+          s.pipe(out!, { end: false });
+          s.on('end', () => resolve(bytes));
+          s.on('error', reject);
+        });
+      });
+      await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
+      // QEMU (the QEMU user) connects to it; the directory is QEMU's own and nobody else's.
+      const qu = this.d.runtime.qemuUser;
+      if (qu) fs.chownSync(sockPath, qu.uid, qu.gid);
+      if (wasRunning) await qmp.execute('stop');
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });
+      const watch = new MigrationWatcher(qmp);
+      try {
+        await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+        await this.migrationDone(qmp, watch, 600_000);
+      } finally {
+        watch.dispose();
+      }
+      const bytes = await received;
+      await new Promise<void>((r, j) => out!.end((e?: Error | null) => (e ? j(e) : r())));
+      fs.renameSync(tmp, file);
+      live.expectStop = 'saved';
+      live.busy = undefined;
+      await qmp.execute('quit').catch(() => undefined);
+      await live.exited;
+      return { name, file, bytes, ms: Date.now() - t0 };
+    } catch (e) {
+      live.busy = undefined;
+      out?.destroy();
+      fs.rmSync(tmp, { force: true });
+      if (wasRunning && live.qmp) await live.qmp.execute('cont').catch(() => undefined);
+      throw e instanceof FerryError ? e : new FerryError('SAVE_FAILED', `Cannot save domain "${name}" to ${file}: ${(e as Error).message}`);
+    } finally {
+      server.close();
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+
+  /** Waits (by MIGRATION events) until completed (resolves) or failed/cancelled (SAVE_FAILED). */
+  private async migrationDone(qmp: QmpClient, watch: MigrationWatcher, timeoutMs: number): Promise<void> {
+    let status: string;
+    try {
+      status = await watch.until(FINAL_STATUSES, timeoutMs);
+    } catch (e) {
+      throw new FerryError(qmp.closed ? 'SAVE_FAILED' : 'TIMEOUT', `QEMU's migration stream did not finish: ${(e as Error).message}`);
+    }
+    if (status === 'completed') return;
+    const m = await qmp.execute<Record<string, unknown>>('query-migrate').catch(() => ({} as Record<string, unknown>));
+    throw new FerryError('SAVE_FAILED', `QEMU migration ${status}: ${m['error-desc'] ?? 'no reason given'}`);
+  }
+
+  /** The save file is opened once (no symlink followed): its header and its stream are read from that one descriptor. */
+  async restore(fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Results['domain.restore']> {
+    const t0 = Date.now();
+    const file = resolveSaveFile(fileArg, this.d.cfg.storage, opts);
+    let fd: number;
+    try { fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW); } catch (e) { throw new FerryError((e as NodeJS.ErrnoException).code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'SAVE_FAILED', `Cannot read ${file}: ${(e as Error).message}`); }
+    try {
+      return await this.restoreFrom(file, fd, t0);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  private async restoreFrom(file: string, fd: number, t0: number): Promise<Results['domain.restore']> {
+    if (!fs.fstatSync(fd).isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${file} is not a regular file`);
+    const head = Buffer.alloc(64 * 1024);
+    const n = fs.readSync(fd, head, 0, head.length, 0);
+    const text = head.subarray(0, n).toString('latin1');
+    if (!text.startsWith(SAVE_MAGIC)) throw new FerryError('SAVE_FAILED', `${file} is not a ferry save file`);
+    const nl = text.indexOf('\n', SAVE_MAGIC.length);
+    if (nl < 0) throw new FerryError('SAVE_FAILED', `${file}: header is truncated`);
+    let header: { config: unknown; wasRunning: boolean; machine: string; cpuModel: string };
+    try { header = JSON.parse(Buffer.from(text.slice(SAVE_MAGIC.length, nl), 'latin1').toString('utf8')); } catch { throw new FerryError('SAVE_FAILED', `${file}: header is not JSON`); }
+    const offset = Buffer.byteLength(text.slice(0, nl + 1), 'latin1');
+    // The header reaches QEMU's command line: only values this host's QEMU offers.
+    if (typeof header !== 'object' || header === null) throw new FerryError('SAVE_FAILED', `${file}: header is not an object`);
+    if (typeof header.machine !== 'string' || !this.d.qemu.machines.includes(header.machine)) throw new FerryError('SAVE_FAILED', `${file}: machine type ${JSON.stringify(header.machine)} is not one this host's QEMU ${this.d.qemu.version} offers`);
+    if (header.cpuModel !== this.d.qemu.cpuModel) throw new FerryError('SAVE_FAILED', `${file}: CPU model ${JSON.stringify(header.cpuModel)} is not this host's (${this.d.qemu.cpuModel})`);
+    const c = parseDomainConfig(header.config);
+    let live = this.d.store.find(c.name);
+    if (live) {
+      if (live.rec.config.uuid !== c.uuid) throw new FerryError('DOMAIN_EXISTS', `Another domain named "${c.name}" exists on ${this.d.cfg.name}`);
+      if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_EXISTS', `Domain "${c.name}" is already ${describeKind(live.rec.state.kind)} on ${this.d.cfg.name}`);
+    } else {
+      this.d.store.checkUnique(c);
+    }
+    this.d.checkStart(c, 'restore');
+    const created = !live;
+    if (!live) {
+      live = { rec: { config: c, state: { kind: 'defined' } } };
+      this.d.store.hold(live);
+    } else {
+      live.rec.config = c;
+    }
+    const l = live;
+    l.busy = 'restoring';
+    let sockPath = '';
+    let pid: number | undefined;
+    try {
+      const sp = await this.d.runtime.spawn(c, { incoming: true, machine: header.machine, cpuModel: header.cpuModel });
+      pid = sp.pid;
+      l.rec.runtime = sp.runtime;
+      sockPath = path.join(this.d.runtime.qemuDirOf(l), 'restore.sock');
+      fs.rmSync(sockPath, { force: true });
+      await sp.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      const watch = new MigrationWatcher(sp.qmp);
+      await sp.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
+      await new Promise<void>((resolve, reject) => {
+        const s = net.createConnection({ path: sockPath });
+        let rs: fs.ReadStream | undefined;
+        // The descriptor is closed by restore() once this settles: stop reading it first.
+        const fail = (e: Error): void => { rs?.destroy(); reject(e); };
+        s.once('error', fail);
+        s.once('connect', () => {
+          rs = fs.createReadStream('', { fd, start: offset, autoClose: false });
+          rs.once('error', fail);
+          rs.pipe(s);
+          s.once('finish', resolve);
+        });
+      });
+      // The stream is in; wait until QEMU has loaded it.
+      try {
+        await this.migrationDone(sp.qmp, watch, 600_000);
+      } catch (e) {
+        throw new FerryError('SAVE_FAILED', `QEMU could not load ${file} (${(e as Error).message}): see ${sp.runtime.logPath}`);
+      } finally {
+        watch.dispose();
+      }
+      this.d.store.apply(l, { type: 'start', pid, domid: this.d.store.allocDomid(), at: Date.now() });
+      await this.d.runtime.attach(l, pid, sp.qmp);
+      l.busy = undefined;
+      // xm restore resumes the domain; a domain saved while paused stays paused.
+      if (header.wasRunning) await sp.qmp.execute('cont');
+      else this.d.store.apply(l, { type: 'pause', at: Date.now() });
+      return { ...this.d.domainInfo(c.name), restoreMs: Date.now() - t0 };
+    } catch (e) {
+      l.busy = undefined;
+      if (pid) await killAndWait(pid, 0);
+      this.d.runtime.cleanup(l);
+      if (created) this.d.store.unhold(c.name);
+      throw e instanceof FerryError ? e : new FerryError('SAVE_FAILED', `Cannot restore ${file}: ${(e as Error).message}`);
+    } finally {
+      fs.rmSync(sockPath, { force: true });
+    }
+  }
+}
