@@ -56,6 +56,7 @@ export const ROLES = {
   'console.attach': MANAGE,
   'events.subscribe': MANAGE,
   'migration.start': MANAGE,
+  'migration.plan': MANAGE,
   'migration.cancel': MANAGE,
   'migration.jobs': MANAGE,
   'migration.job': MANAGE,
@@ -167,7 +168,24 @@ export interface Report {
   phase: string;
   /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
   timeline?: Record<string, number>;
+  /** The autopilot's plan for a live move (migration/plan.ts): what it measured, picked and predicted. */
+  plan?: PlanView | null;
+  /** How the move went in the end: precopy, auto-converge, multifd, postcopy or offline. */
+  strategy?: string;
+  /** Post-copy: when it began (ms since the request) and how long the guest's memory lived on both hosts. */
+  postcopy?: { startedAtMs: number; windowMs: number | null } | null;
   error?: { code: string; message: string };
+}
+
+/** One strategy's predicted cost (migration/plan.ts); null where it never finishes. */
+export interface PredictionView { strategy: string; totalMs: number | null; pauseMs: number | null; bytes: number | null; passes: number; converges: boolean; fitsBudget: boolean; note: string }
+
+/** What `ferry migrate --plan` prints, and a live move's report keeps. */
+export interface PlanView {
+  domain: string; destination: string;
+  ramBytes: number; dirtyRateMBps: number | null; dirtyRateFrom: string; linkMBps: number; linkFrom: string;
+  maxDowntimeMs: number; timeoutS: number; spareCores: number; postcopyAllowed: boolean; strategy: string; onTimeout: string;
+  pick: string; reason: string; predictions: PredictionView[];
 }
 
 // ---- results the CLI reads (the daemon's handlers return these) ----
@@ -199,6 +217,8 @@ export type HostInfo = {
 export type Progress = {
   domain: string; jobId: string; status?: string; phase: string; percent: number; transferred: number; remaining: number; total: number;
   rateMBps: number; pass: number; etaS: number | null; elapsedMs: number; dirtyRate: number; throttlePct: number;
+  /** Where the move stands, in words: measuring, pre-copy pass N, post-copy, switchover. */
+  stage?: string;
 };
 
 /** A migration job as `ferry jobs` / `ferry job` show it. */
@@ -238,6 +258,7 @@ export interface Results {
   'console.attach': undefined;
   'events.subscribe': { subscribed: string[] };
   'migration.start': Report;
+  'migration.plan': PlanView;
   'migration.cancel': CancelResult;
   'migration.jobs': JobView[];
   'migration.job': JobView;

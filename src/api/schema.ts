@@ -22,6 +22,8 @@ const saveFile = z.string().refine((v) => v.length > 0 && v.length < 4096 && !v.
 /** Checked in depth by the handler (a domain config; a relocation Begin's facts). */
 const opaque = z.unknown();
 const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
+const optStrategy = z.enum(['auto', 'precopy', 'postcopy'], { error: 'must be one of auto, precopy, postcopy' }).optional();
+const optOnTimeout = z.enum(['cancel', 'suspend', 'postcopy'], { error: 'must be one of cancel, suspend, postcopy' }).optional();
 
 /**
  * Every action and the schema of its params: the one list that validation, the
@@ -47,14 +49,16 @@ export const ACTIONS = {
   'console.attach': params({ domain: str, replay: optNum(0, 1 << 20) }),
   'events.subscribe': params({ domain: optStr }),
   // migration (source side, asked by the CLI)
-  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool }),
+  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool, strategy: optStrategy, onTimeout: optOnTimeout }),
+  // the autopilot's plan for a live move, moving nothing (`ferry migrate --plan`)
+  'migration.plan': params({ domain: str, dest: str, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), strategy: optStrategy, onTimeout: optOnTimeout }),
   'migration.cancel': params({ domain: str }),
   'migration.jobs': params({}),
   'migration.job': params({ domain: str }),
   // the operator's word on a job past the point of no return that the destination has not settled
   'migration.resolve': params({ domain: str, assume: z.enum(['destination', 'source'], { error: 'must be one of destination, source' }) }),
   // relocation (destination side, asked by a peer ferryd over TLS)
-  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str }),
+  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool }),
   'relocation.prepare': params({ jobId: str }),
   'relocation.digest': params({ jobId: str, chunks: optIntList(0, 1 << 20, 8192) }),
   'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),

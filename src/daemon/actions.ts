@@ -52,6 +52,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
       }
       // The migration layer: the source side for the operator, the destination side for peers.
       case 'migration.start': return answer(req.action, mig().source.start(req.params));
+      case 'migration.plan': return answer(req.action, mig().source.planOnly(req.params));
       case 'migration.cancel': return answer(req.action, mig().source.cancel(req.params.domain));
       case 'migration.resolve': return answer(req.action, mig().source.resolveByOperator(req.params.domain, req.params.assume));
       case 'migration.jobs': return answer(req.action, mig().jobs());

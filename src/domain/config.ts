@@ -7,7 +7,8 @@
  *     "boot": { "kernel": "/img/vmlinux", "initrd": "/img/initrd.img", "cmdline": "console=ttyS0" },
  *     "disks": [ { "path": "/img/data.qcow2", "format": "qcow2", "readOnly": false } ],
  *     "nics": [ { "network": "lab", "mac": "52:54:00:12:34:56", "ip": "198.18.0.50/24" } ],
- *     "serial": true }
+ *     "serial": true,
+ *     "postcopy": true }          // false: a live move never switches to post-copy
  */
 import crypto from 'node:crypto';
 import { FerryError } from '../errors.ts';
@@ -45,6 +46,11 @@ export interface DomainConfig {
   nics: NicConfig[];
   /** The serial console is always present; this only records the choice for `info`. */
   serial: boolean;
+  /**
+   * May a live move switch to post-copy (migration/plan.ts)? During post-copy the guest's
+   * memory lives on two hosts, and losing either loses the guest: false forbids it.
+   */
+  postcopy: boolean;
 }
 
 export const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
@@ -53,7 +59,7 @@ const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 const IPV4_CIDR_RE = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(\/(\d{1,2}))?$/;
 export const MAX_MEMORY_MIB = 1024 * 1024;
 export const MAX_VCPUS = 64;
-const KNOWN_KEYS = new Set(['name', 'uuid', 'memory', 'vcpus', 'boot', 'disks', 'nics', 'serial']);
+const KNOWN_KEYS = new Set(['name', 'uuid', 'memory', 'vcpus', 'boot', 'disks', 'nics', 'serial', 'postcopy']);
 
 /** A stable, locally administered MAC from the uuid and NIC index, with QEMU's 52:54:00 prefix. */
 export function stableMac(uuid: string, index: number): string {
@@ -151,6 +157,7 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
   }
 
   if (raw.serial !== undefined && typeof raw.serial !== 'boolean') bad('serial', 'must be true or false');
+  if (raw.postcopy !== undefined && typeof raw.postcopy !== 'boolean') bad('postcopy', 'must be true or false');
 
   if (errs.length > 0) {
     const who = typeof name === 'string' && NAME_RE.test(name) ? ` "${name}"` : '';
@@ -158,7 +165,7 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
   }
   return {
     name: name as string, uuid: uuid as string, memoryMiB: memory as number, vcpus: vcpus as number,
-    boot: boot!, disks, nics, serial: raw.serial !== false,
+    boot: boot!, disks, nics, serial: raw.serial !== false, postcopy: raw.postcopy !== false,
   };
 }
 
@@ -168,6 +175,7 @@ export function domainConfigToJson(c: DomainConfig): Record<string, unknown> {
     name: c.name, uuid: c.uuid, memory: c.memoryMiB, vcpus: c.vcpus,
     boot: c.boot.kind === 'kernel' ? { kernel: c.boot.kernel, ...(c.boot.initrd ? { initrd: c.boot.initrd } : {}), cmdline: c.boot.cmdline } : { disk: c.boot.disk },
     disks: c.disks.map((d) => ({ ...d })), nics: c.nics.map((n) => ({ ...n })), serial: c.serial,
+    ...(c.postcopy ? {} : { postcopy: false }),
   };
 }
 

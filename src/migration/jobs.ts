@@ -37,6 +37,8 @@ export interface SourceJob extends JobBase {
   progress?: Progress;
   /** Past the point of no return, while the destination cannot be asked: who, how often, why. */
   waiting?: Waiting;
+  /** Set once QEMU switched to post-copy: from then on the source QEMU serves pages until the stream completes. */
+  postcopy?: { startedAt: number };
 }
 
 export interface Waiting { since: number; attempts: number; lastError: string; nextTryAt: number }

@@ -6,6 +6,10 @@
  * Source:  begin → prepare → perform → switchover → finish → confirmed
  *            └────────┴─────────┴──────────┴──► abandoned            (before POINT_OF_NO_RETURN)
  *          finish ──dest-abandoned──► abandoned  (only on the destination's word that it never resumed)
+ *          finish ──dest-running──► postcopy ──postcopy-done──► confirmed
+ *            (post-copy: the guest runs on the destination while this QEMU still serves the
+ *             pages it has not sent; its QEMU must live until the stream completes, and the
+ *             copy here is never resumed: no abandon from postcopy)
  *
  * Destination: begun → prepared → finishing → finished → confirmed
  *                └────────┴──────────┴──► abandoned
@@ -22,10 +26,11 @@ import { FerryError } from '../errors.ts';
  * Begin refuses any other version, so hosts that would disagree later (after the copy)
  * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
  * 3: Begin carries the source's QEMU version and starts the incoming QEMU; no hello.
+ * 4: Begin says whether the move may switch to post-copy (both QEMUs need the capability).
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 
-export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'confirmed' | 'abandoned';
+export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'postcopy' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';
 export const SOURCE_POINT_OF_NO_RETURN: SourcePhase = 'finish';
 export const DEST_POINT_OF_NO_RETURN: DestPhase = 'finishing';
@@ -37,6 +42,8 @@ export type SourceEvent =
   | { type: 'stream-completed' } // QEMU: completed; source guest stopped, destination holds the state
   | { type: 'finish-sent' } // asking the destination to resume: point of no return
   | { type: 'dest-finished' } // the destination runs the guest
+  | { type: 'dest-running' } // the destination runs the guest, fetching the pages still here (post-copy)
+  | { type: 'postcopy-done' } // the post-copy stream ended: every page reached the destination, or the destination is gone
   | { type: 'abandon'; reason: string }
   | { type: 'dest-abandoned'; reason: string };
 
@@ -63,6 +70,8 @@ export function sourceTransition(p: SourcePhase, e: SourceEvent): SourcePhase {
     case 'stream-completed': return p === 'perform' ? 'switchover' : bad();
     case 'finish-sent': return p === 'switchover' ? 'finish' : bad();
     case 'dest-finished': return p === 'finish' ? 'confirmed' : bad();
+    case 'dest-running': return p === 'finish' ? 'postcopy' : bad();
+    case 'postcopy-done': return p === 'postcopy' ? 'confirmed' : bad();
     case 'abandon': return p === 'begin' || p === 'prepare' || p === 'perform' || p === 'switchover' ? 'abandoned' : bad();
     case 'dest-abandoned': return p === 'finish' ? 'abandoned' : bad();
     default: {

@@ -36,7 +36,8 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { MAX_REPAIR_BYTES, type Progress, type CancelResult, type ResolveResult } from '../api/protocol.ts';
+import { MAX_REPAIR_BYTES, type Progress, type CancelResult, type ResolveResult, type PlanView } from '../api/protocol.ts';
+import os from 'node:os';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
@@ -46,6 +47,7 @@ import { fileSizes, writeStorageMarkers } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
+import { plan as makePlan, precopyEtaS, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 
 export interface StartParams {
@@ -62,7 +64,17 @@ export interface StartParams {
   verifyMemory?: boolean;
   /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
   probeGuest?: boolean;
+  /** The operator's rule for a live move (default auto: the autopilot picks, migration/plan.ts). */
+  strategy?: StrategyChoice;
+  /** At the deadline, still in pre-copy: cancel, suspend the guest to finish, or switch to post-copy. */
+  onTimeout?: OnTimeout;
 }
+
+/** How long calc-dirty-rate samples the guest before a live move (it runs while Begin does). */
+export const DIRTY_SAMPLE_MS = 500;
+/** What a link is assumed to carry before any move to that peer was measured (QEMU 10 here: TLS 2.3–5, plain 10–20 Gbit/s). */
+export const ASSUMED_TLS_BYTES_PER_S = 250e6;
+export const ASSUMED_PLAIN_BYTES_PER_S = 1000e6;
 
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_TIMEOUT_S = 600;
@@ -90,6 +102,16 @@ export interface Resolution {
   crashed?: boolean;
 }
 
+
+/** The autopilot's state during one live move (supervise changes switchAsked/switchedAt). */
+interface Autopilot {
+  postcopyOn: boolean;
+  pick: string;
+  onTimeout: OnTimeout;
+  switchAsked?: boolean;
+  /** performance.now() when QEMU entered postcopy-active. */
+  switchedAt?: number;
+}
 
 export class Source {
   private cancels = new Map<string, () => void>();
@@ -201,10 +223,17 @@ export class Source {
       // (its certificate's, known since the handshake): made while Begin runs there.
       const setupP = q ? this.setup(q, live, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
       setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
+      // The autopilot (live moves, migration/plan.ts): the guest's dirty rate is sampled
+      // while Begin runs there. Post-copy needs the capability on both QEMUs before the
+      // stream, so it is offered whenever the guest's config and the rules allow it;
+      // whether the move switches is decided as it goes.
+      const postcopyOn = mode === 'live' && live.rec.config.postcopy && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      const planP = mode === 'live' && q ? this.planFor(live, q, peer.name, p) : undefined;
+      planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
       const markers = writeStorageMarkers(live.rec.config, j.jobId);
       const begin = await client.request('relocation.begin', {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1,
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyOn,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000).finally(markers.remove);
@@ -233,17 +262,31 @@ export class Source {
       if (p.probeGuest === false) stats.guestProbe = 'not measured (--no-probe)';
       if (ip) { probe = new GuestProbe(ip); probe.start(); }
       const watch = new MigrationWatcher(q);
+      let inPostcopy = false;
       try {
         await setupP;
+        const pl = planP ? await planP : undefined;
+        if (pl) stats.plan = pl.view;
+        const auto: Autopilot = { postcopyOn, pick: pl?.plan.pick ?? (mode === 'live' ? 'precopy' : 'offline'), onTimeout: p.onTimeout ?? (postcopyOn ? 'postcopy' : 'cancel') };
+        await this.capabilities(q, mode, auto, pl, policy);
+        mark('planned');
         if (mode === 'offline' && wasRunning) await q.execute('stop');
         this.step(j, { type: 'stream-started' });
         await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
         mark('migrateIssued');
-        const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled);
+        const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled, auto);
         Object.assign(stats, done);
+        stats.strategy = done.strategy ?? (mode === 'offline' ? 'offline' : auto.pick);
+        if (auto.switchedAt !== undefined) {
+          // Past the point of no return already: the source guest stopped, and the
+          // destination holds its devices. The job says so before anything else happens.
+          inPostcopy = true;
+          j.postcopy = { startedAt: Date.now() };
+          stats.postcopy = { startedAtMs: Math.round(auto.switchedAt - performance.now() + Date.now() - t0), windowMs: null };
+        }
       } finally {
         q.off('event', onStop);
-        watch.dispose();
+        if (!inPostcopy) watch.dispose();
       }
       if (stats.setupMs != null) timeline.firstByte = stats.setupMs;
       const completedAt = watch.at.get('completed');
@@ -252,7 +295,9 @@ export class Source {
       // Still before the point of no return: both guests are paused, so a mismatch
       // abandons like any other failure and the domain resumes here.
       const unreliable = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
-      if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
+      if (inPostcopy) {
+        if (p.verifyMemory || unreliable) policy.push('memory check skipped: in post-copy the destination\'s RAM is complete only after its guest runs');
+      } else if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
         const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
         policy.push(p.verifyMemory ? `memory check requested: ${how}`
           : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
@@ -280,7 +325,22 @@ export class Source {
         throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
       }
       mark('destRunning');
-      this.step(j, { type: 'dest-finished' });
+      if (inPostcopy) {
+        // The guest runs there; the pages it has not got yet are still here. This QEMU
+        // lives until the stream completes, and its copy is never resumed.
+        this.step(j, { type: 'dest-running' });
+        const pcStart = performance.now();
+        try {
+          if (!fin.crashed) await this.awaitPostcopy(j, q, watch, t0);
+        } finally {
+          watch.dispose();
+        }
+        if (stats.postcopy) stats.postcopy.windowMs = Math.round(performance.now() - pcStart);
+        mark('postcopyCompleted');
+        this.step(j, { type: 'postcopy-done' });
+      } else {
+        this.step(j, { type: 'dest-finished' });
+      }
       Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
       await this.host.retireMigrated(live, peer);
       mark('sourceClean');
@@ -348,6 +408,85 @@ export class Source {
     return r;
   }
 
+  /**
+   * The guest's dirty rate, measured by QEMU's calc-dirty-rate (page sampling: it hashes
+   * 512 sampled pages per GiB at both ends of the window; works under TCG). QEMU emits
+   * no event for its end, so it is asked once after the window. Bytes/s, or null.
+   */
+  async dirtyRate(q: QmpClient, ms = DIRTY_SAMPLE_MS): Promise<number | null> {
+    try {
+      await q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
+      await new Promise((r) => setTimeout(r, ms + 20));
+      for (let i = 0; i < 40; i++) {
+        const r = await q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+        if (r.status === 'measured') return (r['dirty-rate'] ?? 0) * 1048576;
+        await new Promise((res) => setTimeout(res, 25));
+      }
+    } catch (e) {
+      this.log.warn('dirty rate not measured', { error: String(e) });
+    }
+    return null;
+  }
+
+  /**
+   * What the link to `peer` carries: the median throughput of the last successful moves
+   * there with the same encryption (their reports), else an assumption said as such;
+   * --bandwidth caps it.
+   */
+  linkEstimate(peer: string, encrypted: boolean, capMiBs?: number): { bytesPerS: number; from: string } {
+    const rates = [...this.store.jobs.values()]
+      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576)
+      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map((j) => j.report!.throughputMBps * 1e6).sort((a, b) => a - b);
+    let est = rates.length ? { bytesPerS: rates[Math.floor(rates.length / 2)], from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}` }
+      : { bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S, from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured` };
+    if (capMiBs && capMiBs * 1048576 < est.bytesPerS) est = { bytesPerS: capMiBs * 1048576, from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})` };
+    return est;
+  }
+
+  /** Cores not taken by the vCPUs of this host's running domains (multifd needs spare ones). */
+  private spareCores(): number {
+    let busy = 0;
+    for (const n of this.host.domainNames()) { const d = this.host.find(n); if (d && hasProcess(d.rec.state)) busy += d.rec.config.vcpus; }
+    return Math.max(0, os.cpus().length - busy);
+  }
+
+  /** The autopilot's plan for moving `live` to `peer` live: measured, modelled, picked. */
+  async planFor(live: Live, q: QmpClient, peer: string, p: Pick<StartParams, 'bandwidthMiBs' | 'maxDowntimeMs' | 'timeoutS' | 'insecure' | 'parallel' | 'strategy' | 'onTimeout'>): Promise<{ plan: Plan; view: PlanView }> {
+    const dirty = await this.dirtyRate(q);
+    const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
+    const c = live.rec.config;
+    const input = {
+      ramBytes: c.memoryMiB * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
+      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
+      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
+    };
+    const pl = makePlan(input);
+    const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
+    const view: PlanView = {
+      domain: c.name, destination: peer, ramBytes: input.ramBytes, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
+      dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
+      linkMBps: +(link.bytesPerS / 1e6).toFixed(1), linkFrom: link.from, maxDowntimeMs: input.maxDowntimeMs, timeoutS: input.timeoutS,
+      spareCores: input.spareCores, postcopyAllowed: input.postcopyAllowed, strategy: input.strategy, onTimeout: p.onTimeout ?? (input.postcopyAllowed ? 'postcopy' : 'cancel'),
+      pick: pl.pick, reason: pl.reason,
+      predictions: pl.predictions.map((x) => ({ strategy: x.strategy, totalMs: ms(x.totalS), pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null, bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null, passes: x.passes, converges: x.converges, fitsBudget: x.fitsBudget, note: x.note })),
+    };
+    if (!c.postcopy) view.reason += '; post-copy is forbidden by the domain\'s config';
+    else if ((p.parallel ?? 1) > 1) view.reason += '; post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)';
+    return { plan: pl, view };
+  }
+
+  /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
+  async planOnly(p: StartParams): Promise<PlanView> {
+    const live = this.host.get(p.domain);
+    if (!hasProcess(live.rec.state) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is not running: only a live move has a plan (a shut-off domain moves as its definition)`);
+    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${live.busy})`);
+    // The peer's name, as a move would learn it: from its certificate.
+    const { client, peer } = await this.connectPeer(p.dest);
+    client.close();
+    if (peer.name === this.host.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
+    return (await this.planFor(live, live.qmp, peer.name, p)).view;
+  }
+
   /** A firewall that drops the data port makes connect hang: give up in 3 s and name the range. */
   private probePort(domain: string, dest: string, address: string, port: number): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -365,10 +504,9 @@ export class Source {
 
   private async setup(q: QmpClient, live: Live, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
     const parallel = p.parallel ?? 1;
-    const caps = [{ capability: 'events', state: true }, { capability: 'auto-converge', state: mode === 'live' }, { capability: 'multifd', state: parallel > 1 }];
+    const caps = [{ capability: 'events', state: true }, { capability: 'multifd', state: parallel > 1 }];
     await q.execute('migrate-set-capabilities', { capabilities: caps });
     if (parallel > 1) policy.push(`multifd: ${parallel} parallel channels`);
-    if (mode === 'live') policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
     const params: Record<string, unknown> = {
       'max-bandwidth': p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
       'downtime-limit': maxDowntimeMs,
@@ -383,6 +521,28 @@ export class Source {
       params['tls-creds'] = '';
     }
     await q.execute('migrate-set-parameters', params);
+  }
+
+  /**
+   * The capabilities the plan needs, set once it is known (before the stream): post-copy
+   * (with its preempt channel, so that the pages the guest faults on overtake the bulk)
+   * whenever it is offered; auto-converge where the plan picked it, or where nothing else
+   * could rescue a pre-copy that does not converge. `policy` records what QEMU accepted.
+   */
+  private async capabilities(q: QmpClient, mode: Mode, auto: Autopilot, pl: { plan: Plan; view: PlanView } | undefined, policy: string[]): Promise<void> {
+    if (mode !== 'live') return;
+    const autoConverge = auto.pick === 'auto-converge' || !auto.postcopyOn;
+    await q.execute('migrate-set-capabilities', { capabilities: [
+      { capability: 'auto-converge', state: autoConverge },
+      { capability: 'postcopy-ram', state: auto.postcopyOn },
+      { capability: 'postcopy-preempt', state: auto.postcopyOn },
+    ] });
+    if (pl) {
+      const v = pl.view;
+      policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
+    }
+    if (autoConverge) policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
+    if (auto.postcopyOn) policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
   }
 
   /**
@@ -465,24 +625,50 @@ export class Source {
    * byte counters (QEMU has no event for them) for the progress bar and applies the
    * convergence policy and deadline.
    */
-  private async supervise(j: SourceJob, q: QmpClient, w: MigrationWatcher, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean): Promise<Partial<Report>> {
+  private async supervise(j: SourceJob, q: QmpClient, w: MigrationWatcher, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean, auto: Autopilot): Promise<Partial<Report>> {
     let raised = false;
     let cancelSent = false;
     let timedOut = false;
+    let suspended = false;
     const cancel = (): void => { if (!cancelSent) { cancelSent = true; q.execute('migrate_cancel').catch(() => undefined); } };
     void cancelledP.then(cancel);
+    // Post-copy starts once QEMU says so (status postcopy-active): the switch is asked
+    // for at most once, and only while the stream is active.
+    const toPostcopy = async (why: string): Promise<void> => {
+      if (auto.switchAsked || !auto.postcopyOn || w.status !== 'active') return;
+      auto.switchAsked = true;
+      try {
+        await q.execute('migrate-start-postcopy');
+        policy.push(`switched to post-copy: ${why}`);
+      } catch (e) {
+        policy.push(`post-copy refused by QEMU (${(e as Error).message}); pre-copy goes on`);
+      }
+    };
     let ticking = false;
     const tick = async (): Promise<void> => {
-      if (ticking || w.final) return;
+      if (ticking || w.final || w.status === 'postcopy-active') return;
       ticking = true;
       try {
         const m = await q.execute<MigrateInfo>('query-migrate');
-        this.progress(j, t0, m, w.passes);
+        this.progress(j, t0, m, w.passes, maxDowntimeMs);
         const elapsed = (Date.now() - t0) / 1000;
-        // Non-convergence policy: QEMU never gives up by itself. auto-converge throttles
-        // the guest from the start; after STALL_PASSES passes or two thirds of the
-        // deadline, allow a longer final pause (4×, at least 2 s); at the deadline, cancel.
-        if (mode === 'live' && !raised && (w.passes >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
+        const ram = m.ram ?? {};
+        const pass = ram['dirty-sync-count'] ?? w.passes;
+        // The autopilot: the plan's post-copy switches once the first full pass is sent;
+        // any other plan switches (where post-copy is offered) when the live figures say
+        // pre-copy will miss the deadline.
+        if (mode === 'live' && auto.postcopyOn && !auto.switchAsked && m.status === 'active') {
+          if (auto.pick === 'postcopy' && pass >= 2) await toPostcopy(`the plan's pick, after the first full pass (${elapsed.toFixed(1)} s)`);
+          else if (pass >= 3) {
+            const rate = (ram.mbps ?? 0) * 1e6 / 8;
+            const dirty = (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096);
+            const eta = precopyEtaS(ram.remaining ?? 0, dirty, rate, maxDowntimeMs);
+            if (elapsed + eta > timeoutS * 0.8) await toPostcopy(`pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(eta) ? `${eta.toFixed(1)} s` : 'never'})`);
+          }
+        }
+        // Without post-copy, the old rule: after STALL_PASSES passes or two thirds of the
+        // deadline, allow a longer final pause (4×, at least 2 s).
+        if (mode === 'live' && !auto.postcopyOn && !raised && (w.passes >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
           raised = true;
           const newLimit = Math.max(maxDowntimeMs * 4, 2000);
           try {
@@ -492,10 +678,20 @@ export class Source {
             this.log.warn('could not raise the downtime limit', { jobId: j.jobId, error: String(e) });
           }
         }
-        if (elapsed > timeoutS && !cancelSent) {
-          timedOut = true;
-          policy.push(`deadline of ${timeoutS} s reached: cancelled`);
-          cancel();
+        // The deadline, still in pre-copy: the operator's rule (--on-timeout).
+        if (elapsed > timeoutS && !cancelSent && !suspended && !auto.switchAsked) {
+          if (mode === 'live' && auto.onTimeout === 'postcopy' && auto.postcopyOn) {
+            await toPostcopy(`deadline of ${timeoutS} s reached (--on-timeout postcopy)`);
+          } else if (mode === 'live' && auto.onTimeout === 'suspend') {
+            // As virsh migrate --timeout-suspend: the guest stops and the rest is copied
+            // while it does not run; the pause is as long as that copy.
+            suspended = true;
+            await q.execute('stop').then(() => policy.push(`deadline of ${timeoutS} s reached (--on-timeout suspend): guest suspended to finish the copy`), (e) => policy.push(`suspend refused by QEMU: ${(e as Error).message}`));
+          } else {
+            timedOut = true;
+            policy.push(`deadline of ${timeoutS} s reached: cancelled`);
+            cancel();
+          }
         }
       } catch { /* QEMU gone: the watcher says so */ } finally {
         ticking = false;
@@ -504,7 +700,7 @@ export class Source {
     const timer = setInterval(() => void tick(), 200);
     let status: string;
     try {
-      status = await w.until(FINAL_STATUSES);
+      status = await w.until(auto.postcopyOn ? [...FINAL_STATUSES, 'postcopy-active'] : FINAL_STATUSES);
     } catch {
       throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during the migration`);
     } finally {
@@ -522,20 +718,51 @@ export class Source {
       if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
     }
-    return { setupMs, passes: w.passes };
+    if (status === 'postcopy-active') {
+      auto.switchedAt = performance.now();
+      return { setupMs, passes: w.passes, strategy: 'postcopy' };
+    }
+    return { setupMs, passes: w.passes, ...(suspended ? { strategy: 'suspend' } : {}) };
+  }
+
+  /**
+   * Post-copy, after the destination's guest runs: this QEMU sends what is left (the
+   * pages the guest faults on first) until the stream completes. The progress bar shows
+   * the pages still here. A stream that fails leaves a guest that cannot finish: say so.
+   */
+  private async awaitPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, t0: number): Promise<void> {
+    const timer = setInterval(() => void q.execute<MigrateInfo>('query-migrate').then((m) => this.progress(j, t0, m, w.passes, 0)).catch(() => undefined), 250);
+    try {
+      const s = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
+      if (s === 'completed') return;
+      throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${s} (${(await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${this.host.cfg.name}: the guest runs on ${j.peer.name} and waits for them. The QEMU here keeps them; it is not resumed`);
+    } catch (e) {
+      if (e instanceof FerryError) throw e;
+      throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during post-copy: the guest on ${j.peer.name} has lost the pages it had not fetched`);
+    } finally {
+      clearInterval(timer);
+    }
   }
 
   /** Publishes a query-migrate answer as the job's progress (the CLI's bar, `ferry job`). */
-  private progress(j: SourceJob, t0: number, m: MigrateInfo, passes: number): void {
+  private progress(j: SourceJob, t0: number, m: MigrateInfo, passes: number, maxDowntimeMs: number): void {
     const ram = m.ram ?? {};
     const done = m.status === 'completed';
     const total = ram.total ?? 0;
     const remaining = done ? 0 : ram.remaining ?? total;
     const rate = done ? 0 : (ram.mbps ?? 0) * 1e6 / 8;
+    const post = (m.status ?? '').startsWith('postcopy');
+    const pass = ram['dirty-sync-count'] ?? passes;
+    // The ETA from the same model as the plan: a pre-copy pass that re-sends dirtied
+    // pages is not progress lost. The bar itself never runs backwards.
+    const dirty = (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096);
+    const eta = done ? 0 : rate <= 0 ? null : post ? remaining / rate : precopyEtaS(remaining, dirty, rate, maxDowntimeMs);
+    const raw = done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0;
     const prog: Progress = {
-      domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0,
+      domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: Math.max(raw, j.progress?.percent ?? 0),
       transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: passes,
-      etaS: done ? 0 : rate > 0 ? remaining / rate : null, elapsedMs: Date.now() - t0, dirtyRate: done ? 0 : ram['dirty-pages-rate'] ?? 0, throttlePct: done ? 0 : m['cpu-throttle-percentage'] ?? 0,
+      etaS: eta === null || !Number.isFinite(eta) ? null : eta, elapsedMs: Date.now() - t0, dirtyRate: done ? 0 : ram['dirty-pages-rate'] ?? 0, throttlePct: done ? 0 : m['cpu-throttle-percentage'] ?? 0,
+      stage: done ? 'completed' : post ? `post-copy: ${(remaining / 1048576).toFixed(0)} MiB still on ${this.host.cfg.name}` : m.status === 'device' || m.status === 'pre-switchover' ? 'switchover' : `pre-copy pass ${pass}`,
     };
     j.progress = prog;
     this.host.emit('migration.progress', prog);
@@ -552,7 +779,7 @@ export class Source {
     const r2 = m.ram ?? {};
     const bytes = r2.transferred ?? 0;
     const totalTime = m['total-time'] ?? (Date.now() - t0);
-    this.progress(j, t0, { ...m, status: 'completed' }, passes);
+    this.progress(j, t0, { ...m, status: 'completed' }, passes, 0);
     return { downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
   }
 
@@ -658,6 +885,12 @@ export class Source {
         if (!mine) { this.step(j, { type: 'dest-finished' }); return; }
         this.driveFinish(j, mine);
         return;
+      case 'postcopy':
+        // The guest runs there; this QEMU still holds pages it needs. Never resumed here:
+        // wait for the stream to complete, then retire.
+        if (!mine) { this.step(j, { type: 'postcopy-done' }); return; }
+        this.drivePostcopy(j, mine);
+        return;
       case 'confirmed':
       case 'abandoned': {
         if (!mine || mine.rec.state.kind !== 'migrating-out') return;
@@ -690,11 +923,47 @@ export class Source {
   }
 
   /**
+   * The driver of a job in post-copy whose command is gone (a restart, a lost answer):
+   * follows the source QEMU's stream to its end, then retires the copy here. At most one
+   * per job. A QEMU that is gone already ends it too: nothing here can help the guest.
+   */
+  drivePostcopy(j: SourceJob, live: Live): void {
+    if (this.driving.has(j.jobId)) return;
+    const run = (async (): Promise<void> => {
+      const q = live.qmp;
+      if (q && !q.closed) {
+        const w = new MigrationWatcher(q);
+        try {
+          const m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
+          if (m.status && m.status !== 'completed') await this.awaitPostcopy(j, q, w, j.startedAt).catch((e) => { j.error = { code: asFerryError(e).code, message: asFerryError(e).message }; this.log.error('post-copy did not complete', { jobId: j.jobId, error: String(e) }); });
+        } finally {
+          w.dispose();
+        }
+      }
+      this.step(j, { type: 'postcopy-done' });
+      await this.host.retireMigrated(live, j.peer);
+      this.store.saveLater(j);
+      this.store.prune();
+      this.host.emit('migration.settled', { domain: j.domain, jobId: j.jobId, phase: j.phase, reason: 'post-copy ended' });
+    })().catch((e) => this.log.error('settling a post-copy failed', { jobId: j.jobId, error: String(e) }))
+      .finally(() => this.driving.delete(j.jobId));
+    this.driving.set(j.jobId, run);
+  }
+
+  /**
    * Applies D's answer (or the operator's word) to a job in `finish`: the phase
    * changes first, synchronously, so that two answers can never both act.
    */
   async settleFinish(j: SourceJob, live: Live, r: Resolution): Promise<void> {
     if (j.phase !== 'finish') return;
+    if (!r.abandoned && j.postcopy) {
+      // Post-copy: the guest runs there, fetching what is still here.
+      this.step(j, { type: 'dest-running' });
+      j.waiting = undefined;
+      this.store.saveLater(j);
+      this.drivePostcopy(j, live);
+      return;
+    }
     if (r.abandoned) {
       this.step(j, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
       await this.resumeSource(live, j.wasRunning);

@@ -19,7 +19,7 @@ export interface MigrateInfo {
   'total-time'?: number;
   downtime?: number;
   'cpu-throttle-percentage'?: number;
-  ram?: { total?: number; remaining?: number; transferred?: number; mbps?: number; 'dirty-pages-rate'?: number; 'dirty-sync-count'?: number };
+  ram?: { total?: number; remaining?: number; transferred?: number; mbps?: number; 'dirty-pages-rate'?: number; 'dirty-sync-count'?: number; 'page-size'?: number };
 }
 
 export function qmpEventMs(e: QmpEvent): number {

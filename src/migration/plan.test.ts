@@ -1,0 +1,59 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { plan, predict, precopyEtaS, FIXED_PAUSE_MS, type PlanInput } from './plan.ts';
+
+const MiB = 1048576;
+const base: PlanInput = { ramBytes: 1024 * MiB, dirtyBytesPerS: 1 * MiB, linkBytesPerS: 300 * MiB, linkFrom: 'test', maxDowntimeMs: 300, timeoutS: 90, spareCores: 1, postcopyAllowed: true, strategy: 'auto' };
+
+test('plan: an idle guest converges by pre-copy in a few passes, and pre-copy is the pick', () => {
+  const p = plan(base);
+  const pre = p.predictions.find((x) => x.strategy === 'precopy')!;
+  assert.ok(pre.converges && pre.fitsBudget);
+  assert.ok(pre.passes <= 3, `passes ${pre.passes}`);
+  // One pass of 1 GiB at 300 MiB/s, a second of what 1 MiB/s dirtied meanwhile.
+  assert.ok(Math.abs(pre.totalS - 1024 / 300) < 0.1, `total ${pre.totalS}`);
+  assert.equal(p.pick, 'precopy');
+});
+
+test('plan: a guest that dirties as fast as the link never converges by pre-copy; post-copy is picked, bounded', () => {
+  const p = plan({ ...base, dirtyBytesPerS: 400 * MiB });
+  const pre = p.predictions.find((x) => x.strategy === 'precopy')!;
+  assert.equal(pre.converges, false);
+  assert.equal(pre.totalS, Infinity);
+  assert.equal(p.pick, 'postcopy');
+  const pc = p.predictions.find((x) => x.strategy === 'postcopy')!;
+  assert.equal(pc.pauseMs, FIXED_PAUSE_MS);
+  // One full pass, then at most all RAM again on demand.
+  assert.ok(pc.totalS <= (2 * 1024) / 300 + 0.01);
+  assert.match(p.reason, /post-copy bounds the time/);
+});
+
+test('plan: post-copy forbidden by the config → auto-converge, which throttles until the passes shrink', () => {
+  const p = plan({ ...base, dirtyBytesPerS: 400 * MiB, postcopyAllowed: false });
+  assert.equal(p.pick, 'auto-converge');
+  const ac = p.predictions.find((x) => x.strategy === 'auto-converge')!;
+  assert.ok(ac.converges);
+  assert.match(p.predictions.find((x) => x.strategy === 'postcopy')!.note, /forbidden/);
+});
+
+test('plan: multifd is never offered without two spare cores; offline pauses for the whole copy', () => {
+  const pr = predict(base);
+  assert.equal(pr.find((x) => x.strategy === 'multifd')!.fitsBudget, false);
+  const off = pr.find((x) => x.strategy === 'offline')!;
+  assert.ok(off.pauseMs > 3000);
+  const withCores = predict({ ...base, spareCores: 2, dirtyBytesPerS: 350 * MiB });
+  assert.ok(withCores.find((x) => x.strategy === 'multifd')!.converges, 'two channels outrun a guest that one cannot');
+});
+
+test('plan: the operator\'s rule wins, but never against the guest\'s config', () => {
+  assert.equal(plan({ ...base, strategy: 'postcopy' }).pick, 'postcopy');
+  assert.equal(plan({ ...base, strategy: 'postcopy', postcopyAllowed: false }).pick, 'precopy');
+  assert.equal(plan({ ...base, strategy: 'precopy', dirtyBytesPerS: 400 * MiB }).pick, 'auto-converge');
+});
+
+test('plan: the ETA of a pre-copy in flight shrinks as it converges, and is infinite when it cannot', () => {
+  const a = precopyEtaS(512 * MiB, 10 * MiB, 300 * MiB, 300);
+  const b = precopyEtaS(128 * MiB, 10 * MiB, 300 * MiB, 300);
+  assert.ok(a > b && b > 0);
+  assert.equal(precopyEtaS(512 * MiB, 400 * MiB, 300 * MiB, 300), Infinity);
+});
