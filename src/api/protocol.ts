@@ -265,7 +265,7 @@ export interface Results {
   'migration.resolve': ResolveResult;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
-  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown };
+  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string };
   'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string };
   'relocation.digest': unknown;
   'relocation.repair': { written: number };

@@ -6,7 +6,7 @@
 import type { Command } from 'commander';
 import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
 import { ApiClient, resolveTarget, call } from '../api/client.ts';
-import type { Report, JobView, Progress, EventMsg } from '../api/protocol.ts';
+import type { Report, JobView, Progress, EventMsg, PlanView } from '../api/protocol.ts';
 
 /** What `job abort` and `job resolve` answer. */
 type JobAnswer = { domain: string; cancelling: true } | { domain: string; settledBy: 'operator' | 'destination'; runsOn: string };
@@ -24,7 +24,7 @@ function bar(p: Progress): string {
   const w = 24;
   const filled = Math.round((p.percent / 100) * w);
   const eta = p.etaS === null ? '?' : p.etaS < 1 ? `${(p.etaS * 1000).toFixed(0)} ms` : `${p.etaS.toFixed(1)} s`;
-  return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  pass ${p.pass}  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}`;
+  return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.stage ?? `pass ${p.pass}`}  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}`;
 }
 
 export function printReport(r: Report): void {
@@ -41,13 +41,40 @@ export function printReport(r: Report): void {
   }
   if (r.timeline && Object.keys(r.timeline).length) rows.push(['timeline', Object.entries(r.timeline).map(([k, v]) => `${k} ${v}`).join(', ') + ' ms']);
   rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
+  if (r.strategy) rows.push(['strategy', r.strategy + (r.postcopy ? ` (after ${r.postcopy.startedAtMs} ms; the guest's memory was on both hosts for ${r.postcopy.windowMs ?? '?'} ms)` : '')]);
+  if (r.plan) {
+    const pred = r.plan.predictions.find((x) => x.strategy === (r.strategy === 'suspend' ? 'precopy' : r.strategy));
+    if (pred) rows.push(['predicted → actual', `total ${pred.totalMs === null ? 'never' : `${pred.totalMs} ms`} → ${r.totalMs} ms; pause ${pred.pauseMs === null ? 'never' : `${pred.pauseMs} ms`} → ${r.pauseMs ?? '-'} ms; sent ${pred.bytes === null ? '-' : fmtBytes(pred.bytes)} → ${fmtBytes(r.bytes)}`]);
+  }
   for (const pol of r.policy ?? []) rows.push(['policy', pol]);
   if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);
   process.stdout.write(table(rows, ['l', 'l']));
 }
 
+/** `ferry migrate --plan`: each strategy's predicted cost, and the pick. */
+export function printPlan(v: PlanView): void {
+  const ms = (x: number | null): string => (x === null ? 'never' : x < 10000 ? `${x} ms` : `${(x / 1000).toFixed(1)} s`);
+  process.stdout.write(`Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s\n\n`);
+  const rows: (string | number)[][] = [['Strategy', 'Total', 'Pause', 'Sent', 'Fits', 'Note']];
+  for (const p of v.predictions) rows.push([p.strategy === v.pick ? `${p.strategy} *` : p.strategy, ms(p.totalMs), ms(p.pauseMs), p.bytes === null ? '-' : fmtBytes(p.bytes), p.fitsBudget ? 'yes' : 'no', p.note]);
+  process.stdout.write(table(rows, ['l', 'r', 'r', 'r', 'l', 'l']));
+  process.stdout.write(`\nPick: ${v.pick}: ${v.reason}. At the deadline, still in pre-copy: ${v.onTimeout}.\n`);
+}
+
 /** `ferry migrate`'s options, as commander parses them. */
-interface MigrateOpts { live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean }
+interface MigrateOpts { live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean; plan?: boolean; strategy?: string; onTimeout?: string }
+
+/** The options `--plan` and a move share, as API params. */
+function budgetParams(o: MigrateOpts): Record<string, unknown> {
+  const params: Record<string, unknown> = { insecure: !!o.insecure };
+  if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
+  if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
+  if (o.timeout !== undefined) params.timeoutS = o.timeout;
+  if (o.strategy !== undefined) { if (!['auto', 'precopy', 'postcopy'].includes(o.strategy)) throw new FerryError('CLI_USAGE', `--strategy must be auto, precopy or postcopy, got "${o.strategy}"`); params.strategy = o.strategy; }
+  if (o.onTimeout !== undefined) { if (!['cancel', 'suspend', 'postcopy'].includes(o.onTimeout)) throw new FerryError('CLI_USAGE', `--on-timeout must be cancel, suspend or postcopy, got "${o.onTimeout}"`); params.onTimeout = o.onTimeout; }
+  if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
+  return params;
+}
 
 async function migrate(hostArg: string | undefined, domain: string, dest: string, o: MigrateOpts): Promise<number> {
   const c = await ApiClient.connect(resolveTarget(hostArg));
@@ -73,13 +100,9 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
         }
       });
     }
-    const params: Record<string, unknown> = { domain, dest, live: !!o.live, insecure: !!o.insecure };
-    if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
-    if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
-    if (o.timeout !== undefined) params.timeoutS = o.timeout;
+    const params: Record<string, unknown> = { domain, dest, live: !!o.live, ...budgetParams(o) };
     if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
     if (o.probe === false) params.probeGuest = false;
-    if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
     try {
       // The answer is the job's report, failures included; `error` says why.
       const r = await c.request('migration.start', params);
@@ -118,15 +141,18 @@ function printJobs(rows: JobView[]): void {
 export function registerMigrate(prog: Command): void {
   prog.command('migrate').description('move a domain to another host (offline; -l for live), as xm migrate')
     .argument('<domain>').argument('[dest]', 'host name, address or address:port')
-    .option('-l, --live', 'live migration (pre-copy)')
+    .option('-l, --live', 'live migration (the autopilot picks pre-copy or post-copy for the budget)')
     .option('--bandwidth <MiB/s>', 'cap the migration stream (default: uncapped)', num('--bandwidth', 1))
     .option('--max-downtime <ms>', 'longest pause allowed for the final switchover (default 300)', num('--max-downtime', 1))
-    .option('--timeout <s>', 'give up (and keep the domain on the source) after this long (default 600)', num('--timeout', 1))
+    .option('--timeout <s>', 'the move\'s time budget (default 600): the autopilot plans for it, and --on-timeout says what happens when it runs out', num('--timeout', 1))
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option('--verify-memory', 'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)')
     .option('--no-verify-memory', 'skip that check even where QEMU\'s dirty tracking is known to lose pages')
     .option('--no-probe', 'do not measure guest-perceived downtime (no TCP SYN every 1 ms to the guest during the move)')
+    .option('--plan', 'move nothing: measure the guest and print each strategy\'s predicted time, pause and bytes, and the one ferry would pick')
+    .option('--strategy <s>', 'auto (default: ferry picks for the budget), precopy, or postcopy (one pre-copy pass, then the guest runs on the destination)')
+    .option('--on-timeout <rule>', 'at --timeout, still in pre-copy: postcopy (default where allowed), suspend (stop the guest to finish), or cancel')
     .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: MigrateOpts, cmd: Command) => {
@@ -137,6 +163,11 @@ export function registerMigrate(prog: Command): void {
           return;
         }
         if (!dest) throw new FerryError('CLI_USAGE', 'missing destination: ferry migrate DOMAIN DEST [-l]');
+        if (o.plan) {
+          const v = await call(resolveTarget(hostOpt(cmd)), 'migration.plan', { domain, dest, ...budgetParams(o) }, 60000);
+          if (o.json) printJson(v); else printPlan(v);
+          return;
+        }
         process.exitCode = await migrate(hostOpt(cmd), domain, dest, o);
       } catch (e) {
         process.exitCode = reportError(e, !!o.json);

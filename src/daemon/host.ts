@@ -27,7 +27,7 @@ import type { HostInfo, DomainSummary, DomainInfo, Results } from '../api/protoc
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
-import { resolveQemuUser, blockedAncestor } from '../qemu/confine.ts';
+import { resolveQemuUser, blockedAncestor, grantUserfaultfd } from '../qemu/confine.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { DomainStore, type Live } from './records.ts';
 import { QemuRuntime } from './runtime.ts';
@@ -43,6 +43,8 @@ export class Host extends EventEmitter implements MigrationHost {
   private readonly runtime: QemuRuntime;
   private readonly saves: SaveRestore;
   private readonly ram: GuestRamAccess;
+  /** Whether an incoming move may switch to post-copy here (relocation.acceptPostcopy, userfaultfd). */
+  private readonly postcopy: { ok: boolean; why: string };
 
   constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
     super();
@@ -54,7 +56,11 @@ export class Host extends EventEmitter implements MigrationHost {
     this.runtime = new QemuRuntime(cfg, log, accel, qemu, qemuUser, this.store, emit);
     this.saves = new SaveRestore({ cfg, qemu, store: this.store, runtime: this.runtime, checkStart: (c, verb) => this.checkStart(c, verb), domainInfo: (n) => this.domainInfo(n) });
     this.ram = new GuestRamAccess(cfg.name, qemuUser, this.runtime);
+    this.postcopy = cfg.relocation.acceptPostcopy ? grantUserfaultfd(qemuUser) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
+    if (cfg.relocation.acceptPostcopy) log.info('post-copy for incoming moves', this.postcopy);
   }
+
+  postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
 
   get runDir(): string { return this.runtime.runDir; }
 

@@ -39,6 +39,8 @@ interface BeginMsg {
   storageNonce: string;
   machine: string;
   cpuModel: string;
+  /** The move may switch to post-copy: this QEMU needs the capability before the stream. */
+  postcopy: boolean;
 }
 
 function isObj(v: unknown): v is Record<string, unknown> {
@@ -66,9 +68,12 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
   try { config = parseDomainConfig(d.config); } catch (e) { return bad(`domain.config is invalid: ${(e as Error).message}`); }
   if (!isObj(d.fileSizes) || !Object.values(d.fileSizes).every((x) => Number.isInteger(x))) bad('domain.fileSizes must map paths to sizes');
   if (p.parallel !== undefined && !(Number.isInteger(p.parallel) && (p.parallel as number) >= 1 && (p.parallel as number) <= 16)) bad('parallel must be 1-16');
+  if (p.postcopy !== undefined && typeof p.postcopy !== 'boolean') bad('postcopy must be true or false');
+  if (p.postcopy === true && (p.mode !== 'live' || (p.parallel !== undefined && p.parallel !== 1))) bad('postcopy needs a live move on one channel');
+  if (p.postcopy === true && isObj(d) && isObj(d.config) && d.config.postcopy === false) bad('postcopy is forbidden by the domain\'s config');
   if (d.storageNonce !== undefined && !(typeof d.storageNonce === 'string' && /^[0-9a-f]{32}$/.test(d.storageNonce))) bad('domain.storageNonce must be 32 hex digits');
   if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string };
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true };
 }
 
 export class Destination {
@@ -166,11 +171,15 @@ export class Destination {
     }
     checkFiles(m.config, m.fileSizes, h.cfg.name);
     checkStorageMarkers(m.config, m.jobId, m.storageNonce, h.cfg.name, peerName);
+    // Post-copy only where this host's QEMU can take it: the source learns it from Begin's answer.
+    const pc = h.postcopyIncoming();
+    if (m.postcopy && !pc.ok) { m.postcopy = false; this.log.info('post-copy declined for an incoming move', { jobId: m.jobId, why: pc.why }); }
     const job: DestJob = {
       role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
       startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
       peer: { name: peerName, address: ctx.caller.peerAddress ?? '', ...(ctx.caller.peerDn ? { dn: ctx.caller.peerDn } : {}) }, dataPort: 0, memoryMiB: m.config.memoryMiB,
       config: { ...domainConfigToJson(m.config), _machine: m.machine, _cpuModel: m.cpuModel },
+      ...(m.postcopy ? { postcopy: true } : {}),
     };
     try {
       // Persisted before the QEMU below starts: a restarted ferryd that finds "begun"
@@ -200,7 +209,7 @@ export class Destination {
       job.dataPort = port;
       this.store.saveLater(job);
       this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: port, l2 });
-      return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2 };
+      return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2, postcopy: m.postcopy, ...(m.postcopy ? {} : { postcopyWhy: pc.why }) };
     } catch (e) {
       await this.abandonLocal(job, `pre-flight: ${(e as Error).message}`);
       throw e;
@@ -220,7 +229,11 @@ export class Destination {
     });
     const q = live.qmp!;
     this.watches.set(j.jobId, new MigrationWatcher(q));
-    await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 }] });
+    await q.execute('migrate-set-capabilities', { capabilities: [
+      { capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 },
+      // Post-copy is offered by the source: both QEMUs need it (and its preempt channel) before the stream.
+      { capability: 'postcopy-ram', state: m.postcopy }, { capability: 'postcopy-preempt', state: m.postcopy },
+    ] });
     if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
     if (!m.insecure) {
       await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.qemuTlsDir(live), endpoint: 'server', 'verify-peer': true });
@@ -301,7 +314,8 @@ export class Destination {
         const sock = path.join(h.qemuDirOf(live), 'incoming.sock');
         fs.rmSync(sock, { force: true });
         await q.execute('migrate-incoming', { uri: `unix:${sock}` });
-        const gate = new DataGate({ address: h.cfg.relocation.address, port: j.dataPort, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: m.parallel, log: this.log });
+        // Post-copy's preempt channel is one more connection.
+        const gate = new DataGate({ address: h.cfg.relocation.address, port: j.dataPort, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: m.parallel + (m.postcopy ? 1 : 0), log: this.log });
         this.gates.set(j.jobId, gate);
         await gate.open();
       } else {
@@ -341,12 +355,14 @@ export class Destination {
     if (w.status === 'setup') await w.until(['active', ...FINAL_STATUSES], 2000).catch(() => { throw noStream(); });
     let status: string;
     try {
-      const s = await w.until(FINAL_STATUSES, 120000);
-      status = s === 'completed' ? (await q.execute<{ status: string }>('query-status')).status : `migration ${s}`;
+      // Post-copy: the source stopped its guest and sent the devices; the rest of RAM
+      // follows as this guest runs. Its run state is inmigrate until QEMU has loaded them.
+      const s = await w.until(j.postcopy ? [...FINAL_STATUSES, 'postcopy-active'] : FINAL_STATUSES, 120000);
+      status = s === 'completed' || s === 'postcopy-active' ? (await q.execute<{ status: string }>('query-status')).status : `migration ${s}`;
     } catch (e) {
       status = (e as Error).message;
     }
-    if (status !== 'paused' && status !== 'prelaunch') {
+    if (status !== 'paused' && status !== 'prelaunch' && !(j.postcopy && status === 'inmigrate' && w.status === 'postcopy-active')) {
       await this.abandonLocal(j, `incoming state did not load (status ${status})`);
       throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not load the state of "${j.domain}" (QEMU status ${status}); abandoned, the source keeps it`, { abandoned: true });
     }
@@ -455,7 +471,14 @@ export class Destination {
     h.release(j.jobId);
     this.step(j, { type: 'resumed' });
     this.begins.delete(j.jobId);
-    this.forgetRun(j.jobId);
+    const w = this.watches.get(j.jobId);
+    if (j.postcopy && w && !crashed && !w.final) {
+      // Post-copy: the stream (and a plain one's gate) lives until the last page is here.
+      this.touchOff(j.jobId);
+      void w.until([...FINAL_STATUSES]).then((s) => this.log.info('post-copy stream ended', { jobId: j.jobId, domain: j.domain, status: s }), () => undefined).finally(() => this.forgetRun(j.jobId));
+    } else {
+      this.forgetRun(j.jobId);
+    }
     setTimeout(() => this.selfConfirm(j, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
     return { phase: j.phase, resumedAt, host: h.cfg.name, ...(crashed ? { crashed: true } : {}) };
   }
@@ -610,6 +633,13 @@ export class Destination {
     })().finally(() => this.abandoning.delete(j.jobId));
     this.abandoning.set(j.jobId, p);
     return p;
+  }
+
+  /** Stops a job's quiet deadline (a post-copy stream may be silent while the guest needs nothing). */
+  private touchOff(jobId: string): void {
+    const q = this.quiet.get(jobId);
+    if (q) clearTimeout(q);
+    this.quiet.delete(jobId);
   }
 
   /** Drops what this ferryd holds in memory for a job's incoming QEMU. */

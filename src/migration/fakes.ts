@@ -57,6 +57,8 @@ export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies
   return {
     path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup,
     stream: (): void => { q.event('MIGRATION', { status: 'active' }); q.event('MIGRATION', { status: 'completed' }); },
+    /** The source switched to post-copy: the devices are here, the rest follows while the guest runs. */
+    postcopy: (): void => { q.event('MIGRATION', { status: 'active' }); q.event('MIGRATION', { status: 'postcopy-active' }); setTimeout(() => q.event('MIGRATION', { status: 'completed' }), 60); },
   };
 }
 
@@ -72,7 +74,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   readonly cfg;
   constructor(name: string, readonly runDir: string, readonly qmpPath: string, port: number) {
     super();
-    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
+    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
   }
   get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
   find(name: string): Handle | undefined { return this.domains.get(name); }
@@ -80,6 +82,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   domainUuids(): string[] { return [...this.domains.values()].map((d) => d.rec.config.uuid); }
   memoryFacts(): { freeMiB: number; freeWhy: string } { return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' }; }
   checkPaths(): void { /* the fake pools hold everything */ }
+  postcopyIncoming(): { ok: boolean; why: string } { return { ok: true, why: 'a fake host' }; }
   apply(d: DomainHandle, e: DomainEvent): void { (d as Handle).rec.state = transition(d.rec.state, e); }
   setBusy(d: DomainHandle, why: string | undefined): void { (d as Handle).busy = why; }
   reserve(jobId: string, _domain: string, memoryMiB: number): void { this.reservations.set(jobId, memoryMiB); }
@@ -115,7 +118,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
  * A scripted running QEMU on the source: `migrate` plays QEMU's events (setup, active,
  * STOP, completed, or failed when told to) and calls `onSent` once it "sent" everything.
  */
-export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void } = {}) {
+export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; neverConverges?: boolean; onPostcopy?: () => void } = {}) {
   let running = true;
   let status = 'none';
   const mig = (st: string): void => { status = st; q.event('MIGRATION', { status: st }); };
@@ -126,14 +129,30 @@ export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void } = 
         setTimeout(() => {
           mig('setup'); mig('active');
           if (o.fail) { mig('failed'); return; }
+          // A guest that dirties faster than the link: active until told to switch.
+          if (o.neverConverges) return;
           running = false; q.event('STOP'); mig('device'); mig('completed');
           o.onSent?.();
         }, 5);
         break;
+      case 'migrate-start-postcopy':
+        if (status !== 'active') { r.fail('Postcopy must be started after migration has been started'); break; }
+        r.ok();
+        setTimeout(() => {
+          running = false; q.event('STOP'); mig('postcopy-active');
+          o.onPostcopy?.();
+          // The rest of RAM reaches the destination a moment after its guest runs.
+          setTimeout(() => mig('completed'), 60);
+        }, 5);
+        break;
       case 'migrate_cancel': r.ok(); if (status === 'active') mig('cancelled'); break;
-      case 'query-migrate': r.ok(status === 'completed' ? { status, 'total-time': 40, downtime: 7, ram: { transferred: 1 << 20, total: 1 << 20, remaining: 0, 'dirty-sync-count': 2 } } : status === 'failed' ? { status, 'error-desc': 'fake failure' } : { status }); break;
+      case 'query-migrate': r.ok(status === 'completed' ? { status, 'total-time': 40, downtime: 7, ram: { transferred: 1 << 20, total: 1 << 20, remaining: 0, 'dirty-sync-count': 2 } }
+        : status === 'failed' ? { status, 'error-desc': 'fake failure' }
+        : status === 'active' ? { status, ram: { transferred: 8 << 20, total: 4 << 20, remaining: 3 << 20, 'dirty-sync-count': 3, mbps: 80, 'dirty-pages-rate': 10000, 'page-size': 4096 } }
+        : { status }); break;
       case 'query-status': r.ok({ status: running ? 'running' : 'postmigrate', running }); break;
       case 'cont': running = true; r.ok(); q.event('RESUME'); break;
+      case 'query-dirty-rate': r.ok({ status: 'measured', 'dirty-rate': 2 }); break;
       default: r.ok();
     }
   });

@@ -52,6 +52,8 @@ export interface DestJob extends JobBase {
   memoryMiB: number;
   /** Persisted so recovery can act without the source. */
   config: Record<string, unknown>;
+  /** The source may switch to post-copy (Begin said so): pages may still arrive after Finish. */
+  postcopy?: boolean;
   pid?: number;
 }
 

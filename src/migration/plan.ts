@@ -144,7 +144,7 @@ export function plan(i: PlanInput): Plan {
 }
 
 function mb(bytes: number): string {
-  return bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(0)} MB`;
+  return bytes >= 1 << 30 ? `${(bytes / (1 << 30)).toFixed(1)} GiB` : `${(bytes / 1048576).toFixed(0)} MiB`;
 }
 
 /**

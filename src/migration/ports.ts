@@ -31,7 +31,7 @@ export interface MigrationSettings {
   name: string;
   stateDir: string;
   tlsDir: string;
-  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean };
+  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean; acceptPostcopy: boolean };
   peers: Record<string, string>;
   networks: Record<string, NetworkConfig>;
   limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
@@ -59,6 +59,8 @@ export interface MigrationHost {
   domainNames(): string[];
   domainUuids(): string[];
   memoryFacts(): { freeMiB: number; freeWhy: string };
+  /** Can an incoming QEMU here take a post-copy stream (userfaultfd), and if not, why. */
+  postcopyIncoming(): { ok: boolean; why: string };
   /** Refuses paths outside the storage pools, symlinks and missing files. */
   checkPaths(c: DomainConfig): void;
 

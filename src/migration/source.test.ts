@@ -35,6 +35,8 @@ interface Faults {
   contFails?: boolean;
   /** The destination QEMU dies at cont. */
   destDies?: boolean;
+  /** The guest dirties faster than the link: pre-copy never completes by itself. */
+  neverConverges?: boolean;
 }
 
 async function rig(f: Faults = {}) {
@@ -42,7 +44,7 @@ async function rig(f: Faults = {}) {
   const kernel = path.join(dir, 'vmlinux');
   fs.writeFileSync(kernel, 'k');
   const inq = await incomingQemu(f.contFails ? { contFails: 'paused' } : f.destDies ? { contFails: 'dies' } : {});
-  const outq = await outgoingQemu({ fail: f.streamFails, onSent: () => inq.stream() });
+  const outq = await outgoingQemu({ fail: f.streamFails, onSent: () => inq.stream(), neverConverges: f.neverConverges, onPostcopy: () => inq.postcopy() });
   const port = 40000 + Math.floor(Math.random() * 20000);
   const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
   const h2 = new FakeHost('host2', path.join(dir, 'h2'), inq.path, port);
@@ -74,7 +76,7 @@ async function rig(f: Faults = {}) {
     }
   }
   const source = new InProcessSource(h1, s1, quiet);
-  const start = (o: { live?: boolean; verifyMemory?: boolean } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false });
+  const start = (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy' } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout });
   const job = (): SourceJob => [...s1.jobs.values()][0] as SourceJob;
   // (perform is entered twice: when Prepare is answered and when the stream starts)
   const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);
@@ -127,7 +129,11 @@ test('source: begin → prepare → perform → switchover → finish → confir
     assert.deepEqual(r.h1.retired, ['web'], 'the source copy is retired');
     assert.equal(r.h2.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.seen.includes('migrate'));
-    assert.ok(rep.policy.some((x) => x.startsWith('auto-converge on')));
+    assert.ok(rep.policy.some((x) => x.startsWith('plan: precopy')), rep.policy.join('\n'));
+    assert.ok(rep.policy.some((x) => x.startsWith('post-copy offered')), 'post-copy is offered (the config allows it) though the plan picked pre-copy');
+    assert.ok(r.outq.seen.includes('calc-dirty-rate'), 'the dirty rate was measured');
+    assert.equal(rep.strategy, 'precopy');
+    assert.equal(rep.plan?.pick, 'precopy');
     assert.equal(rep.downtimeMs, 7);
     assert.equal(typeof rep.pauseMs, 'number');
   } finally { r.done(); }
@@ -255,4 +261,40 @@ test('source: a restart after a settled phase runs the tail it cut: confirmed re
     assert.equal(a.h1.get('web').rec.state.kind, 'running');
     assert.deepEqual(a.h1.retired, []);
   } finally { a.done(); }
+});
+
+test('source: post-copy (the plan\'s pick): switchover → finish → postcopy → confirmed; the copy here lives until the last page is sent', async () => {
+  const r = await rig({ neverConverges: true });
+  try {
+    const rep = await r.start({ strategy: 'postcopy' });
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.equal(rep.strategy, 'postcopy');
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'postcopy', 'confirmed']);
+    assert.ok(r.outq.seen.includes('migrate-start-postcopy'));
+    assert.ok(rep.policy.some((x) => x.startsWith('switched to post-copy: the plan')), rep.policy.join('\n'));
+    assert.equal(typeof rep.postcopy?.windowMs, 'number');
+    const tl = rep.timeline ?? {};
+    assert.ok(tl.destRunning <= tl.postcopyCompleted && tl.postcopyCompleted <= tl.sourceClean, `the source retired only after the stream completed: ${JSON.stringify(tl)}`);
+    assert.deepEqual(r.h1.retired, ['web']);
+    assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
+    assert.equal(r.h2.get('web').rec.state.kind, 'running');
+  } finally { r.done(); }
+});
+
+test('source: a pre-copy that will miss its budget switches to post-copy by itself (auto); with post-copy forbidden it is cancelled at the deadline', async () => {
+  const a = await rig({ neverConverges: true });
+  try {
+    const rep = await a.start({ timeoutS: 2 });
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.equal(rep.strategy, 'postcopy');
+    assert.ok(rep.policy.some((x) => /switched to post-copy: (pre-copy would miss the budget|deadline)/.test(x)), rep.policy.join('\n'));
+  } finally { a.done(); }
+  const c = await rig({ neverConverges: true });
+  try {
+    const rep = await c.start({ timeoutS: 1, strategy: 'precopy', onTimeout: 'cancel' });
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error?.code, 'MIGRATION_NOT_CONVERGING');
+    assert.ok(!c.outq.seen.includes('migrate-start-postcopy'));
+    assert.equal(c.h1.get('web').rec.state.kind, 'running', 'the guest runs on here');
+  } finally { c.done(); }
 });

@@ -111,6 +111,8 @@ interface Autopilot {
   switchAsked?: boolean;
   /** performance.now() when QEMU entered postcopy-active. */
   switchedAt?: number;
+  /** auto-converge throttled the guest at some point. */
+  throttled?: boolean;
 }
 
 export class Source {
@@ -227,13 +229,13 @@ export class Source {
       // while Begin runs there. Post-copy needs the capability on both QEMUs before the
       // stream, so it is offered whenever the guest's config and the rules allow it;
       // whether the move switches is decided as it goes.
-      const postcopyOn = mode === 'live' && live.rec.config.postcopy && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
       const planP = mode === 'live' && q ? this.planFor(live, q, peer.name, p) : undefined;
       planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
       const markers = writeStorageMarkers(live.rec.config, j.jobId);
       const begin = await client.request('relocation.begin', {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyOn,
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000).finally(markers.remove);
@@ -241,6 +243,12 @@ export class Source {
       this.step(j, { type: 'dest-accepted' });
       if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);
 
+      // The destination takes post-copy only where its QEMU can (userfaultfd, its config).
+      let postcopyOn = postcopyWanted;
+      if (postcopyWanted && begin.postcopy !== true) {
+        postcopyOn = false;
+        policy.push(`post-copy not offered: ${peer.name} cannot take it (${String(begin.postcopyWhy ?? 'it did not say why').slice(0, 200)})`);
+      }
       await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
       mark('dataPortReached');
       if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
@@ -263,20 +271,35 @@ export class Source {
       if (ip) { probe = new GuestProbe(ip); probe.start(); }
       const watch = new MigrationWatcher(q);
       let inPostcopy = false;
+      let planned: Promise<void> | undefined;
       try {
         await setupP;
-        const pl = planP ? await planP : undefined;
-        if (pl) stats.plan = pl.view;
-        const auto: Autopilot = { postcopyOn, pick: pl?.plan.pick ?? (mode === 'live' ? 'precopy' : 'offline'), onTimeout: p.onTimeout ?? (postcopyOn ? 'postcopy' : 'cancel') };
-        await this.capabilities(q, mode, auto, pl, policy);
-        mark('planned');
+        // The operator's --strategy postcopy needs no measurement to act on.
+        const auto: Autopilot = { postcopyOn, pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && postcopyOn ? 'postcopy' : 'pending', onTimeout: p.onTimeout ?? (postcopyOn ? 'postcopy' : 'cancel') };
+        await this.capabilities(q, mode, auto, policy);
+        // The plan arrives while the first pass runs (the dirty rate takes DIRTY_SAMPLE_MS
+        // to measure): the stream does not wait for it, and the autopilot acts on it from
+        // the end of that pass.
+        planned = planP?.then((pl0) => {
+          let pl = pl0;
+          if (!postcopyOn && pl.plan.input.postcopyAllowed) {
+            // The destination cannot take post-copy: the plan without it.
+            pl = this.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.view.dirtyRateMBps * 1e6, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
+          }
+          stats.plan = pl.view;
+          auto.pick = pl.plan.pick;
+          const v = pl.view;
+          policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
+          mark('planned');
+        }, (e) => { policy.push(`no plan: ${(e as Error).message}`); });
         if (mode === 'offline' && wasRunning) await q.execute('stop');
         this.step(j, { type: 'stream-started' });
         await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
         mark('migrateIssued');
         const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled, auto);
         Object.assign(stats, done);
-        stats.strategy = done.strategy ?? (mode === 'offline' ? 'offline' : auto.pick);
+        await planned;
+        stats.strategy = done.strategy ?? (mode === 'offline' ? 'offline' : auto.throttled ? 'auto-converge' : 'precopy');
         if (auto.switchedAt !== undefined) {
           // Past the point of no return already: the source guest stopped, and the
           // destination holds its devices. The job says so before anything else happens.
@@ -460,18 +483,22 @@ export class Source {
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };
-    const pl = makePlan(input);
+    const why = !c.postcopy ? 'post-copy is forbidden by the domain\'s config' : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
+    return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
+  }
+
+  /** The plan as the API shows it; `why` says why post-copy is not on the table, if it is not. */
+  planView(pl: Plan, domain: string, peer: string, dirty: number | null, onTimeout: OnTimeout | undefined, why?: string): { plan: Plan; view: PlanView } {
+    const i = pl.input;
     const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
     const view: PlanView = {
-      domain: c.name, destination: peer, ramBytes: input.ramBytes, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
+      domain, destination: peer, ramBytes: i.ramBytes, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
       dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
-      linkMBps: +(link.bytesPerS / 1e6).toFixed(1), linkFrom: link.from, maxDowntimeMs: input.maxDowntimeMs, timeoutS: input.timeoutS,
-      spareCores: input.spareCores, postcopyAllowed: input.postcopyAllowed, strategy: input.strategy, onTimeout: p.onTimeout ?? (input.postcopyAllowed ? 'postcopy' : 'cancel'),
-      pick: pl.pick, reason: pl.reason,
+      linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1), linkFrom: i.linkFrom, maxDowntimeMs: i.maxDowntimeMs, timeoutS: i.timeoutS,
+      spareCores: i.spareCores, postcopyAllowed: i.postcopyAllowed, strategy: i.strategy, onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
+      pick: pl.pick, reason: pl.reason + (why ? `; ${why}` : ''),
       predictions: pl.predictions.map((x) => ({ strategy: x.strategy, totalMs: ms(x.totalS), pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null, bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null, passes: x.passes, converges: x.converges, fitsBudget: x.fitsBudget, note: x.note })),
     };
-    if (!c.postcopy) view.reason += '; post-copy is forbidden by the domain\'s config';
-    else if ((p.parallel ?? 1) > 1) view.reason += '; post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)';
     return { plan: pl, view };
   }
 
@@ -529,18 +556,15 @@ export class Source {
    * whenever it is offered; auto-converge where the plan picked it, or where nothing else
    * could rescue a pre-copy that does not converge. `policy` records what QEMU accepted.
    */
-  private async capabilities(q: QmpClient, mode: Mode, auto: Autopilot, pl: { plan: Plan; view: PlanView } | undefined, policy: string[]): Promise<void> {
+  private async capabilities(q: QmpClient, mode: Mode, auto: Autopilot, policy: string[]): Promise<void> {
     if (mode !== 'live') return;
-    const autoConverge = auto.pick === 'auto-converge' || !auto.postcopyOn;
+    // With post-copy on the table nothing needs throttling: it bounds the time instead.
+    const autoConverge = !auto.postcopyOn;
     await q.execute('migrate-set-capabilities', { capabilities: [
       { capability: 'auto-converge', state: autoConverge },
       { capability: 'postcopy-ram', state: auto.postcopyOn },
       { capability: 'postcopy-preempt', state: auto.postcopyOn },
     ] });
-    if (pl) {
-      const v = pl.view;
-      policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
-    }
     if (autoConverge) policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
     if (auto.postcopyOn) policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
   }
@@ -654,6 +678,7 @@ export class Source {
         const elapsed = (Date.now() - t0) / 1000;
         const ram = m.ram ?? {};
         const pass = ram['dirty-sync-count'] ?? w.passes;
+        if ((m['cpu-throttle-percentage'] ?? 0) > 0) auto.throttled = true;
         // The autopilot: the plan's post-copy switches once the first full pass is sent;
         // any other plan switches (where post-copy is offered) when the live figures say
         // pre-copy will miss the deadline.

@@ -76,3 +76,27 @@ export function copyTlsForQemu(tlsDir: string, qemuDir: string, user: QemuUser |
   if (user) fs.chownSync(out, user.uid, user.gid);
   return out;
 }
+
+export const USERFAULTFD_DEV = '/dev/userfaultfd';
+
+/**
+ * Post-copy's destination QEMU needs userfaultfd. The kernel lets an unprivileged
+ * process have it through /dev/userfaultfd (vm.unprivileged_userfaultfd stays 0), so
+ * the QEMU user's group gets read-write on that node, as libvirt gives its QEMU user.
+ * A reboot restores udev's 0600 root:root; ferryd sets it again at start. Returns
+ * whether the QEMU user can open it, and why not.
+ */
+export function grantUserfaultfd(user: QemuUser | null, dev = USERFAULTFD_DEV): { ok: boolean; why: string } {
+  let st: fs.Stats;
+  try { st = fs.statSync(dev); } catch { return { ok: false, why: `${dev} does not exist (a kernel older than 6.1, or built without it)` }; }
+  if (!user) return { ok: true, why: `QEMU runs as root` };
+  if (st.gid !== user.gid || (st.mode & 0o060) !== 0o060) {
+    try {
+      fs.chownSync(dev, st.uid, user.gid);
+      fs.chmodSync(dev, (st.mode & 0o7777) | 0o060);
+    } catch (e) {
+      return { ok: false, why: `cannot give the QEMU user's group access to ${dev}: ${(e as Error).message}` };
+    }
+  }
+  return { ok: true, why: `${dev} is read-write for the QEMU user's group (gid ${user.gid})` };
+}
