@@ -80,8 +80,6 @@ export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_TIMEOUT_S = 600;
 /** QEMU's default max-bandwidth is 128 MiB/s; "unlimited" has to be said explicitly. */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
-/** Passes after which a pre-copy that has not finished is treated as not converging. */
-export const STALL_PASSES = 10;
 /**
  * Past the point of no return, D is asked again after 0.5 s, then twice as long each
  * time up to 5 s, forever; `ferry migrate` waits for the first 30 s of that.
@@ -483,7 +481,7 @@ export class Source {
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };
-    const why = !c.postcopy ? 'post-copy is forbidden by the domain\'s config' : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
+    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config') : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
     return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
   }
 
@@ -650,7 +648,6 @@ export class Source {
    * convergence policy and deadline.
    */
   private async supervise(j: SourceJob, q: QmpClient, w: MigrationWatcher, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean, auto: Autopilot): Promise<Partial<Report>> {
-    let raised = false;
     let cancelSent = false;
     let timedOut = false;
     let suspended = false;
@@ -691,18 +688,6 @@ export class Source {
             if (elapsed + eta > timeoutS * 0.8) await toPostcopy(`pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(eta) ? `${eta.toFixed(1)} s` : 'never'})`);
           }
         }
-        // Without post-copy, the old rule: after STALL_PASSES passes or two thirds of the
-        // deadline, allow a longer final pause (4×, at least 2 s).
-        if (mode === 'live' && !auto.postcopyOn && !raised && (w.passes >= STALL_PASSES || elapsed > (timeoutS * 2) / 3)) {
-          raised = true;
-          const newLimit = Math.max(maxDowntimeMs * 4, 2000);
-          try {
-            await q.execute('migrate-set-parameters', { 'downtime-limit': newLimit });
-            policy.push(`not converged after ${elapsed.toFixed(1)} s and ${w.passes} passes: downtime limit raised from ${maxDowntimeMs} to ${newLimit} ms`);
-          } catch (e) {
-            this.log.warn('could not raise the downtime limit', { jobId: j.jobId, error: String(e) });
-          }
-        }
         // The deadline, still in pre-copy: the operator's rule (--on-timeout).
         if (elapsed > timeoutS && !cancelSent && !suspended && !auto.switchAsked) {
           if (mode === 'live' && auto.onTimeout === 'postcopy' && auto.postcopyOn) {
@@ -738,7 +723,7 @@ export class Source {
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
-      if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s (${policy.join('; ')}); cancelled, the domain keeps running on the source. Raise --max-downtime or --bandwidth, or migrate offline`);
+      if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`);
       if (timedOut) throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
       if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);

@@ -1,0 +1,115 @@
+/**
+ * The convergence autopilot in the lab (migration/plan.ts, Source's supervise):
+ * - `--plan` measures a guest and predicts each strategy without moving anything;
+ * - the 1 GiB memory-pattern guest (it rewrites every page, all the time) moves live over
+ *   TLS inside --timeout 90 with a short final pause: pre-copy alone never converges,
+ *   so the move switches to post-copy, and the checker proves its memory whole;
+ * - a churning 1 GiB Linux guest over a 16 MiB/s link finishes inside --timeout 60 and
+ *   a held TCP connection loses nothing;
+ * - a guest whose config forbids post-copy never gets it: the plan says so, and a move
+ *   that cannot converge is cancelled at its deadline with the guest running on.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { ok, ferry, labUp, labDown, createGuest, guestStatus, echoClient, waitFor, tmpFile, consoleLog, CHURN_48MIB } from '../helpers.ts';
+
+async function runsOn(name: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const h of ['host1', 'host2']) {
+    const l = await ok(['-H', h, 'list', '--json']);
+    if (l.some((d: { name: string; id: number | null }) => d.name === name && d.id !== null)) out.push(h);
+  }
+  return out;
+}
+
+describe('convergence autopilot (lab)', () => {
+  before(async () => { await labUp(['--hosts', '2']); });
+  after(async () => { await labDown(); });
+
+  test('--plan measures the guest and predicts every strategy; nothing moves', async () => {
+    await createGuest('pattern', 'pat', 'host1', 1024);
+    const v = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--plan', '--timeout', '90', '--json']);
+    assert.equal(v.domain, 'pat');
+    assert.equal(v.destination, 'host2');
+    assert.equal(v.ramBytes, 1024 * 1048576);
+    assert.ok(v.dirtyRateMBps > 100, `the pattern guest dirties fast: ${v.dirtyRateMBps} MB/s`);
+    assert.match(v.dirtyRateFrom, /calc-dirty-rate/);
+    assert.deepEqual(v.predictions.map((p: { strategy: string }) => p.strategy).sort(), ['auto-converge', 'multifd', 'offline', 'postcopy', 'precopy']);
+    const pre = v.predictions.find((p: { strategy: string }) => p.strategy === 'precopy');
+    assert.equal(pre.converges, false, 'pre-copy alone cannot outrun it');
+    assert.equal(v.pick, 'postcopy', v.reason);
+    const text = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--plan', '--timeout', '90']);
+    assert.match(text, /Pick: postcopy/);
+    assert.deepEqual(await runsOn('pat'), ['host1'], 'a plan moves nothing');
+    assert.deepEqual(await ok(['-H', 'host1', 'jobs', '--json']), [], 'and starts no job');
+  });
+
+  test('the 1 GiB pattern guest moves live over TLS within --timeout 90, pause under 1 s, memory whole on host2', async () => {
+    const r = await ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--timeout', '90', '--json'], { timeoutMs: 120000 });
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const rep = r.json;
+    assert.equal(rep.outcome, 'succeeded');
+    assert.equal(rep.encrypted, true);
+    assert.equal(rep.strategy, 'postcopy', rep.policy.join('\n'));
+    assert.ok(rep.totalMs < 90000, `total ${rep.totalMs} ms`);
+    assert.ok(rep.pauseMs !== null && rep.pauseMs <= 1000, `pause ${rep.pauseMs} ms`);
+    assert.equal(typeof rep.postcopy.windowMs, 'number');
+    assert.ok(rep.policy.some((x: string) => x.startsWith('switched to post-copy')), rep.policy.join('\n'));
+    assert.ok(!rep.policy.some((x: string) => /suspend/.test(x)), 'finished without suspending the guest');
+    assert.equal(rep.plan.pick, 'postcopy');
+    const tl = rep.timeline;
+    assert.ok(tl.destRunning < tl.postcopyCompleted && tl.postcopyCompleted <= tl.sourceClean, JSON.stringify(tl));
+    assert.deepEqual(await runsOn('pat'), ['host2']);
+    const v = await ok(['lab', 'verify', 'pat', '--json']);
+    assert.equal(v.ok, true, JSON.stringify(v));
+    assert.equal(v.host, 'host2');
+    await ok(['-H', 'host2', 'destroy', 'pat']);
+    await ok(['-H', 'host2', 'delete', 'pat']);
+  });
+
+  test('a churning 1 GiB Linux guest over a 16 MiB/s link finishes inside --timeout 60; its TCP connection loses nothing', async () => {
+    const cfg = await createGuest('linux', 'web', 'host1', 1024);
+    const ip = cfg.nics[0].ip.split('/')[0];
+    await ok(['-H', 'host1', 'console', 'web', '--idle', '1500', '--max', '20000'], { input: CHURN_48MIB + '\n' });
+    const before = guestStatus(ip);
+    const echo = echoClient(ip, 20);
+    await waitFor('echo connected', () => echo.lines.includes('connected'), 10000);
+    await new Promise((res) => setTimeout(res, 2000));
+    const r = await ferry(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--bandwidth', '16', '--timeout', '60', '--json'], { timeoutMs: 120000 });
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const rep = r.json;
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(rep.totalMs < 60000, `total ${rep.totalMs} ms`);
+    assert.equal(rep.bandwidthMiBs, 16);
+    assert.match(rep.plan.linkFrom, /--bandwidth 16/);
+    await new Promise((res) => setTimeout(res, 1000));
+    const st = await echo.stats();
+    assert.equal(st.closed, false, 'the connection stayed open');
+    assert.equal(st.error, null);
+    assert.equal(st.echoed, st.sent, 'every line sent came back');
+    assert.equal(guestStatus(ip).bootId, before.bootId, 'same boot');
+    assert.deepEqual(await runsOn('web'), ['host2']);
+    await ok(['-H', 'host2', 'destroy', 'web']);
+    await ok(['-H', 'host2', 'delete', 'web']);
+  });
+
+  test('a guest whose config forbids post-copy never gets it: the plan says so, and a move that cannot converge is cancelled at the deadline', async () => {
+    const cfg = await ok(['lab', 'guest', 'pattern', 'nopc', '--json', '--memory', '512']);
+    cfg.postcopy = false;
+    await ok(['-H', 'host1', 'create', tmpFile('nopc.json', cfg), '--json']);
+    await waitFor('nopc ready', () => consoleLog('host1', 'nopc').includes('ferry-pattern ready'), 60000);
+    const v = await ok(['-H', 'host1', 'migrate', 'nopc', 'host2', '--plan', '--strategy', 'postcopy', '--json']);
+    assert.equal(v.postcopyAllowed, false);
+    assert.notEqual(v.pick, 'postcopy');
+    assert.match(v.reason, /forbids it|forbidden/);
+    const r = await ferry(['-H', 'host1', 'migrate', 'nopc', 'host2', '--live', '--strategy', 'postcopy', '--max-downtime', '50', '--timeout', '8', '--on-timeout', 'cancel', '--json'], { timeoutMs: 60000 });
+    assert.notEqual(r.code, 0);
+    const rep = r.json;
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error.code, 'MIGRATION_NOT_CONVERGING', JSON.stringify(rep.error));
+    assert.ok(!rep.policy.some((x: string) => /post-copy offered|switched to post-copy/.test(x)), rep.policy.join('\n'));
+    assert.deepEqual(await runsOn('nopc'), ['host1'], 'the guest runs on where it was');
+    const ver = await ok(['lab', 'verify', 'nopc', '--json']);
+    assert.equal(ver.ok, true);
+  });
+});
