@@ -68,6 +68,7 @@ export const ROLES = {
   'relocation.finish': PEER,
   'relocation.abandon': PEER,
   'relocation.confirm': PEER,
+  'relocation.recover': PEER,
   'relocation.status': PEER,
 } as const satisfies Record<Action, readonly Role[]>;
 
@@ -173,7 +174,7 @@ export interface Report {
   /** How the move went in the end: precopy, auto-converge, multifd, postcopy or offline. */
   strategy?: string;
   /** Post-copy: when it began (ms since the request) and how long the guest's memory lived on both hosts. */
-  postcopy?: { startedAtMs: number; windowMs: number | null } | null;
+  postcopy?: { startedAtMs: number; windowMs: number | null; recoveries?: number } | null;
   error?: { code: string; message: string };
 }
 
@@ -273,4 +274,5 @@ export interface Results {
   'relocation.abandon': { phase: string };
   'relocation.confirm': { phase: string };
   'relocation.status': { phase: string; domain?: string };
+  'relocation.recover': { dataAddress: string; dataPort: number };
 }

@@ -66,6 +66,8 @@ export const ACTIONS = {
   'relocation.abandon': params({ jobId: str, reason: optStr }),
   'relocation.confirm': params({ jobId: str }),
   'relocation.status': params({ jobId: str }),
+  // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
+  'relocation.recover': params({ jobId: str }),
 } as const;
 
 export type Action = keyof typeof ACTIONS;

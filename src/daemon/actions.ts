@@ -64,6 +64,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
       case 'relocation.finish': return answer(req.action, mig().dest.finish(req.params, ctx));
       case 'relocation.abandon': return answer(req.action, mig().dest.abandon(req.params, ctx));
       case 'relocation.confirm': return answer(req.action, mig().dest.confirm(req.params, ctx));
+      case 'relocation.recover': return answer(req.action, mig().dest.recover(req.params, ctx));
       case 'relocation.status': return answer(req.action, mig().dest.status(req.params, ctx));
       default: {
         const never: never = req;

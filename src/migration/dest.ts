@@ -599,6 +599,61 @@ export class Destination {
     return { phase: j.phase };
   }
 
+  /**
+   * Recover: the post-copy stream broke (both QEMUs in postcopy-paused: the guest here
+   * waits for pages only the source has). A new one-shot listener on the incoming QEMU
+   * (migrate-recover), with the same TLS credentials and authz, or a new gate for a plain
+   * stream; the source resumes into it. A destination QEMU that has not noticed the
+   * break yet is paused first (migrate-pause): the source saw it break.
+   */
+  async recover(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.recover']> {
+    const j = this.job(p.jobId, ctx);
+    const h = this.host;
+    if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed')) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: nothing to recover`);
+    const live = h.find(j.domain);
+    const q = live && live.rec.config.uuid === j.uuid ? live.qmp : undefined;
+    if (!q) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no QEMU for "${j.domain}" to recover`);
+    const w = new MigrationWatcher(q);
+    try {
+      let st = (await q.execute<{ status?: string }>('query-migrate')).status ?? 'none';
+      if (st === 'postcopy-active') {
+        await q.execute('migrate-pause');
+        st = await w.until(['postcopy-paused', ...FINAL_STATUSES], 10000);
+      }
+      if (st !== 'postcopy-paused') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `The incoming QEMU of "${j.domain}" is ${st}, not paused in post-copy: nothing to recover`);
+    } finally {
+      w.dispose();
+    }
+    const port = await this.freeDataPort(j.jobId);
+    if (!j.encrypted) {
+      const sock = path.join(h.qemuDirOf(live!), 'recover.sock');
+      fs.rmSync(sock, { force: true });
+      await q.execute('migrate-recover', { uri: `unix:${sock}` });
+      this.gates.get(j.jobId)?.close();
+      const gate = new DataGate({ address: h.cfg.relocation.address, port, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: 2, log: this.log });
+      this.gates.set(j.jobId, gate);
+      await gate.open();
+    } else {
+      await q.execute('migrate-recover', { uri: `tcp:${h.cfg.relocation.address}:${port}` });
+    }
+    this.log.warn('post-copy stream broke; recovery listener open', { jobId: j.jobId, domain: j.domain, port });
+    return { dataAddress: h.cfg.relocation.address, dataPort: port };
+  }
+
+  /** A data port nobody listens on now (a recovery's new listener). */
+  private async freeDataPort(jobId: string): Promise<number> {
+    const [first, last] = this.host.cfg.relocation.dataPorts;
+    for (let port = first; port <= last; port++) {
+      const okBind = await new Promise<boolean>((resolve) => {
+        const srv = net.createServer();
+        srv.once('error', () => resolve(false));
+        srv.listen(port, this.host.cfg.relocation.address, () => srv.close(() => resolve(true)));
+      });
+      if (okBind) return port;
+    }
+    throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last} to recover job ${jobId}`);
+  }
+
   status(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.status'] {
     try {
       const j = this.job(p.jobId, ctx);

@@ -352,7 +352,12 @@ export class Source {
         this.step(j, { type: 'dest-running' });
         const pcStart = performance.now();
         try {
-          if (!fin.crashed) await this.awaitPostcopy(j, q, watch, t0);
+          // A broken stream is resumed within the operator's budget (at least 60 s more).
+          if (!fin.crashed) await this.awaitPostcopy(j, q, watch, t0, Math.max(t0 + timeoutS * 1000, Date.now() + 60000), (n, ms) => {
+            policy.push(`post-copy stream broke and was resumed after ${ms} ms (${n} attempt${n > 1 ? 's' : ''})`);
+            if (stats.postcopy) stats.postcopy.recoveries = (stats.postcopy.recoveries ?? 0) + 1;
+          });
+          j.waiting = undefined;
         } finally {
           watch.dispose();
         }
@@ -389,7 +394,7 @@ export class Source {
       // The same driver as after a restart, from the phase on disk: abandon before the
       // point of no return, keep asking past it.
       if (this.store.jobs.has(j.jobId)) await this.drive(j, fe.message, client);
-      const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' ? 'unresolved' : 'failed';
+      const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' || (j.phase === 'postcopy' && fe.code === 'MIGRATION_UNRESOLVED') ? 'unresolved' : 'failed';
       const r = report(outcome, { ...stats, error: { code: fe.code, message: fe.message } });
       j.report = r;
       j.error = r.error;
@@ -740,12 +745,20 @@ export class Source {
    * pages the guest faults on first) until the stream completes. The progress bar shows
    * the pages still here. A stream that fails leaves a guest that cannot finish: say so.
    */
-  private async awaitPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, t0: number): Promise<void> {
+  private async awaitPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, t0: number, deadline = Infinity, onRecovered?: (attempts: number, ms: number) => void): Promise<void> {
     const timer = setInterval(() => void q.execute<MigrateInfo>('query-migrate').then((m) => this.progress(j, t0, m, w.passes, 0)).catch(() => undefined), 250);
     try {
-      const s = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
-      if (s === 'completed') return;
-      throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${s} (${(await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${this.host.cfg.name}: the guest runs on ${j.peer.name} and waits for them. The QEMU here keeps them; it is not resumed`);
+      for (;;) {
+        const s = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
+        if (s === 'completed') return;
+        if (s === 'postcopy-paused') {
+          const t = performance.now();
+          const attempts = await this.recoverPostcopy(j, q, w, deadline);
+          onRecovered?.(attempts, Math.round(performance.now() - t));
+          continue;
+        }
+        throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${s} (${(await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${this.host.cfg.name}: the guest on ${j.peer.name} cannot get them`);
+      }
     } catch (e) {
       if (e instanceof FerryError) throw e;
       throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during post-copy: the guest on ${j.peer.name} has lost the pages it had not fetched`);
@@ -930,6 +943,50 @@ export class Source {
     })().catch((e) => this.log.error('settling a finished transfer failed', { jobId: j.jobId, error: String(e) }))
       .finally(() => this.driving.delete(j.jobId));
     this.driving.set(j.jobId, run);
+  }
+
+  /**
+   * The post-copy stream broke and both QEMUs paused (postcopy-paused): the guest on the
+   * destination waits for pages that only this QEMU has. Asks the destination for a new
+   * one-shot listener (relocation.recover) and resumes the stream into it (migrate with
+   * resume), with capped backoff until it takes or `deadline` passes (then
+   * MIGRATION_UNRESOLVED: the job's driver goes on trying in the background). Never
+   * resumes the copy here. Returns the attempts it took.
+   */
+  private async recoverPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, deadline: number): Promise<number> {
+    let delay = FINISH_RETRY_FIRST_MS;
+    this.log.warn('post-copy stream broke; recovering', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
+    for (let attempt = 1; ; attempt++) {
+      let why: string;
+      try {
+        const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
+        try {
+          const r = await client.request('relocation.recover', { jobId: j.jobId }, 15000);
+          if (!Number.isInteger(r.dataPort) || r.dataPort < this.host.cfg.relocation.dataPorts[0] || r.dataPort > 65535) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered recover with port ${String(r.dataPort)}`);
+          const back = w.next(['postcopy-active', 'completed', 'failed', 'postcopy-paused'], 15000);
+          back.catch(() => undefined);
+          await q.execute('migrate', { uri: `tcp:${r.dataAddress}:${r.dataPort}`, resume: true });
+          const st = await back;
+          if (st === 'postcopy-paused') throw new FerryError('MIGRATION_FAILED', 'the resumed stream broke again');
+          if (st !== 'failed') {
+            this.log.info('post-copy recovered', { jobId: j.jobId, domain: j.domain, attempts: attempt });
+            return attempt;
+          }
+          why = 'the resumed stream failed';
+        } finally {
+          client.close();
+        }
+      } catch (e) {
+        why = asFerryError(e).message;
+      }
+      if (q.closed) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited while post-copy was paused: the guest on ${j.peer.name} cannot get the pages it had not fetched`);
+      j.waiting = { since: j.waiting?.since ?? Date.now(), attempts: attempt, lastError: `post-copy recovery: ${why}`, nextTryAt: Date.now() + delay };
+      this.host.emit('migration.waiting', { domain: j.domain, jobId: j.jobId, role: 'source', peer: j.peer.name, ...j.waiting });
+      if (attempt === 1 || attempt % 10 === 0) this.log.warn('post-copy recovery failed; trying again', { jobId: j.jobId, attempts: attempt, error: why });
+      if (Date.now() + delay > deadline) throw new FerryError('MIGRATION_UNRESOLVED', `The post-copy stream of "${j.domain}" to ${j.peer.name} broke and is not back yet (${why}): the guest there waits for pages only ${this.host.cfg.name} has. ferryd keeps trying to resume it (never the copy here). Watch: \`ferry job ${j.domain}\``);
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, FINISH_RETRY_CAP_MS);
+    }
   }
 
   /**

@@ -70,6 +70,16 @@ export class MigrationWatcher {
     });
   }
 
+  /** Like `until`, but only a status entered from now on counts (after a command that changes it). */
+  next(want: readonly string[], timeoutMs = 0): Promise<string> {
+    if (this.qmp.closed) return Promise.reject(new Error('QEMU exited (QMP closed) during the migration'));
+    return new Promise((resolve, reject) => {
+      const w: (typeof this.waiters)[number] = { want: new Set(want), resolve, reject };
+      if (timeoutMs > 0) w.timer = setTimeout(() => this.settle(w, new Error(`migration status stayed ${this.status} for ${timeoutMs} ms (waiting for ${want.join('/')})`)), timeoutMs);
+      this.waiters.push(w);
+    });
+  }
+
   get final(): boolean {
     return (FINAL_STATUSES as readonly string[]).includes(this.status);
   }

@@ -7,11 +7,13 @@
  * - a churning 1 GiB Linux guest over a 16 MiB/s link finishes inside --timeout 60 and
  *   a held TCP connection loses nothing;
  * - a guest whose config forbids post-copy never gets it: the plan says so, and a move
- *   that cannot converge is cancelled at its deadline with the guest running on.
+ *   that cannot converge is cancelled at its deadline with the guest running on;
+ * - the link cut for 5 s during post-copy: both QEMUs pause, ferry resumes the stream
+ *   by itself once the link is back, and the guest's memory is whole.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { ok, ferry, labUp, labDown, createGuest, guestStatus, echoClient, waitFor, tmpFile, consoleLog, CHURN_48MIB } from '../helpers.ts';
+import { ok, ferry, labUp, labDown, labState, inNs, createGuest, guestStatus, echoClient, waitFor, tmpFile, consoleLog, CHURN_48MIB } from '../helpers.ts';
 
 async function runsOn(name: string): Promise<string[]> {
   const out: string[] = [];
@@ -111,5 +113,33 @@ describe('convergence autopilot (lab)', () => {
     assert.deepEqual(await runsOn('nopc'), ['host1'], 'the guest runs on where it was');
     const ver = await ok(['lab', 'verify', 'nopc', '--json']);
     assert.equal(ver.ok, true);
+  });
+
+  test('post-copy with the link cut for 5 s: both sides pause, ferry resumes the stream when the link is back, nothing is lost', async () => {
+    await createGuest('pattern', 'pc', 'host1', 512);
+    const run = ferry(['-H', 'host1', 'migrate', 'pc', 'host2', '--live', '--strategy', 'postcopy', '--bandwidth', '64', '--json'], { timeoutMs: 180000 });
+    await waitFor('post-copy', async () => (await ferry(['-H', 'host1', 'job', 'pc', '--json'])).json?.phase === 'postcopy', 60000, 200);
+    await new Promise((res) => setTimeout(res, 1000));
+    // host2 resets every data connection from host1 (the control port stays open): the
+    // source's stream breaks at its next packet, and the destination never hears of it.
+    const [h1] = labState().hosts;
+    const rule = ['INPUT', '-p', 'tcp', '-s', h1.migAddress, '--dport', '49152:49215', '-j', 'REJECT', '--reject-with', 'tcp-reset'];
+    assert.equal(inNs('host2', ['iptables', '-I', ...rule]).code, 0);
+    try {
+      await new Promise((res) => setTimeout(res, 5000));
+    } finally {
+      inNs('host2', ['iptables', '-D', ...rule]);
+    }
+    const r = await run;
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const rep = r.json;
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.equal(rep.strategy, 'postcopy');
+    assert.ok(rep.postcopy.recoveries >= 1, JSON.stringify(rep.postcopy));
+    assert.ok(rep.policy.some((x: string) => /post-copy stream broke and was resumed after \d+ ms/.test(x)), rep.policy.join('\n'));
+    assert.deepEqual(await runsOn('pc'), ['host2']);
+    const v = await ok(['lab', 'verify', 'pc', '--json']);
+    assert.equal(v.ok, true, JSON.stringify(v));
+    assert.deepEqual(await ok(['-H', 'host1', 'list', '--json']).then((l: { name: string }[]) => l.filter((d) => d.name === 'pc')), [], 'nothing of it left on host1');
   });
 });
