@@ -67,9 +67,11 @@ function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<
 
 // ---------------------------------------------------------------- contenders
 
-interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean }
+interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean; postcopy?: boolean }
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
-interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; pauseMs?: number | null; guestDowntimeMs: number | null; reportedGuestDowntimeMs?: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck']; timeline?: Record<string, number> }
+interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; pauseMs?: number | null; guestDowntimeMs: number | null; reportedGuestDowntimeMs?: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck']; timeline?: Record<string, number>;
+  /** ferry: the strategy the move used, the plan's pick, and the plan's predicted total for that strategy against ferryd's own totalMs. */
+  strategy?: string; pick?: string; predictedTotalMs?: number | null; reportTotalMs?: number | null }
 type Measured = Omit<Run, 'totalMs' | 'guestDowntimeMs'>;
 
 interface Guest {
@@ -113,6 +115,8 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
         downtimeMs: rep.downtimeMs ?? null, reportedGuestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
         note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check requested'))].filter(Boolean).join('; ') || undefined,
         memoryCheck: rep.memoryCheck ?? null, timeline: rep.timeline,
+        strategy: rep.strategy, pick: rep.plan?.pick, reportTotalMs: rep.totalMs ?? null,
+        predictedTotalMs: rep.plan?.predictions?.find((x: { strategy: string }) => x.strategy === (rep.strategy === 'suspend' ? 'precopy' : rep.strategy))?.totalMs ?? null,
       };
     },
     destroy: async () => { await ferry(['-H', g.host, 'destroy', name]); await ferry(['-H', g.host, 'delete', name]); },
@@ -306,6 +310,8 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource'];
       // virsh allows --timeout (suspend to finish) only for live migrations.
       if (o.live) a.push('--live', '--timeout', String(o.timeoutS), '--auto-converge');
+      // libvirt's post-copy: switch once the first pre-copy pass is sent.
+      if (o.postcopy) a.push('--postcopy', '--postcopy-after-precopy');
       if (o.tls) a.push('--tls');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       const t0 = Date.now();
@@ -327,7 +333,7 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       return {
         contender: '', outcome, setupMs: null, downtimeMs: num('Total downtime'),
         bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
-        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}` : undefined),
+        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}${o.postcopy ? '; post-copy after the first pass' : ''}` : undefined),
       };
     },
     destroy: async () => {
@@ -343,7 +349,7 @@ function os_tmp(): string { return os.tmpdir(); }
 
 // ---------------------------------------------------------------- scenarios
 
-type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls';
+type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy';
 interface Scenario {
   id: string;
   title: string;
@@ -356,12 +362,16 @@ interface Scenario {
 }
 
 const LIVE: Contender[] = ['ferry', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
+/** Guests that do not converge by pre-copy: ferry's autopilot against libvirt's two answers (suspend at --timeout, post-copy). */
+const NONCONV: Contender[] = ['ferry', 'libvirt-tls', 'libvirt-tls-postcopy'];
 
 const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'smoke-linux-128m-idle', title: 'Linux 128 MiB, idle, live (smoke)', kind: 'linux', memoryMiB: 128, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
 ] : [
   { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
   { id: 'linux-1g-churn', title: 'Linux 1 GiB rewriting 48 MiB in a loop, live', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
+  { id: 'pattern-1g-nonconv', title: 'pattern guest 1 GiB rewriting every page, live, budget 300 ms / 30 s', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: NONCONV, reps: 3 },
+  { id: 'linux-1g-churn-16mib', title: 'Linux 1 GiB rewriting 48 MiB, live over a 16 MiB/s link, budget 300 ms / 60 s', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 60, bandwidthMiBs: 16 }, contenders: NONCONV, reps: 3 },
   { id: 'pattern-512m-offline', title: 'pattern guest 512 MiB (every page non-zero), offline: the stream', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'] },
 ];
 
@@ -408,7 +418,7 @@ async function main(): Promise<void> {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
         // ferry's variants share ferry's guest; libvirt's TLS and plain runs share one.
         guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
-          : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
+          : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? guests['libvirt-tls-postcopy'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
             : (guests.ferry ?? guests['ferry-verify'] ?? await ferryGuest(s.kind, name, s.memoryMiB));
       }
       const uniq = [...new Set(Object.values(guests))];
@@ -427,7 +437,7 @@ async function main(): Promise<void> {
           const probe = g.ip ? externalProbe(g.ip) : undefined;
           if (probe) { await probe.ready; await sleep(300); }
           const t = Date.now();
-          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c === 'libvirt-tls' });
+          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy' });
           const totalMs = Date.now() - t;
           const p = probe ? await probe.stop() : null;
           const run: Run = { ...m, contender: c, totalMs: m.outcome === 'succeeded' ? totalMs : null, guestDowntimeMs: m.outcome === 'succeeded' ? p?.longestGapMs ?? null : null };
@@ -497,7 +507,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
   L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} (machine type ${h.machine}) under ${String(m.accel).toUpperCase()} for every contender, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest and both hosts' work run on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
   L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others\' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI\'s own start-up, the qmp script from starting the destination QEMU to ending the source\'s, `virsh migrate`. *Guest-perceived* is the longest gap in the guest\'s answers to a TCP SYN sent every 1 ms by one probe process in the lab\'s client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU\'s first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it. *Pause*: ferry only, from the source QEMU\'s STOP event to the destination\'s answer that the guest resumed, both on the source host\'s monotonic clock (an upper bound). *Sent*: bytes on the wire.', '');
-  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, auto-converge), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels).', '');
+  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels).', '');
   L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | pause ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|---|');
   for (const a of all) {
     for (const c of a.scenario.contenders) {
@@ -520,6 +530,18 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     if (S['ferry-plain']) parts.push(`secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`);
     parts.push(`ferry setup median ${fmt(S.ferry.setupMs.median)} ms`);
     L.push(`- ${a.scenario.title}: ${parts.join('; ')}`);
+  }
+  // The autopilot's plan against what happened (issue: within ±30 % on the bench scenarios).
+  const planned = all.flatMap((a) => a.runs.filter((r) => r.contender === 'ferry' && r.outcome === 'succeeded' && r.predictedTotalMs && r.reportTotalMs).map((r) => ({ a, r, ratio: r.reportTotalMs! / r.predictedTotalMs! })));
+  if (planned.length) {
+    L.push('', '**Autopilot: plan against actual** (ferry; the plan\'s predicted total for the strategy the move used, against ferryd\'s own `totalMs`; README "Autopilot"):', '', '| scenario | strategies used | runs | actual ÷ predicted, median (min–max) | within ±30 % |', '|---|---|---|---|---|');
+    for (const a of all) {
+      const xs = planned.filter((x) => x.a === a);
+      if (!xs.length) continue;
+      const rs = xs.map((x) => x.ratio);
+      const used = [...new Set(xs.map((x) => x.r.strategy ?? '?'))].join(', ');
+      L.push(`| ${a.scenario.title} | ${used} | ${xs.length} | ${median(rs)!.toFixed(2)} (${Math.min(...rs).toFixed(2)}–${Math.max(...rs).toFixed(2)}) | ${rs.filter((r) => r >= 0.7 && r <= 1.3).length}/${rs.length} |`);
+    }
   }
   const checked = all.flatMap((a) => a.runs.filter((r) => r.memoryCheck).map((r) => ({ a, r, m: r.memoryCheck! })));
   if (checked.length) {
