@@ -17,6 +17,11 @@
  * (SIGSTOP for --freeze-s seconds, then SIGCONT, no restart). Phases that last a few
  * milliseconds are caught by polling the job's record every millisecond; the phase
  * actually seen on each side at injection is recorded with the aim.
+ * With --postcopy N, N rounds of the post-copy fault class: each round moves the guest
+ * with --strategy postcopy and, the moment the source's job is in its post-copy phase
+ * (the guest runs on the destination while the source still holds pages), resets the
+ * data connections or takes the destination's link down for 1–6 s, or kills either
+ * ferryd; the stream must resume by itself and the memory arrive whole.
  * Every round is replayable from (seed, index). Writes reliability/faults-<seed>.json
  * and the fault section of RELIABILITY.md, unless --no-report (CI runs a fixed-seed
  * subset that way). Prints one JSON summary line on stdout; exits 1 if any round failed.
@@ -38,7 +43,9 @@ const COUNT = arg('--count', 20);
 const REPORT = !args.includes('--no-report');
 const DOM = 'fz';
 const FAULTS = ['kill-src-qemu', 'kill-dst-qemu', 'kill-src-ferryd', 'kill-dst-ferryd', 'link-cut', 'packet-loss', 'slow-link', 'disk-full'] as const;
-type Fault = typeof FAULTS[number] | 'freeze-src-ferryd' | 'freeze-dst-ferryd';
+const PC_FAULTS = ['pc-link-reset', 'pc-link-down', 'pc-kill-src-ferryd', 'pc-kill-dst-ferryd'] as const;
+type Fault = typeof FAULTS[number] | typeof PC_FAULTS[number] | 'freeze-src-ferryd' | 'freeze-dst-ferryd';
+const POSTCOPY = arg('--postcopy', 0);
 const AIM = args.includes('--aim');
 const PER_PHASE = arg('--per-phase', 25);
 const FREEZE_S = arg('--freeze-s', 30);
@@ -118,19 +125,21 @@ async function main(): Promise<void> {
     await sleep(1500);
     const uuid = cfg.uuid;
     // Aimed: PER_PHASE rounds per target, then one freeze of each daemon per target.
-    const total = AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT;
+    const total = POSTCOPY ? POSTCOPY : AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT;
     for (let i = 0; i < total; i++) {
-      const target = AIM ? TARGETS[i % TARGETS.length] : undefined;
+      const target = POSTCOPY ? { side: 'source' as const, phase: 'postcopy' } : AIM ? TARGETS[i % TARGETS.length] : undefined;
       const k = Math.floor(i / TARGETS.length);
-      const fault: Fault = AIM && k >= PER_PHASE ? (k === PER_PHASE ? 'freeze-src-ferryd' : 'freeze-dst-ferryd') : FAULTS[Math.floor(rand() * FAULTS.length)];
-      const delayMs = AIM ? 0 : Math.floor(rand() * 3000);
+      const fault: Fault = POSTCOPY ? PC_FAULTS[i % PC_FAULTS.length] : AIM && k >= PER_PHASE ? (k === PER_PHASE ? 'freeze-src-ferryd' : 'freeze-dst-ferryd') : FAULTS[Math.floor(rand() * FAULTS.length)];
+      // Post-copy rounds: how long the link stays cut.
+      const delayMs = POSTCOPY ? 1000 + Math.floor(rand() * 5000) : AIM ? 0 : Math.floor(rand() * 3000);
       const from = record('host1')?.state?.pid && alive(record('host1').state.pid) ? 'host1' : 'host2';
       const to = from === 'host1' ? 'host2' : 'host1';
       const problems: string[] = [];
       const since = Date.now();
       // The source's switchover lasts a millisecond or two unless the memory check runs in it.
       const check = target?.side === 'source' && target.phase === 'switchover' ? ['--verify-memory'] : [];
-      const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', '--bandwidth', '24', '--max-downtime', '3000', '--timeout', '30', ...check, '--json'], 150000);
+      const pc = POSTCOPY ? ['--strategy', 'postcopy', '--bandwidth', '12'] : ['--bandwidth', '24'];
+      const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', ...pc, '--max-downtime', '3000', '--timeout', '30', ...check, '--json'], 150000);
       let aim: Round['aim'];
       if (target) {
         const hit = await reached(target.side === 'source' ? from : to, target.side, target.phase, since);
@@ -182,9 +191,19 @@ async function main(): Promise<void> {
           try { process.kill(pid, 'SIGCONT'); } catch { /* gone */ }
           break;
         }
+        case 'pc-link-reset': {
+          // The destination resets every data connection from the source: the stream breaks at its next packet.
+          const rule = ['INPUT', '-p', 'tcp', '-s', hostOf(from).migAddress, '--dport', '49152:49215', '-j', 'REJECT', '--reject-with', 'tcp-reset'];
+          sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', ...rule]);
+          undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', ...rule]));
+          break;
+        }
+        case 'pc-link-down': { const dev = `h${hostIndex(to)}s0`; sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']); undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up'])); break; }
+        case 'pc-kill-src-ferryd': try { process.kill(hostOf(from).pid, 'SIGKILL'); } catch { /* gone */ } break;
+        case 'pc-kill-dst-ferryd': try { process.kill(hostOf(to).pid, 'SIGKILL'); } catch { /* gone */ } break;
         case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'mig0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'mig0', 'root'])); break; }
       }
-      if (undo.length) { await sleep(4000); for (const u of undo) u(); }
+      if (undo.length) { await sleep(POSTCOPY ? delayMs : 4000); for (const u of undo) u(); }
       await sleep(1000);
       await restartIfDown();
       const r = await mig;
@@ -240,13 +259,13 @@ async function main(): Promise<void> {
   }
   const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), engine, rounds };
   if (REPORT) {
-    fs.writeFileSync(path.join(ROOT, 'reliability', AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
+    fs.writeFileSync(path.join(ROOT, 'reliability', POSTCOPY ? `faults-postcopy-${SEED}.json` : AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
     writeReport();
   }
   const failed = rounds.filter((r) => !r.survived);
   process.stderr.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
   process.stdout.write(JSON.stringify({ seed: SEED, injected: rounds.length, survived: rounds.length - failed.length, failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })), faults: rounds.map((r) => r.fault), outcomes: rounds.map((r) => r.code ?? r.outcome) }) + '\n');
-  if (failed.length || rounds.length < (AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT)) process.exitCode = 1;
+  if (failed.length || rounds.length < (POSTCOPY ? POSTCOPY : AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT)) process.exitCode = 1;
 }
 
 /** RELIABILITY.md's fault section, from every reliability/faults-*.json on disk. */
@@ -275,6 +294,13 @@ function writeReport(): void {
     });
     L.push('### Aimed by phase', '', `\`npm run faults -- --aim --per-phase N\` (${aimedFiles.join(', ')}): each fault lands the moment the chosen side's job reaches the phase; *hit* counts the rounds where the record showed exactly that phase at injection (a phase of a few milliseconds can pass between two looks: those rounds still count, with the phase actually seen recorded in the file). Each phase also gets a freeze of each daemon (SIGSTOP for ${FREEZE_S} s, then SIGCONT, no restart). **${aimed.length} faults, ${aimed.filter((r) => r.survived).length} survived.**`, '',
       '| side | phase | injected | hit | of them freezes | survived |', '|---|---|---|---|---|---|', ...rows, '');
+  }
+  const pcFiles = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-postcopy-\d+\.json$/.test(f));
+  const pcRounds: Round[] = pcFiles.flatMap((f) => JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')).rounds as Round[]);
+  if (pcRounds.length) {
+    L.push('### Post-copy', '', `\`npm run faults -- --postcopy N\` (${pcFiles.join(', ')}): each round moves the guest with \`--strategy postcopy\` and, the moment the source's job is in its post-copy phase (the guest runs on the destination, pages still on the source), resets the data connections or takes the destination's link down for 1–6 s, or kills a ferryd. **${pcRounds.length} faults, ${pcRounds.filter((r) => r.survived).length} survived**; the memory checker ran on the running copy after every round.`, '',
+      '| fault | injected | hit the post-copy phase | survived | outcomes |', '|---|---|---|---|---|',
+      ...PC_FAULTS.map((f) => { const rs = pcRounds.filter((r) => r.fault === f); const oc = new Map<string, number>(); for (const r of rs) oc.set(r.code ?? r.outcome, (oc.get(r.code ?? r.outcome) ?? 0) + 1); return `| ${f} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${rs.filter((r) => r.survived).length} | ${[...oc].map(([k, v]) => `${k} ${v}`).join(', ')} |`; }), '');
   }
   const checked = all.filter((r) => r.repairedBytes !== undefined);
   if (checked.length) {

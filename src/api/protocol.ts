@@ -169,6 +169,10 @@ export interface Report {
   phase: string;
   /** ms since the request at which each step ended (connected, begun, prepared, firstByte, …, sourceClean). */
   timeline?: Record<string, number>;
+  /** From the destination's word that the guest resumed to the guest's first answer on its address from the source's side of its segment; null where it has no known address or did not answer. */
+  networkHandoverMs?: number | null;
+  /** What succeeded but needs a look (a guest that did not answer on its address after the move). */
+  warnings?: string[];
   /** The autopilot's plan for a live move (migration/plan.ts): what it measured, picked and predicted. */
   plan?: PlanView | null;
   /** How the move went in the end: precopy, auto-converge, multifd, postcopy or offline. */
@@ -184,7 +188,7 @@ export interface PredictionView { strategy: string; totalMs: number | null; paus
 /** What `ferry migrate --plan` prints, and a live move's report keeps. */
 export interface PlanView {
   domain: string; destination: string;
-  ramBytes: number; dirtyRateMBps: number | null; dirtyRateFrom: string; linkMBps: number; linkFrom: string;
+  ramBytes: number; touchedBytes: number | null; dirtyRateMBps: number | null; dirtyRateFrom: string; linkMBps: number; linkFrom: string;
   maxDowntimeMs: number; timeoutS: number; spareCores: number; postcopyAllowed: boolean; strategy: string; onTimeout: string;
   pick: string; reason: string; predictions: PredictionView[];
 }

@@ -33,6 +33,8 @@ export function printReport(r: Report): void {
     ['outcome', r.outcome], ['mode', r.mode], ['domain', r.domain], ['from → to', `${r.source} → ${r.destination}`],
     ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP → resumed there)', ms(r.pauseMs)],
   ];
+  if (r.networkHandoverMs !== undefined) rows.push(['network handover', r.networkHandoverMs === null ? '-' : `${r.networkHandoverMs} ms (the guest's first answer on its address after it resumed there)`]);
+  for (const w of r.warnings ?? []) rows.push(['WARNING', w]);
   if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
   if (r.memoryCheck) {
     const m = r.memoryCheck;
@@ -54,7 +56,7 @@ export function printReport(r: Report): void {
 /** `ferry migrate --plan`: each strategy's predicted cost, and the pick. */
 export function printPlan(v: PlanView): void {
   const ms = (x: number | null): string => (x === null ? 'never' : x < 10000 ? `${x} ms` : `${(x / 1000).toFixed(1)} s`);
-  process.stdout.write(`Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s\n\n`);
+  process.stdout.write(`Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM${v.touchedBytes !== null ? ` (${fmtBytes(v.touchedBytes)} touched)` : ''}, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s\n\n`);
   const rows: (string | number)[][] = [['Strategy', 'Total', 'Pause', 'Sent', 'Fits', 'Note']];
   for (const p of v.predictions) rows.push([p.strategy === v.pick ? `${p.strategy} *` : p.strategy, ms(p.totalMs), ms(p.pauseMs), p.bytes === null ? '-' : fmtBytes(p.bytes), p.fitsBudget ? 'yes' : 'no', p.note]);
   process.stdout.write(table(rows, ['l', 'r', 'r', 'r', 'l', 'l']));

@@ -61,6 +61,7 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
+  touchedMiB(live: Live): number | null { const s = live.rec.state; return hasProcess(s) ? rssMiB(s.pid) : null; }
 
   get runDir(): string { return this.runtime.runDir; }
 

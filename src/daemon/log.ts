@@ -1,63 +1,87 @@
 /**
- * Structured logs: one JSON object per line in STATE_DIR/ferryd.log, rotated by size
- * (ferryd.log.1 … .KEEP), so that a chatty guest or a refusal flood cannot fill the
- * disk that also holds domain and job state.
+ * Structured logs through pino: one JSON object per line in STATE_DIR/ferryd.log
+ * ({ts, level, msg, …fields}), with levels (debug lines, such as every QMP event, stay
+ * off unless ferryd.json says "logLevel": "debug").
+ *
+ * pino formats; the sink below is ferry's own, because ferryd.log must rotate by size
+ * (ferryd.log.1 … .KEEP), so that a chatty guest or a refusal flood cannot fill the disk
+ * that also holds domain and job state, and a full disk must drop lines (counted, and
+ * said once there is room) rather than fail the action that logged. pino writes to it
+ * synchronously, line by line.
  */
 import fs from 'node:fs';
+import pino from 'pino';
 
 export type Level = 'debug' | 'info' | 'warn' | 'error';
 export const LEVELS: readonly Level[] = ['debug', 'info', 'warn', 'error'];
 
-export class Logger {
+/** A size-rotated append-only file that never throws. */
+class RotatingSink {
+  private fd: number | undefined;
+  private size = 0;
   /** Lines a full disk refused; logging must never be the thing that fails an action. */
-  private dropped = { n: 0 };
-  /** Shared with child loggers (they are prototypes of this one). */
-  private out = { fd: undefined as number | undefined, size: 0 };
-  /**
-   * `level`: the lowest level written. Debug lines (every QMP event, for one) stay out
-   * unless ferryd.json says "logLevel": "debug".
-   */
-  constructor(readonly file: string | undefined, private readonly base: Record<string, unknown> = {}, private readonly echo = false, private readonly rotate = { maxBytes: 16 * 1048576, keep: 3 }, private readonly level: Level = 'info') {
+  private dropped = 0;
+
+  constructor(private readonly file: string | undefined, private readonly rotate: { maxBytes: number; keep: number }, private readonly echo: boolean) {
     if (file) this.open();
   }
+
   private open(): void {
-    this.out.fd = fs.openSync(this.file!, 'a', 0o600);
-    this.out.size = fs.fstatSync(this.out.fd).size;
+    this.fd = fs.openSync(this.file!, 'a', 0o600);
+    this.size = fs.fstatSync(this.fd).size;
   }
+
   private rotateNow(): void {
     const f = this.file!;
-    try { fs.closeSync(this.out.fd!); } catch { /* closed */ }
+    try { fs.closeSync(this.fd!); } catch { /* closed */ }
     for (let i = this.rotate.keep; i >= 1; i--) {
       try { if (i === this.rotate.keep) fs.rmSync(`${f}.${i}`, { force: true }); else fs.renameSync(`${f}.${i}`, `${f}.${i + 1}`); } catch { /* absent */ }
     }
     try { fs.renameSync(f, `${f}.1`); } catch { /* absent */ }
     this.open();
   }
-  child(fields: Record<string, unknown>): Logger {
-    const l = Object.create(this) as Logger;
-    (l as unknown as { base: Record<string, unknown> }).base = { ...this.base, ...fields };
-    return l;
-  }
-  log(level: Level, msg: string, fields: Record<string, unknown> = {}): void {
-    if (LEVELS.indexOf(level) < LEVELS.indexOf(this.level)) return;
-    const line = JSON.stringify({ ts: new Date().toISOString(), level, msg, ...this.base, ...fields }) + '\n';
-    if (this.out.fd !== undefined) {
+
+  write(line: string): void {
+    if (this.fd !== undefined) {
       try {
-        if (this.out.size + line.length > this.rotate.maxBytes) this.rotateNow();
-        if (this.dropped.n) {
-          const l = JSON.stringify({ ts: new Date().toISOString(), level: 'warn', msg: 'log lines dropped: the disk was full', count: this.dropped.n, ...this.base }) + '\n';
-          this.out.size += fs.writeSync(this.out.fd, l);
-          this.dropped.n = 0;
+        if (this.size + Buffer.byteLength(line) > this.rotate.maxBytes) this.rotateNow();
+        if (this.dropped) {
+          const l = JSON.stringify({ ts: new Date().toISOString(), level: 'warn', msg: 'log lines dropped: the disk was full', count: this.dropped }) + '\n';
+          this.size += fs.writeSync(this.fd, l);
+          this.dropped = 0;
         }
-        this.out.size += fs.writeSync(this.out.fd, line);
+        this.size += fs.writeSync(this.fd, line);
       } catch {
-        this.dropped.n++;
+        this.dropped++;
       }
     }
-    if (this.echo || (level === 'error' && this.out.fd === undefined)) process.stderr.write(line);
+    // Without a file, errors still reach someone.
+    if (this.echo || (this.fd === undefined && line.includes('"level":"error"'))) process.stderr.write(line);
   }
-  debug(msg: string, f?: Record<string, unknown>): void { this.log('debug', msg, f); }
-  info(msg: string, f?: Record<string, unknown>): void { this.log('info', msg, f); }
-  warn(msg: string, f?: Record<string, unknown>): void { this.log('warn', msg, f); }
-  error(msg: string, f?: Record<string, unknown>): void { this.log('error', msg, f); }
+}
+
+export class Logger {
+  private readonly p: pino.Logger;
+
+  /** `level`: the lowest level written. */
+  constructor(readonly file: string | undefined, base: Record<string, unknown> = {}, echo = false, rotate = { maxBytes: 16 * 1048576, keep: 3 }, level: Level = 'info', from?: pino.Logger) {
+    this.p = from ?? pino({
+      level,
+      base: Object.keys(base).length ? base : undefined,
+      messageKey: 'msg',
+      timestamp: () => `,"ts":"${new Date().toISOString()}"`,
+      formatters: { level: (label) => ({ level: label }) },
+    }, new RotatingSink(file, rotate, echo));
+  }
+
+  /** A logger that adds `fields` to every line; it shares the file and its rotation. */
+  child(fields: Record<string, unknown>): Logger {
+    return new Logger(this.file, {}, false, undefined, undefined, this.p.child(fields));
+  }
+
+  log(level: Level, msg: string, fields: Record<string, unknown> = {}): void { this.p[level](fields, msg); }
+  debug(msg: string, f?: Record<string, unknown>): void { this.p.debug(f ?? {}, msg); }
+  info(msg: string, f?: Record<string, unknown>): void { this.p.info(f ?? {}, msg); }
+  warn(msg: string, f?: Record<string, unknown>): void { this.p.warn(f ?? {}, msg); }
+  error(msg: string, f?: Record<string, unknown>): void { this.p.error(f ?? {}, msg); }
 }

@@ -72,6 +72,13 @@ export class GuestProbe {
     });
   }
 
+  /** performance.now() of the first reply after `t`, or null if none came yet. */
+  firstReplyAfter(t: number): number | null {
+    let best: number | null = null;
+    for (const r of this.replies) if (r > t && (best === null || r < best)) best = r;
+    return best;
+  }
+
   /** Stops probing (after waiting `settleMs` for late replies) and reports. */
   async stop(settleMs = 20): Promise<ProbeResult> {
     if (this.timer) clearInterval(this.timer);

@@ -57,3 +57,13 @@ test('plan: the ETA of a pre-copy in flight shrinks as it converges, and is infi
   assert.ok(a > b && b > 0);
   assert.equal(precopyEtaS(512 * MiB, 400 * MiB, 300 * MiB, 300), Infinity);
 });
+
+test('plan: untouched RAM is scanned, not sent: a mostly empty guest over a slow link is predicted by what it touched', () => {
+  const p = predict({ ...base, linkBytesPerS: 16 * MiB, touchedBytes: 160 * MiB, dirtyBytesPerS: 0.5 * MiB });
+  const pre = p.find((x) => x.strategy === 'precopy')!;
+  assert.ok(pre.converges);
+  assert.ok(pre.totalS > 9 && pre.totalS < 12, `total ${pre.totalS}`);
+  assert.ok(pre.bytes < 200 * MiB);
+  const full = predict({ ...base, linkBytesPerS: 16 * MiB, dirtyBytesPerS: 0.5 * MiB }).find((x) => x.strategy === 'precopy')!;
+  assert.ok(full.totalS > 60, 'all of RAM at 16 MiB/s takes a minute');
+});

@@ -21,6 +21,11 @@ export type OnTimeout = 'cancel' | 'suspend' | 'postcopy';
 
 export interface PlanInput {
   ramBytes: number;
+  /**
+   * RAM the guest has touched (its QEMU's resident memory, at most ramBytes): pages never
+   * touched are zero and cost QEMU a scan, not a send. Absent: all of it.
+   */
+  touchedBytes?: number;
   /** Bytes the guest dirties per second (calc-dirty-rate). */
   dirtyBytesPerS: number;
   /** What the link carries per second for this move (after --bandwidth). */
@@ -65,14 +70,23 @@ export const FIXED_PAUSE_MS = 40;
 const MAX_PASSES = 30;
 /** What a second multifd channel adds on these machines (TLS, 2 channels: 3.8–4.0 against 2.3–2.5 Gbit/s). */
 const MULTIFD_GAIN = 1.6;
+/** How fast QEMU scans zero pages it need not send (a marker each). */
+const ZERO_SCAN_BYTES_PER_S = 4e9;
+
+/** The first pass: what has to be sent, and the time it takes with the zero pages' scan. */
+function firstPass(i: PlanInput, b: number): { bytes: number; s: number } {
+  const sent = Math.min(i.ramBytes, i.touchedBytes ?? i.ramBytes);
+  return { bytes: sent, s: sent / b + (i.ramBytes - sent) / ZERO_SCAN_BYTES_PER_S };
+}
 
 function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, 'strategy' | 'fitsBudget' | 'note'> {
-  let x = i.ramBytes;
+  const fp = firstPass(i, b);
+  let x = fp.bytes;
   let total = 0;
   let bytes = 0;
   let pct = 0;
   for (let pass = 1; pass <= MAX_PASSES; pass++) {
-    const t = x / b;
+    const t = pass === 1 ? fp.s : x / b;
     if (t * 1000 <= i.maxDowntimeMs && pass > 1) {
       return { totalS: total + t, pauseMs: Math.round(t * 1000 + FIXED_PAUSE_MS), bytes: bytes + x, passes: pass, converges: true };
     }
@@ -102,14 +116,15 @@ export function predict(i: PlanInput): Prediction[] {
     out.push({ strategy: 'multifd', totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: 0, converges: false, fitsBudget: false, note: `needs 2 spare cores; this host has ${i.spareCores}` });
   }
   if (i.postcopyAllowed) {
-    const first = i.ramBytes / b;
-    const rest = Math.min(i.ramBytes, i.dirtyBytesPerS * first);
-    const pc = { totalS: first + rest / b, pauseMs: FIXED_PAUSE_MS, bytes: i.ramBytes + rest, passes: 1, converges: true };
+    const fp = firstPass(i, b);
+    const rest = Math.min(i.ramBytes, i.dirtyBytesPerS * fp.s);
+    const pc = { totalS: fp.s + rest / b, pauseMs: FIXED_PAUSE_MS, bytes: fp.bytes + rest, passes: 1, converges: true };
     out.push({ strategy: 'postcopy', ...pc, fitsBudget: fits(pc), note: `one pre-copy pass, then the guest runs on the destination for ${(rest / b).toFixed(1)} s while ${mb(rest)} are fetched: losing either host in that window loses the guest` });
   } else {
     out.push({ strategy: 'postcopy', totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: 0, converges: false, fitsBudget: false, note: 'forbidden by the domain\'s config ("postcopy": false)' });
   }
-  const off = { totalS: i.ramBytes / b, pauseMs: Math.round((i.ramBytes / b) * 1000 + FIXED_PAUSE_MS), bytes: i.ramBytes, passes: 1, converges: true };
+  const ofp = firstPass(i, b);
+  const off = { totalS: ofp.s, pauseMs: Math.round(ofp.s * 1000 + FIXED_PAUSE_MS), bytes: ofp.bytes, passes: 1, converges: true };
   out.push({ strategy: 'offline', ...off, fitsBudget: fits(off), note: 'the guest is stopped for the whole copy' });
   return out;
 }

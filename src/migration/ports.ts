@@ -59,6 +59,8 @@ export interface MigrationHost {
   domainNames(): string[];
   domainUuids(): string[];
   memoryFacts(): { freeMiB: number; freeWhy: string };
+  /** MiB of the domain's QEMU resident in host memory (what its guest touched, roughly), or null. */
+  touchedMiB(d: DomainHandle): number | null;
   /** Can an incoming QEMU here take a post-copy stream (userfaultfd), and if not, why. */
   postcopyIncoming(): { ok: boolean; why: string };
   /** Refuses paths outside the storage pools, symlinks and missing files. */

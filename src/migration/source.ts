@@ -175,8 +175,13 @@ export class Source {
   }
 
   /** Refusals before a job exists are thrown; after that the answer is the job's report. */
-  async start(p: StartParams): Promise<Report> {
+  async start(params: StartParams): Promise<Report> {
     const t0 = Date.now();
+    // Multifd where it helps and nothing is lost by it: a large guest, two spare cores, and
+    // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
+    const autoParallel = params.parallel === undefined && params.live && !this.host.find(params.domain)?.rec.config.postcopy
+      && (this.host.find(params.domain)?.rec.config.memoryMiB ?? 0) >= 2048 && this.spareCores() >= 2 ? 2 : undefined;
+    const p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
     const h = this.host;
     const live = h.get(p.domain);
     // A finished incoming job only waits for its source's Confirm: the guest runs here.
@@ -191,6 +196,7 @@ export class Source {
     const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
     const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
     const policy: string[] = [];
+    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${this.host.find(p.domain)?.rec.config.memoryMiB} MiB of RAM, ${this.spareCores()} spare cores, and post-copy forbidden by the domain's config`);
     // When each step ended, in ms since the request: where the time before the first byte goes.
     const timeline: Record<string, number> = {};
     const mark = (k: string): void => { timeline[k] = Date.now() - t0; };
@@ -374,8 +380,13 @@ export class Source {
       // totalMs ends here: the guest runs on the destination and the source is clean.
       stats.totalMs = Date.now() - t0;
       if (probe) {
-        // The gap ends with the guest's first answer from its new host.
-        await probe.waitForReplyAfter(performance.now(), 10000);
+        // The gap ends with the guest's first answer from its new host; the network
+        // handover, from the destination's word that the guest resumed to that answer.
+        const resumedAt = fin.answeredAt ?? performance.now();
+        const answered = await probe.waitForReplyAfter(Math.max(resumedAt, performance.now() - 1), 10000);
+        const first = probe.firstReplyAfter(resumedAt);
+        stats.networkHandoverMs = first !== null ? Math.round(first - resumedAt) : null;
+        if (!answered && first === null) stats.warnings = [...(stats.warnings ?? []), `the guest did not answer at ${ip} from ${h.cfg.name}'s side of its segment within 10 s of resuming on ${peer.name}: its network may not have followed it (check the segment, the bridge and the guest)`];
         const g = await probe.stop();
         probe = undefined;
         stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
@@ -481,8 +492,9 @@ export class Source {
     const dirty = await this.dirtyRate(q);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = live.rec.config;
+    const touched = this.host.touchedMiB(live);
     const input = {
-      ramBytes: c.memoryMiB * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
+      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB, touched) * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };
@@ -495,7 +507,7 @@ export class Source {
     const i = pl.input;
     const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
     const view: PlanView = {
-      domain, destination: peer, ramBytes: i.ramBytes, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
+      domain, destination: peer, ramBytes: i.ramBytes, touchedBytes: i.touchedBytes ?? null, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
       dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
       linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1), linkFrom: i.linkFrom, maxDowntimeMs: i.maxDowntimeMs, timeoutS: i.timeoutS,
       spareCores: i.spareCores, postcopyAllowed: i.postcopyAllowed, strategy: i.strategy, onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),

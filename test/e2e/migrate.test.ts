@@ -49,6 +49,10 @@ describe('migration (lab, real guests)', () => {
     assert.equal(typeof rep.guestDowntimeMs, 'number', JSON.stringify(rep));
     assert.ok(rep.guestDowntimeMs > 0 && rep.guestDowntimeMs < 5000, `guest-perceived ${rep.guestDowntimeMs} ms`);
     assert.match(rep.guestProbe, /TCP SYN to 198\.18\.0\.\d+:9 every 1 ms/);
+    // the network followed the guest: it answered on its address soon after resuming there
+    assert.equal(typeof rep.networkHandoverMs, 'number', JSON.stringify(rep));
+    assert.ok(rep.networkHandoverMs >= 0 && rep.networkHandoverMs < 5000, `handover ${rep.networkHandoverMs} ms`);
+    assert.equal(rep.warnings, undefined);
     assert.equal(typeof rep.pauseMs, 'number');
     // where the time went, in order, ending with the source cleaned up
     const tl = rep.timeline;
