@@ -54,6 +54,9 @@ sleep 1
 before=$(ip netns exec ferry-client node test/tools/http-get.mjs "$ip")
 echo "status before: $before"
 
+step "ferry -H host1 migrate web host2 --plan   (the autopilot measures and predicts; nothing moves)"
+ferry -H host1 migrate web host2 --plan
+
 step "ferry -H host1 migrate web host2 --live"
 ferry -H host1 migrate web host2 --live
 

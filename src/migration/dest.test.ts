@@ -212,3 +212,28 @@ test('destination: a restart in finished confirms without the source; a settled 
     assert.equal(again.job().history.length, n, 'a confirmed job is not driven again');
   } finally { r.done(); }
 });
+
+test('destination: Begin offering post-copy sets it up for the stream; recover is refused where there is nothing to recover', async () => {
+  const r = await rig();
+  try {
+    const code0 = await code(r.dest.begin({
+      version: PROTOCOL_VERSION, jobId: crypto.randomUUID(), mode: 'offline', insecure: false, parallel: 1, postcopy: true,
+      peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
+      domain: { config: { name: 'other', memory: 64, boot: { kernel: '/nonexistent' } }, fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+    }, r.ctx));
+    assert.equal(code0, 'MIGRATION_PROTOCOL', 'post-copy only for a live move');
+    // A live Begin with post-copy: the answer says the destination takes it.
+    const { dest, ctx, jobId } = r;
+    const b = await dest.begin({
+      version: PROTOCOL_VERSION, jobId, mode: 'live', insecure: false, parallel: 1, postcopy: true,
+      peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
+      domain: { config: domainConfigToJson(parseDomainConfig({ name: 'web', memory: 256, boot: { kernel: path.join(r.host.runDir, 'vmlinux') } })), fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+    }, ctx);
+    assert.equal(b.postcopy, true);
+    await dest.prepare({ jobId }, ctx);
+    assert.ok(r.qemu.seen.includes('migrate-set-capabilities'));
+    // Not finished yet: nothing to recover.
+    assert.equal(await code(dest.recover({ jobId }, ctx)), 'MIGRATION_ILLEGAL_PHASE');
+    await dest.abandon({ jobId }, ctx);
+  } finally { r.done(); }
+});
