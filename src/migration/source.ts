@@ -36,18 +36,21 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
-import { MAX_REPAIR_BYTES, type Progress, type CancelResult, type ResolveResult, type PlanView } from '../api/protocol.ts';
-import os from 'node:os';
+import { type Progress, type CancelResult, type ResolveResult, type PlanView } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { dirtyTrackingUnreliable, differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
+import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
-import { plan as makePlan, precopyEtaS, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
+import { plan as makePlan, precopyEtaS, type StrategyChoice, type OnTimeout } from './plan.ts';
+import { Planner, DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S } from './autopilot.ts';
+import { MemoryCheck } from './memcheck.ts';
+
+
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 
 export interface StartParams {
@@ -70,14 +73,7 @@ export interface StartParams {
   onTimeout?: OnTimeout;
 }
 
-/** How long calc-dirty-rate samples the guest before a live move (it runs while Begin does). */
-export const DIRTY_SAMPLE_MS = 500;
-/** What a link is assumed to carry before any move to that peer was measured (QEMU 10 here: TLS 2.3–5, plain 10–20 Gbit/s). */
-export const ASSUMED_TLS_BYTES_PER_S = 250e6;
-export const ASSUMED_PLAIN_BYTES_PER_S = 1000e6;
 
-export const DEFAULT_MAX_DOWNTIME_MS = 300;
-export const DEFAULT_TIMEOUT_S = 600;
 /** QEMU's default max-bandwidth is 128 MiB/s; "unlimited" has to be said explicitly. */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
 /**
@@ -118,7 +114,15 @@ export class Source {
   /** Jobs past the point of no return being settled in the background (driveFinish). */
   private driving = new Map<string, Promise<void>>();
 
-  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {}
+  /** The autopilot's measurements and plan (autopilot.ts). */
+  readonly planner: Planner;
+  /** --verify-memory (memcheck.ts). */
+  private readonly memcheck: MemoryCheck;
+
+  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {
+    this.planner = new Planner(host, store, log);
+    this.memcheck = new MemoryCheck(host, log);
+  }
 
   /**
    * Moves the job to its next phase and persists it. A phase that leads to a step
@@ -180,7 +184,7 @@ export class Source {
     // Multifd where it helps and nothing is lost by it: a large guest, two spare cores, and
     // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
     const autoParallel = params.parallel === undefined && params.live && !this.host.find(params.domain)?.rec.config.postcopy
-      && (this.host.find(params.domain)?.rec.config.memoryMiB ?? 0) >= 2048 && this.spareCores() >= 2 ? 2 : undefined;
+      && (this.host.find(params.domain)?.rec.config.memoryMiB ?? 0) >= 2048 && this.planner.spareCores() >= 2 ? 2 : undefined;
     const p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
     const h = this.host;
     const live = h.get(p.domain);
@@ -196,7 +200,7 @@ export class Source {
     const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
     const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
     const policy: string[] = [];
-    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${this.host.find(p.domain)?.rec.config.memoryMiB} MiB of RAM, ${this.spareCores()} spare cores, and post-copy forbidden by the domain's config`);
+    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${this.host.find(p.domain)?.rec.config.memoryMiB} MiB of RAM, ${this.planner.spareCores()} spare cores, and post-copy forbidden by the domain's config`);
     // When each step ended, in ms since the request: where the time before the first byte goes.
     const timeline: Record<string, number> = {};
     const mark = (k: string): void => { timeline[k] = Date.now() - t0; };
@@ -234,7 +238,7 @@ export class Source {
       // stream, so it is offered whenever the guest's config and the rules allow it;
       // whether the move switches is decided as it goes.
       const postcopyWanted = mode === 'live' && live.rec.config.postcopy && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
-      const planP = mode === 'live' && q ? this.planFor(live, q, peer.name, p) : undefined;
+      const planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
       planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
       const markers = writeStorageMarkers(live.rec.config, j.jobId);
@@ -288,7 +292,7 @@ export class Source {
           let pl = pl0;
           if (!postcopyOn && pl.plan.input.postcopyAllowed) {
             // The destination cannot take post-copy: the plan without it.
-            pl = this.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.view.dirtyRateMBps * 1e6, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
+            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.view.dirtyRateMBps * 1e6, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
           }
           stats.plan = pl.view;
           auto.pick = pl.plan.pick;
@@ -328,7 +332,7 @@ export class Source {
         const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
         policy.push(p.verifyMemory ? `memory check requested: ${how}`
           : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
-        stats.memoryCheck = await this.verifyMemory(j, client, live, mode, unreliable);
+        stats.memoryCheck = await this.memcheck.verify(j, client, live, mode, unreliable);
       } else if (mode === 'live' && unreliable) {
         policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
       }
@@ -445,78 +449,6 @@ export class Source {
     return r;
   }
 
-  /**
-   * The guest's dirty rate, measured by QEMU's calc-dirty-rate (page sampling: it hashes
-   * 512 sampled pages per GiB at both ends of the window; works under TCG). QEMU emits
-   * no event for its end, so it is asked once after the window. Bytes/s, or null.
-   */
-  async dirtyRate(q: QmpClient, ms = DIRTY_SAMPLE_MS): Promise<number | null> {
-    try {
-      await q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
-      await new Promise((r) => setTimeout(r, ms + 20));
-      for (let i = 0; i < 40; i++) {
-        const r = await q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
-        if (r.status === 'measured') return (r['dirty-rate'] ?? 0) * 1048576;
-        await new Promise((res) => setTimeout(res, 25));
-      }
-    } catch (e) {
-      this.log.warn('dirty rate not measured', { error: String(e) });
-    }
-    return null;
-  }
-
-  /**
-   * What the link to `peer` carries: the median throughput of the last successful moves
-   * there with the same encryption (their reports), else an assumption said as such;
-   * --bandwidth caps it.
-   */
-  linkEstimate(peer: string, encrypted: boolean, capMiBs?: number): { bytesPerS: number; from: string } {
-    const rates = [...this.store.jobs.values()]
-      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576)
-      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map((j) => j.report!.throughputMBps * 1e6).sort((a, b) => a - b);
-    let est = rates.length ? { bytesPerS: rates[Math.floor(rates.length / 2)], from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}` }
-      : { bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S, from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured` };
-    if (capMiBs && capMiBs * 1048576 < est.bytesPerS) est = { bytesPerS: capMiBs * 1048576, from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})` };
-    return est;
-  }
-
-  /** Cores not taken by the vCPUs of this host's running domains (multifd needs spare ones). */
-  private spareCores(): number {
-    let busy = 0;
-    for (const n of this.host.domainNames()) { const d = this.host.find(n); if (d && hasProcess(d.rec.state)) busy += d.rec.config.vcpus; }
-    return Math.max(0, os.cpus().length - busy);
-  }
-
-  /** The autopilot's plan for moving `live` to `peer` live: measured, modelled, picked. */
-  async planFor(live: Live, q: QmpClient, peer: string, p: Pick<StartParams, 'bandwidthMiBs' | 'maxDowntimeMs' | 'timeoutS' | 'insecure' | 'parallel' | 'strategy' | 'onTimeout'>): Promise<{ plan: Plan; view: PlanView }> {
-    const dirty = await this.dirtyRate(q);
-    const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
-    const c = live.rec.config;
-    const touched = this.host.touchedMiB(live);
-    const input = {
-      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB, touched) * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
-      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
-      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
-    };
-    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config') : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
-    return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
-  }
-
-  /** The plan as the API shows it; `why` says why post-copy is not on the table, if it is not. */
-  planView(pl: Plan, domain: string, peer: string, dirty: number | null, onTimeout: OnTimeout | undefined, why?: string): { plan: Plan; view: PlanView } {
-    const i = pl.input;
-    const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
-    const view: PlanView = {
-      domain, destination: peer, ramBytes: i.ramBytes, touchedBytes: i.touchedBytes ?? null, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
-      dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
-      linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1), linkFrom: i.linkFrom, maxDowntimeMs: i.maxDowntimeMs, timeoutS: i.timeoutS,
-      spareCores: i.spareCores, postcopyAllowed: i.postcopyAllowed, strategy: i.strategy, onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
-      pick: pl.pick, reason: pl.reason + (why ? `; ${why}` : ''),
-      predictions: pl.predictions.map((x) => ({ strategy: x.strategy, totalMs: ms(x.totalS), pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null, bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null, passes: x.passes, converges: x.converges, fitsBudget: x.fitsBudget, note: x.note })),
-    };
-    return { plan: pl, view };
-  }
-
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
   async planOnly(p: StartParams): Promise<PlanView> {
     const live = this.host.get(p.domain);
@@ -526,7 +458,7 @@ export class Source {
     const { client, peer } = await this.connectPeer(p.dest);
     client.close();
     if (peer.name === this.host.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
-    return (await this.planFor(live, live.qmp, peer.name, p)).view;
+    return (await this.planner.planFor(live, live.qmp, peer.name, p)).view;
   }
 
   /** A firewall that drops the data port makes connect hang: give up in 3 s and name the range. */
@@ -582,81 +514,6 @@ export class Source {
     ] });
     if (autoConverge) policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
     if (auto.postcopyOn) policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
-  }
-
-  /**
-   * Compares per-chunk digests of the paused source's RAM and the destination's loaded
-   * copy, rewrites on the destination every chunk that differs, and refuses to go on
-   * unless a second digest of the destination then agrees everywhere. Both guests are
-   * paused throughout, so this is part of the pause. The destination's answers are
-   * untrusted input.
-   */
-  private async verifyMemory(j: SourceJob, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<NonNullable<Report['memoryCheck']>> {
-    const t0 = Date.now();
-    const ask = (): Promise<unknown> => client.request('relocation.digest', { jobId: j.jobId }, 180000);
-    const [mine, first] = await Promise.all([this.host.ramDigests(live), ask()]);
-    const theirs = (r: unknown): Buffer => {
-      const o = (r ?? {}) as { bytes?: unknown; chunkBytes?: unknown; digests?: unknown };
-      const d = typeof o.digests === 'string' ? Buffer.from(o.digests, 'base64') : Buffer.alloc(0);
-      if (o.bytes !== mine.bytes || o.chunkBytes !== mine.chunkBytes || d.length !== mine.digests.length) {
-        throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest with something that is not ${mine.digests.length / 32} chunk digests of ${mine.bytes} bytes`);
-      }
-      return d;
-    };
-    const diff = differingChunks(mine.digests, theirs(first));
-    let repairedBytes = 0;
-    if (diff.length > 0) {
-      repairedBytes = await this.repairMemory(j, client, live, mine, diff);
-      // A second look at the repaired chunks only, in batches the API takes.
-      const left: number[] = [];
-      for (let k = 0; k < diff.length; k += 8192) {
-        const part = diff.slice(k, k + 8192);
-        const r = (await client.request('relocation.digest', { jobId: j.jobId, chunks: part }, 180000) ?? {}) as { digests?: unknown };
-        const d = typeof r.digests === 'string' ? Buffer.from(r.digests, 'base64') : Buffer.alloc(0);
-        if (d.length !== part.length * 32) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest for ${part.length} chunks with ${d.length} bytes`);
-        part.forEach((c, i) => { if (mine.digests.compare(d, i * 32, i * 32 + 32, c * 32, c * 32 + 32) !== 0) left.push(c); });
-      }
-      if (left.length > 0) {
-        const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
-        throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, ${left.length} of its ${mine.digests.length / 32} RAM chunks on ${j.peer.name} differ from ${this.host.cfg.name}'s even after they were rewritten${why}. It keeps running on ${this.host.cfg.name}`);
-      }
-      this.log.warn('guest memory arrived different and was repaired', { jobId: j.jobId, domain: j.domain, chunks: diff.length, bytes: repairedBytes });
-    }
-    const ms = Date.now() - t0;
-    this.log.info('guest memory verified', { jobId: j.jobId, domain: j.domain, bytes: mine.bytes, digest: overallDigest(mine.digests), ms });
-    return { bytes: mine.bytes, ms, repairedBytes, repairedChunks: diff.length };
-  }
-
-  /** Sends the source's version of the given chunks, a few requests in flight at once. */
-  private async repairMemory(j: SourceJob, client: ApiClient, live: Live, mine: RamDigests, chunks: number[]): Promise<number> {
-    const pieces: { offset: number; len: number }[] = [];
-    for (const c of chunks) {
-      const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
-      for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
-    }
-    let sent = 0;
-    await this.host.withRam(live, false, async (ram) => {
-      const worker = async (): Promise<void> => {
-        const buf = Buffer.alloc(MAX_REPAIR_BYTES);
-        for (let p = pieces.shift(); p; p = pieces.shift()) {
-          try {
-            const got = await ram.read(buf, p.len, p.offset);
-            if (got !== p.len) throw new Error(`read ${got} of ${p.len} bytes at ${p.offset}`);
-            // Raw bytes after the request line: no base64, no JSON escaping.
-            await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, length: p.len }, 60000, Buffer.from(buf.subarray(0, p.len)));
-          } catch (e) {
-            pieces.length = 0; // the others stop after their current piece
-            throw e;
-          }
-          sent += p.len;
-        }
-      };
-      // Every worker must have stopped before the RAM is closed (its fd could be reused).
-      const done = await Promise.allSettled([worker(), worker(), worker(), worker()]);
-      const failed = done.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason;
-    });
-    return sent;
   }
 
   /**

@@ -1,0 +1,100 @@
+/**
+ * The autopilot's eyes (README "Autopilot"): before a live move it measures the guest's
+ * dirty rate, estimates the link from the moves already made to that peer, and asks the
+ * model (plan.ts) for every strategy's cost and the pick. Source runs it while Begin runs
+ * on the destination, and `ferry migrate --plan` alone.
+ */
+import os from 'node:os';
+import { hasProcess } from '../domain/state.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import type { PlanView } from '../api/protocol.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
+import type { JobStore, SourceJob } from './jobs.ts';
+import { plan as makePlan, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
+
+/** How long calc-dirty-rate samples the guest before a live move (it runs while Begin does). */
+export const DIRTY_SAMPLE_MS = 500;
+/** What a link is assumed to carry before any move to that peer was measured (QEMU 10 here: TLS 2.3–5, plain 10–20 Gbit/s). */
+export const ASSUMED_TLS_BYTES_PER_S = 250e6;
+export const ASSUMED_PLAIN_BYTES_PER_S = 1000e6;
+export const DEFAULT_MAX_DOWNTIME_MS = 300;
+export const DEFAULT_TIMEOUT_S = 600;
+
+/** The budget and rules of a move, as the plan needs them. */
+export interface PlanParams { bandwidthMiBs?: number; maxDowntimeMs?: number; timeoutS?: number; insecure?: boolean; parallel?: number; strategy?: StrategyChoice; onTimeout?: OnTimeout }
+
+export class Planner {
+  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {}
+
+  /**
+   * The guest's dirty rate, measured by QEMU's calc-dirty-rate (page sampling: it hashes
+   * 512 sampled pages per GiB at both ends of the window; works under TCG). QEMU emits
+   * no event for its end, so it is asked once after the window. Bytes/s, or null.
+   */
+  async dirtyRate(q: QmpClient, ms = DIRTY_SAMPLE_MS): Promise<number | null> {
+    try {
+      await q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
+      await new Promise((r) => setTimeout(r, ms + 20));
+      for (let i = 0; i < 40; i++) {
+        const r = await q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+        if (r.status === 'measured') return (r['dirty-rate'] ?? 0) * 1048576;
+        await new Promise((res) => setTimeout(res, 25));
+      }
+    } catch (e) {
+      this.log.warn('dirty rate not measured', { error: String(e) });
+    }
+    return null;
+  }
+
+  /**
+   * What the link to `peer` carries: the median throughput of the last successful moves
+   * there with the same encryption (their reports), else an assumption said as such;
+   * --bandwidth caps it.
+   */
+  linkEstimate(peer: string, encrypted: boolean, capMiBs?: number): { bytesPerS: number; from: string } {
+    const rates = [...this.store.jobs.values()]
+      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576)
+      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map((j) => j.report!.throughputMBps * 1e6).sort((a, b) => a - b);
+    let est = rates.length ? { bytesPerS: rates[Math.floor(rates.length / 2)], from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}` }
+      : { bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S, from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured` };
+    if (capMiBs && capMiBs * 1048576 < est.bytesPerS) est = { bytesPerS: capMiBs * 1048576, from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})` };
+    return est;
+  }
+
+  /** Cores not taken by the vCPUs of this host's running domains (multifd needs spare ones). */
+  spareCores(): number {
+    let busy = 0;
+    for (const n of this.host.domainNames()) { const d = this.host.find(n); if (d && hasProcess(d.rec.state)) busy += d.rec.config.vcpus; }
+    return Math.max(0, os.cpus().length - busy);
+  }
+
+  /** The autopilot's plan for moving `live` to `peer` live: measured, modelled, picked. */
+  async planFor(live: Live, q: QmpClient, peer: string, p: PlanParams): Promise<{ plan: Plan; view: PlanView }> {
+    const dirty = await this.dirtyRate(q);
+    const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
+    const c = live.rec.config;
+    const touched = this.host.touchedMiB(live);
+    const input = {
+      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB, touched) * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
+      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
+      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
+    };
+    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config') : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
+    return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
+  }
+
+  /** The plan as the API shows it; `why` says why post-copy is not on the table, if it is not. */
+  planView(pl: Plan, domain: string, peer: string, dirty: number | null, onTimeout: OnTimeout | undefined, why?: string): { plan: Plan; view: PlanView } {
+    const i = pl.input;
+    const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
+    const view: PlanView = {
+      domain, destination: peer, ramBytes: i.ramBytes, touchedBytes: i.touchedBytes ?? null, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
+      dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
+      linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1), linkFrom: i.linkFrom, maxDowntimeMs: i.maxDowntimeMs, timeoutS: i.timeoutS,
+      spareCores: i.spareCores, postcopyAllowed: i.postcopyAllowed, strategy: i.strategy, onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
+      pick: pl.pick, reason: pl.reason + (why ? `; ${why}` : ''),
+      predictions: pl.predictions.map((x) => ({ strategy: x.strategy, totalMs: ms(x.totalS), pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null, bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null, passes: x.passes, converges: x.converges, fitsBudget: x.fitsBudget, note: x.note })),
+    };
+    return { plan: pl, view };
+  }
+}
