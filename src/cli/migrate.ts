@@ -94,7 +94,9 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
           const w = ev.data as NonNullable<JobView['waiting']> & { peer: string };
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
-          process.stderr.write(`  ${w.peer} has not said whether it resumed the guest (try ${w.attempts}: ${w.lastError}); the copy here stays paused, asking again in ${Math.max(0, Math.round((w.nextTryAt - Date.now()) / 1000))} s\n`);
+          const again = Math.max(0, Math.round((w.nextTryAt - Date.now()) / 1000));
+          if (w.lastError.startsWith('post-copy recovery')) process.stderr.write(`  the post-copy stream to ${w.peer} broke; resuming it (try ${w.attempts}: ${w.lastError.replace(/^post-copy recovery: /, '')}), again in ${again} s\n`);
+          else process.stderr.write(`  ${w.peer} has not said whether it resumed the guest (try ${w.attempts}: ${w.lastError}); the copy here stays paused, asking again in ${again} s\n`);
         } else if (ev.event === 'migration.phase' && (ev.data as { role: string }).role === 'source') {
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
@@ -130,10 +132,15 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
 
 function printJobs(rows: JobView[]): void {
   const out: (string | number)[][] = [['Domain', 'Role', 'Mode', 'Peer', 'Phase', 'Progress', 'Started', 'Outcome']];
-  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.waiting ? `${j.phase} (asking, try ${j.waiting.attempts})` : j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
+  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.waiting ? `${j.phase} (${j.phase === 'postcopy' ? 'resuming the stream' : 'asking'}, try ${j.waiting.attempts})` : j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
   process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
   for (const j of rows) {
     if (!j.waiting) continue;
+    if (j.phase === 'postcopy') {
+      process.stdout.write(`\n${j.domain}: in post-copy the stream to ${j.peer} broke; the guest runs there and waits for pages only this host has. ferryd keeps resuming the stream (never the copy here).\n` +
+        `  trying since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n`);
+      continue;
+    }
     process.stdout.write(`\n${j.domain}: past the point of no return, ${j.peer} has not said whether it runs the guest; the copy here stays paused.\n` +
       `  asking since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n` +
       `  if you know where it runs: ferry job resolve ${j.domain} --assume-destination | --assume-source\n`);
