@@ -876,6 +876,7 @@ export class Source {
           w.dispose();
         }
       }
+      j.waiting = undefined;
       this.step(j, { type: 'postcopy-done' });
       await this.host.retireMigrated(live, j.peer);
       this.store.saveLater(j);
