@@ -20,7 +20,7 @@ import { transition, hasProcess, describeKind, type DomainEvent } from '../domai
 import { killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
-import { dirtyTrackingUnreliable, type GuestRam, type RamDigests } from '../qemu/memory.ts';
+import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles } from '../domain/storage.ts';
 import type { MigrationHost } from '../migration/ports.ts';
 import type { HostInfo, DomainSummary, DomainInfo, Results } from '../api/protocol.ts';
@@ -61,7 +61,7 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
-  touchedMiB(live: Live): number | null { const s = live.rec.state; return hasProcess(s) ? rssMiB(s.pid) : null; }
+  async touchedBytes(live: Live): Promise<number | null> { const s = live.rec.state; return hasProcess(s) && live.qmp ? guestResidentBytes(live.qmp, s.pid) : null; }
 
   get runDir(): string { return this.runtime.runDir; }
 

@@ -52,9 +52,17 @@ export class Planner {
    * --bandwidth caps it.
    */
   linkEstimate(peer: string, encrypted: boolean, capMiBs?: number): { bytesPerS: number; from: string } {
+    // A move's rate is its bytes over the stream's own time (first byte to the end of the
+    // copy), not over QEMU's total, which includes set-up and the final pause.
+    const rateOf = (j: SourceJob): number => {
+      const r = j.report!;
+      const tl = r.timeline ?? {};
+      const end = tl.postcopyCompleted ?? tl.streamCompleted;
+      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte ? r.bytes / ((end - tl.firstByte) / 1000) : r.throughputMBps * 1e6;
+    };
     const rates = [...this.store.jobs.values()]
-      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576)
-      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map((j) => j.report!.throughputMBps * 1e6).sort((a, b) => a - b);
+      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576 && !j.report.bandwidthMiBs)
+      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map(rateOf).sort((a, b) => a - b);
     let est = rates.length ? { bytesPerS: rates[Math.floor(rates.length / 2)], from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}` }
       : { bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S, from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured` };
     if (capMiBs && capMiBs * 1048576 < est.bytesPerS) est = { bytesPerS: capMiBs * 1048576, from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})` };
@@ -70,12 +78,11 @@ export class Planner {
 
   /** The autopilot's plan for moving `live` to `peer` live: measured, modelled, picked. */
   async planFor(live: Live, q: QmpClient, peer: string, p: PlanParams): Promise<{ plan: Plan; view: PlanView }> {
-    const dirty = await this.dirtyRate(q);
+    const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(live)]);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = live.rec.config;
-    const touched = this.host.touchedMiB(live);
     const input = {
-      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB, touched) * 1048576, dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
+      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched), dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };

@@ -83,7 +83,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   memoryFacts(): { freeMiB: number; freeWhy: string } { return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' }; }
   checkPaths(): void { /* the fake pools hold everything */ }
   postcopyIncoming(): { ok: boolean; why: string } { return { ok: true, why: 'a fake host' }; }
-  touchedMiB(): number | null { return null; }
+  async touchedBytes(): Promise<number | null> { return null; }
   apply(d: DomainHandle, e: DomainEvent): void { (d as Handle).rec.state = transition(d.rec.state, e); }
   setBusy(d: DomainHandle, why: string | undefined): void { (d as Handle).busy = why; }
   reserve(jobId: string, _domain: string, memoryMiB: number): void { this.reservations.set(jobId, memoryMiB); }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { plan, predict, precopyEtaS, FIXED_PAUSE_MS, type PlanInput } from './plan.ts';
+import { plan, predict, precopyEtaS, FIXED_PAUSE_MS, FIXED_OVERHEAD_S, type PlanInput } from './plan.ts';
 
 const MiB = 1048576;
 const base: PlanInput = { ramBytes: 1024 * MiB, dirtyBytesPerS: 1 * MiB, linkBytesPerS: 300 * MiB, linkFrom: 'test', maxDowntimeMs: 300, timeoutS: 90, spareCores: 1, postcopyAllowed: true, strategy: 'auto' };
@@ -11,7 +11,7 @@ test('plan: an idle guest converges by pre-copy in a few passes, and pre-copy is
   assert.ok(pre.converges && pre.fitsBudget);
   assert.ok(pre.passes <= 3, `passes ${pre.passes}`);
   // One pass of 1 GiB at 300 MiB/s, a second of what 1 MiB/s dirtied meanwhile.
-  assert.ok(Math.abs(pre.totalS - 1024 / 300) < 0.1, `total ${pre.totalS}`);
+  assert.ok(Math.abs(pre.totalS - FIXED_OVERHEAD_S - 1024 / 300) < 0.1, `total ${pre.totalS}`);
   assert.equal(p.pick, 'precopy');
 });
 
@@ -24,7 +24,7 @@ test('plan: a guest that dirties as fast as the link never converges by pre-copy
   const pc = p.predictions.find((x) => x.strategy === 'postcopy')!;
   assert.equal(pc.pauseMs, FIXED_PAUSE_MS);
   // One full pass, then at most all RAM again on demand.
-  assert.ok(pc.totalS <= (2 * 1024) / 300 + 0.01);
+  assert.ok(pc.totalS <= FIXED_OVERHEAD_S + (2 * 1024) / 300 + 0.01);
   assert.match(p.reason, /post-copy bounds the time/);
 });
 

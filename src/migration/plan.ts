@@ -66,6 +66,8 @@ export interface Plan {
 
 /** Device state and the final handshake: the pause no RAM figure explains (measured: 20–60 ms under TCG). */
 export const FIXED_PAUSE_MS = 40;
+/** What every move costs beyond its stream (Begin, the incoming QEMU, Finish, retiring the source): about 0.15 s here. */
+export const FIXED_OVERHEAD_S = 0.15;
 /** A pre-copy that has not converged after this many passes will not. */
 const MAX_PASSES = 30;
 /** What a second multifd channel adds on these machines (TLS, 2 channels: 3.8–4.0 against 2.3–2.5 Gbit/s). */
@@ -88,7 +90,7 @@ function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, '
   for (let pass = 1; pass <= MAX_PASSES; pass++) {
     const t = pass === 1 ? fp.s : x / b;
     if (t * 1000 <= i.maxDowntimeMs && pass > 1) {
-      return { totalS: total + t, pauseMs: Math.round(t * 1000 + FIXED_PAUSE_MS), bytes: bytes + x, passes: pass, converges: true };
+      return { totalS: FIXED_OVERHEAD_S + total + t, pauseMs: Math.round(t * 1000 + FIXED_PAUSE_MS), bytes: bytes + x, passes: pass, converges: true };
     }
     total += t;
     bytes += x;
@@ -96,7 +98,7 @@ function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, '
     // QEMU's trigger: a pass that dirtied more than half of what it sent (throttle-trigger-threshold 50).
     if (throttle && next > x * 0.5) pct = pct === 0 ? 0.2 : Math.min(0.99, pct + 0.1);
     x = next;
-    if (x === 0) return { totalS: total, pauseMs: FIXED_PAUSE_MS, bytes, passes: pass, converges: true };
+    if (x === 0) return { totalS: FIXED_OVERHEAD_S + total, pauseMs: FIXED_PAUSE_MS, bytes, passes: pass, converges: true };
   }
   return { totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: MAX_PASSES, converges: false };
 }
@@ -118,13 +120,13 @@ export function predict(i: PlanInput): Prediction[] {
   if (i.postcopyAllowed) {
     const fp = firstPass(i, b);
     const rest = Math.min(i.ramBytes, i.dirtyBytesPerS * fp.s);
-    const pc = { totalS: fp.s + rest / b, pauseMs: FIXED_PAUSE_MS, bytes: fp.bytes + rest, passes: 1, converges: true };
+    const pc = { totalS: FIXED_OVERHEAD_S + fp.s + rest / b, pauseMs: FIXED_PAUSE_MS, bytes: fp.bytes + rest, passes: 1, converges: true };
     out.push({ strategy: 'postcopy', ...pc, fitsBudget: fits(pc), note: `one pre-copy pass, then the guest runs on the destination for ${(rest / b).toFixed(1)} s while ${mb(rest)} are fetched: losing either host in that window loses the guest` });
   } else {
     out.push({ strategy: 'postcopy', totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: 0, converges: false, fitsBudget: false, note: 'forbidden by the domain\'s config ("postcopy": false)' });
   }
   const ofp = firstPass(i, b);
-  const off = { totalS: ofp.s, pauseMs: Math.round(ofp.s * 1000 + FIXED_PAUSE_MS), bytes: ofp.bytes, passes: 1, converges: true };
+  const off = { totalS: FIXED_OVERHEAD_S + ofp.s, pauseMs: Math.round(ofp.s * 1000 + FIXED_PAUSE_MS), bytes: ofp.bytes, passes: 1, converges: true };
   out.push({ strategy: 'offline', ...off, fitsBudget: fits(off), note: 'the guest is stopped for the whole copy' });
   return out;
 }

@@ -59,8 +59,8 @@ export interface MigrationHost {
   domainNames(): string[];
   domainUuids(): string[];
   memoryFacts(): { freeMiB: number; freeWhy: string };
-  /** MiB of the domain's QEMU resident in host memory (what its guest touched, roughly), or null. */
-  touchedMiB(d: DomainHandle): number | null;
+  /** Bytes of the guest's RAM resident in host memory (what it touched), or null if unknown. */
+  touchedBytes(d: DomainHandle): Promise<number | null>;
   /** Can an incoming QEMU here take a post-copy stream (userfaultfd), and if not, why. */
   postcopyIncoming(): { ok: boolean; why: string };
   /** Refuses paths outside the storage pools, symlinks and missing files. */

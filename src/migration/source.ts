@@ -478,7 +478,9 @@ export class Source {
 
   private async setup(q: QmpClient, live: Live, p: StartParams, mode: Mode, insecure: boolean, tlsHostname: string, maxDowntimeMs: number, policy: string[]): Promise<void> {
     const parallel = p.parallel ?? 1;
-    const caps = [{ capability: 'events', state: true }, { capability: 'multifd', state: parallel > 1 }];
+    // A QEMU keeps its capabilities from one migration to the next: an earlier move's
+    // post-copy would make multifd refused ("Postcopy is not yet compatible with multifd").
+    const caps = [{ capability: 'events', state: true }, { capability: 'postcopy-ram', state: false }, { capability: 'postcopy-preempt', state: false }, { capability: 'multifd', state: parallel > 1 }];
     await q.execute('migrate-set-capabilities', { capabilities: caps });
     if (parallel > 1) policy.push(`multifd: ${parallel} parallel channels`);
     const params: Record<string, unknown> = {

@@ -296,3 +296,22 @@ export function differingChunks(a: Buffer, b: Buffer): number[] {
 export function overallDigest(d: Buffer): string {
   return crypto.createHash('sha256').update(d).digest('hex');
 }
+
+/**
+ * How much of the guest's main RAM is resident (touched at some point), from the smaps
+ * entry of the mapping QEMU reports for guest address 0. Pages never touched are zero,
+ * and a migration scans rather than sends them. Null if it cannot be told.
+ */
+export async function guestResidentBytes(qmp: QmpClient, pid: number): Promise<number | null> {
+  try {
+    const base = parseGpa2hva(await qmp.execute<string>('human-monitor-command', { 'command-line': 'gpa2hva 0' }));
+    const smaps = await fs.promises.readFile(`/proc/${pid}/smaps`, 'utf8');
+    let inside = false;
+    for (const line of smaps.split('\n')) {
+      const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+      if (m) { inside = parseInt(m[1], 16) <= base && base < parseInt(m[2], 16); continue; }
+      if (inside && line.startsWith('Rss:')) return Number(/(\d+)/.exec(line)?.[1] ?? NaN) * 1024 || null;
+    }
+  } catch { /* no QMP, no smaps: unknown */ }
+  return null;
+}
