@@ -19,7 +19,7 @@ export const quiet = { debug: (): void => undefined, info: (): void => undefined
  * emits; `seen` lists the commands in order.
  */
 interface Reply { ok: (ret?: unknown) => void; fail: (desc: string) => void }
-async function scripted(script: (command: string, r: Reply) => void) {
+async function scripted(script: (command: string, r: Reply, args?: Record<string, unknown>) => void) {
   let sock: net.Socket | undefined;
   /** QEMU dies: the connection drops without an answer. */
   const kill = (): void => { sock?.destroy(); };
@@ -29,7 +29,7 @@ async function scripted(script: (command: string, r: Reply) => void) {
   const fake = await fakeQmp((msg, s) => {
     sock = s;
     seen.push(msg.execute);
-    script(msg.execute, { ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }), fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }) });
+    script(msg.execute, { ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }), fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }) }, msg.arguments);
   });
   return { fake, event, seen, kill };
 }
@@ -122,9 +122,19 @@ export class FakeHost extends EventEmitter implements MigrationHost {
 export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; neverConverges?: boolean; onPostcopy?: () => void } = {}) {
   let running = true;
   let status = 'none';
+  // Capabilities stay set from one migration to the next, and QEMU 10.0 refuses this pair.
+  const caps = new Map<string, boolean>();
   const mig = (st: string): void => { status = st; q.event('MIGRATION', { status: st }); };
-  const q = await scripted((command, r) => {
+  const q = await scripted((command, r, args) => {
     switch (command) {
+      case 'migrate-set-capabilities': {
+        const next = new Map(caps);
+        for (const c of (args?.capabilities ?? []) as { capability: string; state: boolean }[]) next.set(c.capability, c.state);
+        if (next.get('multifd') && next.get('postcopy-ram')) { r.fail('Postcopy is not yet compatible with multifd'); break; }
+        for (const [k, v] of next) caps.set(k, v);
+        r.ok();
+        break;
+      }
       case 'migrate':
         r.ok();
         setTimeout(() => {

@@ -76,7 +76,7 @@ async function rig(f: Faults = {}) {
     }
   }
   const source = new InProcessSource(h1, s1, quiet);
-  const start = (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy' } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout });
+  const start = (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy'; parallel?: number } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout, parallel: o.parallel });
   const job = (): SourceJob => [...s1.jobs.values()][0] as SourceJob;
   // (perform is entered twice: when Prepare is answered and when the stream starts)
   const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);
@@ -297,4 +297,17 @@ test('source: a pre-copy that will miss its budget switches to post-copy by itse
     assert.ok(!c.outq.seen.includes('migrate-start-postcopy'));
     assert.equal(c.h1.get('web').rec.state.kind, 'running', 'the guest runs on here');
   } finally { c.done(); }
+});
+
+test('source: a move after one that offered post-copy may use multifd: the QEMU\'s earlier post-copy capability is cleared first', async () => {
+  const r = await rig({ streamFails: true });
+  try {
+    const first = await r.start();
+    assert.equal(first.error?.code, 'MIGRATION_FAILED');
+    assert.ok(first.policy.some((x) => x.startsWith('post-copy offered')));
+    const second = await r.start({ parallel: 2 });
+    assert.equal(second.error?.code, 'MIGRATION_FAILED', 'the stream itself fails, not the set-up');
+    assert.match(second.error!.message, /fake failure/);
+    assert.ok(second.policy.includes('multifd: 2 parallel channels'));
+  } finally { r.done(); }
 });
