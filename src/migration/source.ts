@@ -107,6 +107,8 @@ interface Autopilot {
   switchedAt?: number;
   /** auto-converge throttled the guest at some point. */
   throttled?: boolean;
+  /** Why the switch to post-copy was asked for (reported once QEMU is in post-copy). */
+  switchWhy?: string;
 }
 
 export class Source {
@@ -536,7 +538,8 @@ export class Source {
       auto.switchAsked = true;
       try {
         await q.execute('migrate-start-postcopy');
-        policy.push(`switched to post-copy: ${why}`);
+        // Said once QEMU is there: a pre-copy may still complete first.
+        auto.switchWhy = why;
       } catch (e) {
         policy.push(`post-copy refused by QEMU (${(e as Error).message}); pre-copy goes on`);
       }
@@ -604,7 +607,9 @@ export class Source {
       if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
       throw new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
     }
+    if (auto.switchWhy && status === 'completed') policy.push(`post-copy was asked for (${auto.switchWhy}), but pre-copy completed first`);
     if (status === 'postcopy-active') {
+      policy.push(`switched to post-copy: ${auto.switchWhy ?? 'QEMU entered post-copy'}`);
       auto.switchedAt = performance.now();
       return { setupMs, passes: w.passes, strategy: 'postcopy' };
     }
