@@ -108,9 +108,9 @@ export function predict(i: PlanInput): Prediction[] {
   const fits = (p: { pauseMs: number; totalS: number }): boolean => p.pauseMs <= i.maxDowntimeMs && p.totalS <= i.timeoutS;
   const out: Prediction[] = [];
   const pre = precopy(i, b, false);
-  out.push({ strategy: 'precopy', ...pre, fitsBudget: fits(pre), note: pre.converges ? `${pre.passes} passes` : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s: the passes do not shrink` });
+  out.push({ strategy: 'precopy', ...pre, fitsBudget: fits(pre), note: pre.converges ? passes(pre.passes) : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s: the passes do not shrink` });
   const ac = precopy(i, b, true);
-  out.push({ strategy: 'auto-converge', ...ac, fitsBudget: fits(ac), note: ac.converges ? `${ac.passes} passes; the guest's vCPUs are throttled (up to 99 %) until it converges` : 'does not converge even at 99 % throttle' });
+  out.push({ strategy: 'auto-converge', ...ac, fitsBudget: fits(ac), note: ac.converges ? `${passes(ac.passes)}; the guest's vCPUs are throttled (up to 99 %) until it converges` : 'does not converge even at 99 % throttle' });
   if (i.spareCores >= 2) {
     const mf = precopy(i, b * MULTIFD_GAIN, false);
     out.push({ strategy: 'multifd', ...mf, fitsBudget: fits(mf), note: `2 channels, each encrypted on its own core (×${MULTIFD_GAIN} measured)` });
@@ -150,7 +150,7 @@ export function plan(i: PlanInput): Plan {
     const p = by(s);
     if (!p.fitsBudget) continue;
     const why: Record<typeof s, string> = {
-      precopy: `pre-copy fits ${budget}: ${p.passes} passes, about ${p.totalS.toFixed(1)} s and a ${p.pauseMs} ms pause`,
+      precopy: `pre-copy fits ${budget}: ${passes(p.passes)}, about ${p.totalS.toFixed(1)} s and a ${p.pauseMs} ms pause`,
       multifd: `pre-copy alone does not fit ${budget}; two channels do`,
       postcopy: `pre-copy does not fit ${budget} (${by('precopy').note}); post-copy bounds the time to about ${p.totalS.toFixed(1)} s with a ${p.pauseMs} ms pause`,
       'auto-converge': `pre-copy does not fit ${budget} and post-copy ${i.postcopyAllowed ? 'does not either' : 'is forbidden'}; throttling the guest does`,
@@ -158,6 +158,10 @@ export function plan(i: PlanInput): Plan {
     return { input: i, predictions, pick: s, reason: why[s] };
   }
   return { input: i, predictions, pick: i.postcopyAllowed ? 'postcopy' : 'auto-converge', reason: `nothing fits ${budget}; ${i.postcopyAllowed ? 'post-copy comes nearest and bounds the time' : 'throttling the guest comes nearest'}` };
+}
+
+function passes(n: number): string {
+  return n === 1 ? '1 pass' : `${n} passes`;
 }
 
 function mb(bytes: number): string {
