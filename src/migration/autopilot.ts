@@ -11,6 +11,7 @@ import type { PlanView } from '../api/protocol.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import type { JobStore, SourceJob } from './jobs.ts';
 import { plan as makePlan, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
+import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 
 /**
  * How long calc-dirty-rate samples the guest (it runs while Begin and Prepare do). Short,
@@ -87,12 +88,15 @@ export class Planner {
     const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(live)]);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = live.rec.config;
+    const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
     const input = {
       ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched), dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
-      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
+      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && !engineLoses && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };
-    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config') : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
+    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config')
+      : engineLoses ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
+        : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
     return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
   }
 

@@ -239,7 +239,11 @@ export class Source {
       // while Begin runs there. Post-copy needs the capability on both QEMUs before the
       // stream, so it is offered whenever the guest's config and the rules allow it;
       // whether the move switches is decided as it goes.
-      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      // Never on an engine whose dirty tracking can lose pages (QEMU < 9 under TCG): the
+      // memory check needs both copies paused, and post-copy has no such moment.
+      const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
+      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      if (mode === 'live' && live.rec.config.postcopy && engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${live.rec.runtime?.accel ?? h.accel.accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
       const planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
       planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
