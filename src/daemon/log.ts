@@ -79,9 +79,11 @@ export class Logger {
     return new Logger(this.file, {}, false, undefined, undefined, this.p.child(fields));
   }
 
-  log(level: Level, msg: string, fields: Record<string, unknown> = {}): void { this.p[level](fields, msg); }
-  debug(msg: string, f?: Record<string, unknown>): void { this.p.debug(f ?? {}, msg); }
-  info(msg: string, f?: Record<string, unknown>): void { this.p.info(f ?? {}, msg); }
-  warn(msg: string, f?: Record<string, unknown>): void { this.p.warn(f ?? {}, msg); }
-  error(msg: string, f?: Record<string, unknown>): void { this.p.error(f ?? {}, msg); }
+  // The message goes in first, so that a line reads {level, ts, …base, msg, …fields}
+  // (pino would append it after the fields).
+  log(level: Level, msg: string, fields: Record<string, unknown> = {}): void { this.p[level]({ msg, ...fields }); }
+  debug(msg: string, f?: Record<string, unknown>): void { this.log('debug', msg, f); }
+  info(msg: string, f?: Record<string, unknown>): void { this.log('info', msg, f); }
+  warn(msg: string, f?: Record<string, unknown>): void { this.log('warn', msg, f); }
+  error(msg: string, f?: Record<string, unknown>): void { this.log('error', msg, f); }
 }

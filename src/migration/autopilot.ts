@@ -28,7 +28,7 @@ export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_TIMEOUT_S = 600;
 
 /** The budget and rules of a move, as the plan needs them. */
-export interface PlanParams { bandwidthMiBs?: number; maxDowntimeMs?: number; timeoutS?: number; insecure?: boolean; parallel?: number; strategy?: StrategyChoice; onTimeout?: OnTimeout }
+export interface PlanParams { bandwidthMiBs?: number; maxDowntimeMs?: number; timeoutS?: number; insecure?: boolean; parallel?: number; strategy?: StrategyChoice; onTimeout?: OnTimeout; verifyMemory?: boolean }
 
 export class Planner {
   constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {}
@@ -92,10 +92,11 @@ export class Planner {
     const input = {
       ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched), dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
-      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && !engineLoses && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
+      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
     };
     const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config')
       : engineLoses ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
+        : p.verifyMemory === true ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
         : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
     return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
   }

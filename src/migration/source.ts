@@ -242,7 +242,8 @@ export class Source {
       // Never on an engine whose dirty tracking can lose pages (QEMU < 9 under TCG): the
       // memory check needs both copies paused, and post-copy has no such moment.
       const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
-      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      if (mode === 'live' && live.rec.config.postcopy && p.verifyMemory === true) policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
       if (mode === 'live' && live.rec.config.postcopy && engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${live.rec.runtime?.accel ?? h.accel.accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
       const planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
       planP?.catch(() => undefined);
