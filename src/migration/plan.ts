@@ -70,8 +70,8 @@ export const FIXED_PAUSE_MS = 40;
 export const FIXED_OVERHEAD_S = 0.15;
 /** A pre-copy that has not converged after this many passes will not. */
 const MAX_PASSES = 30;
-/** What a second multifd channel adds on these machines (TLS, 2 channels: 3.8–4.0 against 2.3–2.5 Gbit/s). */
-const MULTIFD_GAIN = 1.6;
+/** What a second multifd TLS channel adds on these machines (BENCHMARKS.md "TLS and the stream alone": 6.85 against 5.45 Gbit/s, 1.26×). */
+const MULTIFD_GAIN = 1.3;
 /** How fast QEMU scans zero pages it need not send (a marker each). */
 const ZERO_SCAN_BYTES_PER_S = 4e9;
 
