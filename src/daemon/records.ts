@@ -148,9 +148,7 @@ export class DomainStore {
 
   /** Drops a record and the domain's run directory (the definition is gone from this host). */
   forget(name: string, runDir: string): void {
-    this.domains.delete(name);
-    this.writer.drop(this.recordFile(name));
-    fs.rmSync(this.recordFile(name), { force: true });
+    this.unhold(name);
     fs.rmSync(path.join(runDir, name), { recursive: true, force: true });
     this.onChange({ domain: name, from: null, to: 'deleted' });
   }

@@ -31,10 +31,12 @@ async function rig(o: { contFails?: 'paused' | 'unknown' | 'dies' } = {}) {
   const ctx: RelocationContext = { caller: { transport: 'tls', peerName: 'host1', peerDn: 'O=ferry,OU=host,CN=host1', peerAddress: '127.0.0.1' }, onClose: (f) => { closers.push(f); } };
   const config = parseDomainConfig({ name: 'web', memory: 256, boot: { kernel } });
   const jobId = crypto.randomUUID();
-  const begin = (mode: 'live' | 'definition' = 'live'): Promise<unknown> => dest.begin({
+  /** Begin from host1; `extra` overrides fields of the message (and `config` the domain's). */
+  const begin = (mode: 'live' | 'offline' | 'definition' = 'live', extra: Record<string, unknown> = {}, cfg: Record<string, unknown> = domainConfigToJson(config)) => dest.begin({
     version: PROTOCOL_VERSION, jobId, mode, insecure: false, parallel: 1,
     peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
-    domain: { config: domainConfigToJson(config), fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+    domain: { config: cfg, fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+    ...extra,
   }, ctx);
   const phase = (): string => (store.jobs.get(jobId) as DestJob | undefined)?.phase ?? 'none';
   const onDisk = (): string => JSON.parse(fs.readFileSync(path.join(dir, 'jobs', `${jobId}.json`), 'utf8')).phase;
@@ -216,19 +218,11 @@ test('destination: a restart in finished confirms without the source; a settled 
 test('destination: Begin offering post-copy sets it up for the stream; recover is refused where there is nothing to recover', async () => {
   const r = await rig();
   try {
-    const code0 = await code(r.dest.begin({
-      version: PROTOCOL_VERSION, jobId: crypto.randomUUID(), mode: 'offline', insecure: false, parallel: 1, postcopy: true,
-      peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
-      domain: { config: { name: 'other', memory: 64, boot: { kernel: '/nonexistent' } }, fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
-    }, r.ctx));
+    const code0 = await code(r.begin('offline', { jobId: crypto.randomUUID(), postcopy: true }, { name: 'other', memory: 64, boot: { kernel: '/nonexistent' } }));
     assert.equal(code0, 'MIGRATION_PROTOCOL', 'post-copy only for a live move');
     // A live Begin with post-copy: the answer says the destination takes it.
     const { dest, ctx, jobId } = r;
-    const b = await dest.begin({
-      version: PROTOCOL_VERSION, jobId, mode: 'live', insecure: false, parallel: 1, postcopy: true,
-      peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
-      domain: { config: domainConfigToJson(parseDomainConfig({ name: 'web', memory: 256, boot: { kernel: path.join(r.host.runDir, 'vmlinux') } })), fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
-    }, ctx);
+    const b = await r.begin('live', { postcopy: true });
     assert.equal(b.postcopy, true);
     await dest.prepare({ jobId }, ctx);
     assert.ok(r.qemu.seen.includes('migrate-set-capabilities'));

@@ -246,23 +246,30 @@ export class Destination {
 
   /** A short-lived plain listener on the chosen data port, so the source can prove it reaches it. */
   private async openProbe(jobId: string): Promise<number> {
+    // Anyone may knock (the source proves it reaches the port); nobody is kept waiting.
+    const { port, server } = await this.bindDataPort(() => net.createServer((s) => { s.on('error', () => s.destroy()); s.end(); setTimeout(() => s.destroy(), 1000).unref(); }), '');
+    this.probes.set(jobId, server);
+    setTimeout(() => this.closeProbe(jobId), 30000).unref();
+    return port;
+  }
+
+  /**
+   * The first data port of the configured range that no unfinished incoming job holds
+   * and that `make()`'s server can listen on; the server is returned listening.
+   */
+  private async bindDataPort(make: () => net.Server, what: string): Promise<{ port: number; server: net.Server }> {
     const [first, last] = this.host.cfg.relocation.dataPorts;
     const used = new Set([...this.store.jobs.values()].filter((j) => j.role === 'destination' && j.phase !== 'confirmed' && j.phase !== 'abandoned').map((j) => (j as DestJob).dataPort));
     for (let port = first; port <= last; port++) {
       if (used.has(port)) continue;
-      // Anyone may knock (the source proves it reaches the port); nobody is kept waiting.
-      const srv = net.createServer((s) => { s.on('error', () => s.destroy()); s.end(); setTimeout(() => s.destroy(), 1000).unref(); });
+      const server = make();
       const okBind = await new Promise<boolean>((resolve) => {
-        srv.once('error', () => resolve(false));
-        srv.listen(port, this.host.cfg.relocation.address, () => resolve(true));
+        server.once('error', () => resolve(false));
+        server.listen(port, this.host.cfg.relocation.address, () => resolve(true));
       });
-      if (okBind) {
-        this.probes.set(jobId, srv);
-        setTimeout(() => this.closeProbe(jobId), 30000).unref();
-        return port;
-      }
+      if (okBind) return { port, server };
     }
-    throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last}`);
+    throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last}${what}`);
   }
 
   /** Stops listening now; connections still open (an outsider's) are not waited for. */
@@ -642,16 +649,9 @@ export class Destination {
 
   /** A data port nobody listens on now (a recovery's new listener). */
   private async freeDataPort(jobId: string): Promise<number> {
-    const [first, last] = this.host.cfg.relocation.dataPorts;
-    for (let port = first; port <= last; port++) {
-      const okBind = await new Promise<boolean>((resolve) => {
-        const srv = net.createServer();
-        srv.once('error', () => resolve(false));
-        srv.listen(port, this.host.cfg.relocation.address, () => srv.close(() => resolve(true)));
-      });
-      if (okBind) return port;
-    }
-    throw new FerryError('MIGRATION_DEST_PORT', `${this.host.cfg.name} has no free migration data port in ${first}-${last} to recover job ${jobId}`);
+    const { port, server } = await this.bindDataPort(() => net.createServer(), ` to recover job ${jobId}`);
+    await new Promise<void>((r) => server.close(() => r()));
+    return port;
   }
 
   status(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.status'] {

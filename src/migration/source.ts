@@ -97,6 +97,12 @@ export interface Resolution {
 }
 
 
+/** What QEMU reports it sends and what the guest dirties, in bytes per second. */
+function rates(m: MigrateInfo): { rate: number; dirty: number } {
+  const ram = m.ram ?? {};
+  return { rate: (ram.mbps ?? 0) * 1e6 / 8, dirty: (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096) };
+}
+
 /** The autopilot's state during one live move (supervise changes switchAsked/switchedAt). */
 interface Autopilot {
   postcopyOn: boolean;
@@ -183,13 +189,13 @@ export class Source {
   /** Refusals before a job exists are thrown; after that the answer is the job's report. */
   async start(params: StartParams): Promise<Report> {
     const t0 = Date.now();
+    const h = this.host;
+    const live = h.get(params.domain);
     // Multifd where it helps and nothing is lost by it: a large guest, two spare cores, and
     // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
-    const autoParallel = params.parallel === undefined && params.live && !this.host.find(params.domain)?.rec.config.postcopy
-      && (this.host.find(params.domain)?.rec.config.memoryMiB ?? 0) >= 2048 && this.planner.spareCores() >= 2 ? 2 : undefined;
+    const spare = this.planner.spareCores();
+    const autoParallel = params.parallel === undefined && params.live && !live.rec.config.postcopy && live.rec.config.memoryMiB >= 2048 && spare >= 2 ? 2 : undefined;
     const p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
-    const h = this.host;
-    const live = h.get(p.domain);
     // A finished incoming job only waits for its source's Confirm: the guest runs here.
     if (this.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished'))) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
     if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${live.busy})`);
@@ -202,7 +208,7 @@ export class Source {
     const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
     const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
     const policy: string[] = [];
-    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${this.host.find(p.domain)?.rec.config.memoryMiB} MiB of RAM, ${this.planner.spareCores()} spare cores, and post-copy forbidden by the domain's config`);
+    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${live.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`);
     // When each step ended, in ms since the request: where the time before the first byte goes.
     const timeline: Record<string, number> = {};
     const mark = (k: string): void => { timeline[k] = Date.now() - t0; };
@@ -299,7 +305,7 @@ export class Source {
           let pl = pl0;
           if (!postcopyOn && pl.plan.input.postcopyAllowed) {
             // The destination cannot take post-copy: the plan without it.
-            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.view.dirtyRateMBps * 1e6, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
+            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
           }
           stats.plan = pl.view;
           auto.pick = pl.plan.pick;
@@ -332,7 +338,7 @@ export class Source {
       this.step(j, { type: 'stream-completed' });
       // Still before the point of no return: both guests are paused, so a mismatch
       // abandons like any other failure and the domain resumes here.
-      const unreliable = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
+      const unreliable = engineLoses;
       if (inPostcopy) {
         if (p.verifyMemory || unreliable) policy.push('memory check skipped: in post-copy the destination\'s RAM is complete only after its guest runs');
       } else if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
@@ -555,7 +561,7 @@ export class Source {
       ticking = true;
       try {
         const m = await q.execute<MigrateInfo>('query-migrate');
-        this.progress(j, t0, m, w.passes, maxDowntimeMs);
+        const etaS = this.progress(j, t0, m, w.passes, maxDowntimeMs);
         const elapsed = (Date.now() - t0) / 1000;
         const ram = m.ram ?? {};
         const pass = ram['dirty-sync-count'] ?? w.passes;
@@ -566,10 +572,8 @@ export class Source {
         if (mode === 'live' && auto.postcopyOn && !auto.switchAsked && m.status === 'active') {
           if (auto.pick === 'postcopy' && pass >= 2) await toPostcopy(`the plan's pick, after the first full pass (${elapsed.toFixed(1)} s)`);
           else if (pass >= 3) {
-            const rate = (ram.mbps ?? 0) * 1e6 / 8;
-            const dirty = (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096);
-            const eta = precopyEtaS(ram.remaining ?? 0, dirty, rate, maxDowntimeMs);
-            if (elapsed + eta > timeoutS * 0.8) await toPostcopy(`pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(eta) ? `${eta.toFixed(1)} s` : 'never'})`);
+            const { rate, dirty } = rates(m);
+            if (elapsed + etaS > timeoutS * 0.8) await toPostcopy(`pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(etaS) ? `${etaS.toFixed(1)} s` : 'never'})`);
           }
         }
         // The deadline, still in pre-copy: the operator's rule (--on-timeout).
@@ -648,18 +652,21 @@ export class Source {
     }
   }
 
-  /** Publishes a query-migrate answer as the job's progress (the CLI's bar, `ferry job`). */
-  private progress(j: SourceJob, t0: number, m: MigrateInfo, passes: number, maxDowntimeMs: number): void {
+  /**
+   * Publishes a query-migrate answer as the job's progress (the CLI's bar, `ferry job`);
+   * returns the ETA in seconds (Infinity: never, at the rates QEMU reports now).
+   */
+  private progress(j: SourceJob, t0: number, m: MigrateInfo, passes: number, maxDowntimeMs: number): number {
     const ram = m.ram ?? {};
     const done = m.status === 'completed';
     const total = ram.total ?? 0;
     const remaining = done ? 0 : ram.remaining ?? total;
-    const rate = done ? 0 : (ram.mbps ?? 0) * 1e6 / 8;
+    const { rate: sending, dirty } = rates(m);
+    const rate = done ? 0 : sending;
     const post = (m.status ?? '').startsWith('postcopy');
     const pass = ram['dirty-sync-count'] ?? passes;
     // The ETA from the same model as the plan: a pre-copy pass that re-sends dirtied
     // pages is not progress lost. The bar itself never runs backwards.
-    const dirty = (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096);
     const eta = done ? 0 : rate <= 0 ? null : post ? remaining / rate : precopyEtaS(remaining, dirty, rate, maxDowntimeMs);
     const raw = done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0;
     const prog: Progress = {
@@ -670,6 +677,7 @@ export class Source {
     };
     j.progress = prog;
     this.host.emit('migration.progress', prog);
+    return eta ?? Infinity;
   }
 
   /**
@@ -731,28 +739,35 @@ export class Source {
    */
   async resolveAfterFinish(j: SourceJob, deadline = Infinity): Promise<Resolution | null> {
     // A driver taking over from the command's own wait goes on counting where it stopped.
-    const first = (j.waiting?.attempts ?? 0) + 1;
-    let delay = Math.min(FINISH_RETRY_FIRST_MS * 2 ** (first - 1), FINISH_RETRY_CAP_MS);
-    for (let attempt = first; ; attempt++) {
+    const got = await this.keepTrying(j, deadline, (j.waiting?.attempts ?? 0) + 1, 'destination not answering about a finished transfer; the source copy stays paused', '', async () => {
       if (j.phase !== 'finish') return { abandoned: j.phase === 'abandoned', reason: 'settled by the operator', byOperator: true };
-      let why: string;
-      try {
-        const r = await this.askDestination(j);
-        if (typeof r !== 'string') {
-          if (j.waiting) this.log.info('destination answered about a finished transfer', { jobId: j.jobId, attempts: attempt, abandoned: r.abandoned });
-          j.waiting = undefined;
-          return r;
-        }
-        why = r;
-      } catch (e) {
-        why = asFerryError(e).message;
+      try { return await this.askDestination(j); } catch (e) { return asFerryError(e).message; }
+    });
+    if (got && got.attempts > 1 && !got.value.byOperator) this.log.info('destination answered about a finished transfer', { jobId: j.jobId, attempts: got.attempts, abandoned: got.value.abandoned });
+    return got?.value ?? null;
+  }
+
+  /**
+   * The capped backoff of both waits past the point of no return (asking the destination
+   * about Finish, resuming a broken post-copy stream): `attempt` answers a result, or in
+   * words why there is none yet. Each miss is shown on the job (`waiting`: `ferry jobs`,
+   * the progress output) and logged at the first and every tenth try; the next try comes
+   * after 0.5 s, doubling up to 5 s. Null once that try would fall after `deadline`.
+   */
+  private async keepTrying<T>(j: SourceJob, deadline: number, first: number, warning: string, prefix: string, attempt: () => Promise<T | string>): Promise<{ value: T; attempts: number } | null> {
+    let delay = Math.min(FINISH_RETRY_FIRST_MS * 2 ** (first - 1), FINISH_RETRY_CAP_MS);
+    for (let n = first; ; n++) {
+      const r = await attempt();
+      if (typeof r !== 'string') {
+        j.waiting = undefined;
+        return { value: r, attempts: n };
       }
       const nextTryAt = Date.now() + delay;
-      j.waiting = { since: j.waiting?.since ?? Date.now(), attempts: attempt, lastError: why, nextTryAt };
-      if (attempt === 1 || attempt % 10 === 0) this.log.warn('destination not answering about a finished transfer; the source copy stays paused', { jobId: j.jobId, domain: j.domain, attempts: attempt, error: why });
+      j.waiting = { since: j.waiting?.since ?? Date.now(), attempts: n, lastError: prefix + r, nextTryAt };
+      if (n === 1 || n % 10 === 0) this.log.warn(warning, { jobId: j.jobId, domain: j.domain, attempts: n, error: r });
       this.host.emit('migration.waiting', { domain: j.domain, jobId: j.jobId, role: 'source', peer: j.peer.name, ...j.waiting });
       if (nextTryAt > deadline) return null;
-      await new Promise((r) => setTimeout(r, delay));
+      await new Promise((res) => setTimeout(res, delay));
       delay = Math.min(delay * 2, FINISH_RETRY_CAP_MS);
     }
   }
@@ -835,10 +850,8 @@ export class Source {
    * resumes the copy here. Returns the attempts it took.
    */
   private async recoverPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, deadline: number): Promise<number> {
-    let delay = FINISH_RETRY_FIRST_MS;
     this.log.warn('post-copy stream broke; recovering', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
-    for (let attempt = 1; ; attempt++) {
-      let why: string;
+    const got = await this.keepTrying(j, deadline, 1, 'post-copy recovery failed; trying again', 'post-copy recovery: ', async (): Promise<true | string> => {
       try {
         const { client } = await this.connectPeer(`${j.peer.address}:${j.peer.port}`);
         try {
@@ -849,25 +862,19 @@ export class Source {
           await q.execute('migrate', { uri: `tcp:${r.dataAddress}:${r.dataPort}`, resume: true });
           const st = await back;
           if (st === 'postcopy-paused') throw new FerryError('MIGRATION_FAILED', 'the resumed stream broke again');
-          if (st !== 'failed') {
-            this.log.info('post-copy recovered', { jobId: j.jobId, domain: j.domain, attempts: attempt });
-            return attempt;
-          }
-          why = 'the resumed stream failed';
+          if (st !== 'failed') return true;
+          return 'the resumed stream failed';
         } finally {
           client.close();
         }
       } catch (e) {
-        why = asFerryError(e).message;
+        if (q.closed) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited while post-copy was paused: the guest on ${j.peer.name} cannot get the pages it had not fetched`);
+        return asFerryError(e).message;
       }
-      if (q.closed) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited while post-copy was paused: the guest on ${j.peer.name} cannot get the pages it had not fetched`);
-      j.waiting = { since: j.waiting?.since ?? Date.now(), attempts: attempt, lastError: `post-copy recovery: ${why}`, nextTryAt: Date.now() + delay };
-      this.host.emit('migration.waiting', { domain: j.domain, jobId: j.jobId, role: 'source', peer: j.peer.name, ...j.waiting });
-      if (attempt === 1 || attempt % 10 === 0) this.log.warn('post-copy recovery failed; trying again', { jobId: j.jobId, attempts: attempt, error: why });
-      if (Date.now() + delay > deadline) throw new FerryError('MIGRATION_UNRESOLVED', `The post-copy stream of "${j.domain}" to ${j.peer.name} broke and is not back yet (${why}): the guest there waits for pages only ${this.host.cfg.name} has. ferryd keeps trying to resume it (never the copy here). Watch: \`ferry job ${j.domain}\``);
-      await new Promise((r) => setTimeout(r, delay));
-      delay = Math.min(delay * 2, FINISH_RETRY_CAP_MS);
-    }
+    });
+    if (!got) throw new FerryError('MIGRATION_UNRESOLVED', `The post-copy stream of "${j.domain}" to ${j.peer.name} broke and is not back yet (${j.waiting?.lastError.replace(/^post-copy recovery: /, '') ?? 'no answer'}): the guest there waits for pages only ${this.host.cfg.name} has. ferryd keeps trying to resume it (never the copy here). Watch: \`ferry job ${j.domain}\``);
+    this.log.info('post-copy recovered', { jobId: j.jobId, domain: j.domain, attempts: got.attempts });
+    return got.attempts;
   }
 
   /**
