@@ -21,6 +21,7 @@ export const ERRORS = {
   // resources: exit 4
   HOST_NO_MEMORY: { exit: 4, doc: 'the host does not have enough free memory for the domain' },
   NETWORK_NOT_FOUND: { exit: 4, doc: 'the domain names a network this host does not have' },
+  NETWORK_TUNNEL_FAILED: { exit: 4, doc: 'a VXLAN tunnel extending a domain\'s segment could not be set up' },
   DISK_NOT_FOUND: { exit: 4, doc: 'a disk or boot file does not exist' },
   API_LIMIT: { exit: 4, doc: 'a connection, reservation or size limit was reached; retry later or raise the limit' },
   // runtime failures: exit 5

@@ -41,6 +41,7 @@ const PEER = ['peer'] as const;
 export const ROLES = {
   'api.hello': ['local', 'admin', 'peer'],
   'host.info': MANAGE,
+  'net.tunnels': MANAGE,
   'domain.list': MANAGE,
   'domain.info': MANAGE,
   'domain.create': MANAGE,
@@ -70,6 +71,7 @@ export const ROLES = {
   'relocation.confirm': PEER,
   'relocation.recover': PEER,
   'relocation.status': PEER,
+  'relocation.tunnel': PEER,
 } as const satisfies Record<Action, readonly Role[]>;
 
 export function mayCall(role: Role, action: Action): boolean {
@@ -216,6 +218,14 @@ export type HostInfo = {
   networks: Record<string, { bridge: string; subnet: string; address?: string }>;
   relocation: { address: string; port: number; dataPorts: [number, number]; hostsAllow: string[] };
   domains: number;
+  /** VXLAN tunnels extending domains' segments through this host (daemon/tunnels.ts). */
+  tunnels: TunnelView[];
+};
+
+/** One end of a tunnel that carries a domain's home segment to the host it runs on. */
+export type TunnelView = {
+  domain: string; nic: number; network: string; vni: number; end: 'home' | 'away'; device: string; bridge: string;
+  local: string; remotes: string[]; home: { host: string; address: string; subnet: string }; since: string;
 };
 
 /** A live migration's progress (the CLI's bar). */
@@ -248,6 +258,7 @@ export type ResolveResult = { jobId: string; domain: string; phase: string; sett
 export interface Results {
   'api.hello': { apiVersion: number; version: string; host: string; caller: unknown };
   'host.info': HostInfo;
+  'net.tunnels': TunnelView[];
   'domain.list': DomainSummary[];
   'domain.info': DomainInfo;
   'domain.create': DomainInfo;
@@ -270,7 +281,7 @@ export interface Results {
   'migration.resolve': ResolveResult;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
-  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string };
+  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string; tunnels?: { nic: number; vni: number; address: string }[] };
   'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string };
   'relocation.digest': unknown;
   'relocation.repair': { written: number };
@@ -279,4 +290,5 @@ export interface Results {
   'relocation.confirm': { phase: string };
   'relocation.status': { phase: string; domain?: string };
   'relocation.recover': { dataAddress: string; dataPort: number };
+  'relocation.tunnel': { remotes: string[] };
 }

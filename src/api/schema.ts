@@ -33,6 +33,7 @@ const optOnTimeout = z.enum(['cancel', 'suspend', 'postcopy'], { error: 'must be
 export const ACTIONS = {
   'api.hello': params({}),
   'host.info': params({}),
+  'net.tunnels': params({}),
   'domain.list': params({}),
   'domain.info': params({ domain: str }),
   'domain.create': params({ config: opaque, start: optBool }),
@@ -58,7 +59,7 @@ export const ACTIONS = {
   // the operator's word on a job past the point of no return that the destination has not settled
   'migration.resolve': params({ domain: str, assume: z.enum(['destination', 'source'], { error: 'must be one of destination, source' }) }),
   // relocation (destination side, asked by a peer ferryd over TLS)
-  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool }),
+  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool, homes: opaque.optional() }),
   'relocation.prepare': params({ jobId: str }),
   'relocation.digest': params({ jobId: str, chunks: optIntList(0, 1 << 20, 8192) }),
   'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
@@ -68,6 +69,8 @@ export const ACTIONS = {
   'relocation.status': params({ jobId: str }),
   // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
   'relocation.recover': params({ jobId: str }),
+  // a tunnelled domain's home end: flood to one more away host, or one fewer (daemon/tunnels.ts)
+  'relocation.tunnel': params({ op: z.enum(['extend', 'retract'], { error: 'must be one of extend, retract' }), uuid: str, nic: int(0, 63), remote: str }),
 } as const;
 
 export type Action = keyof typeof ACTIONS;

@@ -14,7 +14,7 @@ import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerMigrate } from './migrate.ts';
 import { FERRY_VERSION } from '../version.ts';
-import type { DomainSummary, DomainInfo, HostInfo } from '../api/protocol.ts';
+import type { DomainSummary, DomainInfo, HostInfo, TunnelView } from '../api/protocol.ts';
 
 
 /** Runs a verb: its result printed as JSON or by `human`; errors become exit codes. */
@@ -60,8 +60,18 @@ function printHostInfo(r: HostInfo): void {
     ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free (it ${r.memory.limitedBy})`],
     ...Object.entries(r.networks).map(([n, v]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
     ['relocation', `${r.relocation.address}:${r.relocation.port}, data ports ${r.relocation.dataPorts.join('-')}`],
+    ...(r.tunnels ?? []).map((t) => [`tunnel ${t.device}`, tunnelWords(t)]),
   ];
   process.stdout.write(table(lines, ['l', 'l']));
+}
+
+function tunnelWords(t: TunnelView): string {
+  return t.end === 'home' ? `${t.domain} NIC ${t.nic}: home end of ${t.home.subnet} on ${t.bridge}, to ${t.remotes.join(', ')}` : `${t.domain} NIC ${t.nic}: away end (${t.bridge}), segment ${t.home.subnet} from ${t.home.host} (${t.home.address})`;
+}
+
+function printTunnels(r: TunnelView[]): void {
+  if (!r.length) { process.stdout.write('no tunnels\n'); return; }
+  process.stdout.write(table([['DOMAIN', 'NIC', 'END', 'VNI', 'DEVICE', 'BRIDGE', 'SEGMENT', 'PEERS', 'SINCE'], ...r.map((t) => [t.domain, String(t.nic), t.end, String(t.vni), t.device, t.bridge, `${t.home.subnet} (${t.home.host})`, t.remotes.join(','), t.since])], ['l', 'r', 'l', 'r', 'l', 'l', 'l', 'l', 'l']));
 }
 
 export function buildProgram(): Command {
@@ -110,6 +120,9 @@ export function buildProgram(): Command {
     .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'host TLS directory to write', '/etc/ferry/tls')
     .option('--ip <addr...>', 'IP addresses to put in the certificate').option('--json', 'JSON output')
     .action(act(async (name: string, o: { ca: string; out: string; ip?: string[] }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, ips: o.ip }) }), (r) => process.stdout.write(`Issued a certificate for ${r.name} in ${r.dir}\n`)));
+  const netCmd = prog.command('net').description('host networking for domains');
+  netCmd.command('tunnels').description('list the VXLAN tunnels that carry domains\' home segments through this host').option('--json', 'JSON output')
+    .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'net.tunnels'), printTunnels));
   const admin = prog.command('admin').description('administrator certificates');
   admin.command('cert').description('issue an administrator certificate (OU=admin): manages hosts from afar; cannot act as a host').argument('<name>')
     .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'TLS directory to write (point FERRY_TLS_DIR at it)', '/etc/ferry/admin-tls')

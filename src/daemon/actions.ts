@@ -66,6 +66,8 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
       case 'relocation.confirm': return answer(req.action, mig().dest.confirm(req.params, ctx));
       case 'relocation.recover': return answer(req.action, mig().dest.recover(req.params, ctx));
       case 'relocation.status': return answer(req.action, mig().dest.status(req.params, ctx));
+      case 'relocation.tunnel': return answer(req.action, { remotes: host.tunnelFromPeer(req.params.op, req.params.uuid, req.params.nic, req.params.remote, (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '')) });
+      case 'net.tunnels': return answer(req.action, host.tunnelList());
       default: {
         const never: never = req;
         throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);

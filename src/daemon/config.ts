@@ -32,6 +32,8 @@ export interface DaemonConfig {
      * /dev/userfaultfd (QEMU's destination needs it); false keeps it closed.
      */
     acceptPostcopy: boolean;
+    /** Extend a domain's home segment to this host over VXLAN when its network here is another subnet (daemon/tunnels.ts). */
+    tunnels: boolean;
   };
   /** Where domain files may live (README "Storage"). */
   storage: StorageConfig;
@@ -118,11 +120,13 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   const rel = raw.relocation ?? {};
   if (!isObj(rel)) bad('relocation', 'must be an object');
   const r = isObj(rel) ? rel : {};
-  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts', 'allowInsecure', 'acceptPostcopy'].includes(k)) bad(`relocation.${k}`, 'unknown key');
+  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts', 'allowInsecure', 'acceptPostcopy', 'tunnels'].includes(k)) bad(`relocation.${k}`, 'unknown key');
   const allowInsecure = r.allowInsecure ?? false;
   if (typeof allowInsecure !== 'boolean') bad('relocation.allowInsecure', 'must be true or false');
   const acceptPostcopy = r.acceptPostcopy ?? true;
   if (typeof acceptPostcopy !== 'boolean') bad('relocation.acceptPostcopy', 'must be true or false');
+  const tunnels = r.tunnels ?? true;
+  if (typeof tunnels !== 'boolean') bad('relocation.tunnels', 'must be true or false');
   const address = r.address ?? '127.0.0.1';
   if (typeof address !== 'string' || address.length === 0) bad('relocation.address', 'must be an address');
   const port = r.port ?? DEFAULT_RELOCATION_PORT;
@@ -195,7 +199,7 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
   return {
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
-    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean, acceptPostcopy: acceptPostcopy as boolean },
+    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean, acceptPostcopy: acceptPostcopy as boolean, tunnels: tunnels as boolean },
     storage, limits,
     tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, logLevel: logLevel as Level, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
     peers: peers as Record<string, string>, qemu, qemuUser: isObj(qraw) && typeof qraw.user === 'string' ? qraw.user : DEFAULT_QEMU_USER,

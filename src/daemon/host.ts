@@ -22,8 +22,8 @@ import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles } from '../domain/storage.ts';
-import type { MigrationHost } from '../migration/ports.ts';
-import type { HostInfo, DomainSummary, DomainInfo, Results } from '../api/protocol.ts';
+import type { MigrationHost, TunnelHome } from '../migration/ports.ts';
+import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
@@ -33,6 +33,7 @@ import { DomainStore, type Live } from './records.ts';
 import { QemuRuntime } from './runtime.ts';
 import { SaveRestore } from './saverestore.ts';
 import { GuestRamAccess } from './guestram.ts';
+import { Tunnels, vniFor } from './tunnels.ts';
 
 export type { Live, DomainRecord, Runtime } from './records.ts';
 
@@ -45,6 +46,8 @@ export class Host extends EventEmitter implements MigrationHost {
   private readonly ram: GuestRamAccess;
   /** Whether an incoming move may switch to post-copy here (relocation.acceptPostcopy, userfaultfd). */
   private readonly postcopy: { ok: boolean; why: string };
+  /** VXLAN tunnels that carry domains' home segments (tunnels.ts). */
+  private readonly tunnels: Tunnels;
 
   constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
     super();
@@ -58,6 +61,7 @@ export class Host extends EventEmitter implements MigrationHost {
     this.ram = new GuestRamAccess(cfg.name, qemuUser, this.runtime);
     this.postcopy = cfg.relocation.acceptPostcopy ? grantUserfaultfd(qemuUser) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
     if (cfg.relocation.acceptPostcopy) log.info('post-copy for incoming moves', this.postcopy);
+    this.tunnels = new Tunnels(cfg.stateDir, cfg.relocation.address, log);
   }
 
   postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
@@ -70,6 +74,7 @@ export class Host extends EventEmitter implements MigrationHost {
   /** Loads records and re-attaches to QEMU processes that survived a ferryd restart. */
   async recover(): Promise<void> {
     for (const live of this.store.load()) await this.runtime.reattach(live);
+    this.tunnels.adopt(new Set(this.domainUuids()));
   }
 
   get(name: string): Live { return this.store.get(name); }
@@ -122,6 +127,7 @@ export class Host extends EventEmitter implements MigrationHost {
       networks: this.cfg.networks,
       relocation: { address: this.cfg.relocation.address, port: this.cfg.relocation.port, dataPorts: this.cfg.relocation.dataPorts, hostsAllow: this.cfg.relocation.hostsAllow },
       domains: this.store.size,
+      tunnels: this.tunnelList(),
     };
   }
 
@@ -289,10 +295,10 @@ export class Host extends EventEmitter implements MigrationHost {
    * its QEMU started stopped with `-incoming defer`, attached. `onDefined` hears the pid
    * before anything else happens, so a crash right after leaves a record to clean.
    */
-  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string }, onDefined: (pid: number) => void): Promise<Live> {
+  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<Live> {
     const live: Live = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
     this.store.hold(live);
-    const sp = await this.runtime.spawn(config, { incoming: true, preallocate: opts.preallocate, machine: opts.machine, cpuModel: opts.cpuModel });
+    const sp = await this.runtime.spawn(config, { incoming: true, preallocate: opts.preallocate, machine: opts.machine, cpuModel: opts.cpuModel, bridges: opts.bridges });
     live.rec.runtime = sp.runtime;
     onDefined(sp.pid);
     this.apply(live, { type: 'incoming', pid: sp.pid, domid: this.store.allocDomid(), jobId, at: Date.now() });
@@ -329,6 +335,51 @@ export class Host extends EventEmitter implements MigrationHost {
     if (!live.console) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(live.rec.state.kind)}`);
     live.console.attach(client, replay);
   }
+
+  // ---- tunnels (tunnels.ts): a domain's home segment carried to the host it runs on ----
+
+  tunnelList(): TunnelView[] {
+    return this.tunnels.list().map((t) => ({ domain: t.domain, nic: t.nic, network: t.network, vni: t.vni, end: t.end, device: t.device, bridge: t.bridge, local: t.local, remotes: t.remotes, home: { host: t.home.host, address: t.home.address, subnet: t.home.subnet }, since: t.since }));
+  }
+
+  /** Where each NIC of the domain lives: its away end's home, or this host's own segment. */
+  tunnelHomes(c: DomainConfig): TunnelHome[] {
+    return c.nics.map((n, i) => {
+      const net = this.cfg.networks[n.network];
+      return this.tunnels.away(c.uuid, i)?.home ?? { host: this.cfg.name, address: this.cfg.relocation.address, subnet: net?.subnet ?? '', vni: vniFor(c.uuid, i), ...(net?.address ? { ip: net.address.split('/')[0] } : {}) };
+    });
+  }
+
+  /** Away ends for an incoming domain's NICs that need one; the bridge per NIC (undefined: the network's own). */
+  openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[] {
+    try {
+      return c.nics.map((n, i) => { const home = homes.get(i); return home ? this.tunnels.openAway({ domain: c.name, uuid: c.uuid, nic: i, network: n.network, home }) : undefined; });
+    } catch (e) {
+      this.tunnels.closeAway(c.uuid);
+      throw e;
+    }
+  }
+
+  closeAway(uuid: string): { nic: number; home: TunnelHome }[] { return this.tunnels.closeAway(uuid).map((t) => ({ nic: t.nic, home: t.home })); }
+
+  /** This host is the NIC's home: flood its segment to `remote` too. */
+  extendHome(c: DomainConfig, nic: number, remote: string): string[] {
+    const n = c.nics[nic];
+    const net = n && this.cfg.networks[n.network];
+    if (!net) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" has no NIC ${nic} on a network of ${this.cfg.name}`);
+    return this.tunnels.extendHome({ domain: c.name, uuid: c.uuid, nic, network: n.network, bridge: net.bridge, subnet: net.subnet, host: this.cfg.name }, remote).remotes;
+  }
+
+  /** A peer asks (relocation.tunnel) for a NIC whose home is here: only a host the tunnel reaches may. */
+  tunnelFromPeer(op: 'extend' | 'retract', uuid: string, nic: number, remote: string, callerAddress: string): string[] {
+    const t = this.tunnels.home(uuid, nic);
+    if (!t) throw new FerryError('NETWORK_TUNNEL_FAILED', `${this.cfg.name} is not the home of a tunnel for domain ${uuid.slice(0, 64)} NIC ${nic}`);
+    if (!t.remotes.includes(callerAddress)) throw new FerryError('API_FORBIDDEN', `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`);
+    if (op === 'extend') return this.tunnels.extendHome({ domain: t.domain, uuid, nic, network: t.network, bridge: t.bridge, subnet: t.home.subnet, host: t.home.host }, remote).remotes;
+    return this.tunnels.retractHome(uuid, nic, remote)?.remotes ?? [];
+  }
+
+  retractHome(uuid: string, nic: number, remote: string): void { this.tunnels.retractHome(uuid, nic, remote); }
 
   /** Drops the runtime of a domain whose QEMU is gone (sockets, taps, console). */
   cleanupRuntime(live: Live): void { this.runtime.cleanup(live); }

@@ -22,7 +22,8 @@ import { createTap, deleteTap } from './net.ts';
 import { ConsoleMux } from './console.ts';
 import type { DomainStore, Live, Runtime } from './records.ts';
 
-export interface SpawnOptions { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string }
+/** `bridges`: per NIC, a bridge other than its network's (a tunnel's away end, daemon/tunnels.ts). */
+export interface SpawnOptions { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string; bridges?: (string | undefined)[] }
 
 export class QemuRuntime {
   constructor(
@@ -87,7 +88,7 @@ export class QemuRuntime {
         initrd: c.boot.kind === 'kernel' && c.boot.initrd ? open(c.boot.initrd, false) : undefined,
         disks: c.disks.map((d) => open(d.path, !d.readOnly)),
       };
-      c.nics.forEach((n, i) => createTap(runtime.taps[i], this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
+      c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
       try {
         const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate, fds });
         const q = await startQemu(argv, {

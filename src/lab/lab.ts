@@ -15,7 +15,8 @@
  *
  * Every host runs its own ferryd with its own state dir, config and certificate from
  * the lab's CA. With --segments 2 the last host's "lab" network is bridged to segment
- * 2 instead: a destination whose network is another L2 segment and subnet.
+ * 2 instead: a destination whose network is another L2 segment and subnet, which a
+ * guest reaches through the VXLAN ferry builds over the migration network (MTU 1550).
  * Everything the lab makes is named ferry-* (namespaces) or lives inside them, and
  * its files live under the lab directory, so `lab down` can find all of it, even
  * after a crash.
@@ -40,6 +41,7 @@ export const GUEST_IP_RANGE = [100, 199] as const;
 export const MIG_NET = '198.19.0';
 export const MIG_ADDR = (i: number): string => `${MIG_NET}.${10 + i}`;
 export const CLIENT_MIG_ADDR = `${MIG_NET}.2`;
+export const MIG_MTU = 1550;
 
 /** Drops traffic for the migration network that arrives on any other interface (but lo: a host's traffic to itself). */
 const MIG_FIREWALL = `table inet ferry-lab {
@@ -164,7 +166,8 @@ export async function labUp(o: UpOptions): Promise<LabState> {
     }
     makeBridge(sw, 'swm', '02:fe:00:f0:00:01');
     addVeth(sw, 'clsm', client, 'ethm');
-    ipns(sw, 'link', 'set', 'clsm', 'master', 'swm', 'up');
+    ipns(sw, 'link', 'set', 'clsm', 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
+    ipns(client, 'link', 'set', 'ethm', 'mtu', String(MIG_MTU));
     ipns(client, 'addr', 'add', `${CLIENT_MIG_ADDR}/24`, 'dev', 'ethm');
     ipns(client, 'link', 'set', 'ethm', 'up');
     ipns(client, 'link', 'set', 'lo', 'up');
@@ -196,9 +199,11 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
       }
       addVeth(sw, `h${i}m`, ns, 'mig0');
-      ipns(sw, 'link', 'set', `h${i}m`, 'master', 'swm', 'up');
+      // 1550 bytes on the migration network, so a VXLAN that carries a guest's segment
+      // (daemon/tunnels.ts, 50 bytes of headers) passes its 1500-byte frames whole.
+      ipns(sw, 'link', 'set', `h${i}m`, 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
       ipns(ns, 'addr', 'add', `${MIG_ADDR(i)}/24`, 'dev', 'mig0');
-      ipns(ns, 'link', 'set', 'mig0', 'up');
+      ipns(ns, 'link', 'set', 'mig0', 'mtu', String(MIG_MTU), 'up');
       execFileSync('ip', ['netns', 'exec', ns, 'nft', '-f', '-'], { input: MIG_FIREWALL, stdio: ['pipe', 'ignore', 'pipe'] });
       const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
       const dir = path.join(LAB_DIR, name);

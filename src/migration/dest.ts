@@ -8,13 +8,13 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { FerryError, asFerryError } from '../errors.ts';
-import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
+import { parseDomainConfig, domainConfigToJson, type DomainConfig, type NetworkConfig } from '../domain/config.ts';
 import { killAndWait, isOurQemu, qemuPidsWith } from '../qemu/process.ts';
-import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationContext as ConnContext } from './ports.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationContext as ConnContext, TunnelHome } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, type SourceFacts, type FileSizes } from './preflight.ts';
+import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, vniFor, isIpv4, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -41,6 +41,8 @@ interface BeginMsg {
   cpuModel: string;
   /** The move may switch to post-copy: this QEMU needs the capability before the stream. */
   postcopy: boolean;
+  /** Where each NIC's segment lives (the source's own, or a tunnel's home): daemon/tunnels.ts. */
+  homes: TunnelHome[];
 }
 
 function isObj(v: unknown): v is Record<string, unknown> {
@@ -73,7 +75,21 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
   if (p.postcopy === true && isObj(d) && isObj(d.config) && d.config.postcopy === false) bad('postcopy is forbidden by the domain\'s config');
   if (d.storageNonce !== undefined && !(typeof d.storageNonce === 'string' && /^[0-9a-f]{32}$/.test(d.storageNonce))) bad('domain.storageNonce must be 32 hex digits');
   if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true };
+  const homes: TunnelHome[] = [];
+  if (p.homes !== undefined) {
+    if (!Array.isArray(p.homes) || p.homes.length !== config!.nics.length) bad('homes must list one home per NIC');
+    for (const [i, x] of (p.homes as unknown[]).entries()) {
+      if (!isObj(x) || typeof x.host !== 'string' || x.host.length > 128 || !isIpv4(x.address) || typeof x.subnet !== 'string' || x.subnet.length > 64) return bad('homes entries need host, an IPv4 address and a subnet');
+      // The VNI follows from the domain and NIC, so a peer cannot point a tunnel at another's.
+      if (x.vni !== vniFor(config!.uuid, i)) bad(`homes[${i}].vni is not the VNI of NIC ${i} of this domain`);
+      if (x.ip !== undefined && !isIpv4(x.ip)) bad(`homes[${i}].ip must be an IPv4 address`);
+      homes.push({ host: x.host as string, address: x.address as string, subnet: x.subnet as string, vni: x.vni as number, ...(x.ip ? { ip: x.ip as string } : {}) });
+    }
+  } else {
+    // A source that says nothing: every NIC lives on the source's own segment.
+    config!.nics.forEach((n, i) => homes.push({ host: (peer as { name: string }).name, address: '', subnet: (peer.networks as Record<string, NetworkConfig>)[n.network]?.subnet ?? '', vni: vniFor(config!.uuid, i) }));
+  }
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true, homes };
 }
 
 export class Destination {
@@ -174,6 +190,15 @@ export class Destination {
     // Post-copy only where this host's QEMU can take it: the source learns it from Begin's answer.
     const pc = h.postcopyIncoming();
     if (m.postcopy && !pc.ok) { m.postcopy = false; this.log.info('post-copy declined for an incoming move', { jobId: m.jobId, why: pc.why }); }
+    // NICs whose segment is another subnet here get it carried through a tunnel
+    // (daemon/tunnels.ts), only to a host the source names and only for a running guest.
+    const need = tunnelsNeeded(m.config, m.homes, { name: h.cfg.name, networks: h.cfg.networks, tunnels: h.cfg.relocation.tunnels, address: h.cfg.relocation.address }, peerName);
+    const peerAddr = (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '');
+    const known = new Set([peerAddr, ...Object.values(h.cfg.peers).map((a) => a.replace(/:\d+$/, ''))]);
+    for (const [i, home] of need) {
+      if (!running) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate shut-off domain "${m.config.name}": network "${m.config.nics[i].network}" is another subnet on ${h.cfg.name} than its segment ${home.subnet}, and a tunnel follows a running domain only; start it first, or move it to a host on ${home.subnet}`);
+      if (!known.has(home.address)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: NIC ${i}'s home ${home.host} at ${home.address} is neither the source nor a peer of ${h.cfg.name}`);
+    }
     const job: DestJob = {
       role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
       startedAt: Date.now(), updatedAt: Date.now(), history: [{ phase: 'begun', at: Date.now() }], phase: 'begun',
@@ -193,7 +218,7 @@ export class Destination {
     this.touch(job);
     ctx.onClose(() => this.onControlClosed(job.jobId));
     if (!running) {
-      const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, false).catch(async (e) => { await this.abandonLocal(job, (e as Error).message); throw e; });
+      const l2 = await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, false, 'segments').catch(async (e) => { await this.abandonLocal(job, (e as Error).message); throw e; });
       this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, l2 });
       return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: 0, checks: l2 };
     }
@@ -201,15 +226,28 @@ export class Destination {
     // the L2 probe: QEMU's start-up is the longest step before the first byte. Its
     // listener opens only at Prepare, which must come within limits.reservationS (touch).
     h.reserve(job.jobId, job.domain, job.memoryMiB);
-    const started = this.startIncoming(job, m);
+    let bridges: (string | undefined)[] = [];
+    try {
+      bridges = need.size ? h.openAway(m.config, need) : [];
+    } catch (e) {
+      await this.abandonLocal(job, `tunnel: ${(e as Error).message}`);
+      throw e;
+    }
+    const tunnels = new Map([...need].map(([i, home]) => [i, { bridge: bridges[i]!, home }]));
+    this.tunnels.set(job.jobId, tunnels);
+    const started = this.startIncoming(job, m, bridges);
     this.starting.set(job.jobId, started);
     started.catch(() => undefined);
     try {
-      const [l2, port] = await Promise.all([checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, true), this.openProbe(job.jobId)]);
+      // NICs behind a tunnel are probed at Prepare, once the source has opened the home end.
+      const [l2, port] = await Promise.all([checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, true, 'segments', tunnels), this.openProbe(job.jobId)]);
       job.dataPort = port;
       this.store.saveLater(job);
-      this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: port, l2 });
-      return { jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2, postcopy: m.postcopy, ...(m.postcopy ? {} : { postcopyWhy: pc.why }) };
+      this.log.info('migration begun', { jobId: job.jobId, domain: job.domain, peer: peerName, mode: m.mode, dataPort: port, l2, tunnels: [...need.keys()] });
+      return {
+        jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2, postcopy: m.postcopy, ...(m.postcopy ? {} : { postcopyWhy: pc.why }),
+        ...(need.size ? { tunnels: [...need].map(([nic, home]) => ({ nic, vni: home.vni, address: h.cfg.relocation.address })) } : {}),
+      };
     } catch (e) {
       await this.abandonLocal(job, `pre-flight: ${(e as Error).message}`);
       throw e;
@@ -221,9 +259,9 @@ export class Destination {
    * listener yet), events on, TLS credentials and the authz for the source's certificate
    * in place. Everything but the listener, which Prepare opens.
    */
-  private async startIncoming(j: DestJob, m: BeginMsg): Promise<Live> {
+  private async startIncoming(j: DestJob, m: BeginMsg, bridges: (string | undefined)[]): Promise<Live> {
     const h = this.host;
-    const live = await h.startIncoming(m.config, j.jobId, { preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel }, (pid) => {
+    const live = await h.startIncoming(m.config, j.jobId, { preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel, bridges }, (pid) => {
       j.pid = pid;
       this.store.saveLater(j);
     });
@@ -301,6 +339,8 @@ export class Destination {
   private starting = new Map<string, Promise<Live>>();
   /** Each incoming QEMU's migration status, from its events. */
   private watches = new Map<string, MigrationWatcher>();
+  /** Per job: the NICs whose segment comes through a tunnel, their away bridge and home. */
+  private tunnels = new Map<string, Map<number, { bridge: string; home: TunnelHome }>>();
 
   private async doPrepare(j: DestJob): Promise<Results['relocation.prepare']> {
     const m = this.begins.get(j.jobId);
@@ -314,6 +354,9 @@ export class Destination {
       const live = await started;
       const q = live.qmp;
       if (!q) throw new FerryError('MIGRATION_FAILED', `the incoming QEMU of "${j.domain}" is gone`);
+      // The source has opened the tunnels' home ends: the segment must answer through them.
+      const tunnels = this.tunnels.get(j.jobId);
+      if (tunnels?.size) this.log.info('tunnel checked', { jobId: j.jobId, l2: await checkL2(m.config, m.peer, h.cfg.networks, h.cfg.name, true, 'tunnels', tunnels) });
       this.step(j, { type: 'prepared' });
       this.touch(j);
       this.closeProbe(j.jobId);
@@ -705,6 +748,7 @@ export class Destination {
     if (q) clearTimeout(q);
     this.quiet.delete(jobId);
     this.starting.delete(jobId);
+    this.tunnels.delete(jobId);
     this.watches.get(jobId)?.dispose();
     this.watches.delete(jobId);
   }
@@ -722,6 +766,8 @@ export class Destination {
       await killAndWait(j.pid, 0);
     }
     h.release(j.jobId);
+    // Away ends opened for this guest (it never ran here, so it has no others here).
+    h.closeAway(j.uuid);
     this.forgetRun(j.jobId);
     j.error = { code: 'MIGRATION_FAILED', message: reason };
     this.step(j, event);

@@ -5,7 +5,8 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { MigrationHost, DomainHandle } from './ports.ts';
+import type { MigrationHost, DomainHandle, TunnelHome } from './ports.ts';
+import { vniFor } from './preflight.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { fakeQmp } from '../qmp/fake.ts';
 import type { DomainConfig } from '../domain/config.ts';
@@ -74,7 +75,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   readonly cfg;
   constructor(name: string, readonly runDir: string, readonly qmpPath: string, port: number) {
     super();
-    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
+    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true, tunnels: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
   }
   get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
   find(name: string): Handle | undefined { return this.domains.get(name); }
@@ -107,6 +108,14 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   cleanupRuntime(d: DomainHandle): void { d.qmp?.close(); }
   forget(name: string): void { this.domains.delete(name); }
   removeTaps(): void { /* no taps */ }
+  /** Tunnel calls as they came: "away+ uuid nic", "away- uuid", "home+ uuid nic remote", "home- uuid nic remote". */
+  readonly tunnelLog: string[] = [];
+  tunnelHomes(c: DomainConfig): TunnelHome[] { return c.nics.map((n, i) => ({ host: this.cfg.name, address: this.cfg.relocation.address, subnet: (this.cfg.networks as Record<string, { subnet: string }>)[n.network]?.subnet ?? '', vni: vniFor(c.uuid, i) })); }
+  openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[] { for (const i of homes.keys()) this.tunnelLog.push(`away+ ${c.uuid} ${i}`); return c.nics.map((_, i) => (homes.has(i) ? `fb${i}` : undefined)); }
+  closeAway(uuid: string): { nic: number; home: TunnelHome }[] { this.tunnelLog.push(`away- ${uuid}`); return []; }
+  extendHome(c: DomainConfig, nic: number, remote: string): string[] { this.tunnelLog.push(`home+ ${c.uuid} ${nic} ${remote}`); return [remote]; }
+  retractHome(uuid: string, nic: number, remote: string): void { this.tunnelLog.push(`home- ${uuid} ${nic} ${remote}`); }
+  tunnelFromPeer(): string[] { return []; }
   qemuDirOf(): string { return this.runDir; }
   qemuTlsDir(): string { return this.runDir; }
   withRam<T>(): Promise<T> { throw new Error('no RAM in a fake'); }

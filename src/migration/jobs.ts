@@ -39,6 +39,8 @@ export interface SourceJob extends JobBase {
   waiting?: Waiting;
   /** Set once QEMU switched to post-copy: from then on the source QEMU serves pages until the stream completes. */
   postcopy?: { startedAt: number };
+  /** Home ends this move listed the destination in (daemon/tunnels.ts): retracted if it is abandoned. */
+  tunnels?: { nic: number; home: string; remote: string }[];
 }
 
 export interface Waiting { since: number; attempts: number; lastError: string; nextTryAt: number }

@@ -20,6 +20,12 @@ export class Migrations {
     this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'), (file, error) => log.warn('job state write still failing; retrying', { file, error }));
     this.source = new Source(host, this.store, log);
     this.dest = new Destination(host, this.store, log);
+    // A domain that stops away from its segment needs its tunnel no more (a move has its own path).
+    host.on('domain.state', (ev) => {
+      const stopped = (ev.state?.kind === 'shutoff' && ev.state.reason !== 'migrated') || ev.state?.kind === 'crashed';
+      const d = stopped ? host.find(ev.domain) : undefined;
+      if (d) void this.source.leaveTunnels(d.rec.config.uuid, ev.domain).catch((e) => log.warn('tunnel not closed', { domain: ev.domain, error: String(e) }));
+    });
   }
 
   jobs(): JobView[] {

@@ -27,8 +27,10 @@ import { FerryError } from '../errors.ts';
  * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
  * 3: Begin carries the source's QEMU version and starts the incoming QEMU; no hello.
  * 4: Begin says whether the move may switch to post-copy (both QEMUs need the capability).
+ * 5: Begin carries each NIC's home segment, and its answer the tunnels the destination
+ *    opened (daemon/tunnels.ts); relocation.tunnel changes a home end.
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 
 export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'postcopy' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';

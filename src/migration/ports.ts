@@ -31,7 +31,7 @@ export interface MigrationSettings {
   name: string;
   stateDir: string;
   tlsDir: string;
-  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean; acceptPostcopy: boolean };
+  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean; acceptPostcopy: boolean; tunnels: boolean };
   peers: Record<string, string>;
   networks: Record<string, NetworkConfig>;
   limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
@@ -45,6 +45,13 @@ export interface DomainHandle {
   readonly busy?: string;
 }
 
+/**
+ * Where a NIC's segment lives: the host that bridges it, its migration address, the
+ * subnet, its tunnel's VNI, and the home host's own address on the segment (`ip`, what
+ * a new away host ARPs for through the tunnel while the guest still runs elsewhere).
+ */
+export interface TunnelHome { host: string; address: string; subnet: string; vni: number; ip?: string }
+
 export interface MigrationHost {
   readonly cfg: MigrationSettings;
   readonly qemu: QemuFacts;
@@ -52,6 +59,7 @@ export interface MigrationHost {
   /** Where domains' run directories live (an incoming QEMU's command line names it). */
   readonly runDir: string;
   on(event: 'qemu.gone', fn: (ev: { domain: string; pid: number }) => void): unknown;
+  on(event: 'domain.state', fn: (ev: { domain: string; from: string | null; to: string; state?: DomainState }) => void): unknown;
   emit(event: string, data: unknown): boolean;
 
   get(name: string): DomainHandle;
@@ -73,7 +81,7 @@ export interface MigrationHost {
   release(jobId: string): void;
 
   /** Defines `config` here as an incoming domain, starts its QEMU (stopped, -incoming defer) and attaches to it. */
-  startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string }, onDefined: (pid: number) => void): Promise<DomainHandle>;
+  startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<DomainHandle>;
   /** Defines a shut-off domain that moved here as its definition. */
   defineMoved(config: DomainConfig): void;
   /** Ends an incoming domain's QEMU (if any) and forgets it: an abandoned incoming migration. */
@@ -84,6 +92,17 @@ export interface MigrationHost {
   cleanupRuntime(d: DomainHandle): void;
   forget(name: string): void;
   removeTaps(uuid: string, nics: number): void;
+
+  /** Where each NIC of a domain here lives (daemon/tunnels.ts): the home end of its segment. */
+  tunnelHomes(c: DomainConfig): TunnelHome[];
+  /** Opens away ends for an incoming domain's NICs listed in `homes`; the bridge for each NIC's tap. */
+  openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[];
+  /** Drops a domain's away ends here; says which homes listed this host. */
+  closeAway(uuid: string): { nic: number; home: TunnelHome }[];
+  /** This host is the NIC's home: its segment also floods to `remote`. The remotes now. */
+  extendHome(c: DomainConfig, nic: number, remote: string): string[];
+  retractHome(uuid: string, nic: number, remote: string): void;
+  tunnelFromPeer(op: 'extend' | 'retract', uuid: string, nic: number, remote: string, callerAddress: string): string[];
 
   /** The domain QEMU's private directory (its sockets). */
   qemuDirOf(d: DomainHandle): string;

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { checkOffer, writeStorageMarkers, checkStorageMarkers, markerName, type SourceFacts, type DestFacts } from './preflight.ts';
+import { checkOffer, tunnelsNeeded, vniFor, writeStorageMarkers, checkStorageMarkers, markerName, type SourceFacts, type DestFacts } from './preflight.ts';
 import { PROTOCOL_VERSION as V } from './phases.ts';
 import { parseDomainConfig } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
@@ -37,7 +37,6 @@ test('each mismatch is refused with its own code and a message that names the fi
   assert.equal(code(() => checkOffer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
   assert.equal(code(() => checkOffer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_ENGINE');
   assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } } }, c, true)), 'MIGRATION_DEST_L2');
   try {
     checkOffer(V, src, { ...dst, freeMiB: 512 }, c, true);
     assert.fail('should refuse');
@@ -105,4 +104,20 @@ test('shared storage is proven by a marker the destination reads back; a local c
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }
+});
+
+test('another subnet: a tunnel from the NIC\'s home, or a refusal where tunnels are off', () => {
+  const home = { host: 'host1', address: '198.19.0.11', subnet: '198.18.0.0/24', vni: vniFor(c.uuid, 0) };
+  const other = { name: 'host3', networks: { lab: { bridge: 'br1', subnet: '198.18.1.0/24' } }, tunnels: true, address: '198.19.0.13' };
+  // Same subnet: nothing to carry.
+  assert.equal(tunnelsNeeded(c, [home], { ...other, networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } }, 'host1').size, 0);
+  // Another subnet: NIC 0 gets its home's segment carried.
+  assert.deepEqual([...tunnelsNeeded(c, [home], other, 'host1')], [[0, home]]);
+  // A guest already away (on host3) moving home: its home subnet is where it goes, so no tunnel.
+  assert.equal(tunnelsNeeded(c, [home], { name: 'host2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } }, tunnels: true, address: '198.19.0.12' }, 'host3').size, 0);
+  assert.equal(code(() => tunnelsNeeded(c, [home], { ...other, tunnels: false }, 'host1')), 'MIGRATION_DEST_L2');
+  // A home that claims to be the destination itself, on another subnet, is a lie.
+  assert.equal(code(() => tunnelsNeeded(c, [{ ...home, host: 'host3' }], other, 'host2')), 'MIGRATION_PROTOCOL');
+  const a = vniFor(c.uuid, 0);
+  assert.ok(a >= 1 && a <= 0xffffff && a !== vniFor(c.uuid, 1), 'VNIs per NIC, in range');
 });

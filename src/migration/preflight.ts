@@ -11,6 +11,19 @@ import { FerryError } from '../errors.ts';
 import type { DomainConfig, NetworkConfig } from '../domain/config.ts';
 import { domainPaths } from '../domain/config.ts';
 import { PROTOCOL_VERSION } from './phases.ts';
+import type { TunnelHome } from './ports.ts';
+
+/** VXLAN's port: the tunnels that carry a domain's segment (daemon/tunnels.ts) use it on the migration addresses. */
+export const VXLAN_UDP_PORT = 4789;
+
+/** The VNI of a domain's NIC: the same on every host, so both ends agree without asking. */
+export function vniFor(uuid: string, nic: number): number {
+  const h = crypto.createHash('sha256').update(`${uuid}:${nic}`).digest();
+  return (h.readUIntBE(0, 3) % 0xfffffe) + 1;
+}
+
+const IPV4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
+export const isIpv4 = (s: unknown): s is string => typeof s === 'string' && IPV4.test(s) && s.split('.').every((x) => Number(x) <= 255);
 
 /** What the source tells the destination about itself in Begin. */
 export interface SourceFacts {
@@ -101,9 +114,27 @@ export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c:
   for (const n of c.nics) {
     const d = dst.networks[n.network];
     if (!d) throw new FerryError('MIGRATION_DEST_NETWORK', `${who}: ${dst.name} has no network "${n.network}"; add it to "networks" in its ferryd.json`);
-    const s = src.networks[n.network];
-    if (s && s.subnet !== d.subnet) throw new FerryError('MIGRATION_DEST_L2', `${who}: network "${n.network}" is ${d.subnet} on ${dst.name} but ${s.subnet} on ${src.name}: not the same L2 segment, so the domain's address would not work there`);
   }
+}
+
+/**
+ * Which NICs need their home segment carried here (daemon/tunnels.ts): those whose
+ * network is another subnet on this host than where the NIC lives. `homes` comes from
+ * the source, one per NIC (its own segment, or the home of a tunnel it holds). A NIC
+ * that comes back to its home subnet needs none. Without tunnels (relocation.tunnels
+ * false) another subnet is refused, as before.
+ */
+export function tunnelsNeeded(c: DomainConfig, homes: TunnelHome[], dst: { name: string; networks: Record<string, NetworkConfig>; tunnels: boolean; address: string }, srcName: string): Map<number, TunnelHome> {
+  const need = new Map<number, TunnelHome>();
+  c.nics.forEach((n, i) => {
+    const d = dst.networks[n.network];
+    const home = homes[i];
+    if (!d || !home || home.subnet === d.subnet) return;
+    if (!dst.tunnels) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": network "${n.network}" is ${d.subnet} on ${dst.name} but the domain's segment is ${home.subnet}${home.host === srcName ? '' : ` (carried from ${home.host})`}: not the same L2 segment, and ${dst.name} does not extend segments (relocation.tunnels is false). Turn tunnels on there, or move it to a host on ${home.subnet}`, { network: n.network, subnet: d.subnet, home: home.subnet });
+    if (home.host === dst.name || home.address === dst.address) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: NIC ${i}'s home is ${dst.name} itself, yet its subnet ${home.subnet} is not ${d.subnet}`);
+    need.set(i, home);
+  });
+  return need;
 }
 
 export function checkFiles(c: DomainConfig, sizes: FileSizes, dstName: string): void {
@@ -172,9 +203,12 @@ export function checkStorageMarkers(c: DomainConfig, jobId: string, nonce: strin
 }
 
 /** ARP-probes `target` out of `bridge`; true on a reply within timeoutMs. */
-export function arpProbe(bridge: string, target: string, timeoutMs = 2000): Promise<boolean> {
+export function arpProbe(bridge: string, target: string, timeoutMs = 2000, fromNowhere = false): Promise<boolean> {
+  // fromNowhere: a bridge without an address of its own (a tunnel's away end) asks as
+  // 0.0.0.0 (duplicate address detection), so no host address leaks onto the guest's
+  // segment; busybox then exits 1 when someone answered.
   return new Promise((resolve) => {
-    execFile('busybox', ['arping', '-f', '-c', '3', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(!err));
+    execFile('busybox', ['arping', ...(fromNowhere ? ['-D'] : []), '-f', '-c', '3', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(fromNowhere ? (err as { code?: unknown } | null)?.code === 1 : !err));
   });
 }
 
@@ -183,9 +217,25 @@ export function arpProbe(bridge: string, target: string, timeoutMs = 2000): Prom
  * address that lives on the source's segment (the domain's own IP, else the source
  * host's address there). No answer means the bridge is not on the same segment.
  */
-export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Record<string, NetworkConfig>, dstName: string, guestRunning: boolean): Promise<string[]> {
+export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Record<string, NetworkConfig>, dstName: string, guestRunning: boolean, which: 'segments' | 'tunnels', tunnels: Map<number, { bridge: string; home: TunnelHome }> = new Map()): Promise<string[]> {
   const notes: string[] = [];
-  for (const n of c.nics) {
+  for (const [i, n] of c.nics.entries()) {
+    const t = tunnels.get(i);
+    if ((which === 'tunnels') !== !!t) continue;
+    if (t) {
+      // Through the tunnel: the guest (or nothing) must answer on the away bridge.
+      // The guest where it runs on its segment (the source is its home); else the home
+      // host itself: the home end does not relay between away hosts (no hairpin, so a
+      // guest never hears its own broadcasts back), so the guest, still on another away
+      // host, cannot answer through it yet.
+      const targets = [guestRunning && t.home.host === src.name ? n.ip?.split('/')[0] : undefined, t.home.ip].filter((x): x is string => !!x);
+      if (!targets.length) { notes.push(`network ${n.network}: tunnel to ${t.home.host} not probed (no address known on its segment)`); continue; }
+      let seen = '';
+      for (const target of targets) if (await arpProbe(t.bridge, target, 3000, true)) { seen = target; break; }
+      if (!seen) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": through the tunnel from ${dstName} to ${t.home.host} (VNI ${t.home.vni}), ${targets.join(' and ')} did not answer ARP; check that UDP ${VXLAN_UDP_PORT} passes between their migration addresses and that the MTU there is at least 1550`);
+      notes.push(`network ${n.network}: ${seen} answered ARP through the tunnel to ${t.home.host}`);
+      continue;
+    }
     const d = dstNetworks[n.network];
     // The running guest's own address is the best proof. The source host's address on
     // the network is the fallback (a guest too busy to answer in time, or no IP known):

@@ -33,16 +33,16 @@ import net from 'node:net';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
 import { FerryError, asFerryError } from '../errors.ts';
-import { domainConfigToJson } from '../domain/config.ts';
+import { domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
 import { type Progress, type CancelResult, type ResolveResult, type PlanView } from '../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
-import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog, TunnelHome } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
-import { fileSizes, writeStorageMarkers } from './preflight.ts';
+import { fileSizes, writeStorageMarkers, isIpv4 } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
@@ -255,8 +255,9 @@ export class Source {
       planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
       const markers = writeStorageMarkers(live.rec.config, j.jobId);
+      const homes = h.tunnelHomes(live.rec.config);
       const begin = await client.request('relocation.begin', {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted,
+        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted, homes,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
       }, 60000).finally(markers.remove);
@@ -269,6 +270,10 @@ export class Source {
       if (postcopyWanted && begin.postcopy !== true) {
         postcopyOn = false;
         policy.push(`post-copy not offered: ${peer.name} cannot take it (${String(begin.postcopyWhy ?? 'it did not say why').slice(0, 200)})`);
+      }
+      if (begin.tunnels?.length) {
+        await this.extendTunnels(j, live, homes, begin.tunnels, policy);
+        mark('tunnelsOpen');
       }
       await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
       mark('dataPortReached');
@@ -391,7 +396,7 @@ export class Source {
         this.step(j, { type: 'dest-finished' });
       }
       Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
-      await this.host.retireMigrated(live, peer);
+      await this.retire(live, j);
       mark('sourceClean');
       if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
       // totalMs ends here: the guest runs on the destination and the source is clean.
@@ -815,7 +820,7 @@ export class Source {
         if (!mine || mine.rec.state.kind !== 'migrating-out') return;
         if (this.store.latest(j.domain)?.jobId !== j.jobId) return; // only the newest job of a domain speaks for it
         this.log.warn('finishing a settled migration that a restart interrupted', { jobId: j.jobId, domain: j.domain, phase: j.phase });
-        if (j.phase === 'confirmed') await this.host.retireMigrated(mine, j.peer);
+        if (j.phase === 'confirmed') await this.retire(mine, j);
         else await this.resumeSource(mine, j.wasRunning);
         return;
       }
@@ -897,7 +902,7 @@ export class Source {
       }
       j.waiting = undefined;
       this.step(j, { type: 'postcopy-done' });
-      await this.host.retireMigrated(live, j.peer);
+      await this.retire(live, j);
       this.store.saveLater(j);
       this.store.prune();
       this.host.emit('migration.settled', { domain: j.domain, jobId: j.jobId, phase: j.phase, reason: 'post-copy ended' });
@@ -922,11 +927,12 @@ export class Source {
     }
     if (r.abandoned) {
       this.step(j, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
+      for (const t of j.tunnels ?? []) await this.tunnelAt(t.home, 'retract', j.uuid, t.nic, t.remote).catch((e) => this.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
       await this.resumeSource(live, j.wasRunning);
       this.log.warn('migration settled: the domain stays here', { jobId: j.jobId, domain: j.domain, reason: r.reason });
     } else {
       this.step(j, { type: 'dest-finished' });
-      await this.host.retireMigrated(live, j.peer);
+      await this.retire(live, j);
       this.log.info('migration settled: the domain runs on the destination', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
       void this.connectPeer(`${j.peer.address}:${j.peer.port}`).then(({ client }) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
     }
@@ -960,6 +966,55 @@ export class Source {
     return { jobId: j.jobId, domain, phase: j.phase, settledBy: 'operator', runsOn: assume === 'source' ? this.host.cfg.name : j.peer.name };
   }
 
+  /**
+   * Before the stream: each NIC the destination carries through a tunnel gets the
+   * destination listed at its home end (here, or at the home host of a tunnel this
+   * host holds), so the destination's ARP probe at Prepare reaches the segment.
+   */
+  private async extendTunnels(j: SourceJob, live: Live, homes: TunnelHome[], asked: { nic: number; vni: number; address: string }[], policy: string[]): Promise<void> {
+    const c = live.rec.config;
+    j.tunnels = [];
+    for (const t of asked) {
+      const home = Number.isInteger(t.nic) ? homes[t.nic] : undefined;
+      if (!home || t.vni !== home.vni || !isIpv4(t.address)) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} asked for a tunnel that does not match domain "${c.name}" (NIC ${String(t.nic).slice(0, 8)}, VNI ${String(t.vni).slice(0, 12)})`);
+      // Listed before it is made: an abandon retracts it whatever happens next.
+      j.tunnels.push({ nic: t.nic, home: home.host, remote: t.address });
+      this.store.saveLater(j);
+      await this.tunnelAt(home.host, 'extend', c.uuid, t.nic, t.address, c);
+      policy.push(`network ${c.nics[t.nic].network}: segment ${home.subnet} carried to ${j.peer.name} through a VXLAN tunnel (VNI ${home.vni}) from ${home.host}`);
+    }
+  }
+
+  /** A home end's change: here if this host is the home, else asked of the home host (relocation.tunnel). */
+  private async tunnelAt(home: string, op: 'extend' | 'retract', uuid: string, nic: number, remote: string, c?: DomainConfig): Promise<void> {
+    const h = this.host;
+    if (home === h.cfg.name) {
+      if (op === 'extend') h.extendHome(c!, nic, remote);
+      else h.retractHome(uuid, nic, remote);
+      return;
+    }
+    const { client } = await this.connectPeer(home);
+    try {
+      await client.request('relocation.tunnel', { op, uuid, nic, remote }, 10000);
+    } finally {
+      client.close();
+    }
+  }
+
+  /** The guest runs on the destination: the source QEMU ends, and an away end here goes (its home stops flooding here). */
+  private async retire(live: Live, j: SourceJob): Promise<void> {
+    await this.host.retireMigrated(live, j.peer);
+    await this.leaveTunnels(j.uuid, j.domain);
+  }
+
+  /** The domain no longer runs here (moved on, or stopped): its away ends go, and their homes stop flooding here. */
+  async leaveTunnels(uuid: string, domain: string): Promise<void> {
+    for (const t of this.host.closeAway(uuid)) {
+      await this.tunnelAt(t.home.host, 'retract', uuid, t.nic, this.host.cfg.relocation.address)
+        .catch((e) => this.log.warn('tunnel home end not told; it keeps flooding here until told', { domain, home: t.home.host, error: String(e) }));
+    }
+  }
+
   /** Abandon before the point of no return: the source domain runs again as it was. */
   async abandon(j: SourceJob, live: Live, client: ApiClient | undefined, reason: string): Promise<void> {
     const q = live.qmp;
@@ -979,6 +1034,8 @@ export class Source {
       } catch { /* QEMU gone: handled below */ }
     }
     if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => this.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
+    // The guest stays: its segment no longer floods to the destination.
+    for (const t of j.tunnels ?? []) await this.tunnelAt(t.home, 'retract', j.uuid, t.nic, t.remote).catch((e) => this.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
     await this.resumeSource(live, j.wasRunning);
     this.step(j, { type: 'abandon', reason });
     this.store.prune();

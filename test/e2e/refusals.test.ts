@@ -91,9 +91,11 @@ describe('migration refusals (lab)', () => {
     await reconfigure('host2', (c) => { c.networks = { lab: { bridge: 'br0', subnet: '198.18.0.0/24', address: '198.18.0.12' }, lab2: { bridge: 'br1', subnet: '198.18.1.0/24', address: '198.18.1.12' } }; });
   });
 
-  test('a destination on another L2 segment: by subnet, and by a real ARP probe', async () => {
+  test('a destination on another L2 segment: by subnet (where it does not extend segments), and by a real ARP probe', async () => {
+    await reconfigure('host3', (c) => { c.relocation.tunnels = false; });
     const r = await refused('web', 'host3', 'MIGRATION_DEST_L2');
-    assert.match(r.error.message, /198\.18\.1\.0\/24/);
+    assert.match(r.error.message, /198\.18\.1\.0\/24.*relocation\.tunnels is false/);
+    await reconfigure('host3', (c) => { delete c.relocation.tunnels; });
     // host3 now claims the same subnet, but its bridge is still on segment 2
     await reconfigure('host3', (c) => { c.networks.lab = { bridge: 'br1', subnet: '198.18.0.0/24', address: '198.18.1.13' }; });
     const r2 = await refused('web', 'host3', 'MIGRATION_DEST_L2');
