@@ -2,7 +2,7 @@
 # Builds ferry's test guests from Debian packages into $1 (default: images/).
 #   pattern.img    the memory-pattern guest: a 512-byte boot sector in a 1 MiB raw disk
 #   vmlinux        the Debian kernel, uncompressed (PVH entry, boots fast with qboot)
-#   initrd.img     busybox initramfs with virtio-net, echo (7) and HTTP status (80)
+#   initrd.img     busybox initramfs with virtio-net, virtio-blk, echo (7) and HTTP status (80)
 #   manifest.json  what was built from what, with sha256 sums
 # Cached: a second run with the same inputs does nothing. Reproducible: file times and
 # order in the initramfs are fixed, so the same packages give the same bytes.
@@ -75,7 +75,7 @@ install -m 0755 "$here/linux/status" "$root/bin/status"
 mkdir -p "$root/etc/acpi/PWRF"
 printf '#!/bin/sh\necho "ferry-linux: ACPI power button, powering off"\nsync\npoweroff -f\n' > "$root/etc/acpi/PWRF/00000080"
 chmod 0755 "$root/etc/acpi/PWRF/00000080"
-# Modules for virtio-net, in dependency order (read from each module's own depends=).
+# Modules for virtio-net and virtio-blk, in dependency order (read from each module's own depends=).
 moddir="$work/k/lib/modules/$kver"
 declare -A seen=()
 order=()
@@ -92,6 +92,8 @@ visit() {
 }
 visit virtio_pci
 visit virtio_net
+# A data disk (lab guest --data-disk) appears as /dev/vda.
+visit virtio_blk
 # ACPI power button (ferry shutdown) needs the button driver and evdev for busybox acpid.
 visit button
 visit evdev

@@ -20,6 +20,8 @@ export const ERRORS = {
   JOB_NOT_FOUND: { exit: 3, doc: 'no migration job for that domain' },
   // resources: exit 4
   HOST_NO_MEMORY: { exit: 4, doc: 'the host does not have enough free memory for the domain' },
+  HOST_MAINTENANCE: { exit: 4, doc: 'the host is in maintenance: it starts no domain and takes no incoming move (`ferry host maintenance HOST off`)' },
+  EVACUATION_INCOMPLETE: { exit: 8, doc: 'some domains could not leave the host being evacuated; the report says why for each' },
   NETWORK_NOT_FOUND: { exit: 4, doc: 'the domain names a network this host does not have' },
   NETWORK_TUNNEL_FAILED: { exit: 4, doc: 'a VXLAN tunnel extending a domain\'s segment could not be set up' },
   DISK_NOT_FOUND: { exit: 4, doc: 'a disk or boot file does not exist' },
@@ -46,12 +48,13 @@ export const ERRORS = {
   PATH_NOT_ALLOWED: { exit: 7, doc: 'a file path is outside the storage pools or the save directory, is a symlink, or is not a regular file' },
   // migration: exit 8 (pre-flight refusals) and 9 (failures during the move)
   MIGRATION_DEST_NO_MEMORY: { exit: 8, doc: 'the destination has too little free memory' },
+  MIGRATION_DEST_MAINTENANCE: { exit: 8, doc: 'the destination is in maintenance and takes no incoming move' },
   MIGRATION_DEST_ARCH: { exit: 8, doc: 'the destination has another architecture or accelerator' },
   MIGRATION_DEST_CPU: { exit: 8, doc: 'the destination lacks CPU features or the CPU model' },
   MIGRATION_DEST_NETWORK: { exit: 8, doc: 'the domain\'s network is missing on the destination' },
   MIGRATION_DEST_L2: { exit: 8, doc: 'the destination\'s network is not the same L2 segment' },
   MIGRATION_DEST_DISK: { exit: 8, doc: 'a disk is not reachable at the same path on the destination' },
-  MIGRATION_DEST_STORAGE: { exit: 8, doc: 'a writable disk is not on storage both hosts share (the destination did not see the marker the source wrote beside it)' },
+  MIGRATION_DEST_STORAGE: { exit: 8, doc: 'a writable disk is not on storage both hosts share and --copy-storage was not given, or its copy has no room or place on the destination' },
   MIGRATION_DEST_EXISTS: { exit: 8, doc: 'a domain with that name or uuid already exists on the destination' },
   MIGRATION_DEST_VERSION: { exit: 8, doc: 'the destination speaks an incompatible protocol version' },
   MIGRATION_DEST_ENGINE: { exit: 8, doc: 'the destination\'s QEMU is older than the source\'s, or lacks the domain\'s machine type (QEMU migrates only to the same or a newer version)' },

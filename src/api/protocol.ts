@@ -41,6 +41,7 @@ const PEER = ['peer'] as const;
 export const ROLES = {
   'api.hello': ['local', 'admin', 'peer'],
   'host.info': MANAGE,
+  'host.maintenance': MANAGE,
   'net.tunnels': MANAGE,
   'domain.list': MANAGE,
   'domain.info': MANAGE,
@@ -181,6 +182,8 @@ export interface Report {
   strategy?: string;
   /** Post-copy: when it began (ms since the request) and how long the guest's memory lived on both hosts. */
   postcopy?: { startedAtMs: number; windowMs: number | null; recoveries?: number } | null;
+  /** --copy-storage: each disk copied (from the source's path to the destination's), the bytes the mirror moved, and whether the source's copy was kept. */
+  storage?: { disks: { index: number; from: string; to: string | null }[]; copiedBytes: number; copyMs: number; sourceKept: boolean } | null;
   error?: { code: string; message: string };
 }
 
@@ -220,6 +223,10 @@ export type HostInfo = {
   domains: number;
   /** VXLAN tunnels extending domains' segments through this host (daemon/tunnels.ts). */
   tunnels: TunnelView[];
+  /** In maintenance: no domain starts here and no move comes in (ferry host maintenance, evacuate). */
+  maintenance: { on: boolean; since: string | null };
+  /** The peers this host knows by name (ferryd.json "peers"): where an evacuation may send its domains. */
+  peers: Record<string, string>;
 };
 
 /** One end of a tunnel that carries a domain's home segment to the host it runs on. */
@@ -232,8 +239,10 @@ export type TunnelView = {
 export type Progress = {
   domain: string; jobId: string; status?: string; phase: string; percent: number; transferred: number; remaining: number; total: number;
   rateMBps: number; pass: number; etaS: number | null; elapsedMs: number; dirtyRate: number; throttlePct: number;
-  /** Where the move stands, in words: measuring, pre-copy pass N, post-copy, switchover. */
+  /** Where the move stands, in words: copying disks, pre-copy pass N, post-copy, switchover. */
   stage?: string;
+  /** --copy-storage: the disks' bytes copied and to copy (percent and ETA count them with the RAM). */
+  disk?: { copied: number; total: number };
 };
 
 /** A migration job as `ferry jobs` / `ferry job` show it. */
@@ -258,6 +267,7 @@ export type ResolveResult = { jobId: string; domain: string; phase: string; sett
 export interface Results {
   'api.hello': { apiVersion: number; version: string; host: string; caller: unknown };
   'host.info': HostInfo;
+  'host.maintenance': { host: string; maintenance: { on: boolean; since: string | null } };
   'net.tunnels': TunnelView[];
   'domain.list': DomainSummary[];
   'domain.info': DomainInfo;
@@ -281,8 +291,8 @@ export interface Results {
   'migration.resolve': ResolveResult;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
-  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string; tunnels?: { nic: number; vni: number; address: string }[] };
-  'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string };
+  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string; tunnels?: { nic: number; vni: number; address: string }[]; copyDisks?: { index: number; path: string }[] };
+  'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string; nbd?: { address: string; port: number } };
   'relocation.digest': unknown;
   'relocation.repair': { written: number };
   'relocation.finish': { phase: string; resumedAt: number | null; host: string; crashed?: boolean };

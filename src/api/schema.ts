@@ -33,6 +33,7 @@ const optOnTimeout = z.enum(['cancel', 'suspend', 'postcopy'], { error: 'must be
 export const ACTIONS = {
   'api.hello': params({}),
   'host.info': params({}),
+  'host.maintenance': params({ on: z.boolean({ error: 'must be true or false' }) }),
   'net.tunnels': params({}),
   'domain.list': params({}),
   'domain.info': params({ domain: str }),
@@ -50,7 +51,7 @@ export const ACTIONS = {
   'console.attach': params({ domain: str, replay: optNum(0, 1 << 20) }),
   'events.subscribe': params({ domain: optStr }),
   // migration (source side, asked by the CLI)
-  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool, strategy: optStrategy, onTimeout: optOnTimeout }),
+  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool, strategy: optStrategy, onTimeout: optOnTimeout, copyStorage: optBool, deleteSourceStorage: optBool }),
   // the autopilot's plan for a live move, moving nothing (`ferry migrate --plan`)
   'migration.plan': params({ domain: str, dest: str, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), strategy: optStrategy, onTimeout: optOnTimeout }),
   'migration.cancel': params({ domain: str }),

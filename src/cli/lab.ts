@@ -130,8 +130,11 @@ export function registerLab(prog: Command): void {
     }, (r) => process.stdout.write(`Domain memory consistent on ${r.host}: ${r.pages} pages, pass value ${r.first}${r.edge !== null ? `, edge at page ${r.edge}` : ''}\n`)));
   lab.command('guest').description('print a ready domain config for a lab test guest').argument('<kind>', 'linux or pattern').argument('<name>')
     .option('--memory <MiB>', 'guest memory', int('--memory')).option('--json', 'JSON output (the config is JSON either way)')
-    .action(act(async (kind: string, name: string, o: { memory?: number }) => {
-      if (kind === 'linux') return linuxGuestConfig(name, o.memory);
+    .option('--data-disk <MiB>', 'linux: a qcow2 data disk of this size in the host\'s own disk directory, /dev/vda in the guest', int('--data-disk'))
+    .option('--on <host>', 'with --data-disk: the lab host whose disk directory holds it', 'host1')
+    .action(act(async (kind: string, name: string, o: { memory?: number; dataDisk?: number; on: string }) => {
+      if (o.dataDisk !== undefined && kind !== 'linux') throw new FerryError('CLI_USAGE', '--data-disk is for the linux guest');
+      if (kind === 'linux') return linuxGuestConfig(name, o.memory, o.dataDisk !== undefined ? { mib: o.dataDisk, host: o.on } : undefined);
       if (kind === 'pattern') return patternGuestConfig(name, o.memory);
       throw new FerryError('CLI_USAGE', `Guest kind must be "linux" or "pattern", got "${kind}"`);
     }, (c) => process.stdout.write(JSON.stringify(c, null, 2) + '\n')));

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { FerryError } from '../errors.ts';
 import { call, resolveTarget } from '../api/client.ts';
+import { registerEvacuate } from './evacuate.ts';
 import { table, reportError, humanState, act, hostOpt, lastJsonMode } from './output.ts';
 import { runConsole } from './console.ts';
 import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
@@ -60,6 +61,7 @@ function printHostInfo(r: HostInfo): void {
     ['memory', `${r.memory.offeredMiB} MiB offered, ${r.memory.usedMiB} MiB used, ${r.memory.freeMiB} MiB free (it ${r.memory.limitedBy})`],
     ...Object.entries(r.networks).map(([n, v]) => [`network ${n}`, `bridge ${v.bridge}, subnet ${v.subnet}${v.address ? `, address ${v.address}` : ''}`]),
     ['relocation', `${r.relocation.address}:${r.relocation.port}, data ports ${r.relocation.dataPorts.join('-')}`],
+    ['maintenance', r.maintenance?.on ? `ON since ${r.maintenance.since} (no starts, no incoming moves)` : 'off'],
     ...(r.tunnels ?? []).map((t) => [`tunnel ${t.device}`, tunnelWords(t)]),
   ];
   process.stdout.write(table(lines, ['l', 'l']));
@@ -120,6 +122,7 @@ export function buildProgram(): Command {
     .option('--ca <dir>', 'CA directory', '/etc/ferry/ca').option('--out <dir>', 'host TLS directory to write', '/etc/ferry/tls')
     .option('--ip <addr...>', 'IP addresses to put in the certificate').option('--json', 'JSON output')
     .action(act(async (name: string, o: { ca: string; out: string; ip?: string[] }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, ips: o.ip }) }), (r) => process.stdout.write(`Issued a certificate for ${r.name} in ${r.dir}\n`)));
+  registerEvacuate(host);
   const netCmd = prog.command('net').description('host networking for domains');
   netCmd.command('tunnels').description('list the VXLAN tunnels that carry domains\' home segments through this host').option('--json', 'JSON output')
     .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'net.tunnels'), printTunnels));

@@ -24,7 +24,8 @@ function bar(p: Progress): string {
   const w = 24;
   const filled = Math.round((p.percent / 100) * w);
   const eta = p.etaS === null ? '?' : p.etaS < 1 ? `${(p.etaS * 1000).toFixed(0)} ms` : `${p.etaS.toFixed(1)} s`;
-  return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.stage ?? `pass ${p.pass}`}  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}`;
+  const disk = p.disk && !p.stage?.startsWith('copying disks') ? `  disks ${fmtBytes(p.disk.copied)}/${fmtBytes(p.disk.total)}` : '';
+  return `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  ${p.stage ?? `pass ${p.pass}`}  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  remaining ${fmtBytes(p.remaining)}  ETA ${eta}${p.throttlePct ? `  throttle ${p.throttlePct}%` : ''}${disk}`;
 }
 
 export function printReport(r: Report): void {
@@ -41,6 +42,7 @@ export function printReport(r: Report): void {
     const fixed = m.repairedBytes > 0 ? `; ${fmtBytes(m.repairedBytes)} had arrived different and ${m.repairedChunks === 1 ? 'was' : 'were'} rewritten from the source` : '';
     rows.push(['memory check', `SHA-256 of ${fmtBytes(m.bytes)} equal on both hosts (${m.ms} ms${fixed})`]);
   }
+  if (r.storage) rows.push(['disks copied', `${r.storage.disks.map((d) => `disk${d.index} ${d.from} → ${d.to ?? '?'}`).join('; ')} (${fmtBytes(r.storage.copiedBytes)} in ${r.storage.copyMs} ms; the source's copy ${r.storage.sourceKept ? 'is kept' : 'was deleted'})`]);
   if (r.timeline && Object.keys(r.timeline).length) rows.push(['timeline', Object.entries(r.timeline).map(([k, v]) => `${k} ${v}`).join(', ') + ' ms']);
   rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
   if (r.strategy) rows.push(['strategy', r.strategy + (r.postcopy ? ` (after ${r.postcopy.startedAtMs} ms; the guest's memory was on both hosts for ${r.postcopy.windowMs ?? '?'} ms)` : '')]);
@@ -64,7 +66,7 @@ export function printPlan(v: PlanView): void {
 }
 
 /** `ferry migrate`'s options, as commander parses them. */
-interface MigrateOpts { live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean; plan?: boolean; strategy?: string; onTimeout?: string }
+interface MigrateOpts { copyStorage?: boolean; deleteSourceStorage?: boolean; live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean; plan?: boolean; strategy?: string; onTimeout?: string }
 
 /** The options `--plan` and a move share, as API params. */
 function budgetParams(o: MigrateOpts): Record<string, unknown> {
@@ -107,6 +109,8 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     const params: Record<string, unknown> = { domain, dest, live: !!o.live, ...budgetParams(o) };
     if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
     if (o.probe === false) params.probeGuest = false;
+    if (o.copyStorage) params.copyStorage = true;
+    if (o.deleteSourceStorage) params.deleteSourceStorage = true;
     try {
       // The answer is the job's report, failures included; `error` says why.
       const r = await c.request('migration.start', params);
@@ -156,6 +160,8 @@ export function registerMigrate(prog: Command): void {
     .option('--timeout <s>', 'the move\'s time budget (default 600): the autopilot plans for it, and --on-timeout says what happens when it runs out', num('--timeout', 1))
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
+    .option('--copy-storage', 'copy the domain\'s writable disks to the destination\'s own storage (storage.localDir) while it runs: NBD over TLS plus blockdev-mirror, then RAM; the switchover waits until the disks are in sync')
+    .option('--delete-source-storage', 'with --copy-storage: delete the source\'s disk files once the domain runs on the destination (default: kept)')
     .option('--verify-memory', 'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)')
     .option('--no-verify-memory', 'skip that check even where QEMU\'s dirty tracking is known to lose pages')
     .option('--no-probe', 'do not measure guest-perceived downtime (no TCP SYN every 1 ms to the guest during the move)')

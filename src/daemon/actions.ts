@@ -2,7 +2,8 @@
  * The API's actions, mapped onto the host (and, for migration.* and relocation.*, onto
  * the migration layer). One switch over the closed set in api/protocol.ts.
  */
-import { FerryError } from '../errors.ts';
+import { FerryError, asFerryError } from '../errors.ts';
+import type { Metrics } from './metrics.ts';
 import type { Action, Request, Results } from '../api/protocol.ts';
 import { API_VERSION } from '../api/protocol.ts';
 import type { Host } from './host.ts';
@@ -13,7 +14,9 @@ import type { Migrations } from '../migration/manager.ts';
 /** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
 function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> { return v; }
 
-export function makeHandler(host: Host, migration: Migrations | undefined) {
+export function makeHandler(host: Host, migration: Migrations | undefined, metrics?: Metrics) {
+  /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
+  const refused = <T>(side: 'source' | 'destination', p: Promise<T>): Promise<T> => p.catch((e: unknown) => { metrics?.refusal(side, asFerryError(e).code); throw e; });
   const mig = (): Migrations => {
     if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
     return migration;
@@ -23,6 +26,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
     switch (req.action) {
       case 'api.hello': return answer(req.action, { apiVersion: API_VERSION, version: FERRY_VERSION, host: host.cfg.name, caller: ctx.caller });
       case 'host.info': return answer(req.action, host.info());
+      case 'host.maintenance': return answer(req.action, host.setMaintenance(req.params.on));
       case 'domain.list': return answer(req.action, host.all().map((l) => host.summary(l)).sort((a, b) => String(a.name).localeCompare(String(b.name))));
       case 'domain.info': return answer(req.action, host.domainInfo(req.params.domain));
       case 'domain.create': return answer(req.action, host.create(req.params.config, req.params.start !== false));
@@ -51,13 +55,13 @@ export function makeHandler(host: Host, migration: Migrations | undefined) {
         return answer(req.action, { subscribed: names });
       }
       // The migration layer: the source side for the operator, the destination side for peers.
-      case 'migration.start': return answer(req.action, mig().source.start(req.params));
+      case 'migration.start': return answer(req.action, refused('source', mig().source.start(req.params)));
       case 'migration.plan': return answer(req.action, mig().source.planOnly(req.params));
       case 'migration.cancel': return answer(req.action, mig().source.cancel(req.params.domain));
       case 'migration.resolve': return answer(req.action, mig().source.resolveByOperator(req.params.domain, req.params.assume));
       case 'migration.jobs': return answer(req.action, mig().jobs());
       case 'migration.job': return answer(req.action, mig().job(req.params.domain));
-      case 'relocation.begin': return answer(req.action, mig().dest.begin(req.params, ctx));
+      case 'relocation.begin': return answer(req.action, refused('destination', mig().dest.begin(req.params, ctx)));
       case 'relocation.prepare': return answer(req.action, mig().dest.prepare(req.params, ctx));
       case 'relocation.digest': return answer(req.action, mig().dest.digest(req.params, ctx));
       case 'relocation.repair': return answer(req.action, mig().dest.repair(req.params, ctx, req.attachment));

@@ -55,6 +55,8 @@ export interface DaemonConfig {
   qemu: Engine;
   /** The unprivileged user domains' QEMUs run as ("root": unconfined). */
   qemuUser: string;
+  /** Prometheus metrics at http://ADDRESS:PORT/metrics (daemon/metrics.ts); null: not served. */
+  metrics: { address: string; port: number } | null;
 }
 
 export interface StorageConfig {
@@ -64,6 +66,11 @@ export interface StorageConfig {
   blockDevices: string[];
   /** Where `save DOM NAME` writes and `restore NAME` reads. */
   saveDir: string;
+  /**
+   * This host's own disks: where `migrate --copy-storage` creates the copies of an
+   * incoming domain's writable disks (a pool too). Default STATE/disks.
+   */
+  localDir: string;
 }
 
 export interface Limits {
@@ -96,7 +103,7 @@ export const HOST_RESERVE_MIB = 1024;
 
 export const DEFAULT_MEMORY_MARGIN_MIB = 256;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'logLevel', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits']);
+const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'logLevel', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits', 'metrics']);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -178,16 +185,19 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
     }
   }
   const st = raw.storage ?? {};
-  const storage: StorageConfig = { pools: [typeof imagesDir === 'string' ? imagesDir : '/'], blockDevices: [], saveDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'save') };
-  if (!isObj(st)) bad('storage', 'must be an object {pools?, blockDevices?, saveDir?}');
+  const storage: StorageConfig = { pools: [typeof imagesDir === 'string' ? imagesDir : '/'], blockDevices: [], saveDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'save'), localDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'disks') };
+  if (!isObj(st)) bad('storage', 'must be an object {pools?, blockDevices?, saveDir?, localDir?}');
   else {
-    for (const k of Object.keys(st)) if (!['pools', 'blockDevices', 'saveDir'].includes(k)) bad(`storage.${k}`, 'unknown key');
+    for (const k of Object.keys(st)) if (!['pools', 'blockDevices', 'saveDir', 'localDir'].includes(k)) bad(`storage.${k}`, 'unknown key');
     // Absolute, normalized, no trailing slash ('/' itself is refused for pools below).
     const absList = (v: unknown): v is string[] => Array.isArray(v) && v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d && (d === '/' || !d.endsWith('/')));
     if (st.pools !== undefined) { if (!absList(st.pools) || (st.pools as string[]).includes('/')) bad('storage.pools', 'must be a list of absolute, normalized directory paths (not /)'); else storage.pools = st.pools as string[]; }
     if (st.blockDevices !== undefined) { if (!absList(st.blockDevices) || !(st.blockDevices as string[]).every((d) => d.startsWith('/dev/'))) bad('storage.blockDevices', 'must be a list of /dev/ paths'); else storage.blockDevices = st.blockDevices as string[]; }
     if (st.saveDir !== undefined) { if (typeof st.saveDir !== 'string' || !path.isAbsolute(st.saveDir)) bad('storage.saveDir', 'must be an absolute path'); else storage.saveDir = st.saveDir; }
+    if (st.localDir !== undefined) { if (!absList([st.localDir]) || st.localDir === '/') bad('storage.localDir', 'must be an absolute, normalized directory path (not /)'); else storage.localDir = st.localDir as string; }
   }
+  // The local directory is a pool: its disks are domains' disks like any other.
+  if (!storage.pools.includes(storage.localDir)) storage.pools = [...storage.pools, storage.localDir];
   const lim = raw.limits ?? {};
   const limits: Limits = { ...DEFAULT_LIMITS };
   if (!isObj(lim)) bad('limits', 'must be an object');
@@ -196,8 +206,15 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
     if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > 1_000_000) { bad(`limits.${k}`, `must be an integer from 1 to 1000000, got ${JSON.stringify(v)}`); continue; }
     (limits as unknown as Record<string, number>)[k] = v as number;
   }
+  let metrics: DaemonConfig['metrics'] = null;
+  if (raw.metrics !== undefined && raw.metrics !== null) {
+    const mm = typeof raw.metrics === 'string' ? /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(raw.metrics) : null;
+    if (!mm || Number(mm[2]) < 1 || Number(mm[2]) > 65535) bad('metrics', 'must be "ADDRESS:PORT" (an IP address or localhost), e.g. "127.0.0.1:9477"');
+    else metrics = { address: mm[1].replace(/^\[|\]$/g, ''), port: Number(mm[2]) };
+  }
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
   return {
+    metrics,
     name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean, acceptPostcopy: acceptPostcopy as boolean, tunnels: tunnels as boolean },
     storage, limits,

@@ -11,6 +11,7 @@
  * Here: the checks a start makes, the lifecycle verbs of the API (create, start, pause,
  * shutdown, destroy, delete) and the intents migration/ calls (MigrationHost).
  */
+import fs from 'node:fs';
 import type net from 'node:net';
 import path from 'node:path';
 import { EventEmitter } from 'node:events';
@@ -21,7 +22,7 @@ import { killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
-import { checkDomainFiles } from '../domain/storage.ts';
+import { checkDomainFiles, createImage, freeBytes } from '../domain/storage.ts';
 import type { MigrationHost, TunnelHome } from '../migration/ports.ts';
 import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
@@ -29,6 +30,7 @@ import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { resolveQemuUser, blockedAncestor, grantUserfaultfd } from '../qemu/confine.ts';
 import { FERRY_VERSION } from '../version.ts';
+import { writeJsonAtomic } from '../util/fsx.ts';
 import { DomainStore, type Live } from './records.ts';
 import { QemuRuntime } from './runtime.ts';
 import { SaveRestore } from './saverestore.ts';
@@ -48,6 +50,8 @@ export class Host extends EventEmitter implements MigrationHost {
   private readonly postcopy: { ok: boolean; why: string };
   /** VXLAN tunnels that carry domains' home segments (tunnels.ts). */
   private readonly tunnels: Tunnels;
+  /** Maintenance (ferry host maintenance / evacuate): no starts, no incoming moves. Persisted. */
+  private maint: { on: boolean; since: string | null } = { on: false, since: null };
 
   constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
     super();
@@ -62,6 +66,10 @@ export class Host extends EventEmitter implements MigrationHost {
     this.postcopy = cfg.relocation.acceptPostcopy ? grantUserfaultfd(qemuUser) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
     if (cfg.relocation.acceptPostcopy) log.info('post-copy for incoming moves', this.postcopy);
     this.tunnels = new Tunnels(cfg.stateDir, cfg.relocation.address, log);
+    try {
+      const m = JSON.parse(fs.readFileSync(path.join(cfg.stateDir, 'maintenance.json'), 'utf8')) as { on?: unknown; since?: unknown };
+      if (m.on === true) this.maint = { on: true, since: typeof m.since === 'string' ? m.since : null };
+    } catch { /* never set */ }
   }
 
   postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
@@ -128,6 +136,8 @@ export class Host extends EventEmitter implements MigrationHost {
       relocation: { address: this.cfg.relocation.address, port: this.cfg.relocation.port, dataPorts: this.cfg.relocation.dataPorts, hostsAllow: this.cfg.relocation.hostsAllow },
       domains: this.store.size,
       tunnels: this.tunnelList(),
+      maintenance: { ...this.maint },
+      peers: { ...this.cfg.peers },
     };
   }
 
@@ -172,18 +182,36 @@ export class Host extends EventEmitter implements MigrationHost {
     if (free < c.memoryMiB) throw new FerryError('HOST_NO_MEMORY', `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB (it ${explainFree(cap)})`, { freeMiB: free, needMiB: c.memoryMiB });
   }
 
-  /** Everything a start needs of this host: the networks, the files, the CPU model, the memory. */
+  /** Everything a start needs of this host: not in maintenance, the networks, the files, the CPU model, the memory. */
   checkStart(c: DomainConfig, verb = 'start'): void {
+    this.checkNotInMaintenance(c.name, verb);
     this.checkNetworks(c);
     this.checkPaths(c);
     this.checkMemory(c, verb);
   }
+
+  checkNotInMaintenance(name: string, verb: string): void {
+    if (this.maint.on) throw new FerryError('HOST_MAINTENANCE', `Cannot ${verb} domain "${name}": ${this.cfg.name} is in maintenance since ${this.maint.since ?? 'earlier'}; start it on another host, or end maintenance (\`ferry -H ${this.cfg.name} host maintenance ${this.cfg.name} off\`)`);
+  }
+
+  /** Maintenance on or off (persisted first: a restart keeps it). */
+  setMaintenance(on: boolean): Results['host.maintenance'] {
+    const next = on ? { on: true, since: this.maint.on ? this.maint.since : new Date().toISOString() } : { on: false, since: null };
+    writeJsonAtomic(path.join(this.cfg.stateDir, 'maintenance.json'), next);
+    this.maint = next;
+    this.log.info(on ? 'maintenance on' : 'maintenance off', { since: next.since });
+    this.emit('host.maintenance', { host: this.cfg.name, ...next });
+    return { host: this.cfg.name, maintenance: { ...next } };
+  }
+
+  maintenance(): { on: boolean; since: string | null } { return { ...this.maint }; }
 
   // ---------- lifecycle ----------
 
   /** `ferry create`: define, and start unless told not to. Nothing is stored if a check fails. */
   async create(rawConfig: unknown, start = true): Promise<DomainInfo> {
     const c = parseDomainConfig(rawConfig);
+    if (start) this.checkNotInMaintenance(c.name, 'create and start');
     this.store.checkUnique(c);
     this.checkNetworks(c);
     this.checkPaths(c);
@@ -375,11 +403,16 @@ export class Host extends EventEmitter implements MigrationHost {
     const t = this.tunnels.home(uuid, nic);
     if (!t) throw new FerryError('NETWORK_TUNNEL_FAILED', `${this.cfg.name} is not the home of a tunnel for domain ${uuid.slice(0, 64)} NIC ${nic}`);
     if (!t.remotes.includes(callerAddress)) throw new FerryError('API_FORBIDDEN', `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`);
+    // Only to hosts of this cluster: a peer cannot make this segment flood anywhere else.
+    if (op === 'extend' && !Object.values(this.cfg.peers).some((a) => a.replace(/:\d+$/, '') === remote)) throw new FerryError('API_FORBIDDEN', `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`);
     if (op === 'extend') return this.tunnels.extendHome({ domain: t.domain, uuid, nic, network: t.network, bridge: t.bridge, subnet: t.home.subnet, host: t.home.host }, remote).remotes;
     return this.tunnels.retractHome(uuid, nic, remote)?.remotes ?? [];
   }
 
   retractHome(uuid: string, nic: number, remote: string): void { this.tunnels.retractHome(uuid, nic, remote); }
+
+  createDisk(p: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void { createImage(p, format, virtualSize, backing); }
+  localFreeBytes(): number { return freeBytes(this.cfg.storage.localDir); }
 
   /** Drops the runtime of a domain whose QEMU is gone (sockets, taps, console). */
   cleanupRuntime(live: Live): void { this.runtime.cleanup(live); }

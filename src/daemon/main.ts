@@ -9,6 +9,7 @@ import { loadDaemonConfig } from './config.ts';
 import { Logger } from './log.ts';
 import { Host } from './host.ts';
 import { ApiServer } from './server.ts';
+import { Metrics } from './metrics.ts';
 import { makeHandler } from './actions.ts';
 import { probeQemu, chooseAccel } from '../qemu/probe.ts';
 import { pidAlive } from '../qemu/process.ts';
@@ -69,7 +70,9 @@ async function main(): Promise<void> {
   await host.recover();
   const migrations = new Migrations(host, log);
   await migrations.recover();
-  const server = new ApiServer(log, makeHandler(host, migrations));
+  const metrics = new Metrics(host, log);
+  if (cfg.metrics) await metrics.listen(cfg.metrics.address, cfg.metrics.port);
+  const server = new ApiServer(log, makeHandler(host, migrations, metrics));
   await server.listenUnix(cfg.apiSocket);
   const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow, limits: cfg.limits });
   log.info('ferryd ready', { apiSocket: cfg.apiSocket, tls: tlsOn ? `${cfg.relocation.address}:${cfg.relocation.port}` : null });
@@ -77,6 +80,7 @@ async function main(): Promise<void> {
   const stop = async (sig: string): Promise<void> => {
     log.info('ferryd stopping; domains keep running', { signal: sig });
     await server.close();
+    metrics.close();
     host.detachAll();
     try { if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile); } catch { /* gone */ }
     process.exit(0);

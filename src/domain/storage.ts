@@ -93,3 +93,33 @@ export function resolveSaveFile(file: string, policy: StoragePolicy, opts: { any
   if (!opts.anyPath) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} is outside the save directory ${policy.saveDir}; pass --any-path to use it (local root only)`);
   return file;
 }
+
+/**
+ * A new, empty disk image (`migrate --copy-storage` fills it): qcow2 by qemu-img, over
+ * the same backing file where the source has one (only the top is copied), or a sparse
+ * raw file. Never over an existing file; the directory is made if missing (0700).
+ */
+export function createImage(p: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void {
+  fs.mkdirSync(path.dirname(p), { recursive: true, mode: 0o700 });
+  if (fs.existsSync(p)) throw new FerryError('MIGRATION_DEST_STORAGE', `${p} exists already on this host; remove it, or move the domain elsewhere`);
+  try {
+    if (format === 'raw') {
+      const fd = fs.openSync(p, fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW, 0o600);
+      try { fs.ftruncateSync(fd, virtualSize); } finally { fs.closeSync(fd); }
+    } else {
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...(backing ? ['-b', backing.path, '-F', backing.format] : []), p, String(virtualSize)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      fs.chmodSync(p, 0o600);
+    }
+  } catch (e) {
+    if (e instanceof FerryError) throw e;
+    fs.rmSync(p, { force: true });
+    throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot create ${p}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`);
+  }
+}
+
+/** Bytes an unprivileged writer may still use in `dir` (its filesystem's available blocks). */
+export function freeBytes(dir: string): number {
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = fs.statfsSync(dir);
+  return st.bavail * st.bsize;
+}

@@ -5,6 +5,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { FerryError } from '../errors.ts';
 import { parseDomainConfig, domainConfigToJson, NAME_RE } from '../domain/config.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
@@ -51,14 +52,35 @@ function needImage(f: string): string {
   return p;
 }
 
-export function linuxGuestConfig(name: string, memoryMiB = 128): Record<string, unknown> {
+/**
+ * A Linux guest. `dataDisk`: a fresh qcow2 of that many MiB in `host`'s own disk
+ * directory (storage.localDir: not shared, so moving it needs --copy-storage), which
+ * the guest sees as /dev/vda.
+ */
+export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib: number; host: string }): Record<string, unknown> {
   if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad guest name "${name}"`);
   const s = requireLab();
+  const disks: Record<string, unknown>[] = [];
+  if (dataDisk) {
+    if (!Number.isInteger(dataDisk.mib) || dataDisk.mib < 1 || dataDisk.mib > 65536) throw new FerryError('CLI_USAGE', '--data-disk must be an integer number of MiB from 1 to 65536');
+    const h = s.hosts.find((x) => x.name === dataDisk.host);
+    if (!h) throw new FerryError('HOST_UNKNOWN', `No lab host "${dataDisk.host}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
+    const dir = path.join(path.dirname(h.configPath), 'disks');
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const file = path.join(dir, `${name}-data.qcow2`);
+    if (fs.existsSync(file)) throw new FerryError('LAB_FAILED', `${file} exists already: delete it, or pick another guest name`);
+    try {
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, `${dataDisk.mib}M`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (e) {
+      throw new FerryError('LAB_FAILED', `qemu-img create ${file}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() ?? e}`);
+    }
+    disks.push({ path: file, format: 'qcow2', bus: 'virtio' });
+  }
   const ip = allocateIp(s, name);
   return domainConfigToJson(parseDomainConfig({
     name, memory: memoryMiB, vcpus: 1,
     boot: { kernel: needImage('vmlinux'), initrd: needImage('initrd.img'), cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24` },
-    nics: [{ network: 'lab', ip: `${ip}/24` }],
+    disks, nics: [{ network: 'lab', ip: `${ip}/24` }],
   }));
 }
 

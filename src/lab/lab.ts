@@ -213,13 +213,16 @@ export async function labUp(o: UpOptions): Promise<LabState> {
         name, stateDir: path.join(dir, 'state'), apiSocket: path.join(dir, 'ferryd.sock'), tlsDir,
         // On the migration network only; whole names, and hosts only from its addresses.
         relocation: { address: MIG_ADDR(i), port: 8002, hostsAllow: [`host[0-9]+@${MIG_NET}.0/24`], dataPorts: [49152, 49215], ...(o.allowInsecure ? { allowInsecure: true } : {}) },
-        storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save') },
+        // The shared pool (as NFS would be), and a directory of the host's own (local disks, --copy-storage).
+        storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save'), localDir: path.join(dir, 'disks') },
         networks: {
           lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
           ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
         },
         imagesDir: IMAGES_DIR,
         peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${MIG_ADDR(k + 1)}:8002`])),
+        // Prometheus metrics on the migration network, where the client (the operators' station) scrapes them.
+        metrics: `${MIG_ADDR(i)}:9477`,
         ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
       };
       fs.mkdirSync(dir, { recursive: true, mode: 0o711 });

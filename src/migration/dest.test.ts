@@ -231,3 +231,33 @@ test('destination: Begin offering post-copy sets it up for the stream; recover i
     await dest.abandon({ jobId }, ctx);
   } finally { r.done(); }
 });
+
+test('destination: --copy-storage places each copy in storage.localDir, refuses without room, and deletes what it made on abandon', async () => {
+  const r = await rig();
+  try {
+    const disk = path.join(r.host.runDir, 'src-disk.qcow2');
+    const cfg = { ...domainConfigToJson(parseDomainConfig({ name: 'web', memory: 256, boot: { kernel: path.join(r.host.runDir, 'vmlinux') }, disks: [{ path: disk, format: 'qcow2' }] })) };
+    const copy = (allocated: number) => ({ domain: { config: cfg, fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64', copyDisks: [{ index: 0, format: 'qcow2', virtualSize: 256 << 20, allocated }] } });
+    // 2 GiB allocated against the fake's 1 GiB free: refused before anything is made.
+    assert.equal(await code(r.begin('live', copy(2 * 2 ** 30), cfg)), 'MIGRATION_DEST_STORAGE');
+    assert.deepEqual(r.host.createdDisks, []);
+    assert.equal(r.phase(), 'none');
+    // A disk that is not writable, or listed twice, is a malformed Begin.
+    const twice = copy(1 << 20);
+    (twice.domain.copyDisks as unknown[]).push(twice.domain.copyDisks[0]);
+    assert.equal(await code(r.begin('live', twice, cfg)), 'MIGRATION_PROTOCOL');
+    // A shut-off domain has no QEMU to mirror from.
+    assert.equal(await code(r.begin('definition', copy(1 << 20), cfg)), 'MIGRATION_DEST_STORAGE');
+    const ans = await r.begin('live', copy(64 << 20), cfg) as { copyDisks: { index: number; path: string }[] };
+    const placed = path.join(r.host.cfg.storage.localDir, 'web.disk0.qcow2');
+    assert.deepEqual(ans.copyDisks, [{ index: 0, path: placed }]);
+    assert.deepEqual(r.host.createdDisks, [placed]);
+    assert.equal(r.host.get('web').rec.config.disks[0].path, placed, 'the incoming domain runs on the copy');
+    const job = r.store.jobs.get(r.jobId) as DestJob;
+    assert.deepEqual(job.createdDisks, [placed], 'on record, for an abandon after a restart');
+    fs.writeFileSync(placed, 'half a copy');
+    await r.dest.abandon({ jobId: r.jobId }, r.ctx);
+    assert.equal(r.phase(), 'abandoned');
+    assert.equal(fs.existsSync(placed), false, 'the half-made copy is gone');
+  } finally { r.done(); }
+});

@@ -17,6 +17,7 @@ import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.
 import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, vniFor, isIpv4, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
+import { nodeOf, EXPORT, type CopyDisk } from './mirror.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import type { Results } from '../api/protocol.ts';
 
@@ -43,6 +44,8 @@ interface BeginMsg {
   postcopy: boolean;
   /** Where each NIC's segment lives (the source's own, or a tunnel's home): daemon/tunnels.ts. */
   homes: TunnelHome[];
+  /** --copy-storage: the writable disks this host creates and the source mirrors into (mirror.ts). */
+  copyDisks: CopyDisk[];
 }
 
 function isObj(v: unknown): v is Record<string, unknown> {
@@ -89,7 +92,22 @@ export function parseBegin(p: Record<string, unknown>): BeginMsg {
     // A source that says nothing: every NIC lives on the source's own segment.
     config!.nics.forEach((n, i) => homes.push({ host: (peer as { name: string }).name, address: '', subnet: (peer.networks as Record<string, NetworkConfig>)[n.network]?.subnet ?? '', vni: vniFor(config!.uuid, i) }));
   }
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true, homes };
+  const copyDisks: CopyDisk[] = [];
+  if (d.copyDisks !== undefined) {
+    if (!Array.isArray(d.copyDisks) || d.copyDisks.length > 64) bad('domain.copyDisks must be a list');
+    for (const x of d.copyDisks as unknown[]) {
+      if (!isObj(x)) return bad('domain.copyDisks entries must be objects');
+      const i = x.index as number;
+      if (!Number.isInteger(i) || !config!.disks[i] || config!.disks[i].readOnly || copyDisks.some((c) => c.index === i)) bad('domain.copyDisks[].index must name each writable disk at most once');
+      if (x.format !== config!.disks[i].format) bad(`domain.copyDisks: disk${i}'s format must be its config's`);
+      const size = (v: unknown): boolean => Number.isSafeInteger(v) && (v as number) >= 0 && (v as number) <= 2 ** 50;
+      if (!size(x.virtualSize) || (x.virtualSize as number) < 512 || !size(x.allocated)) bad('domain.copyDisks[].virtualSize and allocated must be byte counts (at most 1 PiB)');
+      const b = x.backing;
+      if (b !== undefined && !(isObj(b) && typeof b.path === 'string' && b.path.startsWith('/') && !b.path.includes(',') && b.path.length < 4096 && (b.format === 'raw' || b.format === 'qcow2') && x.format === 'qcow2')) bad('domain.copyDisks[].backing must be {path, format} of a qcow2 disk');
+      copyDisks.push({ index: i, format: x.format as 'raw' | 'qcow2', virtualSize: x.virtualSize as number, allocated: x.allocated as number, ...(b ? { backing: { path: (b as { path: string }).path, format: (b as { format: string }).format } } : {}) });
+    }
+  }
+  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true, homes, copyDisks };
 }
 
 export class Destination {
@@ -167,6 +185,7 @@ export class Destination {
     if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
     if (this.store.jobs.has(m.jobId)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: job ${m.jobId} was already begun (replay?)`);
     const h = this.host;
+    if (h.maintenance().on) throw new FerryError('MIGRATION_DEST_MAINTENANCE', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} is in maintenance since ${h.maintenance().since ?? 'earlier'} and takes no incoming move; pick another host`);
     // The destination decides whether its QEMU may read an unauthenticated stream.
     if (m.insecure && !h.cfg.relocation.allowInsecure) throw new FerryError('MIGRATION_DEST_INSECURE', `Cannot migrate domain "${m.config.name}" without TLS: ${h.cfg.name} does not accept plain-TCP migration streams; drop --insecure, or set relocation.allowInsecure on ${h.cfg.name} (trusted networks only)`);
     const open = [...this.store.jobs.values()].filter((x) => x.role === 'destination' && (x.phase === 'begun' || x.phase === 'prepared'));
@@ -179,14 +198,19 @@ export class Destination {
       networks: h.cfg.networks, ...h.memoryFacts(), domainNames: h.domainNames(), domainUuids: h.domainUuids(),
     }, m.config, running);
     if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
+    // --copy-storage: the disks to copy get their place here; everything else must be shared.
+    const copies = this.placeCopies(m, running);
+    const shared: DomainConfig = { ...m.config, disks: m.config.disks.filter((_, i) => !copies.some((c) => c.index === i)) };
     // Pools first: a peer learns nothing about files outside them (not even existence).
-    try { h.checkPaths(m.config); } catch (e) {
+    try { h.checkPaths({ ...shared, disks: [...shared.disks, ...copies.flatMap((c) => (c.backing ? [{ path: c.backing.path, format: c.backing.format as 'raw' | 'qcow2', readOnly: true, bus: 'virtio' as const }] : []))] }); } catch (e) {
       const fe = asFerryError(e);
-      if (fe.code === 'DISK_NOT_FOUND') throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${m.config.name}": ${fe.message}; disks and boot files must be on shared storage at the same path`);
+      if (fe.code === 'DISK_NOT_FOUND') throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${m.config.name}": ${fe.message}; disks, their backing files and boot files must be on shared storage at the same path`);
       throw fe;
     }
-    checkFiles(m.config, m.fileSizes, h.cfg.name);
-    checkStorageMarkers(m.config, m.jobId, m.storageNonce, h.cfg.name, peerName);
+    checkFiles(shared, m.fileSizes, h.cfg.name);
+    checkStorageMarkers(shared, m.jobId, m.storageNonce, h.cfg.name, peerName);
+    // Where the copies land: the domain's config here names them.
+    for (const c of copies) m.config.disks[c.index] = { ...m.config.disks[c.index], path: c.path };
     // Post-copy only where this host's QEMU can take it: the source learns it from Begin's answer.
     const pc = h.postcopyIncoming();
     if (m.postcopy && !pc.ok) { m.postcopy = false; this.log.info('post-copy declined for an incoming move', { jobId: m.jobId, why: pc.why }); }
@@ -226,6 +250,20 @@ export class Destination {
     // the L2 probe: QEMU's start-up is the longest step before the first byte. Its
     // listener opens only at Prepare, which must come within limits.reservationS (touch).
     h.reserve(job.jobId, job.domain, job.memoryMiB);
+    if (copies.length) {
+      // Each on record once made (never before: a file that was there is not ours to delete).
+      job.createdDisks = [];
+      try {
+        for (const c of copies) {
+          h.createDisk(c.path, c.format, c.virtualSize, c.backing);
+          job.createdDisks.push(c.path);
+          this.store.save(job);
+        }
+      } catch (e) {
+        await this.abandonLocal(job, `creating the disk copies: ${(e as Error).message}`);
+        throw e;
+      }
+    }
     let bridges: (string | undefined)[] = [];
     try {
       bridges = need.size ? h.openAway(m.config, need) : [];
@@ -247,11 +285,31 @@ export class Destination {
       return {
         jobId: job.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2, postcopy: m.postcopy, ...(m.postcopy ? {} : { postcopyWhy: pc.why }),
         ...(need.size ? { tunnels: [...need].map(([nic, home]) => ({ nic, vni: home.vni, address: h.cfg.relocation.address })) } : {}),
+        ...(copies.length ? { copyDisks: copies.map((c) => ({ index: c.index, path: c.path })) } : {}),
       };
     } catch (e) {
       await this.abandonLocal(job, `pre-flight: ${(e as Error).message}`);
       throw e;
     }
+  }
+
+  /**
+   * --copy-storage: where each disk the source copies lands (storage.localDir, named by
+   * domain and disk) and whether there is room: the source's allocated bytes, 10 % more
+   * for the copy's own metadata, and 64 MiB to spare. Only a running domain's disks are
+   * mirrored (a shut-off one has no QEMU to mirror from).
+   */
+  private placeCopies(m: BeginMsg, running: boolean): (CopyDisk & { path: string })[] {
+    const h = this.host;
+    const who = `Cannot migrate domain "${m.config.name}"`;
+    if (!m.copyDisks.length) return [];
+    if (!running) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: --copy-storage copies a running domain's disks (QEMU mirrors them while the guest runs); start it first, or copy its disks by hand`);
+    const out = m.copyDisks.map((c) => ({ ...c, path: path.join(h.cfg.storage.localDir, `${m.config.name}.disk${c.index}.${c.format}`) }));
+    for (const c of out) if (fs.existsSync(c.path)) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: ${c.path} exists already on ${h.cfg.name} (a disk of an earlier copy?); remove it there first`, { path: c.path });
+    const need = out.reduce((a, c) => a + Math.ceil(c.allocated * 1.1), 0) + 64 * 1048576;
+    const free = h.localFreeBytes();
+    if (free < need) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: its disks need about ${(need / 1048576).toFixed(0)} MiB on ${h.cfg.name} (${h.cfg.storage.localDir}), which has ${(free / 1048576).toFixed(0)} MiB free; free space there, or move it elsewhere`, { needBytes: need, freeBytes: free });
+    return out;
   }
 
   /**
@@ -372,12 +430,27 @@ export class Destination {
         await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
       }
       this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: j.pid });
-      return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name };
+      const nbd = m.copyDisks.length ? await this.exportDisks(j, m, q) : undefined;
+      return { dataAddress: h.cfg.relocation.address, dataPort: j.dataPort, tlsHostname: h.cfg.name, ...(nbd ? { nbd } : {}) };
     } catch (e) {
       // If an abandon is already waiting for this Prepare, it undoes everything once we return.
       if (!this.abandoning.has(j.jobId)) await this.abandonLocal(j, `prepare failed: ${(e as Error).message}`, true);
       throw e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not prepare: ${(e as Error).message}`);
     }
+  }
+
+  /**
+   * --copy-storage: the incoming QEMU serves the new disks over NBD on one more data
+   * port, with the same TLS credentials and authz as the stream (the source's
+   * certificate only), writable, until Finish stops the server.
+   */
+  private async exportDisks(j: DestJob, m: BeginMsg, q: QmpClient): Promise<{ address: string; port: number }> {
+    const h = this.host;
+    const port = await this.freeDataPort(j.jobId);
+    await q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: h.cfg.relocation.address, port: String(port) } }, ...(m.insecure ? {} : { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' }) });
+    for (const c of m.copyDisks) await q.execute('block-export-add', { type: 'nbd', id: `ferry-export${c.index}`, 'node-name': await nodeOf(q, c.index), name: EXPORT(c.index), writable: true });
+    this.log.info('disks exported for the copy', { jobId: j.jobId, domain: j.domain, port, disks: m.copyDisks.map((c) => c.index) });
+    return { address: h.cfg.relocation.address, port };
   }
 
   /**
@@ -494,6 +567,8 @@ export class Destination {
       throw new FerryError(asFerryError(e).code, `Destination ${h.cfg.name} cannot write its state (${(e as Error).message}); abandoned before resuming "${j.domain}"`, { abandoned: true });
     }
     let resumedAt: number | null = null;
+    // The copies are complete (the source ended its mirrors before Finish): nobody writes them from outside any more.
+    if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
     if (running) {
       const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
       resumed.catch(() => undefined);
@@ -590,6 +665,7 @@ export class Destination {
       case 'finishing': {
         if (mine && mine.qmp && mine.rec.state.kind === 'incoming') {
           const q = mine.qmp;
+          if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
           try {
             await q.execute('cont');
           } catch (e) {
@@ -768,6 +844,9 @@ export class Destination {
     h.release(j.jobId);
     // Away ends opened for this guest (it never ran here, so it has no others here).
     h.closeAway(j.uuid);
+    // Half-made disk copies: the source's disks stay the only live ones.
+    for (const f of j.createdDisks ?? []) fs.rmSync(f, { force: true });
+    if (j.createdDisks?.length) this.log.info('disk copies removed', { jobId: j.jobId, files: j.createdDisks });
     this.forgetRun(j.jobId);
     j.error = { code: 'MIGRATION_FAILED', message: reason };
     this.step(j, event);

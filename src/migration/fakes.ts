@@ -75,7 +75,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   readonly cfg;
   constructor(name: string, readonly runDir: string, readonly qmpPath: string, port: number) {
     super();
-    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true, tunnels: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 } };
+    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true, tunnels: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 }, storage: { localDir: runDir } };
   }
   get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
   find(name: string): Handle | undefined { return this.domains.get(name); }
@@ -116,6 +116,11 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   extendHome(c: DomainConfig, nic: number, remote: string): string[] { this.tunnelLog.push(`home+ ${c.uuid} ${nic} ${remote}`); return [remote]; }
   retractHome(uuid: string, nic: number, remote: string): void { this.tunnelLog.push(`home- ${uuid} ${nic} ${remote}`); }
   tunnelFromPeer(): string[] { return []; }
+  maintenanceOn = false;
+  maintenance(): { on: boolean; since: string | null } { return { on: this.maintenanceOn, since: null }; }
+  readonly createdDisks: string[] = [];
+  createDisk(p: string): void { this.createdDisks.push(p); }
+  localFreeBytes(): number { return 1 << 30; }
   qemuDirOf(): string { return this.runDir; }
   qemuTlsDir(): string { return this.runDir; }
   withRam<T>(): Promise<T> { throw new Error('no RAM in a fake'); }

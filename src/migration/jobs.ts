@@ -41,6 +41,8 @@ export interface SourceJob extends JobBase {
   postcopy?: { startedAt: number };
   /** Home ends this move listed the destination in (daemon/tunnels.ts): retracted if it is abandoned. */
   tunnels?: { nic: number; home: string; remote: string }[];
+  /** --copy-storage: the destination's NBD export, so an abandon can abort a connection a dead link holds. */
+  nbd?: { address: string; port: number };
 }
 
 export interface Waiting { since: number; attempts: number; lastError: string; nextTryAt: number }
@@ -57,6 +59,8 @@ export interface DestJob extends JobBase {
   /** The source may switch to post-copy (Begin said so): pages may still arrive after Finish. */
   postcopy?: boolean;
   pid?: number;
+  /** Disks this host created for a --copy-storage move: deleted if the move is abandoned. */
+  createdDisks?: string[];
 }
 
 export type Job = SourceJob | DestJob;

@@ -35,6 +35,8 @@ export interface MigrationSettings {
   peers: Record<string, string>;
   networks: Record<string, NetworkConfig>;
   limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
+  /** localDir: where --copy-storage creates an incoming domain's disks. */
+  storage: { localDir: string };
 }
 
 /** A domain as migration sees it: read-only, changed through MigrationHost. */
@@ -93,6 +95,8 @@ export interface MigrationHost {
   forget(name: string): void;
   removeTaps(uuid: string, nics: number): void;
 
+  /** Maintenance: this host takes no incoming move. */
+  maintenance(): { on: boolean; since: string | null };
   /** Where each NIC of a domain here lives (daemon/tunnels.ts): the home end of its segment. */
   tunnelHomes(c: DomainConfig): TunnelHome[];
   /** Opens away ends for an incoming domain's NICs listed in `homes`; the bridge for each NIC's tap. */
@@ -103,6 +107,11 @@ export interface MigrationHost {
   extendHome(c: DomainConfig, nic: number, remote: string): string[];
   retractHome(uuid: string, nic: number, remote: string): void;
   tunnelFromPeer(op: 'extend' | 'retract', uuid: string, nic: number, remote: string, callerAddress: string): string[];
+
+  /** Creates an empty disk image (qemu-img) for a --copy-storage move; refuses an existing file. */
+  createDisk(path: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void;
+  /** Bytes free for new disks in storage.localDir. */
+  localFreeBytes(): number;
 
   /** The domain QEMU's private directory (its sockets). */
   qemuDirOf(d: DomainHandle): string;

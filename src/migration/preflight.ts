@@ -197,7 +197,7 @@ export function checkStorageMarkers(c: DomainConfig, jobId: string, nonce: strin
     } catch { seen = ''; }
     if (!nonce || seen !== nonce) {
       const disks = c.disks.filter((d) => !d.readOnly && path.dirname(d.path) === dir).map((d) => d.path).join(', ');
-      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": its writable disk ${disks} is not on storage that ${srcName} and ${dstName} share (${dstName} ${seen ? 'found another marker' : 'does not see the marker'} ${srcName} wrote beside it), so the guest would go on with a different disk. Put writable disks on shared storage (NFS, a cluster filesystem, a SAN) at the same path on both hosts; moving a local disk with the domain (--copy-storage) is not available yet`, { dir });
+      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": its writable disk ${disks} is not on storage that ${srcName} and ${dstName} share (${dstName} ${seen ? 'found another marker' : 'does not see the marker'} ${srcName} wrote beside it), so the guest would go on with a different disk. Put writable disks on shared storage (NFS, a cluster filesystem, a SAN) at the same path on both hosts, or move them along with the domain (--copy-storage)`, { dir });
     }
   }
 }

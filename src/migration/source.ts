@@ -4,23 +4,30 @@
  *   CLI            source ferryd (S)                          destination ferryd (D)
  *    | migrate ---> |                                                   |
  *    |              |== TLS, mutual auth, hostsAllow =================>|  D's name: its certificate's CN
- *    |              |-- relocation.begin {version, facts, config} ---->|  fast pre-flight; reserve;
- *    |              |   (meanwhile: S's QEMU migration settings)       |  start QEMU -S -incoming defer
+ *    |              |-- relocation.begin {version, facts, config, -->|  fast pre-flight; reserve;
+ *    |              |     homes of its NICs, copyDisks}                |  away ends of tunnels (tunnels.ts);
+ *    |              |   (meanwhile: S's QEMU migration settings)       |  disk copies created (mirror.ts);
+ *    |              |                                                  |  start QEMU -S -incoming defer
  *    |              |                                                  |  (no listener) ‖ ARP L2 probe
- *    |              |<------------- {dataPort} (probe listener open) --|
+ *    |              |<--- {dataPort, tunnels} (probe listener open) ---|
+ *    |              |   home ends list D (here, or relocation.tunnel to the home host)
  *    |              |-- TCP connect to dataPort (≤3 s) --------------->|  firewall check
- *    |              |-- relocation.prepare --------------------------->|  persist prepared; await QEMU;
- *    |              |<----------------------- {dataPort} (TLS, authz) |  one-shot listener
+ *    |              |-- relocation.prepare --------------------------->|  ARP through the tunnels; persist
+ *    |              |<------------- {dataPort, nbd} (TLS, authz) ------|  prepared; one-shot listener; NBD exports
+ *    |              |== blockdev-mirror into D's NBD exports (TLS) ===>|  (--copy-storage) until all in sync
  *    |              |== QEMU migrate (TLS) ===========================>|  pre-copy passes (live) or stop+copy
  *    |  progress <--|   MIGRATION completed: S's guest stopped [switchover]
+ *    |              |   mirrors end as point-in-time copies (block-job-cancel)
  *    |              |-- relocation.digest (--verify-memory) ---------->|  SHA-256 per RAM chunk; still paused
  *    |              |   digest own RAM, compare chunk by chunk         |
  *    |              |-- relocation.repair + raw bytes × differing ---->|  write source's bytes into its RAM
  *    |              |-- relocation.digest {chunks}; any differ → abandon
  *    |              |   persist finish  ── POINT OF NO RETURN ──       |
- *    |              |-- relocation.finish ---------------------------->|  persist finishing; cont; announce-self
+ *    |              |-- relocation.finish ---------------------------->|  persist finishing; NBD server off;
+ *    |              |                                                  |  cont; announce-self
  *    |              |<------------------------------- {resumedAt} -----|  persist finished
- *    |              |   quit source QEMU, forget the definition       |
+ *    |              |   quit source QEMU, forget the definition;      |
+ *    |              |   drop an away end here, its home stops flooding here
  *    |              |-- relocation.confirm --------------------------->|
  *    | <- report ---|                                                   |
  *
@@ -29,6 +36,7 @@
  * control connection drops). From `finish` on, S resumes its copy only if D says
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
+import fs from 'node:fs';
 import net from 'node:net';
 import crypto from 'node:crypto';
 import dns from 'node:dns/promises';
@@ -49,6 +57,7 @@ import { GuestProbe, guestIp } from './guestprobe.ts';
 import { plan as makePlan, precopyEtaS, type StrategyChoice, type OnTimeout } from './plan.ts';
 import { Planner, DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S } from './autopilot.ts';
 import { MemoryCheck } from './memcheck.ts';
+import { DiskMirror, describeDisks, abortMirrors, type CopyDisk } from './mirror.ts';
 
 
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
@@ -71,6 +80,10 @@ export interface StartParams {
   strategy?: StrategyChoice;
   /** At the deadline, still in pre-copy: cancel, suspend the guest to finish, or switch to post-copy. */
   onTimeout?: OnTimeout;
+  /** Copy the domain's writable disks to the destination's own storage while it runs (mirror.ts). */
+  copyStorage?: boolean;
+  /** With copyStorage: delete the source's disk files once the domain runs there (kept by default). */
+  deleteSourceStorage?: boolean;
 }
 
 
@@ -119,6 +132,8 @@ interface Autopilot {
 
 export class Source {
   private cancels = new Map<string, () => void>();
+  /** --copy-storage: each job's disk mirrors while it runs (mirror.ts). */
+  private mirrors = new Map<string, DiskMirror>();
   /** Jobs past the point of no return being settled in the background (driveFinish). */
   private driving = new Map<string, Promise<void>>();
 
@@ -200,6 +215,7 @@ export class Source {
     if (this.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished'))) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
     if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${live.busy})`);
     const s = live.rec.state;
+    if (p.deleteSourceStorage && !p.copyStorage) throw new FerryError('CLI_USAGE', '--delete-source-storage goes with --copy-storage');
     if (s.kind === 'incoming' || s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${s.kind}`);
     if (s.kind === 'crashed') throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" crashed; destroy or start it before migrating`);
     const mode: Mode = hasProcess(s) ? (p.live ? 'live' : 'offline') : 'definition';
@@ -237,6 +253,21 @@ export class Source {
       const rt = live.rec.runtime;
       const q = mode === 'definition' ? undefined : live.qmp;
       if (mode !== 'definition' && !q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
+      // Local disks: copied with --copy-storage (every writable disk), else refused here
+      // when they sit in this host's own directory, which is never shared.
+      const cfg0 = live.rec.config;
+      const writable = cfg0.disks.flatMap((d, i) => (d.readOnly ? [] : [i]));
+      const localDir = h.cfg.storage.localDir + '/';
+      if (!p.copyStorage) {
+        const local = writable.map((i) => cfg0.disks[i].path).filter((f) => f.startsWith(localDir));
+        if (local.length) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${p.domain}": its writable disk ${local.join(', ')} is on ${h.cfg.name}'s own storage (storage.localDir), which no other host shares; move it along with --copy-storage`, { disks: local });
+      } else if (!q) {
+        throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot copy the disks of shut-off domain "${p.domain}": --copy-storage mirrors a running domain's disks while it runs; start it first, or copy its disks by hand`);
+      } else if (!writable.length) {
+        policy.push('--copy-storage: the domain has no writable disk; nothing to copy');
+      }
+      const copyDisks = p.copyStorage && q && writable.length ? await describeDisks(q, writable) : [];
+      if (copyDisks.length) policy.push(`--copy-storage: ${copyDisks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${peer.name}'s own storage while the guest runs`);
       // The source QEMU's own settings need nothing from the destination but its name
       // (its certificate's, known since the handshake): made while Begin runs there.
       const setupP = q ? this.setup(q, live, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
@@ -248,18 +279,20 @@ export class Source {
       // Never on an engine whose dirty tracking can lose pages (QEMU < 9 under TCG): the
       // memory check needs both copies paused, and post-copy has no such moment.
       const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
-      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy');
+      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') && !copyDisks.length;
+      if (mode === 'live' && live.rec.config.postcopy && copyDisks.length) policy.push('post-copy not offered: the disk copies complete while the guest is paused, and post-copy has no such moment');
       if (mode === 'live' && live.rec.config.postcopy && p.verifyMemory === true) policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
       if (mode === 'live' && live.rec.config.postcopy && engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${live.rec.runtime?.accel ?? h.accel.accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
       const planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
       planP?.catch(() => undefined);
       // Markers beside writable disks, for the destination to prove it shares them.
-      const markers = writeStorageMarkers(live.rec.config, j.jobId);
+      // (Copied disks need no proof of sharing.)
+      const markers = writeStorageMarkers(copyDisks.length ? { ...cfg0, disks: cfg0.disks.filter((d) => d.readOnly) } : cfg0, j.jobId);
       const homes = h.tunnelHomes(live.rec.config);
       const begin = await client.request('relocation.begin', {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted, homes,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
-        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel },
+        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel, ...(copyDisks.length ? { copyDisks } : {}) },
       }, 60000).finally(markers.remove);
       mark('begun');
       this.step(j, { type: 'dest-accepted' });
@@ -300,6 +333,15 @@ export class Source {
       let planned: Promise<void> | undefined;
       try {
         await setupP;
+        if (copyDisks.length) {
+          const nbd = prep.nbd;
+          const [lo, hi] = [1, 65535];
+          if (!nbd || net.isIP(String(nbd.address)) === 0 || !Number.isInteger(nbd.port) || nbd.port < lo || nbd.port > hi) throw new FerryError('MIGRATION_PROTOCOL', `${peer.name} prepared no disk export for --copy-storage`);
+          j.nbd = { address: nbd.address, port: nbd.port };
+          this.store.saveLater(j);
+          stats.storage = await this.copyDisks(j, q, copyDisks, nbd, insecure ? null : { creds: 'ferry-tls-out', hostname: peer.name }, p, t0, timeoutS, cancelledP, begin.copyDisks ?? []);
+          mark('disksInSync');
+        }
         // The operator's --strategy postcopy needs no measurement to act on.
         const auto: Autopilot = { postcopyOn, pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && postcopyOn ? 'postcopy' : 'pending', onTimeout: p.onTimeout ?? (postcopyOn ? 'postcopy' : 'cancel') };
         await this.capabilities(q, mode, auto, policy);
@@ -310,7 +352,7 @@ export class Source {
           let pl = pl0;
           if (!postcopyOn && pl.plan.input.postcopyAllowed) {
             // The destination cannot take post-copy: the plan without it.
-            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, `${peer.name} cannot take post-copy`);
+            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, postcopyWanted ? `${peer.name} cannot take post-copy` : 'post-copy is not offered for this move');
           }
           stats.plan = pl.view;
           auto.pick = pl.plan.pick;
@@ -341,6 +383,14 @@ export class Source {
       const completedAt = watch.at.get('completed');
       if (completedAt !== undefined) timeline.streamCompleted = Math.round(completedAt - t0);
       this.step(j, { type: 'stream-completed' });
+      // The guest is paused and its RAM is there: each disk copy ends as a point-in-time copy.
+      const mirror = this.mirrors.get(j.jobId);
+      if (mirror) {
+        const tc = performance.now();
+        await mirror.complete();
+        if (stats.storage) stats.storage.copyMs += Math.round(performance.now() - tc);
+        mark('disksCompleted');
+      }
       // Still before the point of no return: both guests are paused, so a mismatch
       // abandons like any other failure and the domain resumes here.
       const unreliable = engineLoses;
@@ -396,7 +446,15 @@ export class Source {
         this.step(j, { type: 'dest-finished' });
       }
       Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
+      const sourceDisks = stats.storage?.disks.map((d) => d.from) ?? [];
       await this.retire(live, j);
+      if (p.deleteSourceStorage && sourceDisks.length) {
+        // The guest runs there on its copies; the operator asked for these to go.
+        for (const f of sourceDisks) fs.rmSync(f, { force: true });
+        policy.push(`--delete-source-storage: ${sourceDisks.join(', ')} deleted on ${h.cfg.name}`);
+      } else if (sourceDisks.length) {
+        policy.push(`the source's disks stay on ${h.cfg.name} (${sourceDisks.join(', ')}) until you delete them; the guest runs on its copies on ${peer.name}`);
+      }
       mark('sourceClean');
       if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
       // totalMs ends here: the guest runs on the destination and the source is clean.
@@ -439,6 +497,8 @@ export class Source {
       if (probe) await probe.stop(0);
       h.setBusy(live, undefined);
       this.cancels.delete(j.jobId);
+      this.mirrors.get(j.jobId)?.dispose();
+      this.mirrors.delete(j.jobId);
       client.close();
     }
   }
@@ -565,6 +625,10 @@ export class Source {
       if (ticking || w.final || w.status === 'postcopy-active') return;
       ticking = true;
       try {
+        // A disk copy that broke (--copy-storage) ends the move: the guest stays here.
+        const mirror = this.mirrors.get(j.jobId);
+        if (mirror?.failed && !cancelSent) { policy.push(`disk copy failed: ${mirror.failed}`); cancel(); }
+        if (mirror) mirror.last = await mirror.progress().catch(() => mirror.last);
         const m = await q.execute<MigrateInfo>('query-migrate');
         const etaS = this.progress(j, t0, m, w.passes, maxDowntimeMs);
         const elapsed = (Date.now() - t0) / 1000;
@@ -616,6 +680,8 @@ export class Source {
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
+      const diskFailed = this.mirrors.get(j.jobId)?.failed;
+      if (diskFailed) throw new FerryError('MIGRATION_FAILED', `Copying the disks of "${j.domain}" failed (${diskFailed}); cancelled, the domain keeps running on the source with its own disks`);
       if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`);
       if (timedOut) throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
       if (isCancelled()) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
@@ -673,12 +739,17 @@ export class Source {
     // The ETA from the same model as the plan: a pre-copy pass that re-sends dirtied
     // pages is not progress lost. The bar itself never runs backwards.
     const eta = done ? 0 : rate <= 0 ? null : post ? remaining / rate : precopyEtaS(remaining, dirty, rate, maxDowntimeMs);
-    const raw = done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0;
+    const ramPct = done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0;
+    // With disks copied first (--copy-storage), the bar spans both: the disks' share is done.
+    const disk = this.mirrors.get(j.jobId)?.last;
+    const share = disk ? this.diskShare(j, disk.total) : 0;
+    const raw = share * 100 + (1 - share) * ramPct;
     const prog: Progress = {
       domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: Math.max(raw, j.progress?.percent ?? 0),
       transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: passes,
       etaS: eta === null || !Number.isFinite(eta) ? null : eta, elapsedMs: Date.now() - t0, dirtyRate: done ? 0 : ram['dirty-pages-rate'] ?? 0, throttlePct: done ? 0 : m['cpu-throttle-percentage'] ?? 0,
       stage: done ? 'completed' : post ? `post-copy: ${(remaining / 1048576).toFixed(0)} MiB still on ${this.host.cfg.name}` : m.status === 'device' || m.status === 'pre-switchover' ? 'switchover' : `pre-copy pass ${pass}`,
+      ...(disk ? { disk } : {}),
     };
     j.progress = prog;
     this.host.emit('migration.progress', prog);
@@ -1015,6 +1086,55 @@ export class Source {
     }
   }
 
+  /**
+   * --copy-storage, between Prepare and the RAM stream: mirrors every copied disk into
+   * the destination's exports and waits until all are in sync, showing disk bytes on the
+   * bar; the operator's cancel and --timeout stop it (the abandon then forces the jobs
+   * off). --bandwidth caps each mirror too.
+   */
+  private async copyDisks(j: SourceJob, q: QmpClient, disks: CopyDisk[], nbd: { address: string; port: number }, tls: { creds: string; hostname: string } | null, p: StartParams, t0: number, timeoutS: number, cancelledP: Promise<void>, placed: { index: number; path: string }[]): Promise<NonNullable<Report['storage']>> {
+    const mirror = new DiskMirror(q, disks);
+    this.mirrors.set(j.jobId, mirror);
+    const tc = performance.now();
+    let timer: NodeJS.Timeout | undefined;
+    const stop = new Promise<string>((resolve) => {
+      void cancelledP.then(() => resolve('cancelled'));
+      timer = setTimeout(() => resolve(`copying the disks did not finish within --timeout ${timeoutS} s; cancelled, the domain keeps running on ${this.host.cfg.name} with its own disks`), Math.max(0, t0 + timeoutS * 1000 - Date.now()));
+    });
+    let prev = { at: performance.now(), copied: 0 };
+    const tick = setInterval(() => void mirror.progress().then((d) => {
+      mirror.last = d;
+      const now = performance.now();
+      const rate = Math.max(0, (d.copied - prev.copied) / ((now - prev.at) / 1000));
+      prev = { at: now, copied: d.copied };
+      const share = this.diskShare(j, d.total);
+      const prog: Progress = {
+        domain: j.domain, jobId: j.jobId, phase: j.phase, percent: Math.max(j.progress?.percent ?? 0, d.total ? (d.copied / d.total) * 100 * share : 0),
+        transferred: 0, remaining: 0, total: 0, rateMBps: rate / 1e6, pass: 0, etaS: rate > 0 ? (d.total - d.copied) / rate : null, elapsedMs: Date.now() - t0, dirtyRate: 0, throttlePct: 0,
+        stage: `copying disks: ${(d.copied / 1048576).toFixed(0)} of ${(d.total / 1048576).toFixed(0)} MiB`, disk: d,
+      };
+      j.progress = prog;
+      this.host.emit('migration.progress', prog);
+    }, () => undefined), 300);
+    try {
+      await mirror.start(nbd, tls, p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : 0);
+      await mirror.untilReady(stop);
+    } finally {
+      clearInterval(tick);
+      clearTimeout(timer);
+    }
+    mirror.last = await mirror.progress().catch(() => mirror.last);
+    const copyMs = Math.round(performance.now() - tc);
+    const cfg = this.host.get(j.domain).rec.config;
+    return { disks: disks.map((d) => ({ index: d.index, from: cfg.disks[d.index].path, to: placed.find((x) => x.index === d.index)?.path ?? null })), copiedBytes: mirror.last.total, copyMs, sourceKept: p.deleteSourceStorage !== true };
+  }
+
+  /** The disks' part of the whole move's bytes (disks, then RAM), for one progress bar. */
+  private diskShare(j: SourceJob, diskTotal: number): number {
+    const ram = (this.host.find(j.domain)?.rec.config.memoryMiB ?? 0) * 1048576;
+    return diskTotal + ram > 0 ? diskTotal / (diskTotal + ram) : 0;
+  }
+
   /** Abandon before the point of no return: the source domain runs again as it was. */
   async abandon(j: SourceJob, live: Live, client: ApiClient | undefined, reason: string): Promise<void> {
     const q = live.qmp;
@@ -1032,6 +1152,11 @@ export class Source {
           watch.dispose();
         }
       } catch { /* QEMU gone: handled below */ }
+    }
+    // Disk copies in flight stop here (forced: a dead link must not hang it); the source's disks are untouched.
+    if (q && !q.closed) {
+      const n = await abortMirrors(q, j.nbd);
+      if (n) this.log.info('disk copies cancelled', { jobId: j.jobId, jobs: n });
     }
     if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => this.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
     // The guest stays: its segment no longer floods to the destination.

@@ -100,6 +100,10 @@ describe('moves across segments: the guest\'s segment follows it through a tunne
     const h2 = labState().hosts[1];
     const r = tlsCall('host2', '198.19.0.11', h2.tlsDir, { id: 1, action: 'relocation.tunnel', params: { op: 'extend', uuid, nic: 0, remote: '198.19.0.12' } });
     assert.equal(r.lines[0].error.code, 'API_FORBIDDEN', JSON.stringify(r));
+    // host3 is one, but may extend it only to a peer of host1's, not to any address.
+    const h3 = labState().hosts[2];
+    const r3 = tlsCall('host3', '198.19.0.11', h3.tlsDir, { id: 1, action: 'relocation.tunnel', params: { op: 'extend', uuid, nic: 0, remote: '198.19.0.99' } });
+    assert.equal(r3.lines[0].error.code, 'API_FORBIDDEN', JSON.stringify(r3));
     assert.deepEqual((await tunnels('host1'))[0].remotes, ['198.19.0.13'], 'unchanged');
 
     const echo = echoClient(ip, 10);

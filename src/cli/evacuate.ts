@@ -1,0 +1,181 @@
+/**
+ * `ferry host evacuate HOST`: empty a host for maintenance. The CLI drives it through
+ * the API of the hosts involved, and the moves themselves are ordinary migration jobs
+ * in HOST's ferryd, so an interrupted evacuation leaves no half-state of its own: run
+ * it again and it takes what is still on HOST (a move already under way is left to
+ * finish, and said so).
+ *
+ *   1. HOST goes into maintenance: it starts nothing and takes no incoming move.
+ *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers.
+ *   3. The autopilot predicts each move (migration.plan, which measures the guest), so
+ *      the whole evacuation has an ETA, and the shortest moves go first.
+ *   4. Up to --parallel moves at once per destination; one progress view.
+ * A domain that cannot move is reported with its reason; the others still move.
+ */
+import type { Command } from 'commander';
+import { ApiClient, resolveTarget, call, type Target } from '../api/client.ts';
+import type { DomainSummary, HostInfo, Progress, Report } from '../api/protocol.ts';
+import { FerryError, asFerryError } from '../errors.ts';
+import { table, printJson, act } from './output.ts';
+import { place, makespanMs, type Candidate, type Leaving } from './placement.ts';
+
+interface EvacOpts { to?: string[]; parallel?: number; maxDowntime?: number; timeout?: number; plan?: boolean; json?: boolean }
+
+/** One domain's line in the view and the report. */
+interface Row {
+  domain: string; memoryMiB: number; to: string | null;
+  state: 'planned' | 'queued' | 'moving' | 'moved' | 'failed' | 'unplaced' | 'busy';
+  predictedMs: number | null; why: string; percent: number; stage: string;
+  report?: Pick<Report, 'totalMs' | 'pauseMs' | 'strategy'>; error?: { code: string; message: string };
+}
+
+export interface EvacuationReport {
+  host: string; planOnly: boolean; maintenance: boolean; parallel: number;
+  predictedMs: number | null; elapsedMs: number; domains: Row[]; outcome: 'done' | 'incomplete' | 'planned';
+}
+
+/** A host's API: a lab name goes to its socket; a peer by the address HOST's ferryd.json gives it (TLS). */
+function peerTarget(name: string, peers: Record<string, string>): Target {
+  const t = resolveTarget(name);
+  return t.kind === 'unix' || !peers[name] ? t : resolveTarget(peers[name]);
+}
+
+export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row[], etaMs: number | null) => void): Promise<EvacuationReport> {
+  const t0 = Date.now();
+  const parallel = o.parallel ?? 1;
+  if (!Number.isInteger(parallel) || parallel < 1 || parallel > 8) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 8');
+  const src = resolveTarget(hostArg);
+  const info = await call(src, 'host.info');
+  const names = (o.to?.length ? o.to : Object.keys(info.peers)).filter((n) => n !== info.name);
+  // What each candidate offers now (an unreachable one is no candidate, and said so).
+  const candidates: Candidate[] = [];
+  const unreachable: string[] = [];
+  for (const n of names) {
+    try {
+      const hi: HostInfo = await call(peerTarget(n, info.peers), 'host.info', {}, 10000);
+      candidates.push({ name: hi.name, freeMiB: hi.memory.freeMiB, cpuModel: hi.cpuModel, networks: Object.keys(hi.networks), maintenance: hi.maintenance?.on === true });
+    } catch (e) {
+      unreachable.push(`${n} (${asFerryError(e).message.slice(0, 120)})`);
+    }
+  }
+  if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
+  const all: DomainSummary[] = await call(src, 'domain.list');
+  const rows: Row[] = [];
+  const leaving: Leaving[] = [];
+  for (const d of all) {
+    if (d.state === 'migrating-out' || d.state === 'incoming') { rows.push({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: `already ${d.state}: left to finish`, percent: 0, stage: '' }); continue; }
+    if (d.state !== 'running' && d.state !== 'paused') continue; // shut off: its definition stays; nothing runs here
+    const di = await call(src, 'domain.info', { domain: d.name });
+    const nics = ((di.config as { nics?: { network: string }[] }).nics ?? []).map((n) => n.network);
+    leaving.push({ name: d.name, memoryMiB: d.memoryMiB, networks: nics, cpuModel: info.cpuModel });
+  }
+  for (const a of place(leaving, candidates)) {
+    const l = leaving.find((x) => x.name === a.domain)!;
+    rows.push({ domain: a.domain, memoryMiB: l.memoryMiB, to: a.to, state: a.to ? (o.plan ? 'planned' : 'queued') : 'unplaced', predictedMs: null, why: a.to ? a.why : `${a.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`, percent: 0, stage: '' });
+  }
+  // The autopilot's prediction for each placed move (it measures the guest's dirty rate).
+  const budget = { ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}), ...(o.timeout !== undefined ? { timeoutS: o.timeout } : {}) };
+  for (const r of rows.filter((x) => x.to)) {
+    try {
+      const pv = await call(src, 'migration.plan', { domain: r.domain, dest: r.to!, ...budget }, 30000);
+      r.predictedMs = pv.predictions.find((p) => p.strategy === pv.pick)?.totalMs ?? null;
+    } catch (e) {
+      r.why += `; no prediction (${asFerryError(e).message.slice(0, 120)})`;
+    }
+  }
+  // Shortest first, as the plan says; unknown predictions last among equals in size.
+  rows.sort((a, b) => (a.to ? 0 : 1) - (b.to ? 0 : 1) || (a.predictedMs ?? Infinity) - (b.predictedMs ?? Infinity) || a.memoryMiB - b.memoryMiB);
+  const placed = rows.filter((r) => r.to);
+  const predictedMs = placed.every((r) => r.predictedMs !== null) ? makespanMs(placed.map((r) => ({ to: r.to!, ms: r.predictedMs! })), parallel) : null;
+  const report = (outcome: EvacuationReport['outcome']): EvacuationReport => ({ host: info.name, planOnly: !!o.plan, maintenance: !o.plan || info.maintenance.on, parallel, predictedMs, elapsedMs: Date.now() - t0, domains: rows, outcome });
+  if (o.plan) return report('planned');
+
+  // The moves: one queue per destination, `parallel` at a time each.
+  const events = await ApiClient.connect(src);
+  const eta = (): number | null => {
+    const rest = rows.filter((r) => r.state === 'queued' || r.state === 'moving');
+    if (rest.some((r) => r.predictedMs === null)) return null;
+    return makespanMs(rest.map((r) => ({ to: r.to!, ms: r.state === 'moving' ? r.predictedMs! * (1 - r.percent / 100) : r.predictedMs! })), parallel);
+  };
+  const show = (): void => onView?.(rows, eta());
+  try {
+    await events.request('events.subscribe', {});
+    events.on('event', (ev: { event: string; data: unknown }) => {
+      if (ev.event !== 'migration.progress') return;
+      const p = ev.data as Progress;
+      const r = rows.find((x) => x.domain === p.domain && x.state === 'moving');
+      if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; show(); }
+    });
+    show();
+    const move = async (r: Row): Promise<void> => {
+      r.state = 'moving';
+      show();
+      try {
+        const rep = await call(src, 'migration.start', { domain: r.domain, dest: r.to!, live: true, ...budget });
+        if (rep.error) { r.state = 'failed'; r.error = rep.error; } else { r.state = 'moved'; r.percent = 100; r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy }; }
+      } catch (e) {
+        r.state = 'failed';
+        r.error = asFerryError(e).toJSON() as { code: string; message: string };
+      }
+      show();
+    };
+    const byDest = new Map<string, Row[]>();
+    for (const r of placed) byDest.set(r.to!, [...(byDest.get(r.to!) ?? []), r]);
+    await Promise.all([...byDest.values()].flatMap((q) => Array.from({ length: parallel }, async () => {
+      for (let r = q.shift(); r; r = q.shift()) await move(r);
+    })));
+  } finally {
+    events.close();
+  }
+  return report(rows.every((r) => r.state === 'moved') ? 'done' : 'incomplete');
+}
+
+function printEvacuation(r: EvacuationReport): void {
+  const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '?' : v < 10000 ? `${v} ms` : `${(v / 1000).toFixed(1)} s`);
+  process.stdout.write(`${r.planOnly ? 'Plan to evacuate' : 'Evacuation of'} ${r.host}${r.maintenance ? ' (in maintenance)' : ''}: ${r.domains.length} domain${r.domains.length === 1 ? '' : 's'}, up to ${r.parallel} at once per destination; predicted ${ms(r.predictedMs)}${r.planOnly ? '' : `, took ${ms(r.elapsedMs)}`}\n\n`);
+  const rows: (string | number)[][] = [['Domain', 'Mem', 'To', 'Predicted', 'State', 'Detail']];
+  for (const d of r.domains) rows.push([d.domain, `${d.memoryMiB} MiB`, d.to ?? '-', ms(d.predictedMs), d.state, d.error ? `${d.error.code}: ${d.error.message}` : d.report ? `${ms(d.report.totalMs)}, pause ${ms(d.report.pauseMs)}${d.report.strategy ? `, ${d.report.strategy}` : ''}` : d.why]);
+  process.stdout.write(table(rows, ['l', 'r', 'l', 'r', 'l', 'l']));
+}
+
+/** The live view on a terminal: one line per domain and the whole ETA, redrawn in place. */
+function terminalView(): (rows: Row[], etaMs: number | null) => void {
+  let drawn = 0;
+  return (rows, etaMs) => {
+    const lines = [`evacuating: ${rows.filter((r) => r.state === 'moved').length}/${rows.filter((r) => r.to).length} moved, ETA ${etaMs === null ? '?' : `${(etaMs / 1000).toFixed(1)} s`}`,
+      ...rows.map((r) => `  ${r.domain.padEnd(16)} → ${(r.to ?? '-').padEnd(10)} ${r.state.padEnd(8)} ${r.state === 'moving' ? `${r.percent.toFixed(0).padStart(3)}% ${r.stage}` : r.error ? r.error.code : r.state === 'unplaced' ? r.why.slice(0, 60) : ''}`)];
+    process.stderr.write((drawn ? `\x1b[${drawn}A` : '') + lines.map((l) => `\x1b[2K${l}\n`).join(''));
+    drawn = lines.length;
+  };
+}
+
+export function registerEvacuate(host: Command): void {
+  const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+  const int = (name: string) => (v: string): number => { const n = Number(v); if (!Number.isInteger(n) || n < 1) throw new FerryError('CLI_USAGE', `${name} must be a whole number of at least 1, got "${v}"`); return n; };
+  host.command('maintenance').description('put a host in maintenance (no domain starts there, no move comes in), or take it out').argument('<host>').argument('<on|off>').option('--json', 'JSON output')
+    .action(act(async (h: string, onOff: string) => {
+      if (onOff !== 'on' && onOff !== 'off') throw new FerryError('CLI_USAGE', `say on or off, got "${onOff}"`);
+      return call(resolveTarget(h), 'host.maintenance', { on: onOff === 'on' });
+    }, (r) => process.stdout.write(`${r.host}: maintenance ${r.maintenance.on ? `on since ${r.maintenance.since}` : 'off'}\n`)));
+  host.command('evacuate').description('empty a host: maintenance on, then every running domain moves live to another host, with one progress view and an ETA').argument('<host>')
+    .option('--to <host>', 'only to this host (repeat for several; default: the host\'s peers)', collect)
+    .option('--parallel <n>', 'moves at once per destination (default 1)', int('--parallel'))
+    .option('--max-downtime <ms>', 'longest pause for each move (default 300)', int('--max-downtime'))
+    .option('--timeout <s>', 'each move\'s time budget (default 600)', int('--timeout'))
+    .option('--plan', 'move nothing: print where each domain would go and the predicted time')
+    .option('--json', 'print one final JSON report')
+    .action(act(async (h: string, o: EvacOpts): Promise<EvacuationReport | undefined> => {
+      const tty = !o.json && !!process.stderr.isTTY;
+      const r = await evacuate(h, o, tty && !o.plan ? terminalView() : undefined);
+      if (r.outcome === 'incomplete') {
+        // The report is the answer either way; the exit code says it is not done.
+        const n = r.domains.filter((d) => d.state !== 'moved').length;
+        const fe = new FerryError('EVACUATION_INCOMPLETE', `${n} domain${n === 1 ? '' : 's'} did not leave ${r.host}; the table says why. Fix that and run the evacuation again: it takes what is still there`);
+        if (o.json) printJson({ ...r, error: fe.toJSON() }); else { printEvacuation(r); process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`); }
+        process.exitCode = fe.exitCode;
+        return undefined;
+      }
+      return r;
+    }, (r) => { if (r) printEvacuation(r); }));
+}
+
