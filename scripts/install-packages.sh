@@ -5,9 +5,20 @@
 # working around that costs every guest a pause 10-30x longer (README "Engine").
 # An apt pin takes only QEMU's own packages (and SeaBIOS) from backports; everything
 # else, systemd and mesa included, stays on Debian 12. Idempotent and quick when done.
-#   install-packages.sh [--update]   (--update: always run apt-get update first)
+#   install-packages.sh [--update] [--with-tests]
+#     --update: always run apt-get update first
+#     --with-tests: also what the tests need (chromium: the dashboard's page tests drive
+#                   Debian's headless Chromium; nothing is downloaded at run time)
 set -euo pipefail
 PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps)
+update=0
+for a in "$@"; do
+  case "$a" in
+    --update) update=1 ;;
+    --with-tests) PKGS+=(chromium) ;;
+    *) echo "install-packages: unknown option $a" >&2; exit 2 ;;
+  esac
+done
 MIN_QEMU_MAJOR=10
 SRC=/etc/apt/sources.list.d/ferry-bookworm-backports.sources
 PIN=/etc/apt/preferences.d/ferry-qemu-backports
@@ -34,7 +45,7 @@ if ! getent passwd ferry-qemu >/dev/null; then
   getent group kvm >/dev/null && usermod -a -G kvm ferry-qemu
   echo "install-packages: created the system user ferry-qemu (domains' QEMUs run as it)"
 fi
-[ ${#missing[@]} -eq 0 ] && [ $upgrade = 0 ] && [ "${1:-}" != --update ] && exit 0
+[ ${#missing[@]} -eq 0 ] && [ $upgrade = 0 ] && [ $update = 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then echo "install-packages: need root to install: ${missing[*]} ${upgrade:+(QEMU $MIN_QEMU_MAJOR)}" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive

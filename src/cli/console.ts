@@ -17,7 +17,7 @@ export interface ConsoleOpts { idleMs: number; replay: number; maxMs?: number }
 interface Control { event: string; reason?: string; host?: string; target?: string }
 
 /** A control frame as ferryd sends it; a redirect names a host and, at most, ADDRESS:PORT. */
-function isControl(m: unknown): m is Control {
+export function isControl(m: unknown): m is Control {
   if (typeof m !== 'object' || m === null) return false;
   const c = m as Record<string, unknown>;
   if (c.event === 'stopped') return c.reason === undefined || typeof c.reason === 'string';

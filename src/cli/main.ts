@@ -123,6 +123,24 @@ export function buildProgram(): Command {
     .option('--ip <addr...>', 'IP addresses to put in the certificate').option('--json', 'JSON output')
     .action(act(async (name: string, o: { ca: string; out: string; ip?: string[] }) => ({ name, ...issueHostCert(name, { caDir: o.ca, outDir: o.out, ips: o.ip }) }), (r) => process.stdout.write(`Issued a certificate for ${r.name} in ${r.dir}\n`)));
   registerEvacuate(host);
+  prog.command('ui').description('serve the web dashboard: hosts, domains, live migrations with charts, consoles, evacuation')
+    .option('--listen <address:port>', 'where to serve it (loopback: plain HTTP with a token in the printed address; elsewhere HTTPS, see --tls-dir)', '127.0.0.1:8080')
+    .option('--hosts <names>', 'the hosts to show, comma-separated (default: the lab\'s, else the local ferryd and its peers)')
+    .option('--tls-dir <dir>', 'serve HTTPS with the certificate in DIR (server-cert.pem, server-key.pem, ca-cert.pem); browsers must present an administrator certificate (OU=admin) from the same CA')
+    .action(async (o: { listen: string; hosts?: string; tlsDir?: string }) => {
+      const { UiServer } = await import('./ui.ts');
+      const ui = new UiServer({ listen: o.listen, hosts: o.hosts?.split(',').filter(Boolean), tlsDir: o.tlsDir });
+      try {
+        const url = await ui.start();
+        process.stdout.write(`ferry ui: ${url}\n`);
+      } catch (e) {
+        process.exitCode = reportError(e, false);
+        ui.close();
+        return;
+      }
+      await new Promise<void>((resolve) => { process.once('SIGINT', resolve); process.once('SIGTERM', resolve); });
+      ui.close();
+    });
   const netCmd = prog.command('net').description('host networking for domains');
   netCmd.command('tunnels').description('list the VXLAN tunnels that carry domains\' home segments through this host').option('--json', 'JSON output')
     .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'net.tunnels'), printTunnels));

@@ -49,7 +49,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined, metri
       case 'events.subscribe': {
         const want = req.params.domain;
         const fwd = (name: string) => (data: { domain?: string }) => { if (!want || data.domain === want) ctx.send({ event: name, data }); };
-        const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.waiting', 'migration.settled', 'migration.done'];
+        const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.waiting', 'migration.settled', 'migration.done', 'host.maintenance'];
         const fns = names.map((n) => { const f = fwd(n); host.on(n, f); return [n, f] as const; });
         ctx.onClose(() => { for (const [n, f] of fns) host.off(n, f); });
         return answer(req.action, { subscribed: names });

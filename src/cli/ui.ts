@@ -1,0 +1,287 @@
+/**
+ * `ferry ui`: a web dashboard, served by the CLI with the operator's own credentials
+ * (a lab host's socket, or TLS with the admin certificate), so it can do exactly what
+ * `ferry` can and no more. The browser talks only to this server:
+ *
+ *   browser                          ferry ui                           ferryd (each host)
+ *     |-- GET /?token=T ------------>|  (loopback: a random token; elsewhere HTTPS with
+ *     |                              |   the admin's client certificate, OU=admin)
+ *     |-- GET /api/state ----------->|-- host.info, domain.list -------->|
+ *     |-- GET /api/events (SSE) ---->|<- events.subscribe (progress, phase, done, state)
+ *     |-- POST /api/migrate -------->|-- migration.start --------------->|  (answer by SSE: done)
+ *     |-- POST /api/evacuate ------->|   evacuate.ts, its view as SSE "evacuation"
+ *     |-- GET /api/console (SSE) --->|-- console.attach (framed) ------->|  follows "moved"
+ *     |-- POST /api/console/input -->|   raw bytes to the guest
+ *
+ * Charts: uPlot; console: xterm.js; both served from node_modules, nothing from the net.
+ */
+import http from 'node:http';
+import https from 'node:https';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { TLSSocket } from 'node:tls';
+import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
+import { ConsoleDeframer, type HostInfo, type DomainSummary } from '../api/protocol.ts';
+import { FerryError, asFerryError } from '../errors.ts';
+import { REPO_ROOT } from '../util/paths.ts';
+import { isControl } from './console.ts';
+import { evacuate } from './evacuate.ts';
+
+export interface UiOpts { listen: string; hosts?: string[]; tlsDir?: string; token?: string }
+
+const ASSETS: Record<string, [string, string]> = {
+  '/': ['src/ui/index.html', 'text/html; charset=utf-8'],
+  '/app.js': ['src/ui/app.js', 'text/javascript; charset=utf-8'],
+  '/style.css': ['src/ui/style.css', 'text/css; charset=utf-8'],
+  '/uplot.js': ['node_modules/uplot/dist/uPlot.iife.min.js', 'text/javascript; charset=utf-8'],
+  '/uplot.css': ['node_modules/uplot/dist/uPlot.min.css', 'text/css; charset=utf-8'],
+  '/xterm.js': ['node_modules/@xterm/xterm/lib/xterm.js', 'text/javascript; charset=utf-8'],
+  '/xterm.css': ['node_modules/@xterm/xterm/css/xterm.css', 'text/css; charset=utf-8'],
+};
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+type Sse = http.ServerResponse;
+
+export class UiServer {
+  private readonly hosts = new Map<string, Target>();
+  private readonly subs = new Map<string, ApiClient>();
+  private readonly clients = new Set<Sse>();
+  /** Per domain: its console connection (absent while it reconnects after a move), who watches, keys typed meanwhile. */
+  private readonly consoles = new Map<string, { client?: ApiClient; viewers: Set<Sse>; host: string; pending: Buffer[] }>();
+  private server: http.Server | https.Server | undefined;
+  readonly token: string;
+
+  constructor(private readonly o: UiOpts) {
+    this.token = o.token ?? crypto.randomBytes(18).toString('base64url');
+  }
+
+  /** The hosts shown: --hosts, else the lab's, else the local ferryd and its peers. */
+  private async discover(): Promise<void> {
+    const names = this.o.hosts?.length ? this.o.hosts : labHosts().map((h) => h.name);
+    if (names.length) { for (const n of names) this.hosts.set(n, resolveTarget(n)); return; }
+    const local = resolveTarget(undefined);
+    const info = await this.call<HostInfo>(local, 'host.info');
+    this.hosts.set(info.name, local);
+    for (const [n, a] of Object.entries(info.peers)) if (n !== info.name) this.hosts.set(n, resolveTarget(a));
+  }
+
+  private async call<T>(t: Target, action: string, params: Record<string, unknown> = {}, timeoutMs = 10000): Promise<T> {
+    const c = await ApiClient.connect(t, 5000);
+    try { return await c.request(action as never, params, timeoutMs) as T; } finally { c.close(); }
+  }
+
+  private broadcast(event: string, data: unknown): void {
+    const line = `event: ${event}\ndata: ${JSON.stringify(data)}\n\n`;
+    for (const c of this.clients) c.write(line);
+  }
+
+  /** One event subscription per host, kept up (a restarted ferryd is re-subscribed). */
+  private subscribe(name: string): void {
+    const t = this.hosts.get(name)!;
+    const go = async (): Promise<void> => {
+      try {
+        const c = await ApiClient.connect(t, 5000);
+        await c.request('events.subscribe', {});
+        this.subs.set(name, c);
+        c.on('event', (ev: { event: string; data: unknown }) => this.broadcast(ev.event, { host: name, ...(ev.data as object) }));
+        c.socket.once('close', () => { this.subs.delete(name); if (this.server?.listening) setTimeout(() => void go(), 1000).unref(); });
+      } catch {
+        if (this.server?.listening) setTimeout(() => void go(), 2000).unref();
+      }
+    };
+    void go();
+  }
+
+  async state(): Promise<{ hosts: (HostInfo | { name: string; error: string })[]; domains: (DomainSummary & { host: string })[] }> {
+    const hosts: (HostInfo | { name: string; error: string })[] = [];
+    const domains: (DomainSummary & { host: string })[] = [];
+    await Promise.all([...this.hosts].map(async ([name, t]) => {
+      try {
+        const [hi, list] = await Promise.all([this.call<HostInfo>(t, 'host.info'), this.call<DomainSummary[]>(t, 'domain.list')]);
+        hosts.push(hi);
+        for (const d of list) domains.push({ ...d, host: name });
+      } catch (e) {
+        hosts.push({ name, error: asFerryError(e).message });
+      }
+    }));
+    hosts.sort((a, b) => a.name.localeCompare(b.name));
+    domains.sort((a, b) => a.name.localeCompare(b.name));
+    return { hosts, domains };
+  }
+
+  /** A console shared by every viewer of one domain; it follows the domain when it moves. */
+  private async openConsole(domain: string, host: string): Promise<void> {
+    const key = domain;
+    const s = this.consoles.get(key)!;
+    let target = this.hosts.get(host) ?? resolveTarget(host);
+    for (;;) {
+      const c = await ApiClient.connect(target, 5000);
+      await c.request('console.attach', { domain, replay: 8192 });
+      const rest = c.goRaw();
+      s.client = c;
+      // Keys typed while the console followed the domain go to it now, in order.
+      for (const b of s.pending.splice(0)) c.socket.write(b);
+      const send = (event: string, data: unknown): void => { for (const v of s.viewers) v.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`); };
+      send('attached', { host: s.host });
+      let control: unknown = null;
+      await new Promise<void>((resolve) => {
+        const d = new ConsoleDeframer((b) => send('output', b.toString('base64')), (m) => { control = m; });
+        const feed = (b: Buffer): void => { try { d.push(b); } catch { c.close(); } };
+        if (rest.length) feed(rest);
+        c.socket.on('data', feed);
+        c.socket.on('close', () => resolve());
+      });
+      s.client = undefined;
+      if (isControl(control) && control.event === 'moved' && control.host) {
+        send('moved', { from: s.host, to: control.host });
+        s.host = control.host;
+        target = this.hosts.get(control.host) ?? resolveTarget(control.target ?? control.host);
+        await new Promise((r) => setTimeout(r, 300));
+        continue;
+      }
+      send('closed', { reason: isControl(control) ? (control as { reason?: string }).reason ?? control.event : 'connection closed' });
+      for (const v of s.viewers) v.end();
+      this.consoles.delete(key);
+      return;
+    }
+  }
+
+  private authorized(req: http.IncomingMessage, res: http.ServerResponse, url: URL): boolean {
+    if (this.o.tlsDir) {
+      // HTTPS: the browser's certificate, from the cluster CA, must say OU=admin.
+      const sock = req.socket as TLSSocket;
+      const cert = sock.getPeerCertificate?.();
+      if (sock.authorized && cert && String(cert.subject?.OU ?? '') === 'admin') return true;
+      res.writeHead(403).end('ferry ui: an administrator certificate (OU=admin) from the cluster CA is required\n');
+      return false;
+    }
+    const cookie = /(?:^|;\s*)ferry_ui=([A-Za-z0-9_-]+)/.exec(req.headers.cookie ?? '')?.[1];
+    const given = url.searchParams.get('token');
+    const ok = (v: string | null | undefined): boolean => !!v && v.length === this.token.length && crypto.timingSafeEqual(Buffer.from(v), Buffer.from(this.token));
+    if (ok(cookie)) return true;
+    if (ok(given)) { res.setHeader('set-cookie', `ferry_ui=${this.token}; HttpOnly; SameSite=Strict; Path=/`); return true; }
+    res.writeHead(403).end('ferry ui: open the address `ferry ui` printed (it carries the token)\n');
+    return false;
+  }
+
+  private async body(req: http.IncomingMessage): Promise<Record<string, unknown>> {
+    let raw = '';
+    for await (const chunk of req) { raw += chunk; if (raw.length > 65536) throw new FerryError('API_BAD_REQUEST', 'request too large'); }
+    const v = JSON.parse(raw || '{}') as unknown;
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new FerryError('API_BAD_REQUEST', 'a JSON object is expected');
+    return v as Record<string, unknown>;
+  }
+
+  private name(v: unknown, what: string): string {
+    if (typeof v !== 'string' || !NAME.test(v)) throw new FerryError('API_BAD_REQUEST', `${what} must be a name`);
+    return v;
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://ui');
+    if (!this.authorized(req, res, url)) return;
+    const json = (code: number, v: unknown): void => { res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(v)); };
+    const asset = ASSETS[url.pathname];
+    if (req.method === 'GET' && asset) {
+      res.writeHead(200, { 'content-type': asset[1], 'cache-control': 'no-store', 'content-security-policy': "default-src 'self'; style-src 'self' 'unsafe-inline'" });
+      fs.createReadStream(path.join(REPO_ROOT, asset[0])).pipe(res);
+      return;
+    }
+    try {
+      if (req.method === 'GET' && url.pathname === '/api/state') return json(200, await this.state());
+      if (req.method === 'GET' && url.pathname === '/api/events') {
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store' });
+        res.write(': ferry\n\n');
+        this.clients.add(res);
+        req.on('close', () => this.clients.delete(res));
+        return;
+      }
+      if (req.method === 'POST' && url.pathname === '/api/migrate') {
+        const b = await this.body(req);
+        const domain = this.name(b.domain, 'domain'), from = this.name(b.from, 'from'), to = this.name(b.to, 'to');
+        const t = this.hosts.get(from);
+        if (!t) throw new FerryError('HOST_UNKNOWN', `${from} is not a host of this dashboard`);
+        // The answer is the report, on the event stream (migration.done); this returns at once.
+        void this.call(t, 'migration.start', { domain, dest: to, live: b.live !== false }, 0).then(
+          (r) => this.broadcast('ui.migrated', { host: from, domain, report: r }),
+          (e) => this.broadcast('ui.migrated', { host: from, domain, report: { outcome: 'failed', domain, error: asFerryError(e).toJSON() } }));
+        return json(202, { started: true, domain, from, to });
+      }
+      if (req.method === 'POST' && url.pathname === '/api/evacuate') {
+        const b = await this.body(req);
+        const host = this.name(b.host, 'host');
+        if (!this.hosts.has(host)) throw new FerryError('HOST_UNKNOWN', `${host} is not a host of this dashboard`);
+        void evacuate(host, { plan: b.plan === true }, (rows, etaMs) => this.broadcast('ui.evacuation', { host, rows, etaMs }))
+          .then((r) => this.broadcast('ui.evacuation', { host, rows: r.domains, etaMs: 0, done: r.outcome }), (e) => this.broadcast('ui.evacuation', { host, error: asFerryError(e).toJSON() }));
+        return json(202, { started: true, host });
+      }
+      if (req.method === 'GET' && url.pathname === '/api/console') {
+        const domain = this.name(url.searchParams.get('domain'), 'domain'), host = this.name(url.searchParams.get('host'), 'host');
+        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store' });
+        res.write(': console\n\n');
+        let s = this.consoles.get(domain);
+        if (!s) {
+          s = { viewers: new Set(), host, pending: [] };
+          this.consoles.set(domain, s);
+          s.viewers.add(res);
+          void this.openConsole(domain, host).catch((e) => { res.write(`event: closed\ndata: ${JSON.stringify({ reason: asFerryError(e).message })}\n\n`); res.end(); this.consoles.delete(domain); });
+        } else {
+          s.viewers.add(res);
+          res.write(`event: attached\ndata: ${JSON.stringify({ host: s.host })}\n\n`);
+        }
+        req.on('close', () => {
+          s!.viewers.delete(res);
+          if (!s!.viewers.size) { s!.client?.close(); }
+        });
+        return;
+      }
+      if (req.method === 'POST' && url.pathname === '/api/console/input') {
+        const b = await this.body(req);
+        const domain = this.name(b.domain, 'domain');
+        if (typeof b.data !== 'string' || b.data.length > 4096) throw new FerryError('API_BAD_REQUEST', 'data must be a string of at most 4096 characters');
+        const s = this.consoles.get(domain);
+        if (!s) throw new FerryError('DOMAIN_BAD_STATE', `No console open for "${domain}"`);
+        const bytes = Buffer.from(b.data, 'utf8');
+        if (s.client) s.client.socket.write(bytes);
+        else if (s.pending.reduce((a, x) => a + x.length, 0) < 65536) s.pending.push(bytes);
+        return json(200, { sent: b.data.length });
+      }
+      json(404, { error: { code: 'API_UNKNOWN_ACTION', message: `${req.method} ${url.pathname}` } });
+    } catch (e) {
+      const fe = asFerryError(e);
+      json(fe.code === 'API_BAD_REQUEST' || e instanceof SyntaxError ? 400 : 409, { error: fe.toJSON() });
+    }
+  }
+
+  /** Starts serving; resolves with the URL to open. */
+  async start(): Promise<string> {
+    const m = /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(this.o.listen);
+    if (!m) throw new FerryError('CLI_USAGE', `--listen must be ADDRESS:PORT, got "${this.o.listen}"`);
+    const address = m[1].replace(/^\[|\]$/g, '');
+    const loopback = address === 'localhost' || address.startsWith('127.') || address === '::1';
+    if (!loopback && !this.o.tlsDir) throw new FerryError('CLI_USAGE', `Serving on ${address} needs HTTPS: give --tls-dir (a host certificate's directory); browsers then present an administrator certificate`);
+    await this.discover();
+    const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => { void this.handle(req, res); };
+    if (this.o.tlsDir) {
+      const f = (n: string): Buffer => fs.readFileSync(path.join(this.o.tlsDir!, n));
+      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true }, handler);
+    } else {
+      this.server = http.createServer(handler);
+    }
+    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(Number(m[2]), address, () => resolve()); });
+    for (const n of this.hosts.keys()) this.subscribe(n);
+    const port = (this.server.address() as { port: number }).port;
+    const shown = address.includes(':') ? `[${address}]` : address;
+    return this.o.tlsDir ? `https://${shown}:${port}/` : `http://${shown}:${port}/?token=${this.token}`;
+  }
+
+  close(): void {
+    for (const c of this.clients) c.end();
+    for (const s of this.consoles.values()) { s.client?.close(); for (const v of s.viewers) v.end(); }
+    for (const c of this.subs.values()) c.close();
+    this.server?.close();
+    this.server?.closeAllConnections?.();
+  }
+}
