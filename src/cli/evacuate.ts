@@ -59,7 +59,14 @@ export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row
     }
   }
   if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
-  const all: DomainSummary[] = await call(src, 'domain.list');
+  // Moves still under way (an interrupted run's) finish first; what stays here is taken again.
+  let all: DomainSummary[] = await call(src, 'domain.list');
+  const settleBy = Date.now() + (o.plan ? 0 : 15 * 60000);
+  while (all.some((d) => d.state === 'migrating-out') && Date.now() < settleBy) {
+    onView?.(all.filter((d) => d.state === 'migrating-out').map((d) => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' })), null);
+    await new Promise((r) => setTimeout(r, 500));
+    all = await call(src, 'domain.list');
+  }
   const rows: Row[] = [];
   const leaving: Leaving[] = [];
   for (const d of all) {
@@ -166,6 +173,11 @@ export function registerEvacuate(host: Command): void {
     .option('--json', 'print one final JSON report')
     .action(act(async (h: string, o: EvacOpts): Promise<EvacuationReport | undefined> => {
       const tty = !o.json && !!process.stderr.isTTY;
+      // Interrupted: the moves under way are ferryd's jobs and finish; a second run takes the rest.
+      process.once('SIGINT', () => {
+        process.stderr.write(`\nferry: evacuation of ${h} interrupted; moves under way finish on their own. Run it again to move the rest (${h} stays in maintenance)\n`);
+        process.exit(130);
+      });
       const r = await evacuate(h, o, tty && !o.plan ? terminalView() : undefined);
       if (r.outcome === 'incomplete') {
         // The report is the answer either way; the exit code says it is not done.

@@ -11,7 +11,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
-import { ok, labUp, labDown, createGuest, FERRY } from '../helpers.ts';
+import https from 'node:https';
+import { ok, ferry, labUp, labDown, createGuest, labState, FERRY } from '../helpers.ts';
 
 const CHROMIUM = ['/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p) => fs.existsSync(p));
 const SHOTS = path.resolve(import.meta.dirname, '..', '..', 'test-artifacts', 'ui');
@@ -57,6 +58,34 @@ describe('web dashboard (lab, headless Chromium)', () => {
     assert.equal(r.status, 403);
     const bad = await fetch(url.replace(/token=[^&]+/, 'token=nope'));
     assert.equal(bad.status, 403);
+  });
+
+  test('served elsewhere: HTTPS, and only an administrator\'s certificate gets in', async () => {
+    const s = labState();
+    const tlsDir = s.hosts[0].tlsDir;
+    const srv = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0', '--tls-dir', tlsDir], { stdio: ['ignore', 'pipe', 'pipe'] });
+    try {
+      const httpsUrl = await new Promise<string>((resolve, reject) => {
+        let out = '';
+        srv.stdout!.on('data', (d) => { out += d; const m = /ferry ui: (\S+)/.exec(out); if (m) resolve(m[1]); });
+        srv.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
+      });
+      assert.match(httpsUrl, /^https:\/\/127\.0\.0\.1:\d+\/$/);
+      const get = (certDir?: string): Promise<number | string> => new Promise((resolve) => {
+        const f = (n: string): Buffer => fs.readFileSync(path.join(certDir!, n));
+        const req = https.get(`${httpsUrl}api/state`, { ca: fs.readFileSync(path.join(tlsDir, 'ca-cert.pem')), checkServerIdentity: () => undefined, ...(certDir ? { cert: f('client-cert.pem'), key: f('client-key.pem') } : {}) }, (res) => { res.resume(); resolve(res.statusCode ?? 0); });
+        req.on('error', (e) => resolve((e as NodeJS.ErrnoException).code ?? e.message));
+      });
+      assert.equal(await get(s.adminTlsDir), 200, 'an administrator');
+      assert.equal(await get(s.hosts[1].tlsDir), 403, 'a host certificate is not an administrator');
+      assert.notEqual(await get(), 200, 'no certificate: no page');
+    } finally {
+      srv.kill('SIGTERM');
+    }
+    // Not on loopback without TLS: refused at start.
+    const plain = await ferry(['ui', '--listen', '198.19.0.2:0']);
+    assert.equal(plain.code, 2, plain.stdout + plain.stderr);
+    assert.match(plain.stderr + plain.stdout, /needs HTTPS: give --tls-dir/);
   });
 
   test('hosts and domains; the console takes keys and shows the guest\'s answer', async () => {
