@@ -67,7 +67,7 @@ function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<
 
 // ---------------------------------------------------------------- contenders
 
-interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean; postcopy?: boolean }
+interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean; postcopy?: boolean; copyStorage?: boolean }
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
 interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; pauseMs?: number | null; guestDowntimeMs: number | null; reportedGuestDowntimeMs?: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck']; timeline?: Record<string, number>;
   /** ferry: the strategy the move used, the plan's pick, and the plan's predicted total for that strategy against ferryd's own totalMs. */
@@ -81,20 +81,34 @@ interface Guest {
   pause(): Promise<void>;
   resume(): Promise<void>;
   send(cmd: string): Promise<void>;
+  /** Where it goes from `host` (default: host1 ⇄ host2). */
+  other?(host: string): string;
   /** Runs the contender's whole migration command; the bench times it. */
   migrate(to: string, o: Opts): Promise<Measured>;
   destroy(): Promise<void>;
 }
 
-/** A guest run by ferry: created with `ferry create`, moved with `ferry migrate`. */
-async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number): Promise<Guest> {
-  const cfg = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
+/**
+ * A guest run by ferry: created with `ferry create`, moved with `ferry migrate`.
+ * `disk`: a qcow2 data disk of that many MiB, in the lab's shared pool or in host1's own
+ * directory (moved with --copy-storage); `pair`: the two hosts it moves between.
+ */
+async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, o: { disk?: { mib: number; local: boolean }; pair?: [string, string] } = {}): Promise<Guest> {
+  const cfg = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json', ...(o.disk ? ['--data-disk', String(o.disk.mib)] : [])]);
+  if (o.disk && !o.disk.local) {
+    // On the shared pool instead: every host sees it at the same path.
+    const shared = path.join(LAB, 'pool', path.basename(cfg.disks[0].path));
+    fs.renameSync(cfg.disks[0].path, shared);
+    cfg.disks[0].path = shared;
+  }
+  const pair = o.pair ?? ['host1', 'host2'];
   const f = path.join(os.tmpdir(), `bench-${name}.json`);
   fs.writeFileSync(f, JSON.stringify(cfg));
   await ferryOk(['-H', 'host1', 'create', f]);
   await waitFor(`${name} ready`, () => { try { return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes('ready'); } catch { return false; } });
   const g: Guest = {
     name, host: 'host1', ip: cfg.nics[0]?.ip?.split('/')[0],
+    other: (h) => (h === pair[0] ? pair[1] : pair[0]),
     pause: async () => { await ferryOk(['-H', g.host, 'pause', name]); },
     resume: async () => { await ferryOk(['-H', g.host, 'unpause', name]); },
     send: async (cmd) => { await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n'); },
@@ -107,6 +121,8 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
       if (o.insecure) a.push('--insecure');
       if (o.parallel) a.push('--parallel', String(o.parallel));
       if (o.verify) a.push('--verify-memory');
+      // The copy left behind goes each time, so the next move back finds the place free.
+      if (o.copyStorage) a.push('--copy-storage', '--delete-source-storage');
       const r = await ferry(a);
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
@@ -349,7 +365,7 @@ function os_tmp(): string { return os.tmpdir(); }
 
 // ---------------------------------------------------------------- scenarios
 
-type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy';
+type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy' | 'ferry-tunnel' | 'ferry-copy';
 interface Scenario {
   id: string;
   title: string;
@@ -359,6 +375,10 @@ interface Scenario {
   opts: Opts;
   contenders: Contender[];
   reps?: number;
+  /** A data disk for ferry's guests (MiB): on shared storage, or host1's own for ferry-copy. */
+  diskMiB?: number;
+  /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. */
+  lab?: 'boundaries';
 }
 
 const LIVE: Contender[] = ['ferry', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
@@ -373,6 +393,10 @@ const SCENARIOS: Scenario[] = SMOKE ? [
   { id: 'pattern-1g-nonconv', title: 'pattern guest 1 GiB rewriting every page, live, budget 300 ms / 30 s', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: NONCONV, reps: 3 },
   { id: 'linux-1g-churn-16mib', title: 'Linux 1 GiB rewriting 48 MiB, live over a 16 MiB/s link, budget 300 ms / 60 s', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 60, bandwidthMiBs: 16 }, contenders: NONCONV, reps: 3 },
   { id: 'pattern-512m-offline', title: 'pattern guest 512 MiB (every page non-zero), offline: the stream', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'] },
+  // Moves across boundaries (README "Moves across segments", "Local disks"): the same
+  // guest on the same segment with a shared disk, to the other segment through a tunnel,
+  // and with its disk copied along.
+  { id: 'linux-1g-disk-boundaries', title: 'Linux 1 GiB with a 256 MiB disk (64 MiB written), idle, live: same segment and shared disk, across segments, disk copied', kind: 'linux', memoryMiB: 1024, diskMiB: 256, workload: 'dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null', opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-tunnel', 'ferry-copy'], lab: 'boundaries' },
 ];
 
 // ---------------------------------------------------------------- statistics
@@ -406,6 +430,7 @@ async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
   await ferry(['lab', 'down']);
   await ferryOk(['lab', 'up', '--hosts', '2', '--allow-insecure']);
+  let labKind: 'plain' | 'boundaries' = 'plain';
   fs.mkdirSync(OUT, { recursive: true });
   const hostInfo = await ferryOk(['-H', 'host1', 'host', 'info', '--json']);
   const all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[] = [];
@@ -413,13 +438,23 @@ async function main(): Promise<void> {
     const list = SCENARIOS.filter((s) => !ONLY || new RegExp(ONLY).test(s.id));
     for (const [si, s] of list.entries()) {
       say(`[${si + 1}/${list.length}] ${s.title}`);
+      if ((s.lab ?? 'plain') !== labKind) {
+        // Boundaries: 3 hosts, host3's "lab" network on the second segment.
+        labKind = s.lab ?? 'plain';
+        await ferry(['lab', 'down']);
+        await ferryOk(['lab', 'up', ...(labKind === 'boundaries' ? ['--hosts', '3', '--segments', '2'] : ['--hosts', '2', '--allow-insecure'])]);
+      }
       const guests: Record<string, Guest> = {};
       for (const c of s.contenders) {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
-        // ferry's variants share ferry's guest; libvirt's TLS and plain runs share one.
+        const disk = s.diskMiB ? { mib: s.diskMiB, local: c === 'ferry-copy' } : undefined;
+        // ferry's variants share ferry's guest (but where the disk or the pair of hosts
+        // differs); libvirt's TLS and plain runs share one.
         guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
           : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? guests['libvirt-tls-postcopy'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
-            : (guests.ferry ?? guests['ferry-verify'] ?? await ferryGuest(s.kind, name, s.memoryMiB));
+            : c === 'ferry-tunnel' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk, pair: ['host1', 'host3'] })
+              : c === 'ferry-copy' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk })
+                : (guests.ferry ?? guests['ferry-verify'] ?? await ferryGuest(s.kind, name, s.memoryMiB, { disk }));
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -432,12 +467,12 @@ async function main(): Promise<void> {
           const g = guests[c];
           await g.resume();
           await sleep(s.workload ? 3000 : 1000);
-          const to = g.host === 'host1' ? 'host2' : 'host1';
+          const to = g.other ? g.other(g.host) : g.host === 'host1' ? 'host2' : 'host1';
           // Every contender alike: the probe starts first, the clock at the command.
           const probe = g.ip ? externalProbe(g.ip) : undefined;
           if (probe) { await probe.ready; await sleep(300); }
           const t = Date.now();
-          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy' });
+          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy', copyStorage: c === 'ferry-copy' });
           const totalMs = Date.now() - t;
           const p = probe ? await probe.stop() : null;
           const run: Run = { ...m, contender: c, totalMs: m.outcome === 'succeeded' ? totalMs : null, guestDowntimeMs: m.outcome === 'succeeded' ? p?.longestGapMs ?? null : null };
@@ -527,6 +562,8 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     if (S.qmp) parts.push(`total ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'totalMs')}`);
     if (S['ferry-verify']) parts.push(`pause with --verify-memory ÷ without ${ratio(S['ferry-verify'], S.ferry, 'pauseMs')}`);
     if (S['ferry-par2'] && a.scenario.opts.live) parts.push(`--parallel 2 ÷ default: whole command ${ratio(S['ferry-par2'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-par2'], S.ferry, 'guestDowntimeMs')}, setup ${ratio(S['ferry-par2'], S.ferry, 'setupMs')}`);
+    if (S['ferry-tunnel']) parts.push(`across segments (VXLAN) ÷ same segment: whole command ${ratio(S['ferry-tunnel'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-tunnel'], S.ferry, 'guestDowntimeMs')}`);
+    if (S['ferry-copy']) parts.push(`disk copied ÷ shared disk: whole command ${ratio(S['ferry-copy'], S.ferry, 'totalMs')}, pause ${ratio(S['ferry-copy'], S.ferry, 'pauseMs')}, guest-perceived ${ratio(S['ferry-copy'], S.ferry, 'guestDowntimeMs')}`);
     if (S['ferry-plain']) parts.push(`secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`);
     parts.push(`ferry setup median ${fmt(S.ferry.setupMs.median)} ms`);
     L.push(`- ${a.scenario.title}: ${parts.join('; ')}`);
