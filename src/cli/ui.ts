@@ -22,7 +22,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
-import { ConsoleDeframer, type HostInfo, type DomainSummary } from '../api/protocol.ts';
+import { ConsoleDeframer, type Action, type HostInfo, type DomainSummary, type Results } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { isControl } from './console.ts';
@@ -62,14 +62,14 @@ export class UiServer {
     const names = this.o.hosts?.length ? this.o.hosts : labHosts().map((h) => h.name);
     if (names.length) { for (const n of names) this.hosts.set(n, resolveTarget(n)); return; }
     const local = resolveTarget(undefined);
-    const info = await this.call<HostInfo>(local, 'host.info');
+    const info = await this.call(local, 'host.info');
     this.hosts.set(info.name, local);
     for (const [n, a] of Object.entries(info.peers)) if (n !== info.name) this.hosts.set(n, resolveTarget(a));
   }
 
-  private async call<T>(t: Target, action: string, params: Record<string, unknown> = {}, timeoutMs = 10000): Promise<T> {
+  private async call<A extends Action>(t: Target, action: A, params: Record<string, unknown> = {}, timeoutMs = 10000): Promise<Results[A]> {
     const c = await ApiClient.connect(t, 5000);
-    try { return await c.request(action as never, params, timeoutMs) as T; } finally { c.close(); }
+    try { return await c.request(action, params, timeoutMs); } finally { c.close(); }
   }
 
   private broadcast(event: string, data: unknown): void {
@@ -99,7 +99,7 @@ export class UiServer {
     const domains: (DomainSummary & { host: string })[] = [];
     await Promise.all([...this.hosts].map(async ([name, t]) => {
       try {
-        const [hi, list] = await Promise.all([this.call<HostInfo>(t, 'host.info'), this.call<DomainSummary[]>(t, 'domain.list')]);
+        const [hi, list] = await Promise.all([this.call(t, 'host.info'), this.call(t, 'domain.list')]);
         hosts.push(hi);
         for (const d of list) domains.push({ ...d, host: name });
       } catch (e) {
