@@ -54,6 +54,11 @@ export function checkFile(p: string, policy: StoragePolicy, what: string, pools 
 
 /** The backing files a qcow2 image names, as qemu-img reads them (without QEMU's lock). */
 export function backingChain(p: string, qemuImg = 'qemu-img'): string[] {
+  return backingImages(p, qemuImg).map((b) => b.path);
+}
+
+/** The same, with each backing file's format (what QEMU is told when it gets the file as a descriptor). */
+export function backingImages(p: string, qemuImg = 'qemu-img'): { path: string; format: string }[] {
   let out: string;
   try {
     out = execFileSync(qemuImg, ['info', '--output=json', '--backing-chain', '-U', p], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 }).toString();
@@ -61,8 +66,15 @@ export function backingChain(p: string, qemuImg = 'qemu-img'): string[] {
     const err = e as { stderr?: Buffer; message: string };
     throw new FerryError('CONFIG_INVALID', `Cannot read the qcow2 image ${p}: ${err.stderr?.toString().trim() || err.message}`);
   }
-  const chain = JSON.parse(out) as { 'full-backing-filename'?: string; 'backing-filename'?: string }[];
-  return chain.map((i) => i['full-backing-filename'] ?? i['backing-filename']).filter((b): b is string => typeof b === 'string' && b.length > 0);
+  // One entry per image, top first; each names its backing file and that file's format.
+  const chain = JSON.parse(out) as { 'full-backing-filename'?: string; 'backing-filename'?: string; 'backing-filename-format'?: string; format?: string }[];
+  const out2: { path: string; format: string }[] = [];
+  for (const [i, img] of chain.entries()) {
+    const b = img['full-backing-filename'] ?? img['backing-filename'];
+    if (typeof b !== 'string' || !b.length) break;
+    out2.push({ path: b, format: img['backing-filename-format'] ?? chain[i + 1]?.format ?? 'raw' });
+  }
+  return out2;
 }
 
 /** Every file of a domain, and every qcow2 backing file, against the policy. */

@@ -27,6 +27,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { FerryError } from '../errors.ts';
+import { backingImages } from '../domain/storage.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 
 /** What the source says of each disk it copies (Begin's domain.copyDisks). */
@@ -41,20 +42,22 @@ export interface CopyDisk {
   backing?: { path: string; format: string };
 }
 
-interface BlockInfo { device: string; inserted?: { 'node-name': string; image: { 'virtual-size': number; 'actual-size'?: number; format: string; 'backing-filename'?: string; 'backing-image'?: { format: string } } } }
+interface BlockInfo { device: string; inserted?: { 'node-name': string; image: { 'virtual-size': number; 'actual-size'?: number; format: string } } }
 
-/** The source QEMU's view of its writable disks, as Begin describes them (device names are disk<i>, qemu/argv.ts). */
-export async function describeDisks(q: QmpClient, indexes: number[]): Promise<CopyDisk[]> {
+/**
+ * The source's writable disks as Begin describes them: sizes from QEMU (device names are
+ * disk<i>, qemu/argv.ts), the backing file from the image itself (QEMU was handed the
+ * chain as descriptors, so it knows no path for it).
+ */
+export async function describeDisks(q: QmpClient, disks: { index: number; path: string }[]): Promise<CopyDisk[]> {
   const blocks = await q.execute<BlockInfo[]>('query-block');
-  return indexes.map((index) => {
+  return disks.map(({ index, path }) => {
     const b = blocks.find((x) => x.device === `disk${index}`);
     const img = b?.inserted?.image;
     if (!img) throw new FerryError('MIGRATION_FAILED', `The source QEMU has no disk${index} to copy`);
     if (img.format !== 'raw' && img.format !== 'qcow2') throw new FerryError('MIGRATION_FAILED', `disk${index} is ${img.format}; --copy-storage copies raw and qcow2`);
-    return {
-      index, format: img.format, virtualSize: img['virtual-size'], allocated: img['actual-size'] ?? img['virtual-size'],
-      ...(img['backing-filename'] ? { backing: { path: img['backing-filename'], format: img['backing-image']?.format ?? 'raw' } } : {}),
-    };
+    const backing = img.format === 'qcow2' ? backingImages(path)[0] : undefined;
+    return { index, format: img.format, virtualSize: img['virtual-size'], allocated: img['actual-size'] ?? img['virtual-size'], ...(backing ? { backing } : {}) };
   });
 }
 

@@ -266,7 +266,7 @@ export class Source {
       } else if (!writable.length) {
         policy.push('--copy-storage: the domain has no writable disk; nothing to copy');
       }
-      const copyDisks = p.copyStorage && q && writable.length ? await describeDisks(q, writable) : [];
+      const copyDisks = p.copyStorage && q && writable.length ? await describeDisks(q, writable.map((i) => ({ index: i, path: cfg0.disks[i].path }))) : [];
       if (copyDisks.length) policy.push(`--copy-storage: ${copyDisks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${peer.name}'s own storage while the guest runs`);
       // The source QEMU's own settings need nothing from the destination but its name
       // (its certificate's, known since the handshake): made while Begin runs there.

@@ -52,3 +52,13 @@ test('confinement: always under -sandbox; with descriptors, QEMU opens no path o
   assert.ok(j.includes('-add-fd fd=6,set=2,opaque=disk1 -drive file=/dev/fdset/2,format=qcow2,if=none,id=disk1,readonly=off,file.auto-read-only=off'), 'a writable disk: one read-write descriptor, opened read-write at once');
   assert.ok(!a.some((x) => x.includes('/i/')), 'no domain path on the command line');
 });
+
+test('a qcow2 backing chain goes to QEMU as descriptors too, each level overriding the header', () => {
+  const c = parseDomainConfig({ name: 'v', memory: 64, boot: { kernel: '/i/vmlinux' }, disks: [{ path: '/p/top.qcow2', format: 'qcow2' }] });
+  const a = domainArgv(c, { ...base, taps: [], fds: { kernel: 3, disks: [4], backing: [[{ fd: 5, format: 'qcow2' }, { fd: 6, format: 'raw' }]] } });
+  const j = a.join(' ');
+  assert.ok(j.includes('-add-fd fd=5,set=100,opaque=disk0-backing0'));
+  assert.ok(j.includes('-add-fd fd=6,set=101,opaque=disk0-backing1'));
+  assert.ok(j.includes('file=/dev/fdset/1,format=qcow2,if=none,id=disk0,readonly=off,file.auto-read-only=off,backing.driver=qcow2,backing.file.driver=file,backing.file.filename=/dev/fdset/100,backing.backing.driver=raw,backing.backing.file.driver=file,backing.backing.file.filename=/dev/fdset/101'), j);
+  assert.ok(!j.includes('/p/'), 'no path of the chain reaches QEMU');
+});

@@ -42,7 +42,7 @@ export interface RuntimeChoice {
    * File descriptors (as QEMU will see them) ferryd opened for the domain's files:
    * QEMU then opens no path of its own (confine.ts). Absent: paths, as in unit tests.
    */
-  fds?: { kernel?: number; initrd?: number; disks: number[] };
+  fds?: { kernel?: number; initrd?: number; disks: number[]; backing?: { fd: number; format: string }[][] };
 }
 
 export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
@@ -84,13 +84,23 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     // so image locks that QEMU drops at the switchover stay held and the destination
     // could never take the disk. One read-write descriptor, no auto-read-only.
     const rw = r.fds && !d.readOnly ? ',file.auto-read-only=off' : '';
+    // A qcow2's backing files, also as descriptors ferryd opened (read-only): QEMU, an
+    // unprivileged user, would otherwise open them by the paths in the image's header.
+    // Each level overrides the header's: backing., backing.backing., …
+    let chain = '';
+    for (const [k, b] of (r.fds?.backing?.[i] ?? []).entries()) {
+      const set = 100 + i * 16 + k;
+      a.push('-add-fd', `fd=${b.fd},set=${set},opaque=disk${i}-backing${k}`);
+      const pre = 'backing.'.repeat(k + 1);
+      chain += `,${pre}driver=${b.format},${pre}file.driver=file,${pre}file.filename=/dev/fdset/${set}`;
+    }
     const isBoot = c.boot.kind === 'disk' && c.boot.disk === i;
     if (d.bus === 'floppy') {
       a.push('-drive', `file=${file},format=raw,if=floppy,index=0,${ro}${rw}`);
       if (isBoot) a.push('-boot', 'order=a');
       return;
     }
-    a.push('-drive', `file=${file},format=${d.format},if=none,id=disk${i},${ro}${rw}`);
+    a.push('-drive', `file=${file},format=${d.format},if=none,id=disk${i},${ro}${rw}${chain}`);
     const boot = isBoot ? ',bootindex=1' : '';
     a.push('-device', d.bus === 'ide' ? `ide-hd,drive=disk${i},id=ide${i}${boot}` : `virtio-blk-pci,drive=disk${i},id=vblk${i}${boot}`);
   });

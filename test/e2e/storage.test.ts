@@ -8,7 +8,7 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { ok, fails, labUp, labDown, waitFor, inNs, domainRecord, labState, FERRY } from '../helpers.ts';
 
 /**
@@ -83,6 +83,36 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     assert.equal(domainRecord('host2', 'db'), undefined, 'no definition on host2');
     assert.deepEqual(files('host2'), [], 'the half-made copy is gone');
     assert.equal(md5Of(await onConsole('host1', MD5_64MIB)), sum, 'the source disk is intact');
+  });
+
+  test('a qcow2 overlay over a shared backing file: the guest starts (its chain passed as descriptors) and only the top is copied', async () => {
+    const pool = labState().poolDir;
+    const base = path.join(pool, 'base.qcow2');
+    const top = path.join(disksDir('host1'), 'ov-data.qcow2');
+    const run = (cmd: string, args: string[]): void => { const r = spawnSync(cmd, args, { encoding: 'utf8' }); assert.equal(r.status, 0, r.stderr); };
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '128M']);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 32M', base]);
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    const cfg = await ok(['lab', 'guest', 'linux', 'ov', '--json']);
+    cfg.disks = [{ path: top, format: 'qcow2', bus: 'virtio' }];
+    const f = path.join(labState().dir, 'ov.json');
+    fs.writeFileSync(f, JSON.stringify(cfg));
+    await ok(['-H', 'host1', 'create', f]);
+    await waitFor('ov ready', () => fs.readFileSync('/var/lib/ferry-lab/host1/state/run/ov/console.log', 'utf8').includes('ferry-linux ready'), 60000);
+    const onOv = async (host: string, lines: string): Promise<string> => String(await ok(['-H', host, 'console', 'ov', '--idle', '15000', '--max', '120000'], { input: lines + '\n', timeoutMs: 150000 }));
+    // 16 MiB of the guest's own over the base's 32 MiB pattern: the first 64 MiB mix both layers.
+    const before = md5Of(await onOv('host1', `dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=16 conv=fsync 2>/dev/null; ${MD5_64MIB}`));
+    const rep = await ok(['-H', 'host1', 'migrate', 'ov', 'host2', '--live', '--copy-storage', '--json']);
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(rep.policy.some((p: string) => /disk0 \(128 MiB, .* sync top over its shared backing file\)/.test(p)), JSON.stringify(rep.policy));
+    const copy = path.join(disksDir('host2'), 'ov.disk0.qcow2');
+    const info = JSON.parse(spawnSync('qemu-img', ['info', '-U', '--output=json', copy], { encoding: 'utf8' }).stdout);
+    assert.equal(info['backing-filename'], base, 'the copy sits on the same shared base');
+    assert.ok(info['actual-size'] < 48 * 1048576, `only the top was copied (${info['actual-size']} bytes on disk)`);
+    assert.equal(md5Of(await onOv('host2', MD5_64MIB)), before, 'the guest reads the same 64 MiB on host2');
+    await ok(['-H', 'host2', 'destroy', 'ov']);
+    await ok(['-H', 'host2', 'delete', 'ov']);
+    for (const x of [copy, top, base]) fs.rmSync(x, { force: true });
   });
 
   test('live with a writer running: the data arrives whole, the source copy is kept; back with --delete-source-storage', async () => {
