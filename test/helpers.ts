@@ -137,6 +137,19 @@ export function echoClient(ip: string, intervalMs = 10): { child: ChildProcess; 
   };
 }
 
+/**
+ * Ends an echo client and asserts the connection lost nothing: still open, no error,
+ * nothing out of order, every line sent came back. Returns its stats for more checks.
+ */
+export async function echoWhole(echo: ReturnType<typeof echoClient>): Promise<any> {
+  const st = await echo.stats();
+  assert.equal(st.closed, false, 'the connection stayed open');
+  assert.equal(st.error, null);
+  assert.equal(st.outOfOrder, 0);
+  assert.equal(st.echoed, st.sent, 'every line sent on the connection came back (TCP lost nothing)');
+  return st;
+}
+
 export function domainRecord(host: string, name: string): any {
   try { return JSON.parse(fs.readFileSync(`/var/lib/ferry-lab/${host}/state/domains/${name}.json`, 'utf8')); } catch { return undefined; }
 }

@@ -36,6 +36,7 @@ import { QemuRuntime } from './runtime.ts';
 import { SaveRestore } from './saverestore.ts';
 import { GuestRamAccess } from './guestram.ts';
 import { Tunnels, vniFor } from './tunnels.ts';
+import { peerAddresses } from '../migration/preflight.ts';
 
 export type { Live, DomainRecord, Runtime } from './records.ts';
 
@@ -404,7 +405,7 @@ export class Host extends EventEmitter implements MigrationHost {
     if (!t) throw new FerryError('NETWORK_TUNNEL_FAILED', `${this.cfg.name} is not the home of a tunnel for domain ${uuid.slice(0, 64)} NIC ${nic}`);
     if (!t.remotes.includes(callerAddress)) throw new FerryError('API_FORBIDDEN', `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`);
     // Only to hosts of this cluster: a peer cannot make this segment flood anywhere else.
-    if (op === 'extend' && !Object.values(this.cfg.peers).some((a) => a.replace(/:\d+$/, '') === remote)) throw new FerryError('API_FORBIDDEN', `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`);
+    if (op === 'extend' && !peerAddresses(this.cfg.peers).includes(remote)) throw new FerryError('API_FORBIDDEN', `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`);
     if (op === 'extend') return this.tunnels.extendHome({ domain: t.domain, uuid, nic, network: t.network, bridge: t.bridge, subnet: t.home.subnet, host: t.home.host }, remote).remotes;
     return this.tunnels.retractHome(uuid, nic, remote)?.remotes ?? [];
   }

@@ -14,7 +14,7 @@ import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationConte
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, vniFor, isIpv4, type SourceFacts, type FileSizes } from './preflight.ts';
+import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, vniFor, isIpv4, peerAddresses, type SourceFacts, type FileSizes } from './preflight.ts';
 import type { JobStore, DestJob, Mode } from './jobs.ts';
 import { DataGate } from './gate.ts';
 import { nodeOf, EXPORT, type CopyDisk } from './mirror.ts';
@@ -218,7 +218,7 @@ export class Destination {
     // (daemon/tunnels.ts), only to a host the source names and only for a running guest.
     const need = tunnelsNeeded(m.config, m.homes, { name: h.cfg.name, networks: h.cfg.networks, tunnels: h.cfg.relocation.tunnels, address: h.cfg.relocation.address }, peerName);
     const peerAddr = (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '');
-    const known = new Set([peerAddr, ...Object.values(h.cfg.peers).map((a) => a.replace(/:\d+$/, ''))]);
+    const known = new Set([peerAddr, ...peerAddresses(h.cfg.peers)]);
     for (const [i, home] of need) {
       if (!running) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate shut-off domain "${m.config.name}": network "${m.config.nics[i].network}" is another subnet on ${h.cfg.name} than its segment ${home.subnet}, and a tunnel follows a running domain only; start it first, or move it to a host on ${home.subnet}`);
       if (!known.has(home.address)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: NIC ${i}'s home ${home.host} at ${home.address} is neither the source nor a peer of ${h.cfg.name}`);

@@ -22,6 +22,11 @@ export function vniFor(uuid: string, nic: number): number {
   return (h.readUIntBE(0, 3) % 0xfffffe) + 1;
 }
 
+/** The addresses of the hosts in ferryd.json's "peers" (ADDRESS[:PORT] → ADDRESS). */
+export function peerAddresses(peers: Record<string, string>): string[] {
+  return Object.values(peers).map((a) => a.replace(/:\d+$/, ''));
+}
+
 const IPV4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
 export const isIpv4 = (s: unknown): s is string => typeof s === 'string' && IPV4.test(s) && s.split('.').every((x) => Number(x) <= 255);
 

@@ -998,7 +998,7 @@ export class Source {
     }
     if (r.abandoned) {
       this.step(j, { type: 'dest-abandoned', reason: r.reason ?? 'destination abandoned' });
-      for (const t of j.tunnels ?? []) await this.tunnelAt(t.home, 'retract', j.uuid, t.nic, t.remote).catch((e) => this.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
+      await this.retractTunnels(j);
       await this.resumeSource(live, j.wasRunning);
       this.log.warn('migration settled: the domain stays here', { jobId: j.jobId, domain: j.domain, reason: r.reason });
     } else {
@@ -1054,6 +1054,11 @@ export class Source {
       await this.tunnelAt(home.host, 'extend', c.uuid, t.nic, t.address, c);
       policy.push(`network ${c.nics[t.nic].network}: segment ${home.subnet} carried to ${j.peer.name} through a VXLAN tunnel (VNI ${home.vni}) from ${home.host}`);
     }
+  }
+
+  /** The move will not happen: the home ends stop flooding to the destination this move listed there. */
+  private async retractTunnels(j: SourceJob): Promise<void> {
+    for (const t of j.tunnels ?? []) await this.tunnelAt(t.home, 'retract', j.uuid, t.nic, t.remote).catch((e) => this.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
   }
 
   /** A home end's change: here if this host is the home, else asked of the home host (relocation.tunnel). */
@@ -1160,7 +1165,7 @@ export class Source {
     }
     if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => this.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
     // The guest stays: its segment no longer floods to the destination.
-    for (const t of j.tunnels ?? []) await this.tunnelAt(t.home, 'retract', j.uuid, t.nic, t.remote).catch((e) => this.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
+    await this.retractTunnels(j);
     await this.resumeSource(live, j.wasRunning);
     this.step(j, { type: 'abandon', reason });
     this.store.prune();
