@@ -22,6 +22,8 @@ import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
+/** The qmp contender's migration port on the destination. */
+const QMP_PORT = 49216;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
@@ -196,10 +198,11 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
           await src.qmp.execute('object-del', { id: 'tls0' }).catch(() => undefined);
           await src.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${fromName}/tls`, endpoint: 'client', 'verify-peer': true });
         }
-        await dst.qmp.execute('migrate-incoming', { uri: `tcp:${toAddr}:49200` });
+        // Outside ferry's data ports (49152–49215): a ferry move's listener may still be closing.
+        await dst.qmp.execute('migrate-incoming', { uri: `tcp:${toAddr}:${QMP_PORT}` });
         await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': o.bandwidthMiBs ? o.bandwidthMiBs * 1048576 : UNLIMITED_BANDWIDTH, 'downtime-limit': o.maxDowntimeMs, ...(o.insecure ? { 'tls-creds': '' } : { 'tls-creds': 'tls0', 'tls-hostname': to }) });
         if (!o.live) await src.qmp.execute('stop');
-        await src.qmp.execute('migrate', { uri: `tcp:${toAddr}:49200` });
+        await src.qmp.execute('migrate', { uri: `tcp:${toAddr}:${QMP_PORT}` });
         const watchdog = setTimeout(() => { src.qmp.execute('migrate_cancel').catch(() => undefined); outcome = 'not converged (watchdog)'; }, o.timeoutS * 1000);
         const st = await sw.until(FINAL_STATUSES).finally(() => clearTimeout(watchdog));
         m = await src.qmp.execute('query-migrate');
@@ -210,6 +213,9 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
           await dst.qmp.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
           outcome = 'succeeded';
         }
+      } catch (e) {
+        // A run that fails is a result (its row says so), not the end of the benchmark.
+        m = { ...m, status: 'error', 'error-desc': (e as Error).message };
       } finally {
         sw.dispose(); dw.dispose();
         if (outcome === 'succeeded') {

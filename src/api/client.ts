@@ -196,8 +196,13 @@ export class ApiClient extends EventEmitter {
     this.emit('close', err);
   }
 
+  /** Closes from this side: a request still waiting fails (it would otherwise never settle). */
   close(): void {
-    this.closed = true;
+    if (!this.closed) {
+      this.closed = true;
+      for (const p of this.pending.values()) p.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} closed by this side`));
+      this.pending.clear();
+    }
     this.socket.destroy();
   }
 }

@@ -6,6 +6,7 @@
  * has been silent for `idleMs`. The daemon frames what it sends (api/protocol.ts), and
  * ends the stream with a control frame when the domain stops or moves to another host;
  * then the session follows it, to another ferryd's TLS port only (never a unix path).
+ * `ConsoleFollower` is that session; `ferry ui` shares it with its browser viewers.
  */
 import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
 import { ConsoleDeframer } from '../api/protocol.ts';
@@ -25,76 +26,133 @@ export function isControl(m: unknown): m is Control {
   return c.target === undefined || (typeof c.target === 'string' && /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(c.target));
 }
 
-export async function runConsole(hostArg: string | undefined, domain: string, o: ConsoleOpts): Promise<number> {
-  const tty = !!process.stdin.isTTY;
-  let target: Target = resolveTarget(hostArg);
-  let stdinEnded = false;
-  let lastOutput = Date.now();
-  const pendingInput: Buffer[] = [];
-  let current: ApiClient | undefined;
-  const t0 = Date.now();
+/** Why a follower's run ended: the domain stopped (its reason), or `close()` was called. */
+export type FollowEnd = { end: 'stopped'; reason?: string } | { end: 'closed' };
 
-  const write = (b: Buffer): void => { current?.socket.write(b); };
-  if (tty) {
-    process.stdin.setRawMode(true);
-    process.stderr.write(`Connected to domain "${domain}". Escape character is '^]'.\r\n`);
+export interface FollowOpts {
+  /** Bytes of past output ferryd replays at each attach. */
+  replay: number;
+  /** Where a domain that moved is now reached: its host name and the address the source knew it by. */
+  resolve: (host: string, target: string | undefined) => Target;
+  connectTimeoutMs?: number;
+}
+
+/**
+ * One console session that follows its domain: attach, stream the output, and on a
+ * "moved" control frame attach again on the new host. Input written while no connection
+ * is raw (before the first attach, or while it follows) waits and goes out in order.
+ */
+export class ConsoleFollower {
+  /** The connection in raw mode (input goes straight to it). */
+  private client: ApiClient | undefined;
+  /** The connection being set up or in use (what close() closes). */
+  private conn: ApiClient | undefined;
+  private readonly pending: Buffer[] = [];
+  private closed = false;
+
+  constructor(
+    private readonly domain: string,
+    /** The host the session is attached to (a label: the name the caller knows it by). */
+    public host: string,
+    private target: Target,
+    private readonly o: FollowOpts,
+    private readonly on: { attached?: (host: string) => void; output: (b: Buffer) => void; moved?: (from: string, to: string) => void },
+  ) {}
+
+  /** Bytes typed while the session was between connections. */
+  get pendingBytes(): number { return this.pending.reduce((a, b) => a + b.length, 0); }
+
+  write(b: Buffer): void {
+    if (this.client) this.client.socket.write(b); else this.pending.push(b);
   }
-  let detach: () => void = () => undefined;
-  const detached = new Promise<void>((r) => { detach = r; });
-  process.stdin.on('data', (d: Buffer) => {
-    if (tty && d.includes(0x1d)) { detach(); return; }
-    if (current) write(d); else pendingInput.push(d);
-  });
-  process.stdin.on('end', () => { stdinEnded = true; lastOutput = Math.max(lastOutput, Date.now()); });
 
-  try {
+  /** Ends the session (its run resolves `closed`), also while it is following. */
+  close(): void {
+    this.closed = true;
+    this.conn?.close();
+  }
+
+  /** Runs until the domain stops or `close()`; a connection lost otherwise is DAEMON_UNREACHABLE. */
+  async run(): Promise<FollowEnd> {
     for (;;) {
-      const c = await ApiClient.connect(target);
+      if (this.closed) return { end: 'closed' };
+      const c = await ApiClient.connect(this.target, this.o.connectTimeoutMs);
+      this.conn = c;
+      if (this.closed) { c.close(); return { end: 'closed' }; }
       // Input that arrives before the daemon switched this connection to raw bytes
-      // waits in pendingInput: sent earlier, it would be read as a JSON request.
-      current = undefined;
-      await c.request('console.attach', { domain, replay: tty ? 4096 : o.replay });
-      lastOutput = Date.now();
+      // waits in `pending`: sent earlier, it would be read as a JSON request.
+      try {
+        await c.request('console.attach', { domain: this.domain, replay: this.o.replay });
+      } catch (e) {
+        if (this.closed) return { end: 'closed' };
+        throw e;
+      }
+      if (this.closed) { c.close(); return { end: 'closed' }; }
       const rest = c.goRaw();
-      current = c;
-      for (const b of pendingInput.splice(0)) write(b);
-      let control: Control | null = null;
-      const ended = new Promise<Control | null>((resolve) => {
-        const deframer = new ConsoleDeframer((b) => process.stdout.write(b), (m) => { if (isControl(m)) control = m; });
-        const feed = (d: Buffer): void => {
-          lastOutput = Date.now();
-          try { deframer.push(d); } catch { c.close(); }
-        };
+      this.client = c;
+      for (const b of this.pending.splice(0)) c.socket.write(b);
+      this.on.attached?.(this.host);
+      const control = await new Promise<Control | null>((resolve) => {
+        let last: Control | null = null;
+        const deframer = new ConsoleDeframer((b) => this.on.output(b), (m) => { if (isControl(m)) last = m; });
+        const feed = (d: Buffer): void => { try { deframer.push(d); } catch { c.close(); } };
         if (rest.length) feed(rest);
         c.socket.on('data', feed);
-        c.socket.on('close', () => resolve(control));
+        c.socket.on('close', () => resolve(last));
       });
-      const idle = new Promise<'idle'>((resolve) => {
-        if (tty) return;
-        const iv = setInterval(() => {
-          const quiet = Date.now() - lastOutput >= o.idleMs;
-          if ((stdinEnded && quiet) || (o.maxMs && Date.now() - t0 > o.maxMs)) { clearInterval(iv); resolve('idle'); }
-        }, 50);
-        c.socket.once('close', () => clearInterval(iv));
-      });
-      const what = await Promise.race([ended, idle, detached.then(() => 'detached' as const)]);
-      if (what === 'idle' || what === 'detached') { c.close(); return 0; }
-      if (what && what.event === 'moved' && what.host) {
-        process.stderr.write(`\r\n[ferry: domain "${domain}" moved to ${what.host}; following it]\r\n`);
-        // A lab host name resolves to its local socket from anywhere; otherwise use the
-        // address the source knew the destination by.
-        target = labHosts().some((h) => h.name === what.host) ? resolveTarget(what.host) : resolveTarget(what.target ?? what.host);
+      this.client = undefined;
+      this.conn = undefined;
+      if (this.closed) return { end: 'closed' };
+      if (control?.event === 'moved' && control.host) {
+        this.on.moved?.(this.host, control.host);
+        this.host = control.host;
+        this.target = this.o.resolve(control.host, control.target);
         // The destination may take a moment to settle the domain.
         await new Promise((r) => setTimeout(r, 200));
         continue;
       }
-      if (what && what.event === 'stopped') {
-        process.stderr.write(`\r\n[ferry: domain "${domain}" stopped (${what.reason})]\r\n`);
-        return 0;
-      }
-      throw new FerryError('DAEMON_UNREACHABLE', `Console connection to domain "${domain}" closed`);
+      if (control?.event === 'stopped') return { end: 'stopped', reason: control.reason };
+      throw new FerryError('DAEMON_UNREACHABLE', `Console connection to domain "${this.domain}" closed`);
     }
+  }
+}
+
+/** A lab host name resolves to its local socket from anywhere; otherwise the address the source knew the destination by. */
+export const followTarget = (host: string, target: string | undefined): Target =>
+  (labHosts().some((h) => h.name === host) ? resolveTarget(host) : resolveTarget(target ?? host));
+
+export async function runConsole(hostArg: string | undefined, domain: string, o: ConsoleOpts): Promise<number> {
+  const tty = !!process.stdin.isTTY;
+  let stdinEnded = false;
+  let lastOutput = Date.now();
+  let attached = false;
+  const t0 = Date.now();
+  const session = new ConsoleFollower(domain, hostArg ?? 'local', resolveTarget(hostArg), { replay: tty ? 4096 : o.replay, resolve: followTarget }, {
+    attached: () => { attached = true; lastOutput = Date.now(); },
+    output: (b) => { lastOutput = Date.now(); process.stdout.write(b); },
+    moved: (_from, to) => { process.stderr.write(`\r\n[ferry: domain "${domain}" moved to ${to}; following it]\r\n`); },
+  });
+  if (tty) {
+    process.stdin.setRawMode(true);
+    process.stderr.write(`Connected to domain "${domain}". Escape character is '^]'.\r\n`);
+  }
+  process.stdin.on('data', (d: Buffer) => {
+    if (tty && d.includes(0x1d)) { session.close(); return; }
+    session.write(d);
+  });
+  process.stdin.on('end', () => { stdinEnded = true; lastOutput = Math.max(lastOutput, Date.now()); });
+  // Scripted use ends once stdin has ended, its bytes went out (the first attach) and the
+  // guest has been quiet for idleMs; or at maxMs.
+  const iv = tty ? undefined : setInterval(() => {
+    const quiet = Date.now() - lastOutput >= o.idleMs;
+    if ((attached && stdinEnded && quiet) || (o.maxMs && Date.now() - t0 > o.maxMs)) session.close();
+  }, 50);
+  try {
+    const end = await session.run();
+    if (end.end === 'stopped') process.stderr.write(`\r\n[ferry: domain "${domain}" stopped (${end.reason})]\r\n`);
+    return 0;
   } finally {
+    if (iv) clearInterval(iv);
     if (tty) process.stdin.setRawMode(false);
     process.stdin.pause();
   }

@@ -22,10 +22,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
-import { ConsoleDeframer, type Action, type HostInfo, type DomainSummary, type Results } from '../api/protocol.ts';
+import { type Action, type HostInfo, type DomainSummary, type Results } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { REPO_ROOT } from '../util/paths.ts';
-import { isControl } from './console.ts';
+import { ConsoleFollower, followTarget } from './console.ts';
 import { evacuate } from './evacuate.ts';
 
 export interface UiOpts { listen: string; hosts?: string[]; tlsDir?: string; token?: string }
@@ -48,8 +48,8 @@ export class UiServer {
   private readonly hosts = new Map<string, Target>();
   private readonly subs = new Map<string, ApiClient>();
   private readonly clients = new Set<Sse>();
-  /** Per domain: its console connection (absent while it reconnects after a move), who watches, keys typed meanwhile. */
-  private readonly consoles = new Map<string, { client?: ApiClient; viewers: Set<Sse>; host: string; pending: Buffer[] }>();
+  /** Per domain: its console session (it follows the domain) and who watches it. */
+  private readonly consoles = new Map<string, { session: ConsoleFollower; viewers: Set<Sse> }>();
   private server: http.Server | https.Server | undefined;
   readonly token: string;
 
@@ -112,40 +112,25 @@ export class UiServer {
   }
 
   /** A console shared by every viewer of one domain; it follows the domain when it moves. */
-  private async openConsole(domain: string, host: string): Promise<void> {
-    const key = domain;
-    const s = this.consoles.get(key)!;
-    let target = this.hosts.get(host) ?? resolveTarget(host);
-    for (;;) {
-      const c = await ApiClient.connect(target, 5000);
-      await c.request('console.attach', { domain, replay: 8192 });
-      const rest = c.goRaw();
-      s.client = c;
-      // Keys typed while the console followed the domain go to it now, in order.
-      for (const b of s.pending.splice(0)) c.socket.write(b);
-      const send = (event: string, data: unknown): void => { for (const v of s.viewers) v.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`); };
-      send('attached', { host: s.host });
-      let control: unknown = null;
-      await new Promise<void>((resolve) => {
-        const d = new ConsoleDeframer((b) => send('output', b.toString('base64')), (m) => { control = m; });
-        const feed = (b: Buffer): void => { try { d.push(b); } catch { c.close(); } };
-        if (rest.length) feed(rest);
-        c.socket.on('data', feed);
-        c.socket.on('close', () => resolve());
-      });
-      s.client = undefined;
-      if (isControl(control) && control.event === 'moved' && control.host) {
-        send('moved', { from: s.host, to: control.host });
-        s.host = control.host;
-        target = this.hosts.get(control.host) ?? resolveTarget(control.target ?? control.host);
-        await new Promise((r) => setTimeout(r, 300));
-        continue;
-      }
-      send('closed', { reason: isControl(control) ? (control as { reason?: string }).reason ?? control.event : 'connection closed' });
-      for (const v of s.viewers) v.end();
-      this.consoles.delete(key);
-      return;
-    }
+  private openConsole(domain: string, host: string): { session: ConsoleFollower; viewers: Set<Sse> } {
+    const viewers = new Set<Sse>();
+    const send = (event: string, data: unknown): void => { for (const v of viewers) v.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`); };
+    const session = new ConsoleFollower(domain, host, this.hosts.get(host) ?? resolveTarget(host), {
+      replay: 8192, connectTimeoutMs: 5000,
+      resolve: (h, t) => this.hosts.get(h) ?? followTarget(h, t),
+    }, {
+      attached: (h) => send('attached', { host: h }),
+      output: (b) => send('output', b.toString('base64')),
+      moved: (from, to) => send('moved', { from, to }),
+    });
+    void session.run().then(
+      (end) => send('closed', { reason: end.end === 'stopped' ? end.reason ?? 'stopped' : 'closed' }),
+      (e) => send('closed', { reason: asFerryError(e).message }),
+    ).finally(() => {
+      for (const v of viewers) v.end();
+      if (this.consoles.get(domain)?.session === session) this.consoles.delete(domain);
+    });
+    return { session, viewers };
   }
 
   private authorized(req: http.IncomingMessage, res: http.ServerResponse, url: URL): boolean {
@@ -223,17 +208,18 @@ export class UiServer {
         res.write(': console\n\n');
         let s = this.consoles.get(domain);
         if (!s) {
-          s = { viewers: new Set(), host, pending: [] };
+          s = this.openConsole(domain, host);
           this.consoles.set(domain, s);
           s.viewers.add(res);
-          void this.openConsole(domain, host).catch((e) => { res.write(`event: closed\ndata: ${JSON.stringify({ reason: asFerryError(e).message })}\n\n`); res.end(); this.consoles.delete(domain); });
         } else {
           s.viewers.add(res);
-          res.write(`event: attached\ndata: ${JSON.stringify({ host: s.host })}\n\n`);
+          res.write(`event: attached\ndata: ${JSON.stringify({ host: s.session.host })}\n\n`);
         }
+        const mine = s;
         req.on('close', () => {
-          s!.viewers.delete(res);
-          if (!s!.viewers.size) { s!.client?.close(); }
+          mine.viewers.delete(res);
+          // The last viewer gone: the session ends, also while it follows a move.
+          if (!mine.viewers.size) mine.session.close();
         });
         return;
       }
@@ -243,9 +229,8 @@ export class UiServer {
         if (typeof b.data !== 'string' || b.data.length > 4096) throw new FerryError('API_BAD_REQUEST', 'data must be a string of at most 4096 characters');
         const s = this.consoles.get(domain);
         if (!s) throw new FerryError('DOMAIN_BAD_STATE', `No console open for "${domain}"`);
-        const bytes = Buffer.from(b.data, 'utf8');
-        if (s.client) s.client.socket.write(bytes);
-        else if (s.pending.reduce((a, x) => a + x.length, 0) < 65536) s.pending.push(bytes);
+        // Keys typed while the console follows the domain wait for it (up to 64 KiB).
+        if (s.session.pendingBytes < 65536) s.session.write(Buffer.from(b.data, 'utf8'));
         return json(200, { sent: b.data.length });
       }
       json(404, { error: { code: 'API_UNKNOWN_ACTION', message: `${req.method} ${url.pathname}` } });
@@ -279,7 +264,7 @@ export class UiServer {
 
   close(): void {
     for (const c of this.clients) c.end();
-    for (const s of this.consoles.values()) { s.client?.close(); for (const v of s.viewers) v.end(); }
+    for (const s of this.consoles.values()) { s.session.close(); for (const v of s.viewers) v.end(); }
     for (const c of this.subs.values()) c.close();
     this.server?.close();
     this.server?.closeAllConnections?.();

@@ -101,7 +101,12 @@ export class Host extends EventEmitter implements MigrationHost {
     // A domain whose QEMU is still being spawned counts too: two concurrent starts
     // must not both pass the memory check.
     for (const l of this.store.all()) if (hasProcess(l.rec.state) || l.busy === 'starting' || l.busy === 'restoring') used += l.rec.config.memoryMiB;
-    for (const r of this.reservations.values()) used += r.memoryMiB;
+    // An incoming move's reservation, until its QEMU runs here; then that QEMU counts
+    // (above) and the reservation would count the same memory twice.
+    for (const r of this.reservations.values()) {
+      const d = this.store.find(r.domain);
+      if (!d || !hasProcess(d.rec.state)) used += r.memoryMiB;
+    }
     return used;
   }
 
@@ -168,10 +173,13 @@ export class Host extends EventEmitter implements MigrationHost {
     for (const n of c.nics) if (!this.cfg.networks[n.network]) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" needs network "${n.network}", which host ${this.cfg.name} does not have (it has: ${Object.keys(this.cfg.networks).join(', ') || 'none'})`);
   }
 
-  /** Storage pools, safe paths (domain/storage.ts) and the per-domain disk cap. */
-  checkPaths(c: DomainConfig): void {
+  /**
+   * Storage pools, safe paths (domain/storage.ts) and the per-domain disk cap. `backing:
+   * false` when a spawn follows at once: it checks the backing chain it opens.
+   */
+  checkPaths(c: DomainConfig, opts: { backing?: boolean } = {}): void {
     if (c.disks.length > this.cfg.limits.disksPerDomain) throw new FerryError('API_LIMIT', `Domain "${c.name}" has ${c.disks.length} disks; ${this.cfg.name} allows ${this.cfg.limits.disksPerDomain} (limits.disksPerDomain)`);
-    checkDomainFiles(c, this.cfg.storage, this.cfg.name);
+    checkDomainFiles(c, this.cfg.storage, this.cfg.name, opts);
   }
 
   checkMemory(c: DomainConfig, verb = 'start'): void {
@@ -187,7 +195,7 @@ export class Host extends EventEmitter implements MigrationHost {
   checkStart(c: DomainConfig, verb = 'start'): void {
     this.checkNotInMaintenance(c.name, verb);
     this.checkNetworks(c);
-    this.checkPaths(c);
+    this.checkPaths(c, { backing: false });
     this.checkMemory(c, verb);
   }
 
@@ -215,7 +223,7 @@ export class Host extends EventEmitter implements MigrationHost {
     if (start) this.checkNotInMaintenance(c.name, 'create and start');
     this.store.checkUnique(c);
     this.checkNetworks(c);
-    this.checkPaths(c);
+    this.checkPaths(c, { backing: !start }); // a start's spawn checks the chain it opens
     if (start) this.checkMemory(c);
     this.store.define({ rec: { config: c, state: { kind: 'defined' } } });
     this.log.info('domain defined', { domain: c.name, uuid: c.uuid });

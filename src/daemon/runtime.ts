@@ -19,7 +19,7 @@ import { prepareQemuDir, copyTlsForQemu, type QemuUser } from '../qemu/confine.t
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
-import { backingImages } from '../domain/storage.ts';
+import { checkedBackingImages } from '../domain/storage.ts';
 import { ConsoleMux } from './console.ts';
 import type { DomainStore, Live, Runtime } from './records.ts';
 
@@ -88,8 +88,9 @@ export class QemuRuntime {
         kernel: c.boot.kind === 'kernel' ? open(c.boot.kernel, false) : undefined,
         initrd: c.boot.kind === 'kernel' && c.boot.initrd ? open(c.boot.initrd, false) : undefined,
         disks: c.disks.map((d) => open(d.path, !d.readOnly)),
-        // qcow2 backing files (checked against the pools before): read-only descriptors too.
-        backing: c.disks.map((d) => (d.format === 'qcow2' ? backingImages(d.path).map((b) => ({ fd: open(b.path, false), format: b.format })) : [])),
+        // qcow2 backing files, read and checked against the pools here, where they are
+        // opened: read-only descriptors too.
+        backing: c.disks.map((d) => (d.format === 'qcow2' ? checkedBackingImages(d.path, this.cfg.storage, `Domain "${c.name}" on ${this.cfg.name}`).map((b) => ({ fd: open(b.path, false), format: b.format })) : [])),
       };
       c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
       try {

@@ -8,7 +8,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { checkFile, resolveSaveFile } from './storage.ts';
+import { execFileSync } from 'node:child_process';
+import { checkFile, resolveSaveFile, checkedBackingImages, checkDomainFiles } from './storage.ts';
+import type { DomainConfig } from './config.ts';
 import { FerryError } from '../errors.ts';
 
 const code = (f: () => unknown): string | undefined => { try { f(); return 'OK'; } catch (e) { return e instanceof FerryError ? e.code : String(e); } };
@@ -54,6 +56,40 @@ test('save files: a bare name lives in the save directory; other paths only loca
     assert.equal(resolveSaveFile('/tmp/x.save', policy, { local: true, anyPath: true }), '/tmp/x.save');
     assert.equal(code(() => resolveSaveFile('..', policy, { local: true })), 'PATH_NOT_ALLOWED');
     assert.equal(code(() => resolveSaveFile(`${dir}/save/../../x`, policy, { local: false })), 'PATH_NOT_ALLOWED');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('qcow2 backing chains: each level is read by qemu-img and checked; a base outside the pools or a base swapped for a symlink is refused', (t) => {
+  try { execFileSync('qemu-img', ['--version'], { stdio: 'ignore' }); } catch { t.skip('qemu-img is not installed'); return; }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-chain-'));
+  try {
+    const pool = path.join(dir, 'pool');
+    fs.mkdirSync(pool);
+    const img = (file: string, backing?: string): void => {
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...(backing ? ['-b', backing, '-F', 'qcow2'] : []), file, '1M']);
+    };
+    const policy = { pools: [pool], blockDevices: [], saveDir: path.join(dir, 'save') };
+    img(path.join(pool, 'base.qcow2'));
+    img(path.join(pool, 'mid.qcow2'), path.join(pool, 'base.qcow2'));
+    img(path.join(pool, 'top.qcow2'), path.join(pool, 'mid.qcow2'));
+    assert.deepEqual(checkedBackingImages(path.join(pool, 'top.qcow2'), policy, 'disk'), [
+      { path: path.join(pool, 'mid.qcow2'), format: 'qcow2' },
+      { path: path.join(pool, 'base.qcow2'), format: 'qcow2' },
+    ]);
+    const cfg = { name: 'd', disks: [{ path: path.join(pool, 'evil.qcow2'), format: 'qcow2', readOnly: false }], boot: { kind: 'disk' } } as unknown as DomainConfig;
+    img(path.join(dir, 'outside.qcow2'));
+    img(path.join(pool, 'evil.qcow2'), path.join(dir, 'outside.qcow2'));
+    assert.equal(code(() => checkedBackingImages(path.join(pool, 'evil.qcow2'), policy, 'disk')), 'PATH_NOT_ALLOWED');
+    assert.equal(code(() => checkDomainFiles(cfg, policy, 'h')), 'PATH_NOT_ALLOWED');
+    // A start leaves the chain to its spawn (which calls checkedBackingImages where it opens them).
+    assert.equal(code(() => checkDomainFiles(cfg, policy, 'h', { backing: false })), 'OK');
+    // The base replaced by a symlink after the image was made: refused too.
+    fs.rmSync(path.join(pool, 'base.qcow2'));
+    fs.symlinkSync(path.join(dir, 'outside.qcow2'), path.join(pool, 'base.qcow2'));
+    assert.equal(code(() => checkedBackingImages(path.join(pool, 'top.qcow2'), policy, 'disk')), 'PATH_NOT_ALLOWED');
+    assert.equal(code(() => checkedBackingImages(path.join(pool, 'nope.qcow2'), policy, 'disk')), 'CONFIG_INVALID');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

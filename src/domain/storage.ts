@@ -8,9 +8,10 @@
  * Save files live in the save directory: a bare NAME resolves there. Only the local
  * root socket may name another absolute path, and only when it says so (anyPath).
  *
- * When: ferryd checks right before it starts QEMU (create, start, restore, Begin). A
- * file swapped for a symlink after that check is QEMU's to open; QEMU runs unprivileged
- * once started (README "Security model").
+ * When: ferryd checks before it starts QEMU (create, start, restore, Begin), and the
+ * spawn itself opens every file (O_NOFOLLOW) and hands QEMU descriptors. The backing
+ * chain is read and checked once more by the spawn, so the chain QEMU gets is the chain
+ * that was checked, not one rewritten in between (README "Security model").
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -52,12 +53,10 @@ export function checkFile(p: string, policy: StoragePolicy, what: string, pools 
   if (device ? !st.isBlockDevice() : !st.isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is not a ${device ? 'block device' : 'regular file'}${st.isBlockDevice() ? ' (block devices need storage.blockDevices)' : ''}`);
 }
 
-/** The backing files a qcow2 image names, as qemu-img reads them (without QEMU's lock). */
-export function backingChain(p: string, qemuImg = 'qemu-img'): string[] {
-  return backingImages(p, qemuImg).map((b) => b.path);
-}
-
-/** The same, with each backing file's format (what QEMU is told when it gets the file as a descriptor). */
+/**
+ * The backing files a qcow2 image names, as qemu-img reads them (without QEMU's lock),
+ * each with its format (what QEMU is told when it gets the file as a descriptor).
+ */
 export function backingImages(p: string, qemuImg = 'qemu-img'): { path: string; format: string }[] {
   let out: string;
   try {
@@ -77,14 +76,22 @@ export function backingImages(p: string, qemuImg = 'qemu-img'): { path: string; 
   return out2;
 }
 
-/** Every file of a domain, and every qcow2 backing file, against the policy. */
-export function checkDomainFiles(c: DomainConfig, policy: StoragePolicy, host: string): void {
+/** A qcow2 disk's backing chain (top first), each level checked against the policy. */
+export function checkedBackingImages(disk: string, policy: StoragePolicy, what: string, pools = realPools(policy.pools)): { path: string; format: string }[] {
+  const chain = backingImages(disk);
+  for (const b of chain) checkFile(b.path, policy, `${what}: backing file of ${disk}`, pools);
+  return chain;
+}
+
+/**
+ * Every file of a domain, and every qcow2 backing file, against the policy. A start
+ * passes `backing: false`: its spawn reads and checks the chain it opens (one qemu-img run).
+ */
+export function checkDomainFiles(c: DomainConfig, policy: StoragePolicy, host: string, opts: { backing?: boolean } = {}): void {
   const pools = realPools(policy.pools);
   for (const p of domainPaths(c)) checkFile(p, policy, `Domain "${c.name}" on ${host}: file`, pools);
-  for (const d of c.disks) {
-    if (d.format !== 'qcow2') continue;
-    for (const b of backingChain(d.path)) checkFile(b, policy, `Domain "${c.name}" on ${host}: backing file of ${d.path}`, pools);
-  }
+  if (opts.backing === false) return;
+  for (const d of c.disks) if (d.format === 'qcow2') checkedBackingImages(d.path, policy, `Domain "${c.name}" on ${host}`, pools);
 }
 
 /**

@@ -55,7 +55,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
   });
 
   test('the link dies mid-mirror: the source keeps running on its disk, nothing half-made stays on the destination', async () => {
-    const pid = (await ok(['-H', 'host1', 'info', 'db', '--json'])).pid;
+    const { pid, memoryMiB } = await ok(['-H', 'host1', 'info', 'db', '--json']);
     // Capped at 4 MiB/s, so the 64 MiB copy is still under way when host2's data ports go dark.
     const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'db', 'host2', '--live', '--copy-storage', '--bandwidth', '4', '--timeout', '12', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -67,6 +67,9 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
         return j?.progress?.stage?.startsWith('copying disks') && j.progress.disk?.copied > 4 * 1048576;
       }, 20000, 200);
       assert.deepEqual(files('host2'), ['db.disk0.qcow2'], 'the copy is being made on host2');
+      // The waiting QEMU and the move's reservation are the same memory, counted once.
+      const mem = (await ok(['-H', 'host2', 'host', 'info', '--json'])).memory;
+      assert.deepEqual([mem.usedMiB, mem.reservedMiB], [memoryMiB, memoryMiB], JSON.stringify(mem));
       assert.equal(inNs('host2', ['iptables', '-I', 'INPUT', '-p', 'tcp', '--dport', '49152:49215', '-j', 'DROP']).code, 0);
       const code = await done;
       const rep = JSON.parse(out);
