@@ -282,16 +282,28 @@ async function ensureLibvirt(): Promise<void> {
     c.unref();
   }
   for (const h of ['host1', 'host2']) await waitFor(`libvirtd on ${h}`, () => { try { inNs(h, ['virsh', '-c', lvUri(h), 'version']); return true; } catch { return false; } }, 30000);
+  // Each libvirtd's own /var/lib/libvirt/images (its private mount) as a pool, so that
+  // `--copy-storage-all` can create the destination's disk as ferry's Begin does.
+  for (const h of ['host1', 'host2']) {
+    fs.mkdirSync(lvImages(h), { recursive: true });
+    virsh(h, ['pool-create-as', 'images', 'dir', '--target', '/var/lib/libvirt/images']);
+  }
   libvirtUp = true;
 }
+
+/** A libvirt host's /var/lib/libvirt/images, as this process sees it. */
+const lvImages = (h: string): string => `${LAB}/libvirt/${h}/lib/images`;
 
 function virsh(h: string, a: string[], timeoutMs = 600000): string {
   return execFileSync('ip', ['netns', 'exec', ns(h), 'virsh', '-c', lvUri(h), ...a], { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs }).toString();
 }
 
 /** libvirt's `virsh migrate --live` between two lab libvirtds, same guest and settings. */
-async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string): Promise<Guest> {
+async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string, dataDiskMiB?: number): Promise<Guest> {
   await ensureLibvirt();
+  // A data disk in host1's own images directory, for --copy-storage-all.
+  const dataDisk = dataDiskMiB ? `${name}-data.qcow2` : undefined;
+  if (dataDisk) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(lvImages('host1'), dataDisk), `${dataDiskMiB}M`]);
   const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const esc = (x: string): string => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/'/g, '&apos;');
@@ -300,7 +312,8 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
     : `<boot dev='fd'/>`;
   const disks = c.disks.map((d) => d.bus === 'floppy'
     ? `<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='${esc(d.path)}'/><target dev='fda' bus='fdc'/><readonly/></disk>`
-    : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`).join('');
+    : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`).join('')
+    + (dataDisk ? `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/${dataDisk}'/><target dev='vda' bus='virtio'/></disk>` : '');
   const nics = c.nics.map((n) => `<interface type='bridge'><source bridge='br0'/><mac address='${n.mac}'/><model type='virtio'/></interface>`).join('');
   const xml = `<domain type='qemu'><name>${name}</name><uuid>${c.uuid}</uuid><memory unit='MiB'>${c.memoryMiB}</memory><vcpu>${c.vcpus}</vcpu>
 <os><type arch='x86_64' machine='${machine}'>hvm</type>${os}</os>
@@ -335,6 +348,8 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       // libvirt's post-copy: switch once the first pre-copy pass is sent.
       if (o.postcopy) a.push('--postcopy', '--postcopy-after-precopy');
       if (o.tls) a.push('--tls');
+      // NBD + drive-mirror of every writable disk, over TLS with --tls.
+      if (o.copyStorage) a.push('--copy-storage-all');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       const t0 = Date.now();
       let outcome = 'succeeded';
@@ -344,18 +359,24 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       let info = '';
       if (outcome === 'succeeded') {
         info = virsh(to, ['domjobinfo', name, '--completed']);
+        // libvirt leaves the source's copy; ferry-copy deletes its own (--delete-source-storage).
+        // Removed after the clock stopped, so that every move creates its destination disk.
+        // The pool must learn it is gone, or libvirt would take its stale entry for the disk.
+        if (dataDisk) { fs.rmSync(path.join(lvImages(host), dataDisk), { force: true }); virsh(host, ['pool-refresh', 'images']); }
         con.destroy();
         host = to; g.host = to;
         con = await attachCon(to);
       }
       const num = (label: string): number | null => { const m = new RegExp(`${label}:\\s+([\\d.]+)\\s*(\\S+)?`).exec(info); if (!m) return null; const v = Number(m[1]); const u = m[2] ?? ''; return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v; };
       const elapsed = num('Time elapsed');
-      const bytes = num('Data processed') ?? num('Memory processed');
+      // With the disk copied, RAM alone (as ferry-copy's row counts it), at libvirt's RAM rate.
+      const bytes = o.copyStorage ? num('Memory processed') : num('Data processed') ?? num('Memory processed');
+      const memRate = o.copyStorage ? num('Memory bandwidth') : null;
       if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && cmdMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
       return {
         contender: '', outcome, setupMs: null, downtimeMs: num('Total downtime'),
-        bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
-        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}${o.postcopy ? '; post-copy after the first pass' : ''}` : undefined),
+        bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: memRate ? +(memRate / 1e6).toFixed(1) : bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
+        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}${o.postcopy ? '; post-copy after the first pass' : ''}${o.copyStorage ? '; --copy-storage-all' : ''}` : undefined),
       };
     },
     destroy: async () => {
@@ -371,7 +392,7 @@ function os_tmp(): string { return os.tmpdir(); }
 
 // ---------------------------------------------------------------- scenarios
 
-type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy' | 'ferry-tunnel' | 'ferry-copy';
+type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy' | 'ferry-tunnel' | 'ferry-copy' | 'libvirt-tls-copy';
 interface Scenario {
   id: string;
   title: string;
@@ -402,7 +423,7 @@ const SCENARIOS: Scenario[] = SMOKE ? [
   // Moves across boundaries (README "Moves across segments", "Local disks"): the same
   // guest on the same segment with a shared disk, to the other segment through a tunnel,
   // and with its disk copied along.
-  { id: 'linux-1g-disk-boundaries', title: 'Linux 1 GiB with a 256 MiB disk (64 MiB written), idle, live: same segment and shared disk, across segments, disk copied', kind: 'linux', memoryMiB: 1024, diskMiB: 256, workload: 'dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null', opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-tunnel', 'ferry-copy'], lab: 'boundaries' },
+  { id: 'linux-1g-disk-boundaries', title: 'Linux 1 GiB with a 256 MiB disk (64 MiB written), idle, live: same segment and shared disk, across segments, disk copied', kind: 'linux', memoryMiB: 1024, diskMiB: 256, workload: 'dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null', opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-tunnel', 'ferry-copy', 'libvirt-tls-copy'], lab: 'boundaries' },
 ];
 
 // ---------------------------------------------------------------- statistics
@@ -448,6 +469,7 @@ async function main(): Promise<void> {
         // Boundaries: 3 hosts, host3's "lab" network on the second segment.
         labKind = s.lab ?? 'plain';
         await ferry(['lab', 'down']);
+        libvirtUp = false; // lab down ends every process in the lab's namespaces, libvirtds too
         await ferryOk(['lab', 'up', ...(labKind === 'boundaries' ? ['--hosts', '3', '--segments', '2'] : ['--hosts', '2', '--allow-insecure'])]);
       }
       const guests: Record<string, Guest> = {};
@@ -457,6 +479,7 @@ async function main(): Promise<void> {
         // ferry's variants share ferry's guest (but where the disk or the pair of hosts
         // differs); libvirt's TLS and plain runs share one.
         guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
+          : c === 'libvirt-tls-copy' ? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine, s.diskMiB)
           : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? guests['libvirt-tls-postcopy'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
             : c === 'ferry-tunnel' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk, pair: ['host1', 'host3'] })
               : c === 'ferry-copy' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk })
@@ -478,7 +501,7 @@ async function main(): Promise<void> {
           const probe = g.ip ? externalProbe(g.ip) : undefined;
           if (probe) { await probe.ready; await sleep(300); }
           const t = Date.now();
-          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy', copyStorage: c === 'ferry-copy' });
+          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy', copyStorage: c === 'ferry-copy' || c === 'libvirt-tls-copy' });
           const totalMs = Date.now() - t;
           const p = probe ? await probe.stop() : null;
           const run: Run = { ...m, contender: c, totalMs: m.outcome === 'succeeded' ? totalMs : null, guestDowntimeMs: m.outcome === 'succeeded' ? p?.longestGapMs ?? null : null };
@@ -548,7 +571,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
   L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
   L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} (machine type ${h.machine}) under ${String(m.accel).toUpperCase()} for every contender, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest and both hosts' work run on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
   L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others\' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI\'s own start-up, the qmp script from starting the destination QEMU to ending the source\'s, `virsh migrate`. *Guest-perceived* is the longest gap in the guest\'s answers to a TCP SYN sent every 1 ms by one probe process in the lab\'s client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU\'s first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it (after a switch to post-copy QEMU counts the whole post-copy window, while the source was stopped and the guest already ran on the destination; the guest\'s own pause is in *pause* and *guest-perceived*). *Pause*: ferry only, from the source QEMU\'s STOP event to the destination\'s answer that the guest resumed, both on the source host\'s monotonic clock (an upper bound). *Sent*: bytes on the wire.', '');
-  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels).', '');
+  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host\'s own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd\'s own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination\'s disk itself (the source\'s copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.', '');
   L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | pause ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|---|');
   for (const a of all) {
     for (const c of a.scenario.contenders) {
@@ -570,6 +593,7 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     if (S['ferry-par2'] && a.scenario.opts.live) parts.push(`--parallel 2 ÷ default: whole command ${ratio(S['ferry-par2'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-par2'], S.ferry, 'guestDowntimeMs')}, setup ${ratio(S['ferry-par2'], S.ferry, 'setupMs')}`);
     if (S['ferry-tunnel']) parts.push(`across segments (VXLAN) ÷ same segment: whole command ${ratio(S['ferry-tunnel'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-tunnel'], S.ferry, 'guestDowntimeMs')}`);
     if (S['ferry-copy']) parts.push(`disk copied ÷ shared disk: whole command ${ratio(S['ferry-copy'], S.ferry, 'totalMs')}, pause ${ratio(S['ferry-copy'], S.ferry, 'pauseMs')}, guest-perceived ${ratio(S['ferry-copy'], S.ferry, 'guestDowntimeMs')}`);
+    if (S['ferry-copy'] && S['libvirt-tls-copy']) parts.push(`disk copied, ferry ÷ \`virsh migrate --tls --copy-storage-all\`: whole command ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'totalMs')}, guest-perceived ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'guestDowntimeMs')}`);
     if (S['ferry-plain']) parts.push(`secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`);
     parts.push(`ferry setup median ${fmt(S.ferry.setupMs.median)} ms`);
     L.push(`- ${a.scenario.title}: ${parts.join('; ')}`);
