@@ -59,12 +59,40 @@ export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row
     }
   }
   if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
+  // HOST's events, for the whole run: moves' progress, and the end of moves an earlier run left.
+  const events = o.plan ? undefined : await ApiClient.connect(src);
+  try {
+    if (events) await events.request('events.subscribe', {});
+    return await evacuateWith(o, onView, { t0, parallel, src, info, candidates, unreachable, events });
+  } finally {
+    events?.close();
+  }
+}
+
+/** The rest of an evacuation, with HOST's event stream open (none for --plan). */
+async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | null) => void) | undefined, c: {
+  t0: number; parallel: number; src: Target; info: HostInfo; candidates: Candidate[]; unreachable: string[]; events: ApiClient | undefined;
+}): Promise<EvacuationReport> {
+  const { t0, parallel, src, info, candidates, unreachable, events } = c;
   // Moves still under way (an interrupted run's) finish first; what stays here is taken again.
   let all: DomainSummary[] = await call(src, 'domain.list');
-  const settleBy = Date.now() + (o.plan ? 0 : 15 * 60000);
-  while (all.some((d) => d.state === 'migrating-out') && Date.now() < settleBy) {
-    onView?.(all.filter((d) => d.state === 'migrating-out').map((d) => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' })), null);
-    await new Promise((r) => setTimeout(r, 500));
+  const settleBy = Date.now() + 15 * 60000;
+  while (events && all.some((d) => d.state === 'migrating-out') && Date.now() < settleBy) {
+    const busy = all.filter((d) => d.state === 'migrating-out').map((d): Row => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' }));
+    onView?.(busy, null);
+    // Woken by a state change or a move's end on HOST (a slow re-check only as a safety net).
+    await new Promise<void>((resolve) => {
+      const done = (): void => { clearTimeout(t); events.off('event', on); resolve(); };
+      const on = (ev: { event: string; data: unknown }): void => {
+        if (ev.event === 'migration.progress') {
+          const p = ev.data as Progress;
+          const r = busy.find((x) => x.domain === p.domain);
+          if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; onView?.(busy, null); }
+        } else if (ev.event === 'domain.state' || ev.event === 'migration.done') done();
+      };
+      const t = setTimeout(done, 5000);
+      events.on('event', on);
+    });
     all = await call(src, 'domain.list');
   }
   const rows: Row[] = [];
@@ -98,42 +126,37 @@ export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row
   if (o.plan) return report('planned');
 
   // The moves: one queue per destination, `parallel` at a time each.
-  const events = await ApiClient.connect(src);
+  if (!events) throw new FerryError('INTERNAL', 'evacuate: no event stream');
   const eta = (): number | null => {
     const rest = rows.filter((r) => r.state === 'queued' || r.state === 'moving');
     if (rest.some((r) => r.predictedMs === null)) return null;
     return makespanMs(rest.map((r) => ({ to: r.to!, ms: r.state === 'moving' ? r.predictedMs! * (1 - r.percent / 100) : r.predictedMs! })), parallel);
   };
   const show = (): void => onView?.(rows, eta());
-  try {
-    await events.request('events.subscribe', {});
-    events.on('event', (ev: { event: string; data: unknown }) => {
-      if (ev.event !== 'migration.progress') return;
-      const p = ev.data as Progress;
-      const r = rows.find((x) => x.domain === p.domain && x.state === 'moving');
-      if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; show(); }
-    });
+  events.on('event', (ev: { event: string; data: unknown }) => {
+    if (ev.event !== 'migration.progress') return;
+    const p = ev.data as Progress;
+    const r = rows.find((x) => x.domain === p.domain && x.state === 'moving');
+    if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; show(); }
+  });
+  show();
+  const move = async (r: Row): Promise<void> => {
+    r.state = 'moving';
     show();
-    const move = async (r: Row): Promise<void> => {
-      r.state = 'moving';
-      show();
-      try {
-        const rep = await call(src, 'migration.start', { domain: r.domain, dest: r.to!, live: true, ...budget });
-        if (rep.error) { r.state = 'failed'; r.error = rep.error; } else { r.state = 'moved'; r.percent = 100; r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy }; }
-      } catch (e) {
-        r.state = 'failed';
-        r.error = asFerryError(e).toJSON() as { code: string; message: string };
-      }
-      show();
-    };
-    const byDest = new Map<string, Row[]>();
-    for (const r of placed) byDest.set(r.to!, [...(byDest.get(r.to!) ?? []), r]);
-    await Promise.all([...byDest.values()].flatMap((q) => Array.from({ length: parallel }, async () => {
-      for (let r = q.shift(); r; r = q.shift()) await move(r);
-    })));
-  } finally {
-    events.close();
-  }
+    try {
+      const rep = await call(src, 'migration.start', { domain: r.domain, dest: r.to!, live: true, ...budget });
+      if (rep.error) { r.state = 'failed'; r.error = rep.error; } else { r.state = 'moved'; r.percent = 100; r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy }; }
+    } catch (e) {
+      r.state = 'failed';
+      r.error = asFerryError(e).toJSON() as { code: string; message: string };
+    }
+    show();
+  };
+  const byDest = new Map<string, Row[]>();
+  for (const r of placed) byDest.set(r.to!, [...(byDest.get(r.to!) ?? []), r]);
+  await Promise.all([...byDest.values()].flatMap((q) => Array.from({ length: parallel }, async () => {
+    for (let r = q.shift(); r; r = q.shift()) await move(r);
+  })));
   return report(rows.every((r) => r.state === 'moved') ? 'done' : 'incomplete');
 }
 
