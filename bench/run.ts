@@ -153,7 +153,8 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
   const c: DomainConfig = parseDomainConfig(raw);
   const dir = path.join(LAB, 'bench', name);
   fs.mkdirSync(dir, { recursive: true });
-  const tap = `fb${c.uuid.slice(0, 8)}`;
+  // "bq": the bench's own taps, apart from ferryd's ("ft…") and its tunnels' ("fb…", "fx…").
+  const tap = `bq${c.uuid.slice(0, 8)}`;
   let host = 'host1';
   let cur: { pid: number; qmp: QmpClient } | undefined;
   const start = async (h: string, incoming: boolean, prealloc = false): Promise<{ pid: number; qmp: QmpClient }> => {
