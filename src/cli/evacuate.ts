@@ -6,7 +6,8 @@
  * finish, and said so).
  *
  *   1. HOST goes into maintenance: it starts nothing and takes no incoming move.
- *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers.
+ *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers;
+ *      with --include-stopped, each shut-off one too (its definition moves, last).
  *   3. The autopilot predicts each move (migration.plan, which measures the guest), so
  *      the whole evacuation has an ETA, and the shortest moves go first.
  *   4. Up to --parallel moves at once per destination; one progress view.
@@ -19,12 +20,14 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { table, printJson, act } from './output.ts';
 import { place, makespanMs, type Candidate, type Leaving } from './placement.ts';
 
-interface EvacOpts { to?: string[]; parallel?: number; maxDowntime?: number; timeout?: number; plan?: boolean; json?: boolean }
+interface EvacOpts { to?: string[]; parallel?: number; maxDowntime?: number; timeout?: number; plan?: boolean; includeStopped?: boolean; json?: boolean }
 
 /** One domain's line in the view and the report. */
 interface Row {
   domain: string; memoryMiB: number; to: string | null;
   state: 'planned' | 'queued' | 'moving' | 'moved' | 'failed' | 'unplaced' | 'busy';
+  /** live: a running (or paused) domain; definition: a shut-off one (--include-stopped). */
+  move: 'live' | 'definition';
   predictedMs: number | null; why: string; percent: number; stage: string;
   report?: Pick<Report, 'totalMs' | 'pauseMs' | 'strategy'>; error?: { code: string; message: string };
 }
@@ -78,7 +81,7 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
   let all: DomainSummary[] = await call(src, 'domain.list');
   const settleBy = Date.now() + 15 * 60000;
   while (events && all.some((d) => d.state === 'migrating-out') && Date.now() < settleBy) {
-    const busy = all.filter((d) => d.state === 'migrating-out').map((d): Row => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' }));
+    const busy = all.filter((d) => d.state === 'migrating-out').map((d): Row => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', move: 'live', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' }));
     onView?.(busy, null);
     // Woken by a state change or a move's end on HOST (a slow re-check only as a safety net).
     await new Promise<void>((resolve) => {
@@ -98,19 +101,23 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
   const rows: Row[] = [];
   const leaving: Leaving[] = [];
   for (const d of all) {
-    if (d.state === 'migrating-out' || d.state === 'incoming') { rows.push({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', predictedMs: null, why: `already ${d.state}: left to finish`, percent: 0, stage: '' }); continue; }
-    if (d.state !== 'running' && d.state !== 'paused') continue; // shut off: its definition stays; nothing runs here
+    if (d.state === 'migrating-out' || d.state === 'incoming') { rows.push({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', move: 'live', predictedMs: null, why: `already ${d.state}: left to finish`, percent: 0, stage: '' }); continue; }
+    const stopped = d.state !== 'running' && d.state !== 'paused';
+    // Shut off: its definition stays here unless asked to move too (vCenter's "powered-off VMs").
+    if (stopped && !o.includeStopped) continue;
     const di = await call(src, 'domain.info', { domain: d.name });
     const nics = ((di.config as { nics?: { network: string }[] }).nics ?? []).map((n) => n.network);
-    leaving.push({ name: d.name, memoryMiB: d.memoryMiB, networks: nics, cpuModel: info.cpuModel });
+    leaving.push({ name: d.name, memoryMiB: d.memoryMiB, networks: nics, cpuModel: info.cpuModel, stopped });
   }
   for (const a of place(leaving, candidates)) {
     const l = leaving.find((x) => x.name === a.domain)!;
-    rows.push({ domain: a.domain, memoryMiB: l.memoryMiB, to: a.to, state: a.to ? (o.plan ? 'planned' : 'queued') : 'unplaced', predictedMs: null, why: a.to ? a.why : `${a.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`, percent: 0, stage: '' });
+    rows.push({ domain: a.domain, memoryMiB: l.memoryMiB, to: a.to, state: a.to ? (o.plan ? 'planned' : 'queued') : 'unplaced', move: l.stopped ? 'definition' : 'live', predictedMs: null, why: a.to ? a.why : `${a.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`, percent: 0, stage: '' });
   }
-  // The autopilot's prediction for each placed move (it measures the guest's dirty rate).
+  // The autopilot's prediction for each placed live move (it measures the guest's dirty
+  // rate). A definition move copies a record, not memory: it has no prediction and no
+  // share of the ETA.
   const budget = { ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}), ...(o.timeout !== undefined ? { timeoutS: o.timeout } : {}) };
-  for (const r of rows.filter((x) => x.to)) {
+  for (const r of rows.filter((x) => x.to && x.move === 'live')) {
     try {
       const pv = await call(src, 'migration.plan', { domain: r.domain, dest: r.to!, ...budget }, 30000);
       r.predictedMs = pv.predictions.find((p) => p.strategy === pv.pick)?.totalMs ?? null;
@@ -118,17 +125,19 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
       r.why += `; no prediction (${asFerryError(e).message.slice(0, 120)})`;
     }
   }
-  // Shortest first, as the plan says; unknown predictions last among equals in size.
-  rows.sort((a, b) => (a.to ? 0 : 1) - (b.to ? 0 : 1) || (a.predictedMs ?? Infinity) - (b.predictedMs ?? Infinity) || a.memoryMiB - b.memoryMiB);
+  // Shortest first, as the plan says; unknown predictions last among equals in size;
+  // definitions after every live move.
+  rows.sort((a, b) => (a.to ? 0 : 1) - (b.to ? 0 : 1) || Number(a.move === 'definition') - Number(b.move === 'definition') || (a.predictedMs ?? Infinity) - (b.predictedMs ?? Infinity) || a.memoryMiB - b.memoryMiB);
   const placed = rows.filter((r) => r.to);
-  const predictedMs = placed.every((r) => r.predictedMs !== null) ? makespanMs(placed.map((r) => ({ to: r.to!, ms: r.predictedMs! })), parallel) : null;
+  const timed = placed.filter((r) => r.move === 'live');
+  const predictedMs = timed.every((r) => r.predictedMs !== null) ? makespanMs(timed.map((r) => ({ to: r.to!, ms: r.predictedMs! })), parallel) : null;
   const report = (outcome: EvacuationReport['outcome']): EvacuationReport => ({ host: info.name, planOnly: !!o.plan, maintenance: !o.plan || info.maintenance.on, parallel, predictedMs, elapsedMs: Date.now() - t0, domains: rows, outcome });
   if (o.plan) return report('planned');
 
   // The moves: one queue per destination, `parallel` at a time each.
   if (!events) throw new FerryError('INTERNAL', 'evacuate: no event stream');
   const eta = (): number | null => {
-    const rest = rows.filter((r) => r.state === 'queued' || r.state === 'moving');
+    const rest = rows.filter((r) => r.move === 'live' && (r.state === 'queued' || r.state === 'moving'));
     if (rest.some((r) => r.predictedMs === null)) return null;
     return makespanMs(rest.map((r) => ({ to: r.to!, ms: r.state === 'moving' ? r.predictedMs! * (1 - r.percent / 100) : r.predictedMs! })), parallel);
   };
@@ -144,7 +153,7 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
     r.state = 'moving';
     show();
     try {
-      const rep = await call(src, 'migration.start', { domain: r.domain, dest: r.to!, live: true, ...budget });
+      const rep = await call(src, 'migration.start', r.move === 'live' ? { domain: r.domain, dest: r.to!, live: true, ...budget } : { domain: r.domain, dest: r.to! });
       if (rep.error) { r.state = 'failed'; r.error = rep.error; } else { r.state = 'moved'; r.percent = 100; r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy }; }
     } catch (e) {
       r.state = 'failed';
@@ -164,7 +173,7 @@ function printEvacuation(r: EvacuationReport): void {
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '?' : v < 10000 ? `${v} ms` : `${(v / 1000).toFixed(1)} s`);
   process.stdout.write(`${r.planOnly ? 'Plan to evacuate' : 'Evacuation of'} ${r.host}${r.maintenance ? ' (in maintenance)' : ''}: ${r.domains.length} domain${r.domains.length === 1 ? '' : 's'}, up to ${r.parallel} at once per destination; predicted ${ms(r.predictedMs)}${r.planOnly ? '' : `, took ${ms(r.elapsedMs)}`}\n\n`);
   const rows: (string | number)[][] = [['Domain', 'Mem', 'To', 'Predicted', 'State', 'Detail']];
-  for (const d of r.domains) rows.push([d.domain, `${d.memoryMiB} MiB`, d.to ?? '-', ms(d.predictedMs), d.state, d.error ? `${d.error.code}: ${d.error.message}` : d.report ? `${ms(d.report.totalMs)}, pause ${ms(d.report.pauseMs)}${d.report.strategy ? `, ${d.report.strategy}` : ''}` : d.why]);
+  for (const d of r.domains) rows.push([d.domain, `${d.memoryMiB} MiB`, d.to ?? '-', ms(d.predictedMs), d.state, d.error ? `${d.error.code}: ${d.error.message}` : d.report ? (d.move === 'definition' ? `definition moved in ${ms(d.report.totalMs)}` : `${ms(d.report.totalMs)}, pause ${ms(d.report.pauseMs)}${d.report.strategy ? `, ${d.report.strategy}` : ''}`) : d.why]);
   process.stdout.write(table(rows, ['l', 'r', 'l', 'r', 'l', 'l']));
 }
 
@@ -192,6 +201,7 @@ export function registerEvacuate(host: Command): void {
     .option('--parallel <n>', 'moves at once per destination (default 1)', int('--parallel'))
     .option('--max-downtime <ms>', 'longest pause for each move (default 300)', int('--max-downtime'))
     .option('--timeout <s>', 'each move\'s time budget (default 600)', int('--timeout'))
+    .option('--include-stopped', 'move shut-off domains\' definitions too (after the running ones)')
     .option('--plan', 'move nothing: print where each domain would go and the predicted time')
     .option('--json', 'print one final JSON report')
     .action(act(async (h: string, o: EvacOpts): Promise<EvacuationReport | undefined> => {

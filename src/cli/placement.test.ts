@@ -28,3 +28,11 @@ test('the makespan: N at once per destination, destinations in parallel', () => 
   assert.equal(makespanMs(moves, 2), 25);
   assert.equal(makespanMs([], 2), 0);
 });
+
+test('--include-stopped: a shut-off domain needs no free memory, goes after the running ones, and takes none from them', () => {
+  const a = place([{ ...dom('off', 4096), stopped: true }, dom('run', 256)], [host('h2', 300), host('h3', 200, { networks: [] })]);
+  assert.deepEqual(a.map((x) => [x.domain, x.to]), [['run', 'h2'], ['off', 'h2']]);
+  assert.match(a[1].why, /shut off: its definition moves/);
+  // Still bound by CPU model and networks.
+  assert.equal(place([{ ...dom('off', 64, { networks: ['dmz'] }), stopped: true }], [host('h2', 1024)])[0].to, null);
+});

@@ -3,12 +3,13 @@
  * domains (a Linux guest with a client's TCP connection open to it, and three pattern
  * guests) leave it live, the evacuation is interrupted once and run again, nothing is
  * lost, and host1 stays empty in maintenance. A domain that cannot move is reported with
- * its reason while the others move. The metrics' histogram counts move with the moves.
+ * its reason while the others move, and --include-stopped moves a shut-off domain's
+ * definition too. The metrics' histogram counts move with the moves.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStatus, echoClient, waitFor, FERRY, echoWhole } from '../helpers.ts';
+import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStatus, echoClient, waitFor, FERRY, echoWhole, domainRecord } from '../helpers.ts';
 
 /**
  * Where each domain runs. A move under way lists it on both ends: it counts where its guest
@@ -119,7 +120,7 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     assert.ok(incoming[0] + incoming[1] >= 4, `incoming moves counted: ${incoming.join(' + ')}`);
   });
 
-  test('in maintenance: no start, no incoming move, across a ferryd restart; a domain that cannot move is reported while the rest move', async () => {
+  test('in maintenance: no start, no incoming move, across a ferryd restart; a domain that cannot move is reported while the rest move; --include-stopped moves a definition', async () => {
     const f = tmpFile('p4.json', await ok(['lab', 'guest', 'pattern', 'p4', '--json']));
     const c = await fails(['-H', 'host1', 'create', f, '--json'], 'HOST_MAINTENANCE');
     assert.match(c.json.error.message, /host1 is in maintenance/);
@@ -133,12 +134,19 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     // Now a guest with a disk of host1's own (no --copy-storage in an evacuation) and one that can go.
     await ok(['-H', 'host1', 'create', tmpFile('db.json', await ok(['lab', 'guest', 'linux', 'db', '--data-disk', '16', '--json']))]);
     await ok(['-H', 'host1', 'create', f]);
-    const r = await ferry(['host', 'evacuate', 'host1', '--json'], { timeoutMs: 300000 });
+    // And a shut-off one: with --include-stopped its definition moves too, after the running ones.
+    await ok(['-H', 'host1', 'create', '--defer-start', tmpFile('p5.json', await ok(['lab', 'guest', 'pattern', 'p5', '--json']))]);
+    const r = await ferry(['host', 'evacuate', 'host1', '--include-stopped', '--json'], { timeoutMs: 300000 });
     assert.equal(r.code, 8, r.stdout + r.stderr);
     assert.equal(r.json.outcome, 'incomplete');
     assert.equal(r.json.error.code, 'EVACUATION_INCOMPLETE');
     const by = Object.fromEntries(r.json.domains.map((d: any) => [d.domain, d]));
     assert.equal(by.p4.state, 'moved');
+    assert.equal(by.p4.move, 'live');
+    assert.deepEqual([by.p5.state, by.p5.move, by.p5.predictedMs], ['moved', 'definition', null]);
+    assert.ok(r.json.domains.findIndex((d: any) => d.domain === 'p5') > r.json.domains.findIndex((d: any) => d.domain === 'p4'), 'the definition after the live move');
+    assert.equal(domainRecord('host1', 'p5'), undefined, 'p5 left host1');
+    assert.equal(domainRecord(by.p5.to, 'p5').state.kind, 'defined', `p5 defined, not started, on ${by.p5.to}`);
     assert.equal(by.db.state, 'failed');
     assert.equal(by.db.error.code, 'MIGRATION_DEST_STORAGE');
     assert.match(by.db.error.message, /--copy-storage/);
