@@ -10,7 +10,7 @@ import type { QmpClient } from '../qmp/client.ts';
 import type { PlanView } from '../api/protocol.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
 import type { JobStore, SourceJob } from './jobs.ts';
-import { plan as makePlan, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
+import { plan as makePlan, linkRate, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 
 /**
@@ -60,12 +60,13 @@ export class Planner {
    */
   linkEstimate(peer: string, encrypted: boolean, capMiBs?: number): { bytesPerS: number; from: string } {
     // A move's rate is its bytes over the stream's own time (first byte to the end of the
-    // copy), not over QEMU's total, which includes set-up and the final pause.
+    // copy), not over QEMU's total, which includes set-up and the final pause; less the
+    // zero pages' scan, which each plan adds for its own guest (plan.linkRate).
     const rateOf = (j: SourceJob): number => {
       const r = j.report!;
       const tl = r.timeline ?? {};
       const end = tl.postcopyCompleted ?? tl.streamCompleted;
-      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte ? r.bytes / ((end - tl.firstByte) / 1000) : r.throughputMBps * 1e6;
+      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte ? linkRate(r.bytes, end - tl.firstByte, r.plan?.ramBytes) : r.throughputMBps * 1e6;
     };
     const rates = [...this.store.jobs.values()]
       .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576 && !j.report.bandwidthMiBs)
