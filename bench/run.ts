@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../src/qmp/client.ts';
 import { parseDomainConfig, type DomainConfig } from '../src/domain/config.ts';
 import { domainArgv } from '../src/qemu/argv.ts';
+import { createImage } from '../src/domain/storage.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
@@ -304,7 +305,7 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
   await ensureLibvirt();
   // A data disk in host1's own images directory, for --copy-storage-all.
   const dataDisk = dataDiskMiB ? `${name}-data.qcow2` : undefined;
-  if (dataDisk) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(lvImages('host1'), dataDisk), `${dataDiskMiB}M`]);
+  if (dataDisk) createImage(path.join(lvImages('host1'), dataDisk), 'qcow2', dataDiskMiB! * 1048576);
   const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const esc = (x: string): string => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/'/g, '&apos;');

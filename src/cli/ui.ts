@@ -21,8 +21,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
-import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
-import { type Action, type HostInfo, type DomainSummary, type Results } from '../api/protocol.ts';
+import { ApiClient, call, resolveTarget, labHosts, type Target } from '../api/client.ts';
+import { type HostInfo, type DomainSummary } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { ConsoleFollower, followTarget } from './console.ts';
@@ -62,14 +62,9 @@ export class UiServer {
     const names = this.o.hosts?.length ? this.o.hosts : labHosts().map((h) => h.name);
     if (names.length) { for (const n of names) this.hosts.set(n, resolveTarget(n)); return; }
     const local = resolveTarget(undefined);
-    const info = await this.call(local, 'host.info');
+    const info = await call(local, 'host.info', {}, 10000);
     this.hosts.set(info.name, local);
     for (const [n, a] of Object.entries(info.peers)) if (n !== info.name) this.hosts.set(n, resolveTarget(a));
-  }
-
-  private async call<A extends Action>(t: Target, action: A, params: Record<string, unknown> = {}, timeoutMs = 10000): Promise<Results[A]> {
-    const c = await ApiClient.connect(t, 5000);
-    try { return await c.request(action, params, timeoutMs); } finally { c.close(); }
   }
 
   private broadcast(event: string, data: unknown): void {
@@ -99,7 +94,7 @@ export class UiServer {
     const domains: (DomainSummary & { host: string })[] = [];
     await Promise.all([...this.hosts].map(async ([name, t]) => {
       try {
-        const [hi, list] = await Promise.all([this.call(t, 'host.info'), this.call(t, 'domain.list')]);
+        const [hi, list] = await Promise.all([call(t, 'host.info', {}, 10000), call(t, 'domain.list', {}, 10000)]);
         hosts.push(hi);
         for (const d of list) domains.push({ ...d, host: name });
       } catch (e) {
@@ -189,7 +184,7 @@ export class UiServer {
         const t = this.hosts.get(from);
         if (!t) throw new FerryError('HOST_UNKNOWN', `${from} is not a host of this dashboard`);
         // The answer is the report, on the event stream (migration.done); this returns at once.
-        void this.call(t, 'migration.start', { domain, dest: to, live: b.live !== false }, 0).then(
+        void call(t, 'migration.start', { domain, dest: to, live: b.live !== false }, 0).then(
           (r) => this.broadcast('ui.migrated', { host: from, domain, report: r }),
           (e) => this.broadcast('ui.migrated', { host: from, domain, report: { outcome: 'failed', domain, error: asFerryError(e).toJSON() } }));
         return json(202, { started: true, domain, from, to });

@@ -101,13 +101,20 @@ export class Host extends EventEmitter implements MigrationHost {
     // A domain whose QEMU is still being spawned counts too: two concurrent starts
     // must not both pass the memory check.
     for (const l of this.store.all()) if (hasProcess(l.rec.state) || l.busy === 'starting' || l.busy === 'restoring') used += l.rec.config.memoryMiB;
-    // An incoming move's reservation, until its QEMU runs here; then that QEMU counts
-    // (above) and the reservation would count the same memory twice.
+    return used + this.reservedNotRunningMiB();
+  }
+
+  /**
+   * Incoming moves' reservations whose QEMU does not run here yet. Once it does, that
+   * QEMU counts as a domain with a process, and its reservation would count it twice.
+   */
+  private reservedNotRunningMiB(): number {
+    let mib = 0;
     for (const r of this.reservations.values()) {
       const d = this.store.find(r.domain);
-      if (!d || !hasProcess(d.rec.state)) used += r.memoryMiB;
+      if (!d || !hasProcess(d.rec.state)) mib += r.memoryMiB;
     }
-    return used;
+    return mib;
   }
 
   /** The figures behind the free memory: the offer's remainder against what the host really has (daemon/capacity.ts). */
@@ -118,10 +125,7 @@ export class Host extends EventEmitter implements MigrationHost {
       if (hasProcess(s)) untouched += Math.max(0, l.rec.config.memoryMiB - rssMiB(s.pid));
     }
     // A reservation without its QEMU yet will touch all of it, too.
-    for (const r of this.reservations.values()) {
-      const d = this.store.find(r.domain);
-      if (!d || !hasProcess(d.rec.state)) untouched += r.memoryMiB;
-    }
+    untouched += this.reservedNotRunningMiB();
     return { offerMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), availableMiB: memAvailableMiB(), untouchedMiB: untouched, marginMiB: this.cfg.memoryMarginMiB };
   }
 

@@ -70,8 +70,9 @@ async function main(): Promise<void> {
   await host.recover();
   const migrations = new Migrations(host, log);
   await migrations.recover();
-  const metrics = new Metrics(host, log);
-  if (cfg.metrics) await metrics.listen(cfg.metrics.address, cfg.metrics.port);
+  // Only where served: otherwise no registry, no listeners on the host's events.
+  const metrics = cfg.metrics ? new Metrics(host, log) : undefined;
+  if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port);
   const server = new ApiServer(log, makeHandler(host, migrations, metrics));
   await server.listenUnix(cfg.apiSocket);
   const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow, limits: cfg.limits });
@@ -80,7 +81,7 @@ async function main(): Promise<void> {
   const stop = async (sig: string): Promise<void> => {
     log.info('ferryd stopping; domains keep running', { signal: sig });
     await server.close();
-    metrics.close();
+    metrics?.close();
     host.detachAll();
     try { if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile); } catch { /* gone */ }
     process.exit(0);

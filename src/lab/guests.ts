@@ -5,8 +5,8 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
-import { FerryError } from '../errors.ts';
+import { FerryError, asFerryError } from '../errors.ts';
+import { createImage } from '../domain/storage.ts';
 import { parseDomainConfig, domainConfigToJson, NAME_RE } from '../domain/config.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
 import { requireLab, IMAGES_DIR, SEGMENTS, GUEST_IP_RANGE, type LabState } from './lab.ts';
@@ -65,14 +65,12 @@ export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib
     if (!Number.isInteger(dataDisk.mib) || dataDisk.mib < 1 || dataDisk.mib > 65536) throw new FerryError('CLI_USAGE', '--data-disk must be an integer number of MiB from 1 to 65536');
     const h = s.hosts.find((x) => x.name === dataDisk.host);
     if (!h) throw new FerryError('HOST_UNKNOWN', `No lab host "${dataDisk.host}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
-    const dir = path.join(path.dirname(h.configPath), 'disks');
-    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const file = path.join(dir, `${name}-data.qcow2`);
+    const file = path.join(path.dirname(h.configPath), 'disks', `${name}-data.qcow2`);
     if (fs.existsSync(file)) throw new FerryError('LAB_FAILED', `${file} exists already: delete it, or pick another guest name`);
     try {
-      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, `${dataDisk.mib}M`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      createImage(file, 'qcow2', dataDisk.mib * 1048576);
     } catch (e) {
-      throw new FerryError('LAB_FAILED', `qemu-img create ${file}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() ?? e}`);
+      throw new FerryError('LAB_FAILED', asFerryError(e).message);
     }
     disks.push({ path: file, format: 'qcow2', bus: 'virtio' });
   }

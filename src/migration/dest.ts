@@ -454,6 +454,14 @@ export class Destination {
   }
 
   /**
+   * --copy-storage, at Finish (and its recovery): the copies are complete (the source
+   * ended its mirrors before Finish), so nobody writes them from outside any more.
+   */
+  private async stopExports(j: DestJob, q: QmpClient): Promise<void> {
+    if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
+  }
+
+  /**
    * Waits until the incoming QEMU has loaded the whole stream (it stays paused: it was
    * started with -S). Abandons if it never does. Legal only in phase prepared.
    */
@@ -567,8 +575,7 @@ export class Destination {
       throw new FerryError(asFerryError(e).code, `Destination ${h.cfg.name} cannot write its state (${(e as Error).message}); abandoned before resuming "${j.domain}"`, { abandoned: true });
     }
     let resumedAt: number | null = null;
-    // The copies are complete (the source ended its mirrors before Finish): nobody writes them from outside any more.
-    if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
+    await this.stopExports(j, q);
     if (running) {
       const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
       resumed.catch(() => undefined);
@@ -665,7 +672,7 @@ export class Destination {
       case 'finishing': {
         if (mine && mine.qmp && mine.rec.state.kind === 'incoming') {
           const q = mine.qmp;
-          if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
+          await this.stopExports(j, q);
           try {
             await q.execute('cont');
           } catch (e) {

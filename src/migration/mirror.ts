@@ -69,8 +69,11 @@ export async function nodeOf(q: QmpClient, index: number): Promise<string> {
   return node;
 }
 
-const JOB = (i: number): string => `ferry-mirror${i}`;
-const TARGET = (i: number): string => `ferry-nbd${i}`;
+/** ferry's own block jobs and NBD client nodes in a source QEMU: found by these prefixes, also after a restart. */
+const JOB_PREFIX = 'ferry-mirror';
+const TARGET_PREFIX = 'ferry-nbd';
+const JOB = (i: number): string => `${JOB_PREFIX}${i}`;
+const TARGET = (i: number): string => `${TARGET_PREFIX}${i}`;
 export const EXPORT = (i: number): string => `disk${i}`;
 
 /** Source side: one mirror job per copied disk, into the destination's NBD exports. */
@@ -131,7 +134,7 @@ export class DiskMirror {
   async progress(): Promise<{ copied: number; total: number }> {
     const jobs = await this.q.execute<{ device: string; offset: number; len: number }[]>('query-block-jobs');
     let copied = 0, total = 0;
-    for (const j of jobs) if (j.device.startsWith('ferry-mirror')) { copied += j.offset; total += j.len; }
+    for (const j of jobs) if (j.device.startsWith(JOB_PREFIX)) { copied += j.offset; total += j.len; }
     return { copied, total };
   }
 
@@ -165,13 +168,13 @@ export class DiskMirror {
 export async function abortMirrors(q: QmpClient, nbd?: { address: string; port: number }): Promise<number> {
   const list = async <T>(cmd: string, args?: Record<string, unknown>): Promise<T[]> => { const r = await q.execute<T[]>(cmd, args).catch(() => []); return Array.isArray(r) ? r : []; };
   const jobs = await list<{ device: string }>('query-block-jobs');
-  const ours = jobs.filter((j) => j.device.startsWith('ferry-mirror'));
+  const ours = jobs.filter((j) => j.device.startsWith(JOB_PREFIX));
   for (const j of ours) await q.execute('block-job-cancel', { device: j.device, force: true }).catch(() => undefined);
   const gone = async (ms: number): Promise<boolean> => {
     const deadline = Date.now() + ms;
     for (;;) {
       const left = await list<{ device: string }>('query-block-jobs');
-      if (!left.some((j) => j.device.startsWith('ferry-mirror'))) return true;
+      if (!left.some((j) => j.device.startsWith(JOB_PREFIX))) return true;
       if (Date.now() > deadline) return false;
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -181,7 +184,7 @@ export async function abortMirrors(q: QmpClient, nbd?: { address: string; port: 
   if (ours.length && !(await gone(2000)) && nbd) dropConnections(nbd.address, nbd.port);
   await gone(10000);
   const nodes = await list<{ 'node-name': string }>('query-named-block-nodes', { flat: true });
-  for (const n of nodes) if (n['node-name'].startsWith('ferry-nbd')) await q.execute('blockdev-del', { 'node-name': n['node-name'] }).catch(() => undefined);
+  for (const n of nodes) if (n['node-name'].startsWith(TARGET_PREFIX)) await q.execute('blockdev-del', { 'node-name': n['node-name'] }).catch(() => undefined);
   return ours.length;
 }
 
