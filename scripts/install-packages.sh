@@ -10,7 +10,8 @@
 #     --with-tests: also what the tests need (chromium: the dashboard's page tests drive
 #                   Debian's headless Chromium; nothing is downloaded at run time)
 set -euo pipefail
-PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps)
+# util-linux and mount: unshare, setpriv and mount confine each domain's QEMU (src/qemu/confine.ts).
+PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps util-linux mount)
 update=0
 for a in "$@"; do
   case "$a" in
@@ -38,13 +39,6 @@ for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 major=$(qemu_major || true)
 upgrade=0
 [ -n "$major" ] && [ "$major" -lt "$MIN_QEMU_MAJOR" ] && upgrade=1
-# Domains' QEMUs run as this unprivileged system user (README "Security model").
-if ! getent passwd ferry-qemu >/dev/null; then
-  if [ "$(id -u)" != 0 ]; then echo "install-packages: need root to create the system user ferry-qemu" >&2; exit 1; fi
-  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin --user-group ferry-qemu
-  getent group kvm >/dev/null && usermod -a -G kvm ferry-qemu
-  echo "install-packages: created the system user ferry-qemu (domains' QEMUs run as it)"
-fi
 [ ${#missing[@]} -eq 0 ] && [ $upgrade = 0 ] && [ $update = 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then echo "install-packages: need root to install: ${missing[*]} ${upgrade:+(QEMU $MIN_QEMU_MAJOR)}" >&2; exit 1; fi

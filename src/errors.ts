@@ -26,6 +26,7 @@ export const ERRORS = {
   NETWORK_TUNNEL_FAILED: { exit: 4, doc: 'a VXLAN tunnel extending a domain\'s segment could not be set up' },
   DISK_NOT_FOUND: { exit: 4, doc: 'a disk or boot file does not exist' },
   API_LIMIT: { exit: 4, doc: 'a connection, reservation or size limit was reached; retry later or raise the limit' },
+  HOST_UIDS_EXHAUSTED: { exit: 4, doc: 'every uid of the host\'s QEMU uid range (qemu.uids) is in use; raise qemu.uids.count' },
   // runtime failures: exit 5
   DAEMON_UNREACHABLE: { exit: 5, doc: 'the ferryd API socket or port did not answer' },
   QEMU_START_FAILED: { exit: 5, doc: 'QEMU refused to start the domain' },

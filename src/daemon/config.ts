@@ -10,7 +10,7 @@ import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
 import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
 import { parseHostsAllow } from './access.ts';
 import { LEVELS, type Level } from './log.ts';
-import { DEFAULT_QEMU_USER } from '../qemu/confine.ts';
+import { DEFAULT_UID_RANGE, type UidRange } from './uids.ts';
 
 import type { NetworkConfig } from '../domain/config.ts';
 export type { NetworkConfig };
@@ -28,8 +28,8 @@ export interface DaemonConfig {
     /** Accept plain-TCP (--insecure) migration streams. The destination decides; default false. */
     allowInsecure: boolean;
     /**
-     * Incoming moves may switch to post-copy. The QEMU user then gets access to
-     * /dev/userfaultfd (QEMU's destination needs it); false keeps it closed.
+     * Incoming moves may switch to post-copy: each incoming QEMU gets its own
+     * /dev/userfaultfd node (QEMU's destination needs it); false gives it none.
      */
     acceptPostcopy: boolean;
     /** Extend a domain's home segment to this host over VXLAN when its network here is another subnet (daemon/tunnels.ts). */
@@ -53,8 +53,8 @@ export interface DaemonConfig {
   peers: Record<string, string>;
   /** The QEMU this host runs domains with (README "Engine"). */
   qemu: Engine;
-  /** The unprivileged user domains' QEMUs run as ("root": unconfined). */
-  qemuUser: string;
+  /** The uids domains' QEMUs run as, one each (daemon/uids.ts); null: QEMU runs as root, unconfined (qemu.user "root"). */
+  qemuUids: UidRange | null;
   /** Prometheus metrics at http://ADDRESS:PORT/metrics (daemon/metrics.ts); null: not served. */
   metrics: { address: string; port: number } | null;
 }
@@ -171,10 +171,18 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   if (!isObj(peers) || Object.entries(peers).some(([k, v]) => !NAME_RE.test(k) || typeof v !== 'string' || !/^[a-zA-Z0-9.:\[\]-]+$/.test(v))) bad('peers', 'must map host names to ADDRESS[:PORT]');
   const qraw = raw.qemu ?? {};
   const qemu: Engine = { binary: QEMU_BINARY, dataDirs: [] };
+  let qemuUids: UidRange = DEFAULT_UID_RANGE;
   if (!isObj(qraw)) bad('qemu', 'must be an object {binary?, dataDirs?}');
   else {
-    for (const k of Object.keys(qraw)) if (k !== 'binary' && k !== 'dataDirs' && k !== 'user') bad(`qemu.${k}`, 'unknown key');
-    if (qraw.user !== undefined && (typeof qraw.user !== 'string' || !/^[a-z_][a-z0-9_-]{0,31}$/.test(qraw.user))) bad('qemu.user', 'must be a user name');
+    for (const k of Object.keys(qraw)) if (!['binary', 'dataDirs', 'user', 'uids'].includes(k)) bad(`qemu.${k}`, 'unknown key');
+    // One shared QEMU user is gone (every domain has a uid of its own); "root" remains, to run unconfined.
+    if (qraw.user !== undefined && qraw.user !== 'root') bad('qemu.user', `may only be "root" (QEMU unconfined, not recommended); each domain's QEMU otherwise runs as its own uid from qemu.uids`);
+    if (qraw.uids !== undefined) {
+      const u = qraw.uids;
+      const okInt = (v: unknown, lo: number, hi: number): boolean => Number.isInteger(v) && (v as number) >= lo && (v as number) <= hi;
+      if (!isObj(u) || Object.keys(u).some((k) => k !== 'first' && k !== 'count') || !okInt(u.first, 1000, 0xfffeffff) || !okInt(u.count, 1, 1_000_000) || (u.first as number) + (u.count as number) > 0xffff0000) bad('qemu.uids', 'must be {"first": UID, "count": N}: a range of unused uids (first ≥ 1000, count 1-1000000, below 4294901760)');
+      else qemuUids = { first: u.first as number, count: u.count as number };
+    }
     if (qraw.binary !== undefined) {
       if (typeof qraw.binary !== 'string' || !(path.isAbsolute(qraw.binary) || /^[a-zA-Z0-9_.-]+$/.test(qraw.binary))) bad('qemu.binary', 'must be an absolute path or a command name');
       else qemu.binary = qraw.binary;
@@ -219,7 +227,7 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
     relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean, acceptPostcopy: acceptPostcopy as boolean, tunnels: tunnels as boolean },
     storage, limits,
     tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, logLevel: logLevel as Level, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
-    peers: peers as Record<string, string>, qemu, qemuUser: isObj(qraw) && typeof qraw.user === 'string' ? qraw.user : DEFAULT_QEMU_USER,
+    peers: peers as Record<string, string>, qemu, qemuUids: isObj(qraw) && qraw.user === 'root' ? null : qemuUids,
   };
 }
 

@@ -8,12 +8,11 @@ import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { processStartTicks, processUid } from '../qemu/process.ts';
 import { openGuestRam, digestRam, digestChunks, chunkBytesFor, type GuestRam, type RamDigests } from '../qemu/memory.ts';
-import type { QemuUser } from '../qemu/confine.ts';
 import type { Live } from './records.ts';
 import type { QemuRuntime } from './runtime.ts';
 
 export class GuestRamAccess {
-  constructor(private readonly hostName: string, private readonly qemuUser: QemuUser | null, private readonly runtime: QemuRuntime) {}
+  constructor(private readonly hostName: string, private readonly runtime: QemuRuntime) {}
 
   /**
    * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM, read
@@ -58,10 +57,10 @@ export class GuestRamAccess {
     };
     const ram = await openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
     // Opened first, then proven: had the pid been reused before the open, the process
-    // it names now would have another start time (or not be the QEMU user's).
+    // it names now would have another start time (or not run as the domain's uid).
     const want = live.rec.runtime?.startTicks;
-    const owner = this.qemuUser ? processUid(s.pid) : undefined;
-    if ((want !== undefined && processStartTicks(s.pid) !== want) || (this.qemuUser && owner !== this.qemuUser.uid)) {
+    const id = this.runtime.identityOf(live);
+    if ((want !== undefined && processStartTicks(s.pid) !== want) || (id && processUid(s.pid) !== id.uid)) {
       ram.close();
       throw new FerryError('MEMORY_UNREADABLE', `Domain "${c.name}": pid ${s.pid} is no longer the QEMU ferryd started (start time or owner changed); not touching its memory`);
     }

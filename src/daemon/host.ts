@@ -28,7 +28,8 @@ import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '.
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
-import { resolveQemuUser, blockedAncestor, grantUserfaultfd } from '../qemu/confine.ts';
+import { blockedAncestor, userfaultfdAvailable } from '../qemu/confine.ts';
+import { UidPool, rangeClashes } from './uids.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
 import { DomainStore, type Live } from './records.ts';
@@ -56,15 +57,17 @@ export class Host extends EventEmitter implements MigrationHost {
 
   constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
     super();
-    const qemuUser = resolveQemuUser(cfg.qemuUser);
-    const blocked = qemuUser ? blockedAncestor(cfg.stateDir) : null;
-    if (blocked) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: the QEMU user ${cfg.qemuUser} cannot pass through ${blocked} to reach its sockets under stateDir ${cfg.stateDir}; chmod o+x ${blocked}, or choose another stateDir`);
+    const range = cfg.qemuUids;
+    const clashes = range ? rangeClashes(range) : [];
+    if (range && clashes.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: qemu.uids ${range.first}-${range.first + range.count - 1} is not free on this host (${clashes.slice(0, 3).join('; ')}); choose another range`);
+    const blocked = range ? blockedAncestor(cfg.stateDir) : null;
+    if (blocked) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: domains' QEMUs (unprivileged uids) cannot pass through ${blocked} to reach their sockets under stateDir ${cfg.stateDir}; chmod o+x ${blocked}, or choose another stateDir`);
     const emit = (event: string, data: unknown): void => { this.emit(event, data); };
     this.store = new DomainStore(cfg.stateDir, cfg.name, log, (c) => emit('domain.state', c));
-    this.runtime = new QemuRuntime(cfg, log, accel, qemu, qemuUser, this.store, emit);
+    this.runtime = new QemuRuntime(cfg, log, accel, qemu, range ? new UidPool(range) : null, this.store, emit);
     this.saves = new SaveRestore({ cfg, qemu, store: this.store, runtime: this.runtime, checkStart: (c, verb) => this.checkStart(c, verb), domainInfo: (n) => this.domainInfo(n) });
-    this.ram = new GuestRamAccess(cfg.name, qemuUser, this.runtime);
-    this.postcopy = cfg.relocation.acceptPostcopy ? grantUserfaultfd(qemuUser) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
+    this.ram = new GuestRamAccess(cfg.name, this.runtime);
+    this.postcopy = cfg.relocation.acceptPostcopy ? userfaultfdAvailable(this.runtime.confined) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
     if (cfg.relocation.acceptPostcopy) log.info('post-copy for incoming moves', this.postcopy);
     this.tunnels = new Tunnels(cfg.stateDir, cfg.relocation.address, log);
     try {

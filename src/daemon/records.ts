@@ -20,6 +20,8 @@ export interface Runtime {
   qemuDir?: string;
   /** The QEMU process's start time (processStartTicks), taken at spawn: its identity beside the pid. */
   startTicks?: number;
+  /** The uid (= gid) this QEMU runs as (daemon/uids.ts); absent when unconfined or from ferry < 0.3. */
+  uid?: number;
   qmpPath: string;
   consolePath: string;
   logPath: string;

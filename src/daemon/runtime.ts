@@ -15,7 +15,8 @@ import { domainArgv, tapName } from '../qemu/argv.ts';
 import { startQemu, isOurQemu, killAndWait, pidAlive, processStartTicks, unixPeerIs } from '../qemu/process.ts';
 import { QmpClient, type QmpEvent } from '../qmp/client.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
-import { prepareQemuDir, copyTlsForQemu, type QemuUser } from '../qemu/confine.ts';
+import { prepareQemuDir, copyTlsForQemu, privateDevNodes, type DomainIdentity } from '../qemu/confine.ts';
+import type { UidPool } from './uids.ts';
 import type { DaemonConfig } from './config.ts';
 import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
@@ -32,21 +33,32 @@ export class QemuRuntime {
     private readonly log: Logger,
     private readonly accel: AccelChoice,
     private readonly qemu: QemuFacts,
-    readonly qemuUser: QemuUser | null,
+    /** Where each QEMU's uid comes from; null: QEMUs run as root (qemu.user "root"). */
+    readonly uids: UidPool | null,
     private readonly store: DomainStore,
     private readonly emit: (event: string, data: unknown) => void,
   ) {
     fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
   }
 
+  /** Whether QEMUs here run confined (a uid each, a private /dev). */
+  get confined(): boolean { return this.uids !== null; }
+
+  /** The uid and gid a domain's running QEMU has, or null when unconfined. */
+  identityOf(live: Live): DomainIdentity | null {
+    const u = live.rec.runtime?.uid;
+    return this.uids && u !== undefined ? { uid: u, gid: u } : null;
+  }
+
   get runDir(): string { return path.join(this.cfg.stateDir, 'run'); }
 
-  runtimeFor(c: DomainConfig): Runtime {
+  runtimeFor(c: DomainConfig, id: DomainIdentity | null): Runtime {
     const dir = path.join(this.runDir, c.name);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const qdir = path.join(dir, 'q');
-    prepareQemuDir(qdir, this.cfg.stateDir, this.qemuUser);
+    prepareQemuDir(qdir, this.cfg.stateDir, id);
     return {
+      ...(id ? { uid: id.uid } : {}),
       qemuDir: qdir, qmpPath: path.join(qdir, 'qmp.sock'), consolePath: path.join(qdir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
       consoleLog: path.join(dir, 'console.log'), taps: c.nics.map((_, i) => tapName(c.uuid, i)),
       accel: this.accel.accel, machine: this.qemu.machine, cpuModel: this.qemu.cpuModel,
@@ -60,17 +72,28 @@ export class QemuRuntime {
 
   /** A copy of this host's TLS files that the domain's QEMU can read (tls-creds-x509 dir). */
   qemuTlsDir(live: Live): string {
-    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(live), this.qemuUser);
+    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(live), this.identityOf(live));
   }
 
   /**
    * Starts QEMU for a domain, stopped (-S), with taps created. The caller decides whether
    * to `cont` and which event to apply. The domain's files are opened here, without
-   * following symlinks, and passed to QEMU as descriptors; QEMU runs as the QEMU user
-   * under seccomp (qemu/confine.ts).
+   * following symlinks, and passed to QEMU as descriptors; QEMU runs as a uid of its own,
+   * with a private /dev, under seccomp (qemu/confine.ts). The uid is released again if
+   * the start fails; otherwise when the QEMU is gone (cleanup).
    */
   async spawn(c: DomainConfig, opts: SpawnOptions = {}): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
-    const runtime = this.runtimeFor(c);
+    const id = this.uids?.allocate(`domain "${c.name}"`) ?? null;
+    try {
+      return await this.spawnAs(c, opts, id);
+    } catch (e) {
+      this.uids?.release(id?.uid);
+      throw e;
+    }
+  }
+
+  private async spawnAs(c: DomainConfig, opts: SpawnOptions, id: DomainIdentity | null): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
+    const runtime = this.runtimeFor(c, id);
     if (opts.machine) runtime.machine = opts.machine;
     if (opts.cpuModel) runtime.cpuModel = opts.cpuModel;
     const opened: number[] = [];
@@ -92,12 +115,12 @@ export class QemuRuntime {
         // opened: read-only descriptors too.
         backing: c.disks.map((d) => (d.format === 'qcow2' ? checkedBackingImages(d.path, this.cfg.storage, `Domain "${c.name}" on ${this.cfg.name}`).map((b) => ({ fd: open(b.path, false), format: b.format })) : [])),
       };
-      c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, this.qemuUser?.uid));
+      c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, id?.uid));
       try {
         const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate, fds });
         const q = await startQemu(argv, {
           qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
-          passFds: opened, ...(this.qemuUser ? { uid: this.qemuUser.uid, gid: this.qemuUser.gid } : {}),
+          passFds: opened, ...(id ? { confine: { id, devices: privateDevNodes(this.devicesFor(c, opts)) } } : {}),
         });
         await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => { q.qmp.close(); await killAndWait(q.pid, 0); throw e; });
         return { pid: q.pid, qmp: q.qmp, runtime: { ...runtime, startTicks: processStartTicks(q.pid) } };
@@ -110,12 +133,22 @@ export class QemuRuntime {
     }
   }
 
+  /** The host device nodes a domain's QEMU gets in its private /dev (qemu/confine.ts). */
+  private devicesFor(c: DomainConfig, opts: SpawnOptions): string[] {
+    const out: string[] = [];
+    if (c.nics.length) out.push('net/tun');
+    if (this.accel.accel === 'kvm') out.push('kvm');
+    // Post-copy's destination handles its page faults through userfaultfd.
+    if (opts.incoming && this.cfg.relocation.acceptPostcopy) out.push('userfaultfd');
+    return out;
+  }
+
   /**
-   * QEMUs share one unprivileged user, so a socket at the right path proves nothing by
-   * itself: its other end must be held by the very process ferryd spawned.
+   * A socket at the right path proves nothing by itself (a confined QEMU owns its
+   * directory): its other end must be held by the very process ferryd spawned.
    */
   private async proveQmp(q: QmpClient, pid: number, where: string): Promise<void> {
-    if (this.qemuUser && !(await unixPeerIs(q.socket, pid))) throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
+    if (this.uids && !(await unixPeerIs(q.socket, pid))) throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
   }
 
   /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
@@ -150,6 +183,8 @@ export class QemuRuntime {
     const s = live.rec.state;
     const name = live.rec.config.name;
     if (!hasProcess(s)) return;
+    // Its uid stays taken while its QEMU lives, whoever settles the domain (cleanup releases it).
+    if (live.rec.runtime?.uid !== undefined && pidAlive(s.pid)) this.uids?.adopt([live.rec.runtime.uid]);
     if (isOurQemu(s.pid, live.rec.config.uuid) && live.rec.runtime) {
       try {
         await this.attach(live, s.pid);
@@ -206,6 +241,8 @@ export class QemuRuntime {
       for (const t of rt.taps) deleteTap(t);
       fs.rmSync(rt.qmpPath, { force: true });
       fs.rmSync(rt.consolePath, { force: true });
+      // Its QEMU is gone: the uid may serve another domain (uids.ts skips it while any process still has it).
+      this.uids?.release(rt.uid);
     }
   }
 

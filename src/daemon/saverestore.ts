@@ -67,9 +67,9 @@ export class SaveRestore {
         });
       });
       await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
-      // QEMU (the QEMU user) connects to it; the directory is QEMU's own and nobody else's.
-      const qu = this.d.runtime.qemuUser;
-      if (qu) fs.chownSync(sockPath, qu.uid, qu.gid);
+      // QEMU (the domain's uid) connects to it; the directory is QEMU's own and nobody else's.
+      const id = this.d.runtime.identityOf(live);
+      if (id) fs.chownSync(sockPath, id.uid, id.gid);
       if (wasRunning) await qmp.execute('stop');
       await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
       await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });

@@ -8,6 +8,7 @@ import net from 'node:net';
 import { QmpClient } from '../qmp/client.ts';
 import { FerryError } from '../errors.ts';
 import { DEFAULT_ENGINE, engineArgs, type Engine } from './argv.ts';
+import { confinedCommand, type DomainIdentity, type DeviceNode } from './confine.ts';
 
 export function pidAlive(pid: number): boolean {
   try {
@@ -129,9 +130,8 @@ function tail(file: string, bytes = 2000): string {
  * socket. QEMU was started with -S, so the guest has not run yet when this returns.
  */
 export interface SpawnAs {
-  /** Run as this user and group (confine.ts); root when absent. */
-  uid?: number;
-  gid?: number;
+  /** Run as this uid and gid with a private /dev of these nodes (confine.ts); root when absent. */
+  confine?: { id: DomainIdentity; devices: DeviceNode[] };
   /** Open descriptors QEMU inherits as fds 3, 4, … (in this order). */
   passFds?: number[];
 }
@@ -147,10 +147,10 @@ export async function startQemuWith(binary: string, argv: string[], opts: { qmpP
   try { fs.unlinkSync(opts.qmpPath); } catch { /* not there */ }
   const logFd = fs.openSync(opts.logPath, 'a', 0o600);
   fs.writeSync(logFd, `${new Date().toISOString()} ${binary} ${argv.join(' ')}\n`);
-  const child = spawn(binary, argv, {
-    detached: true, stdio: ['ignore', logFd, logFd, ...(opts.passFds ?? [])],
-    ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.gid } : {}),
-  });
+  // Confined: the launcher (root) builds the private /dev, drops to the uid and execs, so
+  // the child's pid is QEMU's own.
+  const run = opts.confine ? confinedCommand(binary, argv, opts.confine.id, opts.confine.devices) : { cmd: binary, args: argv };
+  const child = spawn(run.cmd, run.args, { detached: true, stdio: ['ignore', logFd, logFd, ...(opts.passFds ?? [])] });
   fs.closeSync(logFd);
   let exited: { code: number | null; signal: string | null } | undefined;
   let spawnError: Error | undefined;

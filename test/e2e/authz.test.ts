@@ -44,11 +44,11 @@ describe('authorization and confinement (lab)', () => {
   });
   after(async () => { await labDown(); });
 
-  test('QEMU runs as the unprivileged QEMU user, under seccomp', () => {
+  test('QEMU runs as an unprivileged uid of its own, under seccomp', () => {
     const st = fs.readFileSync(`/proc/${pids.victim}/status`, 'utf8');
     const uid = Number(/^Uid:\s+(\d+)/m.exec(st)?.[1]);
     assert.notEqual(uid, 0, 'not root');
-    assert.equal(uid, Number(inNs('host2', ['id', '-u', 'ferry-qemu']).stdout.trim()));
+    assert.ok(uid >= 0x70000000 && uid < 0x70000000 + 4096, `uid ${uid} is from the default range`);
     assert.match(st, /^Seccomp:\s+2$/m, 'seccomp filter mode');
   });
 
