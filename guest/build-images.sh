@@ -2,7 +2,10 @@
 # Builds ferry's test guests from Debian packages into $1 (default: images/).
 #   pattern.img    the memory-pattern guest: a 512-byte boot sector in a 1 MiB raw disk
 #   vmlinux        the Debian kernel, uncompressed (PVH entry, boots fast with qboot)
-#   initrd.img     busybox initramfs with virtio-net, virtio-blk, echo (7) and HTTP status (80)
+#   initrd.img     busybox initramfs with virtio-net, virtio-blk, echo (7), HTTP status (80)
+#                  and an SSH server (Dropbear, 22; root, key login only)
+#   lab-ssh/       the lab's SSH client key (id_ed25519) and the guests' pinned host key
+#                  (known_hosts, under the alias ferry-lab-guest): made once, kept
 #   manifest.json  what was built from what, with sha256 sums
 # Cached: a second run with the same inputs does nothing. Reproducible: file times and
 # order in the initramfs are fixed, so the same packages give the same bytes.
@@ -17,6 +20,18 @@ export SOURCE_DATE_EPOCH=0
 
 need() { command -v "$1" >/dev/null || { echo "build-images: missing $1 (apt-get install $2)" >&2; exit 1; }; }
 need as binutils; need ld binutils; need busybox busybox-static; need xz xz-utils; need dpkg-deb dpkg
+need dropbear dropbear-bin; need dropbearkey dropbear-bin; need ssh-keygen openssh-client
+
+# --- SSH keys: the guests' host key and the lab client's key, made once (not downloaded) ---
+keys=$out/lab-ssh
+if [ ! -f "$keys/host_ed25519" ] || [ ! -f "$keys/id_ed25519" ] || [ ! -f "$keys/known_hosts" ]; then
+  rm -rf "$keys"; mkdir -p -m 0700 "$keys"
+  dropbearkey -t ed25519 -f "$keys/host_ed25519" >/dev/null 2>&1
+  ssh-keygen -q -t ed25519 -N '' -C ferry-lab -f "$keys/id_ed25519"
+  echo "ferry-lab-guest $(dropbearkey -y -f "$keys/host_ed25519" | grep '^ssh-ed25519' | cut -d' ' -f1,2)" > "$keys/known_hosts"
+  chmod 0600 "$keys"/*
+  echo "made the lab's SSH keys in $keys"
+fi
 
 # --- pattern guest ---
 src_sum=$(cat "$here/pattern.s" "$0" | sha256sum | cut -d' ' -f1)
@@ -41,7 +56,7 @@ if [ -z "$kpkg" ]; then
   kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 fi
 [ -n "$kpkg" ] || { echo "build-images: cannot resolve the Debian kernel package" >&2; exit 1; }
-guest_sum=$(cat "$here/linux/init" "$here/linux/status" "$0" | sha256sum | cut -d' ' -f1)
+guest_sum=$(cat "$here/linux/init" "$here/linux/status" "$0" "$keys/host_ed25519" "$keys/id_ed25519.pub" "$(command -v dropbear)" | sha256sum | cut -d' ' -f1)
 key="$kpkg $guest_sum"
 if [ -f "$out/vmlinux" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/linux.key" 2>/dev/null)" = "$key" ]; then
   echo "images up to date in $out"
@@ -72,6 +87,20 @@ cp /bin/busybox "$root/bin/busybox"
 for app in $("$root/bin/busybox" --list); do [ "$app" = busybox ] || ln -sf busybox "$root/bin/$app"; done
 install -m 0755 "$here/linux/init" "$root/init"
 install -m 0755 "$here/linux/status" "$root/bin/status"
+# SSH: Dropbear from Debian with the libraries it links, root logs in with the lab key only.
+copy_bin() {
+  local b=$1 lib
+  mkdir -p "$root$(dirname "$b")"; cp "$b" "$root$b"
+  for lib in $(ldd "$b" | grep -o '/[^ ]*' ); do mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; done
+}
+copy_bin "$(command -v dropbear)"
+mkdir -p "$root/etc/dropbear" "$root/root/.ssh"
+cp "$keys/host_ed25519" "$root/etc/dropbear/dropbear_ed25519_host_key"
+cp "$keys/id_ed25519.pub" "$root/root/.ssh/authorized_keys"
+chmod 0700 "$root/root" "$root/root/.ssh"; chmod 0600 "$root/root/.ssh/authorized_keys" "$root/etc/dropbear/dropbear_ed25519_host_key"
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+printf 'root:x:0:\n' > "$root/etc/group"
+printf '/bin/sh\n' > "$root/etc/shells"
 mkdir -p "$root/etc/acpi/PWRF"
 printf '#!/bin/sh\necho "ferry-linux: ACPI power button, powering off"\nsync\npoweroff -f\n' > "$root/etc/acpi/PWRF/00000080"
 chmod 0755 "$root/etc/acpi/PWRF/00000080"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # npm run demo: installs what is missing, brings up a 2-host lab, runs a Linux guest
 # on host1, shows both hosts and the guest's console, live-migrates it to host2 while
-# a lab client holds a TCP connection to it, then tears the lab down.
+# a lab client holds a TCP connection to it, then moves it back while an SSH session
+# prints a counter, and tears the lab down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,8 +10,10 @@ ferry() { node bin/ferry.mjs "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 ferry lab down >/dev/null 2>&1 || true
 echo_pid=""
+ssh_pid=""
 cleanup() {
   [ -n "$echo_pid" ] && kill "$echo_pid" 2>/dev/null || true
+  [ -n "$ssh_pid" ] && kill "$ssh_pid" 2>/dev/null || true
   step "ferry lab down"
   ferry lab down
 }
@@ -79,3 +82,26 @@ rm -f "$stats" "$fifo"
 
 step "echo 'hostname; cat /proc/uptime' | ferry -H host2 console web"
 echo 'hostname; cat /proc/uptime' | ferry -H host2 console web --idle 2500
+
+step "an SSH session (ferry lab ssh web) prints a counter while web moves back to host1 and over again"
+ticks=$(mktemp); rcfile=$(mktemp)
+( ferry lab ssh web -- 'rm -f /tmp/stop; i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo "tick $i on $(hostname), up $(cut -d" " -f1 /proc/uptime) s"; sleep 0.5; done; echo "end after $i ticks"'
+  echo $? > "$rcfile" ) | tee "$ticks" | sed 's/^/  ssh| /' &
+ssh_pid=$!
+sleep 2
+ferry -H host2 migrate web host1 --live
+sleep 1
+ferry -H host1 migrate web host2 --live
+sleep 2
+ferry lab ssh web -- touch /tmp/stop
+wait "$ssh_pid" || true
+ssh_pid=""
+ssh_rc=$(cat "$rcfile")
+node -e "
+const lines = require('fs').readFileSync('$ticks', 'utf8').trim().split('\n');
+const n = lines.filter((l) => l.startsWith('tick ')).map((l) => Number(l.split(' ')[1]));
+const whole = n.every((v, i) => v === i + 1);
+console.log('ssh session: ' + n.length + ' ticks, ' + (whole ? 'none missing, in order' : 'LINES MISSING') + '; it ended with exit status $ssh_rc: ' + lines[lines.length - 1]);
+"
+rm -f "$ticks" "$rcfile"
+[ "$ssh_rc" = 0 ]

@@ -10,8 +10,9 @@
 #     --with-tests: also what the tests need (chromium: the dashboard's page tests drive
 #                   Debian's headless Chromium; nothing is downloaded at run time)
 set -euo pipefail
-# util-linux and mount: unshare, setpriv and mount confine each domain's QEMU (src/qemu/confine.ts).
-PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps util-linux mount)
+# util-linux and mount: unshare, setpriv and mount confine each domain's QEMU (src/qemu/confine.ts);
+# dropbear-bin: the lab Linux guest's SSH server (guest/build-images.sh), openssh-client: ferry lab ssh.
+PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps util-linux mount dropbear-bin openssh-client)
 update=0
 for a in "$@"; do
   case "$a" in

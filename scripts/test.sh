@@ -4,7 +4,7 @@
 # Files are listed explicitly: node 20's --test expands no globs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --with-tests
 # The second engine of test/e2e/engines.test.ts (QEMU 7.2, unpacked, not installed).
 bash scripts/old-engine.sh >/dev/null
 mapfile -t unit < <(find src -name '*.test.ts' | LC_ALL=C sort)

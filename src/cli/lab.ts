@@ -57,6 +57,28 @@ export async function verifyPattern(name: string): Promise<{ ok: boolean; host: 
   return { host, ...res };
 }
 
+/**
+ * `ferry lab ssh`: OpenSSH's client from the lab's client namespace to the guest's IP
+ * (wherever it runs), with the key and the pinned guest host key that `ferry lab images`
+ * made: no prompts, no trust on first use. Resolves to ssh's exit status (the remote
+ * command's, or 255 when ssh itself failed).
+ */
+export async function labSsh(name: string, cmd: string[]): Promise<number> {
+  const s = requireLab();
+  const where = (await findDomain(s, name)).filter((f) => f.info.pid && f.info.state !== 'incoming');
+  if (where.length === 0) throw new FerryError('DOMAIN_NOT_FOUND', `Domain "${name}" runs on no lab host`);
+  const ip = where[0].info.nics[0]?.ip?.split('/')[0];
+  if (!ip) throw new FerryError('CLI_USAGE', `Domain "${name}" has no NIC with an IP address`);
+  const keys = path.join(IMAGES_DIR, 'lab-ssh');
+  if (!fs.existsSync(path.join(keys, 'id_ed25519'))) throw new FerryError('IMAGES_MISSING', `The lab's SSH key ${keys}/id_ed25519 is missing: run \`ferry lab images\``);
+  const args = ['netns', 'exec', s.client.namespace, 'ssh', '-i', path.join(keys, 'id_ed25519'),
+    '-o', `UserKnownHostsFile=${path.join(keys, 'known_hosts')}`, '-o', 'GlobalKnownHostsFile=/dev/null', '-o', 'HostKeyAlias=ferry-lab-guest',
+    '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes', '-o', 'LogLevel=ERROR', '-o', 'ConnectTimeout=10',
+    ...(cmd.length === 0 && process.stdin.isTTY ? ['-t'] : []), `root@${ip}`, ...cmd];
+  const r = spawnSync('ip', args, { stdio: 'inherit' });
+  return r.status ?? 255;
+}
+
 type GuestRow = { name: string; host: string; state: string; ip: string | null; mac: string | null };
 
 function printStatus(s: LabState & { guests: GuestRow[] }): void {
@@ -113,6 +135,16 @@ export function registerLab(prog: Command): void {
         const env = { ...process.env, PATH: `${path.join(repoRoot, 'node_modules', '.bin')}:${path.dirname(FERRY_BIN)}:${process.env.PATH}`, ...(h ? { FERRY_SOCKET: h.apiSocket, FERRY_TLS_DIR: h.tlsDir } : { FERRY_TLS_DIR: s.adminTlsDir }) };
         const r = spawnSync('ip', ['netns', 'exec', ns, ...cmd], { stdio: 'inherit', env });
         process.exitCode = r.status ?? 1;
+      } catch (e) {
+        const { reportError } = await import('./output.ts');
+        process.exitCode = reportError(e, false);
+      }
+    });
+  lab.command('ssh').description('SSH into a lab Linux guest as root from the client namespace (lab key, pinned host key); exits with the remote command\'s status')
+    .argument('<domain>').argument('[cmd...]', 'a command to run instead of a shell (after --)')
+    .action(async (name: string, cmd: string[]) => {
+      try {
+        process.exitCode = await labSsh(name, cmd);
       } catch (e) {
         const { reportError } = await import('./output.ts');
         process.exitCode = reportError(e, false);

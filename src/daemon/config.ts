@@ -79,6 +79,8 @@ export interface Limits {
   connectionsPerAddress: number;
   /** Milliseconds a TLS client has to finish its handshake. */
   handshakeMs: number;
+  /** Milliseconds an authenticated TLS client has to send its first request (a peer that never speaks is cut off). */
+  firstRequestMs: number;
   /** Incoming migrations begun and not finished, per peer host and in total. */
   incomingPerPeer: number;
   incomingTotal: number;
@@ -91,7 +93,7 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = {
-  connections: 256, connectionsPerAddress: 32, handshakeMs: 5000,
+  connections: 256, connectionsPerAddress: 32, handshakeMs: 5000, firstRequestMs: 10000,
   incomingPerPeer: 4, incomingTotal: 8, reservationS: 30, disksPerDomain: 16, logMaxMiB: 16, logKeep: 3,
 };
 

@@ -72,7 +72,7 @@ async function main(): Promise<void> {
   await migrations.recover();
   // Only where served: otherwise no registry, no listeners on the host's events.
   const metrics = cfg.metrics ? new Metrics(host, log) : undefined;
-  if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port);
+  if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port, cfg.tlsDir);
   const server = new ApiServer(log, makeHandler(host, migrations, metrics));
   await server.listenUnix(cfg.apiSocket);
   const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow, limits: cfg.limits });

@@ -5,9 +5,15 @@
  * follow the migration events (`migration.done` on the source, the destination's
  * terminal phases) and the refusals the API hands out.
  *
- * Put the address on the migration network or localhost: the page names domains.
+ * The page names no domain and no address (labels: state, role, outcome, side, code,
+ * tunnel end, and the host's own name). On a loopback address it is plain HTTP; on any
+ * other it is HTTPS with the host's certificate and wants a client certificate from
+ * the cluster CA (an admin's or a host's: Prometheus' tls_config cert_file/key_file),
+ * so nothing outside the cluster reads it. Either way: few connections, short timeouts.
  */
 import http from 'node:http';
+import https from 'node:https';
+import { loadTls } from '../tls/ca.ts';
 import client from 'prom-client';
 import type { Report } from '../api/protocol.ts';
 import type { Host } from './host.ts';
@@ -16,6 +22,11 @@ import type { Logger } from './log.ts';
 /** Seconds: migrations from a second to half an hour; pauses from a millisecond to a minute. */
 const TOTAL_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800];
 const PAUSE_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60];
+
+/** 127.0.0.0/8, ::1 and localhost: the host's own processes only. */
+export function isLoopback(address: string): boolean {
+  return address === 'localhost' || address === '::1' || /^127\./.test(address);
+}
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -74,13 +85,27 @@ export class Metrics {
   /** A move refused before anything moved: `side` is where it was refused. */
   refusal(side: 'source' | 'destination', code: string): void { this.refusals.inc({ side, code }); }
 
-  async listen(address: string, port: number): Promise<void> {
-    this.server = http.createServer((req, res) => {
+  /** Serves GET /metrics; off loopback over HTTPS with mutual TLS from `tlsDir`'s CA. */
+  async listen(address: string, port: number, tlsDir: string): Promise<void> {
+    const serve = (req: http.IncomingMessage, res: http.ServerResponse): void => {
       if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') { res.writeHead(404).end('ferry metrics: GET /metrics\n'); return; }
       this.registry.metrics().then((text) => { res.writeHead(200, { 'content-type': this.registry.contentType }).end(text); }, (e) => { res.writeHead(500).end(String(e)); });
-    });
+    };
+    const tls = !isLoopback(address);
+    if (tls) {
+      const f = loadTls(tlsDir);
+      this.server = https.createServer({ ca: f.ca, cert: f.cert, key: f.key, ...(f.crl ? { crl: f.crl } : {}), requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3', handshakeTimeout: 5000 }, serve);
+      // A client that never finishes its handshake is dropped (Node leaves it open when someone listens).
+      this.server.on('tlsClientError', (_e, s) => s.destroy());
+    } else {
+      this.server = http.createServer(serve);
+    }
+    this.server.maxConnections = 32;
+    this.server.headersTimeout = 5000;
+    this.server.requestTimeout = 10000;
+    this.server.keepAliveTimeout = 5000;
     await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(port, address, () => resolve()); });
-    this.log.info('metrics served', { address, port });
+    this.log.info('metrics served', { address, port, tls });
   }
 
   close(): void { this.server?.close(); }

@@ -39,6 +39,9 @@ export class QemuRuntime {
     private readonly emit: (event: string, data: unknown) => void,
   ) {
     fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    // Domains' uids pass through to their own directories, but may not list which
+    // domains exist (run/DOM is root:DOMGID 0710, confine.ts).
+    fs.chmodSync(this.runDir, this.uids ? 0o711 : 0o700);
   }
 
   /** Whether QEMUs here run confined (a uid each, a private /dev). */

@@ -55,6 +55,8 @@ export class ApiServer {
   private unixServer?: net.Server;
   private tlsServer?: tls.Server;
   private conns = new Set<net.Socket>();
+  /** Set by listenTls: how long a TLS connection may stay silent before its first request. */
+  private firstRequestMs = 0;
 
   /** Refusals on either socket, rate-limited (access.ts). */
   private readonly refusals: RateLimitedLog;
@@ -70,12 +72,13 @@ export class ApiServer {
     fs.chmodSync(path, 0o600);
   }
 
-  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[]; limits: Pick<Limits, 'connections' | 'connectionsPerAddress' | 'handshakeMs'> }): Promise<boolean> {
+  async listenTls(opts: { address: string; port: number; tlsDir: string; hostsAllow: string[]; limits: Pick<Limits, 'connections' | 'connectionsPerAddress' | 'handshakeMs' | 'firstRequestMs'> }): Promise<boolean> {
     if (!tlsPresent(opts.tlsDir)) {
       this.log.warn('no TLS certificates: the remote API and relocation server are off', { tlsDir: opts.tlsDir });
       return false;
     }
     const limits = opts.limits;
+    this.firstRequestMs = limits.firstRequestMs;
     const parsed = parseHostsAllow(opts.hostsAllow);
     if ('error' in parsed) throw new FerryError('CONFIG_INVALID', `relocation.hostsAllow: ${parsed.error}`);
     const rules = parsed.rules;
@@ -139,6 +142,9 @@ export class ApiServer {
     });
     this.tlsServer.on('tlsClientError', (err, s) => {
       refusals.log(`TLS_REFUSED:${s.remoteAddress}`, { code: 'TLS_REFUSED', peerAddress: s.remoteAddress ?? null, why: err.message });
+      // With a listener here Node leaves the socket open: a client that never finished
+      // (or never began) its handshake would keep its slot forever (server.test.ts).
+      s.destroy();
     });
     await new Promise<void>((r, j) => { this.tlsServer!.once('error', j); this.tlsServer!.listen(opts.port, opts.address, r); });
     return true;
@@ -148,7 +154,13 @@ export class ApiServer {
     this.conns.add(s);
     let raw = false;
     const closers: (() => void)[] = [];
-    s.on('close', () => { this.conns.delete(s); for (const f of closers) f(); });
+    // A TLS peer that authenticated but never asks anything holds a connection slot:
+    // it gets firstRequestMs to send its first request (the local socket is root's own).
+    let silent: NodeJS.Timeout | undefined = caller.transport === 'tls' && this.firstRequestMs > 0 ? setTimeout(() => {
+      this.refusals.log(`SILENT:${caller.peerAddress}`, { code: 'API_LIMIT', peerName: caller.peerName ?? null, peerAddress: caller.peerAddress ?? null, why: `no request within ${this.firstRequestMs} ms` });
+      s.destroy();
+    }, this.firstRequestMs) : undefined;
+    s.on('close', () => { clearTimeout(silent); this.conns.delete(s); for (const f of closers) f(); });
     s.on('error', () => s.destroy());
     const send = (obj: unknown): void => {
       if (s.destroyed || raw) return;
@@ -161,6 +173,8 @@ export class ApiServer {
       goRaw: () => { raw = true; s.removeListener('data', onData); },
     };
     const dispatch = (req: Request): void => {
+      clearTimeout(silent);
+      silent = undefined;
       if (!mayCall(caller.role, req.action)) {
         const fe = new FerryError('API_FORBIDDEN', `${req.action} is not allowed for ${caller.role === 'peer' ? `host "${caller.peerName}" (a host certificate may only relocate domains)` : `${caller.role} callers`}; use an admin certificate (ferry admin cert NAME) or the local socket`);
         this.refusals.log(`API_FORBIDDEN:${caller.peerName}`, { code: 'API_FORBIDDEN', action: req.action, role: caller.role, peerName: caller.peerName ?? null, peerAddress: caller.peerAddress ?? null });

@@ -17,7 +17,15 @@
  *
  * Records live in STATE/tunnels.json. Kernel devices outlive ferryd; `adopt` at start
  * re-creates whatever is missing (after a reboot) and drops away ends of domains that
- * are no longer here. VXLAN is not encrypted: keep the migration network private.
+ * are no longer here.
+ *
+ * VXLAN has no authentication and no encryption (this kernel has neither WireGuard nor
+ * kernel TLS): anyone who can send UDP 4789 to a host could inject frames onto a
+ * domain's segment. So while any tunnel exists, an nftables table of ferry's own
+ * (inet ferry_vxlan) drops UDP 4789 from every address but the tunnels' remote ends,
+ * which are peers the relocation protocol authenticated; it is rebuilt with every change
+ * of the records and removed with the last tunnel. It does not hide the frames from
+ * anyone on the path: keep the migration network private.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -51,6 +59,9 @@ export interface Tunnel {
   since: string;
 }
 
+/** ferry's nftables table for the tunnels (see the header). */
+export const FIREWALL_TABLE = 'ferry_vxlan';
+
 const hex = (vni: number): string => vni.toString(16).padStart(6, '0');
 export const tunnelDevice = (vni: number): string => `fx${hex(vni)}`;
 export const awayBridge = (vni: number): string => `fb${hex(vni)}`;
@@ -80,7 +91,32 @@ export class Tunnels {
   away(uuid: string, nic: number): Tunnel | undefined { return this.recs.find((t) => t.end === 'away' && t.uuid === uuid && t.nic === nic); }
   home(uuid: string, nic: number): Tunnel | undefined { return this.recs.find((t) => t.end === 'home' && t.uuid === uuid && t.nic === nic); }
 
-  private save(): void { writeJsonAtomic(this.file, this.recs); }
+  private save(): void {
+    writeJsonAtomic(this.file, this.recs);
+    this.firewall();
+  }
+
+  /** The nftables table that admits UDP 4789 only from the tunnels' remote ends (none: no table). */
+  private firewall(): void {
+    const peers = [...new Set(this.recs.flatMap((t) => t.remotes))].filter(isIpv4).sort();
+    if (!peers.length) { quiet('nft', ['delete', 'table', 'inet', FIREWALL_TABLE]); return; }
+    const script = [
+      `table inet ${FIREWALL_TABLE} {}`, `delete table inet ${FIREWALL_TABLE}`,
+      `table inet ${FIREWALL_TABLE} {`,
+      `  set peers { type ipv4_addr; elements = { ${peers.join(', ')} } }`,
+      '  chain input {',
+      '    type filter hook input priority -10; policy accept;',
+      `    udp dport ${VXLAN_UDP_PORT} ip saddr != @peers counter drop`,
+      `    meta nfproto ipv6 udp dport ${VXLAN_UDP_PORT} counter drop`,
+      '  }',
+      '}',
+    ].join('\n') + '\n';
+    try {
+      execFileSync('nft', ['-f', '-'], { input: script, stdio: ['pipe', 'ignore', 'pipe'] });
+    } catch (e) {
+      throw new FerryError('NETWORK_TUNNEL_FAILED', `Cannot install the tunnels' firewall (nftables table ${FIREWALL_TABLE}): ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}; is nftables installed?`);
+    }
+  }
 
   private clash(vni: number, uuid: string, nic: number): void {
     const other = this.recs.find((t) => t.vni === vni && !(t.uuid === uuid && t.nic === nic));
@@ -184,6 +220,7 @@ export class Tunnels {
    * of domains no longer defined here (a crash between a move and its cleanup) go.
    */
   adopt(domainUuids: Set<string>): void {
+    try { this.firewall(); } catch (e) { this.log.error('tunnel firewall not restored', { error: String(e) }); }
     for (const t of [...this.recs]) {
       if (t.end === 'away' && !domainUuids.has(t.uuid)) { this.log.warn('dropping the away end of a domain no longer here', { domain: t.domain, vni: t.vni }); this.drop(t); continue; }
       try {

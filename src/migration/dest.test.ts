@@ -261,3 +261,22 @@ test('destination: --copy-storage places each copy in storage.localDir, refuses 
     assert.equal(fs.existsSync(placed), false, 'the half-made copy is gone');
   } finally { r.done(); }
 });
+
+test('destination: a Begin naming a tunnel home at an address that is neither the source nor a peer is refused, nothing held', async () => {
+  const r = await rig();
+  try {
+    (r.host.cfg as { networks: Record<string, unknown> }).networks = { lab: { bridge: 'br-lab', subnet: '198.18.1.0/24' } };
+    const kernel = path.join(r.host.cfg.stateDir, 'vmlinux');
+    const cfg = domainConfigToJson(parseDomainConfig({ name: 'web', memory: 256, boot: { kernel }, nics: [{ network: 'lab', ip: '198.18.0.50/24' }] }));
+    const uuid = (cfg as { uuid: string }).uuid;
+    const { vniFor } = await import('./preflight.ts');
+    const home = (address: string) => ({ homes: [{ host: 'host9', address, subnet: '198.18.0.0/24', vni: vniFor(uuid, 0) }] });
+    for (const outside of ['203.0.113.7', '198.19.0.99']) {
+      const e = await r.begin('live', home(outside), cfg).then(() => undefined, (x: unknown) => x as FerryError);
+      assert.equal(e?.code, 'MIGRATION_PROTOCOL', `home ${outside}`);
+      assert.match(e!.message, /neither the source nor a peer/);
+      assert.equal(r.host.reservations.size, 0, 'nothing reserved');
+      assert.equal(r.phase(), 'none', 'no job kept');
+    }
+  } finally { r.done(); }
+});

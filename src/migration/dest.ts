@@ -447,7 +447,10 @@ export class Destination {
   private async exportDisks(j: DestJob, m: BeginMsg, q: QmpClient): Promise<{ address: string; port: number }> {
     const h = this.host;
     const port = await this.freeDataPort(j.jobId);
-    await q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: h.cfg.relocation.address, port: String(port) } }, ...(m.insecure ? {} : { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' }) });
+    // One connection per disk (the source's mirror targets), and a client that does not
+    // finish its handshake within 10 s is dropped (handshake-max-seconds, QEMU 10 and later).
+    const limits = { 'max-connections': m.copyDisks.length, ...(Number(h.qemu.version.split('.')[0]) >= 10 ? { 'handshake-max-seconds': 10 } : {}) };
+    await q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: h.cfg.relocation.address, port: String(port) } }, ...limits, ...(m.insecure ? {} : { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' }) });
     for (const c of m.copyDisks) await q.execute('block-export-add', { type: 'nbd', id: `ferry-export${c.index}`, 'node-name': await nodeOf(q, c.index), name: EXPORT(c.index), writable: true });
     this.log.info('disks exported for the copy', { jobId: j.jobId, domain: j.domain, port, disks: m.copyDisks.map((c) => c.index) });
     return { address: h.cfg.relocation.address, port };

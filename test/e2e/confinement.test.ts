@@ -80,6 +80,13 @@ describe('confinement: a uid per domain, a private /dev (lab, hardened host)', (
     const open = asUid(ua, ['dd', `if=${disk}`, 'of=/dev/null', 'bs=512', 'count=1']);
     assert.notEqual(open.code, 0, 'its disk');
     assert.match(open.stderr, /Permission denied/);
+    // Nor list or read ferryd's state: records, jobs, b's run directory (a's own it may pass).
+    const state = '/var/lib/ferry-lab/host1/state';
+    for (const p of [state, `${state}/domains`, `${state}/run`, `${state}/run/b`, `${state}/run/b/q`]) {
+      assert.notEqual(asUid(ua, ['ls', p]).code, 0, `ls ${p}`);
+    }
+    assert.notEqual(asUid(ua, ['cat', `${state}/domains/b.json`]).code, 0, 'b\'s record');
+    assert.equal(asUid(ua, ['ls', `${state}/run/a/q`]).code, 0, 'its own QEMU directory');
     // And b still runs, untouched.
     assert.equal(guestStatus(b.nics[0].ip.split('/')[0]).name, 'b');
   });

@@ -9,7 +9,8 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStatus, echoClient, waitFor, FERRY, echoWhole, domainRecord } from '../helpers.ts';
+import path from 'node:path';
+import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStatus, echoClient, waitFor, FERRY, echoWhole, domainRecord, labState, ROOT } from '../helpers.ts';
 
 /**
  * Where each domain runs. A move under way lists it on both ends: it counts where its guest
@@ -23,8 +24,9 @@ const where = async (): Promise<Record<string, string>> => {
 /** Domains whose guest still runs on host1 (one call, so a poll notices a departure quickly). */
 const onHost1 = async (): Promise<number> => (await ok(['-H', 'host1', 'list', '--json'])).filter((d: any) => d.id !== null && d.state !== 'incoming').length;
 
+/** The metrics page from the client, over HTTPS with the lab's admin certificate (metrics.ts). */
 const scrape = (addr: string): string => {
-  const r = inNs('client', ['busybox', 'wget', '-q', '-O-', `http://${addr}:9477/metrics`]);
+  const r = inNs('client', [process.execPath, path.join(ROOT, 'test', 'tools', 'https-get.mjs'), addr, '9477', '/metrics', labState().adminTlsDir]);
   assert.equal(r.code, 0, r.stderr);
   return r.stdout;
 };
@@ -107,6 +109,11 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     await waitFor('the four moves counted', () => count(scrape('198.19.0.11'), 'ferry_migration_duration_seconds') >= 4, 15000, 250).catch(() => undefined);
     const h1 = scrape('198.19.0.11');
     assert.match(h1, /# TYPE ferry_migration_pause_seconds histogram/);
+    // Off loopback the page wants TLS and a certificate of the cluster's: no plain HTTP, no anonymous scrape.
+    assert.notEqual(inNs('client', ['busybox', 'wget', '-q', '-T', '5', '-O-', 'http://198.19.0.11:9477/metrics']).code, 0, 'plain HTTP');
+    const anon = inNs('client', [process.execPath, path.join(ROOT, 'test', 'tools', 'https-get.mjs'), '198.19.0.11', '9477', '/metrics', '-', labState().adminTlsDir]);
+    assert.equal(anon.code, 2, `no client certificate: ${anon.stdout.slice(0, 200)}`);
+    for (const name of ['web', 'p1', '198.18.']) assert.ok(!h1.includes(name), `the page names no domain or guest address (${name})`);
     // Guest-perceived downtime needs an address to probe: the Linux guest has one, the pattern guests none.
     for (const [m, n] of [['ferry_migration_duration_seconds', 4], ['ferry_migration_pause_seconds', 4], ['ferry_migration_guest_downtime_seconds', 1]] as const) {
       assert.equal(count(before0, m), 0, `${m} before`);

@@ -35,6 +35,17 @@ test('install.sh lays down config, certificate and unit; a second run keeps them
     const v = spawnSync('openssl', ['verify', '-CAfile', path.join(ca, 'ca-cert.pem'), path.join(tls, 'server-cert.pem')], { encoding: 'utf8' });
     assert.equal(v.status, 0, v.stderr);
     assert.match(spawnSync('openssl', ['x509', '-noout', '-subject', '-in', path.join(tls, 'server-cert.pem')], { encoding: 'utf8' }).stdout, /CN ?= ?h1/);
+    // Key and directory modes: private keys 0600 root, the CA's key stays with the CA.
+    const mode = (p: string): number => fs.statSync(p).mode & 0o777;
+    assert.equal(mode(path.join(ca, 'ca-key.pem')), 0o600);
+    assert.equal(mode(ca) & 0o077, 0, 'the CA directory is its owner\'s alone');
+    for (const f of fs.readdirSync(tls)) {
+      const st = fs.statSync(path.join(tls, f));
+      assert.equal(st.uid, 0, `${f} is root's`);
+      if (f.endsWith('-key.pem')) assert.equal(st.mode & 0o777, 0o600, `${f} is 0600`);
+    }
+    assert.ok(!fs.readdirSync(tls).includes('ca-key.pem'), 'no CA key on the host');
+    assert.equal(mode(tls) & 0o077, 0, 'the host\'s TLS directory is root\'s alone');
     const unit = fs.readFileSync(path.join(dest, 'etc', 'systemd', 'system', 'ferryd.service'), 'utf8');
     assert.match(unit, /^KillMode=process$/m, 'QEMUs are never killed with ferryd');
     assert.match(unit, /^Restart=on-failure$/m);

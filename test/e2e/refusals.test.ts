@@ -72,9 +72,13 @@ describe('migration refusals (lab)', () => {
     await reconfigure('host2', (c) => { delete c.memoryMargin; });
   });
 
-  test('another accelerator, CPU model or missing network', async () => {
-    await reconfigure('host2', (c) => { c.accel = 'kvm'; });
-    await refused('pat', 'host2', 'MIGRATION_DEST_ARCH');
+  test('another accelerator, CPU model or missing network', async (t) => {
+    // Another accelerator needs a host that has one: a machine without /dev/kvm cannot
+    // run a ferryd forced to KVM (it refuses to start, QEMU_START_FAILED).
+    if (fs.existsSync('/dev/kvm')) {
+      await reconfigure('host2', (c) => { c.accel = 'kvm'; });
+      await refused('pat', 'host2', 'MIGRATION_DEST_ARCH');
+    } else t.diagnostic('no /dev/kvm on this machine: the other-accelerator case is not tried');
     await reconfigure('host2', (c) => { delete c.accel; c.cpuModel = 'kvm32'; });
     await refused('pat', 'host2', 'MIGRATION_DEST_CPU');
     // A CPU model this host's accelerator cannot provide: said by host info, refused

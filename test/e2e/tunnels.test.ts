@@ -10,6 +10,16 @@ import { execFileSync } from 'node:child_process';
 import { ok, fails, ferry, labUp, labDown, createGuest, guestStatus, echoClient, waitFor, reconfigure, tlsCall, labState, echoWhole } from '../helpers.ts';
 
 const links = (host: string): string[] => execFileSync('ip', ['-n', `ferry-${host}`, '-br', 'link']).toString().split('\n').map((l) => l.split(/[\s@]/)[0]).filter((n) => /^f[xb][0-9a-f]{6}$/.test(n));
+/** ferry's VXLAN firewall table on a host: its peer set and how many packets it dropped, or null when absent. */
+const vxlanFirewall = (host: string): { peers: string[]; dropped: number } | null => {
+  let j: any;
+  try { j = JSON.parse(execFileSync('ip', ['netns', 'exec', `ferry-${host}`, 'nft', '-j', 'list', 'table', 'inet', 'ferry_vxlan'], { stdio: ['ignore', 'pipe', 'ignore'] }).toString()); } catch { return null; }
+  const items = j.nftables as any[];
+  const set = items.find((x) => x.set)?.set;
+  const rule = items.find((x) => x.rule && JSON.stringify(x.rule.expr).includes('@peers'))?.rule;
+  const counter = rule?.expr.find((e: any) => e.counter)?.counter;
+  return { peers: (set?.elem ?? []).map(String), dropped: counter?.packets ?? -1 };
+};
 const tunnels = async (host: string): Promise<any[]> => ok(['-H', host, 'net', 'tunnels', '--json']);
 const masterOf = (host: string, dev: string): string => {
   const j = JSON.parse(execFileSync('ip', ['-n', `ferry-${host}`, '-j', 'link', 'show', dev]).toString());
@@ -74,6 +84,17 @@ describe('moves across segments: the guest\'s segment follows it through a tunne
     assert.equal(g.bootId, bootId, 'same boot');
   });
 
+  test('the tunnel port admits only the tunnel\'s peers: a VXLAN frame from another address on the migration network is dropped', () => {
+    const fw3 = vxlanFirewall('host3');
+    assert.deepEqual(fw3?.peers, ['198.19.0.11']);
+    assert.deepEqual(vxlanFirewall('host1')?.peers, ['198.19.0.13']);
+    const before = fw3!.dropped;
+    // The lab client also sits on the migration network (198.19.0.2): it is no peer.
+    const send = "const s = require('dgram').createSocket('udp4'); const f = Buffer.alloc(64); f[0] = 8; s.send(f, 4789, '198.19.0.13', () => s.send(f, 4789, '198.19.0.13', () => s.close()));";
+    execFileSync('ip', ['netns', 'exec', 'ferry-client', process.execPath, '-e', send]);
+    assert.ok(vxlanFirewall('host3')!.dropped >= before + 2, JSON.stringify(vxlanFirewall('host3')));
+  });
+
   test('back to its home segment: the tunnel is gone from both hosts', async () => {
     const echo = echoClient(ip, 10);
     await waitFor('echo connected', () => echo.lines.includes('connected'), 10000);
@@ -82,6 +103,8 @@ describe('moves across segments: the guest\'s segment follows it through a tunne
     assert.deepEqual(await tunnels('host3'), []);
     assert.deepEqual(links('host1'), []);
     assert.deepEqual(links('host3'), []);
+    assert.equal(vxlanFirewall('host1'), null, 'the firewall went with the last tunnel');
+    assert.equal(vxlanFirewall('host3'), null);
     await echoWhole(echo);
     assert.equal(guestStatus(ip).bootId, bootId);
   });

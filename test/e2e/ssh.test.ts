@@ -1,0 +1,53 @@
+/**
+ * The proof operators use: an SSH session (OpenSSH's client in the lab's client
+ * namespace, Dropbear in the guest) stays open across a live move there and back, no
+ * line lost, and ends normally. `ferry lab ssh` returns the remote command's status.
+ */
+import { describe, test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { ferry, ok, labUp, labDown, createGuest, waitFor, FERRY } from '../helpers.ts';
+
+describe('an SSH session across live moves (lab)', () => {
+  before(async () => {
+    await labUp(['--hosts', '2']);
+    await createGuest('linux', 'web', 'host1');
+  });
+  after(async () => { await labDown(); });
+
+  test('ferry lab ssh runs a command with the pinned host key and returns its exit status', async () => {
+    const r = await ferry(['lab', 'ssh', 'web', '--', 'hostname; exit 7']);
+    assert.equal(r.code, 7, r.stderr);
+    assert.equal(r.stdout.trim(), 'web');
+    assert.equal(r.stderr, '', 'no prompt, no warning');
+  });
+
+  test('a session printing a counter survives a live move there and back, no line lost, and ends normally', async () => {
+    const loop = 'rm -f /tmp/stop; i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo "tick $i $(hostname)"; sleep 0.1; done; echo "end $i"';
+    const child = spawn(process.execPath, [FERRY, 'lab', 'ssh', 'web', '--', loop], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { err += d; });
+    const exited = new Promise<number>((r) => child.on('close', (c) => r(c ?? -1)));
+    try {
+      await waitFor('the first ticks', () => (out.match(/^tick /gm) ?? []).length >= 5, 20000);
+      const there = await ok(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--json']);
+      assert.equal(there.outcome, 'succeeded');
+      const mid = (out.match(/^tick /gm) ?? []).length;
+      const back = await ok(['-H', 'host2', 'migrate', 'web', 'host1', '--live', '--json']);
+      assert.equal(back.outcome, 'succeeded');
+      await waitFor('ticks after the second move', () => (out.match(/^tick /gm) ?? []).length >= mid + 10, 20000);
+      const stop = await ferry(['lab', 'ssh', 'web', '--', 'touch /tmp/stop']);
+      assert.equal(stop.code, 0, stop.stderr);
+      assert.equal(await exited, 0, `the session ended normally: ${err}`);
+    } finally {
+      child.kill();
+    }
+    const lines = out.trim().split('\n');
+    const ticks = lines.filter((l) => l.startsWith('tick ')).map((l) => Number(l.split(' ')[1]));
+    assert.deepEqual(ticks, ticks.map((_, i) => i + 1), 'every counter line arrived, in order');
+    assert.equal(lines.at(-1), `end ${ticks.length}`);
+    assert.ok(ticks.length >= 20);
+  });
+});
