@@ -246,10 +246,16 @@ export class UiServer {
     const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => { void this.handle(req, res); };
     if (this.o.tlsDir) {
       const f = (n: string): Buffer => fs.readFileSync(path.join(this.o.tlsDir!, n));
-      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true }, handler);
+      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true, handshakeTimeout: 5000 }, handler);
+      // Node keeps a failed or stalled handshake open when anyone listens for it: drop it.
+      this.server.on('tlsClientError', (_e, sock) => sock.destroy());
     } else {
       this.server = http.createServer(handler);
     }
+    // A browser holds a few connections (the page, its event stream, a console socket).
+    this.server.maxConnections = 64;
+    this.server.headersTimeout = 5000;
+    this.server.requestTimeout = 10000;
     await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(Number(m[2]), address, () => resolve()); });
     for (const n of this.hosts.keys()) this.subscribe(n);
     const port = (this.server.address() as { port: number }).port;
