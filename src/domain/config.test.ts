@@ -69,3 +69,9 @@ test('regression (found by fuzzing): prototype-less objects in any field are ref
     assert.throws(() => parseDomainConfig(raw), (e: unknown) => e instanceof FerryError && e.code === 'CONFIG_INVALID');
   }
 });
+
+test('a config cannot ask for a uid, a user, a device node or extra QEMU arguments: unknown fields are refused', () => {
+  for (const k of ['uid', 'gid', 'user', 'devices', 'qemuArgs']) invalid({ ...good, [k]: k === 'uid' ? 0 : ['/dev/kvm'] }, k);
+  invalid({ ...good, nics: [{ network: 'lab', tap: '/dev/net/tun' }] }, 'nics[0].tap');
+  invalid({ ...good, disks: [{ path: '/img/d.qcow2', format: 'qcow2', owner: 0 }] }, 'disks[0].owner');
+});

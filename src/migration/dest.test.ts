@@ -280,3 +280,16 @@ test('destination: a Begin naming a tunnel home at an address that is neither th
     }
   } finally { r.done(); }
 });
+
+test('destination: a peer offer whose domain asks for a uid is refused as MIGRATION_PROTOCOL, nothing held', async () => {
+  const r = await rig();
+  try {
+    const kernel = path.join(r.host.cfg.stateDir, 'vmlinux');
+    const cfg = { ...domainConfigToJson(parseDomainConfig({ name: 'web', memory: 256, boot: { kernel } })), uid: 0 };
+    const e = await r.begin('live', {}, cfg).then(() => undefined, (x: unknown) => x as FerryError);
+    assert.equal(e?.code, 'MIGRATION_PROTOCOL');
+    assert.match(e!.message, /uid: unknown field/);
+    assert.equal(r.host.reservations.size, 0);
+    assert.equal(r.phase(), 'none');
+  } finally { r.done(); }
+});
