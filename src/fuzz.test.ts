@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { FerryError, isErrorCode } from './errors.ts';
 import { parseDomainConfig } from './domain/config.ts';
 import { parseRequest, ACTIONS } from './api/schema.ts';
-import { parseBegin } from './migration/dest.ts';
+import { parseBegin } from './api/relocation.ts';
 import { PROTOCOL_VERSION } from './migration/phases.ts';
 import { ApiServer } from './daemon/server.ts';
 import { Logger } from './daemon/log.ts';
@@ -61,6 +61,12 @@ test(`relocation Begin parser: ${RUNS} random messages end in a message, MIGRATI
   fc.assert(fc.property(fc.constantFrom('name', 'version', 'qemuVersion', 'arch', 'cpuFeatures', 'networks', 'machine'), value, (k, v) => coded(() => parseBegin({ ...good, peer: { ...good.peer, [k]: v } }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
   fc.assert(fc.property(value, (v) => coded(() => parseBegin(v as Record<string, unknown>), ['MIGRATION_PROTOCOL', 'MIGRATION_DEST_VERSION'])), { numRuns: RUNS });
   fc.assert(fc.property(value, (v) => coded(() => parseBegin({ ...good, version: v }), ['MIGRATION_DEST_VERSION'])), { numRuns: RUNS });
+  // The payload's deeper fields (api/relocation.ts's schemas): the domain's facts, the tunnels' homes, the disks to copy.
+  fc.assert(fc.property(fc.constantFrom('fileSizes', 'storageNonce', 'machine', 'cpuModel', 'copyDisks', 'config'), value, (k, v) => coded(() => parseBegin({ ...good, domain: { ...good.domain, [k]: v } }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
+  const home = fc.record({ host: fc.oneof(fc.string(), value), address: fc.oneof(fc.constantFrom('198.19.0.11', '999.1.1.1'), value), subnet: fc.oneof(fc.string(), value), vni: fc.oneof(fc.integer(), value), ip: value }, { requiredKeys: [] });
+  fc.assert(fc.property(fc.oneof(value, fc.array(home, { maxLength: 3 })), (h) => coded(() => parseBegin({ ...good, homes: h }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
+  const disk = fc.record({ index: fc.oneof(fc.integer({ min: -1, max: 2 }), value), format: fc.oneof(fc.constantFrom('raw', 'qcow2'), value), virtualSize: fc.oneof(fc.integer(), value), allocated: fc.oneof(fc.integer(), value), backing: value }, { requiredKeys: [] });
+  fc.assert(fc.property(fc.array(disk, { maxLength: 3 }), (d) => coded(() => parseBegin({ ...good, domain: { ...good.domain, config: { ...good.domain.config, disks: [{ path: '/d', format: 'raw' }] }, copyDisks: d } }), ['MIGRATION_PROTOCOL'])), { numRuns: RUNS });
 });
 
 test('a live API server answers every random line with a result or a coded error, and stays up', async () => {

@@ -5,7 +5,7 @@
  */
 import { z } from 'zod';
 import { FerryError } from '../errors.ts';
-import { MAX_REPAIR_BYTES } from './limits.ts';
+import { RELOCATION_ACTIONS } from './relocation.ts';
 
 // Parameter shapes, each with the words a refusal uses.
 const str = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).max(4096, { error: 'must be a non-empty string' });
@@ -13,13 +13,8 @@ const optStr = str.optional();
 const optBool = z.boolean({ error: 'must be true or false' }).optional();
 const int = (min: number, max: number) => z.number({ error: `must be an integer from ${min} to ${max}` }).int({ error: `must be an integer from ${min} to ${max}` }).min(min, { error: `must be an integer from ${min} to ${max}` }).max(max, { error: `must be an integer from ${min} to ${max}` });
 const optNum = (min: number, max: number) => z.number({ error: `must be a number from ${min} to ${max}` }).finite({ error: `must be a number from ${min} to ${max}` }).min(min, { error: `must be a number from ${min} to ${max}` }).max(max, { error: `must be a number from ${min} to ${max}` }).optional();
-/** Absent, or a list of at most `max` integers in [min, maxV] (chunk indexes). */
-const optIntList = (min: number, maxV: number, max: number) => {
-  const error = `must be a list of at most ${max} integers from ${min} to ${maxV}`;
-  return z.array(z.number({ error }).int({ error }).min(min, { error }).max(maxV, { error }), { error }).max(max, { error }).optional();
-};
 const saveFile = z.string().refine((v) => v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)), { error: 'must be a file name (in the save directory) or an absolute path' });
-/** Checked in depth by the handler (a domain config; a relocation Begin's facts). */
+/** Checked in depth by the handler (a domain config: domain/config.ts). */
 const opaque = z.unknown();
 const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
 const optStrategy = z.enum(['auto', 'precopy', 'postcopy'], { error: 'must be one of auto, precopy, postcopy' }).optional();
@@ -59,19 +54,8 @@ export const ACTIONS = {
   'migration.job': params({ domain: str }),
   // the operator's word on a job past the point of no return that the destination has not settled
   'migration.resolve': params({ domain: str, assume: z.enum(['destination', 'source'], { error: 'must be one of destination, source' }) }),
-  // relocation (destination side, asked by a peer ferryd over TLS)
-  'relocation.begin': params({ version: int(0, 1000), peer: opaque, domain: opaque, mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool, homes: opaque.optional() }),
-  'relocation.prepare': params({ jobId: str }),
-  'relocation.digest': params({ jobId: str, chunks: optIntList(0, 1 << 20, 8192) }),
-  'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
-  'relocation.finish': params({ jobId: str, running: optBool }),
-  'relocation.abandon': params({ jobId: str, reason: optStr }),
-  'relocation.confirm': params({ jobId: str }),
-  'relocation.status': params({ jobId: str }),
-  // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
-  'relocation.recover': params({ jobId: str }),
-  // a tunnelled domain's home end: flood to one more away host, or one fewer (daemon/tunnels.ts)
-  'relocation.tunnel': params({ op: z.enum(['extend', 'retract'], { error: 'must be one of extend, retract' }), uuid: str, nic: int(0, 63), remote: str }),
+  // relocation (destination side, asked by a peer ferryd over TLS): the protocol's own module
+  ...RELOCATION_ACTIONS,
 } as const;
 
 export type Action = keyof typeof ACTIONS;

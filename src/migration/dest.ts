@@ -8,14 +8,16 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { FerryError, asFerryError } from '../errors.ts';
-import { parseDomainConfig, domainConfigToJson, type DomainConfig, type NetworkConfig } from '../domain/config.ts';
+import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { killAndWait, isOurQemu, qemuPidsWith } from '../qemu/process.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationContext as ConnContext, TunnelHome } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkProtocolVersion, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, vniFor, isIpv4, peerAddresses, type SourceFacts, type FileSizes } from './preflight.ts';
-import type { JobStore, DestJob, Mode } from './jobs.ts';
+import { checkOffer, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, peerAddresses } from './preflight.ts';
+import { parseBegin, type BeginMsg } from '../api/relocation.ts';
+import type { Params } from '../api/schema.ts';
+import type { JobStore, DestJob } from './jobs.ts';
 import { DataGate } from './gate.ts';
 import { nodeOf, EXPORT, type CopyDisk } from './mirror.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -24,91 +26,6 @@ import type { Results } from '../api/protocol.ts';
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
 
-const JOB_ID_RE = /^[0-9a-f-]{36}$/;
-
-interface BeginMsg {
-  version: number;
-  jobId: string;
-  mode: Mode;
-  insecure: boolean;
-  /** multifd channels (1 = the single classic stream). */
-  parallel: number;
-  peer: SourceFacts;
-  config: DomainConfig;
-  fileSizes: FileSizes;
-  /** The nonce of the markers the source wrote beside its writable disks ('' if none sent). */
-  storageNonce: string;
-  machine: string;
-  cpuModel: string;
-  /** The move may switch to post-copy: this QEMU needs the capability before the stream. */
-  postcopy: boolean;
-  /** Where each NIC's segment lives (the source's own, or a tunnel's home): daemon/tunnels.ts. */
-  homes: TunnelHome[];
-  /** --copy-storage: the writable disks this host creates and the source mirrors into (mirror.ts). */
-  copyDisks: CopyDisk[];
-}
-
-function isObj(v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
-
-const strArr = (v: unknown, max = 512): v is string[] => Array.isArray(v) && v.length <= max && v.every((x) => typeof x === 'string' && x.length < 256);
-
-/** Validates Begin's payload; anything off is MIGRATION_PROTOCOL and changes nothing. */
-export function parseBegin(p: Record<string, unknown>): BeginMsg {
-  const bad = (why: string): never => { throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`); };
-  if (!isObj(p)) return bad('the message must be an object');
-  checkProtocolVersion(p.version);
-  if (typeof p.jobId !== 'string' || !JOB_ID_RE.test(p.jobId)) bad('jobId must be a UUID');
-  if (p.mode !== 'live' && p.mode !== 'offline' && p.mode !== 'definition') bad('mode must be live, offline or definition');
-  const peer = p.peer;
-  if (!isObj(peer)) return bad('peer must be an object');
-  for (const k of ['name', 'version', 'qemuVersion', 'arch', 'accel', 'cpuModel', 'machine']) if (typeof peer[k] !== 'string' || peer[k].length > 128) bad(`peer.${k} must be a short string`);
-  if (!strArr(peer.cpuFeatures)) bad('peer.cpuFeatures must be a list of names');
-  if (!isObj(peer.networks) || Object.keys(peer.networks).length > 64) bad('peer.networks must be an object');
-  for (const [, n] of Object.entries(peer.networks as Record<string, unknown>)) if (!isObj(n) || typeof n.subnet !== 'string' || typeof n.bridge !== 'string' || (n.address !== undefined && typeof n.address !== 'string')) bad('peer.networks entries need bridge and subnet');
-  const d = p.domain;
-  if (!isObj(d)) return bad('domain must be an object');
-  let config: DomainConfig;
-  try { config = parseDomainConfig(d.config); } catch (e) { return bad(`domain.config is invalid: ${(e as Error).message}`); }
-  if (!isObj(d.fileSizes) || !Object.values(d.fileSizes).every((x) => Number.isInteger(x))) bad('domain.fileSizes must map paths to sizes');
-  if (p.parallel !== undefined && !(Number.isInteger(p.parallel) && (p.parallel as number) >= 1 && (p.parallel as number) <= 16)) bad('parallel must be 1-16');
-  if (p.postcopy !== undefined && typeof p.postcopy !== 'boolean') bad('postcopy must be true or false');
-  if (p.postcopy === true && (p.mode !== 'live' || (p.parallel !== undefined && p.parallel !== 1))) bad('postcopy needs a live move on one channel');
-  if (p.postcopy === true && isObj(d) && isObj(d.config) && d.config.postcopy === false) bad('postcopy is forbidden by the domain\'s config');
-  if (d.storageNonce !== undefined && !(typeof d.storageNonce === 'string' && /^[0-9a-f]{32}$/.test(d.storageNonce))) bad('domain.storageNonce must be 32 hex digits');
-  if (typeof d.machine !== 'string' || typeof d.cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(d.machine) || !/^[a-zA-Z0-9_.-]+$/.test(d.cpuModel)) bad('domain.machine and domain.cpuModel must be names');
-  const homes: TunnelHome[] = [];
-  if (p.homes !== undefined) {
-    if (!Array.isArray(p.homes) || p.homes.length !== config!.nics.length) bad('homes must list one home per NIC');
-    for (const [i, x] of (p.homes as unknown[]).entries()) {
-      if (!isObj(x) || typeof x.host !== 'string' || x.host.length > 128 || !isIpv4(x.address) || typeof x.subnet !== 'string' || x.subnet.length > 64) return bad('homes entries need host, an IPv4 address and a subnet');
-      // The VNI follows from the domain and NIC, so a peer cannot point a tunnel at another's.
-      if (x.vni !== vniFor(config!.uuid, i)) bad(`homes[${i}].vni is not the VNI of NIC ${i} of this domain`);
-      if (x.ip !== undefined && !isIpv4(x.ip)) bad(`homes[${i}].ip must be an IPv4 address`);
-      homes.push({ host: x.host as string, address: x.address as string, subnet: x.subnet as string, vni: x.vni as number, ...(x.ip ? { ip: x.ip as string } : {}) });
-    }
-  } else {
-    // A source that says nothing: every NIC lives on the source's own segment.
-    config!.nics.forEach((n, i) => homes.push({ host: (peer as { name: string }).name, address: '', subnet: (peer.networks as Record<string, NetworkConfig>)[n.network]?.subnet ?? '', vni: vniFor(config!.uuid, i) }));
-  }
-  const copyDisks: CopyDisk[] = [];
-  if (d.copyDisks !== undefined) {
-    if (!Array.isArray(d.copyDisks) || d.copyDisks.length > 64) bad('domain.copyDisks must be a list');
-    for (const x of d.copyDisks as unknown[]) {
-      if (!isObj(x)) return bad('domain.copyDisks entries must be objects');
-      const i = x.index as number;
-      if (!Number.isInteger(i) || !config!.disks[i] || config!.disks[i].readOnly || copyDisks.some((c) => c.index === i)) bad('domain.copyDisks[].index must name each writable disk at most once');
-      if (x.format !== config!.disks[i].format) bad(`domain.copyDisks: disk${i}'s format must be its config's`);
-      const size = (v: unknown): boolean => Number.isSafeInteger(v) && (v as number) >= 0 && (v as number) <= 2 ** 50;
-      if (!size(x.virtualSize) || (x.virtualSize as number) < 512 || !size(x.allocated)) bad('domain.copyDisks[].virtualSize and allocated must be byte counts (at most 1 PiB)');
-      const b = x.backing;
-      if (b !== undefined && !(isObj(b) && typeof b.path === 'string' && b.path.startsWith('/') && !b.path.includes(',') && b.path.length < 4096 && (b.format === 'raw' || b.format === 'qcow2') && x.format === 'qcow2')) bad('domain.copyDisks[].backing must be {path, format} of a qcow2 disk');
-      copyDisks.push({ index: i, format: x.format as 'raw' | 'qcow2', virtualSize: x.virtualSize as number, allocated: x.allocated as number, ...(b ? { backing: { path: (b as { path: string }).path, format: (b as { format: string }).format } } : {}) });
-    }
-  }
-  return { version: p.version as number, jobId: p.jobId as string, mode: p.mode as Mode, insecure: p.insecure === true, parallel: (p.parallel as number | undefined) ?? 1, peer: peer as unknown as SourceFacts, config: config!, fileSizes: d.fileSizes as FileSizes, storageNonce: (d.storageNonce as string | undefined) ?? '', machine: d.machine as string, cpuModel: d.cpuModel as string, postcopy: p.postcopy === true, homes, copyDisks };
-}
 
 export class Destination {
   private probes = new Map<string, net.Server>();
@@ -179,7 +96,7 @@ export class Destination {
   }
 
   /** Begin: pre-flight. Nothing is reserved; the data port is probed by the source. */
-  async begin(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.begin']> {
+  async begin(p: Params<'relocation.begin'>, ctx: ConnContext): Promise<Results['relocation.begin']> {
     const m = parseBegin(p);
     const peerName = ctx.caller.transport === 'tls' ? ctx.caller.peerName! : m.peer.name;
     if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
@@ -383,7 +300,7 @@ export class Destination {
   }
 
   /** Prepare: reserve memory, define the domain, start QEMU with a one-shot TLS listener. */
-  async prepare(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.prepare']> {
+  async prepare(p: Params<'relocation.prepare'>, ctx: ConnContext): Promise<Results['relocation.prepare']> {
     const j = this.job(p.jobId, ctx);
     // An abandon that arrives meanwhile (the source's connection dropped) waits for
     // this to finish and then undoes all of it, including a QEMU started just now.
@@ -508,12 +425,12 @@ export class Destination {
    * its own before anything runs here (qemu/memory.ts says why). Changes no phase: the
    * guest stays paused and the job stays prepared, so the source can still abandon.
    */
-  async digest(p: Record<string, unknown>, ctx: ConnContext): Promise<unknown> {
+  async digest(p: Params<'relocation.digest'>, ctx: ConnContext): Promise<unknown> {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'digest its memory');
-    if (Array.isArray(p.chunks)) {
+    if (p.chunks) {
       // Only these chunks (the ones just repaired): the check's second look.
-      const chunks = p.chunks as number[];
+      const chunks = p.chunks;
       const r = await this.ramOrAbandon(j, 'read', () => this.host.ramChunkDigests(live, chunks));
       return { bytes: r.bytes, chunkBytes: r.chunkBytes, chunks, digests: r.digests.toString('base64') };
     }
@@ -527,17 +444,17 @@ export class Destination {
    * and still paused guest. The source already sent this guest's whole memory in the
    * stream, so this trusts it with nothing new; legal exactly when Digest is.
    */
-  async repair(p: Record<string, unknown>, ctx: ConnContext, attachment?: Buffer): Promise<Results['relocation.repair']> {
+  async repair(p: Params<'relocation.repair'>, ctx: ConnContext, attachment?: Buffer): Promise<Results['relocation.repair']> {
     const j = this.job(p.jobId, ctx);
     const { live } = await this.loaded(j, 'repair its memory');
     const data = attachment ?? Buffer.alloc(0);
-    if (data.length !== p.length) throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${data.length} bytes arrived, ${String(p.length)} announced`);
+    if (data.length !== p.length) throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${data.length} bytes arrived, ${p.length} announced`);
     const n = (this.repairs.get(j.jobId) ?? 0) + 1;
     this.repairs.set(j.jobId, n);
     if (n === 1) this.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });
     await this.ramOrAbandon(j, 'write', () => this.host.withRam(live, true, async (ram) => {
       try {
-        ram.write(Number(p.offset), data);
+        ram.write(p.offset, data);
       } catch (e) {
         // The peer's fault, not this host's: refused, and nothing changed.
         throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
@@ -561,7 +478,7 @@ export class Destination {
   }
 
   /** Finish: wait for the state to load, then resume here. Point of no return. */
-  async finish(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.finish']> {
+  async finish(p: Params<'relocation.finish'>, ctx: ConnContext): Promise<Results['relocation.finish']> {
     const j = this.job(p.jobId, ctx);
     if (j.mode === 'definition') return this.finishDefinition(j);
     const { live, q } = await this.loaded(j, 'finish');
@@ -719,7 +636,7 @@ export class Destination {
     this.store.prune();
   }
 
-  confirm(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.confirm'] {
+  confirm(p: Params<'relocation.confirm'>, ctx: ConnContext): Results['relocation.confirm'] {
     const j = this.job(p.jobId, ctx);
     if (j.phase === 'confirmed') return { phase: j.phase };
     this.step(j, { type: 'confirmed' });
@@ -727,11 +644,11 @@ export class Destination {
     return { phase: j.phase };
   }
 
-  async abandon(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.abandon']> {
+  async abandon(p: Params<'relocation.abandon'>, ctx: ConnContext): Promise<Results['relocation.abandon']> {
     const j = this.job(p.jobId, ctx);
     if (j.phase === 'abandoned') return { phase: j.phase };
     if (j.phase !== 'begun' && j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase} on ${this.host.cfg.name}: past the point of no return, it cannot be abandoned`);
-    await this.abandonLocal(j, typeof p.reason === 'string' ? p.reason.slice(0, 500) : 'the source abandoned');
+    await this.abandonLocal(j, p.reason?.slice(0, 500) ?? 'the source abandoned');
     return { phase: j.phase };
   }
 
@@ -742,7 +659,7 @@ export class Destination {
    * stream; the source resumes into it. A destination QEMU that has not noticed the
    * break yet is paused first (migrate-pause): the source saw it break.
    */
-  async recover(p: Record<string, unknown>, ctx: ConnContext): Promise<Results['relocation.recover']> {
+  async recover(p: Params<'relocation.recover'>, ctx: ConnContext): Promise<Results['relocation.recover']> {
     const j = this.job(p.jobId, ctx);
     const h = this.host;
     if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed')) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: nothing to recover`);
@@ -783,7 +700,7 @@ export class Destination {
     return port;
   }
 
-  status(p: Record<string, unknown>, ctx: ConnContext): Results['relocation.status'] {
+  status(p: Params<'relocation.status'>, ctx: ConnContext): Results['relocation.status'] {
     try {
       const j = this.job(p.jobId, ctx);
       return { phase: j.phase, domain: j.domain };

@@ -31,16 +31,9 @@ import { backingImages } from '../domain/storage.ts';
 import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 
 /** What the source says of each disk it copies (Begin's domain.copyDisks). */
-export interface CopyDisk {
-  index: number;
-  format: 'raw' | 'qcow2';
-  /** Guest-visible size, bytes: the copy is created this large. */
-  virtualSize: number;
-  /** Bytes the image holds on the source's storage (what the copy may need). */
-  allocated: number;
-  /** A qcow2 backing file, which the destination must have at the same path (shared): only the top is copied. */
-  backing?: { path: string; format: string };
-}
+/** A disk the destination creates and the source mirrors into (a relocation message's shape: api/relocation.ts). */
+export type { CopyDisk } from '../api/relocation.ts';
+import type { CopyDisk } from '../api/relocation.ts';
 
 interface BlockInfo { device: string; inserted?: { 'node-name': string; image: { 'virtual-size': number; 'actual-size'?: number; format: string } } }
 

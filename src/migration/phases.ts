@@ -22,15 +22,8 @@
  */
 import { FerryError } from '../errors.ts';
 
-/**
- * Begin refuses any other version, so hosts that would disagree later (after the copy)
- * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
- * 3: Begin carries the source's QEMU version and starts the incoming QEMU; no hello.
- * 4: Begin says whether the move may switch to post-copy (both QEMUs need the capability).
- * 5: Begin carries each NIC's home segment, and its answer the tunnels the destination
- *    opened (daemon/tunnels.ts); relocation.tunnel changes a home end.
- */
-export const PROTOCOL_VERSION = 5;
+/** The relocation protocol's version: with its messages, in api/relocation.ts. */
+export { PROTOCOL_VERSION } from '../api/relocation.ts';
 
 export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'postcopy' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';

@@ -52,7 +52,9 @@ export interface DomainHandle {
  * subnet, its tunnel's VNI, and the home host's own address on the segment (`ip`, what
  * a new away host ARPs for through the tunnel while the guest still runs elsewhere).
  */
-export interface TunnelHome { host: string; address: string; subnet: string; vni: number; ip?: string }
+/** Where a NIC's segment lives (a relocation message's shape: api/relocation.ts). */
+export type { TunnelHome } from '../api/relocation.ts';
+import type { TunnelHome } from '../api/relocation.ts';
 
 export interface MigrationHost {
   readonly cfg: MigrationSettings;

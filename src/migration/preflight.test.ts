@@ -53,7 +53,7 @@ test('a shut-off domain needs no memory or CPU match, only the definition\'s nee
 });
 
 test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_PROTOCOL', async () => {
-  const { parseBegin } = await import('./dest.ts');
+  const { parseBegin } = await import('../api/relocation.ts');
   for (const v of [null, 7, 'x', [1]]) assert.throws(() => parseBegin(v as never), (e: unknown) => e instanceof FerryError && e.code === 'MIGRATION_PROTOCOL');
 });
 

@@ -10,39 +10,21 @@ import { execFile } from 'node:child_process';
 import { FerryError } from '../errors.ts';
 import type { DomainConfig, NetworkConfig } from '../domain/config.ts';
 import { domainPaths } from '../domain/config.ts';
-import { PROTOCOL_VERSION } from './phases.ts';
 import type { TunnelHome } from './ports.ts';
+import { checkProtocolVersion } from '../api/relocation.ts';
 
 /** VXLAN's port: the tunnels that carry a domain's segment (daemon/tunnels.ts) use it on the migration addresses. */
 export const VXLAN_UDP_PORT = 4789;
-
-/** The VNI of a domain's NIC: the same on every host, so both ends agree without asking. */
-export function vniFor(uuid: string, nic: number): number {
-  const h = crypto.createHash('sha256').update(`${uuid}:${nic}`).digest();
-  return (h.readUIntBE(0, 3) % 0xfffffe) + 1;
-}
 
 /** The addresses of the hosts in ferryd.json's "peers" (ADDRESS[:PORT] → ADDRESS). */
 export function peerAddresses(peers: Record<string, string>): string[] {
   return Object.values(peers).map((a) => a.replace(/:\d+$/, ''));
 }
 
-const IPV4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
-export const isIpv4 = (s: unknown): s is string => typeof s === 'string' && IPV4.test(s) && s.split('.').every((x) => Number(x) <= 255);
-
-/** What the source tells the destination about itself in Begin. */
-export interface SourceFacts {
-  name: string;
-  version: string;
-  /** The source's QEMU version (e.g. 10.0.2). */
-  qemuVersion: string;
-  arch: string;
-  accel: string;
-  cpuModel: string;
-  cpuFeatures: string[];
-  machine: string;
-  networks: Record<string, NetworkConfig>;
-}
+/** The Begin's facts of the source, and the protocol's shared helpers: api/relocation.ts. */
+export { vniFor, isIpv4, checkProtocolVersion } from '../api/relocation.ts';
+export type { SourceFacts } from '../api/relocation.ts';
+import type { SourceFacts } from '../api/relocation.ts';
 
 export interface DestFacts {
   name: string;
@@ -60,14 +42,6 @@ export interface DestFacts {
   freeWhy?: string;
   domainNames: string[];
   domainUuids: string[];
-}
-
-/**
- * The first check of a Begin, before its shape: a peer of another protocol version may
- * send another message altogether, and must hear "version", not "malformed".
- */
-export function checkProtocolVersion(version: unknown, dstName = 'this host'): void {
-  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: ${dstName} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof version === 'number' ? version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
 }
 
 /** Compares dotted version numbers numerically: <0, 0, >0. An unreadable part counts as 0. */

@@ -49,6 +49,7 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog, TunnelHome } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
+import type { BeginInput } from '../api/relocation.ts';
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers, isIpv4 } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
@@ -289,11 +290,13 @@ export class Source {
       // (Copied disks need no proof of sharing.)
       const markers = writeStorageMarkers(copyDisks.length ? { ...cfg0, disks: cfg0.disks.filter((d) => d.readOnly) } : cfg0, j.jobId);
       const homes = h.tunnelHomes(live.rec.config);
-      const begin = await client.request('relocation.begin', {
+      // The message's type comes from the protocol module the destination parses it with.
+      const msg: BeginInput = {
         version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted, homes,
         peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
         domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel, ...(copyDisks.length ? { copyDisks } : {}) },
-      }, 60000).finally(markers.remove);
+      };
+      const begin = await client.request('relocation.begin', msg, 60000).finally(markers.remove);
       mark('begun');
       this.step(j, { type: 'dest-accepted' });
       if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);

@@ -1,0 +1,212 @@
+/**
+ * The relocation protocol's messages: what two ferryds tell each other, one module for
+ * both ends (as libvirt's migration cookie is one format and one parse). The source
+ * builds its Begin as `BeginInput` (so a field it forgets or misspells does not
+ * compile); the destination reads it with `parseBegin`, which checks the version first,
+ * then the shape (zod), then what depends on more than one field. Anything off is
+ * MIGRATION_PROTOCOL and changes nothing; another version is MIGRATION_DEST_VERSION.
+ * The other messages are small, and their schemas live in `RELOCATION_ACTIONS`, which
+ * the API's one registry (schema.ts) takes in.
+ *
+ *   source ferryd                                  destination ferryd
+ *     |-- relocation.begin  BeginInput ------------>|  parseBegin: version, shape, cross-checks
+ *     |<------------------- {dataPort, tunnels, …} -|
+ *     |-- relocation.prepare {jobId} -------------->|
+ *     |-- relocation.digest {jobId, chunks?} ------>|  (--verify-memory)
+ *     |-- relocation.repair {jobId, offset, length} + bytes
+ *     |-- relocation.finish {jobId, running?} ----->|  the point of no return
+ *     |-- relocation.confirm {jobId} -------------->|
+ *     |   relocation.abandon / status / recover / tunnel, as needed
+ */
+import crypto from 'node:crypto';
+import { z } from 'zod';
+import { FerryError } from '../errors.ts';
+import { parseDomainConfig, type DomainConfig } from '../domain/config.ts';
+import { MAX_REPAIR_BYTES } from './limits.ts';
+
+/**
+ * Begin refuses any other version, so hosts that would disagree later (after the copy)
+ * disagree before anything is reserved. 2: Digest answers per-chunk digests, and Repair.
+ * 3: Begin carries the source's QEMU version and starts the incoming QEMU; no hello.
+ * 4: Begin says whether the move may switch to post-copy (both QEMUs need the capability).
+ * 5: Begin carries each NIC's home segment, and its answer the tunnels the destination
+ *    opened (daemon/tunnels.ts); relocation.tunnel changes a home end.
+ */
+export const PROTOCOL_VERSION = 5;
+
+/**
+ * The first check of a Begin, before its shape: a peer of another protocol version may
+ * send another message altogether, and must hear "version", not "malformed".
+ */
+export function checkProtocolVersion(version: unknown, dstName = 'this host'): void {
+  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: ${dstName} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof version === 'number' ? version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
+}
+
+/** A NIC's VXLAN id, from the domain and the NIC: both ends agree without asking, and no peer can aim a tunnel at another domain's. */
+export function vniFor(uuid: string, nic: number): number {
+  const h = crypto.createHash('sha256').update(`${uuid}:${nic}`).digest();
+  return (h.readUIntBE(0, 3) % 0xfffffe) + 1;
+}
+
+const IPV4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/;
+export const isIpv4 = (s: unknown): s is string => typeof s === 'string' && IPV4.test(s) && s.split('.').every((x) => Number(x) <= 255);
+
+// Field shapes, each with the words a refusal uses.
+const short = z.string({ error: 'must be a short string' }).max(128, { error: 'must be a short string' });
+const name = z.string({ error: 'must be a name' }).regex(/^[a-zA-Z0-9_.-]+$/, { error: 'must be a name' }).max(128, { error: 'must be a name' });
+const ipv4 = z.string({ error: 'must be an IPv4 address' }).refine(isIpv4, { error: 'must be an IPv4 address' });
+const bytes = z.number({ error: 'must be a byte count (at most 1 PiB)' }).int({ error: 'must be a byte count (at most 1 PiB)' }).min(0, { error: 'must be a byte count (at most 1 PiB)' }).max(2 ** 50, { error: 'must be a byte count (at most 1 PiB)' });
+const format = z.enum(['raw', 'qcow2'], { error: 'must be raw or qcow2' });
+const jobId = z.string({ error: 'must be a UUID' }).regex(/^[0-9a-f-]{36}$/, { error: 'must be a UUID' });
+
+/** What the source tells the destination about itself. Unknown keys are kept (a newer source may say more). */
+export const SourceFactsSchema = z.looseObject({
+  name: short, version: short, qemuVersion: short, arch: short, accel: short, cpuModel: short, machine: short,
+  cpuFeatures: z.array(z.string().max(255), { error: 'must be a list of names' }).max(512, { error: 'must be a list of names' }),
+  networks: z.record(z.string().max(128), z.object({ bridge: z.string({ error: 'needs a bridge' }), subnet: z.string({ error: 'needs a subnet' }), address: z.string().optional() }), { error: 'must map network names to {bridge, subnet}' })
+    .refine((n) => Object.keys(n).length <= 64, { error: 'has more than 64 networks' }),
+});
+export type SourceFacts = z.infer<typeof SourceFactsSchema>;
+
+/** Where a NIC's L2 segment lives: the source's own, or a tunnel's home (daemon/tunnels.ts). */
+export const TunnelHomeSchema = z.object({ host: short, address: ipv4, subnet: z.string().max(64), vni: z.number().int(), ip: ipv4.optional() });
+export type TunnelHome = z.infer<typeof TunnelHomeSchema>;
+
+/** --copy-storage: a writable disk the destination creates and the source mirrors into (migration/mirror.ts). */
+export const CopyDiskSchema = z.object({
+  index: z.number({ error: 'must name a disk' }).int({ error: 'must name a disk' }).min(0).max(63),
+  format,
+  /** Guest-visible size, bytes: the copy is created this large. */
+  virtualSize: bytes.min(512, { error: 'must be a byte count (at most 1 PiB)' }),
+  /** Bytes the image holds on the source's storage (what the copy may need). */
+  allocated: bytes,
+  /** A qcow2 backing file, which the destination must have at the same path (shared): only the top is copied. */
+  backing: z.object({ path: z.string().startsWith('/').max(4095).refine((p) => !p.includes(','), { error: 'must not contain a comma' }), format: z.string().refine((f) => ['raw', 'qcow2'].includes(f), { error: 'must be raw or qcow2' }) }).optional(),
+});
+export type CopyDisk = z.infer<typeof CopyDiskSchema>;
+
+const BeginDomainSchema = z.looseObject({
+  /** Checked in depth by parseDomainConfig (domain/config.ts). */
+  config: z.unknown(),
+  /** Sizes of its files on the source, to prove the destination sees the same shared files. */
+  fileSizes: z.record(z.string(), z.number().int(), { error: 'must map paths to sizes' }),
+  /** The nonce of the markers the source wrote beside its writable disks. */
+  storageNonce: z.string().regex(/^[0-9a-f]{32}$/, { error: 'must be 32 hex digits' }).optional(),
+  machine: name, cpuModel: name,
+  copyDisks: z.array(CopyDiskSchema, { error: 'must be a list' }).max(64, { error: 'must be a list' }).optional(),
+});
+
+export const BeginSchema = z.looseObject({
+  version: z.number().int(),
+  jobId,
+  mode: z.enum(['live', 'offline', 'definition'], { error: 'must be live, offline or definition' }),
+  insecure: z.boolean().optional(),
+  /** multifd channels (1 = the single classic stream). */
+  parallel: z.number({ error: 'must be 1-16' }).int({ error: 'must be 1-16' }).min(1, { error: 'must be 1-16' }).max(16, { error: 'must be 1-16' }).optional(),
+  /** The move may switch to post-copy: the incoming QEMU needs the capability before the stream. */
+  postcopy: z.boolean({ error: 'must be true or false' }).optional(),
+  peer: SourceFactsSchema,
+  domain: BeginDomainSchema,
+  /** Where each NIC's segment lives; absent: every NIC lives on the source's own segment. */
+  homes: z.array(TunnelHomeSchema, { error: 'must list one home per NIC' }).max(64).optional(),
+});
+/** What the source sends (before defaults). */
+export type BeginInput = z.input<typeof BeginSchema>;
+
+/** A Begin as the destination uses it: checked, with defaults filled and the domain's config parsed. */
+export interface BeginMsg {
+  version: number;
+  jobId: string;
+  mode: 'live' | 'offline' | 'definition';
+  insecure: boolean;
+  parallel: number;
+  peer: SourceFacts;
+  config: DomainConfig;
+  fileSizes: Record<string, number>;
+  /** '' if the source sent no markers. */
+  storageNonce: string;
+  machine: string;
+  cpuModel: string;
+  postcopy: boolean;
+  homes: TunnelHome[];
+  copyDisks: CopyDisk[];
+}
+
+const protocolError = (why: string): FerryError => new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`);
+
+/** Validates a Begin; anything off is MIGRATION_PROTOCOL (another version: MIGRATION_DEST_VERSION) and changes nothing. */
+export function parseBegin(raw: unknown): BeginMsg {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw protocolError('the message must be an object');
+  checkProtocolVersion((raw as { version?: unknown }).version);
+  const r = BeginSchema.safeParse(raw);
+  if (!r.success) {
+    const issue = r.error.issues[0];
+    const where = issue.path.map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`)).join('').replace(/^\./, '');
+    throw protocolError(`${where || 'the message'} ${issue.message}`);
+  }
+  const p = r.data;
+  let config: DomainConfig;
+  try { config = parseDomainConfig(p.domain.config); } catch (e) { throw protocolError(`domain.config is invalid: ${(e as Error).message}`); }
+  if (p.postcopy && (p.mode !== 'live' || (p.parallel ?? 1) !== 1)) throw protocolError('postcopy needs a live move on one channel');
+  if (p.postcopy && !config.postcopy) throw protocolError('postcopy is forbidden by the domain\'s config');
+  return {
+    version: p.version, jobId: p.jobId, mode: p.mode, insecure: p.insecure === true, parallel: p.parallel ?? 1, peer: p.peer, config,
+    fileSizes: p.domain.fileSizes, storageNonce: p.domain.storageNonce ?? '', machine: p.domain.machine, cpuModel: p.domain.cpuModel,
+    postcopy: p.postcopy === true, homes: checkHomes(p.homes, config, p.peer), copyDisks: checkCopyDisks(p.domain.copyDisks ?? [], config),
+  };
+}
+
+/** One home per NIC, each with its own VNI; none sent: every NIC lives on the source's segment. */
+function checkHomes(homes: TunnelHome[] | undefined, config: DomainConfig, peer: SourceFacts): TunnelHome[] {
+  if (homes === undefined) return config.nics.map((n, i) => ({ host: peer.name, address: '', subnet: peer.networks[n.network]?.subnet ?? '', vni: vniFor(config.uuid, i) }));
+  if (homes.length !== config.nics.length) throw protocolError('homes must list one home per NIC');
+  homes.forEach((h, i) => {
+    // The VNI follows from the domain and NIC, so a peer cannot point a tunnel at another's.
+    if (h.vni !== vniFor(config.uuid, i)) throw protocolError(`homes[${i}].vni is not the VNI of NIC ${i} of this domain`);
+  });
+  return homes;
+}
+
+/** Each writable disk at most once, in its config's format; a backing file only under a qcow2. */
+function checkCopyDisks(disks: CopyDisk[], config: DomainConfig): CopyDisk[] {
+  const seen = new Set<number>();
+  for (const c of disks) {
+    const d = config.disks[c.index];
+    if (!d || d.readOnly || seen.has(c.index)) throw protocolError('domain.copyDisks[].index must name each writable disk at most once');
+    seen.add(c.index);
+    if (c.format !== d.format) throw protocolError(`domain.copyDisks: disk${c.index}'s format must be its config's`);
+    if (c.backing && c.format !== 'qcow2') throw protocolError('domain.copyDisks[].backing must be {path, format} of a qcow2 disk');
+  }
+  return disks;
+}
+
+// The API registry's shapes of the relocation actions (schema.ts spreads them in).
+const str = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).max(4096, { error: 'must be a non-empty string' });
+const int = (min: number, max: number) => z.number({ error: `must be an integer from ${min} to ${max}` }).int({ error: `must be an integer from ${min} to ${max}` }).min(min, { error: `must be an integer from ${min} to ${max}` }).max(max, { error: `must be an integer from ${min} to ${max}` });
+const optBool = z.boolean({ error: 'must be true or false' }).optional();
+const optNum = (min: number, max: number) => z.number({ error: `must be a number from ${min} to ${max}` }).finite({ error: `must be a number from ${min} to ${max}` }).min(min, { error: `must be a number from ${min} to ${max}` }).max(max, { error: `must be a number from ${min} to ${max}` }).optional();
+const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
+const chunkList = (() => {
+  const error = 'must be a list of at most 8192 integers from 0 to 1048576';
+  return z.array(z.number({ error }).int({ error }).min(0, { error }).max(1 << 20, { error }), { error }).max(8192, { error }).optional();
+})();
+
+/**
+ * The envelope of each relocation action, checked when the request is parsed (a miss
+ * is API_BAD_REQUEST). Begin's payload (peer, domain, homes) is left to `parseBegin`,
+ * after the version: a peer of another version must hear so, whatever it sent.
+ */
+export const RELOCATION_ACTIONS = {
+  'relocation.begin': params({ version: int(0, 1000), peer: z.unknown(), domain: z.unknown(), mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool, homes: z.unknown().optional() }),
+  'relocation.prepare': params({ jobId: str }),
+  'relocation.digest': params({ jobId: str, chunks: chunkList }),
+  'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
+  'relocation.finish': params({ jobId: str, running: optBool }),
+  'relocation.abandon': params({ jobId: str, reason: str.optional() }),
+  'relocation.confirm': params({ jobId: str }),
+  'relocation.status': params({ jobId: str }),
+  // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
+  'relocation.recover': params({ jobId: str }),
+  // a tunnelled domain's home end: flood to one more away host, or one fewer (daemon/tunnels.ts)
+  'relocation.tunnel': params({ op: z.enum(['extend', 'retract'], { error: 'must be one of extend, retract' }), uuid: str, nic: int(0, 63), remote: str }),
+} as const;
