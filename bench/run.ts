@@ -18,7 +18,7 @@ import { domainArgv } from '../src/qemu/argv.ts';
 import { createImage } from '../src/domain/storage.ts';
 import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
-import { UNLIMITED_BANDWIDTH } from '../src/migration/source.ts';
+import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';

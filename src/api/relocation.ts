@@ -138,12 +138,22 @@ const protocolError = (why: string): FerryError => new FerryError('MIGRATION_PRO
 export function parseBegin(raw: unknown): BeginMsg {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw protocolError('the message must be an object');
   checkProtocolVersion((raw as { version?: unknown }).version);
-  const r = BeginSchema.safeParse(raw);
-  if (!r.success) {
-    const issue = r.error.issues[0];
-    const where = issue.path.map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`)).join('').replace(/^\./, '');
-    throw protocolError(`${where || 'the message'} ${issue.message}`);
+  // zod itself can throw on hostile values (an object whose `constructor.name` is an
+  // object without a prototype, found by the fuzz suite), as it builds an issue's
+  // message: that is a malformed message too.
+  let r: ReturnType<typeof BeginSchema.safeParse>;
+  let why: string | undefined;
+  try {
+    r = BeginSchema.safeParse(raw);
+    if (!r.success) {
+      const issue = r.error.issues[0];
+      const where = issue.path.map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`)).join('').replace(/^\./, '');
+      why = `${where || 'the message'} ${issue.message}`;
+    }
+  } catch {
+    throw protocolError('the message is malformed');
   }
+  if (!r.success) throw protocolError(why ?? 'the message is malformed');
   const p = r.data;
   let config: DomainConfig;
   try { config = parseDomainConfig(p.domain.config); } catch (e) { throw protocolError(`domain.config is invalid: ${(e as Error).message}`); }

@@ -75,12 +75,23 @@ export function parseRequest(raw: unknown): Request {
   if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action)) throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
   const params = r.params ?? {};
   if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
-  const parsed = ACTIONS[r.action as Action].safeParse(params);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    if (issue.code === 'unrecognized_keys') throw new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${String(issue.keys[0]).slice(0, 40)}"`);
-    throw new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${String(issue.path[0] ?? '')}" ${issue.message}`);
+  // zod can throw on hostile values as it builds an issue's message (api/relocation.ts): malformed all the same.
+  const malformed = new FerryError('API_BAD_REQUEST', `${r.action}: the parameters are malformed`);
+  let parsed: ReturnType<(typeof ACTIONS)[Action]['safeParse']>;
+  let refusal: FerryError | undefined;
+  try {
+    parsed = ACTIONS[r.action as Action].safeParse(params);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      refusal = issue.code === 'unrecognized_keys'
+        ? new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${String(issue.keys[0]).slice(0, 40)}"`)
+        : new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${String(issue.path[0] ?? '')}" ${issue.message}`);
+    }
+  } catch {
+    throw malformed;
   }
+  if (refusal) throw refusal;
+  if (!parsed.success) throw malformed;
   return { id: r.id as number | string, action: r.action, params: parsed.data } as Request;
 }
 

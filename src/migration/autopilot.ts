@@ -4,6 +4,7 @@
  * model (plan.ts) for every strategy's cost and the pick. Source runs it while Begin runs
  * on the destination, and `ferry migrate --plan` alone.
  */
+import { MigrationQmp } from '../qemu/migration.ts';
 import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -40,11 +41,12 @@ export class Planner {
    */
   async dirtyRate(q: QmpClient, ms = DIRTY_SAMPLE_MS): Promise<number | null> {
     try {
-      await q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
+      const mq = new MigrationQmp(q, 'source');
+      await mq.startDirtyRate(ms);
       await new Promise((r) => setTimeout(r, ms + 20));
       for (let i = 0; i < 40; i++) {
-        const r = await q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
-        if (r.status === 'measured') return (r['dirty-rate'] ?? 0) * 1048576;
+        const mib = await mq.dirtyRate();
+        if (mib !== null) return mib * 1048576;
         await new Promise((res) => setTimeout(res, 25));
       }
     } catch (e) {

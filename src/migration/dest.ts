@@ -21,6 +21,10 @@ import type { JobStore, DestJob } from './jobs.ts';
 import { DataGate } from './gate.ts';
 import { nodeOf, EXPORT, type CopyDisk } from './mirror.ts';
 import type { QmpClient } from '../qmp/client.ts';
+import { MigrationQmp, uri } from '../qemu/migration.ts';
+
+/** The incoming QEMU's migration commands (qemu/migration.ts). */
+const incomingOf = (q: QmpClient): MigrationQmp => new MigrationQmp(q, 'destination');
 import type { Results } from '../api/protocol.ts';
 
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
@@ -242,17 +246,15 @@ export class Destination {
     });
     const q = live.qmp!;
     this.watches.set(j.jobId, new MigrationWatcher(q));
-    await q.execute('migrate-set-capabilities', { capabilities: [
-      { capability: 'events', state: true }, { capability: 'multifd', state: m.parallel > 1 },
-      // Post-copy is offered by the source: both QEMUs need it (and its preempt channel) before the stream.
-      { capability: 'postcopy-ram', state: m.postcopy }, { capability: 'postcopy-preempt', state: m.postcopy },
-    ] });
-    if (m.parallel > 1) await q.execute('migrate-set-parameters', { 'multifd-channels': m.parallel });
+    const mq = incomingOf(q);
+    // Post-copy is offered by the source: both QEMUs need it (and its preempt channel) before the stream.
+    await mq.setCapabilities({ events: true, multifd: m.parallel > 1, postcopy: m.postcopy, postcopyPreempt: m.postcopy });
+    if (m.parallel > 1) await mq.setParameters({ multifdChannels: m.parallel });
     if (!m.insecure) {
-      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls', dir: h.qemuTlsDir(live), endpoint: 'server', 'verify-peer': true });
+      await mq.addTlsCreds('ferry-tls', h.qemuTlsDir(live));
       // Only the source host's own certificate may feed this QEMU.
-      await q.execute('object-add', { 'qom-type': 'authz-simple', id: 'ferry-authz', identity: j.peer.dn ?? `O=ferry,OU=host,CN=${j.peer.name}` });
-      await q.execute('migrate-set-parameters', { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' });
+      await mq.addAuthz('ferry-authz', j.peer.dn ?? `O=ferry,OU=host,CN=${j.peer.name}`);
+      await mq.setParameters({ tlsCreds: 'ferry-tls', tlsAuthz: 'ferry-authz' });
     }
     return live;
   }
@@ -338,13 +340,13 @@ export class Destination {
       if (m.insecure) {
         const sock = path.join(h.qemuDirOf(live), 'incoming.sock');
         fs.rmSync(sock, { force: true });
-        await q.execute('migrate-incoming', { uri: `unix:${sock}` });
+        await incomingOf(q).incoming(uri.unix(sock));
         // Post-copy's preempt channel is one more connection.
         const gate = new DataGate({ address: h.cfg.relocation.address, port: j.dataPort, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: m.parallel + (m.postcopy ? 1 : 0), log: this.log });
         this.gates.set(j.jobId, gate);
         await gate.open();
       } else {
-        await q.execute('migrate-incoming', { uri: `tcp:${h.cfg.relocation.address}:${j.dataPort}` });
+        await incomingOf(q).incoming(uri.tcp(h.cfg.relocation.address, j.dataPort));
       }
       this.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: j.pid });
       const nbd = m.copyDisks.length ? await this.exportDisks(j, m, q) : undefined;
@@ -366,9 +368,13 @@ export class Destination {
     const port = await this.freeDataPort(j.jobId);
     // One connection per disk (the source's mirror targets), and a client that does not
     // finish its handshake within 10 s is dropped (handshake-max-seconds, QEMU 10 and later).
-    const limits = { 'max-connections': m.copyDisks.length, ...(Number(h.qemu.version.split('.')[0]) >= 10 ? { 'handshake-max-seconds': 10 } : {}) };
-    await q.execute('nbd-server-start', { addr: { type: 'inet', data: { host: h.cfg.relocation.address, port: String(port) } }, ...limits, ...(m.insecure ? {} : { 'tls-creds': 'ferry-tls', 'tls-authz': 'ferry-authz' }) });
-    for (const c of m.copyDisks) await q.execute('block-export-add', { type: 'nbd', id: `ferry-export${c.index}`, 'node-name': await nodeOf(q, c.index), name: EXPORT(c.index), writable: true });
+    const mq = incomingOf(q);
+    await mq.nbdServe({
+      address: h.cfg.relocation.address, port, maxConnections: m.copyDisks.length,
+      ...(Number(h.qemu.version.split('.')[0]) >= 10 ? { handshakeMaxSeconds: 10 } : {}),
+      ...(m.insecure ? {} : { tls: { creds: 'ferry-tls', authz: 'ferry-authz' } }),
+    });
+    for (const c of m.copyDisks) await mq.nbdExport(`ferry-export${c.index}`, await nodeOf(q, c.index), EXPORT(c.index));
     this.log.info('disks exported for the copy', { jobId: j.jobId, domain: j.domain, port, disks: m.copyDisks.map((c) => c.index) });
     return { address: h.cfg.relocation.address, port };
   }
@@ -378,7 +384,7 @@ export class Destination {
    * ended its mirrors before Finish), so nobody writes them from outside any more.
    */
   private async stopExports(j: DestJob, q: QmpClient): Promise<void> {
-    if (j.createdDisks?.length) await q.execute('nbd-server-stop').catch(() => undefined);
+    if (j.createdDisks?.length) await incomingOf(q).nbdStop();
   }
 
   /**
@@ -409,7 +415,7 @@ export class Destination {
       // Post-copy: the source stopped its guest and sent the devices; the rest of RAM
       // follows as this guest runs. Its run state is inmigrate until QEMU has loaded them.
       const s = await w.until(j.postcopy ? [...FINAL_STATUSES, 'postcopy-active'] : FINAL_STATUSES, 120000);
-      status = s === 'completed' || s === 'postcopy-active' ? (await q.execute<{ status: string }>('query-status')).status : `migration ${s}`;
+      status = s === 'completed' || s === 'postcopy-active' ? (await incomingOf(q).runState()).status : `migration ${s}`;
     } catch (e) {
       status = (e as Error).message;
     }
@@ -500,7 +506,7 @@ export class Destination {
       const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
       resumed.catch(() => undefined);
       try {
-        await q.execute('cont');
+        await incomingOf(q).cont();
       } catch (e) {
         // A QEMU that is gone may have run the guest first: that is a crash here, below.
         if (!q.closed) await this.resumeFailed(j, live, q, (e as Error).message);
@@ -508,7 +514,7 @@ export class Destination {
       if (!q.closed) resumedAt = await resumed;
     }
     // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
-    if (!q.closed && live.rec.config.nics.length) await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
+    if (!q.closed && live.rec.config.nics.length) await incomingOf(q).announce().catch((e) => this.log.warn('announce-self failed', { error: String(e) }));
     // QEMU died as it resumed: the guest may have run here, so the source must not run
     // its copy again. The handover happened, and the domain crashed on arrival.
     const crashed = q.closed;
@@ -542,7 +548,7 @@ export class Destination {
    * state is unknown, stay in finishing: the source keeps asking, and nothing runs twice.
    */
   async resumeFailed(j: DestJob, live: Live, q: QmpClient, why: string): Promise<never> {
-    const st = await q.execute<{ running: boolean; status: string }>('query-status').catch(() => undefined);
+    const st = await incomingOf(q).runState().catch(() => undefined);
     if (!st || st.running) throw new FerryError('MIGRATION_FAILED', `Destination ${this.host.cfg.name} could not resume "${j.domain}" (${why}) and cannot tell whether it runs; the source keeps its copy paused`);
     const reason = `QEMU on ${this.host.cfg.name} refused to run the guest (${why}); it never ran there`;
     this.log.error('could not resume an incoming guest; giving it back to the source', { jobId: j.jobId, domain: j.domain, error: why, status: st.status });
@@ -594,12 +600,12 @@ export class Destination {
           const q = mine.qmp;
           await this.stopExports(j, q);
           try {
-            await q.execute('cont');
+            await incomingOf(q).cont();
           } catch (e) {
             await this.resumeFailed(j, mine, q, (e as Error).message).catch((err) => this.log.warn('incoming guest not resumed', { jobId: j.jobId, error: String(err) }));
             return;
           }
-          await q.execute('announce-self', { initial: 50, max: 550, rounds: 5, step: 100 }).catch(() => undefined);
+          await incomingOf(q).announce().catch(() => undefined);
           this.host.setBusy(mine, undefined);
           this.host.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
         } else if (mine && mine.rec.state.kind === 'incoming') {
@@ -668,9 +674,9 @@ export class Destination {
     if (!q) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no QEMU for "${j.domain}" to recover`);
     const w = new MigrationWatcher(q);
     try {
-      let st = (await q.execute<{ status?: string }>('query-migrate')).status ?? 'none';
+      let st = (await incomingOf(q).info()).status ?? 'none';
       if (st === 'postcopy-active') {
-        await q.execute('migrate-pause');
+        await incomingOf(q).pause();
         st = await w.until(['postcopy-paused', ...FINAL_STATUSES], 10000);
       }
       if (st !== 'postcopy-paused') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `The incoming QEMU of "${j.domain}" is ${st}, not paused in post-copy: nothing to recover`);
@@ -681,13 +687,13 @@ export class Destination {
     if (!j.encrypted) {
       const sock = path.join(h.qemuDirOf(live!), 'recover.sock');
       fs.rmSync(sock, { force: true });
-      await q.execute('migrate-recover', { uri: `unix:${sock}` });
+      await incomingOf(q).recover(uri.unix(sock));
       this.gates.get(j.jobId)?.close();
       const gate = new DataGate({ address: h.cfg.relocation.address, port, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: sock, channels: 2, log: this.log });
       this.gates.set(j.jobId, gate);
       await gate.open();
     } else {
-      await q.execute('migrate-recover', { uri: `tcp:${h.cfg.relocation.address}:${port}` });
+      await incomingOf(q).recover(uri.tcp(h.cfg.relocation.address, port));
     }
     this.log.warn('post-copy stream broke; recovery listener open', { jobId: j.jobId, domain: j.domain, port });
     return { dataAddress: h.cfg.relocation.address, dataPort: port };

@@ -50,6 +50,10 @@ import type { MigrationHost, DomainHandle as Live, MigrationLog, TunnelHome } fr
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 import type { BeginInput } from '../api/relocation.ts';
+import { MigrationQmp, uri, UNLIMITED_BANDWIDTH } from '../qemu/migration.ts';
+
+/** The source QEMU's migration commands (qemu/migration.ts). */
+const outgoingOf = (q: QmpClient): MigrationQmp => new MigrationQmp(q, 'source');
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers, isIpv4 } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
@@ -88,8 +92,6 @@ export interface StartParams {
 }
 
 
-/** QEMU's default max-bandwidth is 128 MiB/s; "unlimited" has to be said explicitly. */
-export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
 /**
  * Past the point of no return, D is asked again after 0.5 s, then twice as long each
  * time up to 5 s, forever; `ferry migrate` waits for the first 30 s of that.
@@ -363,9 +365,9 @@ export class Source {
           policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
           mark('planned');
         }, (e) => { policy.push(`no plan: ${(e as Error).message}`); });
-        if (mode === 'offline' && wasRunning) await q.execute('stop');
+        if (mode === 'offline' && wasRunning) await outgoingOf(q).stop();
         this.step(j, { type: 'stream-started' });
-        await q.execute('migrate', { uri: `tcp:${prep.dataAddress}:${prep.dataPort}` });
+        await outgoingOf(q).migrate(uri.tcp(prep.dataAddress, prep.dataPort));
         mark('migrateIssued');
         const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled, auto);
         Object.assign(stats, done);
@@ -561,23 +563,17 @@ export class Source {
     const parallel = p.parallel ?? 1;
     // A QEMU keeps its capabilities from one migration to the next: an earlier move's
     // post-copy would make multifd refused ("Postcopy is not yet compatible with multifd").
-    const caps = [{ capability: 'events', state: true }, { capability: 'postcopy-ram', state: false }, { capability: 'postcopy-preempt', state: false }, { capability: 'multifd', state: parallel > 1 }];
-    await q.execute('migrate-set-capabilities', { capabilities: caps });
+    const mq = outgoingOf(q);
+    await mq.setCapabilities({ events: true, postcopy: false, postcopyPreempt: false, multifd: parallel > 1 });
     if (parallel > 1) policy.push(`multifd: ${parallel} parallel channels`);
-    const params: Record<string, unknown> = {
-      'max-bandwidth': p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
-      'downtime-limit': maxDowntimeMs,
-      ...(parallel > 1 ? { 'multifd-channels': parallel } : {}),
-    };
-    await q.execute('object-del', { id: 'ferry-tls-out' }).catch(() => undefined);
-    if (!insecure) {
-      await q.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'ferry-tls-out', dir: this.host.qemuTlsDir(live), endpoint: 'client', 'verify-peer': true });
-      params['tls-creds'] = 'ferry-tls-out';
-      params['tls-hostname'] = tlsHostname;
-    } else {
-      params['tls-creds'] = '';
-    }
-    await q.execute('migrate-set-parameters', params);
+    await mq.delObject('ferry-tls-out');
+    if (!insecure) await mq.addTlsCreds('ferry-tls-out', this.host.qemuTlsDir(live));
+    await mq.setParameters({
+      maxBandwidth: p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
+      downtimeLimit: maxDowntimeMs,
+      ...(parallel > 1 ? { multifdChannels: parallel } : {}),
+      ...(insecure ? { tlsCreds: '' } : { tlsCreds: 'ferry-tls-out', tlsHostname }),
+    });
   }
 
   /**
@@ -590,11 +586,7 @@ export class Source {
     if (mode !== 'live') return;
     // With post-copy on the table nothing needs throttling: it bounds the time instead.
     const autoConverge = !auto.postcopyOn;
-    await q.execute('migrate-set-capabilities', { capabilities: [
-      { capability: 'auto-converge', state: autoConverge },
-      { capability: 'postcopy-ram', state: auto.postcopyOn },
-      { capability: 'postcopy-preempt', state: auto.postcopyOn },
-    ] });
+    await outgoingOf(q).setCapabilities({ autoConverge, postcopy: auto.postcopyOn, postcopyPreempt: auto.postcopyOn });
     if (autoConverge) policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
     if (auto.postcopyOn) policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
   }
@@ -608,7 +600,7 @@ export class Source {
     let cancelSent = false;
     let timedOut = false;
     let suspended = false;
-    const cancel = (): void => { if (!cancelSent) { cancelSent = true; q.execute('migrate_cancel').catch(() => undefined); } };
+    const cancel = (): void => { if (!cancelSent) { cancelSent = true; outgoingOf(q).cancel().catch(() => undefined); } };
     void cancelledP.then(cancel);
     // Post-copy starts once QEMU says so (status postcopy-active): the switch is asked
     // for at most once, and only while the stream is active.
@@ -616,7 +608,7 @@ export class Source {
       if (auto.switchAsked || !auto.postcopyOn || w.status !== 'active') return;
       auto.switchAsked = true;
       try {
-        await q.execute('migrate-start-postcopy');
+        await outgoingOf(q).startPostcopy();
         // Said once QEMU is there: a pre-copy may still complete first.
         auto.switchWhy = why;
       } catch (e) {
@@ -632,7 +624,7 @@ export class Source {
         const mirror = this.mirrors.get(j.jobId);
         if (mirror?.failed && !cancelSent) { policy.push(`disk copy failed: ${mirror.failed}`); cancel(); }
         if (mirror) mirror.last = await mirror.progress().catch(() => mirror.last);
-        const m = await q.execute<MigrateInfo>('query-migrate');
+        const m = await outgoingOf(q).info();
         const etaS = this.progress(j, t0, m, w.passes, maxDowntimeMs);
         const elapsed = (Date.now() - t0) / 1000;
         const ram = m.ram ?? {};
@@ -656,7 +648,7 @@ export class Source {
             // As virsh migrate --timeout-suspend: the guest stops and the rest is copied
             // while it does not run; the pause is as long as that copy.
             suspended = true;
-            await q.execute('stop').then(() => policy.push(`deadline of ${timeoutS} s reached (--on-timeout suspend): guest suspended to finish the copy`), (e) => policy.push(`suspend refused by QEMU: ${(e as Error).message}`));
+            await outgoingOf(q).stop().then(() => policy.push(`deadline of ${timeoutS} s reached (--on-timeout suspend): guest suspended to finish the copy`), (e) => policy.push(`suspend refused by QEMU: ${(e as Error).message}`));
           } else {
             timedOut = true;
             policy.push(`deadline of ${timeoutS} s reached: cancelled`);
@@ -679,7 +671,7 @@ export class Source {
     const active = w.at.get('active');
     const setupMs = active !== undefined ? Math.max(0, Math.round(active - t0)) : null;
     if (status === 'failed') {
-      const m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
+      const m = await outgoingOf(q).info().catch((): MigrateInfo => ({}));
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
@@ -705,7 +697,7 @@ export class Source {
    * the pages still here. A stream that fails leaves a guest that cannot finish: say so.
    */
   private async awaitPostcopy(j: SourceJob, q: QmpClient, w: MigrationWatcher, t0: number, deadline = Infinity, onRecovered?: (attempts: number, ms: number) => void): Promise<void> {
-    const timer = setInterval(() => void q.execute<MigrateInfo>('query-migrate').then((m) => this.progress(j, t0, m, w.passes, 0)).catch(() => undefined), 250);
+    const timer = setInterval(() => void outgoingOf(q).info().then((m) => this.progress(j, t0, m, w.passes, 0)).catch(() => undefined), 250);
     try {
       for (;;) {
         const s = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
@@ -716,7 +708,7 @@ export class Source {
           onRecovered?.(attempts, Math.round(performance.now() - t));
           continue;
         }
-        throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${s} (${(await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${this.host.cfg.name}: the guest on ${j.peer.name} cannot get them`);
+        throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${s} (${(await outgoingOf(q).info().catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${this.host.cfg.name}: the guest on ${j.peer.name} cannot get them`);
       }
     } catch (e) {
       if (e instanceof FerryError) throw e;
@@ -765,8 +757,9 @@ export class Source {
    * them must not lengthen the guest's pause.
    */
   private async streamStats(j: SourceJob, q: QmpClient, t0: number, passes: number): Promise<Partial<Report>> {
-    let m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
-    for (let i = 0; i < 20 && !((m['total-time'] ?? 0) > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await q.execute<MigrateInfo>('query-migrate').catch(() => m); }
+    const mq = outgoingOf(q);
+    let m = await mq.info().catch((): MigrateInfo => ({}));
+    for (let i = 0; i < 20 && !((m['total-time'] ?? 0) > 0); i++) { await new Promise((r) => setTimeout(r, 5)); m = await mq.info().catch(() => m); }
     const r2 = m.ram ?? {};
     const bytes = r2.transferred ?? 0;
     const totalTime = m['total-time'] ?? (Date.now() - t0);
@@ -938,7 +931,7 @@ export class Source {
           if (!Number.isInteger(r.dataPort) || r.dataPort < this.host.cfg.relocation.dataPorts[0] || r.dataPort > 65535) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered recover with port ${String(r.dataPort)}`);
           const back = w.next(['postcopy-active', 'completed', 'failed', 'postcopy-paused'], 15000);
           back.catch(() => undefined);
-          await q.execute('migrate', { uri: `tcp:${r.dataAddress}:${r.dataPort}`, resume: true });
+          await outgoingOf(q).migrate(uri.tcp(r.dataAddress, r.dataPort), true);
           const st = await back;
           if (st === 'postcopy-paused') throw new FerryError('MIGRATION_FAILED', 'the resumed stream broke again');
           if (st !== 'failed') return true;
@@ -968,7 +961,7 @@ export class Source {
       if (q && !q.closed) {
         const w = new MigrationWatcher(q);
         try {
-          const m = await q.execute<MigrateInfo>('query-migrate').catch((): MigrateInfo => ({}));
+          const m = await outgoingOf(q).info().catch((): MigrateInfo => ({}));
           if (m.status && m.status !== 'completed') await this.awaitPostcopy(j, q, w, j.startedAt).catch((e) => { j.error = { code: asFerryError(e).code, message: asFerryError(e).message }; this.log.error('post-copy did not complete', { jobId: j.jobId, error: String(e) }); });
         } finally {
           w.dispose();
@@ -1151,9 +1144,9 @@ export class Source {
         // One query for where it stands (this may run after a restart), then events.
         const watch = new MigrationWatcher(q);
         try {
-          const m = await q.execute<{ status: string }>('query-migrate');
+          const m = await outgoingOf(q).info();
           if (m.status === 'active' || m.status === 'setup' || m.status === 'pre-switchover' || m.status === 'device') {
-            await q.execute('migrate_cancel');
+            await outgoingOf(q).cancel();
             await watch.until(FINAL_STATUSES, 2000).catch(() => undefined);
           }
         } finally {
@@ -1184,8 +1177,8 @@ export class Source {
       return;
     }
     if (wasRunning && q) {
-      const st = await q.execute<{ status: string; running: boolean }>('query-status').catch(() => undefined);
-      if (st && !st.running) await q.execute('cont');
+      const st = await outgoingOf(q).runState().catch(() => undefined);
+      if (st && !st.running) await outgoingOf(q).cont();
     }
     if (live.rec.state.kind === 'migrating-out') this.host.apply(live, { type: 'migrate-out-abandoned', running: wasRunning, at: Date.now() });
   }

@@ -1,0 +1,190 @@
+/**
+ * QEMU's migration vocabulary: how QEMU spells what migration/ wants. migration/ says
+ * "post-copy on, 2 channels, TLS as client to host2"; this module knows the QMP
+ * commands, capability and parameter names, and which end each belongs to (as
+ * libvirt's qemu_migration_params.c keeps one table tagged with the side).
+ *
+ * A capability or parameter set on the wrong end is a bug in ferry, not bad input:
+ * it throws INTERNAL before QEMU sees it.
+ */
+import { FerryError } from '../errors.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import type { MigrateInfo } from './migstatus.ts';
+
+export type Side = 'source' | 'destination';
+type Where = Side | 'both';
+
+/** ferry's names for QEMU's migration capabilities, with QEMU's spelling and the end(s) that set them. */
+export const CAPABILITIES = {
+  /** MIGRATION events (migstatus.ts follows them instead of polling). */
+  events: { qemu: 'events', side: 'both' },
+  /** Parallel channels, each encrypted on its own thread; both ends must agree. */
+  multifd: { qemu: 'multifd', side: 'both' },
+  /** Post-copy: both QEMUs need it before the stream. */
+  postcopy: { qemu: 'postcopy-ram', side: 'both' },
+  /** Post-copy's second channel, so faulted pages overtake the bulk. */
+  postcopyPreempt: { qemu: 'postcopy-preempt', side: 'both' },
+  /** The source throttles vCPUs of a guest that dirties faster than the link. */
+  autoConverge: { qemu: 'auto-converge', side: 'source' },
+} as const satisfies Record<string, { qemu: string; side: Where }>;
+export type Capability = keyof typeof CAPABILITIES;
+
+/** QEMU's migration parameters ferry sets, with QEMU's spelling and the end(s) that set them. */
+export const PARAMETERS = {
+  /** Bytes per second; QEMU's default (128 MiB/s) silently throttles, so ferry always sets it. */
+  maxBandwidth: { qemu: 'max-bandwidth', side: 'source' },
+  /** Milliseconds the final switchover may pause the guest (QEMU's default: 300). */
+  downtimeLimit: { qemu: 'downtime-limit', side: 'source' },
+  multifdChannels: { qemu: 'multifd-channels', side: 'both' },
+  /** The id of a tls-creds-x509 object; '' turns TLS off. */
+  tlsCreds: { qemu: 'tls-creds', side: 'both' },
+  /** The name the destination's certificate must carry. */
+  tlsHostname: { qemu: 'tls-hostname', side: 'source' },
+  /** The id of an authz object: which client certificate may feed this QEMU. */
+  tlsAuthz: { qemu: 'tls-authz', side: 'destination' },
+} as const satisfies Record<string, { qemu: string; side: Where }>;
+export interface ParameterValues { maxBandwidth: number; downtimeLimit: number; multifdChannels: number; tlsCreds: string; tlsHostname: string; tlsAuthz: string }
+
+/** "No limit" for max-bandwidth, 100 GiB/s (QEMU's own default would throttle at 128 MiB/s). */
+export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
+
+/** Migration URIs QEMU accepts; nothing user-supplied goes into them (never `exec:`). */
+export const uri = {
+  tcp: (address: string, port: number): string => `tcp:${address}:${port}`,
+  unix: (path: string): string => `unix:${path}`,
+};
+
+/** The TLS credentials object a migration's stream (and NBD) uses, from a directory QEMU can read. */
+export function tlsCredsObject(id: string, dir: string, endpoint: 'client' | 'server'): Record<string, unknown> {
+  return { 'qom-type': 'tls-creds-x509', id, dir, endpoint, 'verify-peer': true };
+}
+
+/** Only the client certificate with this distinguished name passes (tls-authz). */
+export function authzObject(id: string, identity: string): Record<string, unknown> {
+  return { 'qom-type': 'authz-simple', id, identity };
+}
+
+/** QEMU's self-announcement after the switchover (RARP from every NIC), so switches learn the guest's new port at once. */
+const ANNOUNCE = { initial: 50, max: 550, rounds: 5, step: 100 };
+
+/** The migration commands of one QEMU, as one end of a move uses them. */
+export class MigrationQmp {
+  constructor(readonly q: QmpClient, readonly side: Side) {}
+
+  private check(what: string, where: Where): void {
+    if (where !== 'both' && where !== this.side) throw new FerryError('INTERNAL', `${what} belongs to the ${where} of a migration, not the ${this.side}`);
+  }
+
+  /** Sets each named capability on or off (one QMP command). */
+  async setCapabilities(caps: Partial<Record<Capability, boolean>>): Promise<void> {
+    const list = Object.entries(caps).map(([k, state]) => {
+      const c = CAPABILITIES[k as Capability];
+      this.check(`capability ${c.qemu}`, c.side);
+      return { capability: c.qemu, state: state === true };
+    });
+    if (list.length) await this.q.execute('migrate-set-capabilities', { capabilities: list });
+  }
+
+  async setParameters(p: Partial<ParameterValues>): Promise<void> {
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(p)) {
+      if (v === undefined) continue;
+      const d = PARAMETERS[k as keyof ParameterValues];
+      this.check(`parameter ${d.qemu}`, d.side);
+      out[d.qemu] = v;
+    }
+    if (Object.keys(out).length) await this.q.execute('migrate-set-parameters', out);
+  }
+
+  /** Adds the TLS credentials object (client on the source, server on the destination). */
+  addTlsCreds(id: string, dir: string): Promise<unknown> {
+    return this.q.execute('object-add', tlsCredsObject(id, dir, this.side === 'source' ? 'client' : 'server'));
+  }
+
+  addAuthz(id: string, identity: string): Promise<unknown> {
+    this.check('tls-authz', 'destination');
+    return this.q.execute('object-add', authzObject(id, identity));
+  }
+
+  /** Removes an object left by an earlier move (absent: nothing to do). */
+  delObject(id: string): Promise<void> {
+    return this.q.execute('object-del', { id }).then(() => undefined, () => undefined);
+  }
+
+  /** Source: starts (or, after a broken post-copy, resumes) the stream to `to`. */
+  migrate(to: string, resume = false): Promise<unknown> {
+    this.check('migrate', 'source');
+    return this.q.execute('migrate', { uri: to, ...(resume ? { resume: true } : {}) });
+  }
+
+  /** Destination: opens the one listener for the stream (the QEMU was started with -incoming defer). */
+  incoming(from: string): Promise<unknown> {
+    this.check('migrate-incoming', 'destination');
+    return this.q.execute('migrate-incoming', { uri: from });
+  }
+
+  /** Destination: a new listener for a post-copy whose stream broke. */
+  recover(from: string): Promise<unknown> {
+    this.check('migrate-recover', 'destination');
+    return this.q.execute('migrate-recover', { uri: from });
+  }
+
+  /** Source: switch a running pre-copy to post-copy. */
+  startPostcopy(): Promise<unknown> {
+    this.check('migrate-start-postcopy', 'source');
+    return this.q.execute('migrate-start-postcopy');
+  }
+
+  /** Pauses a post-copy stream (either end), so it can be recovered. */
+  pause(): Promise<unknown> { return this.q.execute('migrate-pause'); }
+
+  /** Source: cancels the migration; the guest keeps running here. */
+  cancel(): Promise<unknown> {
+    this.check('migrate_cancel', 'source');
+    return this.q.execute('migrate_cancel');
+  }
+
+  /** Source: starts QEMU's dirty-rate measurement over `ms` (page sampling: 512 pages per GiB, hashed at both ends; works under TCG). */
+  startDirtyRate(ms: number): Promise<unknown> {
+    this.check('calc-dirty-rate', 'source');
+    return this.q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
+  }
+
+  /** The measured dirty rate in MiB/s, or null while it is still measuring. */
+  async dirtyRate(): Promise<number | null> {
+    const r = await this.q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
+    return r.status === 'measured' ? r['dirty-rate'] ?? 0 : null;
+  }
+
+  info(): Promise<MigrateInfo> { return this.q.execute<MigrateInfo>('query-migrate'); }
+  runState(): Promise<{ running: boolean; status: string }> { return this.q.execute<{ running: boolean; status: string }>('query-status'); }
+  stop(): Promise<unknown> { return this.q.execute('stop'); }
+  cont(): Promise<unknown> { return this.q.execute('cont'); }
+
+  /**
+   * Destination, --copy-storage: QEMU's NBD server for the disk copies, with at most
+   * `maxConnections` clients and (QEMU 10 and later) a handshake deadline; with TLS, the
+   * same credentials and authz objects as the stream.
+   */
+  nbdServe(o: { address: string; port: number; maxConnections: number; handshakeMaxSeconds?: number; tls?: { creds: string; authz: string } }): Promise<unknown> {
+    this.check('nbd-server-start', 'destination');
+    return this.q.execute('nbd-server-start', {
+      addr: { type: 'inet', data: { host: o.address, port: String(o.port) } }, 'max-connections': o.maxConnections,
+      ...(o.handshakeMaxSeconds !== undefined ? { 'handshake-max-seconds': o.handshakeMaxSeconds } : {}),
+      ...(o.tls ? { 'tls-creds': o.tls.creds, 'tls-authz': o.tls.authz } : {}),
+    });
+  }
+
+  /** Destination: exports one block node, writable, under `name`. */
+  nbdExport(id: string, node: string, name: string): Promise<unknown> {
+    return this.q.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: true });
+  }
+
+  nbdStop(): Promise<void> { return this.q.execute('nbd-server-stop').then(() => undefined, () => undefined); }
+
+  /** Destination, after `cont`: announce the guest's MACs from its new port. */
+  announce(): Promise<unknown> {
+    this.check('announce-self', 'destination');
+    return this.q.execute('announce-self', ANNOUNCE);
+  }
+}
