@@ -76,7 +76,16 @@ async function rig(f: Faults = {}) {
     }
   }
   const source = new InProcessSource(h1, s1, quiet);
-  const start = (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy'; parallel?: number } = {}): Promise<Report> => source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout, parallel: o.parallel });
+  // Every move, whatever its outcome and the phase it ended in, leaves nothing registered:
+  // no run (outgoing.ts) in the source, no listener on its QEMU's QMP connection.
+  const start = async (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy'; parallel?: number } = {}): Promise<Report> => {
+    const listeners = (): number => web.qmp!.listenerCount('event') + web.qmp!.listenerCount('close');
+    const before = listeners();
+    const rep = await source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout, parallel: o.parallel });
+    assert.equal((source as unknown as { runs: Map<string, unknown> }).runs.size, 0, `no run left registered after ${rep.outcome} in ${rep.phase}`);
+    assert.equal(listeners(), before, `no QMP listener left after ${rep.outcome} in ${rep.phase}`);
+    return rep;
+  };
   const job = (): SourceJob => [...s1.jobs.values()][0] as SourceJob;
   // (perform is entered twice: when Prepare is answered and when the stream starts)
   const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);

@@ -45,7 +45,7 @@ import { domainConfigToJson, type DomainConfig } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
 import { ApiClient } from '../api/client.ts';
 import { type Progress, type CancelResult, type ResolveResult, type PlanView } from '../api/protocol.ts';
-import type { QmpClient, QmpEvent } from '../qmp/client.ts';
+import type { QmpClient } from '../qmp/client.ts';
 import type { MigrationHost, DomainHandle as Live, MigrationLog, TunnelHome } from './ports.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
@@ -59,38 +59,16 @@ import { fileSizes, writeStorageMarkers, isIpv4 } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { GuestProbe, guestIp } from './guestprobe.ts';
-import { plan as makePlan, precopyEtaS, type StrategyChoice, type OnTimeout } from './plan.ts';
+import { plan as makePlan, precopyEtaS } from './plan.ts';
 import { Planner, DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S } from './autopilot.ts';
 import { MemoryCheck } from './memcheck.ts';
 import { DiskMirror, describeDisks, abortMirrors, type CopyDisk } from './mirror.ts';
 
 
 import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
+import { OutgoingRun, type StartParams, type Resolution, type Autopilot } from './outgoing.ts';
 
-export interface StartParams {
-  domain: string;
-  dest: string;
-  live?: boolean;
-  bandwidthMiBs?: number;
-  maxDowntimeMs?: number;
-  timeoutS?: number;
-  insecure?: boolean;
-  /** multifd channels: parallel streams, each encrypted on its own thread. */
-  parallel?: number;
-  /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
-  verifyMemory?: boolean;
-  /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
-  probeGuest?: boolean;
-  /** The operator's rule for a live move (default auto: the autopilot picks, migration/plan.ts). */
-  strategy?: StrategyChoice;
-  /** At the deadline, still in pre-copy: cancel, suspend the guest to finish, or switch to post-copy. */
-  onTimeout?: OnTimeout;
-  /** Copy the domain's writable disks to the destination's own storage while it runs (mirror.ts). */
-  copyStorage?: boolean;
-  /** With copyStorage: delete the source's disk files once the domain runs there (kept by default). */
-  deleteSourceStorage?: boolean;
-}
-
+export type { StartParams, Resolution } from './outgoing.ts';
 
 /**
  * Past the point of no return, D is asked again after 0.5 s, then twice as long each
@@ -100,43 +78,15 @@ export const FINISH_RETRY_FIRST_MS = 500;
 export const FINISH_RETRY_CAP_MS = 5000;
 export const FINISH_ASK_FOREGROUND_MS = 30000;
 
-/** D's word (or the operator's) on a job past the point of no return. */
-export interface Resolution {
-  abandoned: boolean;
-  reason?: string;
-  /** The destination's RESUME (its clock); answeredAt: when its answer arrived (performance.now() here). */
-  resumedAt?: number;
-  answeredAt?: number;
-  byOperator?: boolean;
-  /** The destination's QEMU exited as the guest resumed there: handed over, crashed on arrival. */
-  crashed?: boolean;
-}
-
-
 /** What QEMU reports it sends and what the guest dirties, in bytes per second. */
 function rates(m: MigrateInfo): { rate: number; dirty: number } {
   const ram = m.ram ?? {};
   return { rate: (ram.mbps ?? 0) * 1e6 / 8, dirty: (ram['dirty-pages-rate'] ?? 0) * (ram['page-size'] ?? 4096) };
 }
 
-/** The autopilot's state during one live move (supervise changes switchAsked/switchedAt). */
-interface Autopilot {
-  postcopyOn: boolean;
-  pick: string;
-  onTimeout: OnTimeout;
-  switchAsked?: boolean;
-  /** performance.now() when QEMU entered postcopy-active. */
-  switchedAt?: number;
-  /** auto-converge throttled the guest at some point. */
-  throttled?: boolean;
-  /** Why the switch to post-copy was asked for (reported once QEMU is in post-copy). */
-  switchWhy?: string;
-}
-
 export class Source {
-  private cancels = new Map<string, () => void>();
-  /** --copy-storage: each job's disk mirrors while it runs (mirror.ts). */
-  private mirrors = new Map<string, DiskMirror>();
+  /** The moves running in this ferryd (outgoing.ts), by job id: their cancellation and disk mirrors. */
+  private runs = new Map<string, OutgoingRun>();
   /** Jobs past the point of no return being settled in the background (driveFinish). */
   private driving = new Map<string, Promise<void>>();
 
@@ -198,17 +148,45 @@ export class Source {
     const j = this.store.active(domain);
     if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name}`);
     if (!sourceCanAbandon(j.phase)) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}, past the point of no return: it cannot be cancelled`);
-    const c = this.cancels.get(j.jobId);
-    if (!c) throw new FerryError('JOB_NOT_FOUND', `Migration of "${domain}" is not running in this ferryd`);
-    c();
+    const run = this.runs.get(j.jobId);
+    if (!run) throw new FerryError('JOB_NOT_FOUND', `Migration of "${domain}" is not running in this ferryd`);
+    run.cancel();
     return { jobId: j.jobId, domain, cancelling: true };
   }
 
-  /** Refusals before a job exists are thrown; after that the answer is the job's report. */
+  /**
+   * A move, as libvirt's phases: begin (checks, the destination's pre-flight), prepare
+   * (its listener), perform (disks, then RAM), switchover (the guest paused here: disk
+   * copies end, the memory check), finish (the point of no return: the destination
+   * resumes the guest) and confirm (this host lets go). Each phase takes the run
+   * (outgoing.ts), which owns what the job holds. Refusals before a job exists are
+   * thrown; after that the answer is the job's report, failures included.
+   */
   async start(params: StartParams): Promise<Report> {
+    const run = await this.open(params);
+    const { j, live } = run;
+    this.runs.set(j.jobId, run);
+    try {
+      await this.begin(run);
+      if (run.mode === 'definition' || !run.q) return await this.moveDefinition(j, run.client, live, (o, m) => run.report(o, m));
+      await this.prepare(run);
+      await this.perform(run);
+      await this.switchover(run);
+      await this.finish(run);
+      return await this.confirm(run);
+    } catch (e) {
+      return await this.failed(run, e);
+    } finally {
+      await run.dispose();
+      this.host.setBusy(live, undefined);
+      this.runs.delete(j.jobId);
+    }
+  }
+
+  /** Checks what can be checked here, connects to the destination, and makes the job (not yet persisted). */
+  private async open(params: StartParams): Promise<OutgoingRun> {
     const t0 = Date.now();
-    const h = this.host;
-    const live = h.get(params.domain);
+    const live = this.host.get(params.domain);
     // Multifd where it helps and nothing is lost by it: a large guest, two spare cores, and
     // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
     const spare = this.planner.spareCores();
@@ -222,290 +200,340 @@ export class Source {
     if (s.kind === 'incoming' || s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${s.kind}`);
     if (s.kind === 'crashed') throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" crashed; destroy or start it before migrating`);
     const mode: Mode = hasProcess(s) ? (p.live ? 'live' : 'offline') : 'definition';
-    const wasRunning = s.kind === 'running';
-    const insecure = p.insecure === true;
-    const maxDowntimeMs = p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
-    const timeoutS = p.timeoutS ?? DEFAULT_TIMEOUT_S;
-    const policy: string[] = [];
-    if (autoParallel) policy.push(`multifd on by itself (2 channels): ${live.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`);
-    // When each step ended, in ms since the request: where the time before the first byte goes.
-    const timeline: Record<string, number> = {};
-    const mark = (k: string): void => { timeline[k] = Date.now() - t0; };
-
     // Nothing has changed yet: a failure to reach or trust the peer leaves the domain as it is.
     const { client, peer } = await this.connectPeer(p.dest);
-    mark('connected');
     const j: SourceJob = {
-      role: 'source', jobId: crypto.randomUUID(), domain: p.domain, uuid: live.rec.config.uuid, mode, encrypted: !insecure,
-      startedAt: t0, updatedAt: t0, history: [{ phase: 'begin', at: t0 }], phase: 'begin', peer, wasRunning,
+      role: 'source', jobId: crypto.randomUUID(), domain: p.domain, uuid: live.rec.config.uuid, mode, encrypted: p.insecure !== true,
+      startedAt: t0, updatedAt: t0, history: [{ phase: 'begin', at: t0 }], phase: 'begin', peer, wasRunning: s.kind === 'running',
     };
-    const report = (outcome: Report['outcome'], m: Partial<Report>): Report => ({
-      outcome, mode, jobId: j.jobId, domain: p.domain, source: h.cfg.name, destination: peer.name, totalMs: Date.now() - t0,
-      setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !insecure,
-      bandwidthMiBs: p.bandwidthMiBs ?? null, maxDowntimeMs, policy, memoryCheck: null, phase: j.phase, timeline, ...m,
-    });
-    let cancelled = false;
-    let cancelFn: () => void = () => undefined;
-    const cancelledP = new Promise<void>((r) => { cancelFn = () => { cancelled = true; r(); }; });
-    this.cancels.set(j.jobId, cancelFn);
-    const stats: Partial<Report> = {};
-    let probe: GuestProbe | undefined;
-    try {
-      if (peer.name === h.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
-      this.store.save(j);
-      const rt = live.rec.runtime;
-      const q = mode === 'definition' ? undefined : live.qmp;
-      if (mode !== 'definition' && !q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
-      // Local disks: copied with --copy-storage (every writable disk), else refused here
-      // when they sit in this host's own directory, which is never shared.
-      const cfg0 = live.rec.config;
-      const writable = cfg0.disks.flatMap((d, i) => (d.readOnly ? [] : [i]));
-      const localDir = h.cfg.storage.localDir + '/';
-      if (!p.copyStorage) {
-        const local = writable.map((i) => cfg0.disks[i].path).filter((f) => f.startsWith(localDir));
-        if (local.length) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${p.domain}": its writable disk ${local.join(', ')} is on ${h.cfg.name}'s own storage (storage.localDir), which no other host shares; move it along with --copy-storage`, { disks: local });
-      } else if (!q) {
-        throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot copy the disks of shut-off domain "${p.domain}": --copy-storage mirrors a running domain's disks while it runs; start it first, or copy its disks by hand`);
-      } else if (!writable.length) {
-        policy.push('--copy-storage: the domain has no writable disk; nothing to copy');
-      }
-      const copyDisks = p.copyStorage && q && writable.length ? await describeDisks(q, writable.map((i) => ({ index: i, path: cfg0.disks[i].path }))) : [];
-      if (copyDisks.length) policy.push(`--copy-storage: ${copyDisks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${peer.name}'s own storage while the guest runs`);
-      // The source QEMU's own settings need nothing from the destination but its name
-      // (its certificate's, known since the handshake): made while Begin runs there.
-      const setupP = q ? this.setup(q, live, p, mode, insecure, peer.name, maxDowntimeMs, policy) : Promise.resolve();
-      setupP.catch(() => undefined); // awaited below; a Begin refusal must not leave it unhandled
-      // The autopilot (live moves, migration/plan.ts): the guest's dirty rate is sampled
-      // while Begin runs there. Post-copy needs the capability on both QEMUs before the
-      // stream, so it is offered whenever the guest's config and the rules allow it;
-      // whether the move switches is decided as it goes.
-      // Never on an engine whose dirty tracking can lose pages (QEMU < 9 under TCG): the
-      // memory check needs both copies paused, and post-copy has no such moment.
-      const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
-      const postcopyWanted = mode === 'live' && live.rec.config.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') && !copyDisks.length;
-      if (mode === 'live' && live.rec.config.postcopy && copyDisks.length) policy.push('post-copy not offered: the disk copies complete while the guest is paused, and post-copy has no such moment');
-      if (mode === 'live' && live.rec.config.postcopy && p.verifyMemory === true) policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
-      if (mode === 'live' && live.rec.config.postcopy && engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${live.rec.runtime?.accel ?? h.accel.accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
-      const planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
-      planP?.catch(() => undefined);
-      // Markers beside writable disks, for the destination to prove it shares them.
-      // (Copied disks need no proof of sharing.)
-      const markers = writeStorageMarkers(copyDisks.length ? { ...cfg0, disks: cfg0.disks.filter((d) => d.readOnly) } : cfg0, j.jobId);
-      const homes = h.tunnelHomes(live.rec.config);
-      // The message's type comes from the protocol module the destination parses it with.
-      const msg: BeginInput = {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure, parallel: p.parallel ?? 1, postcopy: postcopyWanted, homes,
-        peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
-        domain: { config: domainConfigToJson(live.rec.config), fileSizes: fileSizes(live.rec.config), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel, ...(copyDisks.length ? { copyDisks } : {}) },
-      };
-      const begin = await client.request('relocation.begin', msg, 60000).finally(markers.remove);
-      mark('begun');
-      this.step(j, { type: 'dest-accepted' });
-      if (mode === 'definition' || !q) return await this.moveDefinition(j, client, live, report);
+    const run = new OutgoingRun(j, live, p, { client, peer, host: this.host.cfg.name }, { maxDowntimeMs: DEFAULT_MAX_DOWNTIME_MS, timeoutS: DEFAULT_TIMEOUT_S });
+    if (autoParallel) run.policy.push(`multifd on by itself (2 channels): ${live.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`);
+    run.mark('connected');
+    return run;
+  }
 
-      // The destination takes post-copy only where its QEMU can (userfaultfd, its config).
-      let postcopyOn = postcopyWanted;
-      if (postcopyWanted && begin.postcopy !== true) {
-        postcopyOn = false;
-        policy.push(`post-copy not offered: ${peer.name} cannot take it (${String(begin.postcopyWhy ?? 'it did not say why').slice(0, 200)})`);
-      }
-      if (begin.tunnels?.length) {
-        await this.extendTunnels(j, live, homes, begin.tunnels, policy);
-        mark('tunnelsOpen');
-      }
-      await this.probePort(p.domain, peer.name, begin.dataAddress, begin.dataPort);
-      mark('dataPortReached');
-      if (cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
-      h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
-      // The data channel's tls-hostname is the name in the peer's certificate (setup),
-      // never a name the peer states in a message.
-      const prep = await client.request('relocation.prepare', { jobId: j.jobId }, 60000);
-      j.dataPort = prep.dataPort;
-      mark('prepared');
-      this.step(j, { type: 'dest-prepared' });
-      h.setBusy(live, `migrating to ${peer.name}`);
-      // The pause on one clock, this host's monotonic one: from the source QEMU's STOP
-      // event to the destination's word that its guest resumed (an upper bound: it
-      // includes that answer's way back).
-      let stopAt: number | null = null;
-      const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && stopAt === null) stopAt = performance.now(); };
-      q.on('event', onStop);
-      const ip = wasRunning && p.probeGuest !== false ? guestIp(live.rec.config.nics) : undefined;
-      if (p.probeGuest === false) stats.guestProbe = 'not measured (--no-probe)';
-      if (ip) { probe = new GuestProbe(ip); probe.start(); }
-      const watch = new MigrationWatcher(q);
-      let inPostcopy = false;
-      let planned: Promise<void> | undefined;
-      try {
-        await setupP;
-        if (copyDisks.length) {
-          const nbd = prep.nbd;
-          const [lo, hi] = [1, 65535];
-          if (!nbd || net.isIP(String(nbd.address)) === 0 || !Number.isInteger(nbd.port) || nbd.port < lo || nbd.port > hi) throw new FerryError('MIGRATION_PROTOCOL', `${peer.name} prepared no disk export for --copy-storage`);
-          j.nbd = { address: nbd.address, port: nbd.port };
-          this.store.saveLater(j);
-          stats.storage = await this.copyDisks(j, q, copyDisks, nbd, insecure ? null : { creds: 'ferry-tls-out', hostname: peer.name }, p, t0, timeoutS, cancelledP, begin.copyDisks ?? []);
-          mark('disksInSync');
-        }
-        // The operator's --strategy postcopy needs no measurement to act on.
-        const auto: Autopilot = { postcopyOn, pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && postcopyOn ? 'postcopy' : 'pending', onTimeout: p.onTimeout ?? (postcopyOn ? 'postcopy' : 'cancel') };
-        await this.capabilities(q, mode, auto, policy);
-        // The plan arrives while the first pass runs (the dirty rate takes DIRTY_SAMPLE_MS
-        // to measure): the stream does not wait for it, and the autopilot acts on it from
-        // the end of that pass.
-        planned = planP?.then((pl0) => {
-          let pl = pl0;
-          if (!postcopyOn && pl.plan.input.postcopyAllowed) {
-            // The destination cannot take post-copy: the plan without it.
-            pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, postcopyWanted ? `${peer.name} cannot take post-copy` : 'post-copy is not offered for this move');
-          }
-          stats.plan = pl.view;
-          auto.pick = pl.plan.pick;
-          const v = pl.view;
-          policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
-          mark('planned');
-        }, (e) => { policy.push(`no plan: ${(e as Error).message}`); });
-        if (mode === 'offline' && wasRunning) await outgoingOf(q).stop();
-        this.step(j, { type: 'stream-started' });
-        await outgoingOf(q).migrate(uri.tcp(prep.dataAddress, prep.dataPort));
-        mark('migrateIssued');
-        const done = await this.supervise(j, q, watch, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP, () => cancelled, auto);
-        Object.assign(stats, done);
-        await planned;
-        stats.strategy = done.strategy ?? (mode === 'offline' ? 'offline' : auto.throttled ? 'auto-converge' : 'precopy');
-        if (auto.switchedAt !== undefined) {
-          // Past the point of no return already: the source guest stopped, and the
-          // destination holds its devices. The job says so before anything else happens.
-          inPostcopy = true;
-          j.postcopy = { startedAt: Date.now() };
-          stats.postcopy = { startedAtMs: Math.round(auto.switchedAt - performance.now() + Date.now() - t0), windowMs: null };
-        }
-      } finally {
-        q.off('event', onStop);
-        if (!inPostcopy) watch.dispose();
-      }
-      if (stats.setupMs != null) timeline.firstByte = stats.setupMs;
-      const completedAt = watch.at.get('completed');
-      if (completedAt !== undefined) timeline.streamCompleted = Math.round(completedAt - t0);
-      this.step(j, { type: 'stream-completed' });
-      // The guest is paused and its RAM is there: each disk copy ends as a point-in-time copy.
-      const mirror = this.mirrors.get(j.jobId);
-      if (mirror) {
-        const tc = performance.now();
-        await mirror.complete();
-        if (stats.storage) stats.storage.copyMs += Math.round(performance.now() - tc);
-        mark('disksCompleted');
-      }
-      // Still before the point of no return: both guests are paused, so a mismatch
-      // abandons like any other failure and the domain resumes here.
-      const unreliable = engineLoses;
-      if (inPostcopy) {
-        if (p.verifyMemory || unreliable) policy.push('memory check skipped: in post-copy the destination\'s RAM is complete only after its guest runs');
-      } else if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
-        const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
-        policy.push(p.verifyMemory ? `memory check requested: ${how}`
-          : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
-        stats.memoryCheck = await this.memcheck.verify(j, client, live, mode, unreliable);
-      } else if (mode === 'live' && unreliable) {
-        policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
-      }
-
-      // ---- point of no return: persisted before D is asked to run the guest ----
-      this.step(j, { type: 'finish-sent' });
-      this.cancels.delete(j.jobId);
-      const fin = await this.finishOrResolve(j, client, wasRunning);
-      if (fin === null) {
-        // D cannot be asked now: the source copy stays paused, and the driver (below,
-        // from the catch) keeps asking.
-        throw new FerryError('MIGRATION_UNRESOLVED', `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``);
-      }
-      if (j.phase !== 'finish') {
-        // Settled by the operator while we asked.
-        throw new FerryError(j.phase === 'abandoned' ? 'MIGRATION_FAILED' : 'MIGRATION_UNRESOLVED', `Migration of "${p.domain}" was settled by the operator (\`ferry job resolve\`): it ${j.phase === 'abandoned' ? `runs on ${h.cfg.name}` : `runs on ${peer.name}`}`);
-      }
-      if (fin.abandoned) {
-        // The destination's word that it never ran the guest: the only way back from finish.
-        await this.settleFinish(j, live, fin);
-        throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
-      }
-      mark('destRunning');
-      if (inPostcopy) {
-        // The guest runs there; the pages it has not got yet are still here. This QEMU
-        // lives until the stream completes, and its copy is never resumed.
-        this.step(j, { type: 'dest-running' });
-        const pcStart = performance.now();
-        try {
-          // A broken stream is resumed within the operator's budget (at least 60 s more).
-          if (!fin.crashed) await this.awaitPostcopy(j, q, watch, t0, Math.max(t0 + timeoutS * 1000, Date.now() + 60000), (n, ms) => {
-            policy.push(`post-copy stream broke and was resumed after ${ms} ms (${n} attempt${n > 1 ? 's' : ''})`);
-            if (stats.postcopy) stats.postcopy.recoveries = (stats.postcopy.recoveries ?? 0) + 1;
-          });
-          j.waiting = undefined;
-        } finally {
-          watch.dispose();
-        }
-        if (stats.postcopy) stats.postcopy.windowMs = Math.round(performance.now() - pcStart);
-        mark('postcopyCompleted');
-        this.step(j, { type: 'postcopy-done' });
-      } else {
-        this.step(j, { type: 'dest-finished' });
-      }
-      Object.assign(stats, await this.streamStats(j, q, t0, stats.passes ?? 0));
-      const sourceDisks = stats.storage?.disks.map((d) => d.from) ?? [];
-      await this.retire(live, j);
-      if (p.deleteSourceStorage && sourceDisks.length) {
-        // The guest runs there on its copies; the operator asked for these to go.
-        for (const f of sourceDisks) fs.rmSync(f, { force: true });
-        policy.push(`--delete-source-storage: ${sourceDisks.join(', ')} deleted on ${h.cfg.name}`);
-      } else if (sourceDisks.length) {
-        policy.push(`the source's disks stay on ${h.cfg.name} (${sourceDisks.join(', ')}) until you delete them; the guest runs on its copies on ${peer.name}`);
-      }
-      mark('sourceClean');
-      if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
-      // totalMs ends here: the guest runs on the destination and the source is clean.
-      stats.totalMs = Date.now() - t0;
-      if (probe) {
-        // The gap ends with the guest's first answer from its new host; the network
-        // handover, from the destination's word that the guest resumed to that answer.
-        const resumedAt = fin.answeredAt ?? performance.now();
-        const answered = await probe.waitForReplyAfter(Math.max(resumedAt, performance.now() - 1), 10000);
-        const first = probe.firstReplyAfter(resumedAt);
-        stats.networkHandoverMs = first !== null ? Math.round(first - resumedAt) : null;
-        if (!answered && first === null) stats.warnings = [...(stats.warnings ?? []), `the guest did not answer at ${ip} from ${h.cfg.name}'s side of its segment within 10 s of resuming on ${peer.name}: its network may not have followed it (check the segment, the bridge and the guest)`];
-        const g = await probe.stop();
-        probe = undefined;
-        stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
-        stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
-      }
-      client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
-      const r = report('succeeded', { ...stats, pauseMs: stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - stopAt) : null });
-      j.report = r;
-      this.store.saveLater(j);
-      this.store.prune();
-      h.emit('migration.done', { domain: p.domain, report: r });
-      return r;
-    } catch (e) {
-      let fe = asFerryError(e);
-      if (cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${h.cfg.name}`);
-      // The same driver as after a restart, from the phase on disk: abandon before the
-      // point of no return, keep asking past it.
-      if (this.store.jobs.has(j.jobId)) await this.drive(j, fe.message, client);
-      const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' || (j.phase === 'postcopy' && fe.code === 'MIGRATION_UNRESOLVED') ? 'unresolved' : 'failed';
-      const r = report(outcome, { ...stats, error: { code: fe.code, message: fe.message } });
-      j.report = r;
-      j.error = r.error;
-      if (this.store.jobs.has(j.jobId)) this.store.saveLater(j);
-      h.emit('migration.done', { domain: p.domain, report: r });
-      // Once a job exists, the answer is its report, failures included (`error` says why).
-      return r;
-    } finally {
-      if (probe) await probe.stop(0);
-      h.setBusy(live, undefined);
-      this.cancels.delete(j.jobId);
-      this.mirrors.get(j.jobId)?.dispose();
-      this.mirrors.delete(j.jobId);
-      client.close();
+  /** Local disks: copied with --copy-storage (every writable disk), else refused when they sit in this host's own directory, which is never shared. */
+  private async disksToCopy(run: OutgoingRun): Promise<CopyDisk[]> {
+    const { p, q, policy } = run;
+    const h = this.host;
+    const cfg0 = run.live.rec.config;
+    const writable = cfg0.disks.flatMap((d, i) => (d.readOnly ? [] : [i]));
+    const localDir = h.cfg.storage.localDir + '/';
+    if (!p.copyStorage) {
+      const local = writable.map((i) => cfg0.disks[i].path).filter((f) => f.startsWith(localDir));
+      if (local.length) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${p.domain}": its writable disk ${local.join(', ')} is on ${h.cfg.name}'s own storage (storage.localDir), which no other host shares; move it along with --copy-storage`, { disks: local });
+      return [];
     }
+    if (!q) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot copy the disks of shut-off domain "${p.domain}": --copy-storage mirrors a running domain's disks while it runs; start it first, or copy its disks by hand`);
+    if (!writable.length) { policy.push('--copy-storage: the domain has no writable disk; nothing to copy'); return []; }
+    const disks = await describeDisks(q, writable.map((i) => ({ index: i, path: cfg0.disks[i].path })));
+    policy.push(`--copy-storage: ${disks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${run.peer.name}'s own storage while the guest runs`);
+    return disks;
+  }
+
+  /**
+   * Whether the move offers post-copy: the autopilot (migration/plan.ts) decides whether
+   * it switches as it goes, but both QEMUs need the capability before the stream. Never
+   * on an engine whose dirty tracking can lose pages (QEMU < 9 under TCG: the memory
+   * check needs both copies paused, and post-copy has no such moment).
+   */
+  private offerPostcopy(run: OutgoingRun): void {
+    const { p, live, policy, mode } = run;
+    const h = this.host;
+    run.engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? h.accel.accel, h.qemu.version);
+    run.postcopyWanted = mode === 'live' && live.rec.config.postcopy && !run.engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') && !run.copyDisks.length;
+    if (mode !== 'live' || !live.rec.config.postcopy) return;
+    if (run.copyDisks.length) policy.push('post-copy not offered: the disk copies complete while the guest is paused, and post-copy has no such moment');
+    if (p.verifyMemory === true) policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
+    if (run.engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${live.rec.runtime?.accel ?? h.accel.accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
+  }
+
+  /** Phase begin: the job persisted, this QEMU set up and the guest measured while the destination runs its pre-flight. */
+  private async begin(run: OutgoingRun): Promise<void> {
+    const { j, live, p, peer, mode } = run;
+    const h = this.host;
+    if (peer.name === h.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
+    this.store.save(j);
+    const rt = live.rec.runtime;
+    run.q = mode === 'definition' ? undefined : live.qmp;
+    if (mode !== 'definition' && !run.q) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${p.domain}" is not connected`);
+    const q = run.q;
+    run.copyDisks = await this.disksToCopy(run);
+    // The source QEMU's own settings need nothing from the destination but its name
+    // (its certificate's, known since the handshake): made while Begin runs there.
+    run.setupP = q ? this.setup(q, live, p, mode, run.insecure, peer.name, run.maxDowntimeMs, run.policy) : Promise.resolve();
+    run.setupP.catch(() => undefined); // awaited in perform; a Begin refusal must not leave it unhandled
+    this.offerPostcopy(run);
+    // The autopilot samples the guest's dirty rate while Begin runs there.
+    run.planP = mode === 'live' && q ? this.planner.planFor(live, q, peer.name, p) : undefined;
+    run.planP?.catch(() => undefined);
+    // Markers beside writable disks, for the destination to prove it shares them.
+    // (Copied disks need no proof of sharing.)
+    const cfg0 = live.rec.config;
+    const markers = writeStorageMarkers(run.copyDisks.length ? { ...cfg0, disks: cfg0.disks.filter((d) => d.readOnly) } : cfg0, j.jobId);
+    run.homes = h.tunnelHomes(cfg0);
+    // The message's type comes from the protocol module the destination parses it with.
+    const msg: BeginInput = {
+      version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure: run.insecure, parallel: p.parallel ?? 1, postcopy: run.postcopyWanted, homes: run.homes,
+      peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
+      domain: { config: domainConfigToJson(cfg0), fileSizes: fileSizes(cfg0), storageNonce: markers.nonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel, ...(run.copyDisks.length ? { copyDisks: run.copyDisks } : {}) },
+    };
+    run.begun = await run.client.request('relocation.begin', msg, 60000).finally(markers.remove);
+    run.mark('begun');
+    this.step(j, { type: 'dest-accepted' });
+  }
+
+  /** Phase prepare: tunnels, the data port reached, the domain marked as leaving, the destination's one-shot listener open. */
+  private async prepare(run: OutgoingRun): Promise<void> {
+    const { j, live, p, peer, policy } = run;
+    const h = this.host;
+    const begun = run.begun!;
+    // The destination takes post-copy only where its QEMU can (userfaultfd, its config).
+    run.postcopyOn = run.postcopyWanted;
+    if (run.postcopyWanted && begun.postcopy !== true) {
+      run.postcopyOn = false;
+      policy.push(`post-copy not offered: ${peer.name} cannot take it (${String(begun.postcopyWhy ?? 'it did not say why').slice(0, 200)})`);
+    }
+    if (begun.tunnels?.length) {
+      await this.extendTunnels(j, live, run.homes, begun.tunnels, policy);
+      run.mark('tunnelsOpen');
+    }
+    await this.probePort(p.domain, peer.name, begun.dataAddress, begun.dataPort);
+    run.mark('dataPortReached');
+    if (run.cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
+    h.apply(live, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
+    // The data channel's tls-hostname is the name in the peer's certificate (setup),
+    // never a name the peer states in a message.
+    run.prepared = await run.client.request('relocation.prepare', { jobId: j.jobId }, 60000);
+    j.dataPort = run.prepared.dataPort;
+    run.mark('prepared');
+    this.step(j, { type: 'dest-prepared' });
+    h.setBusy(live, `migrating to ${peer.name}`);
+  }
+
+  /** Phase perform: the disks mirrored into the destination's exports until in sync, then RAM streamed, supervised to its end. */
+  private async perform(run: OutgoingRun): Promise<void> {
+    const { j, p, mode, stats } = run;
+    const q = run.q!;
+    // The pause on one clock, this host's monotonic one: from the source QEMU's STOP
+    // event to the destination's word that its guest resumed (an upper bound: it
+    // includes that answer's way back).
+    run.watchStop(q);
+    const ip = run.wasRunning && p.probeGuest !== false ? guestIp(run.live.rec.config.nics) : undefined;
+    if (p.probeGuest === false) stats.guestProbe = 'not measured (--no-probe)';
+    if (ip) { run.probe = new GuestProbe(ip); run.probe.start(); }
+    run.watch = new MigrationWatcher(q);
+    try {
+      await run.setupP;
+      if (run.copyDisks.length) await this.mirrorDisks(run);
+      // The operator's --strategy postcopy needs no measurement to act on.
+      const auto: Autopilot = { postcopyOn: run.postcopyOn, pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && run.postcopyOn ? 'postcopy' : 'pending', onTimeout: p.onTimeout ?? (run.postcopyOn ? 'postcopy' : 'cancel') };
+      await this.capabilities(q, mode, auto, run.policy);
+      const planned = this.whenPlanned(run, auto);
+      if (mode === 'offline' && run.wasRunning) await outgoingOf(q).stop();
+      this.step(j, { type: 'stream-started' });
+      await outgoingOf(q).migrate(uri.tcp(run.prepared!.dataAddress, run.prepared!.dataPort));
+      run.mark('migrateIssued');
+      const done = await this.supervise(run, auto);
+      Object.assign(stats, done);
+      await planned;
+      stats.strategy = done.strategy ?? (mode === 'offline' ? 'offline' : auto.throttled ? 'auto-converge' : 'precopy');
+      if (auto.switchedAt !== undefined) {
+        // Past the point of no return already: the source guest stopped, and the
+        // destination holds its devices. The job says so before anything else happens.
+        run.inPostcopy = true;
+        j.postcopy = { startedAt: Date.now() };
+        stats.postcopy = { startedAtMs: Math.round(auto.switchedAt - performance.now() + Date.now() - run.t0), windowMs: null };
+      }
+    } finally {
+      run.unwatchStop();
+      if (!run.inPostcopy) run.watch.dispose();
+    }
+    if (stats.setupMs != null) run.timeline.firstByte = stats.setupMs;
+    const completedAt = run.watch.at.get('completed');
+    if (completedAt !== undefined) run.timeline.streamCompleted = Math.round(completedAt - run.t0);
+    this.step(j, { type: 'stream-completed' });
+  }
+
+  /** --copy-storage: every disk mirrored into the destination's NBD exports until in sync. */
+  private async mirrorDisks(run: OutgoingRun): Promise<void> {
+    const nbd = run.prepared!.nbd;
+    if (!nbd || net.isIP(String(nbd.address)) === 0 || !Number.isInteger(nbd.port) || nbd.port < 1 || nbd.port > 65535) throw new FerryError('MIGRATION_PROTOCOL', `${run.peer.name} prepared no disk export for --copy-storage`);
+    run.j.nbd = { address: nbd.address, port: nbd.port };
+    this.store.saveLater(run.j);
+    run.stats.storage = await this.copyDisks(run, nbd, run.begun!.copyDisks ?? []);
+    run.mark('disksInSync');
+  }
+
+  /**
+   * The plan arrives while the first pass runs (the dirty rate takes DIRTY_SAMPLE_MS to
+   * measure): the stream does not wait for it, and the autopilot acts on it from the end
+   * of that pass.
+   */
+  private whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefined {
+    const { p, peer } = run;
+    return run.planP?.then((pl0) => {
+      let pl = pl0;
+      if (!run.postcopyOn && pl.plan.input.postcopyAllowed) {
+        // The destination cannot take post-copy: the plan without it.
+        pl = this.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), p.domain, peer.name, pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, run.postcopyWanted ? `${peer.name} cannot take post-copy` : 'post-copy is not offered for this move');
+      }
+      run.stats.plan = pl.view;
+      auto.pick = pl.plan.pick;
+      const v = pl.view;
+      run.policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
+      run.mark('planned');
+    }, (e) => { run.policy.push(`no plan: ${(e as Error).message}`); });
+  }
+
+  /**
+   * Phase switchover, the guest paused here and its RAM there: each disk copy ends as a
+   * point-in-time copy, and the memory check runs. Still before the point of no return:
+   * both guests are paused, so a mismatch abandons like any other failure and the domain
+   * resumes here.
+   */
+  private async switchover(run: OutgoingRun): Promise<void> {
+    const { p, policy, mode } = run;
+    const h = this.host;
+    const mirror = run.mirror;
+    if (mirror) {
+      const tc = performance.now();
+      await mirror.complete();
+      if (run.stats.storage) run.stats.storage.copyMs += Math.round(performance.now() - tc);
+      run.mark('disksCompleted');
+    }
+    const unreliable = run.engineLoses;
+    if (run.inPostcopy) {
+      if (p.verifyMemory || unreliable) policy.push('memory check skipped: in post-copy the destination\'s RAM is complete only after its guest runs');
+    } else if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
+      const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
+      policy.push(p.verifyMemory ? `memory check requested: ${how}`
+        : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
+      run.stats.memoryCheck = await this.memcheck.verify(run.j, run.client, run.live, mode, unreliable);
+    } else if (mode === 'live' && unreliable) {
+      policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
+    }
+  }
+
+  /**
+   * Phase finish, the point of no return: persisted before the destination is asked to
+   * run the guest. From here the source's copy never runs again unless the destination
+   * says, in so many words, that it abandoned.
+   */
+  private async finish(run: OutgoingRun): Promise<void> {
+    const { j, p, peer } = run;
+    const h = this.host;
+    this.step(j, { type: 'finish-sent' });
+    const fin = await this.finishOrResolve(j, run.client, run.wasRunning);
+    if (fin === null) {
+      // D cannot be asked now: the source copy stays paused, and the driver (from the
+      // failure path) keeps asking.
+      throw new FerryError('MIGRATION_UNRESOLVED', `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``);
+    }
+    if (j.phase !== 'finish') {
+      // Settled by the operator while we asked.
+      throw new FerryError(j.phase === 'abandoned' ? 'MIGRATION_FAILED' : 'MIGRATION_UNRESOLVED', `Migration of "${p.domain}" was settled by the operator (\`ferry job resolve\`): it ${j.phase === 'abandoned' ? `runs on ${h.cfg.name}` : `runs on ${peer.name}`}`);
+    }
+    if (fin.abandoned) {
+      // The destination's word that it never ran the guest: the only way back from finish.
+      await this.settleFinish(j, run.live, fin);
+      throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
+    }
+    run.fin = fin;
+    run.mark('destRunning');
+    if (run.inPostcopy) await this.finishPostcopy(run);
+    else this.step(j, { type: 'dest-finished' });
+  }
+
+  /**
+   * Post-copy: the guest runs there; the pages it has not got yet are still here. This
+   * QEMU lives until the stream completes (a broken stream is resumed within the
+   * operator's budget, at least 60 s more), and its copy is never resumed.
+   */
+  private async finishPostcopy(run: OutgoingRun): Promise<void> {
+    const { j, stats } = run;
+    this.step(j, { type: 'dest-running' });
+    const pcStart = performance.now();
+    try {
+      if (!run.fin!.crashed) await this.awaitPostcopy(j, run.q!, run.watch!, run.t0, Math.max(run.t0 + run.timeoutS * 1000, Date.now() + 60000), (n, ms) => {
+        run.policy.push(`post-copy stream broke and was resumed after ${ms} ms (${n} attempt${n > 1 ? 's' : ''})`);
+        if (stats.postcopy) stats.postcopy.recoveries = (stats.postcopy.recoveries ?? 0) + 1;
+      });
+      j.waiting = undefined;
+    } finally {
+      run.watch!.dispose();
+    }
+    if (stats.postcopy) stats.postcopy.windowMs = Math.round(performance.now() - pcStart);
+    run.mark('postcopyCompleted');
+    this.step(j, { type: 'postcopy-done' });
+  }
+
+  /** Phase confirm: the figures, this host let go of the domain, the guest-perceived gap measured, the destination told. */
+  private async confirm(run: OutgoingRun): Promise<Report> {
+    const { j, p, peer, stats, policy } = run;
+    const h = this.host;
+    const fin = run.fin!;
+    Object.assign(stats, await this.streamStats(j, run.q!, run.t0, stats.passes ?? 0));
+    const sourceDisks = stats.storage?.disks.map((d) => d.from) ?? [];
+    await this.retire(run.live, j);
+    if (p.deleteSourceStorage && sourceDisks.length) {
+      // The guest runs there on its copies; the operator asked for these to go.
+      for (const f of sourceDisks) fs.rmSync(f, { force: true });
+      policy.push(`--delete-source-storage: ${sourceDisks.join(', ')} deleted on ${h.cfg.name}`);
+    } else if (sourceDisks.length) {
+      policy.push(`the source's disks stay on ${h.cfg.name} (${sourceDisks.join(', ')}) until you delete them; the guest runs on its copies on ${peer.name}`);
+    }
+    run.mark('sourceClean');
+    if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
+    // totalMs ends here: the guest runs on the destination and the source is clean.
+    stats.totalMs = Date.now() - run.t0;
+    await this.guestGap(run, fin);
+    run.client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
+    const r = run.report('succeeded', { ...stats, pauseMs: run.stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - run.stopAt) : null });
+    j.report = r;
+    this.store.saveLater(j);
+    this.store.prune();
+    h.emit('migration.done', { domain: p.domain, report: r });
+    return r;
+  }
+
+  /**
+   * The guest-perceived gap ends with the guest's first answer from its new host; the
+   * network handover, from the destination's word that the guest resumed to that answer.
+   */
+  private async guestGap(run: OutgoingRun, fin: Resolution): Promise<void> {
+    const probe = run.probe;
+    if (!probe) return;
+    const { stats } = run;
+    const h = this.host;
+    const resumedAt = fin.answeredAt ?? performance.now();
+    const answered = await probe.waitForReplyAfter(Math.max(resumedAt, performance.now() - 1), 10000);
+    const first = probe.firstReplyAfter(resumedAt);
+    stats.networkHandoverMs = first !== null ? Math.round(first - resumedAt) : null;
+    const ip = guestIp(run.live.rec.config.nics);
+    if (!answered && first === null) stats.warnings = [...(stats.warnings ?? []), `the guest did not answer at ${ip} from ${h.cfg.name}'s side of its segment within 10 s of resuming on ${run.peer.name}: its network may not have followed it (check the segment, the bridge and the guest)`];
+    const g = await probe.stop();
+    run.probe = undefined;
+    stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
+    stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
+  }
+
+  /**
+   * Any failure: the same driver as after a restart, from the phase on disk (abandon
+   * before the point of no return, keep asking past it), and the report says why.
+   */
+  private async failed(run: OutgoingRun, e: unknown): Promise<Report> {
+    const { j, p, peer } = run;
+    let fe = asFerryError(e);
+    if (run.cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${this.host.cfg.name}`);
+    if (this.store.jobs.has(j.jobId)) await this.drive(j, fe.message, run.client);
+    const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' || (j.phase === 'postcopy' && fe.code === 'MIGRATION_UNRESOLVED') ? 'unresolved' : 'failed';
+    const r = run.report(outcome, { ...run.stats, error: { code: fe.code, message: fe.message } });
+    j.report = r;
+    j.error = r.error;
+    if (this.store.jobs.has(j.jobId)) this.store.saveLater(j);
+    this.host.emit('migration.done', { domain: p.domain, report: r });
+    return r;
   }
 
   private async moveDefinition(j: SourceJob, client: ApiClient, live: Live, report: (o: Report['outcome'], m: Partial<Report>) => Report): Promise<Report> {
@@ -596,7 +624,11 @@ export class Source {
    * byte counters (QEMU has no event for them) for the progress bar and applies the
    * convergence policy and deadline.
    */
-  private async supervise(j: SourceJob, q: QmpClient, w: MigrationWatcher, mode: Mode, t0: number, timeoutS: number, maxDowntimeMs: number, policy: string[], cancelledP: Promise<void>, isCancelled: () => boolean, auto: Autopilot): Promise<Partial<Report>> {
+  private async supervise(run: OutgoingRun, auto: Autopilot): Promise<Partial<Report>> {
+    const { j, mode, t0, timeoutS, maxDowntimeMs, policy, cancelledP } = run;
+    const q = run.q!;
+    const w = run.watch!;
+    const isCancelled = (): boolean => run.cancelled;
     let cancelSent = false;
     let timedOut = false;
     let suspended = false;
@@ -621,7 +653,7 @@ export class Source {
       ticking = true;
       try {
         // A disk copy that broke (--copy-storage) ends the move: the guest stays here.
-        const mirror = this.mirrors.get(j.jobId);
+        const mirror = this.runs.get(j.jobId)?.mirror;
         if (mirror?.failed && !cancelSent) { policy.push(`disk copy failed: ${mirror.failed}`); cancel(); }
         if (mirror) mirror.last = await mirror.progress().catch(() => mirror.last);
         const m = await outgoingOf(q).info();
@@ -675,7 +707,7 @@ export class Source {
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
-      const diskFailed = this.mirrors.get(j.jobId)?.failed;
+      const diskFailed = this.runs.get(j.jobId)?.mirror?.failed;
       if (diskFailed) throw new FerryError('MIGRATION_FAILED', `Copying the disks of "${j.domain}" failed (${diskFailed}); cancelled, the domain keeps running on the source with its own disks`);
       if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`);
       if (timedOut) throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
@@ -736,7 +768,7 @@ export class Source {
     const eta = done ? 0 : rate <= 0 ? null : post ? remaining / rate : precopyEtaS(remaining, dirty, rate, maxDowntimeMs);
     const ramPct = done ? 100 : total ? Math.min(100, ((total - remaining) / total) * 100) : 0;
     // With disks copied first (--copy-storage), the bar spans both: the disks' share is done.
-    const disk = this.mirrors.get(j.jobId)?.last;
+    const disk = this.runs.get(j.jobId)?.mirror?.last;
     const share = disk ? this.diskShare(j, disk.total) : 0;
     const raw = share * 100 + (1 - share) * ramPct;
     const prog: Progress = {
@@ -1093,9 +1125,12 @@ export class Source {
    * bar; the operator's cancel and --timeout stop it (the abandon then forces the jobs
    * off). --bandwidth caps each mirror too.
    */
-  private async copyDisks(j: SourceJob, q: QmpClient, disks: CopyDisk[], nbd: { address: string; port: number }, tls: { creds: string; hostname: string } | null, p: StartParams, t0: number, timeoutS: number, cancelledP: Promise<void>, placed: { index: number; path: string }[]): Promise<NonNullable<Report['storage']>> {
-    const mirror = new DiskMirror(q, disks);
-    this.mirrors.set(j.jobId, mirror);
+  private async copyDisks(run: OutgoingRun, nbd: { address: string; port: number }, placed: { index: number; path: string }[]): Promise<NonNullable<Report['storage']>> {
+    const { j, p, t0, timeoutS, cancelledP } = run;
+    const disks = run.copyDisks;
+    const tls = run.insecure ? null : { creds: 'ferry-tls-out', hostname: run.peer.name };
+    const mirror = new DiskMirror(run.q!, disks);
+    run.mirror = mirror;
     const tc = performance.now();
     let timer: NodeJS.Timeout | undefined;
     const stop = new Promise<string>((resolve) => {
