@@ -23,6 +23,7 @@ import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 import { parseDomainConfig, type DomainConfig } from '../domain/config.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
+import { str, optStr, optBool, int, optNum, params } from './shapes.ts';
 
 /**
  * Begin refuses any other version, so hosts that would disagree later (after the copy)
@@ -190,12 +191,6 @@ function checkCopyDisks(disks: CopyDisk[], config: DomainConfig): CopyDisk[] {
   return disks;
 }
 
-// The API registry's shapes of the relocation actions (schema.ts spreads them in).
-const str = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).max(4096, { error: 'must be a non-empty string' });
-const int = (min: number, max: number) => z.number({ error: `must be an integer from ${min} to ${max}` }).int({ error: `must be an integer from ${min} to ${max}` }).min(min, { error: `must be an integer from ${min} to ${max}` }).max(max, { error: `must be an integer from ${min} to ${max}` });
-const optBool = z.boolean({ error: 'must be true or false' }).optional();
-const optNum = (min: number, max: number) => z.number({ error: `must be a number from ${min} to ${max}` }).finite({ error: `must be a number from ${min} to ${max}` }).min(min, { error: `must be a number from ${min} to ${max}` }).max(max, { error: `must be a number from ${min} to ${max}` }).optional();
-const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
 const chunkList = (() => {
   const error = 'must be a list of at most 8192 integers from 0 to 1048576';
   return z.array(z.number({ error }).int({ error }).min(0, { error }).max(1 << 20, { error }), { error }).max(8192, { error }).optional();
@@ -212,7 +207,7 @@ export const RELOCATION_ACTIONS = {
   'relocation.digest': params({ jobId: str, chunks: chunkList }),
   'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
   'relocation.finish': params({ jobId: str, running: optBool }),
-  'relocation.abandon': params({ jobId: str, reason: str.optional() }),
+  'relocation.abandon': params({ jobId: str, reason: optStr }),
   'relocation.confirm': params({ jobId: str }),
   'relocation.status': params({ jobId: str }),
   // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)

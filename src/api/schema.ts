@@ -7,16 +7,11 @@ import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 import { RELOCATION_ACTIONS } from './relocation.ts';
 
-// Parameter shapes, each with the words a refusal uses.
-const str = z.string({ error: 'must be a non-empty string' }).min(1, { error: 'must be a non-empty string' }).max(4096, { error: 'must be a non-empty string' });
-const optStr = str.optional();
-const optBool = z.boolean({ error: 'must be true or false' }).optional();
-const int = (min: number, max: number) => z.number({ error: `must be an integer from ${min} to ${max}` }).int({ error: `must be an integer from ${min} to ${max}` }).min(min, { error: `must be an integer from ${min} to ${max}` }).max(max, { error: `must be an integer from ${min} to ${max}` });
-const optNum = (min: number, max: number) => z.number({ error: `must be a number from ${min} to ${max}` }).finite({ error: `must be a number from ${min} to ${max}` }).min(min, { error: `must be a number from ${min} to ${max}` }).max(max, { error: `must be a number from ${min} to ${max}` }).optional();
+import { str, optStr, optBool, int, optNum, params } from './shapes.ts';
+
 const saveFile = z.string().refine((v) => v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)), { error: 'must be a file name (in the save directory) or an absolute path' });
 /** Checked in depth by the handler (a domain config: domain/config.ts). */
 const opaque = z.unknown();
-const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);
 const optStrategy = z.enum(['auto', 'precopy', 'postcopy'], { error: 'must be one of auto, precopy, postcopy' }).optional();
 const optOnTimeout = z.enum(['cancel', 'suspend', 'postcopy'], { error: 'must be one of cancel, suspend, postcopy' }).optional();
 

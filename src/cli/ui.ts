@@ -15,6 +15,7 @@
  *
  * Charts: uPlot; console: xterm.js; both served from node_modules, nothing from the net.
  */
+import { isLoopback, boundWebServer, WEB_HANDSHAKE_MS } from '../util/web.ts';
 import http from 'node:http';
 import https from 'node:https';
 import crypto from 'node:crypto';
@@ -240,22 +241,18 @@ export class UiServer {
     const m = /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(this.o.listen);
     if (!m) throw new FerryError('CLI_USAGE', `--listen must be ADDRESS:PORT, got "${this.o.listen}"`);
     const address = m[1].replace(/^\[|\]$/g, '');
-    const loopback = address === 'localhost' || address.startsWith('127.') || address === '::1';
+    const loopback = isLoopback(address);
     if (!loopback && !this.o.tlsDir) throw new FerryError('CLI_USAGE', `Serving on ${address} needs HTTPS: give --tls-dir (a host certificate's directory); browsers then present an administrator certificate`);
     await this.discover();
     const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => { void this.handle(req, res); };
     if (this.o.tlsDir) {
       const f = (n: string): Buffer => fs.readFileSync(path.join(this.o.tlsDir!, n));
-      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true, handshakeTimeout: 5000 }, handler);
-      // Node keeps a failed or stalled handshake open when anyone listens for it: drop it.
-      this.server.on('tlsClientError', (_e, sock) => sock.destroy());
+      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true, handshakeTimeout: WEB_HANDSHAKE_MS }, handler);
     } else {
       this.server = http.createServer(handler);
     }
     // A browser holds a few connections (the page, its event stream, a console socket).
-    this.server.maxConnections = 64;
-    this.server.headersTimeout = 5000;
-    this.server.requestTimeout = 10000;
+    boundWebServer(this.server, 64);
     await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(Number(m[2]), address, () => resolve()); });
     for (const n of this.hosts.keys()) this.subscribe(n);
     const port = (this.server.address() as { port: number }).port;

@@ -14,6 +14,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import { loadTls } from '../tls/ca.ts';
+import { isLoopback, boundWebServer, WEB_HANDSHAKE_MS } from '../util/web.ts';
 import client from 'prom-client';
 import type { Report } from '../api/protocol.ts';
 import type { Host } from './host.ts';
@@ -22,11 +23,6 @@ import type { Logger } from './log.ts';
 /** Seconds: migrations from a second to half an hour; pauses from a millisecond to a minute. */
 const TOTAL_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800];
 const PAUSE_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60];
-
-/** 127.0.0.0/8, ::1 and localhost: the host's own processes only. */
-export function isLoopback(address: string): boolean {
-  return address === 'localhost' || address === '::1' || /^127\./.test(address);
-}
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -94,16 +90,11 @@ export class Metrics {
     const tls = !isLoopback(address);
     if (tls) {
       const f = loadTls(tlsDir);
-      this.server = https.createServer({ ca: f.ca, cert: f.cert, key: f.key, ...(f.crl ? { crl: f.crl } : {}), requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3', handshakeTimeout: 5000 }, serve);
-      // A client that never finishes its handshake is dropped (Node leaves it open when someone listens).
-      this.server.on('tlsClientError', (_e, s) => s.destroy());
+      this.server = https.createServer({ ca: f.ca, cert: f.cert, key: f.key, ...(f.crl ? { crl: f.crl } : {}), requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3', handshakeTimeout: WEB_HANDSHAKE_MS }, serve);
     } else {
       this.server = http.createServer(serve);
     }
-    this.server.maxConnections = 32;
-    this.server.headersTimeout = 5000;
-    this.server.requestTimeout = 10000;
-    this.server.keepAliveTimeout = 5000;
+    boundWebServer(this.server, 32);
     await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(port, address, () => resolve()); });
     this.log.info('metrics served', { address, port, tls });
   }

@@ -12,6 +12,7 @@ import { transition, hasProcess, describeKind } from '../domain/state.ts';
 import { killAndWait } from '../qemu/process.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
+import { MigrationQmp, uri } from '../qemu/migration.ts';
 import type { QemuFacts } from '../qemu/probe.ts';
 import { resolveSaveFile } from '../domain/storage.ts';
 import type { DomainInfo, Results } from '../api/protocol.ts';
@@ -70,12 +71,14 @@ export class SaveRestore {
       // QEMU (the domain's uid) connects to it; the directory is QEMU's own and nobody else's.
       const id = this.d.runtime.identityOf(live);
       if (id) fs.chownSync(sockPath, id.uid, id.gid);
-      if (wasRunning) await qmp.execute('stop');
-      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-      await qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0x7fffffffffff });
+      // A save is a migration into a socket: QEMU's source side (qemu/migration.ts).
+      const mq = new MigrationQmp(qmp, 'source');
+      if (wasRunning) await mq.stop();
+      await mq.setCapabilities({ events: true });
+      await mq.setParameters({ maxBandwidth: 0x7fffffffffff });
       const watch = new MigrationWatcher(qmp);
       try {
-        await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+        await mq.migrate(uri.unix(sockPath));
         await this.migrationDone(qmp, watch, 600_000);
       } finally {
         watch.dispose();
@@ -167,9 +170,11 @@ export class SaveRestore {
       l.rec.runtime = sp.runtime;
       sockPath = path.join(this.d.runtime.qemuDirOf(l), 'restore.sock');
       fs.rmSync(sockPath, { force: true });
-      await sp.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      // A restore is an incoming migration from a socket (qemu/migration.ts).
+      const mq = new MigrationQmp(sp.qmp, 'destination');
+      await mq.setCapabilities({ events: true });
       const watch = new MigrationWatcher(sp.qmp);
-      await sp.qmp.execute('migrate-incoming', { uri: `unix:${sockPath}` });
+      await mq.incoming(uri.unix(sockPath));
       await new Promise<void>((resolve, reject) => {
         const s = net.createConnection({ path: sockPath });
         let rs: fs.ReadStream | undefined;

@@ -12,19 +12,17 @@
 import fs from 'node:fs';
 import { FerryError } from '../errors.ts';
 import type { DomainIdentity } from '../qemu/confine.ts';
+import { processUid } from '../qemu/process.ts';
 
 export interface UidRange { first: number; count: number }
 export const DEFAULT_UID_RANGE: UidRange = { first: 0x70000000, count: 4096 };
 
-/** Uids of every live process (from /proc/N/status). */
-export function processUids(proc = '/proc'): Set<number> {
+/** Uids of every live process (their real uids, /proc/N/status). */
+export function processUids(): Set<number> {
   const out = new Set<number>();
-  for (const d of fs.readdirSync(proc)) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      const m = /^Uid:\s+(\d+)\s+(\d+)/m.exec(fs.readFileSync(`${proc}/${d}/status`, 'utf8'));
-      if (m) { out.add(Number(m[1])); out.add(Number(m[2])); }
-    } catch { /* exited while we looked */ }
+  for (const d of fs.readdirSync('/proc')) {
+    const u = /^\d+$/.test(d) ? processUid(Number(d)) : undefined;
+    if (u !== undefined && !Number.isNaN(u)) out.add(u);
   }
   return out;
 }

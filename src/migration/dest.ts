@@ -14,7 +14,7 @@ import type { MigrationHost, DomainHandle as Live, MigrationLog, RelocationConte
 import { hostArch } from '../qemu/probe.ts';
 import { destTransition, type DestEvent } from './phases.ts';
 import { MigrationWatcher, FINAL_STATUSES, qmpEventMs } from '../qemu/migstatus.ts';
-import { checkOffer, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, peerAddresses } from './preflight.ts';
+import { checkOffer, checkFiles, checkL2, checkStorageMarkers, tunnelsNeeded, peerAddresses, compareVersions } from './preflight.ts';
 import { parseBegin, type BeginMsg } from '../api/relocation.ts';
 import type { Params } from '../api/schema.ts';
 import type { JobStore, DestJob } from './jobs.ts';
@@ -22,10 +22,10 @@ import { DataGate } from './gate.ts';
 import { nodeOf, EXPORT, type CopyDisk } from './mirror.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import { MigrationQmp, uri } from '../qemu/migration.ts';
+import type { Results } from '../api/protocol.ts';
 
 /** The incoming QEMU's migration commands (qemu/migration.ts). */
 const incomingOf = (q: QmpClient): MigrationQmp => new MigrationQmp(q, 'destination');
-import type { Results } from '../api/protocol.ts';
 
 /** How long a finished incoming job waits for the source's Confirm before settling itself. */
 const CONFIRM_GRACE_MS = 20000;
@@ -371,7 +371,7 @@ export class Destination {
     const mq = incomingOf(q);
     await mq.nbdServe({
       address: h.cfg.relocation.address, port, maxConnections: m.copyDisks.length,
-      ...(Number(h.qemu.version.split('.')[0]) >= 10 ? { handshakeMaxSeconds: 10 } : {}),
+      ...(compareVersions(h.qemu.version, '10.0') >= 0 ? { handshakeMaxSeconds: 10 } : {}),
       ...(m.insecure ? {} : { tls: { creds: 'ferry-tls', authz: 'ferry-authz' } }),
     });
     for (const c of m.copyDisks) await mq.nbdExport(`ferry-export${c.index}`, await nodeOf(q, c.index), EXPORT(c.index));

@@ -158,9 +158,4 @@ export class OutgoingRun {
     this.mirror?.dispose();
     this.link.client.close();
   }
-
-  /** Whether anything is still held (tests: after every outcome, nothing is). */
-  get holds(): string[] {
-    return [...(this.releases.length ? ['stop listener'] : []), ...(this.probe ? ['guest probe'] : [])];
-  }
 }

@@ -52,8 +52,6 @@ import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 import type { BeginInput } from '../api/relocation.ts';
 import { MigrationQmp, uri, UNLIMITED_BANDWIDTH } from '../qemu/migration.ts';
 
-/** The source QEMU's migration commands (qemu/migration.ts). */
-const outgoingOf = (q: QmpClient): MigrationQmp => new MigrationQmp(q, 'source');
 import { PROTOCOL_VERSION, sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
 import { fileSizes, writeStorageMarkers, isIpv4 } from './preflight.ts';
 import { MigrationWatcher, FINAL_STATUSES, type MigrateInfo } from '../qemu/migstatus.ts';
@@ -69,6 +67,9 @@ import type { JobStore, SourceJob, Report, Mode } from './jobs.ts';
 import { OutgoingRun, type StartParams, type Resolution, type Autopilot } from './outgoing.ts';
 
 export type { StartParams, Resolution } from './outgoing.ts';
+
+/** The source QEMU's migration commands (qemu/migration.ts). */
+const outgoingOf = (q: QmpClient): MigrationQmp => new MigrationQmp(q, 'source');
 
 /**
  * Past the point of no return, D is asked again after 0.5 s, then twice as long each
@@ -653,7 +654,7 @@ export class Source {
       ticking = true;
       try {
         // A disk copy that broke (--copy-storage) ends the move: the guest stays here.
-        const mirror = this.runs.get(j.jobId)?.mirror;
+        const mirror = run.mirror;
         if (mirror?.failed && !cancelSent) { policy.push(`disk copy failed: ${mirror.failed}`); cancel(); }
         if (mirror) mirror.last = await mirror.progress().catch(() => mirror.last);
         const m = await outgoingOf(q).info();
@@ -707,7 +708,7 @@ export class Source {
       throw new FerryError('MIGRATION_FAILED', `QEMU's migration of "${j.domain}" failed: ${m['error-desc'] ?? 'no reason given'}`);
     }
     if (status === 'cancelled') {
-      const diskFailed = this.runs.get(j.jobId)?.mirror?.failed;
+      const diskFailed = run.mirror?.failed;
       if (diskFailed) throw new FerryError('MIGRATION_FAILED', `Copying the disks of "${j.domain}" failed (${diskFailed}); cancelled, the domain keeps running on the source with its own disks`);
       if (timedOut && mode === 'live') throw new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`);
       if (timedOut) throw new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
