@@ -68,18 +68,21 @@ export function privateDevNodes(wants: string[], dev = '/dev'): DeviceNode[] {
  * Runs as root in QEMU's new mount namespace: a tmpfs over /dev with the given nodes,
  * then setpriv to the domain's ids and exec. Every value arrives as an argument, never
  * spliced into the script: $1 uid, $2 gid, then name major minor mode owned (5 per
- * node), then --, then QEMU's argv.
+ * node), then --, then QEMU's argv. Each helper is a process on the move's critical
+ * path (an incoming QEMU starts during Begin): no subshells, one chown for all nodes.
  */
 const LAUNCHER = `set -eu
 uid=$1 gid=$2; shift 2
 mount -t tmpfs -o mode=0755,nosuid,noexec,size=64k ferry-dev /dev
+owned=
 while [ "$1" != -- ]; do
-  mkdir -p "$(dirname "/dev/$1")"
+  case "$1" in */*) mkdir -p "/dev/\${1%/*}" ;; esac
   mknod -m "$4" "/dev/$1" c "$2" "$3"
-  if [ "$5" = 1 ]; then chown "$uid:$gid" "/dev/$1"; fi
+  if [ "$5" = 1 ]; then owned="$owned /dev/$1"; fi
   shift 5
 done
 shift
+[ -z "$owned" ] || chown "$uid:$gid" $owned
 ln -s /proc/self/fd /dev/fd
 exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --bounding-set=-all --inh-caps=-all -- "$@"`;
 
