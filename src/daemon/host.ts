@@ -23,7 +23,7 @@ import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles, createImage, freeBytes } from '../domain/storage.ts';
-import type { MigrationHost, TunnelHome } from '../migration/ports.ts';
+import type { MigrationHost, TunnelHome } from '../migration/host.ts';
 import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
@@ -328,7 +328,7 @@ export class Host extends EventEmitter implements MigrationHost {
     return { name, deleted: true };
   }
 
-  // ---- intents for migration/ (MigrationHost in migration/ports.ts) ----
+  // ---- intents for migration/ (MigrationHost in migration/host.ts) ----
 
   setBusy(live: Live, why: string | undefined): void { live.busy = why; }
   reserve(jobId: string, domain: string, memoryMiB: number): void { this.reservations.set(jobId, { domain, memoryMiB }); }

@@ -36,7 +36,7 @@ import { linkExists } from './net.ts';
 import type { Logger } from './log.ts';
 
 
-import type { TunnelHome } from '../migration/ports.ts';
+import type { TunnelHome } from '../migration/host.ts';
 import { VXLAN_UDP_PORT, vniFor, isIpv4 } from '../migration/preflight.ts';
 
 export { vniFor };

@@ -9,7 +9,7 @@ import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import type { PlanView } from '../api/protocol.ts';
-import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
+import type { MigrationHost, DomainHandle as Live, MigrationLog } from './host.ts';
 import type { JobStore, SourceJob } from './jobs.ts';
 import { plan as makePlan, linkRate, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
@@ -101,11 +101,12 @@ export class Planner {
       : engineLoses ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
         : p.verifyMemory === true ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
         : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
-    return this.planView(makePlan(input), c.name, peer, dirty, p.onTimeout, why);
+    return this.planView(makePlan(input), { domain: c.name, dest: peer, dirtyBytesPerS: dirty, onTimeout: p.onTimeout, postcopyWhyNot: why });
   }
 
-  /** The plan as the API shows it; `why` says why post-copy is not on the table, if it is not. */
-  planView(pl: Plan, domain: string, peer: string, dirty: number | null, onTimeout: OnTimeout | undefined, why?: string): { plan: Plan; view: PlanView } {
+  /** The plan as the API shows it; `postcopyWhyNot` says why post-copy is not on the table, if it is not. */
+  planView(pl: Plan, about: { domain: string; dest: string; dirtyBytesPerS: number | null; onTimeout: OnTimeout | undefined; postcopyWhyNot?: string }): { plan: Plan; view: PlanView } {
+    const { domain, dest: peer, dirtyBytesPerS: dirty, onTimeout, postcopyWhyNot: why } = about;
     const i = pl.input;
     const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
     const view: PlanView = {

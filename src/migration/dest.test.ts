@@ -12,7 +12,7 @@ import path from 'node:path';
 import { Destination } from './dest.ts';
 import { JobStore, type DestJob } from './jobs.ts';
 import { PROTOCOL_VERSION } from './phases.ts';
-import type { RelocationContext } from './ports.ts';
+import type { RelocationContext } from './host.ts';
 import { FakeHost, incomingQemu, quiet } from './fakes.ts';
 import { parseDomainConfig, domainConfigToJson } from '../domain/config.ts';
 import { hostArch } from '../qemu/probe.ts';
@@ -41,8 +41,11 @@ async function rig(o: { contFails?: 'paused' | 'unknown' | 'dies' } = {}) {
   const phase = (): string => (store.jobs.get(jobId) as DestJob | undefined)?.phase ?? 'none';
   const onDisk = (): string => JSON.parse(fs.readFileSync(path.join(dir, 'jobs', `${jobId}.json`), 'utf8')).phase;
   const done = (): void => { for (const d of host.domains.values()) d.qmp?.close(); qemu.cleanup(); fs.rmSync(dir, { recursive: true, force: true }); };
-  return { dest, host, store, ctx, jobId, begin, phase, onDisk, qemu, closers, done };
+  return { dest, host, store, ctx, jobId, begin, phase, onDisk, qemu, closers, done, held: () => held(dest) };
 }
+
+/** The incoming runs a Destination still holds (incoming/run.ts): none once every job settled. */
+const held = (d: Destination): number => (d as unknown as { runs: Map<string, unknown> }).runs.size;
 
 const code = async (p: Promise<unknown>): Promise<string> => { try { await p; return 'OK'; } catch (e) { return e instanceof FerryError ? e.code : String(e); } };
 
@@ -72,6 +75,7 @@ test('destination: begun → prepared → finishing → finished → confirmed, 
     r.dest.confirm({ jobId: r.jobId }, r.ctx);
     assert.equal(r.phase(), 'confirmed');
     assert.deepEqual(r.dest.status({ jobId: r.jobId }, r.ctx), { phase: 'confirmed', domain: 'web' });
+    assert.equal(r.held(), 0, 'nothing held once confirmed');
   } finally { r.done(); }
 });
 
@@ -91,6 +95,7 @@ test('destination: an abandon in begun and in prepared undoes everything', async
       assert.deepEqual(await r.dest.abandon({ jobId: r.jobId }, r.ctx), { phase: 'abandoned' });
       const fin = await r.dest.finish({ jobId: r.jobId }, r.ctx).catch((e: FerryError) => e);
       assert.ok(fin instanceof FerryError && fin.details?.abandoned === true);
+      assert.equal(r.held(), 0, `nothing held after an abandon in ${at}`);
     } finally { r.done(); }
   }
 });
@@ -103,6 +108,7 @@ test('destination: the source\'s control connection closing before Finish abando
     for (const f of r.closers) f();
     for (let i = 0; i < 100 && r.phase() !== 'abandoned'; i++) await new Promise((res) => setTimeout(res, 10));
     assert.equal(r.phase(), 'abandoned');
+    assert.equal(r.held(), 0, 'nothing held after the connection closed');
   } finally { r.done(); }
 });
 
@@ -118,6 +124,7 @@ test('destination: QEMU refusing cont gives the guest back only if it says it is
     assert.equal(paused.phase(), 'abandoned');
     assert.deepEqual(paused.host.discarded, ['web']);
     assert.deepEqual(paused.dest.status({ jobId: paused.jobId }, paused.ctx), { phase: 'abandoned', domain: 'web' });
+    assert.equal(paused.held(), 0, 'nothing held after the guest went back');
   } finally { paused.done(); }
   const unknown = await rig({ contFails: 'unknown' });
   try {
@@ -128,6 +135,7 @@ test('destination: QEMU refusing cont gives the guest back only if it says it is
     assert.ok(e instanceof FerryError && !e.details?.abandoned, 'no word that it never ran');
     assert.equal(unknown.phase(), 'finishing', 'the source keeps asking; nothing runs twice');
     assert.deepEqual(unknown.host.discarded, []);
+    assert.equal(unknown.held(), 0, 'stuck in finishing: the record is all that stays');
   } finally { unknown.done(); }
 });
 
@@ -143,6 +151,7 @@ test('destination: QEMU dying as the guest resumes is a crash here, past the poi
     assert.equal(r.host.get('web').rec.state.kind, 'crashed');
     assert.equal(r.host.reservations.size, 0);
     assert.deepEqual(r.dest.status({ jobId: r.jobId }, r.ctx), { phase: 'finished', domain: 'web' });
+    assert.equal(r.held(), 0, 'nothing held after a crash on arrival');
   } finally { r.done(); }
 });
 
@@ -155,6 +164,7 @@ test('destination: a shut-off domain moves as its definition: begun → finished
     assert.equal(r.phase(), 'finished');
     assert.equal(r.host.get('web').rec.state.kind, 'defined');
     assert.deepEqual(r.qemu.seen, [], 'no QEMU was asked anything');
+    assert.equal(r.held(), 0, 'nothing held after a definition moved');
   } finally { r.done(); }
 });
 
@@ -178,6 +188,7 @@ test('destination: a restart in begun or prepared abandons from the phase on dis
       assert.match(after.job().error?.message ?? '', new RegExp(`ferryd restarted in phase ${at}`));
       assert.deepEqual(r.host.discarded, ['web'], `the incoming domain is gone (${at})`);
       assert.equal(r.host.reservations.size, 0);
+      assert.equal(held(after.dest), 0, `nothing held after a restart in ${at}`);
     } finally { r.done(); }
   }
 });
@@ -196,6 +207,7 @@ test('destination: a restart in finishing rolls forward (the source never resume
     assert.deepEqual(after.job().history.map((h) => h.phase).slice(-3), ['finishing', 'finished', 'confirmed']);
     assert.equal(r.onDisk(), 'confirmed');
     assert.equal(r.host.reservations.size, 0);
+    assert.equal(held(after.dest), 0, 'nothing held after rolling forward');
   } finally { r.done(); }
 });
 
@@ -212,6 +224,7 @@ test('destination: a restart in finished confirms without the source; a settled 
     const n = after.job().history.length;
     const again = await restartDest(r);
     assert.equal(again.job().history.length, n, 'a confirmed job is not driven again');
+    assert.equal(held(after.dest) + held(again.dest) + r.held(), 0, 'nothing held by any of the three processes');
   } finally { r.done(); }
 });
 
@@ -229,6 +242,7 @@ test('destination: Begin offering post-copy sets it up for the stream; recover i
     // Not finished yet: nothing to recover.
     assert.equal(await code(dest.recover({ jobId }, ctx)), 'MIGRATION_ILLEGAL_PHASE');
     await dest.abandon({ jobId }, ctx);
+    assert.equal(r.held(), 0, 'nothing held after the abandon');
   } finally { r.done(); }
 });
 
@@ -259,6 +273,7 @@ test('destination: --copy-storage places each copy in storage.localDir, refuses 
     await r.dest.abandon({ jobId: r.jobId }, r.ctx);
     assert.equal(r.phase(), 'abandoned');
     assert.equal(fs.existsSync(placed), false, 'the half-made copy is gone');
+    assert.equal(r.held(), 0, 'nothing held after refusals and an abandon');
   } finally { r.done(); }
 });
 
@@ -277,6 +292,7 @@ test('destination: a Begin naming a tunnel home at an address that is neither th
       assert.match(e!.message, /neither the source nor a peer/);
       assert.equal(r.host.reservations.size, 0, 'nothing reserved');
       assert.equal(r.phase(), 'none', 'no job kept');
+      assert.equal(r.held(), 0, 'no run kept');
     }
   } finally { r.done(); }
 });
@@ -291,5 +307,6 @@ test('destination: a peer offer whose domain asks for a uid is refused as MIGRAT
     assert.match(e!.message, /uid: unknown field/);
     assert.equal(r.host.reservations.size, 0);
     assert.equal(r.phase(), 'none');
+    assert.equal(r.held(), 0);
   } finally { r.done(); }
 });

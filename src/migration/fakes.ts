@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { MigrationHost, DomainHandle, TunnelHome } from './ports.ts';
+import type { MigrationHost, DomainHandle, TunnelHome } from './host.ts';
 import { vniFor } from './preflight.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { fakeQmp } from '../qmp/fake.ts';

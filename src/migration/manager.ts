@@ -5,7 +5,7 @@
  */
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
-import type { MigrationHost, MigrationLog } from './ports.ts';
+import type { MigrationHost, MigrationLog } from './host.ts';
 import type { JobView } from '../api/protocol.ts';
 import { JobStore, type SourceJob, type DestJob } from './jobs.ts';
 import { Source } from './source.ts';

@@ -10,7 +10,7 @@ import { FerryError } from '../errors.ts';
 import type { ApiClient } from '../api/client.ts';
 import { MAX_REPAIR_BYTES } from '../api/protocol.ts';
 import { differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
-import type { MigrationHost, DomainHandle as Live, MigrationLog } from './ports.ts';
+import type { MigrationHost, DomainHandle, MigrationLog } from './host.ts';
 import type { SourceJob, Report, Mode } from './jobs.ts';
 
 export class MemoryCheck {
@@ -23,10 +23,11 @@ export class MemoryCheck {
    * paused throughout, so this is part of the pause. The destination's answers are
    * untrusted input.
    */
-  async verify(j: SourceJob, client: ApiClient, live: Live, mode: Mode, unreliable: boolean): Promise<NonNullable<Report['memoryCheck']>> {
+  async verify(j: SourceJob, client: ApiClient, how: { dom: DomainHandle; mode: Mode; unreliable: boolean }): Promise<NonNullable<Report['memoryCheck']>> {
+    const { dom, mode, unreliable } = how;
     const t0 = Date.now();
     const ask = (): Promise<unknown> => client.request('relocation.digest', { jobId: j.jobId }, 180000);
-    const [mine, first] = await Promise.all([this.host.ramDigests(live), ask()]);
+    const [mine, first] = await Promise.all([this.host.ramDigests(dom), ask()]);
     const theirs = (r: unknown): Buffer => {
       const o = (r ?? {}) as { bytes?: unknown; chunkBytes?: unknown; digests?: unknown };
       const d = typeof o.digests === 'string' ? Buffer.from(o.digests, 'base64') : Buffer.alloc(0);
@@ -38,7 +39,7 @@ export class MemoryCheck {
     const diff = differingChunks(mine.digests, theirs(first));
     let repairedBytes = 0;
     if (diff.length > 0) {
-      repairedBytes = await this.repair(j, client, live, mine, diff);
+      repairedBytes = await this.repair(j, client, { dom, mine }, diff);
       // A second look at the repaired chunks only, in batches the API takes.
       const left: number[] = [];
       for (let k = 0; k < diff.length; k += 8192) {
@@ -60,14 +61,15 @@ export class MemoryCheck {
   }
 
   /** Sends the source's version of the given chunks, a few requests in flight at once. */
-  private async repair(j: SourceJob, client: ApiClient, live: Live, mine: RamDigests, chunks: number[]): Promise<number> {
+  private async repair(j: SourceJob, client: ApiClient, from: { dom: DomainHandle; mine: RamDigests }, chunks: number[]): Promise<number> {
+    const { dom, mine } = from;
     const pieces: { offset: number; len: number }[] = [];
     for (const c of chunks) {
       const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
       for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
     }
     let sent = 0;
-    await this.host.withRam(live, false, async (ram) => {
+    await this.host.withRam(dom, false, async (ram) => {
       const worker = async (): Promise<void> => {
         const buf = Buffer.alloc(MAX_REPAIR_BYTES);
         for (let p = pieces.shift(); p; p = pieces.shift()) {

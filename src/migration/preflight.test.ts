@@ -7,6 +7,10 @@ import { checkOffer, tunnelsNeeded, vniFor, writeStorageMarkers, checkStorageMar
 import { PROTOCOL_VERSION as V } from './phases.ts';
 import { parseDomainConfig } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
+import type { DomainConfig } from '../domain/config.ts';
+
+/** checkOffer with the offer's two parts as arguments, as the table below reads best. */
+const offer = (version: number, src: SourceFacts, dst: DestFacts, cfg: DomainConfig, running: boolean): void => checkOffer({ version, src }, dst, cfg, running);
 
 const c = parseDomainConfig({ name: 'web1', memory: 1024, boot: { kernel: '/k' }, nics: [{ network: 'lab', ip: '198.18.0.50/24' }] });
 const src: SourceFacts = { name: 'host1', version: '0.1.0', qemuVersion: '10.0.2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['sse2', 'lm'], machine: 'pc-i440fx-7.2', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } };
@@ -17,28 +21,28 @@ function code(f: () => void): string {
 }
 
 test('a matching destination passes', () => {
-  assert.equal(code(() => checkOffer(V, src, dst, c, true)), 'OK');
+  assert.equal(code(() => offer(V, src, dst, c, true)), 'OK');
 });
 
 test('a destination whose accelerator cannot provide the CPU model is refused before anything moves', () => {
-  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuUnavailable: ['avx512f', 'pku'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => offer(V, src, { ...dst, cpuUnavailable: ['avx512f', 'pku'] }, c, true)), 'MIGRATION_DEST_CPU');
   // A shut-off domain moves as its definition: no CPU needed yet.
-  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuUnavailable: ['avx512f'] }, c, false)), 'OK');
+  assert.equal(code(() => offer(V, src, { ...dst, cpuUnavailable: ['avx512f'] }, c, false)), 'OK');
 });
 
 test('each mismatch is refused with its own code and a message that names the fix', () => {
-  assert.equal(code(() => checkOffer(V + 1, src, dst, c, true)), 'MIGRATION_DEST_VERSION');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, name: 'host1' }, c, true)), 'MIGRATION_SAME_HOST');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, domainNames: ['web1'] }, c, true)), 'MIGRATION_DEST_EXISTS');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, domainUuids: [c.uuid] }, c, true)), 'MIGRATION_DEST_EXISTS');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, arch: 'aarch64' }, c, true)), 'MIGRATION_DEST_ARCH');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_ENGINE');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
+  assert.equal(code(() => offer(V + 1, src, dst, c, true)), 'MIGRATION_DEST_VERSION');
+  assert.equal(code(() => offer(V, src, { ...dst, name: 'host1' }, c, true)), 'MIGRATION_SAME_HOST');
+  assert.equal(code(() => offer(V, src, { ...dst, domainNames: ['web1'] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => offer(V, src, { ...dst, domainUuids: [c.uuid] }, c, true)), 'MIGRATION_DEST_EXISTS');
+  assert.equal(code(() => offer(V, src, { ...dst, arch: 'aarch64' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => offer(V, src, { ...dst, accel: 'kvm' }, c, true)), 'MIGRATION_DEST_ARCH');
+  assert.equal(code(() => offer(V, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => offer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)), 'MIGRATION_DEST_CPU');
+  assert.equal(code(() => offer(V, src, { ...dst, machines: ['pc-i440fx-8.0'] }, c, true)), 'MIGRATION_DEST_ENGINE');
+  assert.equal(code(() => offer(V, src, { ...dst, networks: {} }, c, true)), 'MIGRATION_DEST_NETWORK');
   try {
-    checkOffer(V, src, { ...dst, freeMiB: 512 }, c, true);
+    offer(V, src, { ...dst, freeMiB: 512 }, c, true);
     assert.fail('should refuse');
   } catch (e) {
     assert.ok(e instanceof FerryError);
@@ -48,8 +52,8 @@ test('each mismatch is refused with its own code and a message that names the fi
 });
 
 test('a shut-off domain needs no memory or CPU match, only the definition\'s needs', () => {
-  assert.equal(code(() => checkOffer(V, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
-  assert.equal(code(() => checkOffer(V, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
+  assert.equal(code(() => offer(V, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)), 'OK');
+  assert.equal(code(() => offer(V, src, { ...dst, networks: {} }, c, false)), 'MIGRATION_DEST_NETWORK');
 });
 
 test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_PROTOCOL', async () => {
@@ -60,13 +64,13 @@ test('regression (found by fuzzing): a Begin that is not an object is MIGRATION_
 test('engines: older to newer passes under the older machine type; newer to older is MIGRATION_DEST_ENGINE', () => {
   const old72 = { ...src, qemuVersion: '7.2.22', machine: 'pc-i440fx-7.2' };
   const new10 = { ...dst, qemuVersion: '10.0.2', machines: ['pc-i440fx-7.2', 'pc-i440fx-10.0'] };
-  assert.equal(code(() => checkOffer(V, old72, new10, c, true)), 'OK');
+  assert.equal(code(() => offer(V, old72, new10, c, true)), 'OK');
   // the source on 10.0 with a domain still on 7.2's machine type: still newer to older
-  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-7.2' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
-  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-10.0' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
-  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '10.0.10' }, c, true)), 'OK');
+  assert.equal(code(() => offer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-7.2' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
+  assert.equal(code(() => offer(V, { ...src, qemuVersion: '10.0.2', machine: 'pc-i440fx-10.0' }, { ...dst, qemuVersion: '7.2.22', machines: ['pc-i440fx-7.2'] }, c, true)), 'MIGRATION_DEST_ENGINE');
+  assert.equal(code(() => offer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '10.0.10' }, c, true)), 'OK');
   // a definition (no QEMU state) moves either way
-  assert.equal(code(() => checkOffer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '7.2.22', machines: [] }, c, false)), 'OK');
+  assert.equal(code(() => offer(V, { ...src, qemuVersion: '10.0.2' }, { ...dst, qemuVersion: '7.2.22', machines: [] }, c, false)), 'OK');
 });
 
 test('versions compare numerically, part by part', async () => {
@@ -87,12 +91,12 @@ test('shared storage is proven by a marker the destination reads back; a local c
     const m = writeStorageMarkers(mk(shared), job);
     assert.match(m.nonce, /^[0-9a-f]{32}$/);
     assert.deepEqual(fs.readdirSync(other), [], 'no marker beside a read-only file');
-    assert.equal(code(() => checkStorageMarkers(mk(shared), job, m.nonce, 'host2', 'host1')), 'OK');
+    assert.equal(code(() => checkStorageMarkers(mk(shared), { jobId: job, nonce: m.nonce }, 'host2', 'host1')), 'OK');
     // Another directory (what a host without the shared mount sees): refused.
-    assert.equal(code(() => checkStorageMarkers(mk(other), job, m.nonce, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    assert.equal(code(() => checkStorageMarkers(mk(other), { jobId: job, nonce: m.nonce }, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
     // Another nonce (a marker of an earlier job, or none sent): refused.
-    assert.equal(code(() => checkStorageMarkers(mk(shared), job, 'f'.repeat(32), 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
-    assert.equal(code(() => checkStorageMarkers(mk(shared), job, '', 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    assert.equal(code(() => checkStorageMarkers(mk(shared), { jobId: job, nonce: 'f'.repeat(32) }, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    assert.equal(code(() => checkStorageMarkers(mk(shared), { jobId: job, nonce: '' }, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
     // The marker's name is exclusive: a second writer for the same job fails instead of overwriting.
     assert.equal(code(() => writeStorageMarkers(mk(shared), job)), 'MIGRATION_DEST_STORAGE');
     m.remove();
@@ -100,7 +104,7 @@ test('shared storage is proven by a marker the destination reads back; a local c
     // A symlink planted where the marker goes is not followed.
     fs.symlinkSync(path.join(root, 'elsewhere'), path.join(other, markerName(job)));
     fs.writeFileSync(path.join(root, 'elsewhere'), m.nonce);
-    assert.equal(code(() => checkStorageMarkers(mk(other), job, m.nonce, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
+    assert.equal(code(() => checkStorageMarkers(mk(other), { jobId: job, nonce: m.nonce }, 'host2', 'host1')), 'MIGRATION_DEST_STORAGE');
   } finally {
     fs.rmSync(root, { recursive: true, force: true });
   }

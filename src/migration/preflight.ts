@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process';
 import { FerryError } from '../errors.ts';
 import type { DomainConfig, NetworkConfig } from '../domain/config.ts';
 import { domainPaths } from '../domain/config.ts';
-import type { TunnelHome } from './ports.ts';
+import type { TunnelHome } from './host.ts';
 import { checkProtocolVersion } from '../api/relocation.ts';
 
 /** VXLAN's port: the tunnels that carry a domain's segment (daemon/tunnels.ts) use it on the migration addresses. */
@@ -70,7 +70,8 @@ export function fileSizes(c: DomainConfig): FileSizes {
  * The checks that need only facts. `running` is false for a shut-off domain, which
  * moves as its definition and needs no memory or CPU on the destination yet.
  */
-export function checkOffer(version: number, src: SourceFacts, dst: DestFacts, c: DomainConfig, running: boolean): void {
+export function checkOffer(offer: { version: number; src: SourceFacts }, dst: DestFacts, c: DomainConfig, running: boolean): void {
+  const { version, src } = offer;
   const who = `Cannot migrate domain "${c.name}"`;
   checkProtocolVersion(version, dst.name);
   if (src.name === dst.name) throw new FerryError('MIGRATION_SAME_HOST', `${who}: the destination is the source host ${src.name}`);
@@ -160,7 +161,8 @@ export function writeStorageMarkers(c: DomainConfig, jobId: string): { nonce: st
 }
 
 /** Destination side: every writable disk's directory must hold the source's marker. */
-export function checkStorageMarkers(c: DomainConfig, jobId: string, nonce: string, dstName: string, srcName: string): void {
+export function checkStorageMarkers(c: DomainConfig, marker: { jobId: string; nonce: string }, dstName: string, srcName: string): void {
+  const { jobId, nonce } = marker;
   for (const dir of writableDiskDirs(c)) {
     const f = path.join(dir, markerName(jobId));
     let seen = '';
@@ -192,11 +194,23 @@ export function arpProbe(bridge: string, target: string, timeoutMs = 2000, fromN
 }
 
 /**
+ * What an L2 check probes: the guest's own address only where it runs, and either the
+ * NICs on a local segment or those carried through a tunnel (their away bridge and home).
+ */
+export interface L2Probe {
+  guestRunning: boolean;
+  on: 'segments' | 'tunnels';
+  tunnels?: Map<number, { bridge: string; home: TunnelHome }>;
+}
+
+/**
  * The real L2 check: from the destination's bridge for each network, ARP for an
  * address that lives on the source's segment (the domain's own IP, else the source
  * host's address there). No answer means the bridge is not on the same segment.
  */
-export async function checkL2(c: DomainConfig, src: SourceFacts, dstNetworks: Record<string, NetworkConfig>, dstName: string, guestRunning: boolean, which: 'segments' | 'tunnels', tunnels: Map<number, { bridge: string; home: TunnelHome }> = new Map()): Promise<string[]> {
+export async function checkL2(c: DomainConfig, src: SourceFacts, dst: { networks: Record<string, NetworkConfig>; host: string }, how: L2Probe): Promise<string[]> {
+  const { networks: dstNetworks, host: dstName } = dst;
+  const { guestRunning, on: which, tunnels = new Map() } = how;
   const notes: string[] = [];
   for (const [i, n] of c.nics.entries()) {
     const t = tunnels.get(i);

@@ -3,20 +3,50 @@
  * (its control connection, cancellation, the guest probe, the migration watcher, the
  * QMP listener for the pause, the disk mirrors) and what it learns on the way (policy,
  * timeline, figures), with one `dispose()` that releases it all, whatever phase it ended
- * in. The source's phase functions (source.ts: begin, prepare, perform, switchover,
+ * in. The source's phase functions (outgoing/: begin, prepare, perform, switchover,
  * finish, confirm) each take the run; the job's persisted phase (jobs.ts) is what a
  * restart drives from, and needs none of this.
  */
-import type { ApiClient } from '../api/client.ts';
-import type { Report, Results } from '../api/protocol.ts';
-import type { QmpClient, QmpEvent } from '../qmp/client.ts';
-import type { MigrationWatcher } from '../qemu/migstatus.ts';
-import type { DomainHandle as Live, TunnelHome } from './ports.ts';
-import type { SourceJob, Mode } from './jobs.ts';
-import type { GuestProbe } from './guestprobe.ts';
-import type { DiskMirror, CopyDisk } from './mirror.ts';
-import type { Plan, OnTimeout, StrategyChoice } from './plan.ts';
-import type { PlanView } from '../api/protocol.ts';
+import type { ApiClient } from '../../api/client.ts';
+import type { Report, Results, PlanView } from '../../api/protocol.ts';
+import type { QmpClient, QmpEvent } from '../../qmp/client.ts';
+import type { MigrationWatcher } from '../../qemu/migstatus.ts';
+import type { MigrationHost, MigrationLog, DomainHandle, TunnelHome } from '../host.ts';
+import type { JobStore, SourceJob, Mode } from '../jobs.ts';
+import type { SourceEvent } from '../phases.ts';
+import type { GuestProbe } from '../guestprobe.ts';
+import type { DiskMirror, CopyDisk } from '../mirror.ts';
+import type { Plan, OnTimeout, StrategyChoice } from '../plan.ts';
+import type { Planner } from '../autopilot.ts';
+import type { MemoryCheck } from '../memcheck.ts';
+
+/**
+ * The source side as its phase functions see it: the host, the job store, the log, the
+ * autopilot and the memory check, the phase step, and the runs and background drivers
+ * of this ferryd (Source owns both registries).
+ */
+export interface OutgoingSide {
+  readonly host: MigrationHost;
+  readonly store: JobStore;
+  readonly log: MigrationLog;
+  readonly planner: Planner;
+  readonly memcheck: MemoryCheck;
+  /** Moves the job to its next phase and persists it (Source.step says when strictly). */
+  step(j: SourceJob, e: SourceEvent): void;
+  /** The run of a job that runs in this ferryd now, if any. */
+  runOf(jobId: string): OutgoingRun | undefined;
+  /** Opens a control connection to DEST (Source.connectPeer: a peer name, NAME, ADDRESS[:PORT]). */
+  connect(dest: string): Promise<{ client: ApiClient; peer: Peer }>;
+  /** Runs `f` as the job's one background driver: a second call while one runs does nothing. */
+  driveOnce(jobId: string, what: string, f: () => Promise<void>): void;
+}
+
+/** The peer a move goes to: its name (from its certificate), address and relocation port. */
+export interface Peer {
+  name: string;
+  address: string;
+  port: number;
+}
 
 /** What the operator asked of a move (migration.start's params). */
 export interface StartParams {
@@ -107,12 +137,13 @@ export class OutgoingRun {
   private readonly releases: (() => void)[] = [];
 
   constructor(
+    readonly side: OutgoingSide,
     readonly j: SourceJob,
-    readonly live: Live,
+    readonly dom: DomainHandle,
     readonly p: StartParams,
-    readonly link: { client: ApiClient; peer: { name: string; address: string; port: number }; host: string },
-    defaults: { maxDowntimeMs: number; timeoutS: number },
+    readonly link: { client: ApiClient; peer: Peer; defaults: { maxDowntimeMs: number; timeoutS: number } },
   ) {
+    const defaults = link.defaults;
     this.mode = j.mode;
     this.wasRunning = j.wasRunning;
     this.insecure = !j.encrypted;
@@ -123,7 +154,7 @@ export class OutgoingRun {
 
   get t0(): number { return this.j.startedAt; }
   get client(): ApiClient { return this.link.client; }
-  get peer(): { name: string; address: string; port: number } { return this.link.peer; }
+  get peer(): Peer { return this.link.peer; }
 
   mark(k: string): void { this.timeline[k] = Date.now() - this.t0; }
   cancel(): void { this.cancelFn(); }
@@ -142,7 +173,7 @@ export class OutgoingRun {
   report(outcome: Report['outcome'], m: Partial<Report>): Report {
     const j = this.j;
     return {
-      outcome, mode: this.mode, jobId: j.jobId, domain: this.p.domain, source: this.link.host, destination: this.peer.name, totalMs: Date.now() - this.t0,
+      outcome, mode: this.mode, jobId: j.jobId, domain: this.p.domain, source: this.side.host.cfg.name, destination: this.peer.name, totalMs: Date.now() - this.t0,
       setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !this.insecure,
       bandwidthMiBs: this.p.bandwidthMiBs ?? null, maxDowntimeMs: this.maxDowntimeMs, policy: this.policy, memoryCheck: null, phase: j.phase, timeline: this.timeline, ...m,
     };

@@ -1,0 +1,132 @@
+/**
+ * The destination's recovery entry points: `drive`, which settles a job from its
+ * persisted phase alone (after a restart, the same steps as when ferryd runs on), and
+ * `recoverPostcopy`, a new listener for a broken post-copy stream.
+ */
+import path from 'node:path';
+import { FerryError } from '../../errors.ts';
+import { killAndWait, qemuPidsWith } from '../../qemu/process.ts';
+import { MigrationWatcher, FINAL_STATUSES } from '../../qemu/migstatus.ts';
+import { MigrationQmp, uri } from '../../qemu/migration.ts';
+import type { QmpClient } from '../../qmp/client.ts';
+import type { Results } from '../../api/protocol.ts';
+import { abandonLocal } from './abandon.ts';
+import { resumeFailed, stopExports, selfConfirm } from './finish.ts';
+import { freeDataPort, openGate } from './prepare.ts';
+import type { IncomingRun } from './run.ts';
+
+/**
+ * The driver of a job whose in-process context is gone (ferryd restarted), from its
+ * persisted phase:
+ *   begun, prepared → abandon: kill the incoming QEMU, forget the definition
+ *   finishing → roll forward: the source persisted "finish" before asking and resumes
+ *       its copy only on our word that we abandoned, which we give only if QEMU refuses
+ *       to run the guest and says it is not running (resumeFailed)
+ *   finished → the guest runs here; the source's Confirm went to the old process
+ *   confirmed, abandoned → nothing
+ */
+export async function drive(run: IncomingRun, why: string): Promise<void> {
+  const j = run.j;
+  switch (j.phase) {
+    case 'begun':
+    case 'prepared':
+      return abandonAfterRestart(run, why);
+    case 'finishing':
+      await rollForward(run);
+      selfConfirm(run, `rolled forward (${why}); the source's Confirm went to the old process`);
+      return;
+    case 'finished':
+      selfConfirm(run, `${why} before the source confirmed`);
+      return;
+    case 'confirmed':
+    case 'abandoned':
+      return;
+    default: {
+      const never: never = j.phase;
+      throw new FerryError('INTERNAL', `unknown destination phase ${String(never)}`);
+    }
+  }
+}
+
+/** Before Finish: undone, including a QEMU or taps that a crash left off the record. */
+async function abandonAfterRestart(run: IncomingRun, why: string): Promise<void> {
+  const { j, host: h } = run;
+  await abandonLocal(run, `${why} in phase ${j.phase}`);
+  // abandonLocal killed the QEMU on record. One started just before a crash may
+  // not be on record yet: find the incoming one by its uuid and the run directory.
+  for (const pid of qemuPidsWith(j.uuid, ['-incoming', h.runDir])) {
+    run.log.warn('killing an incoming QEMU that was not on record', { jobId: j.jobId, pid });
+    await killAndWait(pid, 0);
+  }
+  // Its taps, too: spawn creates them (named by uuid) before QEMU starts.
+  const nics = (j.config as { nics?: unknown }).nics;
+  h.removeTaps(j.uuid, Array.isArray(nics) ? nics.length : 0);
+}
+
+/** Finishing: the guest resumes here (the source waits for our word), unless QEMU refuses and says it never ran. */
+async function rollForward(run: IncomingRun): Promise<void> {
+  const { j, host: h } = run;
+  const dom = h.find(j.domain);
+  const mine = dom && dom.rec.config.uuid === j.uuid && dom.rec.state.kind === 'incoming' ? dom : undefined;
+  if (mine?.qmp) {
+    const q = mine.qmp;
+    await stopExports(run, q);
+    try {
+      await new MigrationQmp(q, 'destination').cont();
+    } catch (e) {
+      await resumeFailed(run, { dom: mine, q }, (e as Error).message).catch((err) => run.log.warn('incoming guest not resumed', { jobId: j.jobId, error: String(err) }));
+      return;
+    }
+    await new MigrationQmp(q, 'destination').announce().catch(() => undefined);
+    h.setBusy(mine, undefined);
+    h.apply(mine, { type: 'incoming-done', running: true, at: Date.now() });
+  } else if (mine) {
+    h.cleanupRuntime(mine);
+    h.apply(mine, { type: 'crash', reason: 'QEMU exited while resuming an incoming migration', at: Date.now() });
+  }
+  h.release(j.jobId);
+  run.step({ type: 'resumed' });
+}
+
+/**
+ * Recover: the post-copy stream broke (both QEMUs in postcopy-paused: the guest here
+ * waits for pages only the source has). A new one-shot listener on the incoming QEMU
+ * (migrate-recover), with the same TLS credentials and authz, or a new gate for a plain
+ * stream; the source resumes into it. A destination QEMU that has not noticed the
+ * break yet is paused first (migrate-pause): the source saw it break.
+ */
+export async function recoverPostcopy(run: IncomingRun): Promise<Results['relocation.recover']> {
+  const { j, host: h } = run;
+  if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed')) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: nothing to recover`);
+  const dom = h.find(j.domain);
+  const q = dom && dom.rec.config.uuid === j.uuid ? dom.qmp : undefined;
+  if (!dom || !q) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no QEMU for "${j.domain}" to recover`);
+  await pausedInPostcopy(run, q);
+  const port = await freeDataPort(run.side, j.jobId);
+  if (!j.encrypted) await openGate(run, { sock: path.join(h.qemuDirOf(dom), 'recover.sock'), port, channels: 2 }, true);
+  else await new MigrationQmp(q, 'destination').recover(uri.tcp(h.cfg.relocation.address, port));
+  if (!run.watch) {
+    // The run ended with the first stream: the resumed one holds it (its gate) until it ends.
+    const w = new MigrationWatcher(q);
+    run.watch = w;
+    void w.until([...FINAL_STATUSES]).catch(() => undefined).finally(() => run.dispose());
+  }
+  run.log.warn('post-copy stream broke; recovery listener open', { jobId: j.jobId, domain: j.domain, port });
+  return { dataAddress: h.cfg.relocation.address, dataPort: port };
+}
+
+/** The incoming QEMU paused in post-copy (paused here if it has not noticed the break yet), else refused. */
+async function pausedInPostcopy(run: IncomingRun, q: QmpClient): Promise<void> {
+  const w = new MigrationWatcher(q);
+  const mq = new MigrationQmp(q, 'destination');
+  try {
+    let st = (await mq.info()).status ?? 'none';
+    if (st === 'postcopy-active') {
+      await mq.pause();
+      st = await w.until(['postcopy-paused', ...FINAL_STATUSES], 10000);
+    }
+    if (st !== 'postcopy-paused') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `The incoming QEMU of "${run.j.domain}" is ${st}, not paused in post-copy: nothing to recover`);
+  } finally {
+    w.dispose();
+  }
+}
