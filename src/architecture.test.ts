@@ -15,12 +15,15 @@ const SRC = path.dirname(fileURLToPath(import.meta.url));
 /** Higher imports lower (or its own folder), never the other way. */
 const LAYER: Record<string, number> = {
   '.': 0, util: 0, // errors.ts, version.ts, helpers
-  domain: 1, guest: 1, // the model: configs, states, guest images' contract
+  domain: 1, // the model: configs, states
   api: 2, tls: 2, qmp: 2, // the wire contracts: the API's types and client, certificates, QMP
   qemu: 3,
   migration: 4,
   daemon: 5,
   lab: 6,
+  // Test support: doubles for unit tests, and the memory-pattern checker (which
+  // `ferry lab verify` uses too). Only tests import the doubles (checked below).
+  testing: 6,
   cli: 7,
 };
 
@@ -85,6 +88,13 @@ test('no import goes up a layer (cli → api → daemon → migration → qemu �
 test('no import cycle between source files', () => {
   const files = sources(SRC);
   assert.deepEqual(cycles(new Map(files.map((f) => [f, importsOf(f).filter((t) => files.includes(t))]))), []);
+});
+
+test('test doubles (testing/, except the pattern checker) are imported by tests only', () => {
+  const doubles = (t: string): boolean => folderOf(t) === 'testing' && path.basename(t) !== 'checker.ts';
+  const edges = sources(SRC).flatMap((f) => importsOf(f).filter(doubles).map((t) => `${path.relative(SRC, f)} → ${path.relative(SRC, t)}`));
+  assert.deepEqual(edges.filter((e) => !e.startsWith('testing/')), []);
+  assert.ok(fs.existsSync(path.join(SRC, 'testing', 'fakes.ts')), 'the doubles live in src/testing/');
 });
 
 test('the rules catch what they are for: an upward import, a sideways one, a cycle', () => {

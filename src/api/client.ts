@@ -10,7 +10,6 @@ import { EventEmitter } from 'node:events';
 import { FerryError, isErrorCode } from '../errors.ts';
 import { FrameSplitter } from '../util/fsx.ts';
 import type { Action, EventMsg, Reply, Results } from './protocol.ts';
-import { DEFAULT_RELOCATION_PORT, DEFAULT_CONFIG_PATH } from './protocol.ts';
 
 export type Target =
   | { kind: 'unix'; path: string; label: string }
@@ -18,57 +17,6 @@ export type Target =
 
 /** The longest reply line the client accepts (a digest list is the largest, well below). */
 const MAX_REPLY_BYTES = 64 * 1024 * 1024;
-
-export const LAB_STATE_FILE = process.env.FERRY_LAB_STATE ?? '/var/lib/ferry-lab/lab.json';
-
-interface LabHostRef { name: string; apiSocket: string; address: string }
-
-export function labHosts(): LabHostRef[] {
-  try {
-    const s = JSON.parse(fs.readFileSync(LAB_STATE_FILE, 'utf8'));
-    return Array.isArray(s.hosts) ? s.hosts : [];
-  } catch {
-    return [];
-  }
-}
-
-function defaultSocket(): string {
-  if (process.env.FERRY_SOCKET) return process.env.FERRY_SOCKET;
-  try {
-    const c = JSON.parse(fs.readFileSync(DEFAULT_CONFIG_PATH, 'utf8'));
-    if (c.apiSocket) return c.apiSocket;
-    if (c.stateDir) return path.join(c.stateDir, 'ferryd.sock');
-  } catch { /* no config */ }
-  return '/var/lib/ferry/ferryd.sock';
-}
-
-/**
- * The certificate the CLI presents to a remote ferryd: FERRY_TLS_DIR, else an admin
- * certificate in /etc/ferry/admin-tls, else the host's own (which a remote ferryd
- * admits as a peer only: relocation, no management).
- */
-export function defaultTlsDir(): string {
-  if (process.env.FERRY_TLS_DIR) return process.env.FERRY_TLS_DIR;
-  return fs.existsSync('/etc/ferry/admin-tls/client-cert.pem') ? '/etc/ferry/admin-tls' : '/etc/ferry/tls';
-}
-
-/**
- * -H resolution: nothing → the local socket; a lab host name → that host's socket;
- * otherwise NAME|ADDRESS[:PORT] over TLS.
- */
-export function resolveTarget(h: string | undefined): Target {
-  if (!h) return { kind: 'unix', path: defaultSocket(), label: 'local ferryd' };
-  if (h.startsWith('/')) return { kind: 'unix', path: h, label: h };
-  // Lab host NAMES are shortcuts to their local sockets; an address always means TLS,
-  // with the caller's certificate and role, as on real hosts.
-  const lab = labHosts().find((x) => x.name === h);
-  if (lab) return { kind: 'unix', path: lab.apiSocket, label: lab.name };
-  const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(h);
-  if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse host "${h}": use NAME, ADDRESS or ADDRESS:PORT`);
-  const port = m[2] ? Number(m[2]) : DEFAULT_RELOCATION_PORT;
-  if (!(port > 0 && port < 65536)) throw new FerryError('HOST_UNKNOWN', `Bad port in "${h}"`);
-  return { kind: 'tls', host: m[1].replace(/^\[|\]$/g, ''), port, tlsDir: defaultTlsDir(), label: h };
-}
 
 function isTlsTrustError(e: Error): boolean {
   const code = String((e as NodeJS.ErrnoException).code ?? '');

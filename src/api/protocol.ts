@@ -25,7 +25,7 @@ export const DEFAULT_RELOCATION_PORT = 8002;
 
 // The actions and their params' schemas live in schema.ts (zod), which only ferryd
 // loads at run time: the CLI imports their types, and starts without zod.
-export type { Action, Params, Request } from './schema.ts';
+export type { Action, Request } from './schema.ts';
 import type { Action } from './schema.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
 

@@ -8,7 +8,9 @@
  * then the session follows it, to another ferryd's TLS port only (never a unix path).
  * `ConsoleFollower` is that session; `ferry ui` shares it with its browser viewers.
  */
-import { ApiClient, resolveTarget, labHosts, type Target } from '../api/client.ts';
+import { ApiClient, type Target } from '../api/client.ts';
+import { labHosts } from '../lab/hosts.ts';
+import { resolveTarget } from './targets.ts';
 import { ConsoleDeframer } from '../api/protocol.ts';
 import { NAME_RE } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';

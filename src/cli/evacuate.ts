@@ -14,7 +14,8 @@
  * A domain that cannot move is reported with its reason; the others still move.
  */
 import type { Command } from 'commander';
-import { ApiClient, resolveTarget, call, type Target } from '../api/client.ts';
+import { ApiClient, call, type Target } from '../api/client.ts';
+import { resolveTarget } from './targets.ts';
 import type { DomainSummary, HostInfo, Progress, Report } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { table, printJson, act } from './output.ts';

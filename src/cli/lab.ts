@@ -10,7 +10,7 @@ import { linuxGuestConfig, patternGuestConfig } from '../lab/guests.ts';
 import { call } from '../api/client.ts';
 import type { DomainInfo } from '../api/protocol.ts';
 import { REPO_ROOT } from '../util/paths.ts';
-import { checkPattern, patternRange } from '../guest/checker.ts';
+import { checkPattern, patternRange } from '../testing/checker.ts';
 
 const repoRoot = REPO_ROOT;
 

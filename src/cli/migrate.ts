@@ -5,7 +5,8 @@
  */
 import type { Command } from 'commander';
 import { FerryError, asFerryError, isErrorCode } from '../errors.ts';
-import { ApiClient, resolveTarget, call } from '../api/client.ts';
+import { ApiClient, call } from '../api/client.ts';
+import { resolveTarget } from './targets.ts';
 import type { Report, JobView, Progress, EventMsg, PlanView } from '../api/protocol.ts';
 
 /** What `job abort` and `job resolve` answer. */

@@ -8,7 +8,7 @@ import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { processStartTicks, processUid } from '../qemu/process.ts';
 import { openGuestRam, digestRam, digestChunks, chunkBytesFor, type GuestRam, type RamDigests } from '../qemu/memory.ts';
-import type { Live } from './records.ts';
+import type { HostedDomain } from './records.ts';
 import type { QemuRuntime } from './runtime.ts';
 
 export class GuestRamAccess {
@@ -18,17 +18,17 @@ export class GuestRamAccess {
    * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM, read
    * while the guest is stopped (it is resumed afterwards if it ran). The pattern checker's eyes.
    */
-  async sample(live: Live, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
-    const name = live.rec.config.name;
-    const { qmp } = this.runtime.needProcess(live, 'read the memory of');
-    if (endMiB <= startMiB || endMiB > live.rec.config.memoryMiB) throw new FerryError('API_BAD_REQUEST', `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${live.rec.config.memoryMiB} MiB)`);
-    const wasRunning = live.rec.state.kind === 'running';
-    live.busy = 'sampling memory';
+  async sample(dom: HostedDomain, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
+    const name = dom.rec.config.name;
+    const { qmp } = this.runtime.needProcess(dom, 'read the memory of');
+    if (endMiB <= startMiB || endMiB > dom.rec.config.memoryMiB) throw new FerryError('API_BAD_REQUEST', `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${dom.rec.config.memoryMiB} MiB)`);
+    const wasRunning = dom.rec.state.kind === 'running';
+    dom.busy = 'sampling memory';
     try {
       if (wasRunning) await qmp.execute('stop');
       const pages = (endMiB - startMiB) * 256;
       const out = Buffer.alloc(pages);
-      await this.withRam(live, false, async (ram) => {
+      await this.withRam(dom, false, async (ram) => {
         const chunk = Buffer.alloc(1048576);
         for (let mib = 0; mib < endMiB - startMiB; mib++) {
           await ram.read(chunk, chunk.length, (startMiB + mib) * 1048576);
@@ -37,8 +37,8 @@ export class GuestRamAccess {
       });
       return { bytes: out.toString('base64'), pages };
     } finally {
-      live.busy = undefined;
-      if (wasRunning && live.qmp) await live.qmp.execute('cont');
+      dom.busy = undefined;
+      if (wasRunning && dom.qmp) await dom.qmp.execute('cont');
     }
   }
 
@@ -46,20 +46,20 @@ export class GuestRamAccess {
    * Runs `f` on a domain's main RAM and closes it afterwards. Failures of ferry's own
    * (a refused write, a peer's answer) pass through; any other is MEMORY_UNREADABLE.
    */
-  async withRam<T>(live: Live, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> {
-    const s = live.rec.state;
-    const c = live.rec.config;
-    if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
+  async withRam<T>(dom: HostedDomain, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> {
+    const s = dom.rec.state;
+    const c = dom.rec.config;
+    if (!hasProcess(s) || !dom.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${c.name}" has no QEMU to read memory from`);
     const fail = (e: unknown): never => {
       if (e instanceof FerryError) throw e;
       // EACCES or EPERM: no ptrace access (kernel.yama.ptrace_scope=3, or an LSM).
       throw new FerryError('MEMORY_UNREADABLE', `Cannot ${write ? 'write' : 'read'} the RAM of domain "${c.name}" on ${this.hostName}: ${(e as Error).message}`);
     };
-    const ram = await openGuestRam(live.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
+    const ram = await openGuestRam(dom.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
     // Opened first, then proven: had the pid been reused before the open, the process
     // it names now would have another start time (or not run as the domain's uid).
-    const want = live.rec.runtime?.startTicks;
-    const id = this.runtime.identityOf(live);
+    const want = dom.rec.runtime?.startTicks;
+    const id = this.runtime.identityOf(dom);
     if ((want !== undefined && processStartTicks(s.pid) !== want) || (id && processUid(s.pid) !== id.uid)) {
       ram.close();
       throw new FerryError('MEMORY_UNREADABLE', `Domain "${c.name}": pid ${s.pid} is no longer the QEMU ferryd started (start time or owner changed); not touching its memory`);
@@ -72,17 +72,17 @@ export class GuestRamAccess {
   }
 
   /** Per-chunk SHA-256 of a paused domain's RAM (the migration memory check). */
-  digests(live: Live): Promise<RamDigests> {
-    return this.withRam(live, false, digestRam);
+  digests(dom: HostedDomain): Promise<RamDigests> {
+    return this.withRam(dom, false, digestRam);
   }
 
   /** SHA-256 of some chunks of a paused domain's RAM, in the order given. */
-  chunkDigests(live: Live, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> {
-    return this.withRam(live, false, async (ram) => {
+  chunkDigests(dom: HostedDomain, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> {
+    return this.withRam(dom, false, async (ram) => {
       const chunkBytes = chunkBytesFor(ram.bytes);
       const n = Math.ceil(ram.bytes / chunkBytes);
       const bad = chunks.find((c) => c >= n);
-      if (bad !== undefined) throw new FerryError('MIGRATION_PROTOCOL', `chunk ${bad} is outside the ${n} chunks of domain "${live.rec.config.name}"`);
+      if (bad !== undefined) throw new FerryError('MIGRATION_PROTOCOL', `chunk ${bad} is outside the ${n} chunks of domain "${dom.rec.config.name}"`);
       return { bytes: ram.bytes, chunkBytes, digests: await digestChunks(ram, chunkBytes, chunks) };
     });
   }

@@ -32,14 +32,13 @@ import { blockedAncestor, userfaultfdAvailable } from '../qemu/confine.ts';
 import { UidPool, rangeClashes } from './uids.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
-import { DomainStore, type Live } from './records.ts';
+import { DomainStore, type HostedDomain } from './records.ts';
 import { QemuRuntime } from './runtime.ts';
 import { SaveRestore } from './saverestore.ts';
 import { GuestRamAccess } from './guestram.ts';
 import { Tunnels, vniFor } from './tunnels.ts';
 import { peerAddresses } from '../migration/preflight.ts';
 
-export type { Live, DomainRecord, Runtime } from './records.ts';
 
 export class Host extends EventEmitter implements MigrationHost {
   /** In-flight memory reservations (incoming migrations), MiB by job id. */
@@ -77,7 +76,7 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
-  async touchedBytes(live: Live): Promise<number | null> { const s = live.rec.state; return hasProcess(s) && live.qmp ? guestResidentBytes(live.qmp, s.pid) : null; }
+  async touchedBytes(dom: HostedDomain): Promise<number | null> { const s = dom.rec.state; return hasProcess(s) && dom.qmp ? guestResidentBytes(dom.qmp, s.pid) : null; }
 
   get runDir(): string { return this.runtime.runDir; }
 
@@ -85,16 +84,16 @@ export class Host extends EventEmitter implements MigrationHost {
 
   /** Loads records and re-attaches to QEMU processes that survived a ferryd restart. */
   async recover(): Promise<void> {
-    for (const live of this.store.load()) await this.runtime.reattach(live);
+    for (const dom of this.store.load()) await this.runtime.reattach(dom);
     this.tunnels.adopt(new Set(this.domainUuids()));
   }
 
-  get(name: string): Live { return this.store.get(name); }
-  find(name: string): Live | undefined { return this.store.find(name); }
-  all(): Live[] { return this.store.all(); }
+  get(name: string): HostedDomain { return this.store.get(name); }
+  find(name: string): HostedDomain | undefined { return this.store.find(name); }
+  all(): HostedDomain[] { return this.store.all(); }
   domainNames(): string[] { return this.store.names(); }
   domainUuids(): string[] { return this.store.all().map((l) => l.rec.config.uuid); }
-  apply(live: Live, e: DomainEvent): void { this.store.apply(live, e); }
+  apply(dom: HostedDomain, e: DomainEvent): void { this.store.apply(dom, e); }
   forget(name: string): void { this.store.forget(name, this.runDir); }
 
   // ---------- queries ----------
@@ -154,23 +153,23 @@ export class Host extends EventEmitter implements MigrationHost {
     };
   }
 
-  summary(live: Live): DomainSummary {
-    const s = live.rec.state;
+  summary(dom: HostedDomain): DomainSummary {
+    const s = dom.rec.state;
     return {
-      name: live.rec.config.name, uuid: live.rec.config.uuid, id: hasProcess(s) ? s.domid : null,
-      memoryMiB: live.rec.config.memoryMiB, vcpus: live.rec.config.vcpus, state: s.kind,
+      name: dom.rec.config.name, uuid: dom.rec.config.uuid, id: hasProcess(s) ? s.domid : null,
+      memoryMiB: dom.rec.config.memoryMiB, vcpus: dom.rec.config.vcpus, state: s.kind,
       cpuTime: hasProcess(s) ? cpuSeconds(s.pid) : 0,
     };
   }
 
   domainInfo(name: string): DomainInfo {
-    const live = this.get(name);
-    const s = live.rec.state;
+    const dom = this.get(name);
+    const s = dom.rec.state;
     return {
-      ...this.summary(live), host: this.cfg.name, config: domainConfigToJson(live.rec.config), stateDetail: s,
-      pid: hasProcess(s) ? s.pid : null, accel: live.rec.runtime?.accel ?? this.accel.accel,
-      nics: live.rec.config.nics.map((n, i) => ({ network: n.network, mac: n.mac, ip: n.ip ?? null, tap: live.rec.runtime?.taps[i] ?? null })),
-      consoleLog: live.rec.runtime?.consoleLog ?? path.join(this.runDir, name, 'console.log'),
+      ...this.summary(dom), host: this.cfg.name, config: domainConfigToJson(dom.rec.config), stateDetail: s,
+      pid: hasProcess(s) ? s.pid : null, accel: dom.rec.runtime?.accel ?? this.accel.accel,
+      nics: dom.rec.config.nics.map((n, i) => ({ network: n.network, mac: n.mac, ip: n.ip ?? null, tap: dom.rec.runtime?.taps[i] ?? null })),
+      consoleLog: dom.rec.runtime?.consoleLog ?? path.join(this.runDir, name, 'console.log'),
     };
   }
 
@@ -247,90 +246,90 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   async start(name: string): Promise<DomainInfo> {
-    const live = this.get(name);
-    const c = live.rec.config;
-    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" is busy (${live.busy})`);
+    const dom = this.get(name);
+    const c = dom.rec.config;
+    if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" is busy (${dom.busy})`);
     // Check legality before doing anything irreversible.
-    transition(live.rec.state, { type: 'start', pid: 0, domid: 0, at: 0 }, name);
+    transition(dom.rec.state, { type: 'start', pid: 0, domid: 0, at: 0 }, name);
     this.checkStart(c);
-    live.busy = 'starting';
+    dom.busy = 'starting';
     try {
       const { pid, qmp, runtime } = await this.runtime.spawn(c);
-      live.rec.runtime = runtime;
-      live.expectStop = undefined;
-      this.apply(live, { type: 'start', pid, domid: this.store.allocDomid(), at: Date.now() });
-      await this.runtime.attach(live, pid, qmp);
+      dom.rec.runtime = runtime;
+      dom.expectStop = undefined;
+      this.apply(dom, { type: 'start', pid, domid: this.store.allocDomid(), at: Date.now() });
+      await this.runtime.attach(dom, pid, qmp);
       await qmp.execute('cont');
     } finally {
-      live.busy = undefined;
+      dom.busy = undefined;
     }
     return this.domainInfo(name);
   }
 
   async pause(name: string): Promise<DomainSummary> {
-    const live = this.get(name);
-    transition(live.rec.state, { type: 'pause', at: 0 }, name);
-    const { qmp } = this.runtime.needProcess(live, 'pause');
+    const dom = this.get(name);
+    transition(dom.rec.state, { type: 'pause', at: 0 }, name);
+    const { qmp } = this.runtime.needProcess(dom, 'pause');
     await qmp.execute('stop');
-    if (live.rec.state.kind === 'running') this.apply(live, { type: 'pause', at: Date.now() });
-    return this.summary(live);
+    if (dom.rec.state.kind === 'running') this.apply(dom, { type: 'pause', at: Date.now() });
+    return this.summary(dom);
   }
 
   async unpause(name: string): Promise<DomainSummary> {
-    const live = this.get(name);
-    transition(live.rec.state, { type: 'resume', at: 0 }, name);
-    const { qmp } = this.runtime.needProcess(live, 'unpause');
+    const dom = this.get(name);
+    transition(dom.rec.state, { type: 'resume', at: 0 }, name);
+    const { qmp } = this.runtime.needProcess(dom, 'unpause');
     await qmp.execute('cont');
-    if (live.rec.state.kind === 'paused') this.apply(live, { type: 'resume', at: Date.now() });
-    return this.summary(live);
+    if (dom.rec.state.kind === 'paused') this.apply(dom, { type: 'resume', at: Date.now() });
+    return this.summary(dom);
   }
 
   /** ACPI shutdown; waits up to timeoutS for the guest to power off. */
   async shutdown(name: string, timeoutS = 60): Promise<DomainSummary & { shutdownMs: number }> {
-    const live = this.get(name);
-    transition(live.rec.state, { type: 'stopped', reason: 'shutdown', at: 0 }, name);
-    const { qmp } = this.runtime.needProcess(live, 'shut down');
-    live.expectStop = 'shutdown';
+    const dom = this.get(name);
+    transition(dom.rec.state, { type: 'stopped', reason: 'shutdown', at: 0 }, name);
+    const { qmp } = this.runtime.needProcess(dom, 'shut down');
+    dom.expectStop = 'shutdown';
     const t0 = Date.now();
-    if (live.rec.state.kind === 'paused') await qmp.execute('cont');
+    if (dom.rec.state.kind === 'paused') await qmp.execute('cont');
     await qmp.execute('system_powerdown');
-    const gone = await Promise.race([live.exited!.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), timeoutS * 1000))]);
+    const gone = await Promise.race([dom.exited!.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), timeoutS * 1000))]);
     if (!gone) {
-      live.expectStop = undefined;
+      dom.expectStop = undefined;
       throw new FerryError('TIMEOUT', `Domain "${name}" did not shut down within ${timeoutS} s (ACPI power button sent; it may not handle it). It is still running; use \`ferry destroy ${name}\` to stop it at once`);
     }
-    return { ...this.summary(live), shutdownMs: Date.now() - t0 };
+    return { ...this.summary(dom), shutdownMs: Date.now() - t0 };
   }
 
   /** Stops at once: QEMU is killed. Also clears a crashed domain to shut off. */
   async destroy(name: string): Promise<DomainSummary> {
-    const live = this.get(name);
-    const s = live.rec.state;
-    if (s.kind === 'crashed') { this.apply(live, { type: 'stopped', reason: 'destroyed', at: Date.now() }); return this.summary(live); }
+    const dom = this.get(name);
+    const s = dom.rec.state;
+    if (s.kind === 'crashed') { this.apply(dom, { type: 'stopped', reason: 'destroyed', at: Date.now() }); return this.summary(dom); }
     if (s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${name}" is migrating; cancel the migration first (\`ferry job abort ${name}\`)`);
     if (!hasProcess(s)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot destroy domain "${name}": it is ${describeKind(s.kind)}`);
-    live.expectStop = 'destroyed';
+    dom.expectStop = 'destroyed';
     await killAndWait(s.pid, 0);
-    await live.exited;
-    if (hasProcess(live.rec.state)) {
+    await dom.exited;
+    if (hasProcess(dom.rec.state)) {
       // QMP never connected (or closed before): settle here.
-      this.runtime.cleanup(live);
-      this.apply(live, { type: 'stopped', reason: 'destroyed', at: Date.now() });
+      this.runtime.cleanup(dom);
+      this.apply(dom, { type: 'stopped', reason: 'destroyed', at: Date.now() });
     }
-    return this.summary(live);
+    return this.summary(dom);
   }
 
   /** Removes a definition. Only when no QEMU runs for it. */
   delete(name: string): { name: string; deleted: true } {
-    const live = this.get(name);
-    if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot delete domain "${name}": it is ${describeKind(live.rec.state.kind)}; destroy or shut it down first`);
+    const dom = this.get(name);
+    if (hasProcess(dom.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot delete domain "${name}": it is ${describeKind(dom.rec.state.kind)}; destroy or shut it down first`);
     this.forget(name);
     return { name, deleted: true };
   }
 
   // ---- intents for migration/ (MigrationHost in migration/host.ts) ----
 
-  setBusy(live: Live, why: string | undefined): void { live.busy = why; }
+  setBusy(dom: HostedDomain, why: string | undefined): void { dom.busy = why; }
   reserve(jobId: string, domain: string, memoryMiB: number): void { this.reservations.set(jobId, { domain, memoryMiB }); }
   release(jobId: string): void { this.reservations.delete(jobId); }
 
@@ -339,45 +338,45 @@ export class Host extends EventEmitter implements MigrationHost {
    * its QEMU started stopped with `-incoming defer`, attached. `onDefined` hears the pid
    * before anything else happens, so a crash right after leaves a record to clean.
    */
-  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<Live> {
-    const live: Live = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
-    this.store.hold(live);
+  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<HostedDomain> {
+    const dom: HostedDomain = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
+    this.store.hold(dom);
     const sp = await this.runtime.spawn(config, { incoming: true, preallocate: opts.preallocate, machine: opts.machine, cpuModel: opts.cpuModel, bridges: opts.bridges });
-    live.rec.runtime = sp.runtime;
+    dom.rec.runtime = sp.runtime;
     onDefined(sp.pid);
-    this.apply(live, { type: 'incoming', pid: sp.pid, domid: this.store.allocDomid(), jobId, at: Date.now() });
-    await this.runtime.attach(live, sp.pid, sp.qmp);
-    return live;
+    this.apply(dom, { type: 'incoming', pid: sp.pid, domid: this.store.allocDomid(), jobId, at: Date.now() });
+    await this.runtime.attach(dom, sp.pid, sp.qmp);
+    return dom;
   }
 
   defineMoved(config: DomainConfig): void {
     this.store.define({ rec: { config, state: { kind: 'defined' } } });
   }
 
-  async discardIncoming(live: Live): Promise<void> {
-    const s = live.rec.state;
-    live.expectStop = 'destroyed';
+  async discardIncoming(dom: HostedDomain): Promise<void> {
+    const s = dom.rec.state;
+    dom.expectStop = 'destroyed';
     if (s.kind === 'incoming' && pidAlive(s.pid)) await killAndWait(s.pid, 0);
-    this.runtime.cleanup(live);
-    this.forget(live.rec.config.name);
+    this.runtime.cleanup(dom);
+    this.forget(dom.rec.config.name);
   }
 
-  async retireMigrated(live: Live, to: { name: string; address: string; port: number }): Promise<void> {
-    const s = live.rec.state;
+  async retireMigrated(dom: HostedDomain, to: { name: string; address: string; port: number }): Promise<void> {
+    const s = dom.rec.state;
     const pid = hasProcess(s) ? s.pid : undefined;
-    live.expectStop = 'migrated';
-    live.console?.detachAll({ event: 'moved', host: to.name, target: `${to.address}:${to.port}` });
-    await live.qmp?.execute('quit').catch(() => undefined);
+    dom.expectStop = 'migrated';
+    dom.console?.detachAll({ event: 'moved', host: to.name, target: `${to.address}:${to.port}` });
+    await dom.qmp?.execute('quit').catch(() => undefined);
     if (pid) await killAndWait(pid, 3000);
-    this.runtime.cleanup(live);
-    if (live.rec.state.kind === 'migrating-out') this.apply(live, { type: 'stopped', reason: 'migrated', at: Date.now() });
-    this.forget(live.rec.config.name);
+    this.runtime.cleanup(dom);
+    if (dom.rec.state.kind === 'migrating-out') this.apply(dom, { type: 'stopped', reason: 'migrated', at: Date.now() });
+    this.forget(dom.rec.config.name);
   }
 
   attachConsole(name: string, client: net.Socket, replay = 0): void {
-    const live = this.get(name);
-    if (!live.console) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(live.rec.state.kind)}`);
-    live.console.attach(client, replay);
+    const dom = this.get(name);
+    if (!dom.console) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(dom.rec.state.kind)}`);
+    dom.console.attach(client, replay);
   }
 
   // ---- tunnels (tunnels.ts): a domain's home segment carried to the host it runs on ----
@@ -431,19 +430,19 @@ export class Host extends EventEmitter implements MigrationHost {
   localFreeBytes(): number { return freeBytes(this.cfg.storage.localDir); }
 
   /** Drops the runtime of a domain whose QEMU is gone (sockets, taps, console). */
-  cleanupRuntime(live: Live): void { this.runtime.cleanup(live); }
+  cleanupRuntime(dom: HostedDomain): void { this.runtime.cleanup(dom); }
   removeTaps(uuid: string, nics: number): void { this.runtime.removeTaps(uuid, nics); }
-  qemuDirOf(live: Live): string { return this.runtime.qemuDirOf(live); }
-  qemuTlsDir(live: Live): string { return this.runtime.qemuTlsDir(live); }
+  qemuDirOf(dom: HostedDomain): string { return this.runtime.qemuDirOf(dom); }
+  qemuTlsDir(dom: HostedDomain): string { return this.runtime.qemuTlsDir(dom); }
 
   // ---------- save / restore (saverestore.ts) and guest RAM (guestram.ts) ----------
 
   save(name: string, file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.save']> { return this.saves.save(name, file, opts); }
   restore(file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.restore']> { return this.saves.restore(file, opts); }
   sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> { return this.ram.sample(this.get(name), startMiB, endMiB); }
-  withRam<T>(live: Live, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> { return this.ram.withRam(live, write, f); }
-  ramDigests(live: Live): Promise<RamDigests> { return this.ram.digests(live); }
-  ramChunkDigests(live: Live, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> { return this.ram.chunkDigests(live, chunks); }
+  withRam<T>(dom: HostedDomain, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> { return this.ram.withRam(dom, write, f); }
+  ramDigests(dom: HostedDomain): Promise<RamDigests> { return this.ram.digests(dom); }
+  ramChunkDigests(dom: HostedDomain, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> { return this.ram.chunkDigests(dom, chunks); }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */
   detachAll(): void {

@@ -39,7 +39,7 @@ export interface DomainRecord {
 }
 
 /** A domain in memory: its record plus what exists only while ferryd runs. */
-export interface Live {
+export interface HostedDomain {
   rec: DomainRecord;
   qmp?: QmpClient;
   console?: ConsoleMux;
@@ -53,7 +53,7 @@ export interface Live {
 export type StateChange = { domain: string; from: string | null; to: string; state?: DomainState };
 
 export class DomainStore {
-  private readonly domains = new Map<string, Live>();
+  private readonly domains = new Map<string, HostedDomain>();
   private nextDomid = 1;
   private readonly writer: StateWriter;
 
@@ -68,15 +68,15 @@ export class DomainStore {
   private recordFile(name: string): string { return path.join(this.domainsDir, `${name}.json`); }
 
   /** Reads every record on disk into memory; the runtime re-attaches to their QEMUs. */
-  load(): Live[] {
-    const out: Live[] = [];
+  load(): HostedDomain[] {
+    const out: HostedDomain[] = [];
     for (const f of fs.readdirSync(this.domainsDir)) {
       if (!f.endsWith('.json')) continue;
       try {
         const raw = readJson<{ config: unknown; state: DomainState; runtime?: Runtime }>(path.join(this.domainsDir, f));
-        const live: Live = { rec: { config: parseDomainConfig(raw.config), state: raw.state, runtime: raw.runtime } };
-        this.domains.set(live.rec.config.name, live);
-        out.push(live);
+        const dom: HostedDomain = { rec: { config: parseDomainConfig(raw.config), state: raw.state, runtime: raw.runtime } };
+        this.domains.set(dom.rec.config.name, dom);
+        out.push(dom);
       } catch (e) {
         this.log.error('unreadable domain record, skipped', { file: f, error: String(e) });
       }
@@ -84,14 +84,14 @@ export class DomainStore {
     return out;
   }
 
-  get(name: string): Live {
+  get(name: string): HostedDomain {
     const l = this.domains.get(name);
     if (!l) throw new FerryError('DOMAIN_NOT_FOUND', `No domain "${name}" on host ${this.hostName}`);
     return l;
   }
 
-  find(name: string): Live | undefined { return this.domains.get(name); }
-  all(): Live[] { return [...this.domains.values()]; }
+  find(name: string): HostedDomain | undefined { return this.domains.get(name); }
+  all(): HostedDomain[] { return [...this.domains.values()]; }
   names(): string[] { return [...this.domains.keys()]; }
   get size(): number { return this.domains.size; }
 
@@ -103,26 +103,26 @@ export class DomainStore {
   }
 
   /** Holds a domain in memory only (an incoming one, a restore in progress): no record yet. */
-  hold(live: Live): void { this.domains.set(live.rec.config.name, live); }
+  hold(dom: HostedDomain): void { this.domains.set(dom.rec.config.name, dom); }
 
   /** Adds a domain and writes its record now; nothing remains if the write fails. */
-  define(live: Live): void {
+  define(dom: HostedDomain): void {
     try {
-      this.persist(live);
+      this.persist(dom);
     } catch (e) {
-      this.writer.drop(this.recordFile(live.rec.config.name)); // a refused define must not appear later
+      this.writer.drop(this.recordFile(dom.rec.config.name)); // a refused define must not appear later
       throw e;
     }
-    this.domains.set(live.rec.config.name, live);
+    this.domains.set(dom.rec.config.name, dom);
   }
 
   /** Writes the domain's record now; throws STATE_WRITE_FAILED if the disk refuses. */
-  persist(live: Live): void {
-    this.writer.write(this.recordFile(live.rec.config.name), () => this.recordOf(live));
+  persist(dom: HostedDomain): void {
+    this.writer.write(this.recordFile(dom.rec.config.name), () => this.recordOf(dom));
   }
 
-  private recordOf(live: Live): Record<string, unknown> {
-    return { config: domainConfigToJson(live.rec.config), state: live.rec.state, runtime: live.rec.runtime };
+  private recordOf(dom: HostedDomain): Record<string, unknown> {
+    return { config: domainConfigToJson(dom.rec.config), state: dom.rec.state, runtime: dom.rec.runtime };
   }
 
   allocDomid(): number {
@@ -138,14 +138,14 @@ export class DomainStore {
    * memory: the record is retried until it lands, and a restarted ferryd re-derives
    * the state from the QEMU it finds anyway.
    */
-  apply(live: Live, e: DomainEvent): void {
-    const from = live.rec.state.kind;
-    live.rec.state = transition(live.rec.state, e, live.rec.config.name);
-    if (!this.writer.writeLater(this.recordFile(live.rec.config.name), () => this.recordOf(live))) {
-      this.log.warn('domain state not persisted yet (retrying)', { domain: live.rec.config.name, to: live.rec.state.kind });
+  apply(dom: HostedDomain, e: DomainEvent): void {
+    const from = dom.rec.state.kind;
+    dom.rec.state = transition(dom.rec.state, e, dom.rec.config.name);
+    if (!this.writer.writeLater(this.recordFile(dom.rec.config.name), () => this.recordOf(dom))) {
+      this.log.warn('domain state not persisted yet (retrying)', { domain: dom.rec.config.name, to: dom.rec.state.kind });
     }
-    this.log.info('domain state', { domain: live.rec.config.name, from, to: live.rec.state.kind, event: e.type });
-    this.onChange({ domain: live.rec.config.name, from, to: live.rec.state.kind, state: live.rec.state });
+    this.log.info('domain state', { domain: dom.rec.config.name, from, to: dom.rec.state.kind, event: e.type });
+    this.onChange({ domain: dom.rec.config.name, from, to: dom.rec.state.kind, state: dom.rec.state });
   }
 
   /** Drops a record and the domain's run directory (the definition is gone from this host). */

@@ -22,7 +22,7 @@ import type { Logger } from './log.ts';
 import { createTap, deleteTap } from './net.ts';
 import { checkedBackingImages } from '../domain/storage.ts';
 import { ConsoleMux } from './console.ts';
-import type { DomainStore, Live, Runtime } from './records.ts';
+import type { DomainStore, HostedDomain, Runtime } from './records.ts';
 
 /** `bridges`: per NIC, a bridge other than its network's (a tunnel's away end, daemon/tunnels.ts). */
 export interface SpawnOptions { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string; bridges?: (string | undefined)[] }
@@ -48,8 +48,8 @@ export class QemuRuntime {
   get confined(): boolean { return this.uids !== null; }
 
   /** The uid and gid a domain's running QEMU has, or null when unconfined. */
-  identityOf(live: Live): DomainIdentity | null {
-    const u = live.rec.runtime?.uid;
+  identityOf(dom: HostedDomain): DomainIdentity | null {
+    const u = dom.rec.runtime?.uid;
     return this.uids && u !== undefined ? { uid: u, gid: u } : null;
   }
 
@@ -69,13 +69,13 @@ export class QemuRuntime {
   }
 
   /** The directory a domain's QEMU may write in (sockets for save, restore, the data gate). */
-  qemuDirOf(live: Live): string {
-    return live.rec.runtime?.qemuDir ?? path.join(this.runDir, live.rec.config.name);
+  qemuDirOf(dom: HostedDomain): string {
+    return dom.rec.runtime?.qemuDir ?? path.join(this.runDir, dom.rec.config.name);
   }
 
   /** A copy of this host's TLS files that the domain's QEMU can read (tls-creds-x509 dir). */
-  qemuTlsDir(live: Live): string {
-    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(live), this.identityOf(live));
+  qemuTlsDir(dom: HostedDomain): string {
+    return copyTlsForQemu(this.cfg.tlsDir, this.qemuDirOf(dom), this.identityOf(dom));
   }
 
   /**
@@ -155,22 +155,22 @@ export class QemuRuntime {
   }
 
   /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
-  async attach(live: Live, pid: number, qmp?: QmpClient): Promise<void> {
-    const rt = live.rec.runtime!;
-    if (qmp) live.qmp = qmp;
+  async attach(dom: HostedDomain, pid: number, qmp?: QmpClient): Promise<void> {
+    const rt = dom.rec.runtime!;
+    if (qmp) dom.qmp = qmp;
     else {
       // Re-attaching (ferryd restarted): the socket at this path must still be our QEMU's.
       const q = await QmpClient.connect(rt.qmpPath, 5000);
       await this.proveQmp(q, pid, rt.qmpPath).catch((e) => { q.close(); throw e; });
-      live.qmp = q;
+      dom.qmp = q;
     }
-    const name = live.rec.config.name;
-    live.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(live, e));
-    live.exited = new Promise<void>((resolve) => live.qmp!.once('close', () => { void this.onQemuGone(live, pid).finally(resolve); }));
-    if (!live.console) {
-      live.console = new ConsoleMux(rt.consolePath, rt.consoleLog);
+    const name = dom.rec.config.name;
+    dom.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(dom, e));
+    dom.exited = new Promise<void>((resolve) => dom.qmp!.once('close', () => { void this.onQemuGone(dom, pid).finally(resolve); }));
+    if (!dom.console) {
+      dom.console = new ConsoleMux(rt.consolePath, rt.consoleLog);
       try {
-        await live.console.connect();
+        await dom.console.connect();
       } catch (e) {
         this.log.warn('console not connected', { domain: name, error: String(e) });
       }
@@ -182,18 +182,18 @@ export class QemuRuntime {
    * the record in line with what QEMU says (it may have paused or resumed meanwhile).
    * A domain whose QEMU is gone crashed; migration states are the migration layer's.
    */
-  async reattach(live: Live): Promise<void> {
-    const s = live.rec.state;
-    const name = live.rec.config.name;
+  async reattach(dom: HostedDomain): Promise<void> {
+    const s = dom.rec.state;
+    const name = dom.rec.config.name;
     if (!hasProcess(s)) return;
     // Its uid stays taken while its QEMU lives, whoever settles the domain (cleanup releases it).
-    if (live.rec.runtime?.uid !== undefined && pidAlive(s.pid)) this.uids?.adopt([live.rec.runtime.uid]);
-    if (isOurQemu(s.pid, live.rec.config.uuid) && live.rec.runtime) {
+    if (dom.rec.runtime?.uid !== undefined && pidAlive(s.pid)) this.uids?.adopt([dom.rec.runtime.uid]);
+    if (isOurQemu(s.pid, dom.rec.config.uuid) && dom.rec.runtime) {
       try {
-        await this.attach(live, s.pid);
-        const st = await live.qmp!.execute<{ running: boolean; status: string }>('query-status');
-        if (s.kind === 'running' && !st.running) this.store.apply(live, { type: 'pause', at: Date.now() });
-        else if (s.kind === 'paused' && st.running) this.store.apply(live, { type: 'resume', at: Date.now() });
+        await this.attach(dom, s.pid);
+        const st = await dom.qmp!.execute<{ running: boolean; status: string }>('query-status');
+        if (s.kind === 'running' && !st.running) this.store.apply(dom, { type: 'pause', at: Date.now() });
+        else if (s.kind === 'paused' && st.running) this.store.apply(dom, { type: 'resume', at: Date.now() });
         this.log.info('re-attached to domain', { domain: name, pid: s.pid, status: st.status });
         return;
       } catch (e) {
@@ -202,44 +202,44 @@ export class QemuRuntime {
       }
     }
     if (s.kind === 'running' || s.kind === 'paused') {
-      this.cleanup(live);
-      this.store.apply(live, { type: 'crash', reason: 'QEMU exited while ferryd was not running', at: Date.now() });
+      this.cleanup(dom);
+      this.store.apply(dom, { type: 'crash', reason: 'QEMU exited while ferryd was not running', at: Date.now() });
     }
   }
 
-  private onQmpEvent(live: Live, e: QmpEvent): void {
-    const s = live.rec.state.kind;
-    this.log.debug('qmp event', { domain: live.rec.config.name, event: e.event, data: e.data });
-    this.emit('qmp.event', { domain: live.rec.config.name, event: e });
+  private onQmpEvent(dom: HostedDomain, e: QmpEvent): void {
+    const s = dom.rec.state.kind;
+    this.log.debug('qmp event', { domain: dom.rec.config.name, event: e.event, data: e.data });
+    this.emit('qmp.event', { domain: dom.rec.config.name, event: e });
     // Guest- or QEMU-initiated pauses and resumes; ferryd's own pause/unpause apply
     // the same events, and whichever comes second finds nothing to do.
-    if (live.busy) return;
-    if (e.event === 'STOP' && s === 'running') this.store.apply(live, { type: 'pause', at: Date.now() });
-    else if (e.event === 'RESUME' && s === 'paused') this.store.apply(live, { type: 'resume', at: Date.now() });
-    else if (e.event === 'SHUTDOWN' && !live.expectStop) live.expectStop = 'poweroff';
+    if (dom.busy) return;
+    if (e.event === 'STOP' && s === 'running') this.store.apply(dom, { type: 'pause', at: Date.now() });
+    else if (e.event === 'RESUME' && s === 'paused') this.store.apply(dom, { type: 'resume', at: Date.now() });
+    else if (e.event === 'SHUTDOWN' && !dom.expectStop) dom.expectStop = 'poweroff';
   }
 
   /** QEMU's QMP socket closed: the process is ending. A stop we asked for, or a crash. */
-  private async onQemuGone(live: Live, pid: number): Promise<void> {
+  private async onQemuGone(dom: HostedDomain, pid: number): Promise<void> {
     const deadline = Date.now() + 5000;
     while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
-    const s = live.rec.state;
+    const s = dom.rec.state;
     if (!hasProcess(s) || s.pid !== pid) return; // already settled by whoever stopped it
-    const reason = live.expectStop;
-    this.cleanup(live, reason ? { event: 'stopped', reason } : undefined);
-    this.emit('qemu.gone', { domain: live.rec.config.name, pid, expected: reason ?? null });
+    const reason = dom.expectStop;
+    this.cleanup(dom, reason ? { event: 'stopped', reason } : undefined);
+    this.emit('qemu.gone', { domain: dom.rec.config.name, pid, expected: reason ?? null });
     if (s.kind === 'migrating-out' || s.kind === 'incoming') return; // the migration job settles these
-    if (reason) this.store.apply(live, { type: 'stopped', reason, at: Date.now() });
-    else this.store.apply(live, { type: 'crash', reason: 'QEMU exited unexpectedly', at: Date.now() });
+    if (reason) this.store.apply(dom, { type: 'stopped', reason, at: Date.now() });
+    else this.store.apply(dom, { type: 'crash', reason: 'QEMU exited unexpectedly', at: Date.now() });
   }
 
   /** Removes taps and runtime sockets; closes QMP and console. Keeps logs. */
-  cleanup(live: Live, consoleFinal?: Record<string, unknown>): void {
-    live.qmp?.close();
-    live.qmp = undefined;
-    live.console?.close(consoleFinal);
-    live.console = undefined;
-    const rt = live.rec.runtime;
+  cleanup(dom: HostedDomain, consoleFinal?: Record<string, unknown>): void {
+    dom.qmp?.close();
+    dom.qmp = undefined;
+    dom.console?.close(consoleFinal);
+    dom.console = undefined;
+    const rt = dom.rec.runtime;
     if (rt) {
       for (const t of rt.taps) deleteTap(t);
       fs.rmSync(rt.qmpPath, { force: true });
@@ -255,17 +255,17 @@ export class QemuRuntime {
   }
 
   /** The domain's QEMU and QMP, or DOMAIN_BAD_STATE if it has none or something else owns it. */
-  needProcess(live: Live, verb: string): { pid: number; qmp: QmpClient } {
-    const s = live.rec.state;
-    if (!hasProcess(s) || !live.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is ${describeKind(s.kind)}`);
-    if (live.busy) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${live.rec.config.name}": it is busy (${live.busy})`);
-    return { pid: s.pid, qmp: live.qmp };
+  needProcess(dom: HostedDomain, verb: string): { pid: number; qmp: QmpClient } {
+    const s = dom.rec.state;
+    if (!hasProcess(s) || !dom.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${dom.rec.config.name}": it is ${describeKind(s.kind)}`);
+    if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${dom.rec.config.name}": it is busy (${dom.busy})`);
+    return { pid: s.pid, qmp: dom.qmp };
   }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */
-  detach(live: Live): void {
-    live.qmp?.removeAllListeners('close');
-    live.qmp?.close();
-    live.console?.close();
+  detach(dom: HostedDomain): void {
+    dom.qmp?.removeAllListeners('close');
+    dom.qmp?.close();
+    dom.console?.close();
   }
 }

@@ -42,22 +42,22 @@ export class SaveRestore {
    */
   async save(name: string, fileArg: string, opts: { anyPath?: boolean; local: boolean } = { local: true }): Promise<Results['domain.save']> {
     const file = resolveSaveFile(fileArg, this.d.cfg.storage, opts);
-    const live = this.d.store.get(name);
-    transition(live.rec.state, { type: 'stopped', reason: 'saved', at: 0 }, name);
-    const { qmp } = this.d.runtime.needProcess(live, 'save');
-    const wasRunning = live.rec.state.kind === 'running';
-    const rt = live.rec.runtime!;
-    const sockPath = path.join(this.d.runtime.qemuDirOf(live), 'save.sock');
+    const dom = this.d.store.get(name);
+    transition(dom.rec.state, { type: 'stopped', reason: 'saved', at: 0 }, name);
+    const { qmp } = this.d.runtime.needProcess(dom, 'save');
+    const wasRunning = dom.rec.state.kind === 'running';
+    const rt = dom.rec.runtime!;
+    const sockPath = path.join(this.d.runtime.qemuDirOf(dom), 'save.sock');
     fs.rmSync(sockPath, { force: true });
     const tmp = `${file}.partial`;
     const t0 = Date.now();
-    live.busy = 'saving';
+    dom.busy = 'saving';
     let out: fs.WriteStream | undefined;
     const server = net.createServer();
     try {
       // O_CREAT|O_EXCL: never follows a symlink planted at FILE.partial, never truncates another file.
       try { out = fs.createWriteStream(tmp, { mode: 0o600, flags: 'wx' }); await new Promise<void>((r, j) => { out!.once('open', () => r()); out!.once('error', j); }); } catch (e) { out = undefined; throw new FerryError('SAVE_FAILED', `Cannot create ${tmp}: ${(e as Error).message} (a leftover from an earlier save? remove it)`); }
-      out.write(SAVE_MAGIC + JSON.stringify({ config: domainConfigToJson(live.rec.config), wasRunning, machine: rt.machine, cpuModel: rt.cpuModel, savedAt: new Date().toISOString(), host: this.d.cfg.name }) + '\n');
+      out.write(SAVE_MAGIC + JSON.stringify({ config: domainConfigToJson(dom.rec.config), wasRunning, machine: rt.machine, cpuModel: rt.cpuModel, savedAt: new Date().toISOString(), host: this.d.cfg.name }) + '\n');
       const received = new Promise<number>((resolve, reject) => {
         server.once('connection', (s) => {
           let bytes = 0;
@@ -69,7 +69,7 @@ export class SaveRestore {
       });
       await new Promise<void>((r, j) => { server.once('error', j); server.listen(sockPath, r); });
       // QEMU (the domain's uid) connects to it; the directory is QEMU's own and nobody else's.
-      const id = this.d.runtime.identityOf(live);
+      const id = this.d.runtime.identityOf(dom);
       if (id) fs.chownSync(sockPath, id.uid, id.gid);
       // A save is a migration into a socket: QEMU's source side (qemu/migration.ts).
       const mq = new MigrationQmp(qmp, 'source');
@@ -86,16 +86,16 @@ export class SaveRestore {
       const bytes = await received;
       await new Promise<void>((r, j) => out!.end((e?: Error | null) => (e ? j(e) : r())));
       fs.renameSync(tmp, file);
-      live.expectStop = 'saved';
-      live.busy = undefined;
+      dom.expectStop = 'saved';
+      dom.busy = undefined;
       await qmp.execute('quit').catch(() => undefined);
-      await live.exited;
+      await dom.exited;
       return { name, file, bytes, ms: Date.now() - t0 };
     } catch (e) {
-      live.busy = undefined;
+      dom.busy = undefined;
       out?.destroy();
       fs.rmSync(tmp, { force: true });
-      if (wasRunning && live.qmp) await live.qmp.execute('cont').catch(() => undefined);
+      if (wasRunning && dom.qmp) await dom.qmp.execute('cont').catch(() => undefined);
       throw e instanceof FerryError ? e : new FerryError('SAVE_FAILED', `Cannot save domain "${name}" to ${file}: ${(e as Error).message}`);
     } finally {
       server.close();
@@ -145,22 +145,22 @@ export class SaveRestore {
     if (typeof header.machine !== 'string' || !this.d.qemu.machines.includes(header.machine)) throw new FerryError('SAVE_FAILED', `${file}: machine type ${JSON.stringify(header.machine)} is not one this host's QEMU ${this.d.qemu.version} offers`);
     if (header.cpuModel !== this.d.qemu.cpuModel) throw new FerryError('SAVE_FAILED', `${file}: CPU model ${JSON.stringify(header.cpuModel)} is not this host's (${this.d.qemu.cpuModel})`);
     const c = parseDomainConfig(header.config);
-    let live = this.d.store.find(c.name);
-    if (live) {
-      if (live.rec.config.uuid !== c.uuid) throw new FerryError('DOMAIN_EXISTS', `Another domain named "${c.name}" exists on ${this.d.cfg.name}`);
-      if (hasProcess(live.rec.state)) throw new FerryError('DOMAIN_EXISTS', `Domain "${c.name}" is already ${describeKind(live.rec.state.kind)} on ${this.d.cfg.name}`);
+    let dom = this.d.store.find(c.name);
+    if (dom) {
+      if (dom.rec.config.uuid !== c.uuid) throw new FerryError('DOMAIN_EXISTS', `Another domain named "${c.name}" exists on ${this.d.cfg.name}`);
+      if (hasProcess(dom.rec.state)) throw new FerryError('DOMAIN_EXISTS', `Domain "${c.name}" is already ${describeKind(dom.rec.state.kind)} on ${this.d.cfg.name}`);
     } else {
       this.d.store.checkUnique(c);
     }
     this.d.checkStart(c, 'restore');
-    const created = !live;
-    if (!live) {
-      live = { rec: { config: c, state: { kind: 'defined' } } };
-      this.d.store.hold(live);
+    const created = !dom;
+    if (!dom) {
+      dom = { rec: { config: c, state: { kind: 'defined' } } };
+      this.d.store.hold(dom);
     } else {
-      live.rec.config = c;
+      dom.rec.config = c;
     }
-    const l = live;
+    const l = dom;
     l.busy = 'restoring';
     let sockPath = '';
     let pid: number | undefined;

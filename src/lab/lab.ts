@@ -29,7 +29,8 @@ import { writeJsonAtomic } from '../util/fsx.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { caInit, issueHostCert } from '../tls/ca.ts';
 import { pidAlive, killAndWait } from '../qemu/process.ts';
-import { ApiClient, LAB_STATE_FILE } from '../api/client.ts';
+import { ApiClient } from '../api/client.ts';
+import { LAB_STATE_FILE } from './hosts.ts';
 
 export const LAB_DIR = process.env.FERRY_LAB_DIR ?? path.dirname(LAB_STATE_FILE);
 export const NS_PREFIX = 'ferry-';

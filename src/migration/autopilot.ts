@@ -9,7 +9,7 @@ import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import type { PlanView } from '../api/protocol.ts';
-import type { MigrationHost, DomainHandle as Live, MigrationLog } from './host.ts';
+import type { MigrationHost, DomainHandle, MigrationLog } from './host.ts';
 import type { JobStore, SourceJob } from './jobs.ts';
 import { plan as makePlan, linkRate, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
@@ -86,12 +86,12 @@ export class Planner {
     return Math.max(0, os.cpus().length - busy);
   }
 
-  /** The autopilot's plan for moving `live` to `peer` live: measured, modelled, picked. */
-  async planFor(live: Live, q: QmpClient, peer: string, p: PlanParams): Promise<{ plan: Plan; view: PlanView }> {
-    const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(live)]);
+  /** The autopilot's plan for moving `dom` to `peer` live: measured, modelled, picked. */
+  async planFor(dom: DomainHandle, q: QmpClient, peer: string, p: PlanParams): Promise<{ plan: Plan; view: PlanView }> {
+    const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(dom)]);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
-    const c = live.rec.config;
-    const engineLoses = dirtyTrackingUnreliable(live.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
+    const c = dom.rec.config;
+    const engineLoses = dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
     const input = {
       ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched), dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,

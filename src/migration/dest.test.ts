@@ -13,7 +13,7 @@ import { Destination } from './dest.ts';
 import { JobStore, type DestJob } from './jobs.ts';
 import { PROTOCOL_VERSION } from './phases.ts';
 import type { RelocationContext } from './host.ts';
-import { FakeHost, incomingQemu, quiet } from './fakes.ts';
+import { FakeHost, incomingQemu, quiet } from '../testing/fakes.ts';
 import { parseDomainConfig, domainConfigToJson } from '../domain/config.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { FerryError } from '../errors.ts';

@@ -32,8 +32,6 @@ import { digest, repair, finish } from './incoming/finish.ts';
 import { abandonLocal, abandonQuietly, touch } from './incoming/abandon.ts';
 import { drive, recoverPostcopy } from './incoming/recover.ts';
 
-export { CONFIRM_GRACE_MS } from './incoming/finish.ts';
-
 export class Destination {
   /** The incoming moves this ferryd holds something for, by job id (incoming/run.ts). */
   private readonly runs = new Map<string, IncomingRun>();

@@ -4,7 +4,7 @@
  * Hypervisor's receiver; the point of no return is named, as in xl's migrate.
  *
  * Source:  begin → prepare → perform → switchover → finish → confirmed
- *            └────────┴─────────┴──────────┴──► abandoned            (before POINT_OF_NO_RETURN)
+ *            └────────┴─────────┴──────────┴──► abandoned            (before finish, the point of no return)
  *          finish ──dest-abandoned──► abandoned  (only on the destination's word that it never resumed)
  *          finish ──dest-running──► postcopy ──postcopy-done──► confirmed
  *            (post-copy: the guest runs on the destination while this QEMU still serves the
@@ -27,8 +27,6 @@ export { PROTOCOL_VERSION } from '../api/relocation.ts';
 
 export type SourcePhase = 'begin' | 'prepare' | 'perform' | 'switchover' | 'finish' | 'postcopy' | 'confirmed' | 'abandoned';
 export type DestPhase = 'begun' | 'prepared' | 'finishing' | 'finished' | 'confirmed' | 'abandoned';
-export const SOURCE_POINT_OF_NO_RETURN: SourcePhase = 'finish';
-export const DEST_POINT_OF_NO_RETURN: DestPhase = 'finishing';
 
 export type SourceEvent =
   | { type: 'dest-accepted' } // Begin answered: pre-flight passed
@@ -94,8 +92,4 @@ export function destTransition(p: DestPhase, e: DestEvent): DestPhase {
 
 export function sourceCanAbandon(p: SourcePhase): boolean {
   return p === 'begin' || p === 'prepare' || p === 'perform' || p === 'switchover';
-}
-
-export function isTerminal(p: SourcePhase | DestPhase): boolean {
-  return p === 'confirmed' || p === 'abandoned';
 }

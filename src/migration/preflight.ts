@@ -22,7 +22,7 @@ export function peerAddresses(peers: Record<string, string>): string[] {
 }
 
 /** The Begin's facts of the source, and the protocol's shared helpers: api/relocation.ts. */
-export { vniFor, isIpv4, checkProtocolVersion } from '../api/relocation.ts';
+export { vniFor, isIpv4 } from '../api/relocation.ts';
 export type { SourceFacts } from '../api/relocation.ts';
 import type { SourceFacts } from '../api/relocation.ts';
 

@@ -14,7 +14,7 @@ import { Source } from './source.ts';
 import { Destination } from './dest.ts';
 import { JobStore, type SourceJob } from './jobs.ts';
 import type { RelocationContext } from './host.ts';
-import { FakeHost, incomingQemu, outgoingQemu, quiet, type Handle } from './fakes.ts';
+import { FakeHost, incomingQemu, outgoingQemu, quiet, type Handle } from '../testing/fakes.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { parseDomainConfig, domainConfigToJson } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';

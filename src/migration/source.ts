@@ -63,7 +63,7 @@ import { askDestination, driveFinish, settleFinish } from './outgoing/settle.ts'
 import { drivePostcopy } from './outgoing/postcopy.ts';
 import { dialPeer, leaveTunnels, redial, retire } from './outgoing/peer.ts';
 
-export type { StartParams, Resolution } from './outgoing/run.ts';
+export type { StartParams } from './outgoing/run.ts';
 
 export class Source {
   /** The moves running in this ferryd (outgoing/run.ts), by job id: their cancellation and disk mirrors. */

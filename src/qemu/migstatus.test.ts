@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type net from 'node:net';
 import { QmpClient } from '../qmp/client.ts';
-import { fakeQmp } from '../qmp/fake.ts';
+import { fakeQmp } from '../testing/qmp.ts';
 import { MigrationWatcher, FINAL_STATUSES } from './migstatus.ts';
 
 const ev = (sock: net.Socket, event: string, data: Record<string, unknown>, seconds: number): void => {

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { QmpClient, QmpError, QmpClosedError, type QmpEvent } from './client.ts';
-import { fakeQmp, type FakeQmpCommand } from './fake.ts';
+import { fakeQmp, type FakeQmpCommand } from '../testing/qmp.ts';
 
 test('greeting, capabilities and a command matched by id', async () => {
   const f = await fakeQmp((msg, sock) => {

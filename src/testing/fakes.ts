@@ -5,10 +5,10 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { MigrationHost, DomainHandle, TunnelHome } from './host.ts';
-import { vniFor } from './preflight.ts';
+import type { MigrationHost, DomainHandle, TunnelHome } from '../migration/host.ts';
+import { vniFor } from '../migration/preflight.ts';
 import { QmpClient } from '../qmp/client.ts';
-import { fakeQmp } from '../qmp/fake.ts';
+import { fakeQmp } from './qmp.ts';
 import type { DomainConfig } from '../domain/config.ts';
 import { transition, type DomainEvent, type DomainState } from '../domain/state.ts';
 import { FerryError } from '../errors.ts';
