@@ -14,6 +14,14 @@ process.stdin.on('end', async () => {
   const t = performance.now();
   const answered = await probe.waitForReplyAfter(t, 10000);
   const r = await probe.stop();
-  process.stdout.write(JSON.stringify({ longestGapMs: answered ? r.longestGapMs : null, replies: r.replies, sent: r.sent, waitedMs: Math.round(performance.now() - t), answeredAfter: answered }) + '\n');
+  process.stdout.write(
+    JSON.stringify({
+      longestGapMs: answered ? r.longestGapMs : null,
+      replies: r.replies,
+      sent: r.sent,
+      waitedMs: Math.round(performance.now() - t),
+      answeredAfter: answered,
+    }) + '\n',
+  );
   process.exit(0);
 });

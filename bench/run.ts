@@ -28,13 +28,18 @@ const QMP_PORT = 49216;
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
-const opt = (k: string): string | undefined => { const i = args.indexOf(k); return i >= 0 ? args[i + 1] : undefined; };
+const opt = (k: string): string | undefined => {
+  const i = args.indexOf(k);
+  return i >= 0 ? args[i + 1] : undefined;
+};
 const SMOKE = args.includes('--smoke');
 const REPS = Number(opt('--reps') ?? (SMOKE ? 1 : 7));
 const ONLY = opt('--only');
 const OUT = opt('--out') ?? path.join(ROOT, 'bench', 'results');
 const tty = !!process.stderr.isTTY;
-const say = (m: string): void => { process.stderr.write(`${tty ? '\x1b[1m' : ''}bench:${tty ? '\x1b[0m' : ''} ${m}\n`); };
+const say = (m: string): void => {
+  process.stderr.write(`${tty ? '\x1b[1m' : ''}bench:${tty ? '\x1b[0m' : ''} ${m}\n`);
+};
 
 // ---------------------------------------------------------------- helpers
 
@@ -44,10 +49,15 @@ const ferryOk = (a: string[], input?: string): Promise<any> => cliOk(a, { input,
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 async function waitFor(what: string, fn: () => boolean | Promise<boolean>, ms = 60000): Promise<void> {
   const end = Date.now() + ms;
-  while (!(await fn())) { if (Date.now() > end) throw new Error(`timed out: ${what}`); await sleep(100); }
+  while (!(await fn())) {
+    if (Date.now() > end) throw new Error(`timed out: ${what}`);
+    await sleep(100);
+  }
 }
 const ns = (h: string): string => `ferry-${h}`;
-function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['netns', 'exec', ns(h), ...cmd], { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); }
+function inNs(h: string, cmd: string[]): string {
+  return execFileSync('ip', ['netns', 'exec', ns(h), ...cmd], { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+}
 
 /**
  * The guest-perceived downtime probe, the same for every contender: ferry's GuestProbe
@@ -56,25 +66,72 @@ function inNs(h: string, cmd: string[]): string { return execFileSync('ip', ['ne
  * from its new host (bench/probe-helper.ts).
  */
 function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<{ longestGapMs: number | null; replies: number } | null> } {
-  const c = spawn('ip', ['netns', 'exec', 'ferry-client', process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip], { cwd: ROOT, stdio: ['pipe', 'pipe', 'ignore'] });
+  const c = spawn(
+    'ip',
+    ['netns', 'exec', 'ferry-client', process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip],
+    { cwd: ROOT, stdio: ['pipe', 'pipe', 'ignore'] },
+  );
   let out = '';
-  const ready = new Promise<void>((r) => c.stdout.on('data', (d) => { out += d; if (out.includes('probing')) r(); }));
+  const ready = new Promise<void>((r) =>
+    c.stdout.on('data', (d) => {
+      out += d;
+      if (out.includes('probing')) r();
+    }),
+  );
   return {
     ready,
-    stop: () => new Promise((resolve) => {
-      c.on('close', () => { const l = out.trim().split('\n').pop(); try { const j = JSON.parse(l!); resolve(j.replies > 1 ? j : null); } catch { resolve(null); } });
-      c.stdin.end();
-    }),
+    stop: () =>
+      new Promise((resolve) => {
+        c.on('close', () => {
+          const l = out.trim().split('\n').pop();
+          try {
+            const j = JSON.parse(l!);
+            resolve(j.replies > 1 ? j : null);
+          } catch {
+            resolve(null);
+          }
+        });
+        c.stdin.end();
+      }),
   };
 }
 
 // ---------------------------------------------------------------- contenders
 
-interface Opts { live: boolean; bandwidthMiBs?: number; maxDowntimeMs: number; timeoutS: number; insecure?: boolean; parallel?: number; verify?: boolean; tls?: boolean; postcopy?: boolean; copyStorage?: boolean }
+interface Opts {
+  live: boolean;
+  bandwidthMiBs?: number;
+  maxDowntimeMs: number;
+  timeoutS: number;
+  insecure?: boolean;
+  parallel?: number;
+  verify?: boolean;
+  tls?: boolean;
+  postcopy?: boolean;
+  copyStorage?: boolean;
+}
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
-interface Run { contender: string; outcome: string; totalMs: number | null; setupMs: number | null; downtimeMs: number | null; pauseMs?: number | null; guestDowntimeMs: number | null; reportedGuestDowntimeMs?: number | null; bytes: number | null; throughputMBps: number | null; passes: number | null; note?: string; memoryCheck?: Report['memoryCheck']; timeline?: Record<string, number>;
+interface Run {
+  contender: string;
+  outcome: string;
+  totalMs: number | null;
+  setupMs: number | null;
+  downtimeMs: number | null;
+  pauseMs?: number | null;
+  guestDowntimeMs: number | null;
+  reportedGuestDowntimeMs?: number | null;
+  bytes: number | null;
+  throughputMBps: number | null;
+  passes: number | null;
+  note?: string;
+  memoryCheck?: Report['memoryCheck'];
+  timeline?: Record<string, number>;
   /** ferry: the strategy the move used, the plan's pick, and the plan's predicted total for that strategy against ferryd's own totalMs. */
-  strategy?: string; pick?: string; predictedTotalMs?: number | null; reportTotalMs?: number | null }
+  strategy?: string;
+  pick?: string;
+  predictedTotalMs?: number | null;
+  reportTotalMs?: number | null;
+}
 type Measured = Omit<Run, 'totalMs' | 'guestDowntimeMs'>;
 
 interface Guest {
@@ -96,8 +153,22 @@ interface Guest {
  * `disk`: a qcow2 data disk of that many MiB, in the lab's shared pool or in host1's own
  * directory (moved with --copy-storage); `pair`: the two hosts it moves between.
  */
-async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, o: { disk?: { mib: number; local: boolean }; pair?: [string, string] } = {}): Promise<Guest> {
-  const cfg = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json', ...(o.disk ? ['--data-disk', String(o.disk.mib)] : [])]);
+async function ferryGuest(
+  kind: 'linux' | 'pattern',
+  name: string,
+  memoryMiB: number,
+  o: { disk?: { mib: number; local: boolean }; pair?: [string, string] } = {},
+): Promise<Guest> {
+  const cfg = await ferryOk([
+    'lab',
+    'guest',
+    kind,
+    name,
+    '--memory',
+    String(memoryMiB),
+    '--json',
+    ...(o.disk ? ['--data-disk', String(o.disk.mib)] : []),
+  ]);
   if (o.disk && !o.disk.local) {
     // On the shared pool instead: every host sees it at the same path.
     const shared = path.join(LAB, 'pool', path.basename(cfg.disks[0].path));
@@ -108,17 +179,43 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
   const f = path.join(os.tmpdir(), `bench-${name}.json`);
   fs.writeFileSync(f, JSON.stringify(cfg));
   await ferryOk(['-H', 'host1', 'create', f]);
-  await waitFor(`${name} ready`, () => { try { return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes('ready'); } catch { return false; } });
+  await waitFor(`${name} ready`, () => {
+    try {
+      return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes('ready');
+    } catch {
+      return false;
+    }
+  });
   const g: Guest = {
-    name, host: 'host1', ip: cfg.nics[0]?.ip?.split('/')[0],
+    name,
+    host: 'host1',
+    ip: cfg.nics[0]?.ip?.split('/')[0],
     other: (h) => (h === pair[0] ? pair[1] : pair[0]),
-    pause: async () => { await ferryOk(['-H', g.host, 'pause', name]); },
-    resume: async () => { await ferryOk(['-H', g.host, 'unpause', name]); },
-    send: async (cmd) => { await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n'); },
+    pause: async () => {
+      await ferryOk(['-H', g.host, 'pause', name]);
+    },
+    resume: async () => {
+      await ferryOk(['-H', g.host, 'unpause', name]);
+    },
+    send: async (cmd) => {
+      await ferryOk(['-H', g.host, 'console', name, '--idle', '1500'], cmd + '\n');
+    },
     migrate: async (to, o) => {
       // --no-probe: the bench's own probe measures every contender; a second one (ferryd's)
       // would double the SYNs that only ferry's guest has to answer.
-      const a = ['-H', g.host, 'migrate', name, to, '--json', '--no-probe', '--max-downtime', String(o.maxDowntimeMs), '--timeout', String(o.timeoutS)];
+      const a = [
+        '-H',
+        g.host,
+        'migrate',
+        name,
+        to,
+        '--json',
+        '--no-probe',
+        '--max-downtime',
+        String(o.maxDowntimeMs),
+        '--timeout',
+        String(o.timeoutS),
+      ];
       if (o.live) a.push('--live');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');
@@ -130,15 +227,36 @@ async function ferryGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: nu
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
       return {
-        contender: '', outcome: rep.outcome ?? 'failed', setupMs: rep.setupMs ?? null, pauseMs: rep.pauseMs ?? null,
-        downtimeMs: rep.downtimeMs ?? null, reportedGuestDowntimeMs: rep.guestDowntimeMs ?? null, bytes: rep.bytes ?? null, throughputMBps: rep.throughputMBps ?? null, passes: rep.passes ?? null,
-        note: [rep.error?.code, ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check requested'))].filter(Boolean).join('; ') || undefined,
-        memoryCheck: rep.memoryCheck ?? null, timeline: rep.timeline,
-        strategy: rep.strategy, pick: rep.plan?.pick, reportTotalMs: rep.totalMs ?? null,
-        predictedTotalMs: rep.plan?.predictions?.find((x: { strategy: string }) => x.strategy === (rep.strategy === 'suspend' ? 'precopy' : rep.strategy))?.totalMs ?? null,
+        contender: '',
+        outcome: rep.outcome ?? 'failed',
+        setupMs: rep.setupMs ?? null,
+        pauseMs: rep.pauseMs ?? null,
+        downtimeMs: rep.downtimeMs ?? null,
+        reportedGuestDowntimeMs: rep.guestDowntimeMs ?? null,
+        bytes: rep.bytes ?? null,
+        throughputMBps: rep.throughputMBps ?? null,
+        passes: rep.passes ?? null,
+        note:
+          [
+            rep.error?.code,
+            ...(rep.policy ?? []).filter((x: string) => !x.startsWith('auto-converge on') && !x.startsWith('memory check requested')),
+          ]
+            .filter(Boolean)
+            .join('; ') || undefined,
+        memoryCheck: rep.memoryCheck ?? null,
+        timeline: rep.timeline,
+        strategy: rep.strategy,
+        pick: rep.plan?.pick,
+        reportTotalMs: rep.totalMs ?? null,
+        predictedTotalMs:
+          rep.plan?.predictions?.find((x: { strategy: string }) => x.strategy === (rep.strategy === 'suspend' ? 'precopy' : rep.strategy))
+            ?.totalMs ?? null,
       };
     },
-    destroy: async () => { await ferry(['-H', g.host, 'destroy', name]); await ferry(['-H', g.host, 'delete', name]); },
+    destroy: async () => {
+      await ferry(['-H', g.host, 'destroy', name]);
+      await ferry(['-H', g.host, 'delete', name]);
+    },
   };
   return g;
 }
@@ -160,26 +278,54 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
   let cur: { pid: number; qmp: QmpClient } | undefined;
   const start = async (h: string, incoming: boolean, prealloc = false): Promise<{ pid: number; qmp: QmpClient }> => {
     if (c.nics.length) {
-      try { inNs(h, ['ip', 'link', 'del', tap]); } catch { /* none */ }
+      try {
+        inNs(h, ['ip', 'link', 'del', tap]);
+      } catch {
+        /* none */
+      }
       inNs(h, ['ip', 'tuntap', 'add', 'dev', tap, 'mode', 'tap']);
       inNs(h, ['ip', 'link', 'set', tap, 'master', 'br0', 'up']);
     }
-    const rt = { accel: 'tcg' as const, cpuModel: 'qemu64', machine, qmpPath: path.join(dir, `${h}.qmp`), consolePath: path.join(dir, `${h}.con`), taps: [tap], incoming, preallocate: prealloc };
+    const rt = {
+      accel: 'tcg' as const,
+      cpuModel: 'qemu64',
+      machine,
+      qmpPath: path.join(dir, `${h}.qmp`),
+      consolePath: path.join(dir, `${h}.con`),
+      taps: [tap],
+      incoming,
+      preallocate: prealloc,
+    };
     // QEMU runs inside the host's namespace through `ip netns exec` (which execs it).
-    return startQemuWith('ip', ['netns', 'exec', ns(h), 'qemu-system-x86_64', ...domainArgv(c, rt)], { qmpPath: rt.qmpPath, logPath: path.join(dir, `${h}.log`), what: 'bench QEMU' });
+    return startQemuWith('ip', ['netns', 'exec', ns(h), 'qemu-system-x86_64', ...domainArgv(c, rt)], {
+      qmpPath: rt.qmpPath,
+      logPath: path.join(dir, `${h}.log`),
+      what: 'bench QEMU',
+    });
   };
   cur = await start('host1', false);
   let conLog = '';
   const con = await connectUnix(path.join(dir, 'host1.con'), 5000);
-  con.on('data', (d) => { conLog += d.toString('latin1'); });
+  con.on('data', (d) => {
+    conLog += d.toString('latin1');
+  });
   let conSock = con;
   await cur.qmp.execute('cont');
   await waitFor(`${name} ready`, () => conLog.includes('ready'));
   const g: Guest = {
-    name, ip: c.nics[0]?.ip?.split('/')[0], host,
-    pause: async () => { await cur!.qmp.execute('stop'); },
-    resume: async () => { await cur!.qmp.execute('cont'); },
-    send: async (cmd) => { conSock.write(cmd + '\n'); await sleep(1500); },
+    name,
+    ip: c.nics[0]?.ip?.split('/')[0],
+    host,
+    pause: async () => {
+      await cur!.qmp.execute('stop');
+    },
+    resume: async () => {
+      await cur!.qmp.execute('cont');
+    },
+    send: async (cmd) => {
+      conSock.write(cmd + '\n');
+      await sleep(1500);
+    },
     migrate: async (to, o) => {
       const t0 = Date.now();
       const dst = await start(to, true, !o.live);
@@ -192,23 +338,51 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
       const sw = new MigrationWatcher(src.qmp);
       const dw = new MigrationWatcher(dst.qmp);
       try {
-        for (const q of [src.qmp, dst.qmp]) await q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, ...(q === src.qmp ? [{ capability: 'auto-converge', state: o.live }] : [])] });
+        for (const q of [src.qmp, dst.qmp])
+          await q.execute('migrate-set-capabilities', {
+            capabilities: [
+              { capability: 'events', state: true },
+              ...(q === src.qmp ? [{ capability: 'auto-converge', state: o.live }] : []),
+            ],
+          });
         if (!o.insecure) {
-          await dst.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${to}/tls`, endpoint: 'server', 'verify-peer': true });
+          await dst.qmp.execute('object-add', {
+            'qom-type': 'tls-creds-x509',
+            id: 'tls0',
+            dir: `${LAB}/${to}/tls`,
+            endpoint: 'server',
+            'verify-peer': true,
+          });
           await dst.qmp.execute('object-add', { 'qom-type': 'authz-simple', id: 'authz0', identity: `O=ferry,OU=host,CN=${fromName}` });
           await dst.qmp.execute('migrate-set-parameters', { 'tls-creds': 'tls0', 'tls-authz': 'authz0' });
           await src.qmp.execute('object-del', { id: 'tls0' }).catch(() => undefined);
-          await src.qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: `${LAB}/${fromName}/tls`, endpoint: 'client', 'verify-peer': true });
+          await src.qmp.execute('object-add', {
+            'qom-type': 'tls-creds-x509',
+            id: 'tls0',
+            dir: `${LAB}/${fromName}/tls`,
+            endpoint: 'client',
+            'verify-peer': true,
+          });
         }
         // Outside ferry's data ports (49152–49215): a ferry move's listener may still be closing.
         await dst.qmp.execute('migrate-incoming', { uri: `tcp:${toAddr}:${QMP_PORT}` });
-        await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': o.bandwidthMiBs ? o.bandwidthMiBs * 1048576 : UNLIMITED_BANDWIDTH, 'downtime-limit': o.maxDowntimeMs, ...(o.insecure ? { 'tls-creds': '' } : { 'tls-creds': 'tls0', 'tls-hostname': to }) });
+        await src.qmp.execute('migrate-set-parameters', {
+          'max-bandwidth': o.bandwidthMiBs ? o.bandwidthMiBs * 1048576 : UNLIMITED_BANDWIDTH,
+          'downtime-limit': o.maxDowntimeMs,
+          ...(o.insecure ? { 'tls-creds': '' } : { 'tls-creds': 'tls0', 'tls-hostname': to }),
+        });
         if (!o.live) await src.qmp.execute('stop');
         await src.qmp.execute('migrate', { uri: `tcp:${toAddr}:${QMP_PORT}` });
-        const watchdog = setTimeout(() => { src.qmp.execute('migrate_cancel').catch(() => undefined); outcome = 'not converged (watchdog)'; }, o.timeoutS * 1000);
+        const watchdog = setTimeout(() => {
+          src.qmp.execute('migrate_cancel').catch(() => undefined);
+          outcome = 'not converged (watchdog)';
+        }, o.timeoutS * 1000);
         const st = await sw.until(FINAL_STATUSES).finally(() => clearTimeout(watchdog));
         m = await src.qmp.execute('query-migrate');
-        for (let i = 0; i < 20 && st === 'completed' && !(m['total-time'] > 0); i++) { await sleep(5); m = await src.qmp.execute('query-migrate'); }
+        for (let i = 0; i < 20 && st === 'completed' && !(m['total-time'] > 0); i++) {
+          await sleep(5);
+          m = await src.qmp.execute('query-migrate');
+        }
         if (st === 'completed') {
           await dw.until(FINAL_STATUSES, 60000);
           await dst.qmp.execute('cont');
@@ -219,35 +393,58 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
         // A run that fails is a result (its row says so), not the end of the benchmark.
         m = { ...m, status: 'error', 'error-desc': (e as Error).message };
       } finally {
-        sw.dispose(); dw.dispose();
+        sw.dispose();
+        dw.dispose();
         if (outcome === 'succeeded') {
           await src.qmp.execute('quit').catch(() => undefined);
           await killAndWait(src.pid, 2000);
-          try { inNs(fromName, ['ip', 'link', 'del', tap]); } catch { /* gone */ }
-          cur = dst; host = to; g.host = to;
+          try {
+            inNs(fromName, ['ip', 'link', 'del', tap]);
+          } catch {
+            /* gone */
+          }
+          cur = dst;
+          host = to;
+          g.host = to;
           conSock.destroy();
           conSock = await connectUnix(path.join(dir, `${to}.con`), 5000);
           conSock.on('data', () => undefined);
         } else {
           await dst.qmp.execute('quit').catch(() => undefined);
           await killAndWait(dst.pid, 2000);
-          try { inNs(to, ['ip', 'link', 'del', tap]); } catch { /* gone */ }
+          try {
+            inNs(to, ['ip', 'link', 'del', tap]);
+          } catch {
+            /* gone */
+          }
           if (o.live === false) await src.qmp.execute('cont').catch(() => undefined);
         }
       }
       const bytes = m.ram?.transferred ?? null;
       const active = sw.at.get('active');
       return {
-        contender: '', outcome, setupMs: active !== undefined ? Math.round(active - t0) : null, downtimeMs: m.downtime ?? null,
-        bytes, throughputMBps: bytes && m['total-time'] ? +(bytes / 1e6 / (m['total-time'] / 1000)).toFixed(1) : null, passes: m.ram?.['dirty-sync-count'] ?? null,
-        note: outcome === 'succeeded' ? undefined : `QEMU status ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''} after ${((Date.now() - t0) / 1000).toFixed(1)} s`,
+        contender: '',
+        outcome,
+        setupMs: active !== undefined ? Math.round(active - t0) : null,
+        downtimeMs: m.downtime ?? null,
+        bytes,
+        throughputMBps: bytes && m['total-time'] ? +(bytes / 1e6 / (m['total-time'] / 1000)).toFixed(1) : null,
+        passes: m.ram?.['dirty-sync-count'] ?? null,
+        note:
+          outcome === 'succeeded'
+            ? undefined
+            : `QEMU status ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''} after ${((Date.now() - t0) / 1000).toFixed(1)} s`,
       };
     },
     destroy: async () => {
       conSock.destroy();
       cur?.qmp.close();
       if (cur) await killAndWait(cur.pid, 0);
-      try { inNs(host, ['ip', 'link', 'del', tap]); } catch { /* gone */ }
+      try {
+        inNs(host, ['ip', 'link', 'del', tap]);
+      } catch {
+        /* gone */
+      }
     },
   };
   return g;
@@ -259,12 +456,25 @@ const LV_ADDR: Record<string, string> = { host1: '198.19.0.11', host2: '198.19.0
 const lvUri = (h: string): string => `qemu+tcp://${LV_ADDR[h]}/system`;
 let libvirtUp = false;
 /** The installed libvirtd's version: the table names it even when `--only` skips libvirt's scenarios. */
-const libvirtVersion: string | null = (() => { try { return /(\d+\.\d+\.\d+)/.exec(execFileSync('libvirtd', ['--version']).toString())?.[1] ?? null; } catch { return null; } })();
+const libvirtVersion: string | null = (() => {
+  try {
+    return /(\d+\.\d+\.\d+)/.exec(execFileSync('libvirtd', ['--version']).toString())?.[1] ?? null;
+  } catch {
+    return null;
+  }
+})();
 
 /** Installs libvirt (without starting any service) and runs one libvirtd per lab host. */
 async function ensureLibvirt(): Promise<void> {
   if (libvirtUp) return;
-  const have = (p: string): boolean => { try { execFileSync('dpkg', ['-s', p], { stdio: 'ignore' }); return true; } catch { return false; } };
+  const have = (p: string): boolean => {
+    try {
+      execFileSync('dpkg', ['-s', p], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  };
   const pkgs = ['libvirt-daemon-system', 'libvirt-daemon-driver-qemu', 'libvirt-clients'].filter((p) => !have(p));
   if (pkgs.length) {
     say(`installing ${pkgs.join(' ')} (services are not started)`);
@@ -273,17 +483,36 @@ async function ensureLibvirt(): Promise<void> {
     const hadRc = fs.existsSync(rc);
     if (!hadRc) fs.writeFileSync(rc, '#!/bin/sh\nexit 101\n', { mode: 0o755 });
     try {
-      execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...pkgs], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+      execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...pkgs], {
+        stdio: ['ignore', 'ignore', 'inherit'],
+        env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
+      });
     } finally {
       if (!hadRc) fs.rmSync(rc, { force: true });
     }
   }
   for (const d of ['/run/libvirt', '/var/lib/libvirt', '/var/log/libvirt', '/var/cache/libvirt']) fs.mkdirSync(d, { recursive: true });
   for (const [i, h] of ['host1', 'host2'].entries()) {
-    const c = spawn(path.join(ROOT, 'bench', 'libvirt-host.sh'), [ns(h), LV_ADDR[h], `${LAB}/libvirt/${h}`, `00000000-0000-4000-8000-00000000000${i + 1}`, `${LAB}/${h}/tls`], { detached: true, stdio: 'ignore' });
+    const c = spawn(
+      path.join(ROOT, 'bench', 'libvirt-host.sh'),
+      [ns(h), LV_ADDR[h], `${LAB}/libvirt/${h}`, `00000000-0000-4000-8000-00000000000${i + 1}`, `${LAB}/${h}/tls`],
+      { detached: true, stdio: 'ignore' },
+    );
     c.unref();
   }
-  for (const h of ['host1', 'host2']) await waitFor(`libvirtd on ${h}`, () => { try { inNs(h, ['virsh', '-c', lvUri(h), 'version']); return true; } catch { return false; } }, 30000);
+  for (const h of ['host1', 'host2'])
+    await waitFor(
+      `libvirtd on ${h}`,
+      () => {
+        try {
+          inNs(h, ['virsh', '-c', lvUri(h), 'version']);
+          return true;
+        } catch {
+          return false;
+        }
+      },
+      30000,
+    );
   // Each libvirtd's own /var/lib/libvirt/images (its private mount) as a pool, so that
   // `--copy-storage-all` can create the destination's disk as ferry's Begin does.
   for (const h of ['host1', 'host2']) {
@@ -297,11 +526,20 @@ async function ensureLibvirt(): Promise<void> {
 const lvImages = (h: string): string => `${LAB}/libvirt/${h}/lib/images`;
 
 function virsh(h: string, a: string[], timeoutMs = 600000): string {
-  return execFileSync('ip', ['netns', 'exec', ns(h), 'virsh', '-c', lvUri(h), ...a], { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs }).toString();
+  return execFileSync('ip', ['netns', 'exec', ns(h), 'virsh', '-c', lvUri(h), ...a], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    timeout: timeoutMs,
+  }).toString();
 }
 
 /** libvirt's `virsh migrate --live` between two lab libvirtds, same guest and settings. */
-async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string, dataDiskMiB?: number): Promise<Guest> {
+async function libvirtGuest(
+  kind: 'linux' | 'pattern',
+  name: string,
+  memoryMiB: number,
+  machine: string,
+  dataDiskMiB?: number,
+): Promise<Guest> {
   await ensureLibvirt();
   // A data disk in host1's own images directory, for --copy-storage-all.
   const dataDisk = dataDiskMiB ? `${name}-data.qcow2` : undefined;
@@ -309,14 +547,24 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
   const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const esc = (x: string): string => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/'/g, '&apos;');
-  const os = c.boot.kind === 'kernel'
-    ? `<loader type='rom'>/usr/share/qemu/qboot.rom</loader><kernel>${esc(c.boot.kernel)}</kernel><initrd>${esc(c.boot.initrd ?? '')}</initrd><cmdline>${esc(c.boot.cmdline)}</cmdline>`
-    : `<boot dev='fd'/>`;
-  const disks = c.disks.map((d) => d.bus === 'floppy'
-    ? `<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='${esc(d.path)}'/><target dev='fda' bus='fdc'/><readonly/></disk>`
-    : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`).join('')
-    + (dataDisk ? `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/${dataDisk}'/><target dev='vda' bus='virtio'/></disk>` : '');
-  const nics = c.nics.map((n) => `<interface type='bridge'><source bridge='br0'/><mac address='${n.mac}'/><model type='virtio'/></interface>`).join('');
+  const os =
+    c.boot.kind === 'kernel'
+      ? `<loader type='rom'>/usr/share/qemu/qboot.rom</loader><kernel>${esc(c.boot.kernel)}</kernel><initrd>${esc(c.boot.initrd ?? '')}</initrd><cmdline>${esc(c.boot.cmdline)}</cmdline>`
+      : `<boot dev='fd'/>`;
+  const disks =
+    c.disks
+      .map((d) =>
+        d.bus === 'floppy'
+          ? `<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='${esc(d.path)}'/><target dev='fda' bus='fdc'/><readonly/></disk>`
+          : `<disk type='file' device='disk'><driver name='qemu' type='${d.format}'/><source file='${esc(d.path)}'/><target dev='vda' bus='virtio'/>${d.readOnly ? '<readonly/>' : ''}</disk>`,
+      )
+      .join('') +
+    (dataDisk
+      ? `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/${dataDisk}'/><target dev='vda' bus='virtio'/></disk>`
+      : '');
+  const nics = c.nics
+    .map((n) => `<interface type='bridge'><source bridge='br0'/><mac address='${n.mac}'/><model type='virtio'/></interface>`)
+    .join('');
   const xml = `<domain type='qemu'><name>${name}</name><uuid>${c.uuid}</uuid><memory unit='MiB'>${c.memoryMiB}</memory><vcpu>${c.vcpus}</vcpu>
 <os><type arch='x86_64' machine='${machine}'>hvm</type>${os}</os>
 <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
@@ -333,16 +581,27 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
   const attachCon = async (h: string): Promise<import('node:net').Socket> => {
     await waitFor('libvirt console socket', () => fs.existsSync(conPath(h)), 10000);
     const s = await connectUnix(conPath(h), 5000);
-    s.on('data', (d) => { conLog += d.toString('latin1'); });
+    s.on('data', (d) => {
+      conLog += d.toString('latin1');
+    });
     return s;
   };
   let con = await attachCon('host1');
   await waitFor(`${name} ready`, () => conLog.includes('ready'), 60000);
   const g: Guest = {
-    name, ip: c.nics[0]?.ip?.split('/')[0], host,
-    pause: async () => { virsh(host, ['suspend', name]); },
-    resume: async () => { virsh(host, ['resume', name]); },
-    send: async (cmd) => { con.write(cmd + '\n'); await sleep(1500); },
+    name,
+    ip: c.nics[0]?.ip?.split('/')[0],
+    host,
+    pause: async () => {
+      virsh(host, ['suspend', name]);
+    },
+    resume: async () => {
+      virsh(host, ['resume', name]);
+    },
+    send: async (cmd) => {
+      con.write(cmd + '\n');
+      await sleep(1500);
+    },
     migrate: async (to, o) => {
       const a = ['migrate', name, lvUri(to), '--unsafe', '--persistent', '--undefinesource'];
       // virsh allows --timeout (suspend to finish) only for live migrations.
@@ -356,7 +615,14 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
       const t0 = Date.now();
       let outcome = 'succeeded';
       let note: string | undefined;
-      try { virsh(host, a, (o.timeoutS + 120) * 1000); } catch (e) { outcome = 'failed'; note = String((e as { stderr?: Buffer }).stderr ?? e).trim().slice(0, 200); }
+      try {
+        virsh(host, a, (o.timeoutS + 120) * 1000);
+      } catch (e) {
+        outcome = 'failed';
+        note = String((e as { stderr?: Buffer }).stderr ?? e)
+          .trim()
+          .slice(0, 200);
+      }
       const cmdMs = Date.now() - t0;
       let info = '';
       if (outcome === 'succeeded') {
@@ -364,37 +630,78 @@ async function libvirtGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: 
         // libvirt leaves the source's copy; ferry-copy deletes its own (--delete-source-storage).
         // Removed after the clock stopped, so that every move creates its destination disk.
         // The pool must learn it is gone, or libvirt would take its stale entry for the disk.
-        if (dataDisk) { fs.rmSync(path.join(lvImages(host), dataDisk), { force: true }); virsh(host, ['pool-refresh', 'images']); }
+        if (dataDisk) {
+          fs.rmSync(path.join(lvImages(host), dataDisk), { force: true });
+          virsh(host, ['pool-refresh', 'images']);
+        }
         con.destroy();
-        host = to; g.host = to;
+        host = to;
+        g.host = to;
         con = await attachCon(to);
       }
-      const num = (label: string): number | null => { const m = new RegExp(`${label}:\\s+([\\d.]+)\\s*(\\S+)?`).exec(info); if (!m) return null; const v = Number(m[1]); const u = m[2] ?? ''; return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v; };
+      const num = (label: string): number | null => {
+        const m = new RegExp(`${label}:\\s+([\\d.]+)\\s*(\\S+)?`).exec(info);
+        if (!m) return null;
+        const v = Number(m[1]);
+        const u = m[2] ?? '';
+        return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v;
+      };
       const elapsed = num('Time elapsed');
       // With the disk copied, RAM alone (as ferry-copy's row counts it), at libvirt's RAM rate.
-      const bytes = o.copyStorage ? num('Memory processed') : num('Data processed') ?? num('Memory processed');
+      const bytes = o.copyStorage ? num('Memory processed') : (num('Data processed') ?? num('Memory processed'));
       const memRate = o.copyStorage ? num('Memory bandwidth') : null;
-      if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && cmdMs > o.timeoutS * 1000)) note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
+      if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && cmdMs > o.timeoutS * 1000))
+        note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
       return {
-        contender: '', outcome, setupMs: null, downtimeMs: num('Total downtime'),
-        bytes: bytes !== null ? Math.round(bytes) : null, throughputMBps: memRate ? +(memRate / 1e6).toFixed(1) : bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null, passes: null,
-        note: note ?? (outcome === 'succeeded' ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}${o.postcopy ? '; post-copy after the first pass' : ''}${o.copyStorage ? '; --copy-storage-all' : ''}` : undefined),
+        contender: '',
+        outcome,
+        setupMs: null,
+        downtimeMs: num('Total downtime'),
+        bytes: bytes !== null ? Math.round(bytes) : null,
+        throughputMBps: memRate ? +(memRate / 1e6).toFixed(1) : bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null,
+        passes: null,
+        note:
+          note ??
+          (outcome === 'succeeded'
+            ? `libvirt's own job time ${elapsed} ms; ${o.tls ? 'TLS (--tls)' : 'plain TCP'}${o.postcopy ? '; post-copy after the first pass' : ''}${o.copyStorage ? '; --copy-storage-all' : ''}`
+            : undefined),
       };
     },
     destroy: async () => {
       con.destroy();
-      try { virsh(host, ['destroy', name]); } catch { /* not running */ }
-      try { virsh(host, ['undefine', name]); } catch { /* gone */ }
+      try {
+        virsh(host, ['destroy', name]);
+      } catch {
+        /* not running */
+      }
+      try {
+        virsh(host, ['undefine', name]);
+      } catch {
+        /* gone */
+      }
     },
   };
   return g;
 }
 
-function os_tmp(): string { return os.tmpdir(); }
+function os_tmp(): string {
+  return os.tmpdir();
+}
 
 // ---------------------------------------------------------------- scenarios
 
-type Contender = 'ferry' | 'ferry-verify' | 'ferry-plain' | 'ferry-par2' | 'qmp' | 'libvirt' | 'libvirt-tls' | 'libvirt-tls-postcopy' | 'ferry-tunnel' | 'ferry-copy' | 'libvirt-tls-copy';
+type Contender =
+  | 'ferry'
+  | 'ferry-verify'
+  | 'ferry-plain'
+  | 'ferry-par2'
+  | 'qmp'
+  | 'libvirt'
+  | 'libvirt-tls'
+  | 'libvirt-tls-postcopy'
+  | 'ferry-tunnel'
+  | 'ferry-copy'
+  | 'libvirt-tls-copy';
 interface Scenario {
   id: string;
   title: string;
@@ -414,19 +721,77 @@ const LIVE: Contender[] = ['ferry', 'ferry-verify', 'ferry-par2', 'qmp', 'libvir
 /** Guests that do not converge by pre-copy: ferry's autopilot against libvirt's two answers (suspend at --timeout, post-copy). */
 const NONCONV: Contender[] = ['ferry', 'libvirt-tls', 'libvirt-tls-postcopy'];
 
-const SCENARIOS: Scenario[] = SMOKE ? [
-  { id: 'smoke-linux-128m-idle', title: 'Linux 128 MiB, idle, live (smoke)', kind: 'linux', memoryMiB: 128, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'qmp'] },
-] : [
-  { id: 'linux-1g-idle', title: 'Linux 1 GiB, idle, live', kind: 'linux', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
-  { id: 'linux-1g-churn', title: 'Linux 1 GiB rewriting 48 MiB in a loop, live', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: LIVE },
-  { id: 'pattern-1g-nonconv', title: 'pattern guest 1 GiB rewriting every page, live, budget 300 ms / 30 s', kind: 'pattern', memoryMiB: 1024, opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 }, contenders: NONCONV, reps: 3 },
-  { id: 'linux-1g-churn-16mib', title: 'Linux 1 GiB rewriting 48 MiB, live over a 16 MiB/s link, budget 300 ms / 60 s', kind: 'linux', memoryMiB: 1024, workload: CHURN_48MIB, opts: { live: true, maxDowntimeMs: 300, timeoutS: 60, bandwidthMiBs: 16 }, contenders: NONCONV, reps: 3 },
-  { id: 'pattern-512m-offline', title: 'pattern guest 512 MiB (every page non-zero), offline: the stream', kind: 'pattern', memoryMiB: 512, opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'] },
-  // Moves across boundaries (README "Moves across segments", "Local disks"): the same
-  // guest on the same segment with a shared disk, to the other segment through a tunnel,
-  // and with its disk copied along.
-  { id: 'linux-1g-disk-boundaries', title: 'Linux 1 GiB with a 256 MiB disk (64 MiB written), idle, live: same segment and shared disk, across segments, disk copied', kind: 'linux', memoryMiB: 1024, diskMiB: 256, workload: 'dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null', opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 }, contenders: ['ferry', 'ferry-tunnel', 'ferry-copy', 'libvirt-tls-copy'], lab: 'boundaries' },
-];
+const SCENARIOS: Scenario[] = SMOKE
+  ? [
+      {
+        id: 'smoke-linux-128m-idle',
+        title: 'Linux 128 MiB, idle, live (smoke)',
+        kind: 'linux',
+        memoryMiB: 128,
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'qmp'],
+      },
+    ]
+  : [
+      {
+        id: 'linux-1g-idle',
+        title: 'Linux 1 GiB, idle, live',
+        kind: 'linux',
+        memoryMiB: 1024,
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: LIVE,
+      },
+      {
+        id: 'linux-1g-churn',
+        title: 'Linux 1 GiB rewriting 48 MiB in a loop, live',
+        kind: 'linux',
+        memoryMiB: 1024,
+        workload: CHURN_48MIB,
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: LIVE,
+      },
+      {
+        id: 'pattern-1g-nonconv',
+        title: 'pattern guest 1 GiB rewriting every page, live, budget 300 ms / 30 s',
+        kind: 'pattern',
+        memoryMiB: 1024,
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 30 },
+        contenders: NONCONV,
+        reps: 3,
+      },
+      {
+        id: 'linux-1g-churn-16mib',
+        title: 'Linux 1 GiB rewriting 48 MiB, live over a 16 MiB/s link, budget 300 ms / 60 s',
+        kind: 'linux',
+        memoryMiB: 1024,
+        workload: CHURN_48MIB,
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 60, bandwidthMiBs: 16 },
+        contenders: NONCONV,
+        reps: 3,
+      },
+      {
+        id: 'pattern-512m-offline',
+        title: 'pattern guest 512 MiB (every page non-zero), offline: the stream',
+        kind: 'pattern',
+        memoryMiB: 512,
+        opts: { live: false, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'ferry-par2', 'ferry-plain', 'qmp'],
+      },
+      // Moves across boundaries (README "Moves across segments", "Local disks"): the same
+      // guest on the same segment with a shared disk, to the other segment through a tunnel,
+      // and with its disk copied along.
+      {
+        id: 'linux-1g-disk-boundaries',
+        title: 'Linux 1 GiB with a 256 MiB disk (64 MiB written), idle, live: same segment and shared disk, across segments, disk copied',
+        kind: 'linux',
+        memoryMiB: 1024,
+        diskMiB: 256,
+        workload: 'dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null',
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'ferry-tunnel', 'ferry-copy', 'libvirt-tls-copy'],
+        lab: 'boundaries',
+      },
+    ];
 
 // ---------------------------------------------------------------- statistics
 
@@ -472,7 +837,11 @@ async function main(): Promise<void> {
         labKind = s.lab ?? 'plain';
         await ferry(['lab', 'down']);
         libvirtUp = false; // lab down ends every process in the lab's namespaces, libvirtds too
-        await ferryOk(['lab', 'up', ...(labKind === 'boundaries' ? ['--hosts', '3', '--segments', '2'] : ['--hosts', '2', '--allow-insecure'])]);
+        await ferryOk([
+          'lab',
+          'up',
+          ...(labKind === 'boundaries' ? ['--hosts', '3', '--segments', '2'] : ['--hosts', '2', '--allow-insecure']),
+        ]);
       }
       const guests: Record<string, Guest> = {};
       for (const c of s.contenders) {
@@ -480,12 +849,21 @@ async function main(): Promise<void> {
         const disk = s.diskMiB ? { mib: s.diskMiB, local: c === 'ferry-copy' } : undefined;
         // ferry's variants share ferry's guest (but where the disk or the pair of hosts
         // differs); libvirt's TLS and plain runs share one.
-        guests[c] = c === 'qmp' ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
-          : c === 'libvirt-tls-copy' ? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine, s.diskMiB)
-          : c.startsWith('libvirt') ? (guests.libvirt ?? guests['libvirt-tls'] ?? guests['libvirt-tls-postcopy'] ?? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine))
-            : c === 'ferry-tunnel' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk, pair: ['host1', 'host3'] })
-              : c === 'ferry-copy' ? await ferryGuest(s.kind, name, s.memoryMiB, { disk })
-                : (guests.ferry ?? guests['ferry-verify'] ?? await ferryGuest(s.kind, name, s.memoryMiB, { disk }));
+        guests[c] =
+          c === 'qmp'
+            ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
+            : c === 'libvirt-tls-copy'
+              ? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine, s.diskMiB)
+              : c.startsWith('libvirt')
+                ? (guests.libvirt ??
+                  guests['libvirt-tls'] ??
+                  guests['libvirt-tls-postcopy'] ??
+                  (await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine)))
+                : c === 'ferry-tunnel'
+                  ? await ferryGuest(s.kind, name, s.memoryMiB, { disk, pair: ['host1', 'host3'] })
+                  : c === 'ferry-copy'
+                    ? await ferryGuest(s.kind, name, s.memoryMiB, { disk })
+                    : (guests.ferry ?? guests['ferry-verify'] ?? (await ferryGuest(s.kind, name, s.memoryMiB, { disk })));
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -501,21 +879,42 @@ async function main(): Promise<void> {
           const to = g.other ? g.other(g.host) : g.host === 'host1' ? 'host2' : 'host1';
           // Every contender alike: the probe starts first, the clock at the command.
           const probe = g.ip ? externalProbe(g.ip) : undefined;
-          if (probe) { await probe.ready; await sleep(300); }
+          if (probe) {
+            await probe.ready;
+            await sleep(300);
+          }
           const t = Date.now();
-          const m = await g.migrate(to, { ...s.opts, insecure: c.endsWith('-plain'), parallel: c === 'ferry-par2' ? 2 : undefined, verify: c === 'ferry-verify', tls: c.startsWith('libvirt-tls'), postcopy: c === 'libvirt-tls-postcopy', copyStorage: c === 'ferry-copy' || c === 'libvirt-tls-copy' });
+          const m = await g.migrate(to, {
+            ...s.opts,
+            insecure: c.endsWith('-plain'),
+            parallel: c === 'ferry-par2' ? 2 : undefined,
+            verify: c === 'ferry-verify',
+            tls: c.startsWith('libvirt-tls'),
+            postcopy: c === 'libvirt-tls-postcopy',
+            copyStorage: c === 'ferry-copy' || c === 'libvirt-tls-copy',
+          });
           const totalMs = Date.now() - t;
           const p = probe ? await probe.stop() : null;
-          const run: Run = { ...m, contender: c, totalMs: m.outcome === 'succeeded' ? totalMs : null, guestDowntimeMs: m.outcome === 'succeeded' ? p?.longestGapMs ?? null : null };
+          const run: Run = {
+            ...m,
+            contender: c,
+            totalMs: m.outcome === 'succeeded' ? totalMs : null,
+            guestDowntimeMs: m.outcome === 'succeeded' ? (p?.longestGapMs ?? null) : null,
+          };
           runs.push(run);
-          say(`   ${c.padEnd(12)} ${run.outcome.padEnd(10)} total ${run.totalMs ?? '-'} ms, QEMU downtime ${run.downtimeMs ?? '-'} ms, guest-perceived ${run.guestDowntimeMs ?? '-'} ms, ${run.throughputMBps ?? '-'} MB/s${run.note ? ` (${run.note})` : ''}`);
+          say(
+            `   ${c.padEnd(12)} ${run.outcome.padEnd(10)} total ${run.totalMs ?? '-'} ms, QEMU downtime ${run.downtimeMs ?? '-'} ms, guest-perceived ${run.guestDowntimeMs ?? '-'} ms, ${run.throughputMBps ?? '-'} MB/s${run.note ? ` (${run.note})` : ''}`,
+          );
           await g.pause().catch(() => undefined);
         }
       }
       for (const g of uniq) await g.destroy().catch(() => undefined);
       const summary = summarize(runs);
       all.push({ scenario: s, runs, summary });
-      fs.writeFileSync(path.join(OUT, `${s.id}.json`), JSON.stringify({ scenario: s, machine: machine(hostInfo), runs, summary }, null, 2) + '\n');
+      fs.writeFileSync(
+        path.join(OUT, `${s.id}.json`),
+        JSON.stringify({ scenario: s, machine: machine(hostInfo), runs, summary }, null, 2) + '\n',
+      );
     }
   } finally {
     await ferry(['lab', 'down']);
@@ -530,25 +929,57 @@ async function main(): Promise<void> {
   if (!SMOKE && (!ONLY || new RegExp(ONLY).test('cli-startup'))) {
     say('CLI start-up: `ferry --version` against `node -e 0`, 10 runs each, interleaved');
     cli = { ferry: [], node: [] };
-    const time = (argv: string[]): number => { const t = performance.now(); execFileSync(process.execPath, argv, { stdio: 'ignore' }); return Math.round(performance.now() - t); };
+    const time = (argv: string[]): number => {
+      const t = performance.now();
+      execFileSync(process.execPath, argv, { stdio: 'ignore' });
+      return Math.round(performance.now() - t);
+    };
     time([path.join(ROOT, 'bin', 'ferry.mjs'), '--version']); // warm the page cache
-    for (let i = 0; i < 10; i++) { cli.ferry.push(time([path.join(ROOT, 'bin', 'ferry.mjs'), '--version'])); cli.node.push(time(['-e', '0'])); }
+    for (let i = 0; i < 10; i++) {
+      cli.ferry.push(time([path.join(ROOT, 'bin', 'ferry.mjs'), '--version']));
+      cli.node.push(time(['-e', '0']));
+    }
     fs.writeFileSync(path.join(OUT, 'cli-startup.json'), JSON.stringify({ machine: machine(hostInfo), ms: cli }, null, 2) + '\n');
   }
-  if (!cli && !SMOKE) { try { cli = JSON.parse(fs.readFileSync(path.join(OUT, 'cli-startup.json'), 'utf8')).ms; } catch { /* none yet */ } }
+  if (!cli && !SMOKE) {
+    try {
+      cli = JSON.parse(fs.readFileSync(path.join(OUT, 'cli-startup.json'), 'utf8')).ms;
+    } catch {
+      /* none yet */
+    }
+  }
   // The table covers every scenario with results on disk, so `--only X` refreshes X
   // and keeps the rest of the last full run.
-  const merged = SMOKE ? all : SCENARIOS.map((sc) => all.find((a) => a.scenario.id === sc.id) ?? (() => {
-    try { const j = JSON.parse(fs.readFileSync(path.join(OUT, `${sc.id}.json`), 'utf8')); return { scenario: sc, runs: j.runs as Run[], summary: j.summary }; } catch { return undefined; }
-  })()).filter((x): x is { scenario: Scenario; runs: Run[]; summary: Record<string, any> } => !!x);
-  if (!stream && !SMOKE) { try { stream = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8')).gbps; } catch { /* none yet */ } }
+  const merged = SMOKE
+    ? all
+    : SCENARIOS.map(
+        (sc) =>
+          all.find((a) => a.scenario.id === sc.id) ??
+          (() => {
+            try {
+              const j = JSON.parse(fs.readFileSync(path.join(OUT, `${sc.id}.json`), 'utf8'));
+              return { scenario: sc, runs: j.runs as Run[], summary: j.summary };
+            } catch {
+              return undefined;
+            }
+          })(),
+      ).filter((x): x is { scenario: Scenario; runs: Run[]; summary: Record<string, any> } => !!x);
+  if (!stream && !SMOKE) {
+    try {
+      stream = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8')).gbps;
+    } catch {
+      /* none yet */
+    }
+  }
   const md = render(merged, hostInfo, Date.now() - t0, stream, cli);
   if (SMOKE) {
     // CI: well-formed output, not numbers.
-    for (const a of all) for (const c of a.scenario.contenders) {
-      const s = a.summary[c];
-      if (!s || s.succeeded < 1 || typeof s.totalMs.median !== 'number') throw new Error(`smoke: ${c} produced no successful run in ${a.scenario.id}`);
-    }
+    for (const a of all)
+      for (const c of a.scenario.contenders) {
+        const s = a.summary[c];
+        if (!s || s.succeeded < 1 || typeof s.totalMs.median !== 'number')
+          throw new Error(`smoke: ${c} produced no successful run in ${a.scenario.id}`);
+      }
     process.stdout.write(md);
     return;
   }
@@ -557,29 +988,65 @@ async function main(): Promise<void> {
 }
 
 function machine(h: any): Record<string, unknown> {
-  return { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), kernel: os.release(), qemu: h.qemuVersion, machine: h.machine, accel: h.accel, node: process.version, libvirt: libvirtVersion };
+  return {
+    cpus: os.cpus().length,
+    cpuModel: os.cpus()[0]?.model,
+    memGiB: Math.round(os.totalmem() / 2 ** 30),
+    kernel: os.release(),
+    qemu: h.qemuVersion,
+    machine: h.machine,
+    accel: h.accel,
+    node: process.version,
+    libvirt: libvirtVersion,
+  };
 }
 
 function fmt(x: number | null | undefined, unit = ''): string {
   return x === null || x === undefined ? '-' : `${Math.round(x)}${unit}`;
 }
 
-function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[], h: any, ms: number, stream?: Record<string, number[]>, cli?: Record<string, number[]>): string {
+function render(
+  all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[],
+  h: any,
+  ms: number,
+  stream?: Record<string, number[]>,
+  cli?: Record<string, number[]>,
+): string {
   const m = machine(h);
   const L: string[] = [];
-  const cellOf = (s: any, k: string, div = 1): string => s[k].median === null ? '-' : `${fmt(s[k].median / div)} (${fmt(s[k].min / div)}–${fmt(s[k].max / div)})`;
+  const cellOf = (s: any, k: string, div = 1): string =>
+    s[k].median === null ? '-' : `${fmt(s[k].median / div)} (${fmt(s[k].min / div)}–${fmt(s[k].max / div)})`;
   const ratio = (a: any, b: any, k: string): string => (a?.[k]?.median && b?.[k]?.median ? (a[k].median / b[k].median).toFixed(2) : '-');
   L.push('# Benchmarks', '');
-  L.push(`Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`, '');
-  L.push(`**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} (machine type ${h.machine}) under ${String(m.accel).toUpperCase()} for every contender, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest and both hosts' work run on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`, '');
-  L.push('**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others\' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI\'s own start-up, the qmp script from starting the destination QEMU to ending the source\'s, `virsh migrate`. *Guest-perceived* is the longest gap in the guest\'s answers to a TCP SYN sent every 1 ms by one probe process in the lab\'s client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU\'s first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it (after a switch to post-copy QEMU counts the whole post-copy window, while the source was stopped and the guest already ran on the destination; the guest\'s own pause is in *pause* and *guest-perceived*). *Pause*: ferry only, from the source QEMU\'s STOP event to the destination\'s answer that the guest resumed, both on the source host\'s monotonic clock (an upper bound). *Sent*: bytes on the wire.', '');
-  L.push('Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' + (libvirtVersion ?? '') + ' lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host\'s own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd\'s own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination\'s disk itself (the source\'s copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.', '');
-  L.push('| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | pause ms | guest-perceived ms | sent MiB | MB/s |', '|---|---|---|---|---|---|---|---|---|---|');
+  L.push(
+    `Written by \`npm run bench\` (${new Date().toISOString().slice(0, 10)}; the last invocation took ${(ms / 60000).toFixed(1)} min). Raw runs: \`bench/results/*.json\`; \`npm run bench -- --only REGEX\` reruns some scenarios and keeps the others' last results.`,
+    '',
+  );
+  L.push(
+    `**Machine:** ${m.cpus} × ${m.cpuModel}, ${m.memGiB} GiB, Linux ${m.kernel}, QEMU ${m.qemu} (machine type ${h.machine}) under ${String(m.accel).toUpperCase()} for every contender, Node ${m.node}. Two lab hosts (network namespaces) on one bridge; every guest and both hosts' work run on the same two cores, so absolute figures are small-machine figures, and only ratios measured side by side mean much.`,
+    '',
+  );
+  L.push(
+    "**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI's own start-up, the qmp script from starting the destination QEMU to ending the source's, `virsh migrate`. *Guest-perceived* is the longest gap in the guest's answers to a TCP SYN sent every 1 ms by one probe process in the lab's client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU's first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it (after a switch to post-copy QEMU counts the whole post-copy window, while the source was stopped and the guest already ran on the destination; the guest's own pause is in *pause* and *guest-perceived*). *Pause*: ferry only, from the source QEMU's STOP event to the destination's answer that the guest resumed, both on the source host's monotonic clock (an upper bound). *Sent*: bytes on the wire.",
+    '',
+  );
+  L.push(
+    'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
+      (libvirtVersion ?? '') +
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+    '',
+  );
+  L.push(
+    '| scenario | contender | ok | total ms | setup ms | QEMU downtime ms | pause ms | guest-perceived ms | sent MiB | MB/s |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  );
   for (const a of all) {
     for (const c of a.scenario.contenders) {
       const s = a.summary[c];
       if (!s) continue;
-      L.push(`| ${a.scenario.title} | ${c} | ${s.succeeded}/${s.runs} | ${cellOf(s, 'totalMs')} | ${cellOf(s, 'setupMs')} | ${cellOf(s, 'downtimeMs')} | ${s.pauseMs ? cellOf(s, 'pauseMs') : '-'} | ${cellOf(s, 'guestDowntimeMs')} | ${cellOf(s, 'bytes', 1048576)} | ${cellOf(s, 'throughputMBps')} |`);
+      L.push(
+        `| ${a.scenario.title} | ${c} | ${s.succeeded}/${s.runs} | ${cellOf(s, 'totalMs')} | ${cellOf(s, 'setupMs')} | ${cellOf(s, 'downtimeMs')} | ${s.pauseMs ? cellOf(s, 'pauseMs') : '-'} | ${cellOf(s, 'guestDowntimeMs')} | ${cellOf(s, 'bytes', 1048576)} | ${cellOf(s, 'throughputMBps')} |`,
+      );
     }
   }
   L.push('', '**Ratios** (medians, side by side in the same run):', '');
@@ -587,57 +1054,123 @@ function render(all: { scenario: Scenario; runs: Run[]; summary: Record<string, 
     const S = a.summary;
     if (!S.ferry) continue;
     const parts: string[] = [];
-    if (S.libvirt) parts.push(`guest-perceived ferry ÷ libvirt ${ratio(S.ferry, S.libvirt, 'guestDowntimeMs')} (÷ libvirt-tls ${ratio(S.ferry, S['libvirt-tls'], 'guestDowntimeMs')})`);
+    if (S.libvirt)
+      parts.push(
+        `guest-perceived ferry ÷ libvirt ${ratio(S.ferry, S.libvirt, 'guestDowntimeMs')} (÷ libvirt-tls ${ratio(S.ferry, S['libvirt-tls'], 'guestDowntimeMs')})`,
+      );
     if (S.qmp && a.scenario.opts.live) parts.push(`guest-perceived ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'guestDowntimeMs')}`);
-    if (S.libvirt) parts.push(`whole command ferry ÷ virsh migrate ${ratio(S.ferry, S.libvirt, 'totalMs')} (÷ virsh migrate --tls ${ratio(S.ferry, S['libvirt-tls'], 'totalMs')})`);
+    if (S.libvirt)
+      parts.push(
+        `whole command ferry ÷ virsh migrate ${ratio(S.ferry, S.libvirt, 'totalMs')} (÷ virsh migrate --tls ${ratio(S.ferry, S['libvirt-tls'], 'totalMs')})`,
+      );
     if (S.qmp) parts.push(`total ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'totalMs')}`);
     if (S['ferry-verify']) parts.push(`pause with --verify-memory ÷ without ${ratio(S['ferry-verify'], S.ferry, 'pauseMs')}`);
-    if (S['ferry-par2'] && a.scenario.opts.live) parts.push(`--parallel 2 ÷ default: whole command ${ratio(S['ferry-par2'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-par2'], S.ferry, 'guestDowntimeMs')}, setup ${ratio(S['ferry-par2'], S.ferry, 'setupMs')}`);
-    if (S['ferry-tunnel']) parts.push(`across segments (VXLAN) ÷ same segment: whole command ${ratio(S['ferry-tunnel'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-tunnel'], S.ferry, 'guestDowntimeMs')}`);
-    if (S['ferry-copy']) parts.push(`disk copied ÷ shared disk: whole command ${ratio(S['ferry-copy'], S.ferry, 'totalMs')}, pause ${ratio(S['ferry-copy'], S.ferry, 'pauseMs')}, guest-perceived ${ratio(S['ferry-copy'], S.ferry, 'guestDowntimeMs')}`);
-    if (S['ferry-copy'] && S['libvirt-tls-copy']) parts.push(`disk copied, ferry ÷ \`virsh migrate --tls --copy-storage-all\`: whole command ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'totalMs')}, guest-perceived ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'guestDowntimeMs')}`);
-    if (S['ferry-plain']) parts.push(`secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`);
+    if (S['ferry-par2'] && a.scenario.opts.live)
+      parts.push(
+        `--parallel 2 ÷ default: whole command ${ratio(S['ferry-par2'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-par2'], S.ferry, 'guestDowntimeMs')}, setup ${ratio(S['ferry-par2'], S.ferry, 'setupMs')}`,
+      );
+    if (S['ferry-tunnel'])
+      parts.push(
+        `across segments (VXLAN) ÷ same segment: whole command ${ratio(S['ferry-tunnel'], S.ferry, 'totalMs')}, guest-perceived ${ratio(S['ferry-tunnel'], S.ferry, 'guestDowntimeMs')}`,
+      );
+    if (S['ferry-copy'])
+      parts.push(
+        `disk copied ÷ shared disk: whole command ${ratio(S['ferry-copy'], S.ferry, 'totalMs')}, pause ${ratio(S['ferry-copy'], S.ferry, 'pauseMs')}, guest-perceived ${ratio(S['ferry-copy'], S.ferry, 'guestDowntimeMs')}`,
+      );
+    if (S['ferry-copy'] && S['libvirt-tls-copy'])
+      parts.push(
+        `disk copied, ferry ÷ \`virsh migrate --tls --copy-storage-all\`: whole command ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'totalMs')}, guest-perceived ${ratio(S['ferry-copy'], S['libvirt-tls-copy'], 'guestDowntimeMs')}`,
+      );
+    if (S['ferry-plain'])
+      parts.push(
+        `secure stream ÷ plain TCP throughput ${ratio(S.ferry, S['ferry-plain'], 'throughputMBps')}${S['ferry-par2'] ? `, multifd 2 × TLS ÷ plain ${ratio(S['ferry-par2'], S['ferry-plain'], 'throughputMBps')}` : ''}`,
+      );
     parts.push(`ferry setup median ${fmt(S.ferry.setupMs.median)} ms`);
     L.push(`- ${a.scenario.title}: ${parts.join('; ')}`);
   }
   // The autopilot's plan against what happened (issue: within ±30 % on the bench scenarios).
-  const planned = all.flatMap((a) => a.runs.filter((r) => r.contender === 'ferry' && r.outcome === 'succeeded' && r.predictedTotalMs && r.reportTotalMs).map((r) => ({ a, r, ratio: r.reportTotalMs! / r.predictedTotalMs! })));
+  const planned = all.flatMap((a) =>
+    a.runs
+      .filter((r) => r.contender === 'ferry' && r.outcome === 'succeeded' && r.predictedTotalMs && r.reportTotalMs)
+      .map((r) => ({ a, r, ratio: r.reportTotalMs! / r.predictedTotalMs! })),
+  );
   if (planned.length) {
-    L.push('', '**Autopilot: plan against actual** (ferry; the plan\'s predicted total for the strategy the move used, against ferryd\'s own `totalMs`; README "Autopilot"):', '', '| scenario | strategies used | runs | actual ÷ predicted, median (min–max) | within ±30 % |', '|---|---|---|---|---|');
+    L.push(
+      '',
+      '**Autopilot: plan against actual** (ferry; the plan\'s predicted total for the strategy the move used, against ferryd\'s own `totalMs`; README "Autopilot"):',
+      '',
+      '| scenario | strategies used | runs | actual ÷ predicted, median (min–max) | within ±30 % |',
+      '|---|---|---|---|---|',
+    );
     for (const a of all) {
       const xs = planned.filter((x) => x.a === a);
       if (!xs.length) continue;
       const rs = xs.map((x) => x.ratio);
       const used = [...new Set(xs.map((x) => x.r.strategy ?? '?'))].join(', ');
-      L.push(`| ${a.scenario.title} | ${used} | ${xs.length} | ${median(rs)!.toFixed(2)} (${Math.min(...rs).toFixed(2)}–${Math.max(...rs).toFixed(2)}) | ${rs.filter((r) => r >= 0.7 && r <= 1.3).length}/${rs.length} |`);
+      L.push(
+        `| ${a.scenario.title} | ${used} | ${xs.length} | ${median(rs)!.toFixed(2)} (${Math.min(...rs).toFixed(2)}–${Math.max(...rs).toFixed(2)}) | ${rs.filter((r) => r >= 0.7 && r <= 1.3).length}/${rs.length} |`,
+      );
     }
   }
   const checked = all.flatMap((a) => a.runs.filter((r) => r.memoryCheck).map((r) => ({ a, r, m: r.memoryCheck! })));
   if (checked.length) {
     const perGiB = checked.map((x) => x.m.ms / (x.m.bytes / 2 ** 30));
-    L.push('', `**Memory check** (\`--verify-memory\`, README "Memory check"): ${checked.length} runs; the check's own time, all of it inside the pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}), ${fmt(median(perGiB))} ms per GiB of guest RAM; RAM that arrived different: ${checked.filter((x) => x.m.repairedBytes > 0).length} runs. Here both hosts hash at once on the same two cores.`);
+    L.push(
+      '',
+      `**Memory check** (\`--verify-memory\`, README "Memory check"): ${checked.length} runs; the check's own time, all of it inside the pause: ${fmt(median(checked.map((x) => x.m.ms)))} ms median (${fmt(Math.min(...checked.map((x) => x.m.ms)))}–${fmt(Math.max(...checked.map((x) => x.m.ms)))}), ${fmt(median(perGiB))} ms per GiB of guest RAM; RAM that arrived different: ${checked.filter((x) => x.m.repairedBytes > 0).length} runs. Here both hosts hash at once on the same two cores.`,
+    );
   }
   if (stream) {
     const med = (k: string): number | null => median(stream[k] ?? []);
-    const f = (k: string): string => { const v = med(k); return v === null || !stream[k]?.length ? '-' : `${v.toFixed(2)} (${Math.min(...stream[k]).toFixed(2)}–${Math.max(...stream[k]).toFixed(2)})`; };
-    L.push('', '**TLS and the stream alone** (Gbit/s, median (min–max); a stopped 512 MiB pattern guest, all pages non-zero, between two QEMUs on loopback, `bench/tls-stream.ts`):', '');
-    L.push('| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS, multifd 2 channels | TLS, multifd 4 channels | plain, multifd 2 channels | plain QEMU stream over a Node TLS relay per side |', '|---|---|---|---|---|---|---|');
-    L.push(`| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-multifd2')} | ${f('tls-multifd4')} | ${f('plain-multifd2')} | ${f('tls-ferryd-relay')} |`);
-    const p = med('plain'); const t = med('tls-default'); const m2 = med('tls-multifd2'); const m4 = med('tls-multifd4'); const rl = med('tls-ferryd-relay');
+    const f = (k: string): string => {
+      const v = med(k);
+      return v === null || !stream[k]?.length
+        ? '-'
+        : `${v.toFixed(2)} (${Math.min(...stream[k]).toFixed(2)}–${Math.max(...stream[k]).toFixed(2)})`;
+    };
+    L.push(
+      '',
+      '**TLS and the stream alone** (Gbit/s, median (min–max); a stopped 512 MiB pattern guest, all pages non-zero, between two QEMUs on loopback, `bench/tls-stream.ts`):',
+      '',
+    );
+    L.push(
+      '| plain TCP | TLS (gnutls default) | TLS AES-128-GCM only | TLS, multifd 2 channels | TLS, multifd 4 channels | plain, multifd 2 channels | plain QEMU stream over a Node TLS relay per side |',
+      '|---|---|---|---|---|---|---|',
+    );
+    L.push(
+      `| ${f('plain')} | ${f('tls-default')} | ${f('tls-aes128gcm')} | ${f('tls-multifd2')} | ${f('tls-multifd4')} | ${f('plain-multifd2')} | ${f('tls-ferryd-relay')} |`,
+    );
+    const p = med('plain');
+    const t = med('tls-default');
+    const m2 = med('tls-multifd2');
+    const m4 = med('tls-multifd4');
+    const rl = med('tls-ferryd-relay');
     if (p && t && m2) {
-      L.push('', `On this machine QEMU's single TLS stream runs at ${(t / p).toFixed(2)}× plain TCP, two multifd TLS channels at ${(m2 / p).toFixed(2)}×${m4 ? `, four at ${(m4 / p).toFixed(2)}×` : ''}. ` +
-        'The cipher is not the limit (`openssl speed -evp aes-128-gcm`: 21.6 Gbit/s on one core here): QEMU encrypts a channel record by record in that channel\'s one thread, and on two cores both hosts\' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. ' +
-        '*Estimate for larger hosts* (reasoning, not measured here): each multifd channel encrypts on its own thread at about the single-stream rate, so on hosts with 8 or more free cores per side N channels should scale close to N × the single-stream rate until the NIC or memory bandwidth binds (8 channels: roughly 15–20 Gbit/s). ' +
-        'ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the `--parallel 2` rows\' setup; plain multifd does not, so it is the extra channels\' TLS set-up), and on two shared cores it gains little; `--parallel N` is the lever for large or busy guests on hosts with spare cores. ' +
-        (rl ? `A ferryd relay (QEMU plain into a unix socket, Node TLS between two relay processes, as two ferryds would carry it) runs at ${(rl / p).toFixed(2)}× plain, ${rl < t ? 'slower than' : 'about as fast as'} QEMU's own TLS: it adds two copies and a process hop per side on the same two cores, so ferry does not relay. ` : '') +
-        'Kernel TLS, which would encrypt without the copies, is not available here (this kernel has no `tls` ULP), and neither is a kernel AES-GCM driver for IPsec (/proc/crypto has only the generic AES). So no secure transport on this machine reaches 0.5× plain; the fastest secure one for large streams is multifd over TLS (`--parallel 2`).');
+      L.push(
+        '',
+        `On this machine QEMU's single TLS stream runs at ${(t / p).toFixed(2)}× plain TCP, two multifd TLS channels at ${(m2 / p).toFixed(2)}×${m4 ? `, four at ${(m4 / p).toFixed(2)}×` : ''}. ` +
+          "The cipher is not the limit (`openssl speed -evp aes-128-gcm`: 21.6 Gbit/s on one core here): QEMU encrypts a channel record by record in that channel's one thread, and on two cores both hosts' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. " +
+          '*Estimate for larger hosts* (reasoning, not measured here): each multifd channel encrypts on its own thread at about the single-stream rate, so on hosts with 8 or more free cores per side N channels should scale close to N × the single-stream rate until the NIC or memory bandwidth binds (8 channels: roughly 15–20 Gbit/s). ' +
+          "ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the `--parallel 2` rows' setup; plain multifd does not, so it is the extra channels' TLS set-up), and on two shared cores it gains little; `--parallel N` is the lever for large or busy guests on hosts with spare cores. " +
+          (rl
+            ? `A ferryd relay (QEMU plain into a unix socket, Node TLS between two relay processes, as two ferryds would carry it) runs at ${(rl / p).toFixed(2)}× plain, ${rl < t ? 'slower than' : 'about as fast as'} QEMU's own TLS: it adds two copies and a process hop per side on the same two cores, so ferry does not relay. `
+            : '') +
+          'Kernel TLS, which would encrypt without the copies, is not available here (this kernel has no `tls` ULP), and neither is a kernel AES-GCM driver for IPsec (/proc/crypto has only the generic AES). So no secure transport on this machine reaches 0.5× plain; the fastest secure one for large streams is multifd over TLS (`--parallel 2`).',
+      );
     }
   }
   if (cli?.ferry?.length) {
     const c = (k: string): string => `${fmt(median(cli[k]))} ms (${Math.min(...cli[k])}–${Math.max(...cli[k])})`;
-    L.push('', `**CLI start-up** (\`bench/results/cli-startup.json\`, 10 runs each, interleaved): \`ferry --version\` ${c('ferry')}, \`node -e 0\` ${c('node')}. The CLI runs from the bundle in dist/, with no TypeScript transpiled at start-up.`);
+    L.push(
+      '',
+      `**CLI start-up** (\`bench/results/cli-startup.json\`, 10 runs each, interleaved): \`ferry --version\` ${c('ferry')}, \`node -e 0\` ${c('node')}. The CLI runs from the bundle in dist/, with no TypeScript transpiled at start-up.`,
+    );
   }
-  const notes = all.flatMap((a) => a.runs.filter((r) => (r.note && !/^libvirt's own job time/.test(r.note)) || r.outcome !== 'succeeded').map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`));
+  const notes = all.flatMap((a) =>
+    a.runs
+      .filter((r) => (r.note && !/^libvirt's own job time/.test(r.note)) || r.outcome !== 'succeeded')
+      .map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`),
+  );
   if (notes.length) L.push('', '**Outcomes and policy decisions:**', '', ...notes);
   L.push('');
   return L.join('\n') + '\n';

@@ -11,13 +11,24 @@ import fs from 'node:fs';
 
 const [mode, dir, unixPath, port] = process.argv.slice(2);
 const use = mode === 'src' ? 'client' : 'server';
-const creds = { ca: fs.readFileSync(`${dir}/ca-cert.pem`), cert: fs.readFileSync(`${dir}/${use}-cert.pem`), key: fs.readFileSync(`${dir}/${use}-key.pem`) };
-const splice = (a, b) => { a.pipe(b); b.pipe(a); a.on('error', () => b.destroy()); b.on('error', () => a.destroy()); };
+const creds = {
+  ca: fs.readFileSync(`${dir}/ca-cert.pem`),
+  cert: fs.readFileSync(`${dir}/${use}-cert.pem`),
+  key: fs.readFileSync(`${dir}/${use}-key.pem`),
+};
+const splice = (a, b) => {
+  a.pipe(b);
+  b.pipe(a);
+  a.on('error', () => b.destroy());
+  b.on('error', () => a.destroy());
+};
 if (mode === 'src') {
   fs.rmSync(unixPath, { force: true });
-  net.createServer((c) => splice(c, tls.connect({ ...creds, host: '127.0.0.1', port: Number(port), servername: 'hostB' })))
+  net
+    .createServer((c) => splice(c, tls.connect({ ...creds, host: '127.0.0.1', port: Number(port), servername: 'hostB' })))
     .listen(unixPath, () => process.send?.('ready'));
 } else {
-  tls.createServer({ ...creds, requestCert: true, rejectUnauthorized: true }, (t) => splice(t, net.connect(unixPath)))
+  tls
+    .createServer({ ...creds, requestCert: true, rejectUnauthorized: true }, (t) => splice(t, net.connect(unixPath)))
     .listen(Number(port), '127.0.0.1', () => process.send?.('ready'));
 }

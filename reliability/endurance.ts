@@ -17,13 +17,28 @@ const args = process.argv.slice(2);
 const COUNT = Number(args[args.indexOf('--count') + 1] || 100) || 100;
 const tty = !!process.stderr.isTTY;
 
-interface Sample { at: number; host: string; fds: number; children: number; rssKiB: number }
+interface Sample {
+  at: number;
+  host: string;
+  fds: number;
+  children: number;
+  rssKiB: number;
+}
 function sample(host: string, pid: number, at: number): Sample {
   const fds = fs.readdirSync(`/proc/${pid}/fd`).length;
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
   // Children from /proc (ps exits 1 when there are none).
-  const children = fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).filter((d) => { try { return /^PPid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${d}/status`, 'utf8'))?.[1] === String(pid); } catch { return false; } }).length;
+  const children = fs
+    .readdirSync('/proc')
+    .filter((d) => /^\d+$/.test(d))
+    .filter((d) => {
+      try {
+        return /^PPid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${d}/status`, 'utf8'))?.[1] === String(pid);
+      } catch {
+        return false;
+      }
+    }).length;
   return { at, host, fds, children, rssKiB };
 }
 
@@ -35,8 +50,15 @@ async function main(): Promise<void> {
   const engine: string = (await ok(['-H', 'host1', 'host', 'info', '--json'])).qemuVersion;
   const pids: Record<string, number> = Object.fromEntries(lab.hosts.map((h: any) => [h.name, h.pid]));
   const samples: Sample[] = [];
-  const results: { i: number; outcome: string; totalMs: number | null; downtimeMs: number | null; repairedBytes: number | null; error?: string }[] = [];
-  let verified = false;
+  const results: {
+    i: number;
+    outcome: string;
+    totalMs: number | null;
+    downtimeMs: number | null;
+    repairedBytes: number | null;
+    error?: string;
+  }[] = [];
+  let verified: boolean;
   try {
     const cfg = await ok(['lab', 'guest', 'pattern', 'endure', '--memory', '64', '--json']);
     const f = path.join(os.tmpdir(), 'endure.json');
@@ -52,7 +74,14 @@ async function main(): Promise<void> {
       const to = from === 'host1' ? 'host2' : 'host1';
       const r = await ferry(['-H', from, 'migrate', 'endure', to, '--live', '--json']);
       const rep = r.json ?? {};
-      results.push({ i, outcome: rep.outcome ?? 'failed', totalMs: rep.totalMs ?? null, downtimeMs: rep.downtimeMs ?? null, repairedBytes: rep.memoryCheck?.repairedBytes ?? null, ...(rep.error ? { error: rep.error.code } : {}) });
+      results.push({
+        i,
+        outcome: rep.outcome ?? 'failed',
+        totalMs: rep.totalMs ?? null,
+        downtimeMs: rep.downtimeMs ?? null,
+        repairedBytes: rep.memoryCheck?.repairedBytes ?? null,
+        ...(rep.error ? { error: rep.error.code } : {}),
+      });
       if (rep.outcome === 'succeeded') from = to;
       if (i % 10 === 0) for (const h of Object.keys(pids)) samples.push(sample(h, pids[h], i));
       if (tty) process.stderr.write(`\r  ${i}/${COUNT} migrations, ${results.filter((x) => x.outcome !== 'succeeded').length} failed`);
@@ -64,22 +93,54 @@ async function main(): Promise<void> {
     await ferry(['lab', 'down']);
   }
   const ok_ = results.filter((r) => r.outcome === 'succeeded').length;
-  const totals = results.map((r) => r.totalMs).filter((x): x is number => x !== null).sort((a, b) => a - b);
+  const totals = results
+    .map((r) => r.totalMs)
+    .filter((x): x is number => x !== null)
+    .sort((a, b) => a - b);
   const med = totals.length ? totals[Math.floor(totals.length / 2)] : null;
   const growth = Object.keys(pids).map((h) => {
     const s = samples.filter((x) => x.host === h);
-    const first = s[0]; const last = s[s.length - 1];
-    return { host: h, fds: [first.fds, last.fds], children: [first.children, last.children], rssMiB: [+(first.rssKiB / 1024).toFixed(1), +(last.rssKiB / 1024).toFixed(1)], maxFds: Math.max(...s.map((x) => x.fds)), maxChildren: Math.max(...s.map((x) => x.children)) };
+    const first = s[0];
+    const last = s[s.length - 1];
+    return {
+      host: h,
+      fds: [first.fds, last.fds],
+      children: [first.children, last.children],
+      rssMiB: [+(first.rssKiB / 1024).toFixed(1), +(last.rssKiB / 1024).toFixed(1)],
+      maxFds: Math.max(...s.map((x) => x.fds)),
+      maxChildren: Math.max(...s.map((x) => x.children)),
+    };
   });
-  const out = { date: new Date().toISOString(), engine, count: COUNT, succeeded: ok_, memoryConsistent: verified, medianTotalMs: med, growth, samples, results };
+  const out = {
+    date: new Date().toISOString(),
+    engine,
+    count: COUNT,
+    succeeded: ok_,
+    memoryConsistent: verified,
+    medianTotalMs: med,
+    growth,
+    samples,
+    results,
+  };
   fs.writeFileSync(path.join(ROOT, 'reliability', 'endurance.json'), JSON.stringify(out, null, 2) + '\n');
   const md = [
-    '## Endurance', '',
-    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS, QEMU ${engine}), after one warm-up each way.`, '',
+    '## Endurance',
+    '',
+    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS, QEMU ${engine}), after one warm-up each way.`,
+    '',
     `- succeeded: **${ok_}/${COUNT}**; memory pattern consistent at the end: **${verified ? 'yes' : 'NO'}**; median total ${med} ms`,
-    ...(results.some((r) => r.repairedBytes !== null) ? [`- memory check (README "Memory check") on ${results.filter((r) => r.repairedBytes !== null).length} migrations; RAM that arrived different and was rewritten in ${results.filter((r) => (r.repairedBytes ?? 0) > 0).length} of them (${(results.reduce((a, r) => a + (r.repairedBytes ?? 0), 0) / 1048576).toFixed(1)} MiB in all)`] : []),
-    ...growth.map((g) => `- ferryd on ${g.host}: open fds ${g.fds[0]} → ${g.fds[1]} (max ${g.maxFds}), child processes ${g.children[0]} → ${g.children[1]} (max ${g.maxChildren}), RSS ${g.rssMiB[0]} → ${g.rssMiB[1]} MiB`),
-    '', 'Samples every 10 migrations are in `reliability/endurance.json`.', '',
+    ...(results.some((r) => r.repairedBytes !== null)
+      ? [
+          `- memory check (README "Memory check") on ${results.filter((r) => r.repairedBytes !== null).length} migrations; RAM that arrived different and was rewritten in ${results.filter((r) => (r.repairedBytes ?? 0) > 0).length} of them (${(results.reduce((a, r) => a + (r.repairedBytes ?? 0), 0) / 1048576).toFixed(1)} MiB in all)`,
+        ]
+      : []),
+    ...growth.map(
+      (g) =>
+        `- ferryd on ${g.host}: open fds ${g.fds[0]} → ${g.fds[1]} (max ${g.maxFds}), child processes ${g.children[0]} → ${g.children[1]} (max ${g.maxChildren}), RSS ${g.rssMiB[0]} → ${g.rssMiB[1]} MiB`,
+    ),
+    '',
+    'Samples every 10 migrations are in `reliability/endurance.json`.',
+    '',
   ].join('\n');
   const relPath = path.join(ROOT, 'RELIABILITY.md');
   let rel = fs.existsSync(relPath) ? fs.readFileSync(relPath, 'utf8') : '# Reliability\n\n';

@@ -37,14 +37,26 @@ import { pidAlive as alive } from '../src/qemu/process.ts';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const LAB = '/var/lib/ferry-lab';
 const args = process.argv.slice(2);
-const arg = (k: string, d: number): number => { const i = args.indexOf(k); return i >= 0 ? Number(args[i + 1]) : d; };
+const arg = (k: string, d: number): number => {
+  const i = args.indexOf(k);
+  return i >= 0 ? Number(args[i + 1]) : d;
+};
 const SEED = arg('--seed', 1);
 const COUNT = arg('--count', 20);
 const REPORT = !args.includes('--no-report');
 const DOM = 'fz';
-const FAULTS = ['kill-src-qemu', 'kill-dst-qemu', 'kill-src-ferryd', 'kill-dst-ferryd', 'link-cut', 'packet-loss', 'slow-link', 'disk-full'] as const;
+const FAULTS = [
+  'kill-src-qemu',
+  'kill-dst-qemu',
+  'kill-src-ferryd',
+  'kill-dst-ferryd',
+  'link-cut',
+  'packet-loss',
+  'slow-link',
+  'disk-full',
+] as const;
 const PC_FAULTS = ['pc-link-reset', 'pc-link-down', 'pc-kill-src-ferryd', 'pc-kill-dst-ferryd'] as const;
-type Fault = typeof FAULTS[number] | typeof PC_FAULTS[number] | 'freeze-src-ferryd' | 'freeze-dst-ferryd';
+type Fault = (typeof FAULTS)[number] | (typeof PC_FAULTS)[number] | 'freeze-src-ferryd' | 'freeze-dst-ferryd';
 const POSTCOPY = arg('--postcopy', 0);
 const AIM = args.includes('--aim');
 const PER_PHASE = arg('--per-phase', 25);
@@ -57,24 +69,56 @@ const TARGETS: { side: 'source' | 'destination'; phase: string }[] = [
 
 function rng(seed: number): () => number {
   let a = seed >>> 0;
-  return () => { a = (a + 0x6d2b79f5) >>> 0; let t = a; t = Math.imul(t ^ (t >>> 15), t | 1); t ^= t + Math.imul(t ^ (t >>> 7), t | 61); return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
 }
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const ferry = (a: string[], timeoutMs = 120000): ReturnType<typeof runCli> => runCli(a, { timeoutMs });
-const sh = (cmd: string, a: string[]): string => { try { return execFileSync(cmd, a, { stdio: ['ignore', 'pipe', 'pipe'] }).toString(); } catch { return ''; } };
+const sh = (cmd: string, a: string[]): string => {
+  try {
+    return execFileSync(cmd, a, { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+  } catch {
+    return '';
+  }
+};
 const labState = (): any => JSON.parse(fs.readFileSync(`${LAB}/lab.json`, 'utf8'));
-const record = (h: string): any => { try { return JSON.parse(fs.readFileSync(`${LAB}/${h}/state/domains/${DOM}.json`, 'utf8')); } catch { return undefined; } };
+const record = (h: string): any => {
+  try {
+    return JSON.parse(fs.readFileSync(`${LAB}/${h}/state/domains/${DOM}.json`, 'utf8'));
+  } catch {
+    return undefined;
+  }
+};
 function qemusOf(uuid: string): number[] {
-  return fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p)).map(Number).filter((p) => {
-    try { const c = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8'); return c.includes('qemu-system') && c.includes(uuid) && alive(p); } catch { return false; }
-  });
+  return fs
+    .readdirSync('/proc')
+    .filter((p) => /^\d+$/.test(p))
+    .map(Number)
+    .filter((p) => {
+      try {
+        const c = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8');
+        return c.includes('qemu-system') && c.includes(uuid) && alive(p);
+      } catch {
+        return false;
+      }
+    });
 }
 function activeJobs(): number {
   let n = 0;
   for (const h of ['host1', 'host2']) {
     const dir = `${LAB}/${h}/state/jobs`;
-    for (const f of (fs.existsSync(dir) ? fs.readdirSync(dir) : [])) {
-      try { const j = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); if (j.phase !== 'confirmed' && j.phase !== 'abandoned') n++; } catch { /* partial */ }
+    for (const f of fs.existsSync(dir) ? fs.readdirSync(dir) : []) {
+      try {
+        const j = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8'));
+        if (j.phase !== 'confirmed' && j.phase !== 'abandoned') n++;
+      } catch {
+        /* partial */
+      }
     }
   }
   return n;
@@ -82,7 +126,17 @@ function activeJobs(): number {
 /** This round's job on host `h` in `role` (jobs from earlier rounds do not count). */
 function roundJob(h: string, role: string, since: number): any {
   const dir = `${LAB}/${h}/state/jobs`;
-  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : []).filter((f) => f.endsWith('.json') && !f.startsWith('.')).map((f) => { try { return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')); } catch { return undefined; } }).filter((j) => j && j.role === role && j.startedAt >= since - 1000).sort((a, b) => b.startedAt - a.startedAt);
+  const jobs = (fs.existsSync(dir) ? fs.readdirSync(dir) : [])
+    .filter((f) => f.endsWith('.json') && !f.startsWith('.'))
+    .map((f) => {
+      try {
+        return JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8'));
+      } catch {
+        return undefined;
+      }
+    })
+    .filter((j) => j && j.role === role && j.startedAt >= since - 1000)
+    .sort((a, b) => b.startedAt - a.startedAt);
   return jobs[0];
 }
 function latestSourcePhase(h: string, since: number): string {
@@ -107,7 +161,19 @@ async function restartIfDown(): Promise<void> {
   for (const h of s.hosts) if (!alive(h.pid)) await ferry(['lab', 'restart', h.name]);
 }
 
-interface Round { index: number; fault: Fault; delayMs: number; from: string; phase: string; outcome: string; code?: string; survived: boolean; problems: string[]; repairedBytes?: number; aim?: { side: string; phase: string; hit: boolean; srcPhase: string; dstPhase: string } }
+interface Round {
+  index: number;
+  fault: Fault;
+  delayMs: number;
+  from: string;
+  phase: string;
+  outcome: string;
+  code?: string;
+  survived: boolean;
+  problems: string[];
+  repairedBytes?: number;
+  aim?: { side: string; phase: string; hit: boolean; srcPhase: string; dstPhase: string };
+}
 
 async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
@@ -129,7 +195,13 @@ async function main(): Promise<void> {
     for (let i = 0; i < total; i++) {
       const target = POSTCOPY ? { side: 'source' as const, phase: 'postcopy' } : AIM ? TARGETS[i % TARGETS.length] : undefined;
       const k = Math.floor(i / TARGETS.length);
-      const fault: Fault = POSTCOPY ? PC_FAULTS[i % PC_FAULTS.length] : AIM && k >= PER_PHASE ? (k === PER_PHASE ? 'freeze-src-ferryd' : 'freeze-dst-ferryd') : FAULTS[Math.floor(rand() * FAULTS.length)];
+      const fault: Fault = POSTCOPY
+        ? PC_FAULTS[i % PC_FAULTS.length]
+        : AIM && k >= PER_PHASE
+          ? k === PER_PHASE
+            ? 'freeze-src-ferryd'
+            : 'freeze-dst-ferryd'
+          : FAULTS[Math.floor(rand() * FAULTS.length)];
       // Post-copy rounds: how long the link stays cut.
       const delayMs = POSTCOPY ? 1000 + Math.floor(rand() * 5000) : AIM ? 0 : Math.floor(rand() * 3000);
       const from = record('host1')?.state?.pid && alive(record('host1').state.pid) ? 'host1' : 'host2';
@@ -139,11 +211,19 @@ async function main(): Promise<void> {
       // The source's switchover lasts a millisecond or two unless the memory check runs in it.
       const check = target?.side === 'source' && target.phase === 'switchover' ? ['--verify-memory'] : [];
       const pc = POSTCOPY ? ['--strategy', 'postcopy', '--bandwidth', '12'] : ['--bandwidth', '24'];
-      const mig = ferry(['-H', from, 'migrate', DOM, to, '--live', ...pc, '--max-downtime', '3000', '--timeout', '30', ...check, '--json'], 150000);
+      const mig = ferry(
+        ['-H', from, 'migrate', DOM, to, '--live', ...pc, '--max-downtime', '3000', '--timeout', '30', ...check, '--json'],
+        150000,
+      );
       let aim: Round['aim'];
       if (target) {
         const hit = await reached(target.side === 'source' ? from : to, target.side, target.phase, since);
-        aim = { ...target, hit, srcPhase: roundJob(from, 'source', since)?.phase ?? 'none', dstPhase: roundJob(to, 'destination', since)?.phase ?? 'none' };
+        aim = {
+          ...target,
+          hit,
+          srcPhase: roundJob(from, 'source', since)?.phase ?? 'none',
+          dstPhase: roundJob(to, 'destination', since)?.phase ?? 'none',
+        };
       } else {
         await sleep(delayMs);
       }
@@ -162,16 +242,80 @@ async function main(): Promise<void> {
         // that may run (the source never resumes from there): killing it is a crash too.
         const dj = roundJob(h, 'destination', since);
         const pastNoReturn = rec.state.kind === 'incoming' && (dj?.phase === 'finishing' || dj?.phase === 'finished');
-        if (rec.state.kind === 'running' || rec.state.kind === 'paused' || rec.state.kind === 'migrating-out' || pastNoReturn) killedLiveCopyOn = h;
-        try { process.kill(p, 'SIGKILL'); } catch { /* gone */ }
+        if (rec.state.kind === 'running' || rec.state.kind === 'paused' || rec.state.kind === 'migrating-out' || pastNoReturn)
+          killedLiveCopyOn = h;
+        try {
+          process.kill(p, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
       };
       switch (fault) {
-        case 'kill-src-qemu': killQemu(from); break;
-        case 'kill-dst-qemu': { for (let k = 0; k < 20 && !record(to)?.state?.pid; k++) await sleep(100); killQemu(to); break; }
-        case 'kill-src-ferryd': try { process.kill(hostOf(from).pid, 'SIGKILL'); } catch { /* gone */ } break;
-        case 'kill-dst-ferryd': try { process.kill(hostOf(to).pid, 'SIGKILL'); } catch { /* gone */ } break;
-        case 'link-cut': { const dev = `h${hostIndex(to)}s0`; sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']); undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up'])); break; }
-        case 'packet-loss': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', 'INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP'])); break; }
+        case 'kill-src-qemu':
+          killQemu(from);
+          break;
+        case 'kill-dst-qemu': {
+          for (let k = 0; k < 20 && !record(to)?.state?.pid; k++) await sleep(100);
+          killQemu(to);
+          break;
+        }
+        case 'kill-src-ferryd':
+          try {
+            process.kill(hostOf(from).pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          break;
+        case 'kill-dst-ferryd':
+          try {
+            process.kill(hostOf(to).pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          break;
+        case 'link-cut': {
+          const dev = `h${hostIndex(to)}s0`;
+          sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']);
+          undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up']));
+          break;
+        }
+        case 'packet-loss': {
+          sh('ip', [
+            'netns',
+            'exec',
+            `ferry-${to}`,
+            'iptables',
+            '-I',
+            'INPUT',
+            '-m',
+            'statistic',
+            '--mode',
+            'random',
+            '--probability',
+            '0.2',
+            '-j',
+            'DROP',
+          ]);
+          undo.push(() =>
+            sh('ip', [
+              'netns',
+              'exec',
+              `ferry-${to}`,
+              'iptables',
+              '-D',
+              'INPUT',
+              '-m',
+              'statistic',
+              '--mode',
+              'random',
+              '--probability',
+              '0.2',
+              '-j',
+              'DROP',
+            ]),
+          );
+          break;
+        }
         case 'disk-full': {
           // Fill the destination's state tmpfs to the last byte; ferryd's writes fail with ENOSPC.
           const dir = labState().hosts.find((x: any) => x.name === to).stateDir;
@@ -186,24 +330,85 @@ async function main(): Promise<void> {
         case 'freeze-dst-ferryd': {
           // Frozen, not killed: timers and connections resume where they were.
           const pid = hostOf(fault === 'freeze-src-ferryd' ? from : to).pid;
-          try { process.kill(pid, 'SIGSTOP'); } catch { /* gone */ }
+          try {
+            process.kill(pid, 'SIGSTOP');
+          } catch {
+            /* gone */
+          }
           await sleep(FREEZE_S * 1000);
-          try { process.kill(pid, 'SIGCONT'); } catch { /* gone */ }
+          try {
+            process.kill(pid, 'SIGCONT');
+          } catch {
+            /* gone */
+          }
           break;
         }
         case 'pc-link-reset': {
           // The destination resets every data connection from the source: the stream breaks at its next packet.
-          const rule = ['INPUT', '-p', 'tcp', '-s', hostOf(from).migAddress, '--dport', '49152:49215', '-j', 'REJECT', '--reject-with', 'tcp-reset'];
+          const rule = [
+            'INPUT',
+            '-p',
+            'tcp',
+            '-s',
+            hostOf(from).migAddress,
+            '--dport',
+            '49152:49215',
+            '-j',
+            'REJECT',
+            '--reject-with',
+            'tcp-reset',
+          ];
           sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-I', ...rule]);
           undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'iptables', '-D', ...rule]));
           break;
         }
-        case 'pc-link-down': { const dev = `h${hostIndex(to)}s0`; sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']); undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up'])); break; }
-        case 'pc-kill-src-ferryd': try { process.kill(hostOf(from).pid, 'SIGKILL'); } catch { /* gone */ } break;
-        case 'pc-kill-dst-ferryd': try { process.kill(hostOf(to).pid, 'SIGKILL'); } catch { /* gone */ } break;
-        case 'slow-link': { sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'add', 'dev', 'mig0', 'root', 'tbf', 'rate', '4mbit', 'burst', '32kbit', 'latency', '400ms']); undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'mig0', 'root'])); break; }
+        case 'pc-link-down': {
+          const dev = `h${hostIndex(to)}s0`;
+          sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'down']);
+          undo.push(() => sh('ip', ['-n', 'ferry-switch', 'link', 'set', dev, 'up']));
+          break;
+        }
+        case 'pc-kill-src-ferryd':
+          try {
+            process.kill(hostOf(from).pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          break;
+        case 'pc-kill-dst-ferryd':
+          try {
+            process.kill(hostOf(to).pid, 'SIGKILL');
+          } catch {
+            /* gone */
+          }
+          break;
+        case 'slow-link': {
+          sh('ip', [
+            'netns',
+            'exec',
+            `ferry-${to}`,
+            'tc',
+            'qdisc',
+            'add',
+            'dev',
+            'mig0',
+            'root',
+            'tbf',
+            'rate',
+            '4mbit',
+            'burst',
+            '32kbit',
+            'latency',
+            '400ms',
+          ]);
+          undo.push(() => sh('ip', ['netns', 'exec', `ferry-${to}`, 'tc', 'qdisc', 'del', 'dev', 'mig0', 'root']));
+          break;
+        }
       }
-      if (undo.length) { await sleep(POSTCOPY ? delayMs : 4000); for (const u of undo) u(); }
+      if (undo.length) {
+        await sleep(POSTCOPY ? delayMs : 4000);
+        for (const u of undo) u();
+      }
       await sleep(1000);
       await restartIfDown();
       const r = await mig;
@@ -215,10 +420,16 @@ async function main(): Promise<void> {
       if (activeJobs() > 0) problems.push('a job never settled');
       // invariants
       const recs = { host1: record('host1'), host2: record('host2') };
-      const defs = Object.entries(recs).filter(([, v]) => v).map(([h]) => h);
+      const defs = Object.entries(recs)
+        .filter(([, v]) => v)
+        .map(([h]) => h);
       if (defs.length !== 1) problems.push(`definitions on ${defs.length} hosts (${defs.join(',')})`);
-      const running = Object.entries(recs).filter(([, v]) => v && ['running', 'paused'].includes(v.state.kind) && alive(v.state.pid)).map(([h]) => h);
-      const crashed = Object.entries(recs).filter(([, v]) => v && v.state.kind === 'crashed').map(([h]) => h);
+      const running = Object.entries(recs)
+        .filter(([, v]) => v && ['running', 'paused'].includes(v.state.kind) && alive(v.state.pid))
+        .map(([h]) => h);
+      const crashed = Object.entries(recs)
+        .filter(([, v]) => v && v.state.kind === 'crashed')
+        .map(([h]) => h);
       const q = qemusOf(uuid);
       if (running.length === 1) {
         if (q.length !== 1) problems.push(`${q.length} QEMU processes for one running copy`);
@@ -232,15 +443,36 @@ async function main(): Promise<void> {
       for (const h of ['host1', 'host2']) {
         const info = await ferry(['-H', h, 'host', 'info', '--json']);
         if (info.json?.memory?.reservedMiB) problems.push(`reservation left on ${h}`);
-        const taps = sh('ip', ['-n', `ferry-${h}`, '-br', 'link']).split('\n').filter((l) => l.startsWith('ft'));
+        const taps = sh('ip', ['-n', `ferry-${h}`, '-br', 'link'])
+          .split('\n')
+          .filter((l) => l.startsWith('ft'));
         if (taps.length) problems.push(`taps left on ${h}: ${taps.length}`);
-        const listeners = sh('ip', ['netns', 'exec', `ferry-${h}`, 'ss', '-Hltn']).split('\n').map((l) => Number(/:(\d+)\s/.exec(l)?.[1])).filter((p) => p >= 49152 && p <= 49215);
+        const listeners = sh('ip', ['netns', 'exec', `ferry-${h}`, 'ss', '-Hltn'])
+          .split('\n')
+          .map((l) => Number(/:(\d+)\s/.exec(l)?.[1]))
+          .filter((p) => p >= 49152 && p <= 49215);
         if (listeners.length) problems.push(`migration listeners left on ${h}: ${listeners.join(',')}`);
       }
       const survived = problems.length === 0;
-      rounds.push({ index: i, fault, delayMs, from, phase, outcome, code, survived, problems, ...(repairedBytes !== undefined ? { repairedBytes } : {}), ...(aim ? { aim } : {}) });
-      const where = aim ? `${aim.side} ${aim.phase}${aim.hit ? '' : ` (missed: ${aim.srcPhase}/${aim.dstPhase})`}` : `${delayMs} ms (${phase})`;
-      process.stderr.write(`  [${i + 1}/${total}] ${fault.padEnd(17)} at ${where.padEnd(40)} → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`);
+      rounds.push({
+        index: i,
+        fault,
+        delayMs,
+        from,
+        phase,
+        outcome,
+        code,
+        survived,
+        problems,
+        ...(repairedBytes !== undefined ? { repairedBytes } : {}),
+        ...(aim ? { aim } : {}),
+      });
+      const where = aim
+        ? `${aim.side} ${aim.phase}${aim.hit ? '' : ` (missed: ${aim.srcPhase}/${aim.dstPhase})`}`
+        : `${delayMs} ms (${phase})`;
+      process.stderr.write(
+        `  [${i + 1}/${total}] ${fault.padEnd(17)} at ${where.padEnd(40)} → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`,
+      );
       // bring the domain back for the next round if the fault crashed it
       if (crashed.length === 1 && running.length === 0) {
         await ferry(['-H', crashed[0], 'destroy', DOM]);
@@ -259,12 +491,24 @@ async function main(): Promise<void> {
   }
   const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), engine, rounds };
   if (REPORT) {
-    fs.writeFileSync(path.join(ROOT, 'reliability', POSTCOPY ? `faults-postcopy-${SEED}.json` : AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`), JSON.stringify(out, null, 2) + '\n');
+    fs.writeFileSync(
+      path.join(ROOT, 'reliability', POSTCOPY ? `faults-postcopy-${SEED}.json` : AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`),
+      JSON.stringify(out, null, 2) + '\n',
+    );
     writeReport();
   }
   const failed = rounds.filter((r) => !r.survived);
   process.stderr.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
-  process.stdout.write(JSON.stringify({ seed: SEED, injected: rounds.length, survived: rounds.length - failed.length, failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })), faults: rounds.map((r) => r.fault), outcomes: rounds.map((r) => r.code ?? r.outcome) }) + '\n');
+  process.stdout.write(
+    JSON.stringify({
+      seed: SEED,
+      injected: rounds.length,
+      survived: rounds.length - failed.length,
+      failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })),
+      faults: rounds.map((r) => r.fault),
+      outcomes: rounds.map((r) => r.code ?? r.outcome),
+    }) + '\n',
+  );
   if (failed.length || rounds.length < (POSTCOPY ? POSTCOPY : AIM ? TARGETS.length * (PER_PHASE + 2) : COUNT)) process.exitCode = 1;
 }
 
@@ -272,47 +516,112 @@ async function main(): Promise<void> {
 function writeReport(): void {
   const files = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-\d+\.json$/.test(f));
   // Campaign files from before the engine change carry no engine: they ran QEMU 7.2.
-  const all: (Round & { seed: number; engine: string })[] = files.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed, engine: j.engine ?? '7.2' })); });
+  const all: (Round & { seed: number; engine: string })[] = files.flatMap((f) => {
+    const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8'));
+    return j.rounds.map((r: Round) => ({ ...r, seed: j.seed, engine: j.engine ?? '7.2' }));
+  });
   const by = (k: (r: Round) => string): Map<string, { n: number; ok: number }> => {
     const m = new Map<string, { n: number; ok: number }>();
-    for (const r of all) { const e = m.get(k(r)) ?? { n: 0, ok: 0 }; e.n++; if (r.survived) e.ok++; m.set(k(r), e); }
+    for (const r of all) {
+      const e = m.get(k(r)) ?? { n: 0, ok: 0 };
+      e.n++;
+      if (r.survived) e.ok++;
+      m.set(k(r), e);
+    }
     return m;
   };
-  const L = ['## Fault injection', '', `Written by \`npm run faults\` (reliability/faults.ts) from ${files.length} campaign file(s): **${all.length} faults injected, ${all.filter((r) => r.survived).length} survived** (every invariant held), ${all.filter((r) => !r.survived).length} failed. Domains lost: ${all.filter((r) => r.problems.some((p) => p.startsWith('running copies: 0'))).length}; run twice: ${all.filter((r) => r.problems.some((p) => /running copies: [2-9]/.test(p))).length}; memory mismatches: ${all.filter((r) => r.problems.some((p) => p.startsWith('memory'))).length}.`, '',
-    '| engine (QEMU) | campaigns (seeds) | injected | survived |', '|---|---|---|---|', ...[...new Set(all.map((r) => r.engine))].map((e) => { const rs = all.filter((r) => r.engine === e); return `| ${e} | ${[...new Set(rs.map((r) => r.seed))].join(', ')} | ${rs.length} | ${rs.filter((r) => r.survived).length} |`; }), '',
-    '| fault | injected | survived |', '|---|---|---|', ...[...by((r) => r.fault)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
-    '| source phase at injection | injected | survived |', '|---|---|---|', ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`), '',
-    'What the migration itself answered (a fault may or may not stop it; either way the invariants must hold):', '',
-    '| migration outcome | rounds |', '|---|---|', ...[...by((r) => r.code ?? r.outcome)].map(([k, v]) => `| ${k} | ${v.n} |`), ''];
+  const L = [
+    '## Fault injection',
+    '',
+    `Written by \`npm run faults\` (reliability/faults.ts) from ${files.length} campaign file(s): **${all.length} faults injected, ${all.filter((r) => r.survived).length} survived** (every invariant held), ${all.filter((r) => !r.survived).length} failed. Domains lost: ${all.filter((r) => r.problems.some((p) => p.startsWith('running copies: 0'))).length}; run twice: ${all.filter((r) => r.problems.some((p) => /running copies: [2-9]/.test(p))).length}; memory mismatches: ${all.filter((r) => r.problems.some((p) => p.startsWith('memory'))).length}.`,
+    '',
+    '| engine (QEMU) | campaigns (seeds) | injected | survived |',
+    '|---|---|---|---|',
+    ...[...new Set(all.map((r) => r.engine))].map((e) => {
+      const rs = all.filter((r) => r.engine === e);
+      return `| ${e} | ${[...new Set(rs.map((r) => r.seed))].join(', ')} | ${rs.length} | ${rs.filter((r) => r.survived).length} |`;
+    }),
+    '',
+    '| fault | injected | survived |',
+    '|---|---|---|',
+    ...[...by((r) => r.fault)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`),
+    '',
+    '| source phase at injection | injected | survived |',
+    '|---|---|---|',
+    ...[...by((r) => r.phase)].map(([k, v]) => `| ${k} | ${v.n} | ${v.ok} |`),
+    '',
+    'What the migration itself answered (a fault may or may not stop it; either way the invariants must hold):',
+    '',
+    '| migration outcome | rounds |',
+    '|---|---|',
+    ...[...by((r) => r.code ?? r.outcome)].map(([k, v]) => `| ${k} | ${v.n} |`),
+    '',
+  ];
   const aimedFiles = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-aimed-\d+\.json$/.test(f));
-  const aimed: (Round & { seed: number })[] = aimedFiles.flatMap((f) => { const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')); return j.rounds.map((r: Round) => ({ ...r, seed: j.seed })); });
+  const aimed: (Round & { seed: number })[] = aimedFiles.flatMap((f) => {
+    const j = JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8'));
+    return j.rounds.map((r: Round) => ({ ...r, seed: j.seed }));
+  });
   if (aimed.length) {
     const rows = TARGETS.map((t) => {
       const rs = aimed.filter((r) => r.aim?.side === t.side && r.aim?.phase === t.phase);
       const frozen = rs.filter((r) => r.fault.startsWith('freeze'));
       return `| ${t.side} | ${t.phase} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${frozen.length} | ${rs.filter((r) => r.survived).length} |`;
     });
-    L.push('### Aimed by phase', '', `\`npm run faults -- --aim --per-phase N\` (${aimedFiles.join(', ')}): each fault lands the moment the chosen side's job reaches the phase; *hit* counts the rounds where the record showed exactly that phase at injection (a phase of a few milliseconds can pass between two looks: those rounds still count, with the phase actually seen recorded in the file). Each phase also gets a freeze of each daemon (SIGSTOP for ${FREEZE_S} s, then SIGCONT, no restart). **${aimed.length} faults, ${aimed.filter((r) => r.survived).length} survived.**`, '',
-      '| side | phase | injected | hit | of them freezes | survived |', '|---|---|---|---|---|---|', ...rows, '');
+    L.push(
+      '### Aimed by phase',
+      '',
+      `\`npm run faults -- --aim --per-phase N\` (${aimedFiles.join(', ')}): each fault lands the moment the chosen side's job reaches the phase; *hit* counts the rounds where the record showed exactly that phase at injection (a phase of a few milliseconds can pass between two looks: those rounds still count, with the phase actually seen recorded in the file). Each phase also gets a freeze of each daemon (SIGSTOP for ${FREEZE_S} s, then SIGCONT, no restart). **${aimed.length} faults, ${aimed.filter((r) => r.survived).length} survived.**`,
+      '',
+      '| side | phase | injected | hit | of them freezes | survived |',
+      '|---|---|---|---|---|---|',
+      ...rows,
+      '',
+    );
   }
   const pcFiles = fs.readdirSync(path.join(ROOT, 'reliability')).filter((f) => /^faults-postcopy-\d+\.json$/.test(f));
-  const pcRounds: Round[] = pcFiles.flatMap((f) => JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')).rounds as Round[]);
+  const pcRounds: Round[] = pcFiles.flatMap(
+    (f) => JSON.parse(fs.readFileSync(path.join(ROOT, 'reliability', f), 'utf8')).rounds as Round[],
+  );
   if (pcRounds.length) {
-    L.push('### Post-copy', '', `\`npm run faults -- --postcopy N\` (${pcFiles.join(', ')}): each round moves the guest with \`--strategy postcopy\` and, the moment the source's job is in its post-copy phase (the guest runs on the destination, pages still on the source), resets the data connections or takes the destination's link down for 1–6 s, or kills a ferryd. **${pcRounds.length} faults, ${pcRounds.filter((r) => r.survived).length} survived**; the memory checker ran on the running copy after every round.`, '',
-      '| fault | injected | hit the post-copy phase | survived | outcomes |', '|---|---|---|---|---|',
-      ...PC_FAULTS.map((f) => { const rs = pcRounds.filter((r) => r.fault === f); const oc = new Map<string, number>(); for (const r of rs) oc.set(r.code ?? r.outcome, (oc.get(r.code ?? r.outcome) ?? 0) + 1); return `| ${f} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${rs.filter((r) => r.survived).length} | ${[...oc].map(([k, v]) => `${k} ${v}`).join(', ')} |`; }), '');
+    L.push(
+      '### Post-copy',
+      '',
+      `\`npm run faults -- --postcopy N\` (${pcFiles.join(', ')}): each round moves the guest with \`--strategy postcopy\` and, the moment the source's job is in its post-copy phase (the guest runs on the destination, pages still on the source), resets the data connections or takes the destination's link down for 1–6 s, or kills a ferryd. **${pcRounds.length} faults, ${pcRounds.filter((r) => r.survived).length} survived**; the memory checker ran on the running copy after every round.`,
+      '',
+      '| fault | injected | hit the post-copy phase | survived | outcomes |',
+      '|---|---|---|---|---|',
+      ...PC_FAULTS.map((f) => {
+        const rs = pcRounds.filter((r) => r.fault === f);
+        const oc = new Map<string, number>();
+        for (const r of rs) oc.set(r.code ?? r.outcome, (oc.get(r.code ?? r.outcome) ?? 0) + 1);
+        return `| ${f} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${rs.filter((r) => r.survived).length} | ${[...oc].map(([k, v]) => `${k} ${v}`).join(', ')} |`;
+      }),
+      '',
+    );
   }
   const checked = all.filter((r) => r.repairedBytes !== undefined);
   if (checked.length) {
     const fixed = checked.filter((r) => r.repairedBytes! > 0);
-    L.push(`Memory check with repair (README "Memory check"; campaigns before it refused instead): ${checked.length} completed copies checked, ${fixed.length} of them had RAM that arrived different and was rewritten from the source before the guest ran (${(fixed.reduce((a, r) => a + r.repairedBytes!, 0) / 1048576).toFixed(1)} MiB in all).`, '');
+    L.push(
+      `Memory check with repair (README "Memory check"; campaigns before it refused instead): ${checked.length} completed copies checked, ${fixed.length} of them had RAM that arrived different and was rewritten from the source before the guest ran (${(fixed.reduce((a, r) => a + r.repairedBytes!, 0) / 1048576).toFixed(1)} MiB in all).`,
+      '',
+    );
   }
   const failed = all.filter((r) => !r.survived);
-  if (failed.length) L.push('Failures (replay with `npm run faults -- --seed S --count INDEX+1`):', '', ...failed.map((r) => `- seed ${r.seed}, round ${r.index}: ${r.fault} at ${r.delayMs} ms (${r.phase}): ${r.problems.join('; ')}`), '');
+  if (failed.length)
+    L.push(
+      'Failures (replay with `npm run faults -- --seed S --count INDEX+1`):',
+      '',
+      ...failed.map((r) => `- seed ${r.seed}, round ${r.index}: ${r.fault} at ${r.delayMs} ms (${r.phase}): ${r.problems.join('; ')}`),
+      '',
+    );
   const md = L.join('\n');
   const relPath = path.join(ROOT, 'RELIABILITY.md');
   let rel = fs.existsSync(relPath) ? fs.readFileSync(relPath, 'utf8') : '# Reliability\n\n';
-  rel = rel.includes('## Fault injection') ? rel.replace(/## Fault injection[\s\S]*?(?=\n## |$)/, md) : rel.replace('# Reliability\n\n', `# Reliability\n\n${md}\n`);
+  rel = rel.includes('## Fault injection')
+    ? rel.replace(/## Fault injection[\s\S]*?(?=\n## |$)/, md)
+    : rel.replace('# Reliability\n\n', `# Reliability\n\n${md}\n`);
   fs.writeFileSync(relPath, rel);
 }
 

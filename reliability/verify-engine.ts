@@ -32,11 +32,33 @@ const ROUNDS = Number(args[args.indexOf('--rounds') + 1] || 104) || 104;
 const tty = !!process.stderr.isTTY;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-interface Guest { name: string; kind: 'pattern' | 'linux'; memoryMiB: number; host: string; churn?: boolean }
-interface Round { i: number; guest: string; from: string; to: string; warm: boolean; loss: boolean; outcome: string; error?: string; repairedBytes: number | null; checkedBytes: number | null; checkMs: number | null; pauseMs: number | null; patternOk: boolean | null }
+interface Guest {
+  name: string;
+  kind: 'pattern' | 'linux';
+  memoryMiB: number;
+  host: string;
+  churn?: boolean;
+}
+interface Round {
+  i: number;
+  guest: string;
+  from: string;
+  to: string;
+  warm: boolean;
+  loss: boolean;
+  outcome: string;
+  error?: string;
+  repairedBytes: number | null;
+  checkedBytes: number | null;
+  checkMs: number | null;
+  pauseMs: number | null;
+  patternOk: boolean | null;
+}
 
 const DROP = ['INPUT', '-m', 'statistic', '--mode', 'random', '--probability', '0.2', '-j', 'DROP'];
-const iptables = (host: string, op: '-I' | '-D'): void => { execFileSync('ip', ['netns', 'exec', `ferry-${host}`, 'iptables', op, ...DROP], { stdio: 'ignore' }); };
+const iptables = (host: string, op: '-I' | '-D'): void => {
+  execFileSync('ip', ['netns', 'exec', `ferry-${host}`, 'iptables', op, ...DROP], { stdio: 'ignore' });
+};
 
 async function create(g: Guest): Promise<void> {
   await createGuest(g.kind, g.name, g.host, g.memoryMiB);
@@ -60,7 +82,10 @@ async function main(): Promise<void> {
   const rounds: Round[] = [];
   const t0 = Date.now();
   try {
-    for (const g of guests) { await create(g); await ok(['-H', g.host, 'pause', g.name]); }
+    for (const g of guests) {
+      await create(g);
+      await ok(['-H', g.host, 'pause', g.name]);
+    }
     const patternRounds = new Map<string, number>();
     for (let i = 0; i < ROUNDS; i++) {
       const g = guests[i % guests.length];
@@ -71,11 +96,30 @@ async function main(): Promise<void> {
       const loss = i % 4 === 3;
       await ok(['-H', g.host, 'unpause', g.name]);
       await sleep(g.churn ? 2000 : 500);
-      if (warm) for (let k = 0; k < 6; k++) await ferry(['-H', g.host, 'migrate', g.name, to, '--live', '--bandwidth', '8', '--timeout', '1', '--json']);
+      if (warm)
+        for (let k = 0; k < 6; k++)
+          await ferry(['-H', g.host, 'migrate', g.name, to, '--live', '--bandwidth', '8', '--timeout', '1', '--json']);
       if (loss) iptables(to, '-I');
-      const lossOff = loss ? setTimeout(() => { try { iptables(to, '-D'); } catch { /* already */ } }, 4000) : undefined;
-      const r = await ferry(['-H', g.host, 'migrate', g.name, to, '--live', '--verify-memory', '--timeout', '120', '--json'], { timeoutMs: 300000 });
-      if (lossOff) { clearTimeout(lossOff); try { iptables(to, '-D'); } catch { /* removed by the timer */ } }
+      const lossOff = loss
+        ? setTimeout(() => {
+            try {
+              iptables(to, '-D');
+            } catch {
+              /* already */
+            }
+          }, 4000)
+        : undefined;
+      const r = await ferry(['-H', g.host, 'migrate', g.name, to, '--live', '--verify-memory', '--timeout', '120', '--json'], {
+        timeoutMs: 300000,
+      });
+      if (lossOff) {
+        clearTimeout(lossOff);
+        try {
+          iptables(to, '-D');
+        } catch {
+          /* removed by the timer */
+        }
+      }
       const rep = r.json ?? {};
       const from = g.host;
       if (rep.outcome === 'succeeded') g.host = to;
@@ -83,11 +127,25 @@ async function main(): Promise<void> {
       if (g.kind === 'pattern') patternOk = (await ferry(['lab', 'verify', g.name, '--json'])).json?.ok === true;
       await ferry(['-H', g.host, 'pause', g.name]);
       const round: Round = {
-        i, guest: g.name, from, to, warm, loss, outcome: rep.outcome ?? 'failed', ...(rep.error ? { error: rep.error.code } : {}),
-        repairedBytes: rep.memoryCheck?.repairedBytes ?? null, checkedBytes: rep.memoryCheck?.bytes ?? null, checkMs: rep.memoryCheck?.ms ?? null, pauseMs: rep.pauseMs ?? null, patternOk,
+        i,
+        guest: g.name,
+        from,
+        to,
+        warm,
+        loss,
+        outcome: rep.outcome ?? 'failed',
+        ...(rep.error ? { error: rep.error.code } : {}),
+        repairedBytes: rep.memoryCheck?.repairedBytes ?? null,
+        checkedBytes: rep.memoryCheck?.bytes ?? null,
+        checkMs: rep.memoryCheck?.ms ?? null,
+        pauseMs: rep.pauseMs ?? null,
+        patternOk,
       };
       rounds.push(round);
-      if (tty) process.stderr.write(`\r  ${i + 1}/${ROUNDS} moves; repaired so far: ${rounds.reduce((a, x) => a + (x.repairedBytes ?? 0), 0)} bytes; failed: ${rounds.filter((x) => x.outcome !== 'succeeded').length}   `);
+      if (tty)
+        process.stderr.write(
+          `\r  ${i + 1}/${ROUNDS} moves; repaired so far: ${rounds.reduce((a, x) => a + (x.repairedBytes ?? 0), 0)} bytes; failed: ${rounds.filter((x) => x.outcome !== 'succeeded').length}   `,
+        );
       else process.stderr.write(`${JSON.stringify(round)}\n`);
     }
     if (tty) process.stderr.write('\n');
@@ -98,25 +156,53 @@ async function main(): Promise<void> {
   const checked = moved.filter((r) => r.checkedBytes !== null);
   const repaired = checked.filter((r) => (r.repairedBytes ?? 0) > 0);
   const patternBad = rounds.filter((r) => r.patternOk === false);
-  const by = (f: (r: Round) => boolean): string => { const rs = rounds.filter(f); return `${rs.filter((r) => r.outcome === 'succeeded' && r.checkedBytes !== null).length}/${rs.length}`; };
+  const by = (f: (r: Round) => boolean): string => {
+    const rs = rounds.filter(f);
+    return `${rs.filter((r) => r.outcome === 'succeeded' && r.checkedBytes !== null).length}/${rs.length}`;
+  };
   const checkMs = checked.map((r) => r.checkMs!).sort((a, b) => a - b);
-  const out = { date: new Date().toISOString(), engine: info.qemuVersion, accel: info.accel, minutes: +((Date.now() - t0) / 60000).toFixed(1), rounds: ROUNDS, moved: moved.length, checked: checked.length, repairedMoves: repaired.length, repairedBytes: repaired.reduce((a, r) => a + (r.repairedBytes ?? 0), 0), patternInconsistent: patternBad.length, results: rounds };
+  const out = {
+    date: new Date().toISOString(),
+    engine: info.qemuVersion,
+    accel: info.accel,
+    minutes: +((Date.now() - t0) / 60000).toFixed(1),
+    rounds: ROUNDS,
+    moved: moved.length,
+    checked: checked.length,
+    repairedMoves: repaired.length,
+    repairedBytes: repaired.reduce((a, r) => a + (r.repairedBytes ?? 0), 0),
+    patternInconsistent: patternBad.length,
+    results: rounds,
+  };
   fs.writeFileSync(path.join(ROOT, 'reliability', 'verify-engine.json'), JSON.stringify(out, null, 2) + '\n');
   const md = [
-    '## The engine loses no guest RAM (QEMU 10)', '',
-    `Written by \`npm run verify-engine\` on ${out.date.slice(0, 10)} (${out.minutes} min): **${ROUNDS} live migrations on QEMU ${out.engine} under ${String(out.accel).toUpperCase()}, every one with \`--verify-memory\`**: both paused copies of guest RAM compared chunk by chunk (SHA-256) before the destination ran. The check is the one that found QEMU 7.2's stale pages (below); here any difference would have been counted and rewritten.`, '',
+    '## The engine loses no guest RAM (QEMU 10)',
+    '',
+    `Written by \`npm run verify-engine\` on ${out.date.slice(0, 10)} (${out.minutes} min): **${ROUNDS} live migrations on QEMU ${out.engine} under ${String(out.accel).toUpperCase()}, every one with \`--verify-memory\`**: both paused copies of guest RAM compared chunk by chunk (SHA-256) before the destination ran. The check is the one that found QEMU 7.2's stale pages (below); here any difference would have been counted and rewritten.`,
+    '',
     `- moved and checked: **${checked.length}/${ROUNDS}**; RAM that arrived different: **${repaired.length} moves, ${out.repairedBytes} bytes**`,
     `- by guest (checked/rounds): pattern 128 MiB ${by((r) => r.guest === 'vpat')}, pattern 512 MiB ${by((r) => r.guest === 'vbig')}, Linux 256 MiB idle ${by((r) => r.guest === 'vidle')}, Linux 256 MiB rewriting 48 MiB ${by((r) => r.guest === 'vchurn')}`,
     `- after six started-and-cancelled migrations (the \`--warm\` trick that made 7.2 lose pages): ${by((r) => r.warm)}; under 20% packet loss for the first 4 s: ${by((r) => r.loss)}`,
     `- the pattern checker after each pattern move: ${rounds.filter((r) => r.patternOk === true).length} consistent, ${patternBad.length} inconsistent`,
     `- the check's own time (part of the pause; README "Memory check"): ${checkMs.length ? `median ${checkMs[Math.floor(checkMs.length / 2)]} ms (${checkMs[0]}–${checkMs[checkMs.length - 1]})` : '-'}`,
-    ...(rounds.some((r) => r.outcome !== 'succeeded') ? [`- moves that did not complete (the domain stayed on its source): ${rounds.filter((r) => r.outcome !== 'succeeded').map((r) => `round ${r.i} ${r.guest} ${r.error ?? r.outcome}`).join('; ')}`] : []),
-    '', 'Every round is in `reliability/verify-engine.json`.', '',
+    ...(rounds.some((r) => r.outcome !== 'succeeded')
+      ? [
+          `- moves that did not complete (the domain stayed on its source): ${rounds
+            .filter((r) => r.outcome !== 'succeeded')
+            .map((r) => `round ${r.i} ${r.guest} ${r.error ?? r.outcome}`)
+            .join('; ')}`,
+        ]
+      : []),
+    '',
+    'Every round is in `reliability/verify-engine.json`.',
+    '',
   ].join('\n');
   const relPath = path.join(ROOT, 'RELIABILITY.md');
   let rel = fs.readFileSync(relPath, 'utf8');
   const head = '## The engine loses no guest RAM (QEMU 10)';
-  rel = rel.includes(head) ? rel.replace(/## The engine loses no guest RAM \(QEMU 10\)[\s\S]*?(?=\n## |$)/, md) : rel.replace(/\n## /, `\n${md}\n## `);
+  rel = rel.includes(head)
+    ? rel.replace(/## The engine loses no guest RAM \(QEMU 10\)[\s\S]*?(?=\n## |$)/, md)
+    : rel.replace(/\n## /, `\n${md}\n## `);
   fs.writeFileSync(relPath, rel);
   process.stdout.write(md + '\n');
   if (repaired.length || patternBad.length) process.exitCode = 1;

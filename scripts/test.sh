@@ -17,5 +17,11 @@ files=("${unit[@]}" "${e2e[@]}")
 [ ${#files[@]} -gt 0 ] || { echo "test: no test files found" >&2; exit 1; }
 echo "test: ${#unit[@]} unit files, ${#e2e[@]} end-to-end files"
 npx tsc --noEmit -p .
+# The static checks: formatting (prettier), lint with the shape limits (typescript-eslint:
+# max-params, max-lines-per-function), and unused files, exports and dependencies (knip).
+npm run -s format:check
+npm run -s lint
+npm run -s unused
+echo "test: types, format, lint and unused exports checked"
 # The e2e files share one lab (namespaces are global), so files run one at a time.
 exec node --import tsx --test --test-concurrency=1 --test-reporter=spec "${files[@]}"

@@ -14,9 +14,12 @@ const SRC = path.dirname(fileURLToPath(import.meta.url));
 
 /** Higher imports lower (or its own folder), never the other way. */
 const LAYER: Record<string, number> = {
-  '.': 0, util: 0, // errors.ts, version.ts, helpers
+  '.': 0,
+  util: 0, // errors.ts, version.ts, helpers
   domain: 1, // the model: configs, states
-  api: 2, tls: 2, qmp: 2, // the wire contracts: the API's types and client, certificates, QMP
+  api: 2,
+  tls: 2,
+  qmp: 2, // the wire contracts: the API's types and client, certificates, QMP
   qemu: 3,
   migration: 4,
   daemon: 5,
@@ -39,7 +42,8 @@ function sources(dir: string): string[] {
 function importsOf(file: string): string[] {
   const text = fs.readFileSync(file, 'utf8');
   const out: string[] = [];
-  for (const m of text.matchAll(/(?:^|\n)\s*(?:import|export)\s[^;]*?from\s+'(\.[^']+)'/g)) out.push(path.resolve(path.dirname(file), m[1]));
+  for (const m of text.matchAll(/(?:^|\n)\s*(?:import|export)\s[^;]*?from\s+'(\.[^']+)'/g))
+    out.push(path.resolve(path.dirname(file), m[1]));
   for (const m of text.matchAll(/import\(\s*'(\.[^']+)'\s*\)/g)) out.push(path.resolve(path.dirname(file), m[1]));
   return out;
 }
@@ -58,8 +62,10 @@ test('every source folder has a layer', () => {
 function upward(edges: [string, string][]): string[] {
   const out: string[] = [];
   for (const [f, t] of edges) {
-    const from = folderOf(f), to = folderOf(t);
-    if (from !== to && LAYER[to] !== 0 && LAYER[to] >= LAYER[from]) out.push(`${path.relative(SRC, f)} → ${path.relative(SRC, t)} (${from} ${LAYER[from]} → ${to} ${LAYER[to]})`);
+    const from = folderOf(f),
+      to = folderOf(t);
+    if (from !== to && LAYER[to] !== 0 && LAYER[to] >= LAYER[from])
+      out.push(`${path.relative(SRC, f)} → ${path.relative(SRC, t)} (${from} ${LAYER[from]} → ${to} ${LAYER[to]})`);
   }
   return out;
 }
@@ -70,7 +76,10 @@ function cycles(graph: Map<string, string[]>): string[] {
   const found: string[] = [];
   const visit = (f: string, trail: string[]): void => {
     if (state.get(f) === 'done') return;
-    if (state.get(f) === 'open') { found.push([...trail.slice(trail.indexOf(f)), f].map((x) => path.relative(SRC, x)).join(' → ')); return; }
+    if (state.get(f) === 'open') {
+      found.push([...trail.slice(trail.indexOf(f)), f].map((x) => path.relative(SRC, x)).join(' → '));
+      return;
+    }
     state.set(f, 'open');
     for (const t of graph.get(f) ?? []) visit(t, [...trail, f]);
     state.set(f, 'done');
@@ -92,8 +101,15 @@ test('no import cycle between source files', () => {
 
 test('test doubles (testing/, except the pattern checker) are imported by tests only', () => {
   const doubles = (t: string): boolean => folderOf(t) === 'testing' && path.basename(t) !== 'checker.ts';
-  const edges = sources(SRC).flatMap((f) => importsOf(f).filter(doubles).map((t) => `${path.relative(SRC, f)} → ${path.relative(SRC, t)}`));
-  assert.deepEqual(edges.filter((e) => !e.startsWith('testing/')), []);
+  const edges = sources(SRC).flatMap((f) =>
+    importsOf(f)
+      .filter(doubles)
+      .map((t) => `${path.relative(SRC, f)} → ${path.relative(SRC, t)}`),
+  );
+  assert.deepEqual(
+    edges.filter((e) => !e.startsWith('testing/')),
+    [],
+  );
   assert.ok(fs.existsSync(path.join(SRC, 'testing', 'fakes.ts')), 'the doubles live in src/testing/');
 });
 
@@ -101,6 +117,21 @@ test('the rules catch what they are for: an upward import, a sideways one, a cyc
   const f = (rel: string): string => path.join(SRC, rel);
   assert.equal(upward([[f('qemu/argv.ts'), f('daemon/host.ts')]]).length, 1);
   assert.equal(upward([[f('qmp/client.ts'), f('api/protocol.ts')]]).length, 1);
-  assert.equal(upward([[f('daemon/host.ts'), f('qemu/argv.ts')], [f('qemu/argv.ts'), f('errors.ts')]]).length, 0);
-  assert.deepEqual(cycles(new Map([[f('a.ts'), [f('b.ts')]], [f('b.ts'), [f('c.ts')]], [f('c.ts'), [f('a.ts')]]])), ['a.ts → b.ts → c.ts → a.ts']);
+  assert.equal(
+    upward([
+      [f('daemon/host.ts'), f('qemu/argv.ts')],
+      [f('qemu/argv.ts'), f('errors.ts')],
+    ]).length,
+    0,
+  );
+  assert.deepEqual(
+    cycles(
+      new Map([
+        [f('a.ts'), [f('b.ts')]],
+        [f('b.ts'), [f('c.ts')]],
+        [f('c.ts'), [f('a.ts')]],
+      ]),
+    ),
+    ['a.ts → b.ts → c.ts → a.ts'],
+  );
 });

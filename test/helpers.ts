@@ -12,7 +12,12 @@ import { fileURLToPath } from 'node:url';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const FERRY = path.join(ROOT, 'bin', 'ferry.mjs');
 
-export interface Run { code: number; stdout: string; stderr: string; json: any }
+export interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+  json: any;
+}
 
 /** Runs `ferry ARGS` to completion. */
 export function ferry(args: string[], opts: { input?: string; timeoutMs?: number; env?: Record<string, string> } = {}): Promise<Run> {
@@ -20,16 +25,25 @@ export function ferry(args: string[], opts: { input?: string; timeoutMs?: number
     const child = spawn(process.execPath, [FERRY, ...args], { env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d) => { stdout += d; });
-    child.stderr.on('data', (d) => { stderr += d; });
+    child.stdout.on('data', (d) => {
+      stdout += d;
+    });
+    child.stderr.on('data', (d) => {
+      stderr += d;
+    });
     const t = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120000);
     child.on('close', (code) => {
       clearTimeout(t);
       let json: any;
-      try { json = JSON.parse(stdout); } catch { json = undefined; }
+      try {
+        json = JSON.parse(stdout);
+      } catch {
+        json = undefined;
+      }
       resolve({ code: code ?? -1, stdout, stderr, json });
     });
-    if (opts.input !== undefined) child.stdin.end(opts.input); else child.stdin.end();
+    if (opts.input !== undefined) child.stdin.end(opts.input);
+    else child.stdin.end();
   });
 }
 
@@ -65,7 +79,9 @@ export async function labDown(): Promise<void> {
 
 // Every test file's scratch files go when its process ends, passed or failed.
 const scratch: string[] = [];
-process.on('exit', () => { for (const d of scratch) fs.rmSync(d, { recursive: true, force: true }); });
+process.on('exit', () => {
+  for (const d of scratch) fs.rmSync(d, { recursive: true, force: true });
+});
 
 export function tmpFile(name: string, content: unknown): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-test-'));
@@ -82,7 +98,9 @@ export async function waitFor<T>(what: string, fn: () => T | Promise<T>, timeout
     try {
       const v = await fn();
       if (v) return v as NonNullable<T>;
-    } catch (e) { last = e; }
+    } catch (e) {
+      last = e;
+    }
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ''}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
@@ -90,18 +108,27 @@ export async function waitFor<T>(what: string, fn: () => T | Promise<T>, timeout
 
 /** Domain `name`'s console log on lab host `host`. */
 export function consoleLog(host: string, name: string): string {
-  try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/run/${name}/console.log`, 'utf8'); } catch { return ''; }
+  try {
+    return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/run/${name}/console.log`, 'utf8');
+  } catch {
+    return '';
+  }
 }
 
 /** A shell line for the Linux guest: rewrites 48 MiB of tmpfs in a loop (the bench's and verify-engine's busy guest). */
-export const CHURN_48MIB = 'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &';
+export const CHURN_48MIB =
+  'mount -t tmpfs -o size=64m tmpfs /mnt 2>/dev/null; while :; do dd if=/dev/urandom of=/mnt/blob bs=1M count=48 conv=notrunc 2>/dev/null; done &';
 
 /** Creates a lab guest on a host from `ferry lab guest` and waits for its ready line. */
 export async function createGuest(kind: 'linux' | 'pattern', name: string, host: string, memoryMiB?: number): Promise<any> {
   const cfg = await ok(['lab', 'guest', kind, name, '--json', ...(memoryMiB ? ['--memory', String(memoryMiB)] : [])]);
   const f = tmpFile(`${name}.json`, cfg);
   await ok(['-H', host, 'create', f, '--json']);
-  await waitFor(`${name} ready`, () => consoleLog(host, name).includes(kind === 'linux' ? 'ferry-linux ready' : 'ferry-pattern ready'), 60000);
+  await waitFor(
+    `${name} ready`,
+    () => consoleLog(host, name).includes(kind === 'linux' ? 'ferry-linux ready' : 'ferry-pattern ready'),
+    60000,
+  );
   if (kind === 'linux') await new Promise((r) => setTimeout(r, 300));
   return cfg;
 }
@@ -121,19 +148,33 @@ export function guestStatus(ip: string): { uptime: number; bootId: string; count
 
 /** Starts a held-open TCP echo client in the client namespace (see tools/echo-client.mjs). */
 export function echoClient(ip: string, intervalMs = 10): { child: ChildProcess; stats: () => Promise<any>; lines: string[] } {
-  const child = spawn('ip', ['netns', 'exec', 'ferry-client', process.execPath, path.join(ROOT, 'test', 'tools', 'echo-client.mjs'), ip, String(intervalMs)], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(
+    'ip',
+    ['netns', 'exec', 'ferry-client', process.execPath, path.join(ROOT, 'test', 'tools', 'echo-client.mjs'), ip, String(intervalMs)],
+    { stdio: ['pipe', 'pipe', 'pipe'] },
+  );
   const lines: string[] = [];
   let buf = '';
-  child.stdout!.on('data', (d) => { buf += d; let i; while ((i = buf.indexOf('\n')) >= 0) { lines.push(buf.slice(0, i)); buf = buf.slice(i + 1); } });
+  child.stdout!.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      lines.push(buf.slice(0, i));
+      buf = buf.slice(i + 1);
+    }
+  });
   return {
-    child, lines,
-    stats: () => new Promise((resolve, reject) => {
-      child.once('close', () => {
-        const last = lines.filter((l) => l.startsWith('{')).pop();
-        if (!last) reject(new Error('echo client printed no result')); else resolve(JSON.parse(last));
-      });
-      child.stdin!.end();
-    }),
+    child,
+    lines,
+    stats: () =>
+      new Promise((resolve, reject) => {
+        child.once('close', () => {
+          const last = lines.filter((l) => l.startsWith('{')).pop();
+          if (!last) reject(new Error('echo client printed no result'));
+          else resolve(JSON.parse(last));
+        });
+        child.stdin!.end();
+      }),
   };
 }
 
@@ -151,7 +192,11 @@ export async function echoWhole(echo: ReturnType<typeof echoClient>): Promise<an
 }
 
 export function domainRecord(host: string, name: string): any {
-  try { return JSON.parse(fs.readFileSync(`/var/lib/ferry-lab/${host}/state/domains/${name}.json`, 'utf8')); } catch { return undefined; }
+  try {
+    return JSON.parse(fs.readFileSync(`/var/lib/ferry-lab/${host}/state/domains/${name}.json`, 'utf8'));
+  } catch {
+    return undefined;
+  }
 }
 
 /** The same liveness test ferryd uses (a zombie is not alive). */
@@ -168,12 +213,24 @@ export async function reconfigure(host: string, patch: (cfg: any) => void): Prom
 
 /** Runs test/tools/tls-call.mjs inside a lab namespace. */
 export function tlsCall(ns: string, addr: string, certDir: string, request?: unknown, servername = ''): any {
-  const r = inNs(ns, [process.execPath, path.join(ROOT, 'test', 'tools', 'tls-call.mjs'), addr, '8002', certDir, servername, ...(request ? [JSON.stringify(request)] : [])]);
+  const r = inNs(ns, [
+    process.execPath,
+    path.join(ROOT, 'test', 'tools', 'tls-call.mjs'),
+    addr,
+    '8002',
+    certDir,
+    servername,
+    ...(request ? [JSON.stringify(request)] : []),
+  ]);
   return JSON.parse(r.stdout);
 }
 
 export function ferrydLog(host: string): string {
-  try { return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/ferryd.log`, 'utf8'); } catch { return ''; }
+  try {
+    return fs.readFileSync(`/var/lib/ferry-lab/${host}/state/ferryd.log`, 'utf8');
+  } catch {
+    return '';
+  }
 }
 
 /** A pattern guest still runs on `host`, in the same QEMU, with its memory consistent. */
@@ -190,9 +247,21 @@ export async function hostClean(host: string, name: string): Promise<void> {
   const hi = await ok(['-H', host, 'host', 'info', '--json']);
   assert.equal(hi.memory.reservedMiB, 0, `no reservation on ${host}`);
   assert.equal(hi.memory.usedMiB, 0, `no memory used on ${host}`);
-  const pids = spawnSync('ip', ['netns', 'pids', `ferry-${host}`]).stdout.toString().split('\n').map(Number).filter(Boolean);
-  const qemus = pids.filter((p) => { try { return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('qemu-system'); } catch { return false; } });
+  const pids = spawnSync('ip', ['netns', 'pids', `ferry-${host}`])
+    .stdout.toString()
+    .split('\n')
+    .map(Number)
+    .filter(Boolean);
+  const qemus = pids.filter((p) => {
+    try {
+      return fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('qemu-system');
+    } catch {
+      return false;
+    }
+  });
   assert.deepEqual(qemus, [], `no QEMU on ${host}`);
-  const taps = inNs(host, ['ip', '-br', 'link']).stdout.split('\n').filter((l) => l.startsWith('ft'));
+  const taps = inNs(host, ['ip', '-br', 'link'])
+    .stdout.split('\n')
+    .filter((l) => l.startsWith('ft'));
   assert.deepEqual(taps, [], `no tap left on ${host}`);
 }

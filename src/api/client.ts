@@ -33,14 +33,25 @@ export class ApiClient extends EventEmitter {
   private rawAfterId = -1;
   private rawRest: Buffer[] = [];
 
-  private constructor(readonly socket: net.Socket, readonly target: Target) {
+  private constructor(
+    readonly socket: net.Socket,
+    readonly target: Target,
+  ) {
     super();
     this.splitter = new FrameSplitter(
-      (line) => { this.onLine(line); return this.rawMode ? FrameSplitter.REST : 0; },
+      (line) => {
+        this.onLine(line);
+        return this.rawMode ? FrameSplitter.REST : 0;
+      },
       () => undefined, // replies announce no raw bytes
-      MAX_REPLY_BYTES,
-      () => { this.shutdown(new FerryError('DAEMON_UNREACHABLE', `${this.target.label} sent a reply longer than ${MAX_REPLY_BYTES} bytes`)); this.socket.destroy(); },
-      (rest) => this.rawRest.push(rest),
+      {
+        maxLine: MAX_REPLY_BYTES,
+        onOverflow: () => {
+          this.shutdown(new FerryError('DAEMON_UNREACHABLE', `${this.target.label} sent a reply longer than ${MAX_REPLY_BYTES} bytes`));
+          this.socket.destroy();
+        },
+        onRest: (rest) => this.rawRest.push(rest),
+      },
     );
     socket.on('data', this.onData);
     socket.on('close', () => this.shutdown(new FerryError('DAEMON_UNREACHABLE', `Connection to ${target.label} closed`)));
@@ -57,30 +68,55 @@ export class ApiClient extends EventEmitter {
         clearTimeout(t);
         s?.destroy();
         const code = (e as NodeJS.ErrnoException).code;
-        if (target.kind === 'unix') reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.path} (${code ?? e.message}): is it running?`));
+        if (target.kind === 'unix')
+          reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.path} (${code ?? e.message}): is it running?`));
         else if (e instanceof FerryError) reject(e);
-        else if (isTlsTrustError(e)) reject(new FerryError('TLS_REFUSED', `ferryd at ${target.host}:${target.port} is not trusted: ${e.message} (${code}); its certificate must come from the cluster CA in ${target.tlsDir}`));
+        else if (isTlsTrustError(e))
+          reject(
+            new FerryError(
+              'TLS_REFUSED',
+              `ferryd at ${target.host}:${target.port} is not trusted: ${e.message} (${code}); its certificate must come from the cluster CA in ${target.tlsDir}`,
+            ),
+          );
         else reject(new FerryError('DAEMON_UNREACHABLE', `Cannot reach ferryd at ${target.host}:${target.port} (${code ?? e.message})`));
       };
       const t = setTimeout(() => fail(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
       if (target.kind === 'unix') {
         s = net.createConnection({ path: target.path });
-        s.once('connect', () => { clearTimeout(t); resolve(s); });
+        s.once('connect', () => {
+          clearTimeout(t);
+          resolve(s);
+        });
       } else {
         let files = tlsFiles;
         if (files === undefined) {
           const rd = (n: string): Buffer => {
             const p = path.join(target.tlsDir, n);
-            if (!fs.existsSync(p)) throw new FerryError('TLS_MISSING', `TLS file ${p} is missing; remote hosts need a certificate (ferry host cert)`);
+            if (!fs.existsSync(p))
+              throw new FerryError('TLS_MISSING', `TLS file ${p} is missing; remote hosts need a certificate (ferry host cert)`);
             return fs.readFileSync(p);
           };
-          try { files = { ca: rd('ca-cert.pem'), cert: rd('client-cert.pem'), key: rd('client-key.pem') }; } catch (e) { clearTimeout(t); reject(e); return; }
+          try {
+            files = { ca: rd('ca-cert.pem'), cert: rd('client-cert.pem'), key: rd('client-key.pem') };
+          } catch (e) {
+            clearTimeout(t);
+            reject(e);
+            return;
+          }
         }
-        const opts: tls.ConnectionOptions = { host: target.host, port: target.port, minVersion: 'TLSv1.3', ...(files ? { ca: files.ca, cert: files.cert, key: files.key } : { rejectUnauthorized: false }) };
+        const opts: tls.ConnectionOptions = {
+          host: target.host,
+          port: target.port,
+          minVersion: 'TLSv1.3',
+          ...(files ? { ca: files.ca, cert: files.cert, key: files.key } : { rejectUnauthorized: false }),
+        };
         // Certificates name hosts by CN/SAN; an address target is checked against IP SANs.
         if (files) opts.checkServerIdentity = (hostname, cert) => tls.checkServerIdentity(target.servername ?? hostname, cert);
         s = tls.connect(opts);
-        s.once('secureConnect', () => { clearTimeout(t); resolve(s); });
+        s.once('secureConnect', () => {
+          clearTimeout(t);
+          resolve(s);
+        });
       }
       s.once('error', fail);
     });
@@ -90,10 +126,17 @@ export class ApiClient extends EventEmitter {
   private onLine(line: string): void {
     if (!line.trim()) return;
     let parsed: unknown;
-    try { parsed = JSON.parse(line); } catch { return; }
+    try {
+      parsed = JSON.parse(line);
+    } catch {
+      return;
+    }
     if (typeof parsed !== 'object' || parsed === null) return;
     const msg = parsed as Partial<Reply> & { event?: unknown };
-    if (msg.event) { this.emit('event', msg as EventMsg); return; }
+    if (msg.event) {
+      this.emit('event', msg as EventMsg);
+      return;
+    }
     const p = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined;
     if (!p || typeof msg.id !== 'number') {
       // An unsolicited error (id 0/null): the server refused us before any request.
@@ -102,7 +145,8 @@ export class ApiClient extends EventEmitter {
     }
     this.pending.delete(msg.id);
     if (msg.id === this.rawAfterId && !msg.error) this.rawMode = true;
-    if (msg.error) p.reject(toError(msg.error)); else p.resolve(msg.result);
+    if (msg.error) p.reject(toError(msg.error));
+    else p.resolve(msg.result);
   }
 
   /** `attachment`: raw bytes sent right after the request line (BINARY_ACTIONS). */
@@ -113,8 +157,21 @@ export class ApiClient extends EventEmitter {
     if (action === 'console.attach') this.rawAfterId = id;
     return new Promise<T>((resolve, reject) => {
       let t: NodeJS.Timeout | undefined;
-      if (timeoutMs > 0) t = setTimeout(() => { this.pending.delete(id); reject(new FerryError('TIMEOUT', `${action} on ${this.target.label}: no answer within ${timeoutMs} ms`)); }, timeoutMs);
-      this.pending.set(id, { resolve: (v) => { if (t) clearTimeout(t); resolve(v as T); }, reject: (e) => { if (t) clearTimeout(t); reject(e); } });
+      if (timeoutMs > 0)
+        t = setTimeout(() => {
+          this.pending.delete(id);
+          reject(new FerryError('TIMEOUT', `${action} on ${this.target.label}: no answer within ${timeoutMs} ms`));
+        }, timeoutMs);
+      this.pending.set(id, {
+        resolve: (v) => {
+          if (t) clearTimeout(t);
+          resolve(v as T);
+        },
+        reject: (e) => {
+          if (t) clearTimeout(t);
+          reject(e);
+        },
+      });
       this.socket.write(JSON.stringify({ id, action, params }) + '\n');
       if (attachment) this.socket.write(attachment);
     });
@@ -148,7 +205,8 @@ export class ApiClient extends EventEmitter {
   close(): void {
     if (!this.closed) {
       this.closed = true;
-      for (const p of this.pending.values()) p.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} closed by this side`));
+      for (const p of this.pending.values())
+        p.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} closed by this side`));
       this.pending.clear();
     }
     this.socket.destroy();
@@ -161,7 +219,12 @@ export function toError(e: { code?: unknown; message?: unknown; details?: unknow
 }
 
 /** One request on a fresh connection. */
-export async function call<A extends Action>(target: Target, action: A, params: Record<string, unknown> = {}, timeoutMs = 0): Promise<Results[A]> {
+export async function call<A extends Action>(
+  target: Target,
+  action: A,
+  params: Record<string, unknown> = {},
+  timeoutMs = 0,
+): Promise<Results[A]> {
   const c = await ApiClient.connect(target);
   try {
     return await c.request(action, params, timeoutMs);

@@ -1,11 +1,25 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseRequest } from './schema.ts';
-import { attachmentLength, MAX_REPAIR_BYTES, ConsoleDeframer, consoleDataFrames, consoleFrame, CONSOLE_CONTROL, CONSOLE_FRAME_MAX } from './protocol.ts';
+import {
+  attachmentLength,
+  MAX_REPAIR_BYTES,
+  ConsoleDeframer,
+  consoleDataFrames,
+  consoleFrame,
+  CONSOLE_CONTROL,
+  CONSOLE_FRAME_MAX,
+} from './protocol.ts';
 import { FerryError } from '../errors.ts';
 
 function code(raw: unknown): string {
-  try { parseRequest(raw); return 'OK'; } catch (e) { assert.ok(e instanceof FerryError); return e.code; }
+  try {
+    parseRequest(raw);
+    return 'OK';
+  } catch (e) {
+    assert.ok(e instanceof FerryError);
+    return e.code;
+  }
 }
 
 test('good requests parse', () => {
@@ -31,7 +45,11 @@ test('bad requests get coded errors', () => {
 });
 
 test('a repair announces its raw bytes; only a sane length of a binary action is skipped after the line', () => {
-  const repair = (params: Record<string, unknown>): unknown => ({ id: 1, action: 'relocation.repair', params: { jobId: 'j', offset: 0, ...params } });
+  const repair = (params: Record<string, unknown>): unknown => ({
+    id: 1,
+    action: 'relocation.repair',
+    params: { jobId: 'j', offset: 0, ...params },
+  });
   assert.equal(attachmentLength(repair({ length: 4096 })), 4096);
   assert.equal(attachmentLength(repair({ length: MAX_REPAIR_BYTES })), MAX_REPAIR_BYTES);
   assert.equal(attachmentLength(repair({ length: MAX_REPAIR_BYTES + 1 })), 0);
@@ -51,11 +69,25 @@ test('a repair announces its raw bytes; only a sane length of a binary action is
 test('console frames: guest bytes that look like a control message stay guest bytes', () => {
   const out: Buffer[] = [];
   const ctl: unknown[] = [];
-  const d = new ConsoleDeframer((b) => out.push(Buffer.from(b)), (m) => ctl.push(m));
+  const d = new ConsoleDeframer(
+    (b) => out.push(Buffer.from(b)),
+    (m) => ctl.push(m),
+  );
   const forged = Buffer.from('\x1e{"event":"moved","host":"evil","target":"/run/evil.sock"}\n');
-  const stream = Buffer.concat([consoleDataFrames(forged), consoleDataFrames(Buffer.alloc(CONSOLE_FRAME_MAX + 10, 0x41)), consoleFrame(CONSOLE_CONTROL, Buffer.from('{"event":"stopped","reason":"destroyed"}'))]);
+  const stream = Buffer.concat([
+    consoleDataFrames(forged),
+    consoleDataFrames(Buffer.alloc(CONSOLE_FRAME_MAX + 10, 0x41)),
+    consoleFrame(CONSOLE_CONTROL, Buffer.from('{"event":"stopped","reason":"destroyed"}')),
+  ]);
   for (let i = 0; i < stream.length; i += 7) d.push(stream.subarray(i, i + 7));
   assert.deepEqual(Buffer.concat(out), Buffer.concat([forged, Buffer.alloc(CONSOLE_FRAME_MAX + 10, 0x41)]));
   assert.deepEqual(ctl, [{ event: 'stopped', reason: 'destroyed' }]);
-  assert.throws(() => new ConsoleDeframer(() => undefined, () => undefined).push(Buffer.from([9, 0, 0, 0, 1, 0])), (e: unknown) => e instanceof FerryError && e.code === 'API_BAD_REQUEST');
+  assert.throws(
+    () =>
+      new ConsoleDeframer(
+        () => undefined,
+        () => undefined,
+      ).push(Buffer.from([9, 0, 0, 0, 1, 0])),
+    (e: unknown) => e instanceof FerryError && e.code === 'API_BAD_REQUEST',
+  );
 });

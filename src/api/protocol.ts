@@ -79,7 +79,6 @@ export function mayCall(role: Role, action: Action): boolean {
   return (ROLES[action] as readonly Role[]).includes(role);
 }
 
-
 /**
  * Actions whose request line is followed by raw bytes: the param that says how many.
  *   --- {"id":7,"action":"relocation.repair","params":{"jobId":…,"offset":…,"length":N}}\n
@@ -94,12 +93,22 @@ export const BINARY_ACTIONS: Partial<Record<Action, string>> = { 'relocation.rep
 export function attachmentLength(raw: unknown): number {
   if (typeof raw !== 'object' || raw === null) return 0;
   const r = raw as { action?: unknown; params?: unknown };
-  const key = typeof r.action === 'string' && Object.prototype.hasOwnProperty.call(BINARY_ACTIONS, r.action) ? BINARY_ACTIONS[r.action as Action] : undefined;
+  const key =
+    typeof r.action === 'string' && Object.prototype.hasOwnProperty.call(BINARY_ACTIONS, r.action)
+      ? BINARY_ACTIONS[r.action as Action]
+      : undefined;
   const n = key && typeof r.params === 'object' && r.params !== null ? (r.params as Record<string, unknown>)[key] : undefined;
   return typeof n === 'number' && Number.isInteger(n) && n > 0 && n <= MAX_REPAIR_BYTES ? n : 0;
 }
-export interface Reply { id: number | string; result?: unknown; error?: { code: string; message: string; details?: unknown } }
-export interface EventMsg { event: string; data: unknown }
+export interface Reply {
+  id: number | string;
+  result?: unknown;
+  error?: { code: string; message: string; details?: unknown };
+}
+export interface EventMsg {
+  event: string;
+  data: unknown;
+}
 
 export const CONSOLE_DATA = 0;
 export const CONSOLE_CONTROL = 1;
@@ -124,18 +133,30 @@ export function consoleDataFrames(d: Buffer): Buffer {
 /** Reassembles console frames from a byte stream; refuses a frame type or length it does not know. */
 export class ConsoleDeframer {
   private buf: Buffer = Buffer.alloc(0);
-  constructor(private readonly onData: (b: Buffer) => void, private readonly onControl: (msg: unknown) => void) {}
+  constructor(
+    private readonly onData: (b: Buffer) => void,
+    private readonly onControl: (msg: unknown) => void,
+  ) {}
   push(d: Buffer): void {
     this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
     while (this.buf.length >= 5) {
       const type = this.buf[0];
       const len = this.buf.readUInt32BE(1);
-      if ((type !== CONSOLE_DATA && type !== CONSOLE_CONTROL) || len > CONSOLE_FRAME_MAX) throw new FerryError('API_BAD_REQUEST', `console stream: bad frame (type ${type}, ${len} bytes)`);
+      if ((type !== CONSOLE_DATA && type !== CONSOLE_CONTROL) || len > CONSOLE_FRAME_MAX)
+        throw new FerryError('API_BAD_REQUEST', `console stream: bad frame (type ${type}, ${len} bytes)`);
       if (this.buf.length < 5 + len) return;
       const payload = this.buf.subarray(5, 5 + len);
       this.buf = this.buf.subarray(5 + len);
       if (type === CONSOLE_DATA) this.onData(payload);
-      else { let m: unknown = null; try { m = JSON.parse(payload.toString('utf8')); } catch { /* ignored */ } this.onControl(m); }
+      else {
+        let m: unknown = null;
+        try {
+          m = JSON.parse(payload.toString('utf8'));
+        } catch {
+          /* ignored */
+        }
+        this.onControl(m);
+      }
     }
   }
 }
@@ -183,24 +204,59 @@ export interface Report {
   /** Post-copy: when it began (ms since the request) and how long the guest's memory lived on both hosts. */
   postcopy?: { startedAtMs: number; windowMs: number | null; recoveries?: number } | null;
   /** --copy-storage: each disk copied (from the source's path to the destination's), the bytes the mirror moved, and whether the source's copy was kept. */
-  storage?: { disks: { index: number; from: string; to: string | null }[]; copiedBytes: number; copyMs: number; sourceKept: boolean } | null;
+  storage?: {
+    disks: { index: number; from: string; to: string | null }[];
+    copiedBytes: number;
+    copyMs: number;
+    sourceKept: boolean;
+  } | null;
   error?: { code: string; message: string };
 }
 
 /** One strategy's predicted cost (migration/plan.ts); null where it never finishes. */
-export interface PredictionView { strategy: string; totalMs: number | null; pauseMs: number | null; bytes: number | null; passes: number; converges: boolean; fitsBudget: boolean; note: string }
+export interface PredictionView {
+  strategy: string;
+  totalMs: number | null;
+  pauseMs: number | null;
+  bytes: number | null;
+  passes: number;
+  converges: boolean;
+  fitsBudget: boolean;
+  note: string;
+}
 
 /** What `ferry migrate --plan` prints, and a live move's report keeps. */
 export interface PlanView {
-  domain: string; destination: string;
-  ramBytes: number; touchedBytes: number | null; dirtyRateMBps: number | null; dirtyRateFrom: string; linkMBps: number; linkFrom: string;
-  maxDowntimeMs: number; timeoutS: number; spareCores: number; postcopyAllowed: boolean; strategy: string; onTimeout: string;
-  pick: string; reason: string; predictions: PredictionView[];
+  domain: string;
+  destination: string;
+  ramBytes: number;
+  touchedBytes: number | null;
+  dirtyRateMBps: number | null;
+  dirtyRateFrom: string;
+  linkMBps: number;
+  linkFrom: string;
+  maxDowntimeMs: number;
+  timeoutS: number;
+  spareCores: number;
+  postcopyAllowed: boolean;
+  strategy: string;
+  onTimeout: string;
+  pick: string;
+  reason: string;
+  predictions: PredictionView[];
 }
 
 // ---- results the CLI reads (the daemon's handlers return these) ----
 
-export type DomainSummary = { name: string; uuid: string; id: number | null; memoryMiB: number; vcpus: number; state: string; cpuTime: number };
+export type DomainSummary = {
+  name: string;
+  uuid: string;
+  id: number | null;
+  memoryMiB: number;
+  vcpus: number;
+  state: string;
+  cpuTime: number;
+};
 
 export type DomainInfo = DomainSummary & {
   host: string;
@@ -214,10 +270,27 @@ export type DomainInfo = DomainSummary & {
 };
 
 export type HostInfo = {
-  name: string; arch: string; version: string; qemuVersion: string; machine: string;
+  name: string;
+  arch: string;
+  version: string;
+  qemuVersion: string;
+  machine: string;
   engine: { binary: string; dataDirs: string[]; version: string; liveDirtyTrackingReliable: boolean };
-  accel: string; accelReason: string; cpuModel: string; cpuFeatures: string[]; cpuUnavailable: string[];
-  memory: { offeredMiB: number; usedMiB: number; freeMiB: number; reservedMiB: number; availableMiB: number; untouchedMiB: number; marginMiB: number; limitedBy: string };
+  accel: string;
+  accelReason: string;
+  cpuModel: string;
+  cpuFeatures: string[];
+  cpuUnavailable: string[];
+  memory: {
+    offeredMiB: number;
+    usedMiB: number;
+    freeMiB: number;
+    reservedMiB: number;
+    availableMiB: number;
+    untouchedMiB: number;
+    marginMiB: number;
+    limitedBy: string;
+  };
   networks: Record<string, { bridge: string; subnet: string; address?: string }>;
   relocation: { address: string; port: number; dataPorts: [number, number]; hostsAllow: string[] };
   domains: number;
@@ -231,14 +304,35 @@ export type HostInfo = {
 
 /** One end of a tunnel that carries a domain's home segment to the host it runs on. */
 export type TunnelView = {
-  domain: string; nic: number; network: string; vni: number; end: 'home' | 'away'; device: string; bridge: string;
-  local: string; remotes: string[]; home: { host: string; address: string; subnet: string }; since: string;
+  domain: string;
+  nic: number;
+  network: string;
+  vni: number;
+  end: 'home' | 'away';
+  device: string;
+  bridge: string;
+  local: string;
+  remotes: string[];
+  home: { host: string; address: string; subnet: string };
+  since: string;
 };
 
 /** A live migration's progress (the CLI's bar). */
 export type Progress = {
-  domain: string; jobId: string; status?: string; phase: string; percent: number; transferred: number; remaining: number; total: number;
-  rateMBps: number; pass: number; etaS: number | null; elapsedMs: number; dirtyRate: number; throttlePct: number;
+  domain: string;
+  jobId: string;
+  status?: string;
+  phase: string;
+  percent: number;
+  transferred: number;
+  remaining: number;
+  total: number;
+  rateMBps: number;
+  pass: number;
+  etaS: number | null;
+  elapsedMs: number;
+  dirtyRate: number;
+  throttlePct: number;
   /** Where the move stands, in words: copying disks, pre-copy pass N, post-copy, switchover. */
   stage?: string;
   /** --copy-storage: the disks' bytes copied and to copy (percent and ETA count them with the RAM). */
@@ -247,11 +341,20 @@ export type Progress = {
 
 /** A migration job as `ferry jobs` / `ferry job` show it. */
 export interface JobView {
-  jobId: string; role: 'source' | 'destination'; domain: string; mode: Mode; phase: string; peer: string; encrypted: boolean;
-  startedAt: string; updatedAt: string;
+  jobId: string;
+  role: 'source' | 'destination';
+  domain: string;
+  mode: Mode;
+  phase: string;
+  peer: string;
+  encrypted: boolean;
+  startedAt: string;
+  updatedAt: string;
   progress: Progress | null;
   waiting: { since: number; attempts: number; lastError: string; nextTryAt: number } | null;
-  report: Report | null; error: { code: string; message: string } | null; history: { phase: string; at: number }[];
+  report: Report | null;
+  error: { code: string; message: string } | null;
+  history: { phase: string; at: number }[];
 }
 
 /** What `ferry cancel` is told: the job is being cancelled (its report follows on the event stream). */
@@ -291,7 +394,17 @@ export interface Results {
   'migration.resolve': ResolveResult;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
-  'relocation.begin': { jobId: string; host: string; dataAddress: string; dataPort: number; checks: unknown; postcopy?: boolean; postcopyWhy?: string; tunnels?: { nic: number; vni: number; address: string }[]; copyDisks?: { index: number; path: string }[] };
+  'relocation.begin': {
+    jobId: string;
+    host: string;
+    dataAddress: string;
+    dataPort: number;
+    checks: unknown;
+    postcopy?: boolean;
+    postcopyWhy?: string;
+    tunnels?: { nic: number; vni: number; address: string }[];
+    copyDisks?: { index: number; path: string }[];
+  };
   'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string; nbd?: { address: string; port: number } };
   'relocation.digest': unknown;
   'relocation.repair': { written: number };

@@ -5,35 +5,99 @@ import { parseRequest } from './schema.ts';
 import { FerryError } from '../errors.ts';
 
 const good = {
-  version: PROTOCOL_VERSION, jobId: '00000000-0000-4000-8000-000000000001', mode: 'live',
-  peer: { name: 'host1', version: '0.1.0', qemuVersion: '10.0.2', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } } },
-  domain: { config: { name: 'web', memory: 64, boot: { kernel: '/k' }, nics: [{ network: 'lab' }], disks: [{ path: '/d.qcow2', format: 'qcow2' }] }, fileSizes: { '/k': 1 }, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
+  version: PROTOCOL_VERSION,
+  jobId: '00000000-0000-4000-8000-000000000001',
+  mode: 'live',
+  peer: {
+    name: 'host1',
+    version: '0.1.0',
+    qemuVersion: '10.0.2',
+    arch: 'x86_64',
+    accel: 'tcg',
+    cpuModel: 'qemu64',
+    cpuFeatures: ['lm'],
+    machine: 'pc-i440fx-10.0',
+    networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } },
+  },
+  domain: {
+    config: { name: 'web', memory: 64, boot: { kernel: '/k' }, nics: [{ network: 'lab' }], disks: [{ path: '/d.qcow2', format: 'qcow2' }] },
+    fileSizes: { '/k': 1 },
+    machine: 'pc-i440fx-10.0',
+    cpuModel: 'qemu64',
+  },
 };
-const code = (f: () => unknown): string => { try { f(); return 'OK'; } catch (e) { return e instanceof FerryError ? e.code : `not coded: ${e}`; } };
+const code = (f: () => unknown): string => {
+  try {
+    f();
+    return 'OK';
+  } catch (e) {
+    return e instanceof FerryError ? e.code : `not coded: ${e}`;
+  }
+};
 
-test('a good Begin parses with defaults filled; every NIC gets a home on the source\'s segment', () => {
+test("a good Begin parses with defaults filled; every NIC gets a home on the source's segment", () => {
   const m = parseBegin(good);
   assert.deepEqual([m.parallel, m.insecure, m.postcopy, m.storageNonce, m.copyDisks], [1, false, false, '', []]);
   assert.deepEqual(m.homes, [{ host: 'host1', address: '', subnet: '198.18.0.0/24', vni: vniFor(m.config.uuid, 0) }]);
 });
 
 test('version first, then shape, then what spans fields', () => {
-  assert.equal(code(() => parseBegin({ ...good, version: 4, mode: 'teleport' })), 'MIGRATION_DEST_VERSION');
-  assert.equal(code(() => parseBegin({ ...good, mode: 'teleport' })), 'MIGRATION_PROTOCOL');
-  assert.match(String((() => { try { parseBegin({ ...good, peer: { ...good.peer, cpuFeatures: 'lm' } }); } catch (e) { return (e as Error).message; } })()), /peer\.cpuFeatures must be a list of names/);
-  assert.equal(code(() => parseBegin({ ...good, postcopy: true, parallel: 2 })), 'MIGRATION_PROTOCOL');
-  assert.equal(code(() => parseBegin({ ...good, homes: [] })), 'MIGRATION_PROTOCOL', 'one home per NIC');
+  assert.equal(
+    code(() => parseBegin({ ...good, version: 4, mode: 'teleport' })),
+    'MIGRATION_DEST_VERSION',
+  );
+  assert.equal(
+    code(() => parseBegin({ ...good, mode: 'teleport' })),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.match(
+    String(
+      (() => {
+        try {
+          parseBegin({ ...good, peer: { ...good.peer, cpuFeatures: 'lm' } });
+        } catch (e) {
+          return (e as Error).message;
+        }
+      })(),
+    ),
+    /peer\.cpuFeatures must be a list of names/,
+  );
+  assert.equal(
+    code(() => parseBegin({ ...good, postcopy: true, parallel: 2 })),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => parseBegin({ ...good, homes: [] })),
+    'MIGRATION_PROTOCOL',
+    'one home per NIC',
+  );
   const cfg = parseBegin(good).config;
-  assert.equal(code(() => parseBegin({ ...good, domain: { ...good.domain, config: { ...good.domain.config, uuid: cfg.uuid } }, homes: [{ host: 'h', address: '198.19.0.1', subnet: 's', vni: vniFor(cfg.uuid, 0) + 1 }] })), 'MIGRATION_PROTOCOL', 'another NIC\'s VNI');
+  assert.equal(
+    code(() =>
+      parseBegin({
+        ...good,
+        domain: { ...good.domain, config: { ...good.domain.config, uuid: cfg.uuid } },
+        homes: [{ host: 'h', address: '198.19.0.1', subnet: 's', vni: vniFor(cfg.uuid, 0) + 1 }],
+      }),
+    ),
+    'MIGRATION_PROTOCOL',
+    "another NIC's VNI",
+  );
   const copy = (c: unknown): string => code(() => parseBegin({ ...good, domain: { ...good.domain, copyDisks: [c] } }));
   assert.equal(copy({ index: 0, format: 'qcow2', virtualSize: 1 << 20, allocated: 0 }), 'OK');
-  assert.equal(copy({ index: 0, format: 'raw', virtualSize: 1 << 20, allocated: 0 }), 'MIGRATION_PROTOCOL', 'not the config\'s format');
+  assert.equal(copy({ index: 0, format: 'raw', virtualSize: 1 << 20, allocated: 0 }), 'MIGRATION_PROTOCOL', "not the config's format");
   assert.equal(copy({ index: 1, format: 'qcow2', virtualSize: 1 << 20, allocated: 0 }), 'MIGRATION_PROTOCOL', 'no such disk');
 });
 
 test('regression (found by fuzzing): a value zod cannot describe is a coded refusal, not a crash', () => {
   const evil: Record<string, unknown> = Object.create(null);
   Object.defineProperty(evil, 'constructor', { value: { name: Object.create(null) }, enumerable: true });
-  assert.equal(code(() => parseBegin({ ...good, domain: { ...good.domain, storageNonce: evil } })), 'MIGRATION_PROTOCOL');
-  assert.equal(code(() => parseRequest({ id: 1, action: 'domain.info', params: { domain: evil } })), 'API_BAD_REQUEST');
+  assert.equal(
+    code(() => parseBegin({ ...good, domain: { ...good.domain, storageNonce: evil } })),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => parseRequest({ id: 1, action: 'domain.info', params: { domain: evil } })),
+    'API_BAD_REQUEST',
+  );
 });

@@ -40,7 +40,11 @@ export const PROTOCOL_VERSION = 5;
  * send another message altogether, and must hear "version", not "malformed".
  */
 export function checkProtocolVersion(version: unknown, dstName = 'this host'): void {
-  if (version !== PROTOCOL_VERSION) throw new FerryError('MIGRATION_DEST_VERSION', `Cannot migrate: ${dstName} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof version === 'number' ? version : 'an unknown one'}; upgrade ferry on both hosts to the same version`);
+  if (version !== PROTOCOL_VERSION)
+    throw new FerryError(
+      'MIGRATION_DEST_VERSION',
+      `Cannot migrate: ${dstName} speaks relocation protocol ${PROTOCOL_VERSION}, the source ${typeof version === 'number' ? version : 'an unknown one'}; upgrade ferry on both hosts to the same version`,
+    );
 }
 
 /** A NIC's VXLAN id, from the domain and the NIC: both ends agree without asking, and no peer can aim a tunnel at another domain's. */
@@ -54,23 +58,51 @@ export const isIpv4 = (s: unknown): s is string => typeof s === 'string' && IPV4
 
 // Field shapes, each with the words a refusal uses.
 const short = z.string({ error: 'must be a short string' }).max(128, { error: 'must be a short string' });
-const name = z.string({ error: 'must be a name' }).regex(/^[a-zA-Z0-9_.-]+$/, { error: 'must be a name' }).max(128, { error: 'must be a name' });
+const name = z
+  .string({ error: 'must be a name' })
+  .regex(/^[a-zA-Z0-9_.-]+$/, { error: 'must be a name' })
+  .max(128, { error: 'must be a name' });
 const ipv4 = z.string({ error: 'must be an IPv4 address' }).refine(isIpv4, { error: 'must be an IPv4 address' });
-const bytes = z.number({ error: 'must be a byte count (at most 1 PiB)' }).int({ error: 'must be a byte count (at most 1 PiB)' }).min(0, { error: 'must be a byte count (at most 1 PiB)' }).max(2 ** 50, { error: 'must be a byte count (at most 1 PiB)' });
+const bytes = z
+  .number({ error: 'must be a byte count (at most 1 PiB)' })
+  .int({ error: 'must be a byte count (at most 1 PiB)' })
+  .min(0, { error: 'must be a byte count (at most 1 PiB)' })
+  .max(2 ** 50, { error: 'must be a byte count (at most 1 PiB)' });
 const format = z.enum(['raw', 'qcow2'], { error: 'must be raw or qcow2' });
 const jobId = z.string({ error: 'must be a UUID' }).regex(/^[0-9a-f-]{36}$/, { error: 'must be a UUID' });
 
 /** What the source tells the destination about itself. Unknown keys are kept (a newer source may say more). */
 export const SourceFactsSchema = z.looseObject({
-  name: short, version: short, qemuVersion: short, arch: short, accel: short, cpuModel: short, machine: short,
+  name: short,
+  version: short,
+  qemuVersion: short,
+  arch: short,
+  accel: short,
+  cpuModel: short,
+  machine: short,
   cpuFeatures: z.array(z.string().max(255), { error: 'must be a list of names' }).max(512, { error: 'must be a list of names' }),
-  networks: z.record(z.string().max(128), z.object({ bridge: z.string({ error: 'needs a bridge' }), subnet: z.string({ error: 'needs a subnet' }), address: z.string().optional() }), { error: 'must map network names to {bridge, subnet}' })
+  networks: z
+    .record(
+      z.string().max(128),
+      z.object({
+        bridge: z.string({ error: 'needs a bridge' }),
+        subnet: z.string({ error: 'needs a subnet' }),
+        address: z.string().optional(),
+      }),
+      { error: 'must map network names to {bridge, subnet}' },
+    )
     .refine((n) => Object.keys(n).length <= 64, { error: 'has more than 64 networks' }),
 });
 export type SourceFacts = z.infer<typeof SourceFactsSchema>;
 
 /** Where a NIC's L2 segment lives: the source's own, or a tunnel's home (daemon/tunnels.ts). */
-export const TunnelHomeSchema = z.object({ host: short, address: ipv4, subnet: z.string().max(64), vni: z.number().int(), ip: ipv4.optional() });
+export const TunnelHomeSchema = z.object({
+  host: short,
+  address: ipv4,
+  subnet: z.string().max(64),
+  vni: z.number().int(),
+  ip: ipv4.optional(),
+});
 export type TunnelHome = z.infer<typeof TunnelHomeSchema>;
 
 /** --copy-storage: a writable disk the destination creates and the source mirrors into (migration/mirror.ts). */
@@ -82,7 +114,16 @@ export const CopyDiskSchema = z.object({
   /** Bytes the image holds on the source's storage (what the copy may need). */
   allocated: bytes,
   /** A qcow2 backing file, which the destination must have at the same path (shared): only the top is copied. */
-  backing: z.object({ path: z.string().startsWith('/').max(4095).refine((p) => !p.includes(','), { error: 'must not contain a comma' }), format: z.string().refine((f) => ['raw', 'qcow2'].includes(f), { error: 'must be raw or qcow2' }) }).optional(),
+  backing: z
+    .object({
+      path: z
+        .string()
+        .startsWith('/')
+        .max(4095)
+        .refine((p) => !p.includes(','), { error: 'must not contain a comma' }),
+      format: z.string().refine((f) => ['raw', 'qcow2'].includes(f), { error: 'must be raw or qcow2' }),
+    })
+    .optional(),
 });
 export type CopyDisk = z.infer<typeof CopyDiskSchema>;
 
@@ -92,8 +133,12 @@ const BeginDomainSchema = z.looseObject({
   /** Sizes of its files on the source, to prove the destination sees the same shared files. */
   fileSizes: z.record(z.string(), z.number().int(), { error: 'must map paths to sizes' }),
   /** The nonce of the markers the source wrote beside its writable disks. */
-  storageNonce: z.string().regex(/^[0-9a-f]{32}$/, { error: 'must be 32 hex digits' }).optional(),
-  machine: name, cpuModel: name,
+  storageNonce: z
+    .string()
+    .regex(/^[0-9a-f]{32}$/, { error: 'must be 32 hex digits' })
+    .optional(),
+  machine: name,
+  cpuModel: name,
   copyDisks: z.array(CopyDiskSchema, { error: 'must be a list' }).max(64, { error: 'must be a list' }).optional(),
 });
 
@@ -103,7 +148,12 @@ export const BeginSchema = z.looseObject({
   mode: z.enum(['live', 'offline', 'definition'], { error: 'must be live, offline or definition' }),
   insecure: z.boolean().optional(),
   /** multifd channels (1 = the single classic stream). */
-  parallel: z.number({ error: 'must be 1-16' }).int({ error: 'must be 1-16' }).min(1, { error: 'must be 1-16' }).max(16, { error: 'must be 1-16' }).optional(),
+  parallel: z
+    .number({ error: 'must be 1-16' })
+    .int({ error: 'must be 1-16' })
+    .min(1, { error: 'must be 1-16' })
+    .max(16, { error: 'must be 1-16' })
+    .optional(),
   /** The move may switch to post-copy: the incoming QEMU needs the capability before the stream. */
   postcopy: z.boolean({ error: 'must be true or false' }).optional(),
   peer: SourceFactsSchema,
@@ -148,7 +198,10 @@ export function parseBegin(raw: unknown): BeginMsg {
     r = BeginSchema.safeParse(raw);
     if (!r.success) {
       const issue = r.error.issues[0];
-      const where = issue.path.map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`)).join('').replace(/^\./, '');
+      const where = issue.path
+        .map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`))
+        .join('')
+        .replace(/^\./, '');
       why = `${where || 'the message'} ${issue.message}`;
     }
   } catch {
@@ -157,19 +210,40 @@ export function parseBegin(raw: unknown): BeginMsg {
   if (!r.success) throw protocolError(why ?? 'the message is malformed');
   const p = r.data;
   let config: DomainConfig;
-  try { config = parseDomainConfig(p.domain.config); } catch (e) { throw protocolError(`domain.config is invalid: ${(e as Error).message}`); }
+  try {
+    config = parseDomainConfig(p.domain.config);
+  } catch (e) {
+    throw protocolError(`domain.config is invalid: ${(e as Error).message}`);
+  }
   if (p.postcopy && (p.mode !== 'live' || (p.parallel ?? 1) !== 1)) throw protocolError('postcopy needs a live move on one channel');
-  if (p.postcopy && !config.postcopy) throw protocolError('postcopy is forbidden by the domain\'s config');
+  if (p.postcopy && !config.postcopy) throw protocolError("postcopy is forbidden by the domain's config");
   return {
-    version: p.version, jobId: p.jobId, mode: p.mode, insecure: p.insecure === true, parallel: p.parallel ?? 1, peer: p.peer, config,
-    fileSizes: p.domain.fileSizes, storageNonce: p.domain.storageNonce ?? '', machine: p.domain.machine, cpuModel: p.domain.cpuModel,
-    postcopy: p.postcopy === true, homes: checkHomes(p.homes, config, p.peer), copyDisks: checkCopyDisks(p.domain.copyDisks ?? [], config),
+    version: p.version,
+    jobId: p.jobId,
+    mode: p.mode,
+    insecure: p.insecure === true,
+    parallel: p.parallel ?? 1,
+    peer: p.peer,
+    config,
+    fileSizes: p.domain.fileSizes,
+    storageNonce: p.domain.storageNonce ?? '',
+    machine: p.domain.machine,
+    cpuModel: p.domain.cpuModel,
+    postcopy: p.postcopy === true,
+    homes: checkHomes(p.homes, config, p.peer),
+    copyDisks: checkCopyDisks(p.domain.copyDisks ?? [], config),
   };
 }
 
 /** One home per NIC, each with its own VNI; none sent: every NIC lives on the source's segment. */
 function checkHomes(homes: TunnelHome[] | undefined, config: DomainConfig, peer: SourceFacts): TunnelHome[] {
-  if (homes === undefined) return config.nics.map((n, i) => ({ host: peer.name, address: '', subnet: peer.networks[n.network]?.subnet ?? '', vni: vniFor(config.uuid, i) }));
+  if (homes === undefined)
+    return config.nics.map((n, i) => ({
+      host: peer.name,
+      address: '',
+      subnet: peer.networks[n.network]?.subnet ?? '',
+      vni: vniFor(config.uuid, i),
+    }));
   if (homes.length !== config.nics.length) throw protocolError('homes must list one home per NIC');
   homes.forEach((h, i) => {
     // The VNI follows from the domain and NIC, so a peer cannot point a tunnel at another's.
@@ -193,7 +267,17 @@ function checkCopyDisks(disks: CopyDisk[], config: DomainConfig): CopyDisk[] {
 
 const chunkList = (() => {
   const error = 'must be a list of at most 8192 integers from 0 to 1048576';
-  return z.array(z.number({ error }).int({ error }).min(0, { error }).max(1 << 20, { error }), { error }).max(8192, { error }).optional();
+  return z
+    .array(
+      z
+        .number({ error })
+        .int({ error })
+        .min(0, { error })
+        .max(1 << 20, { error }),
+      { error },
+    )
+    .max(8192, { error })
+    .optional();
 })();
 
 /**
@@ -202,7 +286,17 @@ const chunkList = (() => {
  * after the version: a peer of another version must hear so, whatever it sent.
  */
 export const RELOCATION_ACTIONS = {
-  'relocation.begin': params({ version: int(0, 1000), peer: z.unknown(), domain: z.unknown(), mode: str, insecure: optBool, parallel: optNum(1, 16), jobId: str, postcopy: optBool, homes: z.unknown().optional() }),
+  'relocation.begin': params({
+    version: int(0, 1000),
+    peer: z.unknown(),
+    domain: z.unknown(),
+    mode: str,
+    insecure: optBool,
+    parallel: optNum(1, 16),
+    jobId: str,
+    postcopy: optBool,
+    homes: z.unknown().optional(),
+  }),
   'relocation.prepare': params({ jobId: str }),
   'relocation.digest': params({ jobId: str, chunks: chunkList }),
   'relocation.repair': params({ jobId: str, offset: int(0, 2 ** 50), length: int(1, MAX_REPAIR_BYTES) }),
@@ -213,5 +307,10 @@ export const RELOCATION_ACTIONS = {
   // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
   'relocation.recover': params({ jobId: str }),
   // a tunnelled domain's home end: flood to one more away host, or one fewer (daemon/tunnels.ts)
-  'relocation.tunnel': params({ op: z.enum(['extend', 'retract'], { error: 'must be one of extend, retract' }), uuid: str, nic: int(0, 63), remote: str }),
+  'relocation.tunnel': params({
+    op: z.enum(['extend', 'retract'], { error: 'must be one of extend, retract' }),
+    uuid: str,
+    nic: int(0, 63),
+    remote: str,
+  }),
 } as const;

@@ -9,7 +9,12 @@ import { RELOCATION_ACTIONS } from './relocation.ts';
 
 import { str, optStr, optBool, int, optNum, params } from './shapes.ts';
 
-const saveFile = z.string().refine((v) => v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)), { error: 'must be a file name (in the save directory) or an absolute path' });
+const saveFile = z
+  .string()
+  .refine(
+    (v) => v.length > 0 && v.length < 4096 && !v.includes('\0') && (v.startsWith('/') || /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(v)),
+    { error: 'must be a file name (in the save directory) or an absolute path' },
+  );
 /** Checked in depth by the handler (a domain config: domain/config.ts). */
 const opaque = z.unknown();
 const optStrategy = z.enum(['auto', 'precopy', 'postcopy'], { error: 'must be one of auto, precopy, postcopy' }).optional();
@@ -41,9 +46,34 @@ export const ACTIONS = {
   'console.attach': params({ domain: str, replay: optNum(0, 1 << 20) }),
   'events.subscribe': params({ domain: optStr }),
   // migration (source side, asked by the CLI)
-  'migration.start': params({ domain: str, dest: str, live: optBool, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), verifyMemory: optBool, probeGuest: optBool, strategy: optStrategy, onTimeout: optOnTimeout, copyStorage: optBool, deleteSourceStorage: optBool }),
+  'migration.start': params({
+    domain: str,
+    dest: str,
+    live: optBool,
+    bandwidthMiBs: optNum(1, 100000),
+    maxDowntimeMs: optNum(1, 600000),
+    timeoutS: optNum(1, 86400),
+    insecure: optBool,
+    parallel: optNum(1, 16),
+    verifyMemory: optBool,
+    probeGuest: optBool,
+    strategy: optStrategy,
+    onTimeout: optOnTimeout,
+    copyStorage: optBool,
+    deleteSourceStorage: optBool,
+  }),
   // the autopilot's plan for a live move, moving nothing (`ferry migrate --plan`)
-  'migration.plan': params({ domain: str, dest: str, bandwidthMiBs: optNum(1, 100000), maxDowntimeMs: optNum(1, 600000), timeoutS: optNum(1, 86400), insecure: optBool, parallel: optNum(1, 16), strategy: optStrategy, onTimeout: optOnTimeout }),
+  'migration.plan': params({
+    domain: str,
+    dest: str,
+    bandwidthMiBs: optNum(1, 100000),
+    maxDowntimeMs: optNum(1, 600000),
+    timeoutS: optNum(1, 86400),
+    insecure: optBool,
+    parallel: optNum(1, 16),
+    strategy: optStrategy,
+    onTimeout: optOnTimeout,
+  }),
   'migration.cancel': params({ domain: str }),
   'migration.jobs': params({}),
   'migration.job': params({ domain: str }),
@@ -59,17 +89,22 @@ export type Params<A extends Action> = z.infer<(typeof ACTIONS)[A]>;
 /** A validated request: `params` is typed by `action` (switch on it to narrow). */
 export type Request = { [A in Action]: { id: number | string; action: A; params: Params<A>; attachment?: Buffer } }[Action];
 
-
 /** Validates one parsed request line. Throws API_BAD_REQUEST / API_UNKNOWN_ACTION. */
 export function parseRequest(raw: unknown): Request {
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new FerryError('API_BAD_REQUEST', 'API request must be a JSON object');
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+    throw new FerryError('API_BAD_REQUEST', 'API request must be a JSON object');
   const r = raw as Record<string, unknown>;
-  for (const k of Object.keys(r)) if (!['id', 'action', 'params'].includes(k)) throw new FerryError('API_BAD_REQUEST', `API request has an unknown key "${k.slice(0, 40)}"`);
-  if (!((typeof r.id === 'number' && Number.isFinite(r.id)) || (typeof r.id === 'string' && r.id.length <= 64))) throw new FerryError('API_BAD_REQUEST', 'API request needs an "id" (number or short string)');
+  for (const k of Object.keys(r))
+    if (!['id', 'action', 'params'].includes(k))
+      throw new FerryError('API_BAD_REQUEST', `API request has an unknown key "${k.slice(0, 40)}"`);
+  if (!((typeof r.id === 'number' && Number.isFinite(r.id)) || (typeof r.id === 'string' && r.id.length <= 64)))
+    throw new FerryError('API_BAD_REQUEST', 'API request needs an "id" (number or short string)');
   if (typeof r.action !== 'string') throw new FerryError('API_BAD_REQUEST', 'API request needs an "action" string');
-  if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action)) throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
+  if (!Object.prototype.hasOwnProperty.call(ACTIONS, r.action))
+    throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action "${r.action.slice(0, 60)}"`);
   const params = r.params ?? {};
-  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
+  if (typeof params !== 'object' || params === null || Array.isArray(params))
+    throw new FerryError('API_BAD_REQUEST', `"params" of ${r.action} must be an object`);
   // zod can throw on hostile values as it builds an issue's message (api/relocation.ts): malformed all the same.
   const malformed = new FerryError('API_BAD_REQUEST', `${r.action}: the parameters are malformed`);
   let parsed: ReturnType<(typeof ACTIONS)[Action]['safeParse']>;
@@ -78,9 +113,10 @@ export function parseRequest(raw: unknown): Request {
     parsed = ACTIONS[r.action as Action].safeParse(params);
     if (!parsed.success) {
       const issue = parsed.error.issues[0];
-      refusal = issue.code === 'unrecognized_keys'
-        ? new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${String(issue.keys[0]).slice(0, 40)}"`)
-        : new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${String(issue.path[0] ?? '')}" ${issue.message}`);
+      refusal =
+        issue.code === 'unrecognized_keys'
+          ? new FerryError('API_BAD_REQUEST', `${r.action}: unknown parameter "${String(issue.keys[0]).slice(0, 40)}"`)
+          : new FerryError('API_BAD_REQUEST', `${r.action}: parameter "${String(issue.path[0] ?? '')}" ${issue.message}`);
     }
   } catch {
     throw malformed;
@@ -89,4 +125,3 @@ export function parseRequest(raw: unknown): Request {
   if (!parsed.success) throw malformed;
   return { id: r.id as number | string, action: r.action, params: parsed.data } as Request;
 }
-

@@ -15,19 +15,30 @@ import type { Target } from '../api/client.ts';
 import { ConsoleFollower } from './console.ts';
 import { FerryError } from '../errors.ts';
 
-interface Fake { path: string; target: Target; input: () => string; attached: Promise<net.Socket>; close: () => void }
+interface Fake {
+  path: string;
+  target: Target;
+  input: () => string;
+  attached: Promise<net.Socket>;
+  close: () => void;
+}
 
 /** A ferryd that answers console.attach for `domain` and hands the test the raw socket. */
 async function fakeFerryd(dir: string, name: string, domain: string): Promise<Fake> {
   const p = path.join(dir, `${name}.sock`);
   let input = '';
   let attached!: (s: net.Socket) => void;
-  const got = new Promise<net.Socket>((r) => { attached = r; });
+  const got = new Promise<net.Socket>((r) => {
+    attached = r;
+  });
   const server = net.createServer((s) => {
     let buf = '';
     let raw = false;
     s.on('data', (d) => {
-      if (raw) { input += d.toString(); return; }
+      if (raw) {
+        input += d.toString();
+        return;
+      }
       buf += d.toString();
       const nl = buf.indexOf('\n');
       if (nl < 0) return;
@@ -59,11 +70,27 @@ test('follows a move: output from both hosts, keys typed while it follows reach 
   try {
     let out = '';
     const events: string[] = [];
-    const f = new ConsoleFollower('web', 'hostA', a.target, { replay: 0, resolve: (h, t) => { events.push(`resolve ${h} ${t}`); return b.target; } }, {
-      attached: (h) => events.push(`attached ${h}`),
-      output: (d) => { out += d.toString(); },
-      moved: (from, to) => { events.push(`moved ${from}→${to}`); f.write(Buffer.from('k2')); f.write(Buffer.from('k3')); },
-    });
+    const f = new ConsoleFollower(
+      { domain: 'web', host: 'hostA', target: a.target },
+      {
+        replay: 0,
+        resolve: (h, t) => {
+          events.push(`resolve ${h} ${t}`);
+          return b.target;
+        },
+      },
+      {
+        attached: (h) => events.push(`attached ${h}`),
+        output: (d) => {
+          out += d.toString();
+        },
+        moved: (from, to) => {
+          events.push(`moved ${from}→${to}`);
+          f.write(Buffer.from('k2'));
+          f.write(Buffer.from('k3'));
+        },
+      },
+    );
     f.write(Buffer.from('k0')); // before the first attach: held, then sent first
     const run = f.run();
     const sa = await a.attached;
@@ -81,7 +108,8 @@ test('follows a move: output from both hosts, keys typed while it follows reach 
     assert.equal(f.host, 'hostB');
     assert.equal(f.pendingBytes, 0);
   } finally {
-    a.close(); b.close();
+    a.close();
+    b.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
@@ -90,7 +118,11 @@ test('close() ends the session (also mid-stream); a connection dropped without a
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-console-'));
   const a = await fakeFerryd(dir, 'hostA', 'db');
   try {
-    const f = new ConsoleFollower('db', 'hostA', a.target, { replay: 0, resolve: () => a.target }, { output: () => undefined });
+    const f = new ConsoleFollower(
+      { domain: 'db', host: 'hostA', target: a.target },
+      { replay: 0, resolve: () => a.target },
+      { output: () => undefined },
+    );
     const run = f.run();
     await a.attached;
     f.close();
@@ -98,11 +130,17 @@ test('close() ends the session (also mid-stream); a connection dropped without a
 
     const b = await fakeFerryd(dir, 'hostB', 'db');
     try {
-      const g = new ConsoleFollower('db', 'hostB', b.target, { replay: 0, resolve: () => b.target }, { output: () => undefined });
+      const g = new ConsoleFollower(
+        { domain: 'db', host: 'hostB', target: b.target },
+        { replay: 0, resolve: () => b.target },
+        { output: () => undefined },
+      );
       const run2 = g.run();
       (await b.attached).destroy();
       await assert.rejects(run2, (e: unknown) => e instanceof FerryError && e.code === 'DAEMON_UNREACHABLE');
-    } finally { b.close(); }
+    } finally {
+      b.close();
+    }
   } finally {
     a.close();
     fs.rmSync(dir, { recursive: true, force: true });

@@ -15,9 +15,18 @@ import { ConsoleDeframer } from '../api/protocol.ts';
 import { NAME_RE } from '../domain/config.ts';
 import { FerryError } from '../errors.ts';
 
-export interface ConsoleOpts { idleMs: number; replay: number; maxMs?: number }
+export interface ConsoleOpts {
+  idleMs: number;
+  replay: number;
+  maxMs?: number;
+}
 
-interface Control { event: string; reason?: string; host?: string; target?: string }
+interface Control {
+  event: string;
+  reason?: string;
+  host?: string;
+  target?: string;
+}
 
 /** A control frame as ferryd sends it; a redirect names a host and, at most, ADDRESS:PORT. */
 export function isControl(m: unknown): m is Control {
@@ -52,20 +61,29 @@ export class ConsoleFollower {
   private readonly pending: Buffer[] = [];
   private closed = false;
 
+  private readonly domain: string;
+  /** The host the session is attached to (a label: the name the caller knows it by). */
+  host: string;
+  private target: Target;
+
   constructor(
-    private readonly domain: string,
-    /** The host the session is attached to (a label: the name the caller knows it by). */
-    public host: string,
-    private target: Target,
+    at: { domain: string; host: string; target: Target },
     private readonly o: FollowOpts,
     private readonly on: { attached?: (host: string) => void; output: (b: Buffer) => void; moved?: (from: string, to: string) => void },
-  ) {}
+  ) {
+    this.domain = at.domain;
+    this.host = at.host;
+    this.target = at.target;
+  }
 
   /** Bytes typed while the session was between connections. */
-  get pendingBytes(): number { return this.pending.reduce((a, b) => a + b.length, 0); }
+  get pendingBytes(): number {
+    return this.pending.reduce((a, b) => a + b.length, 0);
+  }
 
   write(b: Buffer): void {
-    if (this.client) this.client.socket.write(b); else this.pending.push(b);
+    if (this.client) this.client.socket.write(b);
+    else this.pending.push(b);
   }
 
   /** Ends the session (its run resolves `closed`), also while it is following. */
@@ -80,7 +98,10 @@ export class ConsoleFollower {
       if (this.closed) return { end: 'closed' };
       const c = await ApiClient.connect(this.target, this.o.connectTimeoutMs);
       this.conn = c;
-      if (this.closed) { c.close(); return { end: 'closed' }; }
+      if (this.closed) {
+        c.close();
+        return { end: 'closed' };
+      }
       // Input that arrives before the daemon switched this connection to raw bytes
       // waits in `pending`: sent earlier, it would be read as a JSON request.
       try {
@@ -89,15 +110,29 @@ export class ConsoleFollower {
         if (this.closed) return { end: 'closed' };
         throw e;
       }
-      if (this.closed) { c.close(); return { end: 'closed' }; }
+      if (this.closed) {
+        c.close();
+        return { end: 'closed' };
+      }
       const rest = c.goRaw();
       this.client = c;
       for (const b of this.pending.splice(0)) c.socket.write(b);
       this.on.attached?.(this.host);
       const control = await new Promise<Control | null>((resolve) => {
         let last: Control | null = null;
-        const deframer = new ConsoleDeframer((b) => this.on.output(b), (m) => { if (isControl(m)) last = m; });
-        const feed = (d: Buffer): void => { try { deframer.push(d); } catch { c.close(); } };
+        const deframer = new ConsoleDeframer(
+          (b) => this.on.output(b),
+          (m) => {
+            if (isControl(m)) last = m;
+          },
+        );
+        const feed = (d: Buffer): void => {
+          try {
+            deframer.push(d);
+          } catch {
+            c.close();
+          }
+        };
         if (rest.length) feed(rest);
         c.socket.on('data', feed);
         c.socket.on('close', () => resolve(last));
@@ -121,7 +156,7 @@ export class ConsoleFollower {
 
 /** A lab host name resolves to its local socket from anywhere; otherwise the address the source knew the destination by. */
 export const followTarget = (host: string, target: string | undefined): Target =>
-  (labHosts().some((h) => h.name === host) ? resolveTarget(host) : resolveTarget(target ?? host));
+  labHosts().some((h) => h.name === host) ? resolveTarget(host) : resolveTarget(target ?? host);
 
 export async function runConsole(hostArg: string | undefined, domain: string, o: ConsoleOpts): Promise<number> {
   const tty = !!process.stdin.isTTY;
@@ -129,26 +164,46 @@ export async function runConsole(hostArg: string | undefined, domain: string, o:
   let lastOutput = Date.now();
   let attached = false;
   const t0 = Date.now();
-  const session = new ConsoleFollower(domain, hostArg ?? 'local', resolveTarget(hostArg), { replay: tty ? 4096 : o.replay, resolve: followTarget }, {
-    attached: () => { attached = true; lastOutput = Date.now(); },
-    output: (b) => { lastOutput = Date.now(); process.stdout.write(b); },
-    moved: (_from, to) => { process.stderr.write(`\r\n[ferry: domain "${domain}" moved to ${to}; following it]\r\n`); },
-  });
+  const session = new ConsoleFollower(
+    { domain: domain, host: hostArg ?? 'local', target: resolveTarget(hostArg) },
+    { replay: tty ? 4096 : o.replay, resolve: followTarget },
+    {
+      attached: () => {
+        attached = true;
+        lastOutput = Date.now();
+      },
+      output: (b) => {
+        lastOutput = Date.now();
+        process.stdout.write(b);
+      },
+      moved: (_from, to) => {
+        process.stderr.write(`\r\n[ferry: domain "${domain}" moved to ${to}; following it]\r\n`);
+      },
+    },
+  );
   if (tty) {
     process.stdin.setRawMode(true);
     process.stderr.write(`Connected to domain "${domain}". Escape character is '^]'.\r\n`);
   }
   process.stdin.on('data', (d: Buffer) => {
-    if (tty && d.includes(0x1d)) { session.close(); return; }
+    if (tty && d.includes(0x1d)) {
+      session.close();
+      return;
+    }
     session.write(d);
   });
-  process.stdin.on('end', () => { stdinEnded = true; lastOutput = Math.max(lastOutput, Date.now()); });
+  process.stdin.on('end', () => {
+    stdinEnded = true;
+    lastOutput = Math.max(lastOutput, Date.now());
+  });
   // Scripted use ends once stdin has ended, its bytes went out (the first attach) and the
   // guest has been quiet for idleMs; or at maxMs.
-  const iv = tty ? undefined : setInterval(() => {
-    const quiet = Date.now() - lastOutput >= o.idleMs;
-    if ((attached && stdinEnded && quiet) || (o.maxMs && Date.now() - t0 > o.maxMs)) session.close();
-  }, 50);
+  const iv = tty
+    ? undefined
+    : setInterval(() => {
+        const quiet = Date.now() - lastOutput >= o.idleMs;
+        if ((attached && stdinEnded && quiet) || (o.maxMs && Date.now() - t0 > o.maxMs)) session.close();
+      }, 50);
   try {
     const end = await session.run();
     if (end.end === 'stopped') process.stderr.write(`\r\n[ferry: domain "${domain}" stopped (${end.reason})]\r\n`);

@@ -21,21 +21,41 @@ import { FerryError, asFerryError } from '../errors.ts';
 import { table, printJson, act } from './output.ts';
 import { place, makespanMs, type Candidate, type Leaving } from './placement.ts';
 
-interface EvacOpts { to?: string[]; parallel?: number; maxDowntime?: number; timeout?: number; plan?: boolean; includeStopped?: boolean; json?: boolean }
+interface EvacOpts {
+  to?: string[];
+  parallel?: number;
+  maxDowntime?: number;
+  timeout?: number;
+  plan?: boolean;
+  includeStopped?: boolean;
+  json?: boolean;
+}
 
 /** One domain's line in the view and the report. */
 interface Row {
-  domain: string; memoryMiB: number; to: string | null;
+  domain: string;
+  memoryMiB: number;
+  to: string | null;
   state: 'planned' | 'queued' | 'moving' | 'moved' | 'failed' | 'unplaced' | 'busy';
   /** live: a running (or paused) domain; definition: a shut-off one (--include-stopped). */
   move: 'live' | 'definition';
-  predictedMs: number | null; why: string; percent: number; stage: string;
-  report?: Pick<Report, 'totalMs' | 'pauseMs' | 'strategy'>; error?: { code: string; message: string };
+  predictedMs: number | null;
+  why: string;
+  percent: number;
+  stage: string;
+  report?: Pick<Report, 'totalMs' | 'pauseMs' | 'strategy'>;
+  error?: { code: string; message: string };
 }
 
 export interface EvacuationReport {
-  host: string; planOnly: boolean; maintenance: boolean; parallel: number;
-  predictedMs: number | null; elapsedMs: number; domains: Row[]; outcome: 'done' | 'incomplete' | 'planned';
+  host: string;
+  planOnly: boolean;
+  maintenance: boolean;
+  parallel: number;
+  predictedMs: number | null;
+  elapsedMs: number;
+  domains: Row[];
+  outcome: 'done' | 'incomplete' | 'planned';
 }
 
 /** A host's API: a lab name goes to its socket; a peer by the address HOST's ferryd.json gives it (TLS). */
@@ -44,10 +64,15 @@ function peerTarget(name: string, peers: Record<string, string>): Target {
   return t.kind === 'unix' || !peers[name] ? t : resolveTarget(peers[name]);
 }
 
-export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row[], etaMs: number | null) => void): Promise<EvacuationReport> {
+export async function evacuate(
+  hostArg: string,
+  o: EvacOpts,
+  onView?: (rows: Row[], etaMs: number | null) => void,
+): Promise<EvacuationReport> {
   const t0 = Date.now();
   const parallel = o.parallel ?? 1;
-  if (!Number.isInteger(parallel) || parallel < 1 || parallel > 8) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 8');
+  if (!Number.isInteger(parallel) || parallel < 1 || parallel > 8)
+    throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 8');
   const src = resolveTarget(hostArg);
   const info = await call(src, 'host.info');
   const names = (o.to?.length ? o.to : Object.keys(info.peers)).filter((n) => n !== info.name);
@@ -57,7 +82,13 @@ export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row
   for (const n of names) {
     try {
       const hi: HostInfo = await call(peerTarget(n, info.peers), 'host.info', {}, 10000);
-      candidates.push({ name: hi.name, freeMiB: hi.memory.freeMiB, cpuModel: hi.cpuModel, networks: Object.keys(hi.networks), maintenance: hi.maintenance?.on === true });
+      candidates.push({
+        name: hi.name,
+        freeMiB: hi.memory.freeMiB,
+        cpuModel: hi.cpuModel,
+        networks: Object.keys(hi.networks),
+        maintenance: hi.maintenance?.on === true,
+      });
     } catch (e) {
       unreachable.push(`${n} (${asFerryError(e).message.slice(0, 120)})`);
     }
@@ -73,25 +104,51 @@ export async function evacuate(hostArg: string, o: EvacOpts, onView?: (rows: Row
   }
 }
 
-/** The rest of an evacuation, with HOST's event stream open (none for --plan). */
-async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | null) => void) | undefined, c: {
-  t0: number; parallel: number; src: Target; info: HostInfo; candidates: Candidate[]; unreachable: string[]; events: ApiClient | undefined;
-}): Promise<EvacuationReport> {
-  const { t0, parallel, src, info, candidates, unreachable, events } = c;
-  // Moves still under way (an interrupted run's) finish first; what stays here is taken again.
+/** The budget of every live move of an evacuation (--max-downtime, --timeout). */
+type Budget = { maxDowntimeMs?: number; timeoutS?: number };
+
+/**
+ * Moves an interrupted run left under way finish first (up to 15 min): their rows show
+ * as waiting, woken by HOST's events. The domains of HOST once none is leaving.
+ */
+async function settleEarlier(
+  src: Target,
+  events: ApiClient | undefined,
+  onView: ((rows: Row[], etaMs: number | null) => void) | undefined,
+): Promise<DomainSummary[]> {
   let all: DomainSummary[] = await call(src, 'domain.list');
   const settleBy = Date.now() + 15 * 60000;
   while (events && all.some((d) => d.state === 'migrating-out') && Date.now() < settleBy) {
-    const busy = all.filter((d) => d.state === 'migrating-out').map((d): Row => ({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', move: 'live', predictedMs: null, why: 'a move under way (an earlier run\'s): waiting for it', percent: 0, stage: 'waiting' }));
+    const busy = all
+      .filter((d) => d.state === 'migrating-out')
+      .map((d): Row => ({
+        domain: d.name,
+        memoryMiB: d.memoryMiB,
+        to: null,
+        state: 'busy',
+        move: 'live',
+        predictedMs: null,
+        why: "a move under way (an earlier run's): waiting for it",
+        percent: 0,
+        stage: 'waiting',
+      }));
     onView?.(busy, null);
     // Woken by a state change or a move's end on HOST (a slow re-check only as a safety net).
     await new Promise<void>((resolve) => {
-      const done = (): void => { clearTimeout(t); events.off('event', on); resolve(); };
+      const done = (): void => {
+        clearTimeout(t);
+        events.off('event', on);
+        resolve();
+      };
       const on = (ev: { event: string; data: unknown }): void => {
         if (ev.event === 'migration.progress') {
           const p = ev.data as Progress;
           const r = busy.find((x) => x.domain === p.domain);
-          if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; onView?.(busy, null); }
+          if (r) {
+            r.percent = p.percent;
+            r.stage = p.stage ?? '';
+            onView?.(busy, null);
+          }
         } else if (ev.event === 'domain.state' || ev.event === 'migration.done') done();
       };
       const t = setTimeout(done, 5000);
@@ -99,10 +156,33 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
     });
     all = await call(src, 'domain.list');
   }
+  return all;
+}
+
+/** One row per domain of HOST: where it goes (placement.ts) and the autopilot's predicted time for each live move. */
+async function rowsFor(
+  all: DomainSummary[],
+  o: EvacOpts,
+  c: { src: Target; info: HostInfo; candidates: Candidate[]; unreachable: string[]; budget: Budget },
+): Promise<Row[]> {
+  const { src, info, candidates, unreachable, budget } = c;
   const rows: Row[] = [];
   const leaving: Leaving[] = [];
   for (const d of all) {
-    if (d.state === 'migrating-out' || d.state === 'incoming') { rows.push({ domain: d.name, memoryMiB: d.memoryMiB, to: null, state: 'busy', move: 'live', predictedMs: null, why: `already ${d.state}: left to finish`, percent: 0, stage: '' }); continue; }
+    if (d.state === 'migrating-out' || d.state === 'incoming') {
+      rows.push({
+        domain: d.name,
+        memoryMiB: d.memoryMiB,
+        to: null,
+        state: 'busy',
+        move: 'live',
+        predictedMs: null,
+        why: `already ${d.state}: left to finish`,
+        percent: 0,
+        stage: '',
+      });
+      continue;
+    }
     const stopped = d.state !== 'running' && d.state !== 'paused';
     // Shut off: its definition stays here unless asked to move too (vCenter's "powered-off VMs").
     if (stopped && !o.includeStopped) continue;
@@ -112,12 +192,21 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
   }
   for (const a of place(leaving, candidates)) {
     const l = leaving.find((x) => x.name === a.domain)!;
-    rows.push({ domain: a.domain, memoryMiB: l.memoryMiB, to: a.to, state: a.to ? (o.plan ? 'planned' : 'queued') : 'unplaced', move: l.stopped ? 'definition' : 'live', predictedMs: null, why: a.to ? a.why : `${a.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`, percent: 0, stage: '' });
+    rows.push({
+      domain: a.domain,
+      memoryMiB: l.memoryMiB,
+      to: a.to,
+      state: a.to ? (o.plan ? 'planned' : 'queued') : 'unplaced',
+      move: l.stopped ? 'definition' : 'live',
+      predictedMs: null,
+      why: a.to ? a.why : `${a.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`,
+      percent: 0,
+      stage: '',
+    });
   }
   // The autopilot's prediction for each placed live move (it measures the guest's dirty
   // rate). A definition move copies a record, not memory: it has no prediction and no
   // share of the ETA.
-  const budget = { ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}), ...(o.timeout !== undefined ? { timeoutS: o.timeout } : {}) };
   for (const r of rows.filter((x) => x.to && x.move === 'live')) {
     try {
       const pv = await call(src, 'migration.plan', { domain: r.domain, dest: r.to!, ...budget }, 30000);
@@ -126,36 +215,59 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
       r.why += `; no prediction (${asFerryError(e).message.slice(0, 120)})`;
     }
   }
-  // Shortest first, as the plan says; unknown predictions last among equals in size;
-  // definitions after every live move.
-  rows.sort((a, b) => (a.to ? 0 : 1) - (b.to ? 0 : 1) || Number(a.move === 'definition') - Number(b.move === 'definition') || (a.predictedMs ?? Infinity) - (b.predictedMs ?? Infinity) || a.memoryMiB - b.memoryMiB);
-  const placed = rows.filter((r) => r.to);
-  const timed = placed.filter((r) => r.move === 'live');
-  const predictedMs = timed.every((r) => r.predictedMs !== null) ? makespanMs(timed.map((r) => ({ to: r.to!, ms: r.predictedMs! })), parallel) : null;
-  const report = (outcome: EvacuationReport['outcome']): EvacuationReport => ({ host: info.name, planOnly: !!o.plan, maintenance: !o.plan || info.maintenance.on, parallel, predictedMs, elapsedMs: Date.now() - t0, domains: rows, outcome });
-  if (o.plan) return report('planned');
+  return rows;
+}
 
-  // The moves: one queue per destination, `parallel` at a time each.
-  if (!events) throw new FerryError('INTERNAL', 'evacuate: no event stream');
+/** The moves, one queue per destination with `parallel` at a time each, each row updated from HOST's progress events. */
+async function runMoves(
+  rows: Row[],
+  c: {
+    src: Target;
+    events: ApiClient;
+    parallel: number;
+    budget: Budget;
+    onView: ((rows: Row[], etaMs: number | null) => void) | undefined;
+  },
+): Promise<void> {
+  const { src, events, parallel, budget, onView } = c;
+  const placed = rows.filter((r) => r.to);
   const eta = (): number | null => {
     const rest = rows.filter((r) => r.move === 'live' && (r.state === 'queued' || r.state === 'moving'));
     if (rest.some((r) => r.predictedMs === null)) return null;
-    return makespanMs(rest.map((r) => ({ to: r.to!, ms: r.state === 'moving' ? r.predictedMs! * (1 - r.percent / 100) : r.predictedMs! })), parallel);
+    return makespanMs(
+      rest.map((r) => ({ to: r.to!, ms: r.state === 'moving' ? r.predictedMs! * (1 - r.percent / 100) : r.predictedMs! })),
+      parallel,
+    );
   };
   const show = (): void => onView?.(rows, eta());
   events.on('event', (ev: { event: string; data: unknown }) => {
     if (ev.event !== 'migration.progress') return;
     const p = ev.data as Progress;
     const r = rows.find((x) => x.domain === p.domain && x.state === 'moving');
-    if (r) { r.percent = p.percent; r.stage = p.stage ?? ''; show(); }
+    if (r) {
+      r.percent = p.percent;
+      r.stage = p.stage ?? '';
+      show();
+    }
   });
   show();
   const move = async (r: Row): Promise<void> => {
     r.state = 'moving';
     show();
     try {
-      const rep = await call(src, 'migration.start', r.move === 'live' ? { domain: r.domain, dest: r.to!, live: true, ...budget } : { domain: r.domain, dest: r.to! });
-      if (rep.error) { r.state = 'failed'; r.error = rep.error; } else { r.state = 'moved'; r.percent = 100; r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy }; }
+      const rep = await call(
+        src,
+        'migration.start',
+        r.move === 'live' ? { domain: r.domain, dest: r.to!, live: true, ...budget } : { domain: r.domain, dest: r.to! },
+      );
+      if (rep.error) {
+        r.state = 'failed';
+        r.error = rep.error;
+      } else {
+        r.state = 'moved';
+        r.percent = 100;
+        r.report = { totalMs: rep.totalMs, pauseMs: rep.pauseMs, strategy: rep.strategy };
+      }
     } catch (e) {
       r.state = 'failed';
       r.error = asFerryError(e).toJSON() as { code: string; message: string };
@@ -164,17 +276,94 @@ async function evacuateWith(o: EvacOpts, onView: ((rows: Row[], etaMs: number | 
   };
   const byDest = new Map<string, Row[]>();
   for (const r of placed) byDest.set(r.to!, [...(byDest.get(r.to!) ?? []), r]);
-  await Promise.all([...byDest.values()].flatMap((q) => Array.from({ length: parallel }, async () => {
-    for (let r = q.shift(); r; r = q.shift()) await move(r);
-  })));
+  await Promise.all(
+    [...byDest.values()].flatMap((q) =>
+      Array.from({ length: parallel }, async () => {
+        for (let r = q.shift(); r; r = q.shift()) await move(r);
+      }),
+    ),
+  );
+}
+
+/** The rest of an evacuation, with HOST's event stream open (none for --plan). */
+async function evacuateWith(
+  o: EvacOpts,
+  onView: ((rows: Row[], etaMs: number | null) => void) | undefined,
+  c: {
+    t0: number;
+    parallel: number;
+    src: Target;
+    info: HostInfo;
+    candidates: Candidate[];
+    unreachable: string[];
+    events: ApiClient | undefined;
+  },
+): Promise<EvacuationReport> {
+  const { t0, parallel, src, info, candidates, unreachable, events } = c;
+  // Moves still under way (an interrupted run's) finish first; what stays here is taken again.
+  const all = await settleEarlier(src, events, onView);
+  const budget = {
+    ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
+    ...(o.timeout !== undefined ? { timeoutS: o.timeout } : {}),
+  };
+  const rows = await rowsFor(all, o, { src, info, candidates, unreachable, budget });
+  // Shortest first, as the plan says; unknown predictions last among equals in size;
+  // definitions after every live move.
+  rows.sort(
+    (a, b) =>
+      (a.to ? 0 : 1) - (b.to ? 0 : 1) ||
+      Number(a.move === 'definition') - Number(b.move === 'definition') ||
+      (a.predictedMs ?? Infinity) - (b.predictedMs ?? Infinity) ||
+      a.memoryMiB - b.memoryMiB,
+  );
+  const placed = rows.filter((r) => r.to);
+  const timed = placed.filter((r) => r.move === 'live');
+  const predictedMs = timed.every((r) => r.predictedMs !== null)
+    ? makespanMs(
+        timed.map((r) => ({ to: r.to!, ms: r.predictedMs! })),
+        parallel,
+      )
+    : null;
+  const report = (outcome: EvacuationReport['outcome']): EvacuationReport => ({
+    host: info.name,
+    planOnly: !!o.plan,
+    maintenance: !o.plan || info.maintenance.on,
+    parallel,
+    predictedMs,
+    elapsedMs: Date.now() - t0,
+    domains: rows,
+    outcome,
+  });
+  if (o.plan) return report('planned');
+
+  // The moves: one queue per destination, `parallel` at a time each.
+  if (!events) throw new FerryError('INTERNAL', 'evacuate: no event stream');
+  await runMoves(rows, { src, events, parallel, budget, onView });
   return report(rows.every((r) => r.state === 'moved') ? 'done' : 'incomplete');
 }
 
 function printEvacuation(r: EvacuationReport): void {
-  const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '?' : v < 10000 ? `${v} ms` : `${(v / 1000).toFixed(1)} s`);
-  process.stdout.write(`${r.planOnly ? 'Plan to evacuate' : 'Evacuation of'} ${r.host}${r.maintenance ? ' (in maintenance)' : ''}: ${r.domains.length} domain${r.domains.length === 1 ? '' : 's'}, up to ${r.parallel} at once per destination; predicted ${ms(r.predictedMs)}${r.planOnly ? '' : `, took ${ms(r.elapsedMs)}`}\n\n`);
+  const ms = (v: number | null | undefined): string =>
+    v === null || v === undefined ? '?' : v < 10000 ? `${v} ms` : `${(v / 1000).toFixed(1)} s`;
+  process.stdout.write(
+    `${r.planOnly ? 'Plan to evacuate' : 'Evacuation of'} ${r.host}${r.maintenance ? ' (in maintenance)' : ''}: ${r.domains.length} domain${r.domains.length === 1 ? '' : 's'}, up to ${r.parallel} at once per destination; predicted ${ms(r.predictedMs)}${r.planOnly ? '' : `, took ${ms(r.elapsedMs)}`}\n\n`,
+  );
   const rows: (string | number)[][] = [['Domain', 'Mem', 'To', 'Predicted', 'State', 'Detail']];
-  for (const d of r.domains) rows.push([d.domain, `${d.memoryMiB} MiB`, d.to ?? '-', ms(d.predictedMs), d.state, d.error ? `${d.error.code}: ${d.error.message}` : d.report ? (d.move === 'definition' ? `definition moved in ${ms(d.report.totalMs)}` : `${ms(d.report.totalMs)}, pause ${ms(d.report.pauseMs)}${d.report.strategy ? `, ${d.report.strategy}` : ''}`) : d.why]);
+  for (const d of r.domains)
+    rows.push([
+      d.domain,
+      `${d.memoryMiB} MiB`,
+      d.to ?? '-',
+      ms(d.predictedMs),
+      d.state,
+      d.error
+        ? `${d.error.code}: ${d.error.message}`
+        : d.report
+          ? d.move === 'definition'
+            ? `definition moved in ${ms(d.report.totalMs)}`
+            : `${ms(d.report.totalMs)}, pause ${ms(d.report.pauseMs)}${d.report.strategy ? `, ${d.report.strategy}` : ''}`
+          : d.why,
+    ]);
   process.stdout.write(table(rows, ['l', 'r', 'l', 'r', 'l', 'l']));
 }
 
@@ -182,8 +371,13 @@ function printEvacuation(r: EvacuationReport): void {
 function terminalView(): (rows: Row[], etaMs: number | null) => void {
   let drawn = 0;
   return (rows, etaMs) => {
-    const lines = [`evacuating: ${rows.filter((r) => r.state === 'moved').length}/${rows.filter((r) => r.to).length} moved, ETA ${etaMs === null ? '?' : `${(etaMs / 1000).toFixed(1)} s`}`,
-      ...rows.map((r) => `  ${r.domain.padEnd(16)} → ${(r.to ?? '-').padEnd(10)} ${r.state.padEnd(8)} ${r.state === 'moving' ? `${r.percent.toFixed(0).padStart(3)}% ${r.stage}` : r.error ? r.error.code : r.state === 'unplaced' ? r.why.slice(0, 60) : ''}`)];
+    const lines = [
+      `evacuating: ${rows.filter((r) => r.state === 'moved').length}/${rows.filter((r) => r.to).length} moved, ETA ${etaMs === null ? '?' : `${(etaMs / 1000).toFixed(1)} s`}`,
+      ...rows.map(
+        (r) =>
+          `  ${r.domain.padEnd(16)} → ${(r.to ?? '-').padEnd(10)} ${r.state.padEnd(8)} ${r.state === 'moving' ? `${r.percent.toFixed(0).padStart(3)}% ${r.stage}` : r.error ? r.error.code : r.state === 'unplaced' ? r.why.slice(0, 60) : ''}`,
+      ),
+    ];
     process.stderr.write((drawn ? `\x1b[${drawn}A` : '') + lines.map((l) => `\x1b[2K${l}\n`).join(''));
     drawn = lines.length;
   };
@@ -191,37 +385,71 @@ function terminalView(): (rows: Row[], etaMs: number | null) => void {
 
 export function registerEvacuate(host: Command): void {
   const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
-  const int = (name: string) => (v: string): number => { const n = Number(v); if (!Number.isInteger(n) || n < 1) throw new FerryError('CLI_USAGE', `${name} must be a whole number of at least 1, got "${v}"`); return n; };
-  host.command('maintenance').description('put a host in maintenance (no domain starts there, no move comes in), or take it out').argument('<host>').argument('<on|off>').option('--json', 'JSON output')
-    .action(act(async (h: string, onOff: string) => {
-      if (onOff !== 'on' && onOff !== 'off') throw new FerryError('CLI_USAGE', `say on or off, got "${onOff}"`);
-      return call(resolveTarget(h), 'host.maintenance', { on: onOff === 'on' });
-    }, (r) => process.stdout.write(`${r.host}: maintenance ${r.maintenance.on ? `on since ${r.maintenance.since}` : 'off'}\n`)));
-  host.command('evacuate').description('empty a host: maintenance on, then every running domain moves live to another host, with one progress view and an ETA').argument('<host>')
-    .option('--to <host>', 'only to this host (repeat for several; default: the host\'s peers)', collect)
+  const int =
+    (name: string) =>
+    (v: string): number => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 1) throw new FerryError('CLI_USAGE', `${name} must be a whole number of at least 1, got "${v}"`);
+      return n;
+    };
+  host
+    .command('maintenance')
+    .description('put a host in maintenance (no domain starts there, no move comes in), or take it out')
+    .argument('<host>')
+    .argument('<on|off>')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (h: string, onOff: string) => {
+          if (onOff !== 'on' && onOff !== 'off') throw new FerryError('CLI_USAGE', `say on or off, got "${onOff}"`);
+          return call(resolveTarget(h), 'host.maintenance', { on: onOff === 'on' });
+        },
+        (r) => process.stdout.write(`${r.host}: maintenance ${r.maintenance.on ? `on since ${r.maintenance.since}` : 'off'}\n`),
+      ),
+    );
+  host
+    .command('evacuate')
+    .description('empty a host: maintenance on, then every running domain moves live to another host, with one progress view and an ETA')
+    .argument('<host>')
+    .option('--to <host>', "only to this host (repeat for several; default: the host's peers)", collect)
     .option('--parallel <n>', 'moves at once per destination (default 1)', int('--parallel'))
     .option('--max-downtime <ms>', 'longest pause for each move (default 300)', int('--max-downtime'))
-    .option('--timeout <s>', 'each move\'s time budget (default 600)', int('--timeout'))
-    .option('--include-stopped', 'move shut-off domains\' definitions too (after the running ones)')
+    .option('--timeout <s>', "each move's time budget (default 600)", int('--timeout'))
+    .option('--include-stopped', "move shut-off domains' definitions too (after the running ones)")
     .option('--plan', 'move nothing: print where each domain would go and the predicted time')
     .option('--json', 'print one final JSON report')
-    .action(act(async (h: string, o: EvacOpts): Promise<EvacuationReport | undefined> => {
-      const tty = !o.json && !!process.stderr.isTTY;
-      // Interrupted: the moves under way are ferryd's jobs and finish; a second run takes the rest.
-      process.once('SIGINT', () => {
-        process.stderr.write(`\nferry: evacuation of ${h} interrupted; moves under way finish on their own. Run it again to move the rest (${h} stays in maintenance)\n`);
-        process.exit(130);
-      });
-      const r = await evacuate(h, o, tty && !o.plan ? terminalView() : undefined);
-      if (r.outcome === 'incomplete') {
-        // The report is the answer either way; the exit code says it is not done.
-        const n = r.domains.filter((d) => d.state !== 'moved').length;
-        const fe = new FerryError('EVACUATION_INCOMPLETE', `${n} domain${n === 1 ? '' : 's'} did not leave ${r.host}; the table says why. Fix that and run the evacuation again: it takes what is still there`);
-        if (o.json) printJson({ ...r, error: fe.toJSON() }); else { printEvacuation(r); process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`); }
-        process.exitCode = fe.exitCode;
-        return undefined;
-      }
-      return r;
-    }, (r) => { if (r) printEvacuation(r); }));
+    .action(
+      act(
+        async (h: string, o: EvacOpts): Promise<EvacuationReport | undefined> => {
+          const tty = !o.json && !!process.stderr.isTTY;
+          // Interrupted: the moves under way are ferryd's jobs and finish; a second run takes the rest.
+          process.once('SIGINT', () => {
+            process.stderr.write(
+              `\nferry: evacuation of ${h} interrupted; moves under way finish on their own. Run it again to move the rest (${h} stays in maintenance)\n`,
+            );
+            process.exit(130);
+          });
+          const r = await evacuate(h, o, tty && !o.plan ? terminalView() : undefined);
+          if (r.outcome === 'incomplete') {
+            // The report is the answer either way; the exit code says it is not done.
+            const n = r.domains.filter((d) => d.state !== 'moved').length;
+            const fe = new FerryError(
+              'EVACUATION_INCOMPLETE',
+              `${n} domain${n === 1 ? '' : 's'} did not leave ${r.host}; the table says why. Fix that and run the evacuation again: it takes what is still there`,
+            );
+            if (o.json) printJson({ ...r, error: fe.toJSON() });
+            else {
+              printEvacuation(r);
+              process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`);
+            }
+            process.exitCode = fe.exitCode;
+            return undefined;
+          }
+          return r;
+        },
+        (r) => {
+          if (r) printEvacuation(r);
+        },
+      ),
+    );
 }
-

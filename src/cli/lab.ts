@@ -5,7 +5,18 @@ import { spawnSync } from 'node:child_process';
 import type { Command } from 'commander';
 import { FerryError } from '../errors.ts';
 import { table, isTty, act } from './output.ts';
-import { labUp, labDown, readLab, requireLab, restartFerryd, labNamespace, isFerryd, IMAGES_DIR, FERRY_BIN, type LabState } from '../lab/lab.ts';
+import {
+  labUp,
+  labDown,
+  readLab,
+  requireLab,
+  restartFerryd,
+  labNamespace,
+  isFerryd,
+  IMAGES_DIR,
+  FERRY_BIN,
+  type LabState,
+} from '../lab/lab.ts';
 import { linuxGuestConfig, patternGuestConfig } from '../lab/guests.ts';
 import { call } from '../api/client.ts';
 import type { DomainInfo } from '../api/protocol.ts';
@@ -37,11 +48,14 @@ export async function findDomain(s: LabState, name: string): Promise<{ host: str
   return found;
 }
 
-export async function verifyPattern(name: string): Promise<{ ok: boolean; host: string; pages: number; first: number; edge: number | null; bad: unknown[] }> {
+export async function verifyPattern(
+  name: string,
+): Promise<{ ok: boolean; host: string; pages: number; first: number; edge: number | null; bad: unknown[] }> {
   const s = requireLab();
   const where = (await findDomain(s, name)).filter((f) => f.info.pid);
   if (where.length === 0) throw new FerryError('DOMAIN_NOT_FOUND', `Domain "${name}" runs on no lab host`);
-  if (where.length > 1) throw new FerryError('VERIFY_FAILED', `Domain "${name}" runs on ${where.length} hosts: ${where.map((w) => w.host).join(', ')}`);
+  if (where.length > 1)
+    throw new FerryError('VERIFY_FAILED', `Domain "${name}" runs on ${where.length} hosts: ${where.map((w) => w.host).join(', ')}`);
   const { host, apiSocket, info } = where[0];
   const cfg = info.config as { disks?: { path: string }[]; boot?: { disk?: number } };
   const disk = cfg.disks?.[cfg.boot?.disk ?? 0];
@@ -50,9 +64,15 @@ export async function verifyPattern(name: string): Promise<{ ok: boolean; host: 
   const sector = Buffer.alloc(512);
   fs.readSync(fd, sector, 0, 512, 0);
   fs.closeSync(fd);
-  if (sector.readUInt16LE(510) !== 0xaa55 || !sector.includes(Buffer.from('ferry-pattern'))) throw new FerryError('CLI_USAGE', `Domain "${name}" does not boot the pattern guest`);
+  if (sector.readUInt16LE(510) !== 0xaa55 || !sector.includes(Buffer.from('ferry-pattern')))
+    throw new FerryError('CLI_USAGE', `Domain "${name}" does not boot the pattern guest`);
   const range = patternRange(sector, info.memoryMiB);
-  const r = await call({ kind: 'unix', path: apiSocket, label: host }, 'domain.sample-memory', { domain: name, ...{ startMiB: range.startMiB, endMiB: range.endMiB } }, 120000);
+  const r = await call(
+    { kind: 'unix', path: apiSocket, label: host },
+    'domain.sample-memory',
+    { domain: name, ...{ startMiB: range.startMiB, endMiB: range.endMiB } },
+    120000,
+  );
   const res = checkPattern(Buffer.from(r.bytes, 'base64'));
   return { host, ...res };
 }
@@ -70,11 +90,35 @@ export async function labSsh(name: string, cmd: string[]): Promise<number> {
   const ip = where[0].info.nics[0]?.ip?.split('/')[0];
   if (!ip) throw new FerryError('CLI_USAGE', `Domain "${name}" has no NIC with an IP address`);
   const keys = path.join(IMAGES_DIR, 'lab-ssh');
-  if (!fs.existsSync(path.join(keys, 'id_ed25519'))) throw new FerryError('IMAGES_MISSING', `The lab's SSH key ${keys}/id_ed25519 is missing: run \`ferry lab images\``);
-  const args = ['netns', 'exec', s.client.namespace, 'ssh', '-i', path.join(keys, 'id_ed25519'),
-    '-o', `UserKnownHostsFile=${path.join(keys, 'known_hosts')}`, '-o', 'GlobalKnownHostsFile=/dev/null', '-o', 'HostKeyAlias=ferry-lab-guest',
-    '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes', '-o', 'LogLevel=ERROR', '-o', 'ConnectTimeout=10',
-    ...(cmd.length === 0 && process.stdin.isTTY ? ['-t'] : []), `root@${ip}`, ...cmd];
+  if (!fs.existsSync(path.join(keys, 'id_ed25519')))
+    throw new FerryError('IMAGES_MISSING', `The lab's SSH key ${keys}/id_ed25519 is missing: run \`ferry lab images\``);
+  const args = [
+    'netns',
+    'exec',
+    s.client.namespace,
+    'ssh',
+    '-i',
+    path.join(keys, 'id_ed25519'),
+    '-o',
+    `UserKnownHostsFile=${path.join(keys, 'known_hosts')}`,
+    '-o',
+    'GlobalKnownHostsFile=/dev/null',
+    '-o',
+    'HostKeyAlias=ferry-lab-guest',
+    '-o',
+    'StrictHostKeyChecking=yes',
+    '-o',
+    'BatchMode=yes',
+    '-o',
+    'IdentitiesOnly=yes',
+    '-o',
+    'LogLevel=ERROR',
+    '-o',
+    'ConnectTimeout=10',
+    ...(cmd.length === 0 && process.stdin.isTTY ? ['-t'] : []),
+    `root@${ip}`,
+    ...cmd,
+  ];
   const r = spawnSync('ip', args, { stdio: 'inherit' });
   return r.status ?? 255;
 }
@@ -87,52 +131,113 @@ function printStatus(s: LabState & { guests: GuestRow[] }): void {
   rows.push(['client', s.client.namespace, s.client.address, '-', '-']);
   process.stdout.write(table(rows, ['l', 'l', 'l', 'r', 'l']));
   if (s.guests.length) {
-    process.stdout.write('\n' + table([['Guest', 'Host', 'State', 'IP', 'MAC'], ...s.guests.map((g) => [g.name, g.host, g.state, g.ip ?? '-', g.mac ?? '-'])], ['l', 'l', 'l', 'l', 'l']));
+    process.stdout.write(
+      '\n' +
+        table(
+          [['Guest', 'Host', 'State', 'IP', 'MAC'], ...s.guests.map((g) => [g.name, g.host, g.state, g.ip ?? '-', g.mac ?? '-'])],
+          ['l', 'l', 'l', 'l', 'l'],
+        ),
+    );
   }
 }
 
 export function registerLab(prog: Command): void {
   const lab = prog.command('lab').description('a cluster of real hosts on this machine, in network namespaces');
-  lab.command('up').description('build the lab: switch, hosts with ferryd, client')
+  registerLabLifecycle(lab);
+  registerLabAccess(lab);
+  registerLabGuests(lab);
+}
+
+/** lab up, down and status. */
+function registerLabLifecycle(lab: Command): void {
+  lab
+    .command('up')
+    .description('build the lab: switch, hosts with ferryd, client')
     .option('--hosts <n>', 'number of hosts', int('--hosts'), 2)
     .option('--segments <n>', '1, or 2 for a second L2 segment (the last host\'s "lab" network moves there)', int('--segments'), 1)
     .option('--host-memory <MiB>', 'memory each host offers to domains', int('--host-memory'))
-    .option('--state-size <MiB>', 'give each host\'s state directory a tmpfs of this size (to test a full disk)', int('--state-size'))
+    .option('--state-size <MiB>', "give each host's state directory a tmpfs of this size (to test a full disk)", int('--state-size'))
     .option('--allow-insecure', 'hosts accept plain-TCP migration streams (relocation.allowInsecure)')
     .option('--json', 'JSON output')
-    .action(act(async (o: { hosts: number; segments: number; hostMemory?: number; stateSize?: number; allowInsecure?: boolean; json?: boolean }) => {
-      const tty = isTty() && !o.json;
-      return labUp({ hosts: o.hosts, segments: o.segments, hostMemoryMiB: o.hostMemory, stateMiB: o.stateSize, allowInsecure: o.allowInsecure, progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined });
-    }, (s: LabState) => {
-      process.stdout.write(`Lab up in ${s.dir}:\n`);
-      printStatus({ ...s, guests: [] });
-    }));
-  lab.command('down').description('remove everything the lab made (idempotent)').option('--json', 'JSON output')
-    .action(act(async () => labDown(), (r) => process.stdout.write(`Lab down: removed ${r.namespaces.length} namespaces, ended ${r.processes.length} processes\n`)));
-  lab.command('status').description('hosts and guests of the lab').option('--json', 'JSON output')
-    .action(act(async () => {
-      const s = readLab();
-      if (!s) throw new FerryError('LAB_NOT_UP', 'The lab is not up');
-      const guests: GuestRow[] = [];
-      for (const h of s.hosts) {
-        if (!isFerryd(h.pid)) continue;
-        try {
-          const list = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.list', {}, 5000);
-          for (const d of list) {
-            const info = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.info', { domain: d.name }, 5000);
-            guests.push({ name: d.name, host: h.name, state: d.state, ip: info.nics[0]?.ip ?? null, mac: info.nics[0]?.mac ?? null });
+    .action(
+      act(
+        async (o: {
+          hosts: number;
+          segments: number;
+          hostMemory?: number;
+          stateSize?: number;
+          allowInsecure?: boolean;
+          json?: boolean;
+        }) => {
+          const tty = isTty() && !o.json;
+          return labUp({
+            hosts: o.hosts,
+            segments: o.segments,
+            hostMemoryMiB: o.hostMemory,
+            stateMiB: o.stateSize,
+            allowInsecure: o.allowInsecure,
+            progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
+          });
+        },
+        (s: LabState) => {
+          process.stdout.write(`Lab up in ${s.dir}:\n`);
+          printStatus({ ...s, guests: [] });
+        },
+      ),
+    );
+  lab
+    .command('down')
+    .description('remove everything the lab made (idempotent)')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async () => labDown(),
+        (r) => process.stdout.write(`Lab down: removed ${r.namespaces.length} namespaces, ended ${r.processes.length} processes\n`),
+      ),
+    );
+  lab
+    .command('status')
+    .description('hosts and guests of the lab')
+    .option('--json', 'JSON output')
+    .action(
+      act(async () => {
+        const s = readLab();
+        if (!s) throw new FerryError('LAB_NOT_UP', 'The lab is not up');
+        const guests: GuestRow[] = [];
+        for (const h of s.hosts) {
+          if (!isFerryd(h.pid)) continue;
+          try {
+            const list = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.list', {}, 5000);
+            for (const d of list) {
+              const info = await call({ kind: 'unix', path: h.apiSocket, label: h.name }, 'domain.info', { domain: d.name }, 5000);
+              guests.push({ name: d.name, host: h.name, state: d.state, ip: info.nics[0]?.ip ?? null, mac: info.nics[0]?.mac ?? null });
+            }
+          } catch {
+            /* host down: shown as such */
           }
-        } catch { /* host down: shown as such */ }
-      }
-      return { ...s, hosts: s.hosts.map((h) => ({ ...h, ferrydUp: isFerryd(h.pid) })), guests };
-    }, printStatus));
-  lab.command('exec').description('run a command in a lab namespace (host1, client, switch)').argument('<name>').argument('<cmd...>')
+        }
+        return { ...s, hosts: s.hosts.map((h) => ({ ...h, ferrydUp: isFerryd(h.pid) })), guests };
+      }, printStatus),
+    );
+}
+
+/** lab exec and ssh (a command in a namespace, a shell in a guest) and restart (a host's ferryd). */
+function registerLabAccess(lab: Command): void {
+  lab
+    .command('exec')
+    .description('run a command in a lab namespace (host1, client, switch)')
+    .argument('<name>')
+    .argument('<cmd...>')
     .action(async (name: string, cmd: string[]) => {
       try {
         const s = requireLab();
         const ns = labNamespace(s, name);
         const h = s.hosts.find((x) => x.namespace === ns);
-        const env = { ...process.env, PATH: `${path.join(repoRoot, 'node_modules', '.bin')}:${path.dirname(FERRY_BIN)}:${process.env.PATH}`, ...(h ? { FERRY_SOCKET: h.apiSocket, FERRY_TLS_DIR: h.tlsDir } : { FERRY_TLS_DIR: s.adminTlsDir }) };
+        const env = {
+          ...process.env,
+          PATH: `${path.join(repoRoot, 'node_modules', '.bin')}:${path.dirname(FERRY_BIN)}:${process.env.PATH}`,
+          ...(h ? { FERRY_SOCKET: h.apiSocket, FERRY_TLS_DIR: h.tlsDir } : { FERRY_TLS_DIR: s.adminTlsDir }),
+        };
         const r = spawnSync('ip', ['netns', 'exec', ns, ...cmd], { stdio: 'inherit', env });
         process.exitCode = r.status ?? 1;
       } catch (e) {
@@ -140,8 +245,13 @@ export function registerLab(prog: Command): void {
         process.exitCode = reportError(e, false);
       }
     });
-  lab.command('ssh').description('SSH into a lab Linux guest as root from the client namespace (lab key, pinned host key); exits with the remote command\'s status')
-    .argument('<domain>').argument('[cmd...]', 'a command to run instead of a shell (after --)')
+  lab
+    .command('ssh')
+    .description(
+      "SSH into a lab Linux guest as root from the client namespace (lab key, pinned host key); exits with the remote command's status",
+    )
+    .argument('<domain>')
+    .argument('[cmd...]', 'a command to run instead of a shell (after --)')
     .action(async (name: string, cmd: string[]) => {
       try {
         process.exitCode = await labSsh(name, cmd);
@@ -150,27 +260,73 @@ export function registerLab(prog: Command): void {
         process.exitCode = reportError(e, false);
       }
     });
-  lab.command('restart').description('restart a host\'s ferryd').argument('<host>').option('--json', 'JSON output')
-    .action(act(async (h: string) => restartFerryd(h), (h) => process.stdout.write(`ferryd on ${h.name} restarted (pid ${h.pid})\n`)));
-  lab.command('verify').description('check a pattern guest\'s memory, wherever it runs (exit 0 only if consistent)').argument('<domain>').option('--json', 'JSON output')
-    .action(act(async (d: string) => {
-      const r = await verifyPattern(d);
-      if (!r.ok) {
-        throw new FerryError('VERIFY_FAILED', `Domain "${d}" on ${r.host}: memory pattern inconsistent at ${r.bad.length}+ pages, first ${JSON.stringify(r.bad[0])}`, { ...r });
-      }
-      return r;
-    }, (r) => process.stdout.write(`Domain memory consistent on ${r.host}: ${r.pages} pages, pass value ${r.first}${r.edge !== null ? `, edge at page ${r.edge}` : ''}\n`)));
-  lab.command('guest').description('print a ready domain config for a lab test guest').argument('<kind>', 'linux or pattern').argument('<name>')
-    .option('--memory <MiB>', 'guest memory', int('--memory')).option('--json', 'JSON output (the config is JSON either way)')
-    .option('--data-disk <MiB>', 'linux: a qcow2 data disk of this size in the host\'s own disk directory, /dev/vda in the guest', int('--data-disk'))
+  lab
+    .command('restart')
+    .description("restart a host's ferryd")
+    .argument('<host>')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (h: string) => restartFerryd(h),
+        (h) => process.stdout.write(`ferryd on ${h.name} restarted (pid ${h.pid})\n`),
+      ),
+    );
+}
+
+/** lab verify (the pattern guest's memory), guest (the test guests' configs) and images. */
+function registerLabGuests(lab: Command): void {
+  lab
+    .command('verify')
+    .description("check a pattern guest's memory, wherever it runs (exit 0 only if consistent)")
+    .argument('<domain>')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (d: string) => {
+          const r = await verifyPattern(d);
+          if (!r.ok) {
+            throw new FerryError(
+              'VERIFY_FAILED',
+              `Domain "${d}" on ${r.host}: memory pattern inconsistent at ${r.bad.length}+ pages, first ${JSON.stringify(r.bad[0])}`,
+              { ...r },
+            );
+          }
+          return r;
+        },
+        (r) =>
+          process.stdout.write(
+            `Domain memory consistent on ${r.host}: ${r.pages} pages, pass value ${r.first}${r.edge !== null ? `, edge at page ${r.edge}` : ''}\n`,
+          ),
+      ),
+    );
+  lab
+    .command('guest')
+    .description('print a ready domain config for a lab test guest')
+    .argument('<kind>', 'linux or pattern')
+    .argument('<name>')
+    .option('--memory <MiB>', 'guest memory', int('--memory'))
+    .option('--json', 'JSON output (the config is JSON either way)')
+    .option(
+      '--data-disk <MiB>',
+      "linux: a qcow2 data disk of this size in the host's own disk directory, /dev/vda in the guest",
+      int('--data-disk'),
+    )
     .option('--on <host>', 'with --data-disk: the lab host whose disk directory holds it', 'host1')
-    .action(act(async (kind: string, name: string, o: { memory?: number; dataDisk?: number; on: string }) => {
-      if (o.dataDisk !== undefined && kind !== 'linux') throw new FerryError('CLI_USAGE', '--data-disk is for the linux guest');
-      if (kind === 'linux') return linuxGuestConfig(name, o.memory, o.dataDisk !== undefined ? { mib: o.dataDisk, host: o.on } : undefined);
-      if (kind === 'pattern') return patternGuestConfig(name, o.memory);
-      throw new FerryError('CLI_USAGE', `Guest kind must be "linux" or "pattern", got "${kind}"`);
-    }, (c) => process.stdout.write(JSON.stringify(c, null, 2) + '\n')));
-  lab.command('images').description('build the test guest images (cached)')
+    .action(
+      act(
+        async (kind: string, name: string, o: { memory?: number; dataDisk?: number; on: string }) => {
+          if (o.dataDisk !== undefined && kind !== 'linux') throw new FerryError('CLI_USAGE', '--data-disk is for the linux guest');
+          if (kind === 'linux')
+            return linuxGuestConfig(name, o.memory, o.dataDisk !== undefined ? { mib: o.dataDisk, host: o.on } : undefined);
+          if (kind === 'pattern') return patternGuestConfig(name, o.memory);
+          throw new FerryError('CLI_USAGE', `Guest kind must be "linux" or "pattern", got "${kind}"`);
+        },
+        (c) => process.stdout.write(JSON.stringify(c, null, 2) + '\n'),
+      ),
+    );
+  lab
+    .command('images')
+    .description('build the test guest images (cached)')
     .action(async () => {
       const r = spawnSync('bash', [path.join(repoRoot, 'guest', 'build-images.sh'), IMAGES_DIR], { stdio: 'inherit' });
       process.exitCode = r.status === 0 ? 0 : 5;

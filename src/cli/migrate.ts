@@ -32,24 +32,67 @@ function bar(p: Progress): string {
 export function printReport(r: Report): void {
   const ms = (v: number | null | undefined): string => (v === null || v === undefined ? '-' : `${v} ms`);
   const rows: (string | number)[][] = [
-    ['outcome', r.outcome], ['mode', r.mode], ['domain', r.domain], ['from → to', `${r.source} → ${r.destination}`],
-    ['total', ms(r.totalMs)], ['setup', ms(r.setupMs)], ['downtime (QEMU)', ms(r.downtimeMs)], ['pause (STOP → resumed there)', ms(r.pauseMs)],
+    ['outcome', r.outcome],
+    ['mode', r.mode],
+    ['domain', r.domain],
+    ['from → to', `${r.source} → ${r.destination}`],
+    ['total', ms(r.totalMs)],
+    ['setup', ms(r.setupMs)],
+    ['downtime (QEMU)', ms(r.downtimeMs)],
+    ['pause (STOP → resumed there)', ms(r.pauseMs)],
   ];
-  if (r.networkHandoverMs !== undefined) rows.push(['network handover', r.networkHandoverMs === null ? '-' : `${r.networkHandoverMs} ms (the guest's first answer on its address after it resumed there)`]);
+  if (r.networkHandoverMs !== undefined)
+    rows.push([
+      'network handover',
+      r.networkHandoverMs === null ? '-' : `${r.networkHandoverMs} ms (the guest's first answer on its address after it resumed there)`,
+    ]);
   for (const w of r.warnings ?? []) rows.push(['WARNING', w]);
-  if (r.guestDowntimeMs !== undefined) rows.push(['guest-perceived downtime', r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`]);
+  if (r.guestDowntimeMs !== undefined)
+    rows.push([
+      'guest-perceived downtime',
+      r.guestDowntimeMs === null ? '-' : `${r.guestDowntimeMs} ms${r.guestProbe ? ` (${r.guestProbe})` : ''}`,
+    ]);
   if (r.memoryCheck) {
     const m = r.memoryCheck;
-    const fixed = m.repairedBytes > 0 ? `; ${fmtBytes(m.repairedBytes)} had arrived different and ${m.repairedChunks === 1 ? 'was' : 'were'} rewritten from the source` : '';
+    const fixed =
+      m.repairedBytes > 0
+        ? `; ${fmtBytes(m.repairedBytes)} had arrived different and ${m.repairedChunks === 1 ? 'was' : 'were'} rewritten from the source`
+        : '';
     rows.push(['memory check', `SHA-256 of ${fmtBytes(m.bytes)} equal on both hosts (${m.ms} ms${fixed})`]);
   }
-  if (r.storage) rows.push(['disks copied', `${r.storage.disks.map((d) => `disk${d.index} ${d.from} → ${d.to ?? '?'}`).join('; ')} (${fmtBytes(r.storage.copiedBytes)} in ${r.storage.copyMs} ms; the source's copy ${r.storage.sourceKept ? 'is kept' : 'was deleted'})`]);
-  if (r.timeline && Object.keys(r.timeline).length) rows.push(['timeline', Object.entries(r.timeline).map(([k, v]) => `${k} ${v}`).join(', ') + ' ms']);
-  rows.push(['sent', fmtBytes(r.bytes)], ['passes', r.passes], ['throughput', `${r.throughputMBps} MB/s`], ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)']);
-  if (r.strategy) rows.push(['strategy', r.strategy + (r.postcopy ? ` (after ${r.postcopy.startedAtMs} ms; the guest's memory was on both hosts for ${r.postcopy.windowMs ?? '?'} ms)` : '')]);
+  if (r.storage)
+    rows.push([
+      'disks copied',
+      `${r.storage.disks.map((d) => `disk${d.index} ${d.from} → ${d.to ?? '?'}`).join('; ')} (${fmtBytes(r.storage.copiedBytes)} in ${r.storage.copyMs} ms; the source's copy ${r.storage.sourceKept ? 'is kept' : 'was deleted'})`,
+    ]);
+  if (r.timeline && Object.keys(r.timeline).length)
+    rows.push([
+      'timeline',
+      Object.entries(r.timeline)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ') + ' ms',
+    ]);
+  rows.push(
+    ['sent', fmtBytes(r.bytes)],
+    ['passes', r.passes],
+    ['throughput', `${r.throughputMBps} MB/s`],
+    ['encrypted', r.encrypted ? 'yes (TLS)' : 'NO (--insecure)'],
+  );
+  if (r.strategy)
+    rows.push([
+      'strategy',
+      r.strategy +
+        (r.postcopy
+          ? ` (after ${r.postcopy.startedAtMs} ms; the guest's memory was on both hosts for ${r.postcopy.windowMs ?? '?'} ms)`
+          : ''),
+    ]);
   if (r.plan) {
     const pred = r.plan.predictions.find((x) => x.strategy === (r.strategy === 'suspend' ? 'precopy' : r.strategy));
-    if (pred) rows.push(['predicted → actual', `total ${pred.totalMs === null ? 'never' : `${pred.totalMs} ms`} → ${r.totalMs} ms; pause ${pred.pauseMs === null ? 'never' : `${pred.pauseMs} ms`} → ${r.pauseMs ?? '-'} ms; sent ${pred.bytes === null ? '-' : fmtBytes(pred.bytes)} → ${fmtBytes(r.bytes)}`]);
+    if (pred)
+      rows.push([
+        'predicted → actual',
+        `total ${pred.totalMs === null ? 'never' : `${pred.totalMs} ms`} → ${r.totalMs} ms; pause ${pred.pauseMs === null ? 'never' : `${pred.pauseMs} ms`} → ${r.pauseMs ?? '-'} ms; sent ${pred.bytes === null ? '-' : fmtBytes(pred.bytes)} → ${fmtBytes(r.bytes)}`,
+      ]);
   }
   for (const pol of r.policy ?? []) rows.push(['policy', pol]);
   if (r.error) rows.push(['error', `${r.error.code}: ${r.error.message}`]);
@@ -59,15 +102,41 @@ export function printReport(r: Report): void {
 /** `ferry migrate --plan`: each strategy's predicted cost, and the pick. */
 export function printPlan(v: PlanView): void {
   const ms = (x: number | null): string => (x === null ? 'never' : x < 10000 ? `${x} ms` : `${(x / 1000).toFixed(1)} s`);
-  process.stdout.write(`Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM${v.touchedBytes !== null ? ` (${fmtBytes(v.touchedBytes)} touched)` : ''}, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s\n\n`);
+  process.stdout.write(
+    `Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM${v.touchedBytes !== null ? ` (${fmtBytes(v.touchedBytes)} touched)` : ''}, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s\n\n`,
+  );
   const rows: (string | number)[][] = [['Strategy', 'Total', 'Pause', 'Sent', 'Fits', 'Note']];
-  for (const p of v.predictions) rows.push([p.strategy === v.pick ? `${p.strategy} *` : p.strategy, ms(p.totalMs), ms(p.pauseMs), p.bytes === null ? '-' : fmtBytes(p.bytes), p.fitsBudget ? 'yes' : 'no', p.note]);
+  for (const p of v.predictions)
+    rows.push([
+      p.strategy === v.pick ? `${p.strategy} *` : p.strategy,
+      ms(p.totalMs),
+      ms(p.pauseMs),
+      p.bytes === null ? '-' : fmtBytes(p.bytes),
+      p.fitsBudget ? 'yes' : 'no',
+      p.note,
+    ]);
   process.stdout.write(table(rows, ['l', 'r', 'r', 'r', 'l', 'l']));
   process.stdout.write(`\nPick: ${v.pick}: ${v.reason}. At the deadline, still in pre-copy: ${v.onTimeout}.\n`);
 }
 
 /** `ferry migrate`'s options, as commander parses them. */
-interface MigrateOpts { copyStorage?: boolean; deleteSourceStorage?: boolean; live?: boolean; bandwidth?: number; maxDowntime?: number; timeout?: number; parallel?: number; insecure?: boolean; verifyMemory?: boolean; probe?: boolean; cancel?: boolean; json?: boolean; plan?: boolean; strategy?: string; onTimeout?: string }
+interface MigrateOpts {
+  copyStorage?: boolean;
+  deleteSourceStorage?: boolean;
+  live?: boolean;
+  bandwidth?: number;
+  maxDowntime?: number;
+  timeout?: number;
+  parallel?: number;
+  insecure?: boolean;
+  verifyMemory?: boolean;
+  probe?: boolean;
+  cancel?: boolean;
+  json?: boolean;
+  plan?: boolean;
+  strategy?: string;
+  onTimeout?: string;
+}
 
 /** The options `--plan` and a move share, as API params. */
 function budgetParams(o: MigrateOpts): Record<string, unknown> {
@@ -75,9 +144,21 @@ function budgetParams(o: MigrateOpts): Record<string, unknown> {
   if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
   if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
   if (o.timeout !== undefined) params.timeoutS = o.timeout;
-  if (o.strategy !== undefined) { if (!['auto', 'precopy', 'postcopy'].includes(o.strategy)) throw new FerryError('CLI_USAGE', `--strategy must be auto, precopy or postcopy, got "${o.strategy}"`); params.strategy = o.strategy; }
-  if (o.onTimeout !== undefined) { if (!['cancel', 'suspend', 'postcopy'].includes(o.onTimeout)) throw new FerryError('CLI_USAGE', `--on-timeout must be cancel, suspend or postcopy, got "${o.onTimeout}"`); params.onTimeout = o.onTimeout; }
-  if (o.parallel !== undefined) { if (!Number.isInteger(o.parallel) || o.parallel > 16) throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16'); params.parallel = o.parallel; }
+  if (o.strategy !== undefined) {
+    if (!['auto', 'precopy', 'postcopy'].includes(o.strategy))
+      throw new FerryError('CLI_USAGE', `--strategy must be auto, precopy or postcopy, got "${o.strategy}"`);
+    params.strategy = o.strategy;
+  }
+  if (o.onTimeout !== undefined) {
+    if (!['cancel', 'suspend', 'postcopy'].includes(o.onTimeout))
+      throw new FerryError('CLI_USAGE', `--on-timeout must be cancel, suspend or postcopy, got "${o.onTimeout}"`);
+    params.onTimeout = o.onTimeout;
+  }
+  if (o.parallel !== undefined) {
+    if (!Number.isInteger(o.parallel) || o.parallel > 16)
+      throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16');
+    params.parallel = o.parallel;
+  }
   return params;
 }
 
@@ -98,8 +179,14 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
           const again = Math.max(0, Math.round((w.nextTryAt - Date.now()) / 1000));
-          if (w.lastError.startsWith('post-copy recovery')) process.stderr.write(`  the post-copy stream to ${w.peer} broke; resuming it (try ${w.attempts}: ${w.lastError.replace(/^post-copy recovery: /, '')}), again in ${again} s\n`);
-          else process.stderr.write(`  ${w.peer} has not said whether it resumed the guest (try ${w.attempts}: ${w.lastError}); the copy here stays paused, asking again in ${again} s\n`);
+          if (w.lastError.startsWith('post-copy recovery'))
+            process.stderr.write(
+              `  the post-copy stream to ${w.peer} broke; resuming it (try ${w.attempts}: ${w.lastError.replace(/^post-copy recovery: /, '')}), again in ${again} s\n`,
+            );
+          else
+            process.stderr.write(
+              `  ${w.peer} has not said whether it resumed the guest (try ${w.attempts}: ${w.lastError}); the copy here stays paused, asking again in ${again} s\n`,
+            );
         } else if (ev.event === 'migration.phase' && (ev.data as { role: string }).role === 'source') {
           if (lastLen) process.stderr.write('\n');
           lastLen = 0;
@@ -116,7 +203,8 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
       // The answer is the job's report, failures included; `error` says why.
       const r = await c.request('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
-      if (o.json) printJson(r); else printReport(r);
+      if (o.json) printJson(r);
+      else printReport(r);
       if (!r.error) return 0;
       const fe = new FerryError(isErrorCode(r.error.code) ? r.error.code : 'MIGRATION_FAILED', r.error.message);
       if (!o.json) process.stderr.write(`ferry: ${fe.code}: ${fe.message}\n`);
@@ -125,7 +213,15 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
       if (tty && lastLen) process.stderr.write('\n');
       const fe = asFerryError(e);
       if (o.json) {
-        printJson({ outcome: 'failed', mode: o.live ? 'live' : 'offline', domain, source: hostArg ?? 'local', destination: dest, encrypted: !o.insecure, error: fe.toJSON() });
+        printJson({
+          outcome: 'failed',
+          mode: o.live ? 'live' : 'offline',
+          domain,
+          source: hostArg ?? 'local',
+          destination: dest,
+          encrypted: !o.insecure,
+          error: fe.toJSON(),
+        });
         return fe.exitCode;
       }
       throw fe;
@@ -137,51 +233,98 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
 
 function printJobs(rows: JobView[]): void {
   const out: (string | number)[][] = [['Domain', 'Role', 'Mode', 'Peer', 'Phase', 'Progress', 'Started', 'Outcome']];
-  for (const j of rows) out.push([j.domain, j.role, j.mode, j.peer, j.waiting ? `${j.phase} (${j.phase === 'postcopy' ? 'resuming the stream' : 'asking'}, try ${j.waiting.attempts})` : j.phase, j.progress ? `${j.progress.percent.toFixed(0)}%` : '-', j.startedAt, j.report?.outcome ?? (j.error ? 'failed' : '-')]);
+  for (const j of rows)
+    out.push([
+      j.domain,
+      j.role,
+      j.mode,
+      j.peer,
+      j.waiting ? `${j.phase} (${j.phase === 'postcopy' ? 'resuming the stream' : 'asking'}, try ${j.waiting.attempts})` : j.phase,
+      j.progress ? `${j.progress.percent.toFixed(0)}%` : '-',
+      j.startedAt,
+      j.report?.outcome ?? (j.error ? 'failed' : '-'),
+    ]);
   process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
   for (const j of rows) {
     if (!j.waiting) continue;
     if (j.phase === 'postcopy') {
-      process.stdout.write(`\n${j.domain}: in post-copy the stream to ${j.peer} broke; the guest runs there and waits for pages only this host has. ferryd keeps resuming the stream (never the copy here).\n` +
-        `  trying since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n`);
+      process.stdout.write(
+        `\n${j.domain}: in post-copy the stream to ${j.peer} broke; the guest runs there and waits for pages only this host has. ferryd keeps resuming the stream (never the copy here).\n` +
+          `  trying since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n`,
+      );
       continue;
     }
-    process.stdout.write(`\n${j.domain}: past the point of no return, ${j.peer} has not said whether it runs the guest; the copy here stays paused.\n` +
-      `  asking since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n` +
-      `  if you know where it runs: ferry job resolve ${j.domain} --assume-destination | --assume-source\n`);
+    process.stdout.write(
+      `\n${j.domain}: past the point of no return, ${j.peer} has not said whether it runs the guest; the copy here stays paused.\n` +
+        `  asking since ${new Date(j.waiting.since).toISOString()}, ${j.waiting.attempts} tries, last: ${j.waiting.lastError}\n` +
+        `  if you know where it runs: ferry job resolve ${j.domain} --assume-destination | --assume-source\n`,
+    );
   }
 }
 
 export function registerMigrate(prog: Command): void {
-  prog.command('migrate').description('move a domain to another host (offline; -l for live), as xm migrate')
-    .argument('<domain>').argument('[dest]', 'host name, address or address:port')
+  registerMigrateVerb(prog);
+  registerJobVerbs(prog);
+}
+
+/** migrate DOMAIN DEST [-l]: the move, its plan (--plan) or its cancellation (--cancel). */
+function registerMigrateVerb(prog: Command): void {
+  prog
+    .command('migrate')
+    .description('move a domain to another host (offline; -l for live), as xm migrate')
+    .argument('<domain>')
+    .argument('[dest]', 'host name, address or address:port')
     .option('-l, --live', 'live migration (the autopilot picks pre-copy or post-copy for the budget)')
     .option('--bandwidth <MiB/s>', 'cap the migration stream (default: uncapped)', num('--bandwidth', 1))
     .option('--max-downtime <ms>', 'longest pause allowed for the final switchover (default 300)', num('--max-downtime', 1))
-    .option('--timeout <s>', 'the move\'s time budget (default 600): the autopilot plans for it, and --on-timeout says what happens when it runs out', num('--timeout', 1))
+    .option(
+      '--timeout <s>',
+      "the move's time budget (default 600): the autopilot plans for it, and --on-timeout says what happens when it runs out",
+      num('--timeout', 1),
+    )
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
-    .option('--copy-storage', 'copy the domain\'s writable disks to the destination\'s own storage (storage.localDir) while it runs: NBD over TLS plus blockdev-mirror, then RAM; the switchover waits until the disks are in sync')
-    .option('--delete-source-storage', 'with --copy-storage: delete the source\'s disk files once the domain runs on the destination (default: kept)')
-    .option('--verify-memory', 'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)')
-    .option('--no-verify-memory', 'skip that check even where QEMU\'s dirty tracking is known to lose pages')
+    .option(
+      '--copy-storage',
+      "copy the domain's writable disks to the destination's own storage (storage.localDir) while it runs: NBD over TLS plus blockdev-mirror, then RAM; the switchover waits until the disks are in sync",
+    )
+    .option(
+      '--delete-source-storage',
+      "with --copy-storage: delete the source's disk files once the domain runs on the destination (default: kept)",
+    )
+    .option(
+      '--verify-memory',
+      'compare guest RAM on both hosts by SHA-256 before the destination runs, and rewrite what differs from the source (default: on for live moves under TCG with QEMU < 9.0)',
+    )
+    .option('--no-verify-memory', "skip that check even where QEMU's dirty tracking is known to lose pages")
     .option('--no-probe', 'do not measure guest-perceived downtime (no TCP SYN every 1 ms to the guest during the move)')
-    .option('--plan', 'move nothing: measure the guest and print each strategy\'s predicted time, pause and bytes, and the one ferry would pick')
-    .option('--strategy <s>', 'auto (default: ferry picks for the budget), precopy, or postcopy (one pre-copy pass, then the guest runs on the destination)')
-    .option('--on-timeout <rule>', 'at --timeout, still in pre-copy: postcopy (default where allowed), suspend (stop the guest to finish), or cancel')
-    .option('--cancel', 'cancel the domain\'s migration in progress (same as `ferry job abort`)')
+    .option(
+      '--plan',
+      "move nothing: measure the guest and print each strategy's predicted time, pause and bytes, and the one ferry would pick",
+    )
+    .option(
+      '--strategy <s>',
+      'auto (default: ferry picks for the budget), precopy, or postcopy (one pre-copy pass, then the guest runs on the destination)',
+    )
+    .option(
+      '--on-timeout <rule>',
+      'at --timeout, still in pre-copy: postcopy (default where allowed), suspend (stop the guest to finish), or cancel',
+    )
+    .option('--cancel', "cancel the domain's migration in progress (same as `ferry job abort`)")
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: MigrateOpts, cmd: Command) => {
       try {
         if (o.cancel) {
           const r = await call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain });
-          if (o.json) printJson(r); else process.stdout.write(`Cancelling the migration of ${domain}\n`);
+          if (o.json) printJson(r);
+          else process.stdout.write(`Cancelling the migration of ${domain}\n`);
           return;
         }
         if (!dest) throw new FerryError('CLI_USAGE', 'missing destination: ferry migrate DOMAIN DEST [-l]');
         if (o.plan) {
           const v = await call(resolveTarget(hostOpt(cmd)), 'migration.plan', { domain, dest, ...budgetParams(o) }, 60000);
-          if (o.json) printJson(v); else printPlan(v);
+          if (o.json) printJson(v);
+          else printPlan(v);
           return;
         }
         process.exitCode = await migrate(hostOpt(cmd), domain, dest, o);
@@ -189,28 +332,72 @@ export function registerMigrate(prog: Command): void {
         process.exitCode = reportError(e, !!o.json);
       }
     });
-  prog.command('jobs').description('list migration jobs').option('--json', 'JSON output')
+}
+
+/** jobs, job DOMAIN, job abort, job resolve. */
+function registerJobVerbs(prog: Command): void {
+  prog
+    .command('jobs')
+    .description('list migration jobs')
+    .option('--json', 'JSON output')
     .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'migration.jobs'), printJobs));
-  prog.command('job').description('show a domain\'s migration job; `job abort DOMAIN` cancels it; `job resolve DOMAIN --assume-…` settles one the destination does not answer for')
-    .argument('<domain-or-verb>', 'DOMAIN, or abort / resolve').argument('[domain]').option('--json', 'JSON output')
-    .option('--assume-destination', 'resolve: you checked that the destination runs the domain; the paused copy here is ended and its definition forgotten')
-    .option('--assume-source', 'resolve: you checked that the destination does NOT run the domain and never will (destroyed or absent there); the copy here resumes. If the destination does run it, the guest now runs twice and its disks are corrupted')
-    .action(act(async (a: string, b: string | undefined, o: { assumeDestination?: boolean; assumeSource?: boolean }, cmd: Command): Promise<JobView | JobAnswer> => {
-      if (a === 'abort') {
-        if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job abort DOMAIN');
-        return call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain: b });
-      }
-      if (a === 'resolve') {
-        if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job resolve DOMAIN --assume-destination|--assume-source');
-        if (!!o.assumeDestination === !!o.assumeSource) throw new FerryError('CLI_USAGE', 'say where the domain runs: exactly one of --assume-destination or --assume-source (check the other host by hand first)');
-        return call(resolveTarget(hostOpt(cmd)), 'migration.resolve', { domain: b, assume: o.assumeSource ? 'source' : 'destination' });
-      }
-      if (b) throw new FerryError('CLI_USAGE', `unexpected argument "${b}"`);
-      return call(resolveTarget(hostOpt(cmd)), 'migration.job', { domain: a });
-    }, (j: JobView | JobAnswer) => {
-      if ('cancelling' in j) { process.stdout.write(`Cancelling the migration of ${j.domain}\n`); return; }
-      if ('settledBy' in j) { process.stdout.write(`Migration of ${j.domain} settled (${j.settledBy === 'operator' ? 'on your word' : 'the destination answered'}): it runs on ${j.runsOn}\n`); return; }
-      printJobs([j]);
-      if (j.report) { process.stdout.write('\n'); printReport(j.report); }
-    }));
+  prog
+    .command('job')
+    .description(
+      "show a domain's migration job; `job abort DOMAIN` cancels it; `job resolve DOMAIN --assume-…` settles one the destination does not answer for",
+    )
+    .argument('<domain-or-verb>', 'DOMAIN, or abort / resolve')
+    .argument('[domain]')
+    .option('--json', 'JSON output')
+    .option(
+      '--assume-destination',
+      'resolve: you checked that the destination runs the domain; the paused copy here is ended and its definition forgotten',
+    )
+    .option(
+      '--assume-source',
+      'resolve: you checked that the destination does NOT run the domain and never will (destroyed or absent there); the copy here resumes. If the destination does run it, the guest now runs twice and its disks are corrupted',
+    )
+    .action(
+      act(
+        async (
+          a: string,
+          b: string | undefined,
+          o: { assumeDestination?: boolean; assumeSource?: boolean },
+          cmd: Command,
+        ): Promise<JobView | JobAnswer> => {
+          if (a === 'abort') {
+            if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job abort DOMAIN');
+            return call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain: b });
+          }
+          if (a === 'resolve') {
+            if (!b) throw new FerryError('CLI_USAGE', 'usage: ferry job resolve DOMAIN --assume-destination|--assume-source');
+            if (!!o.assumeDestination === !!o.assumeSource)
+              throw new FerryError(
+                'CLI_USAGE',
+                'say where the domain runs: exactly one of --assume-destination or --assume-source (check the other host by hand first)',
+              );
+            return call(resolveTarget(hostOpt(cmd)), 'migration.resolve', { domain: b, assume: o.assumeSource ? 'source' : 'destination' });
+          }
+          if (b) throw new FerryError('CLI_USAGE', `unexpected argument "${b}"`);
+          return call(resolveTarget(hostOpt(cmd)), 'migration.job', { domain: a });
+        },
+        (j: JobView | JobAnswer) => {
+          if ('cancelling' in j) {
+            process.stdout.write(`Cancelling the migration of ${j.domain}\n`);
+            return;
+          }
+          if ('settledBy' in j) {
+            process.stdout.write(
+              `Migration of ${j.domain} settled (${j.settledBy === 'operator' ? 'on your word' : 'the destination answered'}): it runs on ${j.runsOn}\n`,
+            );
+            return;
+          }
+          printJobs([j]);
+          if (j.report) {
+            process.stdout.write('\n');
+            printReport(j.report);
+          }
+        },
+      ),
+    );
 }

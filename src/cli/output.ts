@@ -8,7 +8,16 @@ export function printJson(v: unknown): void {
 
 export function table(rows: (string | number)[][], align: ('l' | 'r')[]): string {
   const w = align.map((_, i) => Math.max(...rows.map((r) => String(r[i] ?? '').length)));
-  return rows.map((r) => r.map((c, i) => (align[i] === 'r' ? String(c).padStart(w[i]) : String(c).padEnd(w[i]))).join('  ').trimEnd()).join('\n') + '\n';
+  return (
+    rows
+      .map((r) =>
+        r
+          .map((c, i) => (align[i] === 'r' ? String(c).padStart(w[i]) : String(c).padEnd(w[i])))
+          .join('  ')
+          .trimEnd(),
+      )
+      .join('\n') + '\n'
+  );
 }
 
 /** Prints an error the way the caller asked, and returns the documented exit code. */
@@ -36,7 +45,9 @@ export function fmtBytes(n: number): string {
 
 let jsonMode = false;
 /** Whether the last command run through `act` asked for --json (for errors commander raises afterwards). */
-export function lastJsonMode(): boolean { return jsonMode; }
+export function lastJsonMode(): boolean {
+  return jsonMode;
+}
 
 /** Wraps a command's action: prints its result (JSON with --json) or its error, and sets the exit code. */
 export function act<A extends unknown[], R>(fn: (...a: A) => Promise<R>, human?: (r: R) => void): (...a: A) => Promise<void> {
@@ -47,7 +58,10 @@ export function act<A extends unknown[], R>(fn: (...a: A) => Promise<R>, human?:
     try {
       const r = await fn(...a);
       if (r === undefined) return;
-      if (opts.json) printJson(r); else if (human) human(r); else if (typeof r === 'string') process.stdout.write(r); else printJson(r);
+      if (opts.json) printJson(r);
+      else if (human) human(r);
+      else if (typeof r === 'string') process.stdout.write(r);
+      else printJson(r);
     } catch (e) {
       process.exitCode = reportError(e, !!opts.json);
     }

@@ -10,32 +10,75 @@
  * domain (evacuate --include-stopped) moves as its definition: it needs no memory now.
  */
 
-export interface Candidate { name: string; freeMiB: number; cpuModel: string; networks: string[]; maintenance: boolean }
+export interface Candidate {
+  name: string;
+  freeMiB: number;
+  cpuModel: string;
+  networks: string[];
+  maintenance: boolean;
+}
 export interface Leaving {
-  name: string; memoryMiB: number; networks: string[]; cpuModel: string; dirtyRateMBps?: number | null;
+  name: string;
+  memoryMiB: number;
+  networks: string[];
+  cpuModel: string;
+  dirtyRateMBps?: number | null;
   /** Shut off: only its definition moves, so it needs no free memory now (it goes after the running ones). */
   stopped?: boolean;
 }
-export interface Assignment { domain: string; to: string | null; why: string }
+export interface Assignment {
+  domain: string;
+  to: string | null;
+  why: string;
+}
 
 export function place(domains: Leaving[], candidates: Candidate[]): Assignment[] {
   const left = new Map(candidates.map((c) => [c.name, c.freeMiB]));
-  const order = [...domains].sort((a, b) => Number(!!a.stopped) - Number(!!b.stopped) || a.memoryMiB - b.memoryMiB || (a.dirtyRateMBps ?? 0) - (b.dirtyRateMBps ?? 0) || a.name.localeCompare(b.name));
+  const order = [...domains].sort(
+    (a, b) =>
+      Number(!!a.stopped) - Number(!!b.stopped) ||
+      a.memoryMiB - b.memoryMiB ||
+      (a.dirtyRateMBps ?? 0) - (b.dirtyRateMBps ?? 0) ||
+      a.name.localeCompare(b.name),
+  );
   return order.map((d) => {
     const need = d.stopped ? 0 : d.memoryMiB;
     const why: string[] = [];
     const fit = candidates.filter((c) => {
-      if (c.maintenance) { why.push(`${c.name} is in maintenance`); return false; }
-      if (c.cpuModel !== d.cpuModel) { why.push(`${c.name} runs CPU model ${c.cpuModel}, not ${d.cpuModel}`); return false; }
+      if (c.maintenance) {
+        why.push(`${c.name} is in maintenance`);
+        return false;
+      }
+      if (c.cpuModel !== d.cpuModel) {
+        why.push(`${c.name} runs CPU model ${c.cpuModel}, not ${d.cpuModel}`);
+        return false;
+      }
       const miss = d.networks.filter((n) => !c.networks.includes(n));
-      if (miss.length) { why.push(`${c.name} lacks network ${miss.join(', ')}`); return false; }
-      if ((left.get(c.name) ?? 0) < need) { why.push(`${c.name} has ${left.get(c.name) ?? 0} MiB free, needs ${need}`); return false; }
+      if (miss.length) {
+        why.push(`${c.name} lacks network ${miss.join(', ')}`);
+        return false;
+      }
+      if ((left.get(c.name) ?? 0) < need) {
+        why.push(`${c.name} has ${left.get(c.name) ?? 0} MiB free, needs ${need}`);
+        return false;
+      }
       return true;
     });
-    if (!fit.length) return { domain: d.name, to: null, why: candidates.length ? why.join('; ') : 'no other host to move to (--to, or "peers" in ferryd.json)' };
+    if (!fit.length)
+      return {
+        domain: d.name,
+        to: null,
+        why: candidates.length ? why.join('; ') : 'no other host to move to (--to, or "peers" in ferryd.json)',
+      };
     const best = fit.reduce((a, b) => ((left.get(b.name) ?? 0) > (left.get(a.name) ?? 0) ? b : a));
     left.set(best.name, (left.get(best.name) ?? 0) - need);
-    return { domain: d.name, to: best.name, why: d.stopped ? `shut off: its definition moves (to the host with the most memory left, ${left.get(best.name) ?? 0} MiB)` : `most memory left (${(left.get(best.name) ?? 0) + need} MiB free before it)` };
+    return {
+      domain: d.name,
+      to: best.name,
+      why: d.stopped
+        ? `shut off: its definition moves (to the host with the most memory left, ${left.get(best.name) ?? 0} MiB)`
+        : `most memory left (${(left.get(best.name) ?? 0) + need} MiB free before it)`,
+    };
   });
 }
 

@@ -31,7 +31,12 @@ import { REPO_ROOT } from '../util/paths.ts';
 import { ConsoleFollower, followTarget } from './console.ts';
 import { evacuate } from './evacuate.ts';
 
-export interface UiOpts { listen: string; hosts?: string[]; tlsDir?: string; token?: string }
+export interface UiOpts {
+  listen: string;
+  hosts?: string[];
+  tlsDir?: string;
+  token?: string;
+}
 
 const ASSETS: Record<string, [string, string]> = {
   '/': ['src/ui/index.html', 'text/html; charset=utf-8'],
@@ -63,7 +68,10 @@ export class UiServer {
   /** The hosts shown: --hosts, else the lab's, else the local ferryd and its peers. */
   private async discover(): Promise<void> {
     const names = this.o.hosts?.length ? this.o.hosts : labHosts().map((h) => h.name);
-    if (names.length) { for (const n of names) this.hosts.set(n, resolveTarget(n)); return; }
+    if (names.length) {
+      for (const n of names) this.hosts.set(n, resolveTarget(n));
+      return;
+    }
     const local = resolveTarget(undefined);
     const info = await call(local, 'host.info', {}, 10000);
     this.hosts.set(info.name, local);
@@ -84,7 +92,10 @@ export class UiServer {
         await c.request('events.subscribe', {});
         this.subs.set(name, c);
         c.on('event', (ev: { event: string; data: unknown }) => this.broadcast(ev.event, { host: name, ...(ev.data as object) }));
-        c.socket.once('close', () => { this.subs.delete(name); if (this.server?.listening) setTimeout(() => void go(), 1000).unref(); });
+        c.socket.once('close', () => {
+          this.subs.delete(name);
+          if (this.server?.listening) setTimeout(() => void go(), 1000).unref();
+        });
       } catch {
         if (this.server?.listening) setTimeout(() => void go(), 2000).unref();
       }
@@ -95,15 +106,17 @@ export class UiServer {
   async state(): Promise<{ hosts: (HostInfo | { name: string; error: string })[]; domains: (DomainSummary & { host: string })[] }> {
     const hosts: (HostInfo | { name: string; error: string })[] = [];
     const domains: (DomainSummary & { host: string })[] = [];
-    await Promise.all([...this.hosts].map(async ([name, t]) => {
-      try {
-        const [hi, list] = await Promise.all([call(t, 'host.info', {}, 10000), call(t, 'domain.list', {}, 10000)]);
-        hosts.push(hi);
-        for (const d of list) domains.push({ ...d, host: name });
-      } catch (e) {
-        hosts.push({ name, error: asFerryError(e).message });
-      }
-    }));
+    await Promise.all(
+      [...this.hosts].map(async ([name, t]) => {
+        try {
+          const [hi, list] = await Promise.all([call(t, 'host.info', {}, 10000), call(t, 'domain.list', {}, 10000)]);
+          hosts.push(hi);
+          for (const d of list) domains.push({ ...d, host: name });
+        } catch (e) {
+          hosts.push({ name, error: asFerryError(e).message });
+        }
+      }),
+    );
     hosts.sort((a, b) => a.name.localeCompare(b.name));
     domains.sort((a, b) => a.name.localeCompare(b.name));
     return { hosts, domains };
@@ -112,22 +125,32 @@ export class UiServer {
   /** A console shared by every viewer of one domain; it follows the domain when it moves. */
   private openConsole(domain: string, host: string): { session: ConsoleFollower; viewers: Set<Sse> } {
     const viewers = new Set<Sse>();
-    const send = (event: string, data: unknown): void => { for (const v of viewers) v.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`); };
-    const session = new ConsoleFollower(domain, host, this.hosts.get(host) ?? resolveTarget(host), {
-      replay: 8192, connectTimeoutMs: 5000,
-      resolve: (h, t) => this.hosts.get(h) ?? followTarget(h, t),
-    }, {
-      attached: (h) => send('attached', { host: h }),
-      output: (b) => send('output', b.toString('base64')),
-      moved: (from, to) => send('moved', { from, to }),
-    });
-    void session.run().then(
-      (end) => send('closed', { reason: end.end === 'stopped' ? end.reason ?? 'stopped' : 'closed' }),
-      (e) => send('closed', { reason: asFerryError(e).message }),
-    ).finally(() => {
-      for (const v of viewers) v.end();
-      if (this.consoles.get(domain)?.session === session) this.consoles.delete(domain);
-    });
+    const send = (event: string, data: unknown): void => {
+      for (const v of viewers) v.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+    };
+    const session = new ConsoleFollower(
+      { domain: domain, host: host, target: this.hosts.get(host) ?? resolveTarget(host) },
+      {
+        replay: 8192,
+        connectTimeoutMs: 5000,
+        resolve: (h, t) => this.hosts.get(h) ?? followTarget(h, t),
+      },
+      {
+        attached: (h) => send('attached', { host: h }),
+        output: (b) => send('output', b.toString('base64')),
+        moved: (from, to) => send('moved', { from, to }),
+      },
+    );
+    void session
+      .run()
+      .then(
+        (end) => send('closed', { reason: end.end === 'stopped' ? (end.reason ?? 'stopped') : 'closed' }),
+        (e) => send('closed', { reason: asFerryError(e).message }),
+      )
+      .finally(() => {
+        for (const v of viewers) v.end();
+        if (this.consoles.get(domain)?.session === session) this.consoles.delete(domain);
+      });
     return { session, viewers };
   }
 
@@ -142,16 +165,23 @@ export class UiServer {
     }
     const cookie = /(?:^|;\s*)ferry_ui=([A-Za-z0-9_-]+)/.exec(req.headers.cookie ?? '')?.[1];
     const given = url.searchParams.get('token');
-    const ok = (v: string | null | undefined): boolean => !!v && v.length === this.token.length && crypto.timingSafeEqual(Buffer.from(v), Buffer.from(this.token));
+    const ok = (v: string | null | undefined): boolean =>
+      !!v && v.length === this.token.length && crypto.timingSafeEqual(Buffer.from(v), Buffer.from(this.token));
     if (ok(cookie)) return true;
-    if (ok(given)) { res.setHeader('set-cookie', `ferry_ui=${this.token}; HttpOnly; SameSite=Strict; Path=/`); return true; }
+    if (ok(given)) {
+      res.setHeader('set-cookie', `ferry_ui=${this.token}; HttpOnly; SameSite=Strict; Path=/`);
+      return true;
+    }
     res.writeHead(403).end('ferry ui: open the address `ferry ui` printed (it carries the token)\n');
     return false;
   }
 
   private async body(req: http.IncomingMessage): Promise<Record<string, unknown>> {
     let raw = '';
-    for await (const chunk of req) { raw += chunk; if (raw.length > 65536) throw new FerryError('API_BAD_REQUEST', 'request too large'); }
+    for await (const chunk of req) {
+      raw += chunk;
+      if (raw.length > 65536) throw new FerryError('API_BAD_REQUEST', 'request too large');
+    }
     const v = JSON.parse(raw || '{}') as unknown;
     if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new FerryError('API_BAD_REQUEST', 'a JSON object is expected');
     return v as Record<string, unknown>;
@@ -165,10 +195,16 @@ export class UiServer {
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
     const url = new URL(req.url ?? '/', 'http://ui');
     if (!this.authorized(req, res, url)) return;
-    const json = (code: number, v: unknown): void => { res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(v)); };
+    const json = (code: number, v: unknown): void => {
+      res.writeHead(code, { 'content-type': 'application/json' }).end(JSON.stringify(v));
+    };
     const asset = ASSETS[url.pathname];
     if (req.method === 'GET' && asset) {
-      res.writeHead(200, { 'content-type': asset[1], 'cache-control': 'no-store', 'content-security-policy': "default-src 'self'; style-src 'self' 'unsafe-inline'" });
+      res.writeHead(200, {
+        'content-type': asset[1],
+        'cache-control': 'no-store',
+        'content-security-policy': "default-src 'self'; style-src 'self' 'unsafe-inline'",
+      });
       fs.createReadStream(path.join(REPO_ROOT, asset[0])).pipe(res);
       return;
     }
@@ -182,49 +218,20 @@ export class UiServer {
         return;
       }
       if (req.method === 'POST' && url.pathname === '/api/migrate') {
-        const b = await this.body(req);
-        const domain = this.name(b.domain, 'domain'), from = this.name(b.from, 'from'), to = this.name(b.to, 'to');
-        const t = this.hosts.get(from);
-        if (!t) throw new FerryError('HOST_UNKNOWN', `${from} is not a host of this dashboard`);
-        // The answer is the report, on the event stream (migration.done); this returns at once.
-        void call(t, 'migration.start', { domain, dest: to, live: b.live !== false }, 0).then(
-          (r) => this.broadcast('ui.migrated', { host: from, domain, report: r }),
-          (e) => this.broadcast('ui.migrated', { host: from, domain, report: { outcome: 'failed', domain, error: asFerryError(e).toJSON() } }));
-        return json(202, { started: true, domain, from, to });
+        return json(202, this.startMigrate(await this.body(req)));
       }
       if (req.method === 'POST' && url.pathname === '/api/evacuate') {
-        const b = await this.body(req);
-        const host = this.name(b.host, 'host');
-        if (!this.hosts.has(host)) throw new FerryError('HOST_UNKNOWN', `${host} is not a host of this dashboard`);
-        void evacuate(host, { plan: b.plan === true }, (rows, etaMs) => this.broadcast('ui.evacuation', { host, rows, etaMs }))
-          .then((r) => this.broadcast('ui.evacuation', { host, rows: r.domains, etaMs: 0, done: r.outcome }), (e) => this.broadcast('ui.evacuation', { host, error: asFerryError(e).toJSON() }));
-        return json(202, { started: true, host });
+        return json(202, this.startEvacuate(await this.body(req)));
       }
       if (req.method === 'GET' && url.pathname === '/api/console') {
-        const domain = this.name(url.searchParams.get('domain'), 'domain'), host = this.name(url.searchParams.get('host'), 'host');
-        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store' });
-        res.write(': console\n\n');
-        let s = this.consoles.get(domain);
-        if (!s) {
-          s = this.openConsole(domain, host);
-          this.consoles.set(domain, s);
-          s.viewers.add(res);
-        } else {
-          s.viewers.add(res);
-          res.write(`event: attached\ndata: ${JSON.stringify({ host: s.session.host })}\n\n`);
-        }
-        const mine = s;
-        req.on('close', () => {
-          mine.viewers.delete(res);
-          // The last viewer gone: the session ends, also while it follows a move.
-          if (!mine.viewers.size) mine.session.close();
-        });
+        this.viewConsole(req, res, url);
         return;
       }
       if (req.method === 'POST' && url.pathname === '/api/console/input') {
         const b = await this.body(req);
         const domain = this.name(b.domain, 'domain');
-        if (typeof b.data !== 'string' || b.data.length > 4096) throw new FerryError('API_BAD_REQUEST', 'data must be a string of at most 4096 characters');
+        if (typeof b.data !== 'string' || b.data.length > 4096)
+          throw new FerryError('API_BAD_REQUEST', 'data must be a string of at most 4096 characters');
         const s = this.consoles.get(domain);
         if (!s) throw new FerryError('DOMAIN_BAD_STATE', `No console open for "${domain}"`);
         // Keys typed while the console follows the domain wait for it (up to 64 KiB).
@@ -238,24 +245,92 @@ export class UiServer {
     }
   }
 
+  /** POST /api/migrate: the move starts; its report arrives on the event stream (ui.migrated). */
+  private startMigrate(b: Record<string, unknown>): { started: true; domain: string; from: string; to: string } {
+    const domain = this.name(b.domain, 'domain'),
+      from = this.name(b.from, 'from'),
+      to = this.name(b.to, 'to');
+    const t = this.hosts.get(from);
+    if (!t) throw new FerryError('HOST_UNKNOWN', `${from} is not a host of this dashboard`);
+    // The answer is the report, on the event stream (migration.done); this returns at once.
+    void call(t, 'migration.start', { domain, dest: to, live: b.live !== false }, 0).then(
+      (r) => this.broadcast('ui.migrated', { host: from, domain, report: r }),
+      (e) => this.broadcast('ui.migrated', { host: from, domain, report: { outcome: 'failed', domain, error: asFerryError(e).toJSON() } }),
+    );
+    return { started: true, domain, from, to };
+  }
+
+  /** POST /api/evacuate: the evacuation (or its plan) starts; its rows arrive on the event stream (ui.evacuation). */
+  private startEvacuate(b: Record<string, unknown>): { started: true; host: string } {
+    const host = this.name(b.host, 'host');
+    if (!this.hosts.has(host)) throw new FerryError('HOST_UNKNOWN', `${host} is not a host of this dashboard`);
+    void evacuate(host, { plan: b.plan === true }, (rows, etaMs) => this.broadcast('ui.evacuation', { host, rows, etaMs })).then(
+      (r) => this.broadcast('ui.evacuation', { host, rows: r.domains, etaMs: 0, done: r.outcome }),
+      (e) => this.broadcast('ui.evacuation', { host, error: asFerryError(e).toJSON() }),
+    );
+    return { started: true, host };
+  }
+
+  /** GET /api/console: the viewer joins the domain's console session (opened by the first viewer, ended with the last). */
+  private viewConsole(req: http.IncomingMessage, res: http.ServerResponse, url: URL): void {
+    const domain = this.name(url.searchParams.get('domain'), 'domain'),
+      host = this.name(url.searchParams.get('host'), 'host');
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-store' });
+    res.write(': console\n\n');
+    let s = this.consoles.get(domain);
+    if (!s) {
+      s = this.openConsole(domain, host);
+      this.consoles.set(domain, s);
+      s.viewers.add(res);
+    } else {
+      s.viewers.add(res);
+      res.write(`event: attached\ndata: ${JSON.stringify({ host: s.session.host })}\n\n`);
+    }
+    const mine = s;
+    req.on('close', () => {
+      mine.viewers.delete(res);
+      // The last viewer gone: the session ends, also while it follows a move.
+      if (!mine.viewers.size) mine.session.close();
+    });
+  }
+
   /** Starts serving; resolves with the URL to open. */
   async start(): Promise<string> {
     const m = /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(this.o.listen);
     if (!m) throw new FerryError('CLI_USAGE', `--listen must be ADDRESS:PORT, got "${this.o.listen}"`);
     const address = m[1].replace(/^\[|\]$/g, '');
     const loopback = isLoopback(address);
-    if (!loopback && !this.o.tlsDir) throw new FerryError('CLI_USAGE', `Serving on ${address} needs HTTPS: give --tls-dir (a host certificate's directory); browsers then present an administrator certificate`);
+    if (!loopback && !this.o.tlsDir)
+      throw new FerryError(
+        'CLI_USAGE',
+        `Serving on ${address} needs HTTPS: give --tls-dir (a host certificate's directory); browsers then present an administrator certificate`,
+      );
     await this.discover();
-    const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => { void this.handle(req, res); };
+    const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+      void this.handle(req, res);
+    };
     if (this.o.tlsDir) {
       const f = (n: string): Buffer => fs.readFileSync(path.join(this.o.tlsDir!, n));
-      this.server = https.createServer({ cert: f('server-cert.pem'), key: f('server-key.pem'), ca: f('ca-cert.pem'), requestCert: true, rejectUnauthorized: true, handshakeTimeout: WEB_HANDSHAKE_MS }, handler);
+      this.server = https.createServer(
+        {
+          cert: f('server-cert.pem'),
+          key: f('server-key.pem'),
+          ca: f('ca-cert.pem'),
+          requestCert: true,
+          rejectUnauthorized: true,
+          handshakeTimeout: WEB_HANDSHAKE_MS,
+        },
+        handler,
+      );
     } else {
       this.server = http.createServer(handler);
     }
     // A browser holds a few connections (the page, its event stream, a console socket).
     boundWebServer(this.server, 64);
-    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(Number(m[2]), address, () => resolve()); });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(Number(m[2]), address, () => resolve());
+    });
     for (const n of this.hosts.keys()) this.subscribe(n);
     const port = (this.server.address() as { port: number }).port;
     const shown = address.includes(':') ? `[${address}]` : address;
@@ -264,7 +339,10 @@ export class UiServer {
 
   close(): void {
     for (const c of this.clients) c.end();
-    for (const s of this.consoles.values()) { s.session.close(); for (const v of s.viewers) v.end(); }
+    for (const s of this.consoles.values()) {
+      s.session.close();
+      for (const v of s.viewers) v.end();
+    }
     for (const c of this.subs.values()) c.close();
     this.server?.close();
     this.server?.closeAllConnections?.();

@@ -9,7 +9,11 @@ import { parseHostsAllow, hostsAllowMatch, ConnectionLimiter, RateLimitedLog } f
 import { ROLES, mayCall, type Action } from '../api/protocol.ts';
 import { ACTIONS } from '../api/schema.ts';
 
-const rules = (p: string[]) => { const r = parseHostsAllow(p); if ('error' in r) throw new Error(r.error); return r.rules; };
+const rules = (p: string[]) => {
+  const r = parseHostsAllow(p);
+  if ('error' in r) throw new Error(r.error);
+  return r.rules;
+};
 
 test('hostsAllow: whole names only; @CIDR also pins the address; an address alone admits nobody', () => {
   const r = rules(['host1', 'host[0-9]+@198.18.0.0/24', '^old$']);
@@ -53,7 +57,12 @@ test('connection limiter: per address and in total; slots come back on release',
 test('refusal log: a burst per key per window, then a count of what was held back', () => {
   let now = 0;
   const lines: Record<string, unknown>[] = [];
-  const log = new RateLimitedLog((f) => lines.push(f), 3, 1000, () => now);
+  const log = new RateLimitedLog(
+    (f) => lines.push(f),
+    3,
+    1000,
+    () => now,
+  );
   for (let i = 0; i < 100; i++) log.log('k', { i });
   log.log('other', { i: -1 });
   assert.equal(lines.length, 4);

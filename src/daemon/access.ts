@@ -12,7 +12,10 @@
 import net from 'node:net';
 import { isValidIpv4Cidr } from '../domain/config.ts';
 
-export interface AllowRule { name: RegExp; subnet?: net.BlockList }
+export interface AllowRule {
+  name: RegExp;
+  subnet?: net.BlockList;
+}
 
 /** Parses hostsAllow; returns the rules, or the first entry's problem. */
 export function parseHostsAllow(patterns: string[]): { rules: AllowRule[] } | { error: string } {
@@ -24,7 +27,11 @@ export function parseHostsAllow(patterns: string[]): { rules: AllowRule[] } | { 
     // Old configs anchored their own patterns (^host1$); anchoring twice changes nothing.
     const body = namePart.replace(/^\^/, '').replace(/\$$/, '');
     let name: RegExp;
-    try { name = new RegExp(`^(?:${body})$`); } catch { return { error: `not a regular expression: ${namePart}` }; }
+    try {
+      name = new RegExp(`^(?:${body})$`);
+    } catch {
+      return { error: `not a regular expression: ${namePart}` };
+    }
     if (!body) return { error: `empty name pattern in "${p}"` };
     let subnet: AllowRule['subnet'];
     if (addrPart !== undefined) {
@@ -52,7 +59,10 @@ export function hostsAllowMatch(rules: AllowRule[], name: string | undefined, ad
 export class ConnectionLimiter {
   private perAddr = new Map<string, number>();
   private total = 0;
-  constructor(readonly maxTotal: number, readonly maxPerAddress: number) {}
+  constructor(
+    readonly maxTotal: number,
+    readonly maxPerAddress: number,
+  ) {}
 
   /** Takes a slot, or says why not. Call release() exactly once per taken slot. */
   take(address: string): string | null {
@@ -66,11 +76,14 @@ export class ConnectionLimiter {
 
   release(address: string): void {
     const n = this.perAddr.get(address) ?? 0;
-    if (n <= 1) this.perAddr.delete(address); else this.perAddr.set(address, n - 1);
+    if (n <= 1) this.perAddr.delete(address);
+    else this.perAddr.set(address, n - 1);
     this.total = Math.max(0, this.total - 1);
   }
 
-  get open(): number { return this.total; }
+  get open(): number {
+    return this.total;
+  }
 }
 
 /**
@@ -80,7 +93,12 @@ export class ConnectionLimiter {
  */
 export class RateLimitedLog {
   private windows = new Map<string, { start: number; n: number; suppressed: number }>();
-  constructor(private readonly write: (fields: Record<string, unknown>) => void, readonly burst = 10, readonly windowMs = 10000, private readonly now = () => Date.now()) {}
+  constructor(
+    private readonly write: (fields: Record<string, unknown>) => void,
+    readonly burst = 10,
+    readonly windowMs = 10000,
+    private readonly now = () => Date.now(),
+  ) {}
 
   log(key: string, fields: Record<string, unknown>): boolean {
     const t = this.now();
@@ -92,7 +110,10 @@ export class RateLimitedLog {
       if (this.windows.size > 1000) for (const [k, v] of this.windows) if (t - v.start >= this.windowMs) this.windows.delete(k);
       if (suppressed) fields = { ...fields, suppressedBefore: suppressed };
     }
-    if (w.n >= this.burst) { w.suppressed++; return false; }
+    if (w.n >= this.burst) {
+      w.suppressed++;
+      return false;
+    }
     w.n++;
     this.write(fields);
     return true;

@@ -12,70 +12,177 @@ import type { ConnContext } from './server.ts';
 import type { Migrations } from '../migration/manager.ts';
 
 /** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
-function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> { return v; }
+function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> {
+  return v;
+}
+
+/** The relocation protocol's messages (peers) and the operator's migration actions go to the migration layer. */
+type RelocationRequest = Extract<Request, { action: `relocation.${string}` }>;
+type MigrationRequest = Extract<Request, { action: `migration.${string}` }>;
+type HostRequest = Exclude<Request, RelocationRequest | MigrationRequest>;
+const isRelocation = (r: Request): r is RelocationRequest => r.action.startsWith('relocation.');
+const isMigration = (r: Request): r is MigrationRequest => r.action.startsWith('migration.');
+
+/** What the handlers act on. */
+interface Deps {
+  host: Host;
+  mig: () => Migrations;
+  /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
+  refused: <T>(side: 'source' | 'destination', p: Promise<T>) => Promise<T>;
+}
 
 export function makeHandler(host: Host, migration: Migrations | undefined, metrics?: Metrics) {
-  /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
-  const refused = <T>(side: 'source' | 'destination', p: Promise<T>): Promise<T> => p.catch((e: unknown) => { metrics?.refusal(side, asFerryError(e).code); throw e; });
-  const mig = (): Migrations => {
-    if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
-    return migration;
+  const deps: Deps = {
+    host,
+    mig: () => {
+      if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
+      return migration;
+    },
+    refused: (side, p) =>
+      p.catch((e: unknown) => {
+        metrics?.refusal(side, asFerryError(e).code);
+        throw e;
+      }),
   };
+  // Each handler's switch sees its own actions' validated params (api/protocol.ts ACTIONS).
   return async (req: Request, ctx: ConnContext): Promise<unknown> => {
-    // Each case sees its own action's validated params (api/protocol.ts ACTIONS).
-    switch (req.action) {
-      case 'api.hello': return answer(req.action, { apiVersion: API_VERSION, version: FERRY_VERSION, host: host.cfg.name, caller: ctx.caller });
-      case 'host.info': return answer(req.action, host.info());
-      case 'host.maintenance': return answer(req.action, host.setMaintenance(req.params.on));
-      case 'domain.list': return answer(req.action, host.all().map((l) => host.summary(l)).sort((a, b) => String(a.name).localeCompare(String(b.name))));
-      case 'domain.info': return answer(req.action, host.domainInfo(req.params.domain));
-      case 'domain.create': return answer(req.action, host.create(req.params.config, req.params.start !== false));
-      case 'domain.start': return answer(req.action, host.start(req.params.domain));
-      case 'domain.pause': return answer(req.action, host.pause(req.params.domain));
-      case 'domain.unpause': return answer(req.action, host.unpause(req.params.domain));
-      case 'domain.shutdown': return answer(req.action, host.shutdown(req.params.domain, req.params.timeoutS ?? 60));
-      case 'domain.destroy': return answer(req.action, host.destroy(req.params.domain));
-      case 'domain.delete': return answer(req.action, host.delete(req.params.domain));
-      case 'domain.save': return answer(req.action, host.save(req.params.domain, req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
-      case 'domain.restore': return answer(req.action, host.restore(req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
-      case 'domain.sample-memory': return answer(req.action, host.sampleMemory(req.params.domain, req.params.startMiB, req.params.endMiB));
-      case 'console.attach': {
-        host.get(req.params.domain); // DOMAIN_NOT_FOUND before switching to raw
-        ctx.send({ id: req.id, result: { attached: req.params.domain, host: host.cfg.name } });
-        ctx.goRaw();
-        host.attachConsole(req.params.domain, ctx.socket, req.params.replay ?? 0);
-        return undefined;
-      }
-      case 'events.subscribe': {
-        const want = req.params.domain;
-        const fwd = (name: string) => (data: { domain?: string }) => { if (!want || data.domain === want) ctx.send({ event: name, data }); };
-        const names = ['domain.state', 'migration.progress', 'migration.phase', 'migration.waiting', 'migration.settled', 'migration.done', 'host.maintenance'];
-        const fns = names.map((n) => { const f = fwd(n); host.on(n, f); return [n, f] as const; });
-        ctx.onClose(() => { for (const [n, f] of fns) host.off(n, f); });
-        return answer(req.action, { subscribed: names });
-      }
-      // The migration layer: the source side for the operator, the destination side for peers.
-      case 'migration.start': return answer(req.action, refused('source', mig().source.start(req.params)));
-      case 'migration.plan': return answer(req.action, mig().source.planOnly(req.params));
-      case 'migration.cancel': return answer(req.action, mig().source.cancel(req.params.domain));
-      case 'migration.resolve': return answer(req.action, mig().source.resolveByOperator(req.params.domain, req.params.assume));
-      case 'migration.jobs': return answer(req.action, mig().jobs());
-      case 'migration.job': return answer(req.action, mig().job(req.params.domain));
-      case 'relocation.begin': return answer(req.action, refused('destination', mig().dest.begin(req.params, ctx)));
-      case 'relocation.prepare': return answer(req.action, mig().dest.prepare(req.params, ctx));
-      case 'relocation.digest': return answer(req.action, mig().dest.digest(req.params, ctx));
-      case 'relocation.repair': return answer(req.action, mig().dest.repair(req.params, ctx, req.attachment));
-      case 'relocation.finish': return answer(req.action, mig().dest.finish(req.params, ctx));
-      case 'relocation.abandon': return answer(req.action, mig().dest.abandon(req.params, ctx));
-      case 'relocation.confirm': return answer(req.action, mig().dest.confirm(req.params, ctx));
-      case 'relocation.recover': return answer(req.action, mig().dest.recover(req.params, ctx));
-      case 'relocation.status': return answer(req.action, mig().dest.status(req.params, ctx));
-      case 'relocation.tunnel': return answer(req.action, { remotes: host.tunnelFromPeer(req.params.op, req.params.uuid, req.params.nic, req.params.remote, (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '')) });
-      case 'net.tunnels': return answer(req.action, host.tunnelList());
-      default: {
-        const never: never = req;
-        throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
-      }
-    }
+    if (isRelocation(req)) return relocationAction(req, ctx, deps);
+    if (isMigration(req)) return migrationAction(req, deps);
+    return hostAction(req, ctx, deps);
   };
+}
+
+function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown {
+  switch (req.action) {
+    case 'api.hello':
+      return answer(req.action, { apiVersion: API_VERSION, version: FERRY_VERSION, host: host.cfg.name, caller: ctx.caller });
+    case 'host.info':
+      return answer(req.action, host.info());
+    case 'host.maintenance':
+      return answer(req.action, host.setMaintenance(req.params.on));
+    case 'domain.list':
+      return answer(
+        req.action,
+        host
+          .all()
+          .map((l) => host.summary(l))
+          .sort((a, b) => String(a.name).localeCompare(String(b.name))),
+      );
+    case 'domain.info':
+      return answer(req.action, host.domainInfo(req.params.domain));
+    case 'domain.create':
+      return answer(req.action, host.create(req.params.config, req.params.start !== false));
+    case 'domain.start':
+      return answer(req.action, host.start(req.params.domain));
+    case 'domain.pause':
+      return answer(req.action, host.pause(req.params.domain));
+    case 'domain.unpause':
+      return answer(req.action, host.unpause(req.params.domain));
+    case 'domain.shutdown':
+      return answer(req.action, host.shutdown(req.params.domain, req.params.timeoutS ?? 60));
+    case 'domain.destroy':
+      return answer(req.action, host.destroy(req.params.domain));
+    case 'domain.delete':
+      return answer(req.action, host.delete(req.params.domain));
+    case 'domain.save':
+      return answer(
+        req.action,
+        host.save(req.params.domain, req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }),
+      );
+    case 'domain.restore':
+      return answer(req.action, host.restore(req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
+    case 'domain.sample-memory':
+      return answer(req.action, host.sampleMemory(req.params.domain, req.params.startMiB, req.params.endMiB));
+    case 'console.attach': {
+      host.get(req.params.domain); // DOMAIN_NOT_FOUND before switching to raw
+      ctx.send({ id: req.id, result: { attached: req.params.domain, host: host.cfg.name } });
+      ctx.goRaw();
+      host.attachConsole(req.params.domain, ctx.socket, req.params.replay ?? 0);
+      return undefined;
+    }
+    case 'events.subscribe':
+      return answer(req.action, { subscribed: subscribe(host, ctx, req.params.domain) });
+    case 'net.tunnels':
+      return answer(req.action, host.tunnelList());
+    default: {
+      const never: never = req;
+      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
+    }
+  }
+}
+
+/** events.subscribe: the host's events (of one domain, or all) go down the connection until it closes. */
+function subscribe(host: Host, ctx: ConnContext, want: string | undefined): string[] {
+  const names = [
+    'domain.state',
+    'migration.progress',
+    'migration.phase',
+    'migration.waiting',
+    'migration.settled',
+    'migration.done',
+    'host.maintenance',
+  ];
+  const fns = names.map((n) => {
+    const f = (data: { domain?: string }): void => {
+      if (!want || data.domain === want) ctx.send({ event: n, data });
+    };
+    host.on(n, f);
+    return [n, f] as const;
+  });
+  ctx.onClose(() => {
+    for (const [n, f] of fns) host.off(n, f);
+  });
+  return names;
+}
+
+/** The source side, for the operator. */
+function migrationAction(req: MigrationRequest, { mig, refused }: Deps): unknown {
+  switch (req.action) {
+    case 'migration.start':
+      return answer(req.action, refused('source', mig().source.start(req.params)));
+    case 'migration.plan':
+      return answer(req.action, mig().source.planOnly(req.params));
+    case 'migration.cancel':
+      return answer(req.action, mig().source.cancel(req.params.domain));
+    case 'migration.resolve':
+      return answer(req.action, mig().source.resolveByOperator(req.params.domain, req.params.assume));
+    case 'migration.jobs':
+      return answer(req.action, mig().jobs());
+    case 'migration.job':
+      return answer(req.action, mig().job(req.params.domain));
+    default: {
+      const never: never = req;
+      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
+    }
+  }
+}
+
+/** The destination side (and a home end's tunnel), for peers. */
+function relocationAction(req: RelocationRequest, ctx: ConnContext, { host, mig, refused }: Deps): unknown {
+  switch (req.action) {
+    case 'relocation.begin':
+      return answer(req.action, refused('destination', mig().dest.begin(req.params, ctx)));
+    case 'relocation.prepare':
+      return answer(req.action, mig().dest.prepare(req.params, ctx));
+    case 'relocation.digest':
+      return answer(req.action, mig().dest.digest(req.params, ctx));
+    case 'relocation.repair':
+      return answer(req.action, mig().dest.repair(req.params, ctx, req.attachment));
+    case 'relocation.finish':
+      return answer(req.action, mig().dest.finish(req.params, ctx));
+    case 'relocation.abandon':
+      return answer(req.action, mig().dest.abandon(req.params, ctx));
+    case 'relocation.confirm':
+      return answer(req.action, mig().dest.confirm(req.params, ctx));
+    case 'relocation.recover':
+      return answer(req.action, mig().dest.recover(req.params, ctx));
+    case 'relocation.status':
+      return answer(req.action, mig().dest.status(req.params, ctx));
+    case 'relocation.tunnel':
+      return answer(req.action, { remotes: host.tunnelFromPeer(req.params, (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '')) });
+    default: {
+      const never: never = req;
+      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
+    }
+  }
 }

@@ -93,8 +93,16 @@ export interface Limits {
 }
 
 export const DEFAULT_LIMITS: Limits = {
-  connections: 256, connectionsPerAddress: 32, handshakeMs: 5000, firstRequestMs: 10000,
-  incomingPerPeer: 4, incomingTotal: 8, reservationS: 30, disksPerDomain: 16, logMaxMiB: 16, logKeep: 3,
+  connections: 256,
+  connectionsPerAddress: 32,
+  handshakeMs: 5000,
+  firstRequestMs: 10000,
+  incomingPerPeer: 4,
+  incomingTotal: 8,
+  reservationS: 30,
+  disksPerDomain: 16,
+  logMaxMiB: 16,
+  logKeep: 3,
 };
 
 import { DEFAULT_CONFIG_PATH, DEFAULT_RELOCATION_PORT } from '../api/protocol.ts';
@@ -105,7 +113,25 @@ export const HOST_RESERVE_MIB = 1024;
 
 export const DEFAULT_MEMORY_MARGIN_MIB = 256;
 
-const KEYS = new Set(['name', 'stateDir', 'apiSocket', 'relocation', 'tlsDir', 'memory', 'memoryMargin', 'logLevel', 'networks', 'accel', 'cpuModel', 'imagesDir', 'peers', 'qemu', 'storage', 'limits', 'metrics']);
+const KEYS = new Set([
+  'name',
+  'stateDir',
+  'apiSocket',
+  'relocation',
+  'tlsDir',
+  'memory',
+  'memoryMargin',
+  'logLevel',
+  'networks',
+  'accel',
+  'cpuModel',
+  'imagesDir',
+  'peers',
+  'qemu',
+  'storage',
+  'limits',
+  'metrics',
+]);
 
 export function defaultMemoryMiB(): number {
   return Math.max(256, Math.floor(os.totalmem() / 1048576) - HOST_RESERVE_MIB);
@@ -115,122 +141,247 @@ function isObj(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
+/** Collects a config's problems, each as "field: why", so that one error names them all. */
+type Bad = (field: string, why: string) => void;
+
 export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig {
   const errs: string[] = [];
-  const bad = (f: string, why: string): void => { errs.push(`${f}: ${why}`); };
+  const bad: Bad = (f, why) => {
+    errs.push(`${f}: ${why}`);
+  };
   if (!isObj(raw)) throw new FerryError('CONFIG_INVALID', 'Invalid ferryd config: it must be a JSON object');
   for (const k of Object.keys(raw)) if (!KEYS.has(k)) bad(k, 'unknown key');
+  const top = parseTop(raw, repoRoot, bad);
+  const relocation = parseRelocation(raw.relocation, bad);
+  const networks = parseNetworks(raw.networks, bad);
+  const { qemu, uids } = parseQemu(raw.qemu, bad);
+  const storage = parseStorage(raw.storage, { imagesDir: top.imagesDir, stateDir: top.stateDir }, bad);
+  const limits = parseLimits(raw.limits, bad);
+  const metrics = parseMetrics(raw.metrics, bad);
+  if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
+  return { ...top, metrics, relocation, storage, limits, networks, qemu, qemuUids: uids };
+}
+
+/** The top-level scalars (name, directories, memory, log level, accelerator, CPU model, peers). */
+function parseTop(raw: Record<string, unknown>, repoRoot: string, bad: Bad) {
   const name = raw.name ?? os.hostname();
   if (typeof name !== 'string' || !NAME_RE.test(name)) bad('name', `must be a host name, got ${JSON.stringify(name)}`);
   const stateDir = raw.stateDir ?? '/var/lib/ferry';
   if (typeof stateDir !== 'string' || !path.isAbsolute(stateDir)) bad('stateDir', 'must be an absolute path');
   const apiSocket = raw.apiSocket ?? path.join(typeof stateDir === 'string' ? stateDir : '/', 'ferryd.sock');
-  if (typeof apiSocket !== 'string' || !path.isAbsolute(apiSocket) || apiSocket.length > 100) bad('apiSocket', 'must be an absolute path of at most 100 characters');
-  const rel = raw.relocation ?? {};
-  if (!isObj(rel)) bad('relocation', 'must be an object');
-  const r = isObj(rel) ? rel : {};
-  for (const k of Object.keys(r)) if (!['address', 'port', 'hostsAllow', 'dataPorts', 'allowInsecure', 'acceptPostcopy', 'tunnels'].includes(k)) bad(`relocation.${k}`, 'unknown key');
-  const allowInsecure = r.allowInsecure ?? false;
-  if (typeof allowInsecure !== 'boolean') bad('relocation.allowInsecure', 'must be true or false');
-  const acceptPostcopy = r.acceptPostcopy ?? true;
-  if (typeof acceptPostcopy !== 'boolean') bad('relocation.acceptPostcopy', 'must be true or false');
-  const tunnels = r.tunnels ?? true;
-  if (typeof tunnels !== 'boolean') bad('relocation.tunnels', 'must be true or false');
-  const address = r.address ?? '127.0.0.1';
-  if (typeof address !== 'string' || address.length === 0) bad('relocation.address', 'must be an address');
-  const port = r.port ?? DEFAULT_RELOCATION_PORT;
-  if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65535) bad('relocation.port', `must be a TCP port, got ${JSON.stringify(port)}`);
-  const hostsAllow = r.hostsAllow ?? [];
-  if (!Array.isArray(hostsAllow) || hostsAllow.some((h) => typeof h !== 'string')) bad('relocation.hostsAllow', 'must be a list of NAME or NAME@SUBNET patterns');
-  else { const hp = parseHostsAllow(hostsAllow as string[]); if ('error' in hp) bad('relocation.hostsAllow', hp.error); }
-  const dataPorts = r.dataPorts ?? DEFAULT_DATA_PORTS;
-  if (!Array.isArray(dataPorts) || dataPorts.length !== 2 || !dataPorts.every((p) => Number.isInteger(p) && p > 0 && p < 65536) || dataPorts[0] > dataPorts[1]) bad('relocation.dataPorts', 'must be [first, last] TCP ports');
+  if (typeof apiSocket !== 'string' || !path.isAbsolute(apiSocket) || apiSocket.length > 100)
+    bad('apiSocket', 'must be an absolute path of at most 100 characters');
   const tlsDir = raw.tlsDir ?? '/etc/ferry/tls';
   if (typeof tlsDir !== 'string' || !path.isAbsolute(tlsDir)) bad('tlsDir', 'must be an absolute path');
   const memory = raw.memory ?? defaultMemoryMiB();
-  if (!Number.isInteger(memory) || (memory as number) < 16) bad('memory', `must be an integer number of MiB (at least 16), got ${JSON.stringify(memory)}`);
+  if (!Number.isInteger(memory) || (memory as number) < 16)
+    bad('memory', `must be an integer number of MiB (at least 16), got ${JSON.stringify(memory)}`);
   const logLevel = raw.logLevel ?? 'info';
   if (!LEVELS.includes(logLevel as Level)) bad('logLevel', `must be one of ${LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`);
   const memoryMargin = raw.memoryMargin ?? DEFAULT_MEMORY_MARGIN_MIB;
-  if (!Number.isInteger(memoryMargin) || (memoryMargin as number) < 0) bad('memoryMargin', `must be a whole number of MiB, got ${JSON.stringify(memoryMargin)}`);
-  const networks: Record<string, NetworkConfig> = {};
-  const nets = raw.networks ?? {};
-  if (!isObj(nets)) bad('networks', 'must be an object of name → {bridge, subnet}');
-  else for (const [n, v] of Object.entries(nets)) {
-    if (!NAME_RE.test(n)) bad(`networks.${n}`, 'bad network name');
-    if (!isObj(v) || typeof v.bridge !== 'string' || !/^[a-zA-Z0-9_.-]{1,15}$/.test(v.bridge)) { bad(`networks.${n}.bridge`, 'must be an interface name'); continue; }
-    if (typeof v.subnet !== 'string' || !isValidIpv4Cidr(v.subnet) || !v.subnet.includes('/')) { bad(`networks.${n}.subnet`, 'must be an IPv4 subnet like 198.18.0.0/24'); continue; }
-    if (v.address !== undefined && (typeof v.address !== 'string' || !isValidIpv4Cidr(v.address))) { bad(`networks.${n}.address`, 'must be an IPv4 address'); continue; }
-    networks[n] = { bridge: v.bridge, subnet: v.subnet, ...(typeof v.address === 'string' ? { address: v.address.split('/')[0] } : {}) };
-  }
+  if (!Number.isInteger(memoryMargin) || (memoryMargin as number) < 0)
+    bad('memoryMargin', `must be a whole number of MiB, got ${JSON.stringify(memoryMargin)}`);
   const accel = process.env.FERRY_ACCEL ?? raw.accel ?? 'auto';
   if (accel !== 'auto' && accel !== 'kvm' && accel !== 'tcg') bad('accel', `must be "auto", "kvm" or "tcg", got ${JSON.stringify(accel)}`);
   const cpuModel = raw.cpuModel ?? 'qemu64';
-  if (typeof cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuModel) || cpuModel === 'host' || cpuModel === 'max') bad('cpuModel', 'must be a named QEMU CPU model (not "host" or "max", which cannot migrate)');
+  if (typeof cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuModel) || cpuModel === 'host' || cpuModel === 'max')
+    bad('cpuModel', 'must be a named QEMU CPU model (not "host" or "max", which cannot migrate)');
   const imagesDir = raw.imagesDir ?? path.join(repoRoot, 'images');
   if (typeof imagesDir !== 'string' || !path.isAbsolute(imagesDir)) bad('imagesDir', 'must be an absolute path');
   const peers = raw.peers ?? {};
-  if (!isObj(peers) || Object.entries(peers).some(([k, v]) => !NAME_RE.test(k) || typeof v !== 'string' || !/^[a-zA-Z0-9.:\[\]-]+$/.test(v))) bad('peers', 'must map host names to ADDRESS[:PORT]');
-  const qraw = raw.qemu ?? {};
-  const qemu: Engine = { binary: QEMU_BINARY, dataDirs: [] };
-  let qemuUids: UidRange = DEFAULT_UID_RANGE;
-  if (!isObj(qraw)) bad('qemu', 'must be an object {binary?, dataDirs?}');
+  if (!isObj(peers) || Object.entries(peers).some(([k, v]) => !NAME_RE.test(k) || typeof v !== 'string' || !/^[a-zA-Z0-9.:[\]-]+$/.test(v)))
+    bad('peers', 'must map host names to ADDRESS[:PORT]');
+  return {
+    name: name as string,
+    stateDir: stateDir as string,
+    apiSocket: apiSocket as string,
+    tlsDir: tlsDir as string,
+    memoryMiB: memory as number,
+    memoryMarginMiB: memoryMargin as number,
+    logLevel: logLevel as Level,
+    accel: accel as Accel | 'auto',
+    cpuModel: cpuModel as string,
+    imagesDir: imagesDir as string,
+    peers: peers as Record<string, string>,
+  };
+}
+
+function parseRelocation(rel: unknown = {}, bad: Bad): DaemonConfig['relocation'] {
+  if (!isObj(rel)) bad('relocation', 'must be an object');
+  const r = isObj(rel) ? rel : {};
+  for (const k of Object.keys(r))
+    if (!['address', 'port', 'hostsAllow', 'dataPorts', 'allowInsecure', 'acceptPostcopy', 'tunnels'].includes(k))
+      bad(`relocation.${k}`, 'unknown key');
+  const flag = (k: string, dflt: boolean): boolean => {
+    const v = r[k] ?? dflt;
+    if (typeof v !== 'boolean') bad(`relocation.${k}`, 'must be true or false');
+    return v as boolean;
+  };
+  const address = r.address ?? '127.0.0.1';
+  if (typeof address !== 'string' || address.length === 0) bad('relocation.address', 'must be an address');
+  const port = r.port ?? DEFAULT_RELOCATION_PORT;
+  if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65535)
+    bad('relocation.port', `must be a TCP port, got ${JSON.stringify(port)}`);
+  const hostsAllow = r.hostsAllow ?? [];
+  if (!Array.isArray(hostsAllow) || hostsAllow.some((h) => typeof h !== 'string'))
+    bad('relocation.hostsAllow', 'must be a list of NAME or NAME@SUBNET patterns');
   else {
-    for (const k of Object.keys(qraw)) if (!['binary', 'dataDirs', 'user', 'uids'].includes(k)) bad(`qemu.${k}`, 'unknown key');
-    // One shared QEMU user is gone (every domain has a uid of its own); "root" remains, to run unconfined.
-    if (qraw.user !== undefined && qraw.user !== 'root') bad('qemu.user', `may only be "root" (QEMU unconfined, not recommended); each domain's QEMU otherwise runs as its own uid from qemu.uids`);
-    if (qraw.uids !== undefined) {
-      const u = qraw.uids;
-      const okInt = (v: unknown, lo: number, hi: number): boolean => Number.isInteger(v) && (v as number) >= lo && (v as number) <= hi;
-      if (!isObj(u) || Object.keys(u).some((k) => k !== 'first' && k !== 'count') || !okInt(u.first, 1000, 0xfffeffff) || !okInt(u.count, 1, 1_000_000) || (u.first as number) + (u.count as number) > 0xffff0000) bad('qemu.uids', 'must be {"first": UID, "count": N}: a range of unused uids (first ≥ 1000, count 1-1000000, below 4294901760)');
-      else qemuUids = { first: u.first as number, count: u.count as number };
-    }
-    if (qraw.binary !== undefined) {
-      if (typeof qraw.binary !== 'string' || !(path.isAbsolute(qraw.binary) || /^[a-zA-Z0-9_.-]+$/.test(qraw.binary))) bad('qemu.binary', 'must be an absolute path or a command name');
-      else qemu.binary = qraw.binary;
-    }
-    if (qraw.dataDirs !== undefined) {
-      if (!Array.isArray(qraw.dataDirs) || qraw.dataDirs.some((d) => typeof d !== 'string' || !path.isAbsolute(d) || d.includes(','))) bad('qemu.dataDirs', 'must be a list of absolute paths');
-      else qemu.dataDirs = qraw.dataDirs as string[];
-    }
+    const hp = parseHostsAllow(hostsAllow as string[]);
+    if ('error' in hp) bad('relocation.hostsAllow', hp.error);
   }
-  const st = raw.storage ?? {};
-  const storage: StorageConfig = { pools: [typeof imagesDir === 'string' ? imagesDir : '/'], blockDevices: [], saveDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'save'), localDir: path.join(typeof stateDir === 'string' ? stateDir : '/', 'disks') };
+  const dataPorts = r.dataPorts ?? DEFAULT_DATA_PORTS;
+  if (
+    !Array.isArray(dataPorts) ||
+    dataPorts.length !== 2 ||
+    !dataPorts.every((p) => Number.isInteger(p) && p > 0 && p < 65536) ||
+    dataPorts[0] > dataPorts[1]
+  )
+    bad('relocation.dataPorts', 'must be [first, last] TCP ports');
+  return {
+    address: address as string,
+    port: port as number,
+    hostsAllow: hostsAllow as string[],
+    dataPorts: dataPorts as [number, number],
+    allowInsecure: flag('allowInsecure', false),
+    acceptPostcopy: flag('acceptPostcopy', true),
+    tunnels: flag('tunnels', true),
+  };
+}
+
+function parseNetworks(nets: unknown = {}, bad: Bad): Record<string, NetworkConfig> {
+  const networks: Record<string, NetworkConfig> = {};
+  if (!isObj(nets)) {
+    bad('networks', 'must be an object of name → {bridge, subnet}');
+    return networks;
+  }
+  for (const [n, v] of Object.entries(nets)) {
+    if (!NAME_RE.test(n)) bad(`networks.${n}`, 'bad network name');
+    if (!isObj(v) || typeof v.bridge !== 'string' || !/^[a-zA-Z0-9_.-]{1,15}$/.test(v.bridge)) {
+      bad(`networks.${n}.bridge`, 'must be an interface name');
+      continue;
+    }
+    if (typeof v.subnet !== 'string' || !isValidIpv4Cidr(v.subnet) || !v.subnet.includes('/')) {
+      bad(`networks.${n}.subnet`, 'must be an IPv4 subnet like 198.18.0.0/24');
+      continue;
+    }
+    if (v.address !== undefined && (typeof v.address !== 'string' || !isValidIpv4Cidr(v.address))) {
+      bad(`networks.${n}.address`, 'must be an IPv4 address');
+      continue;
+    }
+    networks[n] = { bridge: v.bridge, subnet: v.subnet, ...(typeof v.address === 'string' ? { address: v.address.split('/')[0] } : {}) };
+  }
+  return networks;
+}
+
+/** The engine (binary, data directories) and whose uids its QEMUs run as (null: root, unconfined). */
+function parseQemu(qraw: unknown = {}, bad: Bad): { qemu: Engine; uids: UidRange | null } {
+  const qemu: Engine = { binary: QEMU_BINARY, dataDirs: [] };
+  let uids: UidRange = DEFAULT_UID_RANGE;
+  if (!isObj(qraw)) {
+    bad('qemu', 'must be an object {binary?, dataDirs?}');
+    return { qemu, uids };
+  }
+  for (const k of Object.keys(qraw)) if (!['binary', 'dataDirs', 'user', 'uids'].includes(k)) bad(`qemu.${k}`, 'unknown key');
+  // One shared QEMU user is gone (every domain has a uid of its own); "root" remains, to run unconfined.
+  if (qraw.user !== undefined && qraw.user !== 'root')
+    bad(
+      'qemu.user',
+      `may only be "root" (QEMU unconfined, not recommended); each domain's QEMU otherwise runs as its own uid from qemu.uids`,
+    );
+  if (qraw.uids !== undefined) {
+    const u = qraw.uids;
+    const okInt = (v: unknown, lo: number, hi: number): boolean => Number.isInteger(v) && (v as number) >= lo && (v as number) <= hi;
+    if (
+      !isObj(u) ||
+      Object.keys(u).some((k) => k !== 'first' && k !== 'count') ||
+      !okInt(u.first, 1000, 0xfffeffff) ||
+      !okInt(u.count, 1, 1_000_000) ||
+      (u.first as number) + (u.count as number) > 0xffff0000
+    )
+      bad('qemu.uids', 'must be {"first": UID, "count": N}: a range of unused uids (first ≥ 1000, count 1-1000000, below 4294901760)');
+    else uids = { first: u.first as number, count: u.count as number };
+  }
+  if (qraw.binary !== undefined) {
+    if (typeof qraw.binary !== 'string' || !(path.isAbsolute(qraw.binary) || /^[a-zA-Z0-9_.-]+$/.test(qraw.binary)))
+      bad('qemu.binary', 'must be an absolute path or a command name');
+    else qemu.binary = qraw.binary;
+  }
+  if (qraw.dataDirs !== undefined) {
+    if (!Array.isArray(qraw.dataDirs) || qraw.dataDirs.some((d) => typeof d !== 'string' || !path.isAbsolute(d) || d.includes(',')))
+      bad('qemu.dataDirs', 'must be a list of absolute paths');
+    else qemu.dataDirs = qraw.dataDirs as string[];
+  }
+  return { qemu, uids: qraw.user === 'root' ? null : uids };
+}
+
+/** Absolute, normalized, no trailing slash ('/' itself is refused for pools). */
+const absList = (v: unknown): v is string[] =>
+  Array.isArray(v) &&
+  v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d && (d === '/' || !d.endsWith('/')));
+
+function parseStorage(st: unknown = {}, dirs: { imagesDir: unknown; stateDir: unknown }, bad: Bad): StorageConfig {
+  const stateDir = typeof dirs.stateDir === 'string' ? dirs.stateDir : '/';
+  const storage: StorageConfig = {
+    pools: [typeof dirs.imagesDir === 'string' ? dirs.imagesDir : '/'],
+    blockDevices: [],
+    saveDir: path.join(stateDir, 'save'),
+    localDir: path.join(stateDir, 'disks'),
+  };
   if (!isObj(st)) bad('storage', 'must be an object {pools?, blockDevices?, saveDir?, localDir?}');
   else {
     for (const k of Object.keys(st)) if (!['pools', 'blockDevices', 'saveDir', 'localDir'].includes(k)) bad(`storage.${k}`, 'unknown key');
-    // Absolute, normalized, no trailing slash ('/' itself is refused for pools below).
-    const absList = (v: unknown): v is string[] => Array.isArray(v) && v.every((d) => typeof d === 'string' && path.isAbsolute(d) && path.normalize(d) === d && (d === '/' || !d.endsWith('/')));
-    if (st.pools !== undefined) { if (!absList(st.pools) || (st.pools as string[]).includes('/')) bad('storage.pools', 'must be a list of absolute, normalized directory paths (not /)'); else storage.pools = st.pools as string[]; }
-    if (st.blockDevices !== undefined) { if (!absList(st.blockDevices) || !(st.blockDevices as string[]).every((d) => d.startsWith('/dev/'))) bad('storage.blockDevices', 'must be a list of /dev/ paths'); else storage.blockDevices = st.blockDevices as string[]; }
-    if (st.saveDir !== undefined) { if (typeof st.saveDir !== 'string' || !path.isAbsolute(st.saveDir)) bad('storage.saveDir', 'must be an absolute path'); else storage.saveDir = st.saveDir; }
-    if (st.localDir !== undefined) { if (!absList([st.localDir]) || st.localDir === '/') bad('storage.localDir', 'must be an absolute, normalized directory path (not /)'); else storage.localDir = st.localDir as string; }
+    if (st.pools !== undefined) {
+      if (!absList(st.pools) || st.pools.includes('/'))
+        bad('storage.pools', 'must be a list of absolute, normalized directory paths (not /)');
+      else storage.pools = st.pools;
+    }
+    if (st.blockDevices !== undefined) {
+      if (!absList(st.blockDevices) || !st.blockDevices.every((d) => d.startsWith('/dev/')))
+        bad('storage.blockDevices', 'must be a list of /dev/ paths');
+      else storage.blockDevices = st.blockDevices;
+    }
+    if (st.saveDir !== undefined) {
+      if (typeof st.saveDir !== 'string' || !path.isAbsolute(st.saveDir)) bad('storage.saveDir', 'must be an absolute path');
+      else storage.saveDir = st.saveDir;
+    }
+    if (st.localDir !== undefined) {
+      if (!absList([st.localDir]) || st.localDir === '/') bad('storage.localDir', 'must be an absolute, normalized directory path (not /)');
+      else storage.localDir = st.localDir as string;
+    }
   }
   // The local directory is a pool: its disks are domains' disks like any other.
   if (!storage.pools.includes(storage.localDir)) storage.pools = [...storage.pools, storage.localDir];
-  const lim = raw.limits ?? {};
+  return storage;
+}
+
+function parseLimits(lim: unknown = {}, bad: Bad): Limits {
   const limits: Limits = { ...DEFAULT_LIMITS };
-  if (!isObj(lim)) bad('limits', 'must be an object');
-  else for (const [k, v] of Object.entries(lim)) {
-    if (!(k in DEFAULT_LIMITS)) { bad(`limits.${k}`, 'unknown key'); continue; }
-    if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > 1_000_000) { bad(`limits.${k}`, `must be an integer from 1 to 1000000, got ${JSON.stringify(v)}`); continue; }
+  if (!isObj(lim)) {
+    bad('limits', 'must be an object');
+    return limits;
+  }
+  for (const [k, v] of Object.entries(lim)) {
+    if (!(k in DEFAULT_LIMITS)) {
+      bad(`limits.${k}`, 'unknown key');
+      continue;
+    }
+    if (!Number.isInteger(v) || (v as number) < 1 || (v as number) > 1_000_000) {
+      bad(`limits.${k}`, `must be an integer from 1 to 1000000, got ${JSON.stringify(v)}`);
+      continue;
+    }
     (limits as unknown as Record<string, number>)[k] = v as number;
   }
-  let metrics: DaemonConfig['metrics'] = null;
-  if (raw.metrics !== undefined && raw.metrics !== null) {
-    const mm = typeof raw.metrics === 'string' ? /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(raw.metrics) : null;
-    if (!mm || Number(mm[2]) < 1 || Number(mm[2]) > 65535) bad('metrics', 'must be "ADDRESS:PORT" (an IP address or localhost), e.g. "127.0.0.1:9477"');
-    else metrics = { address: mm[1].replace(/^\[|\]$/g, ''), port: Number(mm[2]) };
+  return limits;
+}
+
+function parseMetrics(raw: unknown, bad: Bad): DaemonConfig['metrics'] {
+  if (raw === undefined || raw === null) return null;
+  const mm = typeof raw === 'string' ? /^(\[[0-9a-fA-F:]+\]|[0-9.]+|localhost):(\d{1,5})$/.exec(raw) : null;
+  if (!mm || Number(mm[2]) < 1 || Number(mm[2]) > 65535) {
+    bad('metrics', 'must be "ADDRESS:PORT" (an IP address or localhost), e.g. "127.0.0.1:9477"');
+    return null;
   }
-  if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
-  return {
-    metrics,
-    name: name as string, stateDir: stateDir as string, apiSocket: apiSocket as string,
-    relocation: { address: address as string, port: port as number, hostsAllow: hostsAllow as string[], dataPorts: dataPorts as [number, number], allowInsecure: allowInsecure as boolean, acceptPostcopy: acceptPostcopy as boolean, tunnels: tunnels as boolean },
-    storage, limits,
-    tlsDir: tlsDir as string, memoryMiB: memory as number, memoryMarginMiB: memoryMargin as number, logLevel: logLevel as Level, networks, accel: accel as Accel | 'auto', cpuModel: cpuModel as string, imagesDir: imagesDir as string,
-    peers: peers as Record<string, string>, qemu, qemuUids: isObj(qraw) && qraw.user === 'root' ? null : qemuUids,
-  };
+  return { address: mm[1].replace(/^\[|\]$/g, ''), port: Number(mm[2]) };
 }
 
 export function loadDaemonConfig(file: string | undefined, overrides: Record<string, unknown>, repoRoot: string): DaemonConfig {
@@ -246,7 +397,7 @@ export function loadDaemonConfig(file: string | undefined, overrides: Record<str
   const merged: Record<string, unknown> = { ...raw };
   for (const [k, v] of Object.entries(overrides)) {
     if (v === undefined) continue;
-    if (k.startsWith('relocation.')) merged.relocation = { ...(merged.relocation as object ?? {}), [k.slice(11)]: v };
+    if (k.startsWith('relocation.')) merged.relocation = { ...((merged.relocation as object) ?? {}), [k.slice(11)]: v };
     else merged[k] = v;
   }
   return parseDaemonConfig(merged, repoRoot);

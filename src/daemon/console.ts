@@ -22,7 +22,10 @@ export class ConsoleMux {
   private logBytes = 0;
   private closed = false;
 
-  constructor(private readonly path: string, private readonly logPath: string) {}
+  constructor(
+    private readonly path: string,
+    private readonly logPath: string,
+  ) {}
 
   async connect(timeoutMs = 5000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
@@ -35,10 +38,16 @@ export class ConsoleMux {
         await new Promise((r) => setTimeout(r, 50));
       }
     }
-    try { this.logBytes = fs.statSync(this.logPath).size; } catch { this.logBytes = 0; }
+    try {
+      this.logBytes = fs.statSync(this.logPath).size;
+    } catch {
+      this.logBytes = 0;
+    }
     this.logFd = fs.openSync(this.logPath, 'a', 0o600);
     this.sock.on('data', (d: Buffer) => this.onOutput(d));
-    this.sock.on('error', () => { /* QEMU went away; the domain's QMP close handles it */ });
+    this.sock.on('error', () => {
+      /* QEMU went away; the domain's QMP close handles it */
+    });
     this.sock.on('close', () => this.close());
   }
 
@@ -53,12 +62,18 @@ export class ConsoleMux {
       try {
         fs.writeSync(this.logFd, d);
         this.logBytes += d.length;
-      } catch { /* disk full: the ring buffer still serves clients; the file misses this chunk */ }
+      } catch {
+        /* disk full: the ring buffer still serves clients; the file misses this chunk */
+      }
     }
     if (this.clients.size === 0) return;
     const f = consoleDataFrames(d);
     for (const c of this.clients) {
-      if (c.writableLength > CLIENT_BACKLOG_MAX) { this.clients.delete(c); c.destroy(); continue; }
+      if (c.writableLength > CLIENT_BACKLOG_MAX) {
+        this.clients.delete(c);
+        c.destroy();
+        continue;
+      }
       c.write(f);
     }
   }
@@ -67,8 +82,12 @@ export class ConsoleMux {
   attach(client: net.Socket, replay = 0): void {
     if (replay > 0 && this.ring.length > 0) client.write(consoleDataFrames(this.ring.subarray(Math.max(0, this.ring.length - replay))));
     this.clients.add(client);
-    client.on('data', (d: Buffer) => { if (this.sock && !this.sock.destroyed) this.sock.write(d); });
-    const drop = (): void => { this.clients.delete(client); };
+    client.on('data', (d: Buffer) => {
+      if (this.sock && !this.sock.destroyed) this.sock.write(d);
+    });
+    const drop = (): void => {
+      this.clients.delete(client);
+    };
     client.on('close', drop);
     client.on('error', drop);
   }
@@ -77,7 +96,8 @@ export class ConsoleMux {
   detachAll(final?: Record<string, unknown>): void {
     const f = final ? consoleFrame(CONSOLE_CONTROL, Buffer.from(JSON.stringify(final))) : undefined;
     for (const c of this.clients) {
-      if (f) c.end(f); else c.end();
+      if (f) c.end(f);
+      else c.end();
     }
     this.clients.clear();
   }
@@ -87,6 +107,9 @@ export class ConsoleMux {
     this.closed = true;
     this.detachAll(final);
     this.sock?.destroy();
-    if (this.logFd !== undefined) { fs.closeSync(this.logFd); this.logFd = undefined; }
+    if (this.logFd !== undefined) {
+      fs.closeSync(this.logFd);
+      this.logFd = undefined;
+    }
   }
 }

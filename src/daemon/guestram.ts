@@ -12,7 +12,10 @@ import type { HostedDomain } from './records.ts';
 import type { QemuRuntime } from './runtime.ts';
 
 export class GuestRamAccess {
-  constructor(private readonly hostName: string, private readonly runtime: QemuRuntime) {}
+  constructor(
+    private readonly hostName: string,
+    private readonly runtime: QemuRuntime,
+  ) {}
 
   /**
    * Returns the first byte of every 4 KiB page in [startMiB, endMiB) of guest RAM, read
@@ -21,7 +24,11 @@ export class GuestRamAccess {
   async sample(dom: HostedDomain, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
     const name = dom.rec.config.name;
     const { qmp } = this.runtime.needProcess(dom, 'read the memory of');
-    if (endMiB <= startMiB || endMiB > dom.rec.config.memoryMiB) throw new FerryError('API_BAD_REQUEST', `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${dom.rec.config.memoryMiB} MiB)`);
+    if (endMiB <= startMiB || endMiB > dom.rec.config.memoryMiB)
+      throw new FerryError(
+        'API_BAD_REQUEST',
+        `Range ${startMiB}-${endMiB} MiB is outside domain "${name}" (${dom.rec.config.memoryMiB} MiB)`,
+      );
     const wasRunning = dom.rec.state.kind === 'running';
     dom.busy = 'sampling memory';
     try {
@@ -53,7 +60,10 @@ export class GuestRamAccess {
     const fail = (e: unknown): never => {
       if (e instanceof FerryError) throw e;
       // EACCES or EPERM: no ptrace access (kernel.yama.ptrace_scope=3, or an LSM).
-      throw new FerryError('MEMORY_UNREADABLE', `Cannot ${write ? 'write' : 'read'} the RAM of domain "${c.name}" on ${this.hostName}: ${(e as Error).message}`);
+      throw new FerryError(
+        'MEMORY_UNREADABLE',
+        `Cannot ${write ? 'write' : 'read'} the RAM of domain "${c.name}" on ${this.hostName}: ${(e as Error).message}`,
+      );
     };
     const ram = await openGuestRam(dom.qmp, s.pid, c.memoryMiB * 1048576, write).catch(fail);
     // Opened first, then proven: had the pid been reused before the open, the process
@@ -62,7 +72,10 @@ export class GuestRamAccess {
     const id = this.runtime.identityOf(dom);
     if ((want !== undefined && processStartTicks(s.pid) !== want) || (id && processUid(s.pid) !== id.uid)) {
       ram.close();
-      throw new FerryError('MEMORY_UNREADABLE', `Domain "${c.name}": pid ${s.pid} is no longer the QEMU ferryd started (start time or owner changed); not touching its memory`);
+      throw new FerryError(
+        'MEMORY_UNREADABLE',
+        `Domain "${c.name}": pid ${s.pid} is no longer the QEMU ferryd started (start time or owner changed); not touching its memory`,
+      );
     }
     try {
       return await f(ram).catch(fail);
@@ -82,7 +95,8 @@ export class GuestRamAccess {
       const chunkBytes = chunkBytesFor(ram.bytes);
       const n = Math.ceil(ram.bytes / chunkBytes);
       const bad = chunks.find((c) => c >= n);
-      if (bad !== undefined) throw new FerryError('MIGRATION_PROTOCOL', `chunk ${bad} is outside the ${n} chunks of domain "${dom.rec.config.name}"`);
+      if (bad !== undefined)
+        throw new FerryError('MIGRATION_PROTOCOL', `chunk ${bad} is outside the ${n} chunks of domain "${dom.rec.config.name}"`);
       return { bytes: ram.bytes, chunkBytes, digests: await digestChunks(ram, chunkBytes, chunks) };
     });
   }

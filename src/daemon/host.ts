@@ -39,7 +39,6 @@ import { GuestRamAccess } from './guestram.ts';
 import { Tunnels, vniFor } from './tunnels.ts';
 import { peerAddresses } from '../migration/preflight.ts';
 
-
 export class Host extends EventEmitter implements MigrationHost {
   /** In-flight memory reservations (incoming migrations), MiB by job id. */
   private readonly reservations = new Map<string, { domain: string; memoryMiB: number }>();
@@ -54,31 +53,64 @@ export class Host extends EventEmitter implements MigrationHost {
   /** Maintenance (ferry host maintenance / evacuate): no starts, no incoming moves. Persisted. */
   private maint: { on: boolean; since: string | null } = { on: false, since: null };
 
-  constructor(readonly cfg: DaemonConfig, readonly log: Logger, readonly accel: AccelChoice, readonly qemu: QemuFacts) {
+  constructor(
+    readonly cfg: DaemonConfig,
+    readonly log: Logger,
+    readonly accel: AccelChoice,
+    readonly qemu: QemuFacts,
+  ) {
     super();
     const range = cfg.qemuUids;
     const clashes = range ? rangeClashes(range) : [];
-    if (range && clashes.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: qemu.uids ${range.first}-${range.first + range.count - 1} is not free on this host (${clashes.slice(0, 3).join('; ')}); choose another range`);
+    if (range && clashes.length)
+      throw new FerryError(
+        'CONFIG_INVALID',
+        `Invalid ferryd config: qemu.uids ${range.first}-${range.first + range.count - 1} is not free on this host (${clashes.slice(0, 3).join('; ')}); choose another range`,
+      );
     const blocked = range ? blockedAncestor(cfg.stateDir) : null;
-    if (blocked) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: domains' QEMUs (unprivileged uids) cannot pass through ${blocked} to reach their sockets under stateDir ${cfg.stateDir}; chmod o+x ${blocked}, or choose another stateDir`);
-    const emit = (event: string, data: unknown): void => { this.emit(event, data); };
+    if (blocked)
+      throw new FerryError(
+        'CONFIG_INVALID',
+        `Invalid ferryd config: domains' QEMUs (unprivileged uids) cannot pass through ${blocked} to reach their sockets under stateDir ${cfg.stateDir}; chmod o+x ${blocked}, or choose another stateDir`,
+      );
+    const emit = (event: string, data: unknown): void => {
+      this.emit(event, data);
+    };
     this.store = new DomainStore(cfg.stateDir, cfg.name, log, (c) => emit('domain.state', c));
-    this.runtime = new QemuRuntime(cfg, log, accel, qemu, range ? new UidPool(range) : null, this.store, emit);
-    this.saves = new SaveRestore({ cfg, qemu, store: this.store, runtime: this.runtime, checkStart: (c, verb) => this.checkStart(c, verb), domainInfo: (n) => this.domainInfo(n) });
+    this.runtime = new QemuRuntime({ cfg, log, accel, qemu, uids: range ? new UidPool(range) : null, store: this.store, emit });
+    this.saves = new SaveRestore({
+      cfg,
+      qemu,
+      store: this.store,
+      runtime: this.runtime,
+      checkStart: (c, verb) => this.checkStart(c, verb),
+      domainInfo: (n) => this.domainInfo(n),
+    });
     this.ram = new GuestRamAccess(cfg.name, this.runtime);
-    this.postcopy = cfg.relocation.acceptPostcopy ? userfaultfdAvailable(this.runtime.confined) : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
+    this.postcopy = cfg.relocation.acceptPostcopy
+      ? userfaultfdAvailable(this.runtime.confined)
+      : { ok: false, why: `${cfg.name} refuses incoming post-copy (relocation.acceptPostcopy is false)` };
     if (cfg.relocation.acceptPostcopy) log.info('post-copy for incoming moves', this.postcopy);
     this.tunnels = new Tunnels(cfg.stateDir, cfg.relocation.address, log);
     try {
       const m = JSON.parse(fs.readFileSync(path.join(cfg.stateDir, 'maintenance.json'), 'utf8')) as { on?: unknown; since?: unknown };
       if (m.on === true) this.maint = { on: true, since: typeof m.since === 'string' ? m.since : null };
-    } catch { /* never set */ }
+    } catch {
+      /* never set */
+    }
   }
 
-  postcopyIncoming(): { ok: boolean; why: string } { return this.postcopy; }
-  async touchedBytes(dom: HostedDomain): Promise<number | null> { const s = dom.rec.state; return hasProcess(s) && dom.qmp ? guestResidentBytes(dom.qmp, s.pid) : null; }
+  postcopyIncoming(): { ok: boolean; why: string } {
+    return this.postcopy;
+  }
+  async touchedBytes(dom: HostedDomain): Promise<number | null> {
+    const s = dom.rec.state;
+    return hasProcess(s) && dom.qmp ? guestResidentBytes(dom.qmp, s.pid) : null;
+  }
 
-  get runDir(): string { return this.runtime.runDir; }
+  get runDir(): string {
+    return this.runtime.runDir;
+  }
 
   // ---------- records (daemon/records.ts) ----------
 
@@ -88,13 +120,27 @@ export class Host extends EventEmitter implements MigrationHost {
     this.tunnels.adopt(new Set(this.domainUuids()));
   }
 
-  get(name: string): HostedDomain { return this.store.get(name); }
-  find(name: string): HostedDomain | undefined { return this.store.find(name); }
-  all(): HostedDomain[] { return this.store.all(); }
-  domainNames(): string[] { return this.store.names(); }
-  domainUuids(): string[] { return this.store.all().map((l) => l.rec.config.uuid); }
-  apply(dom: HostedDomain, e: DomainEvent): void { this.store.apply(dom, e); }
-  forget(name: string): void { this.store.forget(name, this.runDir); }
+  get(name: string): HostedDomain {
+    return this.store.get(name);
+  }
+  find(name: string): HostedDomain | undefined {
+    return this.store.find(name);
+  }
+  all(): HostedDomain[] {
+    return this.store.all();
+  }
+  domainNames(): string[] {
+    return this.store.names();
+  }
+  domainUuids(): string[] {
+    return this.store.all().map((l) => l.rec.config.uuid);
+  }
+  apply(dom: HostedDomain, e: DomainEvent): void {
+    this.store.apply(dom, e);
+  }
+  forget(name: string): void {
+    this.store.forget(name, this.runDir);
+  }
 
   // ---------- queries ----------
 
@@ -102,7 +148,8 @@ export class Host extends EventEmitter implements MigrationHost {
     let used = 0;
     // A domain whose QEMU is still being spawned counts too: two concurrent starts
     // must not both pass the memory check.
-    for (const l of this.store.all()) if (hasProcess(l.rec.state) || l.busy === 'starting' || l.busy === 'restoring') used += l.rec.config.memoryMiB;
+    for (const l of this.store.all())
+      if (hasProcess(l.rec.state) || l.busy === 'starting' || l.busy === 'restoring') used += l.rec.config.memoryMiB;
     return used + this.reservedNotRunningMiB();
   }
 
@@ -128,7 +175,13 @@ export class Host extends EventEmitter implements MigrationHost {
     }
     // A reservation without its QEMU yet will touch all of it, too.
     untouched += this.reservedNotRunningMiB();
-    return { offerMiB: this.cfg.memoryMiB, usedMiB: this.memoryUsedMiB(), availableMiB: memAvailableMiB(), untouchedMiB: untouched, marginMiB: this.cfg.memoryMarginMiB };
+    return {
+      offerMiB: this.cfg.memoryMiB,
+      usedMiB: this.memoryUsedMiB(),
+      availableMiB: memAvailableMiB(),
+      untouchedMiB: untouched,
+      marginMiB: this.cfg.memoryMarginMiB,
+    };
   }
 
   /** Free memory and which limit binds it, in words: what a peer's pre-flight is told. */
@@ -137,15 +190,44 @@ export class Host extends EventEmitter implements MigrationHost {
     return { freeMiB: freeMiB(c), freeWhy: explainFree(c) };
   }
 
-
   info(): HostInfo {
     return {
-      name: this.cfg.name, arch: hostArch(), version: FERRY_VERSION, qemuVersion: this.qemu.version, machine: this.qemu.machine,
-      engine: { binary: this.cfg.qemu.binary, dataDirs: this.cfg.qemu.dataDirs, version: this.qemu.version, liveDirtyTrackingReliable: !dirtyTrackingUnreliable(this.accel.accel, this.qemu.version) },
-      accel: this.accel.accel, accelReason: this.accel.reason, cpuModel: this.qemu.cpuModel, cpuFeatures: this.qemu.cpuFeatures, cpuUnavailable: this.qemu.cpuUnavailable,
-      memory: (() => { const c = this.capacity(); return { offeredMiB: c.offerMiB, usedMiB: c.usedMiB, freeMiB: freeMiB(c), reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0), availableMiB: c.availableMiB, untouchedMiB: c.untouchedMiB, marginMiB: c.marginMiB, limitedBy: explainFree(c) }; })(),
+      name: this.cfg.name,
+      arch: hostArch(),
+      version: FERRY_VERSION,
+      qemuVersion: this.qemu.version,
+      machine: this.qemu.machine,
+      engine: {
+        binary: this.cfg.qemu.binary,
+        dataDirs: this.cfg.qemu.dataDirs,
+        version: this.qemu.version,
+        liveDirtyTrackingReliable: !dirtyTrackingUnreliable(this.accel.accel, this.qemu.version),
+      },
+      accel: this.accel.accel,
+      accelReason: this.accel.reason,
+      cpuModel: this.qemu.cpuModel,
+      cpuFeatures: this.qemu.cpuFeatures,
+      cpuUnavailable: this.qemu.cpuUnavailable,
+      memory: (() => {
+        const c = this.capacity();
+        return {
+          offeredMiB: c.offerMiB,
+          usedMiB: c.usedMiB,
+          freeMiB: freeMiB(c),
+          reservedMiB: [...this.reservations.values()].reduce((a, r) => a + r.memoryMiB, 0),
+          availableMiB: c.availableMiB,
+          untouchedMiB: c.untouchedMiB,
+          marginMiB: c.marginMiB,
+          limitedBy: explainFree(c),
+        };
+      })(),
       networks: this.cfg.networks,
-      relocation: { address: this.cfg.relocation.address, port: this.cfg.relocation.port, dataPorts: this.cfg.relocation.dataPorts, hostsAllow: this.cfg.relocation.hostsAllow },
+      relocation: {
+        address: this.cfg.relocation.address,
+        port: this.cfg.relocation.port,
+        dataPorts: this.cfg.relocation.dataPorts,
+        hostsAllow: this.cfg.relocation.hostsAllow,
+      },
       domains: this.store.size,
       tunnels: this.tunnelList(),
       maintenance: { ...this.maint },
@@ -156,8 +238,12 @@ export class Host extends EventEmitter implements MigrationHost {
   summary(dom: HostedDomain): DomainSummary {
     const s = dom.rec.state;
     return {
-      name: dom.rec.config.name, uuid: dom.rec.config.uuid, id: hasProcess(s) ? s.domid : null,
-      memoryMiB: dom.rec.config.memoryMiB, vcpus: dom.rec.config.vcpus, state: s.kind,
+      name: dom.rec.config.name,
+      uuid: dom.rec.config.uuid,
+      id: hasProcess(s) ? s.domid : null,
+      memoryMiB: dom.rec.config.memoryMiB,
+      vcpus: dom.rec.config.vcpus,
+      state: s.kind,
       cpuTime: hasProcess(s) ? cpuSeconds(s.pid) : 0,
     };
   }
@@ -166,9 +252,18 @@ export class Host extends EventEmitter implements MigrationHost {
     const dom = this.get(name);
     const s = dom.rec.state;
     return {
-      ...this.summary(dom), host: this.cfg.name, config: domainConfigToJson(dom.rec.config), stateDetail: s,
-      pid: hasProcess(s) ? s.pid : null, accel: dom.rec.runtime?.accel ?? this.accel.accel,
-      nics: dom.rec.config.nics.map((n, i) => ({ network: n.network, mac: n.mac, ip: n.ip ?? null, tap: dom.rec.runtime?.taps[i] ?? null })),
+      ...this.summary(dom),
+      host: this.cfg.name,
+      config: domainConfigToJson(dom.rec.config),
+      stateDetail: s,
+      pid: hasProcess(s) ? s.pid : null,
+      accel: dom.rec.runtime?.accel ?? this.accel.accel,
+      nics: dom.rec.config.nics.map((n, i) => ({
+        network: n.network,
+        mac: n.mac,
+        ip: n.ip ?? null,
+        tap: dom.rec.runtime?.taps[i] ?? null,
+      })),
       consoleLog: dom.rec.runtime?.consoleLog ?? path.join(this.runDir, name, 'console.log'),
     };
   }
@@ -176,7 +271,12 @@ export class Host extends EventEmitter implements MigrationHost {
   // ---------- checks shared with migration pre-flight ----------
 
   checkNetworks(c: DomainConfig): void {
-    for (const n of c.nics) if (!this.cfg.networks[n.network]) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" needs network "${n.network}", which host ${this.cfg.name} does not have (it has: ${Object.keys(this.cfg.networks).join(', ') || 'none'})`);
+    for (const n of c.nics)
+      if (!this.cfg.networks[n.network])
+        throw new FerryError(
+          'NETWORK_NOT_FOUND',
+          `Domain "${c.name}" needs network "${n.network}", which host ${this.cfg.name} does not have (it has: ${Object.keys(this.cfg.networks).join(', ') || 'none'})`,
+        );
   }
 
   /**
@@ -184,17 +284,31 @@ export class Host extends EventEmitter implements MigrationHost {
    * false` when a spawn follows at once: it checks the backing chain it opens.
    */
   checkPaths(c: DomainConfig, opts: { backing?: boolean } = {}): void {
-    if (c.disks.length > this.cfg.limits.disksPerDomain) throw new FerryError('API_LIMIT', `Domain "${c.name}" has ${c.disks.length} disks; ${this.cfg.name} allows ${this.cfg.limits.disksPerDomain} (limits.disksPerDomain)`);
+    if (c.disks.length > this.cfg.limits.disksPerDomain)
+      throw new FerryError(
+        'API_LIMIT',
+        `Domain "${c.name}" has ${c.disks.length} disks; ${this.cfg.name} allows ${this.cfg.limits.disksPerDomain} (limits.disksPerDomain)`,
+      );
     checkDomainFiles(c, this.cfg.storage, this.cfg.name, opts);
   }
 
   checkMemory(c: DomainConfig, verb = 'start'): void {
     // Before memory: a CPU model this host cannot run would fail in QEMU (enforce) anyway.
     const miss = this.qemu.cpuUnavailable;
-    if (miss.length) throw new FerryError('QEMU_START_FAILED', `Cannot ${verb} domain "${c.name}": ${this.cfg.name}'s CPU model ${this.qemu.cpuModel} needs ${miss.join(', ')}, which ${this.accel.accel} cannot provide here; set a CPU model this host can run ("cpuModel" in ferryd.json, the same on every host a domain moves between)`, { unavailable: miss });
+    if (miss.length)
+      throw new FerryError(
+        'QEMU_START_FAILED',
+        `Cannot ${verb} domain "${c.name}": ${this.cfg.name}'s CPU model ${this.qemu.cpuModel} needs ${miss.join(', ')}, which ${this.accel.accel} cannot provide here; set a CPU model this host can run ("cpuModel" in ferryd.json, the same on every host a domain moves between)`,
+        { unavailable: miss },
+      );
     const cap = this.capacity();
     const free = freeMiB(cap);
-    if (free < c.memoryMiB) throw new FerryError('HOST_NO_MEMORY', `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB (it ${explainFree(cap)})`, { freeMiB: free, needMiB: c.memoryMiB });
+    if (free < c.memoryMiB)
+      throw new FerryError(
+        'HOST_NO_MEMORY',
+        `Cannot ${verb} domain "${c.name}": ${this.cfg.name} has ${free} MiB free, needs ${c.memoryMiB} MiB (it ${explainFree(cap)})`,
+        { freeMiB: free, needMiB: c.memoryMiB },
+      );
   }
 
   /** Everything a start needs of this host: not in maintenance, the networks, the files, the CPU model, the memory. */
@@ -206,7 +320,11 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   checkNotInMaintenance(name: string, verb: string): void {
-    if (this.maint.on) throw new FerryError('HOST_MAINTENANCE', `Cannot ${verb} domain "${name}": ${this.cfg.name} is in maintenance since ${this.maint.since ?? 'earlier'}; start it on another host, or end maintenance (\`ferry -H ${this.cfg.name} host maintenance ${this.cfg.name} off\`)`);
+    if (this.maint.on)
+      throw new FerryError(
+        'HOST_MAINTENANCE',
+        `Cannot ${verb} domain "${name}": ${this.cfg.name} is in maintenance since ${this.maint.since ?? 'earlier'}; start it on another host, or end maintenance (\`ferry -H ${this.cfg.name} host maintenance ${this.cfg.name} off\`)`,
+      );
   }
 
   /** Maintenance on or off (persisted first: a restart keeps it). */
@@ -219,7 +337,9 @@ export class Host extends EventEmitter implements MigrationHost {
     return { host: this.cfg.name, maintenance: { ...next } };
   }
 
-  maintenance(): { on: boolean; since: string | null } { return { ...this.maint }; }
+  maintenance(): { on: boolean; since: string | null } {
+    return { ...this.maint };
+  }
 
   // ---------- lifecycle ----------
 
@@ -293,10 +413,16 @@ export class Host extends EventEmitter implements MigrationHost {
     const t0 = Date.now();
     if (dom.rec.state.kind === 'paused') await qmp.execute('cont');
     await qmp.execute('system_powerdown');
-    const gone = await Promise.race([dom.exited!.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), timeoutS * 1000))]);
+    const gone = await Promise.race([
+      dom.exited!.then(() => true),
+      new Promise<boolean>((r) => setTimeout(() => r(false), timeoutS * 1000)),
+    ]);
     if (!gone) {
       dom.expectStop = undefined;
-      throw new FerryError('TIMEOUT', `Domain "${name}" did not shut down within ${timeoutS} s (ACPI power button sent; it may not handle it). It is still running; use \`ferry destroy ${name}\` to stop it at once`);
+      throw new FerryError(
+        'TIMEOUT',
+        `Domain "${name}" did not shut down within ${timeoutS} s (ACPI power button sent; it may not handle it). It is still running; use \`ferry destroy ${name}\` to stop it at once`,
+      );
     }
     return { ...this.summary(dom), shutdownMs: Date.now() - t0 };
   }
@@ -305,8 +431,15 @@ export class Host extends EventEmitter implements MigrationHost {
   async destroy(name: string): Promise<DomainSummary> {
     const dom = this.get(name);
     const s = dom.rec.state;
-    if (s.kind === 'crashed') { this.apply(dom, { type: 'stopped', reason: 'destroyed', at: Date.now() }); return this.summary(dom); }
-    if (s.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${name}" is migrating; cancel the migration first (\`ferry job abort ${name}\`)`);
+    if (s.kind === 'crashed') {
+      this.apply(dom, { type: 'stopped', reason: 'destroyed', at: Date.now() });
+      return this.summary(dom);
+    }
+    if (s.kind === 'migrating-out')
+      throw new FerryError(
+        'MIGRATION_IN_PROGRESS',
+        `Domain "${name}" is migrating; cancel the migration first (\`ferry job abort ${name}\`)`,
+      );
     if (!hasProcess(s)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot destroy domain "${name}": it is ${describeKind(s.kind)}`);
     dom.expectStop = 'destroyed';
     await killAndWait(s.pid, 0);
@@ -322,26 +455,47 @@ export class Host extends EventEmitter implements MigrationHost {
   /** Removes a definition. Only when no QEMU runs for it. */
   delete(name: string): { name: string; deleted: true } {
     const dom = this.get(name);
-    if (hasProcess(dom.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `Cannot delete domain "${name}": it is ${describeKind(dom.rec.state.kind)}; destroy or shut it down first`);
+    if (hasProcess(dom.rec.state))
+      throw new FerryError(
+        'DOMAIN_BAD_STATE',
+        `Cannot delete domain "${name}": it is ${describeKind(dom.rec.state.kind)}; destroy or shut it down first`,
+      );
     this.forget(name);
     return { name, deleted: true };
   }
 
   // ---- intents for migration/ (MigrationHost in migration/host.ts) ----
 
-  setBusy(dom: HostedDomain, why: string | undefined): void { dom.busy = why; }
-  reserve(jobId: string, domain: string, memoryMiB: number): void { this.reservations.set(jobId, { domain, memoryMiB }); }
-  release(jobId: string): void { this.reservations.delete(jobId); }
+  setBusy(dom: HostedDomain, why: string | undefined): void {
+    dom.busy = why;
+  }
+  reserve(jobId: string, domain: string, memoryMiB: number): void {
+    this.reservations.set(jobId, { domain, memoryMiB });
+  }
+  release(jobId: string): void {
+    this.reservations.delete(jobId);
+  }
 
   /**
    * An incoming migration's domain: defined here (busy, not yet persisted as running),
    * its QEMU started stopped with `-incoming defer`, attached. `onDefined` hears the pid
    * before anything else happens, so a crash right after leaves a record to clean.
    */
-  async startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<HostedDomain> {
+  async startIncoming(
+    config: DomainConfig,
+    jobId: string,
+    opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] },
+    onDefined: (pid: number) => void,
+  ): Promise<HostedDomain> {
     const dom: HostedDomain = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
     this.store.hold(dom);
-    const sp = await this.runtime.spawn(config, { incoming: true, preallocate: opts.preallocate, machine: opts.machine, cpuModel: opts.cpuModel, bridges: opts.bridges });
+    const sp = await this.runtime.spawn(config, {
+      incoming: true,
+      preallocate: opts.preallocate,
+      machine: opts.machine,
+      cpuModel: opts.cpuModel,
+      bridges: opts.bridges,
+    });
     dom.rec.runtime = sp.runtime;
     onDefined(sp.pid);
     this.apply(dom, { type: 'incoming', pid: sp.pid, domid: this.store.allocDomid(), jobId, at: Date.now() });
@@ -375,74 +529,146 @@ export class Host extends EventEmitter implements MigrationHost {
 
   attachConsole(name: string, client: net.Socket, replay = 0): void {
     const dom = this.get(name);
-    if (!dom.console) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(dom.rec.state.kind)}`);
+    if (!dom.console)
+      throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" has no console: it is ${describeKind(dom.rec.state.kind)}`);
     dom.console.attach(client, replay);
   }
 
   // ---- tunnels (tunnels.ts): a domain's home segment carried to the host it runs on ----
 
   tunnelList(): TunnelView[] {
-    return this.tunnels.list().map((t) => ({ domain: t.domain, nic: t.nic, network: t.network, vni: t.vni, end: t.end, device: t.device, bridge: t.bridge, local: t.local, remotes: t.remotes, home: { host: t.home.host, address: t.home.address, subnet: t.home.subnet }, since: t.since }));
+    return this.tunnels.list().map((t) => ({
+      domain: t.domain,
+      nic: t.nic,
+      network: t.network,
+      vni: t.vni,
+      end: t.end,
+      device: t.device,
+      bridge: t.bridge,
+      local: t.local,
+      remotes: t.remotes,
+      home: { host: t.home.host, address: t.home.address, subnet: t.home.subnet },
+      since: t.since,
+    }));
   }
 
   /** Where each NIC of the domain lives: its away end's home, or this host's own segment. */
   tunnelHomes(c: DomainConfig): TunnelHome[] {
     return c.nics.map((n, i) => {
       const net = this.cfg.networks[n.network];
-      return this.tunnels.away(c.uuid, i)?.home ?? { host: this.cfg.name, address: this.cfg.relocation.address, subnet: net?.subnet ?? '', vni: vniFor(c.uuid, i), ...(net?.address ? { ip: net.address.split('/')[0] } : {}) };
+      return (
+        this.tunnels.away(c.uuid, i)?.home ?? {
+          host: this.cfg.name,
+          address: this.cfg.relocation.address,
+          subnet: net?.subnet ?? '',
+          vni: vniFor(c.uuid, i),
+          ...(net?.address ? { ip: net.address.split('/')[0] } : {}),
+        }
+      );
     });
   }
 
   /** Away ends for an incoming domain's NICs that need one; the bridge per NIC (undefined: the network's own). */
   openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[] {
     try {
-      return c.nics.map((n, i) => { const home = homes.get(i); return home ? this.tunnels.openAway({ domain: c.name, uuid: c.uuid, nic: i, network: n.network, home }) : undefined; });
+      return c.nics.map((n, i) => {
+        const home = homes.get(i);
+        return home ? this.tunnels.openAway({ domain: c.name, uuid: c.uuid, nic: i, network: n.network, home }) : undefined;
+      });
     } catch (e) {
       this.tunnels.closeAway(c.uuid);
       throw e;
     }
   }
 
-  closeAway(uuid: string): { nic: number; home: TunnelHome }[] { return this.tunnels.closeAway(uuid).map((t) => ({ nic: t.nic, home: t.home })); }
+  closeAway(uuid: string): { nic: number; home: TunnelHome }[] {
+    return this.tunnels.closeAway(uuid).map((t) => ({ nic: t.nic, home: t.home }));
+  }
 
   /** This host is the NIC's home: flood its segment to `remote` too. */
   extendHome(c: DomainConfig, nic: number, remote: string): string[] {
     const n = c.nics[nic];
     const net = n && this.cfg.networks[n.network];
     if (!net) throw new FerryError('NETWORK_NOT_FOUND', `Domain "${c.name}" has no NIC ${nic} on a network of ${this.cfg.name}`);
-    return this.tunnels.extendHome({ domain: c.name, uuid: c.uuid, nic, network: n.network, bridge: net.bridge, subnet: net.subnet, host: this.cfg.name }, remote).remotes;
+    return this.tunnels.extendHome(
+      { domain: c.name, uuid: c.uuid, nic, network: n.network, bridge: net.bridge, subnet: net.subnet, host: this.cfg.name },
+      remote,
+    ).remotes;
   }
 
   /** A peer asks (relocation.tunnel) for a NIC whose home is here: only a host the tunnel reaches may. */
-  tunnelFromPeer(op: 'extend' | 'retract', uuid: string, nic: number, remote: string, callerAddress: string): string[] {
+  tunnelFromPeer(change: { op: 'extend' | 'retract'; uuid: string; nic: number; remote: string }, callerAddress: string): string[] {
+    const { op, uuid, nic, remote } = change;
     const t = this.tunnels.home(uuid, nic);
-    if (!t) throw new FerryError('NETWORK_TUNNEL_FAILED', `${this.cfg.name} is not the home of a tunnel for domain ${uuid.slice(0, 64)} NIC ${nic}`);
-    if (!t.remotes.includes(callerAddress)) throw new FerryError('API_FORBIDDEN', `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`);
+    if (!t)
+      throw new FerryError(
+        'NETWORK_TUNNEL_FAILED',
+        `${this.cfg.name} is not the home of a tunnel for domain ${uuid.slice(0, 64)} NIC ${nic}`,
+      );
+    if (!t.remotes.includes(callerAddress))
+      throw new FerryError(
+        'API_FORBIDDEN',
+        `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`,
+      );
     // Only to hosts of this cluster: a peer cannot make this segment flood anywhere else.
-    if (op === 'extend' && !peerAddresses(this.cfg.peers).includes(remote)) throw new FerryError('API_FORBIDDEN', `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`);
-    if (op === 'extend') return this.tunnels.extendHome({ domain: t.domain, uuid, nic, network: t.network, bridge: t.bridge, subnet: t.home.subnet, host: t.home.host }, remote).remotes;
+    if (op === 'extend' && !peerAddresses(this.cfg.peers).includes(remote))
+      throw new FerryError(
+        'API_FORBIDDEN',
+        `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`,
+      );
+    if (op === 'extend')
+      return this.tunnels.extendHome(
+        { domain: t.domain, uuid, nic, network: t.network, bridge: t.bridge, subnet: t.home.subnet, host: t.home.host },
+        remote,
+      ).remotes;
     return this.tunnels.retractHome(uuid, nic, remote)?.remotes ?? [];
   }
 
-  retractHome(uuid: string, nic: number, remote: string): void { this.tunnels.retractHome(uuid, nic, remote); }
+  retractHome(uuid: string, nic: number, remote: string): void {
+    this.tunnels.retractHome(uuid, nic, remote);
+  }
 
-  createDisk(p: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void { createImage(p, format, virtualSize, backing); }
-  localFreeBytes(): number { return freeBytes(this.cfg.storage.localDir); }
+  createDisk(p: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void {
+    createImage(p, format, virtualSize, backing);
+  }
+  localFreeBytes(): number {
+    return freeBytes(this.cfg.storage.localDir);
+  }
 
   /** Drops the runtime of a domain whose QEMU is gone (sockets, taps, console). */
-  cleanupRuntime(dom: HostedDomain): void { this.runtime.cleanup(dom); }
-  removeTaps(uuid: string, nics: number): void { this.runtime.removeTaps(uuid, nics); }
-  qemuDirOf(dom: HostedDomain): string { return this.runtime.qemuDirOf(dom); }
-  qemuTlsDir(dom: HostedDomain): string { return this.runtime.qemuTlsDir(dom); }
+  cleanupRuntime(dom: HostedDomain): void {
+    this.runtime.cleanup(dom);
+  }
+  removeTaps(uuid: string, nics: number): void {
+    this.runtime.removeTaps(uuid, nics);
+  }
+  qemuDirOf(dom: HostedDomain): string {
+    return this.runtime.qemuDirOf(dom);
+  }
+  qemuTlsDir(dom: HostedDomain): string {
+    return this.runtime.qemuTlsDir(dom);
+  }
 
   // ---------- save / restore (saverestore.ts) and guest RAM (guestram.ts) ----------
 
-  save(name: string, file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.save']> { return this.saves.save(name, file, opts); }
-  restore(file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.restore']> { return this.saves.restore(file, opts); }
-  sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> { return this.ram.sample(this.get(name), startMiB, endMiB); }
-  withRam<T>(dom: HostedDomain, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> { return this.ram.withRam(dom, write, f); }
-  ramDigests(dom: HostedDomain): Promise<RamDigests> { return this.ram.digests(dom); }
-  ramChunkDigests(dom: HostedDomain, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> { return this.ram.chunkDigests(dom, chunks); }
+  save(name: string, file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.save']> {
+    return this.saves.save(name, file, opts);
+  }
+  restore(file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.restore']> {
+    return this.saves.restore(file, opts);
+  }
+  sampleMemory(name: string, startMiB: number, endMiB: number): Promise<{ bytes: string; pages: number }> {
+    return this.ram.sample(this.get(name), startMiB, endMiB);
+  }
+  withRam<T>(dom: HostedDomain, write: boolean, f: (ram: GuestRam) => Promise<T>): Promise<T> {
+    return this.ram.withRam(dom, write, f);
+  }
+  ramDigests(dom: HostedDomain): Promise<RamDigests> {
+    return this.ram.digests(dom);
+  }
+  ramChunkDigests(dom: HostedDomain, chunks: number[]): Promise<{ bytes: number; chunkBytes: number; digests: Buffer }> {
+    return this.ram.chunkDigests(dom, chunks);
+  }
 
   /** Closes QMP and consoles without touching QEMU: domains outlive ferryd. */
   detachAll(): void {

@@ -5,13 +5,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Command } from 'commander';
-import { loadDaemonConfig } from './config.ts';
+import { loadDaemonConfig, type DaemonConfig } from './config.ts';
 import { Logger } from './log.ts';
 import { Host } from './host.ts';
 import { ApiServer } from './server.ts';
 import { Metrics } from './metrics.ts';
 import { makeHandler } from './actions.ts';
-import { probeQemu, chooseAccel } from '../qemu/probe.ts';
+import { probeQemu, chooseAccel, type AccelChoice, type QemuFacts } from '../qemu/probe.ts';
 import { pidAlive } from '../qemu/process.ts';
 import { asFerryError } from '../errors.ts';
 import { Migrations } from '../migration/manager.ts';
@@ -19,7 +19,8 @@ import { tlsPresent, ensureDhParams } from '../tls/ca.ts';
 
 import { REPO_ROOT as repoRoot } from '../util/paths.ts';
 
-async function main(): Promise<void> {
+/** The command line over ferryd.json (a flag wins over the file). */
+function configFromArgs(): { cfg: DaemonConfig; logStderr: boolean } {
   const prog = new Command('ferryd')
     .description('ferry host daemon')
     .option('-c, --config <file>', 'config file (default /etc/ferry/ferryd.json)')
@@ -34,27 +35,50 @@ async function main(): Promise<void> {
     .option('--log-stderr', 'also write logs to stderr')
     .parse();
   const o = prog.opts();
-  const cfg = loadDaemonConfig(o.config, {
-    name: o.name, stateDir: o.stateDir, apiSocket: o.apiSocket, tlsDir: o.tlsDir, memory: o.memory, accel: o.accel,
-    'relocation.address': o.relocationAddress, 'relocation.port': o.relocationPort,
-  }, repoRoot);
-  fs.mkdirSync(cfg.stateDir, { recursive: true, mode: 0o700 });
-  const pidFile = path.join(cfg.stateDir, 'ferryd.pid');
+  const cfg = loadDaemonConfig(
+    o.config,
+    {
+      name: o.name,
+      stateDir: o.stateDir,
+      apiSocket: o.apiSocket,
+      tlsDir: o.tlsDir,
+      memory: o.memory,
+      accel: o.accel,
+      'relocation.address': o.relocationAddress,
+      'relocation.port': o.relocationPort,
+    },
+    repoRoot,
+  );
+  return { cfg, logStderr: !!o.logStderr };
+}
+
+/** One ferryd per state directory: its pid on file, refused if another live ferryd's is there. */
+function claimPidFile(stateDir: string): string {
+  const pidFile = path.join(stateDir, 'ferryd.pid');
   try {
     const old = Number(fs.readFileSync(pidFile, 'utf8'));
     if (old && old !== process.pid && pidAlive(old)) {
-      process.stderr.write(`ferryd: another ferryd (pid ${old}) uses ${cfg.stateDir}\n`);
+      process.stderr.write(`ferryd: another ferryd (pid ${old}) uses ${stateDir}\n`);
       process.exit(5);
     }
-  } catch { /* no pid file */ }
+  } catch {
+    /* no pid file */
+  }
   fs.writeFileSync(pidFile, String(process.pid));
-  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), { host: cfg.name }, !!o.logStderr, { maxBytes: cfg.limits.logMaxMiB * 1048576, keep: cfg.limits.logKeep }, cfg.logLevel);
-  log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
+  return pidFile;
+}
+
+/** What the host offers domains: DH parameters for QEMU's TLS, the accelerator and the engine's CPU facts under it. */
+async function prepareHost(cfg: DaemonConfig, log: Logger): Promise<{ accel: AccelChoice; qemu: QemuFacts }> {
   // QEMU generates DH parameters (up to a second) for a server TLS object without them.
   try {
-    if (tlsPresent(cfg.tlsDir) && ensureDhParams(cfg.tlsDir)) log.info('wrote RFC 7919 ffdhe2048 dh-params.pem into the TLS directory', { tlsDir: cfg.tlsDir });
+    if (tlsPresent(cfg.tlsDir) && ensureDhParams(cfg.tlsDir))
+      log.info('wrote RFC 7919 ffdhe2048 dh-params.pem into the TLS directory', { tlsDir: cfg.tlsDir });
   } catch (e) {
-    log.warn('no dh-params.pem in the TLS directory and cannot write one: QEMU will generate DH parameters in every incoming migration', { tlsDir: cfg.tlsDir, error: String(e) });
+    log.warn('no dh-params.pem in the TLS directory and cannot write one: QEMU will generate DH parameters in every incoming migration', {
+      tlsDir: cfg.tlsDir,
+      error: String(e),
+    });
   }
   const scratch = path.join(cfg.stateDir, 'run');
   // The CPU facts must come from the accelerator domains will use: probed under TCG
@@ -65,7 +89,27 @@ async function main(): Promise<void> {
   ]);
   const qemu = accel.accel === 'tcg' ? tcgFacts : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, accel.accel);
   log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
-  if (qemu.cpuUnavailable.length) log.warn('this host cannot provide the CPU model\'s features: domains will not start here, and migrations here are refused', { cpuModel: cfg.cpuModel, accel: accel.accel, unavailable: qemu.cpuUnavailable });
+  if (qemu.cpuUnavailable.length)
+    log.warn("this host cannot provide the CPU model's features: domains will not start here, and migrations here are refused", {
+      cpuModel: cfg.cpuModel,
+      accel: accel.accel,
+      unavailable: qemu.cpuUnavailable,
+    });
+  return { accel, qemu };
+}
+
+async function main(): Promise<void> {
+  const { cfg, logStderr } = configFromArgs();
+  fs.mkdirSync(cfg.stateDir, { recursive: true, mode: 0o700 });
+  const pidFile = claimPidFile(cfg.stateDir);
+  const log = new Logger(path.join(cfg.stateDir, 'ferryd.log'), {
+    base: { host: cfg.name },
+    echo: logStderr,
+    rotate: { maxBytes: cfg.limits.logMaxMiB * 1048576, keep: cfg.limits.logKeep },
+    level: cfg.logLevel,
+  });
+  log.info('ferryd starting', { pid: process.pid, stateDir: cfg.stateDir });
+  const { accel, qemu } = await prepareHost(cfg, log);
   const host = new Host(cfg, log, accel, qemu);
   await host.recover();
   const migrations = new Migrations(host, log);
@@ -75,15 +119,27 @@ async function main(): Promise<void> {
   if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port, cfg.tlsDir);
   const server = new ApiServer(log, makeHandler(host, migrations, metrics));
   await server.listenUnix(cfg.apiSocket);
-  const tlsOn = await server.listenTls({ address: cfg.relocation.address, port: cfg.relocation.port, tlsDir: cfg.tlsDir, hostsAllow: cfg.relocation.hostsAllow, limits: cfg.limits });
+  const tlsOn = await server.listenTls({
+    address: cfg.relocation.address,
+    port: cfg.relocation.port,
+    tlsDir: cfg.tlsDir,
+    hostsAllow: cfg.relocation.hostsAllow,
+    limits: cfg.limits,
+  });
   log.info('ferryd ready', { apiSocket: cfg.apiSocket, tls: tlsOn ? `${cfg.relocation.address}:${cfg.relocation.port}` : null });
-  process.stdout.write(`ferryd ${cfg.name} ready (api ${cfg.apiSocket}${tlsOn ? `, tls ${cfg.relocation.address}:${cfg.relocation.port}` : ''}, accel ${accel.accel})\n`);
+  process.stdout.write(
+    `ferryd ${cfg.name} ready (api ${cfg.apiSocket}${tlsOn ? `, tls ${cfg.relocation.address}:${cfg.relocation.port}` : ''}, accel ${accel.accel})\n`,
+  );
   const stop = async (sig: string): Promise<void> => {
     log.info('ferryd stopping; domains keep running', { signal: sig });
     await server.close();
     metrics?.close();
     host.detachAll();
-    try { if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile); } catch { /* gone */ }
+    try {
+      if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile);
+    } catch {
+      /* gone */
+    }
     process.exit(0);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));

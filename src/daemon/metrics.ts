@@ -34,34 +34,52 @@ export class Metrics {
   private readonly guest: client.Histogram;
   private server: http.Server | undefined;
 
-  constructor(host: Host, private readonly log: Logger) {
+  constructor(
+    host: Host,
+    private readonly log: Logger,
+  ) {
     const r = this.registry;
     r.setDefaultLabels({ host: host.cfg.name });
-    new client.Gauge({ name: 'ferry_domains', help: 'Domains defined on this host, by state', labelNames: ['state'], registers: [r], collect() {
-      this.reset();
-      for (const l of host.all()) this.inc({ state: l.rec.state.kind });
-    } });
-    new client.Gauge({ name: 'ferry_memory_mib', help: 'Memory for domains, MiB: offered, used (running domains and reservations), reserved (incoming moves), free', labelNames: ['kind'], registers: [r], collect() {
-      const m = host.info().memory;
-      this.set({ kind: 'offered' }, m.offeredMiB);
-      this.set({ kind: 'used' }, m.usedMiB);
-      this.set({ kind: 'reserved' }, m.reservedMiB);
-      this.set({ kind: 'free' }, m.freeMiB);
-    } });
-    new client.Gauge({ name: 'ferry_maintenance', help: '1 while this host is in maintenance', registers: [r], collect() { this.set(host.maintenance().on ? 1 : 0); } });
-    new client.Gauge({ name: 'ferry_tunnels', help: 'VXLAN tunnel ends carrying domains\' segments through this host', labelNames: ['end'], registers: [r], collect() {
-      this.reset();
-      for (const t of host.tunnelList()) this.inc({ end: t.end });
-    } });
-    this.migrations = new client.Counter({ name: 'ferry_migrations_total', help: 'Migrations that ended, by this host\'s role and outcome', labelNames: ['role', 'outcome'], registers: [r] });
-    this.refusals = new client.Counter({ name: 'ferry_refusals_total', help: 'Migrations refused before anything moved, by this host\'s side of the move and the error code', labelNames: ['side', 'code'], registers: [r] });
-    this.bytes = new client.Counter({ name: 'ferry_migration_bytes_total', help: 'Bytes of guest RAM sent by migrations from this host', registers: [r] });
-    this.total = new client.Histogram({ name: 'ferry_migration_duration_seconds', help: 'Total time of successful migrations from this host', buckets: TOTAL_BUCKETS, registers: [r] });
-    this.pause = new client.Histogram({ name: 'ferry_migration_pause_seconds', help: 'Guest pause of successful live migrations (source STOP to the destination\'s resume)', buckets: PAUSE_BUCKETS, registers: [r] });
-    this.guest = new client.Histogram({ name: 'ferry_migration_guest_downtime_seconds', help: 'Guest-perceived downtime of successful live migrations (the longest gap in the guest\'s answers)', buckets: PAUSE_BUCKETS, registers: [r] });
+    hostGauges(host, r);
+    this.migrations = new client.Counter({
+      name: 'ferry_migrations_total',
+      help: "Migrations that ended, by this host's role and outcome",
+      labelNames: ['role', 'outcome'],
+      registers: [r],
+    });
+    this.refusals = new client.Counter({
+      name: 'ferry_refusals_total',
+      help: "Migrations refused before anything moved, by this host's side of the move and the error code",
+      labelNames: ['side', 'code'],
+      registers: [r],
+    });
+    this.bytes = new client.Counter({
+      name: 'ferry_migration_bytes_total',
+      help: 'Bytes of guest RAM sent by migrations from this host',
+      registers: [r],
+    });
+    this.total = new client.Histogram({
+      name: 'ferry_migration_duration_seconds',
+      help: 'Total time of successful migrations from this host',
+      buckets: TOTAL_BUCKETS,
+      registers: [r],
+    });
+    this.pause = new client.Histogram({
+      name: 'ferry_migration_pause_seconds',
+      help: "Guest pause of successful live migrations (source STOP to the destination's resume)",
+      buckets: PAUSE_BUCKETS,
+      registers: [r],
+    });
+    this.guest = new client.Histogram({
+      name: 'ferry_migration_guest_downtime_seconds',
+      help: "Guest-perceived downtime of successful live migrations (the longest gap in the guest's answers)",
+      buckets: PAUSE_BUCKETS,
+      registers: [r],
+    });
     host.on('migration.done', (ev: { report: Report }) => this.onReport(ev.report));
     host.on('migration.phase', (ev: { role: string; phase: string }) => {
-      if (ev.role === 'destination' && (ev.phase === 'confirmed' || ev.phase === 'abandoned')) this.migrations.inc({ role: 'destination', outcome: ev.phase === 'confirmed' ? 'succeeded' : 'abandoned' });
+      if (ev.role === 'destination' && (ev.phase === 'confirmed' || ev.phase === 'abandoned'))
+        this.migrations.inc({ role: 'destination', outcome: ev.phase === 'confirmed' ? 'succeeded' : 'abandoned' });
     });
   }
 
@@ -79,25 +97,99 @@ export class Metrics {
   }
 
   /** A move refused before anything moved: `side` is where it was refused. */
-  refusal(side: 'source' | 'destination', code: string): void { this.refusals.inc({ side, code }); }
+  refusal(side: 'source' | 'destination', code: string): void {
+    this.refusals.inc({ side, code });
+  }
 
   /** Serves GET /metrics; off loopback over HTTPS with mutual TLS from `tlsDir`'s CA. */
   async listen(address: string, port: number, tlsDir: string): Promise<void> {
     const serve = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-      if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') { res.writeHead(404).end('ferry metrics: GET /metrics\n'); return; }
-      this.registry.metrics().then((text) => { res.writeHead(200, { 'content-type': this.registry.contentType }).end(text); }, (e) => { res.writeHead(500).end(String(e)); });
+      if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+        res.writeHead(404).end('ferry metrics: GET /metrics\n');
+        return;
+      }
+      this.registry.metrics().then(
+        (text) => {
+          res.writeHead(200, { 'content-type': this.registry.contentType }).end(text);
+        },
+        (e) => {
+          res.writeHead(500).end(String(e));
+        },
+      );
     };
     const tls = !isLoopback(address);
     if (tls) {
       const f = loadTls(tlsDir);
-      this.server = https.createServer({ ca: f.ca, cert: f.cert, key: f.key, ...(f.crl ? { crl: f.crl } : {}), requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3', handshakeTimeout: WEB_HANDSHAKE_MS }, serve);
+      this.server = https.createServer(
+        {
+          ca: f.ca,
+          cert: f.cert,
+          key: f.key,
+          ...(f.crl ? { crl: f.crl } : {}),
+          requestCert: true,
+          rejectUnauthorized: true,
+          minVersion: 'TLSv1.3',
+          handshakeTimeout: WEB_HANDSHAKE_MS,
+        },
+        serve,
+      );
     } else {
       this.server = http.createServer(serve);
     }
     boundWebServer(this.server, 32);
-    await new Promise<void>((resolve, reject) => { this.server!.once('error', reject); this.server!.listen(port, address, () => resolve()); });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(port, address, () => resolve());
+    });
     this.log.info('metrics served', { address, port, tls });
   }
 
-  close(): void { this.server?.close(); }
+  close(): void {
+    this.server?.close();
+  }
+}
+
+/** The host's state, read at each scrape: domains by state, memory, maintenance, tunnel ends. */
+function hostGauges(host: Host, r: client.Registry): void {
+  new client.Gauge({
+    name: 'ferry_domains',
+    help: 'Domains defined on this host, by state',
+    labelNames: ['state'],
+    registers: [r],
+    collect() {
+      this.reset();
+      for (const l of host.all()) this.inc({ state: l.rec.state.kind });
+    },
+  });
+  new client.Gauge({
+    name: 'ferry_memory_mib',
+    help: 'Memory for domains, MiB: offered, used (running domains and reservations), reserved (incoming moves), free',
+    labelNames: ['kind'],
+    registers: [r],
+    collect() {
+      const m = host.info().memory;
+      this.set({ kind: 'offered' }, m.offeredMiB);
+      this.set({ kind: 'used' }, m.usedMiB);
+      this.set({ kind: 'reserved' }, m.reservedMiB);
+      this.set({ kind: 'free' }, m.freeMiB);
+    },
+  });
+  new client.Gauge({
+    name: 'ferry_maintenance',
+    help: '1 while this host is in maintenance',
+    registers: [r],
+    collect() {
+      this.set(host.maintenance().on ? 1 : 0);
+    },
+  });
+  new client.Gauge({
+    name: 'ferry_tunnels',
+    help: "VXLAN tunnel ends carrying domains' segments through this host",
+    labelNames: ['end'],
+    registers: [r],
+    collect() {
+      this.reset();
+      for (const t of host.tunnelList()) this.inc({ end: t.end });
+    },
+  });
 }

@@ -22,11 +22,18 @@ export function createTap(tap: string, bridge: string, network: string, ownerUid
     ip(['link', 'set', tap, 'up']);
   } catch (e) {
     deleteTap(tap);
-    throw new FerryError('NETWORK_NOT_FOUND', `Cannot attach tap ${tap} to bridge ${bridge}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() ?? e}`);
+    throw new FerryError(
+      'NETWORK_NOT_FOUND',
+      `Cannot attach tap ${tap} to bridge ${bridge}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() ?? e}`,
+    );
   }
 }
 
 export function deleteTap(tap: string): void {
   if (!linkExists(tap)) return;
-  try { ip(['link', 'del', tap]); } catch { /* already gone */ }
+  try {
+    ip(['link', 'del', tap]);
+  } catch {
+    /* already gone */
+  }
 }

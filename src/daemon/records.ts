@@ -57,15 +57,30 @@ export class DomainStore {
   private nextDomid = 1;
   private readonly writer: StateWriter;
 
-  constructor(readonly stateDir: string, readonly hostName: string, private readonly log: Logger, private readonly onChange: (c: StateChange) => void) {
+  constructor(
+    readonly stateDir: string,
+    readonly hostName: string,
+    private readonly log: Logger,
+    private readonly onChange: (c: StateChange) => void,
+  ) {
     this.writer = new StateWriter((file, error) => log.warn('state write still failing; retrying', { file, error }));
     fs.mkdirSync(this.domainsDir, { recursive: true, mode: 0o700 });
-    try { this.nextDomid = readJson<{ nextDomid: number }>(this.hostFile).nextDomid; } catch { /* first start */ }
+    try {
+      this.nextDomid = readJson<{ nextDomid: number }>(this.hostFile).nextDomid;
+    } catch {
+      /* first start */
+    }
   }
 
-  get domainsDir(): string { return path.join(this.stateDir, 'domains'); }
-  private get hostFile(): string { return path.join(this.stateDir, 'host.json'); }
-  private recordFile(name: string): string { return path.join(this.domainsDir, `${name}.json`); }
+  get domainsDir(): string {
+    return path.join(this.stateDir, 'domains');
+  }
+  private get hostFile(): string {
+    return path.join(this.stateDir, 'host.json');
+  }
+  private recordFile(name: string): string {
+    return path.join(this.domainsDir, `${name}.json`);
+  }
 
   /** Reads every record on disk into memory; the runtime re-attaches to their QEMUs. */
   load(): HostedDomain[] {
@@ -90,20 +105,36 @@ export class DomainStore {
     return l;
   }
 
-  find(name: string): HostedDomain | undefined { return this.domains.get(name); }
-  all(): HostedDomain[] { return [...this.domains.values()]; }
-  names(): string[] { return [...this.domains.keys()]; }
-  get size(): number { return this.domains.size; }
+  find(name: string): HostedDomain | undefined {
+    return this.domains.get(name);
+  }
+  all(): HostedDomain[] {
+    return [...this.domains.values()];
+  }
+  names(): string[] {
+    return [...this.domains.keys()];
+  }
+  get size(): number {
+    return this.domains.size;
+  }
 
   /** A new name and a new uuid, or DOMAIN_EXISTS. */
   checkUnique(c: DomainConfig): void {
     const byName = this.domains.get(c.name);
-    if (byName) throw new FerryError('DOMAIN_EXISTS', `A domain named "${c.name}" already exists on ${this.hostName} (${describeKind(byName.rec.state.kind)}); use \`ferry start ${c.name}\` or \`ferry delete ${c.name}\``);
-    for (const l of this.domains.values()) if (l.rec.config.uuid === c.uuid) throw new FerryError('DOMAIN_EXISTS', `Domain "${l.rec.config.name}" on ${this.hostName} already has uuid ${c.uuid}`);
+    if (byName)
+      throw new FerryError(
+        'DOMAIN_EXISTS',
+        `A domain named "${c.name}" already exists on ${this.hostName} (${describeKind(byName.rec.state.kind)}); use \`ferry start ${c.name}\` or \`ferry delete ${c.name}\``,
+      );
+    for (const l of this.domains.values())
+      if (l.rec.config.uuid === c.uuid)
+        throw new FerryError('DOMAIN_EXISTS', `Domain "${l.rec.config.name}" on ${this.hostName} already has uuid ${c.uuid}`);
   }
 
   /** Holds a domain in memory only (an incoming one, a restore in progress): no record yet. */
-  hold(dom: HostedDomain): void { this.domains.set(dom.rec.config.name, dom); }
+  hold(dom: HostedDomain): void {
+    this.domains.set(dom.rec.config.name, dom);
+  }
 
   /** Adds a domain and writes its record now; nothing remains if the write fails. */
   define(dom: HostedDomain): void {

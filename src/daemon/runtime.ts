@@ -25,19 +25,37 @@ import { ConsoleMux } from './console.ts';
 import type { DomainStore, HostedDomain, Runtime } from './records.ts';
 
 /** `bridges`: per NIC, a bridge other than its network's (a tunnel's away end, daemon/tunnels.ts). */
-export interface SpawnOptions { incoming?: boolean; preallocate?: boolean; machine?: string; cpuModel?: string; bridges?: (string | undefined)[] }
+export interface SpawnOptions {
+  incoming?: boolean;
+  preallocate?: boolean;
+  machine?: string;
+  cpuModel?: string;
+  bridges?: (string | undefined)[];
+}
+
+/** What the runtime works with: the host's config, log, accelerator and engine, the uid pool, the domain store, and the host's event emitter. */
+export interface RuntimeDeps {
+  cfg: DaemonConfig;
+  log: Logger;
+  accel: AccelChoice;
+  qemu: QemuFacts;
+  uids: UidPool | null;
+  store: DomainStore;
+  emit: (event: string, data: unknown) => void;
+}
 
 export class QemuRuntime {
-  constructor(
-    private readonly cfg: DaemonConfig,
-    private readonly log: Logger,
-    private readonly accel: AccelChoice,
-    private readonly qemu: QemuFacts,
-    /** Where each QEMU's uid comes from; null: QEMUs run as root (qemu.user "root"). */
-    readonly uids: UidPool | null,
-    private readonly store: DomainStore,
-    private readonly emit: (event: string, data: unknown) => void,
-  ) {
+  private readonly cfg: DaemonConfig;
+  private readonly log: Logger;
+  private readonly accel: AccelChoice;
+  private readonly qemu: QemuFacts;
+  /** Where each QEMU's uid comes from; null: QEMUs run as root (qemu.user "root"). */
+  readonly uids: UidPool | null;
+  private readonly store: DomainStore;
+  private readonly emit: (event: string, data: unknown) => void;
+
+  constructor(deps: RuntimeDeps) {
+    ({ cfg: this.cfg, log: this.log, accel: this.accel, qemu: this.qemu, uids: this.uids, store: this.store, emit: this.emit } = deps);
     fs.mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
     // Domains' uids pass through to their own directories, but may not list which
     // domains exist (run/DOM is root:DOMGID 0710, confine.ts).
@@ -45,7 +63,9 @@ export class QemuRuntime {
   }
 
   /** Whether QEMUs here run confined (a uid each, a private /dev). */
-  get confined(): boolean { return this.uids !== null; }
+  get confined(): boolean {
+    return this.uids !== null;
+  }
 
   /** The uid and gid a domain's running QEMU has, or null when unconfined. */
   identityOf(dom: HostedDomain): DomainIdentity | null {
@@ -53,7 +73,9 @@ export class QemuRuntime {
     return this.uids && u !== undefined ? { uid: u, gid: u } : null;
   }
 
-  get runDir(): string { return path.join(this.cfg.stateDir, 'run'); }
+  get runDir(): string {
+    return path.join(this.cfg.stateDir, 'run');
+  }
 
   runtimeFor(c: DomainConfig, id: DomainIdentity | null): Runtime {
     const dir = path.join(this.runDir, c.name);
@@ -62,9 +84,15 @@ export class QemuRuntime {
     prepareQemuDir(qdir, this.cfg.stateDir, id);
     return {
       ...(id ? { uid: id.uid } : {}),
-      qemuDir: qdir, qmpPath: path.join(qdir, 'qmp.sock'), consolePath: path.join(qdir, 'console.sock'), logPath: path.join(dir, 'qemu.log'),
-      consoleLog: path.join(dir, 'console.log'), taps: c.nics.map((_, i) => tapName(c.uuid, i)),
-      accel: this.accel.accel, machine: this.qemu.machine, cpuModel: this.qemu.cpuModel,
+      qemuDir: qdir,
+      qmpPath: path.join(qdir, 'qmp.sock'),
+      consolePath: path.join(qdir, 'console.sock'),
+      logPath: path.join(dir, 'qemu.log'),
+      consoleLog: path.join(dir, 'console.log'),
+      taps: c.nics.map((_, i) => tapName(c.uuid, i)),
+      accel: this.accel.accel,
+      machine: this.qemu.machine,
+      cpuModel: this.qemu.cpuModel,
     };
   }
 
@@ -95,7 +123,11 @@ export class QemuRuntime {
     }
   }
 
-  private async spawnAs(c: DomainConfig, opts: SpawnOptions, id: DomainIdentity | null): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
+  private async spawnAs(
+    c: DomainConfig,
+    opts: SpawnOptions,
+    id: DomainIdentity | null,
+  ): Promise<{ pid: number; qmp: QmpClient; runtime: Runtime }> {
     const runtime = this.runtimeFor(c, id);
     if (opts.machine) runtime.machine = opts.machine;
     if (opts.cpuModel) runtime.cpuModel = opts.cpuModel;
@@ -105,7 +137,10 @@ export class QemuRuntime {
         opened.push(fs.openSync(p, (write ? fs.constants.O_RDWR : fs.constants.O_RDONLY) | fs.constants.O_NOFOLLOW));
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
-        throw new FerryError(code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'DISK_NOT_FOUND', `Domain "${c.name}": cannot open ${p} (${code === 'ELOOP' ? 'it became a symlink' : code})`);
+        throw new FerryError(
+          code === 'ELOOP' ? 'PATH_NOT_ALLOWED' : 'DISK_NOT_FOUND',
+          `Domain "${c.name}": cannot open ${p} (${code === 'ELOOP' ? 'it became a symlink' : code})`,
+        );
       }
       return 3 + opened.length - 1; // the descriptor's number inside QEMU
     };
@@ -116,16 +151,31 @@ export class QemuRuntime {
         disks: c.disks.map((d) => open(d.path, !d.readOnly)),
         // qcow2 backing files, read and checked against the pools here, where they are
         // opened: read-only descriptors too.
-        backing: c.disks.map((d) => (d.format === 'qcow2' ? checkedBackingImages(d.path, this.cfg.storage, `Domain "${c.name}" on ${this.cfg.name}`).map((b) => ({ fd: open(b.path, false), format: b.format })) : [])),
+        backing: c.disks.map((d) =>
+          d.format === 'qcow2'
+            ? checkedBackingImages(d.path, this.cfg.storage, `Domain "${c.name}" on ${this.cfg.name}`).map((b) => ({
+                fd: open(b.path, false),
+                format: b.format,
+              }))
+            : [],
+        ),
       };
       c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, id?.uid));
       try {
         const argv = domainArgv(c, { ...runtime, incoming: opts.incoming, preallocate: opts.preallocate, fds });
         const q = await startQemu(argv, {
-          qmpPath: runtime.qmpPath, logPath: runtime.logPath, what: `domain "${c.name}"`, engine: this.cfg.qemu,
-          passFds: opened, ...(id ? { confine: { id, devices: privateDevNodes(this.devicesFor(c, opts)) } } : {}),
+          qmpPath: runtime.qmpPath,
+          logPath: runtime.logPath,
+          what: `domain "${c.name}"`,
+          engine: this.cfg.qemu,
+          passFds: opened,
+          ...(id ? { confine: { id, devices: privateDevNodes(this.devicesFor(c, opts)) } } : {}),
         });
-        await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => { q.qmp.close(); await killAndWait(q.pid, 0); throw e; });
+        await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => {
+          q.qmp.close();
+          await killAndWait(q.pid, 0);
+          throw e;
+        });
         return { pid: q.pid, qmp: q.qmp, runtime: { ...runtime, startTicks: processStartTicks(q.pid) } };
       } catch (e) {
         for (const t of runtime.taps) deleteTap(t);
@@ -151,7 +201,8 @@ export class QemuRuntime {
    * directory): its other end must be held by the very process ferryd spawned.
    */
   private async proveQmp(q: QmpClient, pid: number, where: string): Promise<void> {
-    if (this.uids && !(await unixPeerIs(q.socket, pid))) throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
+    if (this.uids && !(await unixPeerIs(q.socket, pid)))
+      throw new FerryError('QMP_ERROR', `The QMP socket ${where} is not held by QEMU pid ${pid}; not trusting it`);
   }
 
   /** Wires QMP events and the console for a domain whose QEMU runs with `pid`. */
@@ -161,12 +212,19 @@ export class QemuRuntime {
     else {
       // Re-attaching (ferryd restarted): the socket at this path must still be our QEMU's.
       const q = await QmpClient.connect(rt.qmpPath, 5000);
-      await this.proveQmp(q, pid, rt.qmpPath).catch((e) => { q.close(); throw e; });
+      await this.proveQmp(q, pid, rt.qmpPath).catch((e) => {
+        q.close();
+        throw e;
+      });
       dom.qmp = q;
     }
     const name = dom.rec.config.name;
     dom.qmp.on('event', (e: QmpEvent) => this.onQmpEvent(dom, e));
-    dom.exited = new Promise<void>((resolve) => dom.qmp!.once('close', () => { void this.onQemuGone(dom, pid).finally(resolve); }));
+    dom.exited = new Promise<void>((resolve) =>
+      dom.qmp!.once('close', () => {
+        void this.onQemuGone(dom, pid).finally(resolve);
+      }),
+    );
     if (!dom.console) {
       dom.console = new ConsoleMux(rt.consolePath, rt.consoleLog);
       try {
@@ -257,7 +315,8 @@ export class QemuRuntime {
   /** The domain's QEMU and QMP, or DOMAIN_BAD_STATE if it has none or something else owns it. */
   needProcess(dom: HostedDomain, verb: string): { pid: number; qmp: QmpClient } {
     const s = dom.rec.state;
-    if (!hasProcess(s) || !dom.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${dom.rec.config.name}": it is ${describeKind(s.kind)}`);
+    if (!hasProcess(s) || !dom.qmp)
+      throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${dom.rec.config.name}": it is ${describeKind(s.kind)}`);
     if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Cannot ${verb} domain "${dom.rec.config.name}": it is busy (${dom.busy})`);
     return { pid: s.pid, qmp: dom.qmp };
   }

@@ -27,21 +27,41 @@ test('TLS port: a silent connection is closed before and after the handshake; a 
   const server = new ApiServer(log, async (req) => ({ echo: req.action }));
   const port = 20000 + Math.floor(Math.random() * 20000);
   try {
-    assert.equal(await server.listenTls({ address: '127.0.0.1', port, tlsDir: hostTls, hostsAllow: [], limits: { connections: 8, connectionsPerAddress: 8, handshakeMs: 400, firstRequestMs: 400 } }), true);
-    const closedWithin = (s: net.Socket, ms: number): Promise<number> => new Promise((resolve, reject) => {
-      const t0 = Date.now();
-      const t = setTimeout(() => reject(new Error(`still open after ${ms} ms`)), ms);
-      s.on('error', () => undefined);
-      s.once('close', () => { clearTimeout(t); resolve(Date.now() - t0); });
-    });
+    assert.equal(
+      await server.listenTls({
+        address: '127.0.0.1',
+        port,
+        tlsDir: hostTls,
+        hostsAllow: [],
+        limits: { connections: 8, connectionsPerAddress: 8, handshakeMs: 400, firstRequestMs: 400 },
+      }),
+      true,
+    );
+    const closedWithin = (s: net.Socket, ms: number): Promise<number> =>
+      new Promise((resolve, reject) => {
+        const t0 = Date.now();
+        const t = setTimeout(() => reject(new Error(`still open after ${ms} ms`)), ms);
+        s.on('error', () => undefined);
+        s.once('close', () => {
+          clearTimeout(t);
+          resolve(Date.now() - t0);
+        });
+      });
     // 1. A TCP connection that never says a word of TLS.
     const raw = net.connect(port, '127.0.0.1');
-    assert.ok(await closedWithin(raw, 3000) >= 300);
+    assert.ok((await closedWithin(raw, 3000)) >= 300);
     // 2. A TLS client with a valid admin certificate that never sends a request.
-    const opts = { host: '127.0.0.1', port, ca: fs.readFileSync(path.join(adminTls, 'ca-cert.pem')), cert: fs.readFileSync(path.join(adminTls, 'client-cert.pem')), key: fs.readFileSync(path.join(adminTls, 'client-key.pem')), servername: 'h1' };
+    const opts = {
+      host: '127.0.0.1',
+      port,
+      ca: fs.readFileSync(path.join(adminTls, 'ca-cert.pem')),
+      cert: fs.readFileSync(path.join(adminTls, 'client-cert.pem')),
+      key: fs.readFileSync(path.join(adminTls, 'client-key.pem')),
+      servername: 'h1',
+    };
     const mute = tls.connect(opts);
     await new Promise<void>((r) => mute.once('secureConnect', () => r()));
-    assert.ok(await closedWithin(mute, 3000) >= 300);
+    assert.ok((await closedWithin(mute, 3000)) >= 300);
     // 3. One that asks at once is served (and may then stay connected).
     const talker = tls.connect(opts);
     const reply = await new Promise<string>((resolve) => {

@@ -35,7 +35,6 @@ import { writeJsonAtomic } from '../util/fsx.ts';
 import { linkExists } from './net.ts';
 import type { Logger } from './log.ts';
 
-
 import type { TunnelHome } from '../migration/host.ts';
 import { VXLAN_UDP_PORT, vniFor, isIpv4 } from '../migration/preflight.ts';
 
@@ -70,26 +69,47 @@ function run(cmd: string, args: string[]): void {
   try {
     execFileSync(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   } catch (e) {
-    throw new FerryError('NETWORK_TUNNEL_FAILED', `${cmd} ${args.join(' ')}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`);
+    throw new FerryError(
+      'NETWORK_TUNNEL_FAILED',
+      `${cmd} ${args.join(' ')}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`,
+    );
   }
 }
-const quiet = (cmd: string, args: string[]): void => { try { execFileSync(cmd, args, { stdio: 'ignore' }); } catch { /* already gone */ } };
+const quiet = (cmd: string, args: string[]): void => {
+  try {
+    execFileSync(cmd, args, { stdio: 'ignore' });
+  } catch {
+    /* already gone */
+  }
+};
 
 export class Tunnels {
   private recs: Tunnel[] = [];
   private readonly file: string;
 
-  constructor(stateDir: string, private readonly local: string, private readonly log: Logger) {
+  constructor(
+    stateDir: string,
+    private readonly local: string,
+    private readonly log: Logger,
+  ) {
     this.file = path.join(stateDir, 'tunnels.json');
     try {
       const raw = JSON.parse(fs.readFileSync(this.file, 'utf8')) as unknown;
       if (Array.isArray(raw)) this.recs = raw as Tunnel[];
-    } catch { /* none yet */ }
+    } catch {
+      /* none yet */
+    }
   }
 
-  list(): Tunnel[] { return this.recs.map((t) => ({ ...t, remotes: [...t.remotes] })); }
-  away(uuid: string, nic: number): Tunnel | undefined { return this.recs.find((t) => t.end === 'away' && t.uuid === uuid && t.nic === nic); }
-  home(uuid: string, nic: number): Tunnel | undefined { return this.recs.find((t) => t.end === 'home' && t.uuid === uuid && t.nic === nic); }
+  list(): Tunnel[] {
+    return this.recs.map((t) => ({ ...t, remotes: [...t.remotes] }));
+  }
+  away(uuid: string, nic: number): Tunnel | undefined {
+    return this.recs.find((t) => t.end === 'away' && t.uuid === uuid && t.nic === nic);
+  }
+  home(uuid: string, nic: number): Tunnel | undefined {
+    return this.recs.find((t) => t.end === 'home' && t.uuid === uuid && t.nic === nic);
+  }
 
   private save(): void {
     writeJsonAtomic(this.file, this.recs);
@@ -99,28 +119,40 @@ export class Tunnels {
   /** The nftables table that admits UDP 4789 only from the tunnels' remote ends (none: no table). */
   private firewall(): void {
     const peers = [...new Set(this.recs.flatMap((t) => t.remotes))].filter(isIpv4).sort();
-    if (!peers.length) { quiet('nft', ['delete', 'table', 'inet', FIREWALL_TABLE]); return; }
-    const script = [
-      `table inet ${FIREWALL_TABLE} {}`, `delete table inet ${FIREWALL_TABLE}`,
-      `table inet ${FIREWALL_TABLE} {`,
-      `  set peers { type ipv4_addr; elements = { ${peers.join(', ')} } }`,
-      '  chain input {',
-      '    type filter hook input priority -10; policy accept;',
-      `    udp dport ${VXLAN_UDP_PORT} ip saddr != @peers counter drop`,
-      `    meta nfproto ipv6 udp dport ${VXLAN_UDP_PORT} counter drop`,
-      '  }',
-      '}',
-    ].join('\n') + '\n';
+    if (!peers.length) {
+      quiet('nft', ['delete', 'table', 'inet', FIREWALL_TABLE]);
+      return;
+    }
+    const script =
+      [
+        `table inet ${FIREWALL_TABLE} {}`,
+        `delete table inet ${FIREWALL_TABLE}`,
+        `table inet ${FIREWALL_TABLE} {`,
+        `  set peers { type ipv4_addr; elements = { ${peers.join(', ')} } }`,
+        '  chain input {',
+        '    type filter hook input priority -10; policy accept;',
+        `    udp dport ${VXLAN_UDP_PORT} ip saddr != @peers counter drop`,
+        `    meta nfproto ipv6 udp dport ${VXLAN_UDP_PORT} counter drop`,
+        '  }',
+        '}',
+      ].join('\n') + '\n';
     try {
       execFileSync('nft', ['-f', '-'], { input: script, stdio: ['pipe', 'ignore', 'pipe'] });
     } catch (e) {
-      throw new FerryError('NETWORK_TUNNEL_FAILED', `Cannot install the tunnels' firewall (nftables table ${FIREWALL_TABLE}): ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}; is nftables installed?`);
+      throw new FerryError(
+        'NETWORK_TUNNEL_FAILED',
+        `Cannot install the tunnels' firewall (nftables table ${FIREWALL_TABLE}): ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}; is nftables installed?`,
+      );
     }
   }
 
   private clash(vni: number, uuid: string, nic: number): void {
     const other = this.recs.find((t) => t.vni === vni && !(t.uuid === uuid && t.nic === nic));
-    if (other) throw new FerryError('NETWORK_TUNNEL_FAILED', `VNI ${vni} of domain ${uuid} NIC ${nic} is already the tunnel of domain "${other.domain}" here; rename or re-create one of them (new uuid)`);
+    if (other)
+      throw new FerryError(
+        'NETWORK_TUNNEL_FAILED',
+        `VNI ${vni} of domain ${uuid} NIC ${nic} is already the tunnel of domain "${other.domain}" here; rename or re-create one of them (new uuid)`,
+      );
   }
 
   /** The kernel side of one record; idempotent (adopt and creation share it). */
@@ -129,7 +161,8 @@ export class Tunnels {
       run('ip', ['link', 'add', t.bridge, 'type', 'bridge', 'forward_delay', '0', 'stp_state', '0']);
       run('ip', ['link', 'set', t.bridge, 'up']);
     }
-    if (!linkExists(t.bridge)) throw new FerryError('NETWORK_NOT_FOUND', `Network "${t.network}": bridge ${t.bridge} does not exist on this host`);
+    if (!linkExists(t.bridge))
+      throw new FerryError('NETWORK_NOT_FOUND', `Network "${t.network}": bridge ${t.bridge} does not exist on this host`);
     if (!linkExists(t.device)) {
       // learning stays on: the home end learns which away host holds the guest's MAC.
       run('ip', ['link', 'add', t.device, 'type', 'vxlan', 'id', String(t.vni), 'local', t.local, 'dstport', String(VXLAN_UDP_PORT)]);
@@ -149,11 +182,25 @@ export class Tunnels {
    * vxlan to the home host. Returns the bridge. Replaces a stale end of the same NIC.
    */
   openAway(o: { domain: string; uuid: string; nic: number; network: string; home: TunnelHome }): string {
-    if (!isIpv4(o.home.address)) throw new FerryError('NETWORK_TUNNEL_FAILED', `tunnel home address ${String(o.home.address).slice(0, 64)} is not an IPv4 address`);
+    if (!isIpv4(o.home.address))
+      throw new FerryError('NETWORK_TUNNEL_FAILED', `tunnel home address ${String(o.home.address).slice(0, 64)} is not an IPv4 address`);
     this.clash(o.home.vni, o.uuid, o.nic);
     const old = this.away(o.uuid, o.nic);
     if (old) this.drop(old);
-    const t: Tunnel = { domain: o.domain, uuid: o.uuid, nic: o.nic, network: o.network, vni: o.home.vni, end: 'away', device: tunnelDevice(o.home.vni), bridge: awayBridge(o.home.vni), local: this.local, remotes: [o.home.address], home: o.home, since: new Date().toISOString() };
+    const t: Tunnel = {
+      domain: o.domain,
+      uuid: o.uuid,
+      nic: o.nic,
+      network: o.network,
+      vni: o.home.vni,
+      end: 'away',
+      device: tunnelDevice(o.home.vni),
+      bridge: awayBridge(o.home.vni),
+      local: this.local,
+      remotes: [o.home.address],
+      home: o.home,
+      since: new Date().toISOString(),
+    };
     this.recs.push(t);
     try {
       this.build(t);
@@ -175,13 +222,30 @@ export class Tunnels {
   }
 
   /** Home end: the segment's bridge floods to `remote` too (created on the first one). */
-  extendHome(o: { domain: string; uuid: string; nic: number; network: string; bridge: string; subnet: string; host: string }, remote: string): Tunnel {
-    if (!isIpv4(remote)) throw new FerryError('NETWORK_TUNNEL_FAILED', `tunnel remote ${String(remote).slice(0, 64)} is not an IPv4 address`);
+  extendHome(
+    o: { domain: string; uuid: string; nic: number; network: string; bridge: string; subnet: string; host: string },
+    remote: string,
+  ): Tunnel {
+    if (!isIpv4(remote))
+      throw new FerryError('NETWORK_TUNNEL_FAILED', `tunnel remote ${String(remote).slice(0, 64)} is not an IPv4 address`);
     const vni = vniFor(o.uuid, o.nic);
     this.clash(vni, o.uuid, o.nic);
     let t = this.home(o.uuid, o.nic);
     if (!t) {
-      t = { domain: o.domain, uuid: o.uuid, nic: o.nic, network: o.network, vni, end: 'home', device: tunnelDevice(vni), bridge: o.bridge, local: this.local, remotes: [], home: { host: o.host, address: this.local, subnet: o.subnet, vni }, since: new Date().toISOString() };
+      t = {
+        domain: o.domain,
+        uuid: o.uuid,
+        nic: o.nic,
+        network: o.network,
+        vni,
+        end: 'home',
+        device: tunnelDevice(vni),
+        bridge: o.bridge,
+        local: this.local,
+        remotes: [],
+        home: { host: o.host, address: this.local, subnet: o.subnet, vni },
+        since: new Date().toISOString(),
+      };
       this.recs.push(t);
     }
     if (!t.remotes.includes(remote)) t.remotes.push(remote);
@@ -212,7 +276,11 @@ export class Tunnels {
   private drop(t: Tunnel): void {
     this.teardown(t);
     this.recs = this.recs.filter((x) => x !== t);
-    try { this.save(); } catch (e) { this.log.warn('tunnel records not saved', { error: String(e) }); }
+    try {
+      this.save();
+    } catch (e) {
+      this.log.warn('tunnel records not saved', { error: String(e) });
+    }
   }
 
   /**
@@ -220,9 +288,17 @@ export class Tunnels {
    * of domains no longer defined here (a crash between a move and its cleanup) go.
    */
   adopt(domainUuids: Set<string>): void {
-    try { this.firewall(); } catch (e) { this.log.error('tunnel firewall not restored', { error: String(e) }); }
+    try {
+      this.firewall();
+    } catch (e) {
+      this.log.error('tunnel firewall not restored', { error: String(e) });
+    }
     for (const t of [...this.recs]) {
-      if (t.end === 'away' && !domainUuids.has(t.uuid)) { this.log.warn('dropping the away end of a domain no longer here', { domain: t.domain, vni: t.vni }); this.drop(t); continue; }
+      if (t.end === 'away' && !domainUuids.has(t.uuid)) {
+        this.log.warn('dropping the away end of a domain no longer here', { domain: t.domain, vni: t.vni });
+        this.drop(t);
+        continue;
+      }
       try {
         this.build(t);
         this.log.info('tunnel adopted', { domain: t.domain, nic: t.nic, end: t.end, vni: t.vni, remotes: t.remotes });

@@ -11,7 +11,10 @@ test('hands out each uid once, skips uids that own a process, and runs out with 
   const pool = new UidPool({ first: 5000, count: 3 }, () => busy);
   assert.deepEqual(pool.allocate('a'), { uid: 5000, gid: 5000 });
   assert.deepEqual(pool.allocate('b'), { uid: 5002, gid: 5002 }, '5001 still owns a process');
-  assert.throws(() => pool.allocate('c'), (e: unknown) => e instanceof FerryError && e.code === 'HOST_UIDS_EXHAUSTED' && /qemu\.uids\.count/.test(e.message));
+  assert.throws(
+    () => pool.allocate('c'),
+    (e: unknown) => e instanceof FerryError && e.code === 'HOST_UIDS_EXHAUSTED' && /qemu\.uids\.count/.test(e.message),
+  );
   pool.release(5000);
   assert.equal(pool.allocate('c').uid, 5000, 'a released uid serves again');
 });

@@ -14,7 +14,10 @@ import { FerryError } from '../errors.ts';
 import type { DomainIdentity } from '../qemu/confine.ts';
 import { processUid } from '../qemu/process.ts';
 
-export interface UidRange { first: number; count: number }
+export interface UidRange {
+  first: number;
+  count: number;
+}
 export const DEFAULT_UID_RANGE: UidRange = { first: 0x70000000, count: 4096 };
 
 /** Uids of every live process (their real uids, /proc/N/status). */
@@ -35,7 +38,16 @@ export function processUids(): Set<number> {
 export function rangeClashes(r: UidRange, etc = '/etc'): string[] {
   const last = r.first + r.count - 1;
   const out: string[] = [];
-  const read = (f: string): string[] => { try { return fs.readFileSync(`${etc}/${f}`, 'utf8').split('\n').filter((l) => l && !l.startsWith('#')); } catch { return []; } };
+  const read = (f: string): string[] => {
+    try {
+      return fs
+        .readFileSync(`${etc}/${f}`, 'utf8')
+        .split('\n')
+        .filter((l) => l && !l.startsWith('#'));
+    } catch {
+      return [];
+    }
+  };
   for (const f of ['passwd', 'group']) {
     for (const l of read(f)) {
       const [name, , id] = l.split(':');
@@ -57,14 +69,19 @@ export class UidPool {
   /** Uids handed out and not yet released: spawns under way and QEMUs that run. */
   private readonly taken = new Set<number>();
 
-  constructor(readonly range: UidRange, private readonly busyUids: () => Set<number> = () => processUids()) {}
+  constructor(
+    readonly range: UidRange,
+    private readonly busyUids: () => Set<number> = () => processUids(),
+  ) {}
 
   /** Marks uids on record as taken (at start, from the records of QEMUs that survived). */
   adopt(uids: Iterable<number>): void {
     for (const u of uids) if (this.contains(u)) this.taken.add(u);
   }
 
-  contains(uid: number): boolean { return uid >= this.range.first && uid < this.range.first + this.range.count; }
+  contains(uid: number): boolean {
+    return uid >= this.range.first && uid < this.range.first + this.range.count;
+  }
 
   /** A free uid for `what`'s new QEMU, or HOST_UIDS_EXHAUSTED. */
   allocate(what: string): DomainIdentity {
@@ -74,12 +91,17 @@ export class UidPool {
       this.taken.add(u);
       return { uid: u, gid: u };
     }
-    throw new FerryError('HOST_UIDS_EXHAUSTED', `Cannot start ${what}: all ${this.range.count} QEMU uids (${this.range.first}-${this.range.first + this.range.count - 1}) are in use; raise qemu.uids.count in ferryd.json`);
+    throw new FerryError(
+      'HOST_UIDS_EXHAUSTED',
+      `Cannot start ${what}: all ${this.range.count} QEMU uids (${this.range.first}-${this.range.first + this.range.count - 1}) are in use; raise qemu.uids.count in ferryd.json`,
+    );
   }
 
   release(uid: number | undefined): void {
     if (uid !== undefined) this.taken.delete(uid);
   }
 
-  get inUse(): number { return this.taken.size; }
+  get inUse(): number {
+    return this.taken.size;
+  }
 }

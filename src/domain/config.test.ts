@@ -3,7 +3,13 @@ import assert from 'node:assert/strict';
 import { parseDomainConfig, stableMac, domainConfigToJson } from './config.ts';
 import { FerryError } from '../errors.ts';
 
-const good = { name: 'web', memory: 128, vcpus: 1, boot: { kernel: '/img/vmlinux', initrd: '/img/initrd.img', cmdline: 'console=ttyS0' }, nics: [{ network: 'lab', ip: '198.18.0.50/24' }] };
+const good = {
+  name: 'web',
+  memory: 128,
+  vcpus: 1,
+  boot: { kernel: '/img/vmlinux', initrd: '/img/initrd.img', cmdline: 'console=ttyS0' },
+  nics: [{ network: 'lab', ip: '198.18.0.50/24' }],
+};
 
 test('a good config is completed with uuid and a stable MAC', () => {
   const c = parseDomainConfig(good);
@@ -21,7 +27,12 @@ test('the MAC is stable for a given uuid and differs per NIC', () => {
 });
 
 function invalid(raw: unknown, field: string): void {
-  assert.throws(() => parseDomainConfig(raw), (e: unknown) => e instanceof FerryError && e.code === 'CONFIG_INVALID' && (e.details!.errors as string[]).some((x) => x.startsWith(field)), `expected an error on ${field}`);
+  assert.throws(
+    () => parseDomainConfig(raw),
+    (e: unknown) =>
+      e instanceof FerryError && e.code === 'CONFIG_INVALID' && (e.details!.errors as string[]).some((x) => x.startsWith(field)),
+    `expected an error on ${field}`,
+  );
 }
 
 test('bad configs get CONFIG_INVALID naming the field', () => {
@@ -43,7 +54,16 @@ test('bad configs get CONFIG_INVALID naming the field', () => {
   invalid({ ...good, nics: [{ network: 'lab', mac: '01:00:00:00:00:01' }] }, 'nics[0].mac');
   invalid({ ...good, nics: [{ network: 'lab', mac: 'zz' }] }, 'nics[0].mac');
   invalid({ ...good, nics: [{ network: 'lab', ip: '300.1.1.1' }] }, 'nics[0].ip');
-  invalid({ ...good, nics: [{ network: 'lab', mac: '52:54:00:00:00:01' }, { network: 'lab', mac: '52:54:00:00:00:01' }] }, 'nics[1].mac');
+  invalid(
+    {
+      ...good,
+      nics: [
+        { network: 'lab', mac: '52:54:00:00:00:01' },
+        { network: 'lab', mac: '52:54:00:00:00:01' },
+      ],
+    },
+    'nics[1].mac',
+  );
   invalid({ ...good, colour: 'blue' }, 'colour');
 });
 
@@ -66,7 +86,10 @@ test('regression (found by fuzzing): prototype-less objects in any field are ref
     { ...good, disks: [{ path: bare }] },
     { ...good, nics: [{ network: bare, mac: bare }] },
   ]) {
-    assert.throws(() => parseDomainConfig(raw), (e: unknown) => e instanceof FerryError && e.code === 'CONFIG_INVALID');
+    assert.throws(
+      () => parseDomainConfig(raw),
+      (e: unknown) => e instanceof FerryError && e.code === 'CONFIG_INVALID',
+    );
   }
 });
 

@@ -22,17 +22,32 @@ test('the happy lifecycle: defined → running ⇄ paused → shut off', () => {
 test('illegal moves are typed errors with the from-state and event', () => {
   const cases: [DomainState, DomainEvent][] = [
     [{ kind: 'defined' }, { type: 'pause', at }],
-    [{ kind: 'shutoff', reason: 'shutdown', at }, { type: 'resume', at }],
+    [
+      { kind: 'shutoff', reason: 'shutdown', at },
+      { type: 'resume', at },
+    ],
     [running, { type: 'start', pid: 1, domid: 1, at }],
     [running, { type: 'resume', at }],
     [{ kind: 'defined' }, { type: 'stopped', reason: 'shutdown', at }],
     [running, { type: 'stopped', reason: 'migrated', at }],
     [running, { type: 'incoming-done', running: true, at }],
-    [{ kind: 'shutoff', reason: 'destroyed', at }, { type: 'crash', reason: 'x', at }],
+    [
+      { kind: 'shutoff', reason: 'destroyed', at },
+      { type: 'crash', reason: 'x', at },
+    ],
     [running, { type: 'migrate-out-abandoned', running: true, at }],
   ];
   for (const [s, e] of cases) {
-    assert.throws(() => transition(s, e, 'web'), (err: unknown) => err instanceof IllegalTransitionError && err.code === 'DOMAIN_BAD_STATE' && err.from === s.kind && err.event === e.type && err.message.includes('"web"'), `${s.kind} + ${e.type}`);
+    assert.throws(
+      () => transition(s, e, 'web'),
+      (err: unknown) =>
+        err instanceof IllegalTransitionError &&
+        err.code === 'DOMAIN_BAD_STATE' &&
+        err.from === s.kind &&
+        err.event === e.type &&
+        err.message.includes('"web"'),
+      `${s.kind} + ${e.type}`,
+    );
   }
 });
 

@@ -45,20 +45,31 @@ export type DomainEvent =
 export type StateKind = DomainState['kind'];
 
 export class IllegalTransitionError extends FerryError {
-  constructor(readonly from: StateKind, readonly event: DomainEvent['type'], domain?: string) {
+  constructor(
+    readonly from: StateKind,
+    readonly event: DomainEvent['type'],
+    domain?: string,
+  ) {
     super('DOMAIN_BAD_STATE', `${domain ? `Domain "${domain}": ` : ''}cannot ${event} while ${describeKind(from)}`, { from, event });
   }
 }
 
 export function describeKind(k: StateKind): string {
   switch (k) {
-    case 'defined': return 'defined (never started)';
-    case 'running': return 'running';
-    case 'paused': return 'paused';
-    case 'shutoff': return 'shut off';
-    case 'crashed': return 'crashed';
-    case 'migrating-out': return 'migrating out';
-    case 'incoming': return 'receiving a migration';
+    case 'defined':
+      return 'defined (never started)';
+    case 'running':
+      return 'running';
+    case 'paused':
+      return 'paused';
+    case 'shutoff':
+      return 'shut off';
+    case 'crashed':
+      return 'crashed';
+    case 'migrating-out':
+      return 'migrating out';
+    case 'incoming':
+      return 'receiving a migration';
   }
 }
 
@@ -68,11 +79,14 @@ export function hasProcess(s: DomainState): s is Extract<DomainState, { pid: num
 }
 
 export function transition(s: DomainState, e: DomainEvent, domain?: string): DomainState {
-  const illegal = (): never => { throw new IllegalTransitionError(s.kind, e.type, domain); };
+  const illegal = (): never => {
+    throw new IllegalTransitionError(s.kind, e.type, domain);
+  };
   switch (e.type) {
     case 'start':
       // A fresh QEMU may only appear where none is running.
-      if (s.kind === 'defined' || s.kind === 'shutoff' || s.kind === 'crashed') return { kind: 'running', pid: e.pid, domid: e.domid, since: e.at };
+      if (s.kind === 'defined' || s.kind === 'shutoff' || s.kind === 'crashed')
+        return { kind: 'running', pid: e.pid, domid: e.domid, since: e.at };
       return illegal();
     case 'pause':
       if (s.kind === 'running') return { kind: 'paused', pid: s.pid, domid: s.domid, since: s.since };
@@ -92,16 +106,23 @@ export function transition(s: DomainState, e: DomainEvent, domain?: string): Dom
       if (hasProcess(s)) return { kind: 'crashed', reason: e.reason, at: e.at };
       return illegal();
     case 'migrate-out':
-      if (s.kind === 'running' || s.kind === 'paused') return { kind: 'migrating-out', pid: s.pid, domid: s.domid, since: s.since, jobId: e.jobId, wasRunning: s.kind === 'running' };
+      if (s.kind === 'running' || s.kind === 'paused')
+        return { kind: 'migrating-out', pid: s.pid, domid: s.domid, since: s.since, jobId: e.jobId, wasRunning: s.kind === 'running' };
       return illegal();
     case 'migrate-out-abandoned':
-      if (s.kind === 'migrating-out') return e.running ? { kind: 'running', pid: s.pid, domid: s.domid, since: s.since } : { kind: 'paused', pid: s.pid, domid: s.domid, since: s.since };
+      if (s.kind === 'migrating-out')
+        return e.running
+          ? { kind: 'running', pid: s.pid, domid: s.domid, since: s.since }
+          : { kind: 'paused', pid: s.pid, domid: s.domid, since: s.since };
       return illegal();
     case 'incoming':
       if (s.kind === 'defined') return { kind: 'incoming', pid: e.pid, domid: e.domid, since: e.at, jobId: e.jobId };
       return illegal();
     case 'incoming-done':
-      if (s.kind === 'incoming') return e.running ? { kind: 'running', pid: s.pid, domid: s.domid, since: e.at } : { kind: 'paused', pid: s.pid, domid: s.domid, since: e.at };
+      if (s.kind === 'incoming')
+        return e.running
+          ? { kind: 'running', pid: s.pid, domid: s.domid, since: e.at }
+          : { kind: 'paused', pid: s.pid, domid: s.domid, since: e.at };
       return illegal();
     default: {
       const never: never = e;

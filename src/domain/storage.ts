@@ -27,7 +27,13 @@ export interface StoragePolicy {
 
 /** A pool's own real path (a pool may itself sit behind a symlink, e.g. /srv → /data/srv). */
 function realPools(pools: string[]): string[] {
-  return pools.map((p) => { try { return fs.realpathSync(p); } catch { return path.resolve(p); } });
+  return pools.map((p) => {
+    try {
+      return fs.realpathSync(p);
+    } catch {
+      return path.resolve(p);
+    }
+  });
 }
 
 function inside(p: string, dirs: string[]): boolean {
@@ -39,18 +45,35 @@ function inside(p: string, dirs: string[]): boolean {
  * real paths (computed once per domain by the caller).
  */
 export function checkFile(p: string, policy: StoragePolicy, what: string, pools = realPools(policy.pools)): void {
-  if (typeof p !== 'string' || !path.isAbsolute(p) || path.normalize(p) !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${JSON.stringify(p)} must be an absolute, normalized path`);
+  if (typeof p !== 'string' || !path.isAbsolute(p) || path.normalize(p) !== p)
+    throw new FerryError('PATH_NOT_ALLOWED', `${what} ${JSON.stringify(p)} must be an absolute, normalized path`);
   const device = policy.blockDevices.includes(p);
   if (!device && !inside(p, policy.pools) && !inside(p, pools)) {
-    throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is outside the storage pools (${policy.pools.join(', ')}); move it into a pool or add one to storage.pools in ferryd.json`);
+    throw new FerryError(
+      'PATH_NOT_ALLOWED',
+      `${what} ${p} is outside the storage pools (${policy.pools.join(', ')}); move it into a pool or add one to storage.pools in ferryd.json`,
+    );
   }
   let st: fs.Stats;
-  try { st = fs.lstatSync(p); } catch { throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not exist`); }
+  try {
+    st = fs.lstatSync(p);
+  } catch {
+    throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not exist`);
+  }
   let real: string;
-  try { real = fs.realpathSync(p); } catch { throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not resolve`); }
-  if (real !== p) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is, or goes through, a symlink (to ${real}); name the file by its real path`);
+  try {
+    real = fs.realpathSync(p);
+  } catch {
+    throw new FerryError('DISK_NOT_FOUND', `${what} ${p} does not resolve`);
+  }
+  if (real !== p)
+    throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is, or goes through, a symlink (to ${real}); name the file by its real path`);
   if (!device && !inside(real, pools)) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} resolves outside the storage pools`);
-  if (device ? !st.isBlockDevice() : !st.isFile()) throw new FerryError('PATH_NOT_ALLOWED', `${what} ${p} is not a ${device ? 'block device' : 'regular file'}${st.isBlockDevice() ? ' (block devices need storage.blockDevices)' : ''}`);
+  if (device ? !st.isBlockDevice() : !st.isFile())
+    throw new FerryError(
+      'PATH_NOT_ALLOWED',
+      `${what} ${p} is not a ${device ? 'block device' : 'regular file'}${st.isBlockDevice() ? ' (block devices need storage.blockDevices)' : ''}`,
+    );
 }
 
 /**
@@ -60,13 +83,21 @@ export function checkFile(p: string, policy: StoragePolicy, what: string, pools 
 export function backingImages(p: string, qemuImg = 'qemu-img'): { path: string; format: string }[] {
   let out: string;
   try {
-    out = execFileSync(qemuImg, ['info', '--output=json', '--backing-chain', '-U', p], { stdio: ['ignore', 'pipe', 'pipe'], timeout: 10000 }).toString();
+    out = execFileSync(qemuImg, ['info', '--output=json', '--backing-chain', '-U', p], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: 10000,
+    }).toString();
   } catch (e) {
     const err = e as { stderr?: Buffer; message: string };
     throw new FerryError('CONFIG_INVALID', `Cannot read the qcow2 image ${p}: ${err.stderr?.toString().trim() || err.message}`);
   }
   // One entry per image, top first; each names its backing file and that file's format.
-  const chain = JSON.parse(out) as { 'full-backing-filename'?: string; 'backing-filename'?: string; 'backing-filename-format'?: string; format?: string }[];
+  const chain = JSON.parse(out) as {
+    'full-backing-filename'?: string;
+    'backing-filename'?: string;
+    'backing-filename-format'?: string;
+    format?: string;
+  }[];
   const out2: { path: string; format: string }[] = [];
   for (const [i, img] of chain.entries()) {
     const b = img['full-backing-filename'] ?? img['backing-filename'];
@@ -77,7 +108,12 @@ export function backingImages(p: string, qemuImg = 'qemu-img'): { path: string; 
 }
 
 /** A qcow2 disk's backing chain (top first), each level checked against the policy. */
-export function checkedBackingImages(disk: string, policy: StoragePolicy, what: string, pools = realPools(policy.pools)): { path: string; format: string }[] {
+export function checkedBackingImages(
+  disk: string,
+  policy: StoragePolicy,
+  what: string,
+  pools = realPools(policy.pools),
+): { path: string; format: string }[] {
   const chain = backingImages(disk);
   for (const b of chain) checkFile(b.path, policy, `${what}: backing file of ${disk}`, pools);
   return chain;
@@ -100,7 +136,8 @@ export function checkDomainFiles(c: DomainConfig, policy: StoragePolicy, host: s
  */
 export function resolveSaveFile(file: string, policy: StoragePolicy, opts: { anyPath?: boolean; local: boolean }): string {
   if (!file.startsWith('/')) {
-    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(file)) throw new FerryError('PATH_NOT_ALLOWED', `Save file name ${JSON.stringify(file)} must be a plain file name`);
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/.test(file))
+      throw new FerryError('PATH_NOT_ALLOWED', `Save file name ${JSON.stringify(file)} must be a plain file name`);
     fs.mkdirSync(policy.saveDir, { recursive: true, mode: 0o700 });
     return path.join(policy.saveDir, file);
   }
@@ -108,8 +145,16 @@ export function resolveSaveFile(file: string, policy: StoragePolicy, opts: { any
   const dir = path.dirname(file);
   const saveDirs = [policy.saveDir, ...realPools([policy.saveDir])];
   if (saveDirs.includes(dir)) return file;
-  if (!opts.local) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} is outside the save directory ${policy.saveDir}; remote callers name a file there (a bare name)`);
-  if (!opts.anyPath) throw new FerryError('PATH_NOT_ALLOWED', `Save file ${file} is outside the save directory ${policy.saveDir}; pass --any-path to use it (local root only)`);
+  if (!opts.local)
+    throw new FerryError(
+      'PATH_NOT_ALLOWED',
+      `Save file ${file} is outside the save directory ${policy.saveDir}; remote callers name a file there (a bare name)`,
+    );
+  if (!opts.anyPath)
+    throw new FerryError(
+      'PATH_NOT_ALLOWED',
+      `Save file ${file} is outside the save directory ${policy.saveDir}; pass --any-path to use it (local root only)`,
+    );
   return file;
 }
 
@@ -120,19 +165,31 @@ export function resolveSaveFile(file: string, policy: StoragePolicy, opts: { any
  */
 export function createImage(p: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void {
   fs.mkdirSync(path.dirname(p), { recursive: true, mode: 0o700 });
-  if (fs.existsSync(p)) throw new FerryError('MIGRATION_DEST_STORAGE', `${p} exists already on this host; remove it, or move the domain elsewhere`);
+  if (fs.existsSync(p))
+    throw new FerryError('MIGRATION_DEST_STORAGE', `${p} exists already on this host; remove it, or move the domain elsewhere`);
   try {
     if (format === 'raw') {
       const fd = fs.openSync(p, fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW, 0o600);
-      try { fs.ftruncateSync(fd, virtualSize); } finally { fs.closeSync(fd); }
+      try {
+        fs.ftruncateSync(fd, virtualSize);
+      } finally {
+        fs.closeSync(fd);
+      }
     } else {
-      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', ...(backing ? ['-b', backing.path, '-F', backing.format] : []), p, String(virtualSize)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      execFileSync(
+        'qemu-img',
+        ['create', '-q', '-f', 'qcow2', ...(backing ? ['-b', backing.path, '-F', backing.format] : []), p, String(virtualSize)],
+        { stdio: ['ignore', 'ignore', 'pipe'] },
+      );
       fs.chmodSync(p, 0o600);
     }
   } catch (e) {
     if (e instanceof FerryError) throw e;
     fs.rmSync(p, { force: true });
-    throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot create ${p}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`);
+    throw new FerryError(
+      'MIGRATION_DEST_STORAGE',
+      `Cannot create ${p}: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`,
+    );
   }
 }
 

@@ -15,13 +15,19 @@ function usedIps(s: LabState): Map<string, string> {
   const used = new Map<string, string>();
   for (const h of s.hosts) {
     const dir = path.join(h.stateDir, 'domains');
-    let files: string[] = [];
-    try { files = fs.readdirSync(dir); } catch { continue; }
+    let files: string[];
+    try {
+      files = fs.readdirSync(dir);
+    } catch {
+      continue;
+    }
     for (const f of files) {
       try {
         const rec = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8'));
         for (const n of rec.config.nics ?? []) if (n.ip) used.set(String(n.ip).split('/')[0], rec.config.name);
-      } catch { /* partial file */ }
+      } catch {
+        /* partial file */
+      }
     }
   }
   return used;
@@ -30,7 +36,11 @@ function usedIps(s: LabState): Map<string, string> {
 export function allocateIp(s: LabState, name: string, segment = 0): string {
   const file = path.join(s.dir, 'ips.json');
   let alloc: Record<string, string> = {};
-  try { alloc = JSON.parse(fs.readFileSync(file, 'utf8')); } catch { /* first */ }
+  try {
+    alloc = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch {
+    /* first */
+  }
   const key = segment === 0 ? name : `${name}@${segment}`;
   if (alloc[key]) return alloc[key];
   const used = usedIps(s);
@@ -62,7 +72,8 @@ export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib
   const s = requireLab();
   const disks: Record<string, unknown>[] = [];
   if (dataDisk) {
-    if (!Number.isInteger(dataDisk.mib) || dataDisk.mib < 1 || dataDisk.mib > 65536) throw new FerryError('CLI_USAGE', '--data-disk must be an integer number of MiB from 1 to 65536');
+    if (!Number.isInteger(dataDisk.mib) || dataDisk.mib < 1 || dataDisk.mib > 65536)
+      throw new FerryError('CLI_USAGE', '--data-disk must be an integer number of MiB from 1 to 65536');
     const h = s.hosts.find((x) => x.name === dataDisk.host);
     if (!h) throw new FerryError('HOST_UNKNOWN', `No lab host "${dataDisk.host}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
     const file = path.join(path.dirname(h.configPath), 'disks', `${name}-data.qcow2`);
@@ -75,18 +86,32 @@ export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib
     disks.push({ path: file, format: 'qcow2', bus: 'virtio' });
   }
   const ip = allocateIp(s, name);
-  return domainConfigToJson(parseDomainConfig({
-    name, memory: memoryMiB, vcpus: 1,
-    boot: { kernel: needImage('vmlinux'), initrd: needImage('initrd.img'), cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24` },
-    disks, nics: [{ network: 'lab', ip: `${ip}/24` }],
-  }));
+  return domainConfigToJson(
+    parseDomainConfig({
+      name,
+      memory: memoryMiB,
+      vcpus: 1,
+      boot: {
+        kernel: needImage('vmlinux'),
+        initrd: needImage('initrd.img'),
+        cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24`,
+      },
+      disks,
+      nics: [{ network: 'lab', ip: `${ip}/24` }],
+    }),
+  );
 }
 
 export function patternGuestConfig(name: string, memoryMiB = 64): Record<string, unknown> {
   if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad guest name "${name}"`);
   if (memoryMiB < 32) throw new FerryError('CLI_USAGE', 'The pattern guest needs at least 32 MiB');
-  return domainConfigToJson(parseDomainConfig({
-    name, memory: memoryMiB, vcpus: 1,
-    boot: { disk: 0 }, disks: [{ path: needImage('pattern.img'), format: 'raw', readOnly: true, bus: 'floppy' }],
-  }));
+  return domainConfigToJson(
+    parseDomainConfig({
+      name,
+      memory: memoryMiB,
+      vcpus: 1,
+      boot: { disk: 0 },
+      disks: [{ path: needImage('pattern.img'), format: 'raw', readOnly: true, bus: 'floppy' }],
+    }),
+  );
 }

@@ -94,7 +94,10 @@ function sh(cmd: string, args: string[], opts: { ignore?: boolean } = {}): strin
 const ipns = (ns: string, ...args: string[]): string => sh('ip', ['-n', ns, ...args]);
 
 export function labNamespaces(): string[] {
-  return sh('ip', ['netns', 'list'], { ignore: true }).split('\n').map((l) => l.split(' ')[0]).filter((n) => n.startsWith(NS_PREFIX));
+  return sh('ip', ['netns', 'list'], { ignore: true })
+    .split('\n')
+    .map((l) => l.split(' ')[0])
+    .filter((n) => n.startsWith(NS_PREFIX));
 }
 
 export function readLab(): LabState | undefined {
@@ -143,35 +146,123 @@ export interface UpOptions {
   progress?: (msg: string) => void;
 }
 
-export async function labUp(o: UpOptions): Promise<LabState> {
+/** The options of `ferry lab up`, each refused with CLI_USAGE; a lab already up is LAB_FAILED. */
+function checkUp(o: UpOptions): void {
   if (!Number.isInteger(o.hosts) || o.hosts < 1 || o.hosts > 16) throw new FerryError('CLI_USAGE', `--hosts must be 1..16, got ${o.hosts}`);
   if (o.segments !== 1 && o.segments !== 2) throw new FerryError('CLI_USAGE', `--segments must be 1 or 2, got ${o.segments}`);
-  if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16)) throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
-  if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096)) throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
-  if (readLab() || labNamespaces().length) throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
+  if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16))
+    throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
+  if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096))
+    throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
+  if (readLab() || labNamespaces().length)
+    throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
+}
+
+/** The switch namespace (one bridge per segment and the migration network's) and the client station on all of them. */
+function makeSwitch(segments: number): { sw: string; client: string } {
+  const sw = `${NS_PREFIX}switch`;
+  const client = `${NS_PREFIX}client`;
+  for (const ns of [sw, client]) sh('ip', ['netns', 'add', ns]);
+  for (let seg = 0; seg < segments; seg++) makeBridge(sw, `sw${seg}`, `02:fe:00:${seg}0:00:01`);
+  for (let seg = 0; seg < segments; seg++) {
+    addVeth(sw, `cls${seg}`, client, `eth${seg}`);
+    ipns(sw, 'link', 'set', `cls${seg}`, 'master', `sw${seg}`, 'up');
+    ipns(client, 'addr', 'add', `${CLIENT_ADDR(seg)}/24`, 'dev', `eth${seg}`);
+    ipns(client, 'link', 'set', `eth${seg}`, 'up');
+  }
+  makeBridge(sw, 'swm', '02:fe:00:f0:00:01');
+  addVeth(sw, 'clsm', client, 'ethm');
+  ipns(sw, 'link', 'set', 'clsm', 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
+  ipns(client, 'link', 'set', 'ethm', 'mtu', String(MIG_MTU));
+  ipns(client, 'addr', 'add', `${CLIENT_MIG_ADDR}/24`, 'dev', 'ethm');
+  ipns(client, 'link', 'set', 'ethm', 'up');
+  ipns(client, 'link', 'set', 'lo', 'up');
+  return { sw, client };
+}
+
+/** Host i: its namespace, bridges on the segments, migration link and firewall, certificate and ferryd.json (ferryd not started yet). */
+function makeHost(i: number, at: { o: UpOptions; sw: string; caDir: string; poolDir: string }): LabHost {
+  const { o, sw, caDir, poolDir } = at;
+  const name = `host${i}`;
+  const ns = `${NS_PREFIX}${name}`;
+  sh('ip', ['netns', 'add', ns]);
+  ipns(ns, 'link', 'set', 'lo', 'up');
+  // Answer ARP only for addresses of the interface asked, as a careful operator
+  // configures a host on several segments (ferry's L2 probe relies on it).
+  sh('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv4.conf.all.arp_ignore=1', 'net.ipv4.conf.all.arp_announce=2']);
+  for (let seg = 0; seg < o.segments; seg++) {
+    addVeth(sw, `h${i}s${seg}`, ns, `up${seg}`);
+    ipns(sw, 'link', 'set', `h${i}s${seg}`, 'master', `sw${seg}`, 'up');
+    makeBridge(ns, `br${seg}`, `02:fe:00:${seg}0:${i.toString(16).padStart(2, '0')}:01`);
+    ipns(ns, 'link', 'set', `up${seg}`, 'master', `br${seg}`, 'up');
+    ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
+  }
+  addVeth(sw, `h${i}m`, ns, 'mig0');
+  // 1550 bytes on the migration network, so a VXLAN that carries a guest's segment
+  // (daemon/tunnels.ts, 50 bytes of headers) passes its 1500-byte frames whole.
+  ipns(sw, 'link', 'set', `h${i}m`, 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
+  ipns(ns, 'addr', 'add', `${MIG_ADDR(i)}/24`, 'dev', 'mig0');
+  ipns(ns, 'link', 'set', 'mig0', 'mtu', String(MIG_MTU), 'up');
+  execFileSync('ip', ['netns', 'exec', ns, 'nft', '-f', '-'], { input: MIG_FIREWALL, stdio: ['pipe', 'ignore', 'pipe'] });
+  const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
+  const dir = path.join(LAB_DIR, name);
+  const tlsDir = path.join(dir, 'tls');
+  issueHostCert(name, { caDir, outDir: tlsDir, ips: [MIG_ADDR(i)] });
+  const cfg = {
+    name,
+    stateDir: path.join(dir, 'state'),
+    apiSocket: path.join(dir, 'ferryd.sock'),
+    tlsDir,
+    // On the migration network only; whole names, and hosts only from its addresses.
+    relocation: {
+      address: MIG_ADDR(i),
+      port: 8002,
+      hostsAllow: [`host[0-9]+@${MIG_NET}.0/24`],
+      dataPorts: [49152, 49215],
+      ...(o.allowInsecure ? { allowInsecure: true } : {}),
+    },
+    // The shared pool (as NFS would be), and a directory of the host's own (local disks, --copy-storage).
+    storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save'), localDir: path.join(dir, 'disks') },
+    networks: {
+      lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
+      ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
+    },
+    imagesDir: IMAGES_DIR,
+    peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${MIG_ADDR(k + 1)}:8002`])),
+    // Prometheus metrics on the migration network, where the client (the operators' station) scrapes them.
+    metrics: `${MIG_ADDR(i)}:9477`,
+    ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
+  };
+  fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
+  fs.chmodSync(dir, 0o711);
+  if (o.stateMiB) {
+    fs.mkdirSync(cfg.stateDir, { mode: 0o700 });
+    sh('mount', ['-t', 'tmpfs', '-o', `size=${o.stateMiB}m,mode=0700`, `ferry-lab-${name}`, cfg.stateDir]);
+  }
+  writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
+  return {
+    name,
+    namespace: ns,
+    address: HOST_ADDR(0, i),
+    migAddress: MIG_ADDR(i),
+    apiSocket: cfg.apiSocket,
+    stateDir: cfg.stateDir,
+    configPath: path.join(dir, 'ferryd.json'),
+    tlsDir,
+    pid: 0,
+    segment,
+  };
+}
+
+export async function labUp(o: UpOptions): Promise<LabState> {
+  checkUp(o);
   const say = o.progress ?? (() => undefined);
   // 0711: the hosts' QEMU user may pass through to its own directories, nothing more.
   fs.mkdirSync(LAB_DIR, { recursive: true, mode: 0o711 });
   fs.chmodSync(LAB_DIR, 0o711);
   try {
-    const sw = `${NS_PREFIX}switch`;
-    const client = `${NS_PREFIX}client`;
     say('namespaces and switch');
-    for (const ns of [sw, client]) sh('ip', ['netns', 'add', ns]);
-    for (let seg = 0; seg < o.segments; seg++) makeBridge(sw, `sw${seg}`, `02:fe:00:${seg}0:00:01`);
-    for (let seg = 0; seg < o.segments; seg++) {
-      addVeth(sw, `cls${seg}`, client, `eth${seg}`);
-      ipns(sw, 'link', 'set', `cls${seg}`, 'master', `sw${seg}`, 'up');
-      ipns(client, 'addr', 'add', `${CLIENT_ADDR(seg)}/24`, 'dev', `eth${seg}`);
-      ipns(client, 'link', 'set', `eth${seg}`, 'up');
-    }
-    makeBridge(sw, 'swm', '02:fe:00:f0:00:01');
-    addVeth(sw, 'clsm', client, 'ethm');
-    ipns(sw, 'link', 'set', 'clsm', 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
-    ipns(client, 'link', 'set', 'ethm', 'mtu', String(MIG_MTU));
-    ipns(client, 'addr', 'add', `${CLIENT_MIG_ADDR}/24`, 'dev', 'ethm');
-    ipns(client, 'link', 'set', 'ethm', 'up');
-    ipns(client, 'link', 'set', 'lo', 'up');
+    const { sw, client } = makeSwitch(o.segments);
 
     say('certificates');
     const caDir = path.join(LAB_DIR, 'ca');
@@ -184,60 +275,26 @@ export async function labUp(o: UpOptions): Promise<LabState> {
 
     const hosts: LabHost[] = [];
     for (let i = 1; i <= o.hosts; i++) {
-      const name = `host${i}`;
-      const ns = `${NS_PREFIX}${name}`;
-      say(`${name}: namespace, bridges, ferryd`);
-      sh('ip', ['netns', 'add', ns]);
-      ipns(ns, 'link', 'set', 'lo', 'up');
-      // Answer ARP only for addresses of the interface asked, as a careful operator
-      // configures a host on several segments (ferry's L2 probe relies on it).
-      sh('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', 'net.ipv4.conf.all.arp_ignore=1', 'net.ipv4.conf.all.arp_announce=2']);
-      for (let seg = 0; seg < o.segments; seg++) {
-        addVeth(sw, `h${i}s${seg}`, ns, `up${seg}`);
-        ipns(sw, 'link', 'set', `h${i}s${seg}`, 'master', `sw${seg}`, 'up');
-        makeBridge(ns, `br${seg}`, `02:fe:00:${seg}0:${(i).toString(16).padStart(2, '0')}:01`);
-        ipns(ns, 'link', 'set', `up${seg}`, 'master', `br${seg}`, 'up');
-        ipns(ns, 'addr', 'add', `${HOST_ADDR(seg, i)}/24`, 'dev', `br${seg}`);
-      }
-      addVeth(sw, `h${i}m`, ns, 'mig0');
-      // 1550 bytes on the migration network, so a VXLAN that carries a guest's segment
-      // (daemon/tunnels.ts, 50 bytes of headers) passes its 1500-byte frames whole.
-      ipns(sw, 'link', 'set', `h${i}m`, 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
-      ipns(ns, 'addr', 'add', `${MIG_ADDR(i)}/24`, 'dev', 'mig0');
-      ipns(ns, 'link', 'set', 'mig0', 'mtu', String(MIG_MTU), 'up');
-      execFileSync('ip', ['netns', 'exec', ns, 'nft', '-f', '-'], { input: MIG_FIREWALL, stdio: ['pipe', 'ignore', 'pipe'] });
-      const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
-      const dir = path.join(LAB_DIR, name);
-      const tlsDir = path.join(dir, 'tls');
-      issueHostCert(name, { caDir, outDir: tlsDir, ips: [MIG_ADDR(i)] });
-      const cfg = {
-        name, stateDir: path.join(dir, 'state'), apiSocket: path.join(dir, 'ferryd.sock'), tlsDir,
-        // On the migration network only; whole names, and hosts only from its addresses.
-        relocation: { address: MIG_ADDR(i), port: 8002, hostsAllow: [`host[0-9]+@${MIG_NET}.0/24`], dataPorts: [49152, 49215], ...(o.allowInsecure ? { allowInsecure: true } : {}) },
-        // The shared pool (as NFS would be), and a directory of the host's own (local disks, --copy-storage).
-        storage: { pools: [IMAGES_DIR, poolDir], saveDir: path.join(dir, 'save'), localDir: path.join(dir, 'disks') },
-        networks: {
-          lab: { bridge: `br${segment}`, subnet: `${SEGMENTS[segment]}.0/24`, address: HOST_ADDR(segment, i) },
-          ...(o.segments === 2 ? { lab2: { bridge: 'br1', subnet: `${SEGMENTS[1]}.0/24`, address: HOST_ADDR(1, i) } } : {}),
-        },
-        imagesDir: IMAGES_DIR,
-        peers: Object.fromEntries(Array.from({ length: o.hosts }, (_, k) => [`host${k + 1}`, `${MIG_ADDR(k + 1)}:8002`])),
-        // Prometheus metrics on the migration network, where the client (the operators' station) scrapes them.
-        metrics: `${MIG_ADDR(i)}:9477`,
-        ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
-      };
-      fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
-      fs.chmodSync(dir, 0o711);
-      if (o.stateMiB) {
-        fs.mkdirSync(cfg.stateDir, { mode: 0o700 });
-        sh('mount', ['-t', 'tmpfs', '-o', `size=${o.stateMiB}m,mode=0700`, `ferry-lab-${name}`, cfg.stateDir]);
-      }
-      writeJsonAtomic(path.join(dir, 'ferryd.json'), cfg);
-      hosts.push({ name, namespace: ns, address: HOST_ADDR(0, i), migAddress: MIG_ADDR(i), apiSocket: cfg.apiSocket, stateDir: cfg.stateDir, configPath: path.join(dir, 'ferryd.json'), tlsDir, pid: 0, segment });
+      say(`host${i}: namespace, bridges, ferryd`);
+      hosts.push(makeHost(i, { o, sw, caDir, poolDir }));
     }
-    const state: LabState = { createdAt: new Date().toISOString(), dir: LAB_DIR, segments: o.segments, hostMemoryMiB: o.hostMemoryMiB ?? null, hosts, client: { namespace: client, address: CLIENT_ADDR(0), migAddress: CLIENT_MIG_ADDR }, caDir, adminTlsDir, poolDir };
+    const state: LabState = {
+      createdAt: new Date().toISOString(),
+      dir: LAB_DIR,
+      segments: o.segments,
+      hostMemoryMiB: o.hostMemoryMiB ?? null,
+      hosts,
+      client: { namespace: client, address: CLIENT_ADDR(0), migAddress: CLIENT_MIG_ADDR },
+      caDir,
+      adminTlsDir,
+      poolDir,
+    };
     writeJsonAtomic(LAB_STATE_FILE, state);
-    await Promise.all(hosts.map(async (h) => { h.pid = await startFerryd(h); }));
+    await Promise.all(
+      hosts.map(async (h) => {
+        h.pid = await startFerryd(h);
+      }),
+    );
     writeJsonAtomic(LAB_STATE_FILE, state);
     flushBridges(state);
     return state;
@@ -250,15 +307,25 @@ export async function labUp(o: UpOptions): Promise<LabState> {
 /** Starts a host's ferryd in its namespace and waits until its API answers. */
 export async function startFerryd(h: LabHost): Promise<number> {
   const out = fs.openSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'a');
-  const child = spawn('ip', ['netns', 'exec', h.namespace, process.execPath, FERRYD_BIN, '--config', h.configPath], { detached: true, stdio: ['ignore', out, out] });
+  const child = spawn('ip', ['netns', 'exec', h.namespace, process.execPath, FERRYD_BIN, '--config', h.configPath], {
+    detached: true,
+    stdio: ['ignore', out, out],
+  });
   fs.closeSync(out);
   child.unref();
   let exitCode: number | null = null;
-  child.on('exit', (c) => { exitCode = c ?? -1; });
+  child.on('exit', (c) => {
+    exitCode = c ?? -1;
+  });
   const deadline = Date.now() + 60000; // start-up probes can be starved for a while on a loaded 2-core host
   while (Date.now() < deadline) {
     if (exitCode !== null) {
-      const tail = fs.readFileSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'utf8').trim().split('\n').slice(-3).join(' | ');
+      const tail = fs
+        .readFileSync(path.join(path.dirname(h.configPath), 'ferryd.out'), 'utf8')
+        .trim()
+        .split('\n')
+        .slice(-3)
+        .join(' | ');
       throw new FerryError('LAB_FAILED', `ferryd on ${h.name} exited (${exitCode}): ${tail}`);
     }
     try {
@@ -295,8 +362,11 @@ export function isFerryd(pid: number): boolean {
 
 /** Forgets every learned MAC on the lab's bridges (stale entries black-hole traffic). */
 export function flushBridges(s: LabState): void {
-  for (let seg = 0; seg < s.segments; seg++) sh('bridge', ['-n', `${NS_PREFIX}switch`, 'fdb', 'flush', 'dev', `sw${seg}`, 'dynamic'], { ignore: true });
-  for (const h of s.hosts) for (let seg = 0; seg < s.segments; seg++) sh('bridge', ['-n', h.namespace, 'fdb', 'flush', 'dev', `br${seg}`, 'dynamic'], { ignore: true });
+  for (let seg = 0; seg < s.segments; seg++)
+    sh('bridge', ['-n', `${NS_PREFIX}switch`, 'fdb', 'flush', 'dev', `sw${seg}`, 'dynamic'], { ignore: true });
+  for (const h of s.hosts)
+    for (let seg = 0; seg < s.segments; seg++)
+      sh('bridge', ['-n', h.namespace, 'fdb', 'flush', 'dev', `br${seg}`, 'dynamic'], { ignore: true });
 }
 
 /**
@@ -307,7 +377,12 @@ export function flushBridges(s: LabState): void {
 export async function labDown(): Promise<{ namespaces: string[]; processes: number[] }> {
   const nss = labNamespaces();
   const pids = new Set<number>();
-  for (const ns of nss) for (const p of sh('ip', ['netns', 'pids', ns], { ignore: true }).split('\n').map(Number).filter((n) => n > 0)) pids.add(p);
+  for (const ns of nss)
+    for (const p of sh('ip', ['netns', 'pids', ns], { ignore: true })
+      .split('\n')
+      .map(Number)
+      .filter((n) => n > 0))
+      pids.add(p);
   const s = readLab();
   for (const h of s?.hosts ?? []) if (h.pid && isFerryd(h.pid)) pids.add(h.pid);
   // Daemons first, so that none of them sees its QEMUs die and writes crash records.
@@ -317,7 +392,11 @@ export async function labDown(): Promise<{ namespaces: string[]; processes: numb
   await Promise.all(list.filter((p) => !isD(p)).map((p) => killAndWait(p, 0)));
   for (const ns of nss) sh('ip', ['netns', 'del', ns], { ignore: true });
   // State directories may be tmpfs mounts (lab up --state-size); deepest first.
-  const mounts = fs.readFileSync('/proc/self/mounts', 'utf8').split('\n').map((l) => l.split(' ')[1]).filter((m) => m && (m === LAB_DIR || m.startsWith(LAB_DIR + '/')));
+  const mounts = fs
+    .readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' ')[1])
+    .filter((m) => m && (m === LAB_DIR || m.startsWith(LAB_DIR + '/')));
   for (const m of mounts.sort((a, b) => b.length - a.length)) sh('umount', ['-l', m], { ignore: true });
   fs.rmSync(LAB_DIR, { recursive: true, force: true });
   if (path.dirname(LAB_STATE_FILE) !== LAB_DIR) fs.rmSync(LAB_STATE_FILE, { force: true });
@@ -328,5 +407,8 @@ export async function labDown(): Promise<{ namespaces: string[]; processes: numb
 export function labNamespace(s: LabState, name: string): string {
   const n = name.startsWith(NS_PREFIX) ? name.slice(NS_PREFIX.length) : name;
   if (n === 'client' || n === 'switch' || s.hosts.some((h) => h.name === n)) return `${NS_PREFIX}${n}`;
-  throw new FerryError('HOST_UNKNOWN', `No lab namespace "${name}" (have: ${['client', 'switch', ...s.hosts.map((h) => h.name)].join(', ')})`);
+  throw new FerryError(
+    'HOST_UNKNOWN',
+    `No lab namespace "${name}" (have: ${['client', 'switch', ...s.hosts.map((h) => h.name)].join(', ')})`,
+  );
 }

@@ -29,10 +29,23 @@ export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_TIMEOUT_S = 600;
 
 /** The budget and rules of a move, as the plan needs them. */
-export interface PlanParams { bandwidthMiBs?: number; maxDowntimeMs?: number; timeoutS?: number; insecure?: boolean; parallel?: number; strategy?: StrategyChoice; onTimeout?: OnTimeout; verifyMemory?: boolean }
+export interface PlanParams {
+  bandwidthMiBs?: number;
+  maxDowntimeMs?: number;
+  timeoutS?: number;
+  insecure?: boolean;
+  parallel?: number;
+  strategy?: StrategyChoice;
+  onTimeout?: OnTimeout;
+  verifyMemory?: boolean;
+}
 
 export class Planner {
-  constructor(private readonly host: MigrationHost, private readonly store: JobStore, private readonly log: MigrationLog) {}
+  constructor(
+    private readonly host: MigrationHost,
+    private readonly store: JobStore,
+    private readonly log: MigrationLog,
+  ) {}
 
   /**
    * The guest's dirty rate, measured by QEMU's calc-dirty-rate (page sampling: it hashes
@@ -68,21 +81,50 @@ export class Planner {
       const r = j.report!;
       const tl = r.timeline ?? {};
       const end = tl.postcopyCompleted ?? tl.streamCompleted;
-      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte ? linkRate(r.bytes, end - tl.firstByte, r.plan?.ramBytes) : r.throughputMBps * 1e6;
+      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte
+        ? linkRate(r.bytes, end - tl.firstByte, r.plan?.ramBytes)
+        : r.throughputMBps * 1e6;
     };
     const rates = [...this.store.jobs.values()]
-      .filter((j): j is SourceJob => j.role === 'source' && j.peer.name === peer && j.encrypted === encrypted && j.mode !== 'definition' && j.report?.outcome === 'succeeded' && (j.report.throughputMBps ?? 0) > 0 && (j.report.bytes ?? 0) > 64 * 1048576 && !j.report.bandwidthMiBs)
-      .sort((a, b) => b.startedAt - a.startedAt).slice(0, 5).map(rateOf).sort((a, b) => a - b);
-    let est = rates.length ? { bytesPerS: rates[Math.floor(rates.length / 2)], from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}` }
-      : { bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S, from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured` };
-    if (capMiBs && capMiBs * 1048576 < est.bytesPerS) est = { bytesPerS: capMiBs * 1048576, from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})` };
+      .filter(
+        (j): j is SourceJob =>
+          j.role === 'source' &&
+          j.peer.name === peer &&
+          j.encrypted === encrypted &&
+          j.mode !== 'definition' &&
+          j.report?.outcome === 'succeeded' &&
+          (j.report.throughputMBps ?? 0) > 0 &&
+          (j.report.bytes ?? 0) > 64 * 1048576 &&
+          !j.report.bandwidthMiBs,
+      )
+      .sort((a, b) => b.startedAt - a.startedAt)
+      .slice(0, 5)
+      .map(rateOf)
+      .sort((a, b) => a - b);
+    let est = rates.length
+      ? {
+          bytesPerS: rates[Math.floor(rates.length / 2)],
+          from: `median of the last ${rates.length} move${rates.length > 1 ? 's' : ''} to ${peer}`,
+        }
+      : {
+          bytesPerS: encrypted ? ASSUMED_TLS_BYTES_PER_S : ASSUMED_PLAIN_BYTES_PER_S,
+          from: `assumed: no earlier move to ${peer} of more than 64 MiB was measured`,
+        };
+    if (capMiBs && capMiBs * 1048576 < est.bytesPerS)
+      est = {
+        bytesPerS: capMiBs * 1048576,
+        from: `--bandwidth ${capMiBs} MiB/s (${est.from.replace(/^assumed: /, 'link otherwise assumed; ')})`,
+      };
     return est;
   }
 
   /** Cores not taken by the vCPUs of this host's running domains (multifd needs spare ones). */
   spareCores(): number {
     let busy = 0;
-    for (const n of this.host.domainNames()) { const d = this.host.find(n); if (d && hasProcess(d.rec.state)) busy += d.rec.config.vcpus; }
+    for (const n of this.host.domainNames()) {
+      const d = this.host.find(n);
+      if (d && hasProcess(d.rec.state)) busy += d.rec.config.vcpus;
+    }
     return Math.max(0, os.cpus().length - busy);
   }
 
@@ -93,29 +135,73 @@ export class Planner {
     const c = dom.rec.config;
     const engineLoses = dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
     const input = {
-      ramBytes: c.memoryMiB * 1048576, touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched), dirtyBytesPerS: dirty ?? 0, linkBytesPerS: link.bytesPerS, linkFrom: link.from,
-      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS, timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
-      spareCores: this.spareCores(), postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1, strategy: p.strategy ?? 'auto',
+      ramBytes: c.memoryMiB * 1048576,
+      touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched),
+      dirtyBytesPerS: dirty ?? 0,
+      linkBytesPerS: link.bytesPerS,
+      linkFrom: link.from,
+      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
+      timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
+      spareCores: this.spareCores(),
+      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1,
+      strategy: p.strategy ?? 'auto',
     };
-    const why = !c.postcopy ? (input.strategy === 'postcopy' ? undefined : 'post-copy is forbidden by the domain\'s config')
-      : engineLoses ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
-        : p.verifyMemory === true ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
-        : (p.parallel ?? 1) > 1 ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)' : undefined;
-    return this.planView(makePlan(input), { domain: c.name, dest: peer, dirtyBytesPerS: dirty, onTimeout: p.onTimeout, postcopyWhyNot: why });
+    const why = !c.postcopy
+      ? input.strategy === 'postcopy'
+        ? undefined
+        : "post-copy is forbidden by the domain's config"
+      : engineLoses
+        ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
+        : p.verifyMemory === true
+          ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
+          : (p.parallel ?? 1) > 1
+            ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)'
+            : undefined;
+    return this.planView(makePlan(input), {
+      domain: c.name,
+      dest: peer,
+      dirtyBytesPerS: dirty,
+      onTimeout: p.onTimeout,
+      postcopyWhyNot: why,
+    });
   }
 
   /** The plan as the API shows it; `postcopyWhyNot` says why post-copy is not on the table, if it is not. */
-  planView(pl: Plan, about: { domain: string; dest: string; dirtyBytesPerS: number | null; onTimeout: OnTimeout | undefined; postcopyWhyNot?: string }): { plan: Plan; view: PlanView } {
+  planView(
+    pl: Plan,
+    about: { domain: string; dest: string; dirtyBytesPerS: number | null; onTimeout: OnTimeout | undefined; postcopyWhyNot?: string },
+  ): { plan: Plan; view: PlanView } {
     const { domain, dest: peer, dirtyBytesPerS: dirty, onTimeout, postcopyWhyNot: why } = about;
     const i = pl.input;
     const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
     const view: PlanView = {
-      domain, destination: peer, ramBytes: i.ramBytes, touchedBytes: i.touchedBytes ?? null, dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
-      dirtyRateFrom: dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
-      linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1), linkFrom: i.linkFrom, maxDowntimeMs: i.maxDowntimeMs, timeoutS: i.timeoutS,
-      spareCores: i.spareCores, postcopyAllowed: i.postcopyAllowed, strategy: i.strategy, onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
-      pick: pl.pick, reason: pl.reason + (why ? `; ${why}` : ''),
-      predictions: pl.predictions.map((x) => ({ strategy: x.strategy, totalMs: ms(x.totalS), pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null, bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null, passes: x.passes, converges: x.converges, fitsBudget: x.fitsBudget, note: x.note })),
+      domain,
+      destination: peer,
+      ramBytes: i.ramBytes,
+      touchedBytes: i.touchedBytes ?? null,
+      dirtyRateMBps: dirty === null ? null : +(dirty / 1e6).toFixed(1),
+      dirtyRateFrom:
+        dirty === null ? 'not measured (calc-dirty-rate failed): assumed 0' : `calc-dirty-rate, page sampling over ${DIRTY_SAMPLE_MS} ms`,
+      linkMBps: +(i.linkBytesPerS / 1e6).toFixed(1),
+      linkFrom: i.linkFrom,
+      maxDowntimeMs: i.maxDowntimeMs,
+      timeoutS: i.timeoutS,
+      spareCores: i.spareCores,
+      postcopyAllowed: i.postcopyAllowed,
+      strategy: i.strategy,
+      onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
+      pick: pl.pick,
+      reason: pl.reason + (why ? `; ${why}` : ''),
+      predictions: pl.predictions.map((x) => ({
+        strategy: x.strategy,
+        totalMs: ms(x.totalS),
+        pauseMs: Number.isFinite(x.pauseMs) ? x.pauseMs : null,
+        bytes: Number.isFinite(x.bytes) ? Math.round(x.bytes) : null,
+        passes: x.passes,
+        converges: x.converges,
+        fitsBudget: x.fitsBudget,
+        note: x.note,
+      })),
     };
     return { plan: pl, view };
   }

@@ -43,7 +43,9 @@ export class Destination {
     private readonly log: MigrationLog,
   ) {
     this.side = {
-      host, store, log,
+      host,
+      store,
+      log,
       step: (j, e) => this.step(j, e),
       runOf: (j) => this.runOf(j),
       forget: (run) => {
@@ -78,7 +80,8 @@ export class Destination {
    */
   private step(j: DestJob, e: DestEvent): void {
     const strict = e.type === 'prepared' || e.type === 'resuming';
-    if (!this.store.advance(j, destTransition(j.phase, e), strict)) this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
+    if (!this.store.advance(j, destTransition(j.phase, e), strict))
+      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
     this.log.info('migration phase', { role: 'destination', jobId: j.jobId, domain: j.domain, phase: j.phase });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'destination', phase: j.phase });
   }
@@ -86,8 +89,13 @@ export class Destination {
   /** The job a message names, if it is an incoming one of the peer that sent it. */
   private job(jobId: unknown, ctx: RelocationContext): DestJob {
     const j = typeof jobId === 'string' ? this.store.jobs.get(jobId) : undefined;
-    if (!j || j.role !== 'destination') throw new FerryError('JOB_NOT_FOUND', `No incoming migration job ${typeof jobId === 'string' ? jobId.slice(0, 40) : '?'} on ${this.host.cfg.name}`);
-    if (ctx.caller.transport === 'tls' && ctx.caller.peerName !== j.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} belongs to ${j.peer.name}, not ${ctx.caller.peerName}`);
+    if (!j || j.role !== 'destination')
+      throw new FerryError(
+        'JOB_NOT_FOUND',
+        `No incoming migration job ${typeof jobId === 'string' ? jobId.slice(0, 40) : '?'} on ${this.host.cfg.name}`,
+      );
+    if (ctx.caller.transport === 'tls' && ctx.caller.peerName !== j.peer.name)
+      throw new FerryError('MIGRATION_PROTOCOL', `Job ${j.jobId} belongs to ${j.peer.name}, not ${ctx.caller.peerName}`);
     return j;
   }
 
@@ -137,7 +145,11 @@ export class Destination {
   async abandon(p: Params<'relocation.abandon'>, ctx: RelocationContext): Promise<Results['relocation.abandon']> {
     const j = this.job(p.jobId, ctx);
     if (j.phase === 'abandoned') return { phase: j.phase };
-    if (j.phase !== 'begun' && j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase} on ${this.host.cfg.name}: past the point of no return, it cannot be abandoned`);
+    if (j.phase !== 'begun' && j.phase !== 'prepared')
+      throw new FerryError(
+        'MIGRATION_ILLEGAL_PHASE',
+        `Job ${j.jobId} is ${j.phase} on ${this.host.cfg.name}: past the point of no return, it cannot be abandoned`,
+      );
     await abandonLocal(this.runOf(j), p.reason?.slice(0, 500) ?? 'the source abandoned');
     return { phase: j.phase };
   }

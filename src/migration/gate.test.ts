@@ -18,7 +18,11 @@ function connect(port: number, localAddress: string): Promise<net.Socket> {
     s.once('error', reject);
   });
 }
-const closed = (s: net.Socket): Promise<void> => new Promise((r) => { if (s.destroyed) r(); else s.once('close', () => r()); });
+const closed = (s: net.Socket): Promise<void> =>
+  new Promise((r) => {
+    if (s.destroyed) r();
+    else s.once('close', () => r());
+  });
 
 test('the gate relays only the source, once, and closes everything else before QEMU sees it', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-gate-'));
@@ -26,11 +30,29 @@ test('the gate relays only the source, once, and closes everything else before Q
   const seen: Buffer[] = [];
   let targetConnections = 0;
   // Stands in for QEMU's unix listener: echoes, and records what reaches it.
-  const target = net.createServer((c) => { targetConnections++; c.on('data', (d) => { seen.push(d); c.write(d); }); });
+  const target = net.createServer((c) => {
+    targetConnections++;
+    c.on('data', (d) => {
+      seen.push(d);
+      c.write(d);
+    });
+  });
   await new Promise<void>((r) => target.listen(sock, r));
   const warnings: Record<string, unknown>[] = [];
-  const port = await new Promise<number>((r) => { const s = net.createServer().listen(0, '127.0.0.1', () => { const p = (s.address() as net.AddressInfo).port; s.close(() => r(p)); }); });
-  const gate = new DataGate({ address: '127.0.0.1', port, allowFrom: '127.0.0.1', target: sock, channels: 1, log: { warn: (_m, f) => warnings.push(f ?? {}) } });
+  const port = await new Promise<number>((r) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => r(p));
+    });
+  });
+  const gate = new DataGate({
+    address: '127.0.0.1',
+    port,
+    allowFrom: '127.0.0.1',
+    target: sock,
+    channels: 1,
+    log: { warn: (_m, f) => warnings.push(f ?? {}) },
+  });
   try {
     await gate.open();
     const outsider = await connect(port, '127.0.0.2');
@@ -38,7 +60,10 @@ test('the gate relays only the source, once, and closes everything else before Q
     outsider.write('QEVM junk');
     await closed(outsider);
     assert.equal(targetConnections, 0, 'the outsider never reached the target');
-    assert.deepEqual(warnings.map((w) => w.from), ['127.0.0.2']);
+    assert.deepEqual(
+      warnings.map((w) => w.from),
+      ['127.0.0.2'],
+    );
 
     const source = await connect(port, '127.0.0.1');
     const echoed = new Promise<string>((r) => source.once('data', (d) => r(d.toString())));

@@ -13,7 +13,9 @@
  */
 import net from 'node:net';
 
-export interface GateLog { warn(msg: string, f?: Record<string, unknown>): void }
+export interface GateLog {
+  warn(msg: string, f?: Record<string, unknown>): void;
+}
 
 export class DataGate {
   private server?: net.Server;
@@ -36,7 +38,8 @@ export class DataGate {
     const from = (s.remoteAddress ?? '').replace(/^::ffff:/, '');
     if (from !== this.o.allowFrom || this.accepted >= this.o.channels) {
       this.refused++;
-      if (this.refused <= 10) this.o.log.warn('data port: refused a connection that is not the source', { from, port: this.o.port, expected: this.o.allowFrom });
+      if (this.refused <= 10)
+        this.o.log.warn('data port: refused a connection that is not the source', { from, port: this.o.port, expected: this.o.allowFrom });
       s.destroy();
       return;
     }
@@ -47,7 +50,10 @@ export class DataGate {
     for (const x of [s, up]) {
       this.sockets.add(x);
       x.on('close', () => this.sockets.delete(x));
-      x.on('error', () => { s.destroy(); up.destroy(); });
+      x.on('error', () => {
+        s.destroy();
+        up.destroy();
+      });
     }
     s.pipe(up);
     up.pipe(s);

@@ -29,7 +29,20 @@ time.sleep(1)
 test('a 700 ms pause is measured to within a few ms, and waitForReplyAfter sees the first answer after it', async () => {
   const py = spawn('python3', ['-c', GUEST], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
-  const said = (w: string): Promise<void> => new Promise((r) => { const f = (): void => { if (out.includes(w)) { py.stdout.off('data', f); r(); } }; py.stdout.on('data', (d) => { out += d; f(); }); f(); });
+  const said = (w: string): Promise<void> =>
+    new Promise((r) => {
+      const f = (): void => {
+        if (out.includes(w)) {
+          py.stdout.off('data', f);
+          r();
+        }
+      };
+      py.stdout.on('data', (d) => {
+        out += d;
+        f();
+      });
+      f();
+    });
   try {
     await said('\n');
     const port = Number(out.split('\n')[0]);

@@ -34,7 +34,12 @@ export class GuestProbe {
   private t0 = 0;
   private waiters: { after: number; resolve: (ok: boolean) => void }[] = [];
 
-  constructor(readonly ip: string, readonly port = 9, readonly intervalMs = 1, readonly attemptTimeoutMs = 200) {}
+  constructor(
+    readonly ip: string,
+    readonly port = 9,
+    readonly intervalMs = 1,
+    readonly attemptTimeoutMs = 200,
+  ) {}
 
   start(): void {
     this.t0 = performance.now();
@@ -56,7 +61,11 @@ export class GuestProbe {
       if (!replied) return;
       const now = performance.now();
       this.replies.push(now);
-      for (const w of [...this.waiters]) if (now > w.after) { this.waiters = this.waiters.filter((x) => x !== w); w.resolve(true); }
+      for (const w of [...this.waiters])
+        if (now > w.after) {
+          this.waiters = this.waiters.filter((x) => x !== w);
+          w.resolve(true);
+        }
     };
     s.once('connect', () => done(true));
     s.once('error', (e: NodeJS.ErrnoException) => done(e.code === 'ECONNREFUSED' || e.code === 'ECONNRESET'));
@@ -68,7 +77,12 @@ export class GuestProbe {
     return new Promise((resolve) => {
       const w = { after: t, resolve };
       this.waiters.push(w);
-      setTimeout(() => { if (this.waiters.includes(w)) { this.waiters = this.waiters.filter((x) => x !== w); resolve(false); } }, timeoutMs);
+      setTimeout(() => {
+        if (this.waiters.includes(w)) {
+          this.waiters = this.waiters.filter((x) => x !== w);
+          resolve(false);
+        }
+      }, timeoutMs);
     });
   }
 
@@ -92,9 +106,19 @@ export class GuestProbe {
     let longest = 0;
     let gapStart: number | null = null;
     for (let i = 1; i < r.length; i++) {
-      if (r[i] - r[i - 1] > longest) { longest = r[i] - r[i - 1]; gapStart = r[i - 1] - this.t0; }
+      if (r[i] - r[i - 1] > longest) {
+        longest = r[i] - r[i - 1];
+        gapStart = r[i - 1] - this.t0;
+      }
     }
-    return { longestGapMs: Math.round(longest * 10) / 10, replies: r.length, sent: this.sent, intervalMs: this.intervalMs, target: `${this.ip}:${this.port}`, gapStartMs: gapStart === null ? null : Math.round(gapStart) };
+    return {
+      longestGapMs: Math.round(longest * 10) / 10,
+      replies: r.length,
+      sent: this.sent,
+      intervalMs: this.intervalMs,
+      target: `${this.ip}:${this.port}`,
+      gapStartMs: gapStart === null ? null : Math.round(gapStart),
+    };
   }
 }
 

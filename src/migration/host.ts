@@ -31,7 +31,14 @@ export interface MigrationSettings {
   name: string;
   stateDir: string;
   tlsDir: string;
-  relocation: { address: string; port: number; dataPorts: [number, number]; allowInsecure: boolean; acceptPostcopy: boolean; tunnels: boolean };
+  relocation: {
+    address: string;
+    port: number;
+    dataPorts: [number, number];
+    allowInsecure: boolean;
+    acceptPostcopy: boolean;
+    tunnels: boolean;
+  };
   peers: Record<string, string>;
   networks: Record<string, NetworkConfig>;
   limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
@@ -41,7 +48,11 @@ export interface MigrationSettings {
 
 /** A domain as migration sees it: read-only, changed through MigrationHost. */
 export interface DomainHandle {
-  readonly rec: { readonly config: DomainConfig; readonly state: DomainState; readonly runtime?: { machine: string; cpuModel: string; accel: Accel } };
+  readonly rec: {
+    readonly config: DomainConfig;
+    readonly state: DomainState;
+    readonly runtime?: { machine: string; cpuModel: string; accel: Accel };
+  };
   readonly qmp?: QmpClient;
   /** What owns the domain's process right now, if anything (save, a migration…). */
   readonly busy?: string;
@@ -85,7 +96,12 @@ export interface MigrationHost {
   release(jobId: string): void;
 
   /** Defines `config` here as an incoming domain, starts its QEMU (stopped, -incoming defer) and attaches to it. */
-  startIncoming(config: DomainConfig, jobId: string, opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] }, onDefined: (pid: number) => void): Promise<DomainHandle>;
+  startIncoming(
+    config: DomainConfig,
+    jobId: string,
+    opts: { preallocate: boolean; machine: string; cpuModel: string; bridges?: (string | undefined)[] },
+    onDefined: (pid: number) => void,
+  ): Promise<DomainHandle>;
   /** Defines a shut-off domain that moved here as its definition. */
   defineMoved(config: DomainConfig): void;
   /** Ends an incoming domain's QEMU (if any) and forgets it: an abandoned incoming migration. */
@@ -108,7 +124,7 @@ export interface MigrationHost {
   /** This host is the NIC's home: its segment also floods to `remote`. The remotes now. */
   extendHome(c: DomainConfig, nic: number, remote: string): string[];
   retractHome(uuid: string, nic: number, remote: string): void;
-  tunnelFromPeer(op: 'extend' | 'retract', uuid: string, nic: number, remote: string, callerAddress: string): string[];
+  tunnelFromPeer(change: { op: 'extend' | 'retract'; uuid: string; nic: number; remote: string }, callerAddress: string): string[];
 
   /** Creates an empty disk image (qemu-img) for a --copy-storage move; refuses an existing file. */
   createDisk(path: string, format: 'raw' | 'qcow2', virtualSize: number, backing?: { path: string; format: string }): void;

@@ -45,7 +45,12 @@ export interface SourceJob extends JobBase {
   nbd?: { address: string; port: number };
 }
 
-export interface Waiting { since: number; attempts: number; lastError: string; nextTryAt: number }
+export interface Waiting {
+  since: number;
+  attempts: number;
+  lastError: string;
+  nextTryAt: number;
+}
 
 export interface DestJob extends JobBase {
   role: 'destination';
@@ -68,7 +73,10 @@ export type Job = SourceJob | DestJob;
 export class JobStore {
   readonly jobs = new Map<string, Job>();
   readonly writer: StateWriter;
-  constructor(readonly dir: string, onRetryFailed?: (file: string, error: string) => void) {
+  constructor(
+    readonly dir: string,
+    onRetryFailed?: (file: string, error: string) => void,
+  ) {
     this.writer = new StateWriter(onRetryFailed);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   }
@@ -79,7 +87,9 @@ export class JobStore {
       try {
         const j = readJson<Job>(path.join(this.dir, f));
         this.jobs.set(j.jobId, j);
-      } catch { /* a torn write cannot happen (atomic); a foreign file is ignored */ }
+      } catch {
+        /* a torn write cannot happen (atomic); a foreign file is ignored */
+      }
     }
     return [...this.jobs.values()];
   }
@@ -88,12 +98,20 @@ export class JobStore {
   save(j: Job): void {
     j.updatedAt = Date.now();
     this.jobs.set(j.jobId, j);
-    this.writer.write(this.file(j), () => { const { progress: _p, ...rest } = j as SourceJob; return rest; });
+    this.writer.write(this.file(j), () => {
+      const { progress: _p, ...rest } = j as SourceJob;
+      return rest;
+    });
   }
 
   /** For records of what already happened: never throws; retried until it lands. */
   saveLater(j: Job): boolean {
-    try { this.save(j); return true; } catch { return false; }
+    try {
+      this.save(j);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /**
@@ -125,11 +143,15 @@ export class JobStore {
     fs.rmSync(this.file(j), { force: true });
   }
 
-  private file(j: Job): string { return path.join(this.dir, `${j.jobId}.json`); }
+  private file(j: Job): string {
+    return path.join(this.dir, `${j.jobId}.json`);
+  }
 
   /** Keeps the newest `keep` finished jobs per role, so `ferry jobs` shows recent history. */
   prune(keep = 20): void {
-    const done = [...this.jobs.values()].filter((j) => j.phase === 'confirmed' || j.phase === 'abandoned').sort((a, b) => b.updatedAt - a.updatedAt);
+    const done = [...this.jobs.values()]
+      .filter((j) => j.phase === 'confirmed' || j.phase === 'abandoned')
+      .sort((a, b) => b.updatedAt - a.updatedAt);
     for (const j of done.slice(keep)) {
       this.jobs.delete(j.jobId);
       this.writer.drop(this.file(j));

@@ -16,15 +16,23 @@ export class Migrations {
   readonly source: Source;
   readonly dest: Destination;
 
-  constructor(readonly host: MigrationHost, readonly log: MigrationLog) {
-    this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'), (file, error) => log.warn('job state write still failing; retrying', { file, error }));
+  constructor(
+    readonly host: MigrationHost,
+    readonly log: MigrationLog,
+  ) {
+    this.store = new JobStore(path.join(host.cfg.stateDir, 'jobs'), (file, error) =>
+      log.warn('job state write still failing; retrying', { file, error }),
+    );
     this.source = new Source(host, this.store, log);
     this.dest = new Destination(host, this.store, log);
     // A domain that stops away from its segment needs its tunnel no more (a move has its own path).
     host.on('domain.state', (ev) => {
       const stopped = (ev.state?.kind === 'shutoff' && ev.state.reason !== 'migrated') || ev.state?.kind === 'crashed';
       const d = stopped ? host.find(ev.domain) : undefined;
-      if (d) void this.source.leaveTunnels(d.rec.config.uuid, ev.domain).catch((e) => log.warn('tunnel not closed', { domain: ev.domain, error: String(e) }));
+      if (d)
+        void this.source
+          .leaveTunnels(d.rec.config.uuid, ev.domain)
+          .catch((e) => log.warn('tunnel not closed', { domain: ev.domain, error: String(e) }));
     });
   }
 
@@ -40,9 +48,20 @@ export class Migrations {
 
   view(j: SourceJob | DestJob): JobView {
     return {
-      jobId: j.jobId, role: j.role, domain: j.domain, mode: j.mode, phase: j.phase, peer: j.peer.name, encrypted: j.encrypted,
-      startedAt: new Date(j.startedAt).toISOString(), updatedAt: new Date(j.updatedAt).toISOString(),
-      progress: (j as SourceJob).progress ?? null, waiting: (j as SourceJob).waiting ?? null, report: j.report ?? null, error: j.error ?? null, history: j.history,
+      jobId: j.jobId,
+      role: j.role,
+      domain: j.domain,
+      mode: j.mode,
+      phase: j.phase,
+      peer: j.peer.name,
+      encrypted: j.encrypted,
+      startedAt: new Date(j.startedAt).toISOString(),
+      updatedAt: new Date(j.updatedAt).toISOString(),
+      progress: (j as SourceJob).progress ?? null,
+      waiting: (j as SourceJob).waiting ?? null,
+      report: j.report ?? null,
+      error: j.error ?? null,
+      history: j.history,
     };
   }
 
@@ -53,7 +72,8 @@ export class Migrations {
    */
   async recover(): Promise<void> {
     for (const j of this.store.load()) {
-      if (j.phase !== 'confirmed' && j.phase !== 'abandoned') this.log.warn('recovering migration job', { jobId: j.jobId, role: j.role, domain: j.domain, phase: j.phase });
+      if (j.phase !== 'confirmed' && j.phase !== 'abandoned')
+        this.log.warn('recovering migration job', { jobId: j.jobId, role: j.role, domain: j.domain, phase: j.phase });
       try {
         if (j.role === 'destination') await this.dest.drive(j, 'ferryd restarted');
         else await this.source.drive(j, `source ferryd restarted in phase ${j.phase}`);

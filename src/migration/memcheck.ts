@@ -14,7 +14,10 @@ import type { MigrationHost, DomainHandle, MigrationLog } from './host.ts';
 import type { SourceJob, Report, Mode } from './jobs.ts';
 
 export class MemoryCheck {
-  constructor(private readonly host: MigrationHost, private readonly log: MigrationLog) {}
+  constructor(
+    private readonly host: MigrationHost,
+    private readonly log: MigrationLog,
+  ) {}
 
   /**
    * Compares per-chunk digests of the paused source's RAM and the destination's loaded
@@ -23,7 +26,11 @@ export class MemoryCheck {
    * paused throughout, so this is part of the pause. The destination's answers are
    * untrusted input.
    */
-  async verify(j: SourceJob, client: ApiClient, how: { dom: DomainHandle; mode: Mode; unreliable: boolean }): Promise<NonNullable<Report['memoryCheck']>> {
+  async verify(
+    j: SourceJob,
+    client: ApiClient,
+    how: { dom: DomainHandle; mode: Mode; unreliable: boolean },
+  ): Promise<NonNullable<Report['memoryCheck']>> {
     const { dom, mode, unreliable } = how;
     const t0 = Date.now();
     const ask = (): Promise<unknown> => client.request('relocation.digest', { jobId: j.jobId }, 180000);
@@ -32,7 +39,10 @@ export class MemoryCheck {
       const o = (r ?? {}) as { bytes?: unknown; chunkBytes?: unknown; digests?: unknown };
       const d = typeof o.digests === 'string' ? Buffer.from(o.digests, 'base64') : Buffer.alloc(0);
       if (o.bytes !== mine.bytes || o.chunkBytes !== mine.chunkBytes || d.length !== mine.digests.length) {
-        throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest with something that is not ${mine.digests.length / 32} chunk digests of ${mine.bytes} bytes`);
+        throw new FerryError(
+          'MIGRATION_PROTOCOL',
+          `${j.peer.name} answered relocation.digest with something that is not ${mine.digests.length / 32} chunk digests of ${mine.bytes} bytes`,
+        );
       }
       return d;
     };
@@ -44,19 +54,41 @@ export class MemoryCheck {
       const left: number[] = [];
       for (let k = 0; k < diff.length; k += 8192) {
         const part = diff.slice(k, k + 8192);
-        const r = (await client.request('relocation.digest', { jobId: j.jobId, chunks: part }, 180000) ?? {}) as { digests?: unknown };
+        const r = ((await client.request('relocation.digest', { jobId: j.jobId, chunks: part }, 180000)) ?? {}) as { digests?: unknown };
         const d = typeof r.digests === 'string' ? Buffer.from(r.digests, 'base64') : Buffer.alloc(0);
-        if (d.length !== part.length * 32) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered relocation.digest for ${part.length} chunks with ${d.length} bytes`);
-        part.forEach((c, i) => { if (mine.digests.compare(d, i * 32, i * 32 + 32, c * 32, c * 32 + 32) !== 0) left.push(c); });
+        if (d.length !== part.length * 32)
+          throw new FerryError(
+            'MIGRATION_PROTOCOL',
+            `${j.peer.name} answered relocation.digest for ${part.length} chunks with ${d.length} bytes`,
+          );
+        part.forEach((c, i) => {
+          if (mine.digests.compare(d, i * 32, i * 32 + 32, c * 32, c * 32 + 32) !== 0) left.push(c);
+        });
       }
       if (left.length > 0) {
-        const why = unreliable ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)` : '';
-        throw new FerryError('MIGRATION_MEMORY_MISMATCH', `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, ${left.length} of its ${mine.digests.length / 32} RAM chunks on ${j.peer.name} differ from ${this.host.cfg.name}'s even after they were rewritten${why}. It keeps running on ${this.host.cfg.name}`);
+        const why = unreliable
+          ? `; QEMU ${this.host.qemu.version} under TCG loses dirty-page tracking in live migrations (fixed in QEMU 9.0)`
+          : '';
+        throw new FerryError(
+          'MIGRATION_MEMORY_MISMATCH',
+          `Cannot migrate domain "${j.domain}"${mode === 'live' ? ' live' : ''}: after the copy, ${left.length} of its ${mine.digests.length / 32} RAM chunks on ${j.peer.name} differ from ${this.host.cfg.name}'s even after they were rewritten${why}. It keeps running on ${this.host.cfg.name}`,
+        );
       }
-      this.log.warn('guest memory arrived different and was repaired', { jobId: j.jobId, domain: j.domain, chunks: diff.length, bytes: repairedBytes });
+      this.log.warn('guest memory arrived different and was repaired', {
+        jobId: j.jobId,
+        domain: j.domain,
+        chunks: diff.length,
+        bytes: repairedBytes,
+      });
     }
     const ms = Date.now() - t0;
-    this.log.info('guest memory verified', { jobId: j.jobId, domain: j.domain, bytes: mine.bytes, digest: overallDigest(mine.digests), ms });
+    this.log.info('guest memory verified', {
+      jobId: j.jobId,
+      domain: j.domain,
+      bytes: mine.bytes,
+      digest: overallDigest(mine.digests),
+      ms,
+    });
     return { bytes: mine.bytes, ms, repairedBytes, repairedChunks: diff.length };
   }
 
@@ -66,7 +98,8 @@ export class MemoryCheck {
     const pieces: { offset: number; len: number }[] = [];
     for (const c of chunks) {
       const end = Math.min((c + 1) * mine.chunkBytes, mine.bytes);
-      for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES) pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
+      for (let o = c * mine.chunkBytes; o < end; o += MAX_REPAIR_BYTES)
+        pieces.push({ offset: o, len: Math.min(MAX_REPAIR_BYTES, end - o) });
     }
     let sent = 0;
     await this.host.withRam(dom, false, async (ram) => {
@@ -77,7 +110,12 @@ export class MemoryCheck {
             const got = await ram.read(buf, p.len, p.offset);
             if (got !== p.len) throw new Error(`read ${got} of ${p.len} bytes at ${p.offset}`);
             // Raw bytes after the request line: no base64, no JSON escaping.
-            await client.request('relocation.repair', { jobId: j.jobId, offset: p.offset, length: p.len }, 60000, Buffer.from(buf.subarray(0, p.len)));
+            await client.request(
+              'relocation.repair',
+              { jobId: j.jobId, offset: p.offset, length: p.len },
+              60000,
+              Buffer.from(buf.subarray(0, p.len)),
+            );
           } catch (e) {
             pieces.length = 0; // the others stop after their current piece
             throw e;

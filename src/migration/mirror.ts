@@ -35,7 +35,10 @@ import type { QmpClient, QmpEvent } from '../qmp/client.ts';
 export type { CopyDisk } from '../api/relocation.ts';
 import type { CopyDisk } from '../api/relocation.ts';
 
-interface BlockInfo { device: string; inserted?: { 'node-name': string; image: { 'virtual-size': number; 'actual-size'?: number; format: string } } }
+interface BlockInfo {
+  device: string;
+  inserted?: { 'node-name': string; image: { 'virtual-size': number; 'actual-size'?: number; format: string } };
+}
 
 /**
  * The source's writable disks as Begin describes them: sizes from QEMU (device names are
@@ -48,9 +51,16 @@ export async function describeDisks(q: QmpClient, disks: { index: number; path: 
     const b = blocks.find((x) => x.device === `disk${index}`);
     const img = b?.inserted?.image;
     if (!img) throw new FerryError('MIGRATION_FAILED', `The source QEMU has no disk${index} to copy`);
-    if (img.format !== 'raw' && img.format !== 'qcow2') throw new FerryError('MIGRATION_FAILED', `disk${index} is ${img.format}; --copy-storage copies raw and qcow2`);
+    if (img.format !== 'raw' && img.format !== 'qcow2')
+      throw new FerryError('MIGRATION_FAILED', `disk${index} is ${img.format}; --copy-storage copies raw and qcow2`);
     const backing = img.format === 'qcow2' ? backingImages(path)[0] : undefined;
-    return { index, format: img.format, virtualSize: img['virtual-size'], allocated: img['actual-size'] ?? img['virtual-size'], ...(backing ? { backing } : {}) };
+    return {
+      index,
+      format: img.format,
+      virtualSize: img['virtual-size'],
+      allocated: img['actual-size'] ?? img['virtual-size'],
+      ...(backing ? { backing } : {}),
+    };
   });
 }
 
@@ -84,7 +94,8 @@ export class DiskMirror {
     if (i === undefined) return;
     if (e.event === 'BLOCK_JOB_READY') this.ready.add(i);
     if (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') {
-      const err = typeof e.data?.error === 'string' ? e.data.error : e.event === 'BLOCK_JOB_CANCELLED' && !this.finishing ? 'cancelled' : null;
+      const err =
+        typeof e.data?.error === 'string' ? e.data.error : e.event === 'BLOCK_JOB_CANCELLED' && !this.finishing ? 'cancelled' : null;
       this.ended.set(i, err);
       if (err && !this.finishing && !this.failed) this.failed = `the copy of disk${i} ended: ${err}`;
     }
@@ -92,7 +103,10 @@ export class DiskMirror {
   };
   private finishing = false;
 
-  constructor(private readonly q: QmpClient, readonly disks: CopyDisk[]) {
+  constructor(
+    private readonly q: QmpClient,
+    readonly disks: CopyDisk[],
+  ) {
     q.on('event', this.onEvent);
   }
 
@@ -100,22 +114,34 @@ export class DiskMirror {
   async start(nbd: { address: string; port: number }, tls: { creds: string; hostname: string } | null, speed: number): Promise<void> {
     for (const d of this.disks) {
       await this.q.execute('blockdev-add', {
-        driver: 'nbd', 'node-name': TARGET(d.index), server: { type: 'inet', host: nbd.address, port: String(nbd.port) }, export: EXPORT(d.index),
+        driver: 'nbd',
+        'node-name': TARGET(d.index),
+        server: { type: 'inet', host: nbd.address, port: String(nbd.port) },
+        export: EXPORT(d.index),
         ...(tls ? { 'tls-creds': tls.creds, 'tls-hostname': tls.hostname } : {}),
       });
       await this.q.execute('blockdev-mirror', {
-        'job-id': JOB(d.index), device: await nodeOf(this.q, d.index), target: TARGET(d.index),
-        sync: d.backing ? 'top' : 'full', 'copy-mode': 'background', ...(speed > 0 ? { speed } : {}),
+        'job-id': JOB(d.index),
+        device: await nodeOf(this.q, d.index),
+        target: TARGET(d.index),
+        sync: d.backing ? 'top' : 'full',
+        'copy-mode': 'background',
+        ...(speed > 0 ? { speed } : {}),
       });
     }
   }
 
-  private changed(): Promise<void> { return new Promise((r) => this.waiters.push(r)); }
+  private changed(): Promise<void> {
+    return new Promise((r) => this.waiters.push(r));
+  }
 
   /** Waits until every disk is in sync (BLOCK_JOB_READY), `stop` resolves, or a job fails. */
   async untilReady(stop: Promise<string>): Promise<void> {
     let why: string | undefined;
-    void stop.then((w) => { why = w; for (const f of this.waiters.splice(0)) f(); });
+    void stop.then((w) => {
+      why = w;
+      for (const f of this.waiters.splice(0)) f();
+    });
     while (this.ready.size < this.disks.length) {
       if (this.failed) throw new FerryError('MIGRATION_FAILED', `Copying the disks failed: ${this.failed}`);
       if (why) throw new FerryError(why === 'cancelled' ? 'MIGRATION_CANCELLED' : 'TIMEOUT', why === 'cancelled' ? 'cancelled' : why);
@@ -126,8 +152,13 @@ export class DiskMirror {
   /** Bytes copied and to copy, over every disk. */
   async progress(): Promise<{ copied: number; total: number }> {
     const jobs = await this.q.execute<{ device: string; offset: number; len: number }[]>('query-block-jobs');
-    let copied = 0, total = 0;
-    for (const j of jobs) if (j.device.startsWith(JOB_PREFIX)) { copied += j.offset; total += j.len; }
+    let copied = 0,
+      total = 0;
+    for (const j of jobs)
+      if (j.device.startsWith(JOB_PREFIX)) {
+        copied += j.offset;
+        total += j.len;
+      }
     return { copied, total };
   }
 
@@ -150,7 +181,9 @@ export class DiskMirror {
     this.dispose();
   }
 
-  dispose(): void { this.q.off('event', this.onEvent); }
+  dispose(): void {
+    this.q.off('event', this.onEvent);
+  }
 }
 
 /**
@@ -159,7 +192,10 @@ export class DiskMirror {
  * it) and remove the NBD clients. The source's own disks are untouched.
  */
 export async function abortMirrors(q: QmpClient, nbd?: { address: string; port: number }): Promise<number> {
-  const list = async <T>(cmd: string, args?: Record<string, unknown>): Promise<T[]> => { const r = await q.execute<T[]>(cmd, args).catch(() => []); return Array.isArray(r) ? r : []; };
+  const list = async <T>(cmd: string, args?: Record<string, unknown>): Promise<T[]> => {
+    const r = await q.execute<T[]>(cmd, args).catch(() => []);
+    return Array.isArray(r) ? r : [];
+  };
   const jobs = await list<{ device: string }>('query-block-jobs');
   const ours = jobs.filter((j) => j.device.startsWith(JOB_PREFIX));
   for (const j of ours) await q.execute('block-job-cancel', { device: j.device, force: true }).catch(() => undefined);
@@ -177,12 +213,17 @@ export async function abortMirrors(q: QmpClient, nbd?: { address: string; port: 
   if (ours.length && !(await gone(2000)) && nbd) dropConnections(nbd.address, nbd.port);
   await gone(10000);
   const nodes = await list<{ 'node-name': string }>('query-named-block-nodes', { flat: true });
-  for (const n of nodes) if (n['node-name'].startsWith(TARGET_PREFIX)) await q.execute('blockdev-del', { 'node-name': n['node-name'] }).catch(() => undefined);
+  for (const n of nodes)
+    if (n['node-name'].startsWith(TARGET_PREFIX)) await q.execute('blockdev-del', { 'node-name': n['node-name'] }).catch(() => undefined);
   return ours.length;
 }
 
 /** Aborts this host's TCP connections to ADDRESS:PORT (a dead NBD export), as `ss -K` does. */
 export function dropConnections(address: string, port: number): void {
   if (!/^[0-9a-fA-F.:]+$/.test(address) || !Number.isInteger(port)) return;
-  try { execFileSync('ss', ['-K', 'dst', address, 'dport', '=', String(port)], { stdio: 'ignore', timeout: 5000 }); } catch { /* nothing to abort */ }
+  try {
+    execFileSync('ss', ['-K', 'dst', address, 'dport', '=', String(port)], { stdio: 'ignore', timeout: 5000 });
+  } catch {
+    /* nothing to abort */
+  }
 }

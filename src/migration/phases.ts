@@ -55,18 +55,30 @@ export class IllegalPhaseError extends FerryError {
 }
 
 export function sourceTransition(p: SourcePhase, e: SourceEvent): SourcePhase {
-  const bad = (): never => { throw new IllegalPhaseError('source', p, e.type); };
+  const bad = (): never => {
+    throw new IllegalPhaseError('source', p, e.type);
+  };
   switch (e.type) {
-    case 'dest-accepted': return p === 'begin' ? 'prepare' : bad();
-    case 'dest-prepared': return p === 'prepare' ? 'perform' : bad();
-    case 'stream-started': return p === 'perform' ? 'perform' : bad();
-    case 'stream-completed': return p === 'perform' ? 'switchover' : bad();
-    case 'finish-sent': return p === 'switchover' ? 'finish' : bad();
-    case 'dest-finished': return p === 'finish' ? 'confirmed' : bad();
-    case 'dest-running': return p === 'finish' ? 'postcopy' : bad();
-    case 'postcopy-done': return p === 'postcopy' ? 'confirmed' : bad();
-    case 'abandon': return p === 'begin' || p === 'prepare' || p === 'perform' || p === 'switchover' ? 'abandoned' : bad();
-    case 'dest-abandoned': return p === 'finish' ? 'abandoned' : bad();
+    case 'dest-accepted':
+      return p === 'begin' ? 'prepare' : bad();
+    case 'dest-prepared':
+      return p === 'prepare' ? 'perform' : bad();
+    case 'stream-started':
+      return p === 'perform' ? 'perform' : bad();
+    case 'stream-completed':
+      return p === 'perform' ? 'switchover' : bad();
+    case 'finish-sent':
+      return p === 'switchover' ? 'finish' : bad();
+    case 'dest-finished':
+      return p === 'finish' ? 'confirmed' : bad();
+    case 'dest-running':
+      return p === 'finish' ? 'postcopy' : bad();
+    case 'postcopy-done':
+      return p === 'postcopy' ? 'confirmed' : bad();
+    case 'abandon':
+      return p === 'begin' || p === 'prepare' || p === 'perform' || p === 'switchover' ? 'abandoned' : bad();
+    case 'dest-abandoned':
+      return p === 'finish' ? 'abandoned' : bad();
     default: {
       const never: never = e;
       throw new FerryError('INTERNAL', `unknown source event ${JSON.stringify(never)}`);
@@ -75,14 +87,22 @@ export function sourceTransition(p: SourcePhase, e: SourceEvent): SourcePhase {
 }
 
 export function destTransition(p: DestPhase, e: DestEvent): DestPhase {
-  const bad = (): never => { throw new IllegalPhaseError('destination', p, e.type); };
+  const bad = (): never => {
+    throw new IllegalPhaseError('destination', p, e.type);
+  };
   switch (e.type) {
-    case 'prepared': return p === 'begun' ? 'prepared' : bad();
-    case 'resuming': return p === 'prepared' ? 'finishing' : bad();
-    case 'resumed': return p === 'finishing' ? 'finished' : bad();
-    case 'confirmed': return p === 'finished' ? 'confirmed' : bad();
-    case 'abandon': return p === 'begun' || p === 'prepared' ? 'abandoned' : bad();
-    case 'resume-failed': return p === 'finishing' ? 'abandoned' : bad();
+    case 'prepared':
+      return p === 'begun' ? 'prepared' : bad();
+    case 'resuming':
+      return p === 'prepared' ? 'finishing' : bad();
+    case 'resumed':
+      return p === 'finishing' ? 'finished' : bad();
+    case 'confirmed':
+      return p === 'finished' ? 'confirmed' : bad();
+    case 'abandon':
+      return p === 'begun' || p === 'prepared' ? 'abandoned' : bad();
+    case 'resume-failed':
+      return p === 'finishing' ? 'abandoned' : bad();
     default: {
       const never: never = e;
       throw new FerryError('INTERNAL', `unknown destination event ${JSON.stringify(never)}`);

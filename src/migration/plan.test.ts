@@ -3,7 +3,17 @@ import assert from 'node:assert/strict';
 import { plan, predict, precopyEtaS, linkRate, FIXED_PAUSE_MS, FIXED_OVERHEAD_S, type PlanInput } from './plan.ts';
 
 const MiB = 1048576;
-const base: PlanInput = { ramBytes: 1024 * MiB, dirtyBytesPerS: 1 * MiB, linkBytesPerS: 300 * MiB, linkFrom: 'test', maxDowntimeMs: 300, timeoutS: 90, spareCores: 1, postcopyAllowed: true, strategy: 'auto' };
+const base: PlanInput = {
+  ramBytes: 1024 * MiB,
+  dirtyBytesPerS: 1 * MiB,
+  linkBytesPerS: 300 * MiB,
+  linkFrom: 'test',
+  maxDowntimeMs: 300,
+  timeoutS: 90,
+  spareCores: 1,
+  postcopyAllowed: true,
+  strategy: 'auto',
+};
 
 test('plan: an idle guest converges by pre-copy in a few passes, and pre-copy is the pick', () => {
   const p = plan(base);
@@ -45,7 +55,7 @@ test('plan: multifd is never offered without two spare cores; offline pauses for
   assert.ok(withCores.find((x) => x.strategy === 'multifd')!.converges, 'two channels outrun a guest that one cannot');
 });
 
-test('plan: the operator\'s rule wins, but never against the guest\'s config', () => {
+test("plan: the operator's rule wins, but never against the guest's config", () => {
   assert.equal(plan({ ...base, strategy: 'postcopy' }).pick, 'postcopy');
   assert.equal(plan({ ...base, strategy: 'postcopy', postcopyAllowed: false }).pick, 'precopy');
   assert.equal(plan({ ...base, strategy: 'precopy', dirtyBytesPerS: 400 * MiB }).pick, 'auto-converge');
@@ -68,14 +78,25 @@ test('plan: untouched RAM is scanned, not sent: a mostly empty guest over a slow
   assert.ok(full.totalS > 60, 'all of RAM at 16 MiB/s takes a minute');
 });
 
-test('a measured link rate leaves out the zero pages\' scan, which each plan adds for its own guest', () => {
+test("a measured link rate leaves out the zero pages' scan, which each plan adds for its own guest", () => {
   const GiB = 1073741824;
   // The idle 1 GiB Linux guest of the bench: 83 MB sent in a 575 ms stream.
   assert.equal(Math.round(linkRate(83e6, 575) / 1e6), 144);
   const net = linkRate(83e6, 575, GiB);
   assert.ok(net > 240e6 && net < 270e6, `${net}`);
   // Planned again with that rate, the same guest takes about what it took, not 0.25 s more.
-  const p = predict({ ramBytes: GiB, touchedBytes: 83e6, dirtyBytesPerS: 0, linkBytesPerS: net, linkFrom: 'x', maxDowntimeMs: 300, timeoutS: 120, spareCores: 0, postcopyAllowed: true, strategy: 'auto' });
+  const p = predict({
+    ramBytes: GiB,
+    touchedBytes: 83e6,
+    dirtyBytesPerS: 0,
+    linkBytesPerS: net,
+    linkFrom: 'x',
+    maxDowntimeMs: 300,
+    timeoutS: 120,
+    spareCores: 0,
+    postcopyAllowed: true,
+    strategy: 'auto',
+  });
   const pre = p.find((x) => x.strategy === 'precopy')!;
   assert.ok(Math.abs(pre.totalS - (0.575 + FIXED_OVERHEAD_S)) < 0.01, `${pre.totalS}`);
   // An implausible scan (it would leave under a quarter of the stream) is not believed.

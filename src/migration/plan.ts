@@ -103,7 +103,13 @@ function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, '
   for (let pass = 1; pass <= MAX_PASSES; pass++) {
     const t = pass === 1 ? fp.s : x / b;
     if (t * 1000 <= i.maxDowntimeMs && pass > 1) {
-      return { totalS: FIXED_OVERHEAD_S + total + t, pauseMs: Math.round(t * 1000 + FIXED_PAUSE_MS), bytes: bytes + x, passes: pass, converges: true };
+      return {
+        totalS: FIXED_OVERHEAD_S + total + t,
+        pauseMs: Math.round(t * 1000 + FIXED_PAUSE_MS),
+        bytes: bytes + x,
+        passes: pass,
+        converges: true,
+      };
     }
     total += t;
     bytes += x;
@@ -121,25 +127,73 @@ export function predict(i: PlanInput): Prediction[] {
   const fits = (p: { pauseMs: number; totalS: number }): boolean => p.pauseMs <= i.maxDowntimeMs && p.totalS <= i.timeoutS;
   const out: Prediction[] = [];
   const pre = precopy(i, b, false);
-  out.push({ strategy: 'precopy', ...pre, fitsBudget: fits(pre), note: pre.converges ? passes(pre.passes) : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s: the passes do not shrink` });
+  out.push({
+    strategy: 'precopy',
+    ...pre,
+    fitsBudget: fits(pre),
+    note: pre.converges
+      ? passes(pre.passes)
+      : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s: the passes do not shrink`,
+  });
   const ac = precopy(i, b, true);
-  out.push({ strategy: 'auto-converge', ...ac, fitsBudget: fits(ac), note: ac.converges ? `${passes(ac.passes)}; the guest's vCPUs are throttled (up to 99 %) until it converges` : 'does not converge even at 99 % throttle' });
+  out.push({
+    strategy: 'auto-converge',
+    ...ac,
+    fitsBudget: fits(ac),
+    note: ac.converges
+      ? `${passes(ac.passes)}; the guest's vCPUs are throttled (up to 99 %) until it converges`
+      : 'does not converge even at 99 % throttle',
+  });
   if (i.spareCores >= 2) {
     const mf = precopy(i, b * MULTIFD_GAIN, false);
-    out.push({ strategy: 'multifd', ...mf, fitsBudget: fits(mf), note: `2 channels, each encrypted on its own core (×${MULTIFD_GAIN} measured)` });
+    out.push({
+      strategy: 'multifd',
+      ...mf,
+      fitsBudget: fits(mf),
+      note: `2 channels, each encrypted on its own core (×${MULTIFD_GAIN} measured)`,
+    });
   } else {
-    out.push({ strategy: 'multifd', totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: 0, converges: false, fitsBudget: false, note: `needs 2 spare cores; this host has ${i.spareCores}` });
+    out.push({
+      strategy: 'multifd',
+      totalS: Infinity,
+      pauseMs: Infinity,
+      bytes: Infinity,
+      passes: 0,
+      converges: false,
+      fitsBudget: false,
+      note: `needs 2 spare cores; this host has ${i.spareCores}`,
+    });
   }
   if (i.postcopyAllowed) {
     const fp = firstPass(i, b);
     const rest = Math.min(i.ramBytes, i.dirtyBytesPerS * fp.s);
     const pc = { totalS: FIXED_OVERHEAD_S + fp.s + rest / b, pauseMs: FIXED_PAUSE_MS, bytes: fp.bytes + rest, passes: 1, converges: true };
-    out.push({ strategy: 'postcopy', ...pc, fitsBudget: fits(pc), note: `one pre-copy pass, then the guest runs on the destination for ${(rest / b).toFixed(1)} s while ${mb(rest)} are fetched: losing either host in that window loses the guest` });
+    out.push({
+      strategy: 'postcopy',
+      ...pc,
+      fitsBudget: fits(pc),
+      note: `one pre-copy pass, then the guest runs on the destination for ${(rest / b).toFixed(1)} s while ${mb(rest)} are fetched: losing either host in that window loses the guest`,
+    });
   } else {
-    out.push({ strategy: 'postcopy', totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: 0, converges: false, fitsBudget: false, note: 'forbidden by the domain\'s config ("postcopy": false)' });
+    out.push({
+      strategy: 'postcopy',
+      totalS: Infinity,
+      pauseMs: Infinity,
+      bytes: Infinity,
+      passes: 0,
+      converges: false,
+      fitsBudget: false,
+      note: 'forbidden by the domain\'s config ("postcopy": false)',
+    });
   }
   const ofp = firstPass(i, b);
-  const off = { totalS: FIXED_OVERHEAD_S + ofp.s, pauseMs: Math.round(ofp.s * 1000 + FIXED_PAUSE_MS), bytes: ofp.bytes, passes: 1, converges: true };
+  const off = {
+    totalS: FIXED_OVERHEAD_S + ofp.s,
+    pauseMs: Math.round(ofp.s * 1000 + FIXED_PAUSE_MS),
+    bytes: ofp.bytes,
+    passes: 1,
+    converges: true,
+  };
   out.push({ strategy: 'offline', ...off, fitsBudget: fits(off), note: 'the guest is stopped for the whole copy' });
   return out;
 }
@@ -155,10 +209,22 @@ export function plan(i: PlanInput): Plan {
   const by = (s: Strategy): Prediction => predictions.find((p) => p.strategy === s)!;
   const budget = `--max-downtime ${i.maxDowntimeMs} ms and --timeout ${i.timeoutS} s`;
   if (i.strategy === 'postcopy') {
-    if (!i.postcopyAllowed) return { input: i, predictions, pick: 'precopy', reason: 'post-copy was asked for, but the domain\'s config forbids it ("postcopy": false)' };
+    if (!i.postcopyAllowed)
+      return {
+        input: i,
+        predictions,
+        pick: 'precopy',
+        reason: 'post-copy was asked for, but the domain\'s config forbids it ("postcopy": false)',
+      };
     return { input: i, predictions, pick: 'postcopy', reason: 'post-copy was asked for (--strategy postcopy)' };
   }
-  if (i.strategy === 'precopy') return { input: i, predictions, pick: by('auto-converge').fitsBudget && !by('precopy').fitsBudget ? 'auto-converge' : 'precopy', reason: 'pre-copy was asked for (--strategy precopy); auto-converge throttles the guest if it does not converge' };
+  if (i.strategy === 'precopy')
+    return {
+      input: i,
+      predictions,
+      pick: by('auto-converge').fitsBudget && !by('precopy').fitsBudget ? 'auto-converge' : 'precopy',
+      reason: 'pre-copy was asked for (--strategy precopy); auto-converge throttles the guest if it does not converge',
+    };
   for (const s of ['precopy', 'multifd', 'postcopy', 'auto-converge'] as const) {
     const p = by(s);
     if (!p.fitsBudget) continue;
@@ -170,7 +236,12 @@ export function plan(i: PlanInput): Plan {
     };
     return { input: i, predictions, pick: s, reason: why[s] };
   }
-  return { input: i, predictions, pick: i.postcopyAllowed ? 'postcopy' : 'auto-converge', reason: `nothing fits ${budget}; ${i.postcopyAllowed ? 'post-copy comes nearest and bounds the time' : 'throttling the guest comes nearest'}` };
+  return {
+    input: i,
+    predictions,
+    pick: i.postcopyAllowed ? 'postcopy' : 'auto-converge',
+    reason: `nothing fits ${budget}; ${i.postcopyAllowed ? 'post-copy comes nearest and bounds the time' : 'throttling the guest comes nearest'}`,
+  };
 }
 
 function passes(n: number): string {

@@ -61,7 +61,11 @@ export type FileSizes = Record<string, number>;
 export function fileSizes(c: DomainConfig): FileSizes {
   const out: FileSizes = {};
   for (const p of domainPaths(c)) {
-    try { out[p] = fs.statSync(p).size; } catch { out[p] = -1; }
+    try {
+      out[p] = fs.statSync(p).size;
+    } catch {
+      out[p] = -1;
+    }
   }
   return out;
 }
@@ -75,25 +79,64 @@ export function checkOffer(offer: { version: number; src: SourceFacts }, dst: De
   const who = `Cannot migrate domain "${c.name}"`;
   checkProtocolVersion(version, dst.name);
   if (src.name === dst.name) throw new FerryError('MIGRATION_SAME_HOST', `${who}: the destination is the source host ${src.name}`);
-  if (dst.domainNames.includes(c.name)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain named "${c.name}"; delete it there first`);
-  if (dst.domainUuids.includes(c.uuid)) throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain with uuid ${c.uuid}`);
+  if (dst.domainNames.includes(c.name))
+    throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain named "${c.name}"; delete it there first`);
+  if (dst.domainUuids.includes(c.uuid))
+    throw new FerryError('MIGRATION_DEST_EXISTS', `${who}: ${dst.name} already has a domain with uuid ${c.uuid}`);
   if (src.arch !== dst.arch) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} is ${dst.arch}, the source is ${src.arch}`);
   if (running) {
-    if (src.accel !== dst.accel) throw new FerryError('MIGRATION_DEST_ARCH', `${who}: ${dst.name} runs domains under ${dst.accel}, the source under ${src.accel}; set the same accelerator on both (FERRY_ACCEL or "accel" in ferryd.json)`);
+    if (src.accel !== dst.accel)
+      throw new FerryError(
+        'MIGRATION_DEST_ARCH',
+        `${who}: ${dst.name} runs domains under ${dst.accel}, the source under ${src.accel}; set the same accelerator on both (FERRY_ACCEL or "accel" in ferryd.json)`,
+      );
     // QEMU migrates to the same or a newer version only, under the source's versioned
     // machine type (which the domain keeps for its life, wherever it moves).
-    if (compareVersions(dst.qemuVersion, src.qemuVersion) < 0) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name} runs QEMU ${dst.qemuVersion}, older than the source's ${src.qemuVersion}; QEMU migrates only to the same or a newer version. Upgrade QEMU on ${dst.name} (README "Engine")`, { source: src.qemuVersion, destination: dst.qemuVersion });
-    if (!dst.machines.includes(src.machine)) throw new FerryError('MIGRATION_DEST_ENGINE', `${who}: ${dst.name}'s QEMU ${dst.qemuVersion} lacks machine type ${src.machine} (the source runs QEMU ${src.qemuVersion}); install a QEMU that has it`, { machine: src.machine });
-    if (src.cpuModel !== dst.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`);
-    if (dst.cpuUnavailable?.length) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} cannot provide ${dst.cpuUnavailable.slice(0, 8).join(', ')}${dst.cpuUnavailable.length > 8 ? ` and ${dst.cpuUnavailable.length - 8} more` : ''} of CPU model ${dst.cpuModel} under ${dst.accel}; choose a CPU model both hosts can run ("cpuModel" in ferryd.json)`, { unavailable: dst.cpuUnavailable });
+    if (compareVersions(dst.qemuVersion, src.qemuVersion) < 0)
+      throw new FerryError(
+        'MIGRATION_DEST_ENGINE',
+        `${who}: ${dst.name} runs QEMU ${dst.qemuVersion}, older than the source's ${src.qemuVersion}; QEMU migrates only to the same or a newer version. Upgrade QEMU on ${dst.name} (README "Engine")`,
+        { source: src.qemuVersion, destination: dst.qemuVersion },
+      );
+    if (!dst.machines.includes(src.machine))
+      throw new FerryError(
+        'MIGRATION_DEST_ENGINE',
+        `${who}: ${dst.name}'s QEMU ${dst.qemuVersion} lacks machine type ${src.machine} (the source runs QEMU ${src.qemuVersion}); install a QEMU that has it`,
+        { machine: src.machine },
+      );
+    if (src.cpuModel !== dst.cpuModel)
+      throw new FerryError(
+        'MIGRATION_DEST_CPU',
+        `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`,
+      );
+    if (dst.cpuUnavailable?.length)
+      throw new FerryError(
+        'MIGRATION_DEST_CPU',
+        `${who}: ${dst.name} cannot provide ${dst.cpuUnavailable.slice(0, 8).join(', ')}${dst.cpuUnavailable.length > 8 ? ` and ${dst.cpuUnavailable.length - 8} more` : ''} of CPU model ${dst.cpuModel} under ${dst.accel}; choose a CPU model both hosts can run ("cpuModel" in ferryd.json)`,
+        { unavailable: dst.cpuUnavailable },
+      );
     const have = new Set(dst.cpuFeatures);
     const missing = src.cpuFeatures.filter((f) => !have.has(f));
-    if (missing.length) throw new FerryError('MIGRATION_DEST_CPU', `${who}: ${dst.name} lacks CPU features ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ` and ${missing.length - 8} more` : ''}`, { missing });
-    if (dst.freeMiB < c.memoryMiB) throw new FerryError('MIGRATION_DEST_NO_MEMORY', `${who}: ${dst.name} has ${dst.freeMiB} MiB free, needs ${c.memoryMiB} MiB${dst.freeWhy ? ` (it ${dst.freeWhy})` : ''}`, { freeMiB: dst.freeMiB, needMiB: c.memoryMiB });
+    if (missing.length)
+      throw new FerryError(
+        'MIGRATION_DEST_CPU',
+        `${who}: ${dst.name} lacks CPU features ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ` and ${missing.length - 8} more` : ''}`,
+        { missing },
+      );
+    if (dst.freeMiB < c.memoryMiB)
+      throw new FerryError(
+        'MIGRATION_DEST_NO_MEMORY',
+        `${who}: ${dst.name} has ${dst.freeMiB} MiB free, needs ${c.memoryMiB} MiB${dst.freeWhy ? ` (it ${dst.freeWhy})` : ''}`,
+        { freeMiB: dst.freeMiB, needMiB: c.memoryMiB },
+      );
   }
   for (const n of c.nics) {
     const d = dst.networks[n.network];
-    if (!d) throw new FerryError('MIGRATION_DEST_NETWORK', `${who}: ${dst.name} has no network "${n.network}"; add it to "networks" in its ferryd.json`);
+    if (!d)
+      throw new FerryError(
+        'MIGRATION_DEST_NETWORK',
+        `${who}: ${dst.name} has no network "${n.network}"; add it to "networks" in its ferryd.json`,
+      );
   }
 }
 
@@ -104,14 +147,28 @@ export function checkOffer(offer: { version: number; src: SourceFacts }, dst: De
  * that comes back to its home subnet needs none. Without tunnels (relocation.tunnels
  * false) another subnet is refused, as before.
  */
-export function tunnelsNeeded(c: DomainConfig, homes: TunnelHome[], dst: { name: string; networks: Record<string, NetworkConfig>; tunnels: boolean; address: string }, srcName: string): Map<number, TunnelHome> {
+export function tunnelsNeeded(
+  c: DomainConfig,
+  homes: TunnelHome[],
+  dst: { name: string; networks: Record<string, NetworkConfig>; tunnels: boolean; address: string },
+  srcName: string,
+): Map<number, TunnelHome> {
   const need = new Map<number, TunnelHome>();
   c.nics.forEach((n, i) => {
     const d = dst.networks[n.network];
     const home = homes[i];
     if (!d || !home || home.subnet === d.subnet) return;
-    if (!dst.tunnels) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": network "${n.network}" is ${d.subnet} on ${dst.name} but the domain's segment is ${home.subnet}${home.host === srcName ? '' : ` (carried from ${home.host})`}: not the same L2 segment, and ${dst.name} does not extend segments (relocation.tunnels is false). Turn tunnels on there, or move it to a host on ${home.subnet}`, { network: n.network, subnet: d.subnet, home: home.subnet });
-    if (home.host === dst.name || home.address === dst.address) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: NIC ${i}'s home is ${dst.name} itself, yet its subnet ${home.subnet} is not ${d.subnet}`);
+    if (!dst.tunnels)
+      throw new FerryError(
+        'MIGRATION_DEST_L2',
+        `Cannot migrate domain "${c.name}": network "${n.network}" is ${d.subnet} on ${dst.name} but the domain's segment is ${home.subnet}${home.host === srcName ? '' : ` (carried from ${home.host})`}: not the same L2 segment, and ${dst.name} does not extend segments (relocation.tunnels is false). Turn tunnels on there, or move it to a host on ${home.subnet}`,
+        { network: n.network, subnet: d.subnet, home: home.subnet },
+      );
+    if (home.host === dst.name || home.address === dst.address)
+      throw new FerryError(
+        'MIGRATION_PROTOCOL',
+        `relocation.begin: NIC ${i}'s home is ${dst.name} itself, yet its subnet ${home.subnet} is not ${d.subnet}`,
+      );
     need.set(i, home);
   });
   return need;
@@ -120,11 +177,21 @@ export function tunnelsNeeded(c: DomainConfig, homes: TunnelHome[], dst: { name:
 export function checkFiles(c: DomainConfig, sizes: FileSizes, dstName: string): void {
   for (const p of domainPaths(c)) {
     let st: fs.Stats;
-    try { st = fs.statSync(p); } catch { throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${c.name}": ${p} does not exist on ${dstName}; disks and boot files must be on shared storage at the same path`); }
+    try {
+      st = fs.statSync(p);
+    } catch {
+      throw new FerryError(
+        'MIGRATION_DEST_DISK',
+        `Cannot migrate domain "${c.name}": ${p} does not exist on ${dstName}; disks and boot files must be on shared storage at the same path`,
+      );
+    }
     const disk = c.disks.find((d) => d.path === p);
     // A writable disk changes size as the guest writes; only read-only files must match.
     if ((!disk || disk.readOnly) && sizes[p] !== undefined && sizes[p] >= 0 && sizes[p] !== st.size) {
-      throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${c.name}": ${p} is ${st.size} bytes on ${dstName} but ${sizes[p]} on the source; it is not the same shared file`);
+      throw new FerryError(
+        'MIGRATION_DEST_DISK',
+        `Cannot migrate domain "${c.name}": ${p} is ${st.size} bytes on ${dstName} but ${sizes[p]} on the source; it is not the same shared file`,
+      );
     }
   }
 }
@@ -146,7 +213,9 @@ function writableDiskDirs(c: DomainConfig): string[] {
 export function writeStorageMarkers(c: DomainConfig, jobId: string): { nonce: string; remove: () => void } {
   const nonce = crypto.randomBytes(16).toString('hex');
   const written: string[] = [];
-  const remove = (): void => { for (const f of written) fs.rmSync(f, { force: true }); };
+  const remove = (): void => {
+    for (const f of written) fs.rmSync(f, { force: true });
+  };
   for (const dir of writableDiskDirs(c)) {
     const f = path.join(dir, markerName(jobId));
     try {
@@ -154,7 +223,10 @@ export function writeStorageMarkers(c: DomainConfig, jobId: string): { nonce: st
       written.push(f);
     } catch (e) {
       remove();
-      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": cannot write the shared-storage marker ${f} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); ferry proves that a writable disk is shared by writing a marker beside it, so its directory must be writable by ferryd`);
+      throw new FerryError(
+        'MIGRATION_DEST_STORAGE',
+        `Cannot migrate domain "${c.name}": cannot write the shared-storage marker ${f} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); ferry proves that a writable disk is shared by writing a marker beside it, so its directory must be writable by ferryd`,
+      );
     }
   }
   return { nonce, remove };
@@ -165,7 +237,7 @@ export function checkStorageMarkers(c: DomainConfig, marker: { jobId: string; no
   const { jobId, nonce } = marker;
   for (const dir of writableDiskDirs(c)) {
     const f = path.join(dir, markerName(jobId));
-    let seen = '';
+    let seen: string;
     try {
       const fd = fs.openSync(f, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
       try {
@@ -175,10 +247,19 @@ export function checkStorageMarkers(c: DomainConfig, marker: { jobId: string; no
       } finally {
         fs.closeSync(fd);
       }
-    } catch { seen = ''; }
+    } catch {
+      seen = '';
+    }
     if (!nonce || seen !== nonce) {
-      const disks = c.disks.filter((d) => !d.readOnly && path.dirname(d.path) === dir).map((d) => d.path).join(', ');
-      throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${c.name}": its writable disk ${disks} is not on storage that ${srcName} and ${dstName} share (${dstName} ${seen ? 'found another marker' : 'does not see the marker'} ${srcName} wrote beside it), so the guest would go on with a different disk. Put writable disks on shared storage (NFS, a cluster filesystem, a SAN) at the same path on both hosts, or move them along with the domain (--copy-storage)`, { dir });
+      const disks = c.disks
+        .filter((d) => !d.readOnly && path.dirname(d.path) === dir)
+        .map((d) => d.path)
+        .join(', ');
+      throw new FerryError(
+        'MIGRATION_DEST_STORAGE',
+        `Cannot migrate domain "${c.name}": its writable disk ${disks} is not on storage that ${srcName} and ${dstName} share (${dstName} ${seen ? 'found another marker' : 'does not see the marker'} ${srcName} wrote beside it), so the guest would go on with a different disk. Put writable disks on shared storage (NFS, a cluster filesystem, a SAN) at the same path on both hosts, or move them along with the domain (--copy-storage)`,
+        { dir },
+      );
     }
   }
 }
@@ -189,7 +270,23 @@ export function arpProbe(bridge: string, target: string, timeoutMs = 2000, fromN
   // 0.0.0.0 (duplicate address detection), so no host address leaks onto the guest's
   // segment; busybox then exits 1 when someone answered.
   return new Promise((resolve) => {
-    execFile('busybox', ['arping', ...(fromNowhere ? ['-D'] : []), '-f', '-c', '3', '-w', String(Math.max(1, Math.ceil(timeoutMs / 1000))), '-I', bridge, target], { timeout: timeoutMs + 1000 }, (err) => resolve(fromNowhere ? (err as { code?: unknown } | null)?.code === 1 : !err));
+    execFile(
+      'busybox',
+      [
+        'arping',
+        ...(fromNowhere ? ['-D'] : []),
+        '-f',
+        '-c',
+        '3',
+        '-w',
+        String(Math.max(1, Math.ceil(timeoutMs / 1000))),
+        '-I',
+        bridge,
+        target,
+      ],
+      { timeout: timeoutMs + 1000 },
+      (err) => resolve(fromNowhere ? (err as { code?: unknown } | null)?.code === 1 : !err),
+    );
   });
 }
 
@@ -208,7 +305,12 @@ export interface L2Probe {
  * address that lives on the source's segment (the domain's own IP, else the source
  * host's address there). No answer means the bridge is not on the same segment.
  */
-export async function checkL2(c: DomainConfig, src: SourceFacts, dst: { networks: Record<string, NetworkConfig>; host: string }, how: L2Probe): Promise<string[]> {
+export async function checkL2(
+  c: DomainConfig,
+  src: SourceFacts,
+  dst: { networks: Record<string, NetworkConfig>; host: string },
+  how: L2Probe,
+): Promise<string[]> {
   const { networks: dstNetworks, host: dstName } = dst;
   const { guestRunning, on: which, tunnels = new Map() } = how;
   const notes: string[] = [];
@@ -221,11 +323,24 @@ export async function checkL2(c: DomainConfig, src: SourceFacts, dst: { networks
       // host itself: the home end does not relay between away hosts (no hairpin, so a
       // guest never hears its own broadcasts back), so the guest, still on another away
       // host, cannot answer through it yet.
-      const targets = [guestRunning && t.home.host === src.name ? n.ip?.split('/')[0] : undefined, t.home.ip].filter((x): x is string => !!x);
-      if (!targets.length) { notes.push(`network ${n.network}: tunnel to ${t.home.host} not probed (no address known on its segment)`); continue; }
+      const targets = [guestRunning && t.home.host === src.name ? n.ip?.split('/')[0] : undefined, t.home.ip].filter(
+        (x): x is string => !!x,
+      );
+      if (!targets.length) {
+        notes.push(`network ${n.network}: tunnel to ${t.home.host} not probed (no address known on its segment)`);
+        continue;
+      }
       let seen = '';
-      for (const target of targets) if (await arpProbe(t.bridge, target, 3000, true)) { seen = target; break; }
-      if (!seen) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": through the tunnel from ${dstName} to ${t.home.host} (VNI ${t.home.vni}), ${targets.join(' and ')} did not answer ARP; check that UDP ${VXLAN_UDP_PORT} passes between their migration addresses and that the MTU there is at least 1550`);
+      for (const target of targets)
+        if (await arpProbe(t.bridge, target, 3000, true)) {
+          seen = target;
+          break;
+        }
+      if (!seen)
+        throw new FerryError(
+          'MIGRATION_DEST_L2',
+          `Cannot migrate domain "${c.name}": through the tunnel from ${dstName} to ${t.home.host} (VNI ${t.home.vni}), ${targets.join(' and ')} did not answer ARP; check that UDP ${VXLAN_UDP_PORT} passes between their migration addresses and that the MTU there is at least 1550`,
+        );
       notes.push(`network ${n.network}: ${seen} answered ARP through the tunnel to ${t.home.host}`);
       continue;
     }
@@ -236,10 +351,22 @@ export async function checkL2(c: DomainConfig, src: SourceFacts, dst: { networks
     // (net.ipv4.conf.all.arp_ignore=1, as the lab sets; README "Migration").
     const guestIp = guestRunning ? n.ip?.split('/')[0] : undefined;
     const targets = [guestIp, src.networks[n.network]?.address].filter((x): x is string => !!x);
-    if (targets.length === 0) { notes.push(`network ${n.network}: nothing to probe (no IP known)`); continue; }
+    if (targets.length === 0) {
+      notes.push(`network ${n.network}: nothing to probe (no IP known)`);
+      continue;
+    }
     let seen = false;
-    for (const t of targets) if (await arpProbe(d.bridge, t)) { seen = true; notes.push(`network ${n.network}: ${t} answered ARP on ${d.bridge}`); break; }
-    if (!seen) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate domain "${c.name}": from ${dstName}'s bridge ${d.bridge}, ${targets.join(' and ')} did not answer ARP; network "${n.network}" there is not the same L2 segment as on ${src.name}`);
+    for (const t of targets)
+      if (await arpProbe(d.bridge, t)) {
+        seen = true;
+        notes.push(`network ${n.network}: ${t} answered ARP on ${d.bridge}`);
+        break;
+      }
+    if (!seen)
+      throw new FerryError(
+        'MIGRATION_DEST_L2',
+        `Cannot migrate domain "${c.name}": from ${dstName}'s bridge ${d.bridge}, ${targets.join(' and ')} did not answer ARP; network "${n.network}" there is not the same L2 segment as on ${src.name}`,
+      );
   }
   return notes;
 }

@@ -44,17 +44,28 @@ async function rig(f: Faults = {}) {
   const kernel = path.join(dir, 'vmlinux');
   fs.writeFileSync(kernel, 'k');
   const inq = await incomingQemu(f.contFails ? { contFails: 'paused' } : f.destDies ? { contFails: 'dies' } : {});
-  const outq = await outgoingQemu({ fail: f.streamFails, onSent: () => inq.stream(), neverConverges: f.neverConverges, onPostcopy: () => inq.postcopy() });
+  const outq = await outgoingQemu({
+    fail: f.streamFails,
+    onSent: () => inq.stream(),
+    neverConverges: f.neverConverges,
+    onPostcopy: () => inq.postcopy(),
+  });
   const port = 40000 + Math.floor(Math.random() * 20000);
   const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
   const h2 = new FakeHost('host2', path.join(dir, 'h2'), inq.path, port);
   const config = parseDomainConfig({ name: 'web', memory: 256, boot: { kernel } });
-  const web: Handle = { rec: { config, state: { kind: 'running', pid: 1111, domid: 1, since: Date.now() } }, qmp: await QmpClient.connect(outq.path, 2000) };
+  const web: Handle = {
+    rec: { config, state: { kind: 'running', pid: 1111, domid: 1, since: Date.now() } },
+    qmp: await QmpClient.connect(outq.path, 2000),
+  };
   h1.domains.set('web', web);
   if (f.destHasDomain) h2.defineMoved(config);
   const s1 = new JobStore(path.join(dir, 'jobs1'));
   const dest = new Destination(h2, new JobStore(path.join(dir, 'jobs2')), quiet);
-  const ctx: RelocationContext = { caller: { transport: 'tls', peerName: 'host1', peerDn: 'O=ferry,OU=host,CN=host1', peerAddress: '127.0.0.1' }, onClose: () => undefined };
+  const ctx: RelocationContext = {
+    caller: { transport: 'tls', peerName: 'host1', peerDn: 'O=ferry,OU=host,CN=host1', peerAddress: '127.0.0.1' },
+    onClose: () => undefined,
+  };
   let finishes = 0;
   const calls: string[] = [];
   // The peer connection, in process: each relocation request goes to the Destination.
@@ -64,7 +75,8 @@ async function rig(f: Faults = {}) {
       const d = dest as unknown as Record<string, (p: unknown, c: RelocationContext, a?: Buffer) => Promise<unknown>>;
       const method = action.replace('relocation.', '');
       const r = await d[method].call(dest, params, ctx, attachment);
-      if (action === 'relocation.finish' && f.loseFinishAnswer && finishes++ === 0) throw new FerryError('DAEMON_UNREACHABLE', 'connection reset (the answer to Finish was lost)');
+      if (action === 'relocation.finish' && f.loseFinishAnswer && finishes++ === 0)
+        throw new FerryError('DAEMON_UNREACHABLE', 'connection reset (the answer to Finish was lost)');
       return r as T;
     },
     peerName: (): string => 'host2',
@@ -78,40 +90,104 @@ async function rig(f: Faults = {}) {
   const source = new InProcessSource(h1, s1, quiet);
   // Every move, whatever its outcome and the phase it ended in, leaves nothing registered:
   // no run (outgoing.ts) in the source, no listener on its QEMU's QMP connection.
-  const start = async (o: { live?: boolean; verifyMemory?: boolean; strategy?: 'auto' | 'precopy' | 'postcopy'; timeoutS?: number; onTimeout?: 'cancel' | 'suspend' | 'postcopy'; parallel?: number } = {}): Promise<Report> => {
+  const start = async (
+    o: {
+      live?: boolean;
+      verifyMemory?: boolean;
+      strategy?: 'auto' | 'precopy' | 'postcopy';
+      timeoutS?: number;
+      onTimeout?: 'cancel' | 'suspend' | 'postcopy';
+      parallel?: number;
+    } = {},
+  ): Promise<Report> => {
     const listeners = (): number => web.qmp!.listenerCount('event') + web.qmp!.listenerCount('close');
     const before = listeners();
-    const rep = await source.start({ domain: 'web', dest: 'host2', live: o.live ?? true, verifyMemory: o.verifyMemory, probeGuest: false, strategy: o.strategy, timeoutS: o.timeoutS, onTimeout: o.onTimeout, parallel: o.parallel });
-    assert.equal((source as unknown as { runs: Map<string, unknown> }).runs.size, 0, `no run left registered after ${rep.outcome} in ${rep.phase}`);
+    const rep = await source.start({
+      domain: 'web',
+      dest: 'host2',
+      live: o.live ?? true,
+      verifyMemory: o.verifyMemory,
+      probeGuest: false,
+      strategy: o.strategy,
+      timeoutS: o.timeoutS,
+      onTimeout: o.onTimeout,
+      parallel: o.parallel,
+    });
+    assert.equal(
+      (source as unknown as { runs: Map<string, unknown> }).runs.size,
+      0,
+      `no run left registered after ${rep.outcome} in ${rep.phase}`,
+    );
     assert.equal(listeners(), before, `no QMP listener left after ${rep.outcome} in ${rep.phase}`);
     return rep;
   };
   const job = (): SourceJob => [...s1.jobs.values()][0] as SourceJob;
   // (perform is entered twice: when Prepare is answered and when the stream starts)
-  const phases = (): string[] => job().history.map((x) => x.phase).filter((x, i, a) => x !== a[i - 1]);
-  const done = (): void => { for (const h of [h1, h2]) for (const d of h.domains.values()) d.qmp?.close(); inq.cleanup(); outq.cleanup(); fs.rmSync(dir, { recursive: true, force: true }); };
+  const phases = (): string[] =>
+    job()
+      .history.map((x) => x.phase)
+      .filter((x, i, a) => x !== a[i - 1]);
+  const done = (): void => {
+    for (const h of [h1, h2]) for (const d of h.domains.values()) d.qmp?.close();
+    inq.cleanup();
+    outq.cleanup();
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
   /**
    * A job as a source ferryd that died in `phase` left it: on disk, the domain here
    * migrating-out (from prepare on), the destination as far as the phase implies.
    */
   const leftAt = async (phase: SourceJob['phase']): Promise<SourceJob> => {
     const t = Date.now();
-    const j: SourceJob = { role: 'source', jobId: crypto.randomUUID(), domain: 'web', uuid: config.uuid, mode: 'live', encrypted: true, startedAt: t, updatedAt: t, history: [{ phase: 'begin', at: t }], phase: 'begin', peer: { name: 'host2', address: '127.0.0.1', port: 0 }, wasRunning: true };
+    const j: SourceJob = {
+      role: 'source',
+      jobId: crypto.randomUUID(),
+      domain: 'web',
+      uuid: config.uuid,
+      mode: 'live',
+      encrypted: true,
+      startedAt: t,
+      updatedAt: t,
+      history: [{ phase: 'begin', at: t }],
+      phase: 'begin',
+      peer: { name: 'host2', address: '127.0.0.1', port: 0 },
+      wasRunning: true,
+    };
     s1.save(j);
     const order: SourceJob['phase'][] = ['begin', 'prepare', 'perform', 'switchover', 'finish'];
     const upTo = order.indexOf(phase);
     if (upTo >= 1) {
       await client.request('relocation.begin', {
-        version: PROTOCOL_VERSION, jobId: j.jobId, mode: 'live', insecure: false, parallel: 1,
-        peer: { name: 'host1', version: 'test', qemuVersion: '10.0.2', arch: hostArch(), accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: ['lm'], machine: 'pc-i440fx-10.0', networks: {} },
+        version: PROTOCOL_VERSION,
+        jobId: j.jobId,
+        mode: 'live',
+        insecure: false,
+        parallel: 1,
+        peer: {
+          name: 'host1',
+          version: 'test',
+          qemuVersion: '10.0.2',
+          arch: hostArch(),
+          accel: 'tcg',
+          cpuModel: 'qemu64',
+          cpuFeatures: ['lm'],
+          machine: 'pc-i440fx-10.0',
+          networks: {},
+        },
         domain: { config: domainConfigToJson(config), fileSizes: {}, machine: 'pc-i440fx-10.0', cpuModel: 'qemu64' },
       });
       h1.apply(web, { type: 'migrate-out', jobId: j.jobId, at: t });
     }
     if (upTo >= 2) await client.request('relocation.prepare', { jobId: j.jobId });
-    if (upTo >= 4) { inq.stream(); await client.request('relocation.finish', { jobId: j.jobId, running: true }); }
+    if (upTo >= 4) {
+      inq.stream();
+      await client.request('relocation.finish', { jobId: j.jobId, running: true });
+    }
     for (const p of order.slice(1, upTo + 1)) s1.advance(j, p, true);
-    if (phase === 'confirmed' || phase === 'abandoned') { h1.apply(web, { type: 'migrate-out', jobId: j.jobId, at: t }); s1.advance(j, phase, true); }
+    if (phase === 'confirmed' || phase === 'abandoned') {
+      h1.apply(web, { type: 'migrate-out', jobId: j.jobId, at: t });
+      s1.advance(j, phase, true);
+    }
     calls.length = 0;
     return j;
   };
@@ -138,14 +214,22 @@ test('source: begin → prepare → perform → switchover → finish → confir
     assert.deepEqual(r.h1.retired, ['web'], 'the source copy is retired');
     assert.equal(r.h2.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.seen.includes('migrate'));
-    assert.ok(rep.policy.some((x) => x.startsWith('plan: precopy')), rep.policy.join('\n'));
-    assert.ok(rep.policy.some((x) => x.startsWith('post-copy offered')), 'post-copy is offered (the config allows it) though the plan picked pre-copy');
+    assert.ok(
+      rep.policy.some((x) => x.startsWith('plan: precopy')),
+      rep.policy.join('\n'),
+    );
+    assert.ok(
+      rep.policy.some((x) => x.startsWith('post-copy offered')),
+      'post-copy is offered (the config allows it) though the plan picked pre-copy',
+    );
     assert.ok(r.outq.seen.includes('calc-dirty-rate'), 'the dirty rate was measured');
     assert.equal(rep.strategy, 'precopy');
     assert.equal(rep.plan?.pick, 'precopy');
     assert.equal(rep.downtimeMs, 7);
     assert.equal(typeof rep.pauseMs, 'number');
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: refused at Begin, nothing changes (abandoned in begin)', async () => {
@@ -157,7 +241,9 @@ test('source: refused at Begin, nothing changes (abandoned in begin)', async () 
     assert.deepEqual(r.phases(), ['begin', 'abandoned']);
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(!r.outq.seen.includes('migrate'));
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: the stream fails (abandoned in perform): the destination abandons, the guest runs on here', async () => {
@@ -172,7 +258,9 @@ test('source: the stream fails (abandoned in perform): the destination abandons,
     assert.deepEqual(r.h2.discarded, ['web']);
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.running());
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: guest RAM unreadable during the memory check (abandoned in switchover): the paused guest resumes here', async () => {
@@ -185,7 +273,9 @@ test('source: guest RAM unreadable during the memory check (abandoned in switcho
     assert.deepEqual(r.h2.discarded, ['web']);
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.seen.includes('cont') && r.outq.running(), 'the source QEMU was told to run again');
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: the answer to Finish is lost (finish): the source asks, learns the guest runs there, retires its copy', async () => {
@@ -197,7 +287,9 @@ test('source: the answer to Finish is lost (finish): the source asks, learns the
     assert.ok(r.calls.includes('relocation.status'), 'asked the destination');
     assert.equal(rep.pauseMs, null, 'no pause without the answer that ends it');
     assert.deepEqual(r.h1.retired, ['web']);
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: the destination cannot resume and gives the guest back (finish → abandoned): it resumes here', async () => {
@@ -210,7 +302,9 @@ test('source: the destination cannot resume and gives the guest back (finish →
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(r.outq.running());
     assert.deepEqual(r.h2.discarded, ['web']);
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: the destination QEMU dies as the guest resumes (finish → confirmed): never resumed here, reported as a crash there', async () => {
@@ -223,7 +317,9 @@ test('source: the destination QEMU dies as the guest resumes (finish → confirm
     assert.deepEqual(r.h1.retired, ['web'], 'the source copy is not resumed: the guest may have run there');
     assert.ok(!r.outq.seen.includes('cont'));
     assert.equal(r.h2.get('web').rec.state.kind, 'crashed');
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: a restart before the point of no return abandons from the phase on disk (drive), in every such phase', async () => {
@@ -239,7 +335,9 @@ test('source: a restart before the point of no return abandons from the phase on
         assert.ok(r.calls.includes('relocation.abandon'), `the destination was told (${at})`);
         assert.deepEqual(r.h2.discarded, ['web'], `nothing is left on the destination (${at})`);
       }
-    } finally { r.done(); }
+    } finally {
+      r.done();
+    }
   }
 });
 
@@ -253,7 +351,9 @@ test('source: a restart past the point of no return asks the destination, which 
     assert.deepEqual(r.h1.retired, ['web']);
     assert.ok(!r.outq.seen.includes('cont'), 'never resumed here');
     assert.equal(r.h2.get('web').rec.state.kind, 'running');
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: a restart after a settled phase runs the tail it cut: confirmed retires the copy, abandoned resumes it', async () => {
@@ -262,17 +362,21 @@ test('source: a restart after a settled phase runs the tail it cut: confirmed re
     await c.leftAt('confirmed');
     await c.restart();
     assert.deepEqual(c.h1.retired, ['web']);
-  } finally { c.done(); }
+  } finally {
+    c.done();
+  }
   const a = await rig();
   try {
     await a.leftAt('abandoned');
     await a.restart();
     assert.equal(a.h1.get('web').rec.state.kind, 'running');
     assert.deepEqual(a.h1.retired, []);
-  } finally { a.done(); }
+  } finally {
+    a.done();
+  }
 });
 
-test('source: post-copy (the plan\'s pick): switchover → finish → postcopy → confirmed; the copy here lives until the last page is sent', async () => {
+test("source: post-copy (the plan's pick): switchover → finish → postcopy → confirmed; the copy here lives until the last page is sent", async () => {
   const r = await rig({ neverConverges: true });
   try {
     const rep = await r.start({ strategy: 'postcopy' });
@@ -280,14 +384,22 @@ test('source: post-copy (the plan\'s pick): switchover → finish → postcopy �
     assert.equal(rep.strategy, 'postcopy');
     assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'postcopy', 'confirmed']);
     assert.ok(r.outq.seen.includes('migrate-start-postcopy'));
-    assert.ok(rep.policy.some((x) => x.startsWith('switched to post-copy: the plan')), rep.policy.join('\n'));
+    assert.ok(
+      rep.policy.some((x) => x.startsWith('switched to post-copy: the plan')),
+      rep.policy.join('\n'),
+    );
     assert.equal(typeof rep.postcopy?.windowMs, 'number');
     const tl = rep.timeline ?? {};
-    assert.ok(tl.destRunning <= tl.postcopyCompleted && tl.postcopyCompleted <= tl.sourceClean, `the source retired only after the stream completed: ${JSON.stringify(tl)}`);
+    assert.ok(
+      tl.destRunning <= tl.postcopyCompleted && tl.postcopyCompleted <= tl.sourceClean,
+      `the source retired only after the stream completed: ${JSON.stringify(tl)}`,
+    );
     assert.deepEqual(r.h1.retired, ['web']);
     assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
     assert.equal(r.h2.get('web').rec.state.kind, 'running');
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });
 
 test('source: a pre-copy that will miss its budget switches to post-copy by itself (auto); with post-copy forbidden it is cancelled at the deadline', async () => {
@@ -296,8 +408,13 @@ test('source: a pre-copy that will miss its budget switches to post-copy by itse
     const rep = await a.start({ timeoutS: 2 });
     assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
     assert.equal(rep.strategy, 'postcopy');
-    assert.ok(rep.policy.some((x) => /switched to post-copy: (pre-copy would miss the budget|deadline)/.test(x)), rep.policy.join('\n'));
-  } finally { a.done(); }
+    assert.ok(
+      rep.policy.some((x) => /switched to post-copy: (pre-copy would miss the budget|deadline)/.test(x)),
+      rep.policy.join('\n'),
+    );
+  } finally {
+    a.done();
+  }
   const c = await rig({ neverConverges: true });
   try {
     const rep = await c.start({ timeoutS: 1, strategy: 'precopy', onTimeout: 'cancel' });
@@ -305,10 +422,12 @@ test('source: a pre-copy that will miss its budget switches to post-copy by itse
     assert.equal(rep.error?.code, 'MIGRATION_NOT_CONVERGING');
     assert.ok(!c.outq.seen.includes('migrate-start-postcopy'));
     assert.equal(c.h1.get('web').rec.state.kind, 'running', 'the guest runs on here');
-  } finally { c.done(); }
+  } finally {
+    c.done();
+  }
 });
 
-test('source: a move after one that offered post-copy may use multifd: the QEMU\'s earlier post-copy capability is cleared first', async () => {
+test("source: a move after one that offered post-copy may use multifd: the QEMU's earlier post-copy capability is cleared first", async () => {
   const r = await rig({ streamFails: true });
   try {
     const first = await r.start();
@@ -318,5 +437,7 @@ test('source: a move after one that offered post-copy may use multifd: the QEMU\
     assert.equal(second.error?.code, 'MIGRATION_FAILED', 'the stream itself fails, not the set-up');
     assert.match(second.error!.message, /fake failure/);
     assert.ok(second.policy.includes('multifd: 2 parallel channels'));
-  } finally { r.done(); }
+  } finally {
+    r.done();
+  }
 });

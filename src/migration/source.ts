@@ -82,7 +82,11 @@ export class Source {
   ) {
     this.planner = new Planner(host, store, log);
     this.side = {
-      host, store, log, planner: this.planner, memcheck: new MemoryCheck(host, log),
+      host,
+      store,
+      log,
+      planner: this.planner,
+      memcheck: new MemoryCheck(host, log),
       step: (j, e) => this.step(j, e),
       runOf: (jobId) => this.runs.get(jobId),
       connect: (dest) => this.connectPeer(dest),
@@ -99,7 +103,8 @@ export class Source {
    */
   private step(j: SourceJob, e: SourceEvent): void {
     const fact = e.type === 'dest-finished' || e.type === 'abandon' || e.type === 'dest-abandoned';
-    if (!this.store.advance(j, sourceTransition(j.phase, e), !fact)) this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
+    if (!this.store.advance(j, sourceTransition(j.phase, e), !fact))
+      this.log.warn('migration phase not persisted yet (retrying)', { jobId: j.jobId, phase: j.phase });
     this.log.info('migration phase', { role: 'source', jobId: j.jobId, domain: j.domain, phase: j.phase, event: e.type });
     this.host.emit('migration.phase', { domain: j.domain, jobId: j.jobId, role: 'source', phase: j.phase });
   }
@@ -124,7 +129,11 @@ export class Source {
   cancel(domain: string): CancelResult {
     const j = this.store.active(domain);
     if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name}`);
-    if (!sourceCanAbandon(j.phase)) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}, past the point of no return: it cannot be cancelled`);
+    if (!sourceCanAbandon(j.phase))
+      throw new FerryError(
+        'MIGRATION_ILLEGAL_PHASE',
+        `Migration of "${domain}" is in phase ${j.phase}, past the point of no return: it cannot be cancelled`,
+      );
     const run = this.runs.get(j.jobId);
     if (!run) throw new FerryError('JOB_NOT_FOUND', `Migration of "${domain}" is not running in this ferryd`);
     run.cancel();
@@ -167,9 +176,18 @@ export class Source {
   private async failed(run: OutgoingRun, e: unknown): Promise<Report> {
     const { j, p, peer } = run;
     let fe = asFerryError(e);
-    if (run.cancelled && sourceCanAbandon(j.phase)) fe = new FerryError('MIGRATION_CANCELLED', `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${this.host.cfg.name}`);
+    if (run.cancelled && sourceCanAbandon(j.phase))
+      fe = new FerryError(
+        'MIGRATION_CANCELLED',
+        `Migration of "${p.domain}" to ${peer.name} was cancelled; it keeps running on ${this.host.cfg.name}`,
+      );
     if (this.store.jobs.has(j.jobId)) await this.drive(j, fe.message, run.client);
-    const outcome = fe.code === 'MIGRATION_CANCELLED' ? 'cancelled' : j.phase === 'finish' || (j.phase === 'postcopy' && fe.code === 'MIGRATION_UNRESOLVED') ? 'unresolved' : 'failed';
+    const outcome =
+      fe.code === 'MIGRATION_CANCELLED'
+        ? 'cancelled'
+        : j.phase === 'finish' || (j.phase === 'postcopy' && fe.code === 'MIGRATION_UNRESOLVED')
+          ? 'unresolved'
+          : 'failed';
     const r = run.report(outcome, { ...run.stats, error: { code: fe.code, message: fe.message } });
     j.report = r;
     j.error = r.error;
@@ -181,12 +199,17 @@ export class Source {
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
   async planOnly(p: StartParams): Promise<PlanView> {
     const dom = this.host.get(p.domain);
-    if (!hasProcess(dom.rec.state) || !dom.qmp) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is not running: only a live move has a plan (a shut-off domain moves as its definition)`);
+    if (!hasProcess(dom.rec.state) || !dom.qmp)
+      throw new FerryError(
+        'DOMAIN_BAD_STATE',
+        `Domain "${p.domain}" is not running: only a live move has a plan (a shut-off domain moves as its definition)`,
+      );
     if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${dom.busy})`);
     // The peer's name, as a move would learn it: from its certificate.
     const { client, peer } = await this.connectPeer(p.dest);
     client.close();
-    if (peer.name === this.host.cfg.name) throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
+    if (peer.name === this.host.cfg.name)
+      throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
     return (await this.planner.planFor(dom, dom.qmp, peer.name, p)).view;
   }
 
@@ -259,19 +282,48 @@ export class Source {
    */
   async resolveByOperator(domain: string, assume: 'destination' | 'source'): Promise<ResolveResult> {
     const j = this.store.active(domain);
-    if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name} to resolve`);
-    if (j.phase !== 'finish') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Migration of "${domain}" is in phase ${j.phase}: only a job past the point of no return (finish) is resolved by hand; before it, use \`ferry job abort ${domain}\``);
+    if (!j || j.role !== 'source')
+      throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name} to resolve`);
+    if (j.phase !== 'finish')
+      throw new FerryError(
+        'MIGRATION_ILLEGAL_PHASE',
+        `Migration of "${domain}" is in phase ${j.phase}: only a job past the point of no return (finish) is resolved by hand; before it, use \`ferry job abort ${domain}\``,
+      );
     const dom = this.host.get(domain);
     const answer = await askDestination(this.side, j, 2000).catch((e: unknown) => asFerryError(e).message);
     if (typeof answer !== 'string') {
       const theirs = answer.abandoned ? 'source' : 'destination';
-      if (theirs !== assume) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `${j.peer.name} answered: ${answer.abandoned ? `it does not run "${domain}" (${answer.reason})` : `it runs "${domain}"`}; refusing --assume-${assume}. Nothing changed; the answer settles the job now`, { peerAnswered: theirs });
+      if (theirs !== assume)
+        throw new FerryError(
+          'MIGRATION_ILLEGAL_PHASE',
+          `${j.peer.name} answered: ${answer.abandoned ? `it does not run "${domain}" (${answer.reason})` : `it runs "${domain}"`}; refusing --assume-${assume}. Nothing changed; the answer settles the job now`,
+          { peerAnswered: theirs },
+        );
       await settleFinish(this.side, j, dom, answer);
-      return { jobId: j.jobId, domain, phase: j.phase, settledBy: 'destination', runsOn: answer.abandoned ? this.host.cfg.name : j.peer.name };
+      return {
+        jobId: j.jobId,
+        domain,
+        phase: j.phase,
+        settledBy: 'destination',
+        runsOn: answer.abandoned ? this.host.cfg.name : j.peer.name,
+      };
     }
     this.log.warn('migration resolved by the operator', { jobId: j.jobId, domain, assume, peer: j.peer.name, lastError: answer });
-    await settleFinish(this.side, j, dom, assume === 'source' ? { abandoned: true, reason: `the operator said ${j.peer.name} does not run it` } : { abandoned: false, reason: 'the operator said the destination runs it' });
-    return { jobId: j.jobId, domain, phase: j.phase, settledBy: 'operator', runsOn: assume === 'source' ? this.host.cfg.name : j.peer.name };
+    await settleFinish(
+      this.side,
+      j,
+      dom,
+      assume === 'source'
+        ? { abandoned: true, reason: `the operator said ${j.peer.name} does not run it` }
+        : { abandoned: false, reason: 'the operator said the destination runs it' },
+    );
+    return {
+      jobId: j.jobId,
+      domain,
+      phase: j.phase,
+      settledBy: 'operator',
+      runsOn: assume === 'source' ? this.host.cfg.name : j.peer.name,
+    };
   }
 
   /** The domain no longer runs here (moved on, or stopped): its away ends go, and their homes stop flooding here. */

@@ -47,18 +47,32 @@ export interface RuntimeChoice {
 
 export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
   const a: string[] = [
-    '-name', `guest=${c.name},debug-threads=on`,
-    '-uuid', c.uuid,
-    '-machine', `${r.machine},accel=${r.accel}`,
+    '-name',
+    `guest=${c.name},debug-threads=on`,
+    '-uuid',
+    c.uuid,
+    '-machine',
+    `${r.machine},accel=${r.accel}`,
     // enforce: QEMU refuses to start rather than silently drop a feature the accelerator
     // lacks (a guest that then moves would find the feature gone, or appear).
-    '-cpu', `${r.cpuModel},enforce`,
-    '-m', `${c.memoryMiB}M`,
-    '-smp', String(c.vcpus),
-    '-nodefaults', '-no-user-config', '-display', 'none', '-vga', 'none',
-    '-qmp', `unix:${r.qmpPath},server=on,wait=off`,
-    '-chardev', `socket,id=con0,path=${r.consolePath},server=on,wait=off`,
-    '-serial', 'chardev:con0',
+    '-cpu',
+    `${r.cpuModel},enforce`,
+    '-m',
+    `${c.memoryMiB}M`,
+    '-smp',
+    String(c.vcpus),
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-vga',
+    'none',
+    '-qmp',
+    `unix:${r.qmpPath},server=on,wait=off`,
+    '-chardev',
+    `socket,id=con0,path=${r.consolePath},server=on,wait=off`,
+    '-serial',
+    'chardev:con0',
     // Start stopped: ferryd attaches QMP and the console before the guest runs a single
     // instruction, so no early console output is lost and every state change is seen.
     '-S',

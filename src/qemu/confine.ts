@@ -33,18 +33,37 @@ import path from 'node:path';
 export const QEMU_SANDBOX = ['-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny'];
 
 /** The uid and gid one domain's QEMU runs as (daemon/uids.ts hands them out). */
-export interface DomainIdentity { uid: number; gid: number }
+export interface DomainIdentity {
+  uid: number;
+  gid: number;
+}
 
 /** A device node for QEMU's private /dev: path under /dev, numbers, mode, owned by the domain or root. */
-export interface DeviceNode { name: string; major: number; minor: number; mode: number; domainOwned: boolean }
+export interface DeviceNode {
+  name: string;
+  major: number;
+  minor: number;
+  mode: number;
+  domainOwned: boolean;
+}
 
 /** Every QEMU gets these (glib and gnutls read them), world-usable and root-owned as on any host. */
-const BASIC = [['null', 1, 3], ['zero', 1, 5], ['full', 1, 7], ['random', 1, 8], ['urandom', 1, 9]] as const;
+const BASIC = [
+  ['null', 1, 3],
+  ['zero', 1, 5],
+  ['full', 1, 7],
+  ['random', 1, 8],
+  ['urandom', 1, 9],
+] as const;
 
 /** The node's numbers from the host's own /dev, or undefined where the host has none. */
 export function hostDevice(name: string, dev = '/dev'): { major: number; minor: number } | undefined {
   let st: fs.Stats;
-  try { st = fs.statSync(path.join(dev, name)); } catch { return undefined; }
+  try {
+    st = fs.statSync(path.join(dev, name));
+  } catch {
+    return undefined;
+  }
   if (!st.isCharacterDevice()) return undefined;
   // Linux's dev_t: major in bits 8-19 (and 32+), minor in bits 0-7 and 20-31.
   const r = BigInt(st.rdev);
@@ -89,7 +108,24 @@ exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --bounding-set=-all --
 /** The command that starts `binary argv` confined as `id` with a private /dev of `nodes`. */
 export function confinedCommand(binary: string, argv: string[], id: DomainIdentity, nodes: DeviceNode[]): { cmd: string; args: string[] } {
   const spec = nodes.flatMap((n) => [n.name, String(n.major), String(n.minor), n.mode.toString(8), n.domainOwned ? '1' : '0']);
-  return { cmd: 'unshare', args: ['--mount', '--propagation', 'private', 'sh', '-c', LAUNCHER, 'ferry-qemu-launch', String(id.uid), String(id.gid), ...spec, '--', binary, ...argv] };
+  return {
+    cmd: 'unshare',
+    args: [
+      '--mount',
+      '--propagation',
+      'private',
+      'sh',
+      '-c',
+      LAUNCHER,
+      'ferry-qemu-launch',
+      String(id.uid),
+      String(id.gid),
+      ...spec,
+      '--',
+      binary,
+      ...argv,
+    ],
+  };
 }
 
 /**
@@ -98,7 +134,11 @@ export function confinedCommand(binary: string, argv: string[], id: DomainIdenti
  */
 export function blockedAncestor(stateDir: string): string | null {
   for (let d = path.dirname(path.resolve(stateDir)); ; d = path.dirname(d)) {
-    try { if ((fs.statSync(d).mode & 0o001) === 0) return d; } catch { return d; }
+    try {
+      if ((fs.statSync(d).mode & 0o001) === 0) return d;
+    } catch {
+      return d;
+    }
     if (d === path.dirname(d)) return null;
   }
 }
@@ -129,7 +169,15 @@ export function copyTlsForQemu(tlsDir: string, qemuDir: string, id: DomainIdenti
   const out = path.join(qemuDir, 'tls');
   fs.rmSync(out, { recursive: true, force: true });
   fs.mkdirSync(out, { mode: 0o700 });
-  for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'client-cert.pem', 'client-key.pem', 'dh-params.pem', 'ca-crl.pem']) {
+  for (const f of [
+    'ca-cert.pem',
+    'server-cert.pem',
+    'server-key.pem',
+    'client-cert.pem',
+    'client-key.pem',
+    'dh-params.pem',
+    'ca-crl.pem',
+  ]) {
     const src = path.join(tlsDir, f);
     if (!fs.existsSync(src)) continue;
     fs.copyFileSync(src, path.join(out, f));

@@ -24,7 +24,8 @@ test('digests find exactly the chunks that differ, and a repair makes them equal
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-mem-'));
   try {
     const bytes = 3 * 1048576 + 4096 * 5; // a last chunk shorter than the others
-    const a = path.join(dir, 'a'), b = path.join(dir, 'b');
+    const a = path.join(dir, 'a'),
+      b = path.join(dir, 'b');
     const img = Buffer.alloc(bytes);
     for (let i = 0; i < bytes; i += 4096) img[i] = (i / 4096) & 0xff;
     fs.writeFileSync(a, img);
@@ -32,7 +33,8 @@ test('digests find exactly the chunks that differ, and a repair makes them equal
     img[bytes - 1] ^= 1; // the short last chunk
     fs.writeFileSync(b, img);
     // A file stands in for /proc/PID/mem: the same reads and writes, at base 0.
-    const fa = new GuestRam(fs.openSync(a, 'r'), 0, bytes), fb = new GuestRam(fs.openSync(b, 'r+'), 0, bytes);
+    const fa = new GuestRam(fs.openSync(a, 'r'), 0, bytes),
+      fb = new GuestRam(fs.openSync(b, 'r+'), 0, bytes);
     try {
       const [da, db] = [await digestRam(fa), await digestRam(fb)];
       assert.equal(da.chunkBytes, 262144);
@@ -51,7 +53,8 @@ test('digests find exactly the chunks that differ, and a repair makes them equal
       assert.throws(() => fb.write(-4096, Buffer.alloc(4096)), /inside/);
       await assert.rejects(fa.read(fix, 8192, bytes - 4096), /outside/);
     } finally {
-      fa.close(); fb.close();
+      fa.close();
+      fb.close();
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

@@ -50,7 +50,12 @@ export function chunkBytesFor(bytes: number): number {
 /** The main RAM block of a QEMU, `bytes` long, mapped at `base` in its address space. */
 export class GuestRam {
   /** `pagemap`: the process's /proc/PID/pagemap, or null where every page counts as populated. */
-  constructor(readonly fd: number, readonly base: number, readonly bytes: number, private readonly pagemap: number | null = null) {}
+  constructor(
+    readonly fd: number,
+    readonly base: number,
+    readonly bytes: number,
+    private readonly pagemap: number | null = null,
+  ) {}
 
   /**
    * For each chunk, whether any of its pages may hold something other than zeros. A page
@@ -88,7 +93,8 @@ export class GuestRam {
   }
 
   read(buf: Buffer, len: number, offset: number): Promise<number> {
-    if (offset < 0 || offset + len > this.bytes) return Promise.reject(new Error(`a RAM read of ${len} bytes at ${offset} is outside ${this.bytes} bytes`));
+    if (offset < 0 || offset + len > this.bytes)
+      return Promise.reject(new Error(`a RAM read of ${len} bytes at ${offset} is outside ${this.bytes} bytes`));
     return pread(this.fd, buf, len, this.base + offset);
   }
 
@@ -120,13 +126,19 @@ function zeroFrames(frame: Float64Array): Set<number> {
   const zero = new Set<number>();
   if (shared.length === 0 || shared.length > 4096) return zero;
   let fd: number;
-  try { fd = fs.openSync('/proc/kpageflags', 'r'); } catch { return zero; }
+  try {
+    fd = fs.openSync('/proc/kpageflags', 'r');
+  } catch {
+    return zero;
+  }
   try {
     const b = Buffer.alloc(8);
     for (const f of shared) {
       if (fs.readSync(fd, b, 0, 8, f * 8) === 8 && b.readUInt32LE(0) & (1 << 24)) zero.add(f);
     }
-  } catch { /* unreadable: count them as data */ } finally {
+  } catch {
+    /* unreadable: count them as data */
+  } finally {
     fs.closeSync(fd);
   }
   return zero;
@@ -152,7 +164,12 @@ export async function openGuestRam(qmp: QmpClient, pid: number, bytes: number, w
   const fd = fs.openSync(`/proc/${pid}/mem`, write ? 'r+' : 'r');
   if (write) return new GuestRam(fd, base, bytes);
   let pagemap: number;
-  try { pagemap = fs.openSync(`/proc/${pid}/pagemap`, 'r'); } catch (e) { fs.closeSync(fd); throw e; }
+  try {
+    pagemap = fs.openSync(`/proc/${pid}/pagemap`, 'r');
+  } catch (e) {
+    fs.closeSync(fd);
+    throw e;
+  }
   return new GuestRam(fd, base, bytes, pagemap);
 }
 
@@ -200,7 +217,10 @@ parentPort.on('message', (m) => {
 });
 `;
 
-interface HashJob { resolve: (b: Buffer) => void; reject: (e: Error) => void }
+interface HashJob {
+  resolve: (b: Buffer) => void;
+  reject: (e: Error) => void;
+}
 let pool: { workers: Worker[]; jobs: Map<number, HashJob>; next: number } | undefined;
 
 /** Hashing threads: one per core, at most four. */
@@ -217,7 +237,8 @@ function hashPool(): NonNullable<typeof pool> {
       const j = p.jobs.get(m.id);
       p.jobs.delete(m.id);
       if (!j) return;
-      if (m.error !== undefined) j.reject(new Error(m.error)); else j.resolve(Buffer.from(m.out!.buffer, m.out!.byteOffset, m.out!.byteLength));
+      if (m.error !== undefined) j.reject(new Error(m.error));
+      else j.resolve(Buffer.from(m.out!.buffer, m.out!.byteOffset, m.out!.byteLength));
       if (p.jobs.size === 0) for (const x of p.workers) x.unref();
     });
     w.on('error', (e) => {
@@ -245,11 +266,16 @@ export async function digestChunks(ram: GuestRam, chunkBytes: number, chunks: nu
   for (const w of p.workers) w.ref();
   let parts: Buffer[];
   try {
-    parts = await Promise.all(shares.map((share, wi) => new Promise<Buffer>((resolve, reject) => {
-      const id = p.next++;
-      p.jobs.set(id, { resolve, reject });
-      p.workers[wi].postMessage({ id, fd: ram.fd, base: ram.base, bytes: ram.bytes, chunkBytes, chunks: share });
-    })));
+    parts = await Promise.all(
+      shares.map(
+        (share, wi) =>
+          new Promise<Buffer>((resolve, reject) => {
+            const id = p.next++;
+            p.jobs.set(id, { resolve, reject });
+            p.workers[wi].postMessage({ id, fd: ram.fd, base: ram.base, bytes: ram.bytes, chunkBytes, chunks: share });
+          }),
+      ),
+    );
   } finally {
     if (p.jobs.size === 0) for (const w of p.workers) w.unref();
   }
@@ -273,7 +299,10 @@ export async function digestRam(ram: GuestRam): Promise<RamDigests> {
   const zero = new Map<number, Buffer>();
   const read: number[] = [];
   for (let i = 0; i < present.length; i++) {
-    if (present[i]) { read.push(i); continue; }
+    if (present[i]) {
+      read.push(i);
+      continue;
+    }
     const len = Math.min(chunkBytes, bytes - i * chunkBytes);
     let d = zero.get(len);
     if (!d) zero.set(len, (d = crypto.createHash('sha256').update(Buffer.alloc(len)).digest()));
@@ -309,9 +338,14 @@ export async function guestResidentBytes(qmp: QmpClient, pid: number): Promise<n
     let inside = false;
     for (const line of smaps.split('\n')) {
       const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
-      if (m) { inside = parseInt(m[1], 16) <= base && base < parseInt(m[2], 16); continue; }
+      if (m) {
+        inside = parseInt(m[1], 16) <= base && base < parseInt(m[2], 16);
+        continue;
+      }
       if (inside && line.startsWith('Rss:')) return Number(/(\d+)/.exec(line)?.[1] ?? NaN) * 1024 || null;
     }
-  } catch { /* no QMP, no smaps: unknown */ }
+  } catch {
+    /* no QMP, no smaps: unknown */
+  }
   return null;
 }

@@ -7,17 +7,32 @@ import { FerryError } from '../errors.ts';
 /** Records what would be sent to QEMU. */
 function recorder(): { q: QmpClient; sent: [string, unknown][] } {
   const sent: [string, unknown][] = [];
-  const q = { execute: async (cmd: string, args?: unknown) => { sent.push([cmd, args]); return cmd === 'query-dirty-rate' ? { status: 'measured', 'dirty-rate': 12 } : {}; } } as unknown as QmpClient;
+  const q = {
+    execute: async (cmd: string, args?: unknown) => {
+      sent.push([cmd, args]);
+      return cmd === 'query-dirty-rate' ? { status: 'measured', 'dirty-rate': 12 } : {};
+    },
+  } as unknown as QmpClient;
   return { q, sent };
 }
 
-test('capabilities and parameters go out in QEMU\'s spelling, in one command each', async () => {
+test("capabilities and parameters go out in QEMU's spelling, in one command each", async () => {
   const { q, sent } = recorder();
   const src = new MigrationQmp(q, 'source');
   await src.setCapabilities({ events: true, multifd: false, postcopy: true, autoConverge: true });
   await src.setParameters({ maxBandwidth: 1, downtimeLimit: 300, tlsCreds: 'c', tlsHostname: 'host2', multifdChannels: undefined });
   assert.deepEqual(sent, [
-    ['migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }, { capability: 'multifd', state: false }, { capability: 'postcopy-ram', state: true }, { capability: 'auto-converge', state: true }] }],
+    [
+      'migrate-set-capabilities',
+      {
+        capabilities: [
+          { capability: 'events', state: true },
+          { capability: 'multifd', state: false },
+          { capability: 'postcopy-ram', state: true },
+          { capability: 'auto-converge', state: true },
+        ],
+      },
+    ],
     ['migrate-set-parameters', { 'max-bandwidth': 1, 'downtime-limit': 300, 'tls-creds': 'c', 'tls-hostname': 'host2' }],
   ]);
 });
@@ -33,7 +48,8 @@ test('a setting of the other end is a bug, refused before QEMU sees it', async (
   assert.throws(() => new MigrationQmp(q, 'source').addAuthz('a', 'CN=x'), internal);
   assert.deepEqual(sent, []);
   // Every entry of the tables names a side.
-  for (const t of [CAPABILITIES, PARAMETERS]) for (const v of Object.values(t)) assert.ok(['source', 'destination', 'both'].includes(v.side));
+  for (const t of [CAPABILITIES, PARAMETERS])
+    for (const v of Object.values(t)) assert.ok(['source', 'destination', 'both'].includes(v.side));
 });
 
 test('TLS objects, URIs and the commands of each end', async () => {

@@ -43,7 +43,14 @@ export const PARAMETERS = {
   /** The id of an authz object: which client certificate may feed this QEMU. */
   tlsAuthz: { qemu: 'tls-authz', side: 'destination' },
 } as const satisfies Record<string, { qemu: string; side: Where }>;
-export interface ParameterValues { maxBandwidth: number; downtimeLimit: number; multifdChannels: number; tlsCreds: string; tlsHostname: string; tlsAuthz: string }
+export interface ParameterValues {
+  maxBandwidth: number;
+  downtimeLimit: number;
+  multifdChannels: number;
+  tlsCreds: string;
+  tlsHostname: string;
+  tlsAuthz: string;
+}
 
 /** "No limit" for max-bandwidth, 100 GiB/s (QEMU's own default would throttle at 128 MiB/s). */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
@@ -69,10 +76,14 @@ const ANNOUNCE = { initial: 50, max: 550, rounds: 5, step: 100 };
 
 /** The migration commands of one QEMU, as one end of a move uses them. */
 export class MigrationQmp {
-  constructor(readonly q: QmpClient, readonly side: Side) {}
+  constructor(
+    readonly q: QmpClient,
+    readonly side: Side,
+  ) {}
 
   private check(what: string, where: Where): void {
-    if (where !== 'both' && where !== this.side) throw new FerryError('INTERNAL', `${what} belongs to the ${where} of a migration, not the ${this.side}`);
+    if (where !== 'both' && where !== this.side)
+      throw new FerryError('INTERNAL', `${what} belongs to the ${where} of a migration, not the ${this.side}`);
   }
 
   /** Sets each named capability on or off (one QMP command). */
@@ -108,7 +119,10 @@ export class MigrationQmp {
 
   /** Removes an object left by an earlier move (absent: nothing to do). */
   delObject(id: string): Promise<void> {
-    return this.q.execute('object-del', { id }).then(() => undefined, () => undefined);
+    return this.q.execute('object-del', { id }).then(
+      () => undefined,
+      () => undefined,
+    );
   }
 
   /** Source: starts (or, after a broken post-copy, resumes) the stream to `to`. */
@@ -136,7 +150,9 @@ export class MigrationQmp {
   }
 
   /** Pauses a post-copy stream (either end), so it can be recovered. */
-  pause(): Promise<unknown> { return this.q.execute('migrate-pause'); }
+  pause(): Promise<unknown> {
+    return this.q.execute('migrate-pause');
+  }
 
   /** Source: cancels the migration; the guest keeps running here. */
   cancel(): Promise<unknown> {
@@ -147,29 +163,49 @@ export class MigrationQmp {
   /** Source: starts QEMU's dirty-rate measurement over `ms` (page sampling: 512 pages per GiB, hashed at both ends; works under TCG). */
   startDirtyRate(ms: number): Promise<unknown> {
     this.check('calc-dirty-rate', 'source');
-    return this.q.execute('calc-dirty-rate', { 'calc-time': ms, 'calc-time-unit': 'millisecond', mode: 'page-sampling', 'sample-pages': 512 });
+    return this.q.execute('calc-dirty-rate', {
+      'calc-time': ms,
+      'calc-time-unit': 'millisecond',
+      mode: 'page-sampling',
+      'sample-pages': 512,
+    });
   }
 
   /** The measured dirty rate in MiB/s, or null while it is still measuring. */
   async dirtyRate(): Promise<number | null> {
     const r = await this.q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
-    return r.status === 'measured' ? r['dirty-rate'] ?? 0 : null;
+    return r.status === 'measured' ? (r['dirty-rate'] ?? 0) : null;
   }
 
-  info(): Promise<MigrateInfo> { return this.q.execute<MigrateInfo>('query-migrate'); }
-  runState(): Promise<{ running: boolean; status: string }> { return this.q.execute<{ running: boolean; status: string }>('query-status'); }
-  stop(): Promise<unknown> { return this.q.execute('stop'); }
-  cont(): Promise<unknown> { return this.q.execute('cont'); }
+  info(): Promise<MigrateInfo> {
+    return this.q.execute<MigrateInfo>('query-migrate');
+  }
+  runState(): Promise<{ running: boolean; status: string }> {
+    return this.q.execute<{ running: boolean; status: string }>('query-status');
+  }
+  stop(): Promise<unknown> {
+    return this.q.execute('stop');
+  }
+  cont(): Promise<unknown> {
+    return this.q.execute('cont');
+  }
 
   /**
    * Destination, --copy-storage: QEMU's NBD server for the disk copies, with at most
    * `maxConnections` clients and (QEMU 10 and later) a handshake deadline; with TLS, the
    * same credentials and authz objects as the stream.
    */
-  nbdServe(o: { address: string; port: number; maxConnections: number; handshakeMaxSeconds?: number; tls?: { creds: string; authz: string } }): Promise<unknown> {
+  nbdServe(o: {
+    address: string;
+    port: number;
+    maxConnections: number;
+    handshakeMaxSeconds?: number;
+    tls?: { creds: string; authz: string };
+  }): Promise<unknown> {
     this.check('nbd-server-start', 'destination');
     return this.q.execute('nbd-server-start', {
-      addr: { type: 'inet', data: { host: o.address, port: String(o.port) } }, 'max-connections': o.maxConnections,
+      addr: { type: 'inet', data: { host: o.address, port: String(o.port) } },
+      'max-connections': o.maxConnections,
       ...(o.handshakeMaxSeconds !== undefined ? { 'handshake-max-seconds': o.handshakeMaxSeconds } : {}),
       ...(o.tls ? { 'tls-creds': o.tls.creds, 'tls-authz': o.tls.authz } : {}),
     });
@@ -180,7 +216,12 @@ export class MigrationQmp {
     return this.q.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: true });
   }
 
-  nbdStop(): Promise<void> { return this.q.execute('nbd-server-stop').then(() => undefined, () => undefined); }
+  nbdStop(): Promise<void> {
+    return this.q.execute('nbd-server-stop').then(
+      () => undefined,
+      () => undefined,
+    );
+  }
 
   /** Destination, after `cont`: announce the guest's MACs from its new port. */
   announce(): Promise<unknown> {

@@ -9,9 +9,12 @@ const ev = (sock: net.Socket, event: string, data: Record<string, unknown>, seco
   sock.write(JSON.stringify({ event, data, timestamp: { seconds, microseconds: 250000 } }) + '\r\n');
 };
 
-test('follows MIGRATION and MIGRATION_PASS events: status, QEMU\'s own timestamps, passes, waits', async () => {
+test("follows MIGRATION and MIGRATION_PASS events: status, QEMU's own timestamps, passes, waits", async () => {
   let peer: net.Socket | undefined;
-  const f = await fakeQmp((msg, sock) => { peer = sock; sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n'); });
+  const f = await fakeQmp((msg, sock) => {
+    peer = sock;
+    sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
+  });
   try {
     const q = await QmpClient.connect(f.path);
     await q.execute('migrate'); // lets the fake know the socket

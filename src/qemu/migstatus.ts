@@ -19,7 +19,15 @@ export interface MigrateInfo {
   'total-time'?: number;
   downtime?: number;
   'cpu-throttle-percentage'?: number;
-  ram?: { total?: number; remaining?: number; transferred?: number; mbps?: number; 'dirty-pages-rate'?: number; 'dirty-sync-count'?: number; 'page-size'?: number };
+  ram?: {
+    total?: number;
+    remaining?: number;
+    transferred?: number;
+    mbps?: number;
+    'dirty-pages-rate'?: number;
+    'dirty-sync-count'?: number;
+    'page-size'?: number;
+  };
 }
 
 export function qmpEventMs(e: QmpEvent): number {
@@ -34,7 +42,10 @@ export class MigrationWatcher {
   passes = 0;
   private waiters: { want: Set<string>; resolve: (s: string) => void; reject: (e: Error) => void; timer?: NodeJS.Timeout }[] = [];
   private readonly onEvent = (e: QmpEvent): void => {
-    if (e.event === 'MIGRATION_PASS') { this.passes = Number(e.data?.pass ?? this.passes + 1); return; }
+    if (e.event === 'MIGRATION_PASS') {
+      this.passes = Number(e.data?.pass ?? this.passes + 1);
+      return;
+    }
     if (e.event !== 'MIGRATION') return;
     const s = String(e.data?.status ?? '');
     this.status = s;
@@ -53,7 +64,8 @@ export class MigrationWatcher {
   private settle(w: (typeof this.waiters)[number], err: Error | null, s?: string): void {
     this.waiters = this.waiters.filter((x) => x !== w);
     if (w.timer) clearTimeout(w.timer);
-    if (err) w.reject(err); else w.resolve(s!);
+    if (err) w.reject(err);
+    else w.resolve(s!);
   }
 
   /**
@@ -65,7 +77,11 @@ export class MigrationWatcher {
     if (this.qmp.closed) return Promise.reject(new Error('QEMU exited (QMP closed) during the migration'));
     return new Promise((resolve, reject) => {
       const w: (typeof this.waiters)[number] = { want: new Set(want), resolve, reject };
-      if (timeoutMs > 0) w.timer = setTimeout(() => this.settle(w, new Error(`migration status stayed ${this.status} for ${timeoutMs} ms (waiting for ${want.join('/')})`)), timeoutMs);
+      if (timeoutMs > 0)
+        w.timer = setTimeout(
+          () => this.settle(w, new Error(`migration status stayed ${this.status} for ${timeoutMs} ms (waiting for ${want.join('/')})`)),
+          timeoutMs,
+        );
       this.waiters.push(w);
     });
   }
@@ -75,7 +91,11 @@ export class MigrationWatcher {
     if (this.qmp.closed) return Promise.reject(new Error('QEMU exited (QMP closed) during the migration'));
     return new Promise((resolve, reject) => {
       const w: (typeof this.waiters)[number] = { want: new Set(want), resolve, reject };
-      if (timeoutMs > 0) w.timer = setTimeout(() => this.settle(w, new Error(`migration status stayed ${this.status} for ${timeoutMs} ms (waiting for ${want.join('/')})`)), timeoutMs);
+      if (timeoutMs > 0)
+        w.timer = setTimeout(
+          () => this.settle(w, new Error(`migration status stayed ${this.status} for ${timeoutMs} ms (waiting for ${want.join('/')})`)),
+          timeoutMs,
+        );
       this.waiters.push(w);
     });
   }

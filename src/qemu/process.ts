@@ -48,8 +48,11 @@ export function qemuPidsWith(uuid: string, alsoHas: string[] = []): number[] {
     if (!/^\d+$/.test(d)) continue;
     try {
       const cmd = fs.readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
-      if (cmd.some((a) => a.includes('qemu-system')) && cmd.includes(uuid) && alsoHas.every((s) => cmd.some((a) => a.includes(s)))) out.push(Number(d));
-    } catch { /* exited while we looked */ }
+      if (cmd.some((a) => a.includes('qemu-system')) && cmd.includes(uuid) && alsoHas.every((s) => cmd.some((a) => a.includes(s))))
+        out.push(Number(d));
+    } catch {
+      /* exited while we looked */
+    }
   }
   return out.filter(pidAlive);
 }
@@ -89,14 +92,30 @@ export async function unixPeerIs(sock: net.Socket, pid: number): Promise<boolean
   const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return false;
   let ours: string;
-  try { ours = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1] ?? ''; } catch { return false; }
+  try {
+    ours = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1] ?? '';
+  } catch {
+    return false;
+  }
   if (!ours) return false;
-  const out = await new Promise<string>((resolve) => execFile('ss', ['-xn'], { timeout: 5000 }, (err, stdout) => resolve(err ? '' : stdout)));
+  const out = await new Promise<string>((resolve) =>
+    execFile('ss', ['-xn'], { timeout: 5000 }, (err, stdout) => resolve(err ? '' : stdout)),
+  );
   // u_str ESTAB 0 0 /run/…/qmp.sock 81234 * 81233: local inode, then the peer's
-  const theirs = out.split('\n').map((l) => l.trim().split(/\s+/)).find((t) => t.length >= 3 && t[t.length - 1] === ours && t[t.length - 2] === '*')?.at(-3);
+  const theirs = out
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .find((t) => t.length >= 3 && t[t.length - 1] === ours && t[t.length - 2] === '*')
+    ?.at(-3);
   if (!theirs) return false;
   try {
-    return fs.readdirSync(`/proc/${pid}/fd`).some((n) => { try { return fs.readlinkSync(`/proc/${pid}/fd/${n}`) === `socket:[${theirs}]`; } catch { return false; } });
+    return fs.readdirSync(`/proc/${pid}/fd`).some((n) => {
+      try {
+        return fs.readlinkSync(`/proc/${pid}/fd/${n}`) === `socket:[${theirs}]`;
+      } catch {
+        return false;
+      }
+    });
   } catch {
     return false;
   }
@@ -136,15 +155,26 @@ export interface SpawnAs {
   passFds?: number[];
 }
 
-export function startQemu(argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string; engine?: Engine } & SpawnAs): Promise<StartedQemu> {
+export function startQemu(
+  argv: string[],
+  opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string; engine?: Engine } & SpawnAs,
+): Promise<StartedQemu> {
   const e = opts.engine ?? DEFAULT_ENGINE;
   return startQemuWith(e.binary, [...engineArgs(e), ...argv], opts);
 }
 
 /** As startQemu, with another launcher in front (e.g. `ip netns exec NS qemu-system-x86_64 …`, which execs). */
-export async function startQemuWith(binary: string, argv: string[], opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string } & SpawnAs): Promise<StartedQemu> {
+export async function startQemuWith(
+  binary: string,
+  argv: string[],
+  opts: { qmpPath: string; logPath: string; timeoutMs?: number; what: string } & SpawnAs,
+): Promise<StartedQemu> {
   const timeoutMs = opts.timeoutMs ?? 15000;
-  try { fs.unlinkSync(opts.qmpPath); } catch { /* not there */ }
+  try {
+    fs.unlinkSync(opts.qmpPath);
+  } catch {
+    /* not there */
+  }
   const logFd = fs.openSync(opts.logPath, 'a', 0o600);
   fs.writeSync(logFd, `${new Date().toISOString()} ${binary} ${argv.join(' ')}\n`);
   // Confined: the launcher (root) builds the private /dev, drops to the uid and execs, so
@@ -154,23 +184,36 @@ export async function startQemuWith(binary: string, argv: string[], opts: { qmpP
   fs.closeSync(logFd);
   let exited: { code: number | null; signal: string | null } | undefined;
   let spawnError: Error | undefined;
-  child.on('exit', (code, signal) => { exited = { code, signal }; });
-  child.on('error', (e) => { spawnError = e; });
+  child.on('exit', (code, signal) => {
+    exited = { code, signal };
+  });
+  child.on('error', (e) => {
+    spawnError = e;
+  });
   child.unref();
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (spawnError) throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: ${spawnError.message}`);
     if (exited) {
-      throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: QEMU exited (${exited.code ?? exited.signal}): ${tail(opts.logPath, 600).split('\n').slice(1).join(' ').trim() || 'no message'}`);
+      throw new FerryError(
+        'QEMU_START_FAILED',
+        `Cannot start ${opts.what}: QEMU exited (${exited.code ?? exited.signal}): ${tail(opts.logPath, 600).split('\n').slice(1).join(' ').trim() || 'no message'}`,
+      );
     }
     if (fs.existsSync(opts.qmpPath)) {
       try {
         const qmp = await QmpClient.connect(opts.qmpPath, 5000);
         return { pid: child.pid!, qmp };
-      } catch { /* not listening yet */ }
+      } catch {
+        /* not listening yet */
+      }
     }
     if (Date.now() > deadline) {
-      try { process.kill(child.pid!, 'SIGKILL'); } catch { /* gone */ }
+      try {
+        process.kill(child.pid!, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
       throw new FerryError('QEMU_START_FAILED', `Cannot start ${opts.what}: QMP socket did not appear within ${timeoutMs} ms`);
     }
     // Short: QEMU's start-up is on the critical path of every incoming migration.
@@ -181,11 +224,19 @@ export async function startQemuWith(binary: string, argv: string[], opts: { qmpP
 /** Ends a process and waits until it is gone (SIGTERM, then SIGKILL after graceMs). */
 export async function killAndWait(pid: number, graceMs = 2000): Promise<void> {
   if (!pidAlive(pid)) return;
-  try { process.kill(pid, graceMs > 0 ? 'SIGTERM' : 'SIGKILL'); } catch { return; }
+  try {
+    process.kill(pid, graceMs > 0 ? 'SIGTERM' : 'SIGKILL');
+  } catch {
+    return;
+  }
   const deadline = Date.now() + graceMs;
   while (pidAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
   if (pidAlive(pid)) {
-    try { process.kill(pid, 'SIGKILL'); } catch { return; }
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      return;
+    }
     const hard = Date.now() + 5000;
     while (pidAlive(pid) && Date.now() < hard) await new Promise((r) => setTimeout(r, 5));
   }
@@ -195,8 +246,17 @@ export async function killAndWait(pid: number, graceMs = 2000): Promise<void> {
 export function connectUnix(path: string, timeoutMs = 2000): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const s = net.createConnection({ path });
-    const t = setTimeout(() => { s.destroy(); reject(new Error(`connect ${path} timed out`)); }, timeoutMs);
-    s.once('connect', () => { clearTimeout(t); resolve(s); });
-    s.once('error', (e) => { clearTimeout(t); reject(e); });
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new Error(`connect ${path} timed out`));
+    }, timeoutMs);
+    s.once('connect', () => {
+      clearTimeout(t);
+      resolve(s);
+    });
+    s.once('error', (e) => {
+      clearTimeout(t);
+      reject(e);
+    });
   });
 }

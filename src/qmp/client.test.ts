@@ -14,7 +14,9 @@ test('greeting, capabilities and a command matched by id', async () => {
     const st = await c.execute<{ status: string }>('query-status');
     assert.equal(st.status, 'running');
     c.close();
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });
 
 test('replies out of order are matched to their own ids', async () => {
@@ -23,7 +25,8 @@ test('replies out of order are matched to their own ids', async () => {
     held.push(msg);
     if (held.length === 2) {
       // answer the second first, in one write split over two chunks
-      const a = JSON.stringify({ return: 'second', id: held[1].id }) + '\r\n' + JSON.stringify({ return: 'first', id: held[0].id }) + '\r\n';
+      const a =
+        JSON.stringify({ return: 'second', id: held[1].id }) + '\r\n' + JSON.stringify({ return: 'first', id: held[0].id }) + '\r\n';
       sock.write(a.slice(0, 10));
       setTimeout(() => sock.write(a.slice(10)), 5);
     }
@@ -34,7 +37,9 @@ test('replies out of order are matched to their own ids', async () => {
     assert.equal(r1, 'first');
     assert.equal(r2, 'second');
     c.close();
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });
 
 test('errors become QmpError with class and description', async () => {
@@ -43,9 +48,14 @@ test('errors become QmpError with class and description', async () => {
   });
   try {
     const c = await QmpClient.connect(f.path);
-    await assert.rejects(c.execute('nope'), (e: unknown) => e instanceof QmpError && e.qmpClass === 'CommandNotFound' && /nope/.test(e.desc));
+    await assert.rejects(
+      c.execute('nope'),
+      (e: unknown) => e instanceof QmpError && e.qmpClass === 'CommandNotFound' && /nope/.test(e.desc),
+    );
     c.close();
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });
 
 test('events are emitted and can be awaited, interleaved with replies', async () => {
@@ -64,12 +74,16 @@ test('events are emitted and can be awaited, interleaved with replies', async ()
     assert.deepEqual(ev.data, { x: 1 });
     assert.deepEqual(seen, ['STOP', 'RESUME']);
     c.close();
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });
 
 test('close rejects pending commands and waiters', async () => {
   let peer: net.Socket | undefined;
-  const f = await fakeQmp((_msg, sock) => { peer = sock; });
+  const f = await fakeQmp((_msg, sock) => {
+    peer = sock;
+  });
   try {
     const c = await QmpClient.connect(f.path);
     const p = c.execute('query-status');
@@ -80,7 +94,9 @@ test('close rejects pending commands and waiters', async () => {
     await assert.rejects(w, QmpClosedError);
     assert.equal(c.closed, true);
     await assert.rejects(c.execute('x'), QmpClosedError);
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });
 
 test('garbage lines are reported, not fatal', async () => {
@@ -95,5 +111,7 @@ test('garbage lines are reported, not fatal', async () => {
     assert.equal(await c.execute('x'), 42);
     assert.deepEqual(bad, ['this is not json']);
     c.close();
-  } finally { f.cleanup(); }
+  } finally {
+    f.cleanup();
+  }
 });

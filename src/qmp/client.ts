@@ -22,7 +22,11 @@ export interface QmpEvent {
 }
 
 export class QmpError extends Error {
-  constructor(readonly command: string, readonly qmpClass: string, readonly desc: string) {
+  constructor(
+    readonly command: string,
+    readonly qmpClass: string,
+    readonly desc: string,
+  ) {
     super(`QMP ${command} failed: ${qmpClass}: ${desc}`);
     this.name = 'QmpError';
   }
@@ -75,12 +79,23 @@ export class QmpClient extends EventEmitter {
   static async connect(path: string, timeoutMs = 5000): Promise<QmpClient> {
     const sock = net.createConnection({ path });
     await new Promise<void>((resolve, reject) => {
-      const t = setTimeout(() => { sock.destroy(); reject(new Error(`QMP connect to ${path} timed out`)); }, timeoutMs);
-      sock.once('connect', () => { clearTimeout(t); resolve(); });
-      sock.once('error', (e) => { clearTimeout(t); reject(e); });
+      const t = setTimeout(() => {
+        sock.destroy();
+        reject(new Error(`QMP connect to ${path} timed out`));
+      }, timeoutMs);
+      sock.once('connect', () => {
+        clearTimeout(t);
+        resolve();
+      });
+      sock.once('error', (e) => {
+        clearTimeout(t);
+        reject(e);
+      });
     });
     const c = new QmpClient(sock);
-    const greeting = new Promise((resolve, reject) => { c.greetingWaiter = { resolve, reject }; });
+    const greeting = new Promise((resolve, reject) => {
+      c.greetingWaiter = { resolve, reject };
+    });
     const t = setTimeout(() => c.close(), timeoutMs);
     try {
       c.greeting = await greeting;
@@ -153,11 +168,24 @@ export class QmpClient extends EventEmitter {
   waitEvent(name: string, timeoutMs: number, pred: (e: QmpEvent) => boolean = () => true): Promise<QmpEvent> {
     return new Promise((resolve, reject) => {
       const onEvent = (e: QmpEvent): void => {
-        if (e.event === name && pred(e)) { cleanup(); resolve(e); }
+        if (e.event === name && pred(e)) {
+          cleanup();
+          resolve(e);
+        }
       };
-      const onClose = (): void => { cleanup(); reject(new QmpClosedError(`event ${name}`)); };
-      const t = setTimeout(() => { cleanup(); reject(new Error(`timed out waiting for QMP event ${name}`)); }, timeoutMs);
-      const cleanup = (): void => { clearTimeout(t); this.off('event', onEvent); this.off('close', onClose); };
+      const onClose = (): void => {
+        cleanup();
+        reject(new QmpClosedError(`event ${name}`));
+      };
+      const t = setTimeout(() => {
+        cleanup();
+        reject(new Error(`timed out waiting for QMP event ${name}`));
+      }, timeoutMs);
+      const cleanup = (): void => {
+        clearTimeout(t);
+        this.off('event', onEvent);
+        this.off('close', onClose);
+      };
       this.on('event', onEvent);
       this.once('close', onClose);
     });

@@ -13,24 +13,44 @@ import type { DomainConfig } from '../domain/config.ts';
 import { transition, type DomainEvent, type DomainState } from '../domain/state.ts';
 import { FerryError } from '../errors.ts';
 
-export const quiet = { debug: (): void => undefined, info: (): void => undefined, warn: (): void => undefined, error: (): void => undefined };
+export const quiet = {
+  debug: (): void => undefined,
+  info: (): void => undefined,
+  warn: (): void => undefined,
+  error: (): void => undefined,
+};
 
 /**
  * A fake QMP peer whose `script` answers each command: `ok` replies, `fail` errs, `event`
  * emits; `seen` lists the commands in order.
  */
-interface Reply { ok: (ret?: unknown) => void; fail: (desc: string) => void }
+interface Reply {
+  ok: (ret?: unknown) => void;
+  fail: (desc: string) => void;
+}
 async function scripted(script: (command: string, r: Reply, args?: Record<string, unknown>) => void) {
   let sock: net.Socket | undefined;
   /** QEMU dies: the connection drops without an answer. */
-  const kill = (): void => { sock?.destroy(); };
-  const send = (obj: unknown): void => { sock?.write(JSON.stringify(obj) + '\r\n'); };
-  const event = (name: string, data?: unknown): void => send({ event: name, data, timestamp: { seconds: Math.floor(Date.now() / 1000), microseconds: 0 } });
+  const kill = (): void => {
+    sock?.destroy();
+  };
+  const send = (obj: unknown): void => {
+    sock?.write(JSON.stringify(obj) + '\r\n');
+  };
+  const event = (name: string, data?: unknown): void =>
+    send({ event: name, data, timestamp: { seconds: Math.floor(Date.now() / 1000), microseconds: 0 } });
   const seen: string[] = [];
   const fake = await fakeQmp((msg, s) => {
     sock = s;
     seen.push(msg.execute);
-    script(msg.execute, { ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }), fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }) }, msg.arguments);
+    script(
+      msg.execute,
+      {
+        ok: (ret: unknown = {}) => send({ return: ret, id: msg.id }),
+        fail: (desc) => send({ error: { class: 'GenericError', desc }, id: msg.id }),
+      },
+      msg.arguments,
+    );
   });
   return { fake, event, seen, kill };
 }
@@ -41,7 +61,10 @@ export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies
   let contTried = false;
   const q = await scripted((command, r) => {
     switch (command) {
-      case 'migrate-incoming': r.ok(); q.event('MIGRATION', { status: 'setup' }); break;
+      case 'migrate-incoming':
+        r.ok();
+        q.event('MIGRATION', { status: 'setup' });
+        break;
       case 'query-status':
         // 'unknown': after a failed cont, QEMU cannot even say whether it runs.
         if (o.contFails === 'unknown' && contTried) r.fail('busy');
@@ -49,17 +72,36 @@ export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies
         break;
       case 'cont':
         contTried = true;
-        if (o.contFails === 'dies') { q.kill(); break; }
-        if (o.contFails) { r.fail('Failed to get "write" lock'); break; }
-        running = true; r.ok(); q.event('RESUME'); break;
-      default: r.ok();
+        if (o.contFails === 'dies') {
+          q.kill();
+          break;
+        }
+        if (o.contFails) {
+          r.fail('Failed to get "write" lock');
+          break;
+        }
+        running = true;
+        r.ok();
+        q.event('RESUME');
+        break;
+      default:
+        r.ok();
     }
   });
   return {
-    path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup,
-    stream: (): void => { q.event('MIGRATION', { status: 'active' }); q.event('MIGRATION', { status: 'completed' }); },
+    path: q.fake.path,
+    seen: q.seen,
+    cleanup: q.fake.cleanup,
+    stream: (): void => {
+      q.event('MIGRATION', { status: 'active' });
+      q.event('MIGRATION', { status: 'completed' });
+    },
     /** The source switched to post-copy: the devices are here, the rest follows while the guest runs. */
-    postcopy: (): void => { q.event('MIGRATION', { status: 'active' }); q.event('MIGRATION', { status: 'postcopy-active' }); setTimeout(() => q.event('MIGRATION', { status: 'completed' }), 60); },
+    postcopy: (): void => {
+      q.event('MIGRATION', { status: 'active' });
+      q.event('MIGRATION', { status: 'postcopy-active' });
+      setTimeout(() => q.event('MIGRATION', { status: 'completed' }), 60);
+    },
   };
 }
 
@@ -70,25 +112,80 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   readonly reservations = new Map<string, number>();
   readonly discarded: string[] = [];
   readonly retired: string[] = [];
-  readonly qemu = { version: '10.0.2', machine: 'pc-i440fx-10.0', cpuModel: 'qemu64', cpuFeatures: ['lm'], cpuUnavailable: [], accel: 'tcg' as const, machines: ['pc-i440fx-10.0'] };
+  readonly qemu = {
+    version: '10.0.2',
+    machine: 'pc-i440fx-10.0',
+    cpuModel: 'qemu64',
+    cpuFeatures: ['lm'],
+    cpuUnavailable: [],
+    accel: 'tcg' as const,
+    machines: ['pc-i440fx-10.0'],
+  };
   readonly accel = { accel: 'tcg' as const };
   readonly cfg;
-  constructor(name: string, readonly runDir: string, readonly qmpPath: string, port: number) {
+  constructor(
+    name: string,
+    readonly runDir: string,
+    readonly qmpPath: string,
+    port: number,
+  ) {
     super();
-    this.cfg = { name, stateDir: runDir, tlsDir: runDir, relocation: { address: '127.0.0.1', port: 0, dataPorts: [port, port + 3] as [number, number], allowInsecure: false, acceptPostcopy: true, tunnels: true }, peers: {}, networks: {}, limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 }, storage: { localDir: runDir } };
+    this.cfg = {
+      name,
+      stateDir: runDir,
+      tlsDir: runDir,
+      relocation: {
+        address: '127.0.0.1',
+        port: 0,
+        dataPorts: [port, port + 3] as [number, number],
+        allowInsecure: false,
+        acceptPostcopy: true,
+        tunnels: true,
+      },
+      peers: {},
+      networks: {},
+      limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 },
+      storage: { localDir: runDir },
+    };
   }
-  get(name: string): Handle { const d = this.domains.get(name); if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name); return d; }
-  find(name: string): Handle | undefined { return this.domains.get(name); }
-  domainNames(): string[] { return [...this.domains.keys()]; }
-  domainUuids(): string[] { return [...this.domains.values()].map((d) => d.rec.config.uuid); }
-  memoryFacts(): { freeMiB: number; freeWhy: string } { return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' }; }
-  checkPaths(): void { /* the fake pools hold everything */ }
-  postcopyIncoming(): { ok: boolean; why: string } { return { ok: true, why: 'a fake host' }; }
-  async touchedBytes(): Promise<number | null> { return null; }
-  apply(d: DomainHandle, e: DomainEvent): void { (d as Handle).rec.state = transition(d.rec.state, e); }
-  setBusy(d: DomainHandle, why: string | undefined): void { (d as Handle).busy = why; }
-  reserve(jobId: string, _domain: string, memoryMiB: number): void { this.reservations.set(jobId, memoryMiB); }
-  release(jobId: string): void { this.reservations.delete(jobId); }
+  get(name: string): Handle {
+    const d = this.domains.get(name);
+    if (!d) throw new FerryError('DOMAIN_NOT_FOUND', name);
+    return d;
+  }
+  find(name: string): Handle | undefined {
+    return this.domains.get(name);
+  }
+  domainNames(): string[] {
+    return [...this.domains.keys()];
+  }
+  domainUuids(): string[] {
+    return [...this.domains.values()].map((d) => d.rec.config.uuid);
+  }
+  memoryFacts(): { freeMiB: number; freeWhy: string } {
+    return { freeMiB: 4096 - [...this.reservations.values()].reduce((a, b) => a + b, 0), freeWhy: 'a fake host' };
+  }
+  checkPaths(): void {
+    /* the fake pools hold everything */
+  }
+  postcopyIncoming(): { ok: boolean; why: string } {
+    return { ok: true, why: 'a fake host' };
+  }
+  async touchedBytes(): Promise<number | null> {
+    return null;
+  }
+  apply(d: DomainHandle, e: DomainEvent): void {
+    (d as Handle).rec.state = transition(d.rec.state, e);
+  }
+  setBusy(d: DomainHandle, why: string | undefined): void {
+    (d as Handle).busy = why;
+  }
+  reserve(jobId: string, _domain: string, memoryMiB: number): void {
+    this.reservations.set(jobId, memoryMiB);
+  }
+  release(jobId: string): void {
+    this.reservations.delete(jobId);
+  }
   async startIncoming(config: DomainConfig, jobId: string, _o: unknown, onDefined: (pid: number) => void): Promise<DomainHandle> {
     const d: Handle = { rec: { config, state: { kind: 'defined' } }, busy: 'incoming migration' };
     this.domains.set(config.name, d);
@@ -97,37 +194,84 @@ export class FakeHost extends EventEmitter implements MigrationHost {
     this.apply(d, { type: 'incoming', pid: 424242, domid: 1, jobId, at: Date.now() });
     return d;
   }
-  defineMoved(config: DomainConfig): void { this.domains.set(config.name, { rec: { config, state: { kind: 'defined' } } }); }
-  async discardIncoming(d: DomainHandle): Promise<void> { d.qmp?.close(); this.discarded.push(d.rec.config.name); this.domains.delete(d.rec.config.name); }
+  defineMoved(config: DomainConfig): void {
+    this.domains.set(config.name, { rec: { config, state: { kind: 'defined' } } });
+  }
+  async discardIncoming(d: DomainHandle): Promise<void> {
+    d.qmp?.close();
+    this.discarded.push(d.rec.config.name);
+    this.domains.delete(d.rec.config.name);
+  }
   async retireMigrated(d: DomainHandle): Promise<void> {
     d.qmp?.close();
     if (d.rec.state.kind === 'migrating-out') this.apply(d, { type: 'stopped', reason: 'migrated', at: Date.now() });
     this.retired.push(d.rec.config.name);
     this.domains.delete(d.rec.config.name);
   }
-  cleanupRuntime(d: DomainHandle): void { d.qmp?.close(); }
-  forget(name: string): void { this.domains.delete(name); }
-  removeTaps(): void { /* no taps */ }
+  cleanupRuntime(d: DomainHandle): void {
+    d.qmp?.close();
+  }
+  forget(name: string): void {
+    this.domains.delete(name);
+  }
+  removeTaps(): void {
+    /* no taps */
+  }
   /** Tunnel calls as they came: "away+ uuid nic", "away- uuid", "home+ uuid nic remote", "home- uuid nic remote". */
   readonly tunnelLog: string[] = [];
-  tunnelHomes(c: DomainConfig): TunnelHome[] { return c.nics.map((n, i) => ({ host: this.cfg.name, address: this.cfg.relocation.address, subnet: (this.cfg.networks as Record<string, { subnet: string }>)[n.network]?.subnet ?? '', vni: vniFor(c.uuid, i) })); }
-  openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[] { for (const i of homes.keys()) this.tunnelLog.push(`away+ ${c.uuid} ${i}`); return c.nics.map((_, i) => (homes.has(i) ? `fb${i}` : undefined)); }
-  closeAway(uuid: string): { nic: number; home: TunnelHome }[] { this.tunnelLog.push(`away- ${uuid}`); return []; }
-  extendHome(c: DomainConfig, nic: number, remote: string): string[] { this.tunnelLog.push(`home+ ${c.uuid} ${nic} ${remote}`); return [remote]; }
-  retractHome(uuid: string, nic: number, remote: string): void { this.tunnelLog.push(`home- ${uuid} ${nic} ${remote}`); }
-  tunnelFromPeer(): string[] { return []; }
+  tunnelHomes(c: DomainConfig): TunnelHome[] {
+    return c.nics.map((n, i) => ({
+      host: this.cfg.name,
+      address: this.cfg.relocation.address,
+      subnet: (this.cfg.networks as Record<string, { subnet: string }>)[n.network]?.subnet ?? '',
+      vni: vniFor(c.uuid, i),
+    }));
+  }
+  openAway(c: DomainConfig, homes: Map<number, TunnelHome>): (string | undefined)[] {
+    for (const i of homes.keys()) this.tunnelLog.push(`away+ ${c.uuid} ${i}`);
+    return c.nics.map((_, i) => (homes.has(i) ? `fb${i}` : undefined));
+  }
+  closeAway(uuid: string): { nic: number; home: TunnelHome }[] {
+    this.tunnelLog.push(`away- ${uuid}`);
+    return [];
+  }
+  extendHome(c: DomainConfig, nic: number, remote: string): string[] {
+    this.tunnelLog.push(`home+ ${c.uuid} ${nic} ${remote}`);
+    return [remote];
+  }
+  retractHome(uuid: string, nic: number, remote: string): void {
+    this.tunnelLog.push(`home- ${uuid} ${nic} ${remote}`);
+  }
+  tunnelFromPeer(): string[] {
+    return [];
+  }
   maintenanceOn = false;
-  maintenance(): { on: boolean; since: string | null } { return { on: this.maintenanceOn, since: null }; }
+  maintenance(): { on: boolean; since: string | null } {
+    return { on: this.maintenanceOn, since: null };
+  }
   readonly createdDisks: string[] = [];
-  createDisk(p: string): void { this.createdDisks.push(p); }
-  localFreeBytes(): number { return 1 << 30; }
-  qemuDirOf(): string { return this.runDir; }
-  qemuTlsDir(): string { return this.runDir; }
-  withRam<T>(): Promise<T> { throw new Error('no RAM in a fake'); }
-  ramDigests(): never { throw new Error('no RAM in a fake'); }
-  ramChunkDigests(): never { throw new Error('no RAM in a fake'); }
+  createDisk(p: string): void {
+    this.createdDisks.push(p);
+  }
+  localFreeBytes(): number {
+    return 1 << 30;
+  }
+  qemuDirOf(): string {
+    return this.runDir;
+  }
+  qemuTlsDir(): string {
+    return this.runDir;
+  }
+  withRam<T>(): Promise<T> {
+    throw new Error('no RAM in a fake');
+  }
+  ramDigests(): never {
+    throw new Error('no RAM in a fake');
+  }
+  ramChunkDigests(): never {
+    throw new Error('no RAM in a fake');
+  }
 }
-
 
 /**
  * A scripted running QEMU on the source: `migrate` plays QEMU's events (setup, active,
@@ -138,13 +282,19 @@ export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; nev
   let status = 'none';
   // Capabilities stay set from one migration to the next, and QEMU 10.0 refuses this pair.
   const caps = new Map<string, boolean>();
-  const mig = (st: string): void => { status = st; q.event('MIGRATION', { status: st }); };
+  const mig = (st: string): void => {
+    status = st;
+    q.event('MIGRATION', { status: st });
+  };
   const q = await scripted((command, r, args) => {
     switch (command) {
       case 'migrate-set-capabilities': {
         const next = new Map(caps);
         for (const c of (args?.capabilities ?? []) as { capability: string; state: boolean }[]) next.set(c.capability, c.state);
-        if (next.get('multifd') && next.get('postcopy-ram')) { r.fail('Postcopy is not yet compatible with multifd'); break; }
+        if (next.get('multifd') && next.get('postcopy-ram')) {
+          r.fail('Postcopy is not yet compatible with multifd');
+          break;
+        }
         for (const [k, v] of next) caps.set(k, v);
         r.ok();
         break;
@@ -152,33 +302,75 @@ export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; nev
       case 'migrate':
         r.ok();
         setTimeout(() => {
-          mig('setup'); mig('active');
-          if (o.fail) { mig('failed'); return; }
+          mig('setup');
+          mig('active');
+          if (o.fail) {
+            mig('failed');
+            return;
+          }
           // A guest that dirties faster than the link: active until told to switch.
           if (o.neverConverges) return;
-          running = false; q.event('STOP'); mig('device'); mig('completed');
+          running = false;
+          q.event('STOP');
+          mig('device');
+          mig('completed');
           o.onSent?.();
         }, 5);
         break;
       case 'migrate-start-postcopy':
-        if (status !== 'active') { r.fail('Postcopy must be started after migration has been started'); break; }
+        if (status !== 'active') {
+          r.fail('Postcopy must be started after migration has been started');
+          break;
+        }
         r.ok();
         setTimeout(() => {
-          running = false; q.event('STOP'); mig('postcopy-active');
+          running = false;
+          q.event('STOP');
+          mig('postcopy-active');
           o.onPostcopy?.();
           // The rest of RAM reaches the destination a moment after its guest runs.
           setTimeout(() => mig('completed'), 60);
         }, 5);
         break;
-      case 'migrate_cancel': r.ok(); if (status === 'active') mig('cancelled'); break;
-      case 'query-migrate': r.ok(status === 'completed' ? { status, 'total-time': 40, downtime: 7, ram: { transferred: 1 << 20, total: 1 << 20, remaining: 0, 'dirty-sync-count': 2 } }
-        : status === 'failed' ? { status, 'error-desc': 'fake failure' }
-        : status === 'active' ? { status, ram: { transferred: 8 << 20, total: 4 << 20, remaining: 3 << 20, 'dirty-sync-count': 3, mbps: 80, 'dirty-pages-rate': 10000, 'page-size': 4096 } }
-        : { status }); break;
-      case 'query-status': r.ok({ status: running ? 'running' : 'postmigrate', running }); break;
-      case 'cont': running = true; r.ok(); q.event('RESUME'); break;
-      case 'query-dirty-rate': r.ok({ status: 'measured', 'dirty-rate': 2 }); break;
-      default: r.ok();
+      case 'migrate_cancel':
+        r.ok();
+        if (status === 'active') mig('cancelled');
+        break;
+      case 'query-migrate':
+        r.ok(
+          status === 'completed'
+            ? { status, 'total-time': 40, downtime: 7, ram: { transferred: 1 << 20, total: 1 << 20, remaining: 0, 'dirty-sync-count': 2 } }
+            : status === 'failed'
+              ? { status, 'error-desc': 'fake failure' }
+              : status === 'active'
+                ? {
+                    status,
+                    ram: {
+                      transferred: 8 << 20,
+                      total: 4 << 20,
+                      remaining: 3 << 20,
+                      'dirty-sync-count': 3,
+                      mbps: 80,
+                      'dirty-pages-rate': 10000,
+                      'page-size': 4096,
+                    },
+                  }
+                : { status },
+        );
+        break;
+      case 'query-status':
+        r.ok({ status: running ? 'running' : 'postmigrate', running });
+        break;
+      case 'cont':
+        running = true;
+        r.ok();
+        q.event('RESUME');
+        break;
+      case 'query-dirty-rate':
+        r.ok({ status: 'measured', 'dirty-rate': 2 });
+        break;
+      default:
+        r.ok();
     }
   });
   return { path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup, running: (): boolean => running };

@@ -9,9 +9,15 @@ import os from 'node:os';
 import path from 'node:path';
 
 /** A command as the fake peer hands it on. */
-export interface FakeQmpCommand { execute: string; arguments?: Record<string, unknown>; id?: unknown }
+export interface FakeQmpCommand {
+  execute: string;
+  arguments?: Record<string, unknown>;
+  id?: unknown;
+}
 
-export async function fakeQmp(handler: (msg: FakeQmpCommand, sock: net.Socket) => void): Promise<{ path: string; server: net.Server; cleanup: () => void }> {
+export async function fakeQmp(
+  handler: (msg: FakeQmpCommand, sock: net.Socket) => void,
+): Promise<{ path: string; server: net.Server; cleanup: () => void }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmp-'));
   const p = path.join(dir, 'qmp.sock');
   const server = net.createServer((sock) => {
@@ -22,7 +28,8 @@ export async function fakeQmp(handler: (msg: FakeQmpCommand, sock: net.Socket) =
       buf += d.toString();
       let i: number;
       while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i); buf = buf.slice(i + 1);
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
         const msg = JSON.parse(line) as FakeQmpCommand;
         if (msg.execute === 'qmp_capabilities') sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
         else handler(msg, sock);
@@ -30,6 +37,12 @@ export async function fakeQmp(handler: (msg: FakeQmpCommand, sock: net.Socket) =
     });
   });
   await new Promise<void>((r) => server.listen(p, r));
-  return { path: p, server, cleanup: () => { server.close(); fs.rmSync(dir, { recursive: true, force: true }); } };
+  return {
+    path: p,
+    server,
+    cleanup: () => {
+      server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
-

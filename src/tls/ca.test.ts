@@ -12,12 +12,19 @@ import tls from 'node:tls';
 import { caInit, issueHostCert, loadTls, FFDHE2048_PEM, ensureDhParams } from './ca.ts';
 import { FerryError } from '../errors.ts';
 
-async function handshake(serverDir: string, clientDir: string | null): Promise<{ authorized: boolean; error: string | null; cn: string | null }> {
+async function handshake(
+  serverDir: string,
+  clientDir: string | null,
+): Promise<{ authorized: boolean; error: string | null; cn: string | null }> {
   const s = loadTls(serverDir);
   return new Promise((resolve) => {
     const server = tls.createServer({ ca: s.ca, cert: s.cert, key: s.key, requestCert: true, rejectUnauthorized: false }, (sock) => {
       const cert = sock.getPeerCertificate();
-      resolve({ authorized: sock.authorized, error: sock.authorizationError ? String(sock.authorizationError) : null, cn: cert?.subject ? String(cert.subject.CN) : null });
+      resolve({
+        authorized: sock.authorized,
+        error: sock.authorizationError ? String(sock.authorizationError) : null,
+        cn: cert?.subject ? String(cert.subject.CN) : null,
+      });
       sock.end();
       server.close();
     });
@@ -35,15 +42,19 @@ test('host certificates: accepted from the cluster CA; refused when expired, for
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ca-'));
   try {
     caInit(path.join(dir, 'ca'));
-    assert.throws(() => caInit(path.join(dir, 'ca')), (e: unknown) => e instanceof FerryError && e.code === 'CLI_USAGE');
+    assert.throws(
+      () => caInit(path.join(dir, 'ca')),
+      (e: unknown) => e instanceof FerryError && e.code === 'CLI_USAGE',
+    );
     issueHostCert('host1', { caDir: path.join(dir, 'ca'), outDir: path.join(dir, 'host1'), ips: ['198.18.0.11'] });
     issueHostCert('host2', { caDir: path.join(dir, 'ca'), outDir: path.join(dir, 'host2') });
     issueHostCert('stale', { caDir: path.join(dir, 'ca'), outDir: path.join(dir, 'stale'), days: 0 });
     caInit(path.join(dir, 'evil'));
     issueHostCert('host1', { caDir: path.join(dir, 'evil'), outDir: path.join(dir, 'forged') });
-    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'client-cert.pem', 'client-key.pem']) assert.ok(fs.existsSync(path.join(dir, 'host1', f)), f);
+    for (const f of ['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'client-cert.pem', 'client-key.pem'])
+      assert.ok(fs.existsSync(path.join(dir, 'host1', f)), f);
     assert.ok(!fs.existsSync(path.join(dir, 'host1', 'ca-key.pem')), 'the CA key stays in the CA directory');
-    assert.equal((fs.statSync(path.join(dir, 'host1', 'server-key.pem')).mode & 0o077), 0, 'keys are private');
+    assert.equal(fs.statSync(path.join(dir, 'host1', 'server-key.pem')).mode & 0o077, 0, 'keys are private');
 
     const good = await handshake(path.join(dir, 'host2'), path.join(dir, 'host1'));
     assert.deepEqual(good, { authorized: true, error: null, cn: 'host1' });
@@ -56,8 +67,14 @@ test('host certificates: accepted from the cluster CA; refused when expired, for
     assert.equal(forged.cn, 'host1');
     const none = await handshake(path.join(dir, 'host2'), null);
     assert.equal(none.authorized, false);
-    assert.throws(() => loadTls(path.join(dir, 'nowhere')), (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING');
-    assert.throws(() => issueHostCert('x', { caDir: path.join(dir, 'nowhere'), outDir: path.join(dir, 'x') }), (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING');
+    assert.throws(
+      () => loadTls(path.join(dir, 'nowhere')),
+      (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING',
+    );
+    assert.throws(
+      () => issueHostCert('x', { caDir: path.join(dir, 'nowhere'), outDir: path.join(dir, 'x') }),
+      (e: unknown) => e instanceof FerryError && e.code === 'TLS_MISSING',
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -74,8 +91,11 @@ test('dh-params.pem is RFC 7919 ffdhe2048 (the formula from the RFC), written wi
   const SCALE = 2n ** 2100n;
   let e = 0n;
   let term = SCALE;
-  for (let k = 1n; term > 0n; k++) { e += term; term /= k; }
-  const p2 = 2n ** 2048n - 2n ** 1984n + (((2n ** 1918n) * e) / SCALE + 560316n) * 2n ** 64n - 1n;
+  for (let k = 1n; term > 0n; k++) {
+    e += term;
+    term /= k;
+  }
+  const p2 = 2n ** 2048n - 2n ** 1984n + ((2n ** 1918n * e) / SCALE + 560316n) * 2n ** 64n - 1n;
   assert.equal(p, p2);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-dh-'));
   try {

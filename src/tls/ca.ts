@@ -44,8 +44,24 @@ export function caInit(dir: string, opts: { name?: string; days?: number; force?
   if (fs.existsSync(cert) && !opts.force) throw new FerryError('CLI_USAGE', `A CA already exists in ${dir} (use --force to replace it)`);
   openssl(['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', key]);
   fs.chmodSync(key, 0o600);
-  openssl(['req', '-x509', '-new', '-key', key, '-sha256', '-days', String(opts.days ?? 3650), '-subj', `/O=ferry/CN=${opts.name ?? 'ferry cluster CA'}`,
-    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign', '-out', cert]);
+  openssl([
+    'req',
+    '-x509',
+    '-new',
+    '-key',
+    key,
+    '-sha256',
+    '-days',
+    String(opts.days ?? 3650),
+    '-subj',
+    `/O=ferry/CN=${opts.name ?? 'ferry cluster CA'}`,
+    '-addext',
+    'basicConstraints=critical,CA:TRUE',
+    '-addext',
+    'keyUsage=critical,keyCertSign,cRLSign',
+    '-out',
+    cert,
+  ]);
   return { caCert: cert };
 }
 
@@ -99,7 +115,8 @@ export function issueHostCert(name: string, o: IssueOpts): { dir: string; role: 
   if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad certificate name "${name}"`);
   const caCert = path.join(o.caDir, 'ca-cert.pem');
   const caKey = path.join(o.caDir, 'ca-key.pem');
-  if (!fs.existsSync(caCert) || !fs.existsSync(caKey)) throw new FerryError('TLS_MISSING', `No CA in ${o.caDir}: run \`ferry ca init --dir ${o.caDir}\` first`);
+  if (!fs.existsSync(caCert) || !fs.existsSync(caKey))
+    throw new FerryError('TLS_MISSING', `No CA in ${o.caDir}: run \`ferry ca init --dir ${o.caDir}\` first`);
   fs.mkdirSync(o.outDir, { recursive: true, mode: 0o700 });
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-cert-'));
   try {
@@ -107,15 +124,33 @@ export function issueHostCert(name: string, o: IssueOpts): { dir: string; role: 
     const csr = path.join(tmp, 'req.csr');
     const ext = path.join(tmp, 'ext.cnf');
     const sans = [`DNS:${name}`, ...(o.dnsNames ?? []).map((d) => `DNS:${d}`), ...(o.ips ?? []).map((i) => `IP:${i}`)];
-    fs.writeFileSync(ext, [
-      'basicConstraints=critical,CA:FALSE',
-      'keyUsage=critical,digitalSignature,keyEncipherment,keyAgreement',
-      role === 'admin' ? 'extendedKeyUsage=clientAuth' : 'extendedKeyUsage=serverAuth,clientAuth',
-      `subjectAltName=${sans.join(',')}`,
-    ].join('\n') + '\n');
+    fs.writeFileSync(
+      ext,
+      [
+        'basicConstraints=critical,CA:FALSE',
+        'keyUsage=critical,digitalSignature,keyEncipherment,keyAgreement',
+        role === 'admin' ? 'extendedKeyUsage=clientAuth' : 'extendedKeyUsage=serverAuth,clientAuth',
+        `subjectAltName=${sans.join(',')}`,
+      ].join('\n') + '\n',
+    );
     openssl(['ecparam', '-name', 'prime256v1', '-genkey', '-noout', '-out', key]);
     openssl(['req', '-new', '-key', key, '-subj', `/O=ferry/OU=${role}/CN=${name}`, '-out', csr]);
-    const args = ['x509', '-req', '-in', csr, '-CA', caCert, '-CAkey', caKey, '-CAcreateserial', '-sha256', '-extfile', ext, '-out', path.join(tmp, 'cert.pem')];
+    const args = [
+      'x509',
+      '-req',
+      '-in',
+      csr,
+      '-CA',
+      caCert,
+      '-CAkey',
+      caKey,
+      '-CAcreateserial',
+      '-sha256',
+      '-extfile',
+      ext,
+      '-out',
+      path.join(tmp, 'cert.pem'),
+    ];
     args.push('-days', String(o.days ?? 825));
     openssl(args, o.caDir);
     const certPem = fs.readFileSync(path.join(tmp, 'cert.pem'));
@@ -143,26 +178,50 @@ export function issueHostCert(name: string, o: IssueOpts): { dir: string; role: 
  * ferryd picks it up at the next connection, QEMU at the next migration).
  * openssl's `ca` keeps the revocation list in index.txt.
  */
-export function revokeCert(name: string, o: { caDir: string; days?: number; publish?: string[] }): { name: string; serial: string; crl: string; revoked: string[] } {
+export function revokeCert(
+  name: string,
+  o: { caDir: string; days?: number; publish?: string[] },
+): { name: string; serial: string; crl: string; revoked: string[] } {
   if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad certificate name "${name}"`);
   const caCert = path.join(o.caDir, 'ca-cert.pem');
   const caKey = path.join(o.caDir, 'ca-key.pem');
   if (!fs.existsSync(caCert) || !fs.existsSync(caKey)) throw new FerryError('TLS_MISSING', `No CA in ${o.caDir}`);
   const issued = path.join(o.caDir, 'issued', `${name}.pem`);
-  if (!fs.existsSync(issued)) throw new FerryError('TLS_MISSING', `The CA in ${o.caDir} has no record of a certificate for "${name}" (issued/${name}.pem)`);
-  const serial = openssl(['x509', '-in', issued, '-noout', '-serial']).trim().replace(/^serial=/, '').toUpperCase();
-  const end = new Date(openssl(['x509', '-in', issued, '-noout', '-enddate']).trim().replace(/^notAfter=/, ''));
-  const subject = openssl(['x509', '-in', issued, '-noout', '-subject', '-nameopt', 'compat']).trim().replace(/^subject=\s*/, '');
+  if (!fs.existsSync(issued))
+    throw new FerryError('TLS_MISSING', `The CA in ${o.caDir} has no record of a certificate for "${name}" (issued/${name}.pem)`);
+  const serial = openssl(['x509', '-in', issued, '-noout', '-serial'])
+    .trim()
+    .replace(/^serial=/, '')
+    .toUpperCase();
+  const end = new Date(
+    openssl(['x509', '-in', issued, '-noout', '-enddate'])
+      .trim()
+      .replace(/^notAfter=/, ''),
+  );
+  const subject = openssl(['x509', '-in', issued, '-noout', '-subject', '-nameopt', 'compat'])
+    .trim()
+    .replace(/^subject=\s*/, '');
   const utc = (d: Date): string => d.toISOString().replace(/[-:T]/g, '').slice(2, 14) + 'Z';
   const index = path.join(o.caDir, 'index.txt');
   const lines = fs.existsSync(index) ? fs.readFileSync(index, 'utf8').split('\n').filter(Boolean) : [];
   if (!lines.some((l) => l.split('\t')[3] === serial)) lines.push(['R', utc(end), utc(new Date()), serial, 'unknown', subject].join('\t'));
   fs.writeFileSync(index, lines.join('\n') + '\n');
   const cnf = path.join(o.caDir, 'crl.cnf');
-  fs.writeFileSync(cnf, [
-    '[ca]', 'default_ca = ferry', '[ferry]', `database = ${index}`, `certificate = ${caCert}`, `private_key = ${caKey}`,
-    `crlnumber = ${path.join(o.caDir, 'crlnumber')}`, 'default_md = sha256', `default_crl_days = ${o.days ?? 30}`, '',
-  ].join('\n'));
+  fs.writeFileSync(
+    cnf,
+    [
+      '[ca]',
+      'default_ca = ferry',
+      '[ferry]',
+      `database = ${index}`,
+      `certificate = ${caCert}`,
+      `private_key = ${caKey}`,
+      `crlnumber = ${path.join(o.caDir, 'crlnumber')}`,
+      'default_md = sha256',
+      `default_crl_days = ${o.days ?? 30}`,
+      '',
+    ].join('\n'),
+  );
   if (!fs.existsSync(path.join(o.caDir, 'crlnumber'))) fs.writeFileSync(path.join(o.caDir, 'crlnumber'), '01\n');
   const crl = path.join(o.caDir, 'ca-crl.pem');
   openssl(['ca', '-gencrl', '-config', cnf, '-out', crl]);
@@ -170,16 +229,27 @@ export function revokeCert(name: string, o: { caDir: string; days?: number; publ
   return { name, serial, crl, revoked: lines.map((l) => l.split('\t')[5] ?? '') };
 }
 
-export interface TlsFiles { ca: Buffer; cert: Buffer; key: Buffer; crl?: Buffer }
+export interface TlsFiles {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  crl?: Buffer;
+}
 
 export function loadTls(dir: string): TlsFiles {
   const f = (n: string): Buffer => {
     const p = path.join(dir, n);
-    if (!fs.existsSync(p)) throw new FerryError('TLS_MISSING', `TLS file ${p} is missing (issue one with \`ferry host cert NAME --out ${dir}\`)`);
+    if (!fs.existsSync(p))
+      throw new FerryError('TLS_MISSING', `TLS file ${p} is missing (issue one with \`ferry host cert NAME --out ${dir}\`)`);
     return fs.readFileSync(p);
   };
   const crl = path.join(dir, 'ca-crl.pem');
-  return { ca: f('ca-cert.pem'), cert: f('server-cert.pem'), key: f('server-key.pem'), ...(fs.existsSync(crl) ? { crl: fs.readFileSync(crl) } : {}) };
+  return {
+    ca: f('ca-cert.pem'),
+    cert: f('server-cert.pem'),
+    key: f('server-key.pem'),
+    ...(fs.existsSync(crl) ? { crl: fs.readFileSync(crl) } : {}),
+  };
 }
 
 export function tlsPresent(dir: string): boolean {

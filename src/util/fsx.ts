@@ -29,7 +29,9 @@ export function writeFileAtomic(file: string, data: string | Buffer, mode = 0o60
     const dfd = fs.openSync(dir, 'r');
     fs.fsyncSync(dfd);
     fs.closeSync(dfd);
-  } catch { /* some filesystems refuse fsync on directories */ }
+  } catch {
+    /* some filesystems refuse fsync on directories */
+  }
 }
 
 export function writeJsonAtomic(file: string, value: unknown): void {
@@ -48,7 +50,10 @@ export class StateWriter {
   private pending = new Map<string, () => unknown>();
   private timer: NodeJS.Timeout | undefined;
 
-  constructor(private readonly onRetryFailed: (file: string, error: string) => void = () => undefined, private readonly retryMs = 2000) {}
+  constructor(
+    private readonly onRetryFailed: (file: string, error: string) => void = () => undefined,
+    private readonly retryMs = 2000,
+  ) {}
 
   write(file: string, value: () => unknown): void {
     try {
@@ -58,26 +63,46 @@ export class StateWriter {
       this.pending.set(file, value);
       this.arm();
       const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
-      throw new FerryError('STATE_WRITE_FAILED', `Cannot write ${file}: ${code}${code === 'ENOSPC' ? ' (the disk is full)' : ''}`, { file, errno: code });
+      throw new FerryError('STATE_WRITE_FAILED', `Cannot write ${file}: ${code}${code === 'ENOSPC' ? ' (the disk is full)' : ''}`, {
+        file,
+        errno: code,
+      });
     }
   }
 
   /** True if it was written now; false if it will be retried. Never throws. */
   writeLater(file: string, value: () => unknown): boolean {
-    try { this.write(file, value); return true; } catch { return false; }
+    try {
+      this.write(file, value);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
-  drop(file: string): void { this.pending.delete(file); }
+  drop(file: string): void {
+    this.pending.delete(file);
+  }
 
-  get pendingFiles(): string[] { return [...this.pending.keys()]; }
+  get pendingFiles(): string[] {
+    return [...this.pending.keys()];
+  }
 
   private arm(): void {
     if (this.timer) return;
     this.timer = setInterval(() => {
       for (const [file, value] of [...this.pending]) {
-        try { writeJsonAtomic(file, value()); this.pending.delete(file); } catch (e) { this.onRetryFailed(file, (e as NodeJS.ErrnoException).code ?? String(e)); }
+        try {
+          writeJsonAtomic(file, value());
+          this.pending.delete(file);
+        } catch (e) {
+          this.onRetryFailed(file, (e as NodeJS.ErrnoException).code ?? String(e));
+        }
       }
-      if (this.pending.size === 0) { clearInterval(this.timer); this.timer = undefined; }
+      if (this.pending.size === 0) {
+        clearInterval(this.timer);
+        this.timer = undefined;
+      }
     }, this.retryMs);
     this.timer.unref();
   }
@@ -105,14 +130,23 @@ export class FrameSplitter {
   constructor(
     private readonly onLine: (line: string) => number,
     private readonly onBinary: (data: Buffer) => void,
-    private readonly maxLine = 1024 * 1024,
-    private readonly onOverflow?: () => void,
-    private readonly onRest?: (data: Buffer) => void,
-  ) {}
+    opts: { maxLine?: number; onOverflow?: () => void; onRest?: (data: Buffer) => void } = {},
+  ) {
+    this.maxLine = opts.maxLine ?? 1024 * 1024;
+    this.onOverflow = opts.onOverflow;
+    this.onRest = opts.onRest;
+  }
+
+  private readonly maxLine: number;
+  private readonly onOverflow?: () => void;
+  private readonly onRest?: (data: Buffer) => void;
 
   push(chunk: Buffer): void {
     while (chunk.length > 0) {
-      if (this.rest) { this.onRest?.(chunk); return; }
+      if (this.rest) {
+        this.onRest?.(chunk);
+        return;
+      }
       if (this.want > 0) {
         const take = Math.min(this.want, chunk.length);
         this.parts.push(chunk.subarray(0, take));
@@ -126,7 +160,10 @@ export class FrameSplitter {
       if (i < 0) {
         this.parts.push(chunk);
         this.size += chunk.length;
-        if (this.size > this.maxLine) { this.take(); this.onOverflow?.(); }
+        if (this.size > this.maxLine) {
+          this.take();
+          this.onOverflow?.();
+        }
         return;
       }
       this.parts.push(chunk.subarray(0, i));

@@ -11,7 +11,9 @@ function findRoot(from: string): string {
   for (let d = from; ; d = path.dirname(d)) {
     try {
       if (JSON.parse(fs.readFileSync(path.join(d, 'package.json'), 'utf8')).name === 'ferry') return d;
-    } catch { /* not here */ }
+    } catch {
+      /* not here */
+    }
     if (path.dirname(d) === d) throw new Error(`ferry's package.json not found above ${from}`);
   }
 }

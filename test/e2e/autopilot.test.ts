@@ -13,7 +13,22 @@
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { ok, ferry, labUp, labDown, labState, inNs, createGuest, guestStatus, echoClient, waitFor, tmpFile, consoleLog, CHURN_48MIB, echoWhole } from '../helpers.ts';
+import {
+  ok,
+  ferry,
+  labUp,
+  labDown,
+  labState,
+  inNs,
+  createGuest,
+  guestStatus,
+  echoClient,
+  waitFor,
+  tmpFile,
+  consoleLog,
+  CHURN_48MIB,
+  echoWhole,
+} from '../helpers.ts';
 
 async function runsOn(name: string): Promise<string[]> {
   const out: string[] = [];
@@ -25,8 +40,12 @@ async function runsOn(name: string): Promise<string[]> {
 }
 
 describe('convergence autopilot (lab)', () => {
-  before(async () => { await labUp(['--hosts', '2']); });
-  after(async () => { await labDown(); });
+  before(async () => {
+    await labUp(['--hosts', '2']);
+  });
+  after(async () => {
+    await labDown();
+  });
 
   test('--plan measures the guest and predicts every strategy; nothing moves', async () => {
     await createGuest('pattern', 'pat', 'host1', 1024);
@@ -36,7 +55,13 @@ describe('convergence autopilot (lab)', () => {
     assert.equal(v.ramBytes, 1024 * 1048576);
     assert.ok(v.dirtyRateMBps > 100, `the pattern guest dirties fast: ${v.dirtyRateMBps} MB/s`);
     assert.match(v.dirtyRateFrom, /calc-dirty-rate/);
-    assert.deepEqual(v.predictions.map((p: { strategy: string }) => p.strategy).sort(), ['auto-converge', 'multifd', 'offline', 'postcopy', 'precopy']);
+    assert.deepEqual(v.predictions.map((p: { strategy: string }) => p.strategy).sort(), [
+      'auto-converge',
+      'multifd',
+      'offline',
+      'postcopy',
+      'precopy',
+    ]);
     const pre = v.predictions.find((p: { strategy: string }) => p.strategy === 'precopy');
     assert.equal(pre.converges, false, 'pre-copy alone cannot outrun it');
     assert.equal(v.pick, 'postcopy', v.reason);
@@ -56,7 +81,10 @@ describe('convergence autopilot (lab)', () => {
     assert.ok(rep.totalMs < 90000, `total ${rep.totalMs} ms`);
     assert.ok(rep.pauseMs !== null && rep.pauseMs <= 1000, `pause ${rep.pauseMs} ms`);
     assert.equal(typeof rep.postcopy.windowMs, 'number');
-    assert.ok(rep.policy.some((x: string) => x.startsWith('switched to post-copy')), rep.policy.join('\n'));
+    assert.ok(
+      rep.policy.some((x: string) => x.startsWith('switched to post-copy')),
+      rep.policy.join('\n'),
+    );
     assert.ok(!rep.policy.some((x: string) => /suspend/.test(x)), 'finished without suspending the guest');
     assert.equal(rep.plan.pick, 'postcopy');
     const tl = rep.timeline;
@@ -77,7 +105,9 @@ describe('convergence autopilot (lab)', () => {
     const echo = echoClient(ip, 20);
     await waitFor('echo connected', () => echo.lines.includes('connected'), 10000);
     await new Promise((res) => setTimeout(res, 2000));
-    const r = await ferry(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--bandwidth', '16', '--timeout', '60', '--json'], { timeoutMs: 120000 });
+    const r = await ferry(['-H', 'host1', 'migrate', 'web', 'host2', '--live', '--bandwidth', '16', '--timeout', '60', '--json'], {
+      timeoutMs: 120000,
+    });
     assert.equal(r.code, 0, r.stdout + r.stderr);
     const rep = r.json;
     assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
@@ -101,7 +131,26 @@ describe('convergence autopilot (lab)', () => {
     assert.equal(v.postcopyAllowed, false);
     assert.notEqual(v.pick, 'postcopy');
     assert.match(v.reason, /forbids it|forbidden/);
-    const r = await ferry(['-H', 'host1', 'migrate', 'nopc', 'host2', '--live', '--strategy', 'postcopy', '--max-downtime', '50', '--timeout', '8', '--on-timeout', 'cancel', '--json'], { timeoutMs: 60000 });
+    const r = await ferry(
+      [
+        '-H',
+        'host1',
+        'migrate',
+        'nopc',
+        'host2',
+        '--live',
+        '--strategy',
+        'postcopy',
+        '--max-downtime',
+        '50',
+        '--timeout',
+        '8',
+        '--on-timeout',
+        'cancel',
+        '--json',
+      ],
+      { timeoutMs: 60000 },
+    );
     assert.notEqual(r.code, 0);
     const rep = r.json;
     assert.equal(rep.outcome, 'failed');
@@ -114,7 +163,9 @@ describe('convergence autopilot (lab)', () => {
 
   test('post-copy with the link cut for 5 s: both sides pause, ferry resumes the stream when the link is back, nothing is lost', async () => {
     await createGuest('pattern', 'pc', 'host1', 512);
-    const run = ferry(['-H', 'host1', 'migrate', 'pc', 'host2', '--live', '--strategy', 'postcopy', '--bandwidth', '64', '--json'], { timeoutMs: 180000 });
+    const run = ferry(['-H', 'host1', 'migrate', 'pc', 'host2', '--live', '--strategy', 'postcopy', '--bandwidth', '64', '--json'], {
+      timeoutMs: 180000,
+    });
     await waitFor('post-copy', async () => (await ferry(['-H', 'host1', 'job', 'pc', '--json'])).json?.phase === 'postcopy', 60000, 200);
     await new Promise((res) => setTimeout(res, 1000));
     // host2 resets every data connection from host1 (the control port stays open): the
@@ -133,10 +184,17 @@ describe('convergence autopilot (lab)', () => {
     assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
     assert.equal(rep.strategy, 'postcopy');
     assert.ok(rep.postcopy.recoveries >= 1, JSON.stringify(rep.postcopy));
-    assert.ok(rep.policy.some((x: string) => /post-copy stream broke and was resumed after \d+ ms/.test(x)), rep.policy.join('\n'));
+    assert.ok(
+      rep.policy.some((x: string) => /post-copy stream broke and was resumed after \d+ ms/.test(x)),
+      rep.policy.join('\n'),
+    );
     assert.deepEqual(await runsOn('pc'), ['host2']);
     const v = await ok(['lab', 'verify', 'pc', '--json']);
     assert.equal(v.ok, true, JSON.stringify(v));
-    assert.deepEqual(await ok(['-H', 'host1', 'list', '--json']).then((l: { name: string }[]) => l.filter((d) => d.name === 'pc')), [], 'nothing of it left on host1');
+    assert.deepEqual(
+      await ok(['-H', 'host1', 'list', '--json']).then((l: { name: string }[]) => l.filter((d) => d.name === 'pc')),
+      [],
+      'nothing of it left on host1',
+    );
   });
 });

@@ -13,7 +13,11 @@ import { ROOT } from '../helpers.ts';
 test('npm run bench -- --smoke writes well-formed results', () => {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-bench-'));
   try {
-    const r = spawnSync(process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'run.ts'), '--smoke', '--out', out], { cwd: ROOT, timeout: 600000, encoding: 'utf8' });
+    const r = spawnSync(process.execPath, ['--import', 'tsx', path.join(ROOT, 'bench', 'run.ts'), '--smoke', '--out', out], {
+      cwd: ROOT,
+      timeout: 600000,
+      encoding: 'utf8',
+    });
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stdout, /\| scenario \| contender \| ok \| total ms \|/);
     assert.match(r.stdout, /\| Linux 128 MiB, idle, live \(smoke\) \| ferry \| 1\/1 \|/);
@@ -21,7 +25,8 @@ test('npm run bench -- --smoke writes well-formed results', () => {
     assert.deepEqual(Object.keys(j.summary).sort(), ['ferry', 'qmp']);
     for (const c of ['ferry', 'qmp']) {
       assert.equal(j.summary[c].succeeded, 1);
-      for (const k of ['totalMs', 'downtimeMs', 'guestDowntimeMs', 'bytes']) assert.equal(typeof j.summary[c][k].median, 'number', `${c}.${k}`);
+      for (const k of ['totalMs', 'downtimeMs', 'guestDowntimeMs', 'bytes'])
+        assert.equal(typeof j.summary[c][k].median, 'number', `${c}.${k}`);
     }
     assert.equal(j.runs.length, 2);
   } finally {

@@ -30,7 +30,12 @@ describe('confinement: a uid per domain, a private /dev (lab, hardened host)', (
   const info: Record<string, any> = {};
   before(async () => {
     for (const d of HARDEN) {
-      try { modes.set(d, fs.statSync(d).mode & 0o7777); fs.chmodSync(d, 0o600); } catch { /* the host has no such node */ }
+      try {
+        modes.set(d, fs.statSync(d).mode & 0o7777);
+        fs.chmodSync(d, 0o600);
+      } catch {
+        /* the host has no such node */
+      }
     }
     await labUp(['--hosts', '2']);
     for (const n of ['a', 'b']) {
@@ -73,7 +78,11 @@ describe('confinement: a uid per domain, a private /dev (lab, hardened host)', (
     assert.notEqual(asUid(ua, ['kill', '-0', String(b.pid)]).code, 0, 'kill -0');
     assert.match(asUid(ua, ['kill', '-0', String(b.pid)]).stderr, /not permitted/);
     assert.notEqual(asUid(ua, ['dd', `if=/proc/${b.pid}/mem`, 'of=/dev/null', 'bs=4096', 'count=1', 'skip=1']).code, 0, 'its memory');
-    const connect = asUid(ua, [process.execPath, '-e', `require('net').connect(${JSON.stringify(qmp)}).on('connect', () => process.exit(0)).on('error', (e) => { console.error(e.code); process.exit(3); })`]);
+    const connect = asUid(ua, [
+      process.execPath,
+      '-e',
+      `require('net').connect(${JSON.stringify(qmp)}).on('connect', () => process.exit(0)).on('error', (e) => { console.error(e.code); process.exit(3); })`,
+    ]);
     assert.equal(connect.code, 3, 'its QMP socket');
     assert.match(connect.stderr, /EACCES/);
     const disk = domainRecord('host1', 'b').config.disks[0].path;
@@ -85,7 +94,7 @@ describe('confinement: a uid per domain, a private /dev (lab, hardened host)', (
     for (const p of [state, `${state}/domains`, `${state}/run`, `${state}/run/b`, `${state}/run/b/q`]) {
       assert.notEqual(asUid(ua, ['ls', p]).code, 0, `ls ${p}`);
     }
-    assert.notEqual(asUid(ua, ['cat', `${state}/domains/b.json`]).code, 0, 'b\'s record');
+    assert.notEqual(asUid(ua, ['cat', `${state}/domains/b.json`]).code, 0, "b's record");
     assert.equal(asUid(ua, ['ls', `${state}/run/a/q`]).code, 0, 'its own QEMU directory');
     // And b still runs, untouched.
     assert.equal(guestStatus(b.nics[0].ip.split('/')[0]).name, 'b');
@@ -110,18 +119,31 @@ describe('confinement: a uid per domain, a private /dev (lab, hardened host)', (
     const used = [uidOf(info.a.pid), uidOf(info.b.pid)].sort((x, y) => x - y);
     assert.equal(used[1] - used[0], 1, `the two uids are adjacent: ${used}`);
     // A range holding exactly the two uids in use (ferryd keeps them across the restart).
-    await reconfigure('host1', (c) => { c.qemu = { ...(c.qemu ?? {}), uids: { first: used[0], count: 2 } }; });
+    await reconfigure('host1', (c) => {
+      c.qemu = { ...(c.qemu ?? {}), uids: { first: used[0], count: 2 } };
+    });
     const cfg = await ok(['lab', 'guest', 'linux', 'c', '--json']);
     const r = await fails(['-H', 'host1', 'create', tmpFile('c.json', cfg)], 'HOST_UIDS_EXHAUSTED', 4);
     assert.match(r.json.error.message, /qemu\.uids/);
     await fails(['-H', 'host1', 'info', 'c'], 'DOMAIN_NOT_FOUND', 3);
-    const taps = inNs('host1', ['ip', '-br', 'link']).stdout.split('\n').filter((l) => l.startsWith('ft'));
+    const taps = inNs('host1', ['ip', '-br', 'link'])
+      .stdout.split('\n')
+      .filter((l) => l.startsWith('ft'));
     assert.equal(taps.length, 2, `only a's and b's taps: ${taps}`);
-    await reconfigure('host1', (c) => { delete c.qemu.uids; });
+    await reconfigure('host1', (c) => {
+      delete c.qemu.uids;
+    });
   });
 
   test('ferryd refuses a uid range that other users already hold', async () => {
-    await assert.rejects(reconfigure('host1', (c) => { c.qemu = { ...(c.qemu ?? {}), uids: { first: 1000, count: 65536 } }; }), /qemu\.uids/);
-    await reconfigure('host1', (c) => { delete c.qemu.uids; });
+    await assert.rejects(
+      reconfigure('host1', (c) => {
+        c.qemu = { ...(c.qemu ?? {}), uids: { first: 1000, count: 65536 } };
+      }),
+      /qemu\.uids/,
+    );
+    await reconfigure('host1', (c) => {
+      delete c.qemu.uids;
+    });
   });
 });

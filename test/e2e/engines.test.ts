@@ -14,19 +14,41 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
-import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, ferrydLog, patternIntact, hostClean, reconfigure, ROOT } from '../helpers.ts';
+import {
+  ferry,
+  ok,
+  fails,
+  labUp,
+  labDown,
+  createGuest,
+  labState,
+  waitFor,
+  pidAlive,
+  domainRecord,
+  ferrydLog,
+  patternIntact,
+  hostClean,
+  reconfigure,
+  ROOT,
+} from '../helpers.ts';
 
 describe('mixed engines: QEMU 7.2 and QEMU 10 (lab)', () => {
   let srcPid = 0;
   before(async () => {
-    const bin = execFileSync('bash', [path.join(ROOT, 'scripts', 'old-engine.sh')]).toString().trim();
+    const bin = execFileSync('bash', [path.join(ROOT, 'scripts', 'old-engine.sh')])
+      .toString()
+      .trim();
     const prefix = path.resolve(path.dirname(bin), '..', '..');
     await labUp(['--hosts', '2']);
-    await reconfigure('host1', (c) => { c.qemu = { binary: bin, dataDirs: [path.join(prefix, 'usr', 'share', 'qemu'), '/usr/share/seabios'] }; });
+    await reconfigure('host1', (c) => {
+      c.qemu = { binary: bin, dataDirs: [path.join(prefix, 'usr', 'share', 'qemu'), '/usr/share/seabios'] };
+    });
   });
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
-  test('host info names each host\'s engine', async () => {
+  test("host info names each host's engine", async () => {
     const h1 = await ok(['-H', 'host1', 'host', 'info', '--json']);
     const h2 = await ok(['-H', 'host2', 'host', 'info', '--json']);
     assert.match(h1.qemuVersion, /^7\.2\./);
@@ -38,12 +60,15 @@ describe('mixed engines: QEMU 7.2 and QEMU 10 (lab)', () => {
     assert.match(text, /engine\s+QEMU 7\.2\.\d+ .*unreliable/);
   });
 
-  test('7.2 → 10: stale RAM from 7.2\'s dirty tracking is rewritten before the guest runs on host2', async () => {
+  test("7.2 → 10: stale RAM from 7.2's dirty tracking is rewritten before the guest runs on host2", async () => {
     await createGuest('pattern', 'pat', 'host1', 128);
     srcPid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
     // Grow the vCPU's TLB: each dirty-log start/stop flushes it and a full TLB doubles.
     for (let i = 0; i < 6; i++) {
-      const w = await fails(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--timeout', '1'], 'MIGRATION_NOT_CONVERGING');
+      const w = await fails(
+        ['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--bandwidth', '8', '--timeout', '1'],
+        'MIGRATION_NOT_CONVERGING',
+      );
       assert.equal(w.json.outcome, 'failed');
     }
     // The destination daemon killed while the stale RAM is being rewritten: still before
@@ -64,9 +89,15 @@ describe('mixed engines: QEMU 7.2 and QEMU 10 (lab)', () => {
 
     const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
     assert.equal(r.outcome, 'succeeded');
-    assert.ok(r.policy.some((p: string) => p.startsWith('memory check on: QEMU 7.2')), r.policy.join('; '));
+    assert.ok(
+      r.policy.some((p: string) => p.startsWith('memory check on: QEMU 7.2')),
+      r.policy.join('; '),
+    );
     // Post-copy would leave no moment to check the copy: never offered on such an engine.
-    assert.ok(r.policy.some((p: string) => p.startsWith('post-copy not offered: QEMU 7.2')), r.policy.join('; '));
+    assert.ok(
+      r.policy.some((p: string) => p.startsWith('post-copy not offered: QEMU 7.2')),
+      r.policy.join('; '),
+    );
     assert.equal(r.memoryCheck.bytes, 128 * 1048576);
     // Without the repair these pages would be stale: the pattern check below would fail.
     assert.ok(r.memoryCheck.repairedBytes > 0, `QEMU 7.2 lost no pages this time: ${JSON.stringify(r.memoryCheck)}`);

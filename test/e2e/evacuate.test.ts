@@ -10,7 +10,24 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
-import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStatus, echoClient, waitFor, FERRY, echoWhole, domainRecord, labState, ROOT } from '../helpers.ts';
+import {
+  ok,
+  fails,
+  ferry,
+  labUp,
+  labDown,
+  createGuest,
+  tmpFile,
+  inNs,
+  guestStatus,
+  echoClient,
+  waitFor,
+  FERRY,
+  echoWhole,
+  domainRecord,
+  labState,
+  ROOT,
+} from '../helpers.ts';
 
 /**
  * Where each domain runs. A move under way lists it on both ends: it counts where its guest
@@ -18,15 +35,24 @@ import { ok, fails, ferry, labUp, labDown, createGuest, tmpFile, inNs, guestStat
  */
 const where = async (): Promise<Record<string, string>> => {
   const out: Record<string, string> = {};
-  for (const h of ['host1', 'host2', 'host3']) for (const d of await ok(['-H', h, 'list', '--json'])) if (d.id !== null && d.state !== 'incoming') out[d.name] = h;
+  for (const h of ['host1', 'host2', 'host3'])
+    for (const d of await ok(['-H', h, 'list', '--json'])) if (d.id !== null && d.state !== 'incoming') out[d.name] = h;
   return out;
 };
 /** Domains whose guest still runs on host1 (one call, so a poll notices a departure quickly). */
-const onHost1 = async (): Promise<number> => (await ok(['-H', 'host1', 'list', '--json'])).filter((d: any) => d.id !== null && d.state !== 'incoming').length;
+const onHost1 = async (): Promise<number> =>
+  (await ok(['-H', 'host1', 'list', '--json'])).filter((d: any) => d.id !== null && d.state !== 'incoming').length;
 
 /** The metrics page from the client, over HTTPS with the lab's admin certificate (metrics.ts). */
 const scrape = (addr: string): string => {
-  const r = inNs('client', [process.execPath, path.join(ROOT, 'test', 'tools', 'https-get.mjs'), addr, '9477', '/metrics', labState().adminTlsDir]);
+  const r = inNs('client', [
+    process.execPath,
+    path.join(ROOT, 'test', 'tools', 'https-get.mjs'),
+    addr,
+    '9477',
+    '/metrics',
+    labState().adminTlsDir,
+  ]);
   assert.equal(r.code, 0, r.stderr);
   return r.stdout;
 };
@@ -52,7 +78,9 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     await createGuest('pattern', 'p3', 'host1', 64);
     before0 = scrape('198.19.0.11');
   });
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
   test('--plan: where each domain would go and the predicted time, moving nothing', async () => {
     const r = await ok(['host', 'evacuate', 'host1', '--plan', '--json']);
@@ -77,7 +105,9 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     // First run, interrupted once a domain has left.
     const first = spawn(process.execPath, [FERRY, 'host', 'evacuate', 'host1', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let err = '';
-    first.stderr.on('data', (d) => { err += d; });
+    first.stderr.on('data', (d) => {
+      err += d;
+    });
     const firstDone = new Promise<number>((r) => first.on('close', (c, sig) => r(c ?? (sig ? 130 : -1))));
     await waitFor('a first domain left host1', async () => (await onHost1()) < 4, 120000, 100);
     first.kill('SIGINT');
@@ -106,16 +136,30 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     const count = (t: string, m: string): number => value(t, `${m}_count{host="host1"}`);
     // A move the interrupted run left behind is counted when its report is final, which
     // (after the guest's answer from its new host) can come just after its domain left host1.
-    await waitFor('the four moves counted', () => count(scrape('198.19.0.11'), 'ferry_migration_duration_seconds') >= 4, 15000, 250).catch(() => undefined);
+    await waitFor('the four moves counted', () => count(scrape('198.19.0.11'), 'ferry_migration_duration_seconds') >= 4, 15000, 250).catch(
+      () => undefined,
+    );
     const h1 = scrape('198.19.0.11');
     assert.match(h1, /# TYPE ferry_migration_pause_seconds histogram/);
     // Off loopback the page wants TLS and a certificate of the cluster's: no plain HTTP, no anonymous scrape.
     assert.notEqual(inNs('client', ['busybox', 'wget', '-q', '-T', '5', '-O-', 'http://198.19.0.11:9477/metrics']).code, 0, 'plain HTTP');
-    const anon = inNs('client', [process.execPath, path.join(ROOT, 'test', 'tools', 'https-get.mjs'), '198.19.0.11', '9477', '/metrics', '-', labState().adminTlsDir]);
+    const anon = inNs('client', [
+      process.execPath,
+      path.join(ROOT, 'test', 'tools', 'https-get.mjs'),
+      '198.19.0.11',
+      '9477',
+      '/metrics',
+      '-',
+      labState().adminTlsDir,
+    ]);
     assert.equal(anon.code, 2, `no client certificate: ${anon.stdout.slice(0, 200)}`);
     for (const name of ['web', 'p1', '198.18.']) assert.ok(!h1.includes(name), `the page names no domain or guest address (${name})`);
     // Guest-perceived downtime needs an address to probe: the Linux guest has one, the pattern guests none.
-    for (const [m, n] of [['ferry_migration_duration_seconds', 4], ['ferry_migration_pause_seconds', 4], ['ferry_migration_guest_downtime_seconds', 1]] as const) {
+    for (const [m, n] of [
+      ['ferry_migration_duration_seconds', 4],
+      ['ferry_migration_pause_seconds', 4],
+      ['ferry_migration_guest_downtime_seconds', 1],
+    ] as const) {
       assert.equal(count(before0, m), 0, `${m} before`);
       assert.ok(count(h1, m) >= n, `${m}: ${count(h1, m)} after`);
     }
@@ -123,7 +167,9 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     assert.ok(value(h1, 'ferry_migration_bytes_total{host="host1"}') > 0);
     assert.equal(value(h1, 'ferry_maintenance{host="host1"}'), 1);
     assert.equal(value(h1, 'ferry_memory_mib{kind="offered",host="host1"}'), 512);
-    const incoming = ['198.19.0.12', '198.19.0.13'].map((a, i) => value(scrape(a), `ferry_migrations_total{role="destination",outcome="succeeded",host="host${i + 2}"}`));
+    const incoming = ['198.19.0.12', '198.19.0.13'].map((a, i) =>
+      value(scrape(a), `ferry_migrations_total{role="destination",outcome="succeeded",host="host${i + 2}"}`),
+    );
     assert.ok(incoming[0] + incoming[1] >= 4, `incoming moves counted: ${incoming.join(' + ')}`);
   });
 
@@ -134,7 +180,11 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     const w = await where();
     const m = await fails(['-H', w.p1, 'migrate', 'p1', 'host1', '--live', '--json'], 'MIGRATION_DEST_MAINTENANCE');
     assert.equal(m.json.outcome, 'failed');
-    assert.equal(value(scrape('198.19.0.11'), 'ferry_refusals_total{side="destination",code="MIGRATION_DEST_MAINTENANCE"}'), 1, 'counted where it was refused');
+    assert.equal(
+      value(scrape('198.19.0.11'), 'ferry_refusals_total{side="destination",code="MIGRATION_DEST_MAINTENANCE"}'),
+      1,
+      'counted where it was refused',
+    );
     await ok(['lab', 'restart', 'host1']);
     assert.equal((await ok(['-H', 'host1', 'host', 'info', '--json'])).maintenance.on, true, 'kept across a restart');
     await ok(['host', 'maintenance', 'host1', 'off']);
@@ -151,7 +201,10 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     assert.equal(by.p4.state, 'moved');
     assert.equal(by.p4.move, 'live');
     assert.deepEqual([by.p5.state, by.p5.move, by.p5.predictedMs], ['moved', 'definition', null]);
-    assert.ok(r.json.domains.findIndex((d: any) => d.domain === 'p5') > r.json.domains.findIndex((d: any) => d.domain === 'p4'), 'the definition after the live move');
+    assert.ok(
+      r.json.domains.findIndex((d: any) => d.domain === 'p5') > r.json.domains.findIndex((d: any) => d.domain === 'p4'),
+      'the definition after the live move',
+    );
     assert.equal(domainRecord('host1', 'p5'), undefined, 'p5 left host1');
     assert.equal(domainRecord(by.p5.to, 'p5').state.kind, 'defined', `p5 defined, not started, on ${by.p5.to}`);
     assert.equal(by.db.state, 'failed');

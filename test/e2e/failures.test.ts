@@ -22,7 +22,23 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { ferry, ok, fails, labUp, labDown, createGuest, labState, waitFor, pidAlive, domainRecord, ferrydLog, patternIntact, hostClean, inNs, type Run } from '../helpers.ts';
+import {
+  ferry,
+  ok,
+  fails,
+  labUp,
+  labDown,
+  createGuest,
+  labState,
+  waitFor,
+  pidAlive,
+  domainRecord,
+  ferrydLog,
+  patternIntact,
+  hostClean,
+  inNs,
+  type Run,
+} from '../helpers.ts';
 
 let srcPid = 0;
 
@@ -41,7 +57,14 @@ function cutControl(): { undo: () => void } {
   const rule = ['INPUT', '-p', 'tcp', '-s', h1.migAddress, '--dport', port, '-j', 'REJECT', '--reject-with', 'tcp-reset'];
   assert.equal(inNs('host2', ['iptables', '-I', ...rule]).code, 0);
   let undone = false;
-  return { undo: () => { if (!undone) { undone = true; inNs('host2', ['iptables', '-D', ...rule]); } } };
+  return {
+    undo: () => {
+      if (!undone) {
+        undone = true;
+        inNs('host2', ['iptables', '-D', ...rule]);
+      }
+    },
+  };
 }
 
 /** The running copies of pattern guest "pat" on the lab's two hosts. */
@@ -63,23 +86,41 @@ function jobsFrom(host: number): { until: (phase: string, act: () => void, timeo
   const dir = `${labState().hosts[host].stateDir}/jobs`;
   const earlier = new Set(fs.existsSync(dir) ? fs.readdirSync(dir) : []);
   return {
-    until: (phase, act, timeoutMs, everyMs) => waitFor(`host${host + 1} job ${phase}`, () => {
-      for (const f of (fs.existsSync(dir) ? fs.readdirSync(dir) : []).filter((x) => x.endsWith('.json') && !x.startsWith('.') && !earlier.has(x))) {
-        try {
-          const j = JSON.parse(fs.readFileSync(`${dir}/${f}`, 'utf8'));
-          if (j.phase === phase) { act(); return j.jobId as string; }
-        } catch { /* being written */ }
-      }
-      return undefined;
-    }, timeoutMs, everyMs),
+    until: (phase, act, timeoutMs, everyMs) =>
+      waitFor(
+        `host${host + 1} job ${phase}`,
+        () => {
+          for (const f of (fs.existsSync(dir) ? fs.readdirSync(dir) : []).filter(
+            (x) => x.endsWith('.json') && !x.startsWith('.') && !earlier.has(x),
+          )) {
+            try {
+              const j = JSON.parse(fs.readFileSync(`${dir}/${f}`, 'utf8'));
+              if (j.phase === phase) {
+                act();
+                return j.jobId as string;
+              }
+            } catch {
+              /* being written */
+            }
+          }
+          return undefined;
+        },
+        timeoutMs,
+        everyMs,
+      ),
   };
 }
 
 async function transferring(): Promise<void> {
-  await waitFor('transfer under way', async () => {
-    const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
-    return j.phase === 'perform' && j.progress && j.progress.transferred > 4 * 1024 * 1024;
-  }, 30000, 200);
+  await waitFor(
+    'transfer under way',
+    async () => {
+      const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+      return j.phase === 'perform' && j.progress && j.progress.transferred > 4 * 1024 * 1024;
+    },
+    30000,
+    200,
+  );
 }
 
 describe('migration failures (lab)', () => {
@@ -88,7 +129,9 @@ describe('migration failures (lab)', () => {
     await createGuest('pattern', 'pat', 'host1', 128);
     srcPid = (await ok(['-H', 'host1', 'info', 'pat', '--json'])).pid;
   });
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
   test('cancel during the transfer', async () => {
     const m = slowMigration();
@@ -144,7 +187,10 @@ describe('migration failures (lab)', () => {
     await sourceIntact();
     await destClean();
     const jobs = await ok(['-H', 'host2', 'jobs', '--json']);
-    assert.ok(jobs.every((j: any) => j.phase === 'abandoned'), JSON.stringify(jobs.map((j: any) => j.phase)));
+    assert.ok(
+      jobs.every((j: any) => j.phase === 'abandoned'),
+      JSON.stringify(jobs.map((j: any) => j.phase)),
+    );
   });
 
   test('the source daemon killed during the transfer: it rolls back by phase on restart', async () => {
@@ -253,7 +299,7 @@ describe('migration failures (lab)', () => {
     await transferring();
     const d = labState().hosts[1].pid;
     process.kill(d, 'SIGSTOP');
-    let thawed = 0;
+    let thawed: number;
     try {
       await waitFor('stream ended', async () => (await ok(['-H', 'host1', 'job', 'pat', '--json'])).phase === 'finish', 30000, 100);
       await new Promise((r) => setTimeout(r, 60000));
@@ -309,10 +355,25 @@ describe('migration failures (lab)', () => {
     assert.equal(mig.code, 0, `the migration itself succeeded: ${mig.stdout}`);
     let last: any;
     try {
-      await waitFor('job confirmed after restart', async () => { last = (await ok(['-H', 'host2', 'jobs', '--json'])).find((j: any) => j.jobId === seen); return last?.phase === 'confirmed'; }, 15000, 200);
+      await waitFor(
+        'job confirmed after restart',
+        async () => {
+          last = (await ok(['-H', 'host2', 'jobs', '--json'])).find((j: any) => j.jobId === seen);
+          return last?.phase === 'confirmed';
+        },
+        15000,
+        200,
+      );
     } catch (e) {
       fs.writeFileSync('/tmp/ferry-confirm-debug.log', ferrydLog('host2'));
-      throw new Error(`${(e as Error).message}: job ${seen} is ${JSON.stringify(last?.history ?? last)}; host2 log: ${ferrydLog('host2').split('\n').filter((l) => l.includes(seen)).slice(-6).join(' || ')}`);
+      throw new Error(
+        `${(e as Error).message}: job ${seen} is ${JSON.stringify(last?.history ?? last)}; host2 log: ${ferrydLog('host2')
+          .split('\n')
+          .filter((l) => l.includes(seen))
+          .slice(-6)
+          .join(' || ')}`,
+        { cause: e },
+      );
     }
     const info = await ok(['-H', 'host2', 'info', 'pat', '--json']);
     assert.equal(info.state, 'running');

@@ -36,7 +36,23 @@ function kernelSharesZeroPage(pid: number, ram: { base?: number }): boolean {
 test('untouched and zero-page-mapped guest RAM is skipped; a written page is hashed', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-ram-'));
   const qmpPath = path.join(dir, 'qmp.sock');
-  const q = await startQemu(['-machine', 'pc,accel=tcg', '-cpu', 'qemu64', '-m', '256', '-nodefaults', '-display', 'none', '-S', '-qmp', `unix:${qmpPath},server=on,wait=off`], { qmpPath, logPath: path.join(dir, 'qemu.log'), what: 'test QEMU' });
+  const q = await startQemu(
+    [
+      '-machine',
+      'pc,accel=tcg',
+      '-cpu',
+      'qemu64',
+      '-m',
+      '256',
+      '-nodefaults',
+      '-display',
+      'none',
+      '-S',
+      '-qmp',
+      `unix:${qmpPath},server=on,wait=off`,
+    ],
+    { qmpPath, logPath: path.join(dir, 'qemu.log'), what: 'test QEMU' },
+  );
   const bytes = 256 * 1048576;
   try {
     const fresh = await openGuestRam(q.qmp, q.pid, bytes);
@@ -69,7 +85,8 @@ test('untouched and zero-page-mapped guest RAM is skipped; a written page is has
     const r = await openGuestRam(q.qmp, q.pid, bytes);
     const d2 = await digestRam(r);
     r.close();
-    if (sharesZero) assert.ok(d2.hashedChunks >= 1 && d2.hashedChunks <= 8, `hashed ${d2.hashedChunks} chunks (a written page, or its 2 MiB huge page)`);
+    if (sharesZero)
+      assert.ok(d2.hashedChunks >= 1 && d2.hashedChunks <= 8, `hashed ${d2.hashedChunks} chunks (a written page, or its 2 MiB huge page)`);
     assert.notDeepEqual(d2.digests.subarray(3 * 32, 4 * 32), d1.digests.subarray(3 * 32, 4 * 32), 'chunk 3 changed');
     assert.deepEqual(d2.digests.subarray(0, 3 * 32), d1.digests.subarray(0, 3 * 32), 'chunks before it did not');
   } finally {

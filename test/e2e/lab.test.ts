@@ -10,22 +10,41 @@ import { execFileSync } from 'node:child_process';
 import { ok, ferry, labDown, createGuest, inNs, labState, pidAlive } from '../helpers.ts';
 
 function namespaces(): string[] {
-  return execFileSync('ip', ['netns', 'list']).toString().split('\n').map((l) => l.split(' ')[0]).filter((n) => n.startsWith('ferry-'));
+  return execFileSync('ip', ['netns', 'list'])
+    .toString()
+    .split('\n')
+    .map((l) => l.split(' ')[0])
+    .filter((n) => n.startsWith('ferry-'));
 }
 
 function qemuPidsIn(nss: string[]): number[] {
-  return nss.flatMap((ns) => execFileSync('ip', ['netns', 'pids', ns]).toString().split('\n').map(Number).filter((n) => n > 0));
+  return nss.flatMap((ns) =>
+    execFileSync('ip', ['netns', 'pids', ns])
+      .toString()
+      .split('\n')
+      .map(Number)
+      .filter((n) => n > 0),
+  );
 }
 
 describe('ferry lab', () => {
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
   test('up builds hosts, a client and a second segment; status and exec see them', async () => {
     await ferry(['lab', 'down']);
     const s = await ok(['lab', 'up', '--hosts', '3', '--segments', '2', '--host-memory', '512', '--json']);
     assert.deepEqual(namespaces().sort(), ['ferry-client', 'ferry-host1', 'ferry-host2', 'ferry-host3', 'ferry-switch']);
-    assert.deepEqual(s.hosts.map((h: any) => h.address), ['198.18.0.11', '198.18.0.12', '198.18.0.13']);
-    assert.deepEqual(s.hosts.map((h: any) => h.migAddress), ['198.19.0.11', '198.19.0.12', '198.19.0.13'], 'the migration network');
+    assert.deepEqual(
+      s.hosts.map((h: any) => h.address),
+      ['198.18.0.11', '198.18.0.12', '198.18.0.13'],
+    );
+    assert.deepEqual(
+      s.hosts.map((h: any) => h.migAddress),
+      ['198.19.0.11', '198.19.0.12', '198.19.0.13'],
+      'the migration network',
+    );
     for (const h of s.hosts) assert.ok(pidAlive(h.pid));
     // host3's "lab" network sits on the second segment and subnet
     const i3 = await ok(['-H', 'host3', 'host', 'info', '--json']);
@@ -36,20 +55,50 @@ describe('ferry lab', () => {
     assert.ok(['tcg', 'kvm'].includes(i1.accel));
     assert.ok(i1.accelReason.length > 0);
     // the client reaches every host over the switch
-    for (const h of s.hosts) assert.equal(inNs('client', ['ip', 'neigh', 'flush', 'all']).code, 0), assert.equal(inNs('client', ['busybox', 'ping', '-c', '1', '-W', '2', h.address]).code, 0, `ping ${h.address}`);
+    for (const h of s.hosts) {
+      assert.equal(inNs('client', ['ip', 'neigh', 'flush', 'all']).code, 0);
+      assert.equal(inNs('client', ['busybox', 'ping', '-c', '1', '-W', '2', h.address]).code, 0, `ping ${h.address}`);
+    }
     const ex = await ferry(['lab', 'exec', 'host2', '--', 'ip', '-br', 'addr', 'show', 'br0']);
     assert.match(ex.stdout, /198\.18\.0\.12\/24/);
     // a remote API call over mutually authenticated TLS, from the client with the lab's
     // admin certificate; from inside host1 with host1's own (a peer's) it is forbidden
-    const tlsList = await ferry(['lab', 'exec', 'client', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.19.0.12', 'host', 'info', '--json']);
+    const tlsList = await ferry([
+      'lab',
+      'exec',
+      'client',
+      '--',
+      process.execPath,
+      'bin/ferry.mjs',
+      '-H',
+      '198.19.0.12',
+      'host',
+      'info',
+      '--json',
+    ]);
     assert.equal(tlsList.code, 0, tlsList.stderr);
     assert.equal(JSON.parse(tlsList.stdout).name, 'host2');
-    const asPeer = await ferry(['lab', 'exec', 'host1', '--', process.execPath, 'bin/ferry.mjs', '-H', '198.19.0.12', 'host', 'info', '--json']);
+    const asPeer = await ferry([
+      'lab',
+      'exec',
+      'host1',
+      '--',
+      process.execPath,
+      'bin/ferry.mjs',
+      '-H',
+      '198.19.0.12',
+      'host',
+      'info',
+      '--json',
+    ]);
     assert.equal(asPeer.code, 7);
     assert.equal(JSON.parse(asPeer.stdout).error.code, 'API_FORBIDDEN');
     await createGuest('pattern', 'p1', 'host2');
     const st = await ok(['lab', 'status', '--json']);
-    assert.deepEqual(st.guests.map((g: any) => [g.name, g.host, g.state]), [['p1', 'host2', 'running']]);
+    assert.deepEqual(
+      st.guests.map((g: any) => [g.name, g.host, g.state]),
+      [['p1', 'host2', 'running']],
+    );
     assert.equal(st.hosts.length, 3);
   });
 

@@ -8,11 +8,28 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ferry, ok, fails, labUp, labDown, labState, createGuest, guestStatus, consoleLog, tmpFile, waitFor, pidAlive } from '../helpers.ts';
+import {
+  ferry,
+  ok,
+  fails,
+  labUp,
+  labDown,
+  labState,
+  createGuest,
+  guestStatus,
+  consoleLog,
+  tmpFile,
+  waitFor,
+  pidAlive,
+} from '../helpers.ts';
 
 describe('domain lifecycle (lab, real QEMU)', () => {
-  before(async () => { await labUp(['--hosts', '1', '--host-memory', '1024']); });
-  after(async () => { await labDown(); });
+  before(async () => {
+    await labUp(['--hosts', '1', '--host-memory', '1024']);
+  });
+  after(async () => {
+    await labDown();
+  });
 
   test('a Linux guest boots, answers on its console and on the network', async () => {
     const cfg = await createGuest('linux', 'web', 'host1');
@@ -67,7 +84,7 @@ describe('domain lifecycle (lab, real QEMU)', () => {
     await fails(['-H', 'host1', 'info', 'web'], 'DOMAIN_NOT_FOUND', 3);
   });
 
-  test('save and restore keep the pattern guest\'s memory intact', async () => {
+  test("save and restore keep the pattern guest's memory intact", async () => {
     await createGuest('pattern', 'pat', 'host1', 96);
     await ok(['lab', 'verify', 'pat']);
     // A bare name lives in the host's save directory.
@@ -127,7 +144,10 @@ describe('domain lifecycle (lab, real QEMU)', () => {
     await fails(['-H', 'nosuchhost.invalid:99999', 'list'], 'HOST_UNKNOWN', 3);
     await fails(['lab', 'guest', 'windows', 'w'], 'CLI_USAGE', 2);
     const after = await ok(['-H', 'host1', 'list', '--json']);
-    assert.deepEqual(after.map((d: any) => [d.name, d.state]), before.map((d: any) => [d.name, d.state]));
+    assert.deepEqual(
+      after.map((d: any) => [d.name, d.state]),
+      before.map((d: any) => [d.name, d.state]),
+    );
     const plain = await ferry(['-H', 'host1', 'pause', 'nosuch']);
     assert.equal(plain.code, 3);
     assert.match(plain.stderr, /^ferry: DOMAIN_NOT_FOUND: No domain "nosuch" on host host1/);

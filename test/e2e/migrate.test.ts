@@ -11,7 +11,21 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { ok, ferry, labUp, labDown, createGuest, guestStatus, echoClient, consoleLog, waitFor, pidAlive, domainRecord, FERRY, echoWhole } from '../helpers.ts';
+import {
+  ok,
+  ferry,
+  labUp,
+  labDown,
+  createGuest,
+  guestStatus,
+  echoClient,
+  consoleLog,
+  waitFor,
+  pidAlive,
+  domainRecord,
+  FERRY,
+  echoWhole,
+} from '../helpers.ts';
 
 async function where(name: string): Promise<string[]> {
   const hosts: string[] = [];
@@ -23,8 +37,12 @@ async function where(name: string): Promise<string[]> {
 }
 
 describe('migration (lab, real guests)', () => {
-  before(async () => { await labUp(['--hosts', '2']); });
-  after(async () => { await labDown(); });
+  before(async () => {
+    await labUp(['--hosts', '2']);
+  });
+  after(async () => {
+    await labDown();
+  });
 
   test('live: an open TCP connection survives, the guest does not reboot, it runs only on host2', async () => {
     const cfg = await createGuest('linux', 'web', 'host1');
@@ -56,8 +74,12 @@ describe('migration (lab, real guests)', () => {
     assert.equal(typeof rep.pauseMs, 'number');
     // where the time went, in order, ending with the source cleaned up
     const tl = rep.timeline;
-    for (const k of ['connected', 'begun', 'prepared', 'migrateIssued', 'firstByte', 'streamCompleted', 'destRunning', 'sourceClean']) assert.equal(typeof tl[k], 'number', k);
-    assert.ok(tl.connected <= tl.begun && tl.begun <= tl.prepared && tl.prepared <= tl.migrateIssued && tl.destRunning <= tl.sourceClean, JSON.stringify(tl));
+    for (const k of ['connected', 'begun', 'prepared', 'migrateIssued', 'firstByte', 'streamCompleted', 'destRunning', 'sourceClean'])
+      assert.equal(typeof tl[k], 'number', k);
+    assert.ok(
+      tl.connected <= tl.begun && tl.begun <= tl.prepared && tl.prepared <= tl.migrateIssued && tl.destRunning <= tl.sourceClean,
+      JSON.stringify(tl),
+    );
     assert.equal(rep.setupMs, tl.firstByte);
     assert.equal(rep.totalMs, tl.sourceClean);
     assert.equal(rep.memoryCheck, null, 'QEMU 10 needs no memory check by default');
@@ -96,11 +118,17 @@ describe('migration (lab, real guests)', () => {
   });
 
   test('a console attached on the source follows the domain to the destination', async () => {
-    const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'console', 'web', '--idle', '60000', '--max', '60000'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'console', 'web', '--idle', '60000', '--max', '60000'], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     let out = '';
     let err = '';
-    child.stdout.on('data', (d) => { out += d; });
-    child.stderr.on('data', (d) => { err += d; });
+    child.stdout.on('data', (d) => {
+      out += d;
+    });
+    child.stderr.on('data', (d) => {
+      err += d;
+    });
     try {
       await new Promise((r) => setTimeout(r, 1500));
       child.stdin.write('echo before-$((2+3))\n');
@@ -124,7 +152,10 @@ describe('migration (lab, real guests)', () => {
     const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--verify-memory', '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.ok(r.bytes >= 100 * 1024 * 1024, `sent ${r.bytes}`);
-    assert.ok(r.policy.some((p: string) => p.startsWith('memory check requested')), r.policy.join('; '));
+    assert.ok(
+      r.policy.some((p: string) => p.startsWith('memory check requested')),
+      r.policy.join('; '),
+    );
     assert.equal(r.memoryCheck.bytes, 128 * 1048576);
     assert.equal(r.memoryCheck.repairedBytes, 0, 'QEMU 10 loses no pages');
     assert.deepEqual(await where('pat'), ['host2']);

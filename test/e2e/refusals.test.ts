@@ -9,7 +9,20 @@ import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { ok, fails, labUp, labDown, createGuest, reconfigure, tlsCall, ferrydLog, inNs, tmpFile, labState, domainRecord } from '../helpers.ts';
+import {
+  ok,
+  fails,
+  labUp,
+  labDown,
+  createGuest,
+  reconfigure,
+  tlsCall,
+  ferrydLog,
+  inNs,
+  tmpFile,
+  labState,
+  domainRecord,
+} from '../helpers.ts';
 import { caInit, issueHostCert } from '../../src/tls/ca.ts';
 import { PROTOCOL_VERSION } from '../../src/migration/phases.ts';
 
@@ -60,48 +73,79 @@ describe('migration refusals (lab)', () => {
   });
 
   test('not enough memory on the destination', async () => {
-    await reconfigure('host2', (c) => { c.memory = 64; });
+    await reconfigure('host2', (c) => {
+      c.memory = 64;
+    });
     const r = await refused('pat', 'host2', 'MIGRATION_DEST_NO_MEMORY');
-    assert.equal(r.error.message, 'Cannot migrate domain "pat": host2 has 64 MiB free, needs 96 MiB (it offers 64 MiB to domains, 0 MiB in use or reserved)');
+    assert.equal(
+      r.error.message,
+      'Cannot migrate domain "pat": host2 has 64 MiB free, needs 96 MiB (it offers 64 MiB to domains, 0 MiB in use or reserved)',
+    );
     // The offer is not enough: what the host really has (MemAvailable, less the margin) counts too.
-    await reconfigure('host2', (c) => { c.memory = 1024; c.memoryMargin = 16 * 1024 * 1024; });
+    await reconfigure('host2', (c) => {
+      c.memory = 1024;
+      c.memoryMargin = 16 * 1024 * 1024;
+    });
     const real = await refused('pat', 'host2', 'MIGRATION_DEST_NO_MEMORY');
     assert.match(real.error.message, /MiB available \(MemAvailable\).*16777216 MiB kept for the host \(memoryMargin\)/);
     const hi = await ok(['-H', 'host2', 'host', 'info', '--json']);
     assert.ok(hi.memory.availableMiB > 0 && hi.memory.freeMiB < 0, JSON.stringify(hi.memory));
-    await reconfigure('host2', (c) => { delete c.memoryMargin; });
+    await reconfigure('host2', (c) => {
+      delete c.memoryMargin;
+    });
   });
 
   test('another accelerator, CPU model or missing network', async (t) => {
     // Another accelerator needs a host that has one: a machine without /dev/kvm cannot
     // run a ferryd forced to KVM (it refuses to start, QEMU_START_FAILED).
     if (fs.existsSync('/dev/kvm')) {
-      await reconfigure('host2', (c) => { c.accel = 'kvm'; });
+      await reconfigure('host2', (c) => {
+        c.accel = 'kvm';
+      });
       await refused('pat', 'host2', 'MIGRATION_DEST_ARCH');
     } else t.diagnostic('no /dev/kvm on this machine: the other-accelerator case is not tried');
-    await reconfigure('host2', (c) => { delete c.accel; c.cpuModel = 'kvm32'; });
+    await reconfigure('host2', (c) => {
+      delete c.accel;
+      c.cpuModel = 'kvm32';
+    });
     await refused('pat', 'host2', 'MIGRATION_DEST_CPU');
     // A CPU model this host's accelerator cannot provide: said by host info, refused
     // before QEMU (which runs with enforce) and before any migration.
-    await reconfigure('host2', (c) => { c.cpuModel = 'Haswell'; });
+    await reconfigure('host2', (c) => {
+      c.cpuModel = 'Haswell';
+    });
     const hi = await ok(['-H', 'host2', 'host', 'info', '--json']);
     assert.ok(hi.cpuUnavailable.includes('tsc-deadline'), JSON.stringify(hi.cpuUnavailable));
     const cfg = await ok(['lab', 'guest', 'pattern', 'cpux', '--json']);
     const r = await fails(['-H', 'host2', 'create', tmpFile('cpux.json', cfg)], 'QEMU_START_FAILED');
     assert.match(r.stderr + r.stdout, /CPU model Haswell needs .*tsc-deadline.*tcg cannot provide/);
     assert.equal(domainRecord('host2', 'cpux'), undefined, 'nothing defined');
-    await reconfigure('host2', (c) => { delete c.cpuModel; c.networks = {}; });
+    await reconfigure('host2', (c) => {
+      delete c.cpuModel;
+      c.networks = {};
+    });
     await refused('web', 'host2', 'MIGRATION_DEST_NETWORK');
-    await reconfigure('host2', (c) => { c.networks = { lab: { bridge: 'br0', subnet: '198.18.0.0/24', address: '198.18.0.12' }, lab2: { bridge: 'br1', subnet: '198.18.1.0/24', address: '198.18.1.12' } }; });
+    await reconfigure('host2', (c) => {
+      c.networks = {
+        lab: { bridge: 'br0', subnet: '198.18.0.0/24', address: '198.18.0.12' },
+        lab2: { bridge: 'br1', subnet: '198.18.1.0/24', address: '198.18.1.12' },
+      };
+    });
   });
 
   test('a destination on another L2 segment: by subnet (where it does not extend segments), and by a real ARP probe', async () => {
-    await reconfigure('host3', (c) => { c.relocation.tunnels = false; });
+    await reconfigure('host3', (c) => {
+      c.relocation.tunnels = false;
+    });
     const r = await refused('web', 'host3', 'MIGRATION_DEST_L2');
     assert.match(r.error.message, /198\.18\.1\.0\/24.*relocation\.tunnels is false/);
-    await reconfigure('host3', (c) => { delete c.relocation.tunnels; });
+    await reconfigure('host3', (c) => {
+      delete c.relocation.tunnels;
+    });
     // host3 now claims the same subnet, but its bridge is still on segment 2
-    await reconfigure('host3', (c) => { c.networks.lab = { bridge: 'br1', subnet: '198.18.0.0/24', address: '198.18.1.13' }; });
+    await reconfigure('host3', (c) => {
+      c.networks.lab = { bridge: 'br1', subnet: '198.18.0.0/24', address: '198.18.1.13' };
+    });
     const r2 = await refused('web', 'host3', 'MIGRATION_DEST_L2');
     assert.match(r2.error.message, /did not answer ARP/);
   });
@@ -137,12 +181,18 @@ describe('migration refusals (lab)', () => {
     // host2's ferryd runs in its own mount namespace (ip netns exec): there, and only
     // there, a tmpfs over the directory holds a same-sized copy at the same path.
     const h2 = String(labState().hosts[1].pid);
-    const nsSh = (cmd: string): void => { execFileSync('nsenter', ['-t', h2, '-m', '--', 'sh', '-c', cmd]); };
+    const nsSh = (cmd: string): void => {
+      execFileSync('nsenter', ['-t', h2, '-m', '--', 'sh', '-c', cmd]);
+    };
     nsSh(`mount -t tmpfs -o size=4m ferry-test-local ${dir} && truncate -s 1M ${data}`);
     try {
       const r = await refused('patw', 'host2', 'MIGRATION_DEST_STORAGE');
       assert.match(r.error.message, /writable disk .*data\.img is not on storage that host1 and host2 share/);
-      assert.deepEqual(fs.readdirSync(dir).filter((f) => f.startsWith('.ferry-shared-')), [], 'the source removed its marker');
+      assert.deepEqual(
+        fs.readdirSync(dir).filter((f) => f.startsWith('.ferry-shared-')),
+        [],
+        'the source removed its marker',
+      );
     } finally {
       nsSh(`umount ${dir}`);
     }
@@ -171,17 +221,45 @@ describe('migration refusals (lab)', () => {
   test('an incompatible protocol version and malformed relocation messages', async () => {
     const host1Tls = labState().hosts[0].tlsDir;
     const begin = {
-      version: 99, jobId: '00000000-0000-4000-8000-000000000001', mode: 'live',
-      peer: { name: 'host1', version: '0.1.0', arch: 'x86_64', accel: 'tcg', cpuModel: 'qemu64', cpuFeatures: [], machine: 'pc-i440fx-7.2', networks: {} },
-      domain: { config: { name: 'ghost', memory: 64, boot: { disk: 0 }, disks: [{ path: '/nonexistent', format: 'raw', readOnly: true }] }, fileSizes: {}, machine: 'pc-i440fx-7.2', cpuModel: 'qemu64' },
+      version: 99,
+      jobId: '00000000-0000-4000-8000-000000000001',
+      mode: 'live',
+      peer: {
+        name: 'host1',
+        version: '0.1.0',
+        arch: 'x86_64',
+        accel: 'tcg',
+        cpuModel: 'qemu64',
+        cpuFeatures: [],
+        machine: 'pc-i440fx-7.2',
+        networks: {},
+      },
+      domain: {
+        config: { name: 'ghost', memory: 64, boot: { disk: 0 }, disks: [{ path: '/nonexistent', format: 'raw', readOnly: true }] },
+        fileSizes: {},
+        machine: 'pc-i440fx-7.2',
+        cpuModel: 'qemu64',
+      },
     };
     const v = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: begin });
     assert.equal(v.lines[0].error.code, 'MIGRATION_DEST_VERSION');
-    const bad = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, mode: 'teleport' } });
+    const bad = tlsCall('host1', '198.19.0.12', host1Tls, {
+      id: 1,
+      action: 'relocation.begin',
+      params: { ...begin, version: PROTOCOL_VERSION, mode: 'teleport' },
+    });
     assert.equal(bad.lines[0].error.code, 'MIGRATION_PROTOCOL');
-    const liar = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { ...begin, version: PROTOCOL_VERSION, peer: { ...begin.peer, name: 'host3' } } });
+    const liar = tlsCall('host1', '198.19.0.12', host1Tls, {
+      id: 1,
+      action: 'relocation.begin',
+      params: { ...begin, version: PROTOCOL_VERSION, peer: { ...begin.peer, name: 'host3' } },
+    });
     assert.equal(liar.lines[0].error.code, 'MIGRATION_PROTOCOL');
-    const noJob = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.finish', params: { jobId: '00000000-0000-4000-8000-000000000002' } });
+    const noJob = tlsCall('host1', '198.19.0.12', host1Tls, {
+      id: 1,
+      action: 'relocation.finish',
+      params: { jobId: '00000000-0000-4000-8000-000000000002' },
+    });
     assert.equal(noJob.lines[0].error.code, 'JOB_NOT_FOUND');
     const garbage = tlsCall('host1', '198.19.0.12', host1Tls, { id: 1, action: 'relocation.begin', params: { version: 'x' } });
     assert.equal(garbage.lines[0].error.code, 'API_BAD_REQUEST');
@@ -214,7 +292,9 @@ describe('migration refusals (lab)', () => {
   });
 
   test('a real migration from a host that is not in hostsAllow', async () => {
-    await reconfigure('host2', (c) => { c.relocation.hostsAllow = ['^host3$']; });
+    await reconfigure('host2', (c) => {
+      c.relocation.hostsAllow = ['^host3$'];
+    });
     const r = await refused('pat', 'host2', 'PEER_NOT_ALLOWED');
     assert.match(r.error.message, /host1/);
     assert.match(ferrydLog('host2'), /"msg":"refused peer".*"code":"PEER_NOT_ALLOWED".*"peerName":"host1"/);

@@ -8,8 +8,12 @@ import assert from 'node:assert/strict';
 import { ok, labUp, labDown, createGuest, labState, pidAlive, guestStatus, waitFor } from '../helpers.ts';
 
 describe('ferryd restart (lab, real QEMU)', () => {
-  before(async () => { await labUp(['--hosts', '1']); });
-  after(async () => { await labDown(); });
+  before(async () => {
+    await labUp(['--hosts', '1']);
+  });
+  after(async () => {
+    await labDown();
+  });
 
   test('kill -9 ferryd: domains survive and are listed again after restart', async () => {
     const cfg = await createGuest('linux', 'web', 'host1');
@@ -28,7 +32,10 @@ describe('ferryd restart (lab, real QEMU)', () => {
 
     await ok(['lab', 'restart', 'host1']);
     const after = await ok(['-H', 'host1', 'list', '--json']);
-    assert.deepEqual(after.map((d: any) => [d.name, d.id, d.state]), before.map((d: any) => [d.name, d.id, d.state]));
+    assert.deepEqual(
+      after.map((d: any) => [d.name, d.id, d.state]),
+      before.map((d: any) => [d.name, d.id, d.state]),
+    );
     const pidsAfter = await Promise.all(['web', 'pat'].map(async (d) => (await ok(['-H', 'host1', 'info', d, '--json'])).pid));
     assert.deepEqual(pidsAfter, pids);
     // Re-attached for real: commands and the console work.

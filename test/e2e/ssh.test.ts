@@ -13,7 +13,9 @@ describe('an SSH session across live moves (lab)', () => {
     await labUp(['--hosts', '2']);
     await createGuest('linux', 'web', 'host1');
   });
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
   test('ferry lab ssh runs a command with the pinned host key and returns its exit status', async () => {
     const r = await ferry(['lab', 'ssh', 'web', '--', 'hostname; exit 7']);
@@ -23,12 +25,17 @@ describe('an SSH session across live moves (lab)', () => {
   });
 
   test('a session printing a counter survives a live move there and back, no line lost, and ends normally', async () => {
-    const loop = 'rm -f /tmp/stop; i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo "tick $i $(hostname)"; sleep 0.1; done; echo "end $i"';
+    const loop =
+      'rm -f /tmp/stop; i=0; while [ ! -e /tmp/stop ]; do i=$((i+1)); echo "tick $i $(hostname)"; sleep 0.1; done; echo "end $i"';
     const child = spawn(process.execPath, [FERRY, 'lab', 'ssh', 'web', '--', loop], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
-    child.stdout.on('data', (d) => { out += d; });
-    child.stderr.on('data', (d) => { err += d; });
+    child.stdout.on('data', (d) => {
+      out += d;
+    });
+    child.stderr.on('data', (d) => {
+      err += d;
+    });
     const exited = new Promise<number>((r) => child.on('close', (c) => r(c ?? -1)));
     try {
       await waitFor('the first ticks', () => (out.match(/^tick /gm) ?? []).length >= 5, 20000);
@@ -46,7 +53,11 @@ describe('an SSH session across live moves (lab)', () => {
     }
     const lines = out.trim().split('\n');
     const ticks = lines.filter((l) => l.startsWith('tick ')).map((l) => Number(l.split(' ')[1]));
-    assert.deepEqual(ticks, ticks.map((_, i) => i + 1), 'every counter line arrived, in order');
+    assert.deepEqual(
+      ticks,
+      ticks.map((_, i) => i + 1),
+      'every counter line arrived, in order',
+    );
     assert.equal(lines.at(-1), `end ${ticks.length}`);
     assert.ok(ticks.length >= 20);
   });

@@ -17,7 +17,10 @@ import { ok, fails, labUp, labDown, waitFor, inNs, domainRecord, labState, FERRY
  * writer busy, is silent for a while).
  */
 async function onConsole(host: string, lines: string, idleMs = 15000): Promise<string> {
-  const out = await ok(['-H', host, 'console', 'db', '--idle', String(idleMs), '--max', '120000'], { input: lines + '\n', timeoutMs: 150000 });
+  const out = await ok(['-H', host, 'console', 'db', '--idle', String(idleMs), '--max', '120000'], {
+    input: lines + '\n',
+    timeoutMs: 150000,
+  });
   return String(out);
 }
 
@@ -28,7 +31,13 @@ const md5Of = (out: string): string => {
   return m[1];
 };
 const disksDir = (host: string): string => path.join(path.dirname(labState().hosts.find((h: any) => h.name === host).configPath), 'disks');
-const files = (host: string): string[] => { try { return fs.readdirSync(disksDir(host)).sort(); } catch { return []; } };
+const files = (host: string): string[] => {
+  try {
+    return fs.readdirSync(disksDir(host)).sort();
+  } catch {
+    return [];
+  }
+};
 
 describe('moving a domain with a local disk (--copy-storage, lab)', () => {
   let sum = '';
@@ -39,11 +48,17 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const f = path.join(labState().dir, 'db.json');
     fs.writeFileSync(f, JSON.stringify(cfg));
     await ok(['-H', 'host1', 'create', f]);
-    await waitFor('db ready', () => fs.readFileSync(`/var/lib/ferry-lab/host1/state/run/db/console.log`, 'utf8').includes('ferry-linux ready'), 60000);
+    await waitFor(
+      'db ready',
+      () => fs.readFileSync(`/var/lib/ferry-lab/host1/state/run/db/console.log`, 'utf8').includes('ferry-linux ready'),
+      60000,
+    );
     // 64 MiB of random data at the start of /dev/vda, and its sum as the guest reads it.
     sum = md5Of(await onConsole('host1', `dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null; ${MD5_64MIB}`, 8000));
   });
-  after(async () => { await labDown(); });
+  after(async () => {
+    await labDown();
+  });
 
   test('without --copy-storage a local disk is refused with the storage code, and nothing changes', async () => {
     const pid = (await ok(['-H', 'host1', 'info', 'db', '--json'])).pid;
@@ -57,15 +72,26 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
   test('the link dies mid-mirror: the source keeps running on its disk, nothing half-made stays on the destination', async () => {
     const { pid, memoryMiB } = await ok(['-H', 'host1', 'info', 'db', '--json']);
     // Capped at 4 MiB/s, so the 64 MiB copy is still under way when host2's data ports go dark.
-    const child = spawn(process.execPath, [FERRY, '-H', 'host1', 'migrate', 'db', 'host2', '--live', '--copy-storage', '--bandwidth', '4', '--timeout', '12', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(
+      process.execPath,
+      [FERRY, '-H', 'host1', 'migrate', 'db', 'host2', '--live', '--copy-storage', '--bandwidth', '4', '--timeout', '12', '--json'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
     let out = '';
-    child.stdout.on('data', (d) => { out += d; });
+    child.stdout.on('data', (d) => {
+      out += d;
+    });
     const done = new Promise<number>((r) => child.on('close', (c) => r(c ?? -1)));
     try {
-      await waitFor('the mirror under way', async () => {
-        const j = await ok(['-H', 'host1', 'job', 'db', '--json']).catch(() => null);
-        return j?.progress?.stage?.startsWith('copying disks') && j.progress.disk?.copied > 4 * 1048576;
-      }, 20000, 200);
+      await waitFor(
+        'the mirror under way',
+        async () => {
+          const j = await ok(['-H', 'host1', 'job', 'db', '--json']).catch(() => null);
+          return j?.progress?.stage?.startsWith('copying disks') && j.progress.disk?.copied > 4 * 1048576;
+        },
+        20000,
+        200,
+      );
       assert.deepEqual(files('host2'), ['db.disk0.qcow2'], 'the copy is being made on host2');
       // The waiting QEMU and the move's reservation are the same memory, counted once.
       const mem = (await ok(['-H', 'host2', 'host', 'info', '--json'])).memory;
@@ -92,7 +118,10 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const pool = labState().poolDir;
     const base = path.join(pool, 'base.qcow2');
     const top = path.join(disksDir('host1'), 'ov-data.qcow2');
-    const run = (cmd: string, args: string[]): void => { const r = spawnSync(cmd, args, { encoding: 'utf8' }); assert.equal(r.status, 0, r.stderr); };
+    const run = (cmd: string, args: string[]): void => {
+      const r = spawnSync(cmd, args, { encoding: 'utf8' });
+      assert.equal(r.status, 0, r.stderr);
+    };
     run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '128M']);
     run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 32M', base]);
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
@@ -101,13 +130,21 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const f = path.join(labState().dir, 'ov.json');
     fs.writeFileSync(f, JSON.stringify(cfg));
     await ok(['-H', 'host1', 'create', f]);
-    await waitFor('ov ready', () => fs.readFileSync('/var/lib/ferry-lab/host1/state/run/ov/console.log', 'utf8').includes('ferry-linux ready'), 60000);
-    const onOv = async (host: string, lines: string): Promise<string> => String(await ok(['-H', host, 'console', 'ov', '--idle', '15000', '--max', '120000'], { input: lines + '\n', timeoutMs: 150000 }));
+    await waitFor(
+      'ov ready',
+      () => fs.readFileSync('/var/lib/ferry-lab/host1/state/run/ov/console.log', 'utf8').includes('ferry-linux ready'),
+      60000,
+    );
+    const onOv = async (host: string, lines: string): Promise<string> =>
+      String(await ok(['-H', host, 'console', 'ov', '--idle', '15000', '--max', '120000'], { input: lines + '\n', timeoutMs: 150000 }));
     // 16 MiB of the guest's own over the base's 32 MiB pattern: the first 64 MiB mix both layers.
     const before = md5Of(await onOv('host1', `dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=16 conv=fsync 2>/dev/null; ${MD5_64MIB}`));
     const rep = await ok(['-H', 'host1', 'migrate', 'ov', 'host2', '--live', '--copy-storage', '--json']);
     assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
-    assert.ok(rep.policy.some((p: string) => /disk0 \(128 MiB, .* sync top over its shared backing file\)/.test(p)), JSON.stringify(rep.policy));
+    assert.ok(
+      rep.policy.some((p: string) => /disk0 \(128 MiB, .* sync top over its shared backing file\)/.test(p)),
+      JSON.stringify(rep.policy),
+    );
     const copy = path.join(disksDir('host2'), 'ov.disk0.qcow2');
     const info = JSON.parse(spawnSync('qemu-img', ['info', '-U', '--output=json', copy], { encoding: 'utf8' }).stdout);
     assert.equal(info['backing-filename'], base, 'the copy sits on the same shared base');
@@ -120,10 +157,16 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
 
   test('live with a writer running: the data arrives whole, the source copy is kept; back with --delete-source-storage', async () => {
     // A writer that never stops, past the checked region (from 128 MiB on).
-    await onConsole('host1', '(i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$((2048 + i % 64 * 16)) conv=notrunc 2>/dev/null; i=$((i+1)); echo $i > /run/writes; done) &', 2000);
+    await onConsole(
+      'host1',
+      '(i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$((2048 + i % 64 * 16)) conv=notrunc 2>/dev/null; i=$((i+1)); echo $i > /run/writes; done) &',
+      2000,
+    );
     const rep = await ok(['-H', 'host1', 'migrate', 'db', 'host2', '--live', '--copy-storage', '--json']);
     assert.equal(rep.outcome, 'succeeded');
-    assert.deepEqual(rep.storage.disks, [{ index: 0, from: path.join(disksDir('host1'), 'db-data.qcow2'), to: path.join(disksDir('host2'), 'db.disk0.qcow2') }]);
+    assert.deepEqual(rep.storage.disks, [
+      { index: 0, from: path.join(disksDir('host1'), 'db-data.qcow2'), to: path.join(disksDir('host2'), 'db.disk0.qcow2') },
+    ]);
     assert.equal(rep.storage.sourceKept, true);
     assert.ok(rep.storage.copiedBytes >= 64 * 1048576, `${rep.storage.copiedBytes} bytes copied`);
     for (const k of ['disksInSync', 'disksCompleted']) assert.equal(typeof rep.timeline[k], 'number', k);
@@ -140,7 +183,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const back = await ok(['-H', 'host2', 'migrate', 'db', 'host1', '--live', '--copy-storage', '--delete-source-storage', '--json']);
     assert.equal(back.outcome, 'succeeded');
     assert.equal(back.storage.sourceKept, false);
-    assert.deepEqual(files('host2'), [], 'host2\'s copy deleted at the end of the move');
+    assert.deepEqual(files('host2'), [], "host2's copy deleted at the end of the move");
     assert.ok(files('host1').includes('db.disk0.qcow2'));
     assert.equal(md5Of(await onConsole('host1', MD5_64MIB)), sum);
   });

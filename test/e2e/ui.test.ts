@@ -22,8 +22,11 @@ describe('web dashboard (lab, headless Chromium)', () => {
   let browser: Browser | undefined;
   let page: Page;
   let url = '';
-  const shot = async (name: string): Promise<void> => { await page.screenshot({ path: path.join(SHOTS, `${name}.png`) as `${string}.png`, fullPage: true }); };
-  const text = (): Promise<string> => page.evaluate(() => (window as unknown as { ferry: { consoleText: () => string } }).ferry.consoleText());
+  const shot = async (name: string): Promise<void> => {
+    await page.screenshot({ path: path.join(SHOTS, `${name}.png`) as `${string}.png`, fullPage: true });
+  };
+  const text = (): Promise<string> =>
+    page.evaluate(() => (window as unknown as { ferry: { consoleText: () => string } }).ferry.consoleText());
   const waitText = async (re: RegExp, ms = 30000): Promise<void> => {
     const t0 = Date.now();
     while (!re.test(await text())) {
@@ -33,23 +36,34 @@ describe('web dashboard (lab, headless Chromium)', () => {
   };
 
   before(async () => {
-    assert.ok(CHROMIUM, 'Debian\'s chromium package is installed (scripts/install-packages.sh)');
+    assert.ok(CHROMIUM, "Debian's chromium package is installed (scripts/install-packages.sh)");
     fs.mkdirSync(SHOTS, { recursive: true });
     await labUp(['--hosts', '2', '--host-memory', '1024']);
     await createGuest('linux', 'web', 'host1');
     ui = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
     url = await new Promise<string>((resolve, reject) => {
       let out = '';
-      ui!.stdout!.on('data', (d) => { out += d; const m = /ferry ui: (\S+)/.exec(out); if (m) resolve(m[1]); });
+      ui!.stdout!.on('data', (d) => {
+        out += d;
+        const m = /ferry ui: (\S+)/.exec(out);
+        if (m) resolve(m[1]);
+      });
       ui!.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
     });
-    browser = await puppeteer.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'] });
+    browser = await puppeteer.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+    });
     page = await browser.newPage();
     await page.setViewport({ width: 1280, height: 1400 });
   });
   after(async () => {
     await browser?.close().catch(() => undefined);
-    if (ui?.pid && ui.exitCode === null) { ui.kill('SIGTERM'); await new Promise((r) => ui!.once('exit', r)); }
+    if (ui?.pid && ui.exitCode === null) {
+      ui.kill('SIGTERM');
+      await new Promise((r) => ui!.once('exit', r));
+    }
     await labDown();
   });
 
@@ -60,22 +74,40 @@ describe('web dashboard (lab, headless Chromium)', () => {
     assert.equal(bad.status, 403);
   });
 
-  test('served elsewhere: HTTPS, and only an administrator\'s certificate gets in', async () => {
+  test("served elsewhere: HTTPS, and only an administrator's certificate gets in", async () => {
     const s = labState();
     const tlsDir = s.hosts[0].tlsDir;
-    const srv = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0', '--tls-dir', tlsDir], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const srv = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0', '--tls-dir', tlsDir], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     try {
       const httpsUrl = await new Promise<string>((resolve, reject) => {
         let out = '';
-        srv.stdout!.on('data', (d) => { out += d; const m = /ferry ui: (\S+)/.exec(out); if (m) resolve(m[1]); });
+        srv.stdout!.on('data', (d) => {
+          out += d;
+          const m = /ferry ui: (\S+)/.exec(out);
+          if (m) resolve(m[1]);
+        });
         srv.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
       });
       assert.match(httpsUrl, /^https:\/\/127\.0\.0\.1:\d+\/$/);
-      const get = (certDir?: string): Promise<number | string> => new Promise((resolve) => {
-        const f = (n: string): Buffer => fs.readFileSync(path.join(certDir!, n));
-        const req = https.get(`${httpsUrl}api/state`, { ca: fs.readFileSync(path.join(tlsDir, 'ca-cert.pem')), checkServerIdentity: () => undefined, ...(certDir ? { cert: f('client-cert.pem'), key: f('client-key.pem') } : {}) }, (res) => { res.resume(); resolve(res.statusCode ?? 0); });
-        req.on('error', (e) => resolve((e as NodeJS.ErrnoException).code ?? e.message));
-      });
+      const get = (certDir?: string): Promise<number | string> =>
+        new Promise((resolve) => {
+          const f = (n: string): Buffer => fs.readFileSync(path.join(certDir!, n));
+          const req = https.get(
+            `${httpsUrl}api/state`,
+            {
+              ca: fs.readFileSync(path.join(tlsDir, 'ca-cert.pem')),
+              checkServerIdentity: () => undefined,
+              ...(certDir ? { cert: f('client-cert.pem'), key: f('client-key.pem') } : {}),
+            },
+            (res) => {
+              res.resume();
+              resolve(res.statusCode ?? 0);
+            },
+          );
+          req.on('error', (e) => resolve((e as NodeJS.ErrnoException).code ?? e.message));
+        });
       assert.equal(await get(s.adminTlsDir), 200, 'an administrator');
       assert.equal(await get(s.hosts[1].tlsDir), 403, 'a host certificate is not an administrator');
       assert.notEqual(await get(), 200, 'no certificate: no page');
@@ -88,7 +120,7 @@ describe('web dashboard (lab, headless Chromium)', () => {
     assert.match(plain.stderr + plain.stdout, /needs HTTPS: give --tls-dir/);
   });
 
-  test('hosts and domains; the console takes keys and shows the guest\'s answer', async () => {
+  test("hosts and domains; the console takes keys and shows the guest's answer", async () => {
     await page.goto(url);
     await page.waitForSelector('tr[data-domain="web"] td.host');
     assert.equal(await page.$eval('tr[data-domain="web"] td.host', (e) => e.textContent), 'host1');
@@ -105,10 +137,20 @@ describe('web dashboard (lab, headless Chromium)', () => {
   test('a live migration with a click: the chart fills, the report shows the pause, the console follows', async () => {
     await page.select('tr[data-domain="web"] select.dest', 'host2');
     await page.click('tr[data-domain="web"] button.migrate');
-    await page.waitForFunction(() => (window as unknown as { ferry: { reports: Map<string, { outcome: string }> } }).ferry.reports.get('web')?.outcome === 'succeeded', { timeout: 60000 });
-    const chart = await page.evaluate(() => { const c = (window as unknown as { ferry: { charts: Map<string, { data: number[][] }> } }).ferry.charts.get('web')!; return { points: c.data[0].length, rates: c.data[1] }; });
+    await page.waitForFunction(
+      () =>
+        (window as unknown as { ferry: { reports: Map<string, { outcome: string }> } }).ferry.reports.get('web')?.outcome === 'succeeded',
+      { timeout: 60000 },
+    );
+    const chart = await page.evaluate(() => {
+      const c = (window as unknown as { ferry: { charts: Map<string, { data: number[][] }> } }).ferry.charts.get('web')!;
+      return { points: c.data[0].length, rates: c.data[1] };
+    });
     assert.ok(chart.points >= 1, `${chart.points} points on the chart`);
-    assert.ok(chart.rates.some((r) => r > 0), `throughput drawn: ${chart.rates.join(',')}`);
+    assert.ok(
+      chart.rates.some((r) => r > 0),
+      `throughput drawn: ${chart.rates.join(',')}`,
+    );
     assert.ok(await page.$('[data-migration="web"] canvas'), 'uPlot drew a canvas');
     assert.match(await page.$eval('[data-migration="web"] .pause', (e) => e.textContent ?? ''), /^\d+ ms$/);
     assert.match(await page.$eval('[data-migration="web"] .guest-downtime', (e) => e.textContent ?? ''), /^\d+(\.\d+)? ms$/);
@@ -125,9 +167,14 @@ describe('web dashboard (lab, headless Chromium)', () => {
 
   test('the evacuation view: host2 empties into host1, line by line', async () => {
     await page.click('tr[data-host="host2"] button.evacuate');
-    await page.waitForFunction(() => (window as unknown as { ferry: { evacuation: { done?: string } | null } }).ferry.evacuation?.done === 'done', { timeout: 90000 });
+    await page.waitForFunction(
+      () => (window as unknown as { ferry: { evacuation: { done?: string } | null } }).ferry.evacuation?.done === 'done',
+      { timeout: 90000 },
+    );
     assert.equal(await page.$eval('#evacuation tr[data-domain="web"] td.state', (e) => e.textContent), 'moved');
-    await page.waitForFunction(() => document.querySelector('tr[data-host="host2"] td.maintenance')?.textContent?.startsWith('on since'), { timeout: 10000 });
+    await page.waitForFunction(() => document.querySelector('tr[data-host="host2"] td.maintenance')?.textContent?.startsWith('on since'), {
+      timeout: 10000,
+    });
     assert.equal((await ok(['-H', 'host1', 'info', 'web', '--json'])).state, 'running');
     await shot('3-evacuated');
   });

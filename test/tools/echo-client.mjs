@@ -5,7 +5,15 @@ import net from 'node:net';
 const [ip, intervalArg] = process.argv.slice(2);
 const interval = Number(intervalArg ?? 10);
 const sock = net.createConnection({ host: ip, port: 7 });
-let sent = 0, echoed = 0, outOfOrder = 0, maxGapMs = 0, lastEcho = 0, closed = false, stopping = false, error = null, buf = '';
+let sent = 0,
+  echoed = 0,
+  outOfOrder = 0,
+  maxGapMs = 0,
+  lastEcho = 0,
+  closed = false,
+  stopping = false,
+  error = null,
+  buf = '';
 const sentAt = new Map();
 sock.setNoDelay(true);
 sock.on('connect', () => {
@@ -22,7 +30,8 @@ sock.on('data', (d) => {
   buf += d;
   let i;
   while ((i = buf.indexOf('\n')) >= 0) {
-    const n = Number(buf.slice(0, i)); buf = buf.slice(i + 1);
+    const n = Number(buf.slice(0, i));
+    buf = buf.slice(i + 1);
     if (n !== echoed + 1) outOfOrder++;
     echoed = n;
     const now = Date.now();
@@ -30,8 +39,12 @@ sock.on('data', (d) => {
     lastEcho = now;
   }
 });
-sock.on('error', (e) => { error = e.message; });
-sock.on('close', () => { closed = true; });
+sock.on('error', (e) => {
+  error = e.message;
+});
+sock.on('close', () => {
+  closed = true;
+});
 process.stdin.resume();
 process.stdin.on('end', () => {
   // Stop sending, and give the last lines a moment to come back.

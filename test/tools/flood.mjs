@@ -3,16 +3,29 @@
 //   node flood.mjs ADDR PORT N
 import net from 'node:net';
 const [addr, port, n] = process.argv.slice(2);
-let opened = 0, closed = 0, stopping = false;
+let opened = 0,
+  closed = 0,
+  stopping = false;
 const socks = new Set();
 function one() {
   if (stopping) return;
   const s = net.createConnection({ host: addr, port: Number(port) });
   socks.add(s);
-  s.on('connect', () => { opened++; });
+  s.on('connect', () => {
+    opened++;
+  });
   s.on('error', () => undefined);
-  s.on('close', () => { socks.delete(s); closed++; if (!stopping) setTimeout(one, 20); });
+  s.on('close', () => {
+    socks.delete(s);
+    closed++;
+    if (!stopping) setTimeout(one, 20);
+  });
 }
 for (let i = 0; i < Number(n); i++) one();
 process.stdin.on('data', () => undefined);
-process.stdin.on('end', () => { stopping = true; for (const s of socks) s.destroy(); process.stdout.write(JSON.stringify({ opened, closed }) + '\n'); process.exit(0); });
+process.stdin.on('end', () => {
+  stopping = true;
+  for (const s of socks) s.destroy();
+  process.stdout.write(JSON.stringify({ opened, closed }) + '\n');
+  process.exit(0);
+});

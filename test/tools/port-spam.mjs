@@ -3,7 +3,9 @@
 //   node port-spam.mjs ADDR FIRST LAST
 import net from 'node:net';
 const [addr, first, last] = process.argv.slice(2).map((x, i) => (i === 0 ? x : Number(x)));
-let attempts = 0, accepted = 0, stopping = false;
+let attempts = 0,
+  accepted = 0,
+  stopping = false;
 const junk = Buffer.concat([Buffer.from('QEVM\0\0\0\x03'), Buffer.alloc(4096, 0x5a)]);
 function sweep() {
   if (stopping) return;
@@ -12,11 +14,21 @@ function sweep() {
     attempts++;
     const s = net.createConnection({ host: addr, port: p });
     s.setTimeout(300, () => s.destroy());
-    s.on('connect', () => { accepted++; s.write(junk); setTimeout(() => s.destroy(), 200); });
+    s.on('connect', () => {
+      accepted++;
+      s.write(junk);
+      setTimeout(() => s.destroy(), 200);
+    });
     s.on('error', () => undefined);
-    s.on('close', () => { if (--left === 0) setTimeout(sweep, 2); });
+    s.on('close', () => {
+      if (--left === 0) setTimeout(sweep, 2);
+    });
   }
 }
 sweep();
 process.stdin.on('data', () => undefined);
-process.stdin.on('end', () => { stopping = true; process.stdout.write(JSON.stringify({ attempts, accepted }) + '\n'); process.exit(0); });
+process.stdin.on('end', () => {
+  stopping = true;
+  process.stdout.write(JSON.stringify({ attempts, accepted }) + '\n');
+  process.exit(0);
+});

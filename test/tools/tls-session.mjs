@@ -10,7 +10,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 const [addr, port, certDir] = process.argv.slice(2);
 const steps = JSON.parse(fs.readFileSync(0, 'utf8'));
-const sock = tls.connect({ host: addr, port: Number(port), rejectUnauthorized: false, cert: fs.readFileSync(path.join(certDir, 'client-cert.pem')), key: fs.readFileSync(path.join(certDir, 'client-key.pem')) });
+const sock = tls.connect({
+  host: addr,
+  port: Number(port),
+  rejectUnauthorized: false,
+  cert: fs.readFileSync(path.join(certDir, 'client-cert.pem')),
+  key: fs.readFileSync(path.join(certDir, 'client-key.pem')),
+});
 const queue = [];
 let waiter = null;
 let closed = false;
@@ -22,14 +28,42 @@ sock.on('data', (d) => {
     const l = buf.slice(0, i);
     buf = buf.slice(i + 1);
     let v;
-    try { v = JSON.parse(l); } catch { v = l; }
-    if (waiter) { const w = waiter; waiter = null; w(v); } else queue.push(v);
+    try {
+      v = JSON.parse(l);
+    } catch {
+      v = l;
+    }
+    if (waiter) {
+      const w = waiter;
+      waiter = null;
+      w(v);
+    } else queue.push(v);
   }
 });
-const onGone = () => { closed = true; if (waiter) { const w = waiter; waiter = null; w(null); } };
+const onGone = () => {
+  closed = true;
+  if (waiter) {
+    const w = waiter;
+    waiter = null;
+    w(null);
+  }
+};
 sock.on('close', onGone);
 sock.on('error', onGone);
-const next = () => (queue.length ? Promise.resolve(queue.shift()) : closed ? Promise.resolve(null) : new Promise((r) => { waiter = r; setTimeout(() => { if (waiter === r) { waiter = null; r(null); } }, 3000); }));
+const next = () =>
+  queue.length
+    ? Promise.resolve(queue.shift())
+    : closed
+      ? Promise.resolve(null)
+      : new Promise((r) => {
+          waiter = r;
+          setTimeout(() => {
+            if (waiter === r) {
+              waiter = null;
+              r(null);
+            }
+          }, 3000);
+        });
 sock.once('secureConnect', async () => {
   const replies = [];
   for (const s of steps) {

@@ -47,18 +47,50 @@ export async function begin(side: IncomingSide, m: BeginMsg, ctx: RelocationCont
 function checkBegin(side: IncomingSide, m: BeginMsg, ctx: RelocationContext): Offer {
   const h = side.host;
   const peerName = ctx.caller.transport === 'tls' ? ctx.caller.peerName! : m.peer.name;
-  if (peerName !== m.peer.name) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`);
-  if (side.store.jobs.has(m.jobId)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: job ${m.jobId} was already begun (replay?)`);
-  if (h.maintenance().on) throw new FerryError('MIGRATION_DEST_MAINTENANCE', `Cannot migrate domain "${m.config.name}": ${h.cfg.name} is in maintenance since ${h.maintenance().since ?? 'earlier'} and takes no incoming move; pick another host`);
+  if (peerName !== m.peer.name)
+    throw new FerryError(
+      'MIGRATION_PROTOCOL',
+      `relocation.begin: peer says it is "${m.peer.name}" but its certificate names "${peerName}"`,
+    );
+  if (side.store.jobs.has(m.jobId))
+    throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: job ${m.jobId} was already begun (replay?)`);
+  if (h.maintenance().on)
+    throw new FerryError(
+      'MIGRATION_DEST_MAINTENANCE',
+      `Cannot migrate domain "${m.config.name}": ${h.cfg.name} is in maintenance since ${h.maintenance().since ?? 'earlier'} and takes no incoming move; pick another host`,
+    );
   // The destination decides whether its QEMU may read an unauthenticated stream.
-  if (m.insecure && !h.cfg.relocation.allowInsecure) throw new FerryError('MIGRATION_DEST_INSECURE', `Cannot migrate domain "${m.config.name}" without TLS: ${h.cfg.name} does not accept plain-TCP migration streams; drop --insecure, or set relocation.allowInsecure on ${h.cfg.name} (trusted networks only)`);
+  if (m.insecure && !h.cfg.relocation.allowInsecure)
+    throw new FerryError(
+      'MIGRATION_DEST_INSECURE',
+      `Cannot migrate domain "${m.config.name}" without TLS: ${h.cfg.name} does not accept plain-TCP migration streams; drop --insecure, or set relocation.allowInsecure on ${h.cfg.name} (trusted networks only)`,
+    );
   checkLimits(side, peerName);
   const running = m.mode !== 'definition';
-  checkOffer({ version: m.version, src: m.peer }, {
-    name: h.cfg.name, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, cpuUnavailable: h.qemu.cpuUnavailable, machines: h.qemu.machines,
-    networks: h.cfg.networks, ...h.memoryFacts(), domainNames: h.domainNames(), domainUuids: h.domainUuids(),
-  }, m.config, running);
-  if (running && m.cpuModel !== h.qemu.cpuModel) throw new FerryError('MIGRATION_DEST_CPU', `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`);
+  checkOffer(
+    { version: m.version, src: m.peer },
+    {
+      name: h.cfg.name,
+      qemuVersion: h.qemu.version,
+      arch: hostArch(),
+      accel: h.accel.accel,
+      cpuModel: h.qemu.cpuModel,
+      cpuFeatures: h.qemu.cpuFeatures,
+      cpuUnavailable: h.qemu.cpuUnavailable,
+      machines: h.qemu.machines,
+      networks: h.cfg.networks,
+      ...h.memoryFacts(),
+      domainNames: h.domainNames(),
+      domainUuids: h.domainUuids(),
+    },
+    m.config,
+    running,
+  );
+  if (running && m.cpuModel !== h.qemu.cpuModel)
+    throw new FerryError(
+      'MIGRATION_DEST_CPU',
+      `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`,
+    );
   // --copy-storage: the disks to copy get their place here; everything else must be shared.
   const copies = placeCopies(side, m, running);
   checkStorage(side, m, copies, peerName);
@@ -76,22 +108,38 @@ function checkBegin(side: IncomingSide, m: BeginMsg, ctx: RelocationContext): Of
 /** limits.incomingPerPeer and limits.incomingTotal over the jobs still before Finish. */
 function checkLimits(side: IncomingSide, peerName: string): void {
   const h = side.host;
-  const open = [...side.store.jobs.values()].filter((x): x is DestJob => x.role === 'destination' && (x.phase === 'begun' || x.phase === 'prepared'));
+  const open = [...side.store.jobs.values()].filter(
+    (x): x is DestJob => x.role === 'destination' && (x.phase === 'begun' || x.phase === 'prepared'),
+  );
   const lim = h.cfg.limits;
-  if (open.filter((x) => x.peer.name === peerName).length >= lim.incomingPerPeer) throw new FerryError('API_LIMIT', `${h.cfg.name} already has ${lim.incomingPerPeer} unfinished incoming migrations from ${peerName} (limits.incomingPerPeer); finish or abandon those first`);
-  if (open.length >= lim.incomingTotal) throw new FerryError('API_LIMIT', `${h.cfg.name} already has ${lim.incomingTotal} unfinished incoming migrations (limits.incomingTotal); try again later`);
+  if (open.filter((x) => x.peer.name === peerName).length >= lim.incomingPerPeer)
+    throw new FerryError(
+      'API_LIMIT',
+      `${h.cfg.name} already has ${lim.incomingPerPeer} unfinished incoming migrations from ${peerName} (limits.incomingPerPeer); finish or abandon those first`,
+    );
+  if (open.length >= lim.incomingTotal)
+    throw new FerryError(
+      'API_LIMIT',
+      `${h.cfg.name} already has ${lim.incomingTotal} unfinished incoming migrations (limits.incomingTotal); try again later`,
+    );
 }
 
 /** Shared disks: inside the pools (a peer learns nothing about files outside them, not even existence), the same sizes, the source's markers beside them. */
 function checkStorage(side: IncomingSide, m: BeginMsg, copies: Placed[], peerName: string): void {
   const h = side.host;
   const shared: DomainConfig = { ...m.config, disks: m.config.disks.filter((_, i) => !copies.some((c) => c.index === i)) };
-  const backings = copies.flatMap((c) => (c.backing ? [{ path: c.backing.path, format: c.backing.format as 'raw' | 'qcow2', readOnly: true, bus: 'virtio' as const }] : []));
+  const backings = copies.flatMap((c) =>
+    c.backing ? [{ path: c.backing.path, format: c.backing.format as 'raw' | 'qcow2', readOnly: true, bus: 'virtio' as const }] : [],
+  );
   try {
     h.checkPaths({ ...shared, disks: [...shared.disks, ...backings] });
   } catch (e) {
     const fe = asFerryError(e);
-    if (fe.code === 'DISK_NOT_FOUND') throw new FerryError('MIGRATION_DEST_DISK', `Cannot migrate domain "${m.config.name}": ${fe.message}; disks, their backing files and boot files must be on shared storage at the same path`);
+    if (fe.code === 'DISK_NOT_FOUND')
+      throw new FerryError(
+        'MIGRATION_DEST_DISK',
+        `Cannot migrate domain "${m.config.name}": ${fe.message}; disks, their backing files and boot files must be on shared storage at the same path`,
+      );
     throw fe;
   }
   checkFiles(shared, m.fileSizes, h.cfg.name);
@@ -104,12 +152,25 @@ function checkStorage(side: IncomingSide, m: BeginMsg, copies: Placed[], peerNam
  */
 function tunnelsFor(side: IncomingSide, m: BeginMsg, running: boolean, ctx: RelocationContext): Map<number, TunnelHome> {
   const h = side.host;
-  const need = tunnelsNeeded(m.config, m.homes, { name: h.cfg.name, networks: h.cfg.networks, tunnels: h.cfg.relocation.tunnels, address: h.cfg.relocation.address }, m.peer.name);
+  const need = tunnelsNeeded(
+    m.config,
+    m.homes,
+    { name: h.cfg.name, networks: h.cfg.networks, tunnels: h.cfg.relocation.tunnels, address: h.cfg.relocation.address },
+    m.peer.name,
+  );
   const peerAddr = (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '');
   const known = new Set([peerAddr, ...peerAddresses(h.cfg.peers)]);
   for (const [i, home] of need) {
-    if (!running) throw new FerryError('MIGRATION_DEST_L2', `Cannot migrate shut-off domain "${m.config.name}": network "${m.config.nics[i].network}" is another subnet on ${h.cfg.name} than its segment ${home.subnet}, and a tunnel follows a running domain only; start it first, or move it to a host on ${home.subnet}`);
-    if (!known.has(home.address)) throw new FerryError('MIGRATION_PROTOCOL', `relocation.begin: NIC ${i}'s home ${home.host} at ${home.address} is neither the source nor a peer of ${h.cfg.name}`);
+    if (!running)
+      throw new FerryError(
+        'MIGRATION_DEST_L2',
+        `Cannot migrate shut-off domain "${m.config.name}": network "${m.config.nics[i].network}" is another subnet on ${h.cfg.name} than its segment ${home.subnet}, and a tunnel follows a running domain only; start it first, or move it to a host on ${home.subnet}`,
+      );
+    if (!known.has(home.address))
+      throw new FerryError(
+        'MIGRATION_PROTOCOL',
+        `relocation.begin: NIC ${i}'s home ${home.host} at ${home.address} is neither the source nor a peer of ${h.cfg.name}`,
+      );
   }
   return need;
 }
@@ -122,9 +183,19 @@ function persistJob(side: IncomingSide, o: Offer, ctx: RelocationContext): DestJ
   const { m, peerName } = o;
   const now = Date.now();
   const job: DestJob = {
-    role: 'destination', jobId: m.jobId, domain: m.config.name, uuid: m.config.uuid, mode: m.mode, encrypted: !m.insecure,
-    startedAt: now, updatedAt: now, history: [{ phase: 'begun', at: now }], phase: 'begun',
-    peer: { name: peerName, address: ctx.caller.peerAddress ?? '', ...(ctx.caller.peerDn ? { dn: ctx.caller.peerDn } : {}) }, dataPort: 0, memoryMiB: m.config.memoryMiB,
+    role: 'destination',
+    jobId: m.jobId,
+    domain: m.config.name,
+    uuid: m.config.uuid,
+    mode: m.mode,
+    encrypted: !m.insecure,
+    startedAt: now,
+    updatedAt: now,
+    history: [{ phase: 'begun', at: now }],
+    phase: 'begun',
+    peer: { name: peerName, address: ctx.caller.peerAddress ?? '', ...(ctx.caller.peerDn ? { dn: ctx.caller.peerDn } : {}) },
+    dataPort: 0,
+    memoryMiB: m.config.memoryMiB,
     config: { ...domainConfigToJson(m.config), _machine: m.machine, _cpuModel: m.cpuModel },
     ...(m.postcopy ? { postcopy: true } : {}),
   };
@@ -142,7 +213,12 @@ async function hold(run: IncomingRun, o: Offer): Promise<Results['relocation.beg
   const { j, host: h } = run;
   const { m, peerName } = o;
   if (!o.running) {
-    const l2 = await checkL2(m.config, m.peer, { networks: h.cfg.networks, host: h.cfg.name }, { guestRunning: false, on: 'segments' }).catch(async (e) => {
+    const l2 = await checkL2(
+      m.config,
+      m.peer,
+      { networks: h.cfg.networks, host: h.cfg.name },
+      { guestRunning: false, on: 'segments' },
+    ).catch(async (e) => {
       await abandonLocal(run, (e as Error).message);
       throw e;
     });
@@ -160,14 +236,36 @@ async function hold(run: IncomingRun, o: Offer): Promise<Results['relocation.beg
   run.starting.catch(() => undefined);
   // NICs behind a tunnel are probed at Prepare, once the source has opened the home end.
   const checks = orAbandon(run, 'pre-flight', () =>
-    Promise.all([checkL2(m.config, m.peer, { networks: h.cfg.networks, host: h.cfg.name }, { guestRunning: true, on: 'segments', tunnels: run.tunnels }), openProbe(run)]),
+    Promise.all([
+      checkL2(
+        m.config,
+        m.peer,
+        { networks: h.cfg.networks, host: h.cfg.name },
+        { guestRunning: true, on: 'segments', tunnels: run.tunnels },
+      ),
+      openProbe(run),
+    ]),
   );
   const [l2, port] = await checks;
   j.dataPort = port;
   run.side.store.saveLater(j);
-  run.log.info('migration begun', { jobId: j.jobId, domain: j.domain, peer: peerName, mode: m.mode, dataPort: port, l2, tunnels: [...o.need.keys()] });
+  run.log.info('migration begun', {
+    jobId: j.jobId,
+    domain: j.domain,
+    peer: peerName,
+    mode: m.mode,
+    dataPort: port,
+    l2,
+    tunnels: [...o.need.keys()],
+  });
   return {
-    jobId: j.jobId, host: h.cfg.name, dataAddress: h.cfg.relocation.address, dataPort: port, checks: l2, postcopy: m.postcopy, ...(m.postcopy ? {} : { postcopyWhy: o.postcopyWhy }),
+    jobId: j.jobId,
+    host: h.cfg.name,
+    dataAddress: h.cfg.relocation.address,
+    dataPort: port,
+    checks: l2,
+    postcopy: m.postcopy,
+    ...(m.postcopy ? {} : { postcopyWhy: o.postcopyWhy }),
     ...(o.need.size ? { tunnels: [...o.need].map(([nic, home]) => ({ nic, vni: home.vni, address: h.cfg.relocation.address })) } : {}),
     ...(o.copies.length ? { copyDisks: o.copies.map((c) => ({ index: c.index, path: c.path })) } : {}),
   };
@@ -205,12 +303,27 @@ function placeCopies(side: IncomingSide, m: BeginMsg, running: boolean): Placed[
   const h = side.host;
   const who = `Cannot migrate domain "${m.config.name}"`;
   if (!m.copyDisks.length) return [];
-  if (!running) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: --copy-storage copies a running domain's disks (QEMU mirrors them while the guest runs); start it first, or copy its disks by hand`);
+  if (!running)
+    throw new FerryError(
+      'MIGRATION_DEST_STORAGE',
+      `${who}: --copy-storage copies a running domain's disks (QEMU mirrors them while the guest runs); start it first, or copy its disks by hand`,
+    );
   const out = m.copyDisks.map((c) => ({ ...c, path: path.join(h.cfg.storage.localDir, `${m.config.name}.disk${c.index}.${c.format}`) }));
-  for (const c of out) if (fs.existsSync(c.path)) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: ${c.path} exists already on ${h.cfg.name} (a disk of an earlier copy?); remove it there first`, { path: c.path });
+  for (const c of out)
+    if (fs.existsSync(c.path))
+      throw new FerryError(
+        'MIGRATION_DEST_STORAGE',
+        `${who}: ${c.path} exists already on ${h.cfg.name} (a disk of an earlier copy?); remove it there first`,
+        { path: c.path },
+      );
   const need = out.reduce((a, c) => a + Math.ceil(c.allocated * 1.1), 0) + 64 * 1048576;
   const free = h.localFreeBytes();
-  if (free < need) throw new FerryError('MIGRATION_DEST_STORAGE', `${who}: its disks need about ${(need / 1048576).toFixed(0)} MiB on ${h.cfg.name} (${h.cfg.storage.localDir}), which has ${(free / 1048576).toFixed(0)} MiB free; free space there, or move it elsewhere`, { needBytes: need, freeBytes: free });
+  if (free < need)
+    throw new FerryError(
+      'MIGRATION_DEST_STORAGE',
+      `${who}: its disks need about ${(need / 1048576).toFixed(0)} MiB on ${h.cfg.name} (${h.cfg.storage.localDir}), which has ${(free / 1048576).toFixed(0)} MiB free; free space there, or move it elsewhere`,
+      { needBytes: need, freeBytes: free },
+    );
   return out;
 }
 
@@ -222,10 +335,15 @@ function placeCopies(side: IncomingSide, m: BeginMsg, running: boolean): Placed[
 async function startIncoming(run: IncomingRun, bridges: (string | undefined)[]): Promise<DomainHandle> {
   const { j, host: h } = run;
   const m = run.begin!;
-  const dom = await h.startIncoming(m.config, j.jobId, { preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel, bridges }, (pid) => {
-    j.pid = pid;
-    run.side.store.saveLater(j);
-  });
+  const dom = await h.startIncoming(
+    m.config,
+    j.jobId,
+    { preallocate: m.mode === 'offline', machine: m.machine, cpuModel: m.cpuModel, bridges },
+    (pid) => {
+      j.pid = pid;
+      run.side.store.saveLater(j);
+    },
+  );
   const q = dom.qmp!;
   run.watch = new MigrationWatcher(q);
   const mq = new MigrationQmp(q, 'destination');
@@ -259,10 +377,18 @@ async function openProbe(run: IncomingRun): Promise<number> {
  * The first data port of the configured range that no unfinished incoming job holds
  * and that `make()`'s server can listen on; the server is returned listening.
  */
-export async function bindDataPort(side: IncomingSide, make: () => net.Server, what: string): Promise<{ port: number; server: net.Server }> {
+export async function bindDataPort(
+  side: IncomingSide,
+  make: () => net.Server,
+  what: string,
+): Promise<{ port: number; server: net.Server }> {
   const cfg = side.host.cfg.relocation;
   const [first, last] = cfg.dataPorts;
-  const used = new Set([...side.store.jobs.values()].filter((j): j is DestJob => j.role === 'destination' && j.phase !== 'confirmed' && j.phase !== 'abandoned').map((j) => j.dataPort));
+  const used = new Set(
+    [...side.store.jobs.values()]
+      .filter((j): j is DestJob => j.role === 'destination' && j.phase !== 'confirmed' && j.phase !== 'abandoned')
+      .map((j) => j.dataPort),
+  );
   for (let port = first; port <= last; port++) {
     if (used.has(port)) continue;
     const server = make();

@@ -33,19 +33,30 @@ export interface Loaded {
 export async function loaded(run: IncomingRun, what: string): Promise<Loaded> {
   const { j, host: h } = run;
   // Abandoned on its own (its QEMU died, its control connection dropped): say so plainly.
-  if (j.phase === 'abandoned') throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} abandoned the migration of "${j.domain}": ${j.error?.message ?? 'no reason recorded'}`, { abandoned: true });
+  if (j.phase === 'abandoned')
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${h.cfg.name} abandoned the migration of "${j.domain}": ${j.error?.message ?? 'no reason recorded'}`,
+      { abandoned: true },
+    );
   if (j.phase !== 'prepared') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot ${what}`);
   const dom = h.find(j.domain);
   if (!dom || dom.rec.state.kind !== 'incoming' || !dom.qmp) {
     await abandonLocal(run, `no incoming QEMU to ${what}`);
-    throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, { abandoned: true });
+    throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no incoming QEMU for "${j.domain}"; abandoned`, {
+      abandoned: true,
+    });
   }
   const q = dom.qmp;
   const status = await loadStatus(run, q, what);
   const w = run.watch!;
   if (status !== 'paused' && status !== 'prelaunch' && !(j.postcopy && status === 'inmigrate' && w.status === 'postcopy-active')) {
     await abandonLocal(run, `incoming state did not load (status ${status})`);
-    throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not load the state of "${j.domain}" (QEMU status ${status}); abandoned, the source keeps it`, { abandoned: true });
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${h.cfg.name} could not load the state of "${j.domain}" (QEMU status ${status}); abandoned, the source keeps it`,
+      { abandoned: true },
+    );
   }
   return { dom, q };
 }
@@ -58,9 +69,13 @@ async function loadStatus(run: IncomingRun, q: QmpClient, what: string): Promise
   // connected, the request is out of order: refuse at once instead of waiting.
   // (QEMU 10 says "setup" as soon as it listens, and "active" once a stream connected;
   // a source that finished sending is past that, give or take the main loop's turn.)
-  const noStream = (): FerryError => new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
+  const noStream = (): FerryError =>
+    new FerryError('MIGRATION_PROTOCOL', `relocation: cannot ${what} job ${j.jobId} before any migration stream arrived`);
   if (!w || w.status === 'none') throw noStream();
-  if (w.status === 'setup') await w.until(['active', ...FINAL_STATUSES], 2000).catch(() => { throw noStream(); });
+  if (w.status === 'setup')
+    await w.until(['active', ...FINAL_STATUSES], 2000).catch(() => {
+      throw noStream();
+    });
   try {
     // Post-copy: the source stopped its guest and sent the devices; the rest of RAM
     // follows as this guest runs. Its run state is inmigrate until QEMU has loaded them.
@@ -98,17 +113,21 @@ export async function repair(run: IncomingRun, p: Params<'relocation.repair'>, a
   const j = run.j;
   const { dom } = await loaded(run, 'repair its memory');
   const data = attachment ?? Buffer.alloc(0);
-  if (data.length !== p.length) throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${data.length} bytes arrived, ${p.length} announced`);
+  if (data.length !== p.length)
+    throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${data.length} bytes arrived, ${p.length} announced`);
   run.repairs++;
-  if (run.repairs === 1) run.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });
-  await ramOrAbandon(run, 'write', () => run.host.withRam(dom, true, async (ram) => {
-    try {
-      ram.write(p.offset, data);
-    } catch (e) {
-      // The peer's fault, not this host's: refused, and nothing changed.
-      throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
-    }
-  }));
+  if (run.repairs === 1)
+    run.log.warn('incoming memory arrived different; rewriting it from the source', { jobId: j.jobId, domain: j.domain });
+  await ramOrAbandon(run, 'write', () =>
+    run.host.withRam(dom, true, async (ram) => {
+      try {
+        ram.write(p.offset, data);
+      } catch (e) {
+        // The peer's fault, not this host's: refused, and nothing changed.
+        throw new FerryError('MIGRATION_PROTOCOL', `relocation.repair of job ${j.jobId}: ${(e as Error).message}`);
+      }
+    }),
+  );
   return { written: data.length };
 }
 
@@ -122,7 +141,11 @@ async function ramOrAbandon<T>(run: IncomingRun, verb: string, f: () => Promise<
   } catch (e) {
     if (e instanceof FerryError && e.code === 'MIGRATION_PROTOCOL') throw e;
     await abandonLocal(run, `could not ${verb} the incoming RAM: ${(e as Error).message}`);
-    throw new FerryError('MIGRATION_FAILED', `Destination ${run.host.cfg.name} could not ${verb} the incoming RAM of "${run.j.domain}" (${(e as Error).message}); abandoned, the source keeps it`, { abandoned: true });
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${run.host.cfg.name} could not ${verb} the incoming RAM of "${run.j.domain}" (${(e as Error).message}); abandoned, the source keeps it`,
+      { abandoned: true },
+    );
   }
 }
 
@@ -133,13 +156,18 @@ export async function finish(run: IncomingRun, running: boolean): Promise<Result
   const { dom, q } = await loaded(run, 'finish');
   run.repairs = 0;
   // ---- point of no return: persisted before the guest runs here ----
-  if (run.abandoning) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} is abandoning the migration of "${j.domain}"`, { abandoned: true });
+  if (run.abandoning)
+    throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} is abandoning the migration of "${j.domain}"`, { abandoned: true });
   try {
     run.step({ type: 'resuming' });
   } catch (e) {
     // Not on disk, so not past the point of no return: give the guest back.
     await abandonLocal(run, `could not persist the point of no return: ${(e as Error).message}`);
-    throw new FerryError(asFerryError(e).code, `Destination ${h.cfg.name} cannot write its state (${(e as Error).message}); abandoned before resuming "${j.domain}"`, { abandoned: true });
+    throw new FerryError(
+      asFerryError(e).code,
+      `Destination ${h.cfg.name} cannot write its state (${(e as Error).message}); abandoned before resuming "${j.domain}"`,
+      { abandoned: true },
+    );
   }
   await stopExports(run, q);
   let resumedAt: number | null = null;
@@ -152,7 +180,10 @@ export async function finish(run: IncomingRun, running: boolean): Promise<Result
     throw e;
   }
   // Tell the L2 segment where the MAC lives now (RARP), so no traffic is black-holed.
-  if (!q.closed && dom.rec.config.nics.length) await incomingOf(q).announce().catch((e) => run.log.warn('announce-self failed', { error: String(e) }));
+  if (!q.closed && dom.rec.config.nics.length)
+    await incomingOf(q)
+      .announce()
+      .catch((e) => run.log.warn('announce-self failed', { error: String(e) }));
   const crashed = settleResumed(run, { dom, q }, running);
   streamTail(run, crashed);
   setTimeout(() => selfConfirm(run, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
@@ -162,7 +193,10 @@ export async function finish(run: IncomingRun, running: boolean): Promise<Result
 /** `cont`, and when the guest resumed by QEMU's clock (null if its QEMU is gone). */
 async function resume(run: IncomingRun, at: Loaded): Promise<number | null> {
   const { q } = at;
-  const resumed = q.waitEvent('RESUME', 10000).then(qmpEventMs).catch(() => Date.now());
+  const resumed = q
+    .waitEvent('RESUME', 10000)
+    .then(qmpEventMs)
+    .catch(() => Date.now());
   resumed.catch(() => undefined);
   try {
     await incomingOf(q).cont();
@@ -200,10 +234,13 @@ function streamTail(run: IncomingRun, crashed: boolean): void {
   const w = run.watch;
   if (!run.j.postcopy || !w || crashed || w.final) return run.dispose();
   run.stopDeadline();
-  void w.until([...FINAL_STATUSES]).then(
-    (s) => run.log.info('post-copy stream ended', { jobId: run.j.jobId, domain: run.j.domain, status: s }),
-    () => undefined,
-  ).finally(() => run.dispose());
+  void w
+    .until([...FINAL_STATUSES])
+    .then(
+      (s) => run.log.info('post-copy stream ended', { jobId: run.j.jobId, domain: run.j.domain, status: s }),
+      () => undefined,
+    )
+    .finally(() => run.dispose());
 }
 
 /**
@@ -214,12 +251,27 @@ function streamTail(run: IncomingRun, crashed: boolean): void {
  */
 export async function resumeFailed(run: IncomingRun, at: Loaded, why: string): Promise<never> {
   const { j, host: h } = run;
-  const st = await incomingOf(at.q).runState().catch(() => undefined);
-  if (!st || st.running) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not resume "${j.domain}" (${why}) and cannot tell whether it runs; the source keeps its copy paused`);
+  const st = await incomingOf(at.q)
+    .runState()
+    .catch(() => undefined);
+  if (!st || st.running)
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${h.cfg.name} could not resume "${j.domain}" (${why}) and cannot tell whether it runs; the source keeps its copy paused`,
+    );
   const reason = `QEMU on ${h.cfg.name} refused to run the guest (${why}); it never ran there`;
-  run.log.error('could not resume an incoming guest; giving it back to the source', { jobId: j.jobId, domain: j.domain, error: why, status: st.status });
+  run.log.error('could not resume an incoming guest; giving it back to the source', {
+    jobId: j.jobId,
+    domain: j.domain,
+    error: why,
+    status: st.status,
+  });
   await undo(run, reason, { type: 'resume-failed', reason });
-  throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not resume "${j.domain}": ${why}. It never ran there, so the source keeps it`, { abandoned: true });
+  throw new FerryError(
+    'MIGRATION_FAILED',
+    `Destination ${h.cfg.name} could not resume "${j.domain}": ${why}. It never ran there, so the source keeps it`,
+    { abandoned: true },
+  );
 }
 
 /**

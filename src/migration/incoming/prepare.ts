@@ -50,11 +50,25 @@ async function listen(run: IncomingRun): Promise<Results['relocation.prepare']> 
     const q = dom.qmp;
     if (!q) throw new FerryError('MIGRATION_FAILED', `the incoming QEMU of "${j.domain}" is gone`);
     // The source has opened the tunnels' home ends: the segment must answer through them.
-    if (run.tunnels.size) run.log.info('tunnel checked', { jobId: j.jobId, l2: await checkL2(m.config, m.peer, { networks: h.cfg.networks, host: h.cfg.name }, { guestRunning: true, on: 'tunnels', tunnels: run.tunnels }) });
+    if (run.tunnels.size)
+      run.log.info('tunnel checked', {
+        jobId: j.jobId,
+        l2: await checkL2(
+          m.config,
+          m.peer,
+          { networks: h.cfg.networks, host: h.cfg.name },
+          { guestRunning: true, on: 'tunnels', tunnels: run.tunnels },
+        ),
+      });
     run.step({ type: 'prepared' });
     touch(run);
     run.closeProbe();
-    if (m.insecure) await openGate(run, { sock: path.join(h.qemuDirOf(dom), 'incoming.sock'), port: j.dataPort, channels: m.parallel + (m.postcopy ? 1 : 0) }, false);
+    if (m.insecure)
+      await openGate(
+        run,
+        { sock: path.join(h.qemuDirOf(dom), 'incoming.sock'), port: j.dataPort, channels: m.parallel + (m.postcopy ? 1 : 0) },
+        false,
+      );
     else await new MigrationQmp(q, 'destination').incoming(uri.tcp(h.cfg.relocation.address, j.dataPort));
     run.log.info('incoming listener open', { jobId: j.jobId, domain: j.domain, port: j.dataPort, tls: !m.insecure, pid: j.pid });
     const nbd = m.copyDisks.length ? await exportDisks(run, q) : undefined;
@@ -62,7 +76,9 @@ async function listen(run: IncomingRun): Promise<Results['relocation.prepare']> 
   } catch (e) {
     // If an abandon is already waiting for this Prepare, it undoes everything once we return.
     if (!run.abandoning) await abandonLocal(run, `prepare failed: ${(e as Error).message}`, true);
-    throw e instanceof FerryError ? e : new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not prepare: ${(e as Error).message}`);
+    throw e instanceof FerryError
+      ? e
+      : new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} could not prepare: ${(e as Error).message}`);
   }
 }
 
@@ -81,7 +97,14 @@ export async function openGate(run: IncomingRun, at: { sock: string; port: numbe
   if (recovery) await mq.recover(uri.unix(at.sock));
   else await mq.incoming(uri.unix(at.sock));
   run.gate?.close();
-  run.gate = new DataGate({ address: h.cfg.relocation.address, port: at.port, allowFrom: j.peer.address.replace(/^::ffff:/, ''), target: at.sock, channels: at.channels, log: run.log });
+  run.gate = new DataGate({
+    address: h.cfg.relocation.address,
+    port: at.port,
+    allowFrom: j.peer.address.replace(/^::ffff:/, ''),
+    target: at.sock,
+    channels: at.channels,
+    log: run.log,
+  });
   await run.gate.open();
 }
 
@@ -98,7 +121,9 @@ async function exportDisks(run: IncomingRun, q: QmpClient): Promise<{ address: s
   // finish its handshake within 10 s is dropped (handshake-max-seconds, QEMU 10 and later).
   const mq = new MigrationQmp(q, 'destination');
   await mq.nbdServe({
-    address: h.cfg.relocation.address, port, maxConnections: m.copyDisks.length,
+    address: h.cfg.relocation.address,
+    port,
+    maxConnections: m.copyDisks.length,
     ...(compareVersions(h.qemu.version, '10.0') >= 0 ? { handshakeMaxSeconds: 10 } : {}),
     ...(m.insecure ? {} : { tls: { creds: 'ferry-tls', authz: 'ferry-authz' } }),
   });

@@ -74,7 +74,9 @@ async function rollForward(run: IncomingRun): Promise<void> {
     try {
       await new MigrationQmp(q, 'destination').cont();
     } catch (e) {
-      await resumeFailed(run, { dom: mine, q }, (e as Error).message).catch((err) => run.log.warn('incoming guest not resumed', { jobId: j.jobId, error: String(err) }));
+      await resumeFailed(run, { dom: mine, q }, (e as Error).message).catch((err) =>
+        run.log.warn('incoming guest not resumed', { jobId: j.jobId, error: String(err) }),
+      );
       return;
     }
     await new MigrationQmp(q, 'destination').announce().catch(() => undefined);
@@ -97,7 +99,11 @@ async function rollForward(run: IncomingRun): Promise<void> {
  */
 export async function recoverPostcopy(run: IncomingRun): Promise<Results['relocation.recover']> {
   const { j, host: h } = run;
-  if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed')) throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: nothing to recover`);
+  if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed'))
+    throw new FerryError(
+      'MIGRATION_ILLEGAL_PHASE',
+      `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: nothing to recover`,
+    );
   const dom = h.find(j.domain);
   const q = dom && dom.rec.config.uuid === j.uuid ? dom.qmp : undefined;
   if (!dom || !q) throw new FerryError('MIGRATION_FAILED', `Destination ${h.cfg.name} has no QEMU for "${j.domain}" to recover`);
@@ -109,7 +115,10 @@ export async function recoverPostcopy(run: IncomingRun): Promise<Results['reloca
     // The run ended with the first stream: the resumed one holds it (its gate) until it ends.
     const w = new MigrationWatcher(q);
     run.watch = w;
-    void w.until([...FINAL_STATUSES]).catch(() => undefined).finally(() => run.dispose());
+    void w
+      .until([...FINAL_STATUSES])
+      .catch(() => undefined)
+      .finally(() => run.dispose());
   }
   run.log.warn('post-copy stream broke; recovery listener open', { jobId: j.jobId, domain: j.domain, port });
   return { dataAddress: h.cfg.relocation.address, dataPort: port };
@@ -125,7 +134,11 @@ async function pausedInPostcopy(run: IncomingRun, q: QmpClient): Promise<void> {
       await mq.pause();
       st = await w.until(['postcopy-paused', ...FINAL_STATUSES], 10000);
     }
-    if (st !== 'postcopy-paused') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `The incoming QEMU of "${run.j.domain}" is ${st}, not paused in post-copy: nothing to recover`);
+    if (st !== 'postcopy-paused')
+      throw new FerryError(
+        'MIGRATION_ILLEGAL_PHASE',
+        `The incoming QEMU of "${run.j.domain}" is ${st}, not paused in post-copy: nothing to recover`,
+      );
   } finally {
     w.dispose();
   }

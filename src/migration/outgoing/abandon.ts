@@ -13,7 +13,12 @@ import { retractTunnels } from './peer.ts';
 import type { OutgoingSide } from './run.ts';
 
 /** Abandon before the point of no return: the source domain runs again as it was. */
-export async function abandon(s: OutgoingSide, at: { j: SourceJob; dom: DomainHandle }, client: ApiClient | undefined, reason: string): Promise<void> {
+export async function abandon(
+  s: OutgoingSide,
+  at: { j: SourceJob; dom: DomainHandle },
+  client: ApiClient | undefined,
+  reason: string,
+): Promise<void> {
   const { j, dom } = at;
   const q = dom.qmp;
   if (q) await cancelStream(new MigrationQmp(q, 'source'), q);
@@ -22,7 +27,10 @@ export async function abandon(s: OutgoingSide, at: { j: SourceJob; dom: DomainHa
     const n = await abortMirrors(q, j.nbd);
     if (n) s.log.info('disk copies cancelled', { jobId: j.jobId, jobs: n });
   }
-  if (client) await client.request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000).catch((e) => s.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
+  if (client)
+    await client
+      .request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000)
+      .catch((e) => s.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
   // The guest stays: its segment no longer floods to the destination.
   await retractTunnels(s, j);
   await resumeSource(s, dom, j.wasRunning);

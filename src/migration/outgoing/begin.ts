@@ -26,24 +26,47 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
   // Multifd where it helps and nothing is lost by it: a large guest, two spare cores, and
   // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
   const spare = s.planner.spareCores();
-  const autoParallel = params.parallel === undefined && params.live && !dom.rec.config.postcopy && dom.rec.config.memoryMiB >= 2048 && spare >= 2 ? 2 : undefined;
+  const autoParallel =
+    params.parallel === undefined && params.live && !dom.rec.config.postcopy && dom.rec.config.memoryMiB >= 2048 && spare >= 2
+      ? 2
+      : undefined;
   const p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
   // A finished incoming job only waits for its source's Confirm: the guest runs here.
-  if (s.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished'))) throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
+  if (s.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished')))
+    throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
   if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" is busy (${dom.busy})`);
   const st = dom.rec.state;
   if (p.deleteSourceStorage && !p.copyStorage) throw new FerryError('CLI_USAGE', '--delete-source-storage goes with --copy-storage');
-  if (st.kind === 'incoming' || st.kind === 'migrating-out') throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${st.kind}`);
+  if (st.kind === 'incoming' || st.kind === 'migrating-out')
+    throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" is ${st.kind}`);
   if (st.kind === 'crashed') throw new FerryError('DOMAIN_BAD_STATE', `Domain "${p.domain}" crashed; destroy or start it before migrating`);
   const mode: Mode = hasProcess(st) ? (p.live ? 'live' : 'offline') : 'definition';
   // Nothing has changed yet: a failure to reach or trust the peer leaves the domain as it is.
   const { client, peer } = await s.connect(p.dest);
   const j: SourceJob = {
-    role: 'source', jobId: crypto.randomUUID(), domain: p.domain, uuid: dom.rec.config.uuid, mode, encrypted: p.insecure !== true,
-    startedAt: t0, updatedAt: t0, history: [{ phase: 'begin', at: t0 }], phase: 'begin', peer, wasRunning: st.kind === 'running',
+    role: 'source',
+    jobId: crypto.randomUUID(),
+    domain: p.domain,
+    uuid: dom.rec.config.uuid,
+    mode,
+    encrypted: p.insecure !== true,
+    startedAt: t0,
+    updatedAt: t0,
+    history: [{ phase: 'begin', at: t0 }],
+    phase: 'begin',
+    peer,
+    wasRunning: st.kind === 'running',
   };
-  const run = new OutgoingRun(s, j, dom, p, { client, peer, defaults: { maxDowntimeMs: DEFAULT_MAX_DOWNTIME_MS, timeoutS: DEFAULT_TIMEOUT_S } });
-  if (autoParallel) run.policy.push(`multifd on by itself (2 channels): ${dom.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`);
+  const run = new OutgoingRun(s, j, p, {
+    dom,
+    client,
+    peer,
+    defaults: { maxDowntimeMs: DEFAULT_MAX_DOWNTIME_MS, timeoutS: DEFAULT_TIMEOUT_S },
+  });
+  if (autoParallel)
+    run.policy.push(
+      `multifd on by itself (2 channels): ${dom.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`,
+    );
   run.mark('connected');
   return run;
 }
@@ -83,9 +106,32 @@ function beginMessage(run: OutgoingRun, storageNonce: string): BeginInput {
   const rt = dom.rec.runtime;
   const cfg0 = dom.rec.config;
   return {
-    version: PROTOCOL_VERSION, jobId: j.jobId, mode, insecure: run.insecure, parallel: p.parallel ?? 1, postcopy: run.postcopyWanted, homes: run.homes,
-    peer: { name: h.cfg.name, version: FERRY_VERSION, qemuVersion: h.qemu.version, arch: hostArch(), accel: h.accel.accel, cpuModel: h.qemu.cpuModel, cpuFeatures: h.qemu.cpuFeatures, machine: rt?.machine ?? h.qemu.machine, networks: h.cfg.networks },
-    domain: { config: domainConfigToJson(cfg0), fileSizes: fileSizes(cfg0), storageNonce, machine: rt?.machine ?? h.qemu.machine, cpuModel: rt?.cpuModel ?? h.qemu.cpuModel, ...(run.copyDisks.length ? { copyDisks: run.copyDisks } : {}) },
+    version: PROTOCOL_VERSION,
+    jobId: j.jobId,
+    mode,
+    insecure: run.insecure,
+    parallel: p.parallel ?? 1,
+    postcopy: run.postcopyWanted,
+    homes: run.homes,
+    peer: {
+      name: h.cfg.name,
+      version: FERRY_VERSION,
+      qemuVersion: h.qemu.version,
+      arch: hostArch(),
+      accel: h.accel.accel,
+      cpuModel: h.qemu.cpuModel,
+      cpuFeatures: h.qemu.cpuFeatures,
+      machine: rt?.machine ?? h.qemu.machine,
+      networks: h.cfg.networks,
+    },
+    domain: {
+      config: domainConfigToJson(cfg0),
+      fileSizes: fileSizes(cfg0),
+      storageNonce,
+      machine: rt?.machine ?? h.qemu.machine,
+      cpuModel: rt?.cpuModel ?? h.qemu.cpuModel,
+      ...(run.copyDisks.length ? { copyDisks: run.copyDisks } : {}),
+    },
   };
 }
 
@@ -98,16 +144,30 @@ async function disksToCopy(run: OutgoingRun): Promise<CopyDisk[]> {
   const localDir = h.cfg.storage.localDir + '/';
   if (!p.copyStorage) {
     const local = writable.map((i) => cfg0.disks[i].path).filter((f) => f.startsWith(localDir));
-    if (local.length) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot migrate domain "${p.domain}": its writable disk ${local.join(', ')} is on ${h.cfg.name}'s own storage (storage.localDir), which no other host shares; move it along with --copy-storage`, { disks: local });
+    if (local.length)
+      throw new FerryError(
+        'MIGRATION_DEST_STORAGE',
+        `Cannot migrate domain "${p.domain}": its writable disk ${local.join(', ')} is on ${h.cfg.name}'s own storage (storage.localDir), which no other host shares; move it along with --copy-storage`,
+        { disks: local },
+      );
     return [];
   }
-  if (!q) throw new FerryError('MIGRATION_DEST_STORAGE', `Cannot copy the disks of shut-off domain "${p.domain}": --copy-storage mirrors a running domain's disks while it runs; start it first, or copy its disks by hand`);
+  if (!q)
+    throw new FerryError(
+      'MIGRATION_DEST_STORAGE',
+      `Cannot copy the disks of shut-off domain "${p.domain}": --copy-storage mirrors a running domain's disks while it runs; start it first, or copy its disks by hand`,
+    );
   if (!writable.length) {
     policy.push('--copy-storage: the domain has no writable disk; nothing to copy');
     return [];
   }
-  const disks = await describeDisks(q, writable.map((i) => ({ index: i, path: cfg0.disks[i].path })));
-  policy.push(`--copy-storage: ${disks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${run.peer.name}'s own storage while the guest runs`);
+  const disks = await describeDisks(
+    q,
+    writable.map((i) => ({ index: i, path: cfg0.disks[i].path })),
+  );
+  policy.push(
+    `--copy-storage: ${disks.map((c) => `disk${c.index} (${(c.virtualSize / 1048576).toFixed(0)} MiB, ${(c.allocated / 1048576).toFixed(0)} MiB allocated, sync ${c.backing ? 'top over its shared backing file' : 'full'})`).join(', ')} mirrored to ${run.peer.name}'s own storage while the guest runs`,
+  );
   return disks;
 }
 
@@ -122,11 +182,23 @@ function offerPostcopy(run: OutgoingRun): void {
   const h = run.side.host;
   const accel = dom.rec.runtime?.accel ?? h.accel.accel;
   run.engineLoses = dirtyTrackingUnreliable(accel, h.qemu.version);
-  run.postcopyWanted = mode === 'live' && dom.rec.config.postcopy && !run.engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') && !run.copyDisks.length;
+  run.postcopyWanted =
+    mode === 'live' &&
+    dom.rec.config.postcopy &&
+    !run.engineLoses &&
+    p.verifyMemory !== true &&
+    (p.parallel ?? 1) <= 1 &&
+    !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') &&
+    !run.copyDisks.length;
   if (mode !== 'live' || !dom.rec.config.postcopy) return;
-  if (run.copyDisks.length) policy.push('post-copy not offered: the disk copies complete while the guest is paused, and post-copy has no such moment');
-  if (p.verifyMemory === true) policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
-  if (run.engineLoses) policy.push(`post-copy not offered: QEMU ${h.qemu.version} under ${accel} can lose dirty pages, and post-copy leaves no moment to check the copy`);
+  if (run.copyDisks.length)
+    policy.push('post-copy not offered: the disk copies complete while the guest is paused, and post-copy has no such moment');
+  if (p.verifyMemory === true)
+    policy.push('post-copy not offered: --verify-memory compares both copies while both are paused, and post-copy has no such moment');
+  if (run.engineLoses)
+    policy.push(
+      `post-copy not offered: QEMU ${h.qemu.version} under ${accel} can lose dirty pages, and post-copy leaves no moment to check the copy`,
+    );
 }
 
 /** The source QEMU's migration settings for this move: channels, TLS to the peer's name, bandwidth and pause. */

@@ -23,15 +23,24 @@ export async function confirm(run: OutgoingRun): Promise<Report> {
     for (const f of sourceDisks) fs.rmSync(f, { force: true });
     policy.push(`--delete-source-storage: ${sourceDisks.join(', ')} deleted on ${h.cfg.name}`);
   } else if (sourceDisks.length) {
-    policy.push(`the source's disks stay on ${h.cfg.name} (${sourceDisks.join(', ')}) until you delete them; the guest runs on its copies on ${peer.name}`);
+    policy.push(
+      `the source's disks stay on ${h.cfg.name} (${sourceDisks.join(', ')}) until you delete them; the guest runs on its copies on ${peer.name}`,
+    );
   }
   run.mark('sourceClean');
-  if (fin.crashed) throw new FerryError('MIGRATION_FAILED', `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`);
+  if (fin.crashed)
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`,
+    );
   // totalMs ends here: the guest runs on the destination and the source is clean.
   stats.totalMs = Date.now() - run.t0;
   await guestGap(run, fin);
   run.client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
-  const r = run.report('succeeded', { ...stats, pauseMs: run.stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - run.stopAt) : null });
+  const r = run.report('succeeded', {
+    ...stats,
+    pauseMs: run.stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - run.stopAt) : null,
+  });
   j.report = r;
   s.store.saveLater(j);
   s.store.prune();
@@ -53,9 +62,16 @@ async function guestGap(run: OutgoingRun, fin: Resolution): Promise<void> {
   const first = probe.firstReplyAfter(resumedAt);
   stats.networkHandoverMs = first !== null ? Math.round(first - resumedAt) : null;
   const ip = guestIp(run.dom.rec.config.nics);
-  if (!answered && first === null) stats.warnings = [...(stats.warnings ?? []), `the guest did not answer at ${ip} from ${h.cfg.name}'s side of its segment within 10 s of resuming on ${run.peer.name}: its network may not have followed it (check the segment, the bridge and the guest)`];
+  if (!answered && first === null)
+    stats.warnings = [
+      ...(stats.warnings ?? []),
+      `the guest did not answer at ${ip} from ${h.cfg.name}'s side of its segment within 10 s of resuming on ${run.peer.name}: its network may not have followed it (check the segment, the bridge and the guest)`,
+    ];
   const g = await probe.stop();
   run.probe = undefined;
   stats.guestDowntimeMs = g.replies > 1 ? g.longestGapMs : null;
-  stats.guestProbe = g.replies > 1 ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered` : `no answers from ${g.target}`;
+  stats.guestProbe =
+    g.replies > 1
+      ? `TCP SYN to ${g.target} every ${g.intervalMs} ms from ${h.cfg.name}: ${g.replies}/${g.sent} answered`
+      : `no answers from ${g.target}`;
 }

@@ -18,16 +18,25 @@ export async function finish(run: OutgoingRun): Promise<void> {
   if (fin === null) {
     // D cannot be asked now: the source copy stays paused, and the driver (from the
     // failure path) keeps asking.
-    throw new FerryError('MIGRATION_UNRESOLVED', `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``);
+    throw new FerryError(
+      'MIGRATION_UNRESOLVED',
+      `Domain "${p.domain}": ${peer.name} has not said whether it resumed the guest (${j.waiting?.lastError ?? 'no answer'}). The copy on ${h.cfg.name} stays paused so that it never runs twice; ferryd keeps asking every few seconds and settles the moment ${peer.name} answers. Watch: \`ferry job ${p.domain}\`. If you know where it runs: \`ferry job resolve ${p.domain} --assume-destination|--assume-source\``,
+    );
   }
   if (j.phase !== 'finish') {
     // Settled by the operator while we asked.
-    throw new FerryError(j.phase === 'abandoned' ? 'MIGRATION_FAILED' : 'MIGRATION_UNRESOLVED', `Migration of "${p.domain}" was settled by the operator (\`ferry job resolve\`): it ${j.phase === 'abandoned' ? `runs on ${h.cfg.name}` : `runs on ${peer.name}`}`);
+    throw new FerryError(
+      j.phase === 'abandoned' ? 'MIGRATION_FAILED' : 'MIGRATION_UNRESOLVED',
+      `Migration of "${p.domain}" was settled by the operator (\`ferry job resolve\`): it ${j.phase === 'abandoned' ? `runs on ${h.cfg.name}` : `runs on ${peer.name}`}`,
+    );
   }
   if (fin.abandoned) {
     // The destination's word that it never ran the guest: the only way back from finish.
     await settleFinish(s, j, run.dom, fin);
-    throw new FerryError('MIGRATION_FAILED', `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`);
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${peer.name} could not take domain "${p.domain}" (${fin.reason}); it keeps running on ${h.cfg.name}`,
+    );
   }
   run.fin = fin;
   run.mark('destRunning');
@@ -49,7 +58,13 @@ async function finishPostcopy(run: OutgoingRun): Promise<void> {
     if (stats.postcopy) stats.postcopy.recoveries = (stats.postcopy.recoveries ?? 0) + 1;
   };
   try {
-    if (!run.fin!.crashed) await awaitPostcopy(s, j, { q: run.q!, w: run.watch! }, { deadline: Math.max(run.t0 + run.timeoutS * 1000, Date.now() + 60000), onRecovered });
+    if (!run.fin!.crashed)
+      await awaitPostcopy(
+        s,
+        j,
+        { q: run.q!, w: run.watch! },
+        { deadline: Math.max(run.t0 + run.timeoutS * 1000, Date.now() + 60000), onRecovered },
+      );
     j.waiting = undefined;
   } finally {
     run.watch!.dispose();
@@ -69,12 +84,19 @@ export async function moveDefinition(run: OutgoingRun): Promise<Report> {
   const fin = await finishOrResolve(s, j, client, false);
   if (fin === null) {
     // The caller's catch hands the job to the driver, which keeps asking.
-    throw new FerryError('MIGRATION_UNRESOLVED', `Definition of "${j.domain}": ${j.peer.name} has not said whether it took it (${j.waiting?.lastError ?? 'no answer'}); it stays here, locked, and ferryd keeps asking. Watch: \`ferry job ${j.domain}\``);
+    throw new FerryError(
+      'MIGRATION_UNRESOLVED',
+      `Definition of "${j.domain}": ${j.peer.name} has not said whether it took it (${j.waiting?.lastError ?? 'no answer'}); it stays here, locked, and ferryd keeps asking. Watch: \`ferry job ${j.domain}\``,
+    );
   }
-  if (j.phase !== 'finish') throw new FerryError('MIGRATION_FAILED', `Migration of "${j.domain}" was settled by the operator (\`ferry job resolve\`)`);
+  if (j.phase !== 'finish')
+    throw new FerryError('MIGRATION_FAILED', `Migration of "${j.domain}" was settled by the operator (\`ferry job resolve\`)`);
   if (fin.abandoned) {
     await settleFinish(s, j, run.dom, fin);
-    throw new FerryError('MIGRATION_FAILED', `Destination ${j.peer.name} could not take the definition of "${j.domain}" (${fin.reason}); it stays on ${s.host.cfg.name}`);
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `Destination ${j.peer.name} could not take the definition of "${j.domain}" (${fin.reason}); it stays on ${s.host.cfg.name}`,
+    );
   }
   s.step(j, { type: 'dest-finished' });
   s.host.forget(run.dom.rec.config.name);

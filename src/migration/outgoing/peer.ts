@@ -25,7 +25,10 @@ export async function resolvePeer(s: OutgoingSide, dest: string): Promise<{ name
     try {
       address = (await dns.lookup(address)).address;
     } catch {
-      throw new FerryError('HOST_UNKNOWN', `Cannot resolve destination "${dest}": not a known peer (ferryd.json "peers") nor a resolvable name`);
+      throw new FerryError(
+        'HOST_UNKNOWN',
+        `Cannot resolve destination "${dest}": not a known peer (ferryd.json "peers") nor a resolvable name`,
+      );
     }
   }
   return { name: mapped ? dest : net.isIP(m[1]) ? undefined : m[1], address, port };
@@ -38,7 +41,10 @@ export async function resolvePeer(s: OutgoingSide, dest: string): Promise<{ name
  */
 export async function dialPeer(s: OutgoingSide, dest: string): Promise<{ client: ApiClient; peer: Peer }> {
   const r = await resolvePeer(s, dest);
-  const client = await ApiClient.connect({ kind: 'tls', host: r.address, port: r.port, tlsDir: s.host.cfg.tlsDir, label: dest, servername: r.name }, 5000);
+  const client = await ApiClient.connect(
+    { kind: 'tls', host: r.address, port: r.port, tlsDir: s.host.cfg.tlsDir, label: dest, servername: r.name },
+    5000,
+  );
   const name = client.peerName();
   if (!name) {
     client.close();
@@ -61,7 +67,13 @@ export function probePort(run: OutgoingRun): Promise<void> {
     const sock = net.createConnection({ host: address, port });
     const fail = (why: string): void => {
       sock.destroy();
-      reject(new FerryError('MIGRATION_DEST_PORT', `Cannot migrate domain "${run.p.domain}": ${run.peer.name}'s migration data port ${address}:${port} is not reachable from ${h.cfg.name} (${why}); open TCP ${a}-${b} on ${run.peer.name} to ${h.cfg.name} (see README "Firewalls")`, { port, range: [a, b] }));
+      reject(
+        new FerryError(
+          'MIGRATION_DEST_PORT',
+          `Cannot migrate domain "${run.p.domain}": ${run.peer.name}'s migration data port ${address}:${port} is not reachable from ${h.cfg.name} (${why}); open TCP ${a}-${b} on ${run.peer.name} to ${h.cfg.name} (see README "Firewalls")`,
+          { port, range: [a, b] },
+        ),
+      );
     };
     const t = setTimeout(() => fail('no answer within 3 s'), 3000);
     sock.once('connect', () => {
@@ -87,19 +99,27 @@ export async function extendTunnels(run: OutgoingRun): Promise<void> {
   j.tunnels = [];
   for (const t of run.begun?.tunnels ?? []) {
     const home = Number.isInteger(t.nic) ? run.homes[t.nic] : undefined;
-    if (!home || t.vni !== home.vni || !isIpv4(t.address)) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} asked for a tunnel that does not match domain "${c.name}" (NIC ${String(t.nic).slice(0, 8)}, VNI ${String(t.vni).slice(0, 12)})`);
+    if (!home || t.vni !== home.vni || !isIpv4(t.address))
+      throw new FerryError(
+        'MIGRATION_PROTOCOL',
+        `${j.peer.name} asked for a tunnel that does not match domain "${c.name}" (NIC ${String(t.nic).slice(0, 8)}, VNI ${String(t.vni).slice(0, 12)})`,
+      );
     // Listed before it is made: an abandon retracts it whatever happens next.
     j.tunnels.push({ nic: t.nic, home: home.host, remote: t.address });
     s.store.saveLater(j);
     await tunnelAt(s, home.host, { op: 'extend', uuid: c.uuid, nic: t.nic, remote: t.address, config: c });
-    run.policy.push(`network ${c.nics[t.nic].network}: segment ${home.subnet} carried to ${j.peer.name} through a VXLAN tunnel (VNI ${home.vni}) from ${home.host}`);
+    run.policy.push(
+      `network ${c.nics[t.nic].network}: segment ${home.subnet} carried to ${j.peer.name} through a VXLAN tunnel (VNI ${home.vni}) from ${home.host}`,
+    );
   }
 }
 
 /** The move will not happen: the home ends stop flooding to the destination this move listed there. */
 export async function retractTunnels(s: OutgoingSide, j: SourceJob): Promise<void> {
   for (const t of j.tunnels ?? []) {
-    await tunnelAt(s, t.home, { op: 'retract', uuid: j.uuid, nic: t.nic, remote: t.remote }).catch((e) => s.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }));
+    await tunnelAt(s, t.home, { op: 'retract', uuid: j.uuid, nic: t.nic, remote: t.remote }).catch((e) =>
+      s.log.warn('tunnel not retracted', { jobId: j.jobId, home: t.home, error: String(e) }),
+    );
   }
 }
 

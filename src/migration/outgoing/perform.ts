@@ -37,7 +37,11 @@ export async function perform(run: OutgoingRun): Promise<void> {
     await run.setupP;
     if (run.copyDisks.length) await mirrorDisks(run);
     // The operator's --strategy postcopy needs no measurement to act on.
-    const auto: Autopilot = { postcopyOn: run.postcopyOn, pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && run.postcopyOn ? 'postcopy' : 'pending', onTimeout: p.onTimeout ?? (run.postcopyOn ? 'postcopy' : 'cancel') };
+    const auto: Autopilot = {
+      postcopyOn: run.postcopyOn,
+      pick: mode !== 'live' ? 'offline' : p.strategy === 'postcopy' && run.postcopyOn ? 'postcopy' : 'pending',
+      onTimeout: p.onTimeout ?? (run.postcopyOn ? 'postcopy' : 'cancel'),
+    };
     await capabilities(run, auto);
     const planned = whenPlanned(run, auto);
     const mq = new MigrationQmp(q, 'source');
@@ -78,7 +82,8 @@ async function capabilities(run: OutgoingRun, auto: Autopilot): Promise<void> {
   const autoConverge = !auto.postcopyOn;
   await new MigrationQmp(run.q!, 'source').setCapabilities({ autoConverge, postcopy: auto.postcopyOn, postcopyPreempt: auto.postcopyOn });
   if (autoConverge) run.policy.push('auto-converge on: QEMU throttles the vCPUs if the guest dirties memory faster than the link');
-  if (auto.postcopyOn) run.policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
+  if (auto.postcopyOn)
+    run.policy.push(`post-copy offered (postcopy-ram, postcopy-preempt on both hosts); at the deadline: ${auto.onTimeout}`);
 }
 
 /**
@@ -94,12 +99,20 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
       if (!run.postcopyOn && pl.plan.input.postcopyAllowed) {
         // The destination cannot take post-copy: the plan without it.
         const why = run.postcopyWanted ? `${peer.name} cannot take post-copy` : 'post-copy is not offered for this move';
-        pl = run.side.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), { domain: p.domain, dest: peer.name, dirtyBytesPerS: pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS, onTimeout: p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout, postcopyWhyNot: why });
+        pl = run.side.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), {
+          domain: p.domain,
+          dest: peer.name,
+          dirtyBytesPerS: pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS,
+          onTimeout: p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout,
+          postcopyWhyNot: why,
+        });
       }
       run.stats.plan = pl.view;
       auto.pick = pl.plan.pick;
       const v = pl.view;
-      run.policy.push(`plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`);
+      run.policy.push(
+        `plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`,
+      );
       run.mark('planned');
     },
     (e) => {
@@ -111,7 +124,8 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
 /** --copy-storage: every disk mirrored into the destination's NBD exports until in sync. */
 async function mirrorDisks(run: OutgoingRun): Promise<void> {
   const nbd = run.prepared!.nbd;
-  if (!nbd || net.isIP(String(nbd.address)) === 0 || !Number.isInteger(nbd.port) || nbd.port < 1 || nbd.port > 65535) throw new FerryError('MIGRATION_PROTOCOL', `${run.peer.name} prepared no disk export for --copy-storage`);
+  if (!nbd || net.isIP(String(nbd.address)) === 0 || !Number.isInteger(nbd.port) || nbd.port < 1 || nbd.port > 65535)
+    throw new FerryError('MIGRATION_PROTOCOL', `${run.peer.name} prepared no disk export for --copy-storage`);
   run.j.nbd = { address: nbd.address, port: nbd.port };
   run.side.store.saveLater(run.j);
   run.stats.storage = await copyDisks(run, nbd, run.begun!.copyDisks ?? []);
@@ -124,7 +138,11 @@ async function mirrorDisks(run: OutgoingRun): Promise<void> {
  * bar; the operator's cancel and --timeout stop it (the abandon then forces the jobs
  * off). --bandwidth caps each mirror too.
  */
-async function copyDisks(run: OutgoingRun, nbd: { address: string; port: number }, placed: { index: number; path: string }[]): Promise<NonNullable<Report['storage']>> {
+async function copyDisks(
+  run: OutgoingRun,
+  nbd: { address: string; port: number },
+  placed: { index: number; path: string }[],
+): Promise<NonNullable<Report['storage']>> {
   const { j, p, t0, timeoutS, cancelledP, side: s } = run;
   const disks = run.copyDisks;
   const tls = run.insecure ? null : { creds: 'ferry-tls-out', hostname: run.peer.name };
@@ -134,7 +152,13 @@ async function copyDisks(run: OutgoingRun, nbd: { address: string; port: number 
   let timer: NodeJS.Timeout | undefined;
   const stop = new Promise<string>((resolve) => {
     void cancelledP.then(() => resolve('cancelled'));
-    timer = setTimeout(() => resolve(`copying the disks did not finish within --timeout ${timeoutS} s; cancelled, the domain keeps running on ${s.host.cfg.name} with its own disks`), Math.max(0, t0 + timeoutS * 1000 - Date.now()));
+    timer = setTimeout(
+      () =>
+        resolve(
+          `copying the disks did not finish within --timeout ${timeoutS} s; cancelled, the domain keeps running on ${s.host.cfg.name} with its own disks`,
+        ),
+      Math.max(0, t0 + timeoutS * 1000 - Date.now()),
+    );
   });
   const tick = diskTicker(run, mirror);
   try {
@@ -147,24 +171,48 @@ async function copyDisks(run: OutgoingRun, nbd: { address: string; port: number 
   mirror.last = await mirror.progress().catch(() => mirror.last);
   const copyMs = Math.round(performance.now() - tc);
   const cfg = s.host.get(j.domain).rec.config;
-  return { disks: disks.map((d) => ({ index: d.index, from: cfg.disks[d.index].path, to: placed.find((x) => x.index === d.index)?.path ?? null })), copiedBytes: mirror.last.total, copyMs, sourceKept: p.deleteSourceStorage !== true };
+  return {
+    disks: disks.map((d) => ({ index: d.index, from: cfg.disks[d.index].path, to: placed.find((x) => x.index === d.index)?.path ?? null })),
+    copiedBytes: mirror.last.total,
+    copyMs,
+    sourceKept: p.deleteSourceStorage !== true,
+  };
 }
 
 /** The disk copy's bytes on the job's progress, every 300 ms, as their share of the whole move. */
 function diskTicker(run: OutgoingRun, mirror: DiskMirror): NodeJS.Timeout {
   const { j, side: s } = run;
   let prev = { at: performance.now(), copied: 0 };
-  return setInterval(() => void mirror.progress().then((d) => {
-    mirror.last = d;
-    const now = performance.now();
-    const rate = Math.max(0, (d.copied - prev.copied) / ((now - prev.at) / 1000));
-    prev = { at: now, copied: d.copied };
-    const share = diskShare(s, j, d.total);
-    const prog: Progress = {
-      domain: j.domain, jobId: j.jobId, phase: j.phase, percent: Math.max(j.progress?.percent ?? 0, d.total ? (d.copied / d.total) * 100 * share : 0),
-      transferred: 0, remaining: 0, total: 0, rateMBps: rate / 1e6, pass: 0, etaS: rate > 0 ? (d.total - d.copied) / rate : null, elapsedMs: Date.now() - run.t0, dirtyRate: 0, throttlePct: 0,
-      stage: `copying disks: ${(d.copied / 1048576).toFixed(0)} of ${(d.total / 1048576).toFixed(0)} MiB`, disk: d,
-    };
-    publish(s, j, prog);
-  }, () => undefined), 300);
+  return setInterval(
+    () =>
+      void mirror.progress().then(
+        (d) => {
+          mirror.last = d;
+          const now = performance.now();
+          const rate = Math.max(0, (d.copied - prev.copied) / ((now - prev.at) / 1000));
+          prev = { at: now, copied: d.copied };
+          const share = diskShare(s, j, d.total);
+          const prog: Progress = {
+            domain: j.domain,
+            jobId: j.jobId,
+            phase: j.phase,
+            percent: Math.max(j.progress?.percent ?? 0, d.total ? (d.copied / d.total) * 100 * share : 0),
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            rateMBps: rate / 1e6,
+            pass: 0,
+            etaS: rate > 0 ? (d.total - d.copied) / rate : null,
+            elapsedMs: Date.now() - run.t0,
+            dirtyRate: 0,
+            throttlePct: 0,
+            stage: `copying disks: ${(d.copied / 1048576).toFixed(0)} of ${(d.total / 1048576).toFixed(0)} MiB`,
+            disk: d,
+          };
+          publish(s, j, prog);
+        },
+        () => undefined,
+      ),
+    300,
+  );
 }

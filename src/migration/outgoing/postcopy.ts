@@ -26,22 +26,41 @@ export interface Stream {
  * the pages still here. A stream that fails leaves a guest that cannot finish: say so.
  * A broken stream is resumed (recover) until `deadline`; `onRecovered` hears of each.
  */
-export async function awaitPostcopy(s: OutgoingSide, j: SourceJob, st: Stream, opts: { deadline?: number; onRecovered?: (attempts: number, ms: number) => void } = {}): Promise<void> {
+export async function awaitPostcopy(
+  s: OutgoingSide,
+  j: SourceJob,
+  st: Stream,
+  opts: { deadline?: number; onRecovered?: (attempts: number, ms: number) => void } = {},
+): Promise<void> {
   const { q, w } = st;
   const mq = new MigrationQmp(q, 'source');
-  const timer = setInterval(() => void mq.info().then((m) => progress(s, j, m, { passes: w.passes, maxDowntimeMs: 0 })).catch(() => undefined), 250);
+  const timer = setInterval(
+    () =>
+      void mq
+        .info()
+        .then((m) => progress(s, j, m, { passes: w.passes, maxDowntimeMs: 0 }))
+        .catch(() => undefined),
+    250,
+  );
   try {
     for (;;) {
       const status = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
       if (status === 'completed') return;
-      if (status !== 'postcopy-paused') throw new FerryError('MIGRATION_FAILED', `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${status} (${(await mq.info().catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${s.host.cfg.name}: the guest on ${j.peer.name} cannot get them`);
+      if (status !== 'postcopy-paused')
+        throw new FerryError(
+          'MIGRATION_FAILED',
+          `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${status} (${(await mq.info().catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${s.host.cfg.name}: the guest on ${j.peer.name} cannot get them`,
+        );
       const t = performance.now();
       const attempts = await recoverPostcopy(s, j, st, opts.deadline ?? Infinity);
       opts.onRecovered?.(attempts, Math.round(performance.now() - t));
     }
   } catch (e) {
     if (e instanceof FerryError) throw e;
-    throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited during post-copy: the guest on ${j.peer.name} has lost the pages it had not fetched`);
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `The source QEMU of "${j.domain}" exited during post-copy: the guest on ${j.peer.name} has lost the pages it had not fetched`,
+    );
   } finally {
     clearInterval(timer);
   }
@@ -62,11 +81,19 @@ async function recoverPostcopy(s: OutgoingSide, j: SourceJob, st: Stream, deadli
     try {
       return await resumeInto(s, j, st);
     } catch (e) {
-      if (st.q.closed) throw new FerryError('MIGRATION_FAILED', `The source QEMU of "${j.domain}" exited while post-copy was paused: the guest on ${j.peer.name} cannot get the pages it had not fetched`);
+      if (st.q.closed)
+        throw new FerryError(
+          'MIGRATION_FAILED',
+          `The source QEMU of "${j.domain}" exited while post-copy was paused: the guest on ${j.peer.name} cannot get the pages it had not fetched`,
+        );
       return asFerryError(e).message;
     }
   });
-  if (!got) throw new FerryError('MIGRATION_UNRESOLVED', `The post-copy stream of "${j.domain}" to ${j.peer.name} broke and is not back yet (${j.waiting?.lastError.replace(/^post-copy recovery: /, '') ?? 'no answer'}): the guest there waits for pages only ${s.host.cfg.name} has. ferryd keeps trying to resume it (never the copy here). Watch: \`ferry job ${j.domain}\``);
+  if (!got)
+    throw new FerryError(
+      'MIGRATION_UNRESOLVED',
+      `The post-copy stream of "${j.domain}" to ${j.peer.name} broke and is not back yet (${j.waiting?.lastError.replace(/^post-copy recovery: /, '') ?? 'no answer'}): the guest there waits for pages only ${s.host.cfg.name} has. ferryd keeps trying to resume it (never the copy here). Watch: \`ferry job ${j.domain}\``,
+    );
   s.log.info('post-copy recovered', { jobId: j.jobId, domain: j.domain, attempts: got.attempts });
   return got.attempts;
 }
@@ -76,7 +103,8 @@ async function resumeInto(s: OutgoingSide, j: SourceJob, st: Stream): Promise<tr
   const client = await redial(s, j);
   try {
     const r = await client.request('relocation.recover', { jobId: j.jobId }, 15000);
-    if (!Number.isInteger(r.dataPort) || r.dataPort < s.host.cfg.relocation.dataPorts[0] || r.dataPort > 65535) throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered recover with port ${String(r.dataPort)}`);
+    if (!Number.isInteger(r.dataPort) || r.dataPort < s.host.cfg.relocation.dataPorts[0] || r.dataPort > 65535)
+      throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered recover with port ${String(r.dataPort)}`);
     const back = st.w.next(['postcopy-active', 'completed', 'failed', 'postcopy-paused'], 15000);
     back.catch(() => undefined);
     await new MigrationQmp(st.q, 'source').migrate(uri.tcp(r.dataAddress, r.dataPort), true);

@@ -44,12 +44,30 @@ export function progress(s: OutgoingSide, j: SourceJob, m: MigrateInfo, c: Count
   const disk = s.runOf(j.jobId)?.mirror?.last;
   const share = disk ? diskShare(s, j, disk.total) : 0;
   const raw = share * 100 + (1 - share) * ramPct;
-  const stage = done ? 'completed' : post ? `post-copy: ${(remaining / 1048576).toFixed(0)} MiB still on ${s.host.cfg.name}` : m.status === 'device' || m.status === 'pre-switchover' ? 'switchover' : `pre-copy pass ${pass}`;
+  const stage = done
+    ? 'completed'
+    : post
+      ? `post-copy: ${(remaining / 1048576).toFixed(0)} MiB still on ${s.host.cfg.name}`
+      : m.status === 'device' || m.status === 'pre-switchover'
+        ? 'switchover'
+        : `pre-copy pass ${pass}`;
   const prog: Progress = {
-    domain: j.domain, jobId: j.jobId, status: m.status, phase: j.phase, percent: Math.max(raw, j.progress?.percent ?? 0),
-    transferred: ram.transferred ?? 0, remaining, total, rateMBps: rate / 1e6, pass: c.passes,
-    etaS: eta === null || !Number.isFinite(eta) ? null : eta, elapsedMs: Date.now() - j.startedAt, dirtyRate: done ? 0 : (ram['dirty-pages-rate'] ?? 0), throttlePct: done ? 0 : (m['cpu-throttle-percentage'] ?? 0),
-    stage, ...(disk ? { disk } : {}),
+    domain: j.domain,
+    jobId: j.jobId,
+    status: m.status,
+    phase: j.phase,
+    percent: Math.max(raw, j.progress?.percent ?? 0),
+    transferred: ram.transferred ?? 0,
+    remaining,
+    total,
+    rateMBps: rate / 1e6,
+    pass: c.passes,
+    etaS: eta === null || !Number.isFinite(eta) ? null : eta,
+    elapsedMs: Date.now() - j.startedAt,
+    dirtyRate: done ? 0 : (ram['dirty-pages-rate'] ?? 0),
+    throttlePct: done ? 0 : (m['cpu-throttle-percentage'] ?? 0),
+    stage,
+    ...(disk ? { disk } : {}),
   };
   publish(s, j, prog);
   return eta ?? Infinity;
@@ -77,7 +95,12 @@ export async function streamStats(s: OutgoingSide, j: SourceJob, q: QmpClient, p
   const bytes = r2.transferred ?? 0;
   const totalTime = m['total-time'] ?? Date.now() - j.startedAt;
   progress(s, j, { ...m, status: 'completed' }, { passes, maxDowntimeMs: 0 });
-  return { downtimeMs: m.downtime ?? null, bytes, passes: r2['dirty-sync-count'] ?? passes, throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0 };
+  return {
+    downtimeMs: m.downtime ?? null,
+    bytes,
+    passes: r2['dirty-sync-count'] ?? passes,
+    throughputMBps: totalTime > 0 ? +(bytes / 1e6 / (totalTime / 1000)).toFixed(1) : 0,
+  };
 }
 
 /** The disks' part of the whole move's bytes (disks, then RAM), for one progress bar. */

@@ -27,7 +27,12 @@ export interface Retrying {
  * every tenth try; the next try comes after 0.5 s, doubling up to 5 s. Null once that
  * try would fall after the deadline.
  */
-export async function keepTrying<T>(s: OutgoingSide, j: SourceJob, how: Retrying, attempt: () => Promise<T | string>): Promise<{ value: T; attempts: number } | null> {
+export async function keepTrying<T>(
+  s: OutgoingSide,
+  j: SourceJob,
+  how: Retrying,
+  attempt: () => Promise<T | string>,
+): Promise<{ value: T; attempts: number } | null> {
   let delay = Math.min(FINISH_RETRY_FIRST_MS * 2 ** (how.first - 1), FINISH_RETRY_CAP_MS);
   for (let n = how.first; ; n++) {
     const r = await attempt();

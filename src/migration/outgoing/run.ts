@@ -135,47 +135,88 @@ export class OutgoingRun {
   probe?: GuestProbe;
   mirror?: DiskMirror;
   private readonly releases: (() => void)[] = [];
+  /** The domain that moves. */
+  readonly dom: DomainHandle;
 
   constructor(
     readonly side: OutgoingSide,
     readonly j: SourceJob,
-    readonly dom: DomainHandle,
     readonly p: StartParams,
-    readonly link: { client: ApiClient; peer: Peer; defaults: { maxDowntimeMs: number; timeoutS: number } },
+    readonly link: { dom: DomainHandle; client: ApiClient; peer: Peer; defaults: { maxDowntimeMs: number; timeoutS: number } },
   ) {
     const defaults = link.defaults;
+    this.dom = link.dom;
     this.mode = j.mode;
     this.wasRunning = j.wasRunning;
     this.insecure = !j.encrypted;
     this.maxDowntimeMs = p.maxDowntimeMs ?? defaults.maxDowntimeMs;
     this.timeoutS = p.timeoutS ?? defaults.timeoutS;
-    this.cancelledP = new Promise<void>((r) => { this.cancelFn = () => { this.cancelled = true; r(); }; });
+    this.cancelledP = new Promise<void>((r) => {
+      this.cancelFn = () => {
+        this.cancelled = true;
+        r();
+      };
+    });
   }
 
-  get t0(): number { return this.j.startedAt; }
-  get client(): ApiClient { return this.link.client; }
-  get peer(): Peer { return this.link.peer; }
+  get t0(): number {
+    return this.j.startedAt;
+  }
+  get client(): ApiClient {
+    return this.link.client;
+  }
+  get peer(): Peer {
+    return this.link.peer;
+  }
 
-  mark(k: string): void { this.timeline[k] = Date.now() - this.t0; }
-  cancel(): void { this.cancelFn(); }
+  mark(k: string): void {
+    this.timeline[k] = Date.now() - this.t0;
+  }
+  cancel(): void {
+    this.cancelFn();
+  }
 
   /** Notes the source QEMU's first STOP (the pause's start) until the run is disposed. */
   watchStop(q: QmpClient): void {
-    const onStop = (e: QmpEvent): void => { if (e.event === 'STOP' && this.stopAt === null) this.stopAt = performance.now(); };
+    const onStop = (e: QmpEvent): void => {
+      if (e.event === 'STOP' && this.stopAt === null) this.stopAt = performance.now();
+    };
     q.on('event', onStop);
     this.releases.push(() => q.off('event', onStop));
   }
 
   /** Stops noting STOP events (the switchover is over). */
-  unwatchStop(): void { for (const f of this.releases.splice(0)) f(); }
+  unwatchStop(): void {
+    for (const f of this.releases.splice(0)) f();
+  }
 
   /** The move's report so far, with `m` on top. */
   report(outcome: Report['outcome'], m: Partial<Report>): Report {
     const j = this.j;
     return {
-      outcome, mode: this.mode, jobId: j.jobId, domain: this.p.domain, source: this.side.host.cfg.name, destination: this.peer.name, totalMs: Date.now() - this.t0,
-      setupMs: null, downtimeMs: null, pauseMs: null, guestDowntimeMs: null, guestProbe: null, bytes: 0, passes: 0, throughputMBps: 0, encrypted: !this.insecure,
-      bandwidthMiBs: this.p.bandwidthMiBs ?? null, maxDowntimeMs: this.maxDowntimeMs, policy: this.policy, memoryCheck: null, phase: j.phase, timeline: this.timeline, ...m,
+      outcome,
+      mode: this.mode,
+      jobId: j.jobId,
+      domain: this.p.domain,
+      source: this.side.host.cfg.name,
+      destination: this.peer.name,
+      totalMs: Date.now() - this.t0,
+      setupMs: null,
+      downtimeMs: null,
+      pauseMs: null,
+      guestDowntimeMs: null,
+      guestProbe: null,
+      bytes: 0,
+      passes: 0,
+      throughputMBps: 0,
+      encrypted: !this.insecure,
+      bandwidthMiBs: this.p.bandwidthMiBs ?? null,
+      maxDowntimeMs: this.maxDowntimeMs,
+      policy: this.policy,
+      memoryCheck: null,
+      phase: j.phase,
+      timeline: this.timeline,
+      ...m,
     };
   }
 

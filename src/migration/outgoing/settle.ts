@@ -57,7 +57,12 @@ export async function askDestination(s: OutgoingSide, j: SourceJob, timeoutMs = 
  */
 export async function resolveAfterFinish(s: OutgoingSide, j: SourceJob, deadline = Infinity): Promise<Resolution | null> {
   // A driver taking over from the command's own wait goes on counting where it stopped.
-  const how = { deadline, first: (j.waiting?.attempts ?? 0) + 1, warning: 'destination not answering about a finished transfer; the source copy stays paused', prefix: '' };
+  const how = {
+    deadline,
+    first: (j.waiting?.attempts ?? 0) + 1,
+    warning: 'destination not answering about a finished transfer; the source copy stays paused',
+    prefix: '',
+  };
   const got = await keepTrying(s, j, how, async () => {
     if (j.phase !== 'finish') return { abandoned: j.phase === 'abandoned', reason: 'settled by the operator', byOperator: true };
     try {
@@ -66,7 +71,12 @@ export async function resolveAfterFinish(s: OutgoingSide, j: SourceJob, deadline
       return asFerryError(e).message;
     }
   });
-  if (got && got.attempts > 1 && !got.value.byOperator) s.log.info('destination answered about a finished transfer', { jobId: j.jobId, attempts: got.attempts, abandoned: got.value.abandoned });
+  if (got && got.attempts > 1 && !got.value.byOperator)
+    s.log.info('destination answered about a finished transfer', {
+      jobId: j.jobId,
+      attempts: got.attempts,
+      abandoned: got.value.abandoned,
+    });
   return got?.value ?? null;
 }
 
@@ -105,10 +115,13 @@ export async function settleFinish(s: OutgoingSide, j: SourceJob, dom: DomainHan
     s.step(j, { type: 'dest-finished' });
     await retire(s, dom, j);
     s.log.info('migration settled: the domain runs on the destination', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
-    void redial(s, j).then((client) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close())).catch(() => undefined);
+    void redial(s, j)
+      .then((client) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close()))
+      .catch(() => undefined);
   }
   j.waiting = undefined;
-  if (j.report) j.report = { ...j.report, outcome: r.abandoned ? 'failed' : 'succeeded', phase: j.phase, ...(r.abandoned ? {} : { error: undefined }) };
+  if (j.report)
+    j.report = { ...j.report, outcome: r.abandoned ? 'failed' : 'succeeded', phase: j.phase, ...(r.abandoned ? {} : { error: undefined }) };
   s.store.saveLater(j);
   s.store.prune();
   s.host.emit('migration.settled', { domain: j.domain, jobId: j.jobId, phase: j.phase, reason: r.reason ?? null });

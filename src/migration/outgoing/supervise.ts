@@ -108,10 +108,13 @@ class Supervisor {
     const elapsed = (Date.now() - run.t0) / 1000;
     const ram = m.ram ?? {};
     const pass = ram['dirty-sync-count'] ?? this.w.passes;
-    if (auto.pick === 'postcopy' && pass >= 2) return this.toPostcopy(`the plan's pick, after the first full pass (${elapsed.toFixed(1)} s)`);
+    if (auto.pick === 'postcopy' && pass >= 2)
+      return this.toPostcopy(`the plan's pick, after the first full pass (${elapsed.toFixed(1)} s)`);
     if (auto.pick === 'postcopy' || pass < 3 || elapsed + etaS <= run.timeoutS * 0.8) return;
     const { rate, dirty } = rates(m);
-    await this.toPostcopy(`pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(etaS) ? `${etaS.toFixed(1)} s` : 'never'})`);
+    await this.toPostcopy(
+      `pre-copy would miss the budget: pass ${pass} after ${elapsed.toFixed(1)} s, ${((ram.remaining ?? 0) / 1e6).toFixed(0)} MB left, the guest dirties ${(dirty / 1e6).toFixed(0)} MB/s against ${(rate / 1e6).toFixed(0)} MB/s sent (ETA ${Number.isFinite(etaS) ? `${etaS.toFixed(1)} s` : 'never'})`,
+    );
   }
 
   /** The deadline, still in pre-copy: the operator's rule (--on-timeout). */
@@ -158,9 +161,21 @@ class Supervisor {
   private cancelled(): FerryError {
     const { j, mode, timeoutS, maxDowntimeMs, policy } = this.run;
     const diskFailed = this.run.mirror?.failed;
-    if (diskFailed) return new FerryError('MIGRATION_FAILED', `Copying the disks of "${j.domain}" failed (${diskFailed}); cancelled, the domain keeps running on the source with its own disks`);
-    if (this.timedOut && mode === 'live') return new FerryError('MIGRATION_NOT_CONVERGING', `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`);
-    if (this.timedOut) return new FerryError('TIMEOUT', `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`);
+    if (diskFailed)
+      return new FerryError(
+        'MIGRATION_FAILED',
+        `Copying the disks of "${j.domain}" failed (${diskFailed}); cancelled, the domain keeps running on the source with its own disks`,
+      );
+    if (this.timedOut && mode === 'live')
+      return new FerryError(
+        'MIGRATION_NOT_CONVERGING',
+        `Migration of "${j.domain}" did not converge within ${timeoutS} s with pauses of at most ${maxDowntimeMs} ms (${policy.join('; ')}); cancelled, the domain keeps running on the source. Allow post-copy (--on-timeout postcopy, where the domain's config permits it), accept a longer pause (--max-downtime, or --on-timeout suspend), or migrate offline`,
+      );
+    if (this.timedOut)
+      return new FerryError(
+        'TIMEOUT',
+        `Migration of "${j.domain}" did not finish within ${timeoutS} s; cancelled, the domain keeps running on the source`,
+      );
     if (this.run.cancelled) return new FerryError('MIGRATION_CANCELLED', 'cancelled');
     return new FerryError('MIGRATION_FAILED', `QEMU cancelled the migration of "${j.domain}"`);
   }

@@ -18,12 +18,19 @@ export async function switchover(run: OutgoingRun): Promise<void> {
   }
   const unreliable = run.engineLoses;
   if (run.inPostcopy) {
-    if (p.verifyMemory || unreliable) policy.push("memory check skipped: in post-copy the destination's RAM is complete only after its guest runs");
+    if (p.verifyMemory || unreliable)
+      policy.push("memory check skipped: in post-copy the destination's RAM is complete only after its guest runs");
   } else if (p.verifyMemory ?? (mode === 'live' && unreliable)) {
     const how = 'guest RAM is compared by SHA-256 on both hosts before the destination runs, and what differs is rewritten from the source';
-    policy.push(p.verifyMemory ? `memory check requested: ${how}` : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`);
+    policy.push(
+      p.verifyMemory
+        ? `memory check requested: ${how}`
+        : `memory check on: QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration (fixed in QEMU 9.0), so ${how}`,
+    );
     run.stats.memoryCheck = await s.memcheck.verify(run.j, run.client, { dom: run.dom, mode, unreliable });
   } else if (mode === 'live' && unreliable) {
-    policy.push(`memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`);
+    policy.push(
+      `memory check skipped (--no-verify-memory) although QEMU ${h.qemu.version} under TCG can lose dirty pages in a live migration`,
+    );
   }
 }
