@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { FerryError, isErrorCode } from './errors.ts';
 import { parseDomainConfig } from './domain/config.ts';
 import { parseRequest, ACTIONS } from './api/schema.ts';
-import { parseBegin } from './api/relocation.ts';
+import { parseBegin, checkAnswer, RELOCATION_ANSWERS, type RelocationAction } from './api/relocation.ts';
 import { PROTOCOL_VERSION } from './migration/phases.ts';
 import { ApiServer } from './daemon/server.ts';
 import { Logger } from './daemon/log.ts';
@@ -251,4 +251,20 @@ test('a live API server answers every random line with a result or a coded error
     await server.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test(`relocation answers: ${RUNS} random answers to each action end in an answer or MIGRATION_PROTOCOL`, () => {
+  const actions = Object.keys(RELOCATION_ANSWERS) as RelocationAction[];
+  fc.assert(
+    fc.property(fc.constantFrom(...actions), value, (a, v) => coded(() => checkAnswer(a, v, 'host2'), ['MIGRATION_PROTOCOL'])),
+    { numRuns: RUNS },
+  );
+  // A good answer with one field replaced by anything: the answer, or a coded refusal.
+  const good = { dataAddress: '198.19.0.12', dataPort: 49152, tlsHostname: 'host2', nbd: { address: '198.19.0.12', port: 49153 } };
+  fc.assert(
+    fc.property(fc.constantFrom('dataAddress', 'dataPort', 'tlsHostname', 'nbd'), value, (k, v) =>
+      coded(() => checkAnswer('relocation.prepare', { ...good, [k]: v }, 'host2'), ['MIGRATION_PROTOCOL']),
+    ),
+    { numRuns: RUNS },
+  );
 });

@@ -27,6 +27,7 @@ export const DEFAULT_RELOCATION_PORT = 8002;
 // loads at run time: the CLI imports their types, and starts without zod.
 export type { Action, Request } from './schema.ts';
 import type { Action } from './schema.ts';
+import type { RelocationAnswers } from './relocation.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
 
 /**
@@ -394,24 +395,15 @@ export interface Results {
   'migration.resolve': ResolveResult;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
-  'relocation.begin': {
-    jobId: string;
-    host: string;
-    dataAddress: string;
-    dataPort: number;
-    checks: unknown;
-    postcopy?: boolean;
-    postcopyWhy?: string;
-    tunnels?: { nic: number; vni: number; address: string }[];
-    copyDisks?: { index: number; path: string }[];
-  };
-  'relocation.prepare': { dataAddress: string; dataPort: number; tlsHostname: string; nbd?: { address: string; port: number } };
-  'relocation.digest': unknown;
-  'relocation.repair': { written: number };
-  'relocation.finish': { phase: string; resumedAt: number | null; host: string; crashed?: boolean };
-  'relocation.abandon': { phase: string };
-  'relocation.confirm': { phase: string };
-  'relocation.status': { phase: string; domain?: string };
-  'relocation.recover': { dataAddress: string; dataPort: number };
-  'relocation.tunnel': { remotes: string[] };
+  // The relocation answers' types come from their schemas (api/relocation.ts), which the source checks them with.
+  'relocation.begin': RelocationAnswers['relocation.begin'];
+  'relocation.prepare': RelocationAnswers['relocation.prepare'];
+  'relocation.digest': RelocationAnswers['relocation.digest'];
+  'relocation.repair': RelocationAnswers['relocation.repair'];
+  'relocation.finish': RelocationAnswers['relocation.finish'];
+  'relocation.abandon': RelocationAnswers['relocation.abandon'];
+  'relocation.confirm': RelocationAnswers['relocation.confirm'];
+  'relocation.status': RelocationAnswers['relocation.status'];
+  'relocation.recover': RelocationAnswers['relocation.recover'];
+  'relocation.tunnel': RelocationAnswers['relocation.tunnel'];
 }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { parseBegin, PROTOCOL_VERSION, vniFor } from './relocation.ts';
+import { parseBegin, PROTOCOL_VERSION, vniFor, checkAnswer } from './relocation.ts';
 import { parseRequest } from './schema.ts';
 import { FerryError } from '../errors.ts';
 
@@ -100,4 +100,39 @@ test('regression (found by fuzzing): a value zod cannot describe is a coded refu
     code(() => parseRequest({ id: 1, action: 'domain.info', params: { domain: evil } })),
     'API_BAD_REQUEST',
   );
+});
+
+test("the destination's answers are checked against their schemas: a bad field is MIGRATION_PROTOCOL naming it, extra fields pass", () => {
+  const begun = { jobId: 'j', host: 'host2', dataAddress: '198.19.0.12', dataPort: 49152, checks: ['network lab: ok'], future: 1 };
+  assert.equal(checkAnswer('relocation.begin', begun, 'host2').dataPort, 49152);
+  assert.equal(
+    code(() => checkAnswer('relocation.begin', { ...begun, dataPort: '49152' }, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => checkAnswer('relocation.begin', { ...begun, tunnels: [{ nic: 0, vni: -1, address: 'x' }] }, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => checkAnswer('relocation.prepare', { dataAddress: 'a', dataPort: 0, tlsHostname: 'host2' }, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => checkAnswer('relocation.digest', { bytes: 1, chunkBytes: 1 }, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => checkAnswer('relocation.finish', { phase: 'finished', resumedAt: 'soon', host: 'host2' }, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  assert.equal(
+    code(() => checkAnswer('relocation.status', null, 'host2')),
+    'MIGRATION_PROTOCOL',
+  );
+  try {
+    checkAnswer('relocation.recover', { dataAddress: '198.19.0.12', dataPort: 70000 }, 'host2');
+    assert.fail('accepted a port out of range');
+  } catch (e) {
+    assert.match((e as Error).message, /host2 answered relocation\.recover with dataPort/);
+  }
 });

@@ -185,29 +185,37 @@ export interface BeginMsg {
 
 const protocolError = (why: string): FerryError => new FerryError('MIGRATION_PROTOCOL', `relocation.begin: ${why}`);
 
+/**
+ * A value checked against a schema: its data, or the first problem's path and words.
+ * zod itself can throw on hostile values (an object whose `constructor.name` is an
+ * object without a prototype, found by the fuzz suite), as it builds an issue's
+ * message: that is `malformed`.
+ */
+function check<T extends z.ZodType>(
+  schema: T,
+  value: unknown,
+): { data: z.infer<T> } | { where: string; why: string } | { malformed: true } {
+  try {
+    const r = schema.safeParse(value);
+    if (r.success) return { data: r.data };
+    const issue = r.error.issues[0];
+    const where = issue.path
+      .map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`))
+      .join('')
+      .replace(/^\./, '');
+    return { where, why: issue.message };
+  } catch {
+    return { malformed: true };
+  }
+}
+
 /** Validates a Begin; anything off is MIGRATION_PROTOCOL (another version: MIGRATION_DEST_VERSION) and changes nothing. */
 export function parseBegin(raw: unknown): BeginMsg {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw protocolError('the message must be an object');
   checkProtocolVersion((raw as { version?: unknown }).version);
-  // zod itself can throw on hostile values (an object whose `constructor.name` is an
-  // object without a prototype, found by the fuzz suite), as it builds an issue's
-  // message: that is a malformed message too.
-  let r: ReturnType<typeof BeginSchema.safeParse>;
-  let why: string | undefined;
-  try {
-    r = BeginSchema.safeParse(raw);
-    if (!r.success) {
-      const issue = r.error.issues[0];
-      const where = issue.path
-        .map((k) => (typeof k === 'number' ? `[${k}]` : `.${String(k)}`))
-        .join('')
-        .replace(/^\./, '');
-      why = `${where || 'the message'} ${issue.message}`;
-    }
-  } catch {
-    throw protocolError('the message is malformed');
-  }
-  if (!r.success) throw protocolError(why ?? 'the message is malformed');
+  const r = check(BeginSchema, raw);
+  if ('malformed' in r) throw protocolError('the message is malformed');
+  if ('where' in r) throw protocolError(`${r.where || 'the message'} ${r.why}`);
   const p = r.data;
   let config: DomainConfig;
   try {
@@ -314,3 +322,58 @@ export const RELOCATION_ACTIONS = {
     remote: str,
   }),
 } as const;
+
+/*
+ * The answers, checked by the source as it receives them: a peer's answer is as
+ * untrusted as its request. Loose objects: a field a newer peer adds is not an error.
+ */
+const count = z.number().int().min(0);
+const tcpPort = z.number().int().min(1).max(65535);
+const answer = <T extends z.ZodRawShape>(shape: T) => z.looseObject(shape);
+
+export const RELOCATION_ANSWERS = {
+  'relocation.begin': answer({
+    jobId: z.string(),
+    host: z.string(),
+    dataAddress: z.string(),
+    // 0 for a shut-off domain's definition: no stream, no data port.
+    dataPort: z.number().int().min(0).max(65535),
+    checks: z.array(z.string()),
+    postcopy: z.boolean().optional(),
+    postcopyWhy: z.string().optional(),
+    tunnels: z.array(z.object({ nic: count, vni: count, address: z.string() })).optional(),
+    copyDisks: z.array(z.object({ index: count, path: z.string() })).optional(),
+  }),
+  'relocation.prepare': answer({
+    dataAddress: z.string(),
+    dataPort: tcpPort,
+    tlsHostname: z.string(),
+    nbd: z.object({ address: z.string(), port: tcpPort }).optional(),
+  }),
+  // Per-chunk SHA-256 of the loaded RAM, base64 (all chunks, or the ones asked for).
+  'relocation.digest': answer({
+    bytes: count,
+    chunkBytes: count,
+    digests: z.string(),
+    chunks: z.array(count).optional(),
+    ms: z.number().optional(),
+  }),
+  'relocation.repair': answer({ written: count }),
+  'relocation.finish': answer({ phase: z.string(), resumedAt: z.number().nullable(), host: z.string(), crashed: z.boolean().optional() }),
+  'relocation.abandon': answer({ phase: z.string() }),
+  'relocation.confirm': answer({ phase: z.string() }),
+  'relocation.status': answer({ phase: z.string(), domain: z.string().optional() }),
+  'relocation.recover': answer({ dataAddress: z.string(), dataPort: tcpPort }),
+  'relocation.tunnel': answer({ remotes: z.array(z.string()) }),
+} as const;
+
+export type RelocationAction = keyof typeof RELOCATION_ANSWERS;
+export type RelocationAnswers = { [A in RelocationAction]: z.infer<(typeof RELOCATION_ANSWERS)[A]> };
+
+/** A peer's answer to `action`, if it has the protocol's shape; else MIGRATION_PROTOCOL naming the field. */
+export function checkAnswer<A extends RelocationAction>(action: A, value: unknown, peer: string): RelocationAnswers[A] {
+  const r = check(RELOCATION_ANSWERS[action], value);
+  if ('malformed' in r) throw new FerryError('MIGRATION_PROTOCOL', `${peer} answered ${action} with something malformed`);
+  if ('where' in r) throw new FerryError('MIGRATION_PROTOCOL', `${peer} answered ${action} with ${r.where || 'an answer'} that ${r.why}`);
+  return r.data as RelocationAnswers[A];
+}

@@ -12,6 +12,8 @@ import { MAX_REPAIR_BYTES } from '../api/protocol.ts';
 import { differingChunks, overallDigest, type RamDigests } from '../qemu/memory.ts';
 import type { MigrationHost, DomainHandle, MigrationLog } from './host.ts';
 import type { SourceJob, Report, Mode } from './jobs.ts';
+import { ask } from './ask.ts';
+import type { RelocationAnswers } from '../api/relocation.ts';
 
 export class MemoryCheck {
   constructor(
@@ -33,11 +35,13 @@ export class MemoryCheck {
   ): Promise<NonNullable<Report['memoryCheck']>> {
     const { dom, mode, unreliable } = how;
     const t0 = Date.now();
-    const ask = (): Promise<unknown> => client.request('relocation.digest', { jobId: j.jobId }, 180000);
-    const [mine, first] = await Promise.all([this.host.ramDigests(dom), ask()]);
-    const theirs = (r: unknown): Buffer => {
-      const o = (r ?? {}) as { bytes?: unknown; chunkBytes?: unknown; digests?: unknown };
-      const d = typeof o.digests === 'string' ? Buffer.from(o.digests, 'base64') : Buffer.alloc(0);
+    const [mine, first] = await Promise.all([
+      this.host.ramDigests(dom),
+      ask(client, 'relocation.digest', { jobId: j.jobId }, { timeoutMs: 180000 }),
+    ]);
+    // Shaped as the protocol says (ask); here: the same RAM as ours, chunk for chunk.
+    const theirs = (o: RelocationAnswers['relocation.digest']): Buffer => {
+      const d = Buffer.from(o.digests, 'base64');
       if (o.bytes !== mine.bytes || o.chunkBytes !== mine.chunkBytes || d.length !== mine.digests.length) {
         throw new FerryError(
           'MIGRATION_PROTOCOL',
@@ -54,8 +58,8 @@ export class MemoryCheck {
       const left: number[] = [];
       for (let k = 0; k < diff.length; k += 8192) {
         const part = diff.slice(k, k + 8192);
-        const r = ((await client.request('relocation.digest', { jobId: j.jobId, chunks: part }, 180000)) ?? {}) as { digests?: unknown };
-        const d = typeof r.digests === 'string' ? Buffer.from(r.digests, 'base64') : Buffer.alloc(0);
+        const r = await ask(client, 'relocation.digest', { jobId: j.jobId, chunks: part }, { timeoutMs: 180000 });
+        const d = Buffer.from(r.digests, 'base64');
         if (d.length !== part.length * 32)
           throw new FerryError(
             'MIGRATION_PROTOCOL',
@@ -110,11 +114,11 @@ export class MemoryCheck {
             const got = await ram.read(buf, p.len, p.offset);
             if (got !== p.len) throw new Error(`read ${got} of ${p.len} bytes at ${p.offset}`);
             // Raw bytes after the request line: no base64, no JSON escaping.
-            await client.request(
+            await ask(
+              client,
               'relocation.repair',
               { jobId: j.jobId, offset: p.offset, length: p.len },
-              60000,
-              Buffer.from(buf.subarray(0, p.len)),
+              { timeoutMs: 60000, attachment: Buffer.from(buf.subarray(0, p.len)) },
             );
           } catch (e) {
             pieces.length = 0; // the others stop after their current piece

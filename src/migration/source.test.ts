@@ -37,6 +37,8 @@ interface Faults {
   destDies?: boolean;
   /** The guest dirties faster than the link: pre-copy never completes by itself. */
   neverConverges?: boolean;
+  /** The destination's answer to Prepare arrives malformed (a data port out of range). */
+  badPrepareAnswer?: boolean;
 }
 
 async function rig(f: Faults = {}) {
@@ -75,6 +77,7 @@ async function rig(f: Faults = {}) {
       const d = dest as unknown as Record<string, (p: unknown, c: RelocationContext, a?: Buffer) => Promise<unknown>>;
       const method = action.replace('relocation.', '');
       const r = await d[method].call(dest, params, ctx, attachment);
+      if (action === 'relocation.prepare' && f.badPrepareAnswer) return { ...(r as object), dataPort: 70000 } as T;
       if (action === 'relocation.finish' && f.loseFinishAnswer && finishes++ === 0)
         throw new FerryError('DAEMON_UNREACHABLE', 'connection reset (the answer to Finish was lost)');
       return r as T;
@@ -89,7 +92,7 @@ async function rig(f: Faults = {}) {
   }
   const source = new InProcessSource(h1, s1, quiet);
   // Every move, whatever its outcome and the phase it ended in, leaves nothing registered:
-  // no run (outgoing.ts) in the source, no listener on its QEMU's QMP connection.
+  // no run (outgoing/run.ts) in the source, no listener on its QEMU's QMP connection.
   const start = async (
     o: {
       live?: boolean;
@@ -241,6 +244,23 @@ test('source: refused at Begin, nothing changes (abandoned in begin)', async () 
     assert.deepEqual(r.phases(), ['begin', 'abandoned']);
     assert.equal(r.h1.get('web').rec.state.kind, 'running');
     assert.ok(!r.outq.seen.includes('migrate'));
+  } finally {
+    r.done();
+  }
+});
+
+test("source: a malformed answer from the destination (Prepare's data port out of range) is MIGRATION_PROTOCOL: abandoned, the guest runs on here", async () => {
+  const r = await rig({ badPrepareAnswer: true });
+  try {
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error?.code, 'MIGRATION_PROTOCOL');
+    assert.match(rep.error!.message, /answered relocation\.prepare with dataPort/);
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'abandoned']);
+    assert.ok(r.calls.includes('relocation.abandon'), 'the destination is told');
+    assert.deepEqual(r.h2.discarded, ['web'], 'and undoes its side');
+    assert.equal(r.h1.get('web').rec.state.kind, 'running');
+    assert.ok(!r.outq.seen.includes('migrate'), 'no stream to a port nobody checked');
   } finally {
     r.done();
   }

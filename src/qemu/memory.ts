@@ -19,7 +19,7 @@
  *
  * So the migration compares per-chunk SHA-256 digests of both paused copies and writes
  * the source's version of every chunk that differs into the destination's RAM
- * (migration/source.ts). The main RAM block is the only guest-writable one ferry's
+ * (migration/memcheck.ts). The main RAM block is the only guest-writable one ferry's
  * machines have (`-vga none`; the BIOS, option ROMs and ACPI tables are read-only ROM
  * blocks), so equal main RAM is equal guest memory.
  */

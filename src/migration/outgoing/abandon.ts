@@ -9,6 +9,7 @@ import type { ApiClient } from '../../api/client.ts';
 import type { DomainHandle } from '../host.ts';
 import type { SourceJob } from '../jobs.ts';
 import { abortMirrors } from '../mirror.ts';
+import { ask } from '../ask.ts';
 import { retractTunnels } from './peer.ts';
 import type { OutgoingSide } from './run.ts';
 
@@ -28,9 +29,9 @@ export async function abandon(
     if (n) s.log.info('disk copies cancelled', { jobId: j.jobId, jobs: n });
   }
   if (client)
-    await client
-      .request('relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, 15000)
-      .catch((e) => s.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }));
+    await ask(client, 'relocation.abandon', { jobId: j.jobId, reason: reason.slice(0, 500) }, { timeoutMs: 15000 }).catch((e) =>
+      s.log.warn('destination did not acknowledge abandon', { jobId: j.jobId, error: String(e) }),
+    );
   // The guest stays: its segment no longer floods to the destination.
   await retractTunnels(s, j);
   await resumeSource(s, dom, j.wasRunning);

@@ -18,6 +18,7 @@ import { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S } from '../autopilot.ts';
 import { describeDisks, type CopyDisk } from '../mirror.ts';
 import type { SourceJob, Mode } from '../jobs.ts';
 import { OutgoingRun, type OutgoingSide, type StartParams } from './run.ts';
+import { ask } from '../ask.ts';
 
 /** Checks what can be checked here, connects to the destination, and makes the job (not yet persisted). */
 export async function open(s: OutgoingSide, params: StartParams): Promise<OutgoingRun> {
@@ -94,7 +95,7 @@ export async function begin(run: OutgoingRun): Promise<void> {
   const cfg0 = dom.rec.config;
   const markers = writeStorageMarkers(run.copyDisks.length ? { ...cfg0, disks: cfg0.disks.filter((d) => d.readOnly) } : cfg0, j.jobId);
   run.homes = h.tunnelHomes(cfg0);
-  run.begun = await run.client.request('relocation.begin', beginMessage(run, markers.nonce), 60000).finally(markers.remove);
+  run.begun = await ask(run.client, 'relocation.begin', beginMessage(run, markers.nonce), { timeoutMs: 60000 }).finally(markers.remove);
   run.mark('begun');
   s.step(j, { type: 'dest-accepted' });
 }

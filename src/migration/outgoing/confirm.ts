@@ -10,6 +10,7 @@ import { guestIp } from '../guestprobe.ts';
 import { retire } from './peer.ts';
 import { streamStats } from './progress.ts';
 import type { OutgoingRun, Resolution } from './run.ts';
+import { ask } from '../ask.ts';
 
 export async function confirm(run: OutgoingRun): Promise<Report> {
   const { j, p, peer, stats, policy, side: s } = run;
@@ -36,7 +37,7 @@ export async function confirm(run: OutgoingRun): Promise<Report> {
   // totalMs ends here: the guest runs on the destination and the source is clean.
   stats.totalMs = Date.now() - run.t0;
   await guestGap(run, fin);
-  run.client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
+  ask(run.client, 'relocation.confirm', { jobId: j.jobId }, { timeoutMs: 10000 }).catch(() => undefined);
   const r = run.report('succeeded', {
     ...stats,
     pauseMs: run.stopAt !== null && fin.answeredAt !== undefined && fin.resumedAt ? Math.round(fin.answeredAt - run.stopAt) : null,

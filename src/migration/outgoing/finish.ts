@@ -9,6 +9,7 @@ import type { Report } from '../jobs.ts';
 import { awaitPostcopy } from './postcopy.ts';
 import { finishOrResolve, settleFinish } from './settle.ts';
 import type { OutgoingRun } from './run.ts';
+import { ask } from '../ask.ts';
 
 export async function finish(run: OutgoingRun): Promise<void> {
   const { j, p, peer, side: s } = run;
@@ -100,7 +101,7 @@ export async function moveDefinition(run: OutgoingRun): Promise<Report> {
   }
   s.step(j, { type: 'dest-finished' });
   s.host.forget(run.dom.rec.config.name);
-  client.request('relocation.confirm', { jobId: j.jobId }, 10000).catch(() => undefined);
+  ask(client, 'relocation.confirm', { jobId: j.jobId }, { timeoutMs: 10000 }).catch(() => undefined);
   const r = run.report('succeeded', {});
   j.report = r;
   s.store.saveLater(j);

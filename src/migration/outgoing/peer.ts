@@ -12,6 +12,7 @@ import type { DomainHandle } from '../host.ts';
 import type { SourceJob } from '../jobs.ts';
 import { isIpv4 } from '../preflight.ts';
 import type { OutgoingRun, OutgoingSide, Peer } from './run.ts';
+import { ask } from '../ask.ts';
 
 /** DEST is a peer name (ferryd.json "peers"), NAME, ADDRESS or ADDRESS:PORT. */
 export async function resolvePeer(s: OutgoingSide, dest: string): Promise<{ name?: string; address: string; port: number }> {
@@ -142,7 +143,7 @@ async function tunnelAt(s: OutgoingSide, home: string, ch: HomeChange): Promise<
   }
   const { client } = await s.connect(home);
   try {
-    await client.request('relocation.tunnel', { op: ch.op, uuid: ch.uuid, nic: ch.nic, remote: ch.remote }, 10000);
+    await ask(client, 'relocation.tunnel', { op: ch.op, uuid: ch.uuid, nic: ch.nic, remote: ch.remote }, { timeoutMs: 10000 });
   } finally {
     client.close();
   }

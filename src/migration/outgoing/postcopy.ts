@@ -13,6 +13,7 @@ import { redial, retire } from './peer.ts';
 import { progress } from './progress.ts';
 import { keepTrying } from './retry.ts';
 import type { OutgoingSide } from './run.ts';
+import { ask } from '../ask.ts';
 
 /** The source QEMU's stream and its watcher. */
 export interface Stream {
@@ -102,7 +103,7 @@ async function recoverPostcopy(s: OutgoingSide, j: SourceJob, st: Stream, deadli
 async function resumeInto(s: OutgoingSide, j: SourceJob, st: Stream): Promise<true | string> {
   const client = await redial(s, j);
   try {
-    const r = await client.request('relocation.recover', { jobId: j.jobId }, 15000);
+    const r = await ask(client, 'relocation.recover', { jobId: j.jobId }, { timeoutMs: 15000 });
     if (!Number.isInteger(r.dataPort) || r.dataPort < s.host.cfg.relocation.dataPorts[0] || r.dataPort > 65535)
       throw new FerryError('MIGRATION_PROTOCOL', `${j.peer.name} answered recover with port ${String(r.dataPort)}`);
     const back = st.w.next(['postcopy-active', 'completed', 'failed', 'postcopy-paused'], 15000);

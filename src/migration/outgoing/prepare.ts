@@ -6,6 +6,7 @@
 import { FerryError } from '../../errors.ts';
 import { extendTunnels, probePort } from './peer.ts';
 import type { OutgoingRun } from './run.ts';
+import { ask } from '../ask.ts';
 
 /** Phase prepare: tunnels, the data port reached, the domain marked as leaving, the destination's one-shot listener open. */
 export async function prepare(run: OutgoingRun): Promise<void> {
@@ -28,7 +29,7 @@ export async function prepare(run: OutgoingRun): Promise<void> {
   h.apply(dom, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
   // The data channel's tls-hostname is the name in the peer's certificate (setup),
   // never a name the peer states in a message.
-  run.prepared = await run.client.request('relocation.prepare', { jobId: j.jobId }, 60000);
+  run.prepared = await ask(run.client, 'relocation.prepare', { jobId: j.jobId }, { timeoutMs: 60000 });
   j.dataPort = run.prepared.dataPort;
   run.mark('prepared');
   s.step(j, { type: 'dest-prepared' });

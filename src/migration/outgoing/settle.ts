@@ -12,6 +12,7 @@ import { redial, retire, retractTunnels } from './peer.ts';
 import { drivePostcopy } from './postcopy.ts';
 import { keepTrying, FINISH_ASK_FOREGROUND_MS } from './retry.ts';
 import type { OutgoingSide, Resolution } from './run.ts';
+import { ask } from '../ask.ts';
 
 /**
  * Sends Finish. If the answer is lost, asks D until it can tell, for at most
@@ -20,7 +21,7 @@ import type { OutgoingSide, Resolution } from './run.ts';
  */
 export async function finishOrResolve(s: OutgoingSide, j: SourceJob, client: ApiClient, running: boolean): Promise<Resolution | null> {
   try {
-    const r = await client.request('relocation.finish', { jobId: j.jobId, running }, 150000);
+    const r = await ask(client, 'relocation.finish', { jobId: j.jobId, running }, { timeoutMs: 150000 });
     return { abandoned: false, resumedAt: r.resumedAt ?? undefined, answeredAt: performance.now(), crashed: r.crashed === true };
   } catch (e) {
     const fe = asFerryError(e);
@@ -37,12 +38,12 @@ export async function finishOrResolve(s: OutgoingSide, j: SourceJob, client: Api
 export async function askDestination(s: OutgoingSide, j: SourceJob, timeoutMs = 5000): Promise<Resolution | string> {
   const client = await redial(s, j);
   try {
-    const st = await client.request('relocation.status', { jobId: j.jobId }, timeoutMs);
+    const st = await ask(client, 'relocation.status', { jobId: j.jobId }, { timeoutMs });
     if (st.phase === 'finished' || st.phase === 'confirmed') return { abandoned: false };
     if (st.phase === 'finishing') return `${j.peer.name} is resuming the guest`;
     if (st.phase === 'abandoned' || st.phase === 'unknown') return { abandoned: true, reason: `${j.peer.name} reports ${st.phase}` };
     // begun/prepared: D never resumed; make it abandon before we resume.
-    const ab = await client.request('relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, timeoutMs);
+    const ab = await ask(client, 'relocation.abandon', { jobId: j.jobId, reason: 'finish was not delivered' }, { timeoutMs });
     if (ab.phase === 'abandoned') return { abandoned: true, reason: `${j.peer.name} abandoned after a lost Finish` };
     return `${j.peer.name} answered abandon with phase ${ab.phase}`;
   } finally {
@@ -116,7 +117,7 @@ export async function settleFinish(s: OutgoingSide, j: SourceJob, dom: DomainHan
     await retire(s, dom, j);
     s.log.info('migration settled: the domain runs on the destination', { jobId: j.jobId, domain: j.domain, peer: j.peer.name });
     void redial(s, j)
-      .then((client) => client.request('relocation.confirm', { jobId: j.jobId }, 10000).finally(() => client.close()))
+      .then((client) => ask(client, 'relocation.confirm', { jobId: j.jobId }, { timeoutMs: 10000 }).finally(() => client.close()))
       .catch(() => undefined);
   }
   j.waiting = undefined;
