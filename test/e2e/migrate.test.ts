@@ -148,8 +148,13 @@ describe('migration (lab, real guests)', () => {
     await createGuest('pattern', 'pat', 'host1', 128);
     await new Promise((r) => setTimeout(r, 2000));
     await ok(['lab', 'verify', 'pat']);
-    // With the verified handover: both copies compared before host2 runs it.
-    const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--verify-memory', '--json']);
+    // With the verified handover: both copies compared before host2 runs it. The guest
+    // dirties ~1.3 GB/s against a link of ~0.25 GB/s: whether auto-converge alone brings
+    // the last pass under 300 ms depends on this machine's load (under TCG a 99 %
+    // throttle still leaves tens of MB/s dirtied), so the move has a budget, and at its
+    // end the guest is suspended to finish: memory integrity is the point here.
+    const budget = ['--timeout', '45', '--on-timeout', 'suspend'];
+    const r = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--verify-memory', ...budget, '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.ok(r.bytes >= 100 * 1024 * 1024, `sent ${r.bytes}`);
     assert.ok(
@@ -169,7 +174,8 @@ describe('migration (lab, real guests)', () => {
   });
 
   test('multifd: a live move over 2 parallel TLS channels keeps memory intact', async () => {
-    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live', '--parallel', '2', '--no-probe', '--json']);
+    const budget = ['--timeout', '45', '--on-timeout', 'suspend']; // as above
+    const r = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--live', '--parallel', '2', '--no-probe', ...budget, '--json']);
     assert.equal(r.outcome, 'succeeded');
     assert.equal(r.encrypted, true);
     assert.equal(r.guestDowntimeMs, null);
@@ -178,7 +184,7 @@ describe('migration (lab, real guests)', () => {
     const v = await ok(['lab', 'verify', 'pat', '--json']);
     assert.equal(v.host, 'host1');
     assert.equal(v.ok, true);
-    await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', '--json']);
+    await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--live', ...budget, '--json']);
   });
 
   test('a shut-off domain moves as its definition', async () => {
