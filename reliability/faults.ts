@@ -489,7 +489,17 @@ async function main(): Promise<void> {
   } finally {
     await ferry(['lab', 'down']);
   }
-  const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), engine, rounds };
+  // The commit the campaign ran on (a working tree with changes says so), so a result names its code.
+  const commit = (() => {
+    try {
+      const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim();
+      const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: ROOT, encoding: 'utf8' }).trim() !== '';
+      return dirty ? `${head}+changes` : head;
+    } catch {
+      return null;
+    }
+  })();
+  const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), commit, engine, rounds };
   if (REPORT) {
     fs.writeFileSync(
       path.join(ROOT, 'reliability', POSTCOPY ? `faults-postcopy-${SEED}.json` : AIM ? `faults-aimed-${SEED}.json` : `faults-${SEED}.json`),
