@@ -16,6 +16,11 @@ function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]
   return v;
 }
 
+/** The exhaustive switches' default: compiles only if every action of the namespace has its case. */
+function unknownAction(req: never): never {
+  throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((req as { action: unknown }).action)}`);
+}
+
 /** The relocation protocol's messages (peers) and the operator's migration actions go to the migration layer. */
 type RelocationRequest = Extract<Request, { action: `relocation.${string}` }>;
 type MigrationRequest = Extract<Request, { action: `migration.${string}` }>;
@@ -104,10 +109,8 @@ function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown
       return answer(req.action, { subscribed: subscribe(host, ctx, req.params.domain) });
     case 'net.tunnels':
       return answer(req.action, host.tunnelList());
-    default: {
-      const never: never = req;
-      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
-    }
+    default:
+      return unknownAction(req);
   }
 }
 
@@ -150,10 +153,8 @@ function migrationAction(req: MigrationRequest, { mig, refused }: Deps): unknown
       return answer(req.action, mig().jobs());
     case 'migration.job':
       return answer(req.action, mig().job(req.params.domain));
-    default: {
-      const never: never = req;
-      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
-    }
+    default:
+      return unknownAction(req);
   }
 }
 
@@ -180,9 +181,7 @@ function relocationAction(req: RelocationRequest, ctx: ConnContext, { host, mig,
       return answer(req.action, mig().dest.status(req.params, ctx));
     case 'relocation.tunnel':
       return answer(req.action, { remotes: host.tunnelFromPeer(req.params, (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '')) });
-    default: {
-      const never: never = req;
-      throw new FerryError('API_UNKNOWN_ACTION', `Unknown API action ${String((never as { action: unknown }).action)}`);
-    }
+    default:
+      return unknownAction(req);
   }
 }
