@@ -13,7 +13,7 @@ const out = path.join(root, 'dist');
 fs.rmSync(out, { recursive: true, force: true });
 await build({
   absWorkingDir: root,
-  entryPoints: { 'cli/main': 'src/cli/main.ts', 'daemon/main': 'src/daemon/main.ts' },
+  entryPoints: { 'cli/main': 'src/cli/main.ts', 'daemon/main': 'src/daemon/main.ts', 'cluster/watchdog': 'src/cluster/watchdog.ts' },
   outdir: out,
   bundle: true,
   splitting: true,

@@ -12,7 +12,8 @@
 set -euo pipefail
 # util-linux and mount: unshare, setpriv and mount confine each domain's QEMU (src/qemu/confine.ts);
 # dropbear-bin: the lab Linux guest's SSH server (guest/build-images.sh), openssh-client: ferry lab ssh.
-PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps util-linux mount dropbear-bin openssh-client)
+# etcd-server, etcd-client: cluster mode's shared state (src/cluster/; `ferry lab up --cluster` runs a member per host).
+PKGS=(qemu-system-x86 qemu-utils seabios busybox-static iproute2 openssl xz-utils zstd binutils iptables nftables procps util-linux mount dropbear-bin openssh-client etcd-server etcd-client)
 update=0
 for a in "$@"; do
   case "$a" in

@@ -22,6 +22,7 @@ const LAYER: Record<string, number> = {
   qmp: 2, // the wire contracts: the API's types and client, certificates, QMP
   qemu: 3,
   migration: 4,
+  cluster: 4, // etcd: membership, ownership records, HA manager (daemon/cluster.ts wires it; migration/ sees it only through MigrationHost)
   daemon: 5,
   lab: 6,
   // Test support: doubles for unit tests, and the memory-pattern checker (which

@@ -59,6 +59,21 @@ export const ERRORS = {
     exit: 7,
     doc: 'a file path is outside the storage pools or the save directory, is a symlink, or is not a regular file',
   },
+  // cluster mode (src/cluster/): exit 10
+  CLUSTER_NOT_CONFIGURED: {
+    exit: 10,
+    doc: 'this ferryd runs standalone: the action needs cluster mode (a `cluster` section in ferryd.json)',
+  },
+  CLUSTER_NO_QUORUM: {
+    exit: 10,
+    doc: 'etcd did not answer with a quorum (members down or unreachable): nothing new starts or moves until it does; running domains are not touched (HA ones are fenced after the lease TTL)',
+  },
+  CLUSTER_OWNED_ELSEWHERE: { exit: 10, doc: "the cluster's ownership record names another host for the domain: only its owner may run it" },
+  CLUSTER_RECORD_CHANGED: {
+    exit: 10,
+    doc: "the domain's ownership record changed while ferryd acted on it (another host or manager won the race); nothing was done, retry",
+  },
+  CLUSTER_BAD_RECORD: { exit: 10, doc: 'a record in etcd is not in the shape ferry writes (changed by hand?); it is not acted on' },
   // migration: exit 8 (pre-flight refusals) and 9 (failures during the move)
   MIGRATION_DEST_NO_MEMORY: { exit: 8, doc: 'the destination has too little free memory' },
   MIGRATION_DEST_MAINTENANCE: { exit: 8, doc: 'the destination is in maintenance and takes no incoming move' },

@@ -64,6 +64,12 @@ export const ROLES = {
   'migration.jobs': MANAGE,
   'migration.job': MANAGE,
   'migration.resolve': MANAGE,
+  'cluster.status': MANAGE,
+  'cluster.domains': MANAGE,
+  'cluster.events': MANAGE,
+  'cluster.leave': MANAGE,
+  'ha.set': MANAGE,
+  'ha.status': MANAGE,
   'relocation.begin': PEER,
   'relocation.prepare': PEER,
   'relocation.digest': PEER,
@@ -363,6 +369,55 @@ export type CancelResult = { jobId: string; domain: string; cancelling: true };
 /** What `ferry job resolve` is told: who settled it and where the domain runs now. */
 export type ResolveResult = { jobId: string; domain: string; phase: string; settledBy: 'destination' | 'operator'; runsOn: string };
 
+/** A domain as the cluster sees it (`ferry list --all`, `ferry ha status`): its ownership record. */
+export interface ClusterDomainView {
+  name: string;
+  owner: string;
+  /** Whether the owner holds a lease now. */
+  ownerUp: boolean;
+  state: 'running' | 'stopped' | 'restarting' | 'failed';
+  ha: { priority: number } | null;
+  generation: number;
+  restartable: { ok: boolean; why: string };
+  note: string;
+  at: string;
+}
+
+/** `ferry cluster status`. */
+export interface ClusterStatus {
+  mode: 'cluster';
+  host: string;
+  lease: { state: string; id: string | null; quorate: boolean; fenceInMs: number | null; ttlS: number; fenceMarginS: number };
+  haManager: string | null;
+  etcd: { url: string; ok: boolean; name: string | null; leader: string | null; version: string | null; error: string | null }[];
+  /** Hosts with a live lease and what they publish; null if etcd did not answer. */
+  hosts:
+    | {
+        name: string;
+        ferry: string;
+        engine: string;
+        accel: string;
+        cpuModel: string;
+        memoryMiB: number;
+        freeMiB: number;
+        maintenance: boolean;
+        relocation: string;
+        since: string;
+      }[]
+    | null;
+  domains: { name: string; owner: string; state: string; ha: { priority: number } | null }[];
+}
+
+/** One entry of the cluster's event log (`ferry events`). */
+export interface ClusterEventView {
+  at: string;
+  type: string;
+  by: string;
+  host?: string;
+  domain?: string;
+  detail: string;
+}
+
 /**
  * The result of each action: the one map the CLI's calls (api/client.ts) and the daemon's
  * handlers (daemon/actions.ts) are both checked against. Relocation actions are the
@@ -393,6 +448,12 @@ export interface Results {
   'migration.jobs': JobView[];
   'migration.job': JobView;
   'migration.resolve': ResolveResult;
+  'cluster.status': ClusterStatus;
+  'cluster.domains': ClusterDomainView[];
+  'cluster.events': ClusterEventView[];
+  'cluster.leave': { host: string; left: true };
+  'ha.set': ClusterDomainView;
+  'ha.status': ClusterDomainView[];
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
   // The relocation answers' types come from their schemas (api/relocation.ts), which the source checks them with.

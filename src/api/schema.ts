@@ -79,6 +79,14 @@ export const ACTIONS = {
   'migration.job': params({ domain: str }),
   // the operator's word on a job past the point of no return that the destination has not settled
   'migration.resolve': params({ domain: str, assume: z.enum(['destination', 'source'], { error: 'must be one of destination, source' }) }),
+  // cluster mode (etcd): any host answers for the whole cluster
+  'cluster.status': params({}),
+  'cluster.domains': params({}),
+  // the last `limit` events; with follow, new ones go down the connection as they come
+  'cluster.events': params({ limit: optNum(1, 5000), follow: optBool }),
+  'cluster.leave': params({}),
+  'ha.set': params({ domain: str, on: z.boolean({ error: 'must be true or false' }), priority: optNum(-1000, 1000) }),
+  'ha.status': params({}),
   // relocation (destination side, asked by a peer ferryd over TLS): the protocol's own module
   ...RELOCATION_ACTIONS,
 } as const;

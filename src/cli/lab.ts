@@ -11,6 +11,8 @@ import {
   readLab,
   requireLab,
   restartFerryd,
+  restartEtcd,
+  labLink,
   labNamespace,
   isFerryd,
   IMAGES_DIR,
@@ -158,6 +160,7 @@ function registerLabLifecycle(lab: Command): void {
     .option('--host-memory <MiB>', 'memory each host offers to domains', int('--host-memory'))
     .option('--state-size <MiB>', "give each host's state directory a tmpfs of this size (to test a full disk)", int('--state-size'))
     .option('--allow-insecure', 'hosts accept plain-TCP migration streams (relocation.allowInsecure)')
+    .option('--cluster', 'cluster mode: an etcd member in every host (3 or more), mutual TLS, every ferryd joined')
     .option('--json', 'JSON output')
     .action(
       act(
@@ -167,6 +170,7 @@ function registerLabLifecycle(lab: Command): void {
           hostMemory?: number;
           stateSize?: number;
           allowInsecure?: boolean;
+          cluster?: boolean;
           json?: boolean;
         }) => {
           const tty = isTty() && !o.json;
@@ -176,6 +180,7 @@ function registerLabLifecycle(lab: Command): void {
             hostMemoryMiB: o.hostMemory,
             stateMiB: o.stateSize,
             allowInsecure: o.allowInsecure,
+            cluster: o.cluster,
             progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
           });
         },
@@ -269,6 +274,32 @@ function registerLabAccess(lab: Command): void {
       act(
         async (h: string) => restartFerryd(h),
         (h) => process.stdout.write(`ferryd on ${h.name} restarted (pid ${h.pid})\n`),
+      ),
+    );
+  lab
+    .command('link')
+    .description('cut (down) or restore (up) every link of a host: a real partition for its ferryd, etcd and guests')
+    .argument('<host>')
+    .argument('<state>', 'down or up')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (h: string, st: string) => {
+          if (st !== 'up' && st !== 'down') throw new FerryError('CLI_USAGE', `link state must be "up" or "down", got "${st}"`);
+          return labLink(h, st === 'up');
+        },
+        (r) => process.stdout.write(`${r.host}: ${r.links.join(', ')} ${r.up ? 'up' : 'down'}\n`),
+      ),
+    );
+  lab
+    .command('etcd-start')
+    .description("start a host's etcd member again (--cluster labs), from its data directory")
+    .argument('<host>')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (h: string) => restartEtcd(h),
+        (h) => process.stdout.write(`etcd on ${h.name} started (pid ${h.etcdPid})\n`),
       ),
     );
 }

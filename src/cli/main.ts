@@ -14,6 +14,7 @@ import { table, reportError, humanState, act, hostOpt, lastJsonMode } from './ou
 import { runConsole } from './console.ts';
 import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
+import { registerCluster, printClusterDomains } from './cluster.ts';
 import { registerMigrate } from './migrate.ts';
 import { FERRY_VERSION } from '../version.ts';
 import type { DomainSummary, DomainInfo, HostInfo, TunnelView } from '../api/protocol.ts';
@@ -139,9 +140,13 @@ function registerDomainVerbs(prog: Command): void {
         (r) => process.stdout.write(`Started domain ${r.name} (id ${r.id ?? '-'}) on ${r.host}\n`),
       ),
     );
-  domainVerb(prog, 'list', 'list domains (as xm list)').action(
-    act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'domain.list'), printList),
-  );
+  domainVerb(prog, 'list', 'list domains (as xm list)')
+    .option('--all', "cluster mode: every domain of the cluster, with its host (from etcd's ownership records)")
+    .action(async (o: { all?: boolean }, cmd: Command) =>
+      o.all
+        ? act(async (_o: unknown, c: Command) => call(resolveTarget(hostOpt(c)), 'cluster.domains'), printClusterDomains)(o, cmd)
+        : act(async (_o: unknown, c: Command) => call(resolveTarget(hostOpt(c)), 'domain.list'), printList)(o, cmd),
+    );
   domainVerb(prog, 'info', 'show a domain')
     .argument('<domain>')
     .action(
@@ -370,6 +375,7 @@ export function buildProgram(): Command {
   registerTrust(prog);
 
   registerMigrate(prog);
+  registerCluster(prog);
   registerLab(prog);
   return prog;
 }

@@ -10,6 +10,8 @@ import type { Host } from './host.ts';
 import { FERRY_VERSION } from '../version.ts';
 import type { ConnContext } from './server.ts';
 import type { Migrations } from '../migration/manager.ts';
+import type { ClusterAgent } from './cluster.ts';
+import type { ClusterEventView } from '../api/protocol.ts';
 
 /** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
 function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> {
@@ -24,21 +26,33 @@ function unknownAction(req: never): never {
 /** The relocation protocol's messages (peers) and the operator's migration actions go to the migration layer. */
 type RelocationRequest = Extract<Request, { action: `relocation.${string}` }>;
 type MigrationRequest = Extract<Request, { action: `migration.${string}` }>;
-type HostRequest = Exclude<Request, RelocationRequest | MigrationRequest>;
+type ClusterRequest = Extract<Request, { action: `cluster.${string}` | `ha.${string}` }>;
+type HostRequest = Exclude<Request, RelocationRequest | MigrationRequest | ClusterRequest>;
 const isRelocation = (r: Request): r is RelocationRequest => r.action.startsWith('relocation.');
 const isMigration = (r: Request): r is MigrationRequest => r.action.startsWith('migration.');
+const isCluster = (r: Request): r is ClusterRequest => r.action.startsWith('cluster.') || r.action.startsWith('ha.');
 
 /** What the handlers act on. */
 interface Deps {
   host: Host;
   mig: () => Migrations;
+  /** Cluster mode's agent, or CLUSTER_NOT_CONFIGURED. */
+  cluster: () => ClusterAgent;
   /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
   refused: <T>(side: 'source' | 'destination', p: Promise<T>) => Promise<T>;
 }
 
-export function makeHandler(host: Host, migration: Migrations | undefined, metrics?: Metrics) {
+export function makeHandler(host: Host, migration: Migrations | undefined, metrics?: Metrics, cluster?: ClusterAgent) {
   const deps: Deps = {
     host,
+    cluster: () => {
+      if (!cluster)
+        throw new FerryError(
+          'CLUSTER_NOT_CONFIGURED',
+          `${host.cfg.name} runs standalone (no "cluster" section in its ferryd.json): there is no cluster to ask. See README "Cluster mode"`,
+        );
+      return cluster;
+    },
     mig: () => {
       if (!migration) throw new FerryError('INTERNAL', 'migration is not available in this ferryd');
       return migration;
@@ -53,6 +67,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined, metri
   return async (req: Request, ctx: ConnContext): Promise<unknown> => {
     if (isRelocation(req)) return relocationAction(req, ctx, deps);
     if (isMigration(req)) return migrationAction(req, deps);
+    if (isCluster(req)) return clusterAction(req, ctx, deps);
     return hostAction(req, ctx, deps);
   };
 }
@@ -112,6 +127,39 @@ function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown
     default:
       return unknownAction(req);
   }
+}
+
+function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unknown {
+  const c = deps.cluster();
+  switch (req.action) {
+    case 'cluster.status':
+      return answer(req.action, c.status());
+    case 'cluster.domains':
+      return answer(req.action, c.domains());
+    case 'cluster.events':
+      return answer(req.action, clusterEvents(c, ctx, req.params));
+    case 'cluster.leave':
+      return answer(req.action, c.leave());
+    case 'ha.set':
+      return answer(req.action, c.haSet(req.params.domain, req.params.on ? { priority: Math.round(req.params.priority ?? 0) } : null));
+    case 'ha.status':
+      return answer(
+        req.action,
+        c.domains().then((all) => all.filter((d) => d.ha)),
+      );
+    default:
+      return unknownAction(req);
+  }
+}
+
+/** The last events; with follow, each new one goes down the connection (event cluster.event) until it closes. */
+async function clusterEvents(c: ClusterAgent, ctx: ConnContext, p: { limit?: number; follow?: boolean }): Promise<ClusterEventView[]> {
+  const list = await c.events.list(Math.round(p.limit ?? 50));
+  if (p.follow) {
+    const stop = await c.events.follow((e) => ctx.send({ event: 'cluster.event', data: e }));
+    ctx.onClose(() => void stop());
+  }
+  return list;
 }
 
 /** events.subscribe: the host's events (of one domain, or all) go down the connection until it closes. */

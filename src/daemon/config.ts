@@ -57,7 +57,25 @@ export interface DaemonConfig {
   qemuUids: UidRange | null;
   /** Prometheus metrics at http://ADDRESS:PORT/metrics (daemon/metrics.ts); null: not served. */
   metrics: { address: string; port: number } | null;
+  /** Cluster mode: shared state on etcd (src/cluster/); null: standalone, static peers only. */
+  cluster: ClusterConfig | null;
 }
+
+/** README "Cluster mode": where etcd is and the timings that make fencing safe (cluster/member.ts). */
+export interface ClusterConfig {
+  /** etcd client URLs, https only: every call is mutual TLS with this host's certificate. */
+  endpoints: string[];
+  /** The host's lease: it is down for everyone once this many seconds pass without a renewal. */
+  leaseTtlS: number;
+  /** A host that could not renew for leaseTtlS − fenceMarginS fences its HA domains. */
+  fenceMarginS: number;
+  /** The HA manager waits this long after a lease expired before restarting its domains elsewhere. */
+  restartDelayS: number;
+  /** The certificate ferryd shows etcd (ca-cert.pem, client-cert.pem, client-key.pem); default tlsDir. */
+  tlsDir: string;
+}
+
+export const CLUSTER_DEFAULTS = { leaseTtlS: 10, fenceMarginS: 3, restartDelayS: 2 } as const;
 
 export interface StorageConfig {
   /** Directories every disk, kernel, initrd and backing file must resolve into. */
@@ -131,6 +149,7 @@ const KEYS = new Set([
   'storage',
   'limits',
   'metrics',
+  'cluster',
 ]);
 
 export function defaultMemoryMiB(): number {
@@ -158,8 +177,9 @@ export function parseDaemonConfig(raw: unknown, repoRoot: string): DaemonConfig 
   const storage = parseStorage(raw.storage, { imagesDir: top.imagesDir, stateDir: top.stateDir }, bad);
   const limits = parseLimits(raw.limits, bad);
   const metrics = parseMetrics(raw.metrics, bad);
+  const cluster = parseCluster(raw.cluster, top.tlsDir, bad);
   if (errs.length) throw new FerryError('CONFIG_INVALID', `Invalid ferryd config: ${errs.join('; ')}`, { errors: errs });
-  return { ...top, metrics, relocation, storage, limits, networks, qemu, qemuUids: uids };
+  return { ...top, metrics, cluster, relocation, storage, limits, networks, qemu, qemuUids: uids };
 }
 
 /** The top-level scalars (name, directories, memory, log level, accelerator, CPU model, peers). */
@@ -382,6 +402,41 @@ function parseMetrics(raw: unknown, bad: Bad): DaemonConfig['metrics'] {
     return null;
   }
   return { address: mm[1].replace(/^\[|\]$/g, ''), port: Number(mm[2]) };
+}
+
+/**
+ * The cluster section. The timings must leave the fencing order intact: a host fences
+ * at TTL − margin after its last renewal, strictly before its lease can expire, and
+ * the margin must cover a renewal's round trip and a slow timer (cluster/member.ts).
+ */
+function parseCluster(raw: unknown, tlsDir: string, bad: Bad): ClusterConfig | null {
+  if (raw === undefined || raw === null) return null;
+  if (!isObj(raw)) {
+    bad('cluster', 'must be an object {endpoints, leaseTtlS?, fenceMarginS?, restartDelayS?, tlsDir?}');
+    return null;
+  }
+  for (const k of Object.keys(raw))
+    if (!['endpoints', 'leaseTtlS', 'fenceMarginS', 'restartDelayS', 'tlsDir'].includes(k)) bad(`cluster.${k}`, 'unknown key');
+  const endpoints = raw.endpoints;
+  const urlOk = (u: unknown): boolean => typeof u === 'string' && /^https:\/\/(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(u);
+  if (!Array.isArray(endpoints) || endpoints.length === 0 || !endpoints.every(urlOk))
+    bad(
+      'cluster.endpoints',
+      'must be a list of etcd client URLs "https://ADDRESS:PORT" (plain http is refused: etcd is reached over mutual TLS only)',
+    );
+  const num = (k: 'leaseTtlS' | 'fenceMarginS' | 'restartDelayS', lo: number, hi: number): number => {
+    const v = raw[k] ?? CLUSTER_DEFAULTS[k];
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < lo || v > hi)
+      bad(`cluster.${k}`, `must be a whole number of seconds from ${lo} to ${hi}`);
+    return v as number;
+  };
+  const leaseTtlS = num('leaseTtlS', 4, 300);
+  const fenceMarginS = num('fenceMarginS', 1, 150);
+  const restartDelayS = num('restartDelayS', 0, 300);
+  if (fenceMarginS * 2 > leaseTtlS) bad('cluster.fenceMarginS', `must be at most half of leaseTtlS (${leaseTtlS} s)`);
+  const dir = raw.tlsDir ?? tlsDir;
+  if (typeof dir !== 'string' || !path.isAbsolute(dir)) bad('cluster.tlsDir', 'must be an absolute path');
+  return { endpoints: endpoints as string[], leaseTtlS, fenceMarginS, restartDelayS, tlsDir: dir as string };
 }
 
 export function loadDaemonConfig(file: string | undefined, overrides: Record<string, unknown>, repoRoot: string): DaemonConfig {

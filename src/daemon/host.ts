@@ -23,7 +23,7 @@ import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles, createImage, freeBytes } from '../domain/storage.ts';
-import type { MigrationHost, TunnelHome } from '../migration/host.ts';
+import type { MigrationHost, MoveOwnership, TunnelHome } from '../migration/host.ts';
 import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
@@ -39,7 +39,16 @@ import { GuestRamAccess } from './guestram.ts';
 import { Tunnels, vniFor } from './tunnels.ts';
 import { peerAddresses } from '../migration/preflight.ts';
 
+/**
+ * Cluster mode's ownership check (daemon/cluster.ts): a domain's vCPUs start or resume
+ * here only after `claim` made this host its owner in etcd. Standalone: no gate.
+ */
+export interface OwnershipGate extends MoveOwnership {
+  claim(c: DomainConfig, why: string): Promise<void>;
+}
+
 export class Host extends EventEmitter implements MigrationHost {
+  private gate?: OwnershipGate;
   /** In-flight memory reservations (incoming migrations), MiB by job id. */
   private readonly reservations = new Map<string, { domain: string; memoryMiB: number }>();
   private readonly store: DomainStore;
@@ -341,6 +350,15 @@ export class Host extends EventEmitter implements MigrationHost {
     return { ...this.maint };
   }
 
+  /** Cluster mode: every start, resume and handover goes through etcd from now on. */
+  useOwnership(gate: OwnershipGate): void {
+    this.gate = gate;
+  }
+
+  get ownership(): MoveOwnership | null {
+    return this.gate ?? null;
+  }
+
   // ---------- lifecycle ----------
 
   /** `ferry create`: define, and start unless told not to. Nothing is stored if a check fails. */
@@ -379,11 +397,47 @@ export class Host extends EventEmitter implements MigrationHost {
       dom.expectStop = undefined;
       this.apply(dom, { type: 'start', pid, domid: this.store.allocDomid(), at: Date.now() });
       await this.runtime.attach(dom, pid, qmp);
+      // QEMU waits with its vCPUs stopped (-S) until the cluster says this host owns the domain.
+      await this.claimOrStop(dom, 'start');
       await qmp.execute('cont');
     } finally {
       dom.busy = undefined;
     }
     return this.domainInfo(name);
+  }
+
+  /** A QEMU started paused whose claim failed is stopped again: nothing runs that the cluster did not give this host. */
+  private async claimOrStop(dom: HostedDomain, why: string): Promise<void> {
+    if (!this.gate) return;
+    try {
+      await this.gate.claim(dom.rec.config, why);
+    } catch (e) {
+      const s = dom.rec.state;
+      dom.expectStop = 'destroyed';
+      if (hasProcess(s)) await killAndWait(s.pid, 0);
+      await dom.exited;
+      throw e;
+    }
+  }
+
+  /**
+   * Cluster fencing (daemon/cluster.ts): this host lost its lease, so another may run
+   * the domain soon. Its vCPUs stop first (QMP stop, bounded), then QEMU is killed.
+   * True if there was a QEMU to fence.
+   */
+  async fence(name: string): Promise<boolean> {
+    const dom = this.find(name);
+    const s = dom?.rec.state;
+    if (!dom || !s || !hasProcess(s) || s.kind === 'incoming') return false;
+    dom.expectStop = 'fenced';
+    await Promise.race([dom.qmp?.execute('stop').catch(() => undefined), new Promise((r) => setTimeout(r, 300))]);
+    await killAndWait(s.pid, 0);
+    await Promise.race([dom.exited, new Promise((r) => setTimeout(r, 2000))]);
+    if (hasProcess(dom.rec.state)) {
+      this.runtime.cleanup(dom);
+      this.apply(dom, { type: 'stopped', reason: 'fenced', at: Date.now() });
+    }
+    return true;
   }
 
   async pause(name: string): Promise<DomainSummary> {
@@ -399,6 +453,7 @@ export class Host extends EventEmitter implements MigrationHost {
     const dom = this.get(name);
     transition(dom.rec.state, { type: 'resume', at: 0 }, name);
     const { qmp } = this.runtime.needProcess(dom, 'unpause');
+    await this.gate?.claim(dom.rec.config, 'unpause');
     await qmp.execute('cont');
     if (dom.rec.state.kind === 'paused') this.apply(dom, { type: 'resume', at: Date.now() });
     return this.summary(dom);

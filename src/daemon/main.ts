@@ -15,6 +15,7 @@ import { probeQemu, chooseAccel, type AccelChoice, type QemuFacts } from '../qem
 import { pidAlive } from '../qemu/process.ts';
 import { asFerryError } from '../errors.ts';
 import { Migrations } from '../migration/manager.ts';
+import { ClusterAgent } from './cluster.ts';
 import { tlsPresent, ensureDhParams } from '../tls/ca.ts';
 
 import { REPO_ROOT as repoRoot } from '../util/paths.ts';
@@ -112,12 +113,23 @@ async function main(): Promise<void> {
   const { accel, qemu } = await prepareHost(cfg, log);
   const host = new Host(cfg, log, accel, qemu);
   await host.recover();
+  // Cluster mode: from here on no domain starts, resumes or moves without etcd's word.
+  const cluster = cfg.cluster ? new ClusterAgent(host, cfg.cluster, log) : undefined;
+  if (cluster) {
+    host.useOwnership(cluster);
+    cluster.start();
+    log.info('cluster mode', {
+      endpoints: cfg.cluster!.endpoints,
+      leaseTtlS: cfg.cluster!.leaseTtlS,
+      fenceMarginS: cfg.cluster!.fenceMarginS,
+    });
+  }
   const migrations = new Migrations(host, log);
   await migrations.recover();
   // Only where served: otherwise no registry, no listeners on the host's events.
   const metrics = cfg.metrics ? new Metrics(host, log) : undefined;
   if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port, cfg.tlsDir);
-  const server = new ApiServer(log, makeHandler(host, migrations, metrics));
+  const server = new ApiServer(log, makeHandler(host, migrations, metrics, cluster));
   await server.listenUnix(cfg.apiSocket);
   const tlsOn = await server.listenTls({
     address: cfg.relocation.address,
@@ -134,6 +146,7 @@ async function main(): Promise<void> {
     log.info('ferryd stopping; domains keep running', { signal: sig });
     await server.close();
     metrics?.close();
+    await cluster?.stop();
     host.detachAll();
     try {
       if (Number(fs.readFileSync(pidFile, 'utf8')) === process.pid) fs.unlinkSync(pidFile);

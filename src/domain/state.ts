@@ -18,7 +18,8 @@
  */
 import { FerryError } from '../errors.ts';
 
-export type StopReason = 'shutdown' | 'destroyed' | 'saved' | 'migrated' | 'poweroff';
+/** fenced: cluster mode stopped it because this host lost its lease (its HA copy may run elsewhere now). */
+export type StopReason = 'shutdown' | 'destroyed' | 'saved' | 'migrated' | 'poweroff' | 'fenced';
 
 export type DomainState =
   | { kind: 'defined' }
@@ -98,6 +99,8 @@ export function transition(s: DomainState, e: DomainEvent, domain?: string): Dom
       // "migrated" is the only way out of migrating-out that ends the process here;
       // the other reasons stop a domain that runs or is paused (or clear a crash).
       if (e.reason === 'migrated') return s.kind === 'migrating-out' ? { kind: 'shutoff', reason: 'migrated', at: e.at } : illegal();
+      // Fencing stops a domain whatever it was doing, a move out included (the move then fails).
+      if (e.reason === 'fenced' && s.kind === 'migrating-out') return { kind: 'shutoff', reason: 'fenced', at: e.at };
       if (s.kind === 'running' || s.kind === 'paused') return { kind: 'shutoff', reason: e.reason, at: e.at };
       if (s.kind === 'crashed' && e.reason === 'destroyed') return { kind: 'shutoff', reason: 'destroyed', at: e.at };
       if (s.kind === 'incoming' && e.reason === 'destroyed') return { kind: 'shutoff', reason: 'destroyed', at: e.at };

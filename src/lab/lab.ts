@@ -31,6 +31,7 @@ import { caInit, issueHostCert } from '../tls/ca.ts';
 import { pidAlive, killAndWait } from '../qemu/process.ts';
 import { ApiClient } from '../api/client.ts';
 import { LAB_STATE_FILE } from './hosts.ts';
+import { labEndpoints, startEtcd, waitEtcdHealthy, writeClusterConfig } from './etcd.ts';
 
 export const LAB_DIR = process.env.FERRY_LAB_DIR ?? path.dirname(LAB_STATE_FILE);
 export const NS_PREFIX = 'ferry-';
@@ -66,6 +67,8 @@ export interface LabHost {
   tlsDir: string;
   pid: number;
   segment: number;
+  /** --cluster: this host's etcd member. */
+  etcdPid?: number;
 }
 
 export interface LabState {
@@ -79,6 +82,8 @@ export interface LabState {
   adminTlsDir: string;
   /** The hosts' shared storage pool (every host's storage.pools has it). */
   poolDir: string;
+  /** --cluster: etcd's client URLs (one member per host); null: standalone hosts. */
+  cluster?: { endpoints: string[] } | null;
 }
 
 function sh(cmd: string, args: string[], opts: { ignore?: boolean } = {}): string {
@@ -143,6 +148,8 @@ export interface UpOptions {
   stateMiB?: number;
   /** Hosts accept plain-TCP migration streams (relocation.allowInsecure): the bench's plain contender. */
   allowInsecure?: boolean;
+  /** Cluster mode: an etcd member in every host (at least 3) and every ferryd's cluster section. */
+  cluster?: boolean;
   progress?: (msg: string) => void;
 }
 
@@ -150,6 +157,11 @@ export interface UpOptions {
 function checkUp(o: UpOptions): void {
   if (!Number.isInteger(o.hosts) || o.hosts < 1 || o.hosts > 16) throw new FerryError('CLI_USAGE', `--hosts must be 1..16, got ${o.hosts}`);
   if (o.segments !== 1 && o.segments !== 2) throw new FerryError('CLI_USAGE', `--segments must be 1 or 2, got ${o.segments}`);
+  if (o.cluster && o.hosts < 3)
+    throw new FerryError(
+      'CLI_USAGE',
+      `--cluster needs at least 3 hosts (etcd keeps a quorum through one host's loss only from 3), got ${o.hosts}`,
+    );
   if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16))
     throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
   if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096))
@@ -288,8 +300,20 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       caDir,
       adminTlsDir,
       poolDir,
+      cluster: null,
     };
     writeJsonAtomic(LAB_STATE_FILE, state);
+    if (o.cluster) {
+      say('etcd: one member per host, mutual TLS');
+      const endpoints = labEndpoints(hosts);
+      for (const h of hosts) {
+        writeClusterConfig(h, endpoints);
+        h.etcdPid = startEtcd(h, hosts);
+      }
+      state.cluster = { endpoints };
+      writeJsonAtomic(LAB_STATE_FILE, state);
+      await waitEtcdHealthy({ clientNs: client, endpoints, adminTlsDir });
+    }
     await Promise.all(
       hosts.map(async (h) => {
         h.pid = await startFerryd(h);
@@ -349,6 +373,34 @@ export async function restartFerryd(name: string): Promise<LabHost> {
   h.pid = await startFerryd(h);
   writeJsonAtomic(LAB_STATE_FILE, s);
   return h;
+}
+
+/** Starts a lab host's etcd member again (after a test killed it), from its data directory. */
+export function restartEtcd(name: string): LabHost {
+  const s = requireLab();
+  const h = s.hosts.find((x) => x.name === name);
+  if (!h) throw new FerryError('HOST_UNKNOWN', `No lab host "${name}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
+  if (!s.cluster) throw new FerryError('CLI_USAGE', 'The lab runs standalone hosts (`ferry lab up --cluster` for etcd)');
+  if (h.etcdPid && pidAlive(h.etcdPid)) throw new FerryError('CLI_USAGE', `etcd on ${name} runs (pid ${h.etcdPid})`);
+  h.etcdPid = startEtcd(h, s.hosts);
+  writeJsonAtomic(LAB_STATE_FILE, s);
+  return h;
+}
+
+/**
+ * Cuts (or restores) every link of a lab host: its ports on the switch, for each
+ * guest segment and the migration network. To everyone else the host is gone; it
+ * still runs, with its domains, its ferryd and its etcd member: a real partition.
+ */
+export function labLink(name: string, up: boolean): { host: string; links: string[]; up: boolean } {
+  const s = requireLab();
+  const i = s.hosts.findIndex((x) => x.name === name);
+  if (i < 0) throw new FerryError('HOST_UNKNOWN', `No lab host "${name}" (hosts: ${s.hosts.map((x) => x.name).join(', ')})`);
+  const n = i + 1;
+  const links = [...Array.from({ length: s.segments }, (_, seg) => `h${n}s${seg}`), `h${n}m`];
+  for (const l of links) sh('ip', ['-n', `${NS_PREFIX}switch`, 'link', 'set', l, up ? 'up' : 'down']);
+  if (up) flushBridges(s);
+  return { host: name, links, up };
 }
 
 export function isFerryd(pid: number): boolean {

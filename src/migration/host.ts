@@ -67,8 +67,25 @@ export interface DomainHandle {
 export type { TunnelHome } from '../api/relocation.ts';
 import type { TunnelHome } from '../api/relocation.ts';
 
+/**
+ * Cluster mode's side of a move (cluster/ownership.ts has the sequence): the record in
+ * etcd, not either host's memory, says who runs the domain once Finish was sent.
+ */
+export interface MoveOwnership {
+  /** Source, before the domain leaves: the record names the job and its destination. */
+  markMoving(domain: string, job: string, to: string): Promise<void>;
+  /** Destination, at the point of no return: 'taken' means resume here, 'refused' means never. */
+  takeOver(domain: string, job: string, from: string): Promise<'taken' | 'refused'>;
+  /** Destination, when a guest it took could not run after all: the source may have it back. */
+  giveBack(domain: string, job: string, to: string): Promise<void>;
+  /** Source, when the answer is lost or a refusal: 'kept' means resume here, 'lost' means the destination owns it. */
+  reclaim(domain: string, job: string): Promise<'kept' | 'lost'>;
+}
+
 export interface MigrationHost {
   readonly cfg: MigrationSettings;
+  /** Cluster mode's ownership record (null: standalone, today's protocol alone decides). */
+  readonly ownership: MoveOwnership | null;
   readonly qemu: QemuFacts;
   readonly accel: { accel: Accel };
   /** Where domains' run directories live (an incoming QEMU's command line names it). */

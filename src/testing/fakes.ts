@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { MigrationHost, DomainHandle, TunnelHome } from '../migration/host.ts';
+import type { MigrationHost, DomainHandle, MoveOwnership, TunnelHome } from '../migration/host.ts';
 import { vniFor } from '../migration/preflight.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { fakeQmp } from './qmp.ts';
@@ -122,6 +122,8 @@ export class FakeHost extends EventEmitter implements MigrationHost {
     machines: ['pc-i440fx-10.0'],
   };
   readonly accel = { accel: 'tcg' as const };
+  /** Standalone unless a test gives it a record to settle moves by (FakeOwnership). */
+  ownership: MoveOwnership | null = null;
   readonly cfg;
   constructor(
     name: string,

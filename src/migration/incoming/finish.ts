@@ -169,6 +169,17 @@ export async function finish(run: IncomingRun, running: boolean): Promise<Result
       { abandoned: true },
     );
   }
+  // Cluster mode: the point of no return is etcd's, not ours. Until the record names
+  // this host, the guest stays paused; a refusal gives it back to the source.
+  if (!(await handOver(run))) {
+    throw new FerryError(
+      'MIGRATION_FAILED',
+      `The cluster record of "${j.domain}" does not hand it to ${h.cfg.name} (the source took the move back); abandoned`,
+      {
+        abandoned: true,
+      },
+    );
+  }
   await stopExports(run, q);
   let resumedAt: number | null = null;
   try {
@@ -188,6 +199,48 @@ export async function finish(run: IncomingRun, running: boolean): Promise<Result
   streamTail(run, crashed);
   setTimeout(() => selfConfirm(run, `no Confirm from ${j.peer.name} within ${CONFIRM_GRACE_MS / 1000} s`), CONFIRM_GRACE_MS).unref();
   return { phase: j.phase, resumedAt, host: h.cfg.name, ...(crashed ? { crashed: true } : {}) };
+}
+
+/**
+ * Cluster mode, in phase finishing: takes ownership in etcd for this job (cluster/ownership.ts).
+ * Asked until etcd answers, for as long as it takes: the guest stays paused here and
+ * the source's copy too, each settled by the same record as soon as either side reaches
+ * etcd. True: the guest may run here. False: the source kept it; this side is undone.
+ */
+export async function handOver(run: IncomingRun): Promise<boolean> {
+  const { j, host: h } = run;
+  const own = h.ownership;
+  if (!own) return true;
+  for (let attempt = 1; ; attempt++) {
+    let verdict: 'taken' | 'refused';
+    try {
+      verdict = await own.takeOver(j.domain, j.jobId, j.peer.name);
+    } catch (e) {
+      if (attempt === 1 || attempt % 20 === 0)
+        run.log.warn('cannot take ownership in the cluster yet; the guest stays paused', { jobId: j.jobId, attempt, error: String(e) });
+      await new Promise((r) => setTimeout(r, Math.min(2000, 250 * attempt)));
+      continue;
+    }
+    if (verdict === 'taken') return true;
+    const reason = `the cluster record does not hand "${j.domain}" to ${h.cfg.name} (the source ${j.peer.name} took the move back)`;
+    run.log.warn('ownership refused at the point of no return; the guest never ran here', { jobId: j.jobId, domain: j.domain });
+    await undo(run, reason, { type: 'resume-failed', reason });
+    return false;
+  }
+}
+
+/** Hands a taken domain back to the source, asked until etcd answers (the source resumes only on the record's word). */
+async function giveBack(run: IncomingRun): Promise<void> {
+  const { j, host: h } = run;
+  for (let attempt = 1; h.ownership; attempt++) {
+    try {
+      return await h.ownership.giveBack(j.domain, j.jobId, j.peer.name);
+    } catch (e) {
+      if (attempt === 1 || attempt % 20 === 0)
+        run.log.warn('cannot give ownership back yet', { jobId: j.jobId, attempt, error: String(e) });
+      await new Promise((r) => setTimeout(r, Math.min(2000, 250 * attempt)));
+    }
+  }
 }
 
 /** `cont`, and when the guest resumed by QEMU's clock (null if its QEMU is gone). */
@@ -266,6 +319,8 @@ export async function resumeFailed(run: IncomingRun, at: Loaded, why: string): P
     error: why,
     status: st.status,
   });
+  // Cluster mode: the record names this host; it names the source again before this side says it abandoned.
+  await giveBack(run);
   await undo(run, reason, { type: 'resume-failed', reason });
   throw new FerryError(
     'MIGRATION_FAILED',
@@ -282,13 +337,17 @@ export async function stopExports(run: IncomingRun, q: QmpClient): Promise<void>
   if (run.j.createdDisks?.length) await incomingOf(q).nbdStop();
 }
 
-/** A shut-off domain's move: its definition, persisted through the same phases. */
-function finishDefinition(run: IncomingRun): Results['relocation.finish'] {
+/** A shut-off domain's move: its definition, persisted through the same phases (and, in cluster mode, its record's handover). */
+async function finishDefinition(run: IncomingRun): Promise<Results['relocation.finish']> {
   const j = run.j;
   if (j.phase !== 'begun') throw new FerryError('MIGRATION_ILLEGAL_PHASE', `Job ${j.jobId} is ${j.phase}, cannot finish`);
   const c = parseDomainConfig(Object.fromEntries(Object.entries(j.config).filter(([k]) => !k.startsWith('_'))));
   run.step({ type: 'prepared' });
   run.step({ type: 'resuming' });
+  if (!(await handOver(run)))
+    throw new FerryError('MIGRATION_FAILED', `The cluster record of "${j.domain}" does not hand it to ${run.host.cfg.name}`, {
+      abandoned: true,
+    });
   run.host.defineMoved(c);
   run.step({ type: 'resumed' });
   run.dispose();

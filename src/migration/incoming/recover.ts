@@ -11,7 +11,7 @@ import { MigrationQmp, uri } from '../../qemu/migration.ts';
 import type { QmpClient } from '../../qmp/client.ts';
 import type { Results } from '../../api/protocol.ts';
 import { abandonLocal } from './abandon.ts';
-import { resumeFailed, stopExports, selfConfirm } from './finish.ts';
+import { handOver, resumeFailed, stopExports, selfConfirm } from './finish.ts';
 import { freeDataPort, openGate } from './prepare.ts';
 import type { IncomingRun } from './run.ts';
 
@@ -31,10 +31,14 @@ export async function drive(run: IncomingRun, why: string): Promise<void> {
     case 'begun':
     case 'prepared':
       return abandonAfterRestart(run, why);
-    case 'finishing':
-      await rollForward(run);
-      selfConfirm(run, `rolled forward (${why}); the source's Confirm went to the old process`);
-      return;
+    case 'finishing': {
+      const forward = rollForward(run).then(() =>
+        selfConfirm(run, `rolled forward (${why}); the source's Confirm went to the old process`),
+      );
+      // Cluster mode: the handover waits for etcd, which may take a while; ferryd's start does not.
+      if (run.host.ownership) return void forward.catch((e) => run.log.error('roll forward failed', { jobId: j.jobId, error: String(e) }));
+      return forward;
+    }
     case 'finished':
       selfConfirm(run, `${why} before the source confirmed`);
       return;
@@ -68,6 +72,8 @@ async function rollForward(run: IncomingRun): Promise<void> {
   const { j, host: h } = run;
   const dom = h.find(j.domain);
   const mine = dom && dom.rec.config.uuid === j.uuid && dom.rec.state.kind === 'incoming' ? dom : undefined;
+  // Cluster mode: forward only if the record hands the domain here (else undone: the source kept it).
+  if (mine?.qmp && !(await handOver(run))) return;
   if (mine?.qmp) {
     const q = mine.qmp;
     await stopExports(run, q);

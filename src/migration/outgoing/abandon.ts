@@ -34,6 +34,10 @@ export async function abandon(
     );
   // The guest stays: its segment no longer floods to the destination.
   await retractTunnels(s, j);
+  // Before Finish the destination cannot have taken the domain; the move's mark goes (best effort: a claim clears it too).
+  await s.host.ownership
+    ?.reclaim(j.domain, j.jobId)
+    .catch((e) => s.log.warn('move mark not cleared in the cluster record', { error: String(e) }));
   await resumeSource(s, dom, j.wasRunning);
   s.step(j, { type: 'abandon', reason });
   s.store.prune();

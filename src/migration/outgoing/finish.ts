@@ -8,14 +8,14 @@ import { FerryError } from '../../errors.ts';
 import type { Report } from '../jobs.ts';
 import { awaitPostcopy } from './postcopy.ts';
 import { finishOrResolve, settleFinish } from './settle.ts';
-import type { OutgoingRun } from './run.ts';
+import type { OutgoingRun, Resolution } from './run.ts';
 import { ask } from '../ask.ts';
 
 export async function finish(run: OutgoingRun): Promise<void> {
   const { j, p, peer, side: s } = run;
   const h = s.host;
   s.step(j, { type: 'finish-sent' });
-  const fin = await finishOrResolve(s, j, run.client, run.wasRunning);
+  const fin = await confirmAbandon(run, await finishOrResolve(s, j, run.client, run.wasRunning));
   if (fin === null) {
     // D cannot be asked now: the source copy stays paused, and the driver (from the
     // failure path) keeps asking.
@@ -43,6 +43,19 @@ export async function finish(run: OutgoingRun): Promise<void> {
   run.mark('destRunning');
   if (run.inPostcopy) await finishPostcopy(run);
   else s.step(j, { type: 'dest-finished' });
+}
+
+/**
+ * Cluster mode: D's "abandoned" is checked against the record before the source
+ * resumes; the record wins. Normally it still names the source ('kept'). If D took the
+ * domain and could not give it back, the copy here stays paused and the job is
+ * settled from the record (driveFinish) once D returns it.
+ */
+async function confirmAbandon(run: OutgoingRun, fin: Resolution | null): Promise<Resolution | null> {
+  const own = run.side.host.ownership;
+  if (!fin?.abandoned || !own) return fin;
+  const v = await own.reclaim(run.j.domain, run.j.jobId).catch(() => 'unknown' as const);
+  return v === 'kept' ? fin : null;
 }
 
 /**
@@ -82,7 +95,7 @@ export async function moveDefinition(run: OutgoingRun): Promise<Report> {
   s.step(j, { type: 'stream-completed' });
   s.step(j, { type: 'finish-sent' });
   // Past the point of no return, as for a running domain: only D's word settles it.
-  const fin = await finishOrResolve(s, j, client, false);
+  const fin = await confirmAbandon(run, await finishOrResolve(s, j, client, false));
   if (fin === null) {
     // The caller's catch hands the job to the driver, which keeps asking.
     throw new FerryError(

@@ -26,6 +26,8 @@ export async function prepare(run: OutgoingRun): Promise<void> {
   await probePort(run);
   run.mark('dataPortReached');
   if (run.cancelled) throw new FerryError('MIGRATION_CANCELLED', 'cancelled');
+  // Cluster mode: the record names this job and its destination, the only one that may take the domain at Finish.
+  await h.ownership?.markMoving(j.domain, j.jobId, peer.name);
   h.apply(dom, { type: 'migrate-out', jobId: j.jobId, at: Date.now() });
   // The data channel's tls-hostname is the name in the peer's certificate (setup),
   // never a name the peer states in a message.

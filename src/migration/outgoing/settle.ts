@@ -52,6 +52,28 @@ export async function askDestination(s: OutgoingSide, j: SourceJob, timeoutMs = 
 }
 
 /**
+ * Cluster mode: the ownership record answers instead of D (cluster/ownership.ts). The
+ * move is taken back unless D already took it; whichever compare-and-swap landed first
+ * decides, so D can never resume after we were told 'kept'. D is then told to abandon
+ * (best effort: it refuses itself at its own handover, and its quiet deadline ends it).
+ */
+async function askRecord(s: OutgoingSide, j: SourceJob): Promise<Resolution> {
+  const v = await s.host.ownership!.reclaim(j.domain, j.jobId);
+  if (v === 'lost') return { abandoned: false, reason: `the cluster record names ${j.peer.name}` };
+  void redial(s, j)
+    .then((client) =>
+      ask(client, 'relocation.abandon', { jobId: j.jobId, reason: 'the source took the move back' }, { timeoutMs: 5000 }).finally(() =>
+        client.close(),
+      ),
+    )
+    .catch(() => undefined);
+  return {
+    abandoned: true,
+    reason: `the cluster record still named ${s.host.cfg.name}: the move was taken back before ${j.peer.name} took it`,
+  };
+}
+
+/**
  * Asks D until it answers, with capped backoff, for as long as it takes (or until
  * `deadline`: then null). The job shows who is asked, how often and why it failed
  * (`ferry job`, the CLI's progress). Returns early if the operator settled the job.
@@ -67,7 +89,7 @@ export async function resolveAfterFinish(s: OutgoingSide, j: SourceJob, deadline
   const got = await keepTrying(s, j, how, async () => {
     if (j.phase !== 'finish') return { abandoned: j.phase === 'abandoned', reason: 'settled by the operator', byOperator: true };
     try {
-      return await askDestination(s, j);
+      return s.host.ownership ? await askRecord(s, j) : await askDestination(s, j);
     } catch (e) {
       return asFerryError(e).message;
     }

@@ -1,0 +1,186 @@
+/**
+ * The HA manager: one ferryd at a time (an etcd election) restarts the HA domains of
+ * a host whose lease expired, on other hosts, each exactly once.
+ *
+ *   host1's lease expires ──► etcd deletes /ferry/hosts/host1 ──► watch (manager)
+ *   manager: waits restartDelayS (cluster/member.ts: host1 fenced ≥ M/2 before expiry)
+ *   manager: for each HA record owned by host1, by priority:
+ *              placement (placeRestart) ──► CAS owner = hostN, state = restarting
+ *   hostN (its own watch on /ferry/domains/): sees itself named ──► starts the domain
+ *              (its claim is one more CAS on the same record) ──► event "restarted"
+ *
+ * A host counts as gone when its key is gone *and* the lease its records name is gone
+ * (a key deleted by hand does not make a living host look dead). Two managers for a moment
+ * (an election in flux) cannot both restart a domain: both compare the revision they
+ * read, and the second write fails.
+ */
+import type { Campaign, Etcd3, Watcher } from 'etcd3';
+import { etcdCall, listJson, type Versioned } from './etcd.ts';
+import type { EventLog } from './events.ts';
+import type { Ownership } from './ownership.ts';
+import { HA_ELECTION, HOSTS, nameOfKey, parseHostFacts, type HostFacts, type OwnerRecord } from './records.ts';
+import { monoMs } from './member.ts';
+
+export interface HaTimings {
+  ttlS: number;
+  marginS: number;
+  restartDelayS: number;
+}
+
+/**
+ * Where a dead host's domain restarts: a live host, not in maintenance, with the same
+ * CPU model and accelerator, with room for it (counting restarts already placed in
+ * this round); the one with the most free memory. A reason if there is none.
+ */
+export function placeRestart(rec: OwnerRecord, hosts: HostFacts[], placed: Map<string, number>): { host: string } | { why: string } {
+  if (!rec.restartable.ok) return { why: rec.restartable.why };
+  const why: string[] = [];
+  let best: { host: string; free: number } | undefined;
+  for (const h of hosts) {
+    if (h.name === rec.owner) continue;
+    const free = h.freeMiB - (placed.get(h.name) ?? 0);
+    if (h.maintenance) why.push(`${h.name}: in maintenance`);
+    else if (h.cpuModel !== rec.cpuModel || h.accel !== rec.accel)
+      why.push(`${h.name}: ${h.cpuModel}/${h.accel}, the domain needs ${rec.cpuModel}/${rec.accel}`);
+    else if (free < rec.memoryMiB) why.push(`${h.name}: ${free} MiB free, needs ${rec.memoryMiB}`);
+    else if (!best || free > best.free) best = { host: h.name, free };
+  }
+  if (best) return { host: best.host };
+  return { why: why.length ? why.join('; ') : 'no other live host in the cluster' };
+}
+
+interface Deps {
+  etcd: Etcd3;
+  me: string;
+  ownership: Ownership;
+  events: EventLog;
+  timings: HaTimings;
+  log: { info: (m: string, d?: Record<string, unknown>) => void; warn: (m: string, d?: Record<string, unknown>) => void };
+}
+
+export class HaManager {
+  private campaign?: Campaign;
+  private leading = false;
+  private watcher?: Watcher;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+  /** When this manager learned that each host is gone (its key deleted, or found missing), on the monotonic clock. */
+  private readonly goneAt = new Map<string, number>();
+  /** Reported once per record generation: domains that could not be placed. */
+  private readonly reported = new Set<string>();
+
+  constructor(private readonly d: Deps) {}
+
+  get isLeader(): boolean {
+    return this.leading;
+  }
+
+  start(): void {
+    if (this.stopped) return;
+    const c = this.d.etcd.election(HA_ELECTION, this.d.timings.ttlS).campaign(this.d.me);
+    this.campaign = c;
+    c.on('elected', () => void this.lead());
+    c.on('error', (e: Error) => {
+      this.d.log.warn('HA manager election lost or failed; campaigning again', { error: String(e) });
+      void this.unlead();
+      if (this.campaign === c) setTimeout(() => this.start(), 1000).unref();
+    });
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.unlead();
+    await this.campaign?.resign().catch(() => undefined);
+  }
+
+  private async lead(): Promise<void> {
+    if (this.leading || this.stopped) return;
+    this.leading = true;
+    this.d.log.info('this host is the HA manager');
+    void this.d.events.add({ type: 'ha-manager', host: this.d.me, detail: `${this.d.me} is the HA manager` });
+    try {
+      const w = await etcdCall('watching hosts', () => this.d.etcd.watch().prefix(HOSTS).create());
+      this.watcher = w;
+      w.on('delete', (kv) => {
+        const host = nameOfKey(kv.key.toString());
+        this.goneAt.set(host, monoMs());
+        this.d.log.warn('host lease expired', { host });
+        void this.d.events.add({ type: 'host-down', host, detail: `the lease of ${host} expired` });
+        setTimeout(() => void this.sweep(), this.d.timings.restartDelayS * 1000 + 50).unref();
+      });
+      w.on('put', (kv) => this.goneAt.delete(nameOfKey(kv.key.toString())));
+    } catch (e) {
+      this.d.log.warn('HA manager cannot watch hosts', { error: String(e) });
+    }
+    // Events drive it; a sweep every second catches what a watch cannot (an owner gone before this manager was elected).
+    this.timer = setInterval(() => void this.sweep(), 1000);
+    void this.sweep();
+  }
+
+  private async unlead(): Promise<void> {
+    this.leading = false;
+    clearInterval(this.timer);
+    const w = this.watcher;
+    this.watcher = undefined;
+    await w?.cancel().catch(() => undefined);
+  }
+
+  private sweeping = false;
+
+  /** One pass: every HA domain whose owner is gone and whose wait is over gets a new owner. */
+  async sweep(): Promise<void> {
+    if (!this.leading || this.sweeping) return;
+    this.sweeping = true;
+    try {
+      const hosts = (await listJson(this.d.etcd, HOSTS, parseHostFacts)).map((v) => v.value);
+      const live = new Set(hosts.map((h) => h.name));
+      const recs = (await this.d.ownership.list()).filter(
+        (r) => r.value.ha && !live.has(r.value.owner) && (r.value.state === 'running' || r.value.state === 'restarting'),
+      );
+      recs.sort((a, b) => (b.value.ha?.priority ?? 0) - (a.value.ha?.priority ?? 0) || a.value.name.localeCompare(b.value.name));
+      const placed = new Map<string, number>();
+      for (const r of recs)
+        if (this.due(r.value.owner) && (await this.d.ownership.leaseGone(r.value.lease))) await this.restart(r, hosts, placed);
+    } catch (e) {
+      this.d.log.warn('HA sweep failed', { error: String(e) });
+    } finally {
+      this.sweeping = false;
+    }
+  }
+
+  /**
+   * Whether the owner has been gone long enough: restartDelayS after this manager
+   * learned that its lease is gone. An expired lease proves its holder's fence deadline
+   * passed (cluster/member.ts), however late the news comes: a manager elected after
+   * the fact waits no longer than one that saw it happen.
+   */
+  private due(owner: string): boolean {
+    const at = this.goneAt.get(owner) ?? monoMs();
+    this.goneAt.set(owner, at);
+    return monoMs() - at >= this.d.timings.restartDelayS * 1000;
+  }
+
+  private async restart(r: Versioned<OwnerRecord>, hosts: HostFacts[], placed: Map<string, number>): Promise<void> {
+    const rec = r.value;
+    const where = placeRestart(rec, hosts, placed);
+    const tag = `${rec.name}#${rec.generation}`;
+    if ('why' in where) {
+      if (!this.reported.has(tag)) {
+        this.reported.add(tag);
+        this.d.log.warn('HA domain cannot restart', { domain: rec.name, owner: rec.owner, why: where.why });
+        void this.d.events.add({
+          type: rec.restartable.ok ? 'restart-failed' : 'not-restartable',
+          domain: rec.name,
+          host: rec.owner,
+          detail: `${rec.name} (owned by ${rec.owner}, which is down) cannot restart: ${where.why}`,
+        });
+      }
+      return;
+    }
+    const note = `restarted by the HA manager (${this.d.me}): ${rec.owner} lost its lease`;
+    if (await this.d.ownership.assign(r, where.host, note)) {
+      placed.set(where.host, (placed.get(where.host) ?? 0) + rec.memoryMiB);
+      this.d.log.info('HA restart assigned', { domain: rec.name, from: rec.owner, to: where.host });
+    }
+  }
+}

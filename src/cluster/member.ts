@@ -1,0 +1,247 @@
+/**
+ * Membership: this host's lease in etcd, its published facts, and when it must fence.
+ *
+ * The timings (README "Cluster mode: fencing"), with TTL the lease's time to live and
+ * M the fence margin, all measured from T, the moment this host *sent* its last
+ * renewal that etcd answered (etcd renewed the lease no earlier than T):
+ *
+ *   T + TTL − M       ferryd stops the vCPUs of its HA domains, then kills their QEMUs
+ *   T + TTL − M/2     the watchdog (a separate process, fed T at every renewal) kills
+ *                     whatever HA QEMU is left, even if ferryd hangs or died
+ *   ≥ T + TTL         etcd expires the lease (never earlier: it renewed at or after T;
+ *                     a leader change only extends leases)
+ *   expiry + delay    the HA manager restarts the domains elsewhere (cluster/ha.ts)
+ *
+ * So another host starts a domain at least M/2 + delay after the last moment this
+ * host could have run it, on clocks that agree on the length of a second (both sides
+ * measure intervals on their monotonic clocks; no wall clock is compared).
+ *
+ *   state      event        → next
+ *   joining    granted        member     (a lease: fresh, or the one before a restart, still alive)
+ *   member     renewed        member     (T moves on)
+ *   member     overdue        fenced     (T + TTL − M passed: HA domains fenced)
+ *   member     expired        joining    (etcd says the lease is gone: fence now, then join again)
+ *   fenced     renewed        member     (the lease survived; the fenced domains may restart here)
+ *   fenced     expired        joining
+ *   any        stop           stopped
+ */
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import type { Etcd3 } from 'etcd3';
+import { FerryError } from '../errors.ts';
+import { CALL_DEADLINE_MS, clusterError, etcdCall } from './etcd.ts';
+import { hostKey, type HostFacts } from './records.ts';
+
+export type MemberState =
+  | { kind: 'joining' }
+  | { kind: 'member'; lease: string; renewedAt: number }
+  | { kind: 'fenced'; lease: string; renewedAt: number }
+  | { kind: 'stopped' };
+
+export type MemberEvent =
+  | { type: 'granted'; lease: string; at: number }
+  | { type: 'renewed'; at: number }
+  | { type: 'overdue' }
+  | { type: 'expired' }
+  | { type: 'stop' };
+
+/** The one transition function of membership; an event that does not apply leaves the state as it is. */
+export function memberStep(s: MemberState, e: MemberEvent): MemberState {
+  if (e.type === 'stop') return { kind: 'stopped' };
+  switch (s.kind) {
+    case 'stopped':
+      return s;
+    case 'joining':
+      return e.type === 'granted' ? { kind: 'member', lease: e.lease, renewedAt: e.at } : s;
+    case 'member':
+    case 'fenced':
+      if (e.type === 'renewed') return { kind: 'member', lease: s.lease, renewedAt: Math.max(s.renewedAt, e.at) };
+      if (e.type === 'expired') return { kind: 'joining' };
+      if (e.type === 'overdue') return s.kind === 'member' ? { kind: 'fenced', lease: s.lease, renewedAt: s.renewedAt } : s;
+      return s;
+    default: {
+      const never: never = s;
+      return never;
+    }
+  }
+}
+
+/** Milliseconds on CLOCK_MONOTONIC, the same clock in every process of the machine (the watchdog's too). */
+export const monoMs = (): number => Number(process.hrtime.bigint() / 1000000n);
+
+export interface MembershipOptions {
+  etcd: Etcd3;
+  name: string;
+  ttlS: number;
+  marginS: number;
+  /** Where the lease id is kept, so a restarted ferryd renews the same lease. */
+  leaseFile: string;
+  facts: () => Omit<HostFacts, 'since'>;
+  log: { info: (m: string, d?: Record<string, unknown>) => void; warn: (m: string, d?: Record<string, unknown>) => void };
+}
+
+/**
+ * Events: 'joined' ({lease, resumed}) when this host (again) has a lease; 'fence'
+ * ({why}) when its HA domains must stop now; 'renewed' ({renewedAt}) after each
+ * renewal (the watchdog's feed); 'state' on every change.
+ */
+export class Membership extends EventEmitter {
+  private s: MemberState = { kind: 'joining' };
+  private timer?: NodeJS.Timeout;
+  private since = new Date().toISOString();
+  private busy = false;
+
+  constructor(private readonly o: MembershipOptions) {
+    super();
+  }
+
+  get state(): MemberState {
+    return this.s;
+  }
+
+  /** The lease is renewed in time: this host may start, resume and move domains. */
+  quorate(): boolean {
+    return this.s.kind === 'member' && monoMs() < this.fenceAt();
+  }
+
+  /** When this host fences, on the monotonic clock (Infinity without a lease). */
+  fenceAt(): number {
+    return this.s.kind === 'member' || this.s.kind === 'fenced' ? this.s.renewedAt + (this.o.ttlS - this.o.marginS) * 1000 : Infinity;
+  }
+
+  /** When the watchdog fences if ferryd has not (half the margin later). */
+  watchdogAt(): number {
+    return this.s.kind === 'member' || this.s.kind === 'fenced' ? this.s.renewedAt + (this.o.ttlS - this.o.marginS / 2) * 1000 : Infinity;
+  }
+
+  start(): void {
+    const every = Math.min(1000, (this.o.ttlS * 1000) / 8);
+    let last = 0;
+    const tick = (): void => {
+      if (this.s.kind === 'stopped') return;
+      if (this.s.kind === 'member' && monoMs() >= this.fenceAt()) {
+        this.step({ type: 'overdue' });
+        this.emit('fence', {
+          why: `no lease renewal for ${this.o.ttlS - this.o.marginS} s (lease TTL ${this.o.ttlS} s − margin ${this.o.marginS} s)`,
+        });
+      }
+      // Renew every TTL/4: three tries fit before the fence.
+      if (!this.busy && monoMs() - last >= (this.o.ttlS * 1000) / 4) {
+        last = monoMs();
+        this.busy = true;
+        void this.round().finally(() => {
+          this.busy = false;
+        });
+      }
+    };
+    this.timer = setInterval(tick, every);
+    tick();
+  }
+
+  async stop(revoke: boolean): Promise<void> {
+    clearInterval(this.timer);
+    const s = this.s;
+    this.step({ type: 'stop' });
+    if (revoke && (s.kind === 'member' || s.kind === 'fenced'))
+      await etcdCall('revoking the lease', () => this.o.etcd.leaseClient.leaseRevoke({ ID: s.lease })).catch(() => undefined);
+  }
+
+  /** Publishes the host's facts again (its capacity or maintenance changed). Quiet when etcd is away. */
+  async publish(): Promise<void> {
+    const s = this.s;
+    if (s.kind !== 'member') return;
+    const facts: HostFacts = { ...this.o.facts(), since: this.since };
+    await etcdCall('publishing host facts', () =>
+      this.o.etcd.put(hostKey(this.o.name)).value(JSON.stringify(facts)).lease(s.lease).exec(),
+    ).catch((e) => this.o.log.warn('could not publish host facts', { error: String(e) }));
+  }
+
+  private step(e: MemberEvent): void {
+    const before = this.s.kind;
+    this.s = memberStep(this.s, e);
+    if (this.s.kind !== before) this.emit('state', { from: before, to: this.s.kind });
+  }
+
+  /** One round: join if there is no lease, else renew it. */
+  private async round(): Promise<void> {
+    try {
+      if (this.s.kind === 'joining') await this.join();
+      else if (this.s.kind === 'member' || this.s.kind === 'fenced') await this.renew(this.s.lease);
+    } catch (e) {
+      const fe = clusterError('a lease renewal', e);
+      this.o.log.warn('etcd not reached for the lease', { code: fe.code, error: fe.message, state: this.s.kind });
+    }
+  }
+
+  private async join(): Promise<void> {
+    const lc = this.o.etcd.leaseClient;
+    const t0 = monoMs();
+    // The lease of the ferryd before a restart, if etcd still has it: the host never left.
+    let lease: string | undefined;
+    let resumed = false;
+    try {
+      const old = fs.readFileSync(this.o.leaseFile, 'utf8').trim();
+      if (/^[0-9]+$/.test(old)) {
+        const ttl = await etcdCall('reading the old lease', () => lc.leaseTimeToLive({ ID: old, keys: false }));
+        if (Number(ttl.TTL) > 0) {
+          await this.renewRaw(old);
+          lease = old;
+          resumed = true;
+        }
+      }
+    } catch (e) {
+      if (e instanceof FerryError) throw e;
+      /* no lease file */
+    }
+    if (!lease) {
+      const g = await etcdCall('granting a lease', () => lc.leaseGrant({ TTL: this.o.ttlS, ID: 0 }));
+      lease = String(g.ID);
+      this.since = new Date().toISOString();
+      fs.writeFileSync(this.o.leaseFile, lease + '\n');
+    }
+    this.step({ type: 'granted', lease, at: t0 });
+    await this.publish();
+    this.o.log.info(resumed ? 'cluster lease resumed' : 'cluster lease granted', { lease, ttlS: this.o.ttlS });
+    this.emit('joined', { lease, resumed });
+    this.emit('renewed', { renewedAt: t0 });
+  }
+
+  private async renew(lease: string): Promise<void> {
+    const t0 = monoMs();
+    const ttl = await this.renewRaw(lease);
+    if (this.s.kind === 'stopped') return;
+    if (ttl <= 0) {
+      // etcd expired the lease: everyone has seen this host go. Fence now (if not yet), then join anew.
+      this.o.log.warn('cluster lease expired; fencing and joining again', { lease });
+      if (this.s.kind === 'member') this.emit('fence', { why: 'the lease expired' });
+      this.step({ type: 'expired' });
+      fs.rmSync(this.o.leaseFile, { force: true });
+      return;
+    }
+    const was = this.s.kind;
+    this.step({ type: 'renewed', at: t0 });
+    this.emit('renewed', { renewedAt: t0 });
+    if (was === 'fenced') this.emit('joined', { lease, resumed: true });
+  }
+
+  /** One keep-alive on a stream of its own; the lease's remaining TTL (0: gone). */
+  private async renewRaw(lease: string): Promise<number> {
+    const stream = await this.o.etcd.leaseClient.leaseKeepAlive();
+    try {
+      return await new Promise<number>((resolve, reject) => {
+        const t = setTimeout(() => reject(new FerryError('CLUSTER_NO_QUORUM', 'lease keep-alive: no answer in time')), CALL_DEADLINE_MS);
+        stream.on('data', (r: { TTL: string }) => {
+          clearTimeout(t);
+          resolve(Number(r.TTL));
+        });
+        stream.on('error', (e: Error) => {
+          clearTimeout(t);
+          reject(e);
+        });
+        stream.write({ ID: lease });
+      });
+    } finally {
+      stream.end();
+    }
+  }
+}

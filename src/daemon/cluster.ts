@@ -1,0 +1,505 @@
+/**
+ * Cluster mode on this host: ferryd's side of src/cluster/. It
+ *   - holds the host's lease and facts (Membership) and feeds the watchdog at every renewal;
+ *   - is the host's OwnershipGate: no domain's vCPUs start or resume here without a
+ *     compare-and-swap that made this host its owner (and no claim without a live lease);
+ *   - fences: when the lease is overdue, the HA domains this host owns stop, then die;
+ *   - follows the ownership records (one etcd watch): a domain the HA manager gave this
+ *     host is started here, once per generation;
+ *   - reconciles on (re)joining: a domain the cluster gave to another host meanwhile does
+ *     not run here again, one fenced while the lease survived runs here again, and a
+ *     domain the cluster has no record of is recorded as this host's;
+ *   - campaigns for the HA manager (cluster/ha.ts) and writes the event log.
+ * Standalone ferryd has none of this (config `cluster` absent).
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import type { Etcd3, Watcher } from 'etcd3';
+import { FerryError, asFerryError } from '../errors.ts';
+import { domainConfigToJson, parseDomainConfig, type DomainConfig } from '../domain/config.ts';
+import { hasProcess } from '../domain/state.ts';
+import { connectEtcd, etcdCall, jsonOf, listJson } from '../cluster/etcd.ts';
+import { Membership, monoMs } from '../cluster/member.ts';
+import { Ownership, type ClaimFacts } from '../cluster/ownership.ts';
+import { EventLog } from '../cluster/events.ts';
+import { HaManager } from '../cluster/ha.ts';
+import { DOMAINS, HOSTS, parseHostFacts, parseOwnerRecord, type OwnerRecord } from '../cluster/records.ts';
+import { startTicks } from '../cluster/watchdog.ts';
+import type { ClusterConfig } from './config.ts';
+import type { Host, OwnershipGate } from './host.ts';
+import type { Logger } from './log.ts';
+import { FERRY_VERSION } from '../version.ts';
+import { REPO_ROOT } from '../util/paths.ts';
+
+const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
+
+export class ClusterAgent implements OwnershipGate {
+  readonly etcd: Etcd3;
+  readonly member: Membership;
+  readonly owners: Ownership;
+  readonly events: EventLog;
+  readonly ha: HaManager;
+  /** The ownership records as the watch last saw them. */
+  private readonly records = new Map<string, OwnerRecord>();
+  private watcher?: Watcher;
+  private dog?: net.Socket;
+  /** HA domains this host fenced: they run here again if the lease survived and the record still names this host. */
+  private readonly fenced = new Set<string>();
+  /** Restarts assigned to this host, by name#generation: each is tried once. */
+  private readonly assigned = new Set<string>();
+  /** Record changes the owner could not write yet (no quorum): written at the next renewal. */
+  private readonly pendingState = new Map<string, { state: OwnerRecord['state']; note: string } | 'removed'>();
+
+  constructor(
+    private readonly host: Host,
+    readonly cfg: ClusterConfig,
+    private readonly log: Logger,
+  ) {
+    this.etcd = connectEtcd({ endpoints: cfg.endpoints, tlsDir: cfg.tlsDir });
+    const me = host.cfg.name;
+    this.owners = new Ownership(this.etcd, me, () => {
+      const st = this.member.state;
+      return st.kind === 'member' || st.kind === 'fenced' ? st.lease : '';
+    });
+    this.events = new EventLog(this.etcd, me);
+    this.member = new Membership({
+      etcd: this.etcd,
+      name: me,
+      ttlS: cfg.leaseTtlS,
+      marginS: cfg.fenceMarginS,
+      leaseFile: path.join(host.cfg.stateDir, 'cluster-lease'),
+      facts: () => this.facts(),
+      log,
+    });
+    this.ha = new HaManager({
+      etcd: this.etcd,
+      me,
+      ownership: this.owners,
+      events: this.events,
+      timings: { ttlS: cfg.leaseTtlS, marginS: cfg.fenceMarginS, restartDelayS: cfg.restartDelayS },
+      log,
+    });
+  }
+
+  get me(): string {
+    return this.host.cfg.name;
+  }
+
+  start(): void {
+    this.member.on('fence', (e: { why: string }) => void this.fence(e.why));
+    this.member.on('joined', (e: { resumed: boolean }) => void this.rejoined(e.resumed));
+    this.member.on('renewed', () => {
+      this.feedWatchdog();
+      void this.flushPending();
+    });
+    this.host.on('domain.state', (c: { domain: string; to: string; state?: { reason?: string } }) => this.onLocalState(c));
+    this.host.on('host.maintenance', () => void this.member.publish());
+    this.member.start();
+    this.ha.start();
+    void this.watchRecords();
+    // Facts change with every domain started or stopped; published at most every few seconds.
+    setInterval(() => void this.member.publish(), 5000).unref();
+  }
+
+  async stop(): Promise<void> {
+    await this.ha.stop();
+    await this.watcher?.cancel().catch(() => undefined);
+    // The lease is not revoked: a ferryd restarted within the TTL goes on with it (its HA domains are not failed over).
+    await this.member.stop(false);
+    this.dog?.end();
+    this.etcd.close();
+  }
+
+  // ---------- OwnershipGate ----------
+
+  async claim(c: DomainConfig, why: string): Promise<void> {
+    this.needQuorum(why);
+    await this.owners.claim(this.claimFacts(c), `${why} on ${this.me}`);
+    this.feedWatchdog();
+  }
+  async markMoving(domain: string, job: string, to: string): Promise<void> {
+    this.needQuorum('move');
+    await this.owners.markMoving(domain, job, to);
+  }
+  takeOver(domain: string, job: string, from: string): Promise<'taken' | 'refused'> {
+    return this.owners.takeOver(domain, job, from).then((v) => {
+      if (v === 'taken')
+        void this.events.add({ type: 'moved', domain, host: this.me, detail: `${domain} moved from ${from} to ${this.me} (job ${job})` });
+      return v;
+    });
+  }
+  giveBack(domain: string, job: string, to: string): Promise<void> {
+    return this.owners.giveBack(domain, job, to);
+  }
+  reclaim(domain: string, job: string): Promise<'kept' | 'lost'> {
+    return this.owners.reclaim(domain, job);
+  }
+
+  private needQuorum(what: string): void {
+    if (this.member.quorate()) return;
+    const s = this.member.state;
+    throw new FerryError(
+      'CLUSTER_NO_QUORUM',
+      `Cannot ${what} on ${this.me}: ${s.kind === 'joining' ? 'this host has not reached etcd yet' : 'its cluster lease is not current (etcd unreachable or without quorum)'}. Running domains are left alone; check \`ferry cluster status\``,
+    );
+  }
+
+  // ---------- what the cluster is told ----------
+
+  private facts() {
+    const cap = this.host.capacity();
+    const m = this.host.maintenance();
+    const free = this.host.memoryFacts().freeMiB;
+    return {
+      name: this.me,
+      ferry: FERRY_VERSION,
+      engine: this.host.qemu.version,
+      accel: this.host.accel.accel,
+      cpuModel: this.host.cfg.cpuModel,
+      memoryMiB: cap.offerMiB,
+      freeMiB: free,
+      maintenance: m.on,
+      relocation: `${this.host.cfg.relocation.address}:${this.host.cfg.relocation.port}`,
+    };
+  }
+
+  private claimFacts(c: DomainConfig): ClaimFacts {
+    const local = path.resolve(this.host.cfg.storage.localDir) + path.sep;
+    const files = [...c.disks.map((d) => d.path), ...(c.boot.kind === 'kernel' ? [c.boot.kernel, c.boot.initrd ?? ''] : [])].filter(
+      Boolean,
+    );
+    const own = files.find((f) => path.resolve(f).startsWith(local));
+    return {
+      name: c.name,
+      uuid: c.uuid,
+      config: domainConfigToJson(c) as Record<string, unknown>,
+      cpuModel: this.host.cfg.cpuModel,
+      accel: this.host.accel.accel,
+      memoryMiB: c.memoryMiB,
+      restartable: own
+        ? { ok: false, why: `${own} is on ${this.me}'s own storage (storage.localDir): only ${this.me} holds it` }
+        : { ok: true, why: 'every disk and boot file is on shared storage' },
+    };
+  }
+
+  private onLocalState(c: { domain: string; to: string; state?: { reason?: string } }): void {
+    const reason = c.state?.reason;
+    if (c.to === 'deleted') this.pendingState.set(c.domain, 'removed');
+    else if (c.to === 'shutoff' && reason !== 'migrated' && reason !== 'fenced')
+      this.pendingState.set(c.domain, { state: 'stopped', note: `${reason ?? 'stopped'} on ${this.me}` });
+    else if (c.to === 'crashed') this.pendingState.set(c.domain, { state: 'stopped', note: `crashed on ${this.me}` });
+    else return;
+    void this.flushPending();
+  }
+
+  private async flushPending(): Promise<void> {
+    for (const [name, p] of [...this.pendingState]) {
+      try {
+        if (p === 'removed') await this.owners.remove(name);
+        else await this.owners.setState(name, p.state, p.note);
+        this.pendingState.delete(name);
+      } catch (e) {
+        if (asFerryError(e).code !== 'CLUSTER_NO_QUORUM') this.pendingState.delete(name);
+        return;
+      }
+    }
+    await this.events.flush();
+  }
+
+  // ---------- fencing ----------
+
+  private haHere(): string[] {
+    return this.host
+      .all()
+      .filter((d) => hasProcess(d.rec.state) && d.rec.state.kind !== 'incoming')
+      .map((d) => d.rec.config.name)
+      .filter((n) => this.records.get(n)?.ha && this.records.get(n)?.owner === this.me);
+  }
+
+  private async fence(why: string): Promise<void> {
+    const names = this.haHere();
+    const at = Date.now();
+    for (const n of names) {
+      if (await this.host.fence(n).catch(() => false)) {
+        this.fenced.add(n);
+        this.log.warn('domain fenced', { domain: n, why });
+        void this.events.add({ type: 'fenced', domain: n, host: this.me, detail: `${n} fenced on ${this.me}: ${why}` }, at);
+      }
+    }
+    if (!names.length) this.log.warn('cluster lease overdue; no HA domain to fence here', { why });
+  }
+
+  /** The watchdog's next deadline and the QEMUs it must kill then (its socket in the state dir; started if absent). */
+  private feedWatchdog(): void {
+    const deadline = this.member.watchdogAt();
+    if (!Number.isFinite(deadline)) return;
+    const targets = this.haHere().flatMap((n) => {
+      const s = this.host.find(n)?.rec.state;
+      const pid = s && hasProcess(s) ? s.pid : 0;
+      const start = pid ? startTicks(pid) : null;
+      return start ? [{ pid, start }] : [];
+    });
+    const line = JSON.stringify({ deadline, targets }) + '\n';
+    if (this.dog && !this.dog.destroyed) {
+      this.dog.write(line);
+      return;
+    }
+    if (this.dogConnecting) return; // the next renewal feeds it
+    this.dogConnecting = true;
+    const sock = path.join(this.host.cfg.stateDir, 'watchdog.sock');
+    const c = net.connect(sock);
+    c.on('connect', () => {
+      this.dogConnecting = false;
+      this.dog = c;
+      c.write(line);
+    });
+    c.on('error', () => {
+      if (this.dog === c) this.dog = undefined;
+      if (!this.dogConnecting) return;
+      this.dogConnecting = false;
+      // One start at a time (the watchdog also refuses to run twice: its pid file).
+      if (Date.now() - this.dogSpawnedAt < 5000) return;
+      this.dogSpawnedAt = Date.now();
+      // None there: start one (detached, so that it outlives this ferryd); the next renewal connects.
+      if (!fs.existsSync(WATCHDOG_JS))
+        return this.log.warn('watchdog not built (dist/cluster/watchdog.js); fencing relies on ferryd alone');
+      spawn(process.execPath, [WATCHDOG_JS, sock, path.join(this.host.cfg.stateDir, 'watchdog.log')], {
+        detached: true,
+        stdio: 'ignore',
+      }).unref();
+    });
+  }
+
+  private dogConnecting = false;
+  private dogSpawnedAt = 0;
+
+  // ---------- following the records ----------
+
+  private async watchRecords(): Promise<void> {
+    for (;;) {
+      try {
+        const w = await etcdCall('watching domains', () => this.etcd.watch().prefix(DOMAINS).create());
+        this.watcher = w;
+        w.on('put', (kv) => {
+          try {
+            const rec = parseOwnerRecord(jsonOf(kv.value, kv.key.toString()), kv.key.toString());
+            this.records.set(rec.name, rec);
+            if (rec.owner === this.me && rec.state === 'restarting') void this.startAssigned(rec);
+          } catch (e) {
+            this.log.warn('ignoring a domain record', { key: kv.key.toString(), error: String(e) });
+          }
+        });
+        w.on('delete', (kv) => this.records.delete(kv.key.toString().slice(DOMAINS.length)));
+        await this.loadRecords();
+        return;
+      } catch (e) {
+        this.log.debug('etcd not reachable to watch domains yet', { error: String(e) });
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
+  }
+
+  private async loadRecords(): Promise<void> {
+    const all = await this.owners.list((key, e) => this.log.warn('ignoring a domain record', { key, error: e.message }));
+    this.records.clear();
+    for (const r of all) this.records.set(r.value.name, r.value);
+    for (const r of all) if (r.value.owner === this.me && r.value.state === 'restarting') void this.startAssigned(r.value);
+  }
+
+  /** The HA manager named this host: the domain starts here, once for this generation. */
+  private async startAssigned(rec: OwnerRecord): Promise<void> {
+    const tag = `${rec.name}#${rec.generation}`;
+    if (this.assigned.has(tag)) return;
+    this.assigned.add(tag);
+    const t0 = Date.now();
+    try {
+      const c = parseDomainConfig(rec.config);
+      const local = this.host.find(rec.name);
+      if (local && hasProcess(local.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `a copy of ${rec.name} already runs here`);
+      if (!local) this.host.defineMoved(c);
+      await this.host.start(rec.name);
+      this.log.info('HA domain restarted here', { domain: rec.name, generation: rec.generation, ms: Date.now() - t0 });
+      void this.events.add({
+        type: 'restarted',
+        domain: rec.name,
+        host: this.me,
+        detail: `${rec.name} restarted on ${this.me} (${rec.note})`,
+      });
+    } catch (e) {
+      const fe = asFerryError(e);
+      this.log.error('HA restart failed here', { domain: rec.name, code: fe.code, error: fe.message });
+      const cur = await this.owners.get(rec.name).catch(() => null);
+      if (cur && cur.value.owner === this.me && cur.value.state === 'restarting')
+        await this.owners.fail(cur, `restart on ${this.me} failed: ${fe.message}`).catch(() => false);
+      void this.events.add({
+        type: 'restart-failed',
+        domain: rec.name,
+        host: this.me,
+        detail: `${rec.name} could not restart on ${this.me}: ${fe.message}`,
+      });
+    }
+  }
+
+  // ---------- (re)joining ----------
+
+  /** This host (again) has a lease: the cluster's records win over what this host remembers. */
+  private async rejoined(resumed: boolean): Promise<void> {
+    void this.events.add({
+      type: 'host-up',
+      host: this.me,
+      detail: `${this.me} joined the cluster${resumed ? ' (its lease was still alive)' : ''}`,
+    });
+    try {
+      await this.loadRecords();
+      for (const dom of this.host.all()) await this.reconcile(dom.rec.config.name);
+    } catch (e) {
+      this.log.warn('reconciling with the cluster failed; will retry at the next join', { error: String(e) });
+    }
+    this.fenced.clear();
+    this.feedWatchdog();
+  }
+
+  private async reconcile(name: string): Promise<void> {
+    const dom = this.host.find(name);
+    if (!dom || dom.busy || dom.rec.state.kind === 'incoming' || dom.rec.state.kind === 'migrating-out') return;
+    const rec = this.records.get(name);
+    const s = dom.rec.state;
+    if (!rec) {
+      const running = s.kind === 'running' || s.kind === 'paused';
+      if ((await this.owners.adopt(this.claimFacts(dom.rec.config), running ? 'running' : 'stopped')) === 'adopted')
+        this.log.info("domain recorded in the cluster as this host's", { domain: name });
+      return;
+    }
+    if (rec.owner !== this.me) {
+      // The cluster gave it to another host while this one was away: this copy must not run, and its definition goes.
+      if (hasProcess(s)) await this.host.fence(name);
+      this.host.forget(name);
+      this.log.warn('a stale copy was removed: the cluster gave the domain to another host', { domain: name, owner: rec.owner });
+      void this.events.add({
+        type: 'stale-copy',
+        domain: name,
+        host: this.me,
+        detail: `${this.me} dropped its copy of ${name}: the cluster gave it to ${rec.owner}`,
+      });
+      return;
+    }
+    if (this.fenced.has(name) && rec.state === 'running') {
+      // Fenced, but the lease survived (or the manager had not acted): it runs here again, through a claim.
+      await this.host.start(name).then(
+        () =>
+          void this.events.add({
+            type: 'restarted',
+            domain: name,
+            host: this.me,
+            detail: `${name} restarted on ${this.me} after its fence (the lease survived)`,
+          }),
+        (e) => this.log.warn('fenced domain not restarted here', { domain: name, error: String(e) }),
+      );
+    }
+  }
+
+  // ---------- the fleet, for the API ----------
+
+  async status() {
+    const hosts = await listJson(this.etcd, HOSTS, parseHostFacts).catch(() => null);
+    const s = this.member.state;
+    const leader = await etcdCall('reading the HA manager', () => this.etcd.election('ha-manager').leader()).catch(() => null);
+    return {
+      mode: 'cluster' as const,
+      host: this.me,
+      lease: {
+        state: s.kind,
+        id: s.kind === 'member' || s.kind === 'fenced' ? s.lease : null,
+        quorate: this.member.quorate(),
+        fenceInMs: Number.isFinite(this.member.fenceAt()) ? Math.max(0, Math.round(this.member.fenceAt() - monoMs())) : null,
+        ttlS: this.cfg.leaseTtlS,
+        fenceMarginS: this.cfg.fenceMarginS,
+      },
+      haManager: leader ?? null,
+      etcd: await this.etcdHealth(),
+      hosts: hosts ? hosts.map((h) => h.value) : null,
+      domains: [...this.records.values()].map((r) => ({ name: r.name, owner: r.owner, state: r.state, ha: r.ha })),
+    };
+  }
+
+  /** Each endpoint asked on its own: up, its version, and whom it follows. */
+  private async etcdHealth() {
+    const members = await etcdCall('listing members', () => this.etcd.cluster.memberList({ linearizable: false })).catch(() => null);
+    const byId = new Map((members?.members ?? []).map((m) => [m.ID, m.name]));
+    return Promise.all(
+      this.cfg.endpoints.map(async (url) => {
+        const one = connectEtcd({ endpoints: [url], tlsDir: this.cfg.tlsDir });
+        try {
+          const st = await etcdCall('status', () => one.maintenance.status());
+          const leader = st.leader && st.leader !== '0' ? (byId.get(st.leader) ?? st.leader) : null;
+          return { url, ok: true, name: byId.get(st.header.member_id) ?? null, leader, version: st.version, error: null };
+        } catch (e) {
+          // The gist (refused, unreachable, deadline), not the advice: the table has one line per member.
+          const m = /(ECONNREFUSED|EHOSTUNREACH|ETIMEDOUT|DEADLINE_EXCEEDED|Deadline exceeded|certificate[^.,;]*)/.exec(
+            String((e as Error).message),
+          );
+          return { url, ok: false, name: null, leader: null, version: null, error: m ? m[1] : asFerryError(e).message.slice(0, 80) };
+        } finally {
+          one.close();
+        }
+      }),
+    );
+  }
+
+  /**
+   * `ferry cluster leave`: only a host that owns no domain record may leave (move or
+   * delete them first). Its lease is revoked, so it is gone for everyone at once; this
+   * ferryd then starts nothing until it runs standalone (the CLI removes the section).
+   */
+  async leave(): Promise<{ host: string; left: true }> {
+    const mine = (await this.owners.list()).filter((r) => r.value.owner === this.me);
+    if (mine.length)
+      throw new FerryError(
+        'DOMAIN_BAD_STATE',
+        `${this.me} owns ${mine.length} domain(s) in the cluster (${mine
+          .slice(0, 5)
+          .map((r) => r.value.name)
+          .join(', ')}): move them to another host (\`ferry migrate\`) or delete them before it leaves`,
+      );
+    await this.ha.stop();
+    await this.member.stop(true);
+    void this.events.add({ type: 'host-down', host: this.me, detail: `${this.me} left the cluster` });
+    return { host: this.me, left: true };
+  }
+
+  // ---------- HA (ferry ha) ----------
+
+  async haSet(domain: string, ha: OwnerRecord['ha']) {
+    const r = await this.owners.setHa(domain, ha);
+    void this.events.add({
+      type: ha ? 'ha-added' : 'ha-removed',
+      domain,
+      host: r.value.owner,
+      detail: ha
+        ? `${domain} restarts elsewhere if ${r.value.owner} fails (priority ${ha.priority})`
+        : `${domain} no longer restarts elsewhere`,
+    });
+    return this.view(r.value, true);
+  }
+
+  private view(r: OwnerRecord, ownerUp: boolean) {
+    return {
+      name: r.name,
+      owner: r.owner,
+      ownerUp,
+      state: r.state,
+      ha: r.ha,
+      generation: r.generation,
+      restartable: r.restartable,
+      note: r.note,
+      at: r.at,
+    };
+  }
+
+  async domains() {
+    const live = new Set((await listJson(this.etcd, HOSTS, parseHostFacts)).map((h) => h.value.name));
+    return (await this.owners.list()).map((r) => this.view(r.value, live.has(r.value.owner)));
+  }
+}
