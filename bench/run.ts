@@ -983,7 +983,10 @@ async function main(): Promise<void> {
     process.stdout.write(md);
     return;
   }
-  fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), md);
+  // The cluster section belongs to `npm run bench:cluster` (bench/cluster.ts): kept as it is.
+  const prev = fs.existsSync(path.join(ROOT, 'BENCHMARKS.md')) ? fs.readFileSync(path.join(ROOT, 'BENCHMARKS.md'), 'utf8') : '';
+  const clusterPart = /<!-- cluster:begin -->[\s\S]*<!-- cluster:end -->\n?/.exec(prev)?.[0];
+  fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), clusterPart ? `${md.trimEnd()}\n\n${clusterPart}` : md);
   process.stdout.write(md);
 }
 

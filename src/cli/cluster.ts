@@ -12,6 +12,8 @@ import { resolveTarget } from './targets.ts';
 import { act, hostOpt, table } from './output.ts';
 import { etcdEnv, etcdEnvFile, clientUrl } from '../cluster/etcdconf.ts';
 import { DEFAULT_CONFIG_PATH } from '../api/protocol.ts';
+import { parseDaemonConfig } from '../daemon/config.ts';
+import { REPO_ROOT } from '../util/paths.ts';
 import type { ClusterDomainView, ClusterEventView, ClusterStatus } from '../api/protocol.ts';
 
 const ago = (iso: string): string => {
@@ -81,7 +83,7 @@ export function printClusterDomains(rows: ClusterDomainView[]): void {
 
 const eventLine = (e: ClusterEventView): string => `${e.at}  ${e.type.padEnd(15)} ${e.detail}\n`;
 
-/** Reads, edits and writes a ferryd.json (the CLI runs on the host, as root). */
+/** Reads, edits and writes a ferryd.json (the CLI runs on the host, as root); an edit that makes it invalid writes nothing. */
 function editConfig(file: string, edit: (cfg: Record<string, unknown>) => void): void {
   let cfg: Record<string, unknown>;
   try {
@@ -90,6 +92,7 @@ function editConfig(file: string, edit: (cfg: Record<string, unknown>) => void):
     throw new FerryError('CONFIG_UNREADABLE', `Cannot read ferryd config ${file}: ${(e as Error).message}`);
   }
   edit(cfg);
+  parseDaemonConfig(cfg, REPO_ROOT);
   fs.writeFileSync(file + '.tmp', JSON.stringify(cfg, null, 2) + '\n');
   fs.renameSync(file + '.tmp', file);
 }

@@ -103,6 +103,34 @@ describe(
       assert.equal((await src.get('m1'))!.value.owner, 'hostA');
     });
 
+    test("the watch's copy speeds a move up but never decides it: a stale copy means a fresh read", async () => {
+      const src = new Ownership(etcd.client('hostA'), 'hostA');
+      await src.claim(facts('c1'), 'start');
+      const before = (await src.get('c1'))!; // no move mark yet
+      await src.markMoving('c1', 'j1', 'hostB');
+      // A destination whose watch has not seen the mark yet still takes the move.
+      const stale = new Ownership(
+        etcd.client('hostB'),
+        'hostB',
+        () => '',
+        () => before,
+      );
+      assert.equal(await stale.takeOver('c1', 'j1', 'hostA'), 'taken');
+      // One whose copy is the marked record, but the source took the move back since: refused.
+      await src.claim(facts('c2'), 'start');
+      await src.markMoving('c2', 'j2', 'hostB');
+      const seenMarked = (await src.get('c2'))!;
+      assert.equal(await src.reclaim('c2', 'j2'), 'kept');
+      const late = new Ownership(
+        etcd.client('hostB'),
+        'hostB',
+        () => '',
+        (n) => (n === 'c2' ? seenMarked : undefined),
+      );
+      assert.equal(await late.takeOver('c2', 'j2', 'hostA'), 'refused');
+      assert.equal((await src.get('c2'))!.value.owner, 'hostA');
+    });
+
     test("two HA managers assigning the same dead host's domain: one write lands", async () => {
       const a = new Ownership(etcd.client('hostA'), 'hostA');
       const m1 = new Ownership(etcd.client('hostB'), 'hostB');
@@ -179,6 +207,7 @@ describe(
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-lease-'));
       const m = new Membership({
         etcd: kv,
+        members: [kv],
         name: 'hostM',
         ttlS: 4,
         marginS: 1,

@@ -10,7 +10,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Etcd3, isRecoverableError, type IOptions, type Namespace } from 'etcd3';
-import { handleWhen, retry } from 'cockatiel';
+import { ConsecutiveBreaker, ExponentialBackoff, circuitBreaker, handleWhen, retry, type IBackoff } from 'cockatiel';
 import { FerryError, asFerryError } from '../errors.ts';
 
 /** A unary call's budget: long enough for a leader's round trip under load, short enough to fence on time. */
@@ -66,18 +66,39 @@ export function connectEtcd(ep: EtcdEndpoint): Etcd3 {
     credentials: readTls(ep.tlsDir),
     // Streams (watches, keep-alives) live on; a unary call that outlives this is no answer.
     defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + CALL_DEADLINE_MS }),
-    // One retry on another member, never a long backoff: ferry's callers retry on their own schedule.
-    faultHandling: { global: retry(handleWhen(isRecoverableError), { maxAttempts: 1 }) },
+    faultHandling: {
+      // One retry on another member, never a long backoff: ferry's callers retry on their own schedule.
+      global: retry(handleWhen(isRecoverableError), { maxAttempts: 1 }),
+      // A member that failed three times running is skipped for a second only (etcd3's default is
+      // 5 s, and after a partition heals every member's breaker would be open at once).
+      host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: 1000, breaker: new ConsecutiveBreaker(3) }),
+      // A watch broken by a partition comes back within a second of the link (default: backoff up to 30 s).
+      // etcd3 types this as a backoff but calls next() on it, as on its own default, a factory like this one.
+      watchBackoff: new ExponentialBackoff({ initialDelay: 200, maxDelay: 1000 }) as unknown as IBackoff<unknown>,
+    },
     grpcOptions: { 'grpc.keepalive_time_ms': 2000, 'grpc.keepalive_timeout_ms': 2000 },
   });
 }
 
-/** Runs one etcd call, its failure mapped by clusterError. */
+/** A leader election in flux: the same call a moment later usually lands. */
+const TRANSIENT = /leader changed|no leader|not capable|too many requests/i;
+
+/**
+ * Runs one etcd call, its failure mapped by clusterError. Retried twice, 250 ms apart,
+ * while etcd is changing leaders: a read is harmless to repeat, and every write ferry
+ * makes is a compare-and-swap, which fails rather than applies twice.
+ */
 export async function etcdCall<T>(what: string, f: () => Promise<T>): Promise<T> {
-  try {
-    return await f();
-  } catch (e) {
-    throw clusterError(what, e);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await f();
+    } catch (e) {
+      if (attempt < 2 && TRANSIENT.test(String((e as Error)?.message))) {
+        await new Promise((r) => setTimeout(r, 250));
+        continue;
+      }
+      throw clusterError(what, e);
+    }
   }
 }
 

@@ -79,11 +79,16 @@ export class HaManager {
     if (this.stopped) return;
     const c = this.d.etcd.election(HA_ELECTION, this.d.timings.ttlS).campaign(this.d.me);
     this.campaign = c;
-    c.on('elected', () => void this.lead());
+    c.on('elected', () => {
+      if (this.campaign === c) void this.lead();
+    });
     c.on('error', (e: Error) => {
+      if (this.campaign !== c) return;
       this.d.log.warn('HA manager election lost or failed; campaigning again', { error: String(e) });
       void this.unlead();
-      if (this.campaign === c) setTimeout(() => this.start(), 1000).unref();
+      this.campaign = undefined;
+      void c.resign().catch(() => undefined);
+      setTimeout(() => this.start(), 1000).unref();
     });
   }
 
@@ -132,6 +137,18 @@ export class HaManager {
     if (!this.leading || this.sweeping) return;
     this.sweeping = true;
     try {
+      // The election's leader is the campaign key with the lowest revision: a campaign that
+      // believes it won while another key is older (etcd3's view after a partition) stands down.
+      const leader = await etcdCall('reading the HA manager', () => this.d.etcd.election(HA_ELECTION).leader());
+      if (leader !== this.d.me) {
+        this.d.log.warn('not the HA manager after all; standing down and campaigning anew', { leader });
+        await this.unlead();
+        const c = this.campaign;
+        this.campaign = undefined;
+        await c?.resign().catch(() => undefined);
+        this.start();
+        return;
+      }
       const hosts = (await listJson(this.d.etcd, HOSTS, parseHostFacts)).map((v) => v.value);
       const live = new Set(hosts.map((h) => h.name));
       const recs = (await this.d.ownership.list()).filter(
@@ -155,8 +172,14 @@ export class HaManager {
    * the fact waits no longer than one that saw it happen.
    */
   private due(owner: string): boolean {
-    const at = this.goneAt.get(owner) ?? monoMs();
-    this.goneAt.set(owner, at);
+    let at = this.goneAt.get(owner);
+    if (at === undefined) {
+      // Gone before this manager watched (it may have been the manager itself).
+      at = monoMs();
+      this.goneAt.set(owner, at);
+      this.d.log.warn('host found without a lease', { host: owner });
+      void this.d.events.add({ type: 'host-down', host: owner, detail: `${owner} has no lease (found by the HA manager ${this.d.me})` });
+    }
     return monoMs() - at >= this.d.timings.restartDelayS * 1000;
   }
 

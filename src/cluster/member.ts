@@ -29,7 +29,7 @@ import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import type { Etcd3 } from 'etcd3';
 import { FerryError } from '../errors.ts';
-import { CALL_DEADLINE_MS, clusterError, etcdCall } from './etcd.ts';
+import { clusterError, etcdCall } from './etcd.ts';
 import { hostKey, type HostFacts } from './records.ts';
 
 export type MemberState =
@@ -66,11 +66,20 @@ export function memberStep(s: MemberState, e: MemberEvent): MemberState {
   }
 }
 
+/** One member's keep-alive answer, at most: a dead member costs this much of a renewal. */
+const KEEPALIVE_MS = 800;
+
 /** Milliseconds on CLOCK_MONOTONIC, the same clock in every process of the machine (the watchdog's too). */
 export const monoMs = (): number => Number(process.hrtime.bigint() / 1000000n);
 
 export interface MembershipOptions {
   etcd: Etcd3;
+  /**
+   * One client per etcd member, for the lease: a renewal tries the member that answered
+   * last, then the others, so one dead member never costs a renewal (the pool's random
+   * pick would, a third of the time, and three misses in a row are a fence).
+   */
+  members: Etcd3[];
   name: string;
   ttlS: number;
   marginS: number;
@@ -90,6 +99,8 @@ export class Membership extends EventEmitter {
   private timer?: NodeJS.Timeout;
   private since = new Date().toISOString();
   private busy = false;
+  /** The member that answered the last lease call. */
+  private good = 0;
 
   constructor(private readonly o: MembershipOptions) {
     super();
@@ -143,7 +154,7 @@ export class Membership extends EventEmitter {
     const s = this.s;
     this.step({ type: 'stop' });
     if (revoke && (s.kind === 'member' || s.kind === 'fenced'))
-      await etcdCall('revoking the lease', () => this.o.etcd.leaseClient.leaseRevoke({ ID: s.lease })).catch(() => undefined);
+      await this.onAnyMember('revoking the lease', (c) => c.leaseClient.leaseRevoke({ ID: s.lease })).catch(() => undefined);
   }
 
   /** Publishes the host's facts again (its capacity or maintenance changed). Quiet when etcd is away. */
@@ -173,8 +184,24 @@ export class Membership extends EventEmitter {
     }
   }
 
+  /** A lease call on the member that answered last, else on each other in turn; the last failure if none answers. */
+  private async onAnyMember<T>(what: string, f: (c: Etcd3) => Promise<T>): Promise<T> {
+    const n = this.o.members.length;
+    let last: unknown;
+    for (let k = 0; k < n; k++) {
+      const i = (this.good + k) % n;
+      try {
+        const v = await etcdCall(what, () => f(this.o.members[i]));
+        this.good = i;
+        return v;
+      } catch (e) {
+        last = e;
+      }
+    }
+    throw last;
+  }
+
   private async join(): Promise<void> {
-    const lc = this.o.etcd.leaseClient;
     const t0 = monoMs();
     // The lease of the ferryd before a restart, if etcd still has it: the host never left.
     let lease: string | undefined;
@@ -182,7 +209,7 @@ export class Membership extends EventEmitter {
     try {
       const old = fs.readFileSync(this.o.leaseFile, 'utf8').trim();
       if (/^[0-9]+$/.test(old)) {
-        const ttl = await etcdCall('reading the old lease', () => lc.leaseTimeToLive({ ID: old, keys: false }));
+        const ttl = await this.onAnyMember('reading the old lease', (c) => c.leaseClient.leaseTimeToLive({ ID: old, keys: false }));
         if (Number(ttl.TTL) > 0) {
           await this.renewRaw(old);
           lease = old;
@@ -194,7 +221,7 @@ export class Membership extends EventEmitter {
       /* no lease file */
     }
     if (!lease) {
-      const g = await etcdCall('granting a lease', () => lc.leaseGrant({ TTL: this.o.ttlS, ID: 0 }));
+      const g = await this.onAnyMember('granting a lease', (c) => c.leaseClient.leaseGrant({ TTL: this.o.ttlS, ID: 0 }));
       lease = String(g.ID);
       this.since = new Date().toISOString();
       fs.writeFileSync(this.o.leaseFile, lease + '\n');
@@ -224,12 +251,17 @@ export class Membership extends EventEmitter {
     if (was === 'fenced') this.emit('joined', { lease, resumed: true });
   }
 
-  /** One keep-alive on a stream of its own; the lease's remaining TTL (0: gone). */
-  private async renewRaw(lease: string): Promise<number> {
-    const stream = await this.o.etcd.leaseClient.leaseKeepAlive();
+  /** One keep-alive, on the first member that answers; the lease's remaining TTL (0: gone). */
+  private renewRaw(lease: string): Promise<number> {
+    return this.onAnyMember('a lease renewal', (c) => this.keepAliveOn(c, lease));
+  }
+
+  /** One keep-alive on a stream of its own, bounded by KEEPALIVE_MS (three members fit in one renewal period). */
+  private async keepAliveOn(c: Etcd3, lease: string): Promise<number> {
+    const stream = await c.leaseClient.leaseKeepAlive();
     try {
       return await new Promise<number>((resolve, reject) => {
-        const t = setTimeout(() => reject(new FerryError('CLUSTER_NO_QUORUM', 'lease keep-alive: no answer in time')), CALL_DEADLINE_MS);
+        const t = setTimeout(() => reject(new FerryError('CLUSTER_NO_QUORUM', 'lease keep-alive: no answer in time')), KEEPALIVE_MS);
         stream.on('data', (r: { TTL: string }) => {
           clearTimeout(t);
           resolve(Number(r.TTL));

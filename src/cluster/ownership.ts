@@ -35,6 +35,8 @@ export class Ownership {
     readonly me: string,
     /** This host's current lease (written into what it takes). */
     private readonly lease: () => string = () => '',
+    /** The record as this host's watch last saw it (daemon/cluster.ts), if any. */
+    private readonly cached: (name: string) => Versioned<OwnerRecord> | undefined = () => undefined,
   ) {}
 
   /** Whether a lease is gone from etcd (expired or revoked); '' counts as gone. */
@@ -107,12 +109,17 @@ export class Ownership {
 
   /** Source, before the stream: the record says which job may take the domain, and where to. */
   async markMoving(name: string, job: string, to: string): Promise<string> {
-    return this.change(name, (cur) => {
-      if (!cur) throw new FerryError('CLUSTER_RECORD_CHANGED', `Domain "${name}" has no ownership record; start it in cluster mode first`);
-      if (cur.owner !== this.me) throw this.elsewhere(name, cur);
-      // A mark of an earlier job can only be left over: a domain has one move at a time.
-      return { ...cur, moving: { job, to }, note: `moving to ${to} (job ${job})`, at: now() };
-    });
+    return this.change(
+      name,
+      (cur) => {
+        if (!cur)
+          throw new FerryError('CLUSTER_RECORD_CHANGED', `Domain "${name}" has no ownership record; start it in cluster mode first`);
+        if (cur.owner !== this.me) throw this.elsewhere(name, cur);
+        // A mark of an earlier job can only be left over: a domain has one move at a time.
+        return { ...cur, moving: { job, to }, note: `moving to ${to} (job ${job})`, at: now() };
+      },
+      this.cached(name),
+    );
   }
 
   /**
@@ -122,28 +129,32 @@ export class Ownership {
    */
   async takeOver(name: string, job: string, from: string): Promise<'taken' | 'refused'> {
     let verdict: 'taken' | 'refused' = 'refused';
-    await this.change(name, (cur) => {
-      if (cur?.owner === this.me && cur.via === `job ${job}`) {
+    await this.change(
+      name,
+      (cur) => {
+        if (cur?.owner === this.me && cur.via === `job ${job}`) {
+          verdict = 'taken';
+          return undefined;
+        }
+        if (!cur || cur.owner !== from || cur.moving?.job !== job || cur.moving.to !== this.me) {
+          verdict = 'refused';
+          return undefined;
+        }
         verdict = 'taken';
-        return undefined;
-      }
-      if (!cur || cur.owner !== from || cur.moving?.job !== job || cur.moving.to !== this.me) {
-        verdict = 'refused';
-        return undefined;
-      }
-      verdict = 'taken';
-      return {
-        ...cur,
-        owner: this.me,
-        generation: cur.generation + 1,
-        state: 'running',
-        moving: null,
-        lease: this.lease(),
-        via: `job ${job}`,
-        note: `moved from ${from}`,
-        at: now(),
-      };
-    });
+        return {
+          ...cur,
+          owner: this.me,
+          generation: cur.generation + 1,
+          state: 'running',
+          moving: null,
+          lease: this.lease(),
+          via: `job ${job}`,
+          note: `moved from ${from}`,
+          at: now(),
+        };
+      },
+      this.cached(name),
+    );
     return verdict;
   }
 
@@ -241,11 +252,28 @@ export class Ownership {
    * times). `decide` returns the new record, or undefined to change nothing.
    * Returns the new (or unchanged) revision; '' when there is no record.
    */
-  private async change(name: string, decide: (cur: OwnerRecord | null) => OwnerRecord | undefined): Promise<string> {
+  private async change(
+    name: string,
+    decide: (cur: OwnerRecord | null) => OwnerRecord | undefined,
+    cached?: Versioned<OwnerRecord>,
+  ): Promise<string> {
     for (let i = 0; i < 4; i++) {
-      const cur = await this.get(name);
-      const next = decide(cur?.value ?? null);
-      if (!next) return cur?.modRevision ?? '';
+      // The hot paths (a move's mark and handover) first try the watch's copy: one round
+      // trip instead of two. Only a write is trusted to it (the compare-and-swap checks
+      // the revision); a refusal or "nothing to do" is decided again on a fresh read.
+      const fromCache = i === 0 && cached !== undefined;
+      const cur = fromCache ? cached : await this.get(name);
+      let next: OwnerRecord | undefined;
+      try {
+        next = decide(cur?.value ?? null);
+      } catch (e) {
+        if (fromCache) continue;
+        throw e;
+      }
+      if (!next) {
+        if (fromCache) continue;
+        return cur?.modRevision ?? '';
+      }
       const rev = await casJson(this.etcd, domainKey(name), cur?.modRevision ?? 0, next);
       if (rev) return rev;
     }

@@ -20,7 +20,7 @@ import type { Etcd3, Watcher } from 'etcd3';
 import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson, parseDomainConfig, type DomainConfig } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
-import { connectEtcd, etcdCall, jsonOf, listJson } from '../cluster/etcd.ts';
+import { connectEtcd, etcdCall, jsonOf, listJson, type Versioned } from '../cluster/etcd.ts';
 import { Membership, monoMs } from '../cluster/member.ts';
 import { Ownership, type ClaimFacts } from '../cluster/ownership.ts';
 import { EventLog } from '../cluster/events.ts';
@@ -37,12 +37,18 @@ const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
 
 export class ClusterAgent implements OwnershipGate {
   readonly etcd: Etcd3;
+  /** One client per member (the lease's renewals go to whichever answers). */
+  private readonly members: Etcd3[];
   readonly member: Membership;
   readonly owners: Ownership;
   readonly events: EventLog;
   readonly ha: HaManager;
-  /** The ownership records as the watch last saw them. */
-  private readonly records = new Map<string, OwnerRecord>();
+  /** The ownership records as the watch last saw them, with their revisions. */
+  private readonly seen = new Map<string, Versioned<OwnerRecord>>();
+  private readonly records = {
+    get: (n: string): OwnerRecord | undefined => this.seen.get(n)?.value,
+    values: (): OwnerRecord[] => [...this.seen.values()].map((v) => v.value),
+  };
   private watcher?: Watcher;
   private dog?: net.Socket;
   /** HA domains this host fenced: they run here again if the lease survived and the record still names this host. */
@@ -59,13 +65,20 @@ export class ClusterAgent implements OwnershipGate {
   ) {
     this.etcd = connectEtcd({ endpoints: cfg.endpoints, tlsDir: cfg.tlsDir });
     const me = host.cfg.name;
-    this.owners = new Ownership(this.etcd, me, () => {
-      const st = this.member.state;
-      return st.kind === 'member' || st.kind === 'fenced' ? st.lease : '';
-    });
+    this.owners = new Ownership(
+      this.etcd,
+      me,
+      () => {
+        const st = this.member.state;
+        return st.kind === 'member' || st.kind === 'fenced' ? st.lease : '';
+      },
+      (name) => this.seen.get(name),
+    );
     this.events = new EventLog(this.etcd, me);
+    this.members = cfg.endpoints.map((url) => connectEtcd({ endpoints: [url], tlsDir: cfg.tlsDir }));
     this.member = new Membership({
       etcd: this.etcd,
+      members: this.members,
       name: me,
       ttlS: cfg.leaseTtlS,
       marginS: cfg.fenceMarginS,
@@ -110,6 +123,7 @@ export class ClusterAgent implements OwnershipGate {
     await this.member.stop(false);
     this.dog?.end();
     this.etcd.close();
+    for (const m of this.members) m.close();
   }
 
   // ---------- OwnershipGate ----------
@@ -285,13 +299,16 @@ export class ClusterAgent implements OwnershipGate {
         w.on('put', (kv) => {
           try {
             const rec = parseOwnerRecord(jsonOf(kv.value, kv.key.toString()), kv.key.toString());
-            this.records.set(rec.name, rec);
+            const prev = this.seen.get(rec.name);
+            // Events come in revision order, but a fresh list may have passed them.
+            if (!prev || BigInt(prev.modRevision) < BigInt(kv.mod_revision))
+              this.seen.set(rec.name, { key: kv.key.toString(), value: rec, modRevision: kv.mod_revision });
             if (rec.owner === this.me && rec.state === 'restarting') void this.startAssigned(rec);
           } catch (e) {
             this.log.warn('ignoring a domain record', { key: kv.key.toString(), error: String(e) });
           }
         });
-        w.on('delete', (kv) => this.records.delete(kv.key.toString().slice(DOMAINS.length)));
+        w.on('delete', (kv) => this.seen.delete(kv.key.toString().slice(DOMAINS.length)));
         await this.loadRecords();
         return;
       } catch (e) {
@@ -303,8 +320,8 @@ export class ClusterAgent implements OwnershipGate {
 
   private async loadRecords(): Promise<void> {
     const all = await this.owners.list((key, e) => this.log.warn('ignoring a domain record', { key, error: e.message }));
-    this.records.clear();
-    for (const r of all) this.records.set(r.value.name, r.value);
+    this.seen.clear();
+    for (const r of all) this.seen.set(r.value.name, r);
     for (const r of all) if (r.value.owner === this.me && r.value.state === 'restarting') void this.startAssigned(r.value);
   }
 
@@ -351,11 +368,17 @@ export class ClusterAgent implements OwnershipGate {
       host: this.me,
       detail: `${this.me} joined the cluster${resumed ? ' (its lease was still alive)' : ''}`,
     });
-    try {
-      await this.loadRecords();
-      for (const dom of this.host.all()) await this.reconcile(dom.rec.config.name);
-    } catch (e) {
-      this.log.warn('reconciling with the cluster failed; will retry at the next join', { error: String(e) });
+    // Until it succeeds: a host that rejoins must not act on what it remembers.
+    for (let attempt = 1; this.member.state.kind === 'member'; attempt++) {
+      try {
+        await this.loadRecords();
+        for (const dom of this.host.all()) await this.reconcile(dom.rec.config.name);
+        break;
+      } catch (e) {
+        if (attempt === 1 || attempt % 10 === 0)
+          this.log.warn('reconciling with the cluster failed; retrying', { attempt, error: String(e) });
+        await new Promise((r) => setTimeout(r, 500));
+      }
     }
     this.fenced.clear();
     this.feedWatchdog();
@@ -420,7 +443,7 @@ export class ClusterAgent implements OwnershipGate {
       haManager: leader ?? null,
       etcd: await this.etcdHealth(),
       hosts: hosts ? hosts.map((h) => h.value) : null,
-      domains: [...this.records.values()].map((r) => ({ name: r.name, owner: r.owner, state: r.state, ha: r.ha })),
+      domains: this.records.values().map((r) => ({ name: r.name, owner: r.owner, state: r.state, ha: r.ha })),
     };
   }
 

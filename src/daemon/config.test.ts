@@ -87,3 +87,15 @@ test('sections parse what they promise', () => {
   assert.equal(c.limits.connections, 9);
   assert.equal(c.limits.incomingTotal, DEFAULT_LIMITS.incomingTotal);
 });
+
+test('cluster: off unless configured; https endpoints only; timings that keep the fence before the expiry', () => {
+  assert.equal(parseDaemonConfig({ name: 'h1' }, '/repo').cluster, null);
+  const c = parseDaemonConfig({ name: 'h1', tlsDir: '/t', cluster: { endpoints: ['https://10.0.0.1:2379'] } }, '/repo').cluster;
+  assert.deepEqual(c, { endpoints: ['https://10.0.0.1:2379'], leaseTtlS: 10, fenceMarginS: 3, restartDelayS: 2, tlsDir: '/t' });
+  assert.deepEqual(problems({ cluster: { endpoints: ['http://10.0.0.1:2379'] } }).length, 1, 'plain http refused');
+  assert.match(problems({ cluster: { endpoints: [] } })[0], /^cluster\.endpoints: /);
+  assert.match(problems({ cluster: { endpoints: ['https://a:1'], leaseTtlS: 2 } })[0], /^cluster\.leaseTtlS: /);
+  assert.match(problems({ cluster: { endpoints: ['https://a:1'], leaseTtlS: 10, fenceMarginS: 6 } })[0], /^cluster\.fenceMarginS: .*half/);
+  assert.match(problems({ cluster: { endpoints: ['https://a:1'], extra: 1 } })[0], /^cluster\.extra: unknown key/);
+  assert.match(problems({ cluster: 'yes' })[0], /^cluster: /);
+});

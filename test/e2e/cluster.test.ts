@@ -151,10 +151,54 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     assert.equal(all.find((d: any) => d.name === 'solo').owner, 'host1');
     const ev = await ok(['-H', 'host3', 'events', '--json', '--limit', '100']);
     const types = ev.filter((e: any) => e.domain === 'ha1' || e.host === 'host1').map((e: any) => e.type);
-    for (const t of ['fenced', 'host-down', 'restarted', 'stale-copy']) assert.ok(types.includes(t), `event ${t} in ${types}`);
+    const told = ev.map((e: any) => `${e.at} ${e.by} ${e.type} ${e.detail}`).join('\n');
+    for (const t of ['fenced', 'host-down', 'restarted', 'stale-copy']) assert.ok(types.includes(t), `event ${t} in:\n${told}`);
+    // Restarted once: one "restarted" event for ha1.
+    assert.equal(ev.filter((e: any) => e.domain === 'ha1' && e.type === 'restarted').length, 1, told);
     await ok(['lab', 'verify', 'ha1']);
     await ok(['-H', moved.host, 'destroy', 'ha1']);
     await ok(['-H', moved.host, 'delete', 'ha1']);
+  });
+
+  test('host2 cut off with its ferryd frozen: the watchdog fences the HA domain before it runs elsewhere', async () => {
+    await createGuest('pattern', 'ha3', 'host2');
+    await ok(['-H', 'host2', 'ha', 'add', 'ha3']);
+    // The watchdog is fed at every renewal (2.5 s): one feed with ha3 among its targets.
+    await new Promise((r) => setTimeout(r, 3000));
+    const pid = (await ok(['-H', 'host2', 'info', 'ha3', '--json'])).pid;
+    const exit = watchExit(pid);
+    const ferryd = labState().hosts[1].pid;
+    process.kill(ferryd, 'SIGSTOP');
+    let moved: { host: string; pid: number };
+    try {
+      await ok(['lab', 'link', 'host2', 'down']);
+      moved = await waitFor(
+        'ha3 running elsewhere',
+        async () => {
+          const on = await runningOn('ha3', ['host1', 'host3']);
+          return on.length ? on[0] : null;
+        },
+        60000,
+        200,
+      );
+      const by = exit.exitedBy();
+      assert.ok(by !== null && by < startedMs(moved.pid), `host2's copy exited by ${by}, the new one started at ${startedMs(moved.pid)}`);
+      const wlog = fs.readFileSync(`${labState().hosts[1].stateDir}/watchdog.log`, 'utf8');
+      assert.match(wlog, new RegExp(`fenced: killed QEMU pid ${pid}\\b`), 'the watchdog, not the frozen ferryd, killed it');
+    } finally {
+      process.kill(ferryd, 'SIGCONT');
+      await ok(['lab', 'link', 'host2', 'up']);
+      exit.stop();
+    }
+    await waitFor('host2 back in the cluster', () => quorate('host2'), 30000, 250);
+    await new Promise((r) => setTimeout(r, 2000));
+    assert.ok(!(await ok(['-H', 'host2', 'list', '--json'])).some((d: any) => d.name === 'ha3'), 'host2 dropped its copy');
+    assert.deepEqual(
+      (await runningOn('ha3')).map((x) => x.host),
+      [moved.host],
+    );
+    await ok(['-H', moved.host, 'destroy', 'ha3']);
+    await ok(['-H', moved.host, 'delete', 'ha3']);
   });
 
   test('the control channel cut at the point of no return: settled from the ownership record at once, on one host', async () => {

@@ -1,0 +1,100 @@
+/** The parts of cluster/ that need no etcd: placement of a restart, the watchdog's feed, etcd's member configuration. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { placeRestart } from './ha.ts';
+import { parseFeed } from './watchdog.ts';
+import { etcdEnv } from './etcdconf.ts';
+import { FerryError } from '../errors.ts';
+import type { HostFacts, OwnerRecord } from './records.ts';
+
+const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
+  name,
+  ferry: '0.2.0',
+  engine: '10.0.2',
+  accel: 'tcg',
+  cpuModel: 'qemu64',
+  memoryMiB: 4096,
+  freeMiB: 2048,
+  maintenance: false,
+  relocation: 'x:8002',
+  since: '',
+  ...over,
+});
+const rec = (over: Partial<OwnerRecord> = {}): OwnerRecord => ({
+  name: 'd',
+  uuid: 'u',
+  owner: 'dead',
+  generation: 4,
+  state: 'running',
+  ha: { priority: 0 },
+  config: {},
+  cpuModel: 'qemu64',
+  accel: 'tcg',
+  memoryMiB: 1024,
+  restartable: { ok: true, why: '' },
+  moving: null,
+  lease: '',
+  via: 'start',
+  note: '',
+  at: '',
+  ...over,
+});
+
+test('placeRestart: the compatible live host with the most free memory, counting what this round placed', () => {
+  const hosts = [host('dead'), host('a', { freeMiB: 1500 }), host('b', { freeMiB: 3000 }), host('c', { maintenance: true, freeMiB: 9000 })];
+  assert.deepEqual(placeRestart(rec(), hosts, new Map()), { host: 'b' });
+  assert.deepEqual(placeRestart(rec(), hosts, new Map([['b', 2500]])), { host: 'a' });
+  const none = placeRestart(rec({ memoryMiB: 4000 }), hosts, new Map());
+  assert.ok('why' in none && /a: 1500 MiB free/.test(none.why) && /c: in maintenance/.test(none.why), JSON.stringify(none));
+  const cpu = placeRestart(rec({ cpuModel: 'EPYC' }), [host('a')], new Map());
+  assert.ok('why' in cpu && /qemu64\/tcg, the domain needs EPYC\/tcg/.test(cpu.why));
+  assert.deepEqual(placeRestart(rec({ restartable: { ok: false, why: 'local disk' } }), hosts, new Map()), { why: 'local disk' });
+  assert.deepEqual(placeRestart(rec(), [host('dead')], new Map()), { why: 'no other live host in the cluster' });
+});
+
+test("the watchdog's feed: only well-formed lines, only plausible pids", () => {
+  assert.deepEqual(parseFeed('{"deadline": 5, "targets": [{"pid": 42, "start": "7"}, {"pid": 1, "start": "1"}, {"pid": "x"}]}'), {
+    deadline: 5,
+    targets: [{ pid: 42, start: '7' }],
+  });
+  assert.equal(parseFeed('not json'), null);
+  assert.equal(parseFeed('{"targets": []}'), null);
+});
+
+test("etcd's member configuration: mutual TLS both ways, this member in the list, bad names refused", () => {
+  const env = etcdEnv({
+    me: { name: 'h1', address: '10.0.0.1' },
+    members: [
+      { name: 'h1', address: '10.0.0.1' },
+      { name: 'h2', address: '10.0.0.2' },
+    ],
+    dataDir: '/d',
+    tlsDir: '/t',
+    token: 'x',
+    state: 'new',
+  });
+  assert.equal(env.ETCD_CLIENT_CERT_AUTH, 'true');
+  assert.equal(env.ETCD_PEER_CLIENT_CERT_AUTH, 'true');
+  assert.equal(env.ETCD_LISTEN_CLIENT_URLS, 'https://10.0.0.1:2379');
+  assert.equal(env.ETCD_INITIAL_CLUSTER, 'h1=https://10.0.0.1:2380,h2=https://10.0.0.2:2380');
+  assert.equal(env.ETCD_TRUSTED_CA_FILE, '/t/ca-cert.pem');
+  const bad = (o: Partial<Parameters<typeof etcdEnv>[0]>): string => {
+    try {
+      etcdEnv({
+        me: { name: 'h1', address: '10.0.0.1' },
+        members: [{ name: 'h1', address: '10.0.0.1' }],
+        dataDir: '/d',
+        tlsDir: '/t',
+        token: 'x',
+        state: 'new',
+        ...o,
+      });
+      return 'ok';
+    } catch (e) {
+      return (e as FerryError).code;
+    }
+  };
+  assert.equal(bad({ members: [{ name: 'h2', address: '10.0.0.2' }] }), 'CLI_USAGE');
+  assert.equal(bad({ me: { name: 'h 1', address: '10.0.0.1' } }), 'CLI_USAGE');
+  assert.equal(bad({ me: { name: 'h1', address: '10.0.0.300' } }), 'CLI_USAGE');
+});
