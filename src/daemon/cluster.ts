@@ -303,6 +303,8 @@ export class ClusterAgent implements OwnershipGate {
             // Events come in revision order, but a fresh list may have passed them.
             if (!prev || BigInt(prev.modRevision) < BigInt(kv.mod_revision))
               this.seen.set(rec.name, { key: kv.key.toString(), value: rec, modRevision: kv.mod_revision });
+            // A domain of this host marked (or unmarked) for HA: the watchdog hears of it now, not at the next renewal.
+            if (rec.owner === this.me && !!prev?.value.ha !== !!rec.ha) this.feedWatchdog();
             if (rec.owner === this.me && rec.state === 'restarting') void this.startAssigned(rec);
           } catch (e) {
             this.log.warn('ignoring a domain record', { key: kv.key.toString(), error: String(e) });
