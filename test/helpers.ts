@@ -265,3 +265,24 @@ export async function hostClean(host: string, name: string): Promise<void> {
     .filter((l) => l.startsWith('ft'));
   assert.deepEqual(taps, [], `no tap left on ${host}`);
 }
+
+/** The metrics page from the client, over HTTPS with the lab's admin certificate (metrics.ts). */
+export const scrape = (addr: string): string => {
+  const r = inNs('client', [
+    process.execPath,
+    path.join(ROOT, 'test', 'tools', 'https-get.mjs'),
+    addr,
+    '9477',
+    '/metrics',
+    labState().adminTlsDir,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout;
+};
+/** The sample of `name` whose labels include all of `series`' (in any order); 0 if none. */
+export const metricValue = (text: string, series: string): number => {
+  const [, name, want] = /^([a-z_]+)\{(.*)\}$/.exec(series)!;
+  const pairs = want.split(',');
+  const line = text.split('\n').find((l) => l.startsWith(`${name}{`) && pairs.every((p) => l.slice(0, l.lastIndexOf(' ')).includes(p)));
+  return line ? Number(line.split(' ').pop()) : 0;
+};

@@ -427,6 +427,11 @@ export class ClusterAgent implements OwnershipGate {
 
   // ---------- the fleet, for the API ----------
 
+  /** The ownership records as this host's watch holds them (metrics read these, not etcd). */
+  recordsSeen(): OwnerRecord[] {
+    return this.records.values();
+  }
+
   async status() {
     const hosts = await listJson(this.etcd, HOSTS, parseHostFacts).catch(() => null);
     const s = this.member.state;

@@ -127,7 +127,7 @@ async function main(): Promise<void> {
   const migrations = new Migrations(host, log);
   await migrations.recover();
   // Only where served: otherwise no registry, no listeners on the host's events.
-  const metrics = cfg.metrics ? new Metrics(host, log) : undefined;
+  const metrics = cfg.metrics ? new Metrics(host, log, cluster) : undefined;
   if (cfg.metrics) await metrics!.listen(cfg.metrics.address, cfg.metrics.port, cfg.tlsDir);
   const server = new ApiServer(log, makeHandler(host, migrations, metrics, cluster));
   await server.listenUnix(cfg.apiSocket);

@@ -19,6 +19,7 @@ import client from 'prom-client';
 import type { Report } from '../api/protocol.ts';
 import type { Host } from './host.ts';
 import type { Logger } from './log.ts';
+import type { ClusterAgent } from './cluster.ts';
 
 /** Seconds: migrations from a second to half an hour; pauses from a millisecond to a minute. */
 const TOTAL_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800];
@@ -37,10 +38,12 @@ export class Metrics {
   constructor(
     host: Host,
     private readonly log: Logger,
+    cluster?: ClusterAgent,
   ) {
     const r = this.registry;
     r.setDefaultLabels({ host: host.cfg.name });
     hostGauges(host, r);
+    if (cluster) clusterGauges(cluster, r);
     this.migrations = new client.Counter({
       name: 'ferry_migrations_total',
       help: "Migrations that ended, by this host's role and outcome",
@@ -147,6 +150,39 @@ export class Metrics {
   close(): void {
     this.server?.close();
   }
+}
+
+/**
+ * Cluster mode, read at each scrape from what ferryd already holds (its lease, and its
+ * watch's copy of the ownership records): no etcd request per scrape.
+ */
+function clusterGauges(c: ClusterAgent, r: client.Registry): void {
+  new client.Gauge({
+    name: 'ferry_cluster_quorate',
+    help: "1 while this host's cluster lease is current (it may start, resume and move domains); 0 without quorum",
+    registers: [r],
+    collect() {
+      this.set(c.member.quorate() ? 1 : 0);
+    },
+  });
+  new client.Gauge({
+    name: 'ferry_cluster_ha_manager',
+    help: '1 while this host is the HA manager',
+    registers: [r],
+    collect() {
+      this.set(c.ha.isLeader ? 1 : 0);
+    },
+  });
+  new client.Gauge({
+    name: 'ferry_cluster_domains',
+    help: "The cluster's domains by their ownership record's state and whether they are marked for HA restart (every host reports the whole cluster)",
+    labelNames: ['state', 'ha'],
+    registers: [r],
+    collect() {
+      this.reset();
+      for (const d of c.recordsSeen()) this.inc({ state: d.state, ha: d.ha ? 'yes' : 'no' });
+    },
+  });
 }
 
 /** The host's state, read at each scrape: domains by state, memory, maintenance, tunnel ends. */

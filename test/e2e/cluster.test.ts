@@ -27,6 +27,8 @@ import {
   inNs,
   domainRecord,
   patternIntact,
+  scrape,
+  metricValue,
 } from '../helpers.ts';
 
 /** Milliseconds since boot, on the clock /proc/PID/stat's start times use (CLOCK_MONOTONIC without suspend). */
@@ -283,6 +285,8 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
       assert.ok(ha2Exit.exitedBy()! - cutAt < 10000, `fenced ${ha2Exit.exitedBy()! - cutAt} ms after quorum was lost`);
       const info = await ok(['-H', 'host3', 'info', 'ha2', '--json']);
       assert.equal(info.state, 'shutoff');
+      // The metrics say so too, from what ferryd holds (no etcd request per scrape).
+      assert.equal(metricValue(scrape(s.hosts[2].migAddress), 'ferry_cluster_quorate{host="host3"}'), 0);
       await new Promise((r) => setTimeout(r, 2000));
       assert.ok(pidAlive(solo.pid), 'the non-HA domain runs on');
       assert.equal((await ok(['-H', 'host3', 'info', 'late', '--json'])).state, 'paused');
@@ -300,6 +304,18 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     );
     await ok(['-H', 'host3', 'unpause', 'late']);
     await ok(['lab', 'verify', 'late']);
+    // Every host reports the whole cluster: quorate, one HA manager among them, ha2 running and marked.
+    const pages = s.hosts.map((h: any) => ({ name: h.name, text: scrape(h.migAddress) }));
+    for (const p of pages) assert.equal(metricValue(p.text, `ferry_cluster_quorate{host="${p.name}"}`), 1, p.name);
+    assert.equal(
+      pages.reduce(
+        (n: number, p: { name: string; text: string }) => n + metricValue(p.text, `ferry_cluster_ha_manager{host="${p.name}"}`),
+        0,
+      ),
+      1,
+      'one HA manager',
+    );
+    assert.ok(metricValue(pages[0].text, 'ferry_cluster_domains{host="host1",state="running",ha="yes"}') >= 1, pages[0].text);
     await patternIntact(solo.host, 'solo', solo.pid);
   });
 });

@@ -27,6 +27,8 @@ import {
   domainRecord,
   labState,
   ROOT,
+  scrape,
+  metricValue as value,
 } from '../helpers.ts';
 
 /**
@@ -42,27 +44,6 @@ const where = async (): Promise<Record<string, string>> => {
 /** Domains whose guest still runs on host1 (one call, so a poll notices a departure quickly). */
 const onHost1 = async (): Promise<number> =>
   (await ok(['-H', 'host1', 'list', '--json'])).filter((d: any) => d.id !== null && d.state !== 'incoming').length;
-
-/** The metrics page from the client, over HTTPS with the lab's admin certificate (metrics.ts). */
-const scrape = (addr: string): string => {
-  const r = inNs('client', [
-    process.execPath,
-    path.join(ROOT, 'test', 'tools', 'https-get.mjs'),
-    addr,
-    '9477',
-    '/metrics',
-    labState().adminTlsDir,
-  ]);
-  assert.equal(r.code, 0, r.stderr);
-  return r.stdout;
-};
-/** The sample of `name` whose labels include all of `series`' (in any order); 0 if none. */
-const value = (text: string, series: string): number => {
-  const [, name, want] = /^([a-z_]+)\{(.*)\}$/.exec(series)!;
-  const pairs = want.split(',');
-  const line = text.split('\n').find((l) => l.startsWith(`${name}{`) && pairs.every((p) => l.slice(0, l.lastIndexOf(' ')).includes(p)));
-  return line ? Number(line.split(' ').pop()) : 0;
-};
 
 describe('host evacuation, maintenance and metrics (lab)', () => {
   let ip = '';
