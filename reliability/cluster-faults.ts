@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { rng, campaignCommit } from './campaign.ts';
 import { ferry as runCli } from '../test/helpers.ts';
 import { pidAlive as alive } from '../src/qemu/process.ts';
 import { labLink, requireLab, restartEtcd } from '../src/lab/lab.ts';
@@ -37,16 +38,6 @@ const HOSTS = ['host1', 'host2', 'host3'];
 const FAULTS = ['etcd-kill', 'partition-src', 'partition-dst', 'lease-expiry-src', 'lease-expiry-dst'] as const;
 type Fault = (typeof FAULTS)[number];
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const ferry = (a: string[], timeoutMs = 180000): ReturnType<typeof runCli> => runCli(a, { timeoutMs });
 
@@ -221,15 +212,8 @@ async function main(): Promise<void> {
   } finally {
     await ferry(['lab', 'down']);
   }
-  const commit = (() => {
-    try {
-      const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim();
-      const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: ROOT, encoding: 'utf8' }).trim() !== '';
-      return dirty ? `${head}+changes` : head;
-    } catch {
-      return null;
-    }
-  })();
+  // The commit the campaign ran on, so a result names its code.
+  const commit = campaignCommit(ROOT);
   const failed = rounds.filter((r) => !r.survived);
   if (REPORT) {
     fs.writeFileSync(

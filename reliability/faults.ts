@@ -31,6 +31,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { rng, campaignCommit } from './campaign.ts';
 import { ferry as runCli } from '../test/helpers.ts';
 import { pidAlive as alive } from '../src/qemu/process.ts';
 
@@ -67,16 +68,6 @@ const TARGETS: { side: 'source' | 'destination'; phase: string }[] = [
   ...['begun', 'prepared', 'finishing', 'finished'].map((phase) => ({ side: 'destination' as const, phase })),
 ];
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const ferry = (a: string[], timeoutMs = 120000): ReturnType<typeof runCli> => runCli(a, { timeoutMs });
 const sh = (cmd: string, a: string[]): string => {
@@ -489,16 +480,8 @@ async function main(): Promise<void> {
   } finally {
     await ferry(['lab', 'down']);
   }
-  // The commit the campaign ran on (a working tree with changes says so), so a result names its code.
-  const commit = (() => {
-    try {
-      const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim();
-      const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: ROOT, encoding: 'utf8' }).trim() !== '';
-      return dirty ? `${head}+changes` : head;
-    } catch {
-      return null;
-    }
-  })();
+  // The commit the campaign ran on, so a result names its code.
+  const commit = campaignCommit(ROOT);
   const out = { seed: SEED, count: rounds.length, aimed: AIM, date: new Date().toISOString(), commit, engine, rounds };
   if (REPORT) {
     fs.writeFileSync(

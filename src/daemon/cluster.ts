@@ -459,8 +459,9 @@ export class ClusterAgent implements OwnershipGate {
     const members = await etcdCall('listing members', () => this.etcd.cluster.memberList({ linearizable: false })).catch(() => null);
     const byId = new Map((members?.members ?? []).map((m) => [m.ID, m.name]));
     return Promise.all(
-      this.cfg.endpoints.map(async (url) => {
-        const one = connectEtcd({ endpoints: [url], tlsDir: this.cfg.tlsDir });
+      // The per-member clients the lease uses: one connection per member, not a new one per call.
+      this.cfg.endpoints.map(async (url, i) => {
+        const one = this.members[i];
         try {
           const st = await etcdCall('status', () => one.maintenance.status());
           const leader = st.leader && st.leader !== '0' ? (byId.get(st.leader) ?? st.leader) : null;
@@ -471,8 +472,6 @@ export class ClusterAgent implements OwnershipGate {
             String((e as Error).message),
           );
           return { url, ok: false, name: null, leader: null, version: null, error: m ? m[1] : asFerryError(e).message.slice(0, 80) };
-        } finally {
-          one.close();
         }
       }),
     );
