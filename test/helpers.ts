@@ -286,3 +286,17 @@ export const metricValue = (text: string, series: string): number => {
   const line = text.split('\n').find((l) => l.startsWith(`${name}{`) && pairs.every((p) => l.slice(0, l.lastIndexOf(' ')).includes(p)));
   return line ? Number(line.split(' ').pop()) : 0;
 };
+
+/** Starts `ferry ui` with ARGS; resolves with the process and the address it printed. */
+export function startUi(args: string[]): Promise<{ child: ChildProcess; url: string }> {
+  const child = spawn(process.execPath, [FERRY, 'ui', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  return new Promise((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (d) => {
+      out += d;
+      const m = /ferry ui: (\S+)/.exec(out);
+      if (m) resolve({ child, url: m[1] });
+    });
+    child.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
+  });
+}

@@ -66,6 +66,7 @@ export const ROLES = {
   'migration.resolve': MANAGE,
   'cluster.status': MANAGE,
   'cluster.domains': MANAGE,
+  'cluster.fleet': MANAGE,
   'cluster.events': MANAGE,
   'cluster.leave': MANAGE,
   'ha.set': MANAGE,
@@ -305,8 +306,10 @@ export type HostInfo = {
   tunnels: TunnelView[];
   /** In maintenance: no domain starts here and no move comes in (ferry host maintenance, evacuate). */
   maintenance: { on: boolean; since: string | null };
-  /** The peers this host knows by name (ferryd.json "peers"): where an evacuation may send its domains. */
+  /** The peers this host knows by name (ferryd.json "peers", and in cluster mode every live host): where an evacuation may send its domains. */
   peers: Record<string, string>;
+  /** standalone, or cluster (etcd): then `cluster.fleet` has the whole fleet. */
+  mode: 'standalone' | 'cluster';
 };
 
 /** One end of a tunnel that carries a domain's home segment to the host it runs on. */
@@ -379,8 +382,37 @@ export interface ClusterDomainView {
   ha: { priority: number } | null;
   generation: number;
   restartable: { ok: boolean; why: string };
+  /** A live move under way: its job and destination. */
+  moving: { job: string; to: string } | null;
+  memoryMiB: number;
+  cpuModel: string;
   note: string;
   at: string;
+}
+
+/** What a live host publishes under its lease (cluster/records.ts HostFacts). */
+export interface ClusterHostFacts {
+  name: string;
+  ferry: string;
+  engine: string;
+  accel: string;
+  cpuModel: string;
+  memoryMiB: number;
+  freeMiB: number;
+  maintenance: boolean;
+  networks: string[];
+  relocation: string;
+  since: string;
+}
+
+/** The fleet from one host's etcd watches (`cluster.fleet`): what `ferry ui` and `host evacuate` read in cluster mode. */
+export interface ClusterFleet {
+  /** The host that answered. */
+  host: string;
+  /** false: that host cannot reach etcd now, so the view may be stale. */
+  quorate: boolean;
+  hosts: ClusterHostFacts[];
+  domains: ClusterDomainView[];
 }
 
 /** `ferry cluster status`. */
@@ -391,20 +423,7 @@ export interface ClusterStatus {
   haManager: string | null;
   etcd: { url: string; ok: boolean; name: string | null; leader: string | null; version: string | null; error: string | null }[];
   /** Hosts with a live lease and what they publish; null if etcd did not answer. */
-  hosts:
-    | {
-        name: string;
-        ferry: string;
-        engine: string;
-        accel: string;
-        cpuModel: string;
-        memoryMiB: number;
-        freeMiB: number;
-        maintenance: boolean;
-        relocation: string;
-        since: string;
-      }[]
-    | null;
+  hosts: ClusterHostFacts[] | null;
   domains: { name: string; owner: string; state: string; ha: { priority: number } | null }[];
 }
 
@@ -450,6 +469,7 @@ export interface Results {
   'migration.resolve': ResolveResult;
   'cluster.status': ClusterStatus;
   'cluster.domains': ClusterDomainView[];
+  'cluster.fleet': ClusterFleet;
   'cluster.events': ClusterEventView[];
   'cluster.leave': { host: string; left: true };
   'ha.set': ClusterDomainView;

@@ -82,6 +82,7 @@ export const ACTIONS = {
   // cluster mode (etcd): any host answers for the whole cluster
   'cluster.status': params({}),
   'cluster.domains': params({}),
+  'cluster.fleet': params({}),
   // the last `limit` events; with follow, new ones go down the connection as they come
   'cluster.events': params({ limit: optNum(1, 5000), follow: optBool }),
   'cluster.leave': params({}),

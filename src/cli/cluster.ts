@@ -66,17 +66,18 @@ export function printClusterDomains(rows: ClusterDomainView[]): void {
   process.stdout.write(
     table(
       [
-        ['Name', 'Host', 'State', 'HA', 'Gen', 'Note'],
+        ['Name', 'Host', 'State', 'Memory', 'HA', 'Gen', 'Note'],
         ...rows.map((d) => [
           d.name,
           d.ownerUp ? d.owner : `${d.owner} (down)`,
-          d.state,
+          d.moving ? `${d.state}, moving to ${d.moving.to}` : d.state,
+          `${d.memoryMiB} MiB`,
           d.ha ? `prio ${d.ha.priority}${d.restartable.ok ? '' : ' (not restartable)'}` : '-',
           d.generation,
           d.note,
         ]),
       ],
-      ['l', 'l', 'l', 'l', 'r', 'l'],
+      ['l', 'l', 'l', 'r', 'l', 'r', 'l'],
     ),
   );
 }

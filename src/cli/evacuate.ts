@@ -6,7 +6,8 @@
  * finish, and said so).
  *
  *   1. HOST goes into maintenance: it starts nothing and takes no incoming move.
- *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers;
+ *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers
+ *      (cluster mode: every live host, as HOST's etcd watch sees them: no host is polled);
  *      with --include-stopped, each shut-off one too (its definition moves, last).
  *   3. The autopilot predicts each move (migration.plan, which measures the guest), so
  *      the whole evacuation has an ETA, and the shortest moves go first.
@@ -55,6 +56,8 @@ export interface EvacuationReport {
   predictedMs: number | null;
   elapsedMs: number;
   domains: Row[];
+  /** Hosts that were no candidate because they could not be asked (standalone) or hold no live lease (cluster), each with why. */
+  unreachable: string[];
   outcome: 'done' | 'incomplete' | 'planned';
 }
 
@@ -75,8 +78,24 @@ export async function evacuate(
     throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 8');
   const src = resolveTarget(hostArg);
   const info = await call(src, 'host.info');
-  const names = (o.to?.length ? o.to : Object.keys(info.peers)).filter((n) => n !== info.name);
-  // What each candidate offers now (an unreachable one is no candidate, and said so).
+  const { candidates, unreachable } = info.mode === 'cluster' ? await fromCluster(src, info, o.to) : await fromPeers(info, o.to);
+  if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
+  // HOST's events, for the whole run: moves' progress, and the end of moves an earlier run left.
+  const events = o.plan ? undefined : await ApiClient.connect(src);
+  try {
+    if (events) await events.request('events.subscribe', {});
+    return await evacuateWith(o, onView, { t0, parallel, src, info, candidates, unreachable, events });
+  } finally {
+    events?.close();
+  }
+}
+
+/**
+ * Standalone: each peer (or --to host) is asked what it offers now; an unreachable one is
+ * no candidate, and said so.
+ */
+async function fromPeers(info: HostInfo, to: string[] | undefined): Promise<{ candidates: Candidate[]; unreachable: string[] }> {
+  const names = (to?.length ? to : Object.keys(info.peers)).filter((n) => n !== info.name);
   const candidates: Candidate[] = [];
   const unreachable: string[] = [];
   for (const n of names) {
@@ -93,15 +112,36 @@ export async function evacuate(
       unreachable.push(`${n} (${asFerryError(e).message.slice(0, 120)})`);
     }
   }
-  if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
-  // HOST's events, for the whole run: moves' progress, and the end of moves an earlier run left.
-  const events = o.plan ? undefined : await ApiClient.connect(src);
-  try {
-    if (events) await events.request('events.subscribe', {});
-    return await evacuateWith(o, onView, { t0, parallel, src, info, candidates, unreachable, events });
-  } finally {
-    events?.close();
+  return { candidates, unreachable };
+}
+
+/**
+ * Cluster mode: one question to HOST, answered from its etcd watches (every live host's
+ * published facts), instead of one per host. A --to host without a live lease is no
+ * candidate, and said so. Refused when HOST cannot reach etcd: its view may be stale,
+ * and no move could start anyway (CLUSTER_NO_QUORUM).
+ */
+async function fromCluster(
+  src: Target,
+  info: HostInfo,
+  to: string[] | undefined,
+): Promise<{ candidates: Candidate[]; unreachable: string[] }> {
+  const fleet = await call(src, 'cluster.fleet');
+  if (!fleet.quorate)
+    throw new FerryError(
+      'CLUSTER_NO_QUORUM',
+      `${info.name} cannot reach etcd now, so it knows no current placement and can start no move; check \`ferry cluster status\``,
+    );
+  const live = new Map(fleet.hosts.map((h) => [h.name, h]));
+  const names = (to?.length ? to : [...live.keys()]).filter((n) => n !== info.name);
+  const candidates: Candidate[] = [];
+  const unreachable: string[] = [];
+  for (const n of names) {
+    const h = live.get(n);
+    if (!h) unreachable.push(`${n} (no live cluster lease: down, or not a member)`);
+    else candidates.push({ name: h.name, freeMiB: h.freeMiB, cpuModel: h.cpuModel, networks: h.networks, maintenance: h.maintenance });
   }
+  return { candidates, unreachable };
 }
 
 /** The budget of every live move of an evacuation (--max-downtime, --timeout). */
@@ -332,6 +372,7 @@ async function evacuateWith(
     predictedMs,
     elapsedMs: Date.now() - t0,
     domains: rows,
+    unreachable,
     outcome,
   });
   if (o.plan) return report('planned');
@@ -365,6 +406,7 @@ function printEvacuation(r: EvacuationReport): void {
           : d.why,
     ]);
   process.stdout.write(table(rows, ['l', 'r', 'l', 'r', 'l', 'l']));
+  if (r.unreachable.length) process.stdout.write(`\nNot candidates: ${r.unreachable.join('; ')}\n`);
 }
 
 /** The live view on a terminal: one line per domain and the whole ETA, redrawn in place. */
@@ -411,7 +453,7 @@ export function registerEvacuate(host: Command): void {
     .command('evacuate')
     .description('empty a host: maintenance on, then every running domain moves live to another host, with one progress view and an ETA')
     .argument('<host>')
-    .option('--to <host>', "only to this host (repeat for several; default: the host's peers)", collect)
+    .option('--to <host>', "only to this host (repeat for several; default: the host's peers, in cluster mode every live host)", collect)
     .option('--parallel <n>', 'moves at once per destination (default 1)', int('--parallel'))
     .option('--max-downtime <ms>', 'longest pause for each move (default 300)', int('--max-downtime'))
     .option('--timeout <s>', "each move's time budget (default 600)", int('--timeout'))

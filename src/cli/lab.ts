@@ -15,6 +15,7 @@ import {
   labLink,
   labNamespace,
   isFerryd,
+  isEtcd,
   IMAGES_DIR,
   FERRY_BIN,
   type LabState,
@@ -128,10 +129,21 @@ export async function labSsh(name: string, cmd: string[]): Promise<number> {
 type GuestRow = { name: string; host: string; state: string; ip: string | null; mac: string | null };
 
 function printStatus(s: LabState & { guests: GuestRow[] }): void {
-  const rows: (string | number)[][] = [['Host', 'Namespace', 'Address', 'ferryd', 'State dir']];
-  for (const h of s.hosts) rows.push([h.name, h.namespace, h.address, isFerryd(h.pid) ? String(h.pid) : 'down', h.stateDir]);
-  rows.push(['client', s.client.namespace, s.client.address, '-', '-']);
-  process.stdout.write(table(rows, ['l', 'l', 'l', 'r', 'l']));
+  // Cluster labs: each host's etcd member too (a killed one shows as down: `ferry lab etcd-start HOST`).
+  const etcd = !!s.cluster;
+  const rows: (string | number)[][] = [['Host', 'Namespace', 'Address', 'ferryd', ...(etcd ? ['etcd'] : []), 'State dir']];
+  for (const h of s.hosts)
+    rows.push([
+      h.name,
+      h.namespace,
+      h.address,
+      isFerryd(h.pid) ? String(h.pid) : 'down',
+      ...(etcd ? [isEtcd(h.etcdPid) ? String(h.etcdPid) : 'down'] : []),
+      h.stateDir,
+    ]);
+  rows.push(['client', s.client.namespace, s.client.address, '-', ...(etcd ? ['-'] : []), '-']);
+  process.stdout.write(table(rows, ['l', 'l', 'l', 'r', ...(etcd ? ['r' as const] : []), 'l']));
+  if (etcd) process.stdout.write(`\nCluster mode: etcd at ${s.cluster!.endpoints.join(', ')} (\`ferry -H HOST cluster status\`)\n`);
   if (s.guests.length) {
     process.stdout.write(
       '\n' +

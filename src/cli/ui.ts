@@ -6,7 +6,8 @@
  *   browser                          ferry ui                           ferryd (each host)
  *     |-- GET /?token=T ------------>|  (loopback: a random token; elsewhere HTTPS with
  *     |                              |   the admin's client certificate, OU=admin)
- *     |-- GET /api/state ----------->|-- host.info, domain.list -------->|
+ *     |-- GET /api/state ----------->|-- host.info, domain.list -------->|  (standalone: each host)
+ *     |                              |-- cluster.fleet ----------------->|  (cluster: one host's etcd watch)
  *     |-- GET /api/events (SSE) ---->|<- events.subscribe (progress, phase, done, state)
  *     |-- POST /api/migrate -------->|-- migration.start --------------->|  (answer by SSE: done)
  *     |-- POST /api/evacuate ------->|   evacuate.ts, its view as SSE "evacuation"
@@ -25,7 +26,7 @@ import type { TLSSocket } from 'node:tls';
 import { ApiClient, call, type Target } from '../api/client.ts';
 import { labHosts } from '../lab/hosts.ts';
 import { resolveTarget } from './targets.ts';
-import { type HostInfo, type DomainSummary } from '../api/protocol.ts';
+import { type HostInfo, type DomainSummary, type ClusterFleet, type ClusterDomainView } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { ConsoleFollower, followTarget } from './console.ts';
@@ -50,6 +51,32 @@ const ASSETS: Record<string, [string, string]> = {
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
+/** What the page shows of a host: host.info's fields the page reads, or why there is none. */
+type HostRow =
+  | (Pick<HostInfo, 'name' | 'qemuVersion'> & {
+      memory: Pick<HostInfo['memory'], 'offeredMiB' | 'freeMiB' | 'usedMiB'>;
+      maintenance: HostInfo['maintenance'];
+    })
+  | { name: string; error: string };
+type DomainRow = Pick<DomainSummary, 'name' | 'memoryMiB'> & { host: string; state: string; ha?: { priority: number } | null };
+interface UiState {
+  mode: 'standalone' | 'cluster';
+  /** Cluster mode: whether the ferryd that answered reaches etcd (false: the view may be stale). */
+  quorate: boolean | null;
+  /** Cluster mode: the ferryd whose watch answered. */
+  from: string | null;
+  hosts: HostRow[];
+  domains: DomainRow[];
+}
+
+/** A record's state in the words of a domain's state (the page enables Migrate and Console for running ones). */
+const FLEET_STATE: Record<ClusterDomainView['state'], string> = {
+  running: 'running',
+  stopped: 'shutoff',
+  restarting: 'restarting',
+  failed: 'failed',
+};
+
 type Sse = http.ServerResponse;
 
 export class UiServer {
@@ -59,6 +86,8 @@ export class UiServer {
   /** Per domain: its console session (it follows the domain) and who watches it. */
   private readonly consoles = new Map<string, { session: ConsoleFollower; viewers: Set<Sse> }>();
   private server: http.Server | https.Server | undefined;
+  /** Cluster mode: the fleet comes from one ferryd's etcd watches, and cluster.changed events say when to read it again. */
+  private cluster = false;
   readonly token: string;
 
   constructor(private readonly o: UiOpts) {
@@ -70,12 +99,69 @@ export class UiServer {
     const names = this.o.hosts?.length ? this.o.hosts : labHosts().map((h) => h.name);
     if (names.length) {
       for (const n of names) this.hosts.set(n, resolveTarget(n));
+      // One answer says which mode the fleet runs in (a lab is all cluster or all standalone).
+      for (const t of this.hosts.values()) {
+        const info = await call(t, 'host.info', {}, 5000).catch(() => null);
+        if (info) {
+          this.cluster = info.mode === 'cluster';
+          break;
+        }
+      }
       return;
     }
     const local = resolveTarget(undefined);
     const info = await call(local, 'host.info', {}, 10000);
+    this.cluster = info.mode === 'cluster';
     this.hosts.set(info.name, local);
     for (const [n, a] of Object.entries(info.peers)) if (n !== info.name) this.hosts.set(n, resolveTarget(a));
+  }
+
+  /** A host first seen in the cluster's view: shown, and its events (moves' progress) followed. */
+  private adopt(name: string, relocation: string): void {
+    if (this.hosts.has(name) || !NAME.test(name)) return;
+    const t = resolveTarget(name);
+    this.hosts.set(name, t.kind === 'unix' ? t : resolveTarget(relocation));
+    if (this.server?.listening) this.subscribe(name);
+  }
+
+  /**
+   * Cluster mode: hosts and domains from the first ferryd that answers `cluster.fleet`
+   * (its etcd watches), preferring one that reaches etcd. A domain's host is its owner;
+   * an owner without a live lease shows as down.
+   */
+  private async fleetState(): Promise<UiState> {
+    let got: ClusterFleet | undefined;
+    const errors: string[] = [];
+    for (const [name, t] of this.hosts) {
+      try {
+        const f = await call(t, 'cluster.fleet', {}, 5000);
+        if (!got || (!got.quorate && f.quorate)) got = f;
+        if (f.quorate) break;
+      } catch (e) {
+        errors.push(`${name}: ${asFerryError(e).message.slice(0, 100)}`);
+      }
+    }
+    if (!got) throw new FerryError('CLUSTER_NO_QUORUM', `No host of the dashboard answered: ${errors.join('; ')}`);
+    for (const h of got.hosts) this.adopt(h.name, h.relocation);
+    const hosts: UiState['hosts'] = got.hosts.map((h) => ({
+      name: h.name,
+      qemuVersion: h.engine,
+      memory: { offeredMiB: h.memoryMiB, freeMiB: h.freeMiB, usedMiB: Math.max(0, h.memoryMiB - h.freeMiB) },
+      maintenance: { on: h.maintenance, since: null },
+    }));
+    const live = new Set(got.hosts.map((h) => h.name));
+    for (const d of got.domains)
+      if (!live.has(d.owner) && !hosts.some((h) => h.name === d.owner))
+        hosts.push({ name: d.owner, error: 'down: no cluster lease (its HA domains restart elsewhere)' });
+    const domains = got.domains.map((d) => ({
+      name: d.name,
+      host: d.owner,
+      state: d.moving ? `moving to ${d.moving.to}` : FLEET_STATE[d.state],
+      memoryMiB: d.memoryMiB,
+      ha: d.ha,
+    }));
+    hosts.sort((a, b) => a.name.localeCompare(b.name));
+    return { mode: 'cluster', quorate: got.quorate, from: got.host, hosts, domains };
   }
 
   private broadcast(event: string, data: unknown): void {
@@ -103,9 +189,10 @@ export class UiServer {
     void go();
   }
 
-  async state(): Promise<{ hosts: (HostInfo | { name: string; error: string })[]; domains: (DomainSummary & { host: string })[] }> {
-    const hosts: (HostInfo | { name: string; error: string })[] = [];
-    const domains: (DomainSummary & { host: string })[] = [];
+  async state(): Promise<UiState> {
+    if (this.cluster) return this.fleetState();
+    const hosts: UiState['hosts'] = [];
+    const domains: UiState['domains'] = [];
     await Promise.all(
       [...this.hosts].map(async ([name, t]) => {
         try {
@@ -119,7 +206,7 @@ export class UiServer {
     );
     hosts.sort((a, b) => a.name.localeCompare(b.name));
     domains.sort((a, b) => a.name.localeCompare(b.name));
-    return { hosts, domains };
+    return { mode: 'standalone', quorate: null, from: null, hosts, domains };
   }
 
   /** A console shared by every viewer of one domain; it follows the domain when it moves. */

@@ -14,7 +14,8 @@ import { Ownership, type ClaimFacts } from './ownership.ts';
 import { Membership, memberStep, monoMs } from './member.ts';
 import { EventLog } from './events.ts';
 import { connectEtcd, getJson } from './etcd.ts';
-import { domainKey, hostKey, parseHostFacts, parseOwnerRecord } from './records.ts';
+import { aliveKey, domainKey, hostKey, parseHostFacts, parseOwnerRecord } from './records.ts';
+import { HaManager } from './ha.ts';
 import { caInit, issueHostCert } from '../tls/ca.ts';
 
 const facts = (name: string): ClaimFacts => ({
@@ -202,29 +203,108 @@ describe(
       assert.deepEqual(got, ['one', 'two']);
     });
 
-    test('membership: a lease with the host facts under it; etcd silent → fence once, after TTL − margin', async () => {
-      const kv = etcd.client('hostM');
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-lease-'));
-      const m = new Membership({
+    /** A host's membership on the test etcd: TTL 4 s, margin 1 s, its lease file in `dir`. */
+    const membership = (name: string, dir: string, memoryMiB = 1): Membership => {
+      const kv = etcd.client(name);
+      return new Membership({
         etcd: kv,
         members: [kv],
-        name: 'hostM',
+        name,
         ttlS: 4,
         marginS: 1,
-        leaseFile: path.join(dir, 'lease'),
+        leaseFile: path.join(dir, `${name}.lease`),
         facts: () => ({
-          name: 'hostM',
+          name,
           ferry: 't',
           engine: '10',
           accel: 'tcg',
           cpuModel: 'qemu64',
-          memoryMiB: 1,
-          freeMiB: 1,
+          memoryMiB,
+          freeMiB: memoryMiB,
+          networks: [],
           maintenance: false,
           relocation: 'x:1',
         }),
         log: { info: () => undefined, warn: () => undefined },
       });
+    };
+    const until = async (what: string, ok: () => boolean | Promise<boolean>, ms: number): Promise<void> => {
+      const t0 = Date.now();
+      while (!(await ok())) {
+        if (Date.now() - t0 > ms) throw new Error(`${what}: not within ${ms} ms`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+
+    test('a host whose lease outlives it (an etcd leader change renews every lease) is restarted after its heartbeat went silent', async () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-silent-'));
+      const dead = membership('hostD', dir);
+      const live = membership('hostE', dir, 4096);
+      let lastBeat = 0;
+      dead.on('renewed', (e: { renewedAt: number }) => (lastBeat = e.renewedAt));
+      const kvE = etcd.client('hostE');
+      const mine = new Ownership(etcd.client('hostD'), 'hostD', () => {
+        const st = dead.state;
+        return st.kind === 'member' ? st.lease : '';
+      });
+      const manager = new HaManager({
+        etcd: kvE,
+        me: 'hostE',
+        ownership: new Ownership(kvE, 'hostE'),
+        events: new EventLog(kvE, 'hostE'),
+        timings: { ttlS: 4, marginS: 1, restartDelayS: 1 },
+        log: { info: () => undefined, warn: () => undefined },
+      });
+      let keep: NodeJS.Timeout | undefined;
+      dead.start();
+      live.start();
+      try {
+        await until('both hosts members', () => dead.state.kind === 'member' && live.state.kind === 'member', 10000);
+        await mine.claim(facts('silent1'), 'start');
+        await mine.setHa('silent1', { priority: 0 });
+        manager.start();
+        await until('hostE is the HA manager', () => manager.isLeader, 10000);
+        // A guard that is not the heartbeat's current revision loses: the host beat since it was judged.
+        const rec = (await mine.get('silent1'))!;
+        assert.equal(await new Ownership(kvE, 'hostE').assign(rec, 'hostE', 'test', { key: aliveKey('hostD'), modRevision: '1' }), false);
+        assert.equal((await mine.get('silent1'))!.value.owner, 'hostD');
+        // hostD dies, but its lease lives on (as etcd's new leader keeps every lease for a TTL more).
+        const st = dead.state;
+        assert.equal(st.kind, 'member');
+        const lease = st.kind === 'member' ? st.lease : '';
+        await dead.stop(false);
+        const diedAt = lastBeat;
+        const kvD = etcd.client('hostD');
+        keep = setInterval(() => {
+          void kvD.leaseClient
+            .leaseKeepAlive()
+            .then((ka) => {
+              ka.write({ ID: lease });
+              setTimeout(() => ka.end(), 200);
+            })
+            .catch(() => undefined);
+        }, 1000);
+        await until('silent1 given to hostE', async () => (await mine.get('silent1'))!.value.owner === 'hostE', 15000);
+        const at = monoMs();
+        const ttl = await kvE.leaseClient.leaseTimeToLive({ ID: lease, keys: false });
+        assert.ok(Number(ttl.TTL) > 0, "hostD's lease is still alive: the heartbeat decided, not the lease");
+        assert.ok(at - diedAt >= 5000, `restarted ${at - diedAt} ms after hostD's last renewal: not before TTL + delay (5000)`);
+        assert.ok(at - diedAt < 9000, `restarted ${at - diedAt} ms after hostD's last renewal`);
+        const got = (await mine.get('silent1'))!.value;
+        assert.equal(got.state, 'restarting');
+        assert.match(got.note, /hostD went silent/);
+      } finally {
+        clearInterval(keep);
+        await manager.stop();
+        await live.stop(true);
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('membership: a lease with the host facts under it; etcd silent → fence once, after TTL − margin', async () => {
+      const kv = etcd.client('hostM');
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-lease-'));
+      const m = membership('hostM', dir);
       const fences: number[] = [];
       let lastRenewal = 0;
       m.on('renewed', (e: { renewedAt: number }) => (lastRenewal = e.renewedAt));

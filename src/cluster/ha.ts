@@ -10,15 +10,21 @@
  *              (its claim is one more CAS on the same record) ──► event "restarted"
  *
  * A host counts as gone when its key is gone *and* the lease its records name is gone
- * (a key deleted by hand does not make a living host look dead). Two managers for a moment
- * (an election in flux) cannot both restart a domain: both compare the revision they
- * read, and the second write fails.
+ * (a key deleted by hand does not make a living host look dead), or sooner when it is
+ * *silent*: its heartbeat (/ferry/alive/NAME, rewritten at every renewal) has not changed
+ * for TTL + restartDelayS since this ferryd first knew of its last revision. That covers
+ * a host that died with etcd's leader, whose lease etcd's next leader renews for a whole
+ * TTL. Every ferryd follows the heartbeats (a newly elected manager already knows how
+ * old each is); the manager confirms with a read before it acts, and the restart's CAS
+ * also compares the heartbeat's revision, so a host that beats again in between keeps
+ * its domains. Two managers for a moment (an election in flux) cannot both restart a
+ * domain: both compare the revision they read, and the second write fails.
  */
 import type { Campaign, Etcd3, Watcher } from 'etcd3';
 import { etcdCall, listJson, type Versioned } from './etcd.ts';
 import type { EventLog } from './events.ts';
 import type { Ownership } from './ownership.ts';
-import { HA_ELECTION, HOSTS, nameOfKey, parseHostFacts, type HostFacts, type OwnerRecord } from './records.ts';
+import { ALIVE, HA_ELECTION, HOSTS, aliveKey, nameOfKey, parseHostFacts, type HostFacts, type OwnerRecord } from './records.ts';
 import { monoMs } from './member.ts';
 
 export interface HaTimings {
@@ -29,19 +35,23 @@ export interface HaTimings {
 
 /**
  * Where a dead host's domain restarts: a live host, not in maintenance, with the same
- * CPU model and accelerator, with room for it (counting restarts already placed in
+ * CPU model and accelerator, every network its NICs name, with room for it (counting restarts already placed in
  * this round); the one with the most free memory. A reason if there is none.
  */
 export function placeRestart(rec: OwnerRecord, hosts: HostFacts[], placed: Map<string, number>): { host: string } | { why: string } {
   if (!rec.restartable.ok) return { why: rec.restartable.why };
   const why: string[] = [];
   let best: { host: string; free: number } | undefined;
+  const nics = (rec.config.nics as { network?: unknown }[] | undefined) ?? [];
+  const nets = [...new Set(nics.map((n) => n.network).filter((n): n is string => typeof n === 'string'))];
   for (const h of hosts) {
     if (h.name === rec.owner) continue;
     const free = h.freeMiB - (placed.get(h.name) ?? 0);
+    const missing = nets.filter((n) => !h.networks.includes(n));
     if (h.maintenance) why.push(`${h.name}: in maintenance`);
     else if (h.cpuModel !== rec.cpuModel || h.accel !== rec.accel)
       why.push(`${h.name}: ${h.cpuModel}/${h.accel}, the domain needs ${rec.cpuModel}/${rec.accel}`);
+    else if (missing.length) why.push(`${h.name}: lacks network ${missing.join(', ')}`);
     else if (free < rec.memoryMiB) why.push(`${h.name}: ${free} MiB free, needs ${rec.memoryMiB}`);
     else if (!best || free > best.free) best = { host: h.name, free };
   }
@@ -68,8 +78,54 @@ export class HaManager {
   private readonly goneAt = new Map<string, number>();
   /** Reported once per record generation: domains that could not be placed. */
   private readonly reported = new Set<string>();
+  /** Each host's last heartbeat revision, and when this ferryd first knew of it (monotonic clock). */
+  private readonly heard = new Map<string, { rev: bigint; at: number }>();
+  private beatWatcher?: Watcher;
+  private following = false;
 
   constructor(private readonly d: Deps) {}
+
+  /** When this ferryd last heard from etcd (a heartbeat event or a sweep's read). */
+  private lastNews = 0;
+
+  /**
+   * A heartbeat revision seen (by the watch, or a read): only a newer one restarts the
+   * host's silence. After a gap in the news longer than TTL/2 (etcd without quorum, or
+   * this host cut off from it), nobody could write a heartbeat: every silence starts over,
+   * or every HA domain of the cluster would move once etcd is back. A shorter gap (an etcd
+   * leader election) is no reset: a host that renews every TTL/4 beats again well before
+   * TTL + delay.
+   */
+  private hear(host: string, rev: string): void {
+    const now = monoMs();
+    this.news(now);
+    const r = BigInt(rev);
+    const h = this.heard.get(host);
+    if (!h || r > h.rev) this.heard.set(host, { rev: r, at: now });
+  }
+
+  private news(now: number): void {
+    if (this.lastNews && now - this.lastNews > (this.d.timings.ttlS * 1000) / 2)
+      for (const h of this.heard.values()) h.at = Math.max(h.at, now);
+    this.lastNews = now;
+  }
+
+  /** Every ferryd follows the heartbeats, manager or not: a new manager knows how long each host has been silent. */
+  private async followBeats(): Promise<void> {
+    if (this.following) return;
+    this.following = true;
+    while (!this.stopped) {
+      try {
+        const w = await etcdCall('watching heartbeats', () => this.d.etcd.watch().prefix(ALIVE).create());
+        this.beatWatcher = w;
+        w.on('put', (kv) => this.hear(nameOfKey(kv.key.toString()), kv.mod_revision));
+        w.on('delete', (kv) => this.heard.delete(nameOfKey(kv.key.toString())));
+        return;
+      } catch {
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
+  }
 
   get isLeader(): boolean {
     return this.leading;
@@ -77,6 +133,7 @@ export class HaManager {
 
   start(): void {
     if (this.stopped) return;
+    void this.followBeats();
     const c = this.d.etcd.election(HA_ELECTION, this.d.timings.ttlS).campaign(this.d.me);
     this.campaign = c;
     c.on('elected', () => {
@@ -94,6 +151,7 @@ export class HaManager {
 
   async stop(): Promise<void> {
     this.stopped = true;
+    await this.beatWatcher?.cancel().catch(() => undefined);
     await this.unlead();
     await this.campaign?.resign().catch(() => undefined);
   }
@@ -149,15 +207,34 @@ export class HaManager {
         this.start();
         return;
       }
-      const hosts = (await listJson(this.d.etcd, HOSTS, parseHostFacts)).map((v) => v.value);
+      const keyed = (await listJson(this.d.etcd, HOSTS, parseHostFacts)).map((v) => v.value);
+      // The heartbeats as etcd has them now (linearizable): the watch's news, confirmed.
+      const beats = new Map<string, string>();
+      const read = await etcdCall('reading heartbeats', () => this.d.etcd.getAll().prefix(ALIVE).exec());
+      this.news(monoMs());
+      for (const kv of read.kvs) {
+        const host = nameOfKey(kv.key.toString());
+        beats.set(host, kv.mod_revision);
+        this.hear(host, kv.mod_revision);
+      }
+      const silent = (host: string): boolean => this.silent(host, beats.get(host));
+      // Live: a key, and a heartbeat newer than TTL + delay. Only those take restarts.
+      const hosts = keyed.filter((h) => !silent(h.name));
       const live = new Set(hosts.map((h) => h.name));
+      const withKey = new Set(keyed.map((h) => h.name));
       const recs = (await this.d.ownership.list()).filter(
         (r) => r.value.ha && !live.has(r.value.owner) && (r.value.state === 'running' || r.value.state === 'restarting'),
       );
       recs.sort((a, b) => (b.value.ha?.priority ?? 0) - (a.value.ha?.priority ?? 0) || a.value.name.localeCompare(b.value.name));
       const placed = new Map<string, number>();
-      for (const r of recs)
-        if (this.due(r.value.owner) && (await this.d.ownership.leaseGone(r.value.lease))) await this.restart(r, hosts, placed);
+      for (const r of recs) {
+        const owner = r.value.owner;
+        if (withKey.has(owner)) {
+          // Silent with a lease etcd still keeps: restart, if the heartbeat is still the one read.
+          this.reportSilent(owner);
+          await this.restart(r, hosts, placed, { key: aliveKey(owner), modRevision: beats.get(owner)! });
+        } else if (this.due(owner) && (await this.d.ownership.leaseGone(r.value.lease))) await this.restart(r, hosts, placed);
+      }
     } catch (e) {
       this.d.log.warn('HA sweep failed', { error: String(e) });
     } finally {
@@ -183,7 +260,37 @@ export class HaManager {
     return monoMs() - at >= this.d.timings.restartDelayS * 1000;
   }
 
-  private async restart(r: Versioned<OwnerRecord>, hosts: HostFacts[], placed: Map<string, number>): Promise<void> {
+  /**
+   * No new heartbeat for TTL + restartDelayS since this ferryd first knew of the last one
+   * (revision `rev`, just read): the host passed its fence deadline (cluster/member.ts),
+   * whatever its lease says.
+   */
+  private silent(host: string, rev: string | undefined): boolean {
+    const h = this.heard.get(host);
+    if (!h || rev === undefined || BigInt(rev) !== h.rev) return false;
+    return monoMs() - h.at >= (this.d.timings.ttlS + this.d.timings.restartDelayS) * 1000;
+  }
+
+  private readonly silentReported = new Set<string>();
+
+  private reportSilent(host: string): void {
+    const tag = `${host}#${this.heard.get(host)?.rev}`;
+    if (this.silentReported.has(tag)) return;
+    this.silentReported.add(tag);
+    this.d.log.warn('host silent: no lease renewal for longer than its TTL', { host });
+    void this.d.events.add({
+      type: 'host-down',
+      host,
+      detail: `${host} renewed nothing for over ${this.d.timings.ttlS + this.d.timings.restartDelayS} s (its lease may outlive it after an etcd leader change)`,
+    });
+  }
+
+  private async restart(
+    r: Versioned<OwnerRecord>,
+    hosts: HostFacts[],
+    placed: Map<string, number>,
+    guard?: { key: string; modRevision: string },
+  ): Promise<void> {
     const rec = r.value;
     const where = placeRestart(rec, hosts, placed);
     const tag = `${rec.name}#${rec.generation}`;
@@ -200,8 +307,8 @@ export class HaManager {
       }
       return;
     }
-    const note = `restarted by the HA manager (${this.d.me}): ${rec.owner} lost its lease`;
-    if (await this.d.ownership.assign(r, where.host, note)) {
+    const note = `restarted by the HA manager (${this.d.me}): ${rec.owner} ${guard ? 'went silent' : 'lost its lease'}`;
+    if (await this.d.ownership.assign(r, where.host, note, guard)) {
       placed.set(where.host, (placed.get(where.host) ?? 0) + rec.memoryMiB);
       this.d.log.info('HA restart assigned', { domain: rec.name, from: rec.owner, to: where.host });
     }

@@ -1,16 +1,23 @@
 /**
  * Membership: this host's lease in etcd, its published facts, and when it must fence.
  *
- * The timings (README "Cluster mode: fencing"), with TTL the lease's time to live and
- * M the fence margin, all measured from T, the moment this host *sent* its last
- * renewal that etcd answered (etcd renewed the lease no earlier than T):
+ * A renewal is two calls to one etcd member: the lease's keep-alive, then a write of the
+ * host's heartbeat key (/ferry/alive/NAME, under the lease). It counts only when both
+ * are answered. The timings (README "Cluster mode: fencing"), with TTL the lease's time
+ * to live and M the fence margin, all measured from T, the moment this host *sent* its
+ * last renewal that counted (etcd renewed the lease, and committed the heartbeat, no
+ * earlier than T):
  *
  *   T + TTL − M       ferryd stops the vCPUs of its HA domains, then kills their QEMUs
  *   T + TTL − M/2     the watchdog (a separate process, fed T at every renewal) kills
  *                     whatever HA QEMU is left, even if ferryd hangs or died
  *   ≥ T + TTL         etcd expires the lease (never earlier: it renewed at or after T;
  *                     a leader change only extends leases)
- *   expiry + delay    the HA manager restarts the domains elsewhere (cluster/ha.ts)
+ *   expiry + delay    the HA manager restarts the domains elsewhere (cluster/ha.ts), or
+ *   H + TTL + delay   sooner, with H when the manager first knew of the last heartbeat
+ *                     (H ≥ its commit ≥ T): etcd's new leader renews every lease for a
+ *                     whole TTL, so a host that dies with etcd's leader keeps its lease
+ *                     longer, but not its heartbeat
  *
  * So another host starts a domain at least M/2 + delay after the last moment this
  * host could have run it, on clocks that agree on the length of a second (both sides
@@ -30,7 +37,7 @@ import fs from 'node:fs';
 import type { Etcd3 } from 'etcd3';
 import { FerryError } from '../errors.ts';
 import { clusterError, etcdCall } from './etcd.ts';
-import { hostKey, type HostFacts } from './records.ts';
+import { aliveKey, hostKey, type HostFacts } from './records.ts';
 
 export type MemberState =
   | { kind: 'joining' }
@@ -225,6 +232,9 @@ export class Membership extends EventEmitter {
       lease = String(g.ID);
       this.since = new Date().toISOString();
       fs.writeFileSync(this.o.leaseFile, lease + '\n');
+      // A lease counts once its heartbeat is written (a resumed one wrote it in renewRaw).
+      const fresh = lease;
+      await this.onAnyMember('writing the heartbeat', (c) => this.beat(c, fresh));
     }
     this.step({ type: 'granted', lease, at: t0 });
     await this.publish();
@@ -251,9 +261,35 @@ export class Membership extends EventEmitter {
     if (was === 'fenced') this.emit('joined', { lease, resumed: true });
   }
 
-  /** One keep-alive, on the first member that answers; the lease's remaining TTL (0: gone). */
+  /** One renewal (keep-alive, then heartbeat), on the first member that answers both; the lease's remaining TTL (0: gone). */
   private renewRaw(lease: string): Promise<number> {
-    return this.onAnyMember('a lease renewal', (c) => this.keepAliveOn(c, lease));
+    return this.onAnyMember('a lease renewal', async (c) => {
+      const ttl = await this.keepAliveOn(c, lease);
+      if (ttl > 0) await this.beat(c, lease);
+      return ttl;
+    });
+  }
+
+  private beats = 0;
+
+  /**
+   * The heartbeat: a write under the lease, bounded like a keep-alive. Its revision is
+   * what the HA manager watches (a new one at every renewal), since a lease's own expiry
+   * can come a whole TTL late after an etcd leader change.
+   */
+  private async beat(c: Etcd3, lease: string): Promise<void> {
+    this.beats++;
+    let t: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        c.put(aliveKey(this.o.name)).value(String(this.beats)).lease(lease).exec(),
+        new Promise((_, reject) => {
+          t = setTimeout(() => reject(new FerryError('CLUSTER_NO_QUORUM', 'heartbeat: no answer in time')), KEEPALIVE_MS);
+        }),
+      ]);
+    } finally {
+      clearTimeout(t);
+    }
   }
 
   /** One keep-alive on a stream of its own, bounded by KEEPALIVE_MS (three members fit in one renewal period). */

@@ -219,7 +219,12 @@ export class Ownership {
   }
 
   /** The HA manager: gives a dead host's domain to `to` (CAS on the revision it read). False if the record moved on. */
-  async assign(rec: Versioned<OwnerRecord>, to: string, note: string): Promise<boolean> {
+  /**
+   * The HA manager gives a dead host's domain to `to`. With `guard`, only if that key
+   * (the old owner's heartbeat) is also unchanged: a host that renewed since the manager
+   * judged it silent keeps its domain.
+   */
+  async assign(rec: Versioned<OwnerRecord>, to: string, note: string, guard?: { key: string; modRevision: string }): Promise<boolean> {
     const next: OwnerRecord = {
       ...rec.value,
       owner: to,
@@ -231,7 +236,15 @@ export class Ownership {
       note,
       at: now(),
     };
-    return (await casJson(this.etcd, rec.key, rec.modRevision, next)) !== null;
+    if (!guard) return (await casJson(this.etcd, rec.key, rec.modRevision, next)) !== null;
+    const r = await etcdCall(`writing ${rec.key}`, () =>
+      this.etcd
+        .if(rec.key, 'Mod', '==', rec.modRevision)
+        .and(guard.key, 'Mod', '==', guard.modRevision)
+        .then(this.etcd.put(rec.key).value(JSON.stringify(next)))
+        .commit(),
+    );
+    return r.succeeded;
   }
 
   /** Marks a record failed (a restart that could not run), if it is still this host's. */

@@ -16,6 +16,7 @@ const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
   memoryMiB: 4096,
   freeMiB: 2048,
   maintenance: false,
+  networks: [],
   relocation: 'x:8002',
   since: '',
   ...over,
@@ -50,6 +51,10 @@ test('placeRestart: the compatible live host with the most free memory, counting
   assert.ok('why' in cpu && /qemu64\/tcg, the domain needs EPYC\/tcg/.test(cpu.why));
   assert.deepEqual(placeRestart(rec({ restartable: { ok: false, why: 'local disk' } }), hosts, new Map()), { why: 'local disk' });
   assert.deepEqual(placeRestart(rec(), [host('dead')], new Map()), { why: 'no other live host in the cluster' });
+  // A NIC's network must exist on the new host: a restart there could not attach it.
+  const nic = rec({ config: { nics: [{ network: 'lan' }] } });
+  assert.deepEqual(placeRestart(nic, [host('a'), host('b', { networks: ['lan'] })], new Map()), { host: 'b' });
+  assert.match((placeRestart(nic, [host('a')], new Map()) as { why: string }).why, /a: lacks network lan/);
 });
 
 test("the watchdog's feed: only well-formed lines, only plausible pids", () => {

@@ -3,6 +3,8 @@
  * changed by hand or by another version is CLUSTER_BAD_RECORD, never acted on).
  *
  *   /ferry/hosts/NAME       HostFacts, attached to the host's lease: gone when the host is
+ *   /ferry/alive/NAME       the host's heartbeat, rewritten at every lease renewal (its revision is
+ *                           what the HA manager watches: cluster/member.ts, cluster/ha.ts)
  *   /ferry/domains/NAME     OwnerRecord: who may run the domain; its mod revision is the fencing token
  *   /ferry/events/TIME-SEQ  ClusterEvent: the cluster's event log (`ferry events`)
  *   /ferry/election/ha/...  the HA manager's election (etcd3's Election)
@@ -14,9 +16,11 @@ export const ROOT = '/ferry/';
 export const HOSTS = `${ROOT}hosts/`;
 export const DOMAINS = `${ROOT}domains/`;
 export const EVENTS = `${ROOT}events/`;
+export const ALIVE = `${ROOT}alive/`;
 export const HA_ELECTION = 'ha-manager';
 export const hostKey = (name: string): string => `${HOSTS}${name}`;
 export const domainKey = (name: string): string => `${DOMAINS}${name}`;
+export const aliveKey = (name: string): string => `${ALIVE}${name}`;
 export const nameOfKey = (key: string): string => key.slice(key.lastIndexOf('/') + 1);
 
 const name = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/);
@@ -32,6 +36,8 @@ export const HostFactsSchema = z.object({
   memoryMiB: z.number().int().nonnegative(),
   freeMiB: z.number().int(),
   maintenance: z.boolean(),
+  /** The networks (ferryd.json "networks") its domains' NICs may name: placement needs each NIC's. */
+  networks: z.array(z.string()).default([]),
   /** ADDRESS:PORT of its relocation (TLS API) port. */
   relocation: z.string(),
   /** When this lease began (ISO). */

@@ -136,6 +136,8 @@ function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unkno
       return answer(req.action, c.status());
     case 'cluster.domains':
       return answer(req.action, c.domains());
+    case 'cluster.fleet':
+      return answer(req.action, c.fleet());
     case 'cluster.events':
       return answer(req.action, clusterEvents(c, ctx, req.params));
     case 'cluster.leave':
@@ -145,7 +147,7 @@ function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unkno
     case 'ha.status':
       return answer(
         req.action,
-        c.domains().then((all) => all.filter((d) => d.ha)),
+        c.domains().filter((d) => d.ha),
       );
     default:
       return unknownAction(req);
@@ -172,6 +174,7 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
     'migration.settled',
     'migration.done',
     'host.maintenance',
+    'cluster.changed',
   ];
   const fns = names.map((n) => {
     const f = (data: { domain?: string }): void => {

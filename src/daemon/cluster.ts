@@ -25,7 +25,7 @@ import { Membership, monoMs } from '../cluster/member.ts';
 import { Ownership, type ClaimFacts } from '../cluster/ownership.ts';
 import { EventLog } from '../cluster/events.ts';
 import { HaManager } from '../cluster/ha.ts';
-import { DOMAINS, HOSTS, parseHostFacts, parseOwnerRecord, type OwnerRecord } from '../cluster/records.ts';
+import { DOMAINS, HOSTS, nameOfKey, parseHostFacts, parseOwnerRecord, type HostFacts, type OwnerRecord } from '../cluster/records.ts';
 import { startTicks } from '../cluster/watchdog.ts';
 import type { ClusterConfig } from './config.ts';
 import type { Host, OwnershipGate } from './host.ts';
@@ -34,6 +34,9 @@ import { FERRY_VERSION } from '../version.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 
 const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
+/** An HA domain that crashes restarts on its host at most this often in this window, then stays stopped. */
+const CRASH_RESTARTS = 3;
+const CRASH_WINDOW_MS = 10 * 60000;
 
 export class ClusterAgent implements OwnershipGate {
   readonly etcd: Etcd3;
@@ -49,12 +52,17 @@ export class ClusterAgent implements OwnershipGate {
     get: (n: string): OwnerRecord | undefined => this.seen.get(n)?.value,
     values: (): OwnerRecord[] => [...this.seen.values()].map((v) => v.value),
   };
-  private watcher?: Watcher;
+  /** The live hosts' published facts, as the hosts watch last saw them (a key goes with its lease). */
+  private readonly hostsSeen = new Map<string, HostFacts>();
+  private readonly watchers: Watcher[] = [];
+  private changedTimer?: NodeJS.Timeout;
   private dog?: net.Socket;
   /** HA domains this host fenced: they run here again if the lease survived and the record still names this host. */
   private readonly fenced = new Set<string>();
   /** Restarts assigned to this host, by name#generation: each is tried once. */
   private readonly assigned = new Set<string>();
+  /** When each HA domain's QEMU died here lately (restartCrashed's budget). */
+  private readonly crashes = new Map<string, number[]>();
   /** Record changes the owner could not write yet (no quorum): written at the next renewal. */
   private readonly pendingState = new Map<string, { state: OwnerRecord['state']; note: string } | 'removed'>();
 
@@ -112,13 +120,15 @@ export class ClusterAgent implements OwnershipGate {
     this.member.start();
     this.ha.start();
     void this.watchRecords();
+    void this.watchHosts();
     // Facts change with every domain started or stopped; published at most every few seconds.
     setInterval(() => void this.member.publish(), 5000).unref();
   }
 
   async stop(): Promise<void> {
     await this.ha.stop();
-    await this.watcher?.cancel().catch(() => undefined);
+    clearTimeout(this.changedTimer);
+    for (const w of this.watchers) await w.cancel().catch(() => undefined);
     // The lease is not revoked: a ferryd restarted within the TTL goes on with it (its HA domains are not failed over).
     await this.member.stop(false);
     this.dog?.end();
@@ -175,6 +185,7 @@ export class ClusterAgent implements OwnershipGate {
       memoryMiB: cap.offerMiB,
       freeMiB: free,
       maintenance: m.on,
+      networks: Object.keys(this.host.cfg.networks),
       relocation: `${this.host.cfg.relocation.address}:${this.host.cfg.relocation.port}`,
     };
   }
@@ -203,8 +214,10 @@ export class ClusterAgent implements OwnershipGate {
     if (c.to === 'deleted') this.pendingState.set(c.domain, 'removed');
     else if (c.to === 'shutoff' && reason !== 'migrated' && reason !== 'fenced')
       this.pendingState.set(c.domain, { state: 'stopped', note: `${reason ?? 'stopped'} on ${this.me}` });
-    else if (c.to === 'crashed') this.pendingState.set(c.domain, { state: 'stopped', note: `crashed on ${this.me}` });
-    else return;
+    else if (c.to === 'crashed') {
+      if (this.restartCrashed(c.domain, reason ?? 'QEMU died')) return;
+      this.pendingState.set(c.domain, { state: 'stopped', note: `crashed on ${this.me}` });
+    } else return;
     void this.flushPending();
   }
 
@@ -220,6 +233,58 @@ export class ClusterAgent implements OwnershipGate {
       }
     }
     await this.events.flush();
+  }
+
+  /**
+   * An HA domain whose QEMU died on this live host restarts here (a second later, through
+   * a claim), at most CRASH_RESTARTS times in CRASH_WINDOW_MS, as Proxmox's max_restart
+   * does; after that it stays stopped and the event log says why. Not without quorum:
+   * a QEMU the watchdog killed must not come back (the claim would refuse it anyway).
+   */
+  private restartCrashed(name: string, why: string): boolean {
+    const rec = this.records.get(name);
+    if (!rec?.ha || rec.owner !== this.me || !this.member.quorate()) return false;
+    const now = Date.now();
+    const recent = (this.crashes.get(name) ?? []).filter((t) => now - t < CRASH_WINDOW_MS);
+    if (recent.length >= CRASH_RESTARTS) {
+      this.log.error('HA domain crashed too often; left stopped', { domain: name, crashes: recent.length + 1 });
+      void this.events.add({
+        type: 'restart-failed',
+        domain: name,
+        host: this.me,
+        detail: `${name} crashed on ${this.me} ${recent.length + 1} times in ${CRASH_WINDOW_MS / 60000} min (${why}): left stopped; \`ferry start ${name}\` when fixed`,
+      });
+      this.crashes.delete(name);
+      return false;
+    }
+    recent.push(now);
+    this.crashes.set(name, recent);
+    setTimeout(() => {
+      this.host.start(name).then(
+        () => {
+          this.log.warn('HA domain restarted after a crash', { domain: name, why, restarts: recent.length });
+          void this.events.add({
+            type: 'restarted',
+            domain: name,
+            host: this.me,
+            detail: `${name} restarted on ${this.me} after its QEMU died (${why}; restart ${recent.length} of ${CRASH_RESTARTS} in ${CRASH_WINDOW_MS / 60000} min)`,
+          });
+        },
+        (e) => {
+          const fe = asFerryError(e);
+          this.log.error('HA domain not restarted after a crash', { domain: name, code: fe.code, error: fe.message });
+          this.pendingState.set(name, { state: 'stopped', note: `crashed on ${this.me}; restart failed: ${fe.message}` });
+          void this.flushPending();
+          void this.events.add({
+            type: 'restart-failed',
+            domain: name,
+            host: this.me,
+            detail: `${name} crashed on ${this.me} and could not restart there: ${fe.message}`,
+          });
+        },
+      );
+    }, 1000).unref();
+    return true;
   }
 
   // ---------- fencing ----------
@@ -291,33 +356,84 @@ export class ClusterAgent implements OwnershipGate {
 
   // ---------- following the records ----------
 
-  private async watchRecords(): Promise<void> {
+  /**
+   * One etcd watch on a prefix, then a full read (`load`): a change between the two is in
+   * both, and applying it twice is harmless. Retried every second until etcd answers;
+   * the watch then resumes by itself across reconnections (etcd3 keeps its revision).
+   */
+  private async follow(
+    what: string,
+    prefix: string,
+    on: { put: (key: string, value: unknown, modRevision: string) => void; del: (key: string) => void; load: () => Promise<void> },
+  ): Promise<void> {
     for (;;) {
       try {
-        const w = await etcdCall('watching domains', () => this.etcd.watch().prefix(DOMAINS).create());
-        this.watcher = w;
+        const w = await etcdCall(`watching ${what}`, () => this.etcd.watch().prefix(prefix).create());
+        this.watchers.push(w);
         w.on('put', (kv) => {
+          const key = kv.key.toString();
           try {
-            const rec = parseOwnerRecord(jsonOf(kv.value, kv.key.toString()), kv.key.toString());
-            const prev = this.seen.get(rec.name);
-            // Events come in revision order, but a fresh list may have passed them.
-            if (!prev || BigInt(prev.modRevision) < BigInt(kv.mod_revision))
-              this.seen.set(rec.name, { key: kv.key.toString(), value: rec, modRevision: kv.mod_revision });
-            // A domain of this host marked (or unmarked) for HA: the watchdog hears of it now, not at the next renewal.
-            if (rec.owner === this.me && !!prev?.value.ha !== !!rec.ha) this.feedWatchdog();
-            if (rec.owner === this.me && rec.state === 'restarting') void this.startAssigned(rec);
+            on.put(key, jsonOf(kv.value, key), kv.mod_revision);
+            this.changed();
           } catch (e) {
-            this.log.warn('ignoring a domain record', { key: kv.key.toString(), error: String(e) });
+            this.log.warn(`ignoring a record of ${what}`, { key, error: String(e) });
           }
         });
-        w.on('delete', (kv) => this.seen.delete(kv.key.toString().slice(DOMAINS.length)));
-        await this.loadRecords();
+        w.on('delete', (kv) => {
+          on.del(kv.key.toString());
+          this.changed();
+        });
+        await on.load();
+        this.changed();
         return;
       } catch (e) {
-        this.log.debug('etcd not reachable to watch domains yet', { error: String(e) });
+        this.log.debug(`etcd not reachable to watch ${what} yet`, { error: String(e) });
         await new Promise((r) => setTimeout(r, 1000));
       }
     }
+  }
+
+  private watchRecords(): Promise<void> {
+    return this.follow('domains', DOMAINS, {
+      put: (key, value, modRevision) => {
+        const rec = parseOwnerRecord(value, key);
+        const prev = this.seen.get(rec.name);
+        // Events come in revision order, but a fresh list may have passed them.
+        if (!prev || BigInt(prev.modRevision) < BigInt(modRevision)) this.seen.set(rec.name, { key, value: rec, modRevision });
+        // A domain of this host marked (or unmarked) for HA: the watchdog hears of it now, not at the next renewal.
+        if (rec.owner === this.me && !!prev?.value.ha !== !!rec.ha) this.feedWatchdog();
+        if (rec.owner === this.me && rec.state === 'restarting') void this.startAssigned(rec);
+      },
+      del: (key) => this.seen.delete(nameOfKey(key)),
+      load: () => this.loadRecords(),
+    });
+  }
+
+  /** The hosts' facts, followed the same way: placement, `host.info`'s peers and the fleet view read these. */
+  private watchHosts(): Promise<void> {
+    return this.follow('hosts', HOSTS, {
+      put: (key, value) => {
+        const f = parseHostFacts(value, key);
+        this.hostsSeen.set(f.name, f);
+      },
+      del: (key) => this.hostsSeen.delete(nameOfKey(key)),
+      load: async () => {
+        const all = await listJson(this.etcd, HOSTS, parseHostFacts, (key, e) =>
+          this.log.warn('ignoring a host record', { key, error: e.message }),
+        );
+        this.hostsSeen.clear();
+        for (const h of all) this.hostsSeen.set(h.value.name, h.value);
+      },
+    });
+  }
+
+  /** Subscribers (`ferry ui`, `events.subscribe`) hear that the fleet changed, at most every 100 ms. */
+  private changed(): void {
+    if (this.changedTimer) return;
+    this.changedTimer = setTimeout(() => {
+      this.changedTimer = undefined;
+      this.host.emit('cluster.changed', { host: this.me });
+    }, 100);
   }
 
   private async loadRecords(): Promise<void> {
@@ -522,13 +638,42 @@ export class ClusterAgent implements OwnershipGate {
       ha: r.ha,
       generation: r.generation,
       restartable: r.restartable,
+      moving: r.moving,
+      memoryMiB: r.memoryMiB,
+      cpuModel: r.cpuModel,
       note: r.note,
       at: r.at,
     };
   }
 
-  async domains() {
-    const live = new Set((await listJson(this.etcd, HOSTS, parseHostFacts)).map((h) => h.value.name));
-    return (await this.owners.list()).map((r) => this.view(r.value, live.has(r.value.owner)));
+  /** Every domain of the cluster, from this host's watch (no etcd round trip); refused without quorum, when the watch may be stale. */
+  domains() {
+    this.needQuorum('list the cluster');
+    return this.fleet().domains;
+  }
+
+  /**
+   * The fleet as this host's watches see it: the live hosts' facts and every domain
+   * record. `ferry ui`, `host evacuate` and `list --all` read this; it changes with
+   * the watch (event cluster.changed), so nobody polls each host. `quorate` false:
+   * this host cannot reach etcd and the view may be stale.
+   */
+  fleet() {
+    const hosts = [...this.hostsSeen.values()].sort((a, b) => a.name.localeCompare(b.name));
+    const live = new Set(hosts.map((h) => h.name));
+    const domains = this.records
+      .values()
+      .map((r) => this.view(r, live.has(r.owner)))
+      .sort((a, b) => a.name.localeCompare(b.name));
+    return { host: this.me, quorate: this.member.quorate(), hosts, domains };
+  }
+
+  /** NAME → ADDRESS:PORT of each live host's relocation port: cluster hosts are peers by name. */
+  liveHosts(): Record<string, string> {
+    return Object.fromEntries([...this.hostsSeen.values()].map((h) => [h.name, h.relocation]));
+  }
+
+  peerAddress(name: string): string | undefined {
+    return this.hostsSeen.get(name)?.relocation;
   }
 }

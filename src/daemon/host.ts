@@ -240,7 +240,9 @@ export class Host extends EventEmitter implements MigrationHost {
       domains: this.store.size,
       tunnels: this.tunnelList(),
       maintenance: { ...this.maint },
-      peers: { ...this.cfg.peers },
+      // Cluster mode: every live host is a peer by name (its published relocation address).
+      peers: { ...this.gate?.liveHosts(), ...this.cfg.peers },
+      mode: this.gate ? 'cluster' : 'standalone',
     };
   }
 
@@ -666,10 +668,10 @@ export class Host extends EventEmitter implements MigrationHost {
         `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`,
       );
     // Only to hosts of this cluster: a peer cannot make this segment flood anywhere else.
-    if (op === 'extend' && !peerAddresses(this.cfg.peers).includes(remote))
+    if (op === 'extend' && !peerAddresses({ ...this.gate?.liveHosts(), ...this.cfg.peers }).includes(remote))
       throw new FerryError(
         'API_FORBIDDEN',
-        `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json); the tunnel of domain "${t.domain}" extends only to those`,
+        `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json, or a live host of its cluster); the tunnel of domain "${t.domain}" extends only to those`,
       );
     if (op === 'extend')
       return this.tunnels.extendHome(

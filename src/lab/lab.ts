@@ -403,6 +403,16 @@ export function labLink(name: string, up: boolean): { host: string; links: strin
   return { host: name, links, up };
 }
 
+/** A lab host's etcd member (cluster labs) is alive: its pid runs etcd. */
+export function isEtcd(pid: number | undefined): boolean {
+  if (!pid || !pidAlive(pid)) return false;
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('etcd');
+  } catch {
+    return false;
+  }
+}
+
 export function isFerryd(pid: number): boolean {
   if (!pidAlive(pid)) return false;
   try {

@@ -80,6 +80,10 @@ export interface MoveOwnership {
   giveBack(domain: string, job: string, to: string): Promise<void>;
   /** Source, when the answer is lost or a refusal: 'kept' means resume here, 'lost' means the destination owns it. */
   reclaim(domain: string, job: string): Promise<'kept' | 'lost'>;
+  /** A live cluster host's relocation ADDRESS:PORT by name (cluster hosts are peers without a "peers" entry). */
+  peerAddress(name: string): string | undefined;
+  /** NAME → ADDRESS:PORT of every live cluster host, as this host's etcd watch sees them. */
+  liveHosts(): Record<string, string>;
 }
 
 export interface MigrationHost {

@@ -43,7 +43,11 @@ const refreshSoon = () => {
 };
 
 function render() {
-  const { hosts, domains } = ferry.state;
+  const { hosts, domains, mode, quorate, from } = ferry.state;
+  // Cluster mode: the view is one ferryd's etcd watch; said so, and when that host cannot reach etcd.
+  $('#mode').textContent =
+    mode === 'cluster' ? `cluster (from ${from}'s etcd watch${quorate ? '' : ': NO QUORUM, may be stale'})` : 'standalone';
+  $('#mode').className = mode === 'cluster' && !quorate ? 'bad' : '';
   const hb = $('#hosts tbody');
   hb.replaceChildren(
     ...hosts.map((h) =>
@@ -73,6 +77,7 @@ function render() {
         el('td', {}, d.name),
         el('td', { class: 'host' }, d.host),
         el('td', { class: 'state' }, d.state),
+        el('td', { class: 'ha' }, d.ha ? `prio ${d.ha.priority}` : '-'),
         el('td', {}, `${d.memoryMiB} MiB`),
         el('td', {}, sel),
         el(
@@ -289,6 +294,6 @@ events.addEventListener('ui.migrated', (e) => {
   if (v.report?.outcome !== 'succeeded' || !ferry.reports.has(v.domain)) onDone(v.report);
 });
 events.addEventListener('ui.evacuation', (e) => onEvacuation(JSON.parse(e.data)));
-for (const name of ['domain.state', 'migration.phase', 'host.maintenance']) events.addEventListener(name, refreshSoon);
+for (const name of ['domain.state', 'migration.phase', 'host.maintenance', 'cluster.changed']) events.addEventListener(name, refreshSoon);
 
 void refresh();

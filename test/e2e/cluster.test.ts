@@ -29,6 +29,7 @@ import {
   patternIntact,
   scrape,
   metricValue,
+  startUi,
 } from '../helpers.ts';
 
 /** Milliseconds since boot, on the clock /proc/PID/stat's start times use (CLOCK_MONOTONIC without suspend). */
@@ -317,5 +318,96 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     );
     assert.ok(metricValue(pages[0].text, 'ferry_cluster_domains{host="host1",state="running",ha="yes"}') >= 1, pages[0].text);
     await patternIntact(solo.host, 'solo', solo.pid);
+  });
+
+  test('the fleet seen whole: list --all, the dashboard and host evacuate read the etcd watches; evacuation moves an HA domain by handover', async () => {
+    // The dashboard asks one ferryd's watch for the fleet, and hears cluster.changed when it changes.
+    const { child: ui, url } = await startUi(['--listen', '127.0.0.1:0']);
+    const sse = new AbortController();
+    try {
+      const token = new URL(url).searchParams.get('token')!;
+      const api = (p: string): string => `${new URL(url).origin}${p}?token=${token}`;
+      const state = async (): Promise<any> => (await fetch(api('/api/state'))).json();
+      const before = await state();
+      assert.equal(before.mode, 'cluster');
+      assert.equal(before.quorate, true);
+      assert.deepEqual(
+        before.hosts.map((h: any) => h.name),
+        ['host1', 'host2', 'host3'],
+      );
+      const row = (st: any, n: string): any => st.domains.find((d: any) => d.name === n);
+      assert.equal(row(before, 'ha2').host, 'host3');
+      assert.deepEqual(row(before, 'ha2').ha, { priority: 0 });
+      let heard = '';
+      const stream = await fetch(api('/api/events'), { signal: sse.signal });
+      void (async () => {
+        for await (const chunk of stream.body as any) heard += Buffer.from(chunk).toString();
+      })().catch(() => undefined);
+
+      // Placement from host3's watch: a --to host without a lease is named, not asked.
+      const plan = await ok(['host', 'evacuate', 'host3', '--plan', '--to', 'host1', '--to', 'host9', '--json']);
+      assert.equal(plan.outcome, 'planned');
+      assert.ok(
+        plan.domains.every((d: any) => d.to === 'host1'),
+        JSON.stringify(plan.domains),
+      );
+      assert.match(plan.unreachable.join(), /host9 \(no live cluster lease/);
+      // The evacuation itself: each move's handover is etcd's transaction, HA mark kept.
+      const rep = await ok(['host', 'evacuate', 'host3', '--json'], { timeoutMs: 240000 });
+      assert.equal(rep.outcome, 'done', JSON.stringify(rep.domains));
+      const all = await ok(['-H', 'host1', 'list', '--all', '--json']);
+      for (const d of rep.domains) {
+        assert.equal(d.state, 'moved');
+        const rec = all.find((r: any) => r.name === d.domain);
+        assert.equal(rec.owner, d.to, `${d.domain}'s record names where it went`);
+        assert.deepEqual(
+          (await runningOn(d.domain)).map((x) => x.host),
+          [d.to],
+        );
+      }
+      assert.deepEqual(all.find((r: any) => r.name === 'ha2').ha, { priority: 0 }, 'the HA mark moved with it');
+      await waitFor('cluster.changed reached the dashboard', () => heard.includes('event: cluster.changed'), 10000, 100);
+      const after = await waitFor(
+        'the dashboard shows the new owners',
+        async () => {
+          const st = await state();
+          return rep.domains.every((d: any) => row(st, d.domain)?.host === d.to) ? st : null;
+        },
+        10000,
+        200,
+      );
+      assert.equal(after.hosts.find((h: any) => h.name === 'host3').maintenance.on, true);
+    } finally {
+      sse.abort();
+      ui.kill('SIGTERM');
+      await ok(['host', 'maintenance', 'host3', 'off']);
+    }
+  });
+
+  test('an HA domain whose QEMU dies on a live host restarts there, through a claim', async () => {
+    const [at] = await runningOn('ha2');
+    assert.ok(at, 'ha2 runs somewhere');
+    const killedAt = bootMs();
+    process.kill(at.pid, 'SIGKILL');
+    const again = await waitFor(
+      'ha2 running again',
+      async () => {
+        const on = await runningOn('ha2');
+        return on.length === 1 && on[0].pid !== at.pid ? on[0] : null;
+      },
+      30000,
+      200,
+    );
+    assert.equal(again.host, at.host, 'restarted where it crashed: its host is alive');
+    assert.ok(startedMs(again.pid) >= killedAt - 10, 'a new QEMU, started after the old one died');
+    const rec = (await ok(['-H', 'host1', 'list', '--all', '--json'])).find((d: any) => d.name === 'ha2');
+    assert.equal(rec.owner, at.host);
+    assert.equal(rec.state, 'running');
+    const ev = await ok(['-H', 'host2', 'events', '--json', '--limit', '20']);
+    assert.ok(
+      ev.some((e: any) => e.domain === 'ha2' && e.type === 'restarted' && /after its QEMU died/.test(e.detail)),
+      JSON.stringify(ev.slice(-5)),
+    );
+    await patternIntact(again.host, 'ha2', again.pid);
   });
 });

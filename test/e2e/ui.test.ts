@@ -9,10 +9,10 @@ import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess } from 'node:child_process';
 import puppeteer, { type Browser, type Page } from 'puppeteer-core';
 import https from 'node:https';
-import { ok, ferry, labUp, labDown, createGuest, labState, FERRY } from '../helpers.ts';
+import { ok, ferry, labUp, labDown, createGuest, labState, startUi } from '../helpers.ts';
 
 const CHROMIUM = ['/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p) => fs.existsSync(p));
 const SHOTS = path.resolve(import.meta.dirname, '..', '..', 'test-artifacts', 'ui');
@@ -40,16 +40,7 @@ describe('web dashboard (lab, headless Chromium)', () => {
     fs.mkdirSync(SHOTS, { recursive: true });
     await labUp(['--hosts', '2', '--host-memory', '1024']);
     await createGuest('linux', 'web', 'host1');
-    ui = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    url = await new Promise<string>((resolve, reject) => {
-      let out = '';
-      ui!.stdout!.on('data', (d) => {
-        out += d;
-        const m = /ferry ui: (\S+)/.exec(out);
-        if (m) resolve(m[1]);
-      });
-      ui!.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
-    });
+    ({ child: ui, url } = await startUi(['--listen', '127.0.0.1:0']));
     browser = await puppeteer.launch({
       executablePath: CHROMIUM,
       headless: true,
@@ -77,19 +68,8 @@ describe('web dashboard (lab, headless Chromium)', () => {
   test("served elsewhere: HTTPS, and only an administrator's certificate gets in", async () => {
     const s = labState();
     const tlsDir = s.hosts[0].tlsDir;
-    const srv = spawn(process.execPath, [FERRY, 'ui', '--listen', '127.0.0.1:0', '--tls-dir', tlsDir], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const { child: srv, url: httpsUrl } = await startUi(['--listen', '127.0.0.1:0', '--tls-dir', tlsDir]);
     try {
-      const httpsUrl = await new Promise<string>((resolve, reject) => {
-        let out = '';
-        srv.stdout!.on('data', (d) => {
-          out += d;
-          const m = /ferry ui: (\S+)/.exec(out);
-          if (m) resolve(m[1]);
-        });
-        srv.once('exit', (c) => reject(new Error(`ferry ui exited ${c}`)));
-      });
       assert.match(httpsUrl, /^https:\/\/127\.0\.0\.1:\d+\/$/);
       const get = (certDir?: string): Promise<number | string> =>
         new Promise((resolve) => {

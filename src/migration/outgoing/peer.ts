@@ -14,9 +14,9 @@ import { isIpv4 } from '../preflight.ts';
 import type { OutgoingRun, OutgoingSide, Peer } from './run.ts';
 import { ask } from '../ask.ts';
 
-/** DEST is a peer name (ferryd.json "peers"), NAME, ADDRESS or ADDRESS:PORT. */
+/** DEST is a peer name (ferryd.json "peers", or a live host of the cluster), NAME, ADDRESS or ADDRESS:PORT. */
 export async function resolvePeer(s: OutgoingSide, dest: string): Promise<{ name?: string; address: string; port: number }> {
-  const mapped = s.host.cfg.peers[dest];
+  const mapped = s.host.cfg.peers[dest] ?? s.host.ownership?.peerAddress(dest);
   const spec = mapped ?? dest;
   const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(spec);
   if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse destination "${dest}": use NAME, ADDRESS or ADDRESS:PORT`);
