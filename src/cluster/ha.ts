@@ -79,35 +79,56 @@ export class HaManager {
   /** Reported once per record generation: domains that could not be placed. */
   private readonly reported = new Set<string>();
   /** Each host's last heartbeat revision, and when this ferryd first knew of it (monotonic clock). */
-  private readonly heard = new Map<string, { rev: bigint; at: number }>();
+  private readonly heard = new Map<string, { rev: bigint; at: number; final?: boolean }>();
   private beatWatcher?: Watcher;
   private following = false;
 
   constructor(private readonly d: Deps) {}
 
-  /** When this ferryd last heard from etcd (a heartbeat event or a sweep's read). */
-  private lastNews = 0;
+  /** When this host last renewed its lease (cluster/member.ts), on the monotonic clock. */
+  private lastRenewal = 0;
+  /** When silences last started over (renewed): no silence is counted from before. */
+  private resetAt = 0;
+
+  /** This host's own last heartbeats: their revisions, and a time after each one's commit. */
+  private readonly own: { rev: bigint; at: number }[] = [];
+
+  /** This host wrote its heartbeat (cluster/member.ts 'beat'). */
+  beat(revision: string, at: number): void {
+    this.own.push({ rev: BigInt(revision), at });
+    if (this.own.length > 16) this.own.shift();
+  }
 
   /**
    * A heartbeat revision seen (by the watch, or a read): only a newer one restarts the
-   * host's silence. After a gap in the news longer than TTL/2 (etcd without quorum, or
-   * this host cut off from it), nobody could write a heartbeat: every silence starts over,
-   * or every HA domain of the cluster would move once etcd is back. A shorter gap (an etcd
-   * leader election) is no reset: a host that renews every TTL/4 beats again well before
-   * TTL + delay.
+   * host's silence, from when this ferryd knew of it. That is now, or sooner: the time
+   * after one of this host's own heartbeats with a higher revision, since etcd committed
+   * the other one before it. A watch that stalled on a member cut off (and delivers the
+   * last heartbeats late) then costs nothing.
    */
   private hear(host: string, rev: string): void {
-    const now = monoMs();
-    this.news(now);
     const r = BigInt(rev);
     const h = this.heard.get(host);
-    if (!h || r > h.rev) this.heard.set(host, { rev: r, at: now });
+    if (h && r <= h.rev) return;
+    const after = this.own.find((o) => o.rev > r);
+    this.heard.set(host, { rev: r, at: Math.max(this.resetAt, Math.min(monoMs(), after?.at ?? Infinity)) });
   }
 
-  private news(now: number): void {
-    if (this.lastNews && now - this.lastNews > (this.d.timings.ttlS * 1000) / 2)
-      for (const h of this.heard.values()) h.at = Math.max(h.at, now);
-    this.lastNews = now;
+  /**
+   * This host renewed its lease (sent at `at`). A gap since the renewal before longer than
+   * TTL/2 + delay means etcd was out of reach (no quorum, or this host cut off): nobody
+   * else could write a heartbeat meanwhile either, so every silence starts over, or every
+   * HA domain of the cluster would move once etcd is back (their hosts renew again within
+   * TTL/4). A shorter gap (an etcd leader election) is no reset, so a host that dies with
+   * etcd's leader is restarted in time. A reset only delays a restart: never unsafe.
+   */
+  renewed(at: number): void {
+    const gapMs = (this.d.timings.ttlS / 2 + this.d.timings.restartDelayS) * 1000;
+    if (this.lastRenewal && at - this.lastRenewal > gapMs) {
+      this.resetAt = monoMs();
+      for (const h of this.heard.values()) h.at = Math.max(h.at, this.resetAt);
+    }
+    this.lastRenewal = at;
   }
 
   /** Every ferryd follows the heartbeats, manager or not: a new manager knows how long each host has been silent. */
@@ -116,10 +137,17 @@ export class HaManager {
     this.following = true;
     while (!this.stopped) {
       try {
-        const w = await etcdCall('watching heartbeats', () => this.d.etcd.watch().prefix(ALIVE).create());
+        const w = await etcdCall('watching heartbeats', () => this.d.etcd.watch().prefix(ALIVE).withPreviousKV().create());
         this.beatWatcher = w;
         w.on('put', (kv) => this.hear(nameOfKey(kv.key.toString()), kv.mod_revision));
-        w.on('delete', (kv) => this.heard.delete(nameOfKey(kv.key.toString())));
+        // A heartbeat deleted with its lease: kept if it was the last one this ferryd knew of
+        // (then how long the host has been silent still counts, in due()), else forgotten.
+        w.on('delete', (kv, prev) => {
+          const host = nameOfKey(kv.key.toString());
+          const h = this.heard.get(host);
+          if (h && prev && BigInt(prev.mod_revision) === h.rev) h.final = true;
+          else this.heard.delete(host);
+        });
         return;
       } catch {
         await new Promise((r) => setTimeout(r, 1000));
@@ -134,7 +162,10 @@ export class HaManager {
   start(): void {
     if (this.stopped) return;
     void this.followBeats();
-    const c = this.d.etcd.election(HA_ELECTION, this.d.timings.ttlS).campaign(this.d.me);
+    // The campaign's lease is half the hosts' TTL: a manager that dies with etcd's leader
+    // (whose successor renews every lease for a whole TTL) is replaced sooner. Losing the
+    // role for a moment costs nothing: every restart is a compare-and-swap.
+    const c = this.d.etcd.election(HA_ELECTION, Math.max(3, Math.round(this.d.timings.ttlS / 2))).campaign(this.d.me);
     this.campaign = c;
     c.on('elected', () => {
       if (this.campaign === c) void this.lead();
@@ -147,10 +178,27 @@ export class HaManager {
       void c.resign().catch(() => undefined);
       setTimeout(() => this.start(), 1000).unref();
     });
+    // etcd3 learns it won from a watch on the key before its own; a watch on a member that
+    // was cut off hears nothing until it moves. So a candidate also asks every 2 s.
+    if (!this.askTimer) this.askTimer = setInterval(() => void this.askElected(), 2000).unref();
+  }
+
+  private askTimer?: NodeJS.Timeout;
+
+  /** A candidate whose campaign key is now the oldest is the manager, whether or not its watch said so. */
+  private async askElected(): Promise<void> {
+    if (this.leading || this.stopped || !this.campaign) return;
+    const c = this.campaign;
+    const leader = await etcdCall('reading the HA manager', () => this.d.etcd.election(HA_ELECTION).leader()).catch(() => null);
+    if (leader === this.d.me && this.campaign === c && !this.leading) {
+      this.d.log.info('elected HA manager (found by asking etcd)');
+      void this.lead();
+    }
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    clearInterval(this.askTimer);
     await this.beatWatcher?.cancel().catch(() => undefined);
     await this.unlead();
     await this.campaign?.resign().catch(() => undefined);
@@ -211,7 +259,6 @@ export class HaManager {
       // The heartbeats as etcd has them now (linearizable): the watch's news, confirmed.
       const beats = new Map<string, string>();
       const read = await etcdCall('reading heartbeats', () => this.d.etcd.getAll().prefix(ALIVE).exec());
-      this.news(monoMs());
       for (const kv of read.kvs) {
         const host = nameOfKey(kv.key.toString());
         beats.set(host, kv.mod_revision);
@@ -257,7 +304,10 @@ export class HaManager {
       this.d.log.warn('host found without a lease', { host: owner });
       void this.d.events.add({ type: 'host-down', host: owner, detail: `${owner} has no lease (found by the HA manager ${this.d.me})` });
     }
-    return monoMs() - at >= this.d.timings.restartDelayS * 1000;
+    if (monoMs() - at >= this.d.timings.restartDelayS * 1000) return true;
+    // Silent for TTL + delay already, by its very last heartbeat (its lease outlived it, then expired): no further wait.
+    const h = this.heard.get(owner);
+    return !!h?.final && monoMs() - h.at >= (this.d.timings.ttlS + this.d.timings.restartDelayS) * 1000;
   }
 
   /**

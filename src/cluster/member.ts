@@ -99,7 +99,8 @@ export interface MembershipOptions {
 /**
  * Events: 'joined' ({lease, resumed}) when this host (again) has a lease; 'fence'
  * ({why}) when its HA domains must stop now; 'renewed' ({renewedAt}) after each
- * renewal (the watchdog's feed); 'state' on every change.
+ * renewal (the watchdog's feed); 'beat' ({revision, at}) after each heartbeat written;
+ * 'state' on every change.
  */
 export class Membership extends EventEmitter {
   private s: MemberState = { kind: 'joining' };
@@ -281,12 +282,14 @@ export class Membership extends EventEmitter {
     this.beats++;
     let t: NodeJS.Timeout | undefined;
     try {
-      await Promise.race([
+      const r = await Promise.race([
         c.put(aliveKey(this.o.name)).value(String(this.beats)).lease(lease).exec(),
-        new Promise((_, reject) => {
+        new Promise<never>((_, reject) => {
           t = setTimeout(() => reject(new FerryError('CLUSTER_NO_QUORUM', 'heartbeat: no answer in time')), KEEPALIVE_MS);
         }),
       ]);
+      // Its revision, and a time after its commit: every write with a lower revision was committed before then (cluster/ha.ts).
+      this.emit('beat', { revision: r.header.revision, at: monoMs() });
     } finally {
       clearTimeout(t);
     }

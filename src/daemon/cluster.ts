@@ -111,7 +111,9 @@ export class ClusterAgent implements OwnershipGate {
   start(): void {
     this.member.on('fence', (e: { why: string }) => void this.fence(e.why));
     this.member.on('joined', (e: { resumed: boolean }) => void this.rejoined(e.resumed));
-    this.member.on('renewed', () => {
+    this.member.on('beat', (e: { revision: string; at: number }) => this.ha.beat(e.revision, e.at));
+    this.member.on('renewed', (e: { renewedAt: number }) => {
+      this.ha.renewed(e.renewedAt);
       this.feedWatchdog();
       void this.flushPending();
     });
