@@ -149,9 +149,8 @@ export class UiServer {
       memory: { offeredMiB: h.memoryMiB, freeMiB: h.freeMiB, usedMiB: Math.max(0, h.memoryMiB - h.freeMiB) },
       maintenance: { on: h.maintenance, since: null },
     }));
-    const live = new Set(got.hosts.map((h) => h.name));
     for (const d of got.domains)
-      if (!live.has(d.owner) && !hosts.some((h) => h.name === d.owner))
+      if (!d.ownerUp && !hosts.some((h) => h.name === d.owner))
         hosts.push({ name: d.owner, error: 'down: no cluster lease (its HA domains restart elsewhere)' });
     const domains = got.domains.map((d) => ({
       name: d.name,

@@ -307,7 +307,7 @@ export class HaManager {
     if (monoMs() - at >= this.d.timings.restartDelayS * 1000) return true;
     // Silent for TTL + delay already, by its very last heartbeat (its lease outlived it, then expired): no further wait.
     const h = this.heard.get(owner);
-    return !!h?.final && monoMs() - h.at >= (this.d.timings.ttlS + this.d.timings.restartDelayS) * 1000;
+    return !!h?.final && this.quietLongEnough(h);
   }
 
   /**
@@ -318,6 +318,11 @@ export class HaManager {
   private silent(host: string, rev: string | undefined): boolean {
     const h = this.heard.get(host);
     if (!h || rev === undefined || BigInt(rev) !== h.rev) return false;
+    return this.quietLongEnough(h);
+  }
+
+  /** TTL + restartDelayS since this ferryd knew of that heartbeat: past the host's fence deadline. */
+  private quietLongEnough(h: { at: number }): boolean {
     return monoMs() - h.at >= (this.d.timings.ttlS + this.d.timings.restartDelayS) * 1000;
   }
 

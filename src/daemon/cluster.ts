@@ -674,8 +674,4 @@ export class ClusterAgent implements OwnershipGate {
   liveHosts(): Record<string, string> {
     return Object.fromEntries([...this.hostsSeen.values()].map((h) => [h.name, h.relocation]));
   }
-
-  peerAddress(name: string): string | undefined {
-    return this.hostsSeen.get(name)?.relocation;
-  }
 }

@@ -23,7 +23,7 @@ import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
 import { hostArch } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles, createImage, freeBytes } from '../domain/storage.ts';
-import type { MigrationHost, MoveOwnership, TunnelHome } from '../migration/host.ts';
+import { knownPeers, type MigrationHost, type MoveOwnership, type TunnelHome } from '../migration/host.ts';
 import type { HostInfo, DomainSummary, DomainInfo, Results, TunnelView } from '../api/protocol.ts';
 import { freeMiB, explainFree, memAvailableMiB, rssMiB, type Capacity } from './capacity.ts';
 import type { DaemonConfig } from './config.ts';
@@ -241,7 +241,7 @@ export class Host extends EventEmitter implements MigrationHost {
       tunnels: this.tunnelList(),
       maintenance: { ...this.maint },
       // Cluster mode: every live host is a peer by name (its published relocation address).
-      peers: { ...this.gate?.liveHosts(), ...this.cfg.peers },
+      peers: this.peers(),
       mode: this.gate ? 'cluster' : 'standalone',
     };
   }
@@ -359,6 +359,10 @@ export class Host extends EventEmitter implements MigrationHost {
 
   get ownership(): MoveOwnership | null {
     return this.gate ?? null;
+  }
+
+  peers(): Record<string, string> {
+    return knownPeers(this.cfg.peers, this.ownership);
   }
 
   // ---------- lifecycle ----------
@@ -668,7 +672,7 @@ export class Host extends EventEmitter implements MigrationHost {
         `The tunnel of domain "${t.domain}" NIC ${nic} does not reach ${callerAddress}; only a host it reaches may change it`,
       );
     // Only to hosts of this cluster: a peer cannot make this segment flood anywhere else.
-    if (op === 'extend' && !peerAddresses({ ...this.gate?.liveHosts(), ...this.cfg.peers }).includes(remote))
+    if (op === 'extend' && !peerAddresses(this.peers()).includes(remote))
       throw new FerryError(
         'API_FORBIDDEN',
         `${remote.slice(0, 64)} is not the address of a peer of ${this.cfg.name} ("peers" in its ferryd.json, or a live host of its cluster); the tunnel of domain "${t.domain}" extends only to those`,

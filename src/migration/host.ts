@@ -80,16 +80,21 @@ export interface MoveOwnership {
   giveBack(domain: string, job: string, to: string): Promise<void>;
   /** Source, when the answer is lost or a refusal: 'kept' means resume here, 'lost' means the destination owns it. */
   reclaim(domain: string, job: string): Promise<'kept' | 'lost'>;
-  /** A live cluster host's relocation ADDRESS:PORT by name (cluster hosts are peers without a "peers" entry). */
-  peerAddress(name: string): string | undefined;
   /** NAME → ADDRESS:PORT of every live cluster host, as this host's etcd watch sees them. */
   liveHosts(): Record<string, string>;
+}
+
+/** A host's peers by name: ferryd.json "peers" over the live cluster hosts (an entry in "peers" wins). */
+export function knownPeers(peers: Record<string, string>, ownership: MoveOwnership | null): Record<string, string> {
+  return { ...ownership?.liveHosts(), ...peers };
 }
 
 export interface MigrationHost {
   readonly cfg: MigrationSettings;
   /** Cluster mode's ownership record (null: standalone, today's protocol alone decides). */
   readonly ownership: MoveOwnership | null;
+  /** NAME → ADDRESS:PORT of the hosts this one knows: ferryd.json "peers", and in cluster mode every live host (a "peers" entry wins). */
+  peers(): Record<string, string>;
   readonly qemu: QemuFacts;
   readonly accel: { accel: Accel };
   /** Where domains' run directories live (an incoming QEMU's command line names it). */

@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
-import type { MigrationHost, DomainHandle, MoveOwnership, TunnelHome } from '../migration/host.ts';
+import { knownPeers, type MigrationHost, type DomainHandle, type MoveOwnership, type TunnelHome } from '../migration/host.ts';
 import { vniFor } from '../migration/preflight.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { fakeQmp } from './qmp.ts';
@@ -125,6 +125,9 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   /** Standalone unless a test gives it a record to settle moves by (FakeOwnership). */
   ownership: MoveOwnership | null = null;
   readonly cfg;
+  peers(): Record<string, string> {
+    return knownPeers(this.cfg.peers, this.ownership);
+  }
   constructor(
     name: string,
     readonly runDir: string,

@@ -159,7 +159,7 @@ function tunnelsFor(side: IncomingSide, m: BeginMsg, running: boolean, ctx: Relo
     m.peer.name,
   );
   const peerAddr = (ctx.caller.peerAddress ?? '').replace(/^::ffff:/, '');
-  const known = new Set([peerAddr, ...peerAddresses({ ...h.ownership?.liveHosts(), ...h.cfg.peers })]);
+  const known = new Set([peerAddr, ...peerAddresses(h.peers())]);
   for (const [i, home] of need) {
     if (!running)
       throw new FerryError(

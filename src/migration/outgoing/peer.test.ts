@@ -2,13 +2,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { resolvePeer } from './peer.ts';
 import type { OutgoingSide } from './run.ts';
+import { knownPeers, type MoveOwnership } from '../host.ts';
 
-/** Only what resolvePeer reads of the source side: its peers, its relocation port and the cluster's live hosts. */
+/** Only what resolvePeer reads of the source side: its peers (as Host.peers() makes them) and its relocation port. */
 const side = (peers: Record<string, string>, live: Record<string, string> | null): OutgoingSide =>
   ({
     host: {
-      cfg: { peers, relocation: { port: 8002 } },
-      ownership: live ? { peerAddress: (n: string) => live[n] } : null,
+      cfg: { relocation: { port: 8002 } },
+      peers: () => knownPeers(peers, live ? ({ liveHosts: () => live } as unknown as MoveOwnership) : null),
     },
   }) as unknown as OutgoingSide;
 

@@ -16,7 +16,7 @@ import { ask } from '../ask.ts';
 
 /** DEST is a peer name (ferryd.json "peers", or a live host of the cluster), NAME, ADDRESS or ADDRESS:PORT. */
 export async function resolvePeer(s: OutgoingSide, dest: string): Promise<{ name?: string; address: string; port: number }> {
-  const mapped = s.host.cfg.peers[dest] ?? s.host.ownership?.peerAddress(dest);
+  const mapped = s.host.peers()[dest];
   const spec = mapped ?? dest;
   const m = /^(\[[^\]]+\]|[^:]+)(?::(\d+))?$/.exec(spec);
   if (!m) throw new FerryError('HOST_UNKNOWN', `Cannot parse destination "${dest}": use NAME, ADDRESS or ADDRESS:PORT`);
