@@ -21,6 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { spread, cell, type Spread } from './stats.ts';
 import { ferry as runCli, ok as cliOk, createGuest } from '../test/helpers.ts';
 import { labLink, restartFerryd, requireLab, LAB_DIR } from '../src/lab/lab.ts';
 import { pidAlive } from '../src/qemu/process.ts';
@@ -39,20 +40,6 @@ const startedMs = (pid: number): number => {
   const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   return Number(st.slice(st.lastIndexOf(')') + 2).split(' ')[19]) * 10;
 };
-
-interface Spread {
-  median: number;
-  min: number;
-  max: number;
-  n: number;
-}
-function spread(xs: number[]): Spread | null {
-  if (!xs.length) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-  return { median: Math.round(mid), min: Math.round(s[0]), max: Math.round(s[s.length - 1]), n: s.length };
-}
-const cell = (s: Spread | null): string => (s ? `${s.median} (${s.min}–${s.max})` : '-');
 
 async function waitFor<T>(what: string, fn: () => Promise<T | null | undefined | false>, ms = 90000, every = 50): Promise<T> {
   const end = Date.now() + ms;

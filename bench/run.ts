@@ -983,10 +983,13 @@ async function main(): Promise<void> {
     process.stdout.write(md);
     return;
   }
-  // The cluster section belongs to `npm run bench:cluster` (bench/cluster.ts): kept as it is.
+  // The cluster and evacuation sections belong to `npm run bench:cluster` and
+  // `npm run bench:evacuation` (bench/cluster.ts, bench/evacuation.ts): kept as they are.
   const prev = fs.existsSync(path.join(ROOT, 'BENCHMARKS.md')) ? fs.readFileSync(path.join(ROOT, 'BENCHMARKS.md'), 'utf8') : '';
-  const clusterPart = /<!-- cluster:begin -->[\s\S]*<!-- cluster:end -->\n?/.exec(prev)?.[0];
-  fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), clusterPart ? `${md.trimEnd()}\n\n${clusterPart}` : md);
+  const kept = ['cluster', 'evacuation'].flatMap(
+    (k) => new RegExp(`<!-- ${k}:begin -->[\\s\\S]*<!-- ${k}:end -->\\n?`).exec(prev)?.[0] ?? [],
+  );
+  fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), [md.trimEnd(), ...kept.map((k) => k.trimEnd())].join('\n\n') + '\n');
   process.stdout.write(md);
 }
 

@@ -17,6 +17,7 @@ const LAYER: Record<string, number> = {
   '.': 0,
   util: 0, // errors.ts, version.ts, helpers
   domain: 1, // the model: configs, states
+  placement: 1, // pure: where a domain may go (rules, CPU baseline, balancer); every placement reads it
   api: 2,
   tls: 2,
   qmp: 2, // the wire contracts: the API's types and client, certificates, QMP

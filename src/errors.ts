@@ -74,6 +74,24 @@ export const ERRORS = {
     doc: "the domain's ownership record changed while ferryd acted on it (another host or manager won the race); nothing was done, retry",
   },
   CLUSTER_BAD_RECORD: { exit: 10, doc: 'a record in etcd is not in the shape ferry writes (changed by hand?); it is not acted on' },
+  // placement (src/placement/): rules, and where a domain may go
+  RULE_INVALID: { exit: 2, doc: 'a placement rule is malformed (too few domains, hosts where none belong, a name twice)' },
+  RULE_EXISTS: { exit: 3, doc: 'a placement rule by that name exists already' },
+  RULE_NOT_FOUND: { exit: 3, doc: 'no placement rule by that name' },
+  RULE_UNKNOWN_DOMAIN: { exit: 3, doc: 'a placement rule names a domain the cluster does not know' },
+  RULE_UNKNOWN_HOST: { exit: 3, doc: 'a placement rule names a host that is no cluster member' },
+  RULE_CONTRADICTS: {
+    exit: 3,
+    doc: 'a placement rule contradicts one already stored (keep-apart against keep-together, prefer against avoid)',
+  },
+  PLACEMENT_RULE: {
+    exit: 8,
+    doc: 'the move would break a placement rule (`ferry rule list`); --ignore-rules overrides, and the report says so',
+  },
+  PLACEMENT_NONE: {
+    exit: 4,
+    doc: 'no host can take the domain: each was ruled out (CPU, networks, memory, maintenance or a rule), and the message says why',
+  },
   // migration: exit 8 (pre-flight refusals) and 9 (failures during the move)
   MIGRATION_DEST_NO_MEMORY: { exit: 8, doc: 'the destination has too little free memory' },
   MIGRATION_DEST_MAINTENANCE: { exit: 8, doc: 'the destination is in maintenance and takes no incoming move' },

@@ -29,6 +29,8 @@ export type { Action, Request } from './schema.ts';
 import type { Action } from './schema.ts';
 import type { RelocationAnswers } from './relocation.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
+import type { Rule } from '../placement/rules.ts';
+import type { Balance } from '../placement/balance.ts';
 
 /**
  * Who may call what. `local`: the root-only unix socket. `admin`: a TLS client whose
@@ -71,6 +73,12 @@ export const ROLES = {
   'cluster.leave': MANAGE,
   'ha.set': MANAGE,
   'ha.status': MANAGE,
+  'rule.add': MANAGE,
+  'rule.list': MANAGE,
+  'rule.remove': MANAGE,
+  'cluster.cpu': MANAGE,
+  'cluster.place': MANAGE,
+  'cluster.balance': MANAGE,
   'relocation.begin': PEER,
   'relocation.prepare': PEER,
   'relocation.digest': PEER,
@@ -196,6 +204,8 @@ export interface Report {
   bandwidthMiBs: number | null;
   maxDowntimeMs: number;
   policy: string[];
+  /** --ignore-rules: the placement rules this move broke, in words (cluster mode). */
+  rulesIgnored?: string[];
   /** Guest RAM compared after the copy (qemu/memory.ts); `repairedBytes` arrived different and were rewritten from the source. */
   memoryCheck: { bytes: number; ms: number; repairedBytes: number; repairedChunks: number } | null;
   phase: string;
@@ -273,6 +283,8 @@ export type DomainInfo = DomainSummary & {
   stateDetail: unknown;
   pid: number | null;
   accel: string;
+  /** The CPU model it runs with (its own "cpu", the cluster's baseline, or the host's), or would start with; null when "cluster" cannot be resolved now. */
+  cpuModel: string | null;
   nics: { network: string; mac: string; ip: string | null; tap: string | null }[];
   consoleLog: string;
 };
@@ -288,6 +300,10 @@ export type HostInfo = {
   accelReason: string;
   cpuModel: string;
   cpuFeatures: string[];
+  /** ferryd.json "cpuCeiling", or null. */
+  cpuCeiling: string | null;
+  /** The CPU models a domain can run with here (within the ceiling, every feature available). */
+  cpuModels: string[];
   cpuUnavailable: string[];
   memory: {
     offeredMiB: number;
@@ -349,6 +365,27 @@ export type Progress = {
   disk?: { copied: number; total: number };
 };
 
+/** A move's place in its source's line (migration/queue.ts): an evacuation goes first, the balancer's moves last. */
+export const PRIORITIES = ['evacuation', 'operator', 'balance'] as const;
+export type MovePriority = (typeof PRIORITIES)[number];
+
+/** A move in its source host's line, or holding one of its slots. */
+export interface QueueView {
+  domain: string;
+  dest: string;
+  priority: MovePriority;
+  memoryMiB: number;
+  live: boolean;
+  /** running: holds a slot (its job shows the phase); queued: waits for one. */
+  state: 'queued' | 'running';
+  position: number | null;
+  since: string;
+  /** Waiting: why, in words. */
+  waitingFor: string | null;
+  /** When it is expected to be done, ms from now (its wait plus its own move), or null when unknown. */
+  etaMs: number | null;
+}
+
 /** A migration job as `ferry jobs` / `ferry job` show it. */
 export interface JobView {
   jobId: string;
@@ -365,6 +402,8 @@ export interface JobView {
   report: Report | null;
   error: { code: string; message: string } | null;
   history: { phase: string; at: number }[];
+  /** A move still in this host's line (phase "queued", no job yet): its place, priority, ETA (migration/queue.ts). */
+  queue?: QueueView;
 }
 
 /** What `ferry cancel` is told: the job is being cancelled (its report follows on the event stream). */
@@ -397,8 +436,13 @@ export interface ClusterHostFacts {
   engine: string;
   accel: string;
   cpuModel: string;
+  cpuModels: string[];
+  cpuCeiling: string | null;
   memoryMiB: number;
   freeMiB: number;
+  cores: number;
+  /** Each running domain's CPU use, cores, averaged over the load window. */
+  load: Record<string, number>;
   maintenance: boolean;
   networks: string[];
   relocation: string;
@@ -412,7 +456,18 @@ export interface ClusterFleet {
   /** false: that host cannot reach etcd now, so the view may be stale. */
   quorate: boolean;
   hosts: ClusterHostFacts[];
-  domains: ClusterDomainView[];
+  domains: (ClusterDomainView & { cpu: number | null })[];
+  /** The placement rules (`ferry rule list`). */
+  rules: Rule[];
+}
+
+/** `ferry cluster cpu`: the cluster's baseline CPU model and what each host can give. */
+export interface ClusterCpu {
+  baseline: string;
+  features: string[];
+  /** Every model all live hosts can give, most capable first. */
+  common: string[];
+  hosts: { name: string; ceiling: string | null; defaultModel: string; models: number; accel: string }[];
 }
 
 /** `ferry cluster status`. */
@@ -474,6 +529,12 @@ export interface Results {
   'cluster.leave': { host: string; left: true };
   'ha.set': ClusterDomainView;
   'ha.status': ClusterDomainView[];
+  'rule.add': Rule;
+  'rule.list': Rule[];
+  'rule.remove': { removed: string };
+  'cluster.cpu': ClusterCpu;
+  'cluster.place': { domain: string; to: string | null; why: string; broke: string[] };
+  'cluster.balance': Balance;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
   // The relocation answers' types come from their schemas (api/relocation.ts), which the source checks them with.

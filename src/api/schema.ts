@@ -32,7 +32,7 @@ export const ACTIONS = {
   'net.tunnels': params({}),
   'domain.list': params({}),
   'domain.info': params({ domain: str }),
-  'domain.create': params({ config: opaque, start: optBool }),
+  'domain.create': params({ config: opaque, start: optBool, paused: optBool }),
   'domain.start': params({ domain: str }),
   'domain.pause': params({ domain: str }),
   'domain.unpause': params({ domain: str }),
@@ -61,6 +61,9 @@ export const ACTIONS = {
     onTimeout: optOnTimeout,
     copyStorage: optBool,
     deleteSourceStorage: optBool,
+    priority: z.enum(['evacuation', 'operator', 'balance'], { error: 'must be one of evacuation, operator, balance' }).optional(),
+    /** Cluster mode: move even if a placement rule forbids it (the report names each rule broken). */
+    ignoreRules: optBool,
   }),
   // the autopilot's plan for a live move, moving nothing (`ferry migrate --plan`)
   'migration.plan': params({
@@ -88,6 +91,21 @@ export const ACTIONS = {
   'cluster.leave': params({}),
   'ha.set': params({ domain: str, on: z.boolean({ error: 'must be true or false' }), priority: optNum(-1000, 1000) }),
   'ha.status': params({}),
+  // placement (cluster mode): the rules (checked in depth by placement/rules.ts), the CPU baseline, a host for a domain, the balancer
+  'rule.add': params({
+    name: str,
+    kind: z.enum(['keep-apart', 'keep-together', 'prefer-hosts', 'avoid-hosts'], {
+      error: 'must be one of keep-apart, keep-together, prefer-hosts, avoid-hosts',
+    }),
+    domains: z.array(str, { error: 'must be a list of domain names' }).max(64, { error: 'at most 64 domains' }),
+    hosts: z.array(str, { error: 'must be a list of host names' }).max(64, { error: 'at most 64 hosts' }).optional(),
+  }),
+  'rule.list': params({}),
+  'rule.remove': params({ name: str }),
+  'cluster.cpu': params({}),
+  'cluster.place': params({ domain: str, ignoreRules: optBool }),
+  // threshold: percentage points from the fleet's mean (default 20)
+  'cluster.balance': params({ threshold: optNum(1, 100) }),
   // relocation (destination side, asked by a peer ferryd over TLS): the protocol's own module
   ...RELOCATION_ACTIONS,
 } as const;

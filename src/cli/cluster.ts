@@ -106,7 +106,7 @@ function parseMembers(v: string): { name: string; address: string }[] {
   });
 }
 
-export function registerCluster(prog: Command): void {
+export function registerCluster(prog: Command): Command {
   const cl = prog.command('cluster').description('cluster mode: shared state on etcd (README "Cluster mode")');
   cl.command('status')
     .description("the cluster as this host sees it: its lease, etcd's members and leader, live hosts, the HA manager")
@@ -115,6 +115,7 @@ export function registerCluster(prog: Command): void {
   registerClusterSetup(cl);
   registerHa(prog);
   registerEvents(prog);
+  return cl;
 }
 
 interface InitOpts {

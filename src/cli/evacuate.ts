@@ -6,9 +6,10 @@
  * finish, and said so).
  *
  *   1. HOST goes into maintenance: it starts nothing and takes no incoming move.
- *   2. Each running domain gets a destination (placement.ts) among --to, or HOST's peers
- *      (cluster mode: every live host, as HOST's etcd watch sees them: no host is polled);
- *      with --include-stopped, each shut-off one too (its definition moves, last).
+ *   2. Each running domain gets a destination (placement/place.ts, the same choice as an
+ *      HA restart's) among --to, or HOST's peers (cluster mode: every live host, as HOST's
+ *      etcd watch sees them, and the placement rules: no host is polled); with
+ *      --include-stopped, each shut-off one too (its definition moves, last).
  *   3. The autopilot predicts each move (migration.plan, which measures the guest), so
  *      the whole evacuation has an ETA, and the shortest moves go first.
  *   4. Up to --parallel moves at once per destination; one progress view.
@@ -20,7 +21,9 @@ import { resolveTarget } from './targets.ts';
 import type { DomainSummary, HostInfo, Progress, Report } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { table, printJson, act } from './output.ts';
-import { place, makespanMs, type Candidate, type Leaving } from './placement.ts';
+import { placeAll, makespanMs, type DomainView, type HostView } from '../placement/place.ts';
+import type { Rule } from '../placement/rules.ts';
+import type { ClusterHostFacts } from '../api/protocol.ts';
 
 interface EvacOpts {
   to?: string[];
@@ -78,13 +81,14 @@ export async function evacuate(
     throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 8');
   const src = resolveTarget(hostArg);
   const info = await call(src, 'host.info');
-  const { candidates, unreachable } = info.mode === 'cluster' ? await fromCluster(src, info, o.to) : await fromPeers(info, o.to);
+  const { candidates, unreachable, rules, where } =
+    info.mode === 'cluster' ? await fromCluster(src, info, o.to) : { ...(await fromPeers(info, o.to)), rules: [], where: new Map() };
   if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
   // HOST's events, for the whole run: moves' progress, and the end of moves an earlier run left.
   const events = o.plan ? undefined : await ApiClient.connect(src);
   try {
     if (events) await events.request('events.subscribe', {});
-    return await evacuateWith(o, onView, { t0, parallel, src, info, candidates, unreachable, events });
+    return await evacuateWith(o, onView, { t0, parallel, src, info, candidates, unreachable, rules, where, events });
   } finally {
     events?.close();
   }
@@ -94,17 +98,20 @@ export async function evacuate(
  * Standalone: each peer (or --to host) is asked what it offers now; an unreachable one is
  * no candidate, and said so.
  */
-async function fromPeers(info: HostInfo, to: string[] | undefined): Promise<{ candidates: Candidate[]; unreachable: string[] }> {
+export async function fromPeers(info: HostInfo, to: string[] | undefined): Promise<{ candidates: HostView[]; unreachable: string[] }> {
   const names = (to?.length ? to : Object.keys(info.peers)).filter((n) => n !== info.name);
-  const candidates: Candidate[] = [];
+  const candidates: HostView[] = [];
   const unreachable: string[] = [];
   for (const n of names) {
     try {
       const hi: HostInfo = await call(peerTarget(n, info.peers), 'host.info', {}, 10000);
       candidates.push({
         name: hi.name,
+        memoryMiB: hi.memory.offeredMiB,
         freeMiB: hi.memory.freeMiB,
         cpuModel: hi.cpuModel,
+        cpuModels: hi.cpuModels ?? null,
+        accel: hi.accel,
         networks: Object.keys(hi.networks),
         maintenance: hi.maintenance?.on === true,
       });
@@ -125,7 +132,7 @@ async function fromCluster(
   src: Target,
   info: HostInfo,
   to: string[] | undefined,
-): Promise<{ candidates: Candidate[]; unreachable: string[] }> {
+): Promise<{ candidates: HostView[]; unreachable: string[]; rules: Rule[]; where: Map<string, string> }> {
   const fleet = await call(src, 'cluster.fleet');
   if (!fleet.quorate)
     throw new FerryError(
@@ -134,14 +141,41 @@ async function fromCluster(
     );
   const live = new Map(fleet.hosts.map((h) => [h.name, h]));
   const names = (to?.length ? to : [...live.keys()]).filter((n) => n !== info.name);
-  const candidates: Candidate[] = [];
+  const candidates: HostView[] = [];
   const unreachable: string[] = [];
   for (const n of names) {
     const h = live.get(n);
     if (!h) unreachable.push(`${n} (no live cluster lease: down, or not a member)`);
-    else candidates.push({ name: h.name, freeMiB: h.freeMiB, cpuModel: h.cpuModel, networks: h.networks, maintenance: h.maintenance });
+    else candidates.push(clusterHostView(h));
   }
-  return { candidates, unreachable };
+  // Where every domain is (or is going): keep-apart and keep-together read it.
+  const where = new Map(fleet.domains.map((d) => [d.name, d.moving?.to ?? d.owner]));
+  return { candidates, unreachable, rules: fleet.rules, where };
+}
+
+/** A cluster host's published facts as placement sees them. */
+export function clusterHostView(h: ClusterHostFacts): HostView {
+  return {
+    name: h.name,
+    memoryMiB: h.memoryMiB,
+    freeMiB: h.freeMiB,
+    cpuModel: h.cpuModel,
+    cpuModels: h.cpuModels.length ? h.cpuModels : null,
+    accel: h.accel,
+    networks: h.networks,
+    maintenance: h.maintenance,
+    cores: h.cores,
+  };
+}
+
+/** What placing HOST's domains reads: HOST, the candidates (and who could not be asked), the rules and where every domain is. */
+interface Placing {
+  src: Target;
+  info: HostInfo;
+  candidates: HostView[];
+  unreachable: string[];
+  rules: Rule[];
+  where: Map<string, string>;
 }
 
 /** The budget of every live move of an evacuation (--max-downtime, --timeout). */
@@ -200,14 +234,10 @@ async function settleEarlier(
 }
 
 /** One row per domain of HOST: where it goes (placement.ts) and the autopilot's predicted time for each live move. */
-async function rowsFor(
-  all: DomainSummary[],
-  o: EvacOpts,
-  c: { src: Target; info: HostInfo; candidates: Candidate[]; unreachable: string[]; budget: Budget },
-): Promise<Row[]> {
+async function rowsFor(all: DomainSummary[], o: EvacOpts, c: Placing & { budget: Budget }): Promise<Row[]> {
   const { src, info, candidates, unreachable, budget } = c;
   const rows: Row[] = [];
-  const leaving: Leaving[] = [];
+  const leaving: DomainView[] = [];
   for (const d of all) {
     if (d.state === 'migrating-out' || d.state === 'incoming') {
       rows.push({
@@ -228,9 +258,17 @@ async function rowsFor(
     if (stopped && !o.includeStopped) continue;
     const di = await call(src, 'domain.info', { domain: d.name });
     const nics = ((di.config as { nics?: { network: string }[] }).nics ?? []).map((n) => n.network);
-    leaving.push({ name: d.name, memoryMiB: d.memoryMiB, networks: nics, cpuModel: info.cpuModel, stopped });
+    leaving.push({
+      name: d.name,
+      host: info.name,
+      memoryMiB: d.memoryMiB,
+      networks: [...new Set(nics)],
+      cpuModel: di.cpuModel ?? info.cpuModel,
+      accel: di.accel,
+      stopped,
+    });
   }
-  for (const a of place(leaving, candidates)) {
+  for (const a of placeAll(leaving, candidates, { rules: c.rules, where: c.where })) {
     const l = leaving.find((x) => x.name === a.domain)!;
     rows.push({
       domain: a.domain,
@@ -298,7 +336,9 @@ async function runMoves(
       const rep = await call(
         src,
         'migration.start',
-        r.move === 'live' ? { domain: r.domain, dest: r.to!, live: true, ...budget } : { domain: r.domain, dest: r.to! },
+        r.move === 'live'
+          ? { domain: r.domain, dest: r.to!, live: true, priority: 'evacuation' as const, ...budget }
+          : { domain: r.domain, dest: r.to!, priority: 'evacuation' as const },
       );
       if (rep.error) {
         r.state = 'failed';
@@ -329,24 +369,16 @@ async function runMoves(
 async function evacuateWith(
   o: EvacOpts,
   onView: ((rows: Row[], etaMs: number | null) => void) | undefined,
-  c: {
-    t0: number;
-    parallel: number;
-    src: Target;
-    info: HostInfo;
-    candidates: Candidate[];
-    unreachable: string[];
-    events: ApiClient | undefined;
-  },
+  c: Placing & { t0: number; parallel: number; events: ApiClient | undefined },
 ): Promise<EvacuationReport> {
-  const { t0, parallel, src, info, candidates, unreachable, events } = c;
+  const { t0, parallel, src, info, candidates, unreachable, rules, where, events } = c;
   // Moves still under way (an interrupted run's) finish first; what stays here is taken again.
   const all = await settleEarlier(src, events, onView);
   const budget = {
     ...(o.maxDowntime !== undefined ? { maxDowntimeMs: o.maxDowntime } : {}),
     ...(o.timeout !== undefined ? { timeoutS: o.timeout } : {}),
   };
-  const rows = await rowsFor(all, o, { src, info, candidates, unreachable, budget });
+  const rows = await rowsFor(all, o, { src, info, candidates, unreachable, rules, where, budget });
   // Shortest first, as the plan says; unknown predictions last among equals in size;
   // definitions after every live move.
   rows.sort(

@@ -162,6 +162,26 @@ export function registerLab(prog: Command): void {
   registerLabGuests(lab);
 }
 
+/** `lab up`'s options, as commander parses them. */
+interface UpOpts {
+  hosts: number;
+  segments: number;
+  hostMemory?: number;
+  stateSize?: number;
+  allowInsecure?: boolean;
+  cluster?: boolean;
+  cpuCeiling?: Record<string, string>;
+  movesOut?: number;
+  json?: boolean;
+}
+
+/** --cpu-ceiling HOST=MODEL, repeatable. */
+function ceilingOpt(v: string, prev: Record<string, string> = {}): Record<string, string> {
+  const [h, m] = v.split('=');
+  if (!h || !m) throw new FerryError('CLI_USAGE', `--cpu-ceiling must be HOST=MODEL, got "${v}"`);
+  return { ...prev, [h]: m };
+}
+
 /** lab up, down and status. */
 function registerLabLifecycle(lab: Command): void {
   lab
@@ -173,18 +193,16 @@ function registerLabLifecycle(lab: Command): void {
     .option('--state-size <MiB>', "give each host's state directory a tmpfs of this size (to test a full disk)", int('--state-size'))
     .option('--allow-insecure', 'hosts accept plain-TCP migration streams (relocation.allowInsecure)')
     .option('--cluster', 'cluster mode: an etcd member in every host (3 or more), mutual TLS, every ferryd joined')
+    .option(
+      '--cpu-ceiling <host=model>',
+      'cap a host\'s CPU models ("cpuCeiling" in its ferryd.json), as an older CPU in a mixed fleet; repeatable',
+      ceilingOpt,
+    )
+    .option('--moves-out <n>', "each host's limits.movesOut: outgoing moves at once, more wait in line", int('--moves-out'))
     .option('--json', 'JSON output')
     .action(
       act(
-        async (o: {
-          hosts: number;
-          segments: number;
-          hostMemory?: number;
-          stateSize?: number;
-          allowInsecure?: boolean;
-          cluster?: boolean;
-          json?: boolean;
-        }) => {
+        async (o: UpOpts) => {
           const tty = isTty() && !o.json;
           return labUp({
             hosts: o.hosts,
@@ -193,6 +211,8 @@ function registerLabLifecycle(lab: Command): void {
             stateMiB: o.stateSize,
             allowInsecure: o.allowInsecure,
             cluster: o.cluster,
+            cpuCeiling: o.cpuCeiling,
+            movesOut: o.movesOut,
             progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
           });
         },

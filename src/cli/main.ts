@@ -16,6 +16,7 @@ import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
 import { registerCluster, printClusterDomains } from './cluster.ts';
 import { registerMigrate } from './migrate.ts';
+import { registerPlacement } from './placement.ts';
 import { FERRY_VERSION } from '../version.ts';
 import type { DomainSummary, DomainInfo, HostInfo, TunnelView } from '../api/protocol.ts';
 
@@ -133,10 +134,16 @@ function registerDomainVerbs(prog: Command): void {
   domainVerb(prog, 'create', 'define a domain from a config file and start it')
     .argument('<file>')
     .option('--defer-start', 'define only (start later with `ferry start`)')
+    .option('-p, --paused', 'start it with its vCPUs stopped, as xm create -p (`ferry unpause` runs it)')
     .action(
       act(
-        async (file: string, o: { deferStart?: boolean }, cmd: Command) =>
-          call(resolveTarget(hostOpt(cmd)), 'domain.create', { config: readConfigFile(file), start: !o.deferStart }, 0),
+        async (file: string, o: { deferStart?: boolean; paused?: boolean }, cmd: Command) =>
+          call(
+            resolveTarget(hostOpt(cmd)),
+            'domain.create',
+            { config: readConfigFile(file), start: !o.deferStart, ...(o.paused ? { paused: true } : {}) },
+            0,
+          ),
         (r) => process.stdout.write(`Started domain ${r.name} (id ${r.id ?? '-'}) on ${r.host}\n`),
       ),
     );
@@ -375,7 +382,7 @@ export function buildProgram(): Command {
   registerTrust(prog);
 
   registerMigrate(prog);
-  registerCluster(prog);
+  registerPlacement(prog, registerCluster(prog));
   registerLab(prog);
   return prog;
 }

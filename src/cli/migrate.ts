@@ -12,6 +12,8 @@ import type { Report, JobView, Progress, EventMsg, PlanView } from '../api/proto
 /** What `job abort` and `job resolve` answer. */
 type JobAnswer = { domain: string; cancelling: true } | { domain: string; settledBy: 'operator' | 'destination'; runsOn: string };
 import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
+import { choose } from '../placement/place.ts';
+import { fromPeers } from './evacuate.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {
@@ -47,6 +49,7 @@ export function printReport(r: Report): void {
       r.networkHandoverMs === null ? '-' : `${r.networkHandoverMs} ms (the guest's first answer on its address after it resumed there)`,
     ]);
   for (const w of r.warnings ?? []) rows.push(['WARNING', w]);
+  if (r.rulesIgnored?.length) rows.push(['RULES IGNORED', r.rulesIgnored.join('; ')]);
   if (r.guestDowntimeMs !== undefined)
     rows.push([
       'guest-perceived downtime',
@@ -136,6 +139,42 @@ interface MigrateOpts {
   plan?: boolean;
   strategy?: string;
   onTimeout?: string;
+  ignoreRules?: boolean;
+}
+
+/**
+ * `ferry migrate DOMAIN` without a destination: placement picks one (placement/place.ts),
+ * the same choice an evacuation or an HA restart makes. Cluster mode: the source host
+ * answers from its etcd watches, rules included; standalone: each peer is asked.
+ */
+async function pickDest(hostArg: string | undefined, domain: string, ignoreRules: boolean): Promise<{ to: string; why: string }> {
+  const src = resolveTarget(hostArg);
+  const info = await call(src, 'host.info');
+  if (info.mode === 'cluster') {
+    const c = await call(src, 'cluster.place', { domain, ignoreRules });
+    return { to: c.to!, why: c.why };
+  }
+  const di = await call(src, 'domain.info', { domain });
+  const { candidates, unreachable } = await fromPeers(info, undefined);
+  const c = choose(
+    {
+      name: domain,
+      host: info.name,
+      memoryMiB: di.memoryMiB,
+      cpuModel: di.cpuModel ?? info.cpuModel,
+      accel: di.accel,
+      networks: di.nics.map((n) => n.network),
+      stopped: di.state !== 'running' && di.state !== 'paused',
+    },
+    candidates,
+    { rules: [], where: new Map() },
+  );
+  if (!c.to)
+    throw new FerryError(
+      'PLACEMENT_NONE',
+      `No host can take "${domain}": ${c.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`,
+    );
+  return { to: c.to, why: c.why };
 }
 
 /** The options `--plan` and a move share, as API params. */
@@ -162,7 +201,12 @@ function budgetParams(o: MigrateOpts): Record<string, unknown> {
   return params;
 }
 
-async function migrate(hostArg: string | undefined, domain: string, dest: string, o: MigrateOpts): Promise<number> {
+async function migrate(
+  hostArg: string | undefined,
+  move: { domain: string; dest: string; picked?: { to: string; why: string } },
+  o: MigrateOpts,
+): Promise<number> {
+  const { domain, dest, picked } = move;
   const c = await ApiClient.connect(resolveTarget(hostArg));
   const tty = !o.json && !!process.stderr.isTTY;
   let lastLen = 0;
@@ -199,11 +243,12 @@ async function migrate(hostArg: string | undefined, domain: string, dest: string
     if (o.probe === false) params.probeGuest = false;
     if (o.copyStorage) params.copyStorage = true;
     if (o.deleteSourceStorage) params.deleteSourceStorage = true;
+    if (o.ignoreRules) params.ignoreRules = true;
     try {
       // The answer is the job's report, failures included; `error` says why.
       const r = await c.request('migration.start', params);
       if (tty && lastLen) process.stderr.write('\n');
-      if (o.json) printJson(r);
+      if (o.json) printJson(picked ? { ...r, placement: picked } : r);
       else printReport(r);
       if (!r.error) return 0;
       const fe = new FerryError(isErrorCode(r.error.code) ? r.error.code : 'MIGRATION_FAILED', r.error.message);
@@ -239,12 +284,23 @@ function printJobs(rows: JobView[]): void {
       j.role,
       j.mode,
       j.peer,
-      j.waiting ? `${j.phase} (${j.phase === 'postcopy' ? 'resuming the stream' : 'asking'}, try ${j.waiting.attempts})` : j.phase,
-      j.progress ? `${j.progress.percent.toFixed(0)}%` : '-',
+      j.queue
+        ? `queued #${j.queue.position} (${j.queue.priority})`
+        : j.waiting
+          ? `${j.phase} (${j.phase === 'postcopy' ? 'resuming the stream' : 'asking'}, try ${j.waiting.attempts})`
+          : j.phase,
+      j.queue
+        ? j.queue.etaMs === null
+          ? '-'
+          : `ETA ${Math.ceil(j.queue.etaMs / 1000)} s`
+        : j.progress
+          ? `${j.progress.percent.toFixed(0)}%`
+          : '-',
       j.startedAt,
       j.report?.outcome ?? (j.error ? 'failed' : '-'),
     ]);
   process.stdout.write(table(out, ['l', 'l', 'l', 'l', 'l', 'r', 'l', 'l']));
+  for (const j of rows) if (j.queue?.waitingFor) process.stdout.write(`${j.domain}: waiting for ${j.queue.waitingFor}\n`);
   for (const j of rows) {
     if (!j.waiting) continue;
     if (j.phase === 'postcopy') {
@@ -273,7 +329,10 @@ function registerMigrateVerb(prog: Command): void {
     .command('migrate')
     .description('move a domain to another host (offline; -l for live), as xm migrate')
     .argument('<domain>')
-    .argument('[dest]', 'host name, address or address:port')
+    .argument(
+      '[dest]',
+      'host name, address or address:port; without it ferry picks one (the placement rules, CPU, networks, memory) and says why',
+    )
     .option('-l, --live', 'live migration (the autopilot picks pre-copy or post-copy for the budget)')
     .option('--bandwidth <MiB/s>', 'cap the migration stream (default: uncapped)', num('--bandwidth', 1))
     .option('--max-downtime <ms>', 'longest pause allowed for the final switchover (default 300)', num('--max-downtime', 1))
@@ -311,8 +370,13 @@ function registerMigrateVerb(prog: Command): void {
       'at --timeout, still in pre-copy: postcopy (default where allowed), suspend (stop the guest to finish), or cancel',
     )
     .option('--cancel', "cancel the domain's migration in progress (same as `ferry job abort`)")
+    .option(
+      '--ignore-rules',
+      'cluster mode: move even where a placement rule forbids it (`ferry rule list`); the report names each rule broken',
+    )
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: MigrateOpts, cmd: Command) => {
+      let picked: { to: string; why: string } | undefined;
       try {
         if (o.cancel) {
           const r = await call(resolveTarget(hostOpt(cmd)), 'migration.cancel', { domain });
@@ -320,14 +384,19 @@ function registerMigrateVerb(prog: Command): void {
           else process.stdout.write(`Cancelling the migration of ${domain}\n`);
           return;
         }
-        if (!dest) throw new FerryError('CLI_USAGE', 'missing destination: ferry migrate DOMAIN DEST [-l]');
+        if (!dest) {
+          const p = await pickDest(hostOpt(cmd), domain, !!o.ignoreRules);
+          dest = p.to;
+          picked = p;
+          if (!o.json) process.stderr.write(`ferry picked ${p.to} for ${domain}: ${p.why}\n`);
+        }
         if (o.plan) {
           const v = await call(resolveTarget(hostOpt(cmd)), 'migration.plan', { domain, dest, ...budgetParams(o) }, 60000);
-          if (o.json) printJson(v);
+          if (o.json) printJson(picked ? { ...v, placement: picked } : v);
           else printPlan(v);
           return;
         }
-        process.exitCode = await migrate(hostOpt(cmd), domain, dest, o);
+        process.exitCode = await migrate(hostOpt(cmd), { domain, dest, picked }, o);
       } catch (e) {
         process.exitCode = reportError(e, !!o.json);
       }

@@ -1,101 +1,201 @@
 /**
- * Where each domain of a host being evacuated goes, and when it is done: pure, so it is
- * unit-tested and `ferry host evacuate --plan` shows exactly what the real run does.
- *
- * Order: small and quiet first (least RAM, then least dirtied): they free a slot fast and
- * rarely fail, so the long moves start with the most known. Each domain goes to the
- * compatible host with the most memory left after what was already assigned to it
- * (spreading the load; every domain moves once). Compatible: not in maintenance, the
- * same CPU model, every network the domain's NICs name, enough free memory. A shut-off
- * domain (evacuate --include-stopped) moves as its definition: it needs no memory now.
+ * Placement's verbs (cluster mode): `ferry rule add|list|remove`, `ferry cluster cpu`,
+ * `ferry cluster balance [--apply]`. Any host of the cluster answers (its etcd watches);
+ * `--apply` asks each move's source host to run it, as `ferry migrate` would, with the
+ * balancer's priority (after evacuations and operators' moves in that host's line).
  */
+import type { Command } from 'commander';
+import { FerryError, asFerryError } from '../errors.ts';
+import { call, type Target } from '../api/client.ts';
+import { resolveTarget } from './targets.ts';
+import { act, hostOpt, table } from './output.ts';
+import type { ClusterCpu, Report } from '../api/protocol.ts';
+import { describeRule, type Rule } from '../placement/rules.ts';
+import type { Balance, BalanceMove } from '../placement/balance.ts';
 
-export interface Candidate {
-  name: string;
-  freeMiB: number;
-  cpuModel: string;
-  networks: string[];
-  maintenance: boolean;
-}
-export interface Leaving {
-  name: string;
-  memoryMiB: number;
-  networks: string[];
-  cpuModel: string;
-  dirtyRateMBps?: number | null;
-  /** Shut off: only its definition moves, so it needs no free memory now (it goes after the running ones). */
-  stopped?: boolean;
-}
-export interface Assignment {
-  domain: string;
-  to: string | null;
-  why: string;
+const KINDS = ['keepApart', 'keepTogether', 'preferHosts', 'avoidHosts'] as const;
+const KIND_OF = { keepApart: 'keep-apart', keepTogether: 'keep-together', preferHosts: 'prefer-hosts', avoidHosts: 'avoid-hosts' } as const;
+
+interface RuleOpts {
+  keepApart?: string[];
+  keepTogether?: string[];
+  preferHosts?: string[];
+  avoidHosts?: string[];
+  domains?: string[];
 }
 
-export function place(domains: Leaving[], candidates: Candidate[]): Assignment[] {
-  const left = new Map(candidates.map((c) => [c.name, c.freeMiB]));
-  const order = [...domains].sort(
-    (a, b) =>
-      Number(!!a.stopped) - Number(!!b.stopped) ||
-      a.memoryMiB - b.memoryMiB ||
-      (a.dirtyRateMBps ?? 0) - (b.dirtyRateMBps ?? 0) ||
-      a.name.localeCompare(b.name),
-  );
-  return order.map((d) => {
-    const need = d.stopped ? 0 : d.memoryMiB;
-    const why: string[] = [];
-    const fit = candidates.filter((c) => {
-      if (c.maintenance) {
-        why.push(`${c.name} is in maintenance`);
-        return false;
-      }
-      if (c.cpuModel !== d.cpuModel) {
-        why.push(`${c.name} runs CPU model ${c.cpuModel}, not ${d.cpuModel}`);
-        return false;
-      }
-      const miss = d.networks.filter((n) => !c.networks.includes(n));
-      if (miss.length) {
-        why.push(`${c.name} lacks network ${miss.join(', ')}`);
-        return false;
-      }
-      if ((left.get(c.name) ?? 0) < need) {
-        why.push(`${c.name} has ${left.get(c.name) ?? 0} MiB free, needs ${need}`);
-        return false;
-      }
-      return true;
-    });
-    if (!fit.length)
-      return {
-        domain: d.name,
-        to: null,
-        why: candidates.length ? why.join('; ') : 'no other host to move to (--to, or "peers" in ferryd.json)',
-      };
-    const best = fit.reduce((a, b) => ((left.get(b.name) ?? 0) > (left.get(a.name) ?? 0) ? b : a));
-    left.set(best.name, (left.get(best.name) ?? 0) - need);
-    return {
-      domain: d.name,
-      to: best.name,
-      why: d.stopped
-        ? `shut off: its definition moves (to the host with the most memory left, ${left.get(best.name) ?? 0} MiB)`
-        : `most memory left (${(left.get(best.name) ?? 0) + need} MiB free before it)`,
-    };
-  });
-}
-
-/**
- * The whole evacuation's time: moves to one destination run `parallel` at a time, each
- * destination in parallel with the others; each move takes its predicted time (the
- * autopilot's plan), in the order given. The makespan of that schedule, ms.
- */
-export function makespanMs(moves: { to: string; ms: number }[], parallel: number): number {
-  const lanes = new Map<string, number[]>();
-  let end = 0;
-  for (const m of moves) {
-    const l = lanes.get(m.to) ?? Array.from({ length: Math.max(1, parallel) }, () => 0);
-    lanes.set(m.to, l);
-    const i = l.indexOf(Math.min(...l));
-    l[i] += m.ms;
-    end = Math.max(end, l[i]);
+/** The one rule the options describe: exactly one kind; prefer/avoid name hosts and take --domains. */
+export function ruleFromOpts(name: string, o: RuleOpts): { name: string; kind: Rule['kind']; domains: string[]; hosts: string[] } {
+  const given = KINDS.filter((k) => o[k]?.length);
+  if (given.length !== 1)
+    throw new FerryError(
+      'CLI_USAGE',
+      'give exactly one of --keep-apart DOMAIN..., --keep-together DOMAIN..., --prefer-hosts HOST... --domains DOMAIN..., --avoid-hosts HOST... --domains DOMAIN...',
+    );
+  const k = given[0];
+  if (k === 'keepApart' || k === 'keepTogether') {
+    if (o.domains?.length) throw new FerryError('CLI_USAGE', `--${KIND_OF[k]} names its domains itself; drop --domains`);
+    return { name, kind: KIND_OF[k], domains: o[k]!, hosts: [] };
   }
-  return end;
+  if (!o.domains?.length) throw new FerryError('CLI_USAGE', `--${KIND_OF[k]} needs --domains DOMAIN... (the domains the rule is about)`);
+  return { name, kind: KIND_OF[k], domains: o.domains, hosts: o[k]! };
+}
+
+export function registerPlacement(prog: Command, cluster: Command): void {
+  const rule = prog.command('rule').description('placement rules: keep domains apart or together, prefer or avoid hosts (cluster mode)');
+  const list = (v: string, prev: string[] = []): string[] => [...prev, v];
+  rule
+    .command('add')
+    .argument('<name>')
+    .option('--keep-apart <domain...>', 'these domains never share a host (hard)')
+    .option('--keep-together <domain...>', 'these domains always share one host (hard)')
+    .option('--prefer-hosts <host...>', '--domains run on these hosts when they can (soft)')
+    .option('--avoid-hosts <host...>', '--domains stay off these hosts when they can (soft)')
+    .option('--domains <domain...>', 'with --prefer-hosts or --avoid-hosts: the domains the rule is about', list)
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (name: string, o: RuleOpts, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'rule.add', ruleFromOpts(name, o)),
+        (r) => process.stdout.write(`rule ${r.name} added: ${describeRule(r)}\n`),
+      ),
+    );
+  rule
+    .command('list')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'rule.list'),
+        (rs) =>
+          process.stdout.write(
+            rs.length
+              ? table([['Rule', 'Kind', 'Meaning'], ...rs.map((r) => [r.name, r.kind, describeRule(r)])], ['l', 'l', 'l'])
+              : 'no placement rules\n',
+          ),
+      ),
+    );
+  rule
+    .command('remove')
+    .argument('<name>')
+    .option('--json', 'JSON output')
+    .action(
+      act(
+        async (name: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'rule.remove', { name }),
+        (r) => process.stdout.write(`rule ${r.removed} removed\n`),
+      ),
+    );
+
+  cluster
+    .command('cpu')
+    .description('the cluster\'s baseline CPU model (what "cpu": "cluster" gives a domain) and what each host can give')
+    .option('--json', 'JSON output')
+    .action(act(async (_o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'cluster.cpu'), printCpu));
+
+  cluster
+    .command('balance')
+    .description('recommend moves that bring every host within --threshold of the mean memory and CPU load; --apply runs them')
+    .option('--threshold <percent>', 'how far from the mean a host may be, percentage points', (v) => Number(v), 20)
+    .option('--apply', 'run the recommended moves (live), each from its host, after evacuations in its line')
+    .option('--json', 'JSON output')
+    .action(
+      act(async (o: { threshold: number; apply?: boolean }, cmd: Command) => {
+        if (!Number.isFinite(o.threshold) || o.threshold < 1 || o.threshold > 100)
+          throw new FerryError('CLI_USAGE', '--threshold must be a number of percentage points from 1 to 100');
+        return balanceCmd(resolveTarget(hostOpt(cmd)), o.threshold, !!o.apply);
+      }, printBalance),
+    );
+}
+
+function printCpu(r: ClusterCpu): void {
+  process.stdout.write(
+    `baseline: ${r.baseline} (${r.features.length} features); every host can give: ${r.common.slice(0, 12).join(', ')}${r.common.length > 12 ? ', …' : ''}\n\n` +
+      table(
+        [
+          ['Host', 'Accel', 'Ceiling', 'Default model', 'Models it can give'],
+          ...r.hosts.map((h) => [h.name, h.accel, h.ceiling ?? '-', h.defaultModel, h.models]),
+        ],
+        ['l', 'l', 'l', 'l', 'r'],
+      ),
+  );
+}
+
+interface BalanceResult extends Balance {
+  /** Each move's predicted time (the autopilot's plan) and, with --apply, its outcome. */
+  plan: (BalanceMove & { predictedMs: number | null; outcome?: string; error?: { code: string; message: string } })[];
+  applied: boolean;
+}
+
+/** Where a host's API is: its lab socket, or its relocation address in the cluster. */
+async function balanceCmd(t: Target, threshold: number, apply: boolean): Promise<BalanceResult> {
+  const b = await call(t, 'cluster.balance', { threshold });
+  const plan: BalanceResult['plan'] = [];
+  for (const m of b.moves) {
+    const src = resolveTarget(m.from);
+    // The autopilot's prediction (it measures the guest): the move's cost, before it is applied.
+    const predictedMs = await call(src, 'migration.plan', { domain: m.domain, dest: m.to }, 30000).then(
+      (pv) => pv.predictions.find((p) => p.strategy === pv.pick)?.totalMs ?? null,
+      () => null,
+    );
+    plan.push({ ...m, predictedMs });
+  }
+  if (apply)
+    await Promise.all(
+      plan.map(async (m) => {
+        try {
+          const r: Report = await call(
+            resolveTarget(m.from),
+            'migration.start',
+            { domain: m.domain, dest: m.to, live: true, priority: 'balance' },
+            0,
+          );
+          m.outcome = r.outcome;
+          if (r.error) m.error = r.error;
+        } catch (e) {
+          const fe = asFerryError(e);
+          m.outcome = 'failed';
+          m.error = { code: fe.code, message: fe.message };
+        }
+      }),
+    );
+  if (apply && plan.some((m) => m.outcome !== 'succeeded')) process.exitCode = new FerryError('MIGRATION_FAILED', '').exitCode;
+  return { ...b, plan, applied: apply };
+}
+
+function printBalance(r: BalanceResult): void {
+  const pct = (x: number): string => `${Math.round(x * 100)}%`;
+  const out: string[] = [
+    `mean load: memory ${pct(r.mean.mem)}, CPU ${pct(r.mean.cpu)}; threshold ${pct(r.threshold)}`,
+    table(
+      [
+        ['Host', 'Memory', 'CPU', 'After: memory', 'CPU'],
+        ...r.before.map((l) => {
+          const a = r.after.find((x) => x.host === l.host)!;
+          return [l.host, pct(l.mem), pct(l.cpu), pct(a.mem), pct(a.cpu)];
+        }),
+      ],
+      ['l', 'r', 'r', 'r', 'r'],
+    ).trimEnd(),
+  ];
+  if (!r.cpuJudged)
+    out.push(
+      `CPU not judged: ${r.unmeasured.join(', ')} ${r.unmeasured.length > 1 ? 'have' : 'has'} run on ${r.unmeasured.length > 1 ? 'their' : 'its'} host too briefly to measure (15 s); memory only`,
+    );
+  if (!r.plan.length) out.push(r.stuck ? `No move recommended: ${r.stuck}` : 'Balanced: no move recommended.');
+  else
+    out.push(
+      table(
+        [
+          ['Domain', 'From', 'To', 'Memory', 'Predicted', r.applied ? 'Outcome' : 'Why'],
+          ...r.plan.map((m) => [
+            m.domain,
+            m.from,
+            m.to,
+            `${m.memoryMiB} MiB`,
+            m.predictedMs === null ? '?' : `${(m.predictedMs / 1000).toFixed(1)} s`,
+            r.applied ? (m.error ? `${m.outcome}: ${m.error.code}` : (m.outcome ?? '')) : m.why,
+          ]),
+        ],
+        ['l', 'l', 'l', 'r', 'r', 'l'],
+      ).trimEnd(),
+    );
+  process.stdout.write(out.join('\n') + '\n');
 }

@@ -26,6 +26,9 @@ import type { EventLog } from './events.ts';
 import type { Ownership } from './ownership.ts';
 import { ALIVE, HA_ELECTION, HOSTS, aliveKey, nameOfKey, parseHostFacts, type HostFacts, type OwnerRecord } from './records.ts';
 import { monoMs } from './member.ts';
+import { readRules } from './rules.ts';
+import { choose, type HostView } from '../placement/place.ts';
+import type { Rule } from '../placement/rules.ts';
 
 export interface HaTimings {
   ttlS: number;
@@ -33,30 +36,53 @@ export interface HaTimings {
   restartDelayS: number;
 }
 
+/** A host's published facts as placement sees them (placement/place.ts). */
+export function hostView(h: HostFacts): HostView {
+  return {
+    name: h.name,
+    memoryMiB: h.memoryMiB,
+    freeMiB: h.freeMiB,
+    cpuModels: h.cpuModels.length ? h.cpuModels : null,
+    cpuModel: h.cpuModel,
+    accel: h.accel,
+    networks: h.networks,
+    maintenance: h.maintenance,
+    cores: h.cores,
+  };
+}
+
+/** The networks a domain's NICs name, from its config as a record holds it. */
+export function networksOf(config: Record<string, unknown>): string[] {
+  const nics = (config.nics as { network?: unknown }[] | undefined) ?? [];
+  return [...new Set(nics.map((n) => n.network).filter((n): n is string => typeof n === 'string'))];
+}
+
 /**
- * Where a dead host's domain restarts: a live host, not in maintenance, with the same
- * CPU model and accelerator, every network its NICs name, with room for it (counting restarts already placed in
- * this round); the one with the most free memory. A reason if there is none.
+ * Where a dead host's domain restarts: placement's one choice (placement/place.ts: a
+ * live host that can run it, with room, counting restarts already placed this round,
+ * within the rules), where a soft rule (prefer/avoid) may give way when nothing else
+ * is left, and says so; a hard one never. A reason if there is no host.
  */
-export function placeRestart(rec: OwnerRecord, hosts: HostFacts[], placed: Map<string, number>): { host: string } | { why: string } {
+export function placeRestart(
+  rec: OwnerRecord,
+  hosts: HostFacts[],
+  o: { placed: Map<string, number>; where: Map<string, string>; rules: Rule[] },
+): { host: string; broke: string[] } | { why: string } {
   if (!rec.restartable.ok) return { why: rec.restartable.why };
-  const why: string[] = [];
-  let best: { host: string; free: number } | undefined;
-  const nics = (rec.config.nics as { network?: unknown }[] | undefined) ?? [];
-  const nets = [...new Set(nics.map((n) => n.network).filter((n): n is string => typeof n === 'string'))];
-  for (const h of hosts) {
-    if (h.name === rec.owner) continue;
-    const free = h.freeMiB - (placed.get(h.name) ?? 0);
-    const missing = nets.filter((n) => !h.networks.includes(n));
-    if (h.maintenance) why.push(`${h.name}: in maintenance`);
-    else if (h.cpuModel !== rec.cpuModel || h.accel !== rec.accel)
-      why.push(`${h.name}: ${h.cpuModel}/${h.accel}, the domain needs ${rec.cpuModel}/${rec.accel}`);
-    else if (missing.length) why.push(`${h.name}: lacks network ${missing.join(', ')}`);
-    else if (free < rec.memoryMiB) why.push(`${h.name}: ${free} MiB free, needs ${rec.memoryMiB}`);
-    else if (!best || free > best.free) best = { host: h.name, free };
-  }
-  if (best) return { host: best.host };
-  return { why: why.length ? why.join('; ') : 'no other live host in the cluster' };
+  const c = choose(
+    {
+      name: rec.name,
+      host: rec.owner,
+      memoryMiB: rec.memoryMiB,
+      cpuModel: rec.cpuModel,
+      accel: rec.accel,
+      networks: networksOf(rec.config),
+    },
+    hosts.map(hostView),
+    { placed: o.placed, where: o.where, rules: o.rules, softMayBreak: true },
+  );
+  if (c.to) return { host: c.to, broke: c.broke };
+  return { why: hosts.some((h) => h.name !== rec.owner) ? c.why : 'no other live host in the cluster' };
 }
 
 interface Deps {
@@ -269,18 +295,24 @@ export class HaManager {
       const hosts = keyed.filter((h) => !silent(h.name));
       const live = new Set(hosts.map((h) => h.name));
       const withKey = new Set(keyed.map((h) => h.name));
-      const recs = (await this.d.ownership.list()).filter(
+      const all = await this.d.ownership.list();
+      const recs = all.filter(
         (r) => r.value.ha && !live.has(r.value.owner) && (r.value.state === 'running' || r.value.state === 'restarting'),
       );
       recs.sort((a, b) => (b.value.ha?.priority ?? 0) - (a.value.ha?.priority ?? 0) || a.value.name.localeCompare(b.value.name));
-      const placed = new Map<string, number>();
+      // Where every domain is: keep-apart and keep-together read it (a restart updates it).
+      const round = {
+        placed: new Map<string, number>(),
+        where: new Map(all.map((r) => [r.value.name, r.value.owner])),
+        rules: recs.length ? (await readRules(this.d.etcd)).value : [],
+      };
       for (const r of recs) {
         const owner = r.value.owner;
         if (withKey.has(owner)) {
           // Silent with a lease etcd still keeps: restart, if the heartbeat is still the one read.
           this.reportSilent(owner);
-          await this.restart(r, hosts, placed, { key: aliveKey(owner), modRevision: beats.get(owner)! });
-        } else if (this.due(owner) && (await this.d.ownership.leaseGone(r.value.lease))) await this.restart(r, hosts, placed);
+          await this.restart(r, hosts, round, { key: aliveKey(owner), modRevision: beats.get(owner)! });
+        } else if (this.due(owner) && (await this.d.ownership.leaseGone(r.value.lease))) await this.restart(r, hosts, round);
       }
     } catch (e) {
       this.d.log.warn('HA sweep failed', { error: String(e) });
@@ -343,11 +375,11 @@ export class HaManager {
   private async restart(
     r: Versioned<OwnerRecord>,
     hosts: HostFacts[],
-    placed: Map<string, number>,
+    round: { placed: Map<string, number>; where: Map<string, string>; rules: Rule[] },
     guard?: { key: string; modRevision: string },
   ): Promise<void> {
     const rec = r.value;
-    const where = placeRestart(rec, hosts, placed);
+    const where = placeRestart(rec, hosts, round);
     const tag = `${rec.name}#${rec.generation}`;
     if ('why' in where) {
       if (!this.reported.has(tag)) {
@@ -364,8 +396,17 @@ export class HaManager {
     }
     const note = `restarted by the HA manager (${this.d.me}): ${rec.owner} ${guard ? 'went silent' : 'lost its lease'}`;
     if (await this.d.ownership.assign(r, where.host, note, guard)) {
-      placed.set(where.host, (placed.get(where.host) ?? 0) + rec.memoryMiB);
-      this.d.log.info('HA restart assigned', { domain: rec.name, from: rec.owner, to: where.host });
+      round.placed.set(where.host, (round.placed.get(where.host) ?? 0) + rec.memoryMiB);
+      round.where.set(rec.name, where.host);
+      this.d.log.info('HA restart assigned', { domain: rec.name, from: rec.owner, to: where.host, broke: where.broke });
+      // A soft rule given way to is never silent: the event log says which and why.
+      if (where.broke.length)
+        void this.d.events.add({
+          type: 'rule-broken',
+          domain: rec.name,
+          host: where.host,
+          detail: `${rec.name} restarted on ${where.host} against a soft rule, no other host being left: ${where.broke.join('; ')}`,
+        });
     }
   }
 }

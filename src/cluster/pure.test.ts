@@ -6,6 +6,7 @@ import { parseFeed } from './watchdog.ts';
 import { etcdEnv } from './etcdconf.ts';
 import { FerryError } from '../errors.ts';
 import type { HostFacts, OwnerRecord } from './records.ts';
+import type { Rule } from '../placement/rules.ts';
 
 const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
   name,
@@ -13,8 +14,12 @@ const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
   engine: '10.0.2',
   accel: 'tcg',
   cpuModel: 'qemu64',
+  cpuModels: ['qemu64', 'Nehalem'],
+  cpuCeiling: null,
   memoryMiB: 4096,
   freeMiB: 2048,
+  cores: 2,
+  load: {},
   maintenance: false,
   networks: [],
   relocation: 'x:8002',
@@ -41,20 +46,47 @@ const rec = (over: Partial<OwnerRecord> = {}): OwnerRecord => ({
   ...over,
 });
 
+const none: Rule[] = [];
+const at = (placed: [string, number][] = [], where: [string, string][] = [], rules = none) => ({
+  placed: new Map(placed),
+  where: new Map(where),
+  rules,
+});
+
 test('placeRestart: the compatible live host with the most free memory, counting what this round placed', () => {
   const hosts = [host('dead'), host('a', { freeMiB: 1500 }), host('b', { freeMiB: 3000 }), host('c', { maintenance: true, freeMiB: 9000 })];
-  assert.deepEqual(placeRestart(rec(), hosts, new Map()), { host: 'b' });
-  assert.deepEqual(placeRestart(rec(), hosts, new Map([['b', 2500]])), { host: 'a' });
-  const none = placeRestart(rec({ memoryMiB: 4000 }), hosts, new Map());
-  assert.ok('why' in none && /a: 1500 MiB free/.test(none.why) && /c: in maintenance/.test(none.why), JSON.stringify(none));
-  const cpu = placeRestart(rec({ cpuModel: 'EPYC' }), [host('a')], new Map());
-  assert.ok('why' in cpu && /qemu64\/tcg, the domain needs EPYC\/tcg/.test(cpu.why));
-  assert.deepEqual(placeRestart(rec({ restartable: { ok: false, why: 'local disk' } }), hosts, new Map()), { why: 'local disk' });
-  assert.deepEqual(placeRestart(rec(), [host('dead')], new Map()), { why: 'no other live host in the cluster' });
+  assert.deepEqual(placeRestart(rec(), hosts, at()), { host: 'b', broke: [] });
+  assert.deepEqual(placeRestart(rec(), hosts, at([['b', 2500]])), { host: 'a', broke: [] });
+  const full = placeRestart(rec({ memoryMiB: 4000 }), hosts, at());
+  assert.ok('why' in full && /a has 1500 MiB free/.test(full.why) && /c is in maintenance/.test(full.why), JSON.stringify(full));
+  // A CPU model the host cannot give (its QEMU, accelerator or ceiling): never there.
+  const cpu = placeRestart(rec({ cpuModel: 'EPYC' }), [host('a')], at());
+  assert.ok('why' in cpu && /a cannot give CPU model EPYC/.test(cpu.why), JSON.stringify(cpu));
+  assert.deepEqual(placeRestart(rec({ cpuModel: 'Nehalem' }), [host('a', { cpuModels: ['qemu64'] }), host('b', { freeMiB: 1100 })], at()), {
+    host: 'b',
+    broke: [],
+  });
+  assert.deepEqual(placeRestart(rec({ restartable: { ok: false, why: 'local disk' } }), hosts, at()), { why: 'local disk' });
+  assert.deepEqual(placeRestart(rec(), [host('dead')], at()), { why: 'no other live host in the cluster' });
   // A NIC's network must exist on the new host: a restart there could not attach it.
   const nic = rec({ config: { nics: [{ network: 'lan' }] } });
-  assert.deepEqual(placeRestart(nic, [host('a'), host('b', { networks: ['lan'] })], new Map()), { host: 'b' });
-  assert.match((placeRestart(nic, [host('a')], new Map()) as { why: string }).why, /a: lacks network lan/);
+  assert.deepEqual(placeRestart(nic, [host('a'), host('b', { networks: ['lan'] })], at()), { host: 'b', broke: [] });
+  assert.match((placeRestart(nic, [host('a')], at()) as { why: string }).why, /a lacks network lan/);
+});
+
+test('placeRestart honours the rules: never a hard one; a soft one only when nothing else is left, and says so', () => {
+  const hosts = [host('dead'), host('a', { freeMiB: 3000 }), host('b', { freeMiB: 1500 })];
+  const apart: Rule = { name: 'spread', kind: 'keep-apart', domains: ['d', 'e'], hosts: [] };
+  // e runs on a, the roomier host: d goes to b.
+  assert.deepEqual(placeRestart(rec(), hosts, at([], [['e', 'a']], [apart])), { host: 'b', broke: [] });
+  // With b full too, d stays down rather than break keep-apart.
+  const stuck = placeRestart(rec(), hosts, at([['b', 1000]], [['e', 'a']], [apart]));
+  assert.ok('why' in stuck && /keep-apart rule "spread": e runs on a/.test(stuck.why), JSON.stringify(stuck));
+  // avoid-hosts is soft: with a the only host left, d restarts there and the break is named.
+  const avoid: Rule = { name: 'not-a', kind: 'avoid-hosts', domains: ['d'], hosts: ['a'] };
+  assert.deepEqual(placeRestart(rec(), hosts, at([], [], [avoid])), { host: 'b', broke: [] });
+  const soft = placeRestart(rec(), hosts, at([['b', 1000]], [], [avoid]));
+  assert.ok('host' in soft && soft.host === 'a' && /avoid-hosts rule "not-a"/.test(soft.broke.join()), JSON.stringify(soft));
 });
 
 test("the watchdog's feed: only well-formed lines, only plausible pids", () => {

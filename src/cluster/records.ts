@@ -7,6 +7,7 @@
  *                           what the HA manager watches: cluster/member.ts, cluster/ha.ts)
  *   /ferry/domains/NAME     OwnerRecord: who may run the domain; its mod revision is the fencing token
  *   /ferry/events/TIME-SEQ  ClusterEvent: the cluster's event log (`ferry events`)
+ *   /ferry/rules            every placement rule, one JSON list (cluster/rules.ts; `ferry rule`)
  *   /ferry/election/ha/...  the HA manager's election (etcd3's Election)
  */
 import { z } from 'zod';
@@ -33,8 +34,14 @@ export const HostFactsSchema = z.object({
   engine: z.string(),
   accel: z.string(),
   cpuModel: z.string(),
+  /** The CPU models a domain can run with there (its QEMU, accelerator and cpuCeiling allow), and the ceiling. */
+  cpuModels: z.array(z.string()).default([]),
+  cpuCeiling: z.string().nullable().default(null),
   memoryMiB: z.number().int().nonnegative(),
   freeMiB: z.number().int(),
+  /** Cores for domains, and each running domain's CPU use (cores, averaged over the load window): the balancer's measure. */
+  cores: z.number().int().positive().default(1),
+  load: z.record(z.string(), z.number().nonnegative()).default({}),
   maintenance: z.boolean(),
   /** The networks (ferryd.json "networks") its domains' NICs may name: placement needs each NIC's. */
   networks: z.array(z.string()).default([]),
@@ -100,6 +107,9 @@ export const EVENT_TYPES = [
   'ha-added',
   'ha-removed',
   'stale-copy',
+  'rule-broken',
+  'rule-added',
+  'rule-removed',
 ] as const;
 export const ClusterEventSchema = z.object({
   at: z.string(),

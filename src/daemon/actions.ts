@@ -12,6 +12,7 @@ import type { ConnContext } from './server.ts';
 import type { Migrations } from '../migration/manager.ts';
 import type { ClusterAgent } from './cluster.ts';
 import type { ClusterEventView } from '../api/protocol.ts';
+import { Placement } from './placement.ts';
 
 /** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
 function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> {
@@ -26,11 +27,12 @@ function unknownAction(req: never): never {
 /** The relocation protocol's messages (peers) and the operator's migration actions go to the migration layer. */
 type RelocationRequest = Extract<Request, { action: `relocation.${string}` }>;
 type MigrationRequest = Extract<Request, { action: `migration.${string}` }>;
-type ClusterRequest = Extract<Request, { action: `cluster.${string}` | `ha.${string}` }>;
+type ClusterRequest = Extract<Request, { action: `cluster.${string}` | `ha.${string}` | `rule.${string}` }>;
 type HostRequest = Exclude<Request, RelocationRequest | MigrationRequest | ClusterRequest>;
 const isRelocation = (r: Request): r is RelocationRequest => r.action.startsWith('relocation.');
 const isMigration = (r: Request): r is MigrationRequest => r.action.startsWith('migration.');
-const isCluster = (r: Request): r is ClusterRequest => r.action.startsWith('cluster.') || r.action.startsWith('ha.');
+const isCluster = (r: Request): r is ClusterRequest =>
+  r.action.startsWith('cluster.') || r.action.startsWith('ha.') || r.action.startsWith('rule.');
 
 /** What the handlers act on. */
 interface Deps {
@@ -38,12 +40,22 @@ interface Deps {
   mig: () => Migrations;
   /** Cluster mode's agent, or CLUSTER_NOT_CONFIGURED. */
   cluster: () => ClusterAgent;
+  /** Cluster mode's placement (rules, CPU baseline, balancer), or CLUSTER_NOT_CONFIGURED. */
+  placement: () => Placement;
+  /** Standalone: null. */
+  placementIfAny: Placement | null;
   /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
   refused: <T>(side: 'source' | 'destination', p: Promise<T>) => Promise<T>;
 }
 
 export function makeHandler(host: Host, migration: Migrations | undefined, metrics?: Metrics, cluster?: ClusterAgent) {
+  const placement = cluster ? new Placement(host, cluster) : null;
   const deps: Deps = {
+    placementIfAny: placement,
+    placement: () => {
+      deps.cluster();
+      return placement!;
+    },
     host,
     cluster: () => {
       if (!cluster)
@@ -91,7 +103,7 @@ function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown
     case 'domain.info':
       return answer(req.action, host.domainInfo(req.params.domain));
     case 'domain.create':
-      return answer(req.action, host.create(req.params.config, req.params.start !== false));
+      return answer(req.action, host.create(req.params.config, req.params.start !== false, req.params.paused === true));
     case 'domain.start':
       return answer(req.action, host.start(req.params.domain));
     case 'domain.pause':
@@ -149,6 +161,18 @@ function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unkno
         req.action,
         c.domains().filter((d) => d.ha),
       );
+    case 'rule.add':
+      return answer(req.action, deps.placement().addRule({ ...req.params, hosts: req.params.hosts ?? [] }));
+    case 'rule.list':
+      return answer(req.action, deps.placement().rules());
+    case 'rule.remove':
+      return answer(req.action, deps.placement().removeRule(req.params.name));
+    case 'cluster.cpu':
+      return answer(req.action, deps.placement().cpu());
+    case 'cluster.place':
+      return answer(req.action, deps.placement().place(req.params.domain, req.params.ignoreRules === true));
+    case 'cluster.balance':
+      return answer(req.action, deps.placement().balance((req.params.threshold ?? 20) / 100));
     default:
       return unknownAction(req);
   }
@@ -190,10 +214,10 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
 }
 
 /** The source side, for the operator. */
-function migrationAction(req: MigrationRequest, { mig, refused }: Deps): unknown {
+function migrationAction(req: MigrationRequest, { mig, refused, placementIfAny }: Deps): unknown {
   switch (req.action) {
     case 'migration.start':
-      return answer(req.action, refused('source', mig().source.start(req.params)));
+      return answer(req.action, refused('source', startMove(req.params, mig(), placementIfAny)));
     case 'migration.plan':
       return answer(req.action, mig().source.planOnly(req.params));
     case 'migration.cancel':
@@ -207,6 +231,25 @@ function migrationAction(req: MigrationRequest, { mig, refused }: Deps): unknown
     default:
       return unknownAction(req);
   }
+}
+
+/**
+ * An operator's move: in cluster mode, first the placement rules (PLACEMENT_RULE, or
+ * with --ignore-rules the report names each rule the move broke).
+ */
+async function startMove(
+  p: Extract<MigrationRequest, { action: 'migration.start' }>['params'],
+  mig: Migrations,
+  placement: Placement | null,
+): Promise<Results['migration.start']> {
+  const { ignoreRules, ...params } = p;
+  const broke = placement?.checkMove(p.domain, p.dest, ignoreRules === true) ?? [];
+  const r = await mig.source.start(params);
+  if (!broke.length) return r;
+  // The job keeps the same report (`ferry job DOMAIN` shows it too).
+  r.policy.push(`placement rules ignored (--ignore-rules): ${broke.join('; ')}`);
+  r.rulesIgnored = broke;
+  return r;
 }
 
 /** The destination side (and a home end's tunnel), for peers. */

@@ -15,6 +15,7 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import type { Etcd3, Watcher } from 'etcd3';
 import { FerryError, asFerryError } from '../errors.ts';
@@ -32,6 +33,11 @@ import type { Host, OwnershipGate } from './host.ts';
 import type { Logger } from './log.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { REPO_ROOT } from '../util/paths.ts';
+import { cpuModelsHere } from '../qemu/probe.ts';
+import { RULES_KEY, parseRules } from '../cluster/rules.ts';
+import { baseline, type Baseline } from '../placement/cpu.ts';
+import type { Rule } from '../placement/rules.ts';
+import { LoadMeter } from './load.ts';
 
 const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
 /** An HA domain that crashes restarts on its host at most this often in this window, then stays stopped. */
@@ -63,6 +69,10 @@ export class ClusterAgent implements OwnershipGate {
   private readonly assigned = new Set<string>();
   /** When each HA domain's QEMU died here lately (restartCrashed's budget). */
   private readonly crashes = new Map<string, number[]>();
+  /** The placement rules as the watch last saw them (cluster/rules.ts). */
+  private rulesSeen: Rule[] = [];
+  /** Each running domain's CPU use over the load window: published with the facts, read by the balancer. */
+  private readonly load: LoadMeter;
   /** Record changes the owner could not write yet (no quorum): written at the next renewal. */
   private readonly pendingState = new Map<string, { state: OwnerRecord['state']; note: string } | 'removed'>();
 
@@ -83,6 +93,9 @@ export class ClusterAgent implements OwnershipGate {
       (name) => this.seen.get(name),
     );
     this.events = new EventLog(this.etcd, me);
+    this.load = new LoadMeter(() =>
+      host.all().flatMap((d) => (hasProcess(d.rec.state) ? [{ name: d.rec.config.name, pid: d.rec.state.pid }] : [])),
+    );
     this.members = cfg.endpoints.map((url) => connectEtcd({ endpoints: [url], tlsDir: cfg.tlsDir }));
     this.member = new Membership({
       etcd: this.etcd,
@@ -117,18 +130,35 @@ export class ClusterAgent implements OwnershipGate {
       this.feedWatchdog();
       void this.flushPending();
     });
-    this.host.on('domain.state', (c: { domain: string; to: string; state?: { reason?: string } }) => this.onLocalState(c));
+    this.host.on('domain.state', (c: { domain: string; to: string; state?: { reason?: string } }) => {
+      this.onLocalState(c);
+      this.publishSoon();
+    });
     this.host.on('host.maintenance', () => void this.member.publish());
     this.member.start();
     this.ha.start();
+    this.load.start();
     void this.watchRecords();
     void this.watchHosts();
+    void this.watchRules();
     // Facts change with every domain started or stopped; published at most every few seconds.
     setInterval(() => void this.member.publish(), 5000).unref();
   }
 
+  private publishTimer?: NodeJS.Timeout;
+  /** A domain started, stopped or moved: the host's free memory is news for every placement (at most every 200 ms). */
+  private publishSoon(): void {
+    if (this.publishTimer) return;
+    this.publishTimer = setTimeout(() => {
+      this.publishTimer = undefined;
+      void this.member.publish();
+    }, 200);
+  }
+
   async stop(): Promise<void> {
+    clearTimeout(this.publishTimer);
     await this.ha.stop();
+    this.load.stop();
     clearTimeout(this.changedTimer);
     for (const w of this.watchers) await w.cancel().catch(() => undefined);
     // The lease is not revoked: a ferryd restarted within the TTL goes on with it (its HA domains are not failed over).
@@ -184,8 +214,12 @@ export class ClusterAgent implements OwnershipGate {
       engine: this.host.qemu.version,
       accel: this.host.accel.accel,
       cpuModel: this.host.cfg.cpuModel,
+      cpuModels: cpuModelsHere(this.host.qemu),
+      cpuCeiling: this.host.qemu.ceiling,
       memoryMiB: cap.offerMiB,
       freeMiB: free,
+      cores: os.cpus().length,
+      load: this.load.averages(),
       maintenance: m.on,
       networks: Object.keys(this.host.cfg.networks),
       relocation: `${this.host.cfg.relocation.address}:${this.host.cfg.relocation.port}`,
@@ -202,7 +236,8 @@ export class ClusterAgent implements OwnershipGate {
       name: c.name,
       uuid: c.uuid,
       config: domainConfigToJson(c) as Record<string, unknown>,
-      cpuModel: this.host.cfg.cpuModel,
+      // The model its QEMU runs with ("cpu": "cluster" was resolved at start): a restart elsewhere needs it.
+      cpuModel: this.host.find(c.name)?.rec.runtime?.cpuModel ?? this.host.cfg.cpuModel,
       accel: this.host.accel.accel,
       memoryMiB: c.memoryMiB,
       restartable: own
@@ -429,6 +464,54 @@ export class ClusterAgent implements OwnershipGate {
     });
   }
 
+  /** The placement rules, followed the same way: every placement this host makes reads them from memory. */
+  private watchRules(): Promise<void> {
+    return this.follow('rules', RULES_KEY, {
+      put: (key, value) => {
+        if (key === RULES_KEY) this.rulesSeen = parseRules(value, key);
+      },
+      del: (key) => {
+        if (key === RULES_KEY) this.rulesSeen = [];
+      },
+      load: async () => {
+        const r = await etcdCall('reading the placement rules', () => this.etcd.get(RULES_KEY).exec());
+        this.rulesSeen = r.kvs[0] ? parseRules(jsonOf(r.kvs[0].value, RULES_KEY), RULES_KEY) : [];
+      },
+    });
+  }
+
+  rules(): Rule[] {
+    return this.rulesSeen;
+  }
+
+  /** A domain's config as its ownership record holds it ({} if there is none). */
+  recordConfig(name: string): Record<string, unknown> {
+    return this.records.get(name)?.config ?? {};
+  }
+
+  /**
+   * The cluster's baseline CPU now (placement/cpu.ts): the most capable model every live
+   * host can give. Refused without quorum: a stale view could pick a model a host that
+   * joined meanwhile cannot run.
+   */
+  baseline(): Baseline {
+    this.needQuorum('compute the cluster CPU baseline');
+    const b = baseline(
+      [...this.hostsSeen.values()],
+      Object.fromEntries(Object.entries(this.host.qemu.models).map(([k, v]) => [k, v.features])),
+    );
+    if (!b)
+      throw new FerryError(
+        'PLACEMENT_NONE',
+        `No CPU model is common to every live host of the cluster (${[...this.hostsSeen.keys()].join(', ')}); check each host's cpuCeiling (\`ferry cluster cpu\`)`,
+      );
+    return b;
+  }
+
+  cpuBaseline(): string {
+    return this.baseline().model;
+  }
+
   /** Subscribers (`ferry ui`, `events.subscribe`) hear that the fleet changed, at most every 100 ms. */
   private changed(): void {
     if (this.changedTimer) return;
@@ -456,7 +539,7 @@ export class ClusterAgent implements OwnershipGate {
       const local = this.host.find(rec.name);
       if (local && hasProcess(local.rec.state)) throw new FerryError('DOMAIN_BAD_STATE', `a copy of ${rec.name} already runs here`);
       if (!local) this.host.defineMoved(c);
-      await this.host.start(rec.name);
+      await this.host.start(rec.name, { cpuModel: rec.cpuModel });
       this.log.info('HA domain restarted here', { domain: rec.name, generation: rec.generation, ms: Date.now() - t0 });
       void this.events.add({
         type: 'restarted',
@@ -665,9 +748,9 @@ export class ClusterAgent implements OwnershipGate {
     const live = new Set(hosts.map((h) => h.name));
     const domains = this.records
       .values()
-      .map((r) => this.view(r, live.has(r.owner)))
+      .map((r) => ({ ...this.view(r, live.has(r.owner)), cpu: this.hostsSeen.get(r.owner)?.load[r.name] ?? null }))
       .sort((a, b) => a.name.localeCompare(b.name));
-    return { host: this.me, quorate: this.member.quorate(), hosts, domains };
+    return { host: this.me, quorate: this.member.quorate(), hosts, domains, rules: this.rulesSeen };
   }
 
   /** NAME → ADDRESS:PORT of each live host's relocation port: cluster hosts are peers by name. */

@@ -48,6 +48,8 @@ export interface DaemonConfig {
   networks: Record<string, NetworkConfig>;
   accel: Accel | 'auto';
   cpuModel: string;
+  /** The most capable CPU model this host may give a guest (a mixed fleet's older hosts); null: what QEMU and the accelerator can. */
+  cpuCeiling: string | null;
   imagesDir: string;
   /** Other hosts by name → ADDRESS[:PORT], like /etc/hosts for `ferry migrate DOM NAME`. */
   peers: Record<string, string>;
@@ -102,6 +104,9 @@ export interface Limits {
   /** Incoming migrations begun and not finished, per peer host and in total. */
   incomingPerPeer: number;
   incomingTotal: number;
+  /** Outgoing moves at once, in total and to one destination (one migration link); more wait in line (migration/queue.ts). */
+  movesOut: number;
+  movesPerLink: number;
   /** Seconds a begun or prepared incoming migration may wait for its source's next step. */
   reservationS: number;
   disksPerDomain: number;
@@ -117,6 +122,8 @@ export const DEFAULT_LIMITS: Limits = {
   firstRequestMs: 10000,
   incomingPerPeer: 4,
   incomingTotal: 8,
+  movesOut: 4,
+  movesPerLink: 2,
   reservationS: 30,
   disksPerDomain: 16,
   logMaxMiB: 16,
@@ -143,6 +150,7 @@ const KEYS = new Set([
   'networks',
   'accel',
   'cpuModel',
+  'cpuCeiling',
   'imagesDir',
   'peers',
   'qemu',
@@ -206,6 +214,12 @@ function parseTop(raw: Record<string, unknown>, repoRoot: string, bad: Bad) {
   const cpuModel = raw.cpuModel ?? 'qemu64';
   if (typeof cpuModel !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuModel) || cpuModel === 'host' || cpuModel === 'max')
     bad('cpuModel', 'must be a named QEMU CPU model (not "host" or "max", which cannot migrate)');
+  const cpuCeiling = raw.cpuCeiling ?? null;
+  if (
+    cpuCeiling !== null &&
+    (typeof cpuCeiling !== 'string' || !/^[a-zA-Z0-9_.-]+$/.test(cpuCeiling) || ['host', 'max', 'base'].includes(cpuCeiling))
+  )
+    bad('cpuCeiling', 'must be a named QEMU CPU model (the most capable one this host may give a guest), or null');
   const imagesDir = raw.imagesDir ?? path.join(repoRoot, 'images');
   if (typeof imagesDir !== 'string' || !path.isAbsolute(imagesDir)) bad('imagesDir', 'must be an absolute path');
   const peers = raw.peers ?? {};
@@ -221,6 +235,7 @@ function parseTop(raw: Record<string, unknown>, repoRoot: string, bad: Bad) {
     logLevel: logLevel as Level,
     accel: accel as Accel | 'auto',
     cpuModel: cpuModel as string,
+    cpuCeiling: cpuCeiling as string | null,
     imagesDir: imagesDir as string,
     peers: peers as Record<string, string>,
   };

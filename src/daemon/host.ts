@@ -20,7 +20,7 @@ import { parseDomainConfig, domainConfigToJson, type DomainConfig } from '../dom
 import { transition, hasProcess, describeKind, type DomainEvent } from '../domain/state.ts';
 import { killAndWait, cpuSeconds, pidAlive } from '../qemu/process.ts';
 import type { QemuFacts, AccelChoice } from '../qemu/probe.ts';
-import { hostArch } from '../qemu/probe.ts';
+import { hostArch, cpuMissing, cpuModelsHere } from '../qemu/probe.ts';
 import { dirtyTrackingUnreliable, guestResidentBytes, type GuestRam, type RamDigests } from '../qemu/memory.ts';
 import { checkDomainFiles, createImage, freeBytes } from '../domain/storage.ts';
 import { knownPeers, type MigrationHost, type MoveOwnership, type TunnelHome } from '../migration/host.ts';
@@ -45,6 +45,8 @@ import { peerAddresses } from '../migration/preflight.ts';
  */
 export interface OwnershipGate extends MoveOwnership {
   claim(c: DomainConfig, why: string): Promise<void>;
+  /** The CPU model every live host of the cluster can give a guest (placement/cpu.ts): what "cpu": "cluster" means now. */
+  cpuBaseline(): string;
 }
 
 export class Host extends EventEmitter implements MigrationHost {
@@ -217,6 +219,8 @@ export class Host extends EventEmitter implements MigrationHost {
       cpuModel: this.qemu.cpuModel,
       cpuFeatures: this.qemu.cpuFeatures,
       cpuUnavailable: this.qemu.cpuUnavailable,
+      cpuCeiling: this.qemu.ceiling,
+      cpuModels: cpuModelsHere(this.qemu),
       memory: (() => {
         const c = this.capacity();
         return {
@@ -269,6 +273,7 @@ export class Host extends EventEmitter implements MigrationHost {
       stateDetail: s,
       pid: hasProcess(s) ? s.pid : null,
       accel: dom.rec.runtime?.accel ?? this.accel.accel,
+      cpuModel: hasProcess(s) && dom.rec.runtime ? dom.rec.runtime.cpuModel : this.cpuOrNull(dom.rec.config),
       nics: dom.rec.config.nics.map((n, i) => ({
         network: n.network,
         mac: n.mac,
@@ -303,14 +308,40 @@ export class Host extends EventEmitter implements MigrationHost {
     checkDomainFiles(c, this.cfg.storage, this.cfg.name, opts);
   }
 
-  checkMemory(c: DomainConfig, verb = 'start'): void {
+  /**
+   * The CPU model a start of `c` gives its guest: its own "cpu", the cluster's baseline
+   * for "cluster" (cluster mode only), else this host's "cpuModel".
+   */
+  cpuFor(c: DomainConfig): string {
+    if (c.cpu !== 'cluster') return c.cpu ?? this.cfg.cpuModel;
+    if (!this.gate)
+      throw new FerryError(
+        'CLUSTER_NOT_CONFIGURED',
+        `Domain "${c.name}" asks for the cluster's baseline CPU ("cpu": "cluster"), but ${this.cfg.name} runs standalone; name a CPU model instead`,
+      );
+    return this.gate.cpuBaseline();
+  }
+
+  private cpuOrNull(c: DomainConfig): string | null {
+    try {
+      return this.cpuFor(c);
+    } catch {
+      return null;
+    }
+  }
+
+  checkMemory(c: DomainConfig, verb = 'start', model = this.cpuFor(c)): void {
     // Before memory: a CPU model this host cannot run would fail in QEMU (enforce) anyway.
-    const miss = this.qemu.cpuUnavailable;
+    const miss = cpuMissing(this.qemu, model);
+    if (!miss)
+      throw new FerryError('QEMU_START_FAILED', `Cannot ${verb} domain "${c.name}": this host's QEMU knows no CPU model ${model}`, {
+        model,
+      });
     if (miss.length)
       throw new FerryError(
         'QEMU_START_FAILED',
-        `Cannot ${verb} domain "${c.name}": ${this.cfg.name}'s CPU model ${this.qemu.cpuModel} needs ${miss.join(', ')}, which ${this.accel.accel} cannot provide here; set a CPU model this host can run ("cpuModel" in ferryd.json, the same on every host a domain moves between)`,
-        { unavailable: miss },
+        `Cannot ${verb} domain "${c.name}": CPU model ${model} needs ${miss.slice(0, 8).join(', ')}${miss.length > 8 ? ` and ${miss.length - 8} more` : ''}, which ${this.cfg.name} cannot provide (${this.accel.accel}${this.qemu.ceiling ? `, cpuCeiling ${this.qemu.ceiling}` : ''}); give the domain a CPU model this host can run (\`ferry cluster cpu\` shows the cluster's baseline)`,
+        { unavailable: miss, model },
       );
     const cap = this.capacity();
     const free = freeMiB(cap);
@@ -323,11 +354,11 @@ export class Host extends EventEmitter implements MigrationHost {
   }
 
   /** Everything a start needs of this host: not in maintenance, the networks, the files, the CPU model, the memory. */
-  checkStart(c: DomainConfig, verb = 'start'): void {
+  checkStart(c: DomainConfig, verb = 'start', model?: string): void {
     this.checkNotInMaintenance(c.name, verb);
     this.checkNetworks(c);
     this.checkPaths(c, { backing: false });
-    this.checkMemory(c, verb);
+    this.checkMemory(c, verb, model);
   }
 
   checkNotInMaintenance(name: string, verb: string): void {
@@ -368,7 +399,8 @@ export class Host extends EventEmitter implements MigrationHost {
   // ---------- lifecycle ----------
 
   /** `ferry create`: define, and start unless told not to. Nothing is stored if a check fails. */
-  async create(rawConfig: unknown, start = true): Promise<DomainInfo> {
+  /** `paused`: started with its vCPUs stopped (xm create -p), `ferry unpause` runs it. */
+  async create(rawConfig: unknown, start = true, paused = false): Promise<DomainInfo> {
     const c = parseDomainConfig(rawConfig);
     if (start) this.checkNotInMaintenance(c.name, 'create and start');
     this.store.checkUnique(c);
@@ -379,7 +411,7 @@ export class Host extends EventEmitter implements MigrationHost {
     this.log.info('domain defined', { domain: c.name, uuid: c.uuid });
     if (start) {
       try {
-        await this.start(c.name);
+        await this.start(c.name, { paused });
       } catch (e) {
         // A create that cannot start leaves nothing behind, as xm create does.
         this.store.unhold(c.name);
@@ -389,23 +421,26 @@ export class Host extends EventEmitter implements MigrationHost {
     return this.domainInfo(c.name);
   }
 
-  async start(name: string): Promise<DomainInfo> {
+  /** `cpuModel`: an HA restart keeps the model the domain ran with elsewhere (placement checked this host gives it). */
+  async start(name: string, o: { cpuModel?: string; paused?: boolean } = {}): Promise<DomainInfo> {
     const dom = this.get(name);
     const c = dom.rec.config;
     if (dom.busy) throw new FerryError('DOMAIN_BAD_STATE', `Domain "${name}" is busy (${dom.busy})`);
     // Check legality before doing anything irreversible.
     transition(dom.rec.state, { type: 'start', pid: 0, domid: 0, at: 0 }, name);
-    this.checkStart(c);
+    const model = o.cpuModel ?? this.cpuFor(c);
+    this.checkStart(c, 'start', model);
     dom.busy = 'starting';
     try {
-      const { pid, qmp, runtime } = await this.runtime.spawn(c);
+      const { pid, qmp, runtime } = await this.runtime.spawn(c, { cpuModel: model });
       dom.rec.runtime = runtime;
       dom.expectStop = undefined;
       this.apply(dom, { type: 'start', pid, domid: this.store.allocDomid(), at: Date.now() });
       await this.runtime.attach(dom, pid, qmp);
       // QEMU waits with its vCPUs stopped (-S) until the cluster says this host owns the domain.
       await this.claimOrStop(dom, 'start');
-      await qmp.execute('cont');
+      if (o.paused) this.apply(dom, { type: 'pause', at: Date.now() });
+      else await qmp.execute('cont');
     } finally {
       dom.busy = undefined;
     }

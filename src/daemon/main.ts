@@ -85,10 +85,11 @@ async function prepareHost(cfg: DaemonConfig, log: Logger): Promise<{ accel: Acc
   // The CPU facts must come from the accelerator domains will use: probed under TCG
   // while the choice is made, and again under KVM if that is the choice.
   const [tcgFacts, accel] = await Promise.all([
-    probeQemu(cfg.cpuModel, scratch, cfg.qemu, 'tcg'),
+    probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: 'tcg', ceiling: cfg.cpuCeiling }),
     chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch, engine: cfg.qemu }),
   ]);
-  const qemu = accel.accel === 'tcg' ? tcgFacts : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, accel.accel);
+  const qemu =
+    accel.accel === 'tcg' ? tcgFacts : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: accel.accel, ceiling: cfg.cpuCeiling });
   log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
   if (qemu.cpuUnavailable.length)
     log.warn("this host cannot provide the CPU model's features: domains will not start here, and migrations here are refused", {

@@ -13,7 +13,7 @@ import { killAndWait } from '../qemu/process.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../qemu/migstatus.ts';
 import { MigrationQmp, uri } from '../qemu/migration.ts';
-import type { QemuFacts } from '../qemu/probe.ts';
+import { cpuMissing, type QemuFacts } from '../qemu/probe.ts';
 import { resolveSaveFile } from '../domain/storage.ts';
 import type { DomainInfo, Results } from '../api/protocol.ts';
 import type { DaemonConfig } from './config.ts';
@@ -175,10 +175,12 @@ export class SaveRestore {
         'SAVE_FAILED',
         `${file}: machine type ${JSON.stringify(header.machine)} is not one this host's QEMU ${this.d.qemu.version} offers`,
       );
-    if (header.cpuModel !== this.d.qemu.cpuModel)
+    // The model the domain ran with (its own "cpu", fixed at start): this host must give all of it.
+    const missing = typeof header.cpuModel === 'string' ? cpuMissing(this.d.qemu, header.cpuModel) : null;
+    if (!missing || missing.length)
       throw new FerryError(
         'SAVE_FAILED',
-        `${file}: CPU model ${JSON.stringify(header.cpuModel)} is not this host's (${this.d.qemu.cpuModel})`,
+        `${file}: CPU model ${JSON.stringify(header.cpuModel)} ${missing ? `needs ${missing.join(', ')}, which this host cannot give` : "is not one this host's QEMU knows"}`,
       );
     const c = parseDomainConfig(header.config);
     const { dom: l, created } = this.placeFor(c);

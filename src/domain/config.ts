@@ -58,6 +58,12 @@ export interface DomainConfig {
    * memory lives on two hosts, and losing either loses the guest: false forbids it.
    */
   postcopy: boolean;
+  /**
+   * The CPU model the guest sees: a named QEMU model, or "cluster" (the cluster's
+   * baseline, computed when it starts: placement/cpu.ts). Absent: the host's "cpuModel".
+   * Fixed at start for the domain's life, wherever it moves.
+   */
+  cpu?: string;
 }
 
 export const NAME_RE = /^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$/;
@@ -66,7 +72,7 @@ const MAC_RE = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/;
 const IPV4_CIDR_RE = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(\/(\d{1,2}))?$/;
 export const MAX_MEMORY_MIB = 1024 * 1024;
 export const MAX_VCPUS = 64;
-const KNOWN_KEYS = new Set(['name', 'uuid', 'memory', 'vcpus', 'boot', 'disks', 'nics', 'serial', 'postcopy']);
+const KNOWN_KEYS = new Set(['name', 'uuid', 'memory', 'vcpus', 'boot', 'disks', 'nics', 'serial', 'postcopy', 'cpu']);
 
 /** A stable, locally administered MAC from the uuid and NIC index, with QEMU's 52:54:00 prefix. */
 export function stableMac(uuid: string, index: number): string {
@@ -129,6 +135,14 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
 
   if (raw.serial !== undefined && typeof raw.serial !== 'boolean') bad('serial', 'must be true or false');
   if (raw.postcopy !== undefined && typeof raw.postcopy !== 'boolean') bad('postcopy', 'must be true or false');
+  if (
+    raw.cpu !== undefined &&
+    (typeof raw.cpu !== 'string' || !/^[a-zA-Z0-9_.-]{1,64}$/.test(raw.cpu) || ['host', 'max', 'base'].includes(raw.cpu))
+  )
+    bad(
+      'cpu',
+      `must be "cluster" (the cluster's baseline) or a named QEMU CPU model (not host, max or base, which cannot migrate), got ${JSON.stringify(raw.cpu)}`,
+    );
 
   if (errs.length > 0) {
     const who = typeof name === 'string' && NAME_RE.test(name) ? ` "${name}"` : '';
@@ -144,6 +158,7 @@ export function parseDomainConfig(raw: unknown): DomainConfig {
     nics,
     serial: raw.serial !== false,
     postcopy: raw.postcopy !== false,
+    ...(typeof raw.cpu === 'string' ? { cpu: raw.cpu } : {}),
   };
 }
 
@@ -258,6 +273,7 @@ export function domainConfigToJson(c: DomainConfig): Record<string, unknown> {
     nics: c.nics.map((n) => ({ ...n })),
     serial: c.serial,
     ...(c.postcopy ? {} : { postcopy: false }),
+    ...(c.cpu ? { cpu: c.cpu } : {}),
   };
 }
 

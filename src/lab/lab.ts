@@ -150,6 +150,10 @@ export interface UpOptions {
   allowInsecure?: boolean;
   /** Cluster mode: an etcd member in every host (at least 3) and every ferryd's cluster section. */
   cluster?: boolean;
+  /** Host name → its "cpuCeiling" (a mixed fleet's older CPUs, on one machine). */
+  cpuCeiling?: Record<string, string>;
+  /** Every host's limits.movesOut: outgoing moves at once (more wait in line). */
+  movesOut?: number;
   progress?: (msg: string) => void;
 }
 
@@ -164,6 +168,11 @@ function checkUp(o: UpOptions): void {
     );
   if (o.hostMemoryMiB !== undefined && (!Number.isInteger(o.hostMemoryMiB) || o.hostMemoryMiB < 16))
     throw new FerryError('CLI_USAGE', '--host-memory must be an integer number of MiB (at least 16)');
+  for (const h of Object.keys(o.cpuCeiling ?? {}))
+    if (!/^host([1-9]|1[0-6])$/.test(h) || Number(h.slice(4)) > o.hosts)
+      throw new FerryError('CLI_USAGE', `--cpu-ceiling names ${h}, which is not one of the lab's hosts (host1..host${o.hosts})`);
+  if (o.movesOut !== undefined && (!Number.isInteger(o.movesOut) || o.movesOut < 1 || o.movesOut > 64))
+    throw new FerryError('CLI_USAGE', '--moves-out must be a whole number from 1 to 64');
   if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096))
     throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
   if (readLab() || labNamespaces().length)
@@ -244,6 +253,8 @@ function makeHost(i: number, at: { o: UpOptions; sw: string; caDir: string; pool
     // Prometheus metrics on the migration network, where the client (the operators' station) scrapes them.
     metrics: `${MIG_ADDR(i)}:9477`,
     ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
+    ...(o.cpuCeiling?.[name] ? { cpuCeiling: o.cpuCeiling[name] } : {}),
+    ...(o.movesOut ? { limits: { movesOut: o.movesOut } } : {}),
   };
   fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
   fs.chmodSync(dir, 0o711);

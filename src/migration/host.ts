@@ -41,7 +41,7 @@ export interface MigrationSettings {
   };
   peers: Record<string, string>;
   networks: Record<string, NetworkConfig>;
-  limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number };
+  limits: { incomingPerPeer: number; incomingTotal: number; reservationS: number; movesOut: number; movesPerLink: number };
   /** localDir: where --copy-storage creates an incoming domain's disks. */
   storage: { localDir: string };
 }

@@ -36,8 +36,29 @@ export class Migrations {
     });
   }
 
+  /** Every job, and before them the moves still waiting in this host's line (no job yet: phase "queued"). */
   jobs(): JobView[] {
-    return [...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j));
+    const queued: JobView[] = this.source.queue
+      .views()
+      .filter((q) => q.state === 'queued')
+      .map((q) => ({
+        jobId: '',
+        role: 'source',
+        domain: q.domain,
+        mode: q.live ? 'live' : 'offline',
+        phase: 'queued',
+        peer: q.dest,
+        encrypted: true,
+        startedAt: q.since,
+        updatedAt: q.since,
+        progress: null,
+        waiting: null,
+        report: null,
+        error: null,
+        history: [],
+        queue: q,
+      }));
+    return [...queued, ...[...this.store.jobs.values()].sort((a, b) => b.startedAt - a.startedAt).map((j) => this.view(j))];
   }
 
   job(domain: string): JobView {

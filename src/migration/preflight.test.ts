@@ -39,8 +39,9 @@ const dst: DestFacts = {
   qemuVersion: '10.0.2',
   arch: 'x86_64',
   accel: 'tcg',
-  cpuModel: 'qemu64',
-  cpuFeatures: ['sse2', 'lm', 'pni'],
+  cpuFor: 'qemu64',
+  cpuMissing: [],
+  cpuCeiling: null,
   machines: ['pc-i440fx-7.2'],
   networks: { lab: { bridge: 'br0', subnet: '198.18.0.0/24' } },
   freeMiB: 4096,
@@ -65,14 +66,24 @@ test('a matching destination passes', () => {
   );
 });
 
-test('a destination whose accelerator cannot provide the CPU model is refused before anything moves', () => {
+test("a destination that cannot give the domain's CPU model (accelerator or cpuCeiling) is refused before anything moves, naming the features", () => {
+  try {
+    offer(V, src, { ...dst, cpuFor: 'Nehalem', cpuMissing: ['popcnt', 'sse4.1'], cpuCeiling: 'Opteron_G3' }, c, true);
+    assert.fail('should refuse');
+  } catch (e) {
+    assert.ok(e instanceof FerryError);
+    assert.equal(e.code, 'MIGRATION_DEST_CPU');
+    assert.match(e.message, /CPU model Nehalem, and host2 cannot give popcnt, sse4\.1 \(tcg, cpuCeiling Opteron_G3\)/);
+    assert.deepEqual(e.details, { model: 'Nehalem', missing: ['popcnt', 'sse4.1'] });
+  }
+  // A model its QEMU does not know at all.
   assert.equal(
-    code(() => offer(V, src, { ...dst, cpuUnavailable: ['avx512f', 'pku'] }, c, true)),
+    code(() => offer(V, src, { ...dst, cpuFor: 'Future-v9', cpuMissing: null }, c, true)),
     'MIGRATION_DEST_CPU',
   );
   // A shut-off domain moves as its definition: no CPU needed yet.
   assert.equal(
-    code(() => offer(V, src, { ...dst, cpuUnavailable: ['avx512f'] }, c, false)),
+    code(() => offer(V, src, { ...dst, cpuMissing: ['avx512f'] }, c, false)),
     'OK',
   );
 });
@@ -103,11 +114,7 @@ test('each mismatch is refused with its own code and a message that names the fi
     'MIGRATION_DEST_ARCH',
   );
   assert.equal(
-    code(() => offer(V, src, { ...dst, cpuFeatures: ['sse2'] }, c, true)),
-    'MIGRATION_DEST_CPU',
-  );
-  assert.equal(
-    code(() => offer(V, src, { ...dst, cpuModel: 'Nehalem' }, c, true)),
+    code(() => offer(V, src, { ...dst, cpuMissing: ['sse2'] }, c, true)),
     'MIGRATION_DEST_CPU',
   );
   assert.equal(
@@ -130,7 +137,7 @@ test('each mismatch is refused with its own code and a message that names the fi
 
 test("a shut-off domain needs no memory or CPU match, only the definition's needs", () => {
   assert.equal(
-    code(() => offer(V, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuFeatures: [] }, c, false)),
+    code(() => offer(V, src, { ...dst, freeMiB: 0, accel: 'kvm', cpuMissing: null }, c, false)),
     'OK',
   );
   assert.equal(

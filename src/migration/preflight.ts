@@ -31,10 +31,10 @@ export interface DestFacts {
   qemuVersion: string;
   arch: string;
   accel: string;
-  cpuModel: string;
-  cpuFeatures: string[];
-  /** Features of its CPU model its accelerator cannot provide (query-cpu-definitions). */
-  cpuUnavailable?: string[];
+  /** The domain's CPU model, and the features of it this host cannot give (null: its QEMU knows no such model). */
+  cpuFor: string;
+  cpuMissing: string[] | null;
+  cpuCeiling?: string | null;
   machines: string[];
   networks: Record<string, NetworkConfig>;
   freeMiB: number;
@@ -104,24 +104,19 @@ export function checkOffer(offer: { version: number; src: SourceFacts }, dst: De
         `${who}: ${dst.name}'s QEMU ${dst.qemuVersion} lacks machine type ${src.machine} (the source runs QEMU ${src.qemuVersion}); install a QEMU that has it`,
         { machine: src.machine },
       );
-    if (src.cpuModel !== dst.cpuModel)
+    // The domain's own CPU model (fixed when it started), against what this host can give:
+    // its QEMU, its accelerator and its cpuCeiling (qemu/probe.ts cpuMissing).
+    if (dst.cpuMissing === null)
       throw new FerryError(
         'MIGRATION_DEST_CPU',
-        `${who}: ${dst.name} uses CPU model ${dst.cpuModel}, the source ${src.cpuModel}; set the same "cpuModel" on both`,
+        `${who}: it runs with CPU model ${dst.cpuFor}, which ${dst.name}'s QEMU ${dst.qemuVersion} does not know`,
+        { model: dst.cpuFor, missing: [] },
       );
-    if (dst.cpuUnavailable?.length)
+    if (dst.cpuMissing.length)
       throw new FerryError(
         'MIGRATION_DEST_CPU',
-        `${who}: ${dst.name} cannot provide ${dst.cpuUnavailable.slice(0, 8).join(', ')}${dst.cpuUnavailable.length > 8 ? ` and ${dst.cpuUnavailable.length - 8} more` : ''} of CPU model ${dst.cpuModel} under ${dst.accel}; choose a CPU model both hosts can run ("cpuModel" in ferryd.json)`,
-        { unavailable: dst.cpuUnavailable },
-      );
-    const have = new Set(dst.cpuFeatures);
-    const missing = src.cpuFeatures.filter((f) => !have.has(f));
-    if (missing.length)
-      throw new FerryError(
-        'MIGRATION_DEST_CPU',
-        `${who}: ${dst.name} lacks CPU features ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ` and ${missing.length - 8} more` : ''}`,
-        { missing },
+        `${who}: it runs with CPU model ${dst.cpuFor}, and ${dst.name} cannot give ${dst.cpuMissing.slice(0, 8).join(', ')}${dst.cpuMissing.length > 8 ? ` and ${dst.cpuMissing.length - 8} more` : ''} (${dst.accel}${dst.cpuCeiling ? `, cpuCeiling ${dst.cpuCeiling}` : ''}); pick a host that can (\`ferry migrate ${c.name}\` picks one), or give the domain a model every host can run (\`ferry cluster cpu\`)`,
+        { model: dst.cpuFor, missing: dst.cpuMissing },
       );
     if (dst.freeMiB < c.memoryMiB)
       throw new FerryError(

@@ -53,6 +53,7 @@ import { MemoryCheck } from './memcheck.ts';
 import type { JobStore, SourceJob, Report } from './jobs.ts';
 import type { OutgoingRun, OutgoingSide, StartParams, Peer } from './outgoing/run.ts';
 import { open, begin } from './outgoing/begin.ts';
+import { MoveQueue } from './queue.ts';
 import { prepare } from './outgoing/prepare.ts';
 import { perform } from './outgoing/perform.ts';
 import { switchover } from './outgoing/switchover.ts';
@@ -74,6 +75,8 @@ export class Source {
 
   /** The autopilot's measurements and plan (autopilot.ts). */
   readonly planner: Planner;
+  /** This host's line of outgoing moves (limits.movesOut, limits.movesPerLink). */
+  readonly queue: MoveQueue;
 
   constructor(
     private readonly host: MigrationHost,
@@ -81,6 +84,7 @@ export class Source {
     private readonly log: MigrationLog,
   ) {
     this.planner = new Planner(host, store, log);
+    this.queue = new MoveQueue(() => ({ outgoing: host.cfg.limits.movesOut, perLink: host.cfg.limits.movesPerLink }));
     this.side = {
       host,
       store,
@@ -127,6 +131,7 @@ export class Source {
   }
 
   cancel(domain: string): CancelResult {
+    if (this.queue.withdraw(domain)) return { jobId: '', domain, cancelling: true };
     const j = this.store.active(domain);
     if (!j || j.role !== 'source') throw new FerryError('JOB_NOT_FOUND', `No outgoing migration of "${domain}" on ${this.host.cfg.name}`);
     if (!sourceCanAbandon(j.phase))
@@ -149,6 +154,25 @@ export class Source {
    * thrown; after that the answer is the job's report, failures included.
    */
   async start(params: StartParams): Promise<Report> {
+    const dom0 = this.host.get(params.domain);
+    // In line first (migration/queue.ts): nothing is reserved or dialled while a move waits.
+    const release = await this.queue.enter({
+      domain: params.domain,
+      dest: params.dest,
+      live: params.live === true,
+      priority: params.priority ?? 'operator',
+      memoryMiB: dom0.rec.config.memoryMiB,
+    });
+    try {
+      const r = await this.startNow(params);
+      if (r.outcome === 'succeeded') this.queue.observed(dom0.rec.config.memoryMiB, r.totalMs);
+      return r;
+    } finally {
+      release();
+    }
+  }
+
+  private async startNow(params: StartParams): Promise<Report> {
     const run = await open(this.side, params);
     const { j, dom } = run;
     this.runs.set(j.jobId, run);

@@ -120,6 +120,8 @@ export class FakeHost extends EventEmitter implements MigrationHost {
     cpuUnavailable: [],
     accel: 'tcg' as const,
     machines: ['pc-i440fx-10.0'],
+    models: { qemu64: { features: ['lm'], unavailable: [] as string[] } } as Record<string, { features: string[]; unavailable: string[] }>,
+    ceiling: null as string | null,
   };
   readonly accel = { accel: 'tcg' as const };
   /** Standalone unless a test gives it a record to settle moves by (FakeOwnership). */
@@ -149,7 +151,7 @@ export class FakeHost extends EventEmitter implements MigrationHost {
       },
       peers: {},
       networks: {},
-      limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30 },
+      limits: { incomingPerPeer: 4, incomingTotal: 8, reservationS: 30, movesOut: 4, movesPerLink: 2 },
       storage: { localDir: runDir },
     };
   }

@@ -2,7 +2,7 @@
  * Cluster mode in a 3-host lab (`ferry lab up --cluster`: an etcd member in every
  * host, mutual TLS):
  * - host1's links cut while it runs an HA domain and a non-HA one: the HA domain runs
- *   again on another host, once, and host1's copy stopped before the new one started
+ *   again on another host (the one its keep-apart rule allows), once, and host1's copy stopped before the new one started
  *   (process exit and start times, read from /proc by the test, not from ferry); the
  *   non-HA domain runs on on host1; host1 back does not start the HA domain again;
  * - the control channel cut at the point of no return: the move settles from the
@@ -97,9 +97,19 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     assert.notEqual(plain.code, 0, 'no client certificate, no answer');
   });
 
-  test('host1 cut off: its HA domain runs once elsewhere, after host1 stopped it; the non-HA one runs on; host1 back does not start it', async () => {
+  test('host1 cut off: its HA domain runs once elsewhere (where its placement rule allows), after host1 stopped it; the non-HA one runs on; host1 back does not start it', async () => {
     await createGuest('pattern', 'ha1', 'host1');
     await createGuest('pattern', 'solo', 'host1');
+    // A keep-apart rule decides where ha1 restarts: by memory alone host2 would take it
+    // (host3 holds a larger domain), but ha1 must not join `anchor` there.
+    await createGuest('pattern', 'anchor', 'host2', 64);
+    await createGuest('pattern', 'ballast', 'host3', 512);
+    for (const [h, d] of [
+      ['host2', 'anchor'],
+      ['host3', 'ballast'],
+    ])
+      await ok(['-H', h, 'pause', d, '--json']);
+    await ok(['-H', 'host2', 'rule', 'add', 'spread', '--keep-apart', 'ha1', 'anchor', '--json']);
     const added = await ok(['-H', 'host2', 'ha', 'add', 'ha1', '--priority', '3', '--json']);
     assert.equal(added.owner, 'host1');
     assert.deepEqual(added.ha, { priority: 3 });
@@ -119,6 +129,7 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
         60000,
         200,
       );
+      assert.equal(moved.host, 'host3', 'the keep-apart rule kept ha1 off host2');
       const by = exit.exitedBy();
       assert.ok(by !== null, "host1's copy of ha1 still runs while another host runs it");
       const started = startedMs(moved.pid);
@@ -161,6 +172,14 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     await ok(['lab', 'verify', 'ha1']);
     await ok(['-H', moved.host, 'destroy', 'ha1']);
     await ok(['-H', moved.host, 'delete', 'ha1']);
+    await ok(['-H', 'host1', 'rule', 'remove', 'spread']);
+    for (const [h, d] of [
+      ['host2', 'anchor'],
+      ['host3', 'ballast'],
+    ]) {
+      await ok(['-H', h, 'destroy', d]);
+      await ok(['-H', h, 'delete', d]);
+    }
   });
 
   test('host2 cut off with its ferryd frozen: the watchdog fences the HA domain before it runs elsewhere', async () => {
@@ -241,7 +260,7 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     await waitFor('host2 cleaned up', () => domainRecord('host2', 'solo') === undefined, 60000, 500);
     await patternIntact('host1', 'solo', pid);
     // The next move goes through: the handover is etcd's transaction, and the record follows.
-    await ok(['-H', 'host1', 'migrate', 'solo', 'host2', '--live', '--timeout', '45', '--on-timeout', 'suspend']);
+    await ok(['-H', 'host1', 'migrate', 'solo', 'host2', '--live', '--timeout', '20', '--on-timeout', 'suspend']);
     const rec = (await ok(['-H', 'host3', 'list', '--all', '--json'])).find((d: any) => d.name === 'solo');
     assert.equal(rec.owner, 'host2');
     assert.deepEqual(
@@ -260,7 +279,7 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     await waitFor('etcd on host1 gone', () => !pidAlive(etcdOf('host1')), 5000, 50);
     // Quorum of 2 out of 3: business as usual.
     await createGuest('pattern', 'late', 'host1');
-    await ok(['-H', 'host1', 'migrate', 'late', 'host3', '--live', '--timeout', '45', '--on-timeout', 'suspend']);
+    await ok(['-H', 'host1', 'migrate', 'late', 'host3', '--live', '--timeout', '20', '--on-timeout', 'suspend']);
     const solo = (await runningOn('solo'))[0];
     const ha2Pid = (await ok(['-H', 'host3', 'info', 'ha2', '--json'])).pid;
     const ha2Exit = watchExit(ha2Pid);

@@ -9,7 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { FerryError, asFerryError } from '../../errors.ts';
 import { domainConfigToJson, type DomainConfig } from '../../domain/config.ts';
-import { hostArch } from '../../qemu/probe.ts';
+import { hostArch, cpuMissing } from '../../qemu/probe.ts';
 import { MigrationWatcher } from '../../qemu/migstatus.ts';
 import { MigrationQmp } from '../../qemu/migration.ts';
 import type { BeginMsg } from '../../api/relocation.ts';
@@ -74,9 +74,9 @@ function checkBegin(side: IncomingSide, m: BeginMsg, ctx: RelocationContext): Of
       qemuVersion: h.qemu.version,
       arch: hostArch(),
       accel: h.accel.accel,
-      cpuModel: h.qemu.cpuModel,
-      cpuFeatures: h.qemu.cpuFeatures,
-      cpuUnavailable: h.qemu.cpuUnavailable,
+      cpuFor: m.cpuModel,
+      cpuMissing: cpuMissing(h.qemu, m.cpuModel),
+      cpuCeiling: h.qemu.ceiling,
       machines: h.qemu.machines,
       networks: h.cfg.networks,
       ...h.memoryFacts(),
@@ -86,11 +86,6 @@ function checkBegin(side: IncomingSide, m: BeginMsg, ctx: RelocationContext): Of
     m.config,
     running,
   );
-  if (running && m.cpuModel !== h.qemu.cpuModel)
-    throw new FerryError(
-      'MIGRATION_DEST_CPU',
-      `Cannot migrate domain "${m.config.name}": it runs with CPU model ${m.cpuModel}, ${h.cfg.name} offers ${h.qemu.cpuModel}`,
-    );
   // --copy-storage: the disks to copy get their place here; everything else must be shared.
   const copies = placeCopies(side, m, running);
   checkStorage(side, m, copies, peerName);

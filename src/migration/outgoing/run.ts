@@ -19,6 +19,7 @@ import type { DiskMirror, CopyDisk } from '../mirror.ts';
 import type { Plan, OnTimeout, StrategyChoice } from '../plan.ts';
 import type { Planner } from '../autopilot.ts';
 import type { MemoryCheck } from '../memcheck.ts';
+import type { MovePriority } from '../../api/protocol.ts';
 
 /**
  * The source side as its phase functions see it: the host, the job store, the log, the
@@ -71,6 +72,8 @@ export interface StartParams {
   copyStorage?: boolean;
   /** With copyStorage: delete the source's disk files once the domain runs there (kept by default). */
   deleteSourceStorage?: boolean;
+  /** Its place in this host's line of moves (migration/queue.ts): an evacuation goes before an operator's move, the balancer's last. */
+  priority?: MovePriority;
 }
 
 /** The autopilot's state during one live move. */

@@ -1,0 +1,159 @@
+/**
+ * Placement in cluster mode, on this host: the rules (stored in etcd, cluster/rules.ts;
+ * followed by ClusterAgent), the CPU baseline, where one of this host's domains should
+ * go (`ferry migrate DOMAIN` without a destination), whether an operator's move breaks
+ * a rule (PLACEMENT_RULE), and the balancer's recommendation. The decisions themselves
+ * are placement/'s pure functions; this module only gathers the fleet they read (this
+ * host's watches: no host is polled).
+ */
+import { FerryError } from '../errors.ts';
+import { hasProcess } from '../domain/state.ts';
+import { checkRule, describeRule, RuleSchema, type Rule } from '../placement/rules.ts';
+import { broken, choose, type Choice, type DomainView } from '../placement/place.ts';
+import { balance, type Balance } from '../placement/balance.ts';
+import { updateRules } from '../cluster/rules.ts';
+import { hostView, networksOf } from '../cluster/ha.ts';
+import type { ClusterAgent } from './cluster.ts';
+import type { Host } from './host.ts';
+import type { ClusterCpu } from '../api/protocol.ts';
+
+export class Placement {
+  constructor(
+    private readonly host: Host,
+    private readonly cluster: ClusterAgent,
+  ) {}
+
+  /** What the cluster knows: every domain with a record, every host with a lease or a domain. */
+  private known(): { domains: Set<string>; hosts: Set<string> } {
+    const f = this.cluster.fleet();
+    return {
+      domains: new Set(f.domains.map((d) => d.name)),
+      hosts: new Set([...f.hosts.map((h) => h.name), ...f.domains.map((d) => d.owner)]),
+    };
+  }
+
+  private quorate(what: string): void {
+    if (!this.cluster.fleet().quorate)
+      throw new FerryError(
+        'CLUSTER_NO_QUORUM',
+        `Cannot ${what}: ${this.host.cfg.name} cannot reach etcd now, so its view of the fleet may be stale; check \`ferry cluster status\``,
+      );
+  }
+
+  async addRule(raw: unknown): Promise<Rule> {
+    const p = RuleSchema.safeParse(raw);
+    if (!p.success) {
+      const i = p.error.issues[0];
+      throw new FerryError('RULE_INVALID', `Invalid rule: ${i?.path.join('.') || 'rule'} ${i?.message ?? ''}`.trim());
+    }
+    this.quorate('add a rule');
+    const rule = { ...p.data, createdAt: new Date().toISOString() };
+    const known = this.known();
+    await updateRules(this.cluster.etcd, (rules) => {
+      checkRule(rule, rules, known);
+      return [...rules, rule];
+    });
+    void this.cluster.events.add({ type: 'rule-added', detail: `rule "${rule.name}" added: ${describeRule(rule)}` });
+    return rule;
+  }
+
+  async removeRule(name: string): Promise<{ removed: string }> {
+    this.quorate('remove a rule');
+    await updateRules(this.cluster.etcd, (rules) => {
+      if (!rules.some((r) => r.name === name)) throw new FerryError('RULE_NOT_FOUND', `No placement rule "${name}" (\`ferry rule list\`)`);
+      return rules.filter((r) => r.name !== name);
+    });
+    void this.cluster.events.add({ type: 'rule-removed', detail: `rule "${name}" removed` });
+    return { removed: name };
+  }
+
+  rules(): Rule[] {
+    return this.cluster.rules();
+  }
+
+  cpu(): ClusterCpu {
+    const f = this.cluster.fleet();
+    const b = this.cluster.baseline();
+    return {
+      baseline: b.model,
+      features: b.features,
+      common: b.common,
+      hosts: f.hosts.map((h) => ({
+        name: h.name,
+        ceiling: h.cpuCeiling,
+        defaultModel: h.cpuModel,
+        models: h.cpuModels.length,
+        accel: h.accel,
+      })),
+    };
+  }
+
+  /** One of this host's domains as placement sees it. */
+  private domainView(name: string): DomainView {
+    const d = this.host.get(name);
+    const c = d.rec.config;
+    return {
+      name,
+      host: this.host.cfg.name,
+      memoryMiB: c.memoryMiB,
+      cpuModel: d.rec.runtime?.cpuModel ?? this.host.cpuFor(c),
+      accel: this.host.accel.accel,
+      networks: [...new Set(c.nics.map((n) => n.network))],
+      stopped: !hasProcess(d.rec.state),
+    };
+  }
+
+  private where(): Map<string, string> {
+    return new Map(this.cluster.fleet().domains.map((d) => [d.name, d.moving?.to ?? d.owner]));
+  }
+
+  /** `ferry migrate DOMAIN` without a destination: the host placement picks, and why; PLACEMENT_NONE if none. */
+  place(domain: string, ignoreRules = false): Choice {
+    this.quorate('place a domain');
+    const f = this.cluster.fleet();
+    const c = choose(this.domainView(domain), f.hosts.map(hostView), { where: this.where(), rules: ignoreRules ? [] : f.rules });
+    if (!c.to) throw new FerryError('PLACEMENT_NONE', `No host can take "${domain}": ${c.why}`, { why: c.why });
+    return c;
+  }
+
+  /**
+   * An operator's move to DEST: the rules it would break. Refused (PLACEMENT_RULE) unless
+   * ignoreRules; then the broken rules are returned, for the report to name.
+   */
+  checkMove(domain: string, dest: string, ignoreRules: boolean): string[] {
+    const f = this.cluster.fleet();
+    if (!f.rules.length) return [];
+    const name = f.hosts.find((h) => h.name === dest || h.relocation === dest || h.relocation.split(':')[0] === dest)?.name ?? dest;
+    this.host.get(domain);
+    const b = broken(domain, name, this.where(), f.rules).map((x) => x.why);
+    if (b.length && !ignoreRules)
+      throw new FerryError(
+        'PLACEMENT_RULE',
+        `Moving "${domain}" to ${name} would break ${b.join('; ')}. Pick another host (\`ferry migrate ${domain}\` picks one), remove the rule, or pass --ignore-rules`,
+        { rules: b },
+      );
+    return b;
+  }
+
+  /** `ferry cluster balance`: the moves that would even out memory and CPU (placement/balance.ts). */
+  balance(threshold: number): Balance {
+    this.quorate('balance the cluster');
+    const f = this.cluster.fleet();
+    const live = new Set(f.hosts.map((h) => h.name));
+    const domains: DomainView[] = f.domains
+      .filter((d) => live.has(d.owner) && d.state === 'running' && !d.moving)
+      .map((d) => {
+        const h = f.hosts.find((x) => x.name === d.owner);
+        return {
+          name: d.name,
+          host: d.owner,
+          memoryMiB: d.memoryMiB,
+          cpuModel: d.cpuModel,
+          accel: h?.accel,
+          networks: networksOf(this.cluster.recordConfig(d.name)),
+          ...(d.cpu !== null ? { cpu: d.cpu } : {}),
+        };
+      });
+    return balance(f.hosts.map(hostView), domains, { rules: f.rules, threshold });
+  }
+}
