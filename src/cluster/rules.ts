@@ -8,11 +8,24 @@
 import type { Etcd3 } from 'etcd3';
 import { z } from 'zod';
 import { FerryError } from '../errors.ts';
-import { RuleSchema, type Rule } from '../placement/rules.ts';
+import { RULE_KINDS, type Rule } from '../placement/rules.ts';
 import { casJson, getJson, type Versioned } from './etcd.ts';
 import { ROOT } from './records.ts';
 
 export const RULES_KEY = `${ROOT}rules`;
+
+const name = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be 1-64 letters, digits, ".", "_" or "-"' });
+
+/** One rule's shape: an API request's and a stored record's (placement/rules.ts checks its sense). */
+export const RuleSchema = z
+  .object({
+    name,
+    kind: z.enum(RULE_KINDS),
+    domains: z.array(name).min(1).max(64),
+    hosts: z.array(name).max(64).default([]),
+    createdAt: z.string().optional(),
+  })
+  .strict();
 
 const RulesSchema = z.array(RuleSchema).max(1000);
 

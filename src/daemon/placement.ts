@@ -8,10 +8,10 @@
  */
 import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
-import { checkRule, describeRule, RuleSchema, type Rule } from '../placement/rules.ts';
+import { checkRule, describeRule, type Rule } from '../placement/rules.ts';
 import { broken, choose, type Choice, type DomainView } from '../placement/place.ts';
 import { balance, type Balance } from '../placement/balance.ts';
-import { updateRules } from '../cluster/rules.ts';
+import { RuleSchema, updateRules } from '../cluster/rules.ts';
 import { hostView, networksOf } from '../cluster/ha.ts';
 import type { ClusterAgent } from './cluster.ts';
 import type { Host } from './host.ts';

@@ -3,29 +3,27 @@
  * avoid. Pure: the cluster stores them (cluster/rules.ts), every placement reads them
  * through `judge` (place.ts), and `checkRule` is the one gate a new rule passes.
  *
+ * No zod here: the CLI imports this module, and its start-up stays without zod's
+ * (about 0.1 s); the schema lives with the store (cluster/rules.ts).
+ *
  * Hard rules (keep-apart, keep-together) are never broken by ferry; soft ones
  * (prefer-hosts, avoid-hosts) only by an HA restart that has no other place, which says
  * so in `ferry events`. An operator's explicit move that breaks any rule is refused
  * (PLACEMENT_RULE) unless --ignore-rules.
  */
-import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 
 export const RULE_KINDS = ['keep-apart', 'keep-together', 'prefer-hosts', 'avoid-hosts'] as const;
 
-const name = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be 1-64 letters, digits, ".", "_" or "-"' });
-
-export const RuleSchema = z
-  .object({
-    name,
-    kind: z.enum(RULE_KINDS),
-    domains: z.array(name).min(1).max(64),
-    /** prefer-hosts and avoid-hosts: the hosts; empty for the others. */
-    hosts: z.array(name).max(64).default([]),
-    createdAt: z.string().optional(),
-  })
-  .strict();
-export type Rule = z.infer<typeof RuleSchema>;
+/** A placement rule as etcd holds it (its shape is checked where it is read: cluster/rules.ts). */
+export interface Rule {
+  name: string;
+  kind: (typeof RULE_KINDS)[number];
+  domains: string[];
+  /** prefer-hosts and avoid-hosts: the hosts; empty for the others. */
+  hosts: string[];
+  createdAt?: string;
+}
 
 export const isHard = (r: Rule): boolean => r.kind === 'keep-apart' || r.kind === 'keep-together';
 
