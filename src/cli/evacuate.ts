@@ -21,9 +21,8 @@ import { resolveTarget } from './targets.ts';
 import type { DomainSummary, HostInfo, Progress, Report } from '../api/protocol.ts';
 import { FerryError, asFerryError } from '../errors.ts';
 import { table, printJson, act } from './output.ts';
-import { placeAll, makespanMs, type DomainView, type HostView } from '../placement/place.ts';
+import { placeAll, makespanMs, hostView, whereOf, type DomainView, type HostView } from '../placement/place.ts';
 import type { Rule } from '../placement/rules.ts';
-import type { ClusterHostFacts } from '../api/protocol.ts';
 
 interface EvacOpts {
   to?: string[];
@@ -146,26 +145,11 @@ async function fromCluster(
   for (const n of names) {
     const h = live.get(n);
     if (!h) unreachable.push(`${n} (no live cluster lease: down, or not a member)`);
-    else candidates.push(clusterHostView(h));
+    else candidates.push(hostView(h));
   }
   // Where every domain is (or is going): keep-apart and keep-together read it.
-  const where = new Map(fleet.domains.map((d) => [d.name, d.moving?.to ?? d.owner]));
+  const where = whereOf(fleet.domains);
   return { candidates, unreachable, rules: fleet.rules, where };
-}
-
-/** A cluster host's published facts as placement sees them. */
-export function clusterHostView(h: ClusterHostFacts): HostView {
-  return {
-    name: h.name,
-    memoryMiB: h.memoryMiB,
-    freeMiB: h.freeMiB,
-    cpuModel: h.cpuModel,
-    cpuModels: h.cpuModels.length ? h.cpuModels : null,
-    accel: h.accel,
-    networks: h.networks,
-    maintenance: h.maintenance,
-    cores: h.cores,
-  };
 }
 
 /** What placing HOST's domains reads: HOST, the candidates (and who could not be asked), the rules and where every domain is. */

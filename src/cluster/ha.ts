@@ -27,28 +27,13 @@ import type { Ownership } from './ownership.ts';
 import { ALIVE, HA_ELECTION, HOSTS, aliveKey, nameOfKey, parseHostFacts, type HostFacts, type OwnerRecord } from './records.ts';
 import { monoMs } from './member.ts';
 import { readRules } from './rules.ts';
-import { choose, type HostView } from '../placement/place.ts';
+import { choose, hostView } from '../placement/place.ts';
 import type { Rule } from '../placement/rules.ts';
 
 export interface HaTimings {
   ttlS: number;
   marginS: number;
   restartDelayS: number;
-}
-
-/** A host's published facts as placement sees them (placement/place.ts). */
-export function hostView(h: HostFacts): HostView {
-  return {
-    name: h.name,
-    memoryMiB: h.memoryMiB,
-    freeMiB: h.freeMiB,
-    cpuModels: h.cpuModels.length ? h.cpuModels : null,
-    cpuModel: h.cpuModel,
-    accel: h.accel,
-    networks: h.networks,
-    maintenance: h.maintenance,
-    cores: h.cores,
-  };
 }
 
 /** The networks a domain's NICs name, from its config as a record holds it. */

@@ -9,10 +9,10 @@
 import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { checkRule, describeRule, type Rule } from '../placement/rules.ts';
-import { broken, choose, type Choice, type DomainView } from '../placement/place.ts';
+import { broken, choose, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
 import { balance, type Balance } from '../placement/balance.ts';
 import { RuleSchema, updateRules } from '../cluster/rules.ts';
-import { hostView, networksOf } from '../cluster/ha.ts';
+import { networksOf } from '../cluster/ha.ts';
 import type { ClusterAgent } from './cluster.ts';
 import type { Host } from './host.ts';
 import type { ClusterCpu } from '../api/protocol.ts';
@@ -104,7 +104,7 @@ export class Placement {
   }
 
   private where(): Map<string, string> {
-    return new Map(this.cluster.fleet().domains.map((d) => [d.name, d.moving?.to ?? d.owner]));
+    return whereOf(this.cluster.fleet().domains);
   }
 
   /** `ferry migrate DOMAIN` without a destination: the host placement picks, and why; PLACEMENT_NONE if none. */

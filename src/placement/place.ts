@@ -42,6 +42,27 @@ export interface DomainView {
   cpu?: number;
 }
 
+/** What a cluster host publishes (cluster/records.ts HostFacts, the API's ClusterHostFacts), as placement sees it. */
+export function hostView(h: Omit<HostView, 'cpuModels'> & { cpuModels: string[] }): HostView {
+  return {
+    name: h.name,
+    memoryMiB: h.memoryMiB,
+    freeMiB: h.freeMiB,
+    // An empty list: a host of an older ferry that publishes none; placement falls back to its own model.
+    cpuModels: h.cpuModels.length ? h.cpuModels : null,
+    cpuModel: h.cpuModel,
+    accel: h.accel,
+    networks: h.networks,
+    maintenance: h.maintenance,
+    cores: h.cores,
+  };
+}
+
+/** Where every domain is, or is going (a move under way counts at its destination): what keep-apart and keep-together read. */
+export function whereOf(domains: { name: string; owner: string; moving: { to: string } | null }[]): Map<string, string> {
+  return new Map(domains.map((d) => [d.name, d.moving?.to ?? d.owner]));
+}
+
 /** A host's reason not to take a domain at all (rules aside), or null. */
 export function unfit(d: DomainView, h: HostView, freeLeft: number): string | null {
   if (h.maintenance) return `${h.name} is in maintenance`;
