@@ -97,6 +97,10 @@ export const ERRORS = {
   MIGRATION_DEST_MAINTENANCE: { exit: 8, doc: 'the destination is in maintenance and takes no incoming move' },
   MIGRATION_DEST_ARCH: { exit: 8, doc: 'the destination has another architecture or accelerator' },
   MIGRATION_DEST_CPU: { exit: 8, doc: 'the destination lacks CPU features or the CPU model' },
+  MIGRATION_DEST_BUSY: {
+    exit: 8,
+    doc: 'the destination already takes as many incoming moves as its limits allow (incomingPerPeer, incomingTotal); a ferry source waits in line and asks again, for up to 10 minutes',
+  },
   MIGRATION_DEST_NETWORK: { exit: 8, doc: "the domain's network is missing on the destination" },
   MIGRATION_DEST_L2: { exit: 8, doc: "the destination's network is not the same L2 segment" },
   MIGRATION_DEST_DISK: { exit: 8, doc: 'a disk is not reachable at the same path on the destination' },

@@ -30,7 +30,7 @@ import type { Action } from './schema.ts';
 import type { RelocationAnswers } from './relocation.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
 import type { Rule } from '../placement/rules.ts';
-import type { Balance } from '../placement/balance.ts';
+import type { Balance, BalanceSettings, Hold } from '../placement/balance.ts';
 
 /**
  * Who may call what. `local`: the root-only unix socket. `admin`: a TLS client whose
@@ -79,6 +79,7 @@ export const ROLES = {
   'cluster.cpu': MANAGE,
   'cluster.place': MANAGE,
   'cluster.balance': MANAGE,
+  'cluster.autobalance': MANAGE,
   'relocation.begin': PEER,
   'relocation.prepare': PEER,
   'relocation.digest': PEER,
@@ -444,6 +445,8 @@ export interface ClusterHostFacts {
   /** Each running domain's CPU use, cores, averaged over the load window. */
   load: Record<string, number>;
   maintenance: boolean;
+  /** Its line of outgoing moves (migration/queue.ts): running ones hold a slot, queued ones wait. */
+  moves: { domain: string; dest: string; priority: string; state: 'running' | 'queued'; position: number | null; etaMs: number | null }[];
   networks: string[];
   relocation: string;
   since: string;
@@ -534,7 +537,9 @@ export interface Results {
   'rule.remove': { removed: string };
   'cluster.cpu': ClusterCpu;
   'cluster.place': { domain: string; to: string | null; why: string; broke: string[] };
-  'cluster.balance': Balance;
+  /** The recommendation, and the automatic mode's setting and its holds. */
+  'cluster.balance': Balance & { auto: BalanceSettings; held: Hold[] };
+  'cluster.autobalance': BalanceSettings;
   // A peer's answers are what the protocol promises, not proven: the source checks
   // what it acts on (a data port in the peer's range, digests of the right length).
   // The relocation answers' types come from their schemas (api/relocation.ts), which the source checks them with.

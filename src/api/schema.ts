@@ -106,6 +106,13 @@ export const ACTIONS = {
   'cluster.place': params({ domain: str, ignoreRules: optBool }),
   // threshold: percentage points from the fleet's mean (default 20)
   'cluster.balance': params({ threshold: optNum(1, 100) }),
+  // the automatic balancer, cluster-wide (cluster/balance.ts); what is not given stays as it is
+  'cluster.autobalance': params({
+    mode: z.enum(['off', 'auto'], { error: 'must be off or auto' }).optional(),
+    threshold: z.number().int().min(1).max(100).optional(),
+    holdSeconds: z.number().int().min(0).max(86400).optional(),
+    intervalSeconds: z.number().int().min(5).max(3600).optional(),
+  }),
   // relocation (destination side, asked by a peer ferryd over TLS): the protocol's own module
   ...RELOCATION_ACTIONS,
 } as const;

@@ -172,6 +172,7 @@ interface UpOpts {
   cluster?: boolean;
   cpuCeiling?: Record<string, string>;
   movesOut?: number;
+  movesIn?: number;
   json?: boolean;
 }
 
@@ -199,6 +200,11 @@ function registerLabLifecycle(lab: Command): void {
       ceilingOpt,
     )
     .option('--moves-out <n>', "each host's limits.movesOut: outgoing moves at once, more wait in line", int('--moves-out'))
+    .option(
+      '--moves-in <n>',
+      "each host's limits.incomingTotal: incoming moves at once, more wait in their sources' lines",
+      int('--moves-in'),
+    )
     .option('--json', 'JSON output')
     .action(
       act(
@@ -213,6 +219,7 @@ function registerLabLifecycle(lab: Command): void {
             cluster: o.cluster,
             cpuCeiling: o.cpuCeiling,
             movesOut: o.movesOut,
+            movesIn: o.movesIn,
             progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
           });
         },

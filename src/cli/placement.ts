@@ -11,7 +11,7 @@ import { resolveTarget } from './targets.ts';
 import { act, hostOpt, table } from './output.ts';
 import type { ClusterCpu, Report } from '../api/protocol.ts';
 import { describeRule, type Rule } from '../placement/rules.ts';
-import type { Balance, BalanceMove } from '../placement/balance.ts';
+import { describeAuto, type Balance, type BalanceMove, type BalanceSettings, type Hold } from '../placement/balance.ts';
 
 const KINDS = ['keepApart', 'keepTogether', 'preferHosts', 'avoidHosts'] as const;
 const KIND_OF = { keepApart: 'keep-apart', keepTogether: 'keep-together', preferHosts: 'prefer-hosts', avoidHosts: 'avoid-hosts' } as const;
@@ -92,17 +92,56 @@ export function registerPlacement(prog: Command, cluster: Command): void {
 
   cluster
     .command('balance')
-    .description('recommend moves that bring every host within --threshold of the mean memory and CPU load; --apply runs them')
-    .option('--threshold <percent>', 'how far from the mean a host may be, percentage points', (v) => Number(v), 20)
+    .description(
+      'recommend moves that bring every host within --threshold of the mean memory and CPU load; --apply runs them; --auto on|off sets the automatic balancer',
+    )
+    .option('--threshold <percent>', "how far from the mean a host may be, percentage points (default: the cluster's setting, 20)", num)
     .option('--apply', 'run the recommended moves (live), each from its host, after evacuations in its line')
+    .option('--auto <on|off>', 'turn the automatic balancer on or off, cluster-wide (with --threshold, --hold, --interval)')
+    .option('--hold <seconds>', 'with --auto: a domain the balancer moved stays put this long (default 600)', num)
+    .option('--interval <seconds>', 'with --auto: how often each host looks (default 30)', num)
     .option('--json', 'JSON output')
     .action(
-      act(async (o: { threshold: number; apply?: boolean }, cmd: Command) => {
-        if (!Number.isFinite(o.threshold) || o.threshold < 1 || o.threshold > 100)
-          throw new FerryError('CLI_USAGE', '--threshold must be a number of percentage points from 1 to 100');
-        return balanceCmd(resolveTarget(hostOpt(cmd)), o.threshold, !!o.apply);
-      }, printBalance),
+      act(async (o: BalanceOpts, cmd: Command) => {
+        const t = resolveTarget(hostOpt(cmd));
+        if (o.threshold !== undefined && !(Number.isInteger(o.threshold) && o.threshold >= 1 && o.threshold <= 100))
+          throw new FerryError('CLI_USAGE', '--threshold must be a whole number of percentage points from 1 to 100');
+        if (o.auto !== undefined || o.hold !== undefined || o.interval !== undefined) return autoCmd(t, o);
+        return balanceCmd(t, o.threshold, !!o.apply);
+      }, printBalanceOrAuto),
     );
+}
+
+interface BalanceOpts {
+  threshold?: number;
+  apply?: boolean;
+  auto?: string;
+  hold?: number;
+  interval?: number;
+}
+
+const num = (v: string): number => Number(v);
+
+/** `cluster balance --auto on|off [--threshold] [--hold] [--interval]`: the cluster-wide setting, what is not given kept. */
+async function autoCmd(t: Target, o: BalanceOpts): Promise<BalanceSettings & { setting: true }> {
+  if (o.apply) throw new FerryError('CLI_USAGE', '--apply runs one recommendation; it does not go with --auto');
+  if (o.auto !== undefined && o.auto !== 'on' && o.auto !== 'off') throw new FerryError('CLI_USAGE', '--auto takes on or off');
+  if (o.hold !== undefined && !(Number.isInteger(o.hold) && o.hold >= 0 && o.hold <= 86400))
+    throw new FerryError('CLI_USAGE', '--hold must be a whole number of seconds from 0 to 86400');
+  if (o.interval !== undefined && !(Number.isInteger(o.interval) && o.interval >= 5 && o.interval <= 3600))
+    throw new FerryError('CLI_USAGE', '--interval must be a whole number of seconds from 5 to 3600');
+  const s = await call(t, 'cluster.autobalance', {
+    ...(o.auto !== undefined ? { mode: o.auto === 'on' ? ('auto' as const) : ('off' as const) } : {}),
+    ...(o.threshold !== undefined ? { threshold: o.threshold } : {}),
+    ...(o.hold !== undefined ? { holdSeconds: o.hold } : {}),
+    ...(o.interval !== undefined ? { intervalSeconds: o.interval } : {}),
+  });
+  return { ...s, setting: true };
+}
+
+function printBalanceOrAuto(r: BalanceResult | (BalanceSettings & { setting: true })): void {
+  if ('setting' in r) process.stdout.write(`automatic balancer ${describeAuto(r)}\n`);
+  else printBalance(r);
 }
 
 function printCpu(r: ClusterCpu): void {
@@ -119,14 +158,16 @@ function printCpu(r: ClusterCpu): void {
 }
 
 interface BalanceResult extends Balance {
+  auto: BalanceSettings;
+  held: Hold[];
   /** Each move's predicted time (the autopilot's plan) and, with --apply, its outcome. */
   plan: (BalanceMove & { predictedMs: number | null; outcome?: string; error?: { code: string; message: string } })[];
   applied: boolean;
 }
 
 /** Where a host's API is: its lab socket, or its relocation address in the cluster. */
-async function balanceCmd(t: Target, threshold: number, apply: boolean): Promise<BalanceResult> {
-  const b = await call(t, 'cluster.balance', { threshold });
+async function balanceCmd(t: Target, threshold: number | undefined, apply: boolean): Promise<BalanceResult> {
+  const b = await call(t, 'cluster.balance', threshold === undefined ? {} : { threshold });
   const plan: BalanceResult['plan'] = [];
   for (const m of b.moves) {
     const src = resolveTarget(m.from);
@@ -179,6 +220,11 @@ function printBalance(r: BalanceResult): void {
     out.push(
       `CPU not judged: ${r.unmeasured.join(', ')} ${r.unmeasured.length > 1 ? 'have' : 'has'} run on ${r.unmeasured.length > 1 ? 'their' : 'its'} host too briefly to measure (15 s); memory only`,
     );
+  if (r.held.length)
+    out.push(
+      `Held where the balancer put them: ${r.held.map((h) => `${h.domain} (on ${h.to} since ${h.at.slice(11, 19)}, ${h.holdSeconds} s)`).join(', ')}`,
+    );
+  out.push(`Automatic balancer ${describeAuto(r.auto)}`);
   if (!r.plan.length) out.push(r.stuck ? `No move recommended: ${r.stuck}` : 'Balanced: no move recommended.');
   else
     out.push(

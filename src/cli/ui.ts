@@ -67,6 +67,22 @@ interface UiState {
   from: string | null;
   hosts: HostRow[];
   domains: DomainRow[];
+  /** Each host's line of outgoing moves (migration/queue.ts): running ones hold a slot, queued ones wait with a place and an ETA. */
+  queue: QueueRow[];
+}
+interface QueueRow {
+  host: string;
+  domain: string;
+  dest: string;
+  priority: string;
+  state: 'running' | 'queued';
+  position: number | null;
+  etaMs: number | null;
+}
+
+/** A domain waiting in its host's line, in words: "queued #2 → host3". */
+function queuedState(q: QueueRow | undefined, state: string): string {
+  return q?.state === 'queued' ? `queued #${q.position} → ${q.dest} (${q.priority})` : state;
 }
 
 /** A record's state in the words of a domain's state (the page enables Migrate and Console for running ones). */
@@ -152,15 +168,21 @@ export class UiServer {
     for (const d of got.domains)
       if (!d.ownerUp && !hosts.some((h) => h.name === d.owner))
         hosts.push({ name: d.owner, error: 'down: no cluster lease (its HA domains restart elsewhere)' });
+    const queue = got.hosts.flatMap((h) => h.moves.map((m) => ({ host: h.name, ...m })));
     const domains = got.domains.map((d) => ({
       name: d.name,
       host: d.owner,
-      state: d.moving ? `moving to ${d.moving.to}` : FLEET_STATE[d.state],
+      state: d.moving
+        ? `moving to ${d.moving.to}`
+        : queuedState(
+            queue.find((q) => q.domain === d.name),
+            FLEET_STATE[d.state],
+          ),
       memoryMiB: d.memoryMiB,
       ha: d.ha,
     }));
     hosts.sort((a, b) => a.name.localeCompare(b.name));
-    return { mode: 'cluster', quorate: got.quorate, from: got.host, hosts, domains };
+    return { mode: 'cluster', quorate: got.quorate, from: got.host, hosts, domains, queue };
   }
 
   private broadcast(event: string, data: unknown): void {
@@ -192,12 +214,27 @@ export class UiServer {
     if (this.cluster) return this.fleetState();
     const hosts: UiState['hosts'] = [];
     const domains: UiState['domains'] = [];
+    const queue: QueueRow[] = [];
     await Promise.all(
       [...this.hosts].map(async ([name, t]) => {
         try {
-          const [hi, list] = await Promise.all([call(t, 'host.info', {}, 10000), call(t, 'domain.list', {}, 10000)]);
+          const [hi, list, jobs] = await Promise.all([
+            call(t, 'host.info', {}, 10000),
+            call(t, 'domain.list', {}, 10000),
+            call(t, 'migration.jobs', {}, 10000),
+          ]);
           hosts.push(hi);
-          for (const d of list) domains.push({ ...d, host: name });
+          const line = jobs.flatMap((j) => (j.queue ? [{ host: name, ...j.queue }] : []));
+          queue.push(...line);
+          for (const d of list)
+            domains.push({
+              ...d,
+              host: name,
+              state: queuedState(
+                line.find((q) => q.domain === d.name),
+                d.state,
+              ),
+            });
         } catch (e) {
           hosts.push({ name, error: asFerryError(e).message });
         }
@@ -205,7 +242,7 @@ export class UiServer {
     );
     hosts.sort((a, b) => a.name.localeCompare(b.name));
     domains.sort((a, b) => a.name.localeCompare(b.name));
-    return { mode: 'standalone', quorate: null, from: null, hosts, domains };
+    return { mode: 'standalone', quorate: null, from: null, hosts, domains, queue };
   }
 
   /** A console shared by every viewer of one domain; it follows the domain when it moves. */

@@ -223,6 +223,7 @@ describe(
           cpuCeiling: null,
           cores: 2,
           load: {},
+          moves: [],
           memoryMiB,
           freeMiB: memoryMiB,
           networks: [],

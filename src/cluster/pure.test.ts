@@ -21,6 +21,7 @@ const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
   cores: 2,
   load: {},
   maintenance: false,
+  moves: [],
   networks: [],
   relocation: 'x:8002',
   since: '',

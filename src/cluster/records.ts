@@ -8,6 +8,8 @@
  *   /ferry/domains/NAME     OwnerRecord: who may run the domain; its mod revision is the fencing token
  *   /ferry/events/TIME-SEQ  ClusterEvent: the cluster's event log (`ferry events`)
  *   /ferry/rules            every placement rule, one JSON list (cluster/rules.ts; `ferry rule`)
+ *   /ferry/balance          the automatic balancer's setting (cluster/balance.ts; `ferry cluster balance --auto`)
+ *   /ferry/held/DOMAIN      a domain the balancer moved, under a lease of the hold time
  *   /ferry/election/ha/...  the HA manager's election (etcd3's Election)
  */
 import { z } from 'zod';
@@ -43,6 +45,19 @@ export const HostFactsSchema = z.object({
   cores: z.number().int().positive().default(1),
   load: z.record(z.string(), z.number().nonnegative()).default({}),
   maintenance: z.boolean(),
+  /** Its line of outgoing moves (migration/queue.ts), running and waiting: the dashboard shows it, the automatic balancer waits for it. */
+  moves: z
+    .array(
+      z.object({
+        domain: z.string(),
+        dest: z.string(),
+        priority: z.string(),
+        state: z.enum(['running', 'queued']),
+        position: z.number().int().nullable(),
+        etaMs: z.number().nullable(),
+      }),
+    )
+    .default([]),
   /** The networks (ferryd.json "networks") its domains' NICs may name: placement needs each NIC's. */
   networks: z.array(z.string()).default([]),
   /** ADDRESS:PORT of its relocation (TLS API) port. */
@@ -110,6 +125,9 @@ export const EVENT_TYPES = [
   'rule-broken',
   'rule-added',
   'rule-removed',
+  'balance-set',
+  'balance-move',
+  'balance-failed',
 ] as const;
 export const ClusterEventSchema = z.object({
   at: z.string(),

@@ -172,7 +172,9 @@ function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unkno
     case 'cluster.place':
       return answer(req.action, deps.placement().place(req.params.domain, req.params.ignoreRules === true));
     case 'cluster.balance':
-      return answer(req.action, deps.placement().balance((req.params.threshold ?? 20) / 100));
+      return answer(req.action, deps.placement().balance(req.params.threshold === undefined ? undefined : req.params.threshold / 100));
+    case 'cluster.autobalance':
+      return answer(req.action, deps.placement().setAuto(req.params));
     default:
       return unknownAction(req);
   }
@@ -197,6 +199,7 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
     'migration.waiting',
     'migration.settled',
     'migration.done',
+    'migration.queue',
     'host.maintenance',
     'cluster.changed',
   ];
@@ -216,8 +219,14 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
 /** The source side, for the operator. */
 function migrationAction(req: MigrationRequest, { mig, refused, placementIfAny }: Deps): unknown {
   switch (req.action) {
-    case 'migration.start':
-      return answer(req.action, refused('source', startMove(req.params, mig(), placementIfAny)));
+    case 'migration.start': {
+      // Cluster mode: the placement rules first (PLACEMENT_RULE), and a balancer's move is held (daemon/placement.ts).
+      const { ignoreRules: _standaloneHasNoRules, ...params } = req.params;
+      return answer(
+        req.action,
+        refused('source', placementIfAny ? placementIfAny.startMove(req.params, mig()) : mig().source.start(params)),
+      );
+    }
     case 'migration.plan':
       return answer(req.action, mig().source.planOnly(req.params));
     case 'migration.cancel':
@@ -231,25 +240,6 @@ function migrationAction(req: MigrationRequest, { mig, refused, placementIfAny }
     default:
       return unknownAction(req);
   }
-}
-
-/**
- * An operator's move: in cluster mode, first the placement rules (PLACEMENT_RULE, or
- * with --ignore-rules the report names each rule the move broke).
- */
-async function startMove(
-  p: Extract<MigrationRequest, { action: 'migration.start' }>['params'],
-  mig: Migrations,
-  placement: Placement | null,
-): Promise<Results['migration.start']> {
-  const { ignoreRules, ...params } = p;
-  const broke = placement?.checkMove(p.domain, p.dest, ignoreRules === true) ?? [];
-  const r = await mig.source.start(params);
-  if (!broke.length) return r;
-  // The job keeps the same report (`ferry job DOMAIN` shows it too).
-  r.policy.push(`placement rules ignored (--ignore-rules): ${broke.join('; ')}`);
-  r.rulesIgnored = broke;
-  return r;
 }
 
 /** The destination side (and a home end's tunnel), for peers. */

@@ -38,6 +38,16 @@ import { RULES_KEY, parseRules } from '../cluster/rules.ts';
 import { baseline, type Baseline } from '../placement/cpu.ts';
 import type { Rule } from '../placement/rules.ts';
 import { LoadMeter } from './load.ts';
+import type { QueueView } from '../api/protocol.ts';
+import {
+  BALANCE_DEFAULTS,
+  BALANCE_KEY,
+  HELD,
+  parseBalanceSettings,
+  parseHold,
+  type BalanceSettings,
+  type Hold,
+} from '../cluster/balance.ts';
 
 const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
 /** An HA domain that crashes restarts on its host at most this often in this window, then stays stopped. */
@@ -71,6 +81,9 @@ export class ClusterAgent implements OwnershipGate {
   private readonly crashes = new Map<string, number[]>();
   /** The placement rules as the watch last saw them (cluster/rules.ts). */
   private rulesSeen: Rule[] = [];
+  /** The automatic balancer's setting and its holds (cluster/balance.ts), as the watches last saw them. */
+  private balanceSeen: BalanceSettings = BALANCE_DEFAULTS;
+  private readonly heldSeen = new Map<string, Hold>();
   /** Each running domain's CPU use over the load window: published with the facts, read by the balancer. */
   private readonly load: LoadMeter;
   /** Record changes the owner could not write yet (no quorum): written at the next renewal. */
@@ -117,6 +130,12 @@ export class ClusterAgent implements OwnershipGate {
     });
   }
 
+  /** This host's line of outgoing moves (migration/queue.ts), once the migration layer exists. */
+  private queueViews: () => QueueView[] = () => [];
+  useQueue(views: () => QueueView[]): void {
+    this.queueViews = views;
+  }
+
   get me(): string {
     return this.host.cfg.name;
   }
@@ -135,12 +154,15 @@ export class ClusterAgent implements OwnershipGate {
       this.publishSoon();
     });
     this.host.on('host.maintenance', () => void this.member.publish());
+    // A move joined or left this host's line: the dashboards and the other hosts' balancers hear of it.
+    this.host.on('migration.queue', () => this.publishSoon());
     this.member.start();
     this.ha.start();
     this.load.start();
     void this.watchRecords();
     void this.watchHosts();
     void this.watchRules();
+    void this.watchBalance();
     // Facts change with every domain started or stopped; published at most every few seconds.
     setInterval(() => void this.member.publish(), 5000).unref();
   }
@@ -221,6 +243,14 @@ export class ClusterAgent implements OwnershipGate {
       cores: os.cpus().length,
       load: this.load.averages(),
       maintenance: m.on,
+      moves: this.queueViews().map((q) => ({
+        domain: q.domain,
+        dest: q.dest,
+        priority: q.priority,
+        state: q.state,
+        position: q.position,
+        etaMs: q.etaMs,
+      })),
       networks: Object.keys(this.host.cfg.networks),
       relocation: `${this.host.cfg.relocation.address}:${this.host.cfg.relocation.port}`,
     };
@@ -464,6 +494,34 @@ export class ClusterAgent implements OwnershipGate {
     });
   }
 
+  /** The balancer's setting and holds, followed the same way (a hold's key goes with its lease). */
+  private async watchBalance(): Promise<void> {
+    await this.follow('the balancer setting', BALANCE_KEY, {
+      put: (key, value) => {
+        if (key === BALANCE_KEY) this.balanceSeen = parseBalanceSettings(value, key);
+      },
+      del: (key) => {
+        if (key === BALANCE_KEY) this.balanceSeen = BALANCE_DEFAULTS;
+      },
+      load: async () => {
+        const r = await etcdCall('reading the balancer setting', () => this.etcd.get(BALANCE_KEY).exec());
+        this.balanceSeen = r.kvs[0] ? parseBalanceSettings(jsonOf(r.kvs[0].value, BALANCE_KEY), BALANCE_KEY) : BALANCE_DEFAULTS;
+      },
+    });
+    await this.follow('the balancer holds', HELD, {
+      put: (key, value) => {
+        const h = parseHold(value, key);
+        this.heldSeen.set(h.domain, h);
+      },
+      del: (key) => this.heldSeen.delete(nameOfKey(key)),
+      load: async () => {
+        const all = await listJson(this.etcd, HELD, parseHold);
+        this.heldSeen.clear();
+        for (const h of all) this.heldSeen.set(h.value.domain, h.value);
+      },
+    });
+  }
+
   /** The placement rules, followed the same way: every placement this host makes reads them from memory. */
   private watchRules(): Promise<void> {
     return this.follow('rules', RULES_KEY, {
@@ -482,6 +540,16 @@ export class ClusterAgent implements OwnershipGate {
 
   rules(): Rule[] {
     return this.rulesSeen;
+  }
+
+  /** The automatic balancer's setting (off until an operator turns it on). */
+  balanceSettings(): BalanceSettings {
+    return this.balanceSeen;
+  }
+
+  /** The domains the balancer moved lately, each held where it went until its lease ends. */
+  held(): Hold[] {
+    return [...this.heldSeen.values()];
   }
 
   /** A domain's config as its ownership record holds it ({} if there is none). */

@@ -16,6 +16,8 @@ import { pidAlive } from '../qemu/process.ts';
 import { asFerryError } from '../errors.ts';
 import { Migrations } from '../migration/manager.ts';
 import { ClusterAgent } from './cluster.ts';
+import { AutoBalancer } from './balancer.ts';
+import { Placement } from './placement.ts';
 import { tlsPresent, ensureDhParams } from '../tls/ca.ts';
 
 import { REPO_ROOT as repoRoot } from '../util/paths.ts';
@@ -126,6 +128,10 @@ async function main(): Promise<void> {
     });
   }
   const migrations = new Migrations(host, log);
+  cluster?.useQueue(() => migrations.source.queue.views());
+  // The automatic balancer: every host runs it, each moves only its own domains (off until `ferry cluster balance --auto on`).
+  const balancer = cluster ? new AutoBalancer(cluster, new Placement(host, cluster), migrations, log) : undefined;
+  balancer?.start();
   await migrations.recover();
   // Only where served: otherwise no registry, no listeners on the host's events.
   const metrics = cfg.metrics ? new Metrics(host, log, cluster) : undefined;
@@ -147,6 +153,7 @@ async function main(): Promise<void> {
     log.info('ferryd stopping; domains keep running', { signal: sig });
     await server.close();
     metrics?.close();
+    balancer?.stop();
     await cluster?.stop();
     host.detachAll();
     try {

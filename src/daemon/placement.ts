@@ -10,8 +10,12 @@ import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { checkRule, describeRule, type Rule } from '../placement/rules.ts';
 import { broken, choose, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
-import { balance, type Balance } from '../placement/balance.ts';
+import { balance, describeAuto, type Balance } from '../placement/balance.ts';
 import { RuleSchema, updateRules } from '../cluster/rules.ts';
+import { BalanceSettingsSchema, hold, writeBalanceSettings, type BalanceSettings, type Hold } from '../cluster/balance.ts';
+import type { Migrations } from '../migration/manager.ts';
+import type { StartParams } from '../migration/source.ts';
+import type { Report } from '../api/protocol.ts';
 import { networksOf } from '../cluster/ha.ts';
 import type { ClusterAgent } from './cluster.ts';
 import type { Host } from './host.ts';
@@ -135,8 +139,54 @@ export class Placement {
     return b;
   }
 
-  /** `ferry cluster balance`: the moves that would even out memory and CPU (placement/balance.ts). */
-  balance(threshold: number): Balance {
+  /**
+   * An operator's or the balancer's move from this host: first the rules (PLACEMENT_RULE,
+   * or with --ignore-rules the report names each rule broken); a balancer's move (priority
+   * "balance", from `cluster balance --apply` or the automatic mode) holds its domain
+   * where it goes for the setting's holdSeconds, written before the move starts.
+   */
+  async startMove(p: StartParams & { ignoreRules?: boolean }, mig: Migrations): Promise<Report> {
+    const { ignoreRules, ...params } = p;
+    const broke = this.checkMove(p.domain, p.dest, ignoreRules === true);
+    if (params.priority === 'balance') await this.hold(p.domain, p.dest);
+    const r = await mig.source.start(params);
+    if (!broke.length) return r;
+    // The job keeps the same report (`ferry job DOMAIN` shows it too).
+    r.policy.push(`placement rules ignored (--ignore-rules): ${broke.join('; ')}`);
+    r.rulesIgnored = broke;
+    return r;
+  }
+
+  private async hold(domain: string, dest: string): Promise<void> {
+    const s = this.cluster.balanceSettings();
+    if (s.holdSeconds <= 0) return;
+    this.quorate('hold a balanced domain');
+    const to = this.cluster.fleet().hosts.find((h) => h.name === dest || h.relocation === dest)?.name ?? dest;
+    await hold(this.cluster.etcd, { domain, from: this.host.cfg.name, to, at: new Date().toISOString(), holdSeconds: s.holdSeconds });
+  }
+
+  /** `ferry cluster balance --auto on|off …`: the cluster-wide setting, changed in part (what is not given stays). */
+  async setAuto(raw: Partial<BalanceSettings>): Promise<BalanceSettings> {
+    this.quorate('change the balancer setting');
+    const p = BalanceSettingsSchema.safeParse({ ...this.cluster.balanceSettings(), ...raw });
+    if (!p.success) {
+      const i = p.error.issues[0];
+      throw new FerryError('API_BAD_REQUEST', `Invalid balancer setting: ${i?.path.join('.')} ${i?.message ?? ''}`.trim());
+    }
+    await writeBalanceSettings(this.cluster.etcd, p.data);
+    void this.cluster.events.add({ type: 'balance-set', detail: `automatic balancer ${describeAuto(p.data)}` });
+    return p.data;
+  }
+
+  /** `ferry cluster balance`: the moves that would even out memory and CPU (placement/balance.ts), with the automatic mode's setting and holds. */
+  balance(threshold?: number): Balance & { auto: BalanceSettings; held: Hold[] } {
+    const auto = this.cluster.balanceSettings();
+    const held = this.cluster.held();
+    return { ...this.recommend(threshold ?? auto.threshold / 100, new Set(held.map((h) => h.domain))), auto, held };
+  }
+
+  /** The balancer's recommendation; held domains stay where the balancer put them. */
+  recommend(threshold: number, held: Set<string> = new Set()): Balance {
     this.quorate('balance the cluster');
     const f = this.cluster.fleet();
     const live = new Set(f.hosts.map((h) => h.name));
@@ -154,6 +204,6 @@ export class Placement {
           ...(d.cpu !== null ? { cpu: d.cpu } : {}),
         };
       });
-    return balance(f.hosts.map(hostView), domains, { rules: f.rules, threshold });
+    return balance(f.hosts.map(hostView), domains, { rules: f.rules, threshold, held });
   }
 }

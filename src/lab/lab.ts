@@ -154,6 +154,8 @@ export interface UpOptions {
   cpuCeiling?: Record<string, string>;
   /** Every host's limits.movesOut: outgoing moves at once (more wait in line). */
   movesOut?: number;
+  /** Every host's limits.incomingTotal: incoming moves at once (more are refused busy, and their sources wait). */
+  movesIn?: number;
   progress?: (msg: string) => void;
 }
 
@@ -173,6 +175,8 @@ function checkUp(o: UpOptions): void {
       throw new FerryError('CLI_USAGE', `--cpu-ceiling names ${h}, which is not one of the lab's hosts (host1..host${o.hosts})`);
   if (o.movesOut !== undefined && (!Number.isInteger(o.movesOut) || o.movesOut < 1 || o.movesOut > 64))
     throw new FerryError('CLI_USAGE', '--moves-out must be a whole number from 1 to 64');
+  if (o.movesIn !== undefined && (!Number.isInteger(o.movesIn) || o.movesIn < 1 || o.movesIn > 64))
+    throw new FerryError('CLI_USAGE', '--moves-in must be a whole number from 1 to 64');
   if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096))
     throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
   if (readLab() || labNamespaces().length)
@@ -254,7 +258,9 @@ function makeHost(i: number, at: { o: UpOptions; sw: string; caDir: string; pool
     metrics: `${MIG_ADDR(i)}:9477`,
     ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
     ...(o.cpuCeiling?.[name] ? { cpuCeiling: o.cpuCeiling[name] } : {}),
-    ...(o.movesOut ? { limits: { movesOut: o.movesOut } } : {}),
+    ...(o.movesOut || o.movesIn
+      ? { limits: { ...(o.movesOut ? { movesOut: o.movesOut } : {}), ...(o.movesIn ? { incomingTotal: o.movesIn } : {}) } }
+      : {}),
   };
   fs.mkdirSync(dir, { recursive: true, mode: 0o711 });
   fs.chmodSync(dir, 0o711);

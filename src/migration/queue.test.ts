@@ -56,3 +56,38 @@ test('the line: at most N out and M per link; evacuations first; a full link hol
   await tick();
   assert.deepEqual(started, ['a', 'c', 'e', 'b', 'd']);
 });
+
+test('a move the destination refused as busy backs off in its place: the slot frees, it starts again after the pause, withdrawable meanwhile', async () => {
+  const q = new MoveQueue(() => ({ outgoing: 1, perLink: 1 }));
+  const a = await q.enter({ domain: 'a', dest: 'h2', live: true, priority: 'operator', memoryMiB: 100 });
+  let bStarted = false;
+  const b = q.enter({ domain: 'b', dest: 'h3', live: true, priority: 'operator', memoryMiB: 100 }).then((s) => {
+    bStarted = true;
+    return s;
+  });
+  await tick();
+  assert.equal(bStarted, false);
+  // a is refused busy: its slot goes to b at once; a waits its pause, shown with the reason.
+  const back = a.backOff(150, 'room at h2: busy');
+  await tick();
+  assert.equal(bStarted, true);
+  const v = q.views().find((x) => x.domain === 'a')!;
+  assert.deepEqual([v.state, v.waitingFor], ['queued', 'room at h2: busy']);
+  assert.ok(v.etaMs! >= 150, JSON.stringify(v));
+  // b ends before the pause: a still waits for it, then starts by itself.
+  (await b)();
+  await tick();
+  let aBack = false;
+  void back.then(() => (aBack = true));
+  await tick();
+  assert.equal(aBack, false);
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(aBack, true);
+  assert.equal(q.views().find((x) => x.domain === 'a')!.state, 'running');
+  // Backed off again and withdrawn meanwhile: its caller hears MIGRATION_CANCELLED; giving the slot back after is harmless.
+  const again = a.backOff(10000, 'room at h2: busy');
+  assert.equal(q.withdraw('a'), true);
+  await assert.rejects(again, (e: FerryError) => e.code === 'MIGRATION_CANCELLED');
+  a();
+  assert.deepEqual(q.views(), []);
+});

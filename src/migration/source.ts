@@ -66,6 +66,11 @@ import { dialPeer, leaveTunnels, redial, retire } from './outgoing/peer.ts';
 
 export type { StartParams } from './outgoing/run.ts';
 
+/** A destination at its incoming limits: the move tries again after this pause, doubling to the most, for at most this long. */
+const BUSY_FIRST_MS = 500;
+const BUSY_MAX_MS = 4000;
+const BUSY_GIVE_UP_MS = 10 * 60000;
+
 export class Source {
   /** The moves running in this ferryd (outgoing/run.ts), by job id: their cancellation and disk mirrors. */
   private readonly runs = new Map<string, OutgoingRun>();
@@ -84,7 +89,10 @@ export class Source {
     private readonly log: MigrationLog,
   ) {
     this.planner = new Planner(host, store, log);
-    this.queue = new MoveQueue(() => ({ outgoing: host.cfg.limits.movesOut, perLink: host.cfg.limits.movesPerLink }));
+    this.queue = new MoveQueue(
+      () => ({ outgoing: host.cfg.limits.movesOut, perLink: host.cfg.limits.movesPerLink }),
+      () => host.emit('migration.queue', { host: host.cfg.name }),
+    );
     this.side = {
       host,
       store,
@@ -156,20 +164,34 @@ export class Source {
   async start(params: StartParams): Promise<Report> {
     const dom0 = this.host.get(params.domain);
     // In line first (migration/queue.ts): nothing is reserved or dialled while a move waits.
-    const release = await this.queue.enter({
+    const slot = await this.queue.enter({
       domain: params.domain,
       dest: params.dest,
       live: params.live === true,
       priority: params.priority ?? 'operator',
       memoryMiB: dom0.rec.config.memoryMiB,
     });
+    const t0 = Date.now();
     try {
-      const r = await this.startNow(params);
-      if (r.outcome === 'succeeded') this.queue.observed(dom0.rec.config.memoryMiB, r.totalMs);
-      return r;
+      for (let pause = BUSY_FIRST_MS; ; pause = Math.min(pause * 2, BUSY_MAX_MS)) {
+        const r = await this.startNow(params);
+        if (r.outcome === 'succeeded') this.queue.observed(dom0.rec.config.memoryMiB, r.totalMs);
+        // The destination takes as many incoming moves as its limits allow: back in line, in
+        // the same place, and ask again (nothing was reserved; the try leaves no job behind).
+        if (r.error?.code !== 'MIGRATION_DEST_BUSY' || Date.now() - t0 > BUSY_GIVE_UP_MS) return r;
+        this.forgetBusy(params.domain);
+        this.log.info('destination busy; the move waits in line', { domain: params.domain, dest: params.dest, pauseMs: pause });
+        await slot.backOff(pause, `room at ${params.dest}: ${r.error.message}`);
+      }
     } finally {
-      release();
+      slot();
     }
+  }
+
+  /** The job of a try the destination refused as busy: it never began, so `ferry jobs` does not list it. */
+  private forgetBusy(domain: string): void {
+    const j = this.store.latest(domain);
+    if (j?.role === 'source' && j.phase === 'abandoned' && j.error?.code === 'MIGRATION_DEST_BUSY') this.store.discard(j);
   }
 
   private async startNow(params: StartParams): Promise<Report> {
@@ -216,7 +238,8 @@ export class Source {
     j.report = r;
     j.error = r.error;
     if (this.store.jobs.has(j.jobId)) this.store.saveLater(j);
-    this.host.emit('migration.done', { domain: p.domain, report: r });
+    // A busy destination's refusal is not the move's end: it waits in line and tries again (start).
+    if (fe.code !== 'MIGRATION_DEST_BUSY') this.host.emit('migration.done', { domain: p.domain, report: r });
     return r;
   }
 

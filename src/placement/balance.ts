@@ -41,6 +41,34 @@ export interface Balance {
   unmeasured: string[];
 }
 
+/** The automatic balancer's cluster-wide setting (stored in etcd: cluster/balance.ts). */
+export interface BalanceSettings {
+  mode: 'off' | 'auto';
+  /** Percentage points from the fleet's mean a host may be before the balancer moves a domain off it. */
+  threshold: number;
+  /** A domain the balancer moved stays where it went this long. */
+  holdSeconds: number;
+  /** How often each ferryd looks. */
+  intervalSeconds: number;
+}
+
+/** A domain the balancer moved, held where it went until the hold's lease ends. */
+export interface Hold {
+  domain: string;
+  from: string;
+  to: string;
+  /** When (ISO). */
+  at: string;
+  holdSeconds: number;
+}
+
+/** The setting in words (`ferry cluster balance`, the event log). */
+export function describeAuto(s: BalanceSettings): string {
+  return s.mode === 'auto'
+    ? `on: every ${s.intervalSeconds} s, threshold ${s.threshold} percentage points, a moved domain held ${s.holdSeconds} s`
+    : 'off';
+}
+
 const pct = (x: number): string => `${Math.round(x * 100)}%`;
 
 export function balance(
@@ -127,4 +155,31 @@ export function balance(
     movable.splice(movable.indexOf(best.d), 1); // each domain moves at most once per round
   }
   return { threshold: t, mean, before, after: loads(), moves, stuck, cpuJudged, unmeasured };
+}
+
+/** What the automatic balancer looks at before a round: the fleet as placement sees it, and the moves in line anywhere. */
+export interface AutoFleet {
+  quorate: boolean;
+  hosts: HostView[];
+  /** Domains moving now (a record marked moving), anywhere. */
+  moving: string[];
+  /** Moves waiting in some host's line (published with the host's facts). */
+  queued: number;
+}
+
+/**
+ * Why the automatic balancer sits a round out, or null when it may balance. It never
+ * fights an evacuation or maintenance (a host in maintenance is being emptied: every
+ * move it makes changes the loads) nor a move in flight or in line (the loads it
+ * would read are about to change), and never acts on a view that may be stale.
+ */
+export function autoSkip(f: AutoFleet, me: string): string | null {
+  if (!f.quorate) return 'this host cannot reach etcd: its view of the fleet may be stale';
+  const maint = f.hosts.filter((h) => h.maintenance).map((h) => h.name);
+  if (maint.length) return `${maint.join(', ')} in maintenance: the evacuation goes first`;
+  if (!f.hosts.some((h) => h.name === me)) return `${me} has no live lease`;
+  if (f.moving.length) return `${f.moving.join(', ')} moving: the loads are about to change`;
+  if (f.queued) return `${f.queued} move(s) waiting in line: the loads are about to change`;
+  if (f.hosts.length < 2) return 'one host: nowhere to move to';
+  return null;
 }

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { placeAll, choose, broken, makespanMs, type HostView, type DomainView } from './place.ts';
 import { checkRule, contradiction, type Rule } from './rules.ts';
-import { balance } from './balance.ts';
+import { autoSkip, balance } from './balance.ts';
 import { baseline } from './cpu.ts';
 import { FerryError } from '../errors.ts';
 
@@ -234,4 +234,31 @@ test('the balancer judges CPU only on a window of measures: a domain just moved 
   assert.equal(judged.cpuJudged, true);
   assert.equal(judged.moves.length, 1);
   assert.match(judged.moves[0].why, /h1 CPU 90% against a mean of 45%/);
+});
+
+test('the automatic balancer: held domains stay put; a round is skipped while anything moves, waits or is in maintenance', () => {
+  const hosts = [host('h1', 0), host('h2', 2048), host('h3', 2048)];
+  const doms = ['d1', 'd2', 'd3', 'd4'].map((n) => dom(n, 256, { host: 'h1', cpu: 0 }));
+  const free = balance(hosts, doms, { rules: [], threshold: 0.1 });
+  assert.ok(free.moves.length >= 2, JSON.stringify(free.moves));
+  // Every domain held (moved by the balancer lately): nothing may move, and the output says why.
+  const allHeld = balance(hosts, doms, { rules: [], threshold: 0.1, held: new Set(['d1', 'd2', 'd3', 'd4']) });
+  assert.deepEqual(allHeld.moves, []);
+  assert.match(allHeld.stuck ?? '', /h1 above the threshold/);
+  // Some held: only the others move.
+  const someHeld = balance(hosts, doms, { rules: [], threshold: 0.1, held: new Set(['d1', 'd2']) });
+  assert.ok(someHeld.moves.length >= 1);
+  assert.ok(
+    someHeld.moves.every((m) => m.domain === 'd3' || m.domain === 'd4'),
+    JSON.stringify(someHeld.moves),
+  );
+
+  const fleet = { quorate: true, hosts, moving: [] as string[], queued: 0 };
+  assert.equal(autoSkip(fleet, 'h1'), null);
+  assert.match(autoSkip({ ...fleet, quorate: false }, 'h1') ?? '', /cannot reach etcd/);
+  assert.match(autoSkip({ ...fleet, hosts: [host('h1', 0), host('h2', 0, { maintenance: true })] }, 'h1') ?? '', /h2 in maintenance/);
+  assert.match(autoSkip({ ...fleet, moving: ['d9'] }, 'h1') ?? '', /d9 moving/);
+  assert.match(autoSkip({ ...fleet, queued: 2 }, 'h1') ?? '', /2 move\(s\) waiting/);
+  assert.match(autoSkip(fleet, 'h9') ?? '', /h9 has no live lease/);
+  assert.match(autoSkip({ ...fleet, hosts: [host('h1', 0)] }, 'h1') ?? '', /one host/);
 });

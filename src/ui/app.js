@@ -42,8 +42,30 @@ const refreshSoon = () => {
   refreshTimer = setTimeout(() => void refresh(), 150);
 };
 
+/** Each host's line of moves: running ones hold a slot; queued ones wait, evacuations first, with an ETA. */
+function renderQueue(queue) {
+  const eta = (ms) => (ms === null ? '?' : `${Math.ceil(ms / 1000)} s`);
+  $('#queue tbody').replaceChildren(
+    ...queue.map((q) =>
+      el(
+        'tr',
+        { 'data-queued': q.domain },
+        el('td', {}, q.host),
+        el('td', {}, q.domain),
+        el('td', {}, q.dest),
+        el('td', {}, q.priority),
+        el('td', { class: 'state' }, q.state === 'queued' ? `queued #${q.position}` : 'running'),
+        el('td', {}, eta(q.etaMs)),
+      ),
+    ),
+  );
+  $('#queue-none').hidden = queue.length > 0;
+  $('#queue').hidden = queue.length === 0;
+}
+
 function render() {
-  const { hosts, domains, mode, quorate, from } = ferry.state;
+  const { hosts, domains, mode, quorate, from, queue } = ferry.state;
+  renderQueue(queue ?? []);
   // Cluster mode: the view is one ferryd's etcd watch; said so, and when that host cannot reach etcd.
   $('#mode').textContent =
     mode === 'cluster' ? `cluster (from ${from}'s etcd watch${quorate ? '' : ': NO QUORUM, may be stale'})` : 'standalone';
@@ -294,6 +316,7 @@ events.addEventListener('ui.migrated', (e) => {
   if (v.report?.outcome !== 'succeeded' || !ferry.reports.has(v.domain)) onDone(v.report);
 });
 events.addEventListener('ui.evacuation', (e) => onEvacuation(JSON.parse(e.data)));
-for (const name of ['domain.state', 'migration.phase', 'host.maintenance', 'cluster.changed']) events.addEventListener(name, refreshSoon);
+for (const name of ['domain.state', 'migration.phase', 'migration.queue', 'host.maintenance', 'cluster.changed'])
+  events.addEventListener(name, refreshSoon);
 
 void refresh();

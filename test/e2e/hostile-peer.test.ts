@@ -180,7 +180,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     await host2Untouched(d);
   });
 
-  test('65 Begins on one connection: the per-peer cap answers API_LIMIT, and closing frees everything', async () => {
+  test('65 Begins on one connection: the per-peer cap answers MIGRATION_DEST_BUSY, and closing frees everything', async () => {
     const d = labState().hosts[1].pid;
     const steps = Array.from({ length: 65 }, (_, i) =>
       req(i + 1, 'relocation.begin', { ...begin, mode: 'definition', jobId: crypto.randomUUID() }),
@@ -189,7 +189,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
     const codes = r.replies.map((x) => code(x) ?? (x?.result ? 'ok' : 'none'));
     assert.deepEqual(codes.slice(0, 4), ['ok', 'ok', 'ok', 'ok'], JSON.stringify(r.replies.slice(0, 5)));
     assert.ok(
-      codes.slice(4).every((c) => c === 'API_LIMIT'),
+      codes.slice(4).every((c) => c === 'MIGRATION_DEST_BUSY'),
       JSON.stringify(codes),
     );
     assert.match(r.replies[4].error.message, /limits\.incomingPerPeer/);

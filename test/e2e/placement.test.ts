@@ -10,14 +10,17 @@
  *   explicit move that breaks it is PLACEMENT_RULE, --ignore-rules says so (the HA
  *   restart's choice under a rule: cluster.test.ts, where a host is cut off anyway);
  * - the balancer: four domains on host1, moves off host1 only, none breaking a rule,
- *   applied, and a second run recommends nothing;
- * - the move policy: ten moves asked at once all finish, never more than two at a time.
+ *   applied, and a second run recommends nothing; the automatic mode evens host1 out by
+ *   itself, and a domain it moved (held) is not moved again;
+ * - the move policy: ten moves asked at once all finish, never more than two at a time
+ *   out of host1 and one at a time into each destination (its incoming limit: a refused
+ *   move waits in its source's line and asks again); the dashboard shows the line.
  * Guests that only need to exist are paused: a spinning pattern guest takes a core
  * under TCG, and ten of them would slow every move here.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { ferry, ok, fails, labUp, labDown, tmpFile, waitFor, consoleLog } from '../helpers.ts';
+import { ferry, ok, fails, labUp, labDown, tmpFile, waitFor, consoleLog, startUi, ferrydLog } from '../helpers.ts';
 
 const HOSTS = ['host1', 'host2', 'host3'];
 
@@ -67,7 +70,19 @@ async function remove(...names: string[]): Promise<void> {
 
 describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => {
   before(async () => {
-    await labUp(['--hosts', '3', '--cluster', '--cpu-ceiling', 'host3=Opteron_G3', '--host-memory', '1024', '--moves-out', '2']);
+    await labUp([
+      '--hosts',
+      '3',
+      '--cluster',
+      '--cpu-ceiling',
+      'host3=Opteron_G3',
+      '--host-memory',
+      '1024',
+      '--moves-out',
+      '2',
+      '--moves-in',
+      '1',
+    ]);
     for (const h of HOSTS) await waitFor(`${h} in the cluster`, () => quorate(h), 30000, 250);
     // The balancer's domains start now: their CPU load needs a window of samples (15 s), which the CPU test fills.
     await Promise.all(['b1', 'b2', 'b3', 'b4'].map((n) => guest(n, 'host1', 128, { paused: true })));
@@ -133,7 +148,88 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
     const again = await ok(['-H', 'host3', 'cluster', 'balance', '--threshold', '15', '--json']);
     assert.deepEqual(again.moves, []);
     await ok(['-H', 'host1', 'rule', 'remove', 'split']);
-    await remove('b1', 'b2', 'b3', 'b4');
+  });
+
+  test('the automatic balancer: moves off the loaded host by itself, and never moves a held domain again', async () => {
+    const B = ['b1', 'b2', 'b3', 'b4'];
+    /** Every b on host1 again (operator moves), so host1 holds half its memory against a mean of a sixth. */
+    const gather = async (): Promise<void> => {
+      const w = await where();
+      for (const n of B) if (w[n] !== 'host1') await ok(['-H', w[n], 'migrate', n, 'host1', '--json']);
+    };
+    const movesOf = async (): Promise<any[]> =>
+      (await ok(['-H', 'host2', 'events', '--json', '--limit', '200'])).filter((e: any) => e.type === 'balance-move');
+    await gather();
+    // The moves --apply made above hold their domains too (a balancer's move, whoever asked).
+    const appliedHeld = (await ok(['-H', 'host2', 'cluster', 'balance', '--json'])).held.map((h: any) => h.domain);
+    assert.ok(appliedHeld.length >= 2 && appliedHeld.length < 4, JSON.stringify(appliedHeld));
+    const free = B.filter((n) => !appliedHeld.includes(n));
+    const set = await ok([
+      '-H',
+      'host3',
+      'cluster',
+      'balance',
+      '--auto',
+      'on',
+      '--threshold',
+      '15',
+      '--hold',
+      '600',
+      '--interval',
+      '5',
+      '--json',
+    ]);
+    try {
+      assert.deepEqual(set, { mode: 'auto', threshold: 15, holdSeconds: 600, intervalSeconds: 5, setting: true });
+      // Held: moved by a balancer within its hold; only the others may go, and they do (host1 at 50% is far above mean 17% + 15).
+      let w: Record<string, string> = {};
+      await waitFor(
+        'the automatic balancer to move the domains without a hold off host1',
+        async () => {
+          w = await where();
+          return free.every((n) => w[n] && w[n] !== 'host1');
+        },
+        60000,
+        1000,
+      );
+      const moved = B.filter((n) => w[n] !== 'host1');
+      assert.ok(
+        moved.every((n) => free.includes(n)),
+        `moved ${moved}, but only ${free} were free of a hold`,
+      );
+      // Each move is in the event log and now held where it went, for the setting's hold time.
+      const ev = await movesOf();
+      for (const n of moved)
+        assert.ok(
+          ev.some((e: any) => e.domain === n && e.host === 'host1'),
+          `${n}: ${JSON.stringify(ev)}`,
+        );
+      const b = await ok(['-H', 'host2', 'cluster', 'balance', '--json']);
+      assert.equal(b.auto.mode, 'auto');
+      for (const n of moved) {
+        const h = b.held.find((x: any) => x.domain === n);
+        assert.deepEqual([h?.from, h?.to, h?.holdSeconds], ['host1', w[n], 600]);
+      }
+      // All four held now: back on host1 by hand, none moves again, although host1 is far above the threshold.
+      await gather();
+      const before = ev.length;
+      await new Promise((r) => setTimeout(r, 12000)); // two rounds of the 5 s interval
+      const w2 = await where();
+      assert.deepEqual(
+        B.filter((n) => w2[n] !== 'host1'),
+        [],
+        'held domains must stay where they are',
+      );
+      assert.equal((await movesOf()).length, before, 'no balance move after the gather');
+      const stuck = await ok(['-H', 'host1', 'cluster', 'balance', '--json']);
+      assert.deepEqual(stuck.moves, []);
+      assert.match(stuck.stuck, /host1 above the threshold/);
+    } finally {
+      const off = await ok(['-H', 'host1', 'cluster', 'balance', '--auto', 'off', '--json']);
+      assert.equal(off.mode, 'off');
+    }
+    await fails(['-H', 'host1', 'cluster', 'balance', '--auto', 'maybe'], 'CLI_USAGE', 2);
+    await remove(...B);
   });
 
   test('rules: bad ones refused; keep-apart steers migrate and evacuate; an explicit break is PLACEMENT_RULE unless --ignore-rules', async () => {
@@ -184,31 +280,72 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
   test('ten moves asked at once: they queue, all finish, never more than two out of host1 at a time', async () => {
     const names = Array.from({ length: 10 }, (_, i) => `q${i + 1}`);
     await Promise.all(names.map((n) => guest(n, 'host1', 32, { paused: true })));
-    const moves = names.map((n, i) => ferry(['-H', 'host1', 'migrate', n, i % 2 ? 'host3' : 'host2', '--json'], { timeoutMs: 300000 }));
-    // While they run: the rest wait in line, each with its place and an ETA.
-    const line = await waitFor(
-      'moves waiting in line',
-      async () => {
-        const j = await ok(['-H', 'host1', 'jobs', '--json']);
-        const q = j.filter((x: any) => x.phase === 'queued');
-        return q.length >= 3 ? q : null;
-      },
-      20000,
-      100,
-    );
-    assert.ok(
-      line.every((x: any) => x.queue.etaMs > 0 && x.queue.position >= 1),
-      JSON.stringify(line),
-    );
-    const done = await Promise.all(moves);
-    for (const r of done) assert.equal(r.json?.outcome, 'succeeded', r.stdout || r.stderr);
-    // From the jobs' own phase history: at most two between begin and the end, at any moment.
-    const jobs = (await ok(['-H', 'host1', 'jobs', '--json'])).filter((j: any) => names.includes(j.domain) && j.role === 'source');
-    assert.equal(jobs.length, 10);
-    const spans = jobs.map((j: any) => [j.history[0].at, j.history[j.history.length - 1].at]);
-    const most = Math.max(...spans.map(([s]: number[]) => spans.filter(([a, b]: number[]) => a <= s && s < b).length));
-    assert.ok(most <= 2, `${most} moves at once: ${JSON.stringify(spans)}`);
-    assert.ok(most === 2, 'two at a time, not one: the limit is used');
+    // The dashboard shows the line too (from host1's published facts, through one ferryd's etcd watch).
+    const { child: ui, url } = await startUi(['--listen', '127.0.0.1:0']);
+    try {
+      const token = new URL(url).searchParams.get('token')!;
+      const state = async (): Promise<any> => (await fetch(`${new URL(url).origin}/api/state?token=${token}`)).json();
+      const moves = names.map((n, i) => ferry(['-H', 'host1', 'migrate', n, i % 2 ? 'host3' : 'host2', '--json'], { timeoutMs: 300000 }));
+      // While they run: the rest wait in line, each with its place and an ETA, in `ferry jobs` and on the dashboard.
+      const [line, shown] = await Promise.all([
+        waitFor(
+          'moves waiting in line',
+          async () => {
+            const j = await ok(['-H', 'host1', 'jobs', '--json']);
+            const q = j.filter((x: any) => x.phase === 'queued');
+            return q.length >= 3 ? q : null;
+          },
+          20000,
+          100,
+        ),
+        waitFor(
+          'the dashboard showing moves in line',
+          async () => {
+            const st = await state();
+            const q = st.queue.filter((x: any) => x.state === 'queued');
+            return q.length >= 2 ? st : null;
+          },
+          20000,
+          100,
+        ),
+      ]);
+      assert.ok(
+        line.every((x: any) => x.queue.etaMs > 0 && x.queue.position >= 1),
+        JSON.stringify(line),
+      );
+      const waiting = shown.queue.filter((x: any) => x.state === 'queued');
+      assert.ok(
+        waiting.every(
+          (x: any) => x.host === 'host1' && names.includes(x.domain) && x.position >= 1 && x.etaMs > 0 && x.priority === 'operator',
+        ),
+        JSON.stringify(waiting),
+      );
+      assert.ok(shown.queue.filter((x: any) => x.state === 'running').length <= 2, JSON.stringify(shown.queue));
+      const row = shown.domains.find((d: any) => d.name === waiting[0].domain);
+      assert.match(row.state, new RegExp(`^queued #${waiting[0].position} → host[23] \\(operator\\)$`));
+      const done = await Promise.all(moves);
+      for (const r of done) assert.equal(r.json?.outcome, 'succeeded', r.stdout || r.stderr);
+      // From the jobs' own phase history: at most two between begin and the end, at any moment.
+      const jobs = (await ok(['-H', 'host1', 'jobs', '--json'])).filter((j: any) => names.includes(j.domain) && j.role === 'source');
+      assert.equal(jobs.length, 10);
+      const spans = jobs.map((j: any) => [j.history[0].at, j.history[j.history.length - 1].at]);
+      const most = Math.max(...spans.map(([s]: number[]) => spans.filter(([a, b]: number[]) => a <= s && s < b).length));
+      assert.ok(most <= 2, `${most} moves at once: ${JSON.stringify(spans)}`);
+      assert.ok(most === 2, 'two at a time, not one: the limit is used');
+      // Each destination takes one at a time into its limit (incomingTotal 1): the second move to it
+      // was refused busy and waited in host1's line, and no try left a job behind.
+      for (const h of ['host2', 'host3']) {
+        const inc = (await ok(['-H', h, 'jobs', '--json'])).filter((j: any) => names.includes(j.domain) && j.role === 'destination');
+        assert.equal(inc.length, 5, `${h}: ${inc.map((j: any) => j.domain)}`);
+        // Counted as the limit counts them: from Begin until the destination leaves "prepared" (Finish).
+        const sp = inc.map((j: any) => [j.history[0].at, j.history.find((x: any) => x.phase !== 'begun' && x.phase !== 'prepared').at]);
+        const top = Math.max(...sp.map(([s]: number[]) => sp.filter(([a, b]: number[]) => a <= s && s < b).length));
+        assert.equal(top, 1, `${h} took ${top} at once: ${JSON.stringify(sp)}`);
+      }
+      assert.match(ferrydLog('host1'), /destination busy; the move waits in line/);
+    } finally {
+      ui.kill('SIGTERM');
+    }
     await remove(...names);
   });
 });

@@ -109,13 +109,13 @@ function checkLimits(side: IncomingSide, peerName: string): void {
   const lim = h.cfg.limits;
   if (open.filter((x) => x.peer.name === peerName).length >= lim.incomingPerPeer)
     throw new FerryError(
-      'API_LIMIT',
-      `${h.cfg.name} already has ${lim.incomingPerPeer} unfinished incoming migrations from ${peerName} (limits.incomingPerPeer); finish or abandon those first`,
+      'MIGRATION_DEST_BUSY',
+      `${h.cfg.name} already takes ${lim.incomingPerPeer} incoming moves from ${peerName} (its limits.incomingPerPeer)`,
     );
   if (open.length >= lim.incomingTotal)
     throw new FerryError(
-      'API_LIMIT',
-      `${h.cfg.name} already has ${lim.incomingTotal} unfinished incoming migrations (limits.incomingTotal); try again later`,
+      'MIGRATION_DEST_BUSY',
+      `${h.cfg.name} already takes ${lim.incomingTotal} incoming moves (its limits.incomingTotal)`,
     );
 }
 
