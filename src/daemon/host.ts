@@ -313,7 +313,9 @@ export class Host extends EventEmitter implements MigrationHost {
    * for "cluster" (cluster mode only), else this host's "cpuModel".
    */
   cpuFor(c: DomainConfig): string {
-    if (c.cpu !== 'cluster') return c.cpu ?? this.cfg.cpuModel;
+    if (c.cpu && c.cpu !== 'cluster') return c.cpu;
+    // No "cpu": in cluster mode the cluster's baseline (as EVC gives new VMs), so the domain can go to any host; standalone, this host's cpuModel.
+    if (!c.cpu) return this.gate ? this.gate.cpuBaseline() : this.cfg.cpuModel;
     if (!this.gate)
       throw new FerryError(
         'CLUSTER_NOT_CONFIGURED',

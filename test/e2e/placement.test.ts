@@ -3,8 +3,8 @@
  * CPU (cpuCeiling Opteron_G3, as a mixed fleet's old host), 1 GiB offered per host,
  * two moves out at a time per host:
  * - CPU: the cluster's baseline; a Nehalem domain is never placed on host3, and a move
- *   there is refused in pre-flight naming the missing features; "cpu": "cluster" runs
- *   the baseline;
+ *   there is refused in pre-flight naming the missing features; "cpu": "cluster" and a
+ *   domain that names no model run the baseline;
  * - rules: bad rules refused with their codes; keep-apart steers `ferry migrate` without
  *   a destination and `host evacuate` (to host3, although host2 has more room); an
  *   explicit move that breaks it is PLACEMENT_RULE, --ignore-rules says so (the HA
@@ -99,6 +99,8 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
     await guest('n1', 'host1', 64, { patch: { cpu: 'Nehalem' }, paused: true });
     await guest('c1', 'host1', 64, { patch: { cpu: 'cluster' }, paused: true });
     assert.equal((await ok(['-H', 'host1', 'info', 'c1', '--json'])).cpuModel, 'Opteron_G2');
+    // A domain that names no model gets the baseline too, as EVC gives every VM its mode.
+    assert.equal((await ok(['-H', 'host1', 'info', 'b1', '--json'])).cpuModel, 'Opteron_G2');
     // Refused at the destination's pre-flight, before anything is reserved: n1 runs on.
     const r = await ferry(['-H', 'host1', 'migrate', 'n1', 'host3', '--json']);
     assert.equal(r.code, 8);
