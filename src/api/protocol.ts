@@ -444,6 +444,8 @@ export interface ClusterHostFacts {
   cores: number;
   /** Each running domain's CPU use, cores, averaged over the load window. */
   load: Record<string, number>;
+  /** Each running domain's dirty rate, MB/s (about once a minute). */
+  dirty: Record<string, number>;
   maintenance: boolean;
   /** Its line of outgoing moves (migration/queue.ts): running ones hold a slot, queued ones wait. */
   moves: { domain: string; dest: string; priority: string; state: 'running' | 'queued'; position: number | null; etaMs: number | null }[];
@@ -459,7 +461,7 @@ export interface ClusterFleet {
   /** false: that host cannot reach etcd now, so the view may be stale. */
   quorate: boolean;
   hosts: ClusterHostFacts[];
-  domains: (ClusterDomainView & { cpu: number | null })[];
+  domains: (ClusterDomainView & { cpu: number | null; dirtyMBps: number | null })[];
   /** The placement rules (`ferry rule list`). */
   rules: Rule[];
 }

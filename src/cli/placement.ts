@@ -230,17 +230,18 @@ function printBalance(r: BalanceResult): void {
     out.push(
       table(
         [
-          ['Domain', 'From', 'To', 'Memory', 'Predicted', r.applied ? 'Outcome' : 'Why'],
+          ['Domain', 'From', 'To', 'Memory', 'Dirty', 'Predicted', r.applied ? 'Outcome' : 'Why'],
           ...r.plan.map((m) => [
             m.domain,
             m.from,
             m.to,
             `${m.memoryMiB} MiB`,
+            m.dirtyRateMBps === null ? '?' : `${m.dirtyRateMBps} MB/s`,
             m.predictedMs === null ? '?' : `${(m.predictedMs / 1000).toFixed(1)} s`,
             r.applied ? (m.error ? `${m.outcome}: ${m.error.code}` : (m.outcome ?? '')) : m.why,
           ]),
         ],
-        ['l', 'l', 'l', 'r', 'r', 'l'],
+        ['l', 'l', 'l', 'r', 'r', 'r', 'l'],
       ).trimEnd(),
     );
   process.stdout.write(out.join('\n') + '\n');

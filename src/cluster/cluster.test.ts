@@ -224,6 +224,7 @@ describe(
           cores: 2,
           load: {},
           moves: [],
+          dirty: {},
           memoryMiB,
           freeMiB: memoryMiB,
           networks: [],

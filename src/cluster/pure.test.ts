@@ -22,6 +22,7 @@ const host = (name: string, over: Partial<HostFacts> = {}): HostFacts => ({
   load: {},
   maintenance: false,
   moves: [],
+  dirty: {},
   networks: [],
   relocation: 'x:8002',
   since: '',

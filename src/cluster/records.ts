@@ -44,6 +44,8 @@ export const HostFactsSchema = z.object({
   /** Cores for domains, and each running domain's CPU use (cores, averaged over the load window): the balancer's measure. */
   cores: z.number().int().positive().default(1),
   load: z.record(z.string(), z.number().nonnegative()).default({}),
+  /** Each running domain's dirty rate, MB/s, measured about once a minute: among equally good moves the balancer takes the one that dirties least. */
+  dirty: z.record(z.string(), z.number().nonnegative()).default({}),
   maintenance: z.boolean(),
   /** Its line of outgoing moves (migration/queue.ts), running and waiting: the dashboard shows it, the automatic balancer waits for it. */
   moves: z

@@ -107,7 +107,13 @@ export class ClusterAgent implements OwnershipGate {
     );
     this.events = new EventLog(this.etcd, me);
     this.load = new LoadMeter(() =>
-      host.all().flatMap((d) => (hasProcess(d.rec.state) ? [{ name: d.rec.config.name, pid: d.rec.state.pid }] : [])),
+      host
+        .all()
+        .flatMap((d) =>
+          hasProcess(d.rec.state)
+            ? [{ name: d.rec.config.name, pid: d.rec.state.pid, qmp: d.busy ? undefined : (d.qmp ?? undefined) }]
+            : [],
+        ),
     );
     this.members = cfg.endpoints.map((url) => connectEtcd({ endpoints: [url], tlsDir: cfg.tlsDir }));
     this.member = new Membership({
@@ -242,6 +248,7 @@ export class ClusterAgent implements OwnershipGate {
       freeMiB: free,
       cores: os.cpus().length,
       load: this.load.averages(),
+      dirty: this.load.dirtyRates(),
       maintenance: m.on,
       moves: this.queueViews().map((q) => ({
         domain: q.domain,
@@ -816,7 +823,11 @@ export class ClusterAgent implements OwnershipGate {
     const live = new Set(hosts.map((h) => h.name));
     const domains = this.records
       .values()
-      .map((r) => ({ ...this.view(r, live.has(r.owner)), cpu: this.hostsSeen.get(r.owner)?.load[r.name] ?? null }))
+      .map((r) => ({
+        ...this.view(r, live.has(r.owner)),
+        cpu: this.hostsSeen.get(r.owner)?.load[r.name] ?? null,
+        dirtyMBps: this.hostsSeen.get(r.owner)?.dirty[r.name] ?? null,
+      }))
       .sort((a, b) => a.name.localeCompare(b.name));
     return { host: this.me, quorate: this.member.quorate(), hosts, domains, rules: this.rulesSeen };
   }

@@ -202,6 +202,7 @@ export class Placement {
           accel: h?.accel,
           networks: networksOf(this.cluster.recordConfig(d.name)),
           ...(d.cpu !== null ? { cpu: d.cpu } : {}),
+          dirtyRateMBps: d.dirtyMBps,
         };
       });
     return balance(f.hosts.map(hostView), domains, { rules: f.rules, threshold, held });

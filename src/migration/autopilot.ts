@@ -4,7 +4,7 @@
  * model (plan.ts) for every strategy's cost and the pick. Source runs it while Begin runs
  * on the destination, and `ferry migrate --plan` alone.
  */
-import { MigrationQmp } from '../qemu/migration.ts';
+import { measureDirtyRate } from '../qemu/migration.ts';
 import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -47,25 +47,14 @@ export class Planner {
     private readonly log: MigrationLog,
   ) {}
 
-  /**
-   * The guest's dirty rate, measured by QEMU's calc-dirty-rate (page sampling: it hashes
-   * 512 sampled pages per GiB at both ends of the window; works under TCG). QEMU emits
-   * no event for its end, so it is asked once after the window. Bytes/s, or null.
-   */
+  /** The guest's dirty rate (qemu/migration.ts measureDirtyRate), bytes/s, or null when it could not be measured. */
   async dirtyRate(q: QmpClient, ms = DIRTY_SAMPLE_MS): Promise<number | null> {
     try {
-      const mq = new MigrationQmp(q, 'source');
-      await mq.startDirtyRate(ms);
-      await new Promise((r) => setTimeout(r, ms + 20));
-      for (let i = 0; i < 40; i++) {
-        const mib = await mq.dirtyRate();
-        if (mib !== null) return mib * 1048576;
-        await new Promise((res) => setTimeout(res, 25));
-      }
+      return await measureDirtyRate(q, ms);
     } catch (e) {
       this.log.warn('dirty rate not measured', { error: String(e) });
+      return null;
     }
-    return null;
   }
 
   /**

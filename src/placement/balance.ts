@@ -6,9 +6,10 @@
  * host above mean + threshold, only to a host that stays at or below it, and only when
  * it lowers the imbalance.
  *
- * Load: memory is what the host's running domains hold of what it offers; CPU is the cores its
- * domains used, each averaged over ferryd's load window (daemon/load.ts), over its
- * cores. Hosts in maintenance and their domains are left to the evacuation; domains
+ * Load: memory is what the host's running domains hold of what it offers (what admission
+ * counts: ferry does not overcommit); CPU is the cores its domains used, each averaged
+ * over ferryd's load window (daemon/load.ts), over its cores. The dirty rate is a move's
+ * cost, not load: among moves that even the load out equally, the one that dirties least. Hosts in maintenance and their domains are left to the evacuation; domains
  * that are moving, shut off or held (moved by the balancer within its hold time) stay.
  */
 import { broken, unfit, type DomainView, type HostView } from './place.ts';
@@ -25,6 +26,8 @@ export interface BalanceMove {
   from: string;
   to: string;
   memoryMiB: number;
+  /** Its dirty rate when last measured (MB/s), or null: what the move must outrun. */
+  dirtyRateMBps: number | null;
   why: string;
 }
 export interface Balance {
@@ -70,6 +73,17 @@ export function describeAuto(s: BalanceSettings): string {
 }
 
 const pct = (x: number): string => `${Math.round(x * 100)}%`;
+
+/**
+ * Between two moves that even the load out as well: the one that dirties less (cheaper to
+ * move live), then the smaller. Not measured yet ranks after any measured rate: it may
+ * be a busy writer.
+ */
+function cheaper(a: DomainView, b: DomainView): boolean {
+  const da = a.dirtyRateMBps ?? Infinity,
+    db = b.dirtyRateMBps ?? Infinity;
+  return da !== db ? da < db : a.memoryMiB < b.memoryMiB;
+}
 
 export function balance(
   hosts: HostView[],
@@ -132,8 +146,7 @@ export function balance(
         const gain = s0 - score(ls);
         shift(d, from, h.name, -1);
         if (over(dest) || gain <= 1e-6) continue;
-        if (!best || gain > best.gain + 1e-9 || (Math.abs(gain - best.gain) <= 1e-9 && d.memoryMiB < best.d.memoryMiB))
-          best = { d, to: h.name, gain };
+        if (!best || gain > best.gain + 1e-9 || (Math.abs(gain - best.gain) <= 1e-9 && cheaper(d, best.d))) best = { d, to: h.name, gain };
       }
     }
     if (!best) {
@@ -148,6 +161,7 @@ export function balance(
       from,
       to: best.to,
       memoryMiB: best.d.memoryMiB,
+      dirtyRateMBps: best.d.dirtyRateMBps ?? null,
       why: `${from} ${dim} against a mean of ${pct(l.mem - mean.mem > t ? mean.mem : mean.cpu)} (threshold ${pct(t)})`,
     });
     shift(best.d, from, best.to, 1);

@@ -262,3 +262,23 @@ test('the automatic balancer: held domains stay put; a round is skipped while an
   assert.match(autoSkip(fleet, 'h9') ?? '', /h9 has no live lease/);
   assert.match(autoSkip({ ...fleet, hosts: [host('h1', 0)] }, 'h1') ?? '', /one host/);
 });
+
+test('the balancer: among moves that even the load out as well, the one that dirties least goes (cheapest to move live)', () => {
+  const hosts = [host('h1', 0), host('h2', 2048)];
+  const doms = [
+    dom('busy', 256, { host: 'h1', cpu: 0, dirtyRateMBps: 80 }),
+    dom('quiet', 256, { host: 'h1', cpu: 0, dirtyRateMBps: 2 }),
+    dom('new', 256, { host: 'h1', cpu: 0, dirtyRateMBps: null }),
+  ];
+  const b = balance(hosts, doms, { rules: [], threshold: 0.1, maxMoves: 1 });
+  assert.deepEqual(
+    b.moves.map((m) => [m.domain, m.dirtyRateMBps]),
+    [['quiet', 2]],
+  );
+  // Not measured yet ranks after any measured rate, even a high one: it may be a busier writer still.
+  const b2 = balance(hosts, [doms[0], doms[2]], { rules: [], threshold: 0.1, maxMoves: 1 });
+  assert.deepEqual(
+    b2.moves.map((m) => [m.domain, m.dirtyRateMBps]),
+    [['busy', 80]],
+  );
+});

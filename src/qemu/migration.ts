@@ -229,3 +229,30 @@ export class MigrationQmp {
     return this.q.execute('announce-self', ANNOUNCE);
   }
 }
+
+/** One dirty-rate measurement at a time per QEMU (it runs one calc-dirty-rate at once): the balancer's load meter and the autopilot queue here. */
+const measuring = new WeakMap<QmpClient, Promise<unknown>>();
+
+/**
+ * The guest's dirty rate in bytes/s, measured by QEMU's calc-dirty-rate over `ms` (page
+ * sampling: it hashes 512 sampled pages per GiB at both ends of the window; works under
+ * TCG). QEMU emits no event for its end, so it is asked once after the window. Throws
+ * when QEMU refuses; null when no answer came in time.
+ */
+export function measureDirtyRate(q: QmpClient, ms: number): Promise<number | null> {
+  const run = async (): Promise<number | null> => {
+    const mq = new MigrationQmp(q, 'source');
+    await mq.startDirtyRate(ms);
+    await new Promise((r) => setTimeout(r, ms + 20));
+    for (let i = 0; i < 40; i++) {
+      const mib = await mq.dirtyRate();
+      if (mib !== null) return mib * 1048576;
+      await new Promise((res) => setTimeout(res, 25));
+    }
+    return null;
+  };
+  const prev = measuring.get(q) ?? Promise.resolve();
+  const next = prev.catch(() => undefined).then(run);
+  measuring.set(q, next);
+  return next;
+}

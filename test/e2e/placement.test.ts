@@ -118,10 +118,13 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
 
   test('the balancer: moves off the loaded host only, none breaking a rule, and nothing more once applied', async () => {
     await ok(['-H', 'host1', 'rule', 'add', 'split', '--keep-apart', 'b1', 'b2']);
-    // Load is an average over a window: wait until every domain has one (15 s of samples).
+    // Load is an average over a window: wait until every domain has one (15 s of samples), and a dirty rate (one domain per 5 s).
     await waitFor(
-      'a CPU load for every domain',
-      async () => (await ok(['-H', 'host2', 'cluster', 'balance', '--json'])).cpuJudged,
+      'a CPU load and a dirty rate for every domain',
+      async () => {
+        const b = await ok(['-H', 'host2', 'cluster', 'balance', '--json']);
+        return b.cpuJudged && b.moves.length > 0 && b.moves.every((m: any) => m.dirtyRateMBps !== null);
+      },
       40000,
       1000,
     );
@@ -138,6 +141,11 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
     assert.ok(
       plan.plan.every((m: any) => m.predictedMs !== null),
       "each move has the autopilot's predicted time",
+    );
+    // Paused guests dirty nothing: measured by QEMU's calc-dirty-rate, published with their host's facts.
+    assert.ok(
+      plan.moves.every((m: any) => m.dirtyRateMBps === 0),
+      JSON.stringify(plan.moves),
     );
     const applied = await ok(['-H', 'host2', 'cluster', 'balance', '--threshold', '15', '--apply', '--json']);
     assert.ok(
