@@ -64,7 +64,7 @@ export interface EvacuationReport {
 }
 
 /** A host's API: a lab name goes to its socket; a peer by the address HOST's ferryd.json gives it (TLS). */
-function peerTarget(name: string, peers: Record<string, string>): Target {
+export function peerTarget(name: string, peers: Record<string, string>): Target {
   const t = resolveTarget(name);
   return t.kind === 'unix' || !peers[name] ? t : resolveTarget(peers[name]);
 }
@@ -81,7 +81,9 @@ export async function evacuate(
   const src = resolveTarget(hostArg);
   const info = await call(src, 'host.info');
   const { candidates, unreachable, rules, where } =
-    info.mode === 'cluster' ? await fromCluster(src, info, o.to) : { ...(await fromPeers(info, o.to)), rules: [], where: new Map() };
+    info.mode === 'cluster'
+      ? await fromCluster(src, info, o.to)
+      : { ...(await fromPeers(info, o.to)), ...(await standaloneRules(src, info)) };
   if (!o.plan && !info.maintenance.on) await call(src, 'host.maintenance', { on: true });
   // HOST's events, for the whole run: moves' progress, and the end of moves an earlier run left.
   const events = o.plan ? undefined : await ApiClient.connect(src);
@@ -119,6 +121,29 @@ export async function fromPeers(info: HostInfo, to: string[] | undefined): Promi
     }
   }
   return { candidates, unreachable };
+}
+
+/**
+ * Standalone: the placement rules (HOST's list; `ferry rule add` gives every host the
+ * same one) and, when there are any, where each domain is, from HOST and each peer that
+ * answers (a domain with a QEMU wins over a definition left elsewhere).
+ */
+export async function standaloneRules(src: Target, info: HostInfo): Promise<{ rules: Rule[]; where: Map<string, string> }> {
+  const rules: Rule[] = await call(src, 'rule.list', {}, 10000);
+  const where = new Map<string, string>();
+  if (!rules.length) return { rules, where };
+  const hosts: [string, Target][] = [
+    [info.name, src],
+    ...Object.keys(info.peers)
+      .filter((n) => n !== info.name)
+      .map((n): [string, Target] => [n, peerTarget(n, info.peers)]),
+  ];
+  const lists = await Promise.all(
+    hosts.map(async ([n, t]) => ({ host: n, domains: await call(t, 'domain.list', {}, 10000).catch(() => []) })),
+  );
+  for (const l of lists) for (const d of l.domains) if (d.state === 'running' || d.state === 'paused') where.set(d.name, l.host);
+  for (const l of lists) for (const d of l.domains) if (!where.has(d.name)) where.set(d.name, l.host);
+  return { rules, where };
 }
 
 /**

@@ -13,7 +13,8 @@ import type { Report, JobView, Progress, EventMsg, PlanView } from '../api/proto
 type JobAnswer = { domain: string; cancelling: true } | { domain: string; settledBy: 'operator' | 'destination'; runsOn: string };
 import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
 import { choose } from '../placement/place.ts';
-import { fromPeers } from './evacuate.ts';
+import { fromPeers, standaloneRules } from './evacuate.ts';
+import { checkMove } from '../placement/place.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {
@@ -156,6 +157,7 @@ async function pickDest(hostArg: string | undefined, domain: string, ignoreRules
   }
   const di = await call(src, 'domain.info', { domain });
   const { candidates, unreachable } = await fromPeers(info, undefined);
+  const { rules, where } = ignoreRules ? { rules: [], where: new Map<string, string>() } : await standaloneRules(src, info);
   const c = choose(
     {
       name: domain,
@@ -167,7 +169,7 @@ async function pickDest(hostArg: string | undefined, domain: string, ignoreRules
       stopped: di.state !== 'running' && di.state !== 'paused',
     },
     candidates,
-    { rules: [], where: new Map() },
+    { rules, where },
   );
   if (!c.to)
     throw new FerryError(
@@ -175,6 +177,21 @@ async function pickDest(hostArg: string | undefined, domain: string, ignoreRules
       `No host can take "${domain}": ${c.why}${unreachable.length ? `; unreachable: ${unreachable.join(', ')}` : ''}`,
     );
   return { to: c.to, why: c.why };
+}
+
+/**
+ * Standalone: an operator's move to DEST that would break a rule of the source host's
+ * list is PLACEMENT_RULE, unless --ignore-rules; then the rules broken, for the report.
+ * (In cluster mode the source ferryd checks, from etcd: daemon/placement.ts.)
+ */
+async function standaloneRuleCheck(hostArg: string | undefined, domain: string, dest: string, ignore: boolean): Promise<string[]> {
+  const src = resolveTarget(hostArg);
+  const info = await call(src, 'host.info');
+  if (info.mode === 'cluster') return [];
+  const { rules, where } = await standaloneRules(src, info);
+  if (!rules.length) return [];
+  const name = Object.entries(info.peers).find(([n, a]) => n === dest || a === dest || a.split(':')[0] === dest)?.[0] ?? dest;
+  return checkMove(domain, name, { where, rules }, ignore);
 }
 
 /** The options `--plan` and a move share, as API params. */
@@ -203,10 +220,10 @@ function budgetParams(o: MigrateOpts): Record<string, unknown> {
 
 async function migrate(
   hostArg: string | undefined,
-  move: { domain: string; dest: string; picked?: { to: string; why: string } },
+  move: { domain: string; dest: string; picked?: { to: string; why: string }; rulesIgnored: string[] },
   o: MigrateOpts,
 ): Promise<number> {
-  const { domain, dest, picked } = move;
+  const { domain, dest, picked, rulesIgnored } = move;
   const c = await ApiClient.connect(resolveTarget(hostArg));
   const tty = !o.json && !!process.stderr.isTTY;
   let lastLen = 0;
@@ -247,6 +264,11 @@ async function migrate(
     try {
       // The answer is the job's report, failures included; `error` says why.
       const r = await c.request('migration.start', params);
+      if (rulesIgnored.length) {
+        // Standalone: the rules were checked here (standaloneRuleCheck), so the report says so here.
+        r.policy.push(`placement rules ignored (--ignore-rules): ${rulesIgnored.join('; ')}`);
+        r.rulesIgnored = rulesIgnored;
+      }
       if (tty && lastLen) process.stderr.write('\n');
       if (o.json) printJson(picked ? { ...r, placement: picked } : r);
       else printReport(r);
@@ -370,10 +392,7 @@ function registerMigrateVerb(prog: Command): void {
       'at --timeout, still in pre-copy: postcopy (default where allowed), suspend (stop the guest to finish), or cancel',
     )
     .option('--cancel', "cancel the domain's migration in progress (same as `ferry job abort`)")
-    .option(
-      '--ignore-rules',
-      'cluster mode: move even where a placement rule forbids it (`ferry rule list`); the report names each rule broken',
-    )
+    .option('--ignore-rules', 'move even where a placement rule forbids it (`ferry rule list`); the report names each rule broken')
     .option('--json', 'print one final JSON report')
     .action(async (domain: string, dest: string | undefined, o: MigrateOpts, cmd: Command) => {
       let picked: { to: string; why: string } | undefined;
@@ -390,13 +409,14 @@ function registerMigrateVerb(prog: Command): void {
           picked = p;
           if (!o.json) process.stderr.write(`ferry picked ${p.to} for ${domain}: ${p.why}\n`);
         }
+        const rulesIgnored = picked ? [] : await standaloneRuleCheck(hostOpt(cmd), domain, dest, !!o.ignoreRules);
         if (o.plan) {
           const v = await call(resolveTarget(hostOpt(cmd)), 'migration.plan', { domain, dest, ...budgetParams(o) }, 60000);
           if (o.json) printJson(picked ? { ...v, placement: picked } : v);
           else printPlan(v);
           return;
         }
-        process.exitCode = await migrate(hostOpt(cmd), { domain, dest, picked }, o);
+        process.exitCode = await migrate(hostOpt(cmd), { domain, dest, picked, rulesIgnored }, o);
       } catch (e) {
         process.exitCode = reportError(e, !!o.json);
       }

@@ -8,6 +8,7 @@ import type { Command } from 'commander';
 import { FerryError, asFerryError } from '../errors.ts';
 import { call, type Target } from '../api/client.ts';
 import { resolveTarget } from './targets.ts';
+import { peerTarget } from './evacuate.ts';
 import { act, hostOpt, table } from './output.ts';
 import type { ClusterCpu, Report } from '../api/protocol.ts';
 import { describeRule, type Rule } from '../placement/rules.ts';
@@ -42,7 +43,9 @@ export function ruleFromOpts(name: string, o: RuleOpts): { name: string; kind: R
 }
 
 export function registerPlacement(prog: Command, cluster: Command): void {
-  const rule = prog.command('rule').description('placement rules: keep domains apart or together, prefer or avoid hosts (cluster mode)');
+  const rule = prog
+    .command('rule')
+    .description('placement rules: keep domains apart or together, prefer or avoid hosts (cluster: in etcd; standalone: on every host)');
   const list = (v: string, prev: string[] = []): string[] => [...prev, v];
   rule
     .command('add')
@@ -55,7 +58,7 @@ export function registerPlacement(prog: Command, cluster: Command): void {
     .option('--json', 'JSON output')
     .action(
       act(
-        async (name: string, o: RuleOpts, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'rule.add', ruleFromOpts(name, o)),
+        async (name: string, o: RuleOpts, cmd: Command) => addRule(resolveTarget(hostOpt(cmd)), ruleFromOpts(name, o)),
         (r) => process.stdout.write(`rule ${r.name} added: ${describeRule(r)}\n`),
       ),
     );
@@ -79,7 +82,7 @@ export function registerPlacement(prog: Command, cluster: Command): void {
     .option('--json', 'JSON output')
     .action(
       act(
-        async (name: string, _o: unknown, cmd: Command) => call(resolveTarget(hostOpt(cmd)), 'rule.remove', { name }),
+        async (name: string, _o: unknown, cmd: Command) => removeRule(resolveTarget(hostOpt(cmd)), name),
         (r) => process.stdout.write(`rule ${r.removed} removed\n`),
       ),
     );
@@ -142,6 +145,76 @@ async function autoCmd(t: Target, o: BalanceOpts): Promise<BalanceSettings & { s
 function printBalanceOrAuto(r: BalanceResult | (BalanceSettings & { setting: true })): void {
   if ('setting' in r) process.stdout.write(`automatic balancer ${describeAuto(r)}\n`);
   else printBalance(r);
+}
+
+/**
+ * Standalone: every host ferry knows (HOST and its peers), each answering, or none is
+ * changed: a rule kept by some hosts and not others would steer some placements only.
+ */
+async function standaloneHosts(t: Target): Promise<{ name: string; t: Target }[] | null> {
+  const info = await call(t, 'host.info');
+  if (info.mode === 'cluster') return null;
+  const hosts = [
+    { name: info.name, t },
+    ...Object.keys(info.peers)
+      .filter((n) => n !== info.name)
+      .map((n) => ({ name: n, t: peerTarget(n, info.peers) })),
+  ];
+  const down: string[] = [];
+  await Promise.all(
+    hosts.map((h) => call(h.t, 'api.hello', {}, 10000).catch((e) => down.push(`${h.name} (${asFerryError(e).message.slice(0, 100)})`))),
+  );
+  if (down.length)
+    throw new FerryError(
+      'DAEMON_UNREACHABLE',
+      `Standalone hosts keep the rules each (no cluster), so every one must answer to change them; not answering: ${down.join(', ')}. Nothing was changed`,
+    );
+  return hosts;
+}
+
+/** `ferry rule add`: cluster mode, one etcd write by any host; standalone, on every host, or on none. */
+async function addRule(t: Target, rule: ReturnType<typeof ruleFromOpts>): Promise<Rule> {
+  const hosts = await standaloneHosts(t);
+  if (!hosts) return call(t, 'rule.add', rule);
+  // A domain may run on any of them: only here can all be asked.
+  const known = new Set((await Promise.all(hosts.map((h) => call(h.t, 'domain.list', {}, 10000)))).flat().map((d) => d.name));
+  const unknown = rule.domains.filter((d) => !known.has(d));
+  if (unknown.length)
+    throw new FerryError(
+      'RULE_UNKNOWN_DOMAIN',
+      `Rule "${rule.name}" names ${unknown.join(', ')}, which no host has (${hosts.map((h) => h.name).join(', ')}); check \`ferry list\` on each`,
+      { domains: unknown },
+    );
+  const done: { name: string; t: Target }[] = [];
+  let first: Rule | undefined;
+  for (const h of hosts) {
+    try {
+      const r = await call(h.t, 'rule.add', rule);
+      first ??= r;
+      done.push(h);
+    } catch (e) {
+      // One refused (a contradiction with its own list, say): the others take it back.
+      for (const d of done) await call(d.t, 'rule.remove', { name: rule.name }).catch(() => undefined);
+      const fe = asFerryError(e);
+      throw new FerryError(fe.code, `${h.name}: ${fe.message}`, fe.details);
+    }
+  }
+  return first!;
+}
+
+/** `ferry rule remove`: cluster mode, one etcd write; standalone, from every host that has it (RULE_NOT_FOUND if none). */
+async function removeRule(t: Target, name: string): Promise<{ removed: string }> {
+  const hosts = await standaloneHosts(t);
+  if (!hosts) return call(t, 'rule.remove', { name });
+  let found = false;
+  for (const h of hosts) {
+    const has = (await call(h.t, 'rule.list', {}, 10000)).some((r) => r.name === name);
+    if (!has) continue;
+    await call(h.t, 'rule.remove', { name });
+    found = true;
+  }
+  if (!found) throw new FerryError('RULE_NOT_FOUND', `No placement rule "${name}" on any host (\`ferry rule list\`)`);
+  return { removed: name };
 }
 
 function printCpu(r: ClusterCpu): void {

@@ -13,6 +13,7 @@ import type { Migrations } from '../migration/manager.ts';
 import type { ClusterAgent } from './cluster.ts';
 import type { ClusterEventView } from '../api/protocol.ts';
 import { Placement } from './placement.ts';
+import { LocalRules } from './rules.ts';
 
 /** Ties a handler's answer to its action's declared result (Results in api/protocol.ts): a mismatch does not compile. */
 function answer<A extends Action>(_action: A, v: Results[A] | Promise<Results[A]>): Results[A] | Promise<Results[A]> {
@@ -44,6 +45,8 @@ interface Deps {
   placement: () => Placement;
   /** Standalone: null. */
   placementIfAny: Placement | null;
+  /** Standalone: the host's own placement rules. */
+  localRules: LocalRules;
   /** A move refused before it had a job (source) or at Begin (destination): counted by code, then answered. */
   refused: <T>(side: 'source' | 'destination', p: Promise<T>) => Promise<T>;
 }
@@ -52,6 +55,7 @@ export function makeHandler(host: Host, migration: Migrations | undefined, metri
   const placement = cluster ? new Placement(host, cluster) : null;
   const deps: Deps = {
     placementIfAny: placement,
+    localRules: new LocalRules(host.cfg.stateDir, () => [host.cfg.name, ...Object.keys(host.peers())]),
     placement: () => {
       deps.cluster();
       return placement!;
@@ -142,6 +146,8 @@ function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown
 }
 
 function clusterAction(req: ClusterRequest, ctx: ConnContext, deps: Deps): unknown {
+  // Standalone hosts keep their own rules (daemon/rules.ts); everything else here needs the cluster.
+  if (!deps.placementIfAny && req.action.startsWith('rule.')) return localRuleAction(req, deps.localRules);
   const c = deps.cluster();
   switch (req.action) {
     case 'cluster.status':
@@ -214,6 +220,20 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
     for (const [n, f] of fns) host.off(n, f);
   });
   return names;
+}
+
+/** `ferry rule` on a standalone host: its own list (daemon/rules.ts). */
+function localRuleAction(req: ClusterRequest, rules: LocalRules): unknown {
+  switch (req.action) {
+    case 'rule.add':
+      return answer(req.action, rules.add({ ...req.params, hosts: req.params.hosts ?? [] }));
+    case 'rule.list':
+      return answer(req.action, rules.list());
+    case 'rule.remove':
+      return answer(req.action, rules.remove(req.params.name));
+    default:
+      throw new FerryError('INTERNAL', `${req.action} is no rule action`);
+  }
 }
 
 /** The source side, for the operator. */

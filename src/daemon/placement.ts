@@ -9,7 +9,7 @@
 import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { checkRule, describeRule, type Rule } from '../placement/rules.ts';
-import { broken, choose, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
+import { checkMove, choose, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
 import { balance, describeAuto, type Balance } from '../placement/balance.ts';
 import { RuleSchema, updateRules } from '../cluster/rules.ts';
 import { BalanceSettingsSchema, hold, writeBalanceSettings, type BalanceSettings, type Hold } from '../cluster/balance.ts';
@@ -129,14 +129,7 @@ export class Placement {
     if (!f.rules.length) return [];
     const name = f.hosts.find((h) => h.name === dest || h.relocation === dest || h.relocation.split(':')[0] === dest)?.name ?? dest;
     this.host.get(domain);
-    const b = broken(domain, name, this.where(), f.rules).map((x) => x.why);
-    if (b.length && !ignoreRules)
-      throw new FerryError(
-        'PLACEMENT_RULE',
-        `Moving "${domain}" to ${name} would break ${b.join('; ')}. Pick another host (\`ferry migrate ${domain}\` picks one), remove the rule, or pass --ignore-rules`,
-        { rules: b },
-      );
-    return b;
+    return checkMove(domain, name, { where: this.where(), rules: f.rules }, ignoreRules);
   }
 
   /**

@@ -10,6 +10,7 @@
  * broken; a soft one broken only where the caller allows it (the HA restart), and said.
  * Among the hosts left: the one with the most memory left, preferred hosts first.
  */
+import { FerryError } from '../errors.ts';
 import { isHard, rulesOf, type Rule } from './rules.ts';
 
 export interface HostView {
@@ -209,4 +210,21 @@ export function makespanMs(moves: { to: string; ms: number }[], parallel: number
     end = Math.max(end, l[i]);
   }
   return end;
+}
+
+/**
+ * An operator's move of DOMAIN to HOST: the rules it breaks (their descriptions), or
+ * PLACEMENT_RULE naming them unless `ignore` (then the report names them). The cluster's
+ * source ferryd and the standalone CLI both ask this.
+ */
+export function checkMove(domain: string, host: string, fleet: { where: Map<string, string>; rules: Rule[] }, ignore: boolean): string[] {
+  const { where, rules } = fleet;
+  const b = broken(domain, host, where, rules).map((x) => x.why);
+  if (b.length && !ignore)
+    throw new FerryError(
+      'PLACEMENT_RULE',
+      `Moving "${domain}" to ${host} would break ${b.join('; ')}. Pick another host (\`ferry migrate ${domain}\` picks one), remove the rule, or pass --ignore-rules`,
+      { rules: b },
+    );
+  return b;
 }

@@ -4,7 +4,8 @@
  * guests) leave it live, the evacuation is interrupted once and run again, nothing is
  * lost, and host1 stays empty in maintenance. A domain that cannot move is reported with
  * its reason while the others move, and --include-stopped moves a shut-off domain's
- * definition too. The metrics' histogram counts move with the moves.
+ * definition too. The metrics' histogram counts move with the moves. Standalone placement
+ * rules: on every host, honoured by migrate and evacuate.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -61,6 +62,34 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
   });
   after(async () => {
     await labDown();
+  });
+
+  test('standalone placement rules: kept on every host, honoured by migrate and evacuate, bad ones refused everywhere', async () => {
+    const everywhere = async (): Promise<string[][]> =>
+      Promise.all(['host1', 'host2', 'host3'].map(async (h) => (await ok(['-H', h, 'rule', 'list', '--json'])).map((r: any) => r.name)));
+    await fails(['-H', 'host1', 'rule', 'add', 'x', '--keep-apart', 'p1', 'nosuch'], 'RULE_UNKNOWN_DOMAIN', 3);
+    await fails(['-H', 'host1', 'rule', 'add', 'x', '--avoid-hosts', 'host9', '--domains', 'p1'], 'RULE_UNKNOWN_HOST', 3);
+    assert.deepEqual(await everywhere(), [[], [], []], 'a refused rule is stored nowhere');
+    // p1 stays off host2: every host gets the rule, whichever one was asked.
+    const added = await ok(['-H', 'host2', 'rule', 'add', 'far', '--avoid-hosts', 'host2', '--domains', 'p1', '--json']);
+    assert.deepEqual([added.kind, added.hosts, added.domains], ['avoid-hosts', ['host2'], ['p1']]);
+    assert.deepEqual(await everywhere(), [['far'], ['far'], ['far']]);
+    await fails(['-H', 'host3', 'rule', 'add', 'far', '--keep-apart', 'p1', 'p2'], 'RULE_EXISTS', 3);
+    await fails(['-H', 'host1', 'rule', 'add', 'near', '--prefer-hosts', 'host2', '--domains', 'p1'], 'RULE_CONTRADICTS', 3);
+    assert.deepEqual(await everywhere(), [['far'], ['far'], ['far']]);
+    // An explicit move that breaks it is refused, and nothing moves.
+    const r = await ferry(['-H', 'host1', 'migrate', 'p1', 'host2', '--json']);
+    assert.equal(r.code, 8, r.stdout + r.stderr);
+    assert.equal(r.json.error.code, 'PLACEMENT_RULE');
+    assert.match(r.json.error.message, /rule "far"/);
+    // Without a destination, and in an evacuation's plan, p1 goes to host3.
+    assert.equal((await ok(['-H', 'host1', 'migrate', 'p1', '--plan', '--json'])).placement.to, 'host3');
+    const plan = await ok(['host', 'evacuate', 'host1', '--plan', '--json']);
+    assert.equal(plan.domains.find((d: any) => d.domain === 'p1').to, 'host3', JSON.stringify(plan.domains));
+    assert.deepEqual(Object.values(await where()), ['host1', 'host1', 'host1', 'host1']);
+    await ok(['-H', 'host3', 'rule', 'remove', 'far']);
+    assert.deepEqual(await everywhere(), [[], [], []]);
+    await fails(['-H', 'host2', 'rule', 'remove', 'far'], 'RULE_NOT_FOUND', 3);
   });
 
   test('--plan: where each domain would go and the predicted time, moving nothing', async () => {
