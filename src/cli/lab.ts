@@ -144,6 +144,7 @@ function printStatus(s: LabState & { guests: GuestRow[] }): void {
   rows.push(['client', s.client.namespace, s.client.address, '-', ...(etcd ? ['-'] : []), '-']);
   process.stdout.write(table(rows, ['l', 'l', 'l', 'r', ...(etcd ? ['r' as const] : []), 'l']));
   if (etcd) process.stdout.write(`\nCluster mode: etcd at ${s.cluster!.endpoints.join(', ')} (\`ferry -H HOST cluster status\`)\n`);
+  if (s.link) process.stdout.write(`\nMigration links shaped: ${s.link.rateBitsPerS / 1e6} Mbit/s both ways\n`);
   if (s.guests.length) {
     process.stdout.write(
       '\n' +
@@ -173,6 +174,7 @@ interface UpOpts {
   cpuCeiling?: Record<string, string>;
   movesOut?: number;
   movesIn?: number;
+  linkRate?: string;
   json?: boolean;
 }
 
@@ -183,11 +185,9 @@ function ceilingOpt(v: string, prev: Record<string, string> = {}): Record<string
   return { ...prev, [h]: m };
 }
 
-/** lab up, down and status. */
-function registerLabLifecycle(lab: Command): void {
-  lab
-    .command('up')
-    .description('build the lab: switch, hosts with ferryd, client')
+/** `lab up`'s options (the lab's shape, its hosts' limits and links). */
+function upOptions(cmd: Command): Command {
+  return cmd
     .option('--hosts <n>', 'number of hosts', int('--hosts'), 2)
     .option('--segments <n>', '1, or 2 for a second L2 segment (the last host\'s "lab" network moves there)', int('--segments'), 1)
     .option('--host-memory <MiB>', 'memory each host offers to domains', int('--host-memory'))
@@ -205,6 +205,12 @@ function registerLabLifecycle(lab: Command): void {
       "each host's limits.incomingTotal: incoming moves at once, more wait in their sources' lines",
       int('--moves-in'),
     )
+    .option('--link-rate <rate>', "shape every host's migration link to RATE both ways (tc's spelling: 1gbit, 10gbit, 500mbit)");
+}
+
+/** lab up, down and status. */
+function registerLabLifecycle(lab: Command): void {
+  upOptions(lab.command('up').description('build the lab: switch, hosts with ferryd, client'))
     .option('--json', 'JSON output')
     .action(
       act(
@@ -220,6 +226,7 @@ function registerLabLifecycle(lab: Command): void {
             cpuCeiling: o.cpuCeiling,
             movesOut: o.movesOut,
             movesIn: o.movesIn,
+            linkRate: o.linkRate,
             progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
           });
         },

@@ -35,7 +35,7 @@ import { FERRY_VERSION } from '../version.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { cpuModelsHere } from '../qemu/probe.ts';
 import { RULES_KEY, parseRules } from '../cluster/rules.ts';
-import { baseline, type Baseline } from '../placement/cpu.ts';
+import { baseline, type Baseline, type CpuHost } from '../placement/cpu.ts';
 import type { Rule } from '../placement/rules.ts';
 import { LoadMeter } from './load.ts';
 import type { QueueView } from '../api/protocol.ts';
@@ -334,7 +334,7 @@ export class ClusterAgent implements OwnershipGate {
     recent.push(now);
     this.crashes.set(name, recent);
     setTimeout(() => {
-      this.host.start(name).then(
+      this.host.start(name, { cpuModel: rec.cpuModel }).then(
         () => {
           this.log.warn('HA domain restarted after a crash', { domain: name, why, restarts: recent.length });
           void this.events.add({
@@ -571,10 +571,11 @@ export class ClusterAgent implements OwnershipGate {
    */
   baseline(): Baseline {
     this.needQuorum('compute the cluster CPU baseline');
-    const b = baseline(
-      [...this.hostsSeen.values()],
-      Object.fromEntries(Object.entries(this.host.qemu.models).map(([k, v]) => [k, v.features])),
-    );
+    // This host counts even before the watch has shown its own facts (just joined, or a watch re-synchronising).
+    const hosts: CpuHost[] = [...this.hostsSeen.values()];
+    if (!this.hostsSeen.has(this.me))
+      hosts.push({ name: this.me, cpuModel: this.host.cfg.cpuModel, cpuModels: cpuModelsHere(this.host.qemu) });
+    const b = baseline(hosts, Object.fromEntries(Object.entries(this.host.qemu.models).map(([k, v]) => [k, v.features])));
     if (!b)
       throw new FerryError(
         'PLACEMENT_NONE',
@@ -687,8 +688,9 @@ export class ClusterAgent implements OwnershipGate {
       return;
     }
     if (this.fenced.has(name) && rec.state === 'running') {
-      // Fenced, but the lease survived (or the manager had not acted): it runs here again, through a claim.
-      await this.host.start(name).then(
+      // Fenced, but the lease survived (or the manager had not acted): it runs here again, through a claim,
+      // with the CPU model it ran with (not today's baseline: the same life, as an HA restart elsewhere).
+      await this.host.start(name, { cpuModel: rec.cpuModel }).then(
         () =>
           void this.events.add({
             type: 'restarted',

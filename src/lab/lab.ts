@@ -84,6 +84,15 @@ export interface LabState {
   poolDir: string;
   /** --cluster: etcd's client URLs (one member per host); null: standalone hosts. */
   cluster?: { endpoints: string[] } | null;
+  /** --link-rate: every host's migration link shaped to this many bits/s; null: unshaped veths. */
+  link?: { rateBitsPerS: number } | null;
+}
+
+/** tc's rate spelling ("1gbit", "500mbit", "100kbit") in bits/s, or null if it is not one. */
+export function parseLinkRate(v: string): number | null {
+  const m = /^(\d+(?:\.\d+)?)(k|m|g)bit$/i.exec(v);
+  if (!m) return null;
+  return Math.round(Number(m[1]) * { k: 1e3, m: 1e6, g: 1e9 }[m[2].toLowerCase() as 'k' | 'm' | 'g']);
 }
 
 function sh(cmd: string, args: string[], opts: { ignore?: boolean } = {}): string {
@@ -156,6 +165,8 @@ export interface UpOptions {
   movesOut?: number;
   /** Every host's limits.incomingTotal: incoming moves at once (more are refused busy, and their sources wait). */
   movesIn?: number;
+  /** Shape every host's migration link (mig0) to this rate, both ways: tc's spelling, as "1gbit" or "500mbit". */
+  linkRate?: string;
   progress?: (msg: string) => void;
 }
 
@@ -177,10 +188,45 @@ function checkUp(o: UpOptions): void {
     throw new FerryError('CLI_USAGE', '--moves-out must be a whole number from 1 to 64');
   if (o.movesIn !== undefined && (!Number.isInteger(o.movesIn) || o.movesIn < 1 || o.movesIn > 64))
     throw new FerryError('CLI_USAGE', '--moves-in must be a whole number from 1 to 64');
+  if (o.linkRate !== undefined) {
+    const r = parseLinkRate(o.linkRate);
+    if (r === null || r < 1e6 || r > 100e9)
+      throw new FerryError('CLI_USAGE', `--link-rate must be a rate from 1mbit to 100gbit, as 1gbit or 500mbit, got "${o.linkRate}"`);
+  }
   if (o.stateMiB !== undefined && (!Number.isInteger(o.stateMiB) || o.stateMiB < 4 || o.stateMiB > 4096))
     throw new FerryError('CLI_USAGE', '--state-size must be an integer number of MiB from 4 to 4096');
   if (readLab() || labNamespaces().length)
     throw new FerryError('LAB_FAILED', 'A lab is already up (or left over): run `ferry lab down` first');
+}
+
+/**
+ * A host's migration link as a real one of `bits`/s, both ways: a token bucket (tc tbf)
+ * on the host's mig0 for what it sends and on the switch's end for what it receives, as
+ * a NIC of that speed would. The bucket holds 4 ms of the rate (at least 64 KiB), enough
+ * for TCP to fill the link without letting bursts run at the veth's speed for long.
+ * (No added delay: netem, tc's delay, is not in every kernel, this lab machine's included.)
+ */
+function shapeLink(host: { ns: string; dev: string }, sw: { ns: string; dev: string }, bits: number): void {
+  const burst = Math.max(65536, Math.round((bits / 8) * 0.004));
+  for (const end of [host, sw])
+    sh('ip', [
+      'netns',
+      'exec',
+      end.ns,
+      'tc',
+      'qdisc',
+      'add',
+      'dev',
+      end.dev,
+      'root',
+      'tbf',
+      'rate',
+      `${bits}bit`,
+      'burst',
+      String(burst),
+      'latency',
+      '100ms',
+    ]);
 }
 
 /** The switch namespace (one bridge per segment and the migration network's) and the client station on all of them. */
@@ -228,6 +274,7 @@ function makeHost(i: number, at: { o: UpOptions; sw: string; caDir: string; pool
   ipns(sw, 'link', 'set', `h${i}m`, 'mtu', String(MIG_MTU), 'master', 'swm', 'up');
   ipns(ns, 'addr', 'add', `${MIG_ADDR(i)}/24`, 'dev', 'mig0');
   ipns(ns, 'link', 'set', 'mig0', 'mtu', String(MIG_MTU), 'up');
+  if (o.linkRate) shapeLink({ ns, dev: 'mig0' }, { ns: sw, dev: `h${i}m` }, parseLinkRate(o.linkRate)!);
   execFileSync('ip', ['netns', 'exec', ns, 'nft', '-f', '-'], { input: MIG_FIREWALL, stdio: ['pipe', 'ignore', 'pipe'] });
   const segment = o.segments === 2 && i === o.hosts && o.hosts > 1 ? 1 : 0;
   const dir = path.join(LAB_DIR, name);
@@ -318,6 +365,7 @@ export async function labUp(o: UpOptions): Promise<LabState> {
       adminTlsDir,
       poolDir,
       cluster: null,
+      link: o.linkRate ? { rateBitsPerS: parseLinkRate(o.linkRate)! } : null,
     };
     writeJsonAtomic(LAB_STATE_FILE, state);
     if (o.cluster) {

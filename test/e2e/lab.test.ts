@@ -1,13 +1,17 @@
 /**
  * `ferry lab up` builds real hosts; `ferry lab down` leaves nothing behind: no
  * namespaces, no bridges, no processes, no files. Down is idempotent and also works
- * after a crash that lost the lab's state file.
+ * after a crash that lost the lab's state file. A shaped migration link has the rate
+ * asked (a real TCP transfer between two hosts, both ways).
  */
 import { describe, test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { execFileSync } from 'node:child_process';
-import { ok, ferry, labDown, createGuest, inNs, labState, pidAlive } from '../helpers.ts';
+import { execFileSync, spawn } from 'node:child_process';
+import path from 'node:path';
+import { ok, fails, ferry, labDown, createGuest, inNs, labState, pidAlive, waitFor, ROOT } from '../helpers.ts';
+
+const TCP_RATE = path.join(ROOT, 'test', 'tools', 'tcp-rate.mjs');
 
 function namespaces(): string[] {
   return execFileSync('ip', ['netns', 'list'])
@@ -113,6 +117,40 @@ describe('ferry lab', () => {
     assert.equal(fs.existsSync('/var/lib/ferry-lab'), false);
     const again = await ok(['lab', 'down', '--json']);
     assert.deepEqual(again.namespaces, []);
+  });
+
+  test("--link-rate shapes every host's migration link: the rate asked, both ways", async () => {
+    await fails(['lab', 'up', '--hosts', '2', '--link-rate', 'fast'], 'CLI_USAGE', 2);
+    await fails(['lab', 'up', '--hosts', '2', '--link-rate', '200gbit'], 'CLI_USAGE', 2);
+    assert.deepEqual(namespaces(), [], 'a refused lab up builds nothing');
+    const s = await ok(['lab', 'up', '--hosts', '2', '--link-rate', '200mbit', '--json']);
+    assert.deepEqual(s.link, { rateBitsPerS: 200e6 });
+    const [h1, h2] = labState().hosts;
+    /** 24 MiB from one host to the other over their migration addresses, in Mbit/s. */
+    const measure = async (from: any, to: any): Promise<{ mbps: number }> => {
+      const srv = spawn('ip', ['netns', 'exec', to.namespace, process.execPath, TCP_RATE, 'serve', to.migAddress, '5201']);
+      try {
+        let out = '';
+        srv.stdout.on('data', (d) => (out += d));
+        await waitFor('the meter listening', () => out.includes('ready'), 5000, 20);
+        const sent = inNs(from.name, [process.execPath, TCP_RATE, 'send', to.migAddress, '5201', '24'], 30000);
+        assert.equal(sent.code, 0, sent.stderr);
+        await waitFor('the meter done', () => out.trim().split('\n').length >= 2, 10000, 20);
+        const r = JSON.parse(out.trim().split('\n')[1]);
+        return { mbps: (r.bytes * 8) / (r.ms / 1000) / 1e6 };
+      } finally {
+        srv.kill();
+      }
+    };
+    for (const [a, b] of [
+      [h1, h2],
+      [h2, h1],
+    ]) {
+      const m = await measure(a, b);
+      assert.ok(m.mbps > 160 && m.mbps < 215, `${a.name} → ${b.name}: ${m.mbps.toFixed(1)} Mbit/s on a 200 Mbit/s link`);
+    }
+    assert.match((await ferry(['lab', 'status'])).stdout, /Migration links shaped: 200 Mbit\/s both ways/);
+    await ok(['lab', 'down']);
   });
 
   test('down cleans up after a crash that lost the state file', async () => {
