@@ -14,7 +14,7 @@ type JobAnswer = { domain: string; cancelling: true } | { domain: string; settle
 import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.ts';
 import { choose } from '../placement/place.ts';
 import { fromPeers, standaloneRules } from './evacuate.ts';
-import { checkMove } from '../placement/place.ts';
+import { checkMove, hostNamed } from '../placement/place.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {
@@ -190,8 +190,7 @@ async function standaloneRuleCheck(hostArg: string | undefined, domain: string, 
   if (info.mode === 'cluster') return [];
   const { rules, where } = await standaloneRules(src, info);
   if (!rules.length) return [];
-  const name = Object.entries(info.peers).find(([n, a]) => n === dest || a === dest || a.split(':')[0] === dest)?.[0] ?? dest;
-  return checkMove(domain, name, { where, rules }, ignore);
+  return checkMove(domain, hostNamed(dest, Object.entries(info.peers)), { where, rules }, ignore);
 }
 
 /** The options `--plan` and a move share, as API params. */

@@ -12,9 +12,8 @@
  */
 import type { Etcd3 } from 'etcd3';
 import { z } from 'zod';
-import { FerryError } from '../errors.ts';
 import { etcdCall } from './etcd.ts';
-import { ROOT } from './records.ts';
+import { ROOT, parser } from './records.ts';
 import type { BalanceSettings, Hold } from '../placement/balance.ts';
 
 export type { BalanceSettings, Hold };
@@ -37,12 +36,7 @@ export const BalanceSettingsSchema: z.ZodType<BalanceSettings> = z
 /** Off until an operator turns it on: moving domains unasked is the operator's call. */
 export const BALANCE_DEFAULTS: BalanceSettings = { mode: 'off', threshold: 20, holdSeconds: 600, intervalSeconds: 30 };
 
-export function parseBalanceSettings(v: unknown, key: string): BalanceSettings {
-  const r = BalanceSettingsSchema.safeParse(v);
-  if (!r.success)
-    throw new FerryError('CLUSTER_BAD_RECORD', `etcd key ${key} does not hold the balancer's setting: ${r.error.issues[0]?.message}`);
-  return r.data;
-}
+export const parseBalanceSettings = parser(BalanceSettingsSchema, "balancer's setting");
 
 export async function writeBalanceSettings(etcd: Etcd3, s: BalanceSettings): Promise<void> {
   await etcdCall(`writing ${BALANCE_KEY}`, () => etcd.put(BALANCE_KEY).value(JSON.stringify(s)).exec());
@@ -56,12 +50,7 @@ export const HoldSchema: z.ZodType<Hold> = z.object({
   holdSeconds: z.number().int().nonnegative(),
 });
 
-export function parseHold(v: unknown, key: string): Hold {
-  const r = HoldSchema.safeParse(v);
-  if (!r.success)
-    throw new FerryError('CLUSTER_BAD_RECORD', `etcd key ${key} does not hold a balancer hold: ${r.error.issues[0]?.message}`);
-  return r.data;
-}
+export const parseHold = parser(HoldSchema, 'balancer hold');
 
 /** Holds DOMAIN for holdSeconds under a lease of its own: etcd deletes the key when it runs out. */
 export async function hold(etcd: Etcd3, h: Hold): Promise<void> {

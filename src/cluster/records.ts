@@ -142,7 +142,7 @@ export const ClusterEventSchema = z.object({
 });
 export type ClusterEvent = z.infer<typeof ClusterEventSchema>;
 
-function parser<T>(schema: z.ZodType<T>, what: string): (v: unknown, key: string) => T {
+export function parser<T>(schema: z.ZodType<T>, what: string): (v: unknown, key: string) => T {
   return (v, key) => {
     const r = schema.safeParse(v);
     if (!r.success)

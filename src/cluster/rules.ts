@@ -29,6 +29,16 @@ export const RuleSchema = z
 
 const RulesSchema = z.array(RuleSchema).max(1000);
 
+/** A rule as an operator asked for it (`rule.add`): its shape checked (RULE_INVALID), stamped with when. Its sense: placement/rules.ts checkRule. */
+export function parseRuleRequest(raw: unknown): Rule {
+  const p = RuleSchema.safeParse(raw);
+  if (!p.success) {
+    const i = p.error.issues[0];
+    throw new FerryError('RULE_INVALID', `Invalid rule: ${i?.path.join('.') || 'rule'} ${i?.message ?? ''}`.trim());
+  }
+  return { ...p.data, createdAt: new Date().toISOString() };
+}
+
 export function parseRules(v: unknown, key: string): Rule[] {
   const r = RulesSchema.safeParse(v);
   if (!r.success)

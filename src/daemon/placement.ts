@@ -8,10 +8,10 @@
  */
 import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
-import { checkRule, describeRule, type Rule } from '../placement/rules.ts';
-import { checkMove, choose, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
+import { checkRule, describeRule, withoutRule, type Rule } from '../placement/rules.ts';
+import { checkMove, choose, hostNamed, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
 import { balance, describeAuto, type Balance } from '../placement/balance.ts';
-import { RuleSchema, updateRules } from '../cluster/rules.ts';
+import { parseRuleRequest, updateRules } from '../cluster/rules.ts';
 import { BalanceSettingsSchema, hold, writeBalanceSettings, type BalanceSettings, type Hold } from '../cluster/balance.ts';
 import type { Migrations } from '../migration/manager.ts';
 import type { StartParams } from '../migration/source.ts';
@@ -45,13 +45,8 @@ export class Placement {
   }
 
   async addRule(raw: unknown): Promise<Rule> {
-    const p = RuleSchema.safeParse(raw);
-    if (!p.success) {
-      const i = p.error.issues[0];
-      throw new FerryError('RULE_INVALID', `Invalid rule: ${i?.path.join('.') || 'rule'} ${i?.message ?? ''}`.trim());
-    }
+    const rule = parseRuleRequest(raw);
     this.quorate('add a rule');
-    const rule = { ...p.data, createdAt: new Date().toISOString() };
     const known = this.known();
     await updateRules(this.cluster.etcd, (rules) => {
       checkRule(rule, rules, known);
@@ -63,10 +58,7 @@ export class Placement {
 
   async removeRule(name: string): Promise<{ removed: string }> {
     this.quorate('remove a rule');
-    await updateRules(this.cluster.etcd, (rules) => {
-      if (!rules.some((r) => r.name === name)) throw new FerryError('RULE_NOT_FOUND', `No placement rule "${name}" (\`ferry rule list\`)`);
-      return rules.filter((r) => r.name !== name);
-    });
+    await updateRules(this.cluster.etcd, (rules) => withoutRule(rules, name));
     void this.cluster.events.add({ type: 'rule-removed', detail: `rule "${name}" removed` });
     return { removed: name };
   }
@@ -127,9 +119,16 @@ export class Placement {
   checkMove(domain: string, dest: string, ignoreRules: boolean): string[] {
     const f = this.cluster.fleet();
     if (!f.rules.length) return [];
-    const name = f.hosts.find((h) => h.name === dest || h.relocation === dest || h.relocation.split(':')[0] === dest)?.name ?? dest;
     this.host.get(domain);
-    return checkMove(domain, name, { where: this.where(), rules: f.rules }, ignoreRules);
+    return checkMove(domain, this.hostNamed(dest), { where: this.where(), rules: f.rules }, ignoreRules);
+  }
+
+  /** DEST (a name or a relocation address) as a cluster host's name. */
+  private hostNamed(dest: string): string {
+    return hostNamed(
+      dest,
+      this.cluster.fleet().hosts.map((h): [string, string] => [h.name, h.relocation]),
+    );
   }
 
   /**
@@ -154,8 +153,13 @@ export class Placement {
     const s = this.cluster.balanceSettings();
     if (s.holdSeconds <= 0) return;
     this.quorate('hold a balanced domain');
-    const to = this.cluster.fleet().hosts.find((h) => h.name === dest || h.relocation === dest)?.name ?? dest;
-    await hold(this.cluster.etcd, { domain, from: this.host.cfg.name, to, at: new Date().toISOString(), holdSeconds: s.holdSeconds });
+    await hold(this.cluster.etcd, {
+      domain,
+      from: this.host.cfg.name,
+      to: this.hostNamed(dest),
+      at: new Date().toISOString(),
+      holdSeconds: s.holdSeconds,
+    });
   }
 
   /** `ferry cluster balance --auto on|off …`: the cluster-wide setting, changed in part (what is not given stays). */

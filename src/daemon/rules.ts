@@ -13,8 +13,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { FerryError } from '../errors.ts';
-import { checkRule, type Rule } from '../placement/rules.ts';
-import { RuleSchema, parseRules } from '../cluster/rules.ts';
+import { checkRule, withoutRule, type Rule } from '../placement/rules.ts';
+import { parseRuleRequest, parseRules } from '../cluster/rules.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
 
 export class LocalRules {
@@ -43,36 +43,21 @@ export class LocalRules {
   }
 
   add(raw: unknown): Rule {
-    const p = RuleSchema.safeParse(raw);
-    if (!p.success) {
-      const i = p.error.issues[0];
-      throw new FerryError('RULE_INVALID', `Invalid rule: ${i?.path.join('.') || 'rule'} ${i?.message ?? ''}`.trim());
-    }
-    const rule = { ...p.data, createdAt: new Date().toISOString() };
+    const rule = parseRuleRequest(raw);
     const rules = this.list();
     const hosts = this.hosts();
-    try {
-      // The domains: the CLI asked every host (see above).
-      checkRule(rule, rules, { domains: new Set(rule.domains), hosts: new Set(hosts) });
-    } catch (e) {
-      if (!(e instanceof FerryError) || e.code !== 'RULE_UNKNOWN_HOST') throw e;
-      throw new FerryError(
-        'RULE_UNKNOWN_HOST',
-        `Rule "${rule.name}" names host ${rule.hosts.filter((h) => !hosts.includes(h)).join(', ')}, which is neither this host nor one of its peers (${hosts.join(', ')}); add it to "peers" in ferryd.json`,
-        e.details,
-      );
-    }
+    // The domains: the CLI asked every host (see above).
+    checkRule(rule, rules, {
+      domains: null,
+      hosts: new Set(hosts),
+      hostsAre: `neither this host nor one of its peers (${hosts.join(', ')}); add it to "peers" in ferryd.json`,
+    });
     writeJsonAtomic(this.file, [...rules, rule]);
     return rule;
   }
 
   remove(name: string): { removed: string } {
-    const rules = this.list();
-    if (!rules.some((r) => r.name === name)) throw new FerryError('RULE_NOT_FOUND', `No placement rule "${name}" (\`ferry rule list\`)`);
-    writeJsonAtomic(
-      this.file,
-      rules.filter((r) => r.name !== name),
-    );
+    writeJsonAtomic(this.file, withoutRule(this.list(), name));
     return { removed: name };
   }
 }

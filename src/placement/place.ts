@@ -228,3 +228,9 @@ export function checkMove(domain: string, host: string, fleet: { where: Map<stri
     );
   return b;
 }
+
+/** The host DEST names among (name, ADDRESS:PORT) pairs: by name, by address, or by address without its port; else DEST itself. */
+export function hostNamed(dest: string, hosts: Iterable<[string, string]>): string {
+  for (const [name, addr] of hosts) if (name === dest || addr === dest || addr.split(':')[0] === dest) return name;
+  return dest;
+}

@@ -27,11 +27,19 @@ export interface Rule {
 
 export const isHard = (r: Rule): boolean => r.kind === 'keep-apart' || r.kind === 'keep-together';
 
+/** What a rule may name: the domains (null: not known here, checked by the caller) and the hosts, and what those hosts are, in words. */
+export interface Known {
+  domains: Set<string> | null;
+  hosts: Set<string>;
+  /** How an unknown host is explained: "no cluster member; check …" unless told otherwise. */
+  hostsAre?: string;
+}
+
 /**
  * A new rule against the rules already stored and what the cluster knows: RULE_INVALID,
  * RULE_EXISTS, RULE_UNKNOWN_DOMAIN, RULE_UNKNOWN_HOST or RULE_CONTRADICTS, else nothing.
  */
-export function checkRule(r: Rule, existing: Rule[], known: { domains: Set<string>; hosts: Set<string> }): void {
+export function checkRule(r: Rule, existing: Rule[], known: Known): void {
   const what = `Rule "${r.name}"`;
   const dup = (xs: string[]) => xs.find((x, i) => xs.indexOf(x) !== i);
   if (dup(r.domains)) throw new FerryError('RULE_INVALID', `${what} names domain ${dup(r.domains)} twice`);
@@ -44,7 +52,7 @@ export function checkRule(r: Rule, existing: Rule[], known: { domains: Set<strin
   if (dup(r.hosts)) throw new FerryError('RULE_INVALID', `${what} names host ${dup(r.hosts)} twice`);
   if (existing.some((e) => e.name === r.name))
     throw new FerryError('RULE_EXISTS', `${what} exists already; remove it first (\`ferry rule remove ${r.name}\`)`);
-  const unknownD = r.domains.filter((d) => !known.domains.has(d));
+  const unknownD = known.domains ? r.domains.filter((d) => !known.domains!.has(d)) : [];
   if (unknownD.length)
     throw new FerryError(
       'RULE_UNKNOWN_DOMAIN',
@@ -57,7 +65,7 @@ export function checkRule(r: Rule, existing: Rule[], known: { domains: Set<strin
   if (unknownH.length)
     throw new FerryError(
       'RULE_UNKNOWN_HOST',
-      `${what} names host ${unknownH.join(', ')}, which is no cluster member; check \`ferry cluster status\``,
+      `${what} names host ${unknownH.join(', ')}, which is ${known.hostsAre ?? 'no cluster member; check `ferry cluster status`'}`,
       {
         hosts: unknownH,
       },
@@ -119,4 +127,10 @@ export function describeRule(r: Pick<Rule, 'kind' | 'domains' | 'hosts'>): strin
     case 'avoid-hosts':
       return `${r.domains.join(', ')} avoid ${r.hosts.join(', ')} (soft)`;
   }
+}
+
+/** The rules without NAME; RULE_NOT_FOUND if there is none by that name. */
+export function withoutRule(rules: Rule[], name: string): Rule[] {
+  if (!rules.some((r) => r.name === name)) throw new FerryError('RULE_NOT_FOUND', `No placement rule "${name}" (\`ferry rule list\`)`);
+  return rules.filter((r) => r.name !== name);
 }
