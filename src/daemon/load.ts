@@ -29,8 +29,8 @@ export interface Running {
 export class LoadMeter {
   /** Per domain: its pid (a new QEMU starts over) and its samples, oldest first. */
   private readonly seen = new Map<string, { pid: number; samples: { at: number; cpuS: number }[] }>();
-  /** Per domain: its last dirty rate (MB/s) and when it was measured. */
-  private readonly dirty = new Map<string, { pid: number; at: number; mbps: number }>();
+  /** Per domain: its last dirty rate (MB/s; null: QEMU would not say) and when it was asked. */
+  private readonly dirty = new Map<string, { pid: number; at: number; mbps: number | null }>();
   private timer?: NodeJS.Timeout;
   private measuring = false;
 
@@ -61,10 +61,10 @@ export class LoadMeter {
     this.measuring = true;
     try {
       const bps = await measureDirtyRate(due.d.qmp!, DIRTY_SAMPLE_MS);
-      if (bps !== null) this.dirty.set(due.d.name, { pid: due.d.pid, at: Date.now(), mbps: Math.round(bps / 1e5) / 10 });
+      this.dirty.set(due.d.name, { pid: due.d.pid, at: Date.now(), mbps: bps === null ? null : Math.round(bps / 1e5) / 10 });
     } catch {
-      // A QEMU that refuses (an old engine, a domain ending): no figure, tried again next minute.
-      this.dirty.set(due.d.name, { pid: due.d.pid, at: Date.now(), mbps: this.dirty.get(due.d.name)?.mbps ?? 0 });
+      // A QEMU that refuses (an old engine, a domain ending): no figure, asked again next minute.
+      this.dirty.set(due.d.name, { pid: due.d.pid, at: Date.now(), mbps: null });
     } finally {
       this.measuring = false;
     }
@@ -74,7 +74,7 @@ export class LoadMeter {
   dirtyRates(): Record<string, number> {
     const live = new Set(this.running().map((d) => d.name));
     const out: Record<string, number> = {};
-    for (const [name, v] of this.dirty) if (live.has(name)) out[name] = v.mbps;
+    for (const [name, v] of this.dirty) if (live.has(name) && v.mbps !== null) out[name] = v.mbps;
     return out;
   }
 
