@@ -73,6 +73,25 @@ export async function labUp(args: string[] = []): Promise<any> {
 }
 
 export async function labDown(): Promise<void> {
+  // FERRY_TEST_KEEP=DIR keeps each host's ferryd and etcd output (for a flake that needs its logs).
+  const keep = process.env.FERRY_TEST_KEEP;
+  if (keep) {
+    const dst = path.join(keep, `${path.basename(process.argv[1] ?? 'test')}-${Date.now()}`);
+    let hosts: { name: string; configPath: string }[] = [];
+    try {
+      hosts = labState().hosts;
+    } catch {
+      // no lab: nothing to keep
+    }
+    for (const h of hosts)
+      for (const f of ['ferryd.out', 'etcd.out', 'state/ferryd.log', 'state/watchdog.log']) {
+        const src = path.join(path.dirname(h.configPath), f);
+        if (fs.existsSync(src)) {
+          fs.mkdirSync(dst, { recursive: true });
+          fs.copyFileSync(src, path.join(dst, `${h.name}-${path.basename(f)}`));
+        }
+      }
+  }
   const r = await ferry(['lab', 'down', '--json']);
   if (r.code !== 0) throw new Error(`lab down failed: ${r.stderr}`);
 }

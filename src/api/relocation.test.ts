@@ -37,7 +37,8 @@ const code = (f: () => unknown): string => {
 
 test("a good Begin parses with defaults filled; every NIC gets a home on the source's segment", () => {
   const m = parseBegin(good);
-  assert.deepEqual([m.parallel, m.insecure, m.postcopy, m.storageNonce, m.copyDisks], [1, false, false, '', []]);
+  assert.deepEqual([m.parallel, m.compress, m.insecure, m.postcopy, m.storageNonce, m.copyDisks], [1, 'none', false, false, '', []]);
+  assert.equal(parseBegin({ ...good, compress: 'zstd', parallel: 2 }).compress, 'zstd');
   assert.deepEqual(m.homes, [{ host: 'host1', address: '', subnet: '198.18.0.0/24', vni: vniFor(m.config.uuid, 0) }]);
 });
 
@@ -64,6 +65,15 @@ test('version first, then shape, then what spans fields', () => {
   );
   assert.equal(
     code(() => parseBegin({ ...good, postcopy: true, parallel: 2 })),
+    'MIGRATION_PROTOCOL',
+  );
+  // Compression is multifd's: never with post-copy; and only the methods ferry knows.
+  assert.throws(
+    () => parseBegin({ ...good, postcopy: true, compress: 'zstd' }),
+    (e: FerryError) => e.code === 'MIGRATION_PROTOCOL' && /postcopy cannot go with compression/.test(e.message),
+  );
+  assert.equal(
+    code(() => parseBegin({ ...good, compress: 'zlib' })),
     'MIGRATION_PROTOCOL',
   );
   assert.equal(

@@ -23,7 +23,8 @@ import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 import { parseDomainConfig, type DomainConfig } from '../domain/config.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
-import { str, optStr, optBool, int, optNum, params } from './shapes.ts';
+import { str, optStr, optBool, int, optNum, optCompress, params } from './shapes.ts';
+import type { Compression } from '../qemu/migration.ts';
 
 /**
  * Begin refuses any other version, so hosts that would disagree later (after the copy)
@@ -154,6 +155,8 @@ export const BeginSchema = z.looseObject({
     .min(1, { error: 'must be 1-16' })
     .max(16, { error: 'must be 1-16' })
     .optional(),
+  /** multifd's page compression (absent: none); zstd needs multifd, on the channels above. */
+  compress: optCompress,
   /** The move may switch to post-copy: the incoming QEMU needs the capability before the stream. */
   postcopy: z.boolean({ error: 'must be true or false' }).optional(),
   peer: SourceFactsSchema,
@@ -171,6 +174,7 @@ export interface BeginMsg {
   mode: 'live' | 'offline' | 'definition';
   insecure: boolean;
   parallel: number;
+  compress: Compression;
   peer: SourceFacts;
   config: DomainConfig;
   fileSizes: Record<string, number>;
@@ -225,12 +229,14 @@ export function parseBegin(raw: unknown): BeginMsg {
   }
   if (p.postcopy && (p.mode !== 'live' || (p.parallel ?? 1) !== 1)) throw protocolError('postcopy needs a live move on one channel');
   if (p.postcopy && !config.postcopy) throw protocolError("postcopy is forbidden by the domain's config");
+  if (p.postcopy && p.compress === 'zstd') throw protocolError('postcopy cannot go with compression (it needs multifd)');
   return {
     version: p.version,
     jobId: p.jobId,
     mode: p.mode,
     insecure: p.insecure === true,
     parallel: p.parallel ?? 1,
+    compress: p.compress ?? 'none',
     peer: p.peer,
     config,
     fileSizes: p.domain.fileSizes,
@@ -301,6 +307,7 @@ export const RELOCATION_ACTIONS = {
     mode: str,
     insecure: optBool,
     parallel: optNum(1, 16),
+    compress: optCompress,
     jobId: str,
     postcopy: optBool,
     homes: z.unknown().optional(),

@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 import { RELOCATION_ACTIONS } from './relocation.ts';
 
-import { str, optStr, optBool, int, optNum, params } from './shapes.ts';
+import { str, optStr, optBool, int, optNum, optCompress, params } from './shapes.ts';
 
 const saveFile = z
   .string()
@@ -55,6 +55,7 @@ export const ACTIONS = {
     timeoutS: optNum(1, 86400),
     insecure: optBool,
     parallel: optNum(1, 16),
+    compress: optCompress,
     verifyMemory: optBool,
     probeGuest: optBool,
     strategy: optStrategy,
@@ -74,6 +75,7 @@ export const ACTIONS = {
     timeoutS: optNum(1, 86400),
     insecure: optBool,
     parallel: optNum(1, 16),
+    compress: optCompress,
     strategy: optStrategy,
     onTimeout: optOnTimeout,
   }),

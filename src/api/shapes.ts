@@ -3,6 +3,7 @@
  * actions' registry (schema.ts) and the relocation protocol's messages (relocation.ts).
  */
 import { z } from 'zod';
+import { COMPRESSIONS } from '../qemu/migration.ts';
 
 export const str = z
   .string({ error: 'must be a non-empty string' })
@@ -23,5 +24,7 @@ export const optNum = (min: number, max: number) =>
     .min(min, { error: `must be a number from ${min} to ${max}` })
     .max(max, { error: `must be a number from ${min} to ${max}` })
     .optional();
+/** A move's page compression (--compress). */
+export const optCompress = z.enum(COMPRESSIONS, { error: `must be one of ${COMPRESSIONS.join(', ')}` }).optional();
 /** An action's params: exactly these keys (unknown ones are refused). */
 export const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);

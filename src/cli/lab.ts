@@ -174,6 +174,7 @@ interface UpOpts {
   cpuCeiling?: Record<string, string>;
   movesOut?: number;
   movesIn?: number;
+  reservation?: number;
   linkRate?: string;
   json?: boolean;
 }
@@ -205,6 +206,11 @@ function upOptions(cmd: Command): Command {
       "each host's limits.incomingTotal: incoming moves at once, more wait in their sources' lines",
       int('--moves-in'),
     )
+    .option(
+      '--reservation <s>',
+      "each host's limits.reservationS: seconds an incoming move waits for its source's next step before it is abandoned",
+      int('--reservation'),
+    )
     .option('--link-rate <rate>', "shape every host's migration link to RATE both ways (tc's spelling: 1gbit, 10gbit, 500mbit)");
 }
 
@@ -226,6 +232,7 @@ function registerLabLifecycle(lab: Command): void {
             cpuCeiling: o.cpuCeiling,
             movesOut: o.movesOut,
             movesIn: o.movesIn,
+            reservationS: o.reservation,
             linkRate: o.linkRate,
             progress: tty ? (m) => process.stderr.write(`  … ${m}\n`) : undefined,
           });

@@ -15,6 +15,7 @@ import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.
 import { choose } from '../placement/place.ts';
 import { fromPeers, standaloneRules } from './evacuate.ts';
 import { checkMove, hostNamed } from '../placement/place.ts';
+import { COMPRESSIONS } from '../qemu/migration.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {
@@ -132,6 +133,7 @@ interface MigrateOpts {
   maxDowntime?: number;
   timeout?: number;
   parallel?: number;
+  compress?: string;
   insecure?: boolean;
   verifyMemory?: boolean;
   probe?: boolean;
@@ -213,6 +215,11 @@ function budgetParams(o: MigrateOpts): Record<string, unknown> {
     if (!Number.isInteger(o.parallel) || o.parallel > 16)
       throw new FerryError('CLI_USAGE', '--parallel must be a whole number from 1 to 16');
     params.parallel = o.parallel;
+  }
+  if (o.compress !== undefined) {
+    if (!(COMPRESSIONS as readonly string[]).includes(o.compress))
+      throw new FerryError('CLI_USAGE', `--compress must be ${COMPRESSIONS.join(' or ')}, got "${o.compress}"`);
+    params.compress = o.compress;
   }
   return params;
 }
@@ -363,6 +370,10 @@ function registerMigrateVerb(prog: Command): void {
       num('--timeout', 1),
     )
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
+    .option(
+      '--compress <method>',
+      'compress pages before they are sent and encrypted: zstd (multifd, on --parallel channels; no post-copy) or none (default)',
+    )
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option(
       '--copy-storage',

@@ -242,34 +242,65 @@ describe(
       }
     };
 
+    /** What etcd's new leader does for a dead host's lease: renews it, every second, without its heartbeat. */
+    const keepLeaseAlive = (name: string, lease: string): NodeJS.Timeout => {
+      const kv = etcd.client(name);
+      return setInterval(() => {
+        void kv.leaseClient
+          .leaseKeepAlive()
+          .then((ka) => {
+            ka.write({ ID: lease });
+            setTimeout(() => ka.end(), 200);
+          })
+          .catch(() => undefined);
+      }, 1000);
+    };
+
+    /** The dead host's records (under its membership's lease), and the live host's HA manager (TTL 4 s, margin 1 s, delay 1 s). */
+    const haPair = (dead: Membership, deadName: string, liveName: string) => {
+      const kv = etcd.client(liveName);
+      const mine = new Ownership(etcd.client(deadName), deadName, () => {
+        const st = dead.state;
+        return st.kind === 'member' ? st.lease : '';
+      });
+      const manager = new HaManager({
+        etcd: kv,
+        me: liveName,
+        ownership: new Ownership(kv, liveName),
+        events: new EventLog(kv, liveName),
+        timings: { ttlS: 4, marginS: 1, restartDelayS: 1 },
+        log: { info: () => undefined, warn: () => undefined },
+      });
+      return { kvE: kv, mine, manager };
+    };
+
+    /** Both hosts members, `domain` an HA domain of the dead one's, the live one's manager elected. */
+    const haStart = async (
+      o: { dead: Membership; live: Membership; mine: Ownership; manager: HaManager },
+      domain: string,
+    ): Promise<void> => {
+      o.dead.start();
+      o.live.start();
+      await until('both hosts members', () => o.dead.state.kind === 'member' && o.live.state.kind === 'member', 10000);
+      await o.mine.claim(facts(domain), 'start');
+      await o.mine.setHa(domain, { priority: 0 });
+      o.manager.start();
+      await until('the live host is the HA manager', () => o.manager.isLeader, 10000);
+    };
+
     test('a host whose lease outlives it (an etcd leader change renews every lease) is restarted after its heartbeat went silent', async () => {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-silent-'));
       const dead = membership('hostD', dir);
       const live = membership('hostE', dir, 4096);
       let lastBeat = 0;
       dead.on('renewed', (e: { renewedAt: number }) => (lastBeat = e.renewedAt));
-      const kvE = etcd.client('hostE');
-      const mine = new Ownership(etcd.client('hostD'), 'hostD', () => {
-        const st = dead.state;
-        return st.kind === 'member' ? st.lease : '';
-      });
-      const manager = new HaManager({
-        etcd: kvE,
-        me: 'hostE',
-        ownership: new Ownership(kvE, 'hostE'),
-        events: new EventLog(kvE, 'hostE'),
-        timings: { ttlS: 4, marginS: 1, restartDelayS: 1 },
-        log: { info: () => undefined, warn: () => undefined },
-      });
+      const { kvE, mine, manager } = haPair(dead, 'hostD', 'hostE');
+      // As ferryd wires it (daemon/cluster.ts): the manager hears its own host's renewals and heartbeats.
+      live.on('renewed', (e: { renewedAt: number }) => manager.renewed(e.renewedAt));
+      live.on('beat', (e: { revision: string; at: number }) => manager.beat(e.revision, e.at));
       let keep: NodeJS.Timeout | undefined;
-      dead.start();
-      live.start();
       try {
-        await until('both hosts members', () => dead.state.kind === 'member' && live.state.kind === 'member', 10000);
-        await mine.claim(facts('silent1'), 'start');
-        await mine.setHa('silent1', { priority: 0 });
-        manager.start();
-        await until('hostE is the HA manager', () => manager.isLeader, 10000);
+        await haStart({ dead, live, mine, manager }, 'silent1');
         // A guard that is not the heartbeat's current revision loses: the host beat since it was judged.
         const rec = (await mine.get('silent1'))!;
         assert.equal(await new Ownership(kvE, 'hostE').assign(rec, 'hostE', 'test', { key: aliveKey('hostD'), modRevision: '1' }), false);
@@ -280,16 +311,7 @@ describe(
         const lease = st.kind === 'member' ? st.lease : '';
         await dead.stop(false);
         const diedAt = lastBeat;
-        const kvD = etcd.client('hostD');
-        keep = setInterval(() => {
-          void kvD.leaseClient
-            .leaseKeepAlive()
-            .then((ka) => {
-              ka.write({ ID: lease });
-              setTimeout(() => ka.end(), 200);
-            })
-            .catch(() => undefined);
-        }, 1000);
+        keep = keepLeaseAlive('hostD', lease);
         await until('silent1 given to hostE', async () => (await mine.get('silent1'))!.value.owner === 'hostE', 15000);
         const at = monoMs();
         const ttl = await kvE.leaseClient.leaseTimeToLive({ ID: lease, keys: false });
@@ -300,6 +322,44 @@ describe(
         assert.equal(got.state, 'restarting');
         assert.match(got.note, /hostD went silent/);
       } finally {
+        clearInterval(keep);
+        await manager.stop();
+        await live.stop(true);
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    test('a manager whose own renewals lapsed judges no silence until it renews again, then counts a whole TTL + delay from there', async () => {
+      // After a quorum loss every host's last heartbeat is old, and the manager may read
+      // etcd again before its own first renewal: it must not take that for silence.
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-silent-'));
+      const dead = membership('hostF', dir);
+      const live = membership('hostG', dir, 4096);
+      const { mine, manager } = haPair(dead, 'hostF', 'hostG');
+      // hostG's renewals, fed by hand: stopped, they stand for etcd out of hostG's reach.
+      let feed: NodeJS.Timeout | undefined = setInterval(() => manager.renewed(monoMs()), 500);
+      manager.renewed(monoMs());
+      let keep: NodeJS.Timeout | undefined;
+      try {
+        await haStart({ dead, live, mine, manager }, 'silent2');
+        clearInterval(feed);
+        const st = dead.state;
+        const lease = st.kind === 'member' ? st.lease : '';
+        await dead.stop(false);
+        keep = keepLeaseAlive('hostF', lease);
+        // Past TTL + delay of silence, with the manager sweeping every second: nothing, its own renewals being stale.
+        await new Promise((r) => setTimeout(r, 7000));
+        assert.equal((await mine.get('silent2'))!.value.owner, 'hostF', 'a manager out of touch restarted nothing');
+        const back = monoMs();
+        manager.renewed(back);
+        feed = setInterval(() => manager.renewed(monoMs()), 500);
+        await until('silent2 given to hostG', async () => (await mine.get('silent2'))!.value.owner === 'hostG', 15000);
+        const at = monoMs() - back;
+        assert.ok(at >= 5000, `restarted ${at} ms after the manager's renewal: not before TTL + delay (5000)`);
+        assert.ok(at < 9000, `restarted ${at} ms after the manager's renewal`);
+        assert.match((await mine.get('silent2'))!.value.note, /hostF went silent/);
+      } finally {
+        clearInterval(feed);
         clearInterval(keep);
         await manager.stop();
         await live.stop(true);

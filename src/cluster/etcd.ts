@@ -59,6 +59,9 @@ export function clusterError(what: string, e: unknown): FerryError {
   return fe.code === 'INTERNAL' ? new FerryError('CLUSTER_NO_QUORUM', `etcd failed ${what}: ${msg}`) : fe;
 }
 
+/** How often a client pings its member (a connection to a member cut off is dropped within 2 such periods); etcd must allow it (etcdconf.ts). */
+export const KEEPALIVE_MS = 2000;
+
 /** One client per ferryd (or per CLI call): every call mutual TLS, each unary call bounded by CALL_DEADLINE_MS. */
 export function connectEtcd(ep: EtcdEndpoint): Etcd3 {
   return new Etcd3({
@@ -76,7 +79,7 @@ export function connectEtcd(ep: EtcdEndpoint): Etcd3 {
       // etcd3 types this as a backoff but calls next() on it, as on its own default, a factory like this one.
       watchBackoff: new ExponentialBackoff({ initialDelay: 200, maxDelay: 1000 }) as unknown as IBackoff<unknown>,
     },
-    grpcOptions: { 'grpc.keepalive_time_ms': 2000, 'grpc.keepalive_timeout_ms': 2000 },
+    grpcOptions: { 'grpc.keepalive_time_ms': KEEPALIVE_MS, 'grpc.keepalive_timeout_ms': 2000 },
   });
 }
 

@@ -71,6 +71,11 @@ export function etcdEnv(o: EtcdConfOptions): Record<string, string> {
     // A leader is missed after 1 s (etcd's default, for one network): well inside the lease TTL.
     ETCD_HEARTBEAT_INTERVAL: '100',
     ETCD_ELECTION_TIMEOUT: '1000',
+    // ferry's clients ping every 2 s (cluster/etcd.ts), so a watch on a member cut off is
+    // moved to another within seconds. etcd's default minimum (5 s) answers such pings
+    // with GOAWAY "too many pings", and the client backs off to 8 s: a stalled watch then
+    // held an HA restart for many seconds (18 s seen in the lab).
+    ETCD_GRPC_KEEPALIVE_MIN_TIME: '1s',
     // The event log and records are small; history older than an hour is compacted away.
     ETCD_AUTO_COMPACTION_MODE: 'periodic',
     ETCD_AUTO_COMPACTION_RETENTION: '1',

@@ -134,12 +134,27 @@ export class HaManager {
    * etcd's leader is restarted in time. A reset only delays a restart: never unsafe.
    */
   renewed(at: number): void {
-    const gapMs = (this.d.timings.ttlS / 2 + this.d.timings.restartDelayS) * 1000;
-    if (this.lastRenewal && at - this.lastRenewal > gapMs) {
+    if (this.lastRenewal && at - this.lastRenewal > this.gapMs()) {
       this.resetAt = monoMs();
       for (const h of this.heard.values()) h.at = Math.max(h.at, this.resetAt);
     }
     this.lastRenewal = at;
+  }
+
+  /** A gap between this host's renewals that means etcd was out of its reach. */
+  private gapMs(): number {
+    return (this.d.timings.ttlS / 2 + this.d.timings.restartDelayS) * 1000;
+  }
+
+  /**
+   * This host's own renewals are current, so its view of the others' heartbeats is too.
+   * When etcd comes back after an outage, the manager can read etcd (and sweep) before
+   * its own first renewal: then the others' last heartbeats are from before the outage,
+   * and the reset above has not happened yet. Until that renewal no host counts as silent
+   * (a lease etcd expired still counts: that is etcd's word, not this host's view).
+   */
+  private inTouch(): boolean {
+    return this.lastRenewal > 0 && monoMs() - this.lastRenewal <= this.gapMs();
   }
 
   /** Every ferryd follows the heartbeats, manager or not: a new manager knows how long each host has been silent. */
@@ -333,6 +348,7 @@ export class HaManager {
    * whatever its lease says.
    */
   private silent(host: string, rev: string | undefined): boolean {
+    if (!this.inTouch()) return false;
     const h = this.heard.get(host);
     if (!h || rev === undefined || BigInt(rev) !== h.rev) return false;
     return this.quietLongEnough(h);

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { placeRestart } from './ha.ts';
 import { parseFeed } from './watchdog.ts';
 import { etcdEnv } from './etcdconf.ts';
+import { KEEPALIVE_MS } from './etcd.ts';
 import { FerryError } from '../errors.ts';
 import type { HostFacts, OwnerRecord } from './records.ts';
 import type { Rule } from '../placement/rules.ts';
@@ -117,6 +118,9 @@ test("etcd's member configuration: mutual TLS both ways, this member in the list
   assert.equal(env.ETCD_LISTEN_CLIENT_URLS, 'https://10.0.0.1:2379');
   assert.equal(env.ETCD_INITIAL_CLUSTER, 'h1=https://10.0.0.1:2380,h2=https://10.0.0.2:2380');
   assert.equal(env.ETCD_TRUSTED_CA_FILE, '/t/ca-cert.pem');
+  // etcd lets ferry's clients ping as often as they do (else it closes their connections).
+  assert.match(env.ETCD_GRPC_KEEPALIVE_MIN_TIME, /^\d+s$/);
+  assert.ok(parseInt(env.ETCD_GRPC_KEEPALIVE_MIN_TIME) * 1000 <= KEEPALIVE_MS, env.ETCD_GRPC_KEEPALIVE_MIN_TIME);
   const bad = (o: Partial<Parameters<typeof etcdEnv>[0]>): string => {
     try {
       etcdEnv({

@@ -165,6 +165,8 @@ export interface UpOptions {
   movesOut?: number;
   /** Every host's limits.incomingTotal: incoming moves at once (more are refused busy, and their sources wait). */
   movesIn?: number;
+  /** Every host's limits.reservationS: how long an incoming move waits for its source's next step. */
+  reservationS?: number;
   /** Shape every host's migration link (mig0) to this rate, both ways: tc's spelling, as "1gbit" or "500mbit". */
   linkRate?: string;
   progress?: (msg: string) => void;
@@ -188,6 +190,8 @@ function checkUp(o: UpOptions): void {
     throw new FerryError('CLI_USAGE', '--moves-out must be a whole number from 1 to 64');
   if (o.movesIn !== undefined && (!Number.isInteger(o.movesIn) || o.movesIn < 1 || o.movesIn > 64))
     throw new FerryError('CLI_USAGE', '--moves-in must be a whole number from 1 to 64');
+  if (o.reservationS !== undefined && (!Number.isInteger(o.reservationS) || o.reservationS < 5 || o.reservationS > 3600))
+    throw new FerryError('CLI_USAGE', '--reservation must be a whole number of seconds from 5 to 3600');
   if (o.linkRate !== undefined) {
     const r = parseLinkRate(o.linkRate);
     if (r === null || r < 1e6 || r > 100e9)
@@ -305,8 +309,14 @@ function makeHost(i: number, at: { o: UpOptions; sw: string; caDir: string; pool
     metrics: `${MIG_ADDR(i)}:9477`,
     ...(o.hostMemoryMiB ? { memory: o.hostMemoryMiB } : {}),
     ...(o.cpuCeiling?.[name] ? { cpuCeiling: o.cpuCeiling[name] } : {}),
-    ...(o.movesOut || o.movesIn
-      ? { limits: { ...(o.movesOut ? { movesOut: o.movesOut } : {}), ...(o.movesIn ? { incomingTotal: o.movesIn } : {}) } }
+    ...(o.movesOut || o.movesIn || o.reservationS
+      ? {
+          limits: {
+            ...(o.movesOut ? { movesOut: o.movesOut } : {}),
+            ...(o.movesIn ? { incomingTotal: o.movesIn } : {}),
+            ...(o.reservationS ? { reservationS: o.reservationS } : {}),
+          },
+        }
       : {}),
   };
   fs.mkdirSync(dir, { recursive: true, mode: 0o711 });

@@ -4,7 +4,7 @@
  * model (plan.ts) for every strategy's cost and the pick. Source runs it while Begin runs
  * on the destination, and `ferry migrate --plan` alone.
  */
-import { measureDirtyRate } from '../qemu/migration.ts';
+import { measureDirtyRate, type Compression } from '../qemu/migration.ts';
 import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -35,6 +35,7 @@ export interface PlanParams {
   timeoutS?: number;
   insecure?: boolean;
   parallel?: number;
+  compress?: Compression;
   strategy?: StrategyChoice;
   onTimeout?: OnTimeout;
   verifyMemory?: boolean;
@@ -132,7 +133,7 @@ export class Planner {
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
       timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(),
-      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1,
+      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && (p.compress ?? 'none') === 'none',
       strategy: p.strategy ?? 'auto',
     };
     const why = !c.postcopy
@@ -145,7 +146,9 @@ export class Planner {
           ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
           : (p.parallel ?? 1) > 1
             ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)'
-            : undefined;
+            : (p.compress ?? 'none') !== 'none'
+              ? 'post-copy is off with --compress (compression needs multifd, which QEMU 10.0 cannot combine with post-copy)'
+              : undefined;
     return this.planView(makePlan(input), {
       domain: c.name,
       dest: peer,

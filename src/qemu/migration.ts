@@ -36,6 +36,8 @@ export const PARAMETERS = {
   /** Milliseconds the final switchover may pause the guest (QEMU's default: 300). */
   downtimeLimit: { qemu: 'downtime-limit', side: 'source' },
   multifdChannels: { qemu: 'multifd-channels', side: 'both' },
+  /** How multifd compresses each page before it is sent (and encrypted); both ends must agree. */
+  multifdCompression: { qemu: 'multifd-compression', side: 'both' },
   /** The id of a tls-creds-x509 object; '' turns TLS off. */
   tlsCreds: { qemu: 'tls-creds', side: 'both' },
   /** The name the destination's certificate must carry. */
@@ -47,10 +49,25 @@ export interface ParameterValues {
   maxBandwidth: number;
   downtimeLimit: number;
   multifdChannels: number;
+  multifdCompression: Compression;
   tlsCreds: string;
   tlsHostname: string;
   tlsAuthz: string;
 }
+
+/** The page compressions a move may ask for (QEMU 10's multifd; zstd is built into Debian's QEMU). */
+export const COMPRESSIONS = ['none', 'zstd'] as const;
+export type Compression = (typeof COMPRESSIONS)[number];
+
+/** multifd is on for more than one channel, or for compression (QEMU compresses only multifd's pages). */
+export const multifdOn = (channels: number, compress: Compression): boolean => channels > 1 || compress !== 'none';
+
+/**
+ * The connections a stream opens: the main channel, and with multifd one per channel
+ * besides; post-copy's preempt channel is one more.
+ */
+export const streamConnections = (channels: number, compress: Compression, postcopy: boolean): number =>
+  1 + (multifdOn(channels, compress) ? channels : 0) + (postcopy ? 1 : 0);
 
 /** "No limit" for max-bandwidth, 100 GiB/s (QEMU's own default would throttle at 128 MiB/s). */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;

@@ -11,7 +11,7 @@ import { FerryError, asFerryError } from '../../errors.ts';
 import { domainConfigToJson, type DomainConfig } from '../../domain/config.ts';
 import { hostArch, cpuMissing } from '../../qemu/probe.ts';
 import { MigrationWatcher } from '../../qemu/migstatus.ts';
-import { MigrationQmp } from '../../qemu/migration.ts';
+import { MigrationQmp, multifdOn } from '../../qemu/migration.ts';
 import type { BeginMsg } from '../../api/relocation.ts';
 import type { Results } from '../../api/protocol.ts';
 import type { DomainHandle, RelocationContext, TunnelHome } from '../host.ts';
@@ -343,8 +343,10 @@ async function startIncoming(run: IncomingRun, bridges: (string | undefined)[]):
   run.watch = new MigrationWatcher(q);
   const mq = new MigrationQmp(q, 'destination');
   // Post-copy is offered by the source: both QEMUs need it (and its preempt channel) before the stream.
-  await mq.setCapabilities({ events: true, multifd: m.parallel > 1, postcopy: m.postcopy, postcopyPreempt: m.postcopy });
-  if (m.parallel > 1) await mq.setParameters({ multifdChannels: m.parallel });
+  const multifd = multifdOn(m.parallel, m.compress);
+  await mq.setCapabilities({ events: true, multifd, postcopy: m.postcopy, postcopyPreempt: m.postcopy });
+  // Both ends agree on the channels and the compression (an earlier move's setting stays in a QEMU otherwise).
+  if (multifd) await mq.setParameters({ multifdChannels: m.parallel, multifdCompression: m.compress });
   if (!m.insecure) {
     await mq.addTlsCreds('ferry-tls', h.qemuTlsDir(dom));
     // Only the source host's own certificate may feed this QEMU.

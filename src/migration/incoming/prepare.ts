@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { FerryError } from '../../errors.ts';
-import { MigrationQmp, uri } from '../../qemu/migration.ts';
+import { MigrationQmp, streamConnections, uri } from '../../qemu/migration.ts';
 import type { QmpClient } from '../../qmp/client.ts';
 import type { Results } from '../../api/protocol.ts';
 import { destTransition } from '../phases.ts';
@@ -66,7 +66,11 @@ async function listen(run: IncomingRun): Promise<Results['relocation.prepare']> 
     if (m.insecure)
       await openGate(
         run,
-        { sock: path.join(h.qemuDirOf(dom), 'incoming.sock'), port: j.dataPort, channels: m.parallel + (m.postcopy ? 1 : 0) },
+        {
+          sock: path.join(h.qemuDirOf(dom), 'incoming.sock'),
+          port: j.dataPort,
+          channels: streamConnections(m.parallel, m.compress, m.postcopy),
+        },
         false,
       );
     else await new MigrationQmp(q, 'destination').incoming(uri.tcp(h.cfg.relocation.address, j.dataPort));

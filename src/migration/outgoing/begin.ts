@@ -9,7 +9,7 @@ import { domainConfigToJson } from '../../domain/config.ts';
 import { hasProcess } from '../../domain/state.ts';
 import { hostArch } from '../../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../../qemu/memory.ts';
-import { MigrationQmp, UNLIMITED_BANDWIDTH } from '../../qemu/migration.ts';
+import { MigrationQmp, UNLIMITED_BANDWIDTH, multifdOn } from '../../qemu/migration.ts';
 import type { BeginInput } from '../../api/relocation.ts';
 import { FERRY_VERSION } from '../../version.ts';
 import { PROTOCOL_VERSION } from '../phases.ts';
@@ -112,6 +112,7 @@ function beginMessage(run: OutgoingRun, storageNonce: string): BeginInput {
     mode,
     insecure: run.insecure,
     parallel: p.parallel ?? 1,
+    ...(p.compress && p.compress !== 'none' ? { compress: p.compress } : {}),
     postcopy: run.postcopyWanted,
     homes: run.homes,
     peer: {
@@ -189,6 +190,7 @@ function offerPostcopy(run: OutgoingRun): void {
     !run.engineLoses &&
     p.verifyMemory !== true &&
     (p.parallel ?? 1) <= 1 &&
+    (p.compress ?? 'none') === 'none' &&
     !(p.strategy === 'precopy' && p.onTimeout !== 'postcopy') &&
     !run.copyDisks.length;
   if (mode !== 'live' || !dom.rec.config.postcopy) return;
@@ -206,17 +208,20 @@ function offerPostcopy(run: OutgoingRun): void {
 async function setup(run: OutgoingRun): Promise<void> {
   const { p, insecure } = run;
   const parallel = p.parallel ?? 1;
+  const compress = p.compress ?? 'none';
+  const multifd = multifdOn(parallel, compress);
   // A QEMU keeps its capabilities from one migration to the next: an earlier move's
   // post-copy would make multifd refused ("Postcopy is not yet compatible with multifd").
   const mq = new MigrationQmp(run.q!, 'source');
-  await mq.setCapabilities({ events: true, postcopy: false, postcopyPreempt: false, multifd: parallel > 1 });
+  await mq.setCapabilities({ events: true, postcopy: false, postcopyPreempt: false, multifd });
   if (parallel > 1) run.policy.push(`multifd: ${parallel} parallel channels`);
+  if (compress !== 'none') run.policy.push(`pages compressed with ${compress} (multifd, ${parallel} channel${parallel > 1 ? 's' : ''})`);
   await mq.delObject('ferry-tls-out');
   if (!insecure) await mq.addTlsCreds('ferry-tls-out', run.side.host.qemuTlsDir(run.dom));
   await mq.setParameters({
     maxBandwidth: p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
     downtimeLimit: run.maxDowntimeMs,
-    ...(parallel > 1 ? { multifdChannels: parallel } : {}),
+    ...(multifd ? { multifdChannels: parallel, multifdCompression: compress } : {}),
     ...(insecure ? { tlsCreds: '' } : { tlsCreds: 'ferry-tls-out', tlsHostname: run.peer.name }),
   });
 }

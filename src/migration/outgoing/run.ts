@@ -11,6 +11,7 @@ import type { ApiClient } from '../../api/client.ts';
 import type { Report, Results, PlanView } from '../../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../../qmp/client.ts';
 import type { MigrationWatcher } from '../../qemu/migstatus.ts';
+import type { Compression } from '../../qemu/migration.ts';
 import type { MigrationHost, MigrationLog, DomainHandle, TunnelHome } from '../host.ts';
 import type { JobStore, SourceJob, Mode } from '../jobs.ts';
 import type { SourceEvent } from '../phases.ts';
@@ -60,6 +61,8 @@ export interface StartParams {
   insecure?: boolean;
   /** multifd channels: parallel streams, each encrypted on its own thread. */
   parallel?: number;
+  /** Pages compressed before they are sent (multifd; default none). */
+  compress?: Compression;
   /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
   verifyMemory?: boolean;
   /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
