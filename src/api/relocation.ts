@@ -24,7 +24,7 @@ import { FerryError } from '../errors.ts';
 import { parseDomainConfig, type DomainConfig } from '../domain/config.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
 import { str, optStr, optBool, int, optNum, optCompress, params } from './shapes.ts';
-import type { Compression } from '../qemu/migration.ts';
+import type { Compression } from './shapes.ts';
 
 /**
  * Begin refuses any other version, so hosts that would disagree later (after the copy)

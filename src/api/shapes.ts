@@ -3,7 +3,6 @@
  * actions' registry (schema.ts) and the relocation protocol's messages (relocation.ts).
  */
 import { z } from 'zod';
-import { COMPRESSIONS } from '../qemu/migration.ts';
 
 export const str = z
   .string({ error: 'must be a non-empty string' })
@@ -24,6 +23,9 @@ export const optNum = (min: number, max: number) =>
     .min(min, { error: `must be a number from ${min} to ${max}` })
     .max(max, { error: `must be a number from ${min} to ${max}` })
     .optional();
+/** The page compressions a move may ask for (QEMU's multifd compression; zstd is built into Debian's QEMU). */
+export const COMPRESSIONS = ['none', 'zstd'] as const;
+export type Compression = (typeof COMPRESSIONS)[number];
 /** A move's page compression (--compress). */
 export const optCompress = z.enum(COMPRESSIONS, { error: `must be one of ${COMPRESSIONS.join(', ')}` }).optional();
 /** An action's params: exactly these keys (unknown ones are refused). */

@@ -4,7 +4,8 @@
  * model (plan.ts) for every strategy's cost and the pick. Source runs it while Begin runs
  * on the destination, and `ferry migrate --plan` alone.
  */
-import { measureDirtyRate, type Compression } from '../qemu/migration.ts';
+import { measureDirtyRate } from '../qemu/migration.ts';
+import type { Compression } from '../api/shapes.ts';
 import os from 'node:os';
 import { hasProcess } from '../domain/state.ts';
 import type { QmpClient } from '../qmp/client.ts';

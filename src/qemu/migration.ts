@@ -10,6 +10,7 @@
 import { FerryError } from '../errors.ts';
 import type { QmpClient } from '../qmp/client.ts';
 import type { MigrateInfo } from './migstatus.ts';
+import type { Compression } from '../api/shapes.ts';
 
 export type Side = 'source' | 'destination';
 type Where = Side | 'both';
@@ -54,10 +55,6 @@ export interface ParameterValues {
   tlsHostname: string;
   tlsAuthz: string;
 }
-
-/** The page compressions a move may ask for (QEMU 10's multifd; zstd is built into Debian's QEMU). */
-export const COMPRESSIONS = ['none', 'zstd'] as const;
-export type Compression = (typeof COMPRESSIONS)[number];
 
 /** multifd is on for more than one channel, or for compression (QEMU compresses only multifd's pages). */
 export const multifdOn = (channels: number, compress: Compression): boolean => channels > 1 || compress !== 'none';

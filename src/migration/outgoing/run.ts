@@ -11,7 +11,7 @@ import type { ApiClient } from '../../api/client.ts';
 import type { Report, Results, PlanView } from '../../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../../qmp/client.ts';
 import type { MigrationWatcher } from '../../qemu/migstatus.ts';
-import type { Compression } from '../../qemu/migration.ts';
+import type { Compression } from '../../api/shapes.ts';
 import type { MigrationHost, MigrationLog, DomainHandle, TunnelHome } from '../host.ts';
 import type { JobStore, SourceJob, Mode } from '../jobs.ts';
 import type { SourceEvent } from '../phases.ts';
