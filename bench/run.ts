@@ -21,6 +21,7 @@ import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench } from './tls-stream.ts';
+import { outcomeRows } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
 /** The qmp contender's migration port on the destination. */
@@ -1172,12 +1173,16 @@ function render(
       `**CLI start-up** (\`bench/results/cli-startup.json\`, 10 runs each, interleaved): \`ferry --version\` ${c('ferry')}, \`node -e 0\` ${c('node')}. The CLI runs from the bundle in dist/, with no TypeScript transpiled at start-up.`,
     );
   }
-  const notes = all.flatMap((a) =>
-    a.runs
-      .filter((r) => (r.note && !/^libvirt's own job time/.test(r.note)) || r.outcome !== 'succeeded')
-      .map((r) => `- ${a.scenario.title}, ${r.contender}: ${r.outcome}${r.note ? ` — ${r.note}` : ''}`),
-  );
-  if (notes.length) L.push('', '**Outcomes and policy decisions:**', '', ...notes);
+  const notes = all.flatMap((a) => outcomeRows(a.scenario.title, a.runs));
+  if (notes.length)
+    L.push(
+      '',
+      "**Outcomes and policy decisions** (each scenario's runs per contender: how they ended, each policy statement once, and each plan pick with its reason and how many runs it was; the figures each plan quoted are in the runs' JSON):",
+      '',
+      '| Scenario | Contender | Runs | Policy | Plan |',
+      '|---|---|---|---|---|',
+      ...notes,
+    );
   L.push('');
   return L.join('\n') + '\n';
 }

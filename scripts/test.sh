@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --with-tests
 # The second engine of test/e2e/engines.test.ts (QEMU 7.2, unpacked, not installed).
 bash scripts/old-engine.sh >/dev/null
-mapfile -t unit < <(find src -name '*.test.ts' | LC_ALL=C sort)
+mapfile -t unit < <(find src bench -name '*.test.ts' | LC_ALL=C sort)
 mapfile -t e2e < <(find test/e2e -name '*.test.ts' | LC_ALL=C sort)
 if [ -n "${FERRY_TEST_ONLY:-}" ]; then
   mapfile -t e2e < <(printf '%s\n' "${e2e[@]}" | grep -E "$FERRY_TEST_ONLY" || true)
