@@ -29,6 +29,7 @@ export type { Action, Request } from './schema.ts';
 import type { Action } from './schema.ts';
 import type { RelocationAnswers } from './relocation.ts';
 import { MAX_REPAIR_BYTES } from './limits.ts';
+import type { Compression } from './shapes.ts';
 import type { Rule } from '../placement/rules.ts';
 import type { Balance, BalanceSettings, Hold } from '../placement/balance.ts';
 
@@ -258,6 +259,8 @@ export interface PlanView {
   timeoutS: number;
   spareCores: number;
   postcopyAllowed: boolean;
+  /** --compress: pages compressed by multifd (the predictions count them uncompressed). */
+  compress: Compression;
   strategy: string;
   onTimeout: string;
   pick: string;

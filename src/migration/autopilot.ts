@@ -155,6 +155,7 @@ export class Planner {
       dest: peer,
       dirtyBytesPerS: dirty,
       onTimeout: p.onTimeout,
+      compress: p.compress,
       postcopyWhyNot: why,
     });
   }
@@ -162,7 +163,14 @@ export class Planner {
   /** The plan as the API shows it; `postcopyWhyNot` says why post-copy is not on the table, if it is not. */
   planView(
     pl: Plan,
-    about: { domain: string; dest: string; dirtyBytesPerS: number | null; onTimeout: OnTimeout | undefined; postcopyWhyNot?: string },
+    about: {
+      domain: string;
+      dest: string;
+      dirtyBytesPerS: number | null;
+      onTimeout: OnTimeout | undefined;
+      compress?: Compression;
+      postcopyWhyNot?: string;
+    },
   ): { plan: Plan; view: PlanView } {
     const { domain, dest: peer, dirtyBytesPerS: dirty, onTimeout, postcopyWhyNot: why } = about;
     const i = pl.input;
@@ -181,6 +189,7 @@ export class Planner {
       timeoutS: i.timeoutS,
       spareCores: i.spareCores,
       postcopyAllowed: i.postcopyAllowed,
+      compress: about.compress ?? 'none',
       strategy: i.strategy,
       onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
       pick: pl.pick,

@@ -193,6 +193,11 @@ describe('migration (lab, real guests)', () => {
 
   test('compression: zstd over TLS and over plain TCP, on 1 and 2 channels, keeps memory intact and crosses far fewer bytes', async () => {
     await fails(['-H', 'host2', 'migrate', 'pat', 'host1', '--compress', 'lz4'], 'CLI_USAGE', 2);
+    // The plan says so, and leaves post-copy out (compression is multifd's).
+    const plan = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--plan', '--compress', 'zstd', '--json']);
+    assert.equal(plan.compress, 'zstd');
+    assert.equal(plan.postcopyAllowed, false);
+    assert.match(plan.reason, /post-copy is off with --compress/);
     assert.deepEqual(await where('pat'), ['host2'], 'a refused option moved nothing');
     const verified = async (host: string): Promise<void> => {
       const v = await ok(['lab', 'verify', 'pat', '--json']);

@@ -104,6 +104,7 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
           dest: peer.name,
           dirtyBytesPerS: pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS,
           onTimeout: p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout,
+          compress: p.compress,
           postcopyWhyNot: why,
         });
       }
