@@ -56,7 +56,7 @@ if [ -z "$kpkg" ]; then
   kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
 fi
 [ -n "$kpkg" ] || { echo "build-images: cannot resolve the Debian kernel package" >&2; exit 1; }
-guest_sum=$(cat "$here/linux/init" "$here/linux/status" "$0" "$keys/host_ed25519" "$keys/id_ed25519.pub" "$(command -v dropbear)" | sha256sum | cut -d' ' -f1)
+guest_sum=$(cat "$here/linux/init" "$here/linux/status" "$here/linux/fill" "$here/linux/fill-check" "$0" "$keys/host_ed25519" "$keys/id_ed25519.pub" "$(command -v dropbear)" | sha256sum | cut -d' ' -f1)
 key="$kpkg $guest_sum"
 if [ -f "$out/vmlinux" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/linux.key" 2>/dev/null)" = "$key" ]; then
   echo "images up to date in $out"
@@ -87,6 +87,8 @@ cp /bin/busybox "$root/bin/busybox"
 for app in $("$root/bin/busybox" --list); do [ "$app" = busybox ] || ln -sf busybox "$root/bin/$app"; done
 install -m 0755 "$here/linux/init" "$root/init"
 install -m 0755 "$here/linux/status" "$root/bin/status"
+install -m 0755 "$here/linux/fill" "$root/bin/fill"
+install -m 0755 "$here/linux/fill-check" "$root/bin/fill-check"
 # SSH: Dropbear from Debian with the libraries it links, root logs in with the lab key only.
 copy_bin() {
   local b=$1 lib

@@ -179,6 +179,16 @@ interface UpOpts {
   json?: boolean;
 }
 
+/** `lab guest`'s options. */
+interface GuestOpts {
+  memory?: number;
+  dataDisk?: number;
+  on: string;
+  fill?: number;
+  fillKind: string;
+  dirtyRate?: number;
+}
+
 /** --cpu-ceiling HOST=MODEL, repeatable. */
 function ceilingOpt(v: string, prev: Record<string, string> = {}): Record<string, string> {
   const [h, m] = v.split('=');
@@ -396,12 +406,22 @@ function registerLabGuests(lab: Command): void {
       int('--data-disk'),
     )
     .option('--on <host>', 'with --data-disk: the lab host whose disk directory holds it', 'host1')
+    .option('--fill <MiB>', "linux: a dense guest: fill this much of its RAM (fill-check prints the fill's SHA-256)", int('--fill'))
+    .option('--fill-kind <kind>', 'with --fill: mixed (a third random, the rest compressible), random or text', 'mixed')
+    .option('--dirty-rate <MiB/s>', 'with --fill: then rewrite a separate region of this many MiB once a second', int('--dirty-rate'))
     .action(
       act(
-        async (kind: string, name: string, o: { memory?: number; dataDisk?: number; on: string }) => {
+        async (kind: string, name: string, o: GuestOpts) => {
           if (o.dataDisk !== undefined && kind !== 'linux') throw new FerryError('CLI_USAGE', '--data-disk is for the linux guest');
+          if (o.fill === undefined && o.dirtyRate !== undefined) throw new FerryError('CLI_USAGE', '--dirty-rate goes with --fill');
+          if (o.fill !== undefined && kind !== 'linux') throw new FerryError('CLI_USAGE', '--fill is for the linux guest');
           if (kind === 'linux')
-            return linuxGuestConfig(name, o.memory, o.dataDisk !== undefined ? { mib: o.dataDisk, host: o.on } : undefined);
+            return linuxGuestConfig(
+              name,
+              o.memory,
+              o.dataDisk !== undefined ? { mib: o.dataDisk, host: o.on } : undefined,
+              o.fill !== undefined ? { fillMiB: o.fill, fillKind: o.fillKind, dirtyMiBs: o.dirtyRate } : undefined,
+            );
           if (kind === 'pattern') return patternGuestConfig(name, o.memory);
           throw new FerryError('CLI_USAGE', `Guest kind must be "linux" or "pattern", got "${kind}"`);
         },

@@ -62,13 +62,45 @@ function needImage(f: string): string {
   return p;
 }
 
+export const FILL_KINDS = ['mixed', 'random', 'text'] as const;
+
+/** A dense guest's load (guest/linux/fill): MiB of RAM filled, of which kind, and MiB/s rewritten after. */
+export interface GuestLoad {
+  fillMiB: number;
+  fillKind?: string;
+  dirtyMiBs?: number;
+}
+
+/** The kernel command line's words for a dense guest; CLI_USAGE when they do not fit the guest. */
+function loadArgs(memoryMiB: number, load?: GuestLoad): string {
+  if (!load) return '';
+  const { fillMiB, fillKind = 'mixed', dirtyMiBs = 0 } = load;
+  // The kernel, its page tables and the busybox userland take about 64 MiB besides.
+  if (!Number.isInteger(fillMiB) || fillMiB < 1 || fillMiB + dirtyMiBs + 64 > memoryMiB)
+    throw new FerryError(
+      'CLI_USAGE',
+      `--fill must be a whole number of MiB from 1, leaving 64 MiB of the guest's ${memoryMiB} MiB free besides the dirtied region (give --memory ${fillMiB + dirtyMiBs + 64} or more)`,
+    );
+  if (!(FILL_KINDS as readonly string[]).includes(fillKind))
+    throw new FerryError('CLI_USAGE', `--fill-kind must be ${FILL_KINDS.join(', ')}, got "${fillKind}"`);
+  if (!Number.isInteger(dirtyMiBs) || dirtyMiBs < 0 || dirtyMiBs > 4096)
+    throw new FerryError('CLI_USAGE', '--dirty-rate must be a whole number of MiB/s from 0 to 4096');
+  return ` ferry.fill=${fillMiB} ferry.fillkind=${fillKind} ferry.dirty=${dirtyMiBs}`;
+}
+
 /**
  * A Linux guest. `dataDisk`: a fresh qcow2 of that many MiB in `host`'s own disk
  * directory (storage.localDir: not shared, so moving it needs --copy-storage), which
- * the guest sees as /dev/vda.
+ * the guest sees as /dev/vda. `load`: a dense guest (its RAM filled, then dirtied).
  */
-export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib: number; host: string }): Record<string, unknown> {
+export function linuxGuestConfig(
+  name: string,
+  memoryMiB = 128,
+  dataDisk?: { mib: number; host: string },
+  load?: GuestLoad,
+): Record<string, unknown> {
   if (!NAME_RE.test(name)) throw new FerryError('CLI_USAGE', `Bad guest name "${name}"`);
+  const extra = loadArgs(memoryMiB, load);
   const s = requireLab();
   const disks: Record<string, unknown>[] = [];
   if (dataDisk) {
@@ -94,7 +126,7 @@ export function linuxGuestConfig(name: string, memoryMiB = 128, dataDisk?: { mib
       boot: {
         kernel: needImage('vmlinux'),
         initrd: needImage('initrd.img'),
-        cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24`,
+        cmdline: `console=ttyS0 ipv6.disable=1 quiet panic=-1 ferry.name=${name} ferry.ip=${ip}/24${extra}`,
       },
       disks,
       nics: [{ network: 'lab', ip: `${ip}/24` }],

@@ -2,11 +2,13 @@
  * The proof operators use: an SSH session (OpenSSH's client in the lab's client
  * namespace, Dropbear in the guest) stays open across a live move there and back, no
  * line lost, and ends normally. `ferry lab ssh` returns the remote command's status.
+ * A dense guest (`lab guest linux --fill`) holds the fill it was asked for, and
+ * `fill-check` proves it intact across a compressed live move while its writer runs.
  */
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { ferry, ok, labUp, labDown, createGuest, waitFor, FERRY } from '../helpers.ts';
+import { ferry, ok, fails, labUp, labDown, createGuest, waitFor, tmpFile, consoleLog, FERRY } from '../helpers.ts';
 
 describe('an SSH session across live moves (lab)', () => {
   before(async () => {
@@ -60,5 +62,34 @@ describe('an SSH session across live moves (lab)', () => {
     );
     assert.equal(lines.at(-1), `end ${ticks.length}`);
     assert.ok(ticks.length >= 20);
+  });
+
+  test('a dense guest: the fill it was asked for, intact (fill-check) across a compressed live move while its writer runs', async () => {
+    const guest = (extra: string[]): string[] => ['lab', 'guest', 'linux', 'dense', '--memory', '192', ...extra, '--json'];
+    await fails(guest(['--fill', '160']), 'CLI_USAGE', 2); // no room left for the guest itself
+    await fails(guest(['--fill', '64', '--fill-kind', 'zeros']), 'CLI_USAGE', 2);
+    await fails(guest(['--dirty-rate', '4']), 'CLI_USAGE', 2);
+    const cfg = await ok(guest(['--fill', '63', '--dirty-rate', '4']));
+    await ok(['-H', 'host1', 'create', tmpFile('dense.json', cfg), '--json']);
+    await waitFor('the fill done', () => consoleLog('host1', 'dense').includes('fill done: 63 MiB (mixed)'), 90000, 500);
+    const sh = async (cmd: string): Promise<string> => {
+      const r = await ferry(['lab', 'ssh', 'dense', '--', cmd]);
+      assert.equal(r.code, 0, r.stderr);
+      return r.stdout.trim();
+    };
+    // mixed: a third random, the rest the guest's own files; the writer's region apart.
+    assert.equal(
+      await sh('stat -c %s /run/fill/random /run/fill/text /run/dirty/region | tr "\\n" " "'),
+      `${21 * 1048576} ${42 * 1048576} ${4 * 1048576}`,
+    );
+    const sum = await sh('fill-check');
+    assert.match(sum, /^[0-9a-f]{64}$/);
+    const r = await ok(['-H', 'host1', 'migrate', 'dense', 'host2', '--live', '--compress', 'zstd', '--json']);
+    assert.equal(r.outcome, 'succeeded');
+    assert.ok(r.policy.includes('pages compressed with zstd (multifd, 1 channel)'), r.policy.join('; '));
+    assert.equal(await sh('hostname'), 'dense');
+    assert.equal(await sh('fill-check'), sum, 'the fill arrived as written');
+    await ok(['-H', 'host2', 'destroy', 'dense']);
+    await ok(['-H', 'host2', 'delete', 'dense']);
   });
 });
