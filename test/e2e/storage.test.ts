@@ -9,19 +9,17 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { ok, fails, labUp, labDown, waitFor, inNs, domainRecord, labState, FERRY } from '../helpers.ts';
+import { ferry, ok, fails, labUp, labDown, waitFor, inNs, domainRecord, labState, FERRY } from '../helpers.ts';
 
 /**
- * Runs shell lines on the guest's serial console (on `host`) and returns what it
- * printed, once the guest was silent for idleMs (reading 64 MiB under TCG, with a
- * writer busy, is silent for a while).
+ * Runs a shell command in guest `name` over SSH (`ferry lab ssh`, which finds its host)
+ * and returns what it printed: it returns when the command ends, however long reading
+ * 64 MiB under TCG takes (the serial console could only tell by a silence).
  */
-async function onConsole(host: string, lines: string, idleMs = 15000): Promise<string> {
-  const out = await ok(['-H', host, 'console', 'db', '--idle', String(idleMs), '--max', '120000'], {
-    input: lines + '\n',
-    timeoutMs: 150000,
-  });
-  return String(out);
+async function inGuest(name: string, cmd: string): Promise<string> {
+  const r = await ferry(['lab', 'ssh', name, '--', cmd], { timeoutMs: 150000 });
+  assert.equal(r.code, 0, r.stderr);
+  return r.stdout;
 }
 
 const MD5_64MIB = 'dd if=/dev/vda bs=1M count=64 2>/dev/null | md5sum';
@@ -54,7 +52,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
       60000,
     );
     // 64 MiB of random data at the start of /dev/vda, and its sum as the guest reads it.
-    sum = md5Of(await onConsole('host1', `dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null; ${MD5_64MIB}`, 8000));
+    sum = md5Of(await inGuest('db', `dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync 2>/dev/null; ${MD5_64MIB}`));
   });
   after(async () => {
     await labDown();
@@ -111,7 +109,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     assert.equal(info.pid, pid, 'the same QEMU, never paused for good');
     assert.equal(domainRecord('host2', 'db'), undefined, 'no definition on host2');
     assert.deepEqual(files('host2'), [], 'the half-made copy is gone');
-    assert.equal(md5Of(await onConsole('host1', MD5_64MIB)), sum, 'the source disk is intact');
+    assert.equal(md5Of(await inGuest('db', MD5_64MIB)), sum, 'the source disk is intact');
   });
 
   test('a qcow2 overlay over a shared backing file: the guest starts (its chain passed as descriptors) and only the top is copied', async () => {
@@ -135,10 +133,8 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
       () => fs.readFileSync('/var/lib/ferry-lab/host1/state/run/ov/console.log', 'utf8').includes('ferry-linux ready'),
       60000,
     );
-    const onOv = async (host: string, lines: string): Promise<string> =>
-      String(await ok(['-H', host, 'console', 'ov', '--idle', '15000', '--max', '120000'], { input: lines + '\n', timeoutMs: 150000 }));
     // 16 MiB of the guest's own over the base's 32 MiB pattern: the first 64 MiB mix both layers.
-    const before = md5Of(await onOv('host1', `dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=16 conv=fsync 2>/dev/null; ${MD5_64MIB}`));
+    const before = md5Of(await inGuest('ov', `dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=16 conv=fsync 2>/dev/null; ${MD5_64MIB}`));
     const rep = await ok(['-H', 'host1', 'migrate', 'ov', 'host2', '--live', '--copy-storage', '--json']);
     assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
     assert.ok(
@@ -149,7 +145,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const info = JSON.parse(spawnSync('qemu-img', ['info', '-U', '--output=json', copy], { encoding: 'utf8' }).stdout);
     assert.equal(info['backing-filename'], base, 'the copy sits on the same shared base');
     assert.ok(info['actual-size'] < 48 * 1048576, `only the top was copied (${info['actual-size']} bytes on disk)`);
-    assert.equal(md5Of(await onOv('host2', MD5_64MIB)), before, 'the guest reads the same 64 MiB on host2');
+    assert.equal(md5Of(await inGuest('ov', MD5_64MIB)), before, 'the guest reads the same 64 MiB on host2');
     await ok(['-H', 'host2', 'destroy', 'ov']);
     await ok(['-H', 'host2', 'delete', 'ov']);
     for (const x of [copy, top, base]) fs.rmSync(x, { force: true });
@@ -157,11 +153,12 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
 
   test('live with a writer running: the data arrives whole, the source copy is kept; back with --delete-source-storage', async () => {
     // A writer that never stops, past the checked region (from 128 MiB on).
-    await onConsole(
-      'host1',
-      '(i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$((2048 + i % 64 * 16)) conv=notrunc 2>/dev/null; i=$((i+1)); echo $i > /run/writes; done) &',
-      2000,
+    // (Detached from the SSH session, which then ends at once.)
+    await inGuest(
+      'db',
+      '(i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$((2048 + i % 64 * 16)) conv=notrunc 2>/dev/null; i=$((i+1)); echo $i > /run/writes; done) </dev/null >/dev/null 2>&1 &',
     );
+    await waitFor('the writer writing', async () => /^[1-9]/.test(await inGuest('db', 'cat /run/writes 2>/dev/null || true')), 20000, 500);
     const rep = await ok(['-H', 'host1', 'migrate', 'db', 'host2', '--live', '--copy-storage', '--json']);
     assert.equal(rep.outcome, 'succeeded');
     assert.deepEqual(rep.storage.disks, [
@@ -174,7 +171,7 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     const info = await ok(['-H', 'host2', 'info', 'db', '--json']);
     assert.equal(info.config.disks[0].path, path.join(disksDir('host2'), 'db.disk0.qcow2'), 'the domain runs on its copy');
     assert.ok(fs.existsSync(path.join(disksDir('host1'), 'db-data.qcow2')), 'the source copy is kept');
-    const out = await onConsole('host2', `echo "writes=$(cat /run/writes)"; ${MD5_64MIB}; echo "writes=$(cat /run/writes)"`);
+    const out = await inGuest('db', `echo "writes=$(cat /run/writes)"; ${MD5_64MIB}; echo "writes=$(cat /run/writes)"`);
     assert.equal(md5Of(out), sum, 'the 64 MiB region arrived bit for bit');
     const writes = [...out.matchAll(/^writes=(\d+)/gm)].map((m) => Number(m[1]));
     assert.equal(writes.length, 2, out.slice(-300));
@@ -185,6 +182,6 @@ describe('moving a domain with a local disk (--copy-storage, lab)', () => {
     assert.equal(back.storage.sourceKept, false);
     assert.deepEqual(files('host2'), [], "host2's copy deleted at the end of the move");
     assert.ok(files('host1').includes('db.disk0.qcow2'));
-    assert.equal(md5Of(await onConsole('host1', MD5_64MIB)), sum);
+    assert.equal(md5Of(await inGuest('db', MD5_64MIB)), sum);
   });
 });
