@@ -1,6 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { plan, predict, precopyEtaS, linkRate, FIXED_PAUSE_MS, FIXED_OVERHEAD_S, type PlanInput } from './plan.ts';
+import fs from 'node:fs';
+import path from 'node:path';
+import { plan, predict, precopyEtaS, linkRate, FIXED_PAUSE_MS, FIXED_OVERHEAD_S, MULTIFD_GAIN, type PlanInput } from './plan.ts';
+import { REPO_ROOT as REPO } from '../util/paths.ts';
 
 const MiB = 1048576;
 const base: PlanInput = {
@@ -101,4 +104,14 @@ test("a measured link rate leaves out the zero pages' scan, which each plan adds
   assert.ok(Math.abs(pre.totalS - (0.575 + FIXED_OVERHEAD_S)) < 0.01, `${pre.totalS}`);
   // An implausible scan (it would leave under a quarter of the stream) is not believed.
   assert.equal(linkRate(83e6, 100, 64 * GiB), 83e6 / 0.1);
+});
+
+test("the multifd gain is the stream bench's own result: two TLS channels over one, medians (bench/results/tls-stream.json)", () => {
+  const g = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', 'tls-stream.json'), 'utf8')).gbps as Record<string, number[]>;
+  const med = (xs: number[]): number => {
+    const s = [...xs].sort((a, b) => a - b);
+    return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  };
+  const ratio = med(g['tls-multifd2']) / med(g['tls-default']);
+  assert.ok(Math.abs(MULTIFD_GAIN - ratio) <= 0.1, `MULTIFD_GAIN ${MULTIFD_GAIN}, the bench measured ${ratio.toFixed(2)}×`);
 });
