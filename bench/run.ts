@@ -20,7 +20,7 @@ import { startQemuWith, killAndWait, connectUnix } from '../src/qemu/process.ts'
 import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
-import { tlsStreamBench } from './tls-stream.ts';
+import { tlsStreamBench, streamFacts, type StreamFacts } from './tls-stream.ts';
 import { outcomeRows } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
@@ -921,10 +921,15 @@ async function main(): Promise<void> {
     await ferry(['lab', 'down']);
   }
   let stream: Record<string, number[]> | undefined;
+  let facts: StreamFacts | undefined;
   if (!SMOKE && (!ONLY || new RegExp(ONLY).test('tls-stream'))) {
     say('TLS and the migration stream alone: 512 MiB of non-zero pages between two QEMUs on loopback');
+    facts = streamFacts();
     stream = await tlsStreamBench(path.join(ROOT, 'images', 'pattern.img'), REPS);
-    fs.writeFileSync(path.join(OUT, 'tls-stream.json'), JSON.stringify({ machine: machine(hostInfo), gbps: stream }, null, 2) + '\n');
+    fs.writeFileSync(
+      path.join(OUT, 'tls-stream.json'),
+      JSON.stringify({ machine: machine(hostInfo), facts, gbps: stream }, null, 2) + '\n',
+    );
   }
   let cli: Record<string, number[]> | undefined;
   if (!SMOKE && (!ONLY || new RegExp(ONLY).test('cli-startup'))) {
@@ -967,12 +972,14 @@ async function main(): Promise<void> {
       ).filter((x): x is { scenario: Scenario; runs: Run[]; summary: Record<string, any> } => !!x);
   if (!stream && !SMOKE) {
     try {
-      stream = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8')).gbps;
+      const j = JSON.parse(fs.readFileSync(path.join(OUT, 'tls-stream.json'), 'utf8'));
+      stream = j.gbps;
+      facts = j.facts;
     } catch {
       /* none yet */
     }
   }
-  const md = render(merged, hostInfo, Date.now() - t0, stream, cli);
+  const md = render(merged, hostInfo, Date.now() - t0, { stream, facts }, cli);
   if (SMOKE) {
     // CI: well-formed output, not numbers.
     for (const a of all)
@@ -992,6 +999,15 @@ async function main(): Promise<void> {
   );
   fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), [md.trimEnd(), ...kept.map((k) => k.trimEnd())].join('\n\n') + '\n');
   process.stdout.write(md);
+}
+
+/** The verdict on the secure streams, from their medians against plain TCP's. */
+function bestSecure(plain: number, secure: Record<string, number>): string {
+  const [name, v] = Object.entries(secure).sort((a, b) => b[1] - a[1])[0];
+  const x = (v / plain).toFixed(2);
+  return v / plain < 0.5
+    ? `So no secure transport on this machine reaches 0.5× plain; the fastest for large streams is ${name}, at ${x}×.`
+    : `The fastest secure transport here is ${name}, at ${x}× plain.`;
 }
 
 function machine(h: any): Record<string, unknown> {
@@ -1016,9 +1032,10 @@ function render(
   all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[],
   h: any,
   ms: number,
-  stream?: Record<string, number[]>,
+  tls: { stream?: Record<string, number[]>; facts?: StreamFacts },
   cli?: Record<string, number[]>,
 ): string {
+  const { stream, facts } = tls;
   const m = machine(h);
   const L: string[] = [];
   const cellOf = (s: any, k: string, div = 1): string =>
@@ -1156,13 +1173,23 @@ function render(
       L.push(
         '',
         `On this machine QEMU's single TLS stream runs at ${(t / p).toFixed(2)}× plain TCP, two multifd TLS channels at ${(m2 / p).toFixed(2)}×${m4 ? `, four at ${(m4 / p).toFixed(2)}×` : ''}. ` +
-          "The cipher is not the limit (`openssl speed -evp aes-128-gcm`: 21.6 Gbit/s on one core here): QEMU encrypts a channel record by record in that channel's one thread, and on two cores both hosts' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. " +
+          (facts?.aesGcmGbps
+            ? `The cipher is not the limit (\`openssl speed -evp aes-128-gcm\`, measured by this run: ${facts.aesGcmGbps} Gbit/s on one core): `
+            : 'The limit: ') +
+          `QEMU encrypts a channel record by record in that channel's one thread, and on ${facts ? `this run's ${facts.cores}` : 'the'} cores both hosts' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. ` +
           '*Estimate for larger hosts* (reasoning, not measured here): each multifd channel encrypts on its own thread at about the single-stream rate, so on hosts with 8 or more free cores per side N channels should scale close to N × the single-stream rate until the NIC or memory bandwidth binds (8 channels: roughly 15–20 Gbit/s). ' +
-          "ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the `--parallel 2` rows' setup; plain multifd does not, so it is the extra channels' TLS set-up), and on two shared cores it gains little; `--parallel N` is the lever for large or busy guests on hosts with spare cores. " +
+          `ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the \`--parallel 2\` rows' setup; plain multifd does not, so it is the extra channels' TLS set-up), and needs spare cores (here two channels carried ${(m2 / t).toFixed(2)}× one, on ${facts ? facts.cores : 'the'} cores the whole bench shares); \`--parallel N\` is the lever for large or busy guests on hosts with spare cores. ` +
           (rl
             ? `A ferryd relay (QEMU plain into a unix socket, Node TLS between two relay processes, as two ferryds would carry it) runs at ${(rl / p).toFixed(2)}× plain, ${rl < t ? 'slower than' : 'about as fast as'} QEMU's own TLS: it adds two copies and a process hop per side on the same two cores, so ferry does not relay. `
             : '') +
-          'Kernel TLS, which would encrypt without the copies, is not available here (this kernel has no `tls` ULP), and neither is a kernel AES-GCM driver for IPsec (/proc/crypto has only the generic AES). So no secure transport on this machine reaches 0.5× plain; the fastest secure one for large streams is multifd over TLS (`--parallel 2`).',
+          (facts
+            ? `Kernel TLS, which would encrypt without the copies, is ${facts.ktls ? 'offered' : 'not available'} here (as this run found: ${facts.ktls ? 'the kernel offers the `tls` ULP' : 'this kernel has no `tls` ULP'}); the kernel's AES drivers (/proc/crypto): ${facts.kernelAes.join(', ') || 'none loaded'}. `
+            : '') +
+          bestSecure(p, {
+            'one TLS channel (the default)': t,
+            'multifd over TLS (`--parallel 2`)': m2,
+            'multifd over TLS on 4 channels': m4 ?? 0,
+          }),
       );
     }
   }

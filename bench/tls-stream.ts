@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { caInit, issueHostCert } from '../src/tls/ca.ts';
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFileSync, fork, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { startQemu, killAndWait } from '../src/qemu/process.ts';
 
@@ -139,6 +139,48 @@ export const TLS_CASES: [string, string | undefined, number][] = [
 ];
 
 /** Gbit/s per case, `reps` times each in alternating order. */
+/** What bounds a secure stream on this machine, measured when the bench runs (not written into its text). */
+export interface StreamFacts {
+  cores: number;
+  /** `openssl speed -evp aes-128-gcm` on 16 KiB blocks, one core; null without openssl. */
+  aesGcmGbps: number | null;
+  /** The kernel offers the `tls` TCP ULP (kernel TLS). */
+  ktls: boolean;
+  /** The kernel's drivers for AES and AES-GCM (/proc/crypto): hardware ones would name aesni or similar. */
+  kernelAes: string[];
+}
+
+export function streamFacts(): StreamFacts {
+  let aesGcmGbps: number | null = null;
+  try {
+    const out = execFileSync('openssl', ['speed', '-evp', 'aes-128-gcm', '-seconds', '2', '-bytes', '16384'], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    const m = /^AES-128-GCM\s+([\d.]+)k\s*$/m.exec(out);
+    if (m) aesGcmGbps = +((Number(m[1]) * 1000 * 8) / 1e9).toFixed(1);
+  } catch {
+    /* no openssl */
+  }
+  const read = (f: string): string => {
+    try {
+      return fs.readFileSync(f, 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  const ktls = read('/proc/sys/net/ipv4/tcp_available_ulp').split(/\s+/).includes('tls');
+  const kernelAes = [
+    ...new Set(
+      read('/proc/crypto')
+        .split('\n\n')
+        .filter((b) => /^name\s*: (aes|gcm\(aes\))$/m.test(b))
+        .map((b) => /^driver\s*: (.+)$/m.exec(b)?.[1] ?? '?'),
+    ),
+  ];
+  return { cores: os.cpus().length, aesGcmGbps, ktls, kernelAes };
+}
+
 export async function tlsStreamBench(
   img: string,
   reps: number,
