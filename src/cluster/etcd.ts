@@ -120,17 +120,27 @@ export async function listJson<T>(
   parse: (v: unknown, key: string) => T,
   onBad?: (key: string, e: FerryError) => void,
 ): Promise<Versioned<T>[]> {
+  return (await listJsonAt(kv, prefix, parse, onBad)).items;
+}
+
+/** listJson, and the revision etcd read them at (a watch that follows the list starts after it). */
+export async function listJsonAt<T>(
+  kv: Namespace,
+  prefix: string,
+  parse: (v: unknown, key: string) => T,
+  onBad?: (key: string, e: FerryError) => void,
+): Promise<{ items: Versioned<T>[]; revision: string }> {
   const r = await etcdCall(`listing ${prefix}`, () => kv.getAll().prefix(prefix).exec());
-  const out: Versioned<T>[] = [];
+  const items: Versioned<T>[] = [];
   for (const x of r.kvs) {
     const key = x.key.toString();
     try {
-      out.push({ key, value: parse(jsonOf(x.value, key), key), modRevision: x.mod_revision });
+      items.push({ key, value: parse(jsonOf(x.value, key), key), modRevision: x.mod_revision });
     } catch (e) {
       onBad?.(key, asFerryError(e));
     }
   }
-  return out;
+  return { items, revision: r.header.revision };
 }
 
 export function jsonOf(v: Buffer, key: string): unknown {

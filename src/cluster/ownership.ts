@@ -21,7 +21,7 @@
  */
 import type { Etcd3 } from 'etcd3';
 import { FerryError } from '../errors.ts';
-import { casDelete, casJson, etcdCall, getJson, listJson, type Versioned } from './etcd.ts';
+import { casDelete, casJson, etcdCall, getJson, listJson, type Versioned, listJsonAt } from './etcd.ts';
 import { domainKey, DOMAINS, parseOwnerRecord, type OwnerRecord, type OwnerState } from './records.ts';
 
 /** What the owner tells the cluster about a domain it starts. */
@@ -52,6 +52,11 @@ export class Ownership {
 
   list(onBad?: (key: string, e: FerryError) => void): Promise<Versioned<OwnerRecord>[]> {
     return listJson(this.etcd, DOMAINS, parseOwnerRecord, onBad);
+  }
+
+  /** Every record, and the revision etcd read them at. */
+  listAt(onBad?: (key: string, e: FerryError) => void): Promise<{ items: Versioned<OwnerRecord>[]; revision: string }> {
+    return listJsonAt(this.etcd, DOMAINS, parseOwnerRecord, onBad);
   }
 
   /**

@@ -21,7 +21,7 @@ import type { Etcd3, Watcher } from 'etcd3';
 import { FerryError, asFerryError } from '../errors.ts';
 import { domainConfigToJson, parseDomainConfig, type DomainConfig } from '../domain/config.ts';
 import { hasProcess } from '../domain/state.ts';
-import { connectEtcd, etcdCall, jsonOf, listJson, type Versioned } from '../cluster/etcd.ts';
+import { connectEtcd, etcdCall, jsonOf, listJson, listJsonAt, type Versioned } from '../cluster/etcd.ts';
 import { Membership, monoMs } from '../cluster/member.ts';
 import { Ownership, type ClaimFacts } from '../cluster/ownership.ts';
 import { EventLog } from '../cluster/events.ts';
@@ -438,11 +438,22 @@ export class ClusterAgent implements OwnershipGate {
   private async follow(
     what: string,
     prefix: string,
-    on: { put: (key: string, value: unknown, modRevision: string) => void; del: (key: string) => void; load: () => Promise<void> },
+    on: { put: (key: string, value: unknown, modRevision: string) => void; del: (key: string) => void; load: () => Promise<string> },
   ): Promise<void> {
     for (;;) {
       try {
-        const w = await etcdCall(`watching ${what}`, () => this.etcd.watch().prefix(prefix).create());
+        // The list first, then a watch from the revision after it: no change falls between
+        // them, and none is handled before the list that predates it (which would undo it:
+        // a host's facts lost until its next publish).
+        const rev = await on.load();
+        this.changed();
+        const w = await etcdCall(`watching ${what}`, () =>
+          this.etcd
+            .watch()
+            .prefix(prefix)
+            .startRevision((BigInt(rev) + 1n).toString())
+            .create(),
+        );
         this.watchers.push(w);
         w.on('put', (kv) => {
           const key = kv.key.toString();
@@ -457,8 +468,6 @@ export class ClusterAgent implements OwnershipGate {
           on.del(kv.key.toString());
           this.changed();
         });
-        await on.load();
-        this.changed();
         return;
       } catch (e) {
         this.log.debug(`etcd not reachable to watch ${what} yet`, { error: String(e) });
@@ -492,11 +501,12 @@ export class ClusterAgent implements OwnershipGate {
       },
       del: (key) => this.hostsSeen.delete(nameOfKey(key)),
       load: async () => {
-        const all = await listJson(this.etcd, HOSTS, parseHostFacts, (key, e) =>
+        const { items, revision } = await listJsonAt(this.etcd, HOSTS, parseHostFacts, (key, e) =>
           this.log.warn('ignoring a host record', { key, error: e.message }),
         );
         this.hostsSeen.clear();
-        for (const h of all) this.hostsSeen.set(h.value.name, h.value);
+        for (const h of items) this.hostsSeen.set(h.value.name, h.value);
+        return revision;
       },
     });
   }
@@ -513,6 +523,7 @@ export class ClusterAgent implements OwnershipGate {
       load: async () => {
         const r = await etcdCall('reading the balancer setting', () => this.etcd.get(BALANCE_KEY).exec());
         this.balanceSeen = r.kvs[0] ? parseBalanceSettings(jsonOf(r.kvs[0].value, BALANCE_KEY), BALANCE_KEY) : BALANCE_DEFAULTS;
+        return r.header.revision;
       },
     });
     await this.follow('the balancer holds', HELD, {
@@ -522,9 +533,10 @@ export class ClusterAgent implements OwnershipGate {
       },
       del: (key) => this.heldSeen.delete(nameOfKey(key)),
       load: async () => {
-        const all = await listJson(this.etcd, HELD, parseHold);
+        const { items, revision } = await listJsonAt(this.etcd, HELD, parseHold);
         this.heldSeen.clear();
-        for (const h of all) this.heldSeen.set(h.value.domain, h.value);
+        for (const h of items) this.heldSeen.set(h.value.domain, h.value);
+        return revision;
       },
     });
   }
@@ -541,6 +553,7 @@ export class ClusterAgent implements OwnershipGate {
       load: async () => {
         const r = await etcdCall('reading the placement rules', () => this.etcd.get(RULES_KEY).exec());
         this.rulesSeen = r.kvs[0] ? parseRules(jsonOf(r.kvs[0].value, RULES_KEY), RULES_KEY) : [];
+        return r.header.revision;
       },
     });
   }
@@ -597,11 +610,13 @@ export class ClusterAgent implements OwnershipGate {
     }, 100);
   }
 
-  private async loadRecords(): Promise<void> {
-    const all = await this.owners.list((key, e) => this.log.warn('ignoring a domain record', { key, error: e.message }));
+  /** Every record from etcd (replacing what the watch held); the revision it was read at. */
+  private async loadRecords(): Promise<string> {
+    const { items, revision } = await this.owners.listAt((key, e) => this.log.warn('ignoring a domain record', { key, error: e.message }));
     this.seen.clear();
-    for (const r of all) this.seen.set(r.value.name, r);
-    for (const r of all) if (r.value.owner === this.me && r.value.state === 'restarting') void this.startAssigned(r.value);
+    for (const r of items) this.seen.set(r.value.name, r);
+    for (const r of items) if (r.value.owner === this.me && r.value.state === 'restarting') void this.startAssigned(r.value);
+    return revision;
   }
 
   /** The HA manager named this host: the domain starts here, once for this generation. */
