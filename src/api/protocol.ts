@@ -348,6 +348,21 @@ export type TunnelView = {
 };
 
 /** A live migration's progress (the CLI's bar). */
+/** A save file's layout (daemon/saverestore.ts): QEMU's mapped-ram file, or its migration stream. */
+export type SaveFormat = 'mapped-ram' | 'stream';
+
+/** A save's progress ('domain.progress' events): the guest's RAM written so far. */
+export interface SaveProgress {
+  domain: string;
+  verb: 'save';
+  percent: number;
+  written: number;
+  total: number;
+  rateMBps: number;
+  etaS: number | null;
+  elapsedMs: number;
+}
+
 export type Progress = {
   domain: string;
   jobId: string;
@@ -519,8 +534,9 @@ export interface Results {
   'domain.shutdown': DomainSummary & { shutdownMs: number };
   'domain.destroy': DomainSummary;
   'domain.delete': { name: string; deleted: true };
-  'domain.save': { name: string; file: string; bytes: number; ms: number };
-  'domain.restore': DomainInfo & { restoreMs: number };
+  /** bytes: the file's size on disk (a mapped-ram file is sparse: pages never written take none). why: the reason it is a stream. */
+  'domain.save': { name: string; file: string; bytes: number; ms: number; format: SaveFormat; directIo?: boolean; why?: string };
+  'domain.restore': DomainInfo & { restoreMs: number; format: SaveFormat };
   'domain.sample-memory': { bytes: string; pages: number };
   'console.attach': undefined;
   'events.subscribe': { subscribed: string[] };

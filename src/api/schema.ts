@@ -40,7 +40,7 @@ export const ACTIONS = {
   'domain.destroy': params({ domain: str }),
   'domain.delete': params({ domain: str }),
   // FILE: a bare name in the host's save directory, or (local socket with anyPath) an absolute path
-  'domain.save': params({ domain: str, file: saveFile, anyPath: optBool }),
+  'domain.save': params({ domain: str, file: saveFile, anyPath: optBool, stream: optBool }),
   'domain.restore': params({ file: saveFile, anyPath: optBool }),
   'domain.sample-memory': params({ domain: str, startMiB: int(0, 1 << 20), endMiB: int(1, 1 << 20) }),
   'console.attach': params({ domain: str, replay: optNum(0, 1 << 20) }),

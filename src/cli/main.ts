@@ -7,10 +7,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { FerryError } from '../errors.ts';
-import { call } from '../api/client.ts';
+import { call, ApiClient, type Target } from '../api/client.ts';
 import { resolveTarget } from './targets.ts';
 import { registerEvacuate } from './evacuate.ts';
-import { table, reportError, humanState, act, hostOpt, lastJsonMode } from './output.ts';
+import { table, reportError, humanState, act, hostOpt, lastJsonMode, fmtBytes } from './output.ts';
 import { runConsole } from './console.ts';
 import { caInit, issueHostCert, revokeCert } from '../tls/ca.ts';
 import { registerLab } from './lab.ts';
@@ -18,7 +18,7 @@ import { registerCluster, printClusterDomains } from './cluster.ts';
 import { registerMigrate } from './migrate.ts';
 import { registerPlacement } from './placement.ts';
 import { FERRY_VERSION } from '../version.ts';
-import type { DomainSummary, DomainInfo, HostInfo, TunnelView } from '../api/protocol.ts';
+import type { DomainSummary, DomainInfo, HostInfo, TunnelView, EventMsg, Results, SaveProgress } from '../api/protocol.ts';
 
 /** Runs a verb: its result printed as JSON or by `human`; errors become exit codes. */
 function readConfigFile(file: string): unknown {
@@ -211,6 +211,31 @@ function registerDomainVerbs(prog: Command): void {
     );
 }
 
+/** domain.save, with a progress bar on a terminal (the host's 'domain.progress' events); quiet when piped. */
+async function saveWithProgress(target: Target, params: Record<string, unknown>, tty: boolean): Promise<Results['domain.save']> {
+  const c = await ApiClient.connect(target);
+  let shown = 0;
+  try {
+    if (tty) {
+      await c.request('events.subscribe', { domain: params.domain });
+      c.on('event', (ev: EventMsg) => {
+        if (ev.event !== 'domain.progress') return;
+        const p = ev.data as SaveProgress;
+        const w = 24;
+        const filled = Math.round((p.percent / 100) * w);
+        const eta = p.etaS === null ? '?' : `${p.etaS.toFixed(1)} s`;
+        const line = `[${'#'.repeat(filled)}${'-'.repeat(w - filled)}] ${p.percent.toFixed(1).padStart(5)}%  saving  ${p.rateMBps.toFixed(0).padStart(5)} MB/s  ${fmtBytes(p.written)}/${fmtBytes(p.total)}  ETA ${eta}`;
+        process.stderr.write(`\r${line}${' '.repeat(Math.max(0, shown - line.length))}`);
+        shown = line.length;
+      });
+    }
+    return await c.request('domain.save', params);
+  } finally {
+    if (shown) process.stderr.write('\n');
+    c.close();
+  }
+}
+
 /** save and restore (xm save/restore), and the serial console. */
 function registerSaveAndConsole(prog: Command): void {
   // FILE: a bare name is a file in the host's save directory (storage.saveDir); a path
@@ -220,11 +245,24 @@ function registerSaveAndConsole(prog: Command): void {
     .argument('<domain>')
     .argument('<file>', 'a name in the save directory, or a path with --any-path')
     .option('--any-path', 'allow a path outside the save directory (local socket only)')
+    .option('--stream', "write QEMU's migration stream (restorable by any QEMU) instead of a mapped-ram file")
     .action(
       act(
-        async (d: string, f: string, o: { anyPath?: boolean }, cmd: Command) =>
-          call(resolveTarget(hostOpt(cmd)), 'domain.save', { domain: d, file: saveArg(f), ...(o.anyPath ? { anyPath: true } : {}) }),
-        (r) => process.stdout.write(`Domain ${r.name} saved to ${r.file} (${(r.bytes / 1048576).toFixed(1)} MiB, ${r.ms} ms)\n`),
+        async (d: string, f: string, o: { anyPath?: boolean; stream?: boolean; json?: boolean }, cmd: Command) =>
+          saveWithProgress(
+            resolveTarget(hostOpt(cmd)),
+            {
+              domain: d,
+              file: saveArg(f),
+              ...(o.anyPath ? { anyPath: true } : {}),
+              ...(o.stream ? { stream: true } : {}),
+            },
+            !o.json && !!process.stderr.isTTY,
+          ),
+        (r) =>
+          process.stdout.write(
+            `Domain ${r.name} saved to ${r.file} (${r.format}${r.directIo ? ', direct I/O' : ''}: ${(r.bytes / 1048576).toFixed(1)} MiB on disk, ${r.ms} ms)\n${r.why ? `  a stream, not mapped-ram: ${r.why}\n` : ''}`,
+          ),
       ),
     );
   domainVerb(prog, 'restore', 'restore a domain from a save file (xm restore)')
@@ -234,7 +272,7 @@ function registerSaveAndConsole(prog: Command): void {
       act(
         async (f: string, o: { anyPath?: boolean }, cmd: Command) =>
           call(resolveTarget(hostOpt(cmd)), 'domain.restore', { file: saveArg(f), ...(o.anyPath ? { anyPath: true } : {}) }),
-        (r) => process.stdout.write(`Domain ${r.name} restored (id ${r.id}) in ${r.restoreMs} ms\n`),
+        (r) => process.stdout.write(`Domain ${r.name} restored (id ${r.id}) from a ${r.format} file in ${r.restoreMs} ms\n`),
       ),
     );
   prog

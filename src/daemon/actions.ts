@@ -123,7 +123,11 @@ function hostAction(req: HostRequest, ctx: ConnContext, { host }: Deps): unknown
     case 'domain.save':
       return answer(
         req.action,
-        host.save(req.params.domain, req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }),
+        host.save(req.params.domain, req.params.file, {
+          anyPath: req.params.anyPath,
+          local: ctx.caller.role === 'local',
+          ...(req.params.stream ? { format: 'stream' as const } : {}),
+        }),
       );
     case 'domain.restore':
       return answer(req.action, host.restore(req.params.file, { anyPath: req.params.anyPath, local: ctx.caller.role === 'local' }));
@@ -201,6 +205,7 @@ function subscribe(host: Host, ctx: ConnContext, want: string | undefined): stri
   const names = [
     'domain.state',
     'migration.progress',
+    'domain.progress',
     'migration.phase',
     'migration.waiting',
     'migration.settled',

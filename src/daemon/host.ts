@@ -34,7 +34,7 @@ import { FERRY_VERSION } from '../version.ts';
 import { writeJsonAtomic } from '../util/fsx.ts';
 import { DomainStore, type HostedDomain } from './records.ts';
 import { QemuRuntime } from './runtime.ts';
-import { SaveRestore } from './saverestore.ts';
+import { SaveRestore, type SaveOptions } from './saverestore.ts';
 import { GuestRamAccess } from './guestram.ts';
 import { Tunnels, vniFor } from './tunnels.ts';
 import { peerAddresses } from '../migration/preflight.ts';
@@ -96,6 +96,7 @@ export class Host extends EventEmitter implements MigrationHost {
       runtime: this.runtime,
       checkStart: (c, verb) => this.checkStart(c, verb),
       domainInfo: (n) => this.domainInfo(n),
+      emit,
     });
     this.ram = new GuestRamAccess(cfg.name, this.runtime);
     this.postcopy = cfg.relocation.acceptPostcopy
@@ -749,7 +750,7 @@ export class Host extends EventEmitter implements MigrationHost {
 
   // ---------- save / restore (saverestore.ts) and guest RAM (guestram.ts) ----------
 
-  save(name: string, file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.save']> {
+  save(name: string, file: string, opts?: SaveOptions): Promise<Results['domain.save']> {
     return this.saves.save(name, file, opts);
   }
   restore(file: string, opts?: { anyPath?: boolean; local: boolean }): Promise<Results['domain.restore']> {

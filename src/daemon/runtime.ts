@@ -31,6 +31,8 @@ export interface SpawnOptions {
   machine?: string;
   cpuModel?: string;
   bridges?: (string | undefined)[];
+  /** A save file a restore reads (the caller's descriptor, read-only; it stays the caller's to close). */
+  stateFd?: number;
 }
 
 /** What the runtime works with: the host's config, log, accelerator and engine, the uid pool, the domain store, and the host's event emitter. */
@@ -159,6 +161,8 @@ export class QemuRuntime {
               }))
             : [],
         ),
+        // Numbered after the files opened here: QEMU sees passFds from descriptor 3 on.
+        ...(opts.stateFd !== undefined ? { state: 3 + opened.length } : {}),
       };
       c.nics.forEach((n, i) => createTap(runtime.taps[i], opts.bridges?.[i] ?? this.cfg.networks[n.network].bridge, n.network, id?.uid));
       try {
@@ -168,7 +172,7 @@ export class QemuRuntime {
           logPath: runtime.logPath,
           what: `domain "${c.name}"`,
           engine: this.cfg.qemu,
-          passFds: opened,
+          passFds: opts.stateFd !== undefined ? [...opened, opts.stateFd] : opened,
           ...(id ? { confine: { id, devices: privateDevNodes(this.devicesFor(c, opts)) } } : {}),
         });
         await this.proveQmp(q.qmp, q.pid, runtime.qmpPath).catch(async (e) => {

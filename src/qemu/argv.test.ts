@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { domainArgv, tapName } from './argv.ts';
+import { domainArgv, tapName, STATE_FDSET } from './argv.ts';
 import { parseDomainConfig } from '../domain/config.ts';
 
 const base = {
@@ -87,6 +87,10 @@ test('confinement: always under -sandbox; with descriptors, QEMU opens no path o
     'a writable disk: one read-write descriptor, opened read-write at once',
   );
   assert.ok(!a.some((x) => x.includes('/i/')), 'no domain path on the command line');
+  // A restore's save file: its own fd set, before -incoming.
+  const r = domainArgv(c, { ...base, taps: [], incoming: true, fds: { disks: [5, 6], state: 7 } }).join(' ');
+  assert.ok(r.includes(`-add-fd fd=7,set=${STATE_FDSET},opaque=state -incoming defer`));
+  assert.ok(!j.includes('opaque=state'), 'no state fd set without a save file');
 });
 
 test('a qcow2 backing chain goes to QEMU as descriptors too, each level overriding the header', () => {

@@ -42,8 +42,11 @@ export interface RuntimeChoice {
    * File descriptors (as QEMU will see them) ferryd opened for the domain's files:
    * QEMU then opens no path of its own (confine.ts). Absent: paths, as in unit tests.
    */
-  fds?: { kernel?: number; initrd?: number; disks: number[]; backing?: { fd: number; format: string }[][] };
+  fds?: { kernel?: number; initrd?: number; disks: number[]; backing?: { fd: number; format: string }[][]; state?: number };
 }
+
+/** The fd set holding a save file a restore reads (`file:/dev/fdset/300`): the disks' sets are 1… and 100…. */
+export const STATE_FDSET = 300;
 
 export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
   const a: string[] = [
@@ -122,6 +125,8 @@ export function domainArgv(c: DomainConfig, r: RuntimeChoice): string[] {
     a.push('-netdev', `tap,id=net${i},ifname=${r.taps[i]},script=no,downscript=no`);
     a.push('-device', `virtio-net-pci,netdev=net${i},id=nic${i},mac=${n.mac},romfile=`);
   });
+  // A restore's save file, read-only: QEMU reads it through the fd set, never by its path.
+  if (r.fds?.state !== undefined) a.push('-add-fd', `fd=${r.fds.state},set=${STATE_FDSET},opaque=state`);
   if (r.incoming) a.push('-incoming', 'defer');
   return a;
 }

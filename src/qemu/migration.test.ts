@@ -70,3 +70,14 @@ test('TLS objects, URIs and the commands of each end', async () => {
     ['migrate-incoming', { uri: 'unix:/run/q/in.sock' }],
   ]);
 });
+
+test('a file URI carries only paths QEMU cannot misparse (it splits at commas)', () => {
+  assert.equal(uri.file('/var/lib/ferry/run/web/q/save.state', 4096), 'file:/var/lib/ferry/run/web/q/save.state,offset=4096');
+  assert.equal(uri.file('/dev/fdset/300', 8192), 'file:/dev/fdset/300,offset=8192');
+  for (const bad of ['/x,offset=0', 'relative/path', '/a b', '/x;y', '/tmp/\n'])
+    assert.throws(
+      () => uri.file(bad, 0),
+      (e: unknown) => e instanceof FerryError && e.code === 'INTERNAL',
+      bad,
+    );
+});

@@ -27,6 +27,11 @@ export const CAPABILITIES = {
   postcopyPreempt: { qemu: 'postcopy-preempt', side: 'both' },
   /** The source throttles vCPUs of a guest that dirties faster than the link. */
   autoConverge: { qemu: 'auto-converge', side: 'source' },
+  /**
+   * Saves into a file (QEMU 9.0+): each RAM page has a fixed place in the file, written
+   * once by multifd's threads in parallel, instead of a stream that re-sends dirtied pages.
+   */
+  mappedRam: { qemu: 'mapped-ram', side: 'both' },
 } as const satisfies Record<string, { qemu: string; side: Where }>;
 export type Capability = keyof typeof CAPABILITIES;
 
@@ -45,6 +50,8 @@ export const PARAMETERS = {
   tlsHostname: { qemu: 'tls-hostname', side: 'source' },
   /** The id of an authz object: which client certificate may feed this QEMU. */
   tlsAuthz: { qemu: 'tls-authz', side: 'destination' },
+  /** mapped-ram's pages written with O_DIRECT (QEMU 9.1+): a save does not fill the host's page cache. */
+  directIo: { qemu: 'direct-io', side: 'both' },
 } as const satisfies Record<string, { qemu: string; side: Where }>;
 export interface ParameterValues {
   maxBandwidth: number;
@@ -54,6 +61,7 @@ export interface ParameterValues {
   tlsCreds: string;
   tlsHostname: string;
   tlsAuthz: string;
+  directIo: boolean;
 }
 
 /** multifd is on for more than one channel, or for compression (QEMU compresses only multifd's pages). */
@@ -69,10 +77,22 @@ export const streamConnections = (channels: number, compress: Compression, postc
 /** "No limit" for max-bandwidth, 100 GiB/s (QEMU's own default would throttle at 128 MiB/s). */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;
 
+/** Whether a path can be a file migration's URI (uri.file): a save falls back to a stream where not. */
+export const fileUriSafe = (path: string): boolean => /^\/[A-Za-z0-9/._-]+$/.test(path);
+
 /** Migration URIs QEMU accepts; nothing user-supplied goes into them (never `exec:`). */
 export const uri = {
   tcp: (address: string, port: number): string => `tcp:${address}:${port}`,
   unix: (path: string): string => `unix:${path}`,
+  /**
+   * A file QEMU writes (or, as /dev/fdset/N, reads) from byte `offset` on. QEMU splits
+   * the URI at commas, so only paths ferryd made, of plain characters, are allowed.
+   */
+  file: (path: string, offset: number): string => {
+    if (!fileUriSafe(path))
+      throw new FerryError('INTERNAL', `file migration path ${JSON.stringify(path)} has characters QEMU's URI cannot carry`);
+    return `file:${path},offset=${offset}`;
+  },
 };
 
 /** The TLS credentials object a migration's stream (and NBD) uses, from a directory QEMU can read. */
@@ -189,6 +209,12 @@ export class MigrationQmp {
   async dirtyRate(): Promise<number | null> {
     const r = await this.q.execute<{ status: string; 'dirty-rate'?: number }>('query-dirty-rate');
     return r.status === 'measured' ? (r['dirty-rate'] ?? 0) : null;
+  }
+
+  /** The capabilities this QEMU offers, by QEMU's names (an older QEMU lacks mapped-ram). */
+  async offered(): Promise<Set<string>> {
+    const r = await this.q.execute<{ capability: string }[]>('query-migrate-capabilities');
+    return new Set(r.map((c) => c.capability));
   }
 
   info(): Promise<MigrateInfo> {

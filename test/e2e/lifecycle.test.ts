@@ -92,16 +92,32 @@ describe('domain lifecycle (lab, real QEMU)', () => {
     const file = s.file as string;
     assert.equal(path.dirname(file), path.join(path.dirname(labState().hosts[0].stateDir), 'save'));
     assert.ok(s.bytes > 1024 * 1024);
-    assert.ok(fs.existsSync(file));
+    // The default where QEMU has it: a mapped-ram file (ferry's header, then QEMU's pages).
+    assert.equal(s.format, 'mapped-ram', s.why);
+    assert.equal(typeof s.directIo, 'boolean');
+    assert.equal(fs.readFileSync(file).subarray(0, 13).toString(), 'FERRY-SAVE-2\n');
+    assert.equal((fs.statSync(file).mode & 0o777).toString(8), '600');
+    assert.equal(fs.statSync(file).uid, 0, "the file is root's again, not the domain's uid's");
     assert.equal((await ok(['-H', 'host1', 'info', 'pat', '--json'])).stateDetail.reason, 'saved');
     const r = await ok(['-H', 'host1', 'restore', file, '--json']);
     assert.equal(r.state, 'running');
+    assert.equal(r.format, 'mapped-ram');
     const v = await ok(['lab', 'verify', 'pat', '--json']);
     assert.equal(v.ok, true);
     assert.ok(v.pages > 20000);
     // the pattern keeps counting after the restore
     const before = consoleLog('host1', 'pat').length;
     await waitFor('pattern progress', () => consoleLog('host1', 'pat').length > before, 10000);
+    // --stream: QEMU's migration stream (any QEMU restores it). It also proves that the
+    // QEMU restored from mapped-ram was left able to migrate as a stream again.
+    const st = await ok(['-H', 'host1', 'save', 'pat', 'pat-stream.save', '--stream', '--json']);
+    assert.equal(st.format, 'stream');
+    assert.match(st.why, /--stream/);
+    assert.equal(fs.readFileSync(st.file).subarray(0, 13).toString(), 'FERRY-SAVE-1\n');
+    const r2 = await ok(['-H', 'host1', 'restore', st.file, '--json']);
+    assert.equal(r2.format, 'stream');
+    assert.equal((await ok(['lab', 'verify', 'pat', '--json'])).ok, true);
+    fs.rmSync(st.file, { force: true });
     await fails(['-H', 'host1', 'restore', file], 'DOMAIN_EXISTS', 3);
     // Outside the save directory: refused, unless the local root socket says --any-path.
     await fails(['-H', 'host1', 'restore', '/etc/hostname'], 'PATH_NOT_ALLOWED', 7);
