@@ -21,7 +21,7 @@ import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench, streamFacts, type StreamFacts } from './tls-stream.ts';
-import { outcomeRows } from './stats.ts';
+import { outcomeRows, spread, cell } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
 /** The qmp contender's migration port on the destination. */
@@ -66,7 +66,16 @@ function inNs(h: string, cmd: string[]): string {
  * started before the command and stopped after it returned and the guest answered
  * from its new host (bench/probe-helper.ts).
  */
-function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<{ longestGapMs: number | null; replies: number } | null> } {
+/** What the probe process found: the longest gap, how many SYNs it sent and got answered, over how long, and whether the guest answered after the command returned. */
+interface ProbeResult {
+  longestGapMs: number | null;
+  replies: number;
+  sent: number;
+  durationMs: number;
+  answeredAfter: boolean;
+}
+
+function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<ProbeResult | null> } {
   const c = spawn(
     'ip',
     ['netns', 'exec', 'ferry-client', process.execPath, '--import', 'tsx', path.join(ROOT, 'bench', 'probe-helper.ts'), ip],
@@ -86,8 +95,7 @@ function externalProbe(ip: string): { ready: Promise<void>; stop: () => Promise<
         c.on('close', () => {
           const l = out.trim().split('\n').pop();
           try {
-            const j = JSON.parse(l!);
-            resolve(j.replies > 1 ? j : null);
+            resolve(JSON.parse(l!) as ProbeResult);
           } catch {
             resolve(null);
           }
@@ -110,6 +118,10 @@ interface Opts {
   tls?: boolean;
   postcopy?: boolean;
   copyStorage?: boolean;
+  /** ferry: leave ferryd's own guest probe on (the others run with --no-probe). */
+  ferryProbe?: boolean;
+  /** multifd compression (ferry --compress; virsh --compressed --comp-methods). */
+  compress?: 'zstd';
 }
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
 interface Run {
@@ -120,7 +132,10 @@ interface Run {
   downtimeMs: number | null;
   pauseMs?: number | null;
   guestDowntimeMs: number | null;
+  /** ferry-probed: ferryd's own guest-perceived figure, beside the bench's probe of the same run. */
   reportedGuestDowntimeMs?: number | null;
+  /** The bench's probe in this run: SYNs sent, answered, and their mean spacing (its resolution). */
+  probe?: { sent: number; replies: number; spacingMs: number } | null;
   bytes: number | null;
   throughputMBps: number | null;
   passes: number | null;
@@ -133,7 +148,12 @@ interface Run {
   predictedTotalMs?: number | null;
   reportTotalMs?: number | null;
 }
-type Measured = Omit<Run, 'totalMs' | 'guestDowntimeMs'>;
+/**
+ * What a contender's migrate returns. endAt: when its command itself ended (`virsh
+ * migrate` returned; the qmp script's source is gone): the clock stops there, and the
+ * queries after it (domjobinfo, a pool refresh, the console re-attached) run off it.
+ */
+type Measured = Omit<Run, 'totalMs' | 'guestDowntimeMs'> & { endAt?: number };
 
 interface Guest {
   name: string;
@@ -146,7 +166,21 @@ interface Guest {
   other?(host: string): string;
   /** Runs the contender's whole migration command; the bench times it. */
   migrate(to: string, o: Opts): Promise<Measured>;
+  /** After a move: the guest runs where it went (its host's own word: ferry info, virsh domstate, query-status). */
+  alive(): Promise<boolean>;
   destroy(): Promise<void>;
+}
+
+/**
+ * What every contender's guest of a scenario is: the lab guest's kind and memory, the
+ * extra `lab guest` arguments (a dense guest's --fill), and the console line that says
+ * it is ready to be moved (a dense guest: its fill is complete).
+ */
+interface GuestSpec {
+  kind: 'linux' | 'pattern';
+  memoryMiB: number;
+  extra: string[];
+  ready: string;
 }
 
 /**
@@ -155,18 +189,18 @@ interface Guest {
  * directory (moved with --copy-storage); `pair`: the two hosts it moves between.
  */
 async function ferryGuest(
-  kind: 'linux' | 'pattern',
+  spec: GuestSpec,
   name: string,
-  memoryMiB: number,
   o: { disk?: { mib: number; local: boolean }; pair?: [string, string] } = {},
 ): Promise<Guest> {
   const cfg = await ferryOk([
     'lab',
     'guest',
-    kind,
+    spec.kind,
     name,
     '--memory',
-    String(memoryMiB),
+    String(spec.memoryMiB),
+    ...spec.extra,
     '--json',
     ...(o.disk ? ['--data-disk', String(o.disk.mib)] : []),
   ]);
@@ -182,7 +216,7 @@ async function ferryGuest(
   await ferryOk(['-H', 'host1', 'create', f]);
   await waitFor(`${name} ready`, () => {
     try {
-      return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes('ready');
+      return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes(spec.ready);
     } catch {
       return false;
     }
@@ -211,7 +245,7 @@ async function ferryGuest(
         name,
         to,
         '--json',
-        '--no-probe',
+        ...(o.ferryProbe ? [] : ['--no-probe']),
         '--max-downtime',
         String(o.maxDowntimeMs),
         '--timeout',
@@ -221,14 +255,17 @@ async function ferryGuest(
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
       if (o.insecure) a.push('--insecure');
       if (o.parallel) a.push('--parallel', String(o.parallel));
+      if (o.compress) a.push('--compress', o.compress);
       if (o.verify) a.push('--verify-memory');
       // The copy left behind goes each time, so the next move back finds the place free.
       if (o.copyStorage) a.push('--copy-storage', '--delete-source-storage');
       const r = await ferry(a);
+      const endAt = Date.now();
       const rep = r.json ?? {};
       if (rep.outcome === 'succeeded') g.host = to;
       return {
         contender: '',
+        endAt,
         outcome: rep.outcome ?? 'failed',
         setupMs: rep.setupMs ?? null,
         pauseMs: rep.pauseMs ?? null,
@@ -254,6 +291,7 @@ async function ferryGuest(
             ?.totalMs ?? null,
       };
     },
+    alive: async () => (await ferry(['-H', g.host, 'info', name, '--json'])).json?.state === 'running',
     destroy: async () => {
       await ferry(['-H', g.host, 'destroy', name]);
       await ferry(['-H', g.host, 'delete', name]);
@@ -268,8 +306,8 @@ async function ferryGuest(
  * by this script (events, as ferry). No pre-flight, no persisted phases, no policy:
  * what QEMU alone does.
  */
-async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: number, machine: string): Promise<Guest> {
-  const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
+async function qmpGuest(spec: GuestSpec, name: string, machine: string): Promise<Guest> {
+  const raw = await ferryOk(['lab', 'guest', spec.kind, name, '--memory', String(spec.memoryMiB), ...spec.extra, '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const dir = path.join(LAB, 'bench', name);
   fs.mkdirSync(dir, { recursive: true });
@@ -312,7 +350,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
   });
   let conSock = con;
   await cur.qmp.execute('cont');
-  await waitFor(`${name} ready`, () => conLog.includes('ready'));
+  await waitFor(`${name} ready`, () => conLog.includes(spec.ready), 600000);
   const g: Guest = {
     name,
     ip: c.nics[0]?.ip?.split('/')[0],
@@ -336,6 +374,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
       const src = cur!;
       let outcome = 'failed';
       let m: any = {};
+      let endAt: number | undefined;
       const sw = new MigrationWatcher(src.qmp);
       const dw = new MigrationWatcher(dst.qmp);
       try {
@@ -404,6 +443,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
           } catch {
             /* gone */
           }
+          endAt = Date.now();
           cur = dst;
           host = to;
           g.host = to;
@@ -425,6 +465,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
       const active = sw.at.get('active');
       return {
         contender: '',
+        ...(endAt ? { endAt } : {}),
         outcome,
         setupMs: active !== undefined ? Math.round(active - t0) : null,
         downtimeMs: m.downtime ?? null,
@@ -437,6 +478,7 @@ async function qmpGuest(kind: 'linux' | 'pattern', name: string, memoryMiB: numb
             : `QEMU status ${m.status}${m['error-desc'] ? `: ${m['error-desc']}` : ''} after ${((Date.now() - t0) / 1000).toFixed(1)} s`,
       };
     },
+    alive: async () => (await cur!.qmp.execute<{ status: string }>('query-status')).status === 'running',
     destroy: async () => {
       conSock.destroy();
       cur?.qmp.close();
@@ -534,18 +576,12 @@ function virsh(h: string, a: string[], timeoutMs = 600000): string {
 }
 
 /** libvirt's `virsh migrate --live` between two lab libvirtds, same guest and settings. */
-async function libvirtGuest(
-  kind: 'linux' | 'pattern',
-  name: string,
-  memoryMiB: number,
-  machine: string,
-  dataDiskMiB?: number,
-): Promise<Guest> {
+async function libvirtGuest(spec: GuestSpec, name: string, machine: string, dataDiskMiB?: number): Promise<Guest> {
   await ensureLibvirt();
   // A data disk in host1's own images directory, for --copy-storage-all.
   const dataDisk = dataDiskMiB ? `${name}-data.qcow2` : undefined;
   if (dataDisk) createImage(path.join(lvImages('host1'), dataDisk), 'qcow2', dataDiskMiB! * 1048576);
-  const raw = await ferryOk(['lab', 'guest', kind, name, '--memory', String(memoryMiB), '--json']);
+  const raw = await ferryOk(['lab', 'guest', spec.kind, name, '--memory', String(spec.memoryMiB), ...spec.extra, '--json']);
   const c: DomainConfig = parseDomainConfig(raw);
   const esc = (x: string): string => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/'/g, '&apos;');
   const os =
@@ -588,7 +624,7 @@ async function libvirtGuest(
     return s;
   };
   let con = await attachCon('host1');
-  await waitFor(`${name} ready`, () => conLog.includes('ready'), 60000);
+  await waitFor(`${name} ready`, () => conLog.includes(spec.ready), 600000);
   const g: Guest = {
     name,
     ip: c.nics[0]?.ip?.split('/')[0],
@@ -610,9 +646,15 @@ async function libvirtGuest(
       // libvirt's post-copy: switch once the first pre-copy pass is sent.
       if (o.postcopy) a.push('--postcopy', '--postcopy-after-precopy');
       if (o.tls) a.push('--tls');
+      // libvirt's best flags for a slow link: multifd channels, zstd on each.
+      if (o.parallel) a.push('--parallel', '--parallel-connections', String(o.parallel));
+      if (o.compress) a.push('--compressed', '--comp-methods', o.compress);
       // NBD + drive-mirror of every writable disk, over TLS with --tls.
       if (o.copyStorage) a.push('--copy-storage-all');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
+      // libvirt's job-completed event, heard on the source: its figures where domjobinfo
+      // on the destination has none afterwards (a post-copy move).
+      const heard = jobCompleted(host, name, o.timeoutS + 120);
       const t0 = Date.now();
       let outcome = 'succeeded';
       let note: string | undefined;
@@ -624,7 +666,8 @@ async function libvirtGuest(
           .trim()
           .slice(0, 200);
       }
-      const cmdMs = Date.now() - t0;
+      const endAt = Date.now();
+      const cmdMs = endAt - t0;
       let info = '';
       if (outcome === 'succeeded') {
         info = virsh(to, ['domjobinfo', name, '--completed']);
@@ -647,17 +690,21 @@ async function libvirtGuest(
         const u = m[2] ?? '';
         return u.startsWith('GiB') ? v * 2 ** 30 : u.startsWith('MiB') ? v * 2 ** 20 : u.startsWith('KiB') ? v * 1024 : v;
       };
-      const elapsed = num('Time elapsed');
+      const ev = await heard.fields();
+      const elapsed = num('Time elapsed') ?? ev.time_elapsed ?? null;
       // With the disk copied, RAM alone (as ferry-copy's row counts it), at libvirt's RAM rate.
-      const bytes = o.copyStorage ? num('Memory processed') : (num('Data processed') ?? num('Memory processed'));
+      const bytes = o.copyStorage
+        ? (num('Memory processed') ?? ev.memory_processed ?? null)
+        : (num('Data processed') ?? num('Memory processed') ?? ev.data_processed ?? ev.memory_processed ?? null);
       const memRate = o.copyStorage ? num('Memory bandwidth') : null;
       if (/suspend/i.test(info) || (o.live && outcome === 'succeeded' && cmdMs > o.timeoutS * 1000))
         note = `--timeout ${o.timeoutS} s: libvirt suspended the guest to finish`;
       return {
         contender: '',
+        endAt,
         outcome,
         setupMs: null,
-        downtimeMs: num('Total downtime'),
+        downtimeMs: num('Total downtime') ?? ev.downtime ?? null,
         bytes: bytes !== null ? Math.round(bytes) : null,
         throughputMBps: memRate ? +(memRate / 1e6).toFixed(1) : bytes && elapsed ? +(bytes / 1e6 / (elapsed / 1000)).toFixed(1) : null,
         passes: null,
@@ -668,6 +715,7 @@ async function libvirtGuest(
             : undefined),
       };
     },
+    alive: async () => virsh(host, ['domstate', name]).trim() === 'running',
     destroy: async () => {
       con.destroy();
       try {
@@ -685,24 +733,79 @@ async function libvirtGuest(
   return g;
 }
 
+/**
+ * `virsh event --event job-completed` for one domain on `h`, from now. `fields()`, called
+ * once the migrate command returned, waits up to 5 s more for the event, then ends the
+ * listener and resolves with the event's numeric fields (time_elapsed, downtime,
+ * data_processed, memory_processed…), or {} when none came.
+ */
+function jobCompleted(h: string, name: string, timeoutS: number): { fields: () => Promise<Record<string, number>> } {
+  const c = spawn(
+    'ip',
+    ['netns', 'exec', ns(h), 'virsh', '-c', lvUri(h), 'event', '--domain', name, '--event', 'job-completed', '--timeout', String(timeoutS)],
+    {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    },
+  );
+  let out = '';
+  const closed = new Promise<void>((r) => c.on('close', () => r()));
+  c.stdout.on('data', (d) => (out += d));
+  return {
+    fields: async () => {
+      const t = setTimeout(() => c.kill(), 5000);
+      // virsh prints the whole event at once; a moment for the rest of its lines, then stop listening.
+      await Promise.race([
+        closed,
+        waitFor('job-completed', () => /job-completed/.test(out), 5000)
+          .then(() => sleep(200))
+          .catch(() => undefined),
+      ]);
+      clearTimeout(t);
+      c.kill();
+      await closed;
+      const f: Record<string, number> = {};
+      for (const m of out.matchAll(/^\t(\w+): (\d+)$/gm)) f[m[1]] = Number(m[2]);
+      return f;
+    },
+  };
+}
+
 function os_tmp(): string {
   return os.tmpdir();
+}
+
+/**
+ * A run counts as succeeded only when it is checked, not just reported: the guest runs
+ * where it went, answered its probe after the command (guests with an address), and the
+ * pause and bytes were recorded. Otherwise the outcome names what is missing.
+ */
+async function verified(g: Guest, m: Measured, p: ProbeResult | null): Promise<string> {
+  const missing = [
+    ...((await g.alive().catch(() => false)) ? [] : ['the guest running on the destination']),
+    ...(g.ip && !p?.answeredAfter ? ['an answer from the guest after the move'] : []),
+    ...(m.downtimeMs === null ? ['downtime'] : []),
+    ...(m.bytes === null ? ['bytes sent'] : []),
+  ];
+  return missing.length ? `unverified (no ${missing.join(', no ')})` : 'succeeded';
 }
 
 // ---------------------------------------------------------------- scenarios
 
 type Contender =
   | 'ferry'
+  | 'ferry-probed'
   | 'ferry-verify'
   | 'ferry-plain'
   | 'ferry-par2'
+  | 'ferry-zstd'
   | 'qmp'
   | 'libvirt'
   | 'libvirt-tls'
   | 'libvirt-tls-postcopy'
   | 'ferry-tunnel'
   | 'ferry-copy'
-  | 'libvirt-tls-copy';
+  | 'libvirt-tls-copy'
+  | 'libvirt-tls-best';
 interface Scenario {
   id: string;
   title: string;
@@ -714,11 +817,13 @@ interface Scenario {
   reps?: number;
   /** A data disk for ferry's guests (MiB): on shared storage, or host1's own for ferry-copy. */
   diskMiB?: number;
-  /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. */
-  lab?: 'boundaries';
+  /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. link-1gbit: 2 hosts, each migration link shaped to 1 Gbit/s both ways (lab up --link-rate). */
+  lab?: 'boundaries' | 'link-1gbit';
+  /** A dense Linux guest: this much of its RAM filled (mixed), and a writer dirtying this many MiB/s apart. */
+  fill?: { mib: number; dirtyMiBs: number };
 }
 
-const LIVE: Contender[] = ['ferry', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
+const LIVE: Contender[] = ['ferry', 'ferry-probed', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
 /** Guests that do not converge by pre-copy: ferry's autopilot against libvirt's two answers (suspend at --timeout, post-copy). */
 const NONCONV: Contender[] = ['ferry', 'libvirt-tls', 'libvirt-tls-postcopy'];
 
@@ -792,6 +897,18 @@ const SCENARIOS: Scenario[] = SMOKE
         contenders: ['ferry', 'ferry-tunnel', 'ferry-copy', 'libvirt-tls-copy'],
         lab: 'boundaries',
       },
+      // A dense guest over a real link's rate: where compression and channels should pay.
+      {
+        id: 'dense-1g-1gbit',
+        title: 'Linux 1 GiB, 768 MiB filled (mixed), dirtying 8 MiB/s, live over a 1 Gbit/s link',
+        kind: 'linux',
+        memoryMiB: 1024,
+        fill: { mib: 768, dirtyMiBs: 8 },
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'ferry-zstd', 'libvirt-tls', 'libvirt-tls-best'],
+        reps: 5,
+        lab: 'link-1gbit',
+      },
     ];
 
 // ---------------------------------------------------------------- statistics
@@ -825,7 +942,7 @@ async function main(): Promise<void> {
   execFileSync('bash', [path.join(ROOT, 'scripts', 'setup.sh')], { stdio: ['ignore', 'ignore', 'inherit'] });
   await ferry(['lab', 'down']);
   await ferryOk(['lab', 'up', '--hosts', '2', '--allow-insecure']);
-  let labKind: 'plain' | 'boundaries' = 'plain';
+  let labKind: 'plain' | NonNullable<Scenario['lab']> = 'plain';
   fs.mkdirSync(OUT, { recursive: true });
   const hostInfo = await ferryOk(['-H', 'host1', 'host', 'info', '--json']);
   const all: { scenario: Scenario; runs: Run[]; summary: Record<string, any> }[] = [];
@@ -841,10 +958,20 @@ async function main(): Promise<void> {
         await ferryOk([
           'lab',
           'up',
-          ...(labKind === 'boundaries' ? ['--hosts', '3', '--segments', '2'] : ['--hosts', '2', '--allow-insecure']),
+          ...(labKind === 'boundaries'
+            ? ['--hosts', '3', '--segments', '2']
+            : labKind === 'link-1gbit'
+              ? ['--hosts', '2', '--link-rate', '1gbit']
+              : ['--hosts', '2', '--allow-insecure']),
         ]);
       }
       const guests: Record<string, Guest> = {};
+      const spec: GuestSpec = {
+        kind: s.kind,
+        memoryMiB: s.memoryMiB,
+        extra: s.fill ? ['--fill', String(s.fill.mib), '--dirty-rate', String(s.fill.dirtyMiBs)] : [],
+        ready: s.fill ? `fill done: ${s.fill.mib} MiB` : 'ready',
+      };
       for (const c of s.contenders) {
         const name = `b${si}${c.replace(/[^a-z]/g, '').slice(0, 6)}`;
         const disk = s.diskMiB ? { mib: s.diskMiB, local: c === 'ferry-copy' } : undefined;
@@ -852,19 +979,20 @@ async function main(): Promise<void> {
         // differs); libvirt's TLS and plain runs share one.
         guests[c] =
           c === 'qmp'
-            ? await qmpGuest(s.kind, name, s.memoryMiB, hostInfo.machine)
+            ? await qmpGuest(spec, name, hostInfo.machine)
             : c === 'libvirt-tls-copy'
-              ? await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine, s.diskMiB)
+              ? await libvirtGuest(spec, name, hostInfo.machine, s.diskMiB)
               : c.startsWith('libvirt')
                 ? (guests.libvirt ??
                   guests['libvirt-tls'] ??
                   guests['libvirt-tls-postcopy'] ??
-                  (await libvirtGuest(s.kind, name, s.memoryMiB, hostInfo.machine)))
+                  guests['libvirt-tls-best'] ??
+                  (await libvirtGuest(spec, name, hostInfo.machine)))
                 : c === 'ferry-tunnel'
-                  ? await ferryGuest(s.kind, name, s.memoryMiB, { disk, pair: ['host1', 'host3'] })
+                  ? await ferryGuest(spec, name, { disk, pair: ['host1', 'host3'] })
                   : c === 'ferry-copy'
-                    ? await ferryGuest(s.kind, name, s.memoryMiB, { disk })
-                    : (guests.ferry ?? guests['ferry-verify'] ?? (await ferryGuest(s.kind, name, s.memoryMiB, { disk })));
+                    ? await ferryGuest(spec, name, { disk })
+                    : (guests.ferry ?? guests['ferry-verify'] ?? (await ferryGuest(spec, name, { disk })));
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -888,19 +1016,24 @@ async function main(): Promise<void> {
           const m = await g.migrate(to, {
             ...s.opts,
             insecure: c.endsWith('-plain'),
-            parallel: c === 'ferry-par2' ? 2 : undefined,
+            parallel: c === 'ferry-par2' || c === 'libvirt-tls-best' ? 2 : undefined,
+            compress: c === 'ferry-zstd' || c === 'libvirt-tls-best' ? 'zstd' : undefined,
             verify: c === 'ferry-verify',
             tls: c.startsWith('libvirt-tls'),
             postcopy: c === 'libvirt-tls-postcopy',
             copyStorage: c === 'ferry-copy' || c === 'libvirt-tls-copy',
+            ferryProbe: c === 'ferry-probed',
           });
-          const totalMs = Date.now() - t;
+          const { endAt, ...measured } = m;
+          const totalMs = (endAt ?? Date.now()) - t;
           const p = probe ? await probe.stop() : null;
           const run: Run = {
-            ...m,
+            ...measured,
             contender: c,
+            outcome: m.outcome === 'succeeded' ? await verified(g, m, p) : m.outcome,
             totalMs: m.outcome === 'succeeded' ? totalMs : null,
             guestDowntimeMs: m.outcome === 'succeeded' ? (p?.longestGapMs ?? null) : null,
+            probe: p ? { sent: p.sent, replies: p.replies, spacingMs: +(p.durationMs / Math.max(1, p.sent)).toFixed(2) } : null,
           };
           runs.push(run);
           say(
@@ -991,10 +1124,10 @@ async function main(): Promise<void> {
     process.stdout.write(md);
     return;
   }
-  // The cluster and evacuation sections belong to `npm run bench:cluster` and
-  // `npm run bench:evacuation` (bench/cluster.ts, bench/evacuation.ts): kept as they are.
+  // The cluster, evacuation and save sections belong to `npm run bench:cluster`,
+  // `bench:evacuation` and `bench:save` (bench/cluster.ts, evacuation.ts, save.ts): kept as they are.
   const prev = fs.existsSync(path.join(ROOT, 'BENCHMARKS.md')) ? fs.readFileSync(path.join(ROOT, 'BENCHMARKS.md'), 'utf8') : '';
-  const kept = ['cluster', 'evacuation'].flatMap(
+  const kept = ['cluster', 'evacuation', 'save'].flatMap(
     (k) => new RegExp(`<!-- ${k}:begin -->[\\s\\S]*<!-- ${k}:end -->\\n?`).exec(prev)?.[0] ?? [],
   );
   fs.writeFileSync(path.join(ROOT, 'BENCHMARKS.md'), [md.trimEnd(), ...kept.map((k) => k.trimEnd())].join('\n\n') + '\n');
@@ -1021,7 +1154,63 @@ function machine(h: any): Record<string, unknown> {
     accel: h.accel,
     node: process.version,
     libvirt: libvirtVersion,
+    // The code the figures come from (-dirty: with changes not committed).
+    commit: execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=40'], { cwd: ROOT, encoding: 'utf8' }).trim(),
   };
+}
+
+/**
+ * The probe's own figures: per scenario and contender, the SYNs each run sent and the
+ * guest answered, and their mean spacing (the resolution of guest-perceived); then
+ * ferryd's own guest-perceived figure (ferry-probed) against the bench's in the same runs.
+ */
+function probeSections(all: { scenario: Scenario; runs: Run[] }[], L: string[]): void {
+  const dec = (xs: number[]): string => {
+    const s = [...xs].sort((a, b) => a - b);
+    return `${median(s)!.toFixed(2)} (${s[0].toFixed(2)}–${s[s.length - 1].toFixed(2)})`;
+  };
+  const rows: string[] = [];
+  for (const a of all)
+    for (const c of a.scenario.contenders) {
+      const rs = a.runs.filter((r) => r.contender === c && r.probe);
+      if (!rs.length) continue;
+      rows.push(
+        `| ${a.scenario.title} | ${c} | ${rs.length} | ${cell(spread(rs.map((r) => r.probe!.sent)))} | ${cell(spread(rs.map((r) => r.probe!.replies)))} | ${dec(rs.map((r) => r.probe!.spacingMs))} |`,
+      );
+    }
+  if (rows.length)
+    L.push(
+      '',
+      "**The probe, run by run** (SYNs the bench's probe sent and the guest answered, per run, and their mean spacing: the resolution of *guest-perceived*; median (min–max)):",
+      '',
+      '| scenario | contender | runs | sent | answered | mean spacing, ms |',
+      '|---|---|---|---|---|---|',
+      ...rows,
+    );
+  const lines: string[] = [];
+  for (const a of all) {
+    const rs = a.runs.filter(
+      (r) =>
+        r.contender === 'ferry-probed' &&
+        r.outcome === 'succeeded' &&
+        typeof r.reportedGuestDowntimeMs === 'number' &&
+        typeof r.guestDowntimeMs === 'number',
+    );
+    if (!rs.length) continue;
+    const own = spread(rs.map((r) => r.reportedGuestDowntimeMs!));
+    const ext = spread(rs.map((r) => r.guestDowntimeMs!));
+    const diff = spread(rs.map((r) => r.reportedGuestDowntimeMs! - r.guestDowntimeMs!));
+    lines.push(
+      `- ${a.scenario.title}: ferryd ${cell(own, ' ms')}, the bench ${cell(ext, ' ms')}; ferryd − bench, run by run: ${cell(diff, ' ms')} over ${rs.length} runs`,
+    );
+  }
+  if (lines.length)
+    L.push(
+      '',
+      "**ferryd's own guest-perceived figure against the bench's** (ferry-probed: `ferry migrate` with ferryd's probe on, from the source host; the bench's probe from the client namespace, in the same runs):",
+      '',
+      ...lines,
+    );
 }
 
 function fmt(x: number | null | undefined, unit = ''): string {
@@ -1051,13 +1240,13 @@ function render(
     '',
   );
   L.push(
-    "**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others' guests are paused. Cells are median (min–max) over the runs that succeeded. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI's own start-up, the qmp script from starting the destination QEMU to ending the source's, `virsh migrate`. *Guest-perceived* is the longest gap in the guest's answers to a TCP SYN sent every 1 ms by one probe process in the lab's client namespace, started before the command and stopped once the guest answered from its new host (resolution ~1–2 ms however long the pause; `bench/probe-helper.ts`). *Setup*: from the request to QEMU's first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it (after a switch to post-copy QEMU counts the whole post-copy window, while the source was stopped and the guest already ran on the destination; the guest's own pause is in *pause* and *guest-perceived*). *Pause*: ferry only, from the source QEMU's STOP event to the destination's answer that the guest resumed, both on the source host's monotonic clock (an upper bound). *Sent*: bytes on the wire.",
+    "**Method.** Each scenario runs each contender several times, in alternating order; while one contender runs, the others' guests are paused. Cells are median (min–max) over the runs that succeeded, and a run counts as succeeded only when it was checked: the guest runs on the destination (its host says so), it answered the probe after the command returned (guests with an address), and the move's downtime and bytes were recorded; otherwise its outcome says what was missing. Every contender is timed alike: *total* is the whole command, from its start to its return (domain running on the destination, source cleaned up): `ferry migrate` including the CLI's own start-up, the qmp script from starting the destination QEMU to ending the source's, `virsh migrate` alone (the queries after it, `domjobinfo`, a pool refresh and the console re-attached, run after the clock stopped). *Guest-perceived* is the longest gap in the guest's answers to a TCP SYN sent every 1 ms by one probe process in the lab's client namespace, started before the command and stopped once the guest answered from its new host (`bench/probe-helper.ts`; what it sent and got answered in each run, and so its resolution, is in the probe table below). *Setup*: from the request to QEMU's first byte (its `active` event; ferry: measured by ferryd from the request it received). *QEMU downtime*: as QEMU reports it (after a switch to post-copy QEMU counts the whole post-copy window, while the source was stopped and the guest already ran on the destination; the guest's own pause is in *pause* and *guest-perceived*). *Pause*: ferry only, from the source QEMU's STOP event to the destination's answer that the guest resumed, both on the source host's monotonic clock (an upper bound). *Sent*: bytes on the wire.",
     '',
   );
   L.push(
     'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
       (libvirtVersion ?? '') +
-      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
     '',
   );
   L.push(
@@ -1073,6 +1262,7 @@ function render(
       );
     }
   }
+  probeSections(all, L);
   L.push('', '**Ratios** (medians, side by side in the same run):', '');
   for (const a of all) {
     const S = a.summary;
@@ -1088,6 +1278,20 @@ function render(
         `whole command ferry ÷ virsh migrate ${ratio(S.ferry, S.libvirt, 'totalMs')} (÷ virsh migrate --tls ${ratio(S.ferry, S['libvirt-tls'], 'totalMs')})`,
       );
     if (S.qmp) parts.push(`total ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'totalMs')}`);
+    if (S['ferry-zstd'])
+      parts.push(
+        `--compress zstd ÷ default: whole command ${ratio(S['ferry-zstd'], S.ferry, 'totalMs')}, sent ${ratio(S['ferry-zstd'], S.ferry, 'bytes')}`,
+      );
+    if (S['libvirt-tls-best'])
+      parts.push(
+        `whole command ferry ÷ libvirt's best flags ${ratio(S.ferry, S['libvirt-tls-best'], 'totalMs')}${S['ferry-zstd'] ? ` (ferry-zstd ÷ them ${ratio(S['ferry-zstd'], S['libvirt-tls-best'], 'totalMs')})` : ''}`,
+      );
+    if (a.scenario.lab === 'link-1gbit') {
+      // The physical limit: the bytes each contender sent ÷ the link's rate, against its whole command.
+      const lim = (c: string): string =>
+        S[c]?.bytes?.median && S[c]?.totalMs?.median ? (S[c].totalMs.median / ((S[c].bytes.median / 125e6) * 1000)).toFixed(2) : '-';
+      parts.push(`whole command ÷ (bytes sent ÷ 1 Gbit/s): ${a.scenario.contenders.map((c) => `${c} ${lim(c)}`).join(', ')}`);
+    }
     if (S['ferry-verify']) parts.push(`pause with --verify-memory ÷ without ${ratio(S['ferry-verify'], S.ferry, 'pauseMs')}`);
     if (S['ferry-par2'] && a.scenario.opts.live)
       parts.push(
