@@ -909,6 +909,17 @@ const SCENARIOS: Scenario[] = SMOKE
         reps: 5,
         lab: 'link-1gbit',
       },
+      // The same guest over the lab's unshaped veth: there the CPU, not the link, binds.
+      {
+        id: 'dense-1g-unshaped',
+        title: 'Linux 1 GiB, 768 MiB filled (mixed), dirtying 8 MiB/s, live over the unshaped lab link',
+        kind: 'linux',
+        memoryMiB: 1024,
+        fill: { mib: 768, dirtyMiBs: 8 },
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'ferry-zstd', 'libvirt-tls', 'libvirt-tls-best'],
+        reps: 5,
+      },
     ];
 
 // ---------------------------------------------------------------- statistics
