@@ -120,8 +120,8 @@ interface Opts {
   copyStorage?: boolean;
   /** ferry: leave ferryd's own guest probe on (the others run with --no-probe). */
   ferryProbe?: boolean;
-  /** multifd compression (ferry --compress; virsh --compressed --comp-methods). */
-  compress?: 'zstd';
+  /** multifd compression (ferry --compress; virsh --compressed --comp-methods); auto: ferry's own choice. */
+  compress?: 'zstd' | 'auto';
 }
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
 interface Run {
@@ -648,7 +648,7 @@ async function libvirtGuest(spec: GuestSpec, name: string, machine: string, data
       if (o.tls) a.push('--tls');
       // libvirt's best flags for a slow link: multifd channels, zstd on each.
       if (o.parallel) a.push('--parallel', '--parallel-connections', String(o.parallel));
-      if (o.compress) a.push('--compressed', '--comp-methods', o.compress);
+      if (o.compress === 'zstd') a.push('--compressed', '--comp-methods', o.compress);
       // NBD + drive-mirror of every writable disk, over TLS with --tls.
       if (o.copyStorage) a.push('--copy-storage-all');
       if (o.bandwidthMiBs) a.push('--bandwidth', String(o.bandwidthMiBs));
@@ -798,6 +798,7 @@ type Contender =
   | 'ferry-plain'
   | 'ferry-par2'
   | 'ferry-zstd'
+  | 'ferry-auto'
   | 'qmp'
   | 'libvirt'
   | 'libvirt-tls'
@@ -820,7 +821,7 @@ interface Scenario {
   /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. link-1gbit: 2 hosts, each migration link shaped to 1 Gbit/s both ways (lab up --link-rate). */
   lab?: 'boundaries' | 'link-1gbit';
   /** A dense Linux guest: this much of its RAM filled (mixed), and a writer dirtying this many MiB/s apart. */
-  fill?: { mib: number; dirtyMiBs: number };
+  fill?: { mib: number; dirtyMiBs: number; kind?: 'random' };
 }
 
 const LIVE: Contender[] = ['ferry', 'ferry-probed', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
@@ -905,7 +906,7 @@ const SCENARIOS: Scenario[] = SMOKE
         memoryMiB: 1024,
         fill: { mib: 768, dirtyMiBs: 8 },
         opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
-        contenders: ['ferry', 'ferry-zstd', 'libvirt-tls', 'libvirt-tls-best'],
+        contenders: ['ferry', 'ferry-zstd', 'ferry-auto', 'libvirt-tls', 'libvirt-tls-best'],
         reps: 5,
         lab: 'link-1gbit',
       },
@@ -917,7 +918,18 @@ const SCENARIOS: Scenario[] = SMOKE
         memoryMiB: 1024,
         fill: { mib: 768, dirtyMiBs: 8 },
         opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
-        contenders: ['ferry', 'ferry-zstd', 'libvirt-tls', 'libvirt-tls-best'],
+        contenders: ['ferry', 'ferry-zstd', 'ferry-auto', 'libvirt-tls', 'libvirt-tls-best'],
+        reps: 5,
+      },
+      // Pages that do not compress: zstd can only cost here, and auto must not choose it.
+      {
+        id: 'dense-1g-random-unshaped',
+        title: 'Linux 1 GiB, 768 MiB filled with random data, dirtying 8 MiB/s, live over the unshaped lab link',
+        kind: 'linux',
+        memoryMiB: 1024,
+        fill: { mib: 768, dirtyMiBs: 8, kind: 'random' },
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 120 },
+        contenders: ['ferry', 'ferry-zstd', 'ferry-auto'],
         reps: 5,
       },
     ];
@@ -980,7 +992,9 @@ async function main(): Promise<void> {
       const spec: GuestSpec = {
         kind: s.kind,
         memoryMiB: s.memoryMiB,
-        extra: s.fill ? ['--fill', String(s.fill.mib), '--dirty-rate', String(s.fill.dirtyMiBs)] : [],
+        extra: s.fill
+          ? ['--fill', String(s.fill.mib), '--dirty-rate', String(s.fill.dirtyMiBs), ...(s.fill.kind ? ['--fill-kind', s.fill.kind] : [])]
+          : [],
         ready: s.fill ? `fill done: ${s.fill.mib} MiB` : 'ready',
       };
       for (const c of s.contenders) {
@@ -1028,7 +1042,7 @@ async function main(): Promise<void> {
             ...s.opts,
             insecure: c.endsWith('-plain'),
             parallel: c === 'ferry-par2' || c === 'libvirt-tls-best' ? 2 : undefined,
-            compress: c === 'ferry-zstd' || c === 'libvirt-tls-best' ? 'zstd' : undefined,
+            compress: c === 'ferry-zstd' || c === 'libvirt-tls-best' ? 'zstd' : c === 'ferry-auto' ? 'auto' : undefined,
             verify: c === 'ferry-verify',
             tls: c.startsWith('libvirt-tls'),
             postcopy: c === 'libvirt-tls-postcopy',
@@ -1257,7 +1271,7 @@ function render(
   L.push(
     'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
       (libvirtVersion ?? '') +
-      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
     '',
   );
   L.push(
@@ -1292,6 +1306,10 @@ function render(
     if (S['ferry-zstd'])
       parts.push(
         `--compress zstd ÷ default: whole command ${ratio(S['ferry-zstd'], S.ferry, 'totalMs')}, sent ${ratio(S['ferry-zstd'], S.ferry, 'bytes')}`,
+      );
+    if (S['ferry-auto'])
+      parts.push(
+        `--compress auto ÷ default: whole command ${ratio(S['ferry-auto'], S.ferry, 'totalMs')} (÷ --compress zstd ${ratio(S['ferry-auto'], S['ferry-zstd'], 'totalMs')})`,
       );
     if (S['libvirt-tls-best'])
       parts.push(

@@ -76,6 +76,11 @@ test('version first, then shape, then what spans fields', () => {
     code(() => parseBegin({ ...good, compress: 'zlib' })),
     'MIGRATION_PROTOCOL',
   );
+  // auto is the operator's word to the source, resolved there: never a method on the wire.
+  assert.equal(
+    code(() => parseBegin({ ...good, compress: 'auto' })),
+    'MIGRATION_PROTOCOL',
+  );
   assert.equal(
     code(() => parseBegin({ ...good, homes: [] })),
     'MIGRATION_PROTOCOL',

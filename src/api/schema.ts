@@ -7,7 +7,7 @@ import { z } from 'zod';
 import { FerryError } from '../errors.ts';
 import { RELOCATION_ACTIONS } from './relocation.ts';
 
-import { str, optStr, optBool, int, optNum, optCompress, params } from './shapes.ts';
+import { str, optStr, optBool, int, optNum, optCompressChoice, params } from './shapes.ts';
 
 const saveFile = z
   .string()
@@ -55,7 +55,7 @@ export const ACTIONS = {
     timeoutS: optNum(1, 86400),
     insecure: optBool,
     parallel: optNum(1, 16),
-    compress: optCompress,
+    compress: optCompressChoice,
     verifyMemory: optBool,
     probeGuest: optBool,
     strategy: optStrategy,
@@ -75,7 +75,7 @@ export const ACTIONS = {
     timeoutS: optNum(1, 86400),
     insecure: optBool,
     parallel: optNum(1, 16),
-    compress: optCompress,
+    compress: optCompressChoice,
     strategy: optStrategy,
     onTimeout: optOnTimeout,
   }),

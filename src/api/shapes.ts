@@ -28,5 +28,9 @@ export const COMPRESSIONS = ['none', 'zstd'] as const;
 export type Compression = (typeof COMPRESSIONS)[number];
 /** A move's page compression (--compress). */
 export const optCompress = z.enum(COMPRESSIONS, { error: `must be one of ${COMPRESSIONS.join(', ')}` }).optional();
+/** What an operator may ask for: a method, or auto (the source samples the guest's pages and decides, migration/plan.ts chooseCompression). */
+export const COMPRESS_CHOICES = [...COMPRESSIONS, 'auto'] as const;
+export type CompressChoice = (typeof COMPRESS_CHOICES)[number];
+export const optCompressChoice = z.enum(COMPRESS_CHOICES, { error: `must be one of ${COMPRESS_CHOICES.join(', ')}` }).optional();
 /** An action's params: exactly these keys (unknown ones are refused). */
 export const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);

@@ -15,7 +15,7 @@ import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.
 import { choose } from '../placement/place.ts';
 import { fromPeers, standaloneRules } from './evacuate.ts';
 import { checkMove, hostNamed } from '../placement/place.ts';
-import { COMPRESSIONS } from '../api/shapes.ts';
+import { COMPRESS_CHOICES } from '../api/shapes.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {
@@ -217,8 +217,8 @@ function budgetParams(o: MigrateOpts): Record<string, unknown> {
     params.parallel = o.parallel;
   }
   if (o.compress !== undefined) {
-    if (!(COMPRESSIONS as readonly string[]).includes(o.compress))
-      throw new FerryError('CLI_USAGE', `--compress must be ${COMPRESSIONS.join(' or ')}, got "${o.compress}"`);
+    if (!(COMPRESS_CHOICES as readonly string[]).includes(o.compress))
+      throw new FerryError('CLI_USAGE', `--compress must be ${COMPRESS_CHOICES.join(', ')}, got "${o.compress}"`);
     params.compress = o.compress;
   }
   return params;
@@ -372,7 +372,7 @@ function registerMigrateVerb(prog: Command): void {
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option(
       '--compress <method>',
-      'compress pages before they are sent and encrypted: zstd (multifd, on --parallel channels; no post-copy) or none (default)',
+      "compress pages before they are sent and encrypted: zstd (multifd, on --parallel channels; no post-copy), auto (zstd where a sample of the guest's pages compresses well) or none (default)",
     )
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option(

@@ -120,6 +120,10 @@ export class Host extends EventEmitter implements MigrationHost {
     return hasProcess(s) && dom.qmp ? guestResidentBytes(dom.qmp, s.pid) : null;
   }
 
+  async compressibility(dom: HostedDomain): Promise<number | null> {
+    return this.ram.compressibility(dom).catch(() => null);
+  }
+
   get runDir(): string {
     return this.runtime.runDir;
   }

@@ -14,7 +14,7 @@ import { balance, describeAuto, type Balance } from '../placement/balance.ts';
 import { parseRuleRequest, updateRules } from '../cluster/rules.ts';
 import { BalanceSettingsSchema, hold, writeBalanceSettings, type BalanceSettings, type Hold } from '../cluster/balance.ts';
 import type { Migrations } from '../migration/manager.ts';
-import type { StartParams } from '../migration/source.ts';
+import type { StartRequest } from '../migration/source.ts';
 import type { Report } from '../api/protocol.ts';
 import { networksOf } from '../cluster/ha.ts';
 import type { ClusterAgent } from './cluster.ts';
@@ -137,7 +137,7 @@ export class Placement {
    * "balance", from `cluster balance --apply` or the automatic mode) holds its domain
    * where it goes for the setting's holdSeconds, written before the move starts.
    */
-  async startMove(p: StartParams & { ignoreRules?: boolean }, mig: Migrations): Promise<Report> {
+  async startMove(p: StartRequest & { ignoreRules?: boolean }, mig: Migrations): Promise<Report> {
     const { ignoreRules, ...params } = p;
     const broke = this.checkMove(p.domain, p.dest, ignoreRules === true);
     if (params.priority === 'balance') await this.hold(p.domain, p.dest);

@@ -110,6 +110,11 @@ export interface MigrationHost {
   memoryFacts(): { freeMiB: number; freeWhy: string };
   /** Bytes of the guest's RAM resident in host memory (what it touched), or null if unknown. */
   touchedBytes(d: DomainHandle): Promise<number | null>;
+  /**
+   * How well the guest's non-zero pages compress (compressed ÷ raw bytes of a sample of
+   * its RAM), or null when there is too little to judge or its RAM cannot be read.
+   */
+  compressibility(d: DomainHandle): Promise<number | null>;
   /** Can an incoming QEMU here take a post-copy stream (userfaultfd), and if not, why. */
   postcopyIncoming(): { ok: boolean; why: string };
   /** Refuses paths outside the storage pools, symlinks and missing files. */

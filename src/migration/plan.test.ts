@@ -2,7 +2,18 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { plan, predict, precopyEtaS, linkRate, FIXED_PAUSE_MS, FIXED_OVERHEAD_S, MULTIFD_GAIN, type PlanInput } from './plan.ts';
+import {
+  plan,
+  predict,
+  precopyEtaS,
+  linkRate,
+  chooseCompression,
+  FIXED_PAUSE_MS,
+  FIXED_OVERHEAD_S,
+  MULTIFD_GAIN,
+  AUTO_COMPRESS_MAX_RATIO,
+  type PlanInput,
+} from './plan.ts';
 import { REPO_ROOT as REPO } from '../util/paths.ts';
 
 const MiB = 1048576;
@@ -114,4 +125,17 @@ test("the multifd gain is the stream bench's own result: two TLS channels over o
   };
   const ratio = med(g['tls-multifd2']) / med(g['tls-default']);
   assert.ok(Math.abs(MULTIFD_GAIN - ratio) <= 0.1, `MULTIFD_GAIN ${MULTIFD_GAIN}, the bench measured ${ratio.toFixed(2)}×`);
+});
+
+test('--compress auto: zstd where the sampled pages compress to at most AUTO_COMPRESS_MAX_RATIO, with the reason', () => {
+  const mixed = chooseCompression(0.55);
+  assert.equal(mixed.compress, 'zstd');
+  assert.match(mixed.why, /compresses to 55 % of its size/);
+  assert.equal(chooseCompression(AUTO_COMPRESS_MAX_RATIO).compress, 'zstd', 'the bound itself compresses');
+  const random = chooseCompression(0.97);
+  assert.equal(random.compress, 'none');
+  assert.match(random.why, /only to 97 %/);
+  const unknown = chooseCompression(null);
+  assert.equal(unknown.compress, 'none');
+  assert.match(unknown.why, /too little .* to judge|could not be read/);
 });

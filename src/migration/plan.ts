@@ -76,6 +76,35 @@ const MAX_PASSES = 30;
  * alone"); plan.test.ts fails when a new run of that bench moves it by more than 0.1.
  */
 export const MULTIFD_GAIN = 1.7;
+/**
+ * --compress auto: zstd when a sample of the guest's non-zero pages deflates (level 1) to
+ * at most this share of its size. The evidence (BENCHMARKS.md, dense-1g-*): a guest of
+ * mixed data (a third random) sent 0.65 of the bytes with zstd and moved in 0.68–0.69×
+ * the time, over a 1 Gbit/s link and over the unshaped one alike (on these hosts QEMU's
+ * one TLS thread costs more per byte than zstd). Pages that do not compress (random,
+ * encrypted, already compressed data) gain nothing and cost CPU.
+ */
+export const AUTO_COMPRESS_MAX_RATIO = 0.8;
+
+/** --compress auto's choice from the sampled ratio (AUTO_COMPRESS_MAX_RATIO), with the reason the report gives. */
+export function chooseCompression(ratio: number | null): { compress: 'zstd' | 'none'; why: string } {
+  if (ratio === null)
+    return {
+      compress: 'none',
+      why: "--compress auto: no compression (too little of the guest's RAM is in use to judge, or it could not be read)",
+    };
+  const pct = `${Math.round(ratio * 100)} %`;
+  return ratio <= AUTO_COMPRESS_MAX_RATIO
+    ? {
+        compress: 'zstd',
+        why: `--compress auto: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
+      }
+    : {
+        compress: 'none',
+        why: `--compress auto: no compression (a sample of the guest's pages compresses only to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
+      };
+}
+
 /** How fast QEMU scans zero pages it need not send (a marker each). */
 const ZERO_SCAN_BYTES_PER_S = 4e9;
 

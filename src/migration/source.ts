@@ -51,7 +51,8 @@ import { sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.t
 import { Planner } from './autopilot.ts';
 import { MemoryCheck } from './memcheck.ts';
 import type { JobStore, SourceJob, Report } from './jobs.ts';
-import type { OutgoingRun, OutgoingSide, StartParams, Peer } from './outgoing/run.ts';
+import type { OutgoingRun, OutgoingSide, StartParams, StartRequest, Peer } from './outgoing/run.ts';
+import { chooseCompression } from './plan.ts';
 import { open, begin } from './outgoing/begin.ts';
 import { MoveQueue } from './queue.ts';
 import { prepare } from './outgoing/prepare.ts';
@@ -64,7 +65,7 @@ import { askDestination, driveFinish, settleFinish } from './outgoing/settle.ts'
 import { drivePostcopy } from './outgoing/postcopy.ts';
 import { dialPeer, leaveTunnels, redial, retire } from './outgoing/peer.ts';
 
-export type { StartParams } from './outgoing/run.ts';
+export type { StartParams, StartRequest } from './outgoing/run.ts';
 
 /** A destination at its incoming limits: the move tries again after this pause, doubling to the most, for at most this long. */
 const BUSY_FIRST_MS = 500;
@@ -161,7 +162,7 @@ export class Source {
    * (outgoing/run.ts), which owns what the job holds. Refusals before a job exists are
    * thrown; after that the answer is the job's report, failures included.
    */
-  async start(params: StartParams): Promise<Report> {
+  async start(params: StartRequest): Promise<Report> {
     const dom0 = this.host.get(params.domain);
     // In line first (migration/queue.ts): nothing is reserved or dialled while a move waits.
     const slot = await this.queue.enter({
@@ -174,7 +175,7 @@ export class Source {
     const t0 = Date.now();
     try {
       for (let pause = BUSY_FIRST_MS; ; pause = Math.min(pause * 2, BUSY_MAX_MS)) {
-        const r = await this.startNow(params);
+        const r = await this.startNow(await this.resolveCompress(params));
         if (r.outcome === 'succeeded') this.queue.observed(dom0.rec.config.memoryMiB, r.totalMs);
         // The destination takes as many incoming moves as its limits allow: back in line, in
         // the same place, and ask again (nothing was reserved; the try leaves no job behind).
@@ -243,8 +244,25 @@ export class Source {
     return r;
   }
 
+  /**
+   * --compress auto, decided here, before the move opens (Begin tells the destination the
+   * method): a sample of the guest's RAM, judged by plan.chooseCompression. A shut-off
+   * domain moves as its definition: nothing to compress.
+   */
+  private async resolveCompress(req: StartRequest): Promise<StartParams> {
+    const { compress, ...rest } = req;
+    if (compress !== 'auto') return { ...rest, ...(compress ? { compress } : {}) };
+    const dom = this.host.get(req.domain);
+    const live = req.live === true && hasProcess(dom.rec.state);
+    const c = live
+      ? chooseCompression(await this.host.compressibility(dom))
+      : { compress: 'none' as const, why: '--compress auto: no compression (not a live move)' };
+    return { ...rest, compress: c.compress, compressWhy: c.why };
+  }
+
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
-  async planOnly(p: StartParams): Promise<PlanView> {
+  async planOnly(req: StartRequest): Promise<PlanView> {
+    const p = await this.resolveCompress({ ...req, live: true });
     const dom = this.host.get(p.domain);
     if (!hasProcess(dom.rec.state) || !dom.qmp)
       throw new FerryError(
@@ -257,7 +275,8 @@ export class Source {
     client.close();
     if (peer.name === this.host.cfg.name)
       throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
-    return (await this.planner.planFor(dom, dom.qmp, peer.name, p)).view;
+    const { view } = await this.planner.planFor(dom, dom.qmp, peer.name, p);
+    return p.compressWhy ? { ...view, reason: `${view.reason}; ${p.compressWhy}` } : view;
   }
 
   /**

@@ -181,6 +181,9 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   async touchedBytes(): Promise<number | null> {
     return null;
   }
+  async compressibility(): Promise<number | null> {
+    return null;
+  }
   apply(d: DomainHandle, e: DomainEvent): void {
     (d as Handle).rec.state = transition(d.rec.state, e);
   }

@@ -198,6 +198,11 @@ describe('migration (lab, real guests)', () => {
     assert.equal(plan.compress, 'zstd');
     assert.equal(plan.postcopyAllowed, false);
     assert.match(plan.reason, /post-copy is off with --compress/);
+    // auto: the source samples the guest's pages and says what it chose, and why.
+    const auto = await ok(['-H', 'host2', 'migrate', 'pat', 'host1', '--plan', '--compress', 'auto', '--json']);
+    const chose = /--compress auto: (zstd|no compression) \(/.exec(auto.reason);
+    assert.ok(chose, auto.reason);
+    assert.equal(auto.compress, chose[1] === 'zstd' ? 'zstd' : 'none');
     assert.deepEqual(await where('pat'), ['host2'], 'a refused option moved nothing');
     const verified = async (host: string): Promise<void> => {
       const v = await ok(['lab', 'verify', 'pat', '--json']);

@@ -64,6 +64,7 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
     peer,
     defaults: { maxDowntimeMs: DEFAULT_MAX_DOWNTIME_MS, timeoutS: DEFAULT_TIMEOUT_S },
   });
+  if (p.compressWhy) run.policy.push(p.compressWhy);
   if (autoParallel)
     run.policy.push(
       `multifd on by itself (2 channels): ${dom.rec.config.memoryMiB} MiB of RAM, ${spare} spare cores, and post-copy forbidden by the domain's config`,

@@ -11,7 +11,7 @@ import type { ApiClient } from '../../api/client.ts';
 import type { Report, Results, PlanView } from '../../api/protocol.ts';
 import type { QmpClient, QmpEvent } from '../../qmp/client.ts';
 import type { MigrationWatcher } from '../../qemu/migstatus.ts';
-import type { Compression } from '../../api/shapes.ts';
+import type { Compression, CompressChoice } from '../../api/shapes.ts';
 import type { MigrationHost, MigrationLog, DomainHandle, TunnelHome } from '../host.ts';
 import type { JobStore, SourceJob, Mode } from '../jobs.ts';
 import type { SourceEvent } from '../phases.ts';
@@ -51,6 +51,9 @@ export interface Peer {
 }
 
 /** What the operator asked of a move (migration.start's params). */
+/** A move as asked for: --compress may be auto, which the source resolves (source.ts) before the move opens. */
+export type StartRequest = Omit<StartParams, 'compress' | 'compressWhy'> & { compress?: CompressChoice };
+
 export interface StartParams {
   domain: string;
   dest: string;
@@ -63,6 +66,8 @@ export interface StartParams {
   parallel?: number;
   /** Pages compressed before they are sent (multifd; default none). */
   compress?: Compression;
+  /** Why compression is on or off, when the source chose it (--compress auto): the report's policy says so. */
+  compressWhy?: string;
   /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
   verifyMemory?: boolean;
   /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
