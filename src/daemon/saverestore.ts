@@ -116,7 +116,14 @@ export class SaveRestore {
     if (!(await mq.offered()).has('mapped-ram')) return `this host's QEMU has no mapped-ram (QEMU 9.0 or later has)`;
     const qdir = this.d.runtime.qemuDirOf(dom);
     if (!fileUriSafe(qdir)) return `QEMU's directory ${qdir} has characters a file migration URI cannot carry`;
-    if (fs.statSync(qdir).dev !== fs.statSync(path.dirname(file)).dev)
+    // A missing directory (--any-path) is SAVE_FAILED, as the stream format's exclusive create makes it.
+    let dirDev: number;
+    try {
+      dirDev = fs.statSync(path.dirname(file)).dev;
+    } catch (e) {
+      throw new FerryError('SAVE_FAILED', `Cannot save to ${file}: ${(e as Error).message}`);
+    }
+    if (fs.statSync(qdir).dev !== dirDev)
       return `${path.dirname(file)} is on another filesystem than ferryd's state directory, so QEMU's file could not be renamed into place`;
     return null;
   }
