@@ -214,13 +214,17 @@ async function ferryGuest(
   const f = path.join(os.tmpdir(), `bench-${name}.json`);
   fs.writeFileSync(f, JSON.stringify(cfg));
   await ferryOk(['-H', 'host1', 'create', f]);
-  await waitFor(`${name} ready`, () => {
-    try {
-      return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes(spec.ready);
-    } catch {
-      return false;
-    }
-  });
+  await waitFor(
+    `${name} ready`,
+    () => {
+      try {
+        return fs.readFileSync(`${LAB}/host1/state/run/${name}/console.log`, 'utf8').includes(spec.ready);
+      } catch {
+        return false;
+      }
+    },
+    600000,
+  ); // a dense guest fills GiBs under TCG first
   const g: Guest = {
     name,
     host: 'host1',
@@ -818,11 +822,15 @@ interface Scenario {
   reps?: number;
   /** A data disk for ferry's guests (MiB): on shared storage, or host1's own for ferry-copy. */
   diskMiB?: number;
-  /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. link-1gbit: 2 hosts, each migration link shaped to 1 Gbit/s both ways (lab up --link-rate). */
-  lab?: 'boundaries' | 'link-1gbit';
+  /** boundaries: a 3-host lab with 2 segments (host3 on the other): ferry-tunnel moves host1 ⇄ host3. link-1gbit, link-10gbit: 2 hosts, each migration link shaped to that rate both ways (lab up --link-rate). */
+  lab?: 'boundaries' | keyof typeof LINK_RATES;
   /** A dense Linux guest: this much of its RAM filled (mixed), and a writer dirtying this many MiB/s apart. */
   fill?: { mib: number; dirtyMiBs: number; kind?: 'random' };
 }
+
+/** The shaped labs' link rates (bits/s): the physical limit's denominator. */
+const LINK_RATES = { 'link-1gbit': 1e9, 'link-10gbit': 10e9 } as const;
+const linkLab = (l: string | undefined): l is keyof typeof LINK_RATES => !!l && l in LINK_RATES;
 
 const LIVE: Contender[] = ['ferry', 'ferry-probed', 'ferry-verify', 'ferry-par2', 'qmp', 'libvirt', 'libvirt-tls'];
 /** Guests that do not converge by pre-copy: ferry's autopilot against libvirt's two answers (suspend at --timeout, post-copy). */
@@ -910,6 +918,19 @@ const SCENARIOS: Scenario[] = SMOKE
         reps: 5,
         lab: 'link-1gbit',
       },
+      // The issue's target guest (README "Compression"): 4 GiB, 3 GiB of it filled, over a
+      // 1 Gbit/s and a 10 Gbit/s link and the unshaped veth.
+      ...(['link-1gbit', 'link-10gbit', undefined] as const).map((lab): Scenario => ({
+        id: `dense-4g-${lab ? lab.slice('link-'.length) : 'unshaped'}`,
+        title: `Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over ${lab ? `a ${LINK_RATES[lab] / 1e9} Gbit/s link` : 'the unshaped lab link'}`,
+        kind: 'linux',
+        memoryMiB: 4096,
+        fill: { mib: 3072, dirtyMiBs: 32 },
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 },
+        contenders: ['ferry', 'ferry-zstd', 'ferry-auto', 'libvirt-tls', 'libvirt-tls-best'],
+        reps: 5,
+        lab,
+      })),
       // The same guest over the lab's unshaped veth: there the CPU, not the link, binds.
       {
         id: 'dense-1g-unshaped',
@@ -996,8 +1017,8 @@ async function main(): Promise<void> {
           'up',
           ...(labKind === 'boundaries'
             ? ['--hosts', '3', '--segments', '2']
-            : labKind === 'link-1gbit'
-              ? ['--hosts', '2', '--link-rate', '1gbit']
+            : linkLab(labKind)
+              ? ['--hosts', '2', '--link-rate', labKind.slice('link-'.length)]
               : ['--hosts', '2', '--allow-insecure']),
         ]);
       }
@@ -1334,11 +1355,13 @@ function render(
       parts.push(
         `whole command ferry ÷ libvirt's best flags ${ratio(S.ferry, S['libvirt-tls-best'], 'totalMs')}${S['ferry-zstd'] ? ` (ferry-zstd ÷ them ${ratio(S['ferry-zstd'], S['libvirt-tls-best'], 'totalMs')})` : ''}`,
       );
-    if (a.scenario.lab === 'link-1gbit') {
-      // The physical limit: the bytes each contender sent ÷ the link's rate, against its whole command.
+    if (linkLab(a.scenario.lab)) {
+      // The physical limit: the bytes each contender sent (after zero pages and compression)
+      // ÷ the link's rate, against its whole command.
+      const bps = LINK_RATES[a.scenario.lab];
       const lim = (c: string): string =>
-        S[c]?.bytes?.median && S[c]?.totalMs?.median ? (S[c].totalMs.median / ((S[c].bytes.median / 125e6) * 1000)).toFixed(2) : '-';
-      parts.push(`whole command ÷ (bytes sent ÷ 1 Gbit/s): ${a.scenario.contenders.map((c) => `${c} ${lim(c)}`).join(', ')}`);
+        S[c]?.bytes?.median && S[c]?.totalMs?.median ? (S[c].totalMs.median / ((S[c].bytes.median * 8) / bps) / 1000).toFixed(2) : '-';
+      parts.push(`whole command ÷ (bytes sent ÷ ${bps / 1e9} Gbit/s): ${a.scenario.contenders.map((c) => `${c} ${lim(c)}`).join(', ')}`);
     }
     if (S['ferry-verify']) parts.push(`pause with --verify-memory ÷ without ${ratio(S['ferry-verify'], S.ferry, 'pauseMs')}`);
     if (S['ferry-par2'] && a.scenario.opts.live)

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { campaignCommit } from './campaign.ts';
 import { ferry, ok } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -113,6 +114,7 @@ async function main(): Promise<void> {
   });
   const out = {
     date: new Date().toISOString(),
+    commit: campaignCommit(ROOT),
     engine,
     count: COUNT,
     succeeded: ok_,
@@ -126,7 +128,7 @@ async function main(): Promise<void> {
   const md = [
     '## Endurance',
     '',
-    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)}: ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS, QEMU ${engine}), after one warm-up each way.`,
+    `Written by \`npm run endurance\` on ${out.date.slice(0, 10)} (commit ${out.commit?.slice(0, 12) ?? 'not recorded'}): ${COUNT} back-to-back live migrations of a 64 MiB memory-pattern guest between host1 and host2 (ping-pong, TLS, QEMU ${engine}), after one warm-up each way.`,
     '',
     `- succeeded: **${ok_}/${COUNT}**; memory pattern consistent at the end: **${verified ? 'yes' : 'NO'}**; median total ${med} ms`,
     ...(results.some((r) => r.repairedBytes !== null)

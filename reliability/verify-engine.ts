@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { campaignCommit } from './campaign.ts';
 import { ferry, ok, createGuest, CHURN_48MIB } from '../test/helpers.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -163,6 +164,7 @@ async function main(): Promise<void> {
   const checkMs = checked.map((r) => r.checkMs!).sort((a, b) => a - b);
   const out = {
     date: new Date().toISOString(),
+    commit: campaignCommit(ROOT),
     engine: info.qemuVersion,
     accel: info.accel,
     minutes: +((Date.now() - t0) / 60000).toFixed(1),
@@ -178,7 +180,7 @@ async function main(): Promise<void> {
   const md = [
     '## The engine loses no guest RAM (QEMU 10)',
     '',
-    `Written by \`npm run verify-engine\` on ${out.date.slice(0, 10)} (${out.minutes} min): **${ROUNDS} live migrations on QEMU ${out.engine} under ${String(out.accel).toUpperCase()}, every one with \`--verify-memory\`**: both paused copies of guest RAM compared chunk by chunk (SHA-256) before the destination ran. The check is the one that found QEMU 7.2's stale pages (below); here any difference would have been counted and rewritten.`,
+    `Written by \`npm run verify-engine\` on ${out.date.slice(0, 10)} (commit ${out.commit?.slice(0, 12) ?? 'not recorded'}, ${out.minutes} min): **${ROUNDS} live migrations on QEMU ${out.engine} under ${String(out.accel).toUpperCase()}, every one with \`--verify-memory\`**: both paused copies of guest RAM compared chunk by chunk (SHA-256) before the destination ran. The check is the one that found QEMU 7.2's stale pages (below); here any difference would have been counted and rewritten.`,
     '',
     `- moved and checked: **${checked.length}/${ROUNDS}**; RAM that arrived different: **${repaired.length} moves, ${out.repairedBytes} bytes**`,
     `- by guest (checked/rounds): pattern 128 MiB ${by((r) => r.guest === 'vpat')}, pattern 512 MiB ${by((r) => r.guest === 'vbig')}, Linux 256 MiB idle ${by((r) => r.guest === 'vidle')}, Linux 256 MiB rewriting 48 MiB ${by((r) => r.guest === 'vchurn')}`,
