@@ -485,21 +485,22 @@ async function main(): Promise<void> {
         if (mine.length !== 1) problems.push(`${mine.length} disk files on ${defs[0]}, which holds the domain (want 1)`);
         else if (!sameDisk(mine[0])) problems.push(`the data disk on ${defs[0]} differs from what was written`);
       }
-      if (MOVE === 'tunnel') {
-        // host1 is the NIC's home: a domain defined there needs no tunnel, one on host2 one each side.
-        const away = defs.length === 1 && defs[0] === 'host2';
-        for (const h of ['host1', 'host2']) {
-          const devs = tunnelDevs(h);
-          const want = away ? (h === 'host1' ? 1 : 2) : 0;
-          if (devs.length !== want) problems.push(`tunnel devices on ${h}: ${devs.join(',') || 'none'} (want ${want})`);
-        }
-      }
       const running = Object.entries(recs)
         .filter(([, v]) => v && ['running', 'paused'].includes(v.state.kind) && alive(v.state.pid))
         .map(([h]) => h);
       const crashed = Object.entries(recs)
         .filter(([, v]) => v && v.state.kind === 'crashed')
         .map(([h]) => h);
+      if (MOVE === 'tunnel') {
+        // host1 is the NIC's home: a domain running there needs no tunnel, one running on
+        // host2 one each side; one crashed or shut off has none (ferry drops it at the end).
+        const away = running.length === 1 && running[0] === 'host2';
+        for (const h of ['host1', 'host2']) {
+          const devs = tunnelDevs(h);
+          const want = away ? (h === 'host1' ? 1 : 2) : 0;
+          if (devs.length !== want) problems.push(`tunnel devices on ${h}: ${devs.join(',') || 'none'} (want ${want})`);
+        }
+      }
       const q = qemusOf(uuid);
       if (running.length === 1) {
         if (q.length !== 1) problems.push(`${q.length} QEMU processes for one running copy`);
@@ -740,6 +741,17 @@ function writeReport(): void {
       }),
       '',
     );
+    const pcFailed = pcJson.flatMap(({ f, j }) => (j.rounds as Round[]).filter((r) => !r.survived).map((r) => ({ f, r })));
+    if (pcFailed.length)
+      L.push(
+        'Post-copy failures (replay with `npm run faults -- --postcopy INDEX+1 --seed S`):',
+        '',
+        ...pcFailed.map(
+          ({ f, r }) =>
+            `- ${f}, round ${r.index}: ${r.fault} (source ${r.aim?.srcPhase}, destination ${r.aim?.dstPhase}) → ${r.code ?? r.outcome}: ${r.problems.join('; ')}`,
+        ),
+        '',
+      );
   }
   const checked = all.filter((r) => r.repairedBytes !== undefined);
   if (checked.length) {
