@@ -189,12 +189,14 @@ function sameDisk(file: string): boolean {
     return false;
   }
 }
-/** ferry's tunnel devices on host `h` (README "Moves across segments"). */
-const tunnelDevs = (h: string): string[] =>
+/** Host `h`'s network devices by name (`ip -br link`, without the @peer suffix). */
+const devices = (h: string): string[] =>
   sh('ip', ['-n', `ferry-${h}`, '-br', 'link'])
     .split('\n')
     .map((l) => l.split(/[\s@]/)[0])
-    .filter((d) => /^f[xb]/.test(d));
+    .filter(Boolean);
+/** ferry's tunnel devices on host `h` (README "Moves across segments"). */
+const tunnelDevs = (h: string): string[] => devices(h).filter((d) => /^f[xb]/.test(d));
 
 async function restartIfDown(): Promise<void> {
   const s = labState();
@@ -514,9 +516,7 @@ async function main(): Promise<void> {
       for (const h of ['host1', 'host2']) {
         const info = await ferry(['-H', h, 'host', 'info', '--json']);
         if (info.json?.memory?.reservedMiB) problems.push(`reservation left on ${h}`);
-        const taps = sh('ip', ['-n', `ferry-${h}`, '-br', 'link'])
-          .split('\n')
-          .filter((l) => l.startsWith('ft'));
+        const taps = devices(h).filter((d) => d.startsWith('ft'));
         // The tunnel campaign's guest has a NIC: its tap belongs where it runs.
         const wantTaps = MOVE === 'tunnel' && running.length === 1 && running[0] === h ? 1 : 0;
         if (taps.length !== wantTaps) problems.push(`taps on ${h}: ${taps.length} (want ${wantTaps})`);
