@@ -83,12 +83,32 @@ const POSTCOPY = arg('--postcopy', 0);
 const AIM = args.includes('--aim');
 const PER_PHASE = arg('--per-phase', 25);
 const FREEZE_S = arg('--freeze-s', 30);
+/** `--only pc-link-reset`: every post-copy round injects this one fault (to replay a rare failure). */
+const ONLY = ((): (typeof PC_FAULTS)[number] | undefined => {
+  const i = args.indexOf('--only');
+  if (i < 0) return undefined;
+  const f = args[i + 1] as (typeof PC_FAULTS)[number];
+  if (!PC_FAULTS.includes(f) || !POSTCOPY) throw new Error(`--only takes one of ${PC_FAULTS.join(', ')}, with --postcopy N`);
+  return f;
+})();
 /** Where an aimed round's fault lands: a side and a phase of its job. */
 const TARGETS: { side: 'source' | 'destination'; phase: string }[] = [
   ...['begin', 'prepare', 'perform', 'switchover', 'finish'].map((phase) => ({ side: 'source' as const, phase })),
   ...['begun', 'prepared', 'finishing', 'finished'].map((phase) => ({ side: 'destination' as const, phase })),
 ];
 
+/** Copies every lab host's logs (ferryd's, and each QEMU's) to the temp directory and says where. */
+function keepLogs(): void {
+  const dir = path.join(os.tmpdir(), `ferry-faults-${SEED}`);
+  fs.mkdirSync(dir, { recursive: true });
+  for (const h of labState().hosts) {
+    const top = path.dirname(h.configPath);
+    for (const f of fs.readdirSync(top, { recursive: true }) as string[])
+      if (f.endsWith('.log') || f.endsWith('.out'))
+        fs.copyFileSync(path.join(top, f), path.join(dir, `${h.name}-${f.replaceAll('/', '_')}`));
+  }
+  process.stderr.write(`  logs of the failed campaign: ${dir}\n`);
+}
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const ferry = (a: string[], timeoutMs = 120000): ReturnType<typeof runCli> => runCli(a, { timeoutMs });
 const sh = (cmd: string, a: string[]): string => {
@@ -216,6 +236,12 @@ interface Round {
   repairedBytes?: number;
   /** The strategy the move used (the autopilot's pick, or the one asked for). */
   strategy?: string;
+  /**
+   * Post-copy: the source's QEMU failed the stream as it completed, with pages the
+   * destination never got (QEMU cannot resume that); the guest is crashed there, as
+   * designed (README "Post-copy, safely"). Invariants held, but the guest was lost.
+   */
+  guestLost?: boolean;
   aim?: { side: string; phase: string; hit: boolean; srcPhase: string; dstPhase: string };
 }
 
@@ -252,7 +278,7 @@ async function main(): Promise<void> {
       const target = POSTCOPY ? { side: 'source' as const, phase: 'postcopy' } : AIM ? TARGETS[i % TARGETS.length] : undefined;
       const k = Math.floor(i / TARGETS.length);
       const fault: Fault = POSTCOPY
-        ? PC_FAULTS[i % PC_FAULTS.length]
+        ? (ONLY ?? PC_FAULTS[i % PC_FAULTS.length])
         : AIM && k >= PER_PHASE
           ? k === PER_PHASE
             ? 'freeze-src-ferryd'
@@ -504,12 +530,16 @@ async function main(): Promise<void> {
         }
       }
       const q = qemusOf(uuid);
+      // Lost in post-copy (see Round.guestLost): crashed on the destination alone, said so.
+      const guestLost = code === 'MIGRATION_POSTCOPY_LOST' && running.length === 0 && crashed.length === 1 && crashed[0] === to;
       if (running.length === 1) {
         if (q.length !== 1) problems.push(`${q.length} QEMU processes for one running copy`);
         const v = await ferry(['lab', 'verify', DOM, '--json'], 60000);
         if (v.json?.ok !== true) problems.push(`memory: ${v.json?.error?.message ?? v.stdout}`);
       } else if (killedLiveCopyOn && running.length === 0 && crashed.length === 1 && crashed[0] === killedLiveCopyOn) {
         if (q.length !== 0) problems.push(`${q.length} orphan QEMU processes`);
+      } else if (guestLost) {
+        if (q.length !== 0) problems.push(`${q.length} QEMU processes left for a guest lost in post-copy`);
       } else {
         problems.push(`running copies: ${running.length} (${running.join(',')}), crashed: ${crashed.join(',') || 'none'}`);
       }
@@ -538,6 +568,7 @@ async function main(): Promise<void> {
         survived,
         problems,
         ...(r.json?.strategy ? { strategy: r.json.strategy } : {}),
+        ...(guestLost ? { guestLost } : {}),
         ...(repairedBytes !== undefined ? { repairedBytes } : {}),
         ...(aim ? { aim } : {}),
       });
@@ -545,7 +576,7 @@ async function main(): Promise<void> {
         ? `${aim.side} ${aim.phase}${aim.hit ? '' : ` (missed: ${aim.srcPhase}/${aim.dstPhase})`}`
         : `${delayMs} ms (${phase})`;
       process.stderr.write(
-        `  [${i + 1}/${total}] ${fault.padEnd(17)} at ${where.padEnd(40)} → ${(code ?? outcome).padEnd(26)} ${survived ? 'ok' : `FAILED: ${problems.join('; ')}`}\n`,
+        `  [${i + 1}/${total}] ${fault.padEnd(17)} at ${where.padEnd(40)} → ${(code ?? outcome).padEnd(26)} ${survived ? (guestLost ? 'ok (guest lost: crashed on the destination)' : 'ok') : `FAILED: ${problems.join('; ')}`}\n`,
       );
       // bring the domain back for the next round if the fault crashed it
       if (crashed.length === 1 && running.length === 0) {
@@ -572,6 +603,8 @@ async function main(): Promise<void> {
       if (!survived) break;
     }
   } finally {
+    // A failed round's daemon logs outlive the lab: they are what explains it.
+    if (rounds.some((r) => !r.survived)) keepLogs();
     await ferry(['lab', 'down']);
     fs.rmSync(DISK_REF, { force: true });
   }
@@ -605,12 +638,16 @@ async function main(): Promise<void> {
     writeReport();
   }
   const failed = rounds.filter((r) => !r.survived);
-  process.stderr.write(`${rounds.length} faults injected, ${rounds.length - failed.length} survived, ${failed.length} failed\n`);
+  const lost = rounds.filter((r) => r.guestLost).length;
+  process.stderr.write(
+    `${rounds.length} faults injected, ${rounds.length - failed.length} survived${lost ? ` (in ${lost} the guest was lost in post-copy: crashed on the destination)` : ''}, ${failed.length} failed\n`,
+  );
   process.stdout.write(
     JSON.stringify({
       seed: SEED,
       injected: rounds.length,
       survived: rounds.length - failed.length,
+      guestLost: lost,
       failed: failed.map((r) => ({ index: r.index, fault: r.fault, problems: r.problems })),
       faults: rounds.map((r) => r.fault),
       outcomes: rounds.map((r) => r.code ?? r.outcome),
@@ -729,15 +766,15 @@ function writeReport(): void {
     L.push(
       '### Post-copy',
       '',
-      `\`npm run faults -- --postcopy N\` (${pcJson.map(({ f, j }) => `${f}, commit ${j.commit ? String(j.commit).slice(0, 12) : 'not recorded'}`).join('; ')}): each round moves the guest with \`--strategy postcopy\` and, the moment the source's job is in its post-copy phase (the guest runs on the destination, pages still on the source), resets the data connections or takes the destination's links down for 1–6 s, or kills a ferryd. **${pcRounds.length} faults, ${pcRounds.filter((r) => r.survived).length} survived**; the memory checker ran on the running copy after every round.${pcOld.length ? ` In ${pcOld.join(', ')}, \`pc-link-down\` took down only the destination's guest-segment link, not its migration network (†, above).` : ''}`,
+      `\`npm run faults -- --postcopy N\` (${pcJson.map(({ f, j }) => `${f}, commit ${j.commit ? String(j.commit).slice(0, 12) : 'not recorded'}`).join('; ')}): each round moves the guest with \`--strategy postcopy\` and, the moment the source's job is in its post-copy phase (the guest runs on the destination, pages still on the source), resets the data connections or takes the destination's links down for 1–6 s, or kills a ferryd. **${pcRounds.length} faults, ${pcRounds.filter((r) => r.survived).length} survived**; the memory checker ran on the running copy after every round.${pcRounds.some((r) => r.guestLost) ? ` **In ${pcRounds.filter((r) => r.guestLost).length} of them the guest was lost**: the reset came as the stream completed, the source's QEMU failed the stream instead of pausing it (QEMU 10.0 fails a post-copy whose return path breaks at completion, and cannot resume a failed one), and the destination lacked pages; ferry answered \`MIGRATION_POSTCOPY_LOST\`, crashed the guest on the destination and left nothing else behind (README "Post-copy, safely"). Those rounds count as survived: every invariant held.` : ''}${pcOld.length ? ` In ${pcOld.join(', ')}, \`pc-link-down\` took down only the destination's guest-segment link, not its migration network (†, above).` : ''}`,
       '',
-      '| fault | injected | hit the post-copy phase | survived | outcomes |',
-      '|---|---|---|---|---|',
+      '| fault | injected | hit the post-copy phase | survived | of them, guest lost | outcomes |',
+      '|---|---|---|---|---|---|',
       ...PC_FAULTS.map((f) => {
         const rs = pcRounds.filter((r) => r.fault === f);
         const oc = new Map<string, number>();
         for (const r of rs) oc.set(r.code ?? r.outcome, (oc.get(r.code ?? r.outcome) ?? 0) + 1);
-        return `| ${f} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${rs.filter((r) => r.survived).length} | ${[...oc].map(([k, v]) => `${k} ${v}`).join(', ')} |`;
+        return `| ${f} | ${rs.length} | ${rs.filter((r) => r.aim?.hit).length} | ${rs.filter((r) => r.survived).length} | ${rs.filter((r) => r.guestLost).length} | ${[...oc].map(([k, v]) => `${k} ${v}`).join(', ')} |`;
       }),
       '',
     );

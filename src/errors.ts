@@ -126,6 +126,10 @@ export const ERRORS = {
   MIGRATION_FAILED: { exit: 9, doc: 'the migration failed; the source domain keeps running' },
   MIGRATION_CANCELLED: { exit: 9, doc: 'the migration was cancelled; the source domain keeps running' },
   MIGRATION_NOT_CONVERGING: { exit: 9, doc: 'the pre-copy did not converge before its deadline' },
+  MIGRATION_POSTCOPY_LOST: {
+    exit: 9,
+    doc: "the source's QEMU failed the post-copy stream for good before the destination had every page: the guest cannot go on, and is stopped and marked crashed on the destination; `ferry start` boots it again there",
+  },
   MIGRATION_UNRESOLVED: {
     exit: 9,
     doc: 'past the point of no return the destination has not said whether it runs the guest: the source copy stays paused, ferryd keeps asking (`ferry job DOMAIN`; `ferry job resolve` if you know)',

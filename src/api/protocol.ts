@@ -89,6 +89,7 @@ export const ROLES = {
   'relocation.abandon': PEER,
   'relocation.confirm': PEER,
   'relocation.recover': PEER,
+  'relocation.lost': PEER,
   'relocation.status': PEER,
   'relocation.tunnel': PEER,
 } as const satisfies Record<Action, readonly Role[]>;
@@ -573,5 +574,6 @@ export interface Results {
   'relocation.confirm': RelocationAnswers['relocation.confirm'];
   'relocation.status': RelocationAnswers['relocation.status'];
   'relocation.recover': RelocationAnswers['relocation.recover'];
+  'relocation.lost': RelocationAnswers['relocation.lost'];
   'relocation.tunnel': RelocationAnswers['relocation.tunnel'];
 }

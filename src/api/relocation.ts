@@ -319,6 +319,8 @@ export const RELOCATION_ACTIONS = {
   'relocation.abandon': params({ jobId: str, reason: optStr }),
   'relocation.confirm': params({ jobId: str }),
   'relocation.status': params({ jobId: str }),
+  // post-copy whose source QEMU failed the stream for good: did every page arrive?
+  'relocation.lost': params({ jobId: str, reason: optStr }),
   // post-copy whose stream broke: a new one-shot listener on the incoming QEMU (migrate-recover)
   'relocation.recover': params({ jobId: str }),
   // a tunnelled domain's home end: flood to one more away host, or one fewer (daemon/tunnels.ts)
@@ -371,6 +373,7 @@ export const RELOCATION_ANSWERS = {
   'relocation.confirm': answer({ phase: z.string() }),
   'relocation.status': answer({ phase: z.string(), domain: z.string().optional() }),
   'relocation.recover': answer({ dataAddress: z.string(), dataPort: tcpPort }),
+  'relocation.lost': answer({ stream: z.string(), crashed: z.boolean() }),
   'relocation.tunnel': answer({ remotes: z.array(z.string()) }),
 } as const;
 

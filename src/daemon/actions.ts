@@ -286,6 +286,8 @@ function relocationAction(req: RelocationRequest, ctx: ConnContext, { host, mig,
       return answer(req.action, mig().dest.confirm(req.params, ctx));
     case 'relocation.recover':
       return answer(req.action, mig().dest.recover(req.params, ctx));
+    case 'relocation.lost':
+      return answer(req.action, mig().dest.lost(req.params, ctx));
     case 'relocation.status':
       return answer(req.action, mig().dest.status(req.params, ctx));
     case 'relocation.tunnel':

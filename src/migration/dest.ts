@@ -16,6 +16,7 @@
  *     |-- relocation.confirm --->|  confirmed (or by itself after CONFIRM_GRACE_MS)
  *     |-- relocation.abandon --->|  abandon.ts (also: control connection closed, quiet)
  *     |-- relocation.recover --->|  recover.ts: post-copy stream broke: a new listener
+ *     |-- relocation.lost ------>|  recover.ts: the source failed it for good: all here, or crashed
  *   restart: recover.ts drive(), from the persisted phase
  */
 import { FerryError } from '../errors.ts';
@@ -30,7 +31,7 @@ import { begin } from './incoming/begin.ts';
 import { prepare } from './incoming/prepare.ts';
 import { digest, repair, finish } from './incoming/finish.ts';
 import { abandonLocal, abandonQuietly, touch } from './incoming/abandon.ts';
-import { drive, recoverPostcopy } from './incoming/recover.ts';
+import { drive, recoverPostcopy, streamLost } from './incoming/recover.ts';
 
 export class Destination {
   /** The incoming moves this ferryd holds something for, by job id (incoming/run.ts). */
@@ -157,6 +158,11 @@ export class Destination {
   /** Recover: a broken post-copy stream gets a new listener (incoming/recover.ts). */
   async recover(p: Params<'relocation.recover'>, ctx: RelocationContext): Promise<Results['relocation.recover']> {
     return await recoverPostcopy(this.runOf(this.job(p.jobId, ctx)));
+  }
+
+  /** Lost: the source's QEMU failed a post-copy stream for good (incoming/recover.ts). */
+  async lost(p: Params<'relocation.lost'>, ctx: RelocationContext): Promise<Results['relocation.lost']> {
+    return await streamLost(this.runOf(this.job(p.jobId, ctx)), p.reason?.slice(0, 500) ?? 'the source failed the stream');
   }
 
   status(p: Params<'relocation.status'>, ctx: RelocationContext): Results['relocation.status'] {

@@ -63,6 +63,8 @@ export interface DestJob extends JobBase {
   config: Record<string, unknown>;
   /** The source may switch to post-copy (Begin said so): pages may still arrive after Finish. */
   postcopy?: boolean;
+  /** Post-copy: how the incoming stream ended (QEMU's status), once it has. */
+  streamEnd?: string;
   pid?: number;
   /** Disks this host created for a --copy-storage move: deleted if the move is abandoned. */
   createdDisks?: string[];

@@ -39,6 +39,8 @@ interface Faults {
   neverConverges?: boolean;
   /** The destination's answer to Prepare arrives malformed (a data port out of range). */
   badPrepareAnswer?: boolean;
+  /** The source QEMU fails the post-copy stream as it completes; the last pages reached the destination, or not. */
+  postcopyFails?: 'arrived' | 'short';
 }
 
 async function rig(f: Faults = {}) {
@@ -50,7 +52,8 @@ async function rig(f: Faults = {}) {
     fail: f.streamFails,
     onSent: () => inq.stream(),
     neverConverges: f.neverConverges,
-    onPostcopy: () => inq.postcopy(),
+    onPostcopy: () => inq.postcopy(f.postcopyFails === 'short' ? 'short' : 'completed'),
+    postcopyFails: f.postcopyFails !== undefined,
   });
   const port = 40000 + Math.floor(Math.random() * 20000);
   const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
@@ -121,6 +124,8 @@ async function rig(f: Faults = {}) {
       0,
       `no run left registered after ${rep.outcome} in ${rep.phase}`,
     );
+    // A job left in postcopy is settled by its driver in the background, which listens until it ends.
+    for (let i = 0; i < 200 && job().phase === 'postcopy'; i++) await new Promise((res) => setTimeout(res, 10));
     assert.equal(listeners(), before, `no QMP listener left after ${rep.outcome} in ${rep.phase}`);
     return rep;
   };
@@ -417,6 +422,42 @@ test("source: post-copy (the plan's pick): switchover → finish → postcopy �
     assert.deepEqual(r.h1.retired, ['web']);
     assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
     assert.equal(r.h2.get('web').rec.state.kind, 'running');
+  } finally {
+    r.done();
+  }
+});
+
+test('source: the source QEMU fails the post-copy stream as it completes, after the last page arrived: the destination says so, and the move succeeded', async () => {
+  const r = await rig({ neverConverges: true, postcopyFails: 'arrived' });
+  try {
+    const rep = await r.start({ strategy: 'postcopy' });
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(r.calls.includes('relocation.lost'), 'asked the destination what arrived');
+    assert.deepEqual(r.phases(), ['begin', 'prepare', 'perform', 'switchover', 'finish', 'postcopy', 'confirmed']);
+    assert.deepEqual(r.h1.retired, ['web']);
+    assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
+    assert.equal(r.h2.get('web').rec.state.kind, 'running');
+  } finally {
+    r.done();
+  }
+});
+
+test('source: the source QEMU fails the post-copy stream with pages the destination never got: MIGRATION_POSTCOPY_LOST, crashed there, retired here, never resumed, the job settles', async () => {
+  const r = await rig({ neverConverges: true, postcopyFails: 'short' });
+  try {
+    const rep = await r.start({ strategy: 'postcopy' });
+    assert.equal(rep.outcome, 'failed');
+    assert.equal(rep.error?.code, 'MIGRATION_POSTCOPY_LOST');
+    assert.match(rep.error?.message ?? '', /ferry -H host2 start web/);
+    const dest = r.h2.get('web').rec.state;
+    assert.equal(dest.kind, 'crashed');
+    assert.match(dest.kind === 'crashed' ? dest.reason : '', /post-copy lost pages/);
+    // The driver settles the job in the background: the stale copy here is retired, never resumed.
+    for (let i = 0; i < 200 && r.job().phase !== 'confirmed'; i++) await new Promise((res) => setTimeout(res, 10));
+    assert.equal(r.job().phase, 'confirmed');
+    assert.equal(r.job().error?.code, 'MIGRATION_POSTCOPY_LOST');
+    assert.deepEqual(r.h1.retired, ['web']);
+    assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
   } finally {
     r.done();
   }

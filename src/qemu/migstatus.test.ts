@@ -43,3 +43,32 @@ test("follows MIGRATION and MIGRATION_PASS events: status, QEMU's own timestamps
     f.cleanup();
   }
 });
+
+test('a watcher made late starts from what query-migrate said, and events still move it on', async () => {
+  let peer: net.Socket | undefined;
+  const f = await fakeQmp((msg, sock) => {
+    peer = sock;
+    sock.write(JSON.stringify({ return: {}, id: msg.id }) + '\r\n');
+  });
+  try {
+    const q = await QmpClient.connect(f.path);
+    await q.execute('query-migrate');
+    // The failure that ended the stream came before this watcher: without observe, until() would wait for ever.
+    const late = new MigrationWatcher(q);
+    late.observe('failed');
+    assert.equal(await late.until([...FINAL_STATUSES, 'postcopy-paused'], 1000), 'failed');
+    // An event seen first wins over a later observe (the query's answer may be older).
+    const w = new MigrationWatcher(q);
+    ev(peer!, 'MIGRATION', { status: 'postcopy-paused' }, 2000);
+    assert.equal(await w.until(['postcopy-paused'], 1000), 'postcopy-paused');
+    w.observe('postcopy-active');
+    assert.equal(w.status, 'postcopy-paused');
+    ev(peer!, 'MIGRATION', { status: 'completed' }, 2001);
+    assert.equal(await w.until(['completed'], 1000), 'completed');
+    late.dispose();
+    w.dispose();
+    q.close();
+  } finally {
+    f.cleanup();
+  }
+});

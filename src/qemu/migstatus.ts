@@ -100,6 +100,15 @@ export class MigrationWatcher {
     });
   }
 
+  /**
+   * A watcher made after the migration started (a driver after a restart or a failure)
+   * learns where it stands from query-migrate: until an event says otherwise, `until`
+   * answers from that status instead of waiting for an event that already came.
+   */
+  observe(status: string | undefined): void {
+    if (status && this.status === 'none') this.status = status;
+  }
+
   get final(): boolean {
     return (FINAL_STATUSES as readonly string[]).includes(this.status);
   }

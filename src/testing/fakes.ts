@@ -59,11 +59,19 @@ async function scripted(script: (command: string, r: Reply, args?: Record<string
 export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies' } = {}) {
   let running = false;
   let contTried = false;
+  let status = 'none';
+  const mig = (st: string): void => {
+    status = st;
+    q.event('MIGRATION', { status: st });
+  };
   const q = await scripted((command, r) => {
     switch (command) {
       case 'migrate-incoming':
         r.ok();
-        q.event('MIGRATION', { status: 'setup' });
+        mig('setup');
+        break;
+      case 'query-migrate':
+        r.ok({ status });
         break;
       case 'query-status':
         // 'unknown': after a failed cont, QEMU cannot even say whether it runs.
@@ -93,14 +101,17 @@ export async function incomingQemu(o: { contFails?: 'paused' | 'unknown' | 'dies
     seen: q.seen,
     cleanup: q.fake.cleanup,
     stream: (): void => {
-      q.event('MIGRATION', { status: 'active' });
-      q.event('MIGRATION', { status: 'completed' });
+      mig('active');
+      mig('completed');
     },
-    /** The source switched to post-copy: the devices are here, the rest follows while the guest runs. */
-    postcopy: (): void => {
-      q.event('MIGRATION', { status: 'active' });
-      q.event('MIGRATION', { status: 'postcopy-active' });
-      setTimeout(() => q.event('MIGRATION', { status: 'completed' }), 60);
+    /**
+     * The source switched to post-copy: the devices are here, the rest follows while the
+     * guest runs and the stream completes, or (`short`) breaks before the last pages came.
+     */
+    postcopy: (end: 'completed' | 'short' = 'completed'): void => {
+      mig('active');
+      mig('postcopy-active');
+      setTimeout(() => mig(end === 'short' ? 'postcopy-paused' : 'completed'), 60);
     },
   };
 }
@@ -287,7 +298,16 @@ export class FakeHost extends EventEmitter implements MigrationHost {
  * A scripted running QEMU on the source: `migrate` plays QEMU's events (setup, active,
  * STOP, completed, or failed when told to) and calls `onSent` once it "sent" everything.
  */
-export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; neverConverges?: boolean; onPostcopy?: () => void } = {}) {
+export async function outgoingQemu(
+  o: {
+    fail?: boolean;
+    onSent?: () => void;
+    neverConverges?: boolean;
+    onPostcopy?: () => void;
+    /** The post-copy stream ends failed (QEMU's answer to a break as it completes) instead of completed. */
+    postcopyFails?: boolean;
+  } = {},
+) {
   let running = true;
   let status = 'none';
   // Capabilities stay set from one migration to the next, and QEMU 10.0 refuses this pair.
@@ -339,7 +359,7 @@ export async function outgoingQemu(o: { fail?: boolean; onSent?: () => void; nev
           mig('postcopy-active');
           o.onPostcopy?.();
           // The rest of RAM reaches the destination a moment after its guest runs.
-          setTimeout(() => mig('completed'), 60);
+          setTimeout(() => mig(o.postcopyFails ? 'failed' : 'completed'), 60);
         }, 5);
         break;
       case 'migrate_cancel':

@@ -272,6 +272,8 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
       'relocation.abandon',
       'relocation.confirm',
       'relocation.status',
+      'relocation.recover',
+      'relocation.lost',
     );
     const jobId = fc.oneof(fc.constantFrom(...jobIds), fc.uuid(), fc.string());
     // Well-typed messages in any order reach the phase checks and beyond (a Begin that
@@ -297,6 +299,7 @@ describe('a misbehaving peer and bad certificates (lab)', () => {
         data: fc.uint8Array({ maxLength: 8192 }),
       }),
       fc.record({ action: fc.constant('relocation.abandon'), params: fc.record({ jobId, reason: fc.string() }) }),
+      fc.record({ action: fc.constant('relocation.lost'), params: fc.record({ jobId, reason: fc.string() }) }),
       fc.constantFrom(...jobIds).map((j) => ({ action: 'relocation.begin', params: { ...begin, jobId: j } })),
     );
     const msg = fc.oneof(

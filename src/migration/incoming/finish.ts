@@ -290,7 +290,11 @@ function streamTail(run: IncomingRun, crashed: boolean): void {
   void w
     .until([...FINAL_STATUSES])
     .then(
-      (s) => run.log.info('post-copy stream ended', { jobId: run.j.jobId, domain: run.j.domain, status: s }),
+      (s) => {
+        run.j.streamEnd = s;
+        run.side.store.saveLater(run.j);
+        run.log.info('post-copy stream ended', { jobId: run.j.jobId, domain: run.j.domain, status: s });
+      },
       () => undefined,
     )
     .finally(() => run.dispose());

@@ -1,11 +1,12 @@
 /**
  * The destination's recovery entry points: `drive`, which settles a job from its
  * persisted phase alone (after a restart, the same steps as when ferryd runs on), and
- * `recoverPostcopy`, a new listener for a broken post-copy stream.
+ * `recoverPostcopy`, a new listener for a broken post-copy stream, and `streamLost`, the
+ * end of a post-copy whose source QEMU failed the stream for good.
  */
 import path from 'node:path';
 import { FerryError } from '../../errors.ts';
-import { killAndWait, qemuPidsWith } from '../../qemu/process.ts';
+import { killAndWait, qemuPidsWith, isOurQemu } from '../../qemu/process.ts';
 import { MigrationWatcher, FINAL_STATUSES } from '../../qemu/migstatus.ts';
 import { MigrationQmp, uri } from '../../qemu/migration.ts';
 import type { QmpClient } from '../../qmp/client.ts';
@@ -148,4 +149,61 @@ async function pausedInPostcopy(run: IncomingRun, q: QmpClient): Promise<void> {
   } finally {
     w.dispose();
   }
+}
+
+/** How long the incoming stream may take to show where it stands once the source's QEMU has failed it. */
+const LOST_SETTLE_MS = 5000;
+
+/**
+ * The source's QEMU failed the post-copy stream for good (QEMU fails rather than pauses
+ * when the break comes as it completes, and a failed migration cannot be resumed). If
+ * every page arrived, the incoming stream completes here and the guest runs on. If not,
+ * the guest waits for pages nobody can send any more: it is stopped and marked crashed
+ * here, where its definition lives now, and `ferry start` boots it again. Never the
+ * source's copy: the guest ran here, so its disks have moved on from it.
+ */
+export async function streamLost(run: IncomingRun, reason: string): Promise<Results['relocation.lost']> {
+  const { j, host: h } = run;
+  if (!j.postcopy || (j.phase !== 'finished' && j.phase !== 'confirmed'))
+    throw new FerryError(
+      'MIGRATION_ILLEGAL_PHASE',
+      `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: its stream cannot be lost`,
+    );
+  // Ended already (and the domain may have moved on since): that answer stands.
+  if (j.streamEnd) return { stream: j.streamEnd, crashed: false };
+  const dom = h.find(j.domain);
+  const st = dom && dom.rec.config.uuid === j.uuid ? dom.rec.state : undefined;
+  const q = dom?.qmp;
+  if (!dom || !st || (st.kind !== 'running' && st.kind !== 'paused') || !q || q.closed)
+    return { stream: st?.kind ?? 'gone', crashed: st?.kind === 'crashed' };
+  const w = new MigrationWatcher(q);
+  let stream: string;
+  try {
+    w.observe((await new MigrationQmp(q, 'destination').info().catch(() => ({ status: undefined }))).status);
+    // The last bytes may still be on their way: completed (all here) or paused/failed (some never will be).
+    stream = await w.until([...FINAL_STATUSES, 'postcopy-paused'], LOST_SETTLE_MS).catch(() => w.status);
+  } finally {
+    w.dispose();
+  }
+  if (stream === 'completed') {
+    j.streamEnd = stream;
+    run.side.store.saveLater(j);
+    return { stream, crashed: false };
+  }
+  const why = `post-copy lost pages: ${reason} (the incoming stream was ${stream})`;
+  run.log.error('the source failed the post-copy stream with pages still there; the guest cannot go on: stopped and marked crashed', {
+    jobId: j.jobId,
+    domain: j.domain,
+    stream,
+    reason,
+  });
+  // Crashed first, so that the QEMU's exit is not taken for a crash of its own.
+  h.apply(dom, { type: 'crash', reason: why, at: Date.now() });
+  h.cleanupRuntime(dom);
+  if (isOurQemu(st.pid, j.uuid)) await killAndWait(st.pid, 0);
+  j.error = { code: 'MIGRATION_POSTCOPY_LOST', message: why };
+  j.streamEnd = stream;
+  run.side.store.saveLater(j);
+  run.dispose();
+  return { stream, crashed: true };
 }

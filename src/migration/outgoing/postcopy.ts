@@ -47,11 +47,10 @@ export async function awaitPostcopy(
     for (;;) {
       const status = await w.until([...FINAL_STATUSES, 'postcopy-paused']);
       if (status === 'completed') return;
-      if (status !== 'postcopy-paused')
-        throw new FerryError(
-          'MIGRATION_FAILED',
-          `The post-copy stream of "${j.domain}" to ${j.peer.name} ended ${status} (${(await mq.info().catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given'}) with pages still on ${s.host.cfg.name}: the guest on ${j.peer.name} cannot get them`,
-        );
+      if (status !== 'postcopy-paused') {
+        const desc = (await mq.info().catch((): MigrateInfo => ({})))['error-desc'] ?? 'no reason given';
+        return await streamFailed(s, j, `${s.host.cfg.name}'s QEMU ended the stream ${status} (${desc})`, opts.deadline ?? Infinity);
+      }
       const t = performance.now();
       const attempts = await recoverPostcopy(s, j, st, opts.deadline ?? Infinity);
       opts.onRecovered?.(attempts, Math.round(performance.now() - t));
@@ -99,6 +98,47 @@ async function recoverPostcopy(s: OutgoingSide, j: SourceJob, st: Stream, deadli
   return got.attempts;
 }
 
+/**
+ * This QEMU failed the post-copy stream instead of pausing it: it does so when the break
+ * comes as the stream completes, and a failed migration cannot be resumed. Whether the
+ * guest survives depends on what reached the destination, so ask it (relocation.lost)
+ * until `deadline`: every page there is a move that succeeded; otherwise the destination
+ * has stopped the guest and marked it crashed, and this says so.
+ */
+async function streamFailed(s: OutgoingSide, j: SourceJob, why: string, deadline: number): Promise<void> {
+  s.log.warn('the post-copy stream failed; asking the destination whether every page arrived', { jobId: j.jobId, why });
+  const how = {
+    deadline,
+    first: 1,
+    warning: 'the destination did not answer about a failed post-copy stream',
+    prefix: 'post-copy stream failed: ',
+  };
+  const got = await keepTrying(s, j, how, async () => {
+    const client = await redial(s, j).catch((e: unknown) => asFerryError(e).message);
+    if (typeof client === 'string') return client;
+    try {
+      return await ask(client, 'relocation.lost', { jobId: j.jobId, reason: why }, { timeoutMs: 15000 });
+    } catch (e) {
+      return asFerryError(e).message;
+    } finally {
+      client.close();
+    }
+  });
+  if (!got)
+    throw new FerryError(
+      'MIGRATION_UNRESOLVED',
+      `The post-copy stream of "${j.domain}" to ${j.peer.name} failed (${why}), and ${j.peer.name} has not said whether every page arrived (${j.waiting?.lastError.replace(/^post-copy stream failed: /, '') ?? 'no answer'}). ferryd keeps asking. Watch: \`ferry job ${j.domain}\``,
+    );
+  if (got.value.stream === 'completed') {
+    s.log.warn('the post-copy stream failed after its last page arrived: the move is complete', { jobId: j.jobId, why });
+    return;
+  }
+  throw new FerryError(
+    'MIGRATION_POSTCOPY_LOST',
+    `The post-copy stream of "${j.domain}" to ${j.peer.name} failed with pages still on ${s.host.cfg.name} (${why}; QEMU cannot resume a failed stream). The guest on ${j.peer.name} could not go on: ${got.value.crashed ? `it is stopped and marked crashed there. Boot it again: \`ferry -H ${j.peer.name} start ${j.domain}\`` : `its stream there is ${got.value.stream}`}`,
+  );
+}
+
 /** One try: the destination's new listener, and the stream resumed into it. */
 async function resumeInto(s: OutgoingSide, j: SourceJob, st: Stream): Promise<true | string> {
   const client = await redial(s, j);
@@ -129,6 +169,8 @@ export function drivePostcopy(s: OutgoingSide, j: SourceJob, dom: DomainHandle):
       const w = new MigrationWatcher(q);
       try {
         const m = await new MigrationQmp(q, 'source').info().catch((): MigrateInfo => ({}));
+        // Its events so far went to a watcher that is gone: start from what QEMU says now.
+        w.observe(m.status);
         if (m.status && m.status !== 'completed') {
           await awaitPostcopy(s, j, { q, w }).catch((e) => {
             j.error = { code: asFerryError(e).code, message: asFerryError(e).message };
