@@ -25,6 +25,7 @@ import { spread, cell, type Spread } from './stats.ts';
 import { ferry as runCli, ok as cliOk, createGuest } from '../test/helpers.ts';
 import { labLink, restartFerryd, requireLab, LAB_DIR } from '../src/lab/lab.ts';
 import { pidAlive } from '../src/qemu/process.ts';
+import { writeSection } from './section.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'bench', 'results');
@@ -275,14 +276,6 @@ function section(fo: any, mv: any, ops: any): string {
   return lines.join('\n') + '\n';
 }
 
-/** Replaces (or appends) the cluster section of BENCHMARKS.md. */
-function writeSection(md: string): void {
-  const f = path.join(ROOT, 'BENCHMARKS.md');
-  const cur = fs.existsSync(f) ? fs.readFileSync(f, 'utf8') : '# Benchmarks\n';
-  const re = /<!-- cluster:begin -->[\s\S]*<!-- cluster:end -->\n?/;
-  fs.writeFileSync(f, re.test(cur) ? cur.replace(re, md) : `${cur.trimEnd()}\n\n${md}`);
-}
-
 const readJson = (n: string): any => {
   try {
     return JSON.parse(fs.readFileSync(path.join(OUT, n), 'utf8'));
@@ -394,7 +387,7 @@ async function main(): Promise<void> {
     // FERRY_BENCH_KEEP=1 keeps the lab after a failure, to read its hosts' logs.
     if (!process.env.FERRY_BENCH_KEEP) await runCli(['lab', 'down']);
   }
-  writeSection(section(readJson('cluster-failover.json'), readJson('cluster-move.json'), readJson('cluster-ops.json')));
+  writeSection('cluster', section(readJson('cluster-failover.json'), readJson('cluster-move.json'), readJson('cluster-ops.json')), false);
   say(`done in ${Math.round((Date.now() - t0) / 1000)} s`);
 }
 

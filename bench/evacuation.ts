@@ -19,10 +19,11 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawn, execFileSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { spread, cell, type Spread } from './stats.ts';
 import { ok as cliOk, labUp, labDown, labState, tmpFile, waitFor, consoleLog } from '../test/helpers.ts';
+import { benchCommit, writeSection } from './section.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'bench', 'results');
@@ -199,7 +200,7 @@ async function main(): Promise<void> {
   if (args.includes('--render')) {
     // The table again from the saved results (its prose changed, not the figures).
     const saved = JSON.parse(fs.readFileSync(path.join(OUT, 'evacuation.json'), 'utf8'));
-    return writeSection(render(saved.runs, saved.meta));
+    return writeSection('evacuation', render(saved.runs, saved.meta));
   }
   say('lab up (3 hosts)');
   await labUp(['--hosts', '3']);
@@ -212,19 +213,10 @@ async function main(): Promise<void> {
     await labDown();
   }
   // The commit the figures come from: a result file says what code it measured.
-  const commit = execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=40'], { cwd: ROOT, encoding: 'utf8' }).trim();
+  const commit = benchCommit();
   const meta = { ...hi, commit, reps: REPS, sizes: SIZES, memoryMiB: MEM };
   fs.writeFileSync(path.join(OUT, 'evacuation.json'), JSON.stringify({ meta, runs }, null, 2) + '\n');
-  writeSection(render(runs, meta));
-}
-
-/** Replaces (or appends) the evacuation section of BENCHMARKS.md. */
-function writeSection(md: string): void {
-  const f = path.join(ROOT, 'BENCHMARKS.md');
-  const cur = fs.existsSync(f) ? fs.readFileSync(f, 'utf8') : '# Benchmarks\n';
-  const re = /<!-- evacuation:begin -->[\s\S]*<!-- evacuation:end -->\n?/;
-  fs.writeFileSync(f, re.test(cur) ? cur.replace(re, md) : `${cur.trimEnd()}\n\n${md}`);
-  process.stdout.write(md);
+  writeSection('evacuation', render(runs, meta));
 }
 
 void main().catch((e) => {

@@ -24,6 +24,7 @@ import { execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { spread, cell } from './stats.ts';
 import { ok as cliOk, ferry, labUp, labDown, labState, tmpFile, waitFor, consoleLog } from '../test/helpers.ts';
+import { benchCommit, writeSection } from './section.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const OUT = path.join(ROOT, 'bench', 'results');
@@ -128,20 +129,11 @@ function render(runs: Run[], meta: Record<string, any>): string {
   return lines.join('\n') + '\n';
 }
 
-/** Replaces (or appends) the save section of BENCHMARKS.md. */
-function writeSection(md: string): void {
-  const f = path.join(ROOT, 'BENCHMARKS.md');
-  const cur = fs.existsSync(f) ? fs.readFileSync(f, 'utf8') : '# Benchmarks\n';
-  const re = /<!-- save:begin -->[\s\S]*<!-- save:end -->\n?/;
-  fs.writeFileSync(f, re.test(cur) ? cur.replace(re, md) : `${cur.trimEnd()}\n\n${md}`);
-  process.stdout.write(md);
-}
-
 async function main(): Promise<void> {
   fs.mkdirSync(OUT, { recursive: true });
   if (args.includes('--render')) {
     const saved = JSON.parse(fs.readFileSync(path.join(OUT, 'save.json'), 'utf8'));
-    return writeSection(render(saved.runs, saved.meta));
+    return writeSection('save', render(saved.runs, saved.meta));
   }
   say(`lab up; a ${MEM} MiB guest with ${FILL} MiB filled`);
   await labUp(['--hosts', '2', '--host-memory', String(MEM + 1024)]);
@@ -174,7 +166,7 @@ async function main(): Promise<void> {
     }
     const after = await sha('fill-check');
     fs.rmSync(src, { force: true });
-    const commit = execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=40'], { cwd: ROOT, encoding: 'utf8' }).trim();
+    const commit = benchCommit();
     const fsType = execFileSync('stat', ['-f', '-c', '%T', dir], { encoding: 'utf8' }).trim();
     meta = {
       date: new Date().toISOString().slice(0, 10),
@@ -192,7 +184,7 @@ async function main(): Promise<void> {
     await labDown();
   }
   fs.writeFileSync(path.join(OUT, 'save.json'), JSON.stringify({ meta, runs }, null, 2) + '\n');
-  writeSection(render(runs, meta));
+  writeSection('save', render(runs, meta));
 }
 
 void main().catch((e) => {

@@ -529,6 +529,13 @@ async function main(): Promise<void> {
           if (devs.length !== want) problems.push(`tunnel devices on ${h}: ${devs.join(',') || 'none'} (want ${want})`);
         }
       }
+      // The destination may pass its point of no return between the look before the
+      // SIGKILL and the signal itself: a job that reached finishing had a live QEMU then
+      // (Finish checks it is loaded first), so the QEMU killed held the only copy.
+      if (fault === 'kill-dst-qemu' && !killedLiveCopyOn) {
+        const dj = roundJob(to, 'destination', since);
+        if (dj?.history?.some((x: { phase: string }) => x.phase === 'finishing')) killedLiveCopyOn = to;
+      }
       const q = qemusOf(uuid);
       // Lost in post-copy (see Round.guestLost): crashed on the destination alone, said so.
       const guestLost = code === 'MIGRATION_POSTCOPY_LOST' && running.length === 0 && crashed.length === 1 && crashed[0] === to;
