@@ -97,9 +97,16 @@ async function main(): Promise<void> {
       const loss = i % 4 === 3;
       await ok(['-H', g.host, 'unpause', g.name]);
       await sleep(g.churn ? 2000 : 500);
+      // Pre-copy only, cancelled at its 1 s deadline: the autopilot's default would switch a
+      // slow move to post-copy there, and the "warming" move would then complete.
       if (warm)
-        for (let k = 0; k < 6; k++)
-          await ferry(['-H', g.host, 'migrate', g.name, to, '--live', '--bandwidth', '8', '--timeout', '1', '--json']);
+        for (let k = 0; k < 6; k++) {
+          const w = await ferry([
+            ...['-H', g.host, 'migrate', g.name, to, '--live', '--bandwidth', '8', '--timeout', '1'],
+            ...['--strategy', 'precopy', '--on-timeout', 'cancel', '--json'],
+          ]);
+          if (w.json?.outcome === 'succeeded') throw new Error(`a warming move of ${g.name} completed instead of being cancelled`);
+        }
       if (loss) iptables(to, '-I');
       const lossOff = loss
         ? setTimeout(() => {
