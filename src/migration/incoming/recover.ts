@@ -169,8 +169,9 @@ export async function streamLost(run: IncomingRun, reason: string): Promise<Resu
       'MIGRATION_ILLEGAL_PHASE',
       `Job ${j.jobId} is ${j.phase}${j.postcopy ? '' : ' and not a post-copy'}: its stream cannot be lost`,
     );
-  // Ended already (and the domain may have moved on since): that answer stands.
-  if (j.streamEnd) return { stream: j.streamEnd, crashed: false };
+  // Ended already (and the domain may have moved on since): that answer stands, and says
+  // whether this side crashed the guest for it (a second ask, from the source's driver).
+  if (j.streamEnd) return { stream: j.streamEnd, crashed: j.error?.code === 'MIGRATION_POSTCOPY_LOST' };
   const dom = h.find(j.domain);
   const st = dom && dom.rec.config.uuid === j.uuid ? dom.rec.state : undefined;
   const q = dom?.qmp;
