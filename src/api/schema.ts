@@ -76,6 +76,7 @@ export const ACTIONS = {
     insecure: optBool,
     parallel: optNum(1, 16),
     compress: optCompressChoice,
+    verifyMemory: optBool,
     strategy: optStrategy,
     onTimeout: optOnTimeout,
   }),

@@ -198,6 +198,8 @@ async function standaloneRuleCheck(hostArg: string | undefined, domain: string, 
 /** The options `--plan` and a move share, as API params. */
 function budgetParams(o: MigrateOpts): Record<string, unknown> {
   const params: Record<string, unknown> = { insecure: !!o.insecure };
+  // --verify-memory rules post-copy out, so the plan must know it too.
+  if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
   if (o.bandwidth !== undefined) params.bandwidthMiBs = o.bandwidth;
   if (o.maxDowntime !== undefined) params.maxDowntimeMs = o.maxDowntime;
   if (o.timeout !== undefined) params.timeoutS = o.timeout;
@@ -262,7 +264,6 @@ async function migrate(
       });
     }
     const params: Record<string, unknown> = { domain, dest, live: !!o.live, ...budgetParams(o) };
-    if (o.verifyMemory !== undefined) params.verifyMemory = !!o.verifyMemory;
     if (o.probe === false) params.probeGuest = false;
     if (o.copyStorage) params.copyStorage = true;
     if (o.deleteSourceStorage) params.deleteSourceStorage = true;

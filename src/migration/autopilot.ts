@@ -125,20 +125,8 @@ export class Planner {
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = dom.rec.config;
     const engineLoses = dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
-    const input = {
-      ramBytes: c.memoryMiB * 1048576,
-      touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched),
-      dirtyBytesPerS: dirty ?? 0,
-      linkBytesPerS: link.bytesPerS,
-      linkFrom: link.from,
-      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
-      timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
-      spareCores: this.spareCores(),
-      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && (p.compress ?? 'none') === 'none',
-      strategy: p.strategy ?? 'auto',
-    };
     const why = !c.postcopy
-      ? input.strategy === 'postcopy'
+      ? p.strategy === 'postcopy'
         ? undefined
         : "post-copy is forbidden by the domain's config"
       : engineLoses
@@ -150,6 +138,19 @@ export class Planner {
             : (p.compress ?? 'none') !== 'none'
               ? 'post-copy is off with --compress (compression needs multifd, which QEMU 10.0 cannot combine with post-copy)'
               : undefined;
+    const input = {
+      ramBytes: c.memoryMiB * 1048576,
+      touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched),
+      dirtyBytesPerS: dirty ?? 0,
+      linkBytesPerS: link.bytesPerS,
+      linkFrom: link.from,
+      maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
+      timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
+      spareCores: this.spareCores(),
+      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && (p.compress ?? 'none') === 'none',
+      strategy: p.strategy ?? 'auto',
+      postcopyWhyNot: c.postcopy ? why : undefined,
+    };
     return this.planView(makePlan(input), {
       domain: c.name,
       dest: peer,

@@ -12,6 +12,7 @@ import {
   FIXED_OVERHEAD_S,
   MULTIFD_GAIN,
   AUTO_COMPRESS_MAX_RATIO,
+  throttleInitialPct,
   type PlanInput,
 } from './plan.ts';
 import { REPO_ROOT as REPO } from '../util/paths.ts';
@@ -58,6 +59,33 @@ test('plan: post-copy forbidden by the config → auto-converge, which throttles
   const ac = p.predictions.find((x) => x.strategy === 'auto-converge')!;
   assert.ok(ac.converges);
   assert.match(p.predictions.find((x) => x.strategy === 'postcopy')!.note, /forbidden/);
+});
+
+test('plan: auto-converge starts where the guest needs it, and the model steps as QEMU does (at most every two seconds)', () => {
+  // The memory-pattern guest of reliability/verify-engine: 128 MiB, rewriting every page at 1.3 GB/s, over an assumed 250 MB/s.
+  const fast = { ...base, ramBytes: 128 * MiB, dirtyBytesPerS: 1321e6, linkBytesPerS: 250e6, postcopyAllowed: false };
+  assert.equal(throttleInitialPct(fast), 90, 'half the link is 125 MB/s: 90.5 % throttle, capped at 90 (QEMU steps on from there)');
+  assert.equal(throttleInitialPct({ dirtyBytesPerS: 400 * MiB, linkBytesPerS: 300 * MiB }), 70, '1 − 150/400 = 62.5 %, rounded up to 70');
+  assert.equal(
+    throttleInitialPct({ dirtyBytesPerS: 100 * MiB, linkBytesPerS: 300 * MiB }),
+    20,
+    "a guest under half the link: QEMU's default",
+  );
+  assert.equal(throttleInitialPct({ dirtyBytesPerS: 0, linkBytesPerS: 300 * MiB }), 20);
+  const ac = predict(fast).find((x) => x.strategy === 'auto-converge')!;
+  assert.ok(ac.converges);
+  // QEMU judges after a pass once a second has gone by, and throttles at the second high judgement: nothing shrinks before 2 s.
+  assert.ok(ac.totalS > 2 && ac.totalS < 5, `total ${ac.totalS}`);
+  assert.ok(ac.passes >= 4, `passes ${ac.passes}`);
+  assert.match(ac.note, /from 90 %/);
+});
+
+test('plan: what rules post-copy out is named in its prediction and in the reason', () => {
+  const why = 'post-copy is off with --verify-memory (it compares both copies while both are paused)';
+  const p = plan({ ...base, strategy: 'postcopy', postcopyAllowed: false, postcopyWhyNot: why });
+  assert.equal(p.pick, 'precopy');
+  assert.match(p.reason, /--verify-memory/);
+  assert.equal(p.predictions.find((x) => x.strategy === 'postcopy')!.note, why);
 });
 
 test('plan: multifd is never offered without two spare cores; offline pauses for the whole copy', () => {

@@ -6,14 +6,15 @@
  * Pre-copy sends all RAM, then what the guest dirtied meanwhile, pass after pass; pass
  * n+1 carries min(RAM, dirty rate × duration of pass n). It converges once one pass
  * fits in the downtime limit; if the guest dirties as fast as the link carries, the
- * passes never shrink. Auto-converge throttles the vCPUs (QEMU: 20 % after the first
- * pass that does not shrink, +10 % a pass, up to 99 %) until they do. Post-copy sends
+ * passes never shrink. Auto-converge throttles the vCPUs until they do (QEMU steps the
+ * throttle at most every two seconds: ThrottleModel; ferry picks where it starts: throttleInitialPct). Post-copy sends
  * one pre-copy pass, then runs the guest on the destination and fetches the rest on
  * demand: its pause is the device state alone, its cost that for that window the
  * guest's memory lives on two hosts. Offline stops the guest for one pass.
  *
  * Pure: unit-tested beside it, and the same function answers `--plan` and picks for a move.
  */
+import { QEMU_THROTTLE_INITIAL_PCT } from '../qemu/migration.ts';
 
 export type Strategy = 'precopy' | 'auto-converge' | 'multifd' | 'postcopy' | 'offline';
 export type StrategyChoice = 'auto' | 'precopy' | 'postcopy';
@@ -36,8 +37,10 @@ export interface PlanInput {
   timeoutS: number;
   /** Cores not busy with guests: multifd needs one per extra channel. */
   spareCores: number;
-  /** The guest's config allows post-copy ("postcopy": false forbids it). */
+  /** Post-copy is on the table: the guest's config allows it ("postcopy": false forbids it) and nothing about this move rules it out. */
   postcopyAllowed: boolean;
+  /** Why it is not, when something other than the config rules it out (--verify-memory, --compress, the engine). */
+  postcopyWhyNot?: string;
   /** The operator's rule, if any (--strategy). */
   strategy: StrategyChoice;
 }
@@ -127,13 +130,69 @@ function firstPass(i: PlanInput, b: number): { bytes: number; s: number } {
   return { bytes: sent, s: sent / b + (i.ramBytes - sent) / ZERO_SCAN_BYTES_PER_S };
 }
 
+/**
+ * QEMU's auto-converge (migration/ram.c, migration_trigger_throttle): it judges the guest
+ * at the end of a pass, and only once at least THROTTLE_PERIOD_S has gone by since it
+ * last judged. A period in which the guest dirtied more than half of what was sent
+ * (throttle-trigger-threshold 50) is high; every second high period throttles: first to
+ * cpu-throttle-initial, then THROTTLE_STEP more each time, up to 99 %. So a step takes
+ * two periods of at least a second: from QEMU's default 20 % to 90 % is seven steps,
+ * about 15 s, during which a guest that dirties far faster than the link does not
+ * converge (measured here: a 128 MiB guest dirtying 1.3 GB/s took 16–39 s).
+ */
+const THROTTLE_PERIOD_S = 1;
+const THROTTLE_STEP = 0.1;
+const THROTTLE_MAX = 0.99;
+/** The highest start ferry sets: the dirty rate is a 100 ms sample, and QEMU steps on from there if it was not enough. */
+const THROTTLE_INITIAL_MAX_PCT = 90;
+/** A throttled pre-copy the model gives up on (it always converges at 99 %, but not within any budget). */
+const MAX_THROTTLED_PASSES = 5000;
+
+/**
+ * Where auto-converge should start, %: the throttle at which the guest dirties at most
+ * half of what the link carries, QEMU's own trigger (so one step instead of seven),
+ * rounded up to QEMU's 10 % steps, between QEMU's default and THROTTLE_INITIAL_MAX_PCT.
+ * It acts only if QEMU's trigger fires: a guest that converges is never throttled.
+ */
+export function throttleInitialPct(i: Pick<PlanInput, 'dirtyBytesPerS' | 'linkBytesPerS'>): number {
+  if (i.dirtyBytesPerS <= 0 || i.linkBytesPerS <= 0) return QEMU_THROTTLE_INITIAL_PCT;
+  const need = 1 - i.linkBytesPerS / 2 / i.dirtyBytesPerS;
+  const pct = Math.ceil((need * 100 - 1e-9) / 10) * 10;
+  return Math.min(THROTTLE_INITIAL_MAX_PCT, Math.max(QEMU_THROTTLE_INITIAL_PCT, pct));
+}
+
+/** QEMU's throttle as the passes go by (see THROTTLE_PERIOD_S): fed each pass's time and bytes, it says the throttle for the next. */
+class ThrottleModel {
+  pct = 0;
+  private since = 0;
+  private dirtied = 0;
+  private sent = 0;
+  private high = 0;
+  constructor(private readonly initial: number) {}
+
+  pass(at: number, sent: number, dirtied: number): number {
+    this.sent += sent;
+    this.dirtied += dirtied;
+    if (at - this.since < THROTTLE_PERIOD_S) return this.pct;
+    if (this.dirtied > this.sent * 0.5 && ++this.high >= 2) {
+      this.high = 0;
+      this.pct = this.pct === 0 ? this.initial : Math.min(THROTTLE_MAX, this.pct + THROTTLE_STEP);
+    }
+    this.since = at;
+    this.dirtied = 0;
+    this.sent = 0;
+    return this.pct;
+  }
+}
+
 function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, 'strategy' | 'fitsBudget' | 'note'> {
   const fp = firstPass(i, b);
+  const model = throttle ? new ThrottleModel(throttleInitialPct(i) / 100) : null;
   let x = fp.bytes;
   let total = 0;
   let bytes = 0;
   let pct = 0;
-  for (let pass = 1; pass <= MAX_PASSES; pass++) {
+  for (let pass = 1; pass <= (throttle ? MAX_THROTTLED_PASSES : MAX_PASSES); pass++) {
     const t = pass === 1 ? fp.s : x / b;
     if (t * 1000 <= i.maxDowntimeMs && pass > 1) {
       return {
@@ -147,8 +206,7 @@ function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, '
     total += t;
     bytes += x;
     const next = Math.min(i.ramBytes, i.dirtyBytesPerS * (1 - pct) * t);
-    // QEMU's trigger: a pass that dirtied more than half of what it sent (throttle-trigger-threshold 50).
-    if (throttle && next > x * 0.5) pct = pct === 0 ? 0.2 : Math.min(0.99, pct + 0.1);
+    if (model) pct = model.pass(total, x, next);
     x = next;
     if (x === 0) return { totalS: FIXED_OVERHEAD_S + total, pauseMs: FIXED_PAUSE_MS, bytes, passes: pass, converges: true };
   }
@@ -174,7 +232,7 @@ export function predict(i: PlanInput): Prediction[] {
     ...ac,
     fitsBudget: fits(ac),
     note: ac.converges
-      ? `${passes(ac.passes)}; the guest's vCPUs are throttled (up to 99 %) until it converges`
+      ? `${passes(ac.passes)}; the guest's vCPUs are throttled (from ${throttleInitialPct(i)} %, up to 99 %) until it converges`
       : 'does not converge even at 99 % throttle',
   });
   if (i.spareCores >= 2) {
@@ -216,7 +274,7 @@ export function predict(i: PlanInput): Prediction[] {
       passes: 0,
       converges: false,
       fitsBudget: false,
-      note: 'forbidden by the domain\'s config ("postcopy": false)',
+      note: i.postcopyWhyNot ?? 'forbidden by the domain\'s config ("postcopy": false)',
     });
   }
   const ofp = firstPass(i, b);
@@ -247,7 +305,7 @@ export function plan(i: PlanInput): Plan {
         input: i,
         predictions,
         pick: 'precopy',
-        reason: 'post-copy was asked for, but the domain\'s config forbids it ("postcopy": false)',
+        reason: `post-copy was asked for, but ${i.postcopyWhyNot ?? 'the domain\'s config forbids it ("postcopy": false)'}`,
       };
     return { input: i, predictions, pick: 'postcopy', reason: 'post-copy was asked for (--strategy postcopy)' };
   }

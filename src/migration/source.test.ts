@@ -41,6 +41,8 @@ interface Faults {
   badPrepareAnswer?: boolean;
   /** The source QEMU fails the post-copy stream as it completes; the last pages reached the destination, or not. */
   postcopyFails?: 'arrived' | 'short';
+  /** What the guest's dirty rate measures, MiB/s. */
+  dirtyMiBs?: number;
 }
 
 async function rig(f: Faults = {}) {
@@ -54,6 +56,7 @@ async function rig(f: Faults = {}) {
     neverConverges: f.neverConverges,
     onPostcopy: () => inq.postcopy(f.postcopyFails === 'short' ? 'short' : 'completed'),
     postcopyFails: f.postcopyFails !== undefined,
+    dirtyMiBs: f.dirtyMiBs,
   });
   const port = 40000 + Math.floor(Math.random() * 20000);
   const h1 = new FakeHost('host1', path.join(dir, 'h1'), outq.path, port);
@@ -237,6 +240,32 @@ test('source: begin → prepare → perform → switchover → finish → confir
     assert.equal(typeof rep.pauseMs, 'number');
   } finally {
     r.done();
+  }
+});
+
+test("source: a guest dirtying far faster than the link: auto-converge starts where the plan says, not at QEMU's 20 %", async () => {
+  const r = await rig({ dirtyMiBs: 1260 });
+  try {
+    // Pre-copy only (post-copy would bound the time instead of throttling).
+    const rep = await r.start({ strategy: 'precopy' });
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.equal(r.outq.params['cpu-throttle-initial'], 90, JSON.stringify(r.outq.params));
+    assert.ok(
+      rep.policy.some((x) => x.startsWith('auto-converge starts at 90 %')),
+      rep.policy.join('\n'),
+    );
+  } finally {
+    r.done();
+  }
+  // A slow dirtier keeps QEMU's start, set afresh (a QEMU keeps parameters from an earlier move).
+  const slow = await rig();
+  try {
+    const rep = await slow.start({ strategy: 'precopy' });
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.equal(slow.outq.params['cpu-throttle-initial'], 20);
+    assert.ok(!rep.policy.some((x) => x.startsWith('auto-converge starts at')));
+  } finally {
+    slow.done();
   }
 });
 

@@ -50,6 +50,8 @@ export const PARAMETERS = {
   tlsHostname: { qemu: 'tls-hostname', side: 'source' },
   /** The id of an authz object: which client certificate may feed this QEMU. */
   tlsAuthz: { qemu: 'tls-authz', side: 'destination' },
+  /** Where auto-converge's throttle starts, % of vCPU time taken away (QEMU's default: 20; it steps up by 10). */
+  cpuThrottleInitial: { qemu: 'cpu-throttle-initial', side: 'source' },
   /** mapped-ram's pages written with O_DIRECT (QEMU 9.1+): a save does not fill the host's page cache. */
   directIo: { qemu: 'direct-io', side: 'both' },
 } as const satisfies Record<string, { qemu: string; side: Where }>;
@@ -62,6 +64,7 @@ export interface ParameterValues {
   tlsHostname: string;
   tlsAuthz: string;
   directIo: boolean;
+  cpuThrottleInitial: number;
 }
 
 /** multifd is on for more than one channel, or for compression (QEMU compresses only multifd's pages). */
@@ -73,6 +76,9 @@ export const multifdOn = (channels: number, compress: Compression): boolean => c
  */
 export const streamConnections = (channels: number, compress: Compression, postcopy: boolean): number =>
   1 + (multifdOn(channels, compress) ? channels : 0) + (postcopy ? 1 : 0);
+
+/** QEMU's own cpu-throttle-initial, %: where auto-converge starts unless the plan says otherwise. */
+export const QEMU_THROTTLE_INITIAL_PCT = 20;
 
 /** "No limit" for max-bandwidth, 100 GiB/s (QEMU's own default would throttle at 128 MiB/s). */
 export const UNLIMITED_BANDWIDTH = 100 * 1024 * 1024 * 1024;

@@ -306,10 +306,14 @@ export async function outgoingQemu(
     onPostcopy?: () => void;
     /** The post-copy stream ends failed (QEMU's answer to a break as it completes) instead of completed. */
     postcopyFails?: boolean;
+    /** What calc-dirty-rate measures, MiB/s (default 2). */
+    dirtyMiBs?: number;
   } = {},
 ) {
   let running = true;
   let status = 'none';
+  /** The migration parameters as set (migrate-set-parameters), the last value of each. */
+  const params: Record<string, unknown> = {};
   // Capabilities stay set from one migration to the next, and QEMU 10.0 refuses this pair.
   const caps = new Map<string, boolean>();
   const mig = (st: string): void => {
@@ -397,11 +401,15 @@ export async function outgoingQemu(
         q.event('RESUME');
         break;
       case 'query-dirty-rate':
-        r.ok({ status: 'measured', 'dirty-rate': 2 });
+        r.ok({ status: 'measured', 'dirty-rate': o.dirtyMiBs ?? 2 });
+        break;
+      case 'migrate-set-parameters':
+        Object.assign(params, args);
+        r.ok();
         break;
       default:
         r.ok();
     }
   });
-  return { path: q.fake.path, seen: q.seen, cleanup: q.fake.cleanup, running: (): boolean => running };
+  return { path: q.fake.path, seen: q.seen, params, cleanup: q.fake.cleanup, running: (): boolean => running };
 }

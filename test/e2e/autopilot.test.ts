@@ -67,6 +67,12 @@ describe('convergence autopilot (lab)', () => {
     assert.equal(v.pick, 'postcopy', v.reason);
     const text = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--plan', '--timeout', '90']);
     assert.match(text, /Pick: postcopy/);
+    // --verify-memory rules post-copy out: the plan knows it, names why, and throttles instead.
+    const vm = await ok(['-H', 'host1', 'migrate', 'pat', 'host2', '--plan', '--verify-memory', '--timeout', '90', '--json']);
+    assert.equal(vm.postcopyAllowed, false);
+    assert.notEqual(vm.pick, 'postcopy', vm.reason);
+    assert.match(vm.predictions.find((p: { strategy: string }) => p.strategy === 'postcopy').note, /--verify-memory/);
+    assert.match(vm.predictions.find((p: { strategy: string }) => p.strategy === 'auto-converge').note, /throttled \(from \d+ %/);
     assert.deepEqual(await runsOn('pat'), ['host1'], 'a plan moves nothing');
     assert.deepEqual(await ok(['-H', 'host1', 'jobs', '--json']), [], 'and starts no job');
   });

@@ -9,7 +9,7 @@ import { domainConfigToJson } from '../../domain/config.ts';
 import { hasProcess } from '../../domain/state.ts';
 import { hostArch } from '../../qemu/probe.ts';
 import { dirtyTrackingUnreliable } from '../../qemu/memory.ts';
-import { MigrationQmp, UNLIMITED_BANDWIDTH, multifdOn } from '../../qemu/migration.ts';
+import { MigrationQmp, QEMU_THROTTLE_INITIAL_PCT, UNLIMITED_BANDWIDTH, multifdOn } from '../../qemu/migration.ts';
 import type { BeginInput } from '../../api/relocation.ts';
 import { FERRY_VERSION } from '../../version.ts';
 import { PROTOCOL_VERSION } from '../phases.ts';
@@ -222,6 +222,7 @@ async function setup(run: OutgoingRun): Promise<void> {
   await mq.setParameters({
     maxBandwidth: p.bandwidthMiBs ? Math.round(p.bandwidthMiBs * 1048576) : UNLIMITED_BANDWIDTH,
     downtimeLimit: run.maxDowntimeMs,
+    cpuThrottleInitial: QEMU_THROTTLE_INITIAL_PCT,
     ...(multifd ? { multifdChannels: parallel, multifdCompression: compress } : {}),
     ...(insecure ? { tlsCreds: '' } : { tlsCreds: 'ferry-tls-out', tlsHostname: run.peer.name }),
   });

@@ -7,11 +7,11 @@
 import net from 'node:net';
 import { FerryError } from '../../errors.ts';
 import { MigrationWatcher } from '../../qemu/migstatus.ts';
-import { MigrationQmp, uri } from '../../qemu/migration.ts';
+import { MigrationQmp, QEMU_THROTTLE_INITIAL_PCT, uri } from '../../qemu/migration.ts';
 import type { Progress } from '../../api/protocol.ts';
 import type { Report } from '../jobs.ts';
 import { GuestProbe, guestIp } from '../guestprobe.ts';
-import { plan as makePlan } from '../plan.ts';
+import { plan as makePlan, throttleInitialPct, type PlanInput } from '../plan.ts';
 import { DiskMirror } from '../mirror.ts';
 import { diskShare, publish } from './progress.ts';
 import { supervise } from './supervise.ts';
@@ -94,12 +94,12 @@ async function capabilities(run: OutgoingRun, auto: Autopilot): Promise<void> {
 function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefined {
   const { p, peer } = run;
   return run.planP?.then(
-    (pl0) => {
+    async (pl0) => {
       let pl = pl0;
       if (!run.postcopyOn && pl.plan.input.postcopyAllowed) {
         // The destination cannot take post-copy: the plan without it.
         const why = run.postcopyWanted ? `${peer.name} cannot take post-copy` : 'post-copy is not offered for this move';
-        pl = run.side.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false }), {
+        pl = run.side.planner.planView(makePlan({ ...pl.plan.input, postcopyAllowed: false, postcopyWhyNot: why }), {
           domain: p.domain,
           dest: peer.name,
           dirtyBytesPerS: pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS,
@@ -110,6 +110,7 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
       }
       run.stats.plan = pl.view;
       auto.pick = pl.plan.pick;
+      await throttleStart(run, auto, pl.plan.input);
       const v = pl.view;
       run.policy.push(
         `plan: ${v.pick}: ${v.reason} (dirty rate ${v.dirtyRateMBps ?? '?'} MB/s by ${v.dirtyRateFrom}; link ${v.linkMBps} MB/s, ${v.linkFrom})`,
@@ -120,6 +121,26 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
       run.policy.push(`no plan: ${(e as Error).message}`);
     },
   );
+}
+
+/**
+ * Where auto-converge starts (plan.throttleInitialPct), set as the plan arrives: during
+ * the first pass, before QEMU can have judged the guest (two periods of a second). A
+ * guest dirtying far faster than the link then converges after one step, not seven.
+ * setup() put QEMU's default back first, so an earlier move's start does not linger.
+ */
+async function throttleStart(run: OutgoingRun, auto: Autopilot, input: PlanInput): Promise<void> {
+  if (run.mode !== 'live' || auto.postcopyOn) return;
+  const pct = throttleInitialPct(input);
+  if (pct === QEMU_THROTTLE_INITIAL_PCT) return;
+  try {
+    await new MigrationQmp(run.q!, 'source').setParameters({ cpuThrottleInitial: pct });
+    run.policy.push(
+      `auto-converge starts at ${pct} %, not QEMU's ${QEMU_THROTTLE_INITIAL_PCT} %: the guest dirties ${(input.dirtyBytesPerS / 1e6).toFixed(0)} MB/s against a link of ${(input.linkBytesPerS / 1e6).toFixed(0)} MB/s (it throttles only if the passes stop shrinking)`,
+    );
+  } catch (e) {
+    run.policy.push(`auto-converge start not set (${(e as Error).message}); QEMU's ${QEMU_THROTTLE_INITIAL_PCT} % applies`);
+  }
 }
 
 /** --copy-storage: every disk mirrored into the destination's NBD exports until in sync. */
