@@ -118,16 +118,34 @@ function jobsFrom(host: number): { until: (phase: string, act: () => void, timeo
  */
 const RESERVATION_S = 12;
 
-async function transferring(): Promise<void> {
-  await waitFor(
-    'transfer under way',
-    async () => {
-      const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
-      return j.phase === 'perform' && j.progress && j.progress.transferred > 4 * 1024 * 1024;
-    },
-    30000,
-    200,
-  );
+/**
+ * Waits until host1's move of "pat" is copying (perform, more than 4 MiB sent). If it is
+ * not, the move is aborted and awaited before the error, which names the job's last state
+ * and the move's own output: a move left running would fail every later test too.
+ */
+async function transferring(move: Promise<Run>): Promise<void> {
+  let ended: Run | undefined;
+  void move.then((r) => (ended = r));
+  let last: unknown;
+  try {
+    await waitFor(
+      'transfer under way',
+      async () => {
+        if (ended) throw new Error(`the move ended first (exit ${ended.code}): ${ended.stdout}${ended.stderr}`);
+        const j = await ok(['-H', 'host1', 'job', 'pat', '--json']);
+        last = { phase: j.phase, progress: j.progress, jobId: j.jobId };
+        return j.phase === 'perform' && j.progress && j.progress.transferred > 4 * 1024 * 1024;
+      },
+      30000,
+      200,
+    );
+  } catch (e) {
+    await ferry(['-H', 'host1', 'job', 'abort', 'pat']);
+    const r = await move;
+    throw new Error(`${(e as Error).message}; the job last: ${JSON.stringify(last)}; the move: exit ${r.code} ${r.stdout}${r.stderr}`, {
+      cause: e,
+    });
+  }
 }
 
 describe('migration failures (lab)', () => {
@@ -142,7 +160,7 @@ describe('migration failures (lab)', () => {
 
   test('cancel during the transfer', async () => {
     const m = slowMigration();
-    await transferring();
+    await transferring(m.done);
     const c = await ok(['-H', 'host1', 'job', 'abort', 'pat', '--json']);
     assert.equal(c.cancelling, true);
     const r = await m.done;
@@ -156,7 +174,7 @@ describe('migration failures (lab)', () => {
 
   test('the destination QEMU killed during the transfer', async () => {
     const m = slowMigration();
-    await transferring();
+    await transferring(m.done);
     const destPid = (await ok(['-H', 'host2', 'info', 'pat', '--json'])).pid;
     process.kill(destPid, 'SIGKILL');
     const r = await m.done;
@@ -182,7 +200,7 @@ describe('migration failures (lab)', () => {
 
   test('the destination daemon killed during the transfer: it rolls back by phase on restart', async () => {
     const m = slowMigration();
-    await transferring();
+    await transferring(m.done);
     const d = labState().hosts[1].pid;
     process.kill(d, 'SIGKILL');
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
@@ -202,7 +220,7 @@ describe('migration failures (lab)', () => {
 
   test('the source daemon killed during the transfer: it rolls back by phase on restart', async () => {
     const m = slowMigration();
-    await transferring();
+    await transferring(m.done);
     const d = labState().hosts[0].pid;
     process.kill(d, 'SIGKILL');
     await waitFor('ferryd gone', () => !pidAlive(d), 5000);
@@ -236,7 +254,7 @@ describe('migration failures (lab)', () => {
 
   test('past the point of no return, the destination unreachable past its deadline: the source keeps asking, then settles on one host', async () => {
     const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '16', '--json'], { timeoutMs: 120000 });
-    await transferring();
+    await transferring(m);
     // (Offline: the pattern guest rewrites all its RAM, so a capped live copy would not converge.)
     // The stream (data port) goes on; Finish and every later question are refused.
     const cut = cutControl();
@@ -274,7 +292,7 @@ describe('migration failures (lab)', () => {
     await fails(['-H', 'host1', 'job', 'resolve', 'pat'], 'CLI_USAGE', 2);
     await fails(['-H', 'host1', 'job', 'resolve', 'pat', '--assume-source'], 'JOB_NOT_FOUND', 3);
     const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '16', '--json'], { timeoutMs: 120000 });
-    await transferring();
+    await transferring(m);
     const cut = cutControl();
     try {
       await waitFor('source asking', async () => (await ok(['-H', 'host1', 'job', 'pat', '--json'])).waiting, 60000, 200);
@@ -303,7 +321,7 @@ describe('migration failures (lab)', () => {
 
   test('the destination daemon frozen past its reservation while the stream ends: one host, no restart, and the next move works', async () => {
     const m = ferry(['-H', 'host1', 'migrate', 'pat', 'host2', '--bandwidth', '32', '--json'], { timeoutMs: 180000 });
-    await transferring();
+    await transferring(m);
     const d = labState().hosts[1].pid;
     process.kill(d, 'SIGSTOP');
     let thawed: number;
