@@ -37,8 +37,12 @@ export interface SourceJob extends JobBase {
   progress?: Progress;
   /** Past the point of no return, while the destination cannot be asked: who, how often, why. */
   waiting?: Waiting;
-  /** Set once QEMU switched to post-copy: from then on the source QEMU serves pages until the stream completes. */
-  postcopy?: { startedAt: number };
+  /**
+   * Set once QEMU switched to post-copy: from then on the source QEMU serves pages until
+   * the stream completes. `lost`: the destination's answer about a stream this QEMU
+   * failed (relocation.lost), kept so that no later driver asks again.
+   */
+  postcopy?: { startedAt: number; lost?: { stream: string; crashed: boolean } };
   /** Home ends this move listed the destination in (daemon/tunnels.ts): retracted if it is abandoned. */
   tunnels?: { nic: number; home: string; remote: string }[];
   /** --copy-storage: the destination's NBD export, so an abandon can abort a connection a dead link holds. */

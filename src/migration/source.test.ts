@@ -485,8 +485,10 @@ test('source: the source QEMU fails the post-copy stream with pages the destinat
     for (let i = 0; i < 200 && r.job().phase !== 'confirmed'; i++) await new Promise((res) => setTimeout(res, 10));
     assert.equal(r.job().phase, 'confirmed');
     assert.equal(r.job().error?.code, 'MIGRATION_POSTCOPY_LOST');
-    // The driver asked again; the destination's answer still says it crashed the guest.
+    // The driver used the destination's answer, kept with the job: it did not ask again.
     assert.match(r.job().error?.message ?? '', /stopped and marked crashed there/);
+    assert.deepEqual(r.job().postcopy?.lost, { stream: 'postcopy-paused', crashed: true });
+    assert.equal(r.calls.filter((c) => c === 'relocation.lost').length, 1, r.calls.join(', '));
     assert.deepEqual(r.h1.retired, ['web']);
     assert.ok(!r.outq.seen.includes('cont'), 'the source copy is never resumed');
   } finally {

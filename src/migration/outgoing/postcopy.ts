@@ -106,29 +106,38 @@ async function recoverPostcopy(s: OutgoingSide, j: SourceJob, st: Stream, deadli
  * has stopped the guest and marked it crashed, and this says so.
  */
 async function streamFailed(s: OutgoingSide, j: SourceJob, why: string, deadline: number): Promise<void> {
-  s.log.warn('the post-copy stream failed; asking the destination whether every page arrived', { jobId: j.jobId, why });
   const how = {
     deadline,
     first: 1,
     warning: 'the destination did not answer about a failed post-copy stream',
     prefix: 'post-copy stream failed: ',
   };
-  const got = await keepTrying(s, j, how, async () => {
-    const client = await redial(s, j).catch((e: unknown) => asFerryError(e).message);
-    if (typeof client === 'string') return client;
-    try {
-      return await ask(client, 'relocation.lost', { jobId: j.jobId, reason: why }, { timeoutMs: 15000 });
-    } catch (e) {
-      return asFerryError(e).message;
-    } finally {
-      client.close();
-    }
-  });
+  // Answered already (to the command; this is the background driver's turn): the answer stands.
+  const known = j.postcopy?.lost;
+  if (!known) s.log.warn('the post-copy stream failed; asking the destination whether every page arrived', { jobId: j.jobId, why });
+  const got = known
+    ? { value: known }
+    : await keepTrying(s, j, how, async () => {
+        const client = await redial(s, j).catch((e: unknown) => asFerryError(e).message);
+        if (typeof client === 'string') return client;
+        try {
+          return await ask(client, 'relocation.lost', { jobId: j.jobId, reason: why }, { timeoutMs: 15000 });
+        } catch (e) {
+          return asFerryError(e).message;
+        } finally {
+          client.close();
+        }
+      });
   if (!got)
     throw new FerryError(
       'MIGRATION_UNRESOLVED',
       `The post-copy stream of "${j.domain}" to ${j.peer.name} failed (${why}), and ${j.peer.name} has not said whether every page arrived (${j.waiting?.lastError.replace(/^post-copy stream failed: /, '') ?? 'no answer'}). ferryd keeps asking. Watch: \`ferry job ${j.domain}\``,
     );
+  // Kept once it is final: every page there, or the guest there crashed.
+  if (j.postcopy && !known && (got.value.stream === 'completed' || got.value.crashed)) {
+    j.postcopy.lost = { stream: got.value.stream, crashed: got.value.crashed };
+    s.store.saveLater(j);
+  }
   if (got.value.stream === 'completed') {
     s.log.warn('the post-copy stream failed after its last page arrived: the move is complete', { jobId: j.jobId, why });
     return;
