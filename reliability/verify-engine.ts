@@ -97,6 +97,8 @@ async function main(): Promise<void> {
   ];
   const rounds: Round[] = [];
   const t0 = Date.now();
+  // The code that runs is the code at the start: a commit made during the run is not it.
+  const commit = campaignCommit(ROOT);
   try {
     for (const g of guests) {
       await create(g);
@@ -201,7 +203,7 @@ async function main(): Promise<void> {
   const checkMs = checked.map((r) => r.checkMs!).sort((a, b) => a - b);
   const out = {
     date: new Date().toISOString(),
-    commit: campaignCommit(ROOT),
+    commit,
     engine: info.qemuVersion,
     accel: info.accel,
     minutes: +((Date.now() - t0) / 60000).toFixed(1),
