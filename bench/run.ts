@@ -802,6 +802,7 @@ type Contender =
   | 'ferry-plain'
   | 'ferry-par2'
   | 'ferry-zstd'
+  | 'ferry-zstd-p2'
   | 'ferry-auto'
   | 'qmp'
   | 'libvirt'
@@ -931,6 +932,19 @@ const SCENARIOS: Scenario[] = SMOKE
         reps: 5,
         lab,
       })),
+      // libvirt's best flags at 10 Gbit/s are zstd over two channels: the same in ferry, beside
+      // one zstd channel, answers whether the second channel is where its edge comes from.
+      {
+        id: 'dense-4g-10gbit-channels',
+        title: 'Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over a 10 Gbit/s link: zstd over one channel or two',
+        kind: 'linux',
+        memoryMiB: 4096,
+        fill: { mib: 3072, dirtyMiBs: 32 },
+        opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 },
+        contenders: ['ferry-zstd', 'ferry-zstd-p2', 'libvirt-tls-best'],
+        reps: 5,
+        lab: 'link-10gbit',
+      },
       // The same guest over the lab's unshaped veth: there the CPU, not the link, binds.
       {
         id: 'dense-1g-unshaped',
@@ -1051,7 +1065,8 @@ async function main(): Promise<void> {
                   ? await ferryGuest(spec, name, { disk, pair: ['host1', 'host3'] })
                   : c === 'ferry-copy'
                     ? await ferryGuest(spec, name, { disk })
-                    : (guests.ferry ?? guests['ferry-verify'] ?? (await ferryGuest(spec, name, { disk })));
+                    : (Object.entries(guests).find(([k]) => k.startsWith('ferry') && k !== 'ferry-tunnel' && k !== 'ferry-copy')?.[1] ??
+                      (await ferryGuest(spec, name, { disk })));
       }
       const uniq = [...new Set(Object.values(guests))];
       if (s.workload) for (const g of uniq) await g.send(s.workload);
@@ -1075,8 +1090,9 @@ async function main(): Promise<void> {
           const m = await g.migrate(to, {
             ...s.opts,
             insecure: c.endsWith('-plain'),
-            parallel: c === 'ferry-par2' || c === 'libvirt-tls-best' ? 2 : undefined,
-            compress: c === 'ferry-zstd' || c === 'libvirt-tls-best' ? 'zstd' : c === 'ferry-auto' ? 'auto' : undefined,
+            parallel: c === 'ferry-par2' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best' ? 2 : undefined,
+            compress:
+              c === 'ferry-zstd' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best' ? 'zstd' : c === 'ferry-auto' ? 'auto' : undefined,
             verify: c === 'ferry-verify',
             tls: c.startsWith('libvirt-tls'),
             postcopy: c === 'libvirt-tls-postcopy',
@@ -1305,7 +1321,7 @@ function render(
   L.push(
     'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
       (libvirtVersion ?? '') +
-      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-zstd-p2** (`--compress zstd --parallel 2`: libvirt-tls-best's flags, in ferry), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
     '',
   );
   L.push(
@@ -1343,15 +1359,19 @@ function render(
         `whole command ferry ÷ virsh migrate ${ratio(S.ferry, S.libvirt, 'totalMs')} (÷ virsh migrate --tls ${ratio(S.ferry, S['libvirt-tls'], 'totalMs')})`,
       );
     if (S.qmp) parts.push(`total ferry ÷ qmp ${ratio(S.ferry, S.qmp, 'totalMs')}`);
-    if (S['ferry-zstd'])
+    if (S['ferry-zstd'] && S.ferry)
       parts.push(
         `--compress zstd ÷ default: whole command ${ratio(S['ferry-zstd'], S.ferry, 'totalMs')}, sent ${ratio(S['ferry-zstd'], S.ferry, 'bytes')}`,
+      );
+    if (S['ferry-zstd-p2'])
+      parts.push(
+        `--compress zstd --parallel 2 ÷ --compress zstd: whole command ${ratio(S['ferry-zstd-p2'], S['ferry-zstd'], 'totalMs')}${S['libvirt-tls-best'] ? `; whole command ÷ libvirt's best flags: ferry-zstd-p2 ${ratio(S['ferry-zstd-p2'], S['libvirt-tls-best'], 'totalMs')}, ferry-zstd ${ratio(S['ferry-zstd'], S['libvirt-tls-best'], 'totalMs')}` : ''}`,
       );
     if (S['ferry-auto'])
       parts.push(
         `--compress auto ÷ default: whole command ${ratio(S['ferry-auto'], S.ferry, 'totalMs')} (÷ --compress zstd ${ratio(S['ferry-auto'], S['ferry-zstd'], 'totalMs')})`,
       );
-    if (S['libvirt-tls-best'])
+    if (S['libvirt-tls-best'] && S.ferry)
       parts.push(
         `whole command ferry ÷ libvirt's best flags ${ratio(S.ferry, S['libvirt-tls-best'], 'totalMs')}${S['ferry-zstd'] ? ` (ferry-zstd ÷ them ${ratio(S['ferry-zstd'], S['libvirt-tls-best'], 'totalMs')})` : ''}`,
       );
