@@ -12,6 +12,7 @@ import {
   FIXED_OVERHEAD_S,
   MULTIFD_GAIN,
   AUTO_COMPRESS_MAX_RATIO,
+  AUTO_COMPRESS_CHANNELS,
   throttleInitialPct,
   type PlanInput,
 } from './plan.ts';
@@ -155,15 +156,45 @@ test("the multifd gain is the stream bench's own result: two TLS channels over o
   assert.ok(Math.abs(MULTIFD_GAIN - ratio) <= 0.1, `MULTIFD_GAIN ${MULTIFD_GAIN}, the bench measured ${ratio.toFixed(2)}×`);
 });
 
-test('--compress auto: zstd where the sampled pages compress to at most AUTO_COMPRESS_MAX_RATIO, with the reason', () => {
-  const mixed = chooseCompression(0.55);
+test('--compress auto: zstd where the sampled pages compress to at most AUTO_COMPRESS_MAX_RATIO, over two channels where two cores are, with the reason', () => {
+  const mixed = chooseCompression(0.55, 2);
   assert.equal(mixed.compress, 'zstd');
-  assert.match(mixed.why, /compresses to 55 % of its size/);
-  assert.equal(chooseCompression(AUTO_COMPRESS_MAX_RATIO).compress, 'zstd', 'the bound itself compresses');
-  const random = chooseCompression(0.97);
+  assert.equal(mixed.parallel, AUTO_COMPRESS_CHANNELS);
+  assert.match(mixed.why, /compresses to 55 % of its size.*over 2 channels/);
+  const oneCore = chooseCompression(0.55, 1);
+  assert.equal(oneCore.parallel, undefined);
+  assert.match(oneCore.why, /over 1 channel/);
+  assert.equal(chooseCompression(AUTO_COMPRESS_MAX_RATIO, 2).compress, 'zstd', 'the bound itself compresses');
+  const random = chooseCompression(0.97, 2);
   assert.equal(random.compress, 'none');
+  assert.equal(random.parallel, undefined, 'no compression, no channels of its own');
   assert.match(random.why, /only to 97 %/);
-  const unknown = chooseCompression(null);
+  const unknown = chooseCompression(null, 2);
   assert.equal(unknown.compress, 'none');
   assert.match(unknown.why, /too little .* to judge|could not be read/);
+});
+
+test("auto's two compressing channels are the bench's own result: faster where the CPU binds, no slower where the link does (bench/results/dense-4g-*-channels.json)", () => {
+  const medTotal = (file: string, contender: string): number => {
+    const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', file), 'utf8')).runs as {
+      contender: string;
+      outcome: string;
+      totalMs: number | null;
+    }[];
+    const xs = runs
+      .filter((r) => r.contender === contender && r.outcome === 'succeeded')
+      .map((r) => r.totalMs!)
+      .sort((a, b) => a - b);
+    assert.ok(xs.length >= 5, `${file}: ${xs.length} checked runs of ${contender}`);
+    return xs.length % 2 ? xs[(xs.length - 1) / 2] : (xs[xs.length / 2 - 1] + xs[xs.length / 2]) / 2;
+  };
+  const gain = (file: string): number => medTotal(file, 'ferry-zstd-p2') / medTotal(file, 'ferry-zstd');
+  assert.ok(
+    gain('dense-4g-10gbit-channels.json') <= 0.95,
+    `10 Gbit/s: two channels ÷ one ${gain('dense-4g-10gbit-channels.json').toFixed(2)}`,
+  );
+  assert.ok(
+    gain('dense-4g-1gbit-channels.json') <= 1.05,
+    `1 Gbit/s: two channels ÷ one ${gain('dense-4g-1gbit-channels.json').toFixed(2)}`,
+  );
 });

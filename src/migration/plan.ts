@@ -89,23 +89,38 @@ export const MULTIFD_GAIN = 1.7;
  */
 export const AUTO_COMPRESS_MAX_RATIO = 0.8;
 
-/** --compress auto's choice from the sampled ratio (AUTO_COMPRESS_MAX_RATIO), with the reason the report gives. */
-export function chooseCompression(ratio: number | null): { compress: 'zstd' | 'none'; why: string } {
+/**
+ * --compress auto: how many channels compress when it chose zstd. Two, where the host has
+ * two cores: each multifd channel compresses on its own thread, and a single one is what
+ * binds once the link is fast. The evidence (BENCHMARKS.md, dense-4g-*-channels: the 4 GiB
+ * dense guest, 5 runs each, interleaved, checked against its result files by plan.test.ts):
+ * over 10 Gbit/s two channels took 0.85× one channel's time (and 0.81× libvirt's best
+ * flags, which use two); over 1 Gbit/s, where the link binds, they cost nothing measurable.
+ */
+export const AUTO_COMPRESS_CHANNELS = 2;
+
+/**
+ * --compress auto's choice from the sampled ratio (AUTO_COMPRESS_MAX_RATIO) and the host's
+ * cores: the method, its channels (AUTO_COMPRESS_CHANNELS), and the reason the report gives.
+ */
+export function chooseCompression(ratio: number | null, cores: number): { compress: 'zstd' | 'none'; parallel?: number; why: string } {
   if (ratio === null)
     return {
       compress: 'none',
       why: "--compress auto: no compression (too little of the guest's RAM is in use to judge, or it could not be read)",
     };
   const pct = `${Math.round(ratio * 100)} %`;
-  return ratio <= AUTO_COMPRESS_MAX_RATIO
-    ? {
-        compress: 'zstd',
-        why: `--compress auto: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
-      }
-    : {
-        compress: 'none',
-        why: `--compress auto: no compression (a sample of the guest's pages compresses only to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
-      };
+  if (ratio > AUTO_COMPRESS_MAX_RATIO)
+    return {
+      compress: 'none',
+      why: `--compress auto: no compression (a sample of the guest's pages compresses only to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
+    };
+  const two = cores >= AUTO_COMPRESS_CHANNELS;
+  return {
+    compress: 'zstd',
+    ...(two ? { parallel: AUTO_COMPRESS_CHANNELS } : {}),
+    why: `--compress auto: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down), ${two ? `over ${AUTO_COMPRESS_CHANNELS} channels, each compressing on its own core` : `over 1 channel (this host has ${cores} core)`}`,
+  };
 }
 
 /** How fast QEMU scans zero pages it need not send (a marker each). */

@@ -42,6 +42,7 @@
  * control connection drops). From `finish` on, S resumes its copy only if D says
  * that it abandoned; if D cannot be asked, S keeps its copy paused and keeps asking.
  */
+import os from 'node:os';
 import { FerryError, asFerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import type { ApiClient } from '../api/client.ts';
@@ -246,7 +247,7 @@ export class Source {
 
   /**
    * --compress auto, decided here, before the move opens (Begin tells the destination the
-   * method): a sample of the guest's RAM, judged by plan.chooseCompression. A shut-off
+   * method and the channels): a sample of the guest's RAM, judged by plan.chooseCompression. A shut-off
    * domain moves as its definition: nothing to compress.
    */
   private async resolveCompress(req: StartRequest): Promise<StartParams> {
@@ -254,10 +255,12 @@ export class Source {
     if (compress !== 'auto') return { ...rest, ...(compress ? { compress } : {}) };
     const dom = this.host.get(req.domain);
     const live = req.live === true && hasProcess(dom.rec.state);
-    const c = live
-      ? chooseCompression(await this.host.compressibility(dom))
-      : { compress: 'none' as const, why: '--compress auto: no compression (not a live move)' };
-    return { ...rest, compress: c.compress, compressWhy: c.why };
+    const c: ReturnType<typeof chooseCompression> = live
+      ? chooseCompression(await this.host.compressibility(dom), os.cpus().length)
+      : { compress: 'none', why: '--compress auto: no compression (not a live move)' };
+    // The operator's --parallel wins over auto's channels.
+    const parallel = rest.parallel ?? c.parallel;
+    return { ...rest, compress: c.compress, ...(parallel !== undefined ? { parallel } : {}), compressWhy: c.why };
   }
 
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
