@@ -125,10 +125,9 @@ export class Planner {
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = dom.rec.config;
     const engineLoses = dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
+    // What rules post-copy out where the config allows it (planView names the config itself).
     const why = !c.postcopy
-      ? p.strategy === 'postcopy'
-        ? undefined
-        : "post-copy is forbidden by the domain's config"
+      ? undefined
       : engineLoses
         ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
         : p.verifyMemory === true
@@ -149,7 +148,7 @@ export class Planner {
       spareCores: this.spareCores(),
       postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && (p.compress ?? 'none') === 'none',
       strategy: p.strategy ?? 'auto',
-      postcopyWhyNot: c.postcopy ? why : undefined,
+      postcopyWhyNot: why,
     };
     return this.planView(makePlan(input), {
       domain: c.name,
@@ -157,11 +156,13 @@ export class Planner {
       dirtyBytesPerS: dirty,
       onTimeout: p.onTimeout,
       compress: p.compress,
-      postcopyWhyNot: why,
     });
   }
 
-  /** The plan as the API shows it; `postcopyWhyNot` says why post-copy is not on the table, if it is not. */
+  /**
+   * The plan as the API shows it. Its reason ends with why post-copy is not on the table,
+   * if it is not: the plan's input says (postcopyWhyNot), else it is the domain's config.
+   */
   planView(
     pl: Plan,
     about: {
@@ -170,11 +171,13 @@ export class Planner {
       dirtyBytesPerS: number | null;
       onTimeout: OnTimeout | undefined;
       compress?: Compression;
-      postcopyWhyNot?: string;
     },
   ): { plan: Plan; view: PlanView } {
-    const { domain, dest: peer, dirtyBytesPerS: dirty, onTimeout, postcopyWhyNot: why } = about;
+    const { domain, dest: peer, dirtyBytesPerS: dirty, onTimeout } = about;
     const i = pl.input;
+    // With --strategy postcopy the plan's own reason says the config forbids it.
+    const why =
+      i.postcopyWhyNot ?? (!i.postcopyAllowed && i.strategy !== 'postcopy' ? "post-copy is forbidden by the domain's config" : undefined);
     const ms = (s: number): number | null => (Number.isFinite(s) ? Math.round(s * 1000) : null);
     const view: PlanView = {
       domain,

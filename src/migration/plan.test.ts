@@ -14,22 +14,12 @@ import {
   AUTO_COMPRESS_MAX_RATIO,
   AUTO_COMPRESS_CHANNELS,
   throttleInitialPct,
-  type PlanInput,
 } from './plan.ts';
 import { REPO_ROOT as REPO } from '../util/paths.ts';
+import { IDLE_1G } from '../testing/plan.ts';
 
 const MiB = 1048576;
-const base: PlanInput = {
-  ramBytes: 1024 * MiB,
-  dirtyBytesPerS: 1 * MiB,
-  linkBytesPerS: 300 * MiB,
-  linkFrom: 'test',
-  maxDowntimeMs: 300,
-  timeoutS: 90,
-  spareCores: 1,
-  postcopyAllowed: true,
-  strategy: 'auto',
-};
+const base = IDLE_1G;
 
 test('plan: an idle guest converges by pre-copy in a few passes, and pre-copy is the pick', () => {
   const p = plan(base);

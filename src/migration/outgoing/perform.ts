@@ -105,7 +105,6 @@ function whenPlanned(run: OutgoingRun, auto: Autopilot): Promise<void> | undefin
           dirtyBytesPerS: pl.view.dirtyRateMBps === null ? null : pl.plan.input.dirtyBytesPerS,
           onTimeout: p.onTimeout === 'postcopy' ? 'cancel' : p.onTimeout,
           compress: p.compress,
-          postcopyWhyNot: why,
         });
       }
       run.stats.plan = pl.view;
