@@ -120,8 +120,8 @@ interface Opts {
   copyStorage?: boolean;
   /** ferry: leave ferryd's own guest probe on (the others run with --no-probe). */
   ferryProbe?: boolean;
-  /** multifd compression (ferry --compress; virsh --compressed --comp-methods); auto: ferry's own choice. */
-  compress?: 'zstd' | 'auto';
+  /** multifd compression (ferry --compress; virsh --compressed --comp-methods); auto: ferry's own choice; none: ferry told not to. */
+  compress?: 'zstd' | 'auto' | 'none';
 }
 /** One run, timed by the bench from the command's start to its return (domain running on the destination, source clean). */
 interface Run {
@@ -804,6 +804,7 @@ type Contender =
   | 'ferry-zstd'
   | 'ferry-zstd-p2'
   | 'ferry-auto'
+  | 'ferry-none'
   | 'qmp'
   | 'libvirt'
   | 'libvirt-tls'
@@ -932,20 +933,29 @@ const SCENARIOS: Scenario[] = SMOKE
         reps: 5,
         lab,
       })),
-      // libvirt's best flags are zstd over two channels: the same in ferry, beside one zstd
-      // channel, says whether the second channel pays (10 Gbit/s: the CPU binds) and what it
-      // costs where the link binds (1 Gbit/s).
-      ...(['link-1gbit', 'link-10gbit'] as const).map((lab): Scenario => ({
-        id: `dense-4g-${lab.slice('link-'.length)}-channels`,
-        title: `Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over a ${LINK_RATES[lab] / 1e9} Gbit/s link: zstd over one channel or two`,
-        kind: 'linux',
-        memoryMiB: 4096,
-        fill: { mib: 3072, dirtyMiBs: 32 },
-        opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 },
-        contenders: ['ferry-zstd', 'ferry-zstd-p2', 'libvirt-tls-best'],
-        reps: 5,
-        lab,
-      })),
+      // On the same guest, over 1 and 10 Gbit/s, two questions. channels: libvirt's best flags
+      // are zstd over two channels; the same in ferry, beside one zstd channel, says whether the
+      // second channel pays (10 Gbit/s: the CPU binds) and what it costs where the link binds.
+      // default: since compression by default (plan.ts defaultCompression), ferry as it comes,
+      // beside ferry told not to compress and libvirt's best flags.
+      ...(
+        [
+          ['channels', 'zstd over one channel or two', ['ferry-zstd', 'ferry-zstd-p2', 'libvirt-tls-best']],
+          ['default', "ferry's default, which weighs compression, against --compress none", ['ferry', 'ferry-none', 'libvirt-tls-best']],
+        ] as const
+      ).flatMap(([tag, about, contenders]) =>
+        (['link-1gbit', 'link-10gbit'] as const).map((lab): Scenario => ({
+          id: `dense-4g-${lab.slice('link-'.length)}-${tag}`,
+          title: `Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over a ${LINK_RATES[lab] / 1e9} Gbit/s link: ${about}`,
+          kind: 'linux',
+          memoryMiB: 4096,
+          fill: { mib: 3072, dirtyMiBs: 32 },
+          opts: { live: true, maxDowntimeMs: 300, timeoutS: 300 },
+          contenders: [...contenders],
+          reps: 5,
+          lab,
+        })),
+      ),
       // The same guest over the lab's unshaped veth: there the CPU, not the link, binds.
       {
         id: 'dense-1g-unshaped',
@@ -1093,7 +1103,13 @@ async function main(): Promise<void> {
             insecure: c.endsWith('-plain'),
             parallel: c === 'ferry-par2' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best' ? 2 : undefined,
             compress:
-              c === 'ferry-zstd' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best' ? 'zstd' : c === 'ferry-auto' ? 'auto' : undefined,
+              c === 'ferry-zstd' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best'
+                ? 'zstd'
+                : c === 'ferry-auto'
+                  ? 'auto'
+                  : c === 'ferry-none'
+                    ? 'none'
+                    : undefined,
             verify: c === 'ferry-verify',
             tls: c.startsWith('libvirt-tls'),
             postcopy: c === 'libvirt-tls-postcopy',
@@ -1322,7 +1338,7 @@ function render(
   L.push(
     'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
       (libvirtVersion ?? '') +
-      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-zstd-p2** (`--compress zstd --parallel 2`: libvirt-tls-best's flags, in ferry), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-zstd-p2** (`--compress zstd --parallel 2`: libvirt-tls-best's flags, in ferry), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **ferry-none** (`--compress none`: ferry told not to compress; since compression by default, ferry weighs it for a guest with 2 GiB or more in use, so in the `dense-4g-*` scenarios run before that, **ferry** is this), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
     '',
   );
   L.push(
@@ -1367,6 +1383,10 @@ function render(
     if (S['ferry-zstd-p2'])
       parts.push(
         `--compress zstd --parallel 2 ÷ --compress zstd: whole command ${ratio(S['ferry-zstd-p2'], S['ferry-zstd'], 'totalMs')}${S['libvirt-tls-best'] ? `; whole command ÷ libvirt's best flags: ferry-zstd-p2 ${ratio(S['ferry-zstd-p2'], S['libvirt-tls-best'], 'totalMs')}, ferry-zstd ${ratio(S['ferry-zstd'], S['libvirt-tls-best'], 'totalMs')}` : ''}`,
+      );
+    if (S['ferry-none'] && S.ferry)
+      parts.push(
+        `default ÷ --compress none: whole command ${ratio(S.ferry, S['ferry-none'], 'totalMs')}, sent ${ratio(S.ferry, S['ferry-none'], 'bytes')}`,
       );
     if (S['ferry-auto'])
       parts.push(

@@ -373,7 +373,7 @@ function registerMigrateVerb(prog: Command): void {
     .option('--parallel <n>', 'multifd: send the stream over N TLS connections, encrypted in parallel (default 1)', num('--parallel', 1))
     .option(
       '--compress <method>',
-      "compress pages before they are sent and encrypted: zstd (multifd, on --parallel channels; no post-copy), auto (zstd where a sample of the guest's pages compresses well, over 2 channels where the host has 2 cores) or none (default)",
+      "compress pages before they are sent and encrypted: zstd (multifd, on --parallel channels; no post-copy), auto (zstd where a sample of the guest's pages compresses well, over 2 channels where the host has 2 cores) or none; without it, a live move of a guest with 2 GiB or more in use compresses as auto would where pre-copy fits the budget or post-copy is off anyway",
     )
     .option('--insecure', 'send the migration stream as plain TCP (the report says so)')
     .option(

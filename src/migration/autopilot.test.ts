@@ -22,3 +22,14 @@ test("planView: the reason ends with why post-copy is off: what the plan's input
   assert.match(asked, /^post-copy was asked for, but the domain's config forbids it/);
   assert.doesNotMatch(asked, /; post-copy is forbidden/);
 });
+
+test('compression by default stays off where the operator asked for post-copy, before anything is measured', async () => {
+  // The host and the QMP client are never touched: a throw would show.
+  const dom = {} as Parameters<Planner['defaultCompression']>[0];
+  const q = {} as Parameters<Planner['defaultCompression']>[1];
+  for (const p of [{ strategy: 'postcopy' as const }, { onTimeout: 'postcopy' as const }]) {
+    const c = await planner.defaultCompression(dom, q, 'host2', p);
+    assert.deepEqual([c.compress, c.considered], ['none', false]);
+    assert.match(c.why, /post-copy was asked for/);
+  }
+});

@@ -12,7 +12,16 @@ import type { QmpClient } from '../qmp/client.ts';
 import type { PlanView } from '../api/protocol.ts';
 import type { MigrationHost, DomainHandle, MigrationLog } from './host.ts';
 import type { JobStore, SourceJob } from './jobs.ts';
-import { plan as makePlan, linkRate, type Plan, type StrategyChoice, type OnTimeout } from './plan.ts';
+import {
+  plan as makePlan,
+  linkRate,
+  chooseCompression,
+  defaultCompression,
+  type CompressionChoice,
+  type Plan,
+  type StrategyChoice,
+  type OnTimeout,
+} from './plan.ts';
 import { dirtyTrackingUnreliable } from '../qemu/memory.ts';
 
 /**
@@ -124,19 +133,8 @@ export class Planner {
     const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(dom)]);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = dom.rec.config;
-    const engineLoses = dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version);
     // What rules post-copy out where the config allows it (planView names the config itself).
-    const why = !c.postcopy
-      ? undefined
-      : engineLoses
-        ? `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`
-        : p.verifyMemory === true
-          ? 'post-copy is off with --verify-memory (it compares both copies while both are paused)'
-          : (p.parallel ?? 1) > 1
-            ? 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)'
-            : (p.compress ?? 'none') !== 'none'
-              ? 'post-copy is off with --compress (compression needs multifd, which QEMU 10.0 cannot combine with post-copy)'
-              : undefined;
+    const why = c.postcopy ? this.postcopyWhyNot(dom, p) : undefined;
     const input = {
       ramBytes: c.memoryMiB * 1048576,
       touchedBytes: touched === null ? undefined : Math.min(c.memoryMiB * 1048576, touched),
@@ -146,7 +144,7 @@ export class Planner {
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
       timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(),
-      postcopyAllowed: c.postcopy && !engineLoses && p.verifyMemory !== true && (p.parallel ?? 1) <= 1 && (p.compress ?? 'none') === 'none',
+      postcopyAllowed: c.postcopy && why === undefined,
       strategy: p.strategy ?? 'auto',
       postcopyWhyNot: why,
     };
@@ -157,6 +155,46 @@ export class Planner {
       onTimeout: p.onTimeout,
       compress: p.compress,
     });
+  }
+
+  /** Why post-copy is off for this move, or undefined when it is on the table. */
+  postcopyWhyNot(dom: DomainHandle, p: PlanParams): string | undefined {
+    if (!dom.rec.config.postcopy) return "post-copy is forbidden by the domain's config";
+    if (dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version))
+      return `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`;
+    if (p.verifyMemory === true) return 'post-copy is off with --verify-memory (it compares both copies while both are paused)';
+    if ((p.parallel ?? 1) > 1) return 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)';
+    if ((p.compress ?? 'none') !== 'none')
+      return 'post-copy is off with --compress (compression needs multifd, which QEMU 10.0 cannot combine with post-copy)';
+    return undefined;
+  }
+
+  /**
+   * A live move without --compress: whether it compresses (plan.ts defaultCompression),
+   * measured here after the peer is known and before Begin tells it the method. Post-copy
+   * asked for by --strategy or --on-timeout keeps it off. A step that fails counts as
+   * "do not compress": the move goes on as it would have before.
+   */
+  async defaultCompression(
+    dom: DomainHandle,
+    q: QmpClient,
+    peer: string,
+    p: PlanParams,
+  ): Promise<CompressionChoice & { considered: boolean }> {
+    if (p.strategy === 'postcopy' || p.onTimeout === 'postcopy')
+      return { compress: 'none', why: 'compression by default: none (post-copy was asked for)', considered: false };
+    try {
+      return await defaultCompression({
+        touchedBytes: await this.host.touchedBytes(dom),
+        sample: async () => chooseCompression(await this.host.compressibility(dom), os.cpus().length),
+        postcopyWhyNot: this.postcopyWhyNot(dom, p),
+        predict: async (c) =>
+          (await this.planFor(dom, q, peer, { ...p, compress: c.compress, parallel: c.parallel ?? p.parallel })).plan.predictions,
+      });
+    } catch (e) {
+      this.log.warn('compression by default not weighed', { error: String(e) });
+      return { compress: 'none', why: `compression by default: none (not weighed: ${(e as Error).message})`, considered: false };
+    }
   }
 
   /**

@@ -8,6 +8,9 @@ import {
   precopyEtaS,
   linkRate,
   chooseCompression,
+  defaultCompression,
+  LARGE_GUEST_BYTES,
+  type CompressionChoice,
   FIXED_PAUSE_MS,
   FIXED_OVERHEAD_S,
   MULTIFD_GAIN,
@@ -162,6 +165,51 @@ test('--compress auto: zstd where the sampled pages compress to at most AUTO_COM
   const unknown = chooseCompression(null, 2);
   assert.equal(unknown.compress, 'none');
   assert.match(unknown.why, /too little .* to judge|could not be read/);
+});
+
+test('compression by default: only a large guest whose pages compress, and only where post-copy is not needed', async () => {
+  const zstd = chooseCompression(0.55, 2);
+  const asked: string[] = [];
+  // The 4 GiB dense guest: 3.2 GiB in use; the plan's input as the move would have it.
+  const big = { ...base, ramBytes: 4096 * MiB, touchedBytes: 3300 * MiB, postcopyAllowed: false };
+  const steps = (over: { touchedBytes?: number | null; sample?: CompressionChoice; postcopyWhyNot?: string; dirtyMiBs?: number }) => ({
+    touchedBytes: over.touchedBytes === undefined ? big.touchedBytes : over.touchedBytes,
+    sample: async () => {
+      asked.push('sample');
+      return over.sample ?? zstd;
+    },
+    postcopyWhyNot: over.postcopyWhyNot,
+    predict: async (c: CompressionChoice) => {
+      asked.push(`predict ${c.compress}/${c.parallel}`);
+      return predict({ ...big, dirtyBytesPerS: (over.dirtyMiBs ?? 4) * MiB });
+    },
+  });
+  // A small guest: nothing sampled, nothing said in the move's report.
+  const small = await defaultCompression(steps({ touchedBytes: 79 * MiB }));
+  assert.deepEqual([small.compress, small.considered, asked], ['none', false, []]);
+  assert.match(small.why, /79 MiB of RAM in use, under 2\.0 GiB/);
+  assert.equal((await defaultCompression(steps({ touchedBytes: null }))).considered, false, 'unknown counts as small');
+  assert.equal((await defaultCompression(steps({ touchedBytes: LARGE_GUEST_BYTES - 1 }))).compress, 'none');
+  // Large, but its pages do not compress: no plan is made.
+  const random = await defaultCompression(steps({ sample: chooseCompression(0.97, 2) }));
+  assert.deepEqual([random.compress, random.considered, asked], ['none', true, ['sample']]);
+  assert.match(random.why, /^compression by default: no compression \(.*only to 97 %/);
+  // Large and compressible, post-copy off anyway: nothing is lost.
+  asked.length = 0;
+  const off = await defaultCompression(steps({ postcopyWhyNot: "post-copy is forbidden by the domain's config" }));
+  assert.deepEqual([off.compress, off.parallel, asked], ['zstd', 2, ['sample']]);
+  assert.match(off.why, /nothing lost: post-copy is forbidden/);
+  // Post-copy on the table: compressed only where the plan fits pre-copy in the budget.
+  asked.length = 0;
+  const fits = await defaultCompression(steps({}));
+  assert.deepEqual([fits.compress, fits.parallel, asked], ['zstd', 2, ['sample', 'predict zstd/2']]);
+  assert.match(fits.why, /pre-copy fits the budget without post-copy \(predicted \d+\.\d s/);
+  const churn = await defaultCompression(steps({ dirtyMiBs: 600 }));
+  assert.deepEqual([churn.compress, churn.parallel, churn.considered], ['none', undefined, true]);
+  assert.match(
+    churn.why,
+    /not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression \(the sample alone would have chosen zstd/,
+  );
 });
 
 test("auto's two compressing channels are the bench's own result: faster where the CPU binds, no slower where the link does (bench/results/dense-4g-*-channels.json)", () => {

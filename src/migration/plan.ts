@@ -103,23 +103,86 @@ export const AUTO_COMPRESS_CHANNELS = 2;
  * --compress auto's choice from the sampled ratio (AUTO_COMPRESS_MAX_RATIO) and the host's
  * cores: the method, its channels (AUTO_COMPRESS_CHANNELS), and the reason the report gives.
  */
-export function chooseCompression(ratio: number | null, cores: number): { compress: 'zstd' | 'none'; parallel?: number; why: string } {
+export function chooseCompression(ratio: number | null, cores: number, who = '--compress auto'): CompressionChoice {
   if (ratio === null)
     return {
       compress: 'none',
-      why: "--compress auto: no compression (too little of the guest's RAM is in use to judge, or it could not be read)",
+      why: `${who}: no compression (too little of the guest's RAM is in use to judge, or it could not be read)`,
     };
   const pct = `${Math.round(ratio * 100)} %`;
   if (ratio > AUTO_COMPRESS_MAX_RATIO)
     return {
       compress: 'none',
-      why: `--compress auto: no compression (a sample of the guest's pages compresses only to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
+      why: `${who}: no compression (a sample of the guest's pages compresses only to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down)`,
     };
   const two = cores >= AUTO_COMPRESS_CHANNELS;
   return {
     compress: 'zstd',
     ...(two ? { parallel: AUTO_COMPRESS_CHANNELS } : {}),
-    why: `--compress auto: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down), ${two ? `over ${AUTO_COMPRESS_CHANNELS} channels, each compressing on its own core` : `over 1 channel (this host has ${cores} core)`}`,
+    why: `${who}: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down), ${two ? `over ${AUTO_COMPRESS_CHANNELS} channels, each compressing on its own core` : `over 1 channel (this host has ${cores} core)`}`,
+  };
+}
+
+/** A compression decision: the method, its channels, and the reason the report gives. */
+export interface CompressionChoice {
+  compress: 'zstd' | 'none';
+  parallel?: number;
+  why: string;
+}
+
+/**
+ * From this much RAM in use a guest is large: a live move the operator gave no --compress
+ * considers compressing it. Below it a move sends little and takes seconds either way, and
+ * ferry's downtime figures (BENCHMARKS.md) were measured on the uncompressed path; the same
+ * size makes multifd come on by itself where post-copy is forbidden (outgoing/begin.ts).
+ */
+export const LARGE_GUEST_BYTES = 2 * 1024 ** 3;
+
+/** What defaultCompression asks for, each only when the step before says go on. */
+export interface DefaultCompressionSteps {
+  /** RAM in use (null: unknown, which counts as small). */
+  touchedBytes: number | null;
+  /** chooseCompression on a sample of the guest's pages. */
+  sample: () => Promise<CompressionChoice>;
+  /** Why post-copy is off for this move anyway; undefined when it is on the table. */
+  postcopyWhyNot: string | undefined;
+  /** The plan's predictions as the move would run with `c` (compressed, so post-copy ruled out). */
+  predict: (c: CompressionChoice) => Promise<Prediction[]>;
+}
+
+/**
+ * What a live move sends when the operator gave no --compress (README "Compression"):
+ * compressed only for a large guest (LARGE_GUEST_BYTES) whose pages compress
+ * (chooseCompression), and only where compressing takes away nothing the move may need.
+ * QEMU 10.0 cannot combine multifd with post-copy, the fallback at the deadline, so either
+ * post-copy is off anyway, or the plan with compression fits pre-copy (one channel or
+ * several) in the budget. `considered` is false for a guest too small to weigh: the move's
+ * report then says nothing about it. A small guest costs no sample, a guest that does not
+ * compress no plan.
+ */
+export async function defaultCompression(s: DefaultCompressionSteps): Promise<CompressionChoice & { considered: boolean }> {
+  const who = 'compression by default';
+  if ((s.touchedBytes ?? 0) < LARGE_GUEST_BYTES)
+    return {
+      compress: 'none',
+      why: `${who}: none (${s.touchedBytes === null ? 'RAM in use unknown' : `${mb(s.touchedBytes)} of RAM in use`}, under ${mb(LARGE_GUEST_BYTES)}; --compress zstd|auto compresses anyway)`,
+      considered: false,
+    };
+  const c = await s.sample();
+  if (c.compress === 'none') return { ...c, why: c.why.replace('--compress auto', who), considered: true };
+  const base = c.why.replace('--compress auto', who);
+  if (s.postcopyWhyNot !== undefined) return { ...c, why: `${base}; nothing lost: ${s.postcopyWhyNot}`, considered: true };
+  const fits = (await s.predict(c)).filter((x) => (x.strategy === 'precopy' || x.strategy === 'multifd') && x.fitsBudget);
+  if (fits.length)
+    return {
+      ...c,
+      why: `${base}; pre-copy fits the budget without post-copy (predicted ${fits[0].totalS.toFixed(1)} s counting pages uncompressed)`,
+      considered: true,
+    };
+  return {
+    compress: 'none',
+    why: `${who}: none: pre-copy is not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression (the sample alone would have chosen ${base.slice(who.length + 2)})`,
+    considered: true,
   };
 }
 

@@ -269,6 +269,53 @@ test("source: a guest dirtying far faster than the link: auto-converge starts wh
   }
 });
 
+test('source: without --compress, a large guest whose pages compress moves compressed where pre-copy fits; a fast dirtier keeps post-copy instead', async () => {
+  const r = await rig();
+  try {
+    r.h1.touched = 3 * 1024 ** 3;
+    r.h1.ratio = 0.5;
+    const rep = await r.start();
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(
+      rep.policy.some((x) =>
+        /^compression by default: zstd \(a sample of the guest's pages compresses to 50 %.*pre-copy fits the budget/.test(x),
+      ),
+      rep.policy.join('\n'),
+    );
+    assert.equal(r.outq.params['multifd-compression'], 'zstd', JSON.stringify(r.outq.params));
+    assert.ok(!rep.policy.some((x) => x.startsWith('post-copy offered')), 'compression rules post-copy out');
+  } finally {
+    r.done();
+  }
+  const fast = await rig({ dirtyMiBs: 1260 });
+  try {
+    fast.h1.touched = 3 * 1024 ** 3;
+    fast.h1.ratio = 0.5;
+    const rep = await fast.start();
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(
+      rep.policy.some((x) => /^compression by default: none: pre-copy is not predicted to fit/.test(x)),
+      rep.policy.join('\n'),
+    );
+    assert.notEqual(fast.outq.params['multifd-compression'], 'zstd');
+    assert.ok(
+      rep.policy.some((x) => x.startsWith('post-copy offered')),
+      rep.policy.join('\n'),
+    );
+  } finally {
+    fast.done();
+  }
+  // The default small guest (touched unknown): nothing weighed, nothing said.
+  const small = await rig();
+  try {
+    const rep = await small.start();
+    assert.equal(rep.outcome, 'succeeded', JSON.stringify(rep.error));
+    assert.ok(!rep.policy.some((x) => x.startsWith('compression by default')), rep.policy.join('\n'));
+  } finally {
+    small.done();
+  }
+});
+
 test('source: refused at Begin, nothing changes (abandoned in begin)', async () => {
   const r = await rig({ destHasDomain: true });
   try {

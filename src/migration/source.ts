@@ -265,7 +265,7 @@ export class Source {
 
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
   async planOnly(req: StartRequest): Promise<PlanView> {
-    const p = await this.resolveCompress({ ...req, live: true });
+    let p = await this.resolveCompress({ ...req, live: true });
     const dom = this.host.get(p.domain);
     if (!hasProcess(dom.rec.state) || !dom.qmp)
       throw new FerryError(
@@ -278,6 +278,11 @@ export class Source {
     client.close();
     if (peer.name === this.host.cfg.name)
       throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
+    // As the move would weigh it (outgoing/begin.ts open); the plan says why even for a small guest.
+    if (req.compress === undefined && req.parallel === undefined) {
+      const c = await this.planner.defaultCompression(dom, dom.qmp, peer.name, p);
+      p = { ...p, ...(c.compress !== 'none' ? { compress: c.compress, parallel: c.parallel ?? p.parallel } : {}), compressWhy: c.why };
+    }
     const { view } = await this.planner.planFor(dom, dom.qmp, peer.name, p);
     return p.compressWhy ? { ...view, reason: `${view.reason}; ${p.compressWhy}` } : view;
   }

@@ -189,11 +189,14 @@ export class FakeHost extends EventEmitter implements MigrationHost {
   postcopyIncoming(): { ok: boolean; why: string } {
     return { ok: true, why: 'a fake host' };
   }
+  /** What touchedBytes and compressibility answer (null: not known, as for a guest that could not be read). */
+  touched: number | null = null;
+  ratio: number | null = null;
   async touchedBytes(): Promise<number | null> {
-    return null;
+    return this.touched;
   }
   async compressibility(): Promise<number | null> {
-    return null;
+    return this.ratio;
   }
   apply(d: DomainHandle, e: DomainEvent): void {
     (d as Handle).rec.state = transition(d.rec.state, e);

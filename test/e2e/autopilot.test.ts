@@ -1,6 +1,8 @@
 /**
  * The convergence autopilot in the lab (migration/plan.ts, Source's supervise):
  * - `--plan` measures a guest and predicts each strategy without moving anything;
+ * - without --compress, the plan weighs compression for a 2.25 GiB guest, and keeps it off
+ *   where post-copy may be needed;
  * - the 1 GiB memory-pattern guest (it rewrites every page, all the time) moves live over
  *   TLS inside --timeout 90 with a short final pause: pre-copy alone never converges,
  *   so the move switches to post-copy, and the checker proves its memory whole;
@@ -75,6 +77,37 @@ describe('convergence autopilot (lab)', () => {
     assert.match(vm.predictions.find((p: { strategy: string }) => p.strategy === 'auto-converge').note, /throttled \(from \d+ %/);
     assert.deepEqual(await runsOn('pat'), ['host1'], 'a plan moves nothing');
     assert.deepEqual(await ok(['-H', 'host1', 'jobs', '--json']), [], 'and starts no job');
+    // Under 2 GiB in use, no compression is weighed without --compress, and the plan says why.
+    assert.equal(v.compress, 'none');
+    assert.match(v.reason, /compression by default: none \([\d.]+ [GM]iB of RAM in use, under 2\.0 GiB/);
+  });
+
+  test('without --compress, the plan weighs compression for a guest with 2 GiB or more in use: off where post-copy may be needed, zstd where it is ruled out anyway', async () => {
+    // The pattern guest touches all its RAM, and its pages (one counter byte each) compress.
+    await createGuest('pattern', 'large', 'host1', 2304);
+    try {
+      const v = await ok(['-H', 'host1', 'migrate', 'large', 'host2', '--plan', '--timeout', '90', '--json']);
+      assert.ok(v.touchedBytes >= 2 * 1024 ** 3, `touched ${v.touchedBytes}`);
+      assert.equal(v.compress, 'none', v.reason);
+      assert.match(
+        v.reason,
+        /compression by default: none: pre-copy is not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression \(the sample alone would have chosen zstd/,
+      );
+      assert.equal(v.pick, 'postcopy', v.reason);
+      const vm = await ok(['-H', 'host1', 'migrate', 'large', 'host2', '--plan', '--verify-memory', '--timeout', '90', '--json']);
+      assert.equal(vm.compress, 'zstd', vm.reason);
+      assert.match(
+        vm.reason,
+        /compression by default: zstd \(a sample of the guest's pages compresses to \d+ % of its size.*nothing lost: post-copy is off with --verify-memory/,
+      );
+      // --compress none is the operator's word: nothing is weighed.
+      const none = await ok(['-H', 'host1', 'migrate', 'large', 'host2', '--plan', '--verify-memory', '--compress', 'none', '--json']);
+      assert.equal(none.compress, 'none');
+      assert.doesNotMatch(none.reason, /compression by default/);
+    } finally {
+      await ferry(['-H', 'host1', 'destroy', 'large']);
+      await ferry(['-H', 'host1', 'delete', 'large']);
+    }
   });
 
   test('the 1 GiB pattern guest moves live over TLS within --timeout 90, pause under 1 s, memory whole on host2', async () => {

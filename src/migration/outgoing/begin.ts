@@ -31,7 +31,7 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
     params.parallel === undefined && params.live && !dom.rec.config.postcopy && dom.rec.config.memoryMiB >= 2048 && spare >= 2
       ? 2
       : undefined;
-  const p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
+  let p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
   // A finished incoming job only waits for its source's Confirm: the guest runs here.
   if (s.store.openJobs(p.domain).some((o) => !(o.role === 'destination' && o.phase === 'finished')))
     throw new FerryError('MIGRATION_IN_PROGRESS', `Domain "${p.domain}" already has a migration job`);
@@ -44,6 +44,13 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
   const mode: Mode = hasProcess(st) ? (p.live ? 'live' : 'offline') : 'definition';
   // Nothing has changed yet: a failure to reach or trust the peer leaves the domain as it is.
   const { client, peer } = await s.connect(p.dest);
+  // No --compress and no --parallel: the plan weighs compression for a large guest
+  // (plan.ts defaultCompression) before Begin tells the destination the method.
+  if (mode === 'live' && params.compress === undefined && params.parallel === undefined && dom.qmp) {
+    const c = await s.planner.defaultCompression(dom, dom.qmp, peer.name, p);
+    if (c.compress !== 'none') p = { ...p, compress: c.compress, parallel: c.parallel ?? p.parallel };
+    if (c.considered) p = { ...p, compressWhy: c.why };
+  }
   const j: SourceJob = {
     role: 'source',
     jobId: crypto.randomUUID(),
