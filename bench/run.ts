@@ -940,13 +940,18 @@ const SCENARIOS: Scenario[] = SMOKE
       // beside ferry told not to compress and libvirt's best flags.
       ...(
         [
-          ['channels', 'zstd over one channel or two', ['ferry-zstd', 'ferry-zstd-p2', 'libvirt-tls-best']],
-          ['default', "ferry's default, which weighs compression, against --compress none", ['ferry', 'ferry-none', 'libvirt-tls-best']],
+          ['channels', 'zstd over one channel or two', ['ferry-zstd', 'ferry-zstd-p2', 'libvirt-tls-best'], [] as const],
+          [
+            'default',
+            "ferry's default, which weighs compression, against --compress none",
+            ['ferry', 'ferry-none', 'libvirt-tls-best'],
+            [undefined] as const,
+          ],
         ] as const
-      ).flatMap(([tag, about, contenders]) =>
-        (['link-1gbit', 'link-10gbit'] as const).map((lab): Scenario => ({
-          id: `dense-4g-${lab.slice('link-'.length)}-${tag}`,
-          title: `Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over a ${LINK_RATES[lab] / 1e9} Gbit/s link: ${about}`,
+      ).flatMap(([tag, about, contenders, more]) =>
+        (['link-1gbit', 'link-10gbit', ...more] as const).map((lab): Scenario => ({
+          id: `dense-4g-${lab ? lab.slice('link-'.length) : 'unshaped'}-${tag}`,
+          title: `Linux 4 GiB, 3 GiB filled (mixed), dirtying 32 MiB/s, live over ${lab ? `a ${LINK_RATES[lab] / 1e9} Gbit/s link` : 'the unshaped lab link'}: ${about}`,
           kind: 'linux',
           memoryMiB: 4096,
           fill: { mib: 3072, dirtyMiBs: 32 },
@@ -1338,7 +1343,7 @@ function render(
   L.push(
     'Contenders: **ferry** (`ferry migrate`: TLS, pre-flight, persisted phases, the autopilot picking pre-copy or post-copy for the budget), **ferry-verify** (the same with `--verify-memory`), **qmp** (the same QEMU argv, machine type, certificates, bandwidth, downtime and auto-converge settings, driven directly through QMP: the engine baseline, TLS), **libvirt** and **libvirt-tls** (`virsh migrate --live --auto-converge --unsafe --persistent --undefinesource --timeout T`, without and with `--tls`, between two libvirtd ' +
       (libvirtVersion ?? '') +
-      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-zstd-p2** (`--compress zstd --parallel 2`: libvirt-tls-best's flags, in ferry), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **ferry-none** (`--compress none`: ferry told not to compress; since compression by default, ferry weighs it for a guest with 2 GiB or more in use, so in the `dense-4g-*` scenarios run before that, **ferry** is this), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
+      " lab hosts with the same guest, CPU model and machine type; at `--timeout` libvirt suspends the guest to finish), **libvirt-tls-postcopy** (the same with `--tls --postcopy --postcopy-after-precopy`: post-copy once the first pass is sent), **ferry-plain** (`--insecure`, to hosts that allow it; the destination ferryd gates the data port and relays the stream to a unix socket of QEMU, so that no other connection reaches QEMU: that relay, in Node on the same two cores, is the price), **ferry-par2** (`--parallel 2`: multifd, two TLS channels), **ferry-probed** (ferry with ferryd's own guest probe left on; every other ferry run has `--no-probe`, so that the bench's probe is the only one), **ferry-zstd** (`--compress zstd`: multifd with zstd, one TLS channel), **ferry-zstd-p2** (`--compress zstd --parallel 2`: libvirt-tls-best's flags, in ferry), **ferry-auto** (`--compress auto`: zstd where a sample of the guest's pages compresses to 80 % or less), **ferry-none** (`--compress none`: ferry told not to compress; since compression by default, **ferry** weighs it for a guest with 2 GiB or more in use; in `dense-4g-1gbit`, `dense-4g-10gbit` and `dense-4g-unshaped`, run before that change, **ferry** moved uncompressed, as this does), **libvirt-tls-best** (`virsh migrate --tls --parallel --parallel-connections 2 --compressed --comp-methods zstd`: libvirt's flags for a slow link); in the boundaries scenario (3 hosts, two segments) **ferry** moves host1 ⇄ host2 with the disk on the shared pool, **ferry-tunnel** host1 ⇄ host3 across segments through the VXLAN, **ferry-copy** host1 ⇄ host2 with the disk in the host's own directory and `--copy-storage --delete-source-storage`, and **libvirt-tls-copy** the same move by `virsh migrate --live --tls --copy-storage-all` with the disk in each libvirtd's own /var/lib/libvirt/images, a storage pool there, so that libvirt creates the destination's disk itself (the source's copy it leaves is deleted after the clock stops). For the disk copies, *setup* includes the copy and *sent* counts RAM only.",
     '',
   );
   L.push(
