@@ -163,9 +163,10 @@ export class Planner {
     if (dirtyTrackingUnreliable(dom.rec.runtime?.accel ?? this.host.accel.accel, this.host.qemu.version))
       return `post-copy is off: QEMU ${this.host.qemu.version} can lose dirty pages here, and post-copy leaves no moment to check the copy`;
     if (p.verifyMemory === true) return 'post-copy is off with --verify-memory (it compares both copies while both are paused)';
-    if ((p.parallel ?? 1) > 1) return 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)';
+    // Compression first: its channels are multifd's too, and may not be the operator's --parallel.
     if ((p.compress ?? 'none') !== 'none')
-      return 'post-copy is off with --compress (compression needs multifd, which QEMU 10.0 cannot combine with post-copy)';
+      return 'post-copy is off with compression (it needs multifd, which QEMU 10.0 cannot combine with post-copy)';
+    if ((p.parallel ?? 1) > 1) return 'post-copy is off with --parallel (QEMU 10.0 cannot combine it with multifd)';
     return undefined;
   }
 

@@ -151,7 +151,7 @@ export interface DefaultCompressionSteps {
 }
 
 /**
- * What a live move sends when the operator gave no --compress (README "Compression"):
+ * What a live move sends when the operator gave no --compress (README "Tuning", compression by default):
  * compressed only for a large guest (LARGE_GUEST_BYTES) whose pages compress
  * (chooseCompression), and only where compressing takes away nothing the move may need.
  * QEMU 10.0 cannot combine multifd with post-copy, the fallback at the deadline, so either
