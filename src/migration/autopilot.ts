@@ -17,6 +17,7 @@ import {
   linkRate,
   chooseCompression,
   defaultCompression,
+  DEFAULT_COMPRESSION,
   type CompressionChoice,
   type Plan,
   type StrategyChoice,
@@ -183,18 +184,18 @@ export class Planner {
     p: PlanParams,
   ): Promise<CompressionChoice & { considered: boolean }> {
     if (p.strategy === 'postcopy' || p.onTimeout === 'postcopy')
-      return { compress: 'none', why: 'compression by default: none (post-copy was asked for)', considered: false };
+      return { compress: 'none', why: `${DEFAULT_COMPRESSION}: none (post-copy was asked for)`, considered: false };
     try {
       return await defaultCompression({
         touchedBytes: await this.host.touchedBytes(dom),
-        sample: async () => chooseCompression(await this.host.compressibility(dom), os.cpus().length),
+        sample: async () => chooseCompression(await this.host.compressibility(dom), os.cpus().length, DEFAULT_COMPRESSION),
         postcopyWhyNot: this.postcopyWhyNot(dom, p),
         predict: async (c) =>
           (await this.planFor(dom, q, peer, { ...p, compress: c.compress, parallel: c.parallel ?? p.parallel })).plan.predictions,
       });
     } catch (e) {
       this.log.warn('compression by default not weighed', { error: String(e) });
-      return { compress: 'none', why: `compression by default: none (not weighed: ${(e as Error).message})`, considered: false };
+      return { compress: 'none', why: `${DEFAULT_COMPRESSION}: none (not weighed: ${(e as Error).message})`, considered: false };
     }
   }
 

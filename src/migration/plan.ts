@@ -150,10 +150,14 @@ export interface DefaultCompressionSteps {
   predict: (c: CompressionChoice) => Promise<Prediction[]>;
 }
 
+/** How the report names a decision of defaultCompression's. */
+export const DEFAULT_COMPRESSION = 'compression by default';
+
 /**
- * What a live move sends when the operator gave no --compress (README "Tuning", compression by default):
- * compressed only for a large guest (LARGE_GUEST_BYTES) whose pages compress
- * (chooseCompression), and only where compressing takes away nothing the move may need.
+ * What a live move sends when the operator gave no --compress (README "Tuning",
+ * compression by default): compressed only for a large guest (LARGE_GUEST_BYTES) whose
+ * pages compress (chooseCompression, named DEFAULT_COMPRESSION), and only where
+ * compressing takes away nothing the move may need.
  * QEMU 10.0 cannot combine multifd with post-copy, the fallback at the deadline, so either
  * post-copy is off anyway, or the plan with compression fits pre-copy (one channel or
  * several) in the budget. `considered` is false for a guest too small to weigh: the move's
@@ -161,7 +165,7 @@ export interface DefaultCompressionSteps {
  * compress no plan.
  */
 export async function defaultCompression(s: DefaultCompressionSteps): Promise<CompressionChoice & { considered: boolean }> {
-  const who = 'compression by default';
+  const who = DEFAULT_COMPRESSION;
   if ((s.touchedBytes ?? 0) < LARGE_GUEST_BYTES)
     return {
       compress: 'none',
@@ -169,19 +173,18 @@ export async function defaultCompression(s: DefaultCompressionSteps): Promise<Co
       considered: false,
     };
   const c = await s.sample();
-  if (c.compress === 'none') return { ...c, why: c.why.replace('--compress auto', who), considered: true };
-  const base = c.why.replace('--compress auto', who);
-  if (s.postcopyWhyNot !== undefined) return { ...c, why: `${base}; nothing lost: ${s.postcopyWhyNot}`, considered: true };
+  if (c.compress === 'none') return { ...c, considered: true };
+  if (s.postcopyWhyNot !== undefined) return { ...c, why: `${c.why}; nothing lost: ${s.postcopyWhyNot}`, considered: true };
   const fits = (await s.predict(c)).filter((x) => (x.strategy === 'precopy' || x.strategy === 'multifd') && x.fitsBudget);
   if (fits.length)
     return {
       ...c,
-      why: `${base}; pre-copy fits the budget without post-copy (predicted ${fits[0].totalS.toFixed(1)} s counting pages uncompressed)`,
+      why: `${c.why}; pre-copy fits the budget without post-copy (predicted ${fits[0].totalS.toFixed(1)} s counting pages uncompressed)`,
       considered: true,
     };
   return {
     compress: 'none',
-    why: `${who}: none: pre-copy is not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression (the sample alone would have chosen ${base.slice(who.length + 2)})`,
+    why: `${who}: none: pre-copy is not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression (the sample alone would have chosen zstd over ${c.parallel ?? 1} channel${(c.parallel ?? 1) > 1 ? 's' : ''})`,
     considered: true,
   };
 }
