@@ -27,6 +27,8 @@ export class ApiClient extends EventEmitter {
   private nextId = 1;
   private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private closed = false;
+  /** The server's coded refusal (an unsolicited error), kept for requests made after it closed. */
+  private refusal?: FerryError;
   private splitter: FrameSplitter;
   /** After the reply to console.attach the stream is console frames, not lines. */
   private rawMode = false;
@@ -139,8 +141,12 @@ export class ApiClient extends EventEmitter {
     }
     const p = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined;
     if (!p || typeof msg.id !== 'number') {
-      // An unsolicited error (id 0/null): the server refused us before any request.
-      if (msg.error) this.shutdown(toError(msg.error));
+      // An unsolicited error (id 0/null): the server refused us before any request. A
+      // request made later (a caller that measures before its first ask) gets it too.
+      if (msg.error) {
+        this.refusal ??= toError(msg.error);
+        this.shutdown(this.refusal);
+      }
       return;
     }
     this.pending.delete(msg.id);
@@ -152,7 +158,8 @@ export class ApiClient extends EventEmitter {
   /** `attachment`: raw bytes sent right after the request line (BINARY_ACTIONS). */
   request<A extends Action>(action: A, params: Record<string, unknown> = {}, timeoutMs = 0, attachment?: Buffer): Promise<Results[A]> {
     type T = Results[A];
-    if (this.closed) return Promise.reject(new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
+    if (this.closed)
+      return Promise.reject(this.refusal ?? new FerryError('DAEMON_UNREACHABLE', `Connection to ${this.target.label} is closed`));
     const id = this.nextId++;
     if (action === 'console.attach') this.rawAfterId = id;
     return new Promise<T>((resolve, reject) => {
