@@ -830,6 +830,15 @@ interface Scenario {
   fill?: { mib: number; dirtyMiBs: number; kind?: 'random' };
 }
 
+/** The contenders that compress, or are told not to (the others pass no --compress). */
+const COMPRESS_OF: Partial<Record<Contender, Opts['compress']>> = {
+  'ferry-zstd': 'zstd',
+  'ferry-zstd-p2': 'zstd',
+  'libvirt-tls-best': 'zstd',
+  'ferry-auto': 'auto',
+  'ferry-none': 'none',
+};
+
 /** The shaped labs' link rates (bits/s): the physical limit's denominator. */
 const LINK_RATES = { 'link-1gbit': 1e9, 'link-10gbit': 10e9 } as const;
 const linkLab = (l: string | undefined): l is keyof typeof LINK_RATES => !!l && l in LINK_RATES;
@@ -1107,14 +1116,7 @@ async function main(): Promise<void> {
             ...s.opts,
             insecure: c.endsWith('-plain'),
             parallel: c === 'ferry-par2' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best' ? 2 : undefined,
-            compress:
-              c === 'ferry-zstd' || c === 'ferry-zstd-p2' || c === 'libvirt-tls-best'
-                ? 'zstd'
-                : c === 'ferry-auto'
-                  ? 'auto'
-                  : c === 'ferry-none'
-                    ? 'none'
-                    : undefined,
+            compress: COMPRESS_OF[c],
             verify: c === 'ferry-verify',
             tls: c.startsWith('libvirt-tls'),
             postcopy: c === 'libvirt-tls-postcopy',

@@ -52,6 +52,15 @@ export interface PlanParams {
   verifyMemory?: boolean;
 }
 
+/**
+ * `p` with a compression decision in it: the method, its channels (a --parallel already
+ * there wins), and why, unless `say` is false (a decision the report need not mention).
+ */
+export function withCompression<T extends PlanParams & { compressWhy?: string }>(p: T, c: CompressionChoice, say = true): T {
+  const parallel = p.parallel ?? c.parallel;
+  return { ...p, compress: c.compress, ...(parallel !== undefined ? { parallel } : {}), ...(say ? { compressWhy: c.why } : {}) };
+}
+
 export class Planner {
   constructor(
     private readonly host: MigrationHost,

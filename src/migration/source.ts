@@ -49,7 +49,7 @@ import type { ApiClient } from '../api/client.ts';
 import type { CancelResult, ResolveResult, PlanView } from '../api/protocol.ts';
 import type { MigrationHost, MigrationLog, DomainHandle } from './host.ts';
 import { sourceTransition, sourceCanAbandon, type SourceEvent } from './phases.ts';
-import { Planner } from './autopilot.ts';
+import { Planner, withCompression } from './autopilot.ts';
 import { MemoryCheck } from './memcheck.ts';
 import type { JobStore, SourceJob, Report } from './jobs.ts';
 import type { OutgoingRun, OutgoingSide, StartParams, StartRequest, Peer } from './outgoing/run.ts';
@@ -259,8 +259,7 @@ export class Source {
       ? chooseCompression(await this.host.compressibility(dom), os.cpus().length)
       : { compress: 'none', why: '--compress auto: no compression (not a live move)' };
     // The operator's --parallel wins over auto's channels.
-    const parallel = rest.parallel ?? c.parallel;
-    return { ...rest, compress: c.compress, ...(parallel !== undefined ? { parallel } : {}), compressWhy: c.why };
+    return withCompression(rest, c);
   }
 
   /** `ferry migrate DOMAIN DEST --plan`: the autopilot's plan for a live move; nothing moves. */
@@ -280,8 +279,7 @@ export class Source {
       throw new FerryError('MIGRATION_SAME_HOST', `Cannot migrate domain "${p.domain}": ${p.dest} is this host`);
     // As the move would weigh it (outgoing/begin.ts open); the plan says why even for a small guest.
     if (req.compress === undefined && req.parallel === undefined) {
-      const c = await this.planner.defaultCompression(dom, dom.qmp, peer.name, p);
-      p = { ...p, ...(c.compress !== 'none' ? { compress: c.compress, parallel: c.parallel ?? p.parallel } : {}), compressWhy: c.why };
+      p = withCompression(p, await this.planner.defaultCompression(dom, dom.qmp, peer.name, p));
     }
     const { view } = await this.planner.planFor(dom, dom.qmp, peer.name, p);
     return p.compressWhy ? { ...view, reason: `${view.reason}; ${p.compressWhy}` } : view;

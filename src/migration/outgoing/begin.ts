@@ -14,7 +14,8 @@ import type { BeginInput } from '../../api/relocation.ts';
 import { FERRY_VERSION } from '../../version.ts';
 import { PROTOCOL_VERSION } from '../phases.ts';
 import { fileSizes, writeStorageMarkers } from '../preflight.ts';
-import { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S } from '../autopilot.ts';
+import { LARGE_GUEST_BYTES } from '../plan.ts';
+import { DEFAULT_MAX_DOWNTIME_MS, DEFAULT_TIMEOUT_S, withCompression } from '../autopilot.ts';
 import { describeDisks, type CopyDisk } from '../mirror.ts';
 import type { SourceJob, Mode } from '../jobs.ts';
 import { OutgoingRun, type OutgoingSide, type StartParams } from './run.ts';
@@ -28,7 +29,11 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
   // no post-copy to fall back on (QEMU 10.0 cannot combine the two), unless told.
   const spare = s.planner.spareCores();
   const autoParallel =
-    params.parallel === undefined && params.live && !dom.rec.config.postcopy && dom.rec.config.memoryMiB >= 2048 && spare >= 2
+    params.parallel === undefined &&
+    params.live &&
+    !dom.rec.config.postcopy &&
+    dom.rec.config.memoryMiB * 1048576 >= LARGE_GUEST_BYTES &&
+    spare >= 2
       ? 2
       : undefined;
   let p: StartParams = { ...params, parallel: params.parallel ?? autoParallel };
@@ -47,9 +52,9 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
   // No --compress and no --parallel: the plan weighs compression for a large guest
   // (plan.ts defaultCompression) before Begin tells the destination the method.
   if (mode === 'live' && params.compress === undefined && params.parallel === undefined && dom.qmp) {
+    // (Only multifd's own choice can stand in p.parallel here: its 2 channels, as zstd's.)
     const c = await s.planner.defaultCompression(dom, dom.qmp, peer.name, p);
-    if (c.compress !== 'none') p = { ...p, compress: c.compress, parallel: c.parallel ?? p.parallel };
-    if (c.considered) p = { ...p, compressWhy: c.why };
+    p = withCompression(p, c, c.considered);
   }
   const j: SourceJob = {
     role: 'source',
