@@ -260,8 +260,10 @@ export interface PlanView {
   timeoutS: number;
   spareCores: number;
   postcopyAllowed: boolean;
-  /** --compress: pages compressed by multifd (the predictions count them uncompressed). */
+  /** --compress: pages compressed by multifd. */
   compress: Compression;
+  /** The share of the pages' bytes compression leaves, as a sample measured it: the predictions count that; null: pages counted whole. */
+  compressRatio: number | null;
   strategy: string;
   onTimeout: string;
   pick: string;
@@ -500,7 +502,16 @@ export interface ClusterStatus {
   host: string;
   lease: { state: string; id: string | null; quorate: boolean; fenceInMs: number | null; ttlS: number; fenceMarginS: number };
   haManager: string | null;
-  etcd: { url: string; ok: boolean; name: string | null; leader: string | null; version: string | null; error: string | null }[];
+  etcd: {
+    url: string;
+    ok: boolean;
+    name: string | null;
+    leader: string | null;
+    /** The member's raft term: it rises with each election, so a term that holds means no leader was deposed. */
+    term: number | null;
+    version: string | null;
+    error: string | null;
+  }[];
   /** Hosts with a live lease and what they publish; null if etcd did not answer. */
   hosts: ClusterHostFacts[] | null;
   domains: { name: string; owner: string; state: string; ha: { priority: number } | null }[];

@@ -32,10 +32,10 @@ function printStatus(r: ClusterStatus): void {
   out.push(
     table(
       [
-        ['Endpoint', 'Member', 'Up', 'Leader', 'Version'],
-        ...r.etcd.map((e) => [e.url, e.name ?? '-', e.ok ? 'yes' : `no: ${e.error}`, e.leader ?? '-', e.version ?? '-']),
+        ['Endpoint', 'Member', 'Up', 'Leader', 'Term', 'Version'],
+        ...r.etcd.map((e) => [e.url, e.name ?? '-', e.ok ? 'yes' : `no: ${e.error}`, e.leader ?? '-', e.term ?? '-', e.version ?? '-']),
       ],
-      ['l', 'l', 'l', 'l', 'l'],
+      ['l', 'l', 'l', 'l', 'r', 'l'],
     ).trimEnd(),
   );
   out.push('', 'hosts (with a live lease):');

@@ -71,6 +71,11 @@ export function etcdEnv(o: EtcdConfOptions): Record<string, string> {
     // A leader is missed after 1 s (etcd's default, for one network): well inside the lease TTL.
     ETCD_HEARTBEAT_INTERVAL: '100',
     ETCD_ELECTION_TIMEOUT: '1000',
+    // Pre-vote (etcd 3.4's default is off): a member cut off from the others asks before it
+    // campaigns, so its term stays where it was. Without it, a host whose link comes back
+    // brings a higher term, deposes the healthy leader and leaves the cluster leaderless for
+    // seconds; another host's lease then lapsed and fenced its HA domains (seen in CI).
+    ETCD_PRE_VOTE: 'true',
     // ferry's clients ping every 2 s (cluster/etcd.ts), so a watch on a member cut off is
     // moved to another within seconds. etcd's default minimum (5 s) answers such pings
     // with GOAWAY "too many pings", and the client backs off to 8 s: a stalled watch then

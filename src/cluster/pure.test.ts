@@ -121,6 +121,8 @@ test("etcd's member configuration: mutual TLS both ways, this member in the list
   // etcd lets ferry's clients ping as often as they do (else it closes their connections).
   assert.match(env.ETCD_GRPC_KEEPALIVE_MIN_TIME, /^\d+s$/);
   assert.ok(parseInt(env.ETCD_GRPC_KEEPALIVE_MIN_TIME) * 1000 <= KEEPALIVE_MS, env.ETCD_GRPC_KEEPALIVE_MIN_TIME);
+  // A member coming back from a partition does not depose the leader (cluster.test.ts shows the term holds).
+  assert.equal(env.ETCD_PRE_VOTE, 'true');
   const bad = (o: Partial<Parameters<typeof etcdEnv>[0]>): string => {
     try {
       etcdEnv({

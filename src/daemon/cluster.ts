@@ -53,6 +53,8 @@ const WATCHDOG_JS = path.join(REPO_ROOT, 'dist', 'cluster', 'watchdog.js');
 /** An HA domain that crashes restarts on its host at most this often in this window, then stays stopped. */
 const CRASH_RESTARTS = 3;
 const CRASH_WINDOW_MS = 10 * 60000;
+/** How long `cluster status` waits for each etcd member's own status. */
+const MEMBER_STATUS_MS = 1500;
 
 export class ClusterAgent implements OwnershipGate {
   readonly etcd: Etcd3;
@@ -756,15 +758,33 @@ export class ClusterAgent implements OwnershipGate {
       this.cfg.endpoints.map(async (url, i) => {
         const one = this.members[i];
         try {
-          const st = await etcdCall('status', () => one.maintenance.status());
+          // One try, briefly: a member that does not answer is what this table reports, and
+          // etcdCall's retries (with the client's own) held `cluster status` ~14 s on one cut off.
+          const st = await one.maintenance.status({ deadline: Date.now() + MEMBER_STATUS_MS });
           const leader = st.leader && st.leader !== '0' ? (byId.get(st.leader) ?? st.leader) : null;
-          return { url, ok: true, name: byId.get(st.header.member_id) ?? null, leader, version: st.version, error: null };
+          return {
+            url,
+            ok: true,
+            name: byId.get(st.header.member_id) ?? null,
+            leader,
+            term: Number(st.raftTerm),
+            version: st.version,
+            error: null,
+          };
         } catch (e) {
           // The gist (refused, unreachable, deadline), not the advice: the table has one line per member.
           const m = /(ECONNREFUSED|EHOSTUNREACH|ETIMEDOUT|DEADLINE_EXCEEDED|Deadline exceeded|certificate[^.,;]*)/.exec(
             String((e as Error).message),
           );
-          return { url, ok: false, name: null, leader: null, version: null, error: m ? m[1] : asFerryError(e).message.slice(0, 80) };
+          return {
+            url,
+            ok: false,
+            name: null,
+            leader: null,
+            term: null,
+            version: null,
+            error: m ? m[1] : asFerryError(e).message.slice(0, 80),
+          };
         }
       }),
     );

@@ -47,6 +47,8 @@ export interface PlanParams {
   insecure?: boolean;
   parallel?: number;
   compress?: Compression;
+  /** With compress zstd from a sample: the share of the pages' bytes it leaves (plan.ts compressRatio). */
+  compressRatio?: number;
   strategy?: StrategyChoice;
   onTimeout?: OnTimeout;
   verifyMemory?: boolean;
@@ -58,7 +60,13 @@ export interface PlanParams {
  */
 export function withCompression<T extends PlanParams & { compressWhy?: string }>(p: T, c: CompressionChoice, say = true): T {
   const parallel = p.parallel ?? c.parallel;
-  return { ...p, compress: c.compress, ...(parallel !== undefined ? { parallel } : {}), ...(say ? { compressWhy: c.why } : {}) };
+  return {
+    ...p,
+    compress: c.compress,
+    ...(parallel !== undefined ? { parallel } : {}),
+    ...(c.compress === 'zstd' && c.ratio !== undefined ? { compressRatio: c.ratio } : {}),
+    ...(say ? { compressWhy: c.why } : {}),
+  };
 }
 
 export class Planner {
@@ -151,6 +159,7 @@ export class Planner {
       dirtyBytesPerS: dirty ?? 0,
       linkBytesPerS: link.bytesPerS,
       linkFrom: link.from,
+      ...(p.compress === 'zstd' && p.compressRatio !== undefined ? { compressRatio: p.compressRatio } : {}),
       maxDowntimeMs: p.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS,
       timeoutS: p.timeoutS ?? DEFAULT_TIMEOUT_S,
       spareCores: this.spareCores(),
@@ -199,8 +208,7 @@ export class Planner {
         touchedBytes: await this.host.touchedBytes(dom),
         sample: async () => chooseCompression(await this.host.compressibility(dom), os.cpus().length, DEFAULT_COMPRESSION),
         postcopyWhyNot: this.postcopyWhyNot(dom, p),
-        predict: async (c) =>
-          (await this.planFor(dom, q, peer, { ...p, compress: c.compress, parallel: c.parallel ?? p.parallel })).plan.predictions,
+        predict: async (c) => (await this.planFor(dom, q, peer, withCompression(p, c, false))).plan.predictions,
       });
     } catch (e) {
       this.log.warn('compression by default not weighed', { error: String(e) });
@@ -243,6 +251,7 @@ export class Planner {
       spareCores: i.spareCores,
       postcopyAllowed: i.postcopyAllowed,
       compress: about.compress ?? 'none',
+      compressRatio: i.compressRatio ?? null,
       strategy: i.strategy,
       onTimeout: onTimeout ?? (i.postcopyAllowed ? 'postcopy' : 'cancel'),
       pick: pl.pick,

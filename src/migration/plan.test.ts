@@ -17,6 +17,7 @@ import {
   MULTIFD_GAIN,
   AUTO_COMPRESS_MAX_RATIO,
   AUTO_COMPRESS_CHANNELS,
+  COMPRESSED_PAGE_BYTES_PER_S,
   throttleInitialPct,
 } from './plan.ts';
 import { REPO_ROOT as REPO } from '../util/paths.ts';
@@ -182,7 +183,7 @@ test('compression by default: only a large guest whose pages compress, and only 
     postcopyWhyNot: over.postcopyWhyNot,
     predict: async (c: CompressionChoice) => {
       asked.push(`predict ${c.compress}/${c.parallel}`);
-      return predict({ ...big, dirtyBytesPerS: (over.dirtyMiBs ?? 4) * MiB });
+      return predict({ ...big, dirtyBytesPerS: (over.dirtyMiBs ?? 4) * MiB, compressRatio: c.ratio });
     },
   });
   // A small guest: nothing sampled, nothing said in the move's report.
@@ -210,6 +211,61 @@ test('compression by default: only a large guest whose pages compress, and only 
   assert.match(
     churn.why,
     /not predicted to fit the budget, and post-copy, the fallback there, cannot go with compression \(the sample alone would have chosen zstd over 2 channels\)$/,
+  );
+});
+
+test('a compressed plan: pages cross at the link over the sampled ratio, up to what the cores compress, and its bytes are counted on the wire', () => {
+  // A 1 Gbit/s link, the 4 GiB dense guest.
+  const big = { ...base, ramBytes: 4096 * MiB, touchedBytes: 3300 * MiB, dirtyBytesPerS: 4 * MiB, linkBytesPerS: 100e6 };
+  const by = (ps: ReturnType<typeof predict>, s: string) => ps.find((x) => x.strategy === s)!;
+  const whole = by(predict(big), 'precopy');
+  const half = by(predict({ ...big, compressRatio: 0.5 }), 'precopy');
+  // 3300 MiB at 100 MB/s against 200 MB/s of pages: about half the time, half the bytes.
+  assert.ok(Math.abs((whole.totalS - FIXED_OVERHEAD_S) / (half.totalS - FIXED_OVERHEAD_S) - 2) < 0.05, `${whole.totalS} vs ${half.totalS}`);
+  assert.ok(Math.abs(whole.bytes / half.bytes - 2) < 0.05, `${whole.bytes} vs ${half.bytes}`);
+  // The cores bound it: pages that compress to 10 % still cross at COMPRESSED_PAGE_BYTES_PER_S, not at ten times the link.
+  const tiny = by(predict({ ...big, compressRatio: 0.1 }), 'precopy');
+  assert.ok(tiny.totalS > (3300 * MiB) / COMPRESSED_PAGE_BYTES_PER_S, `${tiny.totalS}`);
+  assert.equal(by(predict({ ...big, compressRatio: 0.05 }), 'precopy').totalS, tiny.totalS, 'half the bytes, no faster');
+  // A guest dirtying faster than the link but slower than its pages cross it compressed: only the compressed move converges.
+  const churn = { ...big, dirtyBytesPerS: 100e6 * 1.2 };
+  assert.equal(by(predict(churn), 'precopy').converges, false);
+  const c = by(predict({ ...churn, compressRatio: 0.5 }), 'precopy');
+  assert.ok(c.converges && Number.isFinite(c.totalS), JSON.stringify(c));
+  assert.match(
+    by(predict({ ...churn, dirtyBytesPerS: 400e6, compressRatio: 0.5 }), 'precopy').note,
+    /of pages \(95 MiB\/s at 50 %, at most 286 MiB\/s compressed\)/,
+  );
+  // No ratio, or a nonsense one: pages cross whole.
+  for (const r of [undefined, 0, 1, 1.4]) assert.deepEqual(predict({ ...big, compressRatio: r }), predict(big), `ratio ${r}`);
+  // The sample's ratio reaches the plan with the choice.
+  assert.equal(chooseCompression(0.55, 2).ratio, 0.55);
+  assert.equal(chooseCompression(0.97, 2).ratio, undefined);
+});
+
+test("the compressed pages' bound is the bench's own result: pages per second where the link was fast (bench/results/dense-4g-{10gbit,unshaped}-default.json)", () => {
+  const rates: number[] = [];
+  for (const f of ['dense-4g-10gbit-default.json', 'dense-4g-unshaped-default.json']) {
+    const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', f), 'utf8')).runs as {
+      contender: string;
+      outcome: string;
+      bytes: number;
+      note: string;
+      timeline: { firstByte: number; streamCompleted: number };
+    }[];
+    for (const r of runs.filter((x) => x.contender === 'ferry' && x.outcome === 'succeeded')) {
+      // The move's own sample (its report's policy) turns the bytes sent back into pages.
+      const ratio = Number(/compresses to (\d+) % of its size/.exec(r.note)![1]) / 100;
+      rates.push(r.bytes / ratio / ((r.timeline.streamCompleted - r.timeline.firstByte) / 1000));
+    }
+  }
+  assert.ok(rates.length >= 10, `${rates.length} runs`);
+  rates.sort((a, b) => a - b);
+  const median = (rates[rates.length / 2 - 1] + rates[rates.length / 2]) / 2;
+  const k = COMPRESSED_PAGE_BYTES_PER_S / median;
+  assert.ok(
+    k >= 0.8 && k <= 1.25,
+    `COMPRESSED_PAGE_BYTES_PER_S ${COMPRESSED_PAGE_BYTES_PER_S / 1e6} MB/s against a measured ${(median / 1e6).toFixed(0)} MB/s`,
   );
 });
 

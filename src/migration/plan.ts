@@ -31,6 +31,12 @@ export interface PlanInput {
   dirtyBytesPerS: number;
   /** What the link carries per second for this move (after --bandwidth). */
   linkBytesPerS: number;
+  /**
+   * A compressed move: the share of its pages' bytes that cross the link (the sample's
+   * ratio, chooseCompression), so pages go 1/ratio times as fast as the link and bytes
+   * are counted on the wire. Absent: pages cross whole (no compression, or no sample).
+   */
+  compressRatio?: number;
   /** Where linkBytesPerS comes from, in words. */
   linkFrom: string;
   maxDowntimeMs: number;
@@ -118,6 +124,7 @@ export function chooseCompression(ratio: number | null, cores: number, who = '--
   const two = cores >= AUTO_COMPRESS_CHANNELS;
   return {
     compress: 'zstd',
+    ratio,
     ...(two ? { parallel: AUTO_COMPRESS_CHANNELS } : {}),
     why: `${who}: zstd (a sample of the guest's pages compresses to ${pct} of its size; zstd from ${AUTO_COMPRESS_MAX_RATIO * 100} % down), ${two ? `over ${AUTO_COMPRESS_CHANNELS} channels, each compressing on its own core` : `over 1 channel (this host has ${cores} core)`}`,
   };
@@ -127,6 +134,8 @@ export function chooseCompression(ratio: number | null, cores: number, who = '--
 export interface CompressionChoice {
   compress: 'zstd' | 'none';
   parallel?: number;
+  /** zstd from a sample: the share of the pages' bytes it left (the plan's compressRatio). */
+  ratio?: number;
   why: string;
 }
 
@@ -179,7 +188,7 @@ export async function defaultCompression(s: DefaultCompressionSteps): Promise<Co
   if (fits.length)
     return {
       ...c,
-      why: `${c.why}; pre-copy fits the budget without post-copy (predicted ${fits[0].totalS.toFixed(1)} s counting pages uncompressed)`,
+      why: `${c.why}; pre-copy fits the budget without post-copy (predicted ${fits[0].totalS.toFixed(1)} s)`,
       considered: true,
     };
   return {
@@ -188,6 +197,14 @@ export async function defaultCompression(s: DefaultCompressionSteps): Promise<Co
     considered: true,
   };
 }
+
+/**
+ * Pages per second that zstd (level 1) and TLS get through on two cores, one channel or
+ * two: the bound of a compressed move where the link is fast (on the bench host,
+ * dense-4g-10gbit-default and dense-4g-unshaped-default: about 280 MB/s of pages, median;
+ * plan.test.ts checks the figure against them). A faster host is predicted long.
+ */
+export const COMPRESSED_PAGE_BYTES_PER_S = 300e6;
 
 /** How fast QEMU scans zero pages it need not send (a marker each). */
 const ZERO_SCAN_BYTES_PER_S = 4e9;
@@ -294,7 +311,12 @@ function precopy(i: PlanInput, b: number, throttle: boolean): Omit<Prediction, '
   return { totalS: Infinity, pauseMs: Infinity, bytes: Infinity, passes: MAX_PASSES, converges: false };
 }
 
-export function predict(i: PlanInput): Prediction[] {
+export function predict(input: PlanInput): Prediction[] {
+  // Compressed, every model runs on page bytes: the link's rate over the ratio, up to what
+  // the cores compress (the move is multifd already, so no channel gain on top); the bytes
+  // each prediction reports are put back on the wire's scale at the end.
+  const r = input.compressRatio !== undefined && input.compressRatio > 0 && input.compressRatio < 1 ? input.compressRatio : 1;
+  const i: PlanInput = r < 1 ? { ...input, linkBytesPerS: Math.min(input.linkBytesPerS / r, COMPRESSED_PAGE_BYTES_PER_S) } : input;
   const b = Math.max(1, i.linkBytesPerS);
   const fits = (p: { pauseMs: number; totalS: number }): boolean => p.pauseMs <= i.maxDowntimeMs && p.totalS <= i.timeoutS;
   const out: Prediction[] = [];
@@ -305,7 +327,7 @@ export function predict(i: PlanInput): Prediction[] {
     fitsBudget: fits(pre),
     note: pre.converges
       ? passes(pre.passes)
-      : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s: the passes do not shrink`,
+      : `the guest dirties ${mb(i.dirtyBytesPerS)}/s against a link of ${mb(b)}/s${r < 1 ? ` of pages (${mb(input.linkBytesPerS)}/s at ${Math.round(r * 100)} %, at most ${mb(COMPRESSED_PAGE_BYTES_PER_S)}/s compressed)` : ''}: the passes do not shrink`,
   });
   const ac = precopy(i, b, true);
   out.push({
@@ -317,12 +339,12 @@ export function predict(i: PlanInput): Prediction[] {
       : 'does not converge even at 99 % throttle',
   });
   if (i.spareCores >= 2) {
-    const mf = precopy(i, b * MULTIFD_GAIN, false);
+    const mf = precopy(i, r < 1 ? b : b * MULTIFD_GAIN, false);
     out.push({
       strategy: 'multifd',
       ...mf,
       fitsBudget: fits(mf),
-      note: `2 channels, each encrypted on its own core (×${MULTIFD_GAIN} measured)`,
+      note: r < 1 ? 'the compressed move is multifd already' : `2 channels, each encrypted on its own core (×${MULTIFD_GAIN} measured)`,
     });
   } else {
     out.push({
@@ -367,7 +389,7 @@ export function predict(i: PlanInput): Prediction[] {
     converges: true,
   };
   out.push({ strategy: 'offline', ...off, fitsBudget: fits(off), note: 'the guest is stopped for the whole copy' });
-  return out;
+  return r === 1 ? out : out.map((x) => ({ ...x, bytes: x.bytes * r }));
 }
 
 /**

@@ -61,6 +61,18 @@ async function runningOn(name: string, hosts = ['host1', 'host2', 'host3']): Pro
   return on;
 }
 
+/** The highest raft term among the etcd members `host` reaches. */
+async function etcdTerm(host: string): Promise<number> {
+  const st = await ok(['-H', host, 'cluster', 'status', '--json']);
+  return Math.max(...st.etcd.filter((e: any) => e.ok).map((e: any) => e.term));
+}
+
+/** The cluster's event log, one line per event (for a failed assertion's message). */
+async function eventsTold(): Promise<string> {
+  const r = await ferry(['-H', 'host1', 'events', '--json', '--limit', '60']);
+  return r.code === 0 ? r.json.map((e: any) => `${e.at} ${e.by} ${e.type} ${e.detail}`).join('\n') : `(no events: ${r.stderr})`;
+}
+
 async function quorate(host: string): Promise<boolean> {
   const r = await ferry(['-H', host, 'cluster', 'status', '--json']);
   return r.code === 0 && r.json.lease.quorate === true;
@@ -192,6 +204,7 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     const ferryd = labState().hosts[1].pid;
     process.kill(ferryd, 'SIGSTOP');
     let moved: { host: string; pid: number };
+    let termBefore = 0;
     try {
       await ok(['lab', 'link', 'host2', 'down']);
       moved = await waitFor(
@@ -207,6 +220,8 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
       assert.ok(by !== null && by < startedMs(moved.pid), `host2's copy exited by ${by}, the new one started at ${startedMs(moved.pid)}`);
       const wlog = fs.readFileSync(`${labState().hosts[1].stateDir}/watchdog.log`, 'utf8');
       assert.match(wlog, new RegExp(`fenced: killed QEMU pid ${pid}\\b`), 'the watchdog, not the frozen ferryd, killed it');
+      // The raft term the others settled on without host2 (its etcd member is cut off too).
+      termBefore = await etcdTerm('host1');
     } finally {
       process.kill(ferryd, 'SIGCONT');
       await ok(['lab', 'link', 'host2', 'up']);
@@ -214,10 +229,20 @@ describe('cluster mode (lab, 3 hosts, etcd)', () => {
     }
     await waitFor('host2 back in the cluster', () => quorate('host2'), 30000, 250);
     await new Promise((r) => setTimeout(r, 2000));
+    // host2's etcd member came back without an election (pre-vote): a partitioned member that
+    // campaigned alone returned with a higher term and deposed the leader, and the cluster was
+    // leaderless long enough for moved.host to fence ha3 (CI, stop 37).
+    const st = (await ok(['-H', 'host1', 'cluster', 'status', '--json'])).etcd;
+    assert.deepEqual(
+      st.map((e: any) => e.term),
+      st.map(() => termBefore),
+      `every member at term ${termBefore}: ${JSON.stringify(st)}`,
+    );
     assert.ok(!(await ok(['-H', 'host2', 'list', '--json'])).some((d: any) => d.name === 'ha3'), 'host2 dropped its copy');
     assert.deepEqual(
       (await runningOn('ha3')).map((x) => x.host),
       [moved.host],
+      await eventsTold(),
     );
     await ok(['-H', moved.host, 'destroy', 'ha3']);
     await ok(['-H', moved.host, 'delete', 'ha3']);
