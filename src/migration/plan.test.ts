@@ -26,6 +26,20 @@ import { IDLE_1G } from '../testing/plan.ts';
 const MiB = 1048576;
 const base = IDLE_1G;
 
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/** A bench result file's succeeded runs of one contender (bench/results/FILE). */
+function succeededRuns<T>(file: string, contender: string): T[] {
+  const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', file), 'utf8')).runs as (T & {
+    contender: string;
+    outcome: string;
+  })[];
+  return runs.filter((r) => r.contender === contender && r.outcome === 'succeeded');
+}
+
 test('plan: an idle guest converges by pre-copy in a few passes, and pre-copy is the pick', () => {
   const p = plan(base);
   const pre = p.predictions.find((x) => x.strategy === 'precopy')!;
@@ -143,11 +157,7 @@ test("a measured link rate leaves out the zero pages' scan, which each plan adds
 
 test("the multifd gain is the stream bench's own result: two TLS channels over one, medians (bench/results/tls-stream.json)", () => {
   const g = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', 'tls-stream.json'), 'utf8')).gbps as Record<string, number[]>;
-  const med = (xs: number[]): number => {
-    const s = [...xs].sort((a, b) => a - b);
-    return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-  };
-  const ratio = med(g['tls-multifd2']) / med(g['tls-default']);
+  const ratio = median(g['tls-multifd2']) / median(g['tls-default']);
   assert.ok(Math.abs(MULTIFD_GAIN - ratio) <= 0.1, `MULTIFD_GAIN ${MULTIFD_GAIN}, the bench measured ${ratio.toFixed(2)}×`);
 });
 
@@ -246,42 +256,27 @@ test('a compressed plan: pages cross at the link over the sampled ratio, up to w
 test("the compressed pages' bound is the bench's own result: pages per second where the link was fast (bench/results/dense-4g-{10gbit,unshaped}-default.json)", () => {
   const rates: number[] = [];
   for (const f of ['dense-4g-10gbit-default.json', 'dense-4g-unshaped-default.json']) {
-    const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', f), 'utf8')).runs as {
-      contender: string;
-      outcome: string;
-      bytes: number;
-      note: string;
-      timeline: { firstByte: number; streamCompleted: number };
-    }[];
-    for (const r of runs.filter((x) => x.contender === 'ferry' && x.outcome === 'succeeded')) {
+    const runs = succeededRuns<{ bytes: number; note: string; timeline: { firstByte: number; streamCompleted: number } }>(f, 'ferry');
+    for (const r of runs) {
       // The move's own sample (its report's policy) turns the bytes sent back into pages.
       const ratio = Number(/compresses to (\d+) % of its size/.exec(r.note)![1]) / 100;
       rates.push(r.bytes / ratio / ((r.timeline.streamCompleted - r.timeline.firstByte) / 1000));
     }
   }
   assert.ok(rates.length >= 10, `${rates.length} runs`);
-  rates.sort((a, b) => a - b);
-  const median = (rates[rates.length / 2 - 1] + rates[rates.length / 2]) / 2;
-  const k = COMPRESSED_PAGE_BYTES_PER_S / median;
+  const measured = median(rates);
+  const k = COMPRESSED_PAGE_BYTES_PER_S / measured;
   assert.ok(
     k >= 0.8 && k <= 1.25,
-    `COMPRESSED_PAGE_BYTES_PER_S ${COMPRESSED_PAGE_BYTES_PER_S / 1e6} MB/s against a measured ${(median / 1e6).toFixed(0)} MB/s`,
+    `COMPRESSED_PAGE_BYTES_PER_S ${COMPRESSED_PAGE_BYTES_PER_S / 1e6} MB/s against a measured ${(measured / 1e6).toFixed(0)} MB/s`,
   );
 });
 
 test("auto's two compressing channels are the bench's own result: faster where the CPU binds, no slower where the link does (bench/results/dense-4g-*-channels.json)", () => {
   const medTotal = (file: string, contender: string): number => {
-    const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', file), 'utf8')).runs as {
-      contender: string;
-      outcome: string;
-      totalMs: number | null;
-    }[];
-    const xs = runs
-      .filter((r) => r.contender === contender && r.outcome === 'succeeded')
-      .map((r) => r.totalMs!)
-      .sort((a, b) => a - b);
+    const xs = succeededRuns<{ totalMs: number | null }>(file, contender).map((r) => r.totalMs!);
     assert.ok(xs.length >= 5, `${file}: ${xs.length} checked runs of ${contender}`);
-    return xs.length % 2 ? xs[(xs.length - 1) / 2] : (xs[xs.length / 2 - 1] + xs[xs.length / 2]) / 2;
+    return median(xs);
   };
   const gain = (file: string): number => medTotal(file, 'ferry-zstd-p2') / medTotal(file, 'ferry-zstd');
   assert.ok(
