@@ -84,14 +84,17 @@ async function prepareHost(cfg: DaemonConfig, log: Logger): Promise<{ accel: Acc
     });
   }
   const scratch = path.join(cfg.stateDir, 'run');
+  const warn = (msg: string): void => log.warn(msg, { probeLog: path.join(scratch, 'probe.log') });
   // The CPU facts must come from the accelerator domains will use: probed under TCG
   // while the choice is made, and again under KVM if that is the choice.
   const [tcgFacts, accel] = await Promise.all([
-    probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: 'tcg', ceiling: cfg.cpuCeiling }),
+    probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: 'tcg', ceiling: cfg.cpuCeiling, warn }),
     chooseAccel({ forced: cfg.accel, patternImage: path.join(cfg.imagesDir, 'pattern.img'), scratchDir: scratch, engine: cfg.qemu }),
   ]);
   const qemu =
-    accel.accel === 'tcg' ? tcgFacts : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: accel.accel, ceiling: cfg.cpuCeiling });
+    accel.accel === 'tcg'
+      ? tcgFacts
+      : await probeQemu(cfg.cpuModel, scratch, cfg.qemu, { accel: accel.accel, ceiling: cfg.cpuCeiling, warn });
   log.info('accelerator chosen', { accel: accel.accel, reason: accel.reason });
   if (qemu.cpuUnavailable.length)
     log.warn("this host cannot provide the CPU model's features: domains will not start here, and migrations here are refused", {
