@@ -7,20 +7,15 @@ import { build } from 'esbuild';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { BUNDLE_OPTIONS } from './bundle-options.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const out = path.join(root, 'dist');
 fs.rmSync(out, { recursive: true, force: true });
 await build({
+  ...BUNDLE_OPTIONS,
   absWorkingDir: root,
-  entryPoints: { 'cli/main': 'src/cli/main.ts', 'daemon/main': 'src/daemon/main.ts', 'cluster/watchdog': 'src/cluster/watchdog.ts' },
   outdir: out,
-  bundle: true,
-  splitting: true,
-  format: 'esm',
-  platform: 'node',
-  target: 'node20',
-  packages: 'external',
   sourcemap: 'linked',
   logLevel: 'warning',
 });

@@ -3,6 +3,9 @@
  * actions' registry (schema.ts) and the relocation protocol's messages (relocation.ts).
  */
 import { z } from 'zod';
+import { COMPRESSIONS, COMPRESS_CHOICES } from './compression.ts';
+
+export type { Compression, CompressChoice } from './compression.ts';
 
 export const str = z
   .string({ error: 'must be a non-empty string' })
@@ -23,14 +26,8 @@ export const optNum = (min: number, max: number) =>
     .min(min, { error: `must be a number from ${min} to ${max}` })
     .max(max, { error: `must be a number from ${min} to ${max}` })
     .optional();
-/** The page compressions a move may ask for (QEMU's multifd compression; zstd is built into Debian's QEMU). */
-export const COMPRESSIONS = ['none', 'zstd'] as const;
-export type Compression = (typeof COMPRESSIONS)[number];
 /** A move's page compression (--compress). */
 export const optCompress = z.enum(COMPRESSIONS, { error: `must be one of ${COMPRESSIONS.join(', ')}` }).optional();
-/** What an operator may ask for: a method, or auto (the source samples the guest's pages and decides, migration/plan.ts chooseCompression). */
-export const COMPRESS_CHOICES = [...COMPRESSIONS, 'auto'] as const;
-export type CompressChoice = (typeof COMPRESS_CHOICES)[number];
 export const optCompressChoice = z.enum(COMPRESS_CHOICES, { error: `must be one of ${COMPRESS_CHOICES.join(', ')}` }).optional();
 /** An action's params: exactly these keys (unknown ones are refused). */
 export const params = <T extends z.ZodRawShape>(shape: T) => z.strictObject(shape);

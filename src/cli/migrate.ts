@@ -15,7 +15,7 @@ import { printJson, table, fmtBytes, reportError, act, hostOpt } from './output.
 import { choose } from '../placement/place.ts';
 import { fromPeers, standaloneRules } from './evacuate.ts';
 import { checkMove, hostNamed } from '../placement/place.ts';
-import { COMPRESS_CHOICES } from '../api/shapes.ts';
+import { COMPRESS_CHOICES } from '../api/compression.ts';
 
 function num(name: string, min: number) {
   return (v: string): number => {

@@ -9,7 +9,7 @@ import { FerryError } from '../errors.ts';
 import { NAME_RE, isValidIpv4Cidr } from '../domain/config.ts';
 import { QEMU_BINARY, type Accel, type Engine } from '../qemu/argv.ts';
 import { parseHostsAllow } from './access.ts';
-import { LEVELS, type Level } from './log.ts';
+import { LEVELS, type Level } from './levels.ts';
 import { DEFAULT_UID_RANGE, type UidRange } from './uids.ts';
 
 import type { NetworkConfig } from '../domain/config.ts';

@@ -11,9 +11,7 @@
  */
 import fs from 'node:fs';
 import pino from 'pino';
-
-export type Level = 'debug' | 'info' | 'warn' | 'error';
-export const LEVELS: readonly Level[] = ['debug', 'info', 'warn', 'error'];
+import type { Level } from './levels.ts';
 
 /** A size-rotated append-only file that never throws. */
 class RotatingSink {
