@@ -21,7 +21,7 @@ import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench, streamFacts, type StreamFacts } from './tls-stream.ts';
-import { outcomeRows, spread, cell } from './stats.ts';
+import { outcomeRows, spread, cell, pairedRatio } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
 /** The qmp contender's migration port on the destination. */
@@ -1501,7 +1501,7 @@ function render(
             : 'The limit: ') +
           `QEMU encrypts a channel record by record in that channel's one thread, and on ${facts ? `this run's ${facts.cores}` : 'the'} cores both hosts' QEMUs, the guests and the hashing all share them, so more channels than cores cannot help. ` +
           '*Estimate for larger hosts* (reasoning, not measured here): each multifd channel encrypts on its own thread at about the single-stream rate, so on hosts with 8 or more free cores per side N channels should scale close to N × the single-stream rate until the NIC or memory bandwidth binds (8 channels: roughly 15–20 Gbit/s). ' +
-          `ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the \`--parallel 2\` rows' setup; plain multifd does not, so it is the extra channels' TLS set-up), and needs spare cores (here two channels carried ${(m2 / t).toFixed(2)}× one, on ${facts ? facts.cores : 'the'} cores the whole bench shares); \`--parallel N\` is the lever for large or busy guests on hosts with spare cores. ` +
+          `ferry keeps one TLS channel by default: multifd over TLS delays the first byte (the \`--parallel 2\` rows' setup; plain multifd does not, so it is the extra channels' TLS set-up), and needs spare cores (here two channels carried ${(pairedRatio(stream['tls-multifd2'], stream['tls-default']) ?? m2 / t).toFixed(2)}× one in the median round, on ${facts ? facts.cores : 'the'} cores the whole bench shares); \`--parallel N\` is the lever for large or busy guests on hosts with spare cores. ` +
           (rl
             ? `A ferryd relay (QEMU plain into a unix socket, Node TLS between two relay processes, as two ferryds would carry it) runs at ${(rl / p).toFixed(2)}× plain, ${rl < t ? 'slower than' : 'about as fast as'} QEMU's own TLS: it adds two copies and a process hop per side on the same two cores, so ferry does not relay. `
             : '') +

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { outcomeRows, parseNote, spread } from './stats.ts';
+import { outcomeRows, pairedRatio, parseNote, spread } from './stats.ts';
 
 test('a note splits into its policy statements and its plan pick, the run-to-run figures left out', () => {
   const n =
@@ -30,4 +30,14 @@ test('one row per contender: outcomes counted, each statement once, each plan pi
 test('spread: median, min, max and count', () => {
   assert.deepEqual(spread([3, 1, 2, 10]), { median: 3, min: 1, max: 10, n: 4 });
   assert.equal(spread([]), null);
+});
+
+test('pairedRatio: the median round, which a slow round of both cases does not skew; null without aligned rounds', () => {
+  // Round 1 ran at half the speed of round 2. Each round's ratio: 2, 2 and 4; the ratio
+  // of the medians, 8 ÷ 2 = 4, takes a from a fast round and b from a slow one.
+  assert.equal(pairedRatio([4, 8, 8], [2, 4, 2]), 2);
+  assert.equal(pairedRatio([4.4, 4, 2.2, 4], [2, 2, 1, 2]), 2.1);
+  assert.equal(pairedRatio([1, 2], [1]), null);
+  assert.equal(pairedRatio([1], [0]), null);
+  assert.equal(pairedRatio(undefined, [1]), null);
 });

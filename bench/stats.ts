@@ -13,6 +13,18 @@ export function spread(xs: number[]): Spread | null {
   return { median: Math.round(mid), min: Math.round(s[0]), max: Math.round(s[s.length - 1]), n: s.length };
 }
 
+/**
+ * How much faster a is than b when both ran once per round, interleaved: the median of
+ * each round's a ÷ b. The machine's speed drifts between rounds (the same case can take
+ * twice as long in one round as in the next), which a ratio of the two medians does
+ * not cancel out. Null without aligned rounds.
+ */
+export function pairedRatio(a: number[] | undefined, b: number[] | undefined): number | null {
+  if (!a?.length || a.length !== b?.length || b.some((x) => !(x > 0))) return null;
+  const r = a.map((x, i) => x / b[i]).sort((x, y) => x - y);
+  return r.length % 2 ? r[(r.length - 1) / 2] : (r[r.length / 2 - 1] + r[r.length / 2]) / 2;
+}
+
 /** A table cell: "median (min–max)", with a unit after the median. */
 export const cell = (s: Spread | null, unit = ''): string => (s ? `${s.median}${unit} (${s.min}–${s.max})` : '-');
 
