@@ -34,8 +34,9 @@ export async function confirm(run: OutgoingRun): Promise<Report> {
       'MIGRATION_FAILED',
       `Domain "${p.domain}" crashed on ${peer.name} as it resumed there (its QEMU exited). It may have run there, so the copy on ${h.cfg.name} was not resumed: the domain is defined on ${peer.name}, crashed; \`ferry -H ${peer.name} start ${p.domain}\` boots it afresh`,
     );
-  // totalMs ends here: the guest runs on the destination and the source is clean.
-  stats.totalMs = Date.now() - run.t0;
+  // totalMs ends here: the guest runs on the destination and the source is clean. The
+  // mark's own figure, so the two never differ by the millisecond between two clocks read.
+  stats.totalMs = run.timeline.sourceClean;
   await guestGap(run, fin);
   ask(run.client, 'relocation.confirm', { jobId: j.jobId }, { timeoutMs: 10000 }).catch(() => undefined);
   const r = run.report('succeeded', {
