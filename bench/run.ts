@@ -21,7 +21,7 @@ import { MigrationWatcher, FINAL_STATUSES } from '../src/qemu/migstatus.ts';
 import { UNLIMITED_BANDWIDTH } from '../src/qemu/migration.ts';
 import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench, streamFacts, type StreamFacts } from './tls-stream.ts';
-import { outcomeRows, spread, cell, pairedRatio } from './stats.ts';
+import { outcomeRows, spread, cell, pairedRatio, median } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
 
 /** The qmp contender's migration port on the destination. */
@@ -1010,11 +1010,6 @@ interface ScenarioResult {
 // ---------------------------------------------------------------- statistics
 
 const METRICS = ['totalMs', 'setupMs', 'downtimeMs', 'pauseMs', 'guestDowntimeMs', 'bytes', 'throughputMBps'] as const;
-function median(xs: number[]): number | null {
-  if (!xs.length) return null;
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
 function summarize(runs: Run[]): Record<string, any> {
   const out: Record<string, any> = {};
   for (const c of [...new Set(runs.map((r) => r.contender))]) {

@@ -6,11 +6,17 @@ export interface Spread {
   n: number;
 }
 
-export function spread(xs: number[]): Spread | null {
+/** The middle value (the mean of the two middle ones for an even count); null for none. */
+export function median(xs: number[]): number | null {
   if (!xs.length) return null;
   const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-  return { median: Math.round(mid), min: Math.round(s[0]), max: Math.round(s[s.length - 1]), n: s.length };
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+export function spread(xs: number[]): Spread | null {
+  const mid = median(xs);
+  if (mid === null) return null;
+  return { median: Math.round(mid), min: Math.round(Math.min(...xs)), max: Math.round(Math.max(...xs)), n: xs.length };
 }
 
 /**
@@ -21,8 +27,7 @@ export function spread(xs: number[]): Spread | null {
  */
 export function pairedRatio(a: number[] | undefined, b: number[] | undefined): number | null {
   if (!a?.length || a.length !== b?.length || b.some((x) => !(x > 0))) return null;
-  const r = a.map((x, i) => x / b[i]).sort((x, y) => x - y);
-  return r.length % 2 ? r[(r.length - 1) / 2] : (r[r.length / 2 - 1] + r[r.length / 2]) / 2;
+  return median(a.map((x, i) => x / b[i]));
 }
 
 /** A table cell: "median (min–max)", with a unit after the median. */

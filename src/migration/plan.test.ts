@@ -22,15 +22,10 @@ import {
 } from './plan.ts';
 import { REPO_ROOT as REPO } from '../util/paths.ts';
 import { IDLE_1G } from '../testing/plan.ts';
-import { pairedRatio } from '../../bench/stats.ts';
+import { median, pairedRatio } from '../../bench/stats.ts';
 
 const MiB = 1048576;
 const base = IDLE_1G;
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-}
 
 /** A bench result file's succeeded runs of one contender (bench/results/FILE). */
 function succeededRuns<T>(file: string, contender: string): T[] {
@@ -266,7 +261,7 @@ test("the compressed pages' bound is the bench's own result: pages per second wh
     }
   }
   assert.ok(rates.length >= 10, `${rates.length} runs`);
-  const measured = median(rates);
+  const measured = median(rates)!;
   const k = COMPRESSED_PAGE_BYTES_PER_S / measured;
   assert.ok(
     k >= 0.8 && k <= 1.25,
@@ -278,7 +273,7 @@ test("auto's two compressing channels are the bench's own result: faster where t
   const medTotal = (file: string, contender: string): number => {
     const xs = succeededRuns<{ totalMs: number | null }>(file, contender).map((r) => r.totalMs!);
     assert.ok(xs.length >= 5, `${file}: ${xs.length} checked runs of ${contender}`);
-    return median(xs);
+    return median(xs)!;
   };
   const gain = (file: string): number => medTotal(file, 'ferry-zstd-p2') / medTotal(file, 'ferry-zstd');
   assert.ok(
