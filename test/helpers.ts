@@ -72,29 +72,54 @@ export async function labUp(args: string[] = []): Promise<any> {
   return ok(['lab', 'up', '--json', ...args]);
 }
 
+/**
+ * Each lab's daemon logs, copied as it goes down: kept (and their ends printed) when the
+ * test file fails, removed when it passes. A flake's evidence would otherwise go with the lab.
+ */
+const labLogs: string[] = [];
+const LOG_TAIL_LINES = 60;
+
 export async function labDown(): Promise<void> {
-  // FERRY_TEST_KEEP=DIR keeps each host's ferryd and etcd output (for a flake that needs its logs).
+  // FERRY_TEST_KEEP=DIR keeps each host's ferryd and etcd output, passed or failed.
   const keep = process.env.FERRY_TEST_KEEP;
-  if (keep) {
-    const dst = path.join(keep, `${path.basename(process.argv[1] ?? 'test')}-${Date.now()}`);
-    let hosts: { name: string; configPath: string }[] = [];
-    try {
-      hosts = labState().hosts;
-    } catch {
-      // no lab: nothing to keep
-    }
-    for (const h of hosts)
-      for (const f of ['ferryd.out', 'etcd.out', 'state/ferryd.log', 'state/watchdog.log']) {
-        const src = path.join(path.dirname(h.configPath), f);
-        if (fs.existsSync(src)) {
-          fs.mkdirSync(dst, { recursive: true });
-          fs.copyFileSync(src, path.join(dst, `${h.name}-${path.basename(f)}`));
-        }
-      }
+  const dst = keep
+    ? path.join(keep, `${path.basename(process.argv[1] ?? 'test')}-${Date.now()}`)
+    : fs.mkdtempSync(path.join(os.tmpdir(), `ferry-lab-logs-${path.basename(process.argv[1] ?? 'test')}-`));
+  if (!keep) labLogs.push(dst);
+  let hosts: { name: string; configPath: string }[] = [];
+  try {
+    hosts = labState().hosts;
+  } catch {
+    // no lab: nothing to keep
   }
+  for (const h of hosts)
+    for (const f of ['ferryd.out', 'etcd.out', 'state/ferryd.log', 'state/watchdog.log']) {
+      const src = path.join(path.dirname(h.configPath), f);
+      if (fs.existsSync(src)) {
+        fs.mkdirSync(dst, { recursive: true });
+        fs.copyFileSync(src, path.join(dst, `${h.name}-${path.basename(f)}`));
+      }
+    }
   const r = await ferry(['lab', 'down', '--json']);
   if (r.code !== 0) throw new Error(`lab down failed: ${r.stderr}`);
 }
+
+process.on('exit', (code) => {
+  for (const d of labLogs) {
+    if (code === 0 || !fs.existsSync(d)) {
+      fs.rmSync(d, { recursive: true, force: true });
+      continue;
+    }
+    // The runner shows a test file's stderr: CI's output keeps what its machine does not.
+    process.stderr.write(`lab logs kept in ${d}\n`);
+    for (const f of fs.readdirSync(d).filter((x) => x.endsWith('ferryd.log'))) {
+      const lines = fs.readFileSync(path.join(d, f), 'utf8').trimEnd().split('\n');
+      process.stderr.write(
+        `--- the last ${Math.min(LOG_TAIL_LINES, lines.length)} lines of ${f}\n${lines.slice(-LOG_TAIL_LINES).join('\n')}\n`,
+      );
+    }
+  }
+});
 
 // Every test file's scratch files go when its process ends, passed or failed.
 const scratch: string[] = [];

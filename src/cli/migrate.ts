@@ -108,7 +108,7 @@ export function printReport(r: Report): void {
 export function printPlan(v: PlanView): void {
   const ms = (x: number | null): string => (x === null ? 'never' : x < 10000 ? `${x} ms` : `${(x / 1000).toFixed(1)} s`);
   process.stdout.write(
-    `Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM${v.touchedBytes !== null ? ` (${fmtBytes(v.touchedBytes)} touched)` : ''}, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s${v.compress !== 'none' ? `; pages compressed with ${v.compress} (${v.compressRatio !== null ? `predicted to ${Math.round(v.compressRatio * 100)} % of their size, from a sample` : 'no sample: the predictions count them whole'})` : ''}\n\n`,
+    `Plan for a live move of ${v.domain} to ${v.destination}: ${fmtBytes(v.ramBytes)} of RAM${v.touchedBytes !== null ? ` (${fmtBytes(v.touchedBytes)} holding data)` : ''}, dirtied at ${v.dirtyRateMBps ?? '?'} MB/s (${v.dirtyRateFrom}); link ${v.linkMBps} MB/s (${v.linkFrom}); budget: pause ≤ ${v.maxDowntimeMs} ms, total ≤ ${v.timeoutS} s${v.compress !== 'none' ? `; pages compressed with ${v.compress} (${v.compressRatio !== null ? `predicted to ${Math.round(v.compressRatio * 100)} % of their size, from a sample` : 'no sample: the predictions count them whole'})` : ''}\n\n`,
   );
   const rows: (string | number)[][] = [['Strategy', 'Total', 'Pause', 'Sent', 'Fits', 'Note']];
   for (const p of v.predictions)

@@ -13,6 +13,8 @@ import type { HostedDomain } from './records.ts';
 import type { QemuRuntime } from './runtime.ts';
 
 const ZERO_PAGE = Buffer.alloc(4096);
+/** Pages nonZeroBytes reads: 16 MiB, a few tens of ms. */
+const NONZERO_SAMPLES = 4096;
 
 export class GuestRamAccess {
   constructor(
@@ -81,6 +83,41 @@ export class GuestRamAccess {
         packed += deflateRawSync(data, { level: 1 }).length;
       }
       return raw >= 64 * 4096 ? packed / raw : null;
+    });
+  }
+
+  /**
+   * How many bytes of the guest's RAM hold data (pages that are not all zero), for the
+   * plan: NONZERO_SAMPLES pages, one at a random place in each of as many equal stretches
+   * of its RAM, read while it runs. QEMU sends a zero page as a marker, so only these
+   * cost the link. QEMU's resident memory (smaps) is no measure of that wherever the
+   * kernel backs a read of a never-written page with a real page: here, all of an incoming
+   * guest's RAM is resident after its move, and plans counted it whole (about 9× long on
+   * an idle 1 GiB guest). One page in 64 of a 1 GiB guest: ±5 % at one standard
+   * deviation where a tenth of it holds data.
+   */
+  async nonZeroBytes(dom: HostedDomain): Promise<number> {
+    const size = dom.rec.config.memoryMiB * 1048576;
+    const pages = Math.floor(size / 4096);
+    const n = Math.min(NONZERO_SAMPLES, pages);
+    return this.withRam(dom, false, async (ram) => {
+      const batch = 64;
+      const buf = Buffer.alloc(batch * 4096);
+      let data = 0;
+      for (let i = 0; i < n; i += batch) {
+        const k = Math.min(batch, n - i);
+        // Async reads, `batch` at a time: ferryd's event loop is never held for the lot.
+        await Promise.all(
+          Array.from({ length: k }, (_, j) => {
+            const page = Math.min(pages - 1, Math.floor(((i + j + Math.random()) * pages) / n));
+            return ram.read(buf.subarray(j * 4096, (j + 1) * 4096), 4096, page * 4096).then((got) => {
+              if (got !== 4096) throw new Error(`a short read of guest RAM: ${got} bytes of a page at ${page * 4096}`);
+            });
+          }),
+        );
+        for (let j = 0; j < k; j++) if (!buf.subarray(j * 4096, (j + 1) * 4096).equals(ZERO_PAGE)) data++;
+      }
+      return Math.round((size * data) / n);
     });
   }
 

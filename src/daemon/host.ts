@@ -115,9 +115,23 @@ export class Host extends EventEmitter implements MigrationHost {
   postcopyIncoming(): { ok: boolean; why: string } {
     return this.postcopy;
   }
+  /**
+   * RAM that holds data, for the plan: a sample of its pages (GuestRamAccess.nonZeroBytes),
+   * at most QEMU's resident memory; resident memory alone where the RAM cannot be read
+   * (no ptrace access); null where neither can be told.
+   */
   async touchedBytes(dom: HostedDomain): Promise<number | null> {
     const s = dom.rec.state;
-    return hasProcess(s) && dom.qmp ? guestResidentBytes(dom.qmp, s.pid) : null;
+    if (!hasProcess(s) || !dom.qmp) return null;
+    const [resident, sampled] = await Promise.all([
+      guestResidentBytes(dom.qmp, s.pid),
+      this.ram.nonZeroBytes(dom).catch((e: unknown) => {
+        this.log.debug('RAM holding data not sampled: resident memory counts instead', { domain: dom.rec.config.name, error: String(e) });
+        return null;
+      }),
+    ]);
+    if (sampled === null) return resident;
+    return resident === null ? sampled : Math.min(resident, sampled);
   }
 
   async compressibility(dom: HostedDomain): Promise<number | null> {

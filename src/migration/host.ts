@@ -108,7 +108,7 @@ export interface MigrationHost {
   domainNames(): string[];
   domainUuids(): string[];
   memoryFacts(): { freeMiB: number; freeWhy: string };
-  /** Bytes of the guest's RAM resident in host memory (what it touched), or null if unknown. */
+  /** Bytes of the guest's RAM that hold data (non-zero pages, from a sample; at most what is resident), or null if unknown. */
   touchedBytes(d: DomainHandle): Promise<number | null>;
   /**
    * How well the guest's non-zero pages compress (compressed ÷ raw bytes of a sample of

@@ -23,8 +23,8 @@ export type OnTimeout = 'cancel' | 'suspend' | 'postcopy';
 export interface PlanInput {
   ramBytes: number;
   /**
-   * RAM the guest has touched (its QEMU's resident memory, at most ramBytes): pages never
-   * touched are zero and cost QEMU a scan, not a send. Absent: all of it.
+   * RAM that holds data (the non-zero pages, from a sample of them; at most ramBytes):
+   * zero pages cost QEMU a scan and a marker, not a send. Absent: all of it.
    */
   touchedBytes?: number;
   /** Bytes the guest dirties per second (calc-dirty-rate). */

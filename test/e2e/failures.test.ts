@@ -142,9 +142,14 @@ async function transferring(move: Promise<Run>): Promise<void> {
   } catch (e) {
     await ferry(['-H', 'host1', 'job', 'abort', 'pat']);
     const r = await move;
-    throw new Error(`${(e as Error).message}; the job last: ${JSON.stringify(last)}; the move: exit ${r.code} ${r.stdout}${r.stderr}`, {
-      cause: e,
-    });
+    // A move that ended by itself far too soon (seen once: 128 MiB "sent" as 0.9 MB):
+    // where the guest runs now, and whether its memory there is whole.
+    const where = r.code === 0 ? await ferry(['lab', 'verify', 'pat', '--json']) : undefined;
+    throw new Error(
+      `${(e as Error).message}; the job last: ${JSON.stringify(last)}; the move: exit ${r.code} ${r.stdout}${r.stderr}` +
+        (where ? `; lab verify afterwards: exit ${where.code} ${where.stdout}${where.stderr}` : ''),
+      { cause: e },
+    );
   }
 }
 
