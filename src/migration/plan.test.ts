@@ -151,6 +151,27 @@ test("a measured link rate leaves out the zero pages' scan, which each plan adds
   assert.equal(linkRate(83e6, 100, 64 * GiB), 83e6 / 0.1);
 });
 
+test("a move's fixed cost is the bench's own result: a 1 GiB Linux move's total less its stream, median (bench/results/linux-1g-{idle,churn}.json)", () => {
+  const over: number[] = [];
+  for (const f of ['linux-1g-idle', 'linux-1g-churn']) {
+    const runs = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', `${f}.json`), 'utf8')).runs as {
+      contender: string;
+      outcome: string;
+      reportTotalMs?: number;
+      timeline?: Record<string, number>;
+    }[];
+    for (const r of runs) {
+      const tl = r.timeline;
+      const end = tl?.postcopyCompleted ?? tl?.streamCompleted;
+      if (r.contender === 'ferry' && r.outcome === 'succeeded' && r.reportTotalMs && tl?.firstByte !== undefined && end !== undefined)
+        over.push(r.reportTotalMs - (end - tl.firstByte));
+    }
+  }
+  assert.ok(over.length >= 10, `${over.length} runs with a timeline`);
+  const m = (median(over) ?? NaN) / 1000;
+  assert.ok(Math.abs(FIXED_OVERHEAD_S - m) <= 0.15, `FIXED_OVERHEAD_S ${FIXED_OVERHEAD_S} s, the bench measured ${m.toFixed(2)} s`);
+});
+
 test("the multifd gain is the stream bench's own result: two TLS channels over one, the median round (bench/results/tls-stream.json)", () => {
   const g = JSON.parse(fs.readFileSync(path.join(REPO, 'bench', 'results', 'tls-stream.json'), 'utf8')).gbps as Record<string, number[]>;
   const ratio = pairedRatio(g['tls-multifd2'], g['tls-default']);

@@ -75,8 +75,14 @@ export interface Plan {
 
 /** Device state and the final handshake: the pause no RAM figure explains (measured: 20–60 ms under TCG). */
 export const FIXED_PAUSE_MS = 40;
-/** What every move costs beyond its stream (Begin, the incoming QEMU, Finish, retiring the source): about 0.15 s here. */
-export const FIXED_OVERHEAD_S = 0.15;
+/**
+ * What every move costs beyond its stream (Begin, the incoming QEMU, Finish, retiring the
+ * source): the median of a move's total less its stream in the bench's 1 GiB Linux moves
+ * (bench/results/linux-1g-{idle,churn}.json, about 0.65 s on the bench host; plan.test.ts
+ * checks the figure against them). It was 0.15 s until the first pass counted the RAM
+ * holding data: the plans of small guests then ran long anyway, and hid it.
+ */
+export const FIXED_OVERHEAD_S = 0.65;
 /** A pre-copy that has not converged after this many passes will not. */
 const MAX_PASSES = 30;
 /**
