@@ -23,6 +23,7 @@ import type { Report } from '../src/migration/jobs.ts';
 import { tlsStreamBench, streamFacts, type StreamFacts } from './tls-stream.ts';
 import { outcomeRows, spread, cell, pairedRatio, median } from './stats.ts';
 import { ferry as runCli, ok as cliOk, CHURN_48MIB } from '../test/helpers.ts';
+import { benchCommit } from './section.ts';
 
 /** The qmp contender's migration port on the destination. */
 const QMP_PORT = 49216;
@@ -1249,7 +1250,7 @@ function machine(h: any): Record<string, unknown> {
     node: process.version,
     libvirt: libvirtVersion,
     // The code the figures come from (-dirty: with changes not committed).
-    commit: execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=40'], { cwd: ROOT, encoding: 'utf8' }).trim(),
+    commit: benchCommit(),
   };
 }
 

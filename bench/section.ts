@@ -10,9 +10,15 @@ import { fileURLToPath } from 'node:url';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
-/** The checked-out commit, `-dirty` when the tree has changes: a result file says what code it measured. */
+/**
+ * The checked-out commit, `-dirty` when the tree has changes: a result file says what
+ * code it measured. The bench's own output (bench/results/, BENCHMARKS.md) does not count:
+ * a run rewrites it scenario by scenario, and every later scenario read as dirty.
+ */
 export function benchCommit(): string {
-  return execFileSync('git', ['describe', '--always', '--dirty', '--abbrev=40'], { cwd: ROOT, encoding: 'utf8' }).trim();
+  const git = (args: string[]): string => execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' }).trim();
+  const changed = git(['status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)bench/results', ':(exclude)BENCHMARKS.md']);
+  return git(['rev-parse', 'HEAD']) + (changed ? '-dirty' : '');
 }
 
 /**
