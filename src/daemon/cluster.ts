@@ -564,6 +564,17 @@ export class ClusterAgent implements OwnershipGate {
     return this.rulesSeen;
   }
 
+  /**
+   * The rules as etcd holds them now (a linearizable read, one round trip): a rule an
+   * operator added on any host binds the next decision an operator asks of this one,
+   * even before the watch brings it here. The automatic balancer reads the watched copy;
+   * its moves are checked against this one when they start.
+   */
+  async freshRules(): Promise<Rule[]> {
+    const r = await etcdCall('reading the placement rules', () => this.etcd.get(RULES_KEY).exec());
+    return r.kvs[0] ? parseRules(jsonOf(r.kvs[0].value, RULES_KEY), RULES_KEY) : [];
+  }
+
   /** The automatic balancer's setting (off until an operator turns it on). */
   balanceSettings(): BalanceSettings {
     return this.balanceSeen;

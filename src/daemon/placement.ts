@@ -63,8 +63,9 @@ export class Placement {
     return { removed: name };
   }
 
-  rules(): Rule[] {
-    return this.cluster.rules();
+  /** `ferry rule list`: what etcd holds now. */
+  rules(): Promise<Rule[]> {
+    return this.cluster.freshRules();
   }
 
   cpu(): ClusterCpu {
@@ -104,10 +105,11 @@ export class Placement {
   }
 
   /** `ferry migrate DOMAIN` without a destination: the host placement picks, and why; PLACEMENT_NONE if none. */
-  place(domain: string, ignoreRules = false): Choice {
+  async place(domain: string, ignoreRules = false): Promise<Choice> {
     this.quorate('place a domain');
+    const rules = ignoreRules ? [] : await this.cluster.freshRules();
     const f = this.cluster.fleet();
-    const c = choose(this.domainView(domain), f.hosts.map(hostView), { where: this.where(), rules: ignoreRules ? [] : f.rules });
+    const c = choose(this.domainView(domain), f.hosts.map(hostView), { where: this.where(), rules });
     if (!c.to) throw new FerryError('PLACEMENT_NONE', `No host can take "${domain}": ${c.why}`, { why: c.why });
     return c;
   }
@@ -116,11 +118,12 @@ export class Placement {
    * An operator's move to DEST: the rules it would break. Refused (PLACEMENT_RULE) unless
    * ignoreRules; then the broken rules are returned, for the report to name.
    */
-  checkMove(domain: string, dest: string, ignoreRules: boolean): string[] {
-    const f = this.cluster.fleet();
-    if (!f.rules.length) return [];
+  async checkMove(domain: string, dest: string, ignoreRules: boolean): Promise<string[]> {
     this.host.get(domain);
-    return checkMove(domain, this.hostNamed(dest), { where: this.where(), rules: f.rules }, ignoreRules);
+    // etcd not answering: the watched rules (the move's ownership handover needs etcd anyway, and says so).
+    const rules = await this.cluster.freshRules().catch(() => this.cluster.rules());
+    if (!rules.length) return [];
+    return checkMove(domain, this.hostNamed(dest), { where: this.where(), rules }, ignoreRules);
   }
 
   /** DEST (a name or a relocation address) as a cluster host's name. */
@@ -139,7 +142,7 @@ export class Placement {
    */
   async startMove(p: StartRequest & { ignoreRules?: boolean }, mig: Migrations): Promise<Report> {
     const { ignoreRules, ...params } = p;
-    const broke = this.checkMove(p.domain, p.dest, ignoreRules === true);
+    const broke = await this.checkMove(p.domain, p.dest, ignoreRules === true);
     if (params.priority === 'balance') await this.hold(p.domain, p.dest);
     const r = await mig.source.start(params);
     if (!broke.length) return r;
@@ -176,14 +179,19 @@ export class Placement {
   }
 
   /** `ferry cluster balance`: the moves that would even out memory and CPU (placement/balance.ts), with the automatic mode's setting and holds. */
-  balance(threshold?: number): Balance & { auto: BalanceSettings; held: Hold[] } {
+  async balance(threshold?: number): Promise<Balance & { auto: BalanceSettings; held: Hold[] }> {
+    this.quorate('balance the cluster');
+    const rules = await this.cluster.freshRules();
     const auto = this.cluster.balanceSettings();
     const held = this.cluster.held();
-    return { ...this.recommend(threshold ?? auto.threshold / 100, new Set(held.map((h) => h.domain))), auto, held };
+    return { ...this.recommend(threshold ?? auto.threshold / 100, new Set(held.map((h) => h.domain)), rules), auto, held };
   }
 
-  /** The balancer's recommendation; held domains stay where the balancer put them. */
-  recommend(threshold: number, held: Set<string> = new Set()): Balance {
+  /**
+   * The balancer's recommendation; held domains stay where the balancer put them. `rules`:
+   * an operator's request passes what etcd holds now; the automatic balancer the watched copy.
+   */
+  recommend(threshold: number, held: Set<string> = new Set(), rules?: Rule[]): Balance {
     this.quorate('balance the cluster');
     const f = this.cluster.fleet();
     const live = new Set(f.hosts.map((h) => h.name));
@@ -202,6 +210,6 @@ export class Placement {
           dirtyRateMBps: d.dirtyMBps,
         };
       });
-    return balance(f.hosts.map(hostView), domains, { rules: f.rules, threshold, held });
+    return balance(f.hosts.map(hostView), domains, { rules: rules ?? f.rules, threshold, held });
   }
 }

@@ -118,6 +118,9 @@ describe('placement (lab, 3 hosts, cluster, host3 capped at Opteron_G3)', () => 
 
   test('the balancer: moves off the loaded host only, none breaking a rule, and nothing more once applied', async () => {
     await ok(['-H', 'host1', 'rule', 'add', 'split', '--keep-apart', 'b1', 'b2']);
+    // A rule added on one host binds the others at once: they read etcd, not their watch's copy,
+    // for an operator's request (a balance plan asked of host2 right after once broke it).
+    assert.ok((await ok(['-H', 'host3', 'rule', 'list', '--json'])).some((r: { name: string }) => r.name === 'split'));
     // Load is an average over a window: wait until every domain has one (15 s of samples), and a dirty rate (one domain per 5 s).
     await waitFor(
       'a CPU load and a dirty rate for every domain',
