@@ -52,6 +52,11 @@ export interface PlanParams {
   strategy?: StrategyChoice;
   onTimeout?: OnTimeout;
   verifyMemory?: boolean;
+  /**
+   * RAM holding data, when this move measured it already (defaultCompression, before
+   * Begin): reading a sample of the guest's pages once per move is enough. Absent: measured.
+   */
+  touchedBytes?: number | null;
 }
 
 /**
@@ -148,7 +153,10 @@ export class Planner {
 
   /** The autopilot's plan for moving `dom` to `peer` live: measured, modelled, picked. */
   async planFor(dom: DomainHandle, q: QmpClient, peer: string, p: PlanParams): Promise<{ plan: Plan; view: PlanView }> {
-    const [dirty, touched] = await Promise.all([this.dirtyRate(q), this.host.touchedBytes(dom)]);
+    const [dirty, touched] = await Promise.all([
+      this.dirtyRate(q),
+      p.touchedBytes !== undefined ? p.touchedBytes : this.host.touchedBytes(dom),
+    ]);
     const link = this.linkEstimate(peer, p.insecure !== true, p.bandwidthMiBs);
     const c = dom.rec.config;
     // What rules post-copy out where the config allows it (planView names the config itself).
@@ -200,16 +208,20 @@ export class Planner {
     q: QmpClient,
     peer: string,
     p: PlanParams,
-  ): Promise<CompressionChoice & { considered: boolean }> {
+  ): Promise<CompressionChoice & { considered: boolean; touchedBytes?: number | null }> {
     if (p.strategy === 'postcopy' || p.onTimeout === 'postcopy')
       return { compress: 'none', why: `${DEFAULT_COMPRESSION}: none (post-copy was asked for)`, considered: false };
     try {
-      return await defaultCompression({
-        touchedBytes: await this.host.touchedBytes(dom),
+      const touchedBytes = await this.host.touchedBytes(dom);
+      const measured = { ...p, touchedBytes };
+      const c = await defaultCompression({
+        touchedBytes,
         sample: async () => chooseCompression(await this.host.compressibility(dom), os.cpus().length, DEFAULT_COMPRESSION),
         postcopyWhyNot: this.postcopyWhyNot(dom, p),
-        predict: async (c) => (await this.planFor(dom, q, peer, withCompression(p, c, false))).plan.predictions,
+        predict: async (c) => (await this.planFor(dom, q, peer, withCompression(measured, c, false))).plan.predictions,
       });
+      // The move's own plan (Begin) takes the same measurement.
+      return { ...c, touchedBytes };
     } catch (e) {
       this.log.warn('compression by default not weighed', { error: String(e) });
       return { compress: 'none', why: `${DEFAULT_COMPRESSION}: none (not weighed: ${(e as Error).message})`, considered: false };

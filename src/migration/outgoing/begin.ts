@@ -54,7 +54,7 @@ export async function open(s: OutgoingSide, params: StartParams): Promise<Outgoi
   if (mode === 'live' && params.compress === undefined && params.parallel === undefined && dom.qmp) {
     // (Only multifd's own choice can stand in p.parallel here: its 2 channels, as zstd's.)
     const c = await s.planner.defaultCompression(dom, dom.qmp, peer.name, p);
-    p = withCompression(p, c, c.considered);
+    p = { ...withCompression(p, c, c.considered), ...(c.touchedBytes !== undefined ? { touchedBytes: c.touchedBytes } : {}) };
   }
   const j: SourceJob = {
     role: 'source',

@@ -52,7 +52,7 @@ export interface Peer {
 
 /** What the operator asked of a move (migration.start's params). */
 /** A move as asked for: --compress may be auto, which the source resolves (source.ts) before the move opens. */
-export type StartRequest = Omit<StartParams, 'compress' | 'compressWhy' | 'compressRatio'> & { compress?: CompressChoice };
+export type StartRequest = Omit<StartParams, 'compress' | 'compressWhy' | 'compressRatio' | 'touchedBytes'> & { compress?: CompressChoice };
 
 export interface StartParams {
   domain: string;
@@ -70,6 +70,8 @@ export interface StartParams {
   compressWhy?: string;
   /** zstd chosen from a sample: the share of the pages' bytes it leaves, for the plan's predictions. */
   compressRatio?: number;
+  /** RAM holding data, as weighing compression measured it before Begin (the plan reuses it: PlanParams). */
+  touchedBytes?: number | null;
   /** Compare guest RAM on both hosts before the destination runs; default: where dirty tracking is unreliable. */
   verifyMemory?: boolean;
   /** Measure guest-perceived downtime with a TCP SYN every 1 ms to the guest (default true). */
