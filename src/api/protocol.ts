@@ -565,7 +565,8 @@ export interface Results {
   'cluster.leave': { host: string; left: true };
   'ha.set': ClusterDomainView;
   'ha.status': ClusterDomainView[];
-  'rule.add': Rule;
+  /** brokenNow: how the new rule is broken where its domains run (breaches): what the balancer, or a move, is to end. */
+  'rule.add': Rule & { brokenNow?: string[] };
   'rule.list': Rule[];
   'rule.remove': { removed: string };
   'cluster.cpu': ClusterCpu;

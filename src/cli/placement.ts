@@ -12,6 +12,7 @@ import { peerTarget } from './evacuate.ts';
 import { act, hostOpt, table } from './output.ts';
 import type { ClusterCpu, Report } from '../api/protocol.ts';
 import { describeRule, type Rule } from '../placement/rules.ts';
+import { breaches } from '../placement/place.ts';
 import { describeAuto, type Balance, type BalanceMove, type BalanceSettings, type Hold } from '../placement/balance.ts';
 
 const KINDS = ['keepApart', 'keepTogether', 'preferHosts', 'avoidHosts'] as const;
@@ -59,7 +60,16 @@ export function registerPlacement(prog: Command, cluster: Command): void {
     .action(
       act(
         async (name: string, o: RuleOpts, cmd: Command) => addRule(resolveTarget(hostOpt(cmd)), ruleFromOpts(name, o)),
-        (r) => process.stdout.write(`rule ${r.name} added: ${describeRule(r)}\n`),
+        (r) =>
+          process.stdout.write(
+            `rule ${r.name} added: ${describeRule(r)}\n` +
+              (r.brokenNow?.length
+                ? `broken where its domains run now: ${r.brokenNow.join('; ')}\n` +
+                  (r.clustered
+                    ? '`ferry cluster balance --apply` (or the automatic balancer) moves them; new placements keep it from now on\n'
+                    : '`ferry migrate` one of them to end it; new placements keep it from now on\n')
+                : ''),
+          ),
       ),
     );
   rule
@@ -173,11 +183,13 @@ async function standaloneHosts(t: Target): Promise<{ name: string; t: Target }[]
 }
 
 /** `ferry rule add`: cluster mode, one etcd write by any host; standalone, on every host, or on none. */
-async function addRule(t: Target, rule: ReturnType<typeof ruleFromOpts>): Promise<Rule> {
+async function addRule(t: Target, rule: ReturnType<typeof ruleFromOpts>): Promise<Rule & { brokenNow?: string[]; clustered: boolean }> {
   const hosts = await standaloneHosts(t);
-  if (!hosts) return call(t, 'rule.add', rule);
+  if (!hosts) return { ...(await call(t, 'rule.add', rule)), clustered: true };
   // A domain may run on any of them: only here can all be asked.
-  const known = new Set((await Promise.all(hosts.map((h) => call(h.t, 'domain.list', {}, 10000)))).flat().map((d) => d.name));
+  const lists = await Promise.all(hosts.map((h) => call(h.t, 'domain.list', {}, 10000)));
+  const where = new Map(lists.flatMap((l, i) => l.map((d) => [d.name, hosts[i].name] as const)));
+  const known = new Set(where.keys());
   const unknown = rule.domains.filter((d) => !known.has(d));
   if (unknown.length)
     throw new FerryError(
@@ -199,7 +211,7 @@ async function addRule(t: Target, rule: ReturnType<typeof ruleFromOpts>): Promis
       throw new FerryError(fe.code, `${h.name}: ${fe.message}`, fe.details);
     }
   }
-  return first!;
+  return { ...first!, brokenNow: breaches(first!, where), clustered: false };
 }
 
 /** `ferry rule remove`: cluster mode, one etcd write; standalone, from every host that has it (RULE_NOT_FOUND if none). */
@@ -298,6 +310,7 @@ function printBalance(r: BalanceResult): void {
       `Held where the balancer put them: ${r.held.map((h) => `${h.domain} (on ${h.to} since ${h.at.slice(11, 19)}, ${h.holdSeconds} s)`).join(', ')}`,
     );
   out.push(`Automatic balancer ${describeAuto(r.auto)}`);
+  if (r.broken.length) out.push(`Rules still broken (no move ends the breach now): ${r.broken.join('; ')}`);
   if (!r.plan.length) out.push(r.stuck ? `No move recommended: ${r.stuck}` : 'Balanced: no move recommended.');
   else
     out.push(

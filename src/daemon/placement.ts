@@ -9,7 +9,7 @@
 import { FerryError } from '../errors.ts';
 import { hasProcess } from '../domain/state.ts';
 import { checkRule, describeRule, withoutRule, type Rule } from '../placement/rules.ts';
-import { checkMove, choose, hostNamed, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
+import { breaches, checkMove, choose, hostNamed, hostView, whereOf, type Choice, type DomainView } from '../placement/place.ts';
 import { balance, describeAuto, type Balance } from '../placement/balance.ts';
 import { parseRuleRequest, updateRules } from '../cluster/rules.ts';
 import { BalanceSettingsSchema, hold, writeBalanceSettings, type BalanceSettings, type Hold } from '../cluster/balance.ts';
@@ -44,7 +44,7 @@ export class Placement {
       );
   }
 
-  async addRule(raw: unknown): Promise<Rule> {
+  async addRule(raw: unknown): Promise<Rule & { brokenNow: string[] }> {
     const rule = parseRuleRequest(raw);
     this.quorate('add a rule');
     const known = this.known();
@@ -53,7 +53,7 @@ export class Placement {
       return [...rules, rule];
     });
     void this.cluster.events.add({ type: 'rule-added', detail: `rule "${rule.name}" added: ${describeRule(rule)}` });
-    return rule;
+    return { ...rule, brokenNow: breaches(rule, this.where()) };
   }
 
   async removeRule(name: string): Promise<{ removed: string }> {

@@ -1,7 +1,9 @@
 /**
- * `ferry cluster balance`: the fewest moves that bring every host's memory and CPU load
- * within `threshold` of the fleet's mean, none that breaks a rule (soft ones included)
- * or overloads its destination. Pure, so a second run right after an applied one sees
+ * `ferry cluster balance`: first a move for each domain that breaks a rule where it runs
+ * (a rule added after it was placed, or a soft one an HA restart had to break), as DRS
+ * corrects rule violations before it balances; then the fewest moves that bring every
+ * host's memory and CPU load within `threshold` of the fleet's mean, none that breaks a
+ * rule (soft ones included) or overloads its destination. Pure, so a second run right after an applied one sees
  * the fleet balanced and recommends nothing (no ping-pong): a move is only made from a
  * host above mean + threshold, only to a host that stays at or below it, and only when
  * it lowers the imbalance.
@@ -42,6 +44,8 @@ export interface Balance {
   cpuJudged: boolean;
   /** Domains whose CPU load is not known yet. */
   unmeasured: string[];
+  /** Rules still broken after the recommended moves, by the domain that breaks them: no move could end the breach (held, no room, or every destination would break another rule or pass the threshold). */
+  broken: string[];
 }
 
 /** The automatic balancer's cluster-wide setting (stored in etcd: cluster/balance.ts). */
@@ -85,90 +89,175 @@ function cheaper(a: DomainView, b: DomainView): boolean {
   return da !== db ? da < db : a.memoryMiB < b.memoryMiB;
 }
 
+/**
+ * The fleet's loads as the balancer's moves change them: memory and CPU held per host,
+ * where each domain is, and the move to make next. One per balance() call.
+ */
+class Loads {
+  private readonly mem: Map<string, number>;
+  private readonly cpu: Map<string, number>;
+  readonly where: Map<string, string>;
+  readonly cpuJudged: boolean;
+  readonly mean: { mem: number; cpu: number };
+  readonly before: HostLoad[];
+
+  constructor(
+    private readonly live: HostView[],
+    domains: DomainView[],
+    private readonly t: number,
+  ) {
+    // Memory held: the running domains' own, from where the cluster's records put them
+    // (current the moment a move hands over, unlike a host's free memory, published every few seconds).
+    this.mem = new Map(live.map((h) => [h.name, 0]));
+    this.cpu = new Map(live.map((h) => [h.name, 0]));
+    this.where = new Map(domains.map((d) => [d.name, d.host]));
+    for (const d of domains) if (this.mem.has(d.host) && !d.stopped) this.shift(d, null, d.host, 1);
+    // CPU is judged only when every running domain has a window's measure: a domain that just
+    // moved reads as idle on its new host, and judging on that would move others back.
+    this.cpuJudged = domains.every((d) => d.stopped || d.cpu !== undefined);
+    this.before = this.loads();
+    const n = Math.max(1, this.before.length);
+    this.mean = { mem: this.before.reduce((a, l) => a + l.mem, 0) / n, cpu: this.before.reduce((a, l) => a + l.cpu, 0) / n };
+  }
+
+  /** Moves d's memory and CPU from one host's count (none: counting it in) to another's (sign -1: back). */
+  private shift(d: DomainView, from: string | null, to: string, sign: 1 | -1): void {
+    if (from !== null) {
+      this.mem.set(from, (this.mem.get(from) ?? 0) - sign * d.memoryMiB);
+      this.cpu.set(from, (this.cpu.get(from) ?? 0) - sign * (d.cpu ?? 0));
+    }
+    this.mem.set(to, (this.mem.get(to) ?? 0) + sign * d.memoryMiB);
+    this.cpu.set(to, (this.cpu.get(to) ?? 0) + sign * (d.cpu ?? 0));
+  }
+
+  counts(host: string): boolean {
+    return this.mem.has(host);
+  }
+
+  loads(): HostLoad[] {
+    return this.live.map((h) => ({
+      host: h.name,
+      mem: h.memoryMiB > 0 ? (this.mem.get(h.name) ?? 0) / h.memoryMiB : 0,
+      cpu: (this.cpu.get(h.name) ?? 0) / Math.max(1, h.cores ?? 1),
+    }));
+  }
+
+  private score(ls: HostLoad[]): number {
+    const m = this.mean;
+    return ls.reduce((a, l) => a + (l.mem - m.mem) ** 2 + (this.cpuJudged ? (l.cpu - m.cpu) ** 2 : 0), 0);
+  }
+
+  over(l: HostLoad): boolean {
+    return l.mem - this.mean.mem > this.t || (this.cpuJudged && l.cpu - this.mean.cpu > this.t);
+  }
+
+  /**
+   * Of the candidates, the move that leaves the load most even (equal: the cheaper domain):
+   * to a host it fits, breaking no rule, that stays within the threshold; `mustGain`: only
+   * a move that lowers the imbalance.
+   */
+  best(candidates: DomainView[], rules: Rule[], mustGain: boolean): { d: DomainView; to: string } | null {
+    const s0 = this.score(this.loads());
+    let best: { d: DomainView; to: string; gain: number } | null = null;
+    for (const d of candidates) {
+      const from = this.where.get(d.name)!;
+      for (const h of this.live) {
+        if (h.name === from) continue;
+        if (unfit({ ...d, host: from }, h, h.memoryMiB - (this.mem.get(h.name) ?? 0))) continue;
+        if (broken(d.name, h.name, this.where, rules).length) continue;
+        // Try it: the destination must not become a hot host itself.
+        this.shift(d, from, h.name, 1);
+        const ls = this.loads();
+        const gain = s0 - this.score(ls);
+        this.shift(d, from, h.name, -1);
+        if (this.over(ls.find((l) => l.host === h.name)!) || (mustGain && gain <= 1e-6)) continue;
+        if (!best || gain > best.gain + 1e-9 || (Math.abs(gain - best.gain) <= 1e-9 && cheaper(d, best.d))) best = { d, to: h.name, gain };
+      }
+    }
+    return best;
+  }
+
+  /** Counts the move made: its record, the loads and where it is. */
+  move(d: DomainView, to: string, why: string): BalanceMove {
+    const from = this.where.get(d.name)!;
+    this.shift(d, from, to, 1);
+    this.where.set(d.name, to);
+    return { domain: d.name, from, to, memoryMiB: d.memoryMiB, dirtyRateMBps: d.dirtyRateMBps ?? null, why };
+  }
+}
+
 export function balance(
   hosts: HostView[],
   domains: DomainView[],
   o: { rules: Rule[]; threshold: number; held?: Set<string>; maxMoves?: number },
 ): Balance {
-  const live = hosts.filter((h) => !h.maintenance);
-  // CPU is judged only when every running domain has a window's measure: a domain that just
-  // moved reads as idle on its new host, and judging on that would move others back.
-  const unmeasured = domains.filter((d) => !d.stopped && d.cpu === undefined).map((d) => d.name);
-  const cpuJudged = unmeasured.length === 0;
-  // Memory held: the running domains' own, from where the cluster's records put them
-  // (current the moment a move hands over, unlike a host's free memory, published every few seconds).
-  const memUsed = new Map(live.map((h) => [h.name, 0]));
-  for (const d of domains) if (memUsed.has(d.host) && !d.stopped) memUsed.set(d.host, (memUsed.get(d.host) ?? 0) + d.memoryMiB);
-  const cpuUsed = new Map(live.map((h) => [h.name, 0]));
-  const where = new Map(domains.map((d) => [d.name, d.host]));
-  for (const d of domains) if (cpuUsed.has(d.host) && !d.stopped) cpuUsed.set(d.host, (cpuUsed.get(d.host) ?? 0) + (d.cpu ?? 0));
-  /** Moves d's memory and CPU from one host's count to another's (sign -1: back). */
-  const shift = (d: DomainView, from: string, to: string, sign: 1 | -1): void => {
-    memUsed.set(from, (memUsed.get(from) ?? 0) - sign * d.memoryMiB);
-    memUsed.set(to, (memUsed.get(to) ?? 0) + sign * d.memoryMiB);
-    cpuUsed.set(from, (cpuUsed.get(from) ?? 0) - sign * (d.cpu ?? 0));
-    cpuUsed.set(to, (cpuUsed.get(to) ?? 0) + sign * (d.cpu ?? 0));
-  };
-  const loads = (): HostLoad[] =>
-    live.map((h) => ({
-      host: h.name,
-      mem: h.memoryMiB > 0 ? (memUsed.get(h.name) ?? 0) / h.memoryMiB : 0,
-      cpu: (cpuUsed.get(h.name) ?? 0) / Math.max(1, h.cores ?? 1),
-    }));
-  const before = loads();
-  const n = Math.max(1, before.length);
-  const mean = { mem: before.reduce((a, l) => a + l.mem, 0) / n, cpu: before.reduce((a, l) => a + l.cpu, 0) / n };
+  const f = new Loads(
+    hosts.filter((h) => !h.maintenance),
+    domains,
+    o.threshold,
+  );
+  const { mean, where } = f;
   const t = o.threshold;
-  const score = (ls: HostLoad[]): number => ls.reduce((a, l) => a + (l.mem - mean.mem) ** 2 + (cpuJudged ? (l.cpu - mean.cpu) ** 2 : 0), 0);
-  const over = (l: HostLoad): boolean => l.mem - mean.mem > t || (cpuJudged && l.cpu - mean.cpu > t);
-  const movable = domains.filter((d) => !d.stopped && !o.held?.has(d.name) && memUsed.has(d.host));
+  // Each domain moves at most once per round; held ones, and those on hosts in maintenance, not at all.
+  const movable = new Set(domains.filter((d) => !d.stopped && !o.held?.has(d.name) && f.counts(d.host)));
   const moves: BalanceMove[] = [];
+  const maxMoves = o.maxMoves ?? domains.length;
+  /** The running domains that break a rule where they are, and how. */
+  const breaking = (): { d: DomainView; why: string[] }[] =>
+    domains
+      .filter((d) => !d.stopped && f.counts(where.get(d.name) ?? ''))
+      .map((d) => ({ d, why: broken(d.name, where.get(d.name)!, where, o.rules).map((b) => b.why) }))
+      .filter((x) => x.why.length);
+  // First the rules: a move that ends a breach, even one that leaves the load less even.
+  while (moves.length < maxMoves) {
+    const breaches = breaking().filter((x) => movable.has(x.d));
+    const best = f.best(
+      breaches.map((x) => x.d),
+      o.rules,
+      false,
+    );
+    if (!best) break;
+    const why = breaches.find((x) => x.d === best.d)!.why;
+    moves.push(f.move(best.d, best.to, `on ${where.get(best.d.name)} it breaks ${why.join('; ')}`));
+    movable.delete(best.d);
+  }
+  // Then the load: from a host above the threshold only, and only a move that lowers the imbalance.
   let stuck: string | null = null;
-  for (let i = 0; i < (o.maxMoves ?? domains.length); i++) {
-    const now = loads();
-    const hot = now.filter(over);
-    if (!hot.length) {
-      stuck = null;
-      break;
-    }
-    const s0 = score(now);
-    let best: { d: DomainView; to: string; gain: number } | null = null;
-    for (const d of movable.filter((x) => hot.some((l) => l.host === where.get(x.name)))) {
-      const from = where.get(d.name)!;
-      for (const h of live) {
-        if (h.name === from) continue;
-        if (unfit({ ...d, host: from }, h, h.memoryMiB - (memUsed.get(h.name) ?? 0))) continue;
-        if (broken(d.name, h.name, where, o.rules).length) continue;
-        // Try it: the destination must not become a hot host itself.
-        shift(d, from, h.name, 1);
-        const ls = loads();
-        const dest = ls.find((l) => l.host === h.name)!;
-        const gain = s0 - score(ls);
-        shift(d, from, h.name, -1);
-        if (over(dest) || gain <= 1e-6) continue;
-        if (!best || gain > best.gain + 1e-9 || (Math.abs(gain - best.gain) <= 1e-9 && cheaper(d, best.d))) best = { d, to: h.name, gain };
-      }
-    }
+  while (moves.length < maxMoves) {
+    const now = f.loads();
+    const hot = now.filter((l) => f.over(l));
+    if (!hot.length) break;
+    const best = f.best(
+      [...movable].filter((x) => hot.some((l) => l.host === where.get(x.name))),
+      o.rules,
+      true,
+    );
     if (!best) {
       stuck = `${hot.map((l) => l.host).join(', ')} above the threshold, but no move fits the rules and the other hosts' room`;
       break;
     }
-    const from = where.get(best.d.name)!;
-    const l = now.find((x) => x.host === from)!;
+    const l = now.find((x) => x.host === where.get(best.d.name))!;
     const dim = l.mem - mean.mem > t ? `memory ${pct(l.mem)}` : `CPU ${pct(l.cpu)}`;
-    moves.push({
-      domain: best.d.name,
-      from,
-      to: best.to,
-      memoryMiB: best.d.memoryMiB,
-      dirtyRateMBps: best.d.dirtyRateMBps ?? null,
-      why: `${from} ${dim} against a mean of ${pct(l.mem - mean.mem > t ? mean.mem : mean.cpu)} (threshold ${pct(t)})`,
-    });
-    shift(best.d, from, best.to, 1);
-    where.set(best.d.name, best.to);
-    movable.splice(movable.indexOf(best.d), 1); // each domain moves at most once per round
+    moves.push(
+      f.move(
+        best.d,
+        best.to,
+        `${l.host} ${dim} against a mean of ${pct(l.mem - mean.mem > t ? mean.mem : mean.cpu)} (threshold ${pct(t)})`,
+      ),
+    );
+    movable.delete(best.d);
   }
-  return { threshold: t, mean, before, after: loads(), moves, stuck, cpuJudged, unmeasured };
+  return {
+    threshold: t,
+    mean,
+    before: f.before,
+    after: f.loads(),
+    moves,
+    stuck,
+    cpuJudged: f.cpuJudged,
+    unmeasured: domains.filter((d) => !d.stopped && d.cpu === undefined).map((d) => d.name),
+    broken: breaking().map(({ d, why }) => `${d.name} on ${where.get(d.name)}: ${why.join('; ')}`),
+  };
 }
 
 /** What the automatic balancer looks at before a round: the fleet as placement sees it, and the moves in line anywhere. */

@@ -183,6 +183,70 @@ test('the balancer: fewest moves off the hot host, none breaking a rule, and not
   assert.deepEqual(maint.moves, []);
 });
 
+test('the balancer ends rule breaches first (a rule added after placement), then balances; what it cannot end it names', () => {
+  const hosts = [host('h1', 2048 - 2 * 128), host('h2', 2048), host('h3', 2048)];
+  const apart = rule('split', 'keep-apart', ['d1', 'd2']);
+  // Load alone would move nothing (threshold 50 %): the breach alone asks for a move.
+  const doms = ['d1', 'd2'].map((n) => dom(n, 128, { cpu: 0 }));
+  const b = balance(hosts, doms, { rules: [apart], threshold: 0.5 });
+  assert.equal(b.moves.length, 1, JSON.stringify(b.moves));
+  assert.match(b.moves[0].why, /on h1 it breaks keep-apart rule "split": d[12] runs on h1/);
+  assert.notEqual(b.moves[0].to, 'h1');
+  assert.deepEqual(b.broken, []);
+  // Applied, nothing more.
+  const doms2 = doms.map((d) => (d.name === b.moves[0].domain ? { ...d, host: b.moves[0].to } : d));
+  const again = balance(hosts, doms2, { rules: [apart], threshold: 0.5 });
+  assert.deepEqual([again.moves, again.broken], [[], []]);
+  // keep-together across two hosts: one joins the other, to the host that leaves the load more even.
+  const pair = rule('pair', 'keep-together', ['a', 'b']);
+  const tog = balance(
+    [host('h1', 2048 - 512), host('h2', 2048 - 128), host('h3', 2048)],
+    [dom('a', 512, { cpu: 0 }), dom('b', 128, { host: 'h2', cpu: 0 })],
+    {
+      rules: [pair],
+      threshold: 0.5,
+    },
+  );
+  assert.deepEqual(
+    tog.moves.map((m) => [m.domain, m.from, m.to]),
+    [['b', 'h2', 'h1']],
+  );
+  // A soft rule an HA restart broke: the domain goes back to a preferred host.
+  const pref = balance(hosts, [dom('p', 128, { host: 'h3', cpu: 0 })], {
+    rules: [rule('home', 'prefer-hosts', ['p'], ['h2'])],
+    threshold: 0.5,
+  });
+  assert.deepEqual(
+    pref.moves.map((m) => [m.domain, m.to]),
+    [['p', 'h2']],
+  );
+  // Held, or nowhere to go: no move, and the breach is named.
+  const held = balance(hosts, doms, { rules: [apart], threshold: 0.5, held: new Set(['d1', 'd2']) });
+  assert.deepEqual(held.moves, []);
+  assert.equal(held.broken.length, 2);
+  assert.match(held.broken[0], /^d1 on h1: keep-apart rule "split": d2 runs on h1$/);
+  const full = balance([host('h1', 0), host('h2', 64, { memoryMiB: 64 })], doms, { rules: [apart], threshold: 0.5 });
+  assert.deepEqual(full.moves, []);
+  assert.equal(full.broken.length, 2);
+  // A breach mended never costs the load pass its moves: four on h1 against two empty hosts, d1 and d2 apart after.
+  const four = balance(
+    [host('h1', 0), host('h2', 2048), host('h3', 2048)],
+    ['d1', 'd2', 'd3', 'd4'].map((n) => dom(n, 256, { cpu: 0 })),
+    {
+      rules: [apart],
+      threshold: 0.1,
+    },
+  );
+  assert.match(four.moves[0].why, /keep-apart rule "split"/);
+  const at = new Map(['d1', 'd2', 'd3', 'd4'].map((n) => [n, 'h1']));
+  for (const m of four.moves) at.set(m.domain, m.to);
+  assert.notEqual(at.get('d1'), at.get('d2'));
+  assert.ok(
+    four.after.every((l) => l.mem - four.mean.mem <= 0.1 + 1e-9),
+    JSON.stringify(four.after),
+  );
+});
+
 test('the CPU baseline: the most capable model every host can give; a host with a ceiling lowers it', () => {
   const features = {
     qemu64: ['a', 'b', 'svm'],

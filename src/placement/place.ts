@@ -104,6 +104,13 @@ export function broken(d: string, h: string, where: Where, rules: Rule[]): { rul
   return out;
 }
 
+/** How rule `r` is broken where its domains run now (a rule added after they were placed): a line per domain that breaks it. */
+export function breaches(r: Rule, where: Where): string[] {
+  return r.domains
+    .filter((d) => where.has(d))
+    .flatMap((d) => broken(d, where.get(d)!, where, [r]).map((b) => `${d} on ${where.get(d)}: ${b.why}`));
+}
+
 export interface Choice {
   domain: string;
   to: string | null;

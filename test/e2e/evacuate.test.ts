@@ -72,7 +72,7 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     assert.deepEqual(await everywhere(), [[], [], []], 'a refused rule is stored nowhere');
     // p1 stays off host2: every host gets the rule, whichever one was asked.
     const added = await ok(['-H', 'host2', 'rule', 'add', 'far', '--avoid-hosts', 'host2', '--domains', 'p1', '--json']);
-    assert.deepEqual([added.kind, added.hosts, added.domains], ['avoid-hosts', ['host2'], ['p1']]);
+    assert.deepEqual([added.kind, added.hosts, added.domains, added.brokenNow], ['avoid-hosts', ['host2'], ['p1'], []]);
     assert.deepEqual(await everywhere(), [['far'], ['far'], ['far']]);
     await fails(['-H', 'host3', 'rule', 'add', 'far', '--keep-apart', 'p1', 'p2'], 'RULE_EXISTS', 3);
     await fails(['-H', 'host1', 'rule', 'add', 'near', '--prefer-hosts', 'host2', '--domains', 'p1'], 'RULE_CONTRADICTS', 3);
@@ -88,6 +88,12 @@ describe('host evacuation, maintenance and metrics (lab)', () => {
     assert.equal(plan.domains.find((d: any) => d.domain === 'p1').to, 'host3', JSON.stringify(plan.domains));
     assert.deepEqual(Object.values(await where()), ['host1', 'host1', 'host1', 'host1']);
     await ok(['-H', 'host3', 'rule', 'remove', 'far']);
+    assert.deepEqual(await everywhere(), [[], [], []]);
+    // A rule its domains break where they run is kept, and the answer says how and what ends it.
+    const apart = await ok(['-H', 'host3', 'rule', 'add', 'apart', '--keep-apart', 'p1', 'p2']);
+    assert.match(apart, /broken where its domains run now: p1 on host1: keep-apart rule "apart": p2 runs on host1; /);
+    assert.match(apart, /`ferry migrate` one of them to end it/);
+    await ok(['-H', 'host1', 'rule', 'remove', 'apart']);
     assert.deepEqual(await everywhere(), [[], [], []]);
     await fails(['-H', 'host2', 'rule', 'remove', 'far'], 'RULE_NOT_FOUND', 3);
   });
