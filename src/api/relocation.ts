@@ -33,8 +33,11 @@ import type { Compression } from './shapes.ts';
  * 4: Begin says whether the move may switch to post-copy (both QEMUs need the capability).
  * 5: Begin carries each NIC's home segment, and its answer the tunnels the destination
  *    opened (daemon/tunnels.ts); relocation.tunnel changes a home end.
+ * 6: Begin says the multifd compression (the incoming QEMU needs it before the stream: a
+ *    peer of 5 would ignore the field, Begin being a loose object, and fail in the stream);
+ *    relocation.lost settles a post-copy stream that broke as it completed.
  */
-export const PROTOCOL_VERSION = 5;
+export const PROTOCOL_VERSION = 6;
 
 /**
  * The first check of a Begin, before its shape: a peer of another protocol version may
