@@ -34,7 +34,7 @@ import type { Logger } from './log.ts';
 import { FERRY_VERSION } from '../version.ts';
 import { REPO_ROOT } from '../util/paths.ts';
 import { cpuModelsHere } from '../qemu/probe.ts';
-import { RULES_KEY, parseRules } from '../cluster/rules.ts';
+import { RULES_KEY, parseRules, readRules } from '../cluster/rules.ts';
 import { baseline, type Baseline, type CpuHost } from '../placement/cpu.ts';
 import type { Rule } from '../placement/rules.ts';
 import { LoadMeter } from './load.ts';
@@ -571,8 +571,7 @@ export class ClusterAgent implements OwnershipGate {
    * its moves are checked against this one when they start.
    */
   async freshRules(): Promise<Rule[]> {
-    const r = await etcdCall('reading the placement rules', () => this.etcd.get(RULES_KEY).exec());
-    return r.kvs[0] ? parseRules(jsonOf(r.kvs[0].value, RULES_KEY), RULES_KEY) : [];
+    return (await readRules(this.etcd)).value;
   }
 
   /** The automatic balancer's setting (off until an operator turns it on). */

@@ -15,6 +15,7 @@ import type { JobStore, SourceJob } from './jobs.ts';
 import {
   plan as makePlan,
   linkRate,
+  streamMsOf,
   chooseCompression,
   defaultCompression,
   DEFAULT_COMPRESSION,
@@ -102,11 +103,8 @@ export class Planner {
     // zero pages' scan, which each plan adds for its own guest (plan.linkRate).
     const rateOf = (j: SourceJob): number => {
       const r = j.report!;
-      const tl = r.timeline ?? {};
-      const end = tl.postcopyCompleted ?? tl.streamCompleted;
-      return end !== undefined && tl.firstByte !== undefined && end > tl.firstByte
-        ? linkRate(r.bytes, end - tl.firstByte, r.plan?.ramBytes)
-        : r.throughputMBps * 1e6;
+      const stream = streamMsOf(r.timeline);
+      return stream !== undefined ? linkRate(r.bytes, stream, r.plan?.ramBytes) : r.throughputMBps * 1e6;
     };
     const rates = [...this.store.jobs.values()]
       .filter(

@@ -215,6 +215,12 @@ export const COMPRESSED_PAGE_BYTES_PER_S = 300e6;
 /** How fast QEMU scans zero pages it need not send (a marker each). */
 const ZERO_SCAN_BYTES_PER_S = 4e9;
 
+/** A finished move's stream, from its report's timeline: first byte to the end of the copy (post-copy's, if it switched); undefined if not recorded. */
+export function streamMsOf(tl: Record<string, number> | undefined): number | undefined {
+  const end = tl?.postcopyCompleted ?? tl?.streamCompleted;
+  return end !== undefined && tl?.firstByte !== undefined && end > tl.firstByte ? end - tl.firstByte : undefined;
+}
+
 /**
  * A finished move's link rate, for the next plans: its bytes over the stream's own time,
  * less the time QEMU spent scanning the RAM it did not send. The plan adds that scan for

@@ -97,6 +97,8 @@ class Loads {
   private readonly mem: Map<string, number>;
   private readonly cpu: Map<string, number>;
   readonly where: Map<string, string>;
+  /** Running domains whose CPU load is not known yet; CPU is judged only when there are none. */
+  readonly unmeasured: string[];
   readonly cpuJudged: boolean;
   readonly mean: { mem: number; cpu: number };
   readonly before: HostLoad[];
@@ -114,7 +116,8 @@ class Loads {
     for (const d of domains) if (this.mem.has(d.host) && !d.stopped) this.shift(d, null, d.host, 1);
     // CPU is judged only when every running domain has a window's measure: a domain that just
     // moved reads as idle on its new host, and judging on that would move others back.
-    this.cpuJudged = domains.every((d) => d.stopped || d.cpu !== undefined);
+    this.unmeasured = domains.filter((d) => !d.stopped && d.cpu === undefined).map((d) => d.name);
+    this.cpuJudged = this.unmeasured.length === 0;
     this.before = this.loads();
     const n = Math.max(1, this.before.length);
     this.mean = { mem: this.before.reduce((a, l) => a + l.mem, 0) / n, cpu: this.before.reduce((a, l) => a + l.cpu, 0) / n };
@@ -255,7 +258,7 @@ export function balance(
     moves,
     stuck,
     cpuJudged: f.cpuJudged,
-    unmeasured: domains.filter((d) => !d.stopped && d.cpu === undefined).map((d) => d.name),
+    unmeasured: f.unmeasured,
     broken: breaking().map(({ d, why }) => `${d.name} on ${where.get(d.name)}: ${why.join('; ')}`),
   };
 }
